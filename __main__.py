@@ -1,0 +1,3 @@
+from hrsa.cli import main
+
+main()

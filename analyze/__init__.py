@@ -1,0 +1,1 @@
+"""HRSA metrics: streaming accumulators on Dask, k-NN overlap on FAISS, linear probes, results, report."""

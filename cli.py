@@ -1,0 +1,41 @@
+"""``hrsa``: one command, one verb per job. Each package's ``cli.py`` holds its verbs; this file only
+assembles them and turns a :class:`~hrsa.store.errors.UserError` into one line and exit code 2."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from hrsa import __version__
+from hrsa.store.cli import store_group
+from hrsa.store.errors import UserError
+
+__all__ = ["main", "cli"]
+
+
+class _Hrsa(click.Group):
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except UserError as error:
+            click.echo(f"hrsa: error: {error}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=_Hrsa, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="hrsa")
+def cli() -> None:
+    """hrsa: store per-token hidden states of models and compare them with HRSA.
+
+    \b
+    Verbs:
+      store   list, describe, read, verify and delete what a store holds
+    """
+
+
+cli.add_command(store_group)
+
+
+def main() -> None:
+    sys.exit(cli.main(prog_name="hrsa", standalone_mode=True))

@@ -1,0 +1,1 @@
+"""Ray connection, job submission, cluster and KubeRay manifests, and the pipeline runner."""

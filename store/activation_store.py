@@ -1,0 +1,353 @@
+"""``ActivationStore``: open a store, list and describe its corpora and models, read and write them.
+
+The store is a Zarr v3 group at a local path or any fsspec URL (``s3://``, ``gs://``, ``memory://``).
+Reads return lazy Dask arrays; nothing is loaded until computed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from hrsa.store.corpus import CorpusInfo, CorpusTable, content_hash, read_corpus_info, read_token_table, write_corpus
+from hrsa.store.errors import (
+    CorpusNotFoundError,
+    LayerOutOfRangeError,
+    IncompleteModelError,
+    ModelNotFoundError,
+    StoreFormatError,
+    StoreNotFoundError,
+    StoreReadOnlyError,
+    UserError,
+)
+from hrsa.store.format import ATTRS_KEY, DEFAULT_CODEC, FORMAT_VERSION, as_logical, choose_layout
+from hrsa.store.ids import parse_id
+from hrsa.store.model import ModelInfo, check_model_spec, create_model_group, hidden_key, read_model_info
+from hrsa.store.selection import TokenFilter, resolve_selection
+from hrsa.store.units import ModelWriter
+
+if TYPE_CHECKING:
+    import dask.array as da
+    import pandas as pd
+    import zarr
+
+__all__ = ["ActivationStore", "Mode"]
+
+Mode = Literal["r", "r+", "a", "w-"]
+_GROUPS = ("corpora", "models", "results")
+
+
+def _is_url(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")
+
+
+def _exists_nonempty(url: str, storage_options: Mapping[str, Any] | None) -> bool:
+    if not _is_url(url):
+        path = url.removeprefix("file://")
+        return os.path.isfile(path) or (os.path.isdir(path) and bool(os.listdir(path)))
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    return bool(fs.exists(path) and (fs.isfile(path) or fs.ls(path)))
+
+
+def _bf16_view(block: np.ndarray) -> np.ndarray:
+    return as_logical(block, "bfloat16")
+
+
+class ActivationStore:
+    """A store of tokenised corpora and the per-token hidden states of models run on them.
+
+    Open one with :meth:`open`; the constructor takes an already opened Zarr group.
+
+    Example:
+        >>> store = ActivationStore.open("memory://doc-example", mode="a")
+        >>> store.models()
+        []
+    """
+
+    def __init__(self, root: zarr.Group, *, url: str, read_only: bool) -> None:
+        self._root = root
+        self.url = url
+        self.read_only = read_only
+
+    # -- opening -------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, url: str | os.PathLike[str], mode: Mode = "r", *, storage_options: Mapping[str, Any] | None = None) -> ActivationStore:
+        """Open the store at ``url``.
+
+        Args:
+            url: a local path or an fsspec URL.
+            mode: ``"r"`` read only; ``"r+"`` read and write an existing store; ``"a"`` create it if
+                missing; ``"w-"`` create it, failing if anything is there.
+            storage_options: passed to fsspec (credentials, ``endpoint_url``...).
+
+        Raises:
+            StoreNotFoundError: no store there (modes r and r+).
+            StoreFormatError: something else is there, or a store of a newer format.
+        """
+        import zarr
+
+        url = os.fspath(url)
+        if mode not in ("r", "r+", "a", "w-"):
+            raise UserError(f"Expected mode 'r', 'r+', 'a' or 'w-'. Got {mode!r} instead.")
+        options = dict(storage_options) if storage_options and _is_url(url) else None
+        try:
+            root = zarr.open_group(url, mode="r" if mode == "r" else "r+", storage_options=options)
+        except (FileNotFoundError, zarr.errors.NodeNotFoundError):
+            root = None
+        if root is None:
+            if mode in ("r", "r+"):
+                raise StoreNotFoundError(
+                    f"Expected an hrsa store at {url}. Got nothing there instead. "
+                    "Check the path, or create one by extracting into it (`hrsa extract --store ...`)."
+                ) from None
+            if _exists_nonempty(url, options):
+                raise StoreFormatError(
+                    f"Expected an empty location or an hrsa store at {url}. Got other files there instead. "
+                    "Choose a new path for the store."
+                )
+            root = zarr.open_group(url, mode="w-", storage_options=options)
+            root.attrs[ATTRS_KEY] = {"format_version": FORMAT_VERSION}
+            for name in _GROUPS:
+                root.create_group(name)
+        elif mode == "w-":
+            raise StoreFormatError(f"Expected nothing at {url}. Got a Zarr group there instead. Open it with mode 'a'.")
+        cls._check_format(root, url)
+        return cls(root, url=url, read_only=mode == "r")
+
+    @staticmethod
+    def _check_format(root: zarr.Group, url: str) -> None:
+        meta = root.attrs.get(ATTRS_KEY)
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        if not isinstance(version, int):
+            raise StoreFormatError(
+                f"Expected an hrsa store at {url}. Got a Zarr group without hrsa attributes instead. "
+                "Point --store at an hrsa store, or at a new path."
+            )
+        if version > FORMAT_VERSION:
+            raise StoreFormatError(
+                f"Expected store format version {FORMAT_VERSION} or older. Got version {version} at {url} instead. "
+                "Upgrade hrsa (`pip install -U hrsa`) to read it."
+            )
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise StoreReadOnlyError(f"Expected a writable store. Got {self.url} opened read-only. Open it with mode 'r+' or 'a'.")
+
+    def __repr__(self) -> str:
+        return f"ActivationStore({self.url!r}, read_only={self.read_only})"
+
+    # -- listing -------------------------------------------------------------------------------
+    def models(self) -> list[str]:
+        """Ids of the models in the store, sorted."""
+        return sorted(self._root["models"].group_keys())
+
+    def corpora(self) -> list[str]:
+        """Ids of the complete corpora in the store, sorted."""
+        group = self._root["corpora"]
+        return sorted(c for c in group.group_keys() if group[c].attrs.get(ATTRS_KEY, {}).get("complete"))
+
+    def _model_group(self, mid: str) -> zarr.Group:
+        parse_id(mid, kind="model id")
+        if mid not in self._root["models"]:
+            known = ", ".join(self.models()) or "none"
+            raise ModelNotFoundError(
+                f"Expected a model of this store ({known}). Got {mid!r} instead. List them with `hrsa store ls {self.url}`."
+            )
+        return self._root["models"][mid]
+
+    def _corpus_group(self, cid: str) -> zarr.Group:
+        parse_id(cid, kind="corpus id")
+        if cid not in self.corpora():
+            known = ", ".join(self.corpora()) or "none"
+            raise CorpusNotFoundError(f"Expected a corpus of this store ({known}). Got {cid!r} instead.")
+        return self._root["corpora"][cid]
+
+    def model_info(self, mid: str) -> ModelInfo:
+        """Attributes and progress of model ``mid``."""
+        group = self._model_group(mid)
+        return read_model_info(mid, group, units_done=int(group["units"][:].sum()))
+
+    def corpus_info(self, cid: str) -> CorpusInfo:
+        return read_corpus_info(cid, self._corpus_group(cid))
+
+    def tokens(self, cid: str) -> pd.DataFrame:
+        """The corpus's token table: token_id, doc_index, position, is_special, is_first."""
+        return read_token_table(self._corpus_group(cid))
+
+    def documents(self, cid: str) -> pd.DataFrame:
+        """The corpus's document table: record_id, start, stop, n_tokens, truncated, original_length."""
+        import pandas as pd
+
+        group = self._corpus_group(cid)
+        offsets = group["doc_offsets"][:]
+        return pd.DataFrame(
+            {
+                "record_id": group["doc_record_id"][:],
+                "start": offsets[:-1],
+                "stop": offsets[1:],
+                "n_tokens": np.diff(offsets),
+                "truncated": group["doc_truncated"][:],
+                "original_length": group["doc_original_length"][:],
+            }
+        )
+
+    # -- reading activations -------------------------------------------------------------------
+    def _resolve_layer(self, info: ModelInfo, layer: int) -> int:
+        k = layer + info.n_hidden_states if layer < 0 else layer
+        if k not in info.hidden_states:
+            raise LayerOutOfRangeError(
+                f"Expected a hidden state of {info.id} in {list(info.hidden_states)} "
+                f"(0 is the embedding output, {info.n_hidden_states - 1} the last layer). Got {layer} instead."
+            )
+        return k
+
+    def select(
+        self,
+        mid: str,
+        *,
+        tokens: tuple[int, int] | None = None,
+        docs: Sequence[int] | None = None,
+        token_filter: TokenFilter | None = None,
+    ) -> slice | np.ndarray:
+        """Resolve a token selection on ``mid``'s corpus: a slice, or an int64 index (see :mod:`hrsa.store.selection`)."""
+        info = self.model_info(mid)
+        return resolve_selection(self._corpus_group(info.corpus), tokens=tokens, docs=docs, token_filter=token_filter)
+
+    def hidden_state(
+        self,
+        mid: str,
+        layer: int,
+        *,
+        tokens: tuple[int, int] | None = None,
+        docs: Sequence[int] | None = None,
+        token_filter: TokenFilter | None = None,
+        chunk_tokens: int | None = None,
+        allow_incomplete: bool = False,
+    ) -> da.Array:
+        """One hidden state as a lazy Dask array of shape (N, D), or (M, D) for a selection.
+
+        Args:
+            mid: model id.
+            layer: hidden-state index, 0 (embedding output) to L; negative counts from the end.
+            tokens: keep the global token range ``(start, stop)``.
+            docs: keep these documents (indices into the corpus's document table), in this order.
+            token_filter: drop special tokens, position 0, or positions outside a range.
+            chunk_tokens: tokens per Dask chunk (default: one shard).
+            allow_incomplete: read even if extraction has units not done (their rows read as 0).
+
+        Returns:
+            A Dask array in the model's dtype (``ml_dtypes.bfloat16`` for bf16 models).
+        """
+        import dask.array as da
+
+        info = self.model_info(mid)
+        k = self._resolve_layer(info, layer)
+        if not (info.complete or allow_incomplete):
+            raise IncompleteModelError(
+                f"Expected a complete extraction of {mid}. Got {info.units_done}/{info.n_units} work units done instead. "
+                "Re-run the same `hrsa extract` to finish it (it resumes), or pass allow_incomplete=True."
+            )
+        array = self._model_group(mid)[hidden_key(k)]
+        chunks = (chunk_tokens or info.layout.shard_tokens, info.hidden_size)
+        lazy = da.from_zarr(array, chunks=chunks, name=f"hrsa-{mid}-{k}-{self.url}")
+        if info.dtype == "bfloat16":
+            import ml_dtypes
+
+            lazy = lazy.map_blocks(_bf16_view, dtype=ml_dtypes.bfloat16)
+        if tokens is None and docs is None and (token_filter is None or token_filter.is_identity):
+            return lazy
+        return lazy[self.select(mid, tokens=tokens, docs=docs, token_filter=token_filter)]
+
+    # -- writing -------------------------------------------------------------------------------
+    def write_corpus(
+        self,
+        table: CorpusTable,
+        *,
+        tokenizer: Mapping[str, Any],
+        source: str | None = None,
+        fields: Sequence[str] = (),
+        template: str | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Store a tokenised corpus once and return its content-derived id.
+
+        ``tokenizer`` must hold ``name`` and ``fingerprint`` (a hash of its vocabulary and settings).
+        Writing a corpus that is already stored and complete changes nothing.
+        """
+        self._check_writable()
+        table.check()
+        digest = content_hash(table, str(tokenizer["fingerprint"]))
+        cid = f"corpus-{digest[:16]}"
+        if cid in self.corpora():
+            return cid
+        write_corpus(
+            self._root["corpora"], cid, table, tokenizer=tokenizer, source=source, fields=fields,
+            template=template, digest=digest, extra=extra,
+        )
+        return cid
+
+    def create_model(
+        self,
+        mid: str,
+        *,
+        corpus: str,
+        n_hidden_states: int,
+        hidden_size: int,
+        dtype: str,
+        attention: str = "causal",
+        hidden_states: Sequence[int] | None = None,
+        source: Mapping[str, Any] | None = None,
+        extraction: Mapping[str, Any] | None = None,
+        codec: str | None = None,
+        chunk_tokens: int | None = None,
+        shard_tokens: int | None = None,
+        exist_ok: bool = False,
+    ) -> ModelInfo:
+        """Allocate a model's arrays (the coordinator's job; workers then call :meth:`writer`).
+
+        With ``exist_ok``, an existing model with the same settings is returned as is, so that a
+        re-run resumes; different settings are an error, never an overwrite.
+        """
+        self._check_writable()
+        parse_id(mid, kind="model id")
+        n_tokens = self.corpus_info(corpus).n_tokens
+        layers = tuple(range(n_hidden_states)) if hidden_states is None else tuple(int(k) for k in hidden_states)
+        codec = codec or DEFAULT_CODEC.get(dtype, "none")
+        check_model_spec(dtype=dtype, attention=attention, codec=codec, hidden_states=layers, n_hidden_states=n_hidden_states)
+        info = ModelInfo(
+            id=mid, corpus=corpus, n_tokens=n_tokens, hidden_size=int(hidden_size), n_hidden_states=int(n_hidden_states),
+            hidden_states=layers, dtype=dtype, attention=attention,
+            layout=choose_layout(hidden_size, dtype, chunk_tokens=chunk_tokens, shard_tokens=shard_tokens),
+            codec=codec, source=dict(source or {}), extraction=dict(extraction or {}),
+        )
+        if mid in self.models():
+            existing = self.model_info(mid)
+            if exist_ok and existing.to_attrs() == info.to_attrs():
+                return existing
+            raise UserError(
+                f"Expected a new model id. Got {mid!r}, which this store already holds"
+                f"{' with different settings' if exist_ok else ''}. "
+                f"Choose another --name, or delete it first (`hrsa store rm {self.url} {mid}`)."
+            )
+        create_model_group(self._root["models"], info)
+        return self.model_info(mid)
+
+    def writer(self, mid: str) -> ModelWriter:
+        """A writer of ``mid``'s work units; cheap, and safe to create in every worker process."""
+        self._check_writable()
+        return ModelWriter(self._model_group(mid), self.model_info(mid))
+
+    def delete_model(self, mid: str) -> None:
+        """Remove a model and all its hidden states; corpora and other models are untouched."""
+        self._check_writable()
+        self._model_group(mid)
+        del self._root["models"][mid]
+
+    def group(self, path: str) -> zarr.Group:
+        """The Zarr group at ``path`` below the root (``"results"``...), for the other packages' I/O."""
+        return self._root[path]

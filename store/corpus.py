@@ -1,0 +1,187 @@
+"""Corpora in the store: a tokenised text collection, shared by every model with the same tokenizer.
+
+A corpus is written once, by one process, and its id is derived from its content (token ids,
+document boundaries, special-token flags, record ids and the tokenizer's fingerprint), so the same
+text under the same tokenizer is one corpus whoever writes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from hrsa.store.format import ATTRS_KEY
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import zarr
+
+__all__ = ["CorpusTable", "CorpusInfo", "write_corpus", "read_corpus_info", "read_token_table", "content_hash"]
+
+_TOKEN_CHUNK = 1 << 18
+
+
+@dataclass(frozen=True)
+class CorpusTable:
+    """A tokenised corpus in memory, documents laid end to end.
+
+    Args:
+        token_ids: (N,) int32, every document's tokens in order.
+        doc_offsets: (n_docs + 1,) int64; document i holds tokens ``doc_offsets[i]:doc_offsets[i+1]``.
+        is_special: (N,) bool, True where the tokenizer marks a special token (BOS, chat markers...).
+        record_ids: one source record id per document.
+        truncated: (n_docs,) bool, True where the document was cut to a token limit.
+        original_length: (n_docs,) int64, the document's length in tokens before any cut.
+    """
+
+    token_ids: np.ndarray
+    doc_offsets: np.ndarray
+    is_special: np.ndarray
+    record_ids: Sequence[str]
+    truncated: np.ndarray | None = None
+    original_length: np.ndarray | None = None
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    @property
+    def n_docs(self) -> int:
+        return int(self.doc_offsets.shape[0] - 1)
+
+    def doc_index(self) -> np.ndarray:
+        """(N,) int32: the document each token belongs to."""
+        return np.repeat(np.arange(self.n_docs, dtype=np.int32), np.diff(self.doc_offsets))
+
+    def position(self) -> np.ndarray:
+        """(N,) int32: each token's position inside its document."""
+        starts = np.repeat(self.doc_offsets[:-1], np.diff(self.doc_offsets))
+        return (np.arange(self.n_tokens, dtype=np.int64) - starts).astype(np.int32)
+
+    def check(self) -> None:
+        offsets = self.doc_offsets
+        if offsets.ndim != 1 or offsets.shape[0] < 2 or offsets[0] != 0 or offsets[-1] != self.n_tokens:
+            raise ValueError("doc_offsets must run from 0 to the number of tokens, one more entry than documents")
+        if np.any(np.diff(offsets) <= 0):
+            raise ValueError("every document must hold at least one token (doc_offsets strictly increasing)")
+        if self.is_special.shape != self.token_ids.shape or len(self.record_ids) != self.n_docs:
+            raise ValueError("is_special must match token_ids, and record_ids must have one id per document")
+
+
+@dataclass(frozen=True)
+class CorpusInfo:
+    """What the store records about a corpus (its attributes)."""
+
+    id: str
+    n_tokens: int
+    n_docs: int
+    n_truncated: int
+    content_hash: str
+    tokenizer: dict[str, Any] = field(default_factory=dict)
+    source: str | None = None
+    fields: tuple[str, ...] = ()
+    template: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def content_hash(table: CorpusTable, tokenizer_fingerprint: str) -> str:
+    """sha256 over everything that defines the corpus; equal hashes mean identical token tables."""
+    h = hashlib.sha256()
+    h.update(tokenizer_fingerprint.encode())
+    for array in (table.token_ids.astype("<i4"), table.doc_offsets.astype("<i8"), table.is_special.astype("u1")):
+        h.update(np.ascontiguousarray(array).tobytes())
+    h.update(json.dumps(list(table.record_ids)).encode())
+    return h.hexdigest()
+
+
+def _array(group: zarr.Group, name: str, values: np.ndarray, chunk: int) -> None:
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    arr = group.create_array(
+        name,
+        shape=values.shape,
+        dtype=values.dtype,
+        chunks=(min(chunk, max(1, values.shape[0])),),
+        compressors=[ZstdCodec(level=3), Crc32cCodec()],
+        fill_value=0,
+        overwrite=True,
+    )
+    arr[:] = values
+
+
+def write_corpus(
+    parent: zarr.Group,
+    cid: str,
+    table: CorpusTable,
+    *,
+    tokenizer: Mapping[str, Any],
+    source: str | None,
+    fields: Sequence[str],
+    template: str | None,
+    digest: str,
+    extra: Mapping[str, Any] | None = None,
+) -> None:
+    """Write ``table`` as ``parent/<cid>``; ``complete`` is set last, so a torn write is never used."""
+    group = parent.create_group(cid, overwrite=True)
+    n_docs = table.n_docs
+    truncated = table.truncated if table.truncated is not None else np.zeros(n_docs, bool)
+    original = table.original_length if table.original_length is not None else np.diff(table.doc_offsets)
+    _array(group, "token_ids", table.token_ids.astype(np.int32), _TOKEN_CHUNK)
+    _array(group, "doc_index", table.doc_index(), _TOKEN_CHUNK)
+    _array(group, "position", table.position(), _TOKEN_CHUNK)
+    _array(group, "is_special", table.is_special.astype(bool), _TOKEN_CHUNK)
+    _array(group, "doc_offsets", table.doc_offsets.astype(np.int64), _TOKEN_CHUNK)
+    _array(group, "doc_truncated", truncated.astype(bool), _TOKEN_CHUNK)
+    _array(group, "doc_original_length", original.astype(np.int64), _TOKEN_CHUNK)
+    records = group.create_array("doc_record_id", shape=(n_docs,), dtype=str, chunks=(min(_TOKEN_CHUNK, n_docs),))
+    records[:] = np.asarray(list(table.record_ids), dtype=object)
+    group.attrs[ATTRS_KEY] = {
+        "kind": "corpus",
+        "n_tokens": table.n_tokens,
+        "n_docs": n_docs,
+        "n_truncated": int(truncated.sum()),
+        "content_hash": digest,
+        "tokenizer": dict(tokenizer),
+        "source": source,
+        "fields": list(fields),
+        "template": template,
+        "extra": dict(extra or {}),
+        "complete": True,
+    }
+
+
+def read_corpus_info(cid: str, group: zarr.Group) -> CorpusInfo:
+    a = group.attrs[ATTRS_KEY]
+    return CorpusInfo(
+        id=cid,
+        n_tokens=int(a["n_tokens"]),
+        n_docs=int(a["n_docs"]),
+        n_truncated=int(a["n_truncated"]),
+        content_hash=a["content_hash"],
+        tokenizer=dict(a.get("tokenizer") or {}),
+        source=a.get("source"),
+        fields=tuple(a.get("fields") or ()),
+        template=a.get("template"),
+        extra=dict(a.get("extra") or {}),
+    )
+
+
+def read_token_table(group: zarr.Group) -> pd.DataFrame:
+    """The per-token table as a DataFrame: token_id, doc_index, position, is_special, is_first."""
+    import pandas as pd
+
+    position = group["position"][:]
+    return pd.DataFrame(
+        {
+            "token_id": group["token_ids"][:],
+            "doc_index": group["doc_index"][:],
+            "position": position,
+            "is_special": group["is_special"][:],
+            "is_first": position == 0,
+        }
+    )

@@ -1,0 +1,78 @@
+"""One error hierarchy for hrsa.
+
+A :class:`UserError` is a mistake the user can fix (bad path, unknown model, bad id); the CLI prints
+it as one line and exits with code 2. Each domain error also inherits the builtin it refines, so
+``except FileNotFoundError`` keeps working for callers who do not know hrsa's types.
+Messages follow "Expected <what>. Got <value> instead. <How to fix>."
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "HrsaError",
+    "UserError",
+    "StoreNotFoundError",
+    "StoreFormatError",
+    "StoreReadOnlyError",
+    "InvalidIdError",
+    "ModelNotFoundError",
+    "CorpusNotFoundError",
+    "LayerOutOfRangeError",
+    "IncompleteModelError",
+    "SelectionError",
+    "CorpusMismatchError",
+]
+
+
+class HrsaError(Exception):
+    """Base of every error hrsa raises on purpose."""
+
+
+class UserError(HrsaError):
+    """A mistake in what the user asked for; the message names the fix."""
+
+
+class StoreNotFoundError(UserError, FileNotFoundError):
+    """No hrsa store at the URL."""
+
+
+class StoreFormatError(UserError, ValueError):
+    """The URL holds something that is not a store this hrsa can read (or a newer format)."""
+
+
+class StoreReadOnlyError(UserError, PermissionError):
+    """A write was attempted on a store opened read-only."""
+
+
+class InvalidIdError(UserError, ValueError):
+    """A model, corpus or result id that is not a safe slug."""
+
+
+class ModelNotFoundError(UserError, KeyError):
+    """No model of that id in the store."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class CorpusNotFoundError(UserError, KeyError):
+    """No corpus of that id in the store."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class LayerOutOfRangeError(UserError, IndexError):
+    """A hidden-state index the model does not have."""
+
+
+class IncompleteModelError(UserError, RuntimeError):
+    """Reading a model whose extraction has work units not done."""
+
+
+class SelectionError(UserError, ValueError):
+    """A token range, document list or filter that selects nothing valid."""
+
+
+class CorpusMismatchError(UserError, ValueError):
+    """Two things that must share a corpus (identical token ids) do not."""

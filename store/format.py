@@ -1,0 +1,162 @@
+"""Store format version 1: layout constants, dtypes as stored, chunk and shard sizing, codecs.
+
+Layout (one Zarr v3 group)::
+
+    <root>/                       attrs {"hrsa": {"format_version": 1}}
+      corpora/<cid>/              token table: token_ids, doc_index, position, is_special (N,)
+                                  documents: doc_offsets (n_docs+1,), doc_record_id, doc_truncated,
+                                  doc_original_length (n_docs,)
+      models/<mid>/               attrs {"hrsa": ModelInfo fields}
+        hidden/<k>                one hidden state, (N, D), chunked along tokens, sharded
+        units                     (n_units,) uint8, one chunk per unit: 1 once that unit is done
+      results/<run>/              metric outputs
+
+This module knows the format, not the math or the I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from zarr.abc.codec import BytesBytesCodec
+
+__all__ = [
+    "FORMAT_VERSION",
+    "ATTRS_KEY",
+    "STORED_DTYPES",
+    "CODEC_PRESETS",
+    "DEFAULT_CODEC",
+    "Layout",
+    "choose_layout",
+    "codec_chain",
+    "storage_dtype",
+    "as_logical",
+    "as_storage",
+]
+
+FORMAT_VERSION = 1
+ATTRS_KEY = "hrsa"  # every hrsa attribute lives under this one key of a node's attributes
+
+# Logical dtype -> numpy dtype written to Zarr. Zarr v3 has no bfloat16, so bf16 is kept as its raw
+# uint16 bit pattern and flagged by the model's "dtype" attribute; it is never cast to fp16, whose
+# 65,504 maximum LLM activations exceed.
+STORED_DTYPES: dict[str, str] = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}
+
+# Candidate codecs, measured by benchmarks/store_io.py on real hidden states. Byte shuffling groups
+# the high (sign/exponent) bytes of every value, the only part of an activation that compresses.
+CODEC_PRESETS: dict[str, dict[str, object] | None] = {
+    "none": None,
+    "zstd-1": {"kind": "zstd", "level": 1},
+    "zstd-3": {"kind": "zstd", "level": 3},
+    "blosc-lz4-shuffle": {"kind": "blosc", "cname": "lz4", "clevel": 5, "shuffle": "shuffle"},
+    "blosc-zstd-1-shuffle": {"kind": "blosc", "cname": "zstd", "clevel": 1, "shuffle": "shuffle"},
+    "blosc-zstd-1-bitshuffle": {"kind": "blosc", "cname": "zstd", "clevel": 1, "shuffle": "bitshuffle"},
+}
+DEFAULT_CODEC: dict[str, str] = {
+    "float32": "blosc-zstd-1-shuffle",
+    "float16": "blosc-zstd-1-shuffle",
+    "bfloat16": "blosc-zstd-1-shuffle",
+}
+
+_CHUNK_BYTES = 1 << 20  # ~1 MiB inner chunks: cheap partial reads, good compression blocks
+_SHARD_BYTES = 32 << 20  # ~32 MiB shards: few objects on S3, and one unit's buffer stays small
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one model's (N, D) hidden states are cut: tokens per inner chunk and per shard (= unit)."""
+
+    chunk_tokens: int
+    shard_tokens: int
+
+    def n_units(self, n_tokens: int) -> int:
+        return max(1, -(-n_tokens // self.shard_tokens))
+
+    def unit_range(self, index: int, n_tokens: int) -> tuple[int, int]:
+        start = index * self.shard_tokens
+        return start, min(start + self.shard_tokens, n_tokens)
+
+
+def _floor_pow2(x: float) -> int:
+    return 1 << max(0, int(np.floor(np.log2(max(x, 1.0)))))
+
+
+def choose_layout(
+    hidden_size: int,
+    dtype: str,
+    *,
+    chunk_tokens: int | None = None,
+    shard_tokens: int | None = None,
+) -> Layout:
+    """Pick power-of-two token counts so a chunk is ~1 MiB and a shard ~32 MiB, unless given.
+
+    The shard is always a whole number of chunks, as Zarr's sharding codec requires.
+    """
+    row_bytes = hidden_size * np.dtype(STORED_DTYPES[dtype]).itemsize
+    chunk = chunk_tokens or max(16, _floor_pow2(_CHUNK_BYTES / row_bytes))
+    shard = shard_tokens or max(chunk, _floor_pow2(_SHARD_BYTES / row_bytes))
+    shard = max(chunk, shard // chunk * chunk)
+    return Layout(chunk_tokens=chunk, shard_tokens=shard)
+
+
+def codec_chain(preset: str, dtype: str) -> list[BytesBytesCodec]:
+    """Zarr compressors for one inner chunk: the preset's compressor, then a crc32c checksum.
+
+    The checksum sits after compression so that a flipped bit anywhere in the stored bytes is caught
+    on read, before decompression can turn it into plausible-looking numbers.
+    """
+    from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+
+    spec = CODEC_PRESETS[preset]
+    chain: list[BytesBytesCodec] = []
+    if spec is not None and spec["kind"] == "zstd":
+        chain.append(ZstdCodec(level=int(spec["level"])))  # type: ignore[call-overload]
+    elif spec is not None:
+        typesize = np.dtype(STORED_DTYPES[dtype]).itemsize
+        chain.append(
+            BloscCodec(
+                cname=spec["cname"], clevel=spec["clevel"], shuffle=spec["shuffle"], typesize=typesize
+            )  # type: ignore[arg-type]
+        )
+    chain.append(Crc32cCodec())
+    return chain
+
+
+def storage_dtype(dtype: str) -> np.dtype:
+    return np.dtype(STORED_DTYPES[dtype])
+
+
+def as_storage(values: object, dtype: str) -> np.ndarray:
+    """Bring a numpy array or torch tensor of the model's dtype to the dtype written to Zarr, bit for bit."""
+    if hasattr(values, "detach"):  # a torch tensor: view bf16 as its uint16 bits before leaving torch
+        import torch
+
+        tensor = values.detach().cpu()
+        if tensor.dtype == torch.bfloat16:
+            tensor = tensor.view(torch.uint16)
+        values = tensor.numpy()
+    array = np.asarray(values)
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        if array.dtype == ml_dtypes.bfloat16:
+            return array.view(np.uint16)
+        if array.dtype == np.uint16:
+            return array
+        raise TypeError(f"Expected bfloat16 values (torch.bfloat16, ml_dtypes.bfloat16 or their uint16 bits). Got {array.dtype} instead.")
+    if array.dtype != np.dtype(dtype):
+        raise TypeError(f"Expected {dtype} values for a {dtype} model. Got {array.dtype} instead.")
+    return array
+
+
+def as_logical(stored: np.ndarray, dtype: str) -> np.ndarray:
+    """Undo :func:`as_storage`: a view, no copy, no rounding."""
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return stored.view(ml_dtypes.bfloat16)
+    return stored

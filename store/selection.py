@@ -1,0 +1,142 @@
+"""Which tokens to read: a token range, a list of documents, and token filters, resolved once.
+
+A selection resolves to a ``slice`` when it is one contiguous run (cheap for Dask) and to a sorted or
+document-ordered int64 index otherwise. Filters need the token table, which is small next to the
+activations (13 bytes a token against D * 2 or D * 4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from hrsa.store.errors import SelectionError
+
+if TYPE_CHECKING:
+    import zarr
+
+__all__ = ["TokenFilter", "resolve_selection", "parse_token_range", "parse_doc_ids"]
+
+
+@dataclass(frozen=True)
+class TokenFilter:
+    """Tokens to drop from every analysis or read.
+
+    Args:
+        exclude_special: drop tokens the tokenizer marks special (BOS, chat-template markers, padding).
+        exclude_first: drop position 0 of every document; attention sinks there carry huge norms.
+        positions: keep only positions ``a <= p < b`` inside each document.
+    """
+
+    exclude_special: bool = False
+    exclude_first: bool = False
+    positions: tuple[int, int] | None = None
+
+    @property
+    def is_identity(self) -> bool:
+        return not (self.exclude_special or self.exclude_first or self.positions)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["positions"] = list(self.positions) if self.positions else None
+        return d
+
+
+def parse_token_range(text: str, n_tokens: int) -> tuple[int, int]:
+    """``"A:B"`` (either side may be empty, negatives count from the end) -> checked ``(A, B)``."""
+    try:
+        a_text, b_text = text.split(":")
+        start, stop, _ = slice(int(a_text) if a_text else None, int(b_text) if b_text else None).indices(n_tokens)
+    except ValueError:
+        raise SelectionError(f"Expected a token range A:B such as 0:1000. Got {text!r} instead.") from None
+    if stop <= start:
+        raise SelectionError(
+            f"Expected a non-empty token range inside 0:{n_tokens}. Got {text!r} instead. "
+            f"Pick A < B <= {n_tokens}."
+        )
+    return start, stop
+
+
+def parse_doc_ids(text: str) -> list[int]:
+    """``"0,3,5-9"`` -> ``[0, 3, 5, 6, 7, 8, 9]``."""
+    ids: list[int] = []
+    try:
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            if "-" in part:
+                lo, hi = (int(v) for v in part.split("-", 1))
+                ids.extend(range(lo, hi + 1))
+            else:
+                ids.append(int(part))
+    except ValueError:
+        raise SelectionError(f"Expected document indices such as 0,3,5-9. Got {text!r} instead.") from None
+    return ids
+
+
+def _doc_index(doc_offsets: np.ndarray, docs: Sequence[int]) -> np.ndarray:
+    n_docs = doc_offsets.shape[0] - 1
+    docs = [int(d) for d in docs]
+    bad = [d for d in docs if not 0 <= d < n_docs]
+    if bad or not docs:
+        raise SelectionError(
+            f"Expected document indices in 0..{n_docs - 1}. Got {bad or 'none'} instead. "
+            "List the corpus's documents with `hrsa store info`."
+        )
+    if len(set(docs)) != len(docs):
+        raise SelectionError(f"Expected each document once. Got duplicates in {docs} instead.")
+    return np.concatenate([np.arange(doc_offsets[d], doc_offsets[d + 1], dtype=np.int64) for d in docs])
+
+
+def resolve_selection(
+    corpus: zarr.Group,
+    *,
+    tokens: tuple[int, int] | None = None,
+    docs: Sequence[int] | None = None,
+    token_filter: TokenFilter | None = None,
+) -> slice | np.ndarray:
+    """Resolve a selection against ``corpus``'s token table.
+
+    Returns:
+        A ``slice`` of token indices when the selection is contiguous, else an (M,) int64 index in
+        document order (and token order inside each document).
+
+    Raises:
+        SelectionError: the range or documents are out of bounds, or nothing is left after filtering.
+    """
+    n_tokens = int(corpus["token_ids"].shape[0])
+    token_filter = token_filter or TokenFilter()
+    # Step 1: the candidate tokens, as a range or an index.
+    if tokens is not None:
+        start, stop = tokens
+        if not 0 <= start < stop <= n_tokens:
+            raise SelectionError(f"Expected a token range inside 0:{n_tokens}. Got {start}:{stop} instead.")
+    else:
+        start, stop = 0, n_tokens
+    index: np.ndarray | None = None
+    if docs is not None:
+        index = _doc_index(corpus["doc_offsets"][:], docs)
+        if tokens is not None:
+            index = index[(index >= start) & (index < stop)]
+    # Step 2: the filters, read only over the candidate range.
+    if not token_filter.is_identity:
+        lo, hi = (int(index.min()), int(index.max()) + 1) if index is not None and index.size else (start, stop)
+        keep = np.ones(hi - lo, dtype=bool)
+        position = corpus["position"][lo:hi]
+        if token_filter.exclude_special:
+            keep &= ~corpus["is_special"][lo:hi]
+        if token_filter.exclude_first:
+            keep &= position != 0
+        if token_filter.positions:
+            a, b = token_filter.positions
+            keep &= (position >= a) & (position < b)
+        index = index[keep[index - lo]] if index is not None else np.flatnonzero(keep).astype(np.int64) + lo
+    # Step 3: the cheapest form that says the same.
+    if index is None:
+        return slice(start, stop)
+    if index.size == 0:
+        raise SelectionError("Expected at least one token after selection and filters. Got none. Loosen the filters.")
+    if index[-1] - index[0] + 1 == index.size and np.all(np.diff(index) == 1):
+        return slice(int(index[0]), int(index[-1]) + 1)
+    return index

@@ -1,0 +1,1 @@
+"""InfoNCE embedding training on Ray Train, hard-negative mining and MTEB evaluation."""
