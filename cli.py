@@ -9,7 +9,7 @@ import click
 
 from hrsa import __version__
 from hrsa.store.cli import store_group
-from hrsa.store.errors import UserError
+from hrsa.store.errors import HrsaError, UserError
 
 __all__ = ["main", "cli"]
 
@@ -18,9 +18,12 @@ class _Hrsa(click.Group):
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
-        except UserError as error:
+        except UserError as error:  # the user's to fix: one line, exit 2
             click.echo(f"hrsa: error: {error}", err=True)
             ctx.exit(2)
+        except HrsaError as error:  # e.g. corrupted data: one line that names the fix, exit 1
+            click.echo(f"hrsa: error: {error}", err=True)
+            ctx.exit(1)
 
 
 @click.group(cls=_Hrsa, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

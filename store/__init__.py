@@ -12,6 +12,7 @@ from hrsa.store.corpus import CorpusInfo, CorpusTable
 from hrsa.store.errors import (
     CorpusMismatchError,
     CorpusNotFoundError,
+    CorruptDataError,
     HrsaError,
     IncompleteModelError,
     InvalidIdError,
@@ -51,4 +52,5 @@ __all__ = [
     "IncompleteModelError",
     "SelectionError",
     "CorpusMismatchError",
+    "CorruptDataError",
 ]

@@ -15,6 +15,7 @@ import numpy as np
 from hrsa.store.corpus import CorpusInfo, CorpusTable, content_hash, read_corpus_info, read_token_table, write_corpus
 from hrsa.store.errors import (
     CorpusNotFoundError,
+    CorruptDataError,
     LayerOutOfRangeError,
     IncompleteModelError,
     ModelNotFoundError,
@@ -54,8 +55,27 @@ def _exists_nonempty(url: str, storage_options: Mapping[str, Any] | None) -> boo
     return bool(fs.exists(path) and (fs.isfile(path) or fs.ls(path)))
 
 
-def _bf16_view(block: np.ndarray) -> np.ndarray:
-    return as_logical(block, "bfloat16")
+class _CheckedArray:
+    """A Zarr array seen in the model's dtype, whose checksum failures name the fix.
+
+    Dask indexes it like an array (``from_array``); it pickles, so Ray workers can read from it.
+    """
+
+    def __init__(self, array: zarr.Array, dtype: str, where: str) -> None:
+        self._array, self._dtype, self._where = array, dtype, where
+        self.shape, self.ndim = array.shape, array.ndim
+        self.dtype = as_logical(np.empty(0, array.dtype), dtype).dtype
+
+    def __getitem__(self, selection: Any) -> np.ndarray:
+        try:
+            return as_logical(self._array[selection], self._dtype)
+        except ValueError as error:
+            if "checksum" not in str(error):
+                raise
+            raise CorruptDataError(
+                f"Expected intact chunks in {self._where}. Got a checksum mismatch instead ({error}). "
+                "Run `hrsa store verify` to list the damaged shards, then re-extract them."
+            ) from error
 
 
 class ActivationStore:
@@ -252,13 +272,10 @@ class ActivationStore:
                 f"Expected a complete extraction of {mid}. Got {info.units_done}/{info.n_units} work units done instead. "
                 "Re-run the same `hrsa extract` to finish it (it resumes), or pass allow_incomplete=True."
             )
-        array = self._model_group(mid)[hidden_key(k)]
+        where = f"{self.url} models/{mid}/{hidden_key(k)}"
+        array = _CheckedArray(self._model_group(mid)[hidden_key(k)], info.dtype, where)
         chunks = (chunk_tokens or info.layout.shard_tokens, info.hidden_size)
-        lazy = da.from_zarr(array, chunks=chunks, name=f"hrsa-{mid}-{k}-{self.url}")
-        if info.dtype == "bfloat16":
-            import ml_dtypes
-
-            lazy = lazy.map_blocks(_bf16_view, dtype=ml_dtypes.bfloat16)
+        lazy = da.from_array(array, chunks=chunks, name=f"hrsa-{where}", asarray=False, fancy=False)
         if tokens is None and docs is None and (token_filter is None or token_filter.is_identity):
             return lazy
         return lazy[self.select(mid, tokens=tokens, docs=docs, token_filter=token_filter)]

@@ -36,3 +36,119 @@ def ls(url: str) -> None:
         )
     console.print(corpora)
     console.print(models)
+
+
+@store_group.command("info")
+@click.argument("url")
+@click.argument("model")
+def info(url: str, model: str) -> None:
+    """Describe MODEL in the store at URL: source, corpus, shape, dtype, layout and progress."""
+    import json
+
+    from hrsa.store import ActivationStore
+
+    store = ActivationStore.open(url, mode="r")
+    m = store.model_info(model)
+    c = store.corpus_info(m.corpus)
+    click.echo(f"model        {m.id}")
+    click.echo(f"source       {json.dumps(m.source)}")
+    click.echo(f"corpus       {m.corpus} ({c.n_docs} documents, {c.n_tokens} tokens, tokenizer {c.tokenizer.get('name', '?')})")
+    click.echo(f"shape        {len(m.hidden_states)} hidden states of (N={m.n_tokens}, D={m.hidden_size}); "
+               f"indices {_ranges(m.hidden_states)} of 0..{m.n_hidden_states - 1}")
+    click.echo(f"dtype        {m.dtype} ({'stored as uint16 bits' if m.dtype == 'bfloat16' else 'stored as is'}), codec {m.codec} + crc32c")
+    click.echo(f"attention    {m.attention}")
+    click.echo(f"layout       {m.layout.chunk_tokens} tokens per chunk, {m.layout.shard_tokens} per shard (work unit)")
+    click.echo(f"progress     {m.units_done}/{m.n_units} units done{'' if m.complete else ' (incomplete: re-run the extraction to resume)'}")
+    if m.extraction:
+        click.echo(f"extraction   {json.dumps(m.extraction)}")
+
+
+def _ranges(values: tuple[int, ...]) -> str:
+    if values and list(values) == list(range(values[0], values[-1] + 1)):
+        return f"{values[0]}..{values[-1]}"
+    return ",".join(map(str, values))
+
+
+@store_group.command("get")
+@click.argument("url")
+@click.argument("model")
+@click.option("--layer", type=int, required=True, help="Hidden-state index: 0 is the embedding output, L the last layer; negative counts from the end.")
+@click.option("--docs", default=None, help="Keep these documents, e.g. 0,3,5-9 (indices into the corpus's document table).")
+@click.option("--tokens", "token_range", default=None, help="Keep the global token range A:B.")
+@click.option("--exclude-special", is_flag=True, help="Drop special tokens (BOS, chat-template markers).")
+@click.option("--exclude-first", is_flag=True, help="Drop position 0 of every document (attention sinks).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float64"]), default="auto", show_default=True,
+              help="auto keeps the stored dtype; bf16, which .npy cannot hold, widens to float32 exactly.")
+@click.option("--out", type=click.Path(dir_okay=False, writable=True), required=True, help="Output .npy file.")
+def get(url: str, model: str, layer: int, docs: str | None, token_range: str | None, exclude_special: bool,
+        exclude_first: bool, dtype: str, out: str) -> None:
+    """Write one hidden state of MODEL (or a selection of its tokens) to a .npy file."""
+    import numpy as np
+
+    from hrsa.store import ActivationStore, TokenFilter
+    from hrsa.store.selection import parse_doc_ids, parse_token_range
+
+    store = ActivationStore.open(url, mode="r")
+    m = store.model_info(model)
+    lazy = store.hidden_state(
+        model, layer,
+        tokens=parse_token_range(token_range, m.n_tokens) if token_range else None,
+        docs=parse_doc_ids(docs) if docs else None,
+        token_filter=TokenFilter(exclude_special=exclude_special, exclude_first=exclude_first),
+    )
+    values = lazy.compute()
+    if dtype != "auto" or m.dtype == "bfloat16":
+        values = values.astype(np.float64 if dtype == "float64" else np.float32)
+    np.save(out, values)
+    click.echo(f"wrote {out}: {values.shape[0]} tokens x {values.shape[1]} ({values.dtype})")
+
+
+@store_group.command("verify")
+@click.argument("url")
+@click.option("--model", "models", multiple=True, help="Check only this model (repeatable); default all.")
+@click.option("--reset-damaged", is_flag=True,
+              help="Mark the units of damaged shards not done, so re-running the extraction rewrites exactly them.")
+def verify(url: str, models: tuple[str, ...], reset_damaged: bool) -> None:
+    """Check that every work unit is done and every stored byte matches its crc32c checksum.
+
+    Exit code 0 when all is well, 1 when a problem was found (each is listed).
+    """
+    from rich.progress import Progress
+
+    from hrsa.store import ActivationStore
+    from hrsa.store.verify import count_shards, verify_store
+
+    store = ActivationStore.open(url, mode="r+" if reset_damaged else "r")
+    selected = list(models) or None
+    with Progress(transient=True) as progress:
+        task = progress.add_task("reading shards", total=count_shards(store, selected))
+        report = verify_store(store, models=selected, on_shard=lambda n: progress.advance(task, n))
+    for problem in report.problems:
+        click.echo(f"PROBLEM {problem.where}: {problem.what}")
+    summary = f"{len(report.corpora_checked)} corpora, {len(report.models_checked)} models, {report.shards_read} shards read"
+    if report.ok:
+        click.echo(f"ok: {summary}")
+        return
+    click.echo(f"{len(report.problems)} problem(s): {summary}")
+    for mid, units in report.damaged_units().items() if reset_damaged else ():
+        writer = store.writer(mid)
+        for unit in units:
+            writer.reset_unit(writer.units()[unit])
+        click.echo(f"reset {len(units)} damaged unit(s) of {mid}: re-run its extraction to rewrite them")
+    raise SystemExit(1)
+
+
+@store_group.command("rm")
+@click.argument("url")
+@click.argument("model")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def rm(url: str, model: str, yes: bool) -> None:
+    """Delete MODEL and all its hidden states from the store at URL (corpora are kept)."""
+    from hrsa.store import ActivationStore
+
+    store = ActivationStore.open(url, mode="r+")
+    store.model_info(model)  # fail on an unknown id before asking anything
+    if not yes:
+        click.confirm(f"Delete model {model} from {url}?", abort=True)
+    store.delete_model(model)
+    click.echo(f"deleted {model}")

@@ -21,6 +21,7 @@ __all__ = [
     "IncompleteModelError",
     "SelectionError",
     "CorpusMismatchError",
+    "CorruptDataError",
 ]
 
 
@@ -76,3 +77,7 @@ class SelectionError(UserError, ValueError):
 
 class CorpusMismatchError(UserError, ValueError):
     """Two things that must share a corpus (identical token ids) do not."""
+
+
+class CorruptDataError(HrsaError, ValueError):
+    """Stored bytes that fail their checksum: not the user's mistake, but it has a fix (re-extract)."""

@@ -1,0 +1,190 @@
+"""Opening, listing, describing, selecting and deleting."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from hrsa.store import (
+    ActivationStore,
+    CorpusNotFoundError,
+    IncompleteModelError,
+    LayerOutOfRangeError,
+    ModelNotFoundError,
+    SelectionError,
+    StoreFormatError,
+    StoreNotFoundError,
+    StoreReadOnlyError,
+    TokenFilter,
+    UserError,
+)
+from hrsa.store.testing import DOC_LENGTHS, HIDDEN, LAYERS, expected_layer, fill_model, make_table, new_model
+
+
+def test_open_missing_store_in_read_mode_creates_nothing(tmp_path) -> None:
+    for mode in ("r", "r+"):
+        with pytest.raises(StoreNotFoundError, match="Expected an hrsa store"):
+            ActivationStore.open(tmp_path / "nope", mode=mode)
+    assert not (tmp_path / "nope").exists()
+
+
+def test_open_refuses_a_folder_of_other_files(tmp_path) -> None:
+    (tmp_path / "mine.txt").write_text("keep me")
+    with pytest.raises(StoreFormatError, match="other files"):
+        ActivationStore.open(tmp_path, mode="a")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+
+
+def test_open_refuses_a_newer_format(tmp_path, store: ActivationStore) -> None:
+    root = tmp_path / "store"
+    meta = json.loads((root / "zarr.json").read_text())
+    meta["attributes"]["hrsa"]["format_version"] = 99
+    (root / "zarr.json").write_text(json.dumps(meta))
+    before = (root / "zarr.json").read_bytes()
+    with pytest.raises(StoreFormatError, match="Upgrade hrsa"):
+        ActivationStore.open(root, mode="a")
+    assert (root / "zarr.json").read_bytes() == before
+
+
+def test_open_refuses_a_plain_zarr_group(tmp_path) -> None:
+    import zarr
+
+    zarr.open_group(tmp_path / "plain", mode="w")
+    with pytest.raises(StoreFormatError, match="without hrsa attributes"):
+        ActivationStore.open(tmp_path / "plain")
+
+
+def test_w_minus_refuses_an_existing_store(tmp_path, store: ActivationStore) -> None:
+    with pytest.raises(StoreFormatError):
+        ActivationStore.open(tmp_path / "store", mode="w-")
+
+
+def test_read_only_store_refuses_writes(tmp_path, filled_store: ActivationStore) -> None:
+    ro = ActivationStore.open(tmp_path / "store", mode="r")
+    with pytest.raises(StoreReadOnlyError):
+        ro.delete_model("m")
+    with pytest.raises(StoreReadOnlyError):
+        ro.writer("m")
+    assert ro.models() == ["m"]
+
+
+def test_lists_and_describes(filled_store: ActivationStore) -> None:
+    (cid,) = filled_store.corpora()
+    assert filled_store.models() == ["m"]
+    info = filled_store.model_info("m")
+    assert (info.corpus, info.n_tokens, info.hidden_size, info.n_hidden_states) == (cid, sum(DOC_LENGTHS), HIDDEN, LAYERS)
+    assert info.complete and info.units_done == info.n_units == 4
+    corpus = filled_store.corpus_info(cid)
+    assert (corpus.n_docs, corpus.n_tokens, corpus.tokenizer["name"]) == (len(DOC_LENGTHS), sum(DOC_LENGTHS), "test-tok")
+
+
+def test_corpus_id_derives_from_content(store: ActivationStore) -> None:
+    tok = {"name": "t", "fingerprint": "f"}
+    a = store.write_corpus(make_table(), tokenizer=tok)
+    assert store.write_corpus(make_table(), tokenizer=tok) == a  # same content: same corpus, not rewritten
+    assert store.write_corpus(make_table(), tokenizer={"name": "t", "fingerprint": "other"}) != a
+    assert store.write_corpus(make_table((5, 6)), tokenizer=tok) != a
+    assert len(store.corpora()) == 3
+
+
+def test_token_and_document_tables(filled_store: ActivationStore) -> None:
+    (cid,) = filled_store.corpora()
+    table = filled_store.tokens(cid)
+    assert list(table.columns) == ["token_id", "doc_index", "position", "is_special", "is_first"]
+    assert len(table) == sum(DOC_LENGTHS)
+    assert table.groupby("doc_index").size().tolist() == list(DOC_LENGTHS)
+    assert (table.is_first == (table.position == 0)).all() and table.is_special.sum() == len(DOC_LENGTHS)
+    docs = filled_store.documents(cid)
+    assert docs.n_tokens.tolist() == list(DOC_LENGTHS) and docs.record_id.tolist()[0] == "rec-0"
+
+
+def test_hidden_state_is_lazy_and_shaped(filled_store: ActivationStore) -> None:
+    x = filled_store.hidden_state("m", 2)
+    assert x.shape == (sum(DOC_LENGTHS), HIDDEN)
+    assert x.chunks[0][0] == filled_store.model_info("m").layout.shard_tokens
+    assert np.array_equal(filled_store.hidden_state("m", -1).compute(), expected_layer(filled_store, "m", LAYERS - 1))
+
+
+def test_token_range_docs_and_filters(filled_store: ActivationStore) -> None:
+    full = expected_layer(filled_store, "m", 1)
+    offsets = np.concatenate([[0], np.cumsum(DOC_LENGTHS)])
+    got = filled_store.hidden_state("m", 1, tokens=(250, 700)).compute()
+    assert np.array_equal(got, full[250:700])
+    got = filled_store.hidden_state("m", 1, docs=[3, 0]).compute()  # the order asked for
+    assert np.array_equal(got, np.concatenate([full[offsets[3] : offsets[4]], full[: offsets[1]]]))
+    got = filled_store.hidden_state("m", 1, token_filter=TokenFilter(exclude_first=True)).compute()
+    keep = np.ones(len(full), bool)
+    keep[offsets[:-1]] = False
+    assert np.array_equal(got, full[keep])
+    got = filled_store.hidden_state("m", 1, docs=[2], token_filter=TokenFilter(positions=(10, 20))).compute()
+    assert np.array_equal(got, full[offsets[2] + 10 : offsets[2] + 20])
+    special = filled_store.hidden_state("m", 1, token_filter=TokenFilter(exclude_special=True))
+    assert special.shape[0] == len(full) - len(DOC_LENGTHS)
+
+
+def test_bad_selections_are_user_errors(filled_store: ActivationStore) -> None:
+    with pytest.raises(SelectionError):
+        filled_store.hidden_state("m", 1, tokens=(10, 5))
+    with pytest.raises(SelectionError):
+        filled_store.hidden_state("m", 1, docs=[99])
+    with pytest.raises(SelectionError):
+        filled_store.hidden_state("m", 1, docs=[1, 1])
+    with pytest.raises(SelectionError, match="at least one token"):
+        filled_store.hidden_state("m", 1, docs=[1], token_filter=TokenFilter(exclude_first=True))  # a 1-token doc
+    with pytest.raises(LayerOutOfRangeError):
+        filled_store.hidden_state("m", LAYERS)
+    with pytest.raises(ModelNotFoundError, match="hrsa store ls"):
+        filled_store.hidden_state("nope", 0)
+    with pytest.raises(CorpusNotFoundError):
+        filled_store.corpus_info("corpus-0000")
+
+
+def test_subset_of_hidden_states(store: ActivationStore) -> None:
+    new_model(store, "m", hidden_states=[0, 3])
+    fill_model(store, "m")
+    assert store.model_info("m").hidden_states == (0, 3)
+    with pytest.raises(LayerOutOfRangeError, match=r"\[0, 3\]"):
+        store.hidden_state("m", 1)
+
+
+def test_incomplete_model_refuses_reads_unless_asked(store: ActivationStore) -> None:
+    new_model(store, "m")
+    writer = store.writer("m")
+    first = writer.units()[0]
+    writer.write_unit(first, {k: np.ones((first.n_tokens, HIDDEN), np.float32) for k in range(LAYERS)})
+    with pytest.raises(IncompleteModelError, match="1/4 work units"):
+        store.hidden_state("m", 0)
+    x = store.hidden_state("m", 0, allow_incomplete=True).compute()
+    assert x[: first.stop].min() == 1 and x[first.stop :].max() == 0
+
+
+def test_create_model_resumes_or_refuses(store: ActivationStore) -> None:
+    cid = new_model(store, "m")
+    again = store.create_model("m", corpus=cid, n_hidden_states=LAYERS, hidden_size=HIDDEN, dtype="float32",
+                               chunk_tokens=64, shard_tokens=256, exist_ok=True)
+    assert again.id == "m"
+    with pytest.raises(UserError, match="different settings"):
+        store.create_model("m", corpus=cid, n_hidden_states=LAYERS, hidden_size=HIDDEN, dtype="bfloat16",
+                           chunk_tokens=64, shard_tokens=256, exist_ok=True)
+    with pytest.raises(UserError, match="already holds"):
+        store.create_model("m", corpus=cid, n_hidden_states=LAYERS, hidden_size=HIDDEN, dtype="float32")
+
+
+def test_delete_model_leaves_everything_else(filled_store: ActivationStore) -> None:
+    cid = filled_store.corpora()[0]
+    new_model(filled_store, "other")
+    fill_model(filled_store, "other")
+    filled_store.delete_model("m")
+    assert filled_store.models() == ["other"] and filled_store.corpora() == [cid]
+    assert np.array_equal(filled_store.hidden_state("other", 0).compute(), expected_layer(filled_store, "other", 0))
+    with pytest.raises(ModelNotFoundError):
+        filled_store.delete_model("m")
+
+
+def test_memory_url(tmp_path) -> None:
+    store = ActivationStore.open("memory://hrsa-test-memory", mode="a")
+    new_model(store, "m")
+    fill_model(store, "m")
+    assert np.array_equal(store.hidden_state("m", 0).compute(), expected_layer(store, "m", 0))
