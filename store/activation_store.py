@@ -120,16 +120,16 @@ class ActivationStore:
         except (FileNotFoundError, zarr.errors.NodeNotFoundError):
             root = None
         if root is None:
+            if _exists_nonempty(url, options):
+                raise StoreFormatError(
+                    f"Expected {'an hrsa store' if mode in ('r', 'r+') else 'an empty location or an hrsa store'} "
+                    f"at {url}. Got other files there instead. Point at an hrsa store, or choose a new path."
+                )
             if mode in ("r", "r+"):
                 raise StoreNotFoundError(
                     f"Expected an hrsa store at {url}. Got nothing there instead. "
                     "Check the path, or create one by extracting into it (`hrsa extract --store ...`)."
                 ) from None
-            if _exists_nonempty(url, options):
-                raise StoreFormatError(
-                    f"Expected an empty location or an hrsa store at {url}. Got other files there instead. "
-                    "Choose a new path for the store."
-                )
             root = zarr.open_group(url, mode="w-", storage_options=options)
             root.attrs[ATTRS_KEY] = {"format_version": FORMAT_VERSION}
             for name in _GROUPS:

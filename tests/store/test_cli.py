@@ -1,0 +1,141 @@
+"""`hrsa store ...`: every verb, and every error path gives one line, exit 2, and changes nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from hrsa.cli import cli
+from hrsa.store import ActivationStore
+from hrsa.store.testing import DOC_LENGTHS, HIDDEN, expected_layer
+
+
+def _run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def _tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        h.update(str(path.relative_to(root)).encode())
+        if path.is_file():
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture
+def url(tmp_path, filled_store: ActivationStore) -> str:
+    return str(tmp_path / "store")
+
+
+def test_help_lists_the_verbs() -> None:
+    code, out, _ = _run("--help")
+    assert code == 0 and "store" in out
+    code, out, _ = _run("store", "--help")
+    assert code == 0 and all(verb in out for verb in ("ls", "info", "get", "verify", "rm"))
+
+
+def test_ls_and_info(url: str) -> None:
+    code, out, _ = _run("store", "ls", url)
+    assert code == 0 and "corpus-" in out and "4/4" in out
+    code, out, _ = _run("store", "info", url, "m")
+    assert code == 0 and f"D={HIDDEN}" in out and "4/4 units done" in out and "float32" in out
+
+
+def test_get_writes_npy(url: str, tmp_path, filled_store: ActivationStore) -> None:
+    out = tmp_path / "x.npy"
+    code, stdout, _ = _run("store", "get", url, "m", "--layer", "2", "--tokens", "100:300", "--out", str(out))
+    assert code == 0, stdout
+    assert np.array_equal(np.load(out), expected_layer(filled_store, "m", 2)[100:300])
+    code, _, _ = _run("store", "get", url, "m", "--layer", "2", "--docs", "0,2-3", "--exclude-first", "--out", str(out))
+    assert code == 0 and np.load(out).shape == (DOC_LENGTHS[0] + DOC_LENGTHS[2] + DOC_LENGTHS[3] - 3, HIDDEN)
+
+
+def test_get_widens_bf16_exactly(tmp_path) -> None:
+    from hrsa.store.testing import fill_model, new_model
+
+    store = ActivationStore.open(tmp_path / "bf", mode="a")
+    new_model(store, "m", dtype="bfloat16")
+    fill_model(store, "m")
+    code, _, _ = _run("store", "get", str(tmp_path / "bf"), "m", "--layer", "0", "--out", str(tmp_path / "b.npy"))
+    got = np.load(tmp_path / "b.npy")
+    assert code == 0 and got.dtype == np.float32
+    assert np.array_equal(got, expected_layer(store, "m", 0).astype(np.float32)) and got.max() > 65504
+
+
+def test_verify_ok_then_corrupted(url: str, tmp_path) -> None:
+    code, out, _ = _run("store", "verify", url)
+    assert code == 0 and out.strip().endswith("16 shards read")
+    shard = sorted((tmp_path / "store/models/m/hidden/0/c").glob("*/0"))[0]
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 1
+    shard.write_bytes(bytes(data))
+    code, out, _ = _run("store", "verify", url)
+    assert code == 1 and "PROBLEM models/m/hidden/0 shard 0" in out
+    code, out, _ = _run("store", "verify", url, "--reset-damaged")
+    assert code == 1 and "reset 1 damaged unit(s) of m" in out
+    assert ActivationStore.open(url).model_info("m").units_done == 3
+
+
+def test_rm(url: str) -> None:
+    code, _, _ = _run("store", "rm", url, "m", "--yes")
+    assert code == 0 and ActivationStore.open(url).models() == []
+
+
+def _newer_format(url: str) -> None:
+    meta_path = Path(url) / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["attributes"]["hrsa"]["format_version"] = 2
+    meta_path.write_text(json.dumps(meta))
+
+
+ERROR_CASES = {
+    "missing store": (["store", "ls", "{tmp}/absent"], "Got nothing there"),
+    "unknown model": (["store", "info", "{url}", "nope"], "Expected a model of this store"),
+    "layer out of range": (["store", "get", "{url}", "m", "--layer", "9", "--out", "{tmp}/o.npy"], "Expected a hidden state"),
+    "escaping id": (["store", "get", "{url}", "../../etc", "--layer", "0", "--out", "{tmp}/o.npy"], "Expected a model id"),
+    "escaping id on rm": (["store", "rm", "{url}", "..", "--yes"], "Expected a model id"),
+    "bad token range": (["store", "get", "{url}", "m", "--layer", "0", "--tokens", "5:x", "--out", "{tmp}/o.npy"], "token range"),
+    "empty token range": (["store", "get", "{url}", "m", "--layer", "0", "--tokens", "50:10", "--out", "{tmp}/o.npy"], "non-empty"),
+    "bad docs": (["store", "get", "{url}", "m", "--layer", "0", "--docs", "1,99", "--out", "{tmp}/o.npy"], "document indices"),
+    "unknown model on rm": (["store", "rm", "{url}", "nope", "--yes"], "Expected a model"),
+    "not a store": (["store", "ls", "{tmp}"], "Got other files there"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERROR_CASES))
+def test_errors_are_one_line_exit_2_and_change_nothing(case: str, url: str, tmp_path) -> None:
+    args, message = ERROR_CASES[case]
+    args = [a.format(url=url, tmp=tmp_path) for a in args]
+    before = _tree_digest(Path(url))
+    code, out, err = _run(*args)
+    assert code == 2, (out, err)
+    assert err.startswith("hrsa: error: ") and err.count("\n") == 1 and message in err
+    assert "Traceback" not in out + err
+    assert _tree_digest(Path(url)) == before
+    assert not (tmp_path / "o.npy").exists()
+
+
+def test_newer_format_version_is_refused_by_every_verb(url: str, tmp_path) -> None:
+    _newer_format(url)
+    before = _tree_digest(Path(url))
+    for args in (["ls", url], ["info", url, "m"], ["verify", url], ["rm", url, "m", "--yes"]):
+        code, _, err = _run("store", *args)
+        assert code == 2 and "Upgrade hrsa" in err and err.count("\n") == 1
+    assert _tree_digest(Path(url)) == before
+
+
+def test_console_entry_point_exits_2_without_traceback(tmp_path) -> None:
+    exe = shutil.which("hrsa", path=str(Path(sys.executable).parent))
+    assert exe, "the `hrsa` console script is installed beside the interpreter"
+    done = subprocess.run([exe, "store", "ls", str(tmp_path / "absent")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr

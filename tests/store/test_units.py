@@ -1,0 +1,142 @@
+"""Exactly-once work units: concurrent writers, a writer killed mid-unit, resume, corruption."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from hrsa.store import ActivationStore, CorruptDataError
+from hrsa.store.testing import LAYERS, expected_layer, fill_model, new_model, unit_values
+from hrsa.store.verify import verify_store
+
+# A writer process: writes the units it is given; with a kill point, SIGKILLs itself after that many
+# shard writes, i.e. in the middle of a unit, as a preempted node would die.
+WRITER = r"""
+import json, os, signal, sys
+import zarr
+from hrsa.store import ActivationStore
+from hrsa.store.testing import unit_values
+args = json.loads(sys.argv[1])
+store = ActivationStore.open(args["url"], mode="r+", storage_options=args.get("storage_options"))
+writer = store.writer(args["model"])
+if args.get("kill_after") is not None:
+    original, count = zarr.Array.__setitem__, [0]
+    def dying_setitem(self, key, value):
+        if "hidden" in self.path and count[0] == args["kill_after"]:
+            os.kill(os.getpid(), signal.SIGKILL)
+        count[0] += ("hidden" in self.path)
+        original(self, key, value)
+    zarr.Array.__setitem__ = dying_setitem
+info = writer.info
+for unit in writer.units():
+    if unit.index in args["units"]:
+        writer.write_unit(unit, {k: unit_values(unit.index, unit.start, unit.stop, k, info.dtype) for k in info.hidden_states})
+"""
+
+
+def _run_writer(url: str, units: list[int], **extra: object) -> subprocess.Popen:
+    args = json.dumps({"url": url, "model": "m", "units": units, **extra})
+    return subprocess.Popen([sys.executable, "-c", WRITER, args], stderr=subprocess.PIPE)
+
+
+def _assert_all_layers_equal_expected(store: ActivationStore) -> None:
+    for k in range(LAYERS):
+        assert np.array_equal(store.hidden_state("m", k).compute(), expected_layer(store, "m", k))
+
+
+def test_done_unit_is_never_written_twice(store: ActivationStore) -> None:
+    new_model(store, "m")
+    fill_model(store, "m")
+    writer = store.writer("m")
+    unit = writer.units()[1]
+    zeros = {k: np.zeros((unit.n_tokens, 24), np.float32) for k in range(LAYERS)}
+    assert writer.write_unit(unit, zeros) is False
+    assert writer.pending_units() == []
+    _assert_all_layers_equal_expected(store)
+
+
+def test_write_unit_checks_everything_before_writing(store: ActivationStore) -> None:
+    new_model(store, "m")
+    writer = store.writer("m")
+    unit = writer.units()[0]
+    with pytest.raises(ValueError, match="Missing"):
+        writer.write_unit(unit, {0: np.zeros((unit.n_tokens, 24), np.float32)})
+    with pytest.raises(ValueError, match="shape"):
+        writer.write_unit(unit, {k: np.zeros((3, 24), np.float32) for k in range(LAYERS)})
+    assert len(writer.pending_units()) == 4
+
+
+@pytest.mark.integration
+def test_concurrent_writer_processes_lose_nothing(tmp_path, store: ActivationStore) -> None:
+    new_model(store, "m", shard_tokens=128, chunk_tokens=32)  # 8 units, 4 processes interleaved
+    n_units = store.model_info("m").n_units
+    procs = [_run_writer(str(tmp_path / "store"), [u for u in range(n_units) if u % 4 == r]) for r in range(4)]
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read().decode()
+    assert store.model_info("m").complete
+    _assert_all_layers_equal_expected(store)
+    assert verify_store(store).ok
+
+
+@pytest.mark.integration
+def test_writer_killed_mid_unit_then_resumed_gives_identical_data(tmp_path, store: ActivationStore) -> None:
+    new_model(store, "m")
+    # Units 0 and 1 complete (2 x 4 shard writes), then death after 2 of unit 2's 4 layers.
+    proc = _run_writer(str(tmp_path / "store"), [0, 1, 2, 3], kill_after=2 * LAYERS + 2)
+    assert proc.wait(timeout=120) == -signal.SIGKILL
+    writer = store.writer("m")
+    assert [u.index for u in writer.pending_units()] == [2, 3]  # the torn unit does not count
+    # Resume: exactly the pending units are written, and the result equals an uninterrupted run.
+    rewritten = [u.index for u in writer.pending_units()
+                 if writer.write_unit(u, {k: unit_values(u.index, u.start, u.stop, k, "float32") for k in range(LAYERS)})]
+    assert rewritten == [2, 3]
+    _assert_all_layers_equal_expected(store)
+    reference = ActivationStore.open(tmp_path / "reference", mode="a")
+    new_model(reference, "m")
+    fill_model(reference, "m")
+    for k in range(LAYERS):
+        assert np.array_equal(store.hidden_state("m", k).compute(), reference.hidden_state("m", k).compute())
+
+
+def _flip_a_byte(path: str, offset: int = 200) -> None:
+    data = bytearray(open(path, "rb").read())
+    data[offset] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+
+
+def test_corrupted_chunk_is_detected_on_read_and_by_verify(tmp_path, filled_store: ActivationStore) -> None:
+    shard = sorted(glob.glob(str(tmp_path / "store/models/m/hidden/2/c/*/0")))[1]  # unit 1 of layer 2
+    _flip_a_byte(shard)
+    with pytest.raises(CorruptDataError, match="hrsa store verify"):
+        filled_store.hidden_state("m", 2).compute()
+    report = verify_store(filled_store)
+    assert not report.ok and report.damaged_units() == {"m": [1]}
+    assert "shard 1" in report.problems[0].where
+    # Other layers and units still read.
+    assert np.array_equal(filled_store.hidden_state("m", 1).compute(), expected_layer(filled_store, "m", 1))
+
+
+def test_verify_reports_incomplete_units(store: ActivationStore) -> None:
+    new_model(store, "m")
+    report = verify_store(store)
+    assert not report.ok and report.incomplete_units == {"m": [0, 1, 2, 3]}
+
+
+def test_repair_by_reset_and_rewrite(tmp_path, filled_store: ActivationStore) -> None:
+    _flip_a_byte(sorted(glob.glob(str(tmp_path / "store/models/m/hidden/0/c/*/0")))[3])
+    writer = filled_store.writer("m")
+    for mid, units in verify_store(filled_store).damaged_units().items():
+        for u in units:
+            writer.reset_unit(writer.units()[u])
+    assert [u.index for u in writer.pending_units()] == [3]
+    fill_model(filled_store, "m")
+    assert verify_store(filled_store).ok
+    _assert_all_layers_equal_expected(filled_store)
+    assert os.path.isdir(tmp_path / "store/corpora")
