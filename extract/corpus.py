@@ -1,0 +1,191 @@
+"""Corpora: read records (jsonl, csv, parquet, or a Hugging Face dataset), render each to one text,
+tokenise once per tokenizer into a :class:`~hrsa.store.CorpusTable`.
+
+The text of a record is one field (``text="reasoning"``) or a template over fields. A template is a
+Python format string; ``{chat:FIELD}`` renders a list of chat messages with the tokenizer's chat
+template (generation prompt added), so ``"{chat:messages}{reasoning}"`` is the CoT data's problem as
+the model saw it, followed by its reasoning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import string
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from hrsa.store.corpus import CorpusTable
+from hrsa.store.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = ["CorpusSpec", "CorpusError", "load_records", "render_text", "tokenize_corpus", "special_token_ids"]
+
+_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+_CHAT_FIELD = re.compile(r"\{chat:([A-Za-z0-9_]+)\}")
+
+
+class CorpusError(UserError, ValueError):
+    """A corpus that cannot be read or rendered as asked."""
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """Which records, and which text of each.
+
+    Attributes:
+        source: a .jsonl/.csv/.parquet file, a folder of them (sorted by name), or ``hf:NAME[:SPLIT]``.
+        text: the field holding the text (default "text" when no template is given).
+        template: a format string over fields, with ``{chat:FIELD}`` for chat messages.
+        id_field: the field holding each record's id (default: "id" if present, else file:line).
+        max_docs: keep the first N records.
+        max_tokens: cut each document to N tokens (and record that it was cut).
+    """
+
+    source: str
+    text: str | None = None
+    template: str | None = None
+    id_field: str | None = None
+    max_docs: int | None = None
+    max_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.text and self.template:
+            raise CorpusError(f"Expected --text or --template, not both. Got text={self.text!r} and template={self.template!r}.")
+        for name in ("max_docs", "max_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise CorpusError(f"Expected a positive {name}. Got {value} instead.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _files(source: str) -> list[Path]:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in _SUFFIXES)
+        if not files:
+            raise CorpusError(f"Expected .jsonl, .csv or .parquet files in {path}. Got none. Point --corpus at a data file.")
+        return files
+    if path.is_file():
+        if path.suffix not in _SUFFIXES:
+            raise CorpusError(f"Expected a {', '.join(_SUFFIXES)} file. Got {path.name} instead.")
+        return [path]
+    raise CorpusError(f"Expected a corpus file or folder at {source}. Got nothing there instead. Check the path.")
+
+
+def _read_file(path: Path) -> Iterator[dict[str, Any]]:
+    if path.suffix in (".jsonl", ".json"):
+        with path.open(encoding="utf-8") as lines:
+            for n, line in enumerate(lines, 1):
+                if line.strip():
+                    try:
+                        yield {"_default_id": f"{path.name}:{n}", **json.loads(line)}
+                    except json.JSONDecodeError as e:
+                        raise CorpusError(f"Expected one JSON object per line in {path}. Line {n} is not: {e}.") from e
+        return
+    import pandas as pd
+
+    frame = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
+    for n, record in enumerate(frame.to_dict("records")):
+        yield {"_default_id": f"{path.name}:{n}", **record}
+
+
+def _read_hub(source: str) -> Iterator[dict[str, Any]]:
+    name, _, split = source.removeprefix("hf:").partition(":")
+    try:
+        import datasets
+    except ImportError as e:
+        raise CorpusError("Expected the `datasets` package for hf: corpora. Got it missing. pip install datasets.") from e
+    for n, record in enumerate(datasets.load_dataset(name, split=split or "train", streaming=True)):
+        yield {"_default_id": f"{name}:{n}", **record}
+
+
+def load_records(spec: CorpusSpec) -> Iterator[dict[str, Any]]:
+    """The records of ``spec.source`` in order, at most ``spec.max_docs``; each has an ``_id``."""
+    reader = _read_hub(spec.source) if spec.source.startswith("hf:") else (r for f in _files(spec.source) for r in _read_file(f))
+    for n, record in enumerate(reader):
+        if spec.max_docs is not None and n >= spec.max_docs:
+            return
+        default = record.pop("_default_id")
+        key = spec.id_field or ("id" if "id" in record else None)
+        record["_id"] = str(record[key]) if key and key in record else default
+        yield record
+
+
+def render_text(record: Mapping[str, Any], spec: CorpusSpec, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
+    """The one text of ``record`` that goes through the model."""
+    if spec.template is None:
+        field = spec.text or "text"
+        if field not in record:
+            raise CorpusError(f"Expected a field {field!r} in every record. Got fields {sorted(record)} instead. Pick one with --text.")
+        return str(record[field])
+    chats = {}
+    for field in _CHAT_FIELD.findall(spec.template):
+        if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+            raise CorpusError(f"Expected a tokenizer with a chat template for {{chat:{field}}}. Got none. Use a plain template.")
+        chats[field] = tokenizer.apply_chat_template(list(record[field]), tokenize=False, add_generation_prompt=True)
+    template = _CHAT_FIELD.sub(lambda m: "{__chat_" + m.group(1) + "}", spec.template)
+    values = {**record, **{f"__chat_{k}": v for k, v in chats.items()}}
+    missing = [f for _, f, _, _ in string.Formatter().parse(template) if f and f.split(".")[0] not in values]
+    if missing:
+        raise CorpusError(f"Expected fields {missing} used by the template in every record. Got fields {sorted(record)}.")
+    return template.format(**values)
+
+
+def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
+    """Ids of every special token: BOS/EOS/PAD and added special tokens such as chat markers."""
+    ids = set(tokenizer.all_special_ids)
+    ids |= {i for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(tok, "special", False)}
+    return np.array(sorted(ids), dtype=np.int64)
+
+
+def tokenize_corpus(
+    records: Sequence[Mapping[str, Any]],
+    spec: CorpusSpec,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    context_length: int | None = None,
+) -> CorpusTable:
+    """Render and tokenise ``records`` into one table; documents are cut to ``spec.max_tokens``.
+
+    Raises:
+        CorpusError: an empty document, or a document longer than ``context_length`` with no
+            ``max_tokens`` to cut it.
+    """
+    texts = [render_text(r, spec, tokenizer) for r in records]
+    ids = [list(tokenizer(t, add_special_tokens=spec.template is None or "{chat:" not in spec.template)["input_ids"]) for t in texts]
+    empty = [r["_id"] for r, i in zip(records, ids) if not i]
+    if empty or not ids:
+        raise CorpusError(f"Expected text in every document. Got {len(empty) or 'no'} empty document(s) {empty[:3]} instead. Remove them or pick another --text field.")
+    original = np.array([len(i) for i in ids], dtype=np.int64)
+    limit = spec.max_tokens
+    if limit is None and context_length is not None and original.max() > context_length:
+        longest = records[int(original.argmax())]["_id"]
+        raise CorpusError(
+            f"Expected documents of at most {context_length} tokens (the model's context). Got {int(original.max())} "
+            f"in {longest}. Cut them with --max-tokens {context_length}."
+        )
+    ids = [i[:limit] if limit else i for i in ids]
+    lengths = np.array([len(i) for i in ids], dtype=np.int64)
+    token_ids = np.fromiter((t for doc in ids for t in doc), dtype=np.int32, count=int(lengths.sum()))
+    return CorpusTable(
+        token_ids=token_ids,
+        doc_offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        is_special=np.isin(token_ids, special_token_ids(tokenizer)),
+        record_ids=[str(r["_id"]) for r in records],
+        truncated=lengths < original,
+        original_length=original,
+    )
+
+
+def spec_digest(spec: CorpusSpec) -> str:
+    return hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
