@@ -8,6 +8,8 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.hrsa-installed
 DEMO_OUT ?= hrsa-out
+# The paper's CoT traces when ../shared/data is beside the checkout; otherwise the demo writes its own corpus.
+DEMO_CORPUS ?= $(wildcard ../shared/data/cot/samples)
 
 .PHONY: demo test install bench clean
 
@@ -24,7 +26,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/hrsa demo --out $(DEMO_OUT)
+	$(BIN)/hrsa demo --out $(DEMO_OUT) $(if $(DEMO_CORPUS),--corpus $(DEMO_CORPUS))
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -8,6 +8,7 @@ import sys
 import click
 
 from hrsa import __version__
+from hrsa.cluster.cli import demo
 from hrsa.store.cli import store_group
 from hrsa.store.errors import HrsaError, UserError
 
@@ -34,10 +35,12 @@ def cli() -> None:
     \b
     Verbs:
       store   list, describe, read, verify and delete what a store holds
+      demo    the demo pipeline: a real model on a CoT corpus into a local store
     """
 
 
 cli.add_command(store_group)
+cli.add_command(demo)
 
 
 def main() -> None:
