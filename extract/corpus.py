@@ -9,7 +9,6 @@ the model saw it, followed by its reasoning.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import string
@@ -186,6 +185,3 @@ def tokenize_corpus(
         original_length=original,
     )
 
-
-def spec_digest(spec: CorpusSpec) -> str:
-    return hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()[:12]

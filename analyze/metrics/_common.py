@@ -1,0 +1,35 @@
+"""Pieces shared by the metric modules: the warning class and the checks on Moments."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hrsa.analyze.moments import Moments
+
+__all__ = ["UnderdeterminedWarning", "check_min_tokens", "check_same_hidden_size"]
+
+
+class UnderdeterminedWarning(UserWarning):
+    """A metric was asked of fewer tokens than it needs to be well defined.
+
+    Raised as a warning (not an error) because the number is still computed: e.g. with N <= D tokens the
+    Procrustes rotation O* is not unique, so its inverse row entropy means little, while the residual and
+    the similarity remain well defined.
+    """
+
+
+def check_same_hidden_size(m: Moments, metric: str) -> int:
+    """Return D for a metric defined only for Dx == Dy; raise ValueError otherwise."""
+    if m.dx != m.dy:
+        raise ValueError(
+            f"Expected hidden states of equal size for {metric}. Got Dx = {m.dx} and Dy = {m.dy} instead. "
+            "Use linear CKA (or procrustes_similarity) to compare hidden states of different sizes."
+        )
+    return m.dx
+
+
+def check_min_tokens(m: Moments, needed: int, metric: str) -> None:
+    """Raise ValueError when a metric needs at least ``needed`` tokens and ``m`` has fewer."""
+    if m.n < needed:
+        raise ValueError(f"Expected at least {needed} tokens for {metric}. Got {m.n} instead. Add tokens.")

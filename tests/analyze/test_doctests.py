@@ -1,0 +1,22 @@
+"""Every docstring Example in the analyze math layer runs and prints what it says."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = [
+    "hrsa.analyze.moments",
+    "hrsa.analyze.metrics.linear_cka",
+    "hrsa.analyze.metrics.dimwise_correlation",
+    "hrsa.analyze.metrics.procrustes",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name: str) -> None:
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS, verbose=False)
+    assert result.attempted > 0, f"{name} has no Example"
+    assert result.failed == 0

@@ -1,0 +1,21 @@
+"""The pure math layer imports without Dask, Zarr, Ray or torch (DESIGN: imports only point down)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+MODULES = ["hrsa.analyze.moments", "hrsa.analyze.metrics"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_math_layer_imports_no_heavy_dependencies(name: str) -> None:
+    # A fresh interpreter: this test session may already have imported any of them.
+    code = (
+        f"import sys; import {name}; "
+        "bad = sorted(m for m in ('dask', 'zarr', 'ray', 'torch') if m in sys.modules); "
+        "assert not bad, f'{bad} imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,175 @@
+"""Moments: agreement with direct float64 formulas, streaming equivalence, identity, validation."""
+
+from __future__ import annotations
+
+import itertools
+import pickle
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hrsa.analyze.moments import Moments, moments
+
+FIELDS = ("mean_x", "mean_y", "c_xx", "c_yy", "c_xy", "q_xx", "q_yy", "q_xy", "g_xx", "g_xy", "g_yx", "g_yy")
+
+
+def direct(x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+    """Oracle: every field from the whole arrays, centred once, in float64."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    u, v = x - x.mean(0), y - y.mean(0)
+    a, b = (u**2).sum(1), (v**2).sum(1)
+    return {
+        "mean_x": x.mean(0),
+        "mean_y": y.mean(0),
+        "c_xx": u.T @ u,
+        "c_yy": v.T @ v,
+        "c_xy": u.T @ v,
+        "q_xx": a @ a,
+        "q_yy": b @ b,
+        "q_xy": a @ b,
+        "g_xx": u.T @ a,
+        "g_xy": v.T @ a,
+        "g_yx": u.T @ b,
+        "g_yy": v.T @ b,
+    }
+
+
+def assert_matches(m: Moments, ref: dict[str, np.ndarray], n: int, rel: float = 1e-9) -> None:
+    """Each field within ``rel`` of the largest entry of its oracle (the 3rd-order g sums are near 0)."""
+    assert m.n == n
+    for name in FIELDS:
+        want = np.asarray(ref[name])
+        scale = max(float(np.abs(want).max()), 1e-300)
+        np.testing.assert_allclose(getattr(m, name), want, rtol=0, atol=rel * scale, err_msg=name)
+
+
+def merge_tree(parts: list[Moments], draw_index, draw_swap) -> Moments:
+    """Merge adjacent blocks in the order the draws dictate (any binary tree), swapping operands at will."""
+    parts = list(parts)
+    while len(parts) > 1:
+        i = draw_index(len(parts) - 2)
+        a, b = parts[i], parts[i + 1]
+        parts[i : i + 2] = [b.merge(a) if draw_swap() else a.merge(b)]
+    return parts[0]
+
+
+@pytest.mark.parametrize(("n", "d"), [(2000, 16), (40, 100)])
+def test_whole_array_moments_match_direct_formulas(make_pair, n: int, d: int) -> None:
+    x, y = make_pair(n, d)
+    assert_matches(moments(x, y, chunk_rows=97), direct(x, y), n)
+
+
+def test_chunk_size_does_not_matter(make_pair) -> None:
+    x, y = make_pair(500, 8)
+    whole = moments(x, y, chunk_rows=500)
+    assert_matches(moments(x, y, chunk_rows=1), {f: getattr(whole, f) for f in FIELDS}, 500)
+
+
+@pytest.mark.property
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_any_chunking_and_merge_tree_equals_whole(data: st.DataObject) -> None:
+    n = data.draw(st.integers(1, 60), label="n")
+    dx, dy = data.draw(st.integers(1, 6), label="dx"), data.draw(st.integers(1, 6), label="dy")
+    seed = data.draw(st.integers(0, 2**32 - 1), label="seed")
+    offset = data.draw(st.sampled_from([0.0, 1e3, -5e3]), label="offset")
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(size=(n, dx)) * rng.uniform(0.1, 10, size=dx) + offset).astype(np.float32)
+    y = (rng.normal(size=(n, dy)) + x[:, :1] + offset).astype(np.float32)
+    # Split points may repeat, which makes empty chunks: they must be harmless too.
+    cuts = sorted(data.draw(st.lists(st.integers(0, n), max_size=8), label="cuts"))
+    bounds = [0, *cuts, n]
+    parts = [Moments.from_chunk(x[a:b], y[a:b]) for a, b in itertools.pairwise(bounds)]
+    m = merge_tree(
+        parts,
+        lambda hi: data.draw(st.integers(0, hi), label="merge at"),
+        lambda: data.draw(st.booleans(), label="swap"),
+    )
+    assert_matches(m, direct(x, y), n, rel=1e-8)
+
+
+def test_merge_is_associative(make_pair) -> None:
+    x, y = make_pair(300, 7)
+    a, b, c = (Moments.from_chunk(x[s], y[s]) for s in (slice(0, 13), slice(13, 200), slice(200, 300)))
+    left, right = a.merge(b).merge(c), a.merge(b.merge(c))
+    assert_matches(left, {f: getattr(right, f) for f in FIELDS}, 300, rel=1e-12)
+
+
+def test_empty_is_the_identity(make_pair) -> None:
+    x, y = make_pair(50, 6)
+    m = Moments.from_chunk(x, y)
+    e = Moments.empty(6, 6)
+    assert m.merge(e) is m and e.merge(m) is m
+    assert e.merge(Moments.empty(6, 6)).n == 0
+    empty_chunk = Moments.from_chunk(x[:0], y[:0])
+    assert empty_chunk.n == 0 and not empty_chunk.c_xy.any()
+
+
+def test_update_equals_merge_of_chunks(make_pair) -> None:
+    x, y = make_pair(100, 6)
+    streamed = Moments.empty(6, 6).update(x[:30], y[:30]).update(x[30:], y[30:])
+    assert_matches(streamed, direct(x, y), 100)
+
+
+def test_different_hidden_sizes_are_supported(rng) -> None:
+    x, y = rng.normal(size=(64, 3)), rng.normal(size=(64, 9))
+    m = moments(x, y, chunk_rows=10)
+    assert (m.dx, m.dy, m.c_xy.shape) == (3, 9, (3, 9))
+    assert_matches(m, direct(x, y), 64)
+
+
+def test_bfloat16_input_is_read_exactly(rng) -> None:
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    x = rng.normal(size=(80, 6)).astype(ml_dtypes.bfloat16)
+    y = (rng.normal(size=(80, 6)) + 300.0).astype(ml_dtypes.bfloat16)
+    exact = direct(x.astype(np.float32), y.astype(np.float32))  # bf16 -> f32 is exact
+    assert_matches(moments(x, y, chunk_rows=16), exact, 80)
+
+
+def test_float32_products_of_centred_chunks_stay_accurate(make_pair) -> None:
+    x, y = make_pair(3000, 64)
+    m = moments(x, y, chunk_rows=1024, compute_dtype=np.float32)
+    ref = direct(x, y)
+    np.testing.assert_allclose(m.c_xy, ref["c_xy"], rtol=0, atol=1e-5 * np.abs(ref["c_xy"]).max())
+
+
+def test_moments_pickle_roundtrip(make_pair) -> None:
+    x, y = make_pair(20, 6)
+    m = moments(x, y)
+    assert_matches(pickle.loads(pickle.dumps(m)), {f: getattr(m, f) for f in FIELDS}, 20, rel=0)
+
+
+@pytest.mark.parametrize(
+    ("x", "y", "match"),
+    [
+        (np.zeros(5), np.zeros((5, 2)), "shape"),
+        (np.zeros((5, 2)), np.zeros((4, 2)), "same tokens"),
+        (np.zeros((5, 2), dtype=complex), np.zeros((5, 2)), "real-valued"),
+        (np.array([[np.nan, 0.0]] * 3), np.zeros((3, 2)), "finite"),
+        (np.array([[np.inf, 0.0]] * 3), np.zeros((3, 2)), "finite"),
+    ],
+)
+def test_bad_inputs_say_what_was_expected(x: np.ndarray, y: np.ndarray, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        moments(x, y)
+
+
+def test_bad_options_and_mismatched_merges_raise() -> None:
+    x = np.ones((4, 2))
+    with pytest.raises(ValueError, match="compute_dtype"):
+        Moments.from_chunk(x, x, compute_dtype=np.float16)
+    with pytest.raises(ValueError, match="chunk_rows"):
+        moments(x, x, chunk_rows=0)
+    with pytest.raises(ValueError, match="hidden sizes"):
+        Moments.empty(2, 2).merge(Moments.empty(2, 3))
+    with pytest.raises(ValueError, match="shape"):
+        Moments(1, np.zeros(2), np.zeros(2), np.zeros((2, 2)), np.zeros((2, 2)), np.zeros((3, 2)),
+                0.0, 0.0, 0.0, np.zeros(2), np.zeros(2), np.zeros(2), np.zeros(2))  # fmt: skip
+
+
+def test_update_with_the_wrong_hidden_size_raises(rng) -> None:
+    m = Moments.from_chunk(rng.normal(size=(5, 3)), rng.normal(size=(5, 3)))
+    with pytest.raises(ValueError, match="hidden sizes"):
+        m.update(rng.normal(size=(5, 4)), rng.normal(size=(5, 3)))

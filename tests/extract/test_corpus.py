@@ -1,0 +1,116 @@
+"""Corpora: records from files, one text per record, tokenised once into a CorpusTable."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from hrsa.extract.corpus import CorpusError, CorpusSpec, load_records, render_text, tokenize_corpus
+from hrsa.store import ActivationStore
+
+CHAT = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+
+
+def _jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def tokenizer(tiny_models: Any) -> Any:
+    tok = tiny_models.tokenizer()
+    tok.chat_template = CHAT
+    return tok
+
+
+RECORDS = [
+    {"id": "a", "text": "the quick brown fox", "messages": [{"role": "user", "content": "the dog"}], "reasoning": "lazy dog"},
+    {"id": "b", "text": "jumps over the lazy dog " * 20, "messages": [{"role": "user", "content": "fox"}], "reasoning": "w1 w2"},
+]
+
+
+def test_jsonl_csv_parquet_give_the_same_records(tmp_path: Path) -> None:
+    import pandas as pd
+
+    flat = [{k: v for k, v in r.items() if k in ("id", "text")} for r in RECORDS]
+    _jsonl(tmp_path / "c.jsonl", flat)
+    pd.DataFrame(flat).to_csv(tmp_path / "c.csv", index=False)
+    pd.DataFrame(flat).to_parquet(tmp_path / "c.parquet")
+    for suffix in ("jsonl", "csv", "parquet"):
+        got = list(load_records(CorpusSpec(source=str(tmp_path / f"c.{suffix}"))))
+        assert [(r["_id"], r["text"]) for r in got] == [("a", RECORDS[0]["text"]), ("b", RECORDS[1]["text"])]
+
+
+def test_folder_max_docs_and_default_ids(tmp_path: Path) -> None:
+    _jsonl(tmp_path / "1.jsonl", [{"text": "x"}, {"text": "y"}])
+    _jsonl(tmp_path / "2.jsonl", [{"text": "z"}])
+    got = list(load_records(CorpusSpec(source=str(tmp_path))))
+    assert [r["_id"] for r in got] == ["1.jsonl:1", "1.jsonl:2", "2.jsonl:1"]
+    assert len(list(load_records(CorpusSpec(source=str(tmp_path), max_docs=2)))) == 2
+
+
+def test_field_and_chat_template(tokenizer: Any) -> None:
+    assert render_text(RECORDS[0], CorpusSpec(source="-", text="reasoning")) == "lazy dog"
+    text = render_text(RECORDS[0], CorpusSpec(source="-", template="{chat:messages}{reasoning}"), tokenizer)
+    assert text == "<s>user: the dog\n<s>assistant: lazy dog"
+
+
+def test_tokenize_records_specials_and_truncation(tokenizer: Any) -> None:
+    spec = CorpusSpec(source="-", template="{chat:messages}{reasoning}", max_tokens=6)
+    records = [{**r, "_id": r["id"]} for r in RECORDS]
+    table = tokenize_corpus(records, spec, tokenizer)
+    table.check()
+    assert table.record_ids == ["a", "b"] and table.n_docs == 2
+    assert np.diff(table.doc_offsets).max() <= 6 and table.truncated.all()
+    assert table.is_special[table.doc_offsets[:-1]].all()  # "<s>" opens every chat document
+    assert (table.original_length > 6).all()
+    full = tokenize_corpus(records, CorpusSpec(source="-", template="{chat:messages}{reasoning}"), tokenizer)
+    assert np.array_equal(full.token_ids[: 6], table.token_ids[:6]) and not full.truncated.any()
+
+
+def test_same_text_and_tokenizer_is_one_corpus(tokenizer: Any, tmp_path: Path) -> None:
+    store = ActivationStore.open(tmp_path / "s", mode="a")
+    records = [{**r, "_id": r["id"]} for r in RECORDS]
+    ids = {
+        store.write_corpus(tokenize_corpus(records, CorpusSpec(source="-"), tokenizer), tokenizer={"name": "t", "fingerprint": "f"})
+        for _ in range(2)
+    }
+    assert len(ids) == 1 and store.corpora() == sorted(ids)
+
+
+@pytest.mark.parametrize(
+    ("spec", "records", "match"),
+    [
+        (CorpusSpec(source="-", text="nope"), RECORDS, "field 'nope'"),
+        (CorpusSpec(source="-", template="{problem}"), RECORDS, "fields \\['problem'\\]"),
+        (CorpusSpec(source="-"), [{"text": "", "_id": "e"}], "empty document"),
+    ],
+)
+def test_bad_corpora_are_user_errors(tokenizer: Any, spec: CorpusSpec, records: list[dict[str, Any]], match: str) -> None:
+    records = [{"_id": str(i), **r} for i, r in enumerate(records)]
+    with pytest.raises(CorpusError, match=match):
+        tokenize_corpus(records, spec, tokenizer)
+
+
+def test_documents_longer_than_the_context_need_max_tokens(tokenizer: Any) -> None:
+    records = [{**r, "_id": r["id"]} for r in RECORDS]
+    with pytest.raises(CorpusError, match="--max-tokens 8"):
+        tokenize_corpus(records, CorpusSpec(source="-"), tokenizer, context_length=8)
+    assert tokenize_corpus(records, CorpusSpec(source="-", max_tokens=8), tokenizer, context_length=8).n_tokens <= 16
+
+
+def test_missing_paths_and_bad_options(tmp_path: Path) -> None:
+    with pytest.raises(CorpusError, match="Got nothing there"):
+        list(load_records(CorpusSpec(source=str(tmp_path / "absent.jsonl"))))
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(CorpusError, match="Got x.txt"):
+        list(load_records(CorpusSpec(source=str(tmp_path / "x.txt"))))
+    with pytest.raises(CorpusError, match="not both"):
+        CorpusSpec(source="-", text="a", template="{b}")
+    with pytest.raises(CorpusError, match="positive"):
+        CorpusSpec(source="-", max_docs=0)
