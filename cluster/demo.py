@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+if TYPE_CHECKING:
+    from hrsa.extract.models import LoadedModel
 
 __all__ = ["DemoConfig", "DemoResult", "run_demo"]
 
@@ -46,8 +50,8 @@ def _corpus_path(config: DemoConfig, console: Console) -> Path:
     return path
 
 
-def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
-    """Run the demo; every stage reports to ``console``."""
+def run_demo(config: DemoConfig, console: Console | None = None, *, loaded: LoadedModel | None = None) -> DemoResult:
+    """Run the demo; every stage reports to ``console``. ``loaded`` reuses an already loaded SmolLM2."""
     from hrsa.extract.corpus import CorpusSpec, load_records, tokenize_corpus
     from hrsa.extract.local import extract_units
     from hrsa.extract.models import load_model, parse_model_spec
@@ -58,7 +62,7 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
     config.out.mkdir(parents=True, exist_ok=True)
     # Step 1: the model (the real SmolLM2 shipped in a wheel; the GGUF is dequantised to float32).
     console.print(f"[bold]1/4[/] loading {DEMO_MODEL} on CPU")
-    loaded = load_model(parse_model_spec(DEMO_MODEL, dtype="float32"), device="cpu")
+    loaded = loaded or load_model(parse_model_spec(DEMO_MODEL, dtype="float32"), device="cpu")
     mid = "smollm2-135m-instruct"
     # Step 2: the corpus, tokenised once and stored under its content hash.
     spec = CorpusSpec(source=str(_corpus_path(config, console)), template=COT_TEMPLATE,

@@ -24,14 +24,14 @@ def test_demo_stores_the_reference_forward_pass_and_resumes(tmp_path: Path) -> N
 
     from hrsa.extract.models import forward_hidden_states, load_model, parse_model_spec
 
+    loaded = load_model(parse_model_spec("packaged:smollm2-135m-instruct", dtype="float32"), device="cpu")
     config = DemoConfig(out=tmp_path, max_docs=3, max_tokens=40)
-    first = run_demo(config, Console(file=open("/dev/null", "w")))
+    first = run_demo(config, Console(file=open("/dev/null", "w")), loaded=loaded)
     store = ActivationStore.open(first.store_url)
     info = store.model_info(first.model_id)
     assert info.complete and (info.n_hidden_states, info.hidden_size) == (31, 576) and info.dtype == "float32"
     assert first.units_written == info.n_units
     # Fidelity: document 1, run alone through transformers, equals what the store holds, bit for bit.
-    loaded = load_model(parse_model_spec("packaged:smollm2-135m-instruct", dtype="float32"), device="cpu")
     docs = store.documents(first.corpus_id)
     start, stop = int(docs.start[1]), int(docs.stop[1])
     ids = store.tokens(first.corpus_id).token_id[start:stop].tolist()
@@ -40,5 +40,5 @@ def test_demo_stores_the_reference_forward_pass_and_resumes(tmp_path: Path) -> N
         stored = store.hidden_state(first.model_id, k, docs=[1]).compute()
         assert torch.equal(torch.from_numpy(np.asarray(stored)), reference[k])
     # Resume: nothing left to do.
-    again = run_demo(config, Console(file=open("/dev/null", "w")))
+    again = run_demo(config, Console(file=open("/dev/null", "w")), loaded=loaded)
     assert again.units_written == 0 and again.corpus_id == first.corpus_id
