@@ -7,23 +7,10 @@ Example:
     []
 """
 
+from hrsa.store import errors
 from hrsa.store.activation_store import ActivationStore, Mode
 from hrsa.store.corpus import CorpusInfo, CorpusTable
-from hrsa.store.errors import (
-    CorpusMismatchError,
-    CorpusNotFoundError,
-    CorruptDataError,
-    HrsaError,
-    IncompleteModelError,
-    InvalidIdError,
-    LayerOutOfRangeError,
-    ModelNotFoundError,
-    SelectionError,
-    StoreFormatError,
-    StoreNotFoundError,
-    StoreReadOnlyError,
-    UserError,
-)
+from hrsa.store.errors import *  # noqa: F403  (the error hierarchy is part of the public API)
 from hrsa.store.format import FORMAT_VERSION, Layout
 from hrsa.store.model import ModelInfo
 from hrsa.store.selection import TokenFilter
@@ -40,17 +27,5 @@ __all__ = [
     "TokenFilter",
     "Layout",
     "FORMAT_VERSION",
-    "HrsaError",
-    "UserError",
-    "StoreNotFoundError",
-    "StoreFormatError",
-    "StoreReadOnlyError",
-    "InvalidIdError",
-    "ModelNotFoundError",
-    "CorpusNotFoundError",
-    "LayerOutOfRangeError",
-    "IncompleteModelError",
-    "SelectionError",
-    "CorpusMismatchError",
-    "CorruptDataError",
+    *errors.__all__,
 ]
