@@ -97,6 +97,8 @@ def choose_layout(
     """
     row_bytes = hidden_size * np.dtype(STORED_DTYPES[dtype]).itemsize
     chunk = chunk_tokens or max(16, _floor_pow2(_CHUNK_BYTES / row_bytes))
+    if shard_tokens and not chunk_tokens:
+        chunk = min(chunk, shard_tokens)  # a small unit asked for is one chunk, not rounded up to the default
     shard = shard_tokens or max(chunk, _floor_pow2(_SHARD_BYTES / row_bytes))
     shard = max(chunk, shard // chunk * chunk)
     return Layout(chunk_tokens=chunk, shard_tokens=shard)

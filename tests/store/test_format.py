@@ -66,3 +66,8 @@ def test_as_storage_refuses_a_silent_cast() -> None:
         as_storage(np.zeros(3, np.float16), "bfloat16")
     with pytest.raises(TypeError, match="Expected float32"):
         as_storage(np.zeros(3, np.float64), "float32")
+
+
+def test_small_shard_asked_for_is_kept() -> None:
+    layout = choose_layout(32, "float32", shard_tokens=128)
+    assert (layout.chunk_tokens, layout.shard_tokens) == (128, 128)

@@ -1,0 +1,111 @@
+"""The extraction worker: one per GPU (or N on CPU). It loads its model once, then turns work units
+into hidden states written straight into the store; activations never leave the worker except to
+the store.
+
+The class is plain Python; :func:`remote_worker_class` wraps it as a Ray actor that Ray restarts if
+it dies, retrying its in-flight unit. A retried unit is safe: writing is exactly-once.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+    from hrsa.store import WorkUnit
+
+__all__ = ["ExtractionWorker", "remote_worker_class"]
+
+
+class ExtractionWorker:
+    """Holds one loaded model and writes the units it is given.
+
+    Args:
+        spec: :meth:`ModelSpec.to_dict` of the model to run.
+        store_url, storage_options: where the store is (every node must reach it).
+        device: "cpu", "cuda" or None (CUDA when this worker was given a GPU).
+        token_budget: padded tokens per forward pass.
+        cpu_threads: torch threads for a CPU worker (its share of the node's cores).
+    """
+
+    def __init__(self, spec: Mapping[str, Any], store_url: str, storage_options: Mapping[str, Any] | None = None, *,
+                 device: str | None = None, token_budget: int = 8192, cpu_threads: int | None = None) -> None:
+        import torch
+
+        from hrsa.extract.models import load_model
+        from hrsa.extract.model_spec import ModelSpec
+        from hrsa.store import ActivationStore
+
+        if cpu_threads:
+            torch.set_num_threads(cpu_threads)
+        self._loaded = load_model(ModelSpec.from_dict(dict(spec)), device=device)
+        self._store = ActivationStore.open(store_url, mode="r+", storage_options=storage_options)
+        self._token_budget = token_budget
+        self._model_lock = threading.Lock()  # a threaded actor overlaps one unit's compute with another's write
+        self._writer = None
+        self._corpus: tuple[np.ndarray, np.ndarray] | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """What the coordinator records about the model (verified by loading it)."""
+        m = self._loaded
+        return {"n_hidden_states": m.n_hidden_states, "hidden_size": m.hidden_size, "dtype": m.dtype,
+                "attention": m.attention, "source": m.source, "attn_implementation": m.attn_implementation,
+                "tokenizer_fingerprint": m.tokenizer_fingerprint, "node": os.uname().nodename, "pid": os.getpid(),
+                "device": str(m.device)}
+
+    def bind(self, mid: str) -> None:
+        """Write into model ``mid`` (created by the coordinator) from now on."""
+        self._writer = self._store.writer(mid)
+        corpus = self._store.group(f"corpora/{self._writer.info.corpus}")
+        self._corpus = (corpus["token_ids"][:], corpus["doc_offsets"][:])
+
+    def run_unit(self, index: int) -> dict[str, Any]:
+        """Compute and write unit ``index``; returns what happened (for progress and placement checks)."""
+        assert self._writer is not None and self._corpus is not None, "bind() first"
+        unit = self._writer.units()[index]
+        if self._writer.done_mask()[index]:
+            return {"unit": index, "tokens": unit.n_tokens, "written": False, "node": os.uname().nodename}
+        with self._model_lock:
+            states = self._unit_states(unit)
+        written = self._writer.write_unit(unit, states)
+        return {"unit": index, "tokens": unit.n_tokens, "written": written, "node": os.uname().nodename, "pid": os.getpid()}
+
+    def _unit_states(self, unit: WorkUnit) -> dict[int, torch.Tensor]:
+        """(unit.n_tokens, D) per stored hidden state: the overlapping documents, run whole, batched."""
+        import torch
+
+        from hrsa.extract.forward import batched_hidden_states
+
+        token_ids, offsets = self._corpus  # type: ignore[misc]
+        # Step 1: documents overlapping the unit, and the rows of each that fall inside it.
+        first = int(np.searchsorted(offsets, unit.start, side="right")) - 1
+        last = int(np.searchsorted(offsets, unit.stop, side="left"))
+        docs = list(range(first, last))
+        texts = [token_ids[offsets[d]:offsets[d + 1]].tolist() for d in docs]
+        layers = self._writer.info.hidden_states  # type: ignore[union-attr]
+        # Step 2: batched forward passes; place each document's kept rows where they belong.
+        out = {k: torch.empty((unit.n_tokens, self._loaded.hidden_size), dtype=self._loaded.model.dtype) for k in layers}
+        for j, states in batched_hidden_states(self._loaded, texts, layers, token_budget=self._token_budget):
+            d = docs[j]
+            lo, hi = max(unit.start, int(offsets[d])), min(unit.stop, int(offsets[d + 1]))
+            for k in layers:
+                out[k][lo - unit.start : hi - unit.start] = states[k][lo - int(offsets[d]) : hi - int(offsets[d])]
+        return out
+
+
+def remote_worker_class(*, num_gpus: float, num_cpus: float, max_restarts: int = 3) -> Any:
+    """:class:`ExtractionWorker` as a Ray actor: restarted when it dies, its in-flight units retried.
+
+    ``max_concurrency=2`` lets a second unit's compute start while the first one's shards are still
+    being compressed and written, so at most two units of activations are in memory per worker.
+    """
+    import ray
+
+    return ray.remote(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=max_restarts,
+                      max_concurrency=2)(ExtractionWorker)
