@@ -62,3 +62,14 @@ def _seed_everything() -> None:
 def shared_data() -> Path:
     """../shared/data beside the repository (tests using it are marked ``data``)."""
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded local Ray for the whole test session (starting one costs ~5 s), via hrsa's own connect."""
+    ray = pytest.importorskip("ray")
+    from hrsa.cluster.connection import connect
+
+    connection = connect(num_cpus=2)
+    yield connection
+    ray.shutdown()
