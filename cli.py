@@ -8,7 +8,9 @@ import sys
 import click
 
 from hrsa import __version__
+from hrsa.analyze.cli import analyze
 from hrsa.cluster.cli import demo
+from hrsa.extract.cli import extract
 from hrsa.store.cli import store_group
 from hrsa.store.errors import HrsaError, UserError
 
@@ -35,12 +37,16 @@ def cli() -> None:
     \b
     Verbs:
       store   list, describe, read, verify and delete what a store holds
+      extract every hidden state of a model over a corpus into a store, on Ray
       demo    the demo pipeline: a real model on a CoT corpus into a local store
+      analyze compare two models of a store: CKA, dimension-wise correlation, Procrustes
     """
 
 
 cli.add_command(store_group)
 cli.add_command(demo)
+cli.add_command(extract)
+cli.add_command(analyze)
 
 
 def main() -> None:

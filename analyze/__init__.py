@@ -1,1 +1,35 @@
-"""HRSA metrics: streaming accumulators on Dask, k-NN overlap on FAISS, linear probes, results, report."""
+"""HRSA metrics: streaming accumulators on Dask, k-NN overlap on FAISS, linear probes, results, report.
+
+Layers (imports point down): the pure math (``moments``, ``cross_moments``, ``metrics``; numpy only) <-
+streaming and orchestration (``backends``, ``plan``, ``stream``, ``pair``; Dask, Ray, torch) <- I/O
+(``results``, ``figures``, ``config``, ``cli``). The names below load lazily, so importing the pure math
+never pulls in Dask, Zarr or the store.
+
+Example:
+    >>> from hrsa.analyze import analyze_pair, save_results  # doctest: +SKIP
+    >>> results = analyze_pair(store, "base", "tuned", cross_layer=True, memory_budget="4GB")  # doctest: +SKIP
+    >>> save_results(results, Path("out"), store=store)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = ["AnalysisPlan", "AnalyzeConfig", "PairResults", "SavedResults", "TokenSelection", "analyze_pair", "save_results"]
+
+_LAZY = {
+    "AnalysisPlan": "hrsa.analyze.plan",
+    "AnalyzeConfig": "hrsa.analyze.config",
+    "PairResults": "hrsa.analyze.pair",
+    "SavedResults": "hrsa.analyze.results",
+    "TokenSelection": "hrsa.analyze.pair",
+    "analyze_pair": "hrsa.analyze.pair",
+    "save_results": "hrsa.analyze.results",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

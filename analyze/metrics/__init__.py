@@ -12,8 +12,9 @@ from hrsa.analyze.metrics.dimwise_correlation import (
     DimwiseCorrelationResult,
     dimwise_correlation,
     dimwise_correlation_from_moments,
+    dimwise_correlation_from_summaries,
 )
-from hrsa.analyze.metrics.linear_cka import CkaResult, linear_cka, linear_cka_from_moments
+from hrsa.analyze.metrics.linear_cka import CkaResult, linear_cka, linear_cka_from_moments, linear_cka_from_summaries
 from hrsa.analyze.metrics.procrustes import (
     ProcrustesResult,
     inverse_row_entropy,
@@ -30,9 +31,11 @@ __all__ = [
     "UnderdeterminedWarning",
     "dimwise_correlation",
     "dimwise_correlation_from_moments",
+    "dimwise_correlation_from_summaries",
     "inverse_row_entropy",
     "linear_cka",
     "linear_cka_from_moments",
+    "linear_cka_from_summaries",
     "procrustes",
     "procrustes_from_moments",
     "procrustes_similarity",

@@ -36,9 +36,16 @@ from hrsa.analyze.moments import moments
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike, NDArray
 
+    from hrsa.analyze.cross_moments import CoMomentSummary
     from hrsa.analyze.moments import Moments
 
-__all__ = ["DEFAULT_RTOL", "DimwiseCorrelationResult", "dimwise_correlation", "dimwise_correlation_from_moments"]
+__all__ = [
+    "DEFAULT_RTOL",
+    "DimwiseCorrelationResult",
+    "dimwise_correlation",
+    "dimwise_correlation_from_moments",
+    "dimwise_correlation_from_summaries",
+]
 
 #: Relative tolerance under which a dimension's spread counts as zero (about 8 float32 epsilons).
 DEFAULT_RTOL = 1e-6
@@ -92,15 +99,61 @@ def dimwise_correlation_from_moments(m: Moments, *, rtol: float = DEFAULT_RTOL) 
         (1.0, 1)
     """
     check_same_hidden_size(m, "dimension-wise correlation")
+    return _from_diagonals(np.diag(m.c_xy), np.diag(m.c_xx), np.diag(m.c_yy), m.mean_x, m.mean_y, m.n, rtol)
+
+
+def dimwise_correlation_from_summaries(
+    xy: CoMomentSummary, xx: CoMomentSummary, yy: CoMomentSummary, *, rtol: float = DEFAULT_RTOL
+) -> DimwiseCorrelationResult:
+    """Dimension-wise correlation from co-moment summaries, as cross-layer matrices are built.
+
+    Args:
+        xy: summary of C_xy of hidden state i of A against hidden state j of B (Dx == Dy).
+        xx: summary of C_xx, hidden state i of A against itself.
+        yy: summary of C_yy, hidden state j of B against itself.
+        rtol: relative tolerance for degenerate dimensions (see the module docstring).
+
+    Returns:
+        A DimwiseCorrelationResult, equal to ``dimwise_correlation_from_moments`` on the same tokens.
+
+    Raises:
+        ValueError: if the hidden sizes differ or rtol < 0.
+
+    Example:
+        >>> import numpy as np
+        >>> from hrsa.analyze.cross_moments import CrossMoments
+        >>> x = np.random.default_rng(0).normal(size=(500, 4))
+        >>> s = CrossMoments.from_chunk(x, x).summary()
+        >>> round(dimwise_correlation_from_summaries(s, s, s).mean, 6)
+        1.0
+    """
+    d = xy.mean_x.shape[0]
+    if xy.mean_y.shape[0] != d:
+        raise ValueError(
+            f"Expected hidden states of equal size for dimension-wise correlation. Got Dx = {d} and "
+            f"Dy = {xy.mean_y.shape[0]} instead. Use linear CKA to compare hidden states of different sizes."
+        )
+    return _from_diagonals(xy.diagonal, xx.diagonal, yy.diagonal, xx.mean_x, yy.mean_x, xy.n, rtol)
+
+
+def _from_diagonals(
+    c_xy: NDArray[np.float64],
+    var_x: NDArray[np.float64],
+    var_y: NDArray[np.float64],
+    mean_x: NDArray[np.float64],
+    mean_y: NDArray[np.float64],
+    n: int,
+    rtol: float,
+) -> DimwiseCorrelationResult:
+    """r_j from the diagonals (D,) of C_xy, C_xx, C_yy (n times the covariances) and the means."""
     if rtol < 0:
         raise ValueError(f"Expected rtol >= 0. Got {rtol} instead.")
     # Step 1: per-dimension spreads; a dimension is usable only if it varies in both models.
-    var_x, var_y = np.diag(m.c_xx), np.diag(m.c_yy)  # (D,), n times the variances
-    ok = ~(_is_flat(var_x, m.mean_x, m.n, rtol) | _is_flat(var_y, m.mean_y, m.n, rtol))
+    ok = ~(_is_flat(var_x, mean_x, n, rtol) | _is_flat(var_y, mean_y, n, rtol))
     # Step 2: r_j on the usable dimensions; clip the rounding overshoot past +-1.
-    r = np.full(m.dx, np.nan)
-    r[ok] = np.clip(np.diag(m.c_xy)[ok] / np.sqrt(var_x[ok] * var_y[ok]), -1.0, 1.0)
-    return _summarise(r, ok, m.n)
+    r = np.full(c_xy.shape[0], np.nan)
+    r[ok] = np.clip(c_xy[ok] / np.sqrt(var_x[ok] * var_y[ok]), -1.0, 1.0)
+    return _summarise(r, ok, n)
 
 
 def dimwise_correlation(x: ArrayLike, y: ArrayLike, *, rtol: float = DEFAULT_RTOL) -> DimwiseCorrelationResult:

@@ -40,9 +40,10 @@ from hrsa.analyze.moments import moments
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike
 
+    from hrsa.analyze.cross_moments import CoMomentSummary
     from hrsa.analyze.moments import Moments
 
-__all__ = ["CkaResult", "linear_cka", "linear_cka_from_moments"]
+__all__ = ["CkaResult", "linear_cka", "linear_cka_from_moments", "linear_cka_from_summaries"]
 
 
 @dataclass(frozen=True)
@@ -90,11 +91,37 @@ def linear_cka_from_moments(m: Moments, *, debiased: bool = False) -> CkaResult:
         hsic_yy = _debiased_hsic(_sq_frobenius(m.c_yy), m.q_yy, np.trace(m.c_yy), np.trace(m.c_yy), m.n)
     else:
         hsic_xy, hsic_xx, hsic_yy = _sq_frobenius(m.c_xy), _sq_frobenius(m.c_xx), _sq_frobenius(m.c_yy)
+    return _cka(hsic_xy, hsic_xx, hsic_yy, m.n, debiased)
+
+
+def linear_cka_from_summaries(xy: CoMomentSummary, xx: CoMomentSummary, yy: CoMomentSummary) -> CkaResult:
+    """Biased linear CKA from co-moment summaries, as cross-layer matrices are built.
+
+    Args:
+        xy: summary of C_xy of hidden state i of A against hidden state j of B.
+        xx: summary of C_xx, hidden state i of A against itself.
+        yy: summary of C_yy, hidden state j of B against itself.
+
+    Returns:
+        A CkaResult (biased), equal to ``linear_cka_from_moments`` on the same tokens.
+
+    Example:
+        >>> import numpy as np
+        >>> from hrsa.analyze.cross_moments import CrossMoments
+        >>> x = np.random.default_rng(0).normal(size=(300, 6))
+        >>> s = CrossMoments.from_chunk(x, x).summary()
+        >>> linear_cka_from_summaries(s, s, s).value
+        1.0
+    """
+    return _cka(xy.sq_frobenius, xx.sq_frobenius, yy.sq_frobenius, xy.n, False)
+
+
+def _cka(hsic_xy: float, hsic_xx: float, hsic_yy: float, n: int, debiased: bool) -> CkaResult:
     # A constant representation has no spread to align (and the debiased self-HSIC of a tiny sample can be
     # <= 0): CKA is undefined there, so say NaN instead of dividing by zero.
     if hsic_xx <= 0.0 or hsic_yy <= 0.0:
-        return CkaResult(value=float("nan"), n_tokens=m.n, debiased=debiased)
-    return CkaResult(value=float(hsic_xy / np.sqrt(hsic_xx * hsic_yy)), n_tokens=m.n, debiased=debiased)
+        return CkaResult(value=float("nan"), n_tokens=n, debiased=debiased)
+    return CkaResult(value=float(hsic_xy / np.sqrt(hsic_xx * hsic_yy)), n_tokens=n, debiased=debiased)
 
 
 def linear_cka(x: ArrayLike, y: ArrayLike, *, debiased: bool = False) -> CkaResult:

@@ -9,6 +9,9 @@ import pytest
 
 MODULES = [
     "hrsa.analyze.moments",
+    "hrsa.analyze.cross_moments",
+    "hrsa.analyze.plan",
+    "hrsa.analyze.stream",
     "hrsa.analyze.metrics.linear_cka",
     "hrsa.analyze.metrics.dimwise_correlation",
     "hrsa.analyze.metrics.procrustes",

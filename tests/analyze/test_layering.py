@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-MODULES = ["hrsa.analyze.moments", "hrsa.analyze.metrics"]
+MODULES = ["hrsa.analyze", "hrsa.analyze.moments", "hrsa.analyze.cross_moments", "hrsa.analyze.metrics"]
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -17,5 +17,15 @@ def test_math_layer_imports_no_heavy_dependencies(name: str) -> None:
         f"import sys; import {name}; "
         "bad = sorted(m for m in ('dask', 'zarr', 'ray', 'torch') if m in sys.modules); "
         "assert not bad, f'{bad} imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_streaming_layer_imports_no_io_layer() -> None:
+    # Orchestration may use Dask and the store, but not the result files, figures or CLI above it.
+    code = (
+        "import sys; import hrsa.analyze.pair, hrsa.analyze.stream, hrsa.analyze.plan, hrsa.analyze.backends; "
+        "bad = sorted(m for m in ('hrsa.analyze.results', 'hrsa.analyze.figures', 'hrsa.analyze.cli', 'matplotlib') "
+        "if m in sys.modules); assert not bad, f'{bad} imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

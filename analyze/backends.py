@@ -1,0 +1,161 @@
+"""Where a block's matrix products run: numpy on the CPU, or torch (a CUDA GPU when there is one).
+
+A backend turns one block of tokens into accumulators: :class:`~hrsa.analyze.moments.Moments` for a
+matched pair of hidden states, :class:`~hrsa.analyze.cross_moments.CrossMoments` for the pairs of a
+cross-layer tile. Accumulation and merging always happen afterwards, in float64 numpy, so every
+backend feeds the same Chan merge and the same metrics.
+
+- :class:`NumpyBackend` calls the pure math (``Moments.from_chunk``, ``iter_cross_moments``).
+- :class:`TorchBackend` reproduces those formulas in torch: each block is centred in float64 on the
+  device, its O(n D^2) products run in ``compute_dtype`` (float32 by default: centred data keeps that
+  accurate, and float32 GEMMs are what GPUs are fast at), and the results come back as float64.
+  On ``device="cpu"`` it is the same code, which is how the CPU-only test suite checks it.
+
+Choose with :func:`resolve_backend`; ``"auto"`` takes CUDA when torch sees a GPU, numpy otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+from hrsa.analyze.cross_moments import CrossMoments, iter_cross_moments
+from hrsa.analyze.moments import Moments
+from hrsa.store.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["BackendName", "ChunkBackend", "NumpyBackend", "TorchBackend", "resolve_backend"]
+
+BackendName = Literal["auto", "numpy", "torch", "cuda"]
+PairKey = tuple[Any, Any]
+Pairs = Iterable[PairKey]
+
+
+@runtime_checkable
+class ChunkBackend(Protocol):
+    """Statistics of one block of tokens. Implementations are small and picklable (Ray ships them)."""
+
+    @property
+    def name(self) -> str:
+        """Short name recorded with the results ("numpy", "torch")."""
+        ...
+
+    @property
+    def compute_dtype(self) -> str:
+        """dtype of the products: "float32" or "float64"."""
+        ...
+
+    def moments(self, x: np.ndarray, y: np.ndarray) -> Moments:
+        """Moments of x (n, Dx) and y (n, Dy)."""
+        ...
+
+    def cross_moments(self, xs: Mapping[Any, np.ndarray], pairs: Pairs) -> Iterator[tuple[PairKey, CrossMoments]]:
+        """CrossMoments of each (key_x, key_y) pair of the blocks ``xs`` (each (n, D_key)), one at a time."""
+        ...
+
+
+@dataclass(frozen=True)
+class NumpyBackend:
+    """The pure-math path on the CPU (BLAS products)."""
+
+    compute_dtype: str = "float64"
+    name: str = "numpy"
+
+    def moments(self, x: np.ndarray, y: np.ndarray) -> Moments:
+        return Moments.from_chunk(x, y, compute_dtype=self.compute_dtype)
+
+    def cross_moments(self, xs: Mapping[Any, np.ndarray], pairs: Pairs) -> Iterator[tuple[PairKey, CrossMoments]]:
+        return iter_cross_moments(xs, pairs, compute_dtype=self.compute_dtype)
+
+
+@dataclass(frozen=True)
+class TorchBackend:
+    """Products on a torch device (``"cuda"``, ``"cuda:1"``, or ``"cpu"``), float64 results."""
+
+    device: str = "cuda"
+    compute_dtype: str = "float32"
+    name: str = "torch"
+
+    def moments(self, x: np.ndarray, y: np.ndarray) -> Moments:
+        import torch
+
+        # Step 1: centre in float64 on the device (offsets of 1e4 would swamp a float32 product).
+        (u, mean_x), (v, mean_y) = self._centre(x), self._centre(y)  # (n, Dx), (n, Dy) float64
+        # Step 2: the O(n D^2) products in compute_dtype, back to float64.
+        uc, vc = u.to(self._dtype), v.to(self._dtype)
+        c_xx, c_yy, c_xy = (uc.T @ uc).double(), (vc.T @ vc).double(), (uc.T @ vc).double()
+        # Step 3: the O(n D) norm moments of debiased CKA, in float64.
+        a, b = (u * u).sum(1), (v * v).sum(1)  # (n,), (n,)
+        host = [t.cpu().numpy() for t in (mean_x, mean_y, c_xx, c_yy, c_xy, u.T @ a, v.T @ a, u.T @ b, v.T @ b)]
+        q = torch.stack([a @ a, b @ b, a @ b]).cpu().numpy()
+        mx, my, cxx, cyy, cxy, g_xx, g_xy, g_yx, g_yy = host
+        return Moments(int(u.shape[0]), mx, my, cxx, cyy, cxy, float(q[0]), float(q[1]), float(q[2]), g_xx, g_xy, g_yx, g_yy)
+
+    def cross_moments(self, xs: Mapping[Any, np.ndarray], pairs: Pairs) -> Iterator[tuple[PairKey, CrossMoments]]:
+        pairs = list(pairs)
+        low = {}
+        for k in {k for pair in pairs for k in pair}:  # each state centred and cast once per block
+            u, mean = self._centre(xs[k])
+            low[k] = (u.to(self._dtype), mean.cpu().numpy())
+        for kx, ky in pairs:
+            (u, mx), (v, my) = low[kx], low[ky]
+            c_xy = (u.T @ v).double().cpu().numpy()  # (Dx, Dy)
+            yield (kx, ky), CrossMoments(int(u.shape[0]), mx, my, c_xy)
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        import torch
+
+        return torch.float32 if self.compute_dtype == "float32" else torch.float64
+
+    def _centre(self, x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        x = np.asarray(x)
+        if x.dtype.name == "bfloat16":  # ml_dtypes' bf16: ship its bits, half the bytes of float32
+            t = torch.from_numpy(np.ascontiguousarray(x).view(np.int16)).view(torch.bfloat16)
+        else:
+            t = torch.from_numpy(np.ascontiguousarray(x))
+        t64 = t.to(self.device).double()  # (n, D)
+        mean = t64.mean(0)  # (D,)
+        if not bool(torch.isfinite(mean).all()):
+            raise ValueError("Expected finite activations. Got NaN or inf in a chunk instead. Check the extraction.")
+        return t64 - mean, mean
+
+
+def resolve_backend(name: BackendName = "auto", compute_dtype: str = "auto") -> ChunkBackend:
+    """The backend to use: ``"auto"`` is CUDA when torch sees a GPU, numpy otherwise.
+
+    Args:
+        name: ``"auto"``, ``"numpy"``, ``"cuda"`` (torch on the GPU) or ``"torch"`` (torch on its
+            default device, the CPU unless a GPU is there).
+        compute_dtype: ``"float32"``, ``"float64"``, or ``"auto"`` (float32 on a GPU, float64 on the CPU).
+
+    Raises:
+        UserError: an unknown name or dtype, or ``"cuda"`` without a CUDA GPU.
+    """
+    if compute_dtype not in ("auto", "float32", "float64"):
+        raise UserError(f"Expected compute dtype auto, float32 or float64. Got {compute_dtype!r} instead.")
+    if name not in ("auto", "numpy", "torch", "cuda"):
+        raise UserError(f"Expected backend auto, numpy, torch or cuda. Got {name!r} instead.")
+    cuda = name != "numpy" and _cuda_available()
+    if name == "cuda" and not cuda:
+        raise UserError("Expected a CUDA GPU for --backend cuda. Got none (torch.cuda.is_available() is False). Use --backend numpy.")
+    if name == "numpy" or (name == "auto" and not cuda):
+        return NumpyBackend(compute_dtype="float64" if compute_dtype == "auto" else compute_dtype)
+    device = "cuda" if cuda else "cpu"
+    default = "float32" if cuda else "float64"
+    return TorchBackend(device=device, compute_dtype=default if compute_dtype == "auto" else compute_dtype)
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())

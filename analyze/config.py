@@ -1,0 +1,142 @@
+"""``AnalyzeConfig``: the settings of ``hrsa analyze``, equal to its flags and to its YAML file.
+
+Precedence: a flag given on the command line > the YAML file (``--config``) > the defaults here. Every
+field is a flag of the same name (``cross_layer`` is ``--cross-layer``). Example YAML::
+
+    # hrsa analyze --config configs/analyze.yaml
+    store: hrsa-out/store
+    pair: [smollm2-135m, smollm2-135m-bidir]
+    metrics: [cka, dimcorr, procrustes]
+    cross_layer: true
+    memory_budget: 4GB
+    exclude_first: true
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from hrsa.analyze.pair import METRICS, TokenSelection
+from hrsa.analyze.plan import parse_memory_budget
+from hrsa.store.errors import UserError
+from hrsa.store.ids import parse_id
+from hrsa.store.selection import parse_doc_ids
+
+__all__ = ["AnalyzeConfig", "load_config"]
+
+Metric = Literal["dimcorr", "cka", "procrustes"]
+
+
+class AnalyzeConfig(BaseModel):
+    """Validated settings of one ``hrsa analyze`` run (see the flags' help for each field)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    store: str
+    pair: tuple[str, str]
+    metrics: tuple[Metric, ...] = METRICS  # type: ignore[assignment]
+    debiased: bool = False
+    cross_layer: bool = False
+    memory_budget: str = "4GB"
+    exclude_special: bool = False
+    exclude_first: bool = False
+    docs: tuple[int, ...] | None = None
+    positions: tuple[int, int] | None = None
+    save_rotation: bool = False
+    block_tokens: int | None = Field(default=None, gt=0)
+    workers: int | None = Field(default=None, gt=0)
+    scheduler: Literal["auto", "threads", "sync", "ray"] = "auto"
+    backend: Literal["auto", "numpy", "torch", "cuda"] = "auto"
+    compute_dtype: Literal["auto", "float32", "float64"] = "auto"
+    out: Path = Path("hrsa-analysis")
+    run_id: str | None = None
+    store_results: bool = True
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _split_metrics(cls, value: Any) -> Any:
+        return tuple(m.strip() for m in value.split(",") if m.strip()) if isinstance(value, str) else value
+
+    @field_validator("memory_budget", mode="before")
+    @classmethod
+    def _check_budget(cls, value: Any) -> Any:
+        try:
+            parse_memory_budget(value)
+        except UserError as error:  # as a ValueError, so pydantic reports it with the other problems
+            raise ValueError(str(error)) from None
+        return str(value)
+
+    @field_validator("docs", mode="before")
+    @classmethod
+    def _parse_docs(cls, value: Any) -> Any:
+        return tuple(parse_doc_ids(value)) if isinstance(value, str) else value
+
+    @field_validator("positions", mode="before")
+    @classmethod
+    def _parse_positions(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            start, _, stop = value.partition(":")
+            try:
+                value = (int(start) if start.strip() else 0, int(stop))
+            except ValueError:
+                raise ValueError(f"expected positions A:B such as 1:512, got {value!r}") from None
+        if isinstance(value, (tuple, list)) and len(value) == 2 and not 0 <= value[0] < value[1]:
+            raise ValueError(f"expected positions A:B with 0 <= A < B, got {value[0]}:{value[1]}")
+        return value
+
+    @field_validator("run_id")
+    @classmethod
+    def _check_run_id(cls, value: str | None) -> str | None:
+        return parse_id(value, kind="run id") if value is not None else None  # InvalidIdError is a ValueError
+
+    def selection(self) -> TokenSelection:
+        return TokenSelection(exclude_special=self.exclude_special, exclude_first=self.exclude_first,
+                              positions=self.positions, docs=self.docs)
+
+    def api_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`hrsa.analyze.analyze_pair`."""
+        return {
+            "metrics": self.metrics, "debiased": self.debiased, "cross_layer": self.cross_layer,
+            "selection": self.selection(), "memory_budget": self.memory_budget, "block_tokens": self.block_tokens,
+            "workers": self.workers, "scheduler": self.scheduler, "backend": self.backend,
+            "compute_dtype": self.compute_dtype, "save_rotation": self.save_rotation,
+        }
+
+
+def load_config(path: Path | None, flags: Mapping[str, Any]) -> AnalyzeConfig:
+    """Merge the YAML file at ``path`` (if any) with the flags that were given (not None) and validate.
+
+    Raises:
+        UserError: an unreadable file, or every problem of the merged settings at once, in one line.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise UserError(f"Expected a readable YAML config at {path}. Got an error instead: {error}".replace("\n", " ")) from error
+        if not isinstance(loaded, dict):
+            raise UserError(f"Expected a YAML mapping of settings in {path}. Got {type(loaded).__name__} instead.")
+        values.update(loaded)
+    values.update({k: v for k, v in flags.items() if v is not None and v != ()})
+    try:
+        return AnalyzeConfig.model_validate(values)
+    except ValidationError as error:
+        problems = "; ".join(_problem(e) for e in error.errors())
+        raise UserError(f"Expected valid analyze settings. Got {error.error_count()} problem(s) instead: {problems}.") from None
+
+
+def _problem(error: Any) -> str:
+    """One pydantic error as ``--flag: what is wrong``, without pydantic's "Value error, " prefix."""
+    where = ".".join(map(str, error["loc"])) or "config"
+    flag = "--" + str(error["loc"][0]).replace("_", "-") if error["loc"] else "config"
+    if error["type"] == "missing":
+        return f"{flag} is required (as a flag or in --config)"
+    message = str(error["msg"]).removeprefix("Value error, ").rstrip(".")
+    return f"{where}: {message}"

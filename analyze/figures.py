@@ -1,0 +1,95 @@
+"""Figures of one comparison: cross-layer heatmaps (as the paper's Figure 3) and per-layer profiles.
+
+Drawn with matplotlib's object API on the Agg canvas (no pyplot, no display, no global backend change),
+so it is safe in workers, tests and headless servers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+    from hrsa.analyze.pair import PairResults
+
+__all__ = ["plot_figures", "plot_heatmap", "plot_layer_profile"]
+
+
+def plot_figures(results: PairResults, out_dir: Path) -> list[Path]:
+    """Every figure the results allow: ``cka_cross_layer.png``, ``dimcorr_cross_layer.png``, ``layers.png``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    if results.cka_matrix is not None:
+        paths.append(plot_heatmap(results, "cka", out_dir / "cka_cross_layer.png"))
+    if results.dimcorr_matrix is not None:
+        paths.append(plot_heatmap(results, "dimcorr", out_dir / "dimcorr_cross_layer.png"))
+    if results.matched and (results.cka or results.dimcorr or results.procrustes):
+        paths.append(plot_layer_profile(results, out_dir / "layers.png"))
+    return paths
+
+
+def plot_heatmap(results: PairResults, metric: str, path: Path) -> Path:
+    """Heatmap of a cross-layer matrix: rows are A's hidden states, columns B's, with a colorbar.
+
+    Args:
+        results: results with ``cka_matrix`` or ``dimcorr_matrix``.
+        metric: ``"cka"`` (scale 0..1) or ``"dimcorr"`` (scale -1..1, diverging).
+        path: the PNG to write.
+    """
+    from matplotlib.figure import Figure
+
+    matrix = results.cka_matrix if metric == "cka" else results.dimcorr_matrix
+    if matrix is None:
+        raise ValueError(f"Expected a {metric} cross-layer matrix in the results. Got none (run with cross_layer=True).")
+    label, cmap, (lo, hi) = ("linear CKA", "viridis", (0.0, 1.0)) if metric == "cka" else ("mean dimension-wise r", "RdBu_r", (-1.0, 1.0))
+    fig = Figure(figsize=(7.0, 6.0), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(np.ma.masked_invalid(matrix), origin="lower", cmap=cmap, vmin=lo, vmax=hi, aspect="auto")
+    _index_ticks(ax, results.hidden_states_b, axis="x")
+    _index_ticks(ax, results.hidden_states_a, axis="y")
+    ax.set_xlabel(f"hidden state of B = {results.b}")
+    ax.set_ylabel(f"hidden state of A = {results.a}")
+    ax.set_title(f"{label}: {results.a} vs {results.b}\n{results.n_tokens} tokens, cross-layer", fontsize=10)
+    fig.colorbar(image, ax=ax, label=label)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_layer_profile(results: PairResults, path: Path) -> Path:
+    """Per matched hidden state: CKA, mean dimension-wise r and Procrustes H_inv, as lines."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.0, 4.0), layout="constrained")
+    ax = fig.add_subplot()
+    k = np.asarray(results.matched)
+    series = {
+        "linear CKA": [c.value for c in results.cka or ()],
+        "debiased CKA": [c.value for c in results.cka_debiased or ()],
+        "mean dimension-wise r": [d.mean for d in results.dimcorr or ()],
+        "Procrustes H_inv": [p.h_inv for p in results.procrustes or ()],
+    }
+    for name, values in series.items():
+        if values:
+            ax.plot(k, values, marker="o", markersize=3, label=name)
+    ax.set_xlabel("hidden state (0 = embedding output)")
+    ax.set_ylabel("similarity")
+    ax.set_title(f"{results.a} vs {results.b}, matched hidden states ({results.n_tokens} tokens)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _index_ticks(ax: Axes, states: tuple[int, ...], *, axis: str) -> None:
+    """Label positions with hidden-state indices; about 15 ticks at most, so 29 states stay legible."""
+    step = max(1, -(-len(states) // 15))
+    positions = list(range(0, len(states), step))
+    labels = [str(states[i]) for i in positions]
+    if axis == "x":
+        ax.set_xticks(positions, labels)
+    else:
+        ax.set_yticks(positions, labels)

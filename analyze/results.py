@@ -1,0 +1,266 @@
+"""Result files of ``hrsa analyze``: ``DIR/results.json``, the store's ``results/<run>``, figures.
+
+Schema of ``results.json`` (``"schema": "hrsa.analyze/1"``; later metrics add keys under ``metrics``,
+never change existing ones). NaN (a metric undefined on constant data) is written as ``null``::
+
+    {
+      "schema": "hrsa.analyze/1",
+      "run_id": str,                        # also the store's results/<run_id>
+      "a": str, "b": str,                   # model ids; A's states are the rows of every matrix
+      "corpus": str, "n_tokens": int,       # tokens actually compared on, after the selection
+      "token_filter": {"exclude_special": bool, "exclude_first": bool, "positions": [a, b] | null,
+                       "docs": [int] | null, "tokens": [start, stop] | null},
+      "hidden_states_a": [int],             # rows of every "matrix"
+      "hidden_states_b": [int],             # columns of every "matrix"
+      "matched_hidden_states": [int],       # k of A against k of B: every per-layer list follows these
+      "metrics": {
+        "cka": {"estimator": "biased",
+                "diagonal": [float],                 # per matched layer
+                "matrix": [[float]],                 # with --cross-layer
+                "debiased_diagonal": [float]},       # with --debiased
+        "dimcorr": {"diagonal": [float],             # mean r over non-degenerate dimensions, per layer
+                    "median": [float], "q25": [float], "q75": [float], "min": [float], "max": [float],
+                    "n_degenerate": [int], "n_dims": int,
+                    "matrix": [[float]]},            # mean r, with --cross-layer
+        "procrustes": {"h_inv": [float], "residual": [float], "similarity": [float],
+                       "underdetermined": [bool],
+                       "rotations": [str]}           # .npy files beside results.json, with --save-rotation
+      },
+      "plan": {"passes": int, "tiles": {...}, "workers": int, "block_tokens": int, "memory_budget": int,
+               "estimated_peak": int},
+      "settings": {"scheduler": str, "backend": str, "compute_dtype": str, ...},
+      "config": {...},                      # the resolved AnalyzeConfig, when run from the CLI
+      "hrsa_version": str, "created": str   # ISO 8601, UTC
+    }
+
+In the store, ``results/<run_id>`` holds this document as its ``hrsa`` attribute and the numbers as
+small arrays: ``<metric>/<key>`` for every list and matrix above (``cka/matrix``, ``procrustes/h_inv``,
+...), and ``procrustes/rotation/<k>`` (D, D) with ``--save-rotation``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from hrsa.store.errors import UserError
+from hrsa.store.format import ATTRS_KEY
+from hrsa.store.ids import parse_id, slugify
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from hrsa.analyze.pair import PairResults
+    from hrsa.store import ActivationStore
+
+__all__ = [
+    "SCHEMA",
+    "SavedResults",
+    "check_run_id_free",
+    "new_run_id",
+    "results_dict",
+    "save_results",
+    "summary_table",
+    "write_json",
+    "write_to_store",
+]
+
+SCHEMA = "hrsa.analyze/1"
+
+
+@dataclass(frozen=True)
+class SavedResults:
+    """Where one run's results went."""
+
+    run_id: str
+    json_path: Path
+    figures: tuple[Path, ...]
+    rotations: tuple[Path, ...]
+    store_path: str | None
+
+
+def new_run_id(results: PairResults, *, now: datetime | None = None) -> str:
+    """``<a>--<b>--<UTC time>``, cut to a valid id (slug of at most 128 characters)."""
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
+    pair = slugify(f"{results.a}--{results.b}")[: 127 - len(stamp) - 2].rstrip("._-")
+    return f"{pair}--{stamp}"
+
+
+def results_dict(results: PairResults, *, run_id: str, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``results.json`` document (see the module docstring)."""
+    from hrsa import __version__
+
+    doc: dict[str, Any] = {
+        "schema": SCHEMA,
+        "run_id": run_id,
+        "a": results.a,
+        "b": results.b,
+        "corpus": results.corpus,
+        "n_tokens": results.n_tokens,
+        "token_filter": results.selection.to_dict(),
+        "hidden_states_a": list(results.hidden_states_a),
+        "hidden_states_b": list(results.hidden_states_b),
+        "matched_hidden_states": list(results.matched),
+        "metrics": _metrics(results),
+        "plan": results.plan.to_dict(),
+        "settings": dict(results.settings),
+        "hrsa_version": __version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    if config is not None:
+        doc["config"] = dict(config)
+    return _jsonable(doc)
+
+
+def _metrics(r: PairResults) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if r.cka is not None:
+        out["cka"] = {"estimator": "biased", "diagonal": [c.value for c in r.cka]}
+        if r.cka_matrix is not None:
+            out["cka"]["matrix"] = r.cka_matrix.tolist()
+        if r.cka_debiased is not None:
+            out["cka"]["debiased_diagonal"] = [c.value for c in r.cka_debiased]
+    if r.dimcorr is not None:
+        d = r.dimcorr
+        out["dimcorr"] = {"diagonal": [x.mean for x in d], **{k: [getattr(x, k) for x in d] for k in ("median", "q25", "q75", "min", "max")},
+                          "n_degenerate": [x.n_degenerate for x in d], "n_dims": d[0].n_dims if d else 0}
+        if r.dimcorr_matrix is not None:
+            out["dimcorr"]["matrix"] = r.dimcorr_matrix.tolist()
+    if r.procrustes is not None:
+        p = r.procrustes
+        out["procrustes"] = {k: [getattr(x, k) for x in p] for k in ("h_inv", "residual", "similarity", "underdetermined")}
+        if p and p[0].rotation is not None:
+            out["procrustes"]["rotations"] = [_rotation_name(k) for k in r.matched]
+    return out
+
+
+def _rotation_name(k: int) -> str:
+    return f"procrustes_rotation_{k}.npy"
+
+
+def _jsonable(value: Any) -> Any:
+    """NaN and inf to None (JSON has neither); numpy scalars to Python ones."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.generic,)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(doc: Mapping[str, Any], out_dir: Path) -> Path:
+    """Write ``out_dir/results.json`` (atomically: a reader never sees half a file)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "results.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def check_run_id_free(store: ActivationStore, run_id: str) -> None:
+    """Fail early (before any pass) when ``results/<run_id>`` cannot be written.
+
+    Raises:
+        UserError: the store is read-only, or the run id is invalid or taken.
+    """
+    parse_id(run_id, kind="run id")
+    if store.read_only:
+        raise UserError(f"Expected a writable store to save results in. Got {store.url} opened read-only. Open it with mode 'r+'.")
+    if run_id in store.group("results"):
+        raise UserError(f"Expected a new run id. Got {run_id!r}, which {store.url} already holds in results/. Choose another --run-id.")
+
+
+def write_to_store(store: ActivationStore, results: PairResults, doc: Mapping[str, Any]) -> str:
+    """Write ``results/<run_id>``: arrays first, then the document as attributes (its presence means complete).
+
+    Raises:
+        UserError: the store is read-only, or the run id is taken.
+    """
+    run_id = doc["run_id"]
+    check_run_id_free(store, run_id)
+    group = store.group("results").create_group(run_id)
+    for name, values in _arrays(results, doc).items():
+        group.create_array(name, data=np.ascontiguousarray(values))
+    group.attrs[ATTRS_KEY] = dict(doc)
+    return f"results/{run_id}"
+
+
+def _arrays(results: PairResults, doc: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Every list and matrix of the document's metrics, as float64 (bool/int kept), plus rotations."""
+    out: dict[str, np.ndarray] = {}
+    for metric, values in doc["metrics"].items():
+        for key, value in values.items():
+            if isinstance(value, list) and value and not isinstance(value[0], str):
+                out[f"{metric}/{key}"] = np.array([np.nan if v is None else v for v in _flat_none(value)]).reshape(np.shape(value))
+    for k, p in zip(results.matched, results.procrustes or ()):
+        if p.rotation is not None:
+            out[f"procrustes/rotation/{k}"] = p.rotation
+    return out
+
+
+def _flat_none(value: list[Any]) -> list[Any]:
+    return [v for row in value for v in row] if value and isinstance(value[0], list) else value
+
+
+def save_results(
+    results: PairResults,
+    out_dir: Path,
+    *,
+    store: ActivationStore | None = None,
+    run_id: str | None = None,
+    config: Mapping[str, Any] | None = None,
+) -> SavedResults:
+    """Write everything of one run: results.json, rotations (.npy), figures, and ``results/<run>`` in ``store``.
+
+    Args:
+        results: what :func:`hrsa.analyze.analyze_pair` returned.
+        out_dir: folder for results.json, figures and rotations (created).
+        store: write ``results/<run_id>`` there too (it must be open writable); None to skip.
+        run_id: the run's id (default ``<a>--<b>--<time>``).
+        config: the resolved config, recorded in the document.
+    """
+    from hrsa.analyze.figures import plot_figures
+
+    run_id = parse_id(run_id or new_run_id(results), kind="run id")
+    doc = results_dict(results, run_id=run_id, config=config)
+    store_path = write_to_store(store, results, doc) if store is not None else None
+    rotations = []
+    for k, p in zip(results.matched, results.procrustes or ()):
+        if p.rotation is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            np.save(out_dir / _rotation_name(k), p.rotation)
+            rotations.append(out_dir / _rotation_name(k))
+    json_path = write_json(doc, out_dir)
+    return SavedResults(run_id, json_path, tuple(plot_figures(results, out_dir)), tuple(rotations), store_path)
+
+
+def summary_table(results: PairResults) -> Table:
+    """A rich table of the per-layer numbers, for the terminal."""
+    from rich.table import Table
+
+    columns: dict[str, list[str]] = {}
+    if results.cka is not None:
+        columns["CKA"] = [f"{c.value:.4f}" for c in results.cka]
+    if results.cka_debiased is not None:
+        columns["debiased CKA"] = [f"{c.value:.4f}" for c in results.cka_debiased]
+    if results.dimcorr is not None:
+        columns["dimcorr mean r"] = [f"{d.mean:.4f}" for d in results.dimcorr]
+        columns["degenerate dims"] = [str(d.n_degenerate) for d in results.dimcorr]
+    if results.procrustes is not None:
+        columns["H_inv"] = [f"{p.h_inv:.4f}" for p in results.procrustes]
+        columns["residual"] = [f"{p.residual:.4f}" for p in results.procrustes]
+    table = Table("hidden state", *columns, title=f"{results.a} vs {results.b} on {results.n_tokens} tokens", title_justify="left")
+    for i, k in enumerate(results.matched):
+        table.add_row(str(k), *(values[i] for values in columns.values()))
+    return table

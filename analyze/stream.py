@@ -1,0 +1,273 @@
+"""Streaming passes on Dask: one tile of layer pairs, one pass over the selected tokens.
+
+The selected tokens are cut into *blocks* aligned with the store's chunks (one Dask chunk of each
+hidden state per block), and the blocks into ``workers`` contiguous *segments*. The graph of a pass is
+
+    segment_0 ... segment_{W-1}      one task each: read a block of every state of the tile, turn it
+         \\        /                  into block statistics (backend), merge them into the segment's
+          merge tree (fan-in 4)       running accumulators; next block
+               |
+        {pair: Moments | CrossMoments}
+
+A segment folds its blocks one after the other instead of making one task per block, so that at most
+``workers`` copies of the tile's accumulators exist at a time (a per-block tree would hold one per
+pending leaf), and accumulators never travel between processes except for the final merges: on
+Dask-on-Ray, activations are read by the task that uses them, straight from the store.
+
+Schedulers (:func:`resolve_scheduler`): Dask's local threads by default (numpy releases the GIL in
+BLAS and in the codecs), ``sync`` for debugging, and Ray (``ray.util.dask.ray_dask_get``) when
+connected to a Ray cluster.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Union
+
+import numpy as np
+
+from hrsa.store.errors import UserError
+
+if TYPE_CHECKING:
+    import dask.array as da
+    from dask.delayed import Delayed
+
+    from hrsa.analyze.backends import ChunkBackend
+    from hrsa.analyze.cross_moments import CrossMoments
+    from hrsa.analyze.moments import Moments
+    from hrsa.analyze.plan import Pair, StreamKey, Tile
+
+__all__ = [
+    "Execution",
+    "OnBlock",
+    "Scheduler",
+    "StateReader",
+    "TokenBlock",
+    "fold_segment",
+    "merge_partials",
+    "resolve_scheduler",
+    "run_tile",
+    "split_segments",
+    "token_blocks",
+]
+
+Scheduler = Literal["auto", "threads", "sync", "ray"]
+OnBlock = Callable[[int], None]  # called with the number of tokens of each finished block
+Accumulator = Union["Moments", "CrossMoments"]
+_FAN_IN = 4
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: ``rows`` may be an array
+class TokenBlock:
+    """Selected tokens inside block ``index`` of the ``block_tokens`` grid.
+
+    Attributes:
+        index: the block's number; it covers corpus tokens ``index * B`` to ``(index + 1) * B``.
+        rows: the selected rows, relative to the block's first token (a slice, or a sorted index).
+        n_rows: how many tokens are selected.
+    """
+
+    index: int
+    rows: slice | np.ndarray
+    n_rows: int
+
+
+def token_blocks(selection: slice | np.ndarray, block_tokens: int) -> list[TokenBlock]:
+    """Cut a selection (a slice of tokens, or an index) into blocks of the ``block_tokens`` grid.
+
+    Order does not matter to the accumulators, so an index is sorted first: each block is then read once.
+
+    Example:
+        >>> [(b.index, b.rows, b.n_rows) for b in token_blocks(slice(3, 10), 4)]
+        [(0, slice(3, 4, None), 1), (1, slice(0, 4, None), 4), (2, slice(0, 2, None), 2)]
+    """
+    size = block_tokens
+    if isinstance(selection, slice):
+        start, stop = selection.start or 0, selection.stop
+        return [
+            TokenBlock(b, slice(max(start, b * size) - b * size, min(stop, (b + 1) * size) - b * size),
+                       min(stop, (b + 1) * size) - max(start, b * size))
+            for b in range(start // size, -(-stop // size))
+        ]
+    index = np.unique(np.asarray(selection, dtype=np.int64))  # sorted, once each
+    which = index // size
+    cuts = np.flatnonzero(np.diff(which)) + 1
+    blocks = []
+    for part in np.split(index, cuts):
+        b = int(part[0] // size)
+        rows = part - b * size
+        contiguous = rows[-1] - rows[0] + 1 == rows.size
+        blocks.append(TokenBlock(b, slice(int(rows[0]), int(rows[-1]) + 1) if contiguous else rows, int(rows.size)))
+    return blocks
+
+
+def split_segments(blocks: Sequence[TokenBlock], n: int) -> list[tuple[TokenBlock, ...]]:
+    """At most ``n`` contiguous runs of blocks with about equal numbers of tokens."""
+    n = max(1, min(n, len(blocks)))
+    ends = np.cumsum([b.n_rows for b in blocks])  # tokens up to the end of each block
+    # Cut after the block whose end is nearest to k/n of the total.
+    cuts = [int(np.abs(ends - ends[-1] * k / n).argmin()) + 1 for k in range(1, n)]
+    bounds = [0, *sorted({c for c in cuts if 0 < c < len(blocks)}), len(blocks)]
+    return [tuple(blocks[a:b]) for a, b in itertools.pairwise(bounds) if b > a]
+
+
+class StateReader:
+    """Reads one block of a hidden state. Holds lazy Dask arrays chunked ``block_tokens`` along tokens.
+
+    It pickles (the arrays point at the store, not at data), so Ray workers read blocks themselves. Not a
+    dataclass on purpose: ``dask.delayed`` looks inside dataclasses and would turn the arrays it finds
+    into dependencies, i.e. load every state whole before the task runs.
+    """
+
+    def __init__(self, arrays: Mapping[StreamKey, da.Array]) -> None:
+        self.arrays = dict(arrays)
+
+    def read(self, key: StreamKey, block: TokenBlock) -> np.ndarray:
+        """The block's selected rows of state ``key``, (n_rows, D), in the stored dtype."""
+        # The scheduler of the *inner* compute is always sync: the outer task already is the parallel unit.
+        values = self.arrays[key].blocks[block.index].compute(scheduler="sync")
+        return values[block.rows]
+
+
+def fold_segment(
+    tile: Tile,
+    reader: StateReader,
+    blocks: Iterable[TokenBlock],
+    backend: ChunkBackend,
+    on_block: OnBlock | None = None,
+) -> dict[Pair, Accumulator]:
+    """One segment task: the tile's accumulators over ``blocks``, one block at a time."""
+    acc: dict[Pair, Accumulator] = {}
+    # Step 1: every state of the tile over the block's tokens (each read once, shared by its pairs). The
+    # next block is read meanwhile: decompression, and on object stores the request latency, overlap the products.
+    for block, xs in _read_ahead(reader, tile.streams, blocks):
+        # Step 2: block statistics pair by pair, each merged before the next is made (one temporary).
+        parts: Iterable[tuple[Any, Accumulator]]
+        if tile.kind == "matched":
+            parts = ((p, backend.moments(xs[p[0]], xs[p[1]])) for p in tile.pairs)
+        else:
+            parts = backend.cross_moments(xs, tile.pairs)
+        for pair, part in parts:
+            acc[pair] = acc[pair].merge(part) if pair in acc else part  # type: ignore[arg-type]
+        del xs
+        if on_block is not None:
+            on_block(block.n_rows)
+    return acc
+
+
+def _read_ahead(
+    reader: StateReader, keys: Sequence[StreamKey], blocks: Iterable[TokenBlock]
+) -> Iterator[tuple[TokenBlock, dict[StreamKey, np.ndarray]]]:
+    """(block, {key: values}) for each block, reading block i + 1 in a thread while block i is used."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def read_all(block: TokenBlock) -> tuple[TokenBlock, dict[StreamKey, np.ndarray]]:
+        return block, {key: reader.read(key, block) for key in keys}
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hrsa-read") as pool:
+        pending = None
+        for block in blocks:
+            future = pool.submit(read_all, block)
+            if pending is not None:
+                yield pending.result()
+            pending = future
+        if pending is not None:
+            yield pending.result()
+
+
+def merge_partials(*parts: dict[Pair, Accumulator]) -> dict[Pair, Accumulator]:
+    """Merge segment results pair by pair, emptying the inputs as it goes so their memory is freed early."""
+    out: dict[Pair, Accumulator] = {}
+    for part in parts:
+        for pair in list(part):
+            value = part.pop(pair)
+            out[pair] = out[pair].merge(value) if pair in out else value  # type: ignore[arg-type]
+    return out
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How a pass's graph is computed.
+
+    Attributes:
+        name: ``"threads"``, ``"sync"`` or ``"ray"``.
+        in_process: tasks run in this process, so a progress callback can be called from them.
+    """
+
+    name: str
+    in_process: bool
+
+    def compute(self, graph: Delayed, workers: int) -> Any:
+        import dask
+
+        if self.name == "ray":
+            from ray.util.dask import ray_dask_get
+
+            return dask.compute(graph, scheduler=ray_dask_get)[0]
+        if self.name == "sync":
+            return dask.compute(graph, scheduler="sync")[0]
+        # Dask threads x BLAS threads would oversubscribe the cores: split them instead.
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=max(1, (os.cpu_count() or 1) // workers), user_api="blas"):
+            return dask.compute(graph, scheduler="threads", num_workers=workers)[0]
+
+
+def resolve_scheduler(name: Scheduler = "auto") -> Execution:
+    """``"auto"``: Ray when this process is connected to Ray (or ``RAY_ADDRESS`` is set), else local threads.
+
+    ``"ray"`` connects to ``RAY_ADDRESS`` when not yet connected, or starts a local Ray instance.
+
+    Raises:
+        UserError: an unknown scheduler name.
+    """
+    if name not in ("auto", "threads", "sync", "ray"):
+        raise UserError(f"Expected a scheduler among auto, threads, sync, ray. Got {name!r} instead.")
+    if name == "auto":
+        connected = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+        name = "ray" if connected or os.environ.get("RAY_ADDRESS") else "threads"
+    if name == "ray":
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+    return Execution(name=name, in_process=name != "ray")
+
+
+def run_tile(
+    tile: Tile,
+    reader: StateReader,
+    segments: Sequence[Sequence[TokenBlock]],
+    backend: ChunkBackend,
+    execution: Execution,
+    on_block: OnBlock | None = None,
+) -> dict[Pair, Accumulator]:
+    """One streaming pass: the tile's accumulators over every segment's tokens.
+
+    Args:
+        tile: the pairs to accumulate.
+        reader: where the blocks come from.
+        segments: contiguous runs of blocks, one task each (see :func:`split_segments`).
+        backend: where the block statistics are computed.
+        execution: the scheduler.
+        on_block: progress callback, called per block (per pass on Ray, whose tasks run elsewhere).
+
+    Returns:
+        The accumulator of every pair of the tile over all the tokens.
+    """
+    import dask
+
+    callback = on_block if execution.in_process else None
+    fold = dask.delayed(fold_segment, pure=False)
+    parts = [fold(tile, reader, tuple(blocks), backend, callback) for blocks in segments]
+    merge = dask.delayed(merge_partials, pure=False)
+    while len(parts) > 1:  # a tree of fan-in 4: merges run in parallel on a cluster
+        parts = [merge(*parts[i : i + _FAN_IN]) if len(parts[i : i + _FAN_IN]) > 1 else parts[i] for i in range(0, len(parts), _FAN_IN)]
+    result = execution.compute(parts[0], len(segments))
+    if on_block is not None and not execution.in_process:
+        on_block(sum(b.n_rows for blocks in segments for b in blocks))
+    return result

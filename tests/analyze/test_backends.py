@@ -1,0 +1,65 @@
+"""Backends: torch reproduces the numpy block statistics; CUDA runs match the oracle (gpu tier)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hrsa.analyze.backends import NumpyBackend, TorchBackend, resolve_backend
+from hrsa.analyze.pair import analyze_pair
+from hrsa.store.errors import UserError
+
+FIELDS = ("mean_x", "mean_y", "c_xx", "c_yy", "c_xy", "q_xx", "q_yy", "q_xy", "g_xx", "g_xy", "g_yx", "g_yy")
+
+
+def test_torch_on_cpu_in_float64_equals_numpy(make_pair) -> None:
+    x, y = make_pair(500, 12)
+    got, want = TorchBackend(device="cpu", compute_dtype="float64").moments(x, y), NumpyBackend().moments(x, y)
+    for name in FIELDS:
+        ref = np.asarray(getattr(want, name))
+        np.testing.assert_allclose(getattr(got, name), ref, rtol=0, atol=1e-10 * max(np.abs(ref).max(), 1.0), err_msg=name)
+    pairs = [("x", "y"), ("x", "x")]
+    cross_t = dict(TorchBackend(device="cpu", compute_dtype="float64").cross_moments({"x": x, "y": y}, pairs))
+    cross_n = dict(NumpyBackend().cross_moments({"x": x, "y": y}, pairs))
+    for pair in pairs:
+        np.testing.assert_allclose(cross_t[pair].c_xy, cross_n[pair].c_xy, rtol=1e-10)
+
+
+def test_torch_reads_bfloat16_blocks(make_pair) -> None:
+    import ml_dtypes
+
+    x, y = make_pair(300, 8)
+    xb, yb = x.astype(ml_dtypes.bfloat16), y.astype(ml_dtypes.bfloat16)
+    got = TorchBackend(device="cpu", compute_dtype="float64").moments(xb, yb)
+    want = NumpyBackend().moments(xb, yb)
+    np.testing.assert_allclose(got.c_xy, want.c_xy, rtol=1e-10)
+
+
+def test_resolve_backend() -> None:
+    assert resolve_backend("numpy") == NumpyBackend("float64")
+    assert resolve_backend("numpy", "float32").compute_dtype == "float32"
+    with pytest.raises(UserError, match="compute dtype"):
+        resolve_backend("numpy", "float16")
+
+
+def test_analysis_with_the_torch_backend_matches_numpy(pair_store) -> None:
+    store = pair_store.open()
+    via_torch = analyze_pair(store, "a", "b", metrics=("cka", "procrustes"), backend="torch", compute_dtype="float64",
+                             cross_layer=True)
+    via_numpy = analyze_pair(store, "a", "b", metrics=("cka", "procrustes"), backend="numpy", cross_layer=True)
+    assert via_torch.settings["backend"] == "torch"
+    np.testing.assert_allclose(via_torch.cka_matrix, via_numpy.cka_matrix, rtol=1e-10)
+    np.testing.assert_allclose([p.h_inv for p in via_torch.procrustes], [p.h_inv for p in via_numpy.procrustes], rtol=1e-9)
+
+
+@pytest.mark.gpu
+def test_cuda_float32_products_match_the_oracle(pair_store, oracle) -> None:
+    res = analyze_pair(pair_store.open(), "a", "b", backend="cuda", cross_layer=True)
+    assert res.settings["compute_dtype"] == "float32" and res.settings["backend"] == "torch"
+    for i, k in enumerate(res.matched):
+        x, y = pair_store.x[k], pair_store.y[k]
+        assert res.cka[i].value == pytest.approx(oracle.cka(x, y), abs=1e-5)
+        assert res.procrustes[i].h_inv == pytest.approx(oracle.procrustes(x, y)[0], abs=1e-4)
+    for i in res.hidden_states_a:
+        for j in res.hidden_states_b:
+            assert res.cka_matrix[i, j] == pytest.approx(oracle.cka(pair_store.x[i], pair_store.y[j]), abs=1e-5)

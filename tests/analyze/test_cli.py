@@ -1,0 +1,123 @@
+"""`hrsa analyze`: writes results.json, figures and results/<run>; every error is one line and exit 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from hrsa.analyze.pair import analyze_pair
+from hrsa.cli import cli
+from hrsa.store.format import ATTRS_KEY
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli, ["analyze", *args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture(scope="module")
+def cli_store(tmp_path_factory, build_store, store_model):
+    """A pair store, plus "other" on another corpus, written into by the CLI (hence module-scoped, not session)."""
+    ps = build_store(str(tmp_path_factory.mktemp("cli") / "store"))
+    store = ps.open("r+")
+    from hrsa.store.testing import make_table
+
+    other = store.write_corpus(make_table((50, 50)), tokenizer={"name": "t", "fingerprint": "f"})
+    store_model(store, "other", other, {k: np.random.default_rng(k).normal(size=(100, 16)) for k in range(4)})
+    return ps
+
+
+def test_help_documents_every_flag() -> None:
+    code, out, _ = run("--help")
+    assert code == 0
+    for flag in ("--store", "--pair", "--metrics", "--debiased", "--cross-layer", "--memory-budget", "--exclude-special",
+                 "--exclude-first", "--docs", "--positions", "--save-rotation", "--out", "--config", "--scheduler"):
+        assert flag in out
+
+
+def test_cross_layer_run_writes_json_figures_and_store_results(cli_store, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code, stdout, stderr = run("--store", cli_store.url, "--pair", "a", "b", "--cross-layer", "--memory-budget", "200kB",
+                               "--exclude-first", "--docs", "0,2-4", "--out", str(out), "--run-id", "cli-run",
+                               "--backend", "numpy", "--block-tokens", "128")
+    assert code == 0, stderr
+    assert "plan:" in stderr and "pass(es)" in stderr  # the plan is printed before the passes
+    assert "results.json" in stdout and "results/cli-run" in stdout
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["run_id"] == "cli-run" and doc["token_filter"]["docs"] == [0, 2, 3, 4]
+    assert doc["config"]["memory_budget"] == "200kB" and doc["plan"]["passes"] > 3
+    assert {p.name for p in out.glob("*.png")} == {"cka_cross_layer.png", "dimcorr_cross_layer.png", "layers.png"}
+    # The numbers are the API's on the same selection.
+    from hrsa.analyze.pair import TokenSelection
+
+    api = analyze_pair(cli_store.open(), "a", "b", cross_layer=True, backend="numpy",
+                       selection=TokenSelection(exclude_first=True, docs=(0, 2, 3, 4)))
+    np.testing.assert_allclose(doc["metrics"]["cka"]["matrix"], api.cka_matrix, rtol=1e-10)
+    assert doc["n_tokens"] == api.n_tokens
+    stored = cli_store.open().group("results")["cli-run"]
+    assert stored.attrs[ATTRS_KEY]["n_tokens"] == api.n_tokens
+
+
+def test_a_yaml_config_is_overridden_by_flags(cli_store, tmp_path: Path) -> None:
+    config = tmp_path / "analyze.yaml"
+    config.write_text(f"store: {cli_store.url}\npair: [a, b]\nmetrics: [cka, dimcorr]\nexclude_special: true\n"
+                      f"out: {tmp_path / 'from-yaml'}\nstore_results: false\nbackend: numpy\n")
+    code, _, stderr = run("--config", str(config), "--metrics", "cka", "--out", str(tmp_path / "from-flag"))
+    assert code == 0, stderr
+    doc = json.loads((tmp_path / "from-flag" / "results.json").read_text())
+    assert list(doc["metrics"]) == ["cka"] and doc["token_filter"]["exclude_special"] is True
+    assert not (tmp_path / "from-yaml").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--pair", "a", "nope"], "Expected a model of this store"),
+        (["--pair", "a", "other"], "same corpus"),
+        (["--pair", "a", "b", "--memory-budget", "lots"], "memory budget such as 4GB"),
+        (["--pair", "a", "b", "--memory-budget", "1kB"], "Raise --memory-budget"),
+        (["--pair", "a", "b", "--metrics", "cka,knn"], "metrics"),
+        (["--pair", "a", "b", "--positions", "9:3"], "positions"),
+        (["--pair", "a", "b", "--docs", "0,99"], "document indices"),
+        (["--pair", "a", "b", "--run-id", "../up"], "run id"),
+        (["--pair", "a"], "pair"),
+    ],
+    ids=["unknown-model", "corpus-mismatch", "bad-budget", "small-budget", "bad-metric", "bad-positions", "bad-docs",
+         "bad-run-id", "half-pair"],
+)
+def test_user_errors_are_one_line_and_exit_2(cli_store, tmp_path: Path, args: list[str], message: str) -> None:
+    code, stdout, stderr = run("--store", cli_store.url, "--backend", "numpy", "--out", str(tmp_path / "o"), *args)
+    assert code == 2, (stdout, stderr)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], stderr
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_a_missing_store_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    code, _, stderr = run("--store", str(tmp_path / "nowhere"), "--pair", "a", "b")
+    assert code == 2 and stderr.count("\n") == 1 and "Expected an hrsa store" in stderr
+
+
+def test_every_settings_problem_is_reported_at_once(cli_store) -> None:
+    code, _, stderr = run("--store", cli_store.url, "--pair", "a", "b", "--positions", "9:3", "--metrics", "cka,knn",
+                          "--memory-budget", "lots")
+    assert code == 2 and stderr.count("\n") == 1
+    assert "3 problem(s)" in stderr and "positions" in stderr and "metrics" in stderr and "memory budget" in stderr
+
+
+def test_a_missing_store_flag_names_the_flag() -> None:
+    code, _, stderr = run("--pair", "a", "b")
+    assert code == 2 and "--store is required" in stderr
+
+
+def test_underdetermined_procrustes_is_one_warning_line(narrow_store, tmp_path: Path) -> None:
+    code, _, stderr = run("--store", narrow_store.url, "--pair", "a", "b", "--no-store-results", "--backend", "numpy",
+                          "--out", str(tmp_path))
+    assert code == 0, stderr
+    warning_lines = [line for line in stderr.splitlines() if "warning" in line.lower()]
+    assert len(warning_lines) == 1 and warning_lines[0].startswith("hrsa: warning: Orthogonal Procrustes on 40 tokens")
+    assert json.loads((tmp_path / "results.json").read_text())["metrics"]["procrustes"]["underdetermined"] == [True] * 4

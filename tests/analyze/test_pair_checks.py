@@ -1,0 +1,93 @@
+"""analyze_pair refuses what it cannot compare, with one clear UserError; accepts what it can."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hrsa.analyze.pair import TokenSelection, analyze_pair
+from hrsa.store import ActivationStore
+from hrsa.store.errors import (
+    CorpusMismatchError,
+    IncompleteModelError,
+    ModelNotFoundError,
+    SelectionError,
+    UserError,
+)
+from hrsa.store.testing import make_table
+
+
+@pytest.fixture(scope="module")
+def store_with_extras(tmp_path_factory, build_store, store_model) -> tuple[ActivationStore, object]:
+    """The pair store plus: "other" on another corpus, "twin" on a same-token corpus of another tokenizer,
+    "wide" (D = 8) on a's corpus, "partial" with one unit written, "late" with only hidden state 9."""
+    ps = build_store(str(tmp_path_factory.mktemp("checks") / "store"))
+    store = ps.open("r+")
+    cid = store.model_info("a").corpus
+    rng = np.random.default_rng(0)
+    other = store.write_corpus(make_table((40, 60)), tokenizer={"name": "test-tok", "fingerprint": "fp-1"})
+    store_model(store, "other", other, {k: rng.normal(size=(100, 16)) for k in range(4)})
+    twin = store.write_corpus(make_table(), tokenizer={"name": "test-tok-2", "fingerprint": "fp-2"})
+    store_model(store, "twin", twin, {k: ps.y[k] for k in range(4)})
+    store_model(store, "wide", cid, {k: rng.normal(size=(1000, 8)) for k in range(4)})
+    store_model(store, "late", cid, {9: rng.normal(size=(1000, 16))})
+    store.create_model("partial", corpus=cid, n_hidden_states=4, hidden_size=16, dtype="float32", chunk_tokens=64, shard_tokens=256)
+    writer = store.writer("partial")
+    writer.write_unit(writer.units()[0], {k: np.zeros((256, 16), np.float32) for k in range(4)})
+    return store, ps
+
+
+def test_different_corpora_raise_corpus_mismatch(store_with_extras) -> None:
+    store, _ = store_with_extras
+    with pytest.raises(CorpusMismatchError, match=r"same corpus.*a on corpus-.*other on corpus-") as info:
+        analyze_pair(store, "a", "other", backend="numpy")
+    assert isinstance(info.value, ValueError) and "\n" not in str(info.value)
+
+
+def test_identical_token_ids_under_another_corpus_id_are_accepted(store_with_extras, oracle) -> None:
+    store, ps = store_with_extras
+    res = analyze_pair(store, "a", "twin", metrics=("cka",), backend="numpy")
+    assert res.cka[0].value == pytest.approx(oracle.cka(ps.x[0], ps.y[0]), abs=1e-6)
+
+
+def test_different_widths_refuse_dimcorr_and_procrustes_but_not_cka(store_with_extras) -> None:
+    store, _ = store_with_extras
+    with pytest.raises(UserError, match=r"equal hidden sizes for dimcorr, procrustes.*--metrics cka"):
+        analyze_pair(store, "a", "wide", backend="numpy")
+    assert 0 <= analyze_pair(store, "a", "wide", metrics=("cka",), backend="numpy").cka[0].value <= 1
+
+
+def test_no_hidden_states_in_common(store_with_extras) -> None:
+    store, _ = store_with_extras
+    with pytest.raises(UserError, match="hidden states in common"):
+        analyze_pair(store, "a", "late", backend="numpy")
+
+
+def test_incomplete_extraction(store_with_extras) -> None:
+    store, _ = store_with_extras
+    with pytest.raises(IncompleteModelError, match="1/4 work units"):
+        analyze_pair(store, "a", "partial", backend="numpy")
+
+
+def test_unknown_model_and_metric(store_with_extras) -> None:
+    store, _ = store_with_extras
+    with pytest.raises(ModelNotFoundError, match="nope"):
+        analyze_pair(store, "a", "nope", backend="numpy")
+    with pytest.raises(UserError, match="metrics among dimcorr, cka, procrustes. Got knn"):
+        analyze_pair(store, "a", "b", metrics=("cka", "knn"), backend="numpy")
+
+
+def test_selections_that_leave_too_little(store_with_extras) -> None:
+    store, _ = store_with_extras
+    with pytest.raises(SelectionError):
+        analyze_pair(store, "a", "b", selection=TokenSelection(positions=(600, 700)), backend="numpy")
+    with pytest.raises(UserError, match="at least 4 tokens for debiased CKA"):
+        analyze_pair(store, "a", "b", debiased=True, selection=TokenSelection(docs=(1,)), backend="numpy")
+
+
+def test_unknown_scheduler_and_backend(store_with_extras) -> None:
+    store, _ = store_with_extras
+    with pytest.raises(UserError, match="scheduler"):
+        analyze_pair(store, "a", "b", metrics=("cka",), scheduler="mpi", backend="numpy")  # type: ignore[arg-type]
+    with pytest.raises(UserError, match="backend"):
+        analyze_pair(store, "a", "b", metrics=("cka",), backend="tpu")  # type: ignore[arg-type]

@@ -1,0 +1,94 @@
+"""Tile planning: every pair exactly once, within budget, square-ish tiles, clear errors."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from hrsa.analyze.plan import MemoryBudgetError, PlanInputs, format_bytes, parse_memory_budget, plan_analysis
+from hrsa.store.errors import UserError
+
+
+def inputs(**kw) -> PlanInputs:
+    base = {"matched": tuple(range(29)), "rows": tuple(range(29)), "cols": tuple(range(29)), "dx": 3584, "dy": 3584,
+            "read_bytes_a": 2, "read_bytes_b": 2, "compute_bytes": 8, "n_tokens": 1_000_000, "block_tokens": 1024,
+            "n_blocks": 977, "workers": 2, "memory_budget": 16 * 10**9}
+    return PlanInputs(**{**base, **kw})
+
+
+def test_a_7b_shaped_cross_layer_plan_covers_every_pair_once_within_budget() -> None:
+    plan = plan_analysis(inputs())
+    cross = [pair for t in plan.tiles if t.kind == "cross" for pair in t.pairs]
+    assert sorted(cross) == [(("a", i), ("b", j)) for i in range(29) for j in range(29)]
+    selfs = [pair for t in plan.tiles if t.kind == "self" for pair in t.pairs]
+    assert sorted(selfs) == sorted([(("a", i), ("a", i)) for i in range(29)] + [(("b", j), ("b", j)) for j in range(29)])
+    matched = [pair for t in plan.tiles if t.kind == "matched" for pair in t.pairs]
+    assert matched == [(("a", k), ("b", k)) for k in range(29)]
+    assert plan.estimated_peak <= 16 * 10**9
+    assert plan.passes == plan.count("matched") + plan.count("cross") + plan.count("self")
+    # Square-ish rectangles: no cross tile reads far more states than a square of the same pairs would.
+    for tile in plan.tiles:
+        if tile.kind == "cross":
+            rows = {i for (_, i), _ in tile.pairs}
+            cols = {j for _, (_, j) in tile.pairs}
+            assert len(rows) * len(cols) == len(tile.pairs)
+    text = plan.describe()
+    assert f"{plan.passes} pass(es)" in text and "29 x 29 pairs" in text and "GB" in text
+
+
+def test_a_larger_budget_needs_fewer_passes() -> None:
+    passes = [plan_analysis(inputs(memory_budget=b * 10**9)).passes for b in (4, 16, 64)]
+    assert passes[0] > passes[1] > passes[2]
+
+
+def test_small_models_fit_in_one_pass_per_kind() -> None:
+    plan = plan_analysis(inputs(dx=64, dy=64, n_blocks=4))
+    assert (plan.count("matched"), plan.count("cross"), plan.count("self")) == (1, 1, 1)
+
+
+def test_too_small_a_budget_names_the_minimum() -> None:
+    with pytest.raises(MemoryBudgetError, match=r"at least .* GB.*Raise --memory-budget"):
+        plan_analysis(inputs(memory_budget=10**8))
+    assert issubclass(MemoryBudgetError, UserError)
+
+
+def test_parallelism_falls_back_to_one_worker_before_giving_up() -> None:
+    one = plan_analysis(inputs(matched=(0,), rows=(), cols=(), workers=1, memory_budget=10**12)).estimated_peak
+    plan = plan_analysis(inputs(matched=(0,), rows=(), cols=(), workers=4, memory_budget=one + 1))
+    assert plan.workers == 1 and plan.passes == 1
+
+
+def test_workers_are_traded_for_fewer_passes_not_more() -> None:
+    serial = plan_analysis(inputs(workers=1, memory_budget=4 * 10**9))
+    parallel = plan_analysis(inputs(workers=4, memory_budget=4 * 10**9))
+    assert parallel.passes == serial.passes  # 4 copies of each tile would need far more passes
+    roomy = plan_analysis(inputs(dx=64, dy=64, workers=4))
+    assert roomy.workers == 4 and roomy.passes == 3  # when memory is plentiful, parallelism is free
+
+
+def test_workers_never_exceed_blocks() -> None:
+    assert plan_analysis(inputs(dx=8, dy=8, n_blocks=2, workers=8)).workers == 2
+
+
+@pytest.mark.parametrize(("text", "expected"), [("4GB", 4 * 10**9), ("512MiB", 512 * 2**20), ("1.5g", 1_500_000_000),
+                                                ("2e9", 2 * 10**9), ("300kB", 300_000), (1234, 1234)])
+def test_memory_budgets_parse(text, expected) -> None:
+    assert parse_memory_budget(text) == expected
+
+
+@pytest.mark.parametrize("text", ["lots", "-1GB", "0", "4 parsecs", ""])
+def test_bad_memory_budgets_are_user_errors(text) -> None:
+    with pytest.raises(UserError, match="Expected a memory budget"):
+        parse_memory_budget(text)
+
+
+def test_format_bytes() -> None:
+    assert [format_bytes(n) for n in (512, 2.5e6, 3.2e9)] == ["512 B", "2.5 MB", "3.2 GB"]
+
+
+def test_tiles_are_disjoint_in_pairs() -> None:
+    plan = plan_analysis(inputs(memory_budget=8 * 10**9))
+    seen = [pair for t in plan.tiles for pair in t.pairs if t.kind != "matched"]
+    assert len(seen) == len(set(seen))
+    assert all(a != b for a, b in itertools.pairwise(plan.tiles))

@@ -1,0 +1,105 @@
+"""Result files: results.json in the documented schema, results/<run> in the store, figures."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from hrsa.analyze.pair import TokenSelection, analyze_pair
+from hrsa.analyze.results import SCHEMA, new_run_id, results_dict, save_results, summary_table, write_to_store
+from hrsa.store.errors import UserError
+from hrsa.store.format import ATTRS_KEY
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, build_store):
+    ps = build_store(str(tmp_path_factory.mktemp("results") / "store"))
+    store = ps.open("r+")
+    res = analyze_pair(store, "a", "b", cross_layer=True, debiased=True, save_rotation=True, backend="numpy",
+                       selection=TokenSelection(exclude_first=True, positions=(0, 400)))
+    return store, res
+
+
+def test_results_json_follows_the_schema(setup, tmp_path) -> None:
+    store, res = setup
+    saved = save_results(res, tmp_path / "out", run_id="run-1", config={"store": "x"})
+    doc = json.loads(saved.json_path.read_text())
+    assert doc["schema"] == SCHEMA and doc["run_id"] == "run-1" and doc["config"] == {"store": "x"}
+    assert (doc["a"], doc["b"], doc["corpus"]) == ("a", "b", store.model_info("a").corpus)
+    assert doc["n_tokens"] == res.n_tokens
+    assert doc["token_filter"] == {"exclude_special": False, "exclude_first": True, "positions": [0, 400], "docs": None, "tokens": None}
+    assert doc["hidden_states_a"] == doc["hidden_states_b"] == doc["matched_hidden_states"] == [0, 1, 2, 3]
+    m = doc["metrics"]
+    assert m["cka"]["estimator"] == "biased"
+    assert m["cka"]["diagonal"] == [c.value for c in res.cka]
+    assert np.array(m["cka"]["matrix"]).shape == (4, 4) and np.array(m["dimcorr"]["matrix"]).shape == (4, 4)
+    assert len(m["cka"]["debiased_diagonal"]) == 4
+    assert m["dimcorr"]["diagonal"] == [d.mean for d in res.dimcorr] and m["dimcorr"]["n_dims"] == 16
+    assert set(m["dimcorr"]) >= {"median", "q25", "q75", "min", "max", "n_degenerate"}
+    assert m["procrustes"]["h_inv"] == [p.h_inv for p in res.procrustes]
+    assert len(m["procrustes"]["residual"]) == 4 and m["procrustes"]["underdetermined"] == [False] * 4
+    assert m["procrustes"]["rotations"] == [f"procrustes_rotation_{k}.npy" for k in range(4)]
+    assert doc["plan"]["passes"] == res.plan.passes and doc["settings"]["backend"] == "numpy"
+    rotation = np.load(tmp_path / "out" / "procrustes_rotation_2.npy")
+    np.testing.assert_allclose(rotation @ rotation.T, np.eye(16), atol=1e-10)
+
+
+def test_figures_are_pngs_with_cross_layer_heatmaps(setup, tmp_path) -> None:
+    _, res = setup
+    saved = save_results(res, tmp_path, run_id="run-2")
+    names = sorted(p.name for p in saved.figures)
+    assert names == ["cka_cross_layer.png", "dimcorr_cross_layer.png", "layers.png"]
+    for path in saved.figures:
+        assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 5_000
+
+
+def test_results_go_into_the_store(setup, tmp_path) -> None:
+    store, res = setup
+    saved = save_results(res, tmp_path, store=store, run_id="run-3")
+    assert saved.store_path == "results/run-3"
+    group = store.group("results")["run-3"]
+    assert group.attrs[ATTRS_KEY]["run_id"] == "run-3"
+    np.testing.assert_allclose(group["cka/matrix"][:], res.cka_matrix)
+    np.testing.assert_allclose(group["procrustes/h_inv"][:], [p.h_inv for p in res.procrustes])
+    assert group["procrustes/rotation/1"].shape == (16, 16)
+    with pytest.raises(UserError, match="already holds"):
+        save_results(res, tmp_path, store=store, run_id="run-3")
+
+
+def test_a_read_only_store_and_a_bad_run_id_are_user_errors(setup, tmp_path) -> None:
+    store, res = setup
+    from hrsa.store import ActivationStore
+
+    read_only = ActivationStore.open(store.url, mode="r")
+    with pytest.raises(UserError, match="writable"):
+        write_to_store(read_only, res, results_dict(res, run_id="run-4"))
+    with pytest.raises(UserError, match="run id"):
+        save_results(res, tmp_path, run_id="../escape")
+
+
+def test_nan_is_written_as_null(setup) -> None:
+    _, res = setup
+    from dataclasses import replace
+
+    nan_matrix = res.cka_matrix.copy()
+    nan_matrix[0, 1] = math.nan
+    doc = results_dict(replace(res, cka_matrix=nan_matrix), run_id="r")
+    assert doc["metrics"]["cka"]["matrix"][0][1] is None
+    json.dumps(doc, allow_nan=False)
+
+
+def test_run_ids_are_valid_slugs(setup) -> None:
+    _, res = setup
+    run_id = new_run_id(res)
+    assert run_id.startswith("a--b--") and len(run_id) <= 128
+
+
+def test_summary_table_has_a_row_per_matched_layer(setup) -> None:
+    _, res = setup
+    table = summary_table(res)
+    assert table.row_count == 4 and len(table.columns) == 7
