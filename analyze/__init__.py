@@ -1,8 +1,8 @@
 """HRSA metrics: streaming accumulators on Dask, k-NN overlap on FAISS, linear probes, results, report.
 
 Layers (imports point down): the pure math (``moments``, ``cross_moments``, ``metrics``; numpy only) <-
-streaming and orchestration (``backends``, ``plan``, ``stream``, ``pair``; Dask, Ray, torch) <- I/O
-(``results``, ``figures``, ``config``, ``cli``). The names below load lazily, so importing the pure math
+streaming and orchestration (``backends``, ``plan``, ``stream``, ``pair``, ``knn``, ``probe``; Dask, Ray,
+torch, FAISS, scikit-learn) <- I/O (``results``, ``figures``, ``config``, ``cli``). The names below load lazily, so importing the pure math
 never pulls in Dask, Zarr or the store.
 
 Example:
@@ -16,11 +16,27 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["AnalysisPlan", "AnalyzeConfig", "PairResults", "SavedResults", "TokenSelection", "analyze_pair", "save_results"]
+__all__ = [
+    "AnalysisPlan",
+    "AnalyzeConfig",
+    "KnnOptions",
+    "PairResults",
+    "ProbeOptions",
+    "SavedResults",
+    "TokenSelection",
+    "analyze_pair",
+    "knn_pair",
+    "probe_pair",
+    "save_results",
+]
 
 _LAZY = {
     "AnalysisPlan": "hrsa.analyze.plan",
     "AnalyzeConfig": "hrsa.analyze.config",
+    "KnnOptions": "hrsa.analyze.knn",
+    "ProbeOptions": "hrsa.analyze.probe",
+    "knn_pair": "hrsa.analyze.knn",
+    "probe_pair": "hrsa.analyze.probe",
     "PairResults": "hrsa.analyze.pair",
     "SavedResults": "hrsa.analyze.results",
     "TokenSelection": "hrsa.analyze.pair",

@@ -18,7 +18,7 @@ __all__ = ["analyze"]
               help="YAML file of settings named like these flags; flags given here win.")
 @click.option("--store", help="Store URL: a path or an fsspec URL such as s3://bucket/store.")
 @click.option("--pair", nargs=2, default=None, help="Model ids A and B (A's hidden states are the rows of matrices).")
-@click.option("--metrics", help="Comma-separated, among dimcorr,cka,procrustes.  [default: all three]")
+@click.option("--metrics", help="Comma-separated, among dimcorr,cka,procrustes,knn,probe.  [default: dimcorr,cka,procrustes]")
 @click.option("--debiased", is_flag=True, default=None, help="Also debiased CKA (unbiased HSIC) on the matched layers.")
 @click.option("--cross-layer", is_flag=True, default=None, help="Also every hidden state of A against every one of B (CKA and dimcorr matrices).")
 @click.option("--memory-budget", help="Memory for accumulators held at once, e.g. 4GB or 512MiB; sets the tiles.  [default: 4GB]")
@@ -41,8 +41,20 @@ __all__ = ["analyze"]
 @click.option("--run-id", help="Name of the run in the store's results/.  [default: A--B--<UTC time>]")
 @click.option("--store-results/--no-store-results", default=None,
               help="Also write results into the store's results/ (opens it writable).  [default: yes]")
+@click.option("--k", help="k-NN overlap: neighbour counts, comma-separated.  [default: 5,10,50]")
+@click.option("--knn-sample", type=int, help="k-NN overlap: tokens in the seeded sample shared by both models (all when fewer).  [default: 50000]")
+@click.option("--knn-search", type=click.Choice(["exact", "hnsw"]),
+              help="k-NN search: exact (blocked FAISS flat index) or hnsw (approximate; recall against exact is reported).  [default: exact]")
+@click.option("--seed", type=int, help="Seed of the k-NN token sample and of the probes' train/dev/test split.  [default: 0]")
+@click.option("--hidden-states", help="k-NN and probes: only these hidden states, e.g. 0,6,12.  [default: all shared]")
+@click.option("--label-field", help="Probe: the record field holding each document's label (required with --metrics probe).")
+@click.option("--labels", help="Probe: read labels from this .jsonl/.csv/.parquet instead of the corpus's source file.")
+@click.option("--id-field", help="Probe: the id field of --labels (default: id, else FILE:LINE as extraction does).")
+@click.option("--pool", type=click.Choice(["mean", "last"]), help="Probe: pool each document's tokens by mean or take the last.  [default: mean]")
+@click.option("--probe-both-directions", is_flag=True, default=None, help="Probe: also fit on B and test on A.")
 def analyze(config_file: Path | None, **flags: Any) -> None:
-    """Compare hidden states of models A and B of a store with HRSA (CKA, dimension-wise correlation, Procrustes).
+    """Compare hidden states of models A and B of a store with HRSA (CKA, dimension-wise correlation, Procrustes,
+    k-NN overlap, cross-model linear probes).
 
     Flags left out take their value from --config, else their default (flags default to None for that).
     """

@@ -10,6 +10,11 @@ field is a flag of the same name (``cross_layer`` is ``--cross-layer``). Example
     cross_layer: true
     memory_budget: 4GB
     exclude_first: true
+    # k-NN overlap and probes (metrics: [knn, probe]):
+    k: [5, 10, 50]
+    knn_sample: 50000
+    label_field: label        # read from the corpus's source file, joined by record id
+    pool: mean
 """
 
 from __future__ import annotations
@@ -18,7 +23,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from hrsa.analyze.knn import DEFAULT_K, KnnOptions
+from hrsa.analyze.probe import ProbeOptions
 
 from hrsa.analyze.pair import METRICS, TokenSelection
 from hrsa.analyze.plan import parse_memory_budget
@@ -28,7 +36,7 @@ from hrsa.store.selection import parse_doc_ids
 
 __all__ = ["AnalyzeConfig", "load_config"]
 
-Metric = Literal["dimcorr", "cka", "procrustes"]
+Metric = Literal["dimcorr", "cka", "procrustes", "knn", "probe"]
 
 
 class AnalyzeConfig(BaseModel):
@@ -55,6 +63,39 @@ class AnalyzeConfig(BaseModel):
     out: Path = Path("hrsa-analysis")
     run_id: str | None = None
     store_results: bool = True
+    k: tuple[int, ...] = DEFAULT_K
+    knn_sample: int | None = Field(default=50_000, gt=0)
+    knn_search: Literal["exact", "hnsw"] = "exact"
+    seed: int = 0
+    hidden_states: tuple[int, ...] | None = None
+    label_field: str | None = None
+    labels: str | None = None
+    id_field: str | None = None
+    pool: Literal["mean", "last"] = "mean"
+    probe_both_directions: bool = False
+
+    @field_validator("k", "hidden_states", mode="before")
+    @classmethod
+    def _split_ints(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return tuple(int(v) for v in value.split(",") if v.strip())
+            except ValueError:
+                raise ValueError(f"expected comma-separated integers such as 5,10,50, got {value!r}") from None
+        return value
+
+    @field_validator("k")
+    @classmethod
+    def _check_k(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or min(value) < 1:
+            raise ValueError(f"expected positive neighbour counts, got {list(value)}")
+        return value
+
+    @model_validator(mode="after")
+    def _probe_needs_labels(self) -> AnalyzeConfig:
+        if "probe" in self.metrics and not self.label_field:
+            raise ValueError("the probe metric needs --label-field (the record field holding each document's label)")
+        return self
 
     @field_validator("metrics", mode="before")
     @classmethod
@@ -104,6 +145,11 @@ class AnalyzeConfig(BaseModel):
             "selection": self.selection(), "memory_budget": self.memory_budget, "block_tokens": self.block_tokens,
             "workers": self.workers, "scheduler": self.scheduler, "backend": self.backend,
             "compute_dtype": self.compute_dtype, "save_rotation": self.save_rotation,
+            "knn_options": KnnOptions(ks=self.k, n_sample=self.knn_sample, seed=self.seed, search=self.knn_search,
+                                      hidden_states=self.hidden_states),
+            "probe_options": ProbeOptions(label_field=self.label_field, labels_file=self.labels, id_field=self.id_field,
+                                          pool=self.pool, both_directions=self.probe_both_directions, seed=self.seed,
+                                          hidden_states=self.hidden_states) if self.label_field else None,
         }
 
 

@@ -16,11 +16,12 @@ if TYPE_CHECKING:
 
     from hrsa.analyze.pair import PairResults
 
-__all__ = ["plot_figures", "plot_heatmap", "plot_layer_profile"]
+__all__ = ["plot_figures", "plot_heatmap", "plot_knn_overlap", "plot_layer_profile", "plot_probe"]
 
 
 def plot_figures(results: PairResults, out_dir: Path) -> list[Path]:
-    """Every figure the results allow: ``cka_cross_layer.png``, ``dimcorr_cross_layer.png``, ``layers.png``."""
+    """Every figure the results allow: ``cka_cross_layer.png``, ``dimcorr_cross_layer.png``, ``layers.png``,
+    ``knn_overlap.png`` and ``probe.png``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     if results.cka_matrix is not None:
@@ -29,6 +30,10 @@ def plot_figures(results: PairResults, out_dir: Path) -> list[Path]:
         paths.append(plot_heatmap(results, "dimcorr", out_dir / "dimcorr_cross_layer.png"))
     if results.matched and (results.cka or results.dimcorr or results.procrustes):
         paths.append(plot_layer_profile(results, out_dir / "layers.png"))
+    if results.knn is not None:
+        paths.append(plot_knn_overlap(results, out_dir / "knn_overlap.png"))
+    if results.probe is not None:
+        paths.append(plot_probe(results, out_dir / "probe.png"))
     return paths
 
 
@@ -80,6 +85,57 @@ def plot_layer_profile(results: PairResults, path: Path) -> Path:
     ax.set_title(f"{results.a} vs {results.b}, matched hidden states ({results.n_tokens} tokens)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_knn_overlap(results: PairResults, path: Path) -> Path:
+    """Mean k-NN Jaccard overlap per hidden state, one line per k (the paper's Figure 4, left)."""
+    from matplotlib.figure import Figure
+
+    if results.knn is None:
+        raise ValueError("Expected k-NN results. Got none (run with the knn metric).")
+    knn = results.knn
+    fig = Figure(figsize=(7.0, 4.0), layout="constrained")
+    ax = fig.add_subplot()
+    for k, values in knn.overlap.items():
+        ax.plot(knn.hidden_states, [v.mean for v in values], marker="o", markersize=3, label=f"k = {k}")
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xlabel("hidden state (0 = embedding output)")
+    ax.set_ylabel("mean Jaccard of k-NN sets")
+    ax.set_title(f"k-NN overlap: {results.a} vs {results.b} ({knn.n_tokens} sampled tokens, {knn.search})", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_probe(results: PairResults, path: Path) -> Path:
+    """Test accuracy of the probe per hidden state: on the source model and transferred to the target, as bars."""
+    from matplotlib.figure import Figure
+
+    if results.probe is None:
+        raise ValueError("Expected probe results. Got none (run with the probe metric).")
+    probe = results.probe
+    states = list(probe.a_to_b)
+    pos = np.arange(len(states))
+    bars = {f"fitted and tested on {results.a}": [r.source.test.accuracy for r in probe.a_to_b.values()],
+            f"fitted on {results.a}, tested on {results.b}": [r.target.test.accuracy for r in probe.a_to_b.values()]}
+    if probe.b_to_a:
+        bars[f"fitted and tested on {results.b}"] = [probe.b_to_a[k].source.test.accuracy for k in states]
+        bars[f"fitted on {results.b}, tested on {results.a}"] = [probe.b_to_a[k].target.test.accuracy for k in states]
+    width = 0.8 / len(bars)
+    fig = Figure(figsize=(max(6.0, 0.5 * len(states) * len(bars)), 4.0), layout="constrained")
+    ax = fig.add_subplot()
+    for i, (name, values) in enumerate(bars.items()):
+        ax.bar(pos + (i - (len(bars) - 1) / 2) * width, values, width, label=name)
+    ax.axhline(max(r.chance for r in probe.a_to_b.values()), color="grey", linestyle="--", linewidth=1, label="majority class")
+    ax.set_xticks(pos, [str(k) for k in states])
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xlabel("hidden state")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"linear probe on {probe.label_field!r} ({probe.n_docs} documents, {probe.pool} pooling)", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
     fig.savefig(path, dpi=120)
     return path
 

@@ -12,6 +12,8 @@ Matched layers (k of A against k of B) get every requested metric from full ``Mo
 ``cross_layer``, every hidden state of A is compared with every hidden state of B for linear CKA
 (biased) and dimension-wise correlation (its mean), from ``CrossMoments`` of each pair and the self
 co-moments of each state; the matched pass then runs only if Procrustes or debiased CKA is asked for.
+The local metrics (``knn``: :mod:`hrsa.analyze.knn`; ``probe``: :mod:`hrsa.analyze.probe`) run after the
+passes on the same checked pair, on their own reads of the store.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hrsa.analyze.backends import BackendName, resolve_backend
+from hrsa.analyze.knn import KnnOptions, KnnPairResult, knn_pair
 from hrsa.analyze.metrics import (
     CkaResult,
     DimwiseCorrelationResult,
@@ -36,6 +39,7 @@ from hrsa.analyze.metrics import (
     linear_cka_from_summaries,
     procrustes_from_moments,
 )
+from hrsa.analyze.probe import ProbeOptions, ProbePairResult, probe_pair
 from hrsa.analyze.plan import AnalysisPlan, MemoryBudgetError, PlanInputs, parse_memory_budget, plan_analysis
 from hrsa.analyze.stream import OnBlock, Scheduler, StateReader, resolve_scheduler, run_tile, split_segments, token_blocks
 from hrsa.store.errors import CorpusMismatchError, IncompleteModelError, UserError
@@ -48,9 +52,10 @@ if TYPE_CHECKING:
     from hrsa.analyze.plan import Tile
     from hrsa.store import ActivationStore, ModelInfo
 
-__all__ = ["METRICS", "PairResults", "TokenSelection", "analyze_pair"]
+__all__ = ["LOCAL_METRICS", "METRICS", "PairResults", "TokenSelection", "analyze_pair"]
 
-METRICS = ("dimcorr", "cka", "procrustes")
+METRICS = ("dimcorr", "cka", "procrustes")  # streaming metrics, from co-moments
+LOCAL_METRICS = ("knn", "probe")  # local geometry and function, from their own reads
 _BLOCK_BYTES = 32 << 20  # float64 bytes of one state's block: big enough for fast GEMMs, small next to D^2
 
 
@@ -97,6 +102,7 @@ class PairResults:
         cka, cka_debiased, dimcorr, procrustes: per matched layer, or None when not computed.
         cka_matrix, dimcorr_matrix: (len(hidden_states_a), len(hidden_states_b)) biased CKA and mean
             dimension-wise correlation, or None without ``cross_layer``.
+        knn, probe: k-NN overlap and cross-model probes, or None when not asked for.
         plan: the tiles that ran; settings: scheduler, backend, compute dtype, block size, workers.
     """
 
@@ -117,6 +123,8 @@ class PairResults:
     procrustes: tuple[ProcrustesResult, ...] | None = None
     cka_matrix: NDArray[np.float64] | None = None
     dimcorr_matrix: NDArray[np.float64] | None = None
+    knn: KnnPairResult | None = None
+    probe: ProbePairResult | None = None
 
     @property
     def cross_layer(self) -> bool:
@@ -157,6 +165,8 @@ def analyze_pair(
     backend: BackendName = "auto",
     compute_dtype: str = "auto",
     save_rotation: bool = False,
+    knn_options: KnnOptions | None = None,
+    probe_options: ProbeOptions | None = None,
     on_plan: Callable[[AnalysisPlan], None] | None = None,
     on_block: OnBlock | None = None,
 ) -> PairResults:
@@ -165,7 +175,7 @@ def analyze_pair(
     Args:
         store: an open store holding both models.
         a, b: model ids (A is the reference: Procrustes fits A onto B, rows of matrices are A's).
-        metrics: any of ``"dimcorr"``, ``"cka"``, ``"procrustes"``.
+        metrics: any of ``"dimcorr"``, ``"cka"``, ``"procrustes"``, ``"knn"``, ``"probe"``.
         debiased: also debiased CKA on the matched layers.
         cross_layer: also every hidden state of A against every one of B (CKA and dimcorr matrices).
         selection: which tokens (default all).
@@ -177,6 +187,8 @@ def analyze_pair(
         backend: ``"auto"``, ``"numpy"``, ``"cuda"`` or ``"torch"`` (see :func:`resolve_backend`).
         compute_dtype: dtype of the products: ``"auto"``, ``"float32"`` or ``"float64"``.
         save_rotation: keep Procrustes' O* (D x D) of every matched layer in the results.
+        knn_options: k, sample size, seed and search of ``"knn"`` (default :class:`KnnOptions`).
+        probe_options: label field, pooling, directions of ``"probe"`` (required with it).
         on_plan: called with the plan before the first pass (to print it).
         on_block: called with the token count of each block done (to show progress).
 
@@ -201,7 +213,17 @@ def analyze_pair(
     matched, summaries = _run(store, job, engine, execution, on_block)
     settings = {"scheduler": execution.name, "backend": engine.name, "compute_dtype": engine.compute_dtype,
                 "block_tokens": job.block_tokens, "workers": job.plan.workers}
-    return _assemble(job, selection or TokenSelection(), matched, summaries, settings)
+    local: dict[str, Any] = {}
+    if "knn" in job.metrics:
+        knn_options = knn_options or KnnOptions()
+        local["knn"] = knn_pair(store, a, b, selection=selection, **knn_options.to_dict())
+        settings["knn"] = knn_options.to_dict()
+    if "probe" in job.metrics:
+        if probe_options is None:
+            raise UserError("Expected a label field for the probe metric. Got none. Pass --label-field FIELD.")
+        local["probe"] = probe_pair(store, a, b, selection=selection, **probe_options.to_dict())
+        settings["probe"] = {**probe_options.to_dict(), "n_docs": local["probe"].n_docs, "classes": list(local["probe"].classes)}
+    return replace(_assemble(job, selection or TokenSelection(), matched, summaries, settings), **local)
 
 
 # --- phase 1: setup ---------------------------------------------------------------------------------------
@@ -212,10 +234,11 @@ def _setup(
     selection: TokenSelection, budget: int, block_tokens: int | None, workers: int, save_rotation: bool, compute_bytes: int,
 ) -> _Job:
     # Step 1: the pair itself.
-    bad = [m for m in metrics if m not in METRICS]
+    bad = [m for m in metrics if m not in METRICS + LOCAL_METRICS]
     if bad or not metrics:
-        raise UserError(f"Expected metrics among {', '.join(METRICS)}. Got {', '.join(bad) or 'none'} instead.")
-    metrics_t = tuple(m for m in METRICS if m in metrics)
+        raise UserError(f"Expected metrics among {', '.join(METRICS + LOCAL_METRICS)}. Got {', '.join(bad) or 'none'} instead.")
+    metrics_t = tuple(m for m in METRICS + LOCAL_METRICS if m in metrics)
+    streaming = bool(set(metrics_t) & set(METRICS))
     info_a, info_b = _check_pair(store, a, b, metrics_t)
     # Step 2: the tokens.
     sel = store.select(a, tokens=selection.tokens, docs=selection.docs, token_filter=selection.token_filter())
@@ -226,7 +249,7 @@ def _setup(
         raise UserError(f"Expected a positive block size. Got {block_tokens} instead.")
     # Step 3: what to accumulate.
     matched = tuple(sorted(set(info_a.hidden_states) & set(info_b.hidden_states)))
-    needs_matched = not cross_layer or "procrustes" in metrics_t or debiased
+    needs_matched = streaming and (not cross_layer or "procrustes" in metrics_t or debiased)
     crossed = cross_layer and bool({"cka", "dimcorr"} & set(metrics_t))
     rows, cols = (tuple(info_a.hidden_states), tuple(info_b.hidden_states)) if crossed else ((), ())
     base = PlanInputs(

@@ -24,7 +24,15 @@ never change existing ones). NaN (a metric undefined on constant data) is writte
                     "matrix": [[float]]},            # mean r, with --cross-layer
         "procrustes": {"h_inv": [float], "residual": [float], "similarity": [float],
                        "underdetermined": [bool],
-                       "rotations": [str]}           # .npy files beside results.json, with --save-rotation
+                       "rotations": [str]},          # .npy files beside results.json, with --save-rotation
+        "knn": {"k": {"5": [float], ...},            # mean per-token Jaccard, per hidden state below
+                "median": {"5": [float]}, "std": {"5": [float]},
+                "hidden_states": [int], "n_tokens": int, "seed": int, "search": "exact" | "hnsw",
+                "recall": {"5": [[float, float]]}},  # A's and B's recall@k against exact, with hnsw
+        "probe": {"<hidden state>": {                # fitted on A (source), applied to B (target)
+                    "source": {"train": {"accuracy": float, "macro_f1": float, "n": int}, "dev": {...}, "test": {...}},
+                    "target": {...}, "chance": float, # majority-class share of the test split
+                    "reverse": {"source": {...}, "target": {...}}}}  # fitted on B, with both directions
       },
       "plan": {"passes": int, "tiles": {...}, "workers": int, "block_tokens": int, "memory_budget": int,
                "estimated_peak": int},
@@ -43,7 +51,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,7 +65,10 @@ from hrsa.store.ids import parse_id, slugify
 if TYPE_CHECKING:
     from rich.table import Table
 
+    from hrsa.analyze.knn import KnnPairResult
+    from hrsa.analyze.metrics.linear_probe import ProbeResult
     from hrsa.analyze.pair import PairResults
+    from hrsa.analyze.probe import ProbePairResult
     from hrsa.store import ActivationStore
 
 __all__ = [
@@ -138,6 +149,31 @@ def _metrics(r: PairResults) -> dict[str, Any]:
         out["procrustes"] = {k: [getattr(x, k) for x in p] for k in ("h_inv", "residual", "similarity", "underdetermined")}
         if p and p[0].rotation is not None:
             out["procrustes"]["rotations"] = [_rotation_name(k) for k in r.matched]
+    if r.knn is not None:
+        out["knn"] = _knn(r.knn)
+    if r.probe is not None:
+        out["probe"] = _probe(r.probe)
+    return out
+
+
+def _knn(knn: KnnPairResult) -> dict[str, Any]:
+    per_k = {stat: {str(k): [getattr(v, stat) for v in values] for k, values in knn.overlap.items()} for stat in ("mean", "median", "std")}
+    out: dict[str, Any] = {"k": per_k["mean"], "median": per_k["median"], "std": per_k["std"],
+                           "hidden_states": list(knn.hidden_states), "n_tokens": knn.n_tokens, "seed": knn.seed, "search": knn.search}
+    if knn.recall:
+        out["recall"] = {str(k): [list(pair) for pair in values] for k, values in knn.recall.items()}
+    return out
+
+
+def _probe(probe: ProbePairResult) -> dict[str, Any]:
+    def scores(res: ProbeResult) -> dict[str, Any]:
+        return {side: {split: asdict(getattr(getattr(res, side), split)) for split in ("train", "dev", "test")} for side in ("source", "target")}
+
+    out: dict[str, Any] = {}
+    for k, res in probe.a_to_b.items():
+        out[str(k)] = {**scores(res), "chance": res.chance}
+        if k in probe.b_to_a:
+            out[str(k)]["reverse"] = scores(probe.b_to_a[k])
     return out
 
 
@@ -200,6 +236,9 @@ def _arrays(results: PairResults, doc: Mapping[str, Any]) -> dict[str, np.ndarra
     """Every list and matrix of the document's metrics, as float64 (bool/int kept), plus rotations."""
     out: dict[str, np.ndarray] = {}
     for metric, values in doc["metrics"].items():
+        if metric == "knn":  # {"k": {"5": [...]}} -> knn/k/5, knn/median/5, ...
+            values = {**{key: v for key, v in values.items() if not isinstance(v, dict)},
+                      **{f"{key}/{k}": v for key, by_k in values.items() if isinstance(by_k, dict) for k, v in by_k.items()}}
         for key, value in values.items():
             if isinstance(value, list) and value and not isinstance(value[0], str):
                 out[f"{metric}/{key}"] = np.array([np.nan if v is None else v for v in _flat_none(value)]).reshape(np.shape(value))
@@ -260,6 +299,11 @@ def summary_table(results: PairResults) -> Table:
     if results.procrustes is not None:
         columns["H_inv"] = [f"{p.h_inv:.4f}" for p in results.procrustes]
         columns["residual"] = [f"{p.residual:.4f}" for p in results.procrustes]
+    if results.knn is not None and results.knn.hidden_states == results.matched:
+        columns.update({f"kNN@{k}": [f"{v.mean:.4f}" for v in values] for k, values in results.knn.overlap.items()})
+    if results.probe is not None and tuple(results.probe.a_to_b) == results.matched:
+        columns["probe test acc A / A->B"] = [f"{r.source.test.accuracy:.3f} / {r.target.test.accuracy:.3f}"
+                                            for r in results.probe.a_to_b.values()]
     table = Table("hidden state", *columns, title=f"{results.a} vs {results.b} on {results.n_tokens} tokens", title_justify="left")
     for i, k in enumerate(results.matched):
         table.add_row(str(k), *(values[i] for values in columns.values()))

@@ -1,8 +1,10 @@
-"""HRSA metrics as pure functions of streaming statistics (numpy only; no Dask, Zarr or Ray).
+"""HRSA metrics as pure functions of streaming statistics (numpy only; no Dask, Zarr, Ray or FAISS).
 
 Each metric module offers ``<metric>_from_moments(m, ...)`` (the core, used by the streaming layer) and a
 thin in-memory ``<metric>(x, y, ...)`` that builds ``hrsa.analyze.moments.Moments`` and calls it. A new
-metric is one file here plus its names in ``__all__``.
+metric is one file here plus its names in ``__all__``. The local metrics differ in their statistics:
+k-NN overlap works from neighbour indices (``knn_overlap_from_neighbors``) and the probe from pooled
+per-document features (``linear_probe``; scikit-learn, imported when called).
 """
 
 from __future__ import annotations
@@ -14,7 +16,15 @@ from hrsa.analyze.metrics.dimwise_correlation import (
     dimwise_correlation_from_moments,
     dimwise_correlation_from_summaries,
 )
+from hrsa.analyze.metrics.knn_overlap import (
+    KnnOverlapResult,
+    cosine_neighbors,
+    jaccard_rows,
+    knn_overlap,
+    knn_overlap_from_neighbors,
+)
 from hrsa.analyze.metrics.linear_cka import CkaResult, linear_cka, linear_cka_from_moments, linear_cka_from_summaries
+from hrsa.analyze.metrics.linear_probe import ProbeResult, ProbeScores, SplitScores, linear_probe, stratified_split
 from hrsa.analyze.metrics.procrustes import (
     ProcrustesResult,
     inverse_row_entropy,
@@ -27,17 +37,27 @@ from hrsa.analyze.metrics.procrustes import (
 __all__ = [
     "CkaResult",
     "DimwiseCorrelationResult",
+    "KnnOverlapResult",
+    "ProbeResult",
+    "ProbeScores",
     "ProcrustesResult",
+    "SplitScores",
     "UnderdeterminedWarning",
     "dimwise_correlation",
     "dimwise_correlation_from_moments",
     "dimwise_correlation_from_summaries",
+    "cosine_neighbors",
     "inverse_row_entropy",
+    "jaccard_rows",
+    "knn_overlap",
+    "knn_overlap_from_neighbors",
     "linear_cka",
     "linear_cka_from_moments",
     "linear_cka_from_summaries",
+    "linear_probe",
     "procrustes",
     "procrustes_from_moments",
     "procrustes_similarity",
     "procrustes_similarity_from_moments",
+    "stratified_split",
 ]

@@ -7,6 +7,7 @@ one pair store) share :class:`Oracle` here, which uses numpy/scipy formulas only
 from __future__ import annotations
 
 from collections.abc import Callable
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,3 +211,38 @@ def store_model() -> Callable[..., dict[int, np.ndarray]]:
 def build_store() -> Callable[..., PairStore]:
     """``build_pair_store`` as a fixture, for module-scoped stores of a test file's own."""
     return build_pair_store
+
+
+# --- a labelled corpus, for the probe tests ----------------------------------------------------------------
+
+PROBE_D = 16
+
+
+def _write_probe_model(store: ActivationStore, mid: str, cid: str, x: np.ndarray) -> None:
+    store.create_model(mid, corpus=cid, n_hidden_states=2, hidden_size=PROBE_D, dtype="float32", chunk_tokens=64, shard_tokens=256)
+    writer = store.writer(mid)
+    for unit in writer.units():
+        writer.write_unit(unit, {k: x[unit.start : unit.stop] * (k + 1) for k in (0, 1)})
+
+
+@pytest.fixture(scope="session")
+def labelled_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[ActivationStore, np.ndarray, list[str]]:
+    """400 documents labelled ham/spam in a jsonl source; a = signal + noise, b = a rotated, c = a copy."""
+    root = tmp_path_factory.mktemp("probe")
+    rng = np.random.default_rng(5)
+    lengths = tuple(int(n) for n in rng.integers(2, 12, size=400))
+    labels = [str(v) for v in rng.choice(["ham", "spam"], size=400)]
+    source = root / "mail.jsonl"
+    source.write_text("".join(json.dumps({"id": f"rec-{i}", "label": v, "text": "t"}) + "\n" for i, v in enumerate(labels)))
+    table = make_table(lengths)
+    store = ActivationStore.open(str(root / "store"), mode="a")
+    cid = store.write_corpus(table, tokenizer={"name": "tok", "fingerprint": "fp"}, source=str(source),
+                             extra={"corpus_spec": {"source": str(source), "text": "text", "id_field": None}})
+    sign = np.repeat(np.where(np.array(labels) == "spam", 1.0, -1.0), lengths)  # (N,)
+    x = rng.normal(size=(table.n_tokens, PROBE_D))
+    x[:, :2] += 0.8 * sign[:, None]
+    x[table.doc_offsets[:-1]] = 50.0 * rng.normal(size=(400, PROBE_D))  # BOS rows: loud noise, as attention sinks
+    q, _ = np.linalg.qr(rng.normal(size=(PROBE_D, PROBE_D)))
+    for mid, values in (("a", x), ("b", x @ q), ("c", x.copy())):
+        _write_probe_model(store, mid, cid, values.astype(np.float32))
+    return store, x, labels

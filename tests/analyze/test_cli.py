@@ -80,7 +80,7 @@ def test_a_yaml_config_is_overridden_by_flags(cli_store, tmp_path: Path) -> None
         (["--pair", "a", "other"], "same corpus"),
         (["--pair", "a", "b", "--memory-budget", "lots"], "memory budget such as 4GB"),
         (["--pair", "a", "b", "--memory-budget", "1kB"], "Raise --memory-budget"),
-        (["--pair", "a", "b", "--metrics", "cka,knn"], "metrics"),
+        (["--pair", "a", "b", "--metrics", "cka,rsa"], "metrics"),
         (["--pair", "a", "b", "--positions", "9:3"], "positions"),
         (["--pair", "a", "b", "--docs", "0,99"], "document indices"),
         (["--pair", "a", "b", "--run-id", "../up"], "run id"),
@@ -103,7 +103,7 @@ def test_a_missing_store_is_one_line_and_exit_2(tmp_path: Path) -> None:
 
 
 def test_every_settings_problem_is_reported_at_once(cli_store) -> None:
-    code, _, stderr = run("--store", cli_store.url, "--pair", "a", "b", "--positions", "9:3", "--metrics", "cka,knn",
+    code, _, stderr = run("--store", cli_store.url, "--pair", "a", "b", "--positions", "9:3", "--metrics", "cka,rsa",
                           "--memory-budget", "lots")
     assert code == 2 and stderr.count("\n") == 1
     assert "3 problem(s)" in stderr and "positions" in stderr and "metrics" in stderr and "memory budget" in stderr

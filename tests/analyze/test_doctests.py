@@ -15,6 +15,9 @@ MODULES = [
     "hrsa.analyze.metrics.linear_cka",
     "hrsa.analyze.metrics.dimwise_correlation",
     "hrsa.analyze.metrics.procrustes",
+    "hrsa.analyze.metrics.knn_overlap",
+    "hrsa.analyze.metrics.linear_probe",
+    "hrsa.analyze.knn",
 ]
 
 

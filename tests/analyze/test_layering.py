@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-MODULES = ["hrsa.analyze", "hrsa.analyze.moments", "hrsa.analyze.cross_moments", "hrsa.analyze.metrics"]
+MODULES = ["hrsa.analyze", "hrsa.analyze.moments", "hrsa.analyze.cross_moments", "hrsa.analyze.metrics",
+           "hrsa.analyze.metrics.knn_overlap", "hrsa.analyze.metrics.linear_probe"]
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -15,7 +16,7 @@ def test_math_layer_imports_no_heavy_dependencies(name: str) -> None:
     # A fresh interpreter: this test session may already have imported any of them.
     code = (
         f"import sys; import {name}; "
-        "bad = sorted(m for m in ('dask', 'zarr', 'ray', 'torch') if m in sys.modules); "
+        "bad = sorted(m for m in ('dask', 'zarr', 'ray', 'torch', 'faiss') if m in sys.modules); "
         "assert not bad, f'{bad} imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -73,8 +73,8 @@ def test_unknown_model_and_metric(store_with_extras) -> None:
     store, _ = store_with_extras
     with pytest.raises(ModelNotFoundError, match="nope"):
         analyze_pair(store, "a", "nope", backend="numpy")
-    with pytest.raises(UserError, match="metrics among dimcorr, cka, procrustes. Got knn"):
-        analyze_pair(store, "a", "b", metrics=("cka", "knn"), backend="numpy")
+    with pytest.raises(UserError, match="metrics among dimcorr, cka, procrustes, knn, probe. Got rsa"):
+        analyze_pair(store, "a", "b", metrics=("cka", "rsa"), backend="numpy")
 
 
 def test_selections_that_leave_too_little(store_with_extras) -> None:

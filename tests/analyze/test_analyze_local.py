@@ -1,0 +1,79 @@
+"""k-NN overlap and probes through ``analyze_pair`` and ``hrsa analyze``: results.json, store arrays, figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from hrsa.analyze.knn import KnnOptions
+from hrsa.analyze.pair import TokenSelection, analyze_pair
+from hrsa.analyze.probe import ProbeOptions
+from hrsa.analyze.results import save_results
+from hrsa.cli import cli
+from hrsa.store.errors import UserError
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli, ["analyze", *args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_analyze_pair_local_metrics_only(labelled_store, tmp_path: Path) -> None:
+    store, _, _ = labelled_store
+    res = analyze_pair(store, "a", "c", metrics=("knn", "probe"), selection=TokenSelection(exclude_special=True),
+                       knn_options=KnnOptions(ks=(5, 10), n_sample=500), probe_options=ProbeOptions(label_field="label"),
+                       backend="numpy")
+    assert res.cka is None and res.plan.passes == 0  # no streaming pass without streaming metrics
+    assert res.knn is not None and res.knn.n_tokens == 500
+    assert all(v.mean == 1.0 for values in res.knn.overlap.values() for v in values)  # c is a copy of a
+    assert res.probe is not None and all(r.source == r.target for r in res.probe.a_to_b.values())
+    saved = save_results(res, tmp_path, run_id="local-metrics", store=store)
+    stored = store.group("results")["local-metrics"]
+    assert stored["knn/k/5"][:].tolist() == [1.0, 1.0] and stored["knn/hidden_states"][:].tolist() == [0, 1]
+    doc = json.loads(saved.json_path.read_text())
+    assert doc["metrics"]["knn"]["k"] == {"5": [1.0, 1.0], "10": [1.0, 1.0]} and doc["metrics"]["knn"]["n_tokens"] == 500
+    test = doc["metrics"]["probe"]["1"]["target"]["test"]
+    assert set(test) == {"accuracy", "macro_f1", "n"} and test["accuracy"] > 0.85
+    assert {p.name for p in saved.figures} == {"knn_overlap.png", "probe.png"}
+
+
+def test_analyze_pair_probe_needs_labels(labelled_store) -> None:
+    store, _, _ = labelled_store
+    with pytest.raises(UserError, match="label field"):
+        analyze_pair(store, "a", "b", metrics=("probe",), backend="numpy")
+
+
+def test_cli_knn_and_probe_with_streaming_metrics(labelled_store, tmp_path: Path) -> None:
+    store, _, _ = labelled_store
+    out = tmp_path / "out"
+    code, stdout, stderr = run("--store", store.url, "--pair", "a", "b", "--metrics", "cka,knn,probe", "--k", "5,10",
+                               "--knn-sample", "300", "--knn-search", "hnsw", "--label-field", "label", "--pool", "last",
+                               "--probe-both-directions", "--exclude-special", "--backend", "numpy", "--out", str(out),
+                               "--no-store-results")
+    assert code == 0, stderr
+    assert "kNN@5" in stdout and "probe test acc" in stdout
+    doc = json.loads((out / "results.json").read_text())
+    knn, probe = doc["metrics"]["knn"], doc["metrics"]["probe"]
+    assert knn["search"] == "hnsw" and len(knn["recall"]["5"]) == 2 and knn["n_tokens"] == 300
+    assert all(v > 0.9 for v in knn["k"]["10"])  # b is a rotation of a: 1 with exact search, nearly so with HNSW
+    assert all(0.9 <= r <= 1.0 for pair in knn["recall"]["10"] for r in pair)
+    assert set(probe) == {"0", "1"} and "reverse" in probe["0"]
+    assert doc["settings"]["probe"]["pool"] == "last" and doc["config"]["k"] == [5, 10]
+    assert (out / "knn_overlap.png").exists() and (out / "probe.png").exists()
+
+
+def test_cli_probe_without_label_field_is_one_line(labelled_store, tmp_path: Path) -> None:
+    store, _, _ = labelled_store
+    code, _, stderr = run("--store", store.url, "--pair", "a", "b", "--metrics", "probe", "--out", str(tmp_path / "o"))
+    assert code == 2 and stderr.count("\n") == 1 and "--label-field" in stderr
+
+
+def test_help_documents_the_local_flags() -> None:
+    code, out, _ = run("--help")
+    assert code == 0
+    for flag in ("--k", "--knn-sample", "--knn-search", "--seed", "--hidden-states", "--label-field", "--labels", "--pool",
+                 "--probe-both-directions"):
+        assert flag in out

@@ -1,0 +1,78 @@
+"""Blocked FAISS search: equal to brute force for any blocking; approximate recall; k-NN overlap from a store."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.neighbors import NearestNeighbors
+
+from hrsa.analyze.knn import approximate_neighbors, exact_neighbors, knn_pair, neighbor_recall, sample_tokens
+from hrsa.analyze.metrics.knn_overlap import cosine_neighbors, knn_overlap
+from hrsa.analyze.pair import TokenSelection
+from hrsa.store.errors import UserError
+
+
+@pytest.mark.parametrize("k", [5, 10, 50])
+def test_exact_equals_sklearn(rng: np.random.Generator, k: int) -> None:
+    x = rng.normal(size=(600, 32)).astype(np.float32)
+    _, expected = NearestNeighbors(n_neighbors=k, metric="cosine", algorithm="brute").fit(x).kneighbors()
+    np.testing.assert_array_equal(exact_neighbors(x, k), expected)
+
+
+@pytest.mark.parametrize(("query_block", "db_block"), [(64, 100), (1, 7), (333, 1000), (1000, 53)])
+def test_blocked_equals_unblocked(rng: np.random.Generator, query_block: int, db_block: int) -> None:
+    x = rng.normal(size=(700, 16))
+    whole = exact_neighbors(x, 10, query_block=10_000, db_block=10_000)
+    np.testing.assert_array_equal(exact_neighbors(x, 10, query_block=query_block, db_block=db_block), whole)
+    np.testing.assert_array_equal(whole, cosine_neighbors(x, 10))
+
+
+def test_ties_break_by_index() -> None:
+    # Duplicated rows tie exactly (score 1 with each other): the smaller index comes first, for any blocking.
+    x = np.repeat(np.eye(4), 5, axis=0) + 0.0  # (20, 4): 5 copies of each direction
+    expected = cosine_neighbors(x, 4)
+    for qb, db in [(3, 2), (20, 20), (1, 1)]:
+        np.testing.assert_array_equal(exact_neighbors(x, 4, query_block=qb, db_block=db), expected)
+    assert expected[0].tolist() == [1, 2, 3, 4] and expected[7].tolist() == [5, 6, 8, 9]
+
+
+def test_approximate_recall(rng: np.random.Generator) -> None:
+    x = rng.normal(size=(2000, 16))
+    exact = exact_neighbors(x, 10)
+    recall = neighbor_recall(approximate_neighbors(x, 10), exact)
+    assert 0.9 <= recall <= 1.0
+    assert neighbor_recall(exact, exact) == 1.0
+
+
+def test_sample_tokens_seeded() -> None:
+    first = sample_tokens(slice(0, 1000), 100, seed=3)
+    assert first.size == 100 and np.all(np.diff(first) > 0)
+    np.testing.assert_array_equal(first, sample_tokens(slice(0, 1000), 100, seed=3))
+    np.testing.assert_array_equal(sample_tokens(np.array([5, 2, 9]), 50), [2, 5, 9])  # fewer than asked: all
+
+
+def test_knn_pair_matches_in_memory(pair_store) -> None:
+    store = pair_store.open()
+    sel = TokenSelection(exclude_special=True)
+    res = knn_pair(store, "a", "b", ks=(5, 10), n_sample=300, seed=1, selection=sel, db_block=128, query_block=50)
+    kept = np.flatnonzero(~pair_store.is_special)
+    ids = np.sort(np.random.default_rng(1).choice(kept, size=300, replace=False))
+    assert res.n_tokens == 300 and res.hidden_states == (0, 1, 2, 3)
+    for i, layer in enumerate(res.hidden_states):
+        for k in (5, 10):
+            expected = knn_overlap(pair_store.x[layer][ids], pair_store.y[layer][ids], k=k)
+            # The store's activations carry offsets of 1e3-1e4, so all cosines are near 1 and FAISS's float32
+            # scores reorder a few near-ties of the float64 oracle: equal up to those.
+            assert res.overlap[k][i].mean == pytest.approx(expected.mean, abs=0.01)
+            assert 0.0 < res.overlap[k][i].mean < 1.0
+
+
+def test_knn_pair_approximate_reports_recall(pair_store) -> None:
+    res = knn_pair(pair_store.open(), "a", "b", ks=(5,), n_sample=None, search="hnsw", hidden_states=[1])
+    assert res.n_tokens == 1000 and res.search == "hnsw"
+    assert all(0.8 <= r <= 1.0 for pair in res.recall[5] for r in pair)
+
+
+def test_knn_pair_k_too_large(pair_store) -> None:
+    with pytest.raises(UserError, match="k < 20"):
+        knn_pair(pair_store.open(), "a", "b", ks=(50,), n_sample=20)

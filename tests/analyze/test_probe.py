@@ -1,0 +1,81 @@
+"""Probes on a store: pooled features, labels joined by record id, transfer; and a real model on real spam."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hrsa.analyze.pair import TokenSelection
+from hrsa.analyze.probe import document_features, probe_pair, read_labels
+from hrsa.store import ActivationStore
+from hrsa.store.errors import UserError
+
+
+def test_read_labels_from_corpus_source(labelled_store) -> None:
+    store, _, labels = labelled_store
+    assert read_labels(store, store.model_info("a").corpus, label_field="label").tolist() == labels
+    with pytest.raises(UserError, match="label field 'nope'"):
+        read_labels(store, store.model_info("a").corpus, label_field="nope")
+
+
+def test_document_features_mean_and_last(labelled_store) -> None:
+    store, x, _ = labelled_store
+    offsets = store.documents(store.model_info("a").corpus)[["start", "stop"]].to_numpy()
+    docs, mean = document_features(store, "a", 1, pool="mean", selection=TokenSelection(exclude_special=True))
+    assert docs.tolist() == list(range(400))
+    expected = np.array([x[s + 1 : e].mean(0) * 2 for s, e in offsets])  # hidden state 1 stores 2 x
+    np.testing.assert_allclose(mean, expected, rtol=1e-5, atol=1e-5)
+    _, last = document_features(store, "a", 0, pool="last")
+    np.testing.assert_allclose(last, x[offsets[:, 1] - 1], rtol=1e-6)
+    with pytest.raises(UserError, match="--pool"):
+        document_features(store, "a", 0, pool="max")  # type: ignore[arg-type]
+
+
+def test_probe_pair_self_and_rotated(labelled_store) -> None:
+    store, _, _ = labelled_store
+    sel = TokenSelection(exclude_special=True)
+    same = probe_pair(store, "a", "c", label_field="label", selection=sel)
+    assert same.n_docs == 400 and same.classes == ("ham", "spam") and same.hidden_states == (0, 1)
+    for res in same.a_to_b.values():
+        assert res.source == res.target and res.source.test.accuracy > 0.85
+    rotated = probe_pair(store, "a", "b", label_field="label", selection=sel, both_directions=True)
+    for k in (0, 1):
+        fwd, back = rotated.a_to_b[k], rotated.b_to_a[k]
+        assert back.source.test.accuracy > 0.85  # the rotated copy decodes the label as well on its own
+        assert fwd.target.test.accuracy < fwd.source.test.accuracy - 0.15
+
+
+def test_probe_pair_labels_file(labelled_store, tmp_path: Path) -> None:
+    store, _, labels = labelled_store
+    flipped = tmp_path / "other.jsonl"
+    flipped.write_text("".join(json.dumps({"id": f"rec-{i}", "y": "x" if v == "ham" else "z"}) + "\n" for i, v in enumerate(labels)))
+    res = probe_pair(store, "a", "c", label_field="y", labels_file=str(flipped), hidden_states=[1])
+    assert res.classes == ("x", "z") and tuple(res.a_to_b) == (1,)
+
+
+@pytest.mark.real_model
+@pytest.mark.data
+@pytest.mark.integration
+def test_real_model_on_spam_far_above_chance(ray_local, shared_data: Path, tmp_path: Path) -> None:
+    from hrsa.extract.job import ExtractConfig, run_extraction
+
+    corpus = shared_data / "spam-assassin" / "spam-assassin.jsonl"
+    # The file is sorted by group (ham first): take an evenly spread subset so that both classes appear.
+    lines = corpus.read_text().splitlines()
+    subset = tmp_path / "spam.jsonl"
+    subset.write_text("\n".join(lines[:: max(1, len(lines) // 240)][:240]) + "\n")
+    store_url = str(tmp_path / "store")
+    run_extraction(ExtractConfig(store=store_url, model="packaged:all-minilm-l6-v2", corpus=str(subset), text="text",
+                                 max_tokens=64, workers=1))
+    store = ActivationStore.open(store_url)
+    (mid,) = store.models()
+    res = probe_pair(store, mid, mid, label_field="label")  # every hidden state, 0 (embeddings) to 6
+    accuracy = np.array([p.source.test.accuracy for p in res.a_to_b.values()])
+    chance = next(iter(res.a_to_b.values())).chance  # ~0.71: the majority class (ham) of the test split
+    assert set(res.classes) == {"ham", "spam"} and res.n_docs == 240
+    # 24 test documents: one document is 0.04 of accuracy, so the bounds leave room for a few.
+    assert accuracy.min() > chance + 0.1 and accuracy.mean() > max(chance + 0.15, 0.85), accuracy
+    assert all(p.target == p.source for p in res.a_to_b.values())
