@@ -44,9 +44,9 @@ def extract(layers: str | None, **options: Any) -> None:
     """Extract every hidden state of a model over a corpus into the store, on Ray (resumable)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from hrsa.extract.job import run_extraction
+    from hrsa.extract.job import parse_extract_config, run_extraction
 
-    config = ExtractConfig(layers=_layers(layers), **options)
+    config = parse_extract_config({"layers": _layers(layers), **options})  # every problem at once, one line
     with Progress(TextColumn("extracting"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"), TimeElapsedColumn()) as bar:
         task = bar.add_task("extract", total=None)
 

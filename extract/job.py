@@ -8,15 +8,20 @@ same extraction resumes: only units not done are computed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from hrsa.store.errors import CorpusMismatchError, UserError
+from hrsa.store.ids import parse_id
 
-__all__ = ["ExtractConfig", "ExtractResult", "run_extraction"]
+__all__ = ["ExtractConfig", "ExtractConfigError", "ExtractResult", "parse_extract_config", "run_extraction"]
+
+
+class ExtractConfigError(UserError, ValueError):
+    """Extraction settings that do not validate; the message lists every problem at once."""
 
 
 class ExtractConfig(BaseModel):
@@ -44,6 +49,42 @@ class ExtractConfig(BaseModel):
     shard_tokens: int | None = Field(None, ge=1, description="Tokens per work unit (default: ~32 MiB shards).")
     address: str | None = Field(None, description="Ray address (default RAY_ADDRESS, else an embedded local Ray).")
 
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str | None) -> str | None:
+        # InvalidIdError is a ValueError: pydantic reports it with the other problems
+        return parse_id(value, kind="model id (--name)") if value is not None else None
+
+    @field_validator("layers")
+    @classmethod
+    def _check_layers(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or min(value) < 0 or len(set(value)) != len(value)):
+            raise ValueError(f"expected distinct hidden-state indices >= 0 such as 0,12,24-28, got {value}")
+        return value
+
+    @field_validator("template")
+    @classmethod
+    def _text_or_template(cls, value: str | None, info: ValidationInfo) -> str | None:
+        text = info.data.get("text")  # validated before: fields are checked in order, errors gathered
+        if value is not None and text is not None:
+            raise ValueError(f"expected --text or --template, not both; got text={text!r} and template={value!r}")
+        return value
+
+
+def parse_extract_config(values: Mapping[str, Any]) -> ExtractConfig:
+    """Validate extraction settings (from flags or a YAML mapping) at the boundary.
+
+    Raises:
+        ExtractConfigError: every problem at once, in one line.
+    """
+    try:
+        return ExtractConfig.model_validate(dict(values))
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors())
+        raise ExtractConfigError(
+            f"Expected valid extract settings. Got {error.error_count()} problem(s) instead: {problems}."
+        ) from None
+
 
 @dataclass(frozen=True)
 class ExtractResult:
@@ -56,7 +97,7 @@ class ExtractResult:
 
 
 def _model_id(config: ExtractConfig) -> str:
-    from hrsa.store.ids import parse_id, slugify
+    from hrsa.store.ids import slugify
 
     if config.name:
         return parse_id(config.name, kind="model id (--name)")
@@ -102,7 +143,16 @@ def _placement(conn: Any, workers: int | None) -> tuple[int, float, float, int]:
 
 
 def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], None] | None = None) -> ExtractResult:
-    """Run (or resume) one extraction. ``on_progress(tokens_done, tokens_total)`` drives a progress bar."""
+    """Run (or resume) one extraction.
+
+    Args:
+        config: the settings (see :func:`parse_extract_config` to validate a mapping with one-line errors).
+        on_progress: called as ``on_progress(tokens, tokens_total)`` with the tokens already done when
+            work starts, then with each finished unit's tokens: increments for a progress bar.
+
+    Raises:
+        UserError: a model, corpus or setting that cannot work (one line that names the fix).
+    """
     import ray
 
     from hrsa.cluster.connection import connect
@@ -130,21 +180,26 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
     Worker = remote_worker_class(num_gpus=gpus, num_cpus=cpus)
     workers = [Worker.remote(spec.to_dict(), config.store, None, token_budget=config.token_budget, cpu_threads=threads or None)
                for _ in range(n)]
-    # Step 3: the coordinator allocates the arrays from what a loaded worker reports.
-    facts = ray.get(workers[0].describe.remote())
-    store.create_model(mid, corpus=cid, n_hidden_states=facts["n_hidden_states"], hidden_size=facts["hidden_size"],
-                       dtype=facts["dtype"], attention=facts["attention"], hidden_states=config.layers,
-                       source=facts["source"], shard_tokens=config.shard_tokens, exist_ok=True,
-                       extraction={"token_budget": config.token_budget, "attn_implementation": facts["attn_implementation"],
-                                   "max_tokens": config.max_tokens, "max_docs": config.max_docs})
-    ray.get([w.bind.remote(mid) for w in workers])
-    # Step 4: pending units, two in flight per worker.
-    pending = [u.index for u in store.writer(mid).pending_units()]
-    done_tokens = n_tokens - sum(store.writer(mid).units()[i].n_tokens for i in pending)
-    results = _dispatch(workers, pending, lambda r: on_progress and on_progress(r["tokens"], n_tokens),
-                        start=lambda: on_progress and on_progress(done_tokens, n_tokens))
-    for w in workers:
-        ray.kill(w)
+    try:  # the workers hold CPUs or GPUs: give them back however this ends
+        # Step 3: the coordinator allocates the arrays from what a loaded worker reports.
+        facts = _describe(workers[0])
+        store.create_model(mid, corpus=cid, n_hidden_states=facts["n_hidden_states"], hidden_size=facts["hidden_size"],
+                           dtype=facts["dtype"], attention=facts["attention"], hidden_states=config.layers,
+                           source=facts["source"], shard_tokens=config.shard_tokens, exist_ok=True,
+                           extraction={"token_budget": config.token_budget,
+                                       "attn_implementation": facts["attn_implementation"],
+                                       "max_tokens": config.max_tokens, "max_docs": config.max_docs})
+        ray.get([w.bind.remote(mid) for w in workers])
+        # Step 4: pending units, two in flight per worker.
+        units = store.writer(mid).units()
+        pending = [u.index for u in store.writer(mid).pending_units()]
+        done_tokens = n_tokens - sum(units[i].n_tokens for i in pending)
+        results = _dispatch(workers, mid, pending, lambda r: on_progress and on_progress(r["tokens"], n_tokens),
+                            start=lambda: on_progress and on_progress(done_tokens, n_tokens))
+    finally:
+        for w in workers:
+            ray.kill(w)
+    # Step 5: report.
     info = store.model_info(mid)
     if not info.complete:
         raise UserError(f"Expected every unit done. Got {info.units_done}/{info.n_units}. Re-run the same command to resume.")
@@ -152,7 +207,19 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
                          tuple(sorted({r["node"] for r in results})))
 
 
-def _dispatch(workers: list[Any], pending: list[int], on_result: Callable[[dict[str, Any]], Any],
+def _describe(worker: Any) -> dict[str, Any]:
+    """The loaded model's facts; a user's mistake found while loading it is raised as itself (one line)."""
+    import ray
+
+    try:
+        return ray.get(worker.describe.remote())
+    except ray.exceptions.RayTaskError as error:
+        if isinstance(error.cause, UserError):
+            raise error.cause from None
+        raise
+
+
+def _dispatch(workers: list[Any], mid: str, pending: list[int], on_result: Callable[[dict[str, Any]], Any],
               start: Callable[[], Any]) -> list[dict[str, Any]]:
     """Keep two units in flight per worker (one computing, one writing) until none is left."""
     import ray
@@ -163,7 +230,7 @@ def _dispatch(workers: list[Any], pending: list[int], on_result: Callable[[dict[
     for w in workers:
         for _ in range(2):
             if queue:
-                inflight[w.run_unit.remote(queue.pop())] = w
+                inflight[w.run_unit.remote(mid, queue.pop())] = w
     results = []
     while inflight:
         (ref,), _ = ray.wait(list(inflight), num_returns=1)
@@ -171,5 +238,5 @@ def _dispatch(workers: list[Any], pending: list[int], on_result: Callable[[dict[
         results.append(ray.get(ref))
         on_result(results[-1])
         if queue:
-            inflight[worker.run_unit.remote(queue.pop())] = worker
+            inflight[worker.run_unit.remote(mid, queue.pop())] = worker
     return results

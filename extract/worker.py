@@ -15,10 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hrsa.store.errors import UserError
+
 if TYPE_CHECKING:
     import torch
 
     from hrsa.store import WorkUnit
+    from hrsa.store.units import ModelWriter
 
 __all__ = ["ExtractionWorker", "remote_worker_class"]
 
@@ -44,15 +47,28 @@ class ExtractionWorker:
 
         if cpu_threads:
             torch.set_num_threads(cpu_threads)
-        self._loaded = load_model(ModelSpec.from_dict(dict(spec)), device=device)
-        self._store = ActivationStore.open(store_url, mode="r+", storage_options=storage_options)
         self._token_budget = token_budget
         self._model_lock = threading.Lock()  # a threaded actor overlaps one unit's compute with another's write
-        self._writer = None
+        self._bind_lock = threading.Lock()
+        self._writer: ModelWriter | None = None
         self._corpus: tuple[np.ndarray, np.ndarray] | None = None
+        # A user's mistake found while loading (a causal encoder, weights missing) is kept and raised by
+        # describe(): Ray reports an exception raised in __init__ only as text, losing its type.
+        self._error: UserError | None = None
+        try:
+            self._loaded = load_model(ModelSpec.from_dict(dict(spec)), device=device)
+            self._store = ActivationStore.open(store_url, mode="r+", storage_options=storage_options)
+        except UserError as error:
+            self._error = error
 
     def describe(self) -> dict[str, Any]:
-        """What the coordinator records about the model (verified by loading it)."""
+        """What the coordinator records about the model (verified by loading it).
+
+        Raises:
+            UserError: the model could not be loaded as asked.
+        """
+        if self._error is not None:
+            raise self._error
         m = self._loaded
         return {"n_hidden_states": m.n_hidden_states, "hidden_size": m.hidden_size, "dtype": m.dtype,
                 "attention": m.attention, "source": m.source, "attn_implementation": m.attn_implementation,
@@ -60,23 +76,35 @@ class ExtractionWorker:
                 "device": str(m.device)}
 
     def bind(self, mid: str) -> None:
-        """Write into model ``mid`` (created by the coordinator) from now on."""
-        self._writer = self._store.writer(mid)
-        corpus = self._store.group(f"corpora/{self._writer.info.corpus}")
-        self._corpus = (corpus["token_ids"][:], corpus["doc_offsets"][:])
+        """Write into model ``mid`` (created by the coordinator) from now on; reads its corpus's tokens once."""
+        self._bound(mid)
 
-    def run_unit(self, index: int) -> dict[str, Any]:
-        """Compute and write unit ``index``; returns what happened (for progress and placement checks)."""
-        assert self._writer is not None and self._corpus is not None, "bind() first"
-        unit = self._writer.units()[index]
-        if self._writer.done_mask()[index]:
-            return {"unit": index, "tokens": unit.n_tokens, "written": False, "node": os.uname().nodename}
+    def _bound(self, mid: str) -> ModelWriter:
+        with self._bind_lock:
+            if self._writer is None or self._writer.info.id != mid:
+                writer = self._store.writer(mid)
+                corpus = self._store.group(f"corpora/{writer.info.corpus}")
+                self._corpus = (corpus["token_ids"][:], corpus["doc_offsets"][:])
+                self._writer = writer
+            return self._writer
+
+    def run_unit(self, mid: str, index: int) -> dict[str, Any]:
+        """Compute and write unit ``index`` of model ``mid``; returns what happened (for progress and checks).
+
+        The model id comes with every unit, not only with :meth:`bind`: an actor that Ray restarts runs
+        ``__init__`` again but no ``bind``, and its retried units must still know where to go.
+        """
+        writer = self._bound(mid)
+        unit = writer.units()[index]
+        report = {"unit": index, "tokens": unit.n_tokens, "written": False, "node": os.uname().nodename,
+                  "pid": os.getpid()}
+        if writer.done_mask()[index]:
+            return report
         with self._model_lock:
-            states = self._unit_states(unit)
-        written = self._writer.write_unit(unit, states)
-        return {"unit": index, "tokens": unit.n_tokens, "written": written, "node": os.uname().nodename, "pid": os.getpid()}
+            states = self._unit_states(unit, writer.info.hidden_states)
+        return {**report, "written": writer.write_unit(unit, states)}
 
-    def _unit_states(self, unit: WorkUnit) -> dict[int, torch.Tensor]:
+    def _unit_states(self, unit: WorkUnit, layers: tuple[int, ...]) -> dict[int, torch.Tensor]:
         """(unit.n_tokens, D) per stored hidden state: the overlapping documents, run whole, batched."""
         import torch
 
@@ -88,7 +116,6 @@ class ExtractionWorker:
         last = int(np.searchsorted(offsets, unit.stop, side="left"))
         docs = list(range(first, last))
         texts = [token_ids[offsets[d]:offsets[d + 1]].tolist() for d in docs]
-        layers = self._writer.info.hidden_states  # type: ignore[union-attr]
         # Step 2: batched forward passes; place each document's kept rows where they belong.
         out = {k: torch.empty((unit.n_tokens, self._loaded.hidden_size), dtype=self._loaded.model.dtype) for k in layers}
         for j, states in batched_hidden_states(self._loaded, texts, layers, token_budget=self._token_budget):
@@ -99,13 +126,15 @@ class ExtractionWorker:
         return out
 
 
-def remote_worker_class(*, num_gpus: float, num_cpus: float, max_restarts: int = 3) -> Any:
+def remote_worker_class(*, num_gpus: float, num_cpus: float, max_restarts: int = 3,
+                        worker_class: type[ExtractionWorker] | None = None) -> Any:
     """:class:`ExtractionWorker` as a Ray actor: restarted when it dies, its in-flight units retried.
 
     ``max_concurrency=2`` lets a second unit's compute start while the first one's shards are still
     being compressed and written, so at most two units of activations are in memory per worker.
+    ``worker_class`` swaps in a subclass (the tests inject faults this way) under the same options.
     """
     import ray
 
     return ray.remote(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=max_restarts,
-                      max_concurrency=2)(ExtractionWorker)
+                      max_concurrency=2)(worker_class or ExtractionWorker)

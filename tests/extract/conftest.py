@@ -97,3 +97,14 @@ class TinyModels:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
     return TinyModels(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> object:
+    """The packaged SmolLM2-135M-Instruct, loaded once per session on CPU (20-30 s from its GGUF).
+
+    Tests that use it are marked ``real_model`` and skip when the package is missing (``requires_packaged``).
+    """
+    from hrsa.extract.models import load_model, parse_model_spec
+
+    return load_model(parse_model_spec("packaged:smollm2-135m-instruct"), device="cpu")

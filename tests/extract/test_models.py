@@ -197,11 +197,7 @@ def test_empty_document_is_refused(tiny_models: Any) -> None:
 
 
 # -- the two real packaged models ----------------------------------------------------------------
-@pytest.fixture(scope="module")
-def smollm2() -> LoadedModel:
-    return load_model(parse_model_spec("packaged:smollm2-135m-instruct"), device="cpu")
-
-
+# ``smollm2`` (loaded once per session) comes from conftest.py: the extraction fidelity tests share it.
 @pytest.mark.real_model
 @requires_packaged("smollm2-135m-instruct")
 def test_smollm2_loads_from_its_gguf(smollm2: LoadedModel) -> None:

@@ -1,0 +1,173 @@
+"""``hrsa extract`` and the user's mistakes: one line that names the fix, exit code 2, no traceback,
+and nothing already stored damaged (every file of the store hashes the same before and after).
+
+The store the mistakes are made against is built in process (the tiny Llama's corpus and a complete
+model, written by the worker class without Ray), so only the test that needs a worker starts Ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from hrsa.extract.job import ExtractConfigError, parse_extract_config
+from hrsa.extract.packaged import PackagedModelNotFoundError, packaged_model_path
+from hrsa.store import ActivationStore
+from hrsa.store.errors import UserError
+
+TEXTS = {"a": "the quick brown fox jumps over the lazy dog", "b": "w1 w2 w3", "c": "hidden states of a tiny model " * 3}
+
+
+def requires_packaged(name: str) -> pytest.MarkDecorator:
+    try:
+        packaged_model_path(name)
+    except PackagedModelNotFoundError as error:
+        return pytest.mark.skip(reason=str(error))
+    return pytest.mark.real_model
+
+
+def write_jsonl(path: Path, records: dict[str, str]) -> Path:
+    path.write_text("".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in records.items()))
+    return path
+
+
+def store_digest(path: Path) -> dict[str, str]:
+    """sha256 of every file under a local store: any write at all changes it."""
+    files = (p for p in sorted(path.rglob("*")) if p.is_file())
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("corpus") / "corpus.jsonl", TEXTS)
+
+
+@pytest.fixture(scope="module")
+def finished_store(tiny_models: Any, corpus_file: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """(a store holding the tiny Llama's corpus and a complete model on it, the corpus id).
+
+    Written in process by the extraction worker class itself (plain Python without Ray).
+    """
+    from hrsa.extract.corpus import CorpusSpec, load_records, tokenize_corpus
+    from hrsa.extract.models import parse_model_spec
+    from hrsa.extract.worker import ExtractionWorker
+
+    path = tmp_path_factory.mktemp("finished") / "store"
+    store = ActivationStore.open(str(path), mode="a")
+    worker = ExtractionWorker(parse_model_spec(str(tiny_models.dir("llama"))).to_dict(), str(path), device="cpu")
+    facts, loaded = worker.describe(), worker._loaded
+    spec = CorpusSpec(source=str(corpus_file))
+    table = tokenize_corpus(list(load_records(spec)), spec, loaded.tokenizer, context_length=loaded.context_length)
+    cid = store.write_corpus(table, tokenizer=loaded.tokenizer_info(), source=str(corpus_file), fields=("text",))
+    store.create_model("tiny", corpus=cid, n_hidden_states=facts["n_hidden_states"], hidden_size=facts["hidden_size"],
+                       dtype=facts["dtype"], attention=facts["attention"], shard_tokens=16)
+    for unit in store.writer("tiny").units():
+        assert worker.run_unit("tiny", unit.index)["written"]
+    assert store.model_info("tiny").complete
+    return path, cid
+
+
+@pytest.fixture
+def stored_copy(finished_store: tuple[Path, str], tmp_path: Path) -> Path:
+    """A fresh copy of the finished store to make mistakes against."""
+    return Path(shutil.copytree(finished_store[0], tmp_path / "store"))
+
+
+def run_cli(*args: str) -> Any:
+    from hrsa.cli import cli
+
+    return CliRunner().invoke(cli, ["extract", *args])
+
+
+def assert_one_line_error(result: Any, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hrsa: error: Expected"), result.stderr
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    ("case", "fragments"),
+    [
+        ("missing-model", ("Got nothing there",)),
+        ("missing-corpus", ("Expected a corpus file or folder", "Check the path")),
+        ("empty-document", ("Expected text in every document", "['blank']")),
+        ("too-long", ("at most 128 tokens (the model's context)", "in long", "--max-tokens 128")),
+        ("bad-name", ("--name", "'../escape'")),
+    ],
+)
+def test_mistakes_are_one_line_and_damage_nothing(
+    case: str, fragments: tuple[str, ...], stored_copy: Path, tiny_models: Any, corpus_file: Path, tmp_path: Path
+) -> None:
+    model, corpus, extra = str(tiny_models.dir("llama")), str(corpus_file), []
+    if case == "missing-model":
+        model = str(tmp_path / "no-such-model")
+    elif case == "missing-corpus":
+        corpus = str(tmp_path / "no-such-corpus.jsonl")
+    elif case == "empty-document":
+        corpus = str(write_jsonl(tmp_path / "c.jsonl", {"fine": "the lazy dog", "blank": ""}))
+    elif case == "too-long":  # the tiny models take 128 positions
+        corpus = str(write_jsonl(tmp_path / "c.jsonl", {"fine": "the lazy dog", "long": "the lazy dog " * 60}))
+    elif case == "bad-name":
+        extra = ["--name", "../escape"]
+    before = store_digest(stored_copy)
+    result = run_cli("--store", str(stored_copy), "--model", model, "--corpus", corpus, *extra)
+    assert_one_line_error(result, *fragments)
+    assert store_digest(stored_copy) == before
+
+
+def test_a_new_store_is_not_created_by_a_mistake(tmp_path: Path, corpus_file: Path) -> None:
+    store = tmp_path / "store"
+    result = run_cli("--store", str(store), "--model", str(tmp_path / "nope"), "--corpus", str(corpus_file))
+    assert_one_line_error(result)
+    assert not store.exists()
+
+
+def test_config_errors_are_listed_in_one_line(stored_copy: Path, tiny_models: Any, corpus_file: Path) -> None:
+    before = store_digest(stored_copy)
+    result = run_cli("--store", str(stored_copy), "--model", str(tiny_models.dir("llama")),
+                     "--corpus", str(corpus_file), "--name", "bad name", "--text", "text", "--template", "{text}",
+                     "--layers", "2,2")
+    assert_one_line_error(result, "3 problem(s)", "name:", "template:", "layers:")
+    assert store_digest(stored_copy) == before
+    with pytest.raises(ExtractConfigError) as info:  # the same from Python
+        parse_extract_config({"store": "s", "model": "m", "corpus": "c", "workers": 0, "colour": "red"})
+    assert isinstance(info.value, UserError) and isinstance(info.value, ValueError)
+    assert "2 problem(s)" in str(info.value) and "workers" in str(info.value) and "colour" in str(info.value)
+
+
+@pytest.mark.integration
+def test_causal_encoder_is_refused_in_one_line(
+    stored_copy: Path, tiny_models: Any, corpus_file: Path, ray_local: Any
+) -> None:
+    """Found while a worker loads the model: the worker's UserError reaches the user as itself."""
+    import ray
+
+    before = store_digest(stored_copy)
+    result = run_cli("--store", str(stored_copy), "--model", str(tiny_models.dir("bert")), "--corpus", str(corpus_file),
+                     "--attention", "causal", "--workers", "1")
+    assert_one_line_error(result, "an encoder that attends both ways", "--attention auto")
+    assert store_digest(stored_copy) == before  # same tokenizer files, same text: the corpus was already there
+    deadline = time.monotonic() + 20  # and the refused worker was given back
+    while time.monotonic() < deadline and ray.available_resources().get("CPU", 0) < ray_local.n_cpus:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == ray_local.n_cpus
+
+
+@pytest.mark.real_model
+@requires_packaged("all-minilm-l6-v2")
+def test_tokenizer_that_did_not_make_the_corpus_is_refused(stored_copy: Path, finished_store: tuple[Path, str]) -> None:
+    cid = finished_store[1]
+    before = store_digest(stored_copy)
+    result = run_cli("--store", str(stored_copy), "--model", "packaged:all-minilm-l6-v2", "--corpus", cid)
+    assert_one_line_error(result, f"made corpus {cid}", "Give the corpus file instead")
+    assert store_digest(stored_copy) == before

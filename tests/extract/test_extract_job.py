@@ -1,0 +1,435 @@
+"""Extraction on Ray, end to end on tiny models: every unit written once, data equal to the one-document
+reference, a killed worker, a resumed run, bidirectional attention, a layer subset. (The user's
+mistakes are in test_extract_errors.py.)
+
+Runs share the session's local Ray (2 CPUs) and a few module-scoped extractions: a worker process
+costs ~10 s to start here (importing torch and transformers), so each run is reused by several tests.
+
+Numerics that these tests pin down (measured on these machines, CPU fp32):
+- One document per forward pass (``token_budget=1``) stores exactly the bits of
+  :func:`forward_hidden_states` on that document alone, at the same torch thread count.
+- Batched documents (right-padded, masked) differ from the lone pass by a few ulps: blocked CPU
+  kernels sum in another order for another shape (measured <= 4.8e-7 abs on the tiny models, whose
+  states are <= 3.6 in size, i.e. ~2 ulps). ``BATCH_RTOL`` allows 1e-5 of each hidden state's largest
+  value, 20x the measured error and far below any real difference (bidirectional changes are ~1e-2).
+- The thread count matters too: 1 vs 2 threads change some shapes' results by ~1 ulp. A reference
+  that should match bit for bit runs with the worker's thread count (the node's CPUs / workers).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from hrsa.extract import worker as worker_module
+from hrsa.extract.forward import batched_hidden_states
+from hrsa.extract.job import ExtractConfig, ExtractResult, run_extraction
+from hrsa.extract.models import forward_hidden_states, load_model, parse_model_spec
+from hrsa.store import ActivationStore
+from hrsa.store.errors import LayerOutOfRangeError
+
+BATCH_RTOL = 1e-5  # of each hidden state's largest |value|: see the module docstring
+SHARD_TOKENS = 32  # ~10 units over the corpus below
+PAIR = ("pair-a", "pair-b")  # two documents that differ only in their last token
+TEXTS = {
+    "pair-a": "the quick brown fox jumps over the lazy dog",
+    "pair-b": "the quick brown fox jumps over the lazy fox",
+    "short": "w1 w2 w3",
+    "one-token": "x",
+    "tiny": "hidden states of a tiny model " * 3,
+    "dogs": "the lazy dog " * 12,
+    "foxes": "the quick brown fox " * 10,
+    "mixed": "hidden states of a tiny model the quick brown fox " * 2,
+    "words": "w1 w2 w3 " * 8,
+    "jumps": "jumps over " * 20,
+    "model": "tiny model " * 5,
+    "sentences": "the quick brown fox jumps over the lazy dog " * 4,
+}
+
+pytestmark = pytest.mark.integration  # nearly every test here reads a store that Ray workers wrote
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def write_jsonl(path: Path, records: dict[str, str] | Sequence[dict[str, Any]]) -> Path:
+    rows = [{"id": k, "text": v} for k, v in records.items()] if isinstance(records, dict) else list(records)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the reference with the worker's intra-op thread count (results depend on it by ~1 ulp)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def worker_threads(ray_local: Any, workers: int) -> int:
+    return max(1, int(ray_local.n_cpus // workers))  # as job._placement gives each CPU worker
+
+
+def stored_states(store_url: str, mid: str) -> dict[int, np.ndarray]:
+    """Every stored hidden state of ``mid``, (N, D) each."""
+    store = ActivationStore.open(store_url)
+    return {k: store.hidden_state(mid, k).compute() for k in store.model_info(mid).hidden_states}
+
+
+def documents(store_url: str, cid: str) -> tuple[list[str], list[list[int]], np.ndarray]:
+    """(record ids, token ids of each document, document offsets) of a stored corpus."""
+    store = ActivationStore.open(store_url)
+    table, docs = store.tokens(cid), store.documents(cid)
+    ids = table["token_id"].to_numpy()
+    offsets = np.concatenate([[0], docs["stop"].to_numpy()])
+    return list(docs["record_id"]), [ids[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])], offsets
+
+
+def reference(model_dir: Path, docs: list[list[int]], *, threads: int, attention: str = "auto") -> list[torch.Tensor]:
+    """Each document alone through the model: (L+1, T, D) per document."""
+    loaded = load_model(parse_model_spec(str(model_dir), attention=attention), device="cpu")  # type: ignore[arg-type]
+    with torch_threads(threads):
+        return forward_hidden_states(loaded, docs)
+
+
+def assert_batched_close(got: np.ndarray, want: torch.Tensor, what: str) -> None:
+    """Equal within BATCH_RTOL of the hidden state's largest value (batched kernels sum in another order)."""
+    tol = BATCH_RTOL * float(want.abs().max())
+    err = float(np.abs(got - want.numpy()).max())
+    assert err <= tol, f"{what}: max |stored - reference| = {err:.3g} > {tol:.3g}"
+
+
+def done_mask(store_url: str, mid: str = "tiny") -> np.ndarray:
+    return ActivationStore.open(store_url, mode="r+").writer(mid).done_mask()  # r+ only to get a writer; reads
+
+
+def store_digest(path: Path) -> dict[str, str]:
+    """sha256 of every file under a local store: any write at all changes it."""
+    files = (p for p in sorted(path.rglob("*")) if p.is_file())
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+@dataclass(frozen=True)
+class Run:
+    store: str
+    config: ExtractConfig
+    result: ExtractResult
+    progress: tuple[tuple[int, int], ...]
+    seconds: float
+
+
+def extract(tmp: Path, model_dir: Path, corpus: Path, **options: Any) -> Run:
+    config = ExtractConfig(store=str(tmp / "store"), model=str(model_dir), corpus=str(corpus), name="tiny",
+                           shard_tokens=SHARD_TOKENS, **options)
+    progress: list[tuple[int, int]] = []
+    start = time.perf_counter()
+    result = run_extraction(config, on_progress=lambda n, total: progress.append((n, total)))
+    return Run(config.store, config, result, tuple(progress), time.perf_counter() - start)
+
+
+def faulty_worker(folder: Path, *, crash: bool = False, fail_after_writes: int | None = None) -> type:
+    """An ExtractionWorker that logs each unit it writes to ``folder/writes`` and fails on cue.
+
+    crash: two deaths, each claimed once per run by a marker file: (1) on the third unit of a worker's
+        life, half-write the unit (garbage in one hidden state, no done flag) and ``os._exit(1)``;
+        (2) on the next unit written after that, die once it is written and flagged, before the reply.
+    fail_after_writes: raise (an ordinary task error: Ray does not retry it) once that many units
+        are written, so run_extraction stops part-way.
+
+    Defined in a function so Ray pickles the class by value (the test module is not importable in a
+    worker); it uses nothing from this module's globals but imported modules.
+    """
+    base = worker_module.ExtractionWorker
+    log = str(folder / "writes")
+
+    class FaultyWorker(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._nth = iter(range(1, 1 << 30))  # next() is atomic under the GIL: one number per unit
+
+        @staticmethod
+        def _claim(name: str) -> bool:
+            try:
+                os.close(os.open(os.path.join(str(folder), name), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                return True
+            except FileExistsError:
+                return False
+
+        def _claim_death_1(self, mid: str, index: int) -> bool:
+            return not self._store.writer(mid).done_mask()[index] and self._claim("death-1")
+
+        def run_unit(self, mid: str, index: int) -> dict[str, Any]:
+            nth = next(self._nth)
+            if fail_after_writes is not None and os.path.exists(log):
+                with open(log) as f:
+                    if len(f.readlines()) >= fail_after_writes:
+                        raise RuntimeError(f"injected fault before unit {index}")
+            if crash and nth == 3 and self._claim_death_1(mid, index):
+                writer = self._store.writer(mid)  # not the worker's own binding: a restart must rebuild that
+                unit = writer.units()[index]
+                k = writer.info.hidden_states[0]
+                array = self._store.group(f"models/{mid}")[f"hidden/{k}"]
+                array[unit.start : unit.stop] = np.full((unit.n_tokens, array.shape[1]), 7, dtype=array.dtype)
+                os._exit(1)  # half a unit on disk, no done flag
+            result = super().run_unit(mid, index)
+            if result["written"]:
+                with open(log, "a") as f:
+                    f.write(f"{index} {os.getpid()}\n")
+                if crash and os.path.exists(os.path.join(str(folder), "death-1")) and self._claim("death-2"):
+                    os._exit(1)  # written and flagged, but the reply is lost: the retry must not write again
+            return result
+
+    return FaultyWorker
+
+
+def use_worker_class(monkeypatch: pytest.MonkeyPatch, cls: type) -> None:
+    """Make run_extraction start ``cls`` under the product's own actor options (restarts, retries)."""
+    monkeypatch.setattr(worker_module, "remote_worker_class",
+                        functools.partial(worker_module.remote_worker_class, worker_class=cls))
+
+
+def logged_writes(folder: Path) -> list[tuple[int, int]]:
+    lines = (folder / "writes").read_text().split()
+    return [(int(u), int(p)) for u, p in zip(lines[::2], lines[1::2])]
+
+
+# -- shared runs -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("corpus") / "corpus.jsonl", TEXTS)
+
+
+@pytest.fixture(scope="module")
+def llama_run(ray_local: Any, tiny_models: Any, corpus_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """The uninterrupted run: tiny Llama, 2 CPU workers, default (batching) token budget."""
+    return extract(tmp_path_factory.mktemp("llama"), tiny_models.dir("llama"), corpus_file, workers=2)
+
+
+@pytest.fixture(scope="module")
+def qwen2_run(ray_local: Any, tiny_models: Any, corpus_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """Tiny Qwen2, 2 CPU workers, one document per forward pass."""
+    return extract(tmp_path_factory.mktemp("qwen2"), tiny_models.dir("qwen2"), corpus_file, workers=2, token_budget=1)
+
+
+# -- mechanics -------------------------------------------------------------------------------------
+def check_every_unit_written(run: Run) -> None:
+    info = ActivationStore.open(run.store).model_info("tiny")
+    assert info.complete and info.n_units == run.result.n_units >= 8
+    assert run.result.units_written == info.n_units  # a fresh run writes each unit, once
+    assert done_mask(run.store).all()
+    assert run.progress[0] == (0, info.n_tokens)  # start: nothing done yet
+    assert sum(n for n, _ in run.progress) == info.n_tokens  # then each unit's tokens, once
+
+
+def test_two_workers_write_every_unit(llama_run: Run, qwen2_run: Run) -> None:
+    check_every_unit_written(llama_run)
+    check_every_unit_written(qwen2_run)
+    assert llama_run.result.nodes == (os.uname().nodename,)
+
+
+def test_batched_llama_equals_each_document_alone(llama_run: Run, tiny_models: Any, ray_local: Any) -> None:
+    """Default budget: a unit's documents share forward passes; equal to the lone pass within BATCH_RTOL."""
+    stored = stored_states(llama_run.store, "tiny")
+    _, docs, offsets = documents(llama_run.store, llama_run.result.corpus_id)
+    want = reference(tiny_models.dir("llama"), docs, threads=worker_threads(ray_local, 2))
+    for d, ref in enumerate(want):
+        for k in stored:
+            assert_batched_close(stored[k][offsets[d] : offsets[d + 1]], ref[k], f"doc {d} hidden state {k}")
+
+
+def test_one_document_per_pass_is_bit_exact(qwen2_run: Run, tiny_models: Any, ray_local: Any) -> None:
+    """token_budget=1: every document runs alone, as the reference does; the store keeps every bit."""
+    stored = stored_states(qwen2_run.store, "tiny")
+    _, docs, offsets = documents(qwen2_run.store, qwen2_run.result.corpus_id)
+    want = reference(tiny_models.dir("qwen2"), docs, threads=worker_threads(ray_local, 2))
+    for d, ref in enumerate(want):
+        for k in stored:
+            got = stored[k][offsets[d] : offsets[d + 1]]
+            np.testing.assert_array_equal(got, ref[k].numpy(), err_msg=f"doc {d} state {k}")
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_batched_forward_in_process(tiny_models: Any, kind: str) -> None:
+    """The same claims without Ray, for both models: budget 1 exact, batched within BATCH_RTOL."""
+    loaded = load_model(parse_model_spec(str(tiny_models.dir(kind))), device="cpu")
+    docs = [loaded.tokenizer(text).input_ids for text in TEXTS.values()]
+    want = forward_hidden_states(loaded, docs)
+    layers = list(range(loaded.n_hidden_states))
+    for budget in (1, 8192):
+        got = dict(batched_hidden_states(loaded, docs, layers, token_budget=budget))
+        for d, ref in enumerate(want):
+            for k in layers:
+                if budget == 1:
+                    assert torch.equal(got[d][k], ref[k])
+                else:
+                    assert_batched_close(got[d][k].numpy(), ref[k], f"doc {d} state {k}")
+
+
+def test_model_attributes_record_the_extraction(llama_run: Run, tiny_models: Any) -> None:
+    info = ActivationStore.open(llama_run.store).model_info("tiny")
+    assert (info.n_hidden_states, info.hidden_states, info.hidden_size) == (3, (0, 1, 2), tiny_models.hidden)
+    assert (info.dtype, info.attention, info.corpus) == ("float32", "causal", llama_run.result.corpus_id)
+    assert info.source["kind"] == "local" and info.source["path"] == str(tiny_models.dir("llama").resolve())
+    assert info.source["transformers_version"] and info.source["attention"] == "auto"
+    assert info.extraction == {"token_budget": 8192, "attn_implementation": "sdpa", "max_tokens": None,
+                               "max_docs": None}
+    assert info.layout.shard_tokens == SHARD_TOKENS
+
+
+def test_rerunning_a_complete_extraction_writes_nothing(llama_run: Run) -> None:
+    before = store_digest(Path(llama_run.store))
+    again = run_extraction(llama_run.config)
+    first = llama_run.result
+    assert (again.units_written, again.n_units, again.corpus_id) == (0, first.n_units, first.corpus_id)
+    assert store_digest(Path(llama_run.store)) == before
+
+
+# -- a killed worker -------------------------------------------------------------------------------
+def test_killed_worker_is_restarted_and_no_unit_is_lost_or_written_twice(
+    llama_run: Run, tiny_models: Any, corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_worker_class(monkeypatch, faulty_worker(tmp_path, crash=True))
+    run = extract(tmp_path, tiny_models.dir("llama"), corpus_file, workers=2)
+    # Both deaths happened, and Ray restarted the worker each time (new processes wrote units).
+    assert (tmp_path / "death-1").exists() and (tmp_path / "death-2").exists()
+    writes = logged_writes(tmp_path)
+    assert len({pid for _, pid in writes}) >= 3
+    # Exactly once: every unit written by one writer, one time; the unit whose reply was lost counted
+    # by its retry as not written (so the coordinator's count is short, never over).
+    n = run.result.n_units
+    assert Counter(u for u, _ in writes) == Counter(range(n))
+    assert run.result.units_written < n and done_mask(run.store).all()
+    # The final data is the uninterrupted run's, bit for bit (the half-written unit was redone).
+    want = stored_states(llama_run.store, "tiny")
+    for k, got in stored_states(run.store, "tiny").items():
+        np.testing.assert_array_equal(got, want[k], err_msg=f"hidden state {k}")
+
+
+# -- a resumed run ---------------------------------------------------------------------------------
+def unit_files(store: str, n_units: int) -> dict[int, dict[str, tuple[int, str]]]:
+    """(mtime, sha256) of every shard file of each unit, per unit: the unit's bytes on disk."""
+    root = Path(store) / "models" / "tiny" / "hidden"
+    files: dict[int, dict[str, tuple[int, str]]] = {u: {} for u in range(n_units)}
+    for shard in root.glob("*/c/*/0"):  # hidden/<k>/c/<unit>/0: one shard per unit and hidden state
+        digest = hashlib.sha256(shard.read_bytes()).hexdigest()
+        files[int(shard.parent.name)][str(shard)] = (shard.stat().st_mtime_ns, digest)
+    return files
+
+
+def wait_for_free_cpus(ray_local: Any, timeout: float = 20.0) -> float:
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and ray.available_resources().get("CPU", 0) < ray_local.n_cpus:
+        time.sleep(0.2)
+    return float(ray.available_resources().get("CPU", 0))
+
+
+def test_interrupted_run_resumes_only_the_units_not_done(
+    llama_run: Run, tiny_models: Any, corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ray_local: Any
+) -> None:
+    # Step 1: a run that fails part-way (a task error after 3 units).
+    with monkeypatch.context() as patch:
+        use_worker_class(patch, faulty_worker(tmp_path, fail_after_writes=3))
+        with pytest.raises(RuntimeError, match="injected fault"):
+            extract(tmp_path, tiny_models.dir("llama"), corpus_file, workers=2)
+    assert wait_for_free_cpus(ray_local) == ray_local.n_cpus  # the failed run's workers were given back
+    store = ActivationStore.open(str(tmp_path / "store"), mode="r+")
+    done = store.writer("tiny").done_mask()
+    n = len(done)
+    assert 3 <= done.sum() < n
+    before = unit_files(str(tmp_path / "store"), n)
+    # Step 2: the same extraction again computes and writes only the units not done.
+    run = extract(tmp_path, tiny_models.dir("llama"), corpus_file, workers=2)
+    assert run.result.units_written == n - done.sum()
+    done_tokens = sum(u.n_tokens for u in store.writer("tiny").units() if done[u.index])
+    assert run.progress[0] == (done_tokens, run.result.n_tokens)
+    after = unit_files(run.store, n)
+    assert all(after[u] == before[u] for u in range(n) if done[u])  # done units' files untouched
+    # Step 3: identical to the uninterrupted run, bit for bit.
+    want = stored_states(llama_run.store, "tiny")
+    for k, got in stored_states(run.store, "tiny").items():
+        np.testing.assert_array_equal(got, want[k], err_msg=f"hidden state {k}")
+
+
+# -- bidirectional attention, a layer subset, through the CLI --------------------------------------
+@pytest.fixture(scope="module")
+def bidirectional_run(
+    ray_local: Any, tiny_models: Any, corpus_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> str:
+    from hrsa.cli import cli
+
+    store = str(tmp_path_factory.mktemp("bidirectional") / "store")
+    result = CliRunner().invoke(cli, ["extract", "--store", store, "--model", str(tiny_models.dir("llama")),
+                                      "--corpus", str(corpus_file), "--name", "tiny-bidir",
+                                      "--attention", "bidirectional", "--layers", "0,2", "--workers", "1",
+                                      "--shard-tokens", str(SHARD_TOKENS)])
+    assert result.exit_code == 0, result.output
+    assert "tiny-bidir: " in result.stdout and "units written this run" in result.stdout
+    return store
+
+
+def pair_states(store: str, mid: str, layer: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Hidden state ``layer`` of the two pair documents, and how many leading tokens they share."""
+    s = ActivationStore.open(store)
+    cid = s.model_info(mid).corpus
+    records, docs, _ = documents(store, cid)
+    a, b = (records.index(r) for r in PAIR)
+    shared = next(i for i, (x, y) in enumerate(zip(docs[a], docs[b])) if x != y)
+    assert len(docs[a]) == len(docs[b]) == shared + 1 >= 5  # only the last token differs
+    return s.hidden_state(mid, layer, docs=[a]).compute(), s.hidden_state(mid, layer, docs=[b]).compute(), shared
+
+
+def test_bidirectional_is_really_bidirectional(bidirectional_run: str, llama_run: Run) -> None:
+    """Changing the last token moves earlier tokens' last hidden state under bidirectional attention only.
+
+    Causal: earlier tokens equal within the batching tolerance (the two documents may sit in different
+    batches, so not necessarily bit for bit); bidirectional: they move by far more than that.
+    """
+    bi_a, bi_b, shared = pair_states(bidirectional_run, "tiny-bidir", 2)
+    ca_a, ca_b, _ = pair_states(llama_run.store, "tiny", 2)
+    scale = float(np.abs(ca_a).max())
+    assert np.abs(ca_a[:shared] - ca_b[:shared]).max() <= BATCH_RTOL * scale
+    moved = np.abs(bi_a[:shared] - bi_b[:shared]).max(axis=1)  # (shared,): per earlier token
+    assert (moved > 1e3 * BATCH_RTOL * scale).all()  # every earlier token, token 0 included, sees the change
+    # The embedding output does not depend on attention at all.
+    emb_bi, _, _ = pair_states(bidirectional_run, "tiny-bidir", 0)
+    emb_ca, _, _ = pair_states(llama_run.store, "tiny", 0)
+    np.testing.assert_array_equal(emb_bi, emb_ca)
+
+
+def test_bidirectional_store_equals_the_bidirectional_reference(
+    bidirectional_run: str, tiny_models: Any, ray_local: Any
+) -> None:
+    store = ActivationStore.open(bidirectional_run)
+    _, docs, offsets = documents(bidirectional_run, store.model_info("tiny-bidir").corpus)
+    want = reference(tiny_models.dir("llama"), docs, threads=worker_threads(ray_local, 1), attention="bidirectional")
+    for k, got in stored_states(bidirectional_run, "tiny-bidir").items():
+        for d, ref in enumerate(want):
+            assert_batched_close(got[offsets[d] : offsets[d + 1]], ref[k], f"doc {d} state {k}")
+
+
+def test_layer_subset_and_attributes(bidirectional_run: str, llama_run: Run) -> None:
+    store = ActivationStore.open(bidirectional_run)
+    info = store.model_info("tiny-bidir")
+    assert (info.hidden_states, info.n_hidden_states, info.attention) == ((0, 2), 3, "bidirectional")
+    assert info.source["attention"] == "bidirectional"
+    assert sorted(store.group("models/tiny-bidir/hidden").array_keys()) == ["0", "2"]  # nothing else allocated
+    with pytest.raises(LayerOutOfRangeError, match=r"in \[0, 2\]"):
+        store.hidden_state("tiny-bidir", 1)
+    assert info.corpus == llama_run.result.corpus_id  # same text, same tokenizer: one corpus
