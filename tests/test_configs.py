@@ -1,0 +1,26 @@
+"""Every YAML shipped in configs/ validates against its verb's config, and starts with its launch command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_validates(path: Path) -> None:
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# hrsa "), "a shipped config begins with the command that runs it"
+    verb = first.split()[2]
+    if verb == "analyze":
+        from hrsa.analyze.config import load_config
+
+        load_config(path, {})
+    else:
+        pytest.fail(f"no validator for `hrsa {verb}` configs yet")
+
+
+def test_there_are_configs() -> None:
+    assert CONFIGS
