@@ -58,7 +58,7 @@ def _seed_everything() -> None:
         pass
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data beside the repository (tests using it are marked ``data``)."""
     return SHARED_DATA
