@@ -7,7 +7,8 @@ so it is safe in workers, tests and headless servers.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -77,16 +78,9 @@ def plot_layer_profile(results: PairResults, path: Path) -> Path:
         "mean dimension-wise r": [d.mean for d in results.dimcorr or ()],
         "Procrustes H_inv": [p.h_inv for p in results.procrustes or ()],
     }
-    for name, values in series.items():
-        if values:
-            ax.plot(k, values, marker="o", markersize=3, label=name)
-    ax.set_xlabel("hidden state (0 = embedding output)")
-    ax.set_ylabel("similarity")
-    ax.set_title(f"{results.a} vs {results.b}, matched hidden states ({results.n_tokens} tokens)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.savefig(path, dpi=120)
-    return path
+    lines = {name: (k, values) for name, values in series.items() if values}
+    title = f"{results.a} vs {results.b}, matched hidden states ({results.n_tokens} tokens)"
+    return _save_lines(fig, ax, lines, ylabel="similarity", title=title, path=path)
 
 
 def plot_knn_overlap(results: PairResults, path: Path) -> Path:
@@ -98,12 +92,20 @@ def plot_knn_overlap(results: PairResults, path: Path) -> Path:
     knn = results.knn
     fig = Figure(figsize=(7.0, 4.0), layout="constrained")
     ax = fig.add_subplot()
-    for k, values in knn.overlap.items():
-        ax.plot(knn.hidden_states, [v.mean for v in values], marker="o", markersize=3, label=f"k = {k}")
     ax.set_ylim(0.0, 1.0)
+    lines = {f"k = {k}": (knn.hidden_states, [v.mean for v in values]) for k, values in knn.overlap.items()}
+    title = f"k-NN overlap: {results.a} vs {results.b} ({knn.n_tokens} sampled tokens, {knn.search})"
+    return _save_lines(fig, ax, lines, ylabel="mean Jaccard of k-NN sets", title=title, path=path)
+
+
+def _save_lines(fig: Any, ax: Any, lines: Mapping[str, tuple[Sequence[int], Sequence[float]]], *, ylabel: str,
+                title: str, path: Path) -> Path:
+    """One line per series against the hidden-state index, labelled, saved as PNG."""
+    for name, (xs, ys) in lines.items():
+        ax.plot(list(xs), list(ys), marker="o", markersize=3, label=name)
     ax.set_xlabel("hidden state (0 = embedding output)")
-    ax.set_ylabel("mean Jaccard of k-NN sets")
-    ax.set_title(f"k-NN overlap: {results.a} vs {results.b} ({knn.n_tokens} sampled tokens, {knn.search})", fontsize=10)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=120)

@@ -9,6 +9,7 @@ differ is the floating-point order inside batched kernels, a few ulps (see the f
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -16,7 +17,7 @@ if TYPE_CHECKING:
 
     from hrsa.extract.models import LoadedModel
 
-__all__ = ["plan_batches", "batched_hidden_states"]
+__all__ = ["plan_batches", "batched_hidden_states", "torch_threads"]
 
 
 def plan_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
@@ -69,3 +70,17 @@ def batched_hidden_states(
             for row, i in enumerate(batch):
                 n = len(docs[i])
                 yield i, {k: kept[k][row, :n] for k in layers}
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run torch with ``n`` intra-op threads inside the block: CPU results depend on it by ~1 ulp, so a
+    reference pass meant to match a worker bit for bit must use the worker's thread count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -18,8 +18,6 @@ both are CPU-bound); MiniLM loads in ~4 s.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from hrsa.extract.forward import batched_hidden_states
+from hrsa.extract.forward import batched_hidden_states, torch_threads
 from hrsa.extract.job import ExtractConfig, run_extraction
 from hrsa.extract.models import LoadedModel, forward_hidden_states, load_model, parse_model_spec
 from hrsa.extract.packaged import PackagedModelNotFoundError, packaged_model_path
@@ -48,15 +46,6 @@ def requires_packaged(name: str) -> pytest.MarkDecorator:
 
 pytestmark = [pytest.mark.real_model, pytest.mark.integration, pytest.mark.data]
 
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -24,8 +24,7 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ import torch
 from click.testing import CliRunner
 
 from hrsa.extract import worker as worker_module
-from hrsa.extract.forward import batched_hidden_states
+from hrsa.extract.forward import batched_hidden_states, torch_threads
 from hrsa.extract.job import ExtractConfig, ExtractResult, run_extraction
 from hrsa.extract.models import forward_hidden_states, load_model, parse_model_spec
 from hrsa.store import ActivationStore
@@ -69,16 +68,6 @@ def write_jsonl(path: Path, records: dict[str, str] | Sequence[dict[str, Any]]) 
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run the reference with the worker's intra-op thread count (results depend on it by ~1 ulp)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def worker_threads(ray_local: Any, workers: int) -> int:
