@@ -254,7 +254,7 @@ def _flat_none(value: list[Any]) -> list[Any]:
 
 def save_results(
     results: PairResults,
-    out_dir: Path,
+    out_dir: str | Path,
     *,
     store: ActivationStore | None = None,
     run_id: str | None = None,
@@ -271,6 +271,7 @@ def save_results(
     """
     from hrsa.analyze.figures import plot_figures
 
+    out_dir = Path(out_dir)
     run_id = parse_id(run_id or new_run_id(results), kind="run id")
     doc = results_dict(results, run_id=run_id, config=config)
     store_path = write_to_store(store, results, doc) if store is not None else None
