@@ -22,6 +22,7 @@ import functools
 import hashlib
 import json
 import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -150,6 +151,7 @@ def faulty_worker(folder: Path, *, crash: bool = False, fail_after_writes: int |
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._nth = iter(range(1, 1 << 30))  # next() is atomic under the GIL: one number per unit
+            self._log_lock = threading.Lock()
 
         @staticmethod
         def _claim(name: str) -> bool:
@@ -175,12 +177,15 @@ def faulty_worker(folder: Path, *, crash: bool = False, fail_after_writes: int |
                 array = self._store.group(f"models/{mid}")[f"hidden/{k}"]
                 array[unit.start : unit.stop] = np.full((unit.n_tokens, array.shape[1]), 7, dtype=array.dtype)
                 os._exit(1)  # half a unit on disk, no done flag
-            result = super().run_unit(mid, index)
-            if result["written"]:
-                with open(log, "a") as f:
-                    f.write(f"{index} {os.getpid()}\n")
-                if crash and os.path.exists(os.path.join(str(folder), "death-1")) and self._claim("death-2"):
-                    os._exit(1)  # written and flagged, but the reply is lost: the retry must not write again
+            # The actor runs two units at once: hold a lock from the write to its log line, so that the
+            # other thread's os._exit cannot fall between them and leave a written unit unlogged.
+            with self._log_lock:
+                result = super().run_unit(mid, index)
+                if result["written"]:
+                    with open(log, "a") as f:
+                        f.write(f"{index} {os.getpid()}\n")
+                    if crash and os.path.exists(os.path.join(str(folder), "death-1")) and self._claim("death-2"):
+                        os._exit(1)  # written and flagged, but the reply is lost: the retry must not write again
             return result
 
     return FaultyWorker
