@@ -7,11 +7,11 @@ worker ever touches it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from hrsa.store.format import ATTRS_KEY, CODEC_PRESETS, DEFAULT_CODEC, STORED_DTYPES, Layout, codec_chain, storage_dtype
+from hrsa.store.format import ATTRS_KEY, CODEC_PRESETS, STORED_DTYPES, Layout, codec_chain, storage_dtype
 
 if TYPE_CHECKING:
     import zarr

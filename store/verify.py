@@ -17,7 +17,7 @@ from hrsa.store.model import hidden_key
 if TYPE_CHECKING:
     from hrsa.store.activation_store import ActivationStore
 
-__all__ = ["Problem", "VerifyReport", "verify_store"]
+__all__ = ["Problem", "VerifyReport", "verify_store", "count_shards"]
 
 _CORPUS_ARRAYS = ("token_ids", "doc_index", "position", "is_special", "doc_offsets", "doc_truncated", "doc_original_length", "doc_record_id")
 

@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 from hrsa.extract.forward import batched_hidden_states, torch_threads
 from hrsa.extract.job import ExtractConfig, run_extraction

@@ -6,7 +6,6 @@ import os
 import socket
 from collections.abc import Iterator
 
-import numpy as np
 import pytest
 
 from hrsa.store import ActivationStore
