@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -73,3 +74,102 @@ def ray_local():
     connection = connect(num_cpus=2)
     yield connection
     ray.shutdown()
+
+
+# --- Tiny models (tests/extract, tests/train): randomly initialised, saved as local Hugging Face folders,
+# so no hub is ever needed. ``tiny_models.dir(kind)`` builds (once per session) a 2-layer Llama, Qwen2 or
+# BERT with a tiny byte-level BPE tokenizer (300 tokens, ids 0-3 special).
+
+TINY_LAYERS = 2
+TINY_HIDDEN = 32
+TINY_VOCAB = 300
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]  # ids 0..3
+_TRAINING_TEXT = ["the quick brown fox jumps over the lazy dog"] * 10 + ["hidden states of a tiny model", "w1 w2 w3"]
+
+
+def build_tiny_tokenizer(extra_words: tuple[str, ...] = ()) -> object:
+    """A byte-level BPE fast tokenizer of 300 tokens, trained here on a few sentences.
+
+    Byte-level BPE, not a word-level toy: transformers 5 swaps in the model type's own tokenizer class
+    for some types (a Qwen2 folder loads as Qwen2Tokenizer), and that class reads a BPE tokenizer.json
+    correctly but a word-level one as garbage.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator(_TRAINING_TEXT, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    tokenizer.add_tokens(list(extra_words))
+    return tokenizer
+
+
+def _tiny_config(kind: str) -> object:
+    from transformers import BertConfig, LlamaConfig, Qwen2Config
+
+    common = {
+        "vocab_size": TINY_VOCAB, "hidden_size": TINY_HIDDEN, "num_hidden_layers": TINY_LAYERS, "num_attention_heads": 4
+    }
+    ids = {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}
+    if kind == "llama":
+        return LlamaConfig(intermediate_size=64, num_key_value_heads=2, max_position_embeddings=128, **ids, **common)
+    if kind == "qwen2":
+        return Qwen2Config(intermediate_size=64, num_key_value_heads=2, max_position_embeddings=128, **ids, **common)
+    if kind == "bert":
+        return BertConfig(intermediate_size=64, max_position_embeddings=128, pad_token_id=0, **common)
+    raise ValueError(kind)
+
+
+def save_tiny_model(folder: Path, kind: str, *, seed: int = 0) -> Path:
+    """Save a tiny ``kind`` model and the tiny tokenizer into ``folder``."""
+    import torch
+    from transformers import AutoModel
+
+    torch.manual_seed(seed)
+    model = AutoModel.from_config(_tiny_config(kind))
+    model.save_pretrained(folder)
+    build_tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@dataclass
+class TinyModels:
+    """Tiny model folders built on demand, once per session, plus their sizes and tokenizer builder."""
+
+    root: pytest.TempPathFactory
+    layers: int = TINY_LAYERS
+    hidden: int = TINY_HIDDEN
+    built: dict[str, Path] = field(default_factory=dict)
+
+    def dir(self, kind: str) -> Path:
+        """The folder of the tiny ``kind`` ("llama", "qwen2" or "bert") model."""
+        if kind not in self.built:
+            self.built[kind] = save_tiny_model(self.root.mktemp(f"tiny-{kind}"), kind)
+        return self.built[kind]
+
+    @staticmethod
+    def tokenizer(extra_words: tuple[str, ...] = ()) -> object:
+        return build_tiny_tokenizer(extra_words)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
+    return TinyModels(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> object:
+    """The packaged SmolLM2-135M-Instruct, loaded once per session on CPU (20-30 s from its GGUF).
+
+    Tests that use it are marked ``real_model`` and skip when the package is missing (``requires_packaged``).
+    """
+    from hrsa.extract.models import load_model, parse_model_spec
+
+    return load_model(parse_model_spec("packaged:smollm2-135m-instruct"), device="cpu")
