@@ -11,7 +11,7 @@ DEMO_OUT ?= hrsa-out
 # The paper's CoT traces when ../shared/data is beside the checkout; otherwise the demo writes its own corpus.
 DEMO_CORPUS ?= $(wildcard ../shared/data/cot/samples)
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install browser bench clean
 
 install: $(STAMP)
 
@@ -28,8 +28,15 @@ $(STAMP): pyproject.toml Makefile configs/constraints.txt
 demo: $(STAMP)
 	$(BIN)/hrsa demo --out $(DEMO_OUT) $(if $(DEMO_CORPUS),--corpus $(DEMO_CORPUS))
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest
+
+# The report test renders report.html in headless Chromium (Debian's package); without it that test skips.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null); } || \
+	  echo "no chromium (install it to run the report's render test; it skips without)"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/store_io.py

@@ -1,47 +1,104 @@
-"""A corpus the demo writes itself when no data is given: arithmetic word problems, each answered step
-by step, in the shape of the paper's CoT data (chat ``messages`` + ``reasoning``)."""
+"""Corpora the demo writes itself, so it runs with no network and no data beside it.
+
+Arithmetic word problems of four kinds, each answered step by step, in the shape of the paper's CoT
+data (chat ``messages`` + ``reasoning``). The ``kind`` field is a label for the cross-model linear
+probes (like the topic labels of AG News in the paper), and :func:`write_training_pairs` turns the same
+generator into query/positive pairs for the demo's InfoNCE run.
+"""
 
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["write_word_problems"]
+__all__ = ["KINDS", "write_word_problems", "write_training_pairs"]
 
-_NAMES = ["Ava", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goran", "Hana", "Ivan", "Jun"]
-_ITEMS = ["apples", "stamps", "marbles", "books", "coins", "stickers", "pencils", "shells"]
+_NAMES = ["Ava", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goran", "Hana", "Ivan", "Jun", "Kofi", "Lena"]
+_ITEMS = ["apples", "stamps", "marbles", "books", "coins", "stickers", "pencils", "shells", "cards", "beads"]
 _SYSTEM = "You are a helpful and rigorous math reasoning assistant."
 
 
-def _problem(rng: random.Random) -> tuple[str, str, int]:
+def _change(rng: random.Random) -> tuple[str, str, int]:
     a, b = rng.sample(_NAMES, 2)
     item = rng.choice(_ITEMS)
     x, more, given, bought = rng.randint(5, 60), rng.randint(2, 40), rng.randint(1, 5), rng.randint(3, 12)
-    y = x + more
-    left = y - given
-    total = left + bought
+    y, total = x + more, x + more - given + bought
     question = (f"{a} has {x} {item}. {b} has {more} more {item} than {a}. {b} gives away {given} {item} "
                 f"and then buys {bought} more. How many {item} does {b} have now?")
-    reasoning = (
-        f"Let me work through this step by step.\n\nFirst, {a} has {x} {item}.\n"
-        f"{b} has {more} more than {a}, so {b} starts with {x} + {more} = {y} {item}.\n"
-        f"Then {b} gives away {given}, leaving {y} - {given} = {left} {item}.\n"
-        f"Finally {b} buys {bought} more: {left} + {bought} = {total} {item}.\n\n"
-        f"Let me double-check: {x} + {more} - {given} + {bought} = {total}. Yes.\n\nThe answer is {total}."
-    )
-    return question, reasoning, total
+    steps = (f"First, {a} has {x} {item}.\n{b} has {more} more than {a}, so {b} starts with {x} + {more} = {y} {item}.\n"
+             f"Then {b} gives away {given}, leaving {y} - {given} = {y - given} {item}.\n"
+             f"Finally {b} buys {bought} more: {y - given} + {bought} = {total} {item}.")
+    return question, steps, total
+
+
+def _groups(rng: random.Random) -> tuple[str, str, int]:
+    a = rng.choice(_NAMES)
+    item = rng.choice(_ITEMS)
+    boxes, per, extra = rng.randint(3, 12), rng.randint(4, 15), rng.randint(1, 9)
+    total = boxes * per + extra
+    question = (f"{a} buys {boxes} boxes of {item} with {per} {item} in each box, and finds {extra} loose {item}. "
+                f"How many {item} does {a} have in all?")
+    steps = (f"Each box holds {per} {item}, and there are {boxes} boxes.\nSo the boxes hold {boxes} x {per} = "
+             f"{boxes * per} {item}.\nAdding the {extra} loose ones: {boxes * per} + {extra} = {total}.")
+    return question, steps, total
+
+
+def _sharing(rng: random.Random) -> tuple[str, str, int]:
+    a = rng.choice(_NAMES)
+    item = rng.choice(_ITEMS)
+    friends, each = rng.randint(2, 9), rng.randint(3, 14)
+    total = friends * each
+    question = f"{a} shares {total} {item} equally among {friends} friends. How many {item} does each friend get?"
+    steps = (f"There are {total} {item} to split into {friends} equal parts.\nEach friend gets {total} / {friends} = "
+             f"{each} {item}.\nCheck: {friends} x {each} = {total}.")
+    return question, steps, each
+
+
+def _percent(rng: random.Random) -> tuple[str, str, int]:
+    a = rng.choice(_NAMES)
+    item = rng.choice(_ITEMS)
+    price, pct = rng.randint(2, 40) * 10, rng.choice([10, 20, 25, 30, 50])
+    off = price * pct // 100
+    question = f"A set of {item} costs {price} dollars. {a} gets a {pct}% discount. How much does {a} pay?"
+    steps = (f"The discount is {pct}% of {price}, which is {price} x {pct} / 100 = {off} dollars.\n"
+             f"So {a} pays {price} - {off} = {price - off} dollars.")
+    return question, steps, price - off
+
+
+KINDS: dict[str, Callable[[random.Random], tuple[str, str, int]]] = {
+    "change": _change, "groups": _groups, "sharing": _sharing, "percent": _percent,
+}
+
+
+def _problems(n: int, seed: int) -> Iterator[tuple[str, str, str, int]]:
+    """(kind, question, worked reasoning, answer), the kinds taking turns so every label is balanced."""
+    rng = random.Random(seed)
+    kinds = list(KINDS)
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        question, steps, answer = KINDS[kind](rng)
+        yield kind, question, f"Let me work through this step by step.\n\n{steps}\n\nThe answer is {answer}.", answer
 
 
 def write_word_problems(path: Path, *, n: int = 24, seed: int = 0) -> Path:
-    """Write ``n`` problems as jsonl (fields id, problem, messages, reasoning, answer) and return the path."""
-    rng = random.Random(seed)
+    """Write ``n`` problems as jsonl (fields id, kind, problem, messages, reasoning, answer) and return the path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as out:
-        for i in range(n):
-            question, reasoning, answer = _problem(rng)
+        for i, (kind, question, reasoning, answer) in enumerate(_problems(n, seed)):
             messages = [{"role": "system", "content": _SYSTEM},
                         {"role": "user", "content": f"Solve the problem step by step.\n\nProblem:\n{question}"}]
-            record = {"id": f"wp-{i:03d}", "problem": question, "messages": messages, "reasoning": reasoning, "answer": answer}
+            record = {"id": f"wp-{i:03d}", "kind": kind, "problem": question, "messages": messages,
+                      "reasoning": reasoning, "answer": answer}
             out.write(json.dumps(record) + "\n")
+    return path
+
+
+def write_training_pairs(path: Path, *, n: int = 256, seed: int = 1) -> Path:
+    """Write ``n`` retrieval pairs (query = a problem, pos = its worked solution) as jsonl for InfoNCE."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as out:
+        for kind, question, reasoning, _ in _problems(n, seed):
+            out.write(json.dumps({"query": question, "pos": reasoning, "kind": kind}) + "\n")
     return path
