@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hrsa.analyze.knn import DEFAULT_K, KnnOptions
 from hrsa.analyze.probe import ProbeOptions
@@ -33,6 +33,7 @@ from hrsa.analyze.plan import parse_memory_budget
 from hrsa.store.errors import UserError
 from hrsa.store.ids import parse_id
 from hrsa.store.selection import parse_doc_ids
+from hrsa.store.settings import load_settings
 
 __all__ = ["AnalyzeConfig", "load_config"]
 
@@ -159,30 +160,4 @@ def load_config(path: Path | None, flags: Mapping[str, Any]) -> AnalyzeConfig:
     Raises:
         UserError: an unreadable file, or every problem of the merged settings at once, in one line.
     """
-    values: dict[str, Any] = {}
-    if path is not None:
-        import yaml
-
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as error:
-            raise UserError(f"Expected a readable YAML config at {path}. Got an error instead: {error}".replace("\n", " ")) from error
-        if not isinstance(loaded, dict):
-            raise UserError(f"Expected a YAML mapping of settings in {path}. Got {type(loaded).__name__} instead.")
-        values.update(loaded)
-    values.update({k: v for k, v in flags.items() if v is not None and v != ()})
-    try:
-        return AnalyzeConfig.model_validate(values)
-    except ValidationError as error:
-        problems = "; ".join(_problem(e) for e in error.errors())
-        raise UserError(f"Expected valid analyze settings. Got {error.error_count()} problem(s) instead: {problems}.") from None
-
-
-def _problem(error: Any) -> str:
-    """One pydantic error as ``--flag: what is wrong``, without pydantic's "Value error, " prefix."""
-    where = ".".join(map(str, error["loc"])) or "config"
-    flag = "--" + str(error["loc"][0]).replace("_", "-") if error["loc"] else "config"
-    if error["type"] == "missing":
-        return f"{flag} is required (as a flag or in --config)"
-    message = str(error["msg"]).removeprefix("Value error, ").rstrip(".")
-    return f"{where}: {message}"
+    return load_settings(AnalyzeConfig, path, flags, verb="analyze")

@@ -15,9 +15,23 @@ import numpy as np
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
+    from matplotlib.figure import Figure
+
+    from hrsa.analyze.dynamics import Dynamics
     from hrsa.analyze.pair import PairResults
 
-__all__ = ["plot_figures", "plot_heatmap", "plot_knn_overlap", "plot_layer_profile", "plot_probe"]
+__all__ = [
+    "dynamics_figure",
+    "heatmap_figure",
+    "lines_figure",
+    "plot_dynamics",
+    "plot_figures",
+    "plot_heatmap",
+    "plot_knn_overlap",
+    "plot_layer_profile",
+    "plot_probe",
+    "probe_figure",
+]
 
 
 def plot_figures(results: PairResults, out_dir: Path) -> list[Path]:
@@ -151,3 +165,119 @@ def _index_ticks(ax: Axes, states: tuple[int, ...], *, axis: str) -> None:
         ax.set_xticks(positions, labels)
     else:
         ax.set_yticks(positions, labels)
+
+
+# --- figures from arrays (results.json as read back), for the report --------------------------------------
+
+
+def heatmap_figure(matrix: Any, rows: Sequence[int], cols: Sequence[int], *, metric: str, a: str, b: str,
+                   subtitle: str = "") -> Figure:
+    """As :func:`plot_heatmap`, from a (len(rows), len(cols)) matrix (None or NaN cells left blank).
+
+    Args:
+        matrix: rows are A's hidden states ``rows``, columns B's ``cols``.
+        metric: ``"cka"`` (scale 0..1) or ``"dimcorr"`` (scale -1..1, diverging).
+        a, b: model ids, for the labels; subtitle: a second title line.
+    """
+    from matplotlib.figure import Figure
+
+    values = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=np.float64)  # (I, J)
+    label, cmap, (lo, hi) = ("linear CKA", "viridis", (0.0, 1.0)) if metric == "cka" else ("mean dimension-wise r", "RdBu_r", (-1.0, 1.0))
+    fig = Figure(figsize=(5.6, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(np.ma.masked_invalid(values), origin="lower", cmap=cmap, vmin=lo, vmax=hi, aspect="auto")
+    _index_ticks(ax, tuple(cols), axis="x")
+    _index_ticks(ax, tuple(rows), axis="y")
+    ax.set_xlabel(f"hidden state of B = {b}")
+    ax.set_ylabel(f"hidden state of A = {a}")
+    ax.set_title(f"{label}, cross-layer" + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
+    fig.colorbar(image, ax=ax, label=label)
+    return fig
+
+
+def lines_figure(lines: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, xlabel: str, ylabel: str, title: str,
+                 ylim: tuple[float, float] | None = None) -> Figure:
+    """One line per series ``{name: (xs, ys)}`` (None or NaN values leave gaps), labelled."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(6.4, 3.8), layout="constrained")
+    ax = fig.add_subplot()
+    for name, (xs, ys) in lines.items():
+        ax.plot(list(xs), [np.nan if y is None else y for y in ys], marker="o", markersize=3, label=name)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # hidden states and steps are whole numbers
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def probe_figure(states: Sequence[int], bars: Mapping[str, Sequence[float]], *, chance: float, title: str) -> Figure:
+    """Grouped bars of probe test accuracy per hidden state (the paper's Figure 4), with the majority-class line."""
+    from matplotlib.figure import Figure
+
+    pos = np.arange(len(states))
+    width = 0.8 / max(1, len(bars))
+    fig = Figure(figsize=(max(6.4, 0.45 * len(states) * len(bars)), 4.4), layout="constrained")
+    ax = fig.add_subplot()
+    for i, (name, values) in enumerate(bars.items()):
+        ax.bar(pos + (i - (len(bars) - 1) / 2) * width, [np.nan if v is None else v for v in values], width, label=name)
+    ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label="majority class")
+    step = max(1, -(-len(states) // 15))
+    ax.set_xticks(pos[::step], [str(k) for k in states][::step])
+    ax.set_ylim(0.0, 1.05)
+    ax.set_xlabel("hidden state")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title, fontsize=10)
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=8, loc="outside lower center", ncols=2)  # below: bars reach 1
+    return fig
+
+
+def dynamics_figure(dynamics: Dynamics) -> Figure:
+    """The paper's Figure 5: CKA, mean dimension-wise r and k-NN overlap against the training step.
+
+    One panel per metric: the mean over matched hidden states as a thick line, each hidden state as a thin line
+    coloured by depth (CKA and dimension-wise r); one line per k for k-NN overlap.
+    """
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    panels = [(c.label, {c.label: c}) for c in (dynamics.cka, dynamics.dimcorr) if c is not None]
+    if dynamics.knn:
+        panels.append(("k-NN overlap", {f"k = {k}": c for k, c in dynamics.knn.items()}))
+    fig = Figure(figsize=(4.2 * max(1, len(panels)), 3.8), layout="constrained")
+    axes = fig.subplots(1, max(1, len(panels)), squeeze=False)[0]
+    steps = list(dynamics.steps)
+    for ax, (label, curves) in zip(axes, panels):
+        if len(curves) == 1:  # one metric: show its hidden states too
+            curve = next(iter(curves.values()))
+            cmap = colormaps["viridis"]
+            for i, (k, values) in enumerate(curve.layers.items()):
+                ax.plot(steps, values, color=cmap(i / max(1, len(curve.layers) - 1)), linewidth=0.8, alpha=0.6,
+                        label=f"hidden state {k}" if i in (0, len(curve.layers) - 1) else None)
+            ax.plot(steps, curve.mean, color="black", linewidth=2.2, marker="o", markersize=4, label="mean over hidden states")
+        else:
+            for name, curve in curves.items():
+                ax.plot(steps, curve.mean, linewidth=2.0, marker="o", markersize=4, label=name)
+        if len(steps) <= 12:
+            ax.set_xticks(steps)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("training step")
+        ax.set_ylabel(label)
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"training dynamics: {dynamics.runs[0]} vs {dynamics.runs[1]}", fontsize=11)
+    return fig
+
+
+def plot_dynamics(dynamics: Dynamics, path: Path) -> Path:
+    """Write :func:`dynamics_figure` as a PNG at ``path``."""
+    dynamics_figure(dynamics).savefig(path, dpi=120)
+    return path

@@ -1,0 +1,189 @@
+"""Training dynamics: one ``results.json`` per training step of a pair of runs, as curves (the paper's Figure 5).
+
+A dynamics file (``"schema": "hrsa.dynamics/1"``) lists the two training runs compared and, per step, the
+``results.json`` of that step's comparison. Paths are stored relative to the dynamics file's folder when they
+lie under it (so the folder can move), absolute otherwise::
+
+    {
+      "schema": "hrsa.dynamics/1",
+      "runs": [str, str],                         # e.g. the base and the tuned embedding training runs
+      "steps": [{"step": int, "results": str}],   # sorted by step, each step once
+      "hrsa_version": str, "created": str         # ISO 8601, UTC
+    }
+
+:func:`load_dynamics` reads every step's results back and keeps, per metric, the mean over the matched hidden
+states at each step and the value of each hidden state (NaN where a step lacks one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hrsa.analyze.report import ReportInputError, read_results
+from hrsa.analyze.summary import floats
+
+__all__ = ["SCHEMA", "Curve", "Dynamics", "load_dynamics", "write_dynamics"]
+
+SCHEMA = "hrsa.dynamics/1"
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One metric against the training step.
+
+    Attributes:
+        label: the metric's name in figures.
+        mean: per step, the mean over the hidden states that step has (NaN when it has none).
+        layers: {hidden state: per step value (NaN where that step lacks it)}.
+    """
+
+    label: str
+    mean: tuple[float, ...]
+    layers: Mapping[int, tuple[float, ...]]
+
+
+@dataclass(frozen=True)
+class Dynamics:
+    """A pair of training runs compared step by step.
+
+    Attributes:
+        runs: the two runs; steps: training steps, increasing; results: each step's results.json.
+        pairs: each step's (A, B) model ids as its results.json names them.
+        cka: matched-layer linear CKA; dimcorr: mean dimension-wise correlation (None when no step has it).
+        knn: {k: k-NN overlap} for every k of any step.
+    """
+
+    runs: tuple[str, str]
+    steps: tuple[int, ...]
+    results: tuple[Path, ...]
+    pairs: tuple[tuple[str, str], ...]
+    cka: Curve | None
+    dimcorr: Curve | None
+    knn: Mapping[int, Curve]
+
+
+def write_dynamics(path: Path, *, runs: tuple[str, str], steps: Sequence[int], results: Sequence[Path]) -> Path:
+    """Write a dynamics file listing ``results[i]`` as the comparison at training step ``steps[i]``.
+
+    Args:
+        path: the JSON file to write (its folder is created).
+        runs: the two training runs compared.
+        steps: one training step per results file, each once.
+        results: results.json files (or folders holding one), checked to be ``hrsa analyze`` results.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ReportInputError: not two runs, steps and results of different lengths, a repeated or negative step,
+            or a results path that holds no valid results.json.
+    """
+    path = Path(path)
+    if len(runs) != 2 or not all(isinstance(r, str) and r for r in runs):
+        raise ReportInputError(f"Expected two training run names. Got {list(runs)!r} instead.")
+    if len(steps) != len(results) or not steps:
+        raise ReportInputError(f"Expected one results.json per step. Got {len(steps)} steps and {len(results)} results "
+                               "instead. Pass as many of each.")
+    clean = [int(s) for s in steps]
+    if len(set(clean)) != len(clean) or min(clean) < 0:
+        raise ReportInputError(f"Expected distinct training steps >= 0. Got {clean} instead.")
+    files = [read_results(r)[0] for r in results]  # validates each; (file, document)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entries = [{"step": s, "results": _relative(f, path.parent)} for s, f in sorted(zip(clean, files))]
+    from hrsa import __version__
+
+    doc = {"schema": SCHEMA, "runs": list(runs), "steps": entries, "hrsa_version": __version__,
+           "created": datetime.now(UTC).isoformat(timespec="seconds")}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def load_dynamics(path: Path | str) -> Dynamics:
+    """Read a dynamics file and every step's results.json into curves.
+
+    Raises:
+        ReportInputError: not a readable ``hrsa.dynamics/1`` file, or a step's results.json missing or invalid.
+    """
+    path = Path(path)
+    doc = _read_json(path)
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        got = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
+        raise ReportInputError(f"Expected a dynamics file of schema {SCHEMA} at {path}. Got {got!r} instead. "
+                               "Write it with hrsa.analyze.dynamics.write_dynamics.")
+    try:
+        runs = (str(doc["runs"][0]), str(doc["runs"][1]))
+        entries = sorted((int(e["step"]), path.parent / e["results"]) for e in doc["steps"])
+    except (KeyError, IndexError, TypeError, ValueError) as error:
+        raise ReportInputError(f"Expected runs and steps in {path}. Got a malformed file instead ({error!r}).") from None
+    if not entries:
+        raise ReportInputError(f"Expected at least one step in {path}. Got none instead.")
+    loaded = [read_results(p) for _, p in entries]
+    docs = [d for _, d in loaded]
+    return Dynamics(
+        runs=runs, steps=tuple(s for s, _ in entries), results=tuple(f for f, _ in loaded),
+        pairs=tuple((str(d["a"]), str(d["b"])) for d in docs),
+        cka=_curve("linear CKA", docs, lambda d: _matched(d, "cka")),
+        dimcorr=_curve("mean dimension-wise r", docs, lambda d: _matched(d, "dimcorr")),
+        knn=_knn_curves(docs),
+    )
+
+
+Extract = Callable[[Mapping[str, Any]], tuple[Sequence[int], Sequence[Any] | None]]
+
+
+def _matched(doc: Mapping[str, Any], metric: str) -> tuple[Sequence[int], Sequence[Any] | None]:
+    return doc.get("matched_hidden_states", []), doc["metrics"].get(metric, {}).get("diagonal")
+
+
+def _curve(label: str, docs: Sequence[Mapping[str, Any]], extract: Extract) -> Curve | None:
+    """Per step, the (hidden states, values) that ``extract`` takes from the step's document."""
+    per_step: list[dict[int, float]] = []
+    for doc in docs:
+        states, values = extract(doc)
+        per_step.append(dict(zip((int(k) for k in states), floats(values))) if values is not None else {})
+    if not any(per_step):
+        return None
+    hidden = sorted({k for step in per_step for k in step})
+    layers = {k: tuple(step.get(k, np.nan) for step in per_step) for k in hidden}
+    mean = tuple(_nanmean(list(step.values())) for step in per_step)
+    return Curve(label, mean, layers)
+
+
+def _knn_curves(docs: Sequence[Mapping[str, Any]]) -> dict[int, Curve]:
+    def extract(k: int) -> Extract:
+        def get(doc: Mapping[str, Any]) -> tuple[Sequence[int], Sequence[Any] | None]:
+            knn = doc["metrics"].get("knn", {})
+            return knn.get("hidden_states", []), knn.get("k", {}).get(str(k))
+        return get
+
+    ks = sorted({int(k) for d in docs for k in d["metrics"].get("knn", {}).get("k", {})})
+    curves = {k: _curve(f"k-NN overlap, k = {k}", docs, extract(k)) for k in ks}
+    return {k: c for k, c in curves.items() if c is not None}
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def _relative(file: Path, folder: Path) -> str:
+    """``file`` relative to ``folder`` when it lies under it, else absolute."""
+    file, folder = file.resolve(), folder.resolve()
+    return os.path.relpath(file, folder) if file.is_relative_to(folder) else str(file)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ReportInputError(f"Expected a readable JSON file at {path}. Got an error instead: {error}.") from None

@@ -1,0 +1,218 @@
+"""Verdicts in the style of the paper's Table 2: is each level of a pair's representations preserved or restructured?
+
+HRSA reads a comparison at three levels (DESIGN.md, Metrics):
+
+- representation: are the coordinates kept? mean dimension-wise correlation, and Procrustes H_inv (does O* map
+  each axis to about one axis?);
+- geometry: is the shape kept, whatever the basis? linear CKA (global) and k-NN overlap (local);
+- function: does a linear readout carry over? cross-model probes, as the share of the source model's
+  above-chance test accuracy that the other model keeps ("transfer", pooled over hidden states and directions).
+
+Each metric is averaged over the pair's matched hidden states (all of them, the embedding output included) and
+compared with its threshold; a level is "preserved" when every metric it has passes, "restructured" when one
+fails, "not measured" when results.json has none of its metrics. The thresholds are the named constants below,
+overridable through :class:`Thresholds`. Pure: works on the parsed ``results.json`` document, reads no files.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+__all__ = [
+    "CKA_PRESERVED",
+    "DIMCORR_PRESERVED",
+    "H_INV_PRESERVED",
+    "KNN_K",
+    "KNN_PRESERVED",
+    "LEVELS",
+    "PROBE_MIN_SIGNAL",
+    "PROBE_TRANSFER_PRESERVED",
+    "LevelVerdict",
+    "MetricCheck",
+    "PairSummary",
+    "Thresholds",
+    "Verdict",
+    "floats",
+    "knn_k",
+    "probe_transfer",
+    "summarize",
+]
+
+# Linear CKA of independently trained networks at matching layers is typically 0.6-0.9 (Kornblith et al. 2019);
+# 0.9 and above leaves little beyond a rotation and an isotropic scale between the two spaces.
+CKA_PRESERVED = 0.9
+# Mean Jaccard of the k-NN sets: 0.5 means two thirds of each token's neighbours are shared
+# (|A n B| = 2k/3 for |A| = |B| = k); unrelated spaces give about k / N.
+KNN_PRESERVED = 0.5
+# The k whose overlap the verdict reads (the middle of the paper's 5/10/50); the closest k present otherwise.
+KNN_K = 10
+# r = 0.8: each coordinate shares 64% of its variance with the same coordinate of the other model, so the
+# basis is kept; a rotated copy of a space scores about 0 however similar its geometry is.
+DIMCORR_PRESERVED = 0.8
+# H_inv = 1 - mean row entropy of O*^2 / ln D, so 0.9 means each row spreads over about D^0.1 axes (under two
+# for D = 576): O* is close to a permutation. A random rotation gives about 0.73 / ln D (0.11 at D = 576).
+H_INV_PRESERVED = 0.9
+# A probe moved to the other model keeps at least 90% of its above-chance test accuracy.
+PROBE_TRANSFER_PRESERVED = 0.9
+# A source probe less than 5 points above chance has almost nothing to transfer: its ratio would be noise
+# (e.g. 0.15 - 0.55 over 0.60 - 0.55 = -8), so such a direction is left out of the transfer.
+PROBE_MIN_SIGNAL = 0.05
+
+Verdict = Literal["preserved", "restructured", "not measured"]
+LEVELS = ("representation", "geometry", "function")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The lowest values counted as "preserved" (defaults: this module's constants)."""
+
+    cka: float = CKA_PRESERVED
+    knn: float = KNN_PRESERVED
+    knn_k: int = KNN_K
+    dimcorr: float = DIMCORR_PRESERVED
+    h_inv: float = H_INV_PRESERVED
+    probe_transfer: float = PROBE_TRANSFER_PRESERVED
+    probe_min_signal: float = PROBE_MIN_SIGNAL
+
+    def describe(self) -> dict[str, str]:
+        """Each rule in words, for the report."""
+        return {
+            "mean dimension-wise correlation": f">= {self.dimcorr:g}",
+            "Procrustes H_inv": f">= {self.h_inv:g}",
+            "linear CKA": f">= {self.cka:g}",
+            f"k-NN overlap (k = {self.knn_k}, or the closest k analysed)": f">= {self.knn:g}",
+            "probe transfer: sum(target - chance) / sum(source - chance) over hidden states and directions whose "
+            f"source is >= {self.probe_min_signal:g} above chance": f">= {self.probe_transfer:g}",
+        }
+
+
+@dataclass(frozen=True)
+class MetricCheck:
+    """One metric of a level against its threshold.
+
+    Attributes:
+        metric: its name in the report; value: the mean over hidden states (and probe directions);
+        threshold: the lowest value counted as preserved; passed: value >= threshold;
+        detail: what was averaged (e.g. "mean of 4 hidden states; lowest 0.812 at 3").
+    """
+
+    metric: str
+    value: float
+    threshold: float
+    passed: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class LevelVerdict:
+    """One level (representation, geometry or function): its verdict and the checks behind it."""
+
+    level: str
+    verdict: Verdict
+    checks: tuple[MetricCheck, ...]
+
+
+@dataclass(frozen=True)
+class PairSummary:
+    """The three levels of one pair, A against B."""
+
+    a: str
+    b: str
+    levels: tuple[LevelVerdict, ...]
+
+    def verdict(self, level: str) -> Verdict:
+        return next(lv.verdict for lv in self.levels if lv.level == level)
+
+
+def summarize(doc: Mapping[str, Any], *, thresholds: Thresholds | None = None) -> PairSummary:
+    """Verdicts per level of one ``results.json`` document (schema ``hrsa.analyze/1``).
+
+    Args:
+        doc: the parsed document.
+        thresholds: the rules (default: the module's constants).
+
+    Returns:
+        A PairSummary with the levels in the order of :data:`LEVELS`.
+    """
+    t = thresholds or Thresholds()
+    m = doc.get("metrics", {})
+    states = doc.get("matched_hidden_states", [])
+    checks: dict[str, list[MetricCheck | None]] = {
+        "representation": [
+            _check("mean dimension-wise correlation", m.get("dimcorr", {}).get("diagonal"), states, t.dimcorr),
+            _check("Procrustes H_inv", m.get("procrustes", {}).get("h_inv"), states, t.h_inv),
+        ],
+        "geometry": [_check("linear CKA", m.get("cka", {}).get("diagonal"), states, t.cka), _knn_check(m.get("knn"), t)],
+        "function": [_probe_check(m.get("probe"), t)],
+    }
+    levels = []
+    for level in LEVELS:
+        done = tuple(c for c in checks[level] if c is not None)
+        verdict: Verdict = "not measured" if not done else "preserved" if all(c.passed for c in done) else "restructured"
+        levels.append(LevelVerdict(level, verdict, done))
+    return PairSummary(str(doc.get("a", "A")), str(doc.get("b", "B")), tuple(levels))
+
+
+def floats(values: Sequence[Any] | None) -> np.ndarray:
+    """A JSON list of numbers as float64, null (an undefined metric) as NaN."""
+    return np.array([np.nan if v is None else float(v) for v in values or ()], dtype=np.float64)
+
+
+def knn_k(available: Sequence[int | str], wanted: int = KNN_K) -> int | None:
+    """The k of ``available`` closest to ``wanted`` (the smaller on a tie), or None when there is none."""
+    ks = sorted(int(k) for k in available)
+    return min(ks, key=lambda k: (abs(k - wanted), k)) if ks else None
+
+
+def probe_transfer(entries: Sequence[Mapping[str, Any]], *, min_signal: float = PROBE_MIN_SIGNAL) -> float:
+    """Share of the source probes' above-chance test accuracy that the target keeps, pooled over ``entries``.
+
+    ``entries`` are results.json probe entries (one per hidden state); each direction (A -> B, and B -> A when
+    present) adds ``target - chance`` and ``source - chance``; directions whose source is less than ``min_signal``
+    above chance are left out. NaN when none is left.
+    """
+    kept = gained = 0.0
+    for entry in entries:
+        chance = float(entry.get("chance") or 0.0)
+        for direction in (entry, entry.get("reverse")):
+            if not direction:
+                continue
+            source, target = direction["source"]["test"]["accuracy"], direction["target"]["test"]["accuracy"]
+            if source is not None and target is not None and source - chance >= min_signal:
+                kept += target - chance
+                gained += source - chance
+    return kept / gained if gained > 0 else float("nan")
+
+
+def _check(name: str, values: Sequence[Any] | None, states: Sequence[int], threshold: float) -> MetricCheck | None:
+    v = floats(values)
+    if not np.isfinite(v).any():
+        return None
+    mean = float(np.nanmean(v))
+    low = int(np.nanargmin(v))
+    where = f" at {states[low]}" if len(states) == len(v) else ""
+    detail = f"mean of {int(np.isfinite(v).sum())} hidden states; lowest {v[low]:.3f}{where}"
+    return MetricCheck(name, mean, threshold, mean >= threshold, detail)
+
+
+def _knn_check(knn: Mapping[str, Any] | None, t: Thresholds) -> MetricCheck | None:
+    k = knn_k(knn.get("k", {}), t.knn_k) if knn else None
+    if k is None:
+        return None
+    return _check(f"k-NN overlap at k = {k}", knn["k"][str(k)], knn.get("hidden_states", []), t.knn)  # type: ignore[index]
+
+
+def _probe_check(probe: Mapping[str, Any] | None, t: Thresholds) -> MetricCheck | None:
+    if not probe:
+        return None
+    value = probe_transfer(list(probe.values()), min_signal=t.probe_min_signal)
+    if not math.isfinite(value):
+        return None
+    directions = "both directions" if all("reverse" in e for e in probe.values()) else "A \u2192 B"
+    detail = f"test accuracy, pooled over {len(probe)} hidden states, {directions}"
+    return MetricCheck("probe transfer", value, t.probe_transfer, value >= t.probe_transfer, detail)

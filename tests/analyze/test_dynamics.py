@@ -1,0 +1,122 @@
+"""Training dynamics: write_dynamics / load_dynamics round trip and the Figure 5 plot, from real results.json files.
+
+Three "checkpoints" of model B at steps 0/10/20 drift away from A (more noise each step), so CKA must fall.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hrsa.analyze.dynamics import SCHEMA, load_dynamics, write_dynamics
+from hrsa.analyze.figures import dynamics_figure, plot_dynamics
+from hrsa.analyze.knn import KnnOptions
+from hrsa.analyze.pair import analyze_pair
+from hrsa.analyze.report import ReportInputError
+from hrsa.analyze.results import results_dict, write_json
+
+STEPS = (0, 10, 20)
+NOISE = {0: 0.1, 10: 1.0, 20: 4.0}  # per step: how far B's checkpoint has drifted from A
+
+
+@pytest.fixture(scope="module")
+def steps_store(build_store, store_model, tmp_path_factory: pytest.TempPathFactory):
+    """A pair store plus checkpoints ``step-<s>`` = A + noise, and each step's results.json under one folder."""
+    root = tmp_path_factory.mktemp("dynamics")
+    pair = build_store(str(root / "store"), doc_lengths=(300, 200, 100), d=8)
+    store = pair.open("r+")
+    cid = store.model_info("a").corpus
+    rng = np.random.default_rng(3)
+    ckpt = {s: store_model(store, f"step-{s}", cid, {k: x + NOISE[s] * x.std(0) * rng.normal(size=x.shape) for k, x in pair.x.items()})
+            for s in STEPS}
+    results = []
+    for s in STEPS:
+        res = analyze_pair(store, "a", f"step-{s}", metrics=("cka", "dimcorr", "knn"), backend="numpy", scheduler="sync",
+                           knn_options=KnnOptions(ks=(5, 10), n_sample=200))
+        results.append(write_json(results_dict(res, run_id=f"step-{s}"), root / "runs" / f"step-{s}"))
+    return root, pair, ckpt, results
+
+
+def _oracle_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Linear CKA from the feature-space formula in float64 (Kornblith et al. 2019)."""
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    return float(np.linalg.norm(xc.T @ yc) ** 2 / (np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc)))
+
+
+def test_round_trip(steps_store, tmp_path: Path) -> None:
+    root, pair, ckpt, results = steps_store
+    path = write_dynamics(root / "runs" / "dynamics.json", runs=("base-run", "tuned-run"), steps=[20, 0, 10],
+                          results=[results[2], results[0].parent, results[1]])  # any order; a folder works too
+    doc = json.loads(path.read_text())
+    assert doc["schema"] == SCHEMA and doc["runs"] == ["base-run", "tuned-run"]
+    assert [e["step"] for e in doc["steps"]] == list(STEPS)
+    assert [e["results"] for e in doc["steps"]] == [f"step-{s}/results.json" for s in STEPS]  # relative: the folder can move
+    moved = shutil.copytree(root / "runs", tmp_path / "moved")
+    dyn = load_dynamics(moved / "dynamics.json")
+    assert dyn.runs == ("base-run", "tuned-run") and dyn.steps == STEPS
+    assert dyn.pairs == tuple(("a", f"step-{s}") for s in STEPS) and dyn.results[0].is_relative_to(moved)
+    assert dyn.cka is not None and dyn.dimcorr is not None and set(dyn.knn) == {5, 10}
+    for i, s in enumerate(STEPS):  # per hidden state, against an independent formula on the stored values
+        expected = [_oracle_cka(pair.x[k], ckpt[s][k]) for k in sorted(pair.x)]
+        assert [dyn.cka.layers[k][i] for k in sorted(pair.x)] == pytest.approx(expected, rel=1e-6)
+        assert dyn.cka.mean[i] == pytest.approx(np.mean(expected), rel=1e-6)
+        knn10 = json.loads(results[i].read_text())["metrics"]["knn"]["k"]["10"]
+        assert dyn.knn[10].mean[i] == pytest.approx(np.mean(knn10))
+    assert dyn.cka.mean[0] > dyn.cka.mean[1] > dyn.cka.mean[2]  # B drifts away from A
+    assert dyn.knn[10].mean[0] > dyn.knn[10].mean[2]
+
+
+def test_a_step_without_a_metric_leaves_a_gap(steps_store, tmp_path: Path) -> None:
+    _, _, _, results = steps_store
+    doc = json.loads(results[1].read_text())
+    del doc["metrics"]["dimcorr"]
+    partial = write_json(doc, tmp_path / "partial")
+    dyn = load_dynamics(write_dynamics(tmp_path / "d.json", runs=("r1", "r2"), steps=STEPS,
+                                       results=[results[0], partial, results[2]]))
+    assert dyn.dimcorr is not None and np.isnan(dyn.dimcorr.mean[1]) and np.isfinite(dyn.dimcorr.mean[::2]).all()
+    assert all(np.isnan(v[1]) for v in dyn.dimcorr.layers.values())
+
+
+def test_figure_5(steps_store, tmp_path: Path) -> None:
+    _, _, _, results = steps_store
+    dyn = load_dynamics(write_dynamics(tmp_path / "d.json", runs=("r1", "r2"), steps=STEPS, results=results))
+    fig = dynamics_figure(dyn)
+    cka_ax, dimcorr_ax, knn_ax = fig.axes
+    assert [ax.get_xlabel() for ax in fig.axes] == ["training step"] * 3 and dimcorr_ax.get_ylabel() == "mean dimension-wise r"
+    mean_line = next(line for line in cka_ax.get_lines() if line.get_label() == "mean over hidden states")
+    assert list(mean_line.get_xdata()) == list(STEPS) and np.allclose(mean_line.get_ydata(), dyn.cka.mean)
+    assert len(cka_ax.get_lines()) == len(dyn.cka.layers) + 1
+    assert {line.get_label() for line in knn_ax.get_lines()} == {"k = 5", "k = 10"}
+    png = plot_dynamics(dyn, tmp_path / "fig5.png")
+    from matplotlib.image import imread
+
+    image = imread(png)  # (H, W, 4)
+    assert image.shape[0] > 300 and image.shape[1] > 3 * image.shape[0] // 2
+    assert (image[..., :3] < 0.9).any(axis=2).mean() > 0.02  # lines drawn, not a blank canvas
+
+
+@pytest.mark.parametrize("bad", ["lengths", "repeated-step", "one-run", "not-results"])
+def test_write_dynamics_rejects(steps_store, bad: str, tmp_path: Path) -> None:
+    _, _, _, results = steps_store
+    kwargs = {"runs": ("r1", "r2"), "steps": list(STEPS), "results": results}
+    kwargs |= {"lengths": {"steps": [0, 10]}, "repeated-step": {"steps": [0, 10, 10]}, "one-run": {"runs": ("r1",)},
+               "not-results": {"results": [results[0], results[1], tmp_path]}}[bad]
+    with pytest.raises(ReportInputError, match="^Expected"):
+        write_dynamics(tmp_path / "d.json", **kwargs)
+    assert not (tmp_path / "d.json").exists()
+
+
+def test_load_dynamics_rejects(steps_store, tmp_path: Path) -> None:
+    _, _, _, results = steps_store
+    with pytest.raises(ReportInputError, match="schema hrsa.dynamics/1"):
+        load_dynamics(results[0])
+    path = write_dynamics(tmp_path / "d.json", runs=("r1", "r2"), steps=STEPS, results=results)
+    doc = json.loads(path.read_text())
+    doc["steps"][1]["results"] = "gone/results.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ReportInputError, match="does not exist"):
+        load_dynamics(path)

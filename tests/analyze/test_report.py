@@ -1,0 +1,197 @@
+"""``hrsa report``: a self-contained HTML report from real results of ``analyze_pair`` (every metric, cross-layer).
+
+One labelled store holds model ``a`` and three partners whose relation to it is known by construction:
+``scaled`` (2.5 a: identical up to scale, identity rotation), ``rotated`` (a Q, Q a random rotation: the same
+geometry in another basis) and ``random`` (unrelated Gaussian data). The verdicts follow from that.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from hrsa.analyze.dynamics import write_dynamics
+from hrsa.analyze.knn import KnnOptions
+from hrsa.analyze.pair import analyze_pair
+from hrsa.analyze.probe import ProbeOptions
+from hrsa.analyze.report import ReportInputError, read_results, write_report
+from hrsa.analyze.report_cli import report
+from hrsa.analyze.results import results_dict, write_json
+from hrsa.analyze.summary import CKA_PRESERVED, KNN_PRESERVED, Thresholds, summarize
+from hrsa.cli import cli
+from hrsa.store import ActivationStore
+from hrsa.store.errors import UserError
+from hrsa.store.testing import make_table
+
+D, STATES, N_DOCS = 16, 4, 200
+PARTNERS = ("scaled", "rotated", "random")
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+
+
+def _build_store(root: Path) -> ActivationStore:
+    """Labelled documents (ham/spam in a jsonl source); model a carries the label in dimensions 0-1."""
+    rng = np.random.default_rng(5)
+    lengths = tuple(int(n) for n in rng.integers(3, 10, size=N_DOCS))
+    labels = rng.choice(["ham", "spam"], size=N_DOCS)
+    source = root / "mail.jsonl"
+    source.write_text("".join(json.dumps({"id": f"rec-{i}", "label": str(v), "text": "t"}) + "\n" for i, v in enumerate(labels)))
+    table = make_table(lengths)
+    store = ActivationStore.open(str(root / "store"), mode="a")
+    cid = store.write_corpus(table, tokenizer={"name": "tok", "fingerprint": "fp"}, source=str(source),
+                             extra={"corpus_spec": {"source": str(source), "text": "text", "id_field": None}})
+    sign = np.repeat(np.where(labels == "spam", 1.0, -1.0), lengths)  # (N,)
+    x = {0: rng.normal(size=(table.n_tokens, D))}
+    x[0][:, :2] += sign[:, None]
+    for k in range(1, STATES):
+        x[k] = x[k - 1] + 0.5 * rng.normal(size=(table.n_tokens, D))  # (N, D): each layer drifts a bit
+    q, _ = np.linalg.qr(rng.normal(size=(D, D)))  # (D, D) random rotation
+    models = {"a": x, "scaled": {k: 2.5 * v for k, v in x.items()}, "rotated": {k: v @ q for k, v in x.items()},
+              "random": {k: rng.normal(size=v.shape) for k, v in x.items()}}
+    for mid, states in models.items():
+        store.create_model(mid, corpus=cid, n_hidden_states=STATES, hidden_size=D, dtype="float32", chunk_tokens=64, shard_tokens=256)
+        writer = store.writer(mid)
+        for unit in writer.units():
+            writer.write_unit(unit, {k: v[unit.start : unit.stop].astype(np.float32) for k, v in states.items()})
+    return store
+
+
+@pytest.fixture(scope="module")
+def results_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """{partner: folder of results.json} for a against each partner, every metric, cross-layer, both probe directions."""
+    root = tmp_path_factory.mktemp("report")
+    store = _build_store(root)
+    out = {}
+    for partner in PARTNERS:
+        res = analyze_pair(store, "a", partner, metrics=("dimcorr", "cka", "procrustes", "knn", "probe"), cross_layer=True,
+                           debiased=True, backend="numpy", scheduler="sync", knn_options=KnnOptions(ks=(5, 10, 50)),
+                           probe_options=ProbeOptions(label_field="label", both_directions=True))
+        # results.json as save_results writes it, without its PNGs (the report draws its own)
+        out[partner] = write_json(results_dict(res, run_id=f"a-vs-{partner}"), root / f"out-{partner}").parent
+    return out
+
+
+@pytest.fixture(scope="module")
+def report_html(results_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("html")
+    dyn = write_dynamics(root / "dynamics.json", runs=("run-1", "run-2"), steps=[0, 10, 20],
+                         results=[results_dirs[p] for p in PARTNERS])
+    return write_report([results_dirs[p] for p in PARTNERS], root / "report.html", dynamics=dyn, title="HRSA <b>&</b> co")
+
+
+def test_report_is_self_contained_and_holds_every_section(report_html: Path, results_dirs: dict[str, Path]) -> None:
+    page = report_html.read_text()
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page)  # nothing fetched from elsewhere
+    assert "<script" not in page.lower() and "<link" not in page.lower()
+    for section in ("Summary by level (Table 2)", "Cross-layer similarity (Figure 3)", "Procrustes H_inv (Table 3)",
+                    "k-NN overlap (Table 4)", "Cross-model linear probes (Figure 4)", "Training dynamics (Figure 5)",
+                    "Provenance", "Thresholds"):
+        assert section in page, section
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(images) == 3 * 4 + 1  # per pair: 2 heatmaps, k-NN, probes; one dynamics figure
+    assert all(base64.b64decode(img)[:8] == b"\x89PNG\r\n\x1a\n" for img in images)
+    assert "HRSA &lt;b&gt;&amp;&lt;/b&gt; co" in page and "<b>&</b>" not in page  # the title is escaped
+    for partner, folder in results_dirs.items():
+        doc = json.loads((folder / "results.json").read_text())
+        for value in (doc["run_id"], doc["corpus"], str(doc["n_tokens"]), doc["hrsa_version"], doc["created"]):
+            assert value in page
+        for h in doc["metrics"]["procrustes"]["h_inv"]:  # Table 3, 3 decimals
+            assert f'<td class="num">{h:.3f}</td>' in page
+        for values in doc["metrics"]["knn"]["k"].values():  # Table 4
+            assert all(f'<td class="num">{v:.3f}</td>' in page for v in values)
+        accuracy = doc["metrics"]["probe"]["2"]["reverse"]["target"]["test"]["accuracy"]  # Figure 4's table, B -> A
+        assert f'<td class="num">{accuracy:.3f}</td>' in page
+        assert f"a vs {partner}" in page
+
+
+@pytest.mark.parametrize(("partner", "expected"), [
+    ("scaled", {"representation": "preserved", "geometry": "preserved", "function": "preserved"}),
+    # same geometry in a rotated basis: coordinates (and so probes) do not carry over
+    ("rotated", {"representation": "restructured", "geometry": "preserved", "function": "restructured"}),
+    ("random", {"representation": "restructured", "geometry": "restructured", "function": "restructured"}),
+])
+def test_summary_verdicts(results_dirs: dict[str, Path], partner: str, expected: dict[str, str]) -> None:
+    _, doc = read_results(results_dirs[partner])
+    summary = summarize(doc)
+    assert {lv.level: lv.verdict for lv in summary.levels} == expected
+    cka = float(np.mean(doc["metrics"]["cka"]["diagonal"]))
+    check = next(c for lv in summary.levels for c in lv.checks if c.metric == "linear CKA")
+    assert check.value == pytest.approx(cka) and check.passed == (cka >= CKA_PRESERVED)
+    knn = next(c for lv in summary.levels for c in lv.checks if c.metric.startswith("k-NN"))
+    assert knn.metric == "k-NN overlap at k = 10" and knn.passed == (np.mean(doc["metrics"]["knn"]["k"]["10"]) >= KNN_PRESERVED)
+
+
+def test_thresholds_are_overridable_and_stated(results_dirs: dict[str, Path], tmp_path: Path) -> None:
+    _, scaled = read_results(results_dirs["scaled"])
+    _, unrelated = read_results(results_dirs["random"])
+    assert summarize(scaled, thresholds=Thresholds(cka=1.01)).verdict("geometry") == "restructured"  # CKA is 1.0
+    assert summarize(unrelated, thresholds=Thresholds(cka=0.0, knn=0.0)).verdict("geometry") == "preserved"
+    assert summarize(scaled, thresholds=Thresholds(knn_k=40)).levels[1].checks[1].metric == "k-NN overlap at k = 50"
+    page = write_report([results_dirs["random"]], tmp_path / "r.html", thresholds=Thresholds(cka=0.0, knn=0.0, h_inv=0.123)).read_text()
+    assert "&gt;= 0.123" in page and page.count('class="preserved">preserved') >= 2
+    no_probe = {**unrelated, "metrics": {k: v for k, v in unrelated["metrics"].items() if k != "probe"}}
+    assert summarize(no_probe).verdict("function") == "not measured"
+
+
+@pytest.mark.parametrize("bad", ["empty", "missing", "empty-folder", "wrong-schema", "not-json"])
+def test_bad_inputs_are_user_errors(bad: str, tmp_path: Path) -> None:
+    paths = {"empty": [], "missing": [tmp_path / "nope"], "empty-folder": [tmp_path], "wrong-schema": [tmp_path / "w.json"],
+             "not-json": [tmp_path / "n.json"]}[bad]
+    (tmp_path / "w.json").write_text(json.dumps({"schema": "hrsa.other/9"}))
+    (tmp_path / "n.json").write_text("{not json")
+    with pytest.raises(ReportInputError) as info:
+        write_report(paths, tmp_path / "out.html")
+    assert isinstance(info.value, UserError) and "\n" not in str(info.value) and str(info.value).startswith("Expected")
+    assert not (tmp_path / "out.html").exists()
+
+
+def test_cli_report(results_dirs: dict[str, Path], tmp_path: Path) -> None:
+    hrsa = type(cli)(commands=[report])  # hrsa's own group class: a UserError becomes one line and exit 2
+    config = tmp_path / "report.yaml"
+    config.write_text(f"results: [{results_dirs['scaled']}, {results_dirs['random']}]\nmin_cka: 0.5\n")
+    result = CliRunner().invoke(hrsa, ["report", "--config", str(config), "--out", str(tmp_path / "r.html"), "--min-knn", "0.25"])
+    assert result.exit_code == 0, result.output
+    assert "a vs scaled: representation preserved, geometry preserved, function preserved" in result.stdout
+    assert "a vs random: representation restructured, geometry restructured" in result.stdout
+    page = (tmp_path / "r.html").read_text()
+    assert "&gt;= 0.5</td>" in page and "&gt;= 0.25</td>" in page  # the config's and the flag's thresholds
+    bad = CliRunner().invoke(hrsa, ["report", str(tmp_path / "r.html"), "--out", str(tmp_path / "s.html")])
+    assert bad.exit_code == 2 and bad.stderr.count("\n") == 1 and "results.json" in bad.stderr
+
+
+def _browser() -> str | None:
+    return next((path for name in BROWSERS if (path := shutil.which(name))), None)
+
+
+@pytest.mark.skipif(_browser() is None, reason=f"no headless browser ({', '.join(BROWSERS)}) on PATH")
+def test_report_renders_in_chromium(report_html: Path, tmp_path: Path) -> None:
+    shot = tmp_path / "shot.png"
+    subprocess.run([_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--screenshot={shot}",
+                    "--window-size=1280,4000", report_html.as_uri()], check=True, capture_output=True, timeout=120, cwd=tmp_path)
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(shot).convert("RGB"))  # (H, W, 3)
+    assert pixels.shape == (4000, 1280, 3)
+    non_white = (pixels < 245).any(axis=2).mean()
+    colours = np.unique(pixels.reshape(-1, 3)[::7], axis=0)
+    assert non_white > 0.1, f"mostly blank: {non_white:.3f} of pixels not white"
+    assert len(colours) > 200, f"only {len(colours)} colours: figures missing?"
+
+
+def test_without_cross_layer_the_report_draws_profiles(results_dirs: dict[str, Path], tmp_path: Path) -> None:
+    _, doc = read_results(results_dirs["rotated"])
+    for metric in ("cka", "dimcorr"):
+        del doc["metrics"][metric]["matrix"]
+    doc["metrics"]["cka"]["diagonal"][1] = None  # an undefined value (NaN is written as null)
+    del doc["metrics"]["probe"]
+    page = write_report([write_json(doc, tmp_path / "plain")], tmp_path / "r.html").read_text()
+    assert "Per-layer similarity" in page and "Cross-layer similarity" not in page and "Figure 4" not in page
+    assert '<td class="num">n/a</td>' in page and page.count("data:image/png;base64,") == 2  # profile and k-NN
+    assert summarize(doc).verdict("function") == "not measured"

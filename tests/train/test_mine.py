@@ -1,0 +1,203 @@
+"""Hard-negative mining: FAISS + the positive-aware rule against an independent float64 brute force."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from hrsa.train.mine import MineConfig, mine_from_embeddings, mine_negatives
+
+RATIO = 0.95
+
+
+class TableEncoder:
+    """A fake embedder: each text's vector is looked up in a table (so every score is chosen by the test)."""
+
+    def __init__(self, table: dict[str, np.ndarray]) -> None:
+        self.table = table
+
+    def encode(self, texts, **kwargs) -> np.ndarray:
+        return np.stack([self.table[t] for t in texts]).astype(np.float32)
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _synthetic(tmp_path: Path, n_docs: int = 40, n_queries: int = 12, seed: int = 3):
+    """Docs are one-hot vectors, so query i's score with doc j is its j-th coordinate: chosen on a grid."""
+    rng = np.random.default_rng(seed)
+    dim = n_docs + 1  # one more axis for a near-copy of doc 0 (different spacing, same text otherwise)
+    docs = [f"doc number {j}" for j in range(n_docs)]
+    table = {t: np.eye(dim)[j] for j, t in enumerate(docs)}
+    variant = "  doc   number 0 "  # an exact duplicate of doc 0 once whitespace is folded
+    table[variant] = np.eye(dim)[n_docs]
+    grid = np.linspace(0.05, 1.0, dim)
+    records, pos_idx = [], []
+    for i in range(n_queries):
+        scores = rng.permutation(grid)
+        pos = int(rng.integers(n_docs))
+        if i == 1:  # its positive ranks near the bottom: few candidates pass the 95% rule
+            pos = int(np.argsort(scores[:n_docs])[2])
+        if i == 0:
+            pos = 0
+            scores[n_docs] = 0.9 * scores[0]  # the copy of the positive would pass the score rule
+        vec = scores / np.linalg.norm(scores)
+        table[f"query {i}"] = vec
+        records.append({"query": f"query {i}", "pos": docs[pos], "instruction": "find it" if i % 2 else None})
+        pos_idx.append(pos)
+    for r in records:
+        if r["instruction"] is None:
+            del r["instruction"]
+    corpus = docs + [variant]
+    return records, corpus, table
+
+
+def _brute_force(records, corpus, table, k, ratio):
+    """Independent: float64 scores against the whole corpus, sorted, filtered by text and by the rule."""
+    fold = " ".join
+    out = []
+    for r in records:
+        q = table[r["query"]].astype(np.float32).astype(np.float64)
+        pos_score = q @ table[r["pos"]].astype(np.float32).astype(np.float64)
+        scored = [(q @ table[t].astype(np.float32).astype(np.float64), t) for t in corpus
+                  if fold(t.split()) != fold(r["pos"].split())]
+        scored.sort(key=lambda st: -st[0])
+        out.append([t for s, t in scored if s < ratio * pos_score][:k])
+    return out
+
+
+def test_mine_matches_brute_force_and_rules(tmp_path: Path) -> None:
+    records, corpus, table = _synthetic(tmp_path)
+    inp = _write_jsonl(tmp_path / "pairs.jsonl", records)
+    corpus_file = _write_jsonl(tmp_path / "corpus.jsonl", [{"body": t} for t in corpus + corpus[:5]])  # repeats too
+    k = 6
+    config = MineConfig(input=inp, corpus=corpus_file, corpus_field="body", k=k, depth=3, out=tmp_path / "out.jsonl")
+    result = mine_negatives(config, encoder=TableEncoder(table))
+    got = [json.loads(line) for line in result.out.read_text().splitlines()]
+    expected = _brute_force(records, corpus, table, k, RATIO)
+    for r in records:  # precondition of an exact comparison: no near-ties, nothing near a threshold
+        scores = np.sort([table[r["query"]] @ table[t] for t in corpus])
+        threshold = RATIO * (table[r["query"]] @ table[r["pos"]])
+        assert np.diff(scores).min() > 1e-4 and np.abs(scores - threshold).min() > 1e-4
+    # the scores are far from each other and from the thresholds, so float32 FAISS must agree exactly
+    assert [g["negs"] for g in got] == expected
+    for r, g in zip(records, got):
+        assert (g["query"], g["pos"], g.get("instruction")) == (r["query"], r["pos"], r.get("instruction"))
+        q = table[r["query"]]
+        assert r["pos"] not in g["negs"] and "  doc   number 0 " not in g["negs"]
+        assert all(q @ table[n] < RATIO * (q @ table[r["pos"]]) for n in g["negs"])
+    assert result.n_short == sum(len(e) < k for e in expected) >= 1
+    assert result.n_corpus == len(corpus) and result.n_queries == len(records)
+
+
+def test_mine_from_embeddings_deepens_until_complete() -> None:
+    rng = np.random.default_rng(0)
+    docs = rng.normal(size=(300, 16)).astype(np.float32)
+    docs /= np.linalg.norm(docs, axis=1, keepdims=True)
+    queries = docs[:20] + 0.05 * rng.normal(size=(20, 16)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    pos_scores = np.einsum("qd,qd->q", queries, docs[:20]).astype(np.float64)
+    exclude = [{i} for i in range(20)]
+    got = mine_from_embeddings(queries, docs, pos_scores, exclude, k=5, max_score_ratio=0.5, depth=1)
+    scores = queries.astype(np.float64) @ docs.astype(np.float64).T
+    for i, negs in enumerate(got):
+        order = [j for j in np.argsort(-scores[i], kind="stable") if j != i and scores[i, j] < 0.5 * pos_scores[i]]
+        assert negs == order[:5]
+
+
+def test_keep_existing_negatives(tmp_path: Path) -> None:
+    records, corpus, table = _synthetic(tmp_path, n_queries=4)
+    records[2]["negs"] = ["doc number 39", "doc number 38"]
+    inp = _write_jsonl(tmp_path / "pairs.jsonl", records)
+    corpus_file = _write_jsonl(tmp_path / "corpus.jsonl", [{"text": t} for t in corpus])
+    config = MineConfig(input=inp, corpus=corpus_file, k=4, keep_existing=True, out=tmp_path / "o.jsonl")
+    got = [json.loads(line) for line in mine_negatives(config, encoder=TableEncoder(table)).out.read_text().splitlines()]
+    negs = got[2]["negs"]
+    assert negs[:2] == ["doc number 39", "doc number 38"] and len(negs) == 4 and len(set(negs)) == 4
+
+
+@pytest.mark.data
+@pytest.mark.real_model
+def test_real_minilm_on_spam_assassin(tmp_path: Path, shared_data: Path) -> None:
+    from hrsa.train.encode import TextEncoder
+
+    mails = [json.loads(line) for line in (shared_data / "spam-assassin" / "spam-assassin.jsonl").open()][:600]
+    records, seen = [], set()
+    for mail in mails:
+        subject, _, body = mail["text"].partition("\n\n")
+        if len(subject) > 8 and len(body) > 80 and subject not in seen:
+            seen.add(subject)
+            records.append({"query": subject, "pos": body[:200]})
+    records = records[:150]
+    inp = _write_jsonl(tmp_path / "pairs.jsonl", records)
+    config = MineConfig(input=inp, k=3, max_length=48, out=tmp_path / "mined.jsonl")
+    result = mine_negatives(config)
+    lines = [json.loads(line) for line in result.out.read_text().splitlines()]
+    assert len(lines) == len(records) == result.n_queries
+    corpus = list(dict.fromkeys(r["pos"] for r in records))
+    # independent check: the same model's embeddings, float64 scores over the whole corpus
+    encoder = TextEncoder.load("packaged:all-minilm-l6-v2", device="cpu")
+    q = encoder.encode([r["query"] for r in records], max_length=48).astype(np.float64)
+    d = encoder.encode(corpus, max_length=48).astype(np.float64)
+    row = {t: i for i, t in enumerate(corpus)}
+    for i, (r, line) in enumerate(zip(records, lines)):
+        assert set(line) == {"query", "pos", "negs"} and line["pos"] == r["pos"]
+        scores = d @ q[i]
+        limit = RATIO * scores[row[r["pos"]]]
+        order = [corpus[j] for j in np.argsort(-scores, kind="stable") if corpus[j] != r["pos"] and scores[j] < limit]
+        assert line["negs"][:2] == order[:2]  # the best two (ties at the third place are float noise)
+        assert all(scores[row[n]] < limit + 1e-5 for n in line["negs"])
+    assert result.n_short == sum(len(line["negs"]) < 3 for line in lines)
+
+
+# --- the CLI ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def cli() -> click.Group:
+    from hrsa.cli import _Hrsa
+    from hrsa.train.eval_cli import mine_negatives_command
+
+    @click.group(cls=_Hrsa)
+    def group() -> None:
+        pass
+
+    group.add_command(mine_negatives_command)
+    return group
+
+
+@pytest.mark.parametrize(("lines", "message"), [
+    (['{"query": "a", "pos": "b"}', '{"query": "c"}'], "line 2"),
+    (['{"query": "a", "pos": "b"}', "{not json"], "invalid JSON on line 2"),
+    (['{"query": "a", "pos": "b", "negs": "x"}'], "'negs' to be a list"),
+    ([], "at least one record"),
+])
+def test_cli_bad_input_exits_2(cli: click.Group, tmp_path: Path, lines: list[str], message: str) -> None:
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    result = CliRunner().invoke(cli, ["mine-negatives", "--input", str(path)])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_cli_missing_file_bad_flag_and_existing_out(cli: click.Group, tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(cli, ["mine-negatives", "--input", str(tmp_path / "nope.jsonl")])
+    assert result.exit_code == 2 and "no such file" in result.output
+    good = _write_jsonl(tmp_path / "pairs.jsonl", [{"query": "a", "pos": "b"}])
+    result = runner.invoke(cli, ["mine-negatives", "--input", str(good), "--max-score-ratio", "-1", "--k", "0"])
+    assert result.exit_code == 2 and "2 problem(s)" in result.output and "max_score_ratio" in result.output
+    (tmp_path / "out.jsonl").write_text("keep me\n")
+    result = runner.invoke(cli, ["mine-negatives", "--input", str(good), "--out", str(tmp_path / "out.jsonl")])
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert (tmp_path / "out.jsonl").read_text() == "keep me\n"
+    corpus = _write_jsonl(tmp_path / "corpus.jsonl", [{"text": "x"}, {"body": "y"}])
+    result = runner.invoke(cli, ["mine-negatives", "--input", str(good), "--corpus", str(corpus)])
+    assert result.exit_code == 2 and "line 2" in result.output and "--corpus-field" in result.output

@@ -1,0 +1,307 @@
+"""Hard-negative mining (``hrsa mine-negatives``): for each (query, pos), the documents an embedding model ranks
+highest that are still clearly worse than the positive.
+
+Positive-aware rule (NV-Retriever's "TopK-PercPos"): a candidate is kept only when its score is under
+``max_score_ratio`` times the positive's score, which drops likely false negatives (unlabelled positives).
+The positive itself and exact duplicates of its text (whitespace aside) are never negatives. Search is
+exact inner product on unit vectors (FAISS ``IndexFlatIP``; on the GPU when FAISS has one), and a query
+left short of ``k`` is searched again deeper, so the result equals a brute-force scan of the whole corpus.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from hrsa.store.errors import UserError
+from hrsa.train.pooling import format_query
+
+__all__ = [
+    "JsonlError",
+    "MineConfig",
+    "MineResult",
+    "mine_from_embeddings",
+    "mine_negatives",
+    "read_jsonl",
+    "read_pairs",
+    "search_inner_product",
+    "select_negatives",
+]
+
+
+class JsonlError(UserError, ValueError):
+    """A JSON-lines input that is missing, unreadable, or lacks a field on some line."""
+
+
+class MineConfig(BaseModel):
+    """Settings of ``hrsa mine-negatives``; each field is also a flag (``max_score_ratio`` is ``--max-score-ratio``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    input: Path = Field(description="JSON lines with query, pos (and optional negs, instruction).")
+    out: Path | None = Field(None, description="Output JSON lines (default: <input stem>.mined.jsonl beside the input).")
+    corpus: Path | None = Field(None, description="JSON lines of candidate documents (default: the input's positives).")
+    corpus_field: str = Field("text", description="The field of --corpus holding each document's text.")
+    model: str = Field("packaged:all-minilm-l6-v2", description="Embedding model: hub id, folder, .gguf or packaged:NAME.")
+    k: int = Field(7, ge=1, description="Negatives per query.")
+    max_score_ratio: float = Field(0.95, gt=0, description="Keep candidates scoring under this times the positive's score.")
+    depth: int = Field(100, ge=1, description="Candidates retrieved per query at first (searched deeper when short).")
+    keep_existing: bool = Field(False, description="Keep the input's negs first and mine only the rest up to k.")
+    query_instructions: bool = Field(False, description="Embed queries with their instruction (instruction-tuned models).")
+    batch_size: int = Field(64, ge=1, description="Texts per forward pass.")
+    max_length: int = Field(256, ge=1, description="Cut texts to this many tokens.")
+    device: str | None = Field(None, description="cpu, cuda, cuda:1 ... (default: CUDA when available).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
+    attention: Literal["auto", "causal", "bidirectional"] = Field("auto", description="auto: the model's own.")
+    overwrite: bool = Field(False, description="Replace --out when it exists.")
+
+    def out_path(self) -> Path:
+        return self.out if self.out is not None else self.input.with_name(self.input.stem + ".mined.jsonl")
+
+
+@dataclass(frozen=True)
+class MineResult:
+    """What a mining run wrote: where, and how many queries got fewer than ``k`` negatives."""
+
+    out: Path
+    model: str
+    n_queries: int
+    n_corpus: int
+    k: int
+    n_short: int
+    n_empty: int
+    mean_negatives: float
+
+    def summary(self) -> str:
+        return (f"wrote {self.out}: {self.n_queries} queries, corpus {self.n_corpus}, {self.mean_negatives:.2f} negatives "
+                f"a query on average; {self.n_short} got fewer than {self.k} ({self.n_empty} none)")
+
+
+class Encoder(Protocol):
+    def encode(self, texts: Sequence[str], **kwargs: Any) -> np.ndarray: ...
+
+
+# --- reading -------------------------------------------------------------------------------------------------------
+
+
+def read_jsonl(path: Path, *, required: Sequence[str] = (), hint: str = "") -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file; every one must hold ``required`` as a non-empty string.
+
+    Raises:
+        JsonlError: no such file, invalid JSON, or a missing field; the message names the line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise JsonlError(f"Expected a JSON-lines file at {path}. Got no such file instead. Check the path.")
+    records = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise JsonlError(f"Expected one JSON object a line in {path}. Got invalid JSON on line {number} "
+                                 f"instead ({error.msg}). Fix that line.") from None
+            if not isinstance(record, dict):
+                raise JsonlError(f"Expected one JSON object a line in {path}. Got a {type(record).__name__} on line "
+                                 f"{number} instead. Fix that line.")
+            for name in required:
+                if not isinstance(record.get(name), str) or not record[name].strip():
+                    got = "no" if name not in record else f"an empty or non-text ({type(record[name]).__name__})"
+                    raise JsonlError(f"Expected a text field {name!r} on every line of {path}. Got {got} {name!r} on "
+                                     f"line {number} instead. Fix that line{hint}.")
+            records.append(record)
+    if not records:
+        raise JsonlError(f"Expected at least one record in {path}. Got an empty file instead.")
+    return records
+
+
+def read_pairs(path: Path) -> list[dict[str, Any]]:
+    """Training pairs: ``query`` and ``pos`` (text), optional ``negs`` (list of texts) and ``instruction`` (text)."""
+    records = read_jsonl(path, required=("query", "pos"))
+    for number, record in enumerate(records, 1):
+        negs = record.get("negs", [])
+        if not isinstance(negs, list) or not all(isinstance(n, str) for n in negs):
+            raise JsonlError(f"Expected 'negs' to be a list of texts in {path}. Got {type(negs).__name__} in record "
+                             f"{number} instead. Fix that record.")
+        instruction = record.get("instruction")
+        if instruction is not None and not isinstance(instruction, str):
+            raise JsonlError(f"Expected 'instruction' to be text in {path}. Got {type(instruction).__name__} in record "
+                             f"{number} instead. Fix that record.")
+    return records
+
+
+def _norm(text: str) -> str:
+    """Text with whitespace folded: what "an exact duplicate" compares."""
+    return " ".join(text.split())
+
+
+# --- the math ------------------------------------------------------------------------------------------------------
+
+
+def search_inner_product(queries: np.ndarray, docs: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``depth`` inner products (FAISS ``IndexFlatIP``, on all GPUs when FAISS has any).
+
+    Returns:
+        (scores, ids), both (Q, min(depth, N)), best first.
+    """
+    import faiss
+
+    index = faiss.IndexFlatIP(docs.shape[1])
+    if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
+        index = faiss.index_cpu_to_all_gpus(index)
+    index.add(np.ascontiguousarray(docs, dtype=np.float32))
+    return index.search(np.ascontiguousarray(queries, dtype=np.float32), min(depth, docs.shape[0]))
+
+
+def select_negatives(
+    scores: np.ndarray, ids: np.ndarray, pos_scores: np.ndarray, exclude: Sequence[set[int]], *, k: int, max_score_ratio: float
+) -> list[list[int]]:
+    """For each query, the first ``k`` candidates (in the order given) not excluded and under ratio x positive score."""
+    chosen = []
+    for row_scores, row_ids, pos, banned in zip(scores, ids, pos_scores, exclude):
+        limit = max_score_ratio * float(pos)
+        keep = [int(i) for s, i in zip(row_scores, row_ids) if i >= 0 and i not in banned and s < limit]
+        chosen.append(keep[:k])
+    return chosen
+
+
+def mine_from_embeddings(
+    queries: np.ndarray,
+    docs: np.ndarray,
+    pos_scores: np.ndarray,
+    exclude: Sequence[set[int]],
+    *,
+    k: int,
+    max_score_ratio: float = 0.95,
+    depth: int = 100,
+) -> list[list[int]]:
+    """Indices into ``docs`` of each query's negatives, best first; queries left short are searched deeper.
+
+    Args:
+        queries: (Q, D) unit vectors. docs: (N, D) unit vectors.
+        pos_scores: (Q,) each query's score with its positive.
+        exclude: per query, document indices that may never be its negatives (its positive, duplicates).
+        k, max_score_ratio, depth: see :class:`MineConfig`.
+    """
+    n_docs = docs.shape[0]
+    result: list[list[int]] = [[] for _ in range(len(queries))]
+    todo = np.arange(len(queries))
+    depth = max(depth, k)
+    while len(todo):
+        scores, ids = search_inner_product(queries[todo], docs, depth)
+        picked = select_negatives(scores, ids, pos_scores[todo], [exclude[i] for i in todo], k=k,
+                                  max_score_ratio=max_score_ratio)
+        for q, negs in zip(todo, picked):
+            result[q] = negs
+        if depth >= n_docs:
+            break
+        todo = np.array([q for q, negs in zip(todo, picked) if len(negs) < k], dtype=np.int64)
+        depth = min(n_docs, depth * 4)
+    return result
+
+
+# --- the job -------------------------------------------------------------------------------------------------------
+
+
+def _corpus_texts(config: MineConfig, records: list[dict[str, Any]]) -> list[str]:
+    if config.corpus is None:
+        texts = [r["pos"] for r in records]
+    else:
+        hint = f" or name the text field with --corpus-field (now {config.corpus_field!r})"
+        texts = [r[config.corpus_field] for r in read_jsonl(config.corpus, required=(config.corpus_field,), hint=hint)]
+    return list(dict.fromkeys(texts))  # distinct, first occurrence order
+
+
+def _exclusions(records: list[dict[str, Any]], corpus: list[str], keep_existing: bool) -> list[set[int]]:
+    """Per query: the corpus indices equal (whitespace aside) to its positive, or to its kept negatives."""
+    where: dict[str, set[int]] = {}
+    for i, text in enumerate(corpus):
+        where.setdefault(_norm(text), set()).add(i)
+    out = []
+    for r in records:
+        texts = [r["pos"]] + (list(r.get("negs", [])) if keep_existing else [])
+        out.append(set().union(*(where.get(_norm(t), set()) for t in texts)))
+    return out
+
+
+def mine_negatives(
+    config: MineConfig, *, encoder: Encoder | None = None, on_stage: Callable[[str], None] | None = None
+) -> MineResult:
+    """Mine hard negatives for every record of ``config.input`` and write them to ``config.out_path()``.
+
+    Args:
+        config: the settings.
+        encoder: an already loaded embedder (a :class:`~hrsa.train.encode.TextEncoder`, or anything with its
+            ``encode``); default: load ``config.model``.
+        on_stage: called with a short description as each stage starts.
+
+    Raises:
+        UserError: missing input, missing fields (the line is named), an existing output without ``overwrite``.
+    """
+    say = on_stage or (lambda _: None)
+    out = config.out_path()
+    if out.exists() and not config.overwrite:
+        raise UserError(f"Expected a new output file. Got an existing {out} instead. Pass --overwrite or another --out.")
+    records = read_pairs(config.input)
+    corpus = _corpus_texts(config, records)
+    if encoder is None:
+        from hrsa.train.encode import TextEncoder
+
+        say(f"loading {config.model}")
+        encoder = TextEncoder.load(config.model, device=config.device, dtype=config.dtype, attention=config.attention)
+    options = {"batch_size": config.batch_size, "max_length": config.max_length, "show_progress": on_stage is not None}
+    say(f"embedding {len(corpus)} documents")
+    docs = encoder.encode(corpus, **options)
+    say(f"embedding {len(records)} queries and positives")
+    queries = encoder.encode([format_query(r["query"], r.get("instruction") if config.query_instructions else None)
+                              for r in records], **options)
+    pos_emb = _positive_embeddings([r["pos"] for r in records], corpus, docs, encoder, options)
+    pos_scores = np.einsum("qd,qd->q", queries.astype(np.float64), pos_emb.astype(np.float64))
+    say("searching")
+    kept = [list(dict.fromkeys(r.get("negs", []))) if config.keep_existing else [] for r in records]
+    exclude = _exclusions(records, corpus, config.keep_existing)
+    mined = mine_from_embeddings(queries, docs, pos_scores, exclude, k=config.k, max_score_ratio=config.max_score_ratio,
+                                 depth=config.depth)
+    negs = [(old + [corpus[i] for i in new])[:config.k] for old, new in zip(kept, mined)]
+    _write_jsonl(out, [_output_record(r, n) for r, n in zip(records, negs)])
+    counts = np.array([len(n) for n in negs])
+    return MineResult(out=out, model=config.model, n_queries=len(records), n_corpus=len(corpus), k=config.k,
+                      n_short=int((counts < config.k).sum()), n_empty=int((counts == 0).sum()),
+                      mean_negatives=float(counts.mean()))
+
+
+def _positive_embeddings(positives: list[str], corpus: list[str], docs: np.ndarray, encoder: Encoder,
+                         options: dict[str, Any]) -> np.ndarray:
+    """Each record's positive embedding: its corpus row when the corpus holds the text, else embedded now."""
+    row = {t: i for i, t in enumerate(corpus)}
+    missing = list(dict.fromkeys(t for t in positives if t not in row))
+    extra = encoder.encode(missing, **options) if missing else np.zeros((0, docs.shape[1]), dtype=docs.dtype)
+    table = np.concatenate([docs, extra])
+    row.update({t: len(corpus) + i for i, t in enumerate(missing)})
+    return table[[row[t] for t in positives]]
+
+
+def _output_record(record: dict[str, Any], negs: list[str]) -> dict[str, Any]:
+    out = {"query": record["query"], "pos": record["pos"], "negs": negs}
+    if record.get("instruction") is not None:
+        out["instruction"] = record["instruction"]
+    return out
+
+
+def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    """Write whole or not at all: a temporary file renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    tmp.replace(path)
