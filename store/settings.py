@@ -40,7 +40,8 @@ def load_settings(model: type[M], path: Path | None, flags: Mapping[str, Any], *
         try:
             loaded = yaml.safe_load(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as e:
-            raise error(f"Expected a readable YAML config at {path}. Got an error instead: {e}".replace("\n", " ")) from e
+            message = f"Expected a readable YAML config at {path}. Got an error instead: {e}".replace("\n", " ")
+            raise error(message) from e
         if not isinstance(loaded, dict):
             raise error(f"Expected a YAML mapping of settings in {path}. Got {type(loaded).__name__} instead.")
         values.update(loaded)

@@ -18,6 +18,20 @@ def test_shipped_config_validates(path: Path) -> None:
         from hrsa.analyze.config import load_config
 
         load_config(path, {})
+    elif verb == "train":
+        from hrsa.train.config import load_train_config
+
+        load_train_config(path, {})
+    elif verb == "run":
+        from hrsa.cluster.pipeline import load_pipeline
+
+        load_pipeline(path)
+    elif verb in ("mine-negatives", "eval"):
+        from hrsa.store.settings import load_settings
+        from hrsa.train.evaluate import EvalConfig
+        from hrsa.train.mine import MineConfig
+
+        load_settings(MineConfig if verb == "mine-negatives" else EvalConfig, path, {}, verb=verb)
     else:
         pytest.fail(f"no validator for `hrsa {verb}` configs yet")
 

@@ -1,0 +1,117 @@
+"""InfoNCE: against a float64 oracle, and 2 gathering workers against one process holding the whole batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from hrsa.train.loss import info_nce
+
+
+def _oracle(q: np.ndarray, d: np.ndarray, temperature: float, group: int) -> float:
+    """-mean log softmax at each query's own positive, in plain float64 loops."""
+    total = 0.0
+    for i in range(len(q)):
+        scores = [float(q[i] @ d[j]) / temperature for j in range(len(d))]
+        top = max(scores)
+        log_z = top + np.log(sum(np.exp(s - top) for s in scores))
+        total += log_z - scores[i * group]
+    return total / len(q)
+
+
+@pytest.mark.parametrize("group", [1, 2, 4])
+def test_info_nce_matches_a_float64_oracle(group: int) -> None:
+    rng = np.random.default_rng(group)
+    q = rng.standard_normal((5, 8))
+    d = rng.standard_normal((5 * group, 8))
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    got = info_nce(torch.from_numpy(q), torch.from_numpy(d), temperature=0.05, group_size=group, gather=False)
+    assert float(got) == pytest.approx(_oracle(q, d, 0.05, group), rel=1e-5)
+
+
+def test_info_nce_rejects_a_wrong_number_of_documents() -> None:
+    with pytest.raises(ValueError, match="documents"):
+        info_nce(torch.ones(2, 3), torch.ones(5, 3), temperature=0.1, group_size=2, gather=False)
+
+
+# Each rank: its half of the batch, gathered documents, gradients averaged over ranks. Plain, chunked
+# (chunk 3 does not divide the 4 local queries or 8 documents) and FSDP2.
+_WORKER = textwrap.dedent('''
+    import copy, sys, torch, torch.distributed as dist
+    from hrsa.extract.model_spec import parse_model_spec
+    from hrsa.train.gradcache import contrastive_backward
+    from hrsa.train.loss import info_nce
+    from hrsa.train.model import load_embedding_model, tokenize
+    from hrsa.train.trainer import _shard_fsdp, average_gradients
+
+    rank, folder, out, queries, docs = int(sys.argv[1]), sys.argv[2], sys.argv[3], eval(sys.argv[4]), eval(sys.argv[5])
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    spec = parse_model_spec(folder, attention="bidirectional")
+    base, tok, _ = load_embedding_model(spec, device="cpu")
+    results = {}
+    for mode in ("plain", "chunked", "fsdp"):
+        model = copy.deepcopy(base)
+        b = len(queries) // 2
+        q = tokenize(tok, queries[rank * b:(rank + 1) * b], max_length=32)
+        d = tokenize(tok, docs[rank * 2 * b:(rank + 1) * 2 * b], max_length=32)
+        if mode == "fsdp":
+            _shard_fsdp(model, torch.device("cpu"))
+        loss_fn = lambda e: info_nce(e[0], e[1], temperature=0.05, group_size=2, gather=True)
+        contrastive_backward(model, [q, d], loss_fn, chunk_size=3 if mode == "chunked" else None)
+        if mode == "fsdp":
+            grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+        else:
+            average_gradients(model, 2)
+            grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results[mode] = grads
+    torch.save(results, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+''')
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.integration
+def test_two_gathering_workers_give_the_gradients_of_one_process(tiny_models: Any, tmp_path: Path) -> None:
+    from hrsa.extract.model_spec import parse_model_spec
+    from hrsa.train.gradcache import contrastive_backward
+    from hrsa.train.model import load_embedding_model, tokenize
+
+    folder = str(tiny_models.dir("llama"))
+    words = "the quick brown fox jumps over the lazy dog tiny model hidden states".split()
+    queries = [" ".join(words[i:i + 3 + i % 4]) for i in range(8)]
+    docs = [" ".join(words[(2 * i + j) % 12:(2 * i + j) % 12 + 2 + j]) for i in range(8) for j in range(2)]
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "HF_HUB_OFFLINE": "1"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), folder, str(tmp_path), repr(queries), repr(docs)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    # The oracle: one process, the whole batch, no gathering.
+    model, tok, _ = load_embedding_model(parse_model_spec(folder, attention="bidirectional"), device="cpu")
+    contrastive_backward(model, [tokenize(tok, queries, max_length=32), tokenize(tok, docs, max_length=32)],
+                         lambda e: info_nce(e[0], e[1], temperature=0.05, group_size=2, gather=False))
+    expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    scale = max(float(g.abs().max()) for g in expected.values())
+    for rank in range(2):
+        results = torch.load(tmp_path / f"rank{rank}.pt")
+        for mode, grads in results.items():
+            assert set(grads) == set(expected), mode
+            for name, grad in grads.items():
+                torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-5 * scale, msg=f"{mode} {name}")

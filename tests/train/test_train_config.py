@@ -1,0 +1,97 @@
+"""`hrsa train` settings and data: every mistake is one line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from hrsa.cli import cli
+from hrsa.store.errors import UserError
+from hrsa.train.config import TrainConfig, load_train_config
+
+
+def _run(*args: str) -> Any:
+    return CliRunner().invoke(cli, ["train", *args])
+
+
+def _one_error_line(result: Any) -> str:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("hrsa: error: "), result.output
+    return lines[0]
+
+
+def test_missing_fields_are_named_at_once() -> None:
+    line = _one_error_line(_run("--data", "x.jsonl"))
+    assert "--backbone is required" in line and "--output is required" in line
+
+
+@pytest.mark.parametrize("value", ["0", "-0.5"])
+def test_temperature_must_be_positive(value: str) -> None:
+    line = _one_error_line(_run("--backbone", "b", "--data", "d", "--output", "o", "--temperature", value))
+    assert "temperature" in line and "greater than 0" in line
+
+
+def test_batch_must_divide_over_workers() -> None:
+    line = _one_error_line(_run("--backbone", "b", "--data", "d", "--output", "o", "--workers", "3",
+                                "--batch-size", "8"))
+    assert "divisible by --workers" in line
+
+
+def test_unknown_yaml_key_and_flag_precedence(tmp_path: Path) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text("backbone: b\ndata: d.jsonl\noutput: out\nbatch_size: 4\nlearning_rate: 1\n")
+    with pytest.raises(UserError, match="learning_rate"):
+        load_train_config(path, {})
+    path.write_text("backbone: b\ndata: d.jsonl\noutput: out\nbatch_size: 4\n")
+    config = load_train_config(path, {"batch_size": 8, "lr": None})
+    assert config.batch_size == 8 and config.lr == TrainConfig.model_fields["lr"].default
+    assert config.temperature == 0.02 and config.attention == "bidirectional"
+
+
+def _write(path: Path, records: list[Any]) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+@pytest.mark.parametrize(("record", "message"), [
+    ({"query": "q", "negs": ["n"]}, "line 2.*no pos"),
+    ('{"query": "q", ', "invalid JSON at .* line 2"),
+    ({"query": "q", "pos": "p", "negs": "n"}, "line 2"),
+    ({"query": "q", "pos": "p", "negs": []}, "at least 1 negatives.*line 2"),
+])
+def test_bad_records_name_their_line(tmp_path: Path, record: Any, message: str) -> None:
+    from hrsa.train.data import TrainDataError, load_records
+
+    path = _write(tmp_path / "d.jsonl", [{"query": "q", "pos": "p", "negs": ["n"]}, record])
+    with pytest.raises(TrainDataError, match=message):
+        load_records(path, negatives=1)
+
+
+def test_bad_data_is_one_line_before_any_worker_starts(tiny_models: Any, tmp_path: Path) -> None:
+    path = _write(tmp_path / "d.jsonl", [{"query": "q", "pos": "p"}])
+    line = _one_error_line(_run("--backbone", str(tiny_models.dir("llama")), "--data", str(path),
+                                "--output", str(tmp_path / "out")))
+    assert "line 1" in line and not (tmp_path / "out").exists()
+
+
+def test_batches_are_deterministic_and_split_into_equal_shards(tmp_path: Path) -> None:
+    from hrsa.train.data import global_batch, load_records
+
+    path = _write(tmp_path / "d.jsonl", [{"query": f"q{i}", "pos": f"p{i}", "negs": [f"n{i}a", f"n{i}b", f"n{i}c"]}
+                                         for i in range(10)])
+    records = load_records(path, negatives=2)
+    batches = [global_batch(records, s, batch_size=4, negatives=2, seed=3, instruction="Find") for s in range(5)]
+    assert batches[2] == global_batch(records, 2, batch_size=4, negatives=2, seed=3, instruction="Find")
+    first_epoch = [q for b in batches[:2] for q in b.queries] + list(batches[2].queries[:2])
+    assert len(set(first_epoch)) == 10  # each epoch visits every record once
+    b = batches[0]
+    assert b.queries[0].startswith("Instruct: Find\nQuery: q")
+    i = b.queries[0].rsplit("q", 1)[1]
+    assert b.docs[0] == f"p{i}" and all(d.startswith(f"n{i}") for d in b.docs[1:3])
+    halves = [b.shard(r, 2) for r in range(2)]
+    assert halves[0].queries + halves[1].queries == b.queries and halves[0].docs + halves[1].docs == b.docs

@@ -1,0 +1,153 @@
+"""Training on Ray Train (2 workers, tiny bidirectional Llama): it learns, its checkpoints load in
+`hrsa extract` bidirectionally, and an interrupted run resumes to what one uninterrupted process computes."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.integration
+
+WORDS = "the quick brown fox jumps over the lazy dog".split()
+TOPICS = 12
+
+
+def _records(n: int, *, seed: int) -> list[dict[str, Any]]:
+    """Query of topic t carries key letter t (upper case), its positive a different letter (a fixed shuffle of
+    the lower case ones): nothing but training links them. Hard negatives share the query's filler words."""
+    rng = random.Random(seed)
+    doc_keys = [chr(97 + i) for i in range(TOPICS)]
+    random.Random(123).shuffle(doc_keys)
+    out = []
+    for _ in range(n):
+        t = rng.randrange(TOPICS)
+        filler = " ".join(rng.choice(WORDS) for _ in range(3))
+        others = rng.sample([j for j in range(TOPICS) if j != t], 2)
+        out.append({"query": f"{filler} {chr(65 + t) * 3}",
+                    "pos": f"{' '.join(rng.choice(WORDS) for _ in range(3))} {doc_keys[t] * 3}",
+                    "negs": [f"{filler} {doc_keys[j] * 3}" for j in others], "topic": t})
+    return out
+
+
+def _accuracy(folder: Path, held_out: list[dict[str, Any]]) -> float:
+    """Top-1 retrieval of each held-out query's topic document, with our own encoder."""
+    from hrsa.extract.model_spec import parse_model_spec
+    from hrsa.train.model import load_embedding_model, tokenize
+
+    model, tok, _ = load_embedding_model(parse_model_spec(str(folder), attention="bidirectional"), device="cpu")
+    model.eval()
+    docs = {r["topic"]: r["pos"] for r in held_out}
+    topics = sorted(docs)
+    with torch.no_grad():
+        q = model.embed(tokenize(tok, [r["query"] for r in held_out], max_length=32))
+        d = model.embed(tokenize(tok, [docs[t] for t in topics], max_length=32))
+    predicted = [topics[i] for i in (q @ d.T).argmax(dim=1).tolist()]
+    return sum(p == r["topic"] for p, r in zip(predicted, held_out)) / len(held_out)
+
+
+@pytest.fixture(scope="module")
+def run(ray_local: Any, tiny_models: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One run interrupted after step 12, then resumed to step 24."""
+    from hrsa.train.config import TrainConfig
+    from hrsa.train.trainer import run_training
+
+    root = tmp_path_factory.mktemp("train")
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _records(200, seed=1)))
+    config = TrainConfig(backbone=str(tiny_models.dir("llama")), data=data, output=root / "run", workers=2,
+                         batch_size=8, negatives=1, max_steps=24, save_every=8, lr=3e-3, temperature=0.05,
+                         warmup_ratio=0.1, chunk_size=5, max_length=32)
+    first = run_training(config, progress=False, stop_after=12)
+    second = run_training(config, progress=False)
+    return {"config": config, "first": first, "second": second, "held_out": _records(40, seed=2), "root": root}
+
+
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(run: dict[str, Any]) -> None:
+    first, second = run["first"], run["second"]
+    assert first.resumed_from is None and first.steps == tuple(range(1, 13))
+    assert [p.name for p in first.checkpoints] == ["step_000008", "step_000012"]
+    assert second.resumed_from == 12 and second.steps == tuple(range(13, 25))
+    assert [p.name for p in second.checkpoints] == ["step_000008", "step_000012", "step_000016", "step_000024"]
+    assert all(p.parent == run["config"].output.resolve() for p in second.checkpoints)
+    info = json.loads((second.checkpoints[-1] / "hrsa_train.json").read_text())
+    assert info["step"] == 24 and info["loss"] == pytest.approx(second.final_loss)
+    assert info["config"]["batch_size"] == 8 and info["backbone"]["kind"] == "local"
+
+
+def test_resumed_two_worker_run_equals_one_uninterrupted_process(run: dict[str, Any]) -> None:
+    """Oracle: the same 24 steps in this process, one worker holding the whole batch, plain backward."""
+    from safetensors.torch import load_file
+
+    from hrsa.extract.model_spec import parse_model_spec
+    from hrsa.train.trainer import _setup, _train_step
+
+    config = run["config"].model_copy(update={"workers": 1, "chunk_size": None})
+    spec = parse_model_spec(config.backbone, attention="bidirectional").to_dict()
+    session = _setup(config, spec, 0, 1, torch.device("cpu"), None)
+    losses = [_train_step(session) for _ in range(24)]
+    assert run["first"].losses + run["second"].losses == pytest.approx(losses, rel=2e-3, abs=2e-3)
+    saved = load_file(run["second"].checkpoints[-1] / "model.safetensors")
+    expected = session.model.backbone.state_dict()
+    for name, value in saved.items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_training_lowers_the_loss_and_raises_retrieval_accuracy(run: dict[str, Any]) -> None:
+    losses = run["first"].losses + run["second"].losses
+    assert sum(losses[-4:]) / 4 < losses[0] / 3
+    before = _accuracy(Path(run["config"].backbone), run["held_out"])
+    after = _accuracy(run["second"].checkpoints[-1], run["held_out"])
+    assert before < 0.35 and after > 0.8, (before, after)
+
+
+def test_checkpoints_load_in_extract_bidirectionally(run: dict[str, Any]) -> None:
+    from hrsa.extract.job import ExtractConfig, run_extraction
+    from hrsa.extract.models import load_model, parse_model_spec
+    from hrsa.store import ActivationStore
+
+    checkpoint = run["second"].checkpoints[-1]
+    assert load_model(parse_model_spec(str(checkpoint), attention="auto"), device="cpu").attention == "bidirectional"
+    corpus = run["root"] / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": r["query"]}) + "\n" for r in run["held_out"][:5]))
+    store = run["root"] / "store"
+    result = run_extraction(ExtractConfig(store=str(store), model=str(checkpoint), corpus=str(corpus), workers=1))
+    info = ActivationStore.open(str(store)).model_info(result.model_id)
+    assert info.complete and info.attention == "bidirectional"
+
+
+@pytest.mark.slow
+def test_a_killed_cli_run_resumes(tiny_models: Any, tmp_path: Path) -> None:
+    """`hrsa train` killed (SIGKILL, with its embedded Ray) after its first checkpoint; the same command resumes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _records(100, seed=1)))
+    output = tmp_path / "run"
+    command = [sys.executable, "-m", "hrsa", "train", "--backbone", str(tiny_models.dir("llama")), "--data", str(data),
+               "--output", str(output), "--workers", "1", "--batch-size", "4", "--max-steps", "400",
+               "--save-every", "2", "--lr", "1e-3", "--max-length", "32", "--quiet"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (output / "step_000004" / "hrsa_train.json").is_file():
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the deadline"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the run and the Ray it started
+        proc.wait()
+    command[command.index("400")] = "6"
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "resumed from step" in done.stdout, done.stdout
+    assert (output / "step_000006" / "hrsa_train.json").is_file()

@@ -1,0 +1,86 @@
+"""``TrainConfig``: the settings of ``hrsa train``, equal to its flags and to its YAML file.
+
+Precedence: a flag given on the command line > the YAML file (``--config``) > the defaults here. Every
+field is a flag of the same name (``batch_size`` is ``--batch-size``). Example YAML::
+
+    # hrsa train --config configs/examples/train.yaml
+    backbone: packaged:smollm2-135m-instruct
+    data: data/train.jsonl        # one {"query", "pos", "negs": [...], "instruction"?} per line
+    output: runs/smollm2-embed    # checkpoints land in runs/smollm2-embed/step_000100 ...
+    batch_size: 64                # queries per optimizer step, over all workers
+    negatives: 1                  # hard negatives per query
+    max_steps: 1000
+    save_every: 100
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from hrsa.store.errors import UserError
+from hrsa.store.settings import load_settings
+
+__all__ = ["TrainConfig", "TrainConfigError", "load_train_config"]
+
+
+class TrainConfigError(UserError, ValueError):
+    """Training settings that do not validate; the message lists every problem at once."""
+
+
+class TrainConfig(BaseModel):
+    """Validated settings of one ``hrsa train`` run; each field is also a CLI flag."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    backbone: str = Field(description="The model to train: a local folder, a .gguf file, packaged:<name> or org/name.")
+    data: Path = Field(description="A .jsonl file with one {query, pos, negs: [...], instruction?} record per line.")
+    output: Path = Field(description="The run folder: checkpoints go to OUTPUT/step_000100...; re-running resumes.")
+    workers: int = Field(1, ge=1, description="Training workers (one per GPU, or CPU processes).")
+    use_gpu: bool | None = Field(None, description="Train on GPUs (default: when the Ray cluster has enough).")
+    batch_size: int = Field(32, ge=1, description="Queries per optimizer step over all workers (the global batch).")
+    negatives: int = Field(1, ge=0, description="Hard negatives per query, sampled from each record's negs.")
+    max_steps: int = Field(1000, ge=1, description="Optimizer steps in the whole run (the schedule's length).")
+    save_every: int = Field(100, ge=1, description="Write a checkpoint every N steps (and at the end).")
+    lr: float = Field(2e-5, gt=0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of max_steps spent warming up (then cosine).")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this (none: no clipping).")
+    temperature: float = Field(0.02, gt=0, description="InfoNCE temperature (0.02 is a logit scale of 50).")
+    instruction: str | None = Field(None, description="Query instruction for records without their own.")
+    max_length: int = Field(512, ge=2, description="Cut queries and documents to this many tokens.")
+    chunk_size: int | None = Field(None, ge=1, description="Sequences per forward in the chunked (GradCache) "
+                                   "backward; exact same gradients in bounded memory (none: plain backward).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    seed: int = Field(0, description="Seeds the data order, negative sampling and dropout (resume is exact).")
+    attention: Literal["bidirectional", "causal", "auto"] = Field(
+        "bidirectional", description="bidirectional (default, also for decoders), causal, or auto (the model's own).")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weight dtype; on GPU the forward runs "
+                                                  "under bf16 autocast either way.")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: a full copy per worker; fsdp: weights, "
+                                             "gradients and optimizer state sharded over the workers.")
+    address: str | None = Field(None, description="Ray address (default RAY_ADDRESS, else an embedded local Ray).")
+
+    @model_validator(mode="after")
+    def _batch_splits_over_workers(self) -> TrainConfig:
+        if self.batch_size % self.workers:
+            raise ValueError(f"expected --batch-size divisible by --workers (each worker takes an equal share), "
+                             f"got {self.batch_size} queries over {self.workers} workers")
+        return self
+
+    @property
+    def local_batch_size(self) -> int:
+        """Queries per worker and step."""
+        return self.batch_size // self.workers
+
+
+def load_train_config(path: Path | None, flags: Mapping[str, Any]) -> TrainConfig:
+    """Merge the YAML file at ``path`` (if any) with the flags that were given (not None) and validate.
+
+    Raises:
+        TrainConfigError: an unreadable file, or every problem of the merged settings at once, in one line.
+    """
+    return load_settings(TrainConfig, path, flags, verb="train", error=TrainConfigError)

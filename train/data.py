@@ -1,0 +1,125 @@
+"""Training data: jsonl records of (query, positive, hard negatives), and the deterministic batch of each step.
+
+One record per line::
+
+    {"query": "...", "pos": "...", "negs": ["...", "..."], "instruction": "..."}   # instruction optional
+
+The batch of step ``s`` is a pure function of (records, seed, s): records are visited in a fresh
+seeded permutation each epoch, the global batch of step s is positions ``[s*B, (s+1)*B)`` of that
+endless sequence, and each query's ``k`` negatives are drawn without replacement by a generator
+seeded with (seed, s). So a resumed run sees exactly the batches an uninterrupted one would, and
+``W`` workers taking equal slices of the global batch see exactly what one process would.
+
+A record with fewer negatives than asked for is an error (naming its line), not padded by
+re-sampling: repeating a negative silently reweights it in the loss.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hrsa.store.errors import UserError
+from hrsa.train.pooling import format_query
+
+__all__ = ["Batch", "TrainDataError", "TrainRecord", "batch_indices", "global_batch", "load_records"]
+
+
+class TrainDataError(UserError, ValueError):
+    """A training file that cannot be read, or a record without the fields training needs."""
+
+
+@dataclass(frozen=True)
+class TrainRecord:
+    query: str
+    pos: str
+    negs: tuple[str, ...]
+    instruction: str | None = None
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Texts of one (global or per-worker) batch.
+
+    Attributes:
+        queries: B formatted queries.
+        docs: B * (k + 1) documents, grouped per query as [pos, neg_1, ..., neg_k].
+    """
+
+    queries: tuple[str, ...]
+    docs: tuple[str, ...]
+
+    @property
+    def group_size(self) -> int:
+        return len(self.docs) // max(1, len(self.queries))
+
+    def shard(self, rank: int, world_size: int) -> Batch:
+        """Worker ``rank``'s equal, contiguous slice (its queries and their document groups)."""
+        b, g = len(self.queries) // world_size, self.group_size
+        return Batch(self.queries[rank * b:(rank + 1) * b], self.docs[rank * b * g:(rank + 1) * b * g])
+
+
+def _parse_record(line: str, number: int, path: Path, negatives: int) -> TrainRecord:
+    where = f"{path} line {number}"
+    try:
+        raw = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise TrainDataError(f"Expected one JSON object per line. Got invalid JSON at {where} ({e.msg}). "
+                             "Fix that line.") from e
+    if not isinstance(raw, dict):
+        raise TrainDataError(f"Expected a JSON object at {where}. Got {type(raw).__name__} instead.")
+    missing = [f for f in ("query", "pos", "negs") if f not in raw]
+    if missing:
+        raise TrainDataError(f"Expected fields query, pos and negs at {where}. Got no {', '.join(missing)} instead. "
+                             "Add them (negs: a list of hard-negative texts).")
+    negs, instruction = raw["negs"], raw.get("instruction")
+    if not (isinstance(raw["query"], str) and isinstance(raw["pos"], str) and isinstance(negs, list)
+            and all(isinstance(n, str) for n in negs) and (instruction is None or isinstance(instruction, str))):
+        raise TrainDataError(f"Expected query, pos (and instruction) as strings and negs as a list of strings "
+                             f"at {where}. Got other types instead.")
+    if len(negs) < negatives:
+        raise TrainDataError(f"Expected at least {negatives} negatives per record (--negatives). Got {len(negs)} at "
+                             f"{where} instead. Lower --negatives or mine more negatives.")
+    return TrainRecord(raw["query"], raw["pos"], tuple(negs), instruction)
+
+
+def load_records(path: Path, *, negatives: int) -> list[TrainRecord]:
+    """Read and validate every record of a jsonl file (blank lines skipped).
+
+    Raises:
+        TrainDataError: an unreadable or empty file, or a bad record (naming its line number).
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise TrainDataError(f"Expected a readable .jsonl file at {path}. Got {type(e).__name__} instead. "
+                             "Check --data.") from e
+    records = [_parse_record(line, i + 1, path, negatives) for i, line in enumerate(lines) if line.strip()]
+    if not records:
+        raise TrainDataError(f"Expected training records in {path}. Got an empty file instead.")
+    return records
+
+
+def batch_indices(step: int, *, n_records: int, batch_size: int, seed: int) -> np.ndarray:
+    """Record indices (B,) of the global batch of ``step`` (0-based): a seeded permutation per epoch."""
+    positions = np.arange(step * batch_size, (step + 1) * batch_size)
+    epochs, offsets = np.divmod(positions, n_records)
+    perms = {int(e): np.random.default_rng([seed, int(e)]).permutation(n_records) for e in np.unique(epochs)}
+    return np.array([perms[int(e)][o] for e, o in zip(epochs, offsets)], dtype=np.int64)
+
+
+def global_batch(records: list[TrainRecord], step: int, *, batch_size: int, negatives: int, seed: int,
+                 instruction: str | None = None) -> Batch:
+    """The texts of step ``step``'s global batch; ``instruction`` applies to records without their own."""
+    rng = np.random.default_rng([seed, 1_000_003, step])  # negatives: same draw however the batch is split
+    queries, docs = [], []
+    for index in batch_indices(step, n_records=len(records), batch_size=batch_size, seed=seed):
+        record = records[int(index)]
+        queries.append(format_query(record.query, record.instruction or instruction))
+        picked = rng.choice(len(record.negs), size=negatives, replace=False) if negatives else []
+        docs.extend([record.pos, *(record.negs[int(j)] for j in picked)])
+    return Batch(tuple(queries), tuple(docs))
