@@ -9,10 +9,13 @@ import click
 
 from hrsa import __version__
 from hrsa.analyze.cli import analyze
-from hrsa.cluster.cli import demo
+from hrsa.analyze.report_cli import report
+from hrsa.cluster.cli import demo, run, submit
 from hrsa.extract.cli import extract
 from hrsa.store.cli import store_group
 from hrsa.store.errors import HrsaError, UserError
+from hrsa.train.cli import train
+from hrsa.train.eval_cli import eval_command, mine_negatives_command
 
 __all__ = ["main", "cli"]
 
@@ -40,6 +43,12 @@ def cli() -> None:
       extract every hidden state of a model over a corpus into a store, on Ray
       demo    the demo pipeline: a real model on a CoT corpus into a local store
       analyze compare two models of a store: CKA, dimension-wise correlation, Procrustes
+      train   train an embedding model with InfoNCE on Ray Train (resumable checkpoints)
+      run     a pipeline YAML: train, extract, analyze, dynamics, report (resumable)
+      submit  a pipeline as a Ray job on a cluster
+      report  one self-contained HTML report of analysis results (and training dynamics)
+      mine-negatives  hard negatives for InfoNCE training, with an embedding model and FAISS
+      eval    MTEB evaluation of a backbone or of every checkpoint of a training run
     """
 
 
@@ -47,6 +56,12 @@ cli.add_command(store_group)
 cli.add_command(demo)
 cli.add_command(extract)
 cli.add_command(analyze)
+cli.add_command(train)
+cli.add_command(run)
+cli.add_command(submit)
+cli.add_command(report)
+cli.add_command(mine_negatives_command)
+cli.add_command(eval_command)
 
 
 def main() -> None:

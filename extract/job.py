@@ -93,7 +93,8 @@ class ExtractResult:
     n_tokens: int
     n_units: int
     units_written: int
-    nodes: tuple[str, ...]
+    nodes: tuple[str, ...]  # host names of the workers that ran units
+    node_ids: tuple[str, ...] = ()  # their Ray node ids (several nodes can share one host)
 
 
 def _model_id(config: ExtractConfig) -> str:
@@ -178,7 +179,9 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
     conn = connect(config.address)
     n, gpus, cpus, threads = _placement(conn, config.workers)
     Worker = remote_worker_class(num_gpus=gpus, num_cpus=cpus)
-    workers = [Worker.remote(spec.to_dict(), config.store, None, token_budget=config.token_budget, cpu_threads=threads or None)
+    # SPREAD: one worker per node first, so a cluster's nodes share the work (and their disks or links to the store)
+    workers = [Worker.options(scheduling_strategy="SPREAD").remote(spec.to_dict(), config.store, None,
+                                                                  token_budget=config.token_budget, cpu_threads=threads or None)
                for _ in range(n)]
     try:  # the workers hold CPUs or GPUs: give them back however this ends
         # Step 3: the coordinator allocates the arrays from what a loaded worker reports.
@@ -204,7 +207,7 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
     if not info.complete:
         raise UserError(f"Expected every unit done. Got {info.units_done}/{info.n_units}. Re-run the same command to resume.")
     return ExtractResult(mid, cid, info.n_tokens, info.n_units, sum(r["written"] for r in results),
-                         tuple(sorted({r["node"] for r in results})))
+                         tuple(sorted({r["node"] for r in results})), tuple(sorted({r.get("node_id", "") for r in results})))
 
 
 def _describe(worker: Any) -> dict[str, Any]:

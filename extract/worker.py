@@ -97,7 +97,7 @@ class ExtractionWorker:
         writer = self._bound(mid)
         unit = writer.units()[index]
         report = {"unit": index, "tokens": unit.n_tokens, "written": False, "node": os.uname().nodename,
-                  "pid": os.getpid()}
+                  "node_id": _ray_node_id(), "pid": os.getpid()}
         if writer.done_mask()[index]:
             return report
         with self._model_lock:
@@ -124,6 +124,13 @@ class ExtractionWorker:
             for k in layers:
                 out[k][lo - unit.start : hi - unit.start] = states[k][lo - int(offsets[d]) : hi - int(offsets[d])]
         return out
+
+
+def _ray_node_id() -> str:
+    """The Ray node this worker runs on ("" outside Ray): several nodes of one machine share a host name."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 def remote_worker_class(*, num_gpus: float, num_cpus: float, max_restarts: int = 3,

@@ -1,8 +1,10 @@
-"""The demo on the real SmolLM2: stores what a direct forward pass gives, bit for bit, and resumes."""
+"""The demo on the real SmolLM2: train SmolLM2-Emb, extract both, every metric, the report; re-running
+skips every stage, and what is stored is what a direct forward pass gives."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -20,27 +22,34 @@ pytestmark = [
 
 
 @pytest.mark.integration
-def test_demo_stores_the_reference_forward_pass_and_resumes(tmp_path: Path, ray_local: object) -> None:
+def test_demo_trains_extracts_analyzes_reports_and_resumes(tmp_path: Path, ray_local: object) -> None:
     import torch
 
     from hrsa.extract.models import forward_hidden_states, load_model, parse_model_spec
 
-    config = DemoConfig(out=tmp_path, max_docs=3, max_tokens=40)
-    first = run_demo(config, Console(file=open("/dev/null", "w")))
+    config = DemoConfig(out=tmp_path, max_docs=3, max_tokens=40, train_steps=2, probe_docs=32)
+    quiet = Console(file=open("/dev/null", "w"))
+    first = run_demo(config, quiet)
+    # The report holds both pairs, every level's verdict and the embedded figures.
+    html = first.report.read_text()
+    for section in ("Figure 3", "Table 3", "Table 4", "Figure 4", "Table 2", "data:image/png;base64"):
+        assert section in html, section
+    doc = json.loads(first.results["smollm2-vs-emb"].read_text())
+    assert set(doc["metrics"]) >= {"cka", "dimcorr", "procrustes"} and doc["knn"] is not None
+    # SmolLM2-Emb is a real checkpoint of the training run, stored bidirectionally like SmolLM2.
     store = ActivationStore.open(first.store_url)
-    info = store.model_info(first.model_id)
-    assert info.complete and (info.n_hidden_states, info.hidden_size) == (31, 576) and info.dtype == "float32"
-    assert first.units_written == info.n_units
-    loaded = load_model(parse_model_spec("packaged:smollm2-135m-instruct", dtype="float32"), device="cpu")
-    # Fidelity: document 1, run alone through transformers, equals what the store holds. The batched
-    # forward differs from a lone one by float32 rounding of batched kernels only (a few ulps).
-    docs = store.documents(first.corpus_id)
-    start, stop = int(docs.start[1]), int(docs.stop[1])
-    ids = store.tokens(first.corpus_id).token_id[start:stop].tolist()
+    base, emb = store.model_info("smollm2--cot"), store.model_info("smollm2-emb--cot")
+    assert base.complete and emb.complete and base.attention == emb.attention == "bidirectional"
+    assert (emb.n_hidden_states, emb.hidden_size) == (31, 576) and "step_000002" in json.dumps(emb.source)
+    # Fidelity: document 1 through transformers alone equals what the store holds (batched-kernel rounding aside).
+    loaded = load_model(parse_model_spec(str(tmp_path / "models" / "smollm2-135m-instruct"), dtype="float32",
+                                         attention="bidirectional"), device="cpu")
+    docs = store.documents(base.corpus)
+    ids = store.tokens(base.corpus).token_id[int(docs.start[1]):int(docs.stop[1])].tolist()
     (reference,) = forward_hidden_states(loaded, [ids])  # (31, T, D)
     for k in (0, 15, 30):
-        stored = store.hidden_state(first.model_id, k, docs=[1]).compute()
-        torch.testing.assert_close(torch.from_numpy(np.asarray(stored)), reference[k], rtol=1e-5, atol=1e-4)
-    # Resume: nothing left to do.
-    again = run_demo(config, Console(file=open("/dev/null", "w")))
-    assert again.units_written == 0 and again.corpus_id == first.corpus_id
+        stored = np.asarray(store.hidden_state(base.id, k, docs=[1]).compute())
+        torch.testing.assert_close(torch.from_numpy(stored), reference[k], rtol=1e-5, atol=1e-4)
+    # Re-running skips every stage.
+    again = run_demo(config, quiet)
+    assert again.stages_run == 0 and again.report == first.report

@@ -1,0 +1,352 @@
+"""``hrsa run``'s pipeline: one YAML (or a :class:`PipelineConfig` built in Python) that names the corpora,
+the training runs, the models, the pairs to compare, the training dynamics to follow and the report.
+
+Example (see configs/examples/pipeline.yaml for every field)::
+
+    store: hrsa-out/store            # a path, or s3://bucket/store on a cluster
+    out: hrsa-out/pipeline           # results, report and pipeline-state.json
+    corpora:
+      cot: {path: ../shared/data/cot/samples, template: "{reasoning}", max_tokens: 512}
+    models:
+      base: {model: Qwen/Qwen2.5-0.5B, attention: bidirectional}
+      rl: {model: hkust-nlp/Qwen-2.5-0.5B-SimpleRL-Zoo, attention: bidirectional}
+    pairs:
+      - {a: base, b: rl, corpus: cot, metrics: [cka, dimcorr, procrustes, knn]}
+
+Every section validates with pydantic (unknown keys are errors); names must be slugs, and every name a
+section uses must exist in the section it refers to. :func:`load_pipeline` reports every problem in one
+line (a :class:`PipelineError`, exit code 2 from the CLI).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from hrsa.analyze.config import AnalyzeConfig
+from hrsa.store.errors import InvalidIdError, UserError
+from hrsa.store.ids import parse_id, slugify
+
+__all__ = [
+    "CorpusEntry",
+    "DynamicsEntry",
+    "ExtractOptions",
+    "ModelEntry",
+    "PairEntry",
+    "PipelineConfig",
+    "PipelineError",
+    "ReportEntry",
+    "load_pipeline",
+    "parse_pipeline",
+]
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+# A section's names are slugs: ids in the store and folder names (InvalidIdError is a ValueError, so pydantic
+# reports it with the other problems).
+Name = Annotated[str, AfterValidator(lambda name: parse_id(name, kind="name"))]
+_OWNED = ("store", "pair", "out", "run_id")  # analysis settings that the pipeline sets itself
+
+
+class PipelineError(UserError, ValueError):
+    """A pipeline that does not validate; the message lists every problem at once."""
+
+
+class _Problems(ValueError):
+    """Several problems found by one validator, reported one by one."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+class CorpusEntry(BaseModel):
+    """A corpus: where its records are and which text of each goes through the models."""
+
+    model_config = _FROZEN
+
+    path: str = Field(description="A .jsonl/.csv/.parquet file, a folder of them, or hf:NAME[:SPLIT].")
+    text: str | None = Field(None, description="The field holding each record's text (default 'text').")
+    template: str | None = Field(None, description="A format string over fields; {chat:FIELD} applies the chat template.")
+    id_field: str | None = Field(None, description="The field holding each record's id.")
+    max_docs: int | None = Field(None, ge=1, description="Use the first N documents.")
+    max_tokens: int | None = Field(None, ge=1, description="Cut documents to N tokens.")
+    label_field: str | None = Field(None, description="Probes: the record field holding each document's label (the "
+                                                      "default of every pair on this corpus).")
+    labels: str | None = Field(None, description="Probes: a .jsonl/.csv/.parquet of labels instead of the corpus's file.")
+
+    @model_validator(mode="after")
+    def _text_or_template(self) -> CorpusEntry:
+        if self.text is not None and self.template is not None:
+            raise ValueError(f"expected text or template, not both; got text={self.text!r} and template={self.template!r}")
+        return self
+
+
+class ExtractOptions(BaseModel):
+    """How a model runs over a corpus (the fields of ``hrsa extract`` that are not about the corpus)."""
+
+    model_config = _FROZEN
+
+    attention: Literal["auto", "causal", "bidirectional"] = Field("auto", description="auto: the architecture's own.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
+    layers: list[int] | None = Field(None, description="Hidden states to store (default all L+1).")
+    workers: int | None = Field(None, ge=1, description="Extraction workers: default one per GPU, or 1 on CPU.")
+    token_budget: int = Field(8192, ge=1, description="Padded tokens per forward pass.")
+    shard_tokens: int | None = Field(None, ge=1, description="Tokens per work unit (default: ~32 MiB shards).")
+
+    @field_validator("layers")
+    @classmethod
+    def _check_layers(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or min(value) < 0 or len(set(value)) != len(value)):
+            raise ValueError(f"expected distinct hidden-state indices >= 0, got {value}")
+        return value
+
+
+class ModelEntry(ExtractOptions):
+    """A model: weights to load (``model``), or the final checkpoint of a training run (``train``)."""
+
+    model: str | None = Field(None, description="A local folder, a .gguf file, packaged:<name>, or a hub id org/name[@rev].")
+    train: str | None = Field(None, description="A run of the train section: its final checkpoint.")
+    revision: str | None = Field(None, description="Hub revision.")
+    gguf_file: str | None = Field(None, description="A .gguf file inside the folder or hub repository.")
+    trust_remote_code: bool = Field(False, description="Run code shipped with a hub model.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelEntry:
+        if (self.model is None) == (self.train is None):
+            raise ValueError(f"expected exactly one of model or train, got model={self.model!r}, train={self.train!r}")
+        return self
+
+
+class _AnalysisOptions(AnalyzeConfig):
+    """:class:`AnalyzeConfig`'s fields and checks, less those the pipeline sets (store, pair, out, run id)."""
+
+    store: str = ""
+    pair: tuple[str, str] = ("", "")  # type: ignore[assignment]
+
+    @field_validator(*_OWNED, mode="before")
+    @classmethod
+    def _not_owned(cls, value: Any) -> Any:
+        raise ValueError("set by the pipeline, not per pair; remove it")
+
+    def analyze_config(self, *, store: str, pair: tuple[str, str], out: Path, run_id: str) -> AnalyzeConfig:
+        """The full :class:`AnalyzeConfig` of one comparison."""
+        values = self.model_dump(include=set(AnalyzeConfig.model_fields) - set(_OWNED))
+        return AnalyzeConfig.model_validate({**values, "store": store, "pair": pair, "out": out, "run_id": run_id})
+
+
+class PairEntry(_AnalysisOptions):
+    """Two models compared on one corpus, with every analysis setting of ``hrsa analyze``."""
+
+    a: str = Field(description="A model of the models section (A's states are the rows of matrices).")
+    b: str = Field(description="A model of the models section.")
+    corpus: str = Field(description="A corpus of the corpora section: both models run over it.")
+    name: str | None = Field(None, description="The pair's name: folder of its results (default A--B).")
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.a}--{self.b}"
+
+
+class DynamicsEntry(_AnalysisOptions):
+    """The paper's Figure 5: every common saved step of two training runs, run a step s against run b step s."""
+
+    a: str = Field(description="A run of the train section.")
+    b: str = Field(description="A run of the train section.")
+    corpus: str = Field(description="The fixed probe corpus every checkpoint runs over.")
+    name: str | None = Field(None, description="Name of this series (default A--B).")
+    extract: ExtractOptions = Field(default_factory=ExtractOptions, description="How the checkpoints are extracted.")
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.a}--{self.b}"
+
+
+class ReportEntry(BaseModel):
+    """The HTML report over every pair (and the first dynamics series)."""
+
+    model_config = _FROZEN
+
+    path: Path | None = Field(None, description="Where the report goes (default <out>/report.html).")
+    title: str | None = Field(None, description="The report's title.")
+
+
+class PipelineConfig(BaseModel):
+    """A whole pipeline: train -> extract -> analyze -> dynamics -> report (see the module docstring)."""
+
+    model_config = _FROZEN
+
+    store: str = Field(description="Store URL: a local path or an fsspec URL (s3://bucket/store) every node reaches.")
+    out: Path = Field(description="Folder for results, the report and pipeline-state.json.")
+    address: str | None = Field(None, description="Ray address (default RAY_ADDRESS, else an embedded local Ray).")
+    corpora: dict[Name, CorpusEntry] = Field(min_length=1, description="Corpora by name.")
+    train: dict[Name, Any] = Field(default_factory=dict, description="Training runs by name: TrainConfig fields.")
+    models: dict[Name, ModelEntry] = Field(default_factory=dict, description="Models by name (their ids in the store).")
+    pairs: list[PairEntry] = Field(default_factory=list, description="Pairs to compare.")
+    dynamics: list[DynamicsEntry] = Field(default_factory=list, description="Training dynamics to follow.")
+    report: ReportEntry = Field(default_factory=ReportEntry, description="The report.")
+
+    @field_validator("train")
+    @classmethod
+    def _train_configs(cls, value: dict[str, Any], info: Any) -> dict[str, Any]:
+        configs, problems = {}, []
+        for run, fields in value.items():
+            try:
+                configs[run] = _train_config(run, fields, info.data.get("out"))
+            except _Problems as error:
+                problems += error.problems
+        if problems:
+            raise _Problems(problems)
+        return configs
+
+    @model_validator(mode="before")
+    @classmethod
+    def _corpus_labels(cls, data: Any) -> Any:
+        """A pair without a label field takes its corpus's (before the pairs' own checks need it)."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("corpora"), Mapping):
+            return data
+        corpora, entries = data["corpora"], data.get("pairs")
+        if not isinstance(entries, list):
+            return data
+        pairs = []
+        for p in entries:
+            corpus = corpora.get(p.get("corpus")) if isinstance(p, Mapping) else None
+            if isinstance(corpus, Mapping) and p.get("label_field") is None:
+                p = {**p, **{k: corpus[k] for k in ("label_field", "labels") if corpus.get(k) is not None and p.get(k) is None}}
+            pairs.append(p)
+        return {**data, "pairs": pairs}
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> PipelineConfig:
+        problems = _reference_problems(self.model_dump())
+        if problems:
+            raise _Problems(problems)
+        return self
+
+    # -- what the runner derives -----------------------------------------------------------------
+    @property
+    def report_path(self) -> Path:
+        return self.report.path or self.out / "report.html"
+
+    def model_corpora(self, model: str) -> list[str]:
+        """The corpora ``model`` runs over (those of its pairs), in order of first use."""
+        used = [c for p in self.pairs for c, m in ((p.corpus, p.a), (p.corpus, p.b)) if m == model]
+        return list(dict.fromkeys(used))
+
+    def store_id(self, model: str, corpus: str) -> str:
+        """The model's id in the store: its name, or ``<name>--<corpus>`` when it runs over several corpora."""
+        return slugify(model if len(self.model_corpora(model)) <= 1 else f"{model}--{corpus}")
+
+    def checkpoint_id(self, run: str, step: int, corpus: str) -> str:
+        """A dynamics checkpoint's id in the store: ``<run>-step-<N>`` (``--<corpus>`` with several corpora)."""
+        corpora = list(dict.fromkeys(d.corpus for d in self.dynamics if run in (d.a, d.b)))
+        return slugify(f"{run}-step-{step}" + (f"--{corpus}" if len(corpora) > 1 else ""))
+
+
+def _reference_problems(data: Mapping[str, Any]) -> list[str]:
+    """Names used but not defined (and names clashing), on a validated pipeline or on raw YAML alike, so a
+    pipeline with other problems still gets these listed too."""
+    def section(key: str) -> Mapping[str, Any]:
+        value = data.get(key)
+        return value if isinstance(value, Mapping) else {}
+
+    corpora, models, runs = section("corpora"), section("models"), section("train")
+    problems = [f"models.{name}.train: {m['train']!r} is not a run of the train section ({_known(runs)})"
+                for name, m in models.items() if isinstance(m, Mapping) and m.get("train") is not None
+                and m["train"] not in runs]
+    lowered = [str(n).lower() for n in models]
+    problems += [f"models: names {sorted(n for n in models if str(n).lower() == low)} are one id in the store; rename one"
+                 for low in sorted({n for n in lowered if lowered.count(n) > 1})]
+    for where, pool, kind in (("pairs", models, "models"), ("dynamics", runs, "train")):
+        entries = [e for e in data.get(where) or [] if isinstance(e, Mapping)] if isinstance(data.get(where), list) else []
+        for i, e in enumerate(entries):
+            problems += [f"{where}.{i}.{side}: {e[side]!r} is not a name of the {kind} section ({_known(pool)})"
+                         for side in ("a", "b") if side in e and e[side] not in pool]
+            if "corpus" in e and e["corpus"] not in corpora:
+                problems.append(f"{where}.{i}.corpus: {e['corpus']!r} is not a name of the corpora section ({_known(corpora)})")
+        labels = [str(e.get("name") or f"{e.get('a')}--{e.get('b')}") for e in entries]
+        problems += [f"{where}: two entries named {n!r}; give them distinct names (name: ...)"
+                     for n in sorted({n for n in labels if labels.count(n) > 1})]
+        problems += [f"{where}.{i}: {n!r} is not a valid name; set name: to letters, digits, '.', '_' and '-'"
+                     for i, n in enumerate(labels) if not _is_slug(n)]
+    return problems
+
+
+def _is_slug(name: str) -> bool:
+    try:
+        parse_id(name)
+    except InvalidIdError:
+        return False
+    return True
+
+
+def _known(names: Mapping[str, Any]) -> str:
+    return ", ".join(names) or "none"
+
+
+def _train_config(run: str, fields: Any, out: Path | None) -> Any:
+    """A run's TrainConfig; its output defaults to <out>/train/<run>."""
+    try:
+        from hrsa.train.config import TrainConfig
+    except ImportError as error:
+        raise _Problems([f"{run}: training is not available in this hrsa ({error})"]) from None
+    if isinstance(fields, TrainConfig):
+        return fields
+    if not isinstance(fields, Mapping):
+        raise _Problems([f"{run}: expected a mapping of training settings, got {type(fields).__name__}"])
+    values = dict(fields)
+    if values.get("output") is None and out is not None:
+        values["output"] = Path(out) / "train" / run
+    try:
+        return TrainConfig.model_validate(values)
+    except ValidationError as error:
+        raise _Problems([f"{run}.{p}" for e in error.errors() for p in _problems(e)]) from None
+
+
+def _problems(error: Any) -> list[str]:
+    """One pydantic error as ``where: what`` lines, without pydantic's "Value error, " prefix."""
+    where = ".".join(str(part) for part in error["loc"] if part != "[key]")
+    cause = error.get("ctx", {}).get("error")
+    if isinstance(cause, _Problems):
+        return [f"{where}.{p}" if where else p for p in cause.problems]
+    if error["type"] == "missing":
+        return [f"{where} is required"]
+    if error["type"] == "extra_forbidden":
+        return [f"{where}: unknown field (a typo?)"]
+    return [f"{where or 'pipeline'}: {str(error['msg']).removeprefix('Value error, ').rstrip('.')}"]
+
+
+def parse_pipeline(values: Mapping[str, Any]) -> PipelineConfig:
+    """Validate a pipeline given as a mapping (e.g. parsed YAML).
+
+    Raises:
+        PipelineError: every problem at once, in one line.
+    """
+    try:
+        return PipelineConfig.model_validate(dict(values))
+    except ValidationError as error:
+        problems = [p for e in error.errors() for p in _problems(e)]
+        problems += [p for p in _reference_problems(values) if p not in problems]  # when the fields failed first
+        raise PipelineError(f"Expected a valid pipeline. Got {len(problems)} problem(s) instead: {'; '.join(problems)}. "
+                            "Fix them in the pipeline file (configs/examples/pipeline.yaml shows every field).") from None
+
+
+def load_pipeline(path: str | Path) -> PipelineConfig:
+    """Read and validate the pipeline YAML at ``path``.
+
+    Raises:
+        PipelineError: an unreadable file, not a mapping, or every problem of its contents at once.
+    """
+    import yaml
+
+    path = Path(path)
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise PipelineError(f"Expected a readable YAML pipeline at {path}. Got an error instead: {error}".replace("\n", " ")) from None
+    if not isinstance(loaded, dict):
+        raise PipelineError(f"Expected a YAML mapping (store, out, corpora, models, pairs...) in {path}. "
+                            f"Got {type(loaded).__name__} instead.")
+    return parse_pipeline(loaded)

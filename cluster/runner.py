@@ -1,0 +1,433 @@
+"""``run_pipeline``: train -> extract -> analyze -> dynamics -> report, each stage skipped when its outputs
+exist and match its inputs.
+
+Every stage has a key: a hash of its resolved inputs (its settings, plus the identity of what it reads:
+small files by their content, large ones by size and modification time, a checkpoint folder by its files,
+an upstream stage by its key).
+``<out>/pipeline-state.json`` records each stage's key and status ("started" before it runs, "done"
+with its outputs after), rewritten atomically by this one process. A stage runs when it has no record,
+its key changed, it never finished, or its outputs are gone; otherwise it is skipped. Extraction and
+training resume by themselves, so a stage that stopped half way continues where it stopped.
+
+Model ids in the store are the pipeline's model names (``<name>--<corpus>`` for a model run over several
+corpora); the checkpoints of a dynamics series are ``<run>-step-<N>``. A stored model this pipeline did
+not write is never touched: the run stops and names the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from hrsa.store.errors import UserError
+
+if TYPE_CHECKING:
+    from hrsa.cluster.pipeline import DynamicsEntry, ExtractOptions, PipelineConfig, _AnalysisOptions
+
+__all__ = ["STATE_FILE", "PipelineResult", "PipelineState", "StageOutcome", "run_pipeline"]
+
+STATE_FILE = "pipeline-state.json"
+_SCHEMA = "hrsa.pipeline-state/1"
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    """One stage of a run: ``name`` such as ``extract:base``, whether it ran, and why (or why not)."""
+
+    name: str
+    ran: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    """What a pipeline run produced.
+
+    Attributes:
+        out: the pipeline's output folder; store: the store URL.
+        report: the report file, or None when there was nothing to report.
+        results: results.json of each pair, by pair name.
+        dynamics: the dynamics file of each series, by series name.
+        models: store id of each extraction, by stage name (``extract:<id>``).
+        stages: every stage in the order it was considered.
+    """
+
+    out: Path
+    store: str
+    report: Path | None
+    results: Mapping[str, Path]
+    dynamics: Mapping[str, Path]
+    models: Mapping[str, str]
+    stages: tuple[StageOutcome, ...]
+
+    @property
+    def ran(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.stages if s.ran)
+
+    @property
+    def skipped(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.stages if not s.ran)
+
+
+class PipelineState:
+    """``<out>/pipeline-state.json``: per stage, its key, status and outputs (one writer: the driver)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stages: dict[str, dict[str, Any]] = {}
+        if path.is_file():
+            doc = json.loads(path.read_text())
+            if doc.get("schema") != _SCHEMA:
+                raise UserError(f"Expected a pipeline state of schema {_SCHEMA} in {path}. Got {doc.get('schema')!r} "
+                                "instead. Move the file away to start over.")
+            self._stages = doc["stages"]
+
+    def entry(self, stage: str) -> dict[str, Any] | None:
+        return self._stages.get(stage)
+
+    def start(self, stage: str, key: str) -> None:
+        self._stages[stage] = {"key": key, "status": "started"}
+        self._write()
+
+    def finish(self, stage: str, key: str, outputs: Mapping[str, Any]) -> None:
+        self._stages[stage] = {"key": key, "status": "done", "outputs": dict(outputs)}
+        self._write()
+
+    def reason_to_run(self, stage: str, key: str, outputs_ok: Callable[[Mapping[str, Any]], bool]) -> str | None:
+        """Why ``stage`` must run, or None when it is up to date."""
+        entry = self.entry(stage)
+        if entry is None:
+            return "not run before"
+        if entry["key"] != key:
+            return "its inputs changed"
+        if entry["status"] != "done":
+            return "resuming an unfinished run"
+        if not outputs_ok(entry.get("outputs", {})):
+            return "its outputs are missing"
+        return None
+
+    def _write(self) -> None:
+        # Atomic: a crash never leaves half a file, so a re-run always reads the last finished stage.
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"schema": _SCHEMA, "stages": self._stages}, indent=1, sort_keys=True) + "\n")
+        tmp.replace(self.path)
+
+
+@dataclass(frozen=True)
+class _Trained:
+    checkpoints: tuple[Path, ...]
+    steps: tuple[int, ...]
+    key: str
+
+
+@dataclass(frozen=True)
+class _Extracted:
+    store_id: str
+    key: str
+
+
+@dataclass(frozen=True)
+class _Analyzed:
+    results: Path
+    key: str
+
+
+def run_pipeline(config: PipelineConfig, *, console: Console | None = None) -> PipelineResult:
+    """Run (or resume) a pipeline; each stage prints a line saying whether it runs and why.
+
+    Args:
+        config: a validated pipeline (:func:`hrsa.cluster.pipeline.load_pipeline`, or built in Python).
+        console: where lines and progress bars go (default: a new rich Console on stdout).
+
+    Raises:
+        UserError: a model, corpus or setting that cannot work (one line that names the fix).
+    """
+    runner = _Runner(config, console or Console())
+    # Step 1: training runs; Step 2: every model over each corpus of its pairs, and the dynamics checkpoints.
+    trained = {run: runner.train(run, tc) for run, tc in config.train.items()}
+    models = {(m, c): runner.extract_model(m, c, trained) for m in config.models for c in config.model_corpora(m)}
+    unused = [m for m in config.models if not config.model_corpora(m)]
+    if unused:
+        runner.console.print(f"[dim]models in no pair (not extracted): {escape(', '.join(unused))}[/]", emoji=False)
+    series = {d.label: runner.extract_checkpoints(d, trained) for d in config.dynamics}
+    # Step 3: pairs; Step 4: dynamics series; Step 5: the report.
+    results = {p.label: runner.analyze(f"analyze:{p.label}", p, models[p.a, p.corpus], models[p.b, p.corpus],
+                                       config.out / "pairs" / p.label) for p in config.pairs}
+    dynamics = {d.label: runner.dynamics(d, series[d.label]) for d in config.dynamics}
+    report = runner.report(results, dynamics)
+    return PipelineResult(config.out, config.store, report, {k: v.results for k, v in results.items()},
+                          {k: v.results for k, v in dynamics.items()}, dict(runner.store_ids), tuple(runner.outcomes))
+
+
+@dataclass
+class _Runner:
+    config: PipelineConfig
+    console: Console
+    outcomes: list[StageOutcome] = field(default_factory=list)
+    store_ids: dict[str, str] = field(default_factory=dict)
+    last_steps: dict[str, Path] = field(default_factory=dict)  # each dynamics series' last results.json
+    _extracted: dict[str, _Extracted] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.config.out.mkdir(parents=True, exist_ok=True)
+        self.state = PipelineState(self.config.out / STATE_FILE)
+
+    def _announce(self, stage: str, reason: str | None) -> bool:
+        """Print the stage's line; True when it must run."""
+        self.outcomes.append(StageOutcome(stage, reason is not None, reason or "up to date"))
+        if reason is None:
+            self.console.print(f"[dim]{escape(stage)}: skipped (up to date)[/]", emoji=False)
+        else:
+            self.console.print(f"[bold]{escape(stage)}[/]: running ({reason})", emoji=False)
+        return reason is not None
+
+    # -- Step 1: training ---------------------------------------------------------------------------
+    def train(self, run: str, tc: Any) -> _Trained:
+        stage = f"train:{run}"
+        if tc.address is None and self.config.address is not None:
+            tc = tc.model_copy(update={"address": self.config.address})
+        key = _key({"train": tc.model_dump(mode="json", exclude={"address"}), "backbone": _fingerprint(tc.backbone),
+                    "data": _fingerprint(str(tc.data))})
+        reason = self.state.reason_to_run(stage, key, lambda o: all(Path(c).is_dir() for c in o.get("checkpoints", ())))
+        if self._announce(stage, reason):
+            from hrsa.train.trainer import run_training
+
+            self.state.start(stage, key)
+            result = run_training(tc, progress=True)
+            self.state.finish(stage, key, {"checkpoints": [str(c) for c in result.checkpoints],
+                                           "steps": [_checkpoint_step(c) for c in result.checkpoints]})
+        outputs = self.state.entry(stage)["outputs"]  # type: ignore[index]
+        return _Trained(tuple(Path(c) for c in outputs["checkpoints"]), tuple(outputs["steps"]), key)
+
+    # -- Step 2: extraction ---------------------------------------------------------------------------
+    def extract_model(self, name: str, corpus: str, trained: Mapping[str, _Trained]) -> _Extracted:
+        entry = self.config.models[name]
+        if entry.train is not None:
+            run = trained[entry.train]
+            if not run.checkpoints:
+                raise UserError(f"Expected a checkpoint of training run {entry.train} for model {name}. Got none. "
+                                "Check the run's max_steps and save_every.")
+            source = str(run.checkpoints[-1])
+        else:
+            source = str(entry.model)
+        hub = {"revision": entry.revision, "gguf_file": entry.gguf_file, "trust_remote_code": entry.trust_remote_code}
+        return self._extract(self.config.store_id(name, corpus), source, entry, corpus, hub)
+
+    def extract_checkpoints(self, d: DynamicsEntry, trained: Mapping[str, _Trained]) -> dict[int, tuple[_Extracted, _Extracted]]:
+        a, b = trained[d.a], trained[d.b]
+        steps = sorted(set(a.steps) & set(b.steps))
+        if not steps:
+            raise UserError(f"Expected checkpoints at common steps of runs {d.a} and {d.b}. Got steps {list(a.steps)} "
+                            f"and {list(b.steps)} instead. Give both runs the same save_every and max_steps.")
+        out = {}
+        for step in steps:
+            pair = []
+            for run, t in ((d.a, a), (d.b, b)):
+                ckpt = t.checkpoints[t.steps.index(step)]
+                pair.append(self._extract(self.config.checkpoint_id(run, step, d.corpus), str(ckpt), d.extract, d.corpus, {}))
+            out[step] = (pair[0], pair[1])
+        return out
+
+    def _extract(self, store_id: str, source: str, options: ExtractOptions, corpus: str, hub: Mapping[str, Any]) -> _Extracted:
+        from hrsa.extract.job import parse_extract_config
+
+        c = self.config.corpora[corpus]
+        ec = parse_extract_config({
+            "store": self.config.store, "model": source, "corpus": c.path, "name": store_id, "text": c.text,
+            "template": c.template, "id_field": c.id_field, "max_docs": c.max_docs, "max_tokens": c.max_tokens,
+            **options.model_dump(include={"attention", "dtype", "layers", "workers", "token_budget", "shard_tokens"}),
+            **hub, "address": self.config.address,
+        })
+        # The store is not an input: whether it holds the model decides (a moved store with the model in it is fine).
+        # A checkpoint folder is identified by its files (hrsa_train.json and weights, with their times).
+        key = _key({"extract": ec.model_dump(mode="json", exclude={"address", "store"}), "model": _fingerprint(source),
+                    "corpus": _fingerprint(c.path)})
+        stage = f"extract:{store_id}"
+        if stage in self._extracted:  # the same checkpoint in two series: extracted once
+            if self._extracted[stage].key != key:
+                raise UserError(f"Expected one extraction for store id {store_id}. Got two that differ (a model named like a "
+                                "checkpoint, or two dynamics series with other extract settings). Rename the model, or give "
+                                "the series the same extract settings.")
+            return self._extracted[stage]
+        self._extracted[stage] = done = _Extracted(store_id, key)
+        self.store_ids[stage] = store_id
+        self._run_extraction(stage, key, ec)
+        return done
+
+    def _run_extraction(self, stage: str, key: str, ec: Any) -> None:
+        from hrsa.extract.job import run_extraction
+        from hrsa.store import ActivationStore
+
+        store = ActivationStore.open(ec.store, mode="a")
+        present = ec.name in store.models()
+        complete = present and store.model_info(ec.name).complete
+        entry = self.state.entry(stage)
+        if present and entry is None:  # not this pipeline's record (a new `out`, a new cluster): never overwritten
+            mismatch = _stored_mismatch(store, ec)
+            if mismatch:
+                raise UserError(f"Expected model id {ec.name} free in {ec.store}, or extracted as this pipeline asks. Got "
+                                f"a model {ec.name} there with {mismatch} instead. Delete it (`hrsa store rm {ec.store} "
+                                f"{ec.name}`), or rename the model in the pipeline.")
+            if complete:  # the same settings, recorded in the store: adopt it
+                self.console.print(f"[dim]{escape(stage)}: found in the store with these settings: adopted[/]", emoji=False)
+                self.state.finish(stage, key, {"model_id": ec.name, "adopted": True})
+        reason = self.state.reason_to_run(stage, key, lambda o: complete)
+        if not self._announce(stage, reason):
+            return
+        if present and entry is not None and entry["key"] != key:
+            store.delete_model(ec.name)  # this pipeline's own, from other inputs: redo it from scratch
+        self.state.start(stage, key)
+        with _bar(self.console, "tokens") as (progress, task):
+            result = run_extraction(ec, on_progress=lambda n, total: progress.update(task, total=total, advance=n))
+        self.state.finish(stage, key, {"model_id": result.model_id, "corpus_id": result.corpus_id, "n_tokens": result.n_tokens,
+                                       "units_written": result.units_written, "nodes": list(result.nodes),
+                                       "node_ids": list(result.node_ids)})
+
+    # -- Step 3: analysis -------------------------------------------------------------------------------
+    def analyze(self, stage: str, options: _AnalysisOptions, a: _Extracted, b: _Extracted, out_dir: Path) -> _Analyzed:
+        settings = options.model_dump(mode="json", exclude={"a", "b", "corpus", "name", "extract", "store", "pair", "out", "run_id"})
+        key = _key({"analyze": settings, "a": [a.store_id, a.key], "b": [b.store_id, b.key]})
+        json_path = out_dir / "results.json"
+        reason = self.state.reason_to_run(stage, key, lambda o: json_path.is_file())
+        if self._announce(stage, reason):
+            self.state.start(stage, key)
+            self._run_analysis(options.analyze_config(store=self.config.store, pair=(a.store_id, b.store_id), out=out_dir,
+                                                      run_id=f"{stage.partition(':')[2][:100]}--{key[:12]}".replace("@", "-")))
+            self.state.finish(stage, key, {"results": str(json_path)})
+        return _Analyzed(json_path, key)
+
+    def _run_analysis(self, cfg: Any) -> None:
+        from hrsa.analyze.pair import analyze_pair
+        from hrsa.analyze.results import save_results
+        from hrsa.store import ActivationStore
+
+        store = ActivationStore.open(cfg.store, mode="r+" if cfg.store_results else "r")
+        if cfg.store_results and cfg.run_id in store.group("results"):
+            del store.group("results")[cfg.run_id]  # a run that stopped before its record: this key's, redo it
+        shutil.rmtree(cfg.out, ignore_errors=True)  # no figure of an earlier setting stays beside the new results
+        with _bar(self.console, "tokens x passes") as (progress, task), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")  # hrsa's warnings as lines below the bar (as `hrsa analyze` prints them)
+            results = analyze_pair(store, *cfg.pair, **cfg.api_kwargs(),
+                                   on_plan=lambda plan: progress.update(task, total=plan.passes * plan.inputs.n_tokens),
+                                   on_block=lambda n: progress.advance(task, n))
+        for w in caught:
+            self.console.print(f"hrsa: warning: {w.message}", markup=False, emoji=False)
+        save_results(results, cfg.out, store=store if cfg.store_results else None, run_id=cfg.run_id,
+                     config=cfg.model_dump(mode="json"))
+
+    # -- Step 4: dynamics -------------------------------------------------------------------------------
+    def dynamics(self, d: DynamicsEntry, checkpoints: Mapping[int, tuple[_Extracted, _Extracted]]) -> _Analyzed:
+        from hrsa.analyze.dynamics import write_dynamics
+
+        folder = self.config.out / "dynamics" / d.label
+        steps = sorted(checkpoints)
+        done = [self.analyze(f"analyze:{d.label}@step-{s}", d, *checkpoints[s], folder / f"step-{s}") for s in steps]
+        self.last_steps[d.label] = done[-1].results
+        stage, path = f"dynamics:{d.label}", folder / "dynamics.json"
+        key = _key({"dynamics": [d.a, d.b], "steps": steps, "results": [r.key for r in done]})
+        if self._announce(stage, self.state.reason_to_run(stage, key, lambda o: path.is_file())):
+            self.state.start(stage, key)
+            write_dynamics(path, runs=(d.a, d.b), steps=steps, results=[r.results for r in done])
+            self.state.finish(stage, key, {"dynamics": str(path)})
+        return _Analyzed(path, key)
+
+    # -- Step 5: the report -----------------------------------------------------------------------------
+    def report(self, results: Mapping[str, _Analyzed], dynamics: Mapping[str, _Analyzed]) -> Path | None:
+        if not results and not dynamics:
+            self.console.print("[dim]report: skipped (no pairs and no dynamics to report)[/]")
+            return None
+        path, first = self.config.report_path, next(iter(dynamics.values()), None)
+        # Without pairs, the report's pair section shows each series' last step.
+        shown = [r.results for r in results.values()] or [self.last_steps[label] for label in dynamics]
+        # Not the path: a new path has no file yet, so the report runs anyway.
+        key = _key({"pairs": {k: v.key for k, v in results.items()}, "dynamics": first.key if first else None,
+                    "title": self.config.report.title})
+        if self._announce("report", self.state.reason_to_run("report", key, lambda o: path.is_file())):
+            from hrsa.analyze.report import write_report
+
+            self.state.start("report", key)
+            write_report(shown, path, dynamics=first.results if first else None, title=self.config.report.title)
+            self.state.finish("report", key, {"report": str(path)})
+        return path
+
+
+class _bar:
+    """A rich progress bar for one stage: ``with _bar(console, unit) as (progress, task)``."""
+
+    def __init__(self, console: Console, unit: str) -> None:
+        self.progress = Progress(TextColumn("    "), BarColumn(), MofNCompleteColumn(), TextColumn(unit), TimeElapsedColumn(),
+                                 console=console, transient=True)
+
+    def __enter__(self) -> tuple[Progress, Any]:
+        self.progress.__enter__()
+        return self.progress, self.progress.add_task("stage", total=None)
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)  # type: ignore[arg-type]
+
+
+def _stored_mismatch(store: Any, ec: Any) -> str | None:
+    """How a stored model differs from what extraction ``ec`` would write (by the settings the store records),
+    or None when it is the same extraction."""
+    from hrsa.extract.corpus import CorpusSpec
+    from hrsa.extract.model_spec import parse_model_spec
+
+    info = store.model_info(ec.name)
+    spec = parse_model_spec(ec.model, revision=ec.revision, gguf_file=ec.gguf_file, dtype=ec.dtype,
+                            attention=ec.attention, trust_remote_code=ec.trust_remote_code).to_dict()
+    wanted = {**{f"source.{k}": v for k, v in spec.items()},
+              **{f"extraction.{k}": getattr(ec, k) for k in ("max_tokens", "max_docs", "token_budget")}}
+    stored = {**{f"source.{k}": info.source.get(k) for k in spec},
+              **{f"extraction.{k}": info.extraction.get(k) for k in ("max_tokens", "max_docs", "token_budget")}}
+    if ec.layers is not None:
+        wanted["hidden states"], stored["hidden states"] = tuple(ec.layers), tuple(info.hidden_states)
+    corpus = CorpusSpec(source=ec.corpus, text=ec.text, template=ec.template, id_field=ec.id_field,
+                        max_docs=ec.max_docs, max_tokens=ec.max_tokens).to_dict()
+    wanted["corpus"], stored["corpus"] = corpus, store.corpus_info(info.corpus).extra.get("corpus_spec")
+    diff = [f"{k} {stored[k]!r} (not {wanted[k]!r})" for k in wanted if stored[k] != wanted[k]]
+    return ", ".join(diff) or None
+
+
+def _checkpoint_step(folder: Path) -> int:
+    """The training step of a checkpoint folder: its hrsa_train.json's, else the N of its name step_N."""
+    info = folder / "hrsa_train.json"
+    if info.is_file():
+        return int(json.loads(info.read_text())["step"])
+    return int(folder.name.rpartition("_")[2])
+
+
+def _key(inputs: Mapping[str, Any]) -> str:
+    """A stage's key: the hash of its resolved inputs (canonical JSON)."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+_HASHED = 64 << 20  # files up to this size are identified by their content (a rewrite of the same text is the same)
+
+
+def _fingerprint(source: str) -> Any:
+    """What identifies a model or corpus: a local file or folder by its files (content hash for small ones, size
+    and modification time for large ones such as weights), anything else (hub id, hf:, packaged:, URL) by its text."""
+    path = Path(source).expanduser()
+    if "://" in source or ":" in source.split("/")[0] or not path.exists():
+        return source
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {"path": str(path.resolve()), "files": [[str(f.relative_to(path)) if f != path else f.name, _file_identity(f)]
+                                                   for f in files]}
+
+
+def _file_identity(path: Path) -> Any:
+    stat = path.stat()
+    if stat.st_size > _HASHED:
+        return [stat.st_size, stat.st_mtime_ns]
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]

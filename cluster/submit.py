@@ -1,0 +1,225 @@
+"""``hrsa submit``: run a pipeline on a Ray cluster through Ray's job submission API.
+
+What travels with the job (its ``runtime_env``):
+
+- ``working_dir``: the project folder (default: the current one) with the pipeline file inside it, so
+  the pipeline's relative paths (corpora, training data) mean on the cluster what they mean here. Left
+  out: version control, virtual environments, caches, build outputs, the pipeline's own local outputs
+  (store, out, training runs), what .gitignore lists (Ray applies it), and any file over 16 MiB. Ray caps
+  the upload at 100 MiB; larger data belongs on the shared store (s3://...) or a hub.
+- ``py_modules``: this hrsa's own source, copied as a folder named ``hrsa``. The job therefore runs the
+  code that was submitted, whether or not the cluster has hrsa installed: a package found there is
+  shadowed, as ``py_modules`` come first on the path. Its dependencies (torch, transformers, zarr...)
+  must be installed on the cluster's image: the manifests in cluster/manifests install them with hrsa.
+  ``--pip-deps`` asks Ray to install them per job instead (slow: torch alone is gigabytes).
+- the entrypoint ``python -m hrsa run <pipeline>``; inside a job Ray sets ``RAY_ADDRESS``, so every
+  stage joins the cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hrsa.store.errors import HrsaError, UserError
+
+__all__ = ["DEFAULT_ADDRESS", "JobFailedError", "SubmitResult", "compute_excludes", "runtime_env", "submit_pipeline"]
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+UPLOAD_LIMIT = 100 << 20  # Ray's cap on a working_dir package
+LARGE_FILE = 16 << 20  # files above this stay home: data of that size belongs on the store or a hub
+_ALWAYS_EXCLUDED = (".git", ".venv", "venv", ".tox", "__pycache__", "*.pyc", "*.egg-info", ".pytest_cache", ".hypothesis",
+                    ".ruff_cache", ".mypy_cache", "build", "dist", "hrsa-out", ".whl", ".gl")
+_PACKAGE_SKIP = {"tests", "benchmarks", "configs", ".ci"}
+
+
+class JobFailedError(HrsaError, RuntimeError):
+    """The submitted job ended in FAILED or STOPPED (exit code 1: see its logs)."""
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    """A submitted job: its id, the dashboard it went to, and its final status (None with ``wait=False``)."""
+
+    job_id: str
+    address: str
+    status: str | None
+
+
+def submit_pipeline(pipeline: str | Path, *, address: str | None = None, working_dir: str | Path | None = None,
+                    env: Mapping[str, str] | None = None, pip_deps: bool = False, wait: bool = True,
+                    echo: Callable[[str], None] = print) -> SubmitResult:
+    """Submit ``hrsa run <pipeline>`` as a Ray job; by default follow its logs until it ends.
+
+    Args:
+        pipeline: the pipeline YAML, inside ``working_dir``; validated here before anything is uploaded.
+        address: the dashboard URL (default ``RAY_ADDRESS``, else http://127.0.0.1:8265).
+        working_dir: the folder shipped as the job's working directory (default: the current one).
+        env: environment variables of the job (e.g. HF_TOKEN read from here, never from the pipeline).
+        pip_deps: also have Ray pip-install hrsa's dependencies for the job.
+        wait: follow the logs and return the final status; False returns once the job is accepted.
+        echo: where lines go (job id, logs).
+
+    Raises:
+        UserError: an invalid pipeline, a pipeline outside the working directory, an upload over Ray's cap,
+            or no dashboard at the address.
+        JobFailedError: with ``wait``, the job failed or was stopped.
+    """
+    from hrsa.cluster.pipeline import load_pipeline
+
+    # Step 1: check everything here, before any upload.
+    path, root = Path(pipeline).resolve(), Path(working_dir or Path.cwd()).resolve()
+    config = load_pipeline(path)
+    if not path.is_relative_to(root):
+        raise UserError(f"Expected the pipeline inside the working directory {root}. Got {path} instead. "
+                        "Move it there, or pass --working-dir with a folder that holds it.")
+    address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+    outputs = [config.store, str(config.out), *(str(tc.output) for tc in config.train.values())]
+    # Step 2: the job, with this hrsa's source staged as a folder named hrsa.
+    client = _client(address)
+    with _staged_package() as package:
+        job_id = client.submit_job(entrypoint=f"python -m hrsa run {path.relative_to(root).as_posix()}",
+                                   runtime_env=runtime_env(root, package, outputs=outputs, env=env, pip_deps=pip_deps),
+                                   metadata={"hrsa_pipeline": path.name})
+    echo(f"submitted job {job_id} to {address}")
+    if not wait:
+        echo(f"follow it with: ray job logs --follow --address {address} {job_id}")
+        return SubmitResult(job_id, address, None)
+    # Step 3: follow the logs; the job's status decides the exit code.
+    try:
+        asyncio.run(_follow(client, job_id, echo))
+    except KeyboardInterrupt:
+        echo(f"\nstopped following; the job goes on (stop it with: ray job stop --address {address} {job_id})")
+        raise
+    status = str(client.get_job_status(job_id))
+    if status != "SUCCEEDED":
+        raise JobFailedError(f"Expected job {job_id} to succeed. Got {status} instead. Its logs are above "
+                             f"(again: ray job logs --address {address} {job_id}).")
+    echo(f"job {job_id} {status}")
+    return SubmitResult(job_id, address, status)
+
+
+def runtime_env(root: Path, package: Path, *, outputs: Sequence[str] = (), env: Mapping[str, str] | None = None,
+                pip_deps: bool = False) -> dict[str, Any]:
+    """The job's runtime_env: ``root`` as working_dir (with :func:`compute_excludes`), ``package`` as py_modules."""
+    out: dict[str, Any] = {"working_dir": str(root), "excludes": compute_excludes(root, outputs=outputs),
+                           "py_modules": [str(package)]}
+    if env:
+        out["env_vars"] = dict(env)
+    if pip_deps:
+        out["pip"] = _dependencies()
+    return out
+
+
+def compute_excludes(root: Path, *, outputs: Sequence[str] = (), large: int = LARGE_FILE,
+                     limit: int = UPLOAD_LIMIT) -> list[str]:
+    """Patterns (gitignore syntax, relative to ``root``) of what stays home; checks the rest fits Ray's cap.
+
+    Args:
+        root: the working directory.
+        outputs: local paths the pipeline writes (store, out, training runs): excluded when inside ``root``.
+        large: files above this many bytes are excluded one by one.
+        limit: the most bytes the upload may hold.
+
+    Raises:
+        UserError: what remains is over ``limit``.
+    """
+    excludes = list(_ALWAYS_EXCLUDED)
+    for output in outputs:
+        p = Path(output).expanduser()
+        if "://" not in output and (p := p.resolve()).is_relative_to(root) and p != root:
+            excludes.append("/" + p.relative_to(root).as_posix())
+    total, biggest = 0, []
+    for path, size in _files(root, {e.strip("/") for e in excludes}):
+        if size > large:
+            excludes.append("/" + path.relative_to(root).as_posix())
+            continue
+        total += size
+        biggest.append((size, path))
+    if total > limit:
+        top = ", ".join(f"{p.relative_to(root)} ({s >> 20} MiB)" for s, p in sorted(biggest, reverse=True)[:3])
+        raise UserError(f"Expected at most {limit >> 20} MiB in the working directory {root} (Ray's upload cap). Got "
+                        f"{total >> 20} MiB instead, largest: {top}. Move data to the store or a hub, list it in "
+                        ".gitignore or .rayignore, or pass --working-dir with a smaller folder.")
+    return excludes
+
+
+def _files(root: Path, skipped: set[str]) -> Iterator[tuple[Path, int]]:
+    """(path, size) of every file under ``root`` outside skipped names or root-relative paths."""
+    import fnmatch
+
+    def skip(p: Path) -> bool:
+        rel = p.relative_to(root).as_posix()
+        return rel in skipped or any(fnmatch.fnmatch(p.name, pattern) for pattern in skipped)
+
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not skip(Path(folder) / d)]
+        for name in files:
+            p = Path(folder) / name
+            if not skip(p) and p.is_file():
+                yield p, p.stat().st_size
+
+
+@contextmanager
+def _staged_package() -> Iterator[Path]:
+    """This hrsa's Python source, copied into a temporary folder named ``hrsa`` (the import name).
+
+    The source tree's own folder may have any name (a checkout is the package itself), and py_modules
+    imports a folder by its name; tests, benchmarks and configs stay out.
+    """
+    import hrsa
+
+    source = Path(hrsa.__file__).resolve().parent
+    with tempfile.TemporaryDirectory(prefix="hrsa-submit-") as tmp:
+        target = Path(tmp) / "hrsa"
+        for folder, dirs, files in os.walk(source):
+            here = Path(folder)
+            # Subpackages only (folders with an __init__.py): no virtualenv, tests or data come along.
+            dirs[:] = [d for d in dirs if d not in _PACKAGE_SKIP and (here / d / "__init__.py").is_file()]
+            for name in files:
+                if name.endswith(".py") or name == "py.typed":
+                    dest = target / (here / name).relative_to(source)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(here / name, dest)
+        yield target
+
+
+def _dependencies() -> list[str]:
+    """hrsa's declared dependencies (no extras), for ``runtime_env["pip"]``."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        return [r for r in requires("hrsa") or [] if "extra ==" not in r]
+    except PackageNotFoundError:
+        raise UserError("Expected hrsa installed (pip install -e .) to read its dependencies for --pip-deps. Got a source "
+                        "tree only. Install it, or drop --pip-deps.") from None
+
+
+def _client(address: str) -> Any:
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    from hrsa.cluster.connection import RayConnectionError
+
+    try:
+        return JobSubmissionClient(address)
+    except AuthenticationError:
+        raise RayConnectionError(f"Expected access to the Ray dashboard at {address}. Got 'authentication required' "
+                                 "instead: the cluster uses token authentication. Export RAY_AUTH_MODE=token and the "
+                                 "cluster's token (RAY_AUTH_TOKEN, or the file ~/.ray/auth_token).") from None
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise RayConnectionError(f"Expected a Ray dashboard at {address}. Got {type(error).__name__}: "
+                                 f"{str(error).splitlines()[0] if str(error) else ''} instead. Pass --address "
+                                 "http://HEAD:8265 (or set RAY_ADDRESS), and check the dashboard port is reachable.") from None
+
+
+async def _follow(client: Any, job_id: str, echo: Callable[[str], None]) -> None:
+    async for lines in client.tail_job_logs(job_id):
+        echo(lines.rstrip("\n"))

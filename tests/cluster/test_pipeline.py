@@ -1,0 +1,295 @@
+"""``hrsa run`` pipelines on tiny models: end to end, skipping what is up to date, re-running only what
+changed, resuming after a failure, training dynamics, and one-line errors for bad pipelines.
+
+One module-scoped first run (two tiny models, one corpus, one pair, every metric) is copied into each
+test's own folder: a copy holds the same store and state, so it is up to date (stage keys hash inputs,
+not where the outputs live), and each test can change it freely.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+from rich.console import Console
+
+from hrsa.cluster.pipeline import PipelineConfig, PipelineError, load_pipeline, parse_pipeline
+from hrsa.cluster.runner import STATE_FILE, PipelineResult, run_pipeline
+from hrsa.store import ActivationStore
+
+pytestmark = pytest.mark.integration
+
+TEXTS = ["the quick brown fox jumps over the lazy dog " * 3, "hidden states of a tiny model " * 4, "w1 w2 w3 " * 9,
+         "the lazy dog " * 10, "jumps over " * 12, "tiny model " * 8, "the quick brown fox " * 6, "w1 w2 w3 tiny " * 7]
+METRICS = ["cka", "dimcorr", "procrustes", "knn", "probe"]
+
+
+def quiet() -> Console:
+    return Console(quiet=True)
+
+
+def write_corpus(path: Path) -> Path:
+    path.write_text("".join(json.dumps({"id": f"d{i}", "text": t, "label": "ab"[i % 2]}) + "\n" for i, t in enumerate(TEXTS)))
+    return path
+
+
+def pipeline_values(root: Path, corpus: Path, tiny_models: Any) -> dict[str, Any]:
+    return {
+        "store": str(root / "store"), "out": str(root / "out"),
+        "corpora": {"words": {"path": str(corpus), "label_field": "label"}},
+        "models": {"llama": {"model": str(tiny_models.dir("llama"))},
+                   "qwen": {"model": str(tiny_models.dir("qwen2")), "attention": "bidirectional"}},
+        # threads: Dask-on-Ray would start worker processes for the analysis tasks, for nothing this small
+        "pairs": [{"a": "llama", "b": "qwen", "corpus": "words", "metrics": METRICS, "k": [5, 10], "cross_layer": True,
+                   "scheduler": "threads"}],
+        "report": {"title": "tiny pair"},
+    }
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+    values: dict[str, Any]
+
+    def config(self, **changes: Any) -> PipelineConfig:
+        return parse_pipeline({**self.values, **changes})
+
+    def state(self) -> dict[str, Any]:
+        return json.loads((self.root / "out" / STATE_FILE).read_text())["stages"]
+
+
+@pytest.fixture(scope="module")
+def first(tmp_path_factory: pytest.TempPathFactory, tiny_models: Any, ray_local: Any) -> tuple[Workspace, PipelineResult]:
+    corpus = write_corpus(tmp_path_factory.mktemp("corpus") / "words.jsonl")
+    root = tmp_path_factory.mktemp("first")
+    ws = Workspace(root, pipeline_values(root, corpus, tiny_models))
+    return ws, run_pipeline(ws.config(), console=quiet())
+
+
+@pytest.fixture
+def copy(first: tuple[Workspace, PipelineResult], tmp_path: Path) -> Workspace:
+    """The first run's store, outputs and state, in this test's own folder."""
+    ws, _ = first
+    shutil.copytree(ws.root, tmp_path / "ws")
+    values = {**ws.values, "store": str(tmp_path / "ws" / "store"), "out": str(tmp_path / "ws" / "out")}
+    return Workspace(tmp_path / "ws", values)
+
+
+def centred(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    return x - x.mean(axis=0)
+
+
+def test_first_run_runs_every_stage_and_stores_what_the_store_holds(first: tuple[Workspace, PipelineResult]) -> None:
+    ws, result = first
+    assert result.ran == ("extract:llama", "extract:qwen", "analyze:llama--qwen", "report") and not result.skipped
+    assert result.report is not None and result.report.is_file() and "tiny pair" in result.report.read_text()
+    doc = json.loads(result.results["llama--qwen"].read_text())
+    assert (doc["a"], doc["b"]) == ("llama", "qwen") and set(doc["metrics"]) == set(METRICS)
+    # Linear CKA of every matched hidden state, against plain float64 formulas on the stored arrays.
+    store = ActivationStore.open(ws.values["store"])
+    assert store.model_info("qwen").attention == "bidirectional" and store.model_info("llama").attention == "causal"
+    for i, k in enumerate(doc["matched_hidden_states"]):
+        x = centred(np.asarray(store.hidden_state("llama", k).compute()))
+        y = centred(np.asarray(store.hidden_state("qwen", k).compute()))
+        cka = np.linalg.norm(x.T @ y) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
+        assert doc["metrics"]["cka"]["diagonal"][i] == pytest.approx(cka, rel=1e-9)
+    # The store keeps the run too, under the pair's name and its inputs' key.
+    assert any(r.startswith("llama--qwen--") for r in store.group("results"))
+
+
+def test_rerun_skips_every_stage(copy: Workspace) -> None:
+    before = copy.state()
+    result = run_pipeline(copy.config(), console=quiet())
+    assert result.ran == () and result.skipped == ("extract:llama", "extract:qwen", "analyze:llama--qwen", "report")
+    assert copy.state() == before
+
+
+def test_changed_metric_reruns_only_analysis_and_report(copy: Workspace) -> None:
+    pair = {**copy.values["pairs"][0], "metrics": ["cka"]}
+    result = run_pipeline(copy.config(pairs=[pair]), console=quiet())
+    assert result.ran == ("analyze:llama--qwen", "report")
+    assert {s.name: s.reason for s in result.stages}["analyze:llama--qwen"] == "its inputs changed"
+    doc = json.loads(result.results["llama--qwen"].read_text())
+    assert list(doc["metrics"]) == ["cka"]
+    assert not list((copy.root / "out" / "pairs" / "llama--qwen").glob("*knn*"))  # no figure of the old setting stays
+
+
+def test_failure_in_analysis_then_rerun_resumes_without_extracting(copy: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hrsa.analyze.pair
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("injected failure")
+
+    pair = {**copy.values["pairs"][0], "debiased": True}
+    with monkeypatch.context() as patch:
+        patch.setattr(hrsa.analyze.pair, "analyze_pair", broken)
+        with pytest.raises(RuntimeError, match="injected failure"):
+            run_pipeline(copy.config(pairs=[pair]), console=quiet())
+    assert copy.state()["analyze:llama--qwen"]["status"] == "started"
+    units_before = {m: ActivationStore.open(copy.values["store"]).model_info(m).units_done for m in ("llama", "qwen")}
+    result = run_pipeline(copy.config(pairs=[pair]), console=quiet())
+    assert result.ran == ("analyze:llama--qwen", "report")
+    assert {s.name: s.reason for s in result.stages}["analyze:llama--qwen"] == "resuming an unfinished run"
+    assert copy.state()["extract:llama"]["outputs"]["units_written"] > 0  # the first run's record, untouched
+    assert {m: ActivationStore.open(copy.values["store"]).model_info(m).units_done for m in ("llama", "qwen")} == units_before
+    assert "debiased_diagonal" in json.loads(result.results["llama--qwen"].read_text())["metrics"]["cka"]
+
+
+def test_without_its_state_a_pipeline_adopts_matching_models_and_leaves_others_alone(copy: Workspace) -> None:
+    from hrsa.store.errors import UserError
+
+    (copy.root / "out" / STATE_FILE).unlink()  # e.g. a new cluster: the store on S3 remains, `out` does not
+    models = {**copy.values["models"], "qwen": {**copy.values["models"]["qwen"], "attention": "causal"}}
+    with pytest.raises(UserError, match="source.attention 'bidirectional' \\(not 'causal'\\)"):
+        run_pipeline(copy.config(models=models), console=quiet())
+    assert ActivationStore.open(copy.values["store"]).model_info("qwen").attention == "bidirectional"
+    result = run_pipeline(copy.config(), console=quiet())
+    assert result.ran == ("analyze:llama--qwen", "report")  # extractions adopted by their stored settings
+    assert copy.state()["extract:qwen"]["outputs"]["adopted"] is True
+
+
+# -- training and dynamics ------------------------------------------------------------------------------
+def fake_training(steps_by_run: dict[str, tuple[int, ...]], source: Callable[[str], Path]) -> Callable[..., Any]:
+    """A stand-in for run_training: checkpoint folders (a copy of a tiny model plus hrsa_train.json) at the
+    steps given per run; re-running finds them and writes nothing (as the real one resumes)."""
+    from hrsa.train.trainer import TrainResult
+
+    def run_training(config: Any, *, progress: bool = True) -> TrainResult:
+        run = config.output.name
+        for step in steps_by_run[run]:
+            folder = config.output / f"step_{step:06d}"
+            if not folder.is_dir():
+                shutil.copytree(source(run), folder)
+                (folder / "hrsa_train.json").write_text(json.dumps({"step": step, "loss": 1.0 / step}))
+        found = tuple(sorted(config.output.glob("step_*")))
+        return TrainResult(config.output, found, (), (), float("nan"), None)
+
+    return run_training
+
+
+def test_dynamics_compares_the_runs_at_their_common_steps(tmp_path: Path, tiny_models: Any, ray_local: Any,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import hrsa.train.trainer
+    from hrsa.analyze.dynamics import load_dynamics
+
+    calls: list[str] = []
+    fake = fake_training({"ra": (1, 2), "rb": (2, 3)}, lambda run: tiny_models.dir("llama" if run == "ra" else "qwen2"))
+    monkeypatch.setattr(hrsa.train.trainer, "run_training", lambda c, **kw: calls.append(c.output.name) or fake(c, **kw))
+    corpus = write_corpus(tmp_path / "words.jsonl")
+    train = {run: {"backbone": str(tiny_models.dir("llama")), "data": str(corpus), "max_steps": 3, "save_every": 1}
+             for run in ("ra", "rb")}
+    config = parse_pipeline({"store": str(tmp_path / "store"), "out": str(tmp_path / "out"), "train": train,
+                             "corpora": {"probe": {"path": str(corpus)}},
+                             "dynamics": [{"a": "ra", "b": "rb", "corpus": "probe", "metrics": ["cka"], "scheduler": "threads"}]})
+    result = run_pipeline(config, console=quiet())
+    assert result.ran == ("train:ra", "train:rb", "extract:ra-step-2", "extract:rb-step-2", "analyze:ra--rb@step-2",
+                          "dynamics:ra--rb", "report")
+    assert calls == ["ra", "rb"] and config.train["ra"].output == tmp_path / "out" / "train" / "ra"
+    dynamics = load_dynamics(result.dynamics["ra--rb"])
+    assert tuple(dynamics.steps) == (2,) and tuple(dynamics.runs) == ("ra", "rb")
+    # The one common step compares the tiny llama with the tiny qwen2, exactly as a pair of them would.
+    step = json.loads((tmp_path / "out" / "dynamics" / "ra--rb" / "step-2" / "results.json").read_text())
+    assert (step["a"], step["b"]) == ("ra-step-2", "rb-step-2")
+    again = run_pipeline(config, console=quiet())
+    assert again.ran == () and calls == ["ra", "rb"]  # training up to date: not called again
+
+
+@pytest.mark.slow
+def test_real_training_feeds_a_model_and_the_dynamics(tmp_path: Path, tiny_models: Any, ray_local: Any) -> None:
+    """The real trainer (two tiny runs of two steps) -> a model from a final checkpoint, and the dynamics."""
+    corpus = write_corpus(tmp_path / "words.jsonl")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"query": f"the quick fox {i}", "pos": "the lazy dog", "negs": ["w1 w2 w3"]}) + "\n"
+                            for i in range(8)))
+    train = {run: {"backbone": str(tiny_models.dir(kind)), "data": str(data), "batch_size": 4, "max_steps": 2,
+                   "save_every": 1, "max_length": 16} for run, kind in (("ra", "llama"), ("rb", "qwen2"))}
+    config = parse_pipeline({"store": str(tmp_path / "store"), "out": str(tmp_path / "out"), "train": train,
+                             "corpora": {"probe": {"path": str(corpus)}},
+                             "models": {"base": {"model": str(tiny_models.dir("llama"))}, "tuned": {"train": "ra"}},
+                             "pairs": [{"a": "base", "b": "tuned", "corpus": "probe", "metrics": ["cka"]}],
+                             "dynamics": [{"a": "ra", "b": "rb", "corpus": "probe", "metrics": ["cka"]}]})
+    result = run_pipeline(config, console=quiet())
+    assert {"train:ra", "train:rb", "extract:tuned", "extract:ra-step-1", "extract:rb-step-2", "report"} <= set(result.ran)
+    assert result.report is not None and result.report.is_file()
+    assert run_pipeline(config, console=quiet()).ran == ()
+
+
+# -- the CLI and bad pipelines --------------------------------------------------------------------------
+def run_cli(*args: str) -> Any:
+    from hrsa.cli import cli
+
+    return CliRunner().invoke(cli, list(args))
+
+
+def test_hrsa_run_reruns_nothing_on_an_up_to_date_pipeline(copy: Workspace) -> None:
+    path = copy.root / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(copy.values))
+    result = run_cli("run", str(path))
+    assert result.exit_code == 0, result.output
+    assert "0 stage(s) run, 4 skipped" in result.output and "report:" in result.output
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("store: s\nout: o\ncorpora: {c: {path: x.jsonl}}\nmodels: {a: {model: m}}\npairs: [{a: a, b: nope, corpus: c}]\n",
+     "pairs.0.b: 'nope' is not a name of the models section (a)"),
+    ("out: o\ncorpora: {c: {path: x.jsonl}}\n", "store is required"),
+    ("store: s\nout: o\ncorpora: {c: {path: x.jsonl, txt: body}}\nmodels: {a: {train: r}}\n",
+     "corpora.c.txt: unknown field (a typo?); models.a.train: 'r' is not a run of the train section (none)"),
+    ("store: [unclosed\n", "Expected a readable YAML pipeline"),
+    ("- a list\n", "Expected a YAML mapping"),
+])
+def test_bad_pipeline_is_one_line_and_exit_2(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(text)
+    result = run_cli("run", str(path))
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 1 and result.output.startswith("hrsa: error: Expected")
+    assert expected in result.output
+
+
+def test_every_problem_is_listed_at_once() -> None:
+    with pytest.raises(PipelineError) as error:
+        parse_pipeline({"store": "s", "out": "o", "corpora": {"c": {"path": "x", "text": "t", "template": "{t}"}},
+                        "models": {"a": {"model": "m", "layers": [1, 1]}, "Bad/Name": {"model": "m"}},
+                        "pairs": [{"a": "a", "b": "a", "corpus": "c", "k": [0], "store": "elsewhere"}]})
+    message = str(error.value)
+    assert "\n" not in message and "5 problem(s)" in message
+    for part in ("corpora.c: expected text or template", "models.a.layers", "models.Bad/Name: Expected a name", "pairs.0.k",
+                 "pairs.0.store: set by the pipeline"):
+        assert part in message
+
+
+def test_shipped_pipelines_validate() -> None:
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    shipped = [configs / "examples" / "pipeline.yaml", *sorted((configs / "paper").glob("*.yaml"))]
+    assert len(shipped) >= 5
+    for path in shipped:
+        config = load_pipeline(path)
+        assert path.read_text().startswith("# hrsa run ") and (config.pairs or config.dynamics)
+    paper = [load_pipeline(p) for p in sorted((configs / "paper").glob("*.yaml"))]
+    assert all(c.store.startswith("s3://") for c in paper)
+    assert all(m.attention == "bidirectional" for c in paper for m in c.models.values())
+
+
+def test_manifests_run_shipped_pipelines_on_gpu_workers() -> None:
+    root = Path(__file__).resolve().parents[2]
+    job = yaml.safe_load((root / "cluster" / "manifests" / "rayjob.yaml").read_text())
+    verb, pipeline = job["spec"]["entrypoint"].split()[3:5]  # python -m hrsa run PIPELINE
+    assert job["kind"] == "RayJob" and verb == "run"
+    load_pipeline(root / pipeline)
+    (group,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    launcher = yaml.safe_load((root / "cluster" / "manifests" / "ray-cluster.yaml").read_text())
+    types = launcher["available_node_types"]
+    assert types[launcher["head_node_type"]]["node_config"]["InstanceType"].startswith("m")  # a CPU head
+    assert any(t["node_config"]["InstanceType"].startswith("g") and t["min_workers"] >= 1 for t in types.values())
+    assert any("pip install" in c and "[s3]" in c for c in launcher["setup_commands"])
