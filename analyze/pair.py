@@ -201,7 +201,7 @@ def analyze_pair(
             the metrics cannot compare, an empty selection, or a budget too small for one pair.
 
     Warns:
-        UnderdeterminedWarning: Procrustes on no more tokens than dimensions (O* is not unique).
+        UnderdeterminedWarning: O* is not unique (no more tokens than dimensions, or rank-deficient C_xy).
     """
     engine = resolve_backend(backend, compute_dtype)
     job = _setup(store, a, b, list(metrics), debiased, cross_layer, selection or TokenSelection(),

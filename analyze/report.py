@@ -255,7 +255,7 @@ def _layer_table(doc: Mapping[str, Any]) -> str:
     rows = [[str(k), *(_num(v[i]) if i < len(v) else "" for v in columns.values())] for i, k in enumerate(states)]
     note = ""
     if "procrustes" in m and any(m["procrustes"].get("underdetermined", [])):
-        note = "<p class=\"note\">Procrustes was underdetermined (no more tokens than dimensions): H_inv means little.</p>"
+        note = "<p class=\"note\">Procrustes was underdetermined at some hidden states (no more tokens than dimensions, or a rank-deficient cross-covariance): H_inv means little there.</p>"
     return ("<h3>Per-layer metrics, with Procrustes H_inv (Table 3)</h3><p class=\"note\">H_inv is 1 when O* is a "
             "permutation and about 0.73 / ln D for a random rotation.</p>" + _table(["hidden state", *columns], rows) + note)
 

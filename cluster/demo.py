@@ -99,7 +99,7 @@ def demo_pipeline(config: DemoConfig, *, backbone: Path, train_data: Path, cot: 
         "train": {"smollm2-emb": {
             "backbone": str(backbone), "data": str(train_data), "output": str(config.out / "train" / "smollm2-emb"),
             "workers": 1, "batch_size": 8, "negatives": 1, "max_steps": config.train_steps,
-            "save_every": max(1, config.train_steps // 2), "lr": 2e-5, "warmup_ratio": 0.1, "temperature": 0.02,
+            "save_every": config.train_steps, "lr": 2e-5, "warmup_ratio": 0.1, "temperature": 0.02,
             "max_length": 64, "attention": "bidirectional",
         }},
         "models": {

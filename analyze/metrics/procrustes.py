@@ -104,10 +104,11 @@ def procrustes_from_moments(m: Moments, *, return_rotation: bool = False) -> Pro
     # Step 2: uniqueness. Centred data has rank <= n - 1, and O* is unique iff C_xy has full rank.
     underdetermined = bool(m.n <= d or s[-1] <= s[0] * d * np.finfo(np.float64).eps)
     if underdetermined:
+        cause = (f"{m.n} tokens are no more than D = {d} dimensions" if m.n <= d else
+                 f"the cross-covariance of {m.n} tokens is rank deficient, e.g. few distinct tokens at the embedding layer")
         warnings.warn(
-            f"Orthogonal Procrustes on {m.n} tokens in D = {d} dimensions: the optimal rotation is not unique "
-            "(it needs more than D tokens and a full-rank cross-covariance), so h_inv means little. "
-            "Use more tokens than dimensions.",
+            f"Orthogonal Procrustes: the optimal rotation is not unique ({cause}), so h_inv means little there. "
+            "Use more, and more varied, tokens.",
             UnderdeterminedWarning,
             stacklevel=2,
         )
