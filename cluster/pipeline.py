@@ -339,14 +339,7 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     Raises:
         PipelineError: an unreadable file, not a mapping, or every problem of its contents at once.
     """
-    import yaml
+    from hrsa.store.settings import read_yaml_mapping
 
-    path = Path(path)
-    try:
-        loaded = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise PipelineError(f"Expected a readable YAML pipeline at {path}. Got an error instead: {error}".replace("\n", " ")) from None
-    if not isinstance(loaded, dict):
-        raise PipelineError(f"Expected a YAML mapping (store, out, corpora, models, pairs...) in {path}. "
-                            f"Got {type(loaded).__name__} instead.")
+    loaded = read_yaml_mapping(path, error=PipelineError, what="pipeline sections (store, out, corpora, models, pairs...)")
     return parse_pipeline(loaded)

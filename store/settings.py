@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from hrsa.store.errors import UserError
 
-__all__ = ["load_settings", "describe_problem"]
+__all__ = ["load_settings", "describe_problem", "read_yaml_mapping"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -33,24 +33,30 @@ def load_settings(model: type[M], path: Path | None, flags: Mapping[str, Any], *
     Raises:
         UserError: an unreadable file, or every problem of the merged settings at once, in one line.
     """
-    values: dict[str, Any] = {}
-    if path is not None:
-        import yaml
-
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            message = f"Expected a readable YAML config at {path}. Got an error instead: {e}".replace("\n", " ")
-            raise error(message) from e
-        if not isinstance(loaded, dict):
-            raise error(f"Expected a YAML mapping of settings in {path}. Got {type(loaded).__name__} instead.")
-        values.update(loaded)
+    values: dict[str, Any] = dict(read_yaml_mapping(path, error=error)) if path is not None else {}
     values.update({k: v for k, v in flags.items() if v is not None and v != ()})
     try:
         return model.model_validate(values)
     except ValidationError as e:
         problems = "; ".join(describe_problem(p) for p in e.errors())
         raise error(f"Expected valid {verb} settings. Got {e.error_count()} problem(s) instead: {problems}.") from None
+
+
+def read_yaml_mapping(path: Path | str, *, error: type[UserError] = UserError, what: str = "settings") -> dict[str, Any]:
+    """The mapping in the YAML file at ``path`` (empty file: empty mapping).
+
+    Raises:
+        error: the file is unreadable, is not YAML, or holds something other than a mapping.
+    """
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise error(f"Expected a readable YAML config at {path}. Got an error instead: {e}".replace("\n", " ")) from None
+    if not isinstance(loaded, dict):
+        raise error(f"Expected a YAML mapping of {what} in {path}. Got {type(loaded).__name__} instead.")
+    return loaded
 
 
 def describe_problem(error: Any) -> str:

@@ -244,7 +244,7 @@ def test_hrsa_run_reruns_nothing_on_an_up_to_date_pipeline(copy: Workspace) -> N
     ("out: o\ncorpora: {c: {path: x.jsonl}}\n", "store is required"),
     ("store: s\nout: o\ncorpora: {c: {path: x.jsonl, txt: body}}\nmodels: {a: {train: r}}\n",
      "corpora.c.txt: unknown field (a typo?); models.a.train: 'r' is not a run of the train section (none)"),
-    ("store: [unclosed\n", "Expected a readable YAML pipeline"),
+    ("store: [unclosed\n", "Expected a readable YAML config"),
     ("- a list\n", "Expected a YAML mapping"),
 ])
 def test_bad_pipeline_is_one_line_and_exit_2(tmp_path: Path, text: str, expected: str) -> None:
