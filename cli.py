@@ -9,7 +9,7 @@ import click
 
 from hrsa import __version__
 from hrsa.analyze.cli import analyze
-from hrsa.analyze.report_cli import report
+from hrsa.analyze.report.cli import report
 from hrsa.cluster.cli import demo, run, submit
 from hrsa.extract.cli import extract
 from hrsa.store.cli import store_group

@@ -31,12 +31,12 @@ __all__ = [
 ]
 
 _LAZY = {
-    "AnalysisPlan": "hrsa.analyze.plan",
+    "AnalysisPlan": "hrsa.analyze.streaming.plan",
     "AnalyzeConfig": "hrsa.analyze.config",
-    "KnnOptions": "hrsa.analyze.knn",
-    "ProbeOptions": "hrsa.analyze.probe",
-    "knn_pair": "hrsa.analyze.knn",
-    "probe_pair": "hrsa.analyze.probe",
+    "KnnOptions": "hrsa.analyze.local.knn",
+    "ProbeOptions": "hrsa.analyze.local.probe",
+    "knn_pair": "hrsa.analyze.local.knn",
+    "probe_pair": "hrsa.analyze.local.probe",
     "PairResults": "hrsa.analyze.pair",
     "SavedResults": "hrsa.analyze.results",
     "TokenSelection": "hrsa.analyze.pair",

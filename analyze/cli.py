@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 if TYPE_CHECKING:
-    from hrsa.analyze.plan import AnalysisPlan
+    from hrsa.analyze.streaming.plan import AnalysisPlan
 
 __all__ = ["analyze"]
 

@@ -25,15 +25,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from hrsa.analyze.knn import DEFAULT_K, KnnOptions
-from hrsa.analyze.probe import ProbeOptions
+from hrsa.analyze.local.knn import DEFAULT_K, KnnOptions
+from hrsa.analyze.local.probe import ProbeOptions
 
 from hrsa.analyze.pair import METRICS, TokenSelection
-from hrsa.analyze.plan import parse_memory_budget
+from hrsa.analyze.streaming.plan import parse_memory_budget
 from hrsa.store.errors import UserError
 from hrsa.store.ids import parse_id
 from hrsa.store.selection import parse_doc_ids
-from hrsa.store.settings import load_settings
+from hrsa.runtime.settings import load_settings
 
 __all__ = ["AnalyzeConfig", "load_config"]
 

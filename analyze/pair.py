@@ -4,7 +4,7 @@ A recipe in four phases:
 
 1. ``_setup``: check the pair (both complete, same corpus, shared hidden states, sizes the metrics
    need), resolve the token selection, cut it into blocks, and plan tiles under the memory budget;
-2. ``_run``: one streaming pass per tile (:mod:`hrsa.analyze.stream`), each tile finished into small
+2. ``_run``: one streaming pass per tile (:mod:`hrsa.analyze.streaming.stream`), each tile finished into small
    results right away so that its D x D accumulators are freed before the next pass;
 3. ``_assemble``: per-layer results and cross-layer matrices into a frozen :class:`PairResults`.
 
@@ -12,7 +12,7 @@ Matched layers (k of A against k of B) get every requested metric from full ``Mo
 ``cross_layer``, every hidden state of A is compared with every hidden state of B for linear CKA
 (biased) and dimension-wise correlation (its mean), from ``CrossMoments`` of each pair and the self
 co-moments of each state; the matched pass then runs only if Procrustes or debiased CKA is asked for.
-The local metrics (``knn``: :mod:`hrsa.analyze.knn`; ``probe``: :mod:`hrsa.analyze.probe`) run after the
+The local metrics (``knn``: :mod:`hrsa.analyze.local.knn`; ``probe``: :mod:`hrsa.analyze.local.probe`) run after the
 passes on the same checked pair, on their own reads of the store.
 """
 
@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hrsa.analyze.backends import BackendName, resolve_backend
-from hrsa.analyze.knn import KnnOptions, KnnPairResult, knn_pair
+from hrsa.analyze.streaming.backends import BackendName, resolve_backend
+from hrsa.analyze.local.knn import KnnOptions, KnnPairResult, knn_pair
 from hrsa.analyze.metrics import (
     CkaResult,
     DimwiseCorrelationResult,
@@ -39,17 +39,17 @@ from hrsa.analyze.metrics import (
     linear_cka_from_summaries,
     procrustes_from_moments,
 )
-from hrsa.analyze.probe import ProbeOptions, ProbePairResult, probe_pair
-from hrsa.analyze.plan import AnalysisPlan, MemoryBudgetError, PlanInputs, parse_memory_budget, plan_analysis
-from hrsa.analyze.stream import OnBlock, Scheduler, StateReader, resolve_scheduler, run_tile, split_segments, token_blocks
+from hrsa.analyze.local.probe import ProbeOptions, ProbePairResult, probe_pair
+from hrsa.analyze.streaming.plan import AnalysisPlan, MemoryBudgetError, PlanInputs, parse_memory_budget, plan_analysis
+from hrsa.analyze.streaming.stream import OnBlock, Scheduler, StateReader, resolve_scheduler, run_tile, split_segments, token_blocks
 from hrsa.store.errors import CorpusMismatchError, IncompleteModelError, UserError
 from hrsa.store.selection import TokenFilter
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray
 
-    from hrsa.analyze.cross_moments import CoMomentSummary
-    from hrsa.analyze.plan import Tile
+    from hrsa.analyze.accumulators.cross_moments import CoMomentSummary
+    from hrsa.analyze.streaming.plan import Tile
     from hrsa.store import ActivationStore, ModelInfo
 
 __all__ = ["LOCAL_METRICS", "METRICS", "PairResults", "TokenSelection", "analyze_pair"]

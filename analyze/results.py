@@ -65,10 +65,10 @@ from hrsa.store.ids import parse_id, slugify
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from hrsa.analyze.knn import KnnPairResult
+    from hrsa.analyze.local.knn import KnnPairResult
     from hrsa.analyze.metrics.linear_probe import ProbeResult
     from hrsa.analyze.pair import PairResults
-    from hrsa.analyze.probe import ProbePairResult
+    from hrsa.analyze.local.probe import ProbePairResult
     from hrsa.store import ActivationStore
 
 __all__ = [
@@ -269,7 +269,7 @@ def save_results(
         run_id: the run's id (default ``<a>--<b>--<time>``).
         config: the resolved config, recorded in the document.
     """
-    from hrsa.analyze.figures import plot_figures
+    from hrsa.analyze.report.figures import plot_figures
 
     out_dir = Path(out_dir)
     run_id = parse_id(run_id or new_run_id(results), kind="run id")

@@ -208,7 +208,7 @@ def run_child(*args: Any) -> dict[str, Any]:
 
 
 def bench_memory(cfg: BenchConfig, root: Path) -> None:
-    from hrsa.analyze.plan import format_bytes
+    from hrsa.analyze.streaming.plan import format_bytes
 
     d, sizes = cfg.memory_hidden, [cfg.memory_tokens * 2**i for i in range(4)]
     # Every N spans 8+ blocks, so each worker reaches its steady state (a block in use, the next being read
@@ -230,7 +230,7 @@ def bench_memory(cfg: BenchConfig, root: Path) -> None:
 
 
 def bench_cross_layer(cfg: BenchConfig, root: Path) -> None:
-    from hrsa.analyze.plan import format_bytes, parse_memory_budget
+    from hrsa.analyze.streaming.plan import format_bytes, parse_memory_budget
 
     n, d, states = cfg.big_tokens, cfg.big_hidden, cfg.big_states
     print(f"\n(c) cross-layer linear CKA, {states} x {states} hidden states of D = {d} (bf16 store), N = {n:,} tokens, "

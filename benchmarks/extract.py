@@ -230,7 +230,7 @@ def bare_once(config: BenchConfig, store: Path) -> Bare:
     """(b): a fresh worker of the same class and placement runs the same batches, keeping nothing."""
     import ray
 
-    from hrsa.cluster.connection import connect
+    from hrsa.runtime.connection import connect
     from hrsa.extract.job import _placement  # the extraction's own rule: same CPUs, threads, GPU
     from hrsa.extract.model_spec import parse_model_spec
     from hrsa.extract.worker import remote_worker_class
@@ -256,7 +256,7 @@ def describe(store: Path) -> str:
 
 
 def run(config: BenchConfig, folder: Path) -> None:
-    from hrsa.cluster.connection import connect
+    from hrsa.runtime.connection import connect
 
     log_dir = folder / "memory"
     log_dir.mkdir(parents=True, exist_ok=True)

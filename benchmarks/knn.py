@@ -8,7 +8,7 @@ Run (from the repository root):
 What it measures, side by side in one run:
 
 (a) Exact cosine k-NN (self excluded, ties by index) of one hidden state on the same subsample: the
-    blocked FAISS search of :func:`hrsa.analyze.knn.exact_neighbors` against numpy brute force (unit
+    blocked FAISS search of :func:`hrsa.analyze.local.knn.exact_neighbors` against numpy brute force (unit
     rows, the full N x N float32 Gram matrix, argpartition + sort): the time ratio, and that both agree.
     Best of ``repeats`` after one burn-in run.
 (b) Peak memory of a blocked exact search as the subsample doubles three times at fixed D and blocks,
@@ -79,7 +79,7 @@ def best_of(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
 
 
 def bench_speed(cfg: BenchConfig) -> None:
-    from hrsa.analyze.knn import exact_neighbors
+    from hrsa.analyze.local.knn import exact_neighbors
 
     x = rows(cfg.speed_tokens, cfg.hidden)
     t_faiss = best_of(lambda: exact_neighbors(x, cfg.k), cfg.repeats)
@@ -99,7 +99,7 @@ def _status_bytes(field: str) -> int:
 def _memory_child(n: int, cfg: BenchConfig, out: mp.Queue) -> None:
     import faiss  # noqa: F401  (imported before the baseline: its libraries are not the search's memory)
 
-    from hrsa.analyze.knn import exact_neighbors
+    from hrsa.analyze.local.knn import exact_neighbors
 
     x = rows(n, cfg.hidden)
     exact_neighbors(x[:64], cfg.k)  # burn-in: thread pools and BLAS buffers
@@ -128,7 +128,7 @@ def bench_memory(cfg: BenchConfig) -> None:
 
 
 def bench_approximate(cfg: BenchConfig) -> None:
-    from hrsa.analyze.knn import approximate_neighbors, exact_neighbors, neighbor_recall
+    from hrsa.analyze.local.knn import approximate_neighbors, exact_neighbors, neighbor_recall
 
     x = rows(cfg.approx_tokens, cfg.hidden, seed=1)
     start = time.perf_counter()

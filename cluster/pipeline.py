@@ -339,7 +339,7 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     Raises:
         PipelineError: an unreadable file, not a mapping, or every problem of its contents at once.
     """
-    from hrsa.store.settings import read_yaml_mapping
+    from hrsa.runtime.settings import read_yaml_mapping
 
     loaded = read_yaml_mapping(path, error=PipelineError, what="pipeline sections (store, out, corpora, models, pairs...)")
     return parse_pipeline(loaded)

@@ -328,7 +328,7 @@ class _Runner:
 
     # -- Step 4: dynamics -------------------------------------------------------------------------------
     def dynamics(self, d: DynamicsEntry, checkpoints: Mapping[int, tuple[_Extracted, _Extracted]]) -> _Analyzed:
-        from hrsa.analyze.dynamics import write_dynamics
+        from hrsa.analyze.report.dynamics import write_dynamics
 
         folder = self.config.out / "dynamics" / d.label
         steps = sorted(checkpoints)
@@ -354,7 +354,7 @@ class _Runner:
         key = _key({"pairs": {k: v.key for k, v in results.items()}, "dynamics": first.key if first else None,
                     "title": self.config.report.title})
         if self._announce("report", self.state.reason_to_run("report", key, lambda o: path.is_file())):
-            from hrsa.analyze.report import write_report
+            from hrsa.analyze.report.html import write_report
 
             self.state.start("report", key)
             write_report(shown, path, dynamics=first.results if first else None, title=self.config.report.title)

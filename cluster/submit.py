@@ -206,7 +206,7 @@ def _client(address: str) -> Any:
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    from hrsa.cluster.connection import RayConnectionError
+    from hrsa.runtime.connection import RayConnectionError
 
     try:
         return JobSubmissionClient(address)

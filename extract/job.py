@@ -156,7 +156,7 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
     """
     import ray
 
-    from hrsa.cluster.connection import connect
+    from hrsa.runtime.connection import connect
     from hrsa.extract.model_spec import parse_model_spec
     from hrsa.extract.worker import remote_worker_class
     from hrsa.store import ActivationStore

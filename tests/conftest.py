@@ -69,7 +69,7 @@ def shared_data() -> Path:
 def ray_local():
     """One embedded local Ray for the whole test session (starting one costs ~5 s), via hrsa's own connect."""
     ray = pytest.importorskip("ray")
-    from hrsa.cluster.connection import connect
+    from hrsa.runtime.connection import connect
 
     connection = connect(num_cpus=2)
     yield connection

@@ -27,7 +27,7 @@ def test_shipped_config_validates(path: Path) -> None:
 
         load_pipeline(path)
     elif verb in ("mine-negatives", "eval"):
-        from hrsa.store.settings import load_settings
+        from hrsa.runtime.settings import load_settings
         from hrsa.train.evaluate import EvalConfig
         from hrsa.train.mine import MineConfig
 

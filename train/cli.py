@@ -2,47 +2,21 @@
 
 from __future__ import annotations
 
-import typing
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
+from hrsa.runtime.cli_options import config_file_option, config_options
 from hrsa.train.config import TrainConfig
 
 __all__ = ["train"]
 
 
-def _click_type(annotation: Any) -> Any:
-    """The click type of a config field: a choice for Literal, else its scalar type (Optional unwrapped)."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) is typing.Literal:
-        return click.Choice([str(a) for a in args])
-    if args:  # X | None
-        return _click_type(args[0])
-    return {int: int, float: float, Path: click.Path(path_type=Path)}.get(annotation, str)
-
-
-def _config_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """One flag per config field, with the field's description as help; unset flags stay None."""
-    for name, field in reversed(list(TrainConfig.model_fields.items())):
-        flag = "--" + name.replace("_", "-")
-        default = "" if field.is_required() or field.default is None else f" [default: {field.default}]"
-        help_text = f"{field.description}{default}"
-        if field.annotation in (bool, bool | None):
-            option = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
-        else:
-            option = click.option(flag, name, type=_click_type(field.annotation), default=None, help=help_text)
-        command = option(command)
-    return command
-
-
 @click.command("train")
-@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="YAML file of settings (keys are the flag names with underscores); flags override it.")
+@config_file_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@_config_options
+@config_options(TrainConfig)
 def train(config_file: Path | None, quiet: bool, **flags: Any) -> None:
     """Train an embedding model with InfoNCE on Ray Train; re-running the same --output resumes.
 

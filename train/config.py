@@ -22,7 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hrsa.store.errors import UserError
-from hrsa.store.settings import load_settings
+from hrsa.runtime.settings import load_settings
 
 __all__ = ["TrainConfig", "TrainConfigError", "load_train_config"]
 

@@ -54,7 +54,7 @@ def mine_negatives_command(config_file: Path | None, **flags: Any) -> None:
     """
     from rich.console import Console
 
-    from hrsa.store.settings import load_settings
+    from hrsa.runtime.settings import load_settings
     from hrsa.train.mine import MineConfig, mine_negatives
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -96,7 +96,7 @@ def eval_command(config_file: Path | None, **flags: Any) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
     from rich.table import Table
 
-    from hrsa.store.settings import load_settings
+    from hrsa.runtime.settings import load_settings
     from hrsa.train.evaluate import EvalConfig, evaluate
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -123,7 +123,7 @@ def run_training(config: TrainConfig, *, progress: bool = True, stop_after: int 
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
 
-    from hrsa.cluster.connection import connect
+    from hrsa.runtime.connection import connect
 
     # Step 1: everything a user can get wrong, checked here.
     config, spec = _prepare(config)

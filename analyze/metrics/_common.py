@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from hrsa.analyze.moments import Moments
+    from hrsa.analyze.accumulators.moments import Moments
 
 __all__ = ["UnderdeterminedWarning", "check_min_tokens", "check_same_hidden_size"]
 

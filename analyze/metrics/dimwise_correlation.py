@@ -31,13 +31,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hrsa.analyze.metrics._common import check_same_hidden_size
-from hrsa.analyze.moments import moments
+from hrsa.analyze.accumulators.moments import moments
 
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike, NDArray
 
-    from hrsa.analyze.cross_moments import CoMomentSummary
-    from hrsa.analyze.moments import Moments
+    from hrsa.analyze.accumulators.cross_moments import CoMomentSummary
+    from hrsa.analyze.accumulators.moments import Moments
 
 __all__ = [
     "DEFAULT_RTOL",
@@ -91,7 +91,7 @@ def dimwise_correlation_from_moments(m: Moments, *, rtol: float = DEFAULT_RTOL) 
 
     Example:
         >>> import numpy as np
-        >>> from hrsa.analyze.moments import moments
+        >>> from hrsa.analyze.accumulators.moments import moments
         >>> x = np.random.default_rng(0).normal(size=(1000, 4))
         >>> x[:, 3] = 7.0  # a constant dimension
         >>> res = dimwise_correlation_from_moments(moments(x, 2 * x + 1))
@@ -121,7 +121,7 @@ def dimwise_correlation_from_summaries(
 
     Example:
         >>> import numpy as np
-        >>> from hrsa.analyze.cross_moments import CrossMoments
+        >>> from hrsa.analyze.accumulators.cross_moments import CrossMoments
         >>> x = np.random.default_rng(0).normal(size=(500, 4))
         >>> s = CrossMoments.from_chunk(x, x).summary()
         >>> round(dimwise_correlation_from_summaries(s, s, s).mean, 6)

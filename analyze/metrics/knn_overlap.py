@@ -15,7 +15,7 @@ scaling c X (c > 0), and per-token rescaling of either side; *not* offsets (cosi
 origin, not the mean: deliberate, as in the paper) nor anisotropic scaling X diag(s).
 
 This module is pure numpy: :func:`cosine_neighbors` is the exact O(N^2) reference, for small N. The
-blocked FAISS search for large N lives in :mod:`hrsa.analyze.knn` and feeds the same
+blocked FAISS search for large N lives in :mod:`hrsa.analyze.local.knn` and feeds the same
 :func:`knn_overlap_from_neighbors`.
 """
 

@@ -35,13 +35,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hrsa.analyze.metrics._common import check_min_tokens
-from hrsa.analyze.moments import moments
+from hrsa.analyze.accumulators.moments import moments
 
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike
 
-    from hrsa.analyze.cross_moments import CoMomentSummary
-    from hrsa.analyze.moments import Moments
+    from hrsa.analyze.accumulators.cross_moments import CoMomentSummary
+    from hrsa.analyze.accumulators.moments import Moments
 
 __all__ = ["CkaResult", "linear_cka", "linear_cka_from_moments", "linear_cka_from_summaries"]
 
@@ -77,7 +77,7 @@ def linear_cka_from_moments(m: Moments, *, debiased: bool = False) -> CkaResult:
 
     Example:
         >>> import numpy as np
-        >>> from hrsa.analyze.moments import moments
+        >>> from hrsa.analyze.accumulators.moments import moments
         >>> rs = np.random.RandomState(1337)  # Kornblith's demo data
         >>> x = rs.randn(100, 10)
         >>> m = moments(x, x + rs.randn(100, 10))
@@ -107,7 +107,7 @@ def linear_cka_from_summaries(xy: CoMomentSummary, xx: CoMomentSummary, yy: CoMo
 
     Example:
         >>> import numpy as np
-        >>> from hrsa.analyze.cross_moments import CrossMoments
+        >>> from hrsa.analyze.accumulators.cross_moments import CrossMoments
         >>> x = np.random.default_rng(0).normal(size=(300, 6))
         >>> s = CrossMoments.from_chunk(x, x).summary()
         >>> linear_cka_from_summaries(s, s, s).value

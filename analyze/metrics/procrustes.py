@@ -35,12 +35,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hrsa.analyze.metrics._common import UnderdeterminedWarning, check_same_hidden_size
-from hrsa.analyze.moments import moments
+from hrsa.analyze.accumulators.moments import moments
 
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike, NDArray
 
-    from hrsa.analyze.moments import Moments
+    from hrsa.analyze.accumulators.moments import Moments
 
 __all__ = [
     "ProcrustesResult",
@@ -91,7 +91,7 @@ def procrustes_from_moments(m: Moments, *, return_rotation: bool = False) -> Pro
 
     Example:
         >>> import numpy as np
-        >>> from hrsa.analyze.moments import moments
+        >>> from hrsa.analyze.accumulators.moments import moments
         >>> x = np.random.default_rng(0).normal(size=(500, 5))
         >>> res = procrustes_from_moments(moments(x, x[:, [2, 0, 1, 4, 3]]))  # a permutation
         >>> round(res.h_inv, 6), round(res.residual, 6), round(res.similarity, 6)
@@ -153,7 +153,7 @@ def procrustes_similarity_from_moments(m: Moments) -> float:
 
     Example:
         >>> import numpy as np
-        >>> from hrsa.analyze.moments import moments
+        >>> from hrsa.analyze.accumulators.moments import moments
         >>> rs = np.random.RandomState(1337)  # Kornblith's demo data
         >>> x = rs.randn(100, 10)
         >>> round(procrustes_similarity_from_moments(moments(x, x + rs.randn(100, 10))), 5)

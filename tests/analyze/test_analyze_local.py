@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from hrsa.analyze.knn import KnnOptions
+from hrsa.analyze.local.knn import KnnOptions
 from hrsa.analyze.pair import TokenSelection, analyze_pair
-from hrsa.analyze.probe import ProbeOptions
+from hrsa.analyze.local.probe import ProbeOptions
 from hrsa.analyze.results import save_results
 from hrsa.cli import cli
 from hrsa.store.errors import UserError

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hrsa.analyze.backends import NumpyBackend, TorchBackend, resolve_backend
+from hrsa.analyze.streaming.backends import NumpyBackend, TorchBackend, resolve_backend
 from hrsa.analyze.pair import analyze_pair
 from hrsa.store.errors import UserError
 

@@ -8,14 +8,14 @@ import pickle
 import numpy as np
 import pytest
 
-from hrsa.analyze.cross_moments import CrossMoments, centre_chunk, cross_moments_of_block
+from hrsa.analyze.accumulators.cross_moments import CrossMoments, centre_chunk, cross_moments_of_block
 from hrsa.analyze.metrics import (
     dimwise_correlation_from_moments,
     dimwise_correlation_from_summaries,
     linear_cka_from_moments,
     linear_cka_from_summaries,
 )
-from hrsa.analyze.moments import moments
+from hrsa.analyze.accumulators.moments import moments
 
 
 def direct_c_xy(x: np.ndarray, y: np.ndarray) -> np.ndarray:

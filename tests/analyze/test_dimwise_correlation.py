@@ -7,7 +7,7 @@ import pytest
 from scipy.stats import special_ortho_group
 
 from hrsa.analyze.metrics import dimwise_correlation, dimwise_correlation_from_moments
-from hrsa.analyze.moments import Moments
+from hrsa.analyze.accumulators.moments import Moments
 
 
 def oracle_r(x: np.ndarray, y: np.ndarray) -> np.ndarray:

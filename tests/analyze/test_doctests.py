@@ -8,16 +8,16 @@ import importlib
 import pytest
 
 MODULES = [
-    "hrsa.analyze.moments",
-    "hrsa.analyze.cross_moments",
-    "hrsa.analyze.plan",
-    "hrsa.analyze.stream",
+    "hrsa.analyze.accumulators.moments",
+    "hrsa.analyze.accumulators.cross_moments",
+    "hrsa.analyze.streaming.plan",
+    "hrsa.analyze.streaming.stream",
     "hrsa.analyze.metrics.linear_cka",
     "hrsa.analyze.metrics.dimwise_correlation",
     "hrsa.analyze.metrics.procrustes",
     "hrsa.analyze.metrics.knn_overlap",
     "hrsa.analyze.metrics.linear_probe",
-    "hrsa.analyze.knn",
+    "hrsa.analyze.local.knn",
 ]
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hrsa.analyze.dynamics import SCHEMA, load_dynamics, write_dynamics
-from hrsa.analyze.figures import dynamics_figure, plot_dynamics
-from hrsa.analyze.knn import KnnOptions
+from hrsa.analyze.report.dynamics import SCHEMA, load_dynamics, write_dynamics
+from hrsa.analyze.report.figures import dynamics_figure, plot_dynamics
+from hrsa.analyze.local.knn import KnnOptions
 from hrsa.analyze.pair import analyze_pair
-from hrsa.analyze.report import ReportInputError
+from hrsa.analyze.report.html import ReportInputError
 from hrsa.analyze.results import results_dict, write_json
 
 STEPS = (0, 10, 20)

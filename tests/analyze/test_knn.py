@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.neighbors import NearestNeighbors
 
-from hrsa.analyze.knn import approximate_neighbors, exact_neighbors, knn_pair, neighbor_recall, sample_tokens
+from hrsa.analyze.local.knn import approximate_neighbors, exact_neighbors, knn_pair, neighbor_recall, sample_tokens
 from hrsa.analyze.metrics.knn_overlap import cosine_neighbors, knn_overlap
 from hrsa.analyze.pair import TokenSelection
 from hrsa.store.errors import UserError

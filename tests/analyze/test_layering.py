@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-MODULES = ["hrsa.analyze", "hrsa.analyze.moments", "hrsa.analyze.cross_moments", "hrsa.analyze.metrics",
+MODULES = ["hrsa.analyze", "hrsa.analyze.accumulators.moments", "hrsa.analyze.accumulators.cross_moments", "hrsa.analyze.metrics",
            "hrsa.analyze.metrics.knn_overlap", "hrsa.analyze.metrics.linear_probe"]
 
 
@@ -25,8 +25,8 @@ def test_math_layer_imports_no_heavy_dependencies(name: str) -> None:
 def test_streaming_layer_imports_no_io_layer() -> None:
     # Orchestration may use Dask and the store, but not the result files, figures or CLI above it.
     code = (
-        "import sys; import hrsa.analyze.pair, hrsa.analyze.stream, hrsa.analyze.plan, hrsa.analyze.backends; "
-        "bad = sorted(m for m in ('hrsa.analyze.results', 'hrsa.analyze.figures', 'hrsa.analyze.cli', 'matplotlib') "
+        "import sys; import hrsa.analyze.pair, hrsa.analyze.streaming.stream, hrsa.analyze.streaming.plan, hrsa.analyze.streaming.backends; "
+        "bad = sorted(m for m in ('hrsa.analyze.results', 'hrsa.analyze.report.figures', 'hrsa.analyze.cli', 'matplotlib') "
         "if m in sys.modules); assert not bad, f'{bad} imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

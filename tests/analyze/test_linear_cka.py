@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from scipy.stats import special_ortho_group
 
 from hrsa.analyze.metrics import CkaResult, linear_cka, linear_cka_from_moments
-from hrsa.analyze.moments import Moments, moments
+from hrsa.analyze.accumulators.moments import Moments, moments
 
 # --- independent float64 oracles on N x N Gram matrices --------------------------------------------------
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hrsa.analyze.moments import Moments, moments
+from hrsa.analyze.accumulators.moments import Moments, moments
 
 FIELDS = ("mean_x", "mean_y", "c_xx", "c_yy", "c_xy", "q_xx", "q_yy", "q_xy", "g_xx", "g_xy", "g_yx", "g_yy")
 

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from hrsa.analyze.plan import MemoryBudgetError, PlanInputs, format_bytes, parse_memory_budget, plan_analysis
+from hrsa.analyze.streaming.plan import MemoryBudgetError, PlanInputs, format_bytes, parse_memory_budget, plan_analysis
 from hrsa.store.errors import UserError
 
 

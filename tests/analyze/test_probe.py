@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from hrsa.analyze.pair import TokenSelection
-from hrsa.analyze.probe import document_features, probe_pair, read_labels
+from hrsa.analyze.local.probe import document_features, probe_pair, read_labels
 from hrsa.store import ActivationStore
 from hrsa.store.errors import UserError
 

@@ -15,7 +15,7 @@ from hrsa.analyze.metrics import (
     procrustes_from_moments,
     procrustes_similarity,
 )
-from hrsa.analyze.moments import Moments, moments
+from hrsa.analyze.accumulators.moments import Moments, moments
 
 # (2 - Euler's gamma - ln 2): E[z^2 ln z^2] for z ~ N(0, 1); H_inv of a Haar rotation tends to this / ln D.
 RANDOM_ROTATION_CONSTANT = 2.0 - np.euler_gamma - np.log(2.0)

@@ -18,14 +18,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from hrsa.analyze.dynamics import write_dynamics
-from hrsa.analyze.knn import KnnOptions
+from hrsa.analyze.report.dynamics import write_dynamics
+from hrsa.analyze.local.knn import KnnOptions
 from hrsa.analyze.pair import analyze_pair
-from hrsa.analyze.probe import ProbeOptions
-from hrsa.analyze.report import ReportInputError, read_results, write_report
-from hrsa.analyze.report_cli import report
+from hrsa.analyze.local.probe import ProbeOptions
+from hrsa.analyze.report.html import ReportInputError, read_results, write_report
+from hrsa.analyze.report.cli import report
 from hrsa.analyze.results import results_dict, write_json
-from hrsa.analyze.summary import CKA_PRESERVED, KNN_PRESERVED, Thresholds, summarize
+from hrsa.analyze.report.summary import CKA_PRESERVED, KNN_PRESERVED, Thresholds, summarize
 from hrsa.cli import cli
 from hrsa.store import ActivationStore
 from hrsa.store.errors import UserError

@@ -7,7 +7,7 @@ import pytest
 
 from hrsa.analyze.metrics import UnderdeterminedWarning
 from hrsa.analyze.pair import PairResults, TokenSelection, analyze_pair
-from hrsa.analyze.stream import split_segments, token_blocks
+from hrsa.analyze.streaming.stream import split_segments, token_blocks
 from hrsa.store import ActivationStore
 
 ALL = ("dimcorr", "cka", "procrustes")

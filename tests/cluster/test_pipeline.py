@@ -179,7 +179,7 @@ def fake_training(steps_by_run: dict[str, tuple[int, ...]], source: Callable[[st
 def test_dynamics_compares_the_runs_at_their_common_steps(tmp_path: Path, tiny_models: Any, ray_local: Any,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     import hrsa.train.trainer
-    from hrsa.analyze.dynamics import load_dynamics
+    from hrsa.analyze.report.dynamics import load_dynamics
 
     calls: list[str] = []
     fake = fake_training({"ra": (1, 2), "rb": (2, 3)}, lambda run: tiny_models.dir("llama" if run == "ra" else "qwen2"))

@@ -36,10 +36,10 @@ if TYPE_CHECKING:
     import dask.array as da
     from dask.delayed import Delayed
 
-    from hrsa.analyze.backends import ChunkBackend
-    from hrsa.analyze.cross_moments import CrossMoments
-    from hrsa.analyze.moments import Moments
-    from hrsa.analyze.plan import Pair, StreamKey, Tile
+    from hrsa.analyze.streaming.backends import ChunkBackend
+    from hrsa.analyze.accumulators.cross_moments import CrossMoments
+    from hrsa.analyze.accumulators.moments import Moments
+    from hrsa.analyze.streaming.plan import Pair, StreamKey, Tile
 
 __all__ = [
     "Execution",

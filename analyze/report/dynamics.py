@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from hrsa.analyze.report import ReportInputError, read_results
-from hrsa.analyze.summary import floats
+from hrsa.analyze.report.html import ReportInputError, read_results
+from hrsa.analyze.report.summary import floats
 
 __all__ = ["SCHEMA", "Curve", "Dynamics", "load_dynamics", "write_dynamics"]
 
@@ -119,7 +119,7 @@ def load_dynamics(path: Path | str) -> Dynamics:
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
         got = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
         raise ReportInputError(f"Expected a dynamics file of schema {SCHEMA} at {path}. Got {got!r} instead. "
-                               "Write it with hrsa.analyze.dynamics.write_dynamics.")
+                               "Write it with hrsa.analyze.report.dynamics.write_dynamics.")
     try:
         runs = (str(doc["runs"][0]), str(doc["runs"][1]))
         entries = sorted((int(e["step"]), path.parent / e["results"]) for e in doc["steps"])

@@ -1,6 +1,6 @@
 """``hrsa report``: one self-contained HTML file from the ``results.json`` of one or more analysed pairs.
 
-Per pair, in the paper's order: provenance; a Table 2 style summary (:mod:`hrsa.analyze.summary`); the
+Per pair, in the paper's order: provenance; a Table 2 style summary (:mod:`hrsa.analyze.report.summary`); the
 cross-layer heatmaps of CKA and dimension-wise correlation (Figure 3; per-layer profiles without
 ``--cross-layer``); per-layer metrics with Procrustes H_inv (Table 3); k-NN overlap per k and hidden state
 (Table 4); cross-model probe accuracies (Figure 4). Then, with a dynamics file, the metrics against the
@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hrsa.analyze.results import SCHEMA
-from hrsa.analyze.summary import LEVELS, PairSummary, Thresholds, knn_k, probe_transfer, summarize
+from hrsa.analyze.report.summary import LEVELS, PairSummary, Thresholds, knn_k, probe_transfer, summarize
 from hrsa.store.errors import UserError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from hrsa.analyze.dynamics import Dynamics
+    from hrsa.analyze.report.dynamics import Dynamics
 
 __all__ = ["ReportInputError", "find_results", "read_results", "render_report", "write_report"]
 
@@ -120,9 +120,9 @@ def write_report(results: Sequence[Path | str], out: Path | str, *, dynamics: Pa
     Args:
         results: results.json files, or folders holding one (one per pair; order kept).
         out: the HTML file to write (its folder is created).
-        dynamics: a ``hrsa.dynamics/1`` file (:mod:`hrsa.analyze.dynamics`) for the training-dynamics section.
+        dynamics: a ``hrsa.dynamics/1`` file (:mod:`hrsa.analyze.report.dynamics`) for the training-dynamics section.
         title: the report's title (default: the pairs compared).
-        thresholds: the summary's rules (default: :mod:`hrsa.analyze.summary`'s constants).
+        thresholds: the summary's rules (default: :mod:`hrsa.analyze.report.summary`'s constants).
 
     Returns:
         ``out``.
@@ -134,7 +134,7 @@ def write_report(results: Sequence[Path | str], out: Path | str, *, dynamics: Pa
     docs = [read_results(f) for f in files]
     dyn = None
     if dynamics is not None:
-        from hrsa.analyze.dynamics import load_dynamics
+        from hrsa.analyze.report.dynamics import load_dynamics
 
         dyn = load_dynamics(Path(dynamics))
     page = render_report(docs, dynamics=dyn, title=title, thresholds=thresholds)
@@ -221,7 +221,7 @@ def _summary_table(summary: PairSummary) -> str:
 
 
 def _layers_figures(doc: Mapping[str, Any]) -> str:
-    from hrsa.analyze.figures import heatmap_figure, lines_figure
+    from hrsa.analyze.report.figures import heatmap_figure, lines_figure
 
     m, a, b = doc["metrics"], str(doc["a"]), str(doc["b"])
     sub = f"{a} vs {b}, {doc.get('n_tokens')} tokens"
@@ -261,7 +261,7 @@ def _layer_table(doc: Mapping[str, Any]) -> str:
 
 
 def _knn_section(doc: Mapping[str, Any], t: Thresholds) -> str:
-    from hrsa.analyze.figures import lines_figure
+    from hrsa.analyze.report.figures import lines_figure
 
     knn = doc["metrics"]["knn"]
     states, ks = knn.get("hidden_states", []), sorted(knn.get("k", {}), key=int)
@@ -281,7 +281,7 @@ def _knn_section(doc: Mapping[str, Any], t: Thresholds) -> str:
 
 
 def _probe_section(doc: Mapping[str, Any], t: Thresholds) -> str:
-    from hrsa.analyze.figures import probe_figure
+    from hrsa.analyze.report.figures import probe_figure
 
     probe, a, b = doc["metrics"]["probe"], str(doc["a"]), str(doc["b"])
     states = sorted(probe, key=int)
@@ -307,7 +307,7 @@ def _probe_section(doc: Mapping[str, Any], t: Thresholds) -> str:
 
 
 def _dynamics_section(dyn: Dynamics) -> str:
-    from hrsa.analyze.figures import dynamics_figure
+    from hrsa.analyze.report.figures import dynamics_figure
 
     curves = {c.label: c for c in (dyn.cka, dyn.dimcorr) if c is not None} | {c.label: c for c in dyn.knn.values()}
     rows = [[str(s), f"{pa} vs {pb}", *(_num(c.mean[i]) for c in curves.values()), str(dyn.results[i])]
@@ -324,7 +324,7 @@ def _thresholds_section(t: Thresholds) -> str:
             "states (and probe directions) and counted as preserved when it reaches its threshold; a level is "
             "preserved when all of its metrics are, restructured when one is not (representation: dimension-wise "
             "correlation and H_inv; geometry: linear CKA and k-NN overlap; function: cross-model probes). Defaults "
-            "are the constants of <code>hrsa.analyze.summary</code>.</p>" + _table(["metric", "preserved when"], rows))
+            "are the constants of <code>hrsa.analyze.report.summary</code>.</p>" + _table(["metric", "preserved when"], rows))
 
 
 # --- HTML pieces -------------------------------------------------------------------------------------------

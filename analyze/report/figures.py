@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
     from matplotlib.figure import Figure
 
-    from hrsa.analyze.dynamics import Dynamics
+    from hrsa.analyze.report.dynamics import Dynamics
     from hrsa.analyze.pair import PairResults
 
 __all__ = [

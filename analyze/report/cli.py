@@ -17,7 +17,7 @@ from typing import Any
 import click
 from pydantic import BaseModel, ConfigDict, Field
 
-from hrsa.analyze.summary import (
+from hrsa.analyze.report.summary import (
     CKA_PRESERVED,
     DIMCORR_PRESERVED,
     H_INV_PRESERVED,
@@ -80,9 +80,9 @@ def report(config_file: Path | None, **flags: Any) -> None:
     Per pair: a summary by level (preserved / restructured), cross-layer heatmaps, H_inv, k-NN overlap and
     probe accuracy per hidden state; with --dynamics, the metrics against the training step.
     """
-    from hrsa.analyze.report import find_results, read_results, write_report
-    from hrsa.analyze.summary import summarize
-    from hrsa.store.settings import load_settings
+    from hrsa.analyze.report.html import find_results, read_results, write_report
+    from hrsa.analyze.report.summary import summarize
+    from hrsa.runtime.settings import load_settings
 
     cfg = load_settings(ReportConfig, config_file, flags, verb="report")
     out = write_report(list(cfg.results), cfg.out, dynamics=cfg.dynamics, title=cfg.title, thresholds=cfg.thresholds())

@@ -1,7 +1,7 @@
 """Where a block's matrix products run: numpy on the CPU, or torch (a CUDA GPU when there is one).
 
-A backend turns one block of tokens into accumulators: :class:`~hrsa.analyze.moments.Moments` for a
-matched pair of hidden states, :class:`~hrsa.analyze.cross_moments.CrossMoments` for the pairs of a
+A backend turns one block of tokens into accumulators: :class:`~hrsa.analyze.accumulators.moments.Moments` for a
+matched pair of hidden states, :class:`~hrsa.analyze.accumulators.cross_moments.CrossMoments` for the pairs of a
 cross-layer tile. Accumulation and merging always happen afterwards, in float64 numpy, so every
 backend feeds the same Chan merge and the same metrics.
 
@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
-from hrsa.analyze.cross_moments import CrossMoments, iter_cross_moments
-from hrsa.analyze.moments import Moments
+from hrsa.analyze.accumulators.cross_moments import CrossMoments, iter_cross_moments
+from hrsa.analyze.accumulators.moments import Moments
 from hrsa.store.errors import UserError
 
 if TYPE_CHECKING:

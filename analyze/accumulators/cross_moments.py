@@ -4,7 +4,7 @@ A cross-layer matrix (every hidden state of A against every hidden state of B) n
 only ``C_xy = Xc_i^T Yc_j`` (Dx, Dy) and the means; the self co-moments ``C_xx`` are shared by every
 pair of row i (and ``C_yy`` by every pair of column j), so they are accumulated once per hidden state,
 as the cross co-moments of a state with itself. :class:`CrossMoments` is that slimmer accumulator:
-``n``, ``mean_x``, ``mean_y``, ``c_xy``, with the same numerics as :class:`hrsa.analyze.moments.Moments`
+``n``, ``mean_x``, ``mean_y``, ``c_xy``, with the same numerics as :class:`hrsa.analyze.accumulators.moments.Moments`
 (each chunk centred on its own mean before its product, float64 accumulation, Chan et al.'s pairwise
 merge ``c_xy = c_xy_a + c_xy_b + (n_a n_b / n) outer(delta_x, delta_y)``).
 

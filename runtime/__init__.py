@@ -1,0 +1,8 @@
+"""What every job shares, below extract/, analyze/, train/ and cluster/ (above store/, whose errors it raises).
+
+- :mod:`hrsa.runtime.connection`: the one Ray connection (extraction, training and Dask-on-Ray analysis).
+- :mod:`hrsa.runtime.settings`: a verb's settings from YAML + flags, validated by pydantic; the one formatter
+  of validation problems.
+- :mod:`hrsa.runtime.files`: the one atomic file writer (a reader never sees half a file).
+- :mod:`hrsa.runtime.cli_options`: a verb's click flags generated from its pydantic config model.
+"""

@@ -1,0 +1,34 @@
+"""The one atomic file writer: every small file hrsa rewrites (results, reports, state, scores) goes through it."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ["write_atomic"]
+
+
+def write_atomic(path: Path | str, data: str | bytes) -> Path:
+    """Write ``data`` to ``path`` so that a reader (or a crash) never sees half a file.
+
+    The bytes go to a unique temporary file in the same folder (same filesystem, so the rename is atomic;
+    unique, so two writers never share one), then replace ``path``. Parent folders are created.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = write_atomic(pathlib.Path(tempfile.mkdtemp()) / "a" / "x.json", '{"ok": true}\\n')
+        >>> p.read_text()
+        '{"ok": true}\\n'
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,102 @@
+"""A verb's settings: a YAML file (``--config``) merged with the flags given, validated by pydantic.
+
+Shared by every verb whose config is a pydantic model (``hrsa extract``, ``analyze``, ``train``, ``report``...)
+and by the pipeline, so they all take the same precedence (flag > YAML > default) and report every problem at
+once, in one line, through one formatter (:func:`validation_problems`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from hrsa.store.errors import UserError
+
+__all__ = ["Problems", "load_settings", "parse_settings", "read_yaml_mapping", "validation_problems"]
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class Problems(ValueError):
+    """Several problems found by one validator; :func:`validation_problems` lists them one by one."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def load_settings(model: type[M], path: Path | None, flags: Mapping[str, Any], *, verb: str,
+                  error: type[UserError] = UserError) -> M:
+    """Merge the YAML file at ``path`` (if any) with the flags that were given (not None) and validate.
+
+    Args:
+        model: the verb's pydantic config class.
+        path: the ``--config`` file, or None.
+        flags: flag values by field name; None (and an empty tuple) means "not given".
+        verb: names the settings in the message ("Expected valid <verb> settings").
+        error: the :class:`UserError` subclass to raise.
+
+    Raises:
+        UserError: an unreadable file, or every problem of the merged settings at once, in one line.
+    """
+    values: dict[str, Any] = dict(read_yaml_mapping(path, error=error)) if path is not None else {}
+    values.update({k: v for k, v in flags.items() if v is not None and v != ()})
+    return parse_settings(model, values, verb=verb, error=error)
+
+
+def parse_settings(model: type[M], values: Mapping[str, Any], *, verb: str, error: type[UserError] = UserError) -> M:
+    """Validate ``values`` as ``model``; every problem at once, in one line.
+
+    Raises:
+        UserError: ``error`` with "Expected valid <verb> settings. Got N problem(s) instead: ...".
+    """
+    try:
+        return model.model_validate(dict(values))
+    except ValidationError as e:
+        problems = validation_problems(e)
+        raise error(f"Expected valid {verb} settings. Got {len(problems)} problem(s) instead: {'; '.join(problems)}.") from None
+
+
+def read_yaml_mapping(path: Path | str, *, error: type[UserError] = UserError, what: str = "settings") -> dict[str, Any]:
+    """The mapping in the YAML file at ``path`` (empty file: empty mapping).
+
+    Raises:
+        error: the file is unreadable, is not YAML, or holds something other than a mapping.
+    """
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise error(f"Expected a readable YAML config at {path}. Got an error instead: {e}".replace("\n", " ")) from None
+    if not isinstance(loaded, dict):
+        raise error(f"Expected a YAML mapping of {what} in {path}. Got {type(loaded).__name__} instead.")
+    return loaded
+
+
+def validation_problems(error: ValidationError, *, flags: bool = True) -> list[str]:
+    """Every problem of a pydantic error as ``where: what``, without pydantic's "Value error, " prefix.
+
+    With ``flags``, a missing top-level field reads ``--flag is required (as a flag or in --config)`` (a verb's
+    settings); without, ``field is required`` (a file's sections, such as a pipeline). The problems a validator
+    gathered in :class:`Problems` are listed one by one under its location.
+    """
+    return [p for e in error.errors() for p in _describe(e, flags)]
+
+
+def _describe(error: Any, flags: bool) -> list[str]:
+    loc = [str(part) for part in error["loc"] if part != "[key]"]
+    where = ".".join(loc)
+    cause = error.get("ctx", {}).get("error")
+    if isinstance(cause, Problems):
+        return [f"{where}.{p}" if where else p for p in cause.problems]
+    if error["type"] == "missing":
+        if flags and len(loc) == 1:
+            return [f"--{loc[0].replace('_', '-')} is required (as a flag or in --config)"]
+        return [f"{where} is required"]
+    if error["type"] == "extra_forbidden":
+        return [f"{where}: unknown field (a typo?)"]
+    return [f"{where or 'config'}: {str(error['msg']).removeprefix('Value error, ').rstrip('.')}"]
