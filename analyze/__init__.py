@@ -1,9 +1,10 @@
 """HRSA metrics: streaming accumulators on Dask, k-NN overlap on FAISS, linear probes, results, report.
 
-Layers (imports point down): the pure math (``moments``, ``cross_moments``, ``metrics``; numpy only) <-
-streaming and orchestration (``backends``, ``plan``, ``stream``, ``pair``, ``knn``, ``probe``; Dask, Ray,
-torch, FAISS, scikit-learn) <- I/O (``results``, ``figures``, ``config``, ``cli``). The names below load lazily, so importing the pure math
-never pulls in Dask, Zarr or the store.
+Parts, imports pointing down (tests/test_layers.py checks it): the pure math (``accumulators/``, ``metrics/``;
+numpy only) <- streaming (``streaming/``: backends, plan, passes on Dask) <- the settings (``config``) <- the local
+metrics (``local/``: k-NN overlap, probes) <- the pair analysis (``pair/``) <- the results file (``results``) <-
+presentation (``report/``: figures, summary, dynamics, HTML) <- the job (``job``) <- the CLI (``cli``). The names
+below load lazily, so importing the pure math never pulls in Dask, Zarr or the store.
 
 Example:
     >>> from hrsa.analyze import analyze_pair, save_results  # doctest: +SKIP
@@ -18,6 +19,7 @@ from typing import Any
 
 __all__ = [
     "AnalysisPlan",
+    "AnalysisRun",
     "AnalyzeConfig",
     "KnnOptions",
     "PairResults",
@@ -27,20 +29,23 @@ __all__ = [
     "analyze_pair",
     "knn_pair",
     "probe_pair",
+    "run_analysis",
     "save_results",
 ]
 
 _LAZY = {
     "AnalysisPlan": "hrsa.analyze.streaming.plan",
+    "AnalysisRun": "hrsa.analyze.job",
     "AnalyzeConfig": "hrsa.analyze.config",
     "KnnOptions": "hrsa.analyze.local.knn",
+    "PairResults": "hrsa.analyze.pair",
     "ProbeOptions": "hrsa.analyze.local.probe",
+    "SavedResults": "hrsa.analyze.results",
+    "TokenSelection": "hrsa.store.selection",
+    "analyze_pair": "hrsa.analyze.pair",
     "knn_pair": "hrsa.analyze.local.knn",
     "probe_pair": "hrsa.analyze.local.probe",
-    "PairResults": "hrsa.analyze.pair",
-    "SavedResults": "hrsa.analyze.results",
-    "TokenSelection": "hrsa.analyze.pair",
-    "analyze_pair": "hrsa.analyze.pair",
+    "run_analysis": "hrsa.analyze.job",
     "save_results": "hrsa.analyze.results",
 }
 

@@ -1,7 +1,11 @@
-"""``AnalyzeConfig``: the settings of ``hrsa analyze``, equal to its flags and to its YAML file.
+"""``AnalyzeConfig``: the settings of ``hrsa analyze``, equal to its flags and to its YAML file; and the vocabularies
+of analysis settings (metric names, default neighbour counts, pooling, search), defined once here and imported by
+the pair analysis and the local metrics.
 
 Precedence: a flag given on the command line > the YAML file (``--config``) > the defaults here. Every
-field is a flag of the same name (``cross_layer`` is ``--cross-layer``). Example YAML::
+field is a flag of the same name (``cross_layer`` is ``--cross-layer``), whose help is the field's
+description (:func:`hrsa.runtime.cli_options.config_options`). Validating a config loads no orchestration
+(no Dask, Ray, FAISS or store reads). Example YAML::
 
     # hrsa analyze --config configs/analyze.yaml
     store: hrsa-out/store
@@ -25,55 +29,87 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from hrsa.analyze.local.knn import DEFAULT_K, KnnOptions
-from hrsa.analyze.local.probe import ProbeOptions
-
-from hrsa.analyze.pair import METRICS, TokenSelection
+from hrsa.analyze.streaming.backends import BackendName, ComputeDtype
 from hrsa.analyze.streaming.plan import parse_memory_budget
+from hrsa.analyze.streaming.stream import Scheduler
+from hrsa.runtime.settings import load_settings
 from hrsa.store.errors import UserError
 from hrsa.store.ids import parse_id
 from hrsa.store.selection import parse_doc_ids
-from hrsa.runtime.settings import load_settings
 
-__all__ = ["AnalyzeConfig", "load_config"]
+__all__ = [
+    "DEFAULT_K",
+    "LOCAL_METRICS",
+    "METRICS",
+    "AnalyzeConfig",
+    "Metric",
+    "Pool",
+    "Search",
+    "load_config",
+]
 
 Metric = Literal["dimcorr", "cka", "procrustes", "knn", "probe"]
+METRICS: tuple[Metric, ...] = ("dimcorr", "cka", "procrustes")  # streaming metrics, from co-moments
+LOCAL_METRICS: tuple[Metric, ...] = ("knn", "probe")  # local geometry and function, from their own reads
+DEFAULT_K = (5, 10, 50)  # k-NN overlap's neighbour counts
+Search = Literal["exact", "hnsw"]  # k-NN search: exact (FAISS flat, blocked) or approximate (HNSW)
+Pool = Literal["mean", "last"]  # a probe's document feature: mean of its tokens, or its last token
 
 
 class AnalyzeConfig(BaseModel):
-    """Validated settings of one ``hrsa analyze`` run (see the flags' help for each field)."""
+    """Validated settings of one ``hrsa analyze`` run; each field's description is its flag's help."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    store: str
-    pair: tuple[str, str]
-    metrics: tuple[Metric, ...] = METRICS  # type: ignore[assignment]
-    debiased: bool = False
-    cross_layer: bool = False
-    memory_budget: str = "4GB"
-    exclude_special: bool = False
-    exclude_first: bool = False
-    docs: tuple[int, ...] | None = None
-    positions: tuple[int, int] | None = None
-    save_rotation: bool = False
-    block_tokens: int | None = Field(default=None, gt=0)
-    workers: int | None = Field(default=None, gt=0)
-    scheduler: Literal["auto", "threads", "sync", "ray"] = "auto"
-    backend: Literal["auto", "numpy", "torch", "cuda"] = "auto"
-    compute_dtype: Literal["auto", "float32", "float64"] = "auto"
-    out: Path = Path("hrsa-analysis")
-    run_id: str | None = None
-    store_results: bool = True
-    k: tuple[int, ...] = DEFAULT_K
-    knn_sample: int | None = Field(default=50_000, gt=0)
-    knn_search: Literal["exact", "hnsw"] = "exact"
-    seed: int = 0
-    hidden_states: tuple[int, ...] | None = None
-    label_field: str | None = None
-    labels: str | None = None
-    id_field: str | None = None
-    pool: Literal["mean", "last"] = "mean"
-    probe_both_directions: bool = False
+    store: str = Field(description="Store URL: a path or an fsspec URL such as s3://bucket/store.")
+    pair: tuple[str, str] = Field(description="Model ids A and B (A's hidden states are the rows of matrices).")
+    metrics: tuple[Metric, ...] = Field(METRICS, description="Comma-separated, among dimcorr,cka,procrustes,knn,probe.")
+    debiased: bool = Field(False, description="Also debiased CKA (unbiased HSIC) on the matched layers.")
+    cross_layer: bool = Field(
+        False, description="Also every hidden state of A against every one of B (CKA and dimcorr matrices).")
+    memory_budget: str = Field(
+        "4GB", description="Memory for accumulators held at once, e.g. 4GB or 512MiB; sets the tiles.")
+    exclude_special: bool = Field(False, description="Drop special tokens (BOS, chat-template markers).")
+    exclude_first: bool = Field(
+        False, description="Drop position 0 of every document (attention sinks carry huge norms).")
+    docs: tuple[int, ...] | None = Field(
+        None, description="Keep only these documents, e.g. 0,3,5-9 (indices into the corpus's document table).")
+    positions: tuple[int, int] | None = Field(
+        None, description="Keep only positions A:B inside each document (A included, B not), e.g. 1:512.")
+    save_rotation: bool = Field(False, description="Save Procrustes' rotation O* (D x D) of every matched layer.")
+    # Defaults computed from the store: the description says what they are (no "[default]" can be generated).
+    block_tokens: int | None = Field(
+        None, gt=0, description="Tokens per block read and multiplied.  [default: ~32 MB of float64 per state]")
+    workers: int | None = Field(
+        None, gt=0, description="At most this many token segments at once; each holds its own accumulators, so the "
+                                "plan may use fewer.  [default: cores, up to 4]")
+    scheduler: Scheduler = Field(
+        "auto", description="Dask scheduler; auto = Ray when connected (RAY_ADDRESS), else local threads.")
+    backend: BackendName = Field(
+        "auto", description="Where matrix products run; auto = CUDA when torch sees a GPU, else numpy.")
+    compute_dtype: ComputeDtype = Field(
+        "auto", description="dtype of the products of centred blocks (sums are float64); auto = float32 on GPU.")
+    out: Path = Field(Path("hrsa-analysis"), description="Folder for results.json and figures.")
+    run_id: str | None = Field(
+        None, description="Name of the run in the store's results/.  [default: A--B--<UTC time>]")
+    store_results: bool = Field(True, description="Also write results into the store's results/ (opens it writable).")
+    k: tuple[int, ...] = Field(DEFAULT_K, description="k-NN overlap: neighbour counts, comma-separated.")
+    knn_sample: int | None = Field(
+        50_000, gt=0, description="k-NN overlap: tokens in the seeded sample shared by both models (all when fewer).")
+    knn_search: Search = Field(
+        "exact", description="k-NN search: exact (blocked FAISS flat index) or hnsw (approximate; recall against "
+                             "exact is reported).")
+    seed: int = Field(0, description="Seed of the k-NN token sample and of the probes' train/dev/test split.")
+    hidden_states: tuple[int, ...] | None = Field(
+        None, description="k-NN and probes: only these hidden states, e.g. 0,6,12.  [default: all shared]")
+    label_field: str | None = Field(
+        None, description="Probe: the record field holding each document's label (required with --metrics probe).")
+    labels: str | None = Field(
+        None, description="Probe: read labels from this .jsonl/.csv/.parquet instead of the corpus's source file.")
+    id_field: str | None = Field(
+        None, description="Probe: the id field of --labels (default: id, else FILE:LINE as extraction does).")
+    pool: Pool = Field("mean", description="Probe: pool each document's tokens by mean or take the last.")
+    probe_both_directions: bool = Field(False, description="Probe: also fit on B and test on A.")
 
     @field_validator("k", "hidden_states", mode="before")
     @classmethod
@@ -134,24 +170,6 @@ class AnalyzeConfig(BaseModel):
     @classmethod
     def _check_run_id(cls, value: str | None) -> str | None:
         return parse_id(value, kind="run id") if value is not None else None  # InvalidIdError is a ValueError
-
-    def selection(self) -> TokenSelection:
-        return TokenSelection(exclude_special=self.exclude_special, exclude_first=self.exclude_first,
-                              positions=self.positions, docs=self.docs)
-
-    def api_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`hrsa.analyze.analyze_pair`."""
-        return {
-            "metrics": self.metrics, "debiased": self.debiased, "cross_layer": self.cross_layer,
-            "selection": self.selection(), "memory_budget": self.memory_budget, "block_tokens": self.block_tokens,
-            "workers": self.workers, "scheduler": self.scheduler, "backend": self.backend,
-            "compute_dtype": self.compute_dtype, "save_rotation": self.save_rotation,
-            "knn_options": KnnOptions(ks=self.k, n_sample=self.knn_sample, seed=self.seed, search=self.knn_search,
-                                      hidden_states=self.hidden_states),
-            "probe_options": ProbeOptions(label_field=self.label_field, labels_file=self.labels, id_field=self.id_field,
-                                          pool=self.pool, both_directions=self.probe_both_directions, seed=self.seed,
-                                          hidden_states=self.hidden_states) if self.label_field else None,
-        }
 
 
 def load_config(path: Path | None, flags: Mapping[str, Any]) -> AnalyzeConfig:

@@ -1,4 +1,9 @@
-"""Result files of ``hrsa analyze``: ``DIR/results.json``, the store's ``results/<run>``, figures.
+"""The results of ``hrsa analyze``: ``DIR/results.json`` and the store's ``results/<run>``, written and read back.
+
+This module owns the file's schema, its writer (:func:`save_results`) and its reader (:func:`read_results`,
+:func:`find_results`): everything presentation draws (figures, the terminal table, the HTML report, training
+dynamics; :mod:`hrsa.analyze.report`) starts from the mapping that :func:`read_results` returns, or that
+:func:`save_results` hands back as ``SavedResults.doc``. Nothing here draws.
 
 Schema of ``results.json`` (``"schema": "hrsa.analyze/1"``; later metrics add keys under ``metrics``,
 never change existing ones). NaN (a metric undefined on constant data) is written as ``null``::
@@ -48,9 +53,10 @@ small arrays: ``<metric>/<key>`` for every list and matrix above (``cka/matrix``
 
 from __future__ import annotations
 
+import io
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -58,27 +64,28 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hrsa.runtime.files import write_atomic
 from hrsa.store.errors import UserError
 from hrsa.store.format import ATTRS_KEY
 from hrsa.store.ids import parse_id, slugify
 
 if TYPE_CHECKING:
-    from rich.table import Table
-
     from hrsa.analyze.local.knn import KnnPairResult
+    from hrsa.analyze.local.probe import ProbePairResult
     from hrsa.analyze.metrics.linear_probe import ProbeResult
     from hrsa.analyze.pair import PairResults
-    from hrsa.analyze.local.probe import ProbePairResult
     from hrsa.store import ActivationStore
 
 __all__ = [
     "SCHEMA",
+    "ResultsFileError",
     "SavedResults",
     "check_run_id_free",
+    "find_results",
     "new_run_id",
+    "read_results",
     "results_dict",
     "save_results",
-    "summary_table",
     "write_json",
     "write_to_store",
 ]
@@ -86,15 +93,25 @@ __all__ = [
 SCHEMA = "hrsa.analyze/1"
 
 
+class ResultsFileError(UserError, ValueError):
+    """A path that holds no readable ``hrsa analyze`` results (or a bad file built on them, e.g. a dynamics file)."""
+
+
 @dataclass(frozen=True)
 class SavedResults:
-    """Where one run's results went."""
+    """Where one run's results went, and the document written.
+
+    Attributes:
+        run_id: the run's id; json_path: ``results.json``; rotations: the ``.npy`` rotations beside it;
+        store_path: ``results/<run_id>`` in the store, or None; doc: the results.json mapping (what figures,
+        the terminal table and the report are drawn from).
+    """
 
     run_id: str
     json_path: Path
-    figures: tuple[Path, ...]
     rotations: tuple[Path, ...]
     store_path: str | None
+    doc: Mapping[str, Any]
 
 
 def new_run_id(results: PairResults, *, now: datetime | None = None) -> str:
@@ -195,13 +212,8 @@ def _jsonable(value: Any) -> Any:
 
 
 def write_json(doc: Mapping[str, Any], out_dir: Path) -> Path:
-    """Write ``out_dir/results.json`` (atomically: a reader never sees half a file)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "results.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
-    tmp.replace(path)
-    return path
+    """Write ``out_dir/results.json`` (atomically: a reader never sees half a file; ``out_dir`` is created)."""
+    return write_atomic(Path(out_dir) / "results.json", json.dumps(doc, indent=1, allow_nan=False) + "\n")
 
 
 def check_run_id_free(store: ActivationStore, run_id: str) -> None:
@@ -260,52 +272,84 @@ def save_results(
     run_id: str | None = None,
     config: Mapping[str, Any] | None = None,
 ) -> SavedResults:
-    """Write everything of one run: results.json, rotations (.npy), figures, and ``results/<run>`` in ``store``.
+    """Write everything of one run: results.json, rotations (.npy), and ``results/<run>`` in ``store``.
+
+    Figures are not drawn here: :func:`hrsa.analyze.report.figures.plot_figures` draws them from ``.doc``.
 
     Args:
         results: what :func:`hrsa.analyze.analyze_pair` returned.
-        out_dir: folder for results.json, figures and rotations (created).
+        out_dir: folder for results.json and rotations (created).
         store: write ``results/<run_id>`` there too (it must be open writable); None to skip.
         run_id: the run's id (default ``<a>--<b>--<time>``).
         config: the resolved config, recorded in the document.
-    """
-    from hrsa.analyze.report.figures import plot_figures
 
+    Raises:
+        UserError: an invalid or taken run id, or a read-only store.
+    """
     out_dir = Path(out_dir)
     run_id = parse_id(run_id or new_run_id(results), kind="run id")
     doc = results_dict(results, run_id=run_id, config=config)
     store_path = write_to_store(store, results, doc) if store is not None else None
-    rotations = []
-    for k, p in zip(results.matched, results.procrustes or ()):
-        if p.rotation is not None:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            np.save(out_dir / _rotation_name(k), p.rotation)
-            rotations.append(out_dir / _rotation_name(k))
+    rotations = tuple(_save_rotation(out_dir / _rotation_name(k), p.rotation)
+                      for k, p in zip(results.matched, results.procrustes or ()) if p.rotation is not None)
     json_path = write_json(doc, out_dir)
-    return SavedResults(run_id, json_path, tuple(plot_figures(results, out_dir)), tuple(rotations), store_path)
+    return SavedResults(run_id, json_path, rotations, store_path, doc)
 
 
-def summary_table(results: PairResults) -> Table:
-    """A rich table of the per-layer numbers, for the terminal."""
-    from rich.table import Table
+def _save_rotation(path: Path, rotation: np.ndarray) -> Path:
+    """One (D, D) rotation as ``.npy``, through the atomic writer."""
+    buffer = io.BytesIO()
+    np.save(buffer, rotation)
+    return write_atomic(path, buffer.getvalue())
 
-    columns: dict[str, list[str]] = {}
-    if results.cka is not None:
-        columns["CKA"] = [f"{c.value:.4f}" for c in results.cka]
-    if results.cka_debiased is not None:
-        columns["debiased CKA"] = [f"{c.value:.4f}" for c in results.cka_debiased]
-    if results.dimcorr is not None:
-        columns["dimcorr mean r"] = [f"{d.mean:.4f}" for d in results.dimcorr]
-        columns["degenerate dims"] = [str(d.n_degenerate) for d in results.dimcorr]
-    if results.procrustes is not None:
-        columns["H_inv"] = [f"{p.h_inv:.4f}" for p in results.procrustes]
-        columns["residual"] = [f"{p.residual:.4f}" for p in results.procrustes]
-    if results.knn is not None and results.knn.hidden_states == results.matched:
-        columns.update({f"kNN@{k}": [f"{v.mean:.4f}" for v in values] for k, values in results.knn.overlap.items()})
-    if results.probe is not None and tuple(results.probe.a_to_b) == results.matched:
-        columns["probe test acc A / A->B"] = [f"{r.source.test.accuracy:.3f} / {r.target.test.accuracy:.3f}"
-                                            for r in results.probe.a_to_b.values()]
-    table = Table("hidden state", *columns, title=f"{results.a} vs {results.b} on {results.n_tokens} tokens", title_justify="left")
-    for i, k in enumerate(results.matched):
-        table.add_row(str(k), *(values[i] for values in columns.values()))
-    return table
+
+# --- reading back: the one entry point of presentation ------------------------------------------------------
+
+
+def find_results(paths: Iterable[Path | str]) -> list[Path]:
+    """The results.json files named by ``paths``: files as given, folders by their results.json (or, failing that,
+    their subfolders' ``*/results.json``, sorted).
+
+    Raises:
+        ResultsFileError: no path, a path that does not exist, or a folder without results.json.
+    """
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            inner = [path / "results.json"] if (path / "results.json").is_file() else sorted(path.glob("*/results.json"))
+            if not inner:
+                raise ResultsFileError(f"Expected a results.json in the folder {path}. Got none instead. "
+                                       "Pass the --out folder of `hrsa analyze`.")
+            found.extend(inner)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise ResultsFileError(f"Expected a results.json file or a folder holding one. Got {path}, which does not exist.")
+    if not found:
+        raise ResultsFileError("Expected at least one results.json. Got none instead. Pass the results of `hrsa analyze`.")
+    return found
+
+
+def read_results(path: Path | str) -> tuple[Path, dict[str, Any]]:
+    """Read and check one results.json (or a folder's): its path and the parsed document.
+
+    Raises:
+        ResultsFileError: missing, not JSON, or not of schema ``hrsa.analyze/1``.
+    """
+    files = find_results([path])
+    if len(files) > 1:
+        raise ResultsFileError(f"Expected one results.json at {path}. Got {len(files)} in its subfolders instead. Name one.")
+    file = files[0]
+    try:
+        doc = json.loads(file.read_text())
+    except (OSError, ValueError) as error:
+        raise ResultsFileError(f"Expected a readable results.json at {file}. Got an error instead: {error}.") from None
+    got = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
+    if got != SCHEMA:
+        raise ResultsFileError(f"Expected a results.json of schema {SCHEMA} at {file}. Got {got!r} instead. "
+                               "Pass the results.json that `hrsa analyze` writes.")
+    missing = [k for k in ("a", "b", "metrics", "matched_hidden_states") if k not in doc]
+    if missing:
+        raise ResultsFileError(f"Expected keys a, b, metrics and matched_hidden_states in {file}. Got no {', '.join(missing)} instead.")
+    return file, doc

@@ -174,8 +174,9 @@ def bench_speed(cfg: BenchConfig, root: Path) -> None:
 def _memory_child(path: str, n: int, budget: str, cross_layer: bool, metrics: tuple[str, ...],
                   compute_dtype: str, block_tokens: int | None, queue: Any) -> None:
     """In a fresh process: one analysis of the first n tokens; report its peak RSS above the start."""
-    from hrsa.analyze import TokenSelection, analyze_pair
+    from hrsa.analyze import analyze_pair
     from hrsa.store import ActivationStore
+    from hrsa.store.selection import TokenSelection
 
     store = ActivationStore.open(path, mode="r")
     analyze_pair(store, "a", "b", metrics=("cka",), backend="numpy", selection=TokenSelection(tokens=(0, 64)))  # warm

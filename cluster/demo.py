@@ -21,11 +21,13 @@ __all__ = ["DemoConfig", "DemoResult", "run_demo", "demo_pipeline", "DEMO_MODEL"
 
 DEMO_MODEL = "packaged:smollm2-135m-instruct"
 COT_TEMPLATE = "{chat:messages}{reasoning}"  # the problem as the model saw it, then its reasoning
-_DONE = ".hrsa-materialized"
+_DONE = ".hrsa-materialized"  # written last into the saved backbone folder: a torn save is redone
 
 
 @dataclass(frozen=True)
 class DemoConfig:
+    """The demo's settings (the flags of ``hrsa demo``); ``corpus`` None: word problems the demo writes itself."""
+
     out: Path
     corpus: Path | None = None
     max_docs: int = 16
@@ -37,6 +39,8 @@ class DemoConfig:
 
 @dataclass(frozen=True)
 class DemoResult:
+    """Where the demo's outputs are: the store, the report, each pair's results.json, each model's store id."""
+
     store_url: str
     report: Path
     results: dict[str, Path]
@@ -87,7 +91,7 @@ def _corpora(config: DemoConfig, console: Console) -> tuple[Path, Path]:
 
 def demo_pipeline(config: DemoConfig, *, backbone: Path, train_data: Path, cot: Path, probes: Path) -> dict[str, Any]:
     """The demo as a pipeline mapping (what ``hrsa run`` reads from YAML)."""
-    extract = {"attention": "bidirectional", "dtype": "float32", "workers": 1, "shard_tokens": 2048}
+    extract_options = {"attention": "bidirectional", "dtype": "float32", "workers": 1, "shard_tokens": 2048}
     return {
         "store": str(config.out / "store"), "out": str(config.out), "address": config.address,
         "corpora": {
@@ -103,8 +107,8 @@ def demo_pipeline(config: DemoConfig, *, backbone: Path, train_data: Path, cot: 
             "max_length": 64, "attention": "bidirectional",
         }},
         "models": {
-            "smollm2": {"model": str(backbone), **extract},
-            "smollm2-emb": {"train": "smollm2-emb", **extract},
+            "smollm2": {"model": str(backbone), **extract_options},
+            "smollm2-emb": {"train": "smollm2-emb", **extract_options},
         },
         "pairs": [
             {"a": "smollm2", "b": "smollm2-emb", "corpus": "cot", "name": "smollm2-vs-emb",
@@ -118,10 +122,10 @@ def demo_pipeline(config: DemoConfig, *, backbone: Path, train_data: Path, cot: 
 
 def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
     """Run the demo; every stage reports to ``console``. Re-running skips what is up to date."""
+    from transformers.utils import logging as hf_logging
+
     from hrsa.cluster.pipeline import parse_pipeline
     from hrsa.cluster.runner import run_pipeline
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the demo's own bars say what runs; per-file loading bars are noise
     console = console or Console()

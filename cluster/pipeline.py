@@ -22,19 +22,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hrsa.analyze.config import AnalyzeConfig
+from hrsa.extract.config import ExtractRunOptions, ModelSourceOptions
+from hrsa.runtime.settings import Problems, read_yaml_mapping, validation_problems
 from hrsa.store.errors import InvalidIdError, UserError
 from hrsa.store.ids import parse_id, slugify
 
 __all__ = [
     "CorpusEntry",
     "DynamicsEntry",
-    "ExtractOptions",
     "ModelEntry",
+    "PairAnalysisSettings",
     "PairEntry",
     "PipelineConfig",
     "PipelineError",
@@ -52,14 +54,6 @@ _OWNED = ("store", "pair", "out", "run_id")  # analysis settings that the pipeli
 
 class PipelineError(UserError, ValueError):
     """A pipeline that does not validate; the message lists every problem at once."""
-
-
-class _Problems(ValueError):
-    """Several problems found by one validator, reported one by one."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("; ".join(problems))
-        self.problems = problems
 
 
 class CorpusEntry(BaseModel):
@@ -84,34 +78,12 @@ class CorpusEntry(BaseModel):
         return self
 
 
-class ExtractOptions(BaseModel):
-    """How a model runs over a corpus (the fields of ``hrsa extract`` that are not about the corpus)."""
-
-    model_config = _FROZEN
-
-    attention: Literal["auto", "causal", "bidirectional"] = Field("auto", description="auto: the architecture's own.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
-    layers: list[int] | None = Field(None, description="Hidden states to store (default all L+1).")
-    workers: int | None = Field(None, ge=1, description="Extraction workers: default one per GPU, or 1 on CPU.")
-    token_budget: int = Field(8192, ge=1, description="Padded tokens per forward pass.")
-    shard_tokens: int | None = Field(None, ge=1, description="Tokens per work unit (default: ~32 MiB shards).")
-
-    @field_validator("layers")
-    @classmethod
-    def _check_layers(cls, value: list[int] | None) -> list[int] | None:
-        if value is not None and (not value or min(value) < 0 or len(set(value)) != len(value)):
-            raise ValueError(f"expected distinct hidden-state indices >= 0, got {value}")
-        return value
-
-
-class ModelEntry(ExtractOptions):
-    """A model: weights to load (``model``), or the final checkpoint of a training run (``train``)."""
+class ModelEntry(ExtractRunOptions, ModelSourceOptions):
+    """A model: weights to load (``model``), or the final checkpoint of a training run (``train``), with the
+    options of ``hrsa extract`` that say how it runs (attention, dtype, layers, workers...)."""
 
     model: str | None = Field(None, description="A local folder, a .gguf file, packaged:<name>, or a hub id org/name[@rev].")
     train: str | None = Field(None, description="A run of the train section: its final checkpoint.")
-    revision: str | None = Field(None, description="Hub revision.")
-    gguf_file: str | None = Field(None, description="A .gguf file inside the folder or hub repository.")
-    trust_remote_code: bool = Field(False, description="Run code shipped with a hub model.")
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelEntry:
@@ -120,8 +92,9 @@ class ModelEntry(ExtractOptions):
         return self
 
 
-class _AnalysisOptions(AnalyzeConfig):
-    """:class:`AnalyzeConfig`'s fields and checks, less those the pipeline sets (store, pair, out, run id)."""
+class PairAnalysisSettings(AnalyzeConfig):
+    """The analysis settings of one pipeline comparison: :class:`AnalyzeConfig`'s fields and checks, less those
+    the pipeline sets itself (store, pair, out, run id)."""
 
     store: str = ""
     pair: tuple[str, str] = ("", "")  # type: ignore[assignment]
@@ -137,7 +110,7 @@ class _AnalysisOptions(AnalyzeConfig):
         return AnalyzeConfig.model_validate({**values, "store": store, "pair": pair, "out": out, "run_id": run_id})
 
 
-class PairEntry(_AnalysisOptions):
+class PairEntry(PairAnalysisSettings):
     """Two models compared on one corpus, with every analysis setting of ``hrsa analyze``."""
 
     a: str = Field(description="A model of the models section (A's states are the rows of matrices).")
@@ -150,14 +123,14 @@ class PairEntry(_AnalysisOptions):
         return self.name or f"{self.a}--{self.b}"
 
 
-class DynamicsEntry(_AnalysisOptions):
+class DynamicsEntry(PairAnalysisSettings):
     """The paper's Figure 5: every common saved step of two training runs, run a step s against run b step s."""
 
     a: str = Field(description="A run of the train section.")
     b: str = Field(description="A run of the train section.")
     corpus: str = Field(description="The fixed probe corpus every checkpoint runs over.")
     name: str | None = Field(None, description="Name of this series (default A--B).")
-    extract: ExtractOptions = Field(default_factory=ExtractOptions, description="How the checkpoints are extracted.")
+    extract: ExtractRunOptions = Field(default_factory=ExtractRunOptions, description="How the checkpoints are extracted.")
 
     @property
     def label(self) -> str:
@@ -195,10 +168,10 @@ class PipelineConfig(BaseModel):
         for run, fields in value.items():
             try:
                 configs[run] = _train_config(run, fields, info.data.get("out"))
-            except _Problems as error:
+            except Problems as error:
                 problems += error.problems
         if problems:
-            raise _Problems(problems)
+            raise Problems(problems)
         return configs
 
     @model_validator(mode="before")
@@ -222,7 +195,7 @@ class PipelineConfig(BaseModel):
     def _cross_references(self) -> PipelineConfig:
         problems = _reference_problems(self.model_dump())
         if problems:
-            raise _Problems(problems)
+            raise Problems(problems)
         return self
 
     # -- what the runner derives -----------------------------------------------------------------
@@ -291,31 +264,18 @@ def _train_config(run: str, fields: Any, out: Path | None) -> Any:
     try:
         from hrsa.train.config import TrainConfig
     except ImportError as error:
-        raise _Problems([f"{run}: training is not available in this hrsa ({error})"]) from None
+        raise Problems([f"{run}: training is not available in this hrsa ({error})"]) from None
     if isinstance(fields, TrainConfig):
         return fields
     if not isinstance(fields, Mapping):
-        raise _Problems([f"{run}: expected a mapping of training settings, got {type(fields).__name__}"])
+        raise Problems([f"{run}: expected a mapping of training settings, got {type(fields).__name__}"])
     values = dict(fields)
     if values.get("output") is None and out is not None:
         values["output"] = Path(out) / "train" / run
     try:
         return TrainConfig.model_validate(values)
     except ValidationError as error:
-        raise _Problems([f"{run}.{p}" for e in error.errors() for p in _problems(e)]) from None
-
-
-def _problems(error: Any) -> list[str]:
-    """One pydantic error as ``where: what`` lines, without pydantic's "Value error, " prefix."""
-    where = ".".join(str(part) for part in error["loc"] if part != "[key]")
-    cause = error.get("ctx", {}).get("error")
-    if isinstance(cause, _Problems):
-        return [f"{where}.{p}" if where else p for p in cause.problems]
-    if error["type"] == "missing":
-        return [f"{where} is required"]
-    if error["type"] == "extra_forbidden":
-        return [f"{where}: unknown field (a typo?)"]
-    return [f"{where or 'pipeline'}: {str(error['msg']).removeprefix('Value error, ').rstrip('.')}"]
+        raise Problems([f"{run}.{p}" for p in validation_problems(error, flags=False)]) from None
 
 
 def parse_pipeline(values: Mapping[str, Any]) -> PipelineConfig:
@@ -327,7 +287,7 @@ def parse_pipeline(values: Mapping[str, Any]) -> PipelineConfig:
     try:
         return PipelineConfig.model_validate(dict(values))
     except ValidationError as error:
-        problems = [p for e in error.errors() for p in _problems(e)]
+        problems = validation_problems(error, flags=False)
         problems += [p for p in _reference_problems(values) if p not in problems]  # when the fields failed first
         raise PipelineError(f"Expected a valid pipeline. Got {len(problems)} problem(s) instead: {'; '.join(problems)}. "
                             "Fix them in the pipeline file (configs/examples/pipeline.yaml shows every field).") from None
@@ -339,7 +299,5 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     Raises:
         PipelineError: an unreadable file, not a mapping, or every problem of its contents at once.
     """
-    from hrsa.runtime.settings import read_yaml_mapping
-
     loaded = read_yaml_mapping(path, error=PipelineError, what="pipeline sections (store, out, corpora, models, pairs...)")
     return parse_pipeline(loaded)

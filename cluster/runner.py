@@ -1,13 +1,12 @@
 """``run_pipeline``: train -> extract -> analyze -> dynamics -> report, each stage skipped when its outputs
 exist and match its inputs.
 
-Every stage has a key: a hash of its resolved inputs (its settings, plus the identity of what it reads:
-small files by their content, large ones by size and modification time, a checkpoint folder by its files,
-an upstream stage by its key).
-``<out>/pipeline-state.json`` records each stage's key and status ("started" before it runs, "done"
-with its outputs after), rewritten atomically by this one process. A stage runs when it has no record,
-its key changed, it never finished, or its outputs are gone; otherwise it is skipped. Extraction and
-training resume by themselves, so a stage that stopped half way continues where it stopped.
+Each stage calls its verb's one job function (``run_training``, ``run_extraction``, ``run_analysis``,
+``write_dynamics``, ``write_report``): a stage here adds only its key, its record and its line. A stage's key
+hashes its resolved inputs (:mod:`hrsa.cluster.stage_keys`); ``<out>/pipeline-state.json``
+(:mod:`hrsa.cluster.state`) records each stage's key and status. A stage runs when it has no record, its
+key changed, it never finished, or its outputs are gone; otherwise it is skipped. Extraction and training
+resume by themselves, so a stage that stopped half way continues where it stopped.
 
 Model ids in the store are the pipeline's model names (``<name>--<corpus>`` for a model run over several
 corpora); the checkpoints of a dynamics series are ``<run>-step-<N>``. A stored model this pipeline did
@@ -16,28 +15,27 @@ not write is never touched: the run stops and names the fix.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
-import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from hrsa.cluster.progress import stage_progress
+from hrsa.cluster.stage_keys import source_fingerprint, stage_key
+from hrsa.cluster.state import STATE_FILE, PipelineState
+from hrsa.extract.config import ExtractConfig, ExtractRunOptions, ModelSourceOptions, parse_extract_config
 from hrsa.store.errors import UserError
 
 if TYPE_CHECKING:
-    from hrsa.cluster.pipeline import DynamicsEntry, ExtractOptions, PipelineConfig, _AnalysisOptions
+    from hrsa.analyze.config import AnalyzeConfig
+    from hrsa.cluster.pipeline import DynamicsEntry, PairAnalysisSettings, PipelineConfig
+    from hrsa.train.config import TrainConfig
 
-__all__ = ["STATE_FILE", "PipelineResult", "PipelineState", "StageOutcome", "run_pipeline"]
-
-STATE_FILE = "pipeline-state.json"
-_SCHEMA = "hrsa.pipeline-state/1"
+__all__ = ["PipelineResult", "StageOutcome", "run_pipeline"]
 
 
 @dataclass(frozen=True)
@@ -77,51 +75,6 @@ class PipelineResult:
     @property
     def skipped(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.stages if not s.ran)
-
-
-class PipelineState:
-    """``<out>/pipeline-state.json``: per stage, its key, status and outputs (one writer: the driver)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._stages: dict[str, dict[str, Any]] = {}
-        if path.is_file():
-            doc = json.loads(path.read_text())
-            if doc.get("schema") != _SCHEMA:
-                raise UserError(f"Expected a pipeline state of schema {_SCHEMA} in {path}. Got {doc.get('schema')!r} "
-                                "instead. Move the file away to start over.")
-            self._stages = doc["stages"]
-
-    def entry(self, stage: str) -> dict[str, Any] | None:
-        return self._stages.get(stage)
-
-    def start(self, stage: str, key: str) -> None:
-        self._stages[stage] = {"key": key, "status": "started"}
-        self._write()
-
-    def finish(self, stage: str, key: str, outputs: Mapping[str, Any]) -> None:
-        self._stages[stage] = {"key": key, "status": "done", "outputs": dict(outputs)}
-        self._write()
-
-    def reason_to_run(self, stage: str, key: str, outputs_ok: Callable[[Mapping[str, Any]], bool]) -> str | None:
-        """Why ``stage`` must run, or None when it is up to date."""
-        entry = self.entry(stage)
-        if entry is None:
-            return "not run before"
-        if entry["key"] != key:
-            return "its inputs changed"
-        if entry["status"] != "done":
-            return "resuming an unfinished run"
-        if not outputs_ok(entry.get("outputs", {})):
-            return "its outputs are missing"
-        return None
-
-    def _write(self) -> None:
-        # Atomic: a crash never leaves half a file, so a re-run always reads the last finished stage.
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"schema": _SCHEMA, "stages": self._stages}, indent=1, sort_keys=True) + "\n")
-        tmp.replace(self.path)
 
 
 @dataclass(frozen=True)
@@ -193,20 +146,21 @@ class _Runner:
         return reason is not None
 
     # -- Step 1: training ---------------------------------------------------------------------------
-    def train(self, run: str, tc: Any) -> _Trained:
+    def train(self, run: str, tc: TrainConfig) -> _Trained:
         stage = f"train:{run}"
         if tc.address is None and self.config.address is not None:
             tc = tc.model_copy(update={"address": self.config.address})
-        key = _key({"train": tc.model_dump(mode="json", exclude={"address"}), "backbone": _fingerprint(tc.backbone),
-                    "data": _fingerprint(str(tc.data))})
+        key = stage_key({"train": tc.model_dump(mode="json", exclude={"address"}),
+                         "backbone": source_fingerprint(tc.backbone), "data": source_fingerprint(str(tc.data))})
         reason = self.state.reason_to_run(stage, key, lambda o: all(Path(c).is_dir() for c in o.get("checkpoints", ())))
         if self._announce(stage, reason):
+            from hrsa.train.checkpoints import checkpoint_step
             from hrsa.train.trainer import run_training
 
             self.state.start(stage, key)
             result = run_training(tc, progress=True)
             self.state.finish(stage, key, {"checkpoints": [str(c) for c in result.checkpoints],
-                                           "steps": [_checkpoint_step(c) for c in result.checkpoints]})
+                                           "steps": [checkpoint_step(c) for c in result.checkpoints]})
         outputs = self.state.entry(stage)["outputs"]  # type: ignore[index]
         return _Trained(tuple(Path(c) for c in outputs["checkpoints"]), tuple(outputs["steps"]), key)
 
@@ -221,8 +175,7 @@ class _Runner:
             source = str(run.checkpoints[-1])
         else:
             source = str(entry.model)
-        hub = {"revision": entry.revision, "gguf_file": entry.gguf_file, "trust_remote_code": entry.trust_remote_code}
-        return self._extract(self.config.store_id(name, corpus), source, entry, corpus, hub)
+        return self._extract(self.config.store_id(name, corpus), source, corpus, options=entry, model_source=entry)
 
     def extract_checkpoints(self, d: DynamicsEntry, trained: Mapping[str, _Trained]) -> dict[int, tuple[_Extracted, _Extracted]]:
         a, b = trained[d.a], trained[d.b]
@@ -235,24 +188,29 @@ class _Runner:
             pair = []
             for run, t in ((d.a, a), (d.b, b)):
                 ckpt = t.checkpoints[t.steps.index(step)]
-                pair.append(self._extract(self.config.checkpoint_id(run, step, d.corpus), str(ckpt), d.extract, d.corpus, {}))
+                pair.append(self._extract(self.config.checkpoint_id(run, step, d.corpus), str(ckpt), d.corpus,
+                                          options=d.extract))
             out[step] = (pair[0], pair[1])
         return out
 
-    def _extract(self, store_id: str, source: str, options: ExtractOptions, corpus: str, hub: Mapping[str, Any]) -> _Extracted:
-        from hrsa.extract.job import parse_extract_config
+    def _extract(self, store_id: str, source: str, corpus: str, *, options: ExtractRunOptions,
+                 model_source: ModelSourceOptions | None = None) -> _Extracted:
+        """Extract ``source`` over ``corpus`` as ``store_id``, once per pipeline run however often it is asked.
 
+        ``options`` say how it runs; ``model_source`` which weights load (a checkpoint folder needs none).
+        """
         c = self.config.corpora[corpus]
         ec = parse_extract_config({
             "store": self.config.store, "model": source, "corpus": c.path, "name": store_id, "text": c.text,
             "template": c.template, "id_field": c.id_field, "max_docs": c.max_docs, "max_tokens": c.max_tokens,
-            **options.model_dump(include={"attention", "dtype", "layers", "workers", "token_budget", "shard_tokens"}),
-            **hub, "address": self.config.address,
+            **options.model_dump(include=set(ExtractRunOptions.model_fields)),
+            **(model_source.model_dump(include=set(ModelSourceOptions.model_fields)) if model_source else {}),
+            "address": self.config.address,
         })
         # The store is not an input: whether it holds the model decides (a moved store with the model in it is fine).
         # A checkpoint folder is identified by its files (hrsa_train.json and weights, with their times).
-        key = _key({"extract": ec.model_dump(mode="json", exclude={"address", "store"}), "model": _fingerprint(source),
-                    "corpus": _fingerprint(c.path)})
+        key = stage_key({"extract": ec.model_dump(mode="json", exclude={"address", "store"}),
+                         "model": source_fingerprint(source), "corpus": source_fingerprint(c.path)})
         stage = f"extract:{store_id}"
         if stage in self._extracted:  # the same checkpoint in two series: extracted once
             if self._extracted[stage].key != key:
@@ -265,7 +223,7 @@ class _Runner:
         self._run_extraction(stage, key, ec)
         return done
 
-    def _run_extraction(self, stage: str, key: str, ec: Any) -> None:
+    def _run_extraction(self, stage: str, key: str, ec: ExtractConfig) -> None:
         from hrsa.extract.job import run_extraction
         from hrsa.store import ActivationStore
 
@@ -288,16 +246,16 @@ class _Runner:
         if present and entry is not None and entry["key"] != key:
             store.delete_model(ec.name)  # this pipeline's own, from other inputs: redo it from scratch
         self.state.start(stage, key)
-        with _bar(self.console, "tokens") as (progress, task):
+        with stage_progress(self.console, "tokens") as (progress, task):
             result = run_extraction(ec, on_progress=lambda n, total: progress.update(task, total=total, advance=n))
         self.state.finish(stage, key, {"model_id": result.model_id, "corpus_id": result.corpus_id, "n_tokens": result.n_tokens,
                                        "units_written": result.units_written, "nodes": list(result.nodes),
                                        "node_ids": list(result.node_ids)})
 
     # -- Step 3: analysis -------------------------------------------------------------------------------
-    def analyze(self, stage: str, options: _AnalysisOptions, a: _Extracted, b: _Extracted, out_dir: Path) -> _Analyzed:
+    def analyze(self, stage: str, options: PairAnalysisSettings, a: _Extracted, b: _Extracted, out_dir: Path) -> _Analyzed:
         settings = options.model_dump(mode="json", exclude={"a", "b", "corpus", "name", "extract", "store", "pair", "out", "run_id"})
-        key = _key({"analyze": settings, "a": [a.store_id, a.key], "b": [b.store_id, b.key]})
+        key = stage_key({"analyze": settings, "a": [a.store_id, a.key], "b": [b.store_id, b.key]})
         json_path = out_dir / "results.json"
         reason = self.state.reason_to_run(stage, key, lambda o: json_path.is_file())
         if self._announce(stage, reason):
@@ -307,24 +265,20 @@ class _Runner:
             self.state.finish(stage, key, {"results": str(json_path)})
         return _Analyzed(json_path, key)
 
-    def _run_analysis(self, cfg: Any) -> None:
-        from hrsa.analyze.pair import analyze_pair
-        from hrsa.analyze.results import save_results
+    def _run_analysis(self, cfg: AnalyzeConfig) -> None:
+        from hrsa.analyze.job import run_analysis
         from hrsa.store import ActivationStore
 
-        store = ActivationStore.open(cfg.store, mode="r+" if cfg.store_results else "r")
-        if cfg.store_results and cfg.run_id in store.group("results"):
-            del store.group("results")[cfg.run_id]  # a run that stopped before its record: this key's, redo it
+        if cfg.store_results:
+            store = ActivationStore.open(cfg.store, mode="r+")
+            if cfg.run_id in store.group("results"):
+                del store.group("results")[cfg.run_id]  # a run that stopped before its record: this key's, redo it
         shutil.rmtree(cfg.out, ignore_errors=True)  # no figure of an earlier setting stays beside the new results
-        with _bar(self.console, "tokens x passes") as (progress, task), warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("default")  # hrsa's warnings as lines below the bar (as `hrsa analyze` prints them)
-            results = analyze_pair(store, *cfg.pair, **cfg.api_kwargs(),
-                                   on_plan=lambda plan: progress.update(task, total=plan.passes * plan.inputs.n_tokens),
-                                   on_block=lambda n: progress.advance(task, n))
-        for w in caught:
-            self.console.print(f"hrsa: warning: {w.message}", markup=False, emoji=False)
-        save_results(results, cfg.out, store=store if cfg.store_results else None, run_id=cfg.run_id,
-                     config=cfg.model_dump(mode="json"))
+        with stage_progress(self.console, "tokens x passes") as (progress, task):
+            run = run_analysis(cfg, on_plan=lambda plan: progress.update(task, total=plan.passes * plan.inputs.n_tokens),
+                               on_block=lambda n: progress.advance(task, n))
+        for message in run.warnings:  # hrsa's warnings as lines below the bar (as `hrsa analyze` prints them)
+            self.console.print(f"hrsa: warning: {message}", markup=False, emoji=False)
 
     # -- Step 4: dynamics -------------------------------------------------------------------------------
     def dynamics(self, d: DynamicsEntry, checkpoints: Mapping[int, tuple[_Extracted, _Extracted]]) -> _Analyzed:
@@ -335,7 +289,7 @@ class _Runner:
         done = [self.analyze(f"analyze:{d.label}@step-{s}", d, *checkpoints[s], folder / f"step-{s}") for s in steps]
         self.last_steps[d.label] = done[-1].results
         stage, path = f"dynamics:{d.label}", folder / "dynamics.json"
-        key = _key({"dynamics": [d.a, d.b], "steps": steps, "results": [r.key for r in done]})
+        key = stage_key({"dynamics": [d.a, d.b], "steps": steps, "results": [r.key for r in done]})
         if self._announce(stage, self.state.reason_to_run(stage, key, lambda o: path.is_file())):
             self.state.start(stage, key)
             write_dynamics(path, runs=(d.a, d.b), steps=steps, results=[r.results for r in done])
@@ -351,8 +305,8 @@ class _Runner:
         # Without pairs, the report's pair section shows each series' last step.
         shown = [r.results for r in results.values()] or [self.last_steps[label] for label in dynamics]
         # Not the path: a new path has no file yet, so the report runs anyway.
-        key = _key({"pairs": {k: v.key for k, v in results.items()}, "dynamics": first.key if first else None,
-                    "title": self.config.report.title})
+        key = stage_key({"pairs": {k: v.key for k, v in results.items()}, "dynamics": first.key if first else None,
+                         "title": self.config.report.title})
         if self._announce("report", self.state.reason_to_run("report", key, lambda o: path.is_file())):
             from hrsa.analyze.report.html import write_report
 
@@ -362,22 +316,7 @@ class _Runner:
         return path
 
 
-class _bar:
-    """A rich progress bar for one stage: ``with _bar(console, unit) as (progress, task)``."""
-
-    def __init__(self, console: Console, unit: str) -> None:
-        self.progress = Progress(TextColumn("    "), BarColumn(), MofNCompleteColumn(), TextColumn(unit), TimeElapsedColumn(),
-                                 console=console, transient=True)
-
-    def __enter__(self) -> tuple[Progress, Any]:
-        self.progress.__enter__()
-        return self.progress, self.progress.add_task("stage", total=None)
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(*exc)  # type: ignore[arg-type]
-
-
-def _stored_mismatch(store: Any, ec: Any) -> str | None:
+def _stored_mismatch(store: Any, ec: ExtractConfig) -> str | None:
     """How a stored model differs from what extraction ``ec`` would write (by the settings the store records),
     or None when it is the same extraction."""
     from hrsa.extract.corpus import CorpusSpec
@@ -397,37 +336,3 @@ def _stored_mismatch(store: Any, ec: Any) -> str | None:
     wanted["corpus"], stored["corpus"] = corpus, store.corpus_info(info.corpus).extra.get("corpus_spec")
     diff = [f"{k} {stored[k]!r} (not {wanted[k]!r})" for k in wanted if stored[k] != wanted[k]]
     return ", ".join(diff) or None
-
-
-def _checkpoint_step(folder: Path) -> int:
-    """The training step of a checkpoint folder: its hrsa_train.json's, else the N of its name step_N."""
-    info = folder / "hrsa_train.json"
-    if info.is_file():
-        return int(json.loads(info.read_text())["step"])
-    return int(folder.name.rpartition("_")[2])
-
-
-def _key(inputs: Mapping[str, Any]) -> str:
-    """A stage's key: the hash of its resolved inputs (canonical JSON)."""
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-_HASHED = 64 << 20  # files up to this size are identified by their content (a rewrite of the same text is the same)
-
-
-def _fingerprint(source: str) -> Any:
-    """What identifies a model or corpus: a local file or folder by its files (content hash for small ones, size
-    and modification time for large ones such as weights), anything else (hub id, hf:, packaged:, URL) by its text."""
-    path = Path(source).expanduser()
-    if "://" in source or ":" in source.split("/")[0] or not path.exists():
-        return source
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return {"path": str(path.resolve()), "files": [[str(f.relative_to(path)) if f != path else f.name, _file_identity(f)]
-                                                   for f in files]}
-
-
-def _file_identity(path: Path) -> Any:
-    stat = path.stat()
-    if stat.st_size > _HASHED:
-        return [stat.st_size, stat.st_mtime_ns]
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]

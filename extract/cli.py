@@ -1,52 +1,41 @@
-"""``hrsa extract``: every flag is a field of :class:`~hrsa.extract.job.ExtractConfig`."""
+"""``hrsa extract``: every flag is a field of :class:`~hrsa.extract.config.ExtractConfig` (flag > YAML > default)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
 
-from hrsa.extract.job import ExtractConfig
+from hrsa.extract.config import ExtractConfig, ExtractRunOptions, ModelSourceOptions
+from hrsa.runtime.cli_options import config_file_option, config_options
 
 __all__ = ["extract"]
 
-
-def _layers(text: str | None) -> list[int] | None:
-    from hrsa.store.selection import parse_doc_ids
-
-    return parse_doc_ids(text) if text else None  # same "0,3,5-9" syntax as document lists
+_METAVARS = {"store": "URL", "model": "SPEC", "corpus": "SPEC", "name": "ID", "text": "FIELD", "template": "TEXT",
+             "id_field": "FIELD", "layers": "0,12,24-28", "workers": "N", "max_docs": "N", "max_tokens": "N",
+             "token_budget": "N", "shard_tokens": "N", "address": "ADDR", "revision": "REV", "gguf_file": "FILE"}
 
 
 @click.command("extract")
-@click.option("--store", required=True, help=ExtractConfig.model_fields["store"].description)
-@click.option("--model", required=True, help=ExtractConfig.model_fields["model"].description)
-@click.option("--corpus", required=True, help=ExtractConfig.model_fields["corpus"].description)
-@click.option("--name", help=ExtractConfig.model_fields["name"].description)
-@click.option("--text", help=ExtractConfig.model_fields["text"].description)
-@click.option("--template", help=ExtractConfig.model_fields["template"].description)
-@click.option("--id-field", help=ExtractConfig.model_fields["id_field"].description)
-@click.option("--layers", help="Hidden states to store, e.g. 0,12,24-28 (default all L+1).")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
-              help=ExtractConfig.model_fields["dtype"].description)
-@click.option("--attention", type=click.Choice(["auto", "causal", "bidirectional"]), default="auto", show_default=True,
-              help=ExtractConfig.model_fields["attention"].description)
-@click.option("--revision", help=ExtractConfig.model_fields["revision"].description)
-@click.option("--gguf-file", help=ExtractConfig.model_fields["gguf_file"].description)
-@click.option("--trust-remote-code", is_flag=True, help=ExtractConfig.model_fields["trust_remote_code"].description)
-@click.option("--workers", type=click.IntRange(min=1), help=ExtractConfig.model_fields["workers"].description)
-@click.option("--max-docs", type=click.IntRange(min=1), help=ExtractConfig.model_fields["max_docs"].description)
-@click.option("--max-tokens", type=click.IntRange(min=1), help=ExtractConfig.model_fields["max_tokens"].description)
-@click.option("--token-budget", type=click.IntRange(min=1), default=8192, show_default=True,
-              help=ExtractConfig.model_fields["token_budget"].description)
-@click.option("--shard-tokens", type=click.IntRange(min=1), help=ExtractConfig.model_fields["shard_tokens"].description)
-@click.option("--address", help=ExtractConfig.model_fields["address"].description)
-def extract(layers: str | None, **options: Any) -> None:
-    """Extract every hidden state of a model over a corpus into the store, on Ray (resumable)."""
+@config_file_option
+# What to extract (store, model, corpus) first, then the option groups the pipeline's models share.
+@config_options(ExtractConfig, exclude=[*ModelSourceOptions.model_fields, *ExtractRunOptions.model_fields],
+                metavars=_METAVARS)
+@config_options(ModelSourceOptions, metavars=_METAVARS)
+@config_options(ExtractRunOptions, metavars=_METAVARS)
+def extract(config_file: Path | None, **flags: Any) -> None:
+    """Extract every hidden state of a model over a corpus into the store, on Ray (resumable).
+
+    --store, --model and --corpus are required, as flags or in --config. Flags left out take their value from
+    --config, else their default.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from hrsa.extract.job import parse_extract_config, run_extraction
+    from hrsa.extract.config import load_extract_config
+    from hrsa.extract.job import run_extraction
 
-    config = parse_extract_config({"layers": _layers(layers), **options})  # every problem at once, one line
+    config = load_extract_config(config_file, flags)  # every problem at once, one line
     with Progress(TextColumn("extracting"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"), TimeElapsedColumn()) as bar:
         task = bar.add_task("extract", total=None)
 

@@ -1,5 +1,6 @@
-"""Corpora: read records (jsonl, csv, parquet, or a Hugging Face dataset), render each to one text,
-tokenise once per tokenizer into a :class:`~hrsa.store.CorpusTable`.
+"""Corpora: the records of a :class:`CorpusSpec` (read by :mod:`hrsa.store.records`: jsonl, csv, parquet, or a
+Hugging Face dataset), each rendered to one text and tokenised once per tokenizer into a
+:class:`~hrsa.store.CorpusTable`.
 
 The text of a record is one field (``text="reasoning"``) or a template over fields. A template is a
 Python format string; ``{chat:FIELD}`` renders a list of chat messages with the tokenizer's chat
@@ -9,30 +10,23 @@ the model saw it, followed by its reasoning.
 
 from __future__ import annotations
 
-import json
 import re
 import string
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hrsa.store.corpus import CorpusTable
-from hrsa.store.errors import UserError
+from hrsa.store.records import CorpusError, read_records
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 __all__ = ["CorpusSpec", "CorpusError", "load_records", "render_text", "tokenize_corpus", "special_token_ids"]
 
-_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 _CHAT_FIELD = re.compile(r"\{chat:([A-Za-z0-9_]+)\}")
-
-
-class CorpusError(UserError, ValueError):
-    """A corpus that cannot be read or rendered as asked."""
 
 
 @dataclass(frozen=True)
@@ -67,57 +61,9 @@ class CorpusSpec:
         return asdict(self)
 
 
-def _files(source: str) -> list[Path]:
-    path = Path(source).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in _SUFFIXES)
-        if not files:
-            raise CorpusError(f"Expected .jsonl, .csv or .parquet files in {path}. Got none. Point --corpus at a data file.")
-        return files
-    if path.is_file():
-        if path.suffix not in _SUFFIXES:
-            raise CorpusError(f"Expected a {', '.join(_SUFFIXES)} file. Got {path.name} instead.")
-        return [path]
-    raise CorpusError(f"Expected a corpus file or folder at {source}. Got nothing there instead. Check the path.")
-
-
-def _read_file(path: Path) -> Iterator[dict[str, Any]]:
-    if path.suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as lines:
-            for n, line in enumerate(lines, 1):
-                if line.strip():
-                    try:
-                        yield {"_default_id": f"{path.name}:{n}", **json.loads(line)}
-                    except json.JSONDecodeError as e:
-                        raise CorpusError(f"Expected one JSON object per line in {path}. Line {n} is not: {e}.") from e
-        return
-    import pandas as pd
-
-    frame = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
-    for n, record in enumerate(frame.to_dict("records")):
-        yield {"_default_id": f"{path.name}:{n}", **record}
-
-
-def _read_hub(source: str) -> Iterator[dict[str, Any]]:
-    name, _, split = source.removeprefix("hf:").partition(":")
-    try:
-        import datasets
-    except ImportError as e:
-        raise CorpusError("Expected the `datasets` package for hf: corpora. Got it missing. pip install datasets.") from e
-    for n, record in enumerate(datasets.load_dataset(name, split=split or "train", streaming=True)):
-        yield {"_default_id": f"{name}:{n}", **record}
-
-
 def load_records(spec: CorpusSpec) -> Iterator[dict[str, Any]]:
-    """The records of ``spec.source`` in order, at most ``spec.max_docs``; each has an ``_id``."""
-    reader = _read_hub(spec.source) if spec.source.startswith("hf:") else (r for f in _files(spec.source) for r in _read_file(f))
-    for n, record in enumerate(reader):
-        if spec.max_docs is not None and n >= spec.max_docs:
-            return
-        default = record.pop("_default_id")
-        key = spec.id_field or ("id" if "id" in record else None)
-        record["_id"] = str(record[key]) if key and key in record else default
-        yield record
+    """The records of ``spec.source`` in order, at most ``spec.max_docs``; each has an ``_id`` (see :mod:`hrsa.store.records`)."""
+    return read_records(spec.source, id_field=spec.id_field, max_docs=spec.max_docs)
 
 
 def render_text(record: Mapping[str, Any], spec: CorpusSpec, tokenizer: PreTrainedTokenizerBase | None = None) -> str:

@@ -1,5 +1,6 @@
-"""``hrsa extract``: a corpus and a model in, every hidden state in the store out, on Ray.
+"""The extraction job, :func:`run_extraction`: a corpus and a model in, every hidden state in the store out, on Ray.
 
+``hrsa extract`` and the pipeline's extract stage both call it with an :class:`~hrsa.extract.config.ExtractConfig`.
 Recipe: (1) tokenise the corpus once into the store, (2) connect to Ray, (3) start the workers; the
 first one's description of the model lets the coordinator allocate the arrays (or find them from a
 previous run), (4) feed pending units to the workers, two in flight each, (5) report. Re-running the
@@ -8,86 +9,22 @@ same extraction resumes: only units not done are computed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
-
+# The job's input, re-exported: callers build an ExtractConfig and hand it to run_extraction.
+from hrsa.extract.config import ExtractConfig, ExtractConfigError, parse_extract_config
 from hrsa.store.errors import CorpusMismatchError, UserError
 from hrsa.store.ids import parse_id
 
 __all__ = ["ExtractConfig", "ExtractConfigError", "ExtractResult", "parse_extract_config", "run_extraction"]
 
 
-class ExtractConfigError(UserError, ValueError):
-    """Extraction settings that do not validate; the message lists every problem at once."""
-
-
-class ExtractConfig(BaseModel):
-    """Everything ``hrsa extract`` takes; each field is also a CLI flag."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    store: str = Field(description="Store URL: a local path or an fsspec URL (s3://bucket/store).")
-    model: str = Field(description="A local folder, a .gguf file, packaged:<name>, or a hub id org/name[@revision].")
-    corpus: str = Field(description="A .jsonl/.csv/.parquet file, a folder of them, hf:NAME[:SPLIT], or a stored corpus id.")
-    name: str | None = Field(None, description="Model id in the store (default: derived from --model).")
-    text: str | None = Field(None, description="The field holding each record's text (default 'text').")
-    template: str | None = Field(None, description="A format string over fields; {chat:FIELD} applies the chat template.")
-    id_field: str | None = Field(None, description="The field holding each record's id.")
-    layers: list[int] | None = Field(None, description="Hidden states to store (default all L+1).")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
-    attention: Literal["auto", "causal", "bidirectional"] = Field("auto", description="auto: the architecture's own.")
-    revision: str | None = Field(None, description="Hub revision.")
-    gguf_file: str | None = Field(None, description="A .gguf file inside the folder or hub repository.")
-    trust_remote_code: bool = Field(False, description="Run code shipped with a hub model.")
-    workers: int | None = Field(None, ge=1, description="Workers: default one per GPU, or 1 on CPU.")
-    max_docs: int | None = Field(None, ge=1, description="Use the first N documents.")
-    max_tokens: int | None = Field(None, ge=1, description="Cut documents to N tokens.")
-    token_budget: int = Field(8192, ge=1, description="Padded tokens per forward pass.")
-    shard_tokens: int | None = Field(None, ge=1, description="Tokens per work unit (default: ~32 MiB shards).")
-    address: str | None = Field(None, description="Ray address (default RAY_ADDRESS, else an embedded local Ray).")
-
-    @field_validator("name")
-    @classmethod
-    def _check_name(cls, value: str | None) -> str | None:
-        # InvalidIdError is a ValueError: pydantic reports it with the other problems
-        return parse_id(value, kind="model id (--name)") if value is not None else None
-
-    @field_validator("layers")
-    @classmethod
-    def _check_layers(cls, value: list[int] | None) -> list[int] | None:
-        if value is not None and (not value or min(value) < 0 or len(set(value)) != len(value)):
-            raise ValueError(f"expected distinct hidden-state indices >= 0 such as 0,12,24-28, got {value}")
-        return value
-
-    @field_validator("template")
-    @classmethod
-    def _text_or_template(cls, value: str | None, info: ValidationInfo) -> str | None:
-        text = info.data.get("text")  # validated before: fields are checked in order, errors gathered
-        if value is not None and text is not None:
-            raise ValueError(f"expected --text or --template, not both; got text={text!r} and template={value!r}")
-        return value
-
-
-def parse_extract_config(values: Mapping[str, Any]) -> ExtractConfig:
-    """Validate extraction settings (from flags or a YAML mapping) at the boundary.
-
-    Raises:
-        ExtractConfigError: every problem at once, in one line.
-    """
-    try:
-        return ExtractConfig.model_validate(dict(values))
-    except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors())
-        raise ExtractConfigError(
-            f"Expected valid extract settings. Got {error.error_count()} problem(s) instead: {problems}."
-        ) from None
-
-
 @dataclass(frozen=True)
 class ExtractResult:
+    """What one extraction did: the model and corpus ids, their size, and which units this run wrote where."""
+
     model_id: str
     corpus_id: str
     n_tokens: int

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import torch
 
     from hrsa.store import WorkUnit
+    from hrsa.store.corpus import CorpusTokens
     from hrsa.store.units import ModelWriter
 
 __all__ = ["ExtractionWorker", "remote_worker_class"]
@@ -51,7 +52,7 @@ class ExtractionWorker:
         self._model_lock = threading.Lock()  # a threaded actor overlaps one unit's compute with another's write
         self._bind_lock = threading.Lock()
         self._writer: ModelWriter | None = None
-        self._corpus: tuple[np.ndarray, np.ndarray] | None = None
+        self._corpus: CorpusTokens | None = None
         # A user's mistake found while loading (a causal encoder, weights missing) is kept and raised by
         # describe(): Ray reports an exception raised in __init__ only as text, losing its type.
         self._error: UserError | None = None
@@ -83,8 +84,7 @@ class ExtractionWorker:
         with self._bind_lock:
             if self._writer is None or self._writer.info.id != mid:
                 writer = self._store.writer(mid)
-                corpus = self._store.group(f"corpora/{writer.info.corpus}")
-                self._corpus = (corpus["token_ids"][:], corpus["doc_offsets"][:])
+                self._corpus = self._store.corpus_tokens(writer.info.corpus)
                 self._writer = writer
             return self._writer
 
@@ -110,12 +110,13 @@ class ExtractionWorker:
 
         from hrsa.extract.forward import batched_hidden_states
 
-        token_ids, offsets = self._corpus  # type: ignore[misc]
+        corpus: CorpusTokens = self._corpus  # type: ignore[assignment]  # set by _bound, which run_unit calls first
+        offsets = corpus.doc_offsets
         # Step 1: documents overlapping the unit, and the rows of each that fall inside it.
         first = int(np.searchsorted(offsets, unit.start, side="right")) - 1
         last = int(np.searchsorted(offsets, unit.stop, side="left"))
         docs = list(range(first, last))
-        texts = [token_ids[offsets[d]:offsets[d + 1]].tolist() for d in docs]
+        texts = [corpus.document(d).tolist() for d in docs]
         # Step 2: batched forward passes; place each document's kept rows where they belong.
         out = {k: torch.empty((unit.n_tokens, self._loaded.hidden_size), dtype=self._loaded.model.dtype) for k in layers}
         for j, states in batched_hidden_states(self._loaded, texts, layers, token_budget=self._token_budget):

@@ -12,7 +12,16 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from hrsa.store.corpus import CorpusInfo, CorpusTable, content_hash, read_corpus_info, read_token_table, write_corpus
+from hrsa.store.corpus import (
+    CorpusInfo,
+    CorpusTable,
+    CorpusTokens,
+    content_hash,
+    read_corpus_info,
+    read_corpus_tokens,
+    read_token_table,
+    write_corpus,
+)
 from hrsa.store.errors import (
     CorpusNotFoundError,
     CorruptDataError,
@@ -27,7 +36,7 @@ from hrsa.store.errors import (
 from hrsa.store.format import ATTRS_KEY, DEFAULT_CODEC, FORMAT_VERSION, as_logical, choose_layout
 from hrsa.store.ids import parse_id
 from hrsa.store.model import ModelInfo, check_model_spec, create_model_group, hidden_key, read_model_info
-from hrsa.store.selection import TokenFilter, resolve_selection
+from hrsa.store.selection import TokenFilter, TokenSelection, resolve_selection
 from hrsa.store.units import ModelWriter
 
 if TYPE_CHECKING:
@@ -199,6 +208,10 @@ class ActivationStore:
         """The corpus's token table: token_id, doc_index, position, is_special, is_first."""
         return read_token_table(self._corpus_group(cid))
 
+    def corpus_tokens(self, cid: str) -> CorpusTokens:
+        """The corpus's token ids and document boundaries: what a model runs over (an extraction worker's input)."""
+        return read_corpus_tokens(self._corpus_group(cid))
+
     def documents(self, cid: str) -> pd.DataFrame:
         """The corpus's document table: record_id, start, stop, n_tokens, truncated, original_length."""
         import pandas as pd
@@ -226,17 +239,17 @@ class ActivationStore:
             )
         return k
 
-    def select(
-        self,
-        mid: str,
-        *,
-        tokens: tuple[int, int] | None = None,
-        docs: Sequence[int] | None = None,
-        token_filter: TokenFilter | None = None,
-    ) -> slice | np.ndarray:
-        """Resolve a token selection on ``mid``'s corpus: a slice, or an int64 index (see :mod:`hrsa.store.selection`)."""
+    def select(self, mid: str, selection: TokenSelection | None = None) -> slice | np.ndarray:
+        """Resolve a token selection (default: every token) on ``mid``'s corpus: a slice, or an int64 index.
+
+        The one resolver of selections: reads of hidden states, the pair analysis, k-NN overlap and probes all
+        call it (see :mod:`hrsa.store.selection`).
+
+        Raises:
+            SelectionError: the range or documents are out of bounds, or nothing is left after filtering.
+        """
         info = self.model_info(mid)
-        return resolve_selection(self._corpus_group(info.corpus), tokens=tokens, docs=docs, token_filter=token_filter)
+        return resolve_selection(self._corpus_group(info.corpus), selection)
 
     def hidden_state(
         self,
@@ -276,9 +289,8 @@ class ActivationStore:
         array = _CheckedArray(self._model_group(mid)[hidden_key(k)], info.dtype, where)
         chunks = (chunk_tokens or info.layout.shard_tokens, info.hidden_size)
         lazy = da.from_array(array, chunks=chunks, name=f"hrsa-{where}", asarray=False, fancy=False)
-        if tokens is None and docs is None and (token_filter is None or token_filter.is_identity):
-            return lazy
-        return lazy[self.select(mid, tokens=tokens, docs=docs, token_filter=token_filter)]
+        selection = TokenSelection.of(tokens=tokens, docs=docs, token_filter=token_filter)
+        return lazy if selection.is_everything else lazy[self.select(mid, selection)]
 
     # -- writing -------------------------------------------------------------------------------
     def write_corpus(

@@ -21,7 +21,16 @@ if TYPE_CHECKING:
     import pandas as pd
     import zarr
 
-__all__ = ["CorpusTable", "CorpusInfo", "write_corpus", "read_corpus_info", "read_token_table", "content_hash"]
+__all__ = [
+    "CorpusInfo",
+    "CorpusTable",
+    "CorpusTokens",
+    "content_hash",
+    "read_corpus_info",
+    "read_corpus_tokens",
+    "read_token_table",
+    "write_corpus",
+]
 
 _TOKEN_CHUNK = 1 << 18
 
@@ -185,3 +194,25 @@ def read_token_table(group: zarr.Group) -> pd.DataFrame:
             "is_first": position == 0,
         }
     )
+
+
+@dataclass(frozen=True)
+class CorpusTokens:
+    """A stored corpus's token ids and document boundaries: what a model runs over.
+
+    Attributes:
+        token_ids: (N,) int32, every document's tokens in order.
+        doc_offsets: (n_docs + 1,) int64; document i holds tokens ``doc_offsets[i]:doc_offsets[i+1]``.
+    """
+
+    token_ids: np.ndarray
+    doc_offsets: np.ndarray
+
+    def document(self, d: int) -> np.ndarray:
+        """(n,) the token ids of document ``d``."""
+        return self.token_ids[self.doc_offsets[d] : self.doc_offsets[d + 1]]
+
+
+def read_corpus_tokens(group: zarr.Group) -> CorpusTokens:
+    """The token ids and document offsets of the corpus stored in ``group``."""
+    return CorpusTokens(token_ids=group["token_ids"][:], doc_offsets=group["doc_offsets"][:])

@@ -1,8 +1,11 @@
 """Which tokens to read: a token range, a list of documents, and token filters, resolved once.
 
-A selection resolves to a ``slice`` when it is one contiguous run (cheap for Dask) and to a sorted or
-document-ordered int64 index otherwise. Filters need the token table, which is small next to the
-activations (13 bytes a token against D * 2 or D * 4).
+:class:`TokenSelection` (a range, documents, and a :class:`TokenFilter`) is what every reader of a store takes;
+:func:`resolve_selection` is the one resolver (reached through :meth:`hrsa.store.ActivationStore.select`), used
+alike by reads of hidden states, by the streaming pair analysis, k-NN overlap and probes. A selection resolves to
+a ``slice`` when it is one contiguous run (cheap for Dask) and to a sorted or document-ordered int64 index
+otherwise. Filters need the token table, which is small next to the activations (13 bytes a token against
+D * 2 or D * 4).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from hrsa.store.errors import SelectionError
 if TYPE_CHECKING:
     import zarr
 
-__all__ = ["TokenFilter", "resolve_selection", "parse_token_range", "parse_doc_ids"]
+__all__ = ["TokenFilter", "TokenSelection", "parse_doc_ids", "parse_token_range", "resolve_selection"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,48 @@ class TokenFilter:
         d = asdict(self)
         d["positions"] = list(self.positions) if self.positions else None
         return d
+
+
+@dataclass(frozen=True)
+class TokenSelection:
+    """Which tokens of a corpus to read or compare on (all by default).
+
+    Attributes:
+        exclude_special: drop special tokens (BOS, chat-template markers).
+        exclude_first: drop position 0 of every document (attention sinks carry huge norms).
+        positions: keep positions ``a <= p < b`` inside each document.
+        docs: keep only these documents (indices into the corpus's document table), in this order.
+        tokens: keep only the global token range ``(start, stop)``.
+    """
+
+    exclude_special: bool = False
+    exclude_first: bool = False
+    positions: tuple[int, int] | None = None
+    docs: tuple[int, ...] | None = None
+    tokens: tuple[int, int] | None = None
+
+    @classmethod
+    def of(cls, *, tokens: tuple[int, int] | None = None, docs: Sequence[int] | None = None,
+           token_filter: TokenFilter | None = None) -> TokenSelection:
+        """The selection of a range, documents and a filter (the keyword arguments of a store's reads)."""
+        f = token_filter or TokenFilter()
+        return cls(exclude_special=f.exclude_special, exclude_first=f.exclude_first, positions=f.positions,
+                   docs=tuple(int(d) for d in docs) if docs is not None else None, tokens=tokens)
+
+    @property
+    def is_everything(self) -> bool:
+        """True when nothing is dropped (every token of the corpus, in order)."""
+        return self.tokens is None and self.docs is None and self.token_filter().is_identity
+
+    def token_filter(self) -> TokenFilter:
+        return TokenFilter(exclude_special=self.exclude_special, exclude_first=self.exclude_first, positions=self.positions)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.token_filter().to_dict(),
+            "docs": list(self.docs) if self.docs is not None else None,
+            "tokens": list(self.tokens) if self.tokens is not None else None,
+        }
 
 
 def parse_token_range(text: str, n_tokens: int) -> tuple[int, int]:
@@ -89,14 +134,8 @@ def _doc_index(doc_offsets: np.ndarray, docs: Sequence[int]) -> np.ndarray:
     return np.concatenate([np.arange(doc_offsets[d], doc_offsets[d + 1], dtype=np.int64) for d in docs])
 
 
-def resolve_selection(
-    corpus: zarr.Group,
-    *,
-    tokens: tuple[int, int] | None = None,
-    docs: Sequence[int] | None = None,
-    token_filter: TokenFilter | None = None,
-) -> slice | np.ndarray:
-    """Resolve a selection against ``corpus``'s token table.
+def resolve_selection(corpus: zarr.Group, selection: TokenSelection | None = None) -> slice | np.ndarray:
+    """Resolve ``selection`` (default: every token) against ``corpus``'s token table.
 
     Returns:
         A ``slice`` of token indices when the selection is contiguous, else an (M,) int64 index in
@@ -106,7 +145,8 @@ def resolve_selection(
         SelectionError: the range or documents are out of bounds, or nothing is left after filtering.
     """
     n_tokens = int(corpus["token_ids"].shape[0])
-    token_filter = token_filter or TokenFilter()
+    selection = selection or TokenSelection()
+    tokens, docs, token_filter = selection.tokens, selection.docs, selection.token_filter()
     # Step 1: the candidate tokens, as a range or an index.
     if tokens is not None:
         start, stop = tokens

@@ -18,6 +18,10 @@ def test_shipped_config_validates(path: Path) -> None:
         from hrsa.analyze.config import load_config
 
         load_config(path, {})
+    elif verb == "extract":
+        from hrsa.extract.config import load_extract_config
+
+        load_extract_config(path, {})
     elif verb == "train":
         from hrsa.train.config import load_train_config
 

@@ -1,1 +1,11 @@
-"""InfoNCE embedding training on Ray Train, hard-negative mining and MTEB evaluation."""
+"""Embedding training and its tools: InfoNCE training on Ray Train, hard-negative mining, MTEB evaluation.
+
+Modules, by job:
+
+- ``config`` (TrainConfig), ``data`` (training records, the batch of each step), ``trainer`` (the driver:
+  ``run_training``), ``worker`` (one Ray Train worker's loop), ``checkpoints`` (a run's step_N folders);
+- ``model``, ``pooling``, ``loss``, ``gradcache``: the embedder, InfoNCE and the chunked backward;
+- ``encode`` (any backbone or checkpoint as a text embedder), ``jsonl`` (pairs files), ``mine`` (hard negatives);
+- ``eval_tasks`` (task specs), ``mteb_adapter`` (what mteb sees), ``evaluate`` (the eval job);
+- ``cli``: the verbs ``train``, ``mine-negatives`` and ``eval``.
+"""

@@ -1,16 +1,42 @@
-"""``hrsa train``: every flag is a field of :class:`~hrsa.train.config.TrainConfig` (flag > YAML > default)."""
+"""The verbs of train/: ``hrsa train``, ``hrsa mine-negatives`` and ``hrsa eval``.
+
+Each verb's flags are generated from its pydantic config (:class:`~hrsa.train.config.TrainConfig`,
+:class:`~hrsa.train.mine.MineConfig`, :class:`~hrsa.train.evaluate.EvalConfig`), so defaults and help live in
+the model; precedence is flag > ``--config`` YAML > default. Each verb builds its config, calls one job function
+and prints a summary.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import click
+from pydantic import BaseModel
 
 from hrsa.runtime.cli_options import config_file_option, config_options
 from hrsa.train.config import TrainConfig
+from hrsa.train.evaluate import EvalConfig
+from hrsa.train.mine import MineConfig
 
-__all__ = ["train"]
+__all__ = ["eval_command", "mine_negatives_command", "train"]
+
+
+def _help(model: type[BaseModel], name: str) -> str:
+    """A field's description: the help of a flag that is written by hand (for a shape the generator lacks)."""
+    return model.model_fields[name].description or ""
+
+
+def _around(model: type[BaseModel], name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The fields before ``name`` and after it: the flags generated around a hand-written one, in field order."""
+    fields = list(model.model_fields)
+    at = fields.index(name)
+    return tuple(fields[:at]), tuple(fields[at + 1:])
+
+
+_MINE_BEFORE, _MINE_AFTER = _around(MineConfig, "keep_existing")
+_EVAL_BEFORE, _EVAL_AFTER = _around(EvalConfig, "tasks")
 
 
 @click.command("train")
@@ -31,3 +57,92 @@ def train(config_file: Path | None, quiet: bool, **flags: Any) -> None:
     last = result.checkpoints[-1] if result.checkpoints else "none"
     loss = f"; final loss {result.final_loss:.4f}" if result.steps else ""
     click.echo(f"{start}{len(result.steps)} steps this run{loss}; latest checkpoint: {last}")
+
+
+@click.command("mine-negatives")
+@config_file_option
+@config_options(MineConfig, exclude=("keep_existing", *_MINE_AFTER), metavars={"out": "FILE"})
+# Its off switch has always been --replace-existing, which the generated --no-keep-existing would rename.
+@click.option("--keep-existing/--replace-existing", "keep_existing", default=None,
+              help=_help(MineConfig, "keep_existing") + "  [default: replace]")
+@config_options(MineConfig, exclude=(*_MINE_BEFORE, "keep_existing"))
+def mine_negatives_command(config_file: Path | None, **flags: Any) -> None:
+    """Mine hard negatives for query/pos pairs with an embedding model and FAISS (exact inner product).
+
+    A candidate becomes a negative only if it is not the positive (nor the same text), and scores under
+    --max-score-ratio times the positive's score (positive-aware mining drops likely false negatives).
+    Reports how many queries got fewer than --k negatives.
+    """
+    from rich.console import Console
+
+    from hrsa.runtime.settings import load_settings
+    from hrsa.train.mine import mine_negatives
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    config = load_settings(MineConfig, config_file, flags, verb="mine-negatives")
+    console = Console(stderr=True)
+    result = mine_negatives(config, on_stage=lambda text: console.print(f"[dim]{text}[/dim]"))
+    click.echo(result.summary())
+
+
+@click.command("eval")
+@config_file_option
+@config_options(EvalConfig, exclude=("tasks", *_EVAL_AFTER))
+# --tasks is repeatable (the generator gives a tuple field one text flag); EvalConfig splits each on commas.
+@click.option("--tasks", multiple=True, help=_help(EvalConfig, "tasks"))
+@config_options(EvalConfig, exclude=(*_EVAL_BEFORE, "tasks"), metavars={"out": "DIRECTORY"})
+def eval_command(config_file: Path | None, **flags: Any) -> None:
+    """Score a model, or every checkpoint of a training run, on MTEB tasks or local retrieval and
+    classification files; writes eval.json (schema hrsa.eval/1) and, for several checkpoints, a curve."""
+    from rich.console import Console
+
+    from hrsa.runtime.settings import load_settings
+    from hrsa.train.evaluate import evaluate
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    config = load_settings(EvalConfig, config_file, flags, verb="eval")
+    with _EvalProgress(Console(stderr=True)) as progress:
+        result = evaluate(config, on_checkpoint=progress.on_checkpoint, on_texts=progress.on_texts,
+                          on_task=progress.on_task)
+    Console().print(_scores_table(result))
+    click.echo(f"wrote {result.json_path}" + (f", {result.figure_path.name}" if result.figure_path else ""))
+
+
+class _EvalProgress:
+    """Bars of checkpoints and embedded texts; shown from the first checkpoint, once the checks have passed."""
+
+    def __init__(self, console: Any) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+        self.progress = Progress(*columns, console=console, transient=True)
+        self.checkpoints = self.progress.add_task("checkpoints", total=None)
+        self.texts = self.progress.add_task("texts embedded", total=None)
+
+    def __enter__(self) -> _EvalProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def on_checkpoint(self, target: Any, index: int, count: int) -> None:
+        if not self.progress.live.is_started:
+            self.progress.start()
+        self.progress.update(self.checkpoints, total=count, completed=index, description=f"checkpoint {target.name}")
+
+    def on_texts(self, n: int) -> None:
+        self.progress.advance(self.texts, n)
+
+    def on_task(self, name: str) -> None:
+        self.progress.update(self.texts, description=f"texts embedded (done: {name})")
+
+
+def _scores_table(result: Any) -> Any:
+    """Main score of each task (columns) for each checkpoint (rows)."""
+    from rich.table import Table
+
+    table = Table("checkpoint", "step", *result.tasks)
+    for row in result.checkpoints:
+        scores = row.main_scores()
+        table.add_row(row.name, "" if row.step is None else str(row.step), *(f"{scores[t]:.4f}" for t in result.tasks))
+    return table

@@ -21,10 +21,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from hrsa.store.errors import UserError
+from hrsa.extract.model_spec import AttentionMode
 from hrsa.runtime.settings import load_settings
+from hrsa.store.errors import UserError
 
-__all__ = ["TrainConfig", "TrainConfigError", "load_train_config"]
+__all__ = ["Strategy", "TrainConfig", "TrainConfigError", "WeightDType", "load_train_config"]
+
+# The dtype the weights are trained in: a vocabulary of its own, not extraction's DTypeName (a compute dtype
+# with "auto" and float16); on GPU the forward runs under bf16 autocast either way.
+WeightDType = Literal["float32", "bfloat16"]
+Strategy = Literal["ddp", "fsdp"]
 
 
 class TrainConfigError(UserError, ValueError):
@@ -56,11 +62,11 @@ class TrainConfig(BaseModel):
                                    "backward; exact same gradients in bounded memory (none: plain backward).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     seed: int = Field(0, description="Seeds the data order, negative sampling and dropout (resume is exact).")
-    attention: Literal["bidirectional", "causal", "auto"] = Field(
+    attention: AttentionMode = Field(
         "bidirectional", description="bidirectional (default, also for decoders), causal, or auto (the model's own).")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weight dtype; on GPU the forward runs "
+    dtype: WeightDType = Field("float32", description="Weight dtype; on GPU the forward runs "
                                                   "under bf16 autocast either way.")
-    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: a full copy per worker; fsdp: weights, "
+    strategy: Strategy = Field("ddp", description="ddp: a full copy per worker; fsdp: weights, "
                                              "gradients and optimizer state sharded over the workers.")
     address: str | None = Field(None, description="Ray address (default RAY_ADDRESS, else an embedded local Ray).")
 

@@ -11,33 +11,28 @@ left short of ``k`` is searched again deeper, so the result equals a brute-force
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from hrsa.extract.model_spec import AttentionMode, DTypeName
+from hrsa.runtime.files import write_atomic
 from hrsa.store.errors import UserError
+from hrsa.train.jsonl import read_jsonl, read_pairs
 from hrsa.train.pooling import format_query
 
 __all__ = [
-    "JsonlError",
     "MineConfig",
     "MineResult",
     "mine_from_embeddings",
     "mine_negatives",
-    "read_jsonl",
-    "read_pairs",
     "search_inner_product",
     "select_negatives",
 ]
-
-
-class JsonlError(UserError, ValueError):
-    """A JSON-lines input that is missing, unreadable, or lacks a field on some line."""
 
 
 class MineConfig(BaseModel):
@@ -45,21 +40,27 @@ class MineConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    input: Path = Field(description="JSON lines with query, pos (and optional negs, instruction).")
-    out: Path | None = Field(None, description="Output JSON lines (default: <input stem>.mined.jsonl beside the input).")
-    corpus: Path | None = Field(None, description="JSON lines of candidate documents (default: the input's positives).")
+    input: Path = Field(description="JSON lines with query and pos (optional negs, instruction) per line.")
+    out: Path | None = Field(None, description="Output JSON lines: query, pos, negs (+ instruction) (default: "
+                             "<input stem>.mined.jsonl beside the input).")
+    corpus: Path | None = Field(None, description="JSON lines of candidate documents (default: every distinct pos "
+                                "of --input).")
     corpus_field: str = Field("text", description="The field of --corpus holding each document's text.")
     model: str = Field("packaged:all-minilm-l6-v2", description="Embedding model: hub id, folder, .gguf or packaged:NAME.")
     k: int = Field(7, ge=1, description="Negatives per query.")
-    max_score_ratio: float = Field(0.95, gt=0, description="Keep candidates scoring under this times the positive's score.")
-    depth: int = Field(100, ge=1, description="Candidates retrieved per query at first (searched deeper when short).")
-    keep_existing: bool = Field(False, description="Keep the input's negs first and mine only the rest up to k.")
-    query_instructions: bool = Field(False, description="Embed queries with their instruction (instruction-tuned models).")
+    max_score_ratio: float = Field(0.95, gt=0, description="Positive-aware margin: keep candidates scoring under this "
+                                   "times the positive's score.")
+    depth: int = Field(100, ge=1, description="Candidates retrieved per query at first; short queries are searched "
+                       "deeper.")
+    keep_existing: bool = Field(False, description="Keep the input's negs first and mine the rest up to k, or "
+                                "replace them.")
+    query_instructions: bool = Field(False, description="Embed queries as 'Instruct: {instruction}\\nQuery: {query}' "
+                                     "(instruction-tuned models).")
     batch_size: int = Field(64, ge=1, description="Texts per forward pass.")
     max_length: int = Field(256, ge=1, description="Cut texts to this many tokens.")
     device: str | None = Field(None, description="cpu, cuda, cuda:1 ... (default: CUDA when available).")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
-    attention: Literal["auto", "causal", "bidirectional"] = Field("auto", description="auto: the model's own.")
+    dtype: DTypeName = Field("auto", description="Compute dtype; auto = bfloat16 on GPU, float32 on CPU.")
+    attention: AttentionMode = Field("auto", description="Attention mode; auto = what the model or checkpoint says.")
     overwrite: bool = Field(False, description="Replace --out when it exists.")
 
     def out_path(self) -> Path:
@@ -86,57 +87,6 @@ class MineResult:
 
 class Encoder(Protocol):
     def encode(self, texts: Sequence[str], **kwargs: Any) -> np.ndarray: ...
-
-
-# --- reading -------------------------------------------------------------------------------------------------------
-
-
-def read_jsonl(path: Path, *, required: Sequence[str] = (), hint: str = "") -> list[dict[str, Any]]:
-    """The JSON objects of a JSON-lines file; every one must hold ``required`` as a non-empty string.
-
-    Raises:
-        JsonlError: no such file, invalid JSON, or a missing field; the message names the line.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise JsonlError(f"Expected a JSON-lines file at {path}. Got no such file instead. Check the path.")
-    records = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise JsonlError(f"Expected one JSON object a line in {path}. Got invalid JSON on line {number} "
-                                 f"instead ({error.msg}). Fix that line.") from None
-            if not isinstance(record, dict):
-                raise JsonlError(f"Expected one JSON object a line in {path}. Got a {type(record).__name__} on line "
-                                 f"{number} instead. Fix that line.")
-            for name in required:
-                if not isinstance(record.get(name), str) or not record[name].strip():
-                    got = "no" if name not in record else f"an empty or non-text ({type(record[name]).__name__})"
-                    raise JsonlError(f"Expected a text field {name!r} on every line of {path}. Got {got} {name!r} on "
-                                     f"line {number} instead. Fix that line{hint}.")
-            records.append(record)
-    if not records:
-        raise JsonlError(f"Expected at least one record in {path}. Got an empty file instead.")
-    return records
-
-
-def read_pairs(path: Path) -> list[dict[str, Any]]:
-    """Training pairs: ``query`` and ``pos`` (text), optional ``negs`` (list of texts) and ``instruction`` (text)."""
-    records = read_jsonl(path, required=("query", "pos"))
-    for number, record in enumerate(records, 1):
-        negs = record.get("negs", [])
-        if not isinstance(negs, list) or not all(isinstance(n, str) for n in negs):
-            raise JsonlError(f"Expected 'negs' to be a list of texts in {path}. Got {type(negs).__name__} in record "
-                             f"{number} instead. Fix that record.")
-        instruction = record.get("instruction")
-        if instruction is not None and not isinstance(instruction, str):
-            raise JsonlError(f"Expected 'instruction' to be text in {path}. Got {type(instruction).__name__} in record "
-                             f"{number} instead. Fix that record.")
-    return records
 
 
 def _norm(text: str) -> str:
@@ -249,6 +199,8 @@ def mine_negatives(
     """
     say = on_stage or (lambda _: None)
     out = config.out_path()
+    if out.is_dir():
+        raise UserError(f"Expected --out to be a file. Got the folder {out} instead. Pick another path.")
     if out.exists() and not config.overwrite:
         raise UserError(f"Expected a new output file. Got an existing {out} instead. Pass --overwrite or another --out.")
     records = read_pairs(config.input)
@@ -298,10 +250,5 @@ def _output_record(record: dict[str, Any], negs: list[str]) -> dict[str, Any]:
 
 
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    """Write whole or not at all: a temporary file renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    """Write whole or not at all (a reader never sees half the negatives)."""
+    write_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))

@@ -5,8 +5,8 @@ only ``C_xy = Xc_i^T Yc_j`` (Dx, Dy) and the means; the self co-moments ``C_xx``
 pair of row i (and ``C_yy`` by every pair of column j), so they are accumulated once per hidden state,
 as the cross co-moments of a state with itself. :class:`CrossMoments` is that slimmer accumulator:
 ``n``, ``mean_x``, ``mean_y``, ``c_xy``, with the same numerics as :class:`hrsa.analyze.accumulators.moments.Moments`
-(each chunk centred on its own mean before its product, float64 accumulation, Chan et al.'s pairwise
-merge ``c_xy = c_xy_a + c_xy_b + (n_a n_b / n) outer(delta_x, delta_y)``).
+(each chunk centred on its own mean before its product by ``centring.centre_chunk``, float64 accumulation,
+and the one Chan combine of ``_chan``: ``c_xy = c_xy_a + c_xy_b + (n_a n_b / n) outer(delta_x, delta_y)``).
 
 Once the tokens are all seen, a (Dx, Dy) matrix is more than the metrics need: linear CKA needs
 ``|C|_F^2`` and dimension-wise correlation the diagonal. :meth:`CrossMoments.summary` keeps just those
@@ -23,12 +23,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from hrsa.analyze.accumulators._chan import ChanStep
+from hrsa.analyze.accumulators.centring import centre_chunk
+
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike, DTypeLike, NDArray
 
     F64 = NDArray[np.float64]
 
-__all__ = ["CoMomentSummary", "CrossMoments", "centre_chunk", "cross_moments_of_block", "iter_cross_moments"]
+__all__ = ["CoMomentSummary", "CrossMoments", "cross_moments_of_block", "iter_cross_moments"]
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: fields are arrays
@@ -95,12 +98,9 @@ class CrossMoments:
             return other
         if other.n == 0:
             return self
-        n = self.n + other.n
-        dx, dy = other.mean_x - self.mean_x, other.mean_y - self.mean_y  # (Dx,), (Dy,)
-        c_xy = self.c_xy + other.c_xy
-        # Rank-one Chan correction added in place into the fresh sum: no second (Dx, Dy) temporary.
-        c_xy += (self.n * other.n / n) * dx[:, None] * dy[None, :]
-        return CrossMoments(n, self.mean_x + (other.n / n) * dx, self.mean_y + (other.n / n) * dy, c_xy)
+        step = ChanStep.of(self, other)
+        c_xy = step.comoment(self.c_xy, other.c_xy, step.delta_x, step.delta_y)  # (Dx, Dy)
+        return CrossMoments(step.n, step.mean_x, step.mean_y, c_xy)
 
     def summary(self) -> CoMomentSummary:
         """What cross-layer CKA and dimension-wise correlation need of these statistics (O(D))."""
@@ -132,31 +132,6 @@ class CoMomentSummary:
     mean_y: F64
     sq_frobenius: float
     diagonal: F64
-
-
-def centre_chunk(x: ArrayLike, compute_dtype: DTypeLike = np.float64) -> tuple[np.ndarray, F64]:
-    """Centre a chunk (n, D) on its own mean in float64, then cast to ``compute_dtype``.
-
-    Returns:
-        The centred chunk (n, D) in ``compute_dtype`` and its float64 mean (D,).
-
-    Raises:
-        ValueError: if the chunk is not 2-D or holds NaN or inf.
-    """
-    x = np.asarray(x)
-    if x.ndim != 2:
-        raise ValueError(f"Expected a chunk of shape (n, D). Got shape {x.shape} instead.")
-    dtype = np.dtype(compute_dtype)
-    if dtype not in (np.dtype(np.float64), np.dtype(np.float32)):
-        raise ValueError(f"Expected compute_dtype float64 or float32. Got {dtype} instead.")
-    x64 = x.astype(np.float64, copy=False)
-    if x.shape[0] == 0:
-        return x64.astype(dtype, copy=False), np.zeros(x.shape[1])
-    mean = x64.mean(axis=0)  # (D,)
-    if not np.isfinite(mean).all():
-        raise ValueError("Expected finite activations. Got NaN or inf in a chunk instead. Check the extraction.")
-    # Centring before the product is what keeps float32 products (and float64 sums) free of cancellation.
-    return (x64 - mean).astype(dtype, copy=False), mean
 
 
 def cross_moments_of_block(

@@ -18,9 +18,11 @@ update of Chan, Golub & LeVeque (1979): for the co-moments
 
     c_xy = c_xy_a + c_xy_b + (n_a n_b / n) outer(delta_x, delta_y),   delta = mean_b - mean_a,
 
-and, for the norm moments, by shifting each block's sums from its own mean to the pooled mean (the
-closed forms are in ``_shift_norm_moments``). ``merge`` is pure, commutative and associative up to
-rounding, and ``Moments.empty`` is its identity, so Dask can tree-reduce it and a cluster can split tokens.
+(the one combine, :class:`~hrsa.analyze.accumulators._chan.ChanStep`, shared with ``CrossMoments``) and, for
+the norm moments, by shifting each block's sums from its own mean to the pooled mean (the closed forms are
+in ``_shift_norm_moments``). Centring and the NaN/inf check are ``centring.centre_rows``, shared likewise.
+``merge`` is pure, commutative and associative up to rounding, and ``Moments.empty`` is its identity, so Dask
+can tree-reduce it and a cluster can split tokens (``hrsa.analyze.accumulators.testing`` checks all of that).
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
+
+from hrsa.analyze.accumulators._chan import ChanStep
+from hrsa.analyze.accumulators.centring import centre_rows, parse_compute_dtype
 
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike, DTypeLike, NDArray
@@ -39,8 +44,6 @@ __all__ = ["DEFAULT_CHUNK_ROWS", "Moments", "moments"]
 
 #: Rows per chunk when ``moments`` builds statistics from whole arrays: bounds the float64 copy.
 DEFAULT_CHUNK_ROWS = 16_384
-
-_COMPUTE_DTYPES = (np.dtype(np.float64), np.dtype(np.float32))
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: fields are arrays, and == on arrays is elementwise
@@ -133,7 +136,7 @@ class Moments:
     def update(self, x: ArrayLike, y: ArrayLike, *, compute_dtype: DTypeLike = np.float64) -> Moments:
         """These statistics with one more chunk of tokens (``self.merge(Moments.from_chunk(x, y))``)."""
         x, y = _parse_pair(x, y)
-        return self.merge(_chunk_moments(x, y, _parse_compute_dtype(compute_dtype)))
+        return self.merge(_chunk_moments(x, y, parse_compute_dtype(compute_dtype)))
 
     def merge(self, other: Moments) -> Moments:
         """The statistics of the union of both token sets (pure; associative; ``empty`` is the identity).
@@ -177,7 +180,7 @@ def moments(
     x, y = _parse_pair(x, y)
     if chunk_rows < 1:
         raise ValueError(f"Expected chunk_rows >= 1. Got {chunk_rows} instead.")
-    dtype = _parse_compute_dtype(compute_dtype)
+    dtype = parse_compute_dtype(compute_dtype)
     acc = Moments.empty(x.shape[1], y.shape[1])
     for start in range(0, x.shape[0], chunk_rows):
         stop = start + chunk_rows
@@ -204,13 +207,6 @@ def _parse_pair(x: ArrayLike, y: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def _parse_compute_dtype(dtype: DTypeLike) -> np.dtype:
-    dt = np.dtype(dtype)
-    if dt not in _COMPUTE_DTYPES:
-        raise ValueError(f"Expected compute_dtype float64 or float32. Got {dt} instead.")
-    return dt
-
-
 # --- the math: one chunk, one combine --------------------------------------------------------------------
 
 
@@ -219,13 +215,9 @@ def _chunk_moments(x: np.ndarray, y: np.ndarray, compute_dtype: np.dtype) -> Mom
     dx, dy = x.shape[1], y.shape[1]
     if x.shape[0] == 0:
         return Moments.empty(dx, dy)
-    # Step 1: centre in float64. The products below then see values of the size of the spread, not of the
-    # offset, so the float32 option and the later float64 sums lose nothing to cancellation.
-    x64, y64 = x.astype(np.float64, copy=False), y.astype(np.float64, copy=False)
-    mean_x, mean_y = x64.mean(axis=0), y64.mean(axis=0)  # (Dx,), (Dy,)
-    if not (np.isfinite(mean_x).all() and np.isfinite(mean_y).all()):
-        raise ValueError("Expected finite activations. Got NaN or inf in a chunk instead. Check the extraction.")
-    u, v = x64 - mean_x, y64 - mean_y  # (n, Dx), (n, Dy)
+    # Step 1: centre in float64 (see ``centring``): the products below then lose nothing to the offsets.
+    u, mean_x = centre_rows(x.astype(np.float64, copy=False))  # (n, Dx), (Dx,)
+    v, mean_y = centre_rows(y.astype(np.float64, copy=False))  # (n, Dy), (Dy,)
     # Step 2: the O(n D^2) products, optionally in float32 (centred data keeps that accurate).
     uc, vc = u.astype(compute_dtype, copy=False), v.astype(compute_dtype, copy=False)
     c_xx = (uc.T @ uc).astype(np.float64, copy=False)  # (Dx, Dx)
@@ -257,16 +249,13 @@ def _combine(a: Moments, b: Moments) -> Moments:
         return b
     if b.n == 0:
         return a
-    # Step 2: pooled mean, written as a correction of a's mean (stable when the blocks differ in size).
-    n = a.n + b.n
-    delta_x, delta_y = b.mean_x - a.mean_x, b.mean_y - a.mean_y  # (Dx,), (Dy,)
-    mean_x, mean_y = a.mean_x + (b.n / n) * delta_x, a.mean_y + (b.n / n) * delta_y
-    # Step 3: co-moments, the classic pairwise update.
-    w = a.n * b.n / n
-    c_xx = a.c_xx + b.c_xx + w * np.outer(delta_x, delta_x)
-    c_yy = a.c_yy + b.c_yy + w * np.outer(delta_y, delta_y)
-    c_xy = a.c_xy + b.c_xy + w * np.outer(delta_x, delta_y)
-    # Step 4: norm moments. Shift each block from its own mean to the pooled mean, then add.
+    # Step 2: pooled count and means, and the co-moments by the one Chan combine.
+    step = ChanStep.of(a, b)
+    n, mean_x, mean_y = step.n, step.mean_x, step.mean_y
+    c_xx = step.comoment(a.c_xx, b.c_xx, step.delta_x, step.delta_x)  # (Dx, Dx)
+    c_yy = step.comoment(a.c_yy, b.c_yy, step.delta_y, step.delta_y)  # (Dy, Dy)
+    c_xy = step.comoment(a.c_xy, b.c_xy, step.delta_x, step.delta_y)  # (Dx, Dy)
+    # Step 3: norm moments. Shift each block from its own mean to the pooled mean, then add.
     sa = _shift_norm_moments(a, mean_x - a.mean_x, mean_y - a.mean_y)
     sb = _shift_norm_moments(b, mean_x - b.mean_x, mean_y - b.mean_y)
     return Moments(

@@ -21,21 +21,21 @@ import functools
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hrsa.analyze.config import DEFAULT_K, Search
 from hrsa.analyze.metrics.knn_overlap import KnnOverlapResult, check_k, knn_overlap_from_neighbors, rank_candidates
 from hrsa.store.errors import UserError
 
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike, NDArray
 
-    from hrsa.analyze.pair import TokenSelection
     from hrsa.store import ActivationStore
+    from hrsa.store.selection import TokenSelection
 
 __all__ = [
-    "DEFAULT_K",
     "KnnOptions",
     "KnnPairResult",
     "approximate_neighbors",
@@ -46,9 +46,7 @@ __all__ = [
     "sample_tokens",
 ]
 
-DEFAULT_K = (5, 10, 50)
 TIE_MARGIN = 8  # extra candidates per block search, so that ties at the k-th place resolve by index
-Search = Literal["exact", "hnsw"]
 
 
 def normalize_rows(x: ArrayLike) -> NDArray[np.float32]:
@@ -263,17 +261,13 @@ def knn_pair(
     Raises:
         UserError: a k out of range, or no shared hidden states.
     """
-    from hrsa.analyze.pair import TokenSelection
-
-    sel = selection or TokenSelection()
     ks_t = tuple(sorted({int(k) for k in ks}))
     shared = sorted(set(store.model_info(a).hidden_states) & set(store.model_info(b).hidden_states))
     states = tuple(shared if hidden_states is None else [k for k in hidden_states if k in shared])
     if not states:
         raise UserError(f"Expected hidden states shared by {a} and {b}. Got {list(hidden_states or [])} instead.")
     # Step 1: the shared subsample, as global token indices.
-    selected = store.select(a, tokens=sel.tokens, docs=sel.docs, token_filter=sel.token_filter())
-    ids = sample_tokens(selected, n_sample, seed=seed)
+    ids = sample_tokens(store.select(a, selection), n_sample, seed=seed)
     for k in ks_t:
         if not 1 <= k < ids.size:
             raise UserError(f"Expected 1 <= k < {ids.size} (tokens in the k-NN sample). Got k = {k} instead. "

@@ -17,22 +17,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hrsa.analyze.config import Pool
 from hrsa.analyze.metrics.linear_probe import ProbeResult, linear_probe
 from hrsa.store.errors import UserError
+from hrsa.store.records import read_records
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray
 
-    from hrsa.analyze.pair import TokenSelection
     from hrsa.store import ActivationStore
+    from hrsa.store.selection import TokenSelection
 
-__all__ = ["Pool", "ProbeOptions", "ProbePairResult", "document_features", "probe_pair", "read_labels"]
+__all__ = ["ProbeOptions", "ProbePairResult", "document_features", "probe_pair", "read_labels"]
 
-Pool = Literal["mean", "last"]
 _BLOCK = 1 << 16  # tokens read at once when pooling
 
 
@@ -83,17 +84,14 @@ def read_labels(
     Raises:
         UserError: no source to read labels from, or no document has the label field.
     """
-    from hrsa.extract.corpus import CorpusSpec, load_records
-
     info = store.corpus_info(cid)
     spec = info.extra.get("corpus_spec") or {}
     source = labels_file or spec.get("source") or info.source
     if not source:
         raise UserError(f"Expected corpus {cid} to record its source file. Got none. Pass --labels FILE.")
     ids_from = id_field or (None if labels_file else spec.get("id_field"))  # the id rule extraction used
-    reader = CorpusSpec(source=source, text=spec.get("text"), id_field=ids_from)
     try:
-        by_id = {r["_id"]: r.get(label_field) for r in load_records(reader)}
+        by_id = {r["_id"]: r.get(label_field) for r in read_records(source, id_field=ids_from)}
     except Exception as error:  # CorpusError and friends: the source moved or cannot be read
         raise UserError(f"Expected readable labels in {source}. Got an error instead: {error}. "
                         "Pass --labels FILE.") from error
@@ -106,11 +104,8 @@ def read_labels(
 
 
 def _kept_tokens(store: ActivationStore, mid: str, selection: TokenSelection | None) -> NDArray[np.bool_]:
-    from hrsa.analyze.pair import TokenSelection
-
-    sel = selection or TokenSelection()
     info = store.model_info(mid)
-    chosen = store.select(mid, tokens=sel.tokens, docs=sel.docs, token_filter=sel.token_filter())
+    chosen = store.select(mid, selection)
     keep = np.zeros(store.corpus_info(info.corpus).n_tokens, dtype=bool)
     keep[chosen] = True
     return keep

@@ -1,8 +1,8 @@
 """HRSA metrics as pure functions of streaming statistics (numpy only; no Dask, Zarr, Ray or FAISS).
 
 Each metric module offers ``<metric>_from_moments(m, ...)`` (the core, used by the streaming layer) and a
-thin in-memory ``<metric>(x, y, ...)`` that builds ``hrsa.analyze.accumulators.moments.Moments`` and calls it. A new
-metric is one file here plus its names in ``__all__``. The local metrics differ in their statistics:
+thin in-memory ``<metric>(x, y, ...)`` that builds ``hrsa.analyze.accumulators.moments.Moments`` and calls
+it. A new metric is one file here plus its names in ``__all__``. The local metrics differ in their statistics:
 k-NN overlap works from neighbour indices (``knn_overlap_from_neighbors``) and the probe from pooled
 per-document features (``linear_probe``; scikit-learn, imported when called).
 """

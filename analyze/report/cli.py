@@ -1,6 +1,8 @@
 """``hrsa report``: one self-contained HTML report from results.json files. Thin: parse, call ``write_report``, print.
 
-``ReportConfig`` is equal to the flags and to the YAML file (``--config``); flags given win. Example YAML::
+This module owns the verb and its settings, :class:`ReportConfig`: every flag is a field (generated from it, so
+defaults and help live in the model), RESULTS are the positional arguments, ``--config`` reads the same fields
+from YAML; flags given win. Example YAML::
 
     # hrsa report --config configs/report.yaml
     results: [hrsa-analysis/base-vs-rlvr, hrsa-analysis/base-vs-sft]
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hrsa.analyze.report.summary import (
     CKA_PRESERVED,
@@ -27,28 +29,44 @@ from hrsa.analyze.report.summary import (
     PROBE_TRANSFER_PRESERVED,
     Thresholds,
 )
+from hrsa.runtime.cli_options import config_file_option, config_options
 
 __all__ = ["ReportConfig", "report"]
 
 
 class ReportConfig(BaseModel):
-    """Validated settings of one ``hrsa report`` run (see the flags' help for each field)."""
+    """Validated settings of one ``hrsa report`` run: equal to the flags and the YAML file (flag > YAML > default)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    results: tuple[str, ...] = Field(min_length=1)
-    out: Path = Path("report.html")
-    dynamics: Path | None = None
-    title: str | None = None
-    min_cka: float = CKA_PRESERVED
-    min_knn: float = KNN_PRESERVED
-    knn_k: int = Field(default=KNN_K, gt=0)
-    min_dimcorr: float = DIMCORR_PRESERVED
-    min_h_inv: float = H_INV_PRESERVED
-    min_probe_transfer: float = PROBE_TRANSFER_PRESERVED
-    probe_min_signal: float = Field(default=PROBE_MIN_SIGNAL, ge=0)
+    results: tuple[str, ...] = Field(min_length=1, description="results.json files of `hrsa analyze`, or folders "
+                                     "holding one, one per analysed pair (the RESULTS arguments).")
+    out: Path = Field(Path("report.html"), description="The HTML file to write.")
+    dynamics: Path | None = Field(None, description="A hrsa.dynamics/1 file (one results.json per training step) for "
+                                  "the training-dynamics section.")
+    title: str | None = Field(None, description="Title of the report (default: the pairs compared).")
+    min_cka: float = Field(CKA_PRESERVED, description="Linear CKA counted as preserved from this value.")
+    min_knn: float = Field(KNN_PRESERVED,
+                           description="k-NN overlap (mean Jaccard) counted as preserved from this value.")
+    knn_k: int = Field(KNN_K, gt=0,
+                       description="The k whose k-NN overlap the summary reads (else the closest analysed).")
+    min_dimcorr: float = Field(DIMCORR_PRESERVED,
+                               description="Mean dimension-wise correlation counted as preserved from this value.")
+    min_h_inv: float = Field(H_INV_PRESERVED, description="Procrustes H_inv counted as preserved from this value.")
+    min_probe_transfer: float = Field(PROBE_TRANSFER_PRESERVED, description="Probe transfer (share of above-chance "
+                                      "accuracy kept) counted as preserved from this value.")
+    probe_min_signal: float = Field(PROBE_MIN_SIGNAL, ge=0, description="Probe directions whose source beats chance by "
+                                    "less than this are left out.")
+
+    @field_validator("out")
+    @classmethod
+    def _out_is_a_file(cls, out: Path) -> Path:
+        if out.is_dir():  # checked here, as the flag's own check did when it was written by hand
+            raise ValueError(f"Expected a file name for the report. Got the folder {out} instead. Name an .html file.")
+        return out
 
     def thresholds(self) -> Thresholds:
+        """The summary's rules these settings give."""
         return Thresholds(cka=self.min_cka, knn=self.min_knn, knn_k=self.knn_k, dimcorr=self.min_dimcorr,
                           h_inv=self.min_h_inv, probe_transfer=self.min_probe_transfer,
                           probe_min_signal=self.probe_min_signal)
@@ -56,23 +74,8 @@ class ReportConfig(BaseModel):
 
 @click.command("report")
 @click.argument("results", nargs=-1, type=click.Path(path_type=str))
-@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="YAML file of settings named like these flags (RESULTS as `results`); flags given here win.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="The HTML file to write.  [default: report.html]")
-@click.option("--dynamics", type=click.Path(dir_okay=False, path_type=Path),
-              help="A hrsa.dynamics/1 file (one results.json per training step) for the training-dynamics section.")
-@click.option("--title", help="Title of the report.  [default: the pairs compared]")
-@click.option("--min-cka", type=float, help=f"Linear CKA counted as preserved from this value.  [default: {CKA_PRESERVED}]")
-@click.option("--min-knn", type=float, help=f"k-NN overlap (mean Jaccard) counted as preserved from this value.  [default: {KNN_PRESERVED}]")
-@click.option("--knn-k", type=int, help=f"The k whose k-NN overlap the summary reads (else the closest analysed).  [default: {KNN_K}]")
-@click.option("--min-dimcorr", type=float,
-              help=f"Mean dimension-wise correlation counted as preserved from this value.  [default: {DIMCORR_PRESERVED}]")
-@click.option("--min-h-inv", type=float, help=f"Procrustes H_inv counted as preserved from this value.  [default: {H_INV_PRESERVED}]")
-@click.option("--min-probe-transfer", type=float,
-              help=f"Probe transfer (share of above-chance accuracy kept) counted as preserved from this value.  "
-                   f"[default: {PROBE_TRANSFER_PRESERVED}]")
-@click.option("--probe-min-signal", type=float,
-              help=f"Probe directions whose source beats chance by less than this are left out.  [default: {PROBE_MIN_SIGNAL}]")
+@config_file_option
+@config_options(ReportConfig, exclude=("results",))
 def report(config_file: Path | None, **flags: Any) -> None:
     """Write one self-contained HTML report (figures embedded) from RESULTS: results.json files of `hrsa analyze`,
     or folders holding one, one per analysed pair.
@@ -80,8 +83,9 @@ def report(config_file: Path | None, **flags: Any) -> None:
     Per pair: a summary by level (preserved / restructured), cross-layer heatmaps, H_inv, k-NN overlap and
     probe accuracy per hidden state; with --dynamics, the metrics against the training step.
     """
-    from hrsa.analyze.report.html import find_results, read_results, write_report
+    from hrsa.analyze.report.html import write_report
     from hrsa.analyze.report.summary import summarize
+    from hrsa.analyze.results import find_results, read_results
     from hrsa.runtime.settings import load_settings
 
     cfg = load_settings(ReportConfig, config_file, flags, verb="report")

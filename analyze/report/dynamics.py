@@ -1,4 +1,7 @@
-"""Training dynamics: one ``results.json`` per training step of a pair of runs, as curves (the paper's Figure 5).
+"""Training dynamics files: one ``results.json`` per training step of a pair of runs, and their curves (Figure 5).
+
+This module owns the dynamics file (its schema, :func:`write_dynamics`, :func:`load_dynamics`) and the curves read
+from it; :func:`hrsa.analyze.report.figures.dynamics_figure` draws them.
 
 A dynamics file (``"schema": "hrsa.dynamics/1"``) lists the two training runs compared and, per step, the
 ``results.json`` of that step's comparison. Paths are stored relative to the dynamics file's folder when they
@@ -27,8 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from hrsa.analyze.report.html import ReportInputError, read_results
 from hrsa.analyze.report.summary import floats
+from hrsa.analyze.results import ResultsFileError, read_results
+from hrsa.runtime.files import write_atomic
 
 __all__ = ["SCHEMA", "Curve", "Dynamics", "load_dynamics", "write_dynamics"]
 
@@ -83,50 +87,46 @@ def write_dynamics(path: Path, *, runs: tuple[str, str], steps: Sequence[int], r
         ``path``.
 
     Raises:
-        ReportInputError: not two runs, steps and results of different lengths, a repeated or negative step,
+        ResultsFileError: not two runs, steps and results of different lengths, a repeated or negative step,
             or a results path that holds no valid results.json.
     """
     path = Path(path)
     if len(runs) != 2 or not all(isinstance(r, str) and r for r in runs):
-        raise ReportInputError(f"Expected two training run names. Got {list(runs)!r} instead.")
+        raise ResultsFileError(f"Expected two training run names. Got {list(runs)!r} instead.")
     if len(steps) != len(results) or not steps:
-        raise ReportInputError(f"Expected one results.json per step. Got {len(steps)} steps and {len(results)} results "
+        raise ResultsFileError(f"Expected one results.json per step. Got {len(steps)} steps and {len(results)} results "
                                "instead. Pass as many of each.")
     clean = [int(s) for s in steps]
     if len(set(clean)) != len(clean) or min(clean) < 0:
-        raise ReportInputError(f"Expected distinct training steps >= 0. Got {clean} instead.")
+        raise ResultsFileError(f"Expected distinct training steps >= 0. Got {clean} instead.")
     files = [read_results(r)[0] for r in results]  # validates each; (file, document)
-    path.parent.mkdir(parents=True, exist_ok=True)
     entries = [{"step": s, "results": _relative(f, path.parent)} for s, f in sorted(zip(clean, files))]
     from hrsa import __version__
 
     doc = {"schema": SCHEMA, "runs": list(runs), "steps": entries, "hrsa_version": __version__,
            "created": datetime.now(UTC).isoformat(timespec="seconds")}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    tmp.replace(path)
-    return path
+    return write_atomic(path, json.dumps(doc, indent=1) + "\n")
 
 
 def load_dynamics(path: Path | str) -> Dynamics:
     """Read a dynamics file and every step's results.json into curves.
 
     Raises:
-        ReportInputError: not a readable ``hrsa.dynamics/1`` file, or a step's results.json missing or invalid.
+        ResultsFileError: not a readable ``hrsa.dynamics/1`` file, or a step's results.json missing or invalid.
     """
     path = Path(path)
     doc = _read_json(path)
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
         got = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
-        raise ReportInputError(f"Expected a dynamics file of schema {SCHEMA} at {path}. Got {got!r} instead. "
+        raise ResultsFileError(f"Expected a dynamics file of schema {SCHEMA} at {path}. Got {got!r} instead. "
                                "Write it with hrsa.analyze.report.dynamics.write_dynamics.")
     try:
         runs = (str(doc["runs"][0]), str(doc["runs"][1]))
         entries = sorted((int(e["step"]), path.parent / e["results"]) for e in doc["steps"])
     except (KeyError, IndexError, TypeError, ValueError) as error:
-        raise ReportInputError(f"Expected runs and steps in {path}. Got a malformed file instead ({error!r}).") from None
+        raise ResultsFileError(f"Expected runs and steps in {path}. Got a malformed file instead ({error!r}).") from None
     if not entries:
-        raise ReportInputError(f"Expected at least one step in {path}. Got none instead.")
+        raise ResultsFileError(f"Expected at least one step in {path}. Got none instead.")
     loaded = [read_results(p) for _, p in entries]
     docs = [d for _, d in loaded]
     return Dynamics(
@@ -138,18 +138,19 @@ def load_dynamics(path: Path | str) -> Dynamics:
     )
 
 
-Extract = Callable[[Mapping[str, Any]], tuple[Sequence[int], Sequence[Any] | None]]
+# Takes one metric out of a step's results document: (its hidden states, its values there, or None without it).
+MetricReader = Callable[[Mapping[str, Any]], tuple[Sequence[int], Sequence[Any] | None]]
 
 
 def _matched(doc: Mapping[str, Any], metric: str) -> tuple[Sequence[int], Sequence[Any] | None]:
     return doc.get("matched_hidden_states", []), doc["metrics"].get(metric, {}).get("diagonal")
 
 
-def _curve(label: str, docs: Sequence[Mapping[str, Any]], extract: Extract) -> Curve | None:
-    """Per step, the (hidden states, values) that ``extract`` takes from the step's document."""
+def _curve(label: str, docs: Sequence[Mapping[str, Any]], read: MetricReader) -> Curve | None:
+    """Per step, the (hidden states, values) that ``read`` takes from the step's document."""
     per_step: list[dict[int, float]] = []
     for doc in docs:
-        states, values = extract(doc)
+        states, values = read(doc)
         per_step.append(dict(zip((int(k) for k in states), floats(values))) if values is not None else {})
     if not any(per_step):
         return None
@@ -160,14 +161,14 @@ def _curve(label: str, docs: Sequence[Mapping[str, Any]], extract: Extract) -> C
 
 
 def _knn_curves(docs: Sequence[Mapping[str, Any]]) -> dict[int, Curve]:
-    def extract(k: int) -> Extract:
+    def overlap_at(k: int) -> MetricReader:
         def get(doc: Mapping[str, Any]) -> tuple[Sequence[int], Sequence[Any] | None]:
             knn = doc["metrics"].get("knn", {})
             return knn.get("hidden_states", []), knn.get("k", {}).get(str(k))
         return get
 
     ks = sorted({int(k) for d in docs for k in d["metrics"].get("knn", {}).get("k", {})})
-    curves = {k: _curve(f"k-NN overlap, k = {k}", docs, extract(k)) for k in ks}
+    curves = {k: _curve(f"k-NN overlap, k = {k}", docs, overlap_at(k)) for k in ks}
     return {k: c for k, c in curves.items() if c is not None}
 
 
@@ -186,4 +187,4 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as error:
-        raise ReportInputError(f"Expected a readable JSON file at {path}. Got an error instead: {error}.") from None
+        raise ResultsFileError(f"Expected a readable JSON file at {path}. Got an error instead: {error}.") from None

@@ -1,4 +1,6 @@
-"""Verdicts in the style of the paper's Table 2: is each level of a pair's representations preserved or restructured?
+"""Summaries of one pair from its ``results.json`` mapping: Table 2 verdicts and the terminal table.
+
+Verdicts in the style of the paper's Table 2: is each level of a pair's representations preserved or restructured?
 
 HRSA reads a comparison at three levels (DESIGN.md, Metrics):
 
@@ -11,7 +13,11 @@ HRSA reads a comparison at three levels (DESIGN.md, Metrics):
 Each metric is averaged over the pair's matched hidden states (all of them, the embedding output included) and
 compared with its threshold; a level is "preserved" when every metric it has passes, "restructured" when one
 fails, "not measured" when results.json has none of its metrics. The thresholds are the named constants below,
-overridable through :class:`Thresholds`. Pure: works on the parsed ``results.json`` document, reads no files.
+overridable through :class:`Thresholds`.
+
+:func:`summary_table` is the per-layer table ``hrsa analyze`` prints. Also here: the small readers of the
+document that the figures and the report share (:func:`floats`, :func:`knn_k`, :func:`probe_directions`,
+:func:`probe_transfer`). Pure: works on the parsed ``results.json`` document, reads no files.
 """
 
 from __future__ import annotations
@@ -19,9 +25,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 __all__ = [
     "CKA_PRESERVED",
@@ -35,12 +44,15 @@ __all__ = [
     "LevelVerdict",
     "MetricCheck",
     "PairSummary",
+    "ProbeDirection",
     "Thresholds",
     "Verdict",
     "floats",
     "knn_k",
+    "probe_directions",
     "probe_transfer",
     "summarize",
+    "summary_table",
 ]
 
 # Linear CKA of independently trained networks at matching layers is typically 0.6-0.9 (Kornblith et al. 2019);
@@ -169,6 +181,42 @@ def knn_k(available: Sequence[int | str], wanted: int = KNN_K) -> int | None:
     return min(ks, key=lambda k: (abs(k - wanted), k)) if ks else None
 
 
+@dataclass(frozen=True)
+class ProbeDirection:
+    """One direction of a cross-model probe: fitted on one model's hidden state, tested on a model's.
+
+    Attributes:
+        fitted_on, tested_on: model ids; keys: where its scores sit in a results.json probe entry
+            (``("source",)``, ``("target",)``, ``("reverse", "source")``, ``("reverse", "target")``).
+    """
+
+    fitted_on: str
+    tested_on: str
+    keys: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        """In words, for legends: "fitted and tested on A", "fitted on A, tested on B"."""
+        if self.fitted_on == self.tested_on:
+            return f"fitted and tested on {self.fitted_on}"
+        return f"fitted on {self.fitted_on}, tested on {self.tested_on}"
+
+    def scores(self, entry: Mapping[str, Any]) -> Mapping[str, Any]:
+        """This direction's ``{"train": ..., "dev": ..., "test": ...}`` in one hidden state's probe entry."""
+        for key in self.keys:
+            entry = entry[key]
+        return entry
+
+
+def probe_directions(probe: Mapping[str, Any], a: str, b: str) -> list[ProbeDirection]:
+    """The directions a results.json ``probe`` mapping holds: A -> A and A -> B, then B -> B and B -> A when every
+    hidden state has its reverse."""
+    directions = [ProbeDirection(a, a, ("source",)), ProbeDirection(a, b, ("target",))]
+    if probe and all("reverse" in entry for entry in probe.values()):
+        directions += [ProbeDirection(b, b, ("reverse", "source")), ProbeDirection(b, a, ("reverse", "target"))]
+    return directions
+
+
 def probe_transfer(entries: Sequence[Mapping[str, Any]], *, min_signal: float = PROBE_MIN_SIGNAL) -> float:
     """Share of the source probes' above-chance test accuracy that the target keeps, pooled over ``entries``.
 
@@ -216,3 +264,41 @@ def _probe_check(probe: Mapping[str, Any] | None, t: Thresholds) -> MetricCheck 
     directions = "both directions" if all("reverse" in e for e in probe.values()) else "A \u2192 B"
     detail = f"test accuracy, pooled over {len(probe)} hidden states, {directions}"
     return MetricCheck("probe transfer", value, t.probe_transfer, value >= t.probe_transfer, detail)
+
+
+def summary_table(doc: Mapping[str, Any]) -> Table:
+    """The per-layer numbers of one results.json mapping as a rich table, for the terminal (``hrsa analyze``).
+
+    One row per matched hidden state; a column per number the results hold (k-NN and probe columns only when they
+    were measured at exactly the matched hidden states). Null (NaN) shows as ``nan``.
+    """
+    from rich.table import Table
+
+    m, states = doc["metrics"], list(doc["matched_hidden_states"])
+    columns: dict[str, list[str]] = {}
+    if "cka" in m:
+        columns["CKA"] = _fixed(m["cka"]["diagonal"], 4)
+        if "debiased_diagonal" in m["cka"]:
+            columns["debiased CKA"] = _fixed(m["cka"]["debiased_diagonal"], 4)
+    if "dimcorr" in m:
+        columns["dimcorr mean r"] = _fixed(m["dimcorr"]["diagonal"], 4)
+        columns["degenerate dims"] = [str(n) for n in m["dimcorr"]["n_degenerate"]]
+    if "procrustes" in m:
+        columns["H_inv"] = _fixed(m["procrustes"]["h_inv"], 4)
+        columns["residual"] = _fixed(m["procrustes"]["residual"], 4)
+    knn, probe = m.get("knn"), m.get("probe")
+    if knn is not None and list(knn["hidden_states"]) == states:
+        columns.update({f"kNN@{k}": _fixed(values, 4) for k, values in knn["k"].items()})
+    if probe is not None and [int(k) for k in probe] == states:
+        source, target = ([e[side]["test"]["accuracy"] for e in probe.values()] for side in ("source", "target"))
+        columns["probe test acc A / A->B"] = [f"{s} / {t}" for s, t in zip(_fixed(source, 3), _fixed(target, 3))]
+    title = f"{doc['a']} vs {doc['b']} on {doc['n_tokens']} tokens"
+    table = Table("hidden state", *columns, title=title, title_justify="left")
+    for i, k in enumerate(states):
+        table.add_row(str(k), *(values[i] for values in columns.values()))
+    return table
+
+
+def _fixed(values: Sequence[Any], decimals: int) -> list[str]:
+    """Each value with ``decimals`` decimals; null as ``nan`` (as the metric's NaN printed before it was written)."""
+    return [f"{v:.{decimals}f}" for v in floats(values)]

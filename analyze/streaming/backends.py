@@ -7,21 +7,24 @@ backend feeds the same Chan merge and the same metrics.
 
 - :class:`NumpyBackend` calls the pure math (``Moments.from_chunk``, ``iter_cross_moments``).
 - :class:`TorchBackend` reproduces those formulas in torch: each block is centred in float64 on the
-  device, its O(n D^2) products run in ``compute_dtype`` (float32 by default: centred data keeps that
-  accurate, and float32 GEMMs are what GPUs are fast at), and the results come back as float64.
-  On ``device="cpu"`` it is the same code, which is how the CPU-only test suite checks it.
+  device by the same ``centre_rows`` as the numpy path, its O(n D^2) products run in ``compute_dtype``
+  (float32 by default: centred data keeps that accurate, and float32 GEMMs are what GPUs are fast at), and
+  the results come back as float64. On ``device="cpu"`` it is the same code, which is how the CPU-only test
+  suite checks it.
 
-Choose with :func:`resolve_backend`; ``"auto"`` takes CUDA when torch sees a GPU, numpy otherwise.
+Choose with :func:`resolve_backend`; ``"auto"`` takes CUDA when torch sees a GPU, numpy otherwise. The
+vocabularies of its two options, :data:`BackendName` and :data:`ComputeDtype`, are defined here once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, get_args, runtime_checkable
 
 import numpy as np
 
+from hrsa.analyze.accumulators.centring import centre_rows
 from hrsa.analyze.accumulators.cross_moments import CrossMoments, iter_cross_moments
 from hrsa.analyze.accumulators.moments import Moments
 from hrsa.store.errors import UserError
@@ -29,11 +32,14 @@ from hrsa.store.errors import UserError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BackendName", "ChunkBackend", "NumpyBackend", "TorchBackend", "resolve_backend"]
+__all__ = ["BackendName", "ChunkBackend", "ComputeDtype", "KeyPair", "NumpyBackend", "TorchBackend", "resolve_backend"]
 
+#: Where the products run (``--backend``).
 BackendName = Literal["auto", "numpy", "torch", "cuda"]
-PairKey = tuple[Any, Any]
-Pairs = Iterable[PairKey]
+#: dtype of the O(n D^2) products (``--compute-dtype``); "auto" is float32 on a GPU, float64 on the CPU.
+ComputeDtype = Literal["auto", "float32", "float64"]
+#: (key_x, key_y): the keys of two hidden states of one block whose cross co-moments are wanted.
+KeyPair = tuple[Hashable, Hashable]
 
 
 @runtime_checkable
@@ -54,7 +60,9 @@ class ChunkBackend(Protocol):
         """Moments of x (n, Dx) and y (n, Dy)."""
         ...
 
-    def cross_moments(self, xs: Mapping[Any, np.ndarray], pairs: Pairs) -> Iterator[tuple[PairKey, CrossMoments]]:
+    def cross_moments(
+        self, xs: Mapping[Hashable, np.ndarray], pairs: Iterable[KeyPair]
+    ) -> Iterator[tuple[KeyPair, CrossMoments]]:
         """CrossMoments of each (key_x, key_y) pair of the blocks ``xs`` (each (n, D_key)), one at a time."""
         ...
 
@@ -69,7 +77,9 @@ class NumpyBackend:
     def moments(self, x: np.ndarray, y: np.ndarray) -> Moments:
         return Moments.from_chunk(x, y, compute_dtype=self.compute_dtype)
 
-    def cross_moments(self, xs: Mapping[Any, np.ndarray], pairs: Pairs) -> Iterator[tuple[PairKey, CrossMoments]]:
+    def cross_moments(
+        self, xs: Mapping[Hashable, np.ndarray], pairs: Iterable[KeyPair]
+    ) -> Iterator[tuple[KeyPair, CrossMoments]]:
         return iter_cross_moments(xs, pairs, compute_dtype=self.compute_dtype)
 
 
@@ -94,16 +104,19 @@ class TorchBackend:
         host = [t.cpu().numpy() for t in (mean_x, mean_y, c_xx, c_yy, c_xy, u.T @ a, v.T @ a, u.T @ b, v.T @ b)]
         q = torch.stack([a @ a, b @ b, a @ b]).cpu().numpy()
         mx, my, cxx, cyy, cxy, g_xx, g_xy, g_yx, g_yy = host
-        return Moments(int(u.shape[0]), mx, my, cxx, cyy, cxy, float(q[0]), float(q[1]), float(q[2]), g_xx, g_xy, g_yx, g_yy)
+        q_xx, q_yy, q_xy = (float(value) for value in q)
+        return Moments(int(u.shape[0]), mx, my, cxx, cyy, cxy, q_xx, q_yy, q_xy, g_xx, g_xy, g_yx, g_yy)
 
-    def cross_moments(self, xs: Mapping[Any, np.ndarray], pairs: Pairs) -> Iterator[tuple[PairKey, CrossMoments]]:
+    def cross_moments(
+        self, xs: Mapping[Hashable, np.ndarray], pairs: Iterable[KeyPair]
+    ) -> Iterator[tuple[KeyPair, CrossMoments]]:
         pairs = list(pairs)
-        low = {}
+        centred = {}
         for k in {k for pair in pairs for k in pair}:  # each state centred and cast once per block
             u, mean = self._centre(xs[k])
-            low[k] = (u.to(self._dtype), mean.cpu().numpy())
+            centred[k] = (u.to(self._dtype), mean.cpu().numpy())
         for kx, ky in pairs:
-            (u, mx), (v, my) = low[kx], low[ky]
+            (u, mx), (v, my) = centred[kx], centred[ky]
             c_xy = (u.T @ v).double().cpu().numpy()  # (Dx, Dy)
             yield (kx, ky), CrossMoments(int(u.shape[0]), mx, my, c_xy)
 
@@ -114,6 +127,7 @@ class TorchBackend:
         return torch.float32 if self.compute_dtype == "float32" else torch.float64
 
     def _centre(self, x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block (n, D) on the device, centred in float64, and its mean (D,)."""
         import torch
 
         x = np.asarray(x)
@@ -121,14 +135,10 @@ class TorchBackend:
             t = torch.from_numpy(np.ascontiguousarray(x).view(np.int16)).view(torch.bfloat16)
         else:
             t = torch.from_numpy(np.ascontiguousarray(x))
-        t64 = t.to(self.device).double()  # (n, D)
-        mean = t64.mean(0)  # (D,)
-        if not bool(torch.isfinite(mean).all()):
-            raise ValueError("Expected finite activations. Got NaN or inf in a chunk instead. Check the extraction.")
-        return t64 - mean, mean
+        return centre_rows(t.to(self.device).double())  # (n, D), (D,) float64 on the device
 
 
-def resolve_backend(name: BackendName = "auto", compute_dtype: str = "auto") -> ChunkBackend:
+def resolve_backend(name: BackendName = "auto", compute_dtype: ComputeDtype = "auto") -> ChunkBackend:
     """The backend to use: ``"auto"`` is CUDA when torch sees a GPU, numpy otherwise.
 
     Args:
@@ -139,13 +149,15 @@ def resolve_backend(name: BackendName = "auto", compute_dtype: str = "auto") -> 
     Raises:
         UserError: an unknown name or dtype, or ``"cuda"`` without a CUDA GPU.
     """
-    if compute_dtype not in ("auto", "float32", "float64"):
+    if compute_dtype not in get_args(ComputeDtype):
         raise UserError(f"Expected compute dtype auto, float32 or float64. Got {compute_dtype!r} instead.")
-    if name not in ("auto", "numpy", "torch", "cuda"):
+    if name not in get_args(BackendName):
         raise UserError(f"Expected backend auto, numpy, torch or cuda. Got {name!r} instead.")
     cuda = name != "numpy" and _cuda_available()
     if name == "cuda" and not cuda:
-        raise UserError("Expected a CUDA GPU for --backend cuda. Got none (torch.cuda.is_available() is False). Use --backend numpy.")
+        raise UserError(
+            "Expected a CUDA GPU for --backend cuda. Got none (torch.cuda.is_available() is False). Use --backend numpy."
+        )
     if name == "numpy" or (name == "auto" and not cuda):
         return NumpyBackend(compute_dtype="float64" if compute_dtype == "auto" else compute_dtype)
     device = "cuda" if cuda else "cpu"

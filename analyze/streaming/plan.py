@@ -15,8 +15,10 @@ Memory model (an estimate, in bytes; ``W`` segment tasks run at once, each holdi
            + what finishing a pair needs (the SVD of Procrustes: 5 D^2 float64)
 
 where a block of a state is ``block_tokens * D * (2 * read bytes + 8 + compute bytes)`` (the block as read
-and the next one being read ahead, its float64 copy, its centred copy). When even one pair does not fit with ``W`` workers, the plan
-falls back to one worker before it gives up.
+and the next one being read ahead, its float64 copy, its centred copy). When even one pair does not fit with
+``W`` workers, the plan falls back to one worker before it gives up.
+
+Pure Python: the planner runs before any Dask graph exists, and the memory budget parser lives here too.
 """
 
 from __future__ import annotations
@@ -35,14 +37,19 @@ __all__ = [
     "MemoryBudgetError",
     "PlanInputs",
     "StreamKey",
+    "StreamPair",
     "Tile",
+    "TileKind",
     "format_bytes",
     "parse_memory_budget",
     "plan_analysis",
 ]
 
-StreamKey = tuple[str, int]  # ("a", hidden-state index) or ("b", hidden-state index)
-Pair = tuple[StreamKey, StreamKey]
+#: One hidden state to stream: ("a", hidden-state index) or ("b", hidden-state index).
+StreamKey = tuple[str, int]
+#: Two stream keys whose accumulator a tile holds (not a pair of models: A's state i against B's state j,
+#: or a state against itself in a ``self`` tile).
+StreamPair = tuple[StreamKey, StreamKey]
 TileKind = Literal["matched", "cross", "self"]
 
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
@@ -54,10 +61,10 @@ class MemoryBudgetError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class Tile:
-    """One streaming pass: the pairs whose accumulators are held together."""
+    """One streaming pass: the stream pairs whose accumulators are held together."""
 
     kind: TileKind
-    pairs: tuple[Pair, ...]
+    pairs: tuple[StreamPair, ...]
 
     @property
     def streams(self) -> tuple[StreamKey, ...]:
@@ -149,15 +156,15 @@ def plan_analysis(inputs: PlanInputs) -> AnalysisPlan:
     # fewest passes, then the most workers among those.
     candidates = []
     for w in range(max(1, min(inputs.workers, inputs.n_blocks)), 0, -1):
-        costs = _Costs(inputs, w)
-        if costs.fits_one_pair():
-            tiles = _matched_tiles(inputs.matched, costs) + _cross_tiles(inputs.rows, inputs.cols, costs)
-            tiles += _self_tiles(inputs.rows, inputs.cols, costs) if inputs.rows else ()
-            peak = max((costs.peak(t) for t in tiles), default=0)
+        memory = _MemoryModel(inputs, w)
+        if memory.fits_one_pair():
+            tiles = _matched_tiles(inputs.matched, memory) + _cross_tiles(inputs.rows, inputs.cols, memory)
+            tiles += _self_tiles(inputs.rows, inputs.cols, memory) if inputs.rows else ()
+            peak = max((memory.peak(t) for t in tiles), default=0)
             candidates.append(AnalysisPlan(tiles=tiles, inputs=inputs, workers=w, estimated_peak=peak))
     if candidates:
         return min(candidates, key=lambda plan: (plan.passes, -plan.workers))
-    need = _Costs(inputs, 1).smallest_peak()
+    need = _MemoryModel(inputs, 1).smallest_peak()
     raise MemoryBudgetError(
         f"Expected a memory budget of at least {format_bytes(need)} (one pair of hidden states of D={inputs.dx}x{inputs.dy} "
         f"in blocks of {inputs.block_tokens} tokens). Got {format_bytes(inputs.memory_budget)} instead. "
@@ -165,7 +172,7 @@ def plan_analysis(inputs: PlanInputs) -> AnalysisPlan:
     )
 
 
-class _Costs:
+class _MemoryModel:
     """Byte counts of the memory model in the module docstring, for ``workers`` segment tasks."""
 
     def __init__(self, p: PlanInputs, workers: int) -> None:
@@ -173,7 +180,7 @@ class _Costs:
         self.dim = {"a": p.dx, "b": p.dy}
         self.read = {"a": p.read_bytes_a, "b": p.read_bytes_b}
 
-    def item(self, kind: TileKind, pair: Pair) -> int:
+    def item(self, kind: TileKind, pair: StreamPair) -> int:
         da, db = self.dim[pair[0][0]], self.dim[pair[1][0]]
         if kind == "matched":  # Moments: C_xx, C_yy, C_xy and O(D) vectors
             return 8 * (da * da + db * db + da * db + 6 * (da + db))
@@ -198,21 +205,21 @@ class _Costs:
         return max((self.peak(t) for t in probes), default=0)
 
 
-def _matched_tiles(matched: Sequence[int], costs: _Costs) -> tuple[Tile, ...]:
-    return _pack([(("a", k), ("b", k)) for k in matched], "matched", costs)
+def _matched_tiles(matched: Sequence[int], memory: _MemoryModel) -> tuple[Tile, ...]:
+    return _pack([(("a", k), ("b", k)) for k in matched], "matched", memory)
 
 
-def _self_tiles(rows: Sequence[int], cols: Sequence[int], costs: _Costs) -> tuple[Tile, ...]:
+def _self_tiles(rows: Sequence[int], cols: Sequence[int], memory: _MemoryModel) -> tuple[Tile, ...]:
     keys: list[StreamKey] = [("a", i) for i in rows] + [("b", j) for j in cols]
-    return _pack([(k, k) for k in keys], "self", costs)
+    return _pack([(k, k) for k in keys], "self", memory)
 
 
-def _pack(pairs: list[Pair], kind: TileKind, costs: _Costs) -> tuple[Tile, ...]:
+def _pack(pairs: list[StreamPair], kind: TileKind, memory: _MemoryModel) -> tuple[Tile, ...]:
     """Greedy: consecutive pairs into a tile while it fits (each pair alone fits, by the caller's check)."""
     tiles: list[Tile] = []
-    current: list[Pair] = []
+    current: list[StreamPair] = []
     for pair in pairs:
-        if current and not costs.fits(Tile(kind, (*current, pair))):
+        if current and not memory.fits(Tile(kind, (*current, pair))):
             tiles.append(Tile(kind, tuple(current)))
             current = []
         current.append(pair)
@@ -221,11 +228,11 @@ def _pack(pairs: list[Pair], kind: TileKind, costs: _Costs) -> tuple[Tile, ...]:
     return tuple(tiles)
 
 
-def _cross_tiles(rows: Sequence[int], cols: Sequence[int], costs: _Costs) -> tuple[Tile, ...]:
+def _cross_tiles(rows: Sequence[int], cols: Sequence[int], memory: _MemoryModel) -> tuple[Tile, ...]:
     """Rectangles of r x c pairs: the largest square-ish shape that fits, then the grid it tiles."""
     if not rows or not cols:
         return ()
-    r, c = _rectangle(len(rows), len(cols), costs)
+    r, c = _rectangle(len(rows), len(cols), memory)
     tiles = []
     for i0 in range(0, len(rows), r):
         for j0 in range(0, len(cols), c):
@@ -234,12 +241,12 @@ def _cross_tiles(rows: Sequence[int], cols: Sequence[int], costs: _Costs) -> tup
     return tuple(tiles)
 
 
-def _rectangle(n_rows: int, n_cols: int, costs: _Costs) -> tuple[int, int]:
+def _rectangle(n_rows: int, n_cols: int, memory: _MemoryModel) -> tuple[int, int]:
     """(r, c) minimising the passes ceil(I/r) ceil(J/c), then the states read per pass (r + c)."""
     best = (1, 1)
     best_key = (n_rows * n_cols, 2)
     for r in range(1, n_rows + 1):
-        c = _largest(n_cols, functools.partial(_fits_rectangle, costs, r))
+        c = _largest(n_cols, functools.partial(_fits_rectangle, memory, r))
         if c == 0:
             break  # taller rectangles fit even less
         key = (math.ceil(n_rows / r) * math.ceil(n_cols / c), r + c)
@@ -248,11 +255,11 @@ def _rectangle(n_rows: int, n_cols: int, costs: _Costs) -> tuple[int, int]:
     return best
 
 
-def _fits_rectangle(costs: _Costs, r: int, c: int) -> bool:
-    return costs.fits(_probe(r, c))
+def _fits_rectangle(memory: _MemoryModel, r: int, c: int) -> bool:
+    return memory.fits(_rectangle_tile(r, c))
 
 
-def _probe(r: int, c: int) -> Tile:
+def _rectangle_tile(r: int, c: int) -> Tile:
     return Tile("cross", tuple((("a", i), ("b", j)) for i in range(r) for j in range(c)))
 
 

@@ -14,9 +14,10 @@ A segment folds its blocks one after the other instead of making one task per bl
 pending leaf), and accumulators never travel between processes except for the final merges: on
 Dask-on-Ray, activations are read by the task that uses them, straight from the store.
 
-Schedulers (:func:`resolve_scheduler`): Dask's local threads by default (numpy releases the GIL in
-BLAS and in the codecs), ``sync`` for debugging, and Ray (``ray.util.dask.ray_dask_get``) when
-connected to a Ray cluster.
+Schedulers (:func:`resolve_scheduler`, whose vocabulary :data:`Scheduler` is defined here once): Dask's local
+threads by default (numpy releases the GIL in BLAS and in the codecs), ``sync`` for debugging, and Ray
+(``ray.util.dask.ray_dask_get``) when connected to a Ray cluster, through hrsa's one Ray connection
+(:func:`hrsa.runtime.connection.connect`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal, Union, get_args
 
 import numpy as np
 
@@ -36,14 +37,14 @@ if TYPE_CHECKING:
     import dask.array as da
     from dask.delayed import Delayed
 
-    from hrsa.analyze.streaming.backends import ChunkBackend
     from hrsa.analyze.accumulators.cross_moments import CrossMoments
     from hrsa.analyze.accumulators.moments import Moments
-    from hrsa.analyze.streaming.plan import Pair, StreamKey, Tile
+    from hrsa.analyze.streaming.backends import ChunkBackend
+    from hrsa.analyze.streaming.plan import StreamKey, StreamPair, Tile
 
 __all__ = [
-    "Execution",
     "OnBlock",
+    "ResolvedScheduler",
     "Scheduler",
     "StateReader",
     "TokenBlock",
@@ -139,9 +140,9 @@ def fold_segment(
     blocks: Iterable[TokenBlock],
     backend: ChunkBackend,
     on_block: OnBlock | None = None,
-) -> dict[Pair, Accumulator]:
+) -> dict[StreamPair, Accumulator]:
     """One segment task: the tile's accumulators over ``blocks``, one block at a time."""
-    acc: dict[Pair, Accumulator] = {}
+    totals: dict[StreamPair, Accumulator] = {}
     # Step 1: every state of the tile over the block's tokens (each read once, shared by its pairs). The
     # next block is read meanwhile: decompression, and on object stores the request latency, overlap the products.
     for block, xs in _read_ahead(reader, tile.streams, blocks):
@@ -152,11 +153,11 @@ def fold_segment(
         else:
             parts = backend.cross_moments(xs, tile.pairs)
         for pair, part in parts:
-            acc[pair] = acc[pair].merge(part) if pair in acc else part  # type: ignore[arg-type]
+            totals[pair] = totals[pair].merge(part) if pair in totals else part  # type: ignore[arg-type]
         del xs
         if on_block is not None:
             on_block(block.n_rows)
-    return acc
+    return totals
 
 
 def _read_ahead(
@@ -179,9 +180,9 @@ def _read_ahead(
             yield pending.result()
 
 
-def merge_partials(*parts: dict[Pair, Accumulator]) -> dict[Pair, Accumulator]:
+def merge_partials(*parts: dict[StreamPair, Accumulator]) -> dict[StreamPair, Accumulator]:
     """Merge segment results pair by pair, emptying the inputs as it goes so their memory is freed early."""
-    out: dict[Pair, Accumulator] = {}
+    out: dict[StreamPair, Accumulator] = {}
     for part in parts:
         for pair in list(part):
             value = part.pop(pair)
@@ -190,8 +191,8 @@ def merge_partials(*parts: dict[Pair, Accumulator]) -> dict[Pair, Accumulator]:
 
 
 @dataclass(frozen=True)
-class Execution:
-    """How a pass's graph is computed.
+class ResolvedScheduler:
+    """The Dask scheduler a pass's graph is computed on, as :func:`resolve_scheduler` chose it.
 
     Attributes:
         name: ``"threads"``, ``"sync"`` or ``"ray"``.
@@ -202,6 +203,7 @@ class Execution:
     in_process: bool
 
     def compute(self, graph: Delayed, workers: int) -> Any:
+        """The value of ``graph``, with up to ``workers`` of its tasks running at once."""
         import dask
 
         if self.name == "ray":
@@ -217,25 +219,26 @@ class Execution:
             return dask.compute(graph, scheduler="threads", num_workers=workers)[0]
 
 
-def resolve_scheduler(name: Scheduler = "auto") -> Execution:
+def resolve_scheduler(name: Scheduler = "auto") -> ResolvedScheduler:
     """``"auto"``: Ray when this process is connected to Ray (or ``RAY_ADDRESS`` is set), else local threads.
 
-    ``"ray"`` connects to ``RAY_ADDRESS`` when not yet connected, or starts a local Ray instance.
+    ``"ray"`` connects to ``RAY_ADDRESS`` when not yet connected, or starts an embedded local Ray, through
+    :func:`hrsa.runtime.connection.connect` (the one connection extraction and training use too).
 
     Raises:
         UserError: an unknown scheduler name.
+        RayConnectionError: ``"ray"`` and no Ray cluster answers at ``RAY_ADDRESS``.
     """
-    if name not in ("auto", "threads", "sync", "ray"):
+    if name not in get_args(Scheduler):
         raise UserError(f"Expected a scheduler among auto, threads, sync, ray. Got {name!r} instead.")
     if name == "auto":
         connected = "ray" in sys.modules and sys.modules["ray"].is_initialized()
         name = "ray" if connected or os.environ.get("RAY_ADDRESS") else "threads"
     if name == "ray":
-        import ray
+        from hrsa.runtime.connection import connect  # imports ray: only when Ray is asked for
 
-        if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
-    return Execution(name=name, in_process=name != "ray")
+        connect()  # the process's one connection: RAY_ADDRESS, else an embedded local Ray; a live one is reused
+    return ResolvedScheduler(name=name, in_process=name != "ray")
 
 
 def run_tile(
@@ -243,9 +246,9 @@ def run_tile(
     reader: StateReader,
     segments: Sequence[Sequence[TokenBlock]],
     backend: ChunkBackend,
-    execution: Execution,
+    scheduler: ResolvedScheduler,
     on_block: OnBlock | None = None,
-) -> dict[Pair, Accumulator]:
+) -> dict[StreamPair, Accumulator]:
     """One streaming pass: the tile's accumulators over every segment's tokens.
 
     Args:
@@ -253,7 +256,7 @@ def run_tile(
         reader: where the blocks come from.
         segments: contiguous runs of blocks, one task each (see :func:`split_segments`).
         backend: where the block statistics are computed.
-        execution: the scheduler.
+        scheduler: where the graph is computed (see :func:`resolve_scheduler`).
         on_block: progress callback, called per block (per pass on Ray, whose tasks run elsewhere).
 
     Returns:
@@ -261,13 +264,14 @@ def run_tile(
     """
     import dask
 
-    callback = on_block if execution.in_process else None
+    callback = on_block if scheduler.in_process else None
     fold = dask.delayed(fold_segment, pure=False)
     parts = [fold(tile, reader, tuple(blocks), backend, callback) for blocks in segments]
     merge = dask.delayed(merge_partials, pure=False)
     while len(parts) > 1:  # a tree of fan-in 4: merges run in parallel on a cluster
-        parts = [merge(*parts[i : i + _FAN_IN]) if len(parts[i : i + _FAN_IN]) > 1 else parts[i] for i in range(0, len(parts), _FAN_IN)]
-    result = execution.compute(parts[0], len(segments))
-    if on_block is not None and not execution.in_process:
+        groups = [parts[i : i + _FAN_IN] for i in range(0, len(parts), _FAN_IN)]
+        parts = [merge(*group) if len(group) > 1 else group[0] for group in groups]
+    result = scheduler.compute(parts[0], len(segments))
+    if on_block is not None and not scheduler.in_process:
         on_block(sum(b.n_rows for blocks in segments for b in blocks))
     return result

@@ -9,11 +9,13 @@ import pytest
 from click.testing import CliRunner
 
 from hrsa.analyze.local.knn import KnnOptions
-from hrsa.analyze.pair import TokenSelection, analyze_pair
 from hrsa.analyze.local.probe import ProbeOptions
+from hrsa.analyze.pair import analyze_pair
+from hrsa.analyze.report.figures import plot_figures
 from hrsa.analyze.results import save_results
 from hrsa.cli import cli
 from hrsa.store.errors import UserError
+from hrsa.store.selection import TokenSelection
 
 
 def run(*args: str) -> tuple[int, str, str]:
@@ -37,7 +39,7 @@ def test_analyze_pair_local_metrics_only(labelled_store, tmp_path: Path) -> None
     assert doc["metrics"]["knn"]["k"] == {"5": [1.0, 1.0], "10": [1.0, 1.0]} and doc["metrics"]["knn"]["n_tokens"] == 500
     test = doc["metrics"]["probe"]["1"]["target"]["test"]
     assert set(test) == {"accuracy", "macro_f1", "n"} and test["accuracy"] > 0.85
-    assert {p.name for p in saved.figures} == {"knn_overlap.png", "probe.png"}
+    assert {p.name for p in plot_figures(saved.doc, tmp_path)} == {"knn_overlap.png", "probe.png"}
 
 
 def test_analyze_pair_probe_needs_labels(labelled_store) -> None:

@@ -52,7 +52,7 @@ def test_cross_layer_run_writes_json_figures_and_store_results(cli_store, tmp_pa
     assert doc["config"]["memory_budget"] == "200kB" and doc["plan"]["passes"] > 3
     assert {p.name for p in out.glob("*.png")} == {"cka_cross_layer.png", "dimcorr_cross_layer.png", "layers.png"}
     # The numbers are the API's on the same selection.
-    from hrsa.analyze.pair import TokenSelection
+    from hrsa.store.selection import TokenSelection
 
     api = analyze_pair(cli_store.open(), "a", "b", cross_layer=True, backend="numpy",
                        selection=TokenSelection(exclude_first=True, docs=(0, 2, 3, 4)))

@@ -1,4 +1,4 @@
-"""Every docstring Example in the analyze math layer runs and prints what it says."""
+"""Every docstring Example in the analyze math and streaming layers runs and prints what it says."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import importlib
 import pytest
 
 MODULES = [
+    "hrsa.analyze.accumulators.centring",
     "hrsa.analyze.accumulators.moments",
     "hrsa.analyze.accumulators.cross_moments",
+    "hrsa.analyze.accumulators.testing",
     "hrsa.analyze.streaming.plan",
     "hrsa.analyze.streaming.stream",
     "hrsa.analyze.metrics.linear_cka",

@@ -12,12 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hrsa.analyze.report.dynamics import SCHEMA, load_dynamics, write_dynamics
-from hrsa.analyze.report.figures import dynamics_figure, plot_dynamics
 from hrsa.analyze.local.knn import KnnOptions
 from hrsa.analyze.pair import analyze_pair
-from hrsa.analyze.report.html import ReportInputError
-from hrsa.analyze.results import results_dict, write_json
+from hrsa.analyze.report.dynamics import SCHEMA, load_dynamics, write_dynamics
+from hrsa.analyze.report.figures import dynamics_figure, plot_dynamics
+from hrsa.analyze.results import ResultsFileError, results_dict, write_json
 
 STEPS = (0, 10, 20)
 NOISE = {0: 0.1, 10: 1.0, 20: 4.0}  # per step: how far B's checkpoint has drifted from A
@@ -105,18 +104,18 @@ def test_write_dynamics_rejects(steps_store, bad: str, tmp_path: Path) -> None:
     kwargs = {"runs": ("r1", "r2"), "steps": list(STEPS), "results": results}
     kwargs |= {"lengths": {"steps": [0, 10]}, "repeated-step": {"steps": [0, 10, 10]}, "one-run": {"runs": ("r1",)},
                "not-results": {"results": [results[0], results[1], tmp_path]}}[bad]
-    with pytest.raises(ReportInputError, match="^Expected"):
+    with pytest.raises(ResultsFileError, match="^Expected"):
         write_dynamics(tmp_path / "d.json", **kwargs)
     assert not (tmp_path / "d.json").exists()
 
 
 def test_load_dynamics_rejects(steps_store, tmp_path: Path) -> None:
     _, _, _, results = steps_store
-    with pytest.raises(ReportInputError, match="schema hrsa.dynamics/1"):
+    with pytest.raises(ResultsFileError, match="schema hrsa.dynamics/1"):
         load_dynamics(results[0])
     path = write_dynamics(tmp_path / "d.json", runs=("r1", "r2"), steps=STEPS, results=results)
     doc = json.loads(path.read_text())
     doc["steps"][1]["results"] = "gone/results.json"
     path.write_text(json.dumps(doc))
-    with pytest.raises(ReportInputError, match="does not exist"):
+    with pytest.raises(ResultsFileError, match="does not exist"):
         load_dynamics(path)

@@ -8,8 +8,8 @@ from sklearn.neighbors import NearestNeighbors
 
 from hrsa.analyze.local.knn import approximate_neighbors, exact_neighbors, knn_pair, neighbor_recall, sample_tokens
 from hrsa.analyze.metrics.knn_overlap import cosine_neighbors, knn_overlap
-from hrsa.analyze.pair import TokenSelection
 from hrsa.store.errors import UserError
+from hrsa.store.selection import TokenSelection
 
 
 @pytest.mark.parametrize("k", [5, 10, 50])

@@ -7,8 +7,10 @@ import sys
 
 import pytest
 
-MODULES = ["hrsa.analyze", "hrsa.analyze.accumulators.moments", "hrsa.analyze.accumulators.cross_moments", "hrsa.analyze.metrics",
-           "hrsa.analyze.metrics.knn_overlap", "hrsa.analyze.metrics.linear_probe"]
+MODULES = ["hrsa.analyze", "hrsa.analyze.accumulators", "hrsa.analyze.accumulators.centring",
+           "hrsa.analyze.accumulators._chan", "hrsa.analyze.accumulators.moments",
+           "hrsa.analyze.accumulators.cross_moments", "hrsa.analyze.metrics", "hrsa.analyze.metrics.knn_overlap",
+           "hrsa.analyze.metrics.linear_probe"]
 
 
 @pytest.mark.parametrize("name", MODULES)

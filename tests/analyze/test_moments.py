@@ -1,16 +1,14 @@
-"""Moments: agreement with direct float64 formulas, streaming equivalence, identity, validation."""
+"""Moments: the accumulator conformance suite, direct float64 formulas, identity, dtypes, validation."""
 
 from __future__ import annotations
 
-import itertools
 import pickle
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from hrsa.analyze.accumulators.moments import Moments, moments
+from hrsa.analyze.accumulators.testing import AccumulatorTests, expected_mean, expected_products
 
 FIELDS = ("mean_x", "mean_y", "c_xx", "c_yy", "c_xy", "q_xx", "q_yy", "q_xy", "g_xx", "g_xy", "g_yx", "g_yy")
 
@@ -36,6 +34,24 @@ def direct(x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
+class TestMomentsConformance(AccumulatorTests[Moments]):
+    """Identity, associativity, any order and split points, equality with the one-shot float64 oracle."""
+
+    def from_chunk(self, x: np.ndarray, y: np.ndarray) -> Moments:
+        return Moments.from_chunk(x, y)
+
+    def empty(self, dx: int, dy: int) -> Moments:
+        return Moments.empty(dx, dy)
+
+    def oracle(self, x: np.ndarray, y: np.ndarray) -> dict:
+        u, v = x - x.mean(0), y - y.mean(0)
+        a, b = (u * u).sum(1), (v * v).sum(1)  # (N,), (N,)
+        p = expected_products
+        return {"mean_x": expected_mean(x), "mean_y": expected_mean(y),
+                "c_xx": p(u, u), "c_yy": p(v, v), "c_xy": p(u, v), "q_xx": p(a, a), "q_yy": p(b, b), "q_xy": p(a, b),
+                "g_xx": p(u, a), "g_xy": p(v, a), "g_yx": p(u, b), "g_yy": p(v, b)}
+
+
 def assert_matches(m: Moments, ref: dict[str, np.ndarray], n: int, rel: float = 1e-9) -> None:
     """Each field within ``rel`` of the largest entry of its oracle (the 3rd-order g sums are near 0)."""
     assert m.n == n
@@ -43,16 +59,6 @@ def assert_matches(m: Moments, ref: dict[str, np.ndarray], n: int, rel: float = 
         want = np.asarray(ref[name])
         scale = max(float(np.abs(want).max()), 1e-300)
         np.testing.assert_allclose(getattr(m, name), want, rtol=0, atol=rel * scale, err_msg=name)
-
-
-def merge_tree(parts: list[Moments], draw_index, draw_swap) -> Moments:
-    """Merge adjacent blocks in the order the draws dictate (any binary tree), swapping operands at will."""
-    parts = list(parts)
-    while len(parts) > 1:
-        i = draw_index(len(parts) - 2)
-        a, b = parts[i], parts[i + 1]
-        parts[i : i + 2] = [b.merge(a) if draw_swap() else a.merge(b)]
-    return parts[0]
 
 
 @pytest.mark.parametrize(("n", "d"), [(2000, 16), (40, 100)])
@@ -65,36 +71,6 @@ def test_chunk_size_does_not_matter(make_pair) -> None:
     x, y = make_pair(500, 8)
     whole = moments(x, y, chunk_rows=500)
     assert_matches(moments(x, y, chunk_rows=1), {f: getattr(whole, f) for f in FIELDS}, 500)
-
-
-@pytest.mark.property
-@settings(max_examples=30, deadline=None)
-@given(data=st.data())
-def test_any_chunking_and_merge_tree_equals_whole(data: st.DataObject) -> None:
-    n = data.draw(st.integers(1, 60), label="n")
-    dx, dy = data.draw(st.integers(1, 6), label="dx"), data.draw(st.integers(1, 6), label="dy")
-    seed = data.draw(st.integers(0, 2**32 - 1), label="seed")
-    offset = data.draw(st.sampled_from([0.0, 1e3, -5e3]), label="offset")
-    rng = np.random.default_rng(seed)
-    x = (rng.normal(size=(n, dx)) * rng.uniform(0.1, 10, size=dx) + offset).astype(np.float32)
-    y = (rng.normal(size=(n, dy)) + x[:, :1] + offset).astype(np.float32)
-    # Split points may repeat, which makes empty chunks: they must be harmless too.
-    cuts = sorted(data.draw(st.lists(st.integers(0, n), max_size=8), label="cuts"))
-    bounds = [0, *cuts, n]
-    parts = [Moments.from_chunk(x[a:b], y[a:b]) for a, b in itertools.pairwise(bounds)]
-    m = merge_tree(
-        parts,
-        lambda hi: data.draw(st.integers(0, hi), label="merge at"),
-        lambda: data.draw(st.booleans(), label="swap"),
-    )
-    assert_matches(m, direct(x, y), n, rel=1e-8)
-
-
-def test_merge_is_associative(make_pair) -> None:
-    x, y = make_pair(300, 7)
-    a, b, c = (Moments.from_chunk(x[s], y[s]) for s in (slice(0, 13), slice(13, 200), slice(200, 300)))
-    left, right = a.merge(b).merge(c), a.merge(b.merge(c))
-    assert_matches(left, {f: getattr(right, f) for f in FIELDS}, 300, rel=1e-12)
 
 
 def test_empty_is_the_identity(make_pair) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hrsa.analyze.pair import TokenSelection, analyze_pair
+from hrsa.analyze.pair import analyze_pair
 from hrsa.store import ActivationStore
 from hrsa.store.errors import (
     CorpusMismatchError,
@@ -14,6 +14,7 @@ from hrsa.store.errors import (
     SelectionError,
     UserError,
 )
+from hrsa.store.selection import TokenSelection
 from hrsa.store.testing import make_table
 
 

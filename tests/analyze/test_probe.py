@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hrsa.analyze.pair import TokenSelection
 from hrsa.analyze.local.probe import document_features, probe_pair, read_labels
 from hrsa.store import ActivationStore
 from hrsa.store.errors import UserError
+from hrsa.store.selection import TokenSelection
 
 
 def test_read_labels_from_corpus_source(labelled_store) -> None:

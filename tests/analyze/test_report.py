@@ -18,14 +18,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from hrsa.analyze.report.dynamics import write_dynamics
 from hrsa.analyze.local.knn import KnnOptions
-from hrsa.analyze.pair import analyze_pair
 from hrsa.analyze.local.probe import ProbeOptions
-from hrsa.analyze.report.html import ReportInputError, read_results, write_report
+from hrsa.analyze.pair import analyze_pair
 from hrsa.analyze.report.cli import report
-from hrsa.analyze.results import results_dict, write_json
+from hrsa.analyze.report.dynamics import write_dynamics
+from hrsa.analyze.report.html import write_report
 from hrsa.analyze.report.summary import CKA_PRESERVED, KNN_PRESERVED, Thresholds, summarize
+from hrsa.analyze.results import ResultsFileError, read_results, results_dict, write_json
 from hrsa.cli import cli
 from hrsa.store import ActivationStore
 from hrsa.store.errors import UserError
@@ -146,7 +146,7 @@ def test_bad_inputs_are_user_errors(bad: str, tmp_path: Path) -> None:
              "not-json": [tmp_path / "n.json"]}[bad]
     (tmp_path / "w.json").write_text(json.dumps({"schema": "hrsa.other/9"}))
     (tmp_path / "n.json").write_text("{not json")
-    with pytest.raises(ReportInputError) as info:
+    with pytest.raises(ResultsFileError) as info:
         write_report(paths, tmp_path / "out.html")
     assert isinstance(info.value, UserError) and "\n" not in str(info.value) and str(info.value).startswith("Expected")
     assert not (tmp_path / "out.html").exists()

@@ -1,4 +1,4 @@
-"""Result files: results.json in the documented schema, results/<run> in the store, figures."""
+"""Result files: results.json in the documented schema, results/<run> in the store, read back as written."""
 
 from __future__ import annotations
 
@@ -8,13 +8,20 @@ import math
 import numpy as np
 import pytest
 
-from hrsa.analyze.pair import TokenSelection, analyze_pair
-from hrsa.analyze.results import SCHEMA, new_run_id, results_dict, save_results, summary_table, write_to_store
+from hrsa.analyze.pair import analyze_pair
+from hrsa.analyze.results import (
+    SCHEMA,
+    ResultsFileError,
+    find_results,
+    new_run_id,
+    read_results,
+    results_dict,
+    save_results,
+    write_to_store,
+)
 from hrsa.store.errors import UserError
 from hrsa.store.format import ATTRS_KEY
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
+from hrsa.store.selection import TokenSelection
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, build_store):
@@ -49,13 +56,13 @@ def test_results_json_follows_the_schema(setup, tmp_path) -> None:
     np.testing.assert_allclose(rotation @ rotation.T, np.eye(16), atol=1e-10)
 
 
-def test_figures_are_pngs_with_cross_layer_heatmaps(setup, tmp_path) -> None:
+def test_save_results_writes_no_figures_and_returns_the_document(setup, tmp_path) -> None:
     _, res = setup
     saved = save_results(res, tmp_path, run_id="run-2")
-    names = sorted(p.name for p in saved.figures)
-    assert names == ["cka_cross_layer.png", "dimcorr_cross_layer.png", "layers.png"]
-    for path in saved.figures:
-        assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 5_000
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == [*(f"procrustes_rotation_{k}.npy" for k in range(4)), "results.json"]  # no PNG
+    assert read_results(tmp_path) == (saved.json_path, saved.doc)  # the reader gives back what the writer wrote
+    assert [p.name for p in saved.rotations] == saved.doc["metrics"]["procrustes"]["rotations"]
 
 
 def test_results_go_into_the_store(setup, tmp_path) -> None:
@@ -99,7 +106,25 @@ def test_run_ids_are_valid_slugs(setup) -> None:
     assert run_id.startswith("a--b--") and len(run_id) <= 128
 
 
-def test_summary_table_has_a_row_per_matched_layer(setup) -> None:
+def test_find_results_takes_files_folders_and_parents(setup, tmp_path) -> None:
     _, res = setup
-    table = summary_table(res)
-    assert table.row_count == 4 and len(table.columns) == 7
+    one = save_results(res, tmp_path / "runs" / "one", run_id="one").json_path
+    two = save_results(res, tmp_path / "runs" / "two", run_id="two").json_path
+    assert find_results([one]) == [one] and find_results([one.parent]) == [one]
+    assert find_results([tmp_path / "runs"]) == [one, two]  # a parent: each subfolder's results.json, sorted
+    with pytest.raises(ResultsFileError, match="Got 2 in its subfolders"):
+        read_results(tmp_path / "runs")
+
+
+@pytest.mark.parametrize("bad", ["missing", "empty-folder", "not-json", "wrong-schema", "no-metrics"])
+def test_read_results_rejects(bad: str, tmp_path) -> None:
+    files = {"not-json": "{not json", "wrong-schema": json.dumps({"schema": "hrsa.other/9"}),
+             "no-metrics": json.dumps({"schema": SCHEMA, "a": "a", "b": "b", "matched_hidden_states": []})}
+    path = tmp_path / "nope" if bad == "missing" else tmp_path
+    if bad in files:
+        path = tmp_path / "results.json"
+        path.write_text(files[bad])
+    with pytest.raises(ResultsFileError) as info:
+        read_results(path)
+    assert isinstance(info.value, UserError) and isinstance(info.value, ValueError)
+    assert str(info.value).startswith("Expected") and "\n" not in str(info.value)

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from hrsa.analyze.metrics import UnderdeterminedWarning
-from hrsa.analyze.pair import PairResults, TokenSelection, analyze_pair
+from hrsa.analyze.pair import PairResults, analyze_pair
 from hrsa.analyze.streaming.stream import split_segments, token_blocks
 from hrsa.store import ActivationStore
+from hrsa.store.selection import TokenSelection
 
 ALL = ("dimcorr", "cka", "procrustes")
 

@@ -22,7 +22,8 @@ from click.testing import CliRunner
 from rich.console import Console
 
 from hrsa.cluster.pipeline import PipelineConfig, PipelineError, load_pipeline, parse_pipeline
-from hrsa.cluster.runner import STATE_FILE, PipelineResult, run_pipeline
+from hrsa.cluster.runner import PipelineResult, run_pipeline
+from hrsa.cluster.state import STATE_FILE
 from hrsa.store import ActivationStore
 
 pytestmark = pytest.mark.integration
@@ -124,14 +125,14 @@ def test_changed_metric_reruns_only_analysis_and_report(copy: Workspace) -> None
 
 
 def test_failure_in_analysis_then_rerun_resumes_without_extracting(copy: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
-    import hrsa.analyze.pair
+    import hrsa.analyze.job
 
     def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("injected failure")
 
     pair = {**copy.values["pairs"][0], "debiased": True}
-    with monkeypatch.context() as patch:
-        patch.setattr(hrsa.analyze.pair, "analyze_pair", broken)
+    with monkeypatch.context() as patch:  # the analysis stage's job fails part-way
+        patch.setattr(hrsa.analyze.job, "run_analysis", broken)
         with pytest.raises(RuntimeError, match="injected failure"):
             run_pipeline(copy.config(pairs=[pair]), console=quiet())
     assert copy.state()["analyze:llama--qwen"]["status"] == "started"

@@ -28,7 +28,8 @@ from click.testing import CliRunner
 from rich.console import Console
 
 from hrsa.cluster.pipeline import parse_pipeline
-from hrsa.cluster.runner import STATE_FILE, run_pipeline
+from hrsa.cluster.runner import run_pipeline
+from hrsa.cluster.state import STATE_FILE
 from hrsa.store import ActivationStore
 
 pytestmark = [pytest.mark.integration,

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from hrsa.extract.job import ExtractConfigError, parse_extract_config
+from hrsa.extract.config import ExtractConfigError, load_extract_config, parse_extract_config
 from hrsa.extract.packaged import PackagedModelNotFoundError, packaged_model_path
 from hrsa.store import ActivationStore
 from hrsa.store.errors import UserError
@@ -143,6 +143,28 @@ def test_config_errors_are_listed_in_one_line(stored_copy: Path, tiny_models: An
         parse_extract_config({"store": "s", "model": "m", "corpus": "c", "workers": 0, "colour": "red"})
     assert isinstance(info.value, UserError) and isinstance(info.value, ValueError)
     assert "2 problem(s)" in str(info.value) and "workers" in str(info.value) and "colour" in str(info.value)
+
+
+def test_settings_come_from_config_and_flags_win(tmp_path: Path, corpus_file: Path) -> None:
+    """--config gives any field, the required ones included; a flag given wins; --layers text is parsed."""
+    config = tmp_path / "extract.yaml"
+    config.write_text(f"store: {tmp_path / 'store'}\nmodel: {tmp_path / 'nope'}\ncorpus: {corpus_file}\n"
+                      "layers: 0,2\ndtype: float32\n")
+    loaded = load_extract_config(config, {"layers": "1,3-4", "dtype": None, "workers": None})
+    assert loaded.layers == [1, 3, 4] and loaded.dtype == "float32" and loaded.model == str(tmp_path / "nope")
+    assert load_extract_config(config, {}).layers == [0, 2]
+    assert parse_extract_config({"store": "s", "model": "m", "corpus": "c", "layers": [0, 1]}).layers == [0, 1]
+    # Through the CLI: the model from the file is used (and missing), so this is the model's error, not a flag's.
+    assert_one_line_error(run_cli("--config", str(config)), "Got nothing there")
+    assert not (tmp_path / "store").exists()
+
+
+def test_required_fields_missing_from_flags_and_config(tmp_path: Path, corpus_file: Path) -> None:
+    config = tmp_path / "extract.yaml"
+    config.write_text(f"corpus: {corpus_file}\n")
+    result = run_cli("--config", str(config), "--layers", "x")
+    assert_one_line_error(result, "3 problem(s)", "--store is required (as a flag or in --config)",
+                          "--model is required", "layers: expected hidden-state indices such as 0,12,24-28, got 'x'")
 
 
 @pytest.mark.integration

@@ -37,7 +37,8 @@ from click.testing import CliRunner
 
 from hrsa.extract import worker as worker_module
 from hrsa.extract.forward import batched_hidden_states, torch_threads
-from hrsa.extract.job import ExtractConfig, ExtractResult, run_extraction
+from hrsa.extract.config import ExtractConfig
+from hrsa.extract.job import ExtractResult, run_extraction
 from hrsa.extract.models import forward_hidden_states, load_model, parse_model_spec
 from hrsa.store import ActivationStore
 from hrsa.store.errors import LayerOutOfRangeError
@@ -366,13 +367,18 @@ def test_interrupted_run_resumes_only_the_units_not_done(
 def bidirectional_run(
     ray_local: Any, tiny_models: Any, corpus_file: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> str:
+    import yaml
+
     from hrsa.cli import cli
 
-    store = str(tmp_path_factory.mktemp("bidirectional") / "store")
-    result = CliRunner().invoke(cli, ["extract", "--store", store, "--model", str(tiny_models.dir("llama")),
-                                      "--corpus", str(corpus_file), "--name", "tiny-bidir",
-                                      "--attention", "bidirectional", "--layers", "0,2", "--workers", "1",
-                                      "--shard-tokens", str(SHARD_TOKENS)])
+    folder = tmp_path_factory.mktemp("bidirectional")
+    store = str(folder / "store")
+    # What to extract from --config (required fields included), how it runs from flags: the two merge.
+    config = folder / "extract.yaml"
+    config.write_text(yaml.safe_dump({"store": store, "model": str(tiny_models.dir("llama")), "corpus": str(corpus_file),
+                                      "name": "tiny-bidir", "attention": "causal", "layers": [1]}))
+    result = CliRunner().invoke(cli, ["extract", "--config", str(config), "--attention", "bidirectional",
+                                      "--layers", "0,2", "--workers", "1", "--shard-tokens", str(SHARD_TOKENS)])
     assert result.exit_code == 0, result.output
     assert "tiny-bidir: " in result.stdout and "units written this run" in result.stdout
     return store

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from hrsa.train.evaluate import EvalConfig, evaluate, find_checkpoints, parse_task_spec, split_task_list
+from hrsa.train.eval_tasks import parse_task_spec, split_task_list
+from hrsa.train.evaluate import EvalConfig, eval_targets, evaluate
 
 
 @pytest.fixture()
 def cli() -> click.Group:
     from hrsa.cli import _Hrsa
-    from hrsa.train.eval_cli import eval_command
+    from hrsa.train.cli import eval_command
 
     @click.group(cls=_Hrsa)
     def group() -> None:
@@ -121,12 +122,12 @@ def test_checkpoint_series_gives_curve(tmp_path: Path, tiny_models) -> None:
     (run / "step_000002" / "model.safetensors").write_bytes(b"broken")
     again = evaluate(config)
     assert again.main_score("local-retrieval-toy", 1) == second
-    only = find_checkpoints(str(run), steps=(2,))
+    only = eval_targets(str(run), steps=(2,))
     assert [c.step for c in only] == [2]
 
 
 def test_encoder_formats_queries_not_documents() -> None:
-    from hrsa.train.local_tasks import HrsaMtebEncoder, local_metadata
+    from hrsa.train.mteb_adapter import HrsaMtebEncoder, local_metadata
     from mteb.types import PromptType
 
     class Recorder:

@@ -52,7 +52,7 @@ _WORKER = textwrap.dedent('''
     from hrsa.train.gradcache import contrastive_backward
     from hrsa.train.loss import info_nce
     from hrsa.train.model import load_embedding_model, tokenize
-    from hrsa.train.trainer import _shard_fsdp, average_gradients
+    from hrsa.train.worker import average_gradients, shard_fsdp
 
     rank, folder, out, queries, docs = int(sys.argv[1]), sys.argv[2], sys.argv[3], eval(sys.argv[4]), eval(sys.argv[5])
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -66,7 +66,7 @@ _WORKER = textwrap.dedent('''
         q = tokenize(tok, queries[rank * b:(rank + 1) * b], max_length=32)
         d = tokenize(tok, docs[rank * 2 * b:(rank + 1) * 2 * b], max_length=32)
         if mode == "fsdp":
-            _shard_fsdp(model, torch.device("cpu"))
+            shard_fsdp(model, torch.device("cpu"))
         loss_fn = lambda e: info_nce(e[0], e[1], temperature=0.05, group_size=2, gather=True)
         contrastive_backward(model, [q, d], loss_fn, chunk_size=3 if mode == "chunked" else None)
         if mode == "fsdp":

@@ -163,7 +163,7 @@ def test_real_minilm_on_spam_assassin(tmp_path: Path, shared_data: Path) -> None
 @pytest.fixture()
 def cli() -> click.Group:
     from hrsa.cli import _Hrsa
-    from hrsa.train.eval_cli import mine_negatives_command
+    from hrsa.train.cli import mine_negatives_command
 
     @click.group(cls=_Hrsa)
     def group() -> None:

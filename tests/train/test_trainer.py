@@ -84,12 +84,12 @@ def test_resumed_two_worker_run_equals_one_uninterrupted_process(run: dict[str, 
     from safetensors.torch import load_file
 
     from hrsa.extract.model_spec import parse_model_spec
-    from hrsa.train.trainer import _setup, _train_step
+    from hrsa.train.worker import setup_session, train_step
 
     config = run["config"].model_copy(update={"workers": 1, "chunk_size": None})
     spec = parse_model_spec(config.backbone, attention="bidirectional").to_dict()
-    session = _setup(config, spec, 0, 1, torch.device("cpu"), None)
-    losses = [_train_step(session) for _ in range(24)]
+    session = setup_session(config, spec, 0, 1, torch.device("cpu"), None)
+    losses = [train_step(session) for _ in range(24)]
     assert run["first"].losses + run["second"].losses == pytest.approx(losses, rel=2e-3, abs=2e-3)
     saved = load_file(run["second"].checkpoints[-1] / "model.safetensors")
     expected = session.model.backbone.state_dict()

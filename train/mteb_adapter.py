@@ -1,4 +1,5 @@
-"""The mteb side of ``hrsa eval``: a :class:`TextEncoder` as an mteb encoder, and tasks built from local files.
+"""hrsa's adapter to mteb: a :class:`~hrsa.train.encode.TextEncoder` as an mteb encoder, and mteb tasks read
+from local files. Everything ``hrsa eval`` hands to mteb is built here; nothing else subclasses mteb.
 
 Local tasks are real mteb tasks (``AbsTaskRetrieval`` / ``AbsTaskClassification`` with ``load_data``
 overridden), so mteb computes its standard metrics (nDCG@10, MAP, recall...; accuracy, F1...):
@@ -53,7 +54,7 @@ from mteb.models.model_meta import ModelMeta, ScoringFunction  # noqa: E402
 from mteb.types import PromptType  # noqa: E402
 
 from hrsa.store.errors import UserError  # noqa: E402
-from hrsa.train.mine import JsonlError, read_jsonl, read_pairs  # noqa: E402
+from hrsa.train.jsonl import JsonlError, read_jsonl, read_pairs  # noqa: E402
 from hrsa.train.pooling import format_query  # noqa: E402
 
 __all__ = ["HrsaMtebEncoder", "LocalClassificationTask", "LocalRetrievalTask", "local_metadata", "model_meta"]

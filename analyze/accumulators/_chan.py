@@ -1,0 +1,82 @@
+"""The one pairwise combine of Chan, Golub & LeVeque (1979), shared by every accumulator's ``merge``.
+
+Two blocks a and b of n_a and n_b tokens, each with its means and co-moments about its *own* means, give
+the union's by
+
+    n      = n_a + n_b,            delta = mean_b - mean_a,
+    mean   = mean_a + (n_b / n) delta,
+    C_uv   = C_uv_a + C_uv_b + (n_a n_b / n) outer(delta_u, delta_v).
+
+:class:`ChanStep` holds the first three lines for a pair of blocks (of X and Y), and
+:meth:`ChanStep.comoment` is the last one, used for every co-moment matrix of
+:class:`~hrsa.analyze.accumulators.moments.Moments` and :class:`~hrsa.analyze.accumulators.cross_moments.CrossMoments`.
+Neither block may be empty: an empty block is the identity, and the accumulators return the other block
+unchanged before they get here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from numpy.typing import NDArray
+
+    F64 = NDArray[np.float64]
+
+__all__ = ["Block", "ChanStep"]
+
+
+class Block(Protocol):
+    """What the combine reads of a block: its token count and its means."""
+
+    @property
+    def n(self) -> int: ...
+
+    @property
+    def mean_x(self) -> F64: ...
+
+    @property
+    def mean_y(self) -> F64: ...
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: fields are arrays
+class ChanStep:
+    """The pooled count and means of two non-empty blocks, and what their co-moments need to combine.
+
+    Attributes:
+        n: pooled token count n_a + n_b.
+        mean_x, mean_y: (Dx,), (Dy,) pooled means.
+        delta_x, delta_y: (Dx,), (Dy,) mean_b - mean_a.
+        weight: n_a n_b / n, the weight of the rank-one correction.
+    """
+
+    n: int
+    mean_x: F64
+    mean_y: F64
+    delta_x: F64
+    delta_y: F64
+    weight: float
+
+    @classmethod
+    def of(cls, a: Block, b: Block) -> ChanStep:
+        """The step that combines block ``a`` with block ``b`` (both non-empty)."""
+        n = a.n + b.n
+        delta_x, delta_y = b.mean_x - a.mean_x, b.mean_y - a.mean_y  # (Dx,), (Dy,)
+        # The pooled mean as a correction of a's: stable when the blocks differ much in size.
+        mean_x, mean_y = a.mean_x + (b.n / n) * delta_x, a.mean_y + (b.n / n) * delta_y
+        return cls(n, mean_x, mean_y, delta_x, delta_y, a.n * b.n / n)
+
+    def comoment(self, c_a: F64, c_b: F64, delta_u: F64, delta_v: F64) -> F64:
+        """``c_a + c_b + weight * outer(delta_u, delta_v)``: the pooled co-moment of U and V (Du, Dv).
+
+        Args:
+            c_a, c_b: (Du, Dv) co-moments of the two blocks, each about its own means.
+            delta_u, delta_v: (Du,), (Dv,) the blocks' mean differences of U and V (``delta_x`` or ``delta_y``).
+        """
+        c = c_a + c_b  # (Du, Dv), a fresh array
+        # The rank-one correction goes in place into the fresh sum: one (Du, Dv) temporary, not two.
+        c += (self.weight * delta_u)[:, None] * delta_v[None, :]
+        return c

@@ -1,0 +1,97 @@
+"""Centring a chunk of activations on its own mean, the first step of every accumulator and backend.
+
+Each chunk (n, D) is centred in float64 *before* any product: the products then see values the size of the
+spread, not of the offset (LLM hidden states carry 1e3-1e4 in a few dimensions), so float32 products and
+float64 sums lose nothing to cancellation. The same step refuses NaN and inf, once, for every path:
+:class:`~hrsa.analyze.accumulators.moments.Moments`, :class:`~hrsa.analyze.accumulators.cross_moments.CrossMoments`
+and the torch backend (:func:`centre_rows` works on numpy arrays and torch tensors alike).
+
+Pure numpy: no Dask, Zarr, Ray or torch import here.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike, DTypeLike, NDArray
+
+    F64 = NDArray[np.float64]
+
+__all__ = ["COMPUTE_DTYPES", "NON_FINITE_MESSAGE", "centre_chunk", "centre_rows", "parse_compute_dtype"]
+
+#: dtypes the O(n D^2) products may run in; centring and accumulation are float64 either way.
+COMPUTE_DTYPES = (np.dtype(np.float64), np.dtype(np.float32))
+
+_FLOAT64_MAX = sys.float_info.max  # a plain float: numpy arrays and torch tensors both compare with it
+
+NON_FINITE_MESSAGE = "Expected finite activations. Got NaN or inf in a chunk instead. Check the extraction."
+
+Rows = TypeVar("Rows")  # a float64 numpy array or torch tensor, (n, D)
+
+
+def centre_rows(x64: Rows) -> tuple[Rows, Rows]:
+    """Centre float64 rows (n, D) on their mean; the one centring and finiteness check of hrsa.
+
+    Duck-typed, so numpy arrays and torch tensors (on any device) share it: it uses only ``.mean(0)``,
+    ``.sum(0)``, ``abs``, arithmetic, comparison and ``.all()``.
+
+    Args:
+        x64: (n, D) float64 activations; n may be 0.
+
+    Returns:
+        The centred rows (n, D) and their mean (D,) (zeros when n is 0), both of the input's kind.
+
+    Raises:
+        ValueError: if the rows hold NaN or inf.
+
+    Example:
+        >>> import numpy as np
+        >>> u, mean = centre_rows(np.array([[1.0, 1e4], [3.0, 1e4 + 2]]))
+        >>> u.tolist(), mean.tolist()
+        ([[-1.0, -1.0], [1.0, 1.0]], [2.0, 10001.0])
+    """
+    x: Any = x64
+    mean = x.mean(0) if x.shape[0] else x.sum(0)  # (D,); the sum of no rows is the zeros of the right kind
+    # A NaN or inf anywhere reaches the mean, and fails this comparison (NaN compares false, silently).
+    # Unlike np.isfinite, it is spelled the same for numpy arrays and torch tensors.
+    if not bool((abs(mean) <= _FLOAT64_MAX).all()):
+        raise ValueError(NON_FINITE_MESSAGE)
+    return x - mean, mean
+
+
+def centre_chunk(x: ArrayLike, compute_dtype: DTypeLike = np.float64) -> tuple[np.ndarray, F64]:
+    """Centre a chunk (n, D) on its own mean in float64, then cast to ``compute_dtype``.
+
+    Args:
+        x: (n, D) activations, any real dtype (bfloat16 included).
+        compute_dtype: dtype of the products the centred chunk goes into, float64 or float32.
+
+    Returns:
+        The centred chunk (n, D) in ``compute_dtype`` and its float64 mean (D,).
+
+    Raises:
+        ValueError: if the chunk is not 2-D, ``compute_dtype`` is neither float64 nor float32, or the
+            chunk holds NaN or inf.
+    """
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"Expected a chunk of shape (n, D). Got shape {x.shape} instead.")
+    dtype = parse_compute_dtype(compute_dtype)
+    u, mean = centre_rows(x.astype(np.float64, copy=False))
+    return u.astype(dtype, copy=False), mean
+
+
+def parse_compute_dtype(compute_dtype: DTypeLike) -> np.dtype:
+    """``compute_dtype`` as a numpy dtype, checked to be float64 or float32.
+
+    Raises:
+        ValueError: any other dtype.
+    """
+    dtype = np.dtype(compute_dtype)
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"Expected compute_dtype float64 or float32. Got {dtype} instead.")
+    return dtype

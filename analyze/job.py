@@ -1,0 +1,113 @@
+"""``run_analysis``: one ``hrsa analyze`` job from its config, called alike by the CLI and the pipeline runner.
+
+A recipe in three steps: open the store (writable when the results go into it) and check the run id is free
+before any pass; compare the pair (:func:`hrsa.analyze.pair.analyze_pair`), gathering hrsa's own warnings as
+lines; write ``results.json`` (and the store's ``results/<run_id>``) and draw the figures from that document.
+Progress and printing stay with the caller (``on_plan``, ``on_block``, :attr:`AnalysisRun.warnings`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+# The module, not its function: analyze_pair is looked up at call time, so a test can substitute it.
+from hrsa.analyze import pair as pair_analysis
+from hrsa.analyze.local.knn import KnnOptions
+from hrsa.analyze.local.probe import ProbeOptions
+from hrsa.analyze.report.figures import plot_figures
+from hrsa.analyze.results import check_run_id_free, save_results
+from hrsa.store import ActivationStore
+from hrsa.store.selection import TokenSelection
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from hrsa.analyze.config import AnalyzeConfig
+    from hrsa.analyze.pair import PairResults
+    from hrsa.analyze.results import SavedResults
+    from hrsa.analyze.streaming.plan import AnalysisPlan
+    from hrsa.analyze.streaming.stream import OnBlock
+
+__all__ = ["AnalysisRun", "run_analysis"]
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: the results hold arrays
+class AnalysisRun:
+    """What one analysis job computed and wrote.
+
+    Attributes:
+        results: what :func:`~hrsa.analyze.pair.analyze_pair` returned.
+        saved: where results.json, the rotations and the store's record went (``saved.doc`` is results.json).
+        figures: the PNG files drawn from results.json, beside it.
+        warnings: hrsa's own warnings of the comparison, one line each, already caught (for the caller to print).
+    """
+
+    results: PairResults
+    saved: SavedResults
+    figures: tuple[Path, ...]
+    warnings: tuple[str, ...]
+
+
+def run_analysis(
+    config: AnalyzeConfig,
+    *,
+    on_plan: Callable[[AnalysisPlan], None] | None = None,
+    on_block: OnBlock | None = None,
+) -> AnalysisRun:
+    """Run the analysis ``config`` describes and write its results and figures into ``config.out``.
+
+    Args:
+        config: the validated settings (:func:`hrsa.analyze.config.load_config`).
+        on_plan: called with the plan before the first pass (to print it, or size a progress bar).
+        on_block: called with the token count of each block done.
+
+    Returns:
+        An AnalysisRun.
+
+    Raises:
+        UserError: a missing store, a taken run id, or anything :func:`~hrsa.analyze.pair.analyze_pair` refuses.
+    """
+    # Step 1: the store, writable when the results go into it; a taken run id fails now, not after the passes.
+    store = ActivationStore.open(config.store, mode="r+" if config.store_results else "r")
+    if config.store_results and config.run_id:
+        check_run_id_free(store, config.run_id)
+    # Step 2: the comparison; each warning once, gathered so that it prints below a progress bar, not through it.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        results = _compare(store, config, on_plan, on_block)
+    ours = tuple(str(w.message) for w in caught if _is_hrsa(w))
+    for w in caught:  # others as Python shows them
+        if not _is_hrsa(w):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    # Step 3: results.json (and results/<run_id>), then the figures drawn from that document.
+    saved = save_results(results, config.out, store=store if config.store_results else None, run_id=config.run_id,
+                         config=config.model_dump(mode="json"))
+    figures = tuple(plot_figures(saved.doc, config.out))
+    return AnalysisRun(results=results, saved=saved, figures=figures, warnings=ours)
+
+
+def _compare(store: ActivationStore, config: AnalyzeConfig, on_plan: Callable[[AnalysisPlan], None] | None,
+             on_block: OnBlock | None) -> PairResults:
+    """:func:`analyze_pair` called with the config's settings."""
+    selection = TokenSelection(exclude_special=config.exclude_special, exclude_first=config.exclude_first,
+                               positions=config.positions, docs=config.docs)
+    knn_options = KnnOptions(ks=config.k, n_sample=config.knn_sample, seed=config.seed, search=config.knn_search,
+                             hidden_states=config.hidden_states)
+    probe_options = ProbeOptions(
+        label_field=config.label_field, labels_file=config.labels, id_field=config.id_field, pool=config.pool,
+        both_directions=config.probe_both_directions, seed=config.seed, hidden_states=config.hidden_states,
+    ) if config.label_field else None
+    return pair_analysis.analyze_pair(
+        store, *config.pair, metrics=config.metrics, debiased=config.debiased, cross_layer=config.cross_layer,
+        selection=selection, memory_budget=config.memory_budget, block_tokens=config.block_tokens,
+        workers=config.workers, scheduler=config.scheduler, backend=config.backend, compute_dtype=config.compute_dtype,
+        save_rotation=config.save_rotation, knn_options=knn_options, probe_options=probe_options,
+        on_plan=on_plan, on_block=on_block,
+    )
+
+
+def _is_hrsa(w: warnings.WarningMessage) -> bool:
+    return w.category.__module__.startswith("hrsa")

@@ -1,0 +1,137 @@
+"""``analyze_pair``: compare two models of a store, the Python API behind ``hrsa analyze``.
+
+A recipe in four phases: resolve the pair (:mod:`.resolve`: checks, tokens, blocks, plan), run the streaming
+passes (:mod:`.passes`), run the local metrics on the same checked pair (k-NN overlap, probes: each on its own
+reads of the store), and assemble the results (:mod:`.assembly`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from hrsa.analyze.config import METRICS
+from hrsa.analyze.local.knn import KnnOptions, knn_pair
+from hrsa.analyze.local.probe import ProbeOptions, probe_pair
+from hrsa.analyze.pair.assembly import assemble
+from hrsa.analyze.pair.passes import run_passes
+from hrsa.analyze.pair.resolve import ResolvedPair, resolve_pair
+from hrsa.analyze.streaming.backends import resolve_backend
+from hrsa.analyze.streaming.plan import parse_memory_budget
+from hrsa.analyze.streaming.stream import resolve_scheduler
+from hrsa.store.errors import UserError
+from hrsa.store.selection import TokenSelection
+
+if TYPE_CHECKING:
+    from hrsa.analyze.pair.pair_results import PairResults
+    from hrsa.analyze.streaming.backends import BackendName, ComputeDtype
+    from hrsa.analyze.streaming.plan import AnalysisPlan
+    from hrsa.analyze.streaming.stream import OnBlock, Scheduler
+    from hrsa.store import ActivationStore
+
+__all__ = ["analyze_pair"]
+
+
+def analyze_pair(
+    store: ActivationStore,
+    a: str,
+    b: str,
+    *,
+    metrics: Iterable[str] = METRICS,
+    debiased: bool = False,
+    cross_layer: bool = False,
+    selection: TokenSelection | None = None,
+    memory_budget: int | str = "4GB",
+    block_tokens: int | None = None,
+    workers: int | None = None,
+    scheduler: Scheduler = "auto",
+    backend: BackendName = "auto",
+    compute_dtype: ComputeDtype = "auto",
+    save_rotation: bool = False,
+    knn_options: KnnOptions | None = None,
+    probe_options: ProbeOptions | None = None,
+    on_plan: Callable[[AnalysisPlan], None] | None = None,
+    on_block: OnBlock | None = None,
+) -> PairResults:
+    """Compare hidden states of models ``a`` and ``b`` of ``store`` on the same tokens.
+
+    Matched layers (k of A against k of B) get every requested metric from full ``Moments``. With
+    ``cross_layer``, every hidden state of A is compared with every hidden state of B for linear CKA (biased)
+    and dimension-wise correlation (its mean), from ``CrossMoments`` of each pair and the self co-moments of
+    each state; the matched pass then runs only if Procrustes or debiased CKA is asked for.
+
+    Args:
+        store: an open store holding both models.
+        a, b: model ids (A is the reference: Procrustes fits A onto B, rows of matrices are A's).
+        metrics: any of ``"dimcorr"``, ``"cka"``, ``"procrustes"``, ``"knn"``, ``"probe"``.
+        debiased: also debiased CKA on the matched layers.
+        cross_layer: also every hidden state of A against every one of B (CKA and dimcorr matrices).
+        selection: which tokens (default all).
+        memory_budget: bytes, or text such as ``"4GB"``, for the accumulators held at once.
+        block_tokens: tokens per block read and multiplied (default: ~32 MB of float64 per state).
+        workers: at most this many segment tasks at once (default: one per core, up to 4); the plan takes
+            fewer when each one's copy of the accumulators would cost extra passes.
+        scheduler: ``"auto"``, ``"threads"``, ``"sync"`` or ``"ray"`` (see :func:`resolve_scheduler`).
+        backend: ``"auto"``, ``"numpy"``, ``"cuda"`` or ``"torch"`` (see :func:`resolve_backend`).
+        compute_dtype: dtype of the products: ``"auto"``, ``"float32"`` or ``"float64"``.
+        save_rotation: keep Procrustes' O* (D x D) of every matched layer in the results.
+        knn_options: k, sample size, seed and search of ``"knn"`` (default :class:`KnnOptions`).
+        probe_options: label field, pooling, directions of ``"probe"`` (required with it).
+        on_plan: called with the plan before the first pass (to print it).
+        on_block: called with the token count of each block done (to show progress).
+
+    Returns:
+        A PairResults.
+
+    Raises:
+        CorpusMismatchError: the models were extracted on different corpora.
+        UserError: unknown model or metric, incomplete extraction, no hidden states in common, sizes
+            the metrics cannot compare, an empty selection, or a budget too small for one pair.
+
+    Warns:
+        UnderdeterminedWarning: O* is not unique (no more tokens than dimensions, or rank-deficient C_xy).
+    """
+    selection = selection or TokenSelection()
+    # Phase 1: check the pair and plan its passes.
+    chunk_backend = resolve_backend(backend, compute_dtype)
+    pair = resolve_pair(
+        store, a, b, metrics=list(metrics), debiased=debiased, cross_layer=cross_layer, selection=selection,
+        memory_budget=parse_memory_budget(memory_budget), block_tokens=block_tokens,
+        workers=workers or min(4, os.cpu_count() or 1), save_rotation=save_rotation,
+        compute_bytes=np.dtype(chunk_backend.compute_dtype).itemsize,
+    )
+    if on_plan is not None:
+        on_plan(pair.plan)
+    # Phase 2: the streaming passes.
+    dask_scheduler = resolve_scheduler(scheduler)
+    outputs = run_passes(store, pair, chunk_backend, dask_scheduler, on_block)
+    settings: dict[str, Any] = {"scheduler": dask_scheduler.name, "backend": chunk_backend.name,
+                                "compute_dtype": chunk_backend.compute_dtype, "block_tokens": pair.block_tokens,
+                                "workers": pair.plan.workers}
+    # Phase 3: the local metrics, on their own reads; phase 4: the results.
+    local = _local_metrics(store, pair, selection, knn_options, probe_options, settings)
+    return replace(assemble(pair, selection, outputs, settings), **local)
+
+
+def _local_metrics(
+    store: ActivationStore, pair: ResolvedPair, selection: TokenSelection, knn_options: KnnOptions | None,
+    probe_options: ProbeOptions | None, settings: dict[str, Any],
+) -> dict[str, Any]:
+    """``{"knn": ..., "probe": ...}`` as asked for; their settings are added to ``settings``."""
+    a, b = pair.info_a.id, pair.info_b.id
+    local: dict[str, Any] = {}
+    if "knn" in pair.metrics:
+        knn_options = knn_options or KnnOptions()
+        local["knn"] = knn_pair(store, a, b, selection=selection, **knn_options.to_dict())
+        settings["knn"] = knn_options.to_dict()
+    if "probe" in pair.metrics:
+        if probe_options is None:
+            raise UserError("Expected a label field for the probe metric. Got none. Pass --label-field FIELD.")
+        local["probe"] = probe_pair(store, a, b, selection=selection, **probe_options.to_dict())
+        settings["probe"] = {**probe_options.to_dict(), "n_docs": local["probe"].n_docs,
+                             "classes": list(local["probe"].classes)}
+    return local

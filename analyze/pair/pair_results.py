@@ -1,0 +1,62 @@
+"""``PairResults``: everything one comparison of model A with model B computed (what ``analyze_pair`` returns)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
+
+    from hrsa.analyze.local.knn import KnnPairResult
+    from hrsa.analyze.local.probe import ProbePairResult
+    from hrsa.analyze.metrics import CkaResult, DimwiseCorrelationResult, ProcrustesResult
+    from hrsa.analyze.streaming.plan import AnalysisPlan
+    from hrsa.store.selection import TokenSelection
+
+__all__ = ["PairResults"]
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: holds arrays
+class PairResults:
+    """Everything one comparison of model A with model B computed.
+
+    Attributes:
+        a, b: model ids; corpus: their corpus id (A's); n_tokens: tokens compared on.
+        selection: the token selection; metrics: the metrics asked for.
+        matched: hidden states compared one to one (k of A with k of B); the per-layer tuples below
+            follow this order.
+        hidden_states_a, hidden_states_b: rows and columns of the cross-layer matrices (both equal
+            to ``matched`` without ``cross_layer``).
+        cka, cka_debiased, dimcorr, procrustes: per matched layer, or None when not computed.
+        cka_matrix, dimcorr_matrix: (len(hidden_states_a), len(hidden_states_b)) biased CKA and mean
+            dimension-wise correlation, or None without ``cross_layer``.
+        knn, probe: k-NN overlap and cross-model probes, or None when not asked for.
+        plan: the tiles that ran; settings: scheduler, backend, compute dtype, block size, workers.
+    """
+
+    a: str
+    b: str
+    corpus: str
+    n_tokens: int
+    selection: TokenSelection
+    metrics: tuple[str, ...]
+    matched: tuple[int, ...]
+    hidden_states_a: tuple[int, ...]
+    hidden_states_b: tuple[int, ...]
+    plan: AnalysisPlan
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    cka: tuple[CkaResult, ...] | None = None
+    cka_debiased: tuple[CkaResult, ...] | None = None
+    dimcorr: tuple[DimwiseCorrelationResult, ...] | None = None
+    procrustes: tuple[ProcrustesResult, ...] | None = None
+    cka_matrix: NDArray[np.float64] | None = None
+    dimcorr_matrix: NDArray[np.float64] | None = None
+    knn: KnnPairResult | None = None
+    probe: ProbePairResult | None = None
+
+    @property
+    def cross_layer(self) -> bool:
+        return self.cka_matrix is not None or self.dimcorr_matrix is not None

@@ -1,0 +1,105 @@
+"""Phase 2 of ``analyze_pair``: one streaming pass per tile, each tile finished into small results at once.
+
+Each pass (:func:`hrsa.analyze.streaming.stream.run_tile`) folds every token block into the tile's accumulators;
+a matched tile's ``Moments`` are finished into CKA, dimension-wise correlation and Procrustes results, a
+cross-layer tile's ``CrossMoments`` into their O(D) summaries, so the tile's D x D accumulators are freed before
+the next pass.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from hrsa.analyze.metrics import (
+    UnderdeterminedWarning,
+    dimwise_correlation_from_moments,
+    linear_cka_from_moments,
+    procrustes_from_moments,
+)
+from hrsa.analyze.streaming.stream import StateReader, run_tile, split_segments
+
+if TYPE_CHECKING:
+    from hrsa.analyze.accumulators.cross_moments import CoMomentSummary
+    from hrsa.analyze.pair.resolve import ResolvedPair
+    from hrsa.analyze.streaming.backends import ChunkBackend
+    from hrsa.analyze.streaming.plan import Tile
+    from hrsa.analyze.streaming.stream import Execution, OnBlock
+    from hrsa.store import ActivationStore
+
+__all__ = ["PassOutputs", "run_passes"]
+
+
+@dataclass(frozen=True)
+class PassOutputs:
+    """What the passes leave: small results, the accumulators already freed.
+
+    Attributes:
+        matched: finished results by matched hidden state, ``{k: {"cka": ..., "procrustes": ...}}`` (only the
+            metrics asked for; empty when no matched pass ran).
+        summaries: co-moment summaries of the cross-layer passes, by pair of stream keys
+            (``(("a", i), ("b", j))``, and ``(("a", i), ("a", i))`` for A's self co-moments).
+    """
+
+    matched: dict[int, dict[str, Any]]
+    summaries: dict[Any, CoMomentSummary]
+
+
+def run_passes(
+    store: ActivationStore, pair: ResolvedPair, backend: ChunkBackend, scheduler: Execution, on_block: OnBlock | None
+) -> PassOutputs:
+    """Every tile in turn.
+
+    Returns:
+        The finished matched results and cross-layer summaries.
+
+    Warns:
+        UnderdeterminedWarning: once for the run when a Procrustes fit was not unique.
+    """
+    mids = {"a": pair.info_a.id, "b": pair.info_b.id}
+    keys = {key for tile in pair.plan.tiles for key in tile.streams}
+    reader = StateReader({(s, k): store.hidden_state(mids[s], k, chunk_tokens=pair.block_tokens) for s, k in keys})
+    segments = split_segments(pair.blocks, pair.plan.workers)
+    matched: dict[int, dict[str, Any]] = {}
+    summaries: dict[Any, CoMomentSummary] = {}
+    underdetermined = False
+    for tile in pair.plan.tiles:
+        acc = run_tile(tile, reader, segments, backend, scheduler, on_block)
+        underdetermined |= _finish_tile(tile, acc, pair, matched, summaries)
+        del acc  # free the tile's D x D accumulators before the next pass
+    if underdetermined:  # one warning for the run, not one per layer
+        warnings.warn(
+            f"Orthogonal Procrustes on {pair.n_tokens} tokens in D = {pair.info_a.hidden_size} dimensions: the optimal "
+            "rotation is not unique, so h_inv means little. Use more tokens than dimensions.",
+            UnderdeterminedWarning,
+            stacklevel=3  # the caller of analyze_pair,
+        )
+    return PassOutputs(matched, summaries)
+
+
+def _finish_tile(tile: Tile, acc: dict, pair: ResolvedPair, matched: dict, summaries: dict) -> bool:
+    """Reduce each accumulator of the tile to what the results keep (numbers and O(D) vectors).
+
+    Returns:
+        Whether a Procrustes fit was underdetermined (its per-layer warning is folded into one).
+    """
+    underdetermined = False
+    for streams, value in acc.items():
+        if tile.kind != "matched":
+            summaries[streams] = value.summary()
+            continue
+        out: dict[str, Any] = {}
+        if "cka" in pair.metrics:
+            out["cka"] = linear_cka_from_moments(value)
+            if pair.debiased:
+                out["cka_debiased"] = linear_cka_from_moments(value, debiased=True)
+        if "dimcorr" in pair.metrics:
+            out["dimcorr"] = dimwise_correlation_from_moments(value)
+        if "procrustes" in pair.metrics:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UnderdeterminedWarning)  # recorded in the result, warned once
+                out["procrustes"] = procrustes_from_moments(value, return_rotation=pair.save_rotation)
+            underdetermined |= out["procrustes"].underdetermined
+        matched[streams[0][1]] = out
+    return underdetermined

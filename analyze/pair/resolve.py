@@ -1,0 +1,124 @@
+"""Phase 1 of ``analyze_pair``: a pair checked, its tokens resolved and cut into blocks, its passes planned.
+
+:class:`ResolvedPair` is everything the streaming passes (:mod:`.passes`) and the assembly (:mod:`.assembly`)
+need, decided once before the first read of a hidden state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from hrsa.analyze.pair.checks import check_metrics, check_pair
+from hrsa.analyze.streaming.plan import AnalysisPlan, MemoryBudgetError, PlanInputs, plan_analysis
+from hrsa.analyze.streaming.stream import TokenBlock, token_blocks
+from hrsa.analyze.config import METRICS
+from hrsa.store.errors import UserError
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from hrsa.store import ActivationStore, ModelInfo
+    from hrsa.store.selection import TokenSelection
+
+__all__ = ["ResolvedPair", "resolve_pair"]
+
+_BLOCK_BYTES = 32 << 20  # float64 bytes of one state's block: big enough for fast GEMMs, small next to D^2
+
+
+@dataclass(frozen=True)
+class ResolvedPair:
+    """A pair checked and planned: the inputs of the passes and of the assembly.
+
+    Attributes:
+        info_a, info_b: the two models; metrics: the metrics asked for, in canonical order.
+        debiased, save_rotation: as asked.
+        matched: hidden states compared one to one; rows, cols: A's and B's hidden states of the
+            cross-layer matrices (empty without them).
+        n_tokens: tokens selected; block_tokens: tokens per block; blocks: the selection in blocks.
+        plan: the tiles (one pass each) under the memory budget.
+    """
+
+    info_a: ModelInfo
+    info_b: ModelInfo
+    metrics: tuple[str, ...]
+    debiased: bool
+    save_rotation: bool
+    matched: tuple[int, ...]
+    rows: tuple[int, ...]
+    cols: tuple[int, ...]
+    n_tokens: int
+    block_tokens: int
+    blocks: tuple[TokenBlock, ...]
+    plan: AnalysisPlan
+
+
+def resolve_pair(
+    store: ActivationStore,
+    a: str,
+    b: str,
+    *,
+    metrics: Sequence[str],
+    debiased: bool,
+    cross_layer: bool,
+    selection: TokenSelection,
+    memory_budget: int,
+    block_tokens: int | None,
+    workers: int,
+    save_rotation: bool,
+    compute_bytes: int,
+) -> ResolvedPair:
+    """Check the pair, resolve its tokens and plan its passes (see ``analyze_pair`` for the arguments).
+
+    Raises:
+        UserError: as :func:`check_pair`, an empty selection, too few tokens for debiased CKA, a bad block
+            size, or a memory budget too small for one pair.
+    """
+    # Step 1: the pair itself.
+    metrics_t = check_metrics(metrics)
+    streaming = bool(set(metrics_t) & set(METRICS))
+    info_a, info_b = check_pair(store, a, b, metrics_t)
+    # Step 2: the tokens.
+    selected = store.select(a, selection)
+    n_tokens = selected.stop - selected.start if isinstance(selected, slice) else int(np.unique(selected).size)
+    if debiased and n_tokens < 4:
+        raise UserError(f"Expected at least 4 tokens for debiased CKA. Got {n_tokens} instead. Loosen the selection.")
+    if block_tokens is not None and block_tokens < 1:
+        raise UserError(f"Expected a positive block size. Got {block_tokens} instead.")
+    # Step 3: what to accumulate.
+    matched = tuple(sorted(set(info_a.hidden_states) & set(info_b.hidden_states)))
+    needs_matched = streaming and (not cross_layer or "procrustes" in metrics_t or debiased)
+    crossed = cross_layer and bool({"cka", "dimcorr"} & set(metrics_t))
+    rows, cols = (tuple(info_a.hidden_states), tuple(info_b.hidden_states)) if crossed else ((), ())
+    base = PlanInputs(
+        matched=matched if needs_matched else (), rows=rows, cols=cols, dx=info_a.hidden_size, dy=info_b.hidden_size,
+        read_bytes_a=_itemsize(info_a), read_bytes_b=_itemsize(info_b), compute_bytes=compute_bytes, n_tokens=n_tokens,
+        block_tokens=0, n_blocks=0, workers=workers, memory_budget=memory_budget,
+    )
+    # Step 4: blocks and tiles; a default block size shrinks (down to 64 tokens) until one pair fits the budget.
+    size = block_tokens or _default_block_tokens(info_a, info_b)
+    while True:
+        blocks = tuple(token_blocks(selected, size))
+        try:
+            held = max(block.n_rows for block in blocks)  # what a block holds: less than the grid's size for few tokens
+            plan = plan_analysis(replace(base, block_tokens=held, n_blocks=len(blocks)))
+            break
+        except MemoryBudgetError:
+            if block_tokens is not None or size <= 64:
+                raise
+            size = max(64, size // 2)
+    return ResolvedPair(info_a, info_b, metrics_t, debiased, save_rotation, matched, rows, cols, n_tokens, size, blocks, plan)
+
+
+def _default_block_tokens(info_a: ModelInfo, info_b: ModelInfo) -> int:
+    """A whole number of both stores' chunks, ~32 MB of float64 per state, at most one shard."""
+    chunk = max(info_a.layout.chunk_tokens, info_b.layout.chunk_tokens)
+    shard = max(info_a.layout.shard_tokens, info_b.layout.shard_tokens)
+    target = _BLOCK_BYTES // (8 * max(info_a.hidden_size, info_b.hidden_size))
+    return max(chunk, min(shard, target) // chunk * chunk)
+
+
+def _itemsize(info: ModelInfo) -> int:
+    return {"float32": 4, "float16": 2, "bfloat16": 2}.get(info.dtype, 4)

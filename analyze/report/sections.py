@@ -1,0 +1,185 @@
+"""The sections of the HTML report, each from results.json mappings (or a dynamics file's curves).
+
+Per pair, in the paper's order: provenance; a Table 2 style summary (:mod:`hrsa.analyze.report.summary`); the
+cross-layer heatmaps of CKA and dimension-wise correlation (Figure 3; per-layer profiles without
+``--cross-layer``); per-layer metrics with Procrustes H_inv (Table 3); k-NN overlap per k and hidden state
+(Table 4); cross-model probe accuracies (Figure 4). Around them: the overview of every pair's verdicts, the
+training dynamics (Figure 5) and the thresholds. Each section is an HTML string built from
+:mod:`hrsa.analyze.report.html_blocks`; the figures are :mod:`hrsa.analyze.report.figures`'.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hrsa.analyze.report.figures import (
+    dynamics_figure,
+    heatmap_figure,
+    knn_overlap_figure,
+    layer_profile_figure,
+    probe_figure,
+)
+from hrsa.analyze.report.html_blocks import (
+    Html,
+    VerdictCell,
+    compact,
+    escape,
+    figure,
+    hidden_states,
+    number,
+    table,
+)
+from hrsa.analyze.report.summary import LEVELS, PairSummary, Thresholds, knn_k, probe_directions, probe_transfer
+
+if TYPE_CHECKING:
+    from hrsa.analyze.report.dynamics import Dynamics
+
+__all__ = ["dynamics_section", "overview_section", "pair_section", "thresholds_section"]
+
+
+def overview_section(summaries: Sequence[PairSummary]) -> str:
+    """Every pair's verdict per level, each pair linking to its section."""
+    rows = [[Html(f'<a href="#pair-{i}">{escape(s.a)} vs {escape(s.b)}</a>'), *(VerdictCell(s.verdict(lv)) for lv in LEVELS)]
+            for i, s in enumerate(summaries)]
+    return ("<h2>Summary</h2><p class=\"note\">Per pair and level, whether the representations are preserved or "
+            "restructured (details and thresholds below).</p>" + table(["pair", *LEVELS], rows))
+
+
+def pair_section(i: int, path: Path, doc: Mapping[str, Any], summary: PairSummary, t: Thresholds) -> str:
+    """Everything about the ``i``-th pair, read from its results.json ``doc`` (found at ``path``)."""
+    a, b = str(doc["a"]), str(doc["b"])
+    m = doc["metrics"]
+    parts = [f'<h2 id="pair-{i}">{escape(a)} vs {escape(b)}</h2>', _provenance(path, doc), _verdicts(summary),
+             _similarity_figures(doc), _layer_table(doc)]
+    if "knn" in m:
+        parts.append(_knn_section(doc, t))
+    if "probe" in m:
+        parts.append(_probe_section(doc, t))
+    return "\n".join(parts)
+
+
+def dynamics_section(dyn: Dynamics) -> str:
+    """The metrics against the training step: Figure 5 and its numbers."""
+    curves = {c.label: c for c in (dyn.cka, dyn.dimcorr) if c is not None} | {c.label: c for c in dyn.knn.values()}
+    rows = [[str(s), f"{pa} vs {pb}", *(number(c.mean[i]) for c in curves.values()), str(dyn.results[i])]
+            for i, (s, (pa, pb)) in enumerate(zip(dyn.steps, dyn.pairs))]
+    return (f"<h2 id=\"dynamics\">Training dynamics (Figure 5): {escape(dyn.runs[0])} vs {escape(dyn.runs[1])}</h2>"
+            "<p class=\"note\">Means over matched hidden states at each training step; thin lines: each hidden state.</p>"
+            f"<div class=\"figs\">{figure(dynamics_figure(dyn), 'training dynamics', wide=True)}</div>"
+            + table(["step", "pair", *curves, "results file"], rows))
+
+
+def thresholds_section(t: Thresholds) -> str:
+    """The rules behind the verdicts, in words."""
+    rows = [[name, rule] for name, rule in t.describe().items()]
+    return ("<h2 id=\"thresholds\">Thresholds</h2><p class=\"note\">Each metric is averaged over the matched hidden "
+            "states (and probe directions) and counted as preserved when it reaches its threshold; a level is "
+            "preserved when all of its metrics are, restructured when one is not (representation: dimension-wise "
+            "correlation and H_inv; geometry: linear CKA and k-NN overlap; function: cross-model probes). Defaults "
+            "are the constants of <code>hrsa.analyze.report.summary</code>.</p>" + table(["metric", "preserved when"], rows))
+
+
+def _provenance(path: Path, doc: Mapping[str, Any]) -> str:
+    settings = doc.get("settings", {})
+    items = {"model A (rows)": doc["a"], "model B (columns)": doc["b"], "corpus": doc.get("corpus"),
+             "tokens compared": doc.get("n_tokens"), "token filter": compact(doc.get("token_filter")),
+             "hidden states": f"A {hidden_states(doc.get('hidden_states_a'))}; B {hidden_states(doc.get('hidden_states_b'))}; "
+                              f"matched {hidden_states(doc['matched_hidden_states'])}",
+             "metrics": ", ".join(doc["metrics"]), "run id": doc.get("run_id"),
+             "analysis": f"hrsa {doc.get('hrsa_version', '?')}, {doc.get('created', '?')}; "
+                         f"{settings.get('backend', '?')} backend, {settings.get('compute_dtype', '?')}",
+             "results file": str(path)}
+    if "probe" in settings:
+        p = settings["probe"]
+        items["probe"] = (f"label {p.get('label_field')!r} ({', '.join(map(str, p.get('classes', [])))}), "
+                          f"{p.get('n_docs')} documents, {p.get('pool')} pooling, seed {p.get('seed')}")
+    body = "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in items.items() if v is not None)
+    return f"<h3>Provenance</h3><dl class=\"prov\">{body}</dl>"
+
+
+def _verdicts(summary: PairSummary) -> str:
+    """Table 2: each level's verdict and the metric checks behind it."""
+    rows = []
+    for level in summary.levels:
+        if not level.checks:
+            rows.append([level.level, VerdictCell(level.verdict), "-", "", "", "", ""])
+        for j, c in enumerate(level.checks):
+            rows.append([*([level.level, VerdictCell(level.verdict)] if j == 0 else [None, None]), c.metric,
+                         number(c.value), f">= {c.threshold:g}", VerdictCell("preserved" if c.passed else "restructured"),
+                         c.detail])
+    spans = {lv.level: max(1, len(lv.checks)) for lv in summary.levels}
+    return ("<h3>Summary by level (Table 2)</h3>"
+            + table(["level", "verdict", "metric", "value", "preserved when", "metric verdict", "averaged over"], rows,
+                    spans=spans))
+
+
+def _similarity_figures(doc: Mapping[str, Any]) -> str:
+    """Figure 3: the cross-layer heatmaps, or without them the per-layer profile."""
+    maps = [name for name in ("cka", "dimcorr") if "matrix" in doc["metrics"].get(name, {})]
+    if maps:
+        figs = [figure(heatmap_figure(doc, name), f"cross-layer {name}") for name in maps]
+        return "<h3>Cross-layer similarity (Figure 3)</h3><div class=\"figs\">" + "".join(figs) + "</div>"
+    profile = layer_profile_figure(doc)
+    if profile is None:
+        return ""
+    return ("<h3>Per-layer similarity (Figure 3 without --cross-layer)</h3><p class=\"note\">No cross-layer matrices in "
+            "these results (run <code>hrsa analyze --cross-layer</code> for the heatmaps).</p>"
+            f"<div class=\"figs\">{figure(profile, 'per-layer profile')}</div>")
+
+
+def _layer_table(doc: Mapping[str, Any]) -> str:
+    """Table 3: the per-layer numbers, Procrustes H_inv among them."""
+    m = doc["metrics"]
+    columns = {"linear CKA": m.get("cka", {}).get("diagonal"), "debiased CKA": m.get("cka", {}).get("debiased_diagonal"),
+               "mean dimension-wise r": m.get("dimcorr", {}).get("diagonal"),
+               "degenerate dims": m.get("dimcorr", {}).get("n_degenerate"),
+               "Procrustes H_inv": m.get("procrustes", {}).get("h_inv"), "Procrustes residual": m.get("procrustes", {}).get("residual")}
+    columns = {k: v for k, v in columns.items() if v}
+    if not columns:
+        return ""
+    states = doc["matched_hidden_states"]
+    rows = [[str(k), *(number(v[i]) if i < len(v) else "" for v in columns.values())] for i, k in enumerate(states)]
+    note = ""
+    if "procrustes" in m and any(m["procrustes"].get("underdetermined", [])):
+        note = ("<p class=\"note\">Procrustes was underdetermined at some hidden states (no more tokens than dimensions, "
+                "or a rank-deficient cross-covariance): H_inv means little there.</p>")
+    return ("<h3>Per-layer metrics, with Procrustes H_inv (Table 3)</h3><p class=\"note\">H_inv is 1 when O* is a "
+            "permutation and about 0.73 / ln D for a random rotation.</p>" + table(["hidden state", *columns], rows) + note)
+
+
+def _knn_section(doc: Mapping[str, Any], t: Thresholds) -> str:
+    """Table 4: mean k-NN overlap per k and hidden state, with its figure."""
+    knn = doc["metrics"]["knn"]
+    states, ks = knn.get("hidden_states", []), sorted(knn.get("k", {}), key=int)
+    rows = [[str(s), *(number(knn["k"][k][i]) for k in ks)] for i, s in enumerate(states)]
+    if "recall" in knn:
+        note = "; recall@k against exact search (A, B): " + ", ".join(
+            f"k = {k}: {min(min(p) for p in knn['recall'][k]):.3f} at worst" for k in sorted(knn["recall"], key=int))
+    else:
+        note = ""
+    return (f"<h3>k-NN overlap (Table 4)</h3><p class=\"note\">Mean per-token Jaccard of cosine neighbour sets (self "
+            f"excluded) on {escape(knn.get('n_tokens'))} sampled tokens (seed {escape(knn.get('seed'))}, "
+            f"{escape(knn.get('search'))} search{escape(note)}); the summary reads k = {escape(knn_k(ks, t.knn_k))}.</p>"
+            + table(["hidden state", *(f"k = {k}" for k in ks)], rows)
+            + f"<div class=\"figs\">{figure(knn_overlap_figure(doc), 'k-NN overlap per hidden state')}</div>")
+
+
+def _probe_section(doc: Mapping[str, Any], t: Thresholds) -> str:
+    """Figure 4: probe accuracy and macro-F1 per hidden state and direction, with the transfer ratio."""
+    probe = doc["metrics"]["probe"]
+    states = sorted(probe, key=int)
+    directions = probe_directions(probe, str(doc["a"]), str(doc["b"]))
+    cols = [f"{d.fitted_on} \u2192 {d.tested_on}" for d in directions]
+    acc = [[d.scores(probe[k])["test"]["accuracy"] for k in states] for d in directions]
+    f1 = [[d.scores(probe[k])["test"]["macro_f1"] for k in states] for d in directions]
+    rows = [[k, *(number(v[i]) for v in acc), *(number(v[i]) for v in f1), number(probe[k].get("chance")),
+             number(probe_transfer([probe[k]], min_signal=t.probe_min_signal))] for i, k in enumerate(states)]
+    header = ["hidden state", *(f"accuracy {c}" for c in cols), *(f"F1 {c}" for c in cols), "majority class", "transfer"]
+    n = probe[states[0]]["source"]["test"].get("n") if states else None
+    return ("<h3>Cross-model linear probes (Figure 4)</h3><p class=\"note\">Test-split accuracy and macro-F1 "
+            f"({escape(n)} documents); X \u2192 Y: fitted on X's hidden state, applied to Y's. Transfer = (target - chance) / "
+            "(source - chance), pooled over the directions whose source beats chance by "
+            f"{t.probe_min_signal:g} or more.</p>" + table(header, rows)
+            + f"<div class=\"figs\">{figure(probe_figure(doc), 'probe accuracy per hidden state')}</div>")

@@ -1,0 +1,23 @@
+"""The progress bar of one pipeline stage, drawn below the stage's line and removed when it ends."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+__all__ = ["stage_progress"]
+
+
+@contextmanager
+def stage_progress(console: Console, unit: str) -> Iterator[tuple[Progress, TaskID]]:
+    """A transient bar counting ``unit`` (e.g. "tokens"): ``with stage_progress(console, unit) as (progress, task)``.
+
+    The total starts unknown; the stage sets it (``progress.update(task, total=...)``) once it knows.
+    """
+    progress = Progress(TextColumn("    "), BarColumn(), MofNCompleteColumn(), TextColumn(unit), TimeElapsedColumn(),
+                        console=console, transient=True)
+    with progress:
+        yield progress, progress.add_task("stage", total=None)

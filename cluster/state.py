@@ -1,0 +1,66 @@
+"""``<out>/pipeline-state.json``: what each stage of a pipeline last ran with, and whether it finished.
+
+Per stage: its key (:mod:`hrsa.cluster.stage_keys`), its status ("started" before it runs, "done" with its
+outputs after) and its outputs. One process writes it (the driver of ``hrsa run``), atomically, after each
+change, so a re-run after a crash reads the last stage that finished and resumes from there.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from hrsa.runtime.files import write_atomic
+from hrsa.store.errors import UserError
+
+__all__ = ["STATE_FILE", "PipelineState"]
+
+STATE_FILE = "pipeline-state.json"
+_SCHEMA = "hrsa.pipeline-state/1"
+
+
+class PipelineState:
+    """``<out>/pipeline-state.json``: per stage, its key, status and outputs (one writer: the driver)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stages: dict[str, dict[str, Any]] = {}
+        if path.is_file():
+            doc = json.loads(path.read_text())
+            if doc.get("schema") != _SCHEMA:
+                raise UserError(f"Expected a pipeline state of schema {_SCHEMA} in {path}. Got {doc.get('schema')!r} "
+                                "instead. Move the file away to start over.")
+            self._stages = doc["stages"]
+
+    def entry(self, stage: str) -> dict[str, Any] | None:
+        """The stage's record (``key``, ``status``, ``outputs``), or None when it never started."""
+        return self._stages.get(stage)
+
+    def start(self, stage: str, key: str) -> None:
+        """Record that ``stage`` runs with ``key`` (before it writes anything)."""
+        self._stages[stage] = {"key": key, "status": "started"}
+        self._write()
+
+    def finish(self, stage: str, key: str, outputs: Mapping[str, Any]) -> None:
+        """Record that ``stage`` finished with ``key``, and what it wrote."""
+        self._stages[stage] = {"key": key, "status": "done", "outputs": dict(outputs)}
+        self._write()
+
+    def reason_to_run(self, stage: str, key: str, outputs_ok: Callable[[Mapping[str, Any]], bool]) -> str | None:
+        """Why ``stage`` must run, or None when it is up to date."""
+        entry = self.entry(stage)
+        if entry is None:
+            return "not run before"
+        if entry["key"] != key:
+            return "its inputs changed"
+        if entry["status"] != "done":
+            return "resuming an unfinished run"
+        if not outputs_ok(entry.get("outputs", {})):
+            return "its outputs are missing"
+        return None
+
+    def _write(self) -> None:
+        # Atomic: a crash never leaves half a file, so a re-run always reads the last finished stage.
+        write_atomic(self.path, json.dumps({"schema": _SCHEMA, "stages": self._stages}, indent=1, sort_keys=True) + "\n")

@@ -1,0 +1,86 @@
+"""Source records of a corpus: the rows of a .jsonl/.csv/.parquet file, a folder of them, or a Hugging Face dataset.
+
+Format I/O below both extraction (which renders and tokenises the records into a corpus) and the probes of
+``hrsa analyze`` (which read labels back from the same records, joined by record id). Each record gets an
+``_id``: its ``id_field``, else its ``"id"`` field, else ``<file name>:<line>`` (``<dataset>:<row>`` on the hub),
+so that both sides name a record alike.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from hrsa.store.errors import UserError
+
+__all__ = ["CorpusError", "RECORD_SUFFIXES", "read_records"]
+
+RECORD_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+class CorpusError(UserError, ValueError):
+    """A corpus that cannot be read or rendered as asked."""
+
+
+def read_records(source: str, *, id_field: str | None = None, max_docs: int | None = None) -> Iterator[dict[str, Any]]:
+    """The records of ``source`` in order, at most ``max_docs``; each has an ``_id``.
+
+    Args:
+        source: a .jsonl/.csv/.parquet file, a folder of them (read in name order), or ``hf:NAME[:SPLIT]``.
+        id_field: the field holding each record's id (default: "id" if present, else file:line).
+        max_docs: keep the first N records.
+
+    Raises:
+        CorpusError: nothing readable at ``source``, or a line of a .jsonl that is not JSON.
+    """
+    reader = _read_hub(source) if source.startswith("hf:") else (r for f in _files(source) for r in _read_file(f))
+    for n, record in enumerate(reader):
+        if max_docs is not None and n >= max_docs:
+            return
+        default = record.pop("_default_id")
+        key = id_field or ("id" if "id" in record else None)
+        record["_id"] = str(record[key]) if key and key in record else default
+        yield record
+
+
+def _files(source: str) -> list[Path]:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in RECORD_SUFFIXES)
+        if not files:
+            raise CorpusError(f"Expected .jsonl, .csv or .parquet files in {path}. Got none. Point --corpus at a data file.")
+        return files
+    if path.is_file():
+        if path.suffix not in RECORD_SUFFIXES:
+            raise CorpusError(f"Expected a {', '.join(RECORD_SUFFIXES)} file. Got {path.name} instead.")
+        return [path]
+    raise CorpusError(f"Expected a corpus file or folder at {source}. Got nothing there instead. Check the path.")
+
+
+def _read_file(path: Path) -> Iterator[dict[str, Any]]:
+    if path.suffix in (".jsonl", ".json"):
+        with path.open(encoding="utf-8") as lines:
+            for n, line in enumerate(lines, 1):
+                if line.strip():
+                    try:
+                        yield {"_default_id": f"{path.name}:{n}", **json.loads(line)}
+                    except json.JSONDecodeError as e:
+                        raise CorpusError(f"Expected one JSON object per line in {path}. Line {n} is not: {e}.") from e
+        return
+    import pandas as pd
+
+    frame = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
+    for n, record in enumerate(frame.to_dict("records")):
+        yield {"_default_id": f"{path.name}:{n}", **record}
+
+
+def _read_hub(source: str) -> Iterator[dict[str, Any]]:
+    name, _, split = source.removeprefix("hf:").partition(":")
+    try:
+        import datasets
+    except ImportError as e:
+        raise CorpusError("Expected the `datasets` package for hf: corpora. Got it missing. pip install datasets.") from e
+    for n, record in enumerate(datasets.load_dataset(name, split=split or "train", streaming=True)):
+        yield {"_default_id": f"{name}:{n}", **record}

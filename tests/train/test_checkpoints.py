@@ -1,0 +1,41 @@
+"""One rule for a run's checkpoints: ``step_N`` folders holding the marker file, by step."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from hrsa.train.checkpoints import INFO_FILE, Checkpoint, checkpoint_step, list_checkpoints, step_folder_name
+
+
+def _folder(run: Path, name: str, *files: str) -> Path:
+    folder = run / name
+    folder.mkdir(parents=True)
+    for file in files:
+        (folder / file).write_text("{}")
+    return folder
+
+
+def test_only_complete_step_folders_in_step_order(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    ten = _folder(run, "step_000010", INFO_FILE, "config.json")
+    two = _folder(run, "step_2", INFO_FILE)
+    _folder(run, "step_000012", "config.json")  # still being written: no hrsa_train.json yet
+    _folder(run, "step_x", INFO_FILE)
+    _folder(run, "checkpoint-5", INFO_FILE)
+    (run / "step_000020").write_text("a file, not a folder")
+    assert list_checkpoints(run) == [Checkpoint(two, 2), Checkpoint(ten, 10)]
+    assert [c.step for c in list_checkpoints(run, marker="config.json")] == [10, 12]
+    assert list_checkpoints(tmp_path / "missing") == []
+
+
+def test_step_folder_name_and_step() -> None:
+    assert step_folder_name(100) == "step_000100"
+    assert step_folder_name(1234567) == "step_1234567"
+
+
+def test_checkpoint_step_prefers_the_info_file(tmp_path: Path) -> None:
+    folder = _folder(tmp_path, "step_000100")
+    assert checkpoint_step(folder) == 100
+    (folder / INFO_FILE).write_text(json.dumps({"step": 99, "loss": 1.0}))
+    assert checkpoint_step(folder) == 99

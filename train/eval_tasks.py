@@ -1,0 +1,152 @@
+"""The tasks of ``hrsa eval``: parsing ``--tasks`` specs, checking the Hugging Face hub, building mteb tasks.
+
+Task specs (``--tasks``, repeatable or comma-separated):
+
+- ``retrieval:FILE``: JSON lines with query, pos (optional negs, instruction); nDCG@10 over all pos + negs.
+- ``classification:FILE[:TEXT_FIELD[:LABEL_FIELD]]``: JSON lines with a text and a label (default fields
+  ``text`` and ``label``); accuracy of a logistic regression fitted on a stratified half.
+- ``NAME`` or ``mteb:NAME``: an MTEB task (``SciFact``) or benchmark (``MTEB(eng, v2)``); its data comes
+  from the Hugging Face hub, so it needs the hub (a clear error when it is not reachable).
+
+Every mistake here is an :class:`EvalError` raised before any model loads.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+from hrsa.store.errors import UserError
+
+__all__ = ["EvalError", "TaskKind", "TaskSpec", "build_tasks", "hub_unreachable", "parse_task_spec", "split_task_list"]
+
+TaskKind = Literal["retrieval", "classification", "mteb"]
+
+
+class EvalError(UserError, ValueError):
+    """A task spec, model folder or hub state that ``hrsa eval`` cannot work with."""
+
+
+def split_task_list(text: str) -> list[str]:
+    """Split on commas outside parentheses: ``"SciFact,MTEB(eng, v2)"`` is two specs."""
+    return [part.strip() for part in re.split(r",(?![^()]*\))", text) if part.strip()]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One parsed ``--tasks`` entry: its text, kind, task name and (local tasks) file and fields."""
+
+    text: str
+    kind: TaskKind
+    name: str
+    path: Path | None = None
+    text_field: str = "text"
+    label_field: str = "label"
+
+
+def parse_task_spec(text: str) -> TaskSpec:
+    """Parse ``retrieval:FILE``, ``classification:FILE[:TEXT_FIELD[:LABEL_FIELD]]``, ``mteb:NAME`` or ``NAME``.
+
+    Raises:
+        EvalError: a local task whose file does not exist.
+    """
+    kind, sep, rest = text.partition(":")
+    if sep and kind == "mteb":
+        return TaskSpec(text=text, kind="mteb", name=rest.strip())
+    if not sep or kind not in ("retrieval", "classification"):
+        return TaskSpec(text=text, kind="mteb", name=text.strip())
+    fields: list[str] = []
+    path_text = rest
+    if kind == "classification" and not Path(rest).expanduser().is_file():
+        path_text, *fields = rest.split(":")  # FILE:TEXT:LABEL (a file name with ':' is taken whole when it exists)
+    path = Path(path_text).expanduser()
+    if len(fields) > 2 or not path.is_file():
+        form = "retrieval:FILE" if kind == "retrieval" else "classification:FILE[:TEXT_FIELD[:LABEL_FIELD]]"
+        got = f"no file at {path}" if not path.is_file() else f"{len(fields)} fields"
+        raise EvalError(f"Expected a task {form} naming an existing JSON-lines file. Got {got} in {text!r} instead. "
+                        "Check the path.")
+    name = f"local-{kind}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', path.stem)}"
+    extra = dict(zip(("text_field", "label_field"), fields))
+    return TaskSpec(text=text, kind=kind, name=name, path=path, **{k: v for k, v in extra.items() if v})  # type: ignore[arg-type]
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be used, or None when it answers (checked fast: offline flag, 5 s connect)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return "offline mode (HF_HUB_OFFLINE is set)"
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=5).close()
+    except OSError as error:
+        return f"no connection to {url.hostname} ({error})"
+    return None
+
+
+def _offline_error(names: list[str], why: str) -> EvalError:
+    return EvalError(f"Expected a reachable Hugging Face hub for the data of MTEB task(s) {', '.join(names)}. Got {why} "
+                     "instead. Connect to the hub, or evaluate on local tasks: retrieval:FILE or classification:FILE.")
+
+
+def _mteb_tasks(spec: TaskSpec) -> list[Any]:
+    """The MTEB tasks a name stands for (a task, or every task of a benchmark); unknown names are errors."""
+    import mteb
+
+    try:
+        return list(mteb.get_tasks(tasks=[spec.name]))
+    except KeyError:
+        pass
+    try:
+        return list(mteb.get_benchmark(spec.name).tasks)
+    except KeyError:
+        raise EvalError(f"Expected an MTEB task or benchmark name, or a local task (retrieval:FILE, "
+                        f"classification:FILE[:TEXT:LABEL]). Got {spec.name!r} instead. Check the spelling "
+                        "(mteb.get_tasks() lists the names).") from None
+
+
+def build_tasks(specs: list[TaskSpec], *, instruction: str | None, limit: int | None,
+                seed: int) -> list[tuple[TaskSpec, Any]]:
+    """The mteb task objects for ``specs``, data loaded (local files read and checked, hub data downloaded).
+
+    Args:
+        specs: the parsed ``--tasks``.
+        instruction: the instruction of local tasks (None: mteb's default for the task type).
+        limit: local tasks keep a seeded sample of at most this many records (None: all).
+        seed: seeds that sample and the classification split.
+
+    Returns:
+        ``(spec, task)`` pairs in the order of ``specs`` (a benchmark gives one pair per task).
+
+    Raises:
+        EvalError / JsonlError: unknown names, unreadable files or missing fields, an unreachable hub.
+    """
+    # The adapter imports mteb with its result cache kept out of the home folder: import it before mteb is.
+    from hrsa.train.mteb_adapter import LocalClassificationTask, LocalRetrievalTask
+
+    named = [(spec, task) for spec in specs if spec.kind == "mteb" for task in _mteb_tasks(spec)]
+    if named and (why := hub_unreachable()):
+        raise _offline_error([s.name for s, _ in named], why)
+    built: list[tuple[TaskSpec, Any]] = []
+    names: set[str] = set()
+    for spec in specs:
+        if spec.kind == "mteb":
+            built.extend(pair for pair in named if pair[0] is spec)
+            continue
+        name = spec.name if spec.name not in names else f"{spec.name}-{len(names)}"
+        options = {"name": name, "instruction": instruction, "limit": limit, "seed": seed}
+        task = (LocalRetrievalTask(spec.path, **options) if spec.kind == "retrieval" else
+                LocalClassificationTask(spec.path, text_field=spec.text_field, label_field=spec.label_field, **options))
+        built.append((spec, task))
+        names.add(name)
+    for spec, task in built:
+        try:
+            task.load_data()
+        except (ConnectionError, TimeoutError) as error:
+            raise _offline_error([task.metadata.name], f"{type(error).__name__}: {str(error).splitlines()[0]}") from None
+    return built

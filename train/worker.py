@@ -1,0 +1,232 @@
+"""One Ray Train worker of ``hrsa train``: its model, optimizer and data, the step loop, and its checkpoints.
+
+Recipe (:func:`train_worker`, run by every worker): set up the model (from the latest checkpoint when
+resuming), optimizer and schedule, then per step: take this rank's slice of the step's global batch, forward
+and backward (plain or chunked, see :mod:`hrsa.train.gradcache`), average gradients over ranks, clip, step;
+every ``save_every`` steps all ranks report and rank 0 writes the checkpoint folder Ray Train persists.
+
+Gradients under ``strategy="ddp"`` are averaged by :func:`average_gradients` after the backward, not by DDP's
+hooks (see :mod:`hrsa.train.trainer` for why the average is exact); under ``"fsdp"``, FSDP2's reduce-scatter
+averages them. The driver that starts these workers is :mod:`hrsa.train.trainer`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hrsa.train.checkpoints import INFO_FILE, STATE_FILE, step_folder_name
+from hrsa.train.config import TrainConfig
+
+__all__ = ["WorkerSession", "average_gradients", "setup_session", "shard_fsdp", "train_step", "train_worker"]
+
+
+def average_gradients(model: torch.nn.Module, world_size: int, *, bucket_elements: int = 25_000_000) -> None:
+    """Average every parameter gradient over ranks (an all-reduce in flat buckets); a no-op for one rank."""
+    import torch.distributed as dist
+
+    if world_size == 1:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]  # the same list on every rank
+    bucket: list[torch.Tensor] = []
+    for i, grad in enumerate(grads):
+        bucket.append(grad)
+        if sum(g.numel() for g in bucket) >= bucket_elements or i == len(grads) - 1:
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat)
+            flat /= world_size
+            for g, part in zip(bucket, torch.split(flat, [g.numel() for g in bucket])):
+                g.copy_(part.view_as(g))
+            bucket = []
+
+
+@dataclass
+class WorkerSession:
+    """One worker's training state: what :func:`train_step` reads and advances."""
+
+    config: TrainConfig
+    model: Any
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    records: list[Any]
+    rank: int
+    world: int
+    device: torch.device
+    step: int  # optimizer steps done
+    resumed_from: int | None
+
+
+def shard_fsdp(model: Any, device: torch.device) -> None:
+    """FSDP2: shard each transformer block, then the rest, over all ranks (weights move to ``device``)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import torch.distributed as dist
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    blocks = set(getattr(model.backbone, "_no_split_modules", None) or ())
+    for module in model.backbone.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def _optimizer(model: Any, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and norm weights (1-D parameters)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    flat = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": flat, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def setup_session(config: TrainConfig, spec: dict[str, Any], rank: int, world: int, device: torch.device,
+                  checkpoint: Any) -> WorkerSession:
+    """Model (from the latest checkpoint when resuming), optimizer, schedule and data.
+
+    Args:
+        config: the run's settings.
+        spec: the backbone's :class:`~hrsa.extract.model_spec.ModelSpec` as a dict (used on a fresh start).
+        rank, world: this worker's rank and the number of workers.
+        device: where the model trains.
+        checkpoint: Ray Train's checkpoint to resume from, or None.
+    """
+    from transformers import get_cosine_schedule_with_warmup
+
+    from hrsa.extract.model_spec import ModelSpec, parse_model_spec
+    from hrsa.train.data import load_records
+    from hrsa.train.model import load_embedding_model
+
+    state, folder = None, None
+    if checkpoint is not None:
+        folder = Path(checkpoint.path)  # local storage: the persisted folder itself
+        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+    model_spec = (parse_model_spec(str(folder), dtype=config.dtype, attention=config.attention) if folder
+                  else ModelSpec.from_dict(spec))
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    load_device = torch.device("cpu") if config.strategy == "fsdp" else device
+    model, tokenizer, _ = load_embedding_model(model_spec, device=load_device, autocast_dtype=autocast,
+                                               gradient_checkpointing=config.gradient_checkpointing)
+    if config.strategy == "fsdp":
+        shard_fsdp(model, device)
+    optimizer = _optimizer(model, config)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * config.max_steps),
+                                                config.max_steps)
+    step = 0
+    if state is not None:
+        _load_optimizer(model, optimizer, state["optimizer"], fsdp=config.strategy == "fsdp")
+        scheduler.load_state_dict(state["scheduler"])
+        step = int(state["step"])
+    records = load_records(config.data, negatives=config.negatives)
+    return WorkerSession(config, model, tokenizer, optimizer, scheduler, records, rank, world, device, step,
+                    step if state is not None else None)
+
+
+def _load_optimizer(model: Any, optimizer: torch.optim.Optimizer, saved: dict[str, Any], *, fsdp: bool) -> None:
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(saved)
+
+
+def train_step(s: WorkerSession) -> float:
+    """One optimizer step on this rank's slice of the global batch; returns the global-batch loss."""
+    import torch.distributed as dist
+
+    from hrsa.train.data import global_batch
+    from hrsa.train.gradcache import contrastive_backward
+    from hrsa.train.loss import info_nce
+    from hrsa.train.model import tokenize
+
+    c = s.config
+    # Step 1: this rank's queries and document groups; dropout seeded by (seed, step, rank) for exact resume.
+    batch = global_batch(s.records, s.step, batch_size=c.batch_size, negatives=c.negatives, seed=c.seed,
+                         instruction=c.instruction).shard(s.rank, s.world)
+    torch.manual_seed((c.seed * 1_000_003 + s.step) * 4099 + s.rank)
+    queries = tokenize(s.tokenizer, batch.queries, max_length=c.max_length)
+    docs = tokenize(s.tokenizer, batch.docs, max_length=c.max_length)
+
+    def loss_fn(embeddings: Any) -> torch.Tensor:
+        return info_nce(embeddings[0], embeddings[1], temperature=c.temperature, group_size=c.negatives + 1,
+                        gather=s.world > 1)
+
+    # Step 2: forward and backward, then gradients averaged over ranks (FSDP's reduce-scatter does it itself).
+    loss = contrastive_backward(s.model, [queries, docs], loss_fn, chunk_size=c.chunk_size)
+    if c.strategy == "ddp":
+        average_gradients(s.model, s.world)
+    if c.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(s.model.parameters(), c.max_grad_norm)
+    s.optimizer.step()
+    s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    s.step += 1
+    if s.world > 1:
+        dist.all_reduce(loss)
+        loss /= s.world
+    return float(loss)
+
+
+def _full_state(s: WorkerSession) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
+    """(backbone weights, optimizer state), whole, on CPU; under FSDP every rank must call this."""
+    if s.config.strategy == "ddp":
+        return None, s.optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights, optim = get_state_dict(s.model, s.optimizer, options=options)
+    return {k.removeprefix("backbone."): v for k, v in weights.items()}, optim
+
+
+def _save_checkpoint(s: WorkerSession, loss: float, spec: dict[str, Any]) -> None:
+    """Every rank reports; rank 0 writes the folder that Ray Train persists as ``output/step_NNNNNN``."""
+    import ray.train
+
+    weights, optim = _full_state(s)
+    name = step_folder_name(s.step)
+    metrics = {"step": s.step, "loss": loss}
+    if s.rank != 0:
+        ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+        return
+    folder = Path(tempfile.mkdtemp(prefix="hrsa-ckpt-")) / name
+    try:
+        s.model.save(folder, tokenizer=s.tokenizer, state_dict=weights)
+        torch.save({"optimizer": optim, "scheduler": s.scheduler.state_dict(), "step": s.step}, folder / STATE_FILE)
+        info = {"step": s.step, "loss": loss, "backbone": spec, "config": s.config.model_dump(mode="json"),
+                "world_size": s.world, "attention": s.config.attention}
+        (folder / INFO_FILE).write_text(json.dumps(info, indent=2))  # last: marks the folder complete
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)), checkpoint_dir_name=name)
+    finally:
+        shutil.rmtree(folder.parent, ignore_errors=True)
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """The Ray Train loop run by every worker."""
+    import ray.train
+    import ray.train.torch
+
+    config = TrainConfig.model_validate(loop_config["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    if loop_config["threads"]:
+        torch.set_num_threads(loop_config["threads"])
+    device = ray.train.torch.get_device()
+    s = setup_session(config, loop_config["spec"], rank, world, device, ray.train.get_checkpoint())
+    queue = loop_config["queue"] if rank == 0 else None
+    if queue is not None and s.resumed_from is not None:
+        queue.put({"resumed_from": s.resumed_from})
+    stop = min(config.max_steps, loop_config["stop_after"] or config.max_steps)
+    while s.step < stop:
+        loss = train_step(s)
+        if queue is not None:
+            queue.put({"step": s.step, "loss": loss})
+        if s.step % config.save_every == 0 or s.step == stop:
+            _save_checkpoint(s, loss, loop_config["spec"])
