@@ -14,8 +14,7 @@ from hrsa.cluster.cli import demo, run, submit
 from hrsa.extract.cli import extract
 from hrsa.store.cli import store_group
 from hrsa.store.errors import HrsaError, UserError
-from hrsa.train.cli import train
-from hrsa.train.eval_cli import eval_command, mine_negatives_command
+from hrsa.train.cli import eval_command, mine_negatives_command, train
 
 __all__ = ["main", "cli"]
 

@@ -3,32 +3,28 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
+
+from hrsa.cluster.demo import DemoConfig
+from hrsa.runtime.cli_options import config_file_option, config_options
+from hrsa.runtime.settings import load_settings
 
 __all__ = ["demo", "run", "submit"]
 
 
 @click.command("demo")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("hrsa-out"), show_default=True,
-              help="Folder for the store and everything the demo writes; re-running resumes there.")
-@click.option("--corpus", type=click.Path(exists=True, path_type=Path), default=None,
-              help="A CoT corpus (.jsonl file or folder, fields messages + reasoning), e.g. ../shared/data/cot/samples. "
-                   "Default: word problems the demo writes itself.")
-@click.option("--max-docs", type=click.IntRange(min=1), default=16, show_default=True, help="Use at most N documents.")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=384, show_default=True, help="Cut documents to N tokens.")
-@click.option("--train-steps", type=click.IntRange(min=1), default=16, show_default=True,
-              help="InfoNCE steps that turn SmolLM2 into SmolLM2-Emb (about 8 s each on 2 CPU cores).")
-@click.option("--address", default=None, help="Ray address (default RAY_ADDRESS, else an embedded local Ray).")
-def demo(out: Path, corpus: Path | None, max_docs: int, max_tokens: int, train_steps: int, address: str | None) -> None:
+@config_file_option
+@config_options(DemoConfig)
+def demo(config_file: Path | None, **flags: Any) -> None:
     """Run the demo offline: SmolLM2 vs its own InfoNCE-trained SmolLM2-Emb, every HRSA metric, the report."""
     from rich.console import Console
 
-    from hrsa.cluster.demo import DemoConfig, run_demo
+    from hrsa.cluster.demo import run_demo
 
     console = Console()
-    config = DemoConfig(out=out, corpus=corpus, max_docs=max_docs, max_tokens=max_tokens, train_steps=train_steps,
-                        address=address)
+    config = load_settings(DemoConfig, config_file, flags, verb="demo")  # every problem at once, one line
     result = run_demo(config, console)
     console.print(f"\n[bold]report:[/] {result.report.resolve()}")
     console.print(f"store:  {result.store_url} (look inside: hrsa store ls {result.store_url})")

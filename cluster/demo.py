@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from rich.console import Console
 
 __all__ = ["DemoConfig", "DemoResult", "run_demo", "demo_pipeline", "DEMO_MODEL", "COT_TEMPLATE"]
@@ -24,17 +25,29 @@ COT_TEMPLATE = "{chat:messages}{reasoning}"  # the problem as the model saw it, 
 _DONE = ".hrsa-materialized"  # written last into the saved backbone folder: a torn save is redone
 
 
-@dataclass(frozen=True)
-class DemoConfig:
-    """The demo's settings (the flags of ``hrsa demo``); ``corpus`` None: word problems the demo writes itself."""
+class DemoConfig(BaseModel):
+    """The demo's settings, equal to the flags of ``hrsa demo`` and to its ``--config`` YAML."""
 
-    out: Path
-    corpus: Path | None = None
-    max_docs: int = 16
-    max_tokens: int = 384
-    train_steps: int = 16
-    probe_docs: int = 96
-    address: str | None = None
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    out: Path = Field(Path("hrsa-out"), description="Folder for the store and everything the demo writes; re-running "
+                                                     "resumes there.")
+    corpus: Path | None = Field(None, description="A CoT corpus (.jsonl file or folder, fields messages + reasoning), "
+                                                  "e.g. ../shared/data/cot/samples. Default: word problems the demo writes "
+                                                  "itself.")
+    max_docs: int = Field(16, ge=1, description="Use at most N documents.")
+    max_tokens: int = Field(384, ge=1, description="Cut documents to N tokens.")
+    train_steps: int = Field(16, ge=1, description="InfoNCE steps that turn SmolLM2 into SmolLM2-Emb (about 8 s each on "
+                                                   "2 CPU cores).")
+    probe_docs: int = Field(96, ge=4, description="Labelled word problems of the probe corpus.")
+    address: str | None = Field(None, description="Ray address (default RAY_ADDRESS, else an embedded local Ray).")
+
+    @field_validator("corpus")
+    @classmethod
+    def _corpus_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.exists():
+            raise ValueError(f"expected an existing file or folder, got {str(value)!r}")
+        return value
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,8 @@ class TokenSelection:
         return self.tokens is None and self.docs is None and self.token_filter().is_identity
 
     def token_filter(self) -> TokenFilter:
-        return TokenFilter(exclude_special=self.exclude_special, exclude_first=self.exclude_first, positions=self.positions)
+        return TokenFilter(exclude_special=self.exclude_special, exclude_first=self.exclude_first,
+                           positions=self.positions)
 
     def to_dict(self) -> dict[str, Any]:
         return {

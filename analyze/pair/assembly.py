@@ -23,8 +23,10 @@ from hrsa.analyze.pair.pair_results import PairResults
 if TYPE_CHECKING:
     from numpy.typing import NDArray
 
+    from hrsa.analyze.accumulators.cross_moments import CoMomentSummary
     from hrsa.analyze.pair.passes import PassOutputs
     from hrsa.analyze.pair.resolve import ResolvedPair
+    from hrsa.analyze.streaming.plan import StreamPair
     from hrsa.store.selection import TokenSelection
 
 __all__ = ["assemble"]
@@ -32,7 +34,9 @@ __all__ = ["assemble"]
 _PER_LAYER = ("cka", "cka_debiased", "dimcorr", "procrustes")
 
 
-def assemble(pair: ResolvedPair, selection: TokenSelection, outputs: PassOutputs, settings: Mapping[str, Any]) -> PairResults:
+def assemble(
+    pair: ResolvedPair, selection: TokenSelection, outputs: PassOutputs, settings: Mapping[str, Any]
+) -> PairResults:
     """The results of the streaming metrics (the local ones are added by ``analyze_pair``)."""
     matched = outputs.matched
     per_layer: dict[str, Any] = {}
@@ -48,7 +52,9 @@ def assemble(pair: ResolvedPair, selection: TokenSelection, outputs: PassOutputs
     )
 
 
-def _cross_layer(pair: ResolvedPair, summaries: Mapping[Any, Any], per_layer: dict[str, Any]) -> dict[str, Any]:
+def _cross_layer(
+    pair: ResolvedPair, summaries: Mapping[StreamPair, CoMomentSummary], per_layer: dict[str, Any]
+) -> dict[str, Any]:
     """The (I, J) matrices from the summaries; fills the per-layer CKA/dimcorr when no matched pass ran."""
     self_a = {i: summaries[("a", i), ("a", i)] for i in pair.rows}
     self_b = {j: summaries[("b", j), ("b", j)] for j in pair.cols}

@@ -25,7 +25,8 @@ def check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
     """
     bad = [m for m in metrics if m not in METRICS + LOCAL_METRICS]
     if bad or not metrics:
-        raise UserError(f"Expected metrics among {', '.join(METRICS + LOCAL_METRICS)}. Got {', '.join(bad) or 'none'} instead.")
+        raise UserError(f"Expected metrics among {', '.join(METRICS + LOCAL_METRICS)}. "
+                        f"Got {', '.join(bad) or 'none'} instead.")
     return tuple(m for m in METRICS + LOCAL_METRICS if m in metrics)
 
 
@@ -67,4 +68,5 @@ def check_pair(store: ActivationStore, a: str, b: str, metrics: tuple[str, ...])
 def _same_tokens(store: ActivationStore, cid_a: str, cid_b: str) -> bool:
     """Two corpus ids with identical token ids and documents (e.g. tokenizers with different fingerprints)."""
     ta, tb = store.tokens(cid_a), store.tokens(cid_b)
-    return len(ta) == len(tb) and all(np.array_equal(ta[c].to_numpy(), tb[c].to_numpy()) for c in ("token_id", "doc_index"))
+    same = (np.array_equal(ta[c].to_numpy(), tb[c].to_numpy()) for c in ("token_id", "doc_index"))
+    return len(ta) == len(tb) and all(same)

@@ -24,8 +24,8 @@ if TYPE_CHECKING:
     from hrsa.analyze.accumulators.cross_moments import CoMomentSummary
     from hrsa.analyze.pair.resolve import ResolvedPair
     from hrsa.analyze.streaming.backends import ChunkBackend
-    from hrsa.analyze.streaming.plan import Tile
-    from hrsa.analyze.streaming.stream import Execution, OnBlock
+    from hrsa.analyze.streaming.plan import StreamPair, Tile
+    from hrsa.analyze.streaming.stream import OnBlock, ResolvedScheduler
     from hrsa.store import ActivationStore
 
 __all__ = ["PassOutputs", "run_passes"]
@@ -43,11 +43,15 @@ class PassOutputs:
     """
 
     matched: dict[int, dict[str, Any]]
-    summaries: dict[Any, CoMomentSummary]
+    summaries: dict[StreamPair, CoMomentSummary]
 
 
 def run_passes(
-    store: ActivationStore, pair: ResolvedPair, backend: ChunkBackend, scheduler: Execution, on_block: OnBlock | None
+    store: ActivationStore,
+    pair: ResolvedPair,
+    backend: ChunkBackend,
+    scheduler: ResolvedScheduler,
+    on_block: OnBlock | None,
 ) -> PassOutputs:
     """Every tile in turn.
 
@@ -62,7 +66,7 @@ def run_passes(
     reader = StateReader({(s, k): store.hidden_state(mids[s], k, chunk_tokens=pair.block_tokens) for s, k in keys})
     segments = split_segments(pair.blocks, pair.plan.workers)
     matched: dict[int, dict[str, Any]] = {}
-    summaries: dict[Any, CoMomentSummary] = {}
+    summaries: dict[StreamPair, CoMomentSummary] = {}
     underdetermined = False
     for tile in pair.plan.tiles:
         acc = run_tile(tile, reader, segments, backend, scheduler, on_block)

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from hrsa.analyze.config import METRICS
 from hrsa.analyze.pair.checks import check_metrics, check_pair
 from hrsa.analyze.streaming.plan import AnalysisPlan, MemoryBudgetError, PlanInputs, plan_analysis
 from hrsa.analyze.streaming.stream import TokenBlock, token_blocks
-from hrsa.analyze.config import METRICS
 from hrsa.store.errors import UserError
 
 if TYPE_CHECKING:
@@ -109,7 +109,8 @@ def resolve_pair(
             if block_tokens is not None or size <= 64:
                 raise
             size = max(64, size // 2)
-    return ResolvedPair(info_a, info_b, metrics_t, debiased, save_rotation, matched, rows, cols, n_tokens, size, blocks, plan)
+    return ResolvedPair(info_a, info_b, metrics_t, debiased, save_rotation, matched, rows, cols, n_tokens, size, blocks,
+                        plan)
 
 
 def _default_block_tokens(info_a: ModelInfo, info_b: ModelInfo) -> int:

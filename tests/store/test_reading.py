@@ -18,6 +18,7 @@ from hrsa.store import (
     StoreNotFoundError,
     StoreReadOnlyError,
     TokenFilter,
+    TokenSelection,
     UserError,
 )
 from hrsa.store.testing import DOC_LENGTHS, HIDDEN, LAYERS, expected_layer, fill_model, make_table, new_model
@@ -122,6 +123,29 @@ def test_token_range_docs_and_filters(filled_store: ActivationStore) -> None:
     assert np.array_equal(got, full[offsets[2] + 10 : offsets[2] + 20])
     special = filled_store.hidden_state("m", 1, token_filter=TokenFilter(exclude_special=True))
     assert special.shape[0] == len(full) - len(DOC_LENGTHS)
+
+
+def test_select_resolves_a_token_selection_to_the_cheapest_form(filled_store: ActivationStore) -> None:
+    offsets = np.concatenate([[0], np.cumsum(DOC_LENGTHS)])
+    assert filled_store.select("m") == slice(0, sum(DOC_LENGTHS))  # everything: a slice, no table read
+    contiguous = slice(int(offsets[1]), int(offsets[3]))
+    assert filled_store.select("m", TokenSelection(docs=(1, 2))) == contiguous
+    index = filled_store.select("m", TokenSelection(exclude_first=True, docs=(3, 0)))
+    assert index.tolist() == [*range(offsets[3] + 1, offsets[4]), *range(1, offsets[1])]  # document order, no 0s
+    # The keyword arguments of a read are the same selection.
+    both = TokenSelection.of(tokens=(5, 600), docs=[0, 1], token_filter=TokenFilter(positions=(2, 50)))
+    assert both == TokenSelection(positions=(2, 50), docs=(0, 1), tokens=(5, 600))
+    got = filled_store.hidden_state("m", 1, tokens=(5, 600), docs=[0, 1], token_filter=TokenFilter(positions=(2, 50)))
+    assert np.array_equal(got.compute(), expected_layer(filled_store, "m", 1)[filled_store.select("m", both)])
+    assert TokenSelection().is_everything and not TokenSelection(exclude_special=True).is_everything
+
+
+def test_corpus_tokens_are_the_token_ids_and_document_offsets(filled_store: ActivationStore) -> None:
+    cid = filled_store.model_info("m").corpus
+    tokens = filled_store.corpus_tokens(cid)
+    assert tokens.doc_offsets.tolist() == [0, *np.cumsum(DOC_LENGTHS).tolist()]
+    assert np.array_equal(tokens.token_ids, filled_store.tokens(cid)["token_id"].to_numpy())
+    assert tokens.document(1).tolist() == tokens.token_ids[DOC_LENGTHS[0] : DOC_LENGTHS[0] + DOC_LENGTHS[1]].tolist()
 
 
 def test_bad_selections_are_user_errors(filled_store: ActivationStore) -> None:
