@@ -8,6 +8,10 @@ from pathlib import Path
 
 __all__ = ["write_atomic"]
 
+# Reading the umask means setting it; done once, at import, rather than racing other threads on each write.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 def write_atomic(path: Path | str, data: str | bytes) -> Path:
     """Write ``data`` to ``path`` so that a reader (or a crash) never sees half a file.
@@ -27,15 +31,9 @@ def write_atomic(path: Path | str, data: str | bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a results file is as readable as any other
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a results file is as readable as any other
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)  # reading the umask means setting it; put it straight back
-    os.umask(mask)
-    return mask
