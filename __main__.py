@@ -1,3 +1,5 @@
+"""``python -m hrsa``: the same command as ``hrsa``."""
+
 from hrsa.cli import main
 
 main()

@@ -6,10 +6,10 @@ metrics (``local/``: k-NN overlap, probes) <- the pair analysis (``pair/``) <- t
 presentation (``report/``: figures, summary, dynamics, HTML) <- the job (``job``) <- the CLI (``cli``). The names
 below load lazily, so importing the pure math never pulls in Dask, Zarr or the store.
 
-Example:
-    >>> from hrsa.analyze import analyze_pair, save_results  # doctest: +SKIP
-    >>> results = analyze_pair(store, "base", "tuned", cross_layer=True, memory_budget="4GB")  # doctest: +SKIP
-    >>> save_results(results, Path("out"), store=store)  # doctest: +SKIP
+Example (what ``hrsa analyze`` does, from Python):
+    >>> from hrsa.analyze import AnalyzeConfig, run_analysis  # doctest: +SKIP
+    >>> run = run_analysis(AnalyzeConfig(store="hrsa-out/store", pair=("base", "tuned"), cross_layer=True))  # doctest: +SKIP
+    >>> run.saved.json_path, run.figures  # results.json, and the figures drawn from it  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -25,17 +25,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hrsa.analyze.streaming.backends import BackendName, ComputeDtype
 from hrsa.analyze.streaming.plan import parse_memory_budget
 from hrsa.analyze.streaming.stream import Scheduler
-from hrsa.runtime.settings import load_settings
+from hrsa.runtime.settings import FolderPath, load_settings
 from hrsa.store.errors import UserError
 from hrsa.store.ids import parse_id
-from hrsa.store.selection import parse_doc_ids
+from hrsa.store.selection import parse_doc_ids, parse_int_list
 
 __all__ = [
     "DEFAULT_K",
@@ -63,7 +63,7 @@ class AnalyzeConfig(BaseModel):
 
     store: str = Field(description="Store URL: a path or an fsspec URL such as s3://bucket/store.")
     pair: tuple[str, str] = Field(description="Model ids A and B (A's hidden states are the rows of matrices).")
-    metrics: tuple[Metric, ...] = Field(METRICS, description="Comma-separated, among dimcorr,cka,procrustes,knn,probe.")
+    metrics: tuple[Metric, ...] = Field(METRICS, description=f"Comma-separated, among {','.join(get_args(Metric))}.")
     debiased: bool = Field(False, description="Also debiased CKA (unbiased HSIC) on the matched layers.")
     cross_layer: bool = Field(
         False, description="Also every hidden state of A against every one of B (CKA and dimcorr matrices).")
@@ -89,7 +89,7 @@ class AnalyzeConfig(BaseModel):
         "auto", description="Where matrix products run; auto = CUDA when torch sees a GPU, else numpy.")
     compute_dtype: ComputeDtype = Field(
         "auto", description="dtype of the products of centred blocks (sums are float64); auto = float32 on GPU.")
-    out: Path = Field(Path("hrsa-analysis"), description="Folder for results.json and figures.")
+    out: FolderPath = Field(Path("hrsa-analysis"), description="Folder for results.json and figures.")
     run_id: str | None = Field(
         None, description="Name of the run in the store's results/.  [default: A--B--<UTC time>]")
     store_results: bool = Field(True, description="Also write results into the store's results/ (opens it writable).")
@@ -111,15 +111,15 @@ class AnalyzeConfig(BaseModel):
     pool: Pool = Field("mean", description="Probe: pool each document's tokens by mean or take the last.")
     probe_both_directions: bool = Field(False, description="Probe: also fit on B and test on A.")
 
-    @field_validator("k", "hidden_states", mode="before")
+    @field_validator("k", mode="before")
     @classmethod
-    def _split_ints(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            try:
-                return tuple(int(v) for v in value.split(",") if v.strip())
-            except ValueError:
-                raise ValueError(f"expected comma-separated integers such as 5,10,50, got {value!r}") from None
-        return value
+    def _split_k(cls, value: Any) -> Any:
+        return tuple(parse_int_list(value, ranges=False, what="neighbour counts")) if isinstance(value, str) else value
+
+    @field_validator("hidden_states", mode="before")
+    @classmethod
+    def _split_hidden_states(cls, value: Any) -> Any:
+        return tuple(parse_int_list(value, what="hidden-state indices")) if isinstance(value, str) else value
 
     @field_validator("k")
     @classmethod

@@ -1,22 +1,23 @@
 """``run_analysis``: one ``hrsa analyze`` job from its config, called alike by the CLI and the pipeline runner.
 
-A recipe in three steps: open the store (writable when the results go into it) and check the run id is free
-before any pass; compare the pair (:func:`hrsa.analyze.pair.analyze_pair`), gathering hrsa's own warnings as
-lines; write ``results.json`` (and the store's ``results/<run_id>``) and draw the figures from that document.
+A recipe in three steps: open the store (writable when the results go into it), clear an earlier run's outputs
+when asked to replace them, and check the run id is free before any pass; compare the pair
+(:func:`hrsa.analyze.pair.analyze_pair`), gathering hrsa's own warnings as lines; write ``results.json`` (and the
+store's ``results/<run_id>``) and draw the figures from that document.
 Progress and printing stay with the caller (``on_plan``, ``on_block``, :attr:`AnalysisRun.warnings`).
 """
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-# The module, not its function: analyze_pair is looked up at call time, so a test can substitute it.
-from hrsa.analyze import pair as pair_analysis
 from hrsa.analyze.local.knn import KnnOptions
 from hrsa.analyze.local.probe import ProbeOptions
+from hrsa.analyze.pair import analyze_pair
 from hrsa.analyze.report.figures import plot_figures
 from hrsa.analyze.results import check_run_id_free, save_results
 from hrsa.store import ActivationStore
@@ -54,6 +55,7 @@ class AnalysisRun:
 def run_analysis(
     config: AnalyzeConfig,
     *,
+    replace: bool = False,
     on_plan: Callable[[AnalysisPlan], None] | None = None,
     on_block: OnBlock | None = None,
 ) -> AnalysisRun:
@@ -61,6 +63,9 @@ def run_analysis(
 
     Args:
         config: the validated settings (:func:`hrsa.analyze.config.load_config`).
+        replace: re-run over an earlier run of this config: first delete the store's record named ``config.run_id``
+            (if any; no other record is touched) and the whole ``config.out`` folder, so that no figure of an
+            earlier setting stays beside the new results. For a caller that owns both (the pipeline runner).
         on_plan: called with the plan before the first pass (to print it, or size a progress bar).
         on_block: called with the token count of each block done.
 
@@ -70,8 +75,11 @@ def run_analysis(
     Raises:
         UserError: a missing store, a taken run id, or anything :func:`~hrsa.analyze.pair.analyze_pair` refuses.
     """
-    # Step 1: the store, writable when the results go into it; a taken run id fails now, not after the passes.
+    # Step 1: the store, writable when the results go into it; with replace, an earlier run's record and out folder
+    # go; a taken run id fails now, not after the passes.
     store = ActivationStore.open(config.store, mode="r+" if config.store_results else "r")
+    if replace:
+        _clear_earlier_run(store, config)
     if config.store_results and config.run_id:
         check_run_id_free(store, config.run_id)
     # Step 2: the comparison; each warning once, gathered so that it prints below a progress bar, not through it.
@@ -100,13 +108,20 @@ def _compare(store: ActivationStore, config: AnalyzeConfig, on_plan: Callable[[A
         label_field=config.label_field, labels_file=config.labels, id_field=config.id_field, pool=config.pool,
         both_directions=config.probe_both_directions, seed=config.seed, hidden_states=config.hidden_states,
     ) if config.label_field else None
-    return pair_analysis.analyze_pair(
+    return analyze_pair(
         store, *config.pair, metrics=config.metrics, debiased=config.debiased, cross_layer=config.cross_layer,
         selection=selection, memory_budget=config.memory_budget, block_tokens=config.block_tokens,
         workers=config.workers, scheduler=config.scheduler, backend=config.backend, compute_dtype=config.compute_dtype,
         save_rotation=config.save_rotation, knn_options=knn_options, probe_options=probe_options,
         on_plan=on_plan, on_block=on_block,
     )
+
+
+def _clear_earlier_run(store: ActivationStore, config: AnalyzeConfig) -> None:
+    """Delete what an earlier (maybe interrupted) run of ``config`` left: its store record and its out folder."""
+    if config.store_results and config.run_id and config.run_id in store.results_ids():
+        store.delete_results(config.run_id)
+    shutil.rmtree(config.out, ignore_errors=True)
 
 
 def _is_hrsa(w: warnings.WarningMessage) -> bool:

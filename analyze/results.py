@@ -225,7 +225,7 @@ def check_run_id_free(store: ActivationStore, run_id: str) -> None:
     parse_id(run_id, kind="run id")
     if store.read_only:
         raise UserError(f"Expected a writable store to save results in. Got {store.url} opened read-only. Open it with mode 'r+'.")
-    if run_id in store.group("results"):
+    if run_id in store.results_ids():
         raise UserError(f"Expected a new run id. Got {run_id!r}, which {store.url} already holds in results/. Choose another --run-id.")
 
 
@@ -237,11 +237,11 @@ def write_to_store(store: ActivationStore, results: PairResults, doc: Mapping[st
     """
     run_id = doc["run_id"]
     check_run_id_free(store, run_id)
-    group = store.group("results").create_group(run_id)
+    group = store.create_results(run_id)
     for name, values in _arrays(results, doc).items():
         group.create_array(name, data=np.ascontiguousarray(values))
     group.attrs[ATTRS_KEY] = dict(doc)
-    return f"results/{run_id}"
+    return group.path
 
 
 def _arrays(results: PairResults, doc: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -18,6 +18,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from rich.console import Console
 
+from hrsa.runtime.settings import FolderPath
+
 __all__ = ["DemoConfig", "DemoResult", "run_demo", "demo_pipeline", "DEMO_MODEL", "COT_TEMPLATE"]
 
 DEMO_MODEL = "packaged:smollm2-135m-instruct"
@@ -30,7 +32,7 @@ class DemoConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    out: Path = Field(Path("hrsa-out"), description="Folder for the store and everything the demo writes; re-running "
+    out: FolderPath = Field(Path("hrsa-out"), description="Folder for the store and everything the demo writes; re-running "
                                                      "resumes there.")
     corpus: Path | None = Field(None, description="A CoT corpus (.jsonl file or folder, fields messages + reasoning), "
                                                   "e.g. ../shared/data/cot/samples. Default: word problems the demo writes "

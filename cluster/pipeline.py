@@ -27,7 +27,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hrsa.analyze.config import AnalyzeConfig
-from hrsa.extract.config import ExtractRunOptions, ModelSourceOptions
+from hrsa.extract.config import CorpusOptions, ExtractRunOptions, ModelSourceOptions
 from hrsa.runtime.settings import Problems, read_yaml_mapping, validation_problems
 from hrsa.store.errors import InvalidIdError, UserError
 from hrsa.store.ids import parse_id, slugify
@@ -56,26 +56,14 @@ class PipelineError(UserError, ValueError):
     """A pipeline that does not validate; the message lists every problem at once."""
 
 
-class CorpusEntry(BaseModel):
-    """A corpus: where its records are and which text of each goes through the models."""
-
-    model_config = _FROZEN
+class CorpusEntry(CorpusOptions):
+    """A corpus: where its records are and which text of each goes through the models (the corpus options of
+    ``hrsa extract``), and where probes find each document's label."""
 
     path: str = Field(description="A .jsonl/.csv/.parquet file, a folder of them, or hf:NAME[:SPLIT].")
-    text: str | None = Field(None, description="The field holding each record's text (default 'text').")
-    template: str | None = Field(None, description="A format string over fields; {chat:FIELD} applies the chat template.")
-    id_field: str | None = Field(None, description="The field holding each record's id.")
-    max_docs: int | None = Field(None, ge=1, description="Use the first N documents.")
-    max_tokens: int | None = Field(None, ge=1, description="Cut documents to N tokens.")
     label_field: str | None = Field(None, description="Probes: the record field holding each document's label (the "
                                                       "default of every pair on this corpus).")
     labels: str | None = Field(None, description="Probes: a .jsonl/.csv/.parquet of labels instead of the corpus's file.")
-
-    @model_validator(mode="after")
-    def _text_or_template(self) -> CorpusEntry:
-        if self.text is not None and self.template is not None:
-            raise ValueError(f"expected text or template, not both; got text={self.text!r} and template={self.template!r}")
-        return self
 
 
 class ModelEntry(ExtractRunOptions, ModelSourceOptions):

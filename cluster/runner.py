@@ -15,7 +15,6 @@ not write is never touched: the run stops and names the fix.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,15 +266,12 @@ class _Runner:
 
     def _run_analysis(self, cfg: AnalyzeConfig) -> None:
         from hrsa.analyze.job import run_analysis
-        from hrsa.store import ActivationStore
 
-        if cfg.store_results:
-            store = ActivationStore.open(cfg.store, mode="r+")
-            if cfg.run_id in store.group("results"):
-                del store.group("results")[cfg.run_id]  # a run that stopped before its record: this key's, redo it
-        shutil.rmtree(cfg.out, ignore_errors=True)  # no figure of an earlier setting stays beside the new results
+        # replace: this stage's key names the run id, so a record under it is this stage's, from a run that stopped
+        # before it finished; it and the out folder (figures of an earlier setting) are redone.
         with stage_progress(self.console, "tokens x passes") as (progress, task):
-            run = run_analysis(cfg, on_plan=lambda plan: progress.update(task, total=plan.passes * plan.inputs.n_tokens),
+            run = run_analysis(cfg, replace=True,
+                               on_plan=lambda plan: progress.update(task, total=plan.passes * plan.inputs.n_tokens),
                                on_block=lambda n: progress.advance(task, n))
         for message in run.warnings:  # hrsa's warnings as lines below the bar (as `hrsa analyze` prints them)
             self.console.print(f"hrsa: warning: {message}", markup=False, emoji=False)

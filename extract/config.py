@@ -11,9 +11,10 @@ field is a flag of the same name (``token_budget`` is ``--token-budget``). Examp
     attention: bidirectional
     layers: 0,10,20-30            # or a list [0, 10, 20]
 
-Two groups of fields are shared with the pipeline (:mod:`hrsa.cluster.pipeline`), which extracts the same way:
-:class:`ExtractRunOptions` (how a model runs over a corpus) and :class:`ModelSourceOptions` (which weights of
-a repository or folder load, and whether its code may run). They are declared here once.
+Three groups of fields are shared with the pipeline (:mod:`hrsa.cluster.pipeline`), which extracts the same
+way: :class:`CorpusOptions` (which text of each record goes through the model), :class:`ExtractRunOptions` (how
+a model runs over a corpus) and :class:`ModelSourceOptions` (which weights of a repository or folder load, and
+whether its code may run). They are declared here once.
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from hrsa.extract.model_spec import AttentionMode, DTypeName
 from hrsa.runtime.settings import load_settings, parse_settings
-from hrsa.store.errors import SelectionError, UserError
+from hrsa.store.errors import UserError
 from hrsa.store.ids import parse_id
-from hrsa.store.selection import parse_doc_ids
+from hrsa.store.selection import parse_int_list
 
-__all__ = ["ExtractConfig", "ExtractConfigError", "ExtractRunOptions", "ModelSourceOptions", "load_extract_config",
-           "parse_extract_config"]
+__all__ = ["CorpusOptions", "ExtractConfig", "ExtractConfigError", "ExtractRunOptions", "ModelSourceOptions",
+           "load_extract_config", "parse_extract_config"]
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
@@ -58,10 +59,7 @@ class ExtractRunOptions(BaseModel):
         """``"0,12,24-28"`` (a flag, or YAML text) -> a list; the same syntax as document lists. Blank: all."""
         if not isinstance(value, str):
             return value
-        try:
-            return parse_doc_ids(value) if value.strip() else None
-        except SelectionError:  # its message speaks of documents
-            raise ValueError(f"expected hidden-state indices such as 0,12,24-28, got {value!r}") from None
+        return parse_int_list(value, what="hidden-state indices") if value.strip() else None  # a ValueError: gathered
 
     @field_validator("layers")
     @classmethod
@@ -81,18 +79,33 @@ class ModelSourceOptions(BaseModel):
     trust_remote_code: bool = Field(False, description="Run code shipped with a hub model.")
 
 
-class ExtractConfig(ExtractRunOptions, ModelSourceOptions):
+class CorpusOptions(BaseModel):
+    """Which records of a corpus are read and which text of each goes through the model."""
+
+    model_config = _FROZEN
+
+    text: str | None = Field(None, description="The field holding each record's text (default 'text').")
+    template: str | None = Field(None, description="A format string over fields; {chat:FIELD} applies the chat template.")
+    id_field: str | None = Field(None, description="The field holding each record's id.")
+    max_docs: int | None = Field(None, ge=1, description="Use the first N documents.")
+    max_tokens: int | None = Field(None, ge=1, description="Cut documents to N tokens.")
+
+    @field_validator("template")
+    @classmethod
+    def _text_or_template(cls, value: str | None, info: ValidationInfo) -> str | None:
+        text = info.data.get("text")  # validated before: fields are checked in order, errors gathered
+        if value is not None and text is not None:
+            raise ValueError(f"expected text or template, not both; got text={text!r} and template={value!r}")
+        return value
+
+
+class ExtractConfig(ExtractRunOptions, ModelSourceOptions, CorpusOptions):
     """Everything ``hrsa extract`` takes; each field is also a CLI flag."""
 
     store: str = Field(description="Store URL: a local path or an fsspec URL (s3://bucket/store).")
     model: str = Field(description="A local folder, a .gguf file, packaged:<name>, or a hub id org/name[@revision].")
     corpus: str = Field(description="A .jsonl/.csv/.parquet file, a folder of them, hf:NAME[:SPLIT], or a stored corpus id.")
     name: str | None = Field(None, description="Model id in the store (default: derived from --model).")
-    text: str | None = Field(None, description="The field holding each record's text (default 'text').")
-    template: str | None = Field(None, description="A format string over fields; {chat:FIELD} applies the chat template.")
-    id_field: str | None = Field(None, description="The field holding each record's id.")
-    max_docs: int | None = Field(None, ge=1, description="Use the first N documents.")
-    max_tokens: int | None = Field(None, ge=1, description="Cut documents to N tokens.")
     address: str | None = Field(None, description="Ray address (default RAY_ADDRESS, else an embedded local Ray).")
 
     @field_validator("name")
@@ -100,14 +113,6 @@ class ExtractConfig(ExtractRunOptions, ModelSourceOptions):
     def _check_name(cls, value: str | None) -> str | None:
         # InvalidIdError is a ValueError: pydantic reports it with the other problems
         return parse_id(value, kind="model id (--name)") if value is not None else None
-
-    @field_validator("template")
-    @classmethod
-    def _text_or_template(cls, value: str | None, info: ValidationInfo) -> str | None:
-        text = info.data.get("text")  # validated before: fields are checked in order, errors gathered
-        if value is not None and text is not None:
-            raise ValueError(f"expected --text or --template, not both; got text={text!r} and template={value!r}")
-        return value
 
 
 def parse_extract_config(values: Mapping[str, Any]) -> ExtractConfig:

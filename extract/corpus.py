@@ -24,7 +24,7 @@ from hrsa.store.records import CorpusError, read_records
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["CorpusSpec", "CorpusError", "load_records", "render_text", "tokenize_corpus", "special_token_ids"]
+__all__ = ["CorpusSpec", "load_records", "render_text", "tokenize_corpus", "special_token_ids"]
 
 _CHAT_FIELD = re.compile(r"\{chat:([A-Za-z0-9_]+)\}")
 

@@ -4,19 +4,22 @@ A field ``cross_layer: bool = Field(False, description="...")`` becomes ``--cros
 with that help and ``[default: False]``; a ``Literal`` becomes a choice; ``X | None`` unwraps to X; tuples and
 lists are given as text (``5,10,50``) that the model's own validators split. Flags left out are None, so
 :func:`hrsa.runtime.settings.load_settings` can tell "not given" (take the YAML's or the default) from a value.
+Two shapes a verb may ask for by field name: a repeatable flag (``repeatable``), and a bool whose off switch is
+not ``--no-<flag>`` (``switches``). A flag written by hand takes its help from :func:`field_help`.
 """
 
 from __future__ import annotations
 
+import types
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import click
 from pydantic import BaseModel
 
-__all__ = ["config_file_option", "config_options"]
+__all__ = ["config_file_option", "config_options", "field_help"]
 
 F = typing.TypeVar("F", bound=Callable[..., Any])
 
@@ -29,48 +32,87 @@ def config_file_option(command: F) -> F:
     )(command)
 
 
-def config_options(model: type[BaseModel], *, exclude: Iterable[str] = (), metavars: dict[str, str] | None = None) -> Callable[[F], F]:
-    """A decorator adding one flag per field of ``model`` (in field order), with the field's description as help.
+def config_options(
+    model: type[BaseModel],
+    *,
+    exclude: Iterable[str] = (),
+    metavars: Mapping[str, str] | None = None,
+    switches: Mapping[str, str] | None = None,
+    repeatable: Iterable[str] = (),
+) -> Callable[[F], F]:
+    """A decorator adding one flag per field of ``model``, with the field's description as help.
+
+    Flags come in field order, the model's own fields first and then those it inherits from shared option
+    groups (e.g. ``EncoderOptions``), so a verb's --help starts with what is particular to it.
 
     Args:
         model: the verb's pydantic config; every field needs a ``description``.
         exclude: fields that are not flags (e.g. set by the verb itself).
         metavars: text shown for a field's value in --help (e.g. ``{"layers": "0,12,24-28"}``).
+        switches: the off switch of a bool field, when it is not ``--no-<flag>`` (e.g.
+            ``{"keep_existing": "--replace-existing"}`` gives ``--keep-existing/--replace-existing``).
+        repeatable: tuple fields given as a repeatable flag (``--tasks A --tasks B``); the values come as a tuple
+            of texts, which the model's own validator may split further.
     """
-    skip, shown = set(exclude), metavars or {}
+    skip, shown, offs, repeated = set(exclude), metavars or {}, switches or {}, set(repeatable)
 
     def decorate(command: F) -> F:
-        for name, field in reversed(list(model.model_fields.items())):
+        for name, field in reversed(_in_flag_order(model)):
             if name not in skip:
-                command = _option(name, field, shown.get(name))(command)
+                command = _option(name, field, shown.get(name), offs.get(name), name in repeated)(command)
         return command
 
     return decorate
 
 
-def _option(name: str, field: Any, metavar: str | None) -> Callable[[F], F]:
-    flag = "--" + name.replace("_", "-")
+def _in_flag_order(model: type[BaseModel]) -> list[tuple[str, Any]]:
+    """``model``'s fields, its own first, then those of its bases (each group in field order)."""
+    inherited = {name for base in model.__mro__[1:] if issubclass(base, BaseModel) for name in base.model_fields}
+    fields = list(model.model_fields.items())
+    return [f for f in fields if f[0] not in inherited] + [f for f in fields if f[0] in inherited]
+
+
+def field_help(model: type[BaseModel], name: str) -> str:
+    """The help of the flag of ``model``'s field ``name``: its description and its default (``[default: ...]``),
+    for a flag a verb writes by hand (e.g. one taking two values), as a generated one would have it.
+
+    Raises:
+        TypeError: the field has no description (every flag has help).
+    """
+    return _help(name, model.model_fields[name])
+
+
+def _help(name: str, field: Any, switch: str | None = None) -> str:
     if not field.description:
         raise TypeError(f"Expected a description for config field {name!r} (it is the flag's help). Got none.")
-    help_text = field.description + _default_text(field)
+    return field.description + _default_text(field, switch)
+
+
+def _option(name: str, field: Any, metavar: str | None, switch: str | None, multiple: bool) -> Callable[[F], F]:
+    flag = "--" + name.replace("_", "-")
+    help_text = _help(name, field, switch)
     if _unwrap(field.annotation) is bool:
-        return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
+        return click.option(f"{flag}/{switch or '--no-' + flag[2:]}", name, default=None, help=help_text)
+    if multiple:  # not given: an empty tuple, which load_settings also takes for "not given"
+        return click.option(flag, name, multiple=True, help=help_text, metavar=metavar)
     return click.option(flag, name, type=_click_type(field.annotation), default=None, help=help_text, metavar=metavar)
 
 
-def _default_text(field: Any) -> str:
+def _default_text(field: Any, switch: str | None = None) -> str:
     if field.is_required() or field.default is None or field.default == ():
         return ""
     default = field.default
     if isinstance(default, (tuple, list)):
         default = ",".join(map(str, default))
+    if switch is not None and default is False:  # the off switch has its own name: show it
+        default = switch
     return f"  [default: {default}]"
 
 
 def _unwrap(annotation: Any) -> Any:
     """``X | None`` -> X."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType")) and len(args) == 1:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
         return args[0]
     return annotation
 

@@ -9,15 +9,35 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import AfterValidator, BaseModel, ValidationError
 
 from hrsa.store.errors import UserError
 
-__all__ = ["Problems", "load_settings", "parse_settings", "read_yaml_mapping", "validation_problems"]
+__all__ = ["FilePath", "FolderPath", "Problems", "load_settings", "parse_settings", "read_yaml_mapping", "validation_problems"]
 
 M = TypeVar("M", bound=BaseModel)
+
+
+def _not_a_file(path: Path) -> Path:
+    # Checked with the settings, before any work: a job that computes for an hour and then cannot write its
+    # folder has wasted the hour (and may have written half its outputs elsewhere).
+    if path.is_file():
+        raise ValueError(f"expected a folder, got the file {str(path)!r}; name a folder (it is created if missing)")
+    return path
+
+
+def _not_a_folder(path: Path) -> Path:
+    if path.is_dir():
+        raise ValueError(f"expected a file name, got the folder {str(path)!r}; name a file inside it")
+    return path
+
+
+FolderPath = Annotated[Path, AfterValidator(_not_a_file)]
+"""An output folder: refused at validation when a file stands at that path."""
+FilePath = Annotated[Path, AfterValidator(_not_a_folder)]
+"""An output file: refused at validation when a folder stands at that path."""
 
 
 class Problems(ValueError):

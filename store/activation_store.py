@@ -377,6 +377,62 @@ class ActivationStore:
         self._model_group(mid)
         del self._root["models"][mid]
 
+    # -- result records ------------------------------------------------------------------------
+    def results_ids(self) -> list[str]:
+        """Ids of the result records (``hrsa analyze`` runs) in the store, sorted; a record still being written
+        (or left by a run that stopped) counts too: its id is taken."""
+        return sorted(self._root["results"].group_keys())
+
+    def create_results(self, run_id: str) -> zarr.Group:
+        """A new, empty result record ``run_id`` for the caller to fill (arrays, then its attributes).
+
+        Raises:
+            StoreReadOnlyError: the store is open read-only.
+            InvalidIdError: ``run_id`` is not a safe slug.
+            UserError: the store already holds a record of that id.
+        """
+        import zarr
+
+        self._check_writable()
+        parse_id(run_id, kind="run id")
+        try:
+            return self._root["results"].create_group(run_id)
+        except zarr.errors.ContainsGroupError:
+            raise UserError(
+                f"Expected a new run id. Got {run_id!r}, which {self.url} already holds in its results. "
+                "Choose another run id, or delete that record first."
+            ) from None
+
+    def results_record(self, run_id: str) -> zarr.Group:
+        """The result record ``run_id``: its attributes hold the results document, its arrays the numbers.
+
+        Raises:
+            UserError: no record of that id.
+        """
+        return self._root["results"][self._known_results(run_id)]
+
+    def delete_results(self, run_id: str) -> None:
+        """Remove the result record ``run_id``; models, corpora and other records are untouched.
+
+        Raises:
+            StoreReadOnlyError: the store is open read-only.
+            UserError: no record of that id.
+        """
+        self._check_writable()
+        del self._root["results"][self._known_results(run_id)]
+
+    def _known_results(self, run_id: str) -> str:
+        parse_id(run_id, kind="run id")
+        if run_id not in self._root["results"]:
+            known = ", ".join(self.results_ids()) or "none"
+            raise UserError(f"Expected a result record of this store ({known}). Got {run_id!r} instead.")
+        return run_id
+
+    # -- raw access ------------------------------------------------------------------------------
     def group(self, path: str) -> zarr.Group:
-        """The Zarr group at ``path`` below the root (``"results"``...), for the other packages' I/O."""
+        """The Zarr group at ``path`` below the root (``"models/m"``...), for tests and debugging.
+
+        Not for package code outside ``store/``: the layout of the hierarchy is this package's business; the
+        methods above (``hidden_state``, ``create_results``...) are the interface to it.
+        """
         return self._root[path]

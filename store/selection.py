@@ -21,7 +21,7 @@ from hrsa.store.errors import SelectionError
 if TYPE_CHECKING:
     import zarr
 
-__all__ = ["TokenFilter", "TokenSelection", "parse_doc_ids", "parse_token_range", "resolve_selection"]
+__all__ = ["TokenFilter", "TokenSelection", "parse_doc_ids", "parse_int_list", "parse_token_range", "resolve_selection"]
 
 
 @dataclass(frozen=True)
@@ -106,19 +106,45 @@ def parse_token_range(text: str, n_tokens: int) -> tuple[int, int]:
     return start, stop
 
 
-def parse_doc_ids(text: str) -> list[int]:
-    """``"0,3,5-9"`` -> ``[0, 3, 5, 6, 7, 8, 9]``."""
-    ids: list[int] = []
+def parse_int_list(text: str, *, ranges: bool = True, what: str = "integers") -> list[int]:
+    """Comma-separated integers, and with ``ranges`` inclusive ranges ``A-B``, in the order written.
+
+    The one parser of every integer-list flag: ``--docs``, extraction's ``--layers``, analysis's ``--k`` and
+    ``--hidden-states``, and evaluation's ``--steps``. Blank parts are skipped (``""`` is ``[]``).
+
+    Args:
+        text: e.g. ``"0,3,5-9"``.
+        ranges: accept ``A-B`` parts; without, a part is one (possibly negative) integer.
+        what: what the integers are, for the error message (e.g. "document indices").
+
+    Raises:
+        SelectionError: a part that is not an integer (or range); a ``ValueError``, so a pydantic validator that
+            calls this reports it with the other problems.
+
+    Example:
+        >>> parse_int_list("0,3,5-9")
+        [0, 3, 5, 6, 7, 8, 9]
+        >>> parse_int_list("5, 10,50", ranges=False)
+        [5, 10, 50]
+    """
+    values: list[int] = []
     try:
         for part in filter(None, (p.strip() for p in text.split(","))):
-            if "-" in part:
+            if ranges and "-" in part:
                 lo, hi = (int(v) for v in part.split("-", 1))
-                ids.extend(range(lo, hi + 1))
+                values.extend(range(lo, hi + 1))
             else:
-                ids.append(int(part))
+                values.append(int(part))
     except ValueError:
-        raise SelectionError(f"Expected document indices such as 0,3,5-9. Got {text!r} instead.") from None
-    return ids
+        example, how = ("0,3,5-9", " (A-B for a range)") if ranges else ("5,10,50", "")
+        raise SelectionError(f"Expected {what} such as {example}. Got {text!r} instead. "
+                             f"Write integers separated by commas{how}.") from None
+    return values
+
+
+def parse_doc_ids(text: str) -> list[int]:
+    """``"0,3,5-9"`` -> ``[0, 3, 5, 6, 7, 8, 9]``: document indices (:func:`parse_int_list`)."""
+    return parse_int_list(text, what="document indices")
 
 
 def _doc_index(doc_offsets: np.ndarray, docs: Sequence[int]) -> np.ndarray:

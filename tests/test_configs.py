@@ -42,3 +42,24 @@ def test_shipped_config_validates(path: Path) -> None:
 
 def test_there_are_configs() -> None:
     assert CONFIGS
+
+
+@pytest.mark.parametrize(("verb", "flag", "what"), [
+    ("analyze", "k", "neighbour counts"),
+    ("analyze", "hidden_states", "hidden-state indices"),
+    ("extract", "layers", "hidden-state indices"),
+    ("eval", "steps", "checkpoint steps"),
+])
+def test_integer_lists_share_one_parser_and_message(verb: str, flag: str, what: str) -> None:
+    from hrsa.analyze.config import AnalyzeConfig
+    from hrsa.extract.config import ExtractConfig
+    from hrsa.runtime.settings import parse_settings
+    from hrsa.store.errors import UserError
+    from hrsa.train.evaluate import EvalConfig
+
+    model, required = {"analyze": (AnalyzeConfig, {"store": "s", "pair": ("a", "b")}),
+                       "extract": (ExtractConfig, {"store": "s", "model": "m", "corpus": "c"}),
+                       "eval": (EvalConfig, {"model": "m", "tasks": "SciFact"})}[verb]
+    assert getattr(parse_settings(model, {**required, flag: "1, 2,3"}, verb=verb), flag) in ((1, 2, 3), [1, 2, 3])
+    with pytest.raises(UserError, match=f"{flag}: Expected {what} such as .*. Got '1,x' instead. Write integers"):
+        parse_settings(model, {**required, flag: "1,x"}, verb=verb)

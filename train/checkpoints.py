@@ -50,9 +50,9 @@ def list_checkpoints(run_dir: Path, *, marker: str = INFO_FILE) -> list[Checkpoi
         return []
     found = []
     for child in run_dir.iterdir():
-        match = _STEP_FOLDER.fullmatch(child.name)
-        if match and (child / marker).is_file():
-            found.append(Checkpoint(path=child, step=int(match.group(1))))
+        step = _named_step(child.name)
+        if step is not None and (child / marker).is_file():
+            found.append(Checkpoint(path=child, step=step))
     return sorted(found, key=lambda c: (c.step, c.path.name))
 
 
@@ -61,4 +61,14 @@ def checkpoint_step(folder: Path) -> int:
     info = Path(folder) / INFO_FILE
     if info.is_file():
         return int(json.loads(info.read_text())["step"])
-    return int(Path(folder).name.rpartition("_")[2])
+    step = _named_step(Path(folder).name)
+    if step is None:
+        raise ValueError(f"Expected a checkpoint folder named step_N or holding {INFO_FILE}. Got {str(folder)!r} "
+                         "instead. Pass a checkpoint folder of a training run.")
+    return step
+
+
+def _named_step(name: str) -> int | None:
+    """The N of a folder name ``step_N`` (the one rule for reading a step from a name), else None."""
+    match = _STEP_FOLDER.fullmatch(name)
+    return int(match.group(1)) if match else None

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-from pydantic import BaseModel
 
 from hrsa.runtime.cli_options import config_file_option, config_options
 from hrsa.train.config import TrainConfig
@@ -21,22 +20,6 @@ from hrsa.train.evaluate import EvalConfig
 from hrsa.train.mine import MineConfig
 
 __all__ = ["eval_command", "mine_negatives_command", "train"]
-
-
-def _help(model: type[BaseModel], name: str) -> str:
-    """A field's description: the help of a flag that is written by hand (for a shape the generator lacks)."""
-    return model.model_fields[name].description or ""
-
-
-def _around(model: type[BaseModel], name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The fields before ``name`` and after it: the flags generated around a hand-written one, in field order."""
-    fields = list(model.model_fields)
-    at = fields.index(name)
-    return tuple(fields[:at]), tuple(fields[at + 1:])
-
-
-_MINE_BEFORE, _MINE_AFTER = _around(MineConfig, "keep_existing")
-_EVAL_BEFORE, _EVAL_AFTER = _around(EvalConfig, "tasks")
 
 
 @click.command("train")
@@ -61,11 +44,8 @@ def train(config_file: Path | None, quiet: bool, **flags: Any) -> None:
 
 @click.command("mine-negatives")
 @config_file_option
-@config_options(MineConfig, exclude=("keep_existing", *_MINE_AFTER), metavars={"out": "FILE"})
-# Its off switch has always been --replace-existing, which the generated --no-keep-existing would rename.
-@click.option("--keep-existing/--replace-existing", "keep_existing", default=None,
-              help=_help(MineConfig, "keep_existing") + "  [default: replace]")
-@config_options(MineConfig, exclude=(*_MINE_BEFORE, "keep_existing"))
+# --keep-existing's off switch has always been --replace-existing (not the usual --no-keep-existing).
+@config_options(MineConfig, metavars={"out": "FILE"}, switches={"keep_existing": "--replace-existing"})
 def mine_negatives_command(config_file: Path | None, **flags: Any) -> None:
     """Mine hard negatives for query/pos pairs with an embedding model and FAISS (exact inner product).
 
@@ -87,10 +67,8 @@ def mine_negatives_command(config_file: Path | None, **flags: Any) -> None:
 
 @click.command("eval")
 @config_file_option
-@config_options(EvalConfig, exclude=("tasks", *_EVAL_AFTER))
-# --tasks is repeatable (the generator gives a tuple field one text flag); EvalConfig splits each on commas.
-@click.option("--tasks", multiple=True, help=_help(EvalConfig, "tasks"))
-@config_options(EvalConfig, exclude=(*_EVAL_BEFORE, "tasks"), metavars={"out": "DIRECTORY"})
+# --tasks is repeatable, and EvalConfig splits each value on commas.
+@config_options(EvalConfig, metavars={"out": "DIRECTORY"}, repeatable=("tasks",))
 def eval_command(config_file: Path | None, **flags: Any) -> None:
     """Score a model, or every checkpoint of a training run, on MTEB tasks or local retrieval and
     classification files; writes eval.json (schema hrsa.eval/1) and, for several checkpoints, a curve."""

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hrsa.extract.model_spec import AttentionMode
-from hrsa.runtime.settings import load_settings
+from hrsa.runtime.settings import FolderPath, load_settings
 from hrsa.store.errors import UserError
 
 __all__ = ["Strategy", "TrainConfig", "TrainConfigError", "WeightDType", "load_train_config"]
@@ -44,7 +44,7 @@ class TrainConfig(BaseModel):
 
     backbone: str = Field(description="The model to train: a local folder, a .gguf file, packaged:<name> or org/name.")
     data: Path = Field(description="A .jsonl file with one {query, pos, negs: [...], instruction?} record per line.")
-    output: Path = Field(description="The run folder: checkpoints go to OUTPUT/step_000100...; re-running resumes.")
+    output: FolderPath = Field(description="The run folder: checkpoints go to OUTPUT/step_000100...; re-running resumes.")
     workers: int = Field(1, ge=1, description="Training workers (one per GPU, or CPU processes).")
     use_gpu: bool | None = Field(None, description="Train on GPUs (default: when the Ray cluster has enough).")
     batch_size: int = Field(32, ge=1, description="Queries per optimizer step over all workers (the global batch).")

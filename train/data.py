@@ -1,6 +1,6 @@
 """Training data: jsonl records of (query, positive, hard negatives), and the deterministic batch of each step.
 
-One record per line::
+One record per line, in the pairs format of :mod:`hrsa.train.jsonl` (which checks it) with ``negs`` required::
 
     {"query": "...", "pos": "...", "negs": ["...", "..."], "instruction": "..."}   # instruction optional
 
@@ -16,16 +16,16 @@ re-sampling: repeating a negative silently reweights it in the loss.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from hrsa.store.errors import UserError
+from hrsa.train.jsonl import check_pair, iter_jsonl
 from hrsa.train.pooling import format_query
 
-__all__ = ["Batch", "TrainDataError", "TrainRecord", "batch_indices", "global_batch", "load_records"]
+__all__ = ["Batch", "TrainDataError", "TrainRecord", "batch_indices", "global_batch", "load_training_records"]
 
 
 class TrainDataError(UserError, ValueError):
@@ -62,43 +62,21 @@ class Batch:
         return Batch(self.queries[rank * b:(rank + 1) * b], self.docs[rank * b * g:(rank + 1) * b * g])
 
 
-def _parse_record(line: str, number: int, path: Path, negatives: int) -> TrainRecord:
-    where = f"{path} line {number}"
-    try:
-        raw = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise TrainDataError(f"Expected one JSON object per line. Got invalid JSON at {where} ({e.msg}). "
-                             "Fix that line.") from e
-    if not isinstance(raw, dict):
-        raise TrainDataError(f"Expected a JSON object at {where}. Got {type(raw).__name__} instead.")
-    missing = [f for f in ("query", "pos", "negs") if f not in raw]
-    if missing:
-        raise TrainDataError(f"Expected fields query, pos and negs at {where}. Got no {', '.join(missing)} instead. "
-                             "Add them (negs: a list of hard-negative texts).")
-    negs, instruction = raw["negs"], raw.get("instruction")
-    if not (isinstance(raw["query"], str) and isinstance(raw["pos"], str) and isinstance(negs, list)
-            and all(isinstance(n, str) for n in negs) and (instruction is None or isinstance(instruction, str))):
-        raise TrainDataError(f"Expected query, pos (and instruction) as strings and negs as a list of strings "
-                             f"at {where}. Got other types instead.")
-    if len(negs) < negatives:
-        raise TrainDataError(f"Expected at least {negatives} negatives per record (--negatives). Got {len(negs)} at "
-                             f"{where} instead. Lower --negatives or mine more negatives.")
-    return TrainRecord(raw["query"], raw["pos"], tuple(negs), instruction)
-
-
-def load_records(path: Path, *, negatives: int) -> list[TrainRecord]:
-    """Read and validate every record of a jsonl file (blank lines skipped).
+def load_training_records(path: Path, *, negatives: int) -> list[TrainRecord]:
+    """Read and check every record of a training file: the pairs format of :func:`~hrsa.train.jsonl.check_pair`
+    with ``negs`` required, and at least ``negatives`` of them (blank lines skipped).
 
     Raises:
-        TrainDataError: an unreadable or empty file, or a bad record (naming its line number).
+        TrainDataError: a missing or empty file, or a bad record (naming its line number).
     """
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise TrainDataError(f"Expected a readable .jsonl file at {path}. Got {type(e).__name__} instead. "
-                             "Check --data.") from e
-    records = [_parse_record(line, i + 1, path, negatives) for i, line in enumerate(lines) if line.strip()]
+    records = []
+    for number, raw in iter_jsonl(path, error=TrainDataError):
+        check_pair(raw, path=path, line=number, negs_required=True, error=TrainDataError)
+        negs = raw["negs"]
+        if len(negs) < negatives:
+            raise TrainDataError(f"Expected at least {negatives} negatives per record (--negatives). Got {len(negs)} on "
+                                 f"line {number} of {path} instead. Lower --negatives or mine more negatives.")
+        records.append(TrainRecord(raw["query"], raw["pos"], tuple(negs), raw.get("instruction")))
     if not records:
         raise TrainDataError(f"Expected training records in {path}. Got an empty file instead.")
     return records

@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from hrsa.extract.model_spec import AttentionMode, DTypeName
 from hrsa.runtime.files import write_atomic
+from hrsa.store.selection import parse_int_list
 from hrsa.train.checkpoints import list_checkpoints
+from hrsa.train.encoder_options import EncoderOptions
 from hrsa.train.eval_tasks import EvalError, TaskSpec, build_tasks, parse_task_spec, split_task_list
 
 __all__ = [
@@ -43,10 +44,12 @@ __all__ = [
 SCHEMA = "hrsa.eval/1"
 
 
-class EvalConfig(BaseModel):
-    """Settings of ``hrsa eval``; each field is also a flag (``batch_size`` is ``--batch-size``)."""
+class EvalConfig(EncoderOptions):
+    """Settings of ``hrsa eval``; each field is also a flag (``batch_size`` is ``--batch-size``).
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    How the embedding model loads and runs (device, dtype, attention, batch size, max length) is
+    :class:`~hrsa.train.encoder_options.EncoderOptions`, shared with ``hrsa mine-negatives``.
+    """
 
     model: str = Field(description="A model (hub id, folder, .gguf, packaged:NAME) or a training output folder of "
                        "step_XXXXXX checkpoints: each is evaluated and the scores form a curve.")
@@ -65,11 +68,6 @@ class EvalConfig(BaseModel):
                                           "100,200 (default: all).")
     limit: int | None = Field(None, ge=2, description="Local tasks: evaluate a seeded sample of at most this many "
                               "records (default: all).")
-    batch_size: int = Field(32, ge=1, description="Texts per forward pass.")
-    max_length: int = Field(512, ge=1, description="Cut texts to this many tokens.")
-    device: str | None = Field(None, description="cpu, cuda, cuda:1 ... (default: CUDA when available).")
-    dtype: DTypeName = Field("auto", description="Compute dtype; auto = bfloat16 on GPU, float32 on CPU.")
-    attention: AttentionMode = Field("auto", description="Attention mode; auto = what the model or checkpoint says.")
     seed: int = Field(0, description="Seed of local tasks' sampling and train/test split.")
     resume: bool = Field(True, description="Keep results already in <out>/eval.json made with the same settings.")
 
@@ -87,12 +85,7 @@ class EvalConfig(BaseModel):
     @field_validator("steps", mode="before")
     @classmethod
     def _split_steps(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            try:
-                return tuple(int(v) for v in value.split(",") if v.strip())
-            except ValueError:
-                raise ValueError(f"expected comma-separated steps such as 100,200, got {value!r}") from None
-        return value
+        return tuple(parse_int_list(value, ranges=False, what="checkpoint steps")) if isinstance(value, str) else value
 
     def out_dir(self) -> Path:
         if self.out is not None:

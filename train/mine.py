@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from hrsa.extract.model_spec import AttentionMode, DTypeName
 from hrsa.runtime.files import write_atomic
 from hrsa.store.errors import UserError
+from hrsa.train.encoder_options import BatchSize, EncoderOptions, MaxLength
 from hrsa.train.jsonl import read_jsonl, read_pairs
 from hrsa.train.pooling import format_query
 
@@ -35,10 +35,12 @@ __all__ = [
 ]
 
 
-class MineConfig(BaseModel):
-    """Settings of ``hrsa mine-negatives``; each field is also a flag (``max_score_ratio`` is ``--max-score-ratio``)."""
+class MineConfig(EncoderOptions):
+    """Settings of ``hrsa mine-negatives``; each field is also a flag (``max_score_ratio`` is ``--max-score-ratio``).
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    How the embedding model loads and runs (device, dtype, attention, batch size, max length) is
+    :class:`~hrsa.train.encoder_options.EncoderOptions`, shared with ``hrsa eval``.
+    """
 
     input: Path = Field(description="JSON lines with query and pos (optional negs, instruction) per line.")
     out: Path | None = Field(None, description="Output JSON lines: query, pos, negs (+ instruction) (default: "
@@ -56,11 +58,8 @@ class MineConfig(BaseModel):
                                 "replace them.")
     query_instructions: bool = Field(False, description="Embed queries as 'Instruct: {instruction}\\nQuery: {query}' "
                                      "(instruction-tuned models).")
-    batch_size: int = Field(64, ge=1, description="Texts per forward pass.")
-    max_length: int = Field(256, ge=1, description="Cut texts to this many tokens.")
-    device: str | None = Field(None, description="cpu, cuda, cuda:1 ... (default: CUDA when available).")
-    dtype: DTypeName = Field("auto", description="Compute dtype; auto = bfloat16 on GPU, float32 on CPU.")
-    attention: AttentionMode = Field("auto", description="Attention mode; auto = what the model or checkpoint says.")
+    batch_size: BatchSize = 64  # mining's own defaults: many short texts
+    max_length: MaxLength = 256
     overwrite: bool = Field(False, description="Replace --out when it exists.")
 
     def out_path(self) -> Path:

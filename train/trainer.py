@@ -65,12 +65,12 @@ class TrainResult:
 def _prepare(config: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
     """Absolute paths (workers change directory), a parsed backbone spec and validated data, or a UserError."""
     from hrsa.extract.model_spec import parse_model_spec
-    from hrsa.train.data import load_records
+    from hrsa.train.data import load_training_records
 
     config = config.model_copy(update={"data": config.data.expanduser().resolve(),
                                        "output": config.output.expanduser().resolve()})
     spec = parse_model_spec(config.backbone, dtype=config.dtype, attention=config.attention)
-    load_records(config.data, negatives=config.negatives)  # every record checked before any worker starts
+    load_training_records(config.data, negatives=config.negatives)  # every record checked before any worker starts
     if config.output.exists() and not config.output.is_dir():
         raise UserError(f"Expected --output to be a folder. Got the file {config.output} instead. Pick another path.")
     return config, spec.to_dict()

@@ -101,7 +101,7 @@ def setup_session(config: TrainConfig, spec: dict[str, Any], rank: int, world: i
     from transformers import get_cosine_schedule_with_warmup
 
     from hrsa.extract.model_spec import ModelSpec, parse_model_spec
-    from hrsa.train.data import load_records
+    from hrsa.train.data import load_training_records
     from hrsa.train.model import load_embedding_model
 
     state, folder = None, None
@@ -124,7 +124,7 @@ def setup_session(config: TrainConfig, spec: dict[str, Any], rank: int, world: i
         _load_optimizer(model, optimizer, state["optimizer"], fsdp=config.strategy == "fsdp")
         scheduler.load_state_dict(state["scheduler"])
         step = int(state["step"])
-    records = load_records(config.data, negatives=config.negatives)
+    records = load_training_records(config.data, negatives=config.negatives)
     return WorkerSession(config, model, tokenizer, optimizer, scheduler, records, rank, world, device, step,
                     step if state is not None else None)
 

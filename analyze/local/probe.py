@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 import numpy as np
 
@@ -126,8 +126,8 @@ def document_features(
     Returns:
         (document indices (M,), features (M, D) float64) for the documents with at least one kept token.
     """
-    if pool not in ("mean", "last"):
-        raise UserError(f"Expected --pool mean or last. Got {pool!r} instead.")
+    if pool not in get_args(Pool):
+        raise UserError(f"Expected --pool {' or '.join(get_args(Pool))}. Got {pool!r} instead.")
     info = store.model_info(mid)
     doc_index = store.tokens(info.corpus)["doc_index"].to_numpy()  # (N,) sorted: documents are contiguous
     keep = _kept_tokens(store, mid, selection)

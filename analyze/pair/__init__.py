@@ -12,14 +12,13 @@ A recipe in four phases, one module each:
    same checked pair, on their own reads of the store;
 4. :mod:`.assembly`: per-layer results and cross-layer matrices into a frozen :class:`PairResults`.
 
-:mod:`.analysis` holds the recipe itself. ``TokenSelection`` (its ``selection`` argument) lives in
-:mod:`hrsa.store.selection` and is re-exported here.
+:mod:`.analysis` holds the recipe itself. Its ``selection`` argument is a
+:class:`hrsa.store.selection.TokenSelection`.
 """
 
 from __future__ import annotations
 
 from hrsa.analyze.pair.analysis import analyze_pair
 from hrsa.analyze.pair.pair_results import PairResults
-from hrsa.store.selection import TokenSelection
 
-__all__ = ["PairResults", "TokenSelection", "analyze_pair"]
+__all__ = ["PairResults", "analyze_pair"]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from hrsa.analyze.report.summary import (
     CKA_PRESERVED,
@@ -30,6 +30,7 @@ from hrsa.analyze.report.summary import (
     Thresholds,
 )
 from hrsa.runtime.cli_options import config_file_option, config_options
+from hrsa.runtime.settings import FilePath
 
 __all__ = ["ReportConfig", "report"]
 
@@ -41,7 +42,7 @@ class ReportConfig(BaseModel):
 
     results: tuple[str, ...] = Field(min_length=1, description="results.json files of `hrsa analyze`, or folders "
                                      "holding one, one per analysed pair (the RESULTS arguments).")
-    out: Path = Field(Path("report.html"), description="The HTML file to write.")
+    out: FilePath = Field(Path("report.html"), description="The HTML file to write.")
     dynamics: Path | None = Field(None, description="A hrsa.dynamics/1 file (one results.json per training step) for "
                                   "the training-dynamics section.")
     title: str | None = Field(None, description="Title of the report (default: the pairs compared).")
@@ -58,12 +59,6 @@ class ReportConfig(BaseModel):
     probe_min_signal: float = Field(PROBE_MIN_SIGNAL, ge=0, description="Probe directions whose source beats chance by "
                                     "less than this are left out.")
 
-    @field_validator("out")
-    @classmethod
-    def _out_is_a_file(cls, out: Path) -> Path:
-        if out.is_dir():  # checked here, as the flag's own check did when it was written by hand
-            raise ValueError(f"Expected a file name for the report. Got the folder {out} instead. Name an .html file.")
-        return out
 
     def thresholds(self) -> Thresholds:
         """The summary's rules these settings give."""

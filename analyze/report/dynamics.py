@@ -34,9 +34,14 @@ from hrsa.analyze.report.summary import floats
 from hrsa.analyze.results import ResultsFileError, read_results
 from hrsa.runtime.files import write_atomic
 
-__all__ = ["SCHEMA", "Curve", "Dynamics", "load_dynamics", "write_dynamics"]
+__all__ = ["SCHEMA", "Curve", "Dynamics", "DynamicsError", "load_dynamics", "write_dynamics"]
 
 SCHEMA = "hrsa.dynamics/1"
+
+
+class DynamicsError(ResultsFileError):
+    """Bad input to :func:`write_dynamics`, or a dynamics file that cannot be read (a dynamics file is a results
+    file of a training run's steps, so it is a :class:`ResultsFileError` too)."""
 
 
 @dataclass(frozen=True)
@@ -87,18 +92,18 @@ def write_dynamics(path: Path, *, runs: tuple[str, str], steps: Sequence[int], r
         ``path``.
 
     Raises:
-        ResultsFileError: not two runs, steps and results of different lengths, a repeated or negative step,
+        DynamicsError: not two runs, steps and results of different lengths, a repeated or negative step,
             or a results path that holds no valid results.json.
     """
     path = Path(path)
     if len(runs) != 2 or not all(isinstance(r, str) and r for r in runs):
-        raise ResultsFileError(f"Expected two training run names. Got {list(runs)!r} instead.")
+        raise DynamicsError(f"Expected two training run names. Got {list(runs)!r} instead.")
     if len(steps) != len(results) or not steps:
-        raise ResultsFileError(f"Expected one results.json per step. Got {len(steps)} steps and {len(results)} results "
-                               "instead. Pass as many of each.")
+        raise DynamicsError(f"Expected one results.json per step. Got {len(steps)} steps and {len(results)} results "
+                            "instead. Pass as many of each.")
     clean = [int(s) for s in steps]
     if len(set(clean)) != len(clean) or min(clean) < 0:
-        raise ResultsFileError(f"Expected distinct training steps >= 0. Got {clean} instead.")
+        raise DynamicsError(f"Expected distinct training steps >= 0. Got {clean} instead.")
     files = [read_results(r)[0] for r in results]  # validates each; (file, document)
     entries = [{"step": s, "results": _relative(f, path.parent)} for s, f in sorted(zip(clean, files))]
     from hrsa import __version__
@@ -112,21 +117,21 @@ def load_dynamics(path: Path | str) -> Dynamics:
     """Read a dynamics file and every step's results.json into curves.
 
     Raises:
-        ResultsFileError: not a readable ``hrsa.dynamics/1`` file, or a step's results.json missing or invalid.
+        DynamicsError: not a readable ``hrsa.dynamics/1`` file, or a step's results.json missing or invalid.
     """
     path = Path(path)
     doc = _read_json(path)
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
         got = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
-        raise ResultsFileError(f"Expected a dynamics file of schema {SCHEMA} at {path}. Got {got!r} instead. "
-                               "Write it with hrsa.analyze.report.dynamics.write_dynamics.")
+        raise DynamicsError(f"Expected a dynamics file of schema {SCHEMA} at {path}. Got {got!r} instead. "
+                            "Write it with hrsa.analyze.report.dynamics.write_dynamics.")
     try:
         runs = (str(doc["runs"][0]), str(doc["runs"][1]))
         entries = sorted((int(e["step"]), path.parent / e["results"]) for e in doc["steps"])
     except (KeyError, IndexError, TypeError, ValueError) as error:
-        raise ResultsFileError(f"Expected runs and steps in {path}. Got a malformed file instead ({error!r}).") from None
+        raise DynamicsError(f"Expected runs and steps in {path}. Got a malformed file instead ({error!r}).") from None
     if not entries:
-        raise ResultsFileError(f"Expected at least one step in {path}. Got none instead.")
+        raise DynamicsError(f"Expected at least one step in {path}. Got none instead.")
     loaded = [read_results(p) for _, p in entries]
     docs = [d for _, d in loaded]
     return Dynamics(
@@ -187,4 +192,4 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as error:
-        raise ResultsFileError(f"Expected a readable JSON file at {path}. Got an error instead: {error}.") from None
+        raise DynamicsError(f"Expected a readable JSON file at {path}. Got an error instead: {error}.") from None

@@ -18,7 +18,7 @@ vocabularies of its two options, :data:`BackendName` and :data:`ComputeDtype`, a
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol, get_args, runtime_checkable
 
@@ -32,14 +32,14 @@ from hrsa.store.errors import UserError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BackendName", "ChunkBackend", "ComputeDtype", "KeyPair", "NumpyBackend", "TorchBackend", "resolve_backend"]
+    from hrsa.analyze.streaming.plan import StreamKey, StreamPair
+
+__all__ = ["BackendName", "ChunkBackend", "ComputeDtype", "NumpyBackend", "TorchBackend", "resolve_backend"]
 
 #: Where the products run (``--backend``).
 BackendName = Literal["auto", "numpy", "torch", "cuda"]
 #: dtype of the O(n D^2) products (``--compute-dtype``); "auto" is float32 on a GPU, float64 on the CPU.
 ComputeDtype = Literal["auto", "float32", "float64"]
-#: (key_x, key_y): the keys of two hidden states of one block whose cross co-moments are wanted.
-KeyPair = tuple[Hashable, Hashable]
 
 
 @runtime_checkable
@@ -61,9 +61,9 @@ class ChunkBackend(Protocol):
         ...
 
     def cross_moments(
-        self, xs: Mapping[Hashable, np.ndarray], pairs: Iterable[KeyPair]
-    ) -> Iterator[tuple[KeyPair, CrossMoments]]:
-        """CrossMoments of each (key_x, key_y) pair of the blocks ``xs`` (each (n, D_key)), one at a time."""
+        self, xs: Mapping[StreamKey, np.ndarray], pairs: Iterable[StreamPair]
+    ) -> Iterator[tuple[StreamPair, CrossMoments]]:
+        """CrossMoments of each stream pair (key_x, key_y) of the blocks ``xs`` (each (n, D_key)), one at a time."""
         ...
 
 
@@ -78,8 +78,8 @@ class NumpyBackend:
         return Moments.from_chunk(x, y, compute_dtype=self.compute_dtype)
 
     def cross_moments(
-        self, xs: Mapping[Hashable, np.ndarray], pairs: Iterable[KeyPair]
-    ) -> Iterator[tuple[KeyPair, CrossMoments]]:
+        self, xs: Mapping[StreamKey, np.ndarray], pairs: Iterable[StreamPair]
+    ) -> Iterator[tuple[StreamPair, CrossMoments]]:
         return iter_cross_moments(xs, pairs, compute_dtype=self.compute_dtype)
 
 
@@ -108,8 +108,8 @@ class TorchBackend:
         return Moments(int(u.shape[0]), mx, my, cxx, cyy, cxy, q_xx, q_yy, q_xy, g_xx, g_xy, g_yx, g_yy)
 
     def cross_moments(
-        self, xs: Mapping[Hashable, np.ndarray], pairs: Iterable[KeyPair]
-    ) -> Iterator[tuple[KeyPair, CrossMoments]]:
+        self, xs: Mapping[StreamKey, np.ndarray], pairs: Iterable[StreamPair]
+    ) -> Iterator[tuple[StreamPair, CrossMoments]]:
         pairs = list(pairs)
         centred = {}
         for k in {k for pair in pairs for k in pair}:  # each state centred and cast once per block
@@ -150,9 +150,9 @@ def resolve_backend(name: BackendName = "auto", compute_dtype: ComputeDtype = "a
         UserError: an unknown name or dtype, or ``"cuda"`` without a CUDA GPU.
     """
     if compute_dtype not in get_args(ComputeDtype):
-        raise UserError(f"Expected compute dtype auto, float32 or float64. Got {compute_dtype!r} instead.")
+        raise UserError(f"Expected compute dtype {_one_of(ComputeDtype)}. Got {compute_dtype!r} instead.")
     if name not in get_args(BackendName):
-        raise UserError(f"Expected backend auto, numpy, torch or cuda. Got {name!r} instead.")
+        raise UserError(f"Expected backend {_one_of(BackendName)}. Got {name!r} instead.")
     cuda = name != "numpy" and _cuda_available()
     if name == "cuda" and not cuda:
         raise UserError(
@@ -163,6 +163,12 @@ def resolve_backend(name: BackendName = "auto", compute_dtype: ComputeDtype = "a
     device = "cuda" if cuda else "cpu"
     default = "float32" if cuda else "float64"
     return TorchBackend(device=device, compute_dtype=default if compute_dtype == "auto" else compute_dtype)
+
+
+def _one_of(vocabulary: object) -> str:
+    """A Literal's values as prose: ``auto, numpy, torch or cuda``."""
+    *first, last = get_args(vocabulary)
+    return f"{', '.join(first)} or {last}"
 
 
 def _cuda_available() -> bool:

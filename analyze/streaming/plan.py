@@ -28,7 +28,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from hrsa.store.errors import UserError
 
@@ -137,7 +137,7 @@ class AnalysisPlan:
     def to_dict(self) -> dict[str, Any]:
         return {
             "passes": self.passes,
-            "tiles": {kind: self.count(kind) for kind in ("matched", "cross", "self")},
+            "tiles": {kind: self.count(kind) for kind in get_args(TileKind)},
             "workers": self.workers,
             "block_tokens": self.inputs.block_tokens,
             "memory_budget": self.inputs.memory_budget,

@@ -230,7 +230,7 @@ def resolve_scheduler(name: Scheduler = "auto") -> ResolvedScheduler:
         RayConnectionError: ``"ray"`` and no Ray cluster answers at ``RAY_ADDRESS``.
     """
     if name not in get_args(Scheduler):
-        raise UserError(f"Expected a scheduler among auto, threads, sync, ray. Got {name!r} instead.")
+        raise UserError(f"Expected a scheduler among {', '.join(get_args(Scheduler))}. Got {name!r} instead.")
     if name == "auto":
         connected = "ray" in sys.modules and sys.modules["ray"].is_initialized()
         name = "ray" if connected or os.environ.get("RAY_ADDRESS") else "threads"

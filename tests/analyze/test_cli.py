@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def test_cross_layer_run_writes_json_figures_and_store_results(cli_store, tmp_pa
                        selection=TokenSelection(exclude_first=True, docs=(0, 2, 3, 4)))
     np.testing.assert_allclose(doc["metrics"]["cka"]["matrix"], api.cka_matrix, rtol=1e-10)
     assert doc["n_tokens"] == api.n_tokens
-    stored = cli_store.open().group("results")["cli-run"]
+    stored = cli_store.open().results_record("cli-run")
     assert stored.attrs[ATTRS_KEY]["n_tokens"] == api.n_tokens
 
 
@@ -95,6 +96,26 @@ def test_user_errors_are_one_line_and_exit_2(cli_store, tmp_path: Path, args: li
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], stderr
     assert not (tmp_path / "o" / "results.json").exists()
+
+
+def snapshot(folder: str) -> dict[str, str]:
+    """Every file under ``folder``, by relative path, with a digest of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def test_an_out_that_is_a_file_is_refused_before_any_pass(cli_store, tmp_path: Path) -> None:
+    existing = tmp_path / "notes.txt"
+    existing.write_text("keep me")
+    before, records = snapshot(cli_store.url), cli_store.open().results_ids()
+    code, stdout, stderr = run("--store", cli_store.url, "--pair", "a", "b", "--backend", "numpy", "--out", str(existing),
+                               "--run-id", "out-is-a-file")
+    assert code == 2, (stdout, stderr)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "out: expected a folder" in lines[0] and str(existing) in lines[0], stderr
+    assert "plan:" not in stderr  # refused with the settings, before the plan and its passes
+    assert existing.read_text() == "keep me"
+    assert snapshot(cli_store.url) == before and cli_store.open().results_ids() == records  # the store is untouched
 
 
 def test_a_missing_store_is_one_line_and_exit_2(tmp_path: Path) -> None:

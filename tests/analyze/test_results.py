@@ -69,7 +69,7 @@ def test_results_go_into_the_store(setup, tmp_path) -> None:
     store, res = setup
     saved = save_results(res, tmp_path, store=store, run_id="run-3")
     assert saved.store_path == "results/run-3"
-    group = store.group("results")["run-3"]
+    group = store.results_record("run-3")
     assert group.attrs[ATTRS_KEY]["run_id"] == "run-3"
     np.testing.assert_allclose(group["cka/matrix"][:], res.cka_matrix)
     np.testing.assert_allclose(group["procrustes/h_inv"][:], [p.h_inv for p in res.procrustes])
@@ -128,3 +128,30 @@ def test_read_results_rejects(bad: str, tmp_path) -> None:
         read_results(path)
     assert isinstance(info.value, UserError) and isinstance(info.value, ValueError)
     assert str(info.value).startswith("Expected") and "\n" not in str(info.value)
+
+
+def test_replace_reruns_over_an_interrupted_run(fresh_pair_store, tmp_path) -> None:
+    """A run that stopped after creating its record (arrays, no document) and left a figure of an earlier setting:
+    with replace=True the re-run ends with one complete record of that id and no stray file; others stay."""
+    from hrsa.analyze.config import AnalyzeConfig
+    from hrsa.analyze.job import run_analysis
+
+    store = fresh_pair_store.open("r+")
+    stale = store.create_results("rerun")  # as an interrupted write leaves it: arrays, no document
+    stale.create_array("cka/diagonal", data=np.zeros(4))
+    store.create_results("other-run").attrs[ATTRS_KEY] = {"run_id": "other-run"}
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "knn_overlap.png").write_bytes(b"an earlier setting's figure")
+    config = AnalyzeConfig(store=fresh_pair_store.url, pair=("a", "b"), metrics=("cka",), backend="numpy", out=out,
+                           run_id="rerun")
+    with pytest.raises(UserError, match="already holds"):  # without replace the stale record blocks the run
+        run_analysis(config)
+    run = run_analysis(config, replace=True)
+    store = fresh_pair_store.open()
+    assert store.results_ids() == ["other-run", "rerun"]
+    record = store.results_record("rerun")
+    assert record.attrs[ATTRS_KEY]["run_id"] == "rerun" and sorted(record.group_keys()) == ["cka"]
+    np.testing.assert_allclose(record["cka/diagonal"][:], [c.value for c in run.results.cka])
+    assert sorted(p.name for p in out.iterdir()) == sorted(["results.json", *(p.name for p in run.figures)])
+    assert not (out / "knn_overlap.png").exists()

@@ -104,7 +104,7 @@ def test_first_run_runs_every_stage_and_stores_what_the_store_holds(first: tuple
         cka = np.linalg.norm(x.T @ y) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
         assert doc["metrics"]["cka"]["diagonal"][i] == pytest.approx(cka, rel=1e-9)
     # The store keeps the run too, under the pair's name and its inputs' key.
-    assert any(r.startswith("llama--qwen--") for r in store.group("results"))
+    assert any(r.startswith("llama--qwen--") for r in store.results_ids())
 
 
 def test_rerun_skips_every_stage(copy: Workspace) -> None:

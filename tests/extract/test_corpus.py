@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from hrsa.extract.corpus import CorpusError, CorpusSpec, load_records, render_text, tokenize_corpus
+from hrsa.extract.corpus import CorpusSpec, load_records, render_text, tokenize_corpus
+from hrsa.store.records import CorpusError
 from hrsa.store import ActivationStore
 
 CHAT = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"

@@ -164,7 +164,7 @@ def test_required_fields_missing_from_flags_and_config(tmp_path: Path, corpus_fi
     config.write_text(f"corpus: {corpus_file}\n")
     result = run_cli("--config", str(config), "--layers", "x")
     assert_one_line_error(result, "3 problem(s)", "--store is required (as a flag or in --config)",
-                          "--model is required", "layers: expected hidden-state indices such as 0,12,24-28, got 'x'")
+                          "--model is required", "layers: Expected hidden-state indices such as 0,3,5-9. Got 'x' instead")
 
 
 @pytest.mark.integration

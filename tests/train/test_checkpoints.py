@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from hrsa.train.checkpoints import INFO_FILE, Checkpoint, checkpoint_step, list_checkpoints, step_folder_name
 
 
@@ -39,3 +41,9 @@ def test_checkpoint_step_prefers_the_info_file(tmp_path: Path) -> None:
     assert checkpoint_step(folder) == 100
     (folder / INFO_FILE).write_text(json.dumps({"step": 99, "loss": 1.0}))
     assert checkpoint_step(folder) == 99
+
+
+def test_checkpoint_step_of_a_folder_not_named_by_step_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="Expected a checkpoint folder named step_N"):
+        checkpoint_step(_folder(tmp_path, "final_7x"))
+    assert checkpoint_step(_folder(tmp_path, "step_7")) == 7

@@ -66,3 +66,15 @@ def test_mine_replace_existing_is_the_off_switch(tmp_path: Path, monkeypatch: py
     for args in ([], ["--replace-existing"], ["--keep-existing"]):
         assert CliRunner().invoke(mine_negatives_command, ["--config", str(settings), *args]).exit_code == 0
     assert seen == [True, False, True]
+
+
+def test_generated_help_carries_the_models_defaults() -> None:
+    from hrsa.runtime.cli_options import field_help
+    from hrsa.train.mine import MineConfig
+
+    assert field_help(MineConfig, "k") == "Negatives per query.  [default: 7]"
+    assert field_help(MineConfig, "batch_size") == "Texts per forward pass.  [default: 64]"  # mining's own default
+    help_of = {p.name: p.help for p in mine_negatives_command.params}
+    assert help_of["keep_existing"].endswith("[default: --replace-existing]")
+    assert help_of["max_length"].endswith("[default: 256]")
+    assert {p.name: p.help for p in eval_command.params}["max_length"].endswith("[default: 512]")

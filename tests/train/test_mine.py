@@ -177,6 +177,7 @@ def cli() -> click.Group:
     (['{"query": "a", "pos": "b"}', '{"query": "c"}'], "line 2"),
     (['{"query": "a", "pos": "b"}', "{not json"], "invalid JSON on line 2"),
     (['{"query": "a", "pos": "b", "negs": "x"}'], "'negs' to be a list"),
+    (['{"query": "a", "pos": "b"}', "", '{"query": "c", "pos": "d", "instruction": 3}'], "int on line 3"),
     ([], "at least one record"),
 ])
 def test_cli_bad_input_exits_2(cli: click.Group, tmp_path: Path, lines: list[str], message: str) -> None:

@@ -59,17 +59,19 @@ def _write(path: Path, records: list[Any]) -> Path:
 
 
 @pytest.mark.parametrize(("record", "message"), [
-    ({"query": "q", "negs": ["n"]}, "line 2.*no pos"),
-    ('{"query": "q", ', "invalid JSON at .* line 2"),
-    ({"query": "q", "pos": "p", "negs": "n"}, "line 2"),
+    ({"query": "q", "negs": ["n"]}, "no 'pos' on line 2"),
+    ('{"query": "q", ', "invalid JSON on line 2"),
+    ({"query": "q", "pos": "p", "negs": "n"}, "'negs' to be a list of texts.*line 2"),
+    ({"query": "q", "pos": "p"}, "no 'negs' on line 2"),
+    ({"query": "q", "pos": "p", "negs": [], "instruction": 1}, "'instruction' to be text.*line 2"),
     ({"query": "q", "pos": "p", "negs": []}, "at least 1 negatives.*line 2"),
 ])
 def test_bad_records_name_their_line(tmp_path: Path, record: Any, message: str) -> None:
-    from hrsa.train.data import TrainDataError, load_records
+    from hrsa.train.data import TrainDataError, load_training_records
 
     path = _write(tmp_path / "d.jsonl", [{"query": "q", "pos": "p", "negs": ["n"]}, record])
     with pytest.raises(TrainDataError, match=message):
-        load_records(path, negatives=1)
+        load_training_records(path, negatives=1)
 
 
 def test_bad_data_is_one_line_before_any_worker_starts(tiny_models: Any, tmp_path: Path) -> None:
@@ -80,11 +82,11 @@ def test_bad_data_is_one_line_before_any_worker_starts(tiny_models: Any, tmp_pat
 
 
 def test_batches_are_deterministic_and_split_into_equal_shards(tmp_path: Path) -> None:
-    from hrsa.train.data import global_batch, load_records
+    from hrsa.train.data import global_batch, load_training_records
 
     path = _write(tmp_path / "d.jsonl", [{"query": f"q{i}", "pos": f"p{i}", "negs": [f"n{i}a", f"n{i}b", f"n{i}c"]}
                                          for i in range(10)])
-    records = load_records(path, negatives=2)
+    records = load_training_records(path, negatives=2)
     batches = [global_batch(records, s, batch_size=4, negatives=2, seed=3, instruction="Find") for s in range(5)]
     assert batches[2] == global_batch(records, 2, batch_size=4, negatives=2, seed=3, instruction="Find")
     first_epoch = [q for b in batches[:2] for q in b.queries] + list(batches[2].queries[:2])

@@ -1,0 +1,57 @@
+"""Result records (``hrsa analyze`` runs): listed, created once, read back and deleted through the store's methods."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hrsa.store import ActivationStore, InvalidIdError, StoreReadOnlyError, UserError
+
+
+def test_a_new_store_has_no_results(store: ActivationStore) -> None:
+    assert store.results_ids() == []
+
+
+def test_create_read_and_delete_a_record(filled_store: ActivationStore) -> None:
+    store = filled_store
+    record = store.create_results("run-b")
+    record.create_array("cka/diagonal", data=np.arange(3.0))
+    record.attrs["hrsa"] = {"run_id": "run-b"}
+    store.create_results("run-a")
+    assert store.results_ids() == ["run-a", "run-b"]  # sorted; an empty record (a run that stopped) counts too
+    again = ActivationStore.open(store.url)
+    np.testing.assert_array_equal(again.results_record("run-b")["cka/diagonal"][:], [0.0, 1.0, 2.0])
+    assert again.results_record("run-b").attrs["hrsa"] == {"run_id": "run-b"}
+    store.delete_results("run-b")
+    assert store.results_ids() == ["run-a"] and store.models() == ["m"]  # nothing else is touched
+
+
+def test_a_taken_id_is_refused_and_the_record_kept(store: ActivationStore) -> None:
+    store.create_results("run").attrs["hrsa"] = {"n": 1}
+    with pytest.raises(UserError, match="Expected a new run id. Got 'run'") as error:
+        store.create_results("run")
+    assert "\n" not in str(error.value)
+    assert store.results_record("run").attrs["hrsa"] == {"n": 1}
+
+
+@pytest.mark.parametrize("method", ["results_record", "delete_results"])
+def test_an_unknown_record_names_the_known_ones(store: ActivationStore, method: str) -> None:
+    store.create_results("kept")
+    with pytest.raises(UserError, match=r"Expected a result record of this store \(kept\). Got 'gone' instead."):
+        getattr(store, method)("gone")
+
+
+@pytest.mark.parametrize("method", ["create_results", "results_record", "delete_results"])
+def test_an_unsafe_id_is_refused(store: ActivationStore, method: str) -> None:
+    with pytest.raises(InvalidIdError):
+        getattr(store, method)("../escape")
+
+
+def test_a_read_only_store_writes_no_record(store: ActivationStore) -> None:
+    store.create_results("run")
+    read_only = ActivationStore.open(store.url, mode="r")
+    with pytest.raises(StoreReadOnlyError):
+        read_only.create_results("new")
+    with pytest.raises(StoreReadOnlyError):
+        read_only.delete_results("run")
+    assert read_only.results_ids() == ["run"]

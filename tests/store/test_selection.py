@@ -1,0 +1,31 @@
+"""The one parser of integer lists (--docs, --layers, --k, --hidden-states, --steps)."""
+
+from __future__ import annotations
+
+import pytest
+
+from hrsa.store.errors import SelectionError, UserError
+from hrsa.store.selection import parse_doc_ids, parse_int_list
+
+
+def test_lists_and_ranges_in_the_order_written() -> None:
+    assert parse_int_list("0,3,5-9") == [0, 3, 5, 6, 7, 8, 9]
+    assert parse_int_list(" 7, 2 ,,1-2, ") == [7, 2, 1, 2]
+    assert parse_int_list("") == []
+    assert parse_doc_ids("0,3,5-9") == [0, 3, 5, 6, 7, 8, 9]
+
+
+def test_without_ranges_a_part_is_one_integer() -> None:
+    assert parse_int_list("5,10,-1", ranges=False) == [5, 10, -1]  # a negative is a value for the caller to check
+    with pytest.raises(SelectionError, match="such as 5,10,50"):
+        parse_int_list("1-3", ranges=False)
+
+
+@pytest.mark.parametrize("text", ["x", "1,a", "1-", "-1", "2.5"])
+def test_bad_lists_are_one_message_naming_what_they_hold(text: str) -> None:
+    with pytest.raises(SelectionError) as info:
+        parse_int_list(text, what="document indices")
+    message = str(info.value)
+    assert message == (f"Expected document indices such as 0,3,5-9. Got {text!r} instead. "
+                       "Write integers separated by commas (A-B for a range).")
+    assert isinstance(info.value, UserError) and isinstance(info.value, ValueError)  # pydantic gathers it
