@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from hrsa.analyze.config import AnalyzeConfig
-from hrsa.runtime.cli_options import config_file_option, config_options
+from hrsa.runtime.cli_options import config_file_option, config_options, field_help
 
 if TYPE_CHECKING:
     from hrsa.analyze.streaming.plan import AnalysisPlan
@@ -21,7 +21,7 @@ _METAVARS = {"metrics": "LIST", "docs": "0,3,5-9", "positions": "A:B", "k": "5,1
 
 @click.command("analyze")
 @config_file_option
-@click.option("--pair", nargs=2, default=None, metavar="A B", help=AnalyzeConfig.model_fields["pair"].description)
+@click.option("--pair", nargs=2, default=None, metavar="A B", help=field_help(AnalyzeConfig, "pair"))
 @config_options(AnalyzeConfig, exclude=("pair",), metavars=_METAVARS)
 def analyze(config_file: Path | None, **flags: Any) -> None:
     """Compare hidden states of models A and B of a store with HRSA (CKA, dimension-wise correlation, Procrustes,

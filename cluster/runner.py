@@ -26,7 +26,7 @@ from rich.markup import escape
 from hrsa.cluster.progress import stage_progress
 from hrsa.cluster.stage_keys import source_fingerprint, stage_key
 from hrsa.cluster.state import STATE_FILE, PipelineState
-from hrsa.extract.config import ExtractConfig, ExtractRunOptions, ModelSourceOptions, parse_extract_config
+from hrsa.extract.config import CorpusOptions, ExtractConfig, ExtractRunOptions, ModelSourceOptions, parse_extract_config
 from hrsa.store.errors import UserError
 
 if TYPE_CHECKING:
@@ -200,8 +200,8 @@ class _Runner:
         """
         c = self.config.corpora[corpus]
         ec = parse_extract_config({
-            "store": self.config.store, "model": source, "corpus": c.path, "name": store_id, "text": c.text,
-            "template": c.template, "id_field": c.id_field, "max_docs": c.max_docs, "max_tokens": c.max_tokens,
+            "store": self.config.store, "model": source, "corpus": c.path, "name": store_id,
+            **c.model_dump(include=set(CorpusOptions.model_fields)),
             **options.model_dump(include=set(ExtractRunOptions.model_fields)),
             **(model_source.model_dump(include=set(ModelSourceOptions.model_fields)) if model_source else {}),
             "address": self.config.address,

@@ -36,6 +36,16 @@ def test_shipped_config_validates(path: Path) -> None:
         from hrsa.train.mine import MineConfig
 
         load_settings(MineConfig if verb == "mine-negatives" else EvalConfig, path, {}, verb=verb)
+    elif verb == "report":
+        from hrsa.analyze.report.cli import ReportConfig
+        from hrsa.runtime.settings import load_settings
+
+        load_settings(ReportConfig, path, {}, verb=verb)
+    elif verb == "demo":
+        from hrsa.cluster.demo import DemoConfig
+        from hrsa.runtime.settings import load_settings
+
+        load_settings(DemoConfig, path, {}, verb=verb)
     else:
         pytest.fail(f"no validator for `hrsa {verb}` configs yet")
 

@@ -74,8 +74,8 @@ def load_training_records(path: Path, *, negatives: int) -> list[TrainRecord]:
         check_pair(raw, path=path, line=number, negs_required=True, error=TrainDataError)
         negs = raw["negs"]
         if len(negs) < negatives:
-            raise TrainDataError(f"Expected at least {negatives} negatives per record (--negatives). Got {len(negs)} on "
-                                 f"line {number} of {path} instead. Lower --negatives or mine more negatives.")
+            raise TrainDataError(f"Expected at least {negatives} negatives per record (--negatives). Got {len(negs)} "
+                                 f"on line {number} of {path} instead. Lower --negatives or mine more negatives.")
         records.append(TrainRecord(raw["query"], raw["pos"], tuple(negs), raw.get("instruction")))
     if not records:
         raise TrainDataError(f"Expected training records in {path}. Got an empty file instead.")

@@ -264,7 +264,7 @@ def test_every_problem_is_listed_at_once() -> None:
                         "pairs": [{"a": "a", "b": "a", "corpus": "c", "k": [0], "store": "elsewhere"}]})
     message = str(error.value)
     assert "\n" not in message and "5 problem(s)" in message
-    for part in ("corpora.c: expected text or template", "models.a.layers", "models.Bad/Name: Expected a name", "pairs.0.k",
+    for part in ("corpora.c.template: expected text or template", "models.a.layers", "models.Bad/Name: Expected a name", "pairs.0.k",
                  "pairs.0.store: set by the pipeline"):
         assert part in message
 
