@@ -27,6 +27,7 @@ from hrsa.cluster.progress import stage_progress
 from hrsa.cluster.stage_keys import source_fingerprint, stage_key
 from hrsa.cluster.state import STATE_FILE, PipelineState
 from hrsa.extract.config import CorpusOptions, ExtractConfig, ExtractRunOptions, ModelSourceOptions, parse_extract_config
+from hrsa.extract.rerun import stored_mismatch
 from hrsa.store.errors import UserError
 
 if TYPE_CHECKING:
@@ -231,7 +232,7 @@ class _Runner:
         complete = present and store.model_info(ec.name).complete
         entry = self.state.entry(stage)
         if present and entry is None:  # not this pipeline's record (a new `out`, a new cluster): never overwritten
-            mismatch = _stored_mismatch(store, ec)
+            mismatch = "; ".join(stored_mismatch(store, ec)) or None
             if mismatch:
                 raise UserError(f"Expected model id {ec.name} free in {ec.store}, or extracted as this pipeline asks. Got "
                                 f"a model {ec.name} there with {mismatch} instead. Delete it (`hrsa store rm {ec.store} "
@@ -310,25 +311,3 @@ class _Runner:
             write_report(shown, path, dynamics=first.results if first else None, title=self.config.report.title)
             self.state.finish("report", key, {"report": str(path)})
         return path
-
-
-def _stored_mismatch(store: Any, ec: ExtractConfig) -> str | None:
-    """How a stored model differs from what extraction ``ec`` would write (by the settings the store records),
-    or None when it is the same extraction."""
-    from hrsa.extract.corpus import CorpusSpec
-    from hrsa.extract.model_spec import parse_model_spec
-
-    info = store.model_info(ec.name)
-    spec = parse_model_spec(ec.model, revision=ec.revision, gguf_file=ec.gguf_file, dtype=ec.dtype,
-                            attention=ec.attention, trust_remote_code=ec.trust_remote_code).to_dict()
-    wanted = {**{f"source.{k}": v for k, v in spec.items()},
-              **{f"extraction.{k}": getattr(ec, k) for k in ("max_tokens", "max_docs", "token_budget")}}
-    stored = {**{f"source.{k}": info.source.get(k) for k in spec},
-              **{f"extraction.{k}": info.extraction.get(k) for k in ("max_tokens", "max_docs", "token_budget")}}
-    if ec.layers is not None:
-        wanted["hidden states"], stored["hidden states"] = tuple(ec.layers), tuple(info.hidden_states)
-    corpus = CorpusSpec(source=ec.corpus, text=ec.text, template=ec.template, id_field=ec.id_field,
-                        max_docs=ec.max_docs, max_tokens=ec.max_tokens).to_dict()
-    wanted["corpus"], stored["corpus"] = corpus, store.corpus_info(info.corpus).extra.get("corpus_spec")
-    diff = [f"{k} {stored[k]!r} (not {wanted[k]!r})" for k in wanted if stored[k] != wanted[k]]
-    return ", ".join(diff) or None

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from hrsa.extract.model_spec import AttentionMode, DTypeName
 from hrsa.runtime.settings import load_settings, parse_settings
 from hrsa.store.errors import UserError
-from hrsa.store.ids import parse_id
+from hrsa.store.ids import parse_id, slugify
 from hrsa.store.selection import parse_int_list
 
 __all__ = ["CorpusOptions", "ExtractConfig", "ExtractConfigError", "ExtractRunOptions", "ModelSourceOptions",
@@ -59,6 +59,10 @@ class ExtractRunOptions(BaseModel):
         """``"0,12,24-28"`` (a flag, or YAML text) -> a list; the same syntax as document lists. Blank: all."""
         if not isinstance(value, str):
             return value
+        negative = [p.strip() for p in value.split(",") if p.strip().startswith("-")]
+        if negative:  # "-1" would read as a broken range A-B: say what is wrong with it instead
+            raise ValueError(f"Expected hidden-state indices >= 0 such as 0,12,24-28. Got {negative[0]!r} instead. "
+                             "Count from 0: negative indices do not count from the end here")
         return parse_int_list(value, what="hidden-state indices") if value.strip() else None  # a ValueError: gathered
 
     @field_validator("layers")
@@ -113,6 +117,17 @@ class ExtractConfig(ExtractRunOptions, ModelSourceOptions, CorpusOptions):
     def _check_name(cls, value: str | None) -> str | None:
         # InvalidIdError is a ValueError: pydantic reports it with the other problems
         return parse_id(value, kind="model id (--name)") if value is not None else None
+
+    def model_id(self) -> str:
+        """The model's id in the store: ``name``, else derived from ``model`` (``packaged:x``, ``org/x``, ``x.gguf`` -> x).
+
+        Raises:
+            InvalidIdError: no valid id can be derived (then ``--name`` gives one).
+        """
+        if self.name:
+            return self.name
+        derived = slugify(self.model.removeprefix("packaged:").rstrip("/").split("/")[-1].removesuffix(".gguf"))
+        return parse_id(derived, kind="model id (derived from --model; give one with --name)")
 
 
 def parse_extract_config(values: Mapping[str, Any]) -> ExtractConfig:

@@ -106,11 +106,15 @@ def tokenize_corpus(
         CorpusError: an empty document, or a document longer than ``context_length`` with no
             ``max_tokens`` to cut it.
     """
+    if not records:
+        raise CorpusError(f"Expected at least one document in the corpus {spec.source}. Got none (it holds no records). "
+                          "Point --corpus at a file or folder with records in it.")
     texts = [render_text(r, spec, tokenizer) for r in records]
     ids = [list(tokenizer(t, add_special_tokens=spec.template is None or "{chat:" not in spec.template)["input_ids"]) for t in texts]
     empty = [r["_id"] for r, i in zip(records, ids) if not i]
-    if empty or not ids:
-        raise CorpusError(f"Expected text in every document. Got {len(empty) or 'no'} empty document(s) {empty[:3]} instead. Remove them or pick another --text field.")
+    if empty:
+        raise CorpusError(f"Expected text in every document. Got {len(empty)} empty document(s) {empty[:3]} instead. "
+                          "Remove them or pick another --text field.")
     original = np.array([len(i) for i in ids], dtype=np.int64)
     limit = spec.max_tokens
     if limit is None and context_length is not None and original.max() > context_length:

@@ -1,10 +1,16 @@
 """The extraction job, :func:`run_extraction`: a corpus and a model in, every hidden state in the store out, on Ray.
 
 ``hrsa extract`` and the pipeline's extract stage both call it with an :class:`~hrsa.extract.config.ExtractConfig`.
-Recipe: (1) tokenise the corpus once into the store, (2) connect to Ray, (3) start the workers; the
-first one's description of the model lets the coordinator allocate the arrays (or find them from a
-previous run), (4) feed pending units to the workers, two in flight each, (5) report. Re-running the
-same extraction resumes: only units not done are computed.
+Recipe: (1) check before touching the store: the model spec, the corpus (tokenised with the model's tokenizer, not
+yet written) and, when the store holds the model already, that it is the same extraction
+(:mod:`hrsa.extract.rerun`); only then is the store created and the corpus stored once, (2) connect to Ray and
+reserve the workers' CPUs/GPUs (refused at once when the cluster can never place them, bounded wait otherwise),
+(3) start the workers; the first one's description of the model lets the coordinator allocate the arrays (or check
+them on resume), (4) feed pending units to the workers, two in flight each, (5) report. Re-running the same
+extraction resumes: only units not done are computed. A worker's failure reaches the caller as one line naming
+the unit (:class:`ExtractionFailedError`).
+
+The workers are actors owned by this process (not detached): if it dies, Ray ends them with it.
 """
 
 from __future__ import annotations
@@ -15,10 +21,10 @@ from typing import Any
 
 # The job's input, re-exported: callers build an ExtractConfig and hand it to run_extraction.
 from hrsa.extract.config import ExtractConfig, ExtractConfigError, parse_extract_config
-from hrsa.store.errors import CorpusMismatchError, UserError
-from hrsa.store.ids import parse_id
+from hrsa.store.errors import CorpusMismatchError, HrsaError, UserError
 
-__all__ = ["ExtractConfig", "ExtractConfigError", "ExtractResult", "parse_extract_config", "run_extraction"]
+__all__ = ["PLACEMENT_TIMEOUT_S", "ExtractConfig", "ExtractConfigError", "ExtractResult", "ExtractionFailedError",
+           "WorkerPlacementError", "parse_extract_config", "run_extraction"]
 
 
 @dataclass(frozen=True)
@@ -34,41 +40,82 @@ class ExtractResult:
     node_ids: tuple[str, ...] = ()  # their Ray node ids (several nodes can share one host)
 
 
-def _model_id(config: ExtractConfig) -> str:
-    from hrsa.store.ids import slugify
+@dataclass(frozen=True)
+class _Corpus:
+    """The corpus asked for, checked before the store is touched: a stored id, or a table to store."""
 
-    if config.name:
-        return parse_id(config.name, kind="model id (--name)")
-    return parse_id(slugify(config.model.removeprefix("packaged:").rstrip("/").split("/")[-1].removesuffix(".gguf")), kind="model id")
+    cid: str | None  # set when joining a stored corpus
+    table: Any  # CorpusTable to store when cid is None
+    digest: str | None  # content hash of the table (None when joining by id)
+    n_tokens: int
+    tokenizer: dict[str, str]
 
 
-def _store_corpus(config: ExtractConfig, store: Any, spec: Any) -> tuple[str, int]:
-    """Tokenise with the model's own tokenizer and store the corpus once, or join a stored corpus by id.
+class ExtractionFailedError(HrsaError, RuntimeError):
+    """A worker failed in a way that is not the user's to fix (a crash, a bug, a lost node): exit code 1."""
 
-    Returns:
-        (corpus id, number of tokens).
+
+class WorkerPlacementError(UserError, RuntimeError):
+    """More workers than the Ray cluster can place, or no room for them in time."""
+
+
+# How long the workers may wait for CPUs/GPUs that the cluster has but other jobs hold, before the run gives up
+# instead of hanging (loading the model is not counted: the resources are reserved first).
+PLACEMENT_TIMEOUT_S = 120.0
+
+
+def _open_existing(url: str) -> Any:
+    """The store at ``url`` for writing, or None when nothing is there yet (created only once all checks passed)."""
+    from hrsa.store import ActivationStore
+    from hrsa.store.errors import StoreNotFoundError
+
+    try:
+        return ActivationStore.open(url, mode="r+")
+    except StoreNotFoundError:
+        return None
+
+
+def _read_corpus(config: ExtractConfig, store: Any, spec: Any) -> _Corpus:
+    """Tokenise the corpus with the model's own tokenizer (nothing written), or find a stored corpus by id.
+
+    Raises:
+        CorpusError, ModelLoadError...: the corpus or the tokenizer cannot be read (one line each).
+        CorpusMismatchError: a stored corpus that another tokenizer made.
     """
-    from hrsa.extract.corpus import CorpusSpec, load_records, tokenize_corpus
+    from hrsa.extract.corpus import load_records, tokenize_corpus
     from hrsa.extract.models import load_tokenizer, tokenizer_fingerprint
+    from hrsa.store.corpus import content_hash
 
     tokenizer, context = load_tokenizer(spec)
     fingerprint = tokenizer_fingerprint(tokenizer)
-    if config.corpus in store.corpora():  # joining a stored corpus: its tokens must be this tokenizer's
-        info = store.corpus_info(config.corpus)
-        if info.tokenizer.get("fingerprint") != fingerprint:
+    info = {"name": spec.name, "fingerprint": fingerprint}
+    if store is not None and config.corpus in store.corpora():  # joining a stored corpus: its tokens must be this tokenizer's
+        stored = store.corpus_info(config.corpus)
+        if stored.tokenizer.get("fingerprint") != fingerprint:
             raise CorpusMismatchError(
-                f"Expected a model whose tokenizer made corpus {config.corpus} ({info.tokenizer.get('name')}). "
+                f"Expected a model whose tokenizer made corpus {config.corpus} ({stored.tokenizer.get('name')}). "
                 f"Got {spec.name}, whose tokenizer differs. Give the corpus file instead, to tokenise it for this model."
             )
-        return config.corpus, info.n_tokens
-    corpus_spec = CorpusSpec(source=config.corpus, text=config.text, template=config.template, id_field=config.id_field,
-                             max_docs=config.max_docs, max_tokens=config.max_tokens)
+        return _Corpus(config.corpus, None, None, stored.n_tokens, info)
+    corpus_spec = _corpus_spec(config)
     table = tokenize_corpus(list(load_records(corpus_spec)), corpus_spec, tokenizer, context_length=context)
+    return _Corpus(None, table, content_hash(table, fingerprint), table.n_tokens, info)
+
+
+def _corpus_spec(config: ExtractConfig) -> Any:
+    from hrsa.extract.corpus import CorpusSpec
+
+    return CorpusSpec(source=config.corpus, text=config.text, template=config.template, id_field=config.id_field,
+                      max_docs=config.max_docs, max_tokens=config.max_tokens)
+
+
+def _store_corpus(config: ExtractConfig, store: Any, corpus: _Corpus) -> str:
+    """Store the corpus once (a no-op when the same tokens are there); returns its id."""
+    if corpus.cid is not None:
+        return corpus.cid
     fields = (config.text or "text",) if config.template is None else ()
-    cid = store.write_corpus(table, tokenizer={"name": spec.name, "fingerprint": fingerprint},
-                             source=config.corpus, fields=fields, template=config.template,
-                             extra={"corpus_spec": corpus_spec.to_dict()})
-    return cid, table.n_tokens
+    return store.write_corpus(corpus.table, tokenizer=corpus.tokenizer, source=config.corpus, fields=fields,
+                              template=config.template, extra={"corpus_spec": _corpus_spec(config).to_dict()})
 
 
 def _placement(conn: Any, workers: int | None) -> tuple[int, float, float, int]:
@@ -80,6 +127,40 @@ def _placement(conn: Any, workers: int | None) -> tuple[int, float, float, int]:
     return n, 0.0, float(threads), threads
 
 
+def _check_placement(conn: Any, n: int, gpus: float, cpus: float) -> None:
+    """Refuse at once what the cluster can never place (it would wait forever), naming the most it can take."""
+    most = int(conn.n_gpus // gpus) if gpus else int(conn.n_cpus // cpus)
+    if n > most:
+        each = f"{cpus:g} CPU" + (f" and {gpus:g} GPU" if gpus else "")
+        raise WorkerPlacementError(
+            f"Expected --workers the Ray cluster can place: at most {most} (it has {conn.n_cpus:g} CPUs and "
+            f"{conn.n_gpus:g} GPUs; a worker takes {each}). Got {n} instead. Pass --workers {max(most, 1)} or "
+            "fewer, or add nodes to the cluster."
+        )
+
+
+def _reserve(n: int, gpus: float, cpus: float) -> Any:
+    """A placement group holding every worker's CPUs/GPUs, ready within PLACEMENT_TIMEOUT_S, else an error.
+
+    SPREAD: one worker per node first, so a cluster's nodes share the work (and their disks or links to the store).
+    """
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+    group = placement_group([dict(bundle) for _ in range(n)], strategy="SPREAD")
+    try:
+        ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(group)
+        raise WorkerPlacementError(
+            f"Expected room for {n} worker(s) of {bundle} on the Ray cluster within {PLACEMENT_TIMEOUT_S:g} s. Got "
+            f"only {ray.available_resources()} free instead (other jobs hold the rest). Pass fewer --workers, "
+            "or re-run when the cluster is free."
+        ) from None
+    return group
+
+
 def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], None] | None = None) -> ExtractResult:
     """Run (or resume) one extraction.
 
@@ -89,57 +170,73 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
             work starts, then with each finished unit's tokens: increments for a progress bar.
 
     Raises:
-        UserError: a model, corpus or setting that cannot work (one line that names the fix).
+        UserError: a model, corpus or setting that cannot work, or a re-run whose settings differ from the
+            stored model's (:class:`~hrsa.extract.rerun.RerunMismatchError`); one line that names the fix.
+            Nothing is created or changed in the store when it is raised before the workers start.
+        ExtractionFailedError: a worker crashed or failed on a unit (one line naming the unit and the error).
     """
     import ray
+    from ray.util.placement_group import remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from hrsa.runtime.connection import connect
     from hrsa.extract.model_spec import parse_model_spec
+    from hrsa.extract.rerun import RerunMismatchError, check_rerun, loaded_mismatch
     from hrsa.extract.worker import remote_worker_class
+    from hrsa.runtime.connection import connect
     from hrsa.store import ActivationStore
 
-    # Step 1: the corpus, tokenised once per tokenizer.
-    mid = _model_id(config)
+    # Step 1: check the model, the corpus and a stored model's settings before the store is created or changed.
+    mid = config.model_id()
     spec = parse_model_spec(config.model, revision=config.revision, gguf_file=config.gguf_file, dtype=config.dtype,
                             attention=config.attention, trust_remote_code=config.trust_remote_code)
-    store = ActivationStore.open(config.store, mode="a")
-    if mid in store.models() and store.model_info(mid).complete:
-        info = store.model_info(mid)
-        return ExtractResult(mid, info.corpus, info.n_tokens, info.n_units, 0, ())
-    cid, n_tokens = _store_corpus(config, store, spec)
-    if mid in store.models() and store.model_info(mid).corpus != cid:
-        raise CorpusMismatchError(
-            f"Expected {mid} to continue on its corpus {store.model_info(mid).corpus}. Got corpus {cid} instead "
-            "(other text, limits or tokenizer). Use another --name, or delete the model first."
-        )
-    # Step 2: Ray, and one worker per GPU (or CPU workers), each loading the model once.
+    store = _open_existing(config.store)
+    corpus = _read_corpus(config, store, spec)
+    existing = store.model_info(mid) if store is not None and mid in store.models() else None
+    if existing is not None:
+        check_rerun(store, config, corpus_hash=corpus.digest)
+        if existing.complete:
+            return ExtractResult(mid, existing.corpus, existing.n_tokens, existing.n_units, 0, ())
+    # Step 2: Ray, and one worker per GPU (or CPU workers) that the cluster can place; then the store and corpus.
     conn = connect(config.address)
     n, gpus, cpus, threads = _placement(conn, config.workers)
+    _check_placement(conn, n, gpus, cpus)
+    store = store or ActivationStore.open(config.store, mode="a")
+    cid = _store_corpus(config, store, corpus)
+    # Step 3: the workers, each loading the model once, in reserved resources.
+    group = _reserve(n, gpus, cpus)
     Worker = remote_worker_class(num_gpus=gpus, num_cpus=cpus)
-    # SPREAD: one worker per node first, so a cluster's nodes share the work (and their disks or links to the store)
-    workers = [Worker.options(scheduling_strategy="SPREAD").remote(spec.to_dict(), config.store, None,
-                                                                  token_budget=config.token_budget, cpu_threads=threads or None)
-               for _ in range(n)]
+    workers = [Worker.options(scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i))
+               .remote(spec.to_dict(), config.store, None, token_budget=config.token_budget, cpu_threads=threads or None)
+               for i in range(n)]
     try:  # the workers hold CPUs or GPUs: give them back however this ends
-        # Step 3: the coordinator allocates the arrays from what a loaded worker reports.
-        facts = _describe(workers[0])
-        store.create_model(mid, corpus=cid, n_hidden_states=facts["n_hidden_states"], hidden_size=facts["hidden_size"],
-                           dtype=facts["dtype"], attention=facts["attention"], hidden_states=config.layers,
-                           source=facts["source"], shard_tokens=config.shard_tokens, exist_ok=True,
-                           extraction={"token_budget": config.token_budget,
-                                       "attn_implementation": facts["attn_implementation"],
-                                       "max_tokens": config.max_tokens, "max_docs": config.max_docs})
-        ray.get([w.bind.remote(mid) for w in workers])
-        # Step 4: pending units, two in flight per worker.
+        # Step 4: the coordinator allocates the arrays from what a loaded worker reports (or checks them on resume).
+        facts = _call(workers[0].describe.remote(), f"loading model {mid}")
+        if existing is None:
+            store.create_model(mid, corpus=cid, n_hidden_states=facts["n_hidden_states"], hidden_size=facts["hidden_size"],
+                               dtype=facts["dtype"], attention=facts["attention"], hidden_states=config.layers,
+                               source=facts["source"], shard_tokens=config.shard_tokens, exist_ok=True,
+                               extraction={"token_budget": config.token_budget,
+                                           "attn_implementation": facts["attn_implementation"],
+                                           "max_tokens": config.max_tokens, "max_docs": config.max_docs})
+        else:  # resuming: the settings matched; what loading tells (dtype "auto" on other hardware...) must too
+            found = loaded_mismatch(existing, facts)
+            if found:
+                raise RerunMismatchError(
+                    f"Expected the model loaded to match model {mid} stored in {store.url}. Got {'; '.join(found)} "
+                    f"instead. Pass --name NEW to keep both, or `hrsa store rm {store.url} {mid}` to replace it."
+                )
+        _call([w.bind.remote(mid) for w in workers], f"opening model {mid}")
+        # Step 5: pending units, two in flight per worker.
         units = store.writer(mid).units()
         pending = [u.index for u in store.writer(mid).pending_units()]
-        done_tokens = n_tokens - sum(units[i].n_tokens for i in pending)
-        results = _dispatch(workers, mid, pending, lambda r: on_progress and on_progress(r["tokens"], n_tokens),
-                            start=lambda: on_progress and on_progress(done_tokens, n_tokens))
+        done_tokens = corpus.n_tokens - sum(units[i].n_tokens for i in pending)
+        results = _dispatch(workers, mid, pending, lambda r: on_progress and on_progress(r["tokens"], corpus.n_tokens),
+                            start=lambda: on_progress and on_progress(done_tokens, corpus.n_tokens))
     finally:
         for w in workers:
             ray.kill(w)
-    # Step 5: report.
+        remove_placement_group(group)
+    # Step 6: report.
     info = store.model_info(mid)
     if not info.complete:
         raise UserError(f"Expected every unit done. Got {info.units_done}/{info.n_units}. Re-run the same command to resume.")
@@ -147,16 +244,33 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
                          tuple(sorted({r["node"] for r in results})), tuple(sorted({r.get("node_id", "") for r in results})))
 
 
-def _describe(worker: Any) -> dict[str, Any]:
-    """The loaded model's facts; a user's mistake found while loading it is raised as itself (one line)."""
+def _failure(error: Exception, what: str) -> Exception:
+    """A worker's failure as one line: the user's own mistake as itself, anything else as ExtractionFailedError."""
+    import ray
+
+    cause = getattr(error, "cause", None) if isinstance(error, ray.exceptions.RayTaskError) else None
+    if isinstance(cause, UserError):
+        return cause
+    if cause is not None:
+        got = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}"
+    else:  # the worker process died (ActorDiedError, a lost node) or its error could not be rebuilt here
+        lines = str(error).strip().splitlines()
+        got = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    return ExtractionFailedError(
+        f"Expected {what} to succeed. Got {got.rstrip(': ')} from a worker instead. Re-run the same command to "
+        "resume (units already written are kept); if it fails again, the worker logs under "
+        "/tmp/ray/session_latest/logs hold its traceback."
+    )
+
+
+def _call(refs: Any, what: str) -> Any:
+    """``ray.get(refs)``, with a worker's failure raised as one line (see :func:`_failure`)."""
     import ray
 
     try:
-        return ray.get(worker.describe.remote())
-    except ray.exceptions.RayTaskError as error:
-        if isinstance(error.cause, UserError):
-            raise error.cause from None
-        raise
+        return ray.get(refs)
+    except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as error:
+        raise _failure(error, what) from error
 
 
 def _dispatch(workers: list[Any], mid: str, pending: list[int], on_result: Callable[[dict[str, Any]], Any],
@@ -166,17 +280,22 @@ def _dispatch(workers: list[Any], mid: str, pending: list[int], on_result: Calla
 
     start()
     queue = list(reversed(pending))
-    inflight: dict[Any, Any] = {}
+    inflight: dict[Any, tuple[Any, int]] = {}
+
+    def submit(worker: Any) -> None:
+        index = queue.pop()
+        inflight[worker.run_unit.remote(mid, index)] = (worker, index)
+
     for w in workers:
         for _ in range(2):
             if queue:
-                inflight[w.run_unit.remote(mid, queue.pop())] = w
+                submit(w)
     results = []
     while inflight:
         (ref,), _ = ray.wait(list(inflight), num_returns=1)
-        worker = inflight.pop(ref)
-        results.append(ray.get(ref))
+        worker, index = inflight.pop(ref)
+        results.append(_call(ref, f"unit {index} of model {mid}"))
         on_result(results[-1])
         if queue:
-            inflight[worker.run_unit.remote(mid, queue.pop())] = worker
+            submit(worker)
     return results

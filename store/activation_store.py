@@ -25,6 +25,7 @@ from hrsa.store.corpus import (
 from hrsa.store.errors import (
     CorpusNotFoundError,
     CorruptDataError,
+    HalfCreatedModelError,
     LayerOutOfRangeError,
     IncompleteModelError,
     ModelNotFoundError,
@@ -37,7 +38,7 @@ from hrsa.store.format import ATTRS_KEY, DEFAULT_CODEC, FORMAT_VERSION, as_logic
 from hrsa.store.ids import parse_id
 from hrsa.store.model import ModelInfo, check_model_spec, create_model_group, hidden_key, read_model_info
 from hrsa.store.selection import TokenFilter, TokenSelection, resolve_selection
-from hrsa.store.units import ModelWriter
+from hrsa.store.units import ModelWriter, shard_size
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -48,6 +49,9 @@ __all__ = ["ActivationStore", "Mode"]
 
 Mode = Literal["r", "r+", "a", "w-"]
 _GROUPS = ("corpora", "models", "results")
+# What reading a node's metadata raises when it is absent or not Zarr's (a torn or edited zarr.json): a finding
+# about that node. Network and permission errors are not in it, so they are never taken for damage.
+_UNREADABLE = (KeyError, ValueError, TypeError)
 
 
 def _is_url(url: str) -> bool:
@@ -70,12 +74,32 @@ class _CheckedArray:
     Dask indexes it like an array (``from_array``); it pickles, so Ray workers can read from it.
     """
 
-    def __init__(self, array: zarr.Array, dtype: str, where: str) -> None:
+    def __init__(self, array: zarr.Array, dtype: str, where: str, *, done: np.ndarray, shard_tokens: int) -> None:
         self._array, self._dtype, self._where = array, dtype, where
+        self._done, self._shard_tokens = done, shard_tokens
         self.shape, self.ndim = array.shape, array.ndim
         self.dtype = as_logical(np.empty(0, array.dtype), dtype).dtype
 
+    def _check_shards(self, selection: Any) -> None:
+        """A done unit's shard must exist and hold bytes: Zarr would read a missing one as zeros.
+
+        One stat (one HEAD on S3) per shard a read touches, beside the shard's own reads.
+        """
+        rows = selection[0] if isinstance(selection, tuple) else selection
+        if isinstance(rows, slice) and rows.step in (None, 1):
+            start, stop, _ = rows.indices(self.shape[0])
+            units = range(start // self._shard_tokens, -(-stop // self._shard_tokens))
+        else:
+            units = range(self._done.size)
+        for u in units:
+            if self._done[u] and not shard_size(self._array, u):
+                raise CorruptDataError(
+                    f"Expected a stored shard {u} in {self._where} (its unit is done). Got a missing or empty object instead. "
+                    "Run `hrsa store verify --reset-damaged` to list and reset the damaged units, then re-extract them."
+                )
+
     def __getitem__(self, selection: Any) -> np.ndarray:
+        self._check_shards(selection)
         try:
             return as_logical(self._array[selection], self._dtype)
         except ValueError as error:
@@ -128,6 +152,11 @@ class ActivationStore:
             root = zarr.open_group(url, mode="r" if mode == "r" else "r+", storage_options=options)
         except (FileNotFoundError, zarr.errors.NodeNotFoundError):
             root = None
+        except (ValueError, TypeError) as error:  # a zarr.json that is not Zarr metadata (torn or edited)
+            raise StoreFormatError(
+                f"Expected Zarr metadata (JSON) in {url}/zarr.json. Got unreadable metadata instead ({type(error).__name__}: "
+                f"{error}). Point at an hrsa store, or restore that file."
+            ) from None
         if root is None:
             if _exists_nonempty(url, options):
                 raise StoreFormatError(
@@ -171,35 +200,114 @@ class ActivationStore:
         return f"ActivationStore({self.url!r}, read_only={self.read_only})"
 
     # -- listing -------------------------------------------------------------------------------
+    def _top(self, name: str) -> zarr.Group:
+        """``corpora``, ``models`` or ``results``; unreadable metadata there is damage, named in one line."""
+        try:
+            return self._root[name]
+        except _UNREADABLE as error:
+            raise CorruptDataError(
+                f"Expected the {name} group's metadata in {self.url}/{name}/zarr.json. Got it missing or unreadable instead "
+                f"({type(error).__name__}: {error}). Restore that file (an empty group's: "
+                '{"zarr_format": 3, "node_type": "group", "attributes": {}}).'
+            ) from None
+
+    def _children(self, name: str) -> list[str]:
+        """Names of the nodes under ``name``, from a listing of the store (without reading their metadata)."""
+        from zarr.core.sync import sync
+
+        group = self._top(name)
+
+        async def names() -> list[str]:
+            return [n async for n in group.store.list_dir(group.store_path.path)]
+
+        return sorted(n for n in sync(names()) if n != "zarr.json")
+
+    def _holds_objects(self, path: str) -> bool:
+        from zarr.core.sync import sync
+
+        async def first() -> bool:
+            async for _ in self._root.store.list_prefix(self._key(path) + "/"):
+                return True
+            return False
+
+        return sync(first())
+
+    def _probe_model(self, mid: str) -> tuple[str, zarr.Group | None]:
+        """("ready", group), ("half-created", group or None) or ("absent", None).
+
+        A model group counts once its attributes, written last by :meth:`create_model`, are valid; a group
+        without them, or whose metadata does not read, is what a kill during creation leaves.
+        """
+        import zarr
+
+        parent = self._top("models")  # damage there is the store's, not this model's
+        try:
+            group = parent[mid]
+        except _UNREADABLE:
+            return ("half-created" if self._holds_objects(f"models/{mid}") else "absent"), None
+        if not isinstance(group, zarr.Group):
+            return "half-created", None
+        try:
+            read_model_info(mid, group, units_done=0)
+        except ValueError:
+            return "half-created", group
+        return "ready", group
+
     def models(self) -> list[str]:
-        """Ids of the models in the store, sorted."""
-        return sorted(self._root["models"].group_keys())
+        """Ids of the models in the store, sorted; half-created ones (see :meth:`half_created_models`) are not models."""
+        return [m for m in self._children("models") if self._probe_model(m)[0] == "ready"]
+
+    def half_created_models(self) -> list[str]:
+        """Ids of model groups whose creation was interrupted (no valid attributes): delete them, or re-run the
+        extraction, which replaces them."""
+        return [m for m in self._children("models") if self._probe_model(m)[0] == "half-created"]
 
     def corpora(self) -> list[str]:
-        """Ids of the complete corpora in the store, sorted."""
-        group = self._root["corpora"]
-        return sorted(c for c in group.group_keys() if group[c].attrs.get(ATTRS_KEY, {}).get("complete"))
+        """Ids of the complete corpora in the store, sorted (a corpus whose metadata does not read is not complete)."""
+        group = self._top("corpora")
+        complete = []
+        for cid in self._children("corpora"):
+            try:
+                meta = group[cid].attrs.get(ATTRS_KEY, {})
+            except _UNREADABLE:
+                continue
+            if isinstance(meta, dict) and meta.get("complete"):
+                complete.append(cid)
+        return complete
 
     def _model_group(self, mid: str) -> zarr.Group:
         parse_id(mid, kind="model id")
-        if mid not in self._root["models"]:
+        state, group = self._probe_model(mid)
+        if state == "absent":
             known = ", ".join(self.models()) or "none"
             raise ModelNotFoundError(
                 f"Expected a model of this store ({known}). Got {mid!r} instead. List them with `hrsa store ls {self.url}`."
             )
-        return self._root["models"][mid]
+        if state == "half-created" or group is None:
+            raise HalfCreatedModelError(
+                f"Expected model {mid}'s attributes in {self.url}. Got a model whose creation was interrupted (no valid "
+                f"attributes) instead. Delete it (`hrsa store rm {self.url} {mid}`), or re-run the extraction, which replaces it."
+            )
+        return group
 
     def _corpus_group(self, cid: str) -> zarr.Group:
         parse_id(cid, kind="corpus id")
         if cid not in self.corpora():
             known = ", ".join(self.corpora()) or "none"
             raise CorpusNotFoundError(f"Expected a corpus of this store ({known}). Got {cid!r} instead.")
-        return self._root["corpora"][cid]
+        return self._top("corpora")[cid]
 
     def model_info(self, mid: str) -> ModelInfo:
         """Attributes and progress of model ``mid``."""
         group = self._model_group(mid)
-        return read_model_info(mid, group, units_done=int(group["units"][:].sum()))
+        try:
+            done = int((group["units"][:] == 1).sum())  # a byte other than 0 or 1 is damage, never "done"
+        except _UNREADABLE as error:
+            raise CorruptDataError(
+                f"Expected readable work-unit flags in {self.url} models/{mid}/units. Got {type(error).__name__}: {error} instead. "
+                f"Run `hrsa store verify {self.url}` for details; delete the model and re-extract it."
+            ) from None
+        return read_model_info(mid, group, units_done=done)
 
     def corpus_info(self, cid: str) -> CorpusInfo:
         return read_corpus_info(cid, self._corpus_group(cid))
@@ -286,7 +394,15 @@ class ActivationStore:
                 "Re-run the same `hrsa extract` to finish it (it resumes), or pass allow_incomplete=True."
             )
         where = f"{self.url} models/{mid}/{hidden_key(k)}"
-        array = _CheckedArray(self._model_group(mid)[hidden_key(k)], info.dtype, where)
+        group = self._model_group(mid)
+        try:
+            stored = group[hidden_key(k)]
+        except _UNREADABLE as error:
+            raise CorruptDataError(
+                f"Expected readable metadata of {where}. Got {type(error).__name__}: {error} instead. "
+                f"Run `hrsa store verify {self.url}` for details; delete the model and re-extract it."
+            ) from None
+        array = _CheckedArray(stored, info.dtype, where, done=group["units"][:] == 1, shard_tokens=info.layout.shard_tokens)
         chunks = (chunk_tokens or info.layout.shard_tokens, info.hidden_size)
         lazy = da.from_array(array, chunks=chunks, name=f"hrsa-{where}", asarray=False, fancy=False)
         selection = TokenSelection.of(tokens=tokens, docs=docs, token_filter=token_filter)
@@ -315,7 +431,7 @@ class ActivationStore:
         if cid in self.corpora():
             return cid
         write_corpus(
-            self._root["corpora"], cid, table, tokenizer=tokenizer, source=source, fields=fields,
+            self._top("corpora"), cid, table, tokenizer=tokenizer, source=source, fields=fields,
             template=template, digest=digest, extra=extra,
         )
         return cid
@@ -354,7 +470,15 @@ class ActivationStore:
             layout=choose_layout(hidden_size, dtype, chunk_tokens=chunk_tokens, shard_tokens=shard_tokens),
             codec=codec, source=dict(source or {}), extraction=dict(extraction or {}),
         )
-        if mid in self.models():
+        state, _ = self._probe_model(mid)
+        if state == "half-created" and exist_ok:  # a creation killed before its attributes: start it again
+            self._delete_model_node(mid)
+        elif state == "half-created":
+            raise UserError(
+                f"Expected a new model id. Got {mid!r}, whose creation in this store was interrupted. Delete it first "
+                f"(`hrsa store rm {self.url} {mid}`), or re-run with exist_ok (a re-run of the extraction replaces it)."
+            )
+        elif state == "ready":
             existing = self.model_info(mid)
             if exist_ok and existing.to_attrs() == info.to_attrs():
                 return existing
@@ -363,7 +487,7 @@ class ActivationStore:
                 f"{' with different settings' if exist_ok else ''}. "
                 f"Choose another --name, or delete it first (`hrsa store rm {self.url} {mid}`)."
             )
-        create_model_group(self._root["models"], info)
+        create_model_group(self._top("models"), info)
         return self.model_info(mid)
 
     def writer(self, mid: str) -> ModelWriter:
@@ -374,14 +498,25 @@ class ActivationStore:
     def delete_model(self, mid: str) -> None:
         """Remove a model and all its hidden states; corpora and other models are untouched."""
         self._check_writable()
-        self._model_group(mid)
-        del self._root["models"][mid]
+        parse_id(mid, kind="model id")
+        if self._probe_model(mid)[0] == "absent":
+            self._model_group(mid)  # raises ModelNotFoundError
+        self._delete_model_node(mid)  # a half-created one too: deleting it is its fix
+
+    def _delete_model_node(self, mid: str) -> None:
+        from zarr.core.sync import sync
+
+        sync(self._root.store.delete_dir(self._key(f"models/{mid}")))
+
+    def _key(self, path: str) -> str:
+        """Store key of ``path`` below the root."""
+        return f"{self._root.store_path.path}/{path}".lstrip("/")
 
     # -- result records ------------------------------------------------------------------------
     def results_ids(self) -> list[str]:
         """Ids of the result records (``hrsa analyze`` runs) in the store, sorted; a record still being written
         (or left by a run that stopped) counts too: its id is taken."""
-        return sorted(self._root["results"].group_keys())
+        return sorted(self._top("results").group_keys())
 
     def create_results(self, run_id: str) -> zarr.Group:
         """A new, empty result record ``run_id`` for the caller to fill (arrays, then its attributes).
@@ -396,7 +531,7 @@ class ActivationStore:
         self._check_writable()
         parse_id(run_id, kind="run id")
         try:
-            return self._root["results"].create_group(run_id)
+            return self._top("results").create_group(run_id)
         except zarr.errors.ContainsGroupError:
             raise UserError(
                 f"Expected a new run id. Got {run_id!r}, which {self.url} already holds in its results. "
@@ -409,7 +544,7 @@ class ActivationStore:
         Raises:
             UserError: no record of that id.
         """
-        return self._root["results"][self._known_results(run_id)]
+        return self._top("results")[self._known_results(run_id)]
 
     def delete_results(self, run_id: str) -> None:
         """Remove the result record ``run_id``; models, corpora and other records are untouched.
@@ -419,11 +554,11 @@ class ActivationStore:
             UserError: no record of that id.
         """
         self._check_writable()
-        del self._root["results"][self._known_results(run_id)]
+        del self._top("results")[self._known_results(run_id)]
 
     def _known_results(self, run_id: str) -> str:
         parse_id(run_id, kind="run id")
-        if run_id not in self._root["results"]:
+        if run_id not in self._top("results"):
             known = ", ".join(self.results_ids()) or "none"
             raise UserError(f"Expected a result record of this store ({known}). Got {run_id!r} instead.")
         return run_id

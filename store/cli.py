@@ -36,6 +36,9 @@ def ls(url: str) -> None:
         )
     console.print(corpora)
     console.print(models)
+    for mid in store.half_created_models():
+        console.print(f"note: model {mid} is half-created (its creation was interrupted): `hrsa store rm {url} {mid}`, "
+                      "or re-run its extraction", markup=False, emoji=False)
 
 
 @store_group.command("info")
@@ -82,12 +85,19 @@ def _ranges(values: tuple[int, ...]) -> str:
 @click.option("--out", type=click.Path(dir_okay=False, writable=True), required=True, help="Output .npy file.")
 def get(url: str, model: str, layer: int, docs: str | None, token_range: str | None, exclude_special: bool,
         exclude_first: bool, dtype: str, out: str) -> None:
-    """Write one hidden state of MODEL (or a selection of its tokens) to a .npy file."""
+    """Write one hidden state of MODEL (or a selection of its tokens) to a .npy file (its folder must exist)."""
+    import os
+
     import numpy as np
 
     from hrsa.store import ActivationStore, TokenFilter
+    from hrsa.store.errors import UserError
     from hrsa.store.selection import parse_doc_ids, parse_token_range
 
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):  # checked first: a typo in --out must not cost the whole read, nor create folders
+        raise UserError(f"Expected an existing folder for --out. Got {out}, whose folder {folder} does not exist, "
+                        f"instead. Create it first (mkdir -p {folder}), or choose another --out.")
     store = ActivationStore.open(url, mode="r")
     m = store.model_info(model)
     lazy = store.hidden_state(
@@ -147,7 +157,8 @@ def rm(url: str, model: str, yes: bool) -> None:
     from hrsa.store import ActivationStore
 
     store = ActivationStore.open(url, mode="r+")
-    store.model_info(model)  # fail on an unknown id before asking anything
+    if model not in store.half_created_models():  # a half-created model has no info, but rm is its repair
+        store.model_info(model)  # fail on an unknown id before asking anything
     if not yes:
         click.confirm(f"Delete model {model} from {url}?", abort=True)
     store.delete_model(model)

@@ -19,6 +19,7 @@ __all__ = [
     "CorpusNotFoundError",
     "LayerOutOfRangeError",
     "IncompleteModelError",
+    "HalfCreatedModelError",
     "SelectionError",
     "CorpusMismatchError",
     "CorruptDataError",
@@ -71,6 +72,10 @@ class IncompleteModelError(UserError, RuntimeError):
     """Reading a model whose extraction has work units not done."""
 
 
+class HalfCreatedModelError(UserError, RuntimeError):
+    """A model group without valid attributes: its creation was interrupted (they are written last)."""
+
+
 class SelectionError(UserError, ValueError):
     """A token range, document list or filter that selects nothing valid."""
 
@@ -80,4 +85,5 @@ class CorpusMismatchError(UserError, ValueError):
 
 
 class CorruptDataError(HrsaError, ValueError):
-    """Stored bytes that fail their checksum: not the user's mistake, but it has a fix (re-extract)."""
+    """Stored bytes that fail their checksum, a done unit's missing or empty shard, or unreadable metadata:
+    not the user's mistake, but it has a fix (``hrsa store verify``, then re-extract)."""

@@ -1,4 +1,5 @@
-"""Ids of models, corpora and results: validated slugs that can never leave the store root."""
+"""Ids of models, corpora and results: validated slugs that can never leave the store root, nor name a node of
+the store's own layout."""
 
 from __future__ import annotations
 
@@ -6,9 +7,24 @@ import re
 
 from hrsa.store.errors import InvalidIdError
 
-__all__ = ["parse_id", "slugify"]
+__all__ = ["RESERVED_NAMES", "parse_id", "slugify"]
 
 _SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+# Names the layout gives nodes of its own (store/format.py, model.py, corpus.py): Zarr's metadata document, the
+# root's groups, a model's children and a corpus's arrays. An id is a key beside such names, so one of them as an
+# id can replace a node's metadata: `models/zarr.json` deleted models' group on an fsspec store. Compared
+# case-insensitively, as case-insensitive filesystems (macOS, Windows) compare them.
+RESERVED_NAMES = frozenset({
+    "zarr.json", "corpora", "models", "results", "hidden", "units",
+    "token_ids", "doc_index", "position", "is_special", "doc_offsets", "doc_truncated", "doc_original_length",
+    "doc_record_id",
+})
+
+
+def _is_valid(value: object) -> bool:
+    return (isinstance(value, str) and bool(_SLUG.match(value)) and ".." not in value
+            and value.lower() not in RESERVED_NAMES)
 
 
 def parse_id(value: object, *, kind: str = "id") -> str:
@@ -16,15 +32,29 @@ def parse_id(value: object, *, kind: str = "id") -> str:
 
     A slug starts with a letter or digit and holds only letters, digits, ``.``, ``_`` and ``-``
     (at most 128 characters), so it names exactly one folder or key below its parent: no ``/``,
-    no ``..``, no leading dot.
+    no ``..``, no leading dot. A name of the layout's own (:data:`RESERVED_NAMES`, such as ``zarr.json``)
+    is refused too.
     """
-    if not isinstance(value, str) or not _SLUG.match(value) or ".." in value:
-        raise InvalidIdError(
-            f"Expected a {kind} made of letters, digits, '.', '_' and '-' (starting with a letter or "
-            f"digit, no '..', at most 128 characters). Got {value!r} instead. "
-            f"Choose another {kind}, e.g. {slugify(str(value)) or 'my-' + kind}."
-        )
-    return value
+    if _is_valid(value):
+        return value  # type: ignore[return-value]  # _is_valid checked it is a str
+    if isinstance(value, str) and value.lower() in RESERVED_NAMES and _SLUG.match(value):
+        what = f"a name reserved by the store's layout ({', '.join(sorted(RESERVED_NAMES))})"
+    else:
+        what = ("letters, digits, '.', '_' and '-' (starting with a letter or digit, no '..', at most 128 "
+                "characters)")
+    prefix = "" if what.startswith("a name") else "made of "
+    expectation = f"a {kind} {prefix}{what}" if prefix else f"a {kind} that is not {what}"
+    raise InvalidIdError(f"Expected {expectation}. Got {value!r} instead. Choose another {kind}, e.g. "
+                         f"{_suggestion(value, kind)}.")
+
+
+def _suggestion(value: object, kind: str) -> str:
+    """A valid id close to ``value``, else one made from ``kind`` ("model id (--name)" -> "my-model")."""
+    slug = slugify(str(value))
+    for candidate in (slug, f"my-{slug}", f"my-{slugify(kind.split()[0])}"):
+        if candidate.strip("-").removeprefix("my") and _is_valid(candidate):
+            return candidate
+    return "my-id"
 
 
 def slugify(text: str) -> str:

@@ -16,7 +16,7 @@ from hrsa.store.format import ATTRS_KEY, CODEC_PRESETS, STORED_DTYPES, Layout, c
 if TYPE_CHECKING:
     import zarr
 
-__all__ = ["ModelInfo", "create_model_group", "read_model_info", "hidden_key"]
+__all__ = ["ModelInfo", "create_model_group", "read_model_info", "parse_model_attrs", "array_mismatches", "hidden_key"]
 
 
 def hidden_key(layer: int) -> str:
@@ -73,13 +73,75 @@ class ModelInfo:
 
 
 def read_model_info(mid: str, group: zarr.Group, *, units_done: int) -> ModelInfo:
-    a = dict(group.attrs[ATTRS_KEY])
-    layout = Layout(**a.pop("layout"))
-    a.pop("kind", None)
-    a["hidden_states"] = tuple(a["hidden_states"])
-    return ModelInfo(
-        id=mid, layout=layout, units_done=units_done, n_units=layout.n_units(int(a["n_tokens"])), **a
-    )
+    return parse_model_attrs(mid, group.attrs.get(ATTRS_KEY), units_done=units_done)
+
+
+def parse_model_attrs(mid: str, attrs: Any, *, units_done: int = 0) -> ModelInfo:
+    """A model's ``hrsa`` attributes as a :class:`ModelInfo`.
+
+    Raises:
+        ValueError: the attributes are missing (a creation that was interrupted: they are written last) or not a
+            model's (edited, or from another tool).
+    """
+    if not isinstance(attrs, dict) or attrs.get("kind") != "model":
+        raise ValueError(f"no model attributes (got {type(attrs).__name__})")
+    a = dict(attrs)
+    a.pop("kind")
+    try:
+        layout = Layout(**a.pop("layout"))
+        a["hidden_states"] = tuple(int(k) for k in a["hidden_states"])
+        info = ModelInfo(id=mid, layout=layout, units_done=units_done, n_units=layout.n_units(int(a["n_tokens"])), **a)
+        storage_dtype(info.dtype)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"malformed model attributes ({type(error).__name__}: {error})") from error
+    return info
+
+
+def _child_names(group: zarr.Group) -> list[str]:
+    """Names under ``group`` from a listing of the store, without reading (possibly damaged) child metadata."""
+    from zarr.core.sync import sync
+
+    async def names() -> list[str]:
+        return [n async for n in group.store.list_dir(group.store_path.path)]
+
+    return [n for n in sync(names()) if n != "zarr.json"]
+
+
+def array_mismatches(group: zarr.Group, info: ModelInfo) -> list[tuple[str, str]]:
+    """(array path, what differs) for every array of ``group`` that its attributes do not describe.
+
+    The attributes promise: one array per stored hidden state of data type ``storage_dtype(dtype)``, shape
+    (N, D), shards of (shard_tokens, D) holding chunks of (chunk_tokens, D); and ``units`` of (n_units,) uint8.
+    """
+    problems: list[tuple[str, str]] = []
+    want_dtype = storage_dtype(info.dtype)
+    try:
+        stored = {int(k) for k in _child_names(group["hidden"])}
+    except Exception as error:  # a finding: unreadable or absent metadata
+        return [("hidden", f"unreadable group metadata ({type(error).__name__}: {error})")]
+    if stored != set(info.hidden_states):
+        problems.append(("hidden", f"holds hidden states {sorted(stored)}, but the attributes list {sorted(info.hidden_states)}"))
+    for k in sorted(stored & set(info.hidden_states)):
+        where = hidden_key(k)
+        try:
+            array = group[where]
+        except Exception as error:
+            problems.append((where, f"unreadable array metadata ({type(error).__name__}: {error})"))
+            continue
+        if array.dtype != want_dtype:
+            problems.append((where, f"data type {array.dtype} does not match the model's dtype {info.dtype} (stored as {want_dtype})"))
+        if array.shape != (info.n_tokens, info.hidden_size):
+            problems.append((where, f"shape {array.shape} does not match (n_tokens, hidden_size) = {(info.n_tokens, info.hidden_size)}"))
+        if array.shards != (info.layout.shard_tokens, info.hidden_size) or array.chunks != (info.layout.chunk_tokens, info.hidden_size):
+            problems.append((where, f"shards {array.shards} of chunks {array.chunks} do not match the layout "
+                                    f"{(info.layout.shard_tokens, info.hidden_size)} of {(info.layout.chunk_tokens, info.hidden_size)}"))
+    try:
+        units = group["units"]
+        if units.shape != (info.n_units,) or units.dtype != "uint8" or units.chunks != (1,):
+            problems.append(("units", f"shape {units.shape}, {units.dtype}, chunks {units.chunks} do not match {info.n_units} one-byte units"))
+    except Exception as error:
+        problems.append(("units", f"unreadable array metadata ({type(error).__name__}: {error})"))
+    return problems
 
 
 def check_model_spec(*, dtype: str, attention: str, codec: str, hidden_states: Sequence[int], n_hidden_states: int) -> None:
@@ -102,7 +164,9 @@ def create_model_group(parent: zarr.Group, info: ModelInfo) -> zarr.Group:
     """Allocate ``parent/<id>``: every hidden-state array (no data yet) and the unit-done flags.
 
     Metadata is written here and only here; the ``units`` array has one chunk per unit, so workers
-    flag their own unit without touching each other's objects.
+    flag their own unit without touching each other's objects. The model's attributes are written last:
+    a kill at any instant before leaves a group without them, which every reader treats as a
+    half-created model (absent for listing, deletable, replaced by a re-run); never a usable-looking one.
     """
     group = parent.create_group(info.id, overwrite=True)
     layout = info.layout

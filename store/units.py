@@ -21,7 +21,32 @@ from hrsa.store.model import ModelInfo, hidden_key
 if TYPE_CHECKING:
     import zarr
 
-__all__ = ["WorkUnit", "ModelWriter"]
+__all__ = ["WorkUnit", "ModelWriter", "shard_key", "shard_size"]
+
+
+def shard_key(array: zarr.Array, unit: int) -> str:
+    """Store key of the object holding shard ``unit`` (tokens ``unit * shard_tokens`` on) of a (N, D) array."""
+    return f"{array.store_path.path}/{array.metadata.encode_chunk_key((unit, 0))}"
+
+
+def shard_size(array: zarr.Array, unit: int) -> int | None:
+    """Bytes of shard ``unit``'s object, or None when there is none.
+
+    Zarr reads a missing shard as fill values without complaint, so whoever trusts a done unit asks the
+    store itself (one stat, or one HEAD on S3).
+    """
+    from zarr.core.sync import sync
+
+    try:
+        return int(sync(array.store_path.store.getsize(shard_key(array, unit))))
+    except FileNotFoundError:
+        return None
+
+
+def _delete_shard(array: zarr.Array, unit: int) -> None:
+    from zarr.core.sync import sync
+
+    sync(array.store_path.store.delete(shard_key(array, unit)))
 
 
 @dataclass(frozen=True)
@@ -50,7 +75,7 @@ class ModelWriter:
 
     def done_mask(self) -> np.ndarray:
         """(n_units,) bool, read fresh from the store (other processes may have finished units)."""
-        return self._group["units"][:].astype(bool)
+        return self._group["units"][:] == 1  # any other byte is damage (verify reports it), never "done"
 
     def pending_units(self) -> list[WorkUnit]:
         done = self.done_mask()
@@ -68,7 +93,7 @@ class ModelWriter:
             True if the unit was written, False if it was already done and left untouched.
         """
         # Step 1: a done unit is never written twice (a retried task after a lost reply, say).
-        if not overwrite and self._group["units"][unit.index]:
+        if not overwrite and self._group["units"][unit.index] == 1:
             return False
         # Step 2: check everything before writing anything.
         expected = (unit.n_tokens, self.info.hidden_size)
@@ -79,12 +104,24 @@ class ModelWriter:
         for k, values in arrays.items():
             if values.shape != expected:
                 raise ValueError(f"Expected hidden state {k} of shape {expected} for unit {unit.index}. Got {values.shape}.")
-        # Step 3: whole shards, then the flag; the flag is what makes the unit count.
+        # Step 3: whole shards, then the flag; the flag is what makes the unit count. Every shard object is
+        # written, all-zero ones too, so that a done unit's missing object always means damage. A unit that
+        # covers only part of its shard (the last one) starts from no object: Zarr would otherwise read the
+        # old one, torn or damaged, to merge the write into it.
         for k, values in arrays.items():
-            self._group[hidden_key(k)][unit.start : unit.stop] = values
+            array = self._group[hidden_key(k)].with_config({"write_empty_chunks": True})
+            if unit.n_tokens < self.info.layout.shard_tokens:
+                _delete_shard(array, unit.index)
+            array[unit.start : unit.stop] = values
         self._group["units"][unit.index] = 1
         return True
 
     def reset_unit(self, unit: WorkUnit) -> None:
-        """Mark a unit not done, so the next run rewrites it (used by ``verify --repair``)."""
+        """Make a unit not done and rewritable: delete its shard objects, then clear its flag (``verify --reset-damaged``).
+
+        Deleting first means a kill in between leaves a done unit with missing shards, which verify
+        reports (and a second reset finishes), never a pending unit whose damaged shard a rewrite would merge into.
+        """
+        for k in self.info.hidden_states:
+            _delete_shard(self._group[hidden_key(k)], unit.index)
         self._group["units"][unit.index] = 0

@@ -65,9 +65,13 @@ def finished_store(tiny_models: Any, corpus_file: Path, tmp_path_factory: pytest
     facts, loaded = worker.describe(), worker._loaded
     spec = CorpusSpec(source=str(corpus_file))
     table = tokenize_corpus(list(load_records(spec)), spec, loaded.tokenizer, context_length=loaded.context_length)
-    cid = store.write_corpus(table, tokenizer=loaded.tokenizer_info(), source=str(corpus_file), fields=("text",))
+    cid = store.write_corpus(table, tokenizer=loaded.tokenizer_info(), source=str(corpus_file), fields=("text",),
+                             extra={"corpus_spec": spec.to_dict()})
+    # Recorded as run_extraction records it, so that re-running the same extraction finds the same settings.
     store.create_model("tiny", corpus=cid, n_hidden_states=facts["n_hidden_states"], hidden_size=facts["hidden_size"],
-                       dtype=facts["dtype"], attention=facts["attention"], shard_tokens=16)
+                       dtype=facts["dtype"], attention=facts["attention"], source=facts["source"], shard_tokens=16,
+                       extraction={"token_budget": 8192, "attn_implementation": facts["attn_implementation"],
+                                   "max_tokens": None, "max_docs": None})
     for unit in store.writer("tiny").units():
         assert worker.run_unit("tiny", unit.index)["written"]
     assert store.model_info("tiny").complete
@@ -123,13 +127,6 @@ def test_mistakes_are_one_line_and_damage_nothing(
     result = run_cli("--store", str(stored_copy), "--model", model, "--corpus", corpus, *extra)
     assert_one_line_error(result, *fragments)
     assert store_digest(stored_copy) == before
-
-
-def test_a_new_store_is_not_created_by_a_mistake(tmp_path: Path, corpus_file: Path) -> None:
-    store = tmp_path / "store"
-    result = run_cli("--store", str(store), "--model", str(tmp_path / "nope"), "--corpus", str(corpus_file))
-    assert_one_line_error(result)
-    assert not store.exists()
 
 
 def test_config_errors_are_listed_in_one_line(stored_copy: Path, tiny_models: Any, corpus_file: Path) -> None:
@@ -193,3 +190,121 @@ def test_tokenizer_that_did_not_make_the_corpus_is_refused(stored_copy: Path, fi
     result = run_cli("--store", str(stored_copy), "--model", "packaged:all-minilm-l6-v2", "--corpus", cid)
     assert_one_line_error(result, f"made corpus {cid}", "Give the corpus file instead")
     assert store_digest(stored_copy) == before
+
+
+# -- re-running on a stored model: the same settings resume (or do nothing), others are refused --------------------
+def tiny_args(store: Path, tiny_models: Any, corpus: Path, *extra: str) -> list[str]:
+    """The finished store's own extraction (model tiny, shard 16), plus ``extra`` flags."""
+    return ["--store", str(store), "--model", str(tiny_models.dir("llama")), "--corpus", str(corpus),
+            "--name", "tiny", "--shard-tokens", "16", *extra]
+
+
+def test_rerunning_the_same_extraction_does_nothing(stored_copy: Path, tiny_models: Any, corpus_file: Path) -> None:
+    """Complete and the same: nothing to do, nothing written, and no Ray needed to find that out."""
+    before = store_digest(stored_copy)
+    result = run_cli(*tiny_args(stored_copy, tiny_models, corpus_file, "--attention", "causal", "--layers", "0-2"))
+    assert result.exit_code == 0, result.output
+    assert "tiny: 0 of " in result.stdout and "units written this run" in result.stdout
+    assert store_digest(stored_copy) == before
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragments"),
+    [
+        (("--attention", "bidirectional"), ("attention 'bidirectional'", "stored 'causal'")),
+        (("--dtype", "bfloat16"), ("dtype 'bfloat16'", "stored 'float32'")),
+        (("--layers", "0,2"), ("hidden states [0, 2]", "stored [0, 1, 2]")),
+        (("--max-docs", "2"), ("corpus", "max_docs 2")),
+        (("--template", "{text}!"), ("corpus", "template")),
+        (("--shard-tokens", "32"), ("32 tokens per unit", "stored 16")),
+        (("--attention", "bidirectional", "--layers", "1"), ("attention 'bidirectional'", "hidden states [1]")),
+    ],
+    ids=["attention", "dtype", "layers", "max-docs", "template", "shard-tokens", "two-at-once"],
+)
+def test_rerunning_with_other_settings_is_refused(
+    flags: tuple[str, ...], fragments: tuple[str, ...], stored_copy: Path, tiny_models: Any, corpus_file: Path
+) -> None:
+    before = store_digest(stored_copy)
+    result = run_cli(*tiny_args(stored_copy, tiny_models, corpus_file), *flags)
+    assert_one_line_error(result, "model tiny", *fragments, "--name", f"hrsa store rm {stored_copy} tiny")
+    assert store_digest(stored_copy) == before
+
+
+def test_the_corpus_is_compared_by_its_tokens(stored_copy: Path, tiny_models: Any, tmp_path: Path) -> None:
+    """Same options, other text: another extraction. The same text from another path: the same one."""
+    edited = write_jsonl(tmp_path / "edited.jsonl", {**TEXTS, "b": "w1 w2 w3 w4"})
+    before = store_digest(stored_copy)
+    result = run_cli(*tiny_args(stored_copy, tiny_models, edited))
+    assert_one_line_error(result, "model tiny", "corpus", "other tokens", "--name")
+    assert store_digest(stored_copy) == before
+    moved = write_jsonl(tmp_path / "moved.jsonl", TEXTS)
+    result = run_cli(*tiny_args(stored_copy, tiny_models, moved))
+    assert result.exit_code == 0 and "tiny: 0 of " in result.stdout, result.output
+    assert store_digest(stored_copy) == before
+
+
+def test_the_comparison_is_one_function(finished_store: tuple[Path, str], tiny_models: Any, corpus_file: Path) -> None:
+    """stored_mismatch, for the pipeline's runner too: [] for the same extraction, one entry per difference."""
+    from hrsa.extract.rerun import stored_mismatch
+
+    path, _ = finished_store
+    store = ActivationStore.open(str(path))
+    same = parse_extract_config({"store": str(path), "model": str(tiny_models.dir("llama")), "corpus": str(corpus_file),
+                                 "name": "tiny", "shard_tokens": 16, "token_budget": 7})  # the budget moves no row
+    assert stored_mismatch(store, same) == []
+    other = same.model_copy(update={"attention": "bidirectional", "layers": [0], "max_tokens": 5})
+    assert len(stored_mismatch(store, other)) == 3
+
+
+# -- mistakes that must leave no trace: a new store is created only once the model and the corpus are good ----------
+@pytest.mark.parametrize("case", ["missing-model", "missing-corpus", "empty-corpus", "empty-document", "too-long"])
+def test_a_new_store_is_not_created_by_a_mistake(case: str, tmp_path: Path, corpus_file: Path, tiny_models: Any) -> None:
+    store, model, corpus = tmp_path / "store", str(tiny_models.dir("llama")), str(corpus_file)
+    if case == "missing-model":
+        model = str(tmp_path / "nope")
+    elif case == "missing-corpus":
+        corpus = str(tmp_path / "nope.jsonl")
+    elif case == "empty-corpus":
+        corpus = str(write_jsonl(tmp_path / "c.jsonl", {}))
+    elif case == "empty-document":
+        corpus = str(write_jsonl(tmp_path / "c.jsonl", {"fine": "the lazy dog", "blank": ""}))
+    elif case == "too-long":
+        corpus = str(write_jsonl(tmp_path / "c.jsonl", {"long": "the lazy dog " * 60}))
+    result = run_cli("--store", str(store), "--model", model, "--corpus", corpus)
+    assert_one_line_error(result)
+    assert not store.exists()
+
+
+def test_an_empty_corpus_says_what_is_empty(tmp_path: Path, tiny_models: Any) -> None:
+    corpus = write_jsonl(tmp_path / "c.jsonl", {})
+    result = run_cli("--store", str(tmp_path / "store"), "--model", str(tiny_models.dir("llama")), "--corpus", str(corpus))
+    assert_one_line_error(result, "at least one document", str(corpus), "Got none")
+    assert "empty document(s) []" not in result.stderr
+
+
+def test_negative_layers_name_hidden_states(tmp_path: Path, corpus_file: Path) -> None:
+    result = run_cli("--store", str(tmp_path / "store"), "--model", str(tmp_path / "m"), "--corpus", str(corpus_file),
+                     "--layers=-1")
+    assert_one_line_error(result, "hidden-state indices", "'-1'", ">= 0")
+    assert "document" not in result.stderr
+    assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+@pytest.mark.parametrize("name", ["zarr.json", "models", "hidden", "units", "Zarr.JSON"])
+def test_reserved_names_are_refused_as_ids(where: str, name: str, stored_copy: Path, tiny_models: Any,
+                                           corpus_file: Path) -> None:
+    import fsspec
+
+    if where == "local":
+        url, snapshot = str(stored_copy), lambda: store_digest(stored_copy)
+    else:
+        url = f"memory://reserved-{name}"
+        ActivationStore.open(url, mode="a")
+        fs = fsspec.filesystem("memory")
+        snapshot = lambda: {k: bytes(fs.cat_file(k)) for k in fs.find(f"/reserved-{name}")}  # noqa: E731
+    before = snapshot()
+    result = run_cli("--store", url, "--model", str(tiny_models.dir("llama")), "--corpus", str(corpus_file),
+                     "--name", name)
+    assert_one_line_error(result, f"Got {name!r}", "reserved")
+    assert snapshot() == before

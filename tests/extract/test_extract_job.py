@@ -22,6 +22,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import threading
 import time
 from collections import Counter
@@ -433,3 +434,117 @@ def test_layer_subset_and_attributes(bidirectional_run: str, llama_run: Run) -> 
     with pytest.raises(LayerOutOfRangeError, match=r"in \[0, 2\]"):
         store.hidden_state("tiny-bidir", 1)
     assert info.corpus == llama_run.result.corpus_id  # same text, same tokenizer: one corpus
+
+
+# -- the edges of a run: more workers than the cluster has, a worker's failure, a killed driver -----------------------
+def assert_cli_error(result: Any, code: int, *fragments: str) -> str:
+    """Exit ``code``, one "hrsa: error: Expected" line on stderr, no traceback; returns the line."""
+    assert result.exit_code == code, (result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hrsa: error: Expected"), result.stderr
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def test_more_workers_than_the_cluster_can_place_is_refused_at_once(
+    ray_local: Any, tiny_models: Any, corpus_file: Path, tmp_path: Path
+) -> None:
+    """3 CPU workers on a 2-CPU cluster: one line naming the most it can take, before any actor or store exists."""
+    from hrsa.cli import cli
+
+    n = int(ray_local.n_cpus) + 1
+    start = time.monotonic()
+    result = CliRunner().invoke(cli, ["extract", "--store", str(tmp_path / "store"), "--model", str(tiny_models.dir("llama")),
+                                      "--corpus", str(corpus_file), "--workers", str(n)])
+    assert time.monotonic() - start < 60  # never a hang
+    assert_cli_error(result, 2, f"at most {int(ray_local.n_cpus)}", f"Got {n} instead", f"--workers {int(ray_local.n_cpus)}")
+    assert not (tmp_path / "store").exists()
+    assert wait_for_free_cpus(ray_local) == ray_local.n_cpus
+
+
+def test_a_worker_failure_is_one_line_naming_the_unit(
+    ray_local: Any, tiny_models: Any, corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task error in a worker (not the user's to fix): exit 1, one line with the unit and the worker's error."""
+    from hrsa.cli import cli
+
+    (tmp_path / "writes").write_text("")  # fail_after_writes=0: every unit fails before it is computed
+    use_worker_class(monkeypatch, faulty_worker(tmp_path, fail_after_writes=0))
+    result = CliRunner().invoke(cli, ["extract", "--store", str(tmp_path / "store"), "--model", str(tiny_models.dir("llama")),
+                                      "--corpus", str(corpus_file), "--name", "tiny", "--workers", "1",
+                                      "--shard-tokens", str(SHARD_TOKENS)])
+    line = assert_cli_error(result, 1, "of model tiny", "RuntimeError: injected fault before unit", "Re-run the same command")
+    assert re.search(r"Expected unit (\d+) of model tiny to succeed\. Got RuntimeError: injected fault before unit \1 ", line)
+    assert wait_for_free_cpus(ray_local) == ray_local.n_cpus
+
+
+def test_worker_actors_are_owned_by_the_driver(ray_local: Any) -> None:
+    """Not detached: when the driver dies, Ray ends its workers (test_killed_driver... shows it happening)."""
+    import inspect
+
+    from hrsa.extract import job
+
+    source = inspect.getsource(job)
+    assert "detached" not in source.replace("not detached", "")
+
+
+def units_done(store: str) -> int:
+    try:
+        return ActivationStore.open(store).model_info("tiny").units_done
+    except Exception:  # noqa: BLE001  (not created yet)
+        return -1
+
+
+@pytest.mark.slow  # ~140 s on 2 cores: a real driver process killed mid-run, then a resume
+def test_killed_driver_stops_its_workers_and_an_immediate_resume_is_exact(
+    ray_local: Any, tiny_models: Any, tmp_path: Path
+) -> None:
+    """SIGKILL the `hrsa extract` driver mid-run: its workers (owned actors) stop writing within a bounded time,
+    and a resume started right after gives the bytes of an uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+
+    import ray
+
+    texts = {f"d{i}": f"w{i % 7} the quick brown fox jumps over the lazy dog {i}" for i in range(300)}
+    corpus = write_jsonl(tmp_path / "big.jsonl", texts)
+    store = str(tmp_path / "store")
+    exe = Path(sys.executable).parent / "hrsa"
+    cmd = [str(exe), "extract", "--store", store, "--model", str(tiny_models.dir("llama")), "--corpus", str(corpus),
+           "--name", "tiny", "--workers", "2", "--shard-tokens", "16", "--address", ray.get_runtime_context().gcs_address]
+    driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # Step 1: kill the driver once its workers are writing.
+        deadline = time.monotonic() + 180
+        while units_done(store) < 5 and time.monotonic() < deadline and driver.poll() is None:
+            time.sleep(0.1)
+        assert driver.poll() is None, "the driver ended before it could be killed"
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    # Step 2: within a bounded time, no more unit is written (the count holds still for 3 s).
+    deadline, last, still_since = time.monotonic() + 30, units_done(store), time.monotonic()
+    while time.monotonic() - still_since < 3:
+        assert time.monotonic() < deadline, "workers of the killed driver kept writing"
+        time.sleep(0.25)
+        now = units_done(store)
+        if now != last:
+            last, still_since = now, time.monotonic()
+    n_units = ActivationStore.open(store).model_info("tiny").n_units
+    assert 5 <= last < n_units
+    assert wait_for_free_cpus(ray_local) == ray_local.n_cpus  # the killed driver's workers are gone
+    # Step 3: resume at once; the result equals an uninterrupted run, bit for bit.
+    config = ExtractConfig(store=store, model=str(tiny_models.dir("llama")), corpus=str(corpus), name="tiny",
+                           workers=2, shard_tokens=16)
+    resumed = run_extraction(config)
+    assert resumed.units_written == n_units - last
+    fresh = run_extraction(config.model_copy(update={"store": str(tmp_path / "fresh")}))
+    assert fresh.units_written == n_units
+    want = stored_states(str(tmp_path / "fresh"), "tiny")
+    for k, got in stored_states(store, "tiny").items():
+        np.testing.assert_array_equal(got, want[k], err_msg=f"hidden state {k}")

@@ -109,6 +109,10 @@ ERROR_CASES = {
     "bad docs": (["store", "get", "{url}", "m", "--layer", "0", "--docs", "1,99", "--out", "{tmp}/o.npy"], "document indices"),
     "unknown model on rm": (["store", "rm", "{url}", "nope", "--yes"], "Expected a model"),
     "not a store": (["store", "ls", "{tmp}"], "Got other files there"),
+    "out folder missing": (["store", "get", "{url}", "m", "--layer", "0", "--out", "{tmp}/no-dir/o.npy"],
+                           "Expected an existing folder for --out"),
+    "reserved id on rm": (["store", "rm", "{url}", "zarr.json", "--yes"], "reserved by the store's layout"),
+    "reserved id on info": (["store", "info", "{url}", "models"], "reserved by the store's layout"),
 }
 
 
@@ -122,7 +126,17 @@ def test_errors_are_one_line_exit_2_and_change_nothing(case: str, url: str, tmp_
     assert err.startswith("hrsa: error: ") and err.count("\n") == 1 and message in err
     assert "Traceback" not in out + err
     assert _tree_digest(Path(url)) == before
-    assert not (tmp_path / "o.npy").exists()
+    assert not (tmp_path / "o.npy").exists() and not (tmp_path / "no-dir").exists()
+
+
+@pytest.mark.parametrize("bad", ["..", "../..", "-", "zarr.json", "UNITS", "a b"])
+def test_the_id_an_error_suggests_is_itself_valid(bad: str, url: str) -> None:
+    from hrsa.store.ids import parse_id
+
+    code, _, err = _run("store", "rm", url, bad, "--yes")
+    assert code == 2 and err.count("\n") == 1 and ", e.g. " in err
+    suggested = err.strip().rpartition(", e.g. ")[2].removesuffix(".")
+    assert parse_id(suggested) == suggested
 
 
 def test_newer_format_version_is_refused_by_every_verb(url: str, tmp_path) -> None:

@@ -1,0 +1,126 @@
+"""Re-running an extraction on a model the store already holds: is it the same extraction?
+
+One comparison, :func:`stored_mismatch`, for ``hrsa extract`` (:func:`hrsa.extract.job.run_extraction`) and the
+pipeline's runner. What is compared is everything that changes a stored row: where the weights come from (kind,
+hub id or path, revision, GGUF file), dtype, attention, which hidden states, the tokens of the corpus (or, without
+them, its source and options), and the layout (tokens per unit). The token budget is not compared: it batches
+documents differently but moves no row to another place (batched kernels may round differently by a few ulps,
+which BATCH_RTOL in the tests bounds). ``trust_remote_code`` is a permission, not a setting of the rows.
+
+The same: the run resumes (or finds nothing to do). Different: :class:`RerunMismatchError`, before anything is
+written, naming each difference and the fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from hrsa.store.errors import UserError
+
+if TYPE_CHECKING:
+    from hrsa.extract.config import ExtractConfig
+    from hrsa.store import ActivationStore
+    from hrsa.store.model import ModelInfo
+
+__all__ = ["RerunMismatchError", "check_rerun", "loaded_mismatch", "stored_mismatch"]
+
+_SOURCE_FIELDS = ("kind", "id", "path", "revision", "gguf_file")
+_CORPUS_FIELDS = ("text", "template", "id_field", "max_docs", "max_tokens")
+
+
+class RerunMismatchError(UserError, ValueError):
+    """A re-run whose settings differ from those of the model stored under its id."""
+
+
+def stored_mismatch(store: ActivationStore, config: ExtractConfig, *, corpus_hash: str | None = None) -> list[str]:
+    """How stored model ``config.model_id()`` differs from what ``config`` would write: one phrase per difference.
+
+    Args:
+        store: a store holding the model.
+        config: the extraction asked for.
+        corpus_hash: the content hash of the corpus ``config`` asks for, tokenised by the model's tokenizer
+            (:func:`hrsa.store.corpus.content_hash`), when the caller has it: then the corpus is compared by its
+            tokens (an edited file at the same path differs). Without it, by its source and options as written.
+
+    Returns:
+        ``[]`` when it is the same extraction (resume it, or nothing is left to do).
+    """
+    from hrsa.extract.model_spec import parse_model_spec
+
+    info = store.model_info(config.model_id())
+    spec = parse_model_spec(config.model, revision=config.revision, gguf_file=config.gguf_file, dtype=config.dtype,
+                            attention=config.attention, trust_remote_code=config.trust_remote_code).to_dict()
+    found = []
+    if any(spec[k] != info.source.get(k) for k in _SOURCE_FIELDS):
+        found.append(f"model {_source_text(spec)} (stored {_source_text(info.source)})")
+    for name, stored in (("dtype", info.dtype), ("attention", info.attention)):
+        asked, stored_ask = getattr(config, name), info.source.get(name)
+        if asked not in (stored, stored_ask):  # the same ask, or an explicit ask of what "auto" gave
+            how = f"; it was asked as {stored_ask!r}" if stored_ask not in (None, stored) else ""
+            found.append(f"{name} {asked!r} (stored {stored!r}{how})")
+    layers = sorted(config.layers) if config.layers is not None else list(range(info.n_hidden_states))
+    if layers != sorted(info.hidden_states):
+        found.append(f"hidden states {layers} (stored {sorted(info.hidden_states)})")
+    found += _layout_mismatch(info, config)
+    found += _corpus_mismatch(store, info, config, corpus_hash)
+    return found
+
+
+def check_rerun(store: ActivationStore, config: ExtractConfig, *, corpus_hash: str | None = None) -> None:
+    """Raise :class:`RerunMismatchError` (one line: each difference, and the fix) unless :func:`stored_mismatch` is empty."""
+    found = stored_mismatch(store, config, corpus_hash=corpus_hash)
+    if found:
+        mid = config.model_id()
+        raise RerunMismatchError(
+            f"Expected the settings of model {mid} stored in {store.url} to re-run or resume it. Got "
+            f"{'; '.join(found)} instead. Pass --name NEW to keep both, or `hrsa store rm {store.url} {mid}` to "
+            "replace it."
+        )
+
+
+def loaded_mismatch(info: ModelInfo, facts: Mapping[str, Any]) -> list[str]:
+    """How the model a worker loaded (its ``describe()``) differs from the stored one it would resume.
+
+    What the settings alone cannot tell: dtype "auto" on other hardware, weights changed in place at the same path.
+    """
+    found = [f"{name} {facts[key]!r} as loaded (stored {stored!r})"
+             for name, key, stored in (("dtype", "dtype", info.dtype), ("attention", "attention", info.attention),
+                                       ("hidden states (L+1)", "n_hidden_states", info.n_hidden_states),
+                                       ("hidden size", "hidden_size", info.hidden_size))
+             if facts[key] != stored]
+    return found
+
+
+def _source_text(source: Mapping[str, Any]) -> str:
+    where = source.get("id") or source.get("path")
+    revision = f"@{source['revision']}" if source.get("revision") else ""
+    gguf = f" (gguf {source['gguf_file']})" if source.get("gguf_file") else ""
+    return f"{source.get('kind')}:{where}{revision}{gguf}" if where else "unrecorded"
+
+
+def _layout_mismatch(info: ModelInfo, config: ExtractConfig) -> list[str]:
+    from hrsa.store.format import choose_layout
+
+    asked = choose_layout(info.hidden_size, info.dtype, shard_tokens=config.shard_tokens)
+    if asked == info.layout:
+        return []
+    return [f"{asked.shard_tokens} tokens per unit (stored {info.layout.shard_tokens}: --shard-tokens)"]
+
+
+def _corpus_mismatch(store: ActivationStore, info: ModelInfo, config: ExtractConfig, corpus_hash: str | None) -> list[str]:
+    if config.corpus == info.corpus:  # the stored corpus, by its id
+        return []
+    stored = store.corpus_info(info.corpus)
+    stored_spec = dict(stored.extra.get("corpus_spec") or {"source": stored.source})
+    asked_spec = {"source": config.corpus, **{k: getattr(config, k) for k in _CORPUS_FIELDS}}
+    options = [f"{k} {asked_spec[k]!r}" for k in _CORPUS_FIELDS if asked_spec[k] != stored_spec.get(k)]
+    if corpus_hash is not None:
+        if corpus_hash == stored.content_hash:  # the same tokens, whatever the path or options say
+            return []
+    elif not options and asked_spec["source"] == stored_spec.get("source"):
+        return []
+    was = [f"{k} {stored_spec.get(k)!r}" for k in _CORPUS_FIELDS if stored_spec.get(k) is not None]
+    asked = f" with {', '.join(options)}" if options else ""
+    return [f"corpus {config.corpus}{asked} (stored corpus {info.corpus} from {stored_spec.get('source')}"
+            f"{' with ' + ', '.join(was) if was else ''} has other tokens)"]
