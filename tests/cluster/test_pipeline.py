@@ -150,7 +150,7 @@ def test_without_its_state_a_pipeline_adopts_matching_models_and_leaves_others_a
 
     (copy.root / "out" / STATE_FILE).unlink()  # e.g. a new cluster: the store on S3 remains, `out` does not
     models = {**copy.values["models"], "qwen": {**copy.values["models"]["qwen"], "attention": "causal"}}
-    with pytest.raises(UserError, match="source.attention 'bidirectional' \\(not 'causal'\\)"):
+    with pytest.raises(UserError, match="attention 'causal' \\(stored 'bidirectional'"):
         run_pipeline(copy.config(models=models), console=quiet())
     assert ActivationStore.open(copy.values["store"]).model_info("qwen").attention == "bidirectional"
     result = run_pipeline(copy.config(), console=quiet())
