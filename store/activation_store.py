@@ -26,19 +26,20 @@ from hrsa.store.errors import (
     CorpusNotFoundError,
     CorruptDataError,
     HalfCreatedModelError,
-    LayerOutOfRangeError,
     IncompleteModelError,
+    LayerOutOfRangeError,
     ModelNotFoundError,
-    StoreFormatError,
-    StoreNotFoundError,
     StoreReadOnlyError,
     UserError,
 )
-from hrsa.store.format import ATTRS_KEY, DEFAULT_CODEC, FORMAT_VERSION, as_logical, choose_layout
+from hrsa.store.format import ATTRS_KEY, DEFAULT_CODEC, choose_layout
 from hrsa.store.ids import parse_id
 from hrsa.store.model import ModelInfo, check_model_spec, create_model_group, hidden_key, read_model_info
+from hrsa.store.opening import open_root
+from hrsa.store.reading import CheckedArray
+from hrsa.store.result_records import ResultRecords
 from hrsa.store.selection import TokenFilter, TokenSelection, resolve_selection
-from hrsa.store.units import ModelWriter, shard_size
+from hrsa.store.units import ModelWriter
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -48,70 +49,12 @@ if TYPE_CHECKING:
 __all__ = ["ActivationStore", "Mode"]
 
 Mode = Literal["r", "r+", "a", "w-"]
-_GROUPS = ("corpora", "models", "results")
 # What reading a node's metadata raises when it is absent or not Zarr's (a torn or edited zarr.json): a finding
 # about that node. Network and permission errors are not in it, so they are never taken for damage.
 _UNREADABLE = (KeyError, ValueError, TypeError)
 
 
-def _is_url(url: str) -> bool:
-    return "://" in url and not url.startswith("file://")
-
-
-def _exists_nonempty(url: str, storage_options: Mapping[str, Any] | None) -> bool:
-    if not _is_url(url):
-        path = url.removeprefix("file://")
-        return os.path.isfile(path) or (os.path.isdir(path) and bool(os.listdir(path)))
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    return bool(fs.exists(path) and (fs.isfile(path) or fs.ls(path)))
-
-
-class _CheckedArray:
-    """A Zarr array seen in the model's dtype, whose checksum failures name the fix.
-
-    Dask indexes it like an array (``from_array``); it pickles, so Ray workers can read from it.
-    """
-
-    def __init__(self, array: zarr.Array, dtype: str, where: str, *, done: np.ndarray, shard_tokens: int) -> None:
-        self._array, self._dtype, self._where = array, dtype, where
-        self._done, self._shard_tokens = done, shard_tokens
-        self.shape, self.ndim = array.shape, array.ndim
-        self.dtype = as_logical(np.empty(0, array.dtype), dtype).dtype
-
-    def _check_shards(self, selection: Any) -> None:
-        """A done unit's shard must exist and hold bytes: Zarr would read a missing one as zeros.
-
-        One stat (one HEAD on S3) per shard a read touches, beside the shard's own reads.
-        """
-        rows = selection[0] if isinstance(selection, tuple) else selection
-        if isinstance(rows, slice) and rows.step in (None, 1):
-            start, stop, _ = rows.indices(self.shape[0])
-            units = range(start // self._shard_tokens, -(-stop // self._shard_tokens))
-        else:
-            units = range(self._done.size)
-        for u in units:
-            if self._done[u] and not shard_size(self._array, u):
-                raise CorruptDataError(
-                    f"Expected a stored shard {u} in {self._where} (its unit is done). Got a missing or empty object instead. "
-                    "Run `hrsa store verify --reset-damaged` to list and reset the damaged units, then re-extract them."
-                )
-
-    def __getitem__(self, selection: Any) -> np.ndarray:
-        self._check_shards(selection)
-        try:
-            return as_logical(self._array[selection], self._dtype)
-        except ValueError as error:
-            if "checksum" not in str(error):
-                raise
-            raise CorruptDataError(
-                f"Expected intact chunks in {self._where}. Got a checksum mismatch instead ({error}). "
-                "Run `hrsa store verify` to list the damaged shards, then re-extract them."
-            ) from error
-
-
-class ActivationStore:
+class ActivationStore(ResultRecords):
     """A store of tokenised corpora and the per-token hidden states of models run on them.
 
     Open one with :meth:`open`; the constructor takes an already opened Zarr group.
@@ -142,55 +85,8 @@ class ActivationStore:
             StoreNotFoundError: no store there (modes r and r+).
             StoreFormatError: something else is there, or a store of a newer format.
         """
-        import zarr
-
         url = os.fspath(url)
-        if mode not in ("r", "r+", "a", "w-"):
-            raise UserError(f"Expected mode 'r', 'r+', 'a' or 'w-'. Got {mode!r} instead.")
-        options = dict(storage_options) if storage_options and _is_url(url) else None
-        try:
-            root = zarr.open_group(url, mode="r" if mode == "r" else "r+", storage_options=options)
-        except (FileNotFoundError, zarr.errors.NodeNotFoundError):
-            root = None
-        except (ValueError, TypeError) as error:  # a zarr.json that is not Zarr metadata (torn or edited)
-            raise StoreFormatError(
-                f"Expected Zarr metadata (JSON) in {url}/zarr.json. Got unreadable metadata instead ({type(error).__name__}: "
-                f"{error}). Point at an hrsa store, or restore that file."
-            ) from None
-        if root is None:
-            if _exists_nonempty(url, options):
-                raise StoreFormatError(
-                    f"Expected {'an hrsa store' if mode in ('r', 'r+') else 'an empty location or an hrsa store'} "
-                    f"at {url}. Got other files there instead. Point at an hrsa store, or choose a new path."
-                )
-            if mode in ("r", "r+"):
-                raise StoreNotFoundError(
-                    f"Expected an hrsa store at {url}. Got nothing there instead. "
-                    "Check the path, or create one by extracting into it (`hrsa extract --store ...`)."
-                ) from None
-            root = zarr.open_group(url, mode="w-", storage_options=options)
-            root.attrs[ATTRS_KEY] = {"format_version": FORMAT_VERSION}
-            for name in _GROUPS:
-                root.create_group(name)
-        elif mode == "w-":
-            raise StoreFormatError(f"Expected nothing at {url}. Got a Zarr group there instead. Open it with mode 'a'.")
-        cls._check_format(root, url)
-        return cls(root, url=url, read_only=mode == "r")
-
-    @staticmethod
-    def _check_format(root: zarr.Group, url: str) -> None:
-        meta = root.attrs.get(ATTRS_KEY)
-        version = meta.get("format_version") if isinstance(meta, dict) else None
-        if not isinstance(version, int):
-            raise StoreFormatError(
-                f"Expected an hrsa store at {url}. Got a Zarr group without hrsa attributes instead. "
-                "Point --store at an hrsa store, or at a new path."
-            )
-        if version > FORMAT_VERSION:
-            raise StoreFormatError(
-                f"Expected store format version {FORMAT_VERSION} or older. Got version {version} at {url} instead. "
-                "Upgrade hrsa (`pip install -U hrsa`) to read it."
-            )
+        return cls(open_root(url, mode, storage_options), url=url, read_only=mode == "r")
 
     def _check_writable(self) -> None:
         if self.read_only:
@@ -402,7 +298,7 @@ class ActivationStore:
                 f"Expected readable metadata of {where}. Got {type(error).__name__}: {error} instead. "
                 f"Run `hrsa store verify {self.url}` for details; delete the model and re-extract it."
             ) from None
-        array = _CheckedArray(stored, info.dtype, where, done=group["units"][:] == 1, shard_tokens=info.layout.shard_tokens)
+        array = CheckedArray(stored, info.dtype, where, done=group["units"][:] == 1, shard_tokens=info.layout.shard_tokens)
         chunks = (chunk_tokens or info.layout.shard_tokens, info.hidden_size)
         lazy = da.from_array(array, chunks=chunks, name=f"hrsa-{where}", asarray=False, fancy=False)
         selection = TokenSelection.of(tokens=tokens, docs=docs, token_filter=token_filter)
@@ -511,57 +407,6 @@ class ActivationStore:
     def _key(self, path: str) -> str:
         """Store key of ``path`` below the root."""
         return f"{self._root.store_path.path}/{path}".lstrip("/")
-
-    # -- result records ------------------------------------------------------------------------
-    def results_ids(self) -> list[str]:
-        """Ids of the result records (``hrsa analyze`` runs) in the store, sorted; a record still being written
-        (or left by a run that stopped) counts too: its id is taken."""
-        return sorted(self._top("results").group_keys())
-
-    def create_results(self, run_id: str) -> zarr.Group:
-        """A new, empty result record ``run_id`` for the caller to fill (arrays, then its attributes).
-
-        Raises:
-            StoreReadOnlyError: the store is open read-only.
-            InvalidIdError: ``run_id`` is not a safe slug.
-            UserError: the store already holds a record of that id.
-        """
-        import zarr
-
-        self._check_writable()
-        parse_id(run_id, kind="run id")
-        try:
-            return self._top("results").create_group(run_id)
-        except zarr.errors.ContainsGroupError:
-            raise UserError(
-                f"Expected a new run id. Got {run_id!r}, which {self.url} already holds in its results. "
-                "Choose another run id, or delete that record first."
-            ) from None
-
-    def results_record(self, run_id: str) -> zarr.Group:
-        """The result record ``run_id``: its attributes hold the results document, its arrays the numbers.
-
-        Raises:
-            UserError: no record of that id.
-        """
-        return self._top("results")[self._known_results(run_id)]
-
-    def delete_results(self, run_id: str) -> None:
-        """Remove the result record ``run_id``; models, corpora and other records are untouched.
-
-        Raises:
-            StoreReadOnlyError: the store is open read-only.
-            UserError: no record of that id.
-        """
-        self._check_writable()
-        del self._top("results")[self._known_results(run_id)]
-
-    def _known_results(self, run_id: str) -> str:
-        parse_id(run_id, kind="run id")
-        if run_id not in self._top("results"):
-            known = ", ".join(self.results_ids()) or "none"
-            raise UserError(f"Expected a result record of this store ({known}). Got {run_id!r} instead.")
-        return run_id
 
     # -- raw access ------------------------------------------------------------------------------
     def group(self, path: str) -> zarr.Group:

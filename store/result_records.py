@@ -1,0 +1,80 @@
+"""The store's result records (``results/<run_id>``, one per ``hrsa analyze`` run): list, create, read, delete.
+
+:class:`ResultRecords` is a part of :class:`~hrsa.store.activation_store.ActivationStore` (it inherits it), kept
+apart because records are the analysis' output, not activations; it relies on the store's ``_top`` (the
+``results`` group, read without trusting it), ``_check_writable`` and ``url``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from hrsa.store.errors import UserError
+from hrsa.store.ids import parse_id
+
+if TYPE_CHECKING:
+    import zarr
+
+__all__ = ["ResultRecords"]
+
+
+class ResultRecords:
+    """Result records of a store: each a Zarr group whose attributes hold the results document."""
+
+    url: str
+
+    def _top(self, name: str) -> zarr.Group:  # provided by ActivationStore
+        raise NotImplementedError
+
+    def _check_writable(self) -> None:  # provided by ActivationStore
+        raise NotImplementedError
+
+    def results_ids(self) -> list[str]:
+        """Ids of the result records (``hrsa analyze`` runs) in the store, sorted; a record still being written
+        (or left by a run that stopped) counts too: its id is taken."""
+        return sorted(self._top("results").group_keys())
+
+    def create_results(self, run_id: str) -> zarr.Group:
+        """A new, empty result record ``run_id`` for the caller to fill (arrays, then its attributes).
+
+        Raises:
+            StoreReadOnlyError: the store is open read-only.
+            InvalidIdError: ``run_id`` is not a safe slug.
+            UserError: the store already holds a record of that id.
+        """
+        import zarr
+
+        self._check_writable()
+        parse_id(run_id, kind="run id")
+        try:
+            return self._top("results").create_group(run_id)
+        except zarr.errors.ContainsGroupError:
+            raise UserError(
+                f"Expected a new run id. Got {run_id!r}, which {self.url} already holds in its results. "
+                "Choose another run id, or delete that record first."
+            ) from None
+
+    def results_record(self, run_id: str) -> zarr.Group:
+        """The result record ``run_id``: its attributes hold the results document, its arrays the numbers.
+
+        Raises:
+            UserError: no record of that id.
+        """
+        return self._top("results")[self._known_results(run_id)]
+
+    def delete_results(self, run_id: str) -> None:
+        """Remove the result record ``run_id``; models, corpora and other records are untouched.
+
+        Raises:
+            StoreReadOnlyError: the store is open read-only.
+            UserError: no record of that id.
+        """
+        self._check_writable()
+        del self._top("results")[self._known_results(run_id)]
+
+    def _known_results(self, run_id: str) -> str:
+        parse_id(run_id, kind="run id")
+        if run_id not in self._top("results"):
+            known = ", ".join(self.results_ids()) or "none"
+            raise UserError(f"Expected a result record of this store ({known}). Got {run_id!r} instead.")
+        return run_id
