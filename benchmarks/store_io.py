@@ -101,6 +101,7 @@ class EndToEnd:
     store_read: Timing
     np_load: Timing
     store_disk_bytes: int
+    verify: Timing  # `hrsa store verify` of the model: every shard's object looked up, then decoded against crc32c
 
 
 def timed(fn: Callable[[], object]) -> Timing:
@@ -258,12 +259,20 @@ def bench_end_to_end(root: Path, acts: Activations, dtype: str, codec: str, repe
     def store_read(mid: str, out: list[np.ndarray]) -> None:
         out.extend(np.asarray(store.hidden_state(mid, k).compute()) for k in range(len(layers)))
 
+    def store_verify(mid: str) -> None:
+        from hrsa.store.verify import verify_store
+
+        report = verify_store(store, models=[mid])
+        if not report.ok:
+            raise AssertionError(f"store / {dtype}: verify found {report.problems[0]}")
+
     npy = root / f"npy-{dtype}"
-    runs: dict[str, list[Timing]] = {"sw": [], "sr": [], "ns": [], "nl": []}
+    runs: dict[str, list[Timing]] = {"sw": [], "sr": [], "ns": [], "nl": [], "v": []}
     for attempt in range(repeats + 1):
         mid, back = f"m{attempt}", []
         runs["sw"].append(timed(lambda: store_write(mid)))
         runs["sr"].append(timed(lambda: store_read(mid, back)))
+        runs["v"].append(timed(lambda: store_verify(mid)))
         if not all(bit_equal(a, b) for a, b in zip(logical, back)):
             raise AssertionError(f"store / {dtype}: read-back differs from what was written")
         npy.mkdir(exist_ok=True)
@@ -273,7 +282,7 @@ def bench_end_to_end(root: Path, acts: Activations, dtype: str, codec: str, repe
         store.delete_model(mid)
         shutil.rmtree(npy)
     mid_run = {key: typical(values[1:]) for key, values in runs.items()}  # values[0] is the burn-in
-    return EndToEnd(dtype, codec, mid_run["sw"], mid_run["ns"], mid_run["sr"], mid_run["nl"], size)
+    return EndToEnd(dtype, codec, mid_run["sw"], mid_run["ns"], mid_run["sr"], mid_run["nl"], size, mid_run["v"])
 
 
 def recommend(results: list[CodecResult], cfg: BenchConfig) -> tuple[str, str]:
@@ -327,7 +336,7 @@ def print_report(
     table = Table(title="End to end: ActivationStore (default codec, and none) vs np.save / np.load of the same bytes")
     columns = (
         "dtype", "codec", "store write s", "np.save s", "write ratio",
-        "store read s", "np.load s", "read ratio", "disk ratio",
+        "store read s", "np.load s", "read ratio", "disk ratio", "verify s", "verify GB/s", "verify/read",
     )
     for col in columns:
         table.add_column(col, justify="left" if col in ("dtype", "codec") else "right")
@@ -337,6 +346,7 @@ def print_report(
             e.dtype, e.codec, f"{e.store_write.wall_s:.3f}", f"{e.np_save.wall_s:.3f}",
             f"{e.store_write.wall_s / e.np_save.wall_s:.2f}x", f"{e.store_read.wall_s:.3f}", f"{e.np_load.wall_s:.3f}",
             f"{e.store_read.wall_s / e.np_load.wall_s:.2f}x", f"{raw / e.store_disk_bytes:.3f}",
+            f"{e.verify.wall_s:.3f}", f"{raw / e.verify.wall_s / 1e9:.2f}", f"{e.verify.wall_s / e.store_read.wall_s:.2f}x",
         )
     console.print(table)
     console.print(
