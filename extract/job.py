@@ -227,9 +227,9 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
                 )
         _call([w.bind.remote(mid) for w in workers], f"opening model {mid}")
         # Step 5: pending units, two in flight per worker.
-        units = store.writer(mid).units()
-        pending = [u.index for u in store.writer(mid).pending_units()]
-        done_tokens = corpus.n_tokens - sum(units[i].n_tokens for i in pending)
+        pending_units = store.writer(mid).pending_units()
+        pending = [u.index for u in pending_units]
+        done_tokens = corpus.n_tokens - sum(u.n_tokens for u in pending_units)
         results = _dispatch(workers, mid, pending, lambda r: on_progress and on_progress(r["tokens"], corpus.n_tokens),
                             start=lambda: on_progress and on_progress(done_tokens, corpus.n_tokens))
     finally:

@@ -39,7 +39,7 @@ from hrsa.store.opening import open_root
 from hrsa.store.reading import CheckedArray
 from hrsa.store.result_records import ResultRecords
 from hrsa.store.selection import TokenFilter, TokenSelection, resolve_selection
-from hrsa.store.units import ModelWriter
+from hrsa.store.units import ModelWriter, done_mask
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -197,7 +197,7 @@ class ActivationStore(ResultRecords):
         """Attributes and progress of model ``mid``."""
         group = self._model_group(mid)
         try:
-            done = int((group["units"][:] == 1).sum())  # a byte other than 0 or 1 is damage, never "done"
+            done = int(done_mask(group["units"][:]).sum())
         except _UNREADABLE as error:
             raise CorruptDataError(
                 f"Expected readable work-unit flags in {self.url} models/{mid}/units. Got {type(error).__name__}: {error} instead. "
@@ -298,7 +298,7 @@ class ActivationStore(ResultRecords):
                 f"Expected readable metadata of {where}. Got {type(error).__name__}: {error} instead. "
                 f"Run `hrsa store verify {self.url}` for details; delete the model and re-extract it."
             ) from None
-        array = CheckedArray(stored, info.dtype, where, done=group["units"][:] == 1, shard_tokens=info.layout.shard_tokens)
+        array = CheckedArray(stored, info.dtype, where, done=done_mask(group["units"][:]), shard_tokens=info.layout.shard_tokens)
         chunks = (chunk_tokens or info.layout.shard_tokens, info.hidden_size)
         lazy = da.from_array(array, chunks=chunks, name=f"hrsa-{where}", asarray=False, fancy=False)
         selection = TokenSelection.of(tokens=tokens, docs=docs, token_filter=token_filter)

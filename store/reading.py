@@ -6,6 +6,7 @@ shard is an error (Zarr would read its fill values, zeros, as data), and a check
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,26 +30,46 @@ class CheckedArray:
     def __init__(self, array: zarr.Array, dtype: str, where: str, *, done: np.ndarray, shard_tokens: int) -> None:
         self._array, self._dtype, self._where = array, dtype, where
         self._done, self._shard_tokens = done, shard_tokens
+        self._present: set[int] = set()  # done shards already seen in the store: a shard is looked up once
+        self._lock = threading.Lock()  # Dask's threads read blocks of one shard at once: one of them looks it up
         self.shape, self.ndim = array.shape, array.ndim
         self.dtype = as_logical(np.empty(0, array.dtype), dtype).dtype
+
+    def _units(self, selection: Any) -> np.ndarray:
+        """The shards (work units) a selection's rows fall in."""
+        rows = selection[0] if isinstance(selection, tuple) else selection
+        if isinstance(rows, slice):
+            start, stop, _ = rows.indices(self.shape[0])
+            return np.arange(start // self._shard_tokens, -(-stop // self._shard_tokens))
+        return np.unique(np.asarray(rows).reshape(-1) // self._shard_tokens)
 
     def _check_shards(self, selection: Any) -> None:
         """A done unit's shard must exist and hold bytes: Zarr would read a missing one as zeros.
 
-        One stat (one HEAD on S3) per shard a read touches, beside the shard's own reads.
+        One stat (one HEAD on S3) per shard, the first time a read touches it (Dask reads a shard in several
+        blocks when its chunks are smaller than a shard).
         """
-        rows = selection[0] if isinstance(selection, tuple) else selection
-        if isinstance(rows, slice) and rows.step in (None, 1):
-            start, stop, _ = rows.indices(self.shape[0])
-            units = range(start // self._shard_tokens, -(-stop // self._shard_tokens))
-        else:
-            units = range(self._done.size)
-        for u in units:
-            if self._done[u] and not shard_size(self._array, u):
-                raise CorruptDataError(
-                    f"Expected a stored shard {u} in {self._where} (its unit is done). Got a missing or empty object instead. "
-                    "Run `hrsa store verify --reset-damaged` to list and reset the damaged units, then re-extract them."
-                )
+        unseen = [u for u in self._units(selection).tolist() if self._done[u] and u not in self._present]
+        if not unseen:
+            return
+        with self._lock:
+            for u in unseen:
+                if u in self._present:
+                    continue
+                if not shard_size(self._array, u):
+                    raise CorruptDataError(
+                        f"Expected a stored shard {u} in {self._where} (its unit is done). Got a missing or empty object "
+                        "instead. Run `hrsa store verify --reset-damaged` to list and reset the damaged units, then "
+                        "re-extract them."
+                    )
+                self._present.add(u)
+
+    def __getstate__(self) -> dict[str, Any]:  # pickled to Ray or Dask workers: a lock does not travel
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def __getitem__(self, selection: Any) -> np.ndarray:
         self._check_shards(selection)

@@ -21,7 +21,14 @@ from hrsa.store.model import ModelInfo, hidden_key
 if TYPE_CHECKING:
     import zarr
 
-__all__ = ["WorkUnit", "ModelWriter", "shard_key", "shard_size"]
+__all__ = ["WorkUnit", "ModelWriter", "done_mask", "shard_key", "shard_size"]
+
+DONE = 1  # the one flag byte that makes a unit count; any other non-zero byte is damage (verify reports it)
+
+
+def done_mask(flags: np.ndarray) -> np.ndarray:
+    """(n_units,) bool from a model's ``units`` flag bytes: done only where the byte is exactly :data:`DONE`."""
+    return np.asarray(flags) == DONE
 
 
 def shard_key(array: zarr.Array, unit: int) -> str:
@@ -75,7 +82,7 @@ class ModelWriter:
 
     def done_mask(self) -> np.ndarray:
         """(n_units,) bool, read fresh from the store (other processes may have finished units)."""
-        return self._group["units"][:] == 1  # any other byte is damage (verify reports it), never "done"
+        return done_mask(self._group["units"][:])
 
     def pending_units(self) -> list[WorkUnit]:
         done = self.done_mask()
@@ -93,7 +100,7 @@ class ModelWriter:
             True if the unit was written, False if it was already done and left untouched.
         """
         # Step 1: a done unit is never written twice (a retried task after a lost reply, say).
-        if not overwrite and self._group["units"][unit.index] == 1:
+        if not overwrite and done_mask(self._group["units"][unit.index]):
             return False
         # Step 2: check everything before writing anything.
         expected = (unit.n_tokens, self.info.hidden_size)
@@ -113,7 +120,7 @@ class ModelWriter:
             if unit.n_tokens < self.info.layout.shard_tokens:
                 _delete_shard(array, unit.index)
             array[unit.start : unit.stop] = values
-        self._group["units"][unit.index] = 1
+        self._group["units"][unit.index] = DONE
         return True
 
     def reset_unit(self, unit: WorkUnit) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 
 from hrsa.store.errors import CorruptDataError, HalfCreatedModelError
 from hrsa.store.model import ModelInfo, array_mismatches, hidden_key
-from hrsa.store.units import shard_size
+from hrsa.store.units import done_mask, shard_size
 
 if TYPE_CHECKING:
     from hrsa.store.activation_store import ActivationStore
@@ -101,7 +101,7 @@ def _unit_flags(store: ActivationStore, info: ModelInfo, problems: list[Problem]
     for u in np.flatnonzero((flags != 0) & (flags != 1)):
         problems.append(Problem(f"models/{info.id}/units unit {u}", f"done flag is {int(flags[u])}, not 0 or 1",
                                 model=info.id, unit=int(u)))
-    done = flags == 1
+    done = done_mask(flags)
     if not done.all():
         problems.append(Problem(f"models/{info.id}", f"{int((~done).sum())} of {done.size} work units not done; re-run the extraction to finish",
                                 model=info.id))

@@ -303,6 +303,29 @@ def test_read_of_a_missing_shard_is_one_line_and_changes_nothing(target: Target,
     assert np.array_equal(store.hidden_state("m", 1, tokens=(0, 512)).compute(), expected_layer(store, "m", 1)[:512])
 
 
+
+def test_a_shard_is_looked_up_once_however_many_blocks_read_it(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    # The existence check sits on the read path: Dask blocks smaller than a shard must not each cost a stat
+    # (a HEAD on S3), and an index selection must look up only the shards its rows fall in.
+    import hrsa.store.reading as reading
+
+    store = _filled(Target(str(tmp_path / "store"), None, {}))
+    info = store.model_info("m")
+    looked: list[int] = []
+    real = reading.shard_size
+    monkeypatch.setattr(reading, "shard_size", lambda array, u: looked.append(u) or real(array, u))
+    block = info.layout.shard_tokens // 4
+    values = store.hidden_state("m", 1, chunk_tokens=block).compute()
+    assert np.array_equal(values, expected_layer(store, "m", 1))
+    assert sorted(looked) == list(range(info.n_units))  # each shard once, not once per block
+    looked.clear()
+    rows = np.array([1, info.layout.shard_tokens + 2])
+    assert np.array_equal(store.hidden_state("m", 1).compute()[rows], values[rows])
+    looked.clear()
+    reading.CheckedArray(store.group("models/m")["hidden/1"], info.dtype, "x", done=np.ones(info.n_units, bool),
+                         shard_tokens=info.layout.shard_tokens)[rows]
+    assert sorted(looked) == [0, 1]
+
 # -- kills at every metadata write of create_model ---------------------------------------------------------------
 CREATE = r"""
 import json, os, signal, sys
