@@ -96,14 +96,15 @@ class BenchWorker(ExtractionWorker):
         from hrsa.extract.forward import batched_hidden_states
 
         writer = self._bound(mid)
-        token_ids, offsets = self._corpus  # type: ignore[misc]
+        corpus = self._corpus
+        offsets = corpus.doc_offsets  # type: ignore[union-attr]
         load_peak = reset_peak_memory()
         forward_tokens = 0
         start, cpu_start = time.perf_counter(), time.process_time()
         for unit in writer.units():
             first = int(np.searchsorted(offsets, unit.start, side="right")) - 1
             last = int(np.searchsorted(offsets, unit.stop, side="left"))
-            docs = [token_ids[offsets[d] : offsets[d + 1]].tolist() for d in range(first, last)]
+            docs = [corpus.document(d).tolist() for d in range(first, last)]  # type: ignore[union-attr]
             forward_tokens += sum(len(d) for d in docs)
             for _ in batched_hidden_states(self._loaded, docs, [], token_budget=self._token_budget):
                 pass

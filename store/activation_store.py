@@ -39,7 +39,8 @@ from hrsa.store.opening import open_root
 from hrsa.store.reading import CheckedArray
 from hrsa.store.result_records import ResultRecords
 from hrsa.store.selection import TokenFilter, TokenSelection, resolve_selection
-from hrsa.store.units import ModelWriter, done_mask
+from hrsa.store.objects import delete_key, delete_prefix, list_keys
+from hrsa.store.units import ModelWriter, done_units
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -196,13 +197,8 @@ class ActivationStore(ResultRecords):
     def model_info(self, mid: str) -> ModelInfo:
         """Attributes and progress of model ``mid``."""
         group = self._model_group(mid)
-        try:
-            done = int(done_mask(group["units"][:]).sum())
-        except _UNREADABLE as error:
-            raise CorruptDataError(
-                f"Expected readable work-unit flags in {self.url} models/{mid}/units. Got {type(error).__name__}: {error} instead. "
-                f"Run `hrsa store verify {self.url}` for details; delete the model and re-extract it."
-            ) from None
+        info = read_model_info(mid, group, units_done=0)
+        done = sum(1 for u in done_units(group) if u < info.n_units)
         return read_model_info(mid, group, units_done=done)
 
     def corpus_info(self, cid: str) -> CorpusInfo:
@@ -298,7 +294,9 @@ class ActivationStore(ResultRecords):
                 f"Expected readable metadata of {where}. Got {type(error).__name__}: {error} instead. "
                 f"Run `hrsa store verify {self.url}` for details; delete the model and re-extract it."
             ) from None
-        array = CheckedArray(stored, info.dtype, where, done=done_mask(group["units"][:]), shard_tokens=info.layout.shard_tokens)
+        writer = ModelWriter(group, info)
+        array = CheckedArray(stored, info.dtype, where, done=writer.done_mask(), shard_tokens=info.layout.shard_tokens,
+                             model_prefix=group.store_path.path, layer=k, settings=writer.settings)
         chunks = (chunk_tokens or info.layout.shard_tokens, info.hidden_size)
         lazy = da.from_array(array, chunks=chunks, name=f"hrsa-{where}", asarray=False, fancy=False)
         selection = TokenSelection.of(tokens=tokens, docs=docs, token_filter=token_filter)
@@ -368,7 +366,7 @@ class ActivationStore(ResultRecords):
         )
         state, _ = self._probe_model(mid)
         if state == "half-created" and exist_ok:  # a creation killed before its attributes: start it again
-            self._delete_model_node(mid)
+            self._clear_half_created(mid, info)
         elif state == "half-created":
             raise UserError(
                 f"Expected a new model id. Got {mid!r}, whose creation in this store was interrupted. Delete it first "
@@ -383,8 +381,30 @@ class ActivationStore(ResultRecords):
                 f"{' with different settings' if exist_ok else ''}. "
                 f"Choose another --name, or delete it first (`hrsa store rm {self.url} {mid}`)."
             )
-        create_model_group(self._top("models"), info)
+        if not create_model_group(self._top("models"), info):
+            raise UserError(
+                f"Expected to create model {mid!r}. Got one with different settings created by another extraction at the "
+                f"same moment instead. Choose another --name, or delete it first (`hrsa store rm {self.url} {mid}`)."
+            )
         return self.model_info(mid)
+
+    def _clear_half_created(self, mid: str, info: ModelInfo) -> None:
+        """Make room for ``info`` where a creation was interrupted, deleting no array the new model will use.
+
+        The group metadata goes (torn or without attributes), with any done records and claims and the arrays of
+        hidden states ``info`` does not store; same-shaped arrays are kept, so a coordinator creating this model at
+        this very moment loses nothing of its own.
+        """
+        prefix = self._key(f"models/{mid}")
+        store = self._root.store
+        delete_key(store, f"{prefix}/zarr.json")
+        delete_prefix(store, f"{prefix}/done")
+        delete_prefix(store, f"{prefix}/claims")
+        delete_prefix(store, f"{prefix}/units")  # format 1's flags
+        kept = {hidden_key(k) for k in info.hidden_states}
+        stale = {f"hidden/{key.split('/')[1]}" for key in list_keys(store, prefix) if key.startswith("hidden/") and key.count("/") >= 2}
+        for path in sorted(stale - kept):
+            delete_prefix(store, f"{prefix}/{path}")
 
     def writer(self, mid: str) -> ModelWriter:
         """A writer of ``mid``'s work units; cheap, and safe to create in every worker process."""

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hrsa.store.format import ATTRS_KEY
+from hrsa.store.objects import ensure_array, ensure_group
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -111,14 +112,9 @@ def content_hash(table: CorpusTable, tokenizer_fingerprint: str) -> str:
 def _array(group: zarr.Group, name: str, values: np.ndarray, chunk: int) -> None:
     from zarr.codecs import Crc32cCodec, ZstdCodec
 
-    arr = group.create_array(
-        name,
-        shape=values.shape,
-        dtype=values.dtype,
-        chunks=(min(chunk, max(1, values.shape[0])),),
-        compressors=[ZstdCodec(level=3), Crc32cCodec()],
-        fill_value=0,
-        overwrite=True,
+    arr = ensure_array(
+        group, name, shape=values.shape, dtype=values.dtype, chunks=(min(chunk, max(1, values.shape[0])),),
+        compressors=[ZstdCodec(level=3), Crc32cCodec()], fill_value=0,
     )
     arr[:] = values
 
@@ -135,8 +131,12 @@ def write_corpus(
     digest: str,
     extra: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write ``table`` as ``parent/<cid>``; ``complete`` is set last, so a torn write is never used."""
-    group = parent.create_group(cid, overwrite=True)
+    """Write ``table`` as ``parent/<cid>``; ``complete`` is set last, so a torn write is never used.
+
+    Nothing is deleted first: a corpus id is its content's hash, so two coordinators writing the same corpus at once
+    write the same bytes, and a reader never sees an array of a complete corpus vanish under it.
+    """
+    group = ensure_group(parent.store, f"{parent.store_path.path}/{cid}".lstrip("/"))
     n_docs = table.n_docs
     truncated = table.truncated if table.truncated is not None else np.zeros(n_docs, bool)
     original = table.original_length if table.original_length is not None else np.diff(table.doc_offsets)
@@ -147,7 +147,7 @@ def write_corpus(
     _array(group, "doc_offsets", table.doc_offsets.astype(np.int64), _TOKEN_CHUNK)
     _array(group, "doc_truncated", truncated.astype(bool), _TOKEN_CHUNK)
     _array(group, "doc_original_length", original.astype(np.int64), _TOKEN_CHUNK)
-    records = group.create_array("doc_record_id", shape=(n_docs,), dtype=str, chunks=(min(_TOKEN_CHUNK, n_docs),))
+    records = ensure_array(group, "doc_record_id", shape=(n_docs,), dtype=str, chunks=(min(_TOKEN_CHUNK, n_docs),))
     records[:] = np.asarray(list(table.record_ids), dtype=object)
     group.attrs[ATTRS_KEY] = {
         "kind": "corpus",

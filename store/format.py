@@ -1,15 +1,19 @@
-"""Store format version 1: layout constants, dtypes as stored, chunk and shard sizing, codecs.
+"""Store format version 2: layout constants, dtypes as stored, chunk and shard sizing, codecs.
 
 Layout (one Zarr v3 group)::
 
-    <root>/                       attrs {"hrsa": {"format_version": 1}}
+    <root>/                       attrs {"hrsa": {"format_version": 2}}
       corpora/<cid>/              token table: token_ids, doc_index, position, is_special (N,)
                                   documents: doc_offsets (n_docs+1,), doc_record_id, doc_truncated,
                                   doc_original_length (n_docs,)
-      models/<mid>/               attrs {"hrsa": ModelInfo fields}
-        hidden/<k>                one hidden state, (N, D), chunked along tokens, sharded
-        units                     (n_units,) uint8, one chunk per unit: 1 once that unit is done
+      models/<mid>/               attrs {"hrsa": ModelInfo fields}, written last (one create-if-absent object)
+        hidden/<k>                one hidden state, (N, D), chunked along tokens, sharded: one shard per unit
+        claims/<u>/<attempt>      raw JSON objects: who is writing unit u, until when (unit_records.py)
+        done/<u>                  raw JSON object: unit u's manifest; its existence makes the unit done
       results/<run>/              metric outputs
+
+Format 1 kept a (n_units,) uint8 ``units`` array of done flags instead of claims and done records; ``hrsa store
+upgrade`` turns a format-1 store into a format-2 one.
 
 This module knows the format, not the math or the I/O.
 """
@@ -38,7 +42,7 @@ __all__ = [
     "as_storage",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ATTRS_KEY = "hrsa"  # every hrsa attribute lives under this one key of a node's attributes
 
 # Logical dtype -> numpy dtype written to Zarr. Zarr v3 has no bfloat16, so bf16 is kept as its raw

@@ -7,11 +7,13 @@ worker ever touches it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from hrsa.store.format import ATTRS_KEY, CODEC_PRESETS, STORED_DTYPES, Layout, codec_chain, storage_dtype
+from hrsa.store.objects import create_if_absent, get_bytes, put_bytes
 
 if TYPE_CHECKING:
     import zarr
@@ -111,7 +113,7 @@ def array_mismatches(group: zarr.Group, info: ModelInfo) -> list[tuple[str, str]
     """(array path, what differs) for every array of ``group`` that its attributes do not describe.
 
     The attributes promise: one array per stored hidden state of data type ``storage_dtype(dtype)``, shape
-    (N, D), shards of (shard_tokens, D) holding chunks of (chunk_tokens, D); and ``units`` of (n_units,) uint8.
+    (N, D), shards of (shard_tokens, D) holding chunks of (chunk_tokens, D).
     """
     problems: list[tuple[str, str]] = []
     want_dtype = storage_dtype(info.dtype)
@@ -135,12 +137,6 @@ def array_mismatches(group: zarr.Group, info: ModelInfo) -> list[tuple[str, str]
         if array.shards != (info.layout.shard_tokens, info.hidden_size) or array.chunks != (info.layout.chunk_tokens, info.hidden_size):
             problems.append((where, f"shards {array.shards} of chunks {array.chunks} do not match the layout "
                                     f"{(info.layout.shard_tokens, info.hidden_size)} of {(info.layout.chunk_tokens, info.hidden_size)}"))
-    try:
-        units = group["units"]
-        if units.shape != (info.n_units,) or units.dtype != "uint8" or units.chunks != (1,):
-            problems.append(("units", f"shape {units.shape}, {units.dtype}, chunks {units.chunks} do not match {info.n_units} one-byte units"))
-    except Exception as error:
-        problems.append(("units", f"unreadable array metadata ({type(error).__name__}: {error})"))
     return problems
 
 
@@ -160,29 +156,51 @@ def check_model_spec(*, dtype: str, attention: str, codec: str, hidden_states: S
         )
 
 
-def create_model_group(parent: zarr.Group, info: ModelInfo) -> zarr.Group:
-    """Allocate ``parent/<id>``: every hidden-state array (no data yet) and the unit-done flags.
+def create_model_group(parent: zarr.Group, info: ModelInfo) -> bool:
+    """Allocate ``parent/<id>``: every hidden-state array (no data yet), then the group with the model's attributes.
 
-    Metadata is written here and only here; the ``units`` array has one chunk per unit, so workers
-    flag their own unit without touching each other's objects. The model's attributes are written last:
-    a kill at any instant before leaves a group without them, which every reader treats as a
-    half-created model (absent for listing, deletable, replaced by a re-run); never a usable-looking one.
+    Returns whether the group holds ``info``'s attributes afterwards: False when another coordinator created this
+    model with other settings at the same instant.
+
+    Safe against kills and against any number of coordinators creating the same model: arrays are created only
+    where absent (never overwritten, so nobody's shards are deleted), and the group's metadata, attributes
+    included, is one object created last with create-if-absent. Before it exists the model is half-created
+    (absent for listing, deletable, replaced by a re-run); after, it is whole. Workers write nothing before.
     """
-    group = parent.create_group(info.id, overwrite=True)
-    layout = info.layout
-    compressors = codec_chain(info.codec, info.dtype)
+
+
+    store = parent.store
+    prefix = f"{parent.store_path.path}/{info.id}".lstrip("/")
+    # Zarr's own create_array would write every missing parent's metadata first, the model group's included (with
+    # no attributes), and that object must be the last one written: so the metadata documents are written here.
+    _ensure_object(store, f"{prefix}/hidden/zarr.json", _GROUP_METADATA)
+    array_metadata = _hidden_array_metadata(info)
     for layer in info.hidden_states:
-        group.create_array(
-            hidden_key(layer),
-            shape=(info.n_tokens, info.hidden_size),
-            dtype=storage_dtype(info.dtype),
-            chunks=(layout.chunk_tokens, info.hidden_size),
-            shards=(layout.shard_tokens, info.hidden_size),
-            compressors=compressors,
-            fill_value=0,
-        )
-    group.create_array(
-        "units", shape=(layout.n_units(info.n_tokens),), dtype="uint8", chunks=(1,), compressors=None, fill_value=0
+        _ensure_object(store, f"{prefix}/{hidden_key(layer)}/zarr.json", array_metadata)
+    meta = json.loads(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {ATTRS_KEY: info.to_attrs()}}))
+    create_if_absent(store, f"{prefix}/zarr.json", json.dumps(meta, indent=2).encode())
+    stored = json.loads(get_bytes(store, f"{prefix}/zarr.json") or b"{}")
+    return stored.get("attributes", {}).get(ATTRS_KEY, {}) == meta["attributes"][ATTRS_KEY]
+
+
+_GROUP_METADATA = b'{"zarr_format": 3, "node_type": "group", "attributes": {}}'
+
+
+def _ensure_object(store: Any, key: str, data: bytes) -> None:
+    """Write ``data`` at ``key`` unless it holds that already (a concurrent creator of the same model wrote it)."""
+    if get_bytes(store, key) != data:
+        put_bytes(store, key, data)
+
+
+def _hidden_array_metadata(info: ModelInfo) -> bytes:
+    """The zarr.json of every hidden-state array of ``info``, as Zarr itself writes it."""
+    import zarr
+    from zarr.core.buffer import default_buffer_prototype
+
+    layout = info.layout
+    reference = zarr.create_array(
+        zarr.storage.MemoryStore(), shape=(info.n_tokens, info.hidden_size), dtype=storage_dtype(info.dtype),
+        chunks=(layout.chunk_tokens, info.hidden_size), shards=(layout.shard_tokens, info.hidden_size),
+        compressors=codec_chain(info.codec, info.dtype), fill_value=0,
     )
-    group.attrs[ATTRS_KEY] = info.to_attrs()
-    return group
+    return reference.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()

@@ -16,18 +16,21 @@ from hrsa.store.format import ATTRS_KEY, FORMAT_VERSION
 if TYPE_CHECKING:
     import zarr
 
-__all__ = ["GROUPS", "open_root"]
+__all__ = ["GROUPS", "open_root", "stored_format"]
 
 GROUPS = ("corpora", "models", "results")
 
 
-def open_root(url: str, mode: str, storage_options: Mapping[str, Any] | None) -> zarr.Group:
-    """The store's root group (see ``ActivationStore.open`` for the modes and errors)."""
+def open_root(url: str, mode: str, storage_options: Mapping[str, Any] | None, *, upgrading: bool = False) -> zarr.Group:
+    """The store's root group (see ``ActivationStore.open`` for the modes and errors); ``upgrading`` opens an older
+    format too (for :func:`hrsa.store.upgrade.upgrade_store` only)."""
     import zarr
 
     if mode not in ("r", "r+", "a", "w-"):
         raise UserError(f"Expected mode 'r', 'r+', 'a' or 'w-'. Got {mode!r} instead.")
-    options = dict(storage_options) if storage_options and _is_url(url) else None
+    # Never list from a cache: other processes create and delete claims and done records, and a stale listing
+    # would take a deleted record for a done unit (s3fs caches listings per filesystem instance by default).
+    options = {"use_listings_cache": False, **(storage_options or {})} if _is_url(url) else None
     try:
         root = zarr.open_group(url, mode="r" if mode == "r" else "r+", storage_options=options)
     except (FileNotFoundError, zarr.errors.NodeNotFoundError):
@@ -38,7 +41,7 @@ def open_root(url: str, mode: str, storage_options: Mapping[str, Any] | None) ->
             f"{error}). Point at an hrsa store, or restore that file."
         ) from None
     if root is None:
-        if _exists_nonempty(url, options):
+        if _exists_nonempty(url, options) and not _holds_only_a_new_skeleton(url, options):
             raise StoreFormatError(
                 f"Expected {'an hrsa store' if mode in ('r', 'r+') else 'an empty location or an hrsa store'} "
                 f"at {url}. Got other files there instead. Point at an hrsa store, or choose a new path."
@@ -48,20 +51,23 @@ def open_root(url: str, mode: str, storage_options: Mapping[str, Any] | None) ->
                 f"Expected an hrsa store at {url}. Got nothing there instead. "
                 "Check the path, or create one by extracting into it (`hrsa extract --store ...`)."
             ) from None
-        root = zarr.open_group(url, mode="w-", storage_options=options)
-        root.attrs[ATTRS_KEY] = {"format_version": FORMAT_VERSION}
-        for name in GROUPS:
-            root.create_group(name)
+        _create_root(url, options)
+        root = zarr.open_group(url, mode="r+", storage_options=options)
     elif mode == "w-":
         raise StoreFormatError(f"Expected nothing at {url}. Got a Zarr group there instead. Open it with mode 'a'.")
-    _check_format(root, url)
+    _check_format(root, url, upgrading)
     return root
 
 
-def _check_format(root: zarr.Group, url: str) -> None:
+def stored_format(root: zarr.Group) -> int | None:
     meta = root.attrs.get(ATTRS_KEY)
     version = meta.get("format_version") if isinstance(meta, dict) else None
-    if not isinstance(version, int):
+    return version if isinstance(version, int) else None
+
+
+def _check_format(root: zarr.Group, url: str, upgrading: bool) -> None:
+    version = stored_format(root)
+    if version is None:
         raise StoreFormatError(
             f"Expected an hrsa store at {url}. Got a Zarr group without hrsa attributes instead. "
             "Point --store at an hrsa store, or at a new path."
@@ -71,6 +77,49 @@ def _check_format(root: zarr.Group, url: str) -> None:
             f"Expected store format version {FORMAT_VERSION} or older. Got version {version} at {url} instead. "
             "Upgrade hrsa (`pip install -U hrsa`) to read it."
         )
+    if version < FORMAT_VERSION and not upgrading:
+        raise StoreFormatError(
+            f"Expected store format version {FORMAT_VERSION}. Got version {version} at {url} instead. Run "
+            f"`hrsa store upgrade {url}` once (it checks every done unit and writes its record; nothing is re-extracted)."
+        )
+
+
+_GROUP = b'{"zarr_format": 3, "node_type": "group", "attributes": {}}'
+
+
+def _raw_store(url: str, options: Mapping[str, Any] | None) -> Any:
+    from zarr.storage import FsspecStore, LocalStore
+
+    if _is_url(url):
+        return FsspecStore.from_url(url, storage_options=dict(options or {}))
+    path = url.removeprefix("file://")
+    os.makedirs(path, exist_ok=True)
+    return LocalStore(path)
+
+
+def _create_root(url: str, options: Mapping[str, Any] | None) -> None:
+    """A new store: its three groups, then the root's metadata with the format version, one create-if-absent object.
+
+    Any number of processes may create one store at once (four ``hrsa extract`` into a new path): the groups are
+    the same bytes whoever writes them, and the root appears whole, attributes included, exactly once.
+    """
+    import json
+
+    from hrsa.store.objects import create_if_absent, put_bytes
+
+    store = _raw_store(url, options)
+    for name in GROUPS:
+        put_bytes(store, f"{name}/zarr.json", _GROUP)
+    root = {"zarr_format": 3, "node_type": "group", "attributes": {ATTRS_KEY: {"format_version": FORMAT_VERSION}}}
+    create_if_absent(store, "zarr.json", json.dumps(root).encode())
+
+
+def _holds_only_a_new_skeleton(url: str, options: Mapping[str, Any] | None) -> bool:
+    """Whether the location holds just the groups that :func:`_create_root` writes first (another process creating it)."""
+    from hrsa.store.objects import list_keys
+
+    store = _raw_store(url, options)
+    return set(list_keys(store, "")) <= {f"{name}/zarr.json" for name in GROUPS}
 
 
 def _is_url(url: str) -> bool:

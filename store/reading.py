@@ -13,7 +13,7 @@ import numpy as np
 
 from hrsa.store.errors import CorruptDataError
 from hrsa.store.format import as_logical
-from hrsa.store.units import shard_size
+from hrsa.store.units import checked_record, shard_problem
 
 if TYPE_CHECKING:
     import zarr
@@ -27,9 +27,11 @@ class CheckedArray:
     Dask indexes it like an array (``from_array``); it pickles, so Ray workers can read from it.
     """
 
-    def __init__(self, array: zarr.Array, dtype: str, where: str, *, done: np.ndarray, shard_tokens: int) -> None:
+    def __init__(self, array: zarr.Array, dtype: str, where: str, *, done: np.ndarray, shard_tokens: int,
+                 model_prefix: str, layer: int, settings: str) -> None:
         self._array, self._dtype, self._where = array, dtype, where
         self._done, self._shard_tokens = done, shard_tokens
+        self._model_prefix, self._layer, self._settings = model_prefix, layer, settings
         self._present: set[int] = set()  # done shards already seen in the store: a shard is looked up once
         self._lock = threading.Lock()  # Dask's threads read blocks of one shard at once: one of them looks it up
         self.shape, self.ndim = array.shape, array.ndim
@@ -44,10 +46,12 @@ class CheckedArray:
         return np.unique(np.asarray(rows).reshape(-1) // self._shard_tokens)
 
     def _check_shards(self, selection: Any) -> None:
-        """A done unit's shard must exist and hold bytes: Zarr would read a missing one as zeros.
+        """A done unit's record must be intact and of this model's settings, its shard present and of the recorded
+        size: Zarr would read a missing shard as zeros.
 
-        One stat (one HEAD on S3) per shard, the first time a read touches it (Dask reads a shard in several
-        blocks when its chunks are smaller than a shard).
+        One record read and one stat (one GET and one HEAD on S3) per shard, the first time a read touches it
+        (Dask reads a shard in several blocks when its chunks are smaller than a shard). Content hashes are
+        verify's job; reads rely on each chunk's crc32c.
         """
         unseen = [u for u in self._units(selection).tolist() if self._done[u] and u not in self._present]
         if not unseen:
@@ -56,11 +60,15 @@ class CheckedArray:
             for u in unseen:
                 if u in self._present:
                     continue
-                if not shard_size(self._array, u):
+                try:
+                    record = checked_record(self._array.store_path.store, self._model_prefix, u, self._settings)
+                    problem = shard_problem(self._array, self._model_prefix, self._layer, record, content=False)
+                except ValueError as error:
+                    problem = str(error)
+                if problem:
                     raise CorruptDataError(
-                        f"Expected a stored shard {u} in {self._where} (its unit is done). Got a missing or empty object "
-                        "instead. Run `hrsa store verify --reset-damaged` to list and reset the damaged units, then "
-                        "re-extract them."
+                        f"Expected an intact shard {u} in {self._where} (its unit is done). Got: {problem}. "
+                        "Run `hrsa store verify --reset-damaged` to list and reset the damaged units, then re-extract them."
                     )
                 self._present.add(u)
 

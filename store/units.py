@@ -1,34 +1,44 @@
 """Exactly-once writing: a work unit is one whole shard (a token range) of every hidden state.
 
-A writer fills every stored hidden state's shard for the unit, and only then sets the unit's flag in
-the ``units`` array (one chunk, hence one object, per unit). A writer killed before the flag leaves
-the unit not done; resuming rewrites exactly that unit. Writers of different units touch disjoint
-objects, so any number of processes may write one model at once. Two writers never share a shard:
-Zarr loses data silently when processes write different inner chunks of one shard.
+The protocol (store format 2; the records are :mod:`hrsa.store.unit_records`):
+
+1. A writer claims the unit: it creates ``claims/<unit>/<attempt>`` with create-if-absent (attempt 1, or n+1
+   once attempt n has expired). Exactly one writer holds a unit; the others skip it.
+2. It computes the unit, checks it still holds the claim and no done record exists, and writes every stored
+   hidden state's shard object whole, hashing the bytes as they go to the store.
+3. It creates ``done/<unit>``, the unit's manifest (keys, byte counts, sha256 of each shard, the model's
+   settings), with create-if-absent. The record is what makes the unit count, so a writer killed at any
+   instant before leaves the unit not done, and its claim expires; a done record always lists shards that were
+   whole when it was written. Verify hashes the shards against it, so any later change is caught.
+
+Writers of different units touch disjoint objects; two writers never share a shard (Zarr loses data silently
+when processes write different inner chunks of one shard).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hrsa.store.format import as_storage
 from hrsa.store.model import ModelInfo, hidden_key
+from hrsa.store.objects import (
+    create_if_absent, delete_key, delete_prefix, get_bytes, list_keys, object_size, put_bytes,
+)
+from hrsa.store.unit_records import (
+    LEASE_S, Claim, DoneRecord, ShardRecord, claim_prefix, done_key, parse_done_units, settings_fingerprint, sha256,
+    writer_name,
+)
 
 if TYPE_CHECKING:
     import zarr
 
-__all__ = ["WorkUnit", "ModelWriter", "done_mask", "shard_key", "shard_size"]
-
-DONE = 1  # the one flag byte that makes a unit count; any other non-zero byte is damage (verify reports it)
-
-
-def done_mask(flags: np.ndarray) -> np.ndarray:
-    """(n_units,) bool from a model's ``units`` flag bytes: done only where the byte is exactly :data:`DONE`."""
-    return np.asarray(flags) == DONE
+__all__ = ["WorkUnit", "ModelWriter", "done_units", "shard_key", "checked_record", "shard_problem"]
 
 
 def shard_key(array: zarr.Array, unit: int) -> str:
@@ -36,24 +46,57 @@ def shard_key(array: zarr.Array, unit: int) -> str:
     return f"{array.store_path.path}/{array.metadata.encode_chunk_key((unit, 0))}"
 
 
-def shard_size(array: zarr.Array, unit: int) -> int | None:
-    """Bytes of shard ``unit``'s object, or None when there is none.
+def _model_prefix(group: zarr.Group) -> str:
+    return group.store_path.path
 
-    Zarr reads a missing shard as fill values without complaint, so whoever trusts a done unit asks the
-    store itself (one stat, or one HEAD on S3).
+
+def done_units(group: zarr.Group) -> list[int]:
+    """Units of a model group that have a done record: one listing of ``done/`` (O(units / 1000) requests on S3)."""
+    return parse_done_units(list_keys(group.store, f"{_model_prefix(group)}/done"))
+
+
+def read_record(store: Any, model_prefix: str, unit: int) -> DoneRecord:
+    """The done record of ``unit``. Raises ValueError when it is missing, unreadable or forged."""
+    return DoneRecord.parse(get_bytes(store, f"{model_prefix}/{done_key(unit)}"), unit)
+
+
+def checked_record(store: Any, model_prefix: str, unit: int, settings: str) -> DoneRecord:
+    """``unit``'s done record, intact and written under ``settings``. Raises ValueError saying what is wrong."""
+    record = read_record(store, model_prefix, unit)
+    if record.settings != settings:
+        raise ValueError("done record was written under other model settings (stale)")
+    return record
+
+
+def shard_problem(array: zarr.Array, model_prefix: str, layer: int, record: DoneRecord, *, content: bool) -> str | None:
+    """What is wrong with a done unit's shard of ``layer``, or None.
+
+    The shard object must be the one its record lists: present, of the recorded size and, with ``content``, of
+    the recorded sha256 (reading the object). Zarr reads a missing shard as fill values, so whoever trusts a done
+    unit asks this, never Zarr.
     """
-    from zarr.core.sync import sync
+    store = array.store_path.store
+    shard = record.shards.get(layer)
+    key = shard_key(array, record.unit)
+    if shard is None or f"{model_prefix}/{shard.key}" != key:
+        return f"done record lists no shard of hidden state {layer} at {key}"
+    if not content:
+        size = object_size(store, key)
+        return None if size == shard.size else _size_problem(size, shard.size)
+    data = get_bytes(store, key)
+    if data is None or len(data) != shard.size:
+        return _size_problem(None if data is None else len(data), shard.size)
+    if sha256(data) != shard.sha256:
+        return "shard object's sha256 differs from its done record (substituted, stale or damaged)"
+    return None
 
-    try:
-        return int(sync(array.store_path.store.getsize(shard_key(array, unit))))
-    except FileNotFoundError:
-        return None
 
-
-def _delete_shard(array: zarr.Array, unit: int) -> None:
-    from zarr.core.sync import sync
-
-    sync(array.store_path.store.delete(shard_key(array, unit)))
+def _size_problem(size: int | None, recorded: int) -> str:
+    if size is None:
+        return "shard object missing (Zarr would read fill values)"
+    if size == 0:
+        return "shard object empty (0 bytes)"
+    return f"shard object has {size} bytes, its done record {recorded}"
 
 
 @dataclass(frozen=True)
@@ -69,40 +112,138 @@ class WorkUnit:
         return self.stop - self.start
 
 
-class ModelWriter:
-    """Writes whole work units of one model; safe to use from many processes at once."""
+def _hashing_store(store: Any) -> Any:
+    """A Zarr store that passes writes through and keeps (size, sha256) of every object written."""
+    from zarr.storage import WrapperStore
 
-    def __init__(self, group: zarr.Group, info: ModelInfo) -> None:
+    class HashingStore(WrapperStore):  # type: ignore[type-arg]
+        def __init__(self, store: Any) -> None:
+            super().__init__(store)
+            self.written: dict[str, tuple[int, str]] = {}
+
+        async def set(self, key: str, value: Any) -> None:
+            data = value.to_bytes()
+            self.written[key] = (len(data), sha256(data))
+            await self._store.set(key, value)
+
+    return HashingStore(store)
+
+
+class ModelWriter:
+    """Claims and writes whole work units of one model; safe to use from many processes at once."""
+
+    def __init__(self, group: zarr.Group, info: ModelInfo, *, lease_s: float = LEASE_S) -> None:
         self._group = group
+        self._store = group.store
+        self._prefix = _model_prefix(group)
         self.info = info
+        self.settings = settings_fingerprint(info.to_attrs())
+        self.lease_s = lease_s
 
     def units(self) -> list[WorkUnit]:
         n_tokens = self.info.n_tokens
         return [WorkUnit(i, *self.info.layout.unit_range(i, n_tokens)) for i in range(self.info.n_units)]
 
     def done_mask(self) -> np.ndarray:
-        """(n_units,) bool, read fresh from the store (other processes may have finished units)."""
-        return done_mask(self._group["units"][:])
+        """(n_units,) bool, from a fresh listing of the done records (other processes may have finished units)."""
+        mask = np.zeros(self.info.n_units, bool)
+        mask[[u for u in done_units(self._group) if u < self.info.n_units]] = True
+        return mask
+
+    def is_done(self, unit: WorkUnit) -> bool:
+        """One lookup (one HEAD on S3), whatever the number of units."""
+        return object_size(self._store, self._key(done_key(unit.index))) is not None
 
     def pending_units(self) -> list[WorkUnit]:
         done = self.done_mask()
         return [u for u in self.units() if not done[u.index]]
 
-    def write_unit(self, unit: WorkUnit, states: Mapping[int, object], *, overwrite: bool = False) -> bool:
+    def _key(self, relative: str) -> str:
+        return f"{self._prefix}/{relative}"
+
+    # -- claims --------------------------------------------------------------------------------------------------
+    def _attempts(self, unit: WorkUnit) -> list[int]:
+        return sorted(int(a) for a in list_keys(self._store, self._key(claim_prefix(unit.index))) if a.isdigit())
+
+    def holder(self, unit: WorkUnit) -> Claim | None:
+        """The live claim on ``unit``, if any (its latest attempt, unexpired)."""
+        attempts = self._attempts(unit)
+        if not attempts:
+            return None
+        key = self._key(f"{claim_prefix(unit.index)}/{attempts[-1]}")
+        claim = Claim.parse(get_bytes(self._store, key), unit.index, attempts[-1])
+        return claim if claim is not None and claim.live else None
+
+    def claim(self, unit: WorkUnit) -> Claim | None:
+        """Take ``unit`` for this writer; None when it is done or another live writer holds it."""
+        if self.is_done(unit):
+            return None
+        attempts = self._attempts(unit)
+        if attempts:
+            latest = Claim.parse(get_bytes(self._store, self._key(f"{claim_prefix(unit.index)}/{attempts[-1]}")),
+                                 unit.index, attempts[-1])
+            if latest is not None and latest.live:
+                return None
+        claim = Claim.new(unit.index, (attempts[-1] if attempts else 0) + 1, self.lease_s)
+        if not create_if_absent(self._store, self._key(claim.key()), claim.to_bytes()):
+            return None  # another writer took this attempt first
+        return claim
+
+    def holds(self, claim: Claim) -> bool:
+        """Whether ``claim`` is still the unit's latest attempt, unexpired, and the unit not done."""
+        unit = self.units()[claim.unit]
+        if self.is_done(unit) or self._attempts(unit)[-1:] != [claim.attempt]:
+            return False
+        current = Claim.parse(get_bytes(self._store, self._key(claim.key())), claim.unit, claim.attempt)
+        return current is not None and current.token == claim.token and current.live
+
+    def renew(self, claim: Claim) -> Claim:
+        """Push the claim's expiry on (only its owner ever writes its key, so a plain write is safe)."""
+        renewed = claim.renewed(self.lease_s)
+        put_bytes(self._store, self._key(claim.key()), renewed.to_bytes())
+        return renewed
+
+    @contextmanager
+    def claimed(self, unit: WorkUnit) -> Iterator[Claim | None]:
+        """Hold ``unit`` (None when done or held elsewhere) while the body runs, renewing the lease in a thread."""
+        claim = self.claim(unit)
+        if claim is None:
+            yield None
+            return
+        stop = threading.Event()
+        holder = {"claim": claim}
+
+        def renew() -> None:
+            while not stop.wait(self.lease_s / 4):
+                holder["claim"] = self.renew(holder["claim"])
+
+        thread = threading.Thread(target=renew, daemon=True, name=f"hrsa-lease-{unit.index}")
+        thread.start()
+        try:
+            yield claim
+        finally:
+            stop.set()
+            thread.join()
+
+    # -- writing ---------------------------------------------------------------------------------------------------
+    def write_unit(self, unit: WorkUnit, states: Mapping[int, object], *, claim: Claim | None = None) -> bool:
         """Write one unit: ``states[k]`` is hidden state k over the unit's tokens, shape (n, D).
 
         Args:
             unit: the unit to write, from :meth:`units` or :meth:`pending_units`.
             states: every stored hidden state, as numpy arrays or torch tensors of the model's dtype.
-            overwrite: rewrite a unit that is already done (otherwise it is left alone).
+            claim: this writer's claim on the unit (from :meth:`claimed`); taken here when not given.
 
         Returns:
-            True if the unit was written, False if it was already done and left untouched.
+            True if this call wrote the unit; False if it was done, or another writer holds or finished it.
         """
-        # Step 1: a done unit is never written twice (a retried task after a lost reply, say).
-        if not overwrite and done_mask(self._group["units"][unit.index]):
-            return False
-        # Step 2: check everything before writing anything.
+        arrays = self._checked(unit, states)  # every mistake is raised before anything is written
+        if claim is None:
+            with self.claimed(unit) as taken:
+                return taken is not None and self._write(unit, arrays, taken)
+        return self._write(unit, arrays, claim)
+
+    def _checked(self, unit: WorkUnit, states: Mapping[int, object]) -> dict[int, np.ndarray]:
         expected = (unit.n_tokens, self.info.hidden_size)
         missing = sorted(set(self.info.hidden_states) - set(states))
         if missing:
@@ -111,24 +252,51 @@ class ModelWriter:
         for k, values in arrays.items():
             if values.shape != expected:
                 raise ValueError(f"Expected hidden state {k} of shape {expected} for unit {unit.index}. Got {values.shape}.")
-        # Step 3: whole shards, then the flag; the flag is what makes the unit count. Every shard object is
-        # written, all-zero ones too, so that a done unit's missing object always means damage. A unit that
-        # covers only part of its shard (the last one) starts from no object: Zarr would otherwise read the
-        # old one, torn or damaged, to merge the write into it.
+        return arrays
+
+    def _write(self, unit: WorkUnit, arrays: dict[int, np.ndarray], claim: Claim) -> bool:
+        # Step 1: a writer whose lease lapsed (a stalled process) must not overwrite the taker's shards.
+        if not self.holds(claim):
+            return False
+        # Step 2: whole shard objects, hashed on their way to the store. Every object is written, all-zero ones
+        # too, so a done unit's missing object always means damage. A unit covering part of its shard (the last)
+        # starts from no object: Zarr would otherwise read the old one, torn or damaged, to merge into it.
+        shards: dict[int, ShardRecord] = {}
         for k, values in arrays.items():
-            array = self._group[hidden_key(k)].with_config({"write_empty_chunks": True})
+            array, hashing = self._hashing_array(k)
+            key = shard_key(array, unit.index)
             if unit.n_tokens < self.info.layout.shard_tokens:
-                _delete_shard(array, unit.index)
+                delete_key(self._store, key)
             array[unit.start : unit.stop] = values
-        self._group["units"][unit.index] = DONE
-        return True
+            size, digest = hashing.written[key]
+            shards[k] = ShardRecord(key.removeprefix(self._prefix + "/"), size, digest)
+        # Step 3: the done record, created once; it is what makes the unit count.
+        record = DoneRecord(unit.index, unit.start, unit.stop, self.settings, shards, claim.attempt, writer_name())
+        return create_if_absent(self._store, self._key(done_key(unit.index)), record.to_bytes())
+
+    def _hashing_array(self, layer: int) -> tuple[zarr.Array, Any]:
+        import zarr
+        from zarr.core.array import AsyncArray
+        from zarr.storage import StorePath
+
+        stored = self._group[hidden_key(layer)]
+        hashing = _hashing_store(self._store)
+        inner = AsyncArray(metadata=stored.metadata, store_path=StorePath(hashing, stored.store_path.path),
+                           config=stored.async_array.config)
+        return zarr.Array(inner).with_config({"write_empty_chunks": True}), hashing
 
     def reset_unit(self, unit: WorkUnit) -> None:
-        """Make a unit not done and rewritable: delete its shard objects, then clear its flag (``verify --reset-damaged``).
+        """Make a unit not done and rewritable: delete its shard objects, its done record, then its claims
+        (``verify --reset-damaged``).
 
-        Deleting first means a kill in between leaves a done unit with missing shards, which verify
+        Deleting the shards first means a kill in between leaves a done unit with missing shards, which verify
         reports (and a second reset finishes), never a pending unit whose damaged shard a rewrite would merge into.
         """
         for k in self.info.hidden_states:
-            _delete_shard(self._group[hidden_key(k)], unit.index)
-        self._group["units"][unit.index] = 0
+            delete_key(self._store, shard_key(self._group[hidden_key(k)], unit.index))
+        delete_key(self._store, self._key(done_key(unit.index)))
+        delete_prefix(self._store, self._key(claim_prefix(unit.index)))
+
+    def record(self, unit: WorkUnit) -> DoneRecord:
+        """The unit's done record. Raises ValueError when missing, unreadable or forged."""
+        return read_record(self._store, self._prefix, unit.index)

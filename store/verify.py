@@ -1,13 +1,11 @@
-"""``verify``: is every unit of every model done, and does every stored byte match its checksum?
+"""``verify``: is every unit of every model done, and is every stored byte the one its writer wrote?
 
-Reading a chunk through Zarr recomputes its crc32c (and the shard index's), so reading everything
-once is the check. Zarr reads a missing shard as fill values, so before reading, every done unit's
-shard objects are looked up in the store itself (present and not empty). A flag byte other than 0 or
-1, a half-created model (no valid attributes) and attributes that do not describe the arrays are
-findings too. Work is per shard, so a report names the shard to re-extract.
-
-Known gap of format version 1: a done unit's shard replaced by another intact shard of the same array
-(unit j's object copied over unit i's) decodes and passes; catching it needs per-unit manifests.
+A done unit's record (store format 2, :mod:`hrsa.store.unit_records`) lists each shard object's byte count
+and sha256 as written; verify checks the record's own hash and settings, then hashes every shard object against
+it. So a missing, empty, truncated, bit-flipped, substituted (another unit's intact shard) or stale shard is
+caught without trusting Zarr's fill values, and a forged or flipped done record too. Corpora are read through
+Zarr, whose crc32c per chunk checks them. A half-created model (no valid attributes) and attributes that do not
+describe the arrays are findings as well. Work is per shard, so a report names the unit to re-extract.
 """
 
 from __future__ import annotations
@@ -20,7 +18,7 @@ import numpy as np
 
 from hrsa.store.errors import CorruptDataError, HalfCreatedModelError
 from hrsa.store.model import ModelInfo, array_mismatches, hidden_key
-from hrsa.store.units import done_mask, shard_size
+from hrsa.store.units import ModelWriter, checked_record, shard_problem
 
 if TYPE_CHECKING:
     from hrsa.store.activation_store import ActivationStore
@@ -95,45 +93,40 @@ def _model_infos(store: ActivationStore, mids: Sequence[str], problems: list[Pro
     return infos
 
 
-def _unit_flags(store: ActivationStore, info: ModelInfo, problems: list[Problem]) -> np.ndarray:
-    """(n_units,) bool done mask; every flag byte other than 0 or 1 is a problem of its unit (reset rewrites it)."""
-    flags = store.group(f"models/{info.id}")["units"][:]
-    for u in np.flatnonzero((flags != 0) & (flags != 1)):
-        problems.append(Problem(f"models/{info.id}/units unit {u}", f"done flag is {int(flags[u])}, not 0 or 1",
-                                model=info.id, unit=int(u)))
-    done = done_mask(flags)
+def _done_units(store: ActivationStore, info: ModelInfo, problems: list[Problem]) -> tuple[ModelWriter, np.ndarray]:
+    writer = ModelWriter(store.group(f"models/{info.id}"), info)
+    done = writer.done_mask()
     if not done.all():
         problems.append(Problem(f"models/{info.id}", f"{int((~done).sum())} of {done.size} work units not done; re-run the extraction to finish",
                                 model=info.id))
-    return done
+    return writer, done
 
 
 def _verify_model(store: ActivationStore, info: ModelInfo, problems: list[Problem], on_shard: Callable[[int], None] | None) -> tuple[list[int], int]:
-    """Check one model: attributes against arrays, flags, then each done unit's shard objects; (not done units, shards read)."""
+    """Check one model: attributes against arrays, then each done unit's record and shard objects; (not done units, shards read)."""
     group = store.group(f"models/{info.id}")
     mismatched = array_mismatches(group, info)
     problems.extend(Problem(f"models/{info.id}/{path}", what, model=info.id) for path, what in mismatched)
-    if any(path == "units" for path, _ in mismatched):
-        return [], 0
     corpus_tokens = store.corpus_info(info.corpus).n_tokens if info.corpus in store.corpora() else info.n_tokens
     if corpus_tokens != info.n_tokens:
         problems.append(Problem(f"models/{info.id}", f"n_tokens {info.n_tokens} differs from its corpus's {corpus_tokens}", model=info.id))
-    done = _unit_flags(store, info, problems)
+    writer, done = _done_units(store, info, problems)
     bad_arrays = {path for path, _ in mismatched}
+    arrays = {k: group[hidden_key(k)] for k in info.hidden_states if hidden_key(k) not in bad_arrays and "hidden" not in bad_arrays}
+    prefix = group.store_path.path
     shards = 0
-    for k in info.hidden_states:
-        if hidden_key(k) in bad_arrays or "hidden" in bad_arrays:
+    for u in np.flatnonzero(done).tolist():
+        start, stop = info.layout.unit_range(u, info.n_tokens)
+        try:
+            record = checked_record(group.store, prefix, u, writer.settings)
+        except ValueError as error:
+            problems.append(Problem(f"models/{info.id}/done/{u} (tokens {start}:{stop})", str(error), model=info.id, unit=u))
             continue
-        array = group[hidden_key(k)]
-        for u in np.flatnonzero(done):
-            start, stop = info.layout.unit_range(int(u), info.n_tokens)
-            where = f"models/{info.id}/{hidden_key(k)} shard {u} (tokens {start}:{stop})"
-            size = shard_size(array, int(u))
-            if not size:
-                what = "shard object missing" if size is None else "shard object empty (0 bytes)"
-                problems.append(Problem(where, f"{what}, but its unit is done (Zarr would read fill values)", model=info.id, unit=int(u)))
-            else:
-                _read(lambda a=array, s=start, e=stop: a[s:e], where, problems, model=info.id, unit=int(u))
+        for k, array in arrays.items():
+            problem = shard_problem(array, prefix, k, record, content=True)
+            if problem:
+                where = f"models/{info.id}/{hidden_key(k)} shard {u} (tokens {start}:{stop})"
+                problems.append(Problem(where, problem, model=info.id, unit=u))
             shards += 1
             if on_shard:
                 on_shard(1)

@@ -94,7 +94,7 @@ def test_rm(url: str) -> None:
 def _newer_format(url: str) -> None:
     meta_path = Path(url) / "zarr.json"
     meta = json.loads(meta_path.read_text())
-    meta["attributes"]["hrsa"]["format_version"] = 2
+    meta["attributes"]["hrsa"]["format_version"] = 99
     meta_path.write_text(json.dumps(meta))
 
 

@@ -128,29 +128,66 @@ def _flip(store: ActivationStore, key: str, offset: int = 200) -> None:
     _put(store, key, bytes(data))
 
 
-def _forge_flag_of_never_written_unit(store: ActivationStore) -> None:
+def _record(u: int) -> str:
+    return f"models/m/done/{u}"
+
+
+def _forge_record_of_never_written_unit(store: ActivationStore) -> None:
+    """Unit 2 never written, but a done record for it whose own hash is right (as a user with the format spec could)."""
+    from hrsa.store.unit_records import DoneRecord
+
     writer = store.writer("m")
-    writer.reset_unit(writer.units()[2])  # as if unit 2 was never written
-    _put(store, "models/m/units/c/2", b"\x01")
+    record = writer.record(writer.units()[2])
+    writer.reset_unit(writer.units()[2])
+    _put(store, _record(2), record.to_bytes())
+
+
+def _stale_record(store: ActivationStore) -> None:
+    """Unit 2's record as if written under other model settings (a model replaced under the same id)."""
+    import dataclasses
+
+    writer = store.writer("m")
+    record = writer.record(writer.units()[2])
+    _put(store, _record(2), dataclasses.replace(record, settings="0" * 32).to_bytes())
+
+
+def _swap(store: ActivationStore) -> None:
+    _put(store, _shard(2, 0), _get(store, _shard(2, 1)))  # type: ignore[arg-type]
 
 
 REPAIRABLE: dict[str, tuple[Callable[[ActivationStore], None], int, str, type[Exception]]] = {
     # name: (damage, damaged unit, what verify says, what a read of every layer raises)
     "missing shard": (lambda s: _delete(s, _shard(2, 1)), 1, "shard object missing", CorruptDataError),
     "empty shard": (lambda s: _put(s, _shard(2, 1), b""), 1, "shard object empty", CorruptDataError),
-    "truncated partial shard": (lambda s: _truncate(s, _shard(0, 3)), 3, "unreadable", CorruptDataError),
-    "bit-flipped partial shard": (lambda s: _flip(s, _shard(1, 3), -10), 3, "unreadable", CorruptDataError),  # in its index
-    "bit-flipped full shard": (lambda s: _flip(s, _shard(3, 0)), 0, "unreadable", CorruptDataError),
-    "flag byte 2": (lambda s: _put(s, "models/m/units/c/2", b"\x02"), 2, "done flag is 2", IncompleteModelError),
-    "flag 0->1 on a never-written unit": (_forge_flag_of_never_written_unit, 2, "shard object missing", CorruptDataError),
+    "truncated partial shard": (lambda s: _truncate(s, _shard(0, 3)), 3, "bytes, its done record", CorruptDataError),
+    "bit-flipped partial shard": (lambda s: _flip(s, _shard(1, 3), -10), 3, "sha256 differs", CorruptDataError),  # in its index
+    "bit-flipped full shard": (lambda s: _flip(s, _shard(3, 0)), 0, "sha256 differs", CorruptDataError),
+    "another unit's intact shard": (_swap, 0, "shard object has", CorruptDataError),  # compressed: sizes differ
+    "bit-flipped done record": (lambda s: _flip(s, _record(2), 40), 2, "done record", CorruptDataError),
+    "another unit's done record": (lambda s: _put(s, _record(2), _get(s, _record(1))), 2, "is unit 1's", CorruptDataError),  # type: ignore[arg-type]
+    "done record of a never-written unit": (_forge_record_of_never_written_unit, 2, "shard object missing", CorruptDataError),
+    "done record of other settings": (_stale_record, 2, "other model settings", CorruptDataError),
 }
+
+
+def _data_objects(store: ActivationStore) -> dict[str, bytes]:
+    """The model's metadata and shard objects, and each done record's manifest (without who wrote it, when)."""
+    from hrsa.store.unit_records import DoneRecord
+
+    objects = _objects(store, "models/m/")
+    data = {k: v for k, v in objects.items() if not k.startswith(("models/m/claims/", "models/m/done/"))}
+    for key, value in objects.items():
+        if key.startswith("models/m/done/"):
+            record = DoneRecord.parse(value, int(key.rsplit("/", 1)[1]))
+            data[key] = repr((record.start, record.stop, record.settings, record.shards)).encode()
+    return data
 
 
 @pytest.mark.parametrize("fault", sorted(REPAIRABLE))
 def test_damage_is_named_by_verify_and_repaired_to_identical_bytes(target: Target, fault: str) -> None:
     damage, unit, what, read_error = REPAIRABLE[fault]
     store = _filled(target)
-    reference = _objects(_filled(target, "-reference"), "models/m/")
+    reference = _data_objects(_filled(target, "-reference"))
     damage(store)
     # Verify names the damaged unit, and only it.
     report = verify_store(store)
@@ -171,7 +208,7 @@ def test_damage_is_named_by_verify_and_repaired_to_identical_bytes(target: Targe
     assert [u.index for u in writer.pending_units()] == [unit]
     fill_model(target.open(), "m")
     assert verify_store(target.open("r")).ok
-    assert _objects(target.open("r"), "models/m/") == reference
+    assert _data_objects(target.open("r")) == reference
     assert _cli(target, "store", "verify", target.url).exit_code == 0
 
 
@@ -187,11 +224,16 @@ def test_a_unit_of_zeros_is_stored_not_skipped(target: Target) -> None:
     assert not store.hidden_state("m", 0).compute().any()
 
 
-@pytest.mark.xfail(strict=True, reason="known gap of format v1: an intact shard of another unit decodes; needs per-unit manifests")
-def test_swapped_shards_are_caught(target: Target) -> None:
-    store = _filled(target)
-    _put(store, _shard(2, 0), _get(store, _shard(2, 1)))  # type: ignore[arg-type]
-    assert not verify_store(store).ok
+def test_a_substituted_shard_of_the_same_size_is_caught_by_its_hash(target: Target) -> None:
+    """Uncompressed, every full shard has the same size: only the recorded sha256 tells unit 1's shard from unit 0's."""
+    store = target.open("a")
+    new_model(store, "m", codec="none")
+    fill_model(store, "m")
+    assert len(_get(store, _shard(2, 0))) == len(_get(store, _shard(2, 1)))  # type: ignore[arg-type]
+    _swap(store)
+    report = verify_store(store)
+    assert report.damaged_units() == {"m": [0]}
+    assert [p.what for p in report.problems] == ["shard object's sha256 differs from its done record (substituted, stale or damaged)"]
 
 
 # -- metadata: edited, half-created, garbage -------------------------------------------------------------------
@@ -305,15 +347,15 @@ def test_read_of_a_missing_shard_is_one_line_and_changes_nothing(target: Target,
 
 
 def test_a_shard_is_looked_up_once_however_many_blocks_read_it(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    # The existence check sits on the read path: Dask blocks smaller than a shard must not each cost a stat
-    # (a HEAD on S3), and an index selection must look up only the shards its rows fall in.
+    # The record and size check sits on the read path: Dask blocks smaller than a shard must not each cost a GET
+    # and a HEAD on S3, and an index selection must look up only the shards its rows fall in.
     import hrsa.store.reading as reading
 
     store = _filled(Target(str(tmp_path / "store"), None, {}))
     info = store.model_info("m")
     looked: list[int] = []
-    real = reading.shard_size
-    monkeypatch.setattr(reading, "shard_size", lambda array, u: looked.append(u) or real(array, u))
+    real = reading.checked_record
+    monkeypatch.setattr(reading, "checked_record", lambda store, prefix, u, settings: looked.append(u) or real(store, prefix, u, settings))
     block = info.layout.shard_tokens // 4
     values = store.hidden_state("m", 1, chunk_tokens=block).compute()
     assert np.array_equal(values, expected_layer(store, "m", 1))
@@ -322,8 +364,9 @@ def test_a_shard_is_looked_up_once_however_many_blocks_read_it(monkeypatch: pyte
     rows = np.array([1, info.layout.shard_tokens + 2])
     assert np.array_equal(store.hidden_state("m", 1).compute()[rows], values[rows])
     looked.clear()
+    writer = store.writer("m")
     reading.CheckedArray(store.group("models/m")["hidden/1"], info.dtype, "x", done=np.ones(info.n_units, bool),
-                         shard_tokens=info.layout.shard_tokens)[rows]
+                         shard_tokens=info.layout.shard_tokens, model_prefix="models/m", layer=1, settings=writer.settings)[rows]
     assert sorted(looked) == [0, 1]
 
 # -- kills at every metadata write of create_model ---------------------------------------------------------------

@@ -1,0 +1,143 @@
+"""Raw objects of a store, below Zarr: read, list, delete, and the one atomic primitive, create-if-absent.
+
+Exactly-once rests on :func:`create_if_absent`: of any number of processes creating one key, exactly one
+succeeds, and the object appears whole or not at all. Each backend has it without a lock server:
+
+- a local path: write a temporary file, then ``os.link`` it to the key (fails if the key exists), as Zarr's
+  ``LocalStore.set_if_not_exists`` does;
+- S3: a conditional PUT, ``If-None-Match: *`` (AWS since 2024, MinIO, moto), through s3fs's ``mode="create"``;
+- memory (tests): ``MemoryStore.set_if_not_exists`` (one dict ``setdefault``).
+
+Which writer won is read back, not assumed: every created object carries a token unique to its writer.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import zarr
+    from zarr.abc.store import Store
+
+__all__ = ["ensure_array", "ensure_group", "create_if_absent", "get_bytes", "put_bytes", "list_keys", "object_size", "delete_key", "delete_prefix"]
+
+
+def _sync(coroutine):  # type: ignore[no-untyped-def]
+    from zarr.core.sync import sync
+
+    return sync(coroutine)
+
+
+def _buffer(data: bytes):  # type: ignore[no-untyped-def]
+    from zarr.core.buffer import cpu
+
+    return cpu.Buffer.from_bytes(data)
+
+
+def get_bytes(store: Store, key: str) -> bytes | None:
+    """The object's bytes, or None when there is none."""
+    from zarr.core.buffer import default_buffer_prototype
+
+    buffer = _sync(store.get(key, prototype=default_buffer_prototype()))
+    return None if buffer is None else buffer.to_bytes()
+
+
+def put_bytes(store: Store, key: str, data: bytes) -> None:
+    """Write (or replace) one object; whole or not at all on every backend."""
+    _sync(store.set(key, _buffer(data)))
+
+
+def object_size(store: Store, key: str) -> int | None:
+    """Bytes of the object (one stat, or one HEAD on S3), or None when there is none."""
+    try:
+        return int(_sync(store.getsize(key)))
+    except FileNotFoundError:
+        return None
+
+
+def list_keys(store: Store, prefix: str) -> list[str]:
+    """Every key under ``prefix`` (a folder path without the trailing slash), relative to it, sorted."""
+
+    folder = f"{prefix}/" if prefix else ""
+
+    async def keys() -> list[str]:
+        return [k async for k in store.list_prefix(folder)]
+
+    return sorted(k.removeprefix(folder) for k in _sync(keys()))
+
+
+def delete_key(store: Store, key: str) -> None:
+    _sync(store.delete(key))
+
+
+def delete_prefix(store: Store, prefix: str) -> None:
+    _sync(store.delete_dir(prefix))
+
+
+def create_if_absent(store: Store, key: str, data: bytes) -> bool:
+    """Create ``key`` holding ``data`` unless it exists; True if this call created it.
+
+    ``data`` must differ from what any other writer could create (hold a token of its own): the winner is
+    told by reading the key back, which is exact on every backend whatever it reports on a lost race.
+    """
+    from zarr.storage import FsspecStore
+
+    if isinstance(store, FsspecStore):
+        _fsspec_create(store, key, data)
+    else:  # LocalStore, MemoryStore: an atomic set_if_not_exists of their own
+        _sync(store.set_if_not_exists(key, _buffer(data)))
+    return get_bytes(store, key) == data
+
+
+def _fsspec_create(store: FsspecStore, key: str, data: bytes) -> None:
+    path = f"{store.path}/{key}"
+    fs = store.fs
+
+    async def put() -> None:
+        if hasattr(fs, "_pipe_file"):
+            await fs._pipe_file(path, data, mode="create")
+        else:
+            fs.pipe_file(path, data, mode="create")
+
+    try:
+        _sync(put())
+    except (FileExistsError, OSError) as error:
+        if not _is_precondition_failure(error):
+            raise
+
+
+def _is_precondition_failure(error: BaseException) -> bool:
+    """The backend's word for "the key exists": FileExistsError, or S3's 412 Precondition Failed."""
+    if isinstance(error, FileExistsError):
+        return True
+    text = f"{error} {getattr(error, '__cause__', '')}"
+    return "PreconditionFailed" in text or "412" in text or "At least one of the pre-conditions" in text
+
+
+def ensure_group(store: Store, path: str) -> zarr.Group:
+    """The group at ``path``, created if absent; never deleting what is under it."""
+    import zarr
+
+    return zarr.open_group(store, path=path, mode="a")
+
+
+def ensure_array(group: zarr.Group, name: str, **spec: Any) -> zarr.Array:
+    """``group[name]`` as ``spec`` describes it: created if absent, kept (data and all) if it is that array already.
+
+    Never ``overwrite=True`` on an array that is already right: that deletes its objects, and with them the work
+    of a process writing it at the same moment. An array of other metadata (or unreadable) is replaced.
+    """
+    import zarr
+
+    try:
+        return group.create_array(name, overwrite=False, **spec)
+    except (zarr.errors.ContainsArrayError, zarr.errors.ContainsGroupError):
+        pass
+    wanted = zarr.create_array(zarr.storage.MemoryStore(), **spec).metadata.to_dict()
+    try:
+        existing = group[name]
+        if existing.metadata.to_dict() == wanted:
+            return existing
+    except Exception:  # unreadable metadata, or a group: replaced below
+        pass
+    return group.create_array(name, overwrite=True, **spec)

@@ -1,0 +1,172 @@
+"""A model's per-unit bookkeeping (store format 2): claims that give a unit one writer, and done records.
+
+Keys below a model's group (raw objects beside its Zarr arrays, not Zarr nodes)::
+
+    claims/<unit>/<attempt>   {"token", "owner", "expires"}: attempt n holds the unit until it expires
+    done/<unit>               the unit's manifest: every shard object's key, byte count and sha256, the model
+                              settings it was written under, and a sha256 of the record itself
+
+Both are created with :func:`~hrsa.store.objects.create_if_absent`, so of any number of writers exactly one
+takes attempt n, and exactly one done record is ever created per unit. A claim is taken over by creating
+attempt n+1 once attempt n has expired (its writer died: nobody renewed it); attempts are never rewritten by
+anyone but their owner, so no compare-and-swap is needed. Clocks of the writers' machines are compared, so a
+lease is generous (:data:`LEASE_S`) against skew.
+
+This module knows the records' format and their rules, not the arrays (``units.py`` writes those).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "LEASE_S", "ShardRecord", "DoneRecord", "Claim", "done_key", "claim_prefix", "parse_done_units",
+    "settings_fingerprint", "sha256", "writer_name",
+]
+
+LEASE_S = 120.0  # a claim unrenewed for this long belongs to a dead writer; renewed every LEASE_S / 4
+
+
+def done_key(unit: int) -> str:
+    return f"done/{unit}"
+
+
+def claim_prefix(unit: int) -> str:
+    return f"claims/{unit}"
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _canonical(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def settings_fingerprint(attrs: dict[str, Any]) -> str:
+    """Fingerprint of a model's attributes: a done record counts only for the settings it was written under."""
+    return sha256(_canonical(attrs))[:32]
+
+
+def parse_done_units(names: list[str]) -> list[int]:
+    """Unit indices from a listing of ``done/`` (names that are not a unit number are ignored)."""
+    return sorted(int(n) for n in names if n.isdigit())
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """One stored shard object as its writer wrote it."""
+
+    key: str  # relative to the model's group: hidden/<k>/c/<unit>/0
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class DoneRecord:
+    """The manifest of a done unit; its own sha256 makes a flipped byte anywhere in it a finding."""
+
+    unit: int
+    start: int
+    stop: int
+    settings: str
+    shards: dict[int, ShardRecord]
+    attempt: int
+    writer: str
+
+    def to_bytes(self) -> bytes:
+        body = self._body()
+        return _canonical({**body, "record_sha256": sha256(_canonical(body))})
+
+    def _body(self) -> dict[str, Any]:
+        return {
+            "unit": self.unit, "tokens": [self.start, self.stop], "settings": self.settings, "attempt": self.attempt,
+            "writer": self.writer,
+            "shards": {str(k): {"key": s.key, "bytes": s.size, "sha256": s.sha256} for k, s in sorted(self.shards.items())},
+        }
+
+    @classmethod
+    def parse(cls, data: bytes | None, unit: int) -> DoneRecord:
+        """The record of ``unit`` from its bytes.
+
+        Raises:
+            ValueError: missing, not JSON, its own checksum does not match (forged or flipped), or of another unit.
+        """
+        if data is None:
+            raise ValueError("done record missing")
+        try:
+            doc = json.loads(data)
+            stated = doc.pop("record_sha256")
+            if stated != sha256(_canonical(doc)):
+                raise ValueError("its own sha256 does not match (forged or damaged)")
+            shards = {int(k): ShardRecord(s["key"], int(s["bytes"]), str(s["sha256"])) for k, s in doc["shards"].items()}
+            record = cls(int(doc["unit"]), int(doc["tokens"][0]), int(doc["tokens"][1]), str(doc["settings"]), shards,
+                         int(doc["attempt"]), str(doc["writer"]))
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as error:
+            raise ValueError(f"done record unreadable ({type(error).__name__}: {error})") from None
+        if record.unit != unit:
+            raise ValueError(f"done record is unit {record.unit}'s, found at unit {unit}'s key")
+        return record
+
+
+def writer_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Attempt ``attempt`` at writing ``unit``, held by whoever holds ``token`` until ``expires`` (unix time)."""
+
+    unit: int
+    attempt: int
+    token: str
+    owner: str
+    expires: float
+
+    @classmethod
+    def new(cls, unit: int, attempt: int, lease_s: float = LEASE_S) -> Claim:
+        return cls(unit, attempt, uuid.uuid4().hex, writer_name(), time.time() + lease_s)
+
+    def renewed(self, lease_s: float = LEASE_S) -> Claim:
+        return Claim(self.unit, self.attempt, self.token, self.owner, time.time() + lease_s)
+
+    def key(self) -> str:
+        return f"{claim_prefix(self.unit)}/{self.attempt}"
+
+    def to_bytes(self) -> bytes:
+        return _canonical({"token": self.token, "owner": self.owner, "expires": self.expires})
+
+    @classmethod
+    def parse(cls, data: bytes | None, unit: int, attempt: int) -> Claim | None:
+        """The claim, or None when gone or unreadable (then it holds nothing: a torn claim's writer died)."""
+        try:
+            doc = json.loads(data or b"")
+            return cls(unit, attempt, str(doc["token"]), str(doc["owner"]), float(doc["expires"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    @property
+    def live(self) -> bool:
+        """Unexpired, and not held by a process of this machine that is gone (a killed writer's unit is taken over at
+        once on its own machine; elsewhere its lease runs out)."""
+        return time.time() < self.expires and not _dead_local_process(self.owner)
+
+
+def _dead_local_process(owner: str) -> bool:
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
