@@ -226,12 +226,13 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
                     f"instead. Pass --name NEW to keep both, or `hrsa store rm {store.url} {mid}` to replace it."
                 )
         _call([w.bind.remote(mid) for w in workers], f"opening model {mid}")
-        # Step 5: pending units, two in flight per worker.
+        # Step 5: pending units, two in flight per worker; then the units other extractions held, once they are free.
         pending_units = store.writer(mid).pending_units()
-        pending = [u.index for u in pending_units]
         done_tokens = corpus.n_tokens - sum(u.n_tokens for u in pending_units)
-        results = _dispatch(workers, mid, pending, lambda r: on_progress and on_progress(r["tokens"], corpus.n_tokens),
+        results = _dispatch(workers, mid, [u.index for u in pending_units],
+                            lambda r: on_progress and on_progress(r["tokens"], corpus.n_tokens),
                             start=lambda: on_progress and on_progress(done_tokens, corpus.n_tokens))
+        results += _finish_held_units(store, mid, workers)
     finally:
         for w in workers:
             ray.kill(w)
@@ -242,6 +243,29 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
         raise UserError(f"Expected every unit done. Got {info.units_done}/{info.n_units}. Re-run the same command to resume.")
     return ExtractResult(mid, cid, info.n_tokens, info.n_units, sum(r["written"] for r in results),
                          tuple(sorted({r["node"] for r in results})), tuple(sorted({r.get("node_id", "") for r in results})))
+
+
+HELD_POLL_S = 1.0
+
+
+def _finish_held_units(store: Any, mid: str, workers: list[Any]) -> list[dict[str, Any]]:
+    """Wait for the units that another extraction of the same model holds, and take over those its writers abandon.
+
+    Another coordinator's live claim is left alone (its unit is written once, by it); a claim whose writer died
+    expires (or, on its own machine, ends with its process) and is then claimed here. Every claim is renewed by a
+    live writer only, so this wait ends: when the other writers finish, or when their claims lapse.
+    """
+    import time
+
+    results: list[dict[str, Any]] = []
+    writer = store.writer(mid)
+    while pending := writer.pending_units():
+        free = [u.index for u in pending if writer.holder(u) is None]
+        if free:
+            results += _dispatch(workers, mid, free, lambda r: None, start=lambda: None)
+        else:
+            time.sleep(HELD_POLL_S)
+    return results
 
 
 def _failure(error: Exception, what: str) -> Exception:

@@ -3,7 +3,8 @@ into hidden states written straight into the store; activations never leave the 
 the store.
 
 The class is plain Python; :func:`remote_worker_class` wraps it as a Ray actor that Ray restarts if
-it dies, retrying its in-flight unit. A retried unit is safe: writing is exactly-once.
+it dies, retrying its in-flight unit. A retried unit is safe: each unit is claimed, then written exactly once
+(:mod:`hrsa.store.units`).
 """
 
 from __future__ import annotations
@@ -98,11 +99,13 @@ class ExtractionWorker:
         unit = writer.units()[index]
         report = {"unit": index, "tokens": unit.n_tokens, "written": False, "node": os.uname().nodename,
                   "node_id": _ray_node_id(), "pid": os.getpid()}
-        if writer.done_mask()[index]:
-            return report
-        with self._model_lock:
-            states = self._unit_states(unit, writer.info.hidden_states)
-        return {**report, "written": writer.write_unit(unit, states)}
+        # The claim comes before the forward pass: a unit another writer holds or finished costs no compute here.
+        with writer.claimed(unit) as claim:
+            if claim is None:
+                return report
+            with self._model_lock:
+                states = self._unit_states(unit, writer.info.hidden_states)
+            return {**report, "written": writer.write_unit(unit, states, claim=claim)}
 
     def _unit_states(self, unit: WorkUnit, layers: tuple[int, ...]) -> dict[int, torch.Tensor]:
         """(unit.n_tokens, D) per stored hidden state: the overlapping documents, run whole, batched."""

@@ -24,39 +24,44 @@ GROUPS = ("corpora", "models", "results")
 def open_root(url: str, mode: str, storage_options: Mapping[str, Any] | None, *, upgrading: bool = False) -> zarr.Group:
     """The store's root group (see ``ActivationStore.open`` for the modes and errors); ``upgrading`` opens an older
     format too (for :func:`hrsa.store.upgrade.upgrade_store` only)."""
-    import zarr
-
     if mode not in ("r", "r+", "a", "w-"):
         raise UserError(f"Expected mode 'r', 'r+', 'a' or 'w-'. Got {mode!r} instead.")
     # Never list from a cache: other processes create and delete claims and done records, and a stale listing
     # would take a deleted record for a done unit (s3fs caches listings per filesystem instance by default).
     options = {"use_listings_cache": False, **(storage_options or {})} if _is_url(url) else None
+    root = _open_existing(url, mode, options)
+    if root is None:
+        if mode in ("a", "w-") and (not _exists_nonempty(url, options) or _holds_only_a_new_skeleton(url, options)):
+            _create_root(url, options)
+        root = _open_existing(url, mode, options)  # also what another process created meanwhile
+        if root is None and _exists_nonempty(url, options):
+            raise StoreFormatError(
+                f"Expected {'an hrsa store' if mode in ('r', 'r+') else 'an empty location or an hrsa store'} "
+                f"at {url}. Got other files there instead. Point at an hrsa store, or choose a new path."
+            )
+        if root is None:
+            raise StoreNotFoundError(
+                f"Expected an hrsa store at {url}. Got nothing there instead. "
+                "Check the path, or create one by extracting into it (`hrsa extract --store ...`)."
+            ) from None
+    elif mode == "w-":
+        raise StoreFormatError(f"Expected nothing at {url}. Got a Zarr group there instead. Open it with mode 'a'.")
+    _check_format(root, url, upgrading)
+    return root
+
+
+def _open_existing(url: str, mode: str, options: Mapping[str, Any] | None) -> zarr.Group | None:
+    import zarr
+
     try:
-        root = zarr.open_group(url, mode="r" if mode == "r" else "r+", storage_options=options)
+        return zarr.open_group(url, mode="r" if mode == "r" else "r+", storage_options=options)
     except (FileNotFoundError, zarr.errors.NodeNotFoundError):
-        root = None
+        return None
     except (ValueError, TypeError) as error:  # a zarr.json that is not Zarr metadata (torn or edited)
         raise StoreFormatError(
             f"Expected Zarr metadata (JSON) in {url}/zarr.json. Got unreadable metadata instead ({type(error).__name__}: "
             f"{error}). Point at an hrsa store, or restore that file."
         ) from None
-    if root is None:
-        if _exists_nonempty(url, options) and not _holds_only_a_new_skeleton(url, options):
-            raise StoreFormatError(
-                f"Expected {'an hrsa store' if mode in ('r', 'r+') else 'an empty location or an hrsa store'} "
-                f"at {url}. Got other files there instead. Point at an hrsa store, or choose a new path."
-            )
-        if mode in ("r", "r+"):
-            raise StoreNotFoundError(
-                f"Expected an hrsa store at {url}. Got nothing there instead. "
-                "Check the path, or create one by extracting into it (`hrsa extract --store ...`)."
-            ) from None
-        _create_root(url, options)
-        root = zarr.open_group(url, mode="r+", storage_options=options)
-    elif mode == "w-":
-        raise StoreFormatError(f"Expected nothing at {url}. Got a Zarr group there instead. Open it with mode 'a'.")
-    _check_format(root, url, upgrading)
-    return root
 
 
 def stored_format(root: zarr.Group) -> int | None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -50,3 +53,25 @@ def s3_endpoint() -> Iterator[str]:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+# -- targets: one local and one S3 store per test (the fault and claim matrices run on both) ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Target:
+    url: str
+    storage_options: dict[str, Any] | None
+    env: dict[str, str]
+
+    def open(self, mode: str = "r+", suffix: str = "") -> ActivationStore:
+        return ActivationStore.open(self.url + suffix, mode=mode, storage_options=self.storage_options)  # type: ignore[arg-type]
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
+def target(request: pytest.FixtureRequest, tmp_path) -> Target:
+    if request.param == "local":
+        return Target(str(tmp_path / "store"), None, {})
+    endpoint = request.getfixturevalue("s3_endpoint")
+    options = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
+    return Target(f"s3://hrsa-test/faults-{uuid.uuid4().hex[:8]}", options, {"AWS_ENDPOINT_URL": endpoint})
+
+

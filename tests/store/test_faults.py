@@ -11,9 +11,7 @@ import json
 import signal
 import subprocess
 import sys
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,25 +29,7 @@ from hrsa.store import (
 from hrsa.store.testing import HIDDEN, LAYERS, expected_layer, fill_model, make_table, new_model
 from hrsa.store.verify import verify_store
 
-
-# -- targets: one local and one S3 store per test ---------------------------------------------------------------
-@dataclass(frozen=True)
-class Target:
-    url: str
-    storage_options: dict[str, Any] | None
-    env: dict[str, str]
-
-    def open(self, mode: str = "r+", suffix: str = "") -> ActivationStore:
-        return ActivationStore.open(self.url + suffix, mode=mode, storage_options=self.storage_options)  # type: ignore[arg-type]
-
-
-@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
-def target(request: pytest.FixtureRequest, tmp_path) -> Target:
-    if request.param == "local":
-        return Target(str(tmp_path / "store"), None, {})
-    endpoint = request.getfixturevalue("s3_endpoint")
-    options = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
-    return Target(f"s3://hrsa-test/faults-{uuid.uuid4().hex[:8]}", options, {"AWS_ENDPOINT_URL": endpoint})
+from .conftest import Target
 
 
 # -- raw objects, through the Zarr store of the backend ------------------------------------------------------------

@@ -1,0 +1,394 @@
+"""Stateful test of the store: random sequences of writes, resets, damage, verifies, reads and a second writer.
+
+A hypothesis ``RuleBasedStateMachine`` (in the spirit of zarr's ``zarr.testing.stateful``) drives a real local
+store (model "m": 4 units of 256 tokens, unit 3 partial, 4 hidden states) and keeps a plain Python model of what
+it must hold: the bytes of every shard object and done record, the claim keys, and which units a live claim holds.
+Everything the store must answer (done mask, pending units, verify's damaged and incomplete units, reads) is
+derived from that model by byte comparison, never by asking the package's own parsers. Damage goes through the
+raw Zarr store, as a disk or a user would do it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, event, note, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from hrsa.store import ActivationStore, CorruptDataError, IncompleteModelError
+from hrsa.store.objects import delete_key, get_bytes, list_keys, put_bytes
+from hrsa.store.testing import HIDDEN, LAYERS, fill_model, new_model, unit_values
+from hrsa.store.verify import verify_store
+
+pytestmark = pytest.mark.property
+
+UNITS = 4  # new_model: 1000 tokens in units of 256; unit 3 covers 768:1000 of its shard
+SHARD_TOKENS = 256
+N_TOKENS = 1000
+
+
+def _range(u: int) -> tuple[int, int]:
+    return u * SHARD_TOKENS, min((u + 1) * SHARD_TOKENS, N_TOKENS)
+
+
+def _shard(k: int, u: int) -> str:
+    return f"models/m/hidden/{k}/c/{u}/0"
+
+
+def _record(u: int) -> str:
+    return f"models/m/done/{u}"
+
+
+def _claim(u: int, attempt: int) -> str:
+    return f"models/m/claims/{u}/{attempt}"
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@functools.cache
+def _rows(u: int, k: int) -> np.ndarray:
+    """What the shard of unit ``u``, hidden state ``k`` holds: its values, then zeros (the fill) up to a whole shard."""
+    start, stop = _range(u)
+    rows = np.zeros((SHARD_TOKENS, HIDDEN), np.float32)
+    rows[: stop - start] = unit_values(u, start, stop, k, "float32")
+    return rows
+
+
+@functools.cache
+def _template() -> tuple[str, dict[tuple[int, int], bytes], frozenset[str]]:
+    """Made once per process: a store holding the empty model "m" (copied into every run), the bytes of every
+    intact shard object (from a filled copy, written by the real writer), and the metadata keys of the model."""
+    root = Path(tempfile.mkdtemp(prefix="hrsa-stateful-template-"))
+    atexit.register(shutil.rmtree, root, True)
+    new_model(ActivationStore.open(root / "empty", mode="a"), "m")
+    shutil.copytree(root / "empty", root / "filled")
+    filled = ActivationStore.open(root / "filled", mode="a")
+    fill_model(filled, "m")
+    raw = filled.group("models").store
+    shards = {(k, u): get_bytes(raw, _shard(k, u)) for k in range(LAYERS) for u in range(UNITS)}
+    assert all(shards.values())
+    empty = ActivationStore.open(root / "empty", mode="r").group("models").store
+    metadata = frozenset(f"models/m/{key}" for key in list_keys(empty, "models/m"))
+    assert all(key.endswith("zarr.json") for key in metadata), metadata
+    return str(root / "empty"), shards, metadata
+
+
+class StoreMachine(RuleBasedStateMachine):
+    """One fresh store per run; ``self.objects`` is the model: what every shard and done record key must hold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        template, self.intact, self.metadata = _template()
+        self.root = tempfile.mkdtemp(prefix="hrsa-stateful-")
+        self.url = f"{self.root}/store"
+        shutil.copytree(template, self.url)
+        self.store = ActivationStore.open(self.url, mode="a")
+        self.raw = self.store.group("models").store  # the root's Zarr store: keys are relative to the store root
+        self.writer = self.store.writer("m")
+        self.units = {unit.index: unit for unit in self.writer.units()}
+        self.second: Any = None  # another process's writer: the store opened again, created on first use
+        # The model.
+        self.objects: dict[str, bytes | None] = {
+            **{_shard(k, u): None for k in range(LAYERS) for u in range(UNITS)},
+            **{_record(u): None for u in range(UNITS)},
+        }
+        self.claims: dict[int, list[int]] = {u: [] for u in range(UNITS)}  # attempts stored under claims/<u>/
+        self.holder: dict[int, Any] = {}  # unit -> "first" or the second writer's Claim: the live claim on it
+        self.second_claims: dict[int, Any] = {}  # the last claim the second writer took on each unit (maybe stale)
+        self.records: dict[int, set[bytes]] = {u: set() for u in range(UNITS)}  # every done record written for u
+        self.by_intact = {data: key for key, data in self.intact.items()}  # an intact shard's bytes -> (k, u)
+        assert len(self.by_intact) == len(self.intact)
+
+    def teardown(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    # -- what the model says ---------------------------------------------------------------------------------------
+    def done(self, u: int) -> bool:
+        return self.objects[_record(u)] is not None
+
+    def done_units(self) -> list[int]:
+        return [u for u in range(UNITS) if self.done(u)]
+
+    def pending(self) -> list[int]:
+        return [u for u in range(UNITS) if not self.done(u)]
+
+    def record_intact(self, u: int) -> bool:
+        """A done record counts when it is byte for byte one the writer wrote for this unit (a replay of an older
+        one of this unit too: the model's settings never change)."""
+        return self.objects[_record(u)] in self.records[u]
+
+    def shard_intact(self, u: int, k: int) -> bool:
+        return self.objects[_shard(k, u)] == self.intact[(k, u)]
+
+    def damaged(self) -> list[int]:
+        """Done units whose record is not one written for them, or whose shards are not the bytes it lists."""
+        return [u for u in self.done_units()
+                if not self.record_intact(u) or not all(self.shard_intact(u, k) for k in range(LAYERS))]
+
+    def read_outcome(self, u: int, k: int) -> np.ndarray | None | str:
+        """Rows of unit ``u`` in a read of hidden state ``k`` (allow_incomplete): values, None for a
+        CorruptDataError, or "either" where the store may raise or read the substituted shard silently."""
+        data = self.objects[_shard(k, u)]
+        n = _range(u)[1] - _range(u)[0]
+        if not self.done(u):  # not checked: Zarr reads whatever is there (an orphan shard of a lost record)
+            if not data:
+                return np.zeros((n, HIDDEN), np.float32)  # no object, or an empty one: fill values
+            return _rows(*self.by_intact[data][::-1])[:n] if data in self.by_intact else None  # else crc32c fails
+        if not self.record_intact(u):
+            return None
+        if self.shard_intact(u, k):
+            return _rows(u, k)[:n]
+        if data is None or len(data) != len(self.intact[(k, u)]):
+            return None
+        if data in self.by_intact:
+            # Another intact shard of the same byte count: reads check sizes, not hashes (verify does), so this
+            # reads silently as the other shard's values. Accepted as either outcome (see the module's report).
+            return "either"
+        return None  # same size, bytes changed: the chunk's crc32c (or the shard index's) fails
+
+    # -- initial state ---------------------------------------------------------------------------------------------
+    @initialize(fill=st.booleans())
+    def start(self, fill: bool) -> None:
+        """Start from an empty model, or from one whose units the writer has all written."""
+        if fill:
+            for u in range(UNITS):
+                self.write_unit(u)
+
+    # -- writing ----------------------------------------------------------------------------------------------------
+    def _values(self, u: int) -> dict[int, np.ndarray]:
+        start, stop = _range(u)
+        return {k: unit_values(u, start, stop, k, "float32") for k in range(LAYERS)}
+
+    def _written(self, u: int, attempt: int) -> None:
+        """The model after a write of ``u`` under claim ``attempt``: its intact shards, and the record it created."""
+        for k in range(LAYERS):
+            self.objects[_shard(k, u)] = self.intact[(k, u)]
+        record = get_bytes(self.raw, _record(u))
+        assert record is not None
+        doc = json.loads(record)
+        assert (doc["unit"], doc["tokens"], doc["attempt"]) == (u, list(_range(u)), attempt), doc
+        assert doc["shards"] == {
+            str(k): {"key": f"hidden/{k}/c/{u}/0", "bytes": len(self.intact[(k, u)]), "sha256": _sha(self.intact[(k, u)])}
+            for k in range(LAYERS)
+        }, doc
+        self.objects[_record(u)] = record
+        self.records[u].add(record)
+
+    def _next_attempt(self, u: int) -> int:
+        return (self.claims[u][-1] if self.claims[u] else 0) + 1
+
+    @rule(u=st.sampled_from(range(UNITS)))
+    def write_unit(self, u: int) -> None:
+        """Done (intact or damaged) or held by a live claim: False and nothing written; else True, done and intact."""
+        expected = not self.done(u) and u not in self.holder
+        attempt = self._next_attempt(u)
+        assert self.writer.write_unit(self.units[u], self._values(u)) is expected
+        if expected:
+            self.claims[u].append(attempt)
+            self.holder[u] = "first"  # its claim stays, live for its lease, after the unit is done
+            self._written(u, attempt)
+
+    @rule()
+    def write_pending(self) -> None:
+        """What an extraction worker does (fill_model): write every unit the listing says is pending."""
+        pending = [unit.index for unit in self.writer.pending_units()]
+        assert pending == self.pending()
+        for u in pending:
+            self.write_unit(u)
+
+    @rule(u=st.sampled_from(range(UNITS)))
+    def reset_unit(self, u: int) -> None:
+        self.writer.reset_unit(self.units[u])
+        self._reset(u)
+
+    def _reset(self, u: int) -> None:
+        for k in range(LAYERS):
+            self.objects[_shard(k, u)] = None
+        self.objects[_record(u)] = None
+        self.claims[u] = []
+        self.holder.pop(u, None)
+
+    # -- a second writer (another process) --------------------------------------------------------------------------
+    def _second(self) -> Any:
+        if self.second is None:
+            self.second = ActivationStore.open(self.url, mode="a").writer("m")
+        return self.second
+
+    @rule(u=st.sampled_from(range(UNITS)))
+    def second_claims(self, u: int) -> None:
+        """A claim is taken only on a unit not done and held by no live claim; then the first writer skips it."""
+        expected = not self.done(u) and u not in self.holder
+        attempt = self._next_attempt(u)
+        claim = self._second().claim(self.units[u])
+        assert (claim is not None) is expected
+        if claim is not None:
+            assert (claim.unit, claim.attempt) == (u, attempt)
+            self.claims[u].append(attempt)
+            self.holder[u] = self.second_claims[u] = claim
+
+    @precondition(lambda self: bool(self.second_claims))
+    @rule(data=st.data())
+    def second_writes(self, data: st.DataObject) -> None:
+        """The second writer writes a unit with the claim it took: only while that claim is the live one and the
+        unit is not done (a reset deletes claims; a record put there makes it done)."""
+        u = data.draw(st.sampled_from(sorted(self.second_claims)), label="unit")
+        claim = self.second_claims[u]
+        expected = self.holder.get(u) is claim and not self.done(u)
+        assert self._second().write_unit(self.units[u], self._values(u), claim=claim) is expected
+        if expected:
+            self._written(u, claim.attempt)
+
+    # -- damage, through the raw store ----------------------------------------------------------------------------
+    def _put(self, key: str, data: bytes | None) -> None:
+        if data is None:
+            delete_key(self.raw, key)
+        else:
+            put_bytes(self.raw, key, data)
+        self.objects[key] = data
+
+    @precondition(lambda self: any(self.objects[_shard(k, u)] for u in self.done_units() for k in range(LAYERS)))
+    @rule(data=st.data(), how=st.sampled_from(["delete", "empty", "truncate", "flip", "copy"]))
+    def damage_shard(self, data: st.DataObject, how: str) -> None:
+        """A done unit's shard object: deleted, emptied, cut to half, a byte flipped, or another one copied over it."""
+        targets = [(u, k) for u in self.done_units() for k in range(LAYERS) if self.objects[_shard(k, u)]]
+        u, k = data.draw(st.sampled_from(targets), label="unit, layer")
+        old = self.objects[_shard(k, u)]
+        assert old
+        if how == "delete":
+            new = None
+        elif how == "empty":
+            new = b""
+        elif how == "truncate":
+            new = old[: len(old) // 2]
+        elif how == "flip":
+            at = data.draw(st.integers(0, len(old) - 1), label="offset")
+            new = old[:at] + bytes([old[at] ^ 0xFF]) + old[at + 1 :]
+        else:
+            sources = [key for key, value in self.objects.items() if "/hidden/" in key and value and key != _shard(k, u)]
+            if not sources:
+                return
+            new = self.objects[data.draw(st.sampled_from(sources), label="source")]
+            if new is not None and len(new) == len(self.intact[(k, u)]) and new in self.by_intact and new != old:
+                event("same-size intact shard copied over another")
+        event(f"damage shard: {how}")
+        self._put(_shard(k, u), new)
+
+    @precondition(lambda self: any(self.done(u) or self.records[u] for u in range(UNITS)))
+    @rule(data=st.data(), how=st.sampled_from(["delete", "flip", "copy", "replay"]))
+    def damage_record(self, data: st.DataObject, how: str) -> None:
+        """A done record: deleted (the unit is no longer done), a byte flipped, another unit's copied over it, or
+        an older record of this unit put back (the last two onto a unit not done too: a record no writer made)."""
+        if how in ("delete", "flip"):
+            targets = self.done_units()
+        elif how == "copy":
+            targets = [u for u in range(UNITS) if any(v != u for v in self.done_units())]
+        else:
+            targets = [u for u in range(UNITS) if self.records[u]]
+        if not targets:
+            return
+        u = data.draw(st.sampled_from(targets), label="unit")
+        old = self.objects[_record(u)]
+        if how == "delete":
+            new = None
+        elif how == "flip":
+            assert old
+            at = data.draw(st.integers(0, len(old) - 1), label="offset")
+            new = old[:at] + bytes([old[at] ^ 0xFF]) + old[at + 1 :]
+        elif how == "copy":
+            source = data.draw(st.sampled_from([v for v in self.done_units() if v != u]), label="source")
+            new = self.objects[_record(source)]
+        else:
+            new = data.draw(st.sampled_from(sorted(self.records[u])), label="old record")
+        event(f"damage record: {how}{'' if old else ' (unit not done)'}")
+        self._put(_record(u), new)
+
+    # -- verify, repair, read -----------------------------------------------------------------------------------------
+    def _verify(self) -> Any:
+        report = verify_store(self.store)
+        damaged = self.damaged()
+        event(f"verify: {'damaged' if damaged else 'incomplete' if self.pending() else 'ok'}")
+        assert report.damaged_units() == ({"m": damaged} if damaged else {}), report.problems
+        assert report.incomplete_units == ({"m": self.pending()} if self.pending() else {})
+        assert report.ok is (not damaged and not self.pending()), report.problems
+        assert all(p.model == "m" for p in report.problems), report.problems
+        return report
+
+    @rule()
+    def verify(self) -> None:
+        self._verify()
+
+    @rule()
+    def repair(self) -> None:
+        """``verify --reset-damaged``: reset every unit verify lists; they are pending and clean again."""
+        report = self._verify()
+        for u in report.damaged_units().get("m", []):
+            self.writer.reset_unit(self.units[u])
+            self._reset(u)
+        assert not self.damaged()
+
+    @rule(k=st.sampled_from(range(LAYERS)), allow_incomplete=st.booleans())
+    def read(self, k: int, allow_incomplete: bool) -> None:
+        lazy = lambda: self.store.hidden_state("m", k, allow_incomplete=allow_incomplete).compute()  # noqa: E731
+        if self.pending() and not allow_incomplete:
+            event("read: incomplete")
+            with pytest.raises(IncompleteModelError):
+                lazy()
+            return
+        outcomes = [self.read_outcome(u, k) for u in range(UNITS)]
+        note(f"read of hidden state {k}: {[o if isinstance(o, str | None) else 'rows' for o in outcomes]}")
+        if any(o is None for o in outcomes):
+            event("read: corrupt")
+            with pytest.raises(CorruptDataError):
+                lazy()
+            return
+        try:
+            got = lazy()
+        except CorruptDataError:
+            assert "either" in outcomes
+            return
+        assert got.dtype == np.float32 and got.shape == (N_TOKENS, HIDDEN)
+        event(f"read: values ({'complete' if not self.pending() else 'allow_incomplete'})")
+        for u, outcome in enumerate(outcomes):
+            start, stop = _range(u)
+            if isinstance(outcome, str):  # read silently: the rows of the shard copied there, never anything else
+                source = self.by_intact[self.objects[_shard(k, u)]]
+                assert np.array_equal(got[start:stop], _rows(*source[::-1])[: stop - start])
+                event("same-size substituted shard read silently")
+            else:
+                assert np.array_equal(got[start:stop], outcome), f"unit {u}"
+
+    # -- after every step ---------------------------------------------------------------------------------------------
+    @invariant()
+    def listing_matches(self) -> None:
+        """The done listing and pending units are the model's (a damaged unit whose record exists counts as done)."""
+        assert self.writer.done_mask().tolist() == [self.done(u) for u in range(UNITS)]
+        assert [unit.index for unit in self.writer.pending_units()] == self.pending()
+        assert self.store.model_info("m").units_done == len(self.done_units())
+
+    @invariant()
+    def objects_match(self) -> None:
+        """Every shard and record key holds exactly the model's bytes, and nothing else is under the model: a write
+        refused (done, or held by another writer) wrote nothing."""
+        for key, expected in self.objects.items():
+            assert get_bytes(self.raw, key) == expected, key
+        claims = {_claim(u, a) for u, attempts in self.claims.items() for a in attempts}
+        present = {key for key, value in self.objects.items() if value is not None}
+        assert {f"models/m/{key}" for key in list_keys(self.raw, "models/m")} == self.metadata | present | claims
+
+
+TestStore = StoreMachine.TestCase
+TestStore.settings = settings(
+    max_examples=25, stateful_step_count=15, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
