@@ -163,3 +163,22 @@ def rm(url: str, model: str, yes: bool) -> None:
         click.confirm(f"Delete model {model} from {url}?", abort=True)
     store.delete_model(model)
     click.echo(f"deleted {model}")
+
+
+@store_group.command("upgrade")
+@click.argument("url")
+def upgrade(url: str) -> None:
+    """Bring the store at URL to this version's format (from format 1: a done record for each done unit).
+
+    Each done unit's shards are read back (checksums checked) and recorded; a damaged unit gets no record, and
+    re-running its extraction rewrites it. Nothing is re-extracted; a killed upgrade is finished by running it again.
+    """
+    from hrsa.store.format import FORMAT_VERSION
+    from hrsa.store.upgrade import upgrade_store
+
+    report = upgrade_store(url)
+    for mid, recorded in report.units_recorded.items():
+        damaged = report.units_left_pending[mid]
+        note = f"; units {damaged} were damaged and are left pending: re-run its extraction" if damaged else ""
+        click.echo(f"{mid}: {recorded} done unit(s) recorded{note}")
+    click.echo(f"store format {report.from_version} -> {FORMAT_VERSION}: {url}")

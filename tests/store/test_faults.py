@@ -415,3 +415,42 @@ def test_kill_at_every_metadata_write_of_create_model_leaves_it_absent_or_half_c
             if state != "absent" or kill_at % 2 == 0:
                 store.delete_model("m")
             assert _objects(store, "models/m/") == {}
+
+
+# -- format 1 stores: refused with the fix named, upgraded in place ---------------------------------------------
+def _as_format_1(store: ActivationStore, flags: list[int]) -> None:
+    """Turn a format-2 store into what format 1 wrote: a ``units`` array of done flags, no records, version 1."""
+    import zarr
+
+    group = store.group("models/m")
+    for key in list(_objects(store, "models/m/")):
+        if key.startswith(("models/m/done/", "models/m/claims/")):
+            _delete(store, key)
+    units = zarr.open_group(_raw(store), path="models/m", mode="r+").create_array(
+        "units", shape=(len(flags),), dtype="uint8", chunks=(1,), compressors=None, fill_value=0)
+    units[:] = np.array(flags, np.uint8)
+    del group
+    _edit_json(store, "zarr.json", lambda meta: meta["attributes"]["hrsa"].update(format_version=1))
+
+
+def test_a_format_1_store_is_refused_then_upgraded_keeping_every_intact_unit(target: Target) -> None:
+    store = _filled(target)
+    reference = {k: store.hidden_state("m", k).compute() for k in range(LAYERS)}
+    _as_format_1(store, [1, 1, 1, 0])
+    _flip(store, _shard(2, 1))  # damaged before the upgrade: it must not be recorded as done
+    for verb in (["ls", target.url], ["verify", target.url], ["info", target.url, "m"]):
+        result = _cli(target, "store", *verb)
+        _one_error_line(result, 2)
+        assert f"hrsa store upgrade {target.url}" in result.stderr
+    result = _cli(target, "store", "upgrade", target.url)
+    assert result.exit_code == 0, result.output
+    assert "m: 2 done unit(s) recorded; units [1] were damaged" in result.stdout and "format 1 -> 2" in result.stdout
+    upgraded = target.open()
+    report = verify_store(upgraded)
+    assert report.damaged_units() == {} and report.incomplete_units == {"m": [1, 3]}
+    assert _objects(upgraded, "models/m/units/") == {}
+    assert _cli(target, "store", "upgrade", target.url).exit_code == 0  # again: nothing left to do
+    fill_model(upgraded, "m")
+    assert verify_store(target.open("r")).ok
+    for k in range(LAYERS):
+        assert np.array_equal(target.open("r").hidden_state("m", k).compute(), reference[k])

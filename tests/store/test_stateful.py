@@ -57,6 +57,18 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _canonical(doc: dict[str, Any]) -> bytes:
+    """A done record's JSON as the format writes it (sorted keys, no spaces)."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _flipped(data: st.DataObject, old: bytes) -> bytes:
+    """``old`` with one bit, or every bit of one byte, flipped at a drawn offset."""
+    at = data.draw(st.integers(0, len(old) - 1), label="offset")
+    mask = data.draw(st.sampled_from([0x01, 0xFF]), label="mask")
+    return old[:at] + bytes([old[at] ^ mask]) + old[at + 1 :]
+
+
 @functools.cache
 def _rows(u: int, k: int) -> np.ndarray:
     """What the shard of unit ``u``, hidden state ``k`` holds: its values, then zeros (the fill) up to a whole shard."""
@@ -273,8 +285,7 @@ class StoreMachine(RuleBasedStateMachine):
         elif how == "truncate":
             new = old[: len(old) // 2]
         elif how == "flip":
-            at = data.draw(st.integers(0, len(old) - 1), label="offset")
-            new = old[:at] + bytes([old[at] ^ 0xFF]) + old[at + 1 :]
+            new = _flipped(data, old)
         else:
             sources = [key for key, value in self.objects.items() if "/hidden/" in key and value and key != _shard(k, u)]
             if not sources:
@@ -286,11 +297,12 @@ class StoreMachine(RuleBasedStateMachine):
         self._put(_shard(k, u), new)
 
     @precondition(lambda self: any(self.done(u) or self.records[u] for u in range(UNITS)))
-    @rule(data=st.data(), how=st.sampled_from(["delete", "flip", "copy", "replay"]))
+    @rule(data=st.data(), how=st.sampled_from(["delete", "flip", "stale", "copy", "replay"]))
     def damage_record(self, data: st.DataObject, how: str) -> None:
-        """A done record: deleted (the unit is no longer done), a byte flipped, another unit's copied over it, or
-        an older record of this unit put back (the last two onto a unit not done too: a record no writer made)."""
-        if how in ("delete", "flip"):
+        """A done record: deleted (the unit is no longer done), a bit or byte flipped, rewritten as if under other
+        model settings (its own sha256 made right), another unit's copied over it, or an older record of this unit
+        put back (the last two onto a unit not done too: a record no writer made)."""
+        if how in ("delete", "flip", "stale"):
             targets = self.done_units()
         elif how == "copy":
             targets = [u for u in range(UNITS) if any(v != u for v in self.done_units())]
@@ -302,10 +314,16 @@ class StoreMachine(RuleBasedStateMachine):
         old = self.objects[_record(u)]
         if how == "delete":
             new = None
-        elif how == "flip":
+        elif how == "flip":  # a flipped bit can leave valid JSON: only the record's own sha256 catches it
             assert old
-            at = data.draw(st.integers(0, len(old) - 1), label="offset")
-            new = old[:at] + bytes([old[at] ^ 0xFF]) + old[at + 1 :]
+            new = _flipped(data, old)
+        elif how == "stale":  # what a user who read the format could forge: other settings, the hash made right
+            assert old
+            doc = json.loads(old)
+            del doc["record_sha256"]
+            doc["settings"] = "0" * 32
+            doc["record_sha256"] = _sha(_canonical(doc))
+            new = _canonical(doc)
         elif how == "copy":
             source = data.draw(st.sampled_from([v for v in self.done_units() if v != u]), label="source")
             new = self.objects[_record(source)]
@@ -338,34 +356,42 @@ class StoreMachine(RuleBasedStateMachine):
             self._reset(u)
         assert not self.damaged()
 
-    @rule(k=st.sampled_from(range(LAYERS)), allow_incomplete=st.booleans())
-    def read(self, k: int, allow_incomplete: bool) -> None:
-        lazy = lambda: self.store.hidden_state("m", k, allow_incomplete=allow_incomplete).compute()  # noqa: E731
+    @rule(allow_incomplete=st.booleans())
+    def read(self, allow_incomplete: bool) -> None:
+        """Every hidden state, as a user reads it. A layer reads only when every done unit's record is intact and
+        its shard of that layer is the recorded one; never fill values or another unit's rows for a done unit."""
+        for k in range(LAYERS):
+            self._read(k, allow_incomplete)
+
+    def _read(self, k: int, allow_incomplete: bool) -> None:
+        def read() -> np.ndarray:
+            return self.store.hidden_state("m", k, allow_incomplete=allow_incomplete).compute()
+
         if self.pending() and not allow_incomplete:
             event("read: incomplete")
             with pytest.raises(IncompleteModelError):
-                lazy()
+                read()
             return
         outcomes = [self.read_outcome(u, k) for u in range(UNITS)]
         note(f"read of hidden state {k}: {[o if isinstance(o, str | None) else 'rows' for o in outcomes]}")
         if any(o is None for o in outcomes):
             event("read: corrupt")
             with pytest.raises(CorruptDataError):
-                lazy()
+                read()
             return
         try:
-            got = lazy()
+            got = read()
         except CorruptDataError:
             assert "either" in outcomes
             return
         assert got.dtype == np.float32 and got.shape == (N_TOKENS, HIDDEN)
-        event(f"read: values ({'complete' if not self.pending() else 'allow_incomplete'})")
+        event(f"read: values ({'allow_incomplete' if self.pending() else 'complete'})")
         for u, outcome in enumerate(outcomes):
             start, stop = _range(u)
             if isinstance(outcome, str):  # read silently: the rows of the shard copied there, never anything else
-                source = self.by_intact[self.objects[_shard(k, u)]]
-                assert np.array_equal(got[start:stop], _rows(*source[::-1])[: stop - start])
-                event("same-size substituted shard read silently")
+                source = self.by_intact[self.objects[_shard(k, u)]]  # type: ignore[index]
+                assert np.array_equal(got[start:stop], _rows(*source[::-1])[: stop - start]), f"unit {u}"
+                event("read: same-size substituted shard read silently")
             else:
                 assert np.array_equal(got[start:stop], outcome), f"unit {u}"
 
