@@ -291,7 +291,7 @@ def test_negative_layers_name_hidden_states(tmp_path: Path, corpus_file: Path) -
 
 
 @pytest.mark.parametrize("where", ["local", "memory"])
-@pytest.mark.parametrize("name", ["zarr.json", "models", "hidden", "units", "Zarr.JSON"])
+@pytest.mark.parametrize("name", ["zarr.json", "models", "hidden", "units", "done", "claims", "Zarr.JSON"])
 def test_reserved_names_are_refused_as_ids(where: str, name: str, stored_copy: Path, tiny_models: Any,
                                            corpus_file: Path) -> None:
     import fsspec
