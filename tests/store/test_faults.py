@@ -454,3 +454,20 @@ def test_a_format_1_store_is_refused_then_upgraded_keeping_every_intact_unit(tar
     assert verify_store(target.open("r")).ok
     for k in range(LAYERS):
         assert np.array_equal(target.open("r").hidden_state("m", k).compute(), reference[k])
+
+
+def test_a_corpus_deleted_under_a_model_is_reported_and_restored_by_writing_it_again(target: Target, tmp_path) -> None:
+    store = _filled(target)
+    cid = store.model_info("m").corpus
+    for key in _objects(store, f"corpora/{cid}/"):
+        _delete(store, key)
+    report = verify_store(store)
+    assert [(p.where, p.what) for p in report.problems] == [(f"corpora/{cid}", "missing or incomplete, but a model refers to it")]
+    assert _cli(target, "store", "verify", target.url).exit_code == 1
+    # A read that needs the corpus (a document selection) is one line; nothing is changed by it.
+    before = _objects(store)
+    _one_error_line(_cli(target, "store", "get", target.url, "m", "--layer", "1", "--docs", "0", "--out", str(tmp_path / "x.npy")), 2)
+    assert _objects(store) == before
+    # The corpus is content-addressed: writing the same table again restores it under the same id.
+    assert store.write_corpus(make_table(), tokenizer={"name": "test-tok", "fingerprint": "fp-1"}, source="test") == cid
+    assert verify_store(target.open("r")).ok
