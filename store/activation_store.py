@@ -39,7 +39,7 @@ from hrsa.store.opening import open_root
 from hrsa.store.reading import CheckedArray
 from hrsa.store.result_records import ResultRecords
 from hrsa.store.selection import TokenFilter, TokenSelection, resolve_selection
-from hrsa.store.objects import delete_key, delete_prefix, list_keys
+from hrsa.store.objects import check_create_if_absent, delete_key, delete_prefix, list_keys
 from hrsa.store.units import ModelWriter, done_units
 
 if TYPE_CHECKING:
@@ -70,6 +70,7 @@ class ActivationStore(ResultRecords):
         self._root = root
         self.url = url
         self.read_only = read_only
+        self._exclusive_checked = False
 
     # -- opening -------------------------------------------------------------------------------
     @classmethod
@@ -92,6 +93,9 @@ class ActivationStore(ResultRecords):
     def _check_writable(self) -> None:
         if self.read_only:
             raise StoreReadOnlyError(f"Expected a writable store. Got {self.url} opened read-only. Open it with mode 'r+' or 'a'.")
+        if not self._exclusive_checked:  # once per open store: exactly-once rests on it
+            check_create_if_absent(self._root.store)
+            self._exclusive_checked = True
 
     def __repr__(self) -> str:
         return f"ActivationStore({self.url!r}, read_only={self.read_only})"

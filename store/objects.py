@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import zarr
     from zarr.abc.store import Store
 
-__all__ = ["ensure_array", "ensure_group", "create_if_absent", "get_bytes", "put_bytes", "list_keys", "object_size", "delete_key", "delete_prefix"]
+__all__ = ["ensure_array", "ensure_group", "create_if_absent", "check_create_if_absent", "get_bytes", "put_bytes", "list_keys", "object_size", "delete_key", "delete_prefix"]
 
 
 def _sync(coroutine):  # type: ignore[no-untyped-def]
@@ -87,6 +87,36 @@ def create_if_absent(store: Store, key: str, data: bytes) -> bool:
     else:  # LocalStore, MemoryStore: an atomic set_if_not_exists of their own
         _sync(store.set_if_not_exists(key, _buffer(data)))
     return get_bytes(store, key) == data
+
+
+def check_create_if_absent(store: Store) -> None:
+    """Refuse a backend whose create-if-absent is not exclusive: an S3-compatible server that ignores
+    ``If-None-Match`` would let two writers both "create" a done record, silently.
+
+    Creates a probe object twice (the second must lose), then deletes it: three requests, once per open store.
+
+    Raises:
+        StoreFormatError: the second create overwrote the first.
+    """
+    import uuid
+
+    from zarr.storage import FsspecStore
+
+    from hrsa.store.errors import StoreFormatError
+
+    if not isinstance(store, FsspecStore):
+        return  # local paths and memory: exclusive by construction
+    key = f".hrsa-probe-{uuid.uuid4().hex}"
+    try:
+        exclusive = create_if_absent(store, key, b"first") and not create_if_absent(store, key, b"second")
+    finally:
+        delete_key(store, key)
+    if not exclusive:
+        raise StoreFormatError(
+            f"Expected a storage server that honours conditional writes (PUT with If-None-Match: *), which exactly-once "
+            f"writing needs. Got one that overwrote an existing object instead at {store}. Use AWS S3, MinIO or another "
+            "server that supports them, or a shared filesystem path."
+        )
 
 
 def _fsspec_create(store: FsspecStore, key: str, data: bytes) -> None:

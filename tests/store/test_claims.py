@@ -186,3 +186,20 @@ def test_kill_at_every_store_write_of_a_unit_leaves_it_pending_or_done_and_resum
         assert verify_store(resumed).ok
         for k in range(LAYERS):
             assert np.array_equal(resumed.hidden_state("m", k).compute(), reference[k])
+
+
+def test_a_server_that_ignores_conditional_writes_is_refused_before_anything_is_written(target: Target, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An S3-compatible server without If-None-Match would let two writers both create one done record: refused."""
+    import hrsa.store.objects as objects
+
+    if target.storage_options is None:
+        pytest.skip("a local path's create-if-absent is os.link, exclusive by construction")
+    store = target.open("a")
+    new_model(store, "m")
+    monkeypatch.setattr(objects, "_fsspec_create", lambda raw, key, data: objects.put_bytes(raw, key, data))  # PUT, no condition
+    from hrsa.store import StoreFormatError
+
+    before = list_keys(_raw(store), "")
+    with pytest.raises(StoreFormatError, match="honours conditional writes"):
+        target.open().writer("m")
+    assert list_keys(_raw(store), "") == before
