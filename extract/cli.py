@@ -44,5 +44,6 @@ def extract(config_file: Path | None, **flags: Any) -> None:
 
         result = run_extraction(config, on_progress=advance)
     nodes = f" on {', '.join(result.nodes)}" if result.nodes else ""
-    click.echo(f"{result.model_id}: {result.units_written} of {result.n_units} units written this run{nodes}; "
+    others = f" ({result.units_by_others} by other extractions running at once)" if result.units_by_others else ""
+    click.echo(f"{result.model_id}: {result.units_written} of {result.n_units} units written this run{nodes}{others}; "
                f"{result.n_tokens} tokens of corpus {result.corpus_id} in {config.store}")

@@ -38,6 +38,7 @@ class ExtractResult:
     units_written: int
     nodes: tuple[str, ...]  # host names of the workers that ran units
     node_ids: tuple[str, ...] = ()  # their Ray node ids (several nodes can share one host)
+    units_by_others: int = 0  # pending when this run started, written meanwhile by other extractions of the model
 
 
 @dataclass(frozen=True)
@@ -241,8 +242,9 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
     info = store.model_info(mid)
     if not info.complete:
         raise UserError(f"Expected every unit done. Got {info.units_done}/{info.n_units}. Re-run the same command to resume.")
-    return ExtractResult(mid, cid, info.n_tokens, info.n_units, sum(r["written"] for r in results),
-                         tuple(sorted({r["node"] for r in results})), tuple(sorted({r.get("node_id", "") for r in results})))
+    written = sum(r["written"] for r in results)
+    return ExtractResult(mid, cid, info.n_tokens, info.n_units, written, tuple(sorted({r["node"] for r in results})),
+                         tuple(sorted({r.get("node_id", "") for r in results})), len(pending_units) - written)
 
 
 HELD_POLL_S = 1.0

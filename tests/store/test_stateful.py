@@ -120,6 +120,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.holder: dict[int, Any] = {}  # unit -> "first" or the second writer's Claim: the live claim on it
         self.second_claims: dict[int, Any] = {}  # the last claim the second writer took on each unit (maybe stale)
         self.records: dict[int, set[bytes]] = {u: set() for u in range(UNITS)}  # every done record written for u
+        self.verified: Any = None  # the model's state at the last verify
         self.by_intact = {data: key for key, data in self.intact.items()}  # an intact shard's bytes -> (k, u)
         assert len(self.by_intact) == len(self.intact)
 
@@ -344,10 +345,6 @@ class StoreMachine(RuleBasedStateMachine):
         return report
 
     @rule()
-    def verify(self) -> None:
-        self._verify()
-
-    @rule()
     def repair(self) -> None:
         """``verify --reset-damaged``: reset every unit verify lists; they are pending and clean again."""
         report = self._verify()
@@ -402,6 +399,15 @@ class StoreMachine(RuleBasedStateMachine):
         assert self.writer.done_mask().tolist() == [self.done(u) for u in range(UNITS)]
         assert [unit.index for unit in self.writer.pending_units()] == self.pending()
         assert self.store.model_info("m").units_done == len(self.done_units())
+
+    @invariant()
+    def verify_matches(self) -> None:
+        """``verify`` names exactly the damaged units and the pending ones (run after every step that changed the
+        store; a read or a refused write changes nothing, which ``objects_match`` checks)."""
+        state = (tuple(self.objects.items()), tuple((u, tuple(a)) for u, a in self.claims.items()))
+        if state != self.verified:
+            self._verify()
+            self.verified = state
 
     @invariant()
     def objects_match(self) -> None:
