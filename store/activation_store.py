@@ -71,6 +71,7 @@ class ActivationStore(ResultRecords):
         self.url = url
         self.read_only = read_only
         self._exclusive_checked = False
+        self._tops: dict[str, zarr.Group] = {}
 
     # -- opening -------------------------------------------------------------------------------
     @classmethod
@@ -102,9 +103,15 @@ class ActivationStore(ResultRecords):
 
     # -- listing -------------------------------------------------------------------------------
     def _top(self, name: str) -> zarr.Group:
-        """``corpora``, ``models`` or ``results``; unreadable metadata there is damage, named in one line."""
+        """``corpora``, ``models`` or ``results``; unreadable metadata there is damage, named in one line.
+
+        Read once per open store: these groups never change after the store is created (a GET each time on S3).
+        """
+        if name in self._tops:
+            return self._tops[name]
         try:
-            return self._root[name]
+            self._tops[name] = self._root[name]
+            return self._tops[name]
         except _UNREADABLE as error:
             raise CorruptDataError(
                 f"Expected the {name} group's metadata in {self.url}/{name}/zarr.json. Got it missing or unreadable instead "

@@ -33,6 +33,13 @@ def _has_cuda() -> bool:
         return False
 
 
+def _slow_on_s3(item: pytest.Item) -> bool:
+    """An S3 row of a test marked ``slow_on_s3`` (whose ``keep`` rows of ``fault`` still run by default)."""
+    marker = item.get_closest_marker("slow_on_s3")
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return marker is not None and params.get("target") == "s3" and params.get("fault") not in marker.kwargs.get("keep", ())
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skip_slow = pytest.mark.skip(reason="slow: run with --run-slow")
     skip_gpu = pytest.mark.skip(reason="gpu: no CUDA device here")
@@ -41,6 +48,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords and not config.getoption("--run-slow"):
             item.add_marker(skip_slow)
+        if _slow_on_s3(item) and not config.getoption("--run-slow"):
+            item.add_marker(pytest.mark.skip(reason="slow on S3 (moto): run with --run-slow; the local row runs"))
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip_gpu)
         if "data" in item.keywords and not SHARED_DATA.is_dir():

@@ -157,10 +157,9 @@ def _write_dying(target: Target, unit: int, kill_at: int) -> subprocess.Complete
     return subprocess.run([sys.executable, "-c", DYING_WRITER, args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow_on_s3  # 2 minutes on S3 through moto; the local rows run by default
 @pytest.mark.parametrize("unit", [1, 3])  # a full shard, and the partial last one (whose old object is deleted first)
 def test_kill_at_every_store_write_of_a_unit_leaves_it_pending_or_done_and_resume_is_exact(target: Target, unit: int) -> None:
-    if target.storage_options is not None and unit == 1:
-        pytest.skip("on S3 the partial unit's kills cover every kind of write a full unit makes (40 s saved)")
     store = target.open("a")
     new_model(store, "m")
     writer = store.writer("m")

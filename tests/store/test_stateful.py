@@ -6,6 +6,15 @@ it must hold: the bytes of every shard object and done record, the claim keys, a
 Everything the store must answer (done mask, pending units, verify's damaged and incomplete units, reads) is
 derived from that model by byte comparison, never by asking the package's own parsers. Damage goes through the
 raw Zarr store, as a disk or a user would do it.
+
+Modelled loosely, on purpose:
+
+- Reads check a done unit's record and its shard's byte count, not its sha256 (that is verify's job; each chunk's
+  crc32c catches changed bytes). So another unit's intact shard of the same byte count (compressed shards of
+  units 0 and 2 of hidden state 0 are both 23,077 bytes here) reads silently as that unit's rows. The model accepts
+  either a CorruptDataError or exactly the copied shard's rows there, and nothing else; verify must name it.
+- Claims live for their lease (120 s) and a run takes seconds, so a claim never expires in the model: a unit whose
+  done record was lost stays held by the claim of the write that made it, and a rewrite is refused until a reset.
 """
 
 from __future__ import annotations
@@ -21,10 +30,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from hypothesis import HealthCheck, event, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from hrsa.cli import cli
 from hrsa.store import ActivationStore, CorruptDataError, IncompleteModelError
 from hrsa.store.objects import delete_key, get_bytes, list_keys, put_bytes
 from hrsa.store.testing import HIDDEN, LAYERS, fill_model, new_model, unit_values
@@ -51,6 +62,11 @@ def _record(u: int) -> str:
 
 def _claim(u: int, attempt: int) -> str:
     return f"models/m/claims/{u}/{attempt}"
+
+
+def _keys(u: int) -> list[str]:
+    """The objects of unit ``u``: its shard of every hidden state, and its done record."""
+    return [*(_shard(k, u) for k in range(LAYERS)), _record(u)]
 
 
 def _sha(data: bytes) -> str:
@@ -118,7 +134,7 @@ class StoreMachine(RuleBasedStateMachine):
         }
         self.claims: dict[int, list[int]] = {u: [] for u in range(UNITS)}  # attempts stored under claims/<u>/
         self.holder: dict[int, Any] = {}  # unit -> "first" or the second writer's Claim: the live claim on it
-        self.second_claims: dict[int, Any] = {}  # the last claim the second writer took on each unit (maybe stale)
+        self.second_taken: list[Any] = []  # every claim the second writer took (the older ones stale)
         self.records: dict[int, set[bytes]] = {u: set() for u in range(UNITS)}  # every done record written for u
         self.verified: Any = None  # the model's state at the last verify
         self.by_intact = {data: key for key, data in self.intact.items()}  # an intact shard's bytes -> (k, u)
@@ -167,17 +183,16 @@ class StoreMachine(RuleBasedStateMachine):
             return None
         if data in self.by_intact:
             # Another intact shard of the same byte count: reads check sizes, not hashes (verify does), so this
-            # reads silently as the other shard's values. Accepted as either outcome (see the module's report).
+            # reads silently as the other shard's values. Accepted as either outcome (see the module docstring).
             return "either"
         return None  # same size, bytes changed: the chunk's crc32c (or the shard index's) fails
 
     # -- initial state ---------------------------------------------------------------------------------------------
-    @initialize(fill=st.booleans())
-    def start(self, fill: bool) -> None:
-        """Start from an empty model, or from one whose units the writer has all written."""
-        if fill:
-            for u in range(UNITS):
-                self.write_unit(u)
+    @initialize(units=st.lists(st.sampled_from(range(UNITS)), unique=True))
+    def start(self, units: list[int]) -> None:
+        """Start from an empty model, or from one where the writer has written some units, or all."""
+        for u in units:
+            self.write_unit(u)
 
     # -- writing ----------------------------------------------------------------------------------------------------
     def _values(self, u: int) -> dict[int, np.ndarray]:
@@ -221,15 +236,17 @@ class StoreMachine(RuleBasedStateMachine):
         for u in pending:
             self.write_unit(u)
 
-    @rule(u=st.sampled_from(range(UNITS)))
-    def reset_unit(self, u: int) -> None:
+    @rule(data=st.data())
+    def reset_unit(self, data: st.DataObject) -> None:
+        """What ``verify --reset-damaged`` or an operator does to one unit (mostly one with something to delete)."""
+        used = [u for u in range(UNITS) if self.claims[u] or any(self.objects[key] is not None for key in _keys(u))]
+        u = data.draw(st.sampled_from(used or list(range(UNITS))), label="unit")
         self.writer.reset_unit(self.units[u])
         self._reset(u)
 
     def _reset(self, u: int) -> None:
-        for k in range(LAYERS):
-            self.objects[_shard(k, u)] = None
-        self.objects[_record(u)] = None
+        for key in _keys(u):
+            self.objects[key] = None
         self.claims[u] = []
         self.holder.pop(u, None)
 
@@ -249,15 +266,17 @@ class StoreMachine(RuleBasedStateMachine):
         if claim is not None:
             assert (claim.unit, claim.attempt) == (u, attempt)
             self.claims[u].append(attempt)
-            self.holder[u] = self.second_claims[u] = claim
+            self.holder[u] = claim
+            self.second_taken.append(claim)
 
-    @precondition(lambda self: bool(self.second_claims))
+    @precondition(lambda self: bool(self.second_taken))
     @rule(data=st.data())
     def second_writes(self, data: st.DataObject) -> None:
-        """The second writer writes a unit with the claim it took: only while that claim is the live one and the
-        unit is not done (a reset deletes claims; a record put there makes it done)."""
-        u = data.draw(st.sampled_from(sorted(self.second_claims)), label="unit")
-        claim = self.second_claims[u]
+        """The second writer writes a unit with a claim it took: only while that claim is the live one and the
+        unit is not done (a reset deletes claims, and a later claim of the same attempt has another token; a record
+        put there makes it done)."""
+        claim = data.draw(st.sampled_from(self.second_taken), label="claim")
+        u = claim.unit
         expected = self.holder.get(u) is claim and not self.done(u)
         assert self._second().write_unit(self.units[u], self._values(u), claim=claim) is expected
         if expected:
@@ -297,18 +316,21 @@ class StoreMachine(RuleBasedStateMachine):
         event(f"damage shard: {how}")
         self._put(_shard(k, u), new)
 
-    @precondition(lambda self: any(self.done(u) or self.records[u] for u in range(UNITS)))
-    @rule(data=st.data(), how=st.sampled_from(["delete", "flip", "stale", "copy", "replay"]))
+    @precondition(lambda self: bool(self.done_units()))
+    @rule(data=st.data(), how=st.sampled_from(["delete", "flip", "edit", "stale", "copy", "forge"]))
     def damage_record(self, data: st.DataObject, how: str) -> None:
-        """A done record: deleted (the unit is no longer done), a bit or byte flipped, rewritten as if under other
-        model settings (its own sha256 made right), another unit's copied over it, or an older record of this unit
-        put back (the last two onto a unit not done too: a record no writer made)."""
-        if how in ("delete", "flip", "stale"):
-            targets = self.done_units()
+        """A done record: deleted (the unit is then not done), a bit or byte flipped, edited (valid JSON, its own
+        sha256 left as it was), rewritten as if under other model settings (its own sha256 made right), or another
+        unit's copied over it. Or forged: a record put where a unit is not done (another unit's, or an older one
+        of its own, as a restore from a backup would put it), which makes the unit done."""
+        if how == "forge":
+            targets = self.pending()
         elif how == "copy":
-            targets = [u for u in range(UNITS) if any(v != u for v in self.done_units())]
+            targets = self.done_units() if len(self.done_units()) > 1 else []
+        elif how in ("edit", "stale"):
+            targets = [u for u in self.done_units() if self.record_intact(u)]  # a record that parses
         else:
-            targets = [u for u in range(UNITS) if self.records[u]]
+            targets = self.done_units()
         if not targets:
             return
         u = data.draw(st.sampled_from(targets), label="unit")
@@ -318,6 +340,11 @@ class StoreMachine(RuleBasedStateMachine):
         elif how == "flip":  # a flipped bit can leave valid JSON: only the record's own sha256 catches it
             assert old
             new = _flipped(data, old)
+        elif how == "edit":  # a field nothing else checks: only the record's own sha256 catches it
+            assert old
+            doc = json.loads(old)
+            doc["writer"] = f"{doc['writer']}-edited"
+            new = _canonical(doc)
         elif how == "stale":  # what a user who read the format could forge: other settings, the hash made right
             assert old
             doc = json.loads(old)
@@ -329,8 +356,10 @@ class StoreMachine(RuleBasedStateMachine):
             source = data.draw(st.sampled_from([v for v in self.done_units() if v != u]), label="source")
             new = self.objects[_record(source)]
         else:
-            new = data.draw(st.sampled_from(sorted(self.records[u])), label="old record")
-        event(f"damage record: {how}{'' if old else ' (unit not done)'}")
+            records = sorted(self.records[u]) + [self.objects[_record(v)] for v in self.done_units()]
+            new = data.draw(st.sampled_from(records), label="record")
+            event(f"damage record: forge ({'own older' if new in self.records[u] else 'another unit'}'s)")
+        event(f"damage record: {how}")
         self._put(_record(u), new)
 
     # -- verify, repair, read -----------------------------------------------------------------------------------------
@@ -344,14 +373,17 @@ class StoreMachine(RuleBasedStateMachine):
         assert all(p.model == "m" for p in report.problems), report.problems
         return report
 
+    @precondition(lambda self: bool(self.damaged()))
     @rule()
     def repair(self) -> None:
-        """``verify --reset-damaged``: reset every unit verify lists; they are pending and clean again."""
-        report = self._verify()
-        for u in report.damaged_units().get("m", []):
-            self.writer.reset_unit(self.units[u])
+        """``hrsa store verify --reset-damaged``: exit 1, and every damaged unit is reset, pending and clean again
+        (its shards, record and claims gone: ``objects_match`` checks what it deleted, and nothing else)."""
+        damaged = self.damaged()
+        result = CliRunner().invoke(cli, ["store", "verify", self.url, "--reset-damaged"])
+        assert result.exit_code == 1, result.output
+        assert f"reset {len(damaged)} damaged unit(s) of m" in result.stdout, result.output
+        for u in damaged:
             self._reset(u)
-        assert not self.damaged()
 
     @rule(allow_incomplete=st.booleans())
     def read(self, allow_incomplete: bool) -> None:
@@ -404,7 +436,7 @@ class StoreMachine(RuleBasedStateMachine):
     def verify_matches(self) -> None:
         """``verify`` names exactly the damaged units and the pending ones (run after every step that changed the
         store; a read or a refused write changes nothing, which ``objects_match`` checks)."""
-        state = (tuple(self.objects.items()), tuple((u, tuple(a)) for u, a in self.claims.items()))
+        state = tuple(self.objects.items())
         if state != self.verified:
             self._verify()
             self.verified = state
@@ -413,11 +445,14 @@ class StoreMachine(RuleBasedStateMachine):
     def objects_match(self) -> None:
         """Every shard and record key holds exactly the model's bytes, and nothing else is under the model: a write
         refused (done, or held by another writer) wrote nothing."""
+        root = Path(self.url)  # a local store's objects are its files: read here directly, for speed
         for key, expected in self.objects.items():
-            assert get_bytes(self.raw, key) == expected, key
+            path = root / key
+            assert (path.read_bytes() if path.is_file() else None) == expected, key
         claims = {_claim(u, a) for u, attempts in self.claims.items() for a in attempts}
         present = {key for key, value in self.objects.items() if value is not None}
-        assert {f"models/m/{key}" for key in list_keys(self.raw, "models/m")} == self.metadata | present | claims
+        listed = {path.relative_to(root).as_posix() for path in (root / "models/m").rglob("*") if path.is_file()}
+        assert listed == self.metadata | present | claims
 
 
 TestStore = StoreMachine.TestCase
