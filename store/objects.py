@@ -148,7 +148,10 @@ def ensure_group(store: Store, path: str) -> zarr.Group:
     """The group at ``path``, created if absent; never deleting what is under it."""
     import zarr
 
-    return zarr.open_group(store, path=path, mode="a")
+    try:
+        return zarr.open_group(store, path=path, mode="a")
+    except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError):  # created by another process between
+        return zarr.open_group(store, path=path, mode="r+")                   # Zarr's check and its write
 
 
 def ensure_array(group: zarr.Group, name: str, **spec: Any) -> zarr.Array:

@@ -136,7 +136,8 @@ class StoreMachine(RuleBasedStateMachine):
         self.holder: dict[int, Any] = {}  # unit -> "first" or the second writer's Claim: the live claim on it
         self.second_taken: list[Any] = []  # every claim the second writer took (the older ones stale)
         self.records: dict[int, set[bytes]] = {u: set() for u in range(UNITS)}  # every done record written for u
-        self.verified: Any = None  # the model's state at the last verify
+        self.verified: Any = None  # the model's state at the last verify, and at the last read
+        self.last_read: Any = None
         self.by_intact = {data: key for key, data in self.intact.items()}  # an intact shard's bytes -> (k, u)
         assert len(self.by_intact) == len(self.intact)
 
@@ -144,6 +145,10 @@ class StoreMachine(RuleBasedStateMachine):
         shutil.rmtree(self.root, ignore_errors=True)
 
     # -- what the model says ---------------------------------------------------------------------------------------
+    def state(self) -> tuple[bytes | None, ...]:
+        """What verify and reads depend on: the bytes of every shard and record."""
+        return tuple(self.objects.values())
+
     def done(self, u: int) -> bool:
         return self.objects[_record(u)] is not None
 
@@ -240,6 +245,7 @@ class StoreMachine(RuleBasedStateMachine):
             self.holder[u] = "first"  # its claim stays, live for its lease, after the unit is done
             self._written(u, attempt)
 
+    @precondition(lambda self: bool(self.pending()))
     @rule()
     def write_pending(self) -> None:
         """What an extraction worker does (fill_model): write every unit the listing says is pending."""
@@ -397,12 +403,17 @@ class StoreMachine(RuleBasedStateMachine):
         for u in damaged:
             self._reset(u)
 
-    @rule(allow_incomplete=st.booleans())
-    def read(self, allow_incomplete: bool) -> None:
-        """Every hidden state, as a user reads it. A layer reads only when every done unit's record is intact and
-        its shard of that layer is the recorded one; never fill values or another unit's rows for a done unit."""
+    @precondition(lambda self: self.state() != self.last_read)  # the same bytes read the same: no step wasted
+    @rule()
+    def read(self) -> None:
+        """Every hidden state, as a user reads it, and with ``allow_incomplete`` when units are pending. A layer reads
+        only when every done unit's record is intact and its shard of that layer is the recorded one; never fill
+        values or another unit's rows for a done unit."""
+        self.last_read = self.state()
         for k in range(LAYERS):
-            self._read(k, allow_incomplete)
+            self._read(k, allow_incomplete=False)
+            if self.pending():
+                self._read(k, allow_incomplete=True)
 
     def _read(self, k: int, allow_incomplete: bool) -> None:
         def read() -> np.ndarray:
@@ -448,10 +459,9 @@ class StoreMachine(RuleBasedStateMachine):
     def verify_matches(self) -> None:
         """``verify`` names exactly the damaged units and the pending ones (run after every step that changed the
         store; a read or a refused write changes nothing, which ``objects_match`` checks)."""
-        state = tuple(self.objects.items())
-        if state != self.verified:
+        if self.state() != self.verified:
             self._verify()
-            self.verified = state
+            self.verified = self.state()
 
     @invariant()
     def objects_match(self) -> None:
