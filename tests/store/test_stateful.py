@@ -48,6 +48,10 @@ SHARD_TOKENS = 256
 N_TOKENS = 1000
 
 
+DAMAGE = [*(f"shard:{how}" for how in ("delete", "empty", "truncate", "flip", "copy")),
+          *(f"record:{how}" for how in ("flip", "edit", "stale", "copy", "delete", "forge"))]  # see _damage
+
+
 def _range(u: int) -> tuple[int, int]:
     return u * SHARD_TOKENS, min((u + 1) * SHARD_TOKENS, N_TOKENS)
 
@@ -193,11 +197,15 @@ class StoreMachine(RuleBasedStateMachine):
         return None  # same size, bytes changed: the chunk's crc32c (or the shard index's) fails
 
     # -- initial state ---------------------------------------------------------------------------------------------
-    @initialize(units=st.lists(st.sampled_from(range(UNITS)), unique=True))
-    def start(self, units: list[int]) -> None:
-        """Start from an empty model, or from one where the writer has written some units, or all."""
+    @initialize(units=st.lists(st.sampled_from(range(UNITS)), unique=True), damage=st.lists(st.sampled_from(DAMAGE), max_size=2),
+                data=st.data())
+    def start(self, units: list[int], damage: list[str], data: st.DataObject) -> None:
+        """Start from an empty model, or from one where the writer has written some units, or all, maybe damaged
+        already (so that every kind of damage meets verify in most runs)."""
         for u in units:
             self._write_first(u)
+        for kind in damage:
+            self._damage(data, kind)
 
     def _unit(self, data: st.DataObject) -> int:
         """A unit, its kind drawn first (done or not, held by a live claim or not, with claims or none), so that rare
@@ -273,10 +281,17 @@ class StoreMachine(RuleBasedStateMachine):
             self.second = ActivationStore.open(self.url, mode="a").writer("m")
         return self.second
 
-    @rule(data=st.data())
-    def second_claims(self, data: st.DataObject) -> None:
+    @rule(data=st.data(), write=st.booleans())
+    def second_writer(self, data: st.DataObject, write: bool) -> None:
+        """The second writer claims a unit, or writes one with a claim it took (one rule, so that both happen in a
+        run: the write is what tests the claim)."""
+        if write and self.second_taken:
+            self._second_writes(data.draw(st.sampled_from(self.second_taken), label="claim"))
+        else:
+            self._second_claims(self._unit(data))
+
+    def _second_claims(self, u: int) -> None:
         """A claim is taken only on a unit not done and held by no live claim; then the first writer skips it."""
-        u = self._unit(data)
         expected = not self.done(u) and u not in self.holder
         attempt = self._next_attempt(u)
         claim = self._second().claim(self.units[u])
@@ -287,15 +302,14 @@ class StoreMachine(RuleBasedStateMachine):
             self.holder[u] = claim
             self.second_taken.append(claim)
 
-    @precondition(lambda self: bool(self.second_taken))
-    @rule(data=st.data())
-    def second_writes(self, data: st.DataObject) -> None:
-        """The second writer writes a unit with a claim it took: only while that claim is the live one and the
-        unit is not done (a reset deletes claims, and a later claim of the same attempt has another token; a record
-        put there makes it done)."""
-        claim = data.draw(st.sampled_from(self.second_taken), label="claim")
+    def _second_writes(self, claim: Any) -> None:
+        """A write with a claim the second writer took: only while that claim is the live one and the unit is not
+        done (a reset deletes claims, and a later claim of the same attempt has another token; a record put there
+        makes the unit done)."""
         u = claim.unit
         expected = self.holder.get(u) is claim and not self.done(u)
+        event(f"second writer writes: {'with its live claim' if self.holder.get(u) is claim else 'with a stale claim'}"
+              f"{', unit done' if self.done(u) else ''}")
         assert self._second().write_unit(self.units[u], self._values(u), claim=claim) is expected
         if expected:
             self._written(u, claim.attempt)
@@ -308,80 +322,85 @@ class StoreMachine(RuleBasedStateMachine):
             put_bytes(self.raw, key, data)
         self.objects[key] = data
 
-    @precondition(lambda self: any(self.objects[_shard(k, u)] for u in self.done_units() for k in range(LAYERS)))
-    @rule(data=st.data(), how=st.sampled_from(["delete", "empty", "truncate", "flip", "copy"]))
-    def damage_shard(self, data: st.DataObject, how: str) -> None:
-        """A done unit's shard object: deleted, emptied, cut to half, a byte flipped, or another one copied over it."""
-        targets = [(u, k) for u in self.done_units() for k in range(LAYERS) if self.objects[_shard(k, u)]]
-        u, k = data.draw(st.sampled_from(targets), label="unit, layer")
-        old = self.objects[_shard(k, u)]
-        assert old
-        if how == "delete":
-            new = None
-        elif how == "empty":
-            new = b""
-        elif how == "truncate":
-            new = old[: len(old) // 2]
-        elif how == "flip":
-            new = _flipped(data, old)
-        else:
-            sources = [key for key, value in self.objects.items() if "/hidden/" in key and value and key != _shard(k, u)]
-            if not sources:
-                return
-            new = self.objects[data.draw(st.sampled_from(sources), label="source")]
-            if new is not None and len(new) == len(self.intact[(k, u)]) and new in self.by_intact and new != old:
-                event("same-size intact shard copied over another")
-        event(f"damage shard: {how}")
-        self._put(_shard(k, u), new)
+    def _damage(self, data: st.DataObject, kind: str) -> None:
+        """Damage one unit the way ``kind`` says (nothing when no unit is in a state to take it):
 
-    @precondition(lambda self: bool(self.done_units()))
-    @rule(data=st.data(), how=st.sampled_from(["delete", "flip", "edit", "stale", "copy", "forge"]))
+        - ``shard:delete``, ``shard:empty``, ``shard:truncate`` (to half): a done unit's shard object, changed in size;
+        - ``shard:flip`` (a bit or a byte), ``shard:copy`` (another shard object over it, of the same size or not):
+          its bytes changed, which only verify's sha256 catches in general;
+        - ``record:flip`` (a bit or a byte), ``record:edit`` (valid JSON, its own sha256 left as it was),
+          ``record:stale`` (as if under other model settings, its own sha256 made right), ``record:copy`` (another
+          unit's): a done record no longer the one written for it;
+        - ``record:delete``: the unit is then not done, its shards left behind; ``record:forge``: a record put where a
+          unit is not done (another unit's, or an older one of its own as a restore from a backup would put back),
+          which makes the unit done, intact only if its shards are the ones that record lists.
+        """
+        what, how = kind.split(":")
+        done = self.done_units()
+        if what == "shard":
+            targets = [(u, k) for u in done for k in range(LAYERS) if self.objects[_shard(k, u)]]
+            if not targets:
+                return
+            u, k = data.draw(st.sampled_from(targets), label="unit, hidden state")
+            key, old = _shard(k, u), self.objects[_shard(k, u)]
+            assert old
+            if how == "copy":
+                sources = [key for key, value in self.objects.items() if "/hidden/" in key and value and key != _shard(k, u)]
+                new = self.objects[data.draw(st.sampled_from(sources), label="source")]  # unit u's other shards at least
+                if new in self.by_intact and len(new) == len(self.intact[(k, u)]) and new != old:  # type: ignore[arg-type]
+                    event("damage: an intact shard of the same size copied over")
+            else:
+                new = {"delete": None, "empty": b"", "truncate": old[: len(old) // 2]}.get(how) if how != "flip" else _flipped(data, old)
+        elif how == "forge":
+            if not self.pending() or not done:
+                return
+            u = data.draw(st.sampled_from(self.pending()), label="unit")
+            key = _record(u)
+            new = data.draw(st.sampled_from(sorted(self.records[u]) + [self.objects[_record(v)] for v in done]), label="record")
+        else:
+            targets = {"copy": done if len(done) > 1 else [], "edit": [u for u in done if self.record_intact(u)],
+                       "stale": [u for u in done if self.record_intact(u)]}.get(how, done)  # edit, stale: one that parses
+            if not targets:
+                return
+            u = data.draw(st.sampled_from(targets), label="unit")
+            key, old = _record(u), self.objects[_record(u)]
+            assert old
+            if how == "delete":
+                new = None
+            elif how == "flip":  # a flipped bit can leave valid JSON: only the record's own sha256 catches it then
+                new = _flipped(data, old)
+            elif how == "copy":
+                new = self.objects[_record(data.draw(st.sampled_from([v for v in done if v != u]), label="source"))]
+            else:
+                doc = json.loads(old)
+                if how == "edit":  # a field nothing else checks: only the record's own sha256 catches it
+                    doc["writer"] = f"{doc['writer']}-edited"
+                else:  # stale: what a user who read the format could forge, the record's hash made right
+                    del doc["record_sha256"]
+                    doc["settings"] = "0" * 32
+                    doc["record_sha256"] = _sha(_canonical(doc))
+                new = _canonical(doc)
+        event(f"damage: {kind}")
+        self._put(key, new)
+
+    @rule(data=st.data(), how=st.sampled_from(["delete", "empty", "truncate"]))
+    def damage_shard_size(self, data: st.DataObject, how: str) -> None:
+        self._damage(data, f"shard:{how}")
+
+    @rule(data=st.data(), how=st.sampled_from(["flip", "copy"]))
+    def damage_shard_bytes(self, data: st.DataObject, how: str) -> None:
+        self._damage(data, f"shard:{how}")
+
+    @rule(data=st.data(), how=st.sampled_from(["flip", "edit", "stale", "copy"]))
     def damage_record(self, data: st.DataObject, how: str) -> None:
-        """A done record: deleted (the unit is then not done), a bit or byte flipped, edited (valid JSON, its own
-        sha256 left as it was), rewritten as if under other model settings (its own sha256 made right), or another
-        unit's copied over it. Or forged: a record put where a unit is not done (another unit's, or an older one
-        of its own, as a restore from a backup would put it), which makes the unit done."""
-        if how == "forge":
-            targets = self.pending()
-        elif how == "copy":
-            targets = self.done_units() if len(self.done_units()) > 1 else []
-        elif how in ("edit", "stale"):
-            targets = [u for u in self.done_units() if self.record_intact(u)]  # a record that parses
-        else:
-            targets = self.done_units()
-        if not targets:
-            return
-        u = data.draw(st.sampled_from(targets), label="unit")
-        old = self.objects[_record(u)]
-        if how == "delete":
-            new = None
-        elif how == "flip":  # a flipped bit can leave valid JSON: only the record's own sha256 catches it
-            assert old
-            new = _flipped(data, old)
-        elif how == "edit":  # a field nothing else checks: only the record's own sha256 catches it
-            assert old
-            doc = json.loads(old)
-            doc["writer"] = f"{doc['writer']}-edited"
-            new = _canonical(doc)
-        elif how == "stale":  # what a user who read the format could forge: other settings, the hash made right
-            assert old
-            doc = json.loads(old)
-            del doc["record_sha256"]
-            doc["settings"] = "0" * 32
-            doc["record_sha256"] = _sha(_canonical(doc))
-            new = _canonical(doc)
-        elif how == "copy":
-            source = data.draw(st.sampled_from([v for v in self.done_units() if v != u]), label="source")
-            new = self.objects[_record(source)]
-        else:
-            records = sorted(self.records[u]) + [self.objects[_record(v)] for v in self.done_units()]
-            new = data.draw(st.sampled_from(records), label="record")
-            event(f"damage record: forge ({'own older' if new in self.records[u] else 'another unit'}'s)")
-        event(f"damage record: {how}")
-        self._put(_record(u), new)
+        self._damage(data, f"record:{how}")
+
+    @rule(data=st.data(), how=st.sampled_from(["delete", "forge"]))
+    def lose_or_forge_record(self, data: st.DataObject, how: str) -> None:
+        self._damage(data, f"record:{how}")
 
     # -- verify, repair, read -----------------------------------------------------------------------------------------
-    def _verify(self) -> Any:
+    def _verify(self) -> None:
         report = verify_store(self.store)
         damaged = self.damaged()
         event(f"verify: {'damaged' if damaged else 'incomplete' if self.pending() else 'ok'}")
@@ -389,7 +408,6 @@ class StoreMachine(RuleBasedStateMachine):
         assert report.incomplete_units == ({"m": self.pending()} if self.pending() else {})
         assert report.ok is (not damaged and not self.pending()), report.problems
         assert all(p.model == "m" for p in report.problems), report.problems
-        return report
 
     @precondition(lambda self: bool(self.damaged()))
     @rule()
