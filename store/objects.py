@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import zarr
     from zarr.abc.store import Store
 
-__all__ = ["ensure_array", "ensure_group", "create_if_absent", "check_create_if_absent", "get_bytes", "put_bytes", "list_keys", "object_size", "delete_key", "delete_prefix"]
+__all__ = ["ensure_array", "ensure_group", "create_if_absent", "check_create_if_absent", "get_buffer", "get_bytes", "put_bytes", "list_keys", "object_size", "delete_key", "delete_prefix"]
 
 
 def _sync(coroutine):  # type: ignore[no-untyped-def]
@@ -34,11 +34,16 @@ def _buffer(data: bytes):  # type: ignore[no-untyped-def]
     return cpu.Buffer.from_bytes(data)
 
 
-def get_bytes(store: Store, key: str) -> bytes | None:
-    """The object's bytes, or None when there is none."""
+def get_buffer(store: Store, key: str) -> Any:
+    """The object as a Zarr CPU buffer (no copy of its bytes), or None when there is none."""
     from zarr.core.buffer import default_buffer_prototype
 
-    buffer = _sync(store.get(key, prototype=default_buffer_prototype()))
+    return _sync(store.get(key, prototype=default_buffer_prototype()))
+
+
+def get_bytes(store: Store, key: str) -> bytes | None:
+    """The object's bytes, or None when there is none."""
+    buffer = get_buffer(store, key)
     return None if buffer is None else buffer.to_bytes()
 
 

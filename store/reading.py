@@ -1,39 +1,135 @@
 """Reading a hidden state through Zarr without trusting what is (not) there.
 
-:class:`CheckedArray` is what :meth:`ActivationStore.hidden_state` wraps in Dask: a done unit's missing or empty
-shard is an error (Zarr would read its fill values, zeros, as data), and a checksum failure names the fix.
+:class:`CheckedArray` is what :meth:`ActivationStore.hidden_state` wraps in Dask. A done unit's shard is decoded
+only from bytes whose checksum (xxh3 of the whole object) is the one its done record lists: Zarr would read a missing shard's fill values
+(zeros) as data, and another shard of the same byte count (a copy, a restore of the wrong file) as this one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
+from zarr.storage import WrapperStore
 
 from hrsa.store.errors import CorruptDataError
 from hrsa.store.format import as_logical
-from hrsa.store.units import checked_record, shard_problem
+from hrsa.store.objects import get_buffer
+from hrsa.store.unit_records import ShardRecord
+from hrsa.store.units import checked_record, shard_key
 
 if TYPE_CHECKING:
     import zarr
+    from zarr.abc.store import ByteRequest
+    from zarr.core.buffer import Buffer, BufferPrototype
 
 __all__ = ["CheckedArray"]
 
+_CACHED_SHARDS = 4  # verified shard objects kept per array: Dask blocks smaller than a shard each cost no GET
+
+
+class _ShardMismatch(Exception):
+    """A shard object that is not the bytes its done record lists."""
+
+
+class _VerifiedShards(WrapperStore):  # type: ignore[type-arg]
+    """A store that serves each listed shard object from one whole-object GET whose size and xxh3 match.
+
+    Zarr's sharding codec asks for byte ranges (the index, then each inner chunk); every range of a listed key is
+    cut from verified bytes, so nothing decoded was not checked first. Other keys (metadata, shards of units not
+    done) pass through. :meth:`load` fetches and checks a shard in the reading thread, once however many Dask
+    blocks of it are read at once; a shard evicted meanwhile is fetched and checked again here.
+    """
+
+    def __init__(self, store: Any, expected: dict[str, ShardRecord]) -> None:
+        super().__init__(store)
+        self._expected = expected  # shared with the CheckedArray that fills it from the done records
+        self._cache: OrderedDict[str, Buffer] = OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}
+
+    def _with_store(self, store: Any) -> _VerifiedShards:
+        return type(self)(store, self._expected)
+
+    def __getstate__(self) -> dict[str, Any]:  # pickled to Dask or Ray workers: no locks, no cached bytes
+        return {"_store": self._store, "_expected": self._expected}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["_store"], state["_expected"])  # type: ignore[misc]
+
+    def load(self, key: str) -> None:
+        """Fetch and check shard ``key`` unless it is cached. Raises _ShardMismatch."""
+        with self._lock:
+            loading = self._loading.setdefault(key, threading.Lock())
+        with loading:
+            if self._cached(key) is None:
+                self._remember(key, _checked(key, get_buffer(self._store, key), self._expected[key]))
+
+    async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
+        expected = self._expected.get(key)
+        if expected is None:
+            return await self._store.get(key, prototype, byte_range)
+        buffer = self._cached(key)
+        if buffer is None:
+            buffer = await asyncio.to_thread(_checked, key, await self._store.get(key, prototype), expected)
+            self._remember(key, buffer)
+        return _cut(buffer, byte_range)
+
+    def _cached(self, key: str) -> Buffer | None:
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+            return self._cache.get(key)
+
+    def _remember(self, key: str, buffer: Buffer) -> None:
+        with self._lock:
+            self._cache[key] = buffer
+            while len(self._cache) > _CACHED_SHARDS:
+                self._cache.popitem(last=False)
+
+
+def _checked(key: str, buffer: Buffer | None, expected: ShardRecord) -> Buffer:
+    """``buffer`` if it holds the shard object ``expected`` lists (size and whole-object xxh3), hashed in place.
+    Raises _ShardMismatch."""
+    problem = expected.read_problem(None if buffer is None else memoryview(buffer.as_numpy_array()))
+    if problem or buffer is None:
+        raise _ShardMismatch(key, problem)
+    return buffer
+
+
+def _cut(buffer: Buffer, byte_range: ByteRequest | None) -> Buffer:
+    """The bytes of ``buffer`` a byte range asks for, as a view."""
+    size = len(buffer)
+    if byte_range is None:
+        return buffer
+    if isinstance(byte_range, RangeByteRequest):
+        return buffer[byte_range.start : byte_range.end]
+    if isinstance(byte_range, OffsetByteRequest):
+        return buffer[byte_range.offset :]
+    if isinstance(byte_range, SuffixByteRequest):
+        return buffer[max(0, size - byte_range.suffix) :]
+    raise TypeError(f"Unexpected byte range {byte_range!r}")
+
 
 class CheckedArray:
-    """A Zarr array seen in the model's dtype, whose checksum failures name the fix.
+    """A Zarr array seen in the model's dtype, read only through done records and verified shard bytes.
 
     Dask indexes it like an array (``from_array``); it pickles, so Ray workers can read from it.
     """
 
     def __init__(self, array: zarr.Array, dtype: str, where: str, *, done: np.ndarray, shard_tokens: int,
                  model_prefix: str, layer: int, settings: str) -> None:
-        self._array, self._dtype, self._where = array, dtype, where
+        self._stored, self._dtype, self._where = array, dtype, where
         self._done, self._shard_tokens = done, shard_tokens
         self._model_prefix, self._layer, self._settings = model_prefix, layer, settings
-        self._present: set[int] = set()  # done shards already seen in the store: a shard is looked up once
-        self._lock = threading.Lock()  # Dask's threads read blocks of one shard at once: one of them looks it up
+        self._expected: dict[str, ShardRecord] = {}  # done shards whose record was read: a record is read once
+        self._shards = _VerifiedShards(array.store_path.store, self._expected)
+        self._array = _through(array, self._shards)
+        self._lock = threading.Lock()  # Dask's threads read blocks of one shard at once: one of them reads its record
         self.shape, self.ndim = array.shape, array.ndim
         self.dtype = as_logical(np.empty(0, array.dtype), dtype).dtype
 
@@ -45,44 +141,52 @@ class CheckedArray:
             return np.arange(start // self._shard_tokens, -(-stop // self._shard_tokens))
         return np.unique(np.asarray(rows).reshape(-1) // self._shard_tokens)
 
-    def _check_shards(self, selection: Any) -> None:
-        """A done unit's record must be intact and of this model's settings, its shard present and of the recorded
-        size: Zarr would read a missing shard as zeros.
+    def _check_records(self, selection: Any) -> list[str]:
+        """Each done unit the selection touches must have an intact record of this model's settings listing its
+        shard of this hidden state; the record's size and sha256 are then what the shard's bytes must match.
 
-        One record read and one stat (one GET and one HEAD on S3) per shard, the first time a read touches it
-        (Dask reads a shard in several blocks when its chunks are smaller than a shard). Content hashes are
-        verify's job; reads rely on each chunk's crc32c.
+        One record read per shard (one GET on S3), the first time a read touches it. Returns the done shards' keys.
         """
-        unseen = [u for u in self._units(selection).tolist() if self._done[u] and u not in self._present]
-        if not unseen:
-            return
+        done = [u for u in self._units(selection).tolist() if self._done[u]]
+        unseen = [u for u in done if shard_key(self._stored, u) not in self._expected]
         with self._lock:
             for u in unseen:
-                if u in self._present:
+                key = shard_key(self._stored, u)
+                if key in self._expected:
                     continue
                 try:
-                    record = checked_record(self._array.store_path.store, self._model_prefix, u, self._settings)
-                    problem = shard_problem(self._array, self._model_prefix, self._layer, record, content=False)
+                    record = checked_record(self._stored.store_path.store, self._model_prefix, u, self._settings)
                 except ValueError as error:
-                    problem = str(error)
-                if problem:
-                    raise CorruptDataError(
-                        f"Expected an intact shard {u} in {self._where} (its unit is done). Got: {problem}. "
-                        "Run `hrsa store verify --reset-damaged` to list and reset the damaged units, then re-extract them."
-                    )
-                self._present.add(u)
+                    raise self._damaged(u, str(error)) from None
+                shard = record.shards.get(self._layer)
+                if shard is None or f"{self._model_prefix}/{shard.key}" != key:
+                    raise self._damaged(u, f"done record lists no shard of hidden state {self._layer} at {key}")
+                self._expected[key] = shard
+        return [shard_key(self._stored, u) for u in done]
+
+    def _damaged(self, unit: int, problem: str) -> CorruptDataError:
+        return CorruptDataError(
+            f"Expected an intact shard {unit} in {self._where} (its unit is done). Got: {problem}. "
+            "Run `hrsa store verify --reset-damaged` to list and reset the damaged units, then re-extract them."
+        )
 
     def __getstate__(self) -> dict[str, Any]:  # pickled to Ray or Dask workers: a lock does not travel
-        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_array", "_shards")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._shards = _VerifiedShards(self._stored.store_path.store, self._expected)
+        self._array = _through(self._stored, self._shards)
         self._lock = threading.Lock()
 
     def __getitem__(self, selection: Any) -> np.ndarray:
-        self._check_shards(selection)
         try:
+            for key in self._check_records(selection):
+                self._shards.load(key)
             return as_logical(self._array[selection], self._dtype)
+        except _ShardMismatch as error:
+            key, problem = error.args
+            raise self._damaged(int(key.split("/")[-2]), problem) from None
         except ValueError as error:
             if "checksum" not in str(error):
                 raise
@@ -90,3 +194,14 @@ class CheckedArray:
                 f"Expected intact chunks in {self._where}. Got a checksum mismatch instead ({error}). "
                 "Run `hrsa store verify` to list the damaged shards, then re-extract them."
             ) from error
+
+
+def _through(array: zarr.Array, store: Any) -> zarr.Array:
+    """``array`` read through ``store`` (a wrapper of its own store)."""
+    import zarr
+    from zarr.core.array import AsyncArray
+    from zarr.storage import StorePath
+
+    inner = AsyncArray(metadata=array.metadata, store_path=StorePath(store, array.store_path.path),
+                       config=array.async_array.config)
+    return zarr.Array(inner)

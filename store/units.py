@@ -6,7 +6,7 @@ The protocol (store format 2; the records are :mod:`hrsa.store.unit_records`):
    once attempt n has expired). Exactly one writer holds a unit; the others skip it.
 2. It computes the unit, checks it still holds the claim and no done record exists, and writes every stored
    hidden state's shard object whole, hashing the bytes as they go to the store.
-3. It creates ``done/<unit>``, the unit's manifest (keys, byte counts, sha256 of each shard, the model's
+3. It creates ``done/<unit>``, the unit's manifest (keys, byte counts, sha256 and xxh3 of each shard, the model's
    settings), with create-if-absent. The record is what makes the unit count, so a writer killed at any
    instant before leaves the unit not done, and its claim expires; a done record always lists shards that were
    whole when it was written. Verify hashes the shards against it, so any later change is caught.
@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,7 +31,7 @@ from hrsa.store.objects import (
     create_if_absent, delete_key, delete_prefix, get_bytes, list_keys, object_size, put_bytes,
 )
 from hrsa.store.unit_records import (
-    LEASE_S, Claim, DoneRecord, ShardRecord, claim_prefix, done_key, parse_done_units, settings_fingerprint, sha256,
+    LEASE_S, Claim, DoneRecord, ShardRecord, claim_prefix, done_key, parse_done_units, settings_fingerprint,
     writer_name,
 )
 
@@ -68,35 +68,17 @@ def checked_record(store: Any, model_prefix: str, unit: int, settings: str) -> D
     return record
 
 
-def shard_problem(array: zarr.Array, model_prefix: str, layer: int, record: DoneRecord, *, content: bool) -> str | None:
+def shard_problem(array: zarr.Array, model_prefix: str, layer: int, record: DoneRecord) -> str | None:
     """What is wrong with a done unit's shard of ``layer``, or None.
 
-    The shard object must be the one its record lists: present, of the recorded size and, with ``content``, of
-    the recorded sha256 (reading the object). Zarr reads a missing shard as fill values, so whoever trusts a done
-    unit asks this, never Zarr.
+    The shard object must be the one its record lists: present, of the recorded size and sha256 (reading the
+    object). Zarr reads a missing shard as fill values, so whoever trusts a done unit asks this, never Zarr.
     """
-    store = array.store_path.store
     shard = record.shards.get(layer)
     key = shard_key(array, record.unit)
     if shard is None or f"{model_prefix}/{shard.key}" != key:
         return f"done record lists no shard of hidden state {layer} at {key}"
-    if not content:
-        size = object_size(store, key)
-        return None if size == shard.size else _size_problem(size, shard.size)
-    data = get_bytes(store, key)
-    if data is None or len(data) != shard.size:
-        return _size_problem(None if data is None else len(data), shard.size)
-    if sha256(data) != shard.sha256:
-        return "shard object's sha256 differs from its done record (substituted, stale or damaged)"
-    return None
-
-
-def _size_problem(size: int | None, recorded: int) -> str:
-    if size is None:
-        return "shard object missing (Zarr would read fill values)"
-    if size == 0:
-        return "shard object empty (0 bytes)"
-    return f"shard object has {size} bytes, its done record {recorded}"
+    return shard.verify_problem(get_bytes(array.store_path.store, key))
 
 
 @dataclass(frozen=True)
@@ -113,17 +95,16 @@ class WorkUnit:
 
 
 def _hashing_store(store: Any) -> Any:
-    """A Zarr store that passes writes through and keeps (size, sha256) of every object written."""
+    """A Zarr store that passes writes through and keeps the record (size, sha256, xxh3) of every object written."""
     from zarr.storage import WrapperStore
 
     class HashingStore(WrapperStore):  # type: ignore[type-arg]
         def __init__(self, store: Any) -> None:
             super().__init__(store)
-            self.written: dict[str, tuple[int, str]] = {}
+            self.written: dict[str, ShardRecord] = {}
 
         async def set(self, key: str, value: Any) -> None:
-            data = value.to_bytes()
-            self.written[key] = (len(data), sha256(data))
+            self.written[key] = ShardRecord.of(key, value.to_bytes())
             await self._store.set(key, value)
 
     return HashingStore(store)
@@ -268,8 +249,7 @@ class ModelWriter:
             if unit.n_tokens < self.info.layout.shard_tokens:
                 delete_key(self._store, key)
             array[unit.start : unit.stop] = values
-            size, digest = hashing.written[key]
-            shards[k] = ShardRecord(key.removeprefix(self._prefix + "/"), size, digest)
+            shards[k] = replace(hashing.written[key], key=key.removeprefix(self._prefix + "/"))
         # Step 3: the done record, created once; it is what makes the unit count.
         record = DoneRecord(unit.index, unit.start, unit.stop, self.settings, shards, claim.attempt, writer_name())
         return create_if_absent(self._store, self._key(done_key(unit.index)), record.to_bytes())

@@ -18,7 +18,7 @@ from hrsa.store.format import ATTRS_KEY, FORMAT_VERSION
 from hrsa.store.model import hidden_key
 from hrsa.store.objects import create_if_absent, delete_prefix, get_bytes
 from hrsa.store.opening import open_root, stored_format
-from hrsa.store.unit_records import DoneRecord, ShardRecord, done_key, sha256
+from hrsa.store.unit_records import DoneRecord, ShardRecord, done_key
 from hrsa.store.units import ModelWriter, WorkUnit, shard_key
 
 __all__ = ["UpgradeReport", "upgrade_store"]
@@ -71,5 +71,5 @@ def _record_of_stored(writer: ModelWriter, group: Any, unit: WorkUnit) -> DoneRe
             array[unit.start : unit.stop]  # every chunk's crc32c
         except ValueError:
             return None
-        shards[k] = ShardRecord(key.removeprefix(prefix + "/"), len(data), sha256(data))
+        shards[k] = ShardRecord.of(key.removeprefix(prefix + "/"), data)
     return DoneRecord(unit.index, unit.start, unit.stop, writer.settings, shards, 0, "hrsa store upgrade")

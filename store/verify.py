@@ -123,7 +123,7 @@ def _verify_model(store: ActivationStore, info: ModelInfo, problems: list[Proble
             problems.append(Problem(f"models/{info.id}/done/{u} (tokens {start}:{stop})", str(error), model=info.id, unit=u))
             continue
         for k, array in arrays.items():
-            problem = shard_problem(array, prefix, k, record, content=True)
+            problem = shard_problem(array, prefix, k, record)
             if problem:
                 where = f"models/{info.id}/{hidden_key(k)} shard {u} (tokens {start}:{stop})"
                 problems.append(Problem(where, problem, model=info.id, unit=u))

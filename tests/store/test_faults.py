@@ -217,7 +217,8 @@ def test_a_unit_of_zeros_is_stored_not_skipped(target: Target) -> None:
 
 
 def test_a_substituted_shard_of_the_same_size_is_caught_by_its_hash(target: Target) -> None:
-    """Uncompressed, every full shard has the same size: only the recorded sha256 tells unit 1's shard from unit 0's."""
+    """Uncompressed, every full shard has the same size: only the recorded sha256 tells unit 1's shard from unit 0's.
+    Verify names it, and reads refuse it, whole or in blocks smaller than a shard (each read once, then cut)."""
     store = target.open("a")
     new_model(store, "m", codec="none")
     fill_model(store, "m")
@@ -226,6 +227,34 @@ def test_a_substituted_shard_of_the_same_size_is_caught_by_its_hash(target: Targ
     report = verify_store(store)
     assert report.damaged_units() == {"m": [0]}
     assert [p.what for p in report.problems] == ["shard object's sha256 differs from its done record (substituted, stale or damaged)"]
+    block = store.model_info("m").layout.shard_tokens // 4
+    for chunk_tokens in (None, block):
+        with pytest.raises(CorruptDataError, match=r"shard 0 .*xxh3 differs from its done record"):
+            store.hidden_state("m", 2, chunk_tokens=chunk_tokens).compute()
+    shard_tokens = store.model_info("m").layout.shard_tokens  # the other units and hidden states read as written
+    assert np.array_equal(store.hidden_state("m", 2)[shard_tokens:].compute(), expected_layer(store, "m", 2)[shard_tokens:])
+    assert np.array_equal(store.hidden_state("m", 1).compute(), expected_layer(store, "m", 1))
+
+
+def test_records_without_xxh3_are_read_by_their_sha256(target: Target) -> None:
+    """Done records written before the xxh3 was kept list only the sha256: reads then hash, and still refuse a
+    substituted shard."""
+    import dataclasses
+
+    store = target.open("a")
+    new_model(store, "m", codec="none")
+    fill_model(store, "m")
+    writer = store.writer("m")
+    for unit in writer.units():
+        record = writer.record(unit)
+        old = dataclasses.replace(record, shards={k: dataclasses.replace(s, xxh3=None) for k, s in record.shards.items()})
+        assert b"xxh3" in record.to_bytes() and b"xxh3" not in old.to_bytes()
+        _put(store, _record(unit.index), old.to_bytes())
+    assert verify_store(store).ok
+    assert np.array_equal(store.hidden_state("m", 2).compute(), expected_layer(store, "m", 2))
+    _swap(store)
+    with pytest.raises(CorruptDataError, match=r"shard 0 .*sha256 differs from its done record"):
+        store.hidden_state("m", 2).compute()
 
 
 # -- metadata: edited, half-created, garbage -------------------------------------------------------------------
@@ -338,9 +367,9 @@ def test_read_of_a_missing_shard_is_one_line_and_changes_nothing(target: Target,
 
 
 
-def test_a_shard_is_looked_up_once_however_many_blocks_read_it(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    # The record and size check sits on the read path: Dask blocks smaller than a shard must not each cost a GET
-    # and a HEAD on S3, and an index selection must look up only the shards its rows fall in.
+def test_a_shard_is_fetched_and_hashed_once_however_many_blocks_read_it(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    # The record and hash check sits on the read path: Dask blocks smaller than a shard must not each cost a record
+    # GET and a whole-shard GET on S3, and an index selection must look up only the shards its rows fall in.
     import hrsa.store.reading as reading
 
     store = _filled(Target(str(tmp_path / "store"), None, {}))
@@ -348,10 +377,17 @@ def test_a_shard_is_looked_up_once_however_many_blocks_read_it(monkeypatch: pyte
     looked: list[int] = []
     real = reading.checked_record
     monkeypatch.setattr(reading, "checked_record", lambda store, prefix, u, settings: looked.append(u) or real(store, prefix, u, settings))
+    import hrsa.store.unit_records as unit_records
+
+    hashed: list[int] = []
+    real_hash = unit_records.xxh3
+    monkeypatch.setattr(unit_records, "xxh3", lambda data: hashed.append(len(data)) or real_hash(data))
     block = info.layout.shard_tokens // 4
     values = store.hidden_state("m", 1, chunk_tokens=block).compute()
     assert np.array_equal(values, expected_layer(store, "m", 1))
     assert sorted(looked) == list(range(info.n_units))  # each shard once, not once per block
+    records = [store.writer("m").record(u) for u in store.writer("m").units()]
+    assert sorted(hashed) == sorted(r.shards[1].size for r in records)  # each whole shard object fetched and hashed once
     looked.clear()
     rows = np.array([1, info.layout.shard_tokens + 2])
     assert np.array_equal(store.hidden_state("m", 1).compute()[rows], values[rows])
