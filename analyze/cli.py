@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 __all__ = ["analyze"]
 
-_METAVARS = {"metrics": "LIST", "docs": "0,3,5-9", "positions": "A:B", "k": "5,10,50", "hidden_states": "0,6,12"}
+_METAVARS = {"metrics": "LIST", "docs": "0,3,5-9", "positions": "A:B", "k": "5,10,50", "hidden_states": "0,6,12", "fields": "LIST"}
 
 
 @click.command("analyze")
@@ -34,7 +34,7 @@ def analyze(config_file: Path | None, **flags: Any) -> None:
 
     from hrsa.analyze.config import load_config
     from hrsa.analyze.job import run_analysis
-    from hrsa.analyze.report.summary import summary_table
+    from hrsa.analyze.report.summary import alignment_line, summary_table
 
     config = load_config(config_file, flags)
     console = Console(stderr=True)
@@ -54,5 +54,7 @@ def analyze(config_file: Path | None, **flags: Any) -> None:
     for line in run.warnings:
         click.echo(f"hrsa: warning: {line}", err=True)
     Console().print(summary_table(run.saved.doc))
+    if alignment_line(run.saved.doc):
+        click.echo(alignment_line(run.saved.doc))
     click.echo(f"wrote {run.saved.json_path}" + "".join(f", {p.name}" for p in run.figures)
                + (f"; store: {run.saved.store_path}" if run.saved.store_path else ""))

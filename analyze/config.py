@@ -76,6 +76,9 @@ class AnalyzeConfig(BaseModel):
         None, description="Keep only these documents, e.g. 0,3,5-9 (indices into the corpus's document table).")
     positions: tuple[int, int] | None = Field(
         None, description="Keep only positions A:B inside each document (A included, B not), e.g. 1:512.")
+    fields: tuple[str, ...] | None = Field(
+        None, description="Keep only the tokens of these source fields, e.g. reasoning (chat markup and template "
+                          "text dropped): two models with different chat templates compare on the shared content.")
     save_rotation: bool = Field(False, description="Save Procrustes' rotation O* (D x D) of every matched layer.")
     # Defaults computed from the store: the description says what they are (no "[default]" can be generated).
     block_tokens: int | None = Field(
@@ -147,6 +150,11 @@ class AnalyzeConfig(BaseModel):
         except UserError as error:  # as a ValueError, so pydantic reports it with the other problems
             raise ValueError(str(error)) from None
         return str(value)
+
+    @field_validator("fields", mode="before")
+    @classmethod
+    def _split_fields(cls, value: Any) -> Any:
+        return tuple(f.strip() for f in value.split(",") if f.strip()) if isinstance(value, str) else value
 
     @field_validator("docs", mode="before")
     @classmethod

@@ -101,7 +101,7 @@ def _compare(store: ActivationStore, config: AnalyzeConfig, on_plan: Callable[[A
              on_block: OnBlock | None) -> PairResults:
     """:func:`analyze_pair` called with the config's settings."""
     selection = TokenSelection(exclude_special=config.exclude_special, exclude_first=config.exclude_first,
-                               positions=config.positions, docs=config.docs)
+                               positions=config.positions, docs=config.docs, fields=config.fields)
     knn_options = KnnOptions(ks=config.k, n_sample=config.knn_sample, seed=config.seed, search=config.knn_search,
                              hidden_states=config.hidden_states)
     probe_options = ProbeOptions(

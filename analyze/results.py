@@ -13,8 +13,10 @@ never change existing ones). NaN (a metric undefined on constant data) is writte
       "run_id": str,                        # also the store's results/<run_id>
       "a": str, "b": str,                   # model ids; A's states are the rows of every matrix
       "corpus": str, "n_tokens": int,       # tokens actually compared on, after the selection
+      "alignment": null | {"corpus_b": str, "aligned": int, "tokens_a": int, "tokens_b": int},
+                                            # B on another corpus: tokens aligned by content span, of each's selection
       "token_filter": {"exclude_special": bool, "exclude_first": bool, "positions": [a, b] | null,
-                       "docs": [int] | null, "tokens": [start, stop] | null},
+                       "fields": [str] | null, "docs": [int] | null, "tokens": [start, stop] | null},
       "hidden_states_a": [int],             # rows of every "matrix"
       "hidden_states_b": [int],             # columns of every "matrix"
       "matched_hidden_states": [int],       # k of A against k of B: every per-layer list follows these
@@ -132,6 +134,7 @@ def results_dict(results: PairResults, *, run_id: str, config: Mapping[str, Any]
         "b": results.b,
         "corpus": results.corpus,
         "n_tokens": results.n_tokens,
+        "alignment": dict(results.alignment) if results.alignment else None,
         "token_filter": results.selection.to_dict(),
         "hidden_states_a": list(results.hidden_states_a),
         "hidden_states_b": list(results.hidden_states_b),

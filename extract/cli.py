@@ -36,13 +36,19 @@ def extract(config_file: Path | None, **flags: Any) -> None:
     from hrsa.extract.job import run_extraction
 
     config = load_extract_config(config_file, flags)  # every problem at once, one line
-    with Progress(TextColumn("extracting"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"), TimeElapsedColumn()) as bar:
-        task = bar.add_task("extract", total=None)
+    bar = Progress(TextColumn("extracting"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"), TimeElapsedColumn())
+    task = bar.add_task("extract", total=None)
 
-        def advance(tokens: int, total: int) -> None:
-            bar.update(task, total=total, advance=tokens)
+    def advance(tokens: int, total: int) -> None:  # the bar shows once work starts: an error before stays one line
+        if not bar.live.is_started:
+            bar.start()
+        bar.update(task, total=total, advance=tokens)
 
+    try:
         result = run_extraction(config, on_progress=advance)
+    finally:
+        if bar.live.is_started:
+            bar.stop()
     nodes = f" on {', '.join(result.nodes)}" if result.nodes else ""
     others = f" ({result.units_by_others} by other extractions running at once)" if result.units_by_others else ""
     click.echo(f"{result.model_id}: {result.units_written} of {result.n_units} units written this run{nodes}{others}; "

@@ -10,7 +10,6 @@ the model saw it, followed by its reasoning.
 
 from __future__ import annotations
 
-import re
 import string
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -24,10 +23,7 @@ from hrsa.store.records import CorpusError, read_records
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["CorpusSpec", "load_records", "render_text", "tokenize_corpus", "special_token_ids"]
-
-_CHAT_FIELD = re.compile(r"\{chat:([A-Za-z0-9_]+)\}")
-
+__all__ = ["CorpusSpec", "Segment", "load_records", "render_spans", "render_text", "tokenize_corpus", "special_token_ids"]
 
 @dataclass(frozen=True)
 class CorpusSpec:
@@ -66,24 +62,78 @@ def load_records(spec: CorpusSpec) -> Iterator[dict[str, Any]]:
     return read_records(spec.source, id_field=spec.id_field, max_docs=spec.max_docs)
 
 
+@dataclass(frozen=True)
+class Segment:
+    """Characters ``start:stop`` of a rendered text are characters ``offset:`` of source field ``field``'s text.
+
+    A chat field's text is its messages' contents laid end to end: the template's role tags and markers around
+    them are markup, and each model may render them its own way.
+    """
+
+    field: str
+    start: int
+    stop: int
+    offset: int
+
+
 def render_text(record: Mapping[str, Any], spec: CorpusSpec, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
     """The one text of ``record`` that goes through the model."""
+    return render_spans(record, spec, tokenizer)[0]
+
+
+def render_spans(record: Mapping[str, Any], spec: CorpusSpec,
+                 tokenizer: PreTrainedTokenizerBase | None = None) -> tuple[str, list[Segment]]:
+    """The text of ``record`` and where each source field's characters are in it (the rest is markup)."""
     if spec.template is None:
         field = spec.text or "text"
         if field not in record:
             raise CorpusError(f"Expected a field {field!r} in every record. Got fields {sorted(record)} instead. Pick one with --text.")
-        return str(record[field])
-    chats = {}
-    for field in _CHAT_FIELD.findall(spec.template):
-        if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
-            raise CorpusError(f"Expected a tokenizer with a chat template for {{chat:{field}}}. Got none. Use a plain template.")
-        chats[field] = tokenizer.apply_chat_template(list(record[field]), tokenize=False, add_generation_prompt=True)
-    template = _CHAT_FIELD.sub(lambda m: "{__chat_" + m.group(1) + "}", spec.template)
-    values = {**record, **{f"__chat_{k}": v for k, v in chats.items()}}
-    missing = [f for _, f, _, _ in string.Formatter().parse(template) if f and f.split(".")[0] not in values]
-    if missing:
-        raise CorpusError(f"Expected fields {missing} used by the template in every record. Got fields {sorted(record)}.")
-    return template.format(**values)
+        text = str(record[field])
+        return text, [Segment(field, 0, len(text), 0)]
+    pieces: list[str] = []
+    segments: list[Segment] = []
+    at = 0
+    for literal, name, format_spec, conversion in string.Formatter().parse(spec.template):
+        pieces.append(literal)
+        at += len(literal)
+        if name is None:
+            continue
+        if name == "chat" and format_spec:  # {chat:FIELD}: Python's parser reads FIELD as a format spec
+            text, found = _chat(record, format_spec, tokenizer)
+            segments += [Segment(s.field, at + s.start, at + s.stop, s.offset) for s in found]
+        else:
+            if name.split(".")[0].split("[")[0] not in record:
+                missing = [f for _, f, fs, _ in string.Formatter().parse(spec.template)
+                           if f and not (f == "chat" and fs) and f.split(".")[0].split("[")[0] not in record]
+                raise CorpusError(f"Expected fields {missing} used by the template in every record. Got fields {sorted(record)}.")
+            text = string.Formatter().format("{" + name + (f"!{conversion}" if conversion else "") +
+                                             (f":{format_spec}" if format_spec else "") + "}", **record)
+            segments.append(Segment(name, at, at + len(text), 0))
+        pieces.append(text)
+        at += len(text)
+    return "".join(pieces), segments
+
+
+def _chat(record: Mapping[str, Any], field: str, tokenizer: PreTrainedTokenizerBase | None) -> tuple[str, list[Segment]]:
+    """``record[field]``'s messages through the tokenizer's chat template, and where each message's content is in it.
+
+    Contents are found in order in the rendered text; one a template changed (stripped, dropped) is left as markup.
+    """
+    if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+        raise CorpusError(f"Expected a tokenizer with a chat template for {{chat:{field}}}. Got none. Use a plain template.")
+    if field not in record:
+        raise CorpusError(f"Expected fields {[f'chat:{field}']} used by the template in every record. Got fields {sorted(record)}.")
+    messages = list(record[field])
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    segments, cursor, offset = [], 0, 0
+    for message in messages:
+        content = str(message.get("content") or "") if isinstance(message, Mapping) else ""
+        where = text.find(content, cursor) if content else -1
+        if where >= 0:
+            segments.append(Segment(field, where, where + len(content), offset))
+            cursor = where + len(content)
+        offset += len(content)
+    return text, segments
 
 
 def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
@@ -102,6 +152,9 @@ def tokenize_corpus(
 ) -> CorpusTable:
     """Render and tokenise ``records`` into one table; documents are cut to ``spec.max_tokens``.
 
+    With a fast tokenizer (offsets known), every token also carries its content span: the source field it came
+    from and its characters in that field's text, whitespace trimmed (:func:`token_spans`).
+
     Raises:
         CorpusError: an empty document, or a document longer than ``context_length`` with no
             ``max_tokens`` to cut it.
@@ -109,8 +162,11 @@ def tokenize_corpus(
     if not records:
         raise CorpusError(f"Expected at least one document in the corpus {spec.source}. Got none (it holds no records). "
                           "Point --corpus at a file or folder with records in it.")
-    texts = [render_text(r, spec, tokenizer) for r in records]
-    ids = [list(tokenizer(t, add_special_tokens=spec.template is None or "{chat:" not in spec.template)["input_ids"]) for t in texts]
+    rendered = [render_spans(r, spec, tokenizer) for r in records]
+    fields = tuple(dict.fromkeys(seg.field for _, segments in rendered for seg in segments))
+    add_special = spec.template is None or "{chat:" not in spec.template
+    encoded = [_encode(tokenizer, text, add_special) for text, _ in rendered]
+    ids = [e[0] for e in encoded]
     empty = [r["_id"] for r, i in zip(records, ids) if not i]
     if empty:
         raise CorpusError(f"Expected text in every document. Got {len(empty)} empty document(s) {empty[:3]} instead. "
@@ -126,6 +182,11 @@ def tokenize_corpus(
     ids = [i[:limit] if limit else i for i in ids]
     lengths = np.array([len(i) for i in ids], dtype=np.int64)
     token_ids = np.fromiter((t for doc in ids for t in doc), dtype=np.int32, count=int(lengths.sum()))
+    spans = None
+    if all(e[1] is not None for e in encoded):
+        per_doc = [token_spans(text, segments, e[1][: len(i)], fields)
+                   for (text, segments), e, i in zip(rendered, encoded, ids)]
+        spans = tuple(np.concatenate([d[j] for d in per_doc]) for j in range(3))
     return CorpusTable(
         token_ids=token_ids,
         doc_offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
@@ -133,5 +194,50 @@ def tokenize_corpus(
         record_ids=[str(r["_id"]) for r in records],
         truncated=lengths < original,
         original_length=original,
+        span_fields=fields if spans else (),
+        token_field=spans[0] if spans else None,
+        char_start=spans[1] if spans else None,
+        char_end=spans[2] if spans else None,
     )
 
+
+def _encode(tokenizer: PreTrainedTokenizerBase, text: str, add_special: bool) -> tuple[list[int], list | None]:
+    """Token ids of ``text`` and their character offsets (None from a slow tokenizer, which has none)."""
+    if getattr(tokenizer, "is_fast", False):
+        out = tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
+        return list(out["input_ids"]), list(out["offset_mapping"])
+    return list(tokenizer(text, add_special_tokens=add_special)["input_ids"]), None
+
+
+def token_spans(text: str, segments: Sequence[Segment], offsets: Sequence[tuple[int, int]],
+                fields: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each token's content span: (field index or -1 for markup, start, stop) in that field's own text.
+
+    A token's characters are trimmed of whitespace first (byte-level BPE folds the space before a word into it,
+    WordPiece does not), so two tokenizers' tokens of one word get one span. A whitespace-only token keeps its
+    whitespace as its span (it can never equal a trimmed span, which starts and ends on a visible character). A
+    token belongs to the field whose segment holds its span. Special tokens (no characters), template text and
+    tokens that straddle a segment's edge are markup (-1, span 0:0).
+    """
+    n = len(offsets)
+    field, start, stop = np.full(n, -1, np.int16), np.zeros(n, np.int32), np.zeros(n, np.int32)
+    index = {name: i for i, name in enumerate(fields)}
+    for t, (a0, b0) in enumerate(offsets):
+        a, b = _trimmed(text, int(a0), int(b0))
+        if b <= a:  # whitespace only, or no characters at all (a special token)
+            a, b = int(a0), int(b0)
+            if b <= a:
+                continue
+        for seg in segments:
+            if seg.start <= a and b <= seg.stop:
+                field[t], start[t], stop[t] = index[seg.field], a - seg.start + seg.offset, b - seg.start + seg.offset
+                break
+    return field, start, stop
+
+
+def _trimmed(text: str, a: int, b: int) -> tuple[int, int]:
+    while a < b and text[a].isspace():
+        a += 1
+    while b > a and text[b - 1].isspace():
+        b -= 1
+    return a, b

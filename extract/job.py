@@ -77,30 +77,51 @@ def _open_existing(url: str) -> Any:
 
 
 def _read_corpus(config: ExtractConfig, store: Any, spec: Any) -> _Corpus:
-    """Tokenise the corpus with the model's own tokenizer (nothing written), or find a stored corpus by id.
+    """Tokenise the corpus with the model's own tokenizer (nothing written), or join a stored corpus by id.
 
     Raises:
         CorpusError, ModelLoadError...: the corpus or the tokenizer cannot be read (one line each).
-        CorpusMismatchError: a stored corpus that another tokenizer made.
+        CorpusMismatchError: a stored corpus whose token ids this model's tokenizer does not reproduce.
     """
     from hrsa.extract.corpus import load_records, tokenize_corpus
     from hrsa.extract.models import load_tokenizer, tokenizer_fingerprint
     from hrsa.store.corpus import content_hash
 
     tokenizer, context = load_tokenizer(spec)
-    fingerprint = tokenizer_fingerprint(tokenizer)
-    info = {"name": spec.name, "fingerprint": fingerprint}
-    if store is not None and config.corpus in store.corpora():  # joining a stored corpus: its tokens must be this tokenizer's
-        stored = store.corpus_info(config.corpus)
-        if stored.tokenizer.get("fingerprint") != fingerprint:
-            raise CorpusMismatchError(
-                f"Expected a model whose tokenizer made corpus {config.corpus} ({stored.tokenizer.get('name')}). "
-                f"Got {spec.name}, whose tokenizer differs. Give the corpus file instead, to tokenise it for this model."
-            )
-        return _Corpus(config.corpus, None, None, stored.n_tokens, info)
+    info = {"name": spec.name, "fingerprint": tokenizer_fingerprint(tokenizer)}
+    if store is not None and config.corpus in store.corpora():
+        return _join_stored(store, config.corpus, spec, tokenizer, context, info)
     corpus_spec = _corpus_spec(config)
     table = tokenize_corpus(list(load_records(corpus_spec)), corpus_spec, tokenizer, context_length=context)
-    return _Corpus(None, table, content_hash(table, fingerprint), table.n_tokens, info)
+    return _Corpus(None, table, content_hash(table), table.n_tokens, info)
+
+
+def _join_stored(store: Any, cid: str, spec: Any, tokenizer: Any, context: int | None, info: dict[str, str]) -> _Corpus:
+    """Join stored corpus ``cid`` when this model's tokenizer, run on the corpus's source text with the corpus's
+    settings, gives its token ids on every document (not assumed from a fingerprint: a fine-tuned child's
+    tokenizer may differ in added tokens or chat template and still tokenise the text alike)."""
+    from hrsa.extract.corpus import CorpusSpec, load_records, tokenize_corpus
+
+    stored = store.corpus_info(cid)
+    written = stored.extra.get("corpus_spec")
+    if not written:  # stored through the API, without its source: the tokenizer must be the one that made it
+        if stored.tokenizer.get("fingerprint") != info["fingerprint"]:
+            raise CorpusMismatchError(
+                f"Expected a model whose tokenizer made corpus {cid} ({stored.tokenizer.get('name')}), as its source "
+                f"text is not recorded. Got {spec.name}, whose tokenizer differs. Give the corpus file instead."
+            )
+        return _Corpus(cid, None, None, stored.n_tokens, info)
+    corpus_spec = CorpusSpec(**written)
+    table = tokenize_corpus(list(load_records(corpus_spec)), corpus_spec, tokenizer, context_length=context)
+    differ = store.differing_documents(cid, table)
+    if differ:
+        raise CorpusMismatchError(
+            f"Expected {spec.name}'s tokenizer to give the token ids of corpus {cid} on every document. Got other ids "
+            f"in {len(differ)} of {stored.n_docs} documents ({', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''}) "
+            f"instead. Give the corpus file (--corpus {corpus_spec.source}) to store this model's own tokens: "
+            "`hrsa analyze` then compares the two models on the tokens whose character spans coincide."
+        )
+    return _Corpus(cid, None, None, stored.n_tokens, info)
 
 
 def _corpus_spec(config: ExtractConfig) -> Any:
@@ -194,7 +215,7 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
     corpus = _read_corpus(config, store, spec)
     existing = store.model_info(mid) if store is not None and mid in store.models() else None
     if existing is not None:
-        check_rerun(store, config, corpus_hash=corpus.digest)
+        check_rerun(store, config, corpus_hash=corpus.digest, table=corpus.table)
         if existing.complete:
             return ExtractResult(mid, existing.corpus, existing.n_tokens, existing.n_units, 0, ())
     # Step 2: Ray, and one worker per GPU (or CPU workers) that the cluster can place; then the store and corpus.
@@ -202,7 +223,7 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
     n, gpus, cpus, threads = _placement(conn, config.workers)
     _check_placement(conn, n, gpus, cpus)
     store = store or ActivationStore.open(config.store, mode="a")
-    cid = _store_corpus(config, store, corpus)
+    cid = existing.corpus if existing is not None else _store_corpus(config, store, corpus)  # resuming: its own corpus
     # Step 3: the workers, each loading the model once, in reserved resources.
     group = _reserve(n, gpus, cpus)
     Worker = remote_worker_class(num_gpus=gpus, num_cpus=cpus)
@@ -218,6 +239,7 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
                                source=facts["source"], shard_tokens=config.shard_tokens, exist_ok=True,
                                extraction={"token_budget": config.token_budget,
                                            "attn_implementation": facts["attn_implementation"],
+                                           "tokenizer": corpus.tokenizer,
                                            "max_tokens": config.max_tokens, "max_docs": config.max_docs})
         else:  # resuming: the settings matched; what loading tells (dtype "auto" on other hardware...) must too
             found = loaded_mismatch(existing, facts)

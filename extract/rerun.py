@@ -21,6 +21,7 @@ from hrsa.store.errors import UserError
 if TYPE_CHECKING:
     from hrsa.extract.config import ExtractConfig
     from hrsa.store import ActivationStore
+    from hrsa.store.corpus import CorpusTable
     from hrsa.store.model import ModelInfo
 
 __all__ = ["RerunMismatchError", "check_rerun", "loaded_mismatch", "stored_mismatch"]
@@ -33,7 +34,8 @@ class RerunMismatchError(UserError, ValueError):
     """A re-run whose settings differ from those of the model stored under its id."""
 
 
-def stored_mismatch(store: ActivationStore, config: ExtractConfig, *, corpus_hash: str | None = None) -> list[str]:
+def stored_mismatch(store: ActivationStore, config: ExtractConfig, *, corpus_hash: str | None = None,
+                    table: CorpusTable | None = None) -> list[str]:
     """How stored model ``config.model_id()`` differs from what ``config`` would write: one phrase per difference.
 
     Args:
@@ -42,6 +44,8 @@ def stored_mismatch(store: ActivationStore, config: ExtractConfig, *, corpus_has
         corpus_hash: the content hash of the corpus ``config`` asks for, tokenised by the model's tokenizer
             (:func:`hrsa.store.corpus.content_hash`), when the caller has it: then the corpus is compared by its
             tokens (an edited file at the same path differs). Without it, by its source and options as written.
+        table: that tokenised corpus: when its hash differs (a corpus stored by an earlier hrsa, whose hash had
+            the tokenizer in it; or other special-token flags), equal token ids on every document still match.
 
     Returns:
         ``[]`` when it is the same extraction (resume it, or nothing is left to do).
@@ -63,13 +67,14 @@ def stored_mismatch(store: ActivationStore, config: ExtractConfig, *, corpus_has
     if layers != sorted(info.hidden_states):
         found.append(f"hidden states {layers} (stored {sorted(info.hidden_states)})")
     found += _layout_mismatch(info, config)
-    found += _corpus_mismatch(store, info, config, corpus_hash)
+    found += _corpus_mismatch(store, info, config, corpus_hash, table)
     return found
 
 
-def check_rerun(store: ActivationStore, config: ExtractConfig, *, corpus_hash: str | None = None) -> None:
+def check_rerun(store: ActivationStore, config: ExtractConfig, *, corpus_hash: str | None = None,
+                table: CorpusTable | None = None) -> None:
     """Raise :class:`RerunMismatchError` (one line: each difference, and the fix) unless :func:`stored_mismatch` is empty."""
-    found = stored_mismatch(store, config, corpus_hash=corpus_hash)
+    found = stored_mismatch(store, config, corpus_hash=corpus_hash, table=table)
     if found:
         mid = config.model_id()
         raise RerunMismatchError(
@@ -108,7 +113,8 @@ def _layout_mismatch(info: ModelInfo, config: ExtractConfig) -> list[str]:
     return [f"{asked.shard_tokens} tokens per unit (stored {info.layout.shard_tokens}: --shard-tokens)"]
 
 
-def _corpus_mismatch(store: ActivationStore, info: ModelInfo, config: ExtractConfig, corpus_hash: str | None) -> list[str]:
+def _corpus_mismatch(store: ActivationStore, info: ModelInfo, config: ExtractConfig, corpus_hash: str | None,
+                     table: CorpusTable | None) -> list[str]:
     if config.corpus == info.corpus:  # the stored corpus, by its id
         return []
     stored = store.corpus_info(info.corpus)
@@ -117,6 +123,8 @@ def _corpus_mismatch(store: ActivationStore, info: ModelInfo, config: ExtractCon
     options = [f"{k} {asked_spec[k]!r}" for k in _CORPUS_FIELDS if asked_spec[k] != stored_spec.get(k)]
     if corpus_hash is not None:
         if corpus_hash == stored.content_hash:  # the same tokens, whatever the path or options say
+            return []
+        if table is not None and not store.differing_documents(info.corpus, table):
             return []
     elif not options and asked_spec["source"] == stored_spec.get("source"):
         return []

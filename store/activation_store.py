@@ -8,27 +8,34 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from hrsa.store.alignment import (
+    TokenPairs, align_corpora, alignment_key, alignment_problem, read_alignment, write_alignment,
+)
 from hrsa.store.corpus import (
     CorpusInfo,
     CorpusTable,
     CorpusTokens,
     content_hash,
+    differing_documents,
     read_corpus_info,
     read_corpus_tokens,
     read_token_table,
     write_corpus,
 )
 from hrsa.store.errors import (
+    CorpusMismatchError,
     CorpusNotFoundError,
     CorruptDataError,
     HalfCreatedModelError,
     IncompleteModelError,
     LayerOutOfRangeError,
     ModelNotFoundError,
+    SelectionError,
     StoreReadOnlyError,
     UserError,
 )
@@ -39,7 +46,7 @@ from hrsa.store.opening import open_root
 from hrsa.store.reading import CheckedArray
 from hrsa.store.result_records import ResultRecords
 from hrsa.store.selection import TokenFilter, TokenSelection, resolve_selection
-from hrsa.store.objects import check_create_if_absent, delete_key, delete_prefix, list_keys
+from hrsa.store.objects import check_create_if_absent, delete_key, delete_prefix, ensure_group, list_keys
 from hrsa.store.units import ModelWriter, done_units
 
 if TYPE_CHECKING:
@@ -219,6 +226,11 @@ class ActivationStore(ResultRecords):
         """The corpus's token table: token_id, doc_index, position, is_special, is_first."""
         return read_token_table(self._corpus_group(cid))
 
+    def differing_documents(self, cid: str, table: CorpusTable) -> list[str]:
+        """Record ids of the documents where ``table`` (another tokenizer's run on the same text) has other token
+        ids than corpus ``cid``: empty when a model with that tokenizer can join the corpus."""
+        return differing_documents(self._corpus_group(cid), table)
+
     def corpus_tokens(self, cid: str) -> CorpusTokens:
         """The corpus's token ids and document boundaries: what a model runs over (an extraction worker's input)."""
         return read_corpus_tokens(self._corpus_group(cid))
@@ -261,6 +273,63 @@ class ActivationStore(ResultRecords):
         """
         info = self.model_info(mid)
         return resolve_selection(self._corpus_group(info.corpus), selection)
+
+    def same_tokens(self, cid_a: str, cid_b: str) -> bool:
+        """Whether two corpora hold the same token ids in the same documents (one corpus, or two whose other
+        attributes differ: special-token flags, content spans, an id from an earlier hrsa)."""
+        if cid_a == cid_b:
+            return True
+        ga, gb = self._corpus_group(cid_a), self._corpus_group(cid_b)
+        return all(np.array_equal(ga[name][:], gb[name][:]) for name in ("doc_offsets", "token_ids"))
+
+    def token_pairs(self, a: str, b: str, selection: TokenSelection | None = None) -> TokenPairs:
+        """The tokens models ``a`` and ``b`` are compared on: pairs of rows of their corpora.
+
+        Models on the same tokens share the selection (``identical``; rows are the selection itself, a slice or an
+        index). Otherwise their corpora's tokens are aligned by content span (:mod:`hrsa.store.alignment`; computed
+        once and kept in a writable store), and the selection is applied to each side (its token range, which is in
+        A's numbering, to A only): a pair counts when both its tokens are selected.
+
+        Raises:
+            CorpusMismatchError: the corpora hold different documents, or one has no content spans.
+            SelectionError: as :meth:`select`, or no aligned token left.
+        """
+        info_a, info_b = self.model_info(a), self.model_info(b)
+        selected_a = self.select(a, selection)
+        if self.same_tokens(info_a.corpus, info_b.corpus):
+            n = _count(selected_a)
+            return TokenPairs(selected_a, selected_a, n, n, identical=True)  # type: ignore[arg-type]
+        rows_a, rows_b = self._alignment(a, info_a.corpus, b, info_b.corpus)
+        selected_b = self.select(b, replace(selection, tokens=None) if selection is not None else None)
+        keep = _mask(selected_a, info_a.n_tokens)[rows_a] & _mask(selected_b, info_b.n_tokens)[rows_b]
+        if not keep.any():
+            raise SelectionError(
+                f"Expected tokens of {a} and {b} whose content spans coincide, after selection. Got none of "
+                f"{_count(selected_a)} and {_count(selected_b)} selected tokens. Loosen the selection, or compare "
+                "models whose tokenizers split the shared text alike."
+            )
+        return TokenPairs(rows_a[keep], rows_b[keep], _count(selected_a), _count(selected_b), identical=False)
+
+    def _alignment(self, a: str, cid_a: str, b: str, cid_b: str) -> tuple[np.ndarray, np.ndarray]:
+        """The aligned rows of two corpora: read from the store, else computed (and kept when it is writable)."""
+        key = alignment_key(cid_a, cid_b)
+        parent = self._root["alignments"] if "alignments" in self._root else None
+        stored = read_alignment(parent, key) if parent is not None else None
+        if stored is not None:
+            return stored
+        corpus_a, corpus_b = self._corpus_group(cid_a), self._corpus_group(cid_b)
+        problem = alignment_problem(corpus_a, cid_a, corpus_b, cid_b)
+        if problem:
+            raise CorpusMismatchError(
+                f"Expected {a} and {b} extracted on the same text: one corpus, or corpora of the same documents whose "
+                f"tokens align by content span. Got {a} on {cid_a} and {b} on {cid_b}, {problem[0]}, instead. "
+                f"{problem[1]} (`hrsa store info` shows each model's corpus)."
+            )
+        rows = align_corpora(corpus_a, corpus_b)
+        if not self.read_only:
+            root = self._root.store_path.path
+            write_alignment(ensure_group(self._root.store, f"{root}/alignments".lstrip("/")), key, *rows)
+        return rows
 
     def hidden_state(
         self,
@@ -331,7 +400,7 @@ class ActivationStore(ResultRecords):
         """
         self._check_writable()
         table.check()
-        digest = content_hash(table, str(tokenizer["fingerprint"]))
+        digest = content_hash(table)
         cid = f"corpus-{digest[:16]}"
         if cid in self.corpora():
             return cid
@@ -447,3 +516,14 @@ class ActivationStore(ResultRecords):
         methods above (``hidden_state``, ``create_results``...) are the interface to it.
         """
         return self._root[path]
+
+
+def _count(selected: slice | np.ndarray) -> int:
+    return selected.stop - selected.start if isinstance(selected, slice) else int(np.unique(selected).size)
+
+
+def _mask(selected: slice | np.ndarray, n_tokens: int) -> np.ndarray:
+    """(n_tokens,) bool: the selected tokens."""
+    mask = np.zeros(n_tokens, bool)
+    mask[selected] = True
+    return mask

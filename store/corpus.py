@@ -1,8 +1,10 @@
-"""Corpora in the store: a tokenised text collection, shared by every model with the same tokenizer.
+"""Corpora in the store: a tokenised text collection, shared by every model whose tokenizer gives its tokens.
 
-A corpus is written once, by one process, and its id is derived from its content (token ids,
-document boundaries, special-token flags, record ids and the tokenizer's fingerprint), so the same
-text under the same tokenizer is one corpus whoever writes it.
+A corpus's id is derived from what it contains (token ids, document boundaries, special-token flags, record ids
+and each token's content span), not from the tokenizer that made it: the same tokens of the same text are one
+corpus whoever writes them, so a fine-tuned child whose tokenizer only changed its added tokens or chat template
+shares its parent's corpus. Content spans (the source field each token came from and its characters there) are
+what selects tokens by field and aligns the tokens of two different tokenizers.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ __all__ = [
     "CorpusTable",
     "CorpusTokens",
     "content_hash",
+    "differing_documents",
     "read_corpus_info",
     "read_corpus_tokens",
     "read_token_table",
@@ -47,6 +50,10 @@ class CorpusTable:
         record_ids: one source record id per document.
         truncated: (n_docs,) bool, True where the document was cut to a token limit.
         original_length: (n_docs,) int64, the document's length in tokens before any cut.
+        span_fields: the source fields that content spans refer to (empty: no spans, e.g. a slow tokenizer).
+        token_field: (N,) int16, each token's field (index into ``span_fields``), -1 for markup (template text,
+            chat tags, special tokens).
+        char_start, char_end: (N,) int32, each token's characters in its field's text, whitespace trimmed.
     """
 
     token_ids: np.ndarray
@@ -55,6 +62,14 @@ class CorpusTable:
     record_ids: Sequence[str]
     truncated: np.ndarray | None = None
     original_length: np.ndarray | None = None
+    span_fields: tuple[str, ...] = ()
+    token_field: np.ndarray | None = None
+    char_start: np.ndarray | None = None
+    char_end: np.ndarray | None = None
+
+    @property
+    def has_spans(self) -> bool:
+        return self.token_field is not None
 
     @property
     def n_tokens(self) -> int:
@@ -81,6 +96,11 @@ class CorpusTable:
             raise ValueError("every document must hold at least one token (doc_offsets strictly increasing)")
         if self.is_special.shape != self.token_ids.shape or len(self.record_ids) != self.n_docs:
             raise ValueError("is_special must match token_ids, and record_ids must have one id per document")
+        spans = (self.token_field, self.char_start, self.char_end)
+        if any(a is not None for a in spans) and not all(a is not None and a.shape == self.token_ids.shape for a in spans):
+            raise ValueError("token_field, char_start and char_end must all be given, each matching token_ids")
+        if self.token_field is not None and self.token_field.size and self.token_field.max() >= len(self.span_fields):
+            raise ValueError("token_field must index span_fields (or be -1 for markup)")
 
 
 @dataclass(frozen=True)
@@ -92,20 +112,27 @@ class CorpusInfo:
     n_docs: int
     n_truncated: int
     content_hash: str
-    tokenizer: dict[str, Any] = field(default_factory=dict)
+    tokenizer: dict[str, Any] = field(default_factory=dict)  # the first writer's; each model records its own
+    span_fields: tuple[str, ...] | None = None  # None: stored before content spans were kept
     source: str | None = None
     fields: tuple[str, ...] = ()
     template: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def content_hash(table: CorpusTable, tokenizer_fingerprint: str) -> str:
-    """sha256 over everything that defines the corpus; equal hashes mean identical token tables."""
+def content_hash(table: CorpusTable) -> str:
+    """sha256 over everything that defines the corpus; equal hashes mean identical token tables.
+
+    The tokenizer is not in it: two tokenizers that give the same tokens of the same text make one corpus.
+    """
     h = hashlib.sha256()
-    h.update(tokenizer_fingerprint.encode())
     for array in (table.token_ids.astype("<i4"), table.doc_offsets.astype("<i8"), table.is_special.astype("u1")):
         h.update(np.ascontiguousarray(array).tobytes())
     h.update(json.dumps(list(table.record_ids)).encode())
+    if table.has_spans:
+        h.update(json.dumps(list(table.span_fields)).encode())
+        for array in (table.token_field.astype("<i2"), table.char_start.astype("<i4"), table.char_end.astype("<i4")):  # type: ignore[union-attr]
+            h.update(np.ascontiguousarray(array).tobytes())
     return h.hexdigest()
 
 
@@ -147,6 +174,10 @@ def write_corpus(
     _array(group, "doc_offsets", table.doc_offsets.astype(np.int64), _TOKEN_CHUNK)
     _array(group, "doc_truncated", truncated.astype(bool), _TOKEN_CHUNK)
     _array(group, "doc_original_length", original.astype(np.int64), _TOKEN_CHUNK)
+    if table.has_spans:
+        _array(group, "token_field", table.token_field.astype(np.int16), _TOKEN_CHUNK)  # type: ignore[union-attr]
+        _array(group, "char_start", table.char_start.astype(np.int32), _TOKEN_CHUNK)  # type: ignore[union-attr]
+        _array(group, "char_end", table.char_end.astype(np.int32), _TOKEN_CHUNK)  # type: ignore[union-attr]
     records = ensure_array(group, "doc_record_id", shape=(n_docs,), dtype=str, chunks=(min(_TOKEN_CHUNK, n_docs),))
     records[:] = np.asarray(list(table.record_ids), dtype=object)
     group.attrs[ATTRS_KEY] = {
@@ -158,6 +189,7 @@ def write_corpus(
         "tokenizer": dict(tokenizer),
         "source": source,
         "fields": list(fields),
+        "span_fields": list(table.span_fields) if table.has_spans else [],
         "template": template,
         "extra": dict(extra or {}),
         "complete": True,
@@ -173,6 +205,7 @@ def read_corpus_info(cid: str, group: zarr.Group) -> CorpusInfo:
         n_truncated=int(a["n_truncated"]),
         content_hash=a["content_hash"],
         tokenizer=dict(a.get("tokenizer") or {}),
+        span_fields=tuple(a["span_fields"]) if "span_fields" in a else None,
         source=a.get("source"),
         fields=tuple(a.get("fields") or ()),
         template=a.get("template"),
@@ -181,11 +214,12 @@ def read_corpus_info(cid: str, group: zarr.Group) -> CorpusInfo:
 
 
 def read_token_table(group: zarr.Group) -> pd.DataFrame:
-    """The per-token table as a DataFrame: token_id, doc_index, position, is_special, is_first."""
+    """The per-token table as a DataFrame: token_id, doc_index, position, is_special, is_first, and with content
+    spans field (its name; None for markup), char_start and char_end."""
     import pandas as pd
 
     position = group["position"][:]
-    return pd.DataFrame(
+    table = pd.DataFrame(
         {
             "token_id": group["token_ids"][:],
             "doc_index": group["doc_index"][:],
@@ -194,6 +228,23 @@ def read_token_table(group: zarr.Group) -> pd.DataFrame:
             "is_first": position == 0,
         }
     )
+    if "token_field" in group:
+        names = np.array([*group.attrs[ATTRS_KEY].get("span_fields", []), None], dtype=object)
+        table["field"] = names[group["token_field"][:]]  # -1 (markup) indexes the trailing None
+        table["char_start"] = group["char_start"][:]
+        table["char_end"] = group["char_end"][:]
+    return table
+
+
+def differing_documents(group: zarr.Group, table: CorpusTable) -> list[str]:
+    """Record ids of the documents whose token ids in ``table`` are not those stored in ``group``, in corpus order
+    (every document of either when the two hold different documents)."""
+    records = [str(r) for r in group["doc_record_id"][:]]
+    if records != [str(r) for r in table.record_ids]:
+        return list(dict.fromkeys([*records, *map(str, table.record_ids)]))
+    offsets, ids = group["doc_offsets"][:], group["token_ids"][:]
+    return [records[d] for d in range(len(records))
+            if not np.array_equal(ids[offsets[d] : offsets[d + 1]], table.token_ids[table.doc_offsets[d] : table.doc_offsets[d + 1]])]
 
 
 @dataclass(frozen=True)

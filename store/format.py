@@ -3,7 +3,8 @@
 Layout (one Zarr v3 group)::
 
     <root>/                       attrs {"hrsa": {"format_version": 2}}
-      corpora/<cid>/              token table: token_ids, doc_index, position, is_special (N,)
+      corpora/<cid>/              token table: token_ids, doc_index, position, is_special (N,); content spans
+                                  token_field, char_start, char_end (N,) and attrs span_fields (corpus.py)
                                   documents: doc_offsets (n_docs+1,), doc_record_id, doc_truncated,
                                   doc_original_length (n_docs,)
       models/<mid>/               attrs {"hrsa": ModelInfo fields}, written last (one create-if-absent object)
@@ -11,8 +12,11 @@ Layout (one Zarr v3 group)::
         claims/<u>/<attempt>      raw JSON objects: who is writing unit u, until when (unit_records.py)
         done/<u>                  raw JSON object: unit u's manifest; its existence makes the unit done
       results/<run>/              metric outputs
+      alignments/<cidA>--<cidB>/  rows_a, rows_b (M,): tokens of two corpora with equal content spans
+                                  (alignment.py; made on first use, so absent from stores that never needed one)
 
-Format 1 kept a (n_units,) uint8 ``units`` array of done flags instead of claims and done records; ``hrsa store
+Corpora stored before content spans were kept have no span arrays: they read and compare as before, and a use
+of spans (``--fields``, aligning two tokenizers) is refused in one line. Format 1 kept a (n_units,) uint8 ``units`` array of done flags instead of claims and done records; ``hrsa store
 upgrade`` turns a format-1 store into a format-2 one.
 
 This module knows the format, not the math or the I/O.

@@ -32,19 +32,23 @@ class TokenFilter:
         exclude_special: drop tokens the tokenizer marks special (BOS, chat-template markers, padding).
         exclude_first: drop position 0 of every document; attention sinks there carry huge norms.
         positions: keep only positions ``a <= p < b`` inside each document.
+        fields: keep only tokens of these source fields (their content spans), dropping markup: chat tags,
+            template text, special tokens.
     """
 
     exclude_special: bool = False
     exclude_first: bool = False
     positions: tuple[int, int] | None = None
+    fields: tuple[str, ...] | None = None
 
     @property
     def is_identity(self) -> bool:
-        return not (self.exclude_special or self.exclude_first or self.positions)
+        return not (self.exclude_special or self.exclude_first or self.positions or self.fields)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["positions"] = list(self.positions) if self.positions else None
+        d["fields"] = list(self.fields) if self.fields else None
         return d
 
 
@@ -56,6 +60,7 @@ class TokenSelection:
         exclude_special: drop special tokens (BOS, chat-template markers).
         exclude_first: drop position 0 of every document (attention sinks carry huge norms).
         positions: keep positions ``a <= p < b`` inside each document.
+        fields: keep only the tokens of these source fields (e.g. ``("reasoning",)``), markup dropped.
         docs: keep only these documents (indices into the corpus's document table), in this order.
         tokens: keep only the global token range ``(start, stop)``.
     """
@@ -65,6 +70,7 @@ class TokenSelection:
     positions: tuple[int, int] | None = None
     docs: tuple[int, ...] | None = None
     tokens: tuple[int, int] | None = None
+    fields: tuple[str, ...] | None = None
 
     @classmethod
     def of(cls, *, tokens: tuple[int, int] | None = None, docs: Sequence[int] | None = None,
@@ -72,7 +78,7 @@ class TokenSelection:
         """The selection of a range, documents and a filter (the keyword arguments of a store's reads)."""
         f = token_filter or TokenFilter()
         return cls(exclude_special=f.exclude_special, exclude_first=f.exclude_first, positions=f.positions,
-                   docs=tuple(int(d) for d in docs) if docs is not None else None, tokens=tokens)
+                   docs=tuple(int(d) for d in docs) if docs is not None else None, tokens=tokens, fields=f.fields)
 
     @property
     def is_everything(self) -> bool:
@@ -81,7 +87,7 @@ class TokenSelection:
 
     def token_filter(self) -> TokenFilter:
         return TokenFilter(exclude_special=self.exclude_special, exclude_first=self.exclude_first,
-                           positions=self.positions)
+                           positions=self.positions, fields=self.fields)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -161,6 +167,22 @@ def _doc_index(doc_offsets: np.ndarray, docs: Sequence[int]) -> np.ndarray:
     return np.concatenate([np.arange(doc_offsets[d], doc_offsets[d + 1], dtype=np.int64) for d in docs])
 
 
+def _field_indices(corpus: zarr.Group, fields: Sequence[str]) -> list[int]:
+    """Indices of ``fields`` among the corpus's content-span fields. Raises SelectionError naming the fix."""
+    from hrsa.store.format import ATTRS_KEY
+
+    known = corpus.attrs[ATTRS_KEY].get("span_fields")
+    if not known or "token_field" not in corpus:
+        raise SelectionError(
+            "Expected a corpus with content spans to select tokens by field. Got one stored without them (by an "
+            "earlier hrsa, or tokenised by a slow tokenizer). Extract the model again into a new store, or drop --fields."
+        )
+    unknown = [f for f in fields if f not in known]
+    if unknown:
+        raise SelectionError(f"Expected fields among {', '.join(known)}. Got {', '.join(unknown)} instead.")
+    return [known.index(f) for f in fields]
+
+
 def resolve_selection(corpus: zarr.Group, selection: TokenSelection | None = None) -> slice | np.ndarray:
     """Resolve ``selection`` (default: every token) against ``corpus``'s token table.
 
@@ -198,6 +220,8 @@ def resolve_selection(corpus: zarr.Group, selection: TokenSelection | None = Non
         if token_filter.positions:
             a, b = token_filter.positions
             keep &= (position >= a) & (position < b)
+        if token_filter.fields:
+            keep &= np.isin(corpus["token_field"][lo:hi], _field_indices(corpus, token_filter.fields))
         index = index[keep[index - lo]] if index is not None else np.flatnonzero(keep).astype(np.int64) + lo
     # Step 3: the cheapest form that says the same.
     if index is None:

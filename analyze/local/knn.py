@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from numpy.typing import ArrayLike, NDArray
 
     from hrsa.store import ActivationStore
+    from hrsa.store.alignment import TokenPairs
     from hrsa.store.selection import TokenSelection
 
 __all__ = [
@@ -241,6 +242,7 @@ def knn_pair(
     search: Search = "exact",
     query_block: int = 16384,
     db_block: int = 262144,
+    pairs: TokenPairs | None = None,
 ) -> KnnPairResult:
     """k-NN overlap of models ``a`` and ``b`` on a seeded token subsample they share.
 
@@ -254,6 +256,8 @@ def knn_pair(
         hidden_states: which shared hidden states (default all shared).
         search: "exact" (blocked FAISS flat index) or "hnsw" (approximate, recall measured against exact).
         query_block, db_block: block sizes of the exact search.
+        pairs: the pair's tokens when its corpora differ (aligned by content span,
+            :meth:`ActivationStore.token_pairs`): the sample is drawn from the aligned pairs.
 
     Returns:
         A KnnPairResult.
@@ -267,7 +271,11 @@ def knn_pair(
     if not states:
         raise UserError(f"Expected hidden states shared by {a} and {b}. Got {list(hidden_states or [])} instead.")
     # Step 1: the shared subsample, as global token indices.
-    ids = sample_tokens(store.select(a, selection), n_sample, seed=seed)
+    if pairs is not None and not pairs.identical:
+        drawn = sample_tokens(slice(0, pairs.n_pairs), n_sample, seed=seed)
+        ids, ids_b = pairs.rows_a[drawn], pairs.rows_b[drawn]
+    else:
+        ids = ids_b = sample_tokens(store.select(a, selection), n_sample, seed=seed)
     for k in ks_t:
         if not 1 <= k < ids.size:
             raise UserError(f"Expected 1 <= k < {ids.size} (tokens in the k-NN sample). Got k = {k} instead. "
@@ -277,7 +285,7 @@ def knn_pair(
     start = time.perf_counter()
     for layer in states:
         # Step 2: read both models' rows of the sample (D x n floats each; the store's dtype is upcast).
-        x, y = (np.asarray(store.hidden_state(m, layer)[ids].compute(), dtype=np.float32) for m in (a, b))
+        x, y = (np.asarray(store.hidden_state(m, layer)[rows].compute(), dtype=np.float32) for m, rows in ((a, ids), (b, ids_b)))
         # Step 3: neighbours once for the largest k; the tie rule is a total order, so smaller k are prefixes.
         k_max = ks_t[-1]
         nx, ny = (exact_neighbors(v, k_max, query_block=query_block, db_block=db_block) for v in (x, y))

@@ -126,7 +126,7 @@ def _local_metrics(
     local: dict[str, Any] = {}
     if "knn" in pair.metrics:
         knn_options = knn_options or KnnOptions()
-        local["knn"] = knn_pair(store, a, b, selection=selection, **knn_options.to_dict())
+        local["knn"] = knn_pair(store, a, b, selection=selection, pairs=pair.pairs, **knn_options.to_dict())
         settings["knn"] = knn_options.to_dict()
     if "probe" in pair.metrics:
         if probe_options is None:

@@ -48,8 +48,15 @@ def assemble(
         a=pair.info_a.id, b=pair.info_b.id, corpus=pair.info_a.corpus, n_tokens=pair.n_tokens, selection=selection,
         metrics=pair.metrics, matched=pair.matched,
         hidden_states_a=pair.rows or pair.matched, hidden_states_b=pair.cols or pair.matched,
-        plan=pair.plan, settings=dict(settings), **per_layer, **matrices,
+        plan=pair.plan, settings=dict(settings), alignment=_alignment(pair), **per_layer, **matrices,
     )
+
+
+def _alignment(pair: ResolvedPair) -> dict[str, Any] | None:
+    if pair.pairs.identical:
+        return None
+    return {"corpus_b": pair.info_b.corpus, "aligned": pair.pairs.n_pairs, "tokens_a": pair.pairs.n_a,
+            "tokens_b": pair.pairs.n_b}
 
 
 def _cross_layer(

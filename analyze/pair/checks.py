@@ -1,15 +1,13 @@
-"""The checks of a pair before any pass: known metrics, complete extractions, one corpus, hidden states in common,
-and sizes the metrics can compare. Each failure is one :class:`~hrsa.store.errors.UserError` that names the fix."""
+"""The checks of a pair before any pass: known metrics, complete extractions, hidden states in common, and sizes
+the metrics can compare (which tokens the two compare on is :meth:`ActivationStore.token_pairs`'s). Each failure is one :class:`~hrsa.store.errors.UserError` that names the fix."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from hrsa.analyze.config import LOCAL_METRICS, METRICS
-from hrsa.store.errors import CorpusMismatchError, IncompleteModelError, UserError
+from hrsa.store.errors import IncompleteModelError, UserError
 
 if TYPE_CHECKING:
     from hrsa.store import ActivationStore, ModelInfo
@@ -35,7 +33,6 @@ def check_pair(store: ActivationStore, a: str, b: str, metrics: tuple[str, ...])
 
     Raises:
         IncompleteModelError: an extraction with units not done.
-        CorpusMismatchError: the models ran over different token ids.
         UserError: an unknown model, no hidden states in common, or different widths for dimcorr/Procrustes.
     """
     info_a, info_b = store.model_info(a), store.model_info(b)
@@ -45,12 +42,6 @@ def check_pair(store: ActivationStore, a: str, b: str, metrics: tuple[str, ...])
                 f"Expected a complete extraction of {info.id}. Got {info.units_done}/{info.n_units} work units done instead. "
                 "Re-run the same `hrsa extract` to finish it (it resumes)."
             )
-    if info_a.corpus != info_b.corpus and not _same_tokens(store, info_a.corpus, info_b.corpus):
-        raise CorpusMismatchError(
-            f"Expected {a} and {b} extracted on the same corpus (identical token ids). Got {a} on {info_a.corpus} "
-            f"({info_a.n_tokens} tokens) and {b} on {info_b.corpus} ({info_b.n_tokens} tokens) instead. "
-            f"Extract {b} on {a}'s corpus (`hrsa store info` shows each model's corpus)."
-        )
     if not set(info_a.hidden_states) & set(info_b.hidden_states):
         raise UserError(
             f"Expected hidden states in common. Got {list(info_a.hidden_states)} for {a} and "
@@ -63,10 +54,3 @@ def check_pair(store: ActivationStore, a: str, b: str, metrics: tuple[str, ...])
             f"D={info_b.hidden_size} for {b} instead. Use --metrics cka to compare models of different widths."
         )
     return info_a, info_b
-
-
-def _same_tokens(store: ActivationStore, cid_a: str, cid_b: str) -> bool:
-    """Two corpus ids with identical token ids and documents (e.g. tokenizers with different fingerprints)."""
-    ta, tb = store.tokens(cid_a), store.tokens(cid_b)
-    same = (np.array_equal(ta[c].to_numpy(), tb[c].to_numpy()) for c in ("token_id", "doc_index"))
-    return len(ta) == len(tb) and all(same)

@@ -35,6 +35,9 @@ class PairResults:
             dimension-wise correlation, or None without ``cross_layer``.
         knn, probe: k-NN overlap and cross-model probes, or None when not asked for.
         plan: the tiles that ran; settings: scheduler, backend, compute dtype, block size, workers.
+        alignment: when B's corpus is another one whose tokens were aligned with A's by content span: its id, the
+            aligned tokens, and the tokens each model offered (``{"corpus_b", "aligned", "tokens_a", "tokens_b"}``);
+            None when both ran over the same tokens.
     """
 
     a: str
@@ -56,6 +59,7 @@ class PairResults:
     dimcorr_matrix: NDArray[np.float64] | None = None
     knn: KnnPairResult | None = None
     probe: ProbePairResult | None = None
+    alignment: Mapping[str, Any] | None = None
 
     @property
     def cross_layer(self) -> bool:

@@ -14,13 +14,14 @@ import numpy as np
 from hrsa.analyze.config import METRICS
 from hrsa.analyze.pair.checks import check_metrics, check_pair
 from hrsa.analyze.streaming.plan import AnalysisPlan, MemoryBudgetError, PlanInputs, plan_analysis
-from hrsa.analyze.streaming.stream import TokenBlock, token_blocks
+from hrsa.analyze.streaming.stream import TokenBlock, paired_blocks, token_blocks
 from hrsa.store.errors import UserError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from hrsa.store import ActivationStore, ModelInfo
+    from hrsa.store.alignment import TokenPairs
     from hrsa.store.selection import TokenSelection
 
 __all__ = ["ResolvedPair", "resolve_pair"]
@@ -39,6 +40,7 @@ class ResolvedPair:
             cross-layer matrices (empty without them).
         n_tokens: tokens selected; block_tokens: tokens per block; blocks: the selection in blocks.
         plan: the tiles (one pass each) under the memory budget.
+        pairs: which token of A is which of B (the same tokens, or aligned by content span).
     """
 
     info_a: ModelInfo
@@ -53,6 +55,7 @@ class ResolvedPair:
     block_tokens: int
     blocks: tuple[TokenBlock, ...]
     plan: AnalysisPlan
+    pairs: TokenPairs
 
 
 def resolve_pair(
@@ -80,9 +83,9 @@ def resolve_pair(
     metrics_t = check_metrics(metrics)
     streaming = bool(set(metrics_t) & set(METRICS))
     info_a, info_b = check_pair(store, a, b, metrics_t)
-    # Step 2: the tokens.
-    selected = store.select(a, selection)
-    n_tokens = selected.stop - selected.start if isinstance(selected, slice) else int(np.unique(selected).size)
+    # Step 2: the tokens: the same ones, or those whose content spans coincide in both corpora.
+    pairs = store.token_pairs(a, b, selection)
+    n_tokens = pairs.n_a if pairs.identical else pairs.n_pairs
     if debiased and n_tokens < 4:
         raise UserError(f"Expected at least 4 tokens for debiased CKA. Got {n_tokens} instead. Loosen the selection.")
     if block_tokens is not None and block_tokens < 1:
@@ -100,7 +103,7 @@ def resolve_pair(
     # Step 4: blocks and tiles; a default block size shrinks (down to 64 tokens) until one pair fits the budget.
     size = block_tokens or _default_block_tokens(info_a, info_b)
     while True:
-        blocks = tuple(token_blocks(selected, size))
+        blocks = tuple(token_blocks(pairs.rows_a, size) if pairs.identical else paired_blocks(pairs.rows_a, pairs.rows_b, size))
         try:
             held = max(block.n_rows for block in blocks)  # what a block holds: less than the grid's size for few tokens
             plan = plan_analysis(replace(base, block_tokens=held, n_blocks=len(blocks)))
@@ -110,7 +113,7 @@ def resolve_pair(
                 raise
             size = max(64, size // 2)
     return ResolvedPair(info_a, info_b, metrics_t, debiased, save_rotation, matched, rows, cols, n_tokens, size, blocks,
-                        plan)
+                        plan, pairs)
 
 
 def _default_block_tokens(info_a: ModelInfo, info_b: ModelInfo) -> int:

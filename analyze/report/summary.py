@@ -266,6 +266,16 @@ def _probe_check(probe: Mapping[str, Any] | None, t: Thresholds) -> MetricCheck 
     return MetricCheck("probe transfer", value, t.probe_transfer, value >= t.probe_transfer, detail)
 
 
+def alignment_line(doc: dict[str, Any]) -> str | None:
+    """How many tokens of each model were aligned, when B ran over another token sequence (None otherwise)."""
+    aligned = doc.get("alignment")
+    if not aligned:
+        return None
+    n, a, b = aligned["aligned"], aligned["tokens_a"], aligned["tokens_b"]
+    return (f"aligned by content span: {n} tokens, {n / max(a, 1):.1%} of {doc['a']}'s {a} and {n / max(b, 1):.1%} of "
+            f"{doc['b']}'s {b} (B on corpus {aligned['corpus_b']})")
+
+
 def summary_table(doc: Mapping[str, Any]) -> Table:
     """The per-layer numbers of one results.json mapping as a rich table, for the terminal (``hrsa analyze``).
 
@@ -293,6 +303,8 @@ def summary_table(doc: Mapping[str, Any]) -> Table:
         source, target = ([e[side]["test"]["accuracy"] for e in probe.values()] for side in ("source", "target"))
         columns["probe test acc A / A->B"] = [f"{s} / {t}" for s, t in zip(_fixed(source, 3), _fixed(target, 3))]
     title = f"{doc['a']} vs {doc['b']} on {doc['n_tokens']} tokens"
+    if doc.get("alignment"):
+        title += " aligned by content span"
     table = Table("hidden state", *columns, title=title, title_justify="left")
     for i, k in enumerate(states):
         table.add_row(str(k), *(values[i] for values in columns.values()))

@@ -50,6 +50,7 @@ __all__ = [
     "TokenBlock",
     "fold_segment",
     "merge_partials",
+    "paired_blocks",
     "resolve_scheduler",
     "run_tile",
     "split_segments",
@@ -70,11 +71,14 @@ class TokenBlock:
         index: the block's number; it covers corpus tokens ``index * B`` to ``(index + 1) * B``.
         rows: the selected rows, relative to the block's first token (a slice, or a sorted index).
         n_rows: how many tokens are selected.
+        rows_b: when model B's corpus is another (tokens aligned by content span): B's tokens ``start:stop``
+            and, relative to ``start``, the row of each of A's selected rows, in their order. None: B reads A's rows.
     """
 
     index: int
     rows: slice | np.ndarray
     n_rows: int
+    rows_b: tuple[int, int, np.ndarray] | None = None
 
 
 def token_blocks(selection: slice | np.ndarray, block_tokens: int) -> list[TokenBlock]:
@@ -106,6 +110,28 @@ def token_blocks(selection: slice | np.ndarray, block_tokens: int) -> list[Token
     return blocks
 
 
+def paired_blocks(rows_a: np.ndarray, rows_b: np.ndarray, block_tokens: int) -> list[TokenBlock]:
+    """Cut aligned pairs (A's rows ascending, B's row for each) into blocks of A's ``block_tokens`` grid; each block
+    reads B's tokens over the range its pairs span (alignment keeps document order, so that range is short).
+
+    Example:
+        >>> [(b.index, b.rows, b.rows_b) for b in paired_blocks(np.array([1, 2, 5]), np.array([0, 3, 4]), 4)]
+        [(0, slice(1, 3, None), (0, 4, array([0, 3]))), (1, slice(1, 2, None), (4, 5, array([0])))]
+    """
+    blocks = []
+    which = rows_a // block_tokens
+    for part in np.split(np.arange(rows_a.size), np.flatnonzero(np.diff(which)) + 1):
+        if not part.size:
+            continue
+        b = int(which[part[0]])
+        rows = rows_a[part] - b * block_tokens
+        contiguous = rows[-1] - rows[0] + 1 == rows.size
+        lo, hi = int(rows_b[part].min()), int(rows_b[part].max()) + 1
+        blocks.append(TokenBlock(b, slice(int(rows[0]), int(rows[-1]) + 1) if contiguous else rows, int(rows.size),
+                                 (lo, hi, rows_b[part] - lo)))
+    return blocks
+
+
 def split_segments(blocks: Sequence[TokenBlock], n: int) -> list[tuple[TokenBlock, ...]]:
     """At most ``n`` contiguous runs of blocks with about equal numbers of tokens."""
     n = max(1, min(n, len(blocks)))
@@ -128,8 +154,12 @@ class StateReader:
         self.arrays = dict(arrays)
 
     def read(self, key: StreamKey, block: TokenBlock) -> np.ndarray:
-        """The block's selected rows of state ``key``, (n_rows, D), in the stored dtype."""
+        """The block's selected rows of state ``key``, (n_rows, D), in the stored dtype (B's own rows, in the order
+        of A's, when the two corpora are aligned)."""
         # The scheduler of the *inner* compute is always sync: the outer task already is the parallel unit.
+        if key[0] == "b" and block.rows_b is not None:
+            start, stop, rows = block.rows_b
+            return self.arrays[key][start:stop].compute(scheduler="sync")[rows]
         values = self.arrays[key].blocks[block.index].compute(scheduler="sync")
         return values[block.rows]
 

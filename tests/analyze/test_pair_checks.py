@@ -40,7 +40,7 @@ def store_with_extras(tmp_path_factory, build_store, store_model) -> tuple[Activ
 
 def test_different_corpora_raise_corpus_mismatch(store_with_extras) -> None:
     store, _ = store_with_extras
-    with pytest.raises(CorpusMismatchError, match=r"same corpus.*a on corpus-.*other on corpus-") as info:
+    with pytest.raises(CorpusMismatchError, match=r"same text.*a on corpus-.*other on corpus-.*different documents") as info:
         analyze_pair(store, "a", "other", backend="numpy")
     assert isinstance(info.value, ValueError) and "\n" not in str(info.value)
 

@@ -38,8 +38,9 @@ def test_results_json_follows_the_schema(setup, tmp_path) -> None:
     doc = json.loads(saved.json_path.read_text())
     assert doc["schema"] == SCHEMA and doc["run_id"] == "run-1" and doc["config"] == {"store": "x"}
     assert (doc["a"], doc["b"], doc["corpus"]) == ("a", "b", store.model_info("a").corpus)
-    assert doc["n_tokens"] == res.n_tokens
-    assert doc["token_filter"] == {"exclude_special": False, "exclude_first": True, "positions": [0, 400], "docs": None, "tokens": None}
+    assert doc["n_tokens"] == res.n_tokens and doc["alignment"] is None  # one corpus: nothing aligned
+    assert doc["token_filter"] == {"exclude_special": False, "exclude_first": True, "positions": [0, 400], "fields": None,
+                                   "docs": None, "tokens": None}
     assert doc["hidden_states_a"] == doc["hidden_states_b"] == doc["matched_hidden_states"] == [0, 1, 2, 3]
     m = doc["metrics"]
     assert m["cka"]["estimator"] == "biased"

@@ -184,11 +184,12 @@ def test_causal_encoder_is_refused_in_one_line(
 
 @pytest.mark.real_model
 @requires_packaged("all-minilm-l6-v2")
-def test_tokenizer_that_did_not_make_the_corpus_is_refused(stored_copy: Path, finished_store: tuple[Path, str]) -> None:
+def test_a_tokenizer_that_does_not_give_the_corpus_ids_is_refused(stored_copy: Path, finished_store: tuple[Path, str]) -> None:
     cid = finished_store[1]
     before = store_digest(stored_copy)
     result = run_cli("--store", str(stored_copy), "--model", "packaged:all-minilm-l6-v2", "--corpus", cid)
-    assert_one_line_error(result, f"made corpus {cid}", "Give the corpus file instead")
+    assert_one_line_error(result, f"tokenizer to give the token ids of corpus {cid} on every document",
+                          "Got other ids in 3 of 3 documents (a, b, c)", "Give the corpus file (--corpus ")
     assert store_digest(stored_copy) == before
 
 

@@ -282,6 +282,9 @@ def test_model_attributes_record_the_extraction(llama_run: Run, tiny_models: Any
     assert (info.dtype, info.attention, info.corpus) == ("float32", "causal", llama_run.result.corpus_id)
     assert info.source["kind"] == "local" and info.source["path"] == str(tiny_models.dir("llama").resolve())
     assert info.source["transformers_version"] and info.source["attention"] == "auto"
+    tokenizer = info.extraction.pop("tokenizer")  # each model records its own tokenizer: corpora do not
+    assert tokenizer["name"]
+    assert tokenizer["fingerprint"].startswith("sha256:")
     assert info.extraction == {"token_budget": 8192, "attn_implementation": "sdpa", "max_tokens": None,
                                "max_docs": None}
     assert info.layout.shard_tokens == SHARD_TOKENS

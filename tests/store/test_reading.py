@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -85,8 +86,13 @@ def test_corpus_id_derives_from_content(store: ActivationStore) -> None:
     tok = {"name": "t", "fingerprint": "f"}
     a = store.write_corpus(make_table(), tokenizer=tok)
     assert store.write_corpus(make_table(), tokenizer=tok) == a  # same content: same corpus, not rewritten
-    assert store.write_corpus(make_table(), tokenizer={"name": "t", "fingerprint": "other"}) != a
+    # The tokenizer is not the corpus: another one that gives the same tokens joins it.
+    assert store.write_corpus(make_table(), tokenizer={"name": "t", "fingerprint": "other"}) == a
     assert store.write_corpus(make_table((5, 6)), tokenizer=tok) != a
+    table = make_table()
+    spans = dataclasses.replace(table, span_fields=("text",), token_field=np.zeros(table.n_tokens, np.int16),
+                                char_start=np.arange(table.n_tokens, dtype=np.int32), char_end=np.arange(table.n_tokens, dtype=np.int32) + 1)
+    assert store.write_corpus(spans, tokenizer=tok) != a  # content spans are content
     assert len(store.corpora()) == 3
 
 

@@ -1,0 +1,124 @@
+"""Which token of model A's corpus is which token of model B's: pairs of rows that both models compare on.
+
+Two corpora of the same documents made by different tokenizers (a Llama-family BPE against a WordPiece encoder;
+or one vocabulary under two chat templates) have different token sequences. Each stored token carries its content
+span (:mod:`hrsa.store.corpus`): its source field and its characters in that field's text, whitespace trimmed.
+Two tokens are the same token when their document, field and span are equal; those are the *aligned* tokens,
+and every metric compares the two models on them. A span a side holds several times (a character split over
+byte-level tokens) pairs its tokens in order when both sides hold it as many times, else none of them. Markup (chat
+tags, template text, special tokens) is never aligned.
+
+The alignment of a pair of corpora is computed once and kept in the store (``alignments/<A>--<B>``, two int64
+arrays), like a corpus: its id is the two corpus ids, which are their contents' hashes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from hrsa.store.format import ATTRS_KEY
+from hrsa.store.objects import ensure_array, ensure_group
+
+if TYPE_CHECKING:
+    import zarr
+
+__all__ = ["TokenPairs", "align_corpora", "alignment_key", "alignment_problem", "read_alignment", "write_alignment"]
+
+
+@dataclass(frozen=True, eq=False)
+class TokenPairs:
+    """Rows of A's corpus and of B's that are the same tokens, pair by pair, in A's order.
+
+    Attributes:
+        rows_a, rows_b: (M,) int64 token indices into A's and B's corpus.
+        n_a, n_b: tokens each side offered (its selection), for the aligned share.
+        identical: both models ran over the same token sequence (then rows_a == rows_b, nothing was aligned).
+    """
+
+    rows_a: np.ndarray
+    rows_b: np.ndarray
+    n_a: int
+    n_b: int
+    identical: bool
+
+    @property
+    def n_pairs(self) -> int:
+        return int(self.rows_a.size)
+
+    def share(self) -> tuple[float, float]:
+        """The aligned share of A's and of B's selected tokens."""
+        return self.n_pairs / max(self.n_a, 1), self.n_pairs / max(self.n_b, 1)
+
+
+def alignment_key(cid_a: str, cid_b: str) -> str:
+    return f"{cid_a}--{cid_b}"
+
+
+def _spans(corpus: zarr.Group) -> tuple[list[str], dict[str, np.ndarray]]:
+    return list(corpus.attrs[ATTRS_KEY].get("span_fields", [])), {
+        "doc": corpus["doc_index"][:].astype(np.int64),
+        "field": corpus["token_field"][:].astype(np.int64),
+        "start": corpus["char_start"][:].astype(np.int64),
+        "end": corpus["char_end"][:].astype(np.int64),
+    }
+
+
+def alignment_problem(corpus_a: zarr.Group, cid_a: str, corpus_b: zarr.Group, cid_b: str) -> tuple[str, str] | None:
+    """Why two corpora cannot be aligned, and what to do, as two phrases; None when they can."""
+    records_a, records_b = ([str(r) for r in c["doc_record_id"][:]] for c in (corpus_a, corpus_b))
+    if records_a != records_b:
+        return (f"which hold different documents ({len(records_a)} and {len(records_b)}, or other record ids)",
+                "Extract both from the same corpus file with the same --max-docs")
+    bare = [cid for cid, c in ((cid_a, corpus_a), (cid_b, corpus_b)) if "token_field" not in c]
+    if bare:
+        return (f"{' and '.join(bare)} stored without content spans (by an earlier hrsa, or a slow tokenizer)",
+                "Extract the models again into a new store, or both on one corpus")
+    return None
+
+
+def align_corpora(corpus_a: zarr.Group, corpus_b: zarr.Group) -> tuple[np.ndarray, np.ndarray]:
+    """(rows_a, rows_b): the tokens of the two corpora whose document, field and character span are equal, in A's
+    order (check :func:`alignment_problem` first)."""
+    import pandas as pd
+
+    fields_a, spans_a = _spans(corpus_a)
+    fields_b, spans_b = _spans(corpus_b)
+    # B's field numbers in A's numbering (fields only one side has never align: -2).
+    to_a = np.array([fields_a.index(f) if f in fields_a else -2 for f in fields_b] + [-2], dtype=np.int64)
+    spans_b["field"] = to_a[spans_b["field"]]  # -1 (markup) indexes the trailing -2
+    keys = ["doc", "field", "start", "end"]
+    frames = []
+    for spans in (spans_a, spans_b):
+        frame = pd.DataFrame(spans)
+        frame["row"] = np.arange(len(frame), dtype=np.int64)
+        frame = frame[(frame["field"] >= 0) & (frame["end"] > frame["start"])]
+        groups = frame.groupby(keys, sort=False)
+        frames.append(frame.assign(nth=groups.cumcount(), times=groups["row"].transform("size")))
+    joined = frames[0].merge(frames[1], on=[*keys, "nth", "times"], suffixes=("_a", "_b"))
+    joined = joined.sort_values("row_a", kind="stable")
+    return joined["row_a"].to_numpy(np.int64), joined["row_b"].to_numpy(np.int64)
+
+
+def read_alignment(parent: zarr.Group, key: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """A stored alignment, or None when there is none (or its write was not finished)."""
+    if key not in parent:
+        return None
+    group = parent[key]
+    if not group.attrs.get(ATTRS_KEY, {}).get("complete"):
+        return None
+    return group["rows_a"][:], group["rows_b"][:]
+
+
+def write_alignment(parent: zarr.Group, key: str, rows_a: np.ndarray, rows_b: np.ndarray) -> None:
+    """Keep an alignment; ``complete`` is set last, so a torn write is computed again, never used."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    group = ensure_group(parent.store, f"{parent.store_path.path}/{key}".lstrip("/"))
+    for name, rows in (("rows_a", rows_a), ("rows_b", rows_b)):
+        array = ensure_array(group, name, shape=rows.shape, dtype=np.int64, chunks=(max(1, min(1 << 18, rows.size)),),
+                             compressors=[ZstdCodec(level=3), Crc32cCodec()], fill_value=0)
+        array[:] = rows
+    group.attrs[ATTRS_KEY] = {"kind": "alignment", "n_pairs": int(rows_a.size), "complete": True}
