@@ -21,6 +21,8 @@ What it measures, side by side in one run, on the GPU when Ray sees one (bf16), 
     extraction worker and of the bare-forward worker while they work (Linux: the high-water mark is
     reset once the model is loaded; loading's own peak is printed apart), of the driver during the
     extraction, and the peak GPU memory of both workers on a GPU.
+(d) Tokenising the corpus in the driver, ids only (as before content spans were kept) against what extraction
+    does (ids, offsets, each token's field and character span), and what the spans add to (a).
 
 Repeats alternate which of (a) and (b) runs first, so drift on a shared machine hits both alike; the
 figures are medians. The workers' CPU seconds (all threads, compression included) are printed beside
@@ -248,6 +250,28 @@ def bare_once(config: BenchConfig, store: Path) -> Bare:
                 out["gpu_peak"])
 
 
+def tokenising(config: BenchConfig) -> tuple[float, float, int]:
+    """(ids only s, with content spans s, tokens): the corpus tokenised as before content spans were kept (ids of
+    each rendered text) and as extraction does now (ids, offsets, each token's field and span), median of 5."""
+    from hrsa.extract.corpus import CorpusSpec, load_records, render_text, tokenize_corpus
+    from hrsa.extract.model_spec import parse_model_spec
+    from hrsa.extract.models import load_tokenizer
+
+    tokenizer, _ = load_tokenizer(parse_model_spec(config.model))
+    spec = CorpusSpec(source=str(config.corpus), text="text", max_docs=config.n_docs, max_tokens=config.max_tokens)
+    records = list(load_records(spec))
+    plain, spans = [], []
+    for _ in range(5):
+        start = time.perf_counter()
+        ids = [tokenizer(render_text(r, spec))["input_ids"][: config.max_tokens] for r in records]
+        plain.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        table = tokenize_corpus(records, spec, tokenizer)
+        spans.append(time.perf_counter() - start)
+    assert sum(map(len, ids)) == table.n_tokens
+    return statistics.median(plain), statistics.median(spans), table.n_tokens
+
+
 def describe(store: Path) -> str:
     from hrsa.store import ActivationStore
 
@@ -302,6 +326,10 @@ def run(config: BenchConfig, folder: Path) -> None:
         print(f"peak GPU memory: extraction worker {max(e.worker_gpu for e in extractions) / GIB:.2f} GiB, "
               f"bare-forward worker {max(b.worker_gpu for b in bares) / GIB:.2f} GiB")
     print(f"store: {e0.disk_bytes / 2**20:.1f} MiB on disk for the hidden states")
+    plain, spans, n = tokenising(config)
+    print(f"corpus tokenising in the driver ({n} tokens, median of 5): ids only {plain:.3f} s, with content spans "
+          f"{spans:.3f} s ({spans / plain:.2f}x); spans add {spans - plain:.3f} s = {100 * (spans - plain) / total:.2f}% "
+          f"of the extraction end to end, {100 * (spans - plain) / units:.2f}% of its unit phase")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -214,3 +214,35 @@ def test_the_papers_first_pipeline_reaches_its_analysis(tmp_path: Path, shared_d
     assert results.alignment is not None and results.n_tokens == results.alignment["aligned"]
     content = [int(np.sum(store.tokens(c)["field"].notna())) for c in (cid_a, cid_b)]
     assert results.alignment["aligned"] == content[0] == content[1]  # every content token, no markup
+
+
+def test_probes_compare_two_tokenizers_document_by_document(tmp_path: Path, shared_data: Path) -> None:
+    """Probes pool each model's own tokens per document, so two tokenizers' corpora of the same documents compare:
+    a label written into both models' states (spam shifts one dimension) is read by A's probe from B's states."""
+    from hrsa.analyze.local.probe import probe_pair
+    from hrsa.extract.corpus import CorpusSpec
+    from hrsa.store import ActivationStore
+
+    lines = (shared_data / "spam-assassin" / "spam-assassin.jsonl").read_text().splitlines()
+    mail = [line for line in lines if '"label": "ham"' in line][:60] + [line for line in lines if '"label": "spam"' in line][:60]
+    (tmp_path / "mail.jsonl").write_text("\n".join(mail) + "\n")
+    spec = CorpusSpec(source=str(tmp_path / "mail.jsonl"), text="text", max_tokens=48)
+    store = ActivationStore.open(str(tmp_path / "store"), mode="a")
+    rng = np.random.default_rng(3)
+    for mid, model in (("bpe", "packaged:smollm2-135m-instruct"), ("wordpiece", "packaged:all-minilm-l6-v2")):
+        cid = _corpus(store, _tokenizer(model), spec)
+        docs = store.tokens(cid)["doc_index"].to_numpy()
+        spam = np.array([label == "spam" for label in _labels(spec)])[docs]
+        values = rng.standard_normal((docs.size, HIDDEN)).astype(np.float32)
+        values[:, 1] += 3.0 * spam
+        _model(store, mid, cid, values)
+    assert store.model_info("bpe").corpus != store.model_info("wordpiece").corpus
+    result = probe_pair(store, "bpe", "wordpiece", label_field="label", hidden_states=[0])
+    assert result.n_docs == 120
+    assert result.a_to_b[0].source.test.accuracy >= 0.9 and result.a_to_b[0].target.test.accuracy >= 0.9
+
+
+def _labels(spec: Any) -> list[str]:
+    from hrsa.extract.corpus import load_records
+
+    return [r["label"] for r in load_records(spec)]

@@ -61,9 +61,8 @@ def test_knn_pair_matches_in_memory(pair_store) -> None:
     for i, layer in enumerate(res.hidden_states):
         for k in (5, 10):
             expected = knn_overlap(pair_store.x[layer][ids], pair_store.y[layer][ids], k=k)
-            # The store's activations carry offsets of 1e3-1e4, so all cosines are near 1 and FAISS's float32
-            # scores reorder a few near-ties of the float64 oracle: equal up to those.
-            assert res.overlap[k][i].mean == pytest.approx(expected.mean, abs=0.01)
+            # The store's activations carry offsets of 1e3-1e4: float32 cosines alone would reorder near-ties.
+            assert res.overlap[k][i].mean == pytest.approx(expected.mean, abs=1e-3)
             assert 0.0 < res.overlap[k][i].mean < 1.0
 
 
