@@ -221,7 +221,8 @@ def resolve_selection(corpus: zarr.Group, selection: TokenSelection | None = Non
             a, b = token_filter.positions
             keep &= (position >= a) & (position < b)
         if token_filter.fields:
-            keep &= np.isin(corpus["token_field"][lo:hi], _field_indices(corpus, token_filter.fields))
+            wanted = _field_indices(corpus, token_filter.fields)  # refuses a corpus without spans first
+            keep &= np.isin(corpus["token_field"][lo:hi], wanted)
         index = index[keep[index - lo]] if index is not None else np.flatnonzero(keep).astype(np.int64) + lo
     # Step 3: the cheapest form that says the same.
     if index is None:

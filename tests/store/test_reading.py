@@ -96,6 +96,23 @@ def test_corpus_id_derives_from_content(store: ActivationStore) -> None:
     assert len(store.corpora()) == 3
 
 
+def test_corpora_without_content_spans_are_refused_where_spans_are_needed(store: ActivationStore) -> None:
+    """Corpora stored without spans (an earlier hrsa, a slow tokenizer) read and compare as before; aligning two of
+    them, or selecting tokens by field, is one line that says why."""
+    from hrsa.store.errors import CorpusMismatchError, SelectionError
+    from hrsa.store.selection import TokenSelection
+
+    tok = {"name": "t", "fingerprint": "f"}
+    cids = [store.write_corpus(make_table(vocab=v), tokenizer=tok) for v in (97, 89)]  # same documents, other ids
+    for mid, cid in zip(("ma", "mb"), cids):
+        store.create_model(mid, corpus=cid, n_hidden_states=2, hidden_size=8, dtype="float32")
+    with pytest.raises(CorpusMismatchError, match=rf"ma and mb .* {cids[0]} and {cids[1]} stored without content spans") as error:
+        store.token_pairs("ma", "mb")
+    assert "\n" not in str(error.value)
+    with pytest.raises(SelectionError, match="Expected a corpus with content spans to select tokens by field"):
+        store.select("ma", TokenSelection(fields=("text",)))
+    assert store.token_pairs("ma", "ma").identical
+
 def test_token_and_document_tables(filled_store: ActivationStore) -> None:
     (cid,) = filled_store.corpora()
     table = filled_store.tokens(cid)
