@@ -67,28 +67,29 @@ def run_passes(
     segments = split_segments(pair.blocks, pair.plan.workers)
     matched: dict[int, dict[str, Any]] = {}
     summaries: dict[StreamPair, CoMomentSummary] = {}
-    underdetermined = False
     for tile in pair.plan.tiles:
         acc = run_tile(tile, reader, segments, backend, scheduler, on_block)
-        underdetermined |= _finish_tile(tile, acc, pair, matched, summaries)
+        _finish_tile(tile, acc, pair, matched, summaries)
         del acc  # free the tile's D x D accumulators before the next pass
-    if underdetermined:  # one warning for the run, not one per layer
+    undetermined = sorted(k for k, out in matched.items() if "procrustes" in out and out["procrustes"].underdetermined)
+    if undetermined:  # one warning for the run, not one per layer, naming its real cause
+        d = pair.info_a.hidden_size
+        cause = (f"{pair.n_tokens} tokens are no more than D = {d} dimensions: use more tokens than dimensions"
+                 if pair.n_tokens <= d else
+                 f"the cross-covariance is rank deficient although {pair.n_tokens} tokens exceed D = {d} (few distinct "
+                 "tokens, e.g. at the embedding layer, or dimensions constant over the selection)")
         warnings.warn(
-            f"Orthogonal Procrustes on {pair.n_tokens} tokens in D = {pair.info_a.hidden_size} dimensions: the optimal "
-            "rotation is not unique, so h_inv means little. Use more tokens than dimensions.",
+            f"Orthogonal Procrustes: the optimal rotation is not unique at hidden states {undetermined}, so their h_inv "
+            f"means little (verdicts leave them out): {cause}.",
             UnderdeterminedWarning,
             stacklevel=3  # the caller of analyze_pair,
         )
     return PassOutputs(matched, summaries)
 
 
-def _finish_tile(tile: Tile, acc: dict, pair: ResolvedPair, matched: dict, summaries: dict) -> bool:
-    """Reduce each accumulator of the tile to what the results keep (numbers and O(D) vectors).
-
-    Returns:
-        Whether a Procrustes fit was underdetermined (its per-layer warning is folded into one).
-    """
-    underdetermined = False
+def _finish_tile(tile: Tile, acc: dict, pair: ResolvedPair, matched: dict, summaries: dict) -> None:
+    """Reduce each accumulator of the tile to what the results keep (numbers and O(D) vectors); a Procrustes fit's
+    own warning is folded into one for the run (:func:`run_passes`)."""
     for streams, value in acc.items():
         if tile.kind != "matched":
             summaries[streams] = value.summary()
@@ -104,6 +105,4 @@ def _finish_tile(tile: Tile, acc: dict, pair: ResolvedPair, matched: dict, summa
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UnderdeterminedWarning)  # recorded in the result, warned once
                 out["procrustes"] = procrustes_from_moments(value, return_rotation=pair.save_rotation)
-            underdetermined |= out["procrustes"].underdetermined
         matched[streams[0][1]] = out
-    return underdetermined
