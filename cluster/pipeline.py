@@ -27,6 +27,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hrsa.analyze.config import AnalyzeConfig
+from hrsa.analyze.report.cli import VerdictRules
 from hrsa.extract.config import CorpusOptions, ExtractRunOptions, ModelSourceOptions
 from hrsa.runtime.settings import Problems, read_yaml_mapping, validation_problems
 from hrsa.store.errors import InvalidIdError, UserError
@@ -125,8 +126,8 @@ class DynamicsEntry(PairAnalysisSettings):
         return self.name or f"{self.a}--{self.b}"
 
 
-class ReportEntry(BaseModel):
-    """The HTML report over every pair (and the first dynamics series)."""
+class ReportEntry(VerdictRules):
+    """The HTML report over every pair (and the first dynamics series), with the verdicts' rules."""
 
     model_config = _FROZEN
 

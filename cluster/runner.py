@@ -303,11 +303,12 @@ class _Runner:
         shown = [r.results for r in results.values()] or [self.last_steps[label] for label in dynamics]
         # Not the path: a new path has no file yet, so the report runs anyway.
         key = stage_key({"pairs": {k: v.key for k, v in results.items()}, "dynamics": first.key if first else None,
-                         "title": self.config.report.title})
+                         **self.config.report.model_dump(mode="json", exclude={"path"})})
         if self._announce("report", self.state.reason_to_run("report", key, lambda o: path.is_file())):
             from hrsa.analyze.report.html import write_report
 
             self.state.start("report", key)
-            write_report(shown, path, dynamics=first.results if first else None, title=self.config.report.title)
+            write_report(shown, path, dynamics=first.results if first else None, title=self.config.report.title,
+                         thresholds=self.config.report.thresholds())
             self.state.finish("report", key, {"report": str(path)})
         return path

@@ -32,20 +32,15 @@ from hrsa.analyze.report.summary import (
 from hrsa.runtime.cli_options import config_file_option, config_options
 from hrsa.runtime.settings import FilePath
 
-__all__ = ["ReportConfig", "report"]
+__all__ = ["ReportConfig", "VerdictRules", "report"]
 
 
-class ReportConfig(BaseModel):
-    """Validated settings of one ``hrsa report`` run: equal to the flags and the YAML file (flag > YAML > default)."""
+class VerdictRules(BaseModel):
+    """The rules of the Table 2 style verdicts: hrsa's defaults (the paper states none), settable by ``hrsa report``'s
+    flags and by a pipeline's ``report:`` section."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    results: tuple[str, ...] = Field(min_length=1, description="results.json files of `hrsa analyze`, or folders "
-                                     "holding one, one per analysed pair (the RESULTS arguments).")
-    out: FilePath = Field(Path("report.html"), description="The HTML file to write.")
-    dynamics: Path | None = Field(None, description="A hrsa.dynamics/1 file (one results.json per training step) for "
-                                  "the training-dynamics section.")
-    title: str | None = Field(None, description="Title of the report (default: the pairs compared).")
     min_cka: float = Field(CKA_PRESERVED, description="Linear CKA counted as preserved from this value.")
     min_knn: float = Field(KNN_PRESERVED,
                            description="k-NN overlap (mean Jaccard) counted as preserved from this value.")
@@ -58,13 +53,25 @@ class ReportConfig(BaseModel):
                                       "accuracy kept) counted as preserved from this value.")
     probe_min_signal: float = Field(PROBE_MIN_SIGNAL, ge=0, description="Probe directions whose source beats chance by "
                                     "less than this are left out.")
-
+    include_embedding_output: bool = Field(False, description="Count the embedding output (hidden state 0) in the "
+                                           "verdicts' means (left out by default: it is the token embedding, not a layer).")
 
     def thresholds(self) -> Thresholds:
         """The summary's rules these settings give."""
         return Thresholds(cka=self.min_cka, knn=self.min_knn, knn_k=self.knn_k, dimcorr=self.min_dimcorr,
                           h_inv=self.min_h_inv, probe_transfer=self.min_probe_transfer,
-                          probe_min_signal=self.probe_min_signal)
+                          probe_min_signal=self.probe_min_signal, exclude_embedding=not self.include_embedding_output)
+
+
+class ReportConfig(VerdictRules):
+    """Validated settings of one ``hrsa report`` run: equal to the flags and the YAML file (flag > YAML > default)."""
+
+    results: tuple[str, ...] = Field(min_length=1, description="results.json files of `hrsa analyze`, or folders "
+                                     "holding one, one per analysed pair (the RESULTS arguments).")
+    out: FilePath = Field(Path("report.html"), description="The HTML file to write.")
+    dynamics: Path | None = Field(None, description="A hrsa.dynamics/1 file (one results.json per training step) for "
+                                  "the training-dynamics section.")
+    title: str | None = Field(None, description="Title of the report (default: the pairs compared).")
 
 
 @click.command("report")

@@ -77,8 +77,10 @@ def thresholds_section(t: Thresholds) -> str:
     return ("<h2 id=\"thresholds\">Thresholds</h2><p class=\"note\">Each metric is averaged over the matched hidden "
             "states (and probe directions) and counted as preserved when it reaches its threshold; a level is "
             "preserved when all of its metrics are, restructured when one is not (representation: dimension-wise "
-            "correlation and H_inv; geometry: linear CKA and k-NN overlap; function: cross-model probes). Defaults "
-            "are the constants of <code>hrsa.analyze.report.summary</code>.</p>" + table(["metric", "preserved when"], rows))
+            "correlation and H_inv; geometry: linear CKA and k-NN overlap; function: cross-model probes). The "
+            "thresholds are hrsa's defaults, not the paper's (it states none): set them with <code>hrsa report</code>'s "
+            "flags (<code>--min-cka</code>, ...) or a pipeline's <code>report:</code> section. Hidden states where a "
+            "metric is undefined (H_inv where the rotation is not unique) are left out and named.</p>" + table(["metric", "preserved when"], rows))
 
 
 def _provenance(path: Path, doc: Mapping[str, Any]) -> str:

@@ -90,10 +90,13 @@ class Thresholds:
     h_inv: float = H_INV_PRESERVED
     probe_transfer: float = PROBE_TRANSFER_PRESERVED
     probe_min_signal: float = PROBE_MIN_SIGNAL
+    exclude_embedding: bool = True  # hidden state 0 is the token embedding, not a layer's output
 
     def describe(self) -> dict[str, str]:
         """Each rule in words, for the report."""
         return {
+            "hidden states averaged": "every matched one but the embedding output (hidden state 0)"
+            if self.exclude_embedding else "every matched one, the embedding output (hidden state 0) included",
             "mean dimension-wise correlation": f">= {self.dimcorr:g}",
             "Procrustes H_inv": f">= {self.h_inv:g}",
             "linear CKA": f">= {self.cka:g}",
@@ -154,13 +157,15 @@ def summarize(doc: Mapping[str, Any], *, thresholds: Thresholds | None = None) -
     t = thresholds or Thresholds()
     m = doc.get("metrics", {})
     states = doc.get("matched_hidden_states", [])
+    skip = (0,) if t.exclude_embedding else ()
     checks: dict[str, list[MetricCheck | None]] = {
         "representation": [
-            _check("mean dimension-wise correlation", m.get("dimcorr", {}).get("diagonal"), states, t.dimcorr),
-            _h_inv_check(m.get("procrustes"), states, t.h_inv),
+            _check("mean dimension-wise correlation", m.get("dimcorr", {}).get("diagonal"), states, t.dimcorr, skip),
+            _h_inv_check(m.get("procrustes"), states, t.h_inv, skip),
         ],
-        "geometry": [_check("linear CKA", m.get("cka", {}).get("diagonal"), states, t.cka), _knn_check(m.get("knn"), t)],
-        "function": [_probe_check(m.get("probe"), t)],
+        "geometry": [_check("linear CKA", m.get("cka", {}).get("diagonal"), states, t.cka, skip),
+                     _knn_check(m.get("knn"), t, skip)],
+        "function": [_probe_check(m.get("probe"), t, skip)],
     }
     levels = []
     for level in LEVELS:
@@ -237,25 +242,34 @@ def probe_transfer(entries: Sequence[Mapping[str, Any]], *, min_signal: float = 
     return kept / gained if gained > 0 else float("nan")
 
 
-def _check(name: str, values: Sequence[Any] | None, states: Sequence[int], threshold: float) -> MetricCheck | None:
+def _check(name: str, values: Sequence[Any] | None, states: Sequence[int], threshold: float,
+           skip: Sequence[int] = ()) -> MetricCheck | None:
+    """The mean of ``values`` (one per hidden state of ``states``) against ``threshold``; hidden states in ``skip``
+    are left out when others remain."""
     v = floats(values)
+    left_out = [k for k in skip if k in states and len(states) == len(v) and len(states) > 1]
+    if left_out:
+        v = np.where(np.isin(states, left_out), np.nan, v)
     if not np.isfinite(v).any():
         return None
     mean = float(np.nanmean(v))
     low = int(np.nanargmin(v))
     where = f" at {states[low]}" if len(states) == len(v) else ""
     detail = f"mean of {int(np.isfinite(v).sum())} hidden states; lowest {v[low]:.3f}{where}"
+    if left_out:
+        detail += "; embedding output (hidden state 0) left out"
     return MetricCheck(name, mean, threshold, mean >= threshold, detail)
 
 
-def _h_inv_check(procrustes: Mapping[str, Any] | None, states: Sequence[int], threshold: float) -> MetricCheck | None:
+def _h_inv_check(procrustes: Mapping[str, Any] | None, states: Sequence[int], threshold: float,
+                 skip: Sequence[int] = ()) -> MetricCheck | None:
     """H_inv over the hidden states where O* is unique: elsewhere any rotation fits as well, and its row entropy
     says nothing of the pair (an identical model on 30 distinct tokens gave 0.29). The detail names those left out."""
     if not procrustes:
         return None
     values = floats(procrustes.get("h_inv"))
     undetermined = np.asarray(procrustes.get("underdetermined") or [False] * len(values), dtype=bool)
-    check = _check("Procrustes H_inv", list(np.where(undetermined, np.nan, values)), states, threshold)
+    check = _check("Procrustes H_inv", list(np.where(undetermined, np.nan, values)), states, threshold, skip)
     if not undetermined.any():
         return check
     left_out = [k for k, bad in zip(states, undetermined) if bad] if len(states) == len(values) else []
@@ -265,16 +279,18 @@ def _h_inv_check(procrustes: Mapping[str, Any] | None, states: Sequence[int], th
     return MetricCheck(check.metric, check.value, check.threshold, check.passed, f"{check.detail}; {why}")
 
 
-def _knn_check(knn: Mapping[str, Any] | None, t: Thresholds) -> MetricCheck | None:
+def _knn_check(knn: Mapping[str, Any] | None, t: Thresholds, skip: Sequence[int] = ()) -> MetricCheck | None:
     k = knn_k(knn.get("k", {}), t.knn_k) if knn else None
     if k is None:
         return None
-    return _check(f"k-NN overlap at k = {k}", knn["k"][str(k)], knn.get("hidden_states", []), t.knn)  # type: ignore[index]
+    return _check(f"k-NN overlap at k = {k}", knn["k"][str(k)], knn.get("hidden_states", []), t.knn, skip)  # type: ignore[index]
 
 
-def _probe_check(probe: Mapping[str, Any] | None, t: Thresholds) -> MetricCheck | None:
+def _probe_check(probe: Mapping[str, Any] | None, t: Thresholds, skip: Sequence[int] = ()) -> MetricCheck | None:
     if not probe:
         return None
+    kept = {k: e for k, e in probe.items() if int(k) not in skip}
+    probe = kept or probe  # the embedding output alone: kept
     value = probe_transfer(list(probe.values()), min_signal=t.probe_min_signal)
     if not math.isfinite(value):
         return None

@@ -121,9 +121,15 @@ def test_summary_verdicts(results_dirs: dict[str, Path], partner: str, expected:
     _, doc = read_results(results_dirs[partner])
     summary = summarize(doc)
     assert {lv.level: lv.verdict for lv in summary.levels} == expected
-    cka = float(np.mean(doc["metrics"]["cka"]["diagonal"]))
+    states = doc["matched_hidden_states"]
+    layers = [v for k, v in zip(states, doc["metrics"]["cka"]["diagonal"]) if k != 0]  # the embedding output left out
+    cka = float(np.mean(layers))
     check = next(c for lv in summary.levels for c in lv.checks if c.metric == "linear CKA")
     assert check.value == pytest.approx(cka) and check.passed == (cka >= CKA_PRESERVED)
+    assert 0 in states and "embedding output (hidden state 0) left out" in check.detail
+    with_embedding = next(c for lv in summarize(doc, thresholds=Thresholds(exclude_embedding=False)).levels
+                          for c in lv.checks if c.metric == "linear CKA")
+    assert with_embedding.value == pytest.approx(float(np.mean(doc["metrics"]["cka"]["diagonal"])))
     knn = next(c for lv in summary.levels for c in lv.checks if c.metric.startswith("k-NN"))
     assert knn.metric == "k-NN overlap at k = 10" and knn.passed == (np.mean(doc["metrics"]["knn"]["k"]["10"]) >= KNN_PRESERVED)
 

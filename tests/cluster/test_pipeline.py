@@ -269,6 +269,15 @@ def test_every_problem_is_listed_at_once() -> None:
         assert part in message
 
 
+def test_the_report_section_sets_the_verdicts_rules() -> None:
+    from hrsa.analyze.report.summary import Thresholds
+
+    base = {"store": "s", "out": "o", "corpora": {"c": {"path": "x", "text": "t"}}, "models": {"a": {"model": "m"}},
+            "pairs": [{"a": "a", "b": "a", "corpus": "c"}]}
+    config = parse_pipeline({**base, "report": {"min_cka": 0.5, "knn_k": 5, "include_embedding_output": True}})
+    assert config.report.thresholds() == Thresholds(cka=0.5, knn_k=5, exclude_embedding=False)
+    assert parse_pipeline(base).report.thresholds() == Thresholds()  # hrsa's defaults
+
 def test_shipped_pipelines_validate() -> None:
     configs = Path(__file__).resolve().parents[2] / "configs"
     shipped = [configs / "examples" / "pipeline.yaml", *sorted((configs / "paper").glob("*.yaml"))]
