@@ -182,3 +182,30 @@ def smollm2() -> object:
     from hrsa.extract.models import load_model, parse_model_spec
 
     return load_model(parse_model_spec("packaged:smollm2-135m-instruct"), device="cpu")
+
+
+_TOKENIZERS: dict[str, tuple[object, object]] = {}
+
+
+@pytest.fixture(scope="module")
+def cached_tokenizers() -> object:
+    """``load_tokenizer`` once per spec for the whole session (SmolLM2's from its GGUF takes 10-16 s), patched in
+    for one module: each call still gets its own deep copy, so a test that changes its tokenizer changes no other."""
+    import copy
+    import json
+
+    import hrsa.extract.models as models
+
+    real = models.load_tokenizer
+
+    def load(spec: object) -> tuple[object, object]:
+        key = json.dumps(spec.to_dict(), sort_keys=True, default=str)  # type: ignore[attr-defined]
+        if key not in _TOKENIZERS:
+            _TOKENIZERS[key] = real(spec)
+        tokenizer, context = _TOKENIZERS[key]
+        return copy.deepcopy(tokenizer), context
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(models, "load_tokenizer", load)
+    yield load
+    patch.undo()

