@@ -140,5 +140,7 @@ def test_underdetermined_procrustes_is_one_warning_line(narrow_store, tmp_path: 
                           "--out", str(tmp_path))
     assert code == 0, stderr
     warning_lines = [line for line in stderr.splitlines() if "warning" in line.lower()]
-    assert len(warning_lines) == 1 and warning_lines[0].startswith("hrsa: warning: Orthogonal Procrustes on 40 tokens")
+    assert len(warning_lines) == 1 and warning_lines[0].startswith(
+        "hrsa: warning: Orthogonal Procrustes: the optimal rotation is not unique at hidden states [0, 1, 2, 3]")
+    assert "40 tokens are no more than D = 48 dimensions" in warning_lines[0]
     assert json.loads((tmp_path / "results.json").read_text())["metrics"]["procrustes"]["underdetermined"] == [True] * 4
