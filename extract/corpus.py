@@ -102,9 +102,9 @@ def render_spans(record: Mapping[str, Any], spec: CorpusSpec,
             text, found = _chat(record, format_spec, tokenizer)
             segments += [Segment(s.field, at + s.start, at + s.stop, s.offset) for s in found]
         else:
-            if name.split(".")[0].split("[")[0] not in record:
+            if _root(name) not in record:
                 missing = [f for _, f, fs, _ in string.Formatter().parse(spec.template)
-                           if f and not (f == "chat" and fs) and f.split(".")[0].split("[")[0] not in record]
+                           if f and not (f == "chat" and fs) and _root(f) not in record]
                 raise CorpusError(f"Expected fields {missing} used by the template in every record. Got fields {sorted(record)}.")
             text = string.Formatter().format("{" + name + (f"!{conversion}" if conversion else "") +
                                              (f":{format_spec}" if format_spec else "") + "}", **record)
@@ -112,6 +112,11 @@ def render_spans(record: Mapping[str, Any], spec: CorpusSpec,
         pieces.append(text)
         at += len(text)
     return "".join(pieces), segments
+
+
+def _root(name: str) -> str:
+    """The record field a format-string field names (``a`` of ``a.b`` or ``a[0]``)."""
+    return name.split(".")[0].split("[")[0]
 
 
 def _chat(record: Mapping[str, Any], field: str, tokenizer: PreTrainedTokenizerBase | None) -> tuple[str, list[Segment]]:

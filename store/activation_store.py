@@ -298,7 +298,7 @@ class ActivationStore(ResultRecords):
         selected_a = self.select(a, selection)
         if self.same_tokens(info_a.corpus, info_b.corpus):
             n = _count(selected_a)
-            return TokenPairs(selected_a, selected_a, n, n, identical=True)  # type: ignore[arg-type]
+            return TokenPairs(selected_a, selected_a, n, n, identical=True)
         rows_a, rows_b = self._alignment(a, info_a.corpus, b, info_b.corpus)
         selected_b = self.select(b, replace(selection, tokens=None) if selection is not None else None)
         keep = _mask(selected_a, info_a.n_tokens)[rows_a] & _mask(selected_b, info_b.n_tokens)[rows_b]

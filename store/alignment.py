@@ -33,20 +33,21 @@ class TokenPairs:
     """Rows of A's corpus and of B's that are the same tokens, pair by pair, in A's order.
 
     Attributes:
-        rows_a, rows_b: (M,) int64 token indices into A's and B's corpus.
+        rows_a, rows_b: (M,) int64 token indices into A's and B's corpus; when ``identical``, both are the
+            selection itself (a slice or an index, as :meth:`ActivationStore.select` gives it).
         n_a, n_b: tokens each side offered (its selection), for the aligned share.
-        identical: both models ran over the same token sequence (then rows_a == rows_b, nothing was aligned).
+        identical: both models ran over the same token sequence (nothing was aligned).
     """
 
-    rows_a: np.ndarray
-    rows_b: np.ndarray
+    rows_a: np.ndarray | slice
+    rows_b: np.ndarray | slice
     n_a: int
     n_b: int
     identical: bool
 
     @property
     def n_pairs(self) -> int:
-        return int(self.rows_a.size)
+        return self.n_a if self.identical else int(self.rows_a.size)  # type: ignore[union-attr]
 
     def share(self) -> tuple[float, float]:
         """The aligned share of A's and of B's selected tokens."""

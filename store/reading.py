@@ -1,8 +1,8 @@
 """Reading a hidden state through Zarr without trusting what is (not) there.
 
 :class:`CheckedArray` is what :meth:`ActivationStore.hidden_state` wraps in Dask. A done unit's shard is decoded
-only from bytes whose checksum (xxh3 of the whole object) is the one its done record lists: Zarr would read a missing shard's fill values
-(zeros) as data, and another shard of the same byte count (a copy, a restore of the wrong file) as this one.
+only from bytes whose size and xxh3 (of the whole object) are those its done record lists: Zarr would read a
+missing shard's fill values (zeros) as data, and another shard of the same byte count as this one.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from hrsa.store.errors import CorruptDataError
 from hrsa.store.format import as_logical
 from hrsa.store.objects import get_buffer
 from hrsa.store.unit_records import ShardRecord
-from hrsa.store.units import checked_record, shard_key
+from hrsa.store.units import array_through, checked_record, recorded_shard, shard_key
 
 if TYPE_CHECKING:
     import zarr
@@ -128,7 +128,7 @@ class CheckedArray:
         self._model_prefix, self._layer, self._settings = model_prefix, layer, settings
         self._expected: dict[str, ShardRecord] = {}  # done shards whose record was read: a record is read once
         self._shards = _VerifiedShards(array.store_path.store, self._expected)
-        self._array = _through(array, self._shards)
+        self._array = array_through(array, self._shards)
         self._lock = threading.Lock()  # Dask's threads read blocks of one shard at once: one of them reads its record
         self.shape, self.ndim = array.shape, array.ndim
         self.dtype = as_logical(np.empty(0, array.dtype), dtype).dtype
@@ -143,7 +143,7 @@ class CheckedArray:
 
     def _check_records(self, selection: Any) -> list[str]:
         """Each done unit the selection touches must have an intact record of this model's settings listing its
-        shard of this hidden state; the record's size and sha256 are then what the shard's bytes must match.
+        shard of this hidden state; the record's size and xxh3 are then what the shard's bytes must match.
 
         One record read per shard (one GET on S3), the first time a read touches it. Returns the done shards' keys.
         """
@@ -156,12 +156,9 @@ class CheckedArray:
                     continue
                 try:
                     record = checked_record(self._stored.store_path.store, self._model_prefix, u, self._settings)
+                    self._expected[key] = recorded_shard(self._stored, self._model_prefix, self._layer, record)
                 except ValueError as error:
                     raise self._damaged(u, str(error)) from None
-                shard = record.shards.get(self._layer)
-                if shard is None or f"{self._model_prefix}/{shard.key}" != key:
-                    raise self._damaged(u, f"done record lists no shard of hidden state {self._layer} at {key}")
-                self._expected[key] = shard
         return [shard_key(self._stored, u) for u in done]
 
     def _damaged(self, unit: int, problem: str) -> CorruptDataError:
@@ -176,7 +173,7 @@ class CheckedArray:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._shards = _VerifiedShards(self._stored.store_path.store, self._expected)
-        self._array = _through(self._stored, self._shards)
+        self._array = array_through(self._stored, self._shards)
         self._lock = threading.Lock()
 
     def __getitem__(self, selection: Any) -> np.ndarray:
@@ -195,13 +192,3 @@ class CheckedArray:
                 "Run `hrsa store verify` to list the damaged shards, then re-extract them."
             ) from error
 
-
-def _through(array: zarr.Array, store: Any) -> zarr.Array:
-    """``array`` read through ``store`` (a wrapper of its own store)."""
-    import zarr
-    from zarr.core.array import AsyncArray
-    from zarr.storage import StorePath
-
-    inner = AsyncArray(metadata=array.metadata, store_path=StorePath(store, array.store_path.path),
-                       config=array.async_array.config)
-    return zarr.Array(inner)

@@ -38,7 +38,8 @@ from hrsa.store.unit_records import (
 if TYPE_CHECKING:
     import zarr
 
-__all__ = ["WorkUnit", "ModelWriter", "done_units", "shard_key", "checked_record", "shard_problem"]
+__all__ = ["WorkUnit", "ModelWriter", "array_through", "done_units", "shard_key", "checked_record", "recorded_shard",
+           "shard_problem"]
 
 
 def shard_key(array: zarr.Array, unit: int) -> str:
@@ -68,17 +69,40 @@ def checked_record(store: Any, model_prefix: str, unit: int, settings: str) -> D
     return record
 
 
+def recorded_shard(array: zarr.Array, model_prefix: str, layer: int, record: DoneRecord) -> ShardRecord:
+    """The shard of ``layer`` that a done record lists, at the key this array keeps that unit's shard.
+
+    Raises:
+        ValueError: the record lists no such shard (or lists it at another key).
+    """
+    shard = record.shards.get(layer)
+    key = shard_key(array, record.unit)
+    if shard is None or f"{model_prefix}/{shard.key}" != key:
+        raise ValueError(f"done record lists no shard of hidden state {layer} at {key}")
+    return shard
+
+
 def shard_problem(array: zarr.Array, model_prefix: str, layer: int, record: DoneRecord) -> str | None:
     """What is wrong with a done unit's shard of ``layer``, or None.
 
     The shard object must be the one its record lists: present, of the recorded size and sha256 (reading the
     object). Zarr reads a missing shard as fill values, so whoever trusts a done unit asks this, never Zarr.
     """
-    shard = record.shards.get(layer)
-    key = shard_key(array, record.unit)
-    if shard is None or f"{model_prefix}/{shard.key}" != key:
-        return f"done record lists no shard of hidden state {layer} at {key}"
-    return shard.verify_problem(get_bytes(array.store_path.store, key))
+    try:
+        shard = recorded_shard(array, model_prefix, layer, record)
+    except ValueError as error:
+        return str(error)
+    return shard.verify_problem(get_bytes(array.store_path.store, shard_key(array, record.unit)))
+
+
+def array_through(array: zarr.Array, store: Any) -> zarr.Array:
+    """``array`` (same metadata, path and config) read and written through ``store``, a wrapper of its own store."""
+    import zarr
+    from zarr.core.array import AsyncArray
+    from zarr.storage import StorePath
+
+    return zarr.Array(AsyncArray(metadata=array.metadata, store_path=StorePath(store, array.store_path.path),
+                                 config=array.async_array.config))
 
 
 @dataclass(frozen=True)
@@ -255,15 +279,9 @@ class ModelWriter:
         return create_if_absent(self._store, self._key(done_key(unit.index)), record.to_bytes())
 
     def _hashing_array(self, layer: int) -> tuple[zarr.Array, Any]:
-        import zarr
-        from zarr.core.array import AsyncArray
-        from zarr.storage import StorePath
-
-        stored = self._group[hidden_key(layer)]
         hashing = _hashing_store(self._store)
-        inner = AsyncArray(metadata=stored.metadata, store_path=StorePath(hashing, stored.store_path.path),
-                           config=stored.async_array.config)
-        return zarr.Array(inner).with_config({"write_empty_chunks": True}), hashing
+        array = array_through(self._group[hidden_key(layer)], hashing)
+        return array.with_config({"write_empty_chunks": True}), hashing
 
     def reset_unit(self, unit: WorkUnit) -> None:
         """Make a unit not done and rewritable: delete its shard objects, its done record, then its claims

@@ -48,23 +48,10 @@ __all__ = [
     "exact_neighbors",
     "knn_pair",
     "neighbor_recall",
-    "normalize_rows",
     "sample_tokens",
 ]
 
 TIE_MARGIN = 8  # extra candidates per block search, so that ties at the k-th place resolve by index
-
-
-def normalize_rows(x: ArrayLike) -> NDArray[np.float32]:
-    """(N, D) rows scaled to unit L2 norm as C-contiguous float32 (all-zero rows stay zero)."""
-    x = np.asarray(x)
-    out = np.empty(x.shape, dtype=np.float32)
-    step = max(1, (1 << 21) // max(1, x.shape[1]))  # ~16 MB of float64 at a time, not a float64 copy of all
-    for i in range(0, x.shape[0], step):
-        block = np.asarray(x[i : i + step], dtype=np.float64)  # float64 norms: squares of 1e4-offsets stay exact
-        norms = np.linalg.norm(block, axis=1, keepdims=True)  # (b, 1)
-        out[i : i + step] = block / np.where(norms > 0, norms, 1.0)
-    return out
 
 
 @functools.cache
@@ -90,34 +77,41 @@ def _resolve_gpu(use_gpu: bool | None) -> bool:
     return has_gpu if use_gpu is None else bool(use_gpu and has_gpu)
 
 
-def _search_rows(x: NDArray) -> tuple[NDArray[np.float32], NDArray[np.float32], NDArray[np.float64]]:
-    """(queries, database, norms): unit rows as float32; unit rows minus their float64 mean as float32 (the shared
-    direction removed before rounding); the rows' float64 norms. Built in blocks, never a float64 copy of all."""
+def _safe(norms: NDArray[np.float64]) -> NDArray[np.float64]:
+    return np.where(norms > 0, norms, 1.0)  # an all-zero row stays zero: similarity 0 to everything
+
+
+def _centred_unit_rows(x: NDArray) -> tuple[NDArray[np.float32], NDArray[np.float64], NDArray[np.float64]]:
+    """(centred, mean, norms): the unit rows minus their mean, rounded to float32 only after the float64 shift (the
+    shared direction removed before rounding); that mean; the rows' float64 norms. One float32 copy of the data,
+    built in blocks of ~16 MB of float64."""
     n, d = x.shape
     step = max(1, (1 << 21) // max(1, d))
     norms, mean = np.empty(n), np.zeros(d)
     for i in range(0, n, step):
-        block = np.asarray(x[i : i + step], dtype=np.float64)
+        block = np.array(x[i : i + step], dtype=np.float64)
         norms[i : i + step] = np.linalg.norm(block, axis=1)
-        mean += (block / np.where(norms[i : i + step] > 0, norms[i : i + step], 1.0)[:, None]).sum(axis=0)
+        block /= _safe(norms[i : i + step])[:, None]
+        mean += block.sum(axis=0)
     mean /= max(n, 1)
-    queries, database = np.empty((n, d), np.float32), np.empty((n, d), np.float32)
+    centred = np.empty((n, d), np.float32)
     for i in range(0, n, step):
-        unit = np.asarray(x[i : i + step], dtype=np.float64) / np.where(norms[i : i + step] > 0, norms[i : i + step], 1.0)[:, None]
-        queries[i : i + step], database[i : i + step] = unit, unit - mean
-    return queries, database, norms
+        block = np.array(x[i : i + step], dtype=np.float64)
+        block /= _safe(norms[i : i + step])[:, None]
+        block -= mean
+        centred[i : i + step] = block
+    return centred, mean, norms
 
 
 def _exact_scores(x: NDArray, norms: NDArray[np.float64], rows: NDArray[np.int64], cand: NDArray[np.int64]) -> NDArray[np.float64]:
     """(b, c) float64 cosines of rows ``rows`` against their candidates ``cand`` (-1: none, scored -inf)."""
     out = np.full(cand.shape, -np.inf)
-    for i in range(0, len(rows), 256):  # (256, c, D) float64 at a time
-        q = np.asarray(x[rows[i : i + 256]], dtype=np.float64)  # (b, D)
-        c = cand[i : i + 256]
-        v = np.asarray(x[np.maximum(c, 0).ravel()], dtype=np.float64).reshape(*c.shape, -1)  # (b, c, D)
-        dots = np.einsum("bd,bcd->bc", q, v)
-        scale = np.where(norms[rows[i : i + 256]] > 0, norms[rows[i : i + 256]], 1.0)[:, None] * np.where(norms[np.maximum(c, 0)] > 0, norms[np.maximum(c, 0)], 1.0)
-        out[i : i + 256] = np.where(c >= 0, dots / scale, -np.inf)
+    for i in range(0, len(rows), 64):  # (64, c, D) float64 at a time
+        r, c = rows[i : i + 64], np.maximum(cand[i : i + 64], 0)
+        q = np.asarray(x[r], dtype=np.float64)  # (b, D)
+        v = np.asarray(x[c.ravel()], dtype=np.float64).reshape(*c.shape, -1)  # (b, c, D)
+        cosines = np.einsum("bd,bcd->bc", q, v) / (_safe(norms[r])[:, None] * _safe(norms[c]))
+        out[i : i + 64] = np.where(cand[i : i + 64] >= 0, cosines, -np.inf)
     return out
 
 
@@ -143,8 +137,8 @@ def exact_neighbors(
         [1, 0, 1]
     """
     x = np.asarray(x)
-    queries, database, norms = _search_rows(x)  # (N, D) float32 each, (N,) float64
-    n, d = queries.shape
+    database, mean, norms = _centred_unit_rows(x)  # (N, D) float32, (D,), (N,) float64
+    n, d = database.shape
     k = check_k(k, n)
     if query_block < 1 or db_block < 1:
         raise ValueError(f"Expected positive block sizes. Got query_block={query_block}, db_block={db_block} instead.")
@@ -160,7 +154,7 @@ def exact_neighbors(
 
     single = list(db_blocks()) if n <= db_block else None  # one block: index it once, not once per query block
     for i0 in range(0, n, query_block):
-        q = queries[i0 : i0 + query_block]  # (b, D)
+        q = database[i0 : i0 + query_block] + mean.astype(np.float32)  # (b, D) float32: the unit rows, the queries
         best_s = np.full((len(q), 0), -np.inf, dtype=np.float32)
         best_i = np.full((len(q), 0), -1, dtype=np.int64)
         # Step 1: float32 candidates: each database block's top list merged into the running one.
@@ -196,7 +190,7 @@ def approximate_neighbors(
     import faiss
 
     x = np.asarray(x)
-    _, centred, norms = _search_rows(x)  # unit rows minus their mean: the shared direction removed before rounding
+    centred, _, norms = _centred_unit_rows(x)
     k = check_k(k, centred.shape[0])
     # On the unit sphere, cosine order is L2 order, and L2 distances do not change when every row moves by the
     # same vector: so an L2 graph of the centred unit rows (symmetric, which HNSW needs) ranks by cosine.

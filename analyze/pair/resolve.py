@@ -85,7 +85,7 @@ def resolve_pair(
     info_a, info_b = check_pair(store, a, b, metrics_t)
     # Step 2: the tokens: the same ones, or those whose content spans coincide in both corpora.
     pairs = store.token_pairs(a, b, selection)
-    n_tokens = pairs.n_a if pairs.identical else pairs.n_pairs
+    n_tokens = pairs.n_pairs
     if debiased and n_tokens < 4:
         raise UserError(f"Expected at least 4 tokens for debiased CKA. Got {n_tokens} instead. Loosen the selection.")
     if block_tokens is not None and block_tokens < 1:

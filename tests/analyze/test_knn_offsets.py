@@ -66,3 +66,19 @@ def test_approximate_neighbors_rank_exactly_what_they_find() -> None:
     x = _stored(1e4)
     expected = _float64_neighbors(x, K)
     assert _jaccard(approximate_neighbors(x, K), expected) >= 0.95
+
+
+def test_exact_search_holds_one_float32_copy_of_the_rows() -> None:
+    """Measured, not estimated: besides the rows, exact search keeps one float32 copy (the centred unit rows) and
+    blocks bounded by query_block; a second (N, D) copy would put the peak past 2x the data."""
+    import tracemalloc
+
+    x = np.random.default_rng(0).standard_normal((20_000, D)).astype(np.float32)
+    x[:, 0] += 1e4
+    tracemalloc.start()
+    try:
+        exact_neighbors(x, K, query_block=2048)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert x.nbytes < peak < 2.0 * x.nbytes, peak / x.nbytes
