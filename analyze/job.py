@@ -112,7 +112,7 @@ def _compare(store: ActivationStore, config: AnalyzeConfig, on_plan: Callable[[A
         store, *config.pair, metrics=config.metrics, debiased=config.debiased, cross_layer=config.cross_layer,
         selection=selection, memory_budget=config.memory_budget, block_tokens=config.block_tokens,
         workers=config.workers, scheduler=config.scheduler, backend=config.backend, compute_dtype=config.compute_dtype,
-        save_rotation=config.save_rotation, knn_options=knn_options, probe_options=probe_options,
+        save_rotation=config.save_rotation, groups=config.groups, knn_options=knn_options, probe_options=probe_options,
         on_plan=on_plan, on_block=on_block,
     )
 

@@ -41,6 +41,14 @@ never change existing ones). NaN (a metric undefined on constant data) is writte
                     "target": {...}, "chance": float, # majority-class share of the test split
                     "reverse": {"source": {...}, "target": {...}}}}  # fitted on B, with both directions
       },
+      "uncertainty": {"method": "jackknife" | null, "unit": "documents", "groups": int, "level": 0.95,
+                      "null": str, "null_z": 3.0},
+                                            # beside a metric's per-layer list KEY (cka's "diagonal", procrustes'
+                                            # "h_inv", ...): "intervals": {KEY: [[low, high]]} and "se": {KEY: [float]}
+                                            # (delete-a-group jackknife over `groups` groups of whole documents),
+                                            # and for cka and dimcorr "null": {"diagonal": {"mean": [float],
+                                            # "std": [float]}} (exact moments over permutations of B's tokens); a
+                                            # score below mean + null_z * std is indistinguishable from unrelated tokens
       "plan": {"passes": int, "tiles": {...}, "workers": int, "block_tokens": int, "memory_budget": int,
                "estimated_peak": int},
       "settings": {"scheduler": str, "backend": str, "compute_dtype": str, ...},
@@ -66,6 +74,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hrsa.analyze.metrics.uncertainty import DEFAULT_LEVEL, NULL_Z
 from hrsa.runtime.files import write_atomic
 from hrsa.store.errors import UserError
 from hrsa.store.format import ATTRS_KEY
@@ -140,6 +149,7 @@ def results_dict(results: PairResults, *, run_id: str, config: Mapping[str, Any]
         "hidden_states_b": list(results.hidden_states_b),
         "matched_hidden_states": list(results.matched),
         "metrics": _metrics(results),
+        "uncertainty": _uncertainty(results),
         "plan": results.plan.to_dict(),
         "settings": dict(results.settings),
         "hrsa_version": __version__,
@@ -169,11 +179,24 @@ def _metrics(r: PairResults) -> dict[str, Any]:
         out["procrustes"] = {k: [getattr(x, k) for x in p] for k in ("h_inv", "residual", "similarity", "underdetermined")}
         if p and p[0].rotation is not None:
             out["procrustes"]["rotations"] = [_rotation_name(k) for k in r.matched]
+    for name, intervals in r.intervals.items():
+        metric, key = name.split("/")
+        out[metric].setdefault("intervals", {})[key] = [[i.low, i.high] for i in intervals]
+        out[metric].setdefault("se", {})[key] = [i.se for i in intervals]
+    for name, nulls in r.nulls.items():
+        metric, key = name.split("/")
+        out[metric].setdefault("null", {})[key] = {"mean": [z.mean for z in nulls], "std": [z.std for z in nulls]}
     if r.knn is not None:
         out["knn"] = _knn(r.knn)
     if r.probe is not None:
         out["probe"] = _probe(r.probe)
     return out
+
+
+def _uncertainty(r: PairResults) -> dict[str, Any]:
+    """How the intervals and nulls beside the scores were made (the module docstring's ``uncertainty``)."""
+    return {"method": "jackknife" if r.intervals else None, "unit": "documents", "groups": r.n_groups,
+            "level": DEFAULT_LEVEL, "null": "permutation of B's tokens against A's (closed form)", "null_z": NULL_Z}
 
 
 def _knn(knn: KnnPairResult) -> dict[str, Any]:
@@ -250,16 +273,20 @@ def write_to_store(store: ActivationStore, results: PairResults, doc: Mapping[st
 def _arrays(results: PairResults, doc: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Every list and matrix of the document's metrics, as float64 (bool/int kept), plus rotations."""
     out: dict[str, np.ndarray] = {}
-    for metric, values in doc["metrics"].items():
-        if metric == "knn":  # {"k": {"5": [...]}} -> knn/k/5, knn/median/5, ...
-            values = {**{key: v for key, v in values.items() if not isinstance(v, dict)},
-                      **{f"{key}/{k}": v for key, by_k in values.items() if isinstance(by_k, dict) for k, v in by_k.items()}}
-        for key, value in values.items():
-            if isinstance(value, list) and value and not isinstance(value[0], str):
-                out[f"{metric}/{key}"] = np.array([np.nan if v is None else v for v in _flat_none(value)]).reshape(np.shape(value))
+    for key, value in _leaves(doc["metrics"]):  # nested keys as paths: knn/k/5, cka/intervals/diagonal, ...
+        if isinstance(value, list) and value and not isinstance(value[0], str):
+            out[key] = np.array([np.nan if v is None else v for v in _flat_none(value)]).reshape(np.shape(value))
     for k, p in zip(results.matched, results.procrustes or ()):
         if p.rotation is not None:
             out[f"procrustes/rotation/{k}"] = p.rotation
+    return out
+
+
+def _leaves(tree: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        out.extend(_leaves(value, path + "/") if isinstance(value, Mapping) else [(path, value)])
     return out
 
 

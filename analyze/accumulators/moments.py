@@ -27,7 +27,7 @@ can tree-reduce it and a cluster can split tokens (``hrsa.analyze.accumulators.t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -150,6 +150,24 @@ class Moments:
                 f"Got {(other.dx, other.dy)} instead. Merge only statistics of the same pair of hidden states."
             )
         return _combine(self, other)
+
+    def without(self, part: Moments) -> Moments:
+        """The statistics of these tokens less ``part``'s, a subset of them: the inverse of ``merge``.
+
+        ``a.merge(b).without(b)`` equals ``a`` up to rounding. It turns per-group statistics and their total into
+        the leave-one-group-out statistics of the jackknife in O(D^2) per group, instead of merging the G - 1
+        other groups again. The subtraction costs no precision that matters here: every term is a co-moment about
+        a mean (no raw sums), and the rest holds most of the tokens.
+
+        Raises:
+            ValueError: if the hidden sizes differ or ``part`` holds at least as many tokens as these.
+        """
+        if (self.dx, self.dy) != (part.dx, part.dy) or part.n >= self.n:
+            raise ValueError(
+                f"Expected a part of these statistics: sizes {(self.dx, self.dy)} and fewer than {self.n} tokens. "
+                f"Got sizes {(part.dx, part.dy)} and {part.n} tokens instead."
+            )
+        return self if part.n == 0 else _remove(self, part)
 
 
 def moments(
@@ -275,6 +293,34 @@ def _combine(a: Moments, b: Moments) -> Moments:
     )
 
 
+def _remove(total: Moments, part: Moments) -> Moments:
+    """``rest`` such that ``_combine(rest, part) == total``: Chan's combine solved for one of its blocks."""
+    n = total.n - part.n
+    # Step 1: the rest's means and co-moments. total = rest + part + w outer(delta) with delta = mean_p - mean_r.
+    mean_x = total.mean_x + (part.n / n) * (total.mean_x - part.mean_x)
+    mean_y = total.mean_y + (part.n / n) * (total.mean_y - part.mean_y)
+    dx, dy = part.mean_x - mean_x, part.mean_y - mean_y
+    weight = n * part.n / total.n
+
+    def comoment(c_t: F64, c_p: F64, du: F64, dv: F64) -> F64:
+        c = c_t - c_p
+        c -= (weight * du)[:, None] * dv[None, :]
+        return c
+
+    c_xx, c_yy, c_xy = comoment(total.c_xx, part.c_xx, dx, dx), comoment(total.c_yy, part.c_yy, dy, dy), comoment(total.c_xy, part.c_xy, dx, dy)
+    # Step 2: norm moments. The total's are the sum of both blocks' shifted to the pooled mean; subtract the
+    # part's, then undo the rest's shift (its co-moments are known from step 1).
+    sp = _shift_norm_moments(part, total.mean_x - part.mean_x, total.mean_y - part.mean_y)
+    shifted = _NormMoments(*(t - p for t, p in zip(_norm_moments(total), sp, strict=True)))
+    rest = replace(Moments.empty(total.dx, total.dy), n=n, c_xx=c_xx, c_yy=c_yy, c_xy=c_xy)  # what the unshift reads
+    norm = _unshift_norm_moments(rest, shifted, total.mean_x - mean_x, total.mean_y - mean_y)
+    return Moments(n, mean_x, mean_y, c_xx, c_yy, c_xy, *norm)
+
+
+def _norm_moments(m: Moments) -> _NormMoments:
+    return _NormMoments(m.q_xx, m.q_yy, m.q_xy, m.g_xx, m.g_xy, m.g_yx, m.g_yy)
+
+
 class _NormMoments(NamedTuple):
     """The debiased-CKA sums of one block, re-centred (see ``_shift_norm_moments``)."""
 
@@ -311,4 +357,23 @@ def _shift_norm_moments(m: Moments, d: F64, e: F64) -> _NormMoments:
         g_xy=g_xy - (tr_x + m.n * dd) * e - 2 * cyx_d,
         g_yx=g_yx - (tr_y + m.n * ee) * d - 2 * cxy_e,
         g_yy=g_yy - (tr_y + m.n * ee) * e - 2 * cyy_e,
+    )
+
+
+def _unshift_norm_moments(m: Moments, shifted: _NormMoments, d: F64, e: F64) -> _NormMoments:
+    """The inverse of ``_shift_norm_moments``: block ``m``'s own norm moments from ``shifted``, its sums re-centred
+    at ``mean_x + d``, ``mean_y + e`` (``m``'s n, means and co-moments are used; its norm moments are not)."""
+    dd, ee = float(d @ d), float(e @ e)
+    tr_x, tr_y = float(np.trace(m.c_xx)), float(np.trace(m.c_yy))
+    cxx_d, cyy_e = m.c_xx @ d, m.c_yy @ e  # (Dx,), (Dy,)
+    cxy_e, cyx_d = m.c_xy @ e, m.c_xy.T @ d  # (Dx,), (Dy,)
+    g_xx = shifted.g_xx + (tr_x + m.n * dd) * d + 2 * cxx_d
+    g_xy = shifted.g_xy + (tr_x + m.n * dd) * e + 2 * cyx_d
+    g_yx = shifted.g_yx + (tr_y + m.n * ee) * d + 2 * cxy_e
+    g_yy = shifted.g_yy + (tr_y + m.n * ee) * e + 2 * cyy_e
+    return _NormMoments(
+        q_xx=float(shifted.q_xx + 4 * d @ g_xx - 2 * dd * tr_x - 4 * d @ cxx_d - m.n * dd * dd),
+        q_yy=float(shifted.q_yy + 4 * e @ g_yy - 2 * ee * tr_y - 4 * e @ cyy_e - m.n * ee * ee),
+        q_xy=float(shifted.q_xy + 2 * e @ g_xy + 2 * d @ g_yx - ee * tr_x - dd * tr_y - 4 * d @ cxy_e - m.n * dd * ee),
+        g_xx=g_xx, g_xy=g_xy, g_yx=g_yx, g_yy=g_yy,
     )

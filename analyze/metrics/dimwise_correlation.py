@@ -19,6 +19,11 @@ Invariances: any positive affine map per dimension on either side (x_j -> s_j x_
 a negative s_j flips the sign of r_j. Not invariant to rotations or permutations of the dimensions:
 Y = X Q with a random rotation Q drops the mean correlation to ~0 while CKA stays 1.
 
+Null baseline (``dimwise_correlation_null``): under a uniform random permutation of B's tokens, for centred
+columns a, b, c, d, E[a.Pb] = 0 and Cov(a.Pb, c.Pd) = (a.c)(b.d) / (n - 1) exactly, so the mean r over the
+usable dimensions S has mean 0 and variance sum_{j,k in S} R^x_jk R^y_jk / (|S|^2 (n - 1)), with R^x, R^y the
+correlation matrices of X and Y (from C_xx, C_yy).
+
 Deviation from the paper: the paper reports the mean; the median, quartiles and extremes are added here
 because a few outlier dimensions often behave differently from the bulk.
 """
@@ -31,6 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hrsa.analyze.metrics._common import check_same_hidden_size
+from hrsa.analyze.metrics.uncertainty import NullBaseline
 from hrsa.analyze.accumulators.moments import moments
 
 if TYPE_CHECKING:
@@ -45,6 +51,7 @@ __all__ = [
     "dimwise_correlation",
     "dimwise_correlation_from_moments",
     "dimwise_correlation_from_summaries",
+    "dimwise_correlation_null",
 ]
 
 #: Relative tolerance under which a dimension's spread counts as zero (about 8 float32 epsilons).
@@ -207,3 +214,28 @@ def _summarise(r: np.ndarray, ok: np.ndarray, n: int) -> DimwiseCorrelationResul
         n_tokens=n,
         per_dim=r,
     )
+
+
+def dimwise_correlation_null(m: Moments, *, rtol: float = DEFAULT_RTOL) -> NullBaseline:
+    """Mean and standard deviation of the mean r over all permutations of B's tokens (module docstring).
+
+    Example:
+        >>> import numpy as np
+        >>> from hrsa.analyze.accumulators.moments import moments
+        >>> rng = np.random.default_rng(0)
+        >>> null = dimwise_correlation_null(moments(rng.normal(size=(1001, 4)), rng.normal(size=(1001, 4))))
+        >>> null.mean, round(null.std, 4)  # ~ 1 / sqrt(D n) for white data
+        (0.0, 0.0158)
+    """
+    check_same_hidden_size(m, "dimension-wise correlation")
+    ok = ~(_is_flat(np.diag(m.c_xx), m.mean_x, m.n, rtol) | _is_flat(np.diag(m.c_yy), m.mean_y, m.n, rtol))
+    if m.n < 2 or not ok.any():
+        return NullBaseline(float("nan"), float("nan"))
+    rx, ry = _correlation(m.c_xx[np.ix_(ok, ok)]), _correlation(m.c_yy[np.ix_(ok, ok)])
+    var = float(np.einsum("jk,jk->", rx, ry)) / (ok.sum() ** 2 * (m.n - 1))
+    return NullBaseline(0.0, float(np.sqrt(max(var, 0.0))))
+
+
+def _correlation(c: NDArray[np.float64]) -> NDArray[np.float64]:
+    s = np.sqrt(np.diag(c))
+    return c / s[:, None] / s[None, :]

@@ -25,16 +25,31 @@ Invariances (both variants): orthogonal transforms and isotropic scaling of eith
 offsets. Not invariant to anisotropic scaling or to general invertible linear maps.
 
 Deviation from the paper: none; the paper uses the biased estimator, and the debiased one is an option.
+
+Null baseline (``linear_cka_null``): biased linear CKA is Escoufier's RV coefficient of the centred data, and its
+distribution when B's tokens are randomly permuted against A's has closed-form moments (Kazi-Aoual et al. 1995;
+Josse, Pagès & Husson 2008). With K = Xc Xc^T, L = Yc Yc^T (doubly centred: rows sum to 0) the numerator is
+S = sum_ij K_ij L_p(i)p(j). Grouping the index tuples of E[S] and E[S^2] by which indices coincide, a permutation
+maps a tuple to a uniform one of the same pattern, so E[S^2] = sum_pi F_K(pi) F_L(pi) / (n)_|pi| over the 15 set
+partitions pi of the four indices, where F(pi) sums over tuples of exactly that pattern. By Möbius inversion
+over coarser patterns F comes from the unrestricted sums, and since K's rows sum to 0 those vanish unless no
+index stands alone; the rest are tr K = tr C_xx, |K|_F^2 = |C_xx|_F^2 and sum_i K_ii^2 = q_xx, all in Moments:
+
+    E[CKA] = tr(C_xx) tr(C_yy) / ((n - 1) |C_xx|_F |C_yy|_F),    Var[CKA] = Var[S] / (|C_xx|_F^2 |C_yy|_F^2).
+
+Both are exact (tested against every permutation of small samples, and against permuted activations).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from hrsa.analyze.metrics._common import check_min_tokens
+from hrsa.analyze.metrics.uncertainty import NullBaseline
 from hrsa.analyze.accumulators.moments import moments
 
 if TYPE_CHECKING:
@@ -43,7 +58,7 @@ if TYPE_CHECKING:
     from hrsa.analyze.accumulators.cross_moments import CoMomentSummary
     from hrsa.analyze.accumulators.moments import Moments
 
-__all__ = ["CkaResult", "linear_cka", "linear_cka_from_moments", "linear_cka_from_summaries"]
+__all__ = ["CkaResult", "linear_cka", "linear_cka_from_moments", "linear_cka_from_summaries", "linear_cka_null"]
 
 
 @dataclass(frozen=True)
@@ -154,3 +169,77 @@ def _sq_frobenius(c: np.ndarray) -> float:
 def _debiased_hsic(sq_cross: float, sum_ab: float, tr_x: float, tr_y: float, n: int) -> float:
     """n(n-3) times the unbiased linear HSIC, from globally centred statistics (see the module docstring)."""
     return float(sq_cross - n / (n - 2) * sum_ab + tr_x * tr_y / ((n - 1) * (n - 2)))
+
+
+def linear_cka_null(m: Moments) -> NullBaseline:
+    """Mean and standard deviation of biased linear CKA over all permutations of B's tokens (module docstring).
+
+    Example:
+        >>> import numpy as np
+        >>> from hrsa.analyze.accumulators.moments import moments
+        >>> rng = np.random.default_rng(0)
+        >>> null = linear_cka_null(moments(rng.normal(size=(1000, 4)), rng.normal(size=(1000, 4))))
+        >>> round(null.mean, 4), round(null.std, 4)  # ~ D / n and ~ sqrt(2) / n for white data
+        (0.004, 0.0014)
+    """
+    x, y = _permutation_invariants(m.c_xx, m.q_xx), _permutation_invariants(m.c_yy, m.q_yy)
+    norm = np.sqrt(x[1] * y[1])  # |C_xx|_F |C_yy|_F
+    if m.n < 4 or norm <= 0.0:
+        return NullBaseline(float("nan"), float("nan"))
+    first = sum(_exact_pattern_sum(p, x) * _exact_pattern_sum(p, y) / _falling(m.n, len(p)) for p in _PAIRS)
+    second = sum(_exact_pattern_sum(p, x) * _exact_pattern_sum(p, y) / _falling(m.n, len(p)) for p in _QUADS)
+    return NullBaseline(float(first / norm), float(np.sqrt(max(second - first * first, 0.0)) / norm))
+
+
+def _permutation_invariants(c: np.ndarray, q: float) -> tuple[float, float, float]:
+    """(tr K, |K|_F^2, sum_i K_ii^2) of the Gram matrix K = Xc Xc^T, from C = Xc^T Xc and q = sum_i |x_i|^4."""
+    return float(np.trace(c)), _sq_frobenius(c), float(q)
+
+
+def _set_partitions(items: tuple[int, ...]) -> list[tuple[frozenset[int], ...]]:
+    if not items:
+        return [()]
+    first, rest = items[0], items[1:]
+    out = []
+    for p in _set_partitions(rest):
+        out.append((frozenset([first]), *p))
+        for i in range(len(p)):
+            out.append((*p[:i], p[i] | {first}, *p[i + 1 :]))
+    return out
+
+
+_PAIRS = _set_partitions((0, 1))  # index patterns of K_ij in E[S]
+_QUADS = _set_partitions((0, 1, 2, 3))  # index patterns of K_ij K_kl in E[S^2]
+
+
+def _unrestricted_sum(p: tuple[frozenset[int], ...], inv: tuple[float, float, float]) -> float:
+    """sum over indices equal within each block of ``p`` of K_ij (two slots) or K_ij K_kl (four slots).
+
+    An index in one slot only sums a row of K, which is 0 (K is doubly centred); what is left: tr K (i = j),
+    tr K tr K (i = j, k = l), |K|_F^2 (i = k, j = l or i = l, j = k) and sum_i K_ii^2 (all four equal).
+    """
+    trace, sq_frobenius, sq_diagonal = inv
+    if any(len(block) == 1 for block in p):
+        return 0.0
+    blocks = sorted(tuple(sorted(block)) for block in p)
+    if len(blocks) == 1:
+        return trace if blocks[0] == (0, 1) else sq_diagonal
+    return trace * trace if blocks == [(0, 1), (2, 3)] else sq_frobenius
+
+
+def _exact_pattern_sum(p: tuple[frozenset[int], ...], inv: tuple[float, float, float]) -> float:
+    """The sum over index tuples whose equalities are exactly ``p``: Möbius inversion over coarser patterns."""
+    slots = tuple(sorted(set().union(*p)))
+    total = 0.0
+    for coarse in _set_partitions(slots):
+        merged = [[b for b in p if b <= block] for block in coarse]
+        if sum(len(m) for m in merged) != len(p):  # ``coarse`` does not coarsen ``p``
+            continue
+        mobius = math.prod((-1) ** (len(m) - 1) * math.factorial(len(m) - 1) for m in merged)
+        total += mobius * _unrestricted_sum(coarse, inv)
+    return total
+
+
+def _falling(n: int, k: int) -> float:
+    """n (n - 1) ... (n - k + 1): the number of index tuples with k distinct values."""
+    return float(math.prod(range(n - k + 1, n + 1)))

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hrsa.analyze.config import METRICS
+from hrsa.analyze.config import DEFAULT_GROUPS, METRICS
 from hrsa.analyze.local.knn import KnnOptions, knn_pair
 from hrsa.analyze.local.probe import ProbeOptions, probe_pair
 from hrsa.analyze.pair.assembly import assemble
@@ -52,6 +52,7 @@ def analyze_pair(
     backend: BackendName = "auto",
     compute_dtype: ComputeDtype = "auto",
     save_rotation: bool = False,
+    groups: int = DEFAULT_GROUPS,
     knn_options: KnnOptions | None = None,
     probe_options: ProbeOptions | None = None,
     on_plan: Callable[[AnalysisPlan], None] | None = None,
@@ -79,6 +80,8 @@ def analyze_pair(
         backend: ``"auto"``, ``"numpy"``, ``"cuda"`` or ``"torch"`` (see :func:`resolve_backend`).
         compute_dtype: dtype of the products: ``"auto"``, ``"float32"`` or ``"float64"``.
         save_rotation: keep Procrustes' O* (D x D) of every matched layer in the results.
+        groups: groups of whole documents whose statistics the matched passes keep apart, for a jackknife interval
+            of every matched score (0: none; fewer when there are fewer documents or the budget asks).
         knn_options: k, sample size, seed and search of ``"knn"`` (default :class:`KnnOptions`).
         probe_options: label field, pooling, directions of ``"probe"`` (required with it).
         on_plan: called with the plan before the first pass (to print it).
@@ -102,7 +105,7 @@ def analyze_pair(
         store, a, b, metrics=list(metrics), debiased=debiased, cross_layer=cross_layer, selection=selection,
         memory_budget=parse_memory_budget(memory_budget), block_tokens=block_tokens,
         workers=workers or min(4, os.cpu_count() or 1), save_rotation=save_rotation,
-        compute_bytes=np.dtype(chunk_backend.compute_dtype).itemsize,
+        compute_bytes=np.dtype(chunk_backend.compute_dtype).itemsize, groups=groups,
     )
     if on_plan is not None:
         on_plan(pair.plan)

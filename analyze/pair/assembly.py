@@ -49,7 +49,17 @@ def assemble(
         metrics=pair.metrics, matched=pair.matched,
         hidden_states_a=pair.rows or pair.matched, hidden_states_b=pair.cols or pair.matched,
         plan=pair.plan, settings=dict(settings), alignment=_alignment(pair), **per_layer, **matrices,
+        intervals=_per_score(pair, matched, "intervals"), nulls=_per_score(pair, matched, "nulls"),
+        n_groups=pair.n_groups,
     )
+
+
+def _per_score(pair: ResolvedPair, matched: Mapping[int, Mapping[str, Any]], key: str) -> dict[str, tuple[Any, ...]]:
+    """``{score name: (value per matched layer)}`` of the intervals or nulls every matched layer has."""
+    if not matched:
+        return {}
+    names = set.intersection(*(set(matched[k].get(key, {})) for k in pair.matched))
+    return {name: tuple(matched[k][key][name] for k in pair.matched) for name in sorted(names)}
 
 
 def _alignment(pair: ResolvedPair) -> dict[str, Any] | None:

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from hrsa.analyze.local.knn import KnnPairResult
     from hrsa.analyze.local.probe import ProbePairResult
     from hrsa.analyze.metrics import CkaResult, DimwiseCorrelationResult, ProcrustesResult
+    from hrsa.analyze.metrics.uncertainty import Interval, NullBaseline
     from hrsa.analyze.streaming.plan import AnalysisPlan
     from hrsa.store.selection import TokenSelection
 
@@ -35,6 +36,10 @@ class PairResults:
             dimension-wise correlation, or None without ``cross_layer``.
         knn, probe: k-NN overlap and cross-model probes, or None when not asked for.
         plan: the tiles that ran; settings: scheduler, backend, compute dtype, block size, workers.
+        intervals: per score (``"cka/diagonal"``, ``"procrustes/h_inv"``, ... as in results.json), its jackknife
+            interval per matched layer over ``n_groups`` groups of documents; empty without groups.
+        nulls: per score that has one (biased CKA, mean dimension-wise correlation), its permutation null per
+            matched layer.
         alignment: when B's corpus is another one whose tokens were aligned with A's by content span: its id, the
             aligned tokens, and the tokens each model offered (``{"corpus_b", "aligned", "tokens_a", "tokens_b"}``);
             None when both ran over the same tokens.
@@ -60,6 +65,9 @@ class PairResults:
     knn: KnnPairResult | None = None
     probe: ProbePairResult | None = None
     alignment: Mapping[str, Any] | None = None
+    intervals: Mapping[str, tuple[Interval, ...]] = field(default_factory=dict)
+    nulls: Mapping[str, tuple[NullBaseline, ...]] = field(default_factory=dict)
+    n_groups: int = 0
 
     @property
     def cross_layer(self) -> bool:

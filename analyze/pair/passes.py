@@ -18,6 +18,8 @@ from hrsa.analyze.metrics import (
     linear_cka_from_moments,
     procrustes_from_moments,
 )
+from hrsa.analyze.accumulators.groups import GroupedMoments
+from hrsa.analyze.pair.uncertainty import layer_intervals, layer_nulls, layer_scores
 from hrsa.analyze.streaming.stream import StateReader, run_tile, split_segments
 
 if TYPE_CHECKING:
@@ -37,7 +39,8 @@ class PassOutputs:
 
     Attributes:
         matched: finished results by matched hidden state, ``{k: {"cka": ..., "procrustes": ...}}`` (only the
-            metrics asked for; empty when no matched pass ran).
+            metrics asked for; empty when no matched pass ran), with ``"nulls"`` (score name -> NullBaseline) and,
+            when the pass kept groups of documents, ``"intervals"`` (score name -> Interval).
         summaries: co-moment summaries of the cross-layer passes, by pair of stream keys
             (``(("a", i), ("b", j))``, and ``(("a", i), ("a", i))`` for A's self co-moments).
     """
@@ -94,6 +97,8 @@ def _finish_tile(tile: Tile, acc: dict, pair: ResolvedPair, matched: dict, summa
         if tile.kind != "matched":
             summaries[streams] = value.summary()
             continue
+        grouped = value if isinstance(value, GroupedMoments) else None
+        value = grouped.total() if grouped is not None else value
         out: dict[str, Any] = {}
         if "cka" in pair.metrics:
             out["cka"] = linear_cka_from_moments(value)
@@ -105,4 +110,8 @@ def _finish_tile(tile: Tile, acc: dict, pair: ResolvedPair, matched: dict, summa
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UnderdeterminedWarning)  # recorded in the result, warned once
                 out["procrustes"] = procrustes_from_moments(value, return_rotation=pair.save_rotation)
+        out["nulls"] = layer_nulls(value, pair.metrics)
+        if grouped is not None:
+            estimates = layer_scores(value, pair.metrics, pair.debiased)
+            out["intervals"] = layer_intervals(grouped, value, estimates, pair.metrics, pair.debiased)
         matched[streams[0][1]] = out

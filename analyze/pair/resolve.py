@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from hrsa.analyze.accumulators.groups import document_groups
 from hrsa.analyze.config import METRICS
 from hrsa.analyze.pair.checks import check_metrics, check_pair
 from hrsa.analyze.streaming.plan import AnalysisPlan, MemoryBudgetError, PlanInputs, plan_analysis
-from hrsa.analyze.streaming.stream import TokenBlock, paired_blocks, token_blocks
+from hrsa.analyze.streaming.stream import TokenBlock, paired_blocks, token_blocks, with_groups
 from hrsa.store.errors import UserError
 
 if TYPE_CHECKING:
@@ -41,6 +42,7 @@ class ResolvedPair:
         n_tokens: tokens selected; block_tokens: tokens per block; blocks: the selection in blocks.
         plan: the tiles (one pass each) under the memory budget.
         pairs: which token of A is which of B (the same tokens, or aligned by content span).
+        n_groups: groups of documents the matched passes keep statistics for (the jackknife's); 0 when none.
     """
 
     info_a: ModelInfo
@@ -56,6 +58,7 @@ class ResolvedPair:
     blocks: tuple[TokenBlock, ...]
     plan: AnalysisPlan
     pairs: TokenPairs
+    n_groups: int = 0
 
 
 def resolve_pair(
@@ -72,6 +75,7 @@ def resolve_pair(
     workers: int,
     save_rotation: bool,
     compute_bytes: int,
+    groups: int = 0,
 ) -> ResolvedPair:
     """Check the pair, resolve its tokens and plan its passes (see ``analyze_pair`` for the arguments).
 
@@ -102,8 +106,13 @@ def resolve_pair(
     )
     # Step 4: blocks and tiles; a default block size shrinks (down to 64 tokens) until one pair fits the budget.
     size = block_tokens or _default_block_tokens(info_a, info_b)
+    starts = _group_starts(store.corpus_tokens(info_a.corpus).doc_offsets, pairs.rows_a, groups) if needs_matched else None
+    n_groups = 0 if starts is None else int(starts.size)
+    base = replace(base, groups=n_groups)
     while True:
         blocks = tuple(token_blocks(pairs.rows_a, size) if pairs.identical else paired_blocks(pairs.rows_a, pairs.rows_b, size))
+        if starts is not None:
+            blocks = tuple(with_groups(blocks, size, starts))
         try:
             held = max(block.n_rows for block in blocks)  # what a block holds: less than the grid's size for few tokens
             plan = plan_analysis(replace(base, block_tokens=held, n_blocks=len(blocks)))
@@ -113,7 +122,26 @@ def resolve_pair(
                 raise
             size = max(64, size // 2)
     return ResolvedPair(info_a, info_b, metrics_t, debiased, save_rotation, matched, rows, cols, n_tokens, size, blocks,
-                        plan, pairs)
+                        plan, pairs, n_groups)
+
+
+def _group_starts(doc_offsets: np.ndarray, rows: slice | np.ndarray, n_groups: int) -> np.ndarray | None:
+    """The first selected token of each group of whole documents (:func:`document_groups`); None below 2 groups."""
+    if n_groups < 2:
+        return None
+    if isinstance(rows, slice):  # per document, not per token: a slice may cover a whole corpus
+        lo = np.clip(doc_offsets[:-1], rows.start or 0, rows.stop)
+        counts = np.clip(doc_offsets[1:], rows.start or 0, rows.stop) - lo
+        firsts, counts = lo[counts > 0], counts[counts > 0]
+    else:
+        tokens = np.unique(rows)  # the order the blocks read them
+        doc = np.searchsorted(doc_offsets, tokens, side="right") - 1
+        first = np.flatnonzero(np.r_[True, np.diff(doc) != 0])
+        firsts, counts = tokens[first], np.diff(np.r_[first, tokens.size])
+    group = document_groups(counts, n_groups)
+    if group.size == 0 or group[-1] < 1:
+        return None
+    return firsts[np.r_[True, np.diff(group) != 0]]
 
 
 def _default_block_tokens(info_a: ModelInfo, info_b: ModelInfo) -> int:

@@ -85,6 +85,7 @@ class PlanInputs:
         n_tokens: selected tokens; block_tokens: most tokens a block holds; n_blocks: blocks per pass.
         workers: segment tasks run at once.
         memory_budget: bytes.
+        groups: groups of documents a matched pair keeps one Moments for (the jackknife's); 0 for none.
     """
 
     matched: tuple[int, ...]
@@ -100,6 +101,7 @@ class PlanInputs:
     n_blocks: int
     workers: int
     memory_budget: int
+    groups: int = 0
 
 
 @dataclass(frozen=True)

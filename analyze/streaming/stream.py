@@ -26,7 +26,7 @@ import itertools
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal, Union, get_args
 
 import numpy as np
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from dask.delayed import Delayed
 
     from hrsa.analyze.accumulators.cross_moments import CrossMoments
+    from hrsa.analyze.accumulators.groups import GroupedMoments
     from hrsa.analyze.accumulators.moments import Moments
     from hrsa.analyze.streaming.backends import ChunkBackend
     from hrsa.analyze.streaming.plan import StreamKey, StreamPair, Tile
@@ -55,11 +56,12 @@ __all__ = [
     "run_tile",
     "split_segments",
     "token_blocks",
+    "with_groups",
 ]
 
 Scheduler = Literal["auto", "threads", "sync", "ray"]
 OnBlock = Callable[[int], None]  # called with the number of tokens of each finished block
-Accumulator = Union["Moments", "CrossMoments"]
+Accumulator = Union["Moments", "CrossMoments", "GroupedMoments"]
 _FAN_IN = 4
 
 
@@ -73,12 +75,15 @@ class TokenBlock:
         n_rows: how many tokens are selected.
         rows_b: when model B's corpus is another (tokens aligned by content span): B's tokens ``start:stop``
             and, relative to ``start``, the row of each of A's selected rows, in their order. None: B reads A's rows.
+        groups: when the pass keeps statistics per group of documents: ``(group, lo, hi)`` for each run of the
+            block's selected rows ``lo:hi`` (positions among the ``n_rows``) that falls in one group. None: no groups.
     """
 
     index: int
     rows: slice | np.ndarray
     n_rows: int
     rows_b: tuple[int, int, np.ndarray] | None = None
+    groups: tuple[tuple[int, int, int], ...] | None = None
 
 
 def token_blocks(selection: slice | np.ndarray, block_tokens: int) -> list[TokenBlock]:
@@ -132,6 +137,23 @@ def paired_blocks(rows_a: np.ndarray, rows_b: np.ndarray, block_tokens: int) -> 
     return blocks
 
 
+def with_groups(blocks: Sequence[TokenBlock], block_tokens: int, group_starts: np.ndarray) -> list[TokenBlock]:
+    """The blocks with their runs of rows per group, groups starting at corpus tokens ``group_starts`` (ascending).
+
+    Example:
+        >>> [b.groups for b in with_groups(token_blocks(slice(0, 6), 4), 4, np.array([0, 3]))]
+        [((0, 0, 3), (1, 3, 4)), ((1, 0, 2),)]
+    """
+    out = []
+    for block in blocks:
+        rows = np.arange(block.rows.start, block.rows.stop) if isinstance(block.rows, slice) else block.rows
+        group = np.searchsorted(group_starts, block.index * block_tokens + rows, side="right") - 1  # (n_rows,)
+        cuts = [0, *(np.flatnonzero(np.diff(group)) + 1).tolist(), block.n_rows]
+        runs = tuple((int(group[lo]), lo, hi) for lo, hi in itertools.pairwise(cuts))
+        out.append(replace(block, groups=runs))
+    return out
+
+
 def split_segments(blocks: Sequence[TokenBlock], n: int) -> list[tuple[TokenBlock, ...]]:
     """At most ``n`` contiguous runs of blocks with about equal numbers of tokens."""
     n = max(1, min(n, len(blocks)))
@@ -178,7 +200,9 @@ def fold_segment(
     for block, xs in _read_ahead(reader, tile.streams, blocks):
         # Step 2: block statistics pair by pair, each merged before the next is made (one temporary).
         parts: Iterable[tuple[Any, Accumulator]]
-        if tile.kind == "matched":
+        if tile.kind == "matched" and block.groups is not None:
+            parts = ((p, _grouped_moments(backend, xs[p[0]], xs[p[1]], block.groups)) for p in tile.pairs)
+        elif tile.kind == "matched":
             parts = ((p, backend.moments(xs[p[0]], xs[p[1]])) for p in tile.pairs)
         else:
             parts = backend.cross_moments(xs, tile.pairs)
@@ -188,6 +212,13 @@ def fold_segment(
         if on_block is not None:
             on_block(block.n_rows)
     return totals
+
+
+def _grouped_moments(backend: ChunkBackend, x: np.ndarray, y: np.ndarray, runs: Sequence[tuple[int, int, int]]) -> GroupedMoments:
+    """A block's statistics, one Moments per run of its rows in one group of documents."""
+    from hrsa.analyze.accumulators.groups import GroupedMoments
+
+    return GroupedMoments({g: backend.moments(x[lo:hi], y[lo:hi]) for g, lo, hi in runs})
 
 
 def _read_ahead(

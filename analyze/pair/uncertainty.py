@@ -1,0 +1,73 @@
+"""The uncertainty of each matched layer's scores: jackknife intervals over groups of documents, and null baselines.
+
+A matched pass that keeps its statistics per group of documents (:class:`GroupedMoments`) is finished here into
+
+- its scores on all tokens (``layer_scores`` of the total: the numbers the results report),
+- a delete-a-group jackknife interval for each score (the same scores on each leave-one-group-out statistics),
+- the permutation null of biased CKA and of the mean dimension-wise correlation (closed forms, same statistics).
+
+Scores are named by where they live in results.json (``"cka/diagonal"``, ``"procrustes/h_inv"``, ...), so the
+writer and the report find them without a table of their own.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING
+
+from hrsa.analyze.metrics import (
+    UnderdeterminedWarning,
+    dimwise_correlation_from_moments,
+    linear_cka_from_moments,
+    procrustes_from_moments,
+)
+from hrsa.analyze.metrics.dimwise_correlation import dimwise_correlation_null
+from hrsa.analyze.metrics.linear_cka import linear_cka_null
+from hrsa.analyze.metrics.uncertainty import Interval, NullBaseline, jackknife_interval
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from hrsa.analyze.accumulators.groups import GroupedMoments
+    from hrsa.analyze.accumulators.moments import Moments
+
+__all__ = ["layer_intervals", "layer_nulls", "layer_scores"]
+
+
+def layer_scores(m: Moments, metrics: tuple[str, ...], debiased: bool) -> dict[str, float]:
+    """Every scalar score of one matched layer, by its results.json name."""
+    scores: dict[str, float] = {}
+    if "cka" in metrics:
+        scores["cka/diagonal"] = linear_cka_from_moments(m).value
+        if debiased:
+            scores["cka/debiased_diagonal"] = linear_cka_from_moments(m, debiased=True).value
+    if "dimcorr" in metrics:
+        scores["dimcorr/diagonal"] = dimwise_correlation_from_moments(m).mean
+    if "procrustes" in metrics:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnderdeterminedWarning)  # the full fit's flag is what the results keep
+            fit = procrustes_from_moments(m)
+        scores.update({"procrustes/h_inv": fit.h_inv, "procrustes/similarity": fit.similarity,
+                       "procrustes/residual": fit.residual})
+    return scores
+
+
+def layer_intervals(
+    grouped: GroupedMoments, total: Moments, estimates: Mapping[str, float], metrics: tuple[str, ...], debiased: bool
+) -> dict[str, Interval]:
+    """A jackknife interval for each score in ``estimates``, from one ``without`` per group (module docstring)."""
+    left_out: dict[str, list[float]] = {name: [] for name in estimates}
+    for _, rest in grouped.leave_one_out(total):
+        for name, value in layer_scores(rest, metrics, debiased).items():
+            left_out[name].append(value)
+    return {name: jackknife_interval(estimates[name], values) for name, values in left_out.items()}
+
+
+def layer_nulls(m: Moments, metrics: tuple[str, ...]) -> dict[str, NullBaseline]:
+    """The permutation null of the scores that have one in closed form."""
+    nulls: dict[str, NullBaseline] = {}
+    if "cka" in metrics:
+        nulls["cka/diagonal"] = linear_cka_null(m)
+    if "dimcorr" in metrics and m.dx == m.dy:
+        nulls["dimcorr/diagonal"] = dimwise_correlation_null(m)
+    return nulls
