@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hrsa.analyze.report.summary import floats, probe_directions
+from hrsa.analyze.report.summary import ScoreUncertainty, floats, probe_directions, score_uncertainty
 from hrsa.runtime.files import write_atomic
 
 if TYPE_CHECKING:
@@ -120,18 +120,21 @@ def layer_profile_figure(doc: Mapping[str, Any]) -> Figure | None:
         The figure, or None when the results hold none of these metrics (or no matched hidden state).
     """
     m, states = doc["metrics"], doc["matched_hidden_states"]
-    series = {
-        "linear CKA": m.get("cka", {}).get("diagonal"),
-        "debiased CKA": m.get("cka", {}).get("debiased_diagonal"),
-        "mean dimension-wise r": m.get("dimcorr", {}).get("diagonal"),
-        "Procrustes H_inv": m.get("procrustes", {}).get("h_inv"),
-    }
-    lines = {name: (states, values) for name, values in series.items() if values}
+    keys = {"linear CKA": ("cka", "diagonal"), "debiased CKA": ("cka", "debiased_diagonal"),
+            "mean dimension-wise r": ("dimcorr", "diagonal"), "Procrustes H_inv": ("procrustes", "h_inv")}
+    lines = {name: (states, m[metric][key]) for name, (metric, key) in keys.items() if m.get(metric, {}).get(key)}
     if not states or not lines:
         return None
     a, b = _pair(doc)
     title = f"{a} vs {b}, matched hidden states ({doc.get('n_tokens')} tokens)"
-    return _lines_figure(lines, ylabel="similarity", title=title)
+    fig = _lines_figure(lines, ylabel="similarity", title=title,
+                        errors={name: score_uncertainty(doc, *keys[name]) for name in lines})
+    unc = doc.get("uncertainty") or {}
+    if unc.get("method"):
+        ax = fig.axes[0]
+        ax.set_title(f"{title}\nbars: {unc['level']:.0%} jackknife intervals over {unc['groups']} groups of documents; "
+                     "dotted: what shuffled tokens reach", fontsize=9)
+    return fig
 
 
 def knn_overlap_figure(doc: Mapping[str, Any]) -> Figure:
@@ -193,15 +196,24 @@ def _probe_setting(doc: Mapping[str, Any]) -> str:
 
 
 def _lines_figure(lines: Mapping[str, tuple[Sequence[int], Sequence[Any]]], *, ylabel: str, title: str,
-                  ylim: tuple[float, float] | None = None) -> Figure:
-    """One line per series ``{name: (hidden states, values)}`` (null values leave gaps), labelled."""
+                  ylim: tuple[float, float] | None = None, errors: Mapping[str, ScoreUncertainty] | None = None) -> Figure:
+    """One line per series ``{name: (hidden states, values)}`` (null values leave gaps), labelled; a series with an
+    entry in ``errors`` gets its intervals as error bars and its null bound as a dotted line of its colour."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(7.0, 4.0), layout="constrained")
     ax = fig.add_subplot()
     for name, (xs, ys) in lines.items():
-        ax.plot(list(xs), floats(ys), marker="o", markersize=3, label=name)
+        (line,) = ax.plot(list(xs), floats(ys), marker="o", markersize=3, label=name)
+        unc = (errors or {}).get(name)
+        if unc is not None and unc.intervals is not None:
+            values = floats(ys)
+            ends = np.array(unc.intervals)  # (L, 2)
+            bars = np.vstack([values - ends[:, 0], ends[:, 1] - values])  # (2, L), below and above
+            ax.errorbar(list(xs), values, yerr=bars, fmt="none", ecolor=line.get_color(), capsize=2, linewidth=1)
+        if unc is not None and unc.null_high is not None:
+            ax.plot(list(xs), unc.null_high, linestyle=":", linewidth=1, color=line.get_color())
     if ylim is not None:
         ax.set_ylim(*ylim)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # hidden states are whole numbers

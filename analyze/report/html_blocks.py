@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CSS",
     "Html",
+    "MutedNumberCell",
     "NumberCell",
     "VerdictCell",
     "compact",
@@ -44,6 +45,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; font-family: ui-
 td.preserved { background: #dcf2e0 !important; color: #17602b; font-weight: 600; }
 td.restructured { background: #fde8cf !important; color: #8a4a00; font-weight: 600; }
 td.not-measured { color: #7a828c; }
+td.within-null { color: #a3aab2; }
 .figs { display: flex; flex-wrap: wrap; gap: 16px; } figure { margin: 4px 0; flex: 0 1 560px; max-width: 100%; }
 figure.wide { flex: 1 1 100%; }
 figure img { width: 100%; height: auto; border: 1px solid #e3e6ea; }
@@ -61,6 +63,10 @@ class Html(str):
 
 class NumberCell(str):
     """A formatted number: its table cell is right-aligned."""
+
+
+class MutedNumberCell(NumberCell):
+    """A number shown greyed out: a score no larger than tokens shuffled between the models give."""
 
 
 class VerdictCell(str):
@@ -92,6 +98,8 @@ def table(header: Sequence[str], rows: Iterable[Sequence[Any]], *, spans: Mappin
             attrs = f' rowspan="{span}"' if span > 1 and j < 2 else ""
             if isinstance(cell, VerdictCell):
                 attrs += f' class="{cell.replace(" ", "-")}"'
+            elif isinstance(cell, MutedNumberCell):
+                attrs += ' class="num within-null"'
             elif isinstance(cell, NumberCell):
                 attrs += ' class="num"'
             cells.append(f"<td{attrs}>{cell if isinstance(cell, Html) else escape(cell)}</td>")

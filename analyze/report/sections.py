@@ -23,6 +23,8 @@ from hrsa.analyze.report.figures import (
 )
 from hrsa.analyze.report.html_blocks import (
     Html,
+    MutedNumberCell,
+    NumberCell,
     VerdictCell,
     compact,
     escape,
@@ -31,7 +33,16 @@ from hrsa.analyze.report.html_blocks import (
     number,
     table,
 )
-from hrsa.analyze.report.summary import LEVELS, PairSummary, Thresholds, knn_k, probe_directions, probe_transfer
+from hrsa.analyze.report.summary import (
+    LEVELS,
+    PairSummary,
+    ScoreUncertainty,
+    Thresholds,
+    knn_k,
+    probe_directions,
+    probe_transfer,
+    score_uncertainty,
+)
 
 if TYPE_CHECKING:
     from hrsa.analyze.report.dynamics import Dynamics
@@ -141,14 +152,38 @@ def _layer_table(doc: Mapping[str, Any]) -> str:
     columns = {k: v for k, v in columns.items() if v}
     if not columns:
         return ""
+    keys = {"linear CKA": ("cka", "diagonal"), "debiased CKA": ("cka", "debiased_diagonal"),
+            "mean dimension-wise r": ("dimcorr", "diagonal"), "Procrustes H_inv": ("procrustes", "h_inv"),
+            "Procrustes residual": ("procrustes", "residual")}
+    unc = {name: score_uncertainty(doc, *keys[name]) for name in columns if name in keys}
     states = doc["matched_hidden_states"]
-    rows = [[str(k), *(number(v[i]) if i < len(v) else "" for v in columns.values())] for i, k in enumerate(states)]
-    note = ""
+    rows = [[str(k), *(_cell(v, i, unc.get(name)) for name, v in columns.items())] for i, k in enumerate(states)]
+    note = _uncertainty_note(doc)
     if "procrustes" in m and any(m["procrustes"].get("underdetermined", [])):
-        note = ("<p class=\"note\">Procrustes was underdetermined at some hidden states (no more tokens than dimensions, "
+        note += ("<p class=\"note\">Procrustes was underdetermined at some hidden states (no more tokens than dimensions, "
                 "or a rank-deficient cross-covariance): H_inv means little there.</p>")
     return ("<h3>Per-layer metrics, with Procrustes H_inv (Table 3)</h3><p class=\"note\">H_inv is 1 when O* is a "
             "permutation and about 0.73 / ln D for a random rotation.</p>" + table(["hidden state", *columns], rows) + note)
+
+
+def _cell(values: Sequence[Any], i: int, unc: ScoreUncertainty | None) -> Any:
+    """A per-layer number with ``± half-width`` of its interval, greyed out when within its null."""
+    if i >= len(values):
+        return ""
+    cell = number(values[i])
+    half = unc.plus_minus(i) if unc is not None else None
+    if half is not None and cell != "n/a":
+        cell = NumberCell(f"{cell} ± {half:.3f}")
+    return MutedNumberCell(cell) if unc is not None and unc.within_null and unc.within_null[i] else cell
+
+
+def _uncertainty_note(doc: Mapping[str, Any]) -> str:
+    u = doc.get("uncertainty") or {}
+    if not u.get("method"):
+        return ""
+    return (f"<p class=\"note\">± is half the {u['level']:.0%} delete-a-group {u['method']} interval over {u['groups']} "
+            "groups of whole documents. Greyed-out scores are no higher than tokens shuffled between the two models give "
+            f"(below the permutation null's mean + {u['null_z']:g} standard deviations).</p>")
 
 
 def _knn_section(doc: Mapping[str, Any], t: Thresholds) -> str:

@@ -17,7 +17,7 @@ overridable through :class:`Thresholds`.
 
 :func:`summary_table` is the per-layer table ``hrsa analyze`` prints. Also here: the small readers of the
 document that the figures and the report share (:func:`floats`, :func:`knn_k`, :func:`probe_directions`,
-:func:`probe_transfer`). Pure: works on the parsed ``results.json`` document, reads no files.
+:func:`probe_transfer`, :func:`score_uncertainty`). Pure: works on the parsed ``results.json`` document, reads no files.
 """
 
 from __future__ import annotations
@@ -45,12 +45,14 @@ __all__ = [
     "MetricCheck",
     "PairSummary",
     "ProbeDirection",
+    "ScoreUncertainty",
     "Thresholds",
     "Verdict",
     "floats",
     "knn_k",
     "probe_directions",
     "probe_transfer",
+    "score_uncertainty",
     "summarize",
     "summary_table",
 ]
@@ -299,6 +301,44 @@ def _probe_check(probe: Mapping[str, Any] | None, t: Thresholds, skip: Sequence[
     return MetricCheck("probe transfer", value, t.probe_transfer, value >= t.probe_transfer, detail)
 
 
+@dataclass(frozen=True)
+class ScoreUncertainty:
+    """What results.json says of one per-layer score's uncertainty (``score_uncertainty``).
+
+    Attributes:
+        intervals: (low, high) per hidden state (NaN where undefined), or None without intervals.
+        within_null: per hidden state, whether the score is indistinguishable from that of shuffled tokens (below the
+            null mean + ``null_z`` null standard deviations), or None without a null.
+        null_high: that bound per hidden state, or None.
+    """
+
+    intervals: list[tuple[float, float]] | None
+    within_null: list[bool] | None
+    null_high: list[float] | None
+
+    def plus_minus(self, i: int) -> float | None:
+        """Half the interval's width at hidden state number ``i``, or None."""
+        if self.intervals is None or not all(map(math.isfinite, self.intervals[i])):
+            return None
+        return (self.intervals[i][1] - self.intervals[i][0]) / 2
+
+
+def score_uncertainty(doc: Mapping[str, Any], metric: str, key: str) -> ScoreUncertainty:
+    """The interval and null of ``doc["metrics"][metric][key]`` (e.g. ``"cka"``, ``"diagonal"``), where recorded."""
+    m = doc["metrics"].get(metric, {})
+    raw = m.get("intervals", {}).get(key)
+    ends = floats([v for pair in raw or () for v in pair]).reshape(-1, 2)  # null ends (undefined) as NaN
+    intervals = [(float(lo), float(hi)) for lo, hi in ends] if raw else None
+    null = m.get("null", {}).get(key)
+    if not null:
+        return ScoreUncertainty(intervals, None, None)
+    z = float(doc.get("uncertainty", {}).get("null_z", 3.0))
+    high = floats(null["mean"]) + z * floats(null["std"])
+    values = floats(m.get(key))
+    within = [bool(v < h) for v, h in zip(values, high, strict=True)]
+    return ScoreUncertainty(intervals, within, [float(h) for h in high])
+
+
 def alignment_line(doc: dict[str, Any]) -> str | None:
     """How many tokens of each model were aligned, when B ran over another token sequence (None otherwise)."""
     aligned = doc.get("alignment")
@@ -320,15 +360,15 @@ def summary_table(doc: Mapping[str, Any]) -> Table:
     m, states = doc["metrics"], list(doc["matched_hidden_states"])
     columns: dict[str, list[str]] = {}
     if "cka" in m:
-        columns["CKA"] = _fixed(m["cka"]["diagonal"], 4)
+        columns["CKA"] = _with_uncertainty(doc, "cka", "diagonal")
         if "debiased_diagonal" in m["cka"]:
-            columns["debiased CKA"] = _fixed(m["cka"]["debiased_diagonal"], 4)
+            columns["debiased CKA"] = _with_uncertainty(doc, "cka", "debiased_diagonal")
     if "dimcorr" in m:
-        columns["dimcorr mean r"] = _fixed(m["dimcorr"]["diagonal"], 4)
+        columns["dimcorr mean r"] = _with_uncertainty(doc, "dimcorr", "diagonal")
         columns["degenerate dims"] = [str(n) for n in m["dimcorr"]["n_degenerate"]]
     if "procrustes" in m:
-        columns["H_inv"] = _fixed(m["procrustes"]["h_inv"], 4)
-        columns["residual"] = _fixed(m["procrustes"]["residual"], 4)
+        columns["H_inv"] = _with_uncertainty(doc, "procrustes", "h_inv")
+        columns["residual"] = _with_uncertainty(doc, "procrustes", "residual")
     knn, probe = m.get("knn"), m.get("probe")
     if knn is not None and list(knn["hidden_states"]) == states:
         columns.update({f"kNN@{k}": _fixed(values, 4) for k, values in knn["k"].items()})
@@ -338,10 +378,25 @@ def summary_table(doc: Mapping[str, Any]) -> Table:
     title = f"{doc['a']} vs {doc['b']} on {doc['n_tokens']} tokens"
     if doc.get("alignment"):
         title += " aligned by content span"
+    unc = doc.get("uncertainty") or {}
+    if unc.get("method"):
+        title += (f"\n± half the {unc['level']:.0%} {unc['method']} interval over {unc['groups']} groups of documents; "
+                  "dim: no more than shuffled tokens give")
     table = Table("hidden state", *columns, title=title, title_justify="left")
     for i, k in enumerate(states):
         table.add_row(str(k), *(values[i] for values in columns.values()))
     return table
+
+
+def _with_uncertainty(doc: Mapping[str, Any], metric: str, key: str) -> list[str]:
+    """4 decimals, ``± half-width`` where there is an interval, dimmed where the score is within its null (rich markup)."""
+    unc = score_uncertainty(doc, metric, key)
+    cells = _fixed(doc["metrics"][metric][key], 4)
+    for i, cell in enumerate(cells):
+        half = unc.plus_minus(i)
+        cell = cell if half is None or cell == "nan" else f"{cell} ±{half:.4f}"
+        cells[i] = f"[dim]{cell}[/dim]" if unc.within_null and unc.within_null[i] else cell
+    return cells
 
 
 def _fixed(values: Sequence[Any], decimals: int) -> list[str]:

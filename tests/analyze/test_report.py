@@ -103,7 +103,7 @@ def test_report_is_self_contained_and_holds_every_section(report_html: Path, res
         for value in (doc["run_id"], doc["corpus"], str(doc["n_tokens"]), doc["hrsa_version"], doc["created"]):
             assert value in page
         for h in doc["metrics"]["procrustes"]["h_inv"]:  # Table 3, 3 decimals
-            assert f'<td class="num">{h:.3f}</td>' in page
+            assert f'<td class="num">{h:.3f} ± ' in page  # with half its jackknife interval
         for values in doc["metrics"]["knn"]["k"].values():  # Table 4
             assert all(f'<td class="num">{v:.3f}</td>' in page for v in values)
         accuracy = doc["metrics"]["probe"]["2"]["reverse"]["target"]["test"]["accuracy"]  # Figure 4's table, B -> A

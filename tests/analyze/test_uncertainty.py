@@ -6,6 +6,7 @@ left after dropping a group of documents, and enumerations or draws of actual pe
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import math
@@ -205,3 +206,34 @@ def test_results_json_carries_intervals_se_and_nulls(pair_store, tmp_path) -> No
     for (low, high), value in zip(cka["intervals"]["diagonal"], cka["diagonal"], strict=True):
         assert low <= value <= high
     assert set(doc["metrics"]["dimcorr"]["null"]["diagonal"]) == {"mean", "std"}
+
+
+def test_reports_show_intervals_and_grey_out_scores_of_unrelated_models(make_pair_store, tmp_path) -> None:
+    from rich.console import Console
+
+    from hrsa.analyze.report.figures import layer_profile_figure
+    from hrsa.analyze.report.html import render_report
+    from hrsa.analyze.report.summary import score_uncertainty, summary_table
+    from hrsa.store import ActivationStore
+    from tests.analyze.conftest import write_model
+
+    ps = make_pair_store(doc_lengths=(40,) * 30)
+    store = ActivationStore.open(ps.url, mode="r+")
+    unrelated = {k: np.random.default_rng(k).normal(size=v.shape) for k, v in ps.x.items()}  # B knows nothing of A
+    write_model(store, "c", store.model_info("a").corpus, unrelated)
+    docs = {}
+    for b in ("b", "c"):
+        res = analyze_pair(store, "a", b, metrics=["cka", "dimcorr"], groups=10, memory_budget="64MB")
+        docs[b] = save_results(res, tmp_path / b).doc
+    assert not any(score_uncertainty(docs["b"], "cka", "diagonal").within_null)
+    assert all(score_uncertainty(docs["c"], "cka", "diagonal").within_null)
+    console = Console(file=io.StringIO(), width=200, record=True, color_system="truecolor")
+    console.print(summary_table(docs["c"]))
+    text = console.export_text(clear=False)
+    assert "±" in text and "jackknife interval over 10 groups" in text
+    assert "\x1b[2m0.00" in console.export_text(styles=True)  # dimmed cells
+    html = render_report([(tmp_path / b / "results.json", docs[b]) for b in ("b", "c")])
+    assert html.count('class="num within-null"') == 2 * len(docs["c"]["matched_hidden_states"])  # c's CKA and dimcorr
+    assert "delete-a-group jackknife interval" in html
+    fig = layer_profile_figure(docs["b"])
+    assert len(fig.axes[0].containers) == 2  # error bars of CKA and of dimcorr
