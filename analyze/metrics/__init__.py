@@ -10,12 +10,14 @@ per-document features (``linear_probe``; scikit-learn, imported when called).
 from __future__ import annotations
 
 from hrsa.analyze.metrics._common import UnderdeterminedWarning
+from hrsa.analyze.metrics.cca import CcaResult, cca, cca_from_moments
 from hrsa.analyze.metrics.dimwise_correlation import (
     DimwiseCorrelationResult,
     dimwise_correlation,
     dimwise_correlation_from_moments,
     dimwise_correlation_from_summaries,
 )
+from hrsa.analyze.metrics.effective_rank import EffectiveRankResult, effective_rank, effective_rank_from_moments
 from hrsa.analyze.metrics.knn_overlap import (
     KnnOverlapResult,
     cosine_neighbors,
@@ -25,6 +27,11 @@ from hrsa.analyze.metrics.knn_overlap import (
 )
 from hrsa.analyze.metrics.linear_cka import CkaResult, linear_cka, linear_cka_from_moments, linear_cka_from_summaries
 from hrsa.analyze.metrics.linear_probe import ProbeResult, ProbeScores, SplitScores, linear_probe, stratified_split
+from hrsa.analyze.metrics.linear_regression import (
+    LinearRegressionResult,
+    linear_regression,
+    linear_regression_from_moments,
+)
 from hrsa.analyze.metrics.procrustes import (
     ProcrustesResult,
     inverse_row_entropy,
@@ -33,20 +40,37 @@ from hrsa.analyze.metrics.procrustes import (
     procrustes_similarity,
     procrustes_similarity_from_moments,
 )
+from hrsa.analyze.metrics.procrustes_distance import (
+    ProcrustesDistanceResult,
+    procrustes_distance,
+    procrustes_distance_from_moments,
+)
+from hrsa.analyze.metrics.pwcca import PwccaResult, pwcca, pwcca_from_moments
+from hrsa.analyze.metrics.svcca import SvccaResult, svcca, svcca_from_moments
 
 __all__ = [
+    "CcaResult",
     "CkaResult",
     "DimwiseCorrelationResult",
+    "EffectiveRankResult",
     "KnnOverlapResult",
+    "LinearRegressionResult",
     "ProbeResult",
     "ProbeScores",
+    "ProcrustesDistanceResult",
     "ProcrustesResult",
+    "PwccaResult",
     "SplitScores",
+    "SvccaResult",
     "UnderdeterminedWarning",
+    "cca",
+    "cca_from_moments",
+    "cosine_neighbors",
     "dimwise_correlation",
     "dimwise_correlation_from_moments",
     "dimwise_correlation_from_summaries",
-    "cosine_neighbors",
+    "effective_rank",
+    "effective_rank_from_moments",
     "inverse_row_entropy",
     "jaccard_rows",
     "knn_overlap",
@@ -55,9 +79,17 @@ __all__ = [
     "linear_cka_from_moments",
     "linear_cka_from_summaries",
     "linear_probe",
+    "linear_regression",
+    "linear_regression_from_moments",
     "procrustes",
+    "procrustes_distance",
+    "procrustes_distance_from_moments",
     "procrustes_from_moments",
     "procrustes_similarity",
     "procrustes_similarity_from_moments",
+    "pwcca",
+    "pwcca_from_moments",
     "stratified_split",
+    "svcca",
+    "svcca_from_moments",
 ]
