@@ -15,6 +15,9 @@ What it measures, each figure side by side in one run:
 (b) Peak memory of the streaming analysis as N doubles three times at fixed D, each run in a fresh
     process (peak RSS above the process's RSS just before the analysis). It must stay flat, where holding
     the arrays would grow with N.
+(d) The per-group accumulators behind the jackknife intervals (``--groups``, default 10) against a pass without
+    them, on (a)'s store: time of CKA + dimension-wise correlation (the pass's cost and cheap finishing), time
+    with Procrustes as well (each group adds one SVD per layer), and peak memory of each in a fresh process.
 (c) A 7B-shaped cross-layer CKA (D = 3584, 29 hidden states per model, as Qwen2-7B; bf16 in the store,
     float32 products of centred blocks) under a memory budget: passes, time, peak memory, against the RAM
     that holding both models' float32 activations would take (the reference implementation's approach).
@@ -156,10 +159,11 @@ def bench_speed(cfg: BenchConfig, root: Path) -> None:
     x = store.hidden_state("a", 0).compute()  # loaded before timing: the in-memory side gets them for free
     y = store.hidden_state("b", 0).compute()
     best, out = interleaved_best({
-        "stream": lambda: analyze_pair(store, "a", "b", backend="numpy", compute_dtype="float64"),
+        "stream": lambda: analyze_pair(store, "a", "b", backend="numpy", compute_dtype="float64", groups=0),
         "memory": lambda: in_memory(x, y),
     }, cfg.repeats)
     (t_stream, res), (t_memory, ref) = (best["stream"], out["stream"]), (best["memory"], out["memory"])
+    print("    (no per-group accumulators here: (d) measures their cost)")
     print(f"    streaming from the store : {t_stream:7.3f} s  ({n / t_stream / 1e3:,.0f}k tokens/s, "
           f"{res.settings['workers']} worker(s), blocks of {res.settings['block_tokens']})")
     print(f"    in-memory numpy          : {t_memory:7.3f} s")
@@ -172,7 +176,7 @@ def bench_speed(cfg: BenchConfig, root: Path) -> None:
 
 
 def _memory_child(path: str, n: int, budget: str, cross_layer: bool, metrics: tuple[str, ...],
-                  compute_dtype: str, block_tokens: int | None, queue: Any) -> None:
+                  compute_dtype: str, block_tokens: int | None, groups: int, queue: Any) -> None:
     """In a fresh process: one analysis of the first n tokens; report its peak RSS above the start."""
     from hrsa.analyze import analyze_pair
     from hrsa.store import ActivationStore
@@ -185,7 +189,7 @@ def _memory_child(path: str, n: int, budget: str, cross_layer: bool, metrics: tu
     start = time.perf_counter()
     res = analyze_pair(store, "a", "b", metrics=metrics, cross_layer=cross_layer, memory_budget=budget,
                        backend="numpy", compute_dtype=compute_dtype, selection=TokenSelection(tokens=(0, n)),
-                       block_tokens=block_tokens)
+                       block_tokens=block_tokens, groups=groups)
     queue.put({"seconds": time.perf_counter() - start, "peak": peak_rss_bytes(), "before": before,
                "passes": res.plan.passes, "estimated": res.plan.estimated_peak, "workers": res.plan.workers,
                "block_tokens": res.settings["block_tokens"],
@@ -221,10 +225,36 @@ def bench_memory(cfg: BenchConfig, root: Path) -> None:
     print(f"    {'N':>8}  {'peak RSS above start':>20}  {'arrays of both models':>21}  {'time':>7}")
     peaks = []
     for n in sizes:
-        out = run_child(str(root / "memory"), n, "4GB", False, ("dimcorr", "cka", "procrustes"), "float64", block)
+        out = run_child(str(root / "memory"), n, "4GB", False, ("dimcorr", "cka", "procrustes"), "float64", block, 0)
         peaks.append(out["peak"] - out["before"])
         print(f"    {n:>8,}  {format_bytes(peaks[-1]):>20}  {format_bytes(2 * n * d * 4):>21}  {out['seconds']:6.2f}s")
     print(f"    growth of the peak from N = {sizes[0]:,} to {sizes[-1]:,} (x8 tokens): x{peaks[-1] / max(peaks[0], 1):.2f}")
+
+
+# --- (d) per-group accumulators ----------------------------------------------------------------------------------
+
+
+def bench_groups(cfg: BenchConfig, root: Path) -> None:
+    from hrsa.analyze import analyze_pair
+    from hrsa.analyze.streaming.plan import format_bytes
+    from hrsa.store import ActivationStore
+
+    n, d, groups = cfg.speed_tokens, cfg.speed_hidden, 10
+    print(f"\n(d) per-group accumulators ({groups} groups of documents) against none: N = {n:,}, D = {d}, one layer pair")
+    if not (root / "speed").exists():
+        make_store(root / "speed", n, d, 1, "float32")
+    store = ActivationStore.open(root / "speed", mode="r")
+    for metrics in (("dimcorr", "cka"), ("dimcorr", "cka", "procrustes")):
+        best, out = interleaved_best({
+            g: (lambda g=g: analyze_pair(store, "a", "b", metrics=metrics, backend="numpy", compute_dtype="float64", groups=g))
+            for g in (0, groups)}, cfg.repeats)
+        same = abs(out[0].cka[0].value - out[groups].cka[0].value)
+        print(f"    {'+'.join(metrics):24}: {best[0]:6.3f} s without, {best[groups]:6.3f} s with groups: "
+              f"ratio {best[groups] / best[0]:.2f}x (aim for the accumulators: <= 1.15x); CKA |diff| {same:.1e}")
+    for g in (0, groups):
+        out = run_child(str(root / "speed"), n, "4GB", False, ("dimcorr", "cka", "procrustes"), "float64", None, g)
+        print(f"    peak RSS above start, {g:2} groups: {format_bytes(out['peak'] - out['before']):>9} "
+              f"(plan's estimate {format_bytes(out['estimated'])}; one pair's Moments {format_bytes(3 * d * d * 8)})")
 
 
 # --- (c) 7B-shaped cross-layer CKA -------------------------------------------------------------------------------
@@ -239,7 +269,7 @@ def bench_cross_layer(cfg: BenchConfig, root: Path) -> None:
     start = time.perf_counter()
     make_store(root / "big", n, d, states, "bfloat16")
     print(f"    synthetic store written in {time.perf_counter() - start:.0f} s")
-    out = run_child(str(root / "big"), n, cfg.big_budget, True, ("cka",), "float32", None)
+    out = run_child(str(root / "big"), n, cfg.big_budget, True, ("cka",), "float32", None, 0)
     held = 2 * states * n * d * 4
     pairs = states * states + 2 * states  # cross pairs, plus each state against itself
     flops = pairs * 2.0 * n * d * d  # one (D, n) x (n, D) product per pair
@@ -257,7 +287,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke sizes (about a minute)")
     parser.add_argument("--dir", type=Path, default=None, help="where to write the synthetic stores (default: a temp dir)")
-    parser.add_argument("--only", choices=["speed", "memory", "cross"], default=None, help="run one part")
+    parser.add_argument("--only", choices=["speed", "memory", "cross", "groups"], default=None, help="run one part")
     args = parser.parse_args()
     cfg = QUICK if args.quick else BenchConfig()
     root = Path(tempfile.mkdtemp(prefix="hrsa-bench-", dir=args.dir))
@@ -268,6 +298,8 @@ def main() -> None:
             bench_speed(cfg, root)
         if args.only in (None, "memory"):
             bench_memory(cfg, root)
+        if args.only in (None, "groups"):
+            bench_groups(cfg, root)
         if args.only in (None, "cross"):
             bench_cross_layer(cfg, root)
         print(f"\ntotal {time.perf_counter() - start:.0f} s")

@@ -161,9 +161,9 @@ def linear_cka(x: ArrayLike, y: ArrayLike, *, debiased: bool = False) -> CkaResu
 
 
 def _sq_frobenius(c: np.ndarray) -> float:
-    """|C|_F^2, via a dot product (no (D, D) temporary)."""
-    flat = c.ravel()
-    return float(flat @ flat)
+    """|C|_F^2 without a (D, D) temporary. einsum, not a BLAS dot (``ravel() @ ravel()`` or ``vdot``): right after the
+    GEMMs OpenBLAS's dot waits on its threads, ~6 ms a call on the loaded 2-core machine against ~0.15 ms (D = 256)."""
+    return float(np.einsum("ij,ij->", c, c))
 
 
 def _debiased_hsic(sq_cross: float, sum_ab: float, tr_x: float, tr_y: float, n: int) -> float:

@@ -15,6 +15,6 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "analyze.py"
 def test_quick_benchmark_prints_its_figures(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--dir", str(tmp_path)], capture_output=True, text=True,
                          timeout=600, check=True)
-    for figure in ("ratio streaming / in-memory", "growth of the peak", "passes:", "holding both models"):
+    for figure in ("ratio streaming / in-memory", "growth of the peak", "passes:", "holding both models", "groups: ratio"):
         assert figure in run.stdout, run.stdout + run.stderr
     assert list(tmp_path.iterdir()) == []  # the synthetic stores are cleaned up
