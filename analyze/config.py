@@ -42,6 +42,7 @@ __all__ = [
     "DEFAULT_K",
     "LOCAL_METRICS",
     "METRICS",
+    "MOMENT_METRICS",
     "AnalyzeConfig",
     "Metric",
     "Pool",
@@ -49,8 +50,12 @@ __all__ = [
     "load_config",
 ]
 
-Metric = Literal["dimcorr", "cka", "procrustes", "knn", "probe"]
-METRICS: tuple[Metric, ...] = ("dimcorr", "cka", "procrustes")  # streaming metrics, from co-moments
+Metric = Literal["dimcorr", "cka", "procrustes", "procrustes_distance", "cca", "svcca", "pwcca", "regression",
+                 "effective_rank", "knn", "probe"]
+METRICS: tuple[Metric, ...] = ("dimcorr", "cka", "procrustes")  # the paper's streaming metrics: the default
+#: Every metric computed from the matched passes' Moments: the paper's, then the other measures on request.
+MOMENT_METRICS: tuple[Metric, ...] = (*METRICS, "procrustes_distance", "cca", "svcca", "pwcca", "regression",
+                                      "effective_rank")
 LOCAL_METRICS: tuple[Metric, ...] = ("knn", "probe")  # local geometry and function, from their own reads
 DEFAULT_K = (5, 10, 50)  # k-NN overlap's neighbour counts
 #: Groups of documents for the jackknife intervals: t_9 quantiles (2.26) cost ~15% width against many groups,

@@ -32,6 +32,14 @@ never change existing ones). NaN (a metric undefined on constant data) is writte
         "procrustes": {"h_inv": [float], "residual": [float], "similarity": [float],
                        "underdetermined": [bool],
                        "rotations": [str]},          # .npy files beside results.json, with --save-rotation
+        "procrustes_distance": {"distance": [float], "similarity": [float]},  # arccos(similarity), Williams et al. 2021
+        "cca": {"r2": [float], "mean_rho": [float], "rank_a": [int], "rank_b": [int], "underdetermined": [bool]},
+        "svcca": {"value": [float], "kept_a": [int], "kept_b": [int], "variance_kept": float, "underdetermined": [bool]},
+        "pwcca": {"value": [float], "underdetermined": [bool]},
+        "regression": {"r2_b_from_a": [float], "r2_a_from_b": [float],     # linear readout of one from the other
+                       "underdetermined_b_from_a": [bool], "underdetermined_a_from_b": [bool]},
+        "effective_rank": {"a": [float], "b": [float], "participation_ratio_a": [float], "participation_ratio_b": [float]},
+                                                    # the last six only when asked for with --metrics
         "knn": {"k": {"5": [float], ...},            # mean per-token Jaccard, per hidden state below
                 "median": {"5": [float]}, "std": {"5": [float]},
                 "hidden_states": [int], "n_tokens": int, "seed": int, "search": "exact" | "hnsw",
@@ -179,6 +187,7 @@ def _metrics(r: PairResults) -> dict[str, Any]:
         out["procrustes"] = {k: [getattr(x, k) for x in p] for k in ("h_inv", "residual", "similarity", "underdetermined")}
         if p and p[0].rotation is not None:
             out["procrustes"]["rotations"] = [_rotation_name(k) for k in r.matched]
+    out.update(_more_measures(r))
     for name, intervals in r.intervals.items():
         metric, key = name.split("/")
         out[metric].setdefault("intervals", {})[key] = [[i.low, i.high] for i in intervals]
@@ -190,6 +199,32 @@ def _metrics(r: PairResults) -> dict[str, Any]:
         out["knn"] = _knn(r.knn)
     if r.probe is not None:
         out["probe"] = _probe(r.probe)
+    return out
+
+
+#: The measures beyond the paper's, per matched layer: results.json key -> attribute of the result.
+_MORE_MEASURES: dict[str, dict[str, str]] = {
+    "procrustes_distance": {"distance": "distance", "similarity": "similarity"},
+    "cca": {"r2": "r2_cca", "mean_rho": "mean_rho", "rank_a": "rank_x", "rank_b": "rank_y",
+            "underdetermined": "underdetermined"},
+    "svcca": {"value": "value", "kept_a": "kept_x", "kept_b": "kept_y", "underdetermined": "underdetermined"},
+    "pwcca": {"value": "value", "underdetermined": "underdetermined"},
+    "regression": {"r2_b_from_a": "r2_y_from_x", "r2_a_from_b": "r2_x_from_y",
+                   "underdetermined_b_from_a": "underdetermined_y_from_x",
+                   "underdetermined_a_from_b": "underdetermined_x_from_y"},
+    "effective_rank": {"a": "effective_rank_x", "b": "effective_rank_y", "participation_ratio_a": "participation_ratio_x",
+                       "participation_ratio_b": "participation_ratio_y"},
+}
+
+
+def _more_measures(r: PairResults) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for metric, keys in _MORE_MEASURES.items():
+        results = getattr(r, metric)
+        if results is not None:
+            out[metric] = {key: [getattr(x, attr) for x in results] for key, attr in keys.items()}
+    if r.svcca:
+        out["svcca"]["variance_kept"] = r.svcca[0].variance_kept
     return out
 
 

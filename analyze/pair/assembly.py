@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 
 __all__ = ["assemble"]
 
-_PER_LAYER = ("cka", "cka_debiased", "dimcorr", "procrustes")
+_PER_LAYER = ("cka", "cka_debiased", "dimcorr", "procrustes", "procrustes_distance", "cca", "svcca", "pwcca",
+              "regression", "effective_rank")
 
 
 def assemble(

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from hrsa.analyze.config import LOCAL_METRICS, METRICS
+from hrsa.analyze.config import LOCAL_METRICS, MOMENT_METRICS
 from hrsa.store.errors import IncompleteModelError, UserError
 
 if TYPE_CHECKING:
@@ -21,11 +21,11 @@ def check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
     Raises:
         UserError: none asked for, or an unknown name.
     """
-    bad = [m for m in metrics if m not in METRICS + LOCAL_METRICS]
+    bad = [m for m in metrics if m not in MOMENT_METRICS + LOCAL_METRICS]
     if bad or not metrics:
-        raise UserError(f"Expected metrics among {', '.join(METRICS + LOCAL_METRICS)}. "
+        raise UserError(f"Expected metrics among {', '.join(MOMENT_METRICS + LOCAL_METRICS)}. "
                         f"Got {', '.join(bad) or 'none'} instead.")
-    return tuple(m for m in METRICS + LOCAL_METRICS if m in metrics)
+    return tuple(m for m in MOMENT_METRICS + LOCAL_METRICS if m in metrics)
 
 
 def check_pair(store: ActivationStore, a: str, b: str, metrics: tuple[str, ...]) -> tuple[ModelInfo, ModelInfo]:

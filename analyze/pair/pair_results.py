@@ -12,7 +12,17 @@ if TYPE_CHECKING:
 
     from hrsa.analyze.local.knn import KnnPairResult
     from hrsa.analyze.local.probe import ProbePairResult
-    from hrsa.analyze.metrics import CkaResult, DimwiseCorrelationResult, ProcrustesResult
+    from hrsa.analyze.metrics import (
+        CcaResult,
+        CkaResult,
+        DimwiseCorrelationResult,
+        EffectiveRankResult,
+        LinearRegressionResult,
+        ProcrustesDistanceResult,
+        ProcrustesResult,
+        PwccaResult,
+        SvccaResult,
+    )
     from hrsa.analyze.metrics.uncertainty import Interval, NullBaseline
     from hrsa.analyze.streaming.plan import AnalysisPlan
     from hrsa.store.selection import TokenSelection
@@ -31,7 +41,8 @@ class PairResults:
             follow this order.
         hidden_states_a, hidden_states_b: rows and columns of the cross-layer matrices (both equal
             to ``matched`` without ``cross_layer``).
-        cka, cka_debiased, dimcorr, procrustes: per matched layer, or None when not computed.
+        cka, cka_debiased, dimcorr, procrustes: per matched layer, or None when not computed; likewise
+            procrustes_distance, cca, svcca, pwcca, regression (R^2 both ways) and effective_rank, on request.
         cka_matrix, dimcorr_matrix: (len(hidden_states_a), len(hidden_states_b)) biased CKA and mean
             dimension-wise correlation, or None without ``cross_layer``.
         knn, probe: k-NN overlap and cross-model probes, or None when not asked for.
@@ -60,6 +71,12 @@ class PairResults:
     cka_debiased: tuple[CkaResult, ...] | None = None
     dimcorr: tuple[DimwiseCorrelationResult, ...] | None = None
     procrustes: tuple[ProcrustesResult, ...] | None = None
+    procrustes_distance: tuple[ProcrustesDistanceResult, ...] | None = None
+    cca: tuple[CcaResult, ...] | None = None
+    svcca: tuple[SvccaResult, ...] | None = None
+    pwcca: tuple[PwccaResult, ...] | None = None
+    regression: tuple[LinearRegressionResult, ...] | None = None
+    effective_rank: tuple[EffectiveRankResult, ...] | None = None
     cka_matrix: NDArray[np.float64] | None = None
     dimcorr_matrix: NDArray[np.float64] | None = None
     knn: KnnPairResult | None = None

@@ -12,14 +12,10 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from hrsa.analyze.metrics import (
-    UnderdeterminedWarning,
-    dimwise_correlation_from_moments,
-    linear_cka_from_moments,
-    procrustes_from_moments,
-)
 from hrsa.analyze.accumulators.groups import GroupedMoments
-from hrsa.analyze.pair.uncertainty import layer_intervals, layer_nulls, layer_scores
+from hrsa.analyze.metrics import UnderdeterminedWarning
+from hrsa.analyze.pair.layer_metrics import layer_results, layer_scores
+from hrsa.analyze.pair.uncertainty import layer_intervals, layer_nulls
 from hrsa.analyze.streaming.stream import StateReader, run_tile, split_segments
 
 if TYPE_CHECKING:
@@ -99,19 +95,8 @@ def _finish_tile(tile: Tile, acc: dict, pair: ResolvedPair, matched: dict, summa
             continue
         grouped = value if isinstance(value, GroupedMoments) else None
         value = grouped.total() if grouped is not None else value
-        out: dict[str, Any] = {}
-        if "cka" in pair.metrics:
-            out["cka"] = linear_cka_from_moments(value)
-            if pair.debiased:
-                out["cka_debiased"] = linear_cka_from_moments(value, debiased=True)
-        if "dimcorr" in pair.metrics:
-            out["dimcorr"] = dimwise_correlation_from_moments(value)
-        if "procrustes" in pair.metrics:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UnderdeterminedWarning)  # recorded in the result, warned once
-                out["procrustes"] = procrustes_from_moments(value, return_rotation=pair.save_rotation)
-        out["nulls"] = layer_nulls(value, pair.metrics)
+        results = layer_results(value, pair.metrics, debiased=pair.debiased, save_rotation=pair.save_rotation)
+        out: dict[str, Any] = {**results, "nulls": layer_nulls(value, pair.metrics)}
         if grouped is not None:
-            estimates = layer_scores(value, pair.metrics, pair.debiased)
-            out["intervals"] = layer_intervals(grouped, value, estimates, pair.metrics, pair.debiased)
+            out["intervals"] = layer_intervals(grouped, value, layer_scores(results), pair.metrics, pair.debiased)
         matched[streams[0][1]] = out

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hrsa.analyze.accumulators.groups import document_groups
-from hrsa.analyze.config import METRICS
+from hrsa.analyze.config import MOMENT_METRICS
 from hrsa.analyze.pair.checks import check_metrics, check_pair
 from hrsa.analyze.streaming.plan import AnalysisPlan, MemoryBudgetError, PlanInputs, plan_analysis
 from hrsa.analyze.streaming.stream import TokenBlock, paired_blocks, token_blocks, with_groups
@@ -85,7 +85,7 @@ def resolve_pair(
     """
     # Step 1: the pair itself.
     metrics_t = check_metrics(metrics)
-    streaming = bool(set(metrics_t) & set(METRICS))
+    streaming = bool(set(metrics_t) & set(MOMENT_METRICS))
     info_a, info_b = check_pair(store, a, b, metrics_t)
     # Step 2: the tokens: the same ones, or those whose content spans coincide in both corpora.
     pairs = store.token_pairs(a, b, selection)
@@ -96,7 +96,8 @@ def resolve_pair(
         raise UserError(f"Expected a positive block size. Got {block_tokens} instead.")
     # Step 3: what to accumulate.
     matched = tuple(sorted(set(info_a.hidden_states) & set(info_b.hidden_states)))
-    needs_matched = streaming and (not cross_layer or "procrustes" in metrics_t or debiased)
+    needs_matched = streaming and (not cross_layer or bool(set(metrics_t) & set(MOMENT_METRICS) - {"cka", "dimcorr"})
+                                   or debiased)
     crossed = cross_layer and bool({"cka", "dimcorr"} & set(metrics_t))
     rows, cols = (tuple(info_a.hidden_states), tuple(info_b.hidden_states)) if crossed else ((), ())
     base = PlanInputs(

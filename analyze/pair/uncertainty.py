@@ -2,7 +2,7 @@
 
 A matched pass that keeps its statistics per group of documents (:class:`GroupedMoments`) is finished here into
 
-- its scores on all tokens (``layer_scores`` of the total: the numbers the results report),
+- its scores on all tokens (:func:`.layer_metrics.layer_scores` of the total: the numbers the results report),
 - a delete-a-group jackknife interval for each score (the same scores on each leave-one-group-out statistics),
 - the permutation null of biased CKA and of the mean dimension-wise correlation (closed forms, same statistics).
 
@@ -12,15 +12,9 @@ writer and the report find them without a table of their own.
 
 from __future__ import annotations
 
-import warnings
 from typing import TYPE_CHECKING
 
-from hrsa.analyze.metrics import (
-    UnderdeterminedWarning,
-    dimwise_correlation_from_moments,
-    linear_cka_from_moments,
-    procrustes_from_moments,
-)
+from hrsa.analyze.pair.layer_metrics import layer_results, layer_scores
 from hrsa.analyze.metrics.dimwise_correlation import dimwise_correlation_null
 from hrsa.analyze.metrics.linear_cka import linear_cka_null
 from hrsa.analyze.metrics.uncertainty import Interval, NullBaseline, jackknife_interval
@@ -31,25 +25,7 @@ if TYPE_CHECKING:
     from hrsa.analyze.accumulators.groups import GroupedMoments
     from hrsa.analyze.accumulators.moments import Moments
 
-__all__ = ["layer_intervals", "layer_nulls", "layer_scores"]
-
-
-def layer_scores(m: Moments, metrics: tuple[str, ...], debiased: bool) -> dict[str, float]:
-    """Every scalar score of one matched layer, by its results.json name."""
-    scores: dict[str, float] = {}
-    if "cka" in metrics:
-        scores["cka/diagonal"] = linear_cka_from_moments(m).value
-        if debiased:
-            scores["cka/debiased_diagonal"] = linear_cka_from_moments(m, debiased=True).value
-    if "dimcorr" in metrics:
-        scores["dimcorr/diagonal"] = dimwise_correlation_from_moments(m).mean
-    if "procrustes" in metrics:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UnderdeterminedWarning)  # the full fit's flag is what the results keep
-            fit = procrustes_from_moments(m)
-        scores.update({"procrustes/h_inv": fit.h_inv, "procrustes/similarity": fit.similarity,
-                       "procrustes/residual": fit.residual})
-    return scores
+__all__ = ["layer_intervals", "layer_nulls"]
 
 
 def layer_intervals(
@@ -58,7 +34,7 @@ def layer_intervals(
     """A jackknife interval for each score in ``estimates``, from one ``without`` per group (module docstring)."""
     left_out: dict[str, list[float]] = {name: [] for name in estimates}
     for _, rest in grouped.leave_one_out(total):
-        for name, value in layer_scores(rest, metrics, debiased).items():
+        for name, value in layer_scores(layer_results(rest, metrics, debiased=debiased)).items():
             left_out[name].append(value)
     return {name: jackknife_interval(estimates[name], values) for name, values in left_out.items()}
 

@@ -35,6 +35,7 @@ from hrsa.analyze.report.html_blocks import (
 )
 from hrsa.analyze.report.summary import (
     LEVELS,
+    MORE_LAYER_SCORES,
     PairSummary,
     ScoreUncertainty,
     Thresholds,
@@ -149,12 +150,14 @@ def _layer_table(doc: Mapping[str, Any]) -> str:
                "mean dimension-wise r": m.get("dimcorr", {}).get("diagonal"),
                "degenerate dims": m.get("dimcorr", {}).get("n_degenerate"),
                "Procrustes H_inv": m.get("procrustes", {}).get("h_inv"), "Procrustes residual": m.get("procrustes", {}).get("residual")}
+    keys = {"linear CKA": ("cka", "diagonal"), "debiased CKA": ("cka", "debiased_diagonal"),
+            "mean dimension-wise r": ("dimcorr", "diagonal"), "Procrustes H_inv": ("procrustes", "h_inv"),
+            "Procrustes residual": ("procrustes", "residual"),
+            **{label: (metric, key) for label, metric, key in MORE_LAYER_SCORES}}
+    columns.update({label: m.get(metric, {}).get(key) for label, metric, key in MORE_LAYER_SCORES})
     columns = {k: v for k, v in columns.items() if v}
     if not columns:
         return ""
-    keys = {"linear CKA": ("cka", "diagonal"), "debiased CKA": ("cka", "debiased_diagonal"),
-            "mean dimension-wise r": ("dimcorr", "diagonal"), "Procrustes H_inv": ("procrustes", "h_inv"),
-            "Procrustes residual": ("procrustes", "residual")}
     unc = {name: score_uncertainty(doc, *keys[name]) for name in columns if name in keys}
     states = doc["matched_hidden_states"]
     rows = [[str(k), *(_cell(v, i, unc.get(name)) for name, v in columns.items())] for i, k in enumerate(states)]

@@ -39,6 +39,7 @@ __all__ = [
     "KNN_K",
     "KNN_PRESERVED",
     "LEVELS",
+    "MORE_LAYER_SCORES",
     "PROBE_MIN_SIGNAL",
     "PROBE_TRANSFER_PRESERVED",
     "LevelVerdict",
@@ -301,6 +302,19 @@ def _probe_check(probe: Mapping[str, Any] | None, t: Thresholds, skip: Sequence[
     return MetricCheck("probe transfer", value, t.probe_transfer, value >= t.probe_transfer, detail)
 
 
+#: Per-layer scores of the measures beyond the paper's, as the tables show them: (label, metric, results.json key).
+MORE_LAYER_SCORES = (
+    ("Procrustes distance", "procrustes_distance", "distance"),
+    ("CCA R²", "cca", "r2"),
+    ("SVCCA", "svcca", "value"),
+    ("PWCCA", "pwcca", "value"),
+    ("R² of B from A", "regression", "r2_b_from_a"),
+    ("R² of A from B", "regression", "r2_a_from_b"),
+    ("effective rank of A", "effective_rank", "a"),
+    ("effective rank of B", "effective_rank", "b"),
+)
+
+
 @dataclass(frozen=True)
 class ScoreUncertainty:
     """What results.json says of one per-layer score's uncertainty (``score_uncertainty``).
@@ -369,6 +383,9 @@ def summary_table(doc: Mapping[str, Any]) -> Table:
     if "procrustes" in m:
         columns["H_inv"] = _with_uncertainty(doc, "procrustes", "h_inv")
         columns["residual"] = _with_uncertainty(doc, "procrustes", "residual")
+    for label, metric, key in MORE_LAYER_SCORES:
+        if key in m.get(metric, {}):
+            columns[label] = _with_uncertainty(doc, metric, key)
     knn, probe = m.get("knn"), m.get("probe")
     if knn is not None and list(knn["hidden_states"]) == states:
         columns.update({f"kNN@{k}": _fixed(values, 4) for k, values in knn["k"].items()})

@@ -74,7 +74,7 @@ def test_unknown_model_and_metric(store_with_extras) -> None:
     store, _ = store_with_extras
     with pytest.raises(ModelNotFoundError, match="nope"):
         analyze_pair(store, "a", "nope", backend="numpy")
-    with pytest.raises(UserError, match="metrics among dimcorr, cka, procrustes, knn, probe. Got rsa"):
+    with pytest.raises(UserError, match="metrics among dimcorr, cka, procrustes, procrustes_distance, cca, svcca, pwcca, regression, effective_rank, knn, probe. Got rsa"):
         analyze_pair(store, "a", "b", metrics=("cka", "rsa"), backend="numpy")
 
 
