@@ -15,6 +15,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from hrsa.analyze.accumulators.moments import Moments
+from hrsa.analyze.accumulators.testing import merge_tree
 from hrsa.store import ActivationStore
 from hrsa.store.testing import make_table
 
@@ -58,6 +60,19 @@ def make_pair(rng: np.random.Generator) -> MakePair:
         return x.astype(dtype), y.astype(dtype)
 
     return make
+
+
+def streamed(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, n_chunks: int = 7) -> Moments:
+    """Moments of random contiguous chunks, merged in a random tree order with random operand swaps."""
+    cuts = np.sort(rng.choice(np.arange(1, x.shape[0]), n_chunks - 1, replace=False))
+    parts = [Moments.from_chunk(a, b) for a, b in zip(np.split(x, cuts), np.split(y, cuts), strict=True)]
+    return merge_tree(parts, lambda hi: int(rng.integers(0, hi + 1)), lambda: bool(rng.integers(2)))
+
+
+def random_rotation(rng: np.random.Generator, d: int) -> np.ndarray:
+    """(d, d) orthogonal, from the QR of a Gaussian matrix."""
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    return q
 
 
 # --- stores of model pairs, for the streaming, CLI and results tests ---------------------------------------

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from hrsa.analyze.accumulators.moments import Moments, moments
-from hrsa.analyze.accumulators.testing import merge_tree
 from hrsa.analyze.metrics import CcaResult, cca, cca_from_moments
+from tests.analyze.conftest import random_rotation, streamed
 
 # --- independent float64 oracle: orthonormal bases of the centred columns, then an SVD ---------------------
 
@@ -25,18 +25,6 @@ def oracle_rhos(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 def _centred64(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     return x - x.mean(0)
-
-
-def _rotation(rng: np.random.Generator, d: int) -> np.ndarray:
-    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
-    return q
-
-
-def streamed(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, n_chunks: int = 7) -> Moments:
-    """Moments of random contiguous chunks, merged in a random tree order with random operand swaps."""
-    cuts = np.sort(rng.choice(np.arange(1, x.shape[0]), n_chunks - 1, replace=False))
-    parts = [Moments.from_chunk(a, b) for a, b in zip(np.split(x, cuts), np.split(y, cuts))]
-    return merge_tree(parts, lambda hi: int(rng.integers(0, hi + 1)), lambda: bool(rng.integers(2)))
 
 
 # --- oracle agreement ----------------------------------------------------------------------------------------
@@ -78,8 +66,8 @@ def test_invariant_to_invertible_linear_maps_and_offsets(make_pair, rng) -> None
     # From co-moments the error grows as eps * cond(Xc)^2, and the maps multiply the data's conditioning
     # (outlier scales of 300): keep the general map well conditioned (cond <= 6), and make the strongly
     # anisotropic one a rotation followed by column scales 1e-2..1e2, which the whitening's unit-variance step undoes.
-    a = _rotation(rng, 10) @ np.diag(rng.uniform(0.5, 3.0, size=10)) @ _rotation(rng, 10)
-    b = _rotation(rng, 10) @ np.diag(np.geomspace(1e-2, 1e2, 10))
+    a = random_rotation(rng, 10) @ np.diag(rng.uniform(0.5, 3.0, size=10)) @ random_rotation(rng, 10)
+    b = random_rotation(rng, 10) @ np.diag(np.geomspace(1e-2, 1e2, 10))
     for name, (xt, yt) in {
         "map of x": (x @ a, y),
         "map of y": (x, y @ b),

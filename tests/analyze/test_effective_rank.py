@@ -12,8 +12,8 @@ from scipy.special import entr
 from scipy.stats import special_ortho_group
 
 from hrsa.analyze.accumulators.moments import Moments
-from hrsa.analyze.accumulators.testing import merge_tree
 from hrsa.analyze.metrics import EffectiveRankResult, effective_rank, effective_rank_from_moments
+from tests.analyze.conftest import streamed
 
 # --- independent float64 oracle: singular values of the centred data --------------------------------------------
 
@@ -24,13 +24,6 @@ def oracle(x: np.ndarray) -> tuple[float, float]:
     s2 = np.linalg.svd(xc, compute_uv=False) ** 2
     p = s2 / s2.sum()
     return float(np.exp(entr(p).sum())), float(s2.sum() ** 2 / np.sum(s2**2))
-
-
-def streamed(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, n_chunks: int = 7) -> Moments:
-    """Moments of random contiguous chunks, merged in a random tree order with random operand swaps."""
-    cuts = np.sort(rng.choice(np.arange(1, x.shape[0]), n_chunks - 1, replace=False))
-    parts = [Moments.from_chunk(a, b) for a, b in zip(np.split(x, cuts), np.split(y, cuts))]
-    return merge_tree(parts, lambda hi: int(rng.integers(0, hi + 1)), lambda: bool(rng.integers(2)))
 
 
 def _check(res: EffectiveRankResult, x: np.ndarray, y: np.ndarray, rel: float) -> None:

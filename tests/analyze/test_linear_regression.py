@@ -8,9 +8,8 @@ import importlib
 import numpy as np
 import pytest
 
-from hrsa.analyze.accumulators.moments import Moments
-from hrsa.analyze.accumulators.testing import merge_tree
 from hrsa.analyze.metrics import LinearRegressionResult, linear_regression, linear_regression_from_moments
+from tests.analyze.conftest import random_rotation, streamed
 
 # --- independent float64 oracles: fit on the centred tokens, measure the residual ----------------------------
 
@@ -25,18 +24,6 @@ def oracle_r2(x: np.ndarray, y: np.ndarray, *, ridge: float = 0.0) -> float:
         mu = ridge * np.sum(xc**2) / xc.shape[1]  # lambda relative to tr(Xc^T Xc) / Dx
         b = np.linalg.solve(xc.T @ xc + mu * np.eye(xc.shape[1]), xc.T @ yc)
     return float(1.0 - np.sum((yc - xc @ b) ** 2) / np.sum(yc**2))
-
-
-def streamed(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, n_chunks: int = 7) -> Moments:
-    """Moments of random contiguous chunks, merged in a random tree order with random operand swaps."""
-    cuts = np.sort(rng.choice(np.arange(1, x.shape[0]), n_chunks - 1, replace=False))
-    parts = [Moments.from_chunk(a, b) for a, b in zip(np.split(x, cuts), np.split(y, cuts))]
-    return merge_tree(parts, lambda hi: int(rng.integers(0, hi + 1)), lambda: bool(rng.integers(2)))
-
-
-def _rotation(rng: np.random.Generator, d: int) -> np.ndarray:
-    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
-    return q
 
 
 # --- oracle agreement ----------------------------------------------------------------------------------------
@@ -86,11 +73,11 @@ def test_streamed_equals_in_memory(make_pair, rng) -> None:
 def test_invariant_to_invertible_maps_of_the_regressor_and_rotations_of_the_target(make_pair, rng) -> None:
     x, y = make_pair(2000, 9, dtype=np.float64)
     base = linear_regression(x, y).r2_y_from_x
-    a = _rotation(rng, 9) @ np.diag(rng.uniform(0.5, 3.0, size=9)) @ _rotation(rng, 9)  # invertible, cond <= 6
+    a = random_rotation(rng, 9) @ np.diag(rng.uniform(0.5, 3.0, size=9)) @ random_rotation(rng, 9)  # invertible, cond <= 6
     for name, (xt, yt) in {
         "invertible map of x": (x @ a, y),
         "anisotropic column scales of x": (x * np.geomspace(1e-3, 1e3, 9), y),
-        "rotation and isotropic scale of y": (x, 0.1 * y @ _rotation(rng, 9)),
+        "rotation and isotropic scale of y": (x, 0.1 * y @ random_rotation(rng, 9)),
         "offsets": (x - 3e4, y + rng.normal(size=9) * 1e4),
     }.items():
         assert linear_regression(xt, yt).r2_y_from_x == pytest.approx(base, rel=1e-10, abs=0), name
@@ -105,7 +92,7 @@ def test_anisotropic_scaling_of_the_target_reweights_it(make_pair) -> None:
 def test_ridge_is_invariant_to_rotations_and_isotropic_scale_of_the_regressor(make_pair, rng) -> None:
     x, y = make_pair(2000, 9, dtype=np.float64)
     base = linear_regression(x, y, ridge=0.1).r2_y_from_x
-    assert linear_regression(5.0 * x @ _rotation(rng, 9), y, ridge=0.1).r2_y_from_x == pytest.approx(base, rel=1e-10)
+    assert linear_regression(5.0 * x @ random_rotation(rng, 9), y, ridge=0.1).r2_y_from_x == pytest.approx(base, rel=1e-10)
 
 
 # --- edge cases -------------------------------------------------------------------------------------------------

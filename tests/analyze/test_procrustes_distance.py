@@ -11,9 +11,8 @@ import pytest
 from scipy.linalg import orthogonal_procrustes
 from scipy.stats import special_ortho_group
 
-from hrsa.analyze.accumulators.moments import Moments
-from hrsa.analyze.accumulators.testing import merge_tree
 from hrsa.analyze.metrics import ProcrustesDistanceResult, procrustes_distance, procrustes_distance_from_moments
+from tests.analyze.conftest import streamed
 
 # --- independent float64 oracle: fit the rotation explicitly on normalised, zero-padded data -------------------
 
@@ -34,13 +33,6 @@ def _normalised(a: np.ndarray) -> np.ndarray:
 
 def _pad(a: np.ndarray, d: int) -> np.ndarray:
     return np.hstack([a, np.zeros((a.shape[0], d - a.shape[1]))])
-
-
-def streamed(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, n_chunks: int = 7) -> Moments:
-    """Moments of random contiguous chunks, merged in a random tree order with random operand swaps."""
-    cuts = np.sort(rng.choice(np.arange(1, x.shape[0]), n_chunks - 1, replace=False))
-    parts = [Moments.from_chunk(a, b) for a, b in zip(np.split(x, cuts), np.split(y, cuts))]
-    return merge_tree(parts, lambda hi: int(rng.integers(0, hi + 1)), lambda: bool(rng.integers(2)))
 
 
 # --- oracle agreement ----------------------------------------------------------------------------------------

@@ -8,9 +8,8 @@ import importlib
 import numpy as np
 import pytest
 
-from hrsa.analyze.accumulators.moments import Moments
-from hrsa.analyze.accumulators.testing import merge_tree
 from hrsa.analyze.metrics import PwccaResult, pwcca, pwcca_from_moments
+from tests.analyze.conftest import random_rotation, streamed
 
 # --- independent float64 oracle: canonical variates of X as (N,) vectors, projections on every neuron ---------
 
@@ -35,18 +34,6 @@ def oracle_pwcca(
     alpha = np.abs(h.T @ neurons).sum(axis=1)  # (r,) sum over neurons j of |<h_i, x_j>|
     weights = alpha / alpha.sum()
     return {"rhos": rhos, "weights": weights, "value": float(weights @ rhos)}
-
-
-def streamed(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, n_chunks: int = 7) -> Moments:
-    """Moments of random contiguous chunks, merged in a random tree order with random operand swaps."""
-    cuts = np.sort(rng.choice(np.arange(1, x.shape[0]), n_chunks - 1, replace=False))
-    parts = [Moments.from_chunk(a, b) for a, b in zip(np.split(x, cuts), np.split(y, cuts))]
-    return merge_tree(parts, lambda hi: int(rng.integers(0, hi + 1)), lambda: bool(rng.integers(2)))
-
-
-def _rotation(rng: np.random.Generator, d: int) -> np.ndarray:
-    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
-    return q
 
 
 # --- oracle agreement ----------------------------------------------------------------------------------------
@@ -92,7 +79,7 @@ def test_invariances(make_pair, rng) -> None:
     x, y = make_pair(2000, 9, dtype=np.float64)
     base = pwcca(x, y).value
     perm, signs = rng.permutation(9), rng.choice([-1.0, 1.0], size=9)
-    b = _rotation(rng, 9) @ np.diag(rng.uniform(0.5, 3.0, size=9)) @ _rotation(rng, 9)  # invertible, cond <= 6
+    b = random_rotation(rng, 9) @ np.diag(rng.uniform(0.5, 3.0, size=9)) @ random_rotation(rng, 9)  # invertible, cond <= 6
     for name, (xt, yt) in {
         "offsets": (x + 4e4, y - rng.normal(size=9) * 1e4),
         "isotropic scales": (0.01 * x, 300.0 * y),
@@ -105,7 +92,7 @@ def test_invariances(make_pair, rng) -> None:
 def test_rotating_x_moves_the_weights(make_pair, rng) -> None:
     # The weights sum |<h_i, x_j>| over X's own coordinates, so a rotation of X changes PWCCA (not the rhos).
     x, y = make_pair(2000, 9, dtype=np.float64)
-    rotated = pwcca(x @ _rotation(rng, 9), y)
+    rotated = pwcca(x @ random_rotation(rng, 9), y)
     np.testing.assert_allclose(rotated.rhos, pwcca(x, y).rhos, rtol=1e-9)
     assert rotated.value != pytest.approx(pwcca(x, y).value, abs=1e-4)
 

@@ -8,9 +8,8 @@ import importlib
 import numpy as np
 import pytest
 
-from hrsa.analyze.accumulators.moments import Moments
-from hrsa.analyze.accumulators.testing import merge_tree
 from hrsa.analyze.metrics import SvccaResult, svcca, svcca_from_moments
+from tests.analyze.conftest import random_rotation, streamed
 
 # --- independent float64 oracle: SVD of each centred side, then CCA of the kept left singular vectors ---------
 
@@ -43,22 +42,10 @@ def spectral_pair(rng: np.random.Generator, n: int, d: int) -> tuple[np.ndarray,
     """
     scales = np.geomspace(1.0, 0.01, d)
     scales[0] = 100.0  # an outlier direction
-    x = (rng.normal(size=(n, d)) * scales) @ _rotation(rng, d)
+    x = (rng.normal(size=(n, d)) * scales) @ random_rotation(rng, d)
     x[:, 0] += 1e4
     y = x @ (np.eye(d) + 0.3 * rng.normal(size=(d, d))) + 0.05 * rng.normal(size=(n, d)) - 3e3
     return x, y
-
-
-def _rotation(rng: np.random.Generator, d: int) -> np.ndarray:
-    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
-    return q
-
-
-def streamed(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, n_chunks: int = 7) -> Moments:
-    """Moments of random contiguous chunks, merged in a random tree order with random operand swaps."""
-    cuts = np.sort(rng.choice(np.arange(1, x.shape[0]), n_chunks - 1, replace=False))
-    parts = [Moments.from_chunk(a, b) for a, b in zip(np.split(x, cuts), np.split(y, cuts))]
-    return merge_tree(parts, lambda hi: int(rng.integers(0, hi + 1)), lambda: bool(rng.integers(2)))
 
 
 # --- oracle agreement ----------------------------------------------------------------------------------------
@@ -104,8 +91,8 @@ def test_invariant_to_rotations_isotropic_scaling_and_offsets(rng) -> None:
     x, y = spectral_pair(rng, 2000, 10)
     base = svcca(x, y, variance_kept=0.99999)
     for name, (xt, yt) in {
-        "rotation of x": (x @ _rotation(rng, 10), y),
-        "rotation and scale of y": (x, 0.01 * y @ _rotation(rng, 10)),
+        "rotation of x": (x @ random_rotation(rng, 10), y),
+        "rotation and scale of y": (x, 0.01 * y @ random_rotation(rng, 10)),
         "scale and offsets": (7.0 * x - 4e4, y + rng.normal(size=10) * 1e4),
     }.items():
         got = svcca(xt, yt, variance_kept=0.99999)
@@ -116,7 +103,7 @@ def test_invariant_to_rotations_isotropic_scaling_and_offsets(rng) -> None:
 def test_anisotropic_scaling_changes_what_is_kept(rng) -> None:
     # Unlike CCA, the SVD step sees the scales: shrinking X's loud direction changes the kept subspace.
     x, y = spectral_pair(rng, 2000, 10)
-    shrunk = x @ _rotation(rng, 10) * np.geomspace(1e-3, 1.0, 10)
+    shrunk = x @ random_rotation(rng, 10) * np.geomspace(1e-3, 1.0, 10)
     assert svcca(shrunk, y, variance_kept=0.99999).value != pytest.approx(
         svcca(x, y, variance_kept=0.99999).value, abs=1e-3)
 
