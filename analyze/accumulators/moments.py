@@ -131,7 +131,9 @@ class Moments:
             ValueError: if the arrays are not 2-D, differ in rows, are not real numbers, or hold NaN/inf.
         """
         x, y = _parse_pair(x, y)
-        return cls.empty(x.shape[1], y.shape[1]).update(x, y, compute_dtype=compute_dtype)
+        # The chunk's statistics themselves (``empty().update()`` returned the same, but held a zero accumulator of
+        # 3 D^2 float64 beside the block's copies meanwhile).
+        return _chunk_moments(x, y, parse_compute_dtype(compute_dtype))
 
     def update(self, x: ArrayLike, y: ArrayLike, *, compute_dtype: DTypeLike = np.float64) -> Moments:
         """These statistics with one more chunk of tokens (``self.merge(Moments.from_chunk(x, y))``)."""

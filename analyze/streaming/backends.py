@@ -99,6 +99,7 @@ class TorchBackend:
         # Step 2: the O(n D^2) products in compute_dtype, back to float64.
         uc, vc = u.to(self._dtype), v.to(self._dtype)
         c_xx, c_yy, c_xy = (uc.T @ uc).double(), (vc.T @ vc).double(), (uc.T @ vc).double()
+        del uc, vc  # before the (n, D) temporaries of step 3: the memory plan counts u, v and one of those
         # Step 3: the O(n D) norm moments of debiased CKA, in float64.
         a, b = (u * u).sum(1), (v * v).sum(1)  # (n,), (n,)
         host = [t.cpu().numpy() for t in (mean_x, mean_y, c_xx, c_yy, c_xy, u.T @ a, v.T @ a, u.T @ b, v.T @ b)]
@@ -115,6 +116,7 @@ class TorchBackend:
         for k in {k for pair in pairs for k in pair}:  # each state centred and cast once per block
             u, mean = self._centre(xs[k])
             centred[k] = (u.to(self._dtype), mean.cpu().numpy())
+            del u  # the float64 copy goes before the next state's is made (a float32 cast keeps only the cast)
         for kx, ky in pairs:
             (u, mx), (v, my) = centred[kx], centred[ky]
             c_xy = (u.T @ v).double().cpu().numpy()  # (Dx, Dy)

@@ -9,14 +9,46 @@ Every tile is one streaming pass over the selected tokens. Three kinds:
 - ``self``: states against themselves (C_xx of A's, C_yy of B's), once per state, for the CKA
   denominators and the variances of dimension-wise correlation in the cross-layer matrices.
 
-Memory model (an estimate, in bytes; ``W`` segment tasks run at once, each holding its own copy)::
+Memory model: an upper bound, in bytes, of what one tile's pass holds at its peak (``AnalysisPlan.estimate``;
+``estimated_peak`` is the largest tile's). With ``W`` segment tasks at once, ``n`` = block_tokens, ``D_s`` and
+``r_s`` the hidden size and stored bytes per value of state s, ``c`` the compute bytes (``c' = c`` for float32
+products, 0 for float64: no cast copy), ``I`` the largest accumulator of the tile, ``M = max(Dx, Dy)``::
 
-    peak = W * (accumulators of the tile + blocks of its states + 3 largest accumulators of one pair)
-           + what finishing a pair needs (the SVD of Procrustes: 5 D^2 float64)
+    peak = max(W * (A + B + S), A + F) + C
 
-where a block of a state is ``block_tokens * D * (2 * read bytes + 8 + compute bytes)`` (the block as read
-and the next one being read ahead, its float64 copy, its centred copy). When even one pair does not fit with
-``W`` workers, the plan falls back to one worker before it gives up.
+    A = sum of item(pair) over the tile      its accumulators (:meth:`_MemoryModel.item`: one pair's), one copy
+                                             per worker while streaming, one after the merge
+    B = 2 sum_s n D_s r_s + 3 max_s n D_s r_s
+                                             each state's block in use and the next one read ahead; the read's
+                                             own buffers, one state at a time (Zarr's output and the shard's
+                                             decoded part, Dask's copy: measured 3.1 blocks)
+    S = the block statistics, the largest of their steps:
+        matched:      n (max(8 (Dx + Dy) + 8 M, (8 + c') (Dx + Dy)) + 16) + 2 I + c' M^2
+                      (a state's float64 and centred copies beside the other's centred one; or both centred and
+                      cast; the row norms), the previous pair's block statistics and those being built, the cast
+                      product; or the Chan merge: 2 I + 8 M^2 (block part and new total beside the old one in A,
+                      and the rank-one temporary)
+        cross, self:  n c sum_s D_s + max(n (16 - c) max_s D_s + I, 2 I + 8 max D_x D_y)
+                      (every state of the tile centred and cast once per block, the float64 and centred copies of
+                      the one being centred; then each pair's product and merge, as above)
+    F = 13 * 8 M^2 for a matched tile, 0 otherwise
+                                             finishing one pair: the largest of the metrics from Moments, CCA,
+                                             SVCCA and PWCCA (measured 12.5 D^2 float64; Procrustes' SVD 7.6,
+                                             regression 7.0, the others 1 or less)
+    C = sum_s cache_bytes_s                  what the store's reader keeps per state (cached shard objects),
+                                             shared by the workers, for as long as the tile's reader lives
+
+Measured against real passes (tests/analyze/test_memory_model.py: numpy by tracemalloc, torch by the resident
+set of a subprocess), a tile's peak is 0.55-0.85 of its estimate with one worker and 0.45-0.65 with two (both
+workers rarely peak at once) at D = 96 and blocks of 512 tokens; up to 0.99 at D = 48 and blocks of 1024. Outside
+the budget, as the interpreter and its libraries are: the Python objects each worker has in flight (a block
+read's Dask graph, Zarr's requests: about 0.1 MB + 12 kB per stored chunk of a block, whatever D). Not counted
+yet: GPU memory (only host copies are), Procrustes rotations kept with ``save_rotation`` (D^2 per matched layer,
+for the run), B's extra rows when two corpora are aligned by content span, the per-group accumulators of
+``groups`` (G Moments per matched pair: multiply ``item``), and the rows of a grid block beyond the selected ones
+that a slice of it keeps alive (``n`` is the rows of a block as read).
+
+When even one pair does not fit with ``W`` workers, the plan falls back to one worker before it gives up.
 
 Pure Python: the planner runs before any Dask graph exists, and the memory budget parser lives here too.
 """
@@ -52,6 +84,11 @@ StreamKey = tuple[str, int]
 StreamPair = tuple[StreamKey, StreamKey]
 TileKind = Literal["matched", "cross", "self"]
 
+#: Buffers of one block read besides the block itself, in blocks (Zarr's output and shard part, Dask's copy).
+_READ_COPIES = 3
+#: float64 D x D matrices alive while a matched pair is finished (CCA, SVCCA, PWCCA: measured 12.5).
+_FINISH_SQUARES = 13
+
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 
 
@@ -86,6 +123,8 @@ class PlanInputs:
         workers: segment tasks run at once.
         memory_budget: bytes.
         groups: groups of documents a matched pair keeps one Moments for (the jackknife's); 0 for none.
+        cache_bytes_a, cache_bytes_b: bytes the store's reader keeps per hidden state of A, of B while a tile's
+            pass reads it (its cached shard objects); 0 when the caller's reader keeps nothing beyond the blocks.
     """
 
     matched: tuple[int, ...]
@@ -102,6 +141,8 @@ class PlanInputs:
     workers: int
     memory_budget: int
     groups: int = 0
+    cache_bytes_a: int = 0
+    cache_bytes_b: int = 0
 
 
 @dataclass(frozen=True)
@@ -120,6 +161,10 @@ class AnalysisPlan:
 
     def count(self, kind: TileKind) -> int:
         return sum(t.kind == kind for t in self.tiles)
+
+    def estimate(self, tile: Tile) -> int:
+        """The memory model's peak of one tile's pass, in bytes (``estimated_peak`` is the largest)."""
+        return _MemoryModel(self.inputs, self.workers).peak(tile)
 
     def describe(self) -> str:
         """A few human lines: tiles per kind, passes, memory."""
@@ -181,18 +226,43 @@ class _MemoryModel:
         self.p, self.workers = p, workers
         self.dim = {"a": p.dx, "b": p.dy}
         self.read = {"a": p.read_bytes_a, "b": p.read_bytes_b}
+        self.cache = {"a": p.cache_bytes_a, "b": p.cache_bytes_b}
 
     def item(self, kind: TileKind, pair: StreamPair) -> int:
+        """Bytes of one pair's accumulator: full Moments for ``matched``, CrossMoments otherwise (float64)."""
         da, db = self.dim[pair[0][0]], self.dim[pair[1][0]]
-        if kind == "matched":  # Moments: C_xx, C_yy, C_xy and O(D) vectors
+        if kind == "matched":  # Moments: C_xx, C_yy, C_xy, six O(D) vectors, and room for the arrays' headers
             return 8 * (da * da + db * db + da * db + 6 * (da + db))
-        return 8 * (da * db + da + db)
+        return 8 * (da * db + da + db)  # CrossMoments: C_xy and the two means
 
     def peak(self, tile: Tile) -> int:
-        items = [self.item(tile.kind, pair) for pair in tile.pairs]
-        blocks = sum(self.p.block_tokens * self.dim[s] * (2 * self.read[s] + 8 + self.p.compute_bytes) for s, _ in tile.streams)
-        finish = 5 * 8 * max(self.p.dx, self.p.dy) ** 2 if tile.kind == "matched" else 0
-        return self.workers * (sum(items) + blocks + 3 * max(items)) + finish
+        acc = sum(self.item(tile.kind, pair) for pair in tile.pairs)  # A
+        streaming = self.workers * (acc + self._blocks(tile) + self._statistics(tile))
+        finishing = acc + self._finish(tile)
+        return max(streaming, finishing) + sum(self.cache[s] for s, _ in tile.streams)
+
+    def _blocks(self, tile: Tile) -> int:
+        """B: every state's block in use and the next one read ahead, and one read's own buffers."""
+        read = [self.p.block_tokens * self.dim[s] * self.read[s] for s, _ in tile.streams]
+        return 2 * sum(read) + _READ_COPIES * max(read)
+
+    def _statistics(self, tile: Tile) -> int:
+        """S: a block's float64, centred and cast copies, and the block statistics being built and merged."""
+        n, c = self.p.block_tokens, self.p.compute_bytes
+        cast = c if c < 8 else 0  # float64 products multiply the centred copy itself
+        item = max(self.item(tile.kind, pair) for pair in tile.pairs)  # I
+        if tile.kind == "matched":
+            dx, dy = self.p.dx, self.p.dy
+            square = max(dx, dy) ** 2
+            per_token = max(8 * (dx + dy) + 8 * max(dx, dy), (8 + cast) * (dx + dy)) + 16
+            return max(n * per_token + 2 * item + cast * square, 2 * item + 8 * square)
+        dims = [self.dim[s] for s, _ in tile.streams]
+        square = max(self.dim[a] * self.dim[b] for (a, _), (b, _) in tile.pairs)
+        return n * c * sum(dims) + max(n * (16 - c) * max(dims) + item, 2 * item + 8 * square)
+
+    def _finish(self, tile: Tile) -> int:
+        """F: finishing one matched pair after the pass (the metrics from Moments, one at a time)."""
+        return _FINISH_SQUARES * 8 * max(self.p.dx, self.p.dy) ** 2 if tile.kind == "matched" else 0
 
     def fits(self, tile: Tile) -> bool:
         return self.peak(tile) <= self.p.memory_budget

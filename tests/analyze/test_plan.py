@@ -92,3 +92,26 @@ def test_tiles_are_disjoint_in_pairs() -> None:
     seen = [pair for t in plan.tiles for pair in t.pairs if t.kind != "matched"]
     assert len(seen) == len(set(seen))
     assert all(a != b for a, b in itertools.pairwise(plan.tiles))
+
+
+def test_each_tile_has_its_estimate_and_the_plan_the_largest() -> None:
+    plan = plan_analysis(inputs(memory_budget=8 * 10**9))
+    assert max(plan.estimate(t) for t in plan.tiles) == plan.estimated_peak <= 8 * 10**9
+    assert all(plan.estimate(t) <= 8 * 10**9 for t in plan.tiles)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_the_readers_cache_counts_once_per_state_read_whatever_the_workers(workers) -> None:
+    bare = plan_analysis(inputs(dx=64, dy=32, n_blocks=8, workers=workers))
+    cached = plan_analysis(inputs(dx=64, dy=32, n_blocks=8, workers=workers, cache_bytes_a=1000, cache_bytes_b=10))
+    assert cached.tiles == bare.tiles and cached.workers == bare.workers == workers
+    for tile in bare.tiles:
+        states = [s for s, _ in tile.streams]
+        assert cached.estimate(tile) - bare.estimate(tile) == 1000 * states.count("a") + 10 * states.count("b")
+
+
+def test_finishing_a_matched_pair_is_counted() -> None:
+    """With blocks of one token the finish (the SVD-based metrics on D x D co-moments) makes a matched tile's peak."""
+    plan = plan_analysis(inputs(matched=(0,), rows=(), cols=(), dx=512, dy=512, block_tokens=1, workers=1))
+    moments = 8 * 3 * 512**2
+    assert plan.estimated_peak >= moments + 12 * 8 * 512**2
