@@ -39,7 +39,7 @@ products, 0 for float64: no cast copy), ``I`` the largest accumulator of the til
                                              shared by the workers, for as long as the tile's reader lives
 
 Measured against real passes (tests/analyze/test_memory_model.py: numpy by tracemalloc, torch by the resident
-set of a subprocess), a tile's peak is 0.55-0.85 of its estimate with one worker and 0.45-0.65 with two (both
+set of a subprocess), a tile's peak is 0.55-0.85 of its estimate with one worker and 0.4-0.65 with two (both
 workers rarely peak at once) at D = 96 and blocks of 512 tokens; up to 0.99 at D = 48 and blocks of 1024. Outside
 the budget, as the interpreter and its libraries are: the Python objects each worker has in flight (a block
 read's Dask graph, Zarr's requests: about 0.1 MB + 12 kB per stored chunk of a block, whatever D). Not counted
