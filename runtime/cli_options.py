@@ -1,8 +1,9 @@
 """Every verb's flags generated from its pydantic config model, so defaults and help live in one place.
 
 A field ``cross_layer: bool = Field(False, description="...")`` becomes ``--cross-layer/--no-cross-layer``
-with that help and ``[default: False]``; a ``Literal`` becomes a choice; ``X | None`` unwraps to X; tuples and
-lists are given as text (``5,10,50``) that the model's own validators split. Flags left out are None, so
+with that help and ``[default: False]``; a ``Literal`` becomes a choice; ``X | None`` unwraps to X (a number whose
+default is not None also takes ``none``, e.g. ``--max-grad-norm none``); tuples and lists are given as text
+(``5,10,50``) that the model's own validators split. Flags left out are None, so
 :func:`hrsa.runtime.settings.load_settings` can tell "not given" (take the YAML's or the default) from a value.
 Two shapes a verb may ask for by field name: a repeatable flag (``repeatable``), and a bool whose off switch is
 not ``--no-<flag>`` (``switches``). A flag written by hand takes its help from :func:`field_help`.
@@ -18,6 +19,8 @@ from typing import Any
 
 import click
 from pydantic import BaseModel
+
+from hrsa.runtime.settings import EXPLICIT_NONE
 
 __all__ = ["config_file_option", "config_options", "field_help"]
 
@@ -95,7 +98,7 @@ def _option(name: str, field: Any, metavar: str | None, switch: str | None, mult
         return click.option(f"{flag}/{switch or '--no-' + flag[2:]}", name, default=None, help=help_text)
     if multiple:  # not given: an empty tuple, which load_settings also takes for "not given"
         return click.option(flag, name, multiple=True, help=help_text, metavar=metavar)
-    return click.option(flag, name, type=_click_type(field.annotation), default=None, help=help_text, metavar=metavar)
+    return click.option(flag, name, type=_click_type(field), default=None, help=help_text, metavar=metavar)
 
 
 def _default_text(field: Any, switch: str | None = None) -> str:
@@ -117,9 +120,31 @@ def _unwrap(annotation: Any) -> Any:
     return annotation
 
 
-def _click_type(annotation: Any) -> Any:
-    """A choice for a Literal, int/float/Path for those, else text (tuples and lists are parsed by the model)."""
-    annotation = _unwrap(annotation)
+def _click_type(field: Any) -> Any:
+    """A choice for a Literal, int/float/Path for those, else text (tuples and lists are parsed by the model). A
+    number that may be None but defaults to another value also takes ``none``: there None is a setting of its own."""
+    annotation = _unwrap(field.annotation)
     if typing.get_origin(annotation) is typing.Literal:
         return click.Choice([str(a) for a in typing.get_args(annotation)])
+    if annotation in (int, float) and annotation is not field.annotation and field.default is not None:
+        return _NumberOrNone(annotation)
     return {int: int, float: float, Path: click.Path(path_type=Path)}.get(annotation, str)
+
+
+class _NumberOrNone(click.ParamType):
+    """An int or float, or ``none`` (any case) for the value None: :data:`EXPLICIT_NONE`, since a flag's None means
+    "not given"."""
+
+    def __init__(self, number: type) -> None:
+        self.number = number
+        self.name = f"{'integer' if number is int else 'float'}|none"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value is EXPLICIT_NONE or isinstance(value, self.number):
+            return value
+        if str(value).strip().lower() == "none":
+            return EXPLICIT_NONE
+        try:
+            return self.number(value)
+        except ValueError:
+            self.fail(f"expected {'an integer' if self.number is int else 'a number'} or 'none', got {value!r}", param, ctx)

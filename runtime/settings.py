@@ -15,9 +15,20 @@ from pydantic import AfterValidator, BaseModel, ValidationError
 
 from hrsa.store.errors import UserError
 
-__all__ = ["FilePath", "FolderPath", "Problems", "load_settings", "parse_settings", "read_yaml_mapping", "validation_problems"]
+__all__ = ["EXPLICIT_NONE", "FilePath", "FolderPath", "Problems", "load_settings", "parse_settings", "read_yaml_mapping",
+           "validation_problems"]
 
 M = TypeVar("M", bound=BaseModel)
+
+
+class _ExplicitNone:
+    """A flag given as ``none`` (``--max-grad-norm none``): None as a value, where a flag's None means "not given"."""
+
+    def __repr__(self) -> str:
+        return "none"
+
+
+EXPLICIT_NONE = _ExplicitNone()
 
 
 def _not_a_file(path: Path) -> Path:
@@ -55,7 +66,8 @@ def load_settings(model: type[M], path: Path | None, flags: Mapping[str, Any], *
     Args:
         model: the verb's pydantic config class.
         path: the ``--config`` file, or None.
-        flags: flag values by field name; None (and an empty tuple) means "not given".
+        flags: flag values by field name; None (and an empty tuple) means "not given", :data:`EXPLICIT_NONE` the
+            value None (it overrides the file's value).
         verb: names the settings in the message ("Expected valid <verb> settings").
         error: the :class:`UserError` subclass to raise.
 
@@ -63,7 +75,7 @@ def load_settings(model: type[M], path: Path | None, flags: Mapping[str, Any], *
         UserError: an unreadable file, or every problem of the merged settings at once, in one line.
     """
     values: dict[str, Any] = dict(read_yaml_mapping(path, error=error)) if path is not None else {}
-    values.update({k: v for k, v in flags.items() if v is not None and v != ()})
+    values.update({k: None if v is EXPLICIT_NONE else v for k, v in flags.items() if v is not None and v != ()})
     return parse_settings(model, values, verb=verb, error=error)
 
 

@@ -93,3 +93,21 @@ def test_a_field_without_description_is_a_type_error() -> None:
     with pytest.raises(TypeError, match="Expected a description for config field 'n'"):
         command(Bare)
     command(Bare, exclude=("n",))  # a field set by the verb needs none
+
+
+class Clipped(BaseModel):
+    clip: float | None = Field(1.0, description="Clip to this (none: never).")
+
+
+@pytest.mark.parametrize(("args", "expected"), [(["--clip", "none"], None), (["--clip", "NONE"], None),
+                                                (["--clip", "0.5"], 0.5), ([], 1.0)])
+def test_a_number_that_defaults_to_a_value_also_takes_none(args: list[str], expected: float | None) -> None:
+    from hrsa.runtime.settings import load_settings
+
+    seen: list[dict[str, Any]] = []
+    result = CliRunner().invoke(command(Clipped, seen=seen), args)
+    assert result.exit_code == 0, result.output
+    assert load_settings(Clipped, None, seen[0], verb="v").clip == expected
+    assert "--clip FLOAT|NONE" in CliRunner().invoke(command(Clipped), ["--help"]).output
+    bad = CliRunner().invoke(command(Clipped), ["--clip", "never"])
+    assert bad.exit_code == 2 and "expected a number or 'none', got 'never'" in bad.output
