@@ -3,6 +3,9 @@ highest that are still clearly worse than the positive.
 
 Positive-aware rule (NV-Retriever's "TopK-PercPos"): a candidate is kept only when its score is under
 ``max_score_ratio`` times the positive's score, which drops likely false negatives (unlabelled positives).
+The margin is taken below the positive whatever its sign: the limit is ``pos - (1 - ratio) * |pos|``, which is
+``ratio * pos`` for a positive score; for a score <= 0, ``ratio * pos`` would lie above the positive and keep
+candidates that score higher than it (cosine scores of a poorly matched pair can be negative).
 The positive itself and exact duplicates of its text (whitespace aside) are never negatives. Search is
 exact inner product on unit vectors (FAISS ``IndexFlatIP``; on the GPU when FAISS has one), and a query
 left short of ``k`` is searched again deeper, so the result equals a brute-force scan of the whole corpus.
@@ -51,7 +54,7 @@ class MineConfig(EncoderOptions):
     model: str = Field("packaged:all-minilm-l6-v2", description="Embedding model: hub id, folder, .gguf or packaged:NAME.")
     k: int = Field(7, ge=1, description="Negatives per query.")
     max_score_ratio: float = Field(0.95, gt=0, description="Positive-aware margin: keep candidates scoring under this "
-                                   "times the positive's score.")
+                                   "times the positive's score (below it by (1 - ratio) x |score| when that is <= 0).")
     depth: int = Field(100, ge=1, description="Candidates retrieved per query at first; short queries are searched "
                        "deeper.")
     keep_existing: bool = Field(False, description="Keep the input's negs first and mine the rest up to k, or "
@@ -114,10 +117,11 @@ def search_inner_product(queries: np.ndarray, docs: np.ndarray, depth: int) -> t
 def select_negatives(
     scores: np.ndarray, ids: np.ndarray, pos_scores: np.ndarray, exclude: Sequence[set[int]], *, k: int, max_score_ratio: float
 ) -> list[list[int]]:
-    """For each query, the first ``k`` candidates (in the order given) not excluded and under ratio x positive score."""
+    """For each query, the first ``k`` candidates (in the order given) not excluded and scoring under the positive
+    by the margin: ``pos - (1 - max_score_ratio) * |pos|`` (``ratio * pos`` for a positive score)."""
     chosen = []
     for row_scores, row_ids, pos, banned in zip(scores, ids, pos_scores, exclude):
-        limit = max_score_ratio * float(pos)
+        limit = float(pos) - (1.0 - max_score_ratio) * abs(float(pos))
         keep = [int(i) for s, i in zip(row_scores, row_ids) if i >= 0 and i not in banned and s < limit]
         chosen.append(keep[:k])
     return chosen

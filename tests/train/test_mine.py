@@ -202,3 +202,15 @@ def test_cli_missing_file_bad_flag_and_existing_out(cli: click.Group, tmp_path: 
     corpus = _write_jsonl(tmp_path / "corpus.jsonl", [{"text": "x"}, {"body": "y"}])
     result = runner.invoke(cli, ["mine-negatives", "--input", str(good), "--corpus", str(corpus)])
     assert result.exit_code == 2 and "line 2" in result.output and "--corpus-field" in result.output
+
+
+@pytest.mark.parametrize(("pos", "kept"), [(0.8, [0.5, 0.0, -0.2, -0.49, -0.6, -0.9]), (-0.5, [-0.6, -0.9]),
+                                         (0.0, [-0.2, -0.49, -0.6, -0.9])])
+def test_the_margin_stays_below_the_positive_whatever_its_sign(pos: float, kept: list[float]) -> None:
+    """ratio x pos lies above a negative positive's score: candidates scoring higher than the positive would pass."""
+    from hrsa.train.mine import select_negatives
+
+    candidates = np.array([[0.9, 0.77, 0.5, 0.0, -0.2, -0.49, -0.6, -0.9]])
+    (chosen,) = select_negatives(candidates, np.arange(8)[None], np.array([pos]), [set()], k=8, max_score_ratio=RATIO)
+    assert [float(candidates[0, i]) for i in chosen] == kept
+    assert all(candidates[0, i] < pos for i in chosen)
