@@ -35,8 +35,10 @@ __all__ = ["DEFAULT_ADDRESS", "JobFailedError", "SubmitResult", "compute_exclude
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 UPLOAD_LIMIT = 100 << 20  # Ray's cap on a working_dir package
 LARGE_FILE = 16 << 20  # files above this stay home: data of that size belongs on the store or a hub
+# gitignore syntax (Ray's matcher) and fnmatch on names (the size count here) alike: a bare ".whl" would match only
+# a file literally so named, "*.whl" every wheel.
 _ALWAYS_EXCLUDED = (".git", ".venv", "venv", ".tox", "__pycache__", "*.pyc", "*.egg-info", ".pytest_cache", ".hypothesis",
-                    ".ruff_cache", ".mypy_cache", "build", "dist", "hrsa-out", ".whl", ".gl")
+                    ".ruff_cache", ".mypy_cache", "build", "dist", "hrsa-out", "*.whl", "*.gl")
 _PACKAGE_SKIP = {"tests", "benchmarks", "configs", ".ci"}
 
 
