@@ -13,6 +13,8 @@ Every mistake here is an :class:`EvalError` raised before any model loads.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import socket
@@ -23,7 +25,8 @@ from urllib.parse import urlparse
 
 from hrsa.store.errors import UserError
 
-__all__ = ["EvalError", "TaskKind", "TaskSpec", "build_tasks", "hub_unreachable", "parse_task_spec", "split_task_list"]
+__all__ = ["EvalError", "TaskKind", "TaskSpec", "build_tasks", "hub_unreachable", "parse_task_spec", "split_task_list",
+           "task_identity"]
 
 TaskKind = Literal["retrieval", "classification", "mteb"]
 
@@ -73,6 +76,21 @@ def parse_task_spec(text: str) -> TaskSpec:
     name = f"local-{kind}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', path.stem)}"
     extra = dict(zip(("text_field", "label_field"), fields))
     return TaskSpec(text=text, kind=kind, name=name, path=path, **{k: v for k, v in extra.items() if v})  # type: ignore[arg-type]
+
+
+def task_identity(spec: TaskSpec, task: Any) -> str:
+    """What a task's scores are a function of, as a digest: a local task's kind, fields and file content (not its
+    path or spec text: the same file elsewhere is the same task, an edited one is not); an MTEB task's name and
+    dataset revision."""
+    from hrsa.runtime.fingerprint import file_digest
+
+    if spec.kind == "mteb":
+        dataset = getattr(task.metadata, "dataset", None) or {}
+        what: dict[str, Any] = {"mteb": task.metadata.name, "revision": dataset.get("revision")}
+    else:
+        what = {"kind": spec.kind, "text_field": spec.text_field, "label_field": spec.label_field,
+                "content": file_digest(spec.path or "")}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def hub_unreachable() -> str | None:

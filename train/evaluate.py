@@ -3,8 +3,10 @@
 ``--model`` is anything :class:`~hrsa.train.encode.TextEncoder` loads, or a training output folder holding
 ``step_XXXXXX`` checkpoint folders (directly or under ``checkpoints/``): each is evaluated, in step order.
 Results go to ``<out>/eval.json`` (schema ``hrsa.eval/1``) after each checkpoint, with a PNG curve of main
-score against step when there are several; re-running skips (checkpoint, task) pairs already there with
-the same settings. mteb's own result files go to ``<out>/mteb-results``, never to the home folder.
+score against step when there are several; re-running reuses the scores of a (model, task) already there
+with the same settings, both keyed by content (:func:`hrsa.train.identity.model_digest`,
+:func:`hrsa.train.eval_tasks.task_identity`): a moved checkpoint keeps its scores, retrained weights or an
+edited task file at the same path get new ones. mteb's own result files go to ``<out>/mteb-results``, never to the home folder.
 
 This file owns the settings (:class:`EvalConfig`), which models to evaluate, the results file and the curve.
 Task specs are parsed in :mod:`hrsa.train.eval_tasks`; what mteb sees is built in
@@ -28,7 +30,8 @@ from hrsa.runtime.files import write_atomic
 from hrsa.store.selection import parse_int_list
 from hrsa.train.checkpoints import list_checkpoints
 from hrsa.train.encoder_options import EncoderOptions
-from hrsa.train.eval_tasks import EvalError, TaskSpec, build_tasks, parse_task_spec, split_task_list
+from hrsa.train.eval_tasks import EvalError, TaskSpec, build_tasks, parse_task_spec, split_task_list, task_identity
+from hrsa.train.identity import model_digest
 
 __all__ = [
     "SCHEMA",
@@ -149,12 +152,14 @@ class CheckpointScores:
     model: str
     step: int | None
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    model_digest: str | None = None  # what the scores are reused by (the model's content)
 
     def main_scores(self) -> dict[str, float]:
         return {task: float(r["main_score"]) for task, r in self.results.items()}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "model": self.model, "step": self.step, "results": self.results}
+        return {"name": self.name, "model": self.model, "step": self.step, "model_digest": self.model_digest,
+                "results": self.results}
 
 
 @dataclass(frozen=True)
@@ -174,19 +179,21 @@ class EvalResult:
 def _task_result_entry(result: Any, task: Any, settings: dict[str, Any], spec: TaskSpec) -> dict[str, Any]:
     scores = json.loads(json.dumps(result.scores, default=float))
     return {"main_score": float(result.get_score()), "main_score_name": task.metadata.main_score, "spec": spec.text,
-            "settings": settings, "scores": scores}
+            "task_digest": task_identity(spec, task), "settings": settings, "scores": scores}
 
 
 def _previous(path: Path, settings: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
-    """Results already in ``path`` with the same settings, by (checkpoint model path, task name)."""
+    """Results already in ``path`` with the same settings, by (model digest, task digest); results written
+    before digests are not reused."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         return {}
-    return {(c["model"], task): entry for c in data.get("checkpoints", []) for task, entry in c.get("results", {}).items()
-            if entry.get("settings") == settings}
+    return {(c["model_digest"], entry["task_digest"]): entry for c in data.get("checkpoints", [])
+            for entry in c.get("results", {}).values()
+            if entry.get("settings") == settings and c.get("model_digest") and entry.get("task_digest")}
 
 
 def _write_json(path: Path, config: EvalConfig, tasks: list[tuple[TaskSpec, Any]], rows: list[CheckpointScores]) -> None:
@@ -288,12 +295,12 @@ def _score_target(target: EvalTarget, tasks: list[tuple[TaskSpec, Any]], config:
     from hrsa.train.mteb_adapter import HrsaMtebEncoder
 
     settings = config.settings()
-    row = CheckpointScores(name=target.name, model=target.model, step=target.step)
+    row = CheckpointScores(name=target.name, model=target.model, step=target.step, model_digest=model_digest(target.model))
     todo = []
     for spec, task in tasks:
-        previous = done.get((target.model, task.metadata.name))
-        if previous is not None and previous.get("spec") == spec.text:
-            row.results[task.metadata.name] = previous
+        previous = done.get((row.model_digest, task_identity(spec, task)))
+        if previous is not None:
+            row.results[task.metadata.name] = {**previous, "spec": spec.text}
             if on_task is not None:
                 on_task(task.metadata.name)
         else:

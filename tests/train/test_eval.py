@@ -118,12 +118,44 @@ def test_checkpoint_series_gives_curve(tmp_path: Path, tiny_models) -> None:
     first, second = (c["results"]["local-retrieval-toy"]["main_score"] for c in data["checkpoints"])
     assert first == second  # the same weights
     assert result.figure_path is not None and result.figure_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # resume: the same settings reuse every result (so no model loads: a broken checkpoint goes unnoticed)
-    (run / "step_000002" / "model.safetensors").write_bytes(b"broken")
-    again = evaluate(config)
-    assert again.main_score("local-retrieval-toy", 1) == second
     only = eval_targets(str(run), steps=(2,))
     assert [c.step for c in only] == [2]
+
+
+def test_saved_scores_are_reused_by_content_not_by_path(tmp_path: Path, tiny_models, monkeypatch) -> None:
+    """Scores are keyed by the model's files and the task file's content: a moved run reuses them all; new weights
+    at the same path, or an edited task file under the same spec text, are scored again."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from hrsa.train.encode import TextEncoder
+
+    for step in (1, 2):
+        shutil.copytree(tiny_models.dir("bert"), tmp_path / "run" / f"step_{step:06d}")
+    pairs = _write_jsonl(tmp_path / "toy.jsonl", [{"query": f"fox {i}", "pos": f"the lazy dog {i} " * 3} for i in range(8)])
+    out = tmp_path / "eval"
+
+    loads: list[str] = []
+    real_load = TextEncoder.load.__func__
+    monkeypatch.setattr(TextEncoder, "load", classmethod(lambda cls, model, **kw: loads.append(Path(model).name)
+                                                         or real_load(cls, model, **kw)))
+
+    def scores(run: Path) -> list[float]:
+        result = evaluate(EvalConfig(model=str(run), tasks=(f"retrieval:{pairs}",), instructions=False, out=out))
+        return [result.main_score("local-retrieval-toy", i) for i in range(2)]
+
+    first = scores(tmp_path / "run")
+    assert loads == ["step_000001", "step_000002"]
+    shutil.move(tmp_path / "run", tmp_path / "moved")  # the same files elsewhere: nothing to compute
+    assert scores(tmp_path / "moved") == first and len(loads) == 2
+    weights_file = tmp_path / "moved" / "step_000002" / "model.safetensors"  # retrained in place: other weights
+    weights = {name: value + 0.05 * torch.randn_like(value) for name, value in load_file(weights_file).items()}
+    save_file(weights, weights_file, metadata={"format": "pt"})
+    retrained = scores(tmp_path / "moved")
+    assert loads[2:] == ["step_000002"] and retrained[0] == first[0] and retrained[1] != first[1]
+    _write_jsonl(pairs, [{"query": f"fox {i}", "pos": f"w1 w2 {i} " * 3} for i in range(8)])  # same path, new task
+    scores(tmp_path / "moved")
+    assert loads[3:] == ["step_000001", "step_000002"]
 
 
 def test_encoder_formats_queries_not_documents() -> None:
