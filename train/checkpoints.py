@@ -1,8 +1,10 @@
 """The checkpoint folders of a training run: their names, which ones are complete, and their steps.
 
 ``hrsa train`` writes each checkpoint as ``<run>/step_000100``: a Hugging Face model folder plus
-``trainer_state.pt`` (for resuming) and ``hrsa_train.json``, written last, so a folder holding it is complete.
-The trainer, ``hrsa eval`` and the pipeline runner all find checkpoints here, with one rule.
+``trainer_state.pt`` (for resuming) and ``hrsa_train.json``, whose ``files`` lists every other file of the folder
+with its size and digest. Ray Train copies the folder into the run file by file, in no set order, so
+``hrsa_train.json`` may land before the weights: a checkpoint is complete when every file it lists is there with
+its listed size. The trainer, ``hrsa eval`` and the pipeline runner all find checkpoints here, with one rule.
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-__all__ = ["INFO_FILE", "STATE_FILE", "Checkpoint", "checkpoint_step", "list_checkpoints", "step_folder_name"]
+__all__ = ["INFO_FILE", "STATE_FILE", "Checkpoint", "checkpoint_step", "file_manifest", "list_checkpoints",
+           "step_folder_name", "step_folders"]
 
-INFO_FILE = "hrsa_train.json"  # step, loss, settings, backbone; written last, so it marks a folder complete
+INFO_FILE = "hrsa_train.json"  # step, loss, settings, recipe, and the manifest of the folder's other files
 STATE_FILE = "trainer_state.pt"  # optimizer, schedule and step, for resuming
 _STEP_FOLDER = re.compile(r"step_([0-9]+)")
+_WEIGHTS = ("*.safetensors", "pytorch_model*.bin")  # what a checkpoint written before manifests must hold
 
 
 @dataclass(frozen=True)
@@ -32,11 +37,29 @@ def step_folder_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
+def file_manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    """Every file of a checkpoint folder but ``hrsa_train.json``: its size and content digest, by name."""
+    from hrsa.runtime.fingerprint import file_digest, folder_files
+
+    return {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "xxh3": file_digest(p)}
+            for p in folder_files(folder, skip=(INFO_FILE,))}
+
+
+def step_folders(run_dir: Path) -> list[Path]:
+    """Every folder named ``step_N`` directly in ``run_dir``, complete or not (a run that has trained)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.iterdir() if p.is_dir() and _named_step(p.name) is not None)
+
+
 def list_checkpoints(run_dir: Path, *, marker: str = INFO_FILE) -> list[Checkpoint]:
     """The complete checkpoints directly in ``run_dir``, sorted by step.
 
-    A checkpoint is a folder named ``step_N`` that holds ``marker``. The default marker is the file the trainer
-    writes last; ``hrsa eval`` passes ``"config.json"`` to take any Hugging Face model folder named by step.
+    A checkpoint is a folder named ``step_N`` that holds ``marker``. With the default marker, the trainer's
+    ``hrsa_train.json``, every file its manifest lists must be there with its size too (one written before
+    manifests: some weights). ``hrsa eval`` passes ``"config.json"`` to take any Hugging Face model folder
+    named by step.
 
     Args:
         run_dir: a training output folder (missing or not a folder: no checkpoints).
@@ -45,15 +68,23 @@ def list_checkpoints(run_dir: Path, *, marker: str = INFO_FILE) -> list[Checkpoi
     Returns:
         One :class:`Checkpoint` per folder, by step (the N of its name).
     """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    found = []
-    for child in run_dir.iterdir():
-        step = _named_step(child.name)
-        if step is not None and (child / marker).is_file():
-            found.append(Checkpoint(path=child, step=step))
+    found = [Checkpoint(path=folder, step=_named_step(folder.name) or 0) for folder in step_folders(run_dir)
+             if (folder / marker).is_file() and (marker != INFO_FILE or _complete(folder))]
     return sorted(found, key=lambda c: (c.step, c.path.name))
+
+
+def _complete(folder: Path) -> bool:
+    """Whether a folder holds every file its ``hrsa_train.json`` lists, at its listed size (a cheap check: a
+    partial copy is short or missing; digests are there for readers that need the content itself)."""
+    try:
+        info = json.loads((folder / INFO_FILE).read_text())
+    except (OSError, ValueError):  # half copied
+        return False
+    files = info.get("files") if isinstance(info, dict) else None
+    if files is None:  # written before manifests
+        return (folder / "config.json").is_file() and any(any(folder.glob(w)) for w in _WEIGHTS)
+    return all((folder / name).is_file() and (folder / name).stat().st_size == entry["size"]
+               for name, entry in files.items())
 
 
 def checkpoint_step(folder: Path) -> int:

@@ -25,12 +25,17 @@ from hrsa.extract.model_spec import AttentionMode
 from hrsa.runtime.settings import FolderPath, load_settings
 from hrsa.store.errors import UserError
 
-__all__ = ["Strategy", "TrainConfig", "TrainConfigError", "WeightDType", "load_train_config"]
+__all__ = ["SCHEDULING_FIELDS", "Strategy", "TrainConfig", "TrainConfigError", "WeightDType", "load_train_config"]
 
 # The dtype the weights are trained in: a vocabulary of its own, not extraction's DTypeName (a compute dtype
 # with "auto" and float16); on GPU the forward runs under bf16 autocast either way.
 WeightDType = Literal["float32", "bfloat16"]
 Strategy = Literal["ddp", "fsdp"]
+# Settings that say where and how the work runs, not what the weights become: N workers with B/N queries each,
+# the chunked backward, gradient checkpointing and FSDP all give the gradients of one process holding the whole
+# batch (tested). Every other field is part of a run's recipe (hrsa.train.recipe), so a new field counts by default.
+SCHEDULING_FIELDS = frozenset({"output", "workers", "use_gpu", "save_every", "chunk_size", "gradient_checkpointing",
+                               "strategy", "address"})
 
 
 class TrainConfigError(UserError, ValueError):
@@ -76,6 +81,11 @@ class TrainConfig(BaseModel):
             raise ValueError(f"expected --batch-size divisible by --workers (each worker takes an equal share), "
                              f"got {self.batch_size} queries over {self.workers} workers")
         return self
+
+    def recipe_settings(self) -> dict[str, Any]:
+        """The settings that change the weights (all but :data:`SCHEDULING_FIELDS`; backbone and data are
+        identified by their content in the recipe, not by their paths here)."""
+        return self.model_dump(mode="json", exclude={*SCHEDULING_FIELDS, "backbone", "data"})
 
     @property
     def local_batch_size(self) -> int:

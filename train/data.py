@@ -4,11 +4,13 @@ One record per line, in the pairs format of :mod:`hrsa.train.jsonl` (which check
 
     {"query": "...", "pos": "...", "negs": ["...", "..."], "instruction": "..."}   # instruction optional
 
-The batch of step ``s`` is a pure function of (records, seed, s): records are visited in a fresh
-seeded permutation each epoch, the global batch of step s is positions ``[s*B, (s+1)*B)`` of that
-endless sequence, and each query's ``k`` negatives are drawn without replacement by a generator
-seeded with (seed, s). So a resumed run sees exactly the batches an uninterrupted one would, and
-``W`` workers taking equal slices of the global batch see exactly what one process would.
+The batch of step ``s`` is a pure function of (records, seed, s): each epoch is a fresh seeded permutation
+of the N records cut into ``N // B`` batches of B; the ``N mod B`` records left at its end wait for the next
+epoch (another permutation), so no batch ever holds a record twice. A record twice in one batch would be its
+own in-batch negative: its positive scored as a wrong answer. Hence also B <= N, checked when the file loads.
+Each query's ``k`` negatives are drawn without replacement by a generator seeded with (seed, s). So a resumed
+run sees exactly the batches an uninterrupted one would, and ``W`` workers taking equal slices of the global
+batch see exactly what one process would.
 
 A record with fewer negatives than asked for is an error (naming its line), not padded by
 re-sampling: repeating a negative silently reweights it in the loss.
@@ -62,12 +64,14 @@ class Batch:
         return Batch(self.queries[rank * b:(rank + 1) * b], self.docs[rank * b * g:(rank + 1) * b * g])
 
 
-def load_training_records(path: Path, *, negatives: int) -> list[TrainRecord]:
+def load_training_records(path: Path, *, negatives: int, batch_size: int = 1) -> list[TrainRecord]:
     """Read and check every record of a training file: the pairs format of :func:`~hrsa.train.jsonl.check_pair`
-    with ``negs`` required, and at least ``negatives`` of them (blank lines skipped).
+    with ``negs`` required, and at least ``negatives`` of them (blank lines skipped); at least ``batch_size``
+    records (a batch never holds a record twice).
 
     Raises:
-        TrainDataError: a missing or empty file, or a bad record (naming its line number).
+        TrainDataError: a missing or empty file, a bad record (naming its line number), or fewer records than
+            ``batch_size``.
     """
     records = []
     for number, raw in iter_jsonl(path, error=TrainDataError):
@@ -79,15 +83,24 @@ def load_training_records(path: Path, *, negatives: int) -> list[TrainRecord]:
         records.append(TrainRecord(raw["query"], raw["pos"], tuple(negs), raw.get("instruction")))
     if not records:
         raise TrainDataError(f"Expected training records in {path}. Got an empty file instead.")
+    if len(records) < batch_size:
+        raise TrainDataError(f"Expected at least --batch-size ({batch_size}) training records, as a batch holds each "
+                             f"record once. Got {len(records)} in {path} instead. Lower --batch-size or add records.")
     return records
 
 
 def batch_indices(step: int, *, n_records: int, batch_size: int, seed: int) -> np.ndarray:
-    """Record indices (B,) of the global batch of ``step`` (0-based): a seeded permutation per epoch."""
-    positions = np.arange(step * batch_size, (step + 1) * batch_size)
-    epochs, offsets = np.divmod(positions, n_records)
-    perms = {int(e): np.random.default_rng([seed, int(e)]).permutation(n_records) for e in np.unique(epochs)}
-    return np.array([perms[int(e)][o] for e, o in zip(epochs, offsets)], dtype=np.int64)
+    """Record indices (B,) of the global batch of ``step`` (0-based), all distinct: batch ``step mod (N // B)``
+    of epoch ``step // (N // B)``'s seeded permutation.
+
+    Raises:
+        ValueError: ``batch_size`` > ``n_records`` (checked for users by :func:`load_training_records`).
+    """
+    if batch_size > n_records:
+        raise ValueError(f"batch of {batch_size} from {n_records} records would repeat a record")
+    epoch, batch = divmod(step, n_records // batch_size)
+    permutation = np.random.default_rng([seed, epoch]).permutation(n_records)
+    return permutation[batch * batch_size:(batch + 1) * batch_size].astype(np.int64)
 
 
 def global_batch(records: list[TrainRecord], step: int, *, batch_size: int, negatives: int, seed: int,

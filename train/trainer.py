@@ -1,8 +1,10 @@
 """``hrsa train``'s driver: InfoNCE embedding training on Ray Train, with checkpoints that ``hrsa extract`` loads.
 
-Recipe (:func:`run_training`): (1) validate the data and the backbone here, where a mistake is one line;
-(2) connect to Ray; (3) run :func:`hrsa.train.worker.train_worker` on ``workers`` Ray Train workers; (4) show
-progress from rank 0's per-step reports; (5) list the checkpoints (:mod:`hrsa.train.checkpoints`).
+Recipe (:func:`run_training`): (1) validate the data and the backbone here, where a mistake is one line, and
+claim the run folder for this training recipe (:mod:`hrsa.train.recipe`: the same recipe resumes, another one
+into a folder that has trained is refused); (2) connect to Ray; (3) run :func:`hrsa.train.worker.train_worker`
+on ``workers`` Ray Train workers; (4) show progress from rank 0's per-step reports; (5) list the checkpoints
+(:mod:`hrsa.train.checkpoints`).
 
 What each worker does (set-up, the step loop, saving) lives in :mod:`hrsa.train.worker`.
 
@@ -20,10 +22,10 @@ Distributed choices:
 
 Output layout: ``RunConfig(storage_path=output.parent, name=output.name)``, so Ray Train persists each
 checkpoint to ``output/step_000100`` etc.: a Hugging Face model folder (config with the attention
-mode, weights, tokenizer) plus ``hrsa_train.json`` (step, loss, settings, backbone) and
-``trainer_state.pt`` (optimizer, schedule, step) for resuming. Re-running with the same output resumes
-from the latest checkpoint (Ray Train restores it); the data order and dropout are seeded per step,
-so a resumed run computes exactly what an uninterrupted one would.
+mode, weights, tokenizer) plus ``hrsa_train.json`` (step, loss, settings, recipe key, backbone, and the size
+and digest of every other file) and ``trainer_state.pt`` (optimizer, schedule, step) for resuming. Re-running
+the same recipe into the same output resumes from the latest checkpoint (Ray Train restores it); the data
+order and dropout are seeded per step, so a resumed run computes exactly what an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -62,18 +64,23 @@ class TrainResult:
     resumed_from: int | None
 
 
-def _prepare(config: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
-    """Absolute paths (workers change directory), a parsed backbone spec and validated data, or a UserError."""
+def _prepare(config: TrainConfig) -> tuple[TrainConfig, dict[str, Any], str]:
+    """Absolute paths (workers change directory), a parsed backbone spec, validated data and the run folder
+    claimed for this recipe (its key returned), or a UserError with nothing written."""
     from hrsa.extract.model_spec import parse_model_spec
     from hrsa.train.data import load_training_records
+    from hrsa.train.recipe import claim_run_folder, training_recipe
 
     config = config.model_copy(update={"data": config.data.expanduser().resolve(),
                                        "output": config.output.expanduser().resolve()})
     spec = parse_model_spec(config.backbone, dtype=config.dtype, attention=config.attention)
-    load_training_records(config.data, negatives=config.negatives)  # every record checked before any worker starts
+    # every record checked before any worker starts
+    load_training_records(config.data, negatives=config.negatives, batch_size=config.batch_size)
     if config.output.exists() and not config.output.is_dir():
         raise UserError(f"Expected --output to be a folder. Got the file {config.output} instead. Pick another path.")
-    return config, spec.to_dict()
+    recipe = training_recipe(config)
+    claim_run_folder(config.output, recipe)  # last: a mistake above leaves no folder behind
+    return config, spec.to_dict(), recipe.key
 
 
 def _unwrap_user_error(error: BaseException) -> BaseException | None:
@@ -98,6 +105,7 @@ def run_training(config: TrainConfig, *, progress: bool = True, stop_after: int 
 
     Raises:
         UserError: bad data, backbone or settings (one line that names the fix).
+        RecipeMismatchError: ``config.output`` holds a run of another recipe (nothing in it is changed).
     """
     import ray
     from ray.train import RunConfig, ScalingConfig
@@ -108,7 +116,7 @@ def run_training(config: TrainConfig, *, progress: bool = True, stop_after: int 
     from hrsa.train.worker import train_worker
 
     # Step 1: everything a user can get wrong, checked here.
-    config, spec = _prepare(config)
+    config, spec, recipe_key = _prepare(config)
     # Step 2: Ray, and where the workers run.
     conn = connect(config.address)
     use_gpu = config.use_gpu if config.use_gpu is not None else conn.n_gpus >= config.workers
@@ -117,8 +125,8 @@ def run_training(config: TrainConfig, *, progress: bool = True, stop_after: int 
     queue = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": config.model_dump(mode="json"), "spec": spec, "queue": queue,
-                           "stop_after": stop_after, "threads": int(cpus)},
+        train_loop_config={"config": config.model_dump(mode="json"), "spec": spec, "recipe": recipe_key,
+                           "queue": queue, "stop_after": stop_after, "threads": int(cpus)},
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,
                                      resources_per_worker=None if use_gpu else {"CPU": cpus}),
         run_config=RunConfig(storage_path=str(config.output.parent), name=config.output.name),

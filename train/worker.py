@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from hrsa.train.checkpoints import INFO_FILE, STATE_FILE, step_folder_name
+from hrsa.train.checkpoints import INFO_FILE, STATE_FILE, file_manifest, step_folder_name
 from hrsa.train.config import TrainConfig
 
 __all__ = ["WorkerSession", "average_gradients", "setup_session", "shard_fsdp", "train_step", "train_worker"]
@@ -186,7 +186,7 @@ def _full_state(s: WorkerSession) -> tuple[dict[str, torch.Tensor] | None, dict[
     return {k.removeprefix("backbone."): v for k, v in weights.items()}, optim
 
 
-def _save_checkpoint(s: WorkerSession, loss: float, spec: dict[str, Any]) -> None:
+def _save_checkpoint(s: WorkerSession, loss: float, spec: dict[str, Any], recipe: str | None) -> None:
     """Every rank reports; rank 0 writes the folder that Ray Train persists as ``output/step_NNNNNN``."""
     import ray.train
 
@@ -201,8 +201,9 @@ def _save_checkpoint(s: WorkerSession, loss: float, spec: dict[str, Any]) -> Non
         s.model.save(folder, tokenizer=s.tokenizer, state_dict=weights)
         torch.save({"optimizer": optim, "scheduler": s.scheduler.state_dict(), "step": s.step}, folder / STATE_FILE)
         info = {"step": s.step, "loss": loss, "backbone": spec, "config": s.config.model_dump(mode="json"),
-                "world_size": s.world, "attention": s.config.attention}
-        (folder / INFO_FILE).write_text(json.dumps(info, indent=2))  # last: marks the folder complete
+                "recipe": recipe, "world_size": s.world, "attention": s.config.attention,
+                "files": file_manifest(folder)}  # Ray copies files in any order: this says when all are there
+        (folder / INFO_FILE).write_text(json.dumps(info, indent=2))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)), checkpoint_dir_name=name)
     finally:
         shutil.rmtree(folder.parent, ignore_errors=True)
@@ -229,4 +230,4 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         if queue is not None:
             queue.put({"step": s.step, "loss": loss})
         if s.step % config.save_every == 0 or s.step == stop:
-            _save_checkpoint(s, loss, loop_config["spec"])
+            _save_checkpoint(s, loss, loop_config["spec"], loop_config.get("recipe"))

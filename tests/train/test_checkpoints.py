@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from hrsa.train.checkpoints import INFO_FILE, Checkpoint, checkpoint_step, list_checkpoints, step_folder_name
+from hrsa.train.checkpoints import (INFO_FILE, Checkpoint, checkpoint_step, file_manifest, list_checkpoints,
+                                    step_folder_name, step_folders)
 
 
 def _folder(run: Path, name: str, *files: str) -> Path:
@@ -20,14 +21,16 @@ def _folder(run: Path, name: str, *files: str) -> Path:
 
 def test_only_complete_step_folders_in_step_order(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    ten = _folder(run, "step_000010", INFO_FILE, "config.json")
-    two = _folder(run, "step_2", INFO_FILE)
+    ten = _folder(run, "step_000010", INFO_FILE, "config.json", "model.safetensors")  # written before manifests
+    two = _folder(run, "step_2", "config.json", "model.safetensors")
+    (two / INFO_FILE).write_text(json.dumps({"step": 2, "files": file_manifest(two)}))
     _folder(run, "step_000012", "config.json")  # still being written: no hrsa_train.json yet
+    _folder(run, "step_000014", INFO_FILE, "config.json")  # written before manifests, and no weights
     _folder(run, "step_x", INFO_FILE)
     _folder(run, "checkpoint-5", INFO_FILE)
     (run / "step_000020").write_text("a file, not a folder")
     assert list_checkpoints(run) == [Checkpoint(two, 2), Checkpoint(ten, 10)]
-    assert [c.step for c in list_checkpoints(run, marker="config.json")] == [10, 12]
+    assert [c.step for c in list_checkpoints(run, marker="config.json")] == [2, 10, 12, 14]
     assert list_checkpoints(tmp_path / "missing") == []
 
 
@@ -47,3 +50,21 @@ def test_checkpoint_step_of_a_folder_not_named_by_step_is_refused(tmp_path: Path
     with pytest.raises(ValueError, match="Expected a checkpoint folder named step_N"):
         checkpoint_step(_folder(tmp_path, "final_7x"))
     assert checkpoint_step(_folder(tmp_path, "step_7")) == 7
+
+
+def test_a_checkpoint_is_complete_only_when_every_listed_file_is_there_at_its_size(tmp_path: Path) -> None:
+    """Ray copies a checkpoint file by file, in no set order: hrsa_train.json may land before the weights."""
+    written = _folder(tmp_path / "written", "step_000004", "config.json")
+    (written / "model.safetensors").write_bytes(b"w" * 1000)
+    (written / INFO_FILE).write_text(json.dumps({"step": 4, "loss": 1.0, "files": file_manifest(written)}))
+    run = tmp_path / "run"
+    copying = _folder(run, "step_000004")
+    (copying / INFO_FILE).write_text((written / INFO_FILE).read_text())  # the info file came first
+    (copying / "config.json").write_text("{}")
+    assert list_checkpoints(run) == [] and step_folders(run) == [copying]
+    (copying / "model.safetensors").write_bytes(b"w" * 500)  # half the weights
+    assert list_checkpoints(run) == []
+    (copying / "model.safetensors").write_bytes(b"w" * 1000)
+    assert list_checkpoints(run) == [Checkpoint(copying, 4)]
+    (copying / INFO_FILE).write_text('{"step": 4, "lo')  # the info file half copied
+    assert list_checkpoints(run) == []

@@ -89,11 +89,59 @@ def test_batches_are_deterministic_and_split_into_equal_shards(tmp_path: Path) -
     records = load_training_records(path, negatives=2)
     batches = [global_batch(records, s, batch_size=4, negatives=2, seed=3, instruction="Find") for s in range(5)]
     assert batches[2] == global_batch(records, 2, batch_size=4, negatives=2, seed=3, instruction="Find")
-    first_epoch = [q for b in batches[:2] for q in b.queries] + list(batches[2].queries[:2])
-    assert len(set(first_epoch)) == 10  # each epoch visits every record once
+    first_epoch = [q for b in batches[:2] for q in b.queries]  # 10 records: two batches of 4, two left over
+    assert len(set(first_epoch)) == 8
     b = batches[0]
     assert b.queries[0].startswith("Instruct: Find\nQuery: q")
     i = b.queries[0].rsplit("q", 1)[1]
     assert b.docs[0] == f"p{i}" and all(d.startswith(f"n{i}") for d in b.docs[1:3])
     halves = [b.shard(r, 2) for r in range(2)]
     assert halves[0].queries + halves[1].queries == b.queries and halves[0].docs + halves[1].docs == b.docs
+
+
+@pytest.mark.parametrize(("n_records", "batch_size"), [(10, 4), (7, 7), (9, 2), (5, 3)])
+def test_no_batch_holds_a_record_twice(n_records: int, batch_size: int) -> None:
+    """A record twice in a batch is its own in-batch negative; epochs cut N // B batches, never across epochs."""
+    from hrsa.train.data import batch_indices
+
+    per_epoch = n_records // batch_size
+    batches = [batch_indices(s, n_records=n_records, batch_size=batch_size, seed=1) for s in range(6 * per_epoch)]
+    assert all(len(set(b.tolist())) == batch_size for b in batches)
+    for epoch in range(6):
+        seen = [i for b in batches[epoch * per_epoch:(epoch + 1) * per_epoch] for i in b.tolist()]
+        assert len(set(seen)) == len(seen) == per_epoch * batch_size
+    left_over = {e: set(range(n_records)) - {i for b in batches[e * per_epoch:(e + 1) * per_epoch] for i in b.tolist()}
+                 for e in range(6)}
+    assert n_records % batch_size == 0 or len({frozenset(v) for v in left_over.values()}) > 1  # not always the same ones
+
+
+def test_a_batch_larger_than_the_records_is_one_line(tiny_models: Any, tmp_path: Path) -> None:
+    path = _write(tmp_path / "d.jsonl", [{"query": f"q{i}", "pos": f"p{i}", "negs": ["n"]} for i in range(5)])
+    line = _one_error_line(_run("--backbone", str(tiny_models.dir("llama")), "--data", str(path),
+                                "--output", str(tmp_path / "out"), "--batch-size", "8"))
+    assert "at least --batch-size (8) training records" in line and "Got 5" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("flag", "expected"), [("none", None), ("None", None), ("0.5", 0.5), (None, 2.0)])
+def test_max_grad_norm_none_means_no_clipping(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flag: str | None,
+                                              expected: float | None) -> None:
+    import click
+
+    seen = []
+
+    def fake_training(config: TrainConfig, **kwargs: Any) -> None:
+        seen.append(config)
+        raise click.exceptions.Exit(0)
+
+    monkeypatch.setattr("hrsa.train.trainer.run_training", fake_training)
+    settings = tmp_path / "t.yaml"
+    settings.write_text("backbone: b\ndata: d.jsonl\noutput: out\nmax_grad_norm: 2.0\n")
+    result = _run("--config", str(settings), *(["--max-grad-norm", flag] if flag else []))
+    assert result.exit_code == 0, result.output
+    assert seen[0].max_grad_norm == expected  # the flag wins over the file, "none" included
+
+
+def test_max_grad_norm_must_be_a_number_or_none() -> None:
+    result = _run("--backbone", "b", "--data", "d", "--output", "o", "--max-grad-norm", "nope")
+    assert result.exit_code == 2 and "'--max-grad-norm': expected a number or 'none', got 'nope'" in result.output

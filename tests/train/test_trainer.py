@@ -122,7 +122,8 @@ def test_checkpoints_load_in_extract_bidirectionally(run: dict[str, Any]) -> Non
 
 @pytest.mark.slow
 def test_a_killed_cli_run_resumes(tiny_models: Any, tmp_path: Path) -> None:
-    """`hrsa train` killed (SIGKILL, with its embedded Ray) after its first checkpoint; the same command resumes."""
+    """`hrsa train` killed (SIGKILL, with its embedded Ray) after its second checkpoint; the same command resumes
+    (the same command: another --max-steps is another recipe, refused in that folder)."""
     import os
     import re
     import signal
@@ -134,24 +135,24 @@ def test_a_killed_cli_run_resumes(tiny_models: Any, tmp_path: Path) -> None:
     data.write_text("".join(json.dumps(r) + "\n" for r in _records(100, seed=1)))
     output = tmp_path / "run"
     command = [sys.executable, "-m", "hrsa", "train", "--backbone", str(tiny_models.dir("llama")), "--data", str(data),
-               "--output", str(output), "--workers", "1", "--batch-size", "4", "--max-steps", "400",
-               "--save-every", "2", "--lr", "1e-3", "--max-length", "32", "--quiet"]
+               "--output", str(output), "--workers", "1", "--batch-size", "4", "--max-steps", "100",
+               "--save-every", "10", "--lr", "1e-3", "--max-length", "32", "--quiet"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
-        while not (output / "step_000004" / "hrsa_train.json").is_file():
+        while not (output / "step_000020" / "hrsa_train.json").is_file():
             assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the deadline"
             time.sleep(0.5)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the run and the Ray it started
         proc.wait()
     last = max(int(p.parent.name.removeprefix("step_")) for p in output.glob("step_*/hrsa_train.json"))
-    command[command.index("400")] = str(last + 2)  # two steps past the last checkpoint the killed run wrote
+    assert last < 100, "the run finished before it was killed"
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     resumed = re.search(r"resumed from step (\d+)", done.stdout)
-    # Ray registers a checkpoint just after writing it: a kill in between resumes from the one before.
-    assert resumed and int(resumed.group(1)) in (last, last - 2), done.stdout
-    assert (output / f"step_{last + 2:06d}" / "hrsa_train.json").is_file()
+    # Ray registers a checkpoint after writing it: a kill in between resumes from one before.
+    assert resumed and 10 <= int(resumed.group(1)) <= last, done.stdout
+    assert (output / "step_000100" / "hrsa_train.json").is_file()

@@ -1,0 +1,136 @@
+"""A training run's recipe: everything that changes its weights, recorded in its folder when it starts.
+
+The recipe (:class:`TrainingRecipe`) is the backbone (:func:`hrsa.train.identity.model_identity`: a local
+folder, .gguf file or packaged model by its content; a hub model by its id and revision), the training data by its
+content digest, and every setting of :meth:`~hrsa.train.config.TrainConfig.recipe_settings` (lr, seed, batch,
+steps, temperature, negatives, length, attention, dtype...). Worker counts and other pure scheduling are not
+in it, nor are paths: the same bytes elsewhere are the same recipe.
+
+A run folder records its recipe in ``hrsa_recipe.json`` (:func:`claim_run_folder`, before any worker starts).
+The same recipe resumes from the latest checkpoint; a different one into a folder that has trained is refused
+with one line that names what differs and the fix, because Ray Train would resume the old run's checkpoint
+and silently ignore the new inputs. A folder that has not trained yet (a start that failed) takes the new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from hrsa.runtime.files import write_atomic
+from hrsa.store.errors import UserError
+from hrsa.train.checkpoints import step_folders
+from hrsa.train.config import TrainConfig
+
+__all__ = ["RECIPE_FILE", "RecipeMismatchError", "TrainingRecipe", "claim_run_folder", "read_recipe",
+           "training_recipe"]
+
+RECIPE_FILE = "hrsa_recipe.json"
+_SCHEMA = "hrsa.train-recipe/1"
+
+
+class RecipeMismatchError(UserError, ValueError):
+    """A run folder that holds a run of another recipe (or checkpoints without a recorded recipe)."""
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """What a run's weights are a function of.
+
+    Attributes:
+        settings: :meth:`TrainConfig.recipe_settings` (JSON values).
+        backbone: the backbone's kind, id, revision and file, and ``content``: the digest of its files (None
+            for a hub model, which its id and revision name).
+        data: the content digest of the training data file.
+    """
+
+    settings: dict[str, Any]
+    backbone: dict[str, Any]
+    data: str
+
+    @property
+    def key(self) -> str:
+        """16 hex digits of the hash of the whole recipe (canonical JSON)."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def folder_name(self) -> str:
+        """The run folder a pipeline gives this recipe: ``recipe-<key>``."""
+        return f"recipe-{self.key}"
+
+    def differences(self, recorded: TrainingRecipe) -> list[str]:
+        """What this recipe has that ``recorded`` does not, as ``lr 0.05 (the run has 0.001)``."""
+        out = [f"{name} {_text(value)} (the run has {_text(recorded.settings.get(name))})"
+               for name, value in self.settings.items() if recorded.settings.get(name) != value]
+        out += [f"{name} {_text(recorded.settings[name])} missing" for name in recorded.settings if name not in self.settings]
+        if self.backbone != recorded.backbone:
+            out.append("another backbone (or other backbone files)")
+        if self.data != recorded.data:
+            out.append("other training data (by content)")
+        return out
+
+
+def _text(value: Any) -> str:
+    return "none" if value is None else str(value)
+
+
+def training_recipe(config: TrainConfig) -> TrainingRecipe:
+    """The recipe of ``config``: its weight-changing settings, its backbone and data by content.
+
+    Raises:
+        UserError: a backbone that does not resolve, or a data file that cannot be read.
+    """
+    from hrsa.runtime.fingerprint import file_digest
+
+    if not Path(config.data).is_file():
+        raise UserError(f"Expected the training data file {config.data}. Got no such file instead. Check --data.")
+    return TrainingRecipe(config.recipe_settings(), _backbone_identity(config), file_digest(config.data))
+
+
+def _backbone_identity(config: TrainConfig) -> dict[str, Any]:
+    from hrsa.extract.model_spec import parse_model_spec
+    from hrsa.train.identity import model_identity
+
+    return model_identity(parse_model_spec(config.backbone, dtype=config.dtype, attention=config.attention))
+
+
+def read_recipe(output: Path) -> TrainingRecipe | None:
+    """The recipe recorded in a run folder, or None when it records none.
+
+    Raises:
+        RecipeMismatchError: the file is there but is not a recipe.
+    """
+    path = Path(output) / RECIPE_FILE
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+        return TrainingRecipe(**doc["recipe"]) if doc.get("schema") == _SCHEMA else None
+    except (ValueError, KeyError, TypeError):
+        raise RecipeMismatchError(f"Expected a training recipe in {path}. Got an unreadable file instead. Train into "
+                                  "a new --output, or delete the run folder to start over.") from None
+
+
+def claim_run_folder(output: Path, recipe: TrainingRecipe) -> None:
+    """Record ``recipe`` in the run folder ``output``, or check that it is the one recorded there.
+
+    Raises:
+        RecipeMismatchError: the folder has trained (holds ``step_N`` folders) with another recipe, or without a
+            recorded one; nothing in it is changed.
+    """
+    output = Path(output)
+    recorded = read_recipe(output)
+    if recorded is not None and recorded.key == recipe.key:
+        return
+    if step_folders(output):
+        fix = f"Train into a new --output, or delete {output} to start over."
+        if recorded is None:
+            raise RecipeMismatchError(f"Expected a run folder that records its training recipe ({RECIPE_FILE}). Got "
+                                      f"checkpoints with no recorded recipe in {output} instead. {fix}")
+        raise RecipeMismatchError(f"Expected the training recipe {output} was started with. Got "
+                                  f"{', '.join(recipe.differences(recorded))} instead. {fix}")
+    write_atomic(output / RECIPE_FILE, json.dumps({"schema": _SCHEMA, "key": recipe.key, "recipe": asdict(recipe)},
+                                                  indent=2, sort_keys=True) + "\n")
