@@ -6,7 +6,8 @@ Each stage calls its verb's one job function (``run_training``, ``run_extraction
 hashes its resolved inputs (:mod:`hrsa.cluster.stage_keys`); ``<out>/pipeline-state.json``
 (:mod:`hrsa.cluster.state`) records each stage's key and status. A stage runs when it has no record, its
 key changed, it never finished, or its outputs are gone; otherwise it is skipped. Extraction and training
-resume by themselves, so a stage that stopped half way continues where it stopped.
+resume by themselves, so a stage that stopped half way continues where it stopped. Each training recipe gets
+its own run folder, ``<output>/recipe-<key>``, so a changed training input trains anew (see ``train``).
 
 Model ids in the store are the pipeline's model names (``<name>--<corpus>`` for a model run over several
 corpora); the checkpoints of a dynamics series are ``<run>-step-<N>``. A stored model this pipeline did
@@ -18,13 +19,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
 
 from hrsa.cluster.progress import stage_progress
-from hrsa.cluster.stage_keys import source_fingerprint, stage_key
+from hrsa.cluster.stage_keys import ANALYZE_SCHEDULING, EXTRACT_SCHEDULING, source_fingerprint, stage_key
 from hrsa.cluster.state import STATE_FILE, PipelineState
 from hrsa.extract.config import CorpusOptions, ExtractConfig, ExtractRunOptions, ModelSourceOptions, parse_extract_config
 from hrsa.extract.rerun import stored_mismatch
@@ -123,6 +124,14 @@ def run_pipeline(config: PipelineConfig, *, console: Console | None = None) -> P
                           {k: v.results for k, v in dynamics.items()}, dict(runner.store_ids), tuple(runner.outcomes))
 
 
+def _checkpoints_complete(outputs: Mapping[str, Any]) -> bool:
+    """Whether every checkpoint a training stage recorded is still there, complete."""
+    from hrsa.train.checkpoints import list_checkpoints
+
+    recorded = [Path(c) for c in outputs.get("checkpoints", ())]
+    return all(c in {k.path for k in list_checkpoints(c.parent)} for c in recorded)
+
+
 @dataclass
 class _Runner:
     config: PipelineConfig
@@ -147,19 +156,27 @@ class _Runner:
 
     # -- Step 1: training ---------------------------------------------------------------------------
     def train(self, run: str, tc: TrainConfig) -> _Trained:
+        """Train ``run`` into ``<output>/recipe-<key>``: its own folder per recipe, so changed inputs always train
+        anew (in the old folder Ray Train would resume the old weights), and going back to an earlier recipe
+        finds its run done; a pipeline never deletes a training run. The key is the recipe's (backbone and data
+        by content, settings that change the weights) plus save_every: worker counts only schedule work."""
+        from hrsa.train.recipe import training_recipe
+
         stage = f"train:{run}"
         if tc.address is None and self.config.address is not None:
             tc = tc.model_copy(update={"address": self.config.address})
-        key = stage_key({"train": tc.model_dump(mode="json", exclude={"address"}),
-                         "backbone": source_fingerprint(tc.backbone), "data": source_fingerprint(str(tc.data))})
-        reason = self.state.reason_to_run(stage, key, lambda o: all(Path(c).is_dir() for c in o.get("checkpoints", ())))
+        recipe = training_recipe(tc)
+        tc = tc.model_copy(update={"output": tc.output / recipe.folder_name})
+        key = stage_key({"recipe": recipe.key, "save_every": tc.save_every})
+        reason = self.state.reason_to_run(stage, key, _checkpoints_complete)
         if self._announce(stage, reason):
             from hrsa.train.checkpoints import checkpoint_step
             from hrsa.train.trainer import run_training
 
             self.state.start(stage, key)
             result = run_training(tc, progress=True)
-            self.state.finish(stage, key, {"checkpoints": [str(c) for c in result.checkpoints],
+            self.state.finish(stage, key, {"output": str(tc.output), "recipe": recipe.key,
+                                           "checkpoints": [str(c) for c in result.checkpoints],
                                            "steps": [checkpoint_step(c) for c in result.checkpoints]})
         outputs = self.state.entry(stage)["outputs"]  # type: ignore[index]
         return _Trained(tuple(Path(c) for c in outputs["checkpoints"]), tuple(outputs["steps"]), key)
@@ -209,7 +226,7 @@ class _Runner:
         })
         # The store is not an input: whether it holds the model decides (a moved store with the model in it is fine).
         # A checkpoint folder is identified by its files (hrsa_train.json and weights, with their times).
-        key = stage_key({"extract": ec.model_dump(mode="json", exclude={"address", "store"}),
+        key = stage_key({"extract": ec.model_dump(mode="json", exclude={"store", *EXTRACT_SCHEDULING}),
                          "model": source_fingerprint(source), "corpus": source_fingerprint(c.path)})
         stage = f"extract:{store_id}"
         if stage in self._extracted:  # the same checkpoint in two series: extracted once
@@ -254,8 +271,11 @@ class _Runner:
 
     # -- Step 3: analysis -------------------------------------------------------------------------------
     def analyze(self, stage: str, options: PairAnalysisSettings, a: _Extracted, b: _Extracted, out_dir: Path) -> _Analyzed:
-        settings = options.model_dump(mode="json", exclude={"a", "b", "corpus", "name", "extract", "store", "pair", "out", "run_id"})
-        key = stage_key({"analyze": settings, "a": [a.store_id, a.key], "b": [b.store_id, b.key]})
+        settings = options.model_dump(mode="json", exclude={"a", "b", "corpus", "name", "extract", "store", "pair", "out",
+                                                            "run_id", *ANALYZE_SCHEDULING})
+        # The probes' labels file by its content: editing it re-runs the probes (its path alone would not).
+        key = stage_key({"analyze": settings, "labels": source_fingerprint(options.labels), "a": [a.store_id, a.key],
+                         "b": [b.store_id, b.key]})
         json_path = out_dir / "results.json"
         reason = self.state.reason_to_run(stage, key, lambda o: json_path.is_file())
         if self._announce(stage, reason):

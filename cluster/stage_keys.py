@@ -1,9 +1,10 @@
 """A pipeline stage's key: the hash of its resolved inputs, so a stage re-runs exactly when an input changed.
 
-Inputs are the stage's settings plus the identity of what it reads (:func:`source_fingerprint`): small files
-by their content, large ones (weights) by size and modification time, a folder (a checkpoint) by its files,
-anything that is not a local path (hub id, ``hf:``, ``packaged:``, a URL) by its text, and an upstream stage
-by its key.
+Inputs are the stage's settings, less those that only schedule the work (:data:`EXTRACT_SCHEDULING`,
+:data:`ANALYZE_SCHEDULING`; training keeps its recipe's, :mod:`hrsa.train.recipe`), plus the identity of every
+file it reads (:func:`source_fingerprint`): files by their content (up to 64 MiB; weights beyond by size and
+modification time, which any rewrite changes), a folder (a checkpoint) by its files, anything that is not a
+local path (hub id, ``hf:``, ``packaged:``, a URL) by its text, and an upstream stage by its key.
 """
 
 from __future__ import annotations
@@ -14,8 +15,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["source_fingerprint", "stage_key"]
+__all__ = ["ANALYZE_SCHEDULING", "EXTRACT_SCHEDULING", "source_fingerprint", "stage_key"]
 
+# Settings that say how the work is spread, not what it computes: changing them re-runs nothing (and so never
+# deletes and re-extracts a model). Extraction's outputs do not depend on the workers or on how many tokens one
+# forward pass holds; an analysis's not on its Dask scheduler or worker count.
+EXTRACT_SCHEDULING = frozenset({"workers", "token_budget", "address"})
+ANALYZE_SCHEDULING = frozenset({"scheduler", "workers"})
 _HASHED = 64 << 20  # files up to this size are identified by their content (a rewrite of the same text is the same)
 
 
@@ -24,19 +30,26 @@ def stage_key(inputs: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def source_fingerprint(source: str) -> Any:
-    """What identifies a model or corpus: a local file or folder by its files (content hash for small ones, size
-    and modification time for large ones such as weights), anything else (hub id, hf:, packaged:, URL) by its text."""
+def source_fingerprint(source: str | None) -> Any:
+    """What identifies a model, corpus or labels file: a local file or folder by its files (content for small
+    ones, size and modification time for large ones such as weights), anything else (hub id, hf:, packaged:,
+    URL) by its text."""
+    if source is None:
+        return None
     path = Path(source).expanduser()
     if "://" in source or ":" in source.split("/")[0] or not path.exists():
         return source
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    from hrsa.runtime.fingerprint import folder_files
+
+    files = [path] if path.is_file() else folder_files(path)
     return {"path": str(path.resolve()), "files": [[str(f.relative_to(path)) if f != path else f.name, _file_identity(f)]
                                                    for f in files]}
 
 
 def _file_identity(path: Path) -> Any:
+    from hrsa.runtime.fingerprint import file_digest
+
     stat = path.stat()
     if stat.st_size > _HASHED:
         return [stat.st_size, stat.st_mtime_ns]
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return file_digest(path)

@@ -18,7 +18,11 @@ from hrsa.store.errors import UserError
 __all__ = ["STATE_FILE", "PipelineState"]
 
 STATE_FILE = "pipeline-state.json"
-_SCHEMA = "hrsa.pipeline-state/1"
+_SCHEMA = "hrsa.pipeline-state/2"
+# Schema 1's keys hashed scheduling settings and no labels content: its records are dropped, not compared (a key
+# from another scheme would read as "inputs changed" and delete stored models); stages are then checked afresh,
+# and stored models that match what the pipeline asks are adopted.
+_EARLIER = {"hrsa.pipeline-state/1"}
 
 
 class PipelineState:
@@ -29,6 +33,8 @@ class PipelineState:
         self._stages: dict[str, dict[str, Any]] = {}
         if path.is_file():
             doc = json.loads(path.read_text())
+            if doc.get("schema") in _EARLIER:
+                return
             if doc.get("schema") != _SCHEMA:
                 raise UserError(f"Expected a pipeline state of schema {_SCHEMA} in {path}. Got {doc.get('schema')!r} "
                                 "instead. Move the file away to start over.")

@@ -145,6 +145,23 @@ def test_failure_in_analysis_then_rerun_resumes_without_extracting(copy: Workspa
     assert "debiased_diagonal" in json.loads(result.results["llama--qwen"].read_text())["metrics"]["cka"]
 
 
+def test_editing_a_labels_file_reruns_the_probes(copy: Workspace) -> None:
+    labels = copy.root / "labels.jsonl"
+
+    def write_labels(label_of: Callable[[int], str]) -> None:
+        labels.write_text("".join(json.dumps({"id": f"d{i}", "kind": label_of(i)}) + "\n" for i in range(len(TEXTS))))
+
+    write_labels(lambda i: "ab"[i % 2])
+    pair = {**copy.values["pairs"][0], "metrics": ["probe"], "cross_layer": False, "labels": str(labels),
+            "label_field": "kind"}
+    assert run_pipeline(copy.config(pairs=[pair]), console=quiet()).ran == ("analyze:llama--qwen", "report")
+    assert run_pipeline(copy.config(pairs=[pair]), console=quiet()).ran == ()
+    write_labels(lambda i: "ab"[i // 4])  # the same path and settings, other labels
+    result = run_pipeline(copy.config(pairs=[pair]), console=quiet())
+    assert result.ran == ("analyze:llama--qwen", "report")
+    assert {s.name: s.reason for s in result.stages}["analyze:llama--qwen"] == "its inputs changed"
+
+
 def test_without_its_state_a_pipeline_adopts_matching_models_and_leaves_others_alone(copy: Workspace) -> None:
     from hrsa.store.errors import UserError
 
@@ -158,14 +175,31 @@ def test_without_its_state_a_pipeline_adopts_matching_models_and_leaves_others_a
     assert copy.state()["extract:qwen"]["outputs"]["adopted"] is True
 
 
+def test_a_state_of_the_earlier_key_scheme_adopts_stored_models_instead_of_deleting_them(copy: Workspace) -> None:
+    """Schema 1's keys hashed worker counts: compared with today's, every extraction would read as changed and be
+    deleted. Its records are dropped instead, and stored models that match are adopted."""
+    path = copy.root / "out" / STATE_FILE
+    doc = json.loads(path.read_text())
+    stages = {name: {**entry, "key": "0" * 16} for name, entry in doc["stages"].items()}
+    path.write_text(json.dumps({"schema": "hrsa.pipeline-state/1", "stages": stages}))
+    units = {m: ActivationStore.open(copy.values["store"]).model_info(m).units_done for m in ("llama", "qwen")}
+    result = run_pipeline(copy.config(), console=quiet())
+    assert result.ran == ("analyze:llama--qwen", "report")
+    assert copy.state()["extract:qwen"]["outputs"]["adopted"] is True
+    assert {m: ActivationStore.open(copy.values["store"]).model_info(m).units_done for m in ("llama", "qwen")} == units
+
+
 # -- training and dynamics ------------------------------------------------------------------------------
 def fake_training(steps_by_run: dict[str, tuple[int, ...]], source: Callable[[str], Path]) -> Callable[..., Any]:
-    """A stand-in for run_training: checkpoint folders (a copy of a tiny model plus hrsa_train.json) at the
-    steps given per run; re-running finds them and writes nothing (as the real one resumes)."""
+    """A stand-in for run_training where the test is about the dynamics, not the training: checkpoint folders (a
+    copy of a tiny model plus hrsa_train.json) at the steps given per run, in the recipe's folder the pipeline
+    passes (``<output>/recipe-<key>``). Whether a changed recipe trains again is the real trainer's test
+    (test_a_changed_training_input_retrains_and_reruns_what_follows)."""
     from hrsa.train.trainer import TrainResult
 
     def run_training(config: Any, *, progress: bool = True) -> TrainResult:
-        run = config.output.name
+        run = config.output.parent.name
+        assert config.output.name.startswith("recipe-")
         for step in steps_by_run[run]:
             folder = config.output / f"step_{step:06d}"
             if not folder.is_dir():
@@ -184,7 +218,7 @@ def test_dynamics_compares_the_runs_at_their_common_steps(tmp_path: Path, tiny_m
 
     calls: list[str] = []
     fake = fake_training({"ra": (1, 2), "rb": (2, 3)}, lambda run: tiny_models.dir("llama" if run == "ra" else "qwen2"))
-    monkeypatch.setattr(hrsa.train.trainer, "run_training", lambda c, **kw: calls.append(c.output.name) or fake(c, **kw))
+    monkeypatch.setattr(hrsa.train.trainer, "run_training", lambda c, **kw: calls.append(c.output.parent.name) or fake(c, **kw))
     corpus = write_corpus(tmp_path / "words.jsonl")
     train = {run: {"backbone": str(tiny_models.dir("llama")), "data": str(corpus), "max_steps": 3, "save_every": 1}
              for run in ("ra", "rb")}
@@ -202,6 +236,55 @@ def test_dynamics_compares_the_runs_at_their_common_steps(tmp_path: Path, tiny_m
     assert (step["a"], step["b"]) == ("ra-step-2", "rb-step-2")
     again = run_pipeline(config, console=quiet())
     assert again.ran == () and calls == ["ra", "rb"]  # training up to date: not called again
+
+
+def write_training_data(path: Path) -> Path:
+    path.write_text("".join(json.dumps({"query": f"the quick fox {i}", "pos": "the lazy dog " + "w1 " * (i % 3),
+                                        "negs": ["w1 w2 w3"]}) + "\n" for i in range(8)))
+    return path
+
+
+def md5(path: Path) -> str:
+    import hashlib
+
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_a_changed_training_input_retrains_and_reruns_what_follows(tmp_path: Path, tiny_models: Any,
+                                                                   ray_local: Any) -> None:
+    """Issue 16's stale-training reproduction with the real trainer: lr 0.001 -> 0.05 must train again (new weights,
+    hrsa_train.json saying 0.05) and re-run every stage after it; then changing only worker counts skips them all."""
+    corpus, data = write_corpus(tmp_path / "words.jsonl"), write_training_data(tmp_path / "train.jsonl")
+    backbone = str(tiny_models.dir("llama"))
+    run = {"backbone": backbone, "data": str(data), "batch_size": 4, "max_steps": 2, "save_every": 2, "max_length": 16,
+           "lr": 0.001}
+    values = {"store": str(tmp_path / "store"), "out": str(tmp_path / "out"), "train": {"r": run},
+              "corpora": {"words": {"path": str(corpus)}},
+              "models": {"base": {"model": backbone}, "tuned": {"train": "r"}},
+              "pairs": [{"a": "base", "b": "tuned", "corpus": "words", "metrics": ["cka"], "scheduler": "threads"}]}
+    ws = Workspace(tmp_path, values)
+    first = run_pipeline(ws.config(), console=quiet())
+    assert first.ran == ("train:r", "extract:base", "extract:tuned", "analyze:base--tuned", "report")
+    old, old_results = Path(ws.state()["train:r"]["outputs"]["checkpoints"][-1]), first.results["base--tuned"].read_text()
+
+    second = run_pipeline(ws.config(train={"r": {**run, "lr": 0.05}}), console=quiet())
+    assert second.ran == ("train:r", "extract:tuned", "analyze:base--tuned", "report")
+    assert {s.name: s.reason for s in second.stages}["train:r"] == "its inputs changed"
+    new = Path(ws.state()["train:r"]["outputs"]["checkpoints"][-1])
+    assert new.name == old.name == "step_000002"
+    assert md5(new / "model.safetensors") != md5(old / "model.safetensors")  # trained again, not resumed
+    assert json.loads((new / "hrsa_train.json").read_text())["config"]["lr"] == 0.05
+    assert json.loads((old / "hrsa_train.json").read_text())["config"]["lr"] == 0.001  # the old run is kept
+    assert second.results["base--tuned"].read_text() != old_results
+
+    # Worker counts only schedule work: every stage is up to date, nothing is extracted again or deleted.
+    units = {m: ActivationStore.open(values["store"]).model_info(m).units_done for m in ("base", "tuned")}
+    scheduled = ws.config(train={"r": {**run, "lr": 0.05, "workers": 2, "chunk_size": 2}},
+                          models={"base": {"model": backbone, "workers": 1, "token_budget": 256},
+                                  "tuned": {"train": "r", "workers": 1, "token_budget": 256}},
+                          pairs=[{**values["pairs"][0], "scheduler": "sync", "workers": 1}])
+    assert run_pipeline(scheduled, console=quiet()).ran == ()
+    assert {m: ActivationStore.open(values["store"]).model_info(m).units_done for m in ("base", "tuned")} == units
 
 
 @pytest.mark.slow
