@@ -29,7 +29,10 @@ if TYPE_CHECKING:
 
 __all__ = ["CheckedArray"]
 
-_CACHED_SHARDS = 4  # verified shard objects kept per array: Dask blocks smaller than a shard each cost no GET
+#: Verified shard objects kept per array, so that Dask blocks smaller than a shard cost no second GET. Blocks are read
+#: in order, so a reader needs the shard of its current block; two serve two concurrent readers (the planner counts
+#: them: :func:`cache_bound`).
+CACHED_SHARDS = 2
 
 
 class _ShardMismatch(Exception):
@@ -88,8 +91,22 @@ class _VerifiedShards(WrapperStore):  # type: ignore[type-arg]
     def _remember(self, key: str, buffer: Buffer) -> None:
         with self._lock:
             self._cache[key] = buffer
-            while len(self._cache) > _CACHED_SHARDS:
+            while len(self._cache) > CACHED_SHARDS:
                 self._cache.popitem(last=False)
+
+
+def cache_bound(*, shard_tokens: int, chunk_tokens: int, n_tokens: int, row_bytes: int, readers: int) -> int:
+    """The most bytes one array's reader holds in shard objects: the ``CACHED_SHARDS`` it keeps and one being fetched
+    per concurrent reader, each at most a whole shard's raw values (codecs do not grow activations by more than 1%)
+    plus its index and each chunk's checksum and codec header.
+
+    Example:
+        >>> cache_bound(shard_tokens=256, chunk_tokens=64, n_tokens=10_000, row_bytes=64, readers=1)
+        50424
+    """
+    shards = -(-n_tokens // shard_tokens)
+    one = shard_tokens * row_bytes * 101 // 100 + 64 * (-(-shard_tokens // chunk_tokens)) + 1024
+    return min(shards, CACHED_SHARDS + readers) * one
 
 
 def _checked(key: str, buffer: Buffer | None, expected: ShardRecord) -> Buffer:

@@ -61,13 +61,14 @@ def run_passes(
         UnderdeterminedWarning: once for the run when a Procrustes fit was not unique.
     """
     mids = {"a": pair.info_a.id, "b": pair.info_b.id}
-    keys = {key for tile in pair.plan.tiles for key in tile.streams}
-    reader = StateReader({(s, k): store.hidden_state(mids[s], k, chunk_tokens=pair.block_tokens) for s, k in keys})
     segments = split_segments(pair.blocks, pair.plan.workers)
     matched: dict[int, dict[str, Any]] = {}
     summaries: dict[StreamPair, CoMomentSummary] = {}
     for tile in pair.plan.tiles:
+        # A reader per tile: the shards it caches (counted by the plan) go with the tile's pass.
+        reader = StateReader({(s, k): store.hidden_state(mids[s], k, chunk_tokens=pair.block_tokens) for s, k in tile.streams})
         acc = run_tile(tile, reader, segments, backend, scheduler, on_block)
+        del reader
         _finish_tile(tile, acc, pair, matched, summaries)
         del acc  # free the tile's D x D accumulators before the next pass
     undetermined = sorted(k for k, out in matched.items() if "procrustes" in out and out["procrustes"].underdetermined)

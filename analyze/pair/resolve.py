@@ -17,6 +17,7 @@ from hrsa.analyze.pair.checks import check_metrics, check_pair
 from hrsa.analyze.streaming.plan import AnalysisPlan, MemoryBudgetError, PlanInputs, plan_analysis
 from hrsa.analyze.streaming.stream import TokenBlock, paired_blocks, token_blocks, with_groups
 from hrsa.store.errors import UserError
+from hrsa.store.reading import cache_bound
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -104,24 +105,30 @@ def resolve_pair(
         matched=matched if needs_matched else (), rows=rows, cols=cols, dx=info_a.hidden_size, dy=info_b.hidden_size,
         read_bytes_a=_itemsize(info_a), read_bytes_b=_itemsize(info_b), compute_bytes=compute_bytes, n_tokens=n_tokens,
         block_tokens=0, n_blocks=0, workers=workers, memory_budget=memory_budget,
+        cache_bytes_a=_cache_bytes(info_a, workers), cache_bytes_b=_cache_bytes(info_b, workers),
     )
     # Step 4: blocks and tiles; a default block size shrinks (down to 64 tokens) until one pair fits the budget.
     size = block_tokens or _default_block_tokens(info_a, info_b)
-    starts = _group_starts(store.corpus_tokens(info_a.corpus).doc_offsets, pairs.rows_a, groups) if needs_matched else None
-    n_groups = 0 if starts is None else int(starts.size)
-    base = replace(base, groups=n_groups)
+    offsets = store.corpus_tokens(info_a.corpus).doc_offsets if needs_matched and groups >= 2 else None
+    starts = None if offsets is None else _group_starts(offsets, pairs.rows_a, groups)
     while True:
         blocks = tuple(token_blocks(pairs.rows_a, size) if pairs.identical else paired_blocks(pairs.rows_a, pairs.rows_b, size))
         if starts is not None:
             blocks = tuple(with_groups(blocks, size, starts))
+        n_groups = 0 if starts is None else int(starts.size)
         try:
             held = max(block.n_rows for block in blocks)  # what a block holds: less than the grid's size for few tokens
-            plan = plan_analysis(replace(base, block_tokens=held, n_blocks=len(blocks)))
-            break
+            plan = plan_analysis(replace(base, block_tokens=held, n_blocks=len(blocks), groups=n_groups))
         except MemoryBudgetError:
             if block_tokens is not None or size <= 64:
                 raise
             size = max(64, size // 2)
+            continue
+        if plan.inputs.groups < n_groups:  # the budget holds fewer groups: cut the documents again, then re-plan
+            starts = _group_starts(offsets, pairs.rows_a, plan.inputs.groups)
+            continue
+        plan = replace(plan, groups_asked=groups if needs_matched else 0)
+        break
     return ResolvedPair(info_a, info_b, metrics_t, debiased, save_rotation, matched, rows, cols, n_tokens, size, blocks,
                         plan, pairs, n_groups)
 
@@ -151,6 +158,12 @@ def _default_block_tokens(info_a: ModelInfo, info_b: ModelInfo) -> int:
     shard = max(info_a.layout.shard_tokens, info_b.layout.shard_tokens)
     target = _BLOCK_BYTES // (8 * max(info_a.hidden_size, info_b.hidden_size))
     return max(chunk, min(shard, target) // chunk * chunk)
+
+
+def _cache_bytes(info: ModelInfo, workers: int) -> int:
+    """What the store's reader may hold in shard objects per hidden state of ``info`` (:func:`cache_bound`)."""
+    return cache_bound(shard_tokens=info.layout.shard_tokens, chunk_tokens=info.layout.chunk_tokens,
+                       n_tokens=info.n_tokens, row_bytes=info.hidden_size * _itemsize(info), readers=workers)
 
 
 def _itemsize(info: ModelInfo) -> int:

@@ -14,7 +14,7 @@ Memory model: an upper bound, in bytes, of what one tile's pass holds at its pea
 ``r_s`` the hidden size and stored bytes per value of state s, ``c`` the compute bytes (``c' = c`` for float32
 products, 0 for float64: no cast copy), ``I`` the largest accumulator of the tile, ``M = max(Dx, Dy)``::
 
-    peak = max(W * (A + B + S), A + F) + C
+    peak = max(W * (h A + B + S), g A + F) + C      h = g = 1 without groups of documents (below)
 
     A = sum of item(pair) over the tile      its accumulators (:meth:`_MemoryModel.item`: one pair's), one copy
                                              per worker while streaming, one after the merge
@@ -44,9 +44,12 @@ workers rarely peak at once) at D = 96 and blocks of 512 tokens; up to 0.99 at D
 the budget, as the interpreter and its libraries are: the Python objects each worker has in flight (a block
 read's Dask graph, Zarr's requests: about 0.1 MB + 12 kB per stored chunk of a block, whatever D). Not counted
 yet: GPU memory (only host copies are), Procrustes rotations kept with ``save_rotation`` (D^2 per matched layer,
-for the run), B's extra rows when two corpora are aligned by content span, the per-group accumulators of
-``groups`` (G Moments per matched pair: multiply ``item``), and the rows of a grid block beyond the selected ones
-that a slice of it keeps alive (``n`` is the rows of a block as read).
+for the run), B's extra rows when two corpora are aligned by content span, and the rows of a grid block beyond the
+selected ones that a slice of it keeps alive (``n`` is the rows of a block as read).
+
+Groups of documents (``groups`` G >= 2, matched tiles: the jackknife's per-group accumulators): a worker holds the
+groups its segment touches, h = min(G, ceil(G / W) + 1) copies of A, the merged pass g = G copies, and finishing a pair adds
+the total and one leave-one-group-out statistics (2 I) to F.
 
 When even one pair does not fit with ``W`` workers, the plan falls back to one worker before it gives up.
 
@@ -59,7 +62,7 @@ import functools
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, get_args
 
 from hrsa.store.errors import UserError
@@ -153,6 +156,7 @@ class AnalysisPlan:
     inputs: PlanInputs
     workers: int
     estimated_peak: int
+    groups_asked: int = 0  # groups of documents asked for; ``inputs.groups`` those the budget holds
 
     @property
     def passes(self) -> int:
@@ -178,6 +182,9 @@ class AnalysisPlan:
                 f"  cross-layer: {len(p.rows)} x {len(p.cols)} pairs in {self.count('cross')} tile(s) of up to {largest} pair(s); "
                 f"self co-moments of {len(p.rows) + len(p.cols)} states in {self.count('self')} tile(s)"
             )
+        if p.groups or self.groups_asked:
+            fewer = f" (of {self.groups_asked} asked: one pair's would not fit the budget)" if p.groups < self.groups_asked else ""
+            lines.append(f"  intervals: statistics kept per group of documents, {p.groups} groups{fewer}")
         lines.append(f"  memory: ~{format_bytes(self.estimated_peak)} estimated peak of {format_bytes(p.memory_budget)} budget")
         return "\n".join(lines)
 
@@ -189,15 +196,28 @@ class AnalysisPlan:
             "block_tokens": self.inputs.block_tokens,
             "memory_budget": self.inputs.memory_budget,
             "estimated_peak": self.estimated_peak,
+            "groups": self.inputs.groups,
         }
 
 
 def plan_analysis(inputs: PlanInputs) -> AnalysisPlan:
-    """Cut the work into tiles whose estimated peak memory fits the budget.
+    """Cut the work into tiles whose estimated peak memory fits the budget; when one matched pair's per-group
+    accumulators do not fit, halve the groups (down to none) before giving up.
 
     Raises:
-        MemoryBudgetError: if one pair does not fit even with one worker.
+        MemoryBudgetError: if one pair does not fit even with one worker and no groups.
     """
+    groups = inputs.groups
+    while True:
+        try:
+            return replace(_plan(replace(inputs, groups=groups)), groups_asked=inputs.groups)
+        except MemoryBudgetError:
+            if groups < 2:
+                raise
+            groups = groups // 2 if groups >= 4 else 0
+
+
+def _plan(inputs: PlanInputs) -> AnalysisPlan:
     # Each worker holds its own copy of a tile's accumulators, so parallelism over tokens costs passes
     # (and every pass re-reads the tokens), while BLAS threads inside one worker cost nothing. Take the
     # fewest passes, then the most workers among those.
@@ -236,10 +256,22 @@ class _MemoryModel:
         return 8 * (da * db + da + db)  # CrossMoments: C_xy and the two means
 
     def peak(self, tile: Tile) -> int:
-        acc = sum(self.item(tile.kind, pair) for pair in tile.pairs)  # A
-        streaming = self.workers * (acc + self._blocks(tile) + self._statistics(tile))
-        finishing = acc + self._finish(tile)
+        acc = sum(self.item(tile.kind, pair) for pair in tile.pairs)  # A, one copy of each accumulator
+        held, merged = self._copies(tile)
+        streaming = self.workers * (held * acc + self._blocks(tile) + self._statistics(tile))
+        finishing = merged * acc + self._finish(tile)
         return max(streaming, finishing) + sum(self.cache[s] for s, _ in tile.streams)
+
+    def _copies(self, tile: Tile) -> tuple[int, int]:
+        """Accumulators per pair that a worker holds while streaming, and that the merged pass holds.
+
+        With G groups of documents (matched tiles), a segment holds the groups its blocks touch, at most its share of
+        them and one it shares with the next segment; the merged pass holds all G.
+        """
+        g = self.p.groups if tile.kind == "matched" else 0
+        if g < 2:
+            return 1, 1
+        return min(g, -(-g // self.workers) + 1), g
 
     def _blocks(self, tile: Tile) -> int:
         """B: every state's block in use and the next one read ahead, and one read's own buffers."""
@@ -261,8 +293,12 @@ class _MemoryModel:
         return n * c * sum(dims) + max(n * (16 - c) * max(dims) + item, 2 * item + 8 * square)
 
     def _finish(self, tile: Tile) -> int:
-        """F: finishing one matched pair after the pass (the metrics from Moments, one at a time)."""
-        return _FINISH_SQUARES * 8 * max(self.p.dx, self.p.dy) ** 2 if tile.kind == "matched" else 0
+        """F: finishing one matched pair after the pass (the metrics from Moments, one at a time); with groups, the
+        total and one leave-one-group-out statistics beside them (the jackknife)."""
+        if tile.kind != "matched":
+            return 0
+        jackknife = 2 * max(self.item(tile.kind, pair) for pair in tile.pairs) if self.p.groups >= 2 else 0
+        return _FINISH_SQUARES * 8 * max(self.p.dx, self.p.dy) ** 2 + jackknife
 
     def fits(self, tile: Tile) -> bool:
         return self.peak(tile) <= self.p.memory_budget

@@ -42,7 +42,7 @@ def test_help_documents_every_flag() -> None:
 
 def test_cross_layer_run_writes_json_figures_and_store_results(cli_store, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    code, stdout, stderr = run("--store", cli_store.url, "--pair", "a", "b", "--cross-layer", "--memory-budget", "200kB",
+    code, stdout, stderr = run("--store", cli_store.url, "--pair", "a", "b", "--cross-layer", "--memory-budget", "400kB",
                                "--exclude-first", "--docs", "0,2-4", "--out", str(out), "--run-id", "cli-run",
                                "--backend", "numpy", "--block-tokens", "128")
     assert code == 0, stderr
@@ -50,7 +50,7 @@ def test_cross_layer_run_writes_json_figures_and_store_results(cli_store, tmp_pa
     assert "results.json" in stdout and "results/cli-run" in stdout
     doc = json.loads((out / "results.json").read_text())
     assert doc["run_id"] == "cli-run" and doc["token_filter"]["docs"] == [0, 2, 3, 4]
-    assert doc["config"]["memory_budget"] == "200kB" and doc["plan"]["passes"] > 3
+    assert doc["config"]["memory_budget"] == "400kB" and doc["plan"]["passes"] > 3
     assert {p.name for p in out.glob("*.png")} == {"cka_cross_layer.png", "dimcorr_cross_layer.png", "layers.png"}
     # The numbers are the API's on the same selection.
     from hrsa.store.selection import TokenSelection

@@ -29,11 +29,12 @@ def test_a_tiny_budget_tiles_the_matrix_and_changes_nothing(pair_store) -> None:
     store = pair_store.open()
     whole = analyze_pair(store, "a", "b", metrics=CROSS, cross_layer=True, backend="numpy")
     assert whole.plan.count("cross") == 1 and whole.plan.count("self") == 1
-    # One D=16 C_xy is 2 kB and a 128-token block of a state ~41 kB: this budget holds 2 x 2 pairs per tile.
-    tiled = analyze_pair(store, "a", "b", metrics=CROSS, cross_layer=True, backend="numpy", memory_budget="190kB",
+    # One D=16 C_xy is 2 kB, a 128-token block of a state ~41 kB and the reader's cached shards ~53 kB a state:
+    # this budget holds 2 x 2 pairs per tile.
+    tiled = analyze_pair(store, "a", "b", metrics=CROSS, cross_layer=True, backend="numpy", memory_budget="400kB",
                          block_tokens=128, workers=1)
     assert tiled.plan.count("cross") >= 3 and tiled.plan.count("self") >= 2
-    assert tiled.plan.estimated_peak <= 190_000
+    assert tiled.plan.estimated_peak <= 400_000
     np.testing.assert_allclose(tiled.cka_matrix, whole.cka_matrix, rtol=1e-10, atol=1e-13)
     np.testing.assert_allclose(tiled.dimcorr_matrix, whole.dimcorr_matrix, rtol=1e-10, atol=1e-13)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 import itertools
 
 import pytest
@@ -115,3 +116,16 @@ def test_finishing_a_matched_pair_is_counted() -> None:
     plan = plan_analysis(inputs(matched=(0,), rows=(), cols=(), dx=512, dy=512, block_tokens=1, workers=1))
     moments = 8 * 3 * 512**2
     assert plan.estimated_peak >= moments + 12 * 8 * 512**2
+
+
+def test_groups_of_documents_are_counted_and_halved_when_one_pair_would_not_fit() -> None:
+    one = inputs(matched=(0,), rows=(), cols=(), workers=1, n_blocks=10)
+    plain, grouped = plan_analysis(replace(one, groups=0)), plan_analysis(replace(one, groups=10))
+    moments = 8 * 3 * 3584**2  # C_xx, C_yy, C_xy of one pair
+    assert grouped.estimated_peak - plain.estimated_peak >= 10 * moments  # ten groups' Moments, and the jackknife's two
+    assert grouped.inputs.groups == 10 and "10 groups" in grouped.describe()
+    tight = plan_analysis(replace(one, groups=10, memory_budget=grouped.estimated_peak - 1))  # ten do not fit, five do
+    assert tight.inputs.groups == 5 and tight.groups_asked == 10 and tight.estimated_peak < grouped.estimated_peak
+    assert "5 groups (of 10 asked" in tight.describe()
+    none = plan_analysis(replace(one, groups=10, memory_budget=plain.estimated_peak))  # only the plain pass fits
+    assert none.inputs.groups == 0 and none.estimated_peak == plain.estimated_peak

@@ -16,7 +16,7 @@ def test_dask_on_ray_gives_the_local_results(pair_store) -> None:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         store = pair_store.open()
-        kwargs = {"cross_layer": True, "backend": "numpy", "block_tokens": 128, "workers": 2, "memory_budget": "200kB"}
+        kwargs = {"cross_layer": True, "backend": "numpy", "block_tokens": 128, "workers": 2, "memory_budget": "400kB"}
         on_ray = analyze_pair(store, "a", "b", scheduler="ray", **kwargs)
         local = analyze_pair(store, "a", "b", scheduler="threads", **kwargs)
         assert on_ray.settings["scheduler"] == "ray" and on_ray.plan.passes > 3
