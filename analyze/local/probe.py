@@ -11,6 +11,13 @@ own source file, with the same reader and id rule that extraction used (the corp
 sotu. ``labels_file`` (a .jsonl/.csv/.parquet with an id column and the label column) overrides this,
 e.g. when the corpus file has moved; its ids are matched the same way (``id_field``, else ``"id"``,
 else ``<file name>:<line>``). Documents whose record has no label (missing or null) are dropped.
+
+Memory: the pooled features are (M, D) float64 per model and are held (a probe needs them all); the hidden
+states are read a block of tokens at a time, the block sized to ``memory_budget`` by the memory model of
+:class:`hrsa.analyze.local.memory.ProbePass`, and a pass that cannot fit is refused before any read.
+
+Uncertainty: each probe's test accuracy (source and target) comes with a 95% percentile bootstrap interval over
+its test documents (B = 1000, seed ``seed``; :func:`hrsa.analyze.local.bootstrap.accuracy_bootstrap_interval`).
 """
 
 from __future__ import annotations
@@ -22,19 +29,25 @@ from typing import TYPE_CHECKING, Any, get_args
 import numpy as np
 
 from hrsa.analyze.config import Pool
+from hrsa.analyze.local.bootstrap import accuracy_bootstrap_interval
+from hrsa.analyze.local.memory import ProbePass, bytes_per_value, plan_probe
+from hrsa.analyze.local.store_rows import read_rows
 from hrsa.analyze.metrics.linear_probe import ProbeResult, linear_probe
+from hrsa.analyze.streaming.plan import parse_memory_budget
 from hrsa.store.errors import UserError
 from hrsa.store.records import read_records
 
 if TYPE_CHECKING:
+    import dask.array as da
     from numpy.typing import NDArray
 
+    from hrsa.analyze.metrics.uncertainty import Interval
     from hrsa.store import ActivationStore
     from hrsa.store.selection import TokenSelection
 
-__all__ = ["ProbeOptions", "ProbePairResult", "document_features", "probe_pair", "read_labels"]
+__all__ = ["ProbeIntervals", "ProbeOptions", "ProbePairResult", "document_features", "probe_pair", "read_labels"]
 
-_BLOCK = 1 << 16  # tokens read at once when pooling
+_BLOCK = 1 << 16  # tokens read at once when pooling, unless the memory budget asks for fewer
 
 
 @dataclass(frozen=True)
@@ -56,6 +69,22 @@ class ProbeOptions:
 
 
 @dataclass(frozen=True)
+class ProbeIntervals:
+    """95% percentile bootstrap intervals of one probe's test accuracy, resampling its test documents.
+
+    Attributes:
+        source: of ``ProbeResult.source.test.accuracy``; target: of ``ProbeResult.target.test.accuracy``.
+    """
+
+    source: Interval
+    target: Interval
+
+    @classmethod
+    def of(cls, res: ProbeResult, seed: int) -> ProbeIntervals:
+        return cls(*(accuracy_bootstrap_interval(s.test.accuracy, s.test.n, seed=seed) for s in (res.source, res.target)))
+
+
+@dataclass(frozen=True)
 class ProbePairResult:
     """Probes of one pair per hidden state.
 
@@ -64,6 +93,8 @@ class ProbePairResult:
         a_to_b: {hidden state: probe fitted on A, applied to B}.
         b_to_a: the reverse direction, when asked for (else empty).
         n_docs: labelled documents used; classes: the label values; pool, label_field, seed: settings.
+        a_to_b_interval, b_to_a_interval: {hidden state: ProbeIntervals} of the test accuracies above.
+        estimated_peak, memory_budget: bytes of the pass's memory model and of the budget it fits.
     """
 
     hidden_states: tuple[int, ...]
@@ -74,6 +105,10 @@ class ProbePairResult:
     label_field: str
     seed: int
     b_to_a: dict[int, ProbeResult] = field(default_factory=dict)
+    a_to_b_interval: dict[int, ProbeIntervals] = field(default_factory=dict)
+    b_to_a_interval: dict[int, ProbeIntervals] = field(default_factory=dict)
+    estimated_peak: int = 0
+    memory_budget: int = 0
 
 
 def read_labels(
@@ -103,18 +138,37 @@ def read_labels(
     return labels
 
 
-def _kept_tokens(store: ActivationStore, mid: str, selection: TokenSelection | None) -> NDArray[np.bool_]:
-    info = store.model_info(mid)
-    chosen = store.select(mid, selection)
-    keep = np.zeros(store.corpus_info(info.corpus).n_tokens, dtype=bool)
-    keep[chosen] = True
-    return keep
+@dataclass(frozen=True)
+class _Documents:
+    """Which tokens a model's pooling keeps and whose documents they are (metadata: no hidden state read).
+
+    Attributes:
+        keep: (N,) kept tokens; offsets: (G + 1,) document boundaries; docs: (M,) documents with a kept token.
+    """
+
+    keep: NDArray[np.bool_]
+    offsets: NDArray[np.int64]
+    docs: NDArray[np.int64]
+
+    @classmethod
+    def of(cls, store: ActivationStore, mid: str, selection: TokenSelection | None) -> _Documents:
+        info = store.model_info(mid)
+        offsets = store.corpus_tokens(info.corpus).doc_offsets.astype(np.int64)
+        keep = np.zeros(int(offsets[-1]), dtype=bool)
+        keep[store.select(mid, selection)] = True
+        kept_before = np.r_[0, np.cumsum(keep)]  # (N + 1,) kept tokens before each position
+        docs = np.flatnonzero(kept_before[offsets[1:]] > kept_before[offsets[:-1]])
+        return cls(keep, offsets, docs.astype(np.int64))
+
+    def document_of(self, tokens: NDArray[np.int64]) -> NDArray[np.int64]:
+        return np.searchsorted(self.offsets, tokens, side="right") - 1
 
 
 def document_features(
-    store: ActivationStore, mid: str, layer: int, *, pool: Pool = "mean", selection: TokenSelection | None = None
+    store: ActivationStore, mid: str, layer: int, *, pool: Pool = "mean", selection: TokenSelection | None = None,
+    block_tokens: int = _BLOCK,
 ) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
-    """Per-document features pooled from one stored hidden state.
+    """Per-document features pooled from one stored hidden state, read ``block_tokens`` tokens at a time.
 
     Args:
         store: an open store.
@@ -122,33 +176,42 @@ def document_features(
         layer: hidden state.
         pool: "mean" over the document's kept tokens, or its "last" kept token.
         selection: token filters applied before pooling (default all tokens).
+        block_tokens: tokens (or, with "last", rows) read at once.
 
     Returns:
         (document indices (M,), features (M, D) float64) for the documents with at least one kept token.
     """
     if pool not in get_args(Pool):
         raise UserError(f"Expected --pool {' or '.join(get_args(Pool))}. Got {pool!r} instead.")
-    info = store.model_info(mid)
-    doc_index = store.tokens(info.corpus)["doc_index"].to_numpy()  # (N,) sorted: documents are contiguous
-    keep = _kept_tokens(store, mid, selection)
+    found = _Documents.of(store, mid, selection)
     x = store.hidden_state(mid, layer)  # (N, D) lazy
-    docs = np.unique(doc_index[keep])
     if pool == "last":
-        kept = np.flatnonzero(keep)
-        last = kept[np.searchsorted(doc_index[kept], docs, side="right") - 1]  # (M,) last kept token per doc
-        return docs.astype(np.int64), np.asarray(x[last].compute(), dtype=np.float64)
-    sums = np.zeros((docs.size, info.hidden_size))  # (M, D) float64
-    counts = np.zeros(docs.size)
-    for start in range(0, keep.size, _BLOCK):
-        m = keep[start : start + _BLOCK]
+        kept = np.flatnonzero(found.keep)
+        last = kept[np.searchsorted(found.document_of(kept), found.docs, side="right") - 1]  # (M,) last kept token
+        out = np.empty((found.docs.size, x.shape[1]))  # (M, D) float64
+        piece = store.model_info(mid).layout.shard_tokens
+        for i in range(0, last.size, block_tokens):
+            out[i : i + block_tokens] = read_rows(x, last[i : i + block_tokens], piece=piece)
+        return found.docs, out
+    return found.docs, _mean_pool(x, found, block_tokens)
+
+
+def _mean_pool(x: da.Array, found: _Documents, block_tokens: int) -> NDArray[np.float64]:
+    """(M, D) float64 mean of each document's kept rows of the lazy (N, D) ``x``, one block of tokens at a time."""
+    sums = np.zeros((found.docs.size, x.shape[1]))  # (M, D) float64
+    counts = np.zeros(found.docs.size)
+    for start in range(0, found.keep.size, block_tokens):
+        m = found.keep[start : start + block_tokens]
         if not m.any():
             continue
-        rows = np.asarray(x[start : start + _BLOCK].compute(), dtype=np.float64)[m]  # (b, D)
-        where = np.searchsorted(docs, doc_index[start : start + _BLOCK][m])  # row of each token's document
+        rows = np.asarray(x[start : start + block_tokens].compute(scheduler="sync"), dtype=np.float64)[m]  # (b, D)
+        tokens = start + np.flatnonzero(m)
+        where = np.searchsorted(found.docs, found.document_of(tokens))  # row of each token's document
         firsts = np.flatnonzero(np.r_[True, where[1:] != where[:-1]])
         sums[where[firsts]] += np.add.reduceat(rows, firsts, axis=0)
         counts[where[firsts]] += np.diff(np.r_[firsts, where.size])
-    return docs.astype(np.int64), sums / counts[:, None]
+    sums /= counts[:, None]  # in place: a second (M, D) array would double the features
+    return sums
 
 
 def probe_pair(
@@ -165,6 +228,7 @@ def probe_pair(
     selection: TokenSelection | None = None,
     seed: int = 0,
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    memory_budget: int | str = "4GB",
 ) -> ProbePairResult:
     """Cross-model linear probes A -> B (and B -> A) per shared hidden state.
 
@@ -178,40 +242,69 @@ def probe_pair(
         hidden_states: which shared hidden states (default all shared).
         both_directions: also fit on ``b`` and apply to ``a``.
         selection: token filters applied before pooling.
-        seed: seed of the split and the solver.
+        seed: seed of the split, the solver and the bootstrap of the test accuracies.
         fractions: train/dev/test shares.
+        memory_budget: bytes (or text such as "4GB") the pass may hold; pooling blocks are sized to fit it.
 
     Returns:
         A ProbePairResult.
 
     Raises:
         UserError: labels missing, fewer than two classes, or no shared hidden states.
+        MemoryBudgetError: the features or one pooling block do not fit (raised before any hidden state is read).
     """
     info_a, info_b = store.model_info(a), store.model_info(b)
     shared = sorted(set(info_a.hidden_states) & set(info_b.hidden_states))
     states = tuple(shared if hidden_states is None else [k for k in hidden_states if k in shared])
     if not states:
         raise UserError(f"Expected hidden states shared by {a} and {b}. Got {list(hidden_states or [])} instead.")
-    # Step 1: labels per document, as strings (mixed types sort badly); unlabelled documents dropped.
+    # Step 1: the pooling block within the budget, before any read of a hidden state (or of the labels).
+    budget = parse_memory_budget(memory_budget)
+    docs, block_tokens, estimated_peak = _plan(store, a, b, selection, pool, budget)
+    # Step 2: labels per document, as strings (mixed types sort badly); unlabelled documents dropped.
     labels = read_labels(store, info_a.corpus, label_field=label_field, labels_file=labels_file, id_field=id_field)
     classes = sorted({str(v) for v in labels if v is not None})
     if len(classes) < 2:
         raise UserError(f"Expected at least two values of {label_field!r}. Got {classes} instead. "
                         "Pick another --label-field.")
+    labelled = np.array([labels[d] is not None for d in docs], dtype=bool)
+    y = np.array([str(labels[d]) for d in docs[labelled]])
     a_to_b: dict[int, ProbeResult] = {}
     b_to_a: dict[int, ProbeResult] = {}
-    n_docs = 0
     for layer in states:
-        # Step 2: pooled features of both models on the labelled documents they both keep.
-        docs_a, fa = document_features(store, a, layer, pool=pool, selection=selection)
-        docs_b, fb = document_features(store, b, layer, pool=pool, selection=selection)
-        labelled = np.array([labels[d] is not None for d in docs_a], dtype=bool)
-        if not np.array_equal(docs_a, docs_b):  # pragma: no cover - same corpus and filters give the same documents
-            raise UserError(f"Expected {a} and {b} to keep the same documents. Got {docs_a.size} and {docs_b.size}.")
-        y = np.array([str(labels[d]) for d in docs_a[labelled]])
-        # Step 3: fit on the source, score both (and the reverse on request).
-        a_to_b[layer] = linear_probe(fa[labelled], fb[labelled], y, fractions=fractions, seed=seed)
+        # Step 3: pooled features of both models on the labelled documents they both keep.
+        fa = _labelled_features(store, a, layer, pool, selection, block_tokens, docs, labelled)
+        fb = _labelled_features(store, b, layer, pool, selection, block_tokens, docs, labelled)
+        # Step 4: fit on the source, score both (and the reverse on request).
+        a_to_b[layer] = linear_probe(fa, fb, y, fractions=fractions, seed=seed)
         if both_directions:
-            b_to_a[layer] = linear_probe(fb[labelled], fa[labelled], y, fractions=fractions, seed=seed)
-        n_docs = int(y.size)
-    return ProbePairResult(states, a_to_b, n_docs, tuple(classes), pool, label_field, seed, b_to_a)
+            b_to_a[layer] = linear_probe(fb, fa, y, fractions=fractions, seed=seed)
+        del fa, fb
+    return ProbePairResult(states, a_to_b, int(y.size), tuple(classes), pool, label_field, seed, b_to_a,
+                           {k: ProbeIntervals.of(r, seed) for k, r in a_to_b.items()},
+                           {k: ProbeIntervals.of(r, seed) for k, r in b_to_a.items()}, estimated_peak, budget)
+
+
+def _plan(
+    store: ActivationStore, a: str, b: str, selection: TokenSelection | None, pool: Pool, budget: int
+) -> tuple[NDArray[np.int64], int, int]:
+    """(documents with a kept token, tokens pooled per block, estimated peak bytes) of the pass; raises
+    MemoryBudgetError when it cannot fit."""
+    infos = (store.model_info(a), store.model_info(b))
+    docs = _Documents.of(store, a, selection).docs
+    size = ProbePass(n_docs=int(docs.size), n_tokens=max(store.corpus_info(i.corpus).n_tokens for i in infos),
+                     d=max(i.hidden_size for i in infos), read_bytes=max(bytes_per_value(i.dtype) for i in infos),
+                     shard_tokens=max(min(i.layout.shard_tokens, i.n_tokens) for i in infos), pool=pool)
+    block_tokens, estimated_peak = plan_probe(size, budget)
+    return docs, block_tokens, estimated_peak
+
+
+def _labelled_features(
+    store: ActivationStore, mid: str, layer: int, pool: Pool, selection: TokenSelection | None, block_tokens: int,
+    expected: NDArray[np.int64], labelled: NDArray[np.bool_],
+) -> NDArray[np.float64]:
+    """(labelled M, D) float64 pooled features of one model (the unlabelled rows dropped, not copied when none)."""
+    docs, features = document_features(store, mid, layer, pool=pool, selection=selection, block_tokens=block_tokens)
+    if not np.array_equal(docs, expected):  # pragma: no cover - the same documents and filters keep the same ones
+        raise UserError(f"Expected the models of a pair to keep the same documents. Got {docs.size} and {expected.size}.")
+    return features if labelled.all() else features[labelled]

@@ -124,17 +124,20 @@ def _local_metrics(
     store: ActivationStore, pair: ResolvedPair, selection: TokenSelection, knn_options: KnnOptions | None,
     probe_options: ProbeOptions | None, settings: dict[str, Any],
 ) -> dict[str, Any]:
-    """``{"knn": ..., "probe": ...}`` as asked for; their settings are added to ``settings``."""
+    """``{"knn": ..., "probe": ...}`` as asked for; their settings are added to ``settings``. Each runs after the
+    streaming passes, so each may hold the whole memory budget (and refuses before reading when it cannot fit)."""
     a, b = pair.info_a.id, pair.info_b.id
+    budget = pair.plan.inputs.memory_budget
     local: dict[str, Any] = {}
     if "knn" in pair.metrics:
         knn_options = knn_options or KnnOptions()
-        local["knn"] = knn_pair(store, a, b, selection=selection, pairs=pair.pairs, **knn_options.to_dict())
+        local["knn"] = knn_pair(store, a, b, selection=selection, pairs=pair.pairs, memory_budget=budget,
+                                **knn_options.to_dict())
         settings["knn"] = knn_options.to_dict()
     if "probe" in pair.metrics:
         if probe_options is None:
             raise UserError("Expected a label field for the probe metric. Got none. Pass --label-field FIELD.")
-        local["probe"] = probe_pair(store, a, b, selection=selection, **probe_options.to_dict())
+        local["probe"] = probe_pair(store, a, b, selection=selection, memory_budget=budget, **probe_options.to_dict())
         settings["probe"] = {**probe_options.to_dict(), "n_docs": local["probe"].n_docs,
                              "classes": list(local["probe"].classes)}
     return local

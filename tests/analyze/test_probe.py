@@ -79,3 +79,52 @@ def test_real_model_on_spam_far_above_chance(ray_local, shared_data: Path, tmp_p
     # 24 test documents: one document is 0.04 of accuracy, so the bounds leave room for a few.
     assert accuracy.min() > chance + 0.1 and accuracy.mean() > max(chance + 0.15, 0.85), accuracy
     assert all(p.target == p.source for p in res.a_to_b.values())
+
+
+def test_probe_pair_test_accuracy_intervals(labelled_store) -> None:
+    store, _, _ = labelled_store
+    res = probe_pair(store, "a", "b", label_field="label", selection=TokenSelection(exclude_special=True),
+                     both_directions=True, hidden_states=[1])
+    for probes, intervals in ((res.a_to_b, res.a_to_b_interval), (res.b_to_a, res.b_to_a_interval)):
+        for side in ("source", "target"):
+            scores, interval = getattr(probes[1], side).test, getattr(intervals[1], side)
+            assert interval.low <= scores.accuracy <= interval.high and interval.high - interval.low > 0
+            assert interval.level == 0.95 and interval.n_groups == scores.n == 40  # the 40 test documents
+
+
+@pytest.mark.parametrize("pool", ["mean", "last"])
+def test_probe_pair_peak_under_estimate_under_budget(labelled_store, pool: str) -> None:
+    import tracemalloc
+
+    store, _, _ = labelled_store
+    probe_pair(store, "a", "b", label_field="label", hidden_states=[0])  # burn-in: sklearn's imports
+    budget = 3_600_000  # below the whole corpus in one block: pooling goes by blocks of tokens
+    tracemalloc.start()
+    try:
+        res = probe_pair(store, "a", "b", label_field="label", pool=pool, both_directions=True, memory_budget=budget,
+                         selection=TokenSelection(exclude_special=True))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= res.estimated_peak <= budget == res.memory_budget, (peak, res.estimated_peak)
+    assert res.a_to_b[1].source.test.accuracy >= 0.75  # a working probe (one token a document with "last")
+
+
+def test_probe_pair_too_small_a_budget_is_refused_before_any_read(labelled_store, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hrsa.analyze.streaming.plan import MemoryBudgetError
+
+    store, _, _ = labelled_store
+    reads = []
+    original = ActivationStore.hidden_state
+    monkeypatch.setattr(ActivationStore, "hidden_state", lambda self, *a, **kw: reads.append(a) or original(self, *a, **kw))
+    with pytest.raises(MemoryBudgetError, match=r"400 documents of D=16.*--memory-budget [0-9.]+MB"):
+        probe_pair(store, "a", "b", label_field="label", memory_budget="1MB")
+    assert reads == []
+
+
+def test_document_features_by_small_blocks_equal_one_block(labelled_store) -> None:
+    store, _, _ = labelled_store
+    for pool in ("mean", "last"):
+        _, whole = document_features(store, "b", 1, pool=pool)
+        _, blocked = document_features(store, "b", 1, pool=pool, block_tokens=37)  # cuts documents and shards
+        np.testing.assert_allclose(blocked, whole, rtol=1e-12)

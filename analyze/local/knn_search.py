@@ -1,0 +1,320 @@
+"""Cosine k-NN search on FAISS in blocks of queries against blocks of database rows, exact in float64.
+
+Exact search (:func:`exact_neighbors`, :func:`search_neighbors`) gives the neighbours of float64 cosine on the
+stored values, at any offset, and holds one query block and one database block at a time (both read through a
+:class:`RowSource`: an in-memory array, or the store block by block, :mod:`hrsa.analyze.local.store_rows`):
+
+1. Candidates on FAISS in float32. Activations share large offsets (and a few dimensions of 1e3-1e5), so
+   their unit rows all lie near one direction and float32 cosines differ only past float32's resolution
+   (at a 1e4 offset, float32 neighbour sets agreed with float64 ones at Jaccard 0.39). The database rows are
+   the unit rows *minus a shift* m (computed in float64), the queries the unit rows: q . (u - m) is the cosine
+   less q . m, a constant per query, so the ranking is the cosine's for any m, and with m near the shared
+   direction the float32 product carries the differences between rows, not the direction. m is the mean unit
+   row of the first query block (a convex combination of unit rows, so near their shared direction), fixed
+   before the first database block. ``faiss.knn`` (``knn_gpu`` when faiss sees a GPU) scores one query
+   sub-block against one database block without copying it into an index.
+2. Exact re-ranking, while the database block is in memory: each query's ``k + 1 + TIE_MARGIN`` candidates
+   of the block are scored again in float64 from the stored values, merged into the query's running list by
+   (-score, index) (the rule of :func:`hrsa.analyze.metrics.knn_overlap.rank_candidates` and the numpy reference);
+   the query itself is dropped by index (self excluded, duplicates kept). Candidates never need a second
+   read: every database row is scored exactly while its block is held.
+
+Approximate search (:func:`approximate_neighbors`, HNSW) holds every row (a graph needs them all); its recall
+is measured by exact search on a subsample of queries (:func:`search_neighbors` with ``queries``).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from hrsa.analyze.metrics.knn_overlap import check_k
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike, NDArray
+
+__all__ = [
+    "FAISS_SUB_BLOCK",
+    "RERANK_ROWS",
+    "TIE_MARGIN",
+    "InMemoryRows",
+    "RowSource",
+    "approximate_neighbors",
+    "exact_neighbors",
+    "faiss_scratch_bytes",
+    "neighbor_recall",
+    "search_neighbors",
+]
+
+TIE_MARGIN = 8  # extra candidates per block, so that ties and float32 rounding at the k-th place resolve exactly
+FAISS_SUB_BLOCK = 4096  # queries per faiss.knn call: its BLAS query block, so nothing is lost by cutting there
+RERANK_ROWS = 64  # queries whose candidates are gathered and scored in float64 at once: (64, c, D) float64
+_NO_ID = np.iinfo(np.int64).max  # an empty candidate slot: sorts after every real index
+
+
+class RowSource(Protocol):
+    """Rows of an (n, D) matrix, by block: what the search reads instead of holding the matrix."""
+
+    n: int
+
+    def block(self, start: int, stop: int) -> NDArray:
+        """Rows start..stop-1 as stored (any float dtype), (stop - start, D)."""
+
+    def take(self, rows: NDArray[np.int64]) -> NDArray:
+        """Rows ``rows`` (sorted) as stored, (len(rows), D)."""
+
+
+@dataclass(frozen=True)
+class InMemoryRows:
+    """An in-memory (n, D) array as a RowSource (blocks are views)."""
+
+    x: NDArray
+
+    @property
+    def n(self) -> int:
+        return int(self.x.shape[0])
+
+    def block(self, start: int, stop: int) -> NDArray:
+        return self.x[start:stop]
+
+    def take(self, rows: NDArray[np.int64]) -> NDArray:
+        return self.x[rows]
+
+
+@functools.cache
+def _gpu_resources() -> Any:  # pragma: no cover - needs faiss-gpu and a GPU
+    """One StandardGpuResources per process: each one reserves scratch memory on the GPU."""
+    import faiss
+
+    return faiss.StandardGpuResources()
+
+
+def _resolve_gpu(use_gpu: bool | None) -> bool:
+    import faiss
+
+    has_gpu = hasattr(faiss, "knn_gpu") and faiss.get_num_gpus() > 0
+    return has_gpu if use_gpu is None else bool(use_gpu and has_gpu)
+
+
+def faiss_scratch_bytes(queries: int, rows: int) -> int:
+    """Bytes FAISS allocates (in C++) for one ``faiss.knn`` call of ``queries`` against ``rows``: its block of
+    float32 inner products when it takes the BLAS path (at least ``distance_compute_blas_threshold`` queries),
+    else nothing but its result heaps."""
+    import faiss
+
+    if queries < faiss.cvar.distance_compute_blas_threshold:
+        return 0
+    return 4 * min(queries, faiss.cvar.distance_compute_blas_query_bs) * min(rows, faiss.cvar.distance_compute_blas_database_bs)
+
+
+def _faiss_top(queries: NDArray[np.float32], database: NDArray[np.float32], c: int, gpu: bool) -> NDArray[np.int64]:
+    """(q, c) indices into ``database`` of each query's c largest inner products (FAISS, no index copy)."""
+    import faiss
+
+    if gpu:  # pragma: no cover - needs faiss-gpu and a GPU
+        return faiss.knn_gpu(_gpu_resources(), queries, database, c, metric=faiss.METRIC_INNER_PRODUCT)[1]
+    return faiss.knn(queries, database, c, metric=faiss.METRIC_INNER_PRODUCT)[1]
+
+
+def _safe(norms: NDArray[np.float64]) -> NDArray[np.float64]:
+    return np.where(norms > 0, norms, 1.0)  # an all-zero row stays zero: similarity 0 to everything
+
+
+@dataclass(frozen=True)
+class _Block:
+    """Rows as stored, their float64 norms, and their positions among the source's rows."""
+
+    raw: NDArray
+    norms: NDArray[np.float64]
+    positions: NDArray[np.int64]
+
+    @classmethod
+    def of(cls, raw: NDArray, positions: NDArray[np.int64]) -> _Block:
+        norms = np.empty(len(raw))
+        for i in range(0, len(raw), FAISS_SUB_BLOCK):  # float64 copies of a sub-block at a time
+            norms[i : i + FAISS_SUB_BLOCK] = np.linalg.norm(np.asarray(raw[i : i + FAISS_SUB_BLOCK], np.float64), axis=1)
+        return cls(raw, norms, positions)
+
+    def unit(self, start: int, stop: int) -> NDArray[np.float64]:
+        """(stop - start, D) float64 unit rows of a sub-block."""
+        return np.asarray(self.raw[start:stop], np.float64) / _safe(self.norms[start:stop])[:, None]
+
+    def mean_unit_row(self) -> NDArray[np.float64]:
+        """(D,) float64 mean of the unit rows."""
+        total = sum(self.unit(i, i + FAISS_SUB_BLOCK).sum(0) for i in range(0, len(self.raw), FAISS_SUB_BLOCK))
+        return np.asarray(total) / len(self.raw)
+
+    def centred(self, shift: NDArray[np.float64]) -> NDArray[np.float32]:
+        """(len, D) float32 unit rows minus ``shift``, rounded to float32 only after the float64 shift."""
+        out = np.empty(self.raw.shape, np.float32)
+        for i in range(0, len(self.raw), FAISS_SUB_BLOCK):
+            out[i : i + FAISS_SUB_BLOCK] = self.unit(i, i + FAISS_SUB_BLOCK) - shift
+        return out
+
+
+class _Best:
+    """Each query's running list of its ``keep`` best candidates by (-float64 cosine, index)."""
+
+    def __init__(self, n: int, keep: int) -> None:
+        self.scores = np.full((n, keep), -np.inf)
+        self.ids = np.full((n, keep), _NO_ID, np.int64)
+
+    def merge(self, start: int, scores: NDArray[np.float64], ids: NDArray[np.int64]) -> None:
+        stop = start + len(ids)
+        all_s = np.concatenate([self.scores[start:stop], scores], axis=1)
+        all_i = np.concatenate([self.ids[start:stop], ids], axis=1)
+        order = np.lexsort((all_i, -all_s), axis=1)[:, : self.ids.shape[1]]
+        self.scores[start:stop] = np.take_along_axis(all_s, order, axis=1)
+        self.ids[start:stop] = np.take_along_axis(all_i, order, axis=1)
+
+
+def _exact_scores(q: _Block, start: int, db: _Block, cand: NDArray[np.int64]) -> NDArray[np.float64]:
+    """(b, c) float64 cosines of query rows start.. of ``q`` against their candidates (rows of ``db``; -1: none)."""
+    out = np.full(cand.shape, -np.inf)
+    for i in range(0, len(cand), RERANK_ROWS):
+        c = np.maximum(cand[i : i + RERANK_ROWS], 0)  # (b, c)
+        rows = slice(start + i, start + i + len(c))
+        qv = np.asarray(q.raw[rows], np.float64)  # (b, D)
+        v = np.asarray(db.raw[c.ravel()], np.float64).reshape(*c.shape, -1)  # (b, c, D)
+        cosines = np.einsum("bd,bcd->bc", qv, v) / (_safe(q.norms[rows])[:, None] * _safe(db.norms[c]))
+        out[i : i + len(c)] = np.where(cand[i : i + RERANK_ROWS] >= 0, cosines, -np.inf)
+    return out
+
+
+def _scan(best: _Best, q: _Block, db: _Block, centred: NDArray[np.float32], keep: int, gpu: bool) -> None:
+    """Merge each query's best candidates of one database block into ``best``."""
+    c = min(keep, len(db.raw))
+    for s in range(0, len(q.raw), FAISS_SUB_BLOCK):
+        stop = min(s + FAISS_SUB_BLOCK, len(q.raw))
+        cand = _faiss_top(q.unit(s, stop).astype(np.float32), centred, c, gpu)  # (b, c) rows of the block
+        exact = _exact_scores(q, s, db, cand)
+        ids = np.where(cand >= 0, db.positions[np.maximum(cand, 0)], _NO_ID)  # (b, c) global positions
+        exact[ids == q.positions[s:stop, None]] = -np.inf  # self excluded by index, not by score
+        best.merge(s, exact, np.where(np.isfinite(exact), ids, _NO_ID))
+
+
+def search_neighbors(
+    source: RowSource, k: int, *, queries: NDArray[np.int64] | None = None, query_block: int = 16384,
+    db_block: int = 262144, use_gpu: bool | None = None,
+) -> NDArray[np.int64]:
+    """Exact cosine k nearest neighbours of rows of ``source`` among all its rows, one block pair at a time.
+
+    Holds one query block (as stored) and one database block (as stored, plus its float32 centred rows); the
+    database is read ``ceil(len(queries) / query_block)`` times, unless one block holds it (then once, and a
+    query block that is the database block is not read twice).
+
+    Args:
+        source: the (n, D) rows.
+        k: neighbours per row, 1 <= k < n.
+        queries: sorted positions of the query rows (default all).
+        query_block, db_block: rows per query block and per database block.
+        use_gpu: None for a GPU search when faiss has one, else False/True.
+
+    Returns:
+        (len(queries), k) int64 positions, most similar first (ties by smaller position), self excluded.
+    """
+    n = source.n
+    k = check_k(k, n)
+    if query_block < 1 or db_block < 1:
+        raise ValueError(f"Expected positive block sizes. Got query_block={query_block}, db_block={db_block} instead.")
+    gpu, keep = _resolve_gpu(use_gpu), k + 1 + TIE_MARGIN  # keep: k, self, and a margin for rounding and ties
+    wanted = np.arange(n, dtype=np.int64) if queries is None else np.asarray(queries, np.int64)
+    out = np.empty((wanted.size, k), dtype=np.int64)
+    shift, single = None, None  # single: the database's only block, centred once for every query block
+    contiguous = queries is None  # then a query block is rows positions[0]..positions[-1]: read as a block
+    for i0 in range(0, wanted.size, query_block):
+        positions = wanted[i0 : i0 + query_block]
+        q = _Block.of(source.block(i0, i0 + len(positions)) if contiguous else source.take(positions), positions)
+        shift = q.mean_unit_row() if shift is None else shift  # Step 1: the shift, from the first rows read
+        best = _Best(len(positions), keep)
+        for j0 in range(0, n, db_block):  # Step 2: candidates of each database block, re-ranked exactly
+            same = contiguous and j0 == i0 and min(n, j0 + db_block) == i0 + len(positions)
+            db = single or _database_block(source, q if same else None, j0, min(n, j0 + db_block), shift)
+            _scan(best, q, db[0], db[1], keep, gpu)
+            single = db if db_block >= n else None
+            del db  # freed before the next block is read: one database block at a time
+        out[i0 : i0 + len(positions)] = best.ids[:, :k]
+        del q, best  # freed before the next query block is read
+    return out
+
+
+def _database_block(
+    source: RowSource, q: _Block | None, start: int, stop: int, shift: NDArray[np.float64]
+) -> tuple[_Block, NDArray[np.float32]]:
+    """One database block (the query block itself when given) and its float32 centred unit rows."""
+    db = q or _Block.of(source.block(start, stop), np.arange(start, stop, dtype=np.int64))
+    return db, db.centred(shift)
+
+
+def exact_neighbors(
+    x: ArrayLike, k: int, *, queries: ArrayLike | None = None, query_block: int = 16384, db_block: int = 262144,
+    use_gpu: bool | None = None,
+) -> NDArray[np.int64]:
+    """Exact cosine k nearest neighbours (those of float64 cosine), self excluded, ties by smaller index; FAISS
+    candidates re-ranked in float64 (see the module docstring).
+
+    Args:
+        x: (N, D) rows (any float dtype).
+        k: neighbours per row, 1 <= k < N.
+        queries: only these rows' neighbours (sorted indices; default all rows).
+        query_block: queries scored at once.
+        db_block: database rows scored at once.
+        use_gpu: None for a GPU search when faiss has one, else False/True.
+
+    Returns:
+        (N, k) (or (len(queries), k)) int64 indices, most similar first; equal to
+        :func:`hrsa.analyze.metrics.knn_overlap.cosine_neighbors` for any block sizes.
+
+    Example:
+        >>> exact_neighbors([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]], 1, query_block=1, db_block=2).ravel().tolist()
+        [1, 0, 1]
+    """
+    rows = None if queries is None else np.asarray(queries, np.int64)
+    return search_neighbors(InMemoryRows(np.asarray(x)), k, queries=rows, query_block=query_block, db_block=db_block,
+                            use_gpu=use_gpu)
+
+
+def approximate_neighbors(x: ArrayLike, k: int, *, m: int = 32, ef_search: int = 128) -> NDArray[np.int64]:
+    """Approximate cosine k nearest neighbours (FAISS HNSW on centred unit rows), self excluded, the graph's
+    candidates re-ranked in float64.
+
+    Args:
+        x: (N, D) rows, all held (with a float32 copy and the graph: see
+            :meth:`hrsa.analyze.local.memory.KnnPass.hnsw_bytes`).
+        k: neighbours per row, 1 <= k < N.
+        m: HNSW graph degree.
+        ef_search: HNSW search breadth (>= k + 1; larger is slower and more exact).
+
+    Returns:
+        (N, k) int64 indices, most similar first.
+    """
+    import faiss
+
+    rows = _Block.of(np.asarray(x), np.arange(np.shape(x)[0], dtype=np.int64))
+    n = len(rows.raw)
+    k = check_k(k, n)
+    shift = rows.mean_unit_row()
+    # On the unit sphere, cosine order is L2 order, and L2 distances do not change when every row moves by the
+    # same vector: so an L2 graph of the centred unit rows (symmetric, which HNSW needs) ranks by cosine.
+    index = faiss.IndexHNSWFlat(rows.raw.shape[1], m, faiss.METRIC_L2)
+    index.hnsw.efConstruction = max(40, 2 * m)
+    index.hnsw.efSearch = max(ef_search, k + 1 + TIE_MARGIN)
+    centred = rows.centred(shift)
+    index.add(centred)
+    best = _Best(n, k + 1 + TIE_MARGIN)
+    for s in range(0, n, FAISS_SUB_BLOCK):  # the graph's candidates, re-ranked in float64 a sub-block at a time
+        _, cand = index.search(centred[s : s + FAISS_SUB_BLOCK], k + 1 + TIE_MARGIN)  # (b, c)
+        exact = _exact_scores(rows, s, rows, cand)
+        exact[cand == rows.positions[s : s + len(cand), None]] = -np.inf
+        best.merge(s, exact, np.where(np.isfinite(exact), cand, _NO_ID))
+    return best.ids[:, :k]
+
+
+def neighbor_recall(approx: ArrayLike, exact: ArrayLike) -> float:
+    """Mean fraction of the exact k neighbours that the approximate search found (recall@k)."""
+    a, e = np.asarray(approx), np.asarray(exact)
+    both = np.sort(np.concatenate([a, e], axis=1), axis=1)
+    return float((both[:, 1:] == both[:, :-1]).sum() / e.size)
