@@ -3,6 +3,8 @@ the job is :func:`hrsa.analyze.job.run_analysis`. Thin: parse, run with a progre
 
 from __future__ import annotations
 
+import sys
+
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,7 +55,8 @@ def analyze(config_file: Path | None, **flags: Any) -> None:
             progress.stop()
     for line in run.warnings:
         click.echo(f"hrsa: warning: {line}", err=True)
-    Console().print(summary_table(run.saved.doc))
+    # A log (stdout not a terminal) gets the whole table at any width; a terminal folds cells, never cuts them.
+    Console(width=None if sys.stdout.isatty() else 240).print(summary_table(run.saved.doc))
     if alignment_line(run.saved.doc):
         click.echo(alignment_line(run.saved.doc))
     click.echo(f"wrote {run.saved.json_path}" + "".join(f", {p.name}" for p in run.figures)

@@ -43,10 +43,14 @@ never change existing ones). NaN (a metric undefined on constant data) is writte
         "knn": {"k": {"5": [float], ...},            # mean per-token Jaccard, per hidden state below
                 "median": {"5": [float]}, "std": {"5": [float]},
                 "hidden_states": [int], "n_tokens": int, "seed": int, "search": "exact" | "hnsw",
-                "recall": {"5": [[float, float]]}},  # A's and B's recall@k against exact, with hnsw
+                "recall": {"5": [[float, float]]},   # A's and B's recall@k against exact, with hnsw
+                "intervals": {"5": [[low, high]]}, "se": {"5": [float]}, "n_docs": int},
+                                                     # 95% bootstrap over the sampled tokens' documents
         "probe": {"<hidden state>": {                # fitted on A (source), applied to B (target)
                     "source": {"train": {"accuracy": float, "macro_f1": float, "n": int}, "dev": {...}, "test": {...}},
                     "target": {...}, "chance": float, # majority-class share of the test split
+                    "test_accuracy_interval": {"source": [low, high], "target": [low, high]},
+                                                      # 95% bootstrap over the test documents
                     "reverse": {"source": {...}, "target": {...}}}}  # fitted on B, with both directions
       },
       "uncertainty": {"method": "jackknife" | null, "unit": "documents", "groups": int, "level": 0.95,
@@ -240,6 +244,10 @@ def _knn(knn: KnnPairResult) -> dict[str, Any]:
                            "hidden_states": list(knn.hidden_states), "n_tokens": knn.n_tokens, "seed": knn.seed, "search": knn.search}
     if knn.recall:
         out["recall"] = {str(k): [list(pair) for pair in values] for k, values in knn.recall.items()}
+    if knn.overlap_interval:  # bootstrap over the sample's documents
+        out["intervals"] = {str(k): [[i.low, i.high] for i in values] for k, values in knn.overlap_interval.items()}
+        out["se"] = {str(k): [i.se for i in values] for k, values in knn.overlap_interval.items()}
+        out["n_docs"] = knn.n_docs
     return out
 
 
@@ -247,11 +255,18 @@ def _probe(probe: ProbePairResult) -> dict[str, Any]:
     def scores(res: ProbeResult) -> dict[str, Any]:
         return {side: {split: asdict(getattr(getattr(res, side), split)) for split in ("train", "dev", "test")} for side in ("source", "target")}
 
+    def intervals(found: Any) -> dict[str, Any]:  # ProbeIntervals of the test accuracies, bootstrap over test documents
+        return {side: [getattr(found, side).low, getattr(found, side).high] for side in ("source", "target")}
+
     out: dict[str, Any] = {}
     for k, res in probe.a_to_b.items():
         out[str(k)] = {**scores(res), "chance": res.chance}
+        if k in probe.a_to_b_interval:
+            out[str(k)]["test_accuracy_interval"] = intervals(probe.a_to_b_interval[k])
         if k in probe.b_to_a:
             out[str(k)]["reverse"] = scores(probe.b_to_a[k])
+            if k in probe.b_to_a_interval:
+                out[str(k)]["reverse"]["test_accuracy_interval"] = intervals(probe.b_to_a_interval[k])
     return out
 
 

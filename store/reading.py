@@ -29,10 +29,10 @@ if TYPE_CHECKING:
 
 __all__ = ["CheckedArray"]
 
-#: Verified shard objects kept per array, so that Dask blocks smaller than a shard cost no second GET. Blocks are read
-#: in order, so a reader needs the shard of its current block; two serve two concurrent readers (the planner counts
-#: them: :func:`cache_bound`).
-CACHED_SHARDS = 2
+#: Verified shard objects kept per array at most, so that Dask blocks smaller than a shard cost no second GET when
+#: several threads read blocks of neighbouring shards at once; a shard whose rows have all been read is dropped at
+#: once (``CheckedArray._read_whole``). The analysis plan counts the bound (:func:`cache_bound`).
+CACHED_SHARDS = 4
 
 
 class _ShardMismatch(Exception):
@@ -82,6 +82,11 @@ class _VerifiedShards(WrapperStore):  # type: ignore[type-arg]
             self._remember(key, buffer)
         return _cut(buffer, byte_range)
 
+    def forget(self, key: str) -> None:
+        """Drop shard ``key`` from the cache: its reader has read its last rows."""
+        with self._lock:
+            self._cache.pop(key, None)
+
     def _cached(self, key: str) -> Buffer | None:
         with self._lock:
             if key in self._cache:
@@ -95,18 +100,26 @@ class _VerifiedShards(WrapperStore):  # type: ignore[type-arg]
                 self._cache.popitem(last=False)
 
 
-def cache_bound(*, shard_tokens: int, chunk_tokens: int, n_tokens: int, row_bytes: int, readers: int) -> int:
-    """The most bytes one array's reader holds in shard objects: the ``CACHED_SHARDS`` it keeps and one being fetched
-    per concurrent reader, each at most a whole shard's raw values (codecs do not grow activations by more than 1%)
-    plus its index and each chunk's checksum and codec header.
+def cache_bound(*, shard_tokens: int, chunk_tokens: int, n_tokens: int, row_bytes: int, readers: int,
+                block_tokens: int = 0) -> int:
+    """The most bytes one array's reader holds in shard objects, each at most a whole shard's raw values (codecs do
+    not grow activations by more than 1%) plus its index and each chunk's checksum and codec header.
+
+    Blocks of exactly one shard (``block_tokens == shard_tokens``) read each shard once and drop it at once: one
+    shard per concurrent reader. Other blocks, read forward by each reader: a shard stays until all its rows are
+    read, so a reader keeps at most the shard it is in and the next (a block may straddle both), up to
+    ``CACHED_SHARDS`` in all, and fetches one more.
 
     Example:
         >>> cache_bound(shard_tokens=256, chunk_tokens=64, n_tokens=10_000, row_bytes=64, readers=1)
-        50424
+        53481
+        >>> cache_bound(shard_tokens=256, chunk_tokens=64, n_tokens=10_000, row_bytes=64, readers=1, block_tokens=256)
+        17827
     """
     shards = -(-n_tokens // shard_tokens)
     one = shard_tokens * row_bytes * 101 // 100 + 64 * (-(-shard_tokens // chunk_tokens)) + 1024
-    return min(shards, CACHED_SHARDS + readers) * one
+    held = readers if block_tokens == shard_tokens else min(CACHED_SHARDS, 2 * readers) + readers
+    return min(shards, held) * one
 
 
 def _checked(key: str, buffer: Buffer | None, expected: ShardRecord) -> Buffer:
@@ -147,6 +160,7 @@ class CheckedArray:
         self._shards = _VerifiedShards(array.store_path.store, self._expected)
         self._array = array_through(array, self._shards)
         self._lock = threading.Lock()  # Dask's threads read blocks of one shard at once: one of them reads its record
+        self._rows_read: dict[str, int] = {}  # per shard, rows read by slices since it was last dropped from the cache
         self.shape, self.ndim = array.shape, array.ndim
         self.dtype = as_logical(np.empty(0, array.dtype), dtype).dtype
 
@@ -178,6 +192,24 @@ class CheckedArray:
                     raise self._damaged(u, str(error)) from None
         return [shard_key(self._stored, u) for u in done]
 
+    def _read_whole(self, selection: Any) -> list[str]:
+        """The shards whose rows slices have now read as many times as they hold rows (in any order, as Dask's threads
+        read a shard's blocks); index selections count nothing (k-NN samples rows, and may come back)."""
+        rows = selection[0] if isinstance(selection, tuple) else selection
+        if not isinstance(rows, slice):
+            return []
+        start, stop, _ = rows.indices(self.shape[0])
+        done = []
+        with self._lock:
+            for u in range(start // self._shard_tokens, -(-stop // self._shard_tokens)):
+                lo, hi = u * self._shard_tokens, min((u + 1) * self._shard_tokens, self.shape[0])
+                key = shard_key(self._stored, u)
+                self._rows_read[key] = self._rows_read.get(key, 0) + min(hi, stop) - max(lo, start)
+                if self._rows_read[key] >= hi - lo:
+                    done.append(key)
+                    del self._rows_read[key]
+        return done
+
     def _damaged(self, unit: int, problem: str) -> CorruptDataError:
         return CorruptDataError(
             f"Expected an intact shard {unit} in {self._where} (its unit is done). Got: {problem}. "
@@ -185,19 +217,24 @@ class CheckedArray:
         )
 
     def __getstate__(self) -> dict[str, Any]:  # pickled to Ray or Dask workers: a lock does not travel
-        return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_array", "_shards")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_array", "_shards", "_rows_read")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._shards = _VerifiedShards(self._stored.store_path.store, self._expected)
         self._array = array_through(self._stored, self._shards)
         self._lock = threading.Lock()
+        self._rows_read = {}
 
     def __getitem__(self, selection: Any) -> np.ndarray:
         try:
-            for key in self._check_records(selection):
+            keys = self._check_records(selection)
+            for key in keys:
                 self._shards.load(key)
-            return as_logical(self._array[selection], self._dtype)
+            values = as_logical(self._array[selection], self._dtype)
+            for key in self._read_whole(selection):  # every row of these shards was read: they are done with
+                self._shards.forget(key)
+            return values
         except _ShardMismatch as error:
             key, problem = error.args
             raise self._damaged(int(key.split("/")[-2]), problem) from None

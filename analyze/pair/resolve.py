@@ -105,32 +105,81 @@ def resolve_pair(
         matched=matched if needs_matched else (), rows=rows, cols=cols, dx=info_a.hidden_size, dy=info_b.hidden_size,
         read_bytes_a=_itemsize(info_a), read_bytes_b=_itemsize(info_b), compute_bytes=compute_bytes, n_tokens=n_tokens,
         block_tokens=0, n_blocks=0, workers=workers, memory_budget=memory_budget,
-        cache_bytes_a=_cache_bytes(info_a, workers), cache_bytes_b=_cache_bytes(info_b, workers),
     )
-    # Step 4: blocks and tiles; a default block size shrinks (down to 64 tokens) until one pair fits the budget.
-    size = block_tokens or _default_block_tokens(info_a, info_b)
+    # Step 4: blocks and tiles, chosen together: a given block size is planned as it is; by default, one shard, ~32 MB
+    # of float64 per state and its halvings down to D tokens are planned, and the plan that keeps every group of
+    # documents, then makes the fewest passes (each reads the selection again), then has the largest blocks, wins.
     offsets = store.corpus_tokens(info_a.corpus).doc_offsets if needs_matched and groups >= 2 else None
-    starts = None if offsets is None else _group_starts(offsets, pairs.rows_a, groups)
-    while True:
-        blocks = tuple(token_blocks(pairs.rows_a, size) if pairs.identical else paired_blocks(pairs.rows_a, pairs.rows_b, size))
-        if starts is not None:
-            blocks = tuple(with_groups(blocks, size, starts))
-        n_groups = 0 if starts is None else int(starts.size)
-        try:
-            held = max(block.n_rows for block in blocks)  # what a block holds: less than the grid's size for few tokens
-            plan = plan_analysis(replace(base, block_tokens=held, n_blocks=len(blocks), groups=n_groups))
-        except MemoryBudgetError:
-            if block_tokens is not None or size <= 64:
-                raise
-            size = max(64, size // 2)
-            continue
-        if plan.inputs.groups < n_groups:  # the budget holds fewer groups: cut the documents again, then re-plan
-            starts = _group_starts(offsets, pairs.rows_a, plan.inputs.groups)
-            continue
-        plan = replace(plan, groups_asked=groups if needs_matched else 0)
-        break
+    layout = _Layout(pairs, base, offsets, groups if needs_matched else 0, info_a, info_b)
+    options = _plans(layout, [block_tokens] if block_tokens else _candidate_block_tokens(info_a, info_b))
+    size = min(block_tokens or _default_block_tokens(info_a, info_b), max(info_a.hidden_size, info_b.hidden_size))
+    while not options and not block_tokens and size > 64:  # a tiny budget: smaller blocks, the first that fits
+        size = max(64, size // 2)
+        options = _plans(layout, [size])
+    if not options:
+        layout.plan(block_tokens or size)  # raises the MemoryBudgetError that says what one pair needs
+    size, blocks, plan = min(options, key=lambda o: (o[2].inputs.groups < o[2].groups_asked, o[2].passes, -o[0]))
+    n_groups = plan.inputs.groups
     return ResolvedPair(info_a, info_b, metrics_t, debiased, save_rotation, matched, rows, cols, n_tokens, size, blocks,
                         plan, pairs, n_groups)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The selected tokens cut into blocks of one size (and into groups of documents), and their plan."""
+
+    pairs: TokenPairs
+    base: PlanInputs
+    offsets: np.ndarray | None  # the corpus's document offsets when groups are kept
+    groups: int
+    info_a: ModelInfo
+    info_b: ModelInfo
+
+    def plan(self, size: int) -> tuple[int, tuple[TokenBlock, ...], AnalysisPlan]:
+        """``(size, blocks, plan)``; fewer groups when the budget holds fewer (the documents are cut again).
+
+        Raises:
+            MemoryBudgetError: one pair does not fit at this size.
+        """
+        pairs = self.pairs
+        raw = tuple(token_blocks(pairs.rows_a, size) if pairs.identical else paired_blocks(pairs.rows_a, pairs.rows_b, size))
+        held = max(block.n_rows for block in raw)  # what a block holds: less than the grid's size for few tokens
+        w = self.base.workers
+        cache_b = _cache_bytes(self.info_b, w, size if pairs.identical else 0)  # aligned rows of B come in any range
+        base = replace(self.base, cache_bytes_a=_cache_bytes(self.info_a, w, size), cache_bytes_b=cache_b)
+        wanted, possible = self.groups, None  # possible: the groups the documents allow (at most those asked)
+        while True:
+            starts = None if self.offsets is None else _group_starts(self.offsets, pairs.rows_a, wanted)
+            blocks = raw if starts is None else tuple(with_groups(raw, size, starts))
+            n_groups = 0 if starts is None else int(starts.size)
+            possible = n_groups if possible is None else possible
+            plan = plan_analysis(replace(base, block_tokens=held, n_blocks=len(blocks), groups=n_groups))
+            if plan.inputs.groups >= n_groups:
+                return size, blocks, replace(plan, groups_asked=possible)
+            wanted = plan.inputs.groups  # the budget holds fewer groups: cut the documents again
+
+
+def _plans(layout: _Layout, sizes: list[int]) -> list[tuple[int, tuple[TokenBlock, ...], AnalysisPlan]]:
+    """The plans of the block sizes whose one pair fits the budget."""
+    options = []
+    for size in sizes:
+        try:
+            options.append(layout.plan(size))
+        except MemoryBudgetError:
+            continue
+    return options
+
+
+def _candidate_block_tokens(info_a: ModelInfo, info_b: ModelInfo) -> list[int]:
+    """One shard (each shard read once and dropped: the reader holds no cache), the default block size, then its
+    halvings down to D tokens: below that a block's Chan merges (O(D^2) per pair, memory-bound) cost more than its
+    products (O(n D^2)); smaller blocks only when none of these fits (``resolve_pair``)."""
+    floor = max(64, info_a.hidden_size, info_b.hidden_size)
+    size, sizes = _default_block_tokens(info_a, info_b), {info_a.layout.shard_tokens}
+    while size >= floor:
+        sizes.add(size)
+        size //= 2
+    return sorted(sizes, reverse=True)
 
 
 def _group_starts(doc_offsets: np.ndarray, rows: slice | np.ndarray, n_groups: int) -> np.ndarray | None:
@@ -160,10 +209,11 @@ def _default_block_tokens(info_a: ModelInfo, info_b: ModelInfo) -> int:
     return max(chunk, min(shard, target) // chunk * chunk)
 
 
-def _cache_bytes(info: ModelInfo, workers: int) -> int:
+def _cache_bytes(info: ModelInfo, workers: int, block_tokens: int) -> int:
     """What the store's reader may hold in shard objects per hidden state of ``info`` (:func:`cache_bound`)."""
     return cache_bound(shard_tokens=info.layout.shard_tokens, chunk_tokens=info.layout.chunk_tokens,
-                       n_tokens=info.n_tokens, row_bytes=info.hidden_size * _itemsize(info), readers=workers)
+                       n_tokens=info.n_tokens, row_bytes=info.hidden_size * _itemsize(info), readers=workers,
+                       block_tokens=block_tokens)
 
 
 def _itemsize(info: ModelInfo) -> int:

@@ -148,10 +148,13 @@ def knn_overlap_figure(doc: Mapping[str, Any]) -> Figure:
         raise ValueError("Expected k-NN results. Got none (run with the knn metric).")
     states = knn.get("hidden_states", [])
     lines = {f"k = {k}": (states, knn["k"][k]) for k in sorted(knn.get("k", {}), key=int)}
+    ends = knn.get("intervals", {})
+    errors = {f"k = {k}": ScoreUncertainty([(floats([lo])[0], floats([hi])[0]) for lo, hi in ends[k]], None, None)
+              for k in ends}
     a, b = _pair(doc)
     title = f"k-NN overlap: {a} vs {b} ({knn.get('n_tokens')} sampled tokens, {knn.get('search')})"
     # up to 1.02: an overlap of exactly 1 (a copy) stays visible above the frame
-    return _lines_figure(lines, ylabel="mean Jaccard of k-NN sets", title=title, ylim=(0.0, 1.02))
+    return _lines_figure(lines, ylabel="mean Jaccard of k-NN sets", title=title, ylim=(0.0, 1.02), errors=errors)
 
 
 def probe_figure(doc: Mapping[str, Any]) -> Figure:

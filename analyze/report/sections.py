@@ -180,6 +180,14 @@ def _cell(values: Sequence[Any], i: int, unc: ScoreUncertainty | None) -> Any:
     return MutedNumberCell(cell) if unc is not None and unc.within_null and unc.within_null[i] else cell
 
 
+def _plus_minus(value: Any, interval: Sequence[Any] | None) -> NumberCell:
+    """A number with ``± half-width`` of its interval when there is one."""
+    cell = number(value)
+    if interval is None or None in interval or cell == "n/a":
+        return cell
+    return NumberCell(f"{cell} ± {(float(interval[1]) - float(interval[0])) / 2:.3f}")
+
+
 def _uncertainty_note(doc: Mapping[str, Any]) -> str:
     u = doc.get("uncertainty") or {}
     if not u.get("method"):
@@ -193,7 +201,9 @@ def _knn_section(doc: Mapping[str, Any], t: Thresholds) -> str:
     """Table 4: mean k-NN overlap per k and hidden state, with its figure."""
     knn = doc["metrics"]["knn"]
     states, ks = knn.get("hidden_states", []), sorted(knn.get("k", {}), key=int)
-    rows = [[str(s), *(number(knn["k"][k][i]) for k in ks)] for i, s in enumerate(states)]
+    ends = knn.get("intervals", {})
+    rows = [[str(s), *(_plus_minus(knn["k"][k][i], ends[k][i] if k in ends else None) for k in ks)]
+            for i, s in enumerate(states)]
     if "recall" in knn:
         note = "; recall@k against exact search (A, B): " + ", ".join(
             f"k = {k}: {min(min(p) for p in knn['recall'][k]):.3f} at worst" for k in sorted(knn["recall"], key=int))
@@ -201,7 +211,9 @@ def _knn_section(doc: Mapping[str, Any], t: Thresholds) -> str:
         note = ""
     return (f"<h3>k-NN overlap (Table 4)</h3><p class=\"note\">Mean per-token Jaccard of cosine neighbour sets (self "
             f"excluded) on {escape(knn.get('n_tokens'))} sampled tokens (seed {escape(knn.get('seed'))}, "
-            f"{escape(knn.get('search'))} search{escape(note)}); the summary reads k = {escape(knn_k(ks, t.knn_k))}.</p>"
+            f"{escape(knn.get('search'))} search{escape(note)}); the summary reads k = {escape(knn_k(ks, t.knn_k))}"
+            + (f"; ± half the 95% bootstrap interval over the sample's {escape(knn.get('n_docs'))} documents" if ends else "")
+            + ".</p>"
             + table(["hidden state", *(f"k = {k}" for k in ks)], rows)
             + f"<div class=\"figs\">{figure(knn_overlap_figure(doc), 'k-NN overlap per hidden state')}</div>")
 
@@ -212,14 +224,15 @@ def _probe_section(doc: Mapping[str, Any], t: Thresholds) -> str:
     states = sorted(probe, key=int)
     directions = probe_directions(probe, str(doc["a"]), str(doc["b"]))
     cols = [f"{d.fitted_on} \u2192 {d.tested_on}" for d in directions]
-    acc = [[d.scores(probe[k])["test"]["accuracy"] for k in states] for d in directions]
+    acc = [[_plus_minus(d.scores(probe[k])["test"]["accuracy"], d.accuracy_interval(probe[k])) for k in states]
+           for d in directions]
     f1 = [[d.scores(probe[k])["test"]["macro_f1"] for k in states] for d in directions]
-    rows = [[k, *(number(v[i]) for v in acc), *(number(v[i]) for v in f1), number(probe[k].get("chance")),
+    rows = [[k, *(v[i] for v in acc), *(number(v[i]) for v in f1), number(probe[k].get("chance")),
              number(probe_transfer([probe[k]], min_signal=t.probe_min_signal))] for i, k in enumerate(states)]
     header = ["hidden state", *(f"accuracy {c}" for c in cols), *(f"F1 {c}" for c in cols), "majority class", "transfer"]
     n = probe[states[0]]["source"]["test"].get("n") if states else None
     return ("<h3>Cross-model linear probes (Figure 4)</h3><p class=\"note\">Test-split accuracy and macro-F1 "
-            f"({escape(n)} documents); X \u2192 Y: fitted on X's hidden state, applied to Y's. Transfer = (target - chance) / "
+            f"({escape(n)} documents; ± half the 95% bootstrap interval over them); X \u2192 Y: fitted on X's hidden state, applied to Y's. Transfer = (target - chance) / "
             "(source - chance), pooled over the directions whose source beats chance by "
             f"{t.probe_min_signal:g} or more.</p>" + table(header, rows)
             + f"<div class=\"figs\">{figure(probe_figure(doc), 'probe accuracy per hidden state')}</div>")

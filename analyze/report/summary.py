@@ -209,6 +209,13 @@ class ProbeDirection:
             return f"fitted and tested on {self.fitted_on}"
         return f"fitted on {self.fitted_on}, tested on {self.tested_on}"
 
+    def accuracy_interval(self, entry: Mapping[str, Any]) -> tuple[float, float] | None:
+        """The bootstrap interval of this direction's test accuracy in one hidden state's probe entry, if recorded."""
+        for key in self.keys[:-1]:
+            entry = entry[key]
+        found = entry.get("test_accuracy_interval", {}).get(self.keys[-1])
+        return None if found is None or None in found else (float(found[0]), float(found[1]))
+
     def scores(self, entry: Mapping[str, Any]) -> Mapping[str, Any]:
         """This direction's ``{"train": ..., "dev": ..., "test": ...}`` in one hidden state's probe entry."""
         for key in self.keys:
@@ -388,7 +395,8 @@ def summary_table(doc: Mapping[str, Any]) -> Table:
             columns[label] = _with_uncertainty(doc, metric, key)
     knn, probe = m.get("knn"), m.get("probe")
     if knn is not None and list(knn["hidden_states"]) == states:
-        columns.update({f"kNN@{k}": _fixed(values, 4) for k, values in knn["k"].items()})
+        ends = knn.get("intervals", {})
+        columns.update({f"kNN@{k}": _cells(values, ends.get(k), None) for k, values in knn["k"].items()})
     if probe is not None and [int(k) for k in probe] == states:
         source, target = ([e[side]["test"]["accuracy"] for e in probe.values()] for side in ("source", "target"))
         columns["probe test acc A / A->B"] = [f"{s} / {t}" for s, t in zip(_fixed(source, 3), _fixed(target, 3))]
@@ -400,19 +408,28 @@ def summary_table(doc: Mapping[str, Any]) -> Table:
         title += (f"\n± half the {unc['level']:.0%} {unc['method']} interval over {unc['groups']} groups of documents; "
                   "dim: no more than shuffled tokens give")
     table = Table("hidden state", *columns, title=title, title_justify="left")
+    for column in table.columns:
+        column.overflow = "fold"  # a narrow terminal wraps a number, never cuts it to "0.81…"
     for i, k in enumerate(states):
         table.add_row(str(k), *(values[i] for values in columns.values()))
     return table
 
 
 def _with_uncertainty(doc: Mapping[str, Any], metric: str, key: str) -> list[str]:
-    """4 decimals, ``± half-width`` where there is an interval, dimmed where the score is within its null (rich markup)."""
+    """A per-layer score's cells (``_cells``) from results.json's intervals and null."""
     unc = score_uncertainty(doc, metric, key)
-    cells = _fixed(doc["metrics"][metric][key], 4)
+    return _cells(doc["metrics"][metric][key], unc.intervals, unc.within_null)
+
+
+def _cells(values: Sequence[Any], intervals: Sequence[Sequence[Any]] | None, within_null: Sequence[bool] | None) -> list[str]:
+    """4 decimals, ``± half-width`` below where there is an interval (two lines keep columns narrow), dimmed where
+    the score is within its null (rich markup)."""
+    cells = _fixed(values, 4)
     for i, cell in enumerate(cells):
-        half = unc.plus_minus(i)
-        cell = cell if half is None or cell == "nan" else f"{cell} ±{half:.4f}"
-        cells[i] = f"[dim]{cell}[/dim]" if unc.within_null and unc.within_null[i] else cell
+        ends = floats(intervals[i]) if intervals is not None else None
+        if ends is not None and cell != "nan" and np.all(np.isfinite(ends)):
+            cell = f"{cell}\n±{(ends[1] - ends[0]) / 2:.4f}"
+        cells[i] = f"[dim]{cell}[/dim]" if within_null and within_null[i] else cell
     return cells
 
 

@@ -105,9 +105,9 @@ def test_report_is_self_contained_and_holds_every_section(report_html: Path, res
         for h in doc["metrics"]["procrustes"]["h_inv"]:  # Table 3, 3 decimals
             assert f'<td class="num">{h:.3f} ± ' in page  # with half its jackknife interval
         for values in doc["metrics"]["knn"]["k"].values():  # Table 4
-            assert all(f'<td class="num">{v:.3f}</td>' in page for v in values)
+            assert all(f'<td class="num">{v:.3f} ± ' in page for v in values)  # with its bootstrap interval
         accuracy = doc["metrics"]["probe"]["2"]["reverse"]["target"]["test"]["accuracy"]  # Figure 4's table, B -> A
-        assert f'<td class="num">{accuracy:.3f}</td>' in page
+        assert f'<td class="num">{accuracy:.3f} ± ' in page  # with its bootstrap interval
         assert f"a vs {partner}" in page
 
 

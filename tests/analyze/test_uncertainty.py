@@ -237,3 +237,14 @@ def test_reports_show_intervals_and_grey_out_scores_of_unrelated_models(make_pai
     assert "delete-a-group jackknife interval" in html
     fig = layer_profile_figure(docs["b"])
     assert len(fig.axes[0].containers) == 2  # error bars of CKA and of dimcorr
+
+
+def test_knn_intervals_reach_results_json(pair_store, tmp_path) -> None:
+    from hrsa.analyze.local.knn import KnnOptions
+
+    res = analyze_pair(pair_store.open(), "a", "b", metrics=["knn"], knn_options=KnnOptions(ks=(5,), n_sample=400),
+                       memory_budget="64MB")
+    knn = json.loads(save_results(res, tmp_path / "out").json_path.read_text())["metrics"]["knn"]
+    assert 2 <= knn["n_docs"] <= 5 and len(knn["intervals"]["5"]) == len(knn["k"]["5"]) == len(knn["se"]["5"])
+    for (low, high), value in zip(knn["intervals"]["5"], knn["k"]["5"], strict=True):
+        assert low <= value <= high

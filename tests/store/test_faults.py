@@ -367,6 +367,26 @@ def test_read_of_a_missing_shard_is_one_line_and_changes_nothing(target: Target,
 
 
 
+def test_the_reader_drops_each_shard_once_it_has_read_its_last_rows(tmp_path) -> None:
+    # The analysis plan counts the reader's cached shards (store.reading.cache_bound): blocks of one shard leave none
+    # behind, and forward reads of smaller blocks keep only the shard they are in.
+    import hrsa.store.reading as reading
+
+    store = _filled(Target(str(tmp_path / "store"), None, {}))
+    info = store.model_info("m")
+    shard = info.layout.shard_tokens
+    checked = reading.CheckedArray(store.group("models/m")["hidden/1"], info.dtype, "x", done=np.ones(info.n_units, bool),
+                                   shard_tokens=shard, model_prefix="models/m", layer=1, settings=store.writer("m").settings)
+    want = expected_layer(store, "m", 1)
+    for u in range(info.n_units):
+        assert np.array_equal(checked[u * shard : (u + 1) * shard], want[u * shard : (u + 1) * shard])
+        assert len(checked._shards._cache) == 0
+    quarter = shard // 4
+    for start in range(0, info.n_tokens, quarter):
+        assert np.array_equal(checked[start : start + quarter], want[start : start + quarter])
+        assert len(checked._shards._cache) <= 1
+
+
 def test_a_shard_is_fetched_and_hashed_once_however_many_blocks_read_it(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     # The record and hash check sits on the read path: Dask blocks smaller than a shard must not each cost a record
     # GET and a whole-shard GET on S3, and an index selection must look up only the shards its rows fall in.
