@@ -7,7 +7,7 @@ from YAML; flags given win. Example YAML::
     # hrsa report --config configs/report.yaml
     results: [hrsa-analysis/base-vs-rlvr, hrsa-analysis/base-vs-sft]
     out: report.html
-    dynamics: hrsa-dynamics/dynamics.json
+    dynamics: [hrsa-dynamics/0.5b/dynamics.json, hrsa-dynamics/1.5b/dynamics.json]   # one file per series
     min_cka: 0.9
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hrsa.analyze.report.summary import (
     CKA_PRESERVED,
@@ -69,21 +69,27 @@ class ReportConfig(VerdictRules):
     results: tuple[str, ...] = Field(min_length=1, description="results.json files of `hrsa analyze`, or folders "
                                      "holding one, one per analysed pair (the RESULTS arguments).")
     out: FilePath = Field(Path("report.html"), description="The HTML file to write.")
-    dynamics: Path | None = Field(None, description="A hrsa.dynamics/1 file (one results.json per training step) for "
-                                  "the training-dynamics section.")
+    dynamics: tuple[Path, ...] = Field((), description="hrsa.dynamics/1 files (one results.json per training step), one "
+                                       "per series, for the training-dynamics section (repeat the flag for several).")
     title: str | None = Field(None, description="Title of the report (default: the pairs compared).")
+
+    @field_validator("dynamics", mode="before")
+    @classmethod
+    def _one_or_more(cls, value: Any) -> Any:
+        """One file (a YAML scalar) or several."""
+        return (value,) if isinstance(value, (str, Path)) else value
 
 
 @click.command("report")
 @click.argument("results", nargs=-1, type=click.Path(path_type=str))
 @config_file_option
-@config_options(ReportConfig, exclude=("results",))
+@config_options(ReportConfig, exclude=("results",), repeatable=("dynamics",))
 def report(config_file: Path | None, **flags: Any) -> None:
     """Write one self-contained HTML report (figures embedded) from RESULTS: results.json files of `hrsa analyze`,
     or folders holding one, one per analysed pair.
 
     Per pair: a summary by level (preserved / restructured), cross-layer heatmaps, H_inv, k-NN overlap and
-    probe accuracy per hidden state; with --dynamics, the metrics against the training step.
+    probe accuracy per hidden state; with --dynamics (once per series), the metrics against the training step.
     """
     from hrsa.analyze.report.html import write_report
     from hrsa.analyze.report.summary import summarize

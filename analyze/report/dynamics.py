@@ -4,18 +4,21 @@ This module owns the dynamics file (its schema, :func:`write_dynamics`, :func:`l
 from it; :func:`hrsa.analyze.report.figures.dynamics_figure` draws them.
 
 A dynamics file (``"schema": "hrsa.dynamics/1"``) lists the two training runs compared and, per step, the
-``results.json`` of that step's comparison. Paths are stored relative to the dynamics file's folder when they
-lie under it (so the folder can move), absolute otherwise::
+``results.json`` of that step's comparison. Step 0 is the runs' backbones, before any training: a series starts
+where the two models started, so the curves show how far training moved them apart or together. Paths are stored
+relative to the dynamics file's folder when they lie under it (so the folder can move), absolute otherwise::
 
     {
       "schema": "hrsa.dynamics/1",
-      "runs": [str, str],                         # e.g. the base and the tuned embedding training runs
-      "steps": [{"step": int, "results": str}],   # sorted by step, each step once
+      "runs": [str, str],                         # e.g. the base- and the RLVR-initialised embedding training runs
+      "name": str,                                # optional: the series' name in figures (default "A vs B")
+      "steps": [{"step": int, "results": str}],   # sorted by step, each step once; step 0: the backbones
       "hrsa_version": str, "created": str         # ISO 8601, UTC
     }
 
 :func:`load_dynamics` reads every step's results back and keeps, per metric, the mean over the matched hidden
-states at each step and the value of each hidden state (NaN where a step lacks one).
+states at each step and the value of each hidden state (NaN where a step lacks one); :func:`mean_changes` says
+how far each mean moved from the first step to the last.
 """
 
 from __future__ import annotations
@@ -30,11 +33,12 @@ from typing import Any
 
 import numpy as np
 
-from hrsa.analyze.report.summary import floats
+from hrsa.analyze.report.summary import KNN_K, floats, knn_k
 from hrsa.analyze.results import ResultsFileError, read_results
 from hrsa.runtime.files import write_atomic
 
-__all__ = ["SCHEMA", "Curve", "Dynamics", "DynamicsError", "load_dynamics", "write_dynamics"]
+__all__ = ["SCHEMA", "Curve", "Dynamics", "DynamicsError", "MeanChange", "load_dynamics", "mean_changes",
+           "write_dynamics"]
 
 SCHEMA = "hrsa.dynamics/1"
 
@@ -64,10 +68,11 @@ class Dynamics:
     """A pair of training runs compared step by step.
 
     Attributes:
-        runs: the two runs; steps: training steps, increasing; results: each step's results.json.
+        runs: the two runs; steps: training steps, increasing (0: the backbones); results: each step's results.json.
         pairs: each step's (A, B) model ids as its results.json names them.
         cka: matched-layer linear CKA; dimcorr: mean dimension-wise correlation (None when no step has it).
         knn: {k: k-NN overlap} for every k of any step.
+        name: the series' name in figures and the report ("A vs B" unless the file names it).
     """
 
     runs: tuple[str, str]
@@ -77,9 +82,37 @@ class Dynamics:
     cka: Curve | None
     dimcorr: Curve | None
     knn: Mapping[int, Curve]
+    name: str = ""
+
+    @property
+    def curves(self) -> dict[str, Curve]:
+        """Every curve by its label: CKA, dimension-wise r, then k-NN overlap per k."""
+        single = {c.label: c for c in (self.cka, self.dimcorr) if c is not None}
+        return single | {c.label: c for c in self.knn.values()}
 
 
-def write_dynamics(path: Path, *, runs: tuple[str, str], steps: Sequence[int], results: Sequence[Path]) -> Path:
+@dataclass(frozen=True)
+class MeanChange:
+    """How far one metric's mean over hidden states moved along a series.
+
+    Attributes:
+        label: the metric; first_step, last_step: the first and last steps where it is defined;
+        first, last: its mean there; change: last - first (> 0: the two runs grew more alike).
+    """
+
+    label: str
+    first_step: int
+    last_step: int
+    first: float
+    last: float
+
+    @property
+    def change(self) -> float:
+        return self.last - self.first
+
+
+def write_dynamics(path: Path, *, runs: tuple[str, str], steps: Sequence[int], results: Sequence[Path],
+                   name: str | None = None) -> Path:
     """Write a dynamics file listing ``results[i]`` as the comparison at training step ``steps[i]``.
 
     Args:
@@ -87,6 +120,7 @@ def write_dynamics(path: Path, *, runs: tuple[str, str], steps: Sequence[int], r
         runs: the two training runs compared.
         steps: one training step per results file, each once.
         results: results.json files (or folders holding one), checked to be ``hrsa analyze`` results.
+        name: the series' name in figures and the report (default "A vs B").
 
     Returns:
         ``path``.
@@ -108,8 +142,8 @@ def write_dynamics(path: Path, *, runs: tuple[str, str], steps: Sequence[int], r
     entries = [{"step": s, "results": _relative(f, path.parent)} for s, f in sorted(zip(clean, files))]
     from hrsa import __version__
 
-    doc = {"schema": SCHEMA, "runs": list(runs), "steps": entries, "hrsa_version": __version__,
-           "created": datetime.now(UTC).isoformat(timespec="seconds")}
+    doc = {"schema": SCHEMA, "runs": list(runs), **({"name": name} if name else {}), "steps": entries,
+           "hrsa_version": __version__, "created": datetime.now(UTC).isoformat(timespec="seconds")}
     return write_atomic(path, json.dumps(doc, indent=1) + "\n")
 
 
@@ -140,7 +174,24 @@ def load_dynamics(path: Path | str) -> Dynamics:
         cka=_curve("linear CKA", docs, lambda d: _matched(d, "cka")),
         dimcorr=_curve("mean dimension-wise r", docs, lambda d: _matched(d, "dimcorr")),
         knn=_knn_curves(docs),
+        name=str(doc.get("name") or f"{runs[0]} vs {runs[1]}"),
     )
+
+
+def mean_changes(dyn: Dynamics, *, k: int = KNN_K) -> list[MeanChange]:
+    """Per metric (CKA, dimension-wise r, and k-NN overlap at the k closest to ``k``), its mean over hidden
+    states at the first and at the last step where it is defined; metrics defined at fewer than two steps are left
+    out."""
+    curves = [c for c in (dyn.cka, dyn.dimcorr) if c is not None]
+    if dyn.knn:
+        curves.append(dyn.knn[knn_k(list(dyn.knn), k)])  # type: ignore[index]
+    changes = []
+    for curve in curves:
+        defined = [i for i, v in enumerate(curve.mean) if np.isfinite(v)]
+        if len(defined) >= 2:
+            i, j = defined[0], defined[-1]
+            changes.append(MeanChange(curve.label, dyn.steps[i], dyn.steps[j], curve.mean[i], curve.mean[j]))
+    return changes
 
 
 # Takes one metric out of a step's results document: (its hidden states, its values there, or None without it).

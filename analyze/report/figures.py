@@ -7,7 +7,8 @@ it, or ``SavedResults.doc``) and returning a matplotlib :class:`~matplotlib.figu
 - :func:`layer_profile_figure`: CKA, dimension-wise r and Procrustes H_inv per matched hidden state;
 - :func:`knn_overlap_figure`: mean k-NN Jaccard overlap per hidden state, one line per k (Figure 4, left);
 - :func:`probe_figure`: probe test accuracy per hidden state, per direction, as bars (Figure 4);
-- :func:`dynamics_figure`: the metrics against the training step (Figure 5), from a :class:`Dynamics`.
+- :func:`dynamics_figure`: the metrics of one series against the training step (Figure 5), from a :class:`Dynamics`;
+- :func:`dynamics_comparison_figure`: several series on one plot, one line each per metric (Figure 5 compares runs).
 
 :func:`plot_figures` writes the PNGs beside results.json; the HTML report embeds the same figures. NaN is
 written as null in results.json: null values are blank cells and gaps in lines. Drawn with matplotlib's object
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hrsa.analyze.report.summary import ScoreUncertainty, floats, probe_directions, score_uncertainty
+from hrsa.analyze.report.summary import KNN_K, ScoreUncertainty, floats, knn_k, probe_directions, score_uncertainty
 from hrsa.runtime.files import write_atomic
 
 if TYPE_CHECKING:
@@ -34,11 +35,13 @@ if TYPE_CHECKING:
     from hrsa.analyze.report.dynamics import Dynamics
 
 __all__ = [
+    "dynamics_comparison_figure",
     "dynamics_figure",
     "heatmap_figure",
     "knn_overlap_figure",
     "layer_profile_figure",
     "plot_dynamics",
+    "plot_dynamics_comparison",
     "plot_figures",
     "png_bytes",
     "probe_figure",
@@ -247,7 +250,7 @@ def _index_ticks(ax: Axes, states: Sequence[int], *, axis: str) -> None:
 
 
 def dynamics_figure(dynamics: Dynamics) -> Figure:
-    """The paper's Figure 5: CKA, mean dimension-wise r and k-NN overlap against the training step.
+    """The paper's Figure 5 for one series: CKA, mean dimension-wise r and k-NN overlap against the training step.
 
     One panel per metric: the mean over matched hidden states as a thick line, each hidden state as a thin line
     coloured by depth (CKA and dimension-wise r); one line per k for k-NN overlap.
@@ -264,14 +267,50 @@ def dynamics_figure(dynamics: Dynamics) -> Figure:
         _dynamics_panel(ax, steps, curves)
         ax.set_ylabel(label)
         ax.set_title(label, fontsize=10)
-    fig.suptitle(f"training dynamics: {dynamics.runs[0]} vs {dynamics.runs[1]}", fontsize=11)
+    fig.suptitle(f"training dynamics of {dynamics.name}: {dynamics.runs[0]} vs {dynamics.runs[1]}", fontsize=11)
     return fig
+
+
+def dynamics_comparison_figure(series: Sequence[Dynamics], *, k: int = KNN_K) -> Figure:
+    """Several series on one plot: per metric (CKA, dimension-wise r, k-NN overlap at the k closest to ``k``), one
+    line per series, its mean over matched hidden states, labelled by the series' name.
+
+    Raises:
+        ValueError: no series.
+    """
+    from matplotlib.figure import Figure
+
+    if not series:
+        raise ValueError("Expected at least one dynamics series. Got none.")
+    labels = list(dict.fromkeys(label for dyn in series for label in _compared_curves(dyn, k)))
+    fig = Figure(figsize=(4.2 * max(1, len(labels)), 3.8), layout="constrained")
+    axes = fig.subplots(1, max(1, len(labels)), squeeze=False)[0]
+    steps = sorted({s for dyn in series for s in dyn.steps})
+    for ax, label in zip(axes, labels):
+        for dyn in series:
+            curve = _compared_curves(dyn, k).get(label)
+            if curve is not None:
+                ax.plot(list(dyn.steps), curve.mean, linewidth=2.0, marker="o", markersize=4, label=dyn.name)
+        _step_axis(ax, steps)
+        ax.set_ylabel(label)
+        ax.set_title(label, fontsize=10)
+        ax.legend(fontsize=7)
+    fig.suptitle("training dynamics: every series, mean over hidden states", fontsize=11)
+    return fig
+
+
+def _compared_curves(dyn: Dynamics, k: int) -> dict[str, Any]:
+    """The curves one series contributes to the comparison: CKA, dimension-wise r, k-NN overlap at one k."""
+    curves = {c.label: c for c in (dyn.cka, dyn.dimcorr) if c is not None}
+    if dyn.knn:
+        chosen = dyn.knn[knn_k(list(dyn.knn), k)]  # type: ignore[index]
+        curves[chosen.label] = chosen
+    return curves
 
 
 def _dynamics_panel(ax: Axes, steps: list[int], curves: Mapping[str, Any]) -> None:
     """One metric's curves (one: its hidden states too; several: one mean line each) against the step."""
     from matplotlib import colormaps
-    from matplotlib.ticker import MaxNLocator
 
     if len(curves) == 1:  # one metric: show its hidden states too
         curve = next(iter(curves.values()))
@@ -283,15 +322,27 @@ def _dynamics_panel(ax: Axes, steps: list[int], curves: Mapping[str, Any]) -> No
     else:
         for name, curve in curves.items():
             ax.plot(steps, curve.mean, linewidth=2.0, marker="o", markersize=4, label=name)
+    _step_axis(ax, steps)
+    ax.legend(fontsize=7)
+
+
+def _step_axis(ax: Axes, steps: list[int]) -> None:
+    """The training-step axis; step 0 is the backbones (no checkpoint), and the label says so."""
+    from matplotlib.ticker import MaxNLocator
+
     if len(steps) <= 12:
         ax.set_xticks(steps)
     else:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("training step")
+    ax.set_xlabel("training step (0 = the backbones)" if steps and steps[0] == 0 else "training step")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
 
 
 def plot_dynamics(dynamics: Dynamics, path: Path) -> Path:
     """Write :func:`dynamics_figure` as a PNG at ``path``."""
     return write_atomic(path, png_bytes(dynamics_figure(dynamics), dpi=PNG_DPI))
+
+
+def plot_dynamics_comparison(series: Sequence[Dynamics], path: Path) -> Path:
+    """Write :func:`dynamics_comparison_figure` as a PNG at ``path``."""
+    return write_atomic(path, png_bytes(dynamics_comparison_figure(series), dpi=PNG_DPI))

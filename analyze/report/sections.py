@@ -4,7 +4,8 @@ Per pair, in the paper's order: provenance; a Table 2 style summary (:mod:`hrsa.
 cross-layer heatmaps of CKA and dimension-wise correlation (Figure 3; per-layer profiles without
 ``--cross-layer``); per-layer metrics with Procrustes H_inv (Table 3); k-NN overlap per k and hidden state
 (Table 4); cross-model probe accuracies (Figure 4). Around them: the overview of every pair's verdicts, the
-training dynamics (Figure 5) and the thresholds. Each section is an HTML string built from
+study's Table 2s side by side (one column per comparison of two models), the training dynamics (Figure 5: every
+series with its own figure, and all of them on one plot) and the thresholds. Each section is an HTML string built from
 :mod:`hrsa.analyze.report.html_blocks`; the figures are :mod:`hrsa.analyze.report.figures`'.
 """
 
@@ -14,7 +15,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hrsa.analyze.report.dynamics import mean_changes
 from hrsa.analyze.report.figures import (
+    dynamics_comparison_figure,
     dynamics_figure,
     heatmap_figure,
     knn_overlap_figure,
@@ -36,10 +39,12 @@ from hrsa.analyze.report.html_blocks import (
 from hrsa.analyze.report.summary import (
     LEVELS,
     MORE_LAYER_SCORES,
+    Comparison,
     PairSummary,
     ScoreUncertainty,
     Thresholds,
     knn_k,
+    merge_levels,
     probe_directions,
     probe_transfer,
     score_uncertainty,
@@ -48,7 +53,7 @@ from hrsa.analyze.report.summary import (
 if TYPE_CHECKING:
     from hrsa.analyze.report.dynamics import Dynamics
 
-__all__ = ["dynamics_section", "overview_section", "pair_section", "thresholds_section"]
+__all__ = ["dynamics_section", "overview_section", "pair_section", "table_2_section", "thresholds_section"]
 
 
 def overview_section(summaries: Sequence[PairSummary]) -> str:
@@ -72,15 +77,66 @@ def pair_section(i: int, path: Path, doc: Mapping[str, Any], summary: PairSummar
     return "\n".join(parts)
 
 
-def dynamics_section(dyn: Dynamics) -> str:
-    """The metrics against the training step: Figure 5 and its numbers."""
-    curves = {c.label: c for c in (dyn.cka, dyn.dimcorr) if c is not None} | {c.label: c for c in dyn.knn.values()}
+def table_2_section(docs: Sequence[Mapping[str, Any]], summaries: Sequence[PairSummary],
+                    comparisons: Sequence[Comparison], t: Thresholds) -> str:
+    """The study's Table 2s side by side: per level its verdict, then each metric's mean, one column per comparison
+    (e.g. the backbones, then the embedding models trained from them), each level taken from the first of the
+    comparison's results that measured it."""
+    merged = [merge_levels([summaries[i] for i in c.results]) for c in comparisons]
+    rows: list[list[Any]] = []
+    for li, level in enumerate(LEVELS):
+        rows.append([level, "verdict", *(VerdictCell(m[li][0].verdict) for m in merged), ""])
+        checks = [{c.metric: c for c in m[li][0].checks} for m in merged]
+        for metric in dict.fromkeys(name for by_metric in checks for name in by_metric):
+            threshold = next(by_metric[metric].threshold for by_metric in checks if metric in by_metric)
+            rows.append(["", metric, *(number(by_metric[metric].value) if metric in by_metric else "-" for by_metric in checks),
+                         f">= {threshold:g}"])
+    rows.append(["", "measured on", *(_measured_on(docs, c, m) for c, m in zip(comparisons, merged)), ""])
+    return ("<h2 id=\"table-2\">Summary by level, side by side (Table 2)</h2><p class=\"note\">One column per comparison "
+            "of two models; each level comes from the first of its results that measured it (the last row names them). "
+            f"Means over hidden states; {escape(t.describe()['hidden states averaged'])}.</p>"
+            + table(["level", "metric", *(c.label for c in comparisons), "preserved when"], rows))
+
+
+def _measured_on(docs: Sequence[Mapping[str, Any]], comparison: Comparison, merged: Sequence[tuple[Any, int | None]]) -> str:
+    """The run ids of the results each level of a comparison came from (with their corpus)."""
+    used = dict.fromkeys(comparison.results[j] for _, j in merged if j is not None)
+    return "; ".join(f"{docs[i].get('run_id')} ({docs[i].get('corpus')})" for i in used) or "-"
+
+
+def dynamics_section(series: Sequence[Dynamics]) -> str:
+    """The metrics against the training step (Figure 5): every series on one plot when there are several, then each
+    series with its own figure, what it shows in words, and its numbers."""
+    parts = ["<h2 id=\"dynamics\">Training dynamics (Figure 5)</h2><p class=\"note\">Each series compares two training "
+             "runs checkpoint by checkpoint; step 0 is their backbones, before any training, so a rising curve means the "
+             "two runs grew more alike than their starting points (realignment), a falling one that they drifted apart."
+             "</p>"]
+    if len(series) > 1:
+        parts.append(f"<h3>Several runs compared: every series on one plot</h3><div class=\"figs\">"
+                     f"{figure(dynamics_comparison_figure(series), 'training dynamics: every series', wide=True)}</div>")
+    parts += [_series_section(dyn) for dyn in series]
+    return "\n".join(parts)
+
+
+def _series_section(dyn: Dynamics) -> str:
+    curves = dyn.curves
     rows = [[str(s), f"{pa} vs {pb}", *(number(c.mean[i]) for c in curves.values()), str(dyn.results[i])]
             for i, (s, (pa, pb)) in enumerate(zip(dyn.steps, dyn.pairs))]
-    return (f"<h2 id=\"dynamics\">Training dynamics (Figure 5): {escape(dyn.runs[0])} vs {escape(dyn.runs[1])}</h2>"
-            "<p class=\"note\">Means over matched hidden states at each training step; thin lines: each hidden state.</p>"
-            f"<div class=\"figs\">{figure(dynamics_figure(dyn), 'training dynamics', wide=True)}</div>"
+    return (f"<h3>Training dynamics: {escape(dyn.name)} ({escape(dyn.runs[0])} vs {escape(dyn.runs[1])})</h3>"
+            f"<p class=\"note\">{escape(_what_it_shows(dyn))} Means over matched hidden states at each training step; "
+            "thin lines: each hidden state.</p>"
+            f"<div class=\"figs\">{figure(dynamics_figure(dyn), f'training dynamics of {dyn.name}', wide=True)}</div>"
             + table(["step", "pair", *curves, "results file"], rows))
+
+
+def _what_it_shows(dyn: Dynamics) -> str:
+    """How far each mean moved from the first step to the last, in words."""
+    changes = mean_changes(dyn)
+    if not changes:
+        return "One step only: no change to read."
+    start = "step 0 (the backbones)" if changes[0].first_step == 0 else f"step {changes[0].first_step}"
+    moves = ", ".join(f"{c.label} {c.first:.3f} \u2192 {c.last:.3f} ({c.change:+.3f})" for c in changes)
+    return f"From {start} to step {changes[0].last_step}: {moves}."
 
 
 def thresholds_section(t: Thresholds) -> str:

@@ -15,6 +15,11 @@ compared with its threshold; a level is "preserved" when every metric it has pas
 fails, "not measured" when results.json has none of its metrics. The thresholds are the named constants below,
 overridable through :class:`Thresholds`.
 
+A study reads several Table 2s side by side (the paper's: the backbones, then the embedding models trained from
+them): a :class:`Comparison` is one such column, whose levels may come from several results of the same two
+models (representation and geometry on CoT traces, function from probes on a labelled corpus);
+:func:`merge_levels` takes each level from the first of them that measured it.
+
 :func:`summary_table` is the per-layer table ``hrsa analyze`` prints. Also here: the small readers of the
 document that the figures and the report share (:func:`floats`, :func:`knn_k`, :func:`probe_directions`,
 :func:`probe_transfer`, :func:`score_uncertainty`). Pure: works on the parsed ``results.json`` document, reads no files.
@@ -29,11 +34,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from hrsa.store.errors import UserError
+
 if TYPE_CHECKING:
     from rich.table import Table
 
 __all__ = [
     "CKA_PRESERVED",
+    "Comparison",
+    "ComparisonError",
     "DIMCORR_PRESERVED",
     "H_INV_PRESERVED",
     "KNN_K",
@@ -49,8 +58,10 @@ __all__ = [
     "ScoreUncertainty",
     "Thresholds",
     "Verdict",
+    "check_comparisons",
     "floats",
     "knn_k",
+    "merge_levels",
     "probe_directions",
     "probe_transfer",
     "score_uncertainty",
@@ -176,6 +187,39 @@ def summarize(doc: Mapping[str, Any], *, thresholds: Thresholds | None = None) -
         verdict: Verdict = "not measured" if not done else "preserved" if all(c.passed for c in done) else "restructured"
         levels.append(LevelVerdict(level, verdict, done))
     return PairSummary(str(doc.get("a", "A")), str(doc.get("b", "B")), tuple(levels))
+
+
+class ComparisonError(UserError, ValueError):
+    """A comparison that names results the report was not given."""
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One column of the side-by-side Table 2: two models, and the results (positions in the report's list) that
+    measure their levels, in the order they are read."""
+
+    label: str
+    results: tuple[int, ...]
+
+
+def merge_levels(summaries: Sequence[PairSummary]) -> tuple[tuple[LevelVerdict, int | None], ...]:
+    """Each level of :data:`LEVELS` from the first of ``summaries`` that measured it, with that summary's position
+    (None and "not measured" when none did)."""
+    merged = []
+    for i, level in enumerate(LEVELS):
+        found = next(((s.levels[i], j) for j, s in enumerate(summaries) if s.levels[i].verdict != "not measured"), None)
+        merged.append(found or (LevelVerdict(level, "not measured", ()), None))
+    return tuple(merged)
+
+
+def check_comparisons(comparisons: Sequence[Comparison], n_results: int) -> None:
+    """Raise :class:`ComparisonError` when a comparison names no results or a position outside ``0..n_results-1``."""
+    bad = sorted({i for c in comparisons for i in c.results if not 0 <= i < n_results})
+    empty = [c.label for c in comparisons if not c.results]
+    if bad or empty:
+        got = ", ".join(map(str, bad)) if bad else f"no results in {empty}"
+        raise ComparisonError(f"Expected comparisons of results 0-{n_results - 1}. Got {got} instead. "
+                              "Name positions in the list of results given to the report.")
 
 
 def floats(values: Sequence[Any] | None) -> np.ndarray:

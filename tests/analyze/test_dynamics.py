@@ -85,7 +85,7 @@ def test_figure_5(steps_store, tmp_path: Path) -> None:
     dyn = load_dynamics(write_dynamics(tmp_path / "d.json", runs=("r1", "r2"), steps=STEPS, results=results))
     fig = dynamics_figure(dyn)
     cka_ax, dimcorr_ax, knn_ax = fig.axes
-    assert [ax.get_xlabel() for ax in fig.axes] == ["training step"] * 3 and dimcorr_ax.get_ylabel() == "mean dimension-wise r"
+    assert [ax.get_xlabel() for ax in fig.axes] == ["training step (0 = the backbones)"] * 3 and dimcorr_ax.get_ylabel() == "mean dimension-wise r"
     mean_line = next(line for line in cka_ax.get_lines() if line.get_label() == "mean over hidden states")
     assert list(mean_line.get_xdata()) == list(STEPS) and np.allclose(mean_line.get_ydata(), dyn.cka.mean)
     assert len(cka_ax.get_lines()) == len(dyn.cka.layers) + 1
@@ -119,3 +119,85 @@ def test_load_dynamics_rejects(steps_store, tmp_path: Path) -> None:
     path.write_text(json.dumps(doc))
     with pytest.raises(ResultsFileError, match="does not exist"):
         load_dynamics(path)
+
+
+# -- several series, from step 0 (issue 16) -----------------------------------------------------------------------
+def test_step_0_is_the_backbones_and_the_series_is_named(steps_store, tmp_path: Path) -> None:
+    _, _, _, results = steps_store
+    dyn = load_dynamics(write_dynamics(tmp_path / "d.json", runs=("base", "rl"), steps=STEPS, results=results,
+                                       name="base-vs-rl"))
+    assert dyn.name == "base-vs-rl" and dyn.steps[0] == 0
+    unnamed = load_dynamics(write_dynamics(tmp_path / "e.json", runs=("base", "rl"), steps=STEPS, results=results))
+    assert unnamed.name == "base vs rl"
+    fig = dynamics_figure(dyn)
+    assert all("0 = the backbones" in ax.get_xlabel() for ax in fig.axes)  # step 0 is not a checkpoint
+
+
+def test_mean_changes_say_how_far_each_metric_moved_from_step_0(steps_store, tmp_path: Path) -> None:
+    from hrsa.analyze.report.dynamics import mean_changes
+
+    _, _, _, results = steps_store
+    dyn = load_dynamics(write_dynamics(tmp_path / "d.json", runs=("base", "rl"), steps=STEPS, results=results))
+    changes = {c.label: c for c in mean_changes(dyn)}
+    cka = changes["linear CKA"]
+    assert (cka.first_step, cka.last_step) == (0, 20)
+    assert (cka.first, cka.last) == (pytest.approx(dyn.cka.mean[0]), pytest.approx(dyn.cka.mean[-1]))
+    assert cka.change == pytest.approx(cka.last - cka.first) and cka.change < 0  # B drifts away from A
+    assert set(changes) == {"linear CKA", "mean dimension-wise r", "k-NN overlap, k = 10"}  # k closest to 10
+
+
+def test_several_series_on_one_plot(steps_store, tmp_path: Path) -> None:
+    """The paper's Figure 5 compares runs: one line per series (its mean over hidden states) in each metric's panel."""
+    from hrsa.analyze.report.figures import dynamics_comparison_figure, plot_dynamics_comparison
+
+    _, _, _, results = steps_store
+    first = load_dynamics(write_dynamics(tmp_path / "1.json", runs=("base-e", "rl-e"), steps=STEPS, results=results,
+                                         name="0.5B"))
+    second = load_dynamics(write_dynamics(tmp_path / "2.json", runs=("base-e", "rl-e"), steps=[0, 20],
+                                          results=[results[0], results[2]], name="1.5B"))
+    fig = dynamics_comparison_figure([first, second])
+    assert [ax.get_ylabel() for ax in fig.axes] == ["linear CKA", "mean dimension-wise r", "k-NN overlap, k = 10"]
+    cka_ax = fig.axes[0]
+    lines = {line.get_label(): line for line in cka_ax.get_lines()}
+    assert set(lines) == {"0.5B", "1.5B"}
+    assert list(lines["0.5B"].get_xdata()) == list(STEPS) and np.allclose(lines["0.5B"].get_ydata(), first.cka.mean)
+    assert list(lines["1.5B"].get_xdata()) == [0, 20]
+    assert plot_dynamics_comparison([first, second], tmp_path / "fig5.png").stat().st_size > 10_000
+
+
+def test_the_report_shows_every_series(steps_store, tmp_path: Path) -> None:
+    import re
+
+    from hrsa.analyze.report.html import write_report
+
+    _, _, _, results = steps_store
+    paths = [write_dynamics(tmp_path / f"{name}.json", runs=(f"{name}-base", f"{name}-rl"), steps=STEPS, results=results,
+                            name=name) for name in ("small", "large")]
+    page = write_report([results[-1]], tmp_path / "r.html", dynamics=paths).read_text()
+    for name in ("small", "large"):
+        assert f"Training dynamics: {name}" in page and f"{name}-base vs {name}-rl" in page
+    assert "every series on one plot" in page
+    assert "From step 0 (the backbones) to step 20" in page  # what the curves show, in words
+    figures = re.findall(r'<figcaption>([^<]*)</figcaption>', page)
+    assert sum("training dynamics" in c for c in figures) == 3  # each series' own, and the comparison
+    one = write_report([results[-1]], tmp_path / "one.html", dynamics=paths[0]).read_text()  # a single file still works
+    assert "Training dynamics: small" in one and "every series on one plot" not in one
+
+
+def test_hrsa_report_takes_one_dynamics_file_per_series(steps_store, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from hrsa.analyze.report.cli import report
+    from hrsa.cli import cli
+
+    _, _, _, results = steps_store
+    paths = [write_dynamics(tmp_path / f"{n}.json", runs=("a", "b"), steps=STEPS, results=results, name=n) for n in ("s1", "s2")]
+    hrsa = type(cli)(commands=[report])
+    args = ["report", str(results[-1]), "--out", str(tmp_path / "r.html"), "--dynamics", str(paths[0]), "--dynamics", str(paths[1])]
+    result = CliRunner().invoke(hrsa, args)
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "r.html").read_text()
+    assert "Training dynamics: s1" in page and "Training dynamics: s2" in page
+    config = tmp_path / "report.yaml"
+    config.write_text(f"results: [{results[-1]}]\ndynamics: {paths[0]}\n")  # one file in YAML: a scalar is fine
+    assert CliRunner().invoke(hrsa, ["report", "--config", str(config), "--out", str(tmp_path / "y.html")]).exit_code == 0

@@ -201,3 +201,45 @@ def test_without_cross_layer_the_report_draws_profiles(results_dirs: dict[str, P
     assert "Per-layer similarity" in page and "Cross-layer similarity" not in page and "Figure 4" not in page
     assert '<td class="num">n/a</td>' in page and page.count("data:image/png;base64,") == 2  # profile and k-NN
     assert summarize(doc).verdict("function") == "not measured"
+
+
+def _table_rows(page: str, anchor: str) -> list[list[str]]:
+    """The cells' texts of each body row of the table in the section whose heading has ``id=anchor``."""
+    section = page.split(f'id="{anchor}"', 1)[1].split("<h2", 1)[0]
+    body = section.split("<tbody>", 1)[1].split("</tbody>", 1)[0]
+    return [re.findall(r"<td[^>]*>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", body)]
+
+
+def test_table_2_side_by_side_merges_the_results_of_each_comparison(results_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """The paper's study reads two Table 2s side by side (the backbones, the embedding models); each column may draw its
+    levels from several results (CoT traces for representation and geometry, a labelled corpus for the probes)."""
+    from hrsa.analyze.report.summary import Comparison
+
+    _, scaled = read_results(results_dirs["scaled"])
+    _, rotated = read_results(results_dirs["rotated"])
+    no_probe = write_json({**scaled, "metrics": {k: v for k, v in scaled["metrics"].items() if k != "probe"}}, tmp_path / "geo")
+    probe_only = write_json({**rotated, "run_id": "probes", "metrics": {"probe": rotated["metrics"]["probe"]}}, tmp_path / "fn")
+    comparisons = [Comparison("backbones", (0, 1)), Comparison("embedding models", (2,))]
+    page = write_report([no_probe, probe_only, results_dirs["random"]], tmp_path / "r.html", comparisons=comparisons).read_text()
+    header = page.split('id="table-2"', 1)[1].split("</thead>", 1)[0]
+    assert re.findall(r"<th>(.*?)</th>", header) == ["level", "metric", "backbones", "embedding models", "preserved when"]
+    rows = _table_rows(page, "table-2")
+    verdicts = {row[0]: row[2:4] for row in rows if row[1] == "verdict"}
+    assert verdicts == {"representation": ["preserved", "restructured"], "geometry": ["preserved", "restructured"],
+                        "function": ["restructured", "restructured"]}  # function from the probes-only results
+    cka = next(row for row in rows if row[1] == "linear CKA")
+    expected = summarize(scaled).levels[1].checks[0].value
+    assert cka[2] == f"{expected:.3f}"
+    measured = next(row for row in rows if row[1] == "measured on")
+    assert "a-vs-scaled" in measured[2] and "probes" in measured[2] and "a-vs-random" in measured[3]
+    # Without comparisons, each results file is its own column.
+    plain = write_report([results_dirs[p] for p in PARTNERS], tmp_path / "p.html").read_text()
+    header = plain.split('id="table-2"', 1)[1].split("</thead>", 1)[0]
+    assert re.findall(r"<th>(.*?)</th>", header)[2:5] == [f"a vs {p}" for p in PARTNERS]
+
+
+def test_comparisons_must_name_results_that_exist(results_dirs: dict[str, Path], tmp_path: Path) -> None:
+    from hrsa.analyze.report.summary import Comparison
+
+    with pytest.raises(UserError, match="^Expected comparisons of results 0-0. Got 3 instead"):
+        write_report([results_dirs["scaled"]], tmp_path / "r.html", comparisons=[Comparison("x", (3,))])
