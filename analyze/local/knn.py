@@ -46,6 +46,7 @@ __all__ = [
     "KnnOptions",
     "KnnPairResult",
     "approximate_neighbors",
+    "check_knn_budget",
     "exact_neighbors",
     "knn_pair",
     "neighbor_recall",
@@ -165,6 +166,47 @@ def knn_pair(
         UserError: a k out of range, or no shared hidden states.
         MemoryBudgetError: the pass does not fit the budget (raised before any hidden state is read).
     """
+    ks_t, states, ids, ids_b, docs, size, blocks = _planned(
+        store, a, b, ks=ks, n_sample=n_sample, seed=seed, selection=selection, hidden_states=hidden_states,
+        search=search, memory_budget=memory_budget, query_block=query_block, db_block=db_block, pairs=pairs)
+    # Step 3: per hidden state, neighbours of each model in turn, then the overlap and its interval per k.
+    overlap: dict[int, list[KnnOverlapResult]] = {k: [] for k in ks_t}
+    interval: dict[int, list[Interval]] = {k: [] for k in ks_t}
+    recall: dict[int, list[tuple[float, float]]] = {k: [] for k in ks_t} if search == "hnsw" else {}
+    start = time.perf_counter()
+    for layer in states:
+        nx, rx = _neighbors(store, a, layer, ids, ks_t, blocks, search, seed)
+        ny, ry = _neighbors(store, b, layer, ids_b, ks_t, blocks, search, seed)
+        for k in ks_t:  # the tie rule is a total order, so the neighbours of a smaller k are a prefix
+            res = knn_overlap_from_neighbors(nx[:, :k], ny[:, :k], return_per_token=True)
+            overlap[k].append(replace(res, per_token=None))
+            interval[k].append(document_bootstrap_interval(res.per_token, docs, seed=seed))  # type: ignore[arg-type]
+            if search == "hnsw":
+                recall[k].append((rx[k], ry[k]))
+        del nx, ny
+    return KnnPairResult(states, {k: tuple(v) for k, v in overlap.items()}, int(ids.size), seed, search,
+                         {k: tuple(v) for k, v in recall.items()}, time.perf_counter() - start,
+                         {k: tuple(v) for k, v in interval.items()}, size.n_docs, blocks.estimated_peak,
+                         blocks.memory_budget, blocks.sample_reads)
+
+
+def check_knn_budget(store: ActivationStore, a: str, b: str, *, memory_budget: int | str, **options: Any) -> int:
+    """The estimated peak of the k-NN pass :func:`knn_pair` would make with these arguments, without reading any
+    hidden state: ``analyze_pair`` asks before its streaming passes, so a pass that cannot fit says so at once.
+
+    Raises:
+        UserError, MemoryBudgetError: as :func:`knn_pair`.
+    """
+    return _planned(store, a, b, memory_budget=memory_budget, **options)[-1].estimated_peak
+
+
+def _planned(
+    store: ActivationStore, a: str, b: str, *, ks: Iterable[int] = DEFAULT_K, n_sample: int | None = 50_000,
+    seed: int = 0, selection: TokenSelection | None = None, hidden_states: Sequence[int] | None = None,
+    search: Search = "exact", memory_budget: int | str = "4GB", query_block: int | None = None,
+    db_block: int | None = None, pairs: TokenPairs | None = None,
+) -> tuple[tuple[int, ...], tuple[int, ...], NDArray[np.int64], NDArray[np.int64], NDArray[np.int64], KnnPass, KnnBlocks]:
+    """Steps 1 and 2 of :func:`knn_pair`: (ks, hidden states, sample of A, of B, document of each, pass, blocks)."""
     ks_t = tuple(sorted({int(k) for k in ks}))
     info_a, info_b = store.model_info(a), store.model_info(b)
     shared = sorted(set(info_a.hidden_states) & set(info_b.hidden_states))
@@ -185,25 +227,7 @@ def knn_pair(
                    n_docs=int(np.unique(docs).size),
                    selection=_held_bytes(pairs), search=search)
     blocks = plan_knn(size, parse_memory_budget(memory_budget), query_block=query_block, db_block=db_block)
-    # Step 3: per hidden state, neighbours of each model in turn, then the overlap and its interval per k.
-    overlap: dict[int, list[KnnOverlapResult]] = {k: [] for k in ks_t}
-    interval: dict[int, list[Interval]] = {k: [] for k in ks_t}
-    recall: dict[int, list[tuple[float, float]]] = {k: [] for k in ks_t} if search == "hnsw" else {}
-    start = time.perf_counter()
-    for layer in states:
-        nx, rx = _neighbors(store, a, layer, ids, ks_t, blocks, search, seed)
-        ny, ry = _neighbors(store, b, layer, ids_b, ks_t, blocks, search, seed)
-        for k in ks_t:  # the tie rule is a total order, so the neighbours of a smaller k are a prefix
-            res = knn_overlap_from_neighbors(nx[:, :k], ny[:, :k], return_per_token=True)
-            overlap[k].append(replace(res, per_token=None))
-            interval[k].append(document_bootstrap_interval(res.per_token, docs, seed=seed))  # type: ignore[arg-type]
-            if search == "hnsw":
-                recall[k].append((rx[k], ry[k]))
-        del nx, ny
-    return KnnPairResult(states, {k: tuple(v) for k, v in overlap.items()}, int(ids.size), seed, search,
-                         {k: tuple(v) for k, v in recall.items()}, time.perf_counter() - start,
-                         {k: tuple(v) for k, v in interval.items()}, size.n_docs, blocks.estimated_peak,
-                         blocks.memory_budget, blocks.sample_reads)
+    return ks_t, states, ids, ids_b, docs, size, blocks
 
 
 def _draw_sample(

@@ -45,7 +45,8 @@ if TYPE_CHECKING:
     from hrsa.store import ActivationStore
     from hrsa.store.selection import TokenSelection
 
-__all__ = ["ProbeIntervals", "ProbeOptions", "ProbePairResult", "document_features", "probe_pair", "read_labels"]
+__all__ = ["ProbeIntervals", "ProbeOptions", "ProbePairResult", "check_probe_budget", "document_features", "probe_pair",
+           "read_labels"]
 
 _BLOCK = 1 << 16  # tokens read at once when pooling, unless the memory budget asks for fewer
 
@@ -283,6 +284,13 @@ def probe_pair(
     return ProbePairResult(states, a_to_b, int(y.size), tuple(classes), pool, label_field, seed, b_to_a,
                            {k: ProbeIntervals.of(r, seed) for k, r in a_to_b.items()},
                            {k: ProbeIntervals.of(r, seed) for k, r in b_to_a.items()}, estimated_peak, budget)
+
+
+def check_probe_budget(store: ActivationStore, a: str, b: str, *, selection: TokenSelection | None, pool: Pool,
+                       memory_budget: int | str) -> int:
+    """The estimated peak of the probe pass, without reading labels or hidden states (``analyze_pair`` asks before
+    its streaming passes). Raises MemoryBudgetError when it cannot fit."""
+    return _plan(store, a, b, selection, pool, parse_memory_budget(memory_budget))[2]
 
 
 def _plan(

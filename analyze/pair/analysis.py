@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hrsa.analyze.config import DEFAULT_GROUPS, METRICS
-from hrsa.analyze.local.knn import KnnOptions, knn_pair
-from hrsa.analyze.local.probe import ProbeOptions, probe_pair
+from hrsa.analyze.local.knn import KnnOptions, check_knn_budget, knn_pair
+from hrsa.analyze.local.probe import ProbeOptions, check_probe_budget, probe_pair
 from hrsa.analyze.pair.assembly import assemble
 from hrsa.analyze.pair.passes import run_passes
 from hrsa.analyze.pair.resolve import ResolvedPair, resolve_pair
@@ -107,6 +107,7 @@ def analyze_pair(
         workers=workers or min(4, os.cpu_count() or 1), save_rotation=save_rotation,
         compute_bytes=np.dtype(chunk_backend.compute_dtype).itemsize, groups=groups,
     )
+    _check_local_metrics(store, pair, selection, knn_options, probe_options)  # before the passes, not after
     if on_plan is not None:
         on_plan(pair.plan)
     # Phase 2: the streaming passes.
@@ -118,6 +119,22 @@ def analyze_pair(
     # Phase 3: the local metrics, on their own reads; phase 4: the results.
     local = _local_metrics(store, pair, selection, knn_options, probe_options, settings)
     return replace(assemble(pair, selection, outputs, settings), **local)
+
+
+def _check_local_metrics(
+    store: ActivationStore, pair: ResolvedPair, selection: TokenSelection, knn_options: KnnOptions | None,
+    probe_options: ProbeOptions | None,
+) -> None:
+    """Refuse now what the local metrics would refuse after the streaming passes: no label field, or a pass that
+    cannot fit the budget (both planned without reading a hidden state)."""
+    a, b, budget = pair.info_a.id, pair.info_b.id, pair.plan.inputs.memory_budget
+    if "knn" in pair.metrics:
+        check_knn_budget(store, a, b, selection=selection, pairs=pair.pairs, memory_budget=budget,
+                         **(knn_options or KnnOptions()).to_dict())
+    if "probe" in pair.metrics:
+        if probe_options is None:
+            raise UserError("Expected a label field for the probe metric. Got none. Pass --label-field FIELD.")
+        check_probe_budget(store, a, b, selection=selection, pool=probe_options.pool, memory_budget=budget)
 
 
 def _local_metrics(

@@ -248,3 +248,16 @@ def test_knn_intervals_reach_results_json(pair_store, tmp_path) -> None:
     assert 2 <= knn["n_docs"] <= 5 and len(knn["intervals"]["5"]) == len(knn["k"]["5"]) == len(knn["se"]["5"])
     for (low, high), value in zip(knn["intervals"]["5"], knn["k"]["5"], strict=True):
         assert low <= value <= high
+
+
+def test_a_knn_pass_that_cannot_fit_is_refused_before_the_streaming_passes(pair_store, monkeypatch) -> None:
+    import hrsa.analyze.pair.analysis as analysis
+    from hrsa.analyze.local.knn import KnnOptions
+    from hrsa.analyze.streaming.plan import MemoryBudgetError
+
+    ran = []
+    monkeypatch.setattr(analysis, "run_passes", lambda *a, **k: ran.append(1))
+    with pytest.raises(MemoryBudgetError, match="for k-NN on 1000 sampled tokens"):
+        analyze_pair(pair_store.open(), "a", "b", metrics=["cka", "knn"], knn_options=KnnOptions(n_sample=None),
+                     memory_budget="400kB", block_tokens=128)
+    assert ran == []
