@@ -4,5 +4,7 @@
 - :mod:`hrsa.runtime.settings`: a verb's settings from YAML + flags, validated by pydantic; the one formatter
   of validation problems.
 - :mod:`hrsa.runtime.files`: the one atomic file writer (a reader never sees half a file).
+- :mod:`hrsa.runtime.locations`: a folder on a local disk or behind a URL (``s3://...``), read and written through
+  the pyarrow filesystem Ray Train uses (a training run's output).
 - :mod:`hrsa.runtime.cli_options`: a verb's click flags generated from its pydantic config model.
 """

@@ -11,11 +11,21 @@ from dataclasses import dataclass
 
 from hrsa.store.errors import UserError
 
-__all__ = ["RayConnection", "connect", "RayConnectionError"]
+__all__ = ["NodeResources", "RayConnection", "connect", "RayConnectionError"]
 
 
 class RayConnectionError(UserError, ConnectionError):
     """No Ray cluster answers at the address given."""
+
+
+@dataclass(frozen=True)
+class NodeResources:
+    """One alive node: its Ray id, address, and the CPUs and GPUs it has (in total, busy or not)."""
+
+    node_id: str
+    address: str
+    cpus: float
+    gpus: float
 
 
 @dataclass(frozen=True)
@@ -24,6 +34,7 @@ class RayConnection:
     n_cpus: float
     n_gpus: float
     n_nodes: int
+    nodes: tuple[NodeResources, ...] = ()  # a task's CPUs must fit one node: the totals above do not say where
 
 
 def connect(address: str | None = None, *, num_cpus: int | None = None) -> RayConnection:
@@ -49,5 +60,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> RayCo
                 "Check the address (RAY_ADDRESS or --address), or drop it to run on an embedded local Ray."
             ) from error
     resources = ray.cluster_resources()
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    return RayConnection(address or "local", float(resources.get("CPU", 0)), float(resources.get("GPU", 0)), len(nodes))
+    nodes = tuple(NodeResources(n["NodeID"], n.get("NodeManagerAddress", "?"), float(n["Resources"].get("CPU", 0)),
+                                float(n["Resources"].get("GPU", 0))) for n in ray.nodes() if n.get("Alive"))
+    return RayConnection(address or "local", float(resources.get("CPU", 0)), float(resources.get("GPU", 0)), len(nodes),
+                         nodes)

@@ -7,16 +7,18 @@ once, in one line, through one formatter (:func:`validation_problems`).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ValidationError
 
+from hrsa.runtime.locations import is_url
 from hrsa.store.errors import UserError
 
-__all__ = ["EXPLICIT_NONE", "FilePath", "FolderPath", "Problems", "load_settings", "parse_settings", "read_yaml_mapping",
-           "validation_problems"]
+__all__ = ["EXPLICIT_NONE", "FilePath", "FolderLocation", "FolderPath", "Problems", "load_settings", "parse_settings",
+           "read_yaml_mapping", "validation_problems"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -49,6 +51,20 @@ FolderPath = Annotated[Path, AfterValidator(_not_a_file)]
 """An output folder: refused at validation when a file stands at that path."""
 FilePath = Annotated[Path, AfterValidator(_not_a_folder)]
 """An output file: refused at validation when a folder stands at that path."""
+
+
+def _path_unless_url(value: Any) -> Any:
+    text = os.fspath(value) if isinstance(value, os.PathLike) else value
+    return text if not isinstance(text, str) or is_url(text) else Path(text)
+
+
+def _local_not_a_file(value: Path | str) -> Path | str:
+    return _not_a_file(value) if isinstance(value, Path) else value
+
+
+FolderLocation = Annotated[Path | str, BeforeValidator(_path_unless_url), AfterValidator(_local_not_a_file)]
+"""An output folder that may be remote: a URL stays a string (``s3://bucket/runs/a``, checked when it is opened,
+see :mod:`hrsa.runtime.locations`); a local path becomes a Path, refused when a file stands there."""
 
 
 class Problems(ValueError):

@@ -1,5 +1,8 @@
 """The checkpoint folders of a training run: their names, which ones are complete, and their steps.
 
+A run lives wherever ``hrsa train`` was told (a local or shared path, or a URL such as ``s3://bucket/runs/a``): it
+is read through the same pyarrow filesystem Ray Train writes it with (:mod:`hrsa.runtime.locations`).
+
 ``hrsa train`` writes each checkpoint as ``<run>/step_000100``: a Hugging Face model folder plus
 ``trainer_state.pt`` (for resuming) and ``hrsa_train.json``, whose ``files`` lists every other file of the folder
 with its size and digest. Ray Train copies the folder into the run file by file, in no set order, so
@@ -15,21 +18,37 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hrsa.runtime.locations import Location, parse_location
+
 __all__ = ["INFO_FILE", "STATE_FILE", "Checkpoint", "checkpoint_step", "file_manifest", "list_checkpoints",
            "step_folder_name", "step_folders"]
 
 INFO_FILE = "hrsa_train.json"  # step, loss, settings, recipe, and the manifest of the folder's other files
 STATE_FILE = "trainer_state.pt"  # optimizer, schedule and step, for resuming
 _STEP_FOLDER = re.compile(r"step_([0-9]+)")
-_WEIGHTS = ("*.safetensors", "pytorch_model*.bin")  # what a checkpoint written before manifests must hold
+_WEIGHTS = re.compile(r"[^/]*\.safetensors|pytorch_model[^/]*\.bin")  # what a checkpoint written before manifests holds
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """One complete checkpoint folder of a run and the optimizer step it was saved at."""
+    """One complete checkpoint folder of a run and the optimizer step it was saved at.
 
-    path: Path
+    Attributes:
+        url: the folder: an absolute local path, or a URL (``s3://bucket/runs/a/step_000100``).
+        step: the N of its name ``step_N``.
+    """
+
+    url: str
     step: int
+
+    @property
+    def path(self) -> Path:
+        """The local folder (a run on a local or shared filesystem).
+
+        Raises:
+            LocationError: the checkpoint is remote.
+        """
+        return parse_location(self.url).local_path()
 
 
 def step_folder_name(step: int) -> str:
@@ -38,63 +57,78 @@ def step_folder_name(step: int) -> str:
 
 
 def file_manifest(folder: Path) -> dict[str, dict[str, Any]]:
-    """Every file of a checkpoint folder but ``hrsa_train.json``: its size and content digest, by name."""
+    """Every file of a local checkpoint folder but ``hrsa_train.json``: its size and content digest, by name."""
     from hrsa.runtime.fingerprint import file_digest, folder_files
 
     return {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "xxh3": file_digest(p)}
             for p in folder_files(folder, skip=(INFO_FILE,))}
 
 
-def step_folders(run_dir: Path) -> list[Path]:
-    """Every folder named ``step_N`` directly in ``run_dir``, complete or not (a run that has trained)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    return sorted(p for p in run_dir.iterdir() if p.is_dir() and _named_step(p.name) is not None)
+def _run_location(run_dir: Location | Path | str) -> Location:
+    return run_dir if isinstance(run_dir, Location) else parse_location(run_dir)
 
 
-def list_checkpoints(run_dir: Path, *, marker: str = INFO_FILE) -> list[Checkpoint]:
+def step_folders(run_dir: Location | Path | str) -> list[str]:
+    """Every folder named ``step_N`` directly in ``run_dir``, complete or not (a run that has trained), as
+    absolute paths or URLs."""
+    return [f.url for f in _run_location(run_dir).folders() if _named_step(f.name) is not None]
+
+
+def list_checkpoints(run_dir: Location | Path | str, *, marker: str = INFO_FILE) -> list[Checkpoint]:
     """The complete checkpoints directly in ``run_dir``, sorted by step.
 
     A checkpoint is a folder named ``step_N`` that holds ``marker``. With the default marker, the trainer's
     ``hrsa_train.json``, every file its manifest lists must be there with its size too (one written before
     manifests: some weights). ``hrsa eval`` passes ``"config.json"`` to take any Hugging Face model folder
-    named by step.
+    named by step. The run's files are listed once (one request on an object store), and each candidate's
+    ``hrsa_train.json`` read.
 
     Args:
-        run_dir: a training output folder (missing or not a folder: no checkpoints).
+        run_dir: a training output folder: a path, a URL (``s3://...``) or a :class:`Location` (missing or not a
+            folder: no checkpoints).
         marker: the file whose presence makes a folder a complete checkpoint.
 
     Returns:
         One :class:`Checkpoint` per folder, by step (the N of its name).
     """
-    found = [Checkpoint(path=folder, step=_named_step(folder.name) or 0) for folder in step_folders(run_dir)
-             if (folder / marker).is_file() and (marker != INFO_FILE or _complete(folder))]
-    return sorted(found, key=lambda c: (c.step, c.path.name))
+    run = _run_location(run_dir)
+    by_folder: dict[str, dict[str, int]] = {}
+    for name, size in run.files().items():
+        folder, _, rest = name.partition("/")
+        if rest and _named_step(folder) is not None:
+            by_folder.setdefault(folder, {})[rest] = size
+    found = [Checkpoint(run.child(folder).url, _named_step(folder) or 0) for folder, files in by_folder.items()
+             if marker in files and (marker != INFO_FILE or _complete(run.child(folder), files))]
+    return sorted(found, key=lambda c: (c.step, c.url))
 
 
-def _complete(folder: Path) -> bool:
+def _complete(folder: Location, present: dict[str, int]) -> bool:
     """Whether a folder holds every file its ``hrsa_train.json`` lists, at its listed size (a cheap check: a
-    partial copy is short or missing; digests are there for readers that need the content itself)."""
+    partial copy is short or missing; digests are there for readers that need the content itself).
+
+    Args:
+        folder: the checkpoint folder.
+        present: its files (relative names) with their sizes, as listed.
+    """
     try:
-        info = json.loads((folder / INFO_FILE).read_text())
-    except (OSError, ValueError):  # half copied
+        info = json.loads(folder.child(INFO_FILE).read_text())
+    except (OSError, ValueError):  # half copied, or gone since the listing
         return False
     files = info.get("files") if isinstance(info, dict) else None
     if files is None:  # written before manifests
-        return (folder / "config.json").is_file() and any(any(folder.glob(w)) for w in _WEIGHTS)
-    return all((folder / name).is_file() and (folder / name).stat().st_size == entry["size"]
-               for name, entry in files.items())
+        return "config.json" in present and any(_WEIGHTS.fullmatch(name) for name in present)
+    return all(present.get(name) == entry["size"] for name, entry in files.items())
 
 
-def checkpoint_step(folder: Path) -> int:
+def checkpoint_step(folder: Location | Path | str) -> int:
     """The training step of a checkpoint folder: its ``hrsa_train.json``'s, else the N of its name ``step_N``."""
-    info = Path(folder) / INFO_FILE
-    if info.is_file():
+    location = _run_location(folder)
+    info = location.child(INFO_FILE)
+    if info.kind() == "file":
         return int(json.loads(info.read_text())["step"])
-    step = _named_step(Path(folder).name)
+    step = _named_step(location.name)
     if step is None:
-        raise ValueError(f"Expected a checkpoint folder named step_N or holding {INFO_FILE}. Got {str(folder)!r} "
+        raise ValueError(f"Expected a checkpoint folder named step_N or holding {INFO_FILE}. Got {location.url!r} "
                          "instead. Pass a checkpoint folder of a training run.")
     return step
 

@@ -6,7 +6,7 @@ field is a flag of the same name (``batch_size`` is ``--batch-size``). Example Y
     # hrsa train --config configs/examples/train.yaml
     backbone: packaged:smollm2-135m-instruct
     data: data/train.jsonl        # one {"query", "pos", "negs": [...], "instruction"?} per line
-    output: runs/smollm2-embed    # checkpoints land in runs/smollm2-embed/step_000100 ...
+    output: runs/smollm2-embed    # checkpoints land in runs/smollm2-embed/step_000100 ... (or s3://bucket/runs/a)
     batch_size: 64                # queries per optimizer step, over all workers
     negatives: 1                  # hard negatives per query
     max_steps: 1000
@@ -22,7 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hrsa.extract.model_spec import AttentionMode
-from hrsa.runtime.settings import FolderPath, load_settings
+from hrsa.runtime.settings import FolderLocation, load_settings
 from hrsa.store.errors import UserError
 
 __all__ = ["SCHEDULING_FIELDS", "Strategy", "TrainConfig", "TrainConfigError", "WeightDType", "load_train_config"]
@@ -49,7 +49,8 @@ class TrainConfig(BaseModel):
 
     backbone: str = Field(description="The model to train: a local folder, a .gguf file, packaged:<name> or org/name.")
     data: Path = Field(description="A .jsonl file with one {query, pos, negs: [...], instruction?} record per line.")
-    output: FolderPath = Field(description="The run folder: checkpoints go to OUTPUT/step_000100...; re-running resumes.")
+    output: FolderLocation = Field(description="The run folder, a path every node reaches or a URL "
+                                   "(s3://bucket/runs/a): checkpoints go to OUTPUT/step_000100...; re-running resumes.")
     workers: int = Field(1, ge=1, description="Training workers (one per GPU, or CPU processes).")
     use_gpu: bool | None = Field(None, description="Train on GPUs (default: when the Ray cluster has enough).")
     batch_size: int = Field(32, ge=1, description="Queries per optimizer step over all workers (the global batch).")

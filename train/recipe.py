@@ -20,13 +20,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from hrsa.runtime.files import write_atomic
+from hrsa.runtime.locations import Location, parse_location
 from hrsa.store.errors import UserError
 from hrsa.train.checkpoints import step_folders
 from hrsa.train.config import TrainConfig
 
-__all__ = ["RECIPE_FILE", "RecipeMismatchError", "TrainingRecipe", "claim_run_folder", "read_recipe",
-           "training_recipe"]
+__all__ = ["RECIPE_FILE", "RecipeMismatchError", "TrainingRecipe", "check_run_folder", "claim_run_folder",
+           "read_recipe", "training_recipe"]
 
 RECIPE_FILE = "hrsa_recipe.json"
 _SCHEMA = "hrsa.train-recipe/1"
@@ -97,40 +97,57 @@ def _backbone_identity(config: TrainConfig) -> dict[str, Any]:
     return model_identity(parse_model_spec(config.backbone, dtype=config.dtype, attention=config.attention))
 
 
-def read_recipe(output: Path) -> TrainingRecipe | None:
-    """The recipe recorded in a run folder, or None when it records none.
+def read_recipe(output: Location | Path | str) -> TrainingRecipe | None:
+    """The recipe recorded in a run folder (a path, a URL or a :class:`Location`), or None when it records none.
 
     Raises:
         RecipeMismatchError: the file is there but is not a recipe.
     """
-    path = Path(output) / RECIPE_FILE
-    if not path.is_file():
+    file = _location(output).child(RECIPE_FILE)
+    if file.kind() != "file":
         return None
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(file.read_text())
         return TrainingRecipe(**doc["recipe"]) if doc.get("schema") == _SCHEMA else None
     except (ValueError, KeyError, TypeError):
-        raise RecipeMismatchError(f"Expected a training recipe in {path}. Got an unreadable file instead. Train into "
-                                  "a new --output, or delete the run folder to start over.") from None
+        raise RecipeMismatchError(f"Expected a training recipe in {file.url}. Got an unreadable file instead. Train "
+                                  "into a new --output, or delete the run folder to start over.") from None
 
 
-def claim_run_folder(output: Path, recipe: TrainingRecipe) -> None:
-    """Record ``recipe`` in the run folder ``output``, or check that it is the one recorded there.
+def check_run_folder(output: Location | Path | str, recipe: TrainingRecipe) -> bool:
+    """Whether ``output`` already records ``recipe`` (False: it records none, or has not trained yet), writing nothing.
 
     Raises:
         RecipeMismatchError: the folder has trained (holds ``step_N`` folders) with another recipe, or without a
-            recorded one; nothing in it is changed.
+            recorded one.
     """
-    output = Path(output)
-    recorded = read_recipe(output)
+    run = _location(output)
+    recorded = read_recipe(run)
     if recorded is not None and recorded.key == recipe.key:
-        return
-    if step_folders(output):
-        fix = f"Train into a new --output, or delete {output} to start over."
+        return True
+    if step_folders(run):
+        fix = f"Train into a new --output, or delete {run.url} to start over."
         if recorded is None:
             raise RecipeMismatchError(f"Expected a run folder that records its training recipe ({RECIPE_FILE}). Got "
-                                      f"checkpoints with no recorded recipe in {output} instead. {fix}")
-        raise RecipeMismatchError(f"Expected the training recipe {output} was started with. Got "
+                                      f"checkpoints with no recorded recipe in {run.url} instead. {fix}")
+        raise RecipeMismatchError(f"Expected the training recipe {run.url} was started with. Got "
                                   f"{', '.join(recipe.differences(recorded))} instead. {fix}")
-    write_atomic(output / RECIPE_FILE, json.dumps({"schema": _SCHEMA, "key": recipe.key, "recipe": asdict(recipe)},
-                                                  indent=2, sort_keys=True) + "\n")
+    return False
+
+
+def claim_run_folder(output: Location | Path | str, recipe: TrainingRecipe) -> None:
+    """Record ``recipe`` in the run folder ``output`` (a path, a URL or a :class:`Location`), or check that it is
+    the one recorded there.
+
+    Raises:
+        RecipeMismatchError: the folder has trained with another recipe, or without a recorded one; nothing in it
+            is changed.
+    """
+    run = _location(output)
+    if not check_run_folder(run, recipe):
+        run.child(RECIPE_FILE).write(json.dumps({"schema": _SCHEMA, "key": recipe.key, "recipe": asdict(recipe)},
+                                                indent=2, sort_keys=True) + "\n")
+
+
+def _location(output: Location | Path | str) -> Location:
+    return output if isinstance(output, Location) else parse_location(output)

@@ -1,10 +1,11 @@
 """``hrsa train``'s driver: InfoNCE embedding training on Ray Train, with checkpoints that ``hrsa extract`` loads.
 
-Recipe (:func:`run_training`): (1) validate the data and the backbone here, where a mistake is one line, and
-claim the run folder for this training recipe (:mod:`hrsa.train.recipe`: the same recipe resumes, another one
-into a folder that has trained is refused); (2) connect to Ray; (3) run :func:`hrsa.train.worker.train_worker`
-on ``workers`` Ray Train workers; (4) show progress from rank 0's per-step reports; (5) list the checkpoints
-(:mod:`hrsa.train.checkpoints`).
+Recipe (:func:`run_training`): (1) validate the data, the backbone and the output here, where a mistake is one
+line; (2) connect to Ray, size the workers to fit the nodes and check that every node reaches the run folder
+(:mod:`hrsa.train.placement`), then claim the folder for this training recipe (:mod:`hrsa.train.recipe`: the same
+recipe resumes, another one into a folder that has trained is refused); (3) run
+:func:`hrsa.train.worker.train_worker` on ``workers`` Ray Train workers; (4) show progress from rank 0's per-step
+reports; (5) list the checkpoints (:mod:`hrsa.train.checkpoints`).
 
 What each worker does (set-up, the step loop, saving) lives in :mod:`hrsa.train.worker`.
 
@@ -20,8 +21,10 @@ Distributed choices:
   the root, for backbones too large for one device; its reduce-scatter averages gradients the same
   way. Works with gloo on CPU too. Checkpoints gather the full state dict to rank 0.
 
-Output layout: ``RunConfig(storage_path=output.parent, name=output.name)``, so Ray Train persists each
-checkpoint to ``output/step_000100`` etc.: a Hugging Face model folder (config with the attention
+Output layout: the output (a local or shared path, or a URL such as ``s3://bucket/runs/a``) is opened as a pyarrow
+filesystem and a path on it (:mod:`hrsa.runtime.locations`), and Ray Train gets both, ``RunConfig(storage_path=
+<parent>, storage_filesystem=<fs>, name=<name>)``, so it persists each checkpoint to ``output/step_000100`` etc.
+through the same filesystem hrsa reads the run with: a Hugging Face model folder (config with the attention
 mode, weights, tokenizer) plus ``hrsa_train.json`` (step, loss, settings, recipe key, backbone, and the size
 and digest of every other file) and ``trainer_state.pt`` (optimizer, schedule, step) for resuming. Re-running
 the same recipe into the same output resumes from the latest checkpoint (Ray Train restores it); the data
@@ -34,11 +37,15 @@ import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from hrsa.runtime.locations import Location, parse_location
 from hrsa.store.errors import UserError
 from hrsa.train.checkpoints import list_checkpoints
 from hrsa.train.config import TrainConfig
+
+if TYPE_CHECKING:
+    from hrsa.train.recipe import TrainingRecipe
 
 __all__ = ["TrainResult", "run_training"]
 
@@ -48,39 +55,44 @@ class TrainResult:
     """What one call of :func:`run_training` did.
 
     Attributes:
-        output: the run folder.
-        checkpoints: every checkpoint folder of the run (this call's and earlier ones), sorted by step.
+        output: the run folder: an absolute Path, or a URL (``s3://...``) for a run on remote storage.
+        checkpoints: every checkpoint folder of the run (this call's and earlier ones), sorted by step (Paths, or
+            URLs for a remote run).
         steps: the optimizer steps this call ran (1-based).
         losses: the global-batch loss of each of those steps.
         final_loss: the last step's loss (NaN when this call ran none).
         resumed_from: the checkpoint step this call started from, None for a fresh run.
     """
 
-    output: Path
-    checkpoints: tuple[Path, ...]
+    output: Path | str
+    checkpoints: tuple[Path | str, ...]
     steps: tuple[int, ...]
     losses: tuple[float, ...]
     final_loss: float
     resumed_from: int | None
 
 
-def _prepare(config: TrainConfig) -> tuple[TrainConfig, dict[str, Any], str]:
-    """Absolute paths (workers change directory), a parsed backbone spec, validated data and the run folder
-    claimed for this recipe (its key returned), or a UserError with nothing written."""
+def _prepare(config: TrainConfig) -> tuple[TrainConfig, dict[str, Any], Location, TrainingRecipe]:
+    """Absolute paths (workers change directory), a parsed backbone spec, validated data, the run folder's
+    location and the recipe, or a UserError with nothing written."""
     from hrsa.extract.model_spec import parse_model_spec
     from hrsa.train.data import load_training_records
-    from hrsa.train.recipe import claim_run_folder, training_recipe
+    from hrsa.train.recipe import check_run_folder, training_recipe
 
-    config = config.model_copy(update={"data": config.data.expanduser().resolve(),
-                                       "output": config.output.expanduser().resolve()})
+    config = config.model_copy(update={"data": config.data.expanduser().resolve()})
     spec = parse_model_spec(config.backbone, dtype=config.dtype, attention=config.attention)
     # every record checked before any worker starts
     load_training_records(config.data, negatives=config.negatives, batch_size=config.batch_size)
-    if config.output.exists() and not config.output.is_dir():
-        raise UserError(f"Expected --output to be a folder. Got the file {config.output} instead. Pick another path.")
+    run = parse_location(config.output)
+    if run.kind() == "file":
+        raise UserError(f"Expected --output to be a folder. Got the file {run.url} instead. Pick another path.")
+    if not run.is_local and "/" not in run.path.strip("/"):
+        raise UserError(f"Expected --output to be a folder inside a bucket (s3://BUCKET/runs/NAME). Got {run.url} "
+                        "instead. Add a folder name.")
+    config = config.model_copy(update={"output": run.as_path_or_url()})
     recipe = training_recipe(config)
-    claim_run_folder(config.output, recipe)  # last: a mistake above leaves no folder behind
-    return config, spec.to_dict(), recipe.key
+    check_run_folder(run, recipe)  # before Ray starts: another recipe's run is refused at once
+    return config, spec.to_dict(), run, recipe
 
 
 def _unwrap_user_error(error: BaseException) -> BaseException | None:
@@ -105,6 +117,7 @@ def run_training(config: TrainConfig, *, progress: bool = True, stop_after: int 
 
     Raises:
         UserError: bad data, backbone or settings (one line that names the fix).
+        PlacementError: workers no node can hold, or a local ``output`` some node of the cluster does not see.
         RecipeMismatchError: ``config.output`` holds a run of another recipe (nothing in it is changed).
     """
     import ray
@@ -113,24 +126,29 @@ def run_training(config: TrainConfig, *, progress: bool = True, stop_after: int 
     from ray.util.queue import Queue
 
     from hrsa.runtime.connection import connect
+    from hrsa.train.placement import check_every_node_reaches, plan_workers
+    from hrsa.train.recipe import claim_run_folder
     from hrsa.train.worker import train_worker
 
     # Step 1: everything a user can get wrong, checked here.
-    config, spec, recipe_key = _prepare(config)
-    # Step 2: Ray, and where the workers run.
+    config, spec, run, recipe = _prepare(config)
+    # Step 2: Ray; the workers must fit the nodes and every node reach the run folder (else Ray waits forever, or
+    # fails at the first checkpoint). Only then is the folder claimed: a refusal leaves nothing behind.
     conn = connect(config.address)
-    use_gpu = config.use_gpu if config.use_gpu is not None else conn.n_gpus >= config.workers
-    cpus = 1.0 if use_gpu else max(1.0, float(conn.n_cpus // config.workers))
-    # Step 3: the workers; rank 0 sends (step, loss) through a queue for the progress bar.
+    placement = plan_workers(conn.nodes, workers=config.workers, use_gpu=config.use_gpu)
+    check_every_node_reaches(run, conn.nodes)
+    claim_run_folder(run, recipe)
+    # Step 3: the workers; rank 0 sends (step, loss) through a queue for the progress bar. Ray Train persists
+    # checkpoints as run/step_N through the run's own filesystem (a local or shared path, s3://...).
     queue = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": config.model_dump(mode="json"), "spec": spec, "recipe": recipe_key,
-                           "queue": queue, "stop_after": stop_after, "threads": int(cpus)},
-        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,
-                                     resources_per_worker=None if use_gpu else {"CPU": cpus}),
-        run_config=RunConfig(storage_path=str(config.output.parent), name=config.output.name),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        train_loop_config={"config": config.model_dump(mode="json"), "spec": spec, "recipe": recipe.key,
+                           "queue": queue, "stop_after": stop_after, "threads": placement.cpus},
+        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=placement.use_gpu,
+                                     resources_per_worker=placement.resources_per_worker()),
+        run_config=RunConfig(storage_path=run.parent.path, storage_filesystem=run.filesystem, name=run.name),
+        torch_config=TorchConfig(backend="nccl" if placement.use_gpu else "gloo"),
     )
     try:
         events = _fit_with_progress(trainer, queue, config.max_steps, progress=progress)
@@ -145,9 +163,8 @@ def run_training(config: TrainConfig, *, progress: bool = True, stop_after: int 
     steps = tuple(e["step"] for e in events if "step" in e)
     losses = tuple(e["loss"] for e in events if "step" in e)
     resumed = next((e["resumed_from"] for e in events if "resumed_from" in e), None)
-    checkpoints = tuple(c.path for c in list_checkpoints(config.output))
-    return TrainResult(config.output, checkpoints, steps, losses,
-                       losses[-1] if losses else math.nan, resumed)
+    checkpoints = tuple(parse_location(c.url).as_path_or_url() for c in list_checkpoints(run))
+    return TrainResult(run.as_path_or_url(), checkpoints, steps, losses, losses[-1] if losses else math.nan, resumed)
 
 
 def _fit_with_progress(trainer: Any, queue: Any, total: int, *, progress: bool) -> list[dict[str, Any]]:

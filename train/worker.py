@@ -16,6 +16,8 @@ import json
 import math
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,20 +102,11 @@ def setup_session(config: TrainConfig, spec: dict[str, Any], rank: int, world: i
     """
     from transformers import get_cosine_schedule_with_warmup
 
-    from hrsa.extract.model_spec import ModelSpec, parse_model_spec
     from hrsa.train.data import load_training_records
-    from hrsa.train.model import load_embedding_model
 
-    state, folder = None, None
-    if checkpoint is not None:
-        folder = Path(checkpoint.path)  # local storage: the persisted folder itself
-        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
-    model_spec = (parse_model_spec(str(folder), dtype=config.dtype, attention=config.attention) if folder
-                  else ModelSpec.from_dict(spec))
-    autocast = torch.bfloat16 if device.type == "cuda" else None
-    load_device = torch.device("cpu") if config.strategy == "fsdp" else device
-    model, tokenizer, _ = load_embedding_model(model_spec, device=load_device, autocast_dtype=autocast,
-                                               gradient_checkpointing=config.gradient_checkpointing)
+    with _checkpoint_folder(checkpoint) as folder:
+        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False) if folder else None
+        model, tokenizer = _load_model(config, spec, device, folder)
     if config.strategy == "fsdp":
         shard_fsdp(model, device)
     optimizer = _optimizer(model, config)
@@ -127,6 +120,32 @@ def setup_session(config: TrainConfig, spec: dict[str, Any], rank: int, world: i
     records = load_training_records(config.data, negatives=config.negatives)
     return WorkerSession(config, model, tokenizer, optimizer, scheduler, records, rank, world, device, step,
                     step if state is not None else None)
+
+
+def _load_model(config: TrainConfig, spec: dict[str, Any], device: torch.device,
+                folder: Path | None) -> tuple[Any, Any]:
+    """The embedder and tokenizer: from the checkpoint ``folder`` when resuming, else from the backbone ``spec``."""
+    from hrsa.extract.model_spec import ModelSpec, parse_model_spec
+    from hrsa.train.model import load_embedding_model
+
+    model_spec = (parse_model_spec(str(folder), dtype=config.dtype, attention=config.attention) if folder
+                  else ModelSpec.from_dict(spec))
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    load_device = torch.device("cpu") if config.strategy == "fsdp" else device
+    model, tokenizer, _ = load_embedding_model(model_spec, device=load_device, autocast_dtype=autocast,
+                                               gradient_checkpointing=config.gradient_checkpointing)
+    return model, tokenizer
+
+
+@contextmanager
+def _checkpoint_folder(checkpoint: Any) -> Iterator[Path | None]:
+    """The checkpoint to resume from as a local folder, while the model loads: the persisted folder itself on a
+    local or shared filesystem, a temporary copy of it from remote storage (s3://...); None for a fresh start."""
+    if checkpoint is None:
+        yield None
+        return
+    with checkpoint.as_directory() as folder:
+        yield Path(folder)
 
 
 def _load_optimizer(model: Any, optimizer: torch.optim.Optimizer, saved: dict[str, Any], *, fsdp: bool) -> None:

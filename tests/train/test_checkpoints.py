@@ -29,7 +29,8 @@ def test_only_complete_step_folders_in_step_order(tmp_path: Path) -> None:
     _folder(run, "step_x", INFO_FILE)
     _folder(run, "checkpoint-5", INFO_FILE)
     (run / "step_000020").write_text("a file, not a folder")
-    assert list_checkpoints(run) == [Checkpoint(two, 2), Checkpoint(ten, 10)]
+    assert list_checkpoints(run) == [Checkpoint(str(two), 2), Checkpoint(str(ten), 10)]
+    assert list_checkpoints(run)[0].path == two
     assert [c.step for c in list_checkpoints(run, marker="config.json")] == [2, 10, 12, 14]
     assert list_checkpoints(tmp_path / "missing") == []
 
@@ -61,10 +62,33 @@ def test_a_checkpoint_is_complete_only_when_every_listed_file_is_there_at_its_si
     copying = _folder(run, "step_000004")
     (copying / INFO_FILE).write_text((written / INFO_FILE).read_text())  # the info file came first
     (copying / "config.json").write_text("{}")
-    assert list_checkpoints(run) == [] and step_folders(run) == [copying]
+    assert list_checkpoints(run) == [] and step_folders(run) == [str(copying)]
     (copying / "model.safetensors").write_bytes(b"w" * 500)  # half the weights
     assert list_checkpoints(run) == []
     (copying / "model.safetensors").write_bytes(b"w" * 1000)
-    assert list_checkpoints(run) == [Checkpoint(copying, 4)]
+    assert list_checkpoints(run) == [Checkpoint(str(copying), 4)]
     (copying / INFO_FILE).write_text('{"step": 4, "lo')  # the info file half copied
     assert list_checkpoints(run) == []
+
+
+@pytest.mark.integration
+def test_checkpoints_on_s3_are_listed_and_checked_through_its_filesystem(s3_endpoint: str, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """An object store (moto) holds a half-uploaded checkpoint as a local disk does: listed, but not complete."""
+    import uuid
+
+    from hrsa.runtime.locations import parse_location
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    written = _folder(tmp_path, "step_000004", "config.json")
+    (written / "model.safetensors").write_bytes(b"w" * 1000)
+    info = json.dumps({"step": 4, "loss": 1.0, "files": file_manifest(written)})
+    run = parse_location(f"s3://hrsa-test/checkpoints-{uuid.uuid4().hex[:8]}/run")
+    step = run.child("step_000004")
+    step.child(INFO_FILE).write(info)
+    step.child("config.json").write("{}")
+    assert list_checkpoints(run.url) == [] and step_folders(run.url) == [step.url]
+    step.child("model.safetensors").write(b"w" * 1000)
+    assert list_checkpoints(run.url) == [Checkpoint(step.url, 4)] and checkpoint_step(step.url) == 4
+    with pytest.raises(ValueError, match="Expected a local path"):
+        _ = list_checkpoints(run.url)[0].path

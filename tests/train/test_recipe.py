@@ -110,3 +110,25 @@ def test_hrsa_train_refuses_another_recipe_in_one_line_and_touches_nothing(confi
     assert len(lines) == 1 and lines[0].startswith("hrsa: error: Expected the training recipe"), result.output
     assert "lr 0.05 (the run has 0.001)" in lines[0] and "new --output" in lines[0]
     assert snapshot(config.output) == before
+
+
+@pytest.mark.integration
+def test_a_run_on_s3_is_claimed_and_refused_through_its_filesystem(config: TrainConfig, s3_endpoint: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same rules on an object store (moto): the recipe recorded there, another one refused with nothing touched."""
+    import uuid
+
+    from hrsa.runtime.locations import parse_location
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    run = parse_location(f"s3://hrsa-test/recipes-{uuid.uuid4().hex[:8]}/run")
+    claim_run_folder(run.url, training_recipe(config))
+    assert read_recipe(run.url) == training_recipe(config)
+    for name, size in {"config.json": 2, "model.safetensors": 8}.items():
+        run.child("step_000001", name).write(b"x" * size)
+    run.child("step_000001", "hrsa_train.json").write(json.dumps({"step": 1, "loss": 1.0}))
+    before = run.files()
+    refusal = rf"Got lr 0\.05 \(the run has 0\.001\) instead\. .*delete {run.url} "
+    with pytest.raises(RecipeMismatchError, match=refusal):
+        claim_run_folder(run.url, training_recipe(config.model_copy(update={"lr": 0.05})))
+    assert run.files() == before

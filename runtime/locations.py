@@ -1,0 +1,172 @@
+"""Folders that may be local or remote: a training run's output, a pipeline's ``out``.
+
+A :class:`Location` is what the user wrote (a path, or a URL such as ``s3://bucket/runs/a``) resolved to a pyarrow
+filesystem and a path on it: the pair Ray Train persists checkpoints through (``RunConfig(storage_path=...,
+storage_filesystem=...)``), so hrsa reads a run exactly where Ray Train writes it, on a local disk, a shared
+filesystem or an object store alike. Any URL ``pyarrow.fs.FileSystem.from_uri`` knows works (``s3://``, ``gs://``,
+``hdfs://``...); S3 takes its endpoint and credentials from the usual AWS variables (``AWS_ENDPOINT_URL``...).
+
+Writes are whole-file: a local file is written beside and renamed (:func:`hrsa.runtime.files.write_atomic`); an
+object-store object appears whole when its upload completes. Neither reader ever sees half a file.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hrsa.runtime.files import write_atomic
+from hrsa.store.errors import UserError
+
+if TYPE_CHECKING:
+    import pyarrow.fs
+
+__all__ = ["Location", "LocationError", "is_url", "parse_location"]
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+class LocationError(UserError, ValueError):
+    """A path or URL that names no folder hrsa can use."""
+
+
+def is_url(text: str | Path) -> bool:
+    """Whether ``text`` is a URL (``scheme://...``) rather than a local path."""
+    return isinstance(text, str) and bool(_SCHEME.match(text))
+
+
+@dataclass(frozen=True)
+class Location:
+    """A folder or file on a local or remote filesystem.
+
+    Attributes:
+        url: what users see: an absolute local path, or the URL (``s3://bucket/runs/a``).
+        filesystem: the pyarrow filesystem it lives on.
+        path: its path on ``filesystem`` (``bucket/runs/a`` for S3: the URL less its scheme).
+    """
+
+    url: str
+    filesystem: pyarrow.fs.FileSystem = field(compare=False, repr=False)
+    path: str = field(compare=False)
+
+    @property
+    def is_local(self) -> bool:
+        """On this machine's filesystem (which may still be a shared one, such as NFS)."""
+        import pyarrow.fs
+
+        return isinstance(self.filesystem, pyarrow.fs.LocalFileSystem)
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path)
+
+    @property
+    def parent(self) -> Location:
+        return Location(posixpath.dirname(self.url), self.filesystem, posixpath.dirname(self.path))
+
+    def child(self, *parts: str) -> Location:
+        """The location ``parts`` below this one (``a/b`` or ``"a", "b"``)."""
+        return Location(posixpath.join(self.url, *parts), self.filesystem, posixpath.join(self.path, *parts))
+
+    def as_path_or_url(self) -> Path | str:
+        """A Path when local, else the URL: what configs and results hold."""
+        return Path(self.path) if self.is_local else self.url
+
+    def local_path(self) -> Path:
+        """The local folder or file (for readers that need one, such as a model loader).
+
+        Raises:
+            LocationError: the location is remote.
+        """
+        if not self.is_local:
+            raise LocationError(f"Expected a local path. Got {self.url} instead. Copy it to a local folder first.")
+        return Path(self.path)
+
+    def kind(self) -> str | None:
+        """``"file"``, ``"folder"``, or None when nothing is there."""
+        import pyarrow.fs
+
+        found = self.filesystem.get_file_info(self.path).type
+        return {pyarrow.fs.FileType.File: "file", pyarrow.fs.FileType.Directory: "folder"}.get(found)
+
+    def read_bytes(self) -> bytes:
+        with self.filesystem.open_input_stream(self.path) as f:
+            return f.read()
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode()
+
+    def write(self, data: str | bytes) -> None:
+        """Write the whole file (parents created): a reader sees the old content or the new, never half."""
+        payload = data.encode() if isinstance(data, str) else data
+        if self.is_local:
+            write_atomic(self.path, payload)
+            return
+        self.filesystem.create_dir(posixpath.dirname(self.path), recursive=True)
+        with self.filesystem.open_output_stream(self.path) as f:  # the object appears when the upload completes
+            f.write(payload)
+
+    def delete(self) -> None:
+        """Remove the file here, if any."""
+        if self.kind() == "file":
+            self.filesystem.delete_file(self.path)
+
+    def files(self) -> dict[str, int]:
+        """Every file below this folder (recursively), by path relative to it, with its size; {} when absent.
+
+        One listing (one paginated request on an object store), however many files there are.
+        """
+        import pyarrow.fs
+
+        selector = pyarrow.fs.FileSelector(self.path, recursive=True, allow_not_found=True)
+        try:
+            infos = self.filesystem.get_file_info(selector)
+        except (NotADirectoryError, FileNotFoundError):  # a file here, or a folder gone while listed
+            return {}
+        root = self.path.rstrip("/") + "/"
+        return {i.path.removeprefix(root): i.size for i in infos if i.type == pyarrow.fs.FileType.File}
+
+    def folders(self) -> list[Location]:
+        """The folders directly in this one, sorted by name; [] when absent."""
+        import pyarrow.fs
+
+        selector = pyarrow.fs.FileSelector(self.path, recursive=False, allow_not_found=True)
+        try:
+            infos = self.filesystem.get_file_info(selector)
+        except (NotADirectoryError, FileNotFoundError):
+            return []
+        names = sorted(posixpath.basename(i.path) for i in infos if i.type == pyarrow.fs.FileType.Directory)
+        return [self.child(name) for name in names]
+
+
+def parse_location(text: str | Path) -> Location:
+    """A local path (made absolute) or a URL of any filesystem pyarrow knows, as a :class:`Location`.
+
+    Raises:
+        LocationError: a URL whose scheme pyarrow does not know, or whose filesystem does not answer (an S3 bucket
+            that does not exist, no credentials...).
+
+    Example:
+        >>> parse_location("/tmp/runs/a").child("step_000100").url
+        '/tmp/runs/a/step_000100'
+    """
+    import pyarrow
+    import pyarrow.fs
+
+    if not is_url(text) or str(text).startswith("file://"):
+        path = Path(str(text).removeprefix("file://")).expanduser().resolve()
+        return Location(str(path), pyarrow.fs.LocalFileSystem(), str(path))
+    url = str(text).rstrip("/")
+    if "?" in url:  # the options would be lost on every path derived from it (a checkpoint's, a run's)
+        raise LocationError(f"Expected a URL without options. Got {url} instead. Set the endpoint and credentials in "
+                            "the environment (for S3: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID...).")
+    try:
+        filesystem, path = pyarrow.fs.FileSystem.from_uri(url)
+    except (pyarrow.ArrowException, OSError, ValueError) as error:
+        raise LocationError(f"Expected a local path or a URL of a filesystem that answers (s3://bucket/path, gs://..., "
+                            f"hdfs://...). Got {url} ({type(error).__name__}: {error}) instead. Check the URL, the "
+                            "bucket and the credentials (for S3: AWS_* variables or an instance profile).") from None
+    return Location(url, filesystem, path.rstrip("/"))

@@ -1,0 +1,151 @@
+"""Where ``hrsa train``'s workers run, checked before any starts: every worker fits one node, and every node
+reaches the run folder.
+
+Ray Train places each worker as one bundle of resources on one node, and waits without end for a bundle no node
+can hold (it expects an autoscaler to add such a node): a CPU worker sized from the whole cluster's CPUs divided by
+the workers can exceed every node. So CPU workers are sized per node (:func:`cpus_per_worker`), and a request the
+nodes cannot hold is one line naming the fix.
+
+Ray Train writes checkpoints from the workers' nodes and its own state from wherever its controller runs, so the
+run folder must be storage every node reaches. A local path on a multi-node cluster is checked by asking each node
+for a file written here (:func:`check_every_node_reaches`): Ray Train itself would fail only when a worker on a
+node-local disk saves its first checkpoint, after the training up to it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hrsa.runtime.connection import NodeResources
+from hrsa.runtime.locations import Location
+from hrsa.store.errors import UserError
+
+__all__ = ["PlacementError", "WorkerPlacement", "check_every_node_reaches", "cpus_per_worker", "plan_workers"]
+
+_ANSWER_S = 60.0  # a node that has not answered a trivial task by then is counted as not reaching the folder
+
+
+class PlacementError(UserError, ValueError):
+    """Training the cluster cannot run: workers no node can hold, or a run folder some node does not reach."""
+
+
+@dataclass(frozen=True)
+class WorkerPlacement:
+    """What each training worker asks Ray for.
+
+    Attributes:
+        use_gpu: one GPU per worker (NCCL), else CPU workers (gloo).
+        cpus: CPUs each CPU worker takes, and its torch threads (1 for a GPU worker, which asks for no CPU).
+    """
+
+    use_gpu: bool
+    cpus: int
+
+    def resources_per_worker(self) -> dict[str, float] | None:
+        """Ray Train's ``resources_per_worker`` (None: its default, one GPU)."""
+        return None if self.use_gpu else {"CPU": float(self.cpus)}
+
+
+def cpus_per_worker(node_cpus: Sequence[float], workers: int) -> int:
+    """The most whole CPUs each of ``workers`` workers can take, every worker on one node: the largest k with
+    sum over nodes of floor(cpus / k) >= workers.
+
+    Raises:
+        PlacementError: the nodes cannot hold ``workers`` workers of one CPU.
+
+    Example:
+        >>> cpus_per_worker([8, 2], 2), cpus_per_worker([8, 2], 3), cpus_per_worker([16], 3)
+        (4, 2, 5)
+    """
+    fits = [k for k in range(1, int(max(node_cpus, default=0)) + 1) if sum(int(c // k) for c in node_cpus) >= workers]
+    if not fits:
+        most = sum(int(c) for c in node_cpus)
+        raise PlacementError(f"Expected --workers the Ray cluster can place, one CPU each at least: at most {most} "
+                             f"({_describe(node_cpus, 'CPUs')}). Got {workers} instead. Pass --workers {max(most, 1)} "
+                             "or fewer (--batch-size must divide by it), or add nodes.")
+    return max(fits)
+
+
+def plan_workers(nodes: Sequence[NodeResources], *, workers: int, use_gpu: bool | None) -> WorkerPlacement:
+    """Each worker's resources on these nodes: one GPU each when asked (by default, when the nodes have a GPU per
+    worker), else the most CPUs each that still fit.
+
+    Raises:
+        PlacementError: more GPU workers than GPUs, or more CPU workers than CPUs.
+    """
+    gpu_slots = sum(int(n.gpus) for n in nodes)
+    if use_gpu is None:
+        use_gpu = gpu_slots >= workers
+    if not use_gpu:
+        return WorkerPlacement(False, cpus_per_worker([n.cpus for n in nodes], workers))
+    if gpu_slots < workers:
+        raise PlacementError(f"Expected --workers the Ray cluster can place, one GPU each: at most {gpu_slots} "
+                             f"({_describe([n.gpus for n in nodes], 'GPUs')}). Got {workers} instead. Pass --workers "
+                             f"{max(gpu_slots, 1)} or fewer, train on CPUs (--no-use-gpu), or add GPU nodes.")
+    return WorkerPlacement(True, 1)
+
+
+def _describe(amounts: Sequence[float], what: str) -> str:
+    return f"{len(amounts)} node(s) with {', '.join(f'{a:g}' for a in amounts) or 'no'} {what}"
+
+
+def check_every_node_reaches(run: Location, nodes: Sequence[NodeResources]) -> None:
+    """Refuse a local run folder that some node of a multi-node cluster does not see (a node-local disk).
+
+    A file is written in the folder (or its nearest existing parent, so nothing new stays), each node is asked
+    whether it sees it, and the file is removed. Remote storage (``s3://``...) and a one-node cluster pass as they are.
+
+    Raises:
+        PlacementError: a node does not see the folder, or it cannot be written.
+    """
+    if not run.is_local or len(nodes) < 2:
+        return
+    anchor = next(p for p in (run.local_path(), *run.local_path().parents) if p.is_dir())
+    token = uuid.uuid4().hex
+    marker = anchor / f".hrsa-reach-{token}"
+    try:
+        marker.write_text(token)
+    except OSError as error:
+        raise PlacementError(f"Expected a writable --output. Got {run.url}, where {anchor} refuses a file ({error}) "
+                             "instead. Pick a folder you can write.") from None
+    try:
+        blind = _nodes_not_seeing(marker, token, nodes)
+    finally:
+        marker.unlink(missing_ok=True)
+    if blind:
+        raise PlacementError(f"Expected --output on storage every node of the Ray cluster reaches. Got {run.url}, a "
+                             f"path that node(s) {', '.join(blind)} do not see (or did not answer), instead. Train into "
+                             "a URL such as s3://BUCKET/runs/NAME, or a path on a filesystem mounted on every node (NFS, "
+                             "EFS).")
+
+
+def _sees(path: str, token: str) -> bool:
+    """Run on one node: whether it sees the file at ``path`` holding ``token``."""
+    file = Path(path)
+    return file.is_file() and file.read_text() == token
+
+
+def _nodes_not_seeing(marker: Path, token: str, nodes: Sequence[NodeResources]) -> list[str]:
+    """The nodes that do not see ``marker`` (or do not answer in time), as ``address (id)``: one task pinned to each."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task: Any = ray.remote(num_cpus=0, max_retries=0)(_sees)
+    asked = {f"{n.address} ({n.node_id[:8]})":
+             task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n.node_id, soft=False)).remote(str(marker), token)
+             for n in nodes}
+    ready, _ = ray.wait(list(asked.values()), num_returns=len(asked), timeout=_ANSWER_S)
+    return [node for node, ref in asked.items() if ref not in ready or not _answer(ref)]
+
+
+def _answer(ref: Any) -> bool:
+    import ray
+
+    try:
+        return bool(ray.get(ref))
+    except ray.exceptions.RayError:  # the task failed on that node (hrsa not importable...): it cannot say it sees it
+        return False
