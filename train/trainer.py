@@ -45,6 +45,7 @@ from hrsa.train.checkpoints import list_checkpoints
 from hrsa.train.config import TrainConfig
 
 if TYPE_CHECKING:
+    from hrsa.train.data import TrainRecord
     from hrsa.train.recipe import TrainingRecipe
 
 __all__ = ["TrainResult", "run_training"]
@@ -72,9 +73,20 @@ class TrainResult:
     resumed_from: int | None
 
 
-def _prepare(config: TrainConfig) -> tuple[TrainConfig, dict[str, Any], Location, TrainingRecipe]:
-    """Absolute paths (workers change directory), a parsed backbone spec, validated data, the run folder's
-    location and the recipe, or a UserError with nothing written."""
+@dataclass(frozen=True)
+class _Prepared:
+    """What the driver checked and resolved before Ray starts."""
+
+    config: TrainConfig
+    spec: dict[str, Any]  # the backbone's ModelSpec as a dict
+    records: list[TrainRecord]
+    run: Location
+    recipe: TrainingRecipe
+
+
+def _prepare(config: TrainConfig) -> _Prepared:
+    """Absolute paths, a parsed backbone spec, the validated records, the run folder's location and the recipe, or a
+    UserError with nothing written."""
     from hrsa.extract.model_spec import parse_model_spec
     from hrsa.train.data import load_training_records
     from hrsa.train.recipe import check_run_folder, training_recipe
@@ -82,7 +94,7 @@ def _prepare(config: TrainConfig) -> tuple[TrainConfig, dict[str, Any], Location
     config = config.model_copy(update={"data": config.data.expanduser().resolve()})
     spec = parse_model_spec(config.backbone, dtype=config.dtype, attention=config.attention)
     # every record checked before any worker starts
-    load_training_records(config.data, negatives=config.negatives, batch_size=config.batch_size)
+    records = load_training_records(config.data, negatives=config.negatives, batch_size=config.batch_size)
     run = parse_location(config.output)
     if run.kind() == "file":
         raise UserError(f"Expected --output to be a folder. Got the file {run.url} instead. Pick another path.")
@@ -92,7 +104,7 @@ def _prepare(config: TrainConfig) -> tuple[TrainConfig, dict[str, Any], Location
     config = config.model_copy(update={"output": run.as_path_or_url()})
     recipe = training_recipe(config)
     check_run_folder(run, recipe)  # before Ray starts: another recipe's run is refused at once
-    return config, spec.to_dict(), run, recipe
+    return _Prepared(config, spec.to_dict(), records, run, recipe)
 
 
 def _unwrap_user_error(error: BaseException) -> BaseException | None:
@@ -131,20 +143,23 @@ def run_training(config: TrainConfig, *, progress: bool = True, stop_after: int 
     from hrsa.train.worker import train_worker
 
     # Step 1: everything a user can get wrong, checked here.
-    config, spec, run, recipe = _prepare(config)
+    prepared = _prepare(config)
+    config, run = prepared.config, prepared.run
     # Step 2: Ray; the workers must fit the nodes and every node reach the run folder (else Ray waits forever, or
     # fails at the first checkpoint). Only then is the folder claimed: a refusal leaves nothing behind.
     conn = connect(config.address)
     placement = plan_workers(conn.nodes, workers=config.workers, use_gpu=config.use_gpu)
     check_every_node_reaches(run, conn.nodes)
-    claim_run_folder(run, recipe)
-    # Step 3: the workers; rank 0 sends (step, loss) through a queue for the progress bar. Ray Train persists
-    # checkpoints as run/step_N through the run's own filesystem (a local or shared path, s3://...).
+    claim_run_folder(run, prepared.recipe)
+    # Step 3: the workers; rank 0 sends (step, loss) through a queue for the progress bar. The records travel
+    # through Ray's object store (no node but this one needs the data file); Ray Train persists checkpoints as
+    # run/step_N through the run's own filesystem (a local or shared path, s3://...).
     queue = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": config.model_dump(mode="json"), "spec": spec, "recipe": recipe.key,
-                           "queue": queue, "stop_after": stop_after, "threads": placement.cpus},
+        train_loop_config={"config": config.model_dump(mode="json"), "spec": prepared.spec,
+                           "records": ray.put(prepared.records), "recipe": prepared.recipe.key, "queue": queue,
+                           "stop_after": stop_after, "threads": placement.cpus},
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=placement.use_gpu,
                                      resources_per_worker=placement.resources_per_worker()),
         run_config=RunConfig(storage_path=run.parent.path, storage_filesystem=run.filesystem, name=run.name),

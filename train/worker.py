@@ -90,7 +90,7 @@ def _optimizer(model: Any, config: TrainConfig) -> torch.optim.Optimizer:
 
 
 def setup_session(config: TrainConfig, spec: dict[str, Any], rank: int, world: int, device: torch.device,
-                  checkpoint: Any) -> WorkerSession:
+                  checkpoint: Any, *, records: list[Any] | None = None) -> WorkerSession:
     """Model (from the latest checkpoint when resuming), optimizer, schedule and data.
 
     Args:
@@ -99,6 +99,7 @@ def setup_session(config: TrainConfig, spec: dict[str, Any], rank: int, world: i
         rank, world: this worker's rank and the number of workers.
         device: where the model trains.
         checkpoint: Ray Train's checkpoint to resume from, or None.
+        records: the training records (default: read from ``config.data``).
     """
     from transformers import get_cosine_schedule_with_warmup
 
@@ -117,7 +118,8 @@ def setup_session(config: TrainConfig, spec: dict[str, Any], rank: int, world: i
         _load_optimizer(model, optimizer, state["optimizer"], fsdp=config.strategy == "fsdp")
         scheduler.load_state_dict(state["scheduler"])
         step = int(state["step"])
-    records = load_training_records(config.data, negatives=config.negatives)
+    if records is None:
+        records = load_training_records(config.data, negatives=config.negatives)
     return WorkerSession(config, model, tokenizer, optimizer, scheduler, records, rank, world, device, step,
                     step if state is not None else None)
 
@@ -239,7 +241,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     if loop_config["threads"]:
         torch.set_num_threads(loop_config["threads"])
     device = ray.train.torch.get_device()
-    s = setup_session(config, loop_config["spec"], rank, world, device, ray.train.get_checkpoint())
+    s = setup_session(config, loop_config["spec"], rank, world, device, ray.train.get_checkpoint(),
+                      records=ray.get(loop_config["records"]))
     queue = loop_config["queue"] if rank == 0 else None
     if queue is not None and s.resumed_from is not None:
         queue.put({"resumed_from": s.resumed_from})
