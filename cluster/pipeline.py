@@ -28,6 +28,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from hrsa.analyze.config import AnalyzeConfig
 from hrsa.analyze.report.cli import VerdictRules
+from hrsa.analyze.report.summary import Comparison
 from hrsa.extract.config import CorpusOptions, ExtractRunOptions, ModelSourceOptions
 from hrsa.runtime.settings import Problems, read_yaml_mapping, validation_problems
 from hrsa.store.errors import InvalidIdError, UserError
@@ -113,13 +114,17 @@ class PairEntry(PairAnalysisSettings):
 
 
 class DynamicsEntry(PairAnalysisSettings):
-    """The paper's Figure 5: every common saved step of two training runs, run a step s against run b step s."""
+    """The paper's Figure 5: two training runs from step 0 (their backbones) through every step both saved, run a
+    at step s against run b at step s (or at the fixed step ``b_step``: how far a run moved from a starting point)."""
 
     a: str = Field(description="A run of the train section.")
-    b: str = Field(description="A run of the train section.")
+    b: str = Field(description="A run of the train section (the same run as a, with b_step, follows its drift).")
     corpus: str = Field(description="The fixed probe corpus every checkpoint runs over.")
     name: str | None = Field(None, description="Name of this series (default A--B).")
-    extract: ExtractRunOptions = Field(default_factory=ExtractRunOptions, description="How the checkpoints are extracted.")
+    b_step: int | None = Field(None, ge=0, description="Compare each step of a with b at this one step (0: b's "
+                                                       "backbone); default: b at the same step.")
+    extract: ExtractRunOptions = Field(default_factory=ExtractRunOptions, description="How the checkpoints are extracted "
+                                       "(attention auto: as the run trained).")
 
     @property
     def label(self) -> str:
@@ -127,12 +132,14 @@ class DynamicsEntry(PairAnalysisSettings):
 
 
 class ReportEntry(VerdictRules):
-    """The HTML report over every pair (and the first dynamics series), with the verdicts' rules."""
+    """The HTML report over every pair and every dynamics series, with the verdicts' rules."""
 
     model_config = _FROZEN
 
     path: Path | None = Field(None, description="Where the report goes (default <out>/report.html).")
     title: str | None = Field(None, description="The report's title.")
+    description: str | None = Field(None, description="A paragraph under the title: what the study asks and how to "
+                                                      "read it.")
 
 
 class PipelineConfig(BaseModel):
@@ -200,6 +207,15 @@ class PipelineConfig(BaseModel):
     def store_id(self, model: str, corpus: str) -> str:
         """The model's id in the store: its name, or ``<name>--<corpus>`` when it runs over several corpora."""
         return slugify(model if len(self.model_corpora(model)) <= 1 else f"{model}--{corpus}")
+
+    def table_2_columns(self) -> list[Comparison]:
+        """The side-by-side Table 2's columns: the pairs of the same two models (either way round, on any corpus) are
+        one column, named after the first of them, its levels read from them in the pipeline's order (e.g. the
+        backbones on CoT traces and with probes on a labelled corpus, then the embedding models the same way)."""
+        groups: dict[frozenset[str], list[int]] = {}
+        for i, p in enumerate(self.pairs):
+            groups.setdefault(frozenset((p.a, p.b)), []).append(i)
+        return [Comparison(f"{self.pairs[g[0]].a} vs {self.pairs[g[0]].b}", tuple(g)) for g in groups.values()]
 
     def checkpoint_id(self, run: str, step: int, corpus: str) -> str:
         """A dynamics checkpoint's id in the store: ``<run>-step-<N>`` (``--<corpus>`` with several corpora)."""

@@ -10,8 +10,10 @@ resume by themselves, so a stage that stopped half way continues where it stoppe
 its own run folder, ``<output>/recipe-<key>``, so a changed training input trains anew (see ``train``).
 
 Model ids in the store are the pipeline's model names (``<name>--<corpus>`` for a model run over several
-corpora); the checkpoints of a dynamics series are ``<run>-step-<N>``. A stored model this pipeline did
-not write is never touched: the run stops and names the fix.
+corpora); the checkpoints of a dynamics series are ``<run>-step-<N>``, and its step 0 is the run's backbone. The
+same weights over the same corpus with the same settings are extracted once, whatever they are called (a
+series' step 0 is often a pair's backbone, its last step a pair's trained model). A stored model this pipeline
+did not write is never touched: the run stops and names the fix.
 """
 
 from __future__ import annotations
@@ -140,6 +142,7 @@ class _Runner:
     store_ids: dict[str, str] = field(default_factory=dict)
     last_steps: dict[str, Path] = field(default_factory=dict)  # each dynamics series' last results.json
     _extracted: dict[str, _Extracted] = field(default_factory=dict)
+    _by_content: dict[str, str] = field(default_factory=dict)  # content key -> the stage that extracted it
 
     def __post_init__(self) -> None:
         self.config.out.mkdir(parents=True, exist_ok=True)
@@ -195,24 +198,38 @@ class _Runner:
         return self._extract(self.config.store_id(name, corpus), source, corpus, options=entry, model_source=entry)
 
     def extract_checkpoints(self, d: DynamicsEntry, trained: Mapping[str, _Trained]) -> dict[int, tuple[_Extracted, _Extracted]]:
+        """Run a at step 0 (its backbone) and at every saved step, against run b at the same step (steps both saved)
+        or at ``b_step``."""
         a, b = trained[d.a], trained[d.b]
-        steps = sorted(set(a.steps) & set(b.steps))
+        steps = sorted(set(a.steps) - {0} if d.b_step is not None else set(a.steps) & set(b.steps) - {0})
         if not steps:
             raise UserError(f"Expected checkpoints at common steps of runs {d.a} and {d.b}. Got steps {list(a.steps)} "
                             f"and {list(b.steps)} instead. Give both runs the same save_every and max_steps.")
-        out = {}
-        for step in steps:
-            pair = []
-            for run, t in ((d.a, a), (d.b, b)):
-                ckpt = t.checkpoints[t.steps.index(step)]
-                pair.append(self._extract(self.config.checkpoint_id(run, step, d.corpus), str(ckpt), d.corpus,
-                                          options=d.extract))
-            out[step] = (pair[0], pair[1])
-        return out
+        if d.b_step not in (None, 0, *b.steps):
+            raise UserError(f"Expected b_step 0 or a saved step of run {d.b} ({list(b.steps)}). Got {d.b_step} instead. "
+                            "Pick one of them.")
+        return {step: (self._checkpoint(d, d.a, a, step), self._checkpoint(d, d.b, b, step if d.b_step is None else d.b_step))
+                for step in (0, *steps)}
+
+    def _checkpoint(self, d: DynamicsEntry, run: str, t: _Trained, step: int) -> _Extracted:
+        """Run ``run`` at ``step`` (0: its backbone) over the series' corpus."""
+        source = self.config.train[run].backbone if step == 0 else str(t.checkpoints[t.steps.index(step)])
+        return self._extract(self.config.checkpoint_id(run, step, d.corpus), source, d.corpus,
+                             options=self._as_trained(d.extract, run))
+
+    def _as_trained(self, options: ExtractRunOptions, run: str) -> ExtractRunOptions:
+        """A series' extraction settings for ``run``, its attention ``auto`` made the run's training attention:
+        checkpoints record it (is_causal false), the backbone at step 0 does not, and a causal step 0 against
+        bidirectional checkpoints would measure the attention mask rather than training."""
+        trained_as = self.config.train[run].attention
+        if options.attention != "auto" or trained_as == "auto":
+            return options
+        return options.model_copy(update={"attention": trained_as})
 
     def _extract(self, store_id: str, source: str, corpus: str, *, options: ExtractRunOptions,
                  model_source: ModelSourceOptions | None = None) -> _Extracted:
-        """Extract ``source`` over ``corpus`` as ``store_id``, once per pipeline run however often it is asked.
+        """Extract ``source`` over ``corpus`` as ``store_id``, once per pipeline run however often it is asked, and
+        once for the same weights, corpus and settings under any name.
 
         ``options`` say how it runs; ``model_source`` which weights load (a checkpoint folder needs none).
         """
@@ -226,8 +243,10 @@ class _Runner:
         })
         # The store is not an input: whether it holds the model decides (a moved store with the model in it is fine).
         # A checkpoint folder is identified by its files (hrsa_train.json and weights, with their times).
-        key = stage_key({"extract": ec.model_dump(mode="json", exclude={"store", *EXTRACT_SCHEDULING}),
-                         "model": source_fingerprint(source), "corpus": source_fingerprint(c.path)})
+        settings = ec.model_dump(mode="json", exclude={"store", *EXTRACT_SCHEDULING})
+        inputs = {"model": source_fingerprint(source), "corpus": source_fingerprint(c.path)}
+        key = stage_key({"extract": settings, **inputs})
+        content = stage_key({"extract": {k: v for k, v in settings.items() if k != "name"}, **inputs})  # any name
         stage = f"extract:{store_id}"
         if stage in self._extracted:  # the same checkpoint in two series: extracted once
             if self._extracted[stage].key != key:
@@ -235,6 +254,14 @@ class _Runner:
                                 "checkpoint, or two dynamics series with other extract settings). Rename the model, or give "
                                 "the series the same extract settings.")
             return self._extracted[stage]
+        same = self._by_content.get(content)
+        if same is not None:  # e.g. a series' step 0 is a pair's backbone: the stored one serves both
+            self.outcomes.append(StageOutcome(stage, False, f"the same as {same} (weights, corpus and settings)"))
+            self.console.print(f"[dim]{escape(stage)}: the same as {escape(same)} (weights, corpus and settings)[/]",
+                               emoji=False)
+            self._extracted[stage] = self._extracted[same]
+            return self._extracted[same]
+        self._by_content[content] = stage
         self._extracted[stage] = done = _Extracted(store_id, key)
         self.store_ids[stage] = store_id
         self._run_extraction(stage, key, ec)
@@ -271,8 +298,8 @@ class _Runner:
 
     # -- Step 3: analysis -------------------------------------------------------------------------------
     def analyze(self, stage: str, options: PairAnalysisSettings, a: _Extracted, b: _Extracted, out_dir: Path) -> _Analyzed:
-        settings = options.model_dump(mode="json", exclude={"a", "b", "corpus", "name", "extract", "store", "pair", "out",
-                                                            "run_id", *ANALYZE_SCHEDULING})
+        settings = options.model_dump(mode="json", exclude={"a", "b", "corpus", "name", "extract", "b_step", "store", "pair",
+                                                            "out", "run_id", *ANALYZE_SCHEDULING})
         # The probes' labels file by its content: editing it re-runs the probes (its path alone would not).
         key = stage_key({"analyze": settings, "labels": source_fingerprint(options.labels), "a": [a.store_id, a.key],
                          "b": [b.store_id, b.key]})
@@ -306,10 +333,10 @@ class _Runner:
         done = [self.analyze(f"analyze:{d.label}@step-{s}", d, *checkpoints[s], folder / f"step-{s}") for s in steps]
         self.last_steps[d.label] = done[-1].results
         stage, path = f"dynamics:{d.label}", folder / "dynamics.json"
-        key = stage_key({"dynamics": [d.a, d.b], "steps": steps, "results": [r.key for r in done]})
+        key = stage_key({"dynamics": [d.a, d.b], "name": d.label, "steps": steps, "results": [r.key for r in done]})
         if self._announce(stage, self.state.reason_to_run(stage, key, lambda o: path.is_file())):
             self.state.start(stage, key)
-            write_dynamics(path, runs=(d.a, d.b), steps=steps, results=[r.results for r in done])
+            write_dynamics(path, runs=(d.a, d.b), steps=steps, results=[r.results for r in done], name=d.label)
             self.state.finish(stage, key, {"dynamics": str(path)})
         return _Analyzed(path, key)
 
@@ -318,17 +345,21 @@ class _Runner:
         if not results and not dynamics:
             self.console.print("[dim]report: skipped (no pairs and no dynamics to report)[/]")
             return None
-        path, first = self.config.report_path, next(iter(dynamics.values()), None)
+        path = self.config.report_path
         # Without pairs, the report's pair section shows each series' last step.
         shown = [r.results for r in results.values()] or [self.last_steps[label] for label in dynamics]
+        comparisons = self.config.table_2_columns() if results else None
         # Not the path: a new path has no file yet, so the report runs anyway.
-        key = stage_key({"pairs": {k: v.key for k, v in results.items()}, "dynamics": first.key if first else None,
+        key = stage_key({"pairs": {k: v.key for k, v in results.items()}, "dynamics": {k: v.key for k, v in dynamics.items()},
+                         "comparisons": [[c.label, c.results] for c in comparisons or ()],
                          **self.config.report.model_dump(mode="json", exclude={"path"})})
         if self._announce("report", self.state.reason_to_run("report", key, lambda o: path.is_file())):
             from hrsa.analyze.report.html import write_report
 
             self.state.start("report", key)
-            write_report(shown, path, dynamics=first.results if first else None, title=self.config.report.title,
-                         thresholds=self.config.report.thresholds())
+            write_report(shown, path, dynamics=[d.results for d in dynamics.values()], title=self.config.report.title,
+                         thresholds=self.config.report.thresholds(), comparisons=comparisons,
+                         description=self.config.report.description)
             self.state.finish("report", key, {"report": str(path)})
         return path
+

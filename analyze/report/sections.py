@@ -107,10 +107,10 @@ def _measured_on(docs: Sequence[Mapping[str, Any]], comparison: Comparison, merg
 def dynamics_section(series: Sequence[Dynamics]) -> str:
     """The metrics against the training step (Figure 5): every series on one plot when there are several, then each
     series with its own figure, what it shows in words, and its numbers."""
-    parts = ["<h2 id=\"dynamics\">Training dynamics (Figure 5)</h2><p class=\"note\">Each series compares two training "
-             "runs checkpoint by checkpoint; step 0 is their backbones, before any training, so a rising curve means the "
-             "two runs grew more alike than their starting points (realignment), a falling one that they drifted apart."
-             "</p>"]
+    parts = [("<h2 id=\"dynamics\">Training dynamics (Figure 5)</h2><p class=\"note\">Each series compares two training "
+              "runs checkpoint by checkpoint; step 0 is their backbones, before any training, so a rising curve means the "
+              "two runs grew more alike than their starting points (realignment), a falling one that they drifted apart."
+              "</p>")]
     if len(series) > 1:
         parts.append(f"<h3>Several runs compared: every series on one plot</h3><div class=\"figs\">"
                      f"{figure(dynamics_comparison_figure(series), 'training dynamics: every series', wide=True)}</div>")

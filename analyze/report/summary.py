@@ -41,8 +41,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CKA_PRESERVED",
-    "Comparison",
-    "ComparisonError",
     "DIMCORR_PRESERVED",
     "H_INV_PRESERVED",
     "KNN_K",
@@ -51,6 +49,8 @@ __all__ = [
     "MORE_LAYER_SCORES",
     "PROBE_MIN_SIGNAL",
     "PROBE_TRANSFER_PRESERVED",
+    "Comparison",
+    "ComparisonError",
     "LevelVerdict",
     "MetricCheck",
     "PairSummary",

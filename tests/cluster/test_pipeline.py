@@ -25,6 +25,7 @@ from hrsa.cluster.pipeline import PipelineConfig, PipelineError, load_pipeline, 
 from hrsa.cluster.runner import PipelineResult, run_pipeline
 from hrsa.cluster.state import STATE_FILE
 from hrsa.store import ActivationStore
+from hrsa.store.errors import UserError
 
 pytestmark = pytest.mark.integration
 
@@ -163,8 +164,6 @@ def test_editing_a_labels_file_reruns_the_probes(copy: Workspace) -> None:
 
 
 def test_without_its_state_a_pipeline_adopts_matching_models_and_leaves_others_alone(copy: Workspace) -> None:
-    from hrsa.store.errors import UserError
-
     (copy.root / "out" / STATE_FILE).unlink()  # e.g. a new cluster: the store on S3 remains, `out` does not
     models = {**copy.values["models"], "qwen": {**copy.values["models"]["qwen"], "attention": "causal"}}
     with pytest.raises(UserError, match="attention 'causal' \\(stored 'bidirectional'"):
@@ -220,22 +219,118 @@ def test_dynamics_compares_the_runs_at_their_common_steps(tmp_path: Path, tiny_m
     fake = fake_training({"ra": (1, 2), "rb": (2, 3)}, lambda run: tiny_models.dir("llama" if run == "ra" else "qwen2"))
     monkeypatch.setattr(hrsa.train.trainer, "run_training", lambda c, **kw: calls.append(c.output.parent.name) or fake(c, **kw))
     corpus = write_corpus(tmp_path / "words.jsonl")
-    train = {run: {"backbone": str(tiny_models.dir("llama")), "data": str(corpus), "max_steps": 3, "save_every": 1}
-             for run in ("ra", "rb")}
+    train = {run: {"backbone": str(tiny_models.dir(kind)), "data": str(corpus), "max_steps": 3, "save_every": 1}
+             for run, kind in (("ra", "llama"), ("rb", "qwen2"))}
     config = parse_pipeline({"store": str(tmp_path / "store"), "out": str(tmp_path / "out"), "train": train,
                              "corpora": {"probe": {"path": str(corpus)}},
                              "dynamics": [{"a": "ra", "b": "rb", "corpus": "probe", "metrics": ["cka"], "scheduler": "threads"}]})
     result = run_pipeline(config, console=quiet())
-    assert result.ran == ("train:ra", "train:rb", "extract:ra-step-2", "extract:rb-step-2", "analyze:ra--rb@step-2",
-                          "dynamics:ra--rb", "report")
+    assert result.ran == ("train:ra", "train:rb", "extract:ra-step-0", "extract:rb-step-0", "extract:ra-step-2",
+                          "extract:rb-step-2", "analyze:ra--rb@step-0", "analyze:ra--rb@step-2", "dynamics:ra--rb", "report")
     assert calls == ["ra", "rb"] and config.train["ra"].output == tmp_path / "out" / "train" / "ra"
     dynamics = load_dynamics(result.dynamics["ra--rb"])
-    assert tuple(dynamics.steps) == (2,) and tuple(dynamics.runs) == ("ra", "rb")
+    assert tuple(dynamics.steps) == (0, 2) and tuple(dynamics.runs) == ("ra", "rb")
     # The one common step compares the tiny llama with the tiny qwen2, exactly as a pair of them would.
     step = json.loads((tmp_path / "out" / "dynamics" / "ra--rb" / "step-2" / "results.json").read_text())
     assert (step["a"], step["b"]) == ("ra-step-2", "rb-step-2")
     again = run_pipeline(config, console=quiet())
     assert again.ran == () and calls == ["ra", "rb"]  # training up to date: not called again
+
+
+def test_dynamics_start_at_the_backbones_and_every_series_is_reported(tmp_path: Path, tiny_models: Any, ray_local: Any,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Step 0 of a series is the two runs' backbones, run the way training runs them (bidirectional here, though
+    the series' own attention is auto); the same weights over the same corpus are extracted once (the backbones and
+    the final checkpoints are also the pairs' models); every series reaches the report, and the two Table 2s
+    (backbones, embedding models: the pairs on both corpora) sit side by side."""
+    import hrsa.train.trainer
+    from hrsa.analyze.report.dynamics import load_dynamics
+
+    fake = fake_training({"ra": (1, 2), "rb": (1, 2)}, lambda run: tiny_models.dir("llama" if run == "ra" else "qwen2"))
+    monkeypatch.setattr(hrsa.train.trainer, "run_training", fake)
+    corpus = write_corpus(tmp_path / "words.jsonl")
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"id": f"o{i}", "text": t[::-1], "label": "xy"[i % 2]}) + "\n"
+                             for i, t in enumerate(TEXTS)))
+    backbones = {"ra": str(tiny_models.dir("llama")), "rb": str(tiny_models.dir("qwen2"))}
+    train = {run: {"backbone": path, "data": str(corpus), "max_steps": 2, "save_every": 1, "attention": "bidirectional"}
+             for run, path in backbones.items()}
+    bidirectional = {"attention": "bidirectional"}
+    config = parse_pipeline({
+        "store": str(tmp_path / "store"), "out": str(tmp_path / "out"), "train": train,
+        "corpora": {"words": {"path": str(corpus), "label_field": "label"}, "other": {"path": str(other), "label_field": "label", "max_tokens": 64}},
+        "models": {"base": {"model": backbones["ra"], **bidirectional}, "rl": {"model": backbones["rb"], **bidirectional},
+                   "base-e": {"train": "ra", **bidirectional}, "rl-e": {"train": "rb", **bidirectional}},
+        "pairs": [{"a": a, "b": b, "corpus": c, "metrics": m, "scheduler": "threads", "name": f"{a}--{b}--{c}"}
+                  for a, b in (("base", "rl"), ("base-e", "rl-e"))
+                  for c, m in (("words", ["cka", "dimcorr"]), ("other", ["probe"]))],
+        "dynamics": [{"a": "ra", "b": "rb", "corpus": c, "metrics": ["cka"], "scheduler": "threads", "name": f"realign-{c}"}
+                     for c in ("words", "other")],
+    })
+    result = run_pipeline(config, console=quiet())
+    # Steps 0 and 2 of both series are the pairs' own extractions; only step 1 is extracted for the dynamics.
+    extracted = [s for s in result.ran if s.startswith("extract:")]
+    assert sorted(extracted) == sorted([f"extract:{m}--{c}" for m in ("base", "rl", "base-e", "rl-e") for c in ("words", "other")]
+                                       + [f"extract:{r}-step-1--{c}" for r in ("ra", "rb") for c in ("words", "other")])
+    store = ActivationStore.open(config.store)
+    for corpus_name in ("words", "other"):
+        dyn = load_dynamics(result.dynamics[f"realign-{corpus_name}"])
+        assert dyn.steps == (0, 1, 2) and dyn.name == f"realign-{corpus_name}"
+        assert dyn.pairs[0] == (f"base--{corpus_name}", f"rl--{corpus_name}")  # step 0: the backbones
+        assert dyn.pairs[2] == (f"base-e--{corpus_name}", f"rl-e--{corpus_name}")  # the last step: the final checkpoints
+        assert store.model_info(f"base--{corpus_name}").attention == "bidirectional"
+    page = result.report.read_text()
+    for name in ("realign-words", "realign-other"):
+        assert f"Training dynamics: {name}" in page
+    assert "every series on one plot" in page
+    header = page.split('id="table-2"', 1)[1].split("</thead>", 1)[0]
+    assert "base vs rl" in header and "base-e vs rl-e" in header
+    assert run_pipeline(config, console=quiet()).ran == ()
+
+
+def test_step_0_runs_the_backbone_as_training_does(tmp_path: Path, tiny_models: Any, ray_local: Any,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A series whose extraction is attention auto still runs step 0 bidirectionally when training does: checkpoints
+    record is_causal false, the backbone does not, and comparing a causal step 0 with bidirectional checkpoints would
+    measure the attention mask, not training."""
+    import hrsa.train.trainer
+
+    fake = fake_training({"ra": (1,), "rb": (1,)}, lambda run: tiny_models.dir("llama"))
+    monkeypatch.setattr(hrsa.train.trainer, "run_training", fake)
+    corpus = write_corpus(tmp_path / "words.jsonl")
+    train = {run: {"backbone": str(tiny_models.dir("llama")), "data": str(corpus), "max_steps": 1} for run in ("ra", "rb")}
+    config = parse_pipeline({"store": str(tmp_path / "store"), "out": str(tmp_path / "out"), "train": train,
+                             "corpora": {"probe": {"path": str(corpus)}},
+                             "dynamics": [{"a": "ra", "b": "rb", "corpus": "probe", "metrics": ["cka"], "scheduler": "threads"}]})
+    result = run_pipeline(config, console=quiet())
+    store = ActivationStore.open(config.store)
+    assert store.model_info("ra-step-0").attention == "bidirectional"
+    assert "extract:rb-step-0" not in result.ran  # the same backbone as ra's: extracted once
+    assert next(s for s in result.stages if s.name == "extract:rb-step-0").reason.startswith("the same as extract:ra-step-0")
+
+
+def test_a_series_may_hold_b_at_one_step_to_follow_a_runs_drift(tmp_path: Path, tiny_models: Any, ray_local: Any,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """b_step: 0 compares every step of a run with its own backbone (how far training moved it); a b_step that b
+    did not save is one line."""
+    import hrsa.train.trainer
+    from hrsa.analyze.report.dynamics import load_dynamics
+
+    monkeypatch.setattr(hrsa.train.trainer, "run_training", fake_training({"ra": (1, 2)}, lambda run: tiny_models.dir("qwen2")))
+    corpus = write_corpus(tmp_path / "words.jsonl")
+    values = {"store": str(tmp_path / "store"), "out": str(tmp_path / "out"),
+              "train": {"ra": {"backbone": str(tiny_models.dir("llama")), "data": str(corpus), "max_steps": 2, "save_every": 1}},
+              "corpora": {"probe": {"path": str(corpus)}},
+              "dynamics": [{"a": "ra", "b": "ra", "b_step": 0, "corpus": "probe", "metrics": ["cka"], "scheduler": "threads",
+                            "name": "drift"}]}
+    result = run_pipeline(parse_pipeline(values), console=quiet())
+    dyn = load_dynamics(result.dynamics["drift"])
+    assert dyn.steps == (0, 1, 2) and dyn.pairs == (("ra-step-0", "ra-step-0"), ("ra-step-1", "ra-step-0"),
+                                                    ("ra-step-2", "ra-step-0"))
+    assert dyn.cka is not None and dyn.cka.mean[0] == pytest.approx(1.0)  # the backbone against itself
+    bad = {**values, "dynamics": [{**values["dynamics"][0], "b_step": 5}]}
+    with pytest.raises(UserError, match="^Expected b_step 0 or a saved step of run ra"):
+        run_pipeline(parse_pipeline(bad), console=quiet())
 
 
 def write_training_data(path: Path) -> Path:
