@@ -1,4 +1,5 @@
-"""The progress bar of one pipeline stage, drawn below the stage's line and removed when it ends."""
+"""The progress of one pipeline stage: a bar below the stage's line on a terminal, removed when it ends; plain
+periodic lines in a log (:class:`hrsa.runtime.progress.LineProgress`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from contextlib import contextmanager
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+from hrsa.runtime.progress import LineProgress
 
 __all__ = ["stage_progress"]
 
@@ -17,7 +20,7 @@ def stage_progress(console: Console, unit: str) -> Iterator[tuple[Progress, Task
 
     The total starts unknown; the stage sets it (``progress.update(task, total=...)``) once it knows.
     """
-    progress = Progress(TextColumn("    "), BarColumn(), MofNCompleteColumn(), TextColumn(unit), TimeElapsedColumn(),
-                        console=console, transient=True)
+    progress = LineProgress(TextColumn("    "), BarColumn(), MofNCompleteColumn(), TextColumn(unit), TimeElapsedColumn(),
+                            console=console, label=unit, transient=True)
     with progress:
         yield progress, progress.add_task("stage", total=None)

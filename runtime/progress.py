@@ -1,0 +1,73 @@
+"""Progress that reads in a log too: rich's bars on a terminal, plain periodic lines anywhere else.
+
+A rich bar on a console that is not a terminal (output piped to a file, a CI log, ``ray job logs``) draws nothing
+until it stops, so a stage of ten minutes shows no sign of life. :class:`LineProgress` is rich's ``Progress``
+that, on such a console, prints one plain line per task when it starts, then at most every ``every`` seconds, and
+once when it stops, e.g. ``    tokens 12,288/40,960 (30%) 0:00:42`` or ``    training 8/16 (50%) loss 0.6776 0:01:10``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.progress import Progress, Task, TaskID
+
+__all__ = ["LineProgress", "progress_line"]
+
+
+class LineProgress(Progress):
+    """rich's ``Progress``; on a console that is not a terminal, plain lines instead of a bar.
+
+    Args:
+        columns: the bar's columns (as rich's Progress takes them).
+        console: where it draws (default: rich's global console).
+        label: the name of what is counted, first on each plain line (e.g. "tokens", "training").
+        every: seconds between two plain lines of one task.
+        disable: show nothing at all (neither bar nor lines).
+    """
+
+    def __init__(self, *columns: Any, console: Console | None = None, label: str = "", every: float = 15.0,
+                 disable: bool = False, **options: Any) -> None:
+        from rich import get_console
+
+        console = console or get_console()
+        self._lines = not disable and (not console.is_terminal or console.is_dumb_terminal)
+        super().__init__(*columns, console=console, disable=disable or self._lines, **options)
+        self._label, self._every = label, every
+        self._last_line: dict[TaskID, float] = {}
+
+    def update(self, task_id: TaskID, **changes: Any) -> None:
+        super().update(task_id, **changes)
+        self._line(task_id)
+
+    def advance(self, task_id: TaskID, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        self._line(task_id)
+
+    def stop(self) -> None:
+        for task_id in list(self._last_line):
+            self._line(task_id, final=True)
+        super().stop()
+
+    def _line(self, task_id: TaskID, *, final: bool = False) -> None:
+        """One plain line for the task: the first time, every ``every`` seconds, and at the end."""
+        if not self._lines:
+            return
+        now = time.monotonic()
+        last = self._last_line.get(task_id)
+        if not final and last is not None and now - last < self._every:
+            return
+        self._last_line[task_id] = now
+        with self._lock:
+            task = self._tasks[task_id]
+        self.console.print(progress_line(task, self._label), markup=False, highlight=False, emoji=False)
+
+
+def progress_line(task: Task, label: str) -> str:
+    """``    LABEL done/total (pct%) FIELDS elapsed``: a task's state as one plain line (no total: no share)."""
+    done = f"{task.completed:,.0f}" + (f"/{task.total:,.0f} ({task.percentage:.0f}%)" if task.total else "")
+    fields = " ".join(str(v) for v in task.fields.values() if v not in (None, ""))
+    elapsed = time.strftime("%H:%M:%S", time.gmtime(task.elapsed or 0.0)).removeprefix("0")
+    return "    " + " ".join(part for part in (label, done, fields, elapsed) if part)
