@@ -183,8 +183,11 @@ def run_training(config: TrainConfig, *, progress: bool = True, stop_after: int 
 
 
 def _fit_with_progress(trainer: Any, queue: Any, total: int, *, progress: bool) -> list[dict[str, Any]]:
-    """Run ``trainer.fit()`` in a thread while this one drains the workers' reports into a progress bar."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    """Run ``trainer.fit()`` in a thread while this one drains the workers' reports into a progress bar (plain
+    periodic lines when the output is not a terminal: a log shows the steps and the loss as they come)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    from hrsa.runtime.progress import LineProgress
 
     outcome: dict[str, Any] = {}
 
@@ -198,7 +201,7 @@ def _fit_with_progress(trainer: Any, queue: Any, total: int, *, progress: bool) 
     events: list[dict[str, Any]] = []
     columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("steps {task.fields[loss]}"),
                TimeElapsedColumn())
-    with Progress(*columns, disable=not progress) as bar:
+    with LineProgress(*columns, disable=not progress, label="training") as bar:
         task = bar.add_task("train", total=total, loss="")
         thread.start()
         while thread.is_alive() or not queue.empty():
