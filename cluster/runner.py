@@ -142,6 +142,7 @@ class _Runner:
     store_ids: dict[str, str] = field(default_factory=dict)
     last_steps: dict[str, Path] = field(default_factory=dict)  # each dynamics series' last results.json
     _extracted: dict[str, _Extracted] = field(default_factory=dict)
+    _asked: dict[str, str] = field(default_factory=dict)  # each extraction stage asked for -> its own key
     _by_content: dict[str, str] = field(default_factory=dict)  # content key -> the stage that extracted it
 
     def __post_init__(self) -> None:
@@ -249,11 +250,12 @@ class _Runner:
         content = stage_key({"extract": {k: v for k, v in settings.items() if k != "name"}, **inputs})  # any name
         stage = f"extract:{store_id}"
         if stage in self._extracted:  # the same checkpoint in two series: extracted once
-            if self._extracted[stage].key != key:
+            if self._asked[stage] != key:
                 raise UserError(f"Expected one extraction for store id {store_id}. Got two that differ (a model named like a "
                                 "checkpoint, or two dynamics series with other extract settings). Rename the model, or give "
                                 "the series the same extract settings.")
             return self._extracted[stage]
+        self._asked[stage] = key
         same = self._by_content.get(content)
         if same is not None:  # e.g. a series' step 0 is a pair's backbone: the stored one serves both
             self.outcomes.append(StageOutcome(stage, False, f"the same as {same} (weights, corpus and settings)"))

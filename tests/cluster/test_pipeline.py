@@ -311,8 +311,8 @@ def test_step_0_runs_the_backbone_as_training_does(tmp_path: Path, tiny_models: 
 
 def test_a_series_may_hold_b_at_one_step_to_follow_a_runs_drift(tmp_path: Path, tiny_models: Any, ray_local: Any,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """b_step: 0 compares every step of a run with its own backbone (how far training moved it); a b_step that b
-    did not save is one line."""
+    """b_step: 0 compares every step of a run with its own backbone (how far training moved it), here the pair's
+    backbone extraction, asked for twice (a at step 0 and b); a b_step that b did not save is one line."""
     import hrsa.train.trainer
     from hrsa.analyze.report.dynamics import load_dynamics
 
@@ -321,12 +321,13 @@ def test_a_series_may_hold_b_at_one_step_to_follow_a_runs_drift(tmp_path: Path, 
     values = {"store": str(tmp_path / "store"), "out": str(tmp_path / "out"),
               "train": {"ra": {"backbone": str(tiny_models.dir("llama")), "data": str(corpus), "max_steps": 2, "save_every": 1}},
               "corpora": {"probe": {"path": str(corpus)}},
+              "models": {"base": {"model": str(tiny_models.dir("llama")), "attention": "bidirectional"}},
+              "pairs": [{"a": "base", "b": "base", "corpus": "probe", "metrics": ["cka"], "scheduler": "threads"}],
               "dynamics": [{"a": "ra", "b": "ra", "b_step": 0, "corpus": "probe", "metrics": ["cka"], "scheduler": "threads",
                             "name": "drift"}]}
     result = run_pipeline(parse_pipeline(values), console=quiet())
     dyn = load_dynamics(result.dynamics["drift"])
-    assert dyn.steps == (0, 1, 2) and dyn.pairs == (("ra-step-0", "ra-step-0"), ("ra-step-1", "ra-step-0"),
-                                                    ("ra-step-2", "ra-step-0"))
+    assert dyn.steps == (0, 1, 2) and dyn.pairs == (("base", "base"), ("ra-step-1", "base"), ("ra-step-2", "base"))
     assert dyn.cka is not None and dyn.cka.mean[0] == pytest.approx(1.0)  # the backbone against itself
     bad = {**values, "dynamics": [{**values["dynamics"][0], "b_step": 5}]}
     with pytest.raises(UserError, match="^Expected b_step 0 or a saved step of run ra"):
