@@ -36,7 +36,7 @@ class LineProgress(Progress):
         self._lines = not disable and (not console.is_terminal or console.is_dumb_terminal)
         super().__init__(*columns, console=console, disable=disable or self._lines, **options)
         self._label, self._every = label, every
-        self._last_line: dict[TaskID, float] = {}
+        self._last_line: dict[TaskID, tuple[float, float]] = {}  # when each task's last line was printed, at what count
 
     def update(self, task_id: TaskID, **changes: Any) -> None:
         super().update(task_id, **changes)
@@ -52,16 +52,16 @@ class LineProgress(Progress):
         super().stop()
 
     def _line(self, task_id: TaskID, *, final: bool = False) -> None:
-        """One plain line for the task: the first time, every ``every`` seconds, and at the end."""
+        """One plain line for the task: the first time, every ``every`` seconds, and at the end (unless the last
+        line already said where it ended)."""
         if not self._lines:
             return
-        now = time.monotonic()
-        last = self._last_line.get(task_id)
-        if not final and last is not None and now - last < self._every:
-            return
-        self._last_line[task_id] = now
         with self._lock:
             task = self._tasks[task_id]
+        now, last = time.monotonic(), self._last_line.get(task_id)
+        if last is not None and (now - last[0] < self._every if not final else task.completed == last[1]):
+            return
+        self._last_line[task_id] = (now, task.completed)
         self.console.print(progress_line(task, self._label), markup=False, highlight=False, emoji=False)
 
 

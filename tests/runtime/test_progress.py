@@ -50,3 +50,11 @@ def test_disabled_shows_nothing() -> None:
     with LineProgress(BarColumn(), console=console, label="tokens", disable=True) as progress:
         progress.advance(progress.add_task("stage", total=10), 10)
     assert out.getvalue() == ""
+
+
+def test_the_last_line_is_not_repeated() -> None:
+    out, console = _log()
+    with LineProgress(BarColumn(), console=console, label="tokens", every=0) as progress:
+        task = progress.add_task("stage", total=10)
+        progress.advance(task, 10)  # a line at 10/10 already
+    assert out.getvalue().count("tokens 10/10") == 1
