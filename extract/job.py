@@ -21,6 +21,7 @@ from typing import Any
 
 # The job's input, re-exported: callers build an ExtractConfig and hand it to run_extraction.
 from hrsa.extract.config import ExtractConfig, ExtractConfigError, parse_extract_config
+from hrsa.runtime.placement import cpus_per_worker
 from hrsa.store.errors import CorpusMismatchError, HrsaError, UserError
 
 __all__ = ["PLACEMENT_TIMEOUT_S", "ExtractConfig", "ExtractConfigError", "ExtractResult", "ExtractionFailedError",
@@ -140,18 +141,24 @@ def _store_corpus(config: ExtractConfig, store: Any, corpus: _Corpus) -> str:
                               template=config.template, extra={"corpus_spec": _corpus_spec(config).to_dict()})
 
 
+def _node_cpus(conn: Any) -> list[float]:
+    return [node.cpus for node in conn.nodes] or [conn.n_cpus]
+
+
 def _placement(conn: Any, workers: int | None) -> tuple[int, float, float, int]:
-    """(workers, GPUs each, CPUs each, torch threads each): one per GPU, else CPU workers sharing the cores."""
+    """(workers, GPUs each, CPUs each, torch threads each): one per GPU, else CPU workers sharing the cores, each
+    with the most CPUs that still fit on one node (the cluster's CPUs divided by the workers may exceed every node)."""
     if conn.n_gpus >= 1:
         return int(workers or conn.n_gpus), 1.0, 1.0, 0
     n = int(workers or 1)
-    threads = max(1, int(conn.n_cpus // n))
+    node_cpus = _node_cpus(conn)
+    threads = cpus_per_worker(node_cpus, n) if sum(int(c) for c in node_cpus) >= n else 1  # else refused next
     return n, 0.0, float(threads), threads
 
 
 def _check_placement(conn: Any, n: int, gpus: float, cpus: float) -> None:
     """Refuse at once what the cluster can never place (it would wait forever), naming the most it can take."""
-    most = int(conn.n_gpus // gpus) if gpus else int(conn.n_cpus // cpus)
+    most = int(conn.n_gpus // gpus) if gpus else sum(int(c // cpus) for c in _node_cpus(conn))
     if n > most:
         each = f"{cpus:g} CPU" + (f" and {gpus:g} GPU" if gpus else "")
         raise WorkerPlacementError(

@@ -3,8 +3,8 @@ reaches the run folder.
 
 Ray Train places each worker as one bundle of resources on one node, and waits without end for a bundle no node
 can hold (it expects an autoscaler to add such a node): a CPU worker sized from the whole cluster's CPUs divided by
-the workers can exceed every node. So CPU workers are sized per node (:func:`cpus_per_worker`), and a request the
-nodes cannot hold is one line naming the fix.
+the workers can exceed every node. So CPU workers are sized per node (:func:`hrsa.runtime.placement.cpus_per_worker`),
+and a request the nodes cannot hold is one line naming the fix.
 
 Ray Train writes checkpoints from the workers' nodes and its own state from wherever its controller runs, so the
 run folder must be storage every node reaches. A local path on a multi-node cluster is checked by asking each node
@@ -22,15 +22,11 @@ from typing import Any
 
 from hrsa.runtime.connection import NodeResources
 from hrsa.runtime.locations import Location
-from hrsa.store.errors import UserError
+from hrsa.runtime.placement import PlacementError, cpus_per_worker, describe_nodes
 
 __all__ = ["PlacementError", "WorkerPlacement", "check_every_node_reaches", "cpus_per_worker", "plan_workers"]
 
 _ANSWER_S = 60.0  # a node that has not answered a trivial task by then is counted as not reaching the folder
-
-
-class PlacementError(UserError, ValueError):
-    """Training the cluster cannot run: workers no node can hold, or a run folder some node does not reach."""
 
 
 @dataclass(frozen=True)
@@ -50,26 +46,6 @@ class WorkerPlacement:
         return None if self.use_gpu else {"CPU": float(self.cpus)}
 
 
-def cpus_per_worker(node_cpus: Sequence[float], workers: int) -> int:
-    """The most whole CPUs each of ``workers`` workers can take, every worker on one node: the largest k with
-    sum over nodes of floor(cpus / k) >= workers.
-
-    Raises:
-        PlacementError: the nodes cannot hold ``workers`` workers of one CPU.
-
-    Example:
-        >>> cpus_per_worker([8, 2], 2), cpus_per_worker([8, 2], 3), cpus_per_worker([16], 3)
-        (4, 2, 5)
-    """
-    fits = [k for k in range(1, int(max(node_cpus, default=0)) + 1) if sum(int(c // k) for c in node_cpus) >= workers]
-    if not fits:
-        most = sum(int(c) for c in node_cpus)
-        raise PlacementError(f"Expected --workers the Ray cluster can place, one CPU each at least: at most {most} "
-                             f"({_describe(node_cpus, 'CPUs')}). Got {workers} instead. Pass --workers {max(most, 1)} "
-                             "or fewer (--batch-size must divide by it), or add nodes.")
-    return max(fits)
-
-
 def plan_workers(nodes: Sequence[NodeResources], *, workers: int, use_gpu: bool | None) -> WorkerPlacement:
     """Each worker's resources on these nodes: one GPU each when asked (by default, when the nodes have a GPU per
     worker), else the most CPUs each that still fit.
@@ -84,13 +60,9 @@ def plan_workers(nodes: Sequence[NodeResources], *, workers: int, use_gpu: bool 
         return WorkerPlacement(False, cpus_per_worker([n.cpus for n in nodes], workers))
     if gpu_slots < workers:
         raise PlacementError(f"Expected --workers the Ray cluster can place, one GPU each: at most {gpu_slots} "
-                             f"({_describe([n.gpus for n in nodes], 'GPUs')}). Got {workers} instead. Pass --workers "
+                             f"({describe_nodes([n.gpus for n in nodes], 'GPUs')}). Got {workers} instead. Pass --workers "
                              f"{max(gpu_slots, 1)} or fewer, train on CPUs (--no-use-gpu), or add GPU nodes.")
     return WorkerPlacement(True, 1)
-
-
-def _describe(amounts: Sequence[float], what: str) -> str:
-    return f"{len(amounts)} node(s) with {', '.join(f'{a:g}' for a in amounts) or 'no'} {what}"
 
 
 def check_every_node_reaches(run: Location, nodes: Sequence[NodeResources]) -> None:
