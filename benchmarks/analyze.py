@@ -29,11 +29,10 @@ stream drifting across layers, and model B a noisy copy of model A.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
-import queue as queue_module
 import resource
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -41,6 +40,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling helper, however this script is started
+
+from fresh_process import run_in_fresh_process  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -197,19 +200,7 @@ def _memory_child(path: str, n: int, budget: str, cross_layer: bool, metrics: tu
 
 
 def run_child(*args: Any) -> dict[str, Any]:
-    ctx = mp.get_context("spawn")  # a fresh interpreter: its peak RSS is this analysis's alone
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_memory_child, args=(*args, queue))
-    proc.start()
-    while True:  # a child that dies (out of memory, say) must not leave the benchmark waiting forever
-        try:
-            out = queue.get(timeout=2)
-            break
-        except queue_module.Empty:
-            if not proc.is_alive():
-                raise RuntimeError(f"the measured child process died (exit code {proc.exitcode})") from None
-    proc.join()
-    return out
+    return run_in_fresh_process(_memory_child, *args)
 
 
 def bench_memory(cfg: BenchConfig, root: Path) -> None:

@@ -31,9 +31,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing as mp
-import queue as queue_module
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -41,6 +40,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling helper, however this script is started
+
+from fresh_process import run_in_fresh_process  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -150,7 +153,7 @@ def _status_bytes(field: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))  # kB
 
 
-def _memory_child(path: str, cfg: BenchConfig, out: mp.Queue) -> None:
+def _memory_child(path: str, cfg: BenchConfig, out: Any) -> None:
     import faiss  # noqa: F401  (imported before the baseline: its libraries are not the search's memory)
 
     from hrsa.analyze.local.knn_search import search_neighbors
@@ -187,18 +190,10 @@ def bench_memory(cfg: BenchConfig, workdir: Path) -> dict[str, Any]:
     start = time.perf_counter()
     write_store(path, cfg)
     written = time.perf_counter() - start
-    ctx = mp.get_context("spawn")
-    queue: mp.Queue = ctx.Queue()
-    proc = ctx.Process(target=_memory_child, args=(str(path), cfg, queue))
-    proc.start()
-    while True:  # a child that dies (a budget that does not fit, memory) puts nothing: do not wait for ever
-        try:
-            res = queue.get(timeout=5)
-            break
-        except queue_module.Empty:
-            if not proc.is_alive():
-                raise SystemExit(f"(c) failed: its process exited with code {proc.exitcode} (see above)") from None
-    proc.join()
+    try:
+        res = run_in_fresh_process(_memory_child, str(path), cfg, poll_seconds=5)
+    except RuntimeError as error:
+        raise SystemExit(f"(c) failed: {error} (see above)") from None
     plan, sample = res["plan"], cfg.tokens * cfg.hidden * 4
     budget = parse_memory_budget(cfg.budget)
     full_pass = 2 * res["seconds"] * cfg.tokens / cfg.memory_queries  # both models, every token a query

@@ -36,7 +36,10 @@ def demo(config_file: Path | None, **flags: Any) -> None:
 @click.argument("pipeline", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--address", default=None, help="Ray address; overrides the pipeline's address (default RAY_ADDRESS, "
                                               "else an embedded local Ray).")
-def run(pipeline: Path, address: str | None) -> None:
+@click.option("--out", default=None, help="Overrides the pipeline's out: a folder, or a URL such as "
+                                          "s3://bucket/hrsa/out that outlives the cluster (training runs default to "
+                                          "OUT/train/RUN).")
+def run(pipeline: Path, address: str | None, out: str | None) -> None:
     """Run a pipeline YAML: train -> extract -> analyze -> dynamics -> report.
 
     Each stage is skipped when its outputs exist and match its inputs; a re-run after a failure resumes
@@ -47,7 +50,7 @@ def run(pipeline: Path, address: str | None) -> None:
     from hrsa.cluster.pipeline import load_pipeline
     from hrsa.cluster.runner import run_pipeline
 
-    config = load_pipeline(pipeline)
+    config = load_pipeline(pipeline, out=out)
     if address:
         config = config.model_copy(update={"address": address})
     console = Console()

@@ -4,7 +4,7 @@ the training runs, the models, the pairs to compare, the training dynamics to fo
 Example (see configs/examples/pipeline.yaml for every field)::
 
     store: hrsa-out/store            # a path, or s3://bucket/store on a cluster
-    out: hrsa-out/pipeline           # results, report and pipeline-state.json
+    out: hrsa-out/pipeline           # results, report and pipeline-state.json (or s3://bucket/out)
     corpora:
       cot: {path: ../shared/data/cot/samples, template: "{reasoning}", max_tokens: 512}
     models:
@@ -30,7 +30,8 @@ from hrsa.analyze.config import AnalyzeConfig
 from hrsa.analyze.report.cli import VerdictRules
 from hrsa.analyze.report.summary import Comparison
 from hrsa.extract.config import CorpusOptions, ExtractRunOptions, ModelSourceOptions
-from hrsa.runtime.settings import Problems, read_yaml_mapping, validation_problems
+from hrsa.runtime.locations import is_url
+from hrsa.runtime.settings import FolderLocation, Problems, read_yaml_mapping, validation_problems
 from hrsa.store.errors import InvalidIdError, UserError
 from hrsa.store.ids import parse_id, slugify
 
@@ -148,7 +149,8 @@ class PipelineConfig(BaseModel):
     model_config = _FROZEN
 
     store: str = Field(description="Store URL: a local path or an fsspec URL (s3://bucket/store) every node reaches.")
-    out: Path = Field(description="Folder for results, the report and pipeline-state.json.")
+    out: FolderLocation = Field(description="Folder for results, dynamics, the report and pipeline-state.json: a path, "
+                                "or a URL (s3://bucket/hrsa/out) that outlives the cluster.")
     address: str | None = Field(None, description="Ray address (default RAY_ADDRESS, else an embedded local Ray).")
     corpora: dict[Name, CorpusEntry] = Field(min_length=1, description="Corpora by name.")
     train: dict[Name, Any] = Field(default_factory=dict, description="Training runs by name: TrainConfig fields.")
@@ -264,8 +266,8 @@ def _known(names: Mapping[str, Any]) -> str:
     return ", ".join(names) or "none"
 
 
-def _train_config(run: str, fields: Any, out: Path | None) -> Any:
-    """A run's TrainConfig; its output defaults to <out>/train/<run>."""
+def _train_config(run: str, fields: Any, out: Path | str | None) -> Any:
+    """A run's TrainConfig; its output defaults to <out>/train/<run> (on the same storage as a remote out)."""
     try:
         from hrsa.train.config import TrainConfig
     except ImportError as error:
@@ -276,7 +278,7 @@ def _train_config(run: str, fields: Any, out: Path | None) -> Any:
         raise Problems([f"{run}: expected a mapping of training settings, got {type(fields).__name__}"])
     values = dict(fields)
     if values.get("output") is None and out is not None:
-        values["output"] = Path(out) / "train" / run
+        values["output"] = f"{str(out).rstrip('/')}/train/{run}" if is_url(out) else Path(out) / "train" / run
     try:
         return TrainConfig.model_validate(values)
     except ValidationError as error:
@@ -298,11 +300,15 @@ def parse_pipeline(values: Mapping[str, Any]) -> PipelineConfig:
                             "Fix them in the pipeline file (configs/examples/pipeline.yaml shows every field).") from None
 
 
-def load_pipeline(path: str | Path) -> PipelineConfig:
+def load_pipeline(path: str | Path, *, out: str | None = None) -> PipelineConfig:
     """Read and validate the pipeline YAML at ``path``.
+
+    Args:
+        path: the pipeline file.
+        out: replaces the file's ``out`` (before validation, so the training runs' default outputs follow it).
 
     Raises:
         PipelineError: an unreadable file, not a mapping, or every problem of its contents at once.
     """
     loaded = read_yaml_mapping(path, error=PipelineError, what="pipeline sections (store, out, corpora, models, pairs...)")
-    return parse_pipeline(loaded)
+    return parse_pipeline({**loaded, "out": out} if out is not None else loaded)

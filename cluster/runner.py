@@ -18,7 +18,7 @@ did not write is never touched: the run stops and names the fix.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,10 +27,12 @@ from rich.console import Console
 from rich.markup import escape
 
 from hrsa.cluster.progress import stage_progress
+from hrsa.cluster.remote_out import PublishedOut
 from hrsa.cluster.stage_keys import ANALYZE_SCHEDULING, EXTRACT_SCHEDULING, source_fingerprint, stage_key
 from hrsa.cluster.state import STATE_FILE, PipelineState
 from hrsa.extract.config import CorpusOptions, ExtractConfig, ExtractRunOptions, ModelSourceOptions, parse_extract_config
 from hrsa.extract.rerun import stored_mismatch
+from hrsa.runtime.locations import is_url, parse_location
 from hrsa.store.errors import UserError
 
 if TYPE_CHECKING:
@@ -55,7 +57,8 @@ class PipelineResult:
     """What a pipeline run produced.
 
     Attributes:
-        out: the pipeline's output folder; store: the store URL.
+        out: the pipeline's output folder, or its URL (a remote out; the paths below are then the local copies of
+            what was uploaded there); store: the store URL.
         report: the report file, or None when there was nothing to report.
         results: results.json of each pair, by pair name.
         dynamics: the dynamics file of each series, by series name.
@@ -63,7 +66,7 @@ class PipelineResult:
         stages: every stage in the order it was considered.
     """
 
-    out: Path
+    out: Path | str
     store: str
     report: Path | None
     results: Mapping[str, Path]
@@ -82,7 +85,7 @@ class PipelineResult:
 
 @dataclass(frozen=True)
 class _Trained:
-    checkpoints: tuple[Path, ...]
+    checkpoints: tuple[str, ...]  # absolute paths, or URLs of a run on remote storage
     steps: tuple[int, ...]
     key: str
 
@@ -103,13 +106,20 @@ def run_pipeline(config: PipelineConfig, *, console: Console | None = None) -> P
     """Run (or resume) a pipeline; each stage prints a line saying whether it runs and why.
 
     Args:
-        config: a validated pipeline (:func:`hrsa.cluster.pipeline.load_pipeline`, or built in Python).
+        config: a validated pipeline (:func:`hrsa.cluster.pipeline.load_pipeline`, or built in Python). Its ``out``
+            may be a URL (``s3://...``): the stages then write a local copy that is uploaded after each stage
+            (:mod:`hrsa.cluster.remote_out`), so the outputs outlive the cluster and a re-run anywhere resumes.
         console: where lines and progress bars go (default: a new rich Console on stdout).
 
     Raises:
         UserError: a model, corpus or setting that cannot work (one line that names the fix).
     """
-    runner = _Runner(config, console or Console())
+    out = config.out
+    # A remote out (s3://...): the stages write a local copy of it, uploaded as each stage records itself.
+    published = PublishedOut.open(str(out), state_file=STATE_FILE) if is_url(out) else None
+    if published is not None:
+        config = config.model_copy(update={"out": published.local})
+    runner = _Runner(config, console or Console(), publish=published.push if published else None)
     # Step 1: training runs; Step 2: every model over each corpus of its pairs, and the dynamics checkpoints.
     trained = {run: runner.train(run, tc) for run, tc in config.train.items()}
     models = {(m, c): runner.extract_model(m, c, trained) for m in config.models for c in config.model_corpora(m)}
@@ -122,16 +132,17 @@ def run_pipeline(config: PipelineConfig, *, console: Console | None = None) -> P
                                        config.out / "pairs" / p.label) for p in config.pairs}
     dynamics = {d.label: runner.dynamics(d, series[d.label]) for d in config.dynamics}
     report = runner.report(results, dynamics)
-    return PipelineResult(config.out, config.store, report, {k: v.results for k, v in results.items()},
+    return PipelineResult(out, config.store, report, {k: v.results for k, v in results.items()},
                           {k: v.results for k, v in dynamics.items()}, dict(runner.store_ids), tuple(runner.outcomes))
 
 
 def _checkpoints_complete(outputs: Mapping[str, Any]) -> bool:
-    """Whether every checkpoint a training stage recorded is still there, complete."""
+    """Whether every checkpoint a training stage recorded is still there, complete (on any storage: one listing of
+    the run folder)."""
     from hrsa.train.checkpoints import list_checkpoints
 
-    recorded = [Path(c) for c in outputs.get("checkpoints", ())]
-    return all(c in {k.path for k in list_checkpoints(c.parent)} for c in recorded)
+    recorded = [str(c) for c in outputs.get("checkpoints", ())]
+    return not recorded or set(recorded) <= {c.url for c in list_checkpoints(outputs["output"])}
 
 
 @dataclass
@@ -142,12 +153,13 @@ class _Runner:
     store_ids: dict[str, str] = field(default_factory=dict)
     last_steps: dict[str, Path] = field(default_factory=dict)  # each dynamics series' last results.json
     _extracted: dict[str, _Extracted] = field(default_factory=dict)
+    publish: Callable[[], None] | None = None  # uploads a remote out's new files after each state write
     _asked: dict[str, str] = field(default_factory=dict)  # each extraction stage asked for -> its own key
     _by_content: dict[str, str] = field(default_factory=dict)  # content key -> the stage that extracted it
 
     def __post_init__(self) -> None:
         self.config.out.mkdir(parents=True, exist_ok=True)
-        self.state = PipelineState(self.config.out / STATE_FILE)
+        self.state = PipelineState(self.config.out / STATE_FILE, on_write=self.publish)
 
     def _announce(self, stage: str, reason: str | None) -> bool:
         """Print the stage's line; True when it must run."""
@@ -170,7 +182,7 @@ class _Runner:
         if tc.address is None and self.config.address is not None:
             tc = tc.model_copy(update={"address": self.config.address})
         recipe = training_recipe(tc)
-        tc = tc.model_copy(update={"output": tc.output / recipe.folder_name})
+        tc = tc.model_copy(update={"output": parse_location(tc.output).child(recipe.folder_name).as_path_or_url()})
         key = stage_key({"recipe": recipe.key, "save_every": tc.save_every})
         reason = self.state.reason_to_run(stage, key, _checkpoints_complete)
         if self._announce(stage, reason):
@@ -183,7 +195,7 @@ class _Runner:
                                            "checkpoints": [str(c) for c in result.checkpoints],
                                            "steps": [checkpoint_step(c) for c in result.checkpoints]})
         outputs = self.state.entry(stage)["outputs"]  # type: ignore[index]
-        return _Trained(tuple(Path(c) for c in outputs["checkpoints"]), tuple(outputs["steps"]), key)
+        return _Trained(tuple(str(c) for c in outputs["checkpoints"]), tuple(outputs["steps"]), key)
 
     # -- Step 2: extraction ---------------------------------------------------------------------------
     def extract_model(self, name: str, corpus: str, trained: Mapping[str, _Trained]) -> _Extracted:

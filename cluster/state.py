@@ -26,10 +26,16 @@ _EARLIER = {"hrsa.pipeline-state/1"}
 
 
 class PipelineState:
-    """``<out>/pipeline-state.json``: per stage, its key, status and outputs (one writer: the driver)."""
+    """``<out>/pipeline-state.json``: per stage, its key, status and outputs (one writer: the driver).
 
-    def __init__(self, path: Path) -> None:
+    Args:
+        path: the state file.
+        on_write: called after each write (a remote ``out`` uploads what the stage wrote, then this file).
+    """
+
+    def __init__(self, path: Path, *, on_write: Callable[[], None] | None = None) -> None:
         self.path = path
+        self.on_write = on_write
         self._stages: dict[str, dict[str, Any]] = {}
         if path.is_file():
             doc = json.loads(path.read_text())
@@ -70,3 +76,5 @@ class PipelineState:
     def _write(self) -> None:
         # Atomic: a crash never leaves half a file, so a re-run always reads the last finished stage.
         write_atomic(self.path, json.dumps({"schema": _SCHEMA, "stages": self._stages}, indent=1, sort_keys=True) + "\n")
+        if self.on_write is not None:
+            self.on_write()

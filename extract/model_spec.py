@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from hrsa.extract.packaged import packaged_model
+from hrsa.runtime.locations import is_url, parse_location
 from hrsa.store.errors import UserError
 
 __all__ = ["ModelSpec", "ModelSpecError", "SourceKind", "DTypeName", "AttentionMode", "parse_model_spec"]
 
-SourceKind = Literal["hub", "local", "gguf", "packaged"]
+SourceKind = Literal["hub", "local", "gguf", "packaged", "remote"]
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
 # "auto" is the architecture's own attention: causal for decoders, bidirectional for encoders.
 AttentionMode = Literal["auto", "causal", "bidirectional"]
@@ -44,9 +45,11 @@ class ModelSpec:
     """Where a model's weights come from and how to run it.
 
     Attributes:
-        kind: "hub", "local" (a model folder), "gguf" (a .gguf file) or "packaged" (a pip package).
+        kind: "hub", "local" (a model folder), "gguf" (a .gguf file), "packaged" (a pip package) or "remote" (a
+            model folder behind a URL, such as a training checkpoint on S3: each machine loads a cached copy).
         id: the hub id (kind "hub") or the packaged model's name (kind "packaged").
-        path: absolute path of the folder (kind "local") or the .gguf file (kind "gguf").
+        path: absolute path of the folder (kind "local") or the .gguf file (kind "gguf"); the URL of the folder
+            (kind "remote").
         revision: hub branch, tag or commit (kind "hub" only).
         gguf_file: a .gguf file inside a hub repository (kind "hub" only).
         dtype: compute dtype; "auto" is bfloat16 on CUDA and float32 on CPU.
@@ -118,6 +121,15 @@ def _local_spec(path: Path, *, gguf_file: str | None, options: dict[str, Any]) -
     return ModelSpec(kind="local", path=str(path), **options)
 
 
+def _remote_spec(url: str, *, options: dict[str, Any]) -> ModelSpec:
+    """A spec for a model folder behind a URL (``s3://bucket/runs/a/step_000100``), checked to hold config.json."""
+    folder = parse_location(url)
+    if folder.child("config.json").kind() != "file":
+        raise ModelSpecError(f"Expected a model folder holding config.json at {folder.url}. Got none there instead. "
+                             "Check the URL (a training checkpoint is <run>/step_N).")
+    return ModelSpec(kind="remote", path=folder.url, **options)
+
+
 def _looks_like_path(text: str) -> bool:
     return text.startswith(("/", ".", "~")) or text.count("/") > 1 or text.lower().endswith(".gguf")
 
@@ -170,6 +182,10 @@ def parse_model_spec(
         if revision or gguf_file:
             raise ModelSpecError(f"Expected no revision or gguf_file for {text}. Got some instead. Drop those options.")
         return ModelSpec(kind="packaged", id=packaged_model(text.removeprefix(PACKAGED_PREFIX)).name, **options)
+    if is_url(text):
+        if revision or gguf_file:
+            raise ModelSpecError(f"Expected no revision or gguf_file for the URL {text}. Got some instead. Drop them.")
+        return _remote_spec(text, options=options)
     path = Path(text).expanduser()
     if text and path.exists():
         if revision:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from hrsa.extract.model_spec import ModelSpec, ModelSpecError, parse_model_spec
 from hrsa.extract.packaged import packaged_model, packaged_model_path, packaged_model_version
+from hrsa.runtime.locations import parse_location
 from hrsa.store.errors import UserError
 
 if TYPE_CHECKING:
@@ -122,6 +123,8 @@ def _resolve_weights(spec: ModelSpec) -> tuple[str, str | None, dict[str, Any]]:
         return str(spec.id), spec.gguf_file, {}
     if spec.kind == "local":
         return str(spec.path), None, {}
+    if spec.kind == "remote":  # each machine loads its own cached copy (an extraction worker on every node)
+        return str(parse_location(str(spec.path)).local_folder()), None, {}
     if spec.kind == "gguf":
         path = Path(str(spec.path))
         return str(path.parent), path.name, {}

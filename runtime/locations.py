@@ -12,8 +12,13 @@ object-store object appears whole when its upload completes. Neither reader ever
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import posixpath
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -129,6 +134,26 @@ class Location:
         root = self.path.rstrip("/") + "/"
         return {i.path.removeprefix(root): i.size for i in infos if i.type == pyarrow.fs.FileType.File}
 
+    def local_folder(self, *, cache: Path | None = None) -> Path:
+        """This folder on this machine: itself when local, else a copy in a local cache (``$HRSA_CACHE/remote``,
+        default ``~/.cache/hrsa/remote``), downloaded once per machine and listing (the same files at their sizes);
+        each process of a node that asks gets the same whole copy (it appears by one rename).
+
+        Raises:
+            LocationError: nothing is there.
+        """
+        if self.is_local:
+            return self.local_path()
+        listing = self.files()
+        if not listing:
+            raise LocationError(f"Expected files in {self.url}. Got none there instead. Check the URL.")
+        key = hashlib.sha256(json.dumps([self.url, sorted(listing.items())]).encode()).hexdigest()[:16]
+        root = (cache or Path(os.environ.get("HRSA_CACHE", "~/.cache/hrsa")).expanduser()) / "remote"
+        final = root / f"{key}-{self.name}"
+        if not final.is_dir():
+            _download(self, root, final)
+        return final
+
     def folders(self) -> list[Location]:
         """The folders directly in this one, sorted by name; [] when absent."""
         import pyarrow.fs
@@ -140,6 +165,24 @@ class Location:
             return []
         names = sorted(posixpath.basename(i.path) for i in infos if i.type == pyarrow.fs.FileType.Directory)
         return [self.child(name) for name in names]
+
+
+def _download(folder: Location, root: Path, final: Path) -> None:
+    """Copy a remote folder to ``final`` through a temporary sibling and one rename, so a reader sees all of it or
+    nothing (another process that finished first keeps its copy)."""
+    import pyarrow.fs
+
+    root.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
+    try:
+        pyarrow.fs.copy_files(folder.path, str(partial), source_filesystem=folder.filesystem,
+                              destination_filesystem=pyarrow.fs.LocalFileSystem())
+        os.rename(partial, final)
+    except OSError:
+        if not final.is_dir():
+            raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def parse_location(text: str | Path) -> Location:

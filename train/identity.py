@@ -43,8 +43,12 @@ def model_digest(model: str) -> str:
 def _content(spec: ModelSpec) -> str | None:
     from hrsa.extract.packaged import packaged_model_path
     from hrsa.runtime.fingerprint import file_digest, folder_digest
+    from hrsa.runtime.locations import parse_location
 
     if spec.kind == "hub":
         return None
+    if spec.kind == "remote":  # by its files, as a local folder is (the copy this machine loads)
+        path = parse_location(str(spec.path)).local_folder()
+        return folder_digest(path, recursive=False, skip=_NOT_THE_MODEL)
     path = packaged_model_path(spec.id or "") if spec.kind == "packaged" else Path(str(spec.path))
     return file_digest(path) if path.is_file() else folder_digest(path, recursive=False, skip=_NOT_THE_MODEL)

@@ -166,3 +166,34 @@ def test_a_killed_two_worker_run_on_s3_resumes_to_the_weights_of_an_uninterrupte
     assert a["step"] == b["step"] == 40 and a["scheduler"] == b["scheduler"]
     for x, y in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
         assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.slow
+def test_a_pipeline_on_the_cluster_keeps_everything_on_s3(cluster: dict[str, Any], tiny_models: Any, data: Path,
+                                                          tmp_path: Path) -> None:
+    """`hrsa run --out s3://...` on the two nodes: the run trains under OUT/train/RUN on S3, the trained model is
+    extracted from its checkpoint there, and the results, the report and the state are uploaded beside it."""
+    import yaml
+
+    corpus = tmp_path / "words.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"d{i}", "text": f"the quick fox {i} " * (i + 2)}) + "\n"
+                              for i in range(6)))
+    backbone = str(tiny_models.dir("llama"))
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump({
+        "store": str(tmp_path / "store"), "out": str(tmp_path / "ignored"), "corpora": {"words": {"path": str(corpus)}},
+        "train": {"r": {"backbone": backbone, "data": str(data), "workers": 2, "batch_size": 4, "max_steps": 2,
+                        "save_every": 2, "max_length": 16}},
+        "models": {"base": {"model": backbone}, "tuned": {"train": "r"}},
+        "pairs": [{"a": "base", "b": "tuned", "corpus": "words", "metrics": ["cka"], "scheduler": "threads"}]}))
+    out = f"s3://hrsa-test/pipeline-{uuid.uuid4().hex[:8]}/out"
+    done = run([sys.executable, "-m", "hrsa", "run", str(pipeline), "--out", out, "--address",
+                cluster["cluster"].address], cluster["env"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    files = s3_files(out)
+    assert {"pipeline-state.json", "report.html", "pairs/base--tuned/results.json"} <= files.keys()
+    assert any(f.startswith("train/r/recipe-") and f.endswith("step_000002/model.safetensors") for f in files)
+    state = json.loads(s3_bytes(f"{out}/pipeline-state.json"))["stages"]
+    (checkpoint,) = state["train:r"]["outputs"]["checkpoints"]
+    assert checkpoint.startswith(f"{out}/train/r/recipe-") and state["report"]["status"] == "done"
+    assert not (tmp_path / "ignored").exists()

@@ -1,0 +1,72 @@
+"""A pipeline's ``out`` on remote storage (``out: s3://bucket/hrsa/out``), so that a cluster that tears down (a
+KubeRay RayJob) keeps the results, the dynamics, the report and ``pipeline-state.json``.
+
+The stages write into a local folder as always (the analysis and the report know files, not URLs);
+:class:`PublishedOut` mirrors that folder to the remote ``out``. It starts from the remote copy, so a re-run on a new
+cluster finds what is done there and skips it, and it uploads what changed every time the pipeline's state file is
+written: a stage writes its outputs before it records itself done, and the state file goes up last, so the remote
+state never names an output that is not there yet. A file the stages removed locally (figures of an earlier
+setting) is removed remotely too: the remote ``out`` is what one local ``out`` would hold.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hrsa.runtime.locations import Location, parse_location
+
+__all__ = ["PublishedOut"]
+
+
+@dataclass
+class PublishedOut:
+    """A local working copy of a remote ``out``.
+
+    Attributes:
+        remote: the pipeline's ``out`` (``s3://...``).
+        local: the folder the stages write into (a fresh temporary one, filled from ``remote``).
+        state_file: the name of the file uploaded last (the pipeline's state).
+    """
+
+    remote: Location
+    local: Path
+    state_file: str
+    _sent: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (size, mtime) as last uploaded
+
+    @classmethod
+    def open(cls, url: str, *, state_file: str) -> PublishedOut:
+        """A fresh local copy of the remote ``out`` at ``url`` (empty when nothing is there yet).
+
+        Raises:
+            LocationError: a URL whose filesystem does not answer.
+        """
+        published = cls(parse_location(url), Path(tempfile.mkdtemp(prefix="hrsa-out-")), state_file)
+        published.pull()
+        return published
+
+    def pull(self) -> None:
+        """Download every file of the remote ``out`` into the local copy."""
+        for name in self.remote.files():
+            path = self.local / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(self.remote.child(name).read_bytes())
+            self._sent[name] = _signature(path)
+
+    def push(self) -> None:
+        """Upload what changed locally since the last push (the state file last), and remove remotely what the
+        stages removed here."""
+        local = {p.relative_to(self.local).as_posix(): p for p in self.local.rglob("*") if p.is_file()}
+        changed = [name for name, path in local.items() if self._sent.get(name) != _signature(path)]
+        for name in sorted(changed, key=lambda n: n == self.state_file):  # the state file goes last
+            self.remote.child(name).write(local[name].read_bytes())
+            self._sent[name] = _signature(local[name])
+        for name in [n for n in self._sent if n not in local]:
+            self.remote.child(name).delete()
+            del self._sent[name]
+
+
+def _signature(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns

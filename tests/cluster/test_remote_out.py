@@ -1,0 +1,83 @@
+"""A pipeline's ``out`` on S3 (moto): results, report and state uploaded as each stage finishes, so they outlive the
+cluster, and a re-run from a new machine (a fresh local copy) finds every stage done there."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from hrsa.cluster.pipeline import parse_pipeline
+from hrsa.cluster.remote_out import PublishedOut
+from hrsa.cluster.runner import run_pipeline
+from hrsa.cluster.state import STATE_FILE, PipelineState
+from hrsa.runtime.locations import Location, parse_location
+
+pytestmark = pytest.mark.integration
+
+TEXTS = ["the quick brown fox jumps over the lazy dog " * 3, "hidden states of a tiny model " * 4, "w1 w2 w3 " * 9,
+         "the lazy dog " * 10, "jumps over " * 12, "tiny model " * 8]
+
+
+@pytest.fixture
+def remote(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Location]:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    yield parse_location(f"s3://hrsa-test/out-{uuid.uuid4().hex[:8]}")
+
+
+def test_pushes_what_changed_with_the_state_last_and_mirrors_removals(remote: Location,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    published = PublishedOut.open(remote.url, state_file=STATE_FILE)
+    assert list(published.local.iterdir()) == []  # nothing there yet: an empty local copy
+    state = PipelineState(published.local / STATE_FILE, on_write=published.push)
+    (published.local / "pairs" / "a--b").mkdir(parents=True)
+    (published.local / "pairs" / "a--b" / "results.json").write_text('{"cka": 1}')
+    state.finish("analyze:a--b", "k1", {"results": "pairs/a--b/results.json"})
+    assert remote.files().keys() == {STATE_FILE, "pairs/a--b/results.json"}
+    (published.local / "pairs" / "a--b" / "results.json").unlink()  # an analysis redone clears its folder
+    (published.local / "report.html").write_text("<html/>")
+    order: list[str] = []
+    real_write = Location.write
+    monkeypatch.setattr(Location, "write", lambda self, data: order.append(self.name) or real_write(self, data))
+    state.finish("report", "k2", {})
+    monkeypatch.setattr(Location, "write", real_write)
+    assert order == ["report.html", STATE_FILE]  # the state never names an output not uploaded yet
+    assert remote.files().keys() == {STATE_FILE, "report.html"}
+    again = PublishedOut.open(remote.url, state_file=STATE_FILE)  # a new machine
+    assert again.local != published.local and (again.local / "report.html").read_text() == "<html/>"
+    assert PipelineState(again.local / STATE_FILE).entry("report")["status"] == "done"  # type: ignore[index]
+
+
+def test_a_pipeline_with_an_s3_out_keeps_its_outputs_there_and_resumes_from_them(
+        remote: Location, tmp_path: Path, tiny_models: Any, ray_local: Any) -> None:
+    corpus = tmp_path / "words.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(TEXTS)))
+    values = {"store": str(tmp_path / "store"), "out": remote.url, "corpora": {"words": {"path": str(corpus)}},
+              "models": {"llama": {"model": str(tiny_models.dir("llama"))},
+                         "qwen": {"model": str(tiny_models.dir("qwen2"))}},
+              "pairs": [{"a": "llama", "b": "qwen", "corpus": "words", "metrics": ["cka"], "scheduler": "threads"}]}
+    first = run_pipeline(parse_pipeline(values), console=Console(quiet=True))
+    assert first.out == remote.url and first.ran == ("extract:llama", "extract:qwen", "analyze:llama--qwen", "report")
+    files = remote.files()
+    assert {STATE_FILE, "report.html", "pairs/llama--qwen/results.json"} <= files.keys()
+    assert remote.child("pairs/llama--qwen/results.json").read_bytes() == first.results["llama--qwen"].read_bytes()
+    stages = json.loads(remote.child(STATE_FILE).read_text())["stages"]
+    assert all(s["status"] == "done" for s in stages.values())
+    # A new cluster: nothing local, the same store; the remote out says every stage is done.
+    second = run_pipeline(parse_pipeline(values), console=Console(quiet=True))
+    assert second.ran == () and first.report is not None and second.report != first.report
+    assert remote.files() == files
+
+
+def test_training_runs_default_under_a_remote_out(tmp_path: Path) -> None:
+    config = parse_pipeline({"store": str(tmp_path / "s"), "out": "s3://bucket/hrsa/out/",
+                             "corpora": {"c": {"path": "c"}}, "train": {"r": {"backbone": "org/model", "data": "d.jsonl"}}})
+    assert config.out == "s3://bucket/hrsa/out/" and config.train["r"].output == "s3://bucket/hrsa/out/train/r"
+    local = parse_pipeline({"store": "s", "out": str(tmp_path / "o"), "corpora": {"c": {"path": "c"}},
+                            "train": {"r": {"backbone": "org/model", "data": "d.jsonl"}}})
+    assert local.out == tmp_path / "o" and local.train["r"].output == tmp_path / "o" / "train" / "r"

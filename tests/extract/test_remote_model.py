@@ -1,0 +1,53 @@
+"""A model folder behind a URL (a training checkpoint on S3, moto here): the same model as the local folder, loaded
+from one cached copy per machine, identified by its files."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from hrsa.extract.model_spec import ModelSpecError, parse_model_spec
+from hrsa.extract.models import forward_hidden_states, load_model
+from hrsa.runtime.locations import Location, parse_location
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def uploaded(tiny_models: Any, s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Location:
+    """The tiny Llama's folder on S3, and a fresh cache for its copies."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("HRSA_CACHE", str(tmp_path / "cache"))
+    folder = parse_location(f"s3://hrsa-test/models-{uuid.uuid4().hex[:8]}/step_000002")
+    for file in Path(tiny_models.dir("llama")).iterdir():
+        folder.child(file.name).write(file.read_bytes())
+    return folder
+
+
+def test_a_remote_folder_loads_as_the_local_one(uploaded: Location, tiny_models: Any, tmp_path: Path) -> None:
+    from hrsa.train.identity import model_identity
+
+    spec = parse_model_spec(uploaded.url + "/", attention="bidirectional")
+    assert (spec.kind, spec.path, spec.name) == ("remote", uploaded.url, "step_000002")
+    remote, local = load_model(spec, device="cpu"), load_model(
+        parse_model_spec(str(tiny_models.dir("llama")), attention="bidirectional"), device="cpu")
+    ids = local.tokenizer("w1 w2 the quick fox").input_ids
+    assert remote.tokenizer("w1 w2 the quick fox").input_ids == ids
+    torch.testing.assert_close(forward_hidden_states(remote, [ids])[0], forward_hidden_states(local, [ids])[0],
+                               rtol=0, atol=0)
+    copies = list((tmp_path / "cache" / "remote").iterdir())
+    assert len(copies) == 1 and copies[0].name.endswith("-step_000002")  # one whole copy, no partial left
+    load_model(spec, device="cpu")
+    assert list((tmp_path / "cache" / "remote").iterdir()) == copies  # reused
+    assert model_identity(spec)["content"] == model_identity(parse_model_spec(str(tiny_models.dir("llama"))))["content"]
+
+
+def test_a_url_without_a_model_is_one_clear_error(uploaded: Location) -> None:
+    with pytest.raises(ModelSpecError, match=r"Expected a model folder holding config\.json at s3://.*/nothing\. "):
+        parse_model_spec(uploaded.parent.url + "/nothing")
+    with pytest.raises(ModelSpecError, match="Expected no revision or gguf_file for the URL"):
+        parse_model_spec(uploaded.url, revision="main")
