@@ -81,3 +81,20 @@ def test_training_runs_default_under_a_remote_out(tmp_path: Path) -> None:
     local = parse_pipeline({"store": "s", "out": str(tmp_path / "o"), "corpora": {"c": {"path": "c"}},
                             "train": {"r": {"backbone": "org/model", "data": "d.jsonl"}}})
     assert local.out == tmp_path / "o" and local.train["r"].output == tmp_path / "o" / "train" / "r"
+
+
+def test_the_rayjob_keeps_its_outputs_and_training_runs_on_s3() -> None:
+    """The KubeRay job tears its cluster down: its out, and with it the training runs, must be on S3."""
+    import shlex
+
+    import yaml
+
+    from hrsa.cluster.pipeline import load_pipeline
+
+    root = Path(__file__).resolve().parents[2]
+    job = yaml.safe_load((root / "cluster" / "manifests" / "rayjob.yaml").read_text())
+    args = shlex.split(job["spec"]["entrypoint"])
+    assert args[:4] == ["python", "-m", "hrsa", "run"] and args[5] == "--out" and args[6].startswith("s3://")
+    config = load_pipeline(root / args[4], out=args[6])
+    assert config.out == args[6] and config.store.startswith("s3://")
+    assert config.train and all(str(tc.output).startswith(f"{args[6]}/train/") for tc in config.train.values())
