@@ -5,6 +5,7 @@
   of validation problems.
 - :mod:`hrsa.runtime.files`: the one atomic file writer (a reader never sees half a file).
 - :mod:`hrsa.runtime.locations`: a folder on a local disk or behind a URL (``s3://...``), read and written through
-  the pyarrow filesystem Ray Train uses (a training run's output).
+  the pyarrow filesystem Ray Train uses (a training run's output, a pipeline's out, a remote checkpoint).
+- :mod:`hrsa.runtime.placement`: how many CPUs each worker takes so that every worker fits one node.
 - :mod:`hrsa.runtime.cli_options`: a verb's click flags generated from its pydantic config model.
 """
