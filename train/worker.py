@@ -98,7 +98,7 @@ def setup_session(config: TrainConfig, spec: dict[str, Any], rank: int, world: i
         spec: the backbone's :class:`~hrsa.extract.model_spec.ModelSpec` as a dict (used on a fresh start).
         rank, world: this worker's rank and the number of workers.
         device: where the model trains.
-        checkpoint: Ray Train's checkpoint to resume from, or None.
+        checkpoint: the Ray Train checkpoint to resume from (the run's latest complete one), or None.
         records: the training records (default: read from ``config.data``).
     """
     from transformers import get_cosine_schedule_with_warmup
@@ -241,7 +241,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     if loop_config["threads"]:
         torch.set_num_threads(loop_config["threads"])
     device = ray.train.torch.get_device()
-    s = setup_session(config, loop_config["spec"], rank, world, device, ray.train.get_checkpoint(),
+    s = setup_session(config, loop_config["spec"], rank, world, device, loop_config["resume_from"],
                       records=ray.get(loop_config["records"]))
     queue = loop_config["queue"] if rank == 0 else None
     if queue is not None and s.resumed_from is not None:

@@ -63,6 +63,9 @@ def run(ray_local: Any, tiny_models: Any, tmp_path_factory: pytest.TempPathFacto
                          batch_size=8, negatives=1, max_steps=24, save_every=8, lr=3e-3, temperature=0.05,
                          warmup_ratio=0.1, chunk_size=5, max_length=32)
     first = run_training(config, progress=False, stop_after=12)
+    # Ray Train's own record of the run, gone as when a kill lands between a checkpoint's files and Ray's record:
+    # the resume point is the latest complete checkpoint on storage, not what Ray recorded.
+    (root / "run" / "checkpoint_manager_snapshot.json").unlink()
     second = run_training(config, progress=False)
     return {"config": config, "first": first, "second": second, "held_out": _records(40, seed=2), "root": root}
 
@@ -148,11 +151,14 @@ def test_a_killed_cli_run_resumes(tiny_models: Any, tmp_path: Path) -> None:
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the run and the Ray it started
         proc.wait()
-    last = max(int(p.parent.name.removeprefix("step_")) for p in output.glob("step_*/hrsa_train.json"))
+    from hrsa.train.checkpoints import list_checkpoints
+
+    last = list_checkpoints(output)[-1].step
     assert last < 100, "the run finished before it was killed"
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     resumed = re.search(r"resumed from step (\d+)", done.stdout)
-    # Ray registers a checkpoint after writing it: a kill in between resumes from one before.
-    assert resumed and 10 <= int(resumed.group(1)) <= last, done.stdout
+    # The latest complete checkpoint, whether or not Ray Train had recorded it before the kill (a worker that outlived
+    # the kill for a moment may have completed a later one since it was listed).
+    assert resumed and last <= int(resumed.group(1)) < 100, done.stdout
     assert (output / "step_000100" / "hrsa_train.json").is_file()
