@@ -216,7 +216,8 @@ def _lines_figure(lines: Mapping[str, tuple[Sequence[int], Sequence[Any]]], *, y
         if unc is not None and unc.intervals is not None:
             values = floats(ys)
             ends = np.array(unc.intervals)  # (L, 2)
-            bars = np.vstack([values - ends[:, 0], ends[:, 1] - values])  # (2, L), below and above
+            # (2, L) below and above; a percentile bootstrap interval may leave its estimate out: no bar that side
+            bars = np.maximum(np.vstack([values - ends[:, 0], ends[:, 1] - values]), 0.0)
             ax.errorbar(list(xs), values, yerr=bars, fmt="none", ecolor=line.get_color(), capsize=2, linewidth=1)
         if unc is not None and unc.null_high is not None:
             ax.plot(list(xs), unc.null_high, linestyle=":", linewidth=1, color=line.get_color())

@@ -165,3 +165,13 @@ def test_summary_table_leaves_out_local_metrics_at_other_hidden_states() -> None
     doc["metrics"]["probe"] = {k: v for k, v in doc["metrics"]["probe"].items() if k != "1"}
     headers = [c.header for c in summary_table(doc).columns]
     assert not any(h.startswith(("kNN", "probe")) for h in headers) and len(headers) == 7
+
+
+def test_an_interval_that_leaves_its_estimate_out_draws_no_bar_on_that_side() -> None:
+    # A percentile bootstrap interval need not contain its estimate (few documents): the figure must still draw.
+    from hrsa.analyze.report.figures import knn_overlap_figure
+
+    doc = {"a": "a", "b": "b", "metrics": {"knn": {"hidden_states": [0, 1], "k": {"5": [0.5, 0.6]}, "n_tokens": 10,
+                                                    "search": "exact", "intervals": {"5": [[0.52, 0.7], [0.4, 0.65]]}}}}
+    fig = knn_overlap_figure(doc)
+    assert len(fig.axes[0].containers) == 1
