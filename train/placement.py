@@ -60,8 +60,8 @@ def plan_workers(nodes: Sequence[NodeResources], *, workers: int, use_gpu: bool 
         return WorkerPlacement(False, cpus_per_worker([n.cpus for n in nodes], workers))
     if gpu_slots < workers:
         raise PlacementError(f"Expected --workers the Ray cluster can place, one GPU each: at most {gpu_slots} "
-                             f"({describe_nodes([n.gpus for n in nodes], 'GPUs')}). Got {workers} instead. Pass --workers "
-                             f"{max(gpu_slots, 1)} or fewer, train on CPUs (--no-use-gpu), or add GPU nodes.")
+                             f"({describe_nodes([n.gpus for n in nodes], 'GPUs')}). Got {workers} instead. Pass "
+                             f"--workers {max(gpu_slots, 1)} or fewer, train on CPUs (--no-use-gpu), or add GPU nodes.")
     return WorkerPlacement(True, 1)
 
 
@@ -89,10 +89,10 @@ def check_every_node_reaches(run: Location, nodes: Sequence[NodeResources]) -> N
     finally:
         marker.unlink(missing_ok=True)
     if blind:
-        raise PlacementError(f"Expected --output on storage every node of the Ray cluster reaches. Got {run.url}, a "
-                             f"path that node(s) {', '.join(blind)} do not see (or did not answer), instead. Train into "
-                             "a URL such as s3://BUCKET/runs/NAME, or a path on a filesystem mounted on every node (NFS, "
-                             "EFS).")
+        raise PlacementError(f"Expected --output on storage every node of the Ray cluster reaches. Got {run.url}, "
+                             f"a path that node(s) {', '.join(blind)} do not see (or did not answer), instead. Train "
+                             "into a URL such as s3://BUCKET/runs/NAME, or a path on a filesystem mounted on every "
+                             "node (NFS, EFS).")
 
 
 def _sees(path: str, token: str) -> bool:
@@ -104,14 +104,17 @@ def _sees(path: str, token: str) -> bool:
 def _nodes_not_seeing(marker: Path, token: str, nodes: Sequence[NodeResources]) -> list[str]:
     """The nodes that do not see ``marker`` (or do not answer in time), as ``address (id)``: one task pinned to each."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     task: Any = ray.remote(num_cpus=0, max_retries=0)(_sees)
-    asked = {f"{n.address} ({n.node_id[:8]})":
-             task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n.node_id, soft=False)).remote(str(marker), token)
-             for n in nodes}
+    asked = {f"{n.address} ({n.node_id[:8]})": _pinned(task, n).remote(str(marker), token) for n in nodes}
     ready, _ = ray.wait(list(asked.values()), num_returns=len(asked), timeout=_ANSWER_S)
     return [node for node, ref in asked.items() if ref not in ready or not _answer(ref)]
+
+
+def _pinned(task: Any, node: NodeResources) -> Any:
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False))
 
 
 def _answer(ref: Any) -> bool:

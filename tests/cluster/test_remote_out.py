@@ -76,7 +76,8 @@ def test_a_pipeline_with_an_s3_out_keeps_its_outputs_there_and_resumes_from_them
 
 def test_training_runs_default_under_a_remote_out(tmp_path: Path) -> None:
     config = parse_pipeline({"store": str(tmp_path / "s"), "out": "s3://bucket/hrsa/out/",
-                             "corpora": {"c": {"path": "c"}}, "train": {"r": {"backbone": "org/model", "data": "d.jsonl"}}})
+                             "corpora": {"c": {"path": "c"}},
+                             "train": {"r": {"backbone": "org/model", "data": "d.jsonl"}}})
     assert config.out == "s3://bucket/hrsa/out/" and config.train["r"].output == "s3://bucket/hrsa/out/train/r"
     local = parse_pipeline({"store": "s", "out": str(tmp_path / "o"), "corpora": {"c": {"path": "c"}},
                             "train": {"r": {"backbone": "org/model", "data": "d.jsonl"}}})
