@@ -75,8 +75,10 @@ def run(pipeline: Path, address: str | None, out: str | None) -> None:
                                                "without them; slow).")
 @click.option("--wait/--no-wait", default=True, show_default=True,
               help="Follow the job's logs until it ends and exit non-zero if it fails; --no-wait returns once it is accepted.")
+@click.option("--out", default=None, help="The job's out, overriding the pipeline's: a URL such as s3://bucket/hrsa/out "
+                                          "keeps results, report and training runs when the cluster goes.")
 def submit(pipeline: Path, address: str | None, working_dir: Path | None, env: tuple[str, ...], pip_deps: bool,
-           wait: bool) -> None:
+           wait: bool, out: str | None) -> None:
     """Submit `hrsa run PIPELINE` to a Ray cluster as a job (Ray's job submission API); prints the job id."""
     from hrsa.cluster.submit import submit_pipeline
     from hrsa.store.errors import UserError
@@ -85,4 +87,4 @@ def submit(pipeline: Path, address: str | None, working_dir: Path | None, env: t
     if bad:
         raise UserError(f"Expected --env KEY=VALUE. Got {', '.join(map(repr, bad))} instead.")
     submit_pipeline(pipeline, address=address, working_dir=working_dir, env=dict(e.split("=", 1) for e in env),
-                    pip_deps=pip_deps, wait=wait, echo=click.echo)
+                    pip_deps=pip_deps, wait=wait, out=out, echo=click.echo)

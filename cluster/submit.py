@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -57,7 +58,7 @@ class SubmitResult:
 
 def submit_pipeline(pipeline: str | Path, *, address: str | None = None, working_dir: str | Path | None = None,
                     env: Mapping[str, str] | None = None, pip_deps: bool = False, wait: bool = True,
-                    echo: Callable[[str], None] = print) -> SubmitResult:
+                    out: str | None = None, echo: Callable[[str], None] = print) -> SubmitResult:
     """Submit ``hrsa run <pipeline>`` as a Ray job; by default follow its logs until it ends.
 
     Args:
@@ -67,6 +68,7 @@ def submit_pipeline(pipeline: str | Path, *, address: str | None = None, working
         env: environment variables of the job (e.g. HF_TOKEN read from here, never from the pipeline).
         pip_deps: also have Ray pip-install hrsa's dependencies for the job.
         wait: follow the logs and return the final status; False returns once the job is accepted.
+        out: the job's ``hrsa run --out`` (e.g. s3://bucket/hrsa/out, which outlives the cluster).
         echo: where lines go (job id, logs).
 
     Raises:
@@ -78,7 +80,7 @@ def submit_pipeline(pipeline: str | Path, *, address: str | None = None, working
 
     # Step 1: check everything here, before any upload.
     path, root = Path(pipeline).resolve(), Path(working_dir or Path.cwd()).resolve()
-    config = load_pipeline(path)
+    config = load_pipeline(path, out=out)
     if not path.is_relative_to(root):
         raise UserError(f"Expected the pipeline inside the working directory {root}. Got {path} instead. "
                         "Move it there, or pass --working-dir with a folder that holds it.")
@@ -87,7 +89,7 @@ def submit_pipeline(pipeline: str | Path, *, address: str | None = None, working
     # Step 2: the job, with this hrsa's source staged as a folder named hrsa.
     client = _client(address)
     with _staged_package() as package:
-        job_id = client.submit_job(entrypoint=f"python -m hrsa run {path.relative_to(root).as_posix()}",
+        job_id = client.submit_job(entrypoint=run_command(path.relative_to(root).as_posix(), out=out),
                                    runtime_env=runtime_env(root, package, outputs=outputs, env=env, pip_deps=pip_deps),
                                    metadata={"hrsa_pipeline": path.name})
     echo(f"submitted job {job_id} to {address}")
@@ -106,6 +108,11 @@ def submit_pipeline(pipeline: str | Path, *, address: str | None = None, working
                              f"(again: ray job logs --address {address} {job_id}).")
     echo(f"job {job_id} {status}")
     return SubmitResult(job_id, address, status)
+
+
+def run_command(pipeline: str, *, out: str | None = None) -> str:
+    """The job's entrypoint: ``python -m hrsa run PIPELINE [--out OUT]``."""
+    return shlex.join(["python", "-m", "hrsa", "run", pipeline, *(["--out", out] if out else [])])
 
 
 def runtime_env(root: Path, package: Path, *, outputs: Sequence[str] = (), env: Mapping[str, str] | None = None,

@@ -99,3 +99,10 @@ def test_the_rayjob_keeps_its_outputs_and_training_runs_on_s3() -> None:
     config = load_pipeline(root / args[4], out=args[6])
     assert config.out == args[6] and config.store.startswith("s3://")
     assert config.train and all(str(tc.output).startswith(f"{args[6]}/train/") for tc in config.train.values())
+
+
+def test_hrsa_submit_hands_out_to_the_job() -> None:
+    from hrsa.cluster.submit import run_command
+
+    assert run_command("configs/a b.yaml") == "python -m hrsa run 'configs/a b.yaml'"
+    assert run_command("p.yaml", out="s3://bucket/hrsa/out") == "python -m hrsa run p.yaml --out s3://bucket/hrsa/out"
