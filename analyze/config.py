@@ -77,7 +77,8 @@ class AnalyzeConfig(BaseModel):
     cross_layer: bool = Field(
         False, description="Also every hidden state of A against every one of B (CKA and dimcorr matrices).")
     memory_budget: str = Field(
-        "4GB", description="Memory for accumulators held at once, e.g. 4GB or 512MiB; sets the tiles.")
+        "4GB", description="Memory per worker, e.g. 4GB or 512MiB; sets the tiles. On Ray each analysis task holds "
+        "its own accumulators in its own process and asks Ray for this much; on local threads it is the process's.")
     exclude_special: bool = Field(False, description="Drop special tokens (BOS, chat-template markers).")
     exclude_first: bool = Field(
         False, description="Drop position 0 of every document (attention sinks carry huge norms).")
@@ -96,14 +97,17 @@ class AnalyzeConfig(BaseModel):
     block_tokens: int | None = Field(
         None, gt=0, description="Tokens per block read and multiplied.  [default: ~32 MB of float64 per state]")
     workers: int | None = Field(
-        None, gt=0, description="At most this many token segments at once; each holds its own accumulators, so the "
-                                "plan may use fewer.  [default: cores, up to 4]")
+        None, gt=0, description="At most this many tasks at once: on Ray, tiles of layer pairs and token segments "
+                                "spread over the cluster; on local threads each holds its own accumulators in the one "
+                                "budget, so the plan may use fewer.  [default: the Ray cluster's CPUs; cores, up to 4]")
     scheduler: Scheduler = Field(
-        "auto", description="Dask scheduler; auto = Ray when connected (RAY_ADDRESS), else local threads.")
+        "auto", description="Where the passes run: ray (Ray tasks over the cluster), threads (Dask, this process) or "
+                            "sync; auto = Ray when connected (RAY_ADDRESS), else local threads.")
     backend: BackendName = Field(
         "auto", description="Where matrix products run; auto = CUDA when torch sees a GPU, else numpy.")
     compute_dtype: ComputeDtype = Field(
-        "auto", description="dtype of the products of centred blocks (sums are float64); auto = float32 on GPU.")
+        "auto", description="dtype of the products of centred blocks (sums are float64); auto = float32 (within 1e-6 of "
+        "float64), float64 with cca, svcca, pwcca or regression.")
     out: FolderPath = Field(Path("hrsa-analysis"), description="Folder for results.json and figures.")
     run_id: str | None = Field(
         None, description="Name of the run in the store's results/.  [default: A--B--<UTC time>]")

@@ -29,9 +29,11 @@ stream drifting across layers, and model B a noisy copy of model A.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -60,10 +62,16 @@ class BenchConfig:
     big_hidden: int = 3_584
     big_states: int = 29
     big_budget: str = "4GB"
+    # (e) against the official approach: a SmolLM2-shaped pair
+    official_tokens: int = 20_000
+    official_hidden: int = 576
+    official_states: int = 31
+    official_budget: str = "1.5GB"
 
 
 QUICK = BenchConfig(speed_tokens=4_096, speed_hidden=256, repeats=2, memory_tokens=2_048, memory_hidden=128,
-                    big_tokens=512, big_hidden=512, big_states=9, big_budget="64MB")
+                    big_tokens=512, big_hidden=512, big_states=9, big_budget="64MB", official_tokens=2_048,
+                    official_hidden=128, official_states=6, official_budget="64MB")
 
 
 # --- synthetic stores ----------------------------------------------------------------------------------------
@@ -274,11 +282,147 @@ def bench_cross_layer(cfg: BenchConfig, root: Path) -> None:
     print(f"    CKA of matched states: first {diag[0]:.4f}, middle {diag[len(diag) // 2]:.4f}, last {diag[-1]:.4f}")
 
 
+# --- (e) against the official approach, and the roofline ----------------------------------------------------------
+
+
+def _official_child(path: str, n_states: int, queue: Any) -> None:
+    """The paper's approach, restated from its description: every hidden state of both models in RAM as float32,
+    centred copies, one GEMM per layer pair (|X^T Y|_F^2, the Gram norms once per state)."""
+    from hrsa.store import ActivationStore
+
+    store = ActivationStore.open(path, mode="r")
+    reset_peak_rss()
+    before, start = current_rss_bytes(), time.perf_counter()
+    xs = [np.asarray(store.hidden_state("a", k).compute(), dtype=np.float32) for k in range(n_states)]
+    ys = [np.asarray(store.hidden_state("b", k).compute(), dtype=np.float32) for k in range(n_states)]
+    xs = [x - x.mean(0) for x in xs]  # centred copies
+    ys = [y - y.mean(0) for y in ys]
+    norm_x = [float(np.linalg.norm(x.T @ x)) for x in xs]
+    norm_y = [float(np.linalg.norm(y.T @ y)) for y in ys]
+    cka = np.array([[float(np.sum(np.square(x.T @ y))) / (nx * ny) for y, ny in zip(ys, norm_y)] for x, nx in zip(xs, norm_x)])
+    queue.put({"seconds": time.perf_counter() - start, "peak": peak_rss_bytes(), "before": before, "cka": cka.tolist()})
+
+
+def _hrsa_child(path: str, budget: str, workers: int, queue: Any) -> None:
+    """hrsa's cross-layer CKA with its defaults (float32 products summed in float64, stacked GEMMs), in a fresh process."""
+    from hrsa.analyze import analyze_pair
+    from hrsa.store import ActivationStore
+
+    store = ActivationStore.open(path, mode="r")
+    analyze_pair(store, "a", "b", metrics=("cka",), backend="numpy", groups=0, scheduler="threads")  # warm: imports
+    reset_peak_rss()
+    before, start = current_rss_bytes(), time.perf_counter()
+    res = analyze_pair(store, "a", "b", metrics=("cka",), cross_layer=True, memory_budget=budget, backend="numpy",
+                       groups=0, workers=workers, scheduler="threads")
+    queue.put({"seconds": time.perf_counter() - start, "peak": peak_rss_bytes(), "before": before,
+               "passes": res.plan.passes, "estimated": res.plan.estimated_peak, "workers": res.plan.workers,
+               "block_tokens": res.settings["block_tokens"], "dtype": res.settings["compute_dtype"],
+               "flops": res.plan.product_flops(), "read": res.plan.bytes_read(), "cka": res.cka_matrix.tolist()})
+
+
+def gemm_rate(dtype: str, shape: tuple[int, int, int], seconds: float = 3.0) -> float:
+    """This machine's GEMM rate (flop/s) for (m, k) x (k, n) products of ``dtype``, best of repeated runs."""
+    m, k, n = shape
+    a = np.random.default_rng(0).standard_normal((k, m)).astype(dtype).T  # as hrsa reads it: a transposed C array
+    b = np.random.default_rng(1).standard_normal((k, n)).astype(dtype)
+    a @ b  # warm the BLAS threads
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * m * k * n / best
+
+
+def bench_official(cfg: BenchConfig, root: Path) -> float:
+    from hrsa.analyze.streaming.plan import format_bytes
+
+    n, d, states = cfg.official_tokens, cfg.official_hidden, cfg.official_states
+    print(f"\n(e) cross-layer CKA of a SmolLM2-shaped pair ({states} x {states} states, D = {d}, N = {n:,} float32 tokens "
+          f"with offsets), hrsa (budget {cfg.official_budget}) against the official approach, each in a fresh process")
+    if not (root / "official").exists():
+        make_store(root / "official", n, d, states, "float32")
+    official = run_in_fresh_process(_official_child, str(root / "official"), states)
+    ours = run_in_fresh_process(_hrsa_child, str(root / "official"), cfg.official_budget, 2)
+    # The roofline: the products hrsa ran at this machine's GEMM rate for its shapes (A's stacked states of a tile
+    # against one of B's per block), measured now, beside the runs.
+    rows = max(1, min(states, 8)) * d
+    rate = gemm_rate("float32" if ours["dtype"] == "float32" else "float64", (rows, ours["block_tokens"], d))
+    roofline = ours["flops"] / rate
+    diff = float(np.abs(np.array(ours["cka"]) - np.array(official["cka"])).max())
+    print(f"    official: {official['seconds']:7.1f} s, peak RSS {format_bytes(official['peak'] - official['before'])}")
+    print(f"    hrsa    : {ours['seconds']:7.1f} s, peak RSS {format_bytes(ours['peak'] - ours['before'])} "
+          f"(estimate {format_bytes(ours['estimated'])}); {ours['passes']} passes, {ours['workers']} worker(s), blocks of "
+          f"{ours['block_tokens']}, {ours['dtype']} products; read {format_bytes(ours['read'])}")
+    print(f"    hrsa is {official['seconds'] / ours['seconds']:.2f}x faster (aim >= 3x) with "
+          f"{(ours['peak'] - ours['before']) / (official['peak'] - official['before']):.2f} of its peak memory (aim <= 0.25)")
+    print(f"    roofline: {ours['flops'] / 1e12:.2f} Tflop of products at {rate / 1e9:.0f} GFLOP/s ({ours['dtype']} GEMM "
+          f"measured now) = {roofline:.1f} s; hrsa at {ours['seconds'] / roofline:.2f}x of it (aim <= 1.25x)")
+    print(f"    CKA matrices agree to {diff:.1e} (max |diff|)")
+    return ours["flops"] / ours["seconds"] / ours["workers"]  # one worker's throughput, for the plans of (g)
+
+
+# --- (f) two workers over one, on a two-node local cluster ------------------------------------------------------
+
+
+def bench_two_nodes(cfg: BenchConfig, root: Path) -> None:
+    from local_cluster import two_node_cluster
+
+    n, d, states = cfg.official_tokens, cfg.official_hidden, cfg.official_states
+    print("\n(f) the same analysis as Ray tasks on a local cluster of two nodes (one CPU each): 2 workers against 1")
+    if not (root / "official").exists():
+        make_store(root / "official", n, d, states, "float32")
+    times = {}
+    with two_node_cluster() as (address, env):
+        env = {**env, "RAY_ADDRESS": address}
+        for workers in (1, 2, 1, 2):  # interleaved: load on the machine hits both alike
+            start = time.perf_counter()
+            out = root / f"out-{workers}"
+            done = subprocess.run([sys.executable, "-m", "hrsa", "analyze", "--store", str(root / "official"), "--pair",
+                                   "a", "b", "--metrics", "cka", "--cross-layer", "--workers", str(workers), "--groups", "0",
+                                   "--memory-budget", cfg.official_budget, "--out", str(out), "--no-store-results"],
+                                  env=env, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(done.stderr[-2000:])
+            times[workers] = min(times.get(workers, float("inf")), time.perf_counter() - start)
+            nodes = json.loads((out / "results.json").read_text())["settings"].get("segments_per_node", {})
+            print(f"    {workers} worker(s): {time.perf_counter() - start:6.1f} s, segments per node {sorted(nodes.values())}")
+    print(f"    speed-up of 2 workers over 1: {times[1] / times[2]:.2f}x (best of 2 each, driver start included)")
+
+
+# --- (g) 7B-shaped plans on clusters ----------------------------------------------------------------------------
+
+
+def bench_cluster_plans(cfg: BenchConfig, throughput: float) -> None:
+    """Plans of a 7B pair at 1M tokens for 1, 8 and 32 Ray workers of 16 and 64 GB, and a projected time from
+    ``throughput`` (flop/s of one worker's products, measured in (e))."""
+    from hrsa.analyze.streaming.plan import PlanInputs, format_bytes, plan_analysis
+
+    d, states, n = 3584, 29, 1_000_000
+    print(f"\n(g) plans: cross-layer CKA of a 7B pair ({states} x {states}, D = {d}, bf16 store), N = {n:,}, as Ray tasks; "
+          f"time projected at {throughput / 1e9:.0f} GFLOP/s per worker (measured in (e))")
+    print(f"    {'workers':>7} {'budget':>7} {'tiles':>5} {'segments/tile':>13} {'store reads':>11} {'bytes read':>10} "
+          f"{'per worker':>10} {'projected':>10}")
+    for workers in (1, 8, 32):
+        for budget in (16e9, 64e9):
+            inputs = PlanInputs(matched=(), rows=tuple(range(states)), cols=tuple(range(states)), dx=d, dy=d,
+                                read_bytes_a=2, read_bytes_b=2, compute_bytes=4, n_tokens=n, block_tokens=4096,
+                                n_blocks=n // 4096, workers=workers, memory_budget=int(budget), per_worker=True)
+            plan = plan_analysis(inputs)
+            per_tile = max(1, workers // plan.passes)
+            busy = min(workers, plan.passes * per_tile)  # tasks running at once
+            hours = plan.product_flops() / (throughput * busy) / 3600
+            print(f"    {workers:>7} {format_bytes(budget):>7} {plan.passes:>5} {per_tile:>13} "
+                  f"{plan.bytes_read() / plan.selection_bytes():>11.2f} {format_bytes(plan.bytes_read()):>10} "
+                  f"{format_bytes(plan.estimated_peak):>10} {hours:>9.1f}h")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke sizes (about a minute)")
     parser.add_argument("--dir", type=Path, default=None, help="where to write the synthetic stores (default: a temp dir)")
-    parser.add_argument("--only", choices=["speed", "memory", "cross", "groups"], default=None, help="run one part")
+    parser.add_argument("--only", choices=["speed", "memory", "cross", "groups", "official", "nodes", "plans"], default=None,
+                        help="run one part")
     args = parser.parse_args()
     cfg = QUICK if args.quick else BenchConfig()
     root = Path(tempfile.mkdtemp(prefix="hrsa-bench-", dir=args.dir))
@@ -293,6 +437,11 @@ def main() -> None:
             bench_groups(cfg, root)
         if args.only in (None, "cross"):
             bench_cross_layer(cfg, root)
+        if args.only in (None, "official", "plans"):
+            throughput = bench_official(cfg, root) if args.only != "plans" else 100e9
+            bench_cluster_plans(cfg, throughput)
+        if args.only in (None, "nodes"):
+            bench_two_nodes(cfg, root)
         print(f"\ntotal {time.perf_counter() - start:.0f} s")
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -8,13 +8,7 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,12 +76,6 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """A local S3 (moto's server mode on 127.0.0.1, as s3fs's own tests do), with one bucket."""
@@ -112,68 +100,8 @@ def s3_endpoint() -> Iterator[str]:
 
 
 # -- A two-node Ray cluster on this machine (tests/train/test_multi_node.py) -----------------------------------------
-RAY = Path(sys.executable).parent / "ray"
-
-
-@dataclass
-class RayTestCluster:
-    """Two ``ray start`` nodes on this machine, each in its own process group with its own ports, stopped by group:
-    never ``ray stop`` (it would kill every Ray on the machine, the session's embedded one too), and never
-    ``ray.init`` in the test process for it (drive it with subprocesses given ``address``)."""
-
-    address: str  # the GCS address (host:port), for ``--address``
-    groups: list[int]
-    temp: Path | None = None  # its logs and sockets, removed when it stops
-
-    def stop(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for group in self.groups:
-                try:
-                    os.killpg(group, sig)
-                except ProcessLookupError:
-                    pass
-            time.sleep(2 if sig == signal.SIGTERM else 0)
-        if self.temp is not None:
-            shutil.rmtree(self.temp, ignore_errors=True)
-
-
-def ray_node_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of a test cluster's nodes and drivers: this venv first on PATH, no token auth on the loopback,
-    no model hub, none of this process's RAY_ variables."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(PATH=f"{RAY.parent}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1")
-    return {**env, **(extra or {})}
-
-
-def _ray_start(args: list[str], env: dict[str, str], log: Path, wrap: list[str]) -> int:
-    ports = ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
-             "--metrics-export-port", "--node-manager-port", "--object-manager-port")
-    cmd = [*wrap, str(RAY), "start", *args, *(f"{p}={free_port()}" for p in ports), "--object-store-memory=200000000",
-           "--disable-usage-stats"]
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        if proc.wait(timeout=60) != 0:
-            RayTestCluster("", [proc.pid]).stop()  # its temp folder goes with the cluster
-            pytest.fail(f"ray start failed: {log.read_text()[-2000:]}")
-    return proc.pid
-
-
-_WAIT_FOR_NODES = """
-import sys, time, ray
-ray.init(address=sys.argv[1], log_to_driver=False)
-deadline = time.monotonic() + float(sys.argv[2])
-while sum(1 for n in ray.nodes() if n["Alive"]) < 2 and time.monotonic() < deadline:
-    time.sleep(0.5)
-sys.exit(0 if sum(1 for n in ray.nodes() if n["Alive"]) >= 2 else 1)
-"""
-
-
-def _wait_for_two_nodes(address: str, env: dict[str, str], timeout: float = 90) -> None:
-    """Through the GCS, as any driver sees the cluster (the dashboard is off: a loaded machine is slow to start it)."""
-    done = subprocess.run([sys.executable, "-c", _WAIT_FOR_NODES, address, str(timeout)], env=env, capture_output=True,
-                          text=True, timeout=timeout + 60, check=False)
-    if done.returncode != 0:
-        pytest.fail(f"the two-node cluster did not come up in {timeout:g} s: {done.stderr[-2000:]}")
+from hrsa.cluster.local_cluster import LocalRayCluster as RayTestCluster  # noqa: E402
+from hrsa.cluster.local_cluster import free_port, ray_node_env, start_ray_cluster  # noqa: E402
 
 
 def hiding_command(folder: Path) -> list[str]:
@@ -182,24 +110,6 @@ def hiding_command(folder: Path) -> list[str]:
     if subprocess.run(["unshare", "-rm", "true"], capture_output=True, check=False).returncode != 0:
         pytest.skip("unshare -rm (a user and mount namespace) is not allowed here")
     return ["unshare", "-rm", "sh", "-c", 'mount -t tmpfs none "$0" && exec "$@"', str(folder)]
-
-
-def start_ray_cluster(env: dict[str, str], *, second_node_prefix: list[str] | None = None) -> RayTestCluster:
-    """A head and a second node, one CPU each (``second_node_prefix`` wraps the second's ``ray start``), with their
-    logs in a short temporary folder (a node's socket paths must stay under 108 bytes)."""
-    port, temp = free_port(), Path(tempfile.mkdtemp(prefix="hrsa-ray-"))
-    cluster = RayTestCluster(f"127.0.0.1:{port}", [], temp)
-    try:
-        cluster.groups.append(_ray_start(["--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
-                                          f"--ray-client-server-port={free_port()}", f"--temp-dir={temp}"],
-                                         env, temp / "head.log", []))
-        cluster.groups.append(_ray_start([f"--address={cluster.address}", "--num-cpus=1"], env, temp / "node-b.log",
-                                         second_node_prefix or []))
-        _wait_for_two_nodes(cluster.address, env)
-    except BaseException:
-        cluster.stop()
-        raise
-    return cluster
 
 
 @dataclass

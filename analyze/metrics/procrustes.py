@@ -73,12 +73,15 @@ class ProcrustesResult:
     rotation: NDArray[np.float64] | None = None
 
 
-def procrustes_from_moments(m: Moments, *, return_rotation: bool = False) -> ProcrustesResult:
+def procrustes_from_moments(m: Moments, *, return_rotation: bool = False,
+                            product_eps: float = float(np.finfo(np.float64).eps)) -> ProcrustesResult:
     """Orthogonal Procrustes from accumulated statistics.
 
     Args:
         m: Moments of X (N, D) and Y (N, D).
         return_rotation: also return O* (D, D).
+        product_eps: the machine epsilon of the products ``m`` was summed from (float32's for float32 products):
+            singular values of C_xy below ``s_max * D * product_eps`` are rounding, not signal, so O* is not unique.
 
     Returns:
         A ProcrustesResult.
@@ -102,7 +105,7 @@ def procrustes_from_moments(m: Moments, *, return_rotation: bool = False) -> Pro
     u, s, vt = np.linalg.svd(m.c_xy)  # (D, D), (D,), (D, D)
     rotation = u @ vt  # (D, D)
     # Step 2: uniqueness. Centred data has rank <= n - 1, and O* is unique iff C_xy has full rank.
-    underdetermined = bool(m.n <= d or s[-1] <= s[0] * d * np.finfo(np.float64).eps)
+    underdetermined = bool(m.n <= d or s[-1] <= s[0] * d * product_eps)
     if underdetermined:
         cause = (f"{m.n} tokens are no more than D = {d} dimensions" if m.n <= d else
                  f"the cross-covariance of {m.n} tokens is rank deficient, e.g. few distinct tokens at the embedding layer")

@@ -72,13 +72,15 @@ def analyze_pair(
         debiased: also debiased CKA on the matched layers.
         cross_layer: also every hidden state of A against every one of B (CKA and dimcorr matrices).
         selection: which tokens (default all).
-        memory_budget: bytes, or text such as ``"4GB"``, for the accumulators held at once.
+        memory_budget: bytes, or text such as ``"4GB"``: on Ray, each worker's (every task's own peak); here, the
+            process's, shared by its worker threads.
         block_tokens: tokens per block read and multiplied (default: ~32 MB of float64 per state).
-        workers: at most this many segment tasks at once (default: one per core, up to 4); the plan takes
-            fewer when each one's copy of the accumulators would cost extra passes.
+        workers: at most this many tasks at once (default: on Ray every CPU of the cluster, here one per core up
+            to 4); here the plan takes fewer when each one's copy of the accumulators would cost extra passes.
         scheduler: ``"auto"``, ``"threads"``, ``"sync"`` or ``"ray"`` (see :func:`resolve_scheduler`).
         backend: ``"auto"``, ``"numpy"``, ``"cuda"`` or ``"torch"`` (see :func:`resolve_backend`).
-        compute_dtype: dtype of the products: ``"auto"``, ``"float32"`` or ``"float64"``.
+        compute_dtype: dtype of the products: ``"auto"`` (float32, or float64 for the measures that invert C_xx:
+            see :func:`resolve_backend`), ``"float32"`` or ``"float64"``.
         save_rotation: keep Procrustes' O* (D x D) of every matched layer in the results.
         groups: groups of whole documents whose statistics the matched passes keep apart, for a jackknife interval
             of every matched score (0: none; fewer when there are fewer documents or the budget asks).
@@ -100,25 +102,40 @@ def analyze_pair(
     """
     selection = selection or TokenSelection()
     # Phase 1: check the pair and plan its passes.
-    chunk_backend = resolve_backend(backend, compute_dtype)
+    metrics = list(metrics)  # read twice below
+    chunk_backend = resolve_backend(backend, compute_dtype, metrics=metrics)
+    budget = parse_memory_budget(memory_budget)
+    dask_scheduler = resolve_scheduler(scheduler)  # before the plan: on Ray the budget is each worker's
+    on_ray = dask_scheduler.name == "ray"
     pair = resolve_pair(
-        store, a, b, metrics=list(metrics), debiased=debiased, cross_layer=cross_layer, selection=selection,
-        memory_budget=parse_memory_budget(memory_budget), block_tokens=block_tokens,
-        workers=workers or min(4, os.cpu_count() or 1), save_rotation=save_rotation,
-        compute_bytes=np.dtype(chunk_backend.compute_dtype).itemsize, groups=groups,
+        store, a, b, metrics=metrics, debiased=debiased, cross_layer=cross_layer, selection=selection,
+        memory_budget=budget, block_tokens=block_tokens, workers=workers or _default_workers(on_ray),
+        save_rotation=save_rotation, compute_bytes=np.dtype(chunk_backend.compute_dtype).itemsize, groups=groups,
+        per_worker_budget=on_ray,
     )
     _check_local_metrics(store, pair, selection, knn_options, probe_options)  # before the passes, not after
     if on_plan is not None:
         on_plan(pair.plan)
     # Phase 2: the streaming passes.
-    dask_scheduler = resolve_scheduler(scheduler)
     outputs = run_passes(store, pair, chunk_backend, dask_scheduler, on_block)
     settings: dict[str, Any] = {"scheduler": dask_scheduler.name, "backend": chunk_backend.name,
                                 "compute_dtype": chunk_backend.compute_dtype, "block_tokens": pair.block_tokens,
                                 "workers": pair.plan.workers}
+    if outputs.segments_per_node:
+        settings["segments_per_node"] = outputs.segments_per_node
     # Phase 3: the local metrics, on their own reads; phase 4: the results.
     local = _local_metrics(store, pair, selection, knn_options, probe_options, settings)
     return replace(assemble(pair, selection, outputs, settings), **local)
+
+
+def _default_workers(on_ray: bool) -> int:
+    """On Ray, every CPU of the cluster (each task takes one); here, one per core, up to 4 (each thread's copy of the
+    accumulators shares the process's budget)."""
+    if on_ray:
+        import ray
+
+        return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return min(4, os.cpu_count() or 1)
 
 
 def _check_local_metrics(

@@ -12,6 +12,8 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
+from hrsa.analyze.accumulators.moments import Moments
 from hrsa.analyze.metrics import (
     UnderdeterminedWarning,
     cca_from_moments,
@@ -19,12 +21,11 @@ from hrsa.analyze.metrics import (
     effective_rank_from_moments,
     linear_cka_from_moments,
     linear_regression_from_moments,
-    procrustes_from_moments,
     procrustes_distance_from_moments,
+    procrustes_from_moments,
     pwcca_from_moments,
     svcca_from_moments,
 )
-from hrsa.analyze.accumulators.moments import Moments
 
 __all__ = ["layer_results", "layer_scores"]
 
@@ -39,8 +40,10 @@ _FROM_MOMENTS: dict[str, Callable[[Moments], Any]] = {
 }
 
 
-def layer_results(m: Moments, metrics: tuple[str, ...], *, debiased: bool = False, save_rotation: bool = False) -> dict[str, Any]:
-    """``{metric: result}`` of the metrics asked for that come from Moments (``cka_debiased`` with ``debiased``)."""
+def layer_results(m: Moments, metrics: tuple[str, ...], *, debiased: bool = False, save_rotation: bool = False,
+                  compute_dtype: str = "float64") -> dict[str, Any]:
+    """``{metric: result}`` of the metrics asked for that come from Moments (``cka_debiased`` with ``debiased``);
+    ``compute_dtype``: the dtype of the products ``m`` was summed from (what Procrustes' rank test resolves)."""
     out: dict[str, Any] = {}
     if "cka" in metrics:
         out["cka"] = linear_cka_from_moments(m)
@@ -49,7 +52,8 @@ def layer_results(m: Moments, metrics: tuple[str, ...], *, debiased: bool = Fals
     if "procrustes" in metrics:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UnderdeterminedWarning)  # recorded in the result, warned once per run
-            out["procrustes"] = procrustes_from_moments(m, return_rotation=save_rotation)
+            out["procrustes"] = procrustes_from_moments(m, return_rotation=save_rotation,
+                                                        product_eps=float(np.finfo(compute_dtype).eps))
     for name, fn in _FROM_MOMENTS.items():
         if name in metrics:
             out[name] = fn(m)

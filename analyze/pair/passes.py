@@ -8,14 +8,17 @@ the next pass.
 
 from __future__ import annotations
 
+import functools
 import warnings
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from hrsa.analyze.accumulators.groups import GroupedMoments
 from hrsa.analyze.metrics import UnderdeterminedWarning
 from hrsa.analyze.pair.layer_metrics import layer_results, layer_scores
 from hrsa.analyze.pair.uncertainty import layer_intervals, layer_nulls
+from hrsa.analyze.streaming.ray_passes import TilePass, run_tiles_on_ray, task_resources
 from hrsa.analyze.streaming.stream import StateReader, run_tile, split_segments
 
 if TYPE_CHECKING:
@@ -26,7 +29,7 @@ if TYPE_CHECKING:
     from hrsa.analyze.streaming.stream import OnBlock, ResolvedScheduler
     from hrsa.store import ActivationStore
 
-__all__ = ["PassOutputs", "run_passes"]
+__all__ = ["FinishOptions", "PassOutputs", "finish_tile", "run_passes"]
 
 
 @dataclass(frozen=True)
@@ -39,10 +42,12 @@ class PassOutputs:
             when the pass kept groups of documents, ``"intervals"`` (score name -> Interval).
         summaries: co-moment summaries of the cross-layer passes, by pair of stream keys
             (``(("a", i), ("b", j))``, and ``(("a", i), ("a", i))`` for A's self co-moments).
+        segments_per_node: on Ray, how many token segments each node (by Ray node id) ran; empty otherwise.
     """
 
     matched: dict[int, dict[str, Any]]
     summaries: dict[StreamPair, CoMomentSummary]
+    segments_per_node: dict[str, int] = field(default_factory=dict)
 
 
 def run_passes(
@@ -52,25 +57,48 @@ def run_passes(
     scheduler: ResolvedScheduler,
     on_block: OnBlock | None,
 ) -> PassOutputs:
-    """Every tile in turn.
+    """Every tile: in turn on this machine's threads, all at once as Ray tasks on a cluster.
 
     Returns:
         The finished matched results and cross-layer summaries.
+
+    Raises:
+        PlacementError: on Ray, no node holds one worker's memory (and a GPU for a CUDA backend).
 
     Warns:
         UnderdeterminedWarning: once for the run when a Procrustes fit was not unique.
     """
     mids = {"a": pair.info_a.id, "b": pair.info_b.id}
-    segments = split_segments(pair.blocks, pair.plan.workers)
+
+    def reader(tile: Tile) -> StateReader:  # a reader per tile: the shards it caches (counted) go with its pass
+        return StateReader({(s, k): store.hidden_state(mids[s], k, chunk_tokens=pair.block_tokens) for s, k in tile.streams})
+
+    finish = functools.partial(finish_tile, options=FinishOptions(pair.metrics, pair.debiased, pair.save_rotation,
+                                                                       backend.compute_dtype))
     matched: dict[int, dict[str, Any]] = {}
     summaries: dict[StreamPair, CoMomentSummary] = {}
-    for tile in pair.plan.tiles:
-        # A reader per tile: the shards it caches (counted by the plan) go with the tile's pass.
-        reader = StateReader({(s, k): store.hidden_state(mids[s], k, chunk_tokens=pair.block_tokens) for s, k in tile.streams})
-        acc = run_tile(tile, reader, segments, backend, scheduler, on_block)
-        del reader
-        _finish_tile(tile, acc, pair, matched, summaries)
-        del acc  # free the tile's D x D accumulators before the next pass
+    nodes: Counter[str] = Counter()
+    if scheduler.name == "ray":
+        # Every tile at once (pair-parallel), each cut into as many segments as the workers left to it (data-parallel).
+        per_tile = max(1, pair.plan.workers // max(1, pair.plan.passes))
+        segments = tuple(split_segments(pair.blocks, per_tile))
+        jobs = [TilePass(tile, reader(tile), segments) for tile in pair.plan.tiles]
+        gpu = backend.name == "torch" and str(getattr(backend, "device", "")).startswith("cuda")
+        options = task_resources(pair.plan.estimated_peak, gpu)
+        for _, (m, s), ran_on in run_tiles_on_ray(jobs, backend, finish, options):
+            matched.update(m)
+            summaries.update(s)
+            nodes.update(ran_on)
+            if on_block is not None:
+                on_block(pair.n_tokens)
+    else:
+        segments = tuple(split_segments(pair.blocks, pair.plan.workers))
+        for tile in pair.plan.tiles:
+            acc = run_tile(tile, reader(tile), segments, backend, scheduler, on_block)
+            m, s = finish(tile, acc)
+            del acc  # free the tile's D x D accumulators before the next pass
+            matched.update(m)
+            summaries.update(s)
     undetermined = sorted(k for k, out in matched.items() if "procrustes" in out and out["procrustes"].underdetermined)
     if undetermined:  # one warning for the run, not one per layer, naming its real cause
         d = pair.info_a.hidden_size
@@ -84,20 +112,34 @@ def run_passes(
             UnderdeterminedWarning,
             stacklevel=3  # the caller of analyze_pair,
         )
-    return PassOutputs(matched, summaries)
+    return PassOutputs(matched, summaries, dict(nodes))
 
 
-def _finish_tile(tile: Tile, acc: dict, pair: ResolvedPair, matched: dict, summaries: dict) -> None:
-    """Reduce each accumulator of the tile to what the results keep (numbers and O(D) vectors); a Procrustes fit's
-    own warning is folded into one for the run (:func:`run_passes`)."""
-    for streams, value in acc.items():
+@dataclass(frozen=True)
+class FinishOptions:
+    """What finishing a matched tile needs of the run (small: it travels to Ray's finish tasks)."""
+
+    metrics: tuple[str, ...]
+    debiased: bool
+    save_rotation: bool
+    compute_dtype: str = "float64"  # the products' dtype: Procrustes' rank test resolves no finer
+
+
+def finish_tile(tile: Tile, acc: Any, options: FinishOptions) -> tuple[dict[int, dict[str, Any]], dict[StreamPair, CoMomentSummary]]:
+    """Reduce each accumulator of the tile to what the results keep (numbers and O(D) vectors): ``(matched, summaries)``.
+    A Procrustes fit's own warning is folded into one for the run (:func:`run_passes`)."""
+    matched: dict[int, dict[str, Any]] = {}
+    summaries: dict[StreamPair, CoMomentSummary] = {}
+    for streams, value in acc.items():  # a cross-layer tile's CrossTileMoments yields its pairs' CrossMoments alike
         if tile.kind != "matched":
             summaries[streams] = value.summary()
             continue
         grouped = value if isinstance(value, GroupedMoments) else None
         value = grouped.total() if grouped is not None else value
-        results = layer_results(value, pair.metrics, debiased=pair.debiased, save_rotation=pair.save_rotation)
-        out: dict[str, Any] = {**results, "nulls": layer_nulls(value, pair.metrics)}
+        results = layer_results(value, options.metrics, debiased=options.debiased, save_rotation=options.save_rotation,
+                                compute_dtype=options.compute_dtype)
+        out: dict[str, Any] = {**results, "nulls": layer_nulls(value, options.metrics)}
         if grouped is not None:
-            out["intervals"] = layer_intervals(grouped, value, layer_scores(results), pair.metrics, pair.debiased)
+            out["intervals"] = layer_intervals(grouped, value, layer_scores(results), options.metrics, options.debiased)
         matched[streams[0][1]] = out
+    return matched, summaries

@@ -77,6 +77,7 @@ def resolve_pair(
     save_rotation: bool,
     compute_bytes: int,
     groups: int = 0,
+    per_worker_budget: bool = False,
 ) -> ResolvedPair:
     """Check the pair, resolve its tokens and plan its passes (see ``analyze_pair`` for the arguments).
 
@@ -104,7 +105,7 @@ def resolve_pair(
     base = PlanInputs(
         matched=matched if needs_matched else (), rows=rows, cols=cols, dx=info_a.hidden_size, dy=info_b.hidden_size,
         read_bytes_a=_itemsize(info_a), read_bytes_b=_itemsize(info_b), compute_bytes=compute_bytes, n_tokens=n_tokens,
-        block_tokens=0, n_blocks=0, workers=workers, memory_budget=memory_budget,
+        block_tokens=0, n_blocks=0, workers=workers, memory_budget=memory_budget, per_worker=per_worker_budget,
     )
     # Step 4: blocks and tiles, chosen together: a given block size is planned as it is; by default, one shard, ~32 MB
     # of float64 per state and its halvings down to D tokens are planned, and the plan that keeps every group of
@@ -144,7 +145,7 @@ class _Layout:
         pairs = self.pairs
         raw = tuple(token_blocks(pairs.rows_a, size) if pairs.identical else paired_blocks(pairs.rows_a, pairs.rows_b, size))
         held = max(block.n_rows for block in raw)  # what a block holds: less than the grid's size for few tokens
-        w = self.base.workers
+        w = 1 if self.base.per_worker else self.base.workers  # readers that share one budget
         cache_b = _cache_bytes(self.info_b, w, size if pairs.identical else 0)  # aligned rows of B come in any range
         base = replace(self.base, cache_bytes_a=_cache_bytes(self.info_a, w, size), cache_bytes_b=cache_b)
         wanted, possible = self.groups, None  # possible: the groups the documents allow (at most those asked)

@@ -28,7 +28,11 @@ products, 0 for float64: no cast copy), ``I`` the largest accumulator of the til
                       cast; the row norms), the previous pair's block statistics and those being built, the cast
                       product; or the Chan merge: 2 I + 8 M^2 (block part and new total beside the old one in A,
                       and the rank-one temporary)
-        cross, self:  n c sum_s D_s + max(n (16 - c) max_s D_s + I, 2 I + 8 max D_x D_y)
+        cross:        n c sum_s D_s + 16 n max_s D_s + 8 (sum_rows D_x) D_y
+                      (the block's states centred and cast side by side, the float64 and centred copies of the one
+                      being centred, and one column state's stacked product before it is added: none for numpy
+                      float64, whose GEMM writes into the total; merges are in place: CrossTileMoments)
+        self:         n c sum_s D_s + max(n (16 - c) max_s D_s + I, 2 I + 8 max D_x D_y)
                       (every state of the tile centred and cast once per block, the float64 and centred copies of
                       the one being centred; then each pair's product and merge, as above)
     F = 13 * 8 M^2 for a matched tile, 0 otherwise
@@ -46,6 +50,10 @@ read's Dask graph, Zarr's requests: about 0.1 MB + 12 kB per stored chunk of a b
 yet: GPU memory (only host copies are), Procrustes rotations kept with ``save_rotation`` (D^2 per matched layer,
 for the run), B's extra rows when two corpora are aligned by content span, and the rows of a grid block beyond the
 selected ones that a slice of it keeps alive (``n`` is the rows of a block as read).
+
+Per-worker budgets (``per_worker``, Ray tasks: each segment, merge and finish runs in its own worker process): W = 1
+in the streaming term, whatever the workers, and h = G. A merge task holds the merged output beside its inputs,
+which stay in Ray's object store (outside the budget, as Ray accounts it apart).
 
 Groups of documents (``groups`` G >= 2, matched tiles: the jackknife's per-group accumulators): a worker holds the
 groups its segment touches, h = min(G, ceil(G / W) + 1) copies of A, the merged pass g = G copies, and finishing a pair adds
@@ -111,6 +119,16 @@ class Tile:
         """The hidden states this pass reads, each once per block."""
         return tuple(sorted({key for pair in self.pairs for key in pair}))
 
+    @property
+    def rectangle(self) -> tuple[tuple[StreamKey, ...], tuple[StreamKey, ...]] | None:
+        """A cross tile's row states and column states when its pairs are every row against every column (as the
+        planner makes them, in that order); None otherwise."""
+        rows = tuple(dict.fromkeys(a for a, _ in self.pairs))
+        cols = tuple(dict.fromkeys(b for _, b in self.pairs))
+        if self.kind != "cross" or self.pairs != tuple((a, b) for a in rows for b in cols):
+            return None
+        return rows, cols
+
 
 @dataclass(frozen=True)
 class PlanInputs:
@@ -128,6 +146,8 @@ class PlanInputs:
         groups: groups of documents a matched pair keeps one Moments for (the jackknife's); 0 for none.
         cache_bytes_a, cache_bytes_b: bytes the store's reader keeps per hidden state of A, of B while a tile's
             pass reads it (its cached shard objects); 0 when the caller's reader keeps nothing beyond the blocks.
+        per_worker: the budget is each worker's own (Ray tasks, each in its own process: one segment's copy of the
+            accumulators per budget, whatever the workers); False: one process's, shared by its ``workers`` threads.
     """
 
     matched: tuple[int, ...]
@@ -146,6 +166,7 @@ class PlanInputs:
     groups: int = 0
     cache_bytes_a: int = 0
     cache_bytes_b: int = 0
+    per_worker: bool = False
 
 
 @dataclass(frozen=True)
@@ -170,10 +191,33 @@ class AnalysisPlan:
         """The memory model's peak of one tile's pass, in bytes (``estimated_peak`` is the largest)."""
         return _MemoryModel(self.inputs, self.workers).peak(tile)
 
+    def product_flops(self) -> float:
+        """Floating-point operations of the passes' products (2 n D_x D_y per co-moment matrix a block adds)."""
+        p, dim = self.inputs, {"a": self.inputs.dx, "b": self.inputs.dy}
+        total = 0
+        for tile in self.tiles:
+            for (s, _), (t, _) in tile.pairs:
+                matrices = dim[s] * dim[s] + dim[t] * dim[t] + dim[s] * dim[t] if tile.kind == "matched" else dim[s] * dim[t]
+                total += matrices
+        return 2.0 * p.n_tokens * total
+
+    def bytes_read(self) -> int:
+        """Bytes of activations the passes read from the store (each tile reads each of its states once)."""
+        p = self.inputs
+        per_state = {"a": p.dx * p.read_bytes_a, "b": p.dy * p.read_bytes_b}
+        return sum(p.n_tokens * per_state[s] for tile in self.tiles for s, _ in tile.streams)
+
+    def selection_bytes(self) -> int:
+        """Bytes of every hidden state the plan reads, once: what one read of the selection costs."""
+        p = self.inputs
+        states = {key for tile in self.tiles for key in tile.streams}
+        return sum(p.n_tokens * (p.dx * p.read_bytes_a if s == "a" else p.dy * p.read_bytes_b) for s, _ in states)
+
     def describe(self) -> str:
         """A few human lines: tiles per kind, passes, memory."""
         p = self.inputs
-        lines = [f"plan: {self.passes} pass(es) over {p.n_tokens} tokens in blocks of {p.block_tokens}, {self.workers} worker(s)"]
+        lines = [f"plan: {self.passes} pass(es) over {p.n_tokens} tokens in blocks of {p.block_tokens}, {self.workers} worker(s)"
+                 + (" (Ray tasks: tiles at once, tokens split among the workers)" if p.per_worker else "")]
         if self.count("matched"):
             lines.append(f"  matched layers: {len(p.matched)} pair(s) of D={p.dx}x{p.dy} in {self.count('matched')} tile(s)")
         if self.count("cross"):
@@ -185,7 +229,12 @@ class AnalysisPlan:
         if p.groups or self.groups_asked:
             fewer = f" (of {self.groups_asked} asked: one pair's would not fit the budget)" if p.groups < self.groups_asked else ""
             lines.append(f"  intervals: statistics kept per group of documents, {p.groups} groups{fewer}")
-        lines.append(f"  memory: ~{format_bytes(self.estimated_peak)} estimated peak of {format_bytes(p.memory_budget)} budget")
+        if self.tiles:
+            lines.append(f"  reads: {format_bytes(self.bytes_read())} from the store "
+                         f"({self.bytes_read() / max(1, self.selection_bytes()):.2f} times the selected states); "
+                         f"products: {self.product_flops() / 1e12:.3g} Tflop")
+        whose = "per worker" if p.per_worker else "for the process"
+        lines.append(f"  memory: ~{format_bytes(self.estimated_peak)} estimated peak of {format_bytes(p.memory_budget)} budget {whose}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -197,6 +246,9 @@ class AnalysisPlan:
             "memory_budget": self.inputs.memory_budget,
             "estimated_peak": self.estimated_peak,
             "groups": self.inputs.groups,
+            "per_worker": self.inputs.per_worker,
+            "bytes_read": self.bytes_read(),
+            "product_flops": self.product_flops(),
         }
 
 
@@ -222,7 +274,9 @@ def _plan(inputs: PlanInputs) -> AnalysisPlan:
     # (and every pass re-reads the tokens), while BLAS threads inside one worker cost nothing. Take the
     # fewest passes, then the most workers among those.
     candidates = []
-    for w in range(max(1, min(inputs.workers, inputs.n_blocks)), 0, -1):
+    most = max(1, min(inputs.workers, inputs.n_blocks))
+    # Per-worker budgets: the tiles do not depend on the workers, who run different tiles and segments at once.
+    for w in ([most] if inputs.per_worker else range(most, 0, -1)):
         memory = _MemoryModel(inputs, w)
         if memory.fits_one_pair():
             tiles = _matched_tiles(inputs.matched, memory) + _cross_tiles(inputs.rows, inputs.cols, memory)
@@ -258,7 +312,8 @@ class _MemoryModel:
     def peak(self, tile: Tile) -> int:
         acc = sum(self.item(tile.kind, pair) for pair in tile.pairs)  # A, one copy of each accumulator
         held, merged = self._copies(tile)
-        streaming = self.workers * (held * acc + self._blocks(tile) + self._statistics(tile))
+        sharing = 1 if self.p.per_worker else self.workers  # workers whose copies one budget holds
+        streaming = sharing * (held * acc + self._blocks(tile) + self._statistics(tile))
         finishing = merged * acc + self._finish(tile)
         return max(streaming, finishing) + sum(self.cache[s] for s, _ in tile.streams)
 
@@ -271,6 +326,8 @@ class _MemoryModel:
         g = self.p.groups if tile.kind == "matched" else 0
         if g < 2:
             return 1, 1
+        if self.p.per_worker:  # a tile's segments are as many as the workers its pass gets: not known here
+            return g, g
         return min(g, -(-g // self.workers) + 1), g
 
     def _blocks(self, tile: Tile) -> int:
@@ -289,6 +346,9 @@ class _MemoryModel:
             per_token = max(8 * (dx + dy) + 8 * max(dx, dy), (8 + cast) * (dx + dy)) + 16
             return max(n * per_token + 2 * item + cast * square, 2 * item + 8 * square)
         dims = [self.dim[s] for s, _ in tile.streams]
+        if tile.rectangle is not None:  # stacked (CrossTileMoments): products and merges go into the total in place
+            rows, _ = tile.rectangle
+            return n * c * sum(dims) + 16 * n * max(dims) + 8 * sum(self.dim[s] for s, _ in rows) * self.p.dy
         square = max(self.dim[a] * self.dim[b] for (a, _), (b, _) in tile.pairs)
         return n * c * sum(dims) + max(n * (16 - c) * max(dims) + item, 2 * item + 8 * square)
 

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from dask.delayed import Delayed
 
     from hrsa.analyze.accumulators.cross_moments import CrossMoments
+    from hrsa.analyze.accumulators.cross_tile import CrossTileMoments
     from hrsa.analyze.accumulators.groups import GroupedMoments
     from hrsa.analyze.accumulators.moments import Moments
     from hrsa.analyze.streaming.backends import ChunkBackend
@@ -194,6 +195,8 @@ def fold_segment(
     on_block: OnBlock | None = None,
 ) -> dict[StreamPair, Accumulator]:
     """One segment task: the tile's accumulators over ``blocks``, one block at a time."""
+    if tile.rectangle is not None:
+        return _fold_rectangle(tile, reader, blocks, backend, on_block)
     totals: dict[StreamPair, Accumulator] = {}
     # Step 1: every state of the tile over the block's tokens (each read once, shared by its pairs). The
     # next block is read meanwhile: decompression, and on object stores the request latency, overlap the products.
@@ -212,6 +215,23 @@ def fold_segment(
         if on_block is not None:
             on_block(block.n_rows)
     return totals
+
+
+def _fold_rectangle(tile: Tile, reader: StateReader, blocks: Iterable[TokenBlock], backend: ChunkBackend,
+                    on_block: OnBlock | None) -> CrossTileMoments | None:
+    """A cross-layer tile's segment as one stacked accumulator (a GEMM per column state and block, into the total)."""
+    from hrsa.analyze.accumulators.cross_tile import CrossTileMoments
+
+    rows, cols = tile.rectangle  # type: ignore[misc]
+    acc = None
+    for block, xs in _read_ahead(reader, tile.streams, blocks):
+        if acc is None:
+            acc = CrossTileMoments.empty(rows, cols, xs[rows[0]].shape[1], xs[cols[0]].shape[1])
+        backend.fold_cross_tile(acc, xs)
+        del xs
+        if on_block is not None:
+            on_block(block.n_rows)
+    return acc
 
 
 def _grouped_moments(backend: ChunkBackend, x: np.ndarray, y: np.ndarray, runs: Sequence[tuple[int, int, int]]) -> GroupedMoments:
@@ -243,6 +263,12 @@ def _read_ahead(
 
 def merge_partials(*parts: dict[StreamPair, Accumulator]) -> dict[StreamPair, Accumulator]:
     """Merge segment results pair by pair, emptying the inputs as it goes so their memory is freed early."""
+    stacked = [part for part in parts if not isinstance(part, dict)]  # a cross-layer tile's CrossTileMoments
+    if stacked:
+        total = stacked[0].writable()  # Ray hands read-only arrays out of its object store
+        for part in stacked[1:]:
+            total.merge(part)
+        return total
     out: dict[StreamPair, Accumulator] = {}
     for part in parts:
         for pair in list(part):

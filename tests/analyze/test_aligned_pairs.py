@@ -132,7 +132,7 @@ def test_every_metric_runs_on_the_aligned_tokens(bpe_and_wordpiece: dict[str, An
     store, (rows_a, rows_b) = bpe_and_wordpiece["store"], bpe_and_wordpiece["rows"]
     x, y = (np.asarray(v, np.float64) for v in (bpe_and_wordpiece["x"][rows_a], bpe_and_wordpiece["y"][rows_b]))
     results = analyze_pair(store, "bpe", "wordpiece", metrics=["cka", "dimcorr", "procrustes", "knn"], cross_layer=True,
-                           block_tokens=64, knn_options=KnnOptions(ks=(5,), n_sample=None))
+                           block_tokens=64, knn_options=KnnOptions(ks=(5,), n_sample=None), compute_dtype="float64")
     assert results.n_tokens == rows_a.size
     assert results.alignment == {"corpus_b": bpe_and_wordpiece["cids"][1], "aligned": rows_a.size,
                                  "tokens_a": bpe_and_wordpiece["n"][0], "tokens_b": bpe_and_wordpiece["n"][1]}

@@ -44,7 +44,7 @@ def test_cross_layer_run_writes_json_figures_and_store_results(cli_store, tmp_pa
     out = tmp_path / "out"
     code, stdout, stderr = run("--store", cli_store.url, "--pair", "a", "b", "--cross-layer", "--memory-budget", "400kB",
                                "--exclude-first", "--docs", "0,2-4", "--out", str(out), "--run-id", "cli-run",
-                               "--backend", "numpy", "--block-tokens", "128")
+                               "--backend", "numpy", "--block-tokens", "128", "--compute-dtype", "float64")
     assert code == 0, stderr
     assert "plan:" in stderr and "pass(es)" in stderr  # the plan is printed before the passes
     assert "results.json" in stdout and "results/cli-run" in stdout
@@ -55,7 +55,7 @@ def test_cross_layer_run_writes_json_figures_and_store_results(cli_store, tmp_pa
     # The numbers are the API's on the same selection.
     from hrsa.store.selection import TokenSelection
 
-    api = analyze_pair(cli_store.open(), "a", "b", cross_layer=True, backend="numpy",
+    api = analyze_pair(cli_store.open(), "a", "b", cross_layer=True, backend="numpy", compute_dtype="float64",
                        selection=TokenSelection(exclude_first=True, docs=(0, 2, 3, 4)))
     np.testing.assert_allclose(doc["metrics"]["cka"]["matrix"], api.cka_matrix, rtol=1e-10)
     assert doc["n_tokens"] == api.n_tokens

@@ -27,12 +27,12 @@ def test_cross_layer_matrices_match_the_oracle(pair_store, oracle) -> None:
 
 def test_a_tiny_budget_tiles_the_matrix_and_changes_nothing(pair_store) -> None:
     store = pair_store.open()
-    whole = analyze_pair(store, "a", "b", metrics=CROSS, cross_layer=True, backend="numpy")
+    whole = analyze_pair(store, "a", "b", metrics=CROSS, cross_layer=True, backend="numpy", compute_dtype="float64")
     assert whole.plan.count("cross") == 1 and whole.plan.count("self") == 1
     # One D=16 C_xy is 2 kB, a 128-token block of a state ~41 kB and the reader's cached shards ~53 kB a state:
     # this budget holds 2 x 2 pairs per tile.
     tiled = analyze_pair(store, "a", "b", metrics=CROSS, cross_layer=True, backend="numpy", memory_budget="400kB",
-                         block_tokens=128, workers=1)
+                         block_tokens=128, workers=1, compute_dtype="float64")
     assert tiled.plan.count("cross") >= 3 and tiled.plan.count("self") >= 2
     assert tiled.plan.estimated_peak <= 400_000
     np.testing.assert_allclose(tiled.cka_matrix, whole.cka_matrix, rtol=1e-10, atol=1e-13)
@@ -40,7 +40,7 @@ def test_a_tiny_budget_tiles_the_matrix_and_changes_nothing(pair_store) -> None:
 
 
 def test_matched_pass_and_matrix_diagonal_agree(pair_store) -> None:
-    res = analyze_pair(pair_store.open(), "a", "b", cross_layer=True, debiased=True, backend="numpy")
+    res = analyze_pair(pair_store.open(), "a", "b", cross_layer=True, debiased=True, backend="numpy", compute_dtype="float64")
     assert res.plan.count("matched") == 1  # Procrustes and debiased CKA need the full Moments
     np.testing.assert_allclose([c.value for c in res.cka], np.diag(res.cka_matrix), rtol=1e-10)
     np.testing.assert_allclose([d.mean for d in res.dimcorr], np.diag(res.dimcorr_matrix), rtol=1e-10)

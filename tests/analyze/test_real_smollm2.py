@@ -79,3 +79,27 @@ def test_streaming_equals_in_memory_on_real_activations(smollm2_pair: str) -> No
     # The embedding output does not depend on attention; deeper layers do, and differ.
     assert results.cka[0].value == pytest.approx(1.0, abs=1e-12)
     assert results.cka[-1].value < 0.999
+
+
+def test_default_float32_products_stay_within_1e_6_of_float64_on_real_activations(smollm2_pair: str) -> None:
+    from hrsa.analyze.metrics import UnderdeterminedWarning
+    from hrsa.analyze.pair import analyze_pair
+    from hrsa.store import ActivationStore
+
+    store = ActivationStore.open(smollm2_pair)
+    common = dict(metrics=("cka", "dimcorr", "procrustes"), cross_layer=True, debiased=True, block_tokens=128,
+                  backend="numpy", groups=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnderdeterminedWarning)
+        default = analyze_pair(store, "causal", "bidir", **common)
+        reference = analyze_pair(store, "causal", "bidir", compute_dtype="float64", **common)
+    assert default.settings["compute_dtype"] == "float32"
+    pairs = [(default.cka_matrix, reference.cka_matrix), (default.dimcorr_matrix, reference.dimcorr_matrix)]
+    for got, want in zip((default.cka, default.cka_debiased, default.dimcorr),
+                         (reference.cka, reference.cka_debiased, reference.dimcorr)):
+        pairs.append(([getattr(r, "value", getattr(r, "mean", None)) for r in got],
+                      [getattr(r, "value", getattr(r, "mean", None)) for r in want]))
+    determined = [i for i, r in enumerate(reference.procrustes) if not r.underdetermined]
+    pairs.append(([default.procrustes[i].h_inv for i in determined], [reference.procrustes[i].h_inv for i in determined]))
+    for got, want in pairs:
+        np.testing.assert_allclose(np.asarray(got, float), np.asarray(want, float), rtol=0, atol=1e-6)

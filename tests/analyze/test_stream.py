@@ -67,9 +67,9 @@ def test_fewer_tokens_than_dimensions_match_the_oracle_and_warn(narrow_store, or
 @pytest.mark.parametrize(("block_tokens", "workers", "scheduler"), [(16, 3, "threads"), (64, 1, "threads"), (1000, 2, "threads"), (100, 2, "sync")])
 def test_any_block_size_and_worker_count_give_the_same_results(pair_store, oracle, block_tokens, workers, scheduler) -> None:
     store = pair_store.open()
-    reference = analyze_pair(store, "a", "b", metrics=ALL, backend="numpy")
+    reference = analyze_pair(store, "a", "b", metrics=ALL, backend="numpy", compute_dtype="float64")
     res = analyze_pair(store, "a", "b", metrics=ALL, backend="numpy", block_tokens=block_tokens, workers=workers,
-                       scheduler=scheduler)
+                       scheduler=scheduler, compute_dtype="float64")
     for got, want in zip(res.cka + res.dimcorr + res.procrustes, reference.cka + reference.dimcorr + reference.procrustes):
         for field in ("value", "mean", "h_inv", "residual"):
             if hasattr(want, field):

@@ -163,7 +163,7 @@ _GROUPS_OF_PAIR_STORE = ([0], [1], [2], [3], [4])
 
 def test_intervals_are_the_jackknife_over_document_groups(pair_store) -> None:
     res = analyze_pair(pair_store.open(), "a", "b", metrics=["cka", "dimcorr", "procrustes"], groups=10,
-                       memory_budget="64MB")
+                       memory_budget="64MB", compute_dtype="float64")
     assert res.n_groups == len(_GROUPS_OF_PAIR_STORE)
     offsets = pair_store.doc_offsets
     for i, k in enumerate(res.matched):
@@ -185,7 +185,7 @@ def test_intervals_are_the_jackknife_over_document_groups(pair_store) -> None:
 
 
 def test_groups_change_no_score_and_zero_groups_turn_intervals_off(pair_store) -> None:
-    kw = dict(metrics=["cka", "dimcorr", "procrustes"], debiased=True, memory_budget="64MB")
+    kw = dict(metrics=["cka", "dimcorr", "procrustes"], debiased=True, memory_budget="64MB", compute_dtype="float64")
     with_groups = analyze_pair(pair_store.open(), "a", "b", groups=10, **kw)
     without = analyze_pair(pair_store.open(), "a", "b", groups=0, **kw)
     assert without.intervals == {} and without.n_groups == 0

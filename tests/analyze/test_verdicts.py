@@ -34,10 +34,11 @@ def _identical_pair(path: str, distinct_rows_at_0: int, n_tokens: int = 1000) ->
     return store
 
 
-def test_h_inv_verdict_leaves_out_hidden_states_where_the_rotation_is_not_unique(tmp_path) -> None:
+@pytest.mark.parametrize("compute_dtype", ["float64", "auto"])  # auto: float32 products, whose rounding fills C_xy's null space
+def test_h_inv_verdict_leaves_out_hidden_states_where_the_rotation_is_not_unique(tmp_path, compute_dtype: str) -> None:
     store = _identical_pair(str(tmp_path / "store"), distinct_rows_at_0=30)
     with pytest.warns(UnderdeterminedWarning, match=r"hidden states \[0\].*rank deficient although 1000 tokens exceed D = 64"):
-        results = analyze_pair(store, "a", "b", metrics=["procrustes"], backend="numpy")
+        results = analyze_pair(store, "a", "b", metrics=["procrustes"], backend="numpy", compute_dtype=compute_dtype)
     assert [p.underdetermined for p in results.procrustes] == [True, False]
     assert results.procrustes[0].h_inv < 0.9 and results.procrustes[1].h_inv == pytest.approx(1.0, abs=1e-9)
     doc = save_results(results, tmp_path / "out").doc

@@ -51,6 +51,7 @@ def free_port() -> int:
 class Cluster:
     dashboard: str
     groups: list[int]
+    address: str = ""  # the GCS address, for drivers of their own (RAY_ADDRESS)
 
 
 def ray_start(args: list[str], env: dict[str, str], log: Path) -> int:
@@ -106,7 +107,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             if time.monotonic() > deadline:
                 pytest.fail("the two-node cluster did not come up in 60 s")
             time.sleep(0.5)
-        yield Cluster(dashboard, groups)
+        yield Cluster(dashboard, groups, f"127.0.0.1:{port}")
     finally:
         stop(groups)
 
@@ -234,3 +235,42 @@ def test_excludes_leave_out_outputs_and_large_files_and_the_package_is_hrsa(tmp_
     with _staged_package() as package:
         assert package.name == "hrsa" and (package / "cluster" / "submit.py").is_file() and (package / "__main__.py").is_file()
         assert not (package / "tests").exists() and not list(package.rglob("*.yaml"))
+
+
+def test_an_analysis_splits_its_tokens_over_both_nodes_and_equals_one_process(cluster: Cluster, tmp_path: Path) -> None:
+    """Ray tasks: every tile at once, each tile's tokens in segments spread over the nodes; the same numbers as the
+    local threads to 1e-12 (float64 products, so the sums differ only by their order)."""
+    from hrsa.analyze.pair import analyze_pair
+    from hrsa.store.testing import make_table
+
+    # A store of two related models: 6 hidden states of D = 24 over 3,000 tokens with 1e4 offsets.
+    rng = np.random.default_rng(5)
+    store = ActivationStore.open(tmp_path / "store", mode="w-")
+    table = make_table((700, 300, 1100, 900))
+    cid = store.write_corpus(table, tokenizer={"name": "t", "fingerprint": "f"}, source="test")
+    x = {k: rng.normal(size=(table.n_tokens, 24)) + rng.uniform(-1e4, 1e4, 24) for k in range(6)}
+    for mid, states in (("a", x), ("b", {k: v @ (np.eye(24) + 0.2 * rng.normal(size=(24, 24))) for k, v in x.items()})):
+        store.create_model(mid, corpus=cid, n_hidden_states=6, hidden_size=24, dtype="float32", hidden_states=list(range(6)),
+                           chunk_tokens=128, shard_tokens=512)
+        writer = store.writer(mid)
+        for unit in writer.units():
+            writer.write_unit(unit, {k: v[unit.start : unit.stop].astype(np.float32) for k, v in states.items()})
+    flags = ["--metrics", "cka,dimcorr,procrustes", "--cross-layer", "--compute-dtype", "float64", "--block-tokens", "256",
+             "--memory-budget", "2MB"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_ADDRESS=cluster.address, RAY_AUTH_MODE="disabled")
+    done = subprocess.run([sys.executable, "-m", "hrsa", "analyze", "--store", str(tmp_path / "store"), "--pair", "a", "b",
+                           "--workers", "2", "--out", str(tmp_path / "out"), "--no-store-results", *flags],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    on_cluster = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert on_cluster["settings"]["scheduler"] == "ray"
+    per_node = on_cluster["settings"]["segments_per_node"]
+    assert len(per_node) == 2 and min(per_node.values()) >= 1, per_node  # both nodes ran segments
+    assert on_cluster["plan"]["passes"] >= 2  # several tiles at once, not one
+    local = analyze_pair(store, "a", "b", metrics=("cka", "dimcorr", "procrustes"), cross_layer=True, scheduler="threads",
+                         compute_dtype="float64", block_tokens=256, memory_budget="2MB", groups=10)
+    np.testing.assert_allclose(on_cluster["metrics"]["cka"]["matrix"], local.cka_matrix, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(on_cluster["metrics"]["dimcorr"]["matrix"], local.dimcorr_matrix, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(on_cluster["metrics"]["procrustes"]["h_inv"], [p.h_inv for p in local.procrustes], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(on_cluster["metrics"]["cka"]["diagonal"], [c.value for c in local.cka], rtol=0, atol=1e-12)

@@ -1,0 +1,108 @@
+"""Streaming passes as Ray tasks: every tile of a pair at once, each tile's tokens split across the cluster.
+
+Per tile the tasks are
+
+    segment_0 ... segment_{s-1}      one task each (Ray's SPREAD: over the nodes), reading its blocks straight
+         \\        /                  from the store and folding them into the tile's accumulators
+          merges of two               a tree, each merge a task
+               |
+            finish                    the tile's small results (metrics of a matched tile, O(D) summaries of a
+                                      cross-layer one): only these come back to the driver
+
+and the tiles of a pair are submitted together, so different tiles run on different workers at once
+(pair-parallel) while the segments of one tile run on several (data-parallel). Every task asks Ray for one CPU and
+for the memory the plan gives one worker (``--memory-budget`` is per worker here: a node runs only as many tasks as
+its memory holds), and for one GPU when the backend is CUDA.
+
+Why Ray tasks and not Dask-on-Ray, which the threads path's graph would run on unchanged: Dask-on-Ray submits its
+tasks through a thread pool the size of the *driver's* CPU count (a 2-CPU head runs two tasks at a time on any
+cluster), and takes Ray options per graph layer, not per task; the graph here is a tree of a few tasks per tile
+that needs neither Dask's optimisations nor its scheduler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from hrsa.analyze.streaming.stream import fold_segment, merge_partials
+from hrsa.runtime.placement import PlacementError, describe_nodes
+
+if TYPE_CHECKING:
+    from hrsa.analyze.streaming.backends import ChunkBackend
+    from hrsa.analyze.streaming.plan import Tile
+    from hrsa.analyze.streaming.stream import StateReader, TokenBlock
+
+__all__ = ["TilePass", "run_tiles_on_ray", "task_resources"]
+
+#: A tile's accumulators -> its small results (runs in the finish task: must pickle, e.g. a module-level function
+#: or a functools.partial of one).
+Finish = Callable[["Tile", Any], Any]
+
+
+@dataclass(frozen=True)
+class TilePass:
+    """One tile's pass: what to accumulate, where to read it, and its tokens cut into segments (one task each)."""
+
+    tile: Tile
+    reader: StateReader
+    segments: tuple[tuple[TokenBlock, ...], ...]
+
+
+def task_resources(memory: int, gpu: bool) -> dict[str, Any]:
+    """Ray options of every analysis task: one CPU, ``memory`` bytes, a GPU for a CUDA backend.
+
+    Raises:
+        PlacementError: no alive node has that much memory (and a GPU when asked): Ray would wait for one forever.
+    """
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    fits = [r for r in nodes if r.get("CPU", 0) >= 1 and r.get("memory", 0) >= memory and (not gpu or r.get("GPU", 0) >= 1)]
+    if not fits:
+        largest = sorted(r.get("memory", 0) / 1e9 for r in nodes)
+        raise PlacementError(
+            f"Expected a Ray node with {memory / 1e9:.3g} GB of memory{' and a GPU' if gpu else ''} for one analysis "
+            f"task (the plan's peak per worker). Got {describe_nodes(largest, 'GB of Ray memory')} instead. "
+            "Lower --memory-budget (it is per worker), or add a larger node."
+        )
+    return {"num_cpus": 1, "memory": int(memory), "num_gpus": 1 if gpu else 0}
+
+
+def run_tiles_on_ray(passes: Sequence[TilePass], backend: ChunkBackend, finish: Finish,
+                     options: dict[str, Any]) -> Iterator[tuple[Tile, Any, list[str]]]:
+    """Submit every tile's tasks at once; yield ``(tile, finished, nodes)`` as tiles finish, ``nodes`` the Ray node
+    id that ran each of its segments."""
+    import ray
+
+    fold = ray.remote(_fold_task).options(**options, scheduling_strategy="SPREAD")
+    merge = ray.remote(_merge_task).options(**options)
+    done = ray.remote(_finish_task).options(**options)
+    pending = {}
+    for index, job in enumerate(passes):
+        parts = [fold.remote(job.tile, job.reader, segment, backend) for segment in job.segments]
+        while len(parts) > 1:  # a tree of merges of two: each holds one output beside its inputs
+            parts = [merge.remote(*parts[i : i + 2]) if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)]
+        pending[done.remote(job.tile, parts[0], finish)] = index
+    while pending:
+        (ready,), _ = ray.wait(list(pending), num_returns=1)
+        finished, nodes = ray.get(ready)
+        yield passes[pending.pop(ready)].tile, finished, nodes
+
+
+def _fold_task(tile: Tile, reader: StateReader, blocks: tuple[TokenBlock, ...], backend: ChunkBackend) -> tuple[Any, list[str]]:
+    import ray
+
+    return fold_segment(tile, reader, blocks, backend), [ray.get_runtime_context().get_node_id()]
+
+
+def _merge_task(*parts: tuple[Any, list[str]]) -> tuple[Any, list[str]]:
+    # Ray hands each part's arrays out of its object store, read-only: merge_partials writes into copies.
+    merged = merge_partials(*(dict(acc) if isinstance(acc, dict) else acc for acc, _ in parts))
+    return merged, [node for _, nodes in parts for node in nodes]
+
+
+def _finish_task(tile: Tile, part: tuple[Any, list[str]], finish: Finish) -> tuple[Any, list[str]]:
+    acc, nodes = part
+    return finish(tile, dict(acc) if isinstance(acc, dict) else acc), nodes

@@ -1,0 +1,46 @@
+"""The CPU default: float32 products of centred blocks, summed in float64, where they keep every score within 1e-6
+of float64 products; float64 where they would not (inverses of C_xx), and on request."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hrsa.analyze.pair import analyze_pair
+from hrsa.analyze.streaming.backends import resolve_backend
+
+
+def scores(results) -> dict[str, np.ndarray]:
+    """Every score of the run that float32 products might move, by name."""
+    out = {
+        "cka": [r.value for r in results.cka],
+        "cka_debiased": [r.value for r in results.cka_debiased],
+        "dimcorr": [r.mean for r in results.dimcorr],
+        "h_inv": [r.h_inv for r in results.procrustes],
+        "similarity": [r.similarity for r in results.procrustes],
+        "residual": [r.residual for r in results.procrustes],
+        "cka_matrix": results.cka_matrix,
+        "dimcorr_matrix": results.dimcorr_matrix,
+    }
+    return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
+
+
+def test_default_products_are_float32_and_stay_within_1e_6_of_float64_under_1e4_offsets(make_pair_store) -> None:
+    # Offsets of 1e3-1e4 and outlier scales of 30-300 in six dimensions (conftest.activations), D = 32, 6,000 tokens.
+    store = make_pair_store(doc_lengths=(1500, 700, 1800, 2000), d=32).open()
+    common = dict(metrics=("cka", "dimcorr", "procrustes"), debiased=True, cross_layer=True, block_tokens=512)
+    default = analyze_pair(store, "a", "b", backend="numpy", **common)
+    reference = analyze_pair(store, "a", "b", backend="numpy", compute_dtype="float64", **common)
+    assert default.settings["compute_dtype"] == "float32" and reference.settings["compute_dtype"] == "float64"
+    got, want = scores(default), scores(reference)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-6, err_msg=name)
+    # Not vacuous: float32 products are not float64 ones, and the scores span a range.
+    assert np.ptp(want["cka"]) > 0.05 and any(np.any(got[k] != want[k]) for k in want)
+
+
+@pytest.mark.parametrize("metric", ["cca", "svcca", "pwcca", "regression"])
+def test_inverse_based_measures_keep_float64_products_by_default(metric: str) -> None:
+    # Their C_xx^-1 multiplies a float32 product's rounding by the condition number.
+    assert resolve_backend("numpy", "auto", metrics=("cka", metric)).compute_dtype == "float64"
+    assert resolve_backend("numpy", "auto", metrics=("cka", "dimcorr", "procrustes")).compute_dtype == "float32"
+    assert resolve_backend("numpy", "float32", metrics=(metric,)).compute_dtype == "float32"  # asked for: as asked

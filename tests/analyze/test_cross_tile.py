@@ -1,0 +1,107 @@
+"""A cross-layer tile accumulated as one stacked matrix (GEMMs into the total, Chan's correction by BLAS ger) equals
+independent float64 co-moments of the whole data, under 1e5 offsets, outlier dimensions and uneven blocks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hrsa.analyze.accumulators.cross_moments import CrossMoments
+from hrsa.analyze.accumulators.cross_tile import CrossTileMoments, add_product
+from hrsa.analyze.streaming.backends import NumpyBackend, TorchBackend
+
+DX, DY = 24, 16
+ROWS, COLS = (("a", 0), ("a", 3), ("a", 7)), (("b", 1), ("b", 2))
+
+
+def states(rng: np.random.Generator, n: int) -> dict:
+    """Hidden states with offsets up to 1e5 that drift along the tokens, and an outlier dimension."""
+    base = rng.normal(size=(n, 8))
+    out = {}
+    for key in (*ROWS, *COLS):
+        d = DX if key[0] == "a" else DY
+        x = base @ rng.normal(size=(8, d)) + 0.3 * rng.normal(size=(n, d))
+        x[:, 0] *= 300.0  # an outlier dimension
+        x += rng.uniform(-1e5, 1e5, d) + np.linspace(0, 50, n)[:, None]  # offsets, and a drift across blocks
+        out[key] = x.astype(np.float32)
+    return out
+
+
+def reference(xs: dict) -> dict:
+    """Independent float64: the co-moment of the whole centred data, two-pass."""
+    c = {k: np.asarray(v, dtype=np.float64) - np.asarray(v, dtype=np.float64).mean(0) for k, v in xs.items()}
+    return {(kx, ky): c[kx].T @ c[ky] for kx in ROWS for ky in COLS}
+
+
+def fold(backend, xs: dict, cuts: list[int]) -> CrossTileMoments:
+    acc = CrossTileMoments.empty(ROWS, COLS, DX, DY)
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        backend.fold_cross_tile(acc, {k: v[lo:hi] for k, v in xs.items()})
+    return acc
+
+
+@pytest.mark.parametrize("backend", [NumpyBackend(), TorchBackend(device="cpu", compute_dtype="float64")], ids=["numpy", "torch"])
+def test_stacked_blocks_equal_float64_co_moments_of_the_whole_data(backend) -> None:
+    rng = np.random.default_rng(0)
+    xs = states(rng, 700)
+    acc = fold(backend, xs, [0, 1, 40, 40, 333, 700])  # a one-token block, an empty one, uneven sizes
+    want = reference(xs)
+    assert acc.n == 700 and acc.c.flags.f_contiguous
+    for pair, moments in acc.items():
+        np.testing.assert_allclose(moments.c_xy, want[pair], rtol=1e-11, atol=1e-9 * np.abs(want[pair]).max())
+        np.testing.assert_allclose(moments.mean_x, np.asarray(xs[pair[0]], np.float64).mean(0), rtol=1e-13)
+        np.testing.assert_allclose(moments.mean_y, np.asarray(xs[pair[1]], np.float64).mean(0), rtol=1e-13)
+
+
+def test_equals_the_per_pair_path_and_merging_segments_equals_one_pass() -> None:
+    rng = np.random.default_rng(1)
+    xs = states(rng, 500)
+    whole = fold(NumpyBackend(), xs, [0, 128, 256, 384, 500])
+    first, second = fold(NumpyBackend(), xs, [0, 128, 256]), fold(NumpyBackend(), {k: v[256:] for k, v in xs.items()}, [0, 128, 244])
+    merged = first.merge(second)
+    per_pair: dict = {}
+    for lo, hi in ((0, 128), (128, 256), (256, 384), (384, 500)):
+        for pair, part in NumpyBackend().cross_moments({k: v[lo:hi] for k, v in xs.items()}, [(i, j) for i in ROWS for j in COLS]):
+            per_pair[pair] = per_pair[pair].merge(part) if pair in per_pair else part
+    for (pair, a), (_, b) in zip(whole.items(), merged.items()):
+        scale = np.abs(per_pair[pair].c_xy).max()
+        np.testing.assert_allclose(a.c_xy, per_pair[pair].c_xy, rtol=0, atol=1e-12 * scale)
+        np.testing.assert_allclose(b.c_xy, per_pair[pair].c_xy, rtol=0, atol=1e-12 * scale)
+    assert merged.n == 500 and merged.merge(CrossTileMoments.empty(ROWS, COLS, DX, DY)) is merged
+
+
+def test_float32_products_stay_within_1e_6_of_float64() -> None:
+    rng = np.random.default_rng(2)
+    xs = states(rng, 2000)
+    want = reference(xs)
+    acc = fold(NumpyBackend(compute_dtype="float32"), xs, [0, 512, 1024, 1536, 2000])
+    for pair, moments in acc.items():
+        assert np.abs(moments.c_xy - want[pair]).max() <= 1e-6 * np.abs(want[pair]).max()
+
+
+def test_a_float64_product_goes_into_the_total_without_a_copy() -> None:
+    rng = np.random.default_rng(3)
+    total = np.asfortranarray(rng.normal(size=(6, 4)))
+    before = total.copy()
+    u, v = rng.normal(size=(9, 6)), rng.normal(size=(9, 4))
+    column_id = total.__array_interface__["data"][0]
+    add_product(total, u, v)
+    np.testing.assert_allclose(total, before + u.T @ v, rtol=1e-14)
+    assert total.__array_interface__["data"][0] == column_id
+
+
+def test_merging_statistics_of_other_states_is_refused() -> None:
+    with pytest.raises(ValueError, match="same states"):
+        CrossTileMoments.empty(ROWS, COLS, DX, DY).merge(CrossTileMoments.empty(COLS, ROWS, DY, DX))
+
+
+def test_read_only_totals_from_another_process_merge_into_a_copy() -> None:
+    rng = np.random.default_rng(4)
+    xs = states(rng, 200)
+    a, b = fold(NumpyBackend(), xs, [0, 100]), fold(NumpyBackend(), {k: v[100:] for k, v in xs.items()}, [0, 100])
+    for acc in (a, b):  # as Ray hands arrays out of its object store
+        for array in (acc.c, acc.mean_x, acc.mean_y):
+            array.flags.writeable = False
+    merged = a.writable().merge(b)
+    whole = fold(NumpyBackend(), xs, [0, 100, 200])
+    np.testing.assert_allclose(merged.c, whole.c, rtol=0, atol=1e-12 * np.abs(whole.c).max())
+    assert isinstance(next(merged.items())[1], CrossMoments)
