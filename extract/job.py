@@ -6,8 +6,8 @@ yet written) and, when the store holds the model already, that it is the same ex
 (:mod:`hrsa.extract.rerun`); only then is the store created and the corpus stored once, (2) connect to Ray and
 reserve the workers' CPUs/GPUs (refused at once when the cluster can never place them, bounded wait otherwise),
 (3) start the workers; the first one's description of the model lets the coordinator allocate the arrays (or check
-them on resume), (4) feed pending units to the workers, two in flight each, (5) report. Re-running the same
-extraction resumes: only units not done are computed. A worker's failure reaches the caller as one line naming
+them on resume), (4) feed pending units to the workers, two in flight each, consecutive units to each worker, (5)
+report. Re-running the same extraction resumes: only units not done are computed. A worker's failure reaches the caller as one line naming
 the unit (:class:`ExtractionFailedError`).
 
 The workers are actors owned by this process (not detached): if it dies, Ray ends them with it.
@@ -15,6 +15,7 @@ The workers are actors owned by this process (not detached): if it dies, Ray end
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,7 @@ from hrsa.runtime.placement import cpus_per_worker
 from hrsa.store.errors import CorpusMismatchError, HrsaError, UserError
 
 __all__ = ["PLACEMENT_TIMEOUT_S", "ExtractConfig", "ExtractConfigError", "ExtractResult", "ExtractionFailedError",
-           "WorkerPlacementError", "parse_extract_config", "run_extraction"]
+           "UnitRuns", "WorkerPlacementError", "parse_extract_config", "run_extraction"]
 
 
 @dataclass(frozen=True)
@@ -328,29 +329,50 @@ def _call(refs: Any, what: str) -> Any:
         raise _failure(error, what) from error
 
 
+class UnitRuns:
+    """Which unit each worker computes next: one run of consecutive pending units per worker, in order.
+
+    A worker given consecutive units runs a document straddling two of them once (it carries the rows); a worker
+    whose run is used up takes the back half of the longest run left, so runs stay consecutive while no worker idles.
+    """
+
+    def __init__(self, pending: list[int], n_workers: int) -> None:
+        size, extra = divmod(len(pending), n_workers)
+        bounds = [w * size + min(w, extra) for w in range(n_workers + 1)]
+        self._runs = [list(reversed(pending[a:b])) for a, b in itertools.pairwise(bounds)]  # popped from the end
+
+    def next(self, worker: int) -> int | None:
+        """The next unit for ``worker``, or None when every unit has been handed out."""
+        if not self._runs[worker]:
+            longest = max(range(len(self._runs)), key=lambda w: len(self._runs[w]))
+            run = self._runs[longest]
+            self._runs[worker], self._runs[longest] = run[: (len(run) + 1) // 2], run[(len(run) + 1) // 2 :]
+        return self._runs[worker].pop() if self._runs[worker] else None
+
+
 def _dispatch(workers: list[Any], mid: str, pending: list[int], on_result: Callable[[dict[str, Any]], Any],
               start: Callable[[], Any]) -> list[dict[str, Any]]:
-    """Keep two units in flight per worker (one computing, one writing) until none is left."""
+    """Keep two units in flight per worker (one computing, one writing) until none is left, each worker's units
+    consecutive (:class:`UnitRuns`)."""
     import ray
 
     start()
-    queue = list(reversed(pending))
-    inflight: dict[Any, tuple[Any, int]] = {}
+    runs = UnitRuns(pending, len(workers))
+    inflight: dict[Any, tuple[int, int]] = {}
 
-    def submit(worker: Any) -> None:
-        index = queue.pop()
-        inflight[worker.run_unit.remote(mid, index)] = (worker, index)
+    def submit(w: int) -> None:
+        index = runs.next(w)
+        if index is not None:
+            inflight[workers[w].run_unit.remote(mid, index)] = (w, index)
 
-    for w in workers:
+    for w in range(len(workers)):
         for _ in range(2):
-            if queue:
-                submit(w)
+            submit(w)
     results = []
     while inflight:
         (ref,), _ = ray.wait(list(inflight), num_returns=1)
-        worker, index = inflight.pop(ref)
+        w, index = inflight.pop(ref)
         results.append(_call(ref, f"unit {index} of model {mid}"))
         on_result(results[-1])
-        if queue:
-            submit(worker)
+        submit(w)
     return results

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
+from hrsa.extract.unit_documents import Carried, unit_documents
 from hrsa.store.errors import UserError
 
 if TYPE_CHECKING:
@@ -52,6 +52,9 @@ class ExtractionWorker:
         self._token_budget = token_budget
         self._model_lock = threading.Lock()  # a threaded actor overlaps one unit's compute with another's write
         self._bind_lock = threading.Lock()
+        self._writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hrsa-write")
+        self._carried = Carried()  # rows of documents straddling units, computed once, for the next unit
+        self._forwards = _Forwards()
         self._writer: ModelWriter | None = None
         self._corpus: CorpusTokens | None = None
         # A user's mistake found while loading (a causal encoder, weights missing) is kept and raised by
@@ -99,35 +102,94 @@ class ExtractionWorker:
         unit = writer.units()[index]
         report = {"unit": index, "tokens": unit.n_tokens, "written": False, "node": os.uname().nodename,
                   "node_id": _ray_node_id(), "pid": os.getpid()}
-        # The claim comes before the forward pass: a unit another writer holds or finished costs no compute here.
-        with writer.claimed(unit) as claim:
-            if claim is None:
-                return report
-            with self._model_lock:
-                states = self._unit_states(unit, writer.info.hidden_states)
-            return {**report, "written": writer.write_unit(unit, states, claim=claim)}
+        self._forwards.begin(mid, index)
+        try:
+            # The claim comes before the forward pass: a unit another writer holds or finished costs no compute here.
+            with writer.claimed(unit) as claim:
+                if claim is None:
+                    return report
+                states = self._unit_states(mid, unit, writer.info.hidden_states)
+                self._forwards.end(mid, index)
+                # One writer thread: this unit's shards are encoded, hashed and written while the actor's other
+                # thread runs the next unit's forward passes, and no more than one unit is being written at once.
+                # Its error is raised here, as this unit's failure; the done record is written before it returns.
+                written = self._writes.submit(writer.write_unit, unit, states, claim=claim).result()
+                return {**report, "written": written}
+        finally:
+            self._forwards.end(mid, index)
 
-    def _unit_states(self, unit: WorkUnit, layers: tuple[int, ...]) -> dict[int, torch.Tensor]:
-        """(unit.n_tokens, D) per stored hidden state: the overlapping documents, run whole, batched."""
+    def _unit_states(self, mid: str, unit: WorkUnit, layers: tuple[int, ...]) -> dict[int, torch.Tensor]:
+        """(unit.n_tokens, D) per stored hidden state: each document run once (see :mod:`.unit_documents`)."""
         import torch
 
+        offsets = self._corpus.doc_offsets  # type: ignore[union-attr]  # set by _bound, which run_unit calls first
+        plan = unit_documents(offsets, unit.start, unit.stop)
+        out = {k: torch.empty((unit.n_tokens, self._loaded.hidden_size), dtype=self._loaded.model.dtype) for k in layers}
+
+        def place(doc: int, first: int, states: dict[int, torch.Tensor]) -> None:
+            """Put a document's rows from corpus token ``first`` on into the unit; carry those past its end."""
+            lo, hi = max(unit.start, first), min(unit.stop, int(offsets[doc + 1]))
+            for k in layers:
+                out[k][lo - unit.start : hi - unit.start] = states[k][lo - first : hi - first]
+            if offsets[doc + 1] > unit.stop:
+                self._carried.put(mid, doc, unit.stop, {k: v[unit.stop - first :] for k, v in states.items()})
+
+        # Step 1: the documents that start in this unit: those inside it batched, the one running past its end alone.
+        with self._model_lock:
+            for doc, states in self._forward(plan.inside, layers):
+                place(doc, int(offsets[doc]), states)
+            if plan.tail is not None:
+                place(plan.tail, int(offsets[plan.tail]), self._forward_alone(plan.tail, layers))
+        # Step 2: the document begun before this unit: its rows as the unit before carried them when this worker
+        # ran that unit (waiting for its forward passes if they are under way here), else the document run alone.
+        if plan.head is not None:
+            self._forwards.wait_for(mid, unit.index - 1)
+            states = self._carried.take(mid, plan.head, unit.start)
+            if states is None:
+                with self._model_lock:
+                    states = {k: v[unit.start - int(offsets[plan.head]) :]
+                              for k, v in self._forward_alone(plan.head, layers).items()}
+            place(plan.head, unit.start, states)
+        return out
+
+    def _forward(self, docs: tuple[int, ...], layers: tuple[int, ...]) -> Iterator[tuple[int, dict[int, torch.Tensor]]]:
+        """(document, {layer: (T, D)}) of each document, batched under the token budget."""
         from hrsa.extract.forward import batched_hidden_states
 
-        corpus: CorpusTokens = self._corpus  # type: ignore[assignment]  # set by _bound, which run_unit calls first
-        offsets = corpus.doc_offsets
-        # Step 1: documents overlapping the unit, and the rows of each that fall inside it.
-        first = int(np.searchsorted(offsets, unit.start, side="right")) - 1
-        last = int(np.searchsorted(offsets, unit.stop, side="left"))
-        docs = list(range(first, last))
-        texts = [corpus.document(d).tolist() for d in docs]
-        # Step 2: batched forward passes; place each document's kept rows where they belong.
-        out = {k: torch.empty((unit.n_tokens, self._loaded.hidden_size), dtype=self._loaded.model.dtype) for k in layers}
+        texts = [self._corpus.document(d).tolist() for d in docs]  # type: ignore[union-attr]
         for j, states in batched_hidden_states(self._loaded, texts, layers, token_budget=self._token_budget):
-            d = docs[j]
-            lo, hi = max(unit.start, int(offsets[d])), min(unit.stop, int(offsets[d + 1]))
-            for k in layers:
-                out[k][lo - unit.start : hi - unit.start] = states[k][lo - int(offsets[d]) : hi - int(offsets[d])]
-        return out
+            yield docs[j], states
+
+    def _forward_alone(self, doc: int, layers: tuple[int, ...]) -> dict[int, torch.Tensor]:
+        """A document in a batch of its own: bits that do not depend on which unit runs it."""
+        from hrsa.extract.forward import batched_hidden_states
+
+        ((_, states),) = batched_hidden_states(self._loaded, [self._corpus.document(doc).tolist()], layers,  # type: ignore[union-attr]
+                                               token_budget=1)
+        return states
+
+
+class _Forwards:
+    """Units whose forward passes are under way in this worker, so a unit can wait for the one before it (whose
+    carried rows it needs) instead of running that unit's last document again."""
+
+    def __init__(self) -> None:
+        self._running: set[tuple[str, int]] = set()
+        self._changed = threading.Condition()
+
+    def begin(self, mid: str, index: int) -> None:
+        with self._changed:
+            self._running.add((mid, index))
+
+    def end(self, mid: str, index: int) -> None:
+        with self._changed:
+            self._running.discard((mid, index))
+            self._changed.notify_all()
+
+    def wait_for(self, mid: str, index: int) -> None:
+        """Return once unit ``index`` is not running here (its forward passes done, or it never ran here)."""
+        with self._changed:
+            self._changed.wait_for(lambda: (mid, index) not in self._running)
 
 
 def _ray_node_id() -> str:
@@ -141,8 +203,9 @@ def remote_worker_class(*, num_gpus: float, num_cpus: float, max_restarts: int =
                         worker_class: type[ExtractionWorker] | None = None) -> Any:
     """:class:`ExtractionWorker` as a Ray actor: restarted when it dies, its in-flight units retried.
 
-    ``max_concurrency=2`` lets a second unit's compute start while the first one's shards are still
-    being compressed and written, so at most two units of activations are in memory per worker.
+    ``max_concurrency=2`` lets a second unit's forward passes run while the first one's shards are encoded,
+    hashed and written (by the worker's one writer thread), so at most two units of activations are in memory
+    per worker. The coordinator gives a worker consecutive units, so a document straddling two of them runs once.
     ``worker_class`` swaps in a subclass (the tests inject faults this way) under the same options.
     """
     import ray

@@ -5,7 +5,7 @@ The protocol (store format 2; the records are :mod:`hrsa.store.unit_records`):
 1. A writer claims the unit: it creates ``claims/<unit>/<attempt>`` with create-if-absent (attempt 1, or n+1
    once attempt n has expired). Exactly one writer holds a unit; the others skip it.
 2. It computes the unit, checks it still holds the claim and no done record exists, and writes every stored
-   hidden state's shard object whole, hashing the bytes as they go to the store.
+   hidden state's shard object whole, hashing the bytes on their way to the store.
 3. It creates ``done/<unit>``, the unit's manifest (keys, byte counts, sha256 and xxh3 of each shard, the model's
    settings), with create-if-absent. The record is what makes the unit count, so a writer killed at any
    instant before leaves the unit not done, and its claim expires; a done record always lists shards that were
@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -30,6 +30,7 @@ from hrsa.store.model import ModelInfo, hidden_key
 from hrsa.store.objects import (
     create_if_absent, delete_key, delete_prefix, get_bytes, list_keys, object_size, put_bytes,
 )
+from hrsa.store.shard_encoding import encode_shard
 from hrsa.store.unit_records import (
     LEASE_S, Claim, DoneRecord, ShardRecord, claim_prefix, done_key, parse_done_units, settings_fingerprint,
     writer_name,
@@ -116,22 +117,6 @@ class WorkUnit:
     @property
     def n_tokens(self) -> int:
         return self.stop - self.start
-
-
-def _hashing_store(store: Any) -> Any:
-    """A Zarr store that passes writes through and keeps the record (size, sha256, xxh3) of every object written."""
-    from zarr.storage import WrapperStore
-
-    class HashingStore(WrapperStore):  # type: ignore[type-arg]
-        def __init__(self, store: Any) -> None:
-            super().__init__(store)
-            self.written: dict[str, ShardRecord] = {}
-
-        async def set(self, key: str, value: Any) -> None:
-            self.written[key] = ShardRecord.of(key, value.to_bytes())
-            await self._store.set(key, value)
-
-    return HashingStore(store)
 
 
 class ModelWriter:
@@ -263,25 +248,19 @@ class ModelWriter:
         # Step 1: a writer whose lease lapsed (a stalled process) must not overwrite the taker's shards.
         if not self.holds(claim):
             return False
-        # Step 2: whole shard objects, hashed on their way to the store. Every object is written, all-zero ones
-        # too, so a done unit's missing object always means damage. A unit covering part of its shard (the last)
-        # starts from no object: Zarr would otherwise read the old one, torn or damaged, to merge into it.
+        # Step 2: whole shard objects, encoded here with the arrays' own codecs (shard_encoding.py) and hashed before
+        # they go to the store. Every object is written, all-zero ones too, so a done unit's missing object always
+        # means damage; each replaces whatever a dead writer left at its key whole, never merged into it.
         shards: dict[int, ShardRecord] = {}
         for k, values in arrays.items():
-            array, hashing = self._hashing_array(k)
+            array = self._group[hidden_key(k)]
             key = shard_key(array, unit.index)
-            if unit.n_tokens < self.info.layout.shard_tokens:
-                delete_key(self._store, key)
-            array[unit.start : unit.stop] = values
-            shards[k] = replace(hashing.written[key], key=key.removeprefix(self._prefix + "/"))
+            data = encode_shard(array, unit.index, values)
+            shards[k] = ShardRecord.of(key.removeprefix(self._prefix + "/"), data)
+            put_bytes(self._store, key, data)
         # Step 3: the done record, created once; it is what makes the unit count.
         record = DoneRecord(unit.index, unit.start, unit.stop, self.settings, shards, claim.attempt, writer_name())
         return create_if_absent(self._store, self._key(done_key(unit.index)), record.to_bytes())
-
-    def _hashing_array(self, layer: int) -> tuple[zarr.Array, Any]:
-        hashing = _hashing_store(self._store)
-        array = array_through(self._group[hidden_key(layer)], hashing)
-        return array.with_config({"write_empty_chunks": True}), hashing
 
     def reset_unit(self, unit: WorkUnit) -> None:
         """Make a unit not done and rewritable: delete its shard objects, its done record, then its claims

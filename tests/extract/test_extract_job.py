@@ -172,15 +172,16 @@ def faulty_worker(folder: Path, *, crash: bool = False, fail_after_writes: int |
                 with open(log) as f:
                     if len(f.readlines()) >= fail_after_writes:
                         raise RuntimeError(f"injected fault before unit {index}")
+            # The actor runs two units at once: each death holds the lock that a unit holds from its write to its
+            # log line, so that one thread's os._exit cannot fall between the other's and leave a written unit unlogged.
             if crash and nth == 3 and self._claim_death_1(mid, index):
-                writer = self._store.writer(mid)  # not the worker's own binding: a restart must rebuild that
-                unit = writer.units()[index]
-                k = writer.info.hidden_states[0]
-                array = self._store.group(f"models/{mid}")[f"hidden/{k}"]
-                array[unit.start : unit.stop] = np.full((unit.n_tokens, array.shape[1]), 7, dtype=array.dtype)
-                os._exit(1)  # half a unit on disk, no done flag
-            # The actor runs two units at once: hold a lock from the write to its log line, so that the
-            # other thread's os._exit cannot fall between them and leave a written unit unlogged.
+                with self._log_lock:
+                    writer = self._store.writer(mid)  # not the worker's own binding: a restart must rebuild that
+                    unit = writer.units()[index]
+                    k = writer.info.hidden_states[0]
+                    array = self._store.group(f"models/{mid}")[f"hidden/{k}"]
+                    array[unit.start : unit.stop] = np.full((unit.n_tokens, array.shape[1]), 7, dtype=array.dtype)
+                    os._exit(1)  # half a unit on disk, no done flag
             with self._log_lock:
                 result = super().run_unit(mid, index)
                 if result["written"]:

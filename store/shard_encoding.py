@@ -1,0 +1,85 @@
+"""One whole shard object of a hidden-state array, encoded in the calling thread with the array's own codecs.
+
+A unit writes every stored hidden state's shard whole. Going through ``array[start:stop] = values`` costs about
+five copies of the values on Zarr's event-loop thread (each inner chunk filled, assigned, checksummed by
+concatenation, the shard combined, the bytes copied again to hash them): for SmolLM2's 31 states that was most
+of a unit's write time, and it ran on threads the worker cannot schedule. Here the shard is built from the same
+codec objects Zarr reads it with (the sharding codec's inner chain and index chain, taken from the array's
+metadata, so any preset encodes as Zarr would), chunk by chunk, and joined once; the caller hashes and stores
+the bytes. ``tests/store/test_shard_encoding.py`` checks the bytes equal Zarr's own for every preset.
+
+Layout of a shard (Zarr v3 sharding codec): the inner chunks that hold data, in Morton order, each encoded by
+the inner chain (bytes, compressor, crc32c); then the index, (offset, length) uint64 per chunk in C order, with
+(2**64-1, 2**64-1) for a chunk not stored, encoded by the index chain (bytes, crc32c). Only the last unit can
+cover part of its shard: its last inner chunk is padded with the fill value, chunks past the array's end are
+not stored, as Zarr does.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import zarr
+
+__all__ = ["encode_shard"]
+
+_EMPTY = 2**64 - 1  # an index entry of a chunk that is not stored
+
+
+def encode_shard(array: zarr.Array, unit: int, values: np.ndarray) -> bytes:
+    """The bytes of shard ``unit`` of a (N, D) array sharded along tokens, holding ``values`` (n, D) from token
+    ``unit * shard_tokens`` on (n = shard_tokens, or fewer for the array's last shard).
+
+    Raises:
+        ValueError: ``values`` does not fill the shard up to the array's end, or the array is not sharded.
+    """
+    from zarr.codecs import ShardingCodec
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.indexing import morton_order_iter
+
+    sharding = array.metadata.codecs[0]
+    if len(array.metadata.codecs) != 1 or not isinstance(sharding, ShardingCodec):
+        raise ValueError(f"Expected an array sharded along tokens. Got codecs {array.metadata.codecs} instead.")
+    shard_tokens, chunk_tokens = array.metadata.chunk_grid.chunk_shape[0], sharding.chunk_shape[0]
+    start = unit * shard_tokens
+    if values.shape != (min(shard_tokens, array.shape[0] - start), array.shape[1]):
+        raise ValueError(f"Expected shard {unit}'s values of the array's shape {array.shape}. Got {values.shape}.")
+    shard_spec = array.metadata.get_chunk_spec((unit, 0), array.async_array.config, default_buffer_prototype())
+    chunk_spec = sharding._get_chunk_spec(shard_spec)  # the spec Zarr encodes inner chunks with)
+    chunks_per_shard = shard_tokens // chunk_tokens
+    index = np.full((chunks_per_shard, 1, 2), _EMPTY, dtype="<u8")  # (offset, length) per chunk, C order
+    pieces: list[Any] = []
+    offset = 0
+    for coords in morton_order_iter((chunks_per_shard, 1)):
+        rows = values[coords[0] * chunk_tokens : (coords[0] + 1) * chunk_tokens]
+        if len(rows) == 0:
+            continue  # past the array's end: not stored
+        encoded = _encode_chunk(sharding.codecs, _padded(rows, chunk_tokens, chunk_spec.fill_value), chunk_spec)
+        pieces.append(encoded)
+        index[coords] = (offset, len(encoded))
+        offset += len(encoded)
+    index_spec = sharding._get_index_chunk_spec((chunks_per_shard, 1))
+    return b"".join([*pieces, _encode_chunk(sharding.index_codecs, index, index_spec)])
+
+
+def _padded(rows: np.ndarray, chunk_tokens: int, fill_value: Any) -> np.ndarray:
+    """An edge chunk is stored whole, its rows past the array's end holding the fill value (as Zarr stores it)."""
+    if len(rows) == chunk_tokens:
+        return np.ascontiguousarray(rows)
+    chunk = np.full((chunk_tokens, rows.shape[1]), fill_value, dtype=rows.dtype)
+    chunk[: len(rows)] = rows
+    return chunk
+
+
+def _encode_chunk(codecs: tuple[Any, ...], values: np.ndarray, spec: Any) -> memoryview:
+    """One chunk through a codec chain (array-to-bytes, then bytes-to-bytes), synchronously."""
+    from zarr.core.buffer import default_buffer_prototype
+
+    data: Any = default_buffer_prototype().nd_buffer.from_numpy_array(values)
+    for codec in codecs:
+        data = codec._encode_sync(data, spec)  # private, but every codec of the presets has it
+        spec = codec.resolve_metadata(spec)
+    return memoryview(data.as_numpy_array())

@@ -1,0 +1,34 @@
+"""encode_shard gives the bytes Zarr itself writes for a shard, for every codec preset and stored dtype: whole
+shards, and the last shard with a padded edge chunk and chunks past the array's end (not stored)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hrsa.store import ActivationStore
+from hrsa.store.format import CODEC_PRESETS, as_storage
+from hrsa.store.model import hidden_key
+from hrsa.store.objects import get_bytes
+from hrsa.store.shard_encoding import encode_shard
+from hrsa.store.testing import HIDDEN, make_table, unit_values
+from hrsa.store.units import shard_key
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("codec", sorted(CODEC_PRESETS))
+def test_encoded_shard_equals_zarrs_own(tmp_path, codec: str, dtype: str) -> None:
+    store = ActivationStore.open(tmp_path / "store", mode="a")
+    cid = store.write_corpus(make_table((300, 1, 299)), tokenizer={"name": "t", "fingerprint": "f"}, source="t")
+    store.create_model("m", corpus=cid, n_hidden_states=1, hidden_size=HIDDEN, dtype=dtype, codec=codec,
+                       chunk_tokens=64, shard_tokens=512)  # 600 tokens: unit 1 holds 88 (one chunk, one partial)
+    array = store.group("models/m")[hidden_key(0)].with_config({"write_empty_chunks": True})
+    for unit, (start, stop) in enumerate([(0, 512), (512, 600)]):
+        values = as_storage(unit_values(unit, start, stop, 0, dtype), dtype)
+        array[start:stop] = values  # Zarr's own encoding
+        assert encode_shard(array, unit, values) == get_bytes(array.store_path.store, shard_key(array, unit))
+
+
+def test_values_of_another_shape_are_refused(filled_store: ActivationStore) -> None:
+    array = filled_store.group("models/m")[hidden_key(0)]
+    with pytest.raises(ValueError, match="Expected shard 0's values"):
+        encode_shard(array, 0, np.zeros((10, HIDDEN), np.float32))
