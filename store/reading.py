@@ -115,9 +115,12 @@ def cache_bound(*, shard_tokens: int, chunk_tokens: int, n_tokens: int, row_byte
         53481
         >>> cache_bound(shard_tokens=256, chunk_tokens=64, n_tokens=10_000, row_bytes=64, readers=1, block_tokens=256)
         17827
+        >>> cache_bound(shard_tokens=65_536, chunk_tokens=64, n_tokens=100, row_bytes=64, readers=1)  # one short shard
+        7616
     """
     shards = -(-n_tokens // shard_tokens)
-    one = shard_tokens * row_bytes * 101 // 100 + 64 * (-(-shard_tokens // chunk_tokens)) + 1024
+    rows = min(shard_tokens, n_tokens)  # an array shorter than a shard stores only its own chunks
+    one = rows * row_bytes * 101 // 100 + 64 * (-(-rows // chunk_tokens)) + 1024
     held = readers if block_tokens == shard_tokens else min(CACHED_SHARDS, 2 * readers) + readers
     return min(shards, held) * one
 

@@ -20,7 +20,7 @@ from hrsa.analyze.local.probe import ProbeOptions, check_probe_budget, probe_pai
 from hrsa.analyze.pair.assembly import assemble
 from hrsa.analyze.pair.passes import run_passes
 from hrsa.analyze.pair.resolve import ResolvedPair, resolve_pair
-from hrsa.analyze.streaming.backends import resolve_backend
+from hrsa.analyze.streaming.backends import matched_backend, resolve_backend
 from hrsa.analyze.streaming.plan import parse_memory_budget
 from hrsa.analyze.streaming.stream import resolve_scheduler
 from hrsa.store.errors import UserError
@@ -117,10 +117,13 @@ def analyze_pair(
     if on_plan is not None:
         on_plan(pair.plan)
     # Phase 2: the streaming passes.
-    outputs = run_passes(store, pair, chunk_backend, dask_scheduler, on_block)
+    for_matched = matched_backend(chunk_backend, compute_dtype, metrics)
+    outputs = run_passes(store, pair, chunk_backend, dask_scheduler, on_block, matched=for_matched)
     settings: dict[str, Any] = {"scheduler": dask_scheduler.name, "backend": chunk_backend.name,
                                 "compute_dtype": chunk_backend.compute_dtype, "block_tokens": pair.block_tokens,
                                 "workers": pair.plan.workers}
+    if pair.plan.count("matched") and for_matched.compute_dtype != chunk_backend.compute_dtype:
+        settings["matched_compute_dtype"] = for_matched.compute_dtype
     if outputs.segments_per_node:
         settings["segments_per_node"] = outputs.segments_per_node
     # Phase 3: the local metrics, on their own reads; phase 4: the results.

@@ -56,8 +56,10 @@ def run_passes(
     backend: ChunkBackend,
     scheduler: ResolvedScheduler,
     on_block: OnBlock | None,
+    matched: ChunkBackend | None = None,
 ) -> PassOutputs:
-    """Every tile: in turn on this machine's threads, all at once as Ray tasks on a cluster.
+    """Every tile: in turn on this machine's threads, all at once as Ray tasks on a cluster; the matched tiles'
+    products on ``matched`` (default ``backend``: see :func:`~hrsa.analyze.streaming.backends.matched_backend`).
 
     Returns:
         The finished matched results and cross-layer summaries.
@@ -73,8 +75,13 @@ def run_passes(
     def reader(tile: Tile) -> StateReader:  # a reader per tile: the shards it caches (counted) go with its pass
         return StateReader({(s, k): store.hidden_state(mids[s], k, chunk_tokens=pair.block_tokens) for s, k in tile.streams})
 
+    matched_on = matched or backend
     finish = functools.partial(finish_tile, options=FinishOptions(pair.metrics, pair.debiased, pair.save_rotation,
-                                                                       backend.compute_dtype))
+                                                                       matched_on.compute_dtype))
+
+    def backend_of(tile: Tile) -> ChunkBackend:
+        return matched_on if tile.kind == "matched" else backend
+
     matched: dict[int, dict[str, Any]] = {}
     summaries: dict[StreamPair, CoMomentSummary] = {}
     nodes: Counter[str] = Counter()
@@ -82,10 +89,10 @@ def run_passes(
         # Every tile at once (pair-parallel), each cut into as many segments as the workers left to it (data-parallel).
         per_tile = max(1, pair.plan.workers // max(1, pair.plan.passes))
         segments = tuple(split_segments(pair.blocks, per_tile))
-        jobs = [TilePass(tile, reader(tile), segments) for tile in pair.plan.tiles]
+        jobs = [TilePass(tile, reader(tile), segments, backend_of(tile)) for tile in pair.plan.tiles]
         gpu = backend.name == "torch" and str(getattr(backend, "device", "")).startswith("cuda")
         options = task_resources(pair.plan.estimated_peak, gpu)
-        for _, (m, s), ran_on in run_tiles_on_ray(jobs, backend, finish, options):
+        for _, (m, s), ran_on in run_tiles_on_ray(jobs, finish, options):
             matched.update(m)
             summaries.update(s)
             nodes.update(ran_on)
@@ -94,7 +101,7 @@ def run_passes(
     else:
         segments = tuple(split_segments(pair.blocks, pair.plan.workers))
         for tile in pair.plan.tiles:
-            acc = run_tile(tile, reader(tile), segments, backend, scheduler, on_block)
+            acc = run_tile(tile, reader(tile), segments, backend_of(tile), scheduler, on_block)
             m, s = finish(tile, acc)
             del acc  # free the tile's D x D accumulators before the next pass
             matched.update(m)

@@ -19,7 +19,7 @@ vocabularies of its two options, :data:`BackendName` and :data:`ComputeDtype`, a
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal, Protocol, get_args, runtime_checkable
 
 import numpy as np
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
     from hrsa.analyze.streaming.plan import StreamKey, StreamPair
 
-__all__ = ["FLOAT64_MEASURES", "BackendName", "ChunkBackend", "ComputeDtype", "NumpyBackend", "TorchBackend", "resolve_backend"]
+__all__ = ["FLOAT64_MATCHED_MEASURES", "FLOAT64_MEASURES", "matched_backend", "BackendName", "ChunkBackend", "ComputeDtype", "NumpyBackend", "TorchBackend", "resolve_backend"]
 
 #: Where the products run (``--backend``).
 BackendName = Literal["auto", "numpy", "torch", "cuda"]
@@ -171,6 +171,17 @@ class TorchBackend:
 #: Measures that invert C_xx (or C_yy): their inverses multiply a float32 product's rounding by the condition number,
 #: so ``"auto"`` keeps float64 products when one of them is asked for.
 FLOAT64_MEASURES = frozenset({"cca", "svcca", "pwcca", "regression"})
+#: Measures that read C_xy's singular vectors: with ``"auto"`` the matched tiles (O(L) pairs, against O(L^2) for the
+#: cross-layer matrices) keep float64 products for them: float32 rounding fills C_xy's null space (a rank-deficient
+#: layer would pass for determined) and moves singular vectors of close singular values.
+FLOAT64_MATCHED_MEASURES = frozenset({"procrustes", "procrustes_distance"})
+
+
+def matched_backend(backend: ChunkBackend, compute_dtype: ComputeDtype, metrics: Iterable[str]) -> ChunkBackend:
+    """The backend of the matched tiles: float64 products for :data:`FLOAT64_MATCHED_MEASURES` under ``"auto"``."""
+    if compute_dtype == "auto" and FLOAT64_MATCHED_MEASURES & set(metrics) and backend.compute_dtype != "float64":
+        return replace(backend, compute_dtype="float64")  # type: ignore[type-var]
+    return backend
 
 
 def resolve_backend(name: BackendName = "auto", compute_dtype: ComputeDtype = "auto",
@@ -181,10 +192,10 @@ def resolve_backend(name: BackendName = "auto", compute_dtype: ComputeDtype = "a
         name: ``"auto"``, ``"numpy"``, ``"cuda"`` (torch on the GPU) or ``"torch"`` (torch on its
             default device, the CPU unless a GPU is there).
         compute_dtype: ``"float32"``, ``"float64"``, or ``"auto"``: float32 products of blocks centred in float64 and
-            summed in float64 (CKA, debiased CKA, dimension-wise correlation and Procrustes within 1e-6 of float64
-            products on real SmolLM2 activations and under 1e4 offsets: tests/analyze/test_compute_dtype.py,
-            test_real_smollm2.py; about twice BLAS's float64 rate), float64 when ``metrics`` holds one of
-            :data:`FLOAT64_MEASURES`.
+            summed in float64 (CKA, debiased CKA and dimension-wise correlation within 1e-6 of float64 products on
+            real SmolLM2 activations and under 1e4 offsets: tests/analyze/test_compute_dtype.py, test_real_smollm2.py;
+            about twice BLAS's float64 rate), float64 when ``metrics`` holds one of :data:`FLOAT64_MEASURES` (and for
+            the matched tiles of Procrustes: :func:`matched_backend`).
         metrics: the metrics of the run (only for ``"auto"``).
 
     Raises:

@@ -121,13 +121,19 @@ class Tile:
 
     @property
     def rectangle(self) -> tuple[tuple[StreamKey, ...], tuple[StreamKey, ...]] | None:
-        """A cross tile's row states and column states when its pairs are every row against every column (as the
-        planner makes them, in that order); None otherwise."""
-        rows = tuple(dict.fromkeys(a for a, _ in self.pairs))
-        cols = tuple(dict.fromkeys(b for _, b in self.pairs))
-        if self.kind != "cross" or self.pairs != tuple((a, b) for a in rows for b in cols):
+        """A cross tile's row states and column states when its A-against-B pairs are every row against every column
+        (as the planner makes them, in that order); None otherwise. Its :attr:`selfs` ride along."""
+        crossed = tuple(p for p in self.pairs if p[0] != p[1])
+        rows = tuple(dict.fromkeys(a for a, _ in crossed))
+        cols = tuple(dict.fromkeys(b for _, b in crossed))
+        if self.kind != "cross" or not crossed or crossed != tuple((a, b) for a in rows for b in cols):
             return None
         return rows, cols
+
+    @property
+    def selfs(self) -> tuple[StreamPair, ...]:
+        """A cross tile's self co-moments (a state against itself) of states it reads anyway: no pass of their own."""
+        return tuple(p for p in self.pairs if p[0] == p[1]) if self.kind == "cross" else ()
 
 
 @dataclass(frozen=True)
@@ -222,9 +228,11 @@ class AnalysisPlan:
             lines.append(f"  matched layers: {len(p.matched)} pair(s) of D={p.dx}x{p.dy} in {self.count('matched')} tile(s)")
         if self.count("cross"):
             largest = max(len(t.pairs) for t in self.tiles if t.kind == "cross")
+            riding = sum(len(t.selfs) for t in self.tiles)
             lines.append(
                 f"  cross-layer: {len(p.rows)} x {len(p.cols)} pairs in {self.count('cross')} tile(s) of up to {largest} pair(s); "
-                f"self co-moments of {len(p.rows) + len(p.cols)} states in {self.count('self')} tile(s)"
+                f"self co-moments of {len(p.rows) + len(p.cols)} states: {riding} in the cross tiles, the rest in "
+                f"{self.count('self')} tile(s) of their own"
             )
         if p.groups or self.groups_asked:
             fewer = f" (of {self.groups_asked} asked: one pair's would not fit the budget)" if p.groups < self.groups_asked else ""
@@ -279,8 +287,8 @@ def _plan(inputs: PlanInputs) -> AnalysisPlan:
     for w in ([most] if inputs.per_worker else range(most, 0, -1)):
         memory = _MemoryModel(inputs, w)
         if memory.fits_one_pair():
-            tiles = _matched_tiles(inputs.matched, memory) + _cross_tiles(inputs.rows, inputs.cols, memory)
-            tiles += _self_tiles(inputs.rows, inputs.cols, memory) if inputs.rows else ()
+            cross, left = _with_selfs(_cross_tiles(inputs.rows, inputs.cols, memory), inputs.rows, inputs.cols, memory)
+            tiles = _matched_tiles(inputs.matched, memory) + cross + _pack(left, "self", memory)
             peak = max((memory.peak(t) for t in tiles), default=0)
             candidates.append(AnalysisPlan(tiles=tiles, inputs=inputs, workers=w, estimated_peak=peak))
     if candidates:
@@ -348,7 +356,10 @@ class _MemoryModel:
         dims = [self.dim[s] for s, _ in tile.streams]
         if tile.rectangle is not None:  # stacked (CrossTileMoments): products and merges go into the total in place
             rows, _ = tile.rectangle
-            return n * c * sum(dims) + 16 * n * max(dims) + 8 * sum(self.dim[s] for s, _ in rows) * self.p.dy
+            stacked = 8 * sum(self.dim[s] for s, _ in rows) * self.p.dy
+            # self co-moments riding along: each pair's product and its Chan merge, as for a self tile
+            selfs = max((2 * self.item("cross", p) + 8 * self.dim[p[0][0]] ** 2 for p in tile.selfs), default=0)
+            return n * c * sum(dims) + 16 * n * max(dims) + max(stacked, selfs)
         square = max(self.dim[a] * self.dim[b] for (a, _), (b, _) in tile.pairs)
         return n * c * sum(dims) + max(n * (16 - c) * max(dims) + item, 2 * item + 8 * square)
 
@@ -377,9 +388,20 @@ def _matched_tiles(matched: Sequence[int], memory: _MemoryModel) -> tuple[Tile, 
     return _pack([(("a", k), ("b", k)) for k in matched], "matched", memory)
 
 
-def _self_tiles(rows: Sequence[int], cols: Sequence[int], memory: _MemoryModel) -> tuple[Tile, ...]:
-    keys: list[StreamKey] = [("a", i) for i in rows] + [("b", j) for j in cols]
-    return _pack([(k, k) for k in keys], "self", memory)
+def _with_selfs(tiles: tuple[Tile, ...], rows: Sequence[int], cols: Sequence[int],
+                memory: _MemoryModel) -> tuple[tuple[Tile, ...], list[StreamPair]]:
+    """The cross tiles with the self co-moments of the states they read added where they fit (each state's once), and
+    the self pairs left for tiles of their own: a state's self co-moments then cost no read of their own."""
+    left: list[StreamPair] = [(("a", i), ("a", i)) for i in rows] + [(("b", j), ("b", j)) for j in cols]
+    out = []
+    for tile in tiles:
+        pairs = list(tile.pairs)
+        for pair in [p for p in left if p[0] in tile.streams]:
+            if memory.fits(Tile("cross", (*pairs, pair))):
+                pairs.append(pair)
+                left.remove(pair)
+        out.append(Tile("cross", tuple(pairs)))
+    return tuple(out), left
 
 
 def _pack(pairs: list[StreamPair], kind: TileKind, memory: _MemoryModel) -> tuple[Tile, ...]:

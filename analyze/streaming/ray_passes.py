@@ -48,6 +48,7 @@ class TilePass:
     tile: Tile
     reader: StateReader
     segments: tuple[tuple[TokenBlock, ...], ...]
+    backend: ChunkBackend
 
 
 def task_resources(memory: int, gpu: bool) -> dict[str, Any]:
@@ -70,7 +71,7 @@ def task_resources(memory: int, gpu: bool) -> dict[str, Any]:
     return {"num_cpus": 1, "memory": int(memory), "num_gpus": 1 if gpu else 0}
 
 
-def run_tiles_on_ray(passes: Sequence[TilePass], backend: ChunkBackend, finish: Finish,
+def run_tiles_on_ray(passes: Sequence[TilePass], finish: Finish,
                      options: dict[str, Any]) -> Iterator[tuple[Tile, Any, list[str]]]:
     """Submit every tile's tasks at once; yield ``(tile, finished, nodes)`` as tiles finish, ``nodes`` the Ray node
     id that ran each of its segments."""
@@ -81,7 +82,7 @@ def run_tiles_on_ray(passes: Sequence[TilePass], backend: ChunkBackend, finish: 
     done = ray.remote(_finish_task).options(**options)
     pending = {}
     for index, job in enumerate(passes):
-        parts = [fold.remote(job.tile, job.reader, segment, backend) for segment in job.segments]
+        parts = [fold.remote(job.tile, job.reader, segment, job.backend) for segment in job.segments]
         while len(parts) > 1:  # a tree of merges of two: each holds one output beside its inputs
             parts = [merge.remote(*parts[i : i + 2]) if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)]
         pending[done.remote(job.tile, parts[0], finish)] = index

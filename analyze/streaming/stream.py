@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from hrsa.analyze.streaming.plan import StreamKey, StreamPair, Tile
 
 __all__ = [
+    "CrossTileTotals",
     "OnBlock",
     "ResolvedScheduler",
     "Scheduler",
@@ -218,20 +219,41 @@ def fold_segment(
 
 
 def _fold_rectangle(tile: Tile, reader: StateReader, blocks: Iterable[TokenBlock], backend: ChunkBackend,
-                    on_block: OnBlock | None) -> CrossTileMoments | None:
-    """A cross-layer tile's segment as one stacked accumulator (a GEMM per column state and block, into the total)."""
+                    on_block: OnBlock | None) -> CrossTileTotals | None:
+    """A cross-layer tile's segment as one stacked accumulator (a GEMM per column state and block, into the total),
+    and the self co-moments that ride along, pair by pair."""
     from hrsa.analyze.accumulators.cross_tile import CrossTileMoments
 
     rows, cols = tile.rectangle  # type: ignore[misc]
     acc = None
     for block, xs in _read_ahead(reader, tile.streams, blocks):
         if acc is None:
-            acc = CrossTileMoments.empty(rows, cols, xs[rows[0]].shape[1], xs[cols[0]].shape[1])
-        backend.fold_cross_tile(acc, xs)
+            acc = CrossTileTotals(CrossTileMoments.empty(rows, cols, xs[rows[0]].shape[1], xs[cols[0]].shape[1]), {})
+        backend.fold_cross_tile(acc.stacked, xs)
+        for pair, part in backend.cross_moments(xs, tile.selfs):
+            acc.selfs[pair] = acc.selfs[pair].merge(part) if pair in acc.selfs else part
         del xs
         if on_block is not None:
             on_block(block.n_rows)
     return acc
+
+
+@dataclass(eq=False)
+class CrossTileTotals:
+    """A cross-layer tile's accumulators: the stacked rectangle, and the self co-moments riding along."""
+
+    stacked: CrossTileMoments
+    selfs: dict[StreamPair, CrossMoments]
+
+    def merge(self, other: CrossTileTotals) -> CrossTileTotals:
+        """Fold ``other`` in (the stacked part in place, into a copy when read-only as Ray hands it out)."""
+        self.stacked = self.stacked.writable().merge(other.stacked)
+        self.selfs = merge_partials(self.selfs, dict(other.selfs))
+        return self
+
+    def items(self) -> Iterator[tuple[StreamPair, CrossMoments]]:
+        yield from self.stacked.items()
+        yield from self.selfs.items()
 
 
 def _grouped_moments(backend: ChunkBackend, x: np.ndarray, y: np.ndarray, runs: Sequence[tuple[int, int, int]]) -> GroupedMoments:
@@ -263,9 +285,9 @@ def _read_ahead(
 
 def merge_partials(*parts: dict[StreamPair, Accumulator]) -> dict[StreamPair, Accumulator]:
     """Merge segment results pair by pair, emptying the inputs as it goes so their memory is freed early."""
-    stacked = [part for part in parts if not isinstance(part, dict)]  # a cross-layer tile's CrossTileMoments
+    stacked = [part for part in parts if not isinstance(part, dict)]  # a cross-layer tile's CrossTileTotals
     if stacked:
-        total = stacked[0].writable()  # Ray hands read-only arrays out of its object store
+        total = CrossTileTotals(stacked[0].stacked, dict(stacked[0].selfs))
         for part in stacked[1:]:
             total.merge(part)
         return total

@@ -31,6 +31,7 @@ def test_default_products_are_float32_and_stay_within_1e_6_of_float64_under_1e4_
     default = analyze_pair(store, "a", "b", backend="numpy", **common)
     reference = analyze_pair(store, "a", "b", backend="numpy", compute_dtype="float64", **common)
     assert default.settings["compute_dtype"] == "float32" and reference.settings["compute_dtype"] == "float64"
+    assert default.settings["matched_compute_dtype"] == "float64"  # Procrustes reads C_xy's singular vectors
     got, want = scores(default), scores(reference)
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-6, err_msg=name)

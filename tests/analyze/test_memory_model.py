@@ -100,8 +100,9 @@ def planned(store: ActivationStore, url: str, *, compute: str, workers: int) -> 
             plan = plan_analysis(replace(pair.plan.inputs, memory_budget=budget, cache_bytes_a=cache, cache_bytes_b=cache))
         except MemoryBudgetError:
             continue
-        # One worker: more than one tile of a kind. Two: the planner keeps them only when each kind fits one tile.
-        if plan.workers == workers and plan.passes >= (4 if workers == 1 else 3):
+        # One worker: more than one tile of a kind. Two: the planner keeps them only when each kind fits one tile
+        # (the self co-moments ride in the cross tile: two passes).
+        if plan.workers == workers and plan.passes >= (4 if workers == 1 else 2):
             return replace(pair, plan=plan)
     raise AssertionError("no budget gives the plan this test needs")
 

@@ -145,5 +145,5 @@ def test_progress_counts_every_token_of_every_pass(pair_store) -> None:
     seen, plans = [], []
     res = analyze_pair(pair_store.open(), "a", "b", cross_layer=True, backend="numpy", block_tokens=128, workers=2,
                        on_block=seen.append, on_plan=plans.append)
-    assert plans == [res.plan] and res.plan.passes >= 3
+    assert plans == [res.plan] and res.plan.passes >= 2  # the matched pass, and the cross-layer one(s)
     assert sum(seen) == res.n_tokens * res.plan.passes
