@@ -64,10 +64,15 @@ CODEC_PRESETS: dict[str, dict[str, object] | None] = {
     "blosc-zstd-1-shuffle": {"kind": "blosc", "cname": "zstd", "clevel": 1, "shuffle": "shuffle"},
     "blosc-zstd-1-bitshuffle": {"kind": "blosc", "cname": "zstd", "clevel": 1, "shuffle": "bitshuffle"},
 }
-# Chosen by benchmarks/store_io.py on SmolLM2's 31 hidden states over real CoT text: plain zstd-1 gave
-# the best ratio (bf16 1.29x, fp32 1.10x) at the lowest one-thread CPU cost (~1.0 s/GB encode, ~0.8 s/GB
-# decode); byte-shuffled Blosc compressed less and cost more. Activations' mantissas are noise.
-DEFAULT_CODEC: dict[str, str] = {"float32": "zstd-1", "float16": "zstd-1", "bfloat16": "zstd-1"}
+# Chosen by measured write throughput (benchmarks/extract.py's codec table: real SmolLM2 activations encoded
+# shard by shard as a unit's write encodes them, hashes included, against the bare forward pass on 2 CPU cores).
+# float32 (CPU extraction): activations' mantissas are noise, so the best preset saves 9% of the bytes (zstd-1,
+# 1.09x) for 8% of the forward pass's CPU, which alone breaks the 5% that extraction may add to the forward
+# passes; none costs 4% (crc32c and the hashes), and decoding is free for every later read. bfloat16 (GPU
+# extraction) keeps zstd-1: 1.28x smaller at ~360 MB/s a thread (benchmarks/store_io.py: ~0.8 s/GB decode), where
+# the forward runs on the GPU and the CPU cores are free. Reading never looks here: each array's zarr.json names
+# its codec, so stores written under another default read and resume as they were written.
+DEFAULT_CODEC: dict[str, str] = {"float32": "none", "float16": "zstd-1", "bfloat16": "zstd-1"}
 
 _CHUNK_BYTES = 1 << 20  # ~1 MiB inner chunks: cheap partial reads, good compression blocks
 _SHARD_BYTES = 32 << 20  # ~32 MiB shards: few objects on S3, and one unit's buffer stays small

@@ -32,3 +32,26 @@ def test_values_of_another_shape_are_refused(filled_store: ActivationStore) -> N
     array = filled_store.group("models/m")[hidden_key(0)]
     with pytest.raises(ValueError, match="Expected shard 0's values"):
         encode_shard(array, 0, np.zeros((10, HIDDEN), np.float32))
+
+
+def test_a_model_stored_under_the_former_default_codec_reads_and_resumes(tmp_path) -> None:
+    """float32 stores were zstd-1 before the default became none: the codec lives in each array's zarr.json, so such
+    a model reads back, and a resumed extraction writes its missing units with that codec, not the new default."""
+    from hrsa.store.format import DEFAULT_CODEC
+    from hrsa.store.testing import LAYERS, expected_layer, fill_model, new_model
+    from hrsa.store.verify import verify_store
+
+    assert DEFAULT_CODEC["float32"] == "none"
+    store = ActivationStore.open(tmp_path / "store", mode="a")
+    new_model(store, "m", codec="zstd-1")
+    writer = store.writer("m")
+    for unit in writer.units()[:2]:
+        writer.write_unit(unit, {k: unit_values(unit.index, unit.start, unit.stop, k, "float32") for k in range(LAYERS)})
+    reopened = ActivationStore.open(tmp_path / "store", mode="r+")
+    fill_model(reopened, "m")  # the resume
+    array = reopened.group("models/m")[hidden_key(0)]
+    assert [type(c).__name__ for c in array.metadata.codecs[0].codecs] == ["BytesCodec", "ZstdCodec", "Crc32cCodec"]
+    assert reopened.model_info("m").codec == "zstd-1"
+    for k in range(LAYERS):
+        assert np.array_equal(reopened.hidden_state("m", k).compute(), expected_layer(reopened, "m", k))
+    assert verify_store(reopened).ok
