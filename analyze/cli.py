@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from hrsa.analyze.config import AnalyzeConfig
+from hrsa.analyze.streaming.plan import format_bytes
+from hrsa.runtime.resident import resident_bytes
 from hrsa.runtime.cli_options import config_file_option, config_options, field_help
 
 if TYPE_CHECKING:
@@ -45,6 +47,8 @@ def analyze(config_file: Path | None, **flags: Any) -> None:
 
     def on_plan(plan: AnalysisPlan) -> None:  # the bar shows from the plan on: an error before it stays one line
         console.print(plan.describe())
+        console.print(f"  this process: {format_bytes(resident_bytes())} resident before the passes (interpreter, "
+                      "libraries and the corpus table: outside the budget)")
         progress.update(task, total=plan.passes * plan.inputs.n_tokens)
         progress.start()
 
@@ -61,3 +65,4 @@ def analyze(config_file: Path | None, **flags: Any) -> None:
         click.echo(alignment_line(run.saved.doc))
     click.echo(f"wrote {run.saved.json_path}" + "".join(f", {p.name}" for p in run.figures)
                + (f"; store: {run.saved.store_path}" if run.saved.store_path else ""))
+

@@ -22,6 +22,18 @@ What it measures, each figure side by side in one run:
     float32 products of centred blocks) under a memory budget: passes, time, peak memory, against the RAM
     that holding both models' float32 activations would take (the reference implementation's approach).
 
+(e) Against the official approach (restated from the paper's description: every hidden state of both models in RAM
+    as float32, centred copies, one GEMM per layer pair), cross-layer CKA of a SmolLM2-shaped pair (31 x 31 states,
+    D = 576, N = 20,000 float32 tokens), each in a fresh process: the speed ratio, the ratio of peak memories, and
+    hrsa's time against the roofline of the products it ran (its plan's flops at this machine's GEMM rate for the
+    same shapes, measured in the same run).
+(h) One cross-layer tile folded as stacked GEMMs into the total against a product and a Chan merge per pair.
+(g) Plans of a 7B pair (29 x 29, D = 3584, bf16, N = 1M) as Ray tasks for 1, 8 and 32 workers of 16 and 64 GB:
+    tiles, segments per tile, reads of the store, bytes read, each worker's peak, and a time projected from (e)'s
+    measured throughput per worker (products only).
+(f) The same analysis as (e) as Ray tasks on a local cluster of two nodes (two ``ray start``, one CPU each): 2
+    workers against 1, and the segments each node ran.
+
 Synthetic activations are shaped like real ones: a few dimensions with offsets of 1e3-1e4, a residual
 stream drifting across layers, and model B a noisy copy of model A.
 """
@@ -31,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -71,7 +82,7 @@ class BenchConfig:
 
 QUICK = BenchConfig(speed_tokens=4_096, speed_hidden=256, repeats=2, memory_tokens=2_048, memory_hidden=128,
                     big_tokens=512, big_hidden=512, big_states=9, big_budget="64MB", official_tokens=2_048,
-                    official_hidden=128, official_states=6, official_budget="64MB")
+                    official_hidden=128, official_states=6, official_budget="256MB")
 
 
 # --- synthetic stores ----------------------------------------------------------------------------------------
@@ -104,29 +115,9 @@ def make_store(path: Path, n: int, d: int, n_states: int, dtype: str, seed: int 
         writers["b"].write_unit(unit, states_b)
 
 
-def reset_peak_rss() -> None:
-    """Restart the kernel's high-water mark of this process's RSS (Linux >= 4.0), where possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def peak_rss_bytes() -> int:
-    """Peak RSS of this process: VmHWM on Linux. Not ru_maxrss, which a spawned child inherits from its parent."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-def current_rss_bytes() -> int:
-    import psutil
-
-    return int(psutil.Process().memory_info().rss)
+from hrsa.runtime.resident import peak_resident_bytes as peak_rss_bytes  # noqa: E402
+from hrsa.runtime.resident import reset_peak as reset_peak_rss  # noqa: E402
+from hrsa.runtime.resident import resident_bytes as current_rss_bytes  # noqa: E402
 
 
 # --- (a) streaming vs in-memory ------------------------------------------------------------------------------
@@ -362,6 +353,39 @@ def bench_official(cfg: BenchConfig, root: Path) -> float:
     return ours["flops"] / ours["seconds"] / ours["workers"]  # one worker's throughput, for the plans of (g)
 
 
+def bench_stacked(cfg: BenchConfig) -> None:
+    """One cross-layer tile folded both ways over the same blocks: stacked (a GEMM per column state into the total)
+    against a product and a Chan merge per pair."""
+    from hrsa.analyze.accumulators.cross_tile import CrossTileMoments
+    from hrsa.analyze.streaming.backends import NumpyBackend
+
+    d, r, n, blocks = cfg.official_hidden, 8, 4096, 3
+    rng = np.random.default_rng(0)
+    xs = {(s, k): (rng.standard_normal((n, d), dtype=np.float32) + 1e3) for s in "ab" for k in range(r)}
+    pairs = [(("a", i), ("b", j)) for i in range(r) for j in range(r)]
+    print(f"\n(h) one {r} x {r} cross-layer tile, D = {d}, {blocks} blocks of {n} tokens: stacked GEMMs against per-pair")
+    for dtype in ("float32", "float64"):
+        backend = NumpyBackend(compute_dtype=dtype)
+
+        def stacked() -> CrossTileMoments:
+            acc = CrossTileMoments.empty([p[0] for p in pairs[::r]], [p[1] for p in pairs[:r]], d, d)
+            for _ in range(blocks):
+                backend.fold_cross_tile(acc, xs)
+            return acc
+
+        def per_pair() -> dict:
+            totals: dict = {}
+            for _ in range(blocks):
+                for pair, part in backend.cross_moments(xs, pairs):
+                    totals[pair] = totals[pair].merge(part) if pair in totals else part
+            return totals
+
+        best, _ = interleaved_best({"stacked": stacked, "per_pair": per_pair}, cfg.repeats)
+        flops = blocks * len(pairs) * 2.0 * n * d * d
+        print(f"    {dtype}: stacked {best['stacked']:.2f} s ({flops / best['stacked'] / 1e9:.0f} GFLOP/s), per pair "
+              f"{best['per_pair']:.2f} s ({flops / best['per_pair'] / 1e9:.0f} GFLOP/s): {best['per_pair'] / best['stacked']:.2f}x")
+
+
 # --- (f) two workers over one, on a two-node local cluster ------------------------------------------------------
 
 
@@ -421,7 +445,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke sizes (about a minute)")
     parser.add_argument("--dir", type=Path, default=None, help="where to write the synthetic stores (default: a temp dir)")
-    parser.add_argument("--only", choices=["speed", "memory", "cross", "groups", "official", "nodes", "plans"], default=None,
+    parser.add_argument("--only", choices=["speed", "memory", "cross", "groups", "official", "stacked", "nodes", "plans"], default=None,
                         help="run one part")
     args = parser.parse_args()
     cfg = QUICK if args.quick else BenchConfig()
@@ -437,6 +461,8 @@ def main() -> None:
             bench_groups(cfg, root)
         if args.only in (None, "cross"):
             bench_cross_layer(cfg, root)
+        if args.only in (None, "official", "stacked"):
+            bench_stacked(cfg)
         if args.only in (None, "official", "plans"):
             throughput = bench_official(cfg, root) if args.only != "plans" else 100e9
             bench_cluster_plans(cfg, throughput)

@@ -44,6 +44,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling helper, however this script is started
 
 from fresh_process import run_in_fresh_process  # noqa: E402
+from hrsa.runtime.resident import peak_resident_bytes, reset_peak, resident_bytes  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -148,11 +149,6 @@ def write_store(path: Path, cfg: BenchConfig) -> None:
         writer.write_unit(unit, {0: rows(unit.stop - unit.start, cfg.hidden, seed=unit.start)})
 
 
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))  # kB
-
-
 def _memory_child(path: str, cfg: BenchConfig, out: Any) -> None:
     import faiss  # noqa: F401  (imported before the baseline: its libraries are not the search's memory)
 
@@ -171,12 +167,11 @@ def _memory_child(path: str, cfg: BenchConfig, out: Any) -> None:
     queries = np.sort(np.random.default_rng(0).choice(cfg.tokens, cfg.memory_queries, replace=False))
     source = SampleRows(store.hidden_state("m", 0), ids, info.layout.shard_tokens)
     search_neighbors(SampleRows(store.hidden_state("m", 0), ids[:2048], 2048), cfg.k)  # burn-in
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak (VmHWM) to the current RSS
-    base = _status_bytes("VmRSS")
+    reset_peak()  # the peak restarts at the resident set now
+    base = resident_bytes()
     start = time.perf_counter()
     search_neighbors(source, cfg.k, queries=queries, query_block=plan.query_block, db_block=plan.db_block)
-    seconds, peak = time.perf_counter() - start, max(_status_bytes("VmHWM") - base, 0)
+    seconds, peak = time.perf_counter() - start, max(peak_resident_bytes() - base, 0)
     # The model for this run: one query block of the sampled queries against every database block, the queries'
     # positions and neighbours, the sample's ids, and the slack of Python objects.
     estimate = size.search_bytes(len(queries), plan.db_block) + 8 * cfg.tokens + 16 * len(queries) * (cfg.k + 1) + (2 << 20)

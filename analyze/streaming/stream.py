@@ -11,13 +11,13 @@ hidden state per block), and the blocks into ``workers`` contiguous *segments*. 
 
 A segment folds its blocks one after the other instead of making one task per block, so that at most
 ``workers`` copies of the tile's accumulators exist at a time (a per-block tree would hold one per
-pending leaf), and accumulators never travel between processes except for the final merges: on
-Dask-on-Ray, activations are read by the task that uses them, straight from the store.
+pending leaf). A cross-layer tile's segment holds one stacked accumulator (:class:`CrossTileTotals`).
 
 Schedulers (:func:`resolve_scheduler`, whose vocabulary :data:`Scheduler` is defined here once): Dask's local
-threads by default (numpy releases the GIL in BLAS and in the codecs), ``sync`` for debugging, and Ray
-(``ray.util.dask.ray_dask_get``) when connected to a Ray cluster, through hrsa's one Ray connection
-(:func:`hrsa.runtime.connection.connect`).
+threads by default (numpy releases the GIL in BLAS and in the codecs), ``sync`` for debugging, and Ray when
+connected to a Ray cluster, through hrsa's one Ray connection (:func:`hrsa.runtime.connection.connect`). On Ray the
+same :func:`fold_segment` and :func:`merge_partials` run as Ray tasks, every tile at once
+(:mod:`hrsa.analyze.streaming.ray_passes`), each task reading its blocks straight from the store.
 """
 
 from __future__ import annotations
@@ -301,10 +301,10 @@ def merge_partials(*parts: dict[StreamPair, Accumulator]) -> dict[StreamPair, Ac
 
 @dataclass(frozen=True)
 class ResolvedScheduler:
-    """The Dask scheduler a pass's graph is computed on, as :func:`resolve_scheduler` chose it.
+    """Where the passes run, as :func:`resolve_scheduler` chose it: a Dask scheduler here, or Ray tasks.
 
     Attributes:
-        name: ``"threads"``, ``"sync"`` or ``"ray"``.
+        name: ``"threads"``, ``"sync"`` or ``"ray"`` (the passes then go to :mod:`.ray_passes`, not :meth:`compute`).
         in_process: tasks run in this process, so a progress callback can be called from them.
     """
 
@@ -312,13 +312,9 @@ class ResolvedScheduler:
     in_process: bool
 
     def compute(self, graph: Delayed, workers: int) -> Any:
-        """The value of ``graph``, with up to ``workers`` of its tasks running at once."""
+        """The value of ``graph`` on this machine, with up to ``workers`` of its tasks running at once."""
         import dask
 
-        if self.name == "ray":
-            from ray.util.dask import ray_dask_get
-
-            return dask.compute(graph, scheduler=ray_dask_get)[0]
         if self.name == "sync":
             return dask.compute(graph, scheduler="sync")[0]
         # Dask threads x BLAS threads would oversubscribe the cores: split them instead.

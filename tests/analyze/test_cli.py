@@ -47,6 +47,7 @@ def test_cross_layer_run_writes_json_figures_and_store_results(cli_store, tmp_pa
                                "--backend", "numpy", "--block-tokens", "128", "--compute-dtype", "float64")
     assert code == 0, stderr
     assert "plan:" in stderr and "pass(es)" in stderr  # the plan is printed before the passes
+    assert "this process:" in stderr and "resident before the passes" in stderr  # and what lies outside the budget
     assert "results.json" in stdout and "results/cli-run" in stdout
     doc = json.loads((out / "results.json").read_text())
     assert doc["run_id"] == "cli-run" and doc["token_filter"]["docs"] == [0, 2, 3, 4]

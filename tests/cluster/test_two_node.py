@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import yaml
 from click.testing import CliRunner
 from rich.console import Console
 
+from hrsa.cluster.local_cluster import free_port
 from hrsa.cluster.pipeline import parse_pipeline
 from hrsa.cluster.runner import run_pipeline
 from hrsa.cluster.state import STATE_FILE
@@ -39,12 +39,6 @@ RAY = Path(sys.executable).parent / "ray"
 TEXTS = ["the quick brown fox jumps over the lazy dog " * 3, "hidden states of a tiny model " * 4, "w1 w2 w3 " * 9,
          "the lazy dog " * 10, "jumps over " * 12, "tiny model " * 8, "the quick brown fox " * 6, "w1 w2 w3 tiny " * 7]
 MODELS = ("llama", "qwen")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -1,0 +1,49 @@
+"""This process's resident memory, as the kernel counts it: what the CLI prints beside a plan and what the
+benchmarks' peak-memory figures are made of.
+
+Linux's /proc/self/status has the resident set now (VmRSS) and its high-water mark (VmHWM), which writing "5" to
+/proc/self/clear_refs resets to the resident set now. Elsewhere, ``getrusage``'s ru_maxrss (a peak that a spawned
+child inherits from its parent, hence /proc first).
+"""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+__all__ = ["peak_resident_bytes", "reset_peak", "resident_bytes"]
+
+_STATUS = Path("/proc/self/status")
+
+
+def _status_bytes(field: str) -> int | None:
+    """A ``VmRSS``/``VmHWM`` line of /proc/self/status in bytes; None where there is no /proc."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def _max_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def resident_bytes() -> int:
+    """The resident set now (its peak so far where /proc is missing)."""
+    return _status_bytes("VmRSS") or _max_rss()
+
+
+def peak_resident_bytes() -> int:
+    """The resident set's peak since the process started or since :func:`reset_peak`."""
+    return _status_bytes("VmHWM") or _max_rss()
+
+
+def reset_peak() -> None:
+    """Restart the peak at the resident set now (Linux >= 4.0); nothing where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
