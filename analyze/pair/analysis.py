@@ -103,10 +103,11 @@ def analyze_pair(
     selection = selection or TokenSelection()
     # Phase 1: check the pair and plan its passes.
     metrics = list(metrics)  # read twice below
-    chunk_backend = resolve_backend(backend, compute_dtype, metrics=metrics)
     budget = parse_memory_budget(memory_budget)
     dask_scheduler = resolve_scheduler(scheduler)  # before the plan: on Ray the budget is each worker's
     on_ray = dask_scheduler.name == "ray"
+    # On a cluster with GPU workers the products run there (torch, CUDA), whatever the driver's node has.
+    chunk_backend = resolve_backend(backend, compute_dtype, metrics=metrics, cluster_gpus=on_ray and _cluster_gpus())
     pair = resolve_pair(
         store, a, b, metrics=metrics, debiased=debiased, cross_layer=cross_layer, selection=selection,
         memory_budget=budget, block_tokens=block_tokens, workers=workers or _default_workers(on_ray),
@@ -129,6 +130,12 @@ def analyze_pair(
     # Phase 3: the local metrics, on their own reads; phase 4: the results.
     local = _local_metrics(store, pair, selection, knn_options, probe_options, settings)
     return replace(assemble(pair, selection, outputs, settings), **local)
+
+
+def _cluster_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) >= 1
 
 
 def _default_workers(on_ray: bool) -> int:

@@ -185,7 +185,7 @@ def matched_backend(backend: ChunkBackend, compute_dtype: ComputeDtype, metrics:
 
 
 def resolve_backend(name: BackendName = "auto", compute_dtype: ComputeDtype = "auto",
-                    metrics: Iterable[str] = ()) -> ChunkBackend:
+                    metrics: Iterable[str] = (), *, cluster_gpus: bool = False) -> ChunkBackend:
     """The backend to use: ``"auto"`` is CUDA when torch sees a GPU, numpy otherwise.
 
     Args:
@@ -197,6 +197,8 @@ def resolve_backend(name: BackendName = "auto", compute_dtype: ComputeDtype = "a
             about twice BLAS's float64 rate), float64 when ``metrics`` holds one of :data:`FLOAT64_MEASURES` (and for
             the matched tiles of Procrustes: :func:`matched_backend`).
         metrics: the metrics of the run (only for ``"auto"``).
+        cluster_gpus: the products run as Ray tasks on a cluster with GPUs (a CPU head's torch sees none): ``"auto"``
+            and ``"cuda"`` mean CUDA on the GPU workers there.
 
     Raises:
         UserError: an unknown name or dtype, or ``"cuda"`` without a CUDA GPU.
@@ -205,7 +207,7 @@ def resolve_backend(name: BackendName = "auto", compute_dtype: ComputeDtype = "a
         raise UserError(f"Expected compute dtype {_one_of(ComputeDtype)}. Got {compute_dtype!r} instead.")
     if name not in get_args(BackendName):
         raise UserError(f"Expected backend {_one_of(BackendName)}. Got {name!r} instead.")
-    cuda = name != "numpy" and _cuda_available()
+    cuda = name != "numpy" and (cluster_gpus or _cuda_available())
     if name == "cuda" and not cuda:
         raise UserError(
             "Expected a CUDA GPU for --backend cuda. Got none (torch.cuda.is_available() is False). Use --backend numpy."

@@ -27,3 +27,17 @@ def test_dask_on_ray_gives_the_local_results(pair_store) -> None:
     finally:
         if started:
             ray.shutdown()
+
+
+def test_on_a_cluster_with_gpus_the_products_go_to_the_gpu_workers_and_none_there_is_refused(ray_local) -> None:
+    from hrsa.analyze.streaming.backends import TorchBackend, resolve_backend
+    from hrsa.analyze.streaming.ray_passes import task_resources
+    from hrsa.runtime.placement import PlacementError
+
+    # A CPU head (no CUDA in this process) driving GPU workers: auto means CUDA there, float32 products.
+    assert resolve_backend("auto", cluster_gpus=True) == TorchBackend(device="cuda", compute_dtype="float32")
+    assert task_resources(10**6, gpu=False) == {"num_cpus": 1, "memory": 10**6, "num_gpus": 0}
+    with pytest.raises(PlacementError, match="and a GPU for one analysis task"):
+        task_resources(10**6, gpu=True)  # this session's Ray has no GPU: refused at once, not queued for ever
+    with pytest.raises(PlacementError, match="Lower --memory-budget"):
+        task_resources(10**15, gpu=False)  # no node holds a petabyte
