@@ -15,14 +15,18 @@ What it measures, side by side in one run, on the GPU when Ray sees one (bf16), 
     shards compressed, checksummed and written, two units in flight per worker) and its end-to-end
     time (plus tokenising the corpus, starting the worker, loading the model).
 (b) Bare forward passes of the same model over the same batches: a second worker of the same class,
-    placement and thread count (so the same cold start in a fresh process), runs each unit's documents
-    through ``batched_hidden_states`` with the same token budget and keeps nothing.
-(c) The overhead ratio (a)'s unit phase / (b), tokens/s of both, and peak memory: the peak RSS of the
+    placement and thread count (so the same cold start in a fresh process), runs every document once, batched
+    as extraction batches it (a unit's documents together, the one that leaves the unit alone), keeping nothing.
+(c) The overhead ratio (a)'s unit phase / (b), in wall and in CPU seconds, GB/s of activations written per
+    worker over the unit phase, tokens/s of both, and peak memory: the peak RSS of the
     extraction worker and of the bare-forward worker while they work (Linux: the high-water mark is
     reset once the model is loaded; loading's own peak is printed apart), of the driver during the
     extraction, and the peak GPU memory of both workers on a GPU.
 (d) Tokenising the corpus in the driver, ids only (as before content spans were kept) against what extraction
     does (ids, offsets, each token's field and character span), and what the spans add to (a).
+(e) The codec table: every preset of ``CODEC_PRESETS`` on the activations (a) stored, in float32 and rounded to
+    bf16, encoded shard by shard as a unit's write encodes them: compression ratio, encode MB/s on one thread,
+    and the write's CPU (encode and the done record's hashes) as a share of (b)'s CPU: what picks the default.
 
 Repeats alternate which of (a) and (b) runs first, so drift on a shared machine hits both alike; the
 figures are medians. The workers' CPU seconds (all threads, compression included) are printed beside
@@ -91,25 +95,23 @@ class BenchWorker(ExtractionWorker):
         return result
 
     def bare(self, mid: str) -> dict[str, Any]:
-        """Forward passes of every unit's documents, batched as extraction batches them; nothing kept."""
-        import numpy as np
+        """Forward passes of every document once, batched as extraction batches them; nothing kept."""
         import torch
 
-        from hrsa.extract.forward import batched_hidden_states
+        from hrsa.extract.unit_documents import unit_documents
 
         writer = self._bound(mid)
-        corpus = self._corpus
-        offsets = corpus.doc_offsets  # type: ignore[union-attr]
+        offsets = self._corpus.doc_offsets  # type: ignore[union-attr]
         load_peak = reset_peak_memory()
         forward_tokens = 0
         start, cpu_start = time.perf_counter(), time.process_time()
         for unit in writer.units():
-            first = int(np.searchsorted(offsets, unit.start, side="right")) - 1
-            last = int(np.searchsorted(offsets, unit.stop, side="left"))
-            docs = [corpus.document(d).tolist() for d in range(first, last)]  # type: ignore[union-attr]
-            forward_tokens += sum(len(d) for d in docs)
-            for _ in batched_hidden_states(self._loaded, docs, [], token_budget=self._token_budget):
+            plan = unit_documents(offsets, unit.start, unit.stop)
+            forward_tokens += sum(int(offsets[d + 1] - offsets[d]) for d in plan.run_here())
+            for _ in self._forward(plan.inside, ()):
                 pass
+            if plan.tail is not None:
+                self._forward_alone(plan.tail, ())
         if self._loaded.device.type == "cuda":
             torch.cuda.synchronize()
         seconds, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
@@ -189,6 +191,7 @@ class Extraction:
     worker_gpu: int
     driver_rss: int  # peak RSS of the driver during the run
     disk_bytes: int
+    state_bytes_per_token: int  # raw activations written per token: stored states x D x bytes per value
 
 
 @dataclass(frozen=True)
@@ -226,7 +229,15 @@ def extract_once(config: BenchConfig, store: Path, log_dir: Path) -> Extraction:
     disk = sum(p.stat().st_size for p in (store / "models").rglob("*") if p.is_file())
     return Extraction(marks[-1] - marks[0], sum(m["cpu_s"] for m in memory), total, result.n_tokens, result.n_units,
                       max(m["peak_rss"] for m in memory), max(m["load_peak_rss"] for m in memory),
-                      max(m["gpu_peak"] for m in memory), driver.peak, disk)
+                      max(m["gpu_peak"] for m in memory), driver.peak, disk, _state_bytes_per_token(store))
+
+
+def _state_bytes_per_token(store: Path) -> int:
+    from hrsa.store import ActivationStore
+    from hrsa.store.format import storage_dtype
+
+    info = ActivationStore.open(str(store)).model_info("bench")
+    return len(info.hidden_states) * info.hidden_size * storage_dtype(info.dtype).itemsize
 
 
 def bare_once(config: BenchConfig, store: Path) -> Bare:
@@ -272,6 +283,63 @@ def tokenising(config: BenchConfig) -> tuple[float, float, int]:
     return statistics.median(plain), statistics.median(spans), table.n_tokens
 
 
+@dataclass(frozen=True)
+class CodecRow:
+    codec: str
+    dtype: str
+    ratio: float  # raw bytes / encoded bytes
+    encode_mb_s: float  # raw MB (1e6 bytes) per CPU second of encode_shard (one thread), all shards of all states
+    write_cpu_s: float  # encode + sha256 + xxh3 of every shard: the write's CPU per the extraction's tokens
+
+
+def codec_table(store: Path) -> list[CodecRow]:
+    """(e): every codec preset on the real activations the extraction stored, encoded shard by shard as a unit's
+    write encodes them (:func:`~hrsa.store.shard_encoding.encode_shard`, then the done record's hashes); bf16 rows
+    use the same values rounded to bf16, what a GPU extraction writes. Shards go to an in-memory store: the codec's
+    cost, not the disk's."""
+    import ml_dtypes
+    import zarr
+
+    from hrsa.store import ActivationStore
+    from hrsa.store.format import CODEC_PRESETS, as_storage, codec_chain, storage_dtype
+    from hrsa.store.shard_encoding import encode_shard
+    from hrsa.store.unit_records import ShardRecord
+
+    stored = ActivationStore.open(str(store))
+    info = stored.model_info("bench")
+    # (N, D) float32 each; a GPU extraction's bf16 values widen exactly
+    states = [stored.hidden_state("bench", k).compute().astype("float32") for k in info.hidden_states]
+    rows = []
+    for dtype in ("float32", "bfloat16"):
+        values = [as_storage(v.astype(ml_dtypes.bfloat16) if dtype == "bfloat16" else v, dtype) for v in states]
+        raw = sum(v.nbytes for v in values)
+        for codec in CODEC_PRESETS:
+            array = zarr.create_array(zarr.storage.MemoryStore(), shape=values[0].shape, dtype=storage_dtype(dtype),
+                                      chunks=(info.layout.chunk_tokens, info.hidden_size),
+                                      shards=(info.layout.shard_tokens, info.hidden_size),
+                                      compressors=codec_chain(codec, dtype), fill_value=0)
+            encoded, encode_s, hash_s = 0, 0.0, 0.0
+            for v in values:
+                for u in range(info.n_units):
+                    start = time.process_time()
+                    data = encode_shard(array, u, v[u * info.layout.shard_tokens : (u + 1) * info.layout.shard_tokens])
+                    middle = time.process_time()
+                    ShardRecord.of("x", data)
+                    encode_s, hash_s = encode_s + middle - start, hash_s + time.process_time() - middle
+                    encoded += len(data)
+            rows.append(CodecRow(codec, dtype, raw / encoded, raw / 1e6 / max(encode_s, 1e-9), encode_s + hash_s))
+    return rows
+
+
+def print_codec_table(rows: list[CodecRow], bare_cpu_s: float) -> None:
+    print(f"codecs on these activations (encode + sha256/xxh3 of every shard, one thread; share of the bare forward's "
+          f"{bare_cpu_s:.1f} CPU s):")
+    print(f"  {'codec':<24} {'dtype':<9} {'ratio':>6} {'encode MB/s':>12} {'write CPU s':>12} {'of forward':>11}")
+    for r in rows:
+        print(f"  {r.codec:<24} {r.dtype:<9} {r.ratio:6.3f} {r.encode_mb_s:12,.0f} {r.write_cpu_s:12.2f} "
+              f"{100 * r.write_cpu_s / bare_cpu_s:10.1f}%")
+
+
 def describe(store: Path) -> str:
     from hrsa.store import ActivationStore
 
@@ -312,10 +380,13 @@ def run(config: BenchConfig, folder: Path) -> None:
     ratio = statistics.median(e.units_s / b.seconds for e, b in zip(extractions, bares))
     cpu_ratio = statistics.median(e.units_cpu_s / b.cpu_s for e, b in zip(extractions, bares))
     print(f"model: {describe(folder / 'store-0')}")
-    print(f"corpus: {e0.n_tokens} tokens in {e0.n_units} units ({b0.forward_tokens} tokens run: documents "
-          "straddling two units run once for each)")
+    print(f"corpus: {e0.n_tokens} tokens in {e0.n_units} units ({b0.forward_tokens} tokens through the model: "
+          "every document once)")
     print(f"overhead ratio (extraction unit phase / bare forward, median of {config.repeats}): {ratio:.2f}x wall time, "
           f"{cpu_ratio:.2f}x worker CPU time (steadier on a shared machine)")
+    written = e0.n_tokens * e0.state_bytes_per_token
+    print(f"written: {written / 1e9:.3f} GB of activations ({e0.state_bytes_per_token / 1e3:.1f} KB per token), "
+          f"{written / 1e9 / units / config.workers:.4f} GB/s per worker over the unit phase")
     print(f"tokens/s: extraction {e0.n_tokens / units:,.0f} (unit phase), {e0.n_tokens / total:,.0f} (end to end, "
           f"{total - units:.1f} s of it tokenising, starting and loading); bare forward {e0.n_tokens / bare:,.0f}")
     print(f"peak RSS after loading: extraction worker {max(e.worker_rss for e in extractions) / GIB:.2f} GiB, "
@@ -326,6 +397,7 @@ def run(config: BenchConfig, folder: Path) -> None:
         print(f"peak GPU memory: extraction worker {max(e.worker_gpu for e in extractions) / GIB:.2f} GiB, "
               f"bare-forward worker {max(b.worker_gpu for b in bares) / GIB:.2f} GiB")
     print(f"store: {e0.disk_bytes / 2**20:.1f} MiB on disk for the hidden states")
+    print_codec_table(codec_table(folder / "store-0"), statistics.median(b.cpu_s for b in bares))
     plain, spans, n = tokenising(config)
     print(f"corpus tokenising in the driver ({n} tokens, median of 5): ids only {plain:.3f} s, with content spans "
           f"{spans:.3f} s ({spans / plain:.2f}x); spans add {spans - plain:.3f} s = {100 * (spans - plain) / total:.2f}% "

@@ -23,7 +23,7 @@ def test_quick_benchmark_prints_its_figures(tiny_models: Any, tmp_path: Path) ->
                           "--max-tokens", "64", "--dir", str(tmp_path)], capture_output=True, text=True, timeout=600,
                          check=False)
     assert run.returncode == 0, run.stdout + run.stderr
-    for figure in ("overhead ratio (extraction unit phase / bare forward", "tokens/s:", "peak RSS after loading:",
-                   "MiB on disk"):
+    for figure in ("overhead ratio (extraction unit phase / bare forward", "GB/s per worker", "tokens/s:",
+                   "peak RSS after loading:", "MiB on disk", "codecs on these activations", "blosc-lz4-shuffle"):
         assert figure in run.stdout, run.stdout + run.stderr
     assert list(tmp_path.iterdir()) == []  # the stores are cleaned up
