@@ -48,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,7 @@ class BenchConfig:
     official_hidden: int = 576
     official_states: int = 31
     official_budget: str = "1.5GB"
+    backend: str = "numpy"  # hrsa's products in (e): "cuda" on a GPU machine (the roofline is then the GPU's)
 
 
 QUICK = BenchConfig(speed_tokens=4_096, speed_hidden=256, repeats=2, memory_tokens=2_048, memory_hidden=128,
@@ -294,7 +295,7 @@ def _official_child(path: str, n_states: int, queue: Any) -> None:
     queue.put({"seconds": time.perf_counter() - start, "peak": peak_rss_bytes(), "before": before, "cka": cka.tolist()})
 
 
-def _hrsa_child(path: str, budget: str, workers: int, queue: Any) -> None:
+def _hrsa_child(path: str, budget: str, workers: int, backend: str, queue: Any) -> None:
     """hrsa's cross-layer CKA with its defaults (float32 products summed in float64, stacked GEMMs), in a fresh process."""
     from hrsa.analyze import analyze_pair
     from hrsa.store import ActivationStore
@@ -303,7 +304,7 @@ def _hrsa_child(path: str, budget: str, workers: int, queue: Any) -> None:
     analyze_pair(store, "a", "b", metrics=("cka",), backend="numpy", groups=0, scheduler="threads")  # warm: imports
     reset_peak_rss()
     before, start = current_rss_bytes(), time.perf_counter()
-    res = analyze_pair(store, "a", "b", metrics=("cka",), cross_layer=True, memory_budget=budget, backend="numpy",
+    res = analyze_pair(store, "a", "b", metrics=("cka",), cross_layer=True, memory_budget=budget, backend=backend,
                        groups=0, workers=workers, scheduler="threads")
     queue.put({"seconds": time.perf_counter() - start, "peak": peak_rss_bytes(), "before": before,
                "passes": res.plan.passes, "estimated": res.plan.estimated_peak, "workers": res.plan.workers,
@@ -311,9 +312,23 @@ def _hrsa_child(path: str, budget: str, workers: int, queue: Any) -> None:
                "flops": res.plan.product_flops(), "read": res.plan.bytes_read(), "cka": res.cka_matrix.tolist()})
 
 
-def gemm_rate(dtype: str, shape: tuple[int, int, int], seconds: float = 3.0) -> float:
-    """This machine's GEMM rate (flop/s) for (m, k) x (k, n) products of ``dtype``, best of repeated runs."""
+def gemm_rate(dtype: str, shape: tuple[int, int, int], seconds: float = 3.0, backend: str = "numpy") -> float:
+    """This machine's GEMM rate (flop/s) for (m, k) x (k, n) products of ``dtype``, best of repeated runs (on the
+    GPU with ``backend="cuda"``)."""
     m, k, n = shape
+    if backend == "cuda":
+        import torch
+
+        a = torch.randn(m, k, device="cuda", dtype=getattr(torch, dtype))
+        b = torch.randn(k, n, device="cuda", dtype=getattr(torch, dtype))
+        a @ b
+        torch.cuda.synchronize()
+        start, reps = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds:
+            a @ b
+            reps += 1
+        torch.cuda.synchronize()
+        return 2.0 * m * k * n * reps / (time.perf_counter() - start)
     a = np.random.default_rng(0).standard_normal((k, m)).astype(dtype).T  # as hrsa reads it: a transposed C array
     b = np.random.default_rng(1).standard_normal((k, n)).astype(dtype)
     a @ b  # warm the BLAS threads
@@ -334,11 +349,12 @@ def bench_official(cfg: BenchConfig, root: Path) -> float:
     if not (root / "official").exists():
         make_store(root / "official", n, d, states, "float32")
     official = run_in_fresh_process(_official_child, str(root / "official"), states)
-    ours = run_in_fresh_process(_hrsa_child, str(root / "official"), cfg.official_budget, 2)
+    ours = run_in_fresh_process(_hrsa_child, str(root / "official"), cfg.official_budget, 2, cfg.backend)
     # The roofline: the products hrsa ran at this machine's GEMM rate for its shapes (A's stacked states of a tile
     # against one of B's per block), measured now, beside the runs.
     rows = max(1, min(states, 8)) * d
-    rate = gemm_rate("float32" if ours["dtype"] == "float32" else "float64", (rows, ours["block_tokens"], d))
+    rate = gemm_rate("float32" if ours["dtype"] == "float32" else "float64", (rows, ours["block_tokens"], d),
+                     backend=cfg.backend)
     roofline = ours["flops"] / rate
     diff = float(np.abs(np.array(ours["cka"]) - np.array(official["cka"])).max())
     print(f"    official: {official['seconds']:7.1f} s, peak RSS {format_bytes(official['peak'] - official['before'])}")
@@ -447,8 +463,9 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None, help="where to write the synthetic stores (default: a temp dir)")
     parser.add_argument("--only", choices=["speed", "memory", "cross", "groups", "official", "stacked", "nodes", "plans"], default=None,
                         help="run one part")
+    parser.add_argument("--backend", choices=["numpy", "cuda"], default="numpy", help="hrsa's products in (e)")
     args = parser.parse_args()
-    cfg = QUICK if args.quick else BenchConfig()
+    cfg = replace(QUICK if args.quick else BenchConfig(), backend=args.backend)
     root = Path(tempfile.mkdtemp(prefix="hrsa-bench-", dir=args.dir))
     print(f"hrsa analyze benchmark ({'quick' if args.quick else 'full'}), {os.cpu_count()} CPU core(s), stores in {root}")
     try:
