@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from hrsa.analyze.accumulators.centring import centre_rows
+from hrsa.analyze.accumulators.centring import NON_FINITE_MESSAGE
 from hrsa.analyze.accumulators.cross_moments import CrossMoments
 from scipy.linalg import blas
 
@@ -69,23 +69,30 @@ class CrossTileMoments:
         """Bytes held by the arrays (what a memory plan counts)."""
         return int(self.c.nbytes + self.mean_x.nbytes + self.mean_y.nbytes)
 
-    def add_block(self, n: int, mean_x: F64, mean_y: F64, products: ColumnProducts) -> None:
+    def add_block(self, n: int, mean_x: F64, mean_y: F64, products: ColumnProducts,
+                  offset_x: F64 | None = None, offset_y: F64 | None = None) -> None:
         """Fold in one block of ``n`` tokens, in place.
 
         Args:
             n: the block's tokens.
             mean_x, mean_y: (r Dx,), (c Dy,) the block's own means of the stacked states.
-            products: adds the block's product about its own means, column block by column block.
+            products: adds the block's product ``U^T V`` column block by column block.
+            offset_x, offset_y: the mean of U's and of V's rows when they are centred on a rounded mean (float32
+                products: :func:`stack_centred`); None for rows centred on their own mean.
         """
         if n == 0:
             return
-        # Chan: C = C_old + C_block + (n_old n / n_new) outer(delta_x, delta_y), delta the block's means minus the old.
+        # Chan: C = C_old + C_block + (n_old n / n_new) outer(delta_x, delta_y), delta the block's means minus the old;
+        # the block's co-moment about its own means is U^T V - n outer(offset_x, offset_y).
         weight, delta_x, delta_y = self.n * n / (self.n + n), mean_x - self.mean_x, mean_y - self.mean_y
         for j in range(len(self.keys_y)):
-            column = self.c[:, j * self.dy : (j + 1) * self.dy]  # Fortran order: a contiguous (r Dx, Dy) view
+            cols = slice(j * self.dy, (j + 1) * self.dy)
+            column = self.c[:, cols]  # Fortran order: a contiguous (r Dx, Dy) view
             products(j, column)
-            if weight:
-                _add_outer(column, weight, delta_x, delta_y[j * self.dy : (j + 1) * self.dy])
+            terms = [(weight, delta_x, delta_y[cols])] if weight else []
+            if offset_x is not None and offset_y is not None:
+                terms.append((-float(n), offset_x, offset_y[cols]))
+            _add_low_rank(column, terms)
         self._pool_means(n, delta_x, delta_y)
 
     def merge(self, other: CrossTileMoments) -> CrossTileMoments:
@@ -97,7 +104,7 @@ class CrossTileMoments:
         weight, delta_x, delta_y = self.n * other.n / (self.n + other.n), other.mean_x - self.mean_x, other.mean_y - self.mean_y
         self.c += other.c
         if weight:
-            _add_outer(self.c, weight, delta_x, delta_y)
+            _add_low_rank(self.c, [(weight, delta_x, delta_y)])
         self._pool_means(other.n, delta_x, delta_y)
         return self
 
@@ -140,23 +147,49 @@ def add_product(column: F64, u: np.ndarray, v: np.ndarray) -> None:
     column += blas.sgemm(1.0, u.T, v.T, trans_b=True)
 
 
-def stack_centred(blocks: Sequence[np.ndarray], compute_dtype: np.dtype) -> tuple[np.ndarray, F64]:
-    """Each block (n, D_i) centred on its own mean in float64, side by side in ``compute_dtype``: (n, sum D_i), and the
-    stacked float64 means (sum D_i,)."""
+def stack_centred(blocks: Sequence[np.ndarray], compute_dtype: np.dtype) -> tuple[np.ndarray, F64, F64 | None]:
+    """The blocks (n, D_i) side by side in ``compute_dtype``, each centred on its own mean: ``(stacked, means, offsets)``,
+    stacked (n, sum D_i), the float64 means (sum D_i,), and the mean of the stacked rows (None when it is zero).
+
+    Each block is centred by one subtraction into its slot, with no float64 copy of the block. For float64 products,
+    on its float64 mean (exact: float32 activations are exact in float64). For float32 products, on that mean rounded
+    to float32: where a dimension's offset dwarfs its spread (1e4 against 1), a value minus a nearby float32 is exact
+    (Sterbenz), so the rows keep every significant bit of the spread, as casting float64-centred rows would; the
+    rounding of the mean, ``offsets`` (<= 6e-8 of the mean), is taken out of the product exactly, in float64
+    (:meth:`CrossTileMoments.add_block`).
+
+    Raises:
+        ValueError: a block holds NaN or inf.
+    """
     n, widths = blocks[0].shape[0], [b.shape[1] for b in blocks]
     stacked = np.empty((n, sum(widths)), dtype=compute_dtype)  # C order: its transpose is what BLAS reads as-is
-    means, start = [], 0
+    means, shifts, start = [], [], 0
     for block, width in zip(blocks, widths):
-        centred, mean = centre_rows(np.asarray(block, dtype=np.float64))  # (n, D_i), (D_i,)
-        stacked[:, start : start + width] = centred  # cast on the copy; the float64 temporary goes with the loop
+        x = block if block.dtype in (np.float32, np.float64) else block.astype(np.float32)  # bf16, fp16: exact
+        mean = x.mean(axis=0, dtype=np.float64) if n else np.zeros(width)  # (D_i,), summed in float64
+        if not np.isfinite(mean).all():  # a NaN or inf anywhere reaches the mean
+            raise ValueError(NON_FINITE_MESSAGE)
+        shift = mean.astype(compute_dtype)
+        np.subtract(x, shift, out=stacked[:, start : start + width], casting="unsafe")
         means.append(mean)
+        shifts.append(shift)
         start += width
-        del centred
-    return stacked, np.concatenate(means)
+    mean_all = np.concatenate(means)
+    offsets = mean_all - np.concatenate(shifts).astype(np.float64)
+    return stacked, mean_all, (offsets if offsets.any() else None)
 
 
-def _add_outer(matrix: F64, weight: float, x: F64, y: F64) -> None:
-    """``matrix += weight outer(x, y)`` in place (BLAS ger on a Fortran-ordered matrix)."""
-    out = blas.dger(weight, x, y, a=matrix, overwrite_a=True)
+def _add_low_rank(matrix: F64, terms: Sequence[tuple[float, F64, F64]]) -> None:
+    """``matrix += sum of weight outer(x, y)`` in place (Fortran order): BLAS ger for one term, a GEMM of rank k for
+    k terms (one sweep of the matrix either way)."""
+    if not terms:
+        return
+    if len(terms) == 1:
+        weight, x, y = terms[0]
+        out = blas.dger(weight, x, y, a=matrix, overwrite_a=True)
+    else:
+        left = np.stack([w * x for w, x, _ in terms], axis=1)  # (Du, k)
+        right = np.stack([y for _, _, y in terms], axis=1)  # (Dv, k)
+        out = blas.dgemm(1.0, left, right, beta=1.0, c=matrix, trans_b=True, overwrite_c=True)
     if not np.shares_memory(out, matrix):
         matrix[...] = out

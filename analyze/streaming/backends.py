@@ -89,10 +89,13 @@ class NumpyBackend:
 
     def fold_cross_tile(self, acc: CrossTileMoments, xs: Mapping[StreamKey, np.ndarray]) -> None:
         dtype = np.dtype(self.compute_dtype)
-        u, mean_x = stack_centred([xs[k] for k in acc.keys_x], dtype)  # (n, r Dx): A's states side by side
-        vs = [stack_centred([xs[k]], dtype) for k in acc.keys_y]  # each (n, Dy), one GEMM each
-        mean_y = np.concatenate([mean for _, mean in vs])
-        acc.add_block(u.shape[0], mean_x, mean_y, lambda j, column: add_product(column, u, vs[j][0]))
+        u, mean_x, offset_x = stack_centred([xs[k] for k in acc.keys_x], dtype)  # (n, r Dx): A's states side by side
+        vs = [stack_centred([xs[k]], dtype) for k in acc.keys_y]  # each (n, Dy): one GEMM each
+        mean_y = np.concatenate([mean for _, mean, _ in vs])
+        offset_y = None if all(o is None for _, _, o in vs) else np.concatenate(
+            [np.zeros_like(mean) if o is None else o for _, mean, o in vs])
+        # (the correction -n outer(offset_x, offset_y) is zero when either side is centred exactly: add_block skips it)
+        acc.add_block(u.shape[0], mean_x, mean_y, lambda j, column: add_product(column, u, vs[j][0]), offset_x, offset_y)
 
 
 @dataclass(frozen=True)

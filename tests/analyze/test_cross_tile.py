@@ -105,3 +105,18 @@ def test_read_only_totals_from_another_process_merge_into_a_copy() -> None:
     whole = fold(NumpyBackend(), xs, [0, 100, 200])
     np.testing.assert_allclose(merged.c, whole.c, rtol=0, atol=1e-12 * np.abs(whole.c).max())
     assert isinstance(next(merged.items())[1], CrossMoments)
+
+
+def test_a_non_finite_block_is_refused_and_bfloat16_blocks_centre_exactly() -> None:
+    import ml_dtypes
+
+    from hrsa.analyze.accumulators.cross_tile import stack_centred
+
+    bad = np.ones((4, 3), dtype=np.float32)
+    bad[2, 1] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        stack_centred([np.ones((4, 2), np.float32), bad], np.dtype(np.float32))
+    x = (np.random.default_rng(5).normal(size=(64, 6)) + 1e4).astype(ml_dtypes.bfloat16)
+    stacked, mean, offsets = stack_centred([x], np.dtype(np.float64))
+    exact = x.astype(np.float64) - x.astype(np.float64).mean(0)
+    assert offsets is None and np.array_equal(stacked, exact)  # float64: centred on the exact mean, one subtraction
