@@ -92,7 +92,7 @@ def run_passes(
         jobs = [TilePass(tile, reader(tile), segments, backend_of(tile)) for tile in pair.plan.tiles]
         gpu = backend.name == "torch" and str(getattr(backend, "device", "")).startswith("cuda")
         options = task_resources(pair.plan.estimated_peak, gpu)
-        for _, (m, s), ran_on in run_tiles_on_ray(jobs, finish, options):
+        for _, (m, s), ran_on in run_tiles_on_ray(jobs, finish, options, pair.plan.workers):
             matched.update(m)
             summaries.update(s)
             nodes.update(ran_on)

@@ -23,7 +23,6 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal, Protocol, get_args, runtime_checkable
 
 import numpy as np
-
 from hrsa.analyze.accumulators.centring import centre_rows
 from hrsa.analyze.accumulators.cross_moments import CrossMoments, iter_cross_moments
 from hrsa.analyze.accumulators.cross_tile import CrossTileMoments, add_product, stack_centred
@@ -32,7 +31,6 @@ from hrsa.store.errors import UserError
 
 if TYPE_CHECKING:
     import torch
-
     from hrsa.analyze.streaming.plan import StreamKey, StreamPair
 
 __all__ = ["FLOAT64_MATCHED_MEASURES", "FLOAT64_MEASURES", "matched_backend", "BackendName", "ChunkBackend", "ComputeDtype", "NumpyBackend", "TorchBackend", "resolve_backend"]

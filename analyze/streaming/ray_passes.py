@@ -9,8 +9,8 @@ Per tile the tasks are
             finish                    the tile's small results (metrics of a matched tile, O(D) summaries of a
                                       cross-layer one): only these come back to the driver
 
-and the tiles of a pair are submitted together, so different tiles run on different workers at once
-(pair-parallel) while the segments of one tile run on several (data-parallel). Every task asks Ray for one CPU and
+and the tiles of a pair run side by side, so different tiles run on different workers at once (pair-parallel) while
+the segments of one tile run on several (data-parallel); ``--workers`` caps the segments running at once. Every task asks Ray for one CPU and
 for the memory the plan gives one worker (``--memory-budget`` is per worker here: a node runs only as many tasks as
 its memory holds), and for one GPU when the backend is CUDA.
 
@@ -71,22 +71,28 @@ def task_resources(memory: int, gpu: bool) -> dict[str, Any]:
     return {"num_cpus": 1, "memory": int(memory), "num_gpus": 1 if gpu else 0}
 
 
-def run_tiles_on_ray(passes: Sequence[TilePass], finish: Finish,
-                     options: dict[str, Any]) -> Iterator[tuple[Tile, Any, list[str]]]:
-    """Submit every tile's tasks at once; yield ``(tile, finished, nodes)`` as tiles finish, ``nodes`` the Ray node
-    id that ran each of its segments."""
+def run_tiles_on_ray(passes: Sequence[TilePass], finish: Finish, options: dict[str, Any],
+                     workers: int) -> Iterator[tuple[Tile, Any, list[str]]]:
+    """Submit the tiles' tasks, as many tiles at once as keep at most ``workers`` segments running; yield ``(tile,
+    finished, nodes)`` as tiles finish, ``nodes`` the Ray node id that ran each of its segments."""
     import ray
 
     fold = ray.remote(_fold_task).options(**options, scheduling_strategy="SPREAD")
     merge = ray.remote(_merge_task).options(**options)
     done = ray.remote(_finish_task).options(**options)
-    pending = {}
-    for index, job in enumerate(passes):
+
+    def submit(job: TilePass) -> Any:
         parts = [fold.remote(job.tile, job.reader, segment, job.backend) for segment in job.segments]
         while len(parts) > 1:  # a tree of merges of two: each holds one output beside its inputs
             parts = [merge.remote(*parts[i : i + 2]) if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)]
-        pending[done.remote(job.tile, parts[0], finish)] = index
-    while pending:
+        return done.remote(job.tile, parts[0], finish)
+
+    at_once = max(1, workers // max(1, max((len(job.segments) for job in passes), default=1)))
+    queue, pending = list(enumerate(passes)), {}
+    while queue or pending:
+        while queue and len(pending) < at_once:
+            index, job = queue.pop(0)
+            pending[submit(job)] = index
         (ready,), _ = ray.wait(list(pending), num_returns=1)
         finished, nodes = ray.get(ready)
         yield passes[pending.pop(ready)].tile, finished, nodes

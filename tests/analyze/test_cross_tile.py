@@ -109,7 +109,6 @@ def test_read_only_totals_from_another_process_merge_into_a_copy() -> None:
 
 def test_a_non_finite_block_is_refused_and_bfloat16_blocks_centre_exactly() -> None:
     import ml_dtypes
-
     from hrsa.analyze.accumulators.cross_tile import stack_centred
 
     bad = np.ones((4, 3), dtype=np.float32)
