@@ -142,7 +142,8 @@ REPAIRABLE: dict[str, tuple[Callable[[ActivationStore], None], int, str, type[Ex
     "truncated partial shard": (lambda s: _truncate(s, _shard(0, 3)), 3, "bytes, its done record", CorruptDataError),
     "bit-flipped partial shard": (lambda s: _flip(s, _shard(1, 3), -10), 3, "sha256 differs", CorruptDataError),  # in its index
     "bit-flipped full shard": (lambda s: _flip(s, _shard(3, 0)), 0, "sha256 differs", CorruptDataError),
-    "another unit's intact shard": (_swap, 0, "shard object has", CorruptDataError),  # compressed: sizes differ
+    # float32 is stored uncompressed: the other unit's shard has the very size, and another sha256
+    "another unit's intact shard": (_swap, 0, "sha256 differs", CorruptDataError),
     "bit-flipped done record": (lambda s: _flip(s, _record(2), 40), 2, "done record", CorruptDataError),
     "another unit's done record": (lambda s: _put(s, _record(2), _get(s, _record(1))), 2, "is unit 1's", CorruptDataError),  # type: ignore[arg-type]
     "done record of a never-written unit": (_forge_record_of_never_written_unit, 2, "shard object missing", CorruptDataError),
