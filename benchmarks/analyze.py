@@ -27,7 +27,8 @@ What it measures, each figure side by side in one run:
     D = 576, N = 20,000 float32 tokens), each in a fresh process: the speed ratio, the ratio of peak memories, and
     hrsa's time against the roofline of the products it ran (its plan's flops at this machine's GEMM rate for the
     same shapes, measured in the same run).
-(h) One cross-layer tile folded as stacked GEMMs into the total against a product and a Chan merge per pair.
+(h) One cross-layer tile folded as one stacked GEMM per block into a running sum against a product and a Chan merge per
+    pair.
 (g) Plans of a 7B pair (29 x 29, D = 3584, bf16, N = 1M) as Ray tasks for 1, 8 and 32 workers of 16 and 64 GB:
     tiles, segments per tile, reads of the store, bytes read, each worker's peak, and a time projected from (e)'s
     measured throughput per worker (products only).
@@ -378,9 +379,9 @@ def bench_official(cfg: BenchConfig, root: Path) -> float:
 
 
 def bench_stacked(cfg: BenchConfig) -> None:
-    """One cross-layer tile folded both ways over the same blocks: stacked (a GEMM per column state into the total)
-    against a product and a Chan merge per pair."""
-    from hrsa.analyze.accumulators.cross_tile import CrossTileMoments
+    """One cross-layer tile folded both ways over the same blocks: stacked (one GEMM per block into a running sum,
+    Chan's corrections once per run) against a product and a Chan merge per pair."""
+    from hrsa.analyze.accumulators.cross_tile import CrossTileMoments, PendingBlocks
     from hrsa.analyze.streaming.backends import NumpyBackend
 
     d, r, n, blocks = cfg.official_hidden, 8, 4096, 3
@@ -392,10 +393,10 @@ def bench_stacked(cfg: BenchConfig) -> None:
         backend = NumpyBackend(compute_dtype=dtype)
 
         def stacked() -> CrossTileMoments:
-            acc = CrossTileMoments.empty([p[0] for p in pairs[::r]], [p[1] for p in pairs[:r]], d, d)
+            pending = PendingBlocks(CrossTileMoments.empty([p[0] for p in pairs[::r]], [p[1] for p in pairs[:r]], d, d))
             for _ in range(blocks):
-                backend.fold_cross_tile(acc, xs)
-            return acc
+                backend.fold_cross_tile(pending, xs)
+            return pending.flush()
 
         def per_pair() -> dict:
             totals: dict = {}

@@ -4,22 +4,29 @@ A cross-layer tile holds ``C_ij = Xc_i^T Yc_j`` for every i of its r rows and j 
 separate :class:`~hrsa.analyze.accumulators.cross_moments.CrossMoments`, every block costs r c small GEMMs, and
 each pair's Chan merge allocates a fresh (Dx, Dy) sum and sweeps it twice. Here the tile is one matrix
 
-    C = [C_ij]  (r Dx, c Dy), Fortran order, so that column block j (B's state j) is one contiguous matrix,
+    C = [C_ij]  (r Dx, c Dy), Fortran order (column block j, B's state j, is one contiguous matrix),
 
-and a block of n tokens folds in with, per column block j, one GEMM of A's centred states side by side
-(n, r Dx) against B's centred state j (n, Dy), written straight into the total (BLAS ``beta = 1``: no temporary
-in float64), and the rank-one Chan correction as one BLAS ``ger`` on the same column block. The numerics are those
-of ``CrossMoments`` (each block centred on its own mean in float64, float64 accumulation, the same pooled
-means), so both give the same matrices to rounding; ``benchmarks/analyze.py`` measures which is faster.
+and a block of n tokens costs one GEMM: A's centred states side by side, U (n, r Dx), against B's, V (n, c Dy).
+The GEMMs of successive blocks go into one running sum S = sum_b U_b^T V_b (BLAS ``beta = 1``): into C itself for
+float64 products, into a float32 sum for float32 products, folded into C every :data:`FLOAT32_SUM_TOKENS` tokens
+(a float32 sum over no more tokens than one GEMM of the former default blocks). No O(D^2) sweep per block: Chan's
+corrections for a run of blocks (each block centred on its own mean; float32 products on that mean rounded to
+float32, see :func:`stack_centred`) are added when the run is folded in, all at once, as one low-rank GEMM::
+
+    C += S + sum_b n_b [(m_b - m_run)(m_b - m_run)^T - o_b o_b^T] + (n n_run / (n + n_run)) (m_run - m)(m_run - m)^T
+
+with ``m_b`` a block's float64 means, ``o_b`` their float32 rounding (zero for float64 products), ``m_run`` the run's
+pooled mean and ``m`` the total's. This is Chan's pairwise formula with the between-block terms of a run collected,
+so the numerics are those of :class:`CrossMoments` (float64 means and corrections, float64 totals).
 
 Pure numpy and scipy's BLAS wrappers: no Dask, Zarr or Ray here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Hashable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from hrsa.analyze.accumulators.centring import NON_FINITE_MESSAGE
@@ -31,10 +38,29 @@ if TYPE_CHECKING:
 
     F64 = NDArray[np.float64]
 
-__all__ = ["ColumnProducts", "CrossTileMoments", "add_product", "stack_centred"]
+__all__ = ["FLOAT32_SUM_TOKENS", "BlockMeans", "blocks_per_run", "CrossTileMoments", "PendingBlocks", "multiply_into", "stack_centred"]
 
-#: ``products(j, column)`` adds the block's centred product ``U^T v_j`` (r Dx, Dy) into ``column`` in place.
-ColumnProducts = Callable[[int, "F64"], None]
+#: Tokens whose float32 products are summed in float32 before the sum is folded into the float64 total.
+FLOAT32_SUM_TOKENS = 8192
+
+
+def blocks_per_run(block_tokens: int) -> int:
+    """Blocks of the ``block_tokens`` grid in one run: a run is blocks ``k r`` to ``(k + 1) r - 1`` of the grid, the
+    same runs whatever the segments (cut between runs: :func:`~hrsa.analyze.streaming.stream.split_segments`), so
+    float32 sums, and the results, do not depend on the number of workers."""
+    return max(1, FLOAT32_SUM_TOKENS // max(1, block_tokens))
+
+
+@dataclass(frozen=True)
+class BlockMeans:
+    """What folding one block's product into the total needs besides the product: its tokens, its float64 means of
+    the stacked states, and the mean of the rows it multiplied (None where they were centred exactly)."""
+
+    n: int
+    mean_x: F64
+    mean_y: F64
+    offset_x: F64 | None = None
+    offset_y: F64 | None = None
 
 
 @dataclass(eq=False)  # mutable on purpose: blocks and merges fold into the one (r Dx, c Dy) matrix in place
@@ -69,31 +95,25 @@ class CrossTileMoments:
         """Bytes held by the arrays (what a memory plan counts)."""
         return int(self.c.nbytes + self.mean_x.nbytes + self.mean_y.nbytes)
 
-    def add_block(self, n: int, mean_x: F64, mean_y: F64, products: ColumnProducts,
-                  offset_x: F64 | None = None, offset_y: F64 | None = None) -> None:
-        """Fold in one block of ``n`` tokens, in place.
-
-        Args:
-            n: the block's tokens.
-            mean_x, mean_y: (r Dx,), (c Dy,) the block's own means of the stacked states.
-            products: adds the block's product ``U^T V`` column block by column block.
-            offset_x, offset_y: the mean of U's and of V's rows when they are centred on a rounded mean (float32
-                products: :func:`stack_centred`); None for rows centred on their own mean.
-        """
-        if n == 0:
+    def fold_blocks(self, blocks: Sequence[BlockMeans], products: np.ndarray | None = None) -> None:
+        """Fold in a run of blocks whose summed products ``sum_b U_b^T V_b`` are ``products`` (added here), or are
+        already in :attr:`c` (``None``: float64 GEMMs write there), with Chan's corrections as one low-rank GEMM."""
+        blocks = [b for b in blocks if b.n]
+        if products is not None:
+            np.add(self.c, products, out=self.c)  # a float32 sum is widened element by element, no float64 copy
+        if not blocks:
             return
-        # Chan: C = C_old + C_block + (n_old n / n_new) outer(delta_x, delta_y), delta the block's means minus the old;
-        # the block's co-moment about its own means is U^T V - n outer(offset_x, offset_y).
-        weight, delta_x, delta_y = self.n * n / (self.n + n), mean_x - self.mean_x, mean_y - self.mean_y
-        for j in range(len(self.keys_y)):
-            cols = slice(j * self.dy, (j + 1) * self.dy)
-            column = self.c[:, cols]  # Fortran order: a contiguous (r Dx, Dy) view
-            products(j, column)
-            terms = [(weight, delta_x, delta_y[cols])] if weight else []
-            if offset_x is not None and offset_y is not None:
-                terms.append((-float(n), offset_x, offset_y[cols]))
-            _add_low_rank(column, terms)
-        self._pool_means(n, delta_x, delta_y)
+        n_run = sum(b.n for b in blocks)
+        first = blocks[0]  # the run's mean as a correction of its first block's: exact for offsets of 1e5
+        run_x = first.mean_x + sum(b.n * (b.mean_x - first.mean_x) for b in blocks[1:]) / n_run
+        run_y = first.mean_y + sum(b.n * (b.mean_y - first.mean_y) for b in blocks[1:]) / n_run
+        terms = [(float(b.n), b.mean_x - run_x, b.mean_y - run_y) for b in blocks if len(blocks) > 1]
+        terms += [(-float(b.n), b.offset_x, b.offset_y) for b in blocks if b.offset_x is not None and b.offset_y is not None]
+        weight, delta_x, delta_y = self.n * n_run / (self.n + n_run), run_x - self.mean_x, run_y - self.mean_y
+        if weight:
+            terms.append((weight, delta_x, delta_y))
+        _add_low_rank(self.c, terms)
+        self._pool_means(n_run, delta_x, delta_y)
 
     def merge(self, other: CrossTileMoments) -> CrossTileMoments:
         """Fold ``other`` (the same states over other tokens) into these statistics, in place; returns self."""
@@ -130,21 +150,74 @@ class CrossTileMoments:
         self.n += n
 
 
-def add_product(column: F64, u: np.ndarray, v: np.ndarray) -> None:
-    """``column += u^T v`` in place: float64 by BLAS dgemm with beta = 1 (no temporary), float32 by sgemm into a
-    float32 temporary then a float64 add (the sum stays float64).
+def multiply_into(total: np.ndarray | None, u: np.ndarray, v: np.ndarray, beta: float = 1.0) -> np.ndarray:
+    """``total = beta total + u^T v`` in place by one BLAS GEMM (dgemm or sgemm, as u and v are), no temporary;
+    ``total`` None (or ``beta`` 0, when BLAS ignores what it holds) starts a new sum. Returns the sum.
 
     Args:
-        column: (Du, Dv) float64, Fortran order (a column block of :attr:`CrossTileMoments.c`).
+        total: (Du, Dv) Fortran-ordered, of u's dtype, or None.
         u: (n, Du) C-ordered centred rows; v: (n, Dv) C-ordered centred rows, of the same dtype.
     """
-    if u.dtype == np.float64:
-        # u.T and v.T are Fortran-ordered views of C-ordered arrays: BLAS reads them without a copy.
-        out = blas.dgemm(1.0, u.T, v.T, beta=1.0, c=column, trans_b=True, overwrite_c=True)
-        if not np.shares_memory(out, column):  # scipy copied a non-Fortran ``column``: keep the result anyway
-            column[...] = out
-        return
-    column += blas.sgemm(1.0, u.T, v.T, trans_b=True)
+    gemm = blas.dgemm if u.dtype == np.float64 else blas.sgemm
+    if total is None:
+        total, beta = np.empty((u.shape[1], v.shape[1]), dtype=u.dtype, order="F"), 0.0
+    # u.T and v.T are Fortran-ordered views of C-ordered arrays: BLAS reads them without a copy.
+    out = gemm(1.0, u.T, v.T, beta=beta, c=total, trans_b=True, overwrite_c=True)
+    if not np.shares_memory(out, total):  # scipy copied a non-Fortran ``total``: keep the result anyway
+        total[...] = out
+    return total
+
+
+@dataclass(eq=False)
+class PendingBlocks:
+    """A tile's blocks multiplied but not yet folded into its float64 total (see the module docstring).
+
+    Attributes:
+        total: the float64 co-moments the runs fold into.
+        products: the run's summed products, a float32 numpy array, a torch tensor on its device, or None (float64 on
+            the CPU: the GEMMs sum into ``total.c`` itself).
+        blocks: the run's blocks, in order.
+        max_tokens: a run is folded in once it holds this many tokens; None: when the caller flushes.
+    """
+
+    total: CrossTileMoments
+    max_tokens: int | None = FLOAT32_SUM_TOKENS
+    products: Any = None
+    blocks: list[BlockMeans] = field(default_factory=list)
+
+    @property
+    def beta(self) -> float:
+        """1 to add to the run's product sum, 0 for a run's first block (BLAS overwrites a used buffer then)."""
+        return 1.0 if self.blocks else 0.0
+
+    def add(self, block: BlockMeans) -> None:
+        """Record a block whose product the caller has just added; fold the run in once it is long enough."""
+        self.blocks.append(block)
+        if self.max_tokens is not None and sum(b.n for b in self.blocks) >= self.max_tokens:
+            self.flush()
+
+    def multiply(self, u: np.ndarray, v: np.ndarray, block: BlockMeans) -> None:
+        """Add a block's product ``u^T v`` (numpy, centred, C order): float64 straight into the total, float32 into the
+        run's float32 sum; then record the block."""
+        if u.dtype == np.float64:
+            multiply_into(self.total.c, u, v)
+        else:
+            self.products = multiply_into(self.products, u, v, self.beta)
+        self.add(block)
+
+    def flush(self) -> CrossTileMoments:
+        """Fold the run in; returns the total."""
+        if self.blocks:
+            if self.products is None or isinstance(self.products, np.ndarray):
+                self.total.fold_blocks(self.blocks, self.products)
+            else:  # a device's sum (torch): to the host a column state at a time, so the host holds no copy of it all
+                width = self.total.dy
+                for j in range(len(self.total.keys_y)):
+                    cols = slice(j * width, (j + 1) * width)
+                    self.total.c[:, cols] += self.products[:, cols].cpu().numpy()
+                self.total.fold_blocks(self.blocks)
+            self.blocks = []
+        return self.total
 
 
 def stack_centred(blocks: Sequence[np.ndarray], compute_dtype: np.dtype) -> tuple[np.ndarray, F64, F64 | None]:
@@ -156,7 +229,7 @@ def stack_centred(blocks: Sequence[np.ndarray], compute_dtype: np.dtype) -> tupl
     to float32: where a dimension's offset dwarfs its spread (1e4 against 1), a value minus a nearby float32 is exact
     (Sterbenz), so the rows keep every significant bit of the spread, as casting float64-centred rows would; the
     rounding of the mean, ``offsets`` (<= 6e-8 of the mean), is taken out of the product exactly, in float64
-    (:meth:`CrossTileMoments.add_block`).
+    (:meth:`CrossTileMoments.fold_blocks`).
 
     Raises:
         ValueError: a block holds NaN or inf.

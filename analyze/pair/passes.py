@@ -14,12 +14,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from hrsa.analyze.accumulators.cross_tile import blocks_per_run
 from hrsa.analyze.accumulators.groups import GroupedMoments
 from hrsa.analyze.metrics import UnderdeterminedWarning
 from hrsa.analyze.pair.layer_metrics import layer_results, layer_scores
 from hrsa.analyze.pair.uncertainty import layer_intervals, layer_nulls
 from hrsa.analyze.streaming.ray_passes import TilePass, run_tiles_on_ray, task_resources
-from hrsa.analyze.streaming.stream import StateReader, run_tile, split_segments
+from hrsa.analyze.streaming.stream import StateReader, TokenBlock, run_tile, split_segments
 
 if TYPE_CHECKING:
     from hrsa.analyze.accumulators.cross_moments import CoMomentSummary
@@ -73,7 +74,8 @@ def run_passes(
     mids = {"a": pair.info_a.id, "b": pair.info_b.id}
 
     def reader(tile: Tile) -> StateReader:  # a reader per tile: the shards it caches (counted) go with its pass
-        return StateReader({(s, k): store.hidden_state(mids[s], k, chunk_tokens=pair.block_tokens) for s, k in tile.streams})
+        arrays = {(s, k): store.hidden_state(mids[s], k, chunk_tokens=pair.block_tokens) for s, k in tile.streams}
+        return StateReader(arrays, pair.block_tokens)
 
     matched_on = matched or backend
     finish = functools.partial(finish_tile, options=FinishOptions(pair.metrics, pair.debiased, pair.save_rotation,
@@ -82,14 +84,19 @@ def run_passes(
     def backend_of(tile: Tile) -> ChunkBackend:
         return matched_on if tile.kind == "matched" else backend
 
+    def segments(tile: Tile, n: int) -> tuple[tuple[TokenBlock, ...], ...]:
+        # float32 sums of a cross-layer tile's runs of blocks: segments cut between runs keep results independent
+        # of the number of workers (float64 products sum into the float64 total: any cut gives the same to rounding)
+        per_run = blocks_per_run(pair.block_tokens) if tile.rectangle and backend.compute_dtype == "float32" else 1
+        return tuple(split_segments(pair.blocks, n, per_run))
+
     matched: dict[int, dict[str, Any]] = {}
     summaries: dict[StreamPair, CoMomentSummary] = {}
     nodes: Counter[str] = Counter()
     if scheduler.name == "ray":
         # Every tile at once (pair-parallel), each cut into as many segments as the workers left to it (data-parallel).
         per_tile = max(1, pair.plan.workers // max(1, pair.plan.passes))
-        segments = tuple(split_segments(pair.blocks, per_tile))
-        jobs = [TilePass(tile, reader(tile), segments, backend_of(tile)) for tile in pair.plan.tiles]
+        jobs = [TilePass(tile, reader(tile), segments(tile, per_tile), backend_of(tile)) for tile in pair.plan.tiles]
         gpu = backend.name == "torch" and str(getattr(backend, "device", "")).startswith("cuda")
         options = task_resources(pair.plan.estimated_peak, gpu)
         for _, (m, s), ran_on in run_tiles_on_ray(jobs, finish, options, pair.plan.workers):
@@ -99,9 +106,8 @@ def run_passes(
             if on_block is not None:
                 on_block(pair.n_tokens)
     else:
-        segments = tuple(split_segments(pair.blocks, pair.plan.workers))
         for tile in pair.plan.tiles:
-            acc = run_tile(tile, reader(tile), segments, backend_of(tile), scheduler, on_block)
+            acc = run_tile(tile, reader(tile), segments(tile, pair.plan.workers), backend_of(tile), scheduler, on_block)
             m, s = finish(tile, acc)
             del acc  # free the tile's D x D accumulators before the next pass
             matched.update(m)
@@ -135,6 +141,12 @@ class FinishOptions:
 def finish_tile(tile: Tile, acc: Any, options: FinishOptions) -> tuple[dict[int, dict[str, Any]], dict[StreamPair, CoMomentSummary]]:
     """Reduce each accumulator of the tile to what the results keep (numbers and O(D) vectors): ``(matched, summaries)``.
     A Procrustes fit's own warning is folded into one for the run (:func:`run_passes`)."""
+    def segments(tile: Tile, n: int) -> tuple[tuple[TokenBlock, ...], ...]:
+        # float32 sums of a cross-layer tile's runs of blocks: segments cut between runs keep results independent
+        # of the number of workers (float64 products sum into the float64 total: any cut gives the same to rounding)
+        per_run = blocks_per_run(pair.block_tokens) if tile.rectangle and backend.compute_dtype == "float32" else 1
+        return tuple(split_segments(pair.blocks, n, per_run))
+
     matched: dict[int, dict[str, Any]] = {}
     summaries: dict[StreamPair, CoMomentSummary] = {}
     for streams, value in acc.items():  # a cross-layer tile's CrossTileMoments yields its pairs' CrossMoments alike

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Literal, Protocol, get_args, runtime_checkable
 import numpy as np
 from hrsa.analyze.accumulators.centring import centre_rows
 from hrsa.analyze.accumulators.cross_moments import CrossMoments, iter_cross_moments
-from hrsa.analyze.accumulators.cross_tile import CrossTileMoments, add_product, stack_centred
+from hrsa.analyze.accumulators.cross_tile import BlockMeans, PendingBlocks, multiply_into, stack_centred
 from hrsa.analyze.accumulators.moments import Moments
 from hrsa.store.errors import UserError
 
@@ -65,8 +65,11 @@ class ChunkBackend(Protocol):
         """CrossMoments of each stream pair (key_x, key_y) of the blocks ``xs`` (each (n, D_key)), one at a time."""
         ...
 
-    def fold_cross_tile(self, acc: CrossTileMoments, xs: Mapping[StreamKey, np.ndarray]) -> None:
-        """Fold one block of a cross-layer tile's states (``xs``, each (n, D_key)) into ``acc`` in place."""
+    def fold_cross_tile(self, pending: PendingBlocks | None, xs: Mapping[StreamKey, np.ndarray],
+                        selfs: Mapping[StreamKey, PendingBlocks] = {}) -> None:
+        """Multiply one block of a cross-layer tile's states (``xs``, each (n, D_key)) into ``pending``'s running sum
+        and record it (``pending.flush()`` folds what is left into the total); likewise each state of ``selfs``
+        against itself, from the same centred block (``pending`` None: a self tile's, only those)."""
         ...
 
 
@@ -85,15 +88,25 @@ class NumpyBackend:
     ) -> Iterator[tuple[StreamPair, CrossMoments]]:
         return iter_cross_moments(xs, pairs, compute_dtype=self.compute_dtype)
 
-    def fold_cross_tile(self, acc: CrossTileMoments, xs: Mapping[StreamKey, np.ndarray]) -> None:
-        dtype = np.dtype(self.compute_dtype)
-        u, mean_x, offset_x = stack_centred([xs[k] for k in acc.keys_x], dtype)  # (n, r Dx): A's states side by side
-        vs = [stack_centred([xs[k]], dtype) for k in acc.keys_y]  # each (n, Dy): one GEMM each
-        mean_y = np.concatenate([mean for _, mean, _ in vs])
-        offset_y = None if all(o is None for _, _, o in vs) else np.concatenate(
-            [np.zeros_like(mean) if o is None else o for _, mean, o in vs])
-        # (the correction -n outer(offset_x, offset_y) is zero when either side is centred exactly: add_block skips it)
-        acc.add_block(u.shape[0], mean_x, mean_y, lambda j, column: add_product(column, u, vs[j][0]), offset_x, offset_y)
+    def fold_cross_tile(self, pending: PendingBlocks | None, xs: Mapping[StreamKey, np.ndarray],
+                        selfs: Mapping[StreamKey, PendingBlocks] = {}) -> None:
+        dtype, sides = np.dtype(self.compute_dtype), []
+        if pending is not None:
+            total = pending.total
+            u, mean_x, offset_x = stack_centred([xs[k] for k in total.keys_x], dtype)  # (n, r Dx): A's side by side
+            v, mean_y, offset_y = stack_centred([xs[k] for k in total.keys_y], dtype)  # (n, c Dy): B's
+            pending.multiply(u, v, BlockMeans(u.shape[0], mean_x, mean_y, offset_x, offset_y))
+            sides = [(u, total.keys_x, total.dx, mean_x, offset_x), (v, total.keys_y, total.dy, mean_y, offset_y)]
+        for key, own in selfs.items():
+            found = [side for side in sides if key in side[1]]
+            if found:  # a state of the rectangle: its slot of the stacked block, the very values a self tile makes
+                stack, keys, width, means, offsets = found[0]
+                cols = slice(keys.index(key) * width, (keys.index(key) + 1) * width)
+                part = np.ascontiguousarray(stack[:, cols])  # (n, D): contiguous for BLAS
+                means, offsets = means[cols], (None if offsets is None else offsets[cols])
+            else:
+                part, means, offsets = stack_centred([xs[key]], dtype)
+            own.multiply(part, part, BlockMeans(part.shape[0], means, means, offsets, offsets))
 
 
 @dataclass(frozen=True)
@@ -135,21 +148,48 @@ class TorchBackend:
             c_xy = (u.T @ v).double().cpu().numpy()  # (Dx, Dy)
             yield (kx, ky), CrossMoments(int(u.shape[0]), mx, my, c_xy)
 
-    def fold_cross_tile(self, acc: CrossTileMoments, xs: Mapping[StreamKey, np.ndarray]) -> None:
+    def fold_cross_tile(self, pending: PendingBlocks | None, xs: Mapping[StreamKey, np.ndarray],
+                        selfs: Mapping[StreamKey, PendingBlocks] = {}) -> None:
         import torch
 
-        def centred(keys: tuple) -> tuple[torch.Tensor, np.ndarray]:
-            parts = [self._centre(xs[k]) for k in keys]  # float64 on the device, then cast for the products
-            return torch.cat([u.to(self._dtype) for u, _ in parts], 1), torch.cat([m for _, m in parts]).cpu().numpy()
+        n = len(next(iter(xs.values())))
 
-        u, mean_x = centred(acc.keys_x)  # (n, r Dx)
-        vs = [centred((k,)) for k in acc.keys_y]
-        mean_y = np.concatenate([mean for _, mean in vs])
+        def stacked(keys: tuple, width: int) -> tuple[torch.Tensor, np.ndarray]:
+            out = torch.empty((n, len(keys) * width), dtype=self._dtype, device=self.device)
+            means = []
+            for i, key in enumerate(keys):  # one state's float64 centred copy at a time, cast into its slot
+                centred, mean = self._centre(xs[key])
+                out[:, i * width : (i + 1) * width] = centred
+                means.append(mean)
+            return out, torch.cat(means).cpu().numpy()
 
-        def products(j: int, column: np.ndarray) -> None:
-            column += (u.T @ vs[j][0]).double().cpu().numpy()  # (r Dx, Dy): one product per column state
+        sides = []
+        if pending is not None:
+            total = pending.total
+            (u, mean_x), (v, mean_y) = stacked(total.keys_x, total.dx), stacked(total.keys_y, total.dy)  # (n, r Dx), (n, c Dy)
+            self._multiply(pending, u, v, BlockMeans(n, mean_x, mean_y))
+            sides = [(u, total.keys_x, total.dx, mean_x), (v, total.keys_y, total.dy, mean_y)]
+        for key, own in selfs.items():
+            found = [side for side in sides if key in side[1]]
+            if found:
+                stack, keys, width, means = found[0]
+            else:
+                width = xs[key].shape[1]
+                (stack, means), keys = stacked((key,), width), (key,)
+            cols = slice(keys.index(key) * width, (keys.index(key) + 1) * width)
+            self._multiply(own, stack[:, cols], stack[:, cols], BlockMeans(n, means[cols], means[cols]))
 
-        acc.add_block(int(u.shape[0]), mean_x, mean_y, products)
+    def _multiply(self, pending: PendingBlocks, u: torch.Tensor, v: torch.Tensor, block: BlockMeans) -> None:
+        """Add ``u^T v`` to the run's sum: on a GPU a sum that stays there (it crosses to the host once per run); on the
+        CPU numpy's path on the same memory (float64 straight into the total)."""
+        if u.device.type == "cpu":
+            pending.multiply(np.ascontiguousarray(u.numpy()), np.ascontiguousarray(v.numpy()), block)
+            return
+        if pending.beta:
+            pending.products.addmm_(u.T, v)
+        else:
+            pending.products = u.T @ v
+        pending.add(block)
 
     @property
     def _dtype(self) -> torch.dtype:

@@ -28,13 +28,17 @@ products, 0 for float64: no cast copy), ``I`` the largest accumulator of the til
                       cast; the row norms), the previous pair's block statistics and those being built, the cast
                       product; or the Chan merge: 2 I + 8 M^2 (block part and new total beside the old one in A,
                       and the rank-one temporary)
-        cross:        n c sum_s D_s + 16 n max_s D_s + 8 (sum_rows D_x) D_y
-                      (the block's states centred and cast side by side, the float64 and centred copies of the one
-                      being centred, and one column state's stacked product before it is added: none for numpy
-                      float64, whose GEMM writes into the total; merges are in place: CrossTileMoments)
-        self:         n c sum_s D_s + max(n (16 - c) max_s D_s + I, 2 I + 8 max D_x D_y)
-                      (every state of the tile centred and cast once per block, the float64 and centred copies of
-                      the one being centred; then each pair's product and merge, as above)
+        cross, self:  n c (sum_rows D_x + sum_cols D_y) + 16 n max_s D_s + c' (sum_rows D_x)(sum_cols D_y)
+                      + sum_selfs c' D^2 + n c max_s D_s
+                      (a cross-layer tile's row and column states centred and cast side by side (none for a self
+                      tile), the float64 and centred copies of the one being centred (torch's; numpy centres by one
+                      subtraction into the slot), the running float32 sum of the GEMMs (none for float64 products:
+                      they sum into the total; merges are in place: CrossTileMoments); the self co-moments, from the
+                      same centred blocks or one state at a time: their running float32 sums, one state's copy)
+        other cross:  n c sum_s D_s + max(n (16 - c) max_s D_s + I, 2 I + 8 max D_x D_y)
+                      (cross pairs that do not make a rectangle, pair by pair: every state of the tile centred and
+                      cast once per block, the float64 and centred copies of the one being centred; then each pair's
+                      product and merge, as above)
     F = 13 * 8 M^2 for a matched tile, 0 otherwise
                                              finishing one pair: the largest of the metrics from Moments, CCA,
                                              SVCCA and PWCCA (measured 12.5 D^2 float64; Procrustes' SVD 7.6,
@@ -132,8 +136,9 @@ class Tile:
 
     @property
     def selfs(self) -> tuple[StreamPair, ...]:
-        """A cross tile's self co-moments (a state against itself) of states it reads anyway: no pass of their own."""
-        return tuple(p for p in self.pairs if p[0] == p[1]) if self.kind == "cross" else ()
+        """The self co-moments (a state against itself): a self tile's, or a cross tile's of states it reads anyway
+        (no pass of their own)."""
+        return tuple(p for p in self.pairs if p[0] == p[1]) if self.kind in ("cross", "self") else ()
 
 
 @dataclass(frozen=True)
@@ -354,13 +359,14 @@ class _MemoryModel:
             per_token = max(8 * (dx + dy) + 8 * max(dx, dy), (8 + cast) * (dx + dy)) + 16
             return max(n * per_token + 2 * item + cast * square, 2 * item + 8 * square)
         dims = [self.dim[s] for s, _ in tile.streams]
-        if tile.rectangle is not None:  # stacked (CrossTileMoments): products and merges go into the total in place
-            rows, _ = tile.rectangle
-            stacked = 8 * sum(self.dim[s] for s, _ in rows) * self.p.dy
-            # self co-moments riding along: each pair's product and its Chan merge, as for a self tile
-            selfs = max((2 * self.item("cross", p) + 8 * self.dim[p[0][0]] ** 2 for p in tile.selfs), default=0)
-            return n * c * sum(dims) + 16 * n * max(dims) + max(stacked, selfs)
-        square = max(self.dim[a] * self.dim[b] for (a, _), (b, _) in tile.pairs)
+        if tile.rectangle is not None or tile.kind == "self":  # stacked: GEMMs into running sums, folded in place
+            rows, cols = tile.rectangle or ((), ())
+            widths = sum(self.dim[s] for s, _ in rows), sum(self.dim[s] for s, _ in cols)
+            stacks, run_sum = n * c * sum(widths), cast * widths[0] * widths[1]
+            # the self co-moments: their running float32 sums, and one state's centred (or contiguous) copy
+            selfs = sum(cast * self.dim[p[0][0]] ** 2 for p in tile.selfs) + (n * c * max(dims) if tile.selfs else 0)
+            return stacks + 16 * n * max(dims) + run_sum + selfs
+        square = max(self.dim[a] * self.dim[b] for (a, _), (b, _) in tile.pairs)  # cross pairs not in a rectangle
         return n * c * sum(dims) + max(n * (16 - c) * max(dims) + item, 2 * item + 8 * square)
 
     def _finish(self, tile: Tile) -> int:

@@ -156,13 +156,22 @@ def with_groups(blocks: Sequence[TokenBlock], block_tokens: int, group_starts: n
     return out
 
 
-def split_segments(blocks: Sequence[TokenBlock], n: int) -> list[tuple[TokenBlock, ...]]:
-    """At most ``n`` contiguous runs of blocks with about equal numbers of tokens."""
-    n = max(1, min(n, len(blocks)))
-    ends = np.cumsum([b.n_rows for b in blocks])  # tokens up to the end of each block
-    # Cut after the block whose end is nearest to k/n of the total.
-    cuts = [int(np.abs(ends - ends[-1] * k / n).argmin()) + 1 for k in range(1, n)]
-    bounds = [0, *sorted({c for c in cuts if 0 < c < len(blocks)}), len(blocks)]
+def split_segments(blocks: Sequence[TokenBlock], n: int, per_run: int = 1) -> list[tuple[TokenBlock, ...]]:
+    """At most ``n`` contiguous runs of blocks with about equal numbers of tokens, cut only between runs of
+    ``per_run`` blocks of the grid (:func:`~hrsa.analyze.accumulators.cross_tile.blocks_per_run`).
+
+    Example:
+        >>> [[b.index for b in s] for s in split_segments(token_blocks(slice(0, 12), 2), 2, per_run=4)]
+        [[0, 1, 2, 3], [4, 5]]
+    """
+    runs = np.array([b.index // per_run for b in blocks])
+    starts = np.flatnonzero(np.diff(runs)) + 1  # where a segment may start
+    n = max(1, min(n, starts.size + 1))
+    ends = np.cumsum([b.n_rows for b in blocks])[starts - 1]  # tokens before each possible start
+    total = sum(b.n_rows for b in blocks)
+    # Cut before the run whose start is nearest to k/n of the total.
+    cuts = [int(starts[np.abs(ends - total * k / n).argmin()]) for k in range(1, n)] if starts.size else []
+    bounds = [0, *sorted(set(cuts)), len(blocks)]
     return [tuple(blocks[a:b]) for a, b in itertools.pairwise(bounds) if b > a]
 
 
@@ -174,8 +183,9 @@ class StateReader:
     into dependencies, i.e. load every state whole before the task runs.
     """
 
-    def __init__(self, arrays: Mapping[StreamKey, da.Array]) -> None:
+    def __init__(self, arrays: Mapping[StreamKey, da.Array], block_tokens: int = 0) -> None:
         self.arrays = dict(arrays)
+        self.block_tokens = block_tokens  # the grid of the blocks (0: not known; runs are then cut by their tokens)
 
     def read(self, key: StreamKey, block: TokenBlock) -> np.ndarray:
         """The block's selected rows of state ``key``, (n_rows, D), in the stored dtype (B's own rows, in the order
@@ -196,8 +206,8 @@ def fold_segment(
     on_block: OnBlock | None = None,
 ) -> dict[StreamPair, Accumulator]:
     """One segment task: the tile's accumulators over ``blocks``, one block at a time."""
-    if tile.rectangle is not None:
-        return _fold_rectangle(tile, reader, blocks, backend, on_block)
+    if tile.rectangle is not None or tile.kind == "self":
+        return _fold_stacked(tile, reader, blocks, backend, on_block)
     totals: dict[StreamPair, Accumulator] = {}
     # Step 1: every state of the tile over the block's tokens (each read once, shared by its pairs). The
     # next block is read meanwhile: decompression, and on object stores the request latency, overlap the products.
@@ -218,41 +228,56 @@ def fold_segment(
     return totals
 
 
-def _fold_rectangle(tile: Tile, reader: StateReader, blocks: Iterable[TokenBlock], backend: ChunkBackend,
-                    on_block: OnBlock | None) -> CrossTileTotals | None:
-    """A cross-layer tile's segment as one stacked accumulator (a GEMM per column state and block, into the total),
-    and the self co-moments that ride along, pair by pair."""
-    from hrsa.analyze.accumulators.cross_tile import CrossTileMoments
+def _fold_stacked(tile: Tile, reader: StateReader, blocks: Iterable[TokenBlock], backend: ChunkBackend,
+                  on_block: OnBlock | None) -> CrossTileTotals | None:
+    """A cross-layer tile's segment as one stacked accumulator (one GEMM per block into a running sum, folded into the
+    float64 total run by run), and the self co-moments of its states (riding along, or a self tile's), alike: every
+    float32 sum covers the same runs of the grid whatever the tile, so the results do not depend on the plan."""
+    from hrsa.analyze.accumulators.cross_tile import FLOAT32_SUM_TOKENS, CrossTileMoments, PendingBlocks, blocks_per_run
 
-    rows, cols = tile.rectangle  # type: ignore[misc]
-    acc = None
+    per_run = blocks_per_run(reader.block_tokens) if reader.block_tokens else None  # None: runs of FLOAT32_SUM_TOKENS
+    limit = None if per_run else FLOAT32_SUM_TOKENS
+
+    def pending(rows: tuple[StreamKey, ...], cols: tuple[StreamKey, ...], xs: dict) -> PendingBlocks:
+        return PendingBlocks(CrossTileMoments.empty(rows, cols, xs[rows[0]].shape[1], xs[cols[0]].shape[1]), limit)
+
+    stacked, selfs, run = None, None, None
     for block, xs in _read_ahead(reader, tile.streams, blocks):
-        if acc is None:
-            acc = CrossTileTotals(CrossTileMoments.empty(rows, cols, xs[rows[0]].shape[1], xs[cols[0]].shape[1]), {})
-        backend.fold_cross_tile(acc.stacked, xs)
-        for pair, part in backend.cross_moments(xs, tile.selfs):
-            acc.selfs[pair] = acc.selfs[pair].merge(part) if pair in acc.selfs else part
+        if selfs is None:
+            stacked = pending(*tile.rectangle, xs) if tile.rectangle else None
+            selfs = {k: pending((k,), (k,), xs) for k, _ in tile.selfs}
+        elif per_run and block.index // per_run != run:  # the grid's runs, whatever the segments: see blocks_per_run
+            for each in (stacked, *selfs.values()):
+                if each is not None:
+                    each.flush()
+        run = block.index // per_run if per_run else None
+        backend.fold_cross_tile(stacked, xs, selfs)
         del xs
         if on_block is not None:
             on_block(block.n_rows)
-    return acc
+    if selfs is None:
+        return None
+    return CrossTileTotals(stacked and stacked.flush(), {p: m for own in selfs.values() for p, m in own.flush().items()})
 
 
 @dataclass(eq=False)
 class CrossTileTotals:
-    """A cross-layer tile's accumulators: the stacked rectangle, and the self co-moments riding along."""
+    """A tile's stacked accumulators: the rectangle of a cross-layer tile (None for a self tile), and the self
+    co-moments."""
 
-    stacked: CrossTileMoments
+    stacked: CrossTileMoments | None
     selfs: dict[StreamPair, CrossMoments]
 
     def merge(self, other: CrossTileTotals) -> CrossTileTotals:
         """Fold ``other`` in (the stacked part in place, into a copy when read-only as Ray hands it out)."""
-        self.stacked = self.stacked.writable().merge(other.stacked)
+        if self.stacked is not None and other.stacked is not None:
+            self.stacked = self.stacked.writable().merge(other.stacked)
         self.selfs = merge_partials(self.selfs, dict(other.selfs))
         return self
 
     def items(self) -> Iterator[tuple[StreamPair, CrossMoments]]:
-        yield from self.stacked.items()
+        if self.stacked is not None:
+            yield from self.stacked.items()
         yield from self.selfs.items()
 
 

@@ -45,3 +45,25 @@ def test_inverse_based_measures_keep_float64_products_by_default(metric: str) ->
     assert resolve_backend("numpy", "auto", metrics=("cka", metric)).compute_dtype == "float64"
     assert resolve_backend("numpy", "auto", metrics=("cka", "dimcorr", "procrustes")).compute_dtype == "float32"
     assert resolve_backend("numpy", "float32", metrics=(metric,)).compute_dtype == "float32"  # asked for: as asked
+
+
+@pytest.mark.parametrize(("workers", "budget", "scheduler"), [(3, None, "threads"), (1, "200kB", "threads"), (2, "250kB", "threads"),
+                                                             (3, "300kB", "sync")])
+def test_float32_matrices_do_not_depend_on_the_workers_or_the_plan(pair_store, monkeypatch, workers, budget, scheduler) -> None:
+    """A float32 sum covers a run of blocks of the token grid (runs of 256 tokens here, 1,000 tokens in blocks of 32),
+    the same runs whatever the segments and tiles: segments are cut between runs, and a state's self co-moments are
+    summed alike in a cross-layer tile or a self tile. So the results equal one worker's, to float64 rounding."""
+    from hrsa.analyze.accumulators import cross_tile
+
+    monkeypatch.setattr(cross_tile, "FLOAT32_SUM_TOKENS", 256)
+    store = pair_store.open()
+    common = dict(metrics=("cka", "dimcorr"), cross_layer=True, backend="numpy", compute_dtype="float32", block_tokens=32)
+    one = analyze_pair(store, "a", "b", workers=1, **common)
+    other = analyze_pair(store, "a", "b", workers=workers, scheduler=scheduler, **common, **({"memory_budget": budget} if budget else {}))
+    if budget:  # another plan: more tiles (with 200kB, self tiles besides the states riding along in cross-layer ones)
+        assert other.plan.passes > one.plan.passes and (other.plan.count("self") >= 1 or budget != "200kB")
+    assert other.plan.workers == (1 if budget in ("200kB", "300kB") else workers)
+    np.testing.assert_allclose(other.cka_matrix, one.cka_matrix, rtol=1e-12)
+    np.testing.assert_allclose(other.dimcorr_matrix, one.dimcorr_matrix, rtol=1e-12)
+    reference = analyze_pair(store, "a", "b", **{**common, "compute_dtype": "float64"})
+    np.testing.assert_allclose(other.cka_matrix, reference.cka_matrix, rtol=0, atol=1e-6)

@@ -1,12 +1,13 @@
-"""A cross-layer tile accumulated as one stacked matrix (GEMMs into the total, Chan's correction by BLAS ger) equals
-independent float64 co-moments of the whole data, under 1e5 offsets, outlier dimensions and uneven blocks."""
+"""A cross-layer tile accumulated as one stacked matrix (one GEMM per block into a running sum, Chan's corrections of
+a run of blocks as one low-rank GEMM when it is folded in) equals independent float64 co-moments of the whole data,
+under 1e5 offsets that drift, outlier dimensions, uneven blocks and runs cut anywhere."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from hrsa.analyze.accumulators.cross_moments import CrossMoments
-from hrsa.analyze.accumulators.cross_tile import CrossTileMoments, add_product
+from hrsa.analyze.accumulators.cross_tile import FLOAT32_SUM_TOKENS, CrossTileMoments, PendingBlocks, multiply_into
 from hrsa.analyze.streaming.backends import NumpyBackend, TorchBackend
 
 DX, DY = 24, 16
@@ -32,18 +33,20 @@ def reference(xs: dict) -> dict:
     return {(kx, ky): c[kx].T @ c[ky] for kx in ROWS for ky in COLS}
 
 
-def fold(backend, xs: dict, cuts: list[int]) -> CrossTileMoments:
-    acc = CrossTileMoments.empty(ROWS, COLS, DX, DY)
+def fold(backend, xs: dict, cuts: list[int], run_tokens: int = FLOAT32_SUM_TOKENS) -> CrossTileMoments:
+    pending = PendingBlocks(CrossTileMoments.empty(ROWS, COLS, DX, DY), max_tokens=run_tokens)
     for lo, hi in zip(cuts[:-1], cuts[1:]):
-        backend.fold_cross_tile(acc, {k: v[lo:hi] for k, v in xs.items()})
-    return acc
+        backend.fold_cross_tile(pending, {k: v[lo:hi] for k, v in xs.items()})
+    return pending.flush()
 
 
+@pytest.mark.parametrize("run_tokens", [1, 41, 10_000], ids=["a-run-a-block", "runs-cut-mid-way", "one-run"])
 @pytest.mark.parametrize("backend", [NumpyBackend(), TorchBackend(device="cpu", compute_dtype="float64")], ids=["numpy", "torch"])
-def test_stacked_blocks_equal_float64_co_moments_of_the_whole_data(backend) -> None:
+def test_stacked_blocks_equal_float64_co_moments_of_the_whole_data(backend, run_tokens) -> None:
     rng = np.random.default_rng(0)
     xs = states(rng, 700)
-    acc = fold(backend, xs, [0, 1, 40, 40, 333, 700])  # a one-token block, an empty one, uneven sizes
+    # a one-token block, an empty one, uneven sizes; runs of one block, of a few, of all
+    acc = fold(backend, xs, [0, 1, 40, 40, 333, 400, 512, 700], run_tokens)
     want = reference(xs)
     assert acc.n == 700 and acc.c.flags.f_contiguous
     for pair, moments in acc.items():
@@ -69,24 +72,49 @@ def test_equals_the_per_pair_path_and_merging_segments_equals_one_pass() -> None
     assert merged.n == 500 and merged.merge(CrossTileMoments.empty(ROWS, COLS, DX, DY)) is merged
 
 
-def test_float32_products_stay_within_1e_6_of_float64() -> None:
+@pytest.mark.parametrize("run_tokens", [512, 1024, 10_000], ids=["a-run-a-block", "runs-of-two", "one-run"])
+@pytest.mark.parametrize("backend", [NumpyBackend(compute_dtype="float32"), TorchBackend(device="cpu", compute_dtype="float32")],
+                         ids=["numpy", "torch"])
+def test_float32_products_stay_within_1e_6_of_float64(backend, run_tokens) -> None:
     rng = np.random.default_rng(2)
     xs = states(rng, 2000)
     want = reference(xs)
-    acc = fold(NumpyBackend(compute_dtype="float32"), xs, [0, 512, 1024, 1536, 2000])
+    acc = fold(backend, xs, [0, 512, 1024, 1536, 2000], run_tokens)
     for pair, moments in acc.items():
         assert np.abs(moments.c_xy - want[pair]).max() <= 1e-6 * np.abs(want[pair]).max()
 
 
-def test_a_float64_product_goes_into_the_total_without_a_copy() -> None:
+def test_float32_runs_are_summed_in_float32_only_up_to_their_length() -> None:
+    """The float32 sum of a run is folded into the float64 total every FLOAT32_SUM_TOKENS: with runs that long, a
+    long stream ends as close to float64 as one run does (a sum of every block in float32 drifts further)."""
+    rng = np.random.default_rng(6)
+    n, block = 64 * 1024, 1024
+    x = (rng.normal(size=(n, 1)) * 1e-3 + 1.0).astype(np.float32)  # every product positive: float32 sums drift
+    xs = {ROWS[0]: x, COLS[0]: x}
+    want = float(((x.astype(np.float64) - x.astype(np.float64).mean()) ** 2).sum())
+
+    def error(run_tokens: int) -> float:
+        pending = PendingBlocks(CrossTileMoments.empty(ROWS[:1], COLS[:1], 1, 1), max_tokens=run_tokens)
+        for lo in range(0, n, block):
+            NumpyBackend(compute_dtype="float32").fold_cross_tile(pending, {k: v[lo : lo + block] for k, v in xs.items()})
+        return abs(float(pending.flush().c[0, 0]) - want) / want
+
+    assert error(FLOAT32_SUM_TOKENS) <= 1e-6
+    assert error(FLOAT32_SUM_TOKENS) < error(n)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_a_product_goes_into_the_sum_without_a_copy(dtype) -> None:
     rng = np.random.default_rng(3)
-    total = np.asfortranarray(rng.normal(size=(6, 4)))
+    total = np.asfortranarray(rng.normal(size=(6, 4))).astype(dtype)
     before = total.copy()
-    u, v = rng.normal(size=(9, 6)), rng.normal(size=(9, 4))
-    column_id = total.__array_interface__["data"][0]
-    add_product(total, u, v)
-    np.testing.assert_allclose(total, before + u.T @ v, rtol=1e-14)
-    assert total.__array_interface__["data"][0] == column_id
+    u, v = rng.normal(size=(9, 6)).astype(dtype), rng.normal(size=(9, 4)).astype(dtype)
+    address = total.__array_interface__["data"][0]
+    assert multiply_into(total, u, v) is total
+    np.testing.assert_allclose(total, before + u.T @ v, rtol=1e-5 if dtype == np.float32 else 1e-14)
+    assert total.__array_interface__["data"][0] == address
+    total[...] = np.nan  # beta = 0 starts a new sum in a used buffer: what it held is never read
+    np.testing.assert_allclose(multiply_into(total, u, v, beta=0.0), u.T @ v, rtol=1e-5 if dtype == np.float32 else 1e-14)
 
 
 def test_merging_statistics_of_other_states_is_refused() -> None:
