@@ -359,6 +359,22 @@ class ActivationStore(ResultRecords):
         import dask.array as da
 
         info = self.model_info(mid)
+        array = self.hidden_state_array(mid, layer, allow_incomplete=allow_incomplete)
+        chunks = (chunk_tokens or info.layout.shard_tokens, info.hidden_size)
+        lazy = da.from_array(array, chunks=chunks, name=f"hrsa-{array.where}", asarray=False, fancy=False)
+        selection = TokenSelection.of(tokens=tokens, docs=docs, token_filter=token_filter)
+        return lazy if selection.is_everything else lazy[self.select(mid, selection)]
+
+    def hidden_state_array(self, mid: str, layer: int, *, allow_incomplete: bool = False) -> CheckedArray:
+        """One hidden state as an array of shape (N, D) read by slices of tokens (numpy's indexing), without Dask:
+        what a streaming pass reads block by block (a Dask graph per block read cost more than the read). Each read
+        is checked as :meth:`hidden_state`'s: its units done, its shards' checksums.
+
+        Raises:
+            IncompleteModelError: extraction has units not done (unless ``allow_incomplete``).
+            CorruptDataError: the array's metadata is unreadable.
+        """
+        info = self.model_info(mid)
         k = self._resolve_layer(info, layer)
         if not (info.complete or allow_incomplete):
             raise IncompleteModelError(
@@ -375,12 +391,8 @@ class ActivationStore(ResultRecords):
                 f"Run `hrsa store verify {self.url}` for details; delete the model and re-extract it."
             ) from None
         writer = ModelWriter(group, info)
-        array = CheckedArray(stored, info.dtype, where, done=writer.done_mask(), shard_tokens=info.layout.shard_tokens,
-                             model_prefix=group.store_path.path, layer=k, settings=writer.settings)
-        chunks = (chunk_tokens or info.layout.shard_tokens, info.hidden_size)
-        lazy = da.from_array(array, chunks=chunks, name=f"hrsa-{where}", asarray=False, fancy=False)
-        selection = TokenSelection.of(tokens=tokens, docs=docs, token_filter=token_filter)
-        return lazy if selection.is_everything else lazy[self.select(mid, selection)]
+        return CheckedArray(stored, info.dtype, where, done=writer.done_mask(), shard_tokens=info.layout.shard_tokens,
+                            model_prefix=group.store_path.path, layer=k, settings=writer.settings)
 
     # -- writing -------------------------------------------------------------------------------
     def write_corpus(

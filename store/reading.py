@@ -167,6 +167,11 @@ class CheckedArray:
         self.shape, self.ndim = array.shape, array.ndim
         self.dtype = as_logical(np.empty(0, array.dtype), dtype).dtype
 
+    @property
+    def where(self) -> str:
+        """The store and array this reads, as error messages name it."""
+        return self._where
+
     def _units(self, selection: Any) -> np.ndarray:
         """The shards (work units) a selection's rows fall in."""
         rows = selection[0] if isinstance(selection, tuple) else selection

@@ -74,7 +74,7 @@ def run_passes(
     mids = {"a": pair.info_a.id, "b": pair.info_b.id}
 
     def reader(tile: Tile) -> StateReader:  # a reader per tile: the shards it caches (counted) go with its pass
-        arrays = {(s, k): store.hidden_state(mids[s], k, chunk_tokens=pair.block_tokens) for s, k in tile.streams}
+        arrays = {(s, k): store.hidden_state_array(mids[s], k) for s, k in tile.streams}
         return StateReader(arrays, pair.block_tokens)
 
     matched_on = matched or backend

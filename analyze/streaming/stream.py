@@ -176,26 +176,27 @@ def split_segments(blocks: Sequence[TokenBlock], n: int, per_run: int = 1) -> li
 
 
 class StateReader:
-    """Reads one block of a hidden state. Holds lazy Dask arrays chunked ``block_tokens`` along tokens.
+    """Reads one block of a hidden state from arrays read by slices of tokens
+    (:meth:`~hrsa.store.ActivationStore.hidden_state_array`: each read checked, no Dask graph per read) on a grid of
+    ``block_tokens``.
 
     It pickles (the arrays point at the store, not at data), so Ray workers read blocks themselves. Not a
-    dataclass on purpose: ``dask.delayed`` looks inside dataclasses and would turn the arrays it finds
-    into dependencies, i.e. load every state whole before the task runs.
+    dataclass on purpose: ``dask.delayed`` looks inside dataclasses and would turn arrays it finds into
+    dependencies, i.e. load every state whole before the task runs.
     """
 
-    def __init__(self, arrays: Mapping[StreamKey, da.Array], block_tokens: int = 0) -> None:
+    def __init__(self, arrays: Mapping[StreamKey, Any], block_tokens: int) -> None:
         self.arrays = dict(arrays)
-        self.block_tokens = block_tokens  # the grid of the blocks (0: not known; runs are then cut by their tokens)
+        self.block_tokens = block_tokens  # the grid of the blocks
 
     def read(self, key: StreamKey, block: TokenBlock) -> np.ndarray:
         """The block's selected rows of state ``key``, (n_rows, D), in the stored dtype (B's own rows, in the order
         of A's, when the two corpora are aligned)."""
-        # The scheduler of the *inner* compute is always sync: the outer task already is the parallel unit.
         if key[0] == "b" and block.rows_b is not None:
             start, stop, rows = block.rows_b
-            return self.arrays[key][start:stop].compute(scheduler="sync")[rows]
-        values = self.arrays[key].blocks[block.index].compute(scheduler="sync")
-        return values[block.rows]
+            return self.arrays[key][start:stop][rows]
+        start = block.index * self.block_tokens
+        return self.arrays[key][start : start + self.block_tokens][block.rows]
 
 
 def fold_segment(
@@ -233,24 +234,23 @@ def _fold_stacked(tile: Tile, reader: StateReader, blocks: Iterable[TokenBlock],
     """A cross-layer tile's segment as one stacked accumulator (one GEMM per block into a running sum, folded into the
     float64 total run by run), and the self co-moments of its states (riding along, or a self tile's), alike: every
     float32 sum covers the same runs of the grid whatever the tile, so the results do not depend on the plan."""
-    from hrsa.analyze.accumulators.cross_tile import FLOAT32_SUM_TOKENS, CrossTileMoments, PendingBlocks, blocks_per_run
+    from hrsa.analyze.accumulators.cross_tile import CrossTileMoments, PendingBlocks, blocks_per_run
 
-    per_run = blocks_per_run(reader.block_tokens) if reader.block_tokens else None  # None: runs of FLOAT32_SUM_TOKENS
-    limit = None if per_run else FLOAT32_SUM_TOKENS
+    per_run = blocks_per_run(reader.block_tokens)
 
     def pending(rows: tuple[StreamKey, ...], cols: tuple[StreamKey, ...], xs: dict) -> PendingBlocks:
-        return PendingBlocks(CrossTileMoments.empty(rows, cols, xs[rows[0]].shape[1], xs[cols[0]].shape[1]), limit)
+        return PendingBlocks(CrossTileMoments.empty(rows, cols, xs[rows[0]].shape[1], xs[cols[0]].shape[1]), None)
 
     stacked, selfs, run = None, None, None
     for block, xs in _read_ahead(reader, tile.streams, blocks):
         if selfs is None:
             stacked = pending(*tile.rectangle, xs) if tile.rectangle else None
             selfs = {k: pending((k,), (k,), xs) for k, _ in tile.selfs}
-        elif per_run and block.index // per_run != run:  # the grid's runs, whatever the segments: see blocks_per_run
+        elif block.index // per_run != run:  # the grid's runs, whatever the segments: see blocks_per_run
             for each in (stacked, *selfs.values()):
                 if each is not None:
                     each.flush()
-        run = block.index // per_run if per_run else None
+        run = block.index // per_run
         backend.fold_cross_tile(stacked, xs, selfs)
         del xs
         if on_block is not None:
