@@ -243,6 +243,29 @@ def smollm2() -> object:
     return load_model(parse_model_spec("packaged:smollm2-135m-instruct"), device="cpu")
 
 
+@pytest.fixture(scope="session")
+def smollm2_folder(tmp_path_factory: pytest.TempPathFactory, smollm2: object) -> Path:
+    """The packaged SmolLM2 saved once per session as a Hugging Face folder (float32, dequantised from its GGUF) by
+    the demo's own :func:`materialize_backbone`: ``<root>/models/smollm2-135m-instruct``, where the demo puts it under
+    its ``out``. Its GGUF load is the session's ``smollm2`` (the same load: packaged, float32 on CPU), so the folder
+    costs a save (~3 s) where loading the GGUF again would take ~30 s; loading the folder takes ~2 s. Tests that read
+    it must not write into it (link it, as tests/cluster/test_demo.py does). Marked ``real_model`` by its users."""
+    from rich.console import Console
+
+    import hrsa.extract.models as models
+    from hrsa.cluster.demo_models import DEMO_MODEL, materialize_backbone
+
+    want = models.parse_model_spec(DEMO_MODEL, dtype="float32")
+
+    def session_model(spec: object, *, device: object = None) -> object:
+        assert spec == want and device == "cpu" and smollm2.dtype == "float32", (spec, device)  # type: ignore[attr-defined]
+        return smollm2
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(models, "load_model", session_model)
+        return materialize_backbone(tmp_path_factory.mktemp("smollm2-hf"), Console(quiet=True))
+
+
 _TOKENIZERS: dict[str, tuple[object, object]] = {}
 
 

@@ -1,7 +1,9 @@
 """Real activations: SmolLM2 against its bidirectional self, from the store, against in-memory float64.
 
 Both extractions run the real model on an embedded local Ray into one store; the streaming metrics
-must equal plain float64 formulas computed on the same arrays loaded whole.
+must equal plain float64 formulas computed on the same arrays loaded whole. The model is the session's
+Hugging Face folder of the packaged SmolLM2 (``smollm2_folder``: its GGUF dequantised once, ~30 s, where each
+extraction from the GGUF would load it again); loading from the GGUF is tests/extract's subject.
 """
 
 from __future__ import annotations
@@ -42,13 +44,14 @@ def _h_inv(x: np.ndarray, y: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def smollm2_pair(tmp_path_factory: pytest.TempPathFactory, ray_local: object, shared_data: Path) -> str:
+def smollm2_pair(tmp_path_factory: pytest.TempPathFactory, ray_local: object, shared_data: Path,
+                 smollm2_folder: Path) -> str:
     from hrsa.extract.job import ExtractConfig, run_extraction
 
     # Real, varied mail text: repetitive text (one template for every document) gives a causal model
     # identical rows for identical prefixes, so too few distinct tokens for a unique O*.
     root: Path = tmp_path_factory.mktemp("smollm2-pair")
-    common = dict(store=str(root / "store"), model="packaged:smollm2-135m-instruct",
+    common = dict(store=str(root / "store"), model=str(smollm2_folder),
                   corpus=str(shared_data / "spam-assassin" / "spam-assassin.jsonl"), text="text",
                   max_docs=12, max_tokens=96, dtype="float32", workers=1, layers=LAYERS)
     run_extraction(ExtractConfig(name="causal", attention="causal", **common))

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
+import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -59,12 +62,39 @@ def test_the_probe_corpus_is_hard_ham_against_spam(tmp_path: Path) -> None:
 @pytest.mark.integration
 @requires_smollm2
 @pytest.mark.data
-def test_demo_runs_the_study_reports_both_table_2s_and_the_dynamics_and_resumes(tmp_path: Path, ray_local: object) -> None:
+def test_demo_runs_the_study_reports_both_table_2s_and_the_dynamics_and_resumes(
+        tmp_path: Path, ray_local: object, smollm2_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also where tests/cluster/test_pipeline.py's dynamics-from-the-backbones test (now slow) is asserted on real
+    models: step 0 and the last step are the pairs' own extractions, only the middle step is extracted for the series,
+    and every series reaches the report under its name."""
     import torch
 
+    import hrsa.cluster.demo as demo
     from hrsa.analyze.report.dynamics import load_dynamics
     from hrsa.extract.models import forward_hidden_states, load_model, parse_model_spec
 
+    # SmolLM2 as a Hugging Face folder: the session's, saved by the demo's own materialize_backbone (tests/conftest.py),
+    # linked where the demo puts it (~30 s from the GGUF otherwise, paid once per session).
+    shutil.copytree(smollm2_folder, tmp_path / "models" / smollm2_folder.name, copy_function=os.link)
+    # Training batches of 2 queries cut to 32 tokens (the demo's 8 and 64), from 32 mined pairs (the demo's 256): still
+    # the real mining and the real InfoNCE runs on Ray Train, with every other setting of the demo's recipe.
+    import hrsa.cluster.demo_corpus as demo_corpus
+
+    real_pairs, real_pipeline = demo_corpus.write_training_pairs, demo.demo_pipeline
+
+    def fewer_pairs(path: Path, *, n: int, **kwargs: Any) -> Path:
+        assert n == 256  # what is shrunk here
+        return real_pairs(path, n=32, **kwargs)
+
+    def smaller_batches(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        values = real_pipeline(*args, **kwargs)
+        for run in values["train"].values():
+            assert run["batch_size"] == 8 and run["max_length"] == 64  # what is shrunk here
+            run.update(batch_size=2, max_length=32)
+        return values
+
+    monkeypatch.setattr(demo, "demo_pipeline", smaller_batches)
+    monkeypatch.setattr(demo_corpus, "write_training_pairs", fewer_pairs)
     config = DemoConfig(out=tmp_path, corpus=COT, probe_corpus=SPAM, max_docs=3, max_tokens=40, train_steps=2,
                         probe_docs=40, probe_tokens=16)
     quiet = Console(file=open("/dev/null", "w"))
@@ -81,7 +111,10 @@ def test_demo_runs_the_study_reports_both_table_2s_and_the_dynamics_and_resumes(
     assert realign.pairs[0] == ("smollm2--cot", "smollm2-perturbed--cot")
     assert realign.pairs[-1] == ("smollm2-emb--cot", "smollm2-perturbed-emb--cot")
     assert drift.pairs[-1] == ("smollm2-emb--cot", "smollm2--cot")
+    assert (realign.name, drift.name) == (REALIGN, DRIFT)
     assert "every series on one plot" in html and "From step 0 (the backbones) to step 2" in html
+    for name in (REALIGN, DRIFT):
+        assert f"Training dynamics: {name}" in html, name
     assert realign.cka is not None and realign.cka.mean[0] < 0.9999  # the perturbed copy is another model
     assert [line.split(":")[0] for line in first.outcome] == ["backbones", "embedding models", f"{REALIGN}, step 0 -> 2",
                                                               f"{DRIFT}, step 0 -> 2"]
@@ -90,6 +123,11 @@ def test_demo_runs_the_study_reports_both_table_2s_and_the_dynamics_and_resumes(
     assert probes["settings"]["probe"]["label_field"] == "label" and "reverse" in probes["metrics"]["probe"]["0"]
     # The embedding models are real checkpoints of the two runs, stored bidirectionally like the backbones.
     store = ActivationStore.open(first.store_url)
+    # Steps 0 and 2 of both series are the pairs' own extractions (the backbones, the final checkpoints, on both
+    # corpora); only step 1 is extracted for the dynamics.
+    assert sorted(store.models()) == sorted([f"{m}--{c}" for m in ("smollm2", "smollm2-perturbed", "smollm2-emb",
+                                                                    "smollm2-perturbed-emb") for c in ("cot", "mail")]
+                                            + ["smollm2-emb-step-1", "smollm2-perturbed-emb-step-1"])
     base, emb = store.model_info("smollm2--cot"), store.model_info("smollm2-perturbed-emb--cot")
     assert base.complete and emb.complete and base.attention == emb.attention == "bidirectional"
     assert (emb.n_hidden_states, emb.hidden_size) == (31, 576) and "step_000002" in json.dumps(emb.source)

@@ -212,6 +212,8 @@ def fake_training(steps_by_run: dict[str, tuple[int, ...]], source: Callable[[st
 
 def test_dynamics_compares_the_runs_at_their_common_steps(tmp_path: Path, tiny_models: Any, ray_local: Any,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also step 0 run as training runs it (test_step_0_runs_the_backbone_as_training_does, now slow): both runs start
+    from the tiny llama, so rb's step 0 is ra's, extracted once, bidirectionally though the series' attention is auto."""
     import hrsa.train.trainer
     from hrsa.analyze.report.dynamics import load_dynamics
 
@@ -219,14 +221,18 @@ def test_dynamics_compares_the_runs_at_their_common_steps(tmp_path: Path, tiny_m
     fake = fake_training({"ra": (1, 2), "rb": (2, 3)}, lambda run: tiny_models.dir("llama" if run == "ra" else "qwen2"))
     monkeypatch.setattr(hrsa.train.trainer, "run_training", lambda c, **kw: calls.append(c.output.parent.name) or fake(c, **kw))
     corpus = write_corpus(tmp_path / "words.jsonl")
-    train = {run: {"backbone": str(tiny_models.dir(kind)), "data": str(corpus), "max_steps": 3, "save_every": 1}
-             for run, kind in (("ra", "llama"), ("rb", "qwen2"))}
+    train = {run: {"backbone": str(tiny_models.dir("llama")), "data": str(corpus), "max_steps": 3, "save_every": 1}
+             for run in ("ra", "rb")}
     config = parse_pipeline({"store": str(tmp_path / "store"), "out": str(tmp_path / "out"), "train": train,
                              "corpora": {"probe": {"path": str(corpus)}},
                              "dynamics": [{"a": "ra", "b": "rb", "corpus": "probe", "metrics": ["cka"], "scheduler": "threads"}]})
     result = run_pipeline(config, console=quiet())
-    assert result.ran == ("train:ra", "train:rb", "extract:ra-step-0", "extract:rb-step-0", "extract:ra-step-2",
-                          "extract:rb-step-2", "analyze:ra--rb@step-0", "analyze:ra--rb@step-2", "dynamics:ra--rb", "report")
+    assert result.ran == ("train:ra", "train:rb", "extract:ra-step-0", "extract:ra-step-2", "extract:rb-step-2",
+                          "analyze:ra--rb@step-0", "analyze:ra--rb@step-2", "dynamics:ra--rb", "report")
+    # Step 0: checkpoints record is_causal false, the backbone does not; a causal step 0 against bidirectional
+    # checkpoints would measure the attention mask, not training. The same backbone as ra's: extracted once.
+    assert ActivationStore.open(config.store).model_info("ra-step-0").attention == "bidirectional"
+    assert next(s for s in result.stages if s.name == "extract:rb-step-0").reason.startswith("the same as extract:ra-step-0")
     assert calls == ["ra", "rb"] and config.train["ra"].output == tmp_path / "out" / "train" / "ra"
     dynamics = load_dynamics(result.dynamics["ra--rb"])
     assert tuple(dynamics.steps) == (0, 2) and tuple(dynamics.runs) == ("ra", "rb")
@@ -237,6 +243,10 @@ def test_dynamics_compares_the_runs_at_their_common_steps(tmp_path: Path, tiny_m
     assert again.ran == () and calls == ["ra", "rb"]  # training up to date: not called again
 
 
+@pytest.mark.slow  # 74 s; asserted by default in test_a_series_may_hold_b_at_one_step_to_follow_a_runs_drift (two
+# corpora, step 0 and the last step the pairs' extractions, auto attention as training runs) and on real models in
+# tests/cluster/test_demo.py (two series from the backbones, only step 1 extracted for them, every series and both
+# Table 2s in the report, re-running runs nothing)
 def test_dynamics_start_at_the_backbones_and_every_series_is_reported(tmp_path: Path, tiny_models: Any, ray_local: Any,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Step 0 of a series is the two runs' backbones, run the way training runs them (bidirectional here, though
@@ -288,6 +298,7 @@ def test_dynamics_start_at_the_backbones_and_every_series_is_reported(tmp_path: 
     assert run_pipeline(config, console=quiet()).ran == ()
 
 
+@pytest.mark.slow  # 22 s; asserted by default in test_dynamics_compares_the_runs_at_their_common_steps
 def test_step_0_runs_the_backbone_as_training_does(tmp_path: Path, tiny_models: Any, ray_local: Any,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """A series whose extraction is attention auto still runs step 0 bidirectionally when training does: checkpoints
@@ -312,23 +323,38 @@ def test_step_0_runs_the_backbone_as_training_does(tmp_path: Path, tiny_models: 
 def test_a_series_may_hold_b_at_one_step_to_follow_a_runs_drift(tmp_path: Path, tiny_models: Any, ray_local: Any,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """b_step: 0 compares every step of a run with its own backbone (how far training moved it), here the pair's
-    backbone extraction, asked for twice (a at step 0 and b); a b_step that b did not save is one line."""
+    backbone extraction, asked for twice (a at step 0 and b); a b_step that b did not save is one line.
+
+    On two corpora, the second a corpus that is not the first (what test_dynamics_start_at_the_backbones_... asserts,
+    now slow; the demo's test asserts the rest on real models): step 0 of each series is the pair's backbone
+    extraction on that corpus, run the way training runs it (bidirectional, though the series' attention is auto),
+    the last step the pair's final checkpoint on that corpus, and only step 1 is extracted for the series."""
     import hrsa.train.trainer
     from hrsa.analyze.report.dynamics import load_dynamics
 
     monkeypatch.setattr(hrsa.train.trainer, "run_training", fake_training({"ra": (1, 2)}, lambda run: tiny_models.dir("qwen2")))
     corpus = write_corpus(tmp_path / "words.jsonl")
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"id": f"o{i}", "text": t[::-1]}) + "\n" for i, t in enumerate(TEXTS)))
+    bidirectional = {"attention": "bidirectional"}
     values = {"store": str(tmp_path / "store"), "out": str(tmp_path / "out"),
               "train": {"ra": {"backbone": str(tiny_models.dir("llama")), "data": str(corpus), "max_steps": 2, "save_every": 1}},
-              "corpora": {"probe": {"path": str(corpus)}},
-              "models": {"base": {"model": str(tiny_models.dir("llama")), "attention": "bidirectional"}},
-              "pairs": [{"a": "base", "b": "base", "corpus": "probe", "metrics": ["cka"], "scheduler": "threads"}],
-              "dynamics": [{"a": "ra", "b": "ra", "b_step": 0, "corpus": "probe", "metrics": ["cka"], "scheduler": "threads",
-                            "name": "drift"}]}
+              "corpora": {"probe": {"path": str(corpus)}, "other": {"path": str(other), "max_tokens": 64}},
+              "models": {"base": {"model": str(tiny_models.dir("llama")), **bidirectional},
+                         "tuned": {"train": "ra", **bidirectional}},
+              "pairs": [{"a": "base", "b": "tuned", "corpus": c, "metrics": ["cka"], "scheduler": "threads",
+                         "name": f"base--tuned--{c}"} for c in ("probe", "other")],
+              "dynamics": [{"a": "ra", "b": "ra", "b_step": 0, "corpus": c, "metrics": ["cka"], "scheduler": "threads",
+                            "name": name} for c, name in (("probe", "drift"), ("other", "drift-other"))]}
     result = run_pipeline(parse_pipeline(values), console=quiet())
-    dyn = load_dynamics(result.dynamics["drift"])
-    assert dyn.steps == (0, 1, 2) and dyn.pairs == (("base", "base"), ("ra-step-1", "base"), ("ra-step-2", "base"))
-    assert dyn.cka is not None and dyn.cka.mean[0] == pytest.approx(1.0)  # the backbone against itself
+    extracted = [s for s in result.ran if s.startswith("extract:")]
+    assert sorted(extracted) == sorted(f"extract:{m}--{c}" for m in ("base", "tuned", "ra-step-1") for c in ("probe", "other"))
+    for c, name in (("probe", "drift"), ("other", "drift-other")):
+        dyn = load_dynamics(result.dynamics[name])
+        assert dyn.steps == (0, 1, 2) and dyn.name == name
+        assert dyn.pairs == ((f"base--{c}", f"base--{c}"), (f"ra-step-1--{c}", f"base--{c}"), (f"tuned--{c}", f"base--{c}"))
+        assert dyn.cka is not None and dyn.cka.mean[0] == pytest.approx(1.0)  # the backbone against itself
+    assert ActivationStore.open(values["store"]).model_info("ra-step-1--other").attention == "bidirectional"
     bad = {**values, "dynamics": [{**values["dynamics"][0], "b_step": 5}]}
     with pytest.raises(UserError, match="^Expected b_step 0 or a saved step of run ra"):
         run_pipeline(parse_pipeline(bad), console=quiet())
