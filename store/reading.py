@@ -19,6 +19,7 @@ from zarr.storage import WrapperStore
 from hrsa.store.errors import CorruptDataError
 from hrsa.store.format import as_logical
 from hrsa.store.objects import get_buffer
+from hrsa.store.shard_encoding import decode_rows
 from hrsa.store.unit_records import ShardRecord
 from hrsa.store.units import array_through, checked_record, recorded_shard, shard_key
 
@@ -81,6 +82,11 @@ class _VerifiedShards(WrapperStore):  # type: ignore[type-arg]
             buffer = await asyncio.to_thread(_checked, key, await self._store.get(key, prototype), expected)
             self._remember(key, buffer)
         return _cut(buffer, byte_range)
+
+    def cached_bytes(self, key: str) -> np.ndarray | None:
+        """Shard ``key``'s verified bytes (uint8) if cached (:meth:`load` put them there), else None."""
+        buffer = self._cached(key)
+        return None if buffer is None else buffer.as_numpy_array()
 
     def forget(self, key: str) -> None:
         """Drop shard ``key`` from the cache: its reader has read its last rows."""
@@ -218,6 +224,25 @@ class CheckedArray:
                     del self._rows_read[key]
         return done
 
+    def _decoded(self, selection: Any) -> np.ndarray | None:
+        """Rows of a slice of done units cut from their verified shard bytes in this thread (no round trip through
+        Zarr's event loop: :func:`~hrsa.store.shard_encoding.decode_rows`); None where Zarr reads instead (index
+        selections, units not done, a shard evicted from the cache meanwhile)."""
+        rows, rest = (selection[0], selection[1:]) if isinstance(selection, tuple) else (selection, ())
+        if not isinstance(rows, slice) or any(r != slice(None) for r in rest):
+            return None
+        start, stop, step = rows.indices(self.shape[0])
+        if step != 1 or stop <= start:
+            return None
+        parts, size = [], self._shard_tokens
+        for u in range(start // size, -(-stop // size)):
+            shard = self._shards.cached_bytes(shard_key(self._stored, u)) if self._done[u] else None
+            if shard is None:
+                return None
+            lo, hi = max(start, u * size) - u * size, min(stop, (u + 1) * size) - u * size
+            parts.append(decode_rows(self._stored, u, shard, lo, hi, verified=True))  # xxh3-checked whole by load
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
     def _damaged(self, unit: int, problem: str) -> CorruptDataError:
         return CorruptDataError(
             f"Expected an intact shard {unit} in {self._where} (its unit is done). Got: {problem}. "
@@ -239,7 +264,8 @@ class CheckedArray:
             keys = self._check_records(selection)
             for key in keys:
                 self._shards.load(key)
-            values = as_logical(self._array[selection], self._dtype)
+            decoded = self._decoded(selection)
+            values = as_logical(self._array[selection] if decoded is None else decoded, self._dtype)
             for key in self._read_whole(selection):  # every row of these shards was read: they are done with
                 self._shards.forget(key)
             return values

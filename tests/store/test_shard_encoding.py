@@ -1,5 +1,6 @@
 """encode_shard gives the bytes Zarr itself writes for a shard, for every codec preset and stored dtype: whole
-shards, and the last shard with a padded edge chunk and chunks past the array's end (not stored)."""
+shards, and the last shard with a padded edge chunk and chunks past the array's end (not stored); decode_rows reads
+back what Zarr reads, a chunk not stored as the fill value, and refuses a chunk whose checksum fails."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from hrsa.store import ActivationStore
 from hrsa.store.format import CODEC_PRESETS, as_storage
 from hrsa.store.model import hidden_key
 from hrsa.store.objects import get_bytes
-from hrsa.store.shard_encoding import encode_shard
+from hrsa.store.shard_encoding import decode_rows, encode_shard
 from hrsa.store.testing import HIDDEN, make_table, unit_values
 from hrsa.store.units import shard_key
 
@@ -26,6 +27,30 @@ def test_encoded_shard_equals_zarrs_own(tmp_path, codec: str, dtype: str) -> Non
         values = as_storage(unit_values(unit, start, stop, 0, dtype), dtype)
         array[start:stop] = values  # Zarr's own encoding
         assert encode_shard(array, unit, values) == get_bytes(array.store_path.store, shard_key(array, unit))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("codec", sorted(CODEC_PRESETS))
+def test_decoded_rows_equal_zarrs_reads(tmp_path, codec: str, dtype: str) -> None:
+    store = ActivationStore.open(tmp_path / "store", mode="a")
+    cid = store.write_corpus(make_table((300, 1, 299)), tokenizer={"name": "t", "fingerprint": "f"}, source="t")
+    store.create_model("m", corpus=cid, n_hidden_states=1, hidden_size=HIDDEN, dtype=dtype, codec=codec,
+                       chunk_tokens=64, shard_tokens=512)
+    array = store.group("models/m")[hidden_key(0)]
+    values = np.concatenate([as_storage(unit_values(u, a, b, 0, dtype), dtype) for u, (a, b) in enumerate([(0, 512), (512, 600)])])
+    values[128:192] = 0  # an inner chunk of fill values: Zarr does not store it
+    array[:] = values
+    shard = np.frombuffer(get_bytes(array.store_path.store, shard_key(array, 0)), dtype=np.uint8)
+    for lo, hi in [(0, 512), (5, 6), (60, 70), (100, 300), (511, 512)]:  # in a chunk, across chunks, the empty one
+        np.testing.assert_array_equal(decode_rows(array, 0, shard, lo, hi).view(np.uint8), array[lo:hi].view(np.uint8))
+        np.testing.assert_array_equal(decode_rows(array, 0, shard, lo, hi, verified=True).view(np.uint8),
+                                      array[lo:hi].view(np.uint8))
+    last = np.frombuffer(get_bytes(array.store_path.store, shard_key(array, 1)), dtype=np.uint8)
+    np.testing.assert_array_equal(decode_rows(array, 1, last, 0, 88).view(np.uint8), array[512:600].view(np.uint8))
+    forged = shard.copy()
+    forged[10] ^= 1  # a flipped bit in the first chunk's values
+    with pytest.raises(ValueError, match="checksum"):
+        decode_rows(array, 0, forged, 0, 8)
 
 
 def test_values_of_another_shape_are_refused(filled_store: ActivationStore) -> None:
