@@ -107,27 +107,37 @@ class _VerifiedShards(WrapperStore):  # type: ignore[type-arg]
 
 
 def cache_bound(*, shard_tokens: int, chunk_tokens: int, n_tokens: int, row_bytes: int, readers: int,
-                block_tokens: int = 0) -> int:
+                block_tokens: int = 0, every_block: bool = False) -> int:
     """The most bytes one array's reader holds in shard objects, each at most a whole shard's raw values (codecs do
     not grow activations by more than 1%) plus its index and each chunk's checksum and codec header.
 
     Blocks of exactly one shard (``block_tokens == shard_tokens``) read each shard once and drop it at once: one
     shard per concurrent reader. Other blocks, read forward by each reader: a shard stays until all its rows are
     read, so a reader keeps at most the shard it is in and the next (a block may straddle both), up to
-    ``CACHED_SHARDS`` in all, and fetches one more.
+    ``CACHED_SHARDS`` in all, and fetches one more. One reader that reads every block of the grid in order
+    (``every_block``: no block skipped by the selection, no segment starting inside a shard that another reader
+    finishes) reads every row of each shard, so a shard is dropped as soon as the block that ends it is read: it
+    holds the shard it is in, and the next while a block straddles both.
 
     Example:
         >>> cache_bound(shard_tokens=256, chunk_tokens=64, n_tokens=10_000, row_bytes=64, readers=1)
         53481
         >>> cache_bound(shard_tokens=256, chunk_tokens=64, n_tokens=10_000, row_bytes=64, readers=1, block_tokens=256)
         17827
+        >>> cache_bound(shard_tokens=256, chunk_tokens=64, n_tokens=10_000, row_bytes=64, readers=1, every_block=True)
+        35654
         >>> cache_bound(shard_tokens=65_536, chunk_tokens=64, n_tokens=100, row_bytes=64, readers=1)  # one short shard
         7616
     """
     shards = -(-n_tokens // shard_tokens)
     rows = min(shard_tokens, n_tokens)  # an array shorter than a shard stores only its own chunks
     one = rows * row_bytes * 101 // 100 + 64 * (-(-rows // chunk_tokens)) + 1024
-    held = readers if block_tokens == shard_tokens else min(CACHED_SHARDS, 2 * readers) + readers
+    if block_tokens == shard_tokens:
+        held = readers
+    elif every_block and readers == 1:
+        held = 2
+    else:
+        held = min(CACHED_SHARDS, 2 * readers) + readers
     return min(shards, held) * one
 
 

@@ -148,6 +148,10 @@ class _Layout:
         w = 1 if self.base.per_worker else self.base.workers  # readers that share one budget
         cache_b = _cache_bytes(self.info_b, w, size if pairs.identical else 0)  # aligned rows of B come in any range
         base = replace(self.base, cache_bytes_a=_cache_bytes(self.info_a, w, size), cache_bytes_b=cache_b)
+        if not self.base.per_worker and len(raw) == -(-self.info_a.n_tokens // size) and pairs.identical:
+            # one worker reading every block of the grid in order reads each shard whole: it holds fewer
+            lone = (_cache_bytes(self.info_a, 1, size, True), _cache_bytes(self.info_b, 1, size, True))
+            base = replace(base, lone_cache_bytes=lone)
         wanted, possible = self.groups, None  # possible: the groups the documents allow (at most those asked)
         while True:
             starts = None if self.offsets is None else _group_starts(self.offsets, pairs.rows_a, wanted)
@@ -210,11 +214,11 @@ def _default_block_tokens(info_a: ModelInfo, info_b: ModelInfo) -> int:
     return max(chunk, min(shard, target) // chunk * chunk)
 
 
-def _cache_bytes(info: ModelInfo, workers: int, block_tokens: int) -> int:
+def _cache_bytes(info: ModelInfo, workers: int, block_tokens: int, every_block: bool = False) -> int:
     """What the store's reader may hold in shard objects per hidden state of ``info`` (:func:`cache_bound`)."""
     return cache_bound(shard_tokens=info.layout.shard_tokens, chunk_tokens=info.layout.chunk_tokens,
                        n_tokens=info.n_tokens, row_bytes=info.hidden_size * _itemsize(info), readers=workers,
-                       block_tokens=block_tokens)
+                       block_tokens=block_tokens, every_block=every_block)
 
 
 def _itemsize(info: ModelInfo) -> int:

@@ -157,6 +157,8 @@ class PlanInputs:
         groups: groups of documents a matched pair keeps one Moments for (the jackknife's); 0 for none.
         cache_bytes_a, cache_bytes_b: bytes the store's reader keeps per hidden state of A, of B while a tile's
             pass reads it (its cached shard objects); 0 when the caller's reader keeps nothing beyond the blocks.
+        lone_cache_bytes: the same for one worker, when it keeps fewer (it reads each shard whole, in order); None:
+            as for several.
         per_worker: the budget is each worker's own (Ray tasks, each in its own process: one segment's copy of the
             accumulators per budget, whatever the workers); False: one process's, shared by its ``workers`` threads.
     """
@@ -178,6 +180,7 @@ class PlanInputs:
     cache_bytes_a: int = 0
     cache_bytes_b: int = 0
     per_worker: bool = False
+    lone_cache_bytes: tuple[int, int] | None = None  # (A, B) when one worker reads: it may hold fewer shards
 
 
 @dataclass(frozen=True)
@@ -313,7 +316,8 @@ class _MemoryModel:
         self.p, self.workers = p, workers
         self.dim = {"a": p.dx, "b": p.dy}
         self.read = {"a": p.read_bytes_a, "b": p.read_bytes_b}
-        self.cache = {"a": p.cache_bytes_a, "b": p.cache_bytes_b}
+        lone = p.lone_cache_bytes if workers == 1 and not p.per_worker else None
+        self.cache = {"a": p.cache_bytes_a, "b": p.cache_bytes_b} if lone is None else dict(zip("ab", lone))
 
     def item(self, kind: TileKind, pair: StreamPair) -> int:
         """Bytes of one pair's accumulator: full Moments for ``matched``, CrossMoments otherwise (float64)."""
