@@ -318,7 +318,8 @@ def _hrsa_child(path: str, budget: str, workers: int, backend: str, queue: Any) 
     queue.put({"seconds": time.perf_counter() - start, "peak": peak_rss_bytes(), "before": before,
                "passes": res.plan.passes, "estimated": res.plan.estimated_peak, "workers": res.plan.workers,
                "block_tokens": res.settings["block_tokens"], "dtype": res.settings["compute_dtype"],
-               "flops": res.plan.product_flops(), "read": res.plan.bytes_read(), "cka": res.cka_matrix.tolist()})
+               "flops": res.plan.product_flops(), "read": res.plan.bytes_read(), "cka": res.cka_matrix.tolist(),
+               "tile": max((len(t.rectangle[0]), len(t.rectangle[1])) for t in res.plan.tiles if t.rectangle)})
 
 
 def gemm_rate(dtype: str, shape: tuple[int, int, int], seconds: float = 3.0, backend: str = "numpy") -> float:
@@ -359,10 +360,10 @@ def bench_official(cfg: BenchConfig, root: Path) -> float:
         make_store(root / "official", n, d, states, "float32")
     official = run_in_fresh_process(_official_child, str(root / "official"), states)
     ours = run_in_fresh_process(_hrsa_child, str(root / "official"), cfg.official_budget, 2, cfg.backend)
-    # The roofline: the products hrsa ran at this machine's GEMM rate for its shapes (A's stacked states of a tile
-    # against one of B's per block), measured now, beside the runs.
-    rows = max(1, min(states, 8)) * d
-    rate = gemm_rate("float32" if ours["dtype"] == "float32" else "float64", (rows, ours["block_tokens"], d),
+    # The roofline: the products hrsa ran at this machine's GEMM rate for its shapes (a block of A's stacked states
+    # of its largest tile against B's), measured now, beside the runs.
+    rows, cols = ours["tile"]
+    rate = gemm_rate("float32" if ours["dtype"] == "float32" else "float64", (rows * d, ours["block_tokens"], cols * d),
                      backend=cfg.backend)
     roofline = ours["flops"] / rate
     diff = float(np.abs(np.array(ours["cka"]) - np.array(official["cka"])).max())

@@ -330,11 +330,9 @@ class ResolvedScheduler:
 
     Attributes:
         name: ``"threads"``, ``"sync"`` or ``"ray"`` (the passes then go to :mod:`.ray_passes`, not :meth:`compute`).
-        in_process: tasks run in this process, so a progress callback can be called from them.
     """
 
     name: str
-    in_process: bool
 
     def compute(self, graph: Delayed, workers: int) -> Any:
         """The value of ``graph`` on this machine, with up to ``workers`` of its tasks running at once."""
@@ -368,7 +366,7 @@ def resolve_scheduler(name: Scheduler = "auto") -> ResolvedScheduler:
         from hrsa.runtime.connection import connect  # imports ray: only when Ray is asked for
 
         connect()  # the process's one connection: RAY_ADDRESS, else an embedded local Ray; a live one is reused
-    return ResolvedScheduler(name=name, in_process=name != "ray")
+    return ResolvedScheduler(name=name)
 
 
 def run_tile(
@@ -387,21 +385,18 @@ def run_tile(
         segments: contiguous runs of blocks, one task each (see :func:`split_segments`).
         backend: where the block statistics are computed.
         scheduler: where the graph is computed (see :func:`resolve_scheduler`).
-        on_block: progress callback, called per block (per pass on Ray, whose tasks run elsewhere).
+        on_block: progress callback, called per block (the tasks run in this process: Ray's passes go through
+            :mod:`.ray_passes` instead).
 
     Returns:
         The accumulator of every pair of the tile over all the tokens.
     """
     import dask
 
-    callback = on_block if scheduler.in_process else None
     fold = dask.delayed(fold_segment, pure=False)
-    parts = [fold(tile, reader, tuple(blocks), backend, callback) for blocks in segments]
+    parts = [fold(tile, reader, tuple(blocks), backend, on_block) for blocks in segments]
     merge = dask.delayed(merge_partials, pure=False)
     while len(parts) > 1:  # a tree of fan-in 4: merges run in parallel on a cluster
         groups = [parts[i : i + _FAN_IN] for i in range(0, len(parts), _FAN_IN)]
         parts = [merge(*group) if len(group) > 1 else group[0] for group in groups]
-    result = scheduler.compute(parts[0], len(segments))
-    if on_block is not None and not scheduler.in_process:
-        on_block(sum(b.n_rows for blocks in segments for b in blocks))
-    return result
+    return scheduler.compute(parts[0], len(segments))
