@@ -15,14 +15,19 @@ from hrsa.store.testing import HIDDEN, make_table, unit_values
 from hrsa.store.units import shard_key
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("codec", sorted(CODEC_PRESETS))
-def test_encoded_shard_equals_zarrs_own(tmp_path, codec: str, dtype: str) -> None:
+def empty_array(tmp_path, codec: str, dtype: str):
+    """One hidden state of 600 tokens in shards of 512 (unit 1 holds 88: one chunk, one partial) and chunks of 64."""
     store = ActivationStore.open(tmp_path / "store", mode="a")
     cid = store.write_corpus(make_table((300, 1, 299)), tokenizer={"name": "t", "fingerprint": "f"}, source="t")
     store.create_model("m", corpus=cid, n_hidden_states=1, hidden_size=HIDDEN, dtype=dtype, codec=codec,
-                       chunk_tokens=64, shard_tokens=512)  # 600 tokens: unit 1 holds 88 (one chunk, one partial)
-    array = store.group("models/m")[hidden_key(0)].with_config({"write_empty_chunks": True})
+                       chunk_tokens=64, shard_tokens=512)
+    return store.group("models/m")[hidden_key(0)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("codec", sorted(CODEC_PRESETS))
+def test_encoded_shard_equals_zarrs_own(tmp_path, codec: str, dtype: str) -> None:
+    array = empty_array(tmp_path, codec, dtype).with_config({"write_empty_chunks": True})
     for unit, (start, stop) in enumerate([(0, 512), (512, 600)]):
         values = as_storage(unit_values(unit, start, stop, 0, dtype), dtype)
         array[start:stop] = values  # Zarr's own encoding
@@ -32,11 +37,7 @@ def test_encoded_shard_equals_zarrs_own(tmp_path, codec: str, dtype: str) -> Non
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("codec", sorted(CODEC_PRESETS))
 def test_decoded_rows_equal_zarrs_reads(tmp_path, codec: str, dtype: str) -> None:
-    store = ActivationStore.open(tmp_path / "store", mode="a")
-    cid = store.write_corpus(make_table((300, 1, 299)), tokenizer={"name": "t", "fingerprint": "f"}, source="t")
-    store.create_model("m", corpus=cid, n_hidden_states=1, hidden_size=HIDDEN, dtype=dtype, codec=codec,
-                       chunk_tokens=64, shard_tokens=512)
-    array = store.group("models/m")[hidden_key(0)]
+    array = empty_array(tmp_path, codec, dtype)
     values = np.concatenate([as_storage(unit_values(u, a, b, 0, dtype), dtype) for u, (a, b) in enumerate([(0, 512), (512, 600)])])
     values[128:192] = 0  # an inner chunk of fill values: Zarr does not store it
     array[:] = values
