@@ -239,7 +239,8 @@ class CheckedArray:
         Zarr's event loop: :func:`~hrsa.store.shard_encoding.decode_rows`); None where Zarr reads instead (index
         selections, units not done, a shard evicted from the cache meanwhile)."""
         rows, rest = (selection[0], selection[1:]) if isinstance(selection, tuple) else (selection, ())
-        if not isinstance(rows, slice) or any(r != slice(None) for r in rest):
+        whole = (0, self.shape[1], 1)  # Dask asks for every column as slice(0, D)
+        if not isinstance(rows, slice) or any(not isinstance(r, slice) or r.indices(self.shape[1]) != whole for r in rest):
             return None
         start, stop, step = rows.indices(self.shape[0])
         if step != 1 or stop <= start:

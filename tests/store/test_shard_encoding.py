@@ -81,3 +81,23 @@ def test_a_model_stored_under_the_former_default_codec_reads_and_resumes(tmp_pat
     for k in range(LAYERS):
         assert np.array_equal(reopened.hidden_state("m", k).compute(), expected_layer(reopened, "m", k))
     assert verify_store(reopened).ok
+
+
+def test_checked_reads_decode_the_verified_bytes_directly_through_dask_too(filled_store: ActivationStore, monkeypatch) -> None:
+    """Slices of done units, as a pass reads them and as Dask asks (rows, slice(0, D)), are cut from the verified shard
+    bytes by decode_rows, and equal what Zarr itself reads."""
+    from hrsa.store import reading
+
+    decoded: list[int] = []
+    real = reading.decode_rows
+    monkeypatch.setattr(reading, "decode_rows", lambda array, unit, *rest, **kw: decoded.append(unit) or real(array, unit, *rest, **kw))
+    info = filled_store.model_info("m")
+    stored = filled_store.group("models/m")[hidden_key(0)][:]
+    want = np.asarray(filled_store.hidden_state("m", 0).compute())  # warm: every shard read once
+    decoded.clear()
+    via_dask = np.asarray(filled_store.hidden_state("m", 0, chunk_tokens=100).compute())
+    assert len(decoded) >= -(-info.n_tokens // 100)  # every Dask block decoded directly
+    one = filled_store.hidden_state_array("m", 0)[37 : info.n_tokens - 5]
+    for got in (via_dask, want):
+        np.testing.assert_array_equal(got.view(np.uint8), stored.view(np.uint8))
+    np.testing.assert_array_equal(one.view(np.uint8), stored[37 : info.n_tokens - 5].view(np.uint8))
