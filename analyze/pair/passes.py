@@ -141,12 +141,6 @@ class FinishOptions:
 def finish_tile(tile: Tile, acc: Any, options: FinishOptions) -> tuple[dict[int, dict[str, Any]], dict[StreamPair, CoMomentSummary]]:
     """Reduce each accumulator of the tile to what the results keep (numbers and O(D) vectors): ``(matched, summaries)``.
     A Procrustes fit's own warning is folded into one for the run (:func:`run_passes`)."""
-    def segments(tile: Tile, n: int) -> tuple[tuple[TokenBlock, ...], ...]:
-        # float32 sums of a cross-layer tile's runs of blocks: segments cut between runs keep results independent
-        # of the number of workers (float64 products sum into the float64 total: any cut gives the same to rounding)
-        per_run = blocks_per_run(pair.block_tokens) if tile.rectangle and backend.compute_dtype == "float32" else 1
-        return tuple(split_segments(pair.blocks, n, per_run))
-
     matched: dict[int, dict[str, Any]] = {}
     summaries: dict[StreamPair, CoMomentSummary] = {}
     for streams, value in acc.items():  # a cross-layer tile's CrossTileMoments yields its pairs' CrossMoments alike
