@@ -117,7 +117,8 @@ def cache_bound(*, shard_tokens: int, chunk_tokens: int, n_tokens: int, row_byte
     ``CACHED_SHARDS`` in all, and fetches one more. One reader that reads every block of the grid in order
     (``every_block``: no block skipped by the selection, no segment starting inside a shard that another reader
     finishes) reads every row of each shard, so a shard is dropped as soon as the block that ends it is read: it
-    holds the shard it is in, and the next while a block straddles both.
+    holds the shard it is in, and the next while a block straddles both; with blocks that divide the shard, none
+    straddles, and it holds one.
 
     Example:
         >>> cache_bound(shard_tokens=256, chunk_tokens=64, n_tokens=10_000, row_bytes=64, readers=1)
@@ -126,6 +127,9 @@ def cache_bound(*, shard_tokens: int, chunk_tokens: int, n_tokens: int, row_byte
         17827
         >>> cache_bound(shard_tokens=256, chunk_tokens=64, n_tokens=10_000, row_bytes=64, readers=1, every_block=True)
         35654
+        >>> cache_bound(shard_tokens=256, chunk_tokens=64, n_tokens=10_000, row_bytes=64, readers=1, every_block=True,
+        ...             block_tokens=128)
+        17827
         >>> cache_bound(shard_tokens=65_536, chunk_tokens=64, n_tokens=100, row_bytes=64, readers=1)  # one short shard
         7616
     """
@@ -135,7 +139,7 @@ def cache_bound(*, shard_tokens: int, chunk_tokens: int, n_tokens: int, row_byte
     if block_tokens == shard_tokens:
         held = readers
     elif every_block and readers == 1:
-        held = 2
+        held = 1 if block_tokens and shard_tokens % block_tokens == 0 else 2  # a block never straddles two shards
     else:
         held = min(CACHED_SHARDS, 2 * readers) + readers
     return min(shards, held) * one

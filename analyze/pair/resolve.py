@@ -6,6 +6,8 @@ need, decided once before the first read of a hidden state.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -176,12 +178,17 @@ def _plans(layout: _Layout, sizes: list[int]) -> list[tuple[int, tuple[TokenBloc
 
 
 def _candidate_block_tokens(info_a: ModelInfo, info_b: ModelInfo) -> list[int]:
-    """One shard (each shard read once and dropped: the reader holds no cache), the default block size, then its
-    halvings down to D tokens: below that a block's Chan merges (O(D^2) per pair, memory-bound) cost more than its
-    products (O(n D^2)); smaller blocks only when none of these fits (``resolve_pair``)."""
+    """One shard (each shard read once and dropped: the reader holds no cache), the default block size, then the
+    halvings of the shard shared by both stores down to D tokens: below that a block's Chan merges (O(D^2) per pair,
+    memory-bound) cost more than its products (O(n D^2)); smaller blocks only when none of these fits
+    (``resolve_pair``). Blocks that divide the shard never straddle two shards, so a reader going through every block
+    holds one shard per state, not two (:func:`cache_bound`): at tight budgets that is room for larger tiles."""
     floor = max(64, info_a.hidden_size, info_b.hidden_size)
-    size, sizes = _default_block_tokens(info_a, info_b), {info_a.layout.shard_tokens}
-    while size >= floor:
+    chunk = max(info_a.layout.chunk_tokens, info_b.layout.chunk_tokens)
+    shard = math.gcd(info_a.layout.shard_tokens, info_b.layout.shard_tokens)
+    sizes = {info_a.layout.shard_tokens, _default_block_tokens(info_a, info_b)}
+    size = shard
+    while size >= floor and size % chunk == 0:
         sizes.add(size)
         size //= 2
     return sorted(sizes, reverse=True)

@@ -48,7 +48,7 @@ def test_inverse_based_measures_keep_float64_products_by_default(metric: str) ->
 
 
 @pytest.mark.parametrize(("workers", "budget", "scheduler"), [(3, None, "threads"), (1, "200kB", "threads"), (2, "250kB", "threads"),
-                                                             (3, "300kB", "sync")])
+                                                             (3, "280kB", "sync")])
 def test_float32_matrices_do_not_depend_on_the_workers_or_the_plan(pair_store, monkeypatch, workers, budget, scheduler) -> None:
     """A float32 sum covers a run of blocks of the token grid (runs of 256 tokens here, 1,000 tokens in blocks of 32),
     the same runs whatever the segments and tiles: segments are cut between runs, and a state's self co-moments are

@@ -85,13 +85,20 @@ def test_float32_products_stay_within_1e_6_of_float64(backend, run_tokens) -> No
 
 
 def test_float32_runs_are_summed_in_float32_only_up_to_their_length() -> None:
-    """The float32 sum of a run is folded into the float64 total every FLOAT32_SUM_TOKENS: with runs that long, a
-    long stream ends as close to float64 as one run does (a sum of every block in float32 drifts further)."""
+    """The float32 sum of a run is folded into the float64 total every FLOAT32_SUM_TOKENS: a block whose product is
+    below half a float32 ulp of the sum it is added to vanishes from a float32 sum, so a stream whose first block
+    dwarfs the rest loses every later block when one float32 sum spans it (1.5e-6 of the total here, whatever the
+    GEMM's rounding), and only the few of the first run with runs as long as they should be (3.7e-7)."""
     rng = np.random.default_rng(6)
     n, block = 64 * 1024, 1024
-    x = (rng.normal(size=(n, 1)) * 1e-3 + 1.0).astype(np.float32)  # every product positive: float32 sums drift
+    x = rng.normal(size=(n, 1))
+    x[:block] *= np.sqrt(1e8 / block)  # the first block's centred products sum to ~1e8 (a float32 ulp of 8)
+    x[block:] *= np.sqrt(2.0 / block)  # every other block's to ~2: below half an ulp of 1e8, lost if added to it
+    x = (x + 1.0).astype(np.float32)
     xs = {ROWS[0]: x, COLS[0]: x}
-    want = float(((x.astype(np.float64) - x.astype(np.float64).mean()) ** 2).sum())
+    want = sum(float(((b - b.mean()) ** 2).sum()) for b in np.split(x.astype(np.float64), n // block))
+    means = x.astype(np.float64).reshape(-1, block).mean(axis=1)
+    want += block * float(((means - means.mean()) ** 2).sum())  # between the blocks' means (Chan)
 
     def error(run_tokens: int) -> float:
         pending = PendingBlocks(CrossTileMoments.empty(ROWS[:1], COLS[:1], 1, 1), max_tokens=run_tokens)
@@ -99,8 +106,7 @@ def test_float32_runs_are_summed_in_float32_only_up_to_their_length() -> None:
             NumpyBackend(compute_dtype="float32").fold_cross_tile(pending, {k: v[lo : lo + block] for k, v in xs.items()})
         return abs(float(pending.flush().c[0, 0]) - want) / want
 
-    assert error(FLOAT32_SUM_TOKENS) <= 1e-6
-    assert error(FLOAT32_SUM_TOKENS) < error(n)
+    assert error(FLOAT32_SUM_TOKENS) <= 1e-6 < error(n)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

@@ -370,7 +370,8 @@ def test_read_of_a_missing_shard_is_one_line_and_changes_nothing(target: Target,
 
 def test_the_reader_drops_each_shard_once_it_has_read_its_last_rows(tmp_path) -> None:
     # The analysis plan counts the reader's cached shards (store.reading.cache_bound): blocks of one shard leave none
-    # behind, and forward reads of smaller blocks keep only the shard they are in.
+    # behind, forward reads of blocks that divide the shard keep only the shard they are in, and blocks that straddle
+    # two shards keep those two.
     import hrsa.store.reading as reading
 
     store = _filled(Target(str(tmp_path / "store"), None, {}))
@@ -386,6 +387,14 @@ def test_the_reader_drops_each_shard_once_it_has_read_its_last_rows(tmp_path) ->
     for start in range(0, info.n_tokens, quarter):
         assert np.array_equal(checked[start : start + quarter], want[start : start + quarter])
         assert len(checked._shards._cache) <= 1
+    straddling = 3 * shard // 8
+    for start in range(0, info.n_tokens, straddling):
+        assert np.array_equal(checked[start : start + straddling], want[start : start + straddling])
+        assert len(checked._shards._cache) <= 2
+    bound = reading.cache_bound(shard_tokens=shard, chunk_tokens=info.layout.chunk_tokens, n_tokens=info.n_tokens,
+                                row_bytes=want.shape[1] * want.itemsize, readers=1, every_block=True, block_tokens=quarter)
+    assert bound == reading.cache_bound(shard_tokens=shard, chunk_tokens=info.layout.chunk_tokens, n_tokens=info.n_tokens,
+                                        row_bytes=want.shape[1] * want.itemsize, readers=1, block_tokens=shard)
 
 
 def test_a_shard_is_fetched_and_hashed_once_however_many_blocks_read_it(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
