@@ -28,17 +28,27 @@ from typing import TYPE_CHECKING, Any
 
 from hrsa.analyze.streaming.stream import fold_segment, merge_partials
 from hrsa.runtime.placement import PlacementError, describe_nodes
+from hrsa.store.errors import HrsaError
 
 if TYPE_CHECKING:
     from hrsa.analyze.streaming.backends import ChunkBackend
     from hrsa.analyze.streaming.plan import Tile
     from hrsa.analyze.streaming.stream import StateReader, TokenBlock
 
-__all__ = ["TilePass", "run_tiles_on_ray", "task_resources"]
+__all__ = ["AnalysisFailedError", "TilePass", "run_tiles_on_ray", "task_resources"]
 
 #: A tile's accumulators -> its small results (runs in the finish task: must pickle, e.g. a module-level function
 #: or a functools.partial of one).
 Finish = Callable[["Tile", Any], Any]
+
+
+#: Tries Ray gives a task whose worker died (an OOM kill, a lost node) after the first: each starts from the task's
+#: inputs, so a retried segment counts its blocks once.
+RETRIES = 3
+
+
+class AnalysisFailedError(HrsaError, RuntimeError):
+    """An analysis task failed for good: its worker died on every try Ray gave it (killed for memory, a lost node)."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,7 @@ def run_tiles_on_ray(passes: Sequence[TilePass], finish: Finish, options: dict[s
     finished, nodes)`` as tiles finish, ``nodes`` the Ray node id that ran each of its segments."""
     import ray
 
+    options = {**options, "max_retries": RETRIES}  # a task whose worker dies starts again: its partial state died too
     fold = ray.remote(_fold_task).options(**options, scheduling_strategy="SPREAD")
     merge = ray.remote(_merge_task).options(**options)
     done = ray.remote(_finish_task).options(**options)
@@ -94,8 +105,30 @@ def run_tiles_on_ray(passes: Sequence[TilePass], finish: Finish, options: dict[s
             index, job = queue.pop(0)
             pending[submit(job)] = index
         (ready,), _ = ray.wait(list(pending), num_returns=1)
-        finished, nodes = ray.get(ready)
+        try:
+            finished, nodes = ray.get(ready)
+        except ray.exceptions.RayError as error:
+            raise _failure(error) from error
         yield passes[pending.pop(ready)].tile, finished, nodes
+
+
+def _failure(error: Exception) -> Exception:
+    """A task's failure as one line: hrsa's own error (a forged shard, a user's mistake) as itself, unwrapped from
+    Ray's chain of tasks (fold -> merge -> finish), anything else (the worker died on every retry) as
+    AnalysisFailedError."""
+    import ray
+
+    cause: Any = error
+    while isinstance(cause, ray.exceptions.RayTaskError) and getattr(cause, "cause", None) is not None:
+        cause = cause.cause
+    if isinstance(cause, HrsaError):
+        return cause
+    lines = str(cause).strip().splitlines()
+    return AnalysisFailedError(
+        f"Expected every analysis task to finish. Got {type(cause).__name__}: {lines[0] if lines else ''} instead "
+        f"(after {RETRIES} retries). A worker killed for memory: lower --memory-budget (it is per worker); otherwise "
+        "the worker logs under /tmp/ray/session_latest/logs hold its traceback."
+    )
 
 
 def _fold_task(tile: Tile, reader: StateReader, blocks: tuple[TokenBlock, ...], backend: ChunkBackend) -> tuple[Any, list[str]]:

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from hrsa.analyze.pair import analyze_pair
+from hrsa.analyze.streaming.backends import NumpyBackend
 
 
 @pytest.mark.integration
@@ -41,3 +47,82 @@ def test_on_a_cluster_with_gpus_the_products_go_to_the_gpu_workers_and_none_ther
         task_resources(10**6, gpu=True)  # this session's Ray has no GPU: refused at once, not queued for ever
     with pytest.raises(PlacementError, match="Lower --memory-budget"):
         task_resources(10**15, gpu=False)  # no node holds a petabyte
+
+
+@dataclass(frozen=True)
+class _DiesMidPass(NumpyBackend):
+    """The numpy backend, but the worker process running the first segment dies (os._exit, as an OOM kill or a lost
+    node ends it) after folding its first block; its retry, and every other segment, runs normally."""
+
+    marker: str = ""
+    always: bool = False
+
+    def fold_cross_tile(self, pending, xs, selfs={}):  # noqa: B006 (the base's signature)
+        super().fold_cross_tile(pending, xs, selfs)
+        if self.always:
+            os._exit(1)
+        try:
+            fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # the first fold anywhere: exactly once
+        except FileExistsError:
+            return
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        os._exit(1)
+
+
+@pytest.mark.integration
+def test_a_worker_killed_mid_pass_is_retried_and_the_results_equal_one_process(pair_store, ray_local, monkeypatch,
+                                                                                tmp_path) -> None:
+    """An analysis task whose process dies mid-pass (a node lost, an OOM kill) runs again from its segment's first
+    block: the accumulators it had built die with it, so nothing is counted twice or lost."""
+    import cloudpickle
+
+    from hrsa.analyze.pair import analysis
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the backend travels to Ray's workers by value
+    store = pair_store.open()
+    kwargs = {"cross_layer": True, "metrics": ("cka", "dimcorr"), "block_tokens": 128, "workers": 2,
+              "compute_dtype": "float64"}
+    local = analyze_pair(store, "a", "b", scheduler="threads", backend="numpy", **kwargs)
+    marker = tmp_path / "died"
+    monkeypatch.setattr(analysis, "resolve_backend",
+                        lambda *a, **k: _DiesMidPass(compute_dtype="float64", marker=str(marker)))
+    on_ray = analyze_pair(store, "a", "b", scheduler="ray", **kwargs)
+    assert marker.exists() and int(marker.read_text()) != os.getpid()  # a Ray worker died, not this process
+    assert on_ray.settings["scheduler"] == "ray" and on_ray.plan.workers == 2
+    np.testing.assert_allclose(on_ray.cka_matrix, local.cka_matrix, rtol=1e-12)
+    np.testing.assert_allclose(on_ray.dimcorr_matrix, local.dimcorr_matrix, rtol=1e-12)
+
+
+@pytest.mark.integration
+def test_a_forged_shard_read_in_a_ray_task_is_the_same_one_line_error_as_in_this_process(make_pair_store,
+                                                                                        ray_local) -> None:
+    from hrsa.store.errors import CorruptDataError
+
+    pair = make_pair_store()
+    shard = sorted(p for p in Path(pair.url).rglob("*") if p.is_file() and "/a/hidden/1/c/" in p.as_posix())[0]
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    kwargs = {"cross_layer": True, "metrics": ("cka",), "backend": "numpy", "block_tokens": 128, "workers": 2}
+    with pytest.raises(CorruptDataError) as local:
+        analyze_pair(pair.open(), "a", "b", scheduler="threads", **kwargs)
+    with pytest.raises(CorruptDataError) as on_ray:
+        analyze_pair(pair.open(), "a", "b", scheduler="ray", **kwargs)
+    assert str(on_ray.value) == str(local.value) and len(str(on_ray.value).splitlines()) == 1
+
+
+@pytest.mark.integration
+def test_a_task_whose_worker_dies_on_every_retry_is_one_line(pair_store, ray_local, monkeypatch) -> None:
+    import cloudpickle
+
+    from hrsa.analyze.pair import analysis
+    from hrsa.analyze.streaming.ray_passes import RETRIES, AnalysisFailedError
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    monkeypatch.setattr(analysis, "resolve_backend", lambda *a, **k: _DiesMidPass(compute_dtype="float64", always=True))
+    with pytest.raises(AnalysisFailedError) as failed:
+        analyze_pair(pair_store.open(), "a", "b", scheduler="ray", cross_layer=True, metrics=("cka",), workers=1)
+    message = str(failed.value)
+    assert len(message.splitlines()) == 1 and "WorkerCrashedError" in message and f"after {RETRIES} retries" in message
+    assert "--memory-budget" in message
