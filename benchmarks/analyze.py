@@ -28,7 +28,8 @@ What it measures, each figure side by side in one run:
     hrsa's time against the roofline of the products it ran (its plan's flops at this machine's GEMM rate for the
     same shapes, measured in the same run).
 (h) One cross-layer tile folded as one stacked GEMM per block into a running sum against a product and a Chan merge per
-    pair.
+    pair; and how fast a Python thread (the one reading the next block) runs during one such product, against alone,
+    for hrsa's GEMM (torch's addmm_) and scipy's BLAS wrapper (which holds the GIL).
 (g) Plans of a 7B pair (29 x 29, D = 3584, bf16, N = 1M) as Ray tasks for 1, 8 and 32 workers of 16 and 64 GB:
     tiles, segments per tile, reads of the store, bytes read, each worker's peak, and a time projected from (e)'s
     measured throughput per worker (products only).
@@ -382,7 +383,9 @@ def bench_official(cfg: BenchConfig, root: Path) -> float:
 def bench_stacked(cfg: BenchConfig) -> None:
     """One cross-layer tile folded both ways over the same blocks: stacked (one GEMM per block into a running sum,
     Chan's corrections once per run) against a product and a Chan merge per pair."""
-    from hrsa.analyze.accumulators.cross_tile import CrossTileMoments, PendingBlocks
+    from scipy.linalg import blas
+
+    from hrsa.analyze.accumulators.cross_tile import CrossTileMoments, PendingBlocks, multiply_into
     from hrsa.analyze.streaming.backends import NumpyBackend
 
     d, r, n, blocks = cfg.official_hidden, 8, 4096, 3
@@ -410,6 +413,40 @@ def bench_stacked(cfg: BenchConfig) -> None:
         flops = blocks * len(pairs) * 2.0 * n * d * d
         print(f"    {dtype}: stacked {best['stacked']:.2f} s ({flops / best['stacked'] / 1e9:.0f} GFLOP/s), per pair "
               f"{best['per_pair']:.2f} s ({flops / best['per_pair'] / 1e9:.0f} GFLOP/s): {best['per_pair'] / best['stacked']:.2f}x")
+    # The thread reading the next block runs beside each product only if the GEMM lets go of the GIL.
+    u = np.concatenate([xs[("a", k)] for k in range(r)], axis=1)  # (n, r D) float32
+    total = np.zeros((u.shape[1], u.shape[1]), dtype=np.float32, order="F")
+    shares = {"torch addmm_ (hrsa)": python_thread_share(lambda: multiply_into(total, u, u)),
+              "scipy sgemm": python_thread_share(lambda: blas.sgemm(1.0, u.T, u.T, beta=1.0, c=total, trans_b=True,
+                                                                     overwrite_c=True))}
+    print("    a Python thread's progress during one stacked product, against alone: "
+          + ", ".join(f"{name} {share:.0%}" for name, share in shares.items()))
+
+
+def python_thread_share(product: Any, repeats: int = 3) -> float:
+    """How fast a Python thread counts while ``product`` runs, as a share of how fast it counts alone (median of
+    ``repeats``): near 0 when the product holds the GIL."""
+    import statistics
+    import threading
+
+    count, stop = [0], threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            count[0] += 1
+
+    def rate(during: Any) -> float:
+        before, start = count[0], time.perf_counter()
+        during()
+        return (count[0] - before) / (time.perf_counter() - start)
+
+    thread = threading.Thread(target=spin)
+    thread.start()
+    try:
+        return statistics.median(rate(product) / rate(lambda: time.sleep(0.2)) for _ in range(repeats))
+    finally:
+        stop.set()
+        thread.join()
 
 
 # --- (f) two workers over one, on a two-node local cluster ------------------------------------------------------
