@@ -23,6 +23,7 @@ from typing import Any
 # The job's input, re-exported: callers build an ExtractConfig and hand it to run_extraction.
 from hrsa.extract.config import ExtractConfig, ExtractConfigError, parse_extract_config
 from hrsa.runtime.placement import cpus_per_worker
+from hrsa.runtime.task_errors import one_line, root_cause
 from hrsa.store.errors import CorpusMismatchError, HrsaError, UserError
 
 __all__ = ["PLACEMENT_TIMEOUT_S", "ExtractConfig", "ExtractConfigError", "ExtractResult", "ExtractionFailedError",
@@ -302,18 +303,11 @@ def _finish_held_units(store: Any, mid: str, workers: list[Any]) -> list[dict[st
 
 def _failure(error: Exception, what: str) -> Exception:
     """A worker's failure as one line: the user's own mistake as itself, anything else as ExtractionFailedError."""
-    import ray
-
-    cause = getattr(error, "cause", None) if isinstance(error, ray.exceptions.RayTaskError) else None
+    cause = root_cause(error)  # the worker process died (ActorDiedError, a lost node): the error itself
     if isinstance(cause, UserError):
         return cause
-    if cause is not None:
-        got = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}"
-    else:  # the worker process died (ActorDiedError, a lost node) or its error could not be rebuilt here
-        lines = str(error).strip().splitlines()
-        got = f"{type(error).__name__}: {lines[0] if lines else ''}"
     return ExtractionFailedError(
-        f"Expected {what} to succeed. Got {got.rstrip(': ')} from a worker instead. Re-run the same command to "
+        f"Expected {what} to succeed. Got {one_line(cause)} from a worker instead. Re-run the same command to "
         "resume (units already written are kept); if it fails again, the worker logs under "
         "/tmp/ray/session_latest/logs hold its traceback."
     )

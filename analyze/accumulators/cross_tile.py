@@ -155,9 +155,9 @@ def multiply_into(total: np.ndarray | None, u: np.ndarray, v: np.ndarray, beta: 
     ``total`` None (or ``beta`` 0, when the GEMM ignores what it holds) starts a new sum. Returns the sum.
 
     torch's CPU GEMM (``addmm_`` on views of the same memory), not scipy's BLAS wrappers: those hold the GIL for the
-    whole product, so the thread reading the next block from the store stalled until each GEMM ended (measured: a
-    Python thread ran at 4% of its speed during scipy's sgemm, at ~60% during torch's; the 1.5 GB plan of (e) ran
-    8-12% faster). The rate of the product itself is the same (MKL against OpenBLAS, 295-325 GFLOP/s here).
+    whole product, so the thread reading the next block from the store stalled until each GEMM ended (benchmark (h):
+    a Python thread runs at 1% of its own speed during scipy's sgemm, at 78% during torch's; the 1.5 GB plan of (e)
+    ran 8-12% faster, side by side). The rate of the product itself is the same (MKL against OpenBLAS, 295-325 GFLOP/s here).
 
     Args:
         total: (Du, Dv) of u's dtype, writable (Fortran order: the layout the GEMM writes without a copy), or None.

@@ -7,7 +7,6 @@ need, decided once before the first read of a hidden state.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 

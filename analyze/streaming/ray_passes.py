@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from hrsa.analyze.streaming.stream import fold_segment, merge_partials
 from hrsa.runtime.placement import PlacementError, describe_nodes
+from hrsa.runtime.task_errors import one_line, root_cause
 from hrsa.store.errors import HrsaError
 
 if TYPE_CHECKING:
@@ -116,18 +117,13 @@ def _failure(error: Exception) -> Exception:
     """A task's failure as one line: hrsa's own error (a forged shard, a user's mistake) as itself, unwrapped from
     Ray's chain of tasks (fold -> merge -> finish), anything else (the worker died on every retry) as
     AnalysisFailedError."""
-    import ray
-
-    cause: Any = error
-    while isinstance(cause, ray.exceptions.RayTaskError) and getattr(cause, "cause", None) is not None:
-        cause = cause.cause
+    cause = root_cause(error)
     if isinstance(cause, HrsaError):
         return cause
-    lines = str(cause).strip().splitlines()
     return AnalysisFailedError(
-        f"Expected every analysis task to finish. Got {type(cause).__name__}: {lines[0] if lines else ''} instead "
-        f"(after {RETRIES} retries). A worker killed for memory: lower --memory-budget (it is per worker); otherwise "
-        "the worker logs under /tmp/ray/session_latest/logs hold its traceback."
+        f"Expected every analysis task to finish. Got {one_line(cause)} instead (after {RETRIES} retries). A worker "
+        "killed for memory: lower --memory-budget (it is per worker); otherwise the worker logs under "
+        "/tmp/ray/session_latest/logs hold its traceback."
     )
 
 
