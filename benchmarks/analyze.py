@@ -28,8 +28,8 @@ What it measures, each figure side by side in one run:
     hrsa's time against the roofline of the products it ran (its plan's flops at this machine's GEMM rate for the
     same shapes, measured in the same run).
 (h) One cross-layer tile folded as one stacked GEMM per block into a running sum against a product and a Chan merge per
-    pair; and how fast a Python thread (the one reading the next block) runs during one such product, against alone,
-    for hrsa's GEMM (torch's addmm_) and scipy's BLAS wrapper (which holds the GIL).
+    pair; and one such product three ways (hrsa's: numpy's OpenBLAS through ctypes; torch's addmm_, MKL; scipy's BLAS
+    wrapper): its rate, and how fast a Python thread (the one reading the next block) runs meanwhile, against alone.
 (g) Plans of a 7B pair (29 x 29, D = 3584, bf16, N = 1M) as Ray tasks for 1, 8 and 32 workers of 16 and 64 GB:
     tiles, segments per tile, reads of the store, bytes read, each worker's peak, and a time projected from (e)'s
     measured throughput per worker (products only).
@@ -413,14 +413,22 @@ def bench_stacked(cfg: BenchConfig) -> None:
         flops = blocks * len(pairs) * 2.0 * n * d * d
         print(f"    {dtype}: stacked {best['stacked']:.2f} s ({flops / best['stacked'] / 1e9:.0f} GFLOP/s), per pair "
               f"{best['per_pair']:.2f} s ({flops / best['per_pair'] / 1e9:.0f} GFLOP/s): {best['per_pair'] / best['stacked']:.2f}x")
-    # The thread reading the next block runs beside each product only if the GEMM lets go of the GIL.
+    # The thread reading the next block runs beside each product only if the GEMM lets go of the GIL; and the BLAS
+    # behind it decides the rate (MKL, in torch, takes slow paths on AMD CPUs).
+    import torch
+
+    from hrsa.analyze.accumulators.gemm import gemm_library
+
     u = np.concatenate([xs[("a", k)] for k in range(r)], axis=1)  # (n, r D) float32
     total = np.zeros((u.shape[1], u.shape[1]), dtype=np.float32, order="F")
-    shares = {"torch addmm_ (hrsa)": python_thread_share(lambda: multiply_into(total, u, u)),
-              "scipy sgemm": python_thread_share(lambda: blas.sgemm(1.0, u.T, u.T, beta=1.0, c=total, trans_b=True,
-                                                                     overwrite_c=True))}
-    print("    a Python thread's progress during one stacked product, against alone: "
-          + ", ".join(f"{name} {share:.0%}" for name, share in shares.items()))
+    ways = {f"hrsa ({Path(gemm_library()).name})": lambda: multiply_into(total, u, u),
+            "torch addmm_": lambda: torch.from_numpy(total.T).T.addmm_(torch.from_numpy(u).T, torch.from_numpy(u)),
+            "scipy sgemm": lambda: blas.sgemm(1.0, u.T, u.T, beta=1.0, c=total, trans_b=True, overwrite_c=True)}
+    best, _ = interleaved_best(ways, cfg.repeats)
+    flops = 2.0 * n * u.shape[1] ** 2
+    print("    one stacked float32 product into a sum, and a Python thread's progress meanwhile (against alone):")
+    for name, product in ways.items():
+        print(f"      {name:<40} {flops / best[name] / 1e9:5.0f} GFLOP/s, thread at {python_thread_share(product):.0%}")
 
 
 def python_thread_share(product: Any, repeats: int = 3) -> float:

@@ -19,7 +19,7 @@ with ``m_b`` a block's float64 means, ``o_b`` their float32 rounding (zero for f
 pooled mean and ``m`` the total's. This is Chan's pairwise formula with the between-block terms of a run collected,
 so the numerics are those of :class:`CrossMoments` (float64 means and corrections, float64 totals).
 
-Pure numpy and scipy's BLAS wrappers: no Dask, Zarr or Ray here.
+numpy and BLAS (the GEMMs: :mod:`.gemm`; the low-rank corrections: scipy's): no Dask, Zarr or Ray here.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from hrsa.analyze.accumulators.centring import NON_FINITE_MESSAGE
 from hrsa.analyze.accumulators.cross_moments import CrossMoments
+from hrsa.analyze.accumulators.gemm import multiply_into
 from scipy.linalg import blas
 
 if TYPE_CHECKING:
@@ -150,28 +151,6 @@ class CrossTileMoments:
         self.n += n
 
 
-def multiply_into(total: np.ndarray | None, u: np.ndarray, v: np.ndarray, beta: float = 1.0) -> np.ndarray:
-    """``total = beta total + u^T v`` in place by one GEMM (float64 or float32, as u and v are), no temporary;
-    ``total`` None (or ``beta`` 0, when the GEMM ignores what it holds) starts a new sum. Returns the sum.
-
-    torch's CPU GEMM (``addmm_`` on views of the same memory), not scipy's BLAS wrappers: those hold the GIL for the
-    whole product, so the thread reading the next block from the store stalled until each GEMM ended (benchmark (h):
-    a Python thread runs at 1% of its own speed during scipy's sgemm, at 78% during torch's; the 1.5 GB plan of (e)
-    ran 8-12% faster, side by side). The rate of the product itself is the same (MKL against OpenBLAS, 295-325 GFLOP/s here).
-
-    Args:
-        total: (Du, Dv) of u's dtype, writable (Fortran order: the layout the GEMM writes without a copy), or None.
-        u: (n, Du) C-ordered centred rows; v: (n, Dv) C-ordered centred rows, of the same dtype.
-    """
-    import torch
-
-    if total is None:
-        total, beta = np.empty((u.shape[1], v.shape[1]), dtype=u.dtype, order="F"), 0.0
-    # total.T of a Fortran array is C-ordered: from_numpy shares it, and .T is (Du, Dv) again, column-major for BLAS.
-    torch.from_numpy(total.T).T.addmm_(torch.from_numpy(u).T, torch.from_numpy(v), beta=beta)
-    return total
-
-
 @dataclass(eq=False)
 class PendingBlocks:
     """A tile's blocks multiplied but not yet folded into its float64 total (see the module docstring).
@@ -188,6 +167,17 @@ class PendingBlocks:
     max_tokens: int | None = FLOAT32_SUM_TOKENS
     products: Any = None
     blocks: list[BlockMeans] = field(default_factory=list)
+    scratch: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def stack_buffer(self, side: str, n: int, width: int, dtype: np.dtype) -> np.ndarray:
+        """A (>= n, width) C-ordered ``dtype`` array to stack a block's centred states into, the same one block after
+        block: a fresh 20-70 MB array per block cost page faults and the kernel's zeroing of every page (a 16-state
+        stack of 1,024 tokens: 28-50 ms fresh, 13-17 ms into a kept array, measured). The stacked block is dead once
+        its product is added, so the next block may overwrite it."""
+        held = self.scratch.get(side)
+        if held is None or held.shape[0] < n or held.shape[1] != width or held.dtype != dtype:
+            held = self.scratch[side] = np.empty((n, width), dtype=dtype)
+        return held
 
     @property
     def beta(self) -> float:
@@ -224,9 +214,11 @@ class PendingBlocks:
         return self.total
 
 
-def stack_centred(blocks: Sequence[np.ndarray], compute_dtype: np.dtype) -> tuple[np.ndarray, F64, F64 | None]:
+def stack_centred(blocks: Sequence[np.ndarray], compute_dtype: np.dtype,
+                  scratch: np.ndarray | None = None) -> tuple[np.ndarray, F64, F64 | None]:
     """The blocks (n, D_i) side by side in ``compute_dtype``, each centred on its own mean: ``(stacked, means, offsets)``,
     stacked (n, sum D_i), the float64 means (sum D_i,), and the mean of the stacked rows (None when it is zero).
+    ``stacked`` is the first n rows of ``scratch`` when given (C order, ``compute_dtype``, as wide as the blocks).
 
     Each block is centred by one subtraction into its slot, with no float64 copy of the block. For float64 products,
     on its float64 mean (exact: float32 activations are exact in float64). For float32 products, on that mean rounded
@@ -239,7 +231,9 @@ def stack_centred(blocks: Sequence[np.ndarray], compute_dtype: np.dtype) -> tupl
         ValueError: a block holds NaN or inf.
     """
     n, widths = blocks[0].shape[0], [b.shape[1] for b in blocks]
-    stacked = np.empty((n, sum(widths)), dtype=compute_dtype)  # C order: its transpose is what BLAS reads as-is
+    if scratch is None:
+        scratch = np.empty((n, sum(widths)), dtype=compute_dtype)  # C order: its transpose is what BLAS reads as-is
+    stacked = scratch[:n]  # the first rows of a C-ordered array: contiguous
     means, shifts, start = [], [], 0
     for block, width in zip(blocks, widths):
         x = block if block.dtype in (np.float32, np.float64) else block.astype(np.float32)  # bf16, fp16: exact

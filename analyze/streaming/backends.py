@@ -93,10 +93,14 @@ class NumpyBackend:
         dtype, sides = np.dtype(self.compute_dtype), []
         if pending is not None:
             total = pending.total
-            u, mean_x, offset_x = stack_centred([xs[k] for k in total.keys_x], dtype)  # (n, r Dx): A's side by side
-            v, mean_y, offset_y = stack_centred([xs[k] for k in total.keys_y], dtype)  # (n, c Dy): B's
+            n = len(xs[total.keys_x[0]])
+            u, mean_x, offset_x = stack_centred([xs[k] for k in total.keys_x], dtype,  # (n, r Dx): A's side by side
+                                                pending.stack_buffer("x", n, len(total.keys_x) * total.dx, dtype))
+            v, mean_y, offset_y = stack_centred([xs[k] for k in total.keys_y], dtype,  # (n, c Dy): B's
+                                                pending.stack_buffer("y", n, len(total.keys_y) * total.dy, dtype))
             pending.multiply(u, v, BlockMeans(u.shape[0], mean_x, mean_y, offset_x, offset_y))
             sides = [(u, total.keys_x, total.dx, mean_x, offset_x), (v, total.keys_y, total.dy, mean_y, offset_y)]
+        scratch = pending if pending is not None else next(iter(selfs.values()), None)  # one buffer for the selfs
         for key, own in selfs.items():
             found = [side for side in sides if key in side[1]]
             if found:  # a state of the rectangle: its slot of the stacked block, the very values a self tile makes
@@ -105,7 +109,8 @@ class NumpyBackend:
                 part = np.ascontiguousarray(stack[:, cols])  # (n, D): contiguous for BLAS
                 means, offsets = means[cols], (None if offsets is None else offsets[cols])
             else:
-                part, means, offsets = stack_centred([xs[key]], dtype)
+                n, width = xs[key].shape
+                part, means, offsets = stack_centred([xs[key]], dtype, scratch.stack_buffer("self", n, width, dtype))
             own.multiply(part, part, BlockMeans(part.shape[0], means, means, offsets, offsets))
 
 

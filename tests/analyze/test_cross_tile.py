@@ -109,8 +109,31 @@ def test_float32_runs_are_summed_in_float32_only_up_to_their_length() -> None:
     assert error(FLOAT32_SUM_TOKENS) <= 1e-6 < error(n)
 
 
+@pytest.fixture(params=["openblas", "torch"])
+def gemm_path(request, monkeypatch):
+    """multiply_into's two GEMMs: numpy's OpenBLAS through ctypes, and torch's where numpy has no OpenBLAS."""
+    from hrsa.analyze.accumulators import gemm
+
+    if request.param == "torch":
+        monkeypatch.setattr(gemm, "_numpy_openblas", lambda: None)
+    return request.param
+
+
+def test_numpy_s_openblas_is_found_where_numpy_ships_it() -> None:
+    """numpy's pip wheels ship scipy-openblas (ILP64, prefixed symbols): a binding that silently failed would fall back
+    to torch's MKL (slower on AMD CPUs, deaf to the scheduler's BLAS thread limit)."""
+    from threadpoolctl import threadpool_info
+
+    from hrsa.analyze.accumulators.gemm import gemm_library
+
+    numpy_blas = [lib for lib in threadpool_info() if "numpy" in lib["filepath"]]
+    if not numpy_blas or numpy_blas[0]["internal_api"] != "openblas":
+        pytest.skip("this numpy is not built on OpenBLAS")
+    assert gemm_library() == numpy_blas[0]["filepath"]
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_a_product_goes_into_the_sum_without_a_copy(dtype) -> None:
+def test_a_product_goes_into_the_sum_without_a_copy(dtype, gemm_path) -> None:
     rng = np.random.default_rng(3)
     total = np.asfortranarray(rng.normal(size=(6, 4))).astype(dtype)
     before = total.copy()
@@ -121,6 +144,21 @@ def test_a_product_goes_into_the_sum_without_a_copy(dtype) -> None:
     assert total.__array_interface__["data"][0] == address
     total[...] = np.nan  # beta = 0 starts a new sum in a used buffer: what it held is never read
     np.testing.assert_allclose(multiply_into(total, u, v, beta=0.0), u.T @ v, rtol=1e-5 if dtype == np.float32 else 1e-14)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_products_of_uneven_shapes_and_empty_blocks_add_up(dtype, gemm_path) -> None:
+    """Shapes large enough for BLAS's threads, Du != Dv, and a block of no rows (the sum is unchanged); a sum in the
+    wrong layout is refused, not written as its transpose."""
+    rng = np.random.default_rng(7)
+    u, v = rng.normal(size=(700, 300)).astype(dtype), rng.normal(size=(700, 130)).astype(dtype)
+    total = multiply_into(None, u[:350], v[:350])
+    multiply_into(total, u[350:], v[350:])
+    multiply_into(total, u[:0], v[:0])
+    want = u.astype(np.float64).T @ v.astype(np.float64)
+    np.testing.assert_allclose(total, want, rtol=0, atol=(1e-4 if dtype == np.float32 else 1e-11) * np.abs(want).max())
+    with pytest.raises(ValueError, match="Fortran"):
+        multiply_into(np.zeros((300, 130), dtype=dtype), u, v)
 
 
 def test_merging_statistics_of_other_states_is_refused() -> None:
@@ -153,3 +191,30 @@ def test_a_non_finite_block_is_refused_and_bfloat16_blocks_centre_exactly() -> N
     stacked, mean, offsets = stack_centred([x], np.dtype(np.float64))
     exact = x.astype(np.float64) - x.astype(np.float64).mean(0)
     assert offsets is None and np.array_equal(stacked, exact)  # float64: centred on the exact mean, one subtraction
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_kept_stack_buffers_leak_nothing_from_one_block_into_the_next(dtype) -> None:
+    """Blocks are stacked into buffers kept from block to block (see ``PendingBlocks.stack_buffer``): blocks that
+    shrink (stale rows below them) and grow again, and self co-moments of two widths outside the rectangle that share
+    one buffer (a self tile's), still equal float64 co-moments of the whole data; equal blocks reuse the memory."""
+    rng = np.random.default_rng(6)
+    xs = states(rng, 600)
+    tile = PendingBlocks(CrossTileMoments.empty(ROWS[:2], COLS[:1], DX, DY), max_tokens=None)
+    outside = (ROWS[2], COLS[1])  # a DX-wide state of A, a DY-wide one of B: not in the rectangle
+    selfs = {k: PendingBlocks(CrossTileMoments.empty((k,), (k,), xs[k].shape[1], xs[k].shape[1]), max_tokens=None)
+             for k in (*ROWS[:2], *outside)}
+    backend, addresses = NumpyBackend(compute_dtype=dtype), []
+    for lo, hi in zip([0, 100, 200, 230, 231, 400], [100, 200, 230, 231, 400, 600]):
+        backend.fold_cross_tile(tile, {k: v[lo:hi] for k, v in xs.items()}, selfs)
+        addresses.append(tile.scratch["x"].__array_interface__["data"][0])
+    assert addresses[0] == addresses[1]  # the second block of the same size went into the first one's buffer
+    want = reference(xs)
+    centred = {k: np.asarray(v, np.float64) - np.asarray(v, np.float64).mean(0) for k, v in xs.items()}
+    rtol = 1e-6 if dtype == "float32" else 1e-11
+    for pair, moments in tile.flush().items():
+        np.testing.assert_allclose(moments.c_xy, want[pair], rtol=rtol, atol=rtol * np.abs(want[pair]).max())
+    for key, own in selfs.items():
+        ((_, moments),) = own.flush().items()
+        exact = centred[key].T @ centred[key]
+        np.testing.assert_allclose(moments.c_xy, exact, rtol=rtol, atol=rtol * np.abs(exact).max())
