@@ -59,8 +59,23 @@ def _bind(path: str) -> _Cblas | None:
             continue
         for fn in (sgemm, dgemm):
             fn.restype = None
-        return _Cblas(path, sgemm, dgemm, int_type)
+        bound = _Cblas(path, sgemm, dgemm, int_type)
+        if _agrees_with_matmul(bound):
+            return bound
     return None
+
+
+def _agrees_with_matmul(cblas: _Cblas) -> bool:
+    """One small product of each dtype against numpy's matmul: a binding whose names promise the wrong integer size
+    (an ILP64 build without the suffix) would sum garbage silently."""
+    rng = np.random.default_rng(0)
+    for dtype in (np.float32, np.float64):
+        u, v = rng.normal(size=(5, 3)).astype(dtype), rng.normal(size=(5, 4)).astype(dtype)
+        total = np.ones((3, 4), dtype=dtype, order="F")
+        cblas.gemm(total, u, v, 1.0)
+        if not np.allclose(total, 1.0 + u.T @ v, rtol=1e-5, atol=1e-5):
+            return False
+    return True
 
 
 @cache

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Literal, Protocol, get_args, runtime_checkable
 import numpy as np
 from hrsa.analyze.accumulators.centring import centre_rows
 from hrsa.analyze.accumulators.cross_moments import CrossMoments, iter_cross_moments
-from hrsa.analyze.accumulators.cross_tile import BlockMeans, PendingBlocks, multiply_into, stack_centred
+from hrsa.analyze.accumulators.cross_tile import BlockMeans, PendingBlocks, stack_centred
 from hrsa.analyze.accumulators.moments import Moments
 from hrsa.store.errors import UserError
 

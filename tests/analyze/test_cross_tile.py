@@ -218,3 +218,19 @@ def test_kept_stack_buffers_leak_nothing_from_one_block_into_the_next(dtype) -> 
         ((_, moments),) = own.flush().items()
         exact = centred[key].T @ centred[key]
         np.testing.assert_allclose(moments.c_xy, exact, rtol=rtol, atol=rtol * np.abs(exact).max())
+
+
+def test_a_blas_binding_that_computes_wrong_products_is_not_used(monkeypatch) -> None:
+    """A library whose GEMM disagrees with numpy's matmul (a wrong guess of its integer size) is passed over."""
+    from hrsa.analyze.accumulators import gemm
+
+    bound = gemm._numpy_openblas()
+    if bound is None:
+        pytest.skip("this numpy is not built on OpenBLAS")
+    assert gemm._agrees_with_matmul(bound)
+
+    class Transposed(gemm._Cblas):  # as a GEMM called with the wrong transpose flags or sizes would read its inputs
+        def gemm(self, total, u, v, beta):
+            total[...] = beta * total + (u.T @ v)[::-1]
+
+    assert not gemm._agrees_with_matmul(Transposed(bound.path, bound.sgemm, bound.dgemm, bound.int_type))
