@@ -6,8 +6,11 @@ each pair's Chan merge allocates a fresh (Dx, Dy) sum and sweeps it twice. Here 
 
     C = [C_ij]  (r Dx, c Dy), Fortran order (column block j, B's state j, is one contiguous matrix),
 
-and a block of n tokens costs one GEMM: A's centred states side by side, U (n, r Dx), against B's, V (n, c Dy).
-The GEMMs of successive blocks go into one running sum S = sum_b U_b^T V_b (BLAS ``beta = 1``): into C itself for
+and a block of n tokens is centred once into A's states side by side, U (n, r Dx), and B's, V (n, c Dy), whose
+products go straight into their blocks of C: a GEMM per pair of states, each the same call whatever the tile (one GEMM
+of the whole tile was as fast, but OpenBLAS's float32 sums depend on the shape of the product: see
+:func:`~hrsa.analyze.accumulators.gemm.multiply_into`). The GEMMs of successive blocks go into one running sum
+S = sum_b U_b^T V_b (BLAS ``beta = 1``): into C itself for
 float64 products, into a float32 sum for float32 products, folded into C every :data:`FLOAT32_SUM_TOKENS` tokens
 (a float32 sum over no more tokens than one GEMM of the former default blocks). No O(D^2) sweep per block: Chan's
 corrections for a run of blocks (each block centred on its own mean; float32 products on that mean rounded to
@@ -193,10 +196,11 @@ class PendingBlocks:
     def multiply(self, u: np.ndarray, v: np.ndarray, block: BlockMeans) -> None:
         """Add a block's product ``u^T v`` (numpy, centred, C order): float64 straight into the total, float32 into the
         run's float32 sum; then record the block."""
+        pair = (self.total.dx, self.total.dy)  # a GEMM per pair of states: sums that do not depend on the tile
         if u.dtype == np.float64:
-            multiply_into(self.total.c, u, v)
+            multiply_into(self.total.c, u, v, block=pair)
         else:
-            self.products = multiply_into(self.products, u, v, self.beta)
+            self.products = multiply_into(self.products, u, v, self.beta, block=pair)
         self.add(block)
 
     def flush(self) -> CrossTileMoments:

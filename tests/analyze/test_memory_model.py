@@ -24,7 +24,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import re
 import subprocess
 import sys
 import tracemalloc
@@ -157,19 +156,13 @@ def measure_traced(store: ActivationStore, pair: ResolvedPair, backend: Any) -> 
 
 
 def measure_resident(store: ActivationStore, pair: ResolvedPair, backend: Any) -> list[int]:
-    import ctypes
-
-    libc = ctypes.CDLL("libc.so.6")
-
-    def status(field: str) -> int:
-        return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+    from hrsa.runtime.resident import peak_resident_bytes, reset_peak, resident_bytes
 
     def start() -> int:
-        libc.malloc_trim(0)
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
-        return status("VmRSS")
+        reset_peak()  # glibc's kept heap back to the kernel, then VmHWM restarts at the resident set now
+        return resident_bytes()
 
-    return measure(store, pair, backend, start, lambda: status("VmHWM"))
+    return measure(store, pair, backend, start, peak_resident_bytes)
 
 
 def _subprocess_main(spec: dict[str, Any]) -> None:
