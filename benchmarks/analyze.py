@@ -27,9 +27,10 @@ What it measures, each figure side by side in one run:
     D = 576, N = 20,000 float32 tokens), each in a fresh process: the speed ratio, the ratio of peak memories, and
     hrsa's time against the roofline of the products it ran (its plan's flops at this machine's GEMM rate for the
     same shapes, measured in the same run).
-(h) One cross-layer tile folded as one stacked GEMM per block into a running sum against a product and a Chan merge per
-    pair; and one such product three ways (hrsa's: numpy's OpenBLAS through ctypes; torch's addmm_, MKL; scipy's BLAS
-    wrapper): its rate, and how fast a Python thread (the one reading the next block) runs meanwhile, against alone.
+(h) One cross-layer tile folded stacked (each block centred once, a GEMM per pair into one running sum, Chan's
+    corrections once per run) against a product and a Chan merge per pair; and one block's products four ways (hrsa's:
+    a GEMM per pair by numpy's OpenBLAS through ctypes; one GEMM of the whole tile, the same; torch's addmm_, MKL;
+    scipy's BLAS wrapper): the rate, and how fast a Python thread (the one reading the next block) runs meanwhile.
 (g) Plans of a 7B pair (29 x 29, D = 3584, bf16, N = 1M) as Ray tasks for 1, 8 and 32 workers of 16 and 64 GB:
     tiles, segments per tile, reads of the store, bytes read, each worker's peak, and a time projected from (e)'s
     measured throughput per worker (products only).
@@ -381,8 +382,8 @@ def bench_official(cfg: BenchConfig, root: Path) -> float:
 
 
 def bench_stacked(cfg: BenchConfig) -> None:
-    """One cross-layer tile folded both ways over the same blocks: stacked (one GEMM per block into a running sum,
-    Chan's corrections once per run) against a product and a Chan merge per pair."""
+    """One cross-layer tile folded both ways over the same blocks: stacked (centred once, a GEMM per pair into one
+    running sum, Chan's corrections once per run) against a product and a Chan merge per pair."""
     from scipy.linalg import blas
 
     from hrsa.analyze.accumulators.cross_tile import CrossTileMoments, PendingBlocks, multiply_into
@@ -421,14 +422,15 @@ def bench_stacked(cfg: BenchConfig) -> None:
 
     u = np.concatenate([xs[("a", k)] for k in range(r)], axis=1)  # (n, r D) float32
     total = np.zeros((u.shape[1], u.shape[1]), dtype=np.float32, order="F")
-    ways = {f"hrsa ({Path(gemm_library()).name})": lambda: multiply_into(total, u, u),
+    ways = {f"hrsa, a GEMM per pair ({Path(gemm_library()).name})": lambda: multiply_into(total, u, u, block=(d, d)),
+            "one GEMM of the tile (the same library)": lambda: multiply_into(total, u, u),
             "torch addmm_": lambda: torch.from_numpy(total.T).T.addmm_(torch.from_numpy(u).T, torch.from_numpy(u)),
             "scipy sgemm": lambda: blas.sgemm(1.0, u.T, u.T, beta=1.0, c=total, trans_b=True, overwrite_c=True)}
     best, _ = interleaved_best(ways, cfg.repeats)
     flops = 2.0 * n * u.shape[1] ** 2
-    print("    one stacked float32 product into a sum, and a Python thread's progress meanwhile (against alone):")
+    print("    one block's float32 products into a sum, and a Python thread's progress meanwhile (against alone):")
     for name, product in ways.items():
-        print(f"      {name:<40} {flops / best[name] / 1e9:5.0f} GFLOP/s, thread at {python_thread_share(product):.0%}")
+        print(f"      {name:<52} {flops / best[name] / 1e9:5.0f} GFLOP/s, thread at {python_thread_share(product):.0%}")
 
 
 def python_thread_share(product: Any, repeats: int = 3) -> float:
