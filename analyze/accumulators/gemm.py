@@ -1,6 +1,6 @@
 """``total = beta total + u^T v`` in place, by the BLAS numpy itself ships, with the GIL let go.
 
-The running sums of a cross-layer tile take one GEMM per block into the same matrix (``beta = 1``), while another
+The running sums of a cross-layer tile take GEMMs block after block into the same matrix (``beta = 1``), while another
 thread reads and decompresses the next block. Three ways to run that product from Python were measured
 (benchmark (h), and side by side on an Intel and an AMD machine):
 
