@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     F64 = NDArray[np.float64]
 
-__all__ = ["Block", "ChanStep"]
+__all__ = ["Block", "ChanStep", "add_outer"]
 
 
 class Block(Protocol):
@@ -76,7 +76,22 @@ class ChanStep:
             c_a, c_b: (Du, Dv) co-moments of the two blocks, each about its own means.
             delta_u, delta_v: (Du,), (Dv,) the blocks' mean differences of U and V (``delta_x`` or ``delta_y``).
         """
-        c = c_a + c_b  # (Du, Dv), a fresh array
-        # The rank-one correction goes in place into the fresh sum: one (Du, Dv) temporary, not two.
-        c += (self.weight * delta_u)[:, None] * delta_v[None, :]
+        c = c_a + c_b  # (Du, Dv), the one fresh array
+        add_outer(c, self.weight, delta_u, delta_v)
         return c
+
+
+def add_outer(c: F64, weight: float, u: F64, v: F64) -> None:
+    """``c += weight * outer(u, v)`` in place with BLAS's rank-one update (ger): no (Du, Dv) temporary, which on a
+    merge of a 7B tile's accumulators would be gigabytes the memory plan does not count.
+
+    ``c`` is float64 and C- or Fortran-contiguous (a C-ordered ``c`` is updated as its Fortran-ordered transpose).
+    """
+    from scipy.linalg import blas
+
+    a, x, y = (c, u, v) if c.flags.f_contiguous else (c.T, v, u)
+    if not a.flags.f_contiguous or a.dtype != np.float64:
+        raise ValueError(f"Expected a contiguous float64 matrix. Got {a.dtype}, strides {a.strides} instead.")
+    out = blas.dger(weight, x, y, a=a, overwrite_a=True)
+    if not np.shares_memory(out, a):  # f2py copies a read-only or misaligned ``a``: then write the result back
+        a[...] = out

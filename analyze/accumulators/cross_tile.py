@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from hrsa.analyze.accumulators._chan import add_outer
 from hrsa.analyze.accumulators.centring import NON_FINITE_MESSAGE
 from hrsa.analyze.accumulators.cross_moments import CrossMoments
 from hrsa.analyze.accumulators.gemm import multiply_into
@@ -260,11 +261,10 @@ def _add_low_rank(matrix: F64, terms: Sequence[tuple[float, F64, F64]]) -> None:
     if not terms:
         return
     if len(terms) == 1:
-        weight, x, y = terms[0]
-        out = blas.dger(weight, x, y, a=matrix, overwrite_a=True)
-    else:
-        left = np.stack([w * x for w, x, _ in terms], axis=1)  # (Du, k)
-        right = np.stack([y for _, _, y in terms], axis=1)  # (Dv, k)
-        out = blas.dgemm(1.0, left, right, beta=1.0, c=matrix, trans_b=True, overwrite_c=True)
+        add_outer(matrix, *terms[0])
+        return
+    left = np.stack([w * x for w, x, _ in terms], axis=1)  # (Du, k)
+    right = np.stack([y for _, _, y in terms], axis=1)  # (Dv, k)
+    out = blas.dgemm(1.0, left, right, beta=1.0, c=matrix, trans_b=True, overwrite_c=True)
     if not np.shares_memory(out, matrix):
         matrix[...] = out

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from hrsa.analyze.accumulators._chan import ChanStep
+from hrsa.analyze.accumulators._chan import ChanStep, add_outer
 from hrsa.analyze.accumulators.centring import centre_rows, parse_compute_dtype
 
 if TYPE_CHECKING:
@@ -306,7 +306,7 @@ def _remove(total: Moments, part: Moments) -> Moments:
 
     def comoment(c_t: F64, c_p: F64, du: F64, dv: F64) -> F64:
         c = c_t - c_p
-        c -= (weight * du)[:, None] * dv[None, :]
+        add_outer(c, -weight, du, dv)
         return c
 
     c_xx, c_yy, c_xy = comoment(total.c_xx, part.c_xx, dx, dx), comoment(total.c_yy, part.c_yy, dy, dy), comoment(total.c_xy, part.c_xy, dx, dy)

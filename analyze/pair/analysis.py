@@ -127,6 +127,8 @@ def analyze_pair(
         settings["matched_compute_dtype"] = for_matched.compute_dtype
     if outputs.segments_per_node:
         settings["segments_per_node"] = outputs.segments_per_node
+    if outputs.task_peaks:  # measured, against the plan's estimated_peak per worker
+        settings["task_peak_bytes"] = outputs.task_peaks
     # Phase 3: the local metrics, on their own reads; phase 4: the results.
     local = _local_metrics(store, pair, selection, knn_options, probe_options, settings)
     return replace(assemble(pair, selection, outputs, settings), **local)

@@ -44,11 +44,14 @@ class PassOutputs:
         summaries: co-moment summaries of the cross-layer passes, by pair of stream keys
             (``(("a", i), ("b", j))``, and ``(("a", i), ("a", i))`` for A's self co-moments).
         segments_per_node: on Ray, how many token segments each node (by Ray node id) ran; empty otherwise.
+        task_peaks: on Ray with ``tracemalloc`` tracing the workers (``PYTHONTRACEMALLOC=1``), the largest measured
+            peak of any task of each kind (``"fold"``, ``"merge"``, ``"finish"``) in bytes; empty otherwise.
     """
 
     matched: dict[int, dict[str, Any]]
     summaries: dict[StreamPair, CoMomentSummary]
     segments_per_node: dict[str, int] = field(default_factory=dict)
+    task_peaks: dict[str, int] = field(default_factory=dict)
 
 
 def run_passes(
@@ -93,16 +96,20 @@ def run_passes(
     matched: dict[int, dict[str, Any]] = {}
     summaries: dict[StreamPair, CoMomentSummary] = {}
     nodes: Counter[str] = Counter()
+    peaks: dict[str, int] = {}
     if scheduler.name == "ray":
         # Every tile at once (pair-parallel), each cut into as many segments as the workers left to it (data-parallel).
         per_tile = max(1, pair.plan.workers // max(1, pair.plan.passes))
         jobs = [TilePass(tile, reader(tile), segments(tile, per_tile), backend_of(tile)) for tile in pair.plan.tiles]
         gpu = backend.name == "torch" and str(getattr(backend, "device", "")).startswith("cuda")
         options = task_resources(pair.plan.estimated_peak, gpu)
-        for _, (m, s), ran_on in run_tiles_on_ray(jobs, finish, options, pair.plan.workers):
+        for _, (m, s), records in run_tiles_on_ray(jobs, finish, options, pair.plan.workers):
             matched.update(m)
             summaries.update(s)
-            nodes.update(ran_on)
+            nodes.update(r.node for r in records if r.kind == "fold")
+            for r in records:
+                if r.traced_peak is not None:
+                    peaks[r.kind] = max(peaks.get(r.kind, 0), r.traced_peak)
             if on_block is not None:
                 on_block(pair.n_tokens)
     else:
@@ -125,7 +132,7 @@ def run_passes(
             UnderdeterminedWarning,
             stacklevel=3  # the caller of analyze_pair,
         )
-    return PassOutputs(matched, summaries, dict(nodes))
+    return PassOutputs(matched, summaries, dict(nodes), peaks)
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,9 @@ selected ones that a slice of it keeps alive (``n`` is the rows of a block as re
 
 Per-worker budgets (``per_worker``, Ray tasks: each segment, merge and finish runs in its own worker process): W = 1
 in the streaming term, whatever the workers, and h = G. A merge task holds the merged output beside its inputs,
-which stay in Ray's object store (outside the budget, as Ray accounts it apart).
+which stay in Ray's object store (outside the budget, as Ray accounts it apart); its rank-one corrections go in
+place, so one copy of A is all it allocates (tests/analyze/test_memory_model.py measures the merge, and every task on
+Ray against this estimate).
 
 Groups of documents (``groups`` G >= 2, matched tiles: the jackknife's per-group accumulators): a worker holds the
 groups its segment touches, h = min(G, ceil(G / W) + 1) copies of A, the merged pass g = G copies, and finishing a pair adds

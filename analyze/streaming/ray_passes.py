@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from hrsa.analyze.streaming.plan import Tile
     from hrsa.analyze.streaming.stream import StateReader, TokenBlock
 
-__all__ = ["AnalysisFailedError", "TilePass", "run_tiles_on_ray", "task_resources"]
+__all__ = ["AnalysisFailedError", "TaskRecord", "TilePass", "run_tiles_on_ray", "task_resources"]
 
 #: A tile's accumulators -> its small results (runs in the finish task: must pickle, e.g. a module-level function
 #: or a functools.partial of one).
@@ -50,6 +50,23 @@ RETRIES = 3
 
 class AnalysisFailedError(HrsaError, RuntimeError):
     """An analysis task failed for good: its worker died on every try Ray gave it (killed for memory, a lost node)."""
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """Where one analysis task ran and the memory it took.
+
+    Attributes:
+        node: the Ray node id that ran it.
+        kind: ``"fold"`` (a segment's blocks), ``"merge"`` or ``"finish"``.
+        traced_peak: the most bytes Python and numpy held above the task's start (its inputs from Ray's object store
+            are mapped, not allocated, and not counted, as Ray's ``memory`` resource does not count them), when
+            ``tracemalloc`` traces the worker (``PYTHONTRACEMALLOC=1`` in its environment); None otherwise.
+    """
+
+    node: str
+    kind: str
+    traced_peak: int | None = None
 
 
 @dataclass(frozen=True)
@@ -83,9 +100,9 @@ def task_resources(memory: int, gpu: bool) -> dict[str, Any]:
 
 
 def run_tiles_on_ray(passes: Sequence[TilePass], finish: Finish, options: dict[str, Any],
-                     workers: int) -> Iterator[tuple[Tile, Any, list[str]]]:
+                     workers: int) -> Iterator[tuple[Tile, Any, list[TaskRecord]]]:
     """Submit the tiles' tasks, as many tiles at once as keep at most ``workers`` segments running; yield ``(tile,
-    finished, nodes)`` as tiles finish, ``nodes`` the Ray node id that ran each of its segments."""
+    finished, records)`` as tiles finish, ``records`` one per task the tile ran."""
     import ray
 
     options = {**options, "max_retries": RETRIES}  # a task whose worker dies starts again: its partial state died too
@@ -107,10 +124,10 @@ def run_tiles_on_ray(passes: Sequence[TilePass], finish: Finish, options: dict[s
             pending[submit(job)] = index
         (ready,), _ = ray.wait(list(pending), num_returns=1)
         try:
-            finished, nodes = ray.get(ready)
+            finished, records = ray.get(ready)
         except ray.exceptions.RayError as error:
             raise _failure(error) from error
-        yield passes[pending.pop(ready)].tile, finished, nodes
+        yield passes[pending.pop(ready)].tile, finished, records
 
 
 def _failure(error: Exception) -> Exception:
@@ -127,18 +144,41 @@ def _failure(error: Exception) -> Exception:
     )
 
 
-def _fold_task(tile: Tile, reader: StateReader, blocks: tuple[TokenBlock, ...], backend: ChunkBackend) -> tuple[Any, list[str]]:
+def _fold_task(tile: Tile, reader: StateReader, blocks: tuple[TokenBlock, ...], backend: ChunkBackend
+               ) -> tuple[Any, list[TaskRecord]]:
+    return _measured("fold", [], lambda: fold_segment(tile, reader, blocks, backend))
+
+
+def _merge_task(*parts: tuple[Any, list[TaskRecord]]) -> tuple[Any, list[TaskRecord]]:
+    # Ray hands each part's arrays out of its object store, read-only: merge_partials writes into copies.
+    before = [record for _, records in parts for record in records]
+    return _measured("merge", before, lambda: merge_partials(*(dict(acc) if isinstance(acc, dict) else acc
+                                                               for acc, _ in parts)))
+
+
+def _finish_task(tile: Tile, part: tuple[Any, list[TaskRecord]], finish: Finish) -> tuple[Any, list[TaskRecord]]:
+    acc, before = part
+    return _measured("finish", before, lambda: finish(tile, dict(acc) if isinstance(acc, dict) else acc))
+
+
+def _measured(kind: str, before: list[TaskRecord], run: Callable[[], Any]) -> tuple[Any, list[TaskRecord]]:
+    """``run()``'s value and the records of the tasks before it with this task's own appended."""
+    import tracemalloc
+
     import ray
 
-    return fold_segment(tile, reader, blocks, backend), [ray.get_runtime_context().get_node_id()]
+    from hrsa.runtime.resident import release_freed_heap
 
+    tracing = tracemalloc.is_tracing()
+    if tracing:
+        # Libraries are outside the budget, as the interpreter is: what the tasks import on first use is imported
+        # before the measurement starts (the jackknife's scipy.stats: 26 MB of Python objects).
+        import scipy.stats  # noqa: F401
 
-def _merge_task(*parts: tuple[Any, list[str]]) -> tuple[Any, list[str]]:
-    # Ray hands each part's arrays out of its object store, read-only: merge_partials writes into copies.
-    merged = merge_partials(*(dict(acc) if isinstance(acc, dict) else acc for acc, _ in parts))
-    return merged, [node for _, nodes in parts for node in nodes]
-
-
-def _finish_task(tile: Tile, part: tuple[Any, list[str]], finish: Finish) -> tuple[Any, list[str]]:
-    acc, nodes = part
-    return finish(tile, dict(acc) if isinstance(acc, dict) else acc), nodes
+        tracemalloc.reset_peak()
+        start = tracemalloc.get_traced_memory()[0]
+    value = run()
+    peak = tracemalloc.get_traced_memory()[1] - start if tracing else None
+    # Ray reuses workers: what glibc keeps of this task's freed heap would count against the next task's budget.
+    release_freed_heap()
+    return value, [*before, TaskRecord(ray.get_runtime_context().get_node_id(), kind, peak)]

@@ -15,8 +15,11 @@ every large block on its own (``MALLOC_MMAP_THRESHOLD_``) so that a freed block 
 
 Each pass gets a fresh reader here, as the model assumes. The store's reader keeps a few verified shard objects
 per hidden state (``hrsa.store.reading``); the model counts them when told how many bytes
-(``PlanInputs.cache_bytes_a/b``), and these tests tell it. ``test_a_whole_analyze_pair_run_stays_under_its_estimate``
-is what ``analyze_pair`` itself does today, where neither holds (issue 14): it is expected to fail.
+(``PlanInputs.cache_bytes_a/b``), and these tests tell it; ``test_a_whole_analyze_pair_run_stays_under_its_estimate``
+runs ``analyze_pair`` itself, whose plan is told of the cache on its own.
+
+On Ray (per-worker budgets) every task measures its own peak with tracemalloc when the workers trace
+(``PYTHONTRACEMALLOC=1``), and a merge is measured here on read-only inputs as Ray hands them out.
 """
 
 from __future__ import annotations
@@ -240,6 +243,89 @@ def test_a_whole_analyze_pair_run_stays_under_its_estimate(urls, groups: int) ->
         finally:
             tracemalloc.stop()
     assert peak <= res.plan.estimated_peak + MACHINERY, (peak, res.plan.estimated_peak)
+
+
+def _arrays(value: Any) -> list[np.ndarray]:
+    """Every numpy array inside a tile's accumulators (dataclasses, dicts), each memory once."""
+    if isinstance(value, np.ndarray):
+        return [value]
+    if isinstance(value, dict):
+        return [a for v in value.values() for a in _arrays(v)]
+    if hasattr(value, "__dataclass_fields__"):
+        return [a for name in value.__dataclass_fields__ for a in _arrays(getattr(value, name))]
+    return []
+
+
+def _read_only(value: Any) -> Any:
+    """``value`` as Ray hands it to the next task: every array read-only (mapped from its object store)."""
+    for a in _arrays(value):
+        a.flags.writeable = False
+    return value
+
+
+@pytest.mark.parametrize(("metrics", "cross_layer"), [(("cka", "dimcorr"), True), (METRICS, False)])
+def test_a_merge_of_two_read_only_partials_allocates_one_copy_of_the_accumulators(urls, metrics, cross_layer) -> None:
+    """A merge task's inputs come out of Ray's object store read-only: the merge writes one fresh copy of the tile's
+    accumulators, the plan's ``merged = 1`` and nothing else of their size (a temporary outer product per pair
+    would be one more D x D the plan does not count: gigabytes on a 7B tile)."""
+    from hrsa.analyze.streaming.stream import StateReader, fold_segment, merge_partials
+
+    store = ActivationStore.open(urls["float32"])
+    pair = resolve_pair(store, "a", "b", metrics=metrics, debiased=False, cross_layer=cross_layer, groups=0,
+                        selection=TokenSelection(), memory_budget=10**12, block_tokens=BLOCK, workers=2,
+                        save_rotation=False, compute_bytes=8, per_worker_budget=True)
+    tile = pair.plan.tiles[0]
+    assert tile.kind == ("cross" if cross_layer else "matched") and len(pair.plan.tiles) == 1
+    arrays = {(s, k): store.hidden_state_array(s, k) for s, k in tile.streams}
+    backend = NumpyBackend(compute_dtype="float64")
+    halves = [_read_only(fold_segment(tile, StateReader(arrays, BLOCK), [block], backend)) for block in pair.blocks]
+    gc.collect()
+    tracemalloc.start()
+    try:
+        merged = merge_partials(*(dict(h) if isinstance(h, dict) else h for h in halves))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    output = sum(a.nbytes for a in _arrays(merged) if a.base is None or not isinstance(a.base, np.ndarray))
+    vectors = 16 * 8 * D * len(tile.pairs)  # O(D) temporaries: means, mean differences
+    assert peak <= output + vectors, (peak, output, vectors)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("metrics", "cross_layer"), [(("cka", "dimcorr"), True), (METRICS, False)])
+def test_every_ray_task_stays_under_the_per_worker_estimate_it_asked_ray_for(urls, ray_local, monkeypatch, metrics,
+                                                                             cross_layer) -> None:
+    """On Ray the budget is per worker: every fold, merge and finish task asks Ray for the plan's estimated peak.
+    Each task measures itself (tracemalloc, turned on in the workers' environment):
+    its peak above its start stays under that estimate, the merge too (it writes into a copy of one input; both
+    inputs are mapped from Ray's object store, which Ray's ``memory`` resource does not count either). One pass in
+    two segments: a stacked cross-layer tile (with its self co-moments), and matched tiles (Moments per group of
+    documents, for the jackknife)."""
+    from hrsa.analyze.pair import analyze_pair, passes
+    from hrsa.analyze.streaming.ray_passes import task_resources
+
+    store = ActivationStore.open(urls["float32"])
+    kw = {"metrics": metrics, "cross_layer": cross_layer, "block_tokens": 64, "workers": 2, "groups": len(DOCS)}
+
+    def per_worker_plan(budget: int) -> AnalysisPlan | None:
+        try:
+            return resolve_pair(store, "a", "b", debiased=False, selection=TokenSelection(), save_rotation=False,
+                                compute_bytes=8, memory_budget=budget, per_worker_budget=True, **kw).plan
+        except MemoryBudgetError:
+            return None
+
+    budget, plan = next((b, p) for b in (int(10**5 * 1.1**i) for i in range(120))
+                        if (p := per_worker_plan(b)) is not None and p.passes == 1 and p.workers == 2)
+    traced = {"runtime_env": {"env_vars": {"PYTHONTRACEMALLOC": "1"}}}
+    monkeypatch.setattr(passes, "task_resources", lambda *a, **k: {**task_resources(*a, **k), **traced})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnderdeterminedWarning)
+        res = analyze_pair(store, "a", "b", scheduler="ray", backend="numpy", compute_dtype="float64",
+                           memory_budget=budget, **kw)
+    assert res.plan.estimated_peak == plan.estimated_peak <= budget
+    peaks = res.settings["task_peak_bytes"]
+    assert set(peaks) == {"fold", "merge", "finish"}, peaks  # one tile in two segments, merged, finished
+    assert all(0 < peak <= plan.estimated_peak + MACHINERY for peak in peaks.values()), (peaks, plan.estimated_peak)
 
 
 @pytest.fixture
