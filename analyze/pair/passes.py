@@ -21,6 +21,7 @@ from hrsa.analyze.pair.layer_metrics import layer_results, layer_scores
 from hrsa.analyze.pair.uncertainty import layer_intervals, layer_nulls
 from hrsa.analyze.streaming.ray_passes import TilePass, run_tiles_on_ray, task_resources
 from hrsa.analyze.streaming.stream import StateReader, TokenBlock, run_tile, split_segments
+from hrsa.runtime.resident import map_large_allocations
 
 if TYPE_CHECKING:
     from hrsa.analyze.accumulators.cross_moments import CoMomentSummary
@@ -74,6 +75,7 @@ def run_passes(
     Warns:
         UnderdeterminedWarning: once for the run when a Procrustes fit was not unique.
     """
+    map_large_allocations()  # the plan counts the arrays alive: freed blocks must leave the resident set (see there)
     mids = {"a": pair.info_a.id, "b": pair.info_b.id}
 
     def reader(tile: Tile) -> StateReader:  # a reader per tile: the shards it caches (counted) go with its pass

@@ -167,8 +167,9 @@ def _measured(kind: str, before: list[TaskRecord], run: Callable[[], Any]) -> tu
 
     import ray
 
-    from hrsa.runtime.resident import release_freed_heap
+    from hrsa.runtime.resident import map_large_allocations, release_freed_heap
 
+    map_large_allocations()  # as in one process: the worker's resident set follows the arrays alive
     tracing = tracemalloc.is_tracing()
     if tracing:
         # Libraries are outside the budget, as the interpreter is: what the tasks import on first use is imported

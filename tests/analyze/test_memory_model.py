@@ -328,6 +328,38 @@ def test_every_ray_task_stays_under_the_per_worker_estimate_it_asked_ray_for(url
     assert all(0 < peak <= plan.estimated_peak + MACHINERY for peak in peaks.values()), (peaks, plan.estimated_peak)
 
 
+_AFTER_AN_ANALYSIS = """
+import sys
+import warnings
+import numpy as np
+from hrsa.analyze.pair import analyze_pair
+from hrsa.runtime.resident import resident_bytes
+from hrsa.store import ActivationStore
+
+warnings.simplefilter("ignore")
+analyze_pair(ActivationStore.open(sys.argv[1]), "a", "b", metrics=("cka",), backend="numpy", scheduler="threads")
+np.ones(2**19)  # 4 MB, freed at once: glibc's default would now serve 2 MB blocks from its heap
+blocks, pins = [], []
+for _ in range(256):  # 2 MB blocks, each followed by a small allocation that outlives it
+    blocks.append(np.ones(2**18))
+    pins.append(np.ones(8192))
+before = resident_bytes()
+del blocks
+print(before - resident_bytes())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt's mmap threshold is glibc's")
+def test_an_analysis_maps_large_blocks_on_their_own_so_freed_ones_leave_the_resident_set(urls) -> None:
+    """The plan counts the arrays alive; the resident set follows them only when glibc maps large blocks on their own
+    (runtime/resident.map_large_allocations, tested there): an analysis sets it for its process."""
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    done = subprocess.run([sys.executable, "-c", _AFTER_AN_ANALYSIS, urls["float32"]], capture_output=True, text=True,
+                          timeout=300, check=False, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.strip().splitlines()[-1]) > 480 * 2**20  # 512 MB freed, gone from the resident set
+
+
 @pytest.fixture
 def torch_peaks_of(request: pytest.FixtureRequest) -> Any:
     """The torch measurements, fetched only by the torch cases (so that numpy cases never start the subprocess)."""

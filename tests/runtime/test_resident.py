@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import numpy as np
@@ -23,3 +24,32 @@ def test_heap_kept_after_frees_goes_back_before_the_peak_restarts() -> None:
     assert before - after > 512 * 2**20  # most of it went back to the kernel
     assert peak_resident_bytes() <= after + 16 * 2**20  # and the peak restarts at what is in use now
     del kept
+
+
+_FRAGMENT = """
+import sys
+import numpy as np
+from hrsa.runtime.resident import map_large_allocations, resident_bytes
+
+if sys.argv[1] == "mapped":
+    assert map_large_allocations()
+np.ones(2**19)  # 4 MB, freed at once: by default glibc raises its mmap threshold past it, so 2 MB blocks come from the heap
+blocks, pins = [], []
+for _ in range(256):  # a pass's 2 MB blocks, each followed by a small allocation that outlives it (pins the heap)
+    blocks.append(np.ones(2**18))
+    pins.append(np.ones(8192))
+before = resident_bytes()
+del blocks
+print(before - resident_bytes())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt's mmap threshold is glibc's")
+@pytest.mark.parametrize(("mode", "returned"), [("default", False), ("mapped", True)])
+def test_large_blocks_go_back_to_the_kernel_when_freed_once_mapped_on_their_own(mode: str, returned: bool) -> None:
+    """What the memory plan counts is the arrays alive: once large allocations are mapped on their own, 512 MB of
+    freed 2 MB blocks leave the resident set at once, which glibc's default keeps (its threshold had risen)."""
+    done = subprocess.run([sys.executable, "-c", _FRAGMENT, mode], capture_output=True, text=True, timeout=120,
+                          check=True)
+    freed = int(done.stdout.strip())
+    assert (freed > 480 * 2**20) is returned, freed / 2**20
