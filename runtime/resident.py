@@ -76,9 +76,10 @@ def map_large_allocations(threshold: int = 1 << 20) -> bool:
     come from heaps it keeps and fragments between the reading thread and the folding one: (e)'s 1.50 GB plan then
     peaked anywhere in 1.38-1.60 GB; mapped, at 1.48 GB every run, for ~5% more time in page faults (benchmark (e),
     README). Process-wide and lasting (``mallopt``); returns False, changing nothing, where the C library is not glibc
-    or where ``MALLOC_MMAP_THRESHOLD_`` in the environment has set the threshold already (a choice made on purpose).
+    or where the environment has set the threshold already (``MALLOC_MMAP_THRESHOLD_``, or ``mmap_threshold`` in
+    ``GLIBC_TUNABLES``: a choice made on purpose).
     """
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     try:
         return bool(ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, int(threshold)))

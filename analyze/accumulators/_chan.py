@@ -85,13 +85,16 @@ def add_outer(c: F64, weight: float, u: F64, v: F64) -> None:
     """``c += weight * outer(u, v)`` in place with BLAS's rank-one update (ger): no (Du, Dv) temporary, which on a
     merge of a 7B tile's accumulators would be gigabytes the memory plan does not count.
 
-    ``c`` is float64 and C- or Fortran-contiguous (a C-ordered ``c`` is updated as its Fortran-ordered transpose).
+    ``c`` is a writable float64 matrix, C- or Fortran-contiguous (a C-ordered ``c`` is updated as its Fortran-ordered
+    transpose), that neither ``u`` nor ``v`` is part of. Writable is checked here: f2py's ``overwrite_a`` writes
+    through a read-only array (one mapped from Ray's object store would change for every reader).
     """
     from scipy.linalg import blas
 
     a, x, y = (c, u, v) if c.flags.f_contiguous else (c.T, v, u)
-    if not a.flags.f_contiguous or a.dtype != np.float64:
-        raise ValueError(f"Expected a contiguous float64 matrix. Got {a.dtype}, strides {a.strides} instead.")
+    if not a.flags.f_contiguous or a.dtype != np.float64 or not a.flags.writeable:
+        raise ValueError(f"Expected a writable contiguous float64 matrix. Got {a.dtype}, strides {a.strides}, "
+                         f"writable {a.flags.writeable} instead.")
     out = blas.dger(weight, x, y, a=a, overwrite_a=True)
-    if not np.shares_memory(out, a):  # f2py copies a read-only or misaligned ``a``: then write the result back
+    if not np.shares_memory(out, a):  # f2py copies a misaligned ``a``: then write the result back
         a[...] = out

@@ -263,6 +263,8 @@ def _add_low_rank(matrix: F64, terms: Sequence[tuple[float, F64, F64]]) -> None:
     if len(terms) == 1:
         add_outer(matrix, *terms[0])
         return
+    if not matrix.flags.writeable:  # f2py's overwrite_c would write through it (see add_outer)
+        raise ValueError("Expected a writable matrix. Got a read-only one instead: merge into a copy.")
     left = np.stack([w * x for w, x, _ in terms], axis=1)  # (Du, k)
     right = np.stack([y for _, _, y in terms], axis=1)  # (Dv, k)
     out = blas.dgemm(1.0, left, right, beta=1.0, c=matrix, trans_b=True, overwrite_c=True)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from hrsa.analyze.streaming.stream import fold_segment, merge_partials
 from hrsa.runtime.placement import PlacementError, describe_nodes
+from hrsa.runtime.resident import map_large_allocations, release_freed_heap
 from hrsa.runtime.task_errors import one_line, root_cause
 from hrsa.store.errors import HrsaError
 
@@ -167,8 +168,6 @@ def _measured(kind: str, before: list[TaskRecord], run: Callable[[], Any]) -> tu
 
     import ray
 
-    from hrsa.runtime.resident import map_large_allocations, release_freed_heap
-
     map_large_allocations()  # as in one process: the worker's resident set follows the arrays alive
     tracing = tracemalloc.is_tracing()
     if tracing:
@@ -178,8 +177,10 @@ def _measured(kind: str, before: list[TaskRecord], run: Callable[[], Any]) -> tu
 
         tracemalloc.reset_peak()
         start = tracemalloc.get_traced_memory()[0]
-    value = run()
-    peak = tracemalloc.get_traced_memory()[1] - start if tracing else None
-    # Ray reuses workers: what glibc keeps of this task's freed heap would count against the next task's budget.
-    release_freed_heap()
+    try:
+        value = run()
+        peak = tracemalloc.get_traced_memory()[1] - start if tracing else None
+    finally:
+        # Ray reuses workers: what glibc keeps of this task's freed heap would count against the next task's budget.
+        release_freed_heap()
     return value, [*before, TaskRecord(ray.get_runtime_context().get_node_id(), kind, peak)]
