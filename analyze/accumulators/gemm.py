@@ -105,14 +105,11 @@ def multiply_into(total: np.ndarray | None, u: np.ndarray, v: np.ndarray, beta: 
     """``total = beta total + u^T v`` in place (float64 or float32, as u and v are), no temporary; ``total`` None (or
     ``beta`` 0, when the GEMM ignores what it holds) starts a new sum. Returns the sum.
 
-    With ``block = (du, dv)`` every (du, dv) block of the total gets the sums a GEMM of that block alone gives, so a
-    pair's sums are the same whatever the tile, the plan and the workers. OpenBLAS's kernels for AVX2 (an AMD EPYC)
-    sum an element differently with the shape of the product it is part of (2.4e-4 apart at D = 576 between 576 rows
-    and 1,152; 3e-5 between a block of 16 columns at the end of 32 and inside 64), its kernels for AVX-512 (SkylakeX)
-    and MKL did not. So one GEMM of the whole total where a probe of this library at these block sizes
-    (:func:`_whole_equals_blocks`, once per process) finds it bit for bit equal to a GEMM per block, else a GEMM per
-    block: at (e)'s 8 x 8 tiles one GEMM ran at 214 GFLOP/s against 133 per block (SkylakeX, benchmark (h)), and
-    174 against 143 on the AMD machine.
+    One GEMM, or with ``block = (du, dv)`` one GEMM per (du, dv) block of the total (u's columns du at a time against
+    v's dv at a time). OpenBLAS's float32 sums depend on the shape of the product they are part of (2.4e-4 apart at
+    D = 576 between 576 rows and 1,152; 3e-5 between a block of 16 columns at the end of 32 and inside 64), MKL's did
+    not: a tile multiplies each state of A by each state of B on its own, so every pair's sums are the same whatever
+    the tile, the plan and the workers (10% of the GEMM rate at (e)'s tiles on an AMD EPYC, measured).
 
     Args:
         total: (Du, Dv) of u's dtype, writable, Fortran-ordered (the layout the GEMM writes without a copy); or None.
@@ -124,43 +121,10 @@ def multiply_into(total: np.ndarray | None, u: np.ndarray, v: np.ndarray, beta: 
             and total.dtype == u.dtype == v.dtype and u.dtype in (np.float32, np.float64)):
         raise ValueError("multiply_into takes C-ordered u, v and a writable Fortran-ordered total of one float dtype")
     du, dv = block or (max(1, u.shape[1]), max(1, v.shape[1]))
-    if block is not None and (du, dv) != (u.shape[1], v.shape[1]) and _whole_equals_blocks(gemm_library(), u.dtype.char, du, dv):
-        du, dv = max(1, u.shape[1]), max(1, v.shape[1])
     for i in range(0, u.shape[1], du):
         for j in range(0, v.shape[1], dv):
             _gemm(total[i : i + du, j : j + dv], u[:, i : i + du], v[:, j : j + dv], beta)
     return total
-
-
-#: The largest blocks the probe runs at (bytes of its 3 x 3 total are 9 du dv of the dtype): beyond them a GEMM per
-#: block is large enough to run near the library's rate, and the probe would cost memory the plan does not count.
-_PROBE_MAX_BLOCK = 1024
-_PROBE_ROWS = 256  # the blocks' sum along k is split the same way in both products: k does not change the verdict
-
-
-@cache
-def _whole_equals_blocks(library: str, dtype: str, du: int, dv: int) -> bool:
-    """Whether one GEMM of a tile of (du, dv) blocks gives every block bit for bit what a GEMM of the block alone
-    does, as :func:`multiply_into` runs them (beta 0, then 1), for tiles of 3 x 3, 1 x 3 and 3 x 1 blocks of random
-    data with offsets, on ``library`` (the one :func:`gemm_library` names: the cache's key). Cached per process: a
-    library's order of summation depends on shapes, not on values."""
-    if max(du, dv) > _PROBE_MAX_BLOCK:
-        return False
-    rng = np.random.default_rng(0)
-    for rows, cols in ((3, 3), (1, 3), (3, 1)):
-        u = [(rng.standard_normal((_PROBE_ROWS, rows * du)) + 3).astype(dtype) for _ in range(2)]
-        v = [(rng.standard_normal((_PROBE_ROWS, cols * dv)) - 2).astype(dtype) for _ in range(2)]
-        whole = np.zeros((rows * du, cols * dv), dtype=dtype, order="F")
-        for step in range(2):
-            _gemm(whole, u[step], v[step], float(step))
-        for i in range(rows):
-            for j in range(cols):
-                one = np.zeros((du, dv), dtype=dtype, order="F")
-                for step in range(2):
-                    _gemm(one, u[step][:, i * du : (i + 1) * du], v[step][:, j * dv : (j + 1) * dv], float(step))
-                if not np.array_equal(one, whole[i * du : (i + 1) * du, j * dv : (j + 1) * dv]):
-                    return False
-    return True
 
 
 def _gemm(total: np.ndarray, u: np.ndarray, v: np.ndarray, beta: float) -> None:

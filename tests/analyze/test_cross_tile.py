@@ -255,35 +255,3 @@ def test_a_pair_s_float32_sums_do_not_depend_on_the_tile_around_it(gemm_path) ->
     alone = pair_sum(keys_a[:1], keys_b[:1])
     for rows, cols in ((keys_a[:2], keys_b[:2]), (keys_a[:2], keys_b), (keys_a, keys_b[:1])):
         assert np.array_equal(pair_sum(rows, cols), alone)
-
-
-def test_one_gemm_of_the_tile_only_where_the_probe_finds_it_equal_to_a_gemm_per_pair(monkeypatch) -> None:
-    """multiply_into runs one GEMM of the whole total where the library's sums of a block do not depend on the product
-    around it (probed once per library, dtype and block size), a GEMM per pair of states otherwise."""
-    from hrsa.analyze.accumulators import gemm
-
-    calls: list[tuple[int, int]] = []
-    real = gemm._gemm
-    monkeypatch.setattr(gemm, "_gemm", lambda total, u, v, beta: (calls.append(total.shape), real(total, u, v, beta)))
-    rng = np.random.default_rng(5)
-    u, v = rng.standard_normal((64, 3 * 8), dtype=np.float32), rng.standard_normal((64, 2 * 8), dtype=np.float32)
-    for equal, expected in ((True, [(24, 16)]), (False, [(8, 8)] * 6)):
-        monkeypatch.setattr(gemm, "_whole_equals_blocks", lambda *a, equal=equal: equal)
-        calls.clear()
-        total = multiply_into(None, u, v, block=(8, 8))
-        assert calls == expected
-        np.testing.assert_allclose(total, u.T.astype(np.float64) @ v, rtol=1e-5, atol=1e-5)
-
-
-def test_the_probe_refuses_a_library_whose_sums_depend_on_the_product_around_them(monkeypatch) -> None:
-    from hrsa.analyze.accumulators import gemm
-
-    real = gemm._gemm
-
-    def shape_dependent(total, u, v, beta):  # as OpenBLAS's AVX2 kernels: a wider product sums a little differently
-        real(total, u, v, beta)
-        if total.shape[1] > 16:
-            total += np.finfo(total.dtype).eps * np.abs(total)
-
-    monkeypatch.setattr(gemm, "_gemm", shape_dependent)
-    assert not gemm._whole_equals_blocks.__wrapped__("test-library", "f", 16, 16)
