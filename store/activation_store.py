@@ -41,12 +41,19 @@ from hrsa.store.errors import (
 )
 from hrsa.store.format import ATTRS_KEY, DEFAULT_CODEC, choose_layout
 from hrsa.store.ids import parse_id
-from hrsa.store.model import ModelInfo, check_model_spec, create_model_group, hidden_key, read_model_info
+from hrsa.store.model import (
+    ModelInfo,
+    check_model_spec,
+    create_model_group,
+    hidden_key,
+    parse_model_attrs,
+    read_model_info,
+)
 from hrsa.store.opening import open_root
 from hrsa.store.reading import CheckedArray
 from hrsa.store.result_records import ResultRecords
 from hrsa.store.selection import TokenFilter, TokenSelection, resolve_selection
-from hrsa.store.objects import check_create_if_absent, delete_key, delete_prefix, ensure_group, list_keys
+from hrsa.store.objects import check_create_if_absent, delete_key, delete_prefix, ensure_group, get_bytes, list_keys
 from hrsa.store.units import ModelWriter, done_units
 
 if TYPE_CHECKING:
@@ -481,18 +488,27 @@ class ActivationStore(ResultRecords):
         return self.model_info(mid)
 
     def _clear_half_created(self, mid: str, info: ModelInfo) -> None:
-        """Make room for ``info`` where a creation was interrupted, deleting no array the new model will use.
+        """Make room for ``info`` where a creation (or a deletion) was interrupted, deleting nothing that a
+        coordinator creating this model at this very moment has written.
 
-        The group metadata goes (torn or without attributes), with any done records and claims and the arrays of
-        hidden states ``info`` does not store; same-shaped arrays are kept, so a coordinator creating this model at
-        this very moment loses nothing of its own.
+        What this process probed may be stale: another coordinator may have been between its arrays and its group
+        metadata then, and have finished since. So the records (done records, claims, format 1's flags) are listed
+        first and the group's metadata read after: records that exist while the metadata is absent or invalid are
+        a dead model's (creators write the metadata before any record), and only those listed go. Metadata that
+        reads as a model now is another coordinator's, kept with everything under it; invalid metadata (torn,
+        without attributes: no creator writes that) is deleted unless it changed since it was read. Arrays of
+        hidden states ``info`` does not store go; same-shaped arrays stay (a live creator's, or refilled).
         """
         prefix = self._key(f"models/{mid}")
         store = self._root.store
-        delete_key(store, f"{prefix}/zarr.json")
-        delete_prefix(store, f"{prefix}/done")
-        delete_prefix(store, f"{prefix}/claims")
-        delete_prefix(store, f"{prefix}/units")  # format 1's flags
+        records = [key for key in list_keys(store, prefix) if key.split("/")[0] in ("done", "claims", "units")]
+        metadata = get_bytes(store, f"{prefix}/zarr.json")
+        if metadata is not None and _is_model_metadata(mid, metadata):
+            return  # created by another coordinator since the probe: create_model_group compares its settings
+        for key in records:
+            delete_key(store, f"{prefix}/{key}")
+        if metadata is not None and get_bytes(store, f"{prefix}/zarr.json") == metadata:
+            delete_key(store, f"{prefix}/zarr.json")
         kept = {hidden_key(k) for k in info.hidden_states}
         stale = {f"hidden/{key.split('/')[1]}" for key in list_keys(store, prefix) if key.startswith("hidden/") and key.count("/") >= 2}
         for path in sorted(stale - kept):
@@ -528,6 +544,17 @@ class ActivationStore(ResultRecords):
         methods above (``hidden_state``, ``create_results``...) are the interface to it.
         """
         return self._root[path]
+
+
+def _is_model_metadata(mid: str, metadata: bytes) -> bool:
+    """Whether a group's ``zarr.json`` holds a model's valid attributes."""
+    import json
+
+    try:
+        parse_model_attrs(mid, json.loads(metadata).get("attributes", {}).get(ATTRS_KEY))
+    except (ValueError, AttributeError):  # json's errors are ValueErrors; a document that is not an object
+        return False
+    return True
 
 
 def _count(selected: slice | np.ndarray) -> int:

@@ -11,13 +11,14 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Any
 
 import numpy as np
 import pytest
 
 from hrsa.store import ActivationStore
-from hrsa.store.objects import get_bytes, list_keys, put_bytes
-from hrsa.store.testing import LAYERS, expected_layer, fill_model, new_model, unit_values
+from hrsa.store.objects import delete_key, get_bytes, list_keys, put_bytes
+from hrsa.store.testing import LAYERS, expected_layer, fill_model, make_table, new_model, unit_values
 from hrsa.store.unit_records import Claim
 from hrsa.store.verify import verify_store
 
@@ -60,6 +61,62 @@ def test_racing_writers_create_one_store_and_write_each_unit_exactly_once(target
     for k in range(LAYERS):
         assert np.array_equal(store.hidden_state("m", k).compute(), expected_layer(store, "m", k))
 
+
+def _stale_probe(store: ActivationStore, monkeypatch: pytest.MonkeyPatch, before_clearing: Any) -> None:
+    """Make ``store`` see model "m" half-created once (as while another coordinator was between its arrays and its
+    group metadata), then run ``before_clearing``: what that coordinator did since."""
+    probe = store._probe_model
+    seen = iter([("half-created", None)])
+
+    def stale(mid: str) -> tuple[str, Any]:
+        answer = next(seen, None)
+        if answer is None:
+            return probe(mid)
+        before_clearing()
+        return answer
+
+    monkeypatch.setattr(store, "_probe_model", stale)
+
+
+def test_a_creator_that_saw_the_model_half_created_keeps_what_another_finished_meanwhile(
+    target: Target, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Coordinator B probes while A is mid-creation; A then finishes and writes a unit (its claim still held on
+    another). B's re-run (exist_ok) must keep A's metadata, done record and claim: it found them, it did not leave them."""
+    a = target.open("a")
+    cid = a.write_corpus(make_table(), tokenizer={"name": "test-tok", "fingerprint": "fp-1"}, source="test")
+    spec = {"corpus": cid, "n_hidden_states": LAYERS, "hidden_size": 24, "dtype": "float32", "chunk_tokens": 32,
+            "shard_tokens": 128, "exist_ok": True}
+    b = target.open("a")
+    held: list[Any] = []
+
+    def a_creates_and_writes() -> None:
+        a.create_model("m", **spec)
+        writer = a.writer("m")
+        unit = writer.units()[0]
+        writer.write_unit(unit, {k: unit_values(0, unit.start, unit.stop, k, "float32") for k in range(LAYERS)})
+        held.extend([writer.claim(writer.units()[1]), get_bytes(_raw(a), "models/m/zarr.json")])
+
+    _stale_probe(b, monkeypatch, a_creates_and_writes)
+    assert b.create_model("m", **spec) == a.model_info("m")
+    claim, meta = held
+    assert claim is not None and meta is not None and get_bytes(_raw(a), "models/m/zarr.json") == meta
+    assert a.writer("m").done_mask().tolist() == [True] + [False] * 7
+    assert a.writer("m").holder(a.writer("m").units()[1]) is not None
+    assert [p.what.split(";")[0] for p in verify_store(a).problems] == ["7 of 8 work units not done"]
+
+
+def test_a_re_run_clears_the_records_a_half_deleted_model_left_but_not_a_live_creators(target: Target) -> None:
+    """A model deleted part-way (records left, metadata gone) is half-created: a re-run starts it clean, units undone."""
+    store = target.open("a")
+    new_model(store, "m", shard_tokens=128, chunk_tokens=32)
+    fill_model(store, "m")
+    delete_key(_raw(store), "models/m/zarr.json")  # a delete_model killed after the group's metadata
+    assert store.half_created_models() == ["m"]
+    new_model(store, "m", shard_tokens=128, chunk_tokens=32, exist_ok=True)
+    assert not store.writer("m").done_mask().any()
+    fill_model(store, "m")
+    assert verify_store(store).ok
 
 def _raw(store: ActivationStore):  # type: ignore[no-untyped-def]
     return store.group("models").store
