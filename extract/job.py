@@ -366,7 +366,27 @@ def _dispatch(workers: list[Any], mid: str, pending: list[int], on_result: Calla
     while inflight:
         (ref,), _ = ray.wait(list(inflight), num_returns=1)
         w, index = inflight.pop(ref)
-        results.append(_call(ref, f"unit {index} of model {mid}"))
+        try:
+            results.append(_call(ref, f"unit {index} of model {mid}"))
+        except Exception:
+            _settle(list(inflight))
+            raise
         on_result(results[-1])
         submit(w)
     return results
+
+
+SETTLE_S = 60.0
+
+
+def _settle(refs: list[Any]) -> None:
+    """Let the units still in flight finish (or fail) before a failure is raised, up to SETTLE_S.
+
+    Killing the workers at once would leave a unit half-written by one of them racing the caller: Ray's kill returns
+    before the worker process is gone, so a re-run started right after could find a unit done that the failed run
+    reported as not done. A unit is written in seconds; a worker stuck longer is killed with its unit pending.
+    """
+    import ray
+
+    if refs:
+        ray.wait(refs, num_returns=len(refs), timeout=SETTLE_S)
