@@ -356,21 +356,13 @@ def test_every_ray_task_stays_under_the_per_worker_estimate_it_asked_ray_for(url
 _AFTER_AN_ANALYSIS = """
 import sys
 import warnings
-import numpy as np
 from hrsa.analyze.pair import analyze_pair
-from hrsa.runtime.resident import resident_bytes
+from hrsa.runtime.resident import freed_blocks_returned
 from hrsa.store import ActivationStore
 
 warnings.simplefilter("ignore")
 analyze_pair(ActivationStore.open(sys.argv[1]), "a", "b", metrics=("cka",), backend="numpy", scheduler="threads")
-np.ones(2**19)  # 4 MB, freed at once: glibc's default would now serve 2 MB blocks from its heap
-blocks, pins = [], []
-for _ in range(256):  # 2 MB blocks, each followed by a small allocation that outlives it
-    blocks.append(np.ones(2**18))
-    pins.append(np.ones(8192))
-before = resident_bytes()
-del blocks
-print(before - resident_bytes())
+print(freed_blocks_returned())
 """
 
 

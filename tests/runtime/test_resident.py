@@ -30,19 +30,11 @@ def test_heap_kept_after_frees_goes_back_before_the_peak_restarts() -> None:
 
 _FRAGMENT = """
 import sys
-import numpy as np
-from hrsa.runtime.resident import map_large_allocations, resident_bytes
+from hrsa.runtime.resident import freed_blocks_returned, map_large_allocations
 
 if sys.argv[1] == "mapped":
     assert map_large_allocations()
-np.ones(2**19)  # 4 MB, freed at once: by default glibc raises its mmap threshold past it, so 2 MB blocks come from the heap
-blocks, pins = [], []
-for _ in range(256):  # a pass's 2 MB blocks, each followed by a small allocation that outlives it (pins the heap)
-    blocks.append(np.ones(2**18))
-    pins.append(np.ones(8192))
-before = resident_bytes()
-del blocks
-print(before - resident_bytes())
+print(freed_blocks_returned())
 """
 
 
