@@ -27,10 +27,11 @@ What it measures, each figure side by side in one run:
     D = 576, N = 20,000 float32 tokens), each in a fresh process: the speed ratio, the ratio of peak memories, and
     hrsa's time against the roofline of the products it ran (its plan's flops at this machine's GEMM rate for the
     same shapes, measured in the same run).
-(h) One cross-layer tile folded stacked (each block centred once, a GEMM per pair into one running sum, Chan's
-    corrections once per run) against a product and a Chan merge per pair; and one block's products four ways (hrsa's:
-    a GEMM per pair by numpy's OpenBLAS through ctypes; one GEMM of the whole tile, the same; torch's addmm_, MKL;
-    scipy's BLAS wrapper): the rate, and how fast a Python thread (the one reading the next block) runs meanwhile.
+(h) One cross-layer tile folded stacked (each block centred once, its GEMMs into one running sum, Chan's
+    corrections once per run) against a product and a Chan merge per pair; and one block's products five ways (hrsa's:
+    one GEMM of the tile where its probe finds the library's sums those of a GEMM per pair, else a GEMM per pair, by
+    numpy's OpenBLAS through ctypes; a GEMM per pair; one GEMM of the whole tile; torch's addmm_, MKL; scipy's BLAS
+    wrapper): the rate, and how fast a Python thread (the one reading the next block) runs meanwhile.
 (g) Plans of a 7B pair (29 x 29, D = 3584, bf16, N = 1M) as Ray tasks for 1, 8 and 32 workers of 16 and 64 GB:
     tiles, segments per tile, reads of the store, bytes read, each worker's peak, and a time projected from (e)'s
     measured throughput per worker (products only).
@@ -382,10 +383,11 @@ def bench_official(cfg: BenchConfig, root: Path) -> float:
 
 
 def bench_stacked(cfg: BenchConfig) -> None:
-    """One cross-layer tile folded both ways over the same blocks: stacked (centred once, a GEMM per pair into one
-    running sum, Chan's corrections once per run) against a product and a Chan merge per pair."""
+    """One cross-layer tile folded both ways over the same blocks: stacked (centred once, its GEMMs into one running
+    sum, Chan's corrections once per run) against a product and a Chan merge per pair."""
     from scipy.linalg import blas
 
+    from hrsa.analyze.accumulators import gemm
     from hrsa.analyze.accumulators.cross_tile import CrossTileMoments, PendingBlocks, multiply_into
     from hrsa.analyze.streaming.backends import NumpyBackend
 
@@ -396,6 +398,7 @@ def bench_stacked(cfg: BenchConfig) -> None:
     print(f"\n(h) one {r} x {r} cross-layer tile, D = {d}, {blocks} blocks of {n} tokens: stacked GEMMs against per-pair")
     for dtype in ("float32", "float64"):
         backend = NumpyBackend(compute_dtype=dtype)
+        gemm.prepare_tile_gemm(dtype, d, d, threads=[gemm.blas_threads()])  # as a pass does before it starts
 
         def stacked() -> CrossTileMoments:
             pending = PendingBlocks(CrossTileMoments.empty([p[0] for p in pairs[::r]], [p[1] for p in pairs[:r]], d, d))
@@ -418,11 +421,12 @@ def bench_stacked(cfg: BenchConfig) -> None:
     # behind it decides the rate (MKL, in torch, takes slow paths on AMD CPUs).
     import torch
 
-    from hrsa.analyze.accumulators.gemm import gemm_library
-
     u = np.concatenate([xs[("a", k)] for k in range(r)], axis=1)  # (n, r D) float32
     total = np.zeros((u.shape[1], u.shape[1]), dtype=np.float32, order="F")
-    ways = {f"hrsa, a GEMM per pair ({Path(gemm_library()).name})": lambda: multiply_into(total, u, u, block=(d, d)),
+    whole = gemm.prepare_tile_gemm("float32", d, d, threads=[gemm.blas_threads()])
+    hrsa = f"hrsa ({'one GEMM: the probe passed' if whole else 'a GEMM per pair: the probe refused'})"
+    ways = {hrsa: lambda: multiply_into(total, u, u, block=(d, d)),
+            f"a GEMM per pair ({Path(gemm.gemm_library()).name})": lambda: gemm._per_block(total, u, u, 1.0, d, d),
             "one GEMM of the tile (the same library)": lambda: multiply_into(total, u, u),
             "torch addmm_": lambda: torch.from_numpy(total.T).T.addmm_(torch.from_numpy(u).T, torch.from_numpy(u)),
             "scipy sgemm": lambda: blas.sgemm(1.0, u.T, u.T, beta=1.0, c=total, trans_b=True, overwrite_c=True)}

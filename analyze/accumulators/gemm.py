@@ -18,12 +18,14 @@ threadpoolctl; torch's ``addmm_`` where numpy was built on another BLAS (no Open
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 import numpy as np
 
-__all__ = ["gemm_library", "multiply_into"]
+__all__ = ["blas_threads", "gemm_library", "multiply_into", "prepare_tile_gemm", "probe_bytes"]
 
 _COL_MAJOR, _NO_TRANS, _TRANS = 102, 111, 112  # CBLAS enums
 
@@ -94,6 +96,20 @@ def _numpy_openblas() -> _Cblas | None:
     return None
 
 
+@cache
+def _threads_of_library() -> Any:
+    """threadpoolctl's controller of :func:`multiply_into`'s library (none where it is torch's). Kept: a fresh one
+    scans every loaded library (~200 kB of Python objects with torch loaded)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController().select(filepath=gemm_library())
+
+
+def blas_threads() -> int:
+    """The threads :func:`multiply_into`'s library runs a GEMM on now (1 where it is torch's)."""
+    return next((int(lib["num_threads"]) for lib in _threads_of_library().info()), 1)
+
+
 def gemm_library() -> str:
     """Which GEMM :func:`multiply_into` runs here (for benchmarks and plans): a library's path, or "torch"."""
     found = _numpy_openblas()
@@ -105,11 +121,14 @@ def multiply_into(total: np.ndarray | None, u: np.ndarray, v: np.ndarray, beta: 
     """``total = beta total + u^T v`` in place (float64 or float32, as u and v are), no temporary; ``total`` None (or
     ``beta`` 0, when the GEMM ignores what it holds) starts a new sum. Returns the sum.
 
-    One GEMM, or with ``block = (du, dv)`` one GEMM per (du, dv) block of the total (u's columns du at a time against
-    v's dv at a time). OpenBLAS's float32 sums depend on the shape of the product they are part of (2.4e-4 apart at
-    D = 576 between 576 rows and 1,152; 3e-5 between a block of 16 columns at the end of 32 and inside 64), MKL's did
-    not: a tile multiplies each state of A by each state of B on its own, so every pair's sums are the same whatever
-    the tile, the plan and the workers (10% of the GEMM rate at (e)'s tiles on an AMD EPYC, measured).
+    With ``block = (du, dv)`` every (du, dv) block of the total gets the sums a GEMM of that block alone gives, so a
+    pair's sums are the same whatever the tile, the plan and the workers. OpenBLAS's kernels for AVX2 (an AMD EPYC)
+    sum an element differently with the shape of the product it is part of (2.4e-4 apart at D = 576 between 576 rows
+    and 1,152; 3e-5 between a block of 16 columns at the end of 32 and inside 64); its kernels for AVX-512 (SkylakeX)
+    did not. So: one GEMM of the whole total where :func:`prepare_tile_gemm` found it bit for bit equal to a GEMM per
+    block for this library, dtype and block size (at (e)'s 8 x 8 tiles one GEMM ran at 214 GFLOP/s against 133 per
+    block on SkylakeX, benchmark (h)), else a GEMM per block. This function never probes: the probe's arrays would
+    fall inside a pass's memory, so the passes settle it before they start.
 
     Args:
         total: (Du, Dv) of u's dtype, writable, Fortran-ordered (the layout the GEMM writes without a copy); or None.
@@ -121,10 +140,84 @@ def multiply_into(total: np.ndarray | None, u: np.ndarray, v: np.ndarray, beta: 
             and total.dtype == u.dtype == v.dtype and u.dtype in (np.float32, np.float64)):
         raise ValueError("multiply_into takes C-ordered u, v and a writable Fortran-ordered total of one float dtype")
     du, dv = block or (max(1, u.shape[1]), max(1, v.shape[1]))
+    if (block is not None and u.shape[0] * du * dv >= _SMALL_PRODUCT
+            and _WHOLE_TILE.get((gemm_library(), u.dtype.char, du, dv), False)):
+        du, dv = max(1, u.shape[1]), max(1, v.shape[1])
+    _per_block(total, u, v, beta, du, dv)
+    return total
+
+
+def _per_block(total: np.ndarray, u: np.ndarray, v: np.ndarray, beta: float, du: int, dv: int) -> None:
+    """A GEMM per (du, dv) block of ``total``: u's columns du at a time against v's dv at a time."""
     for i in range(0, u.shape[1], du):
         for j in range(0, v.shape[1], dv):
             _gemm(total[i : i + du, j : j + dv], u[:, i : i + du], v[:, j : j + dv], beta)
-    return total
+
+
+#: The probe's verdicts, per (library, dtype char, du, dv): set by prepare_tile_gemm, read by multiply_into.
+_WHOLE_TILE: dict[tuple[str, str, int, int], bool] = {}
+#: Blocks the probe runs at: above, a GEMM per block already runs near the library's rate, and the probe would cost
+#: more memory than it saves time.
+_PROBE_BLOCKS = (128, 1024)
+_PROBE_ROWS = 256  # both ways split their sums along k alike (by k alone): k does not change the verdict
+#: Products smaller than this (rows x du x dv) stay a GEMM per block: OpenBLAS multiplies products of up to 100^3 by
+#: other kernels ("small matrix" paths), which a tile's one GEMM would not take (a selection's short last block).
+_SMALL_PRODUCT = 4 * 100**3
+
+
+def probe_bytes(dtype: np.dtype | str, du: int, dv: int) -> int:
+    """Bytes the probe of (du, dv) blocks allocates (freed before it returns): two 3 x 3 totals, their inputs and the
+    booleans of their comparison."""
+    return np.dtype(dtype).itemsize * (18 * du * dv + 2 * _PROBE_ROWS * 3 * (du + dv)) + 9 * du * dv
+
+
+def prepare_tile_gemm(dtype: np.dtype | str, du: int, dv: int, *, threads: Iterable[int],
+                      limit_bytes: int | None = None) -> bool:
+    """Whether :func:`multiply_into` may run one GEMM of a total made of (du, dv) blocks: probed once per process,
+    library, dtype and block size; the passes call it before their memory is counted.
+
+    The probe multiplies tiles of 3 x 3, 1 x 3 and 3 x 1 blocks of random data with offsets both ways (one GEMM; a
+    GEMM per block), beta 0 then 1 as the passes do, at each of ``threads`` BLAS threads (how a product is split among
+    threads is one more shape its sums could follow): every result must be bit for bit the same. A library's order of
+    summation depends on shapes, not on values.
+
+    No probe, and a GEMM per block, for blocks outside :data:`_PROBE_BLOCKS`, or where the probe's arrays
+    (:func:`probe_bytes`) would exceed ``limit_bytes`` (the plan's peak: the probe runs before the accumulators
+    exist, so it never raises the process's peak above the plan's).
+    """
+    char = np.dtype(dtype).char
+    key = (gemm_library(), char, du, dv)
+    if key not in _WHOLE_TILE:
+        low, high = _PROBE_BLOCKS
+        if not low <= min(du, dv) <= max(du, dv) <= high or (limit_bytes is not None and probe_bytes(dtype, du, dv) > limit_bytes):
+            return False
+        _WHOLE_TILE[key] = all(_same_sums(char, du, dv, rows, cols, sorted(set(threads)))
+                               for rows, cols in ((3, 3), (1, 3), (3, 1)))
+    return _WHOLE_TILE[key]
+
+
+def _same_sums(dtype: str, du: int, dv: int, rows: int, cols: int, threads: list[int]) -> bool:
+    """Whether a tile of rows x cols (du, dv) blocks sums bit for bit alike as one GEMM and as a GEMM per block, at
+    every thread count."""
+    rng = np.random.default_rng(0)
+    u = [rng.standard_normal((_PROBE_ROWS, rows * du), dtype=dtype) for _ in range(2)]
+    v = [rng.standard_normal((_PROBE_ROWS, cols * dv), dtype=dtype) for _ in range(2)]
+    for x, offset in ((u, 3.0), (v, -2.0)):  # offsets, as activations have: in place (the probe's memory is counted)
+        for part in x:
+            part += offset
+    first = None
+    for count in threads:
+        for block in (None, (du, dv)):
+            total = np.empty((rows * du, cols * dv), dtype=dtype, order="F")
+            with _threads_of_library().limit(limits=max(1, count)):
+                for step in range(2):
+                    _per_block(total, u[step], v[step], float(step), *(block or total.shape))
+            if first is None:
+                first = total
+            elif not np.array_equal(first, total):
+                return False
+            del total  # two totals alive at most: the first and the one compared with it
+    return True
 
 
 def _gemm(total: np.ndarray, u: np.ndarray, v: np.ndarray, beta: float) -> None:

@@ -20,7 +20,7 @@ from hrsa.analyze.metrics import UnderdeterminedWarning
 from hrsa.analyze.pair.layer_metrics import layer_results, layer_scores
 from hrsa.analyze.pair.uncertainty import layer_intervals, layer_nulls
 from hrsa.analyze.streaming.ray_passes import TilePass, run_tiles_on_ray, task_resources
-from hrsa.analyze.streaming.stream import StateReader, TokenBlock, run_tile, split_segments
+from hrsa.analyze.streaming.stream import StateReader, TokenBlock, prepare_products, run_tile, split_segments
 from hrsa.runtime.resident import map_large_allocations
 
 if TYPE_CHECKING:
@@ -116,7 +116,9 @@ def run_passes(
                 on_block(pair.n_tokens)
     else:
         for tile in pair.plan.tiles:
-            acc = run_tile(tile, reader(tile), segments(tile, pair.plan.workers), backend_of(tile), scheduler, on_block)
+            tile_reader = reader(tile)
+            prepare_products(tile, tile_reader, backend_of(tile), pair.plan.estimated_peak, pair.plan.workers)
+            acc = run_tile(tile, tile_reader, segments(tile, pair.plan.workers), backend_of(tile), scheduler, on_block)
             m, s = finish(tile, acc)
             del acc  # free the tile's D x D accumulators before the next pass
             matched.update(m)

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from hrsa.analyze.streaming.stream import fold_segment, merge_partials
+from hrsa.analyze.streaming.stream import fold_segment, merge_partials, prepare_products
 from hrsa.runtime.placement import PlacementError, describe_nodes
 from hrsa.runtime.resident import map_large_allocations, release_freed_heap
 from hrsa.runtime.task_errors import one_line, root_cause
@@ -112,7 +112,7 @@ def run_tiles_on_ray(passes: Sequence[TilePass], finish: Finish, options: dict[s
     done = ray.remote(_finish_task).options(**options)
 
     def submit(job: TilePass) -> Any:
-        parts = [fold.remote(job.tile, job.reader, segment, job.backend) for segment in job.segments]
+        parts = [fold.remote(job.tile, job.reader, segment, job.backend, options["memory"]) for segment in job.segments]
         while len(parts) > 1:  # a tree of merges of two: each holds one output beside its inputs
             parts = [merge.remote(*parts[i : i + 2]) if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)]
         return done.remote(job.tile, parts[0], finish)
@@ -145,8 +145,9 @@ def _failure(error: Exception) -> Exception:
     )
 
 
-def _fold_task(tile: Tile, reader: StateReader, blocks: tuple[TokenBlock, ...], backend: ChunkBackend
-               ) -> tuple[Any, list[TaskRecord]]:
+def _fold_task(tile: Tile, reader: StateReader, blocks: tuple[TokenBlock, ...], backend: ChunkBackend,
+               limit_bytes: int) -> tuple[Any, list[TaskRecord]]:
+    prepare_products(tile, reader, backend, limit_bytes)  # once per worker process, before the task's memory counts
     return _measured("fold", [], lambda: fold_segment(tile, reader, blocks, backend))
 
 

@@ -199,6 +199,21 @@ class StateReader:
         return self.arrays[key][start : start + self.block_tokens][block.rows]
 
 
+def prepare_products(tile: Tile, reader: StateReader, backend: ChunkBackend, limit_bytes: int,
+                     workers: int | None = None) -> None:
+    """Settle how a cross-layer tile's products run (one GEMM of the tile, or one per pair: see
+    :func:`~hrsa.analyze.accumulators.gemm.prepare_tile_gemm`) before the pass's memory counts: once per process.
+    ``workers``: the Dask threads of a local pass (its BLAS threads are the cores split among them)."""
+    if backend.name != "numpy" or tile.rectangle is None:
+        return
+    from hrsa.analyze.accumulators.gemm import blas_threads, prepare_tile_gemm
+
+    rows, cols = tile.rectangle
+    threads = {blas_threads()} | ({max(1, (os.cpu_count() or 1) // workers)} if workers else set())
+    prepare_tile_gemm(backend.compute_dtype, reader.arrays[rows[0]].shape[1], reader.arrays[cols[0]].shape[1],
+                      threads=threads, limit_bytes=limit_bytes)
+
+
 def fold_segment(
     tile: Tile,
     reader: StateReader,

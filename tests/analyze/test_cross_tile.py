@@ -238,20 +238,131 @@ def test_a_blas_binding_that_computes_wrong_products_is_not_used(monkeypatch) ->
     assert not gemm._agrees_with_matmul(Transposed(bound.path, bound.sgemm, bound.dgemm, bound.int_type))
 
 
-def test_a_pair_s_float32_sums_do_not_depend_on_the_tile_around_it(gemm_path) -> None:
+@pytest.mark.parametrize("d", [16, 128])
+def test_a_pair_s_float32_sums_do_not_depend_on_the_tile_around_it(gemm_path, d, verdicts, monkeypatch) -> None:
     """The same pair in a 2 x 2 tile, a 2 x 4 tile, a 3 x 1 tile and alone: bit for bit the same float32 sums (one
-    GEMM of a whole tile put OpenBLAS's edge kernels on different pairs: 2e-4 apart at D = 16)."""
+    GEMM of a whole tile put OpenBLAS's AVX2 edge kernels on different pairs: 2e-4 apart at D = 16). At D = 128 with
+    this library's own verdict: one GEMM of the tile where its probe passed (here, if it did), else one per pair."""
+    from hrsa.analyze.accumulators.gemm import blas_threads, prepare_tile_gemm
+
+    whole = prepare_tile_gemm("float32", d, d, threads=[blas_threads()])
+    calls = _counted_gemm(monkeypatch)
     rng = np.random.default_rng(8)
     keys_a, keys_b = [("a", i) for i in range(3)], [("b", j) for j in range(4)]
-    xs = {k: (rng.normal(size=(1000, 16)) * 3 + 100).astype(np.float32) for k in (*keys_a, *keys_b)}
+    xs = {k: (rng.normal(size=(1000, d)) * 3 + 100).astype(np.float32) for k in (*keys_a, *keys_b)}
     backend = NumpyBackend(compute_dtype="float32")
 
     def pair_sum(rows, cols) -> np.ndarray:
-        pending = PendingBlocks(CrossTileMoments.empty(rows, cols, 16, 16))
-        for lo in range(0, 1000, 128):
-            backend.fold_cross_tile(pending, {k: v[lo : lo + 128] for k, v in xs.items()})
+        pending = PendingBlocks(CrossTileMoments.empty(rows, cols, d, d))
+        for lo in range(0, 1000, 256):  # the last block of 232 rows is under the small-matrix size at D = 128
+            backend.fold_cross_tile(pending, {k: v[lo : lo + 256] for k, v in xs.items()})
         return dict(pending.flush().items())[(("a", 0), ("b", 0))].c_xy
 
     alone = pair_sum(keys_a[:1], keys_b[:1])
     for rows, cols in ((keys_a[:2], keys_b[:2]), (keys_a[:2], keys_b), (keys_a, keys_b[:1])):
         assert np.array_equal(pair_sum(rows, cols), alone)
+    assert ((2 * d, 4 * d) in calls) is whole  # the 2 x 4 tile as one GEMM where the probe passed
+
+
+@pytest.fixture
+def verdicts(monkeypatch):
+    """multiply_into's verdicts, empty for the test (the process's own are left as they were)."""
+    from hrsa.analyze.accumulators import gemm
+
+    fresh: dict = {}
+    monkeypatch.setattr(gemm, "_WHOLE_TILE", fresh)
+    return fresh
+
+
+def _counted_gemm(monkeypatch) -> list[tuple[int, int]]:
+    from hrsa.analyze.accumulators import gemm
+
+    calls: list[tuple[int, int]] = []
+    real = gemm._gemm
+    monkeypatch.setattr(gemm, "_gemm", lambda total, u, v, beta: (calls.append(total.shape), real(total, u, v, beta)))
+    return calls
+
+
+def test_one_gemm_of_the_tile_only_where_the_probe_passed_and_never_a_probe_of_its_own(monkeypatch, verdicts) -> None:
+    """multiply_into reads the verdict prepare_tile_gemm left (a GEMM per pair without one: it never probes, since
+    the probe's arrays would fall inside a pass's measured memory); a product under OpenBLAS's small-matrix size
+    stays a GEMM per pair whatever the verdict."""
+    from hrsa.analyze.accumulators import gemm
+
+    monkeypatch.setattr(gemm, "_same_sums", lambda *a: pytest.fail("multiply_into probed"))
+    calls = _counted_gemm(monkeypatch)
+    rng = np.random.default_rng(5)
+    u, v = rng.standard_normal((256, 3 * 128), dtype=np.float32), rng.standard_normal((256, 2 * 128), dtype=np.float32)
+    key = (gemm.gemm_library(), "f", 128, 128)
+    for verdict, rows, expected in ((None, 256, [(128, 128)] * 6), (True, 256, [(384, 256)]),
+                                    (False, 256, [(128, 128)] * 6), (True, 200, [(128, 128)] * 6)):
+        verdicts.clear()
+        if verdict is not None:
+            verdicts[key] = verdict
+        calls.clear()
+        total = multiply_into(None, u[:rows], v[:rows], block=(128, 128))
+        assert calls == expected, (verdict, rows)
+        np.testing.assert_allclose(total, u[:rows].T.astype(np.float64) @ v[:rows], rtol=1e-4, atol=1e-3)
+
+
+def test_the_probe_refuses_a_library_whose_sums_depend_on_the_product_around_them(monkeypatch, verdicts) -> None:
+    from hrsa.analyze.accumulators import gemm
+
+    real = gemm._gemm
+
+    def shape_dependent(total, u, v, beta):  # as OpenBLAS's AVX2 kernels: a wider product sums a little differently
+        real(total, u, v, beta)
+        if total.shape[1] > 128:
+            total += np.finfo(total.dtype).eps * np.abs(total)
+
+    monkeypatch.setattr(gemm, "_gemm", shape_dependent)
+    assert not gemm.prepare_tile_gemm("float32", 128, 128, threads=[1])
+    assert list(verdicts.values()) == [False]
+
+
+def test_the_probe_refuses_sums_that_follow_the_thread_count(monkeypatch, verdicts) -> None:
+    from threadpoolctl import threadpool_info
+
+    from hrsa.analyze.accumulators import gemm
+
+    real = gemm._gemm
+
+    def thread_dependent(total, u, v, beta):
+        real(total, u, v, beta)
+        if gemm.blas_threads() > 1:
+            total += np.finfo(total.dtype).eps * np.abs(total)
+
+    if not any(lib["filepath"] == gemm.gemm_library() for lib in threadpool_info()):
+        pytest.skip("no OpenBLAS whose threads threadpoolctl sets")
+    monkeypatch.setattr(gemm, "_gemm", thread_dependent)
+    assert gemm.prepare_tile_gemm("float64", 128, 128, threads=[1])  # one thread count: nothing to differ
+    verdicts.clear()
+    assert not gemm.prepare_tile_gemm("float64", 128, 128, threads=[1, 2])
+
+
+@pytest.mark.parametrize(("du", "limit", "probed"), [(128, None, True), (96, None, False), (2048, None, False),
+                                                      (128, 1_000_000, False)])
+def test_the_probe_runs_only_at_sizes_it_tells_and_within_the_plan_s_memory(monkeypatch, verdicts, du, limit, probed) -> None:
+    """Small blocks take other kernels, large ones gain little; a probe larger than the plan's peak is not run (it runs
+    before the accumulators exist, so within the peak it never raises the process's)."""
+    from hrsa.analyze.accumulators import gemm
+
+    monkeypatch.setattr(gemm, "_same_sums", lambda *a: True)
+    assert gemm.prepare_tile_gemm("float32", du, du, threads=[1], limit_bytes=limit) is probed
+    assert bool(verdicts) is probed
+    assert gemm.probe_bytes("float32", 128, 128) > 1_000_000
+
+
+def test_the_probe_measures_what_it_says_it_allocates(verdicts) -> None:
+    import tracemalloc
+
+    from hrsa.analyze.accumulators import gemm
+
+    tracemalloc.start()
+    try:
+        gemm.prepare_tile_gemm("float64", 256, 128, threads=[1])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Beside the arrays: threadpoolctl's limits and the generator, 40-60 kB of Python objects (an extra block: 262 kB).
+    assert gemm.probe_bytes("float64", 256, 128) <= peak <= gemm.probe_bytes("float64", 256, 128) + 100_000, peak

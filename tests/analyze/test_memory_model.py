@@ -61,7 +61,7 @@ CASES = [(backend, compute, stored, workers)
          for stored in ("float32", "bfloat16") for workers in (1, 2)]
 
 
-def build_store(url: str, dtype: str) -> None:
+def build_store(url: str, dtype: str, d: int = D) -> None:
     """Models "a" and "b" (B a noisy mix of A, both with offsets of up to 1e3) on one corpus of ``DOCS``."""
     from hrsa.store.testing import make_table
 
@@ -70,12 +70,12 @@ def build_store(url: str, dtype: str) -> None:
     cid = store.write_corpus(table, tokenizer={"name": "test-tok", "fingerprint": "fp-1"}, source="test")
     rng = np.random.default_rng(3)
     n = table.n_tokens
-    x = {k: rng.normal(size=(n, D)) * rng.uniform(0.5, 3.0, D) + rng.uniform(-1e3, 1e3, D) for k in range(STATES)}
-    mix = np.eye(D) + 0.3 * rng.normal(size=(D, D)) / np.sqrt(D)  # (D, D)
-    y = {k: v @ mix + rng.normal(size=(n, D)) for k, v in x.items()}
+    x = {k: rng.normal(size=(n, d)) * rng.uniform(0.5, 3.0, d) + rng.uniform(-1e3, 1e3, d) for k in range(STATES)}
+    mix = np.eye(d) + 0.3 * rng.normal(size=(d, d)) / np.sqrt(d)  # (d, d)
+    y = {k: v @ mix + rng.normal(size=(n, d)) for k, v in x.items()}
     logical = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
     for mid, states in (("a", x), ("b", y)):
-        store.create_model(mid, corpus=cid, n_hidden_states=STATES, hidden_size=D, dtype=dtype,
+        store.create_model(mid, corpus=cid, n_hidden_states=STATES, hidden_size=d, dtype=dtype,
                            hidden_states=list(range(STATES)), chunk_tokens=CHUNK, shard_tokens=SHARD)
         writer = store.writer(mid)
         for unit in writer.units():
@@ -351,6 +351,33 @@ def test_every_ray_task_stays_under_the_per_worker_estimate_it_asked_ray_for(url
     assert all(0 < peak <= plan.estimated_peak + MACHINERY for peak in peaks.values()), (peaks, plan.estimated_peak)
     accumulators = _accumulator_bytes(_folded(store, pair, plan.tiles[0], pair.blocks[:1]))
     assert peaks["merge"] <= accumulators + 16 * 8 * D * len(plan.tiles[0].pairs), (peaks["merge"], accumulators)
+
+
+@pytest.mark.parametrize("compute", ["float32", "float64"])
+def test_the_gemm_probe_runs_before_the_passes_within_the_plan_s_peak(tmp_path, monkeypatch, compute: str) -> None:
+    """From D = 128 a cross-layer pass runs one GEMM of its tile where a probe of the library allows it (see
+    accumulators/gemm.py): the probe runs once per process before the accumulators exist, and only where its arrays
+    fit the plan's peak, so an analysis whose first pass probes still stays under its estimate."""
+    from hrsa.analyze.accumulators import gemm
+    from hrsa.analyze.pair import analyze_pair
+
+    url = str(tmp_path / "store")
+    build_store(url, "float32", d=128)
+    store = ActivationStore.open(url)
+    run = {"metrics": ("cka",), "cross_layer": True, "memory_budget": "256MB", "block_tokens": BLOCK, "workers": 1,
+           "scheduler": "threads", "backend": "numpy", "compute_dtype": compute}
+    analyze_pair(store, "a", "b", **run)  # warm-up: imports, pools, the library's first calls
+    monkeypatch.setattr(gemm, "_WHOLE_TILE", {})
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        res = analyze_pair(store, "a", "b", **run)
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert len(gemm._WHOLE_TILE) == 1  # it probed, once
+    assert gemm.probe_bytes(compute, 128, 128) <= res.plan.estimated_peak
+    assert peak <= res.plan.estimated_peak + MACHINERY, (peak, res.plan.estimated_peak)
 
 
 _AFTER_AN_ANALYSIS = """
