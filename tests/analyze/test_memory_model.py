@@ -238,14 +238,19 @@ def test_a_whole_analyze_pair_run_stays_under_its_estimate(urls, groups: int) ->
         warnings.simplefilter("ignore", UnderdeterminedWarning)
         run = {**kw, "scheduler": "threads", "backend": "numpy", "compute_dtype": "float64", "groups": groups}
         analyze_pair(store, "a", "b", **run)  # warm-up
-        tracemalloc.start()
-        try:
-            before = tracemalloc.get_traced_memory()[0]
-            res = analyze_pair(store, "a", "b", **run)
-            peak = tracemalloc.get_traced_memory()[1] - before
-        finally:
-            tracemalloc.stop()
+        res, peak = traced_peak(lambda: analyze_pair(store, "a", "b", **run))
     assert peak <= res.plan.estimated_peak + MACHINERY, (peak, res.plan.estimated_peak)
+
+
+def traced_peak(run: Any) -> tuple[Any, int]:
+    """``run()``'s value and the most bytes tracemalloc saw allocated above the start meanwhile."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        value = run()
+        return value, tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
 
 
 def _arrays(value: Any) -> list[np.ndarray]:
@@ -368,13 +373,7 @@ def test_the_gemm_probe_runs_before_the_passes_within_the_plan_s_peak(tmp_path, 
            "scheduler": "threads", "backend": "numpy", "compute_dtype": compute}
     analyze_pair(store, "a", "b", **run)  # warm-up: imports, pools, the library's first calls
     monkeypatch.setattr(gemm, "_WHOLE_TILE", {})
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        res = analyze_pair(store, "a", "b", **run)
-        peak = tracemalloc.get_traced_memory()[1] - before
-    finally:
-        tracemalloc.stop()
+    res, peak = traced_peak(lambda: analyze_pair(store, "a", "b", **run))
     assert len(gemm._WHOLE_TILE) == 1  # it probed, once
     assert gemm.probe_bytes(compute, 128, 128) <= res.plan.estimated_peak
     assert peak <= res.plan.estimated_peak + MACHINERY, (peak, res.plan.estimated_peak)
