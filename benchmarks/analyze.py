@@ -398,7 +398,7 @@ def bench_stacked(cfg: BenchConfig) -> None:
     print(f"\n(h) one {r} x {r} cross-layer tile, D = {d}, {blocks} blocks of {n} tokens: stacked GEMMs against per-pair")
     for dtype in ("float32", "float64"):
         backend = NumpyBackend(compute_dtype=dtype)
-        gemm.prepare_tile_gemm(dtype, d, d, threads=[gemm.blas_threads()])  # as a pass does before it starts
+        gemm.prepare_tile_gemm(dtype, d, d, n, threads=[gemm.blas_threads()])  # as a pass does before it starts
 
         def stacked() -> CrossTileMoments:
             pending = PendingBlocks(CrossTileMoments.empty([p[0] for p in pairs[::r]], [p[1] for p in pairs[:r]], d, d))
@@ -423,7 +423,7 @@ def bench_stacked(cfg: BenchConfig) -> None:
 
     u = np.concatenate([xs[("a", k)] for k in range(r)], axis=1)  # (n, r D) float32
     total = np.zeros((u.shape[1], u.shape[1]), dtype=np.float32, order="F")
-    whole = gemm.prepare_tile_gemm("float32", d, d, threads=[gemm.blas_threads()])
+    whole = gemm.prepare_tile_gemm("float32", d, d, n, threads=[gemm.blas_threads()])
     hrsa = f"hrsa ({'one GEMM: the probe passed' if whole else 'a GEMM per pair: the probe refused'})"
     ways = {hrsa: lambda: multiply_into(total, u, u, block=(d, d)),
             f"a GEMM per pair ({Path(gemm.gemm_library()).name})": lambda: gemm._per_block(total, u, u, 1.0, d, d),

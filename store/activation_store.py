@@ -547,11 +547,15 @@ class ActivationStore(ResultRecords):
 
 
 def _is_model_metadata(mid: str, metadata: bytes) -> bool:
-    """Whether a group's ``zarr.json`` holds a model's valid attributes."""
+    """Whether ``zarr.json`` is a whole model's, as :meth:`ActivationStore._probe_model` judges it: a Zarr v3 group
+    with a model's valid attributes."""
     import json
 
     try:
-        parse_model_attrs(mid, json.loads(metadata).get("attributes", {}).get(ATTRS_KEY))
+        meta = json.loads(metadata)
+        if meta.get("zarr_format") != 3 or meta.get("node_type") != "group":
+            return False
+        parse_model_attrs(mid, meta.get("attributes", {}).get(ATTRS_KEY))
     except (ValueError, AttributeError):  # json's errors are ValueErrors; a document that is not an object
         return False
     return True

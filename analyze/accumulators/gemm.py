@@ -126,9 +126,9 @@ def multiply_into(total: np.ndarray | None, u: np.ndarray, v: np.ndarray, beta: 
     sum an element differently with the shape of the product it is part of (2.4e-4 apart at D = 576 between 576 rows
     and 1,152; 3e-5 between a block of 16 columns at the end of 32 and inside 64); its kernels for AVX-512 (SkylakeX)
     did not. So: one GEMM of the whole total where :func:`prepare_tile_gemm` found it bit for bit equal to a GEMM per
-    block for this library, dtype and block size (at (e)'s 8 x 8 tiles one GEMM ran at 214 GFLOP/s against 133 per
-    block on SkylakeX, benchmark (h)), else a GEMM per block. This function never probes: the probe's arrays would
-    fall inside a pass's memory, so the passes settle it before they start.
+    block for this library, dtype, block size, rows and thread count (at (e)'s 8 x 8 tiles one GEMM ran at 177-214
+    GFLOP/s against 133-144 per block on SkylakeX, benchmark (h)), else a GEMM per block. This function never probes:
+    the probe's arrays would fall inside a pass's memory, so the passes settle it before they start.
 
     Args:
         total: (Du, Dv) of u's dtype, writable, Fortran-ordered (the layout the GEMM writes without a copy); or None.
@@ -140,8 +140,8 @@ def multiply_into(total: np.ndarray | None, u: np.ndarray, v: np.ndarray, beta: 
             and total.dtype == u.dtype == v.dtype and u.dtype in (np.float32, np.float64)):
         raise ValueError("multiply_into takes C-ordered u, v and a writable Fortran-ordered total of one float dtype")
     du, dv = block or (max(1, u.shape[1]), max(1, v.shape[1]))
-    if (block is not None and u.shape[0] * du * dv >= _SMALL_PRODUCT
-            and _WHOLE_TILE.get((gemm_library(), u.dtype.char, du, dv), False)):
+    if (block is not None and _WHOLE_TILE
+            and _WHOLE_TILE.get((gemm_library(), u.dtype.char, du, dv, u.shape[0], blas_threads()), False)):
         du, dv = max(1, u.shape[1]), max(1, v.shape[1])
     _per_block(total, u, v, beta, du, dv)
     return total
@@ -154,69 +154,71 @@ def _per_block(total: np.ndarray, u: np.ndarray, v: np.ndarray, beta: float, du:
             _gemm(total[i : i + du, j : j + dv], u[:, i : i + du], v[:, j : j + dv], beta)
 
 
-#: The probe's verdicts, per (library, dtype char, du, dv): set by prepare_tile_gemm, read by multiply_into.
-_WHOLE_TILE: dict[tuple[str, str, int, int], bool] = {}
+#: The probe's verdicts, per (library, dtype char, du, dv, rows, BLAS threads): set by prepare_tile_gemm, read by
+#: multiply_into for products of exactly that shape at that thread count.
+_WHOLE_TILE: dict[tuple[str, str, int, int, int, int], bool] = {}
 #: Blocks the probe runs at: above, a GEMM per block already runs near the library's rate, and the probe would cost
 #: more memory than it saves time.
 _PROBE_BLOCKS = (128, 1024)
-_PROBE_ROWS = 256  # both ways split their sums along k alike (by k alone): k does not change the verdict
-#: Products smaller than this (rows x du x dv) stay a GEMM per block: OpenBLAS multiplies products of up to 100^3 by
-#: other kernels ("small matrix" paths), which a tile's one GEMM would not take (a selection's short last block).
+#: Products smaller than this (rows x du x dv) are not probed: OpenBLAS multiplies products of up to 100^3 by other
+#: kernels ("small matrix" paths) and runs small ones on fewer threads.
 _SMALL_PRODUCT = 4 * 100**3
 
 
-def probe_bytes(dtype: np.dtype | str, du: int, dv: int) -> int:
-    """Bytes the probe of (du, dv) blocks allocates (freed before it returns): two 3 x 3 totals, their inputs and the
-    booleans of their comparison."""
-    return np.dtype(dtype).itemsize * (18 * du * dv + 2 * _PROBE_ROWS * 3 * (du + dv)) + 9 * du * dv
+def probe_bytes(dtype: np.dtype | str, du: int, dv: int, rows: int) -> int:
+    """Bytes the probe of (du, dv) blocks of ``rows`` rows allocates (freed before it returns): a 3 x 3 tile's inputs
+    and total, one block's total, and the booleans of one block's comparison."""
+    return np.dtype(dtype).itemsize * (rows * 3 * (du + dv) + 10 * du * dv) + du * dv
 
 
-def prepare_tile_gemm(dtype: np.dtype | str, du: int, dv: int, *, threads: Iterable[int],
+def prepare_tile_gemm(dtype: np.dtype | str, du: int, dv: int, rows: int, *, threads: Iterable[int],
                       limit_bytes: int | None = None) -> bool:
-    """Whether :func:`multiply_into` may run one GEMM of a total made of (du, dv) blocks: probed once per process,
-    library, dtype and block size; the passes call it before their memory is counted.
+    """Whether :func:`multiply_into` may run one GEMM of a total made of (du, dv) blocks for products of ``rows`` rows
+    (a pass's full blocks) at every one of ``threads`` BLAS threads: probed once per process, library, dtype and shape;
+    the passes call it before their memory is counted.
 
-    The probe multiplies tiles of 3 x 3, 1 x 3 and 3 x 1 blocks of random data with offsets both ways (one GEMM; a
-    GEMM per block), beta 0 then 1 as the passes do, at each of ``threads`` BLAS threads (how a product is split among
-    threads is one more shape its sums could follow): every result must be bit for bit the same. A library's order of
-    summation depends on shapes, not on values.
+    The probe multiplies tiles of 3 x 3, 1 x 3 and 3 x 1 blocks of random data with offsets both ways (one GEMM; a GEMM
+    per block), beta 0 then 1 as the passes do, at each thread count: each block must come out bit for bit the same.
+    Exactly the pass's products: OpenBLAS splits k differently on one thread and on several once k passes its k-block,
+    so a verdict holds for its rows and thread count only; multiply_into runs a GEMM per block for any other product.
 
-    No probe, and a GEMM per block, for blocks outside :data:`_PROBE_BLOCKS`, or where the probe's arrays
-    (:func:`probe_bytes`) would exceed ``limit_bytes`` (the plan's peak: the probe runs before the accumulators
-    exist, so it never raises the process's peak above the plan's).
+    No probe, and a GEMM per block, where the GEMM is torch's (MKL's sums may follow the thread count and alignment,
+    which no thread limit here reaches), for blocks outside :data:`_PROBE_BLOCKS` or products under
+    :data:`_SMALL_PRODUCT`, or where the probe's arrays (:func:`probe_bytes`) would exceed ``limit_bytes`` (the plan's
+    peak: the probe runs before the accumulators exist, so it never raises the process's peak above the plan's).
     """
-    char = np.dtype(dtype).char
-    key = (gemm_library(), char, du, dv)
-    if key not in _WHOLE_TILE:
-        low, high = _PROBE_BLOCKS
-        if not low <= min(du, dv) <= max(du, dv) <= high or (limit_bytes is not None and probe_bytes(dtype, du, dv) > limit_bytes):
-            return False
-        _WHOLE_TILE[key] = all(_same_sums(char, du, dv, rows, cols, sorted(set(threads)))
-                               for rows, cols in ((3, 3), (1, 3), (3, 1)))
-    return _WHOLE_TILE[key]
+    library, char = gemm_library(), np.dtype(dtype).char
+    low, high = _PROBE_BLOCKS
+    if (library == "torch" or not low <= min(du, dv) <= max(du, dv) <= high or rows * du * dv < _SMALL_PRODUCT
+            or (limit_bytes is not None and probe_bytes(dtype, du, dv, rows) > limit_bytes)):
+        return False
+    verdicts = []
+    for count in sorted({max(1, t) for t in threads}):
+        key = (library, char, du, dv, rows, count)
+        if key not in _WHOLE_TILE:
+            _WHOLE_TILE[key] = all(_same_sums(char, du, dv, rows, tile, count) for tile in ((3, 3), (1, 3), (3, 1)))
+        verdicts.append(_WHOLE_TILE[key])
+    return all(verdicts)
 
 
-def _same_sums(dtype: str, du: int, dv: int, rows: int, cols: int, threads: list[int]) -> bool:
-    """Whether a tile of rows x cols (du, dv) blocks sums bit for bit alike as one GEMM and as a GEMM per block, at
-    every thread count."""
+def _same_sums(dtype: str, du: int, dv: int, rows: int, tile: tuple[int, int], threads: int) -> bool:
+    """Whether a tile of (du, dv) blocks sums each block bit for bit alike as one GEMM and as a GEMM per block."""
     rng = np.random.default_rng(0)
-    u = [rng.standard_normal((_PROBE_ROWS, rows * du), dtype=dtype) for _ in range(2)]
-    v = [rng.standard_normal((_PROBE_ROWS, cols * dv), dtype=dtype) for _ in range(2)]
-    for x, offset in ((u, 3.0), (v, -2.0)):  # offsets, as activations have: in place (the probe's memory is counted)
-        for part in x:
-            part += offset
-    first = None
-    for count in threads:
-        for block in (None, (du, dv)):
-            total = np.empty((rows * du, cols * dv), dtype=dtype, order="F")
-            with _threads_of_library().limit(limits=max(1, count)):
-                for step in range(2):
-                    _per_block(total, u[step], v[step], float(step), *(block or total.shape))
-            if first is None:
-                first = total
-            elif not np.array_equal(first, total):
-                return False
-            del total  # two totals alive at most: the first and the one compared with it
+    u = rng.standard_normal((rows, tile[0] * du), dtype=dtype)
+    v = rng.standard_normal((rows, tile[1] * dv), dtype=dtype)
+    u += 3.0  # offsets, as activations have: in place (the probe's memory is counted)
+    v -= 2.0
+    with _threads_of_library().limit(limits=threads):
+        whole = np.empty((u.shape[1], v.shape[1]), dtype=dtype, order="F")
+        for beta in (0.0, 1.0):
+            _gemm(whole, u, v, beta)
+        one = np.empty((du, dv), dtype=dtype, order="F")
+        for i in range(tile[0]):
+            for j in range(tile[1]):
+                for beta in (0.0, 1.0):
+                    _gemm(one, u[:, i * du : (i + 1) * du], v[:, j * dv : (j + 1) * dv], beta)
+                if not np.array_equal(one, whole[i * du : (i + 1) * du, j * dv : (j + 1) * dv]):
+                    return False
     return True
 
 

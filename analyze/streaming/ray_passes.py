@@ -147,6 +147,7 @@ def _failure(error: Exception) -> Exception:
 
 def _fold_task(tile: Tile, reader: StateReader, blocks: tuple[TokenBlock, ...], backend: ChunkBackend,
                limit_bytes: int) -> tuple[Any, list[TaskRecord]]:
+    map_large_allocations()  # before the probe, whose freed arrays must not stay in the worker's heap
     prepare_products(tile, reader, backend, limit_bytes)  # once per worker process, before the task's memory counts
     return _measured("fold", [], lambda: fold_segment(tile, reader, blocks, backend))
 

@@ -201,9 +201,10 @@ class StateReader:
 
 def prepare_products(tile: Tile, reader: StateReader, backend: ChunkBackend, limit_bytes: int,
                      workers: int | None = None) -> None:
-    """Settle how a cross-layer tile's products run (one GEMM of the tile, or one per pair: see
+    """Settle how a cross-layer tile's products of full blocks run (one GEMM of the tile, or one per pair: see
     :func:`~hrsa.analyze.accumulators.gemm.prepare_tile_gemm`) before the pass's memory counts: once per process.
-    ``workers``: the Dask threads of a local pass (its BLAS threads are the cores split among them)."""
+    ``workers``: the Dask threads of a local pass (its BLAS threads are the cores split among them; a fold on a thread
+    count not probed runs a GEMM per pair)."""
     if backend.name != "numpy" or tile.rectangle is None:
         return
     from hrsa.analyze.accumulators.gemm import blas_threads, prepare_tile_gemm
@@ -211,7 +212,7 @@ def prepare_products(tile: Tile, reader: StateReader, backend: ChunkBackend, lim
     rows, cols = tile.rectangle
     threads = {blas_threads()} | ({max(1, (os.cpu_count() or 1) // workers)} if workers else set())
     prepare_tile_gemm(backend.compute_dtype, reader.arrays[rows[0]].shape[1], reader.arrays[cols[0]].shape[1],
-                      threads=threads, limit_bytes=limit_bytes)
+                      reader.block_tokens, threads=threads, limit_bytes=limit_bytes)
 
 
 def fold_segment(

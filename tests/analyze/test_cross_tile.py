@@ -242,10 +242,11 @@ def test_a_blas_binding_that_computes_wrong_products_is_not_used(monkeypatch) ->
 def test_a_pair_s_float32_sums_do_not_depend_on_the_tile_around_it(gemm_path, d, verdicts, monkeypatch) -> None:
     """The same pair in a 2 x 2 tile, a 2 x 4 tile, a 3 x 1 tile and alone: bit for bit the same float32 sums (one
     GEMM of a whole tile put OpenBLAS's AVX2 edge kernels on different pairs: 2e-4 apart at D = 16). At D = 128 with
-    this library's own verdict: one GEMM of the tile where its probe passed (here, if it did), else one per pair."""
+    this library's own verdict: one GEMM of the tile for its full blocks where its probe passed (here, if it did), else
+    one per pair."""
     from hrsa.analyze.accumulators.gemm import blas_threads, prepare_tile_gemm
 
-    whole = prepare_tile_gemm("float32", d, d, threads=[blas_threads()])
+    whole = prepare_tile_gemm("float32", d, d, 256, threads=[blas_threads()])
     calls = _counted_gemm(monkeypatch)
     rng = np.random.default_rng(8)
     keys_a, keys_b = [("a", i) for i in range(3)], [("b", j) for j in range(4)]
@@ -284,16 +285,15 @@ def _counted_gemm(monkeypatch) -> list[tuple[int, int]]:
 
 
 def test_one_gemm_of_the_tile_only_where_the_probe_passed_and_never_a_probe_of_its_own(monkeypatch, verdicts) -> None:
-    """multiply_into reads the verdict prepare_tile_gemm left (a GEMM per pair without one: it never probes, since
-    the probe's arrays would fall inside a pass's measured memory); a product under OpenBLAS's small-matrix size
-    stays a GEMM per pair whatever the verdict."""
+    """multiply_into reads the verdict prepare_tile_gemm left for exactly its product's rows and BLAS thread count (a
+    GEMM per pair without one: it never probes, since the probe's arrays would fall inside a pass's measured memory)."""
     from hrsa.analyze.accumulators import gemm
 
     monkeypatch.setattr(gemm, "_same_sums", lambda *a: pytest.fail("multiply_into probed"))
     calls = _counted_gemm(monkeypatch)
     rng = np.random.default_rng(5)
     u, v = rng.standard_normal((256, 3 * 128), dtype=np.float32), rng.standard_normal((256, 2 * 128), dtype=np.float32)
-    key = (gemm.gemm_library(), "f", 128, 128)
+    key = (gemm.gemm_library(), "f", 128, 128, 256, gemm.blas_threads())
     for verdict, rows, expected in ((None, 256, [(128, 128)] * 6), (True, 256, [(384, 256)]),
                                     (False, 256, [(128, 128)] * 6), (True, 200, [(128, 128)] * 6)):
         verdicts.clear()
@@ -303,6 +303,23 @@ def test_one_gemm_of_the_tile_only_where_the_probe_passed_and_never_a_probe_of_i
         total = multiply_into(None, u[:rows], v[:rows], block=(128, 128))
         assert calls == expected, (verdict, rows)
         np.testing.assert_allclose(total, u[:rows].T.astype(np.float64) @ v[:rows], rtol=1e-4, atol=1e-3)
+
+
+def test_a_verdict_holds_for_its_thread_count_only(monkeypatch, verdicts) -> None:
+    """OpenBLAS splits k differently on one thread and on several: a product on a thread count not probed is a GEMM
+    per pair."""
+    from hrsa.analyze.accumulators import gemm
+
+    if gemm.gemm_library() == "torch" or gemm.blas_threads() < 2:
+        pytest.skip("needs numpy's OpenBLAS on 2 threads or more")
+    calls = _counted_gemm(monkeypatch)
+    u = np.ones((256, 2 * 128), dtype=np.float32)
+    verdicts[(gemm.gemm_library(), "f", 128, 128, 256, 1)] = True
+    with gemm._threads_of_library().limit(limits=1):
+        multiply_into(None, u, u, block=(128, 128))
+    with gemm._threads_of_library().limit(limits=2):
+        multiply_into(None, u, u, block=(128, 128))
+    assert calls == [(256, 256)] + [(128, 128)] * 4
 
 
 def test_the_probe_refuses_a_library_whose_sums_depend_on_the_product_around_them(monkeypatch, verdicts) -> None:
@@ -316,41 +333,26 @@ def test_the_probe_refuses_a_library_whose_sums_depend_on_the_product_around_the
             total += np.finfo(total.dtype).eps * np.abs(total)
 
     monkeypatch.setattr(gemm, "_gemm", shape_dependent)
-    assert not gemm.prepare_tile_gemm("float32", 128, 128, threads=[1])
-    assert list(verdicts.values()) == [False]
+    assert not gemm.prepare_tile_gemm("float32", 128, 128, 256, threads=[1, 2])
+    assert list(verdicts.values()) == [False, False]
 
 
-def test_the_probe_refuses_sums_that_follow_the_thread_count(monkeypatch, verdicts) -> None:
-    from threadpoolctl import threadpool_info
-
-    from hrsa.analyze.accumulators import gemm
-
-    real = gemm._gemm
-
-    def thread_dependent(total, u, v, beta):
-        real(total, u, v, beta)
-        if gemm.blas_threads() > 1:
-            total += np.finfo(total.dtype).eps * np.abs(total)
-
-    if not any(lib["filepath"] == gemm.gemm_library() for lib in threadpool_info()):
-        pytest.skip("no OpenBLAS whose threads threadpoolctl sets")
-    monkeypatch.setattr(gemm, "_gemm", thread_dependent)
-    assert gemm.prepare_tile_gemm("float64", 128, 128, threads=[1])  # one thread count: nothing to differ
-    verdicts.clear()
-    assert not gemm.prepare_tile_gemm("float64", 128, 128, threads=[1, 2])
-
-
-@pytest.mark.parametrize(("du", "limit", "probed"), [(128, None, True), (96, None, False), (2048, None, False),
-                                                      (128, 1_000_000, False)])
-def test_the_probe_runs_only_at_sizes_it_tells_and_within_the_plan_s_memory(monkeypatch, verdicts, du, limit, probed) -> None:
-    """Small blocks take other kernels, large ones gain little; a probe larger than the plan's peak is not run (it runs
-    before the accumulators exist, so within the peak it never raises the process's)."""
+@pytest.mark.parametrize(("du", "rows", "limit", "torch", "probed"), [
+    (128, 256, None, False, True), (96, 512, None, False, False), (2048, 256, None, False, False),
+    (128, 128, None, False, False), (128, 256, 1_000_000, False, False), (128, 256, None, True, False)])
+def test_the_probe_runs_only_at_sizes_it_tells_and_within_the_plan_s_memory(monkeypatch, verdicts, du, rows, limit,
+                                                                           torch, probed) -> None:
+    """Small products take other kernels, large blocks gain little, torch's GEMM takes no thread limit from here; a
+    probe larger than the plan's peak is not run (it runs before the accumulators exist, so within the peak it never
+    raises the process's)."""
     from hrsa.analyze.accumulators import gemm
 
     monkeypatch.setattr(gemm, "_same_sums", lambda *a: True)
-    assert gemm.prepare_tile_gemm("float32", du, du, threads=[1], limit_bytes=limit) is probed
+    if torch:
+        monkeypatch.setattr(gemm, "_numpy_openblas", lambda: None)
+    assert gemm.prepare_tile_gemm("float32", du, du, rows, threads=[1], limit_bytes=limit) is probed
     assert bool(verdicts) is probed
-    assert gemm.probe_bytes("float32", 128, 128) > 1_000_000
+    assert gemm.probe_bytes("float32", 128, 128, 256) > 1_000_000
 
 
 def test_the_probe_measures_what_it_says_it_allocates(verdicts) -> None:
@@ -360,9 +362,9 @@ def test_the_probe_measures_what_it_says_it_allocates(verdicts) -> None:
 
     tracemalloc.start()
     try:
-        gemm.prepare_tile_gemm("float64", 256, 128, threads=[1])
+        gemm.prepare_tile_gemm("float64", 256, 128, 512, threads=[1])
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     # Beside the arrays: threadpoolctl's limits and the generator, 40-60 kB of Python objects (an extra block: 262 kB).
-    assert gemm.probe_bytes("float64", 256, 128) <= peak <= gemm.probe_bytes("float64", 256, 128) + 100_000, peak
+    assert gemm.probe_bytes("float64", 256, 128, 512) <= peak <= gemm.probe_bytes("float64", 256, 128, 512) + 100_000, peak

@@ -119,6 +119,7 @@ def test_a_re_run_clears_the_records_a_half_deleted_model_left(target: Target) -
     fill_model(store, "m")
     assert verify_store(store).ok
 
+
 def _raw(store: ActivationStore):  # type: ignore[no-untyped-def]
     return store.group("models").store
 

@@ -284,7 +284,9 @@ def _half_created(store: ActivationStore) -> None:
     _edit_json(store, "models/m/zarr.json", lambda meta: meta["attributes"].clear())
 
 
-HALF_CREATED = {"attributes missing": _half_created, "garbage zarr.json": lambda s: _put(s, "models/m/zarr.json", b"{garb")}
+HALF_CREATED = {"attributes missing": _half_created, "garbage zarr.json": lambda s: _put(s, "models/m/zarr.json", b"{garb"),
+                "an array's metadata, the attributes intact": lambda s: _edit_json(s, "models/m/zarr.json",
+                                                                                    lambda meta: meta.update(node_type="array"))}
 
 
 @pytest.mark.parametrize("fault", sorted(HALF_CREATED))
