@@ -501,7 +501,8 @@ class ActivationStore(ResultRecords):
         """
         prefix = self._key(f"models/{mid}")
         store = self._root.store
-        records = [key for key in list_keys(store, prefix) if key.split("/")[0] in ("done", "claims", "units")]
+        keys = list_keys(store, prefix)
+        records = [key for key in keys if key.split("/")[0] in ("done", "claims", "units")]
         metadata = get_bytes(store, f"{prefix}/zarr.json")
         if metadata is not None and _is_model_metadata(mid, metadata):
             return  # created by another coordinator since the probe: create_model_group compares its settings
@@ -510,7 +511,7 @@ class ActivationStore(ResultRecords):
         if metadata is not None and get_bytes(store, f"{prefix}/zarr.json") == metadata:
             delete_key(store, f"{prefix}/zarr.json")
         kept = {hidden_key(k) for k in info.hidden_states}
-        stale = {f"hidden/{key.split('/')[1]}" for key in list_keys(store, prefix) if key.startswith("hidden/") and key.count("/") >= 2}
+        stale = {f"hidden/{key.split('/')[1]}" for key in keys if key.startswith("hidden/") and key.count("/") >= 2}
         for path in sorted(stale - kept):
             delete_prefix(store, f"{prefix}/{path}")
 

@@ -116,9 +116,9 @@ def run_passes(
                 on_block(pair.n_tokens)
     else:
         for tile in pair.plan.tiles:
-            tile_reader = reader(tile)
-            prepare_products(tile, tile_reader, backend_of(tile), pair.plan.estimated_peak, pair.plan.workers)
-            acc = run_tile(tile, tile_reader, segments(tile, pair.plan.workers), backend_of(tile), scheduler, on_block)
+            tile_reader, tile_segments = reader(tile), segments(tile, pair.plan.workers)
+            prepare_products(tile, tile_reader, backend_of(tile), pair.plan.estimated_peak, len(tile_segments))
+            acc = run_tile(tile, tile_reader, tile_segments, backend_of(tile), scheduler, on_block)
             m, s = finish(tile, acc)
             del acc  # free the tile's D x D accumulators before the next pass
             matched.update(m)

@@ -203,14 +203,14 @@ def prepare_products(tile: Tile, reader: StateReader, backend: ChunkBackend, lim
                      workers: int | None = None) -> None:
     """Settle how a cross-layer tile's products of full blocks run (one GEMM of the tile, or one per pair: see
     :func:`~hrsa.analyze.accumulators.gemm.prepare_tile_gemm`) before the pass's memory counts: once per process.
-    ``workers``: the Dask threads of a local pass (its BLAS threads are the cores split among them; a fold on a thread
-    count not probed runs a GEMM per pair)."""
+    ``workers``: the Dask threads of a local pass, one per segment (a fold on a thread count not probed runs a GEMM
+    per pair)."""
     if backend.name != "numpy" or tile.rectangle is None:
         return
     from hrsa.analyze.accumulators.gemm import blas_threads, prepare_tile_gemm
 
     rows, cols = tile.rectangle
-    threads = {blas_threads()} | ({max(1, (os.cpu_count() or 1) // workers)} if workers else set())
+    threads = {blas_threads()} | ({blas_threads_per_worker(workers)} if workers else set())
     prepare_tile_gemm(backend.compute_dtype, reader.arrays[rows[0]].shape[1], reader.arrays[cols[0]].shape[1],
                       reader.block_tokens, threads=threads, limit_bytes=limit_bytes)
 
@@ -340,6 +340,12 @@ def merge_partials(*parts: dict[StreamPair, Accumulator]) -> dict[StreamPair, Ac
     return out
 
 
+def blas_threads_per_worker(workers: int) -> int:
+    """BLAS threads of each of a local pass's ``workers`` Dask threads: the cores split among them (Dask threads x
+    BLAS threads would oversubscribe the cores)."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
 @dataclass(frozen=True)
 class ResolvedScheduler:
     """Where the passes run, as :func:`resolve_scheduler` chose it: a Dask scheduler here, or Ray tasks.
@@ -356,10 +362,9 @@ class ResolvedScheduler:
 
         if self.name == "sync":
             return dask.compute(graph, scheduler="sync")[0]
-        # Dask threads x BLAS threads would oversubscribe the cores: split them instead.
         from threadpoolctl import threadpool_limits
 
-        with threadpool_limits(limits=max(1, (os.cpu_count() or 1) // workers), user_api="blas"):
+        with threadpool_limits(limits=blas_threads_per_worker(workers), user_api="blas"):
             return dask.compute(graph, scheduler="threads", num_workers=workers)[0]
 
 

@@ -134,7 +134,8 @@ def extract(tmp: Path, model_dir: Path, corpus: Path, **options: Any) -> Run:
     return Run(config.store, config, result, tuple(progress), time.perf_counter() - start)
 
 
-def faulty_worker(folder: Path, *, crash: bool = False, fail_after_writes: int | None = None) -> type:
+def faulty_worker(folder: Path, *, crash: bool = False, fail_after_writes: int | None = None,
+                  fail_on_unit: int | None = None, delay_s: float = 0.0) -> type:
     """An ExtractionWorker that logs each unit it writes to ``folder/writes`` and fails on cue.
 
     crash: two deaths, each claimed once per run by a marker file: (1) on the third unit of a worker's
@@ -142,6 +143,7 @@ def faulty_worker(folder: Path, *, crash: bool = False, fail_after_writes: int |
         (2) on the next unit written after that, die once it is written and flagged, before the reply.
     fail_after_writes: raise (an ordinary task error: Ray does not retry it) once that many units
         are written, so run_extraction stops part-way.
+    fail_on_unit: raise on that unit at once; every other unit waits ``delay_s`` first (still in flight then).
 
     Defined in a function so Ray pickles the class by value (the test module is not importable in a
     worker); it uses nothing from this module's globals but imported modules.
@@ -168,6 +170,9 @@ def faulty_worker(folder: Path, *, crash: bool = False, fail_after_writes: int |
 
         def run_unit(self, mid: str, index: int) -> dict[str, Any]:
             nth = next(self._nth)
+            if index == fail_on_unit:
+                raise RuntimeError(f"injected fault before unit {index}")
+            time.sleep(delay_s)
             if fail_after_writes is not None and os.path.exists(log):
                 with open(log) as f:
                     if len(f.readlines()) >= fail_after_writes:
@@ -318,6 +323,19 @@ def test_killed_worker_is_restarted_and_no_unit_is_lost_or_written_twice(
     want = stored_states(llama_run.store, "tiny")
     for k, got in stored_states(run.store, "tiny").items():
         np.testing.assert_array_equal(got, want[k], err_msg=f"hidden state {k}")
+
+
+def test_a_failed_run_finishes_the_units_in_flight_before_it_raises(
+    tiny_models: Any, corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ray_local: Any
+) -> None:
+    """Worker 2's first unit (6) fails at once while worker 1's two units (0, 1) and worker 2's second (7) are still
+    computing (2 s each): run_extraction raises only once those are written. Killing the workers at once threw them
+    away, or, as Ray's kill returns before a worker is gone, let one be written after the failure was reported."""
+    with monkeypatch.context() as patch:
+        use_worker_class(patch, faulty_worker(tmp_path, fail_on_unit=6, delay_s=2.0))
+        with pytest.raises(RuntimeError, match="injected fault before unit 6"):
+            extract(tmp_path, tiny_models.dir("llama"), corpus_file, workers=2)
+    assert np.flatnonzero(done_mask(str(tmp_path / "store"))).tolist() == [0, 1, 7]
 
 
 # -- a resumed run ---------------------------------------------------------------------------------
