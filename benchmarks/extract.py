@@ -82,13 +82,13 @@ class BenchWorker(ExtractionWorker):
     Defined in this script (``__main__``), so Ray ships the class to its workers by value.
     """
 
-    def bind(self, mid: str) -> None:
-        super().bind(mid)
+    def bind(self, mid: str, spec: dict[str, Any]) -> None:
+        super().bind(mid, spec)
         self._load_peak = reset_peak_memory()  # the coordinator binds every worker before the first unit
         self._cpu_start = time.process_time()
 
-    def run_unit(self, mid: str, index: int) -> dict[str, Any]:
-        result = super().run_unit(mid, index)
+    def run_unit(self, mid: str, index: int, spec: dict[str, Any]) -> dict[str, Any]:
+        result = super().run_unit(mid, index, spec)
         with open(os.path.join(os.environ.get("HRSA_BENCH_DIR", "."), f"memory-{os.getpid()}.json"), "w") as f:
             json.dump({**peak_memory(), "load_peak_rss": self._load_peak,  # the latest holds the peaks so far
                        "cpu_s": time.process_time() - self._cpu_start}, f)

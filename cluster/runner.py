@@ -32,6 +32,7 @@ from hrsa.cluster.stage_keys import ANALYZE_SCHEDULING, EXTRACT_SCHEDULING, sour
 from hrsa.cluster.state import STATE_FILE, PipelineState
 from hrsa.extract.config import CorpusOptions, ExtractConfig, ExtractRunOptions, ModelSourceOptions, parse_extract_config
 from hrsa.extract.rerun import stored_mismatch
+from hrsa.extract.worker_pool import ExtractionWorkers
 from hrsa.runtime.locations import is_url, parse_location
 from hrsa.store.errors import UserError
 
@@ -122,11 +123,14 @@ def run_pipeline(config: PipelineConfig, *, console: Console | None = None) -> P
     runner = _Runner(config, console or Console(), publish=published.push if published else None)
     # Step 1: training runs; Step 2: every model over each corpus of its pairs, and the dynamics checkpoints.
     trained = {run: runner.train(run, tc) for run, tc in config.train.items()}
-    models = {(m, c): runner.extract_model(m, c, trained) for m in config.models for c in config.model_corpora(m)}
-    unused = [m for m in config.models if not config.model_corpora(m)]
-    if unused:
-        runner.console.print(f"[dim]models in no pair (not extracted): {escape(', '.join(unused))}[/]", emoji=False)
-    series = {d.label: runner.extract_checkpoints(d, trained) for d in config.dynamics}
+    # The extractions share their workers (started once, each loading its model): they end before the analyses.
+    with ExtractionWorkers() as runner.extraction_workers:
+        models = {(m, c): runner.extract_model(m, c, trained) for m in config.models for c in config.model_corpora(m)}
+        unused = [m for m in config.models if not config.model_corpora(m)]
+        if unused:
+            runner.console.print(f"[dim]models in no pair (not extracted): {escape(', '.join(unused))}[/]", emoji=False)
+        series = {d.label: runner.extract_checkpoints(d, trained) for d in config.dynamics}
+    runner.extraction_workers = None
     # Step 3: pairs; Step 4: dynamics series; Step 5: the report.
     results = {p.label: runner.analyze(f"analyze:{p.label}", p, models[p.a, p.corpus], models[p.b, p.corpus],
                                        config.out / "pairs" / p.label) for p in config.pairs}
@@ -154,6 +158,7 @@ class _Runner:
     last_steps: dict[str, Path] = field(default_factory=dict)  # each dynamics series' last results.json
     _extracted: dict[str, _Extracted] = field(default_factory=dict)
     publish: Callable[[], None] | None = None  # uploads a remote out's new files after each state write
+    extraction_workers: ExtractionWorkers | None = None  # kept across the extraction stages
     _asked: dict[str, str] = field(default_factory=dict)  # each extraction stage asked for -> its own key
     _by_content: dict[str, str] = field(default_factory=dict)  # content key -> the stage that extracted it
 
@@ -305,7 +310,8 @@ class _Runner:
             store.delete_model(ec.name)  # this pipeline's own, from other inputs: redo it from scratch
         self.state.start(stage, key)
         with stage_progress(self.console, "tokens") as (progress, task):
-            result = run_extraction(ec, on_progress=lambda n, total: progress.update(task, total=total, advance=n))
+            result = run_extraction(ec, on_progress=lambda n, total: progress.update(task, total=total, advance=n),
+                                    workers=self.extraction_workers)
         self.state.finish(stage, key, {"model_id": result.model_id, "corpus_id": result.corpus_id, "n_tokens": result.n_tokens,
                                        "units_written": result.units_written, "nodes": list(result.nodes),
                                        "node_ids": list(result.node_ids)})

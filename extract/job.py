@@ -10,7 +10,8 @@ them on resume), (4) feed pending units to the workers, two in flight each, cons
 report. Re-running the same extraction resumes: only units not done are computed. A worker's failure reaches the caller as one line naming
 the unit (:class:`ExtractionFailedError`).
 
-The workers are actors owned by this process (not detached): if it dies, Ray ends them with it.
+The workers are actors owned by this process (not detached): if it dies, Ray ends them with it. A pipeline keeps
+them from one extraction to the next (:mod:`hrsa.extract.worker_pool`): each extraction loads its model into them.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from typing import Any
 
 # The job's input, re-exported: callers build an ExtractConfig and hand it to run_extraction.
 from hrsa.extract.config import ExtractConfig, ExtractConfigError, parse_extract_config
+from hrsa.extract.worker_pool import ExtractionWorkers
 from hrsa.runtime.placement import cpus_per_worker
 from hrsa.runtime.task_errors import one_line, root_cause
 from hrsa.store.errors import CorpusMismatchError, HrsaError, UserError
 
 __all__ = ["PLACEMENT_TIMEOUT_S", "ExtractConfig", "ExtractConfigError", "ExtractResult", "ExtractionFailedError",
-           "UnitRuns", "WorkerPlacementError", "parse_extract_config", "run_extraction"]
+           "ExtractionWorkers", "UnitRuns", "WorkerPlacementError", "parse_extract_config", "run_extraction"]
 
 
 @dataclass(frozen=True)
@@ -192,13 +194,29 @@ def _reserve(n: int, gpus: float, cpus: float) -> Any:
     return group
 
 
-def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], None] | None = None) -> ExtractResult:
+def _start_workers(n: int, gpus: float, cpus: float, threads: int, config: ExtractConfig) -> tuple[Any, list[Any]]:
+    """Reserve the resources of ``n`` workers, then start them with no model loaded: (placement group, actors)."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from hrsa.extract.worker import remote_worker_class
+
+    group = _reserve(n, gpus, cpus)
+    Worker = remote_worker_class(num_gpus=gpus, num_cpus=cpus)
+    return group, [Worker.options(scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i))
+                   .remote(None, config.store, None, token_budget=config.token_budget, cpu_threads=threads or None)
+                   for i in range(n)]
+
+
+def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], None] | None = None,
+                   workers: ExtractionWorkers | None = None) -> ExtractResult:
     """Run (or resume) one extraction.
 
     Args:
         config: the settings (see :func:`parse_extract_config` to validate a mapping with one-line errors).
         on_progress: called as ``on_progress(tokens, tokens_total)`` with the tokens already done when
             work starts, then with each finished unit's tokens: increments for a progress bar.
+        workers: workers kept across extractions (a pipeline's); they stay after a successful run and are
+            closed by a failed one. None: this run starts its own and ends them.
 
     Raises:
         UserError: a model, corpus or setting that cannot work, or a re-run whose settings differ from the
@@ -206,13 +224,8 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
             Nothing is created or changed in the store when it is raised before the workers start.
         ExtractionFailedError: a worker crashed or failed on a unit (one line naming the unit and the error).
     """
-    import ray
-    from ray.util.placement_group import remove_placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
     from hrsa.extract.model_spec import parse_model_spec
     from hrsa.extract.rerun import RerunMismatchError, check_rerun, loaded_mismatch
-    from hrsa.extract.worker import remote_worker_class
     from hrsa.runtime.connection import connect
     from hrsa.store import ActivationStore
 
@@ -233,15 +246,14 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
     _check_placement(conn, n, gpus, cpus)
     store = store or ActivationStore.open(config.store, mode="a")
     cid = existing.corpus if existing is not None else _store_corpus(config, store, corpus)  # resuming: its own corpus
-    # Step 3: the workers, each loading the model once, in reserved resources.
-    group = _reserve(n, gpus, cpus)
-    Worker = remote_worker_class(num_gpus=gpus, num_cpus=cpus)
-    workers = [Worker.options(scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i))
-               .remote(spec.to_dict(), config.store, None, token_budget=config.token_budget, cpu_threads=threads or None)
-               for i in range(n)]
-    try:  # the workers hold CPUs or GPUs: give them back however this ends
+    # Step 3: the workers in reserved resources (a pipeline's, kept from its last extraction), each loading the model.
+    pool = workers if workers is not None else ExtractionWorkers()
+    actors = pool.take((n, gpus, cpus, threads, config.store, config.token_budget),
+                       lambda: _start_workers(n, gpus, cpus, threads, config))
+    model = spec.to_dict()
+    try:  # the workers hold CPUs or GPUs: give them back however this ends (a pipeline's stay after a success)
         # Step 4: the coordinator allocates the arrays from what a loaded worker reports (or checks them on resume).
-        facts = _call(workers[0].describe.remote(), f"loading model {mid}")
+        facts = _call(actors[0].describe.remote(model), f"loading model {mid}")
         if existing is None:
             store.create_model(mid, corpus=cid, n_hidden_states=facts["n_hidden_states"], hidden_size=facts["hidden_size"],
                                dtype=facts["dtype"], attention=facts["attention"], hidden_states=config.layers,
@@ -257,18 +269,20 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
                     f"Expected the model loaded to match model {mid} stored in {store.url}. Got {'; '.join(found)} "
                     f"instead. Pass --name NEW to keep both, or `hrsa store rm {store.url} {mid}` to replace it."
                 )
-        _call([w.bind.remote(mid) for w in workers], f"opening model {mid}")
+        _call([w.bind.remote(mid, model) for w in actors], f"opening model {mid}")
         # Step 5: pending units, two in flight per worker; then the units other extractions held, once they are free.
         pending_units = store.writer(mid).pending_units()
         done_tokens = corpus.n_tokens - sum(u.n_tokens for u in pending_units)
-        results = _dispatch(workers, mid, [u.index for u in pending_units],
+        target = _Target(actors, mid, model)
+        results = _dispatch(target, [u.index for u in pending_units],
                             lambda r: on_progress and on_progress(r["tokens"], corpus.n_tokens),
                             start=lambda: on_progress and on_progress(done_tokens, corpus.n_tokens))
-        results += _finish_held_units(store, mid, workers)
-    finally:
-        for w in workers:
-            ray.kill(w)
-        remove_placement_group(group)
+        results += _finish_held_units(store, target)
+    except BaseException:
+        pool.close()
+        raise
+    if workers is None:
+        pool.close()
     # Step 6: report.
     info = store.model_info(mid)
     if not info.complete:
@@ -281,7 +295,16 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
 HELD_POLL_S = 1.0
 
 
-def _finish_held_units(store: Any, mid: str, workers: list[Any]) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class _Target:
+    """Where units go: the workers, and the model id and spec that every unit names (see :mod:`.worker_pool`)."""
+
+    workers: list[Any]
+    mid: str
+    spec: dict[str, Any]
+
+
+def _finish_held_units(store: Any, target: _Target) -> list[dict[str, Any]]:
     """Wait for the units that another extraction of the same model holds, and take over those its writers abandon.
 
     Another coordinator's live claim is left alone (its unit is written once, by it); a claim whose writer died
@@ -291,11 +314,11 @@ def _finish_held_units(store: Any, mid: str, workers: list[Any]) -> list[dict[st
     import time
 
     results: list[dict[str, Any]] = []
-    writer = store.writer(mid)
+    writer = store.writer(target.mid)
     while pending := writer.pending_units():
         free = [u.index for u in pending if writer.holder(u) is None]
         if free:
-            results += _dispatch(workers, mid, free, lambda r: None, start=lambda: None)
+            results += _dispatch(target, free, lambda r: None, start=lambda: None)
         else:
             time.sleep(HELD_POLL_S)
     return results
@@ -344,20 +367,21 @@ class UnitRuns:
         return self._runs[worker].pop() if self._runs[worker] else None
 
 
-def _dispatch(workers: list[Any], mid: str, pending: list[int], on_result: Callable[[dict[str, Any]], Any],
+def _dispatch(target: _Target, pending: list[int], on_result: Callable[[dict[str, Any]], Any],
               start: Callable[[], Any]) -> list[dict[str, Any]]:
     """Keep two units in flight per worker (one computing, one writing) until none is left, each worker's units
     consecutive (:class:`UnitRuns`)."""
     import ray
 
     start()
+    workers, mid = target.workers, target.mid
     runs = UnitRuns(pending, len(workers))
     inflight: dict[Any, tuple[int, int]] = {}
 
     def submit(w: int) -> None:
         index = runs.next(w)
         if index is not None:
-            inflight[workers[w].run_unit.remote(mid, index)] = (w, index)
+            inflight[workers[w].run_unit.remote(mid, index, target.spec)] = (w, index)
 
     for w in range(len(workers)):
         for _ in range(2):

@@ -1,6 +1,9 @@
-"""The extraction worker: one per GPU (or N on CPU). It loads its model once, then turns work units
-into hidden states written straight into the store; activations never leave the worker except to
-the store.
+"""The extraction worker: one per GPU (or N on CPU). It loads a model, then turns work units into hidden
+states written straight into the store; activations never leave the worker except to the store.
+
+A worker may serve several extractions in turn (a pipeline keeps its workers: :mod:`hrsa.extract.worker_pool`),
+loading each one's model when first asked for it. Every unit names its model's spec, so whatever the worker ran
+before, and however often Ray restarted it, a unit is computed by the model it belongs to.
 
 The class is plain Python; :func:`remote_worker_class` wraps it as a Ray actor that Ray restarts if
 it dies, retrying its in-flight unit. A retried unit is safe: each unit is claimed, then written exactly once
@@ -29,75 +32,105 @@ __all__ = ["ExtractionWorker", "remote_worker_class"]
 
 
 class ExtractionWorker:
-    """Holds one loaded model and writes the units it is given.
+    """Holds one loaded model at a time and writes the units it is given.
 
     Args:
-        spec: :meth:`ModelSpec.to_dict` of the model to run.
+        spec: :meth:`ModelSpec.to_dict` of a model to load now, or None to load one when a call names it.
         store_url, storage_options: where the store is (every node must reach it).
         device: "cpu", "cuda" or None (CUDA when this worker was given a GPU).
         token_budget: padded tokens per forward pass.
         cpu_threads: torch threads for a CPU worker (its share of the node's cores).
     """
 
-    def __init__(self, spec: Mapping[str, Any], store_url: str, storage_options: Mapping[str, Any] | None = None, *,
-                 device: str | None = None, token_budget: int = 8192, cpu_threads: int | None = None) -> None:
+    def __init__(self, spec: Mapping[str, Any] | None, store_url: str,
+                 storage_options: Mapping[str, Any] | None = None, *, device: str | None = None,
+                 token_budget: int = 8192, cpu_threads: int | None = None) -> None:
         import torch
 
-        from hrsa.extract.models import load_model
-        from hrsa.extract.model_spec import ModelSpec
         from hrsa.store import ActivationStore
 
         if cpu_threads:
             torch.set_num_threads(cpu_threads)
+        self._device = device
         self._token_budget = token_budget
         self._model_lock = threading.Lock()  # a threaded actor overlaps one unit's compute with another's write
         self._bind_lock = threading.Lock()
+        self._load_lock = threading.Lock()
         self._writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hrsa-write")
         self._carried = Carried()  # rows of documents straddling units, computed once, for the next unit
         self._forwards = _Forwards()
         self._writer: ModelWriter | None = None
         self._corpus: CorpusTokens | None = None
-        # A user's mistake found while loading (a causal encoder, weights missing) is kept and raised by
-        # describe(): Ray reports an exception raised in __init__ only as text, losing its type.
+        self._spec: dict[str, Any] | None = None  # the spec of the model loaded (None: none)
+        self._loaded: Any = None
+        # A user's mistake found while starting (a store it cannot open, a model that cannot load) is kept and
+        # raised by describe(): Ray reports an exception raised in __init__ only as text, losing its type.
         self._error: UserError | None = None
         try:
-            self._loaded = load_model(ModelSpec.from_dict(dict(spec)), device=device)
             self._store = ActivationStore.open(store_url, mode="r+", storage_options=storage_options)
+            if spec is not None:
+                self._use(spec)
         except UserError as error:
             self._error = error
 
-    def describe(self) -> dict[str, Any]:
-        """What the coordinator records about the model (verified by loading it).
+    def _use(self, spec: Mapping[str, Any]) -> Any:
+        """The loaded model of ``spec``: loaded now unless it is the one held (the one held is freed first)."""
+        from hrsa.extract.model_spec import ModelSpec
+        from hrsa.extract.models import load_model
+
+        if self._spec == dict(spec):
+            return self._loaded
+        with self._load_lock, self._model_lock:  # never swapped under a forward pass
+            if self._spec != dict(spec):
+                self._loaded = self._spec = None
+                _free_memory()
+                self._loaded = load_model(ModelSpec.from_dict(dict(spec)), device=self._device)
+                self._spec = dict(spec)
+            return self._loaded
+
+    def describe(self, spec: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """What the coordinator records about model ``spec`` (verified by loading it; None: the one loaded).
 
         Raises:
-            UserError: the model could not be loaded as asked.
+            UserError: the store could not be opened, or the model could not be loaded as asked.
         """
         if self._error is not None:
             raise self._error
-        m = self._loaded
+        m = self._loaded if spec is None else self._use(spec)
         return {"n_hidden_states": m.n_hidden_states, "hidden_size": m.hidden_size, "dtype": m.dtype,
                 "attention": m.attention, "source": m.source, "attn_implementation": m.attn_implementation,
                 "tokenizer_fingerprint": m.tokenizer_fingerprint, "node": os.uname().nodename, "pid": os.getpid(),
                 "device": str(m.device)}
 
-    def bind(self, mid: str) -> None:
-        """Write into model ``mid`` (created by the coordinator) from now on; reads its corpus's tokens once."""
-        self._bound(mid)
+    def bind(self, mid: str, spec: Mapping[str, Any]) -> None:
+        """Write model ``spec`` into model ``mid`` (created by the coordinator) from now on: the model loaded, the
+        store's record of ``mid`` and its corpus's tokens read afresh (a model of the same id may have been deleted
+        and created again since this worker last wrote it), the rows carried from earlier units dropped."""
+        if self._error is not None:
+            raise self._error
+        self._use(spec)
+        self._bound(mid, fresh=True)
 
-    def _bound(self, mid: str) -> ModelWriter:
+    def _bound(self, mid: str, *, fresh: bool = False) -> ModelWriter:
         with self._bind_lock:
-            if self._writer is None or self._writer.info.id != mid:
+            if fresh or self._writer is None or self._writer.info.id != mid:
                 writer = self._store.writer(mid)
                 self._corpus = self._store.corpus_tokens(writer.info.corpus)
                 self._writer = writer
+                self._carried.drop(mid)
             return self._writer
 
-    def run_unit(self, mid: str, index: int) -> dict[str, Any]:
-        """Compute and write unit ``index`` of model ``mid``; returns what happened (for progress and checks).
+    def run_unit(self, mid: str, index: int, spec: Mapping[str, Any]) -> dict[str, Any]:
+        """Compute unit ``index`` of model ``mid`` with model ``spec`` and write it; returns what happened (for
+        progress and checks).
 
-        The model id comes with every unit, not only with :meth:`bind`: an actor that Ray restarts runs
-        ``__init__`` again but no ``bind``, and its retried units must still know where to go.
+        The model id and spec come with every unit, not only with :meth:`bind`: an actor that Ray restarts runs
+        ``__init__`` again (with no model) but no ``bind``, and its retried units must still know where to go and
+        which model computes them.
         """
+        if self._error is not None:
+            raise self._error
+        self._use(spec)
         writer = self._bound(mid)
         unit = writer.units()[index]
         report = {"unit": index, "tokens": unit.n_tokens, "written": False, "node": os.uname().nodename,
@@ -190,6 +223,17 @@ class _Forwards:
         """Return once unit ``index`` is not running here (its forward passes done, or it never ran here)."""
         with self._changed:
             self._changed.wait_for(lambda: (mid, index) not in self._running)
+
+
+def _free_memory() -> None:
+    """Return a dropped model's memory before the next one loads (its GPU memory too: torch caches freed blocks)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _ray_node_id() -> str:

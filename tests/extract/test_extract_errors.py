@@ -61,7 +61,8 @@ def finished_store(tiny_models: Any, corpus_file: Path, tmp_path_factory: pytest
 
     path = tmp_path_factory.mktemp("finished") / "store"
     store = ActivationStore.open(str(path), mode="a")
-    worker = ExtractionWorker(parse_model_spec(str(tiny_models.dir("llama"))).to_dict(), str(path), device="cpu")
+    model = parse_model_spec(str(tiny_models.dir("llama"))).to_dict()
+    worker = ExtractionWorker(model, str(path), device="cpu")
     facts, loaded = worker.describe(), worker._loaded
     spec = CorpusSpec(source=str(corpus_file))
     table = tokenize_corpus(list(load_records(spec)), spec, loaded.tokenizer, context_length=loaded.context_length)
@@ -73,7 +74,7 @@ def finished_store(tiny_models: Any, corpus_file: Path, tmp_path_factory: pytest
                        extraction={"token_budget": 8192, "attn_implementation": facts["attn_implementation"],
                                    "max_tokens": None, "max_docs": None})
     for unit in store.writer("tiny").units():
-        assert worker.run_unit("tiny", unit.index)["written"]
+        assert worker.run_unit("tiny", unit.index, model)["written"]
     assert store.model_info("tiny").complete
     return path, cid
 

@@ -39,7 +39,7 @@ from click.testing import CliRunner
 from hrsa.extract import worker as worker_module
 from hrsa.extract.forward import batched_hidden_states, torch_threads
 from hrsa.extract.config import ExtractConfig
-from hrsa.extract.job import ExtractResult, run_extraction
+from hrsa.extract.job import ExtractionWorkers, ExtractResult, run_extraction
 from hrsa.extract.models import forward_hidden_states, load_model, parse_model_spec
 from hrsa.store import ActivationStore
 from hrsa.store.errors import LayerOutOfRangeError
@@ -168,7 +168,7 @@ def faulty_worker(folder: Path, *, crash: bool = False, fail_after_writes: int |
         def _claim_death_1(self, mid: str, index: int) -> bool:
             return not self._store.writer(mid).done_mask()[index] and self._claim("death-1")
 
-        def run_unit(self, mid: str, index: int) -> dict[str, Any]:
+        def run_unit(self, mid: str, index: int, spec: dict[str, Any]) -> dict[str, Any]:
             nth = next(self._nth)
             if index == fail_on_unit:
                 raise RuntimeError(f"injected fault before unit {index}")
@@ -188,7 +188,7 @@ def faulty_worker(folder: Path, *, crash: bool = False, fail_after_writes: int |
                     array[unit.start : unit.stop] = np.full((unit.n_tokens, array.shape[1]), 7, dtype=array.dtype)
                     os._exit(1)  # half a unit on disk, no done flag
             with self._log_lock:
-                result = super().run_unit(mid, index)
+                result = super().run_unit(mid, index, spec)
                 if result["written"]:
                     with open(log, "a") as f:
                         f.write(f"{index} {os.getpid()}\n")
@@ -336,6 +336,89 @@ def test_a_failed_run_finishes_the_units_in_flight_before_it_raises(
         with pytest.raises(RuntimeError, match="injected fault before unit 6"):
             extract(tmp_path, tiny_models.dir("llama"), corpus_file, workers=2)
     assert np.flatnonzero(done_mask(str(tmp_path / "store"))).tolist() == [0, 1, 7]
+
+
+# -- workers kept across extractions (a pipeline's) ------------------------------------------------
+def pooled(kept: ExtractionWorkers, store: Path, model_dir: Path, corpus: Path, name: str, **options: Any) -> str:
+    """Extract into ``store`` with the ``kept`` workers, one document per pass (bit-exact against the reference)."""
+    config = ExtractConfig(store=str(store), model=str(model_dir), corpus=str(corpus), name=name,
+                           shard_tokens=SHARD_TOKENS, token_budget=1, **options)
+    assert run_extraction(config, workers=kept).units_written > 0
+    return name
+
+
+def assert_exact(store: Path, mid: str, model_dir: Path, threads: int) -> None:
+    """Model ``mid`` of ``store`` holds the bits of ``model_dir`` run on each of its documents alone."""
+    info = ActivationStore.open(str(store)).model_info(mid)
+    stored = stored_states(str(store), mid)
+    _, docs, offsets = documents(str(store), info.corpus)
+    for d, ref in enumerate(reference(model_dir, docs, threads=threads)):
+        for k, got in stored.items():
+            np.testing.assert_array_equal(got[offsets[d] : offsets[d + 1]], ref[k].numpy(), err_msg=f"{mid} doc {d} state {k}")
+
+
+def worker_pids(workers: ExtractionWorkers) -> list[int]:
+    import ray
+
+    return sorted(facts["pid"] for facts in ray.get([a.describe.remote() for a in workers.actors]))
+
+
+def test_kept_workers_start_once_and_run_each_extraction_with_its_own_model(
+    tiny_models: Any, corpus_file: Path, tmp_path: Path, ray_local: Any
+) -> None:
+    """Three extractions through one set of workers: Qwen2, then Llama, then Llama over another corpus under the id
+    just written (deleted first: the workers must read the new record and corpus, not the ones they hold)."""
+    store = tmp_path / "store"
+    few = write_jsonl(tmp_path / "few.jsonl", {k: TEXTS[k] for k in ("dogs", "foxes", "short", "jumps")})
+    with ExtractionWorkers() as workers:
+        pooled(workers, store, tiny_models.dir("qwen2"), corpus_file, "first", workers=2)
+        pids = worker_pids(workers)
+        pooled(workers, store, tiny_models.dir("llama"), corpus_file, "second", workers=2)
+        assert worker_pids(workers) == pids  # the same processes: started once
+        ActivationStore.open(str(store), mode="r+").delete_model("second")
+        pooled(workers, store, tiny_models.dir("llama"), few, "second", workers=2)
+        assert worker_pids(workers) == pids
+    assert workers.actors == [] and wait_for_free_cpus(ray_local) == ray_local.n_cpus  # closed: resources given back
+    threads = worker_threads(ray_local, 2)
+    assert_exact(store, "first", tiny_models.dir("qwen2"), threads)
+    assert_exact(store, "second", tiny_models.dir("llama"), threads)
+    info = ActivationStore.open(str(store)).model_info
+    assert info("second").n_tokens < info("first").n_tokens
+
+
+def dying_on_model(folder: Path, mid: str) -> type:
+    """An ExtractionWorker that dies (``os._exit``) on the first unit of model ``mid`` it is given, once per test."""
+    base = worker_module.ExtractionWorker
+
+    class DyingWorker(base):  # type: ignore[misc, valid-type]
+        def run_unit(self, unit_mid: str, index: int, spec: dict[str, Any]) -> dict[str, Any]:
+            if unit_mid == mid:
+                try:
+                    os.close(os.open(os.path.join(str(folder), "died"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                    os._exit(1)
+                except FileExistsError:
+                    pass
+            return {**super().run_unit(unit_mid, index, spec), "pid": os.getpid()}
+
+    return DyingWorker
+
+
+def test_a_kept_worker_restarted_by_ray_runs_the_model_of_the_unit_it_is_given(
+    tiny_models: Any, corpus_file: Path, tmp_path: Path, ray_local: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker ran Llama, then dies on its first Qwen2 unit; Ray restarts it and retries the unit. The restarted
+    process must compute Qwen2's units with Qwen2 (not the first model it was started for, nor none)."""
+    store = tmp_path / "store"
+    use_worker_class(monkeypatch, dying_on_model(tmp_path, "second"))
+    with ExtractionWorkers() as workers:
+        pooled(workers, store, tiny_models.dir("llama"), corpus_file, "first", workers=1)
+        (pid,) = worker_pids(workers)
+        pooled(workers, store, tiny_models.dir("qwen2"), corpus_file, "second", workers=1)
+        (restarted,) = worker_pids(workers)
+    assert (tmp_path / "died").exists() and restarted != pid
+    threads = worker_threads(ray_local, 1)
+    assert_exact(store, "first", tiny_models.dir("llama"), threads)
+    assert_exact(store, "second", tiny_models.dir("qwen2"), threads)
 
 
 # -- a resumed run ---------------------------------------------------------------------------------

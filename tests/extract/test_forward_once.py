@@ -37,16 +37,19 @@ def counting_worker(log: Path) -> type:
     from hrsa.extract.worker import ExtractionWorker
 
     class CountingWorker(ExtractionWorker):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
+        def _use(self, spec: Any) -> Any:
+            loaded = super()._use(spec)
+            if not getattr(loaded.model, "counted", False):  # each model the worker loads, hooked once
 
-            def record(module: Any, args: Any, kwargs: Any) -> None:
-                ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
-                rows = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
-                with open(log, "a") as f:
-                    f.write("".join(json.dumps(r) + "\n" for r in rows))
+                def record(module: Any, args: Any, kwargs: Any) -> None:
+                    ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+                    rows = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+                    with open(log, "a") as f:
+                        f.write("".join(json.dumps(r) + "\n" for r in rows))
 
-            self._loaded.model.register_forward_pre_hook(record, with_kwargs=True)
+                loaded.model.register_forward_pre_hook(record, with_kwargs=True)
+                loaded.model.counted = True
+            return loaded
 
     return CountingWorker
 
