@@ -201,6 +201,12 @@ def prepare_tile_gemm(dtype: np.dtype | str, du: int, dv: int, rows: int, *, thr
     return all(verdicts)
 
 
+def probed(dtype: np.dtype | str, du: int, dv: int, rows: int, *, threads: Iterable[int]) -> bool:
+    """Whether this process holds :func:`prepare_tile_gemm`'s verdicts for these products at every one of ``threads``."""
+    library, char = gemm_library(), np.dtype(dtype).char
+    return all((library, char, du, dv, rows, max(1, t)) in _WHOLE_TILE for t in threads)
+
+
 def _same_sums(dtype: str, du: int, dv: int, rows: int, tile: tuple[int, int], threads: int) -> bool:
     """Whether a tile of (du, dv) blocks sums each block bit for bit alike as one GEMM and as a GEMM per block."""
     rng = np.random.default_rng(0)

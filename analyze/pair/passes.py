@@ -46,7 +46,8 @@ class PassOutputs:
             (``(("a", i), ("b", j))``, and ``(("a", i), ("a", i))`` for A's self co-moments).
         segments_per_node: on Ray, how many token segments each node (by Ray node id) ran; empty otherwise.
         task_peaks: on Ray with ``tracemalloc`` tracing the workers (``PYTHONTRACEMALLOC=1``), the largest measured
-            peak of any task of each kind (``"fold"``, ``"merge"``, ``"finish"``) in bytes; empty otherwise.
+            peak of any task of each kind (``"fold"``, ``"merge"``, ``"finish"``; ``"probe"``: a fold's GEMM probe,
+            before its fold, where one ran) in bytes; empty otherwise.
     """
 
     matched: dict[int, dict[str, Any]]

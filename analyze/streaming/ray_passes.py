@@ -148,8 +148,9 @@ def _failure(error: Exception) -> Exception:
 def _fold_task(tile: Tile, reader: StateReader, blocks: tuple[TokenBlock, ...], backend: ChunkBackend,
                limit_bytes: int) -> tuple[Any, list[TaskRecord]]:
     map_large_allocations()  # before the probe, whose freed arrays must not stay in the worker's heap
-    prepare_products(tile, reader, backend, limit_bytes)  # once per worker process, before the task's memory counts
-    return _measured("fold", [], lambda: fold_segment(tile, reader, blocks, backend))
+    # Once per worker process, before the fold's memory counts; measured apart (a "probe" record) when it ran.
+    probed, probe = _measured("probe", [], lambda: prepare_products(tile, reader, backend, limit_bytes))
+    return _measured("fold", probe if probed else [], lambda: fold_segment(tile, reader, blocks, backend))
 
 
 def _merge_task(*parts: tuple[Any, list[TaskRecord]]) -> tuple[Any, list[TaskRecord]]:

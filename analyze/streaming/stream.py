@@ -200,19 +200,22 @@ class StateReader:
 
 
 def prepare_products(tile: Tile, reader: StateReader, backend: ChunkBackend, limit_bytes: int,
-                     workers: int | None = None) -> None:
+                     workers: int | None = None) -> bool:
     """Settle how a cross-layer tile's products of full blocks run (one GEMM of the tile, or one per pair: see
     :func:`~hrsa.analyze.accumulators.gemm.prepare_tile_gemm`) before the pass's memory counts: once per process.
     ``workers``: the Dask threads of a local pass, one per segment (a fold on a thread count not probed runs a GEMM
-    per pair)."""
+    per pair). Returns whether it probed now (False: nothing to probe, or probed before in this process)."""
     if backend.name != "numpy" or tile.rectangle is None:
-        return
-    from hrsa.analyze.accumulators.gemm import blas_threads, prepare_tile_gemm
+        return False
+    from hrsa.analyze.accumulators.gemm import blas_threads, prepare_tile_gemm, probed
 
     rows, cols = tile.rectangle
     threads = {blas_threads()} | ({blas_threads_per_worker(workers)} if workers else set())
-    prepare_tile_gemm(backend.compute_dtype, reader.arrays[rows[0]].shape[1], reader.arrays[cols[0]].shape[1],
-                      reader.block_tokens, threads=threads, limit_bytes=limit_bytes)
+    products = (backend.compute_dtype, reader.arrays[rows[0]].shape[1], reader.arrays[cols[0]].shape[1],
+                reader.block_tokens)
+    before = probed(*products, threads=threads)
+    prepare_tile_gemm(*products, threads=threads, limit_bytes=limit_bytes)
+    return not before and probed(*products, threads=threads)
 
 
 def fold_segment(

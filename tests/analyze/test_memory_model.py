@@ -379,6 +379,41 @@ def test_the_gemm_probe_runs_before_the_passes_within_the_plan_s_peak(tmp_path, 
     assert peak <= res.plan.estimated_peak + MACHINERY, (peak, res.plan.estimated_peak)
 
 
+@pytest.mark.integration
+def test_a_ray_fold_that_probes_the_gemm_stays_under_the_per_worker_estimate(tmp_path, ray_local, monkeypatch) -> None:
+    """On Ray each worker process probes its library once, in its first fold task of a cross-layer tile (D = 128 here),
+    before that fold measures itself: the probe's own peak (a "probe" record) and the fold's each stay under the
+    estimate the task asked Ray for, so the worker never holds the probe's arrays beside the accumulators."""
+    from hrsa.analyze.accumulators import gemm
+    from hrsa.analyze.pair import analyze_pair, passes
+    from hrsa.analyze.streaming.ray_passes import task_resources
+
+    url = str(tmp_path / "store")
+    build_store(url, "float32", d=128)
+    store = ActivationStore.open(url)
+    kw = {"metrics": ("cka",), "cross_layer": True, "block_tokens": BLOCK, "workers": 2, "groups": 0}
+
+    def per_worker(budget: int) -> ResolvedPair | None:
+        try:
+            return resolve_pair(store, "a", "b", debiased=False, selection=TokenSelection(), save_rotation=False,
+                                compute_bytes=8, memory_budget=budget, per_worker_budget=True, **kw)
+        except MemoryBudgetError:
+            return None
+
+    budget, pair = next((b, p) for b in (int(10**5 * 1.1**i) for i in range(120))
+                        if (p := per_worker(b)) is not None and p.plan.passes == 1 and p.plan.workers == 2)
+    assert gemm.probe_bytes("float64", 128, 128, BLOCK) <= pair.plan.estimated_peak  # the probe's gate lets it run
+    # A runtime_env of this test's own: fresh worker processes, which have probed nothing yet.
+    traced = {"runtime_env": {"env_vars": {"PYTHONTRACEMALLOC": "1", "HRSA_TEST_FRESH_WORKERS": "probe"}}}
+    monkeypatch.setattr(passes, "task_resources", lambda *a, **k: {**task_resources(*a, **k), **traced})
+    res = analyze_pair(store, "a", "b", scheduler="ray", backend="numpy", compute_dtype="float64", memory_budget=budget,
+                       **kw)
+    peaks = res.settings["task_peak_bytes"]
+    assert {"probe", "fold", "finish"} <= set(peaks), peaks
+    assert peaks["probe"] >= gemm.probe_bytes("float64", 128, 128, BLOCK)  # it ran in a worker, its arrays counted
+    assert all(peak <= res.plan.estimated_peak + MACHINERY for peak in peaks.values()), (peaks, res.plan.estimated_peak)
+
+
 _AFTER_AN_ANALYSIS = """
 import sys
 import warnings
