@@ -315,6 +315,20 @@ def test_a_merge_of_two_read_only_partials_allocates_one_copy_of_the_accumulator
     assert peak <= output + vectors, (peak, output, vectors)
 
 
+def one_pass_on_two_workers(store: ActivationStore, *, compute_bytes: int, **kw: Any) -> tuple[int, ResolvedPair]:
+    """The smallest per-worker budget (of a 10% grid) whose plan makes one pass on two workers, and that plan."""
+
+    def per_worker(budget: int) -> ResolvedPair | None:
+        try:
+            return resolve_pair(store, "a", "b", debiased=False, selection=TokenSelection(), save_rotation=False,
+                                compute_bytes=compute_bytes, memory_budget=budget, per_worker_budget=True, **kw)
+        except MemoryBudgetError:
+            return None
+
+    return next((b, p) for b in (int(10**5 * 1.1**i) for i in range(120))
+                if (p := per_worker(b)) is not None and p.plan.passes == 1 and p.plan.workers == 2)
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize(("metrics", "cross_layer", "groups"), [(("cka", "dimcorr"), True, 0), (METRICS, False, 0),
                                                                (METRICS, False, len(DOCS))])
@@ -333,16 +347,7 @@ def test_every_ray_task_stays_under_the_per_worker_estimate_it_asked_ray_for(url
 
     store = ActivationStore.open(urls["float32"])
     kw = {"metrics": metrics, "cross_layer": cross_layer, "block_tokens": 64, "workers": 2, "groups": groups}
-
-    def per_worker(budget: int) -> ResolvedPair | None:
-        try:
-            return resolve_pair(store, "a", "b", debiased=False, selection=TokenSelection(), save_rotation=False,
-                                compute_bytes=8, memory_budget=budget, per_worker_budget=True, **kw)
-        except MemoryBudgetError:
-            return None
-
-    budget, pair = next((b, p) for b in (int(10**5 * 1.1**i) for i in range(120))
-                        if (p := per_worker(b)) is not None and p.plan.passes == 1 and p.plan.workers == 2)
+    budget, pair = one_pass_on_two_workers(store, compute_bytes=8, **kw)
     plan = pair.plan
     traced = {"runtime_env": {"env_vars": {"PYTHONTRACEMALLOC": "1"}}}
     monkeypatch.setattr(passes, "task_resources", lambda *a, **k: {**task_resources(*a, **k), **traced})
@@ -392,16 +397,7 @@ def test_a_ray_fold_that_probes_the_gemm_stays_under_the_per_worker_estimate(tmp
     build_store(url, "float32", d=128)
     store = ActivationStore.open(url)
     kw = {"metrics": ("cka",), "cross_layer": True, "block_tokens": BLOCK, "workers": 2, "groups": 0}
-
-    def per_worker(budget: int) -> ResolvedPair | None:
-        try:
-            return resolve_pair(store, "a", "b", debiased=False, selection=TokenSelection(), save_rotation=False,
-                                compute_bytes=8, memory_budget=budget, per_worker_budget=True, **kw)
-        except MemoryBudgetError:
-            return None
-
-    budget, pair = next((b, p) for b in (int(10**5 * 1.1**i) for i in range(120))
-                        if (p := per_worker(b)) is not None and p.plan.passes == 1 and p.plan.workers == 2)
+    budget, pair = one_pass_on_two_workers(store, compute_bytes=8, **kw)
     assert gemm.probe_bytes("float64", 128, 128, BLOCK) <= pair.plan.estimated_peak  # the probe's gate lets it run
     # A runtime_env of this test's own: fresh worker processes, which have probed nothing yet.
     traced = {"runtime_env": {"env_vars": {"PYTHONTRACEMALLOC": "1", "HRSA_TEST_FRESH_WORKERS": "probe"}}}
