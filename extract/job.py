@@ -194,17 +194,32 @@ def _reserve(n: int, gpus: float, cpus: float) -> Any:
     return group
 
 
-def _start_workers(n: int, gpus: float, cpus: float, threads: int, config: ExtractConfig) -> tuple[Any, list[Any]]:
-    """Reserve the resources of ``n`` workers, then start them with no model loaded: (placement group, actors)."""
+def _start_workers(n: int, gpus: float, cpus: float, threads: int,
+                   config: ExtractConfig) -> tuple[Any, list[Any], list[int]]:
+    """Reserve the resources of ``n`` workers, then start them with no model loaded: (placement group, actors,
+    their process ids)."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from hrsa.extract.worker import remote_worker_class
 
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
     group = _reserve(n, gpus, cpus)
-    Worker = remote_worker_class(num_gpus=gpus, num_cpus=cpus)
-    return group, [Worker.options(scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i))
-                   .remote(None, config.store, None, token_budget=config.token_budget, cpu_threads=threads or None)
-                   for i in range(n)]
+    actors: list[Any] = []
+    try:
+        Worker = remote_worker_class(num_gpus=gpus, num_cpus=cpus)
+        for i in range(n):
+            strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)
+            actors.append(Worker.options(scheduling_strategy=strategy).remote(
+                None, config.store, None, token_budget=config.token_budget, cpu_threads=threads or None))
+        pids = _call([actor.pid.remote() for actor in actors], "starting the extraction workers")
+    except BaseException:
+        for actor in actors:
+            ray.kill(actor)
+        remove_placement_group(group)
+        raise
+    return group, actors, pids
 
 
 def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], None] | None = None,
@@ -215,8 +230,9 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
         config: the settings (see :func:`parse_extract_config` to validate a mapping with one-line errors).
         on_progress: called as ``on_progress(tokens, tokens_total)`` with the tokens already done when
             work starts, then with each finished unit's tokens: increments for a progress bar.
-        workers: workers kept across extractions (a pipeline's); they stay after a successful run and are
-            closed by a failed one. None: this run starts its own and ends them.
+        workers: workers kept across extractions (a pipeline's; one coordinator at a time): they stay after a
+            run that succeeds, and are closed when a run fails once it has taken them. None: this run starts its
+            own and ends them.
 
     Raises:
         UserError: a model, corpus or setting that cannot work, or a re-run whose settings differ from the
@@ -248,12 +264,13 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
     cid = existing.corpus if existing is not None else _store_corpus(config, store, corpus)  # resuming: its own corpus
     # Step 3: the workers in reserved resources (a pipeline's, kept from its last extraction), each loading the model.
     pool = workers if workers is not None else ExtractionWorkers()
-    actors = pool.take((n, gpus, cpus, threads, config.store, config.token_budget),
-                       lambda: _start_workers(n, gpus, cpus, threads, config))
     model = spec.to_dict()
     try:  # the workers hold CPUs or GPUs: give them back however this ends (a pipeline's stay after a success)
+        actors = pool.take((n, gpus, cpus, threads, config.store, config.token_budget),
+                           lambda: _start_workers(n, gpus, cpus, threads, config))
         # Step 4: the coordinator allocates the arrays from what a loaded worker reports (or checks them on resume).
-        facts = _call(actors[0].describe.remote(model), f"loading model {mid}")
+        # Every worker loads at once (bind later finds the model loaded); the first one's facts are recorded.
+        facts = _call([a.describe.remote(model) for a in actors], f"loading model {mid}")[0]
         if existing is None:
             store.create_model(mid, corpus=cid, n_hidden_states=facts["n_hidden_states"], hidden_size=facts["hidden_size"],
                                dtype=facts["dtype"], attention=facts["attention"], hidden_states=config.layers,
@@ -281,8 +298,9 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
     except BaseException:
         pool.close()
         raise
-    if workers is None:
-        pool.close()
+    finally:
+        if workers is None:
+            pool.close()
     # Step 6: report.
     info = store.model_info(mid)
     if not info.complete:

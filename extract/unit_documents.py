@@ -77,11 +77,10 @@ class Carried:
             while len(self._rows) > self._capacity:
                 self._rows.popitem(last=False)
 
-    def drop(self, mid: str) -> None:
-        """Forget every row held for model ``mid`` (its store record is being read afresh)."""
+    def clear(self) -> None:
+        """Forget every row held (another model, or a model's store record read afresh)."""
         with self._lock:
-            for key in [key for key in self._rows if key[0] == mid]:
-                del self._rows[key]
+            self._rows.clear()
 
     def take(self, mid: str, doc: int, first_token: int) -> dict[int, torch.Tensor] | None:
         """The document's rows from ``first_token`` on, removed from the store of rows; None when not held."""

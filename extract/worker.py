@@ -55,7 +55,6 @@ class ExtractionWorker:
         self._token_budget = token_budget
         self._model_lock = threading.Lock()  # a threaded actor overlaps one unit's compute with another's write
         self._bind_lock = threading.Lock()
-        self._load_lock = threading.Lock()
         self._writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hrsa-write")
         self._carried = Carried()  # rows of documents straddling units, computed once, for the next unit
         self._forwards = _Forwards()
@@ -74,15 +73,18 @@ class ExtractionWorker:
             self._error = error
 
     def _use(self, spec: Mapping[str, Any]) -> Any:
-        """The loaded model of ``spec``: loaded now unless it is the one held (the one held is freed first)."""
+        """The loaded model of ``spec``: loaded now unless it is the one held (the one held is freed first).
+
+        Callers compute with the model returned, never ``self._loaded`` read later: a unit is computed by the model
+        its own call named, whatever another call loads meanwhile.
+        """
         from hrsa.extract.model_spec import ModelSpec
         from hrsa.extract.models import load_model
 
-        if self._spec == dict(spec):
-            return self._loaded
-        with self._load_lock, self._model_lock:  # never swapped under a forward pass
+        with self._model_lock:  # never swapped under a forward pass
             if self._spec != dict(spec):
-                self._loaded = self._spec = None
+                self._spec, self._loaded = None, None
+                self._carried.clear()  # rows of the model dropped: views that would keep its batches alive
                 _free_memory()
                 self._loaded = load_model(ModelSpec.from_dict(dict(spec)), device=self._device)
                 self._spec = dict(spec)
@@ -96,11 +98,17 @@ class ExtractionWorker:
         """
         if self._error is not None:
             raise self._error
+        if spec is None and self._loaded is None:
+            raise RuntimeError("describe() needs the model's spec: this worker holds no model")
         m = self._loaded if spec is None else self._use(spec)
         return {"n_hidden_states": m.n_hidden_states, "hidden_size": m.hidden_size, "dtype": m.dtype,
                 "attention": m.attention, "source": m.source, "attn_implementation": m.attn_implementation,
                 "tokenizer_fingerprint": m.tokenizer_fingerprint, "node": os.uname().nodename, "pid": os.getpid(),
                 "device": str(m.device)}
+
+    def pid(self) -> int:
+        """This worker's process id: a kept worker whose id changed was restarted by Ray (see :mod:`.worker_pool`)."""
+        return os.getpid()
 
     def bind(self, mid: str, spec: Mapping[str, Any]) -> None:
         """Write model ``spec`` into model ``mid`` (created by the coordinator) from now on: the model loaded, the
@@ -109,6 +117,7 @@ class ExtractionWorker:
         if self._error is not None:
             raise self._error
         self._use(spec)
+        self._carried.clear()
         self._bound(mid, fresh=True)
 
     def _bound(self, mid: str, *, fresh: bool = False) -> ModelWriter:
@@ -117,7 +126,6 @@ class ExtractionWorker:
                 writer = self._store.writer(mid)
                 self._corpus = self._store.corpus_tokens(writer.info.corpus)
                 self._writer = writer
-                self._carried.drop(mid)
             return self._writer
 
     def run_unit(self, mid: str, index: int, spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -130,7 +138,7 @@ class ExtractionWorker:
         """
         if self._error is not None:
             raise self._error
-        self._use(spec)
+        model = self._use(spec)
         writer = self._bound(mid)
         unit = writer.units()[index]
         report = {"unit": index, "tokens": unit.n_tokens, "written": False, "node": os.uname().nodename,
@@ -141,7 +149,7 @@ class ExtractionWorker:
             with writer.claimed(unit) as claim:
                 if claim is None:
                     return report
-                states = self._unit_states(mid, unit, writer.info.hidden_states)
+                states = self._unit_states(model, mid, unit, writer.info.hidden_states)
                 self._forwards.end(mid, index)
                 # One writer thread: this unit's shards are encoded, hashed and written while the actor's other
                 # thread runs the next unit's forward passes, and no more than one unit is being written at once.
@@ -151,13 +159,14 @@ class ExtractionWorker:
         finally:
             self._forwards.end(mid, index)
 
-    def _unit_states(self, mid: str, unit: WorkUnit, layers: tuple[int, ...]) -> dict[int, torch.Tensor]:
-        """(unit.n_tokens, D) per stored hidden state: each document run once (see :mod:`.unit_documents`)."""
+    def _unit_states(self, model: Any, mid: str, unit: WorkUnit, layers: tuple[int, ...]) -> dict[int, torch.Tensor]:
+        """(unit.n_tokens, D) per stored hidden state of loaded ``model``: each document run once (see
+        :mod:`.unit_documents`)."""
         import torch
 
         offsets = self._corpus.doc_offsets  # type: ignore[union-attr]  # set by _bound, which run_unit calls first
         plan = unit_documents(offsets, unit.start, unit.stop)
-        out = {k: torch.empty((unit.n_tokens, self._loaded.hidden_size), dtype=self._loaded.model.dtype) for k in layers}
+        out = {k: torch.empty((unit.n_tokens, model.hidden_size), dtype=model.model.dtype) for k in layers}
 
         def place(doc: int, first: int, states: dict[int, torch.Tensor]) -> None:
             """Put a document's rows from corpus token ``first`` on into the unit; carry those past its end."""
@@ -169,10 +178,10 @@ class ExtractionWorker:
 
         # Step 1: the documents that start in this unit: those inside it batched, the one running past its end alone.
         with self._model_lock:
-            for doc, states in self._forward(plan.inside, layers):
+            for doc, states in self._forward(model, plan.inside, layers):
                 place(doc, int(offsets[doc]), states)
             if plan.tail is not None:
-                place(plan.tail, int(offsets[plan.tail]), self._forward_alone(plan.tail, layers))
+                place(plan.tail, int(offsets[plan.tail]), self._forward_alone(model, plan.tail, layers))
         # Step 2: the document begun before this unit: its rows as the unit before carried them when this worker
         # ran that unit (waiting for its forward passes if they are under way here), else the document run alone.
         if plan.head is not None:
@@ -181,23 +190,24 @@ class ExtractionWorker:
             if states is None:
                 with self._model_lock:
                     states = {k: v[unit.start - int(offsets[plan.head]) :]
-                              for k, v in self._forward_alone(plan.head, layers).items()}
+                              for k, v in self._forward_alone(model, plan.head, layers).items()}
             place(plan.head, unit.start, states)
         return out
 
-    def _forward(self, docs: tuple[int, ...], layers: tuple[int, ...]) -> Iterator[tuple[int, dict[int, torch.Tensor]]]:
+    def _forward(self, model: Any, docs: tuple[int, ...],
+                 layers: tuple[int, ...]) -> Iterator[tuple[int, dict[int, torch.Tensor]]]:
         """(document, {layer: (T, D)}) of each document, batched under the token budget."""
         from hrsa.extract.forward import batched_hidden_states
 
         texts = [self._corpus.document(d).tolist() for d in docs]  # type: ignore[union-attr]
-        for j, states in batched_hidden_states(self._loaded, texts, layers, token_budget=self._token_budget):
+        for j, states in batched_hidden_states(model, texts, layers, token_budget=self._token_budget):
             yield docs[j], states
 
-    def _forward_alone(self, doc: int, layers: tuple[int, ...]) -> dict[int, torch.Tensor]:
+    def _forward_alone(self, model: Any, doc: int, layers: tuple[int, ...]) -> dict[int, torch.Tensor]:
         """A document in a batch of its own: bits that do not depend on which unit runs it."""
         from hrsa.extract.forward import batched_hidden_states
 
-        ((_, states),) = batched_hidden_states(self._loaded, [self._corpus.document(doc).tolist()], layers,  # type: ignore[union-attr]
+        ((_, states),) = batched_hidden_states(model, [self._corpus.document(doc).tolist()], layers,  # type: ignore[union-attr]
                                                token_budget=1)
         return states
 

@@ -59,7 +59,8 @@ class TaskRecord:
 
     Attributes:
         node: the Ray node id that ran it.
-        kind: ``"fold"`` (a segment's blocks), ``"merge"`` or ``"finish"``.
+        kind: ``"fold"`` (a segment's blocks), ``"merge"``, ``"finish"``, or ``"probe"`` (a fold's GEMM probe, run
+            before the fold).
         traced_peak: the most bytes Python and numpy held above the task's start (its inputs from Ray's object store
             are mapped, not allocated, and not counted, as Ray's ``memory`` resource does not count them), when
             ``tracemalloc`` traces the worker (``PYTHONTRACEMALLOC=1`` in its environment); None otherwise.

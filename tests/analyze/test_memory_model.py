@@ -325,8 +325,10 @@ def one_pass_on_two_workers(store: ActivationStore, *, compute_bytes: int, **kw:
         except MemoryBudgetError:
             return None
 
-    return next((b, p) for b in (int(10**5 * 1.1**i) for i in range(120))
-                if (p := per_worker(b)) is not None and p.plan.passes == 1 and p.plan.workers == 2)
+    found = next(((b, p) for b in (int(10**5 * 1.1**i) for i in range(120))
+                  if (p := per_worker(b)) is not None and p.plan.passes == 1 and p.plan.workers == 2), None)
+    assert found is not None, "no budget of the grid plans one pass on two workers"
+    return found
 
 
 @pytest.mark.integration

@@ -70,10 +70,18 @@ class Workspace:
 
 @pytest.fixture(scope="module")
 def first(tmp_path_factory: pytest.TempPathFactory, tiny_models: Any, ray_local: Any) -> tuple[Workspace, PipelineResult]:
+    import hrsa.extract.job as job
+
     corpus = write_corpus(tmp_path_factory.mktemp("corpus") / "words.jsonl")
     root = tmp_path_factory.mktemp("first")
     ws = Workspace(root, pipeline_values(root, corpus, tiny_models))
-    return ws, run_pipeline(ws.config(), console=quiet())
+    start = job._start_workers
+    with pytest.MonkeyPatch.context() as patch:  # counts the times the extraction workers start
+        patch.setattr(job, "_start_workers", lambda *a, **k: (WORKER_STARTS.append(a), start(*a, **k))[1])
+        return ws, run_pipeline(ws.config(), console=quiet())
+
+
+WORKER_STARTS: list[Any] = []  # the first run's extraction worker starts
 
 
 @pytest.fixture
@@ -93,6 +101,7 @@ def centred(x: np.ndarray) -> np.ndarray:
 def test_first_run_runs_every_stage_and_stores_what_the_store_holds(first: tuple[Workspace, PipelineResult]) -> None:
     ws, result = first
     assert result.ran == ("extract:llama", "extract:qwen", "analyze:llama--qwen", "report") and not result.skipped
+    assert len(WORKER_STARTS) == 1  # both extractions ran on the same workers, kept by the pipeline
     assert result.report is not None and result.report.is_file() and "tiny pair" in result.report.read_text()
     doc = json.loads(result.results["llama--qwen"].read_text())
     assert (doc["a"], doc["b"]) == ("llama", "qwen") and set(doc["metrics"]) == set(METRICS)

@@ -331,10 +331,13 @@ def test_a_failed_run_finishes_the_units_in_flight_before_it_raises(
     """Worker 2's first unit (6) fails at once while worker 1's two units (0, 1) and worker 2's second (7) are still
     computing (2 s each): run_extraction raises only once those are written. Killing the workers at once threw them
     away, or, as Ray's kill returns before a worker is gone, let one be written after the failure was reported."""
-    with monkeypatch.context() as patch:
+    with monkeypatch.context() as patch, ExtractionWorkers() as kept:
         use_worker_class(patch, faulty_worker(tmp_path, fail_on_unit=6, delay_s=2.0))
         with pytest.raises(RuntimeError, match="injected fault before unit 6"):
-            extract(tmp_path, tiny_models.dir("llama"), corpus_file, workers=2)
+            run_extraction(ExtractConfig(store=str(tmp_path / "store"), model=str(tiny_models.dir("llama")),
+                                         corpus=str(corpus_file), name="tiny", shard_tokens=SHARD_TOKENS, workers=2),
+                           workers=kept)
+        assert kept.actors == []  # a failed run closes kept workers too: the next one starts afresh
     assert np.flatnonzero(done_mask(str(tmp_path / "store"))).tolist() == [0, 1, 7]
 
 
@@ -415,6 +418,7 @@ def test_a_kept_worker_restarted_by_ray_runs_the_model_of_the_unit_it_is_given(
         (pid,) = worker_pids(workers)
         pooled(workers, store, tiny_models.dir("qwen2"), corpus_file, "second", workers=1)
         (restarted,) = worker_pids(workers)
+        assert not workers._as_started()  # the next extraction replaces it: Ray's restart budget counts over a life
     assert (tmp_path / "died").exists() and restarted != pid
     threads = worker_threads(ray_local, 1)
     assert_exact(store, "first", tiny_models.dir("llama"), threads)
