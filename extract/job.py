@@ -231,8 +231,9 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
         on_progress: called as ``on_progress(tokens, tokens_total)`` with the tokens already done when
             work starts, then with each finished unit's tokens: increments for a progress bar.
         workers: workers kept across extractions (a pipeline's; one coordinator at a time): they stay after a
-            run that succeeds, and are closed when a run fails once it has taken them. None: this run starts its
-            own and ends them.
+            run that succeeds, and are closed when a run fails once it has taken them. None, or a model with
+            ``trust_remote_code`` (its code could change state the next model sees): this run starts its own and
+            ends them.
 
     Raises:
         UserError: a model, corpus or setting that cannot work, or a re-run whose settings differ from the
@@ -263,6 +264,9 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
     store = store or ActivationStore.open(config.store, mode="a")
     cid = existing.corpus if existing is not None else _store_corpus(config, store, corpus)  # resuming: its own corpus
     # Step 3: the workers in reserved resources (a pipeline's, kept from its last extraction), each loading the model.
+    if workers is not None and config.trust_remote_code:
+        workers.close()  # the model's own code runs in the worker: fresh processes, ended after, whatever came before
+        workers = None
     pool = workers if workers is not None else ExtractionWorkers()
     model = spec.to_dict()
     try:  # the workers hold CPUs or GPUs: give them back however this ends (a pipeline's stay after a success)

@@ -381,6 +381,9 @@ def test_kept_workers_start_once_and_run_each_extraction_with_its_own_model(
         ActivationStore.open(str(store), mode="r+").delete_model("second")
         pooled(workers, store, tiny_models.dir("llama"), few, "second", workers=2)
         assert worker_pids(workers) == pids
+        # A model whose own code runs in the worker gets workers of its own, ended after it.
+        pooled(workers, store, tiny_models.dir("llama"), few, "remote-code", workers=2, trust_remote_code=True)
+        assert workers.actors == []
     assert workers.actors == [] and wait_for_free_cpus(ray_local) == ray_local.n_cpus  # closed: resources given back
     threads = worker_threads(ray_local, 2)
     assert_exact(store, "first", tiny_models.dir("qwen2"), threads)
