@@ -198,12 +198,11 @@ def _start_workers(n: int, gpus: float, cpus: float, threads: int,
                    config: ExtractConfig) -> tuple[Any, list[Any], list[int]]:
     """Reserve the resources of ``n`` workers, then start them with no model loaded: (placement group, actors,
     their process ids)."""
+    import ray
+    from ray.util.placement_group import remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from hrsa.extract.worker import remote_worker_class
-
-    import ray
-    from ray.util.placement_group import remove_placement_group
 
     group = _reserve(n, gpus, cpus)
     actors: list[Any] = []

@@ -83,9 +83,10 @@ class ExtractionWorker:
 
         with self._model_lock:  # never swapped under a forward pass
             if self._spec != dict(spec):
-                self._spec, self._loaded = None, None
-                self._carried.clear()  # rows of the model dropped: views that would keep its batches alive
-                _free_memory()
+                if self._loaded is not None:  # another model held: dropped, with the rows carried from its batches
+                    self._spec, self._loaded = None, None
+                    self._carried.clear()
+                    _free_memory()
                 self._loaded = load_model(ModelSpec.from_dict(dict(spec)), device=self._device)
                 self._spec = dict(spec)
             return self._loaded

@@ -363,7 +363,7 @@ def assert_exact(store: Path, mid: str, model_dir: Path, threads: int) -> None:
 def worker_pids(workers: ExtractionWorkers) -> list[int]:
     import ray
 
-    return sorted(facts["pid"] for facts in ray.get([a.describe.remote() for a in workers.actors]))
+    return sorted(ray.get([a.pid.remote() for a in workers.actors]))
 
 
 def test_kept_workers_start_once_and_run_each_extraction_with_its_own_model(
