@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,14 +77,34 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def _wait_for_port(port: int, server: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    """Until the server accepts connections on ``port`` (it fails the session if the server exits or never does)."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError(f"moto's S3 server did not start on port {port}") from None
+            time.sleep(0.05)
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
-    """A local S3 (moto's server mode on 127.0.0.1, as s3fs's own tests do), with one bucket."""
+    """A local S3 (moto's server mode on 127.0.0.1 in a process of its own, as s3fs's own tests run it), with one
+    bucket. Its own process, not moto's thread in this one: the server's request handling then stops competing with
+    the client's for this process's GIL (the S3 rows of tests/store/test_faults.py ran 164 -> 144 s)."""
     pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.server")
+    pytest.importorskip("moto.server")
     port = free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for_port(port, server)
     endpoint = f"http://127.0.0.1:{port}"
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
@@ -91,7 +112,8 @@ def s3_endpoint() -> Iterator[str]:
 
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="hrsa-test")
     yield endpoint
-    server.stop()
+    server.terminate()
+    server.wait(timeout=30)
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)

@@ -68,3 +68,34 @@ def test_cli_reads_s3_with_endpoint_from_the_environment(s3_endpoint: str, tmp_p
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert np.array_equal(np.load(out), expected_layer(store, "m", 1))
+
+
+def test_reads_on_s3_make_one_request_an_object(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opening a store, verifying it and reading every layer fetch each object with one GET: no HEAD before it (s3fs
+    asks for a size before every whole read unless told to read in one stream; that doubled every round trip)."""
+    import s3fs
+
+    url = "s3://hrsa-test/store-requests"
+    store = ActivationStore.open(url, mode="a", storage_options=_options(s3_endpoint))
+    new_model(store, "m")
+    from hrsa.store.testing import fill_model
+
+    fill_model(store, "m")
+    calls: dict[str, int] = {"_info": 0, "_cat_file": 0}
+
+    def counted(name: str) -> object:
+        original = getattr(s3fs.S3FileSystem, name)
+
+        async def call(self: object, *args: object, **kwargs: object) -> object:
+            calls[name] += 1
+            return await original(self, *args, **kwargs)
+
+        return call
+
+    for name in calls:
+        monkeypatch.setattr(s3fs.S3FileSystem, name, counted(name))
+    again = ActivationStore.open(url, mode="r", storage_options=_options(s3_endpoint))
+    assert verify_store(again).ok
+    for k in range(LAYERS):
+        assert np.array_equal(again.hidden_state("m", k).compute(), expected_layer(again, "m", k))
+    assert calls["_cat_file"] > 50 and calls["_info"] == 0, calls
