@@ -108,10 +108,10 @@ class BenchWorker(ExtractionWorker):
         for unit in writer.units():
             plan = unit_documents(offsets, unit.start, unit.stop)
             forward_tokens += sum(int(offsets[d + 1] - offsets[d]) for d in plan.run_here())
-            for _ in self._forward(plan.inside, ()):
+            for _ in self._forward(self._loaded, plan.inside, ()):
                 pass
             if plan.tail is not None:
-                self._forward_alone(plan.tail, ())
+                self._forward_alone(self._loaded, plan.tail, ())
         if self._loaded.device.type == "cuda":
             torch.cuda.synchronize()
         seconds, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
