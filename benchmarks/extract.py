@@ -87,14 +87,14 @@ class BenchWorker(ExtractionWorker):
         self._load_peak = reset_peak_memory()  # the coordinator binds every worker before the first unit
         self._cpu_start = time.process_time()
 
-    def run_unit(self, mid: str, index: int, spec: dict[str, Any]) -> dict[str, Any]:
-        result = super().run_unit(mid, index, spec)
+    def run_unit(self, mid: str, index: int, spec: dict[str, Any], token_budget: int = 8192) -> dict[str, Any]:
+        result = super().run_unit(mid, index, spec, token_budget)
         with open(os.path.join(os.environ.get("HRSA_BENCH_DIR", "."), f"memory-{os.getpid()}.json"), "w") as f:
             json.dump({**peak_memory(), "load_peak_rss": self._load_peak,  # the latest holds the peaks so far
                        "cpu_s": time.process_time() - self._cpu_start}, f)
         return result
 
-    def bare(self, mid: str) -> dict[str, Any]:
+    def bare(self, mid: str, token_budget: int) -> dict[str, Any]:
         """Forward passes of every document once, batched as extraction batches them; nothing kept."""
         import torch
 
@@ -108,7 +108,7 @@ class BenchWorker(ExtractionWorker):
         for unit in writer.units():
             plan = unit_documents(offsets, unit.start, unit.stop)
             forward_tokens += sum(int(offsets[d + 1] - offsets[d]) for d in plan.run_here())
-            for _ in self._forward(self._loaded, plan.inside, ()):
+            for _ in self._forward(self._loaded, plan.inside, (), token_budget):
                 pass
             if plan.tail is not None:
                 self._forward_alone(self._loaded, plan.tail, ())
@@ -252,9 +252,9 @@ def bare_once(config: BenchConfig, store: Path) -> Bare:
     _, gpus, cpus, threads = _placement(connect(), config.workers)
     spec = parse_model_spec(config.model)
     worker = remote_worker_class(num_gpus=gpus, num_cpus=cpus, worker_class=BenchWorker).remote(
-        spec.to_dict(), str(store), None, token_budget=config.token_budget, cpu_threads=threads or None)
+        spec.to_dict(), str(store), None, cpu_threads=threads or None)
     try:
-        out = ray.get(worker.bare.remote("bench"))
+        out = ray.get(worker.bare.remote("bench", config.token_budget))
     finally:
         ray.kill(worker)
     return Bare(out["seconds"], out["cpu_s"], out["forward_tokens"], out["peak_rss"], out["load_peak_rss"],

@@ -211,7 +211,7 @@ def _start_workers(n: int, gpus: float, cpus: float, threads: int,
         for i in range(n):
             strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)
             actors.append(Worker.options(scheduling_strategy=strategy).remote(
-                None, config.store, None, token_budget=config.token_budget, cpu_threads=threads or None))
+                None, config.store, None, cpu_threads=threads or None))
         pids = _call([actor.pid.remote() for actor in actors], "starting the extraction workers")
     except BaseException:
         for actor in actors:
@@ -269,7 +269,7 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
     pool = workers if workers is not None else ExtractionWorkers()
     model = spec.to_dict()
     try:  # the workers hold CPUs or GPUs: give them back however this ends (a pipeline's stay after a success)
-        actors = pool.take((n, gpus, cpus, threads, config.store, config.token_budget),
+        actors = pool.take((n, gpus, cpus, threads, config.store),
                            lambda: _start_workers(n, gpus, cpus, threads, config))
         # Step 4: the coordinator allocates the arrays from what a loaded worker reports (or checks them on resume).
         # Every worker loads at once (bind later finds the model loaded); the first one's facts are recorded.
@@ -293,7 +293,7 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
         # Step 5: pending units, two in flight per worker; then the units other extractions held, once they are free.
         pending_units = store.writer(mid).pending_units()
         done_tokens = corpus.n_tokens - sum(u.n_tokens for u in pending_units)
-        target = _Target(actors, mid, model)
+        target = _Target(actors, mid, model, config.token_budget)
         results = _dispatch(target, [u.index for u in pending_units],
                             lambda r: on_progress and on_progress(r["tokens"], corpus.n_tokens),
                             start=lambda: on_progress and on_progress(done_tokens, corpus.n_tokens))
@@ -318,11 +318,13 @@ HELD_POLL_S = 1.0
 
 @dataclass(frozen=True)
 class _Target:
-    """Where units go: the workers, and the model id and spec that every unit names (see :mod:`.worker_pool`)."""
+    """Where units go: the workers, and the model id, spec and token budget that every unit names (see
+    :mod:`.worker_pool`)."""
 
     workers: list[Any]
     mid: str
     spec: dict[str, Any]
+    token_budget: int
 
 
 def _finish_held_units(store: Any, target: _Target) -> list[dict[str, Any]]:
@@ -402,7 +404,7 @@ def _dispatch(target: _Target, pending: list[int], on_result: Callable[[dict[str
     def submit(w: int) -> None:
         index = runs.next(w)
         if index is not None:
-            inflight[workers[w].run_unit.remote(mid, index, target.spec)] = (w, index)
+            inflight[workers[w].run_unit.remote(mid, index, target.spec, target.token_budget)] = (w, index)
 
     for w in range(len(workers)):
         for _ in range(2):

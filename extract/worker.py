@@ -38,13 +38,12 @@ class ExtractionWorker:
         spec: :meth:`ModelSpec.to_dict` of a model to load now, or None to load one when a call names it.
         store_url, storage_options: where the store is (every node must reach it).
         device: "cpu", "cuda" or None (CUDA when this worker was given a GPU).
-        token_budget: padded tokens per forward pass.
         cpu_threads: torch threads for a CPU worker (its share of the node's cores).
     """
 
     def __init__(self, spec: Mapping[str, Any] | None, store_url: str,
                  storage_options: Mapping[str, Any] | None = None, *, device: str | None = None,
-                 token_budget: int = 8192, cpu_threads: int | None = None) -> None:
+                 cpu_threads: int | None = None) -> None:
         import torch
 
         from hrsa.store import ActivationStore
@@ -52,7 +51,6 @@ class ExtractionWorker:
         if cpu_threads:
             torch.set_num_threads(cpu_threads)
         self._device = device
-        self._token_budget = token_budget
         self._model_lock = threading.Lock()  # a threaded actor overlaps one unit's compute with another's write
         self._bind_lock = threading.Lock()
         self._writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hrsa-write")
@@ -129,13 +127,13 @@ class ExtractionWorker:
                 self._writer = writer
             return self._writer
 
-    def run_unit(self, mid: str, index: int, spec: Mapping[str, Any]) -> dict[str, Any]:
-        """Compute unit ``index`` of model ``mid`` with model ``spec`` and write it; returns what happened (for
-        progress and checks).
+    def run_unit(self, mid: str, index: int, spec: Mapping[str, Any], token_budget: int = 8192) -> dict[str, Any]:
+        """Compute unit ``index`` of model ``mid`` with model ``spec``, at most ``token_budget`` padded tokens a
+        forward pass, and write it; returns what happened (for progress and checks).
 
-        The model id and spec come with every unit, not only with :meth:`bind`: an actor that Ray restarts runs
-        ``__init__`` again (with no model) but no ``bind``, and its retried units must still know where to go and
-        which model computes them.
+        The model id, spec and budget come with every unit, not only with :meth:`bind`: an actor that Ray restarts
+        runs ``__init__`` again (with no model) but no ``bind``, and its retried units must still know where to go
+        and which model computes them. Kept workers then serve extractions of any token budget.
         """
         if self._error is not None:
             raise self._error
@@ -150,7 +148,7 @@ class ExtractionWorker:
             with writer.claimed(unit) as claim:
                 if claim is None:
                     return report
-                states = self._unit_states(model, mid, unit, writer.info.hidden_states)
+                states = self._unit_states(model, mid, unit, writer.info.hidden_states, token_budget)
                 self._forwards.end(mid, index)
                 # One writer thread: this unit's shards are encoded, hashed and written while the actor's other
                 # thread runs the next unit's forward passes, and no more than one unit is being written at once.
@@ -160,7 +158,8 @@ class ExtractionWorker:
         finally:
             self._forwards.end(mid, index)
 
-    def _unit_states(self, model: Any, mid: str, unit: WorkUnit, layers: tuple[int, ...]) -> dict[int, torch.Tensor]:
+    def _unit_states(self, model: Any, mid: str, unit: WorkUnit, layers: tuple[int, ...],
+                     token_budget: int) -> dict[int, torch.Tensor]:
         """(unit.n_tokens, D) per stored hidden state of loaded ``model``: each document run once (see
         :mod:`.unit_documents`)."""
         import torch
@@ -179,7 +178,7 @@ class ExtractionWorker:
 
         # Step 1: the documents that start in this unit: those inside it batched, the one running past its end alone.
         with self._model_lock:
-            for doc, states in self._forward(model, plan.inside, layers):
+            for doc, states in self._forward(model, plan.inside, layers, token_budget):
                 place(doc, int(offsets[doc]), states)
             if plan.tail is not None:
                 place(plan.tail, int(offsets[plan.tail]), self._forward_alone(model, plan.tail, layers))
@@ -195,13 +194,13 @@ class ExtractionWorker:
             place(plan.head, unit.start, states)
         return out
 
-    def _forward(self, model: Any, docs: tuple[int, ...],
-                 layers: tuple[int, ...]) -> Iterator[tuple[int, dict[int, torch.Tensor]]]:
+    def _forward(self, model: Any, docs: tuple[int, ...], layers: tuple[int, ...],
+                 token_budget: int) -> Iterator[tuple[int, dict[int, torch.Tensor]]]:
         """(document, {layer: (T, D)}) of each document, batched under the token budget."""
         from hrsa.extract.forward import batched_hidden_states
 
         texts = [self._corpus.document(d).tolist() for d in docs]  # type: ignore[union-attr]
-        for j, states in batched_hidden_states(model, texts, layers, token_budget=self._token_budget):
+        for j, states in batched_hidden_states(model, texts, layers, token_budget=token_budget):
             yield docs[j], states
 
     def _forward_alone(self, model: Any, doc: int, layers: tuple[int, ...]) -> dict[int, torch.Tensor]:

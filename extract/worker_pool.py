@@ -24,7 +24,7 @@ ALIVE_TIMEOUT_S = 30.0  # a kept worker that does not answer in this time is rep
 
 class ExtractionWorkers:
     """The workers of consecutive extractions: started for the first, kept while the next ones ask for the same
-    shape (workers, resources, threads, store, token budget), started anew when one asks for another.
+    shape (workers, resources, threads, store), started anew when one asks for another.
 
     Use it as a context manager: leaving it ends the workers and frees their reserved resources. One coordinator
     at a time: two extractions at once through one set of workers would load their models in turn under each other.

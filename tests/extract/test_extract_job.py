@@ -168,7 +168,7 @@ def faulty_worker(folder: Path, *, crash: bool = False, fail_after_writes: int |
         def _claim_death_1(self, mid: str, index: int) -> bool:
             return not self._store.writer(mid).done_mask()[index] and self._claim("death-1")
 
-        def run_unit(self, mid: str, index: int, spec: dict[str, Any]) -> dict[str, Any]:
+        def run_unit(self, mid: str, index: int, spec: dict[str, Any], token_budget: int = 8192) -> dict[str, Any]:
             nth = next(self._nth)
             if index == fail_on_unit:
                 raise RuntimeError(f"injected fault before unit {index}")
@@ -188,7 +188,7 @@ def faulty_worker(folder: Path, *, crash: bool = False, fail_after_writes: int |
                     array[unit.start : unit.stop] = np.full((unit.n_tokens, array.shape[1]), 7, dtype=array.dtype)
                     os._exit(1)  # half a unit on disk, no done flag
             with self._log_lock:
-                result = super().run_unit(mid, index, spec)
+                result = super().run_unit(mid, index, spec, token_budget)
                 if result["written"]:
                     with open(log, "a") as f:
                         f.write(f"{index} {os.getpid()}\n")
@@ -343,9 +343,10 @@ def test_a_failed_run_finishes_the_units_in_flight_before_it_raises(
 
 # -- workers kept across extractions (a pipeline's) ------------------------------------------------
 def pooled(kept: ExtractionWorkers, store: Path, model_dir: Path, corpus: Path, name: str, **options: Any) -> str:
-    """Extract into ``store`` with the ``kept`` workers, one document per pass (bit-exact against the reference)."""
+    """Extract into ``store`` with the ``kept`` workers, one document per pass by default (bit-exact against the
+    reference)."""
     config = ExtractConfig(store=str(store), model=str(model_dir), corpus=str(corpus), name=name,
-                           shard_tokens=SHARD_TOKENS, token_budget=1, **options)
+                           shard_tokens=SHARD_TOKENS, **{"token_budget": 1, **options})
     assert run_extraction(config, workers=kept).units_written > 0
     return name
 
@@ -370,7 +371,8 @@ def test_kept_workers_start_once_and_run_each_extraction_with_its_own_model(
     tiny_models: Any, corpus_file: Path, tmp_path: Path, ray_local: Any
 ) -> None:
     """Three extractions through one set of workers: Qwen2, then Llama, then Llama over another corpus under the id
-    just written (deleted first: the workers must read the new record and corpus, not the ones they hold)."""
+    just written (deleted first: the workers must read the new record and corpus, not the ones they hold) and with
+    another token budget (each unit names its budget, so the workers serve any)."""
     store = tmp_path / "store"
     few = write_jsonl(tmp_path / "few.jsonl", {k: TEXTS[k] for k in ("dogs", "foxes", "short", "jumps")})
     with ExtractionWorkers() as workers:
@@ -379,7 +381,7 @@ def test_kept_workers_start_once_and_run_each_extraction_with_its_own_model(
         pooled(workers, store, tiny_models.dir("llama"), corpus_file, "second", workers=2)
         assert worker_pids(workers) == pids  # the same processes: started once
         ActivationStore.open(str(store), mode="r+").delete_model("second")
-        pooled(workers, store, tiny_models.dir("llama"), few, "second", workers=2)
+        pooled(workers, store, tiny_models.dir("llama"), few, "second", workers=2, token_budget=2)  # still one doc a pass
         assert worker_pids(workers) == pids
         # A model whose own code runs in the worker gets workers of its own, ended after it.
         pooled(workers, store, tiny_models.dir("llama"), few, "remote-code", workers=2, trust_remote_code=True)
@@ -389,7 +391,7 @@ def test_kept_workers_start_once_and_run_each_extraction_with_its_own_model(
     assert_exact(store, "first", tiny_models.dir("qwen2"), threads)
     assert_exact(store, "second", tiny_models.dir("llama"), threads)
     info = ActivationStore.open(str(store)).model_info
-    assert info("second").n_tokens < info("first").n_tokens
+    assert info("second").n_tokens < info("first").n_tokens and info("second").extraction["token_budget"] == 2
 
 
 def dying_on_model(folder: Path, mid: str) -> type:
@@ -397,14 +399,14 @@ def dying_on_model(folder: Path, mid: str) -> type:
     base = worker_module.ExtractionWorker
 
     class DyingWorker(base):  # type: ignore[misc, valid-type]
-        def run_unit(self, unit_mid: str, index: int, spec: dict[str, Any]) -> dict[str, Any]:
+        def run_unit(self, unit_mid: str, index: int, spec: dict[str, Any], token_budget: int = 8192) -> dict[str, Any]:
             if unit_mid == mid:
                 try:
                     os.close(os.open(os.path.join(str(folder), "died"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
                     os._exit(1)
                 except FileExistsError:
                     pass
-            return {**super().run_unit(unit_mid, index, spec), "pid": os.getpid()}
+            return {**super().run_unit(unit_mid, index, spec, token_budget), "pid": os.getpid()}
 
     return DyingWorker
 
