@@ -10,9 +10,11 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -77,8 +79,9 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-def _wait_for_port(port: int, server: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
-    """Until the server accepts connections on ``port`` (it fails the session if the server exits or never does)."""
+def _wait_for_port(port: int, server: subprocess.Popen[bytes], log: Any, timeout: float = 60.0) -> None:
+    """Until the server accepts connections on ``port``; raises with the end of its output if it exits or never
+    does (the caller stops it)."""
     import socket
     import time
 
@@ -89,8 +92,9 @@ def _wait_for_port(port: int, server: subprocess.Popen[bytes], timeout: float = 
             return
         except OSError:
             if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                raise RuntimeError(f"moto's S3 server did not start on port {port}") from None
+                log.seek(0)
+                raise RuntimeError(f"moto's S3 server did not start on port {port}: "
+                                   f"{log.read()[-2000:].decode(errors='replace')}") from None
             time.sleep(0.05)
 
 
@@ -102,23 +106,32 @@ def s3_endpoint() -> Iterator[str]:
     pytest.importorskip("s3fs")
     pytest.importorskip("moto.server")
     port = free_port()
+    # Its output to a file, not a pipe: moto logs every request, and a pipe nobody reads would fill and stop it.
+    log = tempfile.TemporaryFile()
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for_port(port, server)
-    endpoint = f"http://127.0.0.1:{port}"
+                              stdout=log, stderr=subprocess.STDOUT)
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-    import boto3
+    try:
+        _wait_for_port(port, server, log)
+        endpoint = f"http://127.0.0.1:{port}"
+        os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+        import boto3
 
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="hrsa-test")
-    yield endpoint
-    server.terminate()
-    server.wait(timeout=30)
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="hrsa-test")
+        yield endpoint
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # -- A two-node Ray cluster on this machine (tests/train/test_multi_node.py) -----------------------------------------

@@ -81,21 +81,26 @@ def test_reads_on_s3_make_one_request_an_object(s3_endpoint: str, monkeypatch: p
     from hrsa.store.testing import fill_model
 
     fill_model(store, "m")
-    calls: dict[str, int] = {"_info": 0, "_cat_file": 0}
+    calls: dict[str, int] = {"head_object": 0, "get_object": 0}
+    original = s3fs.S3FileSystem._call_s3
 
-    def counted(name: str) -> object:
-        original = getattr(s3fs.S3FileSystem, name)
+    async def counted(self: object, method: str, *args: object, **kwargs: object) -> object:  # every S3 request
+        calls[method] = calls.get(method, 0) + 1
+        return await original(self, method, *args, **kwargs)
 
-        async def call(self: object, *args: object, **kwargs: object) -> object:
-            calls[name] += 1
-            return await original(self, *args, **kwargs)
-
-        return call
-
-    for name in calls:
-        monkeypatch.setattr(s3fs.S3FileSystem, name, counted(name))
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counted)
     again = ActivationStore.open(url, mode="r", storage_options=_options(s3_endpoint))
     assert verify_store(again).ok
     for k in range(LAYERS):
         assert np.array_equal(again.hidden_state("m", k).compute(), expected_layer(again, "m", k))
-    assert calls["_cat_file"] > 50 and calls["_info"] == 0, calls
+    assert calls["get_object"] > 50 and calls["head_object"] == 0, calls
+
+
+def test_a_users_own_max_concurrency_wins(s3_endpoint: str) -> None:
+    """Shards over s3fs's 50 MB block read in concurrent ranges again when the user asks for it."""
+    url = "s3://hrsa-test/store-concurrency"
+    ActivationStore.open(url, mode="a", storage_options=_options(s3_endpoint))
+    default = ActivationStore.open(url, mode="r", storage_options=_options(s3_endpoint))
+    asked = ActivationStore.open(url, mode="r", storage_options={**_options(s3_endpoint), "max_concurrency": 8})
+    assert default.group("corpora").store.fs.max_concurrency == 1
+    assert asked.group("corpora").store.fs.max_concurrency == 8
