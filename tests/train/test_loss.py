@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -47,7 +46,7 @@ def test_info_nce_rejects_a_wrong_number_of_documents() -> None:
 # Each rank: its half of the batch, gathered documents, gradients averaged over ranks. Plain, chunked
 # (chunk 3 does not divide the 4 local queries or 8 documents) and FSDP2.
 _WORKER = textwrap.dedent('''
-    import copy, sys, torch, torch.distributed as dist
+    import copy, datetime, sys, torch, torch.distributed as dist
     from hrsa.extract.model_spec import parse_model_spec
     from hrsa.train.gradcache import contrastive_backward
     from hrsa.train.loss import info_nce
@@ -55,7 +54,10 @@ _WORKER = textwrap.dedent('''
     from hrsa.train.worker import average_gradients, shard_fsdp
 
     rank, folder, out, queries, docs = int(sys.argv[1]), sys.argv[2], sys.argv[3], eval(sys.argv[4]), eval(sys.argv[5])
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    # A file rendezvous, not a TCP port picked in advance (another process could take that port in between); a hang
+    # becomes an error after two minutes.
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=120))
     torch.set_num_threads(1)
     spec = parse_model_spec(folder, attention="bidirectional")
     base, tok, _ = load_embedding_model(spec, device="cpu")
@@ -80,12 +82,6 @@ _WORKER = textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.integration
 def test_two_gathering_workers_give_the_gradients_of_one_process(tiny_models: Any, tmp_path: Path) -> None:
     from hrsa.extract.model_spec import parse_model_spec
@@ -98,10 +94,15 @@ def test_two_gathering_workers_give_the_gradients_of_one_process(tiny_models: An
     docs = [" ".join(words[(2 * i + j) % 12:(2 * i + j) % 12 + 2 + j]) for i in range(8) for j in range(2)]
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     procs = [subprocess.Popen([sys.executable, str(script), str(r), folder, str(tmp_path), repr(queries), repr(docs)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
+    try:
+        logs = [p.communicate(timeout=300)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail("the two workers did not finish in 300 s:\n" + "\n".join(p.communicate()[0] for p in procs))
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)
     # The oracle: one process, the whole batch, no gathering.
     model, tok, _ = load_embedding_model(parse_model_spec(folder, attention="bidirectional"), device="cpu")
