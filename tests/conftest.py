@@ -86,16 +86,14 @@ def _wait_for_port(port: int, server: subprocess.Popen[bytes], log: Any, timeout
     import time
 
     deadline = time.monotonic() + timeout
-    while True:
+    while server.poll() is None and time.monotonic() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return
         except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                raise RuntimeError(f"moto's S3 server did not start on port {port}: "
-                                   f"{log.read()[-2000:].decode(errors='replace')}") from None
             time.sleep(0.05)
+    log.seek(0)
+    raise RuntimeError(f"moto's S3 server did not start on port {port}: {log.read()[-2000:].decode(errors='replace')}")
 
 
 @pytest.fixture(scope="session")
