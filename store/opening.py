@@ -31,7 +31,7 @@ def open_root(url: str, mode: str, storage_options: Mapping[str, Any] | None, *,
     options = {"use_listings_cache": False, **(storage_options or {})} if _is_url(url) else None
     if url.startswith("s3://"):
         # s3fs asks for an object's size (a HEAD) before each whole read, to fetch objects over its block size (50 MB)
-        # in concurrent ranges: every metadata file, record and shard here is smaller, so that HEAD doubled the
+        # in concurrent ranges: metadata, records and shards at the default shard size are smaller, so that HEAD doubled the
         # round trips of every read. One stream a read; a user's own setting wins.
         options = {"max_concurrency": 1, **(options or {})}
     root = _open_existing(url, mode, options)
