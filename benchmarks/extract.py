@@ -27,6 +27,9 @@ What it measures, side by side in one run, on the GPU when Ray sees one (bf16), 
 (e) The codec table: every preset of ``CODEC_PRESETS`` on the activations (a) stored, in float32 and rounded to
     bf16, encoded shard by shard as a unit's write encodes them: compression ratio, encode MB/s on one thread,
     and the write's CPU (encode and the done record's hashes) as a share of (b)'s CPU: what picks the default.
+(f) The write path alone (no forward pass): the activations (a) stored, written again through ``write_unit`` in
+    float32 and bf16 (each dtype's default codec) with 1, 2 and up to 8 threads writing states at once: GB/s a worker
+    writes and GB per CPU second. On a GPU the forward passes leave the CPUs to the write: this is its ceiling.
 
 Repeats alternate which of (a) and (b) runs first, so drift on a shared machine hits both alike; the
 figures are medians. The workers' CPU seconds (all threads, compression included) are printed beside
@@ -49,6 +52,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub is reachable: never try
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -340,6 +345,42 @@ def print_codec_table(rows: list[CodecRow], bare_cpu_s: float) -> None:
               f"{100 * r.write_cpu_s / bare_cpu_s:10.1f}%")
 
 
+def write_path(store: Path, thread_counts: tuple[int, ...], repeats: int = 2) -> list[tuple[str, str, int, float, float]]:
+    """(f): the write path alone, no forward pass: the activations (a) stored, written again unit by unit through
+    ``ModelWriter.write_unit`` (encode, sha256 + xxh3, store, claim and done record) into fresh models of the same
+    shape, at each thread count, float32 (the CPU default, uncompressed) and bf16 (a GPU extraction's default,
+    zstd-1). Rows: (dtype, codec, threads, GB/s of raw activations a worker writes, GB per CPU second), best of
+    ``repeats``. On a GPU the write overlaps the next unit's forward pass: this is the rate it has to keep up."""
+    import ml_dtypes
+
+    from hrsa.store import ActivationStore
+    from hrsa.store.format import DEFAULT_CODEC
+
+    stored = ActivationStore.open(str(store), mode="r+")
+    info = stored.model_info("bench")
+    states = {k: stored.hidden_state("bench", k).compute() for k in info.hidden_states}
+    rows = []
+    for dtype in ("float32", "bfloat16"):
+        values = {k: v.astype(ml_dtypes.bfloat16) if dtype == "bfloat16" else v for k, v in states.items()}
+        raw = info.n_tokens * info.hidden_size * np.dtype(values[info.hidden_states[0]].dtype).itemsize * len(values)
+        for threads in thread_counts:
+            best_wall, best_cpu = float("inf"), float("inf")
+            for r in range(repeats):
+                mid = f"write-{dtype}-{threads}-{r}"
+                stored.create_model(mid, corpus=info.corpus, n_hidden_states=info.n_hidden_states,
+                                    hidden_size=info.hidden_size, dtype=dtype, hidden_states=info.hidden_states,
+                                    shard_tokens=info.layout.shard_tokens, chunk_tokens=info.layout.chunk_tokens)
+                writer = stored.writer(mid)
+                start, cpu = time.perf_counter(), time.process_time()
+                for unit in writer.units():
+                    writer.write_unit(unit, {k: v[unit.start : unit.stop] for k, v in values.items()}, **({"threads": threads} if threads > 1 else {}))
+                best_wall = min(best_wall, time.perf_counter() - start)
+                best_cpu = min(best_cpu, time.process_time() - cpu)
+                stored.delete_model(mid)
+            rows.append((dtype, DEFAULT_CODEC[dtype], threads, raw / 1e9 / best_wall, raw / 1e9 / best_cpu))
+    return rows
+
+
 def describe(store: Path) -> str:
     from hrsa.store import ActivationStore
 
@@ -398,6 +439,15 @@ def run(config: BenchConfig, folder: Path) -> None:
               f"bare-forward worker {max(b.worker_gpu for b in bares) / GIB:.2f} GiB")
     print(f"store: {e0.disk_bytes / 2**20:.1f} MiB on disk for the hidden states")
     print_codec_table(codec_table(folder / "store-0"), statistics.median(b.cpu_s for b in bares))
+    threads = tuple(sorted({1, 2, min(8, os.cpu_count() or 1)}))
+    rows = write_path(folder / "store-0", threads)
+    print(f"write path alone (write_unit of the stored activations, no forward; best of 2): GB/s of activations a "
+          f"worker writes, by threads writing states at once (a CPU worker writes with its torch threads, a GPU "
+          f"worker with its share of the node's CPUs):")
+    for dtype, codec, n, rate, per_cpu in rows:
+        one = next(r for d, _, t, r, _ in rows if d == dtype and t == 1)
+        print(f"  {dtype:<9} {codec:<7} {n} thread(s): {rate:6.3f} GB/s ({rate / one:4.2f}x one thread), "
+              f"{per_cpu:6.3f} GB per CPU second")
     plain, spans, n = tokenising(config)
     print(f"corpus tokenising in the driver ({n} tokens, median of 5): ids only {plain:.3f} s, with content spans "
           f"{spans:.3f} s ({spans / plain:.2f}x); spans add {spans - plain:.3f} s = {100 * (spans - plain) / total:.2f}% "

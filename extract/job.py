@@ -151,9 +151,14 @@ def _node_cpus(conn: Any) -> list[float]:
 
 def _placement(conn: Any, workers: int | None) -> tuple[int, float, float, int]:
     """(workers, GPUs each, CPUs each, torch threads each): one per GPU, else CPU workers sharing the cores, each
-    with the most CPUs that still fit on one node (the cluster's CPUs divided by the workers may exceed every node)."""
+    with the most CPUs that still fit on one node (the cluster's CPUs divided by the workers may exceed every node).
+
+    A GPU worker takes its share of its node's CPUs: they encode, hash and write each unit's shards while the GPU
+    runs the next unit's forward passes, and one core writes ~0.2 GB/s where a 1.5B model in bf16 makes ~89 KB a
+    token (benchmarks/extract.py, (f)). The extraction workers end before a pipeline's analyses start."""
     if conn.n_gpus >= 1:
-        return int(workers or conn.n_gpus), 1.0, 1.0, 0
+        shares = [node.cpus // node.gpus for node in conn.nodes if node.gpus >= 1]
+        return int(workers or conn.n_gpus), 1.0, max(1.0, min(shares, default=1.0)), 0
     n = int(workers or 1)
     node_cpus = _node_cpus(conn)
     threads = cpus_per_worker(node_cpus, n) if sum(int(c) for c in node_cpus) >= n else 1  # else refused next
@@ -211,7 +216,7 @@ def _start_workers(n: int, gpus: float, cpus: float, threads: int,
         for i in range(n):
             strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)
             actors.append(Worker.options(scheduling_strategy=strategy).remote(
-                None, config.store, None, cpu_threads=threads or None))
+                None, config.store, None, cpu_threads=threads or None, write_threads=int(cpus)))
         pids = _call([actor.pid.remote() for actor in actors], "starting the extraction workers")
     except BaseException:
         for actor in actors:

@@ -39,11 +39,13 @@ class ExtractionWorker:
         store_url, storage_options: where the store is (every node must reach it).
         device: "cpu", "cuda" or None (CUDA when this worker was given a GPU).
         cpu_threads: torch threads for a CPU worker (its share of the node's cores).
+        write_threads: hidden states of a unit encoded, hashed and written at once (default: ``cpu_threads``, else
+            1); the bytes written do not depend on it.
     """
 
     def __init__(self, spec: Mapping[str, Any] | None, store_url: str,
                  storage_options: Mapping[str, Any] | None = None, *, device: str | None = None,
-                 cpu_threads: int | None = None) -> None:
+                 cpu_threads: int | None = None, write_threads: int | None = None) -> None:
         import torch
 
         from hrsa.store import ActivationStore
@@ -51,6 +53,7 @@ class ExtractionWorker:
         if cpu_threads:
             torch.set_num_threads(cpu_threads)
         self._device = device
+        self._write_threads = max(1, write_threads or cpu_threads or 1)
         self._model_lock = threading.Lock()  # a threaded actor overlaps one unit's compute with another's write
         self._bind_lock = threading.Lock()
         self._writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hrsa-write")
@@ -153,7 +156,8 @@ class ExtractionWorker:
                 # One writer thread: this unit's shards are encoded, hashed and written while the actor's other
                 # thread runs the next unit's forward passes, and no more than one unit is being written at once.
                 # Its error is raised here, as this unit's failure; the done record is written before it returns.
-                written = self._writes.submit(writer.write_unit, unit, states, claim=claim).result()
+                written = self._writes.submit(writer.write_unit, unit, states, claim=claim,
+                                               threads=self._write_threads).result()
                 return {**report, "written": written}
         finally:
             self._forwards.end(mid, index)

@@ -64,11 +64,12 @@ def encode_shard(array: zarr.Array, unit: int, values: np.ndarray) -> bytes:
         if len(rows) == 0:
             continue  # past the array's end: not stored
         encoded = _encode_chunk(sharding.codecs, _padded(rows, chunk_tokens, chunk_spec.fill_value), chunk_spec)
-        pieces.append(encoded)
-        index[coords] = (offset, len(encoded))
-        offset += len(encoded)
+        pieces += encoded
+        size = sum(len(piece) for piece in encoded)
+        index[coords] = (offset, size)
+        offset += size
     index_spec = sharding._get_index_chunk_spec((chunks_per_shard, 1))
-    return b"".join([*pieces, _encode_chunk(sharding.index_codecs, index, index_spec)])
+    return b"".join([*pieces, *_encode_chunk(sharding.index_codecs, index, index_spec)])
 
 
 def decode_rows(array: zarr.Array, unit: int, shard: np.ndarray, lo: int, hi: int, *, verified: bool = False) -> np.ndarray:
@@ -136,12 +137,23 @@ def _padded(rows: np.ndarray, chunk_tokens: int, fill_value: Any) -> np.ndarray:
     return chunk
 
 
-def _encode_chunk(codecs: tuple[Any, ...], values: np.ndarray, spec: Any) -> memoryview:
-    """One chunk through a codec chain (array-to-bytes, then bytes-to-bytes), synchronously."""
+def _encode_chunk(codecs: tuple[Any, ...], values: np.ndarray, spec: Any) -> list[memoryview]:
+    """One chunk through a codec chain (array-to-bytes, then bytes-to-bytes), synchronously: its pieces, in order.
+
+    A trailing crc32c is its own 4-byte piece: Zarr's codec appends it by copying the whole chunk (``np.append``),
+    and the shard's join copies every piece once anyway. For the uncompressed preset the chunk's bytes are then a
+    view of ``values`` until that join, one copy in all where there were three (benchmarks/extract.py, (f))."""
+    import google_crc32c
+    from zarr.codecs import Crc32cCodec
     from zarr.core.buffer import default_buffer_prototype
 
+    checksum = bool(codecs) and isinstance(codecs[-1], Crc32cCodec)
     data: Any = default_buffer_prototype().nd_buffer.from_numpy_array(values)
-    for codec in codecs:
+    for codec in codecs[:-1] if checksum else codecs:
         data = codec._encode_sync(data, spec)  # private, but every codec of the presets has it
         spec = codec.resolve_metadata(spec)
-    return memoryview(data.as_numpy_array())
+    body = data.as_numpy_array()
+    if not checksum:
+        return [memoryview(body)]
+    crc = np.array([google_crc32c.value(body)], dtype="<u4")  # as Zarr's codec appends it
+    return [memoryview(body), memoryview(crc.view("B"))]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -129,6 +130,15 @@ class ModelWriter:
         self.info = info
         self.settings = settings_fingerprint(info.to_attrs())
         self.lease_s = lease_s
+        self._arrays: dict[int, zarr.Array] = {}  # opened once: a unit's write needs each state's codecs and grid
+
+    def _array(self, k: int) -> zarr.Array:
+        """Hidden state ``k``'s array, opened once per writer (its metadata is fixed when the model is created; a
+        model deleted and created again gets a new writer): opening reads and parses its zarr.json, ~2 ms, or one
+        GET on S3, for each of a model's ~30 states in every unit."""
+        if k not in self._arrays:
+            self._arrays[k] = self._group[hidden_key(k)]
+        return self._arrays[k]
 
     def units(self) -> list[WorkUnit]:
         n_tokens = self.info.n_tokens
@@ -216,13 +226,15 @@ class ModelWriter:
             thread.join()
 
     # -- writing ---------------------------------------------------------------------------------------------------
-    def write_unit(self, unit: WorkUnit, states: Mapping[int, object], *, claim: Claim | None = None) -> bool:
+    def write_unit(self, unit: WorkUnit, states: Mapping[int, object], *, claim: Claim | None = None,
+                   threads: int = 1) -> bool:
         """Write one unit: ``states[k]`` is hidden state k over the unit's tokens, shape (n, D).
 
         Args:
             unit: the unit to write, from :meth:`units` or :meth:`pending_units`.
             states: every stored hidden state, as numpy arrays or torch tensors of the model's dtype.
             claim: this writer's claim on the unit (from :meth:`claimed`); taken here when not given.
+            threads: hidden states encoded, hashed and stored at once. The bytes written do not depend on it.
 
         Returns:
             True if this call wrote the unit; False if it was done, or another writer holds or finished it.
@@ -230,8 +242,8 @@ class ModelWriter:
         arrays = self._checked(unit, states)  # every mistake is raised before anything is written
         if claim is None:
             with self.claimed(unit) as taken:
-                return taken is not None and self._write(unit, arrays, taken)
-        return self._write(unit, arrays, claim)
+                return taken is not None and self._write(unit, arrays, taken, threads)
+        return self._write(unit, arrays, claim, threads)
 
     def _checked(self, unit: WorkUnit, states: Mapping[int, object]) -> dict[int, np.ndarray]:
         expected = (unit.n_tokens, self.info.hidden_size)
@@ -244,20 +256,27 @@ class ModelWriter:
                 raise ValueError(f"Expected hidden state {k} of shape {expected} for unit {unit.index}. Got {values.shape}.")
         return arrays
 
-    def _write(self, unit: WorkUnit, arrays: dict[int, np.ndarray], claim: Claim) -> bool:
+    def _write(self, unit: WorkUnit, arrays: dict[int, np.ndarray], claim: Claim, threads: int = 1) -> bool:
         # Step 1: a writer whose lease lapsed (a stalled process) must not overwrite the taker's shards.
         if not self.holds(claim):
             return False
         # Step 2: whole shard objects, encoded here with the arrays' own codecs (shard_encoding.py) and hashed before
         # they go to the store. Every object is written, all-zero ones too, so a done unit's missing object always
         # means damage; each replaces whatever a dead writer left at its key whole, never merged into it.
-        shards: dict[int, ShardRecord] = {}
-        for k, values in arrays.items():
-            array = self._group[hidden_key(k)]
+        def put_shard(k: int) -> ShardRecord:
+            array = self._array(k)
             key = shard_key(array, unit.index)
-            data = encode_shard(array, unit.index, values)
-            shards[k] = ShardRecord.of(key.removeprefix(self._prefix + "/"), data)
+            data = encode_shard(array, unit.index, arrays[k])
             put_bytes(self._store, key, data)
+            return ShardRecord.of(key.removeprefix(self._prefix + "/"), data)
+
+        # Several states at once where the worker has the cores (a GPU worker's CPUs are otherwise idle): the
+        # codecs, hashes and file writes let go of the GIL. Any failure is raised once every state has stopped.
+        if threads > 1:
+            with ThreadPoolExecutor(threads, thread_name_prefix="hrsa-shard") as pool:
+                shards = dict(zip(arrays, pool.map(put_shard, arrays)))
+        else:
+            shards = {k: put_shard(k) for k in arrays}
         # Step 3: the done record, created once; it is what makes the unit count.
         record = DoneRecord(unit.index, unit.start, unit.stop, self.settings, shards, claim.attempt, writer_name())
         return create_if_absent(self._store, self._key(done_key(unit.index)), record.to_bytes())
@@ -270,7 +289,7 @@ class ModelWriter:
         reports (and a second reset finishes), never a pending unit whose damaged shard a rewrite would merge into.
         """
         for k in self.info.hidden_states:
-            delete_key(self._store, shard_key(self._group[hidden_key(k)], unit.index))
+            delete_key(self._store, shard_key(self._array(k), unit.index))
         delete_key(self._store, self._key(done_key(unit.index)))
         delete_prefix(self._store, self._key(claim_prefix(unit.index)))
 

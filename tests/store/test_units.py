@@ -38,7 +38,8 @@ if args.get("kill_after") is not None:  # counted where shard objects reach the 
 info = writer.info
 for unit in writer.units():
     if unit.index in args["units"]:
-        writer.write_unit(unit, {k: unit_values(unit.index, unit.start, unit.stop, k, info.dtype) for k in info.hidden_states})
+        writer.write_unit(unit, {k: unit_values(unit.index, unit.start, unit.stop, k, info.dtype) for k in info.hidden_states},
+                          threads=args.get("threads", 1))
 """
 
 
@@ -87,10 +88,12 @@ def test_concurrent_writer_processes_lose_nothing(tmp_path, store: ActivationSto
 
 
 @pytest.mark.integration
-def test_writer_killed_mid_unit_then_resumed_gives_identical_data(tmp_path, store: ActivationStore) -> None:
+@pytest.mark.parametrize("threads", [1, 3])
+def test_writer_killed_mid_unit_then_resumed_gives_identical_data(tmp_path, store: ActivationStore, threads: int) -> None:
     new_model(store, "m")
-    # Units 0 and 1 complete (2 x 4 shard writes), then death after 2 of unit 2's 4 layers.
-    proc = _run_writer(str(tmp_path / "store"), [0, 1, 2, 3], kill_after=2 * LAYERS + 2)
+    # Units 0 and 1 complete (2 x 4 shard writes), then death after 2 of unit 2's 4 layers (with 3 threads: while
+    # other states of the unit are being encoded or written).
+    proc = _run_writer(str(tmp_path / "store"), [0, 1, 2, 3], kill_after=2 * LAYERS + 2, threads=threads)
     assert proc.wait(timeout=120) == -signal.SIGKILL
     writer = store.writer("m")
     assert [u.index for u in writer.pending_units()] == [2, 3]  # the torn unit does not count
@@ -104,6 +107,53 @@ def test_writer_killed_mid_unit_then_resumed_gives_identical_data(tmp_path, stor
     fill_model(reference, "m")
     for k in range(LAYERS):
         assert np.array_equal(store.hidden_state("m", k).compute(), reference.hidden_state("m", k).compute())
+
+
+def test_states_written_at_once_give_the_bytes_and_records_of_one_at_a_time(tmp_path, store: ActivationStore) -> None:
+    """Threads change when a unit's shards are written, never what: every object and every shard record is equal."""
+    new_model(store, "m")
+    fill_model(store, "m")
+    parallel = ActivationStore.open(tmp_path / "parallel", mode="a")
+    new_model(parallel, "m")
+    writer = parallel.writer("m")
+    for unit in writer.units():
+        writer.write_unit(unit, {k: unit_values(unit.index, unit.start, unit.stop, k, "float32") for k in range(LAYERS)},
+                          threads=3)
+    one, many = store.writer("m"), parallel.writer("m")
+    for unit in one.units():
+        assert many.record(unit).shards == one.record(unit).shards
+    shards = sorted(glob.glob("models/m/hidden/*/c/*/*", root_dir=tmp_path / "store"))
+    assert len(shards) == LAYERS * len(one.units())
+    for key in shards:
+        assert (tmp_path / "parallel" / key).read_bytes() == (tmp_path / "store" / key).read_bytes(), key
+    assert verify_store(parallel).ok
+
+
+def test_a_state_that_fails_to_write_leaves_its_unit_pending_and_a_retry_completes_it(
+        monkeypatch: pytest.MonkeyPatch, store: ActivationStore) -> None:
+    import hrsa.store.units as units
+
+    new_model(store, "m")
+    writer = store.writer("m")
+    unit = writer.units()[1]
+    values = {k: unit_values(unit.index, unit.start, unit.stop, k, "float32") for k in range(LAYERS)}
+    put = units.put_bytes
+
+    def failing(store_: object, key: str, data: bytes) -> None:
+        if "/hidden/2/" in key:
+            raise OSError("disk full")
+        put(store_, key, data)
+
+    with writer.claimed(unit) as claim:
+        monkeypatch.setattr(units, "put_bytes", failing)
+        with pytest.raises(OSError, match="disk full"):
+            writer.write_unit(unit, values, claim=claim, threads=3)
+        assert [u.index for u in writer.pending_units()] == [0, 1, 2, 3]  # no done record: the other states do not count
+        monkeypatch.setattr(units, "put_bytes", put)
+        assert writer.write_unit(unit, values, claim=claim, threads=3) is True  # retried under the same claim
+    fill_model(store, "m")
+    _assert_all_layers_equal_expected(store)
+    assert verify_store(store).ok
 
 
 def _flip_a_byte(path: str, offset: int = 200) -> None:
