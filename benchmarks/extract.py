@@ -373,7 +373,7 @@ def write_path(store: Path, thread_counts: tuple[int, ...], repeats: int = 2) ->
                 writer = stored.writer(mid)
                 start, cpu = time.perf_counter(), time.process_time()
                 for unit in writer.units():
-                    writer.write_unit(unit, {k: v[unit.start : unit.stop] for k, v in values.items()}, **({"threads": threads} if threads > 1 else {}))
+                    writer.write_unit(unit, {k: v[unit.start : unit.stop] for k, v in values.items()}, threads=threads)
                 best_wall = min(best_wall, time.perf_counter() - start)
                 best_cpu = min(best_cpu, time.process_time() - cpu)
                 stored.delete_model(mid)
@@ -442,8 +442,8 @@ def run(config: BenchConfig, folder: Path) -> None:
     threads = tuple(sorted({1, 2, min(8, os.cpu_count() or 1)}))
     rows = write_path(folder / "store-0", threads)
     print(f"write path alone (write_unit of the stored activations, no forward; best of 2): GB/s of activations a "
-          f"worker writes, by threads writing states at once (a CPU worker writes with its torch threads, a GPU "
-          f"worker with its share of the node's CPUs):")
+          f"worker writes, by threads writing states at once (a GPU worker writes with its CPUs, up to 8; a CPU "
+          f"worker with one thread):")
     for dtype, codec, n, rate, per_cpu in rows:
         one = next(r for d, _, t, r, _ in rows if d == dtype and t == 1)
         print(f"  {dtype:<9} {codec:<7} {n} thread(s): {rate:6.3f} GB/s ({rate / one:4.2f}x one thread), "

@@ -68,6 +68,7 @@ class WorkerPlacementError(UserError, RuntimeError):
 # How long the workers may wait for CPUs/GPUs that the cluster has but other jobs hold, before the run gives up
 # instead of hanging (loading the model is not counted: the resources are reserved first).
 PLACEMENT_TIMEOUT_S = 120.0
+GPU_WORKER_CPUS = 8  # the most CPUs a GPU worker asks for to write with (each thread holds a shard or two at once)
 
 
 def _open_existing(url: str) -> Any:
@@ -153,21 +154,33 @@ def _placement(conn: Any, workers: int | None) -> tuple[int, float, float, int]:
     """(workers, GPUs each, CPUs each, torch threads each): one per GPU, else CPU workers sharing the cores, each
     with the most CPUs that still fit on one node (the cluster's CPUs divided by the workers may exceed every node).
 
-    A GPU worker takes its share of its node's CPUs: they encode, hash and write each unit's shards while the GPU
-    runs the next unit's forward passes, and one core writes ~0.2 GB/s where a 1.5B model in bf16 makes ~89 KB a
-    token (benchmarks/extract.py, (f)). The extraction workers end before a pipeline's analyses start."""
+    A GPU worker also takes a share of its node's CPUs (:func:`_gpu_worker_cpus`) to write with: its threads encode,
+    hash and write a unit's shards while the GPU runs the next unit's forward passes. Its torch threads stay 1."""
     if conn.n_gpus >= 1:
-        shares = [node.cpus // node.gpus for node in conn.nodes if node.gpus >= 1]
-        return int(workers or conn.n_gpus), 1.0, max(1.0, min(shares, default=1.0)), 0
+        return int(workers or conn.n_gpus), 1.0, _gpu_worker_cpus(conn), 1
     n = int(workers or 1)
     node_cpus = _node_cpus(conn)
     threads = cpus_per_worker(node_cpus, n) if sum(int(c) for c in node_cpus) >= n else 1  # else refused next
     return n, 0.0, float(threads), threads
 
 
+def _gpu_worker_cpus(conn: Any) -> float:
+    """CPUs each GPU worker asks for: of every GPU node, its CPUs but one shared among its GPUs, at most
+    GPU_WORKER_CPUS (a fraction where a node has fewer CPUs than GPUs); the smallest share of any GPU node, so a
+    worker fits wherever a GPU is. One CPU stays free per node for other jobs' tasks; one core writes ~0.15-0.4
+    GB/s of activations (benchmarks/extract.py, (f)), where a 1.5B model in bf16 makes ~89 KB a token."""
+    shares = [min(float(GPU_WORKER_CPUS), max(1.0, (node.cpus - 1) // node.gpus)) if node.cpus > node.gpus
+              else node.cpus / node.gpus for node in conn.nodes if node.gpus >= 1]
+    return min(shares, default=1.0)
+
+
 def _check_placement(conn: Any, n: int, gpus: float, cpus: float) -> None:
     """Refuse at once what the cluster can never place (it would wait forever), naming the most it can take."""
-    most = int(conn.n_gpus // gpus) if gpus else sum(int(c // cpus) for c in _node_cpus(conn))
+    if gpus:  # a node holds as many GPU workers as both its GPUs and its CPUs allow
+        nodes = [(node.gpus, node.cpus) for node in conn.nodes] or [(conn.n_gpus, conn.n_cpus)]
+        most = sum(min(int(g // gpus), int(c / cpus + 1e-9)) for g, c in nodes)
+    else:
+        most = sum(int(c // cpus) for c in _node_cpus(conn))
     if n > most:
         each = f"{cpus:g} CPU" + (f" and {gpus:g} GPU" if gpus else "")
         raise WorkerPlacementError(
@@ -175,6 +188,12 @@ def _check_placement(conn: Any, n: int, gpus: float, cpus: float) -> None:
             f"{conn.n_gpus:g} GPUs; a worker takes {each}). Got {n} instead. Pass --workers {max(most, 1)} or "
             "fewer, or add nodes to the cluster."
         )
+
+
+def _write_threads(gpus: float, cpus: float) -> int:
+    """Threads writing a unit's states at once: a GPU worker's CPUs, which its forward passes leave free; 1 on a CPU
+    worker, whose forward passes keep its cores busy (more threads there were not measured to help end to end)."""
+    return max(1, int(cpus)) if gpus else 1
 
 
 def _reserve(n: int, gpus: float, cpus: float) -> Any:
@@ -216,7 +235,7 @@ def _start_workers(n: int, gpus: float, cpus: float, threads: int,
         for i in range(n):
             strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)
             actors.append(Worker.options(scheduling_strategy=strategy).remote(
-                None, config.store, None, cpu_threads=threads or None, write_threads=int(cpus)))
+                None, config.store, None, cpu_threads=threads or None, write_threads=_write_threads(gpus, cpus)))
         pids = _call([actor.pid.remote() for actor in actors], "starting the extraction workers")
     except BaseException:
         for actor in actors:

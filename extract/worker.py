@@ -39,8 +39,8 @@ class ExtractionWorker:
         store_url, storage_options: where the store is (every node must reach it).
         device: "cpu", "cuda" or None (CUDA when this worker was given a GPU).
         cpu_threads: torch threads for a CPU worker (its share of the node's cores).
-        write_threads: hidden states of a unit encoded, hashed and written at once (default: ``cpu_threads``, else
-            1); the bytes written do not depend on it.
+        write_threads: hidden states of a unit encoded, hashed and written at once (a GPU worker's CPUs; default 1);
+            the bytes written do not depend on it.
     """
 
     def __init__(self, spec: Mapping[str, Any] | None, store_url: str,
@@ -53,7 +53,7 @@ class ExtractionWorker:
         if cpu_threads:
             torch.set_num_threads(cpu_threads)
         self._device = device
-        self._write_threads = max(1, write_threads or cpu_threads or 1)
+        self._write_threads = max(1, write_threads or 1)
         self._model_lock = threading.Lock()  # a threaded actor overlaps one unit's compute with another's write
         self._bind_lock = threading.Lock()
         self._writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hrsa-write")
@@ -263,7 +263,9 @@ def remote_worker_class(*, num_gpus: float, num_cpus: float, max_restarts: int =
 
     ``max_concurrency=2`` lets a second unit's forward passes run while the first one's shards are encoded,
     hashed and written (by the worker's one writer thread), so at most two units of activations are in memory
-    per worker. The coordinator gives a worker consecutive units, so a document straddling two of them runs once.
+    per worker (and, while one is written, up to ``write_threads`` of its shards encoded at once: ~2 shard sizes each
+    with compression). The coordinator gives a worker consecutive units, so a document straddling two of them runs
+    once.
     ``worker_class`` swaps in a subclass (the tests inject faults this way) under the same options.
     """
     import ray

@@ -142,7 +142,7 @@ def _encode_chunk(codecs: tuple[Any, ...], values: np.ndarray, spec: Any) -> lis
 
     A trailing crc32c is its own 4-byte piece: Zarr's codec appends it by copying the whole chunk (``np.append``),
     and the shard's join copies every piece once anyway. For the uncompressed preset the chunk's bytes are then a
-    view of ``values`` until that join, one copy in all where there were three (benchmarks/extract.py, (f))."""
+    view of ``values`` until that join, one copy in all where there were two (benchmarks/extract.py, (f))."""
     import google_crc32c
     from zarr.codecs import Crc32cCodec
     from zarr.core.buffer import default_buffer_prototype

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -271,10 +271,18 @@ class ModelWriter:
             return ShardRecord.of(key.removeprefix(self._prefix + "/"), data)
 
         # Several states at once where the worker has the cores (a GPU worker's CPUs are otherwise idle): the
-        # codecs, hashes and file writes let go of the GIL. Any failure is raised once every state has stopped.
+        # codecs, hashes and file writes let go of the GIL. The first failure stops the states not yet begun and
+        # is raised once those under way have ended: nothing of this call is written after it returns.
         if threads > 1:
             with ThreadPoolExecutor(threads, thread_name_prefix="hrsa-shard") as pool:
-                shards = dict(zip(arrays, pool.map(put_shard, arrays)))
+                futures = {k: pool.submit(put_shard, k) for k in arrays}
+                wait(futures.values(), return_when=FIRST_EXCEPTION)
+                for future in futures.values():
+                    future.cancel()
+            failed = [f.exception() for f in futures.values() if not f.cancelled() and f.exception() is not None]
+            if failed:
+                raise failed[0]
+            shards = {k: future.result() for k, future in futures.items()}
         else:
             shards = {k: put_shard(k) for k in arrays}
         # Step 3: the done record, created once; it is what makes the unit count.

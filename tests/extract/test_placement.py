@@ -27,15 +27,28 @@ def test_more_workers_than_the_nodes_hold_is_refused() -> None:
         _check_placement(cluster(1, 1), n, gpus, per_worker)
 
 
-@pytest.mark.parametrize(("nodes", "each"), [(((32, 4),), 8.0), (((32, 4), (16, 8)), 2.0), (((2, 4),), 1.0),
-                                             (((64, 8), (4, 0)), 8.0)])
-def test_a_gpu_worker_takes_its_share_of_its_nodes_cpus_to_write_with(nodes: tuple[tuple[float, float], ...],
-                                                                      each: float) -> None:
-    """One worker per GPU, each with the CPUs of a GPU node divided among its GPUs (the smallest share of any GPU
-    node, at least 1): they encode, hash and write shards while the GPU computes; a CPU-only node does not count."""
+def gpu_cluster(*nodes: tuple[float, float]) -> RayConnection:
     resources = tuple(NodeResources(f"n{i}", f"10.0.0.{i}", c, g) for i, (c, g) in enumerate(nodes))
-    conn = RayConnection("ray://x", float(sum(c for c, _ in nodes)), float(sum(g for _, g in nodes)), len(nodes),
+    return RayConnection("ray://x", float(sum(c for c, _ in nodes)), float(sum(g for _, g in nodes)), len(nodes),
                          resources)
+
+
+@pytest.mark.parametrize(("nodes", "each"), [(((32, 4),), 7.0), (((96, 8),), 8.0), (((32, 4), (16, 8)), 1.0),
+                                             (((2, 4),), 0.5), (((64, 8), (4, 0)), 7.0)])
+def test_a_gpu_worker_takes_a_share_of_its_nodes_cpus_to_write_with(nodes: tuple[tuple[float, float], ...],
+                                                                    each: float) -> None:
+    """One worker per GPU, each with a GPU node's CPUs but one divided among its GPUs (at most 8; the smallest share
+    of any GPU node; a fraction on a node with fewer CPUs than GPUs): they encode, hash and write shards while the GPU
+    computes. A CPU-only node does not count; torch keeps one thread."""
+    conn = gpu_cluster(*nodes)
     n, gpus, per_worker, threads = _placement(conn, None)
-    assert (n, gpus, per_worker, threads) == (int(conn.n_gpus), 1.0, each, 0)
-    _check_placement(conn, n, gpus, per_worker)
+    assert (n, gpus, per_worker, threads) == (int(conn.n_gpus), 1.0, each, 1)
+    _check_placement(conn, n, gpus, per_worker)  # every GPU's worker fits
+    with pytest.raises(WorkerPlacementError, match=f"at most {n} "):
+        _check_placement(conn, n + 1, gpus, per_worker)
+
+
+def test_gpu_workers_are_counted_by_the_cpus_their_nodes_hold_too() -> None:
+    """Four 1-GPU, 1-CPU workers do not fit a node of 4 GPUs and 2 CPUs: two do (Ray would wait for the rest)."""
+    with pytest.raises(WorkerPlacementError, match=r"at most 2 .*Got 4 instead"):
+        _check_placement(gpu_cluster((2, 4)), 4, 1.0, 1.0)

@@ -129,25 +129,58 @@ def test_states_written_at_once_give_the_bytes_and_records_of_one_at_a_time(tmp_
     assert verify_store(parallel).ok
 
 
+def test_states_are_written_at_once_with_threads(monkeypatch: pytest.MonkeyPatch, store: ActivationStore) -> None:
+    """With 2 threads, every shard's write meets another's under way (a barrier of two): sequential writes would
+    time out at the first."""
+    import threading
+
+    import hrsa.store.units as units
+
+    new_model(store, "m")
+    writer = store.writer("m")
+    unit = writer.units()[0]
+    put, meeting = units.put_bytes, threading.Barrier(2, timeout=10)
+
+    def meeting_put(store_: object, key: str, data: bytes) -> None:
+        meeting.wait()  # BrokenBarrierError after 10 s alone
+        put(store_, key, data)
+
+    monkeypatch.setattr(units, "put_bytes", meeting_put)
+    assert LAYERS % 2 == 0
+    assert writer.write_unit(unit, {k: unit_values(unit.index, unit.start, unit.stop, k, "float32") for k in range(LAYERS)},
+                             threads=2)
+
+
 def test_a_state_that_fails_to_write_leaves_its_unit_pending_and_a_retry_completes_it(
         monkeypatch: pytest.MonkeyPatch, store: ActivationStore) -> None:
+    """The failure is raised once the state being written beside it has ended (nothing lands after the call), with
+    no done record; retried under the same claim, the unit is written whole."""
+    import threading
+    import time
+
     import hrsa.store.units as units
 
     new_model(store, "m")
     writer = store.writer("m")
     unit = writer.units()[1]
     values = {k: unit_values(unit.index, unit.start, unit.stop, k, "float32") for k in range(LAYERS)}
-    put = units.put_bytes
+    put, ended = units.put_bytes, threading.Event()
 
     def failing(store_: object, key: str, data: bytes) -> None:
-        if "/hidden/2/" in key:
+        if "/hidden/0/" in key:
             raise OSError("disk full")
+        if "/hidden/1/" in key:
+            time.sleep(1.0)  # under way when state 0 fails
+            put(store_, key, data)
+            ended.set()
+            return
         put(store_, key, data)
 
     with writer.claimed(unit) as claim:
         monkeypatch.setattr(units, "put_bytes", failing)
         with pytest.raises(OSError, match="disk full"):
-            writer.write_unit(unit, values, claim=claim, threads=3)
+            writer.write_unit(unit, values, claim=claim, threads=2)
+        assert ended.is_set()  # the state under way ended before the call returned
         assert [u.index for u in writer.pending_units()] == [0, 1, 2, 3]  # no done record: the other states do not count
         monkeypatch.setattr(units, "put_bytes", put)
         assert writer.write_unit(unit, values, claim=claim, threads=3) is True  # retried under the same claim
