@@ -267,8 +267,9 @@ class ModelWriter:
             array = self._array(k)
             key = shard_key(array, unit.index)
             data = encode_shard(array, unit.index, arrays[k])
+            record = ShardRecord.of(key.removeprefix(self._prefix + "/"), data)
             put_bytes(self._store, key, data)
-            return ShardRecord.of(key.removeprefix(self._prefix + "/"), data)
+            return record
 
         # Several states at once where the worker has the cores (a GPU worker's CPUs are otherwise idle): the
         # codecs, hashes and file writes let go of the GIL. The first failure stops the states not yet begun and
