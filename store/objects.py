@@ -37,8 +37,35 @@ def _buffer(data: bytes):  # type: ignore[no-untyped-def]
 def get_buffer(store: Store, key: str) -> Any:
     """The object as a Zarr CPU buffer (no copy of its bytes), or None when there is none."""
     from zarr.core.buffer import default_buffer_prototype
+    from zarr.storage import LocalStore
 
+    if type(store) is LocalStore:  # exactly: a wrapper (tests inject faults through one) keeps its own get
+        return _read_local_file(store, key)
     return _sync(store.get(key, prototype=default_buffer_prototype()))
+
+
+def _read_local_file(store: Any, key: str) -> Any:
+    """A local object read in this thread straight into one array of its size: LocalStore's ``get`` reads it with
+    ``Path.read_bytes`` in Zarr's event-loop thread, 1.1 GB/s for 19 MB shards against 2.5 GB/s here (measured side by
+    side, page cache warm). Objects are replaced by renaming a new file over them, so the open file's size is its
+    own whatever a writer does meanwhile."""
+    import os
+
+    import numpy as np
+    from zarr.core.buffer import cpu
+
+    try:
+        with open(os.path.join(store.root, key), "rb", buffering=0) as file:
+            data = np.empty(os.fstat(file.fileno()).st_size, dtype=np.uint8)
+            view, filled = memoryview(data), 0
+            while filled < data.size:  # readinto may return less than asked (signals, very large reads)
+                got = file.readinto(view[filled:])
+                if not got:
+                    break
+                filled += got
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+    return cpu.Buffer.from_array_like(data[:filled])
 
 
 def get_bytes(store: Store, key: str) -> bytes | None:

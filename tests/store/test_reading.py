@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 
 import numpy as np
@@ -235,3 +236,45 @@ def test_memory_url(tmp_path) -> None:
     new_model(store, "m")
     fill_model(store, "m")
     assert np.array_equal(store.hidden_state("m", 0).compute(), expected_layer(store, "m", 0))
+
+
+def test_local_objects_are_read_whole_as_zarrs_store_reads_them(tmp_path, filled_store: ActivationStore, monkeypatch) -> None:
+    """get_buffer reads a local store's objects itself (in the calling thread, into one array): the same bytes as
+    LocalStore.get, None where there is no object (missing, a folder), a short read completed, and any other store,
+    a wrapper included, through its own get."""
+    import zarr.storage
+
+    from hrsa.store import objects
+    from hrsa.store.model import hidden_key
+    from hrsa.store.units import shard_key
+
+    array = filled_store.group("models/m")[hidden_key(0)]
+    local = array.store_path.store
+    assert type(local) is zarr.storage.LocalStore
+    key = shard_key(array, 0)
+    theirs = objects._sync(local.get(key, prototype=zarr.core.buffer.default_buffer_prototype())).to_bytes()
+    assert objects.get_buffer(local, key).to_bytes() == theirs and len(theirs) > 1000
+    assert objects.get_buffer(local, "models/m/no-such-object") is None
+    assert objects.get_buffer(local, "models/m") is None  # a folder
+    assert objects.get_buffer(local, f"{key}/below") is None  # below a file
+
+    class Trickling(io.FileIO):  # a file that hands out at most 100 bytes a call, as readinto may
+        calls = 0
+
+        def readinto(self, buffer):
+            Trickling.calls += 1
+            return super().readinto(memoryview(buffer)[:100])
+
+    monkeypatch.setattr(objects, "open", lambda path, *args, **kwargs: Trickling(path), raising=False)
+    assert objects.get_buffer(local, key).to_bytes() == theirs
+    assert Trickling.calls == -(-len(theirs) // 100)  # read here, not by Zarr's event loop
+    monkeypatch.undo()
+
+    class Counting(zarr.storage.WrapperStore):  # type: ignore[type-arg]
+        gets = 0
+
+        async def get(self, *args, **kwargs):
+            Counting.gets += 1
+            return await self._store.get(*args, **kwargs)
+
+    assert objects.get_buffer(Counting(local), key).to_bytes() == theirs and Counting.gets == 1
