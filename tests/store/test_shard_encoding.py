@@ -101,3 +101,22 @@ def test_checked_reads_decode_the_verified_bytes_directly_through_dask_too(fille
     for got in (via_dask, want):
         np.testing.assert_array_equal(got.view(np.uint8), stored.view(np.uint8))
     np.testing.assert_array_equal(one.view(np.uint8), stored[37 : info.n_tokens - 5].view(np.uint8))
+
+
+@pytest.mark.parametrize("endian", ["little", "big"])
+def test_a_chain_of_bytes_alone_decodes_as_zarr_reads_it(tmp_path, endian: str) -> None:
+    """A shard whose chunks carry no checksum (a store written by another tool): decoded without Zarr's per-chunk
+    calls, in either byte order, the fill value where a chunk is not stored."""
+    import zarr
+    from zarr.codecs import BytesCodec
+
+    array = zarr.create_array(tmp_path / "plain.zarr", shape=(600, 8), chunks=(64, 8), shards=(512, 8), dtype="float32",
+                              compressors=None, serializer=BytesCodec(endian=endian), fill_value=-1.5)
+    values = np.arange(600 * 8, dtype=np.float32).reshape(600, 8) / 7
+    values[128:192] = -1.5  # the fill value: not stored
+    array[:] = values
+    assert [type(c).__name__ for c in array.metadata.codecs[0].codecs] == ["BytesCodec"]
+    shard = np.frombuffer(get_bytes(array.store_path.store, "c/0/0"), dtype=np.uint8)
+    for lo, hi in [(0, 512), (60, 70), (100, 300)]:
+        np.testing.assert_array_equal(decode_rows(array, 0, shard, lo, hi), array[lo:hi])
+        np.testing.assert_array_equal(decode_rows(array, 0, shard, lo, hi, verified=True), values[lo:hi])
