@@ -63,9 +63,12 @@ def _read_local_file(store: Any, key: str) -> Any:
                 if not got:
                     break
                 filled += got
+            rest = file.read() if filled == data.size else b""  # to EOF: a file system may report a stale size
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
-    return cpu.Buffer.from_array_like(data[:filled])
+    data = np.concatenate([data, np.frombuffer(rest, dtype=np.uint8)]) if rest else data[:filled]
+    data.flags.writeable = False  # verified bytes are shared and cached: as LocalStore's bytes, nobody writes them
+    return cpu.Buffer.from_array_like(data)
 
 
 def get_bytes(store: Store, key: str) -> bytes | None:

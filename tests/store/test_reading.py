@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 import json
 
 import numpy as np
@@ -269,6 +270,13 @@ def test_local_objects_are_read_whole_as_zarrs_store_reads_them(tmp_path, filled
     assert objects.get_buffer(local, key).to_bytes() == theirs
     assert Trickling.calls == -(-len(theirs) // 100)  # read here, not by Zarr's event loop
     monkeypatch.undo()
+    assert not objects.get_buffer(local, key).as_numpy_array().flags.writeable  # cached verified bytes stay as read
+
+    real_fstat = os.fstat  # a file system that reports a stale size: the object is still read whole, to EOF
+    for reported in (len(theirs) - 1000, 0, len(theirs) + 1000):
+        monkeypatch.setattr(os, "fstat", lambda fd, size=reported: os.stat_result((0,) * 6 + (size,) + (0,) * 3))
+        assert objects.get_buffer(local, key).to_bytes() == theirs
+        monkeypatch.setattr(os, "fstat", real_fstat)
 
     class Counting(zarr.storage.WrapperStore):  # type: ignore[type-arg]
         gets = 0
