@@ -253,6 +253,12 @@ class AnalysisPlan:
                          f"products: {self.product_flops() / 1e12:.3g} Tflop")
         whose = "per worker" if p.per_worker else "for the process"
         lines.append(f"  memory: ~{format_bytes(self.estimated_peak)} estimated peak of {format_bytes(p.memory_budget)} budget {whose}")
+        if self.tiles:  # what decides the tiles: the accumulators, or what reading and multiplying hold beside them
+            largest = max(self.tiles, key=self.estimate)
+            memory = _MemoryModel(p, self.workers)
+            accumulators, shards = memory.accumulators(largest), memory.shards(largest)
+            lines.append(f"    its largest tile: accumulators {format_bytes(accumulators)}, the reader's shard objects "
+                         f"{format_bytes(shards)}, blocks and product sums {format_bytes(self.estimate(largest) - accumulators - shards)}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -334,7 +340,17 @@ class _MemoryModel:
         sharing = 1 if self.p.per_worker else self.workers  # workers whose copies one budget holds
         streaming = sharing * (held * acc + self._blocks(tile) + self._statistics(tile))
         finishing = merged * acc + self._finish(tile)
-        return max(streaming, finishing) + sum(self.cache[s] for s, _ in tile.streams)
+        return max(streaming, finishing) + self.shards(tile)
+
+    def accumulators(self, tile: Tile) -> int:
+        """The tile's accumulators as its peak holds them: every worker's copies while streaming, or the merged ones."""
+        acc = sum(self.item(tile.kind, pair) for pair in tile.pairs)
+        held, merged = self._copies(tile)
+        return max((1 if self.p.per_worker else self.workers) * held, merged) * acc
+
+    def shards(self, tile: Tile) -> int:
+        """C: the shard objects the store's readers keep for the tile's states."""
+        return sum(self.cache[s] for s, _ in tile.streams)
 
     def _copies(self, tile: Tile) -> tuple[int, int]:
         """Accumulators per pair that a worker holds while streaming, and that the merged pass holds.

@@ -133,3 +133,18 @@ def test_groups_of_documents_are_counted_and_halved_when_one_pair_would_not_fit(
     assert "5 groups (of 10 asked" in tight.describe()
     none = plan_analysis(replace(one, groups=10, memory_budget=plain.estimated_peak))  # only the plain pass fits
     assert none.inputs.groups == 0 and none.estimated_peak == plain.estimated_peak
+
+
+def test_the_plan_says_what_holds_its_largest_tiles_memory() -> None:
+    """The accumulators, the store reader's shard objects (a whole verified shard per state) and the rest, from the
+    memory model's own terms: a 7B cross-layer tile's accumulators by hand, and the three adding up to the estimate."""
+    cache = 8192 * 3584 * 2
+    plan = plan_analysis(inputs(matched=(), compute_bytes=4, workers=1, cache_bytes_a=cache, cache_bytes_b=cache))
+    largest = max(plan.tiles, key=plan.estimate)
+    rows, cols = largest.rectangle
+    accumulators = len(largest.pairs) * 8 * (3584 * 3584 + 2 * 3584)  # C_xy and two means per pair, float64
+    line = plan.describe().splitlines()[-1]
+    assert line.startswith("    its largest tile: accumulators ") and format_bytes(accumulators) in line
+    assert f"the reader's shard objects {format_bytes(cache * (len(rows) + len(cols)))}," in line
+    rest = plan.estimate(largest) - accumulators - cache * (len(rows) + len(cols))
+    assert line.endswith(f"blocks and product sums {format_bytes(rest)}") and rest > 0
