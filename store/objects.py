@@ -16,10 +16,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import numpy as np
     import zarr
     from zarr.abc.store import Store
 
-__all__ = ["ensure_array", "ensure_group", "create_if_absent", "check_create_if_absent", "get_buffer", "get_bytes", "put_bytes", "list_keys", "object_size", "delete_key", "delete_prefix"]
+__all__ = ["ensure_array", "ensure_group", "create_if_absent", "check_create_if_absent", "get_buffer", "get_bytes", "get_range", "put_bytes", "list_keys", "object_size", "delete_key", "delete_prefix"]
 
 
 def _sync(coroutine):  # type: ignore[no-untyped-def]
@@ -69,6 +70,32 @@ def _read_local_file(store: Any, key: str) -> Any:
     data = np.concatenate([data, np.frombuffer(rest, dtype=np.uint8)]) if rest else data[:filled]
     data.flags.writeable = False  # verified bytes are shared and cached: as LocalStore's bytes, nobody writes them
     return cpu.Buffer.from_array_like(data)
+
+
+def get_range(store: Store, key: str, start: int, stop: int) -> np.ndarray | None:
+    """Bytes ``start:stop`` of the object (uint8, fewer where it ends before ``stop``), or None when there is none."""
+    import numpy as np
+    from zarr.abc.store import RangeByteRequest
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.storage import LocalStore
+
+    if stop <= start:
+        return np.empty(0, dtype=np.uint8)
+    if type(store) is LocalStore:  # as get_buffer: in this thread, into one array
+        import os
+
+        try:
+            with open(os.path.join(store.root, key), "rb", buffering=0) as file:
+                data = np.empty(stop - start, dtype=np.uint8)
+                file.seek(start)
+                view, filled = memoryview(data), 0
+                while filled < data.size and (got := file.readinto(view[filled:])):
+                    filled += got
+                return data[:filled]
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+    buffer = _sync(store.get(key, prototype=default_buffer_prototype(), byte_range=RangeByteRequest(start, stop)))
+    return None if buffer is None else buffer.as_numpy_array()
 
 
 def get_bytes(store: Store, key: str) -> bytes | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
@@ -18,9 +18,9 @@ from zarr.storage import WrapperStore
 
 from hrsa.store.errors import CorruptDataError
 from hrsa.store.format import as_logical
-from hrsa.store.objects import get_buffer
-from hrsa.store.shard_encoding import decode_rows
-from hrsa.store.unit_records import ShardRecord
+from hrsa.store.objects import get_buffer, get_range, object_size
+from hrsa.store.shard_encoding import ShardCodec, decode_rows
+from hrsa.store.unit_records import ShardRecord, _differs, size_problem
 from hrsa.store.units import array_through, checked_record, recorded_shard, shard_key
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from zarr.abc.store import ByteRequest
     from zarr.core.buffer import Buffer, BufferPrototype
 
-__all__ = ["CheckedArray"]
+__all__ = ["CheckedArray", "ShardStream", "StreamedRows", "cache_bound", "streamed_bound"]
 
 #: Verified shard objects kept per array at most, so that Dask blocks smaller than a shard cost no second GET when
 #: several threads read blocks of neighbouring shards at once; a shard whose rows have all been read is dropped at
@@ -106,6 +106,27 @@ class _VerifiedShards(WrapperStore):  # type: ignore[type-arg]
                 self._cache.popitem(last=False)
 
 
+def streamed_bound(*, shard_tokens: int, chunk_tokens: int, row_bytes: int, readers: int) -> int:
+    """The most bytes one array's streamed readers (:class:`StreamedRows`, one per reader) hold between blocks: each
+    open shard's index, and the chunk a block ended inside (kept for the next block), one shard open per reader
+    (a shard closes when its last row is read), and the piece being hashed where no block asked for the bytes (a
+    segment that starts or stops inside a shard reads them a chunk's worth at a time). While a block is read, its
+    bytes beside its decoded values are a read's own buffers (the plan counts those apart).
+
+    Example:
+        >>> streamed_bound(shard_tokens=8192, chunk_tokens=256, row_bytes=576 * 4, readers=1)  # the shard: 19 MB
+        1193112
+    """
+    chunk = _chunk_bound(chunk_tokens * row_bytes)
+    index = 16 * -(-shard_tokens // chunk_tokens) + 4
+    return readers * (index + 2 * chunk + 1024)
+
+
+def _chunk_bound(raw_bytes: int) -> int:
+    """The most bytes a chunk of ``raw_bytes`` values takes stored (codecs do not grow activations by more than 1%)."""
+    return raw_bytes * 101 // 100 + 64
+
+
 def cache_bound(*, shard_tokens: int, chunk_tokens: int, n_tokens: int, row_bytes: int, readers: int,
                 block_tokens: int = 0, every_block: bool = False) -> int:
     """The most bytes one array's reader holds in shard objects, each at most a whole shard's raw values (codecs do
@@ -166,6 +187,166 @@ def _cut(buffer: Buffer, byte_range: ByteRequest | None) -> Buffer:
     if isinstance(byte_range, SuffixByteRequest):
         return buffer[max(0, size - byte_range.suffix) :]
     raise TypeError(f"Unexpected byte range {byte_range!r}")
+
+
+
+
+class ShardStream:
+    """One done shard of a hidden state read forward, block by block, holding one block's bytes instead of the
+    whole object: what a streaming pass reads (:meth:`CheckedArray.streamed`).
+
+    Each block's rows come from one ranged read of the bytes that hold its chunks, decoded with their crc32c checked
+    (a damaged chunk fails before its values are used); the whole object's size and xxh3 (sha256 for older records)
+    are computed as the ranges go by, and :meth:`close` reads what no block asked for and compares them with the done
+    record. So a shard that is another unit's, stale or substituted (valid crc32c, wrong bytes) is found when the
+    stream closes: its values have been folded by then, and the pass must not return before every stream it opened
+    has closed (:meth:`StreamedRows.close`).
+    """
+
+    def __init__(self, store: Any, key: str, codec: Any, record: ShardRecord) -> None:
+        import hashlib
+
+        import xxhash
+
+        self._store, self._key, self._codec, self._record = store, key, codec, record
+        self._hash = xxhash.xxh3_64() if record.xxh3 is not None else hashlib.sha256()
+        self._data_end = record.size - codec.index_size  # where the chunks end and the index begins
+        # The index and one byte more: an object longer than its record (bytes appended) is caught here, for free.
+        index_bytes = self._read(self._data_end, record.size + 1) if self._data_end >= 0 else None
+        if index_bytes is None or len(index_bytes) != codec.index_size:
+            raise _ShardMismatch(key, size_problem(object_size(store, key), record.size))
+        self._index_bytes = index_bytes
+        try:
+            self._index = codec.decode_index(index_bytes)  # its crc32c checked
+        except ValueError as error:
+            raise _ShardMismatch(key, f"shard index unreadable ({error})") from None
+        self._hashed = 0  # bytes of the object hashed so far, from its start
+        self._piece, self._piece_start = np.empty(0, dtype=np.uint8), 0  # the last range read, kept for the next block
+        self.closed = False
+
+    def rows(self, lo: int, hi: int) -> np.ndarray | None:
+        """Rows ``lo:hi`` of the shard, or None where they lie before what the stream has read (read them otherwise)."""
+        span = self._codec.stored_span(self._index, lo, hi)
+        if span is not None:
+            start, stop = span
+            if stop > self._data_end:
+                self._damaged("shard index points past its chunks")
+            if start < self._piece_start:
+                return None  # before the bytes kept (chunks out of order): the caller reads the whole shard instead
+            if stop > self._hashed:  # the kept piece ends where the hash is: keep its part from start, read the rest
+                self._hash_up_to(start)
+                kept = self._piece[start - self._piece_start :] if start < self._hashed else self._piece[:0]
+                fresh = self._take(self._hashed, stop)
+                self._piece, self._piece_start = (np.concatenate([kept, fresh]) if len(kept) else fresh), start
+        try:
+            values = self._codec.rows(self._index, self._chunk, lo, hi)
+        except ValueError as error:  # a chunk's crc32c: the bytes are damaged
+            raise _ShardMismatch(self._key, f"chunk checksum mismatch ({error})") from None
+        self._keep_last_chunk(hi)
+        return values
+
+    def _keep_last_chunk(self, hi: int) -> None:
+        """Keep of the piece only the chunk the next block may start in (none where this block ended a chunk)."""
+        size = self._codec.chunk_tokens
+        offset = int(self._index[(hi - 1) // size, 0, 0]) if hi % size else None
+        if offset is None or not self._piece_start <= offset < self._piece_start + len(self._piece):
+            self._piece, self._piece_start = np.empty(0, dtype=np.uint8), self._hashed
+        else:  # a copy: a view would keep the whole block's bytes alive between blocks
+            self._piece, self._piece_start = self._piece[offset - self._piece_start :].copy(), offset
+
+    def close(self) -> None:
+        """Hash what no block asked for and compare the whole object with its done record. Raises _ShardMismatch."""
+        if self.closed:
+            return
+        self._hash_up_to(self._data_end)
+        hashed = self._hash.copy()  # a second close compares again: it never passes what the first one failed
+        hashed.update(self._index_bytes)
+        self._piece = np.empty(0, dtype=np.uint8)
+        if hashed.hexdigest() != (self._record.xxh3 if self._record.xxh3 is not None else self._record.sha256):
+            size = object_size(self._store, self._key)
+            problem = size_problem(size, self._record.size) if size != self._record.size else _differs(
+                "xxh3" if self._record.xxh3 is not None else "sha256")
+            raise _ShardMismatch(self._key, problem)
+        self.closed = True
+
+    def _chunk(self, offset: int, length: int) -> np.ndarray:
+        start = offset - self._piece_start
+        if start < 0 or start + length > len(self._piece):
+            self._damaged("shard index points outside the bytes read")
+        return self._piece[start : start + length]
+
+    def _hash_up_to(self, stop: int) -> None:
+        """Hash the bytes from what is hashed up to ``stop``, read in pieces and dropped."""
+        codec = self._codec
+        piece = _chunk_bound(codec.chunk_tokens * codec.width * np.dtype(codec.dtype).itemsize)  # what streamed_bound counts
+        while self._hashed < stop:
+            self._take(self._hashed, min(stop, self._hashed + piece))
+
+    def _take(self, start: int, stop: int) -> np.ndarray:
+        """Read bytes ``start:stop`` (``start`` is what is hashed so far) and hash them."""
+        data = self._read(start, stop)
+        if data is None or len(data) != stop - start:
+            self._damaged(size_problem(object_size(self._store, self._key), self._record.size))
+        self._hash.update(data)
+        self._hashed = stop
+        return data
+
+    def _read(self, start: int, stop: int) -> np.ndarray | None:
+        return get_range(self._store, self._key, start, stop)
+
+    def _damaged(self, problem: str) -> NoReturn:
+        raise _ShardMismatch(self._key, problem)
+
+
+class StreamedRows:
+    """A hidden state read forward by slices of rows, each done shard through a :class:`ShardStream` (one block's
+    bytes held, not the shard's); slices a stream cannot serve (rows before what it has read, shards not done) are
+    read as :class:`CheckedArray` reads them. :meth:`close` verifies every shard opened and not yet closed: a
+    shard's stream also closes as soon as its last row is read."""
+
+    def __init__(self, array: CheckedArray) -> None:
+        self._array = array
+        self._streams: dict[int, ShardStream] = {}
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        array = self._array
+        start, stop, step = rows.indices(array.shape[0])
+        size = array._shard_tokens
+        units = range(start // size, -(-stop // size))
+        if step != 1 or stop <= start or not all(array._done[u] for u in units):
+            return array[rows]
+        array._check_records(rows)  # each shard's done record read once: what its stream must match
+        parts = []
+        for u in units:
+            lo, hi = max(start, u * size) - u * size, min(stop, (u + 1) * size) - u * size
+            try:
+                stream = self._streams.get(u) or self._open(u)
+                part = stream.rows(lo, hi)
+                if hi == min(size, array.shape[0] - u * size):  # its last row: verify it now, hold nothing of it
+                    self._streams.pop(u).close()
+            except _ShardMismatch as error:
+                self._streams.pop(u, None)
+                raise array._damaged(u, error.args[1]) from None
+            if part is None:
+                return array[rows]
+            parts.append(part)
+        return as_logical(parts[0] if len(parts) == 1 else np.concatenate(parts), array._dtype)
+
+    def close(self) -> None:
+        """Verify the shards still open (their rest read and hashed). Raises CorruptDataError."""
+        while self._streams:
+            unit, stream = self._streams.popitem()
+            try:
+                stream.close()
+            except _ShardMismatch as error:
+                raise self._array._damaged(unit, error.args[1]) from None
+
+    def _open(self, unit: int) -> ShardStream:
+        array = self._array
+        key = shard_key(array._stored, unit)
+        stream = ShardStream(array._stored.store_path.store, key, ShardCodec.of(array._stored, unit), array._expected[key])
+        self._streams[unit] = stream
+        return stream
 
 
 class CheckedArray:
@@ -257,6 +438,13 @@ class CheckedArray:
             lo, hi = max(start, u * size) - u * size, min(stop, (u + 1) * size) - u * size
             parts.append(decode_rows(self._stored, u, shard, lo, hi, verified=True))  # xxh3-checked whole by load
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def streamed(self) -> StreamedRows:
+        """This array read forward by slices, holding one block's bytes of each shard instead of the whole shard: what
+        one segment of a streaming pass reads. Its values are checked as they are decoded (each chunk's crc32c) and
+        each shard whole when its last row is read or at :meth:`StreamedRows.close`, which the reader must call before
+        anything computed from the values leaves it."""
+        return StreamedRows(self)
 
     def _damaged(self, unit: int, problem: str) -> CorruptDataError:
         return CorruptDataError(

@@ -24,7 +24,7 @@ not stored, as Zarr does.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,7 +32,7 @@ import numpy as np
 if TYPE_CHECKING:
     import zarr
 
-__all__ = ["decode_rows", "encode_shard"]
+__all__ = ["ShardCodec", "decode_rows", "encode_shard"]
 
 _EMPTY = 2**64 - 1  # an index entry of a chunk that is not stored
 
@@ -84,32 +84,69 @@ def decode_rows(array: zarr.Array, unit: int, shard: np.ndarray, lo: int, hi: in
     Raises:
         ValueError: a chunk's checksum does not match, or the array is not sharded with its index at the end.
     """
-    from zarr.codecs import ShardingCodec
-    from zarr.codecs.sharding import ShardingCodecIndexLocation
-    from zarr.core.buffer import default_buffer_prototype
+    codec = ShardCodec.of(array, unit, verified=verified)
+    index = codec.decode_index(shard[len(shard) - codec.index_size :])
+    return codec.rows(index, lambda offset, length: shard[offset : offset + length], lo, hi)
 
-    sharding = array.metadata.codecs[0]
-    if (len(array.metadata.codecs) != 1 or not isinstance(sharding, ShardingCodec)
-            or sharding.index_location != ShardingCodecIndexLocation.end):
-        raise ValueError(f"Expected an array sharded along tokens, index at the end. Got codecs {array.metadata.codecs}.")
-    shard_tokens, chunk_tokens = array.metadata.chunk_grid.chunk_shape[0], sharding.chunk_shape[0]
-    per_shard = (shard_tokens // chunk_tokens, 1)
-    index_size = sharding._shard_index_size(per_shard)
-    index = _decode_chunk(sharding.index_codecs, shard[len(shard) - index_size :], sharding._get_index_chunk_spec(per_shard),
-                          verified)
-    chunk_spec = sharding._get_chunk_spec(
-        array.metadata.get_chunk_spec((unit, 0), array.async_array.config, default_buffer_prototype()))
-    decode = _chunk_decoder(sharding.codecs, chunk_spec, verified)
-    out = np.empty((hi - lo, array.shape[1]), dtype=array.dtype)
-    for c in range(lo // chunk_tokens, -(-hi // chunk_tokens)):
-        first, last = max(lo, c * chunk_tokens), min(hi, (c + 1) * chunk_tokens)  # rows of chunk c wanted
-        offset, length = (int(v) for v in index[c, 0])
-        if offset == _EMPTY:
-            out[first - lo : last - lo] = chunk_spec.fill_value
-            continue
-        values = decode(shard[offset : offset + length])  # (chunk_tokens, D)
-        out[first - lo : last - lo] = values[first - c * chunk_tokens : last - c * chunk_tokens]
-    return out
+
+@dataclass(frozen=True)
+class ShardCodec:
+    """How a shard of a (N, D) array sharded along tokens, index at the end, is decoded: its index (chunks x 1 x
+    (offset, length), a chunk not stored at offset 2**64 - 1) and its chunks, through the array's codecs."""
+
+    chunk_tokens: int
+    index_size: int
+    width: int
+    dtype: np.dtype
+    fill_value: Any
+    decode_index: Callable[[np.ndarray], np.ndarray]
+    decode_chunk: Callable[[np.ndarray], np.ndarray]
+
+    @classmethod
+    def of(cls, array: zarr.Array, unit: int, *, verified: bool = False) -> ShardCodec:
+        """The codec of shard ``unit``; crc32c codecs checked unless ``verified`` (see :func:`decode_rows`).
+
+        Raises:
+            ValueError: the array is not sharded along tokens with its index at the end.
+        """
+        from zarr.codecs import ShardingCodec
+        from zarr.codecs.sharding import ShardingCodecIndexLocation
+        from zarr.core.buffer import default_buffer_prototype
+
+        sharding = array.metadata.codecs[0]
+        if (len(array.metadata.codecs) != 1 or not isinstance(sharding, ShardingCodec)
+                or sharding.index_location != ShardingCodecIndexLocation.end):
+            raise ValueError(f"Expected an array sharded along tokens, index at the end. Got codecs {array.metadata.codecs}.")
+        shard_tokens, chunk_tokens = array.metadata.chunk_grid.chunk_shape[0], sharding.chunk_shape[0]
+        per_shard = (shard_tokens // chunk_tokens, 1)
+        index_spec = sharding._get_index_chunk_spec(per_shard)
+        chunk_spec = sharding._get_chunk_spec(
+            array.metadata.get_chunk_spec((unit, 0), array.async_array.config, default_buffer_prototype()))
+        return cls(chunk_tokens, sharding._shard_index_size(per_shard), array.shape[1], array.dtype, chunk_spec.fill_value,
+                   _chunk_decoder(sharding.index_codecs, index_spec, verified),
+                   _chunk_decoder(sharding.codecs, chunk_spec, verified))
+
+    def rows(self, index: np.ndarray, chunk_bytes: Callable[[int, int], np.ndarray], lo: int, hi: int) -> np.ndarray:
+        """Rows ``lo:hi`` of the shard, a new array; ``chunk_bytes(offset, length)``: a stored chunk's bytes."""
+        size = self.chunk_tokens
+        out = np.empty((hi - lo, self.width), dtype=self.dtype)
+        for c in range(lo // size, -(-hi // size)):
+            first, last = max(lo, c * size), min(hi, (c + 1) * size)  # rows of chunk c wanted
+            offset, length = (int(v) for v in index[c, 0])
+            if offset == _EMPTY:
+                out[first - lo : last - lo] = self.fill_value
+                continue
+            values = self.decode_chunk(chunk_bytes(offset, length))  # (chunk_tokens, D)
+            out[first - lo : last - lo] = values[first - c * size : last - c * size]
+        return out
+
+    def stored_span(self, index: np.ndarray, lo: int, hi: int) -> tuple[int, int] | None:
+        """The bytes ``(start, stop)`` that hold the chunks of rows ``lo:hi``, None where none of them is stored."""
+        entries = index[lo // self.chunk_tokens : -(-hi // self.chunk_tokens), 0]
+        stored = entries[entries[:, 0] != _EMPTY]
+        if not len(stored):
+            return None
+        return int(stored[:, 0].min()), int((stored[:, 0] + stored[:, 1]).max())
 
 
 def _decode_chunk(codecs: tuple[Any, ...], data: np.ndarray, spec: Any, verified: bool = False) -> np.ndarray:

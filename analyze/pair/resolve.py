@@ -18,7 +18,7 @@ from hrsa.analyze.pair.checks import check_metrics, check_pair
 from hrsa.analyze.streaming.plan import AnalysisPlan, MemoryBudgetError, PlanInputs, plan_analysis
 from hrsa.analyze.streaming.stream import TokenBlock, paired_blocks, token_blocks, with_groups
 from hrsa.store.errors import UserError
-from hrsa.store.reading import cache_bound
+from hrsa.store.reading import cache_bound, streamed_bound
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -147,12 +147,20 @@ class _Layout:
         raw = tuple(token_blocks(pairs.rows_a, size) if pairs.identical else paired_blocks(pairs.rows_a, pairs.rows_b, size))
         held = max(block.n_rows for block in raw)  # what a block holds: less than the grid's size for few tokens
         w = 1 if self.base.per_worker else self.base.workers  # readers that share one budget
+        if pairs.identical and isinstance(pairs.rows_a, slice):  # runs of rows: read forward, a block's bytes at a time
+            base = replace(self.base, cache_bytes_a=_streamed_bytes(self.info_a, w), cache_bytes_b=_streamed_bytes(self.info_b, w))
+            return self._grouped(size, raw, held, base)
         cache_b = _cache_bytes(self.info_b, w, size if pairs.identical else 0)  # aligned rows of B come in any range
         base = replace(self.base, cache_bytes_a=_cache_bytes(self.info_a, w, size), cache_bytes_b=cache_b)
         if not self.base.per_worker and len(raw) == -(-self.info_a.n_tokens // size) and pairs.identical:
             # one worker reading every block of the grid in order reads each shard whole: it holds fewer
             lone = (_cache_bytes(self.info_a, 1, size, True), _cache_bytes(self.info_b, 1, size, True))
             base = replace(base, lone_cache_bytes=lone)
+        return self._grouped(size, raw, held, base)
+
+    def _grouped(self, size: int, raw: tuple[TokenBlock, ...], held: int,
+                 base: PlanInputs) -> tuple[int, tuple[TokenBlock, ...], AnalysisPlan]:
+        pairs = self.pairs
         wanted, possible = self.groups, None  # possible: the groups the documents allow (at most those asked)
         while True:
             starts = None if self.offsets is None else _group_starts(self.offsets, pairs.rows_a, wanted)
@@ -225,6 +233,12 @@ def _cache_bytes(info: ModelInfo, workers: int, block_tokens: int, every_block: 
     return cache_bound(shard_tokens=info.layout.shard_tokens, chunk_tokens=info.layout.chunk_tokens,
                        n_tokens=info.n_tokens, row_bytes=info.hidden_size * _itemsize(info), readers=workers,
                        block_tokens=block_tokens, every_block=every_block)
+
+
+def _streamed_bytes(info: ModelInfo, workers: int) -> int:
+    """What the store's streamed readers hold per hidden state of ``info`` (:func:`streamed_bound`)."""
+    return streamed_bound(shard_tokens=info.layout.shard_tokens, chunk_tokens=info.layout.chunk_tokens,
+                          row_bytes=info.hidden_size * _itemsize(info), readers=workers)
 
 
 def _itemsize(info: ModelInfo) -> int:

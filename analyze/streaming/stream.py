@@ -26,6 +26,7 @@ import itertools
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal, Union, get_args
 
@@ -188,6 +189,7 @@ class StateReader:
     def __init__(self, arrays: Mapping[StreamKey, Any], block_tokens: int) -> None:
         self.arrays = dict(arrays)
         self.block_tokens = block_tokens  # the grid of the blocks
+        self.streams: dict[StreamKey, Any] = {}  # a segment's forward readers (:meth:`streamed`)
 
     def read(self, key: StreamKey, block: TokenBlock) -> np.ndarray:
         """The block's selected rows of state ``key``, (n_rows, D), in the stored dtype (B's own rows, in the order
@@ -196,7 +198,21 @@ class StateReader:
             start, stop, rows = block.rows_b
             return self.arrays[key][start:stop][rows]
         start = block.index * self.block_tokens
+        if key in self.streams and isinstance(block.rows, slice):  # a run of rows: read forward, one block's bytes held
+            return self.streams[key][start + block.rows.start : start + block.rows.stop]
         return self.arrays[key][start : start + self.block_tokens][block.rows]
+
+    @contextmanager
+    def streamed(self) -> Iterator[StateReader]:
+        """This reader for one segment: runs of rows of checked arrays read forward through shard streams (each
+        shard's bytes a block at a time, not whole: :meth:`~hrsa.store.reading.CheckedArray.streamed`), every shard
+        opened verified whole when the segment's blocks are done, before its results leave (an error inside the
+        segment propagates as it is: nothing is returned then)."""
+        segment = StateReader(self.arrays, self.block_tokens)
+        segment.streams = {key: array.streamed() for key, array in self.arrays.items() if hasattr(array, "streamed")}
+        yield segment
+        for stream in segment.streams.values():
+            stream.close()
 
 
 def prepare_products(tile: Tile, reader: StateReader, backend: ChunkBackend, limit_bytes: int,
@@ -225,9 +241,17 @@ def fold_segment(
     backend: ChunkBackend,
     on_block: OnBlock | None = None,
 ) -> dict[StreamPair, Accumulator]:
-    """One segment task: the tile's accumulators over ``blocks``, one block at a time."""
-    if tile.rectangle is not None or tile.kind == "self":
-        return _fold_stacked(tile, reader, blocks, backend, on_block)
+    """One segment task: the tile's accumulators over ``blocks``, one block at a time; each shard it read verified
+    whole before they are returned (:meth:`StateReader.streamed`)."""
+    with reader.streamed() as segment:
+        if tile.rectangle is not None or tile.kind == "self":
+            return _fold_stacked(tile, segment, blocks, backend, on_block)
+        return _fold_pairs(tile, segment, blocks, backend, on_block)
+
+
+def _fold_pairs(tile: Tile, reader: StateReader, blocks: Iterable[TokenBlock], backend: ChunkBackend,
+                on_block: OnBlock | None) -> dict[StreamPair, Accumulator]:
+    """A tile's pairs one by one (matched pairs, or cross pairs that make no rectangle)."""
     totals: dict[StreamPair, Accumulator] = {}
     # Step 1: every state of the tile over the block's tokens (each read once, shared by its pairs). The
     # next block is read meanwhile: decompression, and on object stores the request latency, overlap the products.

@@ -95,15 +95,22 @@ def test_a_worker_killed_mid_pass_is_retried_and_the_results_equal_one_process(p
 
 
 @pytest.mark.integration
-def test_a_forged_shard_read_in_a_ray_task_is_the_same_one_line_error_as_in_this_process(make_pair_store,
-                                                                                        ray_local) -> None:
+@pytest.mark.parametrize("forgery", ["a flipped byte", "another unit's shard, every checksum valid"])
+def test_a_forged_shard_read_in_a_ray_task_is_the_same_one_line_error_as_in_this_process(make_pair_store, ray_local,
+                                                                                        forgery: str) -> None:
+    # Passes read shards forward a block at a time (store.reading.ShardStream): a chunk's crc32c fails as it is
+    # decoded, a substituted shard when its last row is read, before the pass returns anything.
     from hrsa.store.errors import CorruptDataError
 
     pair = make_pair_store()
-    shard = sorted(p for p in Path(pair.url).rglob("*") if p.is_file() and "/a/hidden/1/c/" in p.as_posix())[0]
-    data = bytearray(shard.read_bytes())
-    data[100] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    shards = sorted(p for p in Path(pair.url).rglob("*") if p.is_file() and "/a/hidden/1/c/" in p.as_posix())
+    same_size = [p for p in shards[1:] if p.stat().st_size == shards[0].stat().st_size]
+    data = bytearray(shards[0].read_bytes())
+    if forgery == "a flipped byte":
+        data[100] ^= 0xFF
+    else:
+        data = bytearray(same_size[0].read_bytes())
+    shards[0].write_bytes(bytes(data))
     kwargs = {"cross_layer": True, "metrics": ("cka",), "backend": "numpy", "block_tokens": 128, "workers": 2}
     with pytest.raises(CorruptDataError) as local:
         analyze_pair(pair.open(), "a", "b", scheduler="threads", **kwargs)

@@ -147,3 +147,58 @@ def test_progress_counts_every_token_of_every_pass(pair_store) -> None:
                        on_block=seen.append, on_plan=plans.append)
     assert plans == [res.plan] and res.plan.passes >= 2  # the matched pass, and the cross-layer one(s)
     assert sum(seen) == res.n_tokens * res.plan.passes
+
+
+@pytest.mark.parametrize(("workers", "block"), [(1, 64), (2, 64), (1, 96)])  # 96: blocks end inside chunks of 64
+def test_passes_read_shards_forward_never_whole_and_verify_each_one(pair_store, monkeypatch, workers: int,
+                                                                      block: int) -> None:
+    """A pass over runs of tokens reads no shard whole (one block's bytes at a time: store.reading.ShardStream) and
+    compares every shard it read with its done record: each stream opened is closed and checked, none left open."""
+    import hrsa.store.reading as reading
+
+    loaded, opened, checked = [], [], []
+    real_init, real_close = reading.ShardStream.__init__, reading.ShardStream.close
+    monkeypatch.setattr(reading._VerifiedShards, "load", lambda self, key: loaded.append(key))
+
+    def init(self, store, key, codec, record):
+        opened.append(key)
+        real_init(self, store, key, codec, record)
+
+    def close(self):
+        if not self.closed:
+            checked.append(self._key)
+        real_close(self)
+
+    monkeypatch.setattr(reading.ShardStream, "__init__", init)
+    monkeypatch.setattr(reading.ShardStream, "close", close)
+    results = analyze_pair(pair_store.open(), "a", "b", metrics=("cka", "dimcorr"), cross_layer=True, block_tokens=block,
+                           workers=workers, scheduler="threads", backend="numpy")
+    assert results.cka_matrix.shape[0] > 1 and not loaded
+    assert opened and sorted(checked) == sorted(opened)
+
+
+@pytest.mark.parametrize("tile_kind", ["matched", "cross"])
+def test_a_segment_that_ends_inside_a_substituted_shard_fails_before_it_returns(make_pair_store, tile_kind: str) -> None:
+    """A segment reads part of a shard whose chunks are intact but whose bytes are another unit's: the rows it read
+    decode, and the segment's end reads the shard's rest and fails, rather than return what it folded."""
+    from pathlib import Path
+
+    from hrsa.analyze.streaming.backends import NumpyBackend
+    from hrsa.analyze.streaming.plan import Tile
+    from hrsa.analyze.streaming.stream import StateReader, fold_segment
+    from hrsa.store.errors import CorruptDataError
+
+    pair = make_pair_store()
+    store = pair.open()
+    shard_tokens = store.model_info("a").layout.shard_tokens
+    shards = sorted(p for p in Path(pair.url).rglob("*") if p.is_file() and "/a/hidden/1/c/" in p.as_posix())
+    assert len(shards) >= 3 and shards[0].stat().st_size == shards[1].stat().st_size
+    reader = StateReader({(m, k): store.hidden_state_array(m, k) for m in "ab" for k in (0, 1)}, 64)
+    pairs = ((("a", 1), ("b", 1)),) if tile_kind == "matched" else ((("a", 1), ("b", 0)), (("a", 0), ("b", 1)))
+    tile = Tile(tile_kind, pairs)
+    half = token_blocks(slice(0, shard_tokens // 2), 64)
+    backend = NumpyBackend(compute_dtype="float64")
+    fold_segment(tile, reader, half, backend)  # intact: it folds and returns
+    shards[0].write_bytes(shards[1].read_bytes())
+    with pytest.raises(CorruptDataError, match="Expected an intact shard 0 .*xxh3 differs"):
+        fold_segment(tile, reader, half, backend)
