@@ -43,7 +43,9 @@ products, 0 for float64: no cast copy), ``I`` the largest accumulator of the til
                                              finishing one pair: the largest of the metrics from Moments, CCA,
                                              SVCCA and PWCCA (measured 12.5 D^2 float64; Procrustes' SVD 7.6,
                                              regression 7.0, the others 1 or less)
-    C = sum_s cache_bytes_s                  what the store's reader keeps per state (cached shard objects),
+    C = sum_s cache_bytes_s                  what the store's readers keep per state: for runs of tokens, each
+                                             segment's shard stream (an index and two chunks: store.reading.
+                                             streamed_bound); else cached whole shard objects (cache_bound),
                                              shared by the workers, for as long as the tile's reader lives
 
 Measured against real passes (tests/analyze/test_memory_model.py: numpy by tracemalloc, torch by the resident
