@@ -58,18 +58,22 @@ def _read_local_file(store: Any, key: str) -> Any:
     try:
         with open(os.path.join(store.root, key), "rb", buffering=0) as file:
             data = np.empty(os.fstat(file.fileno()).st_size, dtype=np.uint8)
-            view, filled = memoryview(data), 0
-            while filled < data.size:  # readinto may return less than asked (signals, very large reads)
-                got = file.readinto(view[filled:])
-                if not got:
-                    break
-                filled += got
+            filled = _read_into(file, data)
             rest = file.read() if filled == data.size else b""  # to EOF: a file system may report a stale size
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
     data = np.concatenate([data, np.frombuffer(rest, dtype=np.uint8)]) if rest else data[:filled]
     data.flags.writeable = False  # verified bytes are shared and cached: as LocalStore's bytes, nobody writes them
     return cpu.Buffer.from_array_like(data)
+
+
+def _read_into(file: Any, data: np.ndarray) -> int:
+    """Fill ``data`` from ``file`` up to its end; the bytes read. ``readinto`` may return less than asked (signals,
+    very large reads), so it is called until the array is full or the file ends."""
+    view, filled = memoryview(data), 0
+    while filled < data.size and (got := file.readinto(view[filled:])):
+        filled += got
+    return filled
 
 
 def get_range(store: Store, key: str, start: int, stop: int) -> np.ndarray | None:
@@ -88,10 +92,7 @@ def get_range(store: Store, key: str, start: int, stop: int) -> np.ndarray | Non
             with open(os.path.join(store.root, key), "rb", buffering=0) as file:
                 data = np.empty(stop - start, dtype=np.uint8)
                 file.seek(start)
-                view, filled = memoryview(data), 0
-                while filled < data.size and (got := file.readinto(view[filled:])):
-                    filled += got
-                return data[:filled]
+                return data[: _read_into(file, data)]
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
     buffer = _sync(store.get(key, prototype=default_buffer_prototype(), byte_range=RangeByteRequest(start, stop)))

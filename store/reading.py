@@ -189,8 +189,6 @@ def _cut(buffer: Buffer, byte_range: ByteRequest | None) -> Buffer:
     raise TypeError(f"Unexpected byte range {byte_range!r}")
 
 
-
-
 class ShardStream:
     """One done shard of a hidden state read forward, block by block, holding one block's bytes instead of the
     whole object: what a streaming pass reads (:meth:`CheckedArray.streamed`).
@@ -278,7 +276,7 @@ class ShardStream:
     def _hash_up_to(self, stop: int) -> None:
         """Hash the bytes from what is hashed up to ``stop``, read in pieces and dropped."""
         codec = self._codec
-        piece = _chunk_bound(codec.chunk_tokens * codec.width * np.dtype(codec.dtype).itemsize)  # what streamed_bound counts
+        piece = _chunk_bound(codec.chunk_tokens * codec.width * codec.dtype.itemsize)  # what streamed_bound counts
         while self._hashed < stop:
             self._take(self._hashed, min(stop, self._hashed + piece))
 
