@@ -152,9 +152,9 @@ class ShardCodec:
 def _chunk_decoder(codecs: tuple[Any, ...], spec: Any, verified: bool = False) -> Callable[[np.ndarray], np.ndarray]:
     """Encoded chunks (uint8) of one spec back through a codec chain, synchronously, as :func:`_encode_chunk` encoded
     them (a crc32c codec only strips its 4 bytes when the bytes are ``verified``), the codecs' specs resolved once.
-    Uncompressed chunks (a chain of bytes alone, or bytes and a crc32c whose shard was ``verified``) are views of their bytes in the stored dtype,
-    as Zarr's ``BytesCodec`` makes them, without its per-chunk calls (~0.1 ms a chunk: a 1,024-token block of 62 states
-    was 0.6 s of a 1.7 s decode)."""
+    Uncompressed chunks (a chain of bytes alone, or bytes and a crc32c whose shard was ``verified``) are views of
+    their bytes in the stored dtype, as Zarr's ``BytesCodec`` makes them, without its per-chunk calls (~0.1 ms a chunk:
+    a 1,024-token block of 62 states was 0.6 s of a 1.7 s decode)."""
     from zarr.codecs import BytesCodec, Crc32cCodec
     from zarr.core.buffer import default_buffer_prototype
 
