@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -54,14 +55,18 @@ def run(pipeline: Path, address: str | None, out: str | None) -> None:
 
     from hrsa.cluster.pipeline import load_pipeline
     from hrsa.cluster.runner import run_pipeline
+    from hrsa.runtime.locations import is_url
 
     config = load_pipeline(pipeline, out=out)
     if address:
         config = config.model_copy(update={"address": address})
     console = Console()
-    result = run_pipeline(config, console=console)
+    with tempfile.TemporaryDirectory(prefix="hrsa-out-") as scratch:  # a remote out's local copy, removed at the end
+        result = run_pipeline(config, console=console, local_copy=Path(scratch))
+        report = result.report and (f"{str(result.out).rstrip('/')}/{result.report.relative_to(scratch).as_posix()}"
+                                    if is_url(result.out) else result.report)
     console.print(f"\n{len(result.ran)} stage(s) run, {len(result.skipped)} skipped; store: {result.store}; "
-                  f"results in {result.out}" + (f"; report: {result.report}" if result.report else ""))
+                  f"results in {result.out}" + (f"; report: {report}" if report else ""))
 
 
 @click.command("submit")

@@ -36,13 +36,17 @@ class PublishedOut:
     _sent: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (size, mtime) as last uploaded
 
     @classmethod
-    def open(cls, url: str, *, state_file: str) -> PublishedOut:
-        """A fresh local copy of the remote ``out`` at ``url`` (empty when nothing is there yet).
+    def open(cls, url: str, *, state_file: str, local: Path | None = None) -> PublishedOut:
+        """A fresh local copy of the remote ``out`` at ``url`` (empty when nothing is there yet), in folder ``local``
+        (created; default: a new temporary folder, left for the caller to read and remove).
 
         Raises:
             LocationError: a URL whose filesystem does not answer.
         """
-        published = cls(parse_location(url), Path(tempfile.mkdtemp(prefix="hrsa-out-")), state_file)
+        if local is None:
+            local = Path(tempfile.mkdtemp(prefix="hrsa-out-"))
+        local.mkdir(parents=True, exist_ok=True)
+        published = cls(parse_location(url), local, state_file)
         published.pull()
         return published
 

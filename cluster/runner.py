@@ -103,7 +103,8 @@ class _Analyzed:
     key: str
 
 
-def run_pipeline(config: PipelineConfig, *, console: Console | None = None) -> PipelineResult:
+def run_pipeline(config: PipelineConfig, *, console: Console | None = None,
+                 local_copy: Path | None = None) -> PipelineResult:
     """Run (or resume) a pipeline; each stage prints a line saying whether it runs and why.
 
     Args:
@@ -111,13 +112,15 @@ def run_pipeline(config: PipelineConfig, *, console: Console | None = None) -> P
             may be a URL (``s3://...``): the stages then write a local copy that is uploaded after each stage
             (:mod:`hrsa.cluster.remote_out`), so the outputs outlive the cluster and a re-run anywhere resumes.
         console: where lines and progress bars go (default: a new rich Console on stdout).
+        local_copy: where a remote ``out``'s local copy is written (default: a new temporary folder, which the
+            result's paths point into: the caller removes it).
 
     Raises:
         UserError: a model, corpus or setting that cannot work (one line that names the fix).
     """
     out = config.out
     # A remote out (s3://...): the stages write a local copy of it, uploaded as each stage records itself.
-    published = PublishedOut.open(str(out), state_file=STATE_FILE) if is_url(out) else None
+    published = PublishedOut.open(str(out), state_file=STATE_FILE, local=local_copy) if is_url(out) else None
     if published is not None:
         config = config.model_copy(update={"out": published.local})
     runner = _Runner(config, console or Console(), publish=published.push if published else None)

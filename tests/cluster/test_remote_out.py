@@ -4,14 +4,17 @@ cluster, and a re-run from a new machine (a fresh local copy) finds every stage 
 from __future__ import annotations
 
 import json
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from rich.console import Console
 
+from hrsa.cli import cli
 from hrsa.cluster.pipeline import parse_pipeline
 from hrsa.cluster.remote_out import PublishedOut
 from hrsa.cluster.runner import run_pipeline
@@ -30,9 +33,9 @@ def remote(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Locati
     yield parse_location(f"s3://hrsa-test/out-{uuid.uuid4().hex[:8]}")
 
 
-def test_pushes_what_changed_with_the_state_last_and_mirrors_removals(remote: Location,
+def test_pushes_what_changed_with_the_state_last_and_mirrors_removals(remote: Location, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    published = PublishedOut.open(remote.url, state_file=STATE_FILE)
+    published = PublishedOut.open(remote.url, state_file=STATE_FILE, local=tmp_path / "first")
     assert list(published.local.iterdir()) == []  # nothing there yet: an empty local copy
     state = PipelineState(published.local / STATE_FILE, on_write=published.push)
     (published.local / "pairs" / "a--b").mkdir(parents=True)
@@ -48,20 +51,20 @@ def test_pushes_what_changed_with_the_state_last_and_mirrors_removals(remote: Lo
     monkeypatch.setattr(Location, "write", real_write)
     assert order == ["report.html", STATE_FILE]  # the state never names an output not uploaded yet
     assert remote.files().keys() == {STATE_FILE, "report.html"}
-    again = PublishedOut.open(remote.url, state_file=STATE_FILE)  # a new machine
+    again = PublishedOut.open(remote.url, state_file=STATE_FILE, local=tmp_path / "second")  # a new machine
     assert again.local != published.local and (again.local / "report.html").read_text() == "<html/>"
     assert PipelineState(again.local / STATE_FILE).entry("report")["status"] == "done"  # type: ignore[index]
 
 
 def test_a_pipeline_with_an_s3_out_keeps_its_outputs_there_and_resumes_from_them(
-        remote: Location, tmp_path: Path, tiny_models: Any, ray_local: Any) -> None:
+        remote: Location, tmp_path: Path, tiny_models: Any, ray_local: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     corpus = tmp_path / "words.jsonl"
     corpus.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(TEXTS)))
     values = {"store": str(tmp_path / "store"), "out": remote.url, "corpora": {"words": {"path": str(corpus)}},
               "models": {"llama": {"model": str(tiny_models.dir("llama"))},
                          "qwen": {"model": str(tiny_models.dir("qwen2"))}},
               "pairs": [{"a": "llama", "b": "qwen", "corpus": "words", "metrics": ["cka"], "scheduler": "threads"}]}
-    first = run_pipeline(parse_pipeline(values), console=Console(quiet=True))
+    first = run_pipeline(parse_pipeline(values), console=Console(quiet=True), local_copy=tmp_path / "first")
     assert first.out == remote.url and first.ran == ("extract:llama", "extract:qwen", "analyze:llama--qwen", "report")
     files = remote.files()
     assert {STATE_FILE, "report.html", "pairs/llama--qwen/results.json"} <= files.keys()
@@ -69,9 +72,18 @@ def test_a_pipeline_with_an_s3_out_keeps_its_outputs_there_and_resumes_from_them
     stages = json.loads(remote.child(STATE_FILE).read_text())["stages"]
     assert all(s["status"] == "done" for s in stages.values())
     # A new cluster: nothing local, the same store; the remote out says every stage is done.
-    second = run_pipeline(parse_pipeline(values), console=Console(quiet=True))
+    second = run_pipeline(parse_pipeline(values), console=Console(quiet=True), local_copy=tmp_path / "second")
     assert second.ran == () and first.report is not None and second.report != first.report
     assert remote.files() == files
+    # `hrsa run` names the remote files, and removes its local copy when it ends.
+    (tmp_path / "pipeline.yaml").write_text(json.dumps(values))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    result = CliRunner().invoke(cli, ["run", str(tmp_path / "pipeline.yaml")])
+    assert result.exit_code == 0, result.output
+    assert f"report: {remote.url}/report.html" in " ".join(result.output.split()), result.output
+    assert list(scratch.iterdir()) == [] and remote.files() == files
 
 
 def test_training_runs_default_under_a_remote_out(tmp_path: Path) -> None:
