@@ -310,7 +310,7 @@ class CodecRow:
     dtype: str
     ratio: float  # raw bytes / encoded bytes
     encode_mb_s: float  # raw MB (1e6 bytes) per CPU second of encode_shard (one thread), all shards of all states
-    write_cpu_s: float  # encode + sha256 + xxh3 of every shard: the write's CPU per the extraction's tokens
+    write_cpu_s: float  # encode + the xxh3 of every shard: the write's CPU per the extraction's tokens
 
 
 def codec_table(store: Path) -> list[CodecRow]:
@@ -353,7 +353,7 @@ def codec_table(store: Path) -> list[CodecRow]:
 
 
 def print_codec_table(rows: list[CodecRow], bare_cpu_s: float) -> None:
-    print(f"codecs on these activations (encode + sha256/xxh3 of every shard, one thread; share of the bare forward's "
+    print(f"codecs on these activations (encode + the xxh3 of every shard, one thread; share of the bare forward's "
           f"{bare_cpu_s:.1f} CPU s):")
     print(f"  {'codec':<24} {'dtype':<9} {'ratio':>6} {'encode MB/s':>12} {'write CPU s':>12} {'of forward':>11}")
     for r in rows:
@@ -363,7 +363,7 @@ def print_codec_table(rows: list[CodecRow], bare_cpu_s: float) -> None:
 
 def write_path(store: Path, thread_counts: tuple[int, ...], repeats: int = 2) -> list[tuple[str, str, int, float, float]]:
     """(f): the write path alone, no forward pass: the activations (a) stored, written again unit by unit through
-    ``ModelWriter.write_unit`` (encode, sha256 + xxh3, store, claim and done record) into fresh models of the same
+    ``ModelWriter.write_unit`` (encode, xxh3, store, claim and done record) into fresh models of the same
     shape, at each thread count, float32 (the CPU default, uncompressed) and bf16 (a GPU extraction's default,
     zstd-1). Rows: (dtype, codec, threads, GB/s of raw activations a worker writes, GB per CPU second), best of
     ``repeats``. On a GPU the write overlaps the next unit's forward pass: this is the rate it has to keep up."""

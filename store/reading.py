@@ -20,7 +20,7 @@ from hrsa.store.errors import CorruptDataError
 from hrsa.store.format import as_logical
 from hrsa.store.objects import get_buffer, get_range, object_size
 from hrsa.store.shard_encoding import ShardCodec, decode_rows
-from hrsa.store.unit_records import ShardRecord, _differs, size_problem
+from hrsa.store.unit_records import ShardRecord, differs, size_problem
 from hrsa.store.units import array_through, checked_record, recorded_shard, shard_key
 
 if TYPE_CHECKING:
@@ -169,7 +169,7 @@ def cache_bound(*, shard_tokens: int, chunk_tokens: int, n_tokens: int, row_byte
 def _checked(key: str, buffer: Buffer | None, expected: ShardRecord) -> Buffer:
     """``buffer`` if it holds the shard object ``expected`` lists (size and whole-object xxh3), hashed in place.
     Raises _ShardMismatch."""
-    problem = expected.read_problem(None if buffer is None else memoryview(buffer.as_numpy_array()))
+    problem = expected.problem(None if buffer is None else memoryview(buffer.as_numpy_array()))
     if problem or buffer is None:
         raise _ShardMismatch(key, problem)
     return buffer
@@ -207,7 +207,7 @@ class ShardStream:
         import xxhash
 
         self._store, self._key, self._codec, self._record = store, key, codec, record
-        self._hash = xxhash.xxh3_64() if record.xxh3 is not None else hashlib.sha256()
+        self._hash = xxhash.xxh3_64() if record.checksum[0] == "xxh3" else hashlib.sha256()
         self._data_end = record.size - codec.index_size  # where the chunks end and the index begins
         # The index and one byte more: an object longer than its record (bytes appended) is caught here, for free.
         index_bytes = self._read(self._data_end, record.size + 1) if self._data_end >= 0 else None
@@ -260,10 +260,10 @@ class ShardStream:
         hashed = self._hash.copy()  # a second close compares again: it never passes what the first one failed
         hashed.update(self._index_bytes)
         self._piece = np.empty(0, dtype=np.uint8)
-        if hashed.hexdigest() != (self._record.xxh3 if self._record.xxh3 is not None else self._record.sha256):
+        name, digest = self._record.checksum
+        if hashed.hexdigest() != digest:
             size = object_size(self._store, self._key)
-            problem = size_problem(size, self._record.size) if size != self._record.size else _differs(
-                "xxh3" if self._record.xxh3 is not None else "sha256")
+            problem = size_problem(size, self._record.size) if size != self._record.size else differs(name)
             raise _ShardMismatch(self._key, problem)
         self.closed = True
 

@@ -28,7 +28,7 @@ from typing import Any
 
 __all__ = [
     "LEASE_S", "ShardRecord", "DoneRecord", "Claim", "done_key", "claim_prefix", "parse_done_units",
-    "settings_fingerprint", "sha256", "xxh3", "size_problem", "writer_name",
+    "settings_fingerprint", "sha256", "xxh3", "differs", "size_problem", "writer_name",
 ]
 
 LEASE_S = 120.0  # a claim unrenewed for this long belongs to a dead writer; renewed every LEASE_S / 4
@@ -70,47 +70,55 @@ def xxh3(data: bytes | memoryview) -> str:
 
 @dataclass(frozen=True)
 class ShardRecord:
-    """One stored shard object as its writer wrote it.
+    """One stored shard object as its writer wrote it: its size and a hash of its bytes.
 
-    Verify compares the sha256; reads compare the xxh3 of the whole object, which tells any accidental change or
-    another shard of the same size (a miss has probability 2**-64) at a fifth of sha256's cost. Records written
-    before the xxh3 was kept have none; reads then compare the sha256.
+    New records list the xxh3 of the whole object, which tells any accidental change or another shard of the same
+    size (a miss has probability 2**-64); reads and verify compare it. Records of earlier versions list a sha256 too
+    (the xxh3 is compared then), or only a sha256 (written before the xxh3 was kept: compared instead). One hash a
+    shard: sha256 (~3 GB/s with SHA-NI, ~1.4 without) beside the xxh3 (~10) was a third of the write path's CPU, and
+    no key protects either from someone who can rewrite the record, so a cryptographic hash bought nothing.
     """
 
     key: str  # relative to the model's group: hidden/<k>/c/<unit>/0
     size: int
-    sha256: str
+    sha256: str | None = None
     xxh3: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.sha256 is None and self.xxh3 is None:
+            raise ValueError(f"shard {self.key} lists no hash")
+
     @classmethod
-    def of(cls, key: str, data: bytes) -> ShardRecord:
-        return cls(key, len(data), sha256(data), xxh3(data))
+    def of(cls, key: str, data: bytes | memoryview) -> ShardRecord:
+        return cls(key, len(data), xxh3=xxh3(data))
 
     def to_json(self) -> dict[str, Any]:
-        doc: dict[str, Any] = {"key": self.key, "bytes": self.size, "sha256": self.sha256}
-        return doc if self.xxh3 is None else {**doc, "xxh3": self.xxh3}
+        doc: dict[str, Any] = {"key": self.key, "bytes": self.size}
+        return {**doc, **{name: value for name, value in self.checksums().items()}}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> ShardRecord:
-        fast = doc.get("xxh3")
-        return cls(doc["key"], int(doc["bytes"]), str(doc["sha256"]), None if fast is None else str(fast))
+        return cls(doc["key"], int(doc["bytes"]), *(None if doc.get(name) is None else str(doc[name])
+                                                      for name in ("sha256", "xxh3")))
 
-    def read_problem(self, data: bytes | memoryview | None) -> str | None:
-        """What is wrong with ``data`` as this shard's object for a read (size, then xxh3), or None."""
+    def checksums(self) -> dict[str, str]:
+        """The hashes this record lists, by name."""
+        return {name: value for name, value in (("sha256", self.sha256), ("xxh3", self.xxh3)) if value is not None}
+
+    @property
+    def checksum(self) -> tuple[str, str]:
+        """``(name, hex digest)`` of the hash reads and verify compare: the xxh3 where the record lists one."""
+        return ("xxh3", self.xxh3) if self.xxh3 is not None else ("sha256", self.sha256)  # type: ignore[return-value]
+
+    def problem(self, data: bytes | memoryview | None) -> str | None:
+        """What is wrong with ``data`` as this shard's object (its size, then its hash), or None."""
         if data is None or len(data) != self.size:
             return size_problem(None if data is None else len(data), self.size)
-        if self.xxh3 is None:
-            return self.verify_problem(data)
-        return None if xxh3(data) == self.xxh3 else _differs("xxh3")
-
-    def verify_problem(self, data: bytes | memoryview | None) -> str | None:
-        """What is wrong with ``data`` as this shard's object for verify (size, then sha256), or None."""
-        if data is None or len(data) != self.size:
-            return size_problem(None if data is None else len(data), self.size)
-        return None if sha256(data) == self.sha256 else _differs("sha256")
+        name, digest = self.checksum
+        return None if (xxh3 if name == "xxh3" else sha256)(data) == digest else differs(name)
 
 
-def _differs(checksum: str) -> str:
+def differs(checksum: str) -> str:
     return f"shard object's {checksum} differs from its done record (substituted, stale or damaged)"
 
 

@@ -87,14 +87,14 @@ def recorded_shard(array: zarr.Array, model_prefix: str, layer: int, record: Don
 def shard_problem(array: zarr.Array, model_prefix: str, layer: int, record: DoneRecord) -> str | None:
     """What is wrong with a done unit's shard of ``layer``, or None.
 
-    The shard object must be the one its record lists: present, of the recorded size and sha256 (reading the
+    The shard object must be the one its record lists: present, of the recorded size and hash (reading the
     object). Zarr reads a missing shard as fill values, so whoever trusts a done unit asks this, never Zarr.
     """
     try:
         shard = recorded_shard(array, model_prefix, layer, record)
     except ValueError as error:
         return str(error)
-    return shard.verify_problem(get_bytes(array.store_path.store, shard_key(array, record.unit)))
+    return shard.problem(get_bytes(array.store_path.store, shard_key(array, record.unit)))
 
 
 def array_through(array: zarr.Array, store: Any) -> zarr.Array:

@@ -1,7 +1,7 @@
 """``verify``: is every unit of every model done, and is every stored byte the one its writer wrote?
 
 A done unit's record (store format 2, :mod:`hrsa.store.unit_records`) lists each shard object's byte count
-and sha256 as written; verify checks the record's own hash and settings, then hashes every shard object against
+and xxh3 as written (earlier records: sha256); verify checks the record's own hash and settings, then hashes every shard object against
 it. So a missing, empty, truncated, bit-flipped, substituted (another unit's intact shard) or stale shard is
 caught without trusting Zarr's fill values, and a forged or flipped done record too. Corpora are read through
 Zarr, whose crc32c per chunk checks them. A half-created model (no valid attributes) and attributes that do not

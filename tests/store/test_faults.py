@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -140,10 +141,10 @@ REPAIRABLE: dict[str, tuple[Callable[[ActivationStore], None], int, str, type[Ex
     "missing shard": (lambda s: _delete(s, _shard(2, 1)), 1, "shard object missing", CorruptDataError),
     "empty shard": (lambda s: _put(s, _shard(2, 1), b""), 1, "shard object empty", CorruptDataError),
     "truncated partial shard": (lambda s: _truncate(s, _shard(0, 3)), 3, "bytes, its done record", CorruptDataError),
-    "bit-flipped partial shard": (lambda s: _flip(s, _shard(1, 3), -10), 3, "sha256 differs", CorruptDataError),  # in its index
-    "bit-flipped full shard": (lambda s: _flip(s, _shard(3, 0)), 0, "sha256 differs", CorruptDataError),
-    # float32 is stored uncompressed: the other unit's shard has the very size, and another sha256
-    "another unit's intact shard": (_swap, 0, "sha256 differs", CorruptDataError),
+    "bit-flipped partial shard": (lambda s: _flip(s, _shard(1, 3), -10), 3, "xxh3 differs", CorruptDataError),  # in its index
+    "bit-flipped full shard": (lambda s: _flip(s, _shard(3, 0)), 0, "xxh3 differs", CorruptDataError),
+    # float32 is stored uncompressed: the other unit's shard has the very size, and another xxh3
+    "another unit's intact shard": (_swap, 0, "xxh3 differs", CorruptDataError),
     "bit-flipped done record": (lambda s: _flip(s, _record(2), 40), 2, "done record", CorruptDataError),
     "another unit's done record": (lambda s: _put(s, _record(2), _get(s, _record(1))), 2, "is unit 1's", CorruptDataError),  # type: ignore[arg-type]
     "done record of a never-written unit": (_forge_record_of_never_written_unit, 2, "shard object missing", CorruptDataError),
@@ -218,7 +219,7 @@ def test_a_unit_of_zeros_is_stored_not_skipped(target: Target) -> None:
 
 
 def test_a_substituted_shard_of_the_same_size_is_caught_by_its_hash(target: Target) -> None:
-    """Uncompressed, every full shard has the same size: only the recorded sha256 tells unit 1's shard from unit 0's.
+    """Uncompressed, every full shard has the same size: only the recorded xxh3 tells unit 1's shard from unit 0's.
     Verify names it, and reads refuse it, whole or in blocks smaller than a shard (each read once, then cut)."""
     store = target.open("a")
     new_model(store, "m", codec="none")
@@ -227,7 +228,7 @@ def test_a_substituted_shard_of_the_same_size_is_caught_by_its_hash(target: Targ
     _swap(store)
     report = verify_store(store)
     assert report.damaged_units() == {"m": [0]}
-    assert [p.what for p in report.problems] == ["shard object's sha256 differs from its done record (substituted, stale or damaged)"]
+    assert [p.what for p in report.problems] == ["shard object's xxh3 differs from its done record (substituted, stale or damaged)"]
     block = store.model_info("m").layout.shard_tokens // 4
     for chunk_tokens in (None, block):
         with pytest.raises(CorruptDataError, match=r"shard 0 .*xxh3 differs from its done record"):
@@ -237,10 +238,31 @@ def test_a_substituted_shard_of_the_same_size_is_caught_by_its_hash(target: Targ
     assert np.array_equal(store.hidden_state("m", 1).compute(), expected_layer(store, "m", 1))
 
 
-def test_records_without_xxh3_are_read_by_their_sha256(target: Target) -> None:
-    """Done records written before the xxh3 was kept list only the sha256: reads then hash, and still refuse a
-    substituted shard."""
+def test_a_unit_is_written_with_one_hash_of_its_shards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A done record lists each shard's size and xxh3, no sha256: hashing every shard twice (sha256 ran at ~3 GB/s
+    where xxh3 runs at ~10) was a third of the write path's CPU. Only the record's own canonical text is sha256'd."""
+    import hrsa.store.unit_records as unit_records
+
+    sha_bytes: list[int] = []
+    real = unit_records.sha256
+    monkeypatch.setattr(unit_records, "sha256", lambda data: sha_bytes.append(len(data)) or real(data))
+    store = _filled(Target(str(tmp_path / "store"), None, {}))
+    writer = store.writer("m")
+    for unit in writer.units():
+        doc = json.loads(writer.record(unit).to_bytes())
+        assert all(set(shard) == {"key", "bytes", "xxh3"} for shard in doc["shards"].values()), doc
+    shard_bytes = min(r.size for u in writer.units() for r in writer.record(u).shards.values())
+    assert sha_bytes and max(sha_bytes) < shard_bytes  # record texts only
+    assert verify_store(store).ok
+
+
+@pytest.mark.parametrize("kept", ["sha256", "both"])
+def test_records_of_earlier_versions_are_read_and_verified_by_their_hashes(target: Target, kept: str) -> None:
+    """Done records written before the xxh3 was kept list only the sha256, and those of the versions after it both:
+    reads and verify compare what a record lists (the xxh3 where it has one), and still refuse a substituted shard."""
     import dataclasses
+
+    from hrsa.store.unit_records import sha256
 
     store = target.open("a")
     new_model(store, "m", codec="none")
@@ -248,14 +270,19 @@ def test_records_without_xxh3_are_read_by_their_sha256(target: Target) -> None:
     writer = store.writer("m")
     for unit in writer.units():
         record = writer.record(unit)
-        old = dataclasses.replace(record, shards={k: dataclasses.replace(s, xxh3=None) for k, s in record.shards.items()})
-        assert b"xxh3" in record.to_bytes() and b"xxh3" not in old.to_bytes()
+        shards = {k: dataclasses.replace(s, sha256=sha256(_get(store, f"models/m/{s.key}")),  # type: ignore[arg-type]
+                                         xxh3=s.xxh3 if kept == "both" else None) for k, s in record.shards.items()}
+        old = dataclasses.replace(record, shards=shards)
+        assert b"sha256" in old.to_bytes() and (b"xxh3" in old.to_bytes()) == (kept == "both")
         _put(store, _record(unit.index), old.to_bytes())
     assert verify_store(store).ok
     assert np.array_equal(store.hidden_state("m", 2).compute(), expected_layer(store, "m", 2))
     _swap(store)
-    with pytest.raises(CorruptDataError, match=r"shard 0 .*sha256 differs from its done record"):
+    checksum = "sha256" if kept == "sha256" else "xxh3"
+    with pytest.raises(CorruptDataError, match=rf"shard 0 .*{checksum} differs from its done record"):
         store.hidden_state("m", 2).compute()
+    assert [p.what for p in verify_store(store).problems] == [
+        f"shard object's {checksum} differs from its done record (substituted, stale or damaged)"]
 
 
 # -- metadata: edited, half-created, garbage -------------------------------------------------------------------
