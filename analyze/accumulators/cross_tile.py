@@ -36,6 +36,7 @@ from hrsa.analyze.accumulators._chan import add_outer
 from hrsa.analyze.accumulators.centring import NON_FINITE_MESSAGE
 from hrsa.analyze.accumulators.cross_moments import CrossMoments
 from hrsa.analyze.accumulators.gemm import multiply_into
+from hrsa.analyze.accumulators.spread import spread
 from scipy.linalg import blas
 
 if TYPE_CHECKING:
@@ -105,7 +106,7 @@ class CrossTileMoments:
         already in :attr:`c` (``None``: float64 GEMMs write there), with Chan's corrections as one low-rank GEMM."""
         blocks = [b for b in blocks if b.n]
         if products is not None:
-            np.add(self.c, products, out=self.c)  # a float32 sum is widened element by element, no float64 copy
+            _widen_into(self.c, products)
         if not blocks:
             return
         n_run = sum(b.n for b in blocks)
@@ -239,20 +240,38 @@ def stack_centred(blocks: Sequence[np.ndarray], compute_dtype: np.dtype,
     if scratch is None:
         scratch = np.empty((n, sum(widths)), dtype=compute_dtype)  # C order: its transpose is what BLAS reads as-is
     stacked = scratch[:n]  # the first rows of a C-ordered array: contiguous
-    means, shifts, start = [], [], 0
-    for block, width in zip(blocks, widths):
+    starts = np.concatenate([[0], np.cumsum(widths)]).tolist()
+    means: list[Any] = [None] * len(blocks)
+    shifts: list[Any] = [None] * len(blocks)
+
+    def centre(i: int) -> None:  # state i into its slot (the states are independent: spread over the fold's cores)
+        block, width = blocks[i], widths[i]
         x = block if block.dtype in (np.float32, np.float64) else block.astype(np.float32)  # bf16, fp16: exact
         mean = x.mean(axis=0, dtype=np.float64) if n else np.zeros(width)  # (D_i,), summed in float64
         if not np.isfinite(mean).all():  # a NaN or inf anywhere reaches the mean
             raise ValueError(NON_FINITE_MESSAGE)
         shift = mean.astype(compute_dtype)
-        np.subtract(x, shift, out=stacked[:, start : start + width], casting="unsafe")
-        means.append(mean)
-        shifts.append(shift)
-        start += width
+        np.subtract(x, shift, out=stacked[:, starts[i] : starts[i + 1]], casting="unsafe")
+        means[i], shifts[i] = mean, shift
+
+    spread(centre, len(blocks))
     mean_all = np.concatenate(means)
     offsets = mean_all - np.concatenate(shifts).astype(np.float64)
     return stacked, mean_all, (offsets if offsets.any() else None)
+
+
+def _widen_into(total: F64, products: np.ndarray) -> None:
+    """``total += products``, a float32 sum widened element by element (no float64 copy of it), in column panels spread
+    over the fold's cores (both Fortran-ordered: a panel of columns is contiguous in each)."""
+    columns = total.shape[1]
+    panels = max(1, min(columns, 8))
+    cuts = [columns * p // panels for p in range(panels + 1)]
+
+    def add(p: int) -> None:
+        panel = slice(cuts[p], cuts[p + 1])
+        np.add(total[:, panel], products[:, panel], out=total[:, panel])
+
+    spread(add, panels)
 
 
 def _add_low_rank(matrix: F64, terms: Sequence[tuple[float, F64, F64]]) -> None:

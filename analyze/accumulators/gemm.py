@@ -132,19 +132,34 @@ def multiply_into(total: np.ndarray | None, u: np.ndarray, v: np.ndarray, beta: 
 
     Args:
         total: (Du, Dv) of u's dtype, writable, Fortran-ordered (the layout the GEMM writes without a copy); or None.
-        u: (n, Du) C-ordered centred rows; v: (n, Dv) C-ordered centred rows, of the same dtype.
+        u: (n, Du) centred rows; v: (n, Dv) centred rows, of the same dtype: each row contiguous, the rows at any
+            stride (a slot of columns of a wider C-ordered block is read in place, with the stride as its leading
+            dimension: no copy).
     """
     if total is None:
         total, beta = np.empty((u.shape[1], v.shape[1]), dtype=u.dtype, order="F"), 0.0
-    if not (total.flags.f_contiguous and total.flags.writeable and u.flags.c_contiguous and v.flags.c_contiguous
+    if not (total.flags.f_contiguous and total.flags.writeable and _rows_contiguous(u) and _rows_contiguous(v)
             and total.dtype == u.dtype == v.dtype and u.dtype in (np.float32, np.float64)):
-        raise ValueError("multiply_into takes C-ordered u, v and a writable Fortran-ordered total of one float dtype")
+        raise ValueError("multiply_into takes u, v of contiguous rows and a writable Fortran-ordered total of one float dtype")
     du, dv = block or (max(1, u.shape[1]), max(1, v.shape[1]))
     if (block is not None and _WHOLE_TILE
             and _WHOLE_TILE.get((gemm_library(), u.dtype.char, du, dv, u.shape[0], blas_threads()), False)):
         du, dv = max(1, u.shape[1]), max(1, v.shape[1])
     _per_block(total, u, v, beta, du, dv)
     return total
+
+
+def _rows_contiguous(a: np.ndarray) -> bool:
+    """Whether ``a`` (n, D) is rows of D contiguous values at one stride of whole items, no shorter than a row: what
+    BLAS reads as a column-major (D x n) matrix with that stride as its leading dimension (an empty one: any strides)."""
+    if a.ndim != 2:
+        return False
+    if a.size == 0:
+        return True
+    item = a.itemsize
+    columns = a.shape[1] == 1 or a.strides[1] == item
+    rows = a.shape[0] == 1 or (a.strides[0] % item == 0 and a.strides[0] >= a.shape[1] * item)
+    return columns and rows
 
 
 def _per_block(total: np.ndarray, u: np.ndarray, v: np.ndarray, beta: float, du: int, dv: int) -> None:

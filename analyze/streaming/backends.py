@@ -106,7 +106,7 @@ class NumpyBackend:
             if found:  # a state of the rectangle: its slot of the stacked block, the very values a self tile makes
                 stack, keys, width, means, offsets = found[0]
                 cols = slice(keys.index(key) * width, (keys.index(key) + 1) * width)
-                part = np.ascontiguousarray(stack[:, cols])  # (n, D): contiguous for BLAS
+                part = stack[:, cols]  # (n, D) in place: BLAS reads it with the stack's row stride
                 means, offsets = means[cols], (None if offsets is None else offsets[cols])
             else:
                 n, width = xs[key].shape

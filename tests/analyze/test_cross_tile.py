@@ -163,6 +163,27 @@ def test_products_of_uneven_shapes_and_empty_blocks_add_up(dtype, gemm_path) -> 
         multiply_into(np.zeros((300, 130), dtype=dtype), u, v)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_a_slot_of_a_wider_block_is_multiplied_in_place_as_its_copy_would_be(dtype, gemm_path) -> None:
+    """A self product reads its state's columns of the stacked block in place (the block's row stride as BLAS's leading
+    dimension): the sums are bit for bit those of a contiguous copy. Rows that are not contiguous are refused."""
+    rng = np.random.default_rng(11)
+    block = rng.normal(size=(700, 3 * 160)).astype(dtype)
+    slot = block[:, 160:320]  # rows of 160 values, 480 apart
+    assert not slot.flags.c_contiguous
+    copy = np.ascontiguousarray(slot)
+    for beta in (0.0, 1.0):
+        in_place = multiply_into(np.ones((160, 160), dtype=dtype, order="F"), slot, slot, beta)
+        copied = multiply_into(np.ones((160, 160), dtype=dtype, order="F"), copy, copy, beta)
+        assert np.array_equal(in_place, copied)
+    want = copy.astype(np.float64).T @ copy.astype(np.float64)
+    np.testing.assert_allclose(in_place, 1.0 + want, rtol=0, atol=(1e-4 if dtype == np.float32 else 1e-11) * np.abs(want).max())
+    with pytest.raises(ValueError, match="contiguous rows"):
+        multiply_into(None, block[:, ::2], block[:, ::2])  # every other column
+    with pytest.raises(ValueError, match="contiguous rows"):
+        multiply_into(None, np.asfortranarray(copy), copy)  # columns contiguous, not rows
+
+
 def test_merging_statistics_of_other_states_is_refused() -> None:
     with pytest.raises(ValueError, match="same states"):
         CrossTileMoments.empty(ROWS, COLS, DX, DY).merge(CrossTileMoments.empty(COLS, ROWS, DY, DX))
