@@ -63,8 +63,9 @@ def run(pipeline: Path, address: str | None, out: str | None) -> None:
     console = Console()
     with tempfile.TemporaryDirectory(prefix="hrsa-out-") as scratch:  # a remote out's local copy, removed at the end
         result = run_pipeline(config, console=console, local_copy=Path(scratch))
-        report = result.report and (f"{str(result.out).rstrip('/')}/{result.report.relative_to(scratch).as_posix()}"
-                                    if is_url(result.out) else result.report)
+        report = result.report
+        if report is not None and is_url(result.out) and report.is_relative_to(scratch):  # uploaded: name it there
+            report = f"{str(result.out).rstrip('/')}/{report.relative_to(scratch).as_posix()}"
     console.print(f"\n{len(result.ran)} stage(s) run, {len(result.skipped)} skipped; store: {result.store}; "
                   f"results in {result.out}" + (f"; report: {report}" if report else ""))
 

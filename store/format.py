@@ -1,8 +1,8 @@
-"""Store format version 2: layout constants, dtypes as stored, chunk and shard sizing, codecs.
+"""Store format version 3: layout constants, dtypes as stored, chunk and shard sizing, codecs.
 
 Layout (one Zarr v3 group)::
 
-    <root>/                       attrs {"hrsa": {"format_version": 2}}
+    <root>/                       attrs {"hrsa": {"format_version": 3}}
       corpora/<cid>/              token table: token_ids, doc_index, position, is_special (N,); content spans
                                   token_field, char_start, char_end (N,) and attrs span_fields (corpus.py)
                                   documents: doc_offsets (n_docs+1,), doc_record_id, doc_truncated,
@@ -46,7 +46,10 @@ __all__ = [
     "as_storage",
 ]
 
-FORMAT_VERSION = 2
+# 3: done records list one hash a shard, its xxh3 (format 2 listed a sha256 beside it, which hrsa before format 3
+# requires: it would call every record of a format-3 store unreadable, and `verify --reset-damaged` would delete the
+# units). 2 -> 3 raises the version only; format 2's records are read as they are. 1 -> 2: done records.
+FORMAT_VERSION = 3
 ATTRS_KEY = "hrsa"  # every hrsa attribute lives under this one key of a node's attributes
 
 # Logical dtype -> numpy dtype written to Zarr. Zarr v3 has no bfloat16, so bf16 is kept as its raw

@@ -1,10 +1,10 @@
-"""A model's per-unit bookkeeping (store format 2): claims that give a unit one writer, and done records.
+"""A model's per-unit bookkeeping (store format 3): claims that give a unit one writer, and done records.
 
 Keys below a model's group (raw objects beside its Zarr arrays, not Zarr nodes)::
 
     claims/<unit>/<attempt>   {"token", "owner", "expires"}: attempt n holds the unit until it expires
-    done/<unit>               the unit's manifest: every shard object's key, byte count, sha256 and xxh3, the model
-                              settings it was written under, and a sha256 of the record itself
+    done/<unit>               the unit's manifest: every shard object's key, byte count and xxh3 (format 2: a sha256
+                              too), the model settings it was written under, and a sha256 of the record itself
 
 Both are created with :func:`~hrsa.store.objects.create_if_absent`, so of any number of writers exactly one
 takes attempt n, and exactly one done record is ever created per unit. A claim is taken over by creating

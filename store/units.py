@@ -6,7 +6,7 @@ The protocol (store format 2; the records are :mod:`hrsa.store.unit_records`):
    once attempt n has expired). Exactly one writer holds a unit; the others skip it.
 2. It computes the unit, checks it still holds the claim and no done record exists, and writes every stored
    hidden state's shard object whole, hashing the bytes on their way to the store.
-3. It creates ``done/<unit>``, the unit's manifest (keys, byte counts, sha256 and xxh3 of each shard, the model's
+3. It creates ``done/<unit>``, the unit's manifest (keys, byte counts and xxh3 of each shard, the model's
    settings), with create-if-absent. The record is what makes the unit count, so a writer killed at any
    instant before leaves the unit not done, and its claim expires; a done record always lists shards that were
    whole when it was written. Verify hashes the shards against it, so any later change is caught.

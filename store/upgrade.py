@@ -1,4 +1,8 @@
-"""``hrsa store upgrade``: turn a format-1 store (done flags in a ``units`` array) into format 2 (done records).
+"""``hrsa store upgrade``: bring an older store to the current format.
+
+Format 2 -> 3 raises the version only: format 2's done records (a sha256 and an xxh3 a shard) are read as they are;
+format 3's list the xxh3 alone, which hrsa before format 3 cannot read, so a store is moved on once, on purpose.
+Format 1 (done flags in a ``units`` array) -> done records:
 
 For each done unit of each model, every shard object is read back through Zarr (its crc32c checked) and hashed;
 the unit's done record is created from what is stored. A unit whose shards are missing or fail their checksum

@@ -84,6 +84,12 @@ def test_a_pipeline_with_an_s3_out_keeps_its_outputs_there_and_resumes_from_them
     assert result.exit_code == 0, result.output
     assert f"report: {remote.url}/report.html" in " ".join(result.output.split()), result.output
     assert list(scratch.iterdir()) == [] and remote.files() == files
+    # A report put elsewhere (report.path, a local file) is named where it is.
+    (tmp_path / "pipeline.yaml").write_text(json.dumps({**values, "report": {"path": str(tmp_path / "mine.html")}}))
+    result = CliRunner().invoke(cli, ["run", str(tmp_path / "pipeline.yaml")])
+    assert result.exit_code == 0, result.output
+    assert f"report: {tmp_path / 'mine.html'}" in "".join(result.output.split("\n")), result.output
+    assert (tmp_path / "mine.html").is_file() and list(scratch.iterdir()) == []
 
 
 def test_training_runs_default_under_a_remote_out(tmp_path: Path) -> None:

@@ -551,7 +551,7 @@ def test_a_format_1_store_is_refused_then_upgraded_keeping_every_intact_unit(tar
         assert f"hrsa store upgrade {target.url}" in result.stderr
     result = _cli(target, "store", "upgrade", target.url)
     assert result.exit_code == 0, result.output
-    assert "m: 2 done unit(s) recorded; units [1] were damaged" in result.stdout and "format 1 -> 2" in result.stdout
+    assert "m: 2 done unit(s) recorded; units [1] were damaged" in result.stdout and "format 1 -> 3" in result.stdout
     upgraded = target.open()
     report = verify_store(upgraded)
     assert report.damaged_units() == {} and report.incomplete_units == {"m": [1, 3]}
@@ -561,6 +561,35 @@ def test_a_format_1_store_is_refused_then_upgraded_keeping_every_intact_unit(tar
     assert verify_store(target.open("r")).ok
     for k in range(LAYERS):
         assert np.array_equal(target.open("r").hidden_state("m", k).compute(), reference[k])
+
+
+def test_a_format_2_store_is_refused_then_upgraded_by_its_version_alone(target: Target) -> None:
+    """Format 2's done records list a sha256 beside the xxh3, which hrsa before format 3 requires: a store holding
+    format 3's records must not be opened by it (it would call every unit damaged). So a format-2 store is moved on
+    once, on purpose; the upgrade rewrites nothing but the version, and its records read as they were."""
+    import dataclasses
+
+    from hrsa.store.unit_records import sha256
+
+    store = _filled(target)
+    writer = store.writer("m")
+    for unit in writer.units():  # records as format 2 wrote them
+        record = writer.record(unit)
+        shards = {k: dataclasses.replace(s, sha256=sha256(_get(store, f"models/m/{s.key}")))  # type: ignore[arg-type]
+                  for k, s in record.shards.items()}
+        _put(store, _record(unit.index), dataclasses.replace(record, shards=shards).to_bytes())
+    _edit_json(store, "zarr.json", lambda meta: meta["attributes"]["hrsa"].update(format_version=2))
+    before = {k: v for k, v in _objects(store).items() if k != "zarr.json"}
+    for verb in (["ls", target.url], ["verify", target.url]):
+        result = _cli(target, "store", *verb)
+        _one_error_line(result, 2)
+        assert f"hrsa store upgrade {target.url}" in result.stderr
+    result = _cli(target, "store", "upgrade", target.url)
+    assert result.exit_code == 0 and "format 2 -> 3" in result.stdout, result.output
+    upgraded = target.open("r")
+    assert {k: v for k, v in _objects(upgraded).items() if k != "zarr.json"} == before
+    assert verify_store(upgraded).ok
+    assert np.array_equal(upgraded.hidden_state("m", 1).compute(), expected_layer(upgraded, "m", 1))
 
 
 def test_a_corpus_deleted_under_a_model_is_reported_and_restored_by_writing_it_again(target: Target, tmp_path) -> None:
