@@ -46,6 +46,8 @@ class PublishedOut:
         if local is None:
             local = Path(tempfile.mkdtemp(prefix="hrsa-out-"))
         local.mkdir(parents=True, exist_ok=True)
+        if any(local.iterdir()):  # its files would be uploaded as the stages' own
+            raise ValueError(f"Expected an empty folder for the local copy of {url}. Got {local} with files in it.")
         published = cls(parse_location(url), local, state_file)
         published.pull()
         return published

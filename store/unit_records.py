@@ -94,7 +94,7 @@ class ShardRecord:
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"key": self.key, "bytes": self.size}
-        return {**doc, **{name: value for name, value in self.checksums().items()}}
+        return {**doc, **self.checksums()}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> ShardRecord:

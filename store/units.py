@@ -1,6 +1,6 @@
 """Exactly-once writing: a work unit is one whole shard (a token range) of every hidden state.
 
-The protocol (store format 2; the records are :mod:`hrsa.store.unit_records`):
+The protocol (store format 3; the records are :mod:`hrsa.store.unit_records`):
 
 1. A writer claims the unit: it creates ``claims/<unit>/<attempt>`` with create-if-absent (attempt 1, or n+1
    once attempt n has expired). Exactly one writer holds a unit; the others skip it.

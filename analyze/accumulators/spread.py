@@ -33,8 +33,9 @@ def spread(work: Callable[[int], None], count: int) -> None:
         for i in range(first, count, threads):
             work(i)
 
-    futures: list[Future[None]] = [_pool().submit(share, t) for t in range(1, threads)]
-    try:
+    futures: list[Future[None]] = []
+    try:  # a failed submit (interpreter shutdown) also waits for the shares already handed out
+        futures += [_pool().submit(share, t) for t in range(1, threads)]
         share(0)
     finally:
         errors = [f.exception() for f in futures]  # waits for each

@@ -47,6 +47,23 @@ def test_an_error_is_raised_after_the_other_steps_have_ended(monkeypatch) -> Non
     assert sorted(done) == [0, 2]  # the caller's share (0, 2) ran to its end; the pool's stopped at its error
 
 
+def test_the_caller_s_error_waits_for_the_steps_handed_out(monkeypatch) -> None:
+    """The caller's own step fails at once: spread still returns only after the pool's steps (which may write into the
+    same arrays) have ended."""
+    monkeypatch.setattr(spread_module, "blas_threads", lambda: 2)
+    done: list[int] = []
+
+    def step(i: int) -> None:
+        if i == 0:  # the caller's share
+            raise ValueError("step 0 failed")
+        time.sleep(0.05)
+        done.append(i)
+
+    with pytest.raises(ValueError, match="step 0 failed"):
+        spread(step, 4)
+    assert sorted(done) == [1, 3]  # the pool's whole share ended before the error left spread
+
+
 def test_a_stacked_block_is_the_same_on_one_thread_and_on_several(monkeypatch) -> None:
     """Each state's slot and mean are its own: spreading the states over threads changes no bit."""
     rng = np.random.default_rng(5)

@@ -37,6 +37,10 @@ def test_pushes_what_changed_with_the_state_last_and_mirrors_removals(remote: Lo
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     published = PublishedOut.open(remote.url, state_file=STATE_FILE, local=tmp_path / "first")
     assert list(published.local.iterdir()) == []  # nothing there yet: an empty local copy
+    (tmp_path / "used" / "old.html").parent.mkdir()
+    (tmp_path / "used" / "old.html").write_text("left over")
+    with pytest.raises(ValueError, match="empty folder"):  # its files would be uploaded as the stages' own
+        PublishedOut.open(remote.url, state_file=STATE_FILE, local=tmp_path / "used")
     state = PipelineState(published.local / STATE_FILE, on_write=published.push)
     (published.local / "pairs" / "a--b").mkdir(parents=True)
     (published.local / "pairs" / "a--b" / "results.json").write_text('{"cka": 1}')
