@@ -76,8 +76,12 @@ def _read_into(file: Any, data: np.ndarray) -> int:
     return filled
 
 
-def get_range(store: Store, key: str, start: int, stop: int) -> np.ndarray | None:
-    """Bytes ``start:stop`` of the object (uint8, fewer where it ends before ``stop``), or None when there is none."""
+def get_range(store: Store, key: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray | None:
+    """Bytes ``start:stop`` of the object (uint8, fewer where it ends before ``stop``), or None when there is none.
+
+    ``out``: a uint8 array of at least ``stop - start`` bytes to put them in (the result is then its first bytes): a
+    reader that reads block after block reuses one array instead of faulting in a fresh one's pages every read.
+    """
     import numpy as np
     from zarr.abc.store import RangeByteRequest
     from zarr.core.buffer import default_buffer_prototype
@@ -85,18 +89,26 @@ def get_range(store: Store, key: str, start: int, stop: int) -> np.ndarray | Non
 
     if stop <= start:
         return np.empty(0, dtype=np.uint8)
+    if out is not None and out.size < stop - start:
+        raise ValueError(f"Expected an array of at least {stop - start} bytes to read into. Got {out.size} instead.")
     if type(store) is LocalStore:  # as get_buffer: in this thread, into one array
         import os
 
         try:
             with open(os.path.join(store.root, key), "rb", buffering=0) as file:
-                data = np.empty(stop - start, dtype=np.uint8)
+                data = np.empty(stop - start, dtype=np.uint8) if out is None else out[: stop - start]
                 file.seek(start)
                 return data[: _read_into(file, data)]
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
     buffer = _sync(store.get(key, prototype=default_buffer_prototype(), byte_range=RangeByteRequest(start, stop)))
-    return None if buffer is None else buffer.as_numpy_array()
+    if buffer is None:
+        return None
+    data = buffer.as_numpy_array()
+    if out is None:
+        return data
+    out[: data.size] = data
+    return out[: data.size]
 
 
 def get_bytes(store: Store, key: str) -> bytes | None:

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from zarr.abc.store import ByteRequest
     from zarr.core.buffer import Buffer, BufferPrototype
 
-__all__ = ["CheckedArray", "ShardStream", "StreamedRows", "cache_bound", "streamed_bound"]
+__all__ = ["CheckedArray", "ReadScratch", "ShardStream", "StreamedRows", "cache_bound", "streamed_bound"]
 
 #: Verified shard objects kept per array at most, so that Dask blocks smaller than a shard cost no second GET when
 #: several threads read blocks of neighbouring shards at once; a shard whose rows have all been read is dropped at
@@ -201,12 +201,13 @@ class ShardStream:
     has closed (:meth:`StreamedRows.close`).
     """
 
-    def __init__(self, store: Any, key: str, codec: Any, record: ShardRecord) -> None:
+    def __init__(self, store: Any, key: str, codec: Any, record: ShardRecord, scratch: ReadScratch | None = None) -> None:
         import hashlib
 
         import xxhash
 
         self._store, self._key, self._codec, self._record = store, key, codec, record
+        self._scratch = scratch  # where a block's bytes are read (None: a new array each block)
         self._hash = xxhash.xxh3_64() if record.checksum[0] == "xxh3" else hashlib.sha256()
         self._data_end = record.size - codec.index_size  # where the chunks end and the index begins
         # The index and one byte more: an object longer than its record (bytes appended) is caught here, for free.
@@ -222,8 +223,9 @@ class ShardStream:
         self._piece, self._piece_start = np.empty(0, dtype=np.uint8), 0  # the last range read, kept for the next block
         self.closed = False
 
-    def rows(self, lo: int, hi: int) -> np.ndarray | None:
-        """Rows ``lo:hi`` of the shard, or None where they lie before what the stream has read (read them otherwise)."""
+    def rows(self, lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray | None:
+        """Rows ``lo:hi`` of the shard (in ``out`` when given: (hi - lo, D) of the stored dtype), or None where they lie
+        before what the stream has read (read them otherwise)."""
         span = self._codec.stored_span(self._index, lo, hi)
         if span is not None:
             start, stop = span
@@ -234,10 +236,9 @@ class ShardStream:
             if stop > self._hashed:  # the kept piece ends where the hash is: keep its part from start, read the rest
                 self._hash_up_to(start)
                 kept = self._piece[start - self._piece_start :] if start < self._hashed else self._piece[:0]
-                fresh = self._take(self._hashed, stop)
-                self._piece, self._piece_start = (np.concatenate([kept, fresh]) if len(kept) else fresh), start
+                self._piece, self._piece_start = self._read_piece(kept, stop), start
         try:
-            values = self._codec.rows(self._index, self._chunk, lo, hi)
+            values = self._codec.rows(self._index, self._chunk, lo, hi, out)
         except ValueError as error:  # a chunk's crc32c: the bytes are damaged
             raise _ShardMismatch(self._key, f"chunk checksum mismatch ({error})") from None
         self._keep_last_chunk(hi)
@@ -280,9 +281,21 @@ class ShardStream:
         while self._hashed < stop:
             self._take(self._hashed, min(stop, self._hashed + piece))
 
-    def _take(self, start: int, stop: int) -> np.ndarray:
-        """Read bytes ``start:stop`` (``start`` is what is hashed so far) and hash them."""
-        data = self._read(start, stop)
+    def _read_piece(self, kept: np.ndarray, stop: int) -> np.ndarray:
+        """``kept`` (the bytes of the chunk the block before ended inside, or none) followed by the bytes from what is
+        hashed up to ``stop``, read and hashed: in the scratch when there is one (``kept`` is never in it: the piece
+        kept between blocks is a copy, see :meth:`_keep_last_chunk`)."""
+        if self._scratch is None:
+            fresh = self._take(self._hashed, stop)
+            return np.concatenate([kept, fresh]) if len(kept) else fresh
+        piece = self._scratch.bytes(len(kept) + stop - self._hashed)
+        piece[: len(kept)] = kept
+        self._take(self._hashed, stop, out=piece[len(kept) :])
+        return piece
+
+    def _take(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Read bytes ``start:stop`` (``start`` is what is hashed so far; into ``out`` when given) and hash them."""
+        data = get_range(self._store, self._key, start, stop, out)
         if data is None or len(data) != stop - start:
             self._damaged(size_problem(object_size(self._store, self._key), self._record.size))
         self._hash.update(data)
@@ -296,15 +309,60 @@ class ShardStream:
         raise _ShardMismatch(self._key, problem)
 
 
+class ReadScratch:
+    """Arrays that streamed readers reuse read after read, where each read would otherwise get new ones: the bytes of
+    a block's chunks (one array, for every reader of one thread) and, per reader, two arrays its values go in by turns.
+
+    A new array per read costs a page fault per 4 kB page it is written to, for the kernel to map and zero: the
+    analysis has glibc map large arrays on their own so that freeing them returns their memory
+    (:func:`~hrsa.runtime.resident.map_large_allocations`), so every block's bytes and values were fresh pages. Reading
+    (e)'s 62 states of D = 576 float32 a block of 1,024 tokens at a time ran at 0.7 GB/s with 1.3 million faults a
+    pass over them, at 3.6 GB/s with these arrays kept (an AMD EPYC VM; benchmarks/analyze.py (e)).
+
+    Not thread-safe: one per reading thread.
+    """
+
+    def __init__(self) -> None:
+        self._bytes = np.empty(0, dtype=np.uint8)
+
+    def bytes(self, n: int) -> np.ndarray:
+        """``n`` bytes to read into, valid until the next call (the one array, grown when too small)."""
+        if self._bytes.size < n:
+            self._bytes = np.empty(n, dtype=np.uint8)
+        return self._bytes[:n]
+
+
+class _Turns:
+    """Two arrays a reader's values go in by turns, so that a read's values stay as read until the read after next."""
+
+    def __init__(self) -> None:
+        self._arrays: list[np.ndarray | None] = [None, None]
+        self._turn = 0
+
+    def next(self, rows: int, width: int, dtype: np.dtype) -> np.ndarray:
+        self._turn ^= 1
+        held = self._arrays[self._turn]
+        if held is None or held.shape[0] < rows or held.shape[1] != width or held.dtype != dtype:
+            held = self._arrays[self._turn] = np.empty((rows, width), dtype=dtype)
+        return held[:rows]
+
+
 class StreamedRows:
     """A hidden state read forward by slices of rows, each done shard through a :class:`ShardStream` (one block's
     bytes held, not the shard's); slices a stream cannot serve (rows before what it has read, shards not done) are
     read as :class:`CheckedArray` reads them. :meth:`close` verifies every shard opened and not yet closed: a
-    shard's stream also closes as soon as its last row is read."""
+    shard's stream also closes as soon as its last row is read.
 
-    def __init__(self, array: CheckedArray) -> None:
+    With a :class:`ReadScratch`, a block's bytes are read into the scratch and its values decoded into two arrays this
+    reader keeps, by turns: the values a slice returns are overwritten by the slice after next (a pass folds one block
+    while it reads the next, then drops it).
+    """
+
+    def __init__(self, array: CheckedArray, scratch: ReadScratch | None = None) -> None:
         self._array = array
         self._streams: dict[int, ShardStream] = {}
+        self._scratch = scratch
+        self._turns = _Turns() if scratch is not None else None
 
     def __getitem__(self, rows: slice) -> np.ndarray:
         array = self._array
@@ -314,12 +372,15 @@ class StreamedRows:
         if step != 1 or stop <= start or not all(array._done[u] for u in units):
             return array[rows]
         array._check_records(rows)  # each shard's done record read once: what its stream must match
+        stored = array._stored
+        out = None if self._turns is None else self._turns.next(stop - start, stored.shape[1], stored.dtype)
         parts = []
         for u in units:
             lo, hi = max(start, u * size) - u * size, min(stop, (u + 1) * size) - u * size
+            into = None if out is None else out[u * size + lo - start : u * size + hi - start]
             try:
                 stream = self._streams.get(u) or self._open(u)
-                part = stream.rows(lo, hi)
+                part = stream.rows(lo, hi, into)
                 if hi == min(size, array.shape[0] - u * size):  # its last row: verify it now, hold nothing of it
                     self._streams.pop(u).close()
             except _ShardMismatch as error:
@@ -328,7 +389,8 @@ class StreamedRows:
             if part is None:
                 return array[rows]
             parts.append(part)
-        return as_logical(parts[0] if len(parts) == 1 else np.concatenate(parts), array._dtype)
+        values = out if out is not None else parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return as_logical(values, array._dtype)
 
     def close(self) -> None:
         """Verify the shards still open (their rest read and hashed). Raises CorruptDataError."""
@@ -342,7 +404,8 @@ class StreamedRows:
     def _open(self, unit: int) -> ShardStream:
         array = self._array
         key = shard_key(array._stored, unit)
-        stream = ShardStream(array._stored.store_path.store, key, ShardCodec.of(array._stored, unit), array._expected[key])
+        stream = ShardStream(array._stored.store_path.store, key, ShardCodec.of(array._stored, unit), array._expected[key],
+                             self._scratch)
         self._streams[unit] = stream
         return stream
 
@@ -437,12 +500,13 @@ class CheckedArray:
             parts.append(decode_rows(self._stored, u, shard, lo, hi, verified=True))  # xxh3-checked whole by load
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def streamed(self) -> StreamedRows:
+    def streamed(self, scratch: ReadScratch | None = None) -> StreamedRows:
         """This array read forward by slices, holding one block's bytes of each shard instead of the whole shard: what
         one segment of a streaming pass reads. Its values are checked as they are decoded (each chunk's crc32c) and
         each shard whole when its last row is read or at :meth:`StreamedRows.close`, which the reader must call before
-        anything computed from the values leaves it."""
-        return StreamedRows(self)
+        anything computed from the values leaves it. With ``scratch``, reads reuse arrays (see :class:`StreamedRows`:
+        a slice's values last until the slice after next)."""
+        return StreamedRows(self, scratch)
 
     def _damaged(self, unit: int, problem: str) -> CorruptDataError:
         return CorruptDataError(

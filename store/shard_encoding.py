@@ -126,10 +126,15 @@ class ShardCodec:
                    _chunk_decoder(sharding.index_codecs, index_spec, verified),
                    _chunk_decoder(sharding.codecs, chunk_spec, verified))
 
-    def rows(self, index: np.ndarray, chunk_bytes: Callable[[int, int], np.ndarray], lo: int, hi: int) -> np.ndarray:
-        """Rows ``lo:hi`` of the shard, a new array; ``chunk_bytes(offset, length)``: a stored chunk's bytes."""
+    def rows(self, index: np.ndarray, chunk_bytes: Callable[[int, int], np.ndarray], lo: int, hi: int,
+             out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``lo:hi`` of the shard, in ``out`` ((hi - lo, width) of the stored dtype) or a new array;
+        ``chunk_bytes(offset, length)``: a stored chunk's bytes."""
         size = self.chunk_tokens
-        out = np.empty((hi - lo, self.width), dtype=self.dtype)
+        if out is None:
+            out = np.empty((hi - lo, self.width), dtype=self.dtype)
+        elif out.shape != (hi - lo, self.width) or out.dtype != self.dtype:
+            raise ValueError(f"Expected {(hi - lo, self.width)} {self.dtype} to decode into. Got {out.shape} {out.dtype} instead.")
         for c in range(lo // size, -(-hi // size)):
             first, last = max(lo, c * size), min(hi, (c + 1) * size)  # rows of chunk c wanted
             offset, length = (int(v) for v in index[c, 0])

@@ -245,13 +245,16 @@ def stack_centred(blocks: Sequence[np.ndarray], compute_dtype: np.dtype,
     shifts: list[Any] = [None] * len(blocks)
 
     def centre(i: int) -> None:  # state i into its slot (the states are independent: spread over the fold's cores)
-        block, width = blocks[i], widths[i]
-        x = block if block.dtype in (np.float32, np.float64) else block.astype(np.float32)  # bf16, fp16: exact
+        block, width, slot = blocks[i], widths[i], stacked[:, starts[i] : starts[i + 1]]
+        x = block
+        if block.dtype not in (np.float32, np.float64):  # bf16, fp16: widened into the slot (exact), centred there
+            np.copyto(slot, block, casting="unsafe")  # no float32 copy of the block: a new one faulted its pages in
+            x = slot
         mean = x.mean(axis=0, dtype=np.float64) if n else np.zeros(width)  # (D_i,), summed in float64
         if not np.isfinite(mean).all():  # a NaN or inf anywhere reaches the mean
             raise ValueError(NON_FINITE_MESSAGE)
         shift = mean.astype(compute_dtype)
-        np.subtract(x, shift, out=stacked[:, starts[i] : starts[i + 1]], casting="unsafe")
+        np.subtract(x, shift, out=slot, casting="unsafe")
         means[i], shifts[i] = mean, shift
 
     spread(centre, len(blocks))

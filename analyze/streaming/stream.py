@@ -207,9 +207,14 @@ class StateReader:
         """This reader for one segment: runs of rows of checked arrays read forward through shard streams (each
         shard's bytes a block at a time, not whole: :meth:`~hrsa.store.reading.CheckedArray.streamed`), every shard
         opened verified whole when the segment's blocks are done, before its results leave (an error inside the
-        segment propagates as it is: nothing is returned then)."""
+        segment propagates as it is: nothing is returned then). A state's block read this way is overwritten by the
+        one after next (arrays reused, no page faults: :class:`~hrsa.store.reading.ReadScratch`): the fold drops each
+        block before it asks for the next (:func:`_read_ahead` reads one ahead)."""
+        from hrsa.store.reading import ReadScratch
+
         segment = StateReader(self.arrays, self.block_tokens)
-        segment.streams = {key: array.streamed() for key, array in self.arrays.items() if hasattr(array, "streamed")}
+        scratch = ReadScratch()  # the segment's states are read in one thread (_read_ahead's): their arrays are reused
+        segment.streams = {key: array.streamed(scratch) for key, array in self.arrays.items() if hasattr(array, "streamed")}
         yield segment
         for stream in segment.streams.values():
             stream.close()

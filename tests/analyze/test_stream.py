@@ -160,9 +160,9 @@ def test_passes_read_shards_forward_never_whole_and_verify_each_one(pair_store, 
     real_init, real_close = reading.ShardStream.__init__, reading.ShardStream.close
     monkeypatch.setattr(reading._VerifiedShards, "load", lambda self, key: loaded.append(key))
 
-    def init(self, store, key, codec, record):
+    def init(self, store, key, codec, record, scratch=None):
         opened.append(key)
-        real_init(self, store, key, codec, record)
+        real_init(self, store, key, codec, record, scratch)
 
     def close(self):
         if not self.closed:

@@ -17,20 +17,84 @@ import pytest
 from hrsa.store import ActivationStore
 from hrsa.store.errors import CorruptDataError
 from hrsa.store.model import hidden_key
+from hrsa.store.reading import ReadScratch
 from hrsa.store.testing import expected_layer, fill_model, new_model
 from hrsa.store.units import shard_key
 
 
-def read_forward(array, start: int, stop: int, block: int) -> np.ndarray:
-    """Rows start:stop read forward in blocks through one streamed reader, closed at the end."""
-    rows = array.streamed()
-    parts = [rows[a : min(a + block, stop)] for a in range(start, stop, block)]
+def read_forward(array, start: int, stop: int, block: int, reuse: bool = False) -> np.ndarray:
+    """Rows start:stop read forward in blocks through one streamed reader, closed at the end. ``reuse``: into arrays
+    the reader keeps (ReadScratch), each read's values checked still as read after the next read."""
+    rows = array.streamed(ReadScratch() if reuse else None)
+    parts, before = [], None
+    for a in range(start, stop, block):
+        got = rows[a : min(a + block, stop)]
+        if before is not None:  # the read before this one, as a pass folds it while it reads ahead
+            np.testing.assert_array_equal(before[0].view(np.uint8), before[1].view(np.uint8))
+        parts.append(got.copy())
+        before = (got, parts[-1])
     rows.close()
     return np.concatenate(parts)
 
 
+def test_reads_into_kept_arrays_reuse_two_by_turns() -> None:
+    """What makes reading page-fault free (next test): the third read's values are in the first read's array."""
+    store = ActivationStore.open("memory://turns", mode="w-")
+    new_model(store, "m")
+    fill_model(store, "m")
+    rows = store.hidden_state_array("m", 1).streamed(ReadScratch())
+    first, second, third = rows[0:64], rows[64:128], rows[128:192]
+    rows.close()
+    assert np.shares_memory(first, third) and not np.shares_memory(first, second)
+    np.testing.assert_array_equal(third, expected_layer(store, "m", 1)[128:192])
+
+
+FAULTS_PER_PAGE = """
+import resource
+import numpy as np
+from hrsa.runtime.resident import map_large_allocations
+from hrsa.store import ActivationStore
+from hrsa.store.reading import ReadScratch
+from hrsa.store.testing import make_table
+
+assert map_large_allocations()  # as every analysis sets it: blocks of 1 MB and more mapped, returned when freed
+store = ActivationStore.open({path!r}, mode="a")
+cid = store.write_corpus(make_table((16384,)), tokenizer={{"name": "t", "fingerprint": "f"}}, source="t")
+store.create_model("big", corpus=cid, n_hidden_states=1, hidden_size=512, dtype="float32", codec="none",
+                   chunk_tokens=256, shard_tokens=4096)
+writer = store.writer("big")
+for unit in writer.pending_units():
+    writer.write_unit(unit, {{0: np.ones((unit.n_tokens, 512), dtype=np.float32)}})
+for reuse in (False, True):
+    rows = store.hidden_state_array("big", 0).streamed(ReadScratch() if reuse else None)
+    rows[0:2048], rows[2048:4096]  # the first blocks: any arrays kept are made here
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for a in range(4096, 16384, 1024):  # 2 MB blocks
+        rows[a : a + 1024]
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    rows.close()
+    print(faults / (12288 * 512 * 4 / 4096))
+"""
+
+
+def test_reads_into_kept_arrays_fault_in_no_pages(tmp_path) -> None:
+    """Measured: minor page faults per 4 kB page of values read, in a fresh process with the analysis's allocator
+    setting. A new array per read faults every page in, twice (its bytes, its values); reading into kept arrays
+    (ReadScratch), none after the first blocks."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", FAULTS_PER_PAGE.format(path=str(tmp_path / "store"))],
+                         capture_output=True, text=True, check=True).stdout.split()
+    fresh, kept = (float(v) for v in out)
+    assert fresh >= 1.0, f"fresh arrays should fault their pages in (the measurement's control): {fresh:.2f} a page"
+    assert kept < 0.05, f"{kept:.2f} faults a page read into kept arrays"
+
+
+@pytest.mark.parametrize("reuse", [False, True], ids=["new arrays", "kept arrays"])
 @pytest.mark.parametrize(("dtype", "codec"), [("float32", "none"), ("bfloat16", "zstd-1"), ("float32", "blosc-lz4-shuffle")])
-def test_streamed_reads_equal_the_stored_values_whatever_the_blocks(store: ActivationStore, dtype: str, codec: str) -> None:
+def test_streamed_reads_equal_the_stored_values_whatever_the_blocks(store: ActivationStore, dtype: str, codec: str,
+                                                                    reuse: bool) -> None:
     new_model(store, "m", dtype=dtype, codec=codec)
     fill_model(store, "m")
     array = store.hidden_state_array("m", 2)
@@ -39,7 +103,8 @@ def test_streamed_reads_equal_the_stored_values_whatever_the_blocks(store: Activ
     # shards and more; reads that start and stop inside a shard (the segments of a pass split by workers).
     for block in (64, 100, 128, 37, 256, 1000):
         for start, stop in ((0, 1000), (37, 1000), (300, 700), (0, 1)):
-            np.testing.assert_array_equal(read_forward(array, start, stop, block).view(np.uint8), want[start:stop].view(np.uint8))
+            np.testing.assert_array_equal(read_forward(array, start, stop, block, reuse).view(np.uint8),
+                                          want[start:stop].view(np.uint8))
 
 
 def test_a_read_behind_the_stream_is_served_from_the_whole_shard(filled_store: ActivationStore) -> None:
@@ -84,15 +149,16 @@ READS = {"whole": (256, 512), "its first rows": (256, 300), "its last rows": (40
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))
 @pytest.mark.parametrize("read", sorted(READS))
-@pytest.mark.parametrize("block", [64, 50])
+@pytest.mark.parametrize(("block", "reuse"), [(64, False), (50, False), (64, True), (50, True)])
 def test_every_fault_of_a_shard_is_one_line_by_close_wherever_the_reads_start_and_stop(filled_store: ActivationStore,
-                                                                                       fault: str, read: str, block: int) -> None:
+                                                                                       fault: str, read: str, block: int,
+                                                                                       reuse: bool) -> None:
     store = filled_store
     FAULTS[fault](_unit_shard(store, 1, 1), _unit_shard(store, 1, 2))
     array = store.hidden_state_array("m", 1)
     start, stop = READS[read]
     with pytest.raises(CorruptDataError) as error:
-        read_forward(array, start, stop, block)
+        read_forward(array, start, stop, block, reuse)
     message = str(error.value)
     assert len(message.splitlines()) == 1 and "Expected an intact shard 1 in" in message and "hrsa store verify" in message
 
@@ -185,8 +251,9 @@ def test_a_stream_holds_one_blocks_bytes_where_a_whole_shard_read_holds_the_shar
     assert 0 < max(held) <= bound and max(held) < 100 * 512 * 4  # a chunk, not the block just read
 
 
+@pytest.mark.parametrize("reuse", [False, True], ids=["new arrays", "kept arrays"])
 @pytest.mark.parametrize("fault", ["none", "substituted", "truncated", "grown", "deleted"])
-def test_streamed_reads_on_each_backend(target, fault: str) -> None:
+def test_streamed_reads_on_each_backend(target, fault: str, reuse: bool) -> None:
     """The same on S3 (ranged GETs, moto) as on a local path: values equal, and a substituted, truncated, grown or
     deleted shard object is the one-line error by close() at the latest."""
     from hrsa.store.objects import delete_key, get_bytes, put_bytes
@@ -207,7 +274,7 @@ def test_streamed_reads_on_each_backend(target, fault: str) -> None:
         delete_key(objects, key)
     reader = target.open("r").hidden_state_array("m", 1)
     if fault == "none":
-        np.testing.assert_array_equal(read_forward(reader, 30, 1000, 100), expected_layer(store, "m", 1)[30:])
+        np.testing.assert_array_equal(read_forward(reader, 30, 1000, 100, reuse), expected_layer(store, "m", 1)[30:])
         return
     with pytest.raises(CorruptDataError, match="Expected an intact shard 1 in"):
-        read_forward(reader, 300, 400, 64)
+        read_forward(reader, 300, 400, 64, reuse)
