@@ -110,8 +110,9 @@ def streamed_bound(*, shard_tokens: int, chunk_tokens: int, row_bytes: int, read
     """The most bytes one array's streamed readers (:class:`StreamedRows`, one per reader) hold between blocks: each
     open shard's index, and the chunk a block ended inside (kept for the next block), one shard open per reader
     (a shard closes when its last row is read), and the piece being hashed where no block asked for the bytes (a
-    segment that starts or stops inside a shard reads them a chunk's worth at a time). While a block is read, its
-    bytes beside its decoded values are a read's own buffers (the plan counts those apart).
+    segment that starts or stops inside a shard reads them a chunk's worth at a time). A block's bytes beside its
+    decoded values are a read's own buffers, counted apart by the plan: held while the block is read, or between
+    blocks in a :class:`ReadScratch` (one block's bytes of the largest state, for all of a segment's readers).
 
     Example:
         >>> streamed_bound(shard_tokens=8192, chunk_tokens=256, row_bytes=576 * 4, readers=1)  # the shard: 19 MB
@@ -317,7 +318,8 @@ class ReadScratch:
     analysis has glibc map large arrays on their own so that freeing them returns their memory
     (:func:`~hrsa.runtime.resident.map_large_allocations`), so every block's bytes and values were fresh pages. Reading
     (e)'s 62 states of D = 576 float32 a block of 1,024 tokens at a time ran at 0.7 GB/s with 1.3 million faults a
-    pass over them, at 3.6 GB/s with these arrays kept (an AMD EPYC VM; benchmarks/analyze.py (e)).
+    pass over them, at 2.5 GB/s with 72 thousand with these arrays kept (an AMD EPYC VM; benchmarks/analyze.py (e)).
+    Local stores read straight into the scratch; other stores' responses are copied into it.
 
     Not thread-safe: one per reading thread.
     """

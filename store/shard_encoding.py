@@ -133,8 +133,8 @@ class ShardCodec:
         size = self.chunk_tokens
         if out is None:
             out = np.empty((hi - lo, self.width), dtype=self.dtype)
-        elif out.shape != (hi - lo, self.width) or out.dtype != self.dtype:
-            raise ValueError(f"Expected {(hi - lo, self.width)} {self.dtype} to decode into. Got {out.shape} {out.dtype} instead.")
+        elif out.shape != (hi - lo, self.width) or out.dtype != self.dtype:  # a caller's mistake, not the shard's
+            raise TypeError(f"Expected {(hi - lo, self.width)} {self.dtype} to decode into. Got {out.shape} {out.dtype} instead.")
         for c in range(lo // size, -(-hi // size)):
             first, last = max(lo, c * size), min(hi, (c + 1) * size)  # rows of chunk c wanted
             offset, length = (int(v) for v in index[c, 0])

@@ -339,7 +339,10 @@ def _grouped_moments(backend: ChunkBackend, x: np.ndarray, y: np.ndarray, runs: 
 def _read_ahead(
     reader: StateReader, keys: Sequence[StreamKey], blocks: Iterable[TokenBlock]
 ) -> Iterator[tuple[TokenBlock, dict[StreamKey, np.ndarray]]]:
-    """(block, {key: values}) for each block, reading block i + 1 in a thread while block i is used."""
+    """(block, {key: values}) for each block, reading block i + 1 in a thread while block i is used.
+
+    Exactly one block ahead, in one thread: a segment's readers reuse their arrays (:meth:`StateReader.streamed`), so a
+    block's values are overwritten by the block after next; reading further ahead would fold overwritten values."""
     from concurrent.futures import ThreadPoolExecutor
 
     def read_all(block: TokenBlock) -> tuple[TokenBlock, dict[StreamKey, np.ndarray]]:

@@ -7,7 +7,9 @@ must surface as the one-line CorruptDataError by close() at the latest, wherever
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -77,12 +79,14 @@ for reuse in (False, True):
 """
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ
+                    or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""),
+                    reason="the analysis's allocator setting is glibc's, and the environment has set it")
 def test_reads_into_kept_arrays_fault_in_no_pages(tmp_path) -> None:
     """Measured: minor page faults per 4 kB page of values read, in a fresh process with the analysis's allocator
     setting. A new array per read faults every page in, twice (its bytes, its values); reading into kept arrays
     (ReadScratch), none after the first blocks."""
     import subprocess
-    import sys
 
     out = subprocess.run([sys.executable, "-c", FAULTS_PER_PAGE.format(path=str(tmp_path / "store"))],
                          capture_output=True, text=True, check=True).stdout.split()
@@ -278,3 +282,13 @@ def test_streamed_reads_on_each_backend(target, fault: str, reuse: bool) -> None
         return
     with pytest.raises(CorruptDataError, match="Expected an intact shard 1 in"):
         read_forward(reader, 300, 400, 64, reuse)
+
+
+def test_decoding_into_an_array_of_the_wrong_shape_is_a_callers_error_not_a_damaged_shard(filled_store) -> None:
+    """ShardStream.rows turns a codec's ValueError into "damaged shard": a wrong ``out`` must not read as one."""
+    from hrsa.store.shard_encoding import ShardCodec
+
+    array = filled_store.group("models/m")[hidden_key(1)]
+    codec = ShardCodec.of(array, 0)
+    with pytest.raises(TypeError, match="to decode into"):
+        codec.rows(None, None, 0, 10, out=np.empty((10, array.shape[1]), dtype=np.float64))
