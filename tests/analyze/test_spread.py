@@ -32,36 +32,22 @@ def test_every_step_runs_once_on_at_most_the_fold_s_threads(monkeypatch, threads
     assert len(names) == threads and threading.current_thread().name in names
 
 
-def test_an_error_is_raised_after_the_other_steps_have_ended(monkeypatch) -> None:
+@pytest.mark.parametrize(("failing", "finished"), [(1, [0, 2]), (0, [1, 3])], ids=["the pool's step", "the caller's step"])
+def test_an_error_is_raised_after_the_other_steps_have_ended(monkeypatch, failing: int, finished: list[int]) -> None:
+    """A step fails at once (one of the pool's share 1, 3, or of the caller's 0, 2): spread raises it only after the
+    other share's steps (which may write into the same arrays) have ended."""
     monkeypatch.setattr(spread_module, "blas_threads", lambda: 2)
     done: list[int] = []
 
     def step(i: int) -> None:
-        if i == 1:  # the pool's share
-            raise ValueError("step 1 failed")
-        time.sleep(0.01)
-        done.append(i)
-
-    with pytest.raises(ValueError, match="step 1 failed"):
-        spread(step, 4)
-    assert sorted(done) == [0, 2]  # the caller's share (0, 2) ran to its end; the pool's stopped at its error
-
-
-def test_the_caller_s_error_waits_for_the_steps_handed_out(monkeypatch) -> None:
-    """The caller's own step fails at once: spread still returns only after the pool's steps (which may write into the
-    same arrays) have ended."""
-    monkeypatch.setattr(spread_module, "blas_threads", lambda: 2)
-    done: list[int] = []
-
-    def step(i: int) -> None:
-        if i == 0:  # the caller's share
-            raise ValueError("step 0 failed")
+        if i == failing:
+            raise ValueError(f"step {i} failed")
         time.sleep(0.05)
         done.append(i)
 
-    with pytest.raises(ValueError, match="step 0 failed"):
+    with pytest.raises(ValueError, match=f"step {failing} failed"):
         spread(step, 4)
-    assert sorted(done) == [1, 3]  # the pool's whole share ended before the error left spread
+    assert sorted(done) == finished  # the other share ran to its end; the failing share stopped at its error
 
 
 def test_a_stacked_block_is_the_same_on_one_thread_and_on_several(monkeypatch) -> None:
