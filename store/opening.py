@@ -7,6 +7,7 @@ store gets its format attribute and its three top groups here, and nowhere else.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -129,7 +130,12 @@ def _holds_only_a_new_skeleton(url: str, options: Mapping[str, Any] | None) -> b
     from hrsa.store.objects import list_keys
 
     store = _raw_store(url, options)
-    return set(list_keys(store, "")) <= {f"{name}/zarr.json" for name in GROUPS}
+    return all(_IN_SKELETON.fullmatch(key) for key in list_keys(store, ""))
+
+
+# The keys `_create_root` writes, and the temporary file Zarr's local store writes each through
+# (`zarr.<uuid hex>.partial` beside the key, linked into place): a racing creator's in-flight writes.
+_IN_SKELETON = re.compile(rf"(({'|'.join(GROUPS)})/)?zarr\.(json|[0-9a-f]{{32}}\.partial)")
 
 
 def _is_url(url: str) -> bool:

@@ -41,6 +41,36 @@ def test_open_refuses_a_folder_of_other_files(tmp_path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
 
 
+# What a location holds while another process creates the store there (`_create_root`): Zarr's local writes go
+# through a temporary `zarr.<uuid hex>.partial` beside the key, so a racing opener can see those too.
+CREATING = {
+    "a group's write in flight": ["corpora/zarr.0123456789abcdef0123456789abcdef.partial"],
+    "groups written, one in flight": ["corpora/zarr.json", "models/zarr.json",
+                                      "results/zarr.0123456789abcdef0123456789abcdef.partial"],
+    "the root's write in flight": ["corpora/zarr.json", "models/zarr.json", "results/zarr.json",
+                                   "zarr.0123456789abcdef0123456789abcdef.partial"],
+}
+
+
+@pytest.mark.parametrize("seen", sorted(CREATING))
+def test_open_joins_a_store_another_process_is_creating(tmp_path, seen: str) -> None:
+    for key in CREATING[seen]:
+        (tmp_path / key).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / key).write_bytes(b'{"zarr_format": 3, "node_type": "group", "attributes": {}}'[: 20 if "partial" in key else None])
+    store = ActivationStore.open(tmp_path, mode="a")
+    assert store.models() == [] and (tmp_path / "zarr.json").is_file()
+
+
+@pytest.mark.parametrize("other", ["mine.partial", "corpora/zarr.json.bak", "corpora/notes.0123456789abcdef0123456789abcdef.partial"])
+def test_open_refuses_other_files_that_look_like_a_store_being_created(tmp_path, other: str) -> None:
+    for key in ["corpora/zarr.json", other]:
+        (tmp_path / key).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / key).write_text("{}")
+    with pytest.raises(StoreFormatError, match="other files"):
+        ActivationStore.open(tmp_path, mode="a")
+    assert not (tmp_path / "zarr.json").exists()
+
+
 def test_open_refuses_a_newer_format(tmp_path, store: ActivationStore) -> None:
     root = tmp_path / "store"
     meta = json.loads((root / "zarr.json").read_text())
