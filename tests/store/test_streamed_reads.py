@@ -11,6 +11,7 @@ import os
 import shutil
 import sys
 import tracemalloc
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from hrsa.store.model import hidden_key
 from hrsa.store.reading import ReadScratch
 from hrsa.store.testing import expected_layer, fill_model, new_model
 from hrsa.store.units import shard_key
+
+from .conftest import Target
 
 
 def read_forward(array, start: int, stop: int, block: int, reuse: bool = False) -> np.ndarray:
@@ -151,13 +154,30 @@ READS = {"whole": (256, 512), "its first rows": (256, 300), "its last rows": (40
          "across units": (100, 700)}
 
 
+@pytest.fixture(scope="module")
+def pristine_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One filled store for the whole matrix, built once; each case damages a copy of it (copying is ~100x faster
+    than writing it again, and the 180 cases each built their own before)."""
+    path = tmp_path_factory.mktemp("pristine") / "store"
+    store = ActivationStore.open(path, mode="a")
+    new_model(store, "m")
+    fill_model(store, "m")
+    return path
+
+
+@pytest.fixture
+def copied_store(pristine_store: Path, tmp_path: Path) -> ActivationStore:
+    shutil.copytree(pristine_store, tmp_path / "store")
+    return ActivationStore.open(tmp_path / "store", mode="a")
+
+
 @pytest.mark.parametrize("fault", sorted(FAULTS))
 @pytest.mark.parametrize("read", sorted(READS))
 @pytest.mark.parametrize(("block", "reuse"), [(64, False), (50, False), (64, True), (50, True)])
-def test_every_fault_of_a_shard_is_one_line_by_close_wherever_the_reads_start_and_stop(filled_store: ActivationStore,
+def test_every_fault_of_a_shard_is_one_line_by_close_wherever_the_reads_start_and_stop(copied_store: ActivationStore,
                                                                                        fault: str, read: str, block: int,
                                                                                        reuse: bool) -> None:
-    store = filled_store
+    store = copied_store
     FAULTS[fault](_unit_shard(store, 1, 1), _unit_shard(store, 1, 2))
     array = store.hidden_state_array("m", 1)
     start, stop = READS[read]
@@ -255,33 +275,46 @@ def test_a_stream_holds_one_blocks_bytes_where_a_whole_shard_read_holds_the_shar
     assert 0 < max(held) <= bound and max(held) < 100 * 512 * 4  # a chunk, not the block just read
 
 
+@pytest.fixture(scope="module", params=["local", pytest.param("s3", marks=pytest.mark.integration)])
+def filled_target(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Target:
+    """One filled store per backend for the backend matrix (filling one on moto costs ~2 s); each case damages unit
+    1's shard of state 1 and puts its bytes back after."""
+    if request.param == "local":
+        target = Target(str(tmp_path_factory.mktemp("backend") / "store"), None, {})
+    else:
+        options = {"endpoint_url": request.getfixturevalue("s3_endpoint"), "key": "testing", "secret": "testing"}
+        target = Target(f"s3://hrsa-test/streamed-{uuid.uuid4().hex[:8]}", options, {})
+    store = target.open("a")
+    new_model(store, "m")
+    fill_model(store, "m")
+    return target
+
+
 @pytest.mark.parametrize("reuse", [False, True], ids=["new arrays", "kept arrays"])
 @pytest.mark.parametrize("fault", ["none", "substituted", "truncated", "grown", "deleted"])
-def test_streamed_reads_on_each_backend(target, fault: str, reuse: bool) -> None:
+def test_streamed_reads_on_each_backend(filled_target: Target, fault: str, reuse: bool) -> None:
     """The same on S3 (ranged GETs, moto) as on a local path: values equal, and a substituted, truncated, grown or
     deleted shard object is the one-line error by close() at the latest."""
     from hrsa.store.objects import delete_key, get_bytes, put_bytes
 
-    store = target.open("a")
-    new_model(store, "m")
-    fill_model(store, "m")
+    store = filled_target.open("r+")
     array = store.group("models/m")[hidden_key(1)]
     objects, key = array.store_path.store, shard_key(array, 1)
     data, other = get_bytes(objects, key), get_bytes(objects, shard_key(array, 2))
-    if fault == "substituted":
-        put_bytes(objects, key, other)
-    elif fault == "truncated":
-        put_bytes(objects, key, data[:-50])
-    elif fault == "grown":
-        put_bytes(objects, key, data + b"\0")
-    elif fault == "deleted":
-        delete_key(objects, key)
-    reader = target.open("r").hidden_state_array("m", 1)
-    if fault == "none":
-        np.testing.assert_array_equal(read_forward(reader, 30, 1000, 100, reuse), expected_layer(store, "m", 1)[30:])
-        return
-    with pytest.raises(CorruptDataError, match="Expected an intact shard 1 in"):
-        read_forward(reader, 300, 400, 64, reuse)
+    damaged = {"none": data, "substituted": other, "truncated": data[:-50], "grown": data + b"\0", "deleted": None}[fault]
+    try:
+        if damaged is None:
+            delete_key(objects, key)
+        elif damaged != data:
+            put_bytes(objects, key, damaged)
+        reader = filled_target.open("r").hidden_state_array("m", 1)
+        if fault == "none":
+            np.testing.assert_array_equal(read_forward(reader, 30, 1000, 100, reuse), expected_layer(store, "m", 1)[30:])
+            return
+        with pytest.raises(CorruptDataError, match="Expected an intact shard 1 in"):
+            read_forward(reader, 300, 400, 64, reuse)
+    finally:
+        put_bytes(objects, key, data)  # the next case starts from the intact store
 
 
 def test_decoding_into_an_array_of_the_wrong_shape_is_a_callers_error_not_a_damaged_shard(filled_store) -> None:
