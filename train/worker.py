@@ -3,7 +3,8 @@
 Recipe (:func:`train_worker`, run by every worker): set up the model (from the latest checkpoint when
 resuming), optimizer and schedule, then per step: take this rank's slice of the step's global batch, forward
 and backward (plain or chunked, see :mod:`hrsa.train.gradcache`), average gradients over ranks, clip, step;
-every ``save_every`` steps all ranks report and rank 0 writes the checkpoint folder Ray Train persists.
+every ``save_every`` steps all ranks report and rank 0 writes the checkpoint folder (in place on a local or shared
+path, else for Ray Train to upload).
 
 Gradients under ``strategy="ddp"`` are averaged by :func:`average_gradients` after the backward, not by DDP's
 hooks (see :mod:`hrsa.train.trainer` for why the average is exact); under ``"fsdp"``, FSDP2's reduce-scatter
@@ -208,7 +209,10 @@ def _full_state(s: WorkerSession) -> tuple[dict[str, torch.Tensor] | None, dict[
 
 
 def _save_checkpoint(s: WorkerSession, loss: float, spec: dict[str, Any], recipe: str | None) -> None:
-    """Every rank reports; rank 0 writes the folder that Ray Train persists as ``output/step_NNNNNN``."""
+    """Every rank reports; rank 0 writes the folder ``output/step_NNNNNN``: in place where the run folder is on a local
+    or shared filesystem, and Ray Train is told not to upload it (written elsewhere and copied, a checkpoint's bytes
+    were written twice: 1.6 GB of SmolLM2-135M's weights and optimizer state, ~5 s a copy on 2 cores); into a
+    temporary folder that Ray Train uploads elsewhere (s3://...)."""
     import ray.train
 
     weights, optim = _full_state(s)
@@ -217,17 +221,53 @@ def _save_checkpoint(s: WorkerSession, loss: float, spec: dict[str, Any], recipe
     if s.rank != 0:
         ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
         return
-    folder = Path(tempfile.mkdtemp(prefix="hrsa-ckpt-")) / name
+    storage = ray.train.get_context().get_storage()
+    target = _checkpoint_target(storage.storage_filesystem, f"{storage.experiment_fs_path}/{name}")
+    folder = target.folder if target.in_place else Path(tempfile.mkdtemp(prefix="hrsa-ckpt-")) / name
     try:
-        s.model.save(folder, tokenizer=s.tokenizer, state_dict=weights)
-        torch.save({"optimizer": optim, "scheduler": s.scheduler.state_dict(), "step": s.step}, folder / STATE_FILE)
-        info = {"step": s.step, "loss": loss, "backbone": spec, "config": s.config.model_dump(mode="json"),
-                "recipe": recipe, "world_size": s.world, "attention": s.config.attention,
-                "files": file_manifest(folder)}  # Ray copies files in any order: this says when all are there
-        (folder / INFO_FILE).write_text(json.dumps(info, indent=2))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)), checkpoint_dir_name=name)
+        _write_checkpoint(s, folder, loss, spec, recipe, weights, optim)
+        checkpoint = ray.train.Checkpoint(str(folder), filesystem=storage.storage_filesystem) if target.in_place \
+            else ray.train.Checkpoint.from_directory(str(folder))
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name, checkpoint_upload_mode=target.upload_mode)
     finally:
-        shutil.rmtree(folder.parent, ignore_errors=True)
+        if not target.in_place:
+            shutil.rmtree(folder.parent, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class CheckpointTarget:
+    """Where rank 0 writes a checkpoint: ``folder`` itself (``in_place``: a local or shared path), or a temporary
+    folder that Ray Train uploads to it."""
+
+    folder: Path
+    in_place: bool
+
+    @property
+    def upload_mode(self) -> Any:
+        from ray.train import CheckpointUploadMode
+
+        return CheckpointUploadMode.NO_UPLOAD if self.in_place else CheckpointUploadMode.SYNC
+
+
+def _checkpoint_target(filesystem: Any, path: str) -> CheckpointTarget:
+    """The checkpoint folder ``path`` on the run's ``filesystem`` (pyarrow), emptied first: what a run killed while
+    writing this step left there (a torn weights file, files of another save) must not outlive the new checkpoint."""
+    import pyarrow.fs
+
+    if filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+        filesystem.delete_dir(path)
+    return CheckpointTarget(Path(path), isinstance(filesystem, pyarrow.fs.LocalFileSystem))
+
+
+def _write_checkpoint(s: WorkerSession, folder: Path, loss: float, spec: dict[str, Any], recipe: str | None,
+                      weights: dict[str, torch.Tensor] | None, optim: dict[str, Any]) -> None:
+    """The model folder, the optimizer and schedule, then ``hrsa_train.json`` last: its manifest says when every
+    other file is whole (Ray copies files in any order; an in-place write may be killed midway)."""
+    s.model.save(folder, tokenizer=s.tokenizer, state_dict=weights)
+    torch.save({"optimizer": optim, "scheduler": s.scheduler.state_dict(), "step": s.step}, folder / STATE_FILE)
+    info = {"step": s.step, "loss": loss, "backbone": spec, "config": s.config.model_dump(mode="json"),
+            "recipe": recipe, "world_size": s.world, "attention": s.config.attention, "files": file_manifest(folder)}
+    (folder / INFO_FILE).write_text(json.dumps(info, indent=2))
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:

@@ -66,6 +66,10 @@ def run(ray_local: Any, tiny_models: Any, tmp_path_factory: pytest.TempPathFacto
     # Ray Train's own record of the run, gone as when a kill lands between a checkpoint's files and Ray's record:
     # the resume point is the latest complete checkpoint on storage, not what Ray recorded.
     (root / "run" / "checkpoint_manager_snapshot.json").unlink()
+    # What a kill while step 16's checkpoint was being written leaves: a short weights file and a stray one.
+    (root / "run" / "step_000016").mkdir()
+    (root / "run" / "step_000016" / "model.safetensors").write_bytes(b"torn")
+    (root / "run" / "step_000016" / "stray.bin").write_bytes(b"left by the killed run")
     second = run_training(config, progress=False)
     return {"config": config, "first": first, "second": second, "held_out": _records(40, seed=2), "root": root}
 
@@ -77,6 +81,11 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(run: dict[str, Any]
     assert second.resumed_from == 12 and second.steps == tuple(range(13, 25))
     assert [p.name for p in second.checkpoints] == ["step_000008", "step_000012", "step_000016", "step_000024"]
     assert all(p.parent == run["config"].output.resolve() for p in second.checkpoints)
+    # Step 16, written again over what the killed run left: its files and nothing else.
+    step_16 = second.checkpoints[2]
+    manifest = json.loads((step_16 / "hrsa_train.json").read_text())["files"]
+    assert sorted(p.relative_to(step_16).as_posix() for p in step_16.rglob("*") if p.is_file()) == sorted([*manifest, "hrsa_train.json"])
+    assert all((step_16 / name).stat().st_size == entry["size"] for name, entry in manifest.items())
     info = json.loads((second.checkpoints[-1] / "hrsa_train.json").read_text())
     assert info["step"] == 24 and info["loss"] == pytest.approx(second.final_loss)
     assert info["config"]["batch_size"] == 8 and info["backbone"]["kind"] == "local"
@@ -162,3 +171,28 @@ def test_a_killed_cli_run_resumes(tiny_models: Any, tmp_path: Path) -> None:
     # the kill for a moment may have completed a later one since it was listed).
     assert resumed and last <= int(resumed.group(1)) < 100, done.stdout
     assert (output / "step_000100" / "hrsa_train.json").is_file()
+
+
+def test_a_checkpoint_is_written_in_place_on_a_path_and_uploaded_elsewhere_after_its_folder_is_emptied(tmp_path: Path) -> None:
+    """Rank 0's choice: on a local or shared path the checkpoint is written where it stays (nothing for Ray Train to
+    copy); on any other filesystem (S3) into a temporary folder that Ray Train uploads. Either way what a killed save
+    left in that step's folder is gone first."""
+    import fsspec
+    import pyarrow.fs
+    from ray.train import CheckpointUploadMode
+
+    from hrsa.train.worker import _checkpoint_target
+
+    local = tmp_path / "run" / "step_000016"
+    local.mkdir(parents=True)
+    (local / "stray.bin").write_bytes(b"left by a killed save")
+    target = _checkpoint_target(pyarrow.fs.LocalFileSystem(), str(local))
+    assert target.in_place and target.folder == local and target.upload_mode == CheckpointUploadMode.NO_UPLOAD
+    assert not local.exists()
+    memory = fsspec.filesystem("memory")
+    memory.pipe("/run/step_000016/stray.bin", b"left by a killed save")
+    remote = pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(memory))
+    target = _checkpoint_target(remote, "/run/step_000016")
+    assert not target.in_place and target.upload_mode == CheckpointUploadMode.SYNC
+    assert not memory.exists("/run/step_000016/stray.bin")
+    assert _checkpoint_target(remote, "/run/step_000024").folder == Path("/run/step_000024")  # nothing there: fine
