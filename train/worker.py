@@ -17,7 +17,8 @@ import json
 import math
 import shutil
 import tempfile
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,9 +211,9 @@ def _full_state(s: WorkerSession) -> tuple[dict[str, torch.Tensor] | None, dict[
 
 def _save_checkpoint(s: WorkerSession, loss: float, spec: dict[str, Any], recipe: str | None) -> None:
     """Every rank reports; rank 0 writes the folder ``output/step_NNNNNN``: in place where the run folder is on a local
-    or shared filesystem, and Ray Train is told not to upload it (written elsewhere and copied, a checkpoint's bytes
-    were written twice: 1.6 GB of SmolLM2-135M's weights and optimizer state, ~5 s a copy on 2 cores); into a
-    temporary folder that Ray Train uploads elsewhere (s3://...)."""
+    or shared filesystem that this node sees, and Ray Train is told not to upload it (written elsewhere and copied, a
+    checkpoint's bytes were written twice: 1.6 GB of SmolLM2-135M's weights and optimizer state, ~5 s a copy on 2
+    cores); else into a temporary folder that Ray Train uploads (s3://...)."""
     import ray.train
 
     weights, optim = _full_state(s)
@@ -222,41 +223,53 @@ def _save_checkpoint(s: WorkerSession, loss: float, spec: dict[str, Any], recipe
         ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
         return
     storage = ray.train.get_context().get_storage()
-    target = _checkpoint_target(storage.storage_filesystem, f"{storage.experiment_fs_path}/{name}")
-    folder = target.folder if target.in_place else Path(tempfile.mkdtemp(prefix="hrsa-ckpt-")) / name
+    if _writes_in_place(storage):
+        folder = Path(storage.experiment_fs_path) / name
+        publish_in_place(folder, lambda staging: _write_checkpoint(s, staging, loss, spec, recipe, weights, optim))
+        checkpoint = ray.train.Checkpoint(str(folder), filesystem=storage.storage_filesystem)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name,
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+        return
+    folder = Path(tempfile.mkdtemp(prefix="hrsa-ckpt-")) / name
     try:
         _write_checkpoint(s, folder, loss, spec, recipe, weights, optim)
-        checkpoint = ray.train.Checkpoint(str(folder), filesystem=storage.storage_filesystem) if target.in_place \
-            else ray.train.Checkpoint.from_directory(str(folder))
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name, checkpoint_upload_mode=target.upload_mode)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)), checkpoint_dir_name=name)
     finally:
-        if not target.in_place:
-            shutil.rmtree(folder.parent, ignore_errors=True)
+        shutil.rmtree(folder.parent, ignore_errors=True)
 
 
-@dataclass(frozen=True)
-class CheckpointTarget:
-    """Where rank 0 writes a checkpoint: ``folder`` itself (``in_place``: a local or shared path), or a temporary
-    folder that Ray Train uploads to it."""
+def _writes_in_place(storage: Any) -> bool:
+    """Whether rank 0 writes checkpoints straight into the run folder: a local or shared path that this node sees.
 
-    folder: Path
-    in_place: bool
-
-    @property
-    def upload_mode(self) -> Any:
-        from ray.train import CheckpointUploadMode
-
-        return CheckpointUploadMode.NO_UPLOAD if self.in_place else CheckpointUploadMode.SYNC
-
-
-def _checkpoint_target(filesystem: Any, path: str) -> CheckpointTarget:
-    """The checkpoint folder ``path`` on the run's ``filesystem`` (pyarrow), emptied first: what a run killed while
-    writing this step left there (a torn weights file, files of another save) must not outlive the new checkpoint."""
+    Ray Train's upload checks that the node sees the run folder (the marker its controller wrote there); an in-place
+    write skips the upload, so it runs that check itself: a node-local path on a node added after the run started
+    (hrsa's own check only sees the nodes there at the start) is Ray's clear error, not checkpoints left on that node.
+    """
     import pyarrow.fs
 
-    if filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
-        filesystem.delete_dir(path)
-    return CheckpointTarget(Path(path), isinstance(filesystem, pyarrow.fs.LocalFileSystem))
+    check = getattr(storage, "_check_validation_file", None)
+    if not isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem) or check is None:
+        return False  # remote storage, or a Ray Train without the check: upload, which checks
+    check()
+    return True
+
+
+def publish_in_place(folder: Path, write: Callable[[Path], None]) -> None:
+    """``write`` a checkpoint into a hidden sibling of ``folder``, then put it in the place of ``folder``: a reader never
+    sees a mix of two saves of one step (a run retried by Ray saves a step again), and what a killed save left (a
+    hidden sibling, a torn folder) is removed. Between the two renames the step is absent: resuming then takes the
+    checkpoint before it."""
+    for leftover in folder.parent.glob(f".{folder.name}.*"):  # of a save of this step killed before its renames
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging, replaced = (folder.parent / f".{folder.name}.{kind}-{uuid.uuid4().hex[:8]}" for kind in ("new", "old"))
+    try:
+        write(staging)
+        if folder.exists():
+            folder.rename(replaced)
+        staging.rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(replaced, ignore_errors=True)
 
 
 def _write_checkpoint(s: WorkerSession, folder: Path, loss: float, spec: dict[str, Any], recipe: str | None,

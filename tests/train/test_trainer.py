@@ -173,26 +173,49 @@ def test_a_killed_cli_run_resumes(tiny_models: Any, tmp_path: Path) -> None:
     assert (output / "step_000100" / "hrsa_train.json").is_file()
 
 
-def test_a_checkpoint_is_written_in_place_on_a_path_and_uploaded_elsewhere_after_its_folder_is_emptied(tmp_path: Path) -> None:
-    """Rank 0's choice: on a local or shared path the checkpoint is written where it stays (nothing for Ray Train to
-    copy); on any other filesystem (S3) into a temporary folder that Ray Train uploads. Either way what a killed save
-    left in that step's folder is gone first."""
+def test_checkpoints_are_written_in_place_only_on_a_path_this_node_sees(tmp_path: Path) -> None:
+    """Rank 0 writes in place on a local path whose run folder it sees (Ray Train's marker there); a run folder it
+    does not see is Ray's own error, as the upload's check was; any other filesystem uploads."""
     import fsspec
     import pyarrow.fs
-    from ray.train import CheckpointUploadMode
+    from ray.train.v2._internal.execution.storage import StorageContext
 
-    from hrsa.train.worker import _checkpoint_target
+    from hrsa.train.worker import _writes_in_place
 
-    local = tmp_path / "run" / "step_000016"
-    local.mkdir(parents=True)
-    (local / "stray.bin").write_bytes(b"left by a killed save")
-    target = _checkpoint_target(pyarrow.fs.LocalFileSystem(), str(local))
-    assert target.in_place and target.folder == local and target.upload_mode == CheckpointUploadMode.NO_UPLOAD
-    assert not local.exists()
-    memory = fsspec.filesystem("memory")
-    memory.pipe("/run/step_000016/stray.bin", b"left by a killed save")
-    remote = pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(memory))
-    target = _checkpoint_target(remote, "/run/step_000016")
-    assert not target.in_place and target.upload_mode == CheckpointUploadMode.SYNC
-    assert not memory.exists("/run/step_000016/stray.bin")
-    assert _checkpoint_target(remote, "/run/step_000024").folder == Path("/run/step_000024")  # nothing there: fine
+    local = StorageContext(str(tmp_path), "run")
+    assert _writes_in_place(local)
+    for marker in (tmp_path / "run").glob(".validate*"):
+        marker.unlink()  # what a node that does not share the path sees
+    with pytest.raises(RuntimeError, match="Unable to set up cluster storage"):
+        _writes_in_place(local)
+    remote = pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fsspec.filesystem("memory")))
+    assert not _writes_in_place(StorageContext("/runs", "run", storage_filesystem=remote))
+
+
+def test_a_checkpoint_saved_again_replaces_the_whole_folder_and_a_killed_save_leaves_nothing(tmp_path: Path) -> None:
+    from hrsa.train.worker import publish_in_place
+
+    folder = tmp_path / "step_000016"
+
+    def save(files: dict[str, bytes]) -> Any:
+        def write(staging: Path) -> None:
+            assert not staging.name.startswith("step_")  # not a step folder while it is written: never listed
+            staging.mkdir()
+            for name, data in files.items():
+                (staging / name).write_bytes(data)
+        return write
+
+    publish_in_place(folder, save({"model.safetensors": b"first", "stray.bin": b"of the first save"}))
+    publish_in_place(folder, save({"model.safetensors": b"second"}))
+    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors"] and (folder / "model.safetensors").read_bytes() == b"second"
+
+    def killed(staging: Path) -> None:
+        save({"model.safetensors": b"tor"})(staging)
+        raise KeyboardInterrupt  # killed while writing
+
+    with pytest.raises(KeyboardInterrupt):
+        publish_in_place(folder, killed)
+    assert (folder / "model.safetensors").read_bytes() == b"second"  # the save before stays whole
+    (tmp_path / ".step_000016.new-deadbeef").mkdir()  # what a SIGKILL leaves: no finally ran
+    publish_in_place(folder, save({"model.safetensors": b"third"}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000016"]
