@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from hrsa.runtime.locations import Location, parse_location
 
-__all__ = ["INFO_FILE", "STATE_FILE", "Checkpoint", "checkpoint_step", "file_manifest", "list_checkpoints",
+__all__ = ["INFO_FILE", "STATE_FILE", "Checkpoint", "checkpoint_step", "file_manifest", "list_checkpoints", "resume_point",
            "step_folder_name", "step_folders"]
 
 INFO_FILE = "hrsa_train.json"  # step, loss, settings, recipe, and the manifest of the folder's other files
@@ -118,6 +118,20 @@ def _complete(folder: Location, present: dict[str, int]) -> bool:
     if files is None:  # written before manifests
         return "config.json" in present and any(_WEIGHTS.fullmatch(name) for name in present)
     return all(present.get(name) == entry["size"] for name, entry in files.items())
+
+
+def resume_point(run: Location) -> Any:
+    """The run's latest complete checkpoint by hrsa's rule (every file its manifest lists, at its size), as a Ray
+    Train Checkpoint on the run's filesystem; None for a fresh run. Not Ray Train's own record of the run: Ray
+    registers a checkpoint a while after its files are written, and a run killed in between would resume from an
+    earlier one, or from scratch. Each worker asks when it starts, so a worker group that Ray Train restarts (a node
+    preempted) resumes from the checkpoints saved before it, not from where the run started."""
+    from ray.train import Checkpoint
+
+    found = list_checkpoints(run)
+    if not found:
+        return None
+    return Checkpoint(path=run.child(PurePosixPath(found[-1].url).name).path, filesystem=run.filesystem)
 
 
 def checkpoint_step(folder: Location | Path | str) -> int:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hrsa.runtime.locations import Location, parse_location
@@ -108,19 +108,6 @@ def _prepare(config: TrainConfig) -> _Prepared:
     return _Prepared(config, spec.to_dict(), records, run, recipe)
 
 
-def _resume_point(run: Location) -> Any:
-    """The run's latest complete checkpoint by hrsa's rule (every file its manifest lists, at its size), as a Ray
-    Train Checkpoint on the run's filesystem; None for a fresh run. Not Ray Train's own record of the run: Ray
-    registers a checkpoint a while after its files are written, and a run killed in between would resume from an
-    earlier one, or from scratch."""
-    from ray.train import Checkpoint
-
-    found = list_checkpoints(run)
-    if not found:
-        return None
-    return Checkpoint(path=run.child(PurePosixPath(found[-1].url).name).path, filesystem=run.filesystem)
-
-
 def _unwrap_user_error(error: BaseException) -> BaseException | None:
     """A UserError raised in a worker, found through Ray's wrappers, so the CLI reports it in one line."""
     seen: list[BaseException] = [error, *getattr(error, "worker_failures", {}).values()]
@@ -173,7 +160,7 @@ def run_training(config: TrainConfig, *, progress: bool = True, stop_after: int 
         train_worker,
         train_loop_config={"config": config.model_dump(mode="json"), "spec": prepared.spec,
                            "records": ray.put(prepared.records), "recipe": prepared.recipe.key, "queue": queue,
-                           "stop_after": stop_after, "threads": placement.cpus, "resume_from": _resume_point(run)},
+                           "stop_after": stop_after, "threads": placement.cpus, "run": run},
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=placement.use_gpu,
                                      resources_per_worker=placement.resources_per_worker()),
         run_config=RunConfig(storage_path=run.parent.path, storage_filesystem=run.filesystem, name=run.name),

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from hrsa.train.checkpoints import INFO_FILE, STATE_FILE, file_manifest, step_folder_name
+from hrsa.train.checkpoints import INFO_FILE, STATE_FILE, file_manifest, resume_point, step_folder_name
 from hrsa.train.config import TrainConfig
 
 __all__ = ["WorkerSession", "average_gradients", "setup_session", "shard_fsdp", "train_step", "train_worker"]
@@ -294,7 +294,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     if loop_config["threads"]:
         torch.set_num_threads(loop_config["threads"])
     device = ray.train.torch.get_device()
-    s = setup_session(config, loop_config["spec"], rank, world, device, loop_config["resume_from"],
+    s = setup_session(config, loop_config["spec"], rank, world, device, resume_point(loop_config["run"]),
                       records=ray.get(loop_config["records"]))
     queue = loop_config["queue"] if rank == 0 else None
     if queue is not None and s.resumed_from is not None:
