@@ -275,7 +275,7 @@ def publish_in_place(folder: Path, write: Callable[[Path], None]) -> None:
 def _write_checkpoint(s: WorkerSession, folder: Path, loss: float, spec: dict[str, Any], recipe: str | None,
                       weights: dict[str, torch.Tensor] | None, optim: dict[str, Any]) -> None:
     """The model folder, the optimizer and schedule, then ``hrsa_train.json`` last: its manifest says when every
-    other file is whole (Ray copies files in any order; an in-place write may be killed midway)."""
+    other file is whole (Ray uploads files in any order; a reader may list the folder while it is written)."""
     s.model.save(folder, tokenizer=s.tokenizer, state_dict=weights)
     torch.save({"optimizer": optim, "scheduler": s.scheduler.state_dict(), "step": s.step}, folder / STATE_FILE)
     info = {"step": s.step, "loss": loss, "backbone": spec, "config": s.config.model_dump(mode="json"),
