@@ -35,7 +35,7 @@ Strategy = Literal["ddp", "fsdp"]
 # the chunked backward, gradient checkpointing and FSDP all give the gradients of one process holding the whole
 # batch (tested). Every other field is part of a run's recipe (hrsa.train.recipe), so a new field counts by default.
 SCHEDULING_FIELDS = frozenset({"output", "workers", "use_gpu", "save_every", "chunk_size", "gradient_checkpointing",
-                               "strategy", "address"})
+                               "strategy", "address", "max_failures"})
 
 
 class TrainConfigError(UserError, ValueError):
@@ -75,6 +75,9 @@ class TrainConfig(BaseModel):
     strategy: Strategy = Field("ddp", description="ddp: a full copy per worker; fsdp: weights, "
                                              "gradients and optimizer state sharded over the workers.")
     address: str | None = Field(None, description="Ray address (default RAY_ADDRESS, else an embedded local Ray).")
+    max_failures: int = Field(0, ge=0, description="Times Ray Train restarts the workers after one fails (a lost node, "
+                              "a killed process); they resume from the latest complete checkpoint. Preempted nodes "
+                              "are retried apart from these.")
 
     @model_validator(mode="after")
     def _batch_splits_over_workers(self) -> TrainConfig:

@@ -2,10 +2,11 @@
 
 Recipe (:func:`run_training`): (1) validate the data, the backbone and the output here, where a mistake is one
 line; (2) connect to Ray, size the workers to fit the nodes and check that every node reaches the run folder
-(:mod:`hrsa.train.placement`), then claim the folder for this training recipe (:mod:`hrsa.train.recipe`: the same
-recipe resumes, another one into a folder that has trained is refused); (3) run
-:func:`hrsa.train.worker.train_worker` on ``workers`` Ray Train workers; (4) show progress from rank 0's per-step
-reports; (5) list the checkpoints (:mod:`hrsa.train.checkpoints`).
+(:mod:`hrsa.train.placement`), then hold the folder (:mod:`hrsa.train.run_lock`: one training at a time) and claim
+it for this training recipe (:mod:`hrsa.train.recipe`: the same recipe resumes, another one into a folder that has
+trained is refused); (3) run :func:`hrsa.train.worker.train_worker` on ``workers`` Ray Train workers, restarted by
+Ray Train up to ``max_failures`` times (each new worker resumes from the latest complete checkpoint); (4) show
+progress from rank 0's per-step reports; (5) list the checkpoints (:mod:`hrsa.train.checkpoints`).
 
 What each worker does (set-up, the step loop, saving) lives in :mod:`hrsa.train.worker`.
 
@@ -47,6 +48,7 @@ from hrsa.train.config import TrainConfig
 
 if TYPE_CHECKING:
     from hrsa.train.data import TrainRecord
+    from hrsa.train.placement import WorkerPlacement
     from hrsa.train.recipe import TrainingRecipe
 
 __all__ = ["TrainResult", "run_training"]
@@ -60,10 +62,13 @@ class TrainResult:
         output: the run folder: an absolute Path, or a URL (``s3://...``) for a run on remote storage.
         checkpoints: every checkpoint folder of the run (this call's and earlier ones), sorted by step (Paths, or
             URLs for a remote run).
-        steps: the optimizer steps this call ran (1-based).
+        steps: the optimizer steps this call took the model through (1-based), each once: after a restart, the steps
+            that ran again from the checkpoint it resumed from count once, as they ran the last time.
         losses: the global-batch loss of each of those steps.
         final_loss: the last step's loss (NaN when this call ran none).
         resumed_from: the checkpoint step this call started from, None for a fresh run.
+        restarted_from: for each time Ray Train restarted the workers in this call (``max_failures``), the checkpoint
+            step they resumed from (0: from the backbone, no checkpoint yet).
     """
 
     output: Path | str
@@ -72,6 +77,7 @@ class TrainResult:
     losses: tuple[float, ...]
     final_loss: float
     resumed_from: int | None
+    restarted_from: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -132,16 +138,12 @@ def run_training(config: TrainConfig, *, progress: bool = True, stop_after: int 
         UserError: bad data, backbone or settings (one line that names the fix).
         PlacementError: workers no node can hold, or a local ``output`` some node of the cluster does not see.
         RecipeMismatchError: ``config.output`` holds a run of another recipe (nothing in it is changed).
+        RunInUseError: another training is running into ``config.output`` (a local or shared folder).
     """
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.util.queue import Queue
-
     from hrsa.runtime.connection import connect
     from hrsa.train.placement import check_every_node_reaches, plan_workers
     from hrsa.train.recipe import claim_run_folder
-    from hrsa.train.worker import train_worker
+    from hrsa.train.run_lock import exclusive_run
 
     # Step 1: everything a user can get wrong, checked here.
     prepared = _prepare(config)
@@ -151,7 +153,25 @@ def run_training(config: TrainConfig, *, progress: bool = True, stop_after: int 
     conn = connect(config.address)
     placement = plan_workers(conn.nodes, workers=config.workers, use_gpu=config.use_gpu)
     check_every_node_reaches(run, conn.nodes)
-    claim_run_folder(run, prepared.recipe)
+    with exclusive_run(run):  # a second training into this folder at once is refused (train.run_lock)
+        claim_run_folder(run, prepared.recipe)
+        events = _run_workers(prepared, placement, progress=progress, stop_after=stop_after)
+    # Step 4: what this call did.
+    checkpoints = tuple(parse_location(c.url).as_path_or_url() for c in list_checkpoints(run))
+    return _result(run, checkpoints, events)
+
+
+def _run_workers(prepared: _Prepared, placement: WorkerPlacement, *, progress: bool,
+                 stop_after: int | None) -> list[dict[str, Any]]:
+    """Step 3: ``train_worker`` on the planned Ray Train workers; rank 0's events (starts, steps and losses)."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Queue
+
+    from hrsa.train.worker import train_worker
+
+    config, run = prepared.config, prepared.run
     # Step 3: the workers; rank 0 sends (step, loss) through a queue for the progress bar. The records travel
     # through Ray's object store (no node but this one needs the data file); Ray Train persists checkpoints as
     # run/step_N through the run's own filesystem (a local or shared path, s3://...).
@@ -163,11 +183,12 @@ def run_training(config: TrainConfig, *, progress: bool = True, stop_after: int 
                            "stop_after": stop_after, "threads": placement.cpus, "run": run},
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=placement.use_gpu,
                                      resources_per_worker=placement.resources_per_worker()),
-        run_config=RunConfig(storage_path=run.parent.path, storage_filesystem=run.filesystem, name=run.name),
+        run_config=RunConfig(storage_path=run.parent.path, storage_filesystem=run.filesystem, name=run.name,
+                             failure_config=FailureConfig(max_failures=config.max_failures)),
         torch_config=TorchConfig(backend="nccl" if placement.use_gpu else "gloo"),
     )
     try:
-        events = _fit_with_progress(trainer, queue, config.max_steps, progress=progress)
+        return _fit_with_progress(trainer, queue, config.max_steps, progress=progress)
     except Exception as error:
         user_error = _unwrap_user_error(error)
         if user_error is not None:
@@ -175,12 +196,23 @@ def run_training(config: TrainConfig, *, progress: bool = True, stop_after: int 
         raise
     finally:
         ray.kill(queue.actor)
-    # Step 4: what this call did.
-    steps = tuple(e["step"] for e in events if "step" in e)
-    losses = tuple(e["loss"] for e in events if "step" in e)
-    resumed = next((e["resumed_from"] for e in events if "resumed_from" in e), None)
-    checkpoints = tuple(parse_location(c.url).as_path_or_url() for c in list_checkpoints(run))
-    return TrainResult(run.as_path_or_url(), checkpoints, steps, losses, losses[-1] if losses else math.nan, resumed)
+
+
+def _result(run: Location, checkpoints: tuple[Path | str, ...], events: list[dict[str, Any]]) -> TrainResult:
+    """The call's result from rank 0's events: a ``started`` (the step it starts from) each time a worker group
+    starts, then a ``step`` and its ``loss`` per step. A restarted group runs again the steps after its checkpoint:
+    the later loss of a step is the one the final model went through."""
+    starts = [e["started"] for e in events if "started" in e]
+    losses: dict[int, float] = {}
+    for event in events:
+        if "started" in event:  # steps after the restart's checkpoint ran in vain
+            losses = {step: loss for step, loss in losses.items() if step <= event["started"]}
+        elif "step" in event:
+            losses[event["step"]] = event["loss"]
+    steps = tuple(sorted(losses))
+    resumed = starts[0] if starts and starts[0] > 0 else None
+    return TrainResult(run.as_path_or_url(), checkpoints, steps, tuple(losses[s] for s in steps),
+                       losses[steps[-1]] if steps else math.nan, resumed, tuple(starts[1:]))
 
 
 def _fit_with_progress(trainer: Any, queue: Any, total: int, *, progress: bool) -> list[dict[str, Any]]:
@@ -208,8 +240,8 @@ def _fit_with_progress(trainer: Any, queue: Any, total: int, *, progress: bool) 
         while thread.is_alive() or not queue.empty():
             for event in _drain(queue, wait=thread.is_alive()):
                 events.append(event)
-                if "resumed_from" in event:
-                    bar.update(task, completed=event["resumed_from"])
+                if "started" in event:
+                    bar.update(task, completed=event["started"])
                 if "step" in event:
                     bar.update(task, completed=event["step"], loss=f"loss {event['loss']:.4f}")
     thread.join()

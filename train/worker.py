@@ -65,7 +65,6 @@ class WorkerSession:
     world: int
     device: torch.device
     step: int  # optimizer steps done
-    resumed_from: int | None
 
 
 def shard_fsdp(model: Any, device: torch.device) -> None:
@@ -122,8 +121,7 @@ def setup_session(config: TrainConfig, spec: dict[str, Any], rank: int, world: i
         step = int(state["step"])
     if records is None:
         records = load_training_records(config.data, negatives=config.negatives)
-    return WorkerSession(config, model, tokenizer, optimizer, scheduler, records, rank, world, device, step,
-                    step if state is not None else None)
+    return WorkerSession(config, model, tokenizer, optimizer, scheduler, records, rank, world, device, step)
 
 
 def _load_model(config: TrainConfig, spec: dict[str, Any], device: torch.device,
@@ -297,8 +295,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     s = setup_session(config, loop_config["spec"], rank, world, device, resume_point(loop_config["run"]),
                       records=ray.get(loop_config["records"]))
     queue = loop_config["queue"] if rank == 0 else None
-    if queue is not None and s.resumed_from is not None:
-        queue.put({"resumed_from": s.resumed_from})
+    if queue is not None:
+        queue.put({"started": s.step})  # each start: a restarted group tells the driver where it resumed
     stop = min(config.max_steps, loop_config["stop_after"] or config.max_steps)
     while s.step < stop:
         loss = train_step(s)

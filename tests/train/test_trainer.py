@@ -1,10 +1,13 @@
 """Training on Ray Train (2 workers, tiny bidirectional Llama): it learns, its checkpoints load in
-`hrsa extract` bidirectionally, and an interrupted run resumes to what one uninterrupted process computes."""
+`hrsa extract` bidirectionally, and a run interrupted (stopped, then a worker killed mid-run and restarted by Ray
+Train) ends where one uninterrupted process does."""
 
 from __future__ import annotations
 
 import json
 import random
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +53,28 @@ def _accuracy(folder: Path, held_out: list[dict[str, Any]]) -> float:
     return sum(p == r["topic"] for p, r in zip(predicted, held_out)) / len(held_out)
 
 
+def _kill_a_worker_once_saved(checkpoint: Path, killed: list[int]) -> threading.Thread:
+    """A thread that SIGKILLs one Ray Train worker's process once ``checkpoint`` is complete, as a lost node would."""
+    import psutil
+
+    def kill() -> None:
+        deadline = time.monotonic() + 300
+        while not (checkpoint / "hrsa_train.json").is_file() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for process in psutil.process_iter(["cmdline"]):
+            if any("RayTrainWorker" in part for part in process.info["cmdline"] or ()):
+                process.kill()
+                killed.append(process.pid)
+                return
+
+    thread = threading.Thread(target=kill, daemon=True)
+    thread.start()
+    return thread
+
+
 @pytest.fixture(scope="module")
 def run(ray_local: Any, tiny_models: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One run interrupted after step 12, then resumed to step 24."""
+    """One run interrupted after step 12, then resumed to step 24 with a worker killed once step 16 is saved."""
     from hrsa.train.config import TrainConfig
     from hrsa.train.trainer import run_training
 
@@ -70,15 +92,23 @@ def run(ray_local: Any, tiny_models: Any, tmp_path_factory: pytest.TempPathFacto
     (root / "run" / "step_000016").mkdir()
     (root / "run" / "step_000016" / "model.safetensors").write_bytes(b"torn")
     (root / "run" / "step_000016" / "stray.bin").write_bytes(b"left by the killed run")
-    second = run_training(config, progress=False)
+    # Ray Train restarts the worker group (max_failures, a scheduling setting: the same recipe); the new workers
+    # resume from the latest complete checkpoint, step 16, not from where this call started (12).
+    killed: list[int] = []
+    killer = _kill_a_worker_once_saved(root / "run" / "step_000016", killed)
+    second = run_training(config.model_copy(update={"max_failures": 1}), progress=False)
+    killer.join()
+    assert killed, "no worker was killed"
     return {"config": config, "first": first, "second": second, "held_out": _records(40, seed=2), "root": root}
 
 
 def test_an_interrupted_run_resumes_from_its_last_checkpoint(run: dict[str, Any]) -> None:
     first, second = run["first"], run["second"]
-    assert first.resumed_from is None and first.steps == tuple(range(1, 13))
+    assert first.resumed_from is None and first.steps == tuple(range(1, 13)) and first.restarted_from == ()
     assert [p.name for p in first.checkpoints] == ["step_000008", "step_000012"]
+    # The steps the final model went through, each once (steps after 16 that ran before the kill ran again).
     assert second.resumed_from == 12 and second.steps == tuple(range(13, 25))
+    assert second.restarted_from == (16,)
     assert [p.name for p in second.checkpoints] == ["step_000008", "step_000012", "step_000016", "step_000024"]
     assert all(p.parent == run["config"].output.resolve() for p in second.checkpoints)
     # Step 16, written again over what the killed run left: its files and nothing else.
@@ -219,3 +249,18 @@ def test_a_checkpoint_saved_again_replaces_the_whole_folder_and_a_killed_save_le
     (tmp_path / ".step_000016.new-deadbeef").mkdir()  # what a SIGKILL leaves: no finally ran
     publish_in_place(folder, save({"model.safetensors": b"third"}))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000016"]
+
+
+def test_a_calls_result_counts_each_step_once_as_it_last_ran() -> None:
+    """Rank 0's events of a call resumed at step 4 whose workers died after step 7 and restarted from step 6: steps 7
+    and after ran twice, and the result holds the second run of each."""
+    from hrsa.runtime.locations import parse_location
+    from hrsa.train.trainer import _result
+
+    events = [{"started": 4}, *({"step": s, "loss": 1.0} for s in (5, 6, 7, 8)), {"started": 6},
+              *({"step": s, "loss": 2.0} for s in (7, 8, 9))]
+    result = _result(parse_location("/tmp/run"), (), events)
+    assert result.steps == (5, 6, 7, 8, 9) and result.losses == (1.0, 1.0, 2.0, 2.0, 2.0)
+    assert result.resumed_from == 4 and result.restarted_from == (6,) and result.final_loss == 2.0
+    fresh = _result(parse_location("/tmp/run"), (), [{"started": 0}, {"step": 1, "loss": 3.0}])
+    assert fresh.resumed_from is None and fresh.restarted_from == () and fresh.steps == (1,)
