@@ -20,8 +20,8 @@ from typing import Any
 
 from hrsa.runtime.locations import Location, parse_location
 
-__all__ = ["INFO_FILE", "STATE_FILE", "Checkpoint", "checkpoint_step", "file_manifest", "list_checkpoints", "resume_point",
-           "step_folder_name", "step_folders"]
+__all__ = ["INFO_FILE", "STATE_FILE", "Checkpoint", "checkpoint_step", "file_manifest", "list_checkpoints",
+           "resume_folder", "resume_point", "step_folder_name", "step_folders"]
 
 INFO_FILE = "hrsa_train.json"  # step, loss, settings, recipe, and the manifest of the folder's other files
 STATE_FILE = "trainer_state.pt"  # optimizer, schedule and step, for resuming
@@ -120,18 +120,22 @@ def _complete(folder: Location, present: dict[str, int]) -> bool:
     return all(present.get(name) == entry["size"] for name, entry in files.items())
 
 
-def resume_point(run: Location) -> Any:
-    """The run's latest complete checkpoint by hrsa's rule (every file its manifest lists, at its size), as a Ray
-    Train Checkpoint on the run's filesystem; None for a fresh run. Not Ray Train's own record of the run: Ray
-    registers a checkpoint a while after its files are written, and a run killed in between would resume from an
-    earlier one, or from scratch. Each worker asks when it starts, so a worker group that Ray Train restarts (a node
-    preempted) resumes from the checkpoints saved before it, not from where the run started."""
+def resume_point(run: Location, name: str | None) -> Any:
+    """The checkpoint folder ``name`` of the run (:func:`resume_folder`'s choice) as a Ray Train Checkpoint on the run's
+    filesystem, or None (a fresh run) for no name."""
     from ray.train import Checkpoint
 
+    return None if name is None else Checkpoint(path=run.child(name).path, filesystem=run.filesystem)
+
+
+def resume_folder(run: Location) -> str | None:
+    """The folder name of the run's latest complete checkpoint by hrsa's rule (every file its manifest lists, at its
+    size); None for a fresh run. Not Ray Train's own record of the run: Ray registers a checkpoint a while after its
+    files are written, and a run killed in between would resume from an earlier one, or from scratch. A worker group
+    asks when it starts, so one that Ray Train restarts (a failure, a preempted node) resumes from the checkpoints
+    saved before it, not from where the run started."""
     found = list_checkpoints(run)
-    if not found:
-        return None
-    return Checkpoint(path=run.child(PurePosixPath(found[-1].url).name).path, filesystem=run.filesystem)
+    return PurePosixPath(found[-1].url).name if found else None
 
 
 def checkpoint_step(folder: Location | Path | str) -> int:

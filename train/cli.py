@@ -38,7 +38,8 @@ def train(config_file: Path | None, quiet: bool, **flags: Any) -> None:
     result = run_training(config, progress=not quiet)
     start = f"resumed from step {result.resumed_from}, " if result.resumed_from is not None else ""
     if result.restarted_from:
-        start += f"workers restarted {len(result.restarted_from)}x (from step {', '.join(map(str, result.restarted_from))}), "
+        steps = ", ".join(map(str, result.restarted_from))
+        start += f"workers restarted {len(result.restarted_from)}x (from step {steps}), "
     last = result.checkpoints[-1] if result.checkpoints else "none"
     loss = f"; final loss {result.final_loss:.4f}" if result.steps else ""
     click.echo(f"{start}{len(result.steps)} steps this run{loss}; latest checkpoint: {last}")

@@ -67,8 +67,8 @@ class TrainResult:
         losses: the global-batch loss of each of those steps.
         final_loss: the last step's loss (NaN when this call ran none).
         resumed_from: the checkpoint step this call started from, None for a fresh run.
-        restarted_from: for each time Ray Train restarted the workers in this call (``max_failures``), the checkpoint
-            step they resumed from (0: from the backbone, no checkpoint yet).
+        restarted_from: for each time Ray Train restarted the workers in this call (after a failure, ``max_failures``,
+            or a preempted node), the checkpoint step they resumed from (0: from the backbone, no checkpoint yet).
     """
 
     output: Path | str
@@ -97,17 +97,21 @@ def _prepare(config: TrainConfig) -> _Prepared:
     from hrsa.extract.model_spec import parse_model_spec
     from hrsa.train.data import load_training_records
     from hrsa.train.recipe import check_run_folder, training_recipe
+    from hrsa.train.run_lock import refuse_if_in_use
 
     config = config.model_copy(update={"data": config.data.expanduser().resolve()})
-    spec = parse_model_spec(config.backbone, dtype=config.dtype, attention=config.attention)
-    # every record checked before any worker starts
-    records = load_training_records(config.data, negatives=config.negatives, batch_size=config.batch_size)
     run = parse_location(config.output)
     if run.kind() == "file":
         raise UserError(f"Expected --output to be a folder. Got the file {run.url} instead. Pick another path.")
     if not run.is_local and "/" not in run.path.strip("/"):
         raise UserError(f"Expected --output to be a folder inside a bucket (s3://BUCKET/runs/NAME). Got {run.url} "
                         "instead. Add a folder name.")
+    # A folder another training runs into is refused first: before a mismatched recipe's "delete it to start over",
+    # and before minutes of hashing a large backbone. The lock itself is taken once Ray is up.
+    refuse_if_in_use(run)
+    spec = parse_model_spec(config.backbone, dtype=config.dtype, attention=config.attention)
+    # every record checked before any worker starts
+    records = load_training_records(config.data, negatives=config.negatives, batch_size=config.batch_size)
     config = config.model_copy(update={"output": run.as_path_or_url()})
     recipe = training_recipe(config)
     check_run_folder(run, recipe)  # before Ray starts: another recipe's run is refused at once

@@ -26,7 +26,9 @@ from typing import Any
 
 import torch
 
-from hrsa.train.checkpoints import INFO_FILE, STATE_FILE, file_manifest, resume_point, step_folder_name
+from hrsa.train.checkpoints import (
+    INFO_FILE, STATE_FILE, file_manifest, resume_folder, resume_point, step_folder_name,
+)
 from hrsa.train.config import TrainConfig
 
 __all__ = ["WorkerSession", "average_gradients", "setup_session", "shard_fsdp", "train_step", "train_worker"]
@@ -292,7 +294,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     if loop_config["threads"]:
         torch.set_num_threads(loop_config["threads"])
     device = ray.train.torch.get_device()
-    s = setup_session(config, loop_config["spec"], rank, world, device, resume_point(loop_config["run"]),
+    run = loop_config["run"]
+    # Rank 0 picks the checkpoint and tells the others: ranks listing the run apart could see different latest ones.
+    name = resume_folder(run) if rank == 0 else None
+    if world > 1:
+        from ray.train.collective import broadcast_from_rank_zero
+
+        name = broadcast_from_rank_zero(name)
+    s = setup_session(config, loop_config["spec"], rank, world, device, resume_point(run, name),
                       records=ray.get(loop_config["records"]))
     queue = loop_config["queue"] if rank == 0 else None
     if queue is not None:

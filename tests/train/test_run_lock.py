@@ -75,8 +75,43 @@ def test_a_training_into_a_folder_another_one_runs_into_is_refused_untouched(ray
         before = _contents(output)
         with pytest.raises(RunInUseError):
             run_training(config, progress=False)
+        # Refused before anything else is looked at (a recipe, a backbone to hash, Ray to start).
+        with pytest.raises(RunInUseError):
+            run_training(config.model_copy(update={"backbone": str(tmp_path / "no-such-model"), "lr": 0.5}),
+                         progress=False)
         assert _contents(output) == before  # no recipe recorded, no checkpoint, nothing
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     assert run_training(config, progress=False).steps == (1, 2)
+
+
+def test_the_early_check_creates_nothing_and_refuses_a_held_folder(tmp_path: Path) -> None:
+    from hrsa.train.run_lock import refuse_if_in_use
+
+    refuse_if_in_use(parse_location(tmp_path / "new"))
+    assert not (tmp_path / "new").exists()
+    holder = _hold(tmp_path / "run")
+    try:
+        with pytest.raises(RunInUseError, match="delete .*hrsa_train.lock"):
+            refuse_if_in_use(parse_location(tmp_path / "run"))
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    refuse_if_in_use(parse_location(tmp_path / "run"))
+
+
+def test_a_filesystem_without_flock_trains_unguarded_with_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Lustre without -o flock answers ENOSYS, NFS without a lock daemon ENOLCK: a warning, not a failed run."""
+    import errno
+
+    from hrsa.train import run_lock
+
+    def no_flock(fd: Any, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(run_lock.fcntl, "flock", no_flock)
+    with caplog.at_level("WARNING"), exclusive_run(parse_location(tmp_path / "run")):
+        pass
+    assert "not guarded" in caplog.text

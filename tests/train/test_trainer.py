@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import random
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -53,14 +52,23 @@ def _accuracy(folder: Path, held_out: list[dict[str, Any]]) -> float:
     return sum(p == r["topic"] for p, r in zip(predicted, held_out)) / len(held_out)
 
 
-def _kill_a_worker_once_saved(checkpoint: Path, killed: list[int]) -> threading.Thread:
-    """A thread that SIGKILLs one Ray Train worker's process once ``checkpoint`` is complete, as a lost node would."""
+def _kill_a_worker_once_saved(checkpoint: Path, killed: list[int], done: threading.Event) -> threading.Thread:
+    """A thread that SIGKILLs one Ray Train worker's process once ``checkpoint`` is complete, as a lost node would,
+    after checking that the driver holds the run folder; it gives up (kills nothing) once ``done`` is set."""
     import psutil
 
+    from hrsa.runtime.locations import parse_location
+    from hrsa.train.run_lock import RunInUseError, exclusive_run
+
     def kill() -> None:
-        deadline = time.monotonic() + 300
-        while not (checkpoint / "hrsa_train.json").is_file() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        while not (checkpoint / "hrsa_train.json").is_file():
+            if done.wait(0.02):
+                return
+        try:  # the driver holds the folder for the whole run, not only at its start
+            with exclusive_run(parse_location(checkpoint.parent)):
+                return  # not held: nothing killed, the fixture fails
+        except RunInUseError:
+            pass
         for process in psutil.process_iter(["cmdline"]):
             if any("RayTrainWorker" in part for part in process.info["cmdline"] or ()):
                 process.kill()
@@ -95,10 +103,14 @@ def run(ray_local: Any, tiny_models: Any, tmp_path_factory: pytest.TempPathFacto
     # Ray Train restarts the worker group (max_failures, a scheduling setting: the same recipe); the new workers
     # resume from the latest complete checkpoint, step 16, not from where this call started (12).
     killed: list[int] = []
-    killer = _kill_a_worker_once_saved(root / "run" / "step_000016", killed)
-    second = run_training(config.model_copy(update={"max_failures": 1}), progress=False)
-    killer.join()
-    assert killed, "no worker was killed"
+    done = threading.Event()
+    killer = _kill_a_worker_once_saved(root / "run" / "step_000016", killed, done)
+    try:
+        second = run_training(config.model_copy(update={"max_failures": 1}), progress=False)
+    finally:
+        done.set()
+        killer.join()
+    assert killed, "no worker was killed (step 16 never saved, or the run folder not held by the driver)"
     return {"config": config, "first": first, "second": second, "held_out": _records(40, seed=2), "root": root}
 
 
