@@ -32,10 +32,16 @@ def train(config_file: Path | None, quiet: bool, **flags: Any) -> None:
     Checkpoints are Hugging Face model folders OUTPUT/step_000100 ... that `hrsa extract --model` loads.
     """
     from hrsa.train.config import load_train_config
-    from hrsa.train.trainer import run_training
+    from hrsa.train.trainer import TrainingStopped, run_training
 
     config = load_train_config(config_file, flags)  # every problem at once, one line
-    result = run_training(config, progress=not quiet)
+    try:
+        result = run_training(config, progress=not quiet)
+    except TrainingStopped as stopped:  # Ctrl-C: the workers stopped after a step and saved it
+        last = stopped.result.checkpoints[-1] if stopped.result.checkpoints else "none"
+        click.echo(f"hrsa: stopped after step {stopped.result.steps[-1] if stopped.result.steps else 'none'}; latest "
+                   f"checkpoint: {last}. Re-run the same command to resume.", err=True)
+        raise SystemExit(130) from None
     start = f"resumed from step {result.resumed_from}, " if result.resumed_from is not None else ""
     if result.restarted_from:
         steps = ", ".join(map(str, result.restarted_from))

@@ -35,6 +35,7 @@ dropout are seeded per step, so a resumed run computes exactly what an uninterru
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from dataclasses import dataclass
@@ -51,7 +52,9 @@ if TYPE_CHECKING:
     from hrsa.train.placement import WorkerPlacement
     from hrsa.train.recipe import TrainingRecipe
 
-__all__ = ["TrainResult", "run_training"]
+__all__ = ["StopRequest", "TrainResult", "TrainingStopped", "run_training"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,31 @@ class TrainResult:
     final_loss: float
     resumed_from: int | None
     restarted_from: tuple[int, ...] = ()
+
+
+class TrainingStopped(KeyboardInterrupt):
+    """The driver was interrupted (Ctrl-C): its workers stopped after one step, all the same one, and saved it.
+
+    Attributes:
+        result: what the call did up to there (its last step is the latest checkpoint; the same call resumes).
+    """
+
+    def __init__(self, result: TrainResult) -> None:
+        super().__init__(f"training stopped after step {result.steps[-1] if result.steps else 'none'}")
+        self.result = result
+
+
+class StopRequest:
+    """A flag the driver sets when it is interrupted; rank 0 reads it after every step (a Ray actor of no CPU)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def request(self) -> None:
+        self.requested = True
+
+    def get(self) -> bool:
+        return self.requested
 
 
 @dataclass(frozen=True)
@@ -159,15 +187,19 @@ def run_training(config: TrainConfig, *, progress: bool = True, stop_after: int 
     check_every_node_reaches(run, conn.nodes)
     with exclusive_run(run):  # a second training into this folder at once is refused (train.run_lock)
         claim_run_folder(run, prepared.recipe)
-        events = _run_workers(prepared, placement, progress=progress, stop_after=stop_after)
+        events, interrupted = _run_workers(prepared, placement, progress=progress, stop_after=stop_after)
     # Step 4: what this call did.
     checkpoints = tuple(parse_location(c.url).as_path_or_url() for c in list_checkpoints(run))
-    return _result(run, checkpoints, events)
+    result = _result(run, checkpoints, events)
+    if interrupted:
+        raise TrainingStopped(result)
+    return result
 
 
 def _run_workers(prepared: _Prepared, placement: WorkerPlacement, *, progress: bool,
-                 stop_after: int | None) -> list[dict[str, Any]]:
-    """Step 3: ``train_worker`` on the planned Ray Train workers; rank 0's events (starts, steps and losses)."""
+                 stop_after: int | None) -> tuple[list[dict[str, Any]], bool]:
+    """Step 3: ``train_worker`` on the planned Ray Train workers; rank 0's events (starts, steps and losses), and
+    whether the driver was interrupted (the workers then stopped after a step they saved)."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -180,11 +212,13 @@ def _run_workers(prepared: _Prepared, placement: WorkerPlacement, *, progress: b
     # through Ray's object store (no node but this one needs the data file); Ray Train persists checkpoints as
     # run/step_N through the run's own filesystem (a local or shared path, s3://...).
     queue = Queue(actor_options={"num_cpus": 0})
+    stop_request = ray.remote(num_cpus=0)(StopRequest).remote()
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": config.model_dump(mode="json"), "spec": prepared.spec,
                            "records": ray.put(prepared.records), "recipe": prepared.recipe.key, "queue": queue,
-                           "stop_after": stop_after, "threads": placement.cpus, "run": run},
+                           "stop_after": stop_after, "stop_request": stop_request, "threads": placement.cpus,
+                           "run": run},
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=placement.use_gpu,
                                      resources_per_worker=placement.resources_per_worker()),
         run_config=RunConfig(storage_path=run.parent.path, storage_filesystem=run.filesystem, name=run.name,
@@ -192,7 +226,7 @@ def _run_workers(prepared: _Prepared, placement: WorkerPlacement, *, progress: b
         torch_config=TorchConfig(backend="nccl" if placement.use_gpu else "gloo"),
     )
     try:
-        return _fit_with_progress(trainer, queue, config.max_steps, progress=progress)
+        return _fit_with_progress(trainer, queue, stop_request, config.max_steps, progress=progress)
     except Exception as error:
         user_error = _unwrap_user_error(error)
         if user_error is not None:
@@ -200,6 +234,7 @@ def _run_workers(prepared: _Prepared, placement: WorkerPlacement, *, progress: b
         raise
     finally:
         ray.kill(queue.actor)
+        ray.kill(stop_request)
 
 
 def _result(run: Location, checkpoints: tuple[Path | str, ...], events: list[dict[str, Any]]) -> TrainResult:
@@ -219,9 +254,15 @@ def _result(run: Location, checkpoints: tuple[Path | str, ...], events: list[dic
                        losses[steps[-1]] if steps else math.nan, resumed, tuple(starts[1:]))
 
 
-def _fit_with_progress(trainer: Any, queue: Any, total: int, *, progress: bool) -> list[dict[str, Any]]:
+def _fit_with_progress(trainer: Any, queue: Any, stop_request: Any, total: int, *,
+                       progress: bool) -> tuple[list[dict[str, Any]], bool]:
     """Run ``trainer.fit()`` in a thread while this one drains the workers' reports into a progress bar (plain
-    periodic lines when the output is not a terminal: a log shows the steps and the loss as they come)."""
+    periodic lines when the output is not a terminal: a log shows the steps and the loss as they come).
+
+    Ctrl-C here asks the workers to stop after their step and save it, and waits for them: Ray Train's own handler
+    is not installed outside the main thread, and a driver that left at once would, in a notebook, leave them
+    training into a folder it no longer holds. A second Ctrl-C leaves without waiting. Returns the events and
+    whether the run was stopped so."""
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
     from hrsa.runtime.progress import LineProgress
@@ -236,22 +277,30 @@ def _fit_with_progress(trainer: Any, queue: Any, total: int, *, progress: bool) 
 
     thread = threading.Thread(target=fit, daemon=True)
     events: list[dict[str, Any]] = []
+    interrupted = False
     columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("steps {task.fields[loss]}"),
                TimeElapsedColumn())
     with LineProgress(*columns, disable=not progress, label="training") as bar:
         task = bar.add_task("train", total=total, loss="")
         thread.start()
         while thread.is_alive() or not queue.empty():
-            for event in _drain(queue, wait=thread.is_alive()):
-                events.append(event)
-                if "started" in event:
-                    bar.update(task, completed=event["started"])
-                if "step" in event:
-                    bar.update(task, completed=event["step"], loss=f"loss {event['loss']:.4f}")
+            try:
+                for event in _drain(queue, wait=thread.is_alive()):
+                    events.append(event)
+                    if "started" in event:
+                        bar.update(task, completed=event["started"])
+                    if "step" in event:
+                        bar.update(task, completed=event["step"], loss=f"loss {event['loss']:.4f}")
+            except KeyboardInterrupt:
+                if interrupted:
+                    raise
+                interrupted = True
+                stop_request.request.remote()
+                log.warning("stopping: the workers finish their step and save it (Ctrl-C again to leave them)")
     thread.join()
     if "error" in outcome:
         raise outcome["error"]
-    return events
+    return events, interrupted
 
 
 def _drain(queue: Any, *, wait: bool) -> list[dict[str, Any]]:

@@ -31,7 +31,8 @@ from hrsa.train.checkpoints import (
 )
 from hrsa.train.config import TrainConfig
 
-__all__ = ["WorkerSession", "average_gradients", "setup_session", "shard_fsdp", "train_step", "train_worker"]
+__all__ = ["WorkerSession", "average_gradients", "setup_session", "shard_fsdp", "stop_requested", "train_step",
+           "train_worker"]
 
 
 def average_gradients(model: torch.nn.Module, world_size: int, *, bucket_elements: int = 25_000_000) -> None:
@@ -311,5 +312,20 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         loss = train_step(s)
         if queue is not None:
             queue.put({"step": s.step, "loss": loss})
-        if s.step % config.save_every == 0 or s.step == stop:
+        halt = stop_requested(s, loop_config["stop_request"])
+        if s.step % config.save_every == 0 or s.step == stop or halt:
             _save_checkpoint(s, loss, loop_config["spec"], loop_config.get("recipe"))
+        if halt:
+            return
+
+
+def stop_requested(s: WorkerSession, stop_request: Any) -> bool:
+    """Whether the driver asked the workers to stop (Ctrl-C): rank 0 reads the flag and every rank gets its answer,
+    so all stop after the same step (a rank that went on alone would wait forever in the next all-reduce)."""
+    import ray
+    import torch.distributed as dist
+
+    flag = torch.tensor([float(s.rank == 0 and ray.get(stop_request.get.remote()))], device=s.device)
+    if s.world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())

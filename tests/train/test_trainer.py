@@ -52,11 +52,26 @@ def _accuracy(folder: Path, held_out: list[dict[str, Any]]) -> float:
     return sum(p == r["topic"] for p, r in zip(predicted, held_out)) / len(held_out)
 
 
+def _train_workers() -> list[Any]:
+    """The Ray Train worker processes of this test session's embedded Ray (children of its raylet, a child of this
+    process), not those of any other Ray on the machine."""
+    import os
+
+    import psutil
+
+    found = []
+    for process in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if any("RayTrainWorker" in part for part in process.cmdline()) and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
 def _kill_a_worker_once_saved(checkpoint: Path, killed: list[int], done: threading.Event) -> threading.Thread:
     """A thread that SIGKILLs one Ray Train worker's process once ``checkpoint`` is complete, as a lost node would,
     after checking that the driver holds the run folder; it gives up (kills nothing) once ``done`` is set."""
-    import psutil
-
     from hrsa.runtime.locations import parse_location
     from hrsa.train.run_lock import RunInUseError, exclusive_run
 
@@ -69,11 +84,9 @@ def _kill_a_worker_once_saved(checkpoint: Path, killed: list[int], done: threadi
                 return  # not held: nothing killed, the fixture fails
         except RunInUseError:
             pass
-        for process in psutil.process_iter(["cmdline"]):
-            if any("RayTrainWorker" in part for part in process.info["cmdline"] or ()):
-                process.kill()
-                killed.append(process.pid)
-                return
+        for process in _train_workers()[:1]:
+            process.kill()
+            killed.append(process.pid)
 
     thread = threading.Thread(target=kill, daemon=True)
     thread.start()
@@ -215,6 +228,44 @@ def test_a_killed_cli_run_resumes(tiny_models: Any, tmp_path: Path) -> None:
     assert (output / "step_000100" / "hrsa_train.json").is_file()
 
 
+@pytest.mark.slow
+def test_ctrl_c_in_a_terminal_stops_the_cli_run_with_a_checkpoint(tiny_models: Any, tmp_path: Path) -> None:
+    """SIGINT to `hrsa train`'s whole process group, as a terminal's Ctrl-C sends it (its embedded Ray included):
+    exit code 130, one line naming the step it stopped after, that step saved, and the same command resumes."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _records(100, seed=1)))
+    output = tmp_path / "run"
+    command = [sys.executable, "-m", "hrsa", "train", "--backbone", str(tiny_models.dir("llama")), "--data", str(data),
+               "--output", str(output), "--workers", "1", "--batch-size", "4", "--max-steps", "1000",
+               "--save-every", "5", "--lr", "1e-3", "--max-length", "32", "--quiet"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (output / "step_000005" / "hrsa_train.json").is_file():
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the deadline"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    stopped = re.search(r"stopped after step (\d+)", err)
+    assert stopped and 5 <= int(stopped.group(1)) < 1000, err
+    from hrsa.train.checkpoints import list_checkpoints
+
+    assert list_checkpoints(output)[-1].step == int(stopped.group(1))
+
+
 def test_checkpoints_are_written_in_place_only_on_a_path_this_node_sees(tmp_path: Path) -> None:
     """Rank 0 writes in place on a local path whose run folder it sees (Ray Train's marker there); a run folder it
     does not see is Ray's own error, as the upload's check was; any other filesystem uploads."""
@@ -276,3 +327,44 @@ def test_a_calls_result_counts_each_step_once_as_it_last_ran() -> None:
     assert result.resumed_from == 4 and result.restarted_from == (6,) and result.final_loss == 2.0
     fresh = _result(parse_location("/tmp/run"), (), [{"started": 0}, {"step": 1, "loss": 3.0}])
     assert fresh.resumed_from is None and fresh.restarted_from == () and fresh.steps == (1,)
+
+
+def test_an_interrupted_driver_stops_its_workers_with_a_checkpoint_before_it_lets_go(
+        ray_local: Any, tiny_models: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C in the driver (a KeyboardInterrupt in its main thread, as in a notebook, where nothing else would stop
+    Ray Train's workers): every rank stops after the same step, that step is saved, and only then is the run folder
+    let go; the same command again resumes from it."""
+    import hrsa.train.trainer as trainer_module
+    from hrsa.runtime.locations import parse_location
+    from hrsa.train.checkpoints import list_checkpoints
+    from hrsa.train.config import TrainConfig
+    from hrsa.train.run_lock import exclusive_run
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _records(100, seed=1)))
+    config = TrainConfig(backbone=str(tiny_models.dir("llama")), data=data, output=tmp_path / "run", workers=2,
+                         batch_size=4, max_steps=400, save_every=200, lr=1e-3, max_length=32)
+    drain, steps_seen, interrupts = trainer_module._drain, [], []
+    assert not _train_workers()
+
+    def drain_then_interrupt(queue: Any, *, wait: bool) -> list[dict[str, Any]]:
+        """The progress loop's drain; once 3 steps are reported, the next call is where Ctrl-C lands (once)."""
+        if len(steps_seen) >= 3 and not interrupts:
+            interrupts.append(len(steps_seen))
+            raise KeyboardInterrupt
+        events = drain(queue, wait=wait)
+        steps_seen.extend(e["step"] for e in events if "step" in e)
+        return events
+
+    monkeypatch.setattr(trainer_module, "_drain", drain_then_interrupt)
+    with pytest.raises(trainer_module.TrainingStopped) as stopped:
+        trainer_module.run_training(config, progress=False)
+    monkeypatch.setattr(trainer_module, "_drain", drain)
+    result = stopped.value.result
+    last = result.steps[-1]
+    assert 3 <= last < 200 and result.steps == tuple(range(1, last + 1))
+    assert [c.step for c in list_checkpoints(tmp_path / "run")] == [last]  # the step every rank stopped after, saved
+    with exclusive_run(parse_location(tmp_path / "run")):  # let go once no worker was left to write into it
+        assert not _train_workers()
+    again = trainer_module.run_training(config, progress=False, stop_after=last + 2)
+    assert again.resumed_from == last and again.steps == (last + 1, last + 2)
