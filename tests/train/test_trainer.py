@@ -187,13 +187,11 @@ def test_checkpoints_load_in_extract_bidirectionally(run: dict[str, Any]) -> Non
     assert info.complete and info.attention == "bidirectional"
 
 
-@pytest.mark.slow
-def test_a_killed_cli_run_resumes(tiny_models: Any, tmp_path: Path) -> None:
-    """`hrsa train` killed (SIGKILL, with its embedded Ray) after its second checkpoint; the same command resumes
-    (the same command: another --max-steps is another recipe, refused in that folder)."""
+def _cli_run_until_saved(tiny_models: Any, tmp_path: Path, *, max_steps: int, save_every: int,
+                         step: int) -> tuple[Any, list[str], dict[str, str], Path]:
+    """`hrsa train` started in a session of its own (it and the Ray it embeds), once its checkpoint ``step`` is
+    complete: the process, its command and environment (to run it again), and its run folder."""
     import os
-    import re
-    import signal
     import subprocess
     import sys
     import time
@@ -202,21 +200,34 @@ def test_a_killed_cli_run_resumes(tiny_models: Any, tmp_path: Path) -> None:
     data.write_text("".join(json.dumps(r) + "\n" for r in _records(100, seed=1)))
     output = tmp_path / "run"
     command = [sys.executable, "-m", "hrsa", "train", "--backbone", str(tiny_models.dir("llama")), "--data", str(data),
-               "--output", str(output), "--workers", "1", "--batch-size", "4", "--max-steps", "100",
-               "--save-every", "10", "--lr", "1e-3", "--max-length", "32", "--quiet"]
+               "--output", str(output), "--workers", "1", "--batch-size", "4", "--max-steps", str(max_steps),
+               "--save-every", str(save_every), "--lr", "1e-3", "--max-length", "32", "--quiet"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while not (output / "step_000020" / "hrsa_train.json").is_file():
-            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the deadline"
-            time.sleep(0.5)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the run and the Ray it started
-        proc.wait()
+    proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 300
+    while not (output / f"step_{step:06d}" / "hrsa_train.json").is_file():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os.killpg(proc.pid, 9)
+            pytest.fail(f"no checkpoint {step} before the deadline: {proc.communicate()[1]}")
+        time.sleep(0.2)
+    return proc, command, env, output
+
+
+@pytest.mark.slow
+def test_a_killed_cli_run_resumes(tiny_models: Any, tmp_path: Path) -> None:
+    """`hrsa train` killed (SIGKILL, with its embedded Ray) after its second checkpoint; the same command resumes
+    (the same command: another --max-steps is another recipe, refused in that folder)."""
+    import os
+    import re
+    import signal
+    import subprocess
+
     from hrsa.train.checkpoints import list_checkpoints
 
+    proc, command, env, output = _cli_run_until_saved(tiny_models, tmp_path, max_steps=100, save_every=10, step=20)
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and the Ray it started
+    proc.communicate()
     last = list_checkpoints(output)[-1].step
     assert last < 100, "the run finished before it was killed"
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
@@ -231,28 +242,16 @@ def test_a_killed_cli_run_resumes(tiny_models: Any, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_ctrl_c_in_a_terminal_stops_the_cli_run_with_a_checkpoint(tiny_models: Any, tmp_path: Path) -> None:
     """SIGINT to `hrsa train`'s whole process group, as a terminal's Ctrl-C sends it (its embedded Ray included):
-    exit code 130, one line naming the step it stopped after, that step saved, and the same command resumes."""
+    exit code 130, one line naming the step it stopped after, and that step saved (resuming from a stopped run is
+    the in-process test's)."""
     import os
     import re
     import signal
-    import subprocess
-    import sys
-    import time
 
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in _records(100, seed=1)))
-    output = tmp_path / "run"
-    command = [sys.executable, "-m", "hrsa", "train", "--backbone", str(tiny_models.dir("llama")), "--data", str(data),
-               "--output", str(output), "--workers", "1", "--batch-size", "4", "--max-steps", "1000",
-               "--save-every", "5", "--lr", "1e-3", "--max-length", "32", "--quiet"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    from hrsa.train.checkpoints import list_checkpoints
+
+    proc, _, _, output = _cli_run_until_saved(tiny_models, tmp_path, max_steps=1000, save_every=5, step=5)
     try:
-        deadline = time.monotonic() + 300
-        while not (output / "step_000005" / "hrsa_train.json").is_file():
-            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the deadline"
-            time.sleep(0.2)
         os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     finally:
@@ -261,8 +260,6 @@ def test_ctrl_c_in_a_terminal_stops_the_cli_run_with_a_checkpoint(tiny_models: A
     assert proc.returncode == 130, err
     stopped = re.search(r"stopped after step (\d+)", err)
     assert stopped and 5 <= int(stopped.group(1)) < 1000, err
-    from hrsa.train.checkpoints import list_checkpoints
-
     assert list_checkpoints(output)[-1].step == int(stopped.group(1))
 
 
