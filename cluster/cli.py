@@ -56,13 +56,18 @@ def run(pipeline: Path, address: str | None, out: str | None) -> None:
     from hrsa.cluster.pipeline import load_pipeline
     from hrsa.cluster.runner import run_pipeline
     from hrsa.runtime.locations import is_url
+    from hrsa.train.trainer import TrainingStopped
 
     config = load_pipeline(pipeline, out=out)
     if address:
         config = config.model_copy(update={"address": address})
     console = Console()
     with tempfile.TemporaryDirectory(prefix="hrsa-out-") as scratch:  # a remote out's local copy, removed at the end
-        result = run_pipeline(config, console=console, local_copy=Path(scratch))
+        try:
+            result = run_pipeline(config, console=console, local_copy=Path(scratch))
+        except TrainingStopped as stopped:  # Ctrl-C in a training stage: its workers saved their last step
+            click.echo(f"hrsa: {stopped}. Re-run the same pipeline to resume.", err=True)
+            raise SystemExit(130) from None
         report = result.report
         if report is not None and is_url(result.out) and report.is_relative_to(scratch):  # uploaded: name it there
             report = f"{str(result.out).rstrip('/')}/{report.relative_to(scratch).as_posix()}"

@@ -39,8 +39,7 @@ def train(config_file: Path | None, quiet: bool, **flags: Any) -> None:
         result = run_training(config, progress=not quiet)
     except TrainingStopped as stopped:  # Ctrl-C: the workers stopped after a step and saved it
         last = stopped.result.checkpoints[-1] if stopped.result.checkpoints else "none"
-        click.echo(f"hrsa: stopped after step {stopped.result.steps[-1] if stopped.result.steps else 'none'}; latest "
-                   f"checkpoint: {last}. Re-run the same command to resume.", err=True)
+        click.echo(f"hrsa: {stopped}; latest checkpoint: {last}. Re-run the same command to resume.", err=True)
         raise SystemExit(130) from None
     start = f"resumed from step {result.resumed_from}, " if result.resumed_from is not None else ""
     if result.restarted_from:

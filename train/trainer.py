@@ -37,7 +37,10 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -87,16 +90,20 @@ class TrainingStopped(KeyboardInterrupt):
     """The driver was interrupted (Ctrl-C): its workers stopped after one step, all the same one, and saved it.
 
     Attributes:
-        result: what the call did up to there (its last step is the latest checkpoint; the same call resumes).
+        result: what the call did up to there (the same call resumes).
+        step: the step the workers stopped after, saved (the run's latest checkpoint; 0: none yet).
     """
 
-    def __init__(self, result: TrainResult) -> None:
-        super().__init__(f"training stopped after step {result.steps[-1] if result.steps else 'none'}")
-        self.result = result
+    def __init__(self, result: TrainResult, step: int) -> None:
+        super().__init__(result, step)
+        self.result, self.step = result, step
+
+    def __str__(self) -> str:
+        return f"training stopped after step {self.step}"
 
 
 class StopRequest:
-    """A flag the driver sets when it is interrupted; rank 0 reads it after every step (a Ray actor of no CPU)."""
+    """A flag the driver sets when it is interrupted; rank 0 reads it before every step (a Ray actor of no CPU)."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -187,19 +194,20 @@ def run_training(config: TrainConfig, *, progress: bool = True, stop_after: int 
     check_every_node_reaches(run, conn.nodes)
     with exclusive_run(run):  # a second training into this folder at once is refused (train.run_lock)
         claim_run_folder(run, prepared.recipe)
-        events, interrupted = _run_workers(prepared, placement, progress=progress, stop_after=stop_after)
+        events = _run_workers(prepared, placement, progress=progress, stop_after=stop_after)
     # Step 4: what this call did.
     checkpoints = tuple(parse_location(c.url).as_path_or_url() for c in list_checkpoints(run))
     result = _result(run, checkpoints, events)
-    if interrupted:
-        raise TrainingStopped(result)
+    halted = [e["halted"] for e in events if "halted" in e]
+    if halted:  # the workers stopped on the driver's Ctrl-C (not merely asked after they had finished)
+        raise TrainingStopped(result, halted[-1])
     return result
 
 
 def _run_workers(prepared: _Prepared, placement: WorkerPlacement, *, progress: bool,
-                 stop_after: int | None) -> tuple[list[dict[str, Any]], bool]:
-    """Step 3: ``train_worker`` on the planned Ray Train workers; rank 0's events (starts, steps and losses), and
-    whether the driver was interrupted (the workers then stopped after a step they saved)."""
+                 stop_after: int | None) -> list[dict[str, Any]]:
+    """Step 3: ``train_worker`` on the planned Ray Train workers; rank 0's events (starts, steps and losses, and
+    ``halted`` where the workers stopped on the driver's Ctrl-C)."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -255,14 +263,14 @@ def _result(run: Location, checkpoints: tuple[Path | str, ...], events: list[dic
 
 
 def _fit_with_progress(trainer: Any, queue: Any, stop_request: Any, total: int, *,
-                       progress: bool) -> tuple[list[dict[str, Any]], bool]:
+                       progress: bool) -> list[dict[str, Any]]:
     """Run ``trainer.fit()`` in a thread while this one drains the workers' reports into a progress bar (plain
     periodic lines when the output is not a terminal: a log shows the steps and the loss as they come).
 
-    Ctrl-C here asks the workers to stop after their step and save it, and waits for them: Ray Train's own handler
-    is not installed outside the main thread, and a driver that left at once would, in a notebook, leave them
-    training into a folder it no longer holds. A second Ctrl-C leaves without waiting. Returns the events and
-    whether the run was stopped so."""
+    Ctrl-C here asks the workers to stop before their next step (saving the last one), and waits for them: Ray
+    Train's own handler is not installed outside the main thread, and a driver that left at once would, in a
+    notebook, leave them training into a folder it no longer holds. A second Ctrl-C leaves without waiting.
+    Returns rank 0's events."""
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
     from hrsa.runtime.progress import LineProgress
@@ -277,30 +285,51 @@ def _fit_with_progress(trainer: Any, queue: Any, stop_request: Any, total: int, 
 
     thread = threading.Thread(target=fit, daemon=True)
     events: list[dict[str, Any]] = []
-    interrupted = False
     columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("steps {task.fields[loss]}"),
                TimeElapsedColumn())
-    with LineProgress(*columns, disable=not progress, label="training") as bar:
+    with LineProgress(*columns, disable=not progress, label="training") as bar, _first_interrupt() as interrupted:
         task = bar.add_task("train", total=total, loss="")
         thread.start()
+        asked = False
         while thread.is_alive() or not queue.empty():
-            try:
-                for event in _drain(queue, wait=thread.is_alive()):
-                    events.append(event)
-                    if "started" in event:
-                        bar.update(task, completed=event["started"])
-                    if "step" in event:
-                        bar.update(task, completed=event["step"], loss=f"loss {event['loss']:.4f}")
-            except KeyboardInterrupt:
-                if interrupted:
-                    raise
-                interrupted = True
+            if interrupted.is_set() and not asked:
+                asked = True
                 stop_request.request.remote()
-                log.warning("stopping: the workers finish their step and save it (Ctrl-C again to leave them)")
-    thread.join()
+                log.warning("stopping: the workers save their last step and stop (Ctrl-C again to leave them)")
+            for event in _drain(queue, wait=thread.is_alive()):
+                events.append(event)
+                if "started" in event:
+                    bar.update(task, completed=event["started"])
+                if "step" in event:
+                    bar.update(task, completed=event["step"], loss=f"loss {event['loss']:.4f}")
+        thread.join()
     if "error" in outcome:
         raise outcome["error"]
-    return events, interrupted
+    return events
+
+
+@contextmanager
+def _first_interrupt() -> Iterator[threading.Event]:
+    """An Event the first Ctrl-C sets, instead of raising KeyboardInterrupt wherever the main thread happens to be
+    (inside a queue read, it would drop the events read); the second Ctrl-C raises as usual. Off the main thread,
+    where no handler can be installed, the Event is never set (Ctrl-C reaches only the main thread)."""
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if interrupted.is_set():
+            signal.signal(signal.SIGINT, previous)
+            raise KeyboardInterrupt
+        interrupted.set()
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _drain(queue: Any, *, wait: bool) -> list[dict[str, Any]]:

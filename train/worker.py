@@ -308,24 +308,32 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     if queue is not None:
         queue.put({"started": s.step})  # each start: a restarted group tells the driver where it resumed
     stop = min(config.max_steps, loop_config["stop_after"] or config.max_steps)
+    saved, loss = s.step, math.nan  # where it resumed from is saved; a fresh start has nothing to save
     while s.step < stop:
+        # Asked before each step, so a stop during set-up or a save costs no further step and no second save.
+        if stop_requested(s, loop_config["stop_request"]):
+            if s.step > saved:
+                _save_checkpoint(s, loss, loop_config["spec"], loop_config.get("recipe"))
+            if queue is not None:
+                queue.put({"halted": s.step})  # the driver reports a stop only when the workers did stop
+            return
         loss = train_step(s)
         if queue is not None:
             queue.put({"step": s.step, "loss": loss})
-        halt = stop_requested(s, loop_config["stop_request"])
-        if s.step % config.save_every == 0 or s.step == stop or halt:
+        if s.step % config.save_every == 0 or s.step == stop:
             _save_checkpoint(s, loss, loop_config["spec"], loop_config.get("recipe"))
-        if halt:
-            return
+            saved = s.step
 
 
 def stop_requested(s: WorkerSession, stop_request: Any) -> bool:
     """Whether the driver asked the workers to stop (Ctrl-C): rank 0 reads the flag and every rank gets its answer,
-    so all stop after the same step (a rank that went on alone would wait forever in the next all-reduce)."""
+    so all stop at the same step (a rank that went on alone would wait forever in the next all-reduce)."""
     import ray
     import torch.distributed as dist
 
-    flag = torch.tensor([float(s.rank == 0 and ray.get(stop_request.get.remote()))], device=s.device)
-    if s.world > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    requested = s.rank == 0 and bool(ray.get(stop_request.get.remote()))
+    if s.world == 1:
+        return requested
+    flag = torch.tensor([float(requested)], device=s.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())

@@ -326,11 +326,27 @@ def test_a_calls_result_counts_each_step_once_as_it_last_ran() -> None:
     assert fresh.resumed_from is None and fresh.restarted_from == () and fresh.steps == (1,)
 
 
+def test_a_stopped_training_pickles_whole() -> None:
+    """It crosses process boundaries (a pipeline run as a Ray job, a Ray task calling run_training) whole."""
+    import pickle
+
+    from hrsa.runtime.locations import parse_location
+    from hrsa.train.trainer import TrainingStopped, _result
+
+    stopped = TrainingStopped(_result(parse_location("/tmp/run"), (), [{"started": 0}, {"step": 1, "loss": 3.0}]), 1)
+    again = pickle.loads(pickle.dumps(stopped))
+    assert again.step == 1 and again.result == stopped.result and str(again) == "training stopped after step 1"
+
+
 def test_an_interrupted_driver_stops_its_workers_with_a_checkpoint_before_it_lets_go(
         ray_local: Any, tiny_models: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C in the driver (a KeyboardInterrupt in its main thread, as in a notebook, where nothing else would stop
     Ray Train's workers): every rank stops after the same step, that step is saved, and only then is the run folder
     let go; the same command again resumes from it."""
+    import os
+    import signal
+    import time
+
     import hrsa.train.trainer as trainer_module
     from hrsa.runtime.locations import parse_location
     from hrsa.train.checkpoints import list_checkpoints
@@ -345,23 +361,26 @@ def test_an_interrupted_driver_stops_its_workers_with_a_checkpoint_before_it_let
     assert not _train_workers()
 
     def drain_then_interrupt(queue: Any, *, wait: bool) -> list[dict[str, Any]]:
-        """The progress loop's drain; once 3 steps are reported, the next call is where Ctrl-C lands (once)."""
-        if len(steps_seen) >= 3 and not interrupts:
-            interrupts.append(len(steps_seen))
-            raise KeyboardInterrupt
+        """The progress loop's drain; once 3 steps are reported, a real SIGINT to this process (once), which lands
+        wherever the main thread is then (a queue read included)."""
         events = drain(queue, wait=wait)
         steps_seen.extend(e["step"] for e in events if "step" in e)
+        if len(steps_seen) >= 3 and not interrupts:
+            interrupts.append(len(steps_seen))
+            os.kill(os.getpid(), signal.SIGINT)
         return events
 
     monkeypatch.setattr(trainer_module, "_drain", drain_then_interrupt)
     with pytest.raises(trainer_module.TrainingStopped) as stopped:
         trainer_module.run_training(config, progress=False)
     monkeypatch.setattr(trainer_module, "_drain", drain)
-    result = stopped.value.result
-    last = result.steps[-1]
-    assert 3 <= last < 200 and result.steps == tuple(range(1, last + 1))
+    result, last = stopped.value.result, stopped.value.step
+    assert 3 <= last < 200 and result.steps == tuple(range(1, last + 1))  # every step's event, none lost
     assert [c.step for c in list_checkpoints(tmp_path / "run")] == [last]  # the step every rank stopped after, saved
     with exclusive_run(parse_location(tmp_path / "run")):  # let go once no worker was left to write into it
+        gone_by = time.monotonic() + 10  # Ray Train's shutdown kills its workers without waiting for them
+        while _train_workers() and time.monotonic() < gone_by:
+            time.sleep(0.1)
         assert not _train_workers()
     again = trainer_module.run_training(config, progress=False, stop_after=last + 2)
     assert again.resumed_from == last and again.steps == (last + 1, last + 2)
