@@ -87,11 +87,12 @@ class TrainResult:
 
 
 class TrainingStopped(KeyboardInterrupt):
-    """The driver was interrupted (Ctrl-C): its workers stopped after one step, all the same one, and saved it.
+    """The driver was interrupted (Ctrl-C): its workers stopped before a step, all before the same one, with the
+    step they had reached saved (nothing to save when they stopped before their first step).
 
     Attributes:
         result: what the call did up to there (the same call resumes).
-        step: the step the workers stopped after, saved (the run's latest checkpoint; 0: none yet).
+        step: the step the workers stopped after: the run's latest checkpoint (0 on a fresh run: none yet).
     """
 
     def __init__(self, result: TrainResult, step: int) -> None:
