@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import zarr
     from zarr.abc.store import Store
 
-__all__ = ["ensure_array", "ensure_group", "create_if_absent", "check_create_if_absent", "get_buffer", "get_bytes", "get_range", "put_bytes", "list_keys", "object_size", "delete_key", "delete_prefix"]
+__all__ = ["is_precondition_failure", "ensure_array", "ensure_group", "create_if_absent", "check_create_if_absent", "get_buffer", "get_bytes", "get_range", "put_bytes", "list_keys", "object_size", "delete_key", "delete_prefix"]
 
 
 def _sync(coroutine):  # type: ignore[no-untyped-def]
@@ -207,11 +207,11 @@ def _fsspec_create(store: FsspecStore, key: str, data: bytes) -> None:
     try:
         _sync(put())
     except (FileExistsError, OSError) as error:
-        if not _is_precondition_failure(error):
+        if not is_precondition_failure(error):
             raise
 
 
-def _is_precondition_failure(error: BaseException) -> bool:
+def is_precondition_failure(error: BaseException) -> bool:
     """The backend's word for "the key exists": FileExistsError, or S3's 412 Precondition Failed."""
     if isinstance(error, FileExistsError):
         return True

@@ -6,31 +6,46 @@ came from which run nobody could say). The second is refused in one line, with e
 :func:`refuse_if_in_use` (before it hashes the backbone or starts Ray; it creates nothing), and for certain when it
 takes the lock itself (:func:`exclusive_run`), which closes the race between two starts.
 
-The lock is ``flock`` on a file in the run folder: the kernel drops it when the holder exits, however it ends
-(a SIGKILLed driver leaves no stale lock to clear by hand). Linux's NFS client maps it onto NFS locks where the
-mount has locking on (not ``nolock`` nor ``local_lock=flock``), so drivers on different nodes exclude each other
-there; a driver whose whole node died holds an NFS lock until the server's lease expires (NFSv4: ~90 s). A
-filesystem that refuses flock (Lustre without ``-o flock``) and runs on object storage (``s3://...``) are not
-guarded: run one training per folder there.
+On a local or shared folder the lock is ``flock`` on a file in the run folder: the kernel drops it when the holder
+exits, however it ends (a SIGKILLed driver leaves no stale lock to clear by hand). Linux's NFS client maps it onto NFS
+locks where the mount has locking on (not ``nolock`` nor ``local_lock=flock``), so drivers on different nodes exclude
+each other there; a driver whose whole node died holds an NFS lock until the server's lease expires (NFSv4: ~90 s). A
+filesystem that refuses flock (Lustre without ``-o flock``) is not guarded (a warning says so).
+
+On S3 (``s3://...``) the lock is a lease: the object ``.hrsa_train.lock``, created with a conditional PUT
+(``If-None-Match: *``, as the store's exactly-once records are) and renewed by the holder every
+:data:`RENEW_SECONDS` with ``If-Match`` on its own ETag. A holder that stopped renewing for :data:`LEASE_SECONDS`
+(by the server's clock: its ``Date`` against the object's ``Last-Modified``) is gone, and the next training takes the
+lease over, again conditionally. A holder that finds its lease taken (it could not renew for that long) logs it at
+once and raises :class:`RunInUseError` when its training ends: its checkpoints since may mix two runs. Other object
+stores (``gs://``...) are not guarded.
 """
 
 from __future__ import annotations
 
+import email.utils
 import errno
 import fcntl
+import json
 import logging
 import os
 import socket
+import threading
+import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import IO
+from typing import IO, Any
 
 from hrsa.runtime.locations import Location
 from hrsa.store.errors import UserError
+from hrsa.store.objects import is_precondition_failure
 
-__all__ = ["LOCK_FILE", "RunInUseError", "exclusive_run", "refuse_if_in_use"]
+__all__ = ["LEASE_SECONDS", "LOCK_FILE", "RENEW_SECONDS", "RunInUseError", "exclusive_run", "refuse_if_in_use"]
 
 LOCK_FILE = ".hrsa_train.lock"
+LEASE_SECONDS = 60.0  # an S3 lease not renewed for this long is its holder's no more (its driver or node is gone)
+RENEW_SECONDS = 15.0  # the holder renews it this often: three renewals may fail (a slow request) before it lapses
 _UNSUPPORTED = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL}  # a filesystem without flock
 
 log = logging.getLogger(__name__)
@@ -44,6 +59,8 @@ def refuse_if_in_use(run: Location) -> None:
     """Raise :class:`RunInUseError` when another process holds ``run`` now; creates nothing (a folder or lock file
     that is not there is not held)."""
     if not run.is_local:
+        if run.url.startswith("s3://"):
+            _S3Lease(run).refuse_if_held()
         return
     try:
         lock = open(run.local_path() / LOCK_FILE, "r+")  # for writing: NFS grants an exclusive lock to writers only
@@ -61,7 +78,13 @@ def exclusive_run(run: Location) -> Iterator[None]:
         RunInUseError: another process holds it (the message names its pid and host).
     """
     if not run.is_local:
-        yield
+        if not run.url.startswith("s3://"):
+            log.warning("%s is not on S3 nor a local or shared folder: this training is not guarded against another "
+                        "into it", run.url)
+            yield
+            return
+        with _S3Lease(run).held():
+            yield
         return
     folder = run.local_path()
     folder.mkdir(parents=True, exist_ok=True)
@@ -102,3 +125,147 @@ def _take(lock: IO[str], run: Location, *, warn: bool = True) -> bool:
             log.warning("the filesystem of %s has no flock (%s): this training is not guarded against another into "
                         "the same folder", run.url, error.strerror)
         return False
+
+
+def _holder() -> str:
+    return f"pid {os.getpid()} on {socket.gethostname()}"
+
+
+class _S3Lease:
+    """The lease on an S3 run folder: ``.hrsa_train.lock`` holding who has it and a token of its own."""
+
+    def __init__(self, run: Location) -> None:
+        import fsspec
+
+        self.run = run
+        self.fs = fsspec.filesystem("s3", use_listings_cache=False)
+        bucket, _, prefix = run.path.partition("/")
+        self.bucket, self.key = bucket, f"{prefix.rstrip('/')}/{LOCK_FILE}"
+
+    def refuse_if_held(self) -> None:
+        """Raise :class:`RunInUseError` when a live lease is on the folder; creates nothing."""
+        found = self._read()
+        if found is not None and found["age"] < LEASE_SECONDS:
+            raise self._in_use(found)
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Hold the lease, renewed in a thread, until the block ends; then let it go."""
+        body = json.dumps({"holder": _holder(), "token": uuid.uuid4().hex}).encode()
+        etag = self._take(body)
+        lost, done = threading.Event(), threading.Event()
+        renewer = threading.Thread(target=self._renew, args=(body, etag, lost, done), daemon=True,
+                                   name="hrsa-train-lease")
+        renewer.start()
+        try:
+            yield
+        finally:
+            done.set()
+            renewer.join()
+            self._let_go(body, lost)
+        if lost.is_set():
+            raise RunInUseError(f"Expected this training to hold {self.run.url} to its end. Got its lease taken over "
+                                "by another training instead (this one could not renew it for "
+                                f"{LEASE_SECONDS:.0f} s): its checkpoints since may mix both runs. Train again into "
+                                "a new --output.")
+
+    def _take(self, body: bytes) -> str:
+        """Create the lease object, or take over one whose holder stopped renewing it; its ETag."""
+        while True:
+            try:
+                return self._put(body, IfNoneMatch="*")
+            except OSError as error:
+                if not is_precondition_failure(error):
+                    raise
+            found = self._read()
+            if found is None:  # released between the create and the read: try again
+                continue
+            if found["age"] < LEASE_SECONDS:
+                raise self._in_use(found)
+            log.warning("taking over %s: its holder (%s) has not renewed it for %.0f s", self.run.url,
+                        found["holder"], found["age"])
+            try:
+                etag = self._put(body, IfMatch=found["etag"])
+            except OSError as error:
+                if not is_precondition_failure(error):
+                    raise
+                continue  # another training took it over first: it is now a live lease, refused on the next round
+            if self._etag_if_ours(body) != etag:  # a server that ignored the condition: the last writer has it
+                raise self._in_use(self._read() or found)
+            return etag
+
+    def _renew(self, body: bytes, etag: str, lost: threading.Event, done: threading.Event) -> None:
+        """Every RENEW_SECONDS, rewrite the lease if it is still ours; a transient failure is retried next round."""
+        while not done.wait(RENEW_SECONDS):
+            try:
+                etag = self._put(body, IfMatch=etag)
+            except OSError as error:
+                if is_precondition_failure(error) or isinstance(error, FileNotFoundError):
+                    found = self._read()
+                    log.error("lost the lease on %s to %s: stop this training (its checkpoints from now on may "
+                              "mix with another run's)", self.run.url, found["holder"] if found else "nobody")
+                    lost.set()
+                    return
+                log.warning("could not renew the lease on %s (%s): retrying in %.0f s", self.run.url, error,
+                            RENEW_SECONDS)
+
+    def _let_go(self, body: bytes, lost: threading.Event) -> None:
+        """Delete the lease if it is still ours; set ``lost`` where it is not (taken over since the last renewal)."""
+        if lost.is_set():
+            return
+        try:
+            etag = self._etag_if_ours(body)
+            if etag is None:
+                log.error("lost the lease on %s during this training (taken over, or deleted)", self.run.url)
+                lost.set()
+                return
+            self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key, IfMatch=etag)
+        except OSError as error:  # the server unreachable, or taken over between the read and the delete
+            log.warning("could not let go of the lease on %s (%s): it lapses in %.0f s", self.run.url, error,
+                        LEASE_SECONDS)
+
+    def _etag_if_ours(self, body: bytes) -> str | None:
+        """The lease's ETag if it holds ``body`` (this holder's token), else None."""
+        got = self._get()
+        return got[1] if got is not None and got[0] == body else None
+
+    def _get(self, **condition: str) -> tuple[bytes, str] | None:
+        """The lease's bytes and ETag; None when there is none."""
+        try:
+            got = self.fs.call_s3("get_object", Bucket=self.bucket, Key=self.key, **condition)
+        except FileNotFoundError:
+            return None
+        from fsspec.asyn import sync
+
+        return bytes(sync(self.fs.loop, got["Body"].read)), str(got["ETag"])
+
+    def _put(self, body: bytes, **condition: str) -> str:
+        return str(self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=body, **condition)["ETag"])
+
+    def _read(self) -> dict[str, Any] | None:
+        """The lease's holder, ETag and age in seconds by the server's clock; None when there is none."""
+        try:
+            head = self.fs.call_s3("head_object", Bucket=self.bucket, Key=self.key)
+            got = self._get(IfMatch=head["ETag"])
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            if is_precondition_failure(error):  # renewed between the two requests: alive
+                return {"holder": "another process", "etag": "", "age": 0.0}
+            raise
+        if got is None:
+            return None
+        data = got[0]
+        try:
+            holder = str(json.loads(data)["holder"])
+        except (ValueError, KeyError, TypeError):
+            holder = "another process"
+        date = head.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        now = email.utils.parsedate_to_datetime(date).timestamp() if date else time.time()
+        return {"holder": holder, "etag": head["ETag"], "age": now - head["LastModified"].timestamp()}
+
+    def _in_use(self, found: dict[str, Any]) -> RunInUseError:
+        return RunInUseError(f"Expected no other training running into {self.run.url}. Got one ({found['holder']}, "
+                             f"lease renewed {found['age']:.0f} s ago) instead. Wait for it to end, or train into "
+                             f"another --output (a lease not renewed for {LEASE_SECONDS:.0f} s is taken over; if its driver is gone "
+                             f"for good, delete {self.run.child(LOCK_FILE).url}).")

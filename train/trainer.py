@@ -220,8 +220,9 @@ def _run_workers(prepared: _Prepared, placement: WorkerPlacement, *, progress: b
     # Step 3: the workers; rank 0 sends (step, loss) through a queue for the progress bar. The records travel
     # through Ray's object store (no node but this one needs the data file); Ray Train persists checkpoints as
     # run/step_N through the run's own filesystem (a local or shared path, s3://...).
-    queue = Queue(actor_options={"num_cpus": 0})
-    stop_request = ray.remote(num_cpus=0)(StopRequest).remote()
+    here = on_driver_node()  # the driver's own actors live and die with it, not with a worker's node
+    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+    stop_request = ray.remote(num_cpus=0)(StopRequest).options(scheduling_strategy=here).remote()
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": config.model_dump(mode="json"), "spec": prepared.spec,
@@ -244,6 +245,16 @@ def _run_workers(prepared: _Prepared, placement: WorkerPlacement, *, progress: b
     finally:
         ray.kill(queue.actor)
         ray.kill(stop_request)
+
+
+def on_driver_node() -> Any:
+    """A scheduling strategy that places an actor on the driver's node. A CPU-less actor may otherwise land on any
+    node; were that a worker's node, losing it would take the progress queue and stop flag with it, and the
+    restart that ``--max-failures`` allows would fail at its first step."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
 def _result(run: Location, checkpoints: tuple[Path | str, ...], events: list[dict[str, Any]]) -> TrainResult:

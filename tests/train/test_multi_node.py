@@ -153,10 +153,16 @@ def test_a_killed_two_worker_run_on_s3_resumes_to_the_weights_of_an_uninterrupte
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver; the cluster ends its job's workers
         proc.wait()
+    from hrsa.runtime.locations import parse_location
     from hrsa.train.checkpoints import list_checkpoints
 
     complete = [c.step for c in list_checkpoints(f"{root}/killed")]
     assert complete and complete[-1] < 40, "the run finished before it was killed"
+    # The killed driver's lease on the run stays until it lapses (60 s): the same command is refused in one line
+    # that names the lease to delete, and resumes once it is deleted.
+    refused = run(command, cluster["env"])
+    assert refused.returncode == 2 and f"delete {root}/killed/.hrsa_train.lock" in "".join(error_lines(refused))
+    parse_location(f"{root}/killed/.hrsa_train.lock").delete()
     resumed = run(command, cluster["env"])
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     # From the latest complete checkpoint, whether or not Ray Train had recorded it before the kill (the cluster ends

@@ -114,3 +114,89 @@ def test_a_filesystem_without_flock_trains_unguarded_with_a_warning(tmp_path: Pa
     with caplog.at_level("WARNING"), exclusive_run(parse_location(tmp_path / "run")):
         pass
     assert "not guarded" in caplog.text
+
+
+# -- On S3 (moto's server): a lease renewed by its holder ------------------------------------------------------------
+_HOLD_S3 = textwrap.dedent("""
+    import sys, time
+    from hrsa.runtime.locations import parse_location
+    from hrsa.train import run_lock
+    run_lock.LEASE_SECONDS, run_lock.RENEW_SECONDS = float(sys.argv[2]), float(sys.argv[3])
+    with run_lock.exclusive_run(parse_location(sys.argv[1])):
+        print("held", flush=True)
+        time.sleep(600)
+""")
+
+
+@pytest.fixture
+def s3_run(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    import uuid
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    return parse_location(f"s3://hrsa-test/runs/{uuid.uuid4().hex}")
+
+
+def _s3_keys(run: Any) -> list[str]:
+    return sorted(run.files())
+
+
+def _hold_s3(run: Any, lease: float, renew: float) -> subprocess.Popen[str]:
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_S3, run.url, str(lease), str(renew)],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_an_s3_run_is_refused_while_its_holder_renews_and_taken_over_once_it_stops(s3_run: Any,
+                                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A live holder (renewing every 0.5 s) is refused past several lease lengths; once SIGKILLed, its lease lapses
+    and the next training takes it over; a run that ends lets go of the lease (nothing left in the folder)."""
+    import time
+
+    from hrsa.train import run_lock
+    from hrsa.train.run_lock import refuse_if_in_use
+
+    refuse_if_in_use(s3_run)
+    assert _s3_keys(s3_run) == []  # the early check creates nothing
+    monkeypatch.setattr(run_lock, "LEASE_SECONDS", 2.0)
+    holder = _hold_s3(s3_run, 2.0, 0.5)
+    try:
+        for _ in range(3):  # 4.5 s: longer than the lease, so only the renewals keep it
+            time.sleep(1.5)
+            with pytest.raises(RunInUseError, match=rf"pid {holder.pid} on .*Wait for it to end"):
+                refuse_if_in_use(s3_run)
+            with pytest.raises(RunInUseError, match=rf"pid {holder.pid} on "), exclusive_run(s3_run):
+                pytest.fail("entered a folder another process holds")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with pytest.raises(RunInUseError):  # a lease lapses only after LEASE_SECONDS without renewal
+        refuse_if_in_use(s3_run)
+    time.sleep(3.5)  # Last-Modified has a resolution of 1 s
+    with exclusive_run(s3_run):
+        assert _s3_keys(s3_run) == [LOCK_FILE]
+    assert _s3_keys(s3_run) == []
+
+
+def test_an_s3_lease_taken_over_fails_its_first_holder_at_the_end(s3_run: Any, monkeypatch: pytest.MonkeyPatch,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A holder that could not renew for a whole lease (a frozen driver, a partition) finds its lease taken: it is
+    told, not left to report a run whose checkpoints may mix two trainings."""
+    import time
+
+    from hrsa.train import run_lock
+
+    monkeypatch.setattr(run_lock, "LEASE_SECONDS", 1.0)
+    monkeypatch.setattr(run_lock, "RENEW_SECONDS", 0.3)
+    with pytest.raises(RunInUseError, match="lease taken over by another training"), exclusive_run(s3_run):
+        monkeypatch.setattr(run_lock, "RENEW_SECONDS", 600.0)  # frozen: its next renewal never comes
+        time.sleep(2.5)
+        holder = _hold_s3(s3_run, 1.0, 0.3)  # takes the lapsed lease over, and keeps it
+    try:
+        assert "lost the lease" in caplog.text
+        monkeypatch.setattr(run_lock, "LEASE_SECONDS", 60.0)  # the server's times have a resolution of 1 s
+        with pytest.raises(RunInUseError, match=rf"pid {holder.pid} on "):
+            run_lock.refuse_if_in_use(s3_run)  # the first holder's exit left the new holder's lease alone
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()

@@ -384,3 +384,14 @@ def test_an_interrupted_driver_stops_its_workers_with_a_checkpoint_before_it_let
         assert not _train_workers()
     again = trainer_module.run_training(config, progress=False, stop_after=last + 2)
     assert again.resumed_from == last and again.steps == (last + 1, last + 2)
+
+
+def test_the_drivers_own_actors_are_placed_on_its_node(ray_local: Any) -> None:
+    """The progress queue and the stop flag live on the driver's node (hard affinity): a restart after the loss of
+    a worker's node still finds them."""
+    import ray
+
+    from hrsa.train.trainer import on_driver_node
+
+    strategy = on_driver_node()
+    assert strategy.node_id == ray.get_runtime_context().get_node_id() and strategy.soft is False
