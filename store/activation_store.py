@@ -6,6 +6,7 @@ Reads return lazy Dask arrays; nothing is loaded until computed.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -21,6 +22,7 @@ from hrsa.store.corpus import (
     CorpusTable,
     CorpusTokens,
     content_hash,
+    corpus_damage,
     differing_documents,
     read_corpus_info,
     read_corpus_tokens,
@@ -63,6 +65,8 @@ if TYPE_CHECKING:
 
 __all__ = ["ActivationStore", "Mode"]
 
+log = logging.getLogger(__name__)
+
 Mode = Literal["r", "r+", "a", "w-"]
 # What reading a node's metadata raises when it is absent or not Zarr's (a torn or edited zarr.json): a finding
 # about that node. Network and permission errors are not in it, so they are never taken for damage.
@@ -86,6 +90,7 @@ class ActivationStore(ResultRecords):
         self.read_only = read_only
         self._exclusive_checked = False
         self._tops: dict[str, zarr.Group] = {}
+        self._sound_corpora: set[str] = set()  # checked against their content hash in this process
 
     # -- opening -------------------------------------------------------------------------------
     @classmethod
@@ -212,12 +217,24 @@ class ActivationStore(ResultRecords):
             )
         return group
 
-    def _corpus_group(self, cid: str) -> zarr.Group:
+    def _corpus_group(self, cid: str, *, checked: bool = True) -> zarr.Group:
+        """The corpus's group; ``checked``: its arrays checked once per process against its content hash first (a
+        missing chunk reads as zeros: token 0, no special tokens, position 0 everywhere)."""
         parse_id(cid, kind="corpus id")
         if cid not in self.corpora():
             known = ", ".join(self.corpora()) or "none"
             raise CorpusNotFoundError(f"Expected a corpus of this store ({known}). Got {cid!r} instead.")
-        return self._top("corpora")[cid]
+        group = self._top("corpora")[cid]
+        if checked and cid not in self._sound_corpora:
+            damage = corpus_damage(group, read_corpus_info(cid, group))
+            if damage:
+                raise CorruptDataError(
+                    f"Expected corpus {cid} of {self.url} as it was written. Got a damaged one instead: {damage}. "
+                    "Extract any model on it again (the extraction writes its corpus again), then run "
+                    f"`hrsa store verify {self.url}`."
+                )
+            self._sound_corpora.add(cid)
+        return group
 
     def model_info(self, mid: str) -> ModelInfo:
         """Attributes and progress of model ``mid``."""
@@ -227,7 +244,7 @@ class ActivationStore(ResultRecords):
         return read_model_info(mid, group, units_done=done)
 
     def corpus_info(self, cid: str) -> CorpusInfo:
-        return read_corpus_info(cid, self._corpus_group(cid))
+        return read_corpus_info(cid, self._corpus_group(cid, checked=False))
 
     def tokens(self, cid: str) -> pd.DataFrame:
         """The corpus's token table: token_id, doc_index, position, is_special, is_first."""
@@ -364,11 +381,15 @@ class ActivationStore(ResultRecords):
             A Dask array in the model's dtype (``ml_dtypes.bfloat16`` for bf16 models).
         """
         import dask.array as da
+        from dask.base import tokenize
 
         info = self.model_info(mid)
         array = self.hidden_state_array(mid, layer, allow_incomplete=allow_incomplete)
         chunks = (chunk_tokens or info.layout.shard_tokens, info.hidden_size)
-        lazy = da.from_array(array, chunks=chunks, name=f"hrsa-{array.where}", asarray=False, fancy=False)
+        # Dask takes equal names for equal arrays: the name says everything that shapes this read, so two reads of one
+        # hidden state in one graph (other chunks, or an incomplete model read before more of it was done) never merge.
+        name = f"hrsa-{array.where}-{tokenize(chunks, allow_incomplete, info.units_done)}"
+        lazy = da.from_array(array, chunks=chunks, name=name, asarray=False, fancy=False)
         selection = TokenSelection.of(tokens=tokens, docs=docs, token_filter=token_filter)
         return lazy if selection.is_everything else lazy[self.select(mid, selection)]
 
@@ -422,7 +443,13 @@ class ActivationStore(ResultRecords):
         digest = content_hash(table)
         cid = f"corpus-{digest[:16]}"
         if cid in self.corpora():
-            return cid
+            group = self._top("corpora")[cid]
+            damage = corpus_damage(group, read_corpus_info(cid, group))
+            if damage is None:
+                return cid
+            # The id is the content's hash: the table in hand is exactly what belongs there, so it is written again.
+            log.warning("corpus %s of %s was damaged (%s): writing it again", cid, self.url, damage)
+            self._sound_corpora.discard(cid)
         write_corpus(
             self._top("corpora"), cid, table, tokenizer=tokenizer, source=source, fields=fields,
             template=template, digest=digest, extra=extra,

@@ -9,7 +9,8 @@ byte-level tokens) pairs its tokens in order when both sides hold it as many tim
 tags, template text, special tokens) is never aligned.
 
 The alignment of a pair of corpora is computed once and kept in the store (``alignments/<A>--<B>``, two int64
-arrays), like a corpus: its id is the two corpus ids, which are their contents' hashes.
+arrays and their sha256), like a corpus: its id is the two corpus ids, which are their contents' hashes. One whose
+rows do not hash to their digest is computed again, never used.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from hrsa.store.objects import ensure_array, ensure_group
 if TYPE_CHECKING:
     import zarr
 
-__all__ = ["TokenPairs", "align_corpora", "alignment_key", "alignment_problem", "read_alignment", "write_alignment"]
+__all__ = ["TokenPairs", "align_corpora", "alignment_damage", "alignment_key", "alignment_problem", "read_alignment", "write_alignment"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -103,12 +104,38 @@ def align_corpora(corpus_a: zarr.Group, corpus_b: zarr.Group) -> tuple[np.ndarra
     return joined["row_a"].to_numpy(np.int64), joined["row_b"].to_numpy(np.int64)
 
 
+def _digest(rows_a: np.ndarray, rows_b: np.ndarray) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for rows in (rows_a, rows_b):
+        h.update(np.ascontiguousarray(rows, dtype="<i8").tobytes())
+    return h.hexdigest()
+
+
+def alignment_damage(group: zarr.Group) -> str | None:
+    """What is wrong with a stored alignment, or None. Zarr reads a missing chunk as zeros (every pair's row 0), so
+    its rows are hashed against the digest written with them."""
+    meta = group.attrs.get(ATTRS_KEY, {})
+    if not meta.get("complete") or "digest" not in meta:
+        return None  # not finished, or kept by an earlier hrsa without a digest: never used, so not damage
+    try:
+        rows = group["rows_a"][:], group["rows_b"][:]
+    except Exception as error:  # any decode failure is damage
+        return f"unreadable ({type(error).__name__}: {error})"
+    if _digest(*rows) != meta["digest"]:
+        return "its rows do not hash to its recorded digest (a chunk missing and read as zeros, or changed)"
+    return None
+
+
 def read_alignment(parent: zarr.Group, key: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """A stored alignment, or None when there is none (or its write was not finished)."""
+    """A stored alignment, or None when there is none, its write was not finished, it has no digest, or it is
+    damaged (then it is computed again: it derives from the two corpora)."""
     if key not in parent:
         return None
     group = parent[key]
-    if not group.attrs.get(ATTRS_KEY, {}).get("complete"):
+    meta = group.attrs.get(ATTRS_KEY, {})
+    if not meta.get("complete") or "digest" not in meta or alignment_damage(group) is not None:
         return None
     return group["rows_a"][:], group["rows_b"][:]
 
@@ -122,4 +149,5 @@ def write_alignment(parent: zarr.Group, key: str, rows_a: np.ndarray, rows_b: np
         array = ensure_array(group, name, shape=rows.shape, dtype=np.int64, chunks=(max(1, min(1 << 18, rows.size)),),
                              compressors=[ZstdCodec(level=3), Crc32cCodec()], fill_value=0)
         array[:] = rows
-    group.attrs[ATTRS_KEY] = {"kind": "alignment", "n_pairs": int(rows_a.size), "complete": True}
+    group.attrs[ATTRS_KEY] = {"kind": "alignment", "n_pairs": int(rows_a.size), "digest": _digest(rows_a, rows_b),
+                              "complete": True}

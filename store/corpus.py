@@ -31,6 +31,8 @@ __all__ = [
     "content_hash",
     "differing_documents",
     "read_corpus_info",
+    "corpus_damage",
+    "read_corpus_table",
     "read_corpus_tokens",
     "read_token_table",
     "write_corpus",
@@ -262,6 +264,45 @@ class CorpusTokens:
     def document(self, d: int) -> np.ndarray:
         """(n,) the token ids of document ``d``."""
         return self.token_ids[self.doc_offsets[d] : self.doc_offsets[d + 1]]
+
+
+def read_corpus_table(group: zarr.Group) -> CorpusTable:
+    """The corpus stored in ``group`` as the table it was written from (unchecked: see :func:`corpus_damage`)."""
+    spans = "token_field" in group
+    return CorpusTable(
+        token_ids=group["token_ids"][:], doc_offsets=group["doc_offsets"][:], is_special=group["is_special"][:],
+        record_ids=[str(r) for r in group["doc_record_id"][:]], truncated=group["doc_truncated"][:],
+        original_length=group["doc_original_length"][:],
+        span_fields=tuple(group.attrs[ATTRS_KEY].get("span_fields") or ()) if spans else (),
+        token_field=group["token_field"][:] if spans else None, char_start=group["char_start"][:] if spans else None,
+        char_end=group["char_end"][:] if spans else None,
+    )
+
+
+def corpus_damage(group: zarr.Group, info: CorpusInfo) -> str | None:
+    """What is wrong with a stored corpus, or None when it is the corpus its id names.
+
+    Zarr reads a chunk that is not there as its fill value (0), and its crc32c guards only the chunks that are: so
+    the arrays are hashed again against the recorded content hash (which covers token ids, offsets, special flags,
+    record ids and spans), and the arrays derived from them (document index, position, truncation) are compared
+    with what they derive from.
+    """
+    try:
+        table = read_corpus_table(group)
+        table.check()
+    except Exception as error:  # any decode failure or broken invariant is damage, told in one line
+        return f"unreadable ({type(error).__name__}: {error})"
+    if content_hash(table) != info.content_hash:
+        return "its tokens do not hash to its recorded content hash (a chunk missing and read as zeros, or changed)"
+    lengths = np.diff(table.doc_offsets)
+    derived = {"doc_index": table.doc_index(), "position": table.position()}
+    for name, values in derived.items():
+        if not np.array_equal(group[name][:], values):
+            return f"its {name} does not follow from its document offsets"
+    if table.truncated is None or table.original_length is None or not np.array_equal(
+            table.truncated, lengths < table.original_length) or np.any(table.original_length < lengths):
+        return "its truncation flags do not match its documents' stored and original lengths"
+    return None
 
 
 def read_corpus_tokens(group: zarr.Group) -> CorpusTokens:

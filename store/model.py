@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from hrsa.store.format import ATTRS_KEY, CODEC_PRESETS, STORED_DTYPES, Layout, codec_chain, storage_dtype
-from hrsa.store.objects import create_if_absent, get_bytes, put_bytes
+from hrsa.store.objects import create_if_absent, delete_prefix, get_bytes, put_bytes
 
 if TYPE_CHECKING:
     import zarr
@@ -118,11 +118,13 @@ def array_mismatches(group: zarr.Group, info: ModelInfo) -> list[tuple[str, str]
     problems: list[tuple[str, str]] = []
     want_dtype = storage_dtype(info.dtype)
     try:
-        stored = {int(k) for k in _child_names(group["hidden"])}
+        # Only digit names are hidden states: a SIGKILLed Zarr write leaves a ``zarr.<hex>.partial`` beside them.
+        stored = {int(k) for k in _child_names(group["hidden"]) if k.isdigit()}
     except Exception as error:  # a finding: unreadable or absent metadata
         return [("hidden", f"unreadable group metadata ({type(error).__name__}: {error})")]
     if stored != set(info.hidden_states):
         problems.append(("hidden", f"holds hidden states {sorted(stored)}, but the attributes list {sorted(info.hidden_states)}"))
+    expected = json.loads(_hidden_array_metadata(info))
     for k in sorted(stored & set(info.hidden_states)):
         where = hidden_key(k)
         try:
@@ -130,6 +132,11 @@ def array_mismatches(group: zarr.Group, info: ModelInfo) -> list[tuple[str, str]
         except Exception as error:
             problems.append((where, f"unreadable array metadata ({type(error).__name__}: {error})"))
             continue
+        # The codec chain decides what the stored bytes mean (a flipped endianness reads every value wrong, yet
+        # every shard still matches its hash): it must be the one the model was created with.
+        codecs = json.loads(json.dumps(array.metadata.to_dict().get("codecs")))  # tuples as JSON's lists
+        if codecs != expected.get("codecs"):
+            problems.append((where, f"codecs {json.dumps(codecs)} are not the model's {json.dumps(expected.get('codecs'))}"))
         if array.dtype != want_dtype:
             problems.append((where, f"data type {array.dtype} does not match the model's dtype {info.dtype} (stored as {want_dtype})"))
         if array.shape != (info.n_tokens, info.hidden_size):
@@ -162,9 +169,10 @@ def create_model_group(parent: zarr.Group, info: ModelInfo) -> bool:
     Returns whether the group holds ``info``'s attributes afterwards: False when another coordinator created this
     model with other settings at the same instant.
 
-    Safe against kills and against any number of coordinators creating the same model: arrays are created only
-    where absent (never overwritten, so nobody's shards are deleted), and the group's metadata, attributes
-    included, is one object created last with create-if-absent. Before it exists the model is half-created
+    Safe against kills and against any number of coordinators creating the same model: arrays' metadata is written
+    where it differs (no shard is ever deleted), the group's metadata, attributes included, is one object created
+    last with create-if-absent, and a coordinator that loses that race to other settings writes the winner's arrays'
+    metadata back before it returns. Before it exists the model is half-created
     (absent for listing, deletable, replaced by a re-run); after, it is whole. Workers write nothing before.
     """
 
@@ -180,7 +188,19 @@ def create_model_group(parent: zarr.Group, info: ModelInfo) -> bool:
     meta = json.loads(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {ATTRS_KEY: info.to_attrs()}}))
     create_if_absent(store, f"{prefix}/zarr.json", json.dumps(meta, indent=2).encode())
     stored = json.loads(get_bytes(store, f"{prefix}/zarr.json") or b"{}")
-    return stored.get("attributes", {}).get(ATTRS_KEY, {}) == meta["attributes"][ATTRS_KEY]
+    winner = stored.get("attributes", {}).get(ATTRS_KEY, {})
+    if winner == meta["attributes"][ATTRS_KEY]:
+        return True
+    # Lost to a coordinator of other settings, after this one wrote its arrays' metadata over the winner's: put the
+    # winner's back (every loser ends so, so the last word on each array is the winner's).
+    import zarr
+
+    won = read_model_info(info.id, zarr.open_group(store, path=prefix, mode="r"), units_done=0)
+    for layer in won.hidden_states:
+        _ensure_object(store, f"{prefix}/{hidden_key(layer)}/zarr.json", _hidden_array_metadata(won))
+    for layer in set(info.hidden_states) - set(won.hidden_states):  # arrays of this one's alone: no data yet
+        delete_prefix(store, f"{prefix}/{hidden_key(layer)}")
+    return False
 
 
 _GROUP_METADATA = b'{"zarr_format": 3, "node_type": "group", "attributes": {}}'

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hrsa.store.alignment import alignment_damage
+from hrsa.store.corpus import corpus_damage
 from hrsa.store.errors import CorruptDataError, HalfCreatedModelError
 from hrsa.store.model import ModelInfo, array_mismatches, hidden_key
 from hrsa.store.units import ModelWriter, checked_record, shard_problem
@@ -70,13 +72,23 @@ def _verify_corpus(store: ActivationStore, cid: str, problems: list[Problem]) ->
     group = store.group(f"corpora/{cid}")
     for name in _CORPUS_ARRAYS:
         _read(lambda name=name: group[name][:], f"corpora/{cid}/{name}", problems)
-    info = store.corpus_info(cid)
+    if any(p.where.startswith(f"corpora/{cid}/") for p in problems):
+        return  # an unreadable array is the finding already
+    damage = corpus_damage(group, store.corpus_info(cid))
+    if damage:
+        problems.append(Problem(f"corpora/{cid}", f"{damage}; extract any model on it again, which writes it again"))
+
+
+def _verify_alignments(store: ActivationStore, problems: list[Problem]) -> None:
+    """Stored alignments whose rows do not hash to their digest (reads compute them again rather than use them)."""
     try:
-        offsets = group["doc_offsets"][:]
-        if offsets[0] != 0 or offsets[-1] != info.n_tokens or np.any(np.diff(offsets) <= 0):
-            problems.append(Problem(f"corpora/{cid}/doc_offsets", "document offsets do not cover the tokens in order"))
-    except Exception:
-        pass  # already reported as unreadable
+        alignments = store.group("alignments")
+    except KeyError:
+        return
+    for key, group in alignments.groups():
+        damage = alignment_damage(group)
+        if damage:
+            problems.append(Problem(f"alignments/{key}", f"{damage}; the next analysis of the pair computes it again"))
 
 
 def _model_infos(store: ActivationStore, mids: Sequence[str], problems: list[Problem]) -> list[ModelInfo]:
@@ -155,6 +167,8 @@ def verify_store(
             problems.append(Problem(f"corpora/{cid}", "missing or incomplete, but a model refers to it"))
             continue
         _verify_corpus(store, cid, problems)
+    if models is None:
+        _verify_alignments(store, problems)
     incomplete: dict[str, list[int]] = {}
     shards = 0
     for info in infos:

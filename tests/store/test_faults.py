@@ -607,3 +607,96 @@ def test_a_corpus_deleted_under_a_model_is_reported_and_restored_by_writing_it_a
     # The corpus is content-addressed: writing the same table again restores it under the same id.
     assert store.write_corpus(make_table(), tokenizer={"name": "test-tok", "fingerprint": "fp-1"}, source="test") == cid
     assert verify_store(target.open("r")).ok
+
+
+# -- a corpus's arrays: Zarr reads a missing chunk as zeros; the content hash is what vouches for them -------------
+def _forge_token(store: ActivationStore, cid: str) -> None:
+    array = store.group(f"corpora/{cid}")["token_ids"]
+    array[5] = int(array[5]) + 1  # a valid chunk with a right crc32c: only the content hash tells
+
+
+def _forge_truncation(store: ActivationStore, cid: str) -> None:
+    store.group(f"corpora/{cid}")["doc_truncated"][1] = True  # all False until now: stored as no chunk at all
+
+
+def _chunks_deleted(name: str) -> Callable[[ActivationStore, str], None]:
+    def damage(store: ActivationStore, cid: str) -> None:
+        chunks = _objects(store, f"corpora/{cid}/{name}/c/")
+        assert chunks, f"{name} has no chunk to lose"
+        for key in chunks:
+            _delete(store, key)
+
+    return damage
+
+
+CORPUS_DAMAGE = {**{f"{name} chunks missing": _chunks_deleted(name) for name in (
+    "token_ids", "is_special", "position", "doc_index", "doc_offsets", "doc_record_id", "doc_original_length")},
+    "a token id changed": _forge_token, "a truncation flag set": _forge_truncation}
+
+
+@pytest.mark.slow_on_s3(keep=("token_ids chunks missing",))
+@pytest.mark.parametrize("fault", sorted(CORPUS_DAMAGE))
+def test_a_damaged_corpus_is_named_by_verify_refused_by_reads_and_restored_by_writing_it(target: Target, fault: str,
+                                                                                         tmp_path: Path) -> None:
+    store = _filled(target)
+    cid = store.model_info("m").corpus
+    CORPUS_DAMAGE[fault](store, cid)
+    store = target.open("a")
+    report = verify_store(store)
+    assert [p.where for p in report.problems] == [f"corpora/{cid}"], report.problems
+    assert _cli(target, "store", "verify", target.url).exit_code == 1
+    # Every read that takes tokens from the corpus refuses it (a document selection, the special-token filter,
+    # the token table), in one line, and changes nothing.
+    with pytest.raises(CorruptDataError, match=f"corpus {cid} .* damaged"):
+        store.tokens(cid)
+    before = _objects(store)
+    _one_error_line(_cli(target, "store", "get", target.url, "m", "--layer", "1", "--exclude-special",
+                         "--out", str(tmp_path / "x.npy")), 1)
+    assert _objects(store) == before and not (tmp_path / "x.npy").exists()
+    # The id is the content's hash: writing the same table again (as any extraction on it does) restores it.
+    assert store.write_corpus(make_table(), tokenizer={"name": "test-tok", "fingerprint": "fp-1"}, source="test") == cid
+    restored = target.open("r")
+    assert verify_store(restored).ok
+    assert restored.tokens(cid)["token_id"].tolist() == make_table().token_ids.tolist()
+
+
+def test_an_edited_codec_chain_is_reported(target: Target) -> None:
+    """Big-endian bytes in the codec chain: every shard still matches its hash, yet every value would read wrong."""
+    store = _filled(target)
+
+    def big_endian(meta: dict[str, Any]) -> None:
+        inner = meta["codecs"][0]["configuration"]["codecs"]
+        next(c for c in inner if c["name"] == "bytes")["configuration"]["endian"] = "big"
+
+    _edit_json(store, "models/m/hidden/1/zarr.json", big_endian)
+    report = verify_store(target.open("r"))
+    assert [(p.where, p.what.startswith("codecs ")) for p in report.problems] == [("models/m/hidden/1", True)]
+
+
+def test_a_stray_file_among_the_hidden_states_leaves_verify_whole(target: Target) -> None:
+    """A ``zarr.<hex>.partial`` that a SIGKILLed write leaves in ``hidden/`` is not a hidden state: every shard is
+    still read, and a missing one still named (and reset)."""
+    store = _filled(target)
+    _put(store, "models/m/hidden/zarr.0123456789abcdef0123456789abcdef.partial", b"{")
+    _delete(store, _shard(1, 2))
+    report = verify_store(target.open("r"))
+    assert [p.where for p in report.problems] == ["models/m/hidden/1 shard 2 (tokens 512:768)"]
+    assert report.damaged_units() == {"m": [2]}
+
+
+def test_a_coordinator_that_loses_the_creation_to_other_settings_leaves_the_winners_model_whole(
+        target: Target) -> None:
+    """Two coordinators create model "m" at the same instant: the loser (float16, its probe said "absent") writes
+    its arrays' metadata before it loses the group's; the winner's model must still write, read and verify."""
+    from dataclasses import replace
+
+    from hrsa.store.model import create_model_group
+
+    store = target.open("a")
+    new_model(store, "m")  # the winner: float32, hidden states 0..LAYERS-1
+    loser = replace(store.model_info("m"), dtype="float16", hidden_states=(0, 1, LAYERS))
+    assert create_model_group(store.group("models"), loser) is False
+    store = target.open("r+")
+    fill_model(store, "m")
+    assert np.array_equal(store.hidden_state("m", 1).compute(), expected_layer(store, "m", 1))
+    assert verify_store(target.open("r")).ok

@@ -7,6 +7,8 @@ import io
 import os
 import json
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -316,3 +318,52 @@ def test_local_objects_are_read_whole_as_zarrs_store_reads_them(tmp_path, filled
             return await self._store.get(*args, **kwargs)
 
     assert objects.get_buffer(Counting(local), key).to_bytes() == theirs and Counting.gets == 1
+
+
+def _spanned_table(first_span: int) -> Any:
+    """5 documents of 40 characters, one token a character, except that the first ``first_span`` characters of each
+    are one token (another tokenizer's split of the same text)."""
+    from hrsa.store.corpus import CorpusTable
+
+    spans = [(0, first_span)] + [(i, i + 1) for i in range(first_span, 40)]
+    n = 5 * len(spans)
+    return CorpusTable(np.arange(n, dtype=np.int32) % 50, np.arange(6, dtype=np.int64) * len(spans), np.zeros(n, bool),
+                       [f"r{d}" for d in range(5)], span_fields=("text",), token_field=np.zeros(n, np.int16),
+                       char_start=np.array([a for _ in range(5) for a, _ in spans], np.int32),
+                       char_end=np.array([b for _ in range(5) for _, b in spans], np.int32))
+
+
+def test_a_damaged_stored_alignment_is_named_by_verify_and_computed_again(tmp_path) -> None:
+    """A missing chunk of a kept alignment reads as zeros (every pair's row 0): its digest tells, verify names it,
+    and token_pairs computes the alignment again (and keeps it again where the store is writable)."""
+    import shutil
+
+    from hrsa.store.verify import verify_store
+
+    store = ActivationStore.open(tmp_path / "s", mode="a")
+    cids = [store.write_corpus(_spanned_table(n), tokenizer={"name": f"t{n}", "fingerprint": f"f{n}"}) for n in (1, 2)]
+    for mid, cid in zip(("a", "b"), cids):
+        store.create_model(mid, corpus=cid, n_hidden_states=LAYERS, hidden_size=HIDDEN, dtype="float32", chunk_tokens=16,
+                           shard_tokens=64)
+        fill_model(store, mid)
+    pairs = store.token_pairs("a", "b")
+    assert pairs.n_pairs == 5 * 38 and np.unique(pairs.rows_a).size == pairs.n_pairs
+    shutil.rmtree(tmp_path / "s" / "alignments" / f"{cids[0]}--{cids[1]}" / "rows_a" / "c")
+    read_only = ActivationStore.open(tmp_path / "s", mode="r")
+    assert [p.where for p in verify_store(read_only).problems] == [f"alignments/{cids[0]}--{cids[1]}"]
+    again = read_only.token_pairs("a", "b")
+    assert np.array_equal(again.rows_a, pairs.rows_a) and np.array_equal(again.rows_b, pairs.rows_b)
+    ActivationStore.open(tmp_path / "s", mode="r+").token_pairs("a", "b")  # kept again, whole
+    assert verify_store(ActivationStore.open(tmp_path / "s", mode="r")).ok
+
+
+def test_two_reads_of_one_hidden_state_in_one_graph_stay_apart(filled_store: ActivationStore) -> None:
+    """Dask merges tasks of equal names: reads of one hidden state in other chunks must not share one."""
+    import dask
+
+    want = expected_layer(filled_store, "m", 2).astype(np.float64)
+    for first, second in ((None, 64), (64, None)):
+        sums = dask.compute(*(filled_store.hidden_state("m", 2, chunk_tokens=c).astype(np.float64).sum(0)
+                              for c in (first, second)))
+        for got in sums:
+            np.testing.assert_allclose(got, want.sum(0), rtol=1e-12)

@@ -1,0 +1,57 @@
+"""What a model is, by content: the weights a stored model was extracted from, the backbone of a training recipe,
+the model whose eval scores are reused.
+
+A local model folder counts by its own files (not what tools wrote into it, such as ``hrsa eval``'s ``eval/``
+folder, nor a checkpoint's bookkeeping: ``hrsa_train.json`` holds the loss, ``trainer_state.pt`` the optimizer);
+a ``.gguf`` file and a packaged model by their bytes; a hub model by its id and revision (its files are not
+here to read: pin a revision for an exact record).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hrsa.extract.model_spec import ModelSpec
+
+__all__ = ["model_content", "model_digest", "model_identity"]
+
+_NOT_THE_MODEL = ("hrsa_train.json", "trainer_state.pt")
+
+
+def model_identity(spec: ModelSpec) -> dict[str, Any]:
+    """The spec's source (kind, id, revision, .gguf file, remote code; not its path) and ``content``: the digest
+    of its files, None for a hub model. dtype and attention are left to the caller's settings."""
+    identity = {k: v for k, v in spec.to_dict().items() if k not in ("path", "dtype", "attention")}
+    return {**identity, "content": model_content(spec)}
+
+
+def model_digest(model: str) -> str:
+    """One digest of :func:`model_identity` of the model ``model`` names (a folder, .gguf, packaged:NAME, hub id).
+
+    Raises:
+        ModelSpecError: ``model`` names nothing usable.
+    """
+    from hrsa.extract.model_spec import parse_model_spec
+
+    identity = model_identity(parse_model_spec(model))
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def model_content(spec: ModelSpec) -> str | None:
+    """The digest of the spec's files (a folder's own files, a .gguf's or a packaged model's bytes); None for a hub
+    model, whose files are not here to read. Each file is read once per process (:mod:`hrsa.runtime.fingerprint`)."""
+    from hrsa.extract.packaged import packaged_model_path
+    from hrsa.runtime.fingerprint import file_digest, folder_digest
+    from hrsa.runtime.locations import parse_location
+
+    if spec.kind == "hub":
+        return None
+    if spec.kind == "remote":  # by its files, as a local folder is (the copy this machine loads)
+        path = parse_location(str(spec.path)).local_folder()
+        return folder_digest(path, recursive=False, skip=_NOT_THE_MODEL)
+    path = packaged_model_path(spec.id or "") if spec.kind == "packaged" else Path(str(spec.path))
+    return file_digest(path) if path.is_file() else folder_digest(path, recursive=False, skip=_NOT_THE_MODEL)
