@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from hrsa.analyze.accumulators.centring import NON_FINITE_MESSAGE
 from hrsa.analyze.metrics.knn_overlap import check_k
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ __all__ = [
 TIE_MARGIN = 8  # extra candidates per block, so that ties and float32 rounding at the k-th place resolve exactly
 FAISS_SUB_BLOCK = 4096  # queries per faiss.knn call: its BLAS query block, so nothing is lost by cutting there
 RERANK_ROWS = 64  # queries whose candidates are gathered and scored in float64 at once: (64, c, D) float64
+_WIDE_ELEMENTS = 1 << 22  # a widened take's rows at once: (rows, c) scores and ids of at most 32 MB each
 _NO_ID = np.iinfo(np.int64).max  # an empty candidate slot: sorts after every real index
 
 
@@ -110,13 +112,15 @@ def faiss_scratch_bytes(queries: int, rows: int) -> int:
     return 4 * min(queries, faiss.cvar.distance_compute_blas_query_bs) * min(rows, faiss.cvar.distance_compute_blas_database_bs)
 
 
-def _faiss_top(queries: NDArray[np.float32], database: NDArray[np.float32], c: int, gpu: bool) -> NDArray[np.int64]:
-    """(q, c) indices into ``database`` of each query's c largest inner products (FAISS, no index copy)."""
+def _faiss_top(queries: NDArray[np.float32], database: NDArray[np.float32], c: int,
+               gpu: bool) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+    """(q, c) float32 inner products and indices into ``database`` of each query's c largest (FAISS, no index
+    copy)."""
     import faiss
 
     if gpu:  # pragma: no cover - needs faiss-gpu and a GPU
-        return faiss.knn_gpu(_gpu_resources(), queries, database, c, metric=faiss.METRIC_INNER_PRODUCT)[1]
-    return faiss.knn(queries, database, c, metric=faiss.METRIC_INNER_PRODUCT)[1]
+        return faiss.knn_gpu(_gpu_resources(), queries, database, c, metric=faiss.METRIC_INNER_PRODUCT)
+    return faiss.knn(queries, database, c, metric=faiss.METRIC_INNER_PRODUCT)
 
 
 def _safe(norms: NDArray[np.float64]) -> NDArray[np.float64]:
@@ -136,6 +140,11 @@ class _Block:
         norms = np.empty(len(raw))
         for i in range(0, len(raw), FAISS_SUB_BLOCK):  # float64 copies of a sub-block at a time
             norms[i : i + FAISS_SUB_BLOCK] = np.linalg.norm(np.asarray(raw[i : i + FAISS_SUB_BLOCK], np.float64), axis=1)
+        # A NaN or inf row has no neighbours: unchecked, it poisons the shift (every centred row NaN), every score
+        # turns to "no candidate", and the overlap becomes a plausible constant. A row's float64 norm is finite
+        # exactly when the row is (stored values are at most ~3.4e38, whose squares float64 holds).
+        if not np.isfinite(norms).all():
+            raise ValueError(NON_FINITE_MESSAGE)
         return cls(raw, norms, positions)
 
     def unit(self, start: int, stop: int) -> NDArray[np.float64]:
@@ -162,38 +171,91 @@ class _Best:
         self.scores = np.full((n, keep), -np.inf)
         self.ids = np.full((n, keep), _NO_ID, np.int64)
 
-    def merge(self, start: int, scores: NDArray[np.float64], ids: NDArray[np.int64]) -> None:
-        stop = start + len(ids)
-        all_s = np.concatenate([self.scores[start:stop], scores], axis=1)
-        all_i = np.concatenate([self.ids[start:stop], ids], axis=1)
+    def merge(self, rows: NDArray[np.int64], scores: NDArray[np.float64], ids: NDArray[np.int64]) -> None:
+        all_s = np.concatenate([self.scores[rows], scores], axis=1)
+        all_i = np.concatenate([self.ids[rows], ids], axis=1)
         order = np.lexsort((all_i, -all_s), axis=1)[:, : self.ids.shape[1]]
-        self.scores[start:stop] = np.take_along_axis(all_s, order, axis=1)
-        self.ids[start:stop] = np.take_along_axis(all_i, order, axis=1)
+        self.scores[rows] = np.take_along_axis(all_s, order, axis=1)
+        self.ids[rows] = np.take_along_axis(all_i, order, axis=1)
+
+    def drop(self, rows: NDArray[np.int64], lo: int, hi: int) -> None:
+        """Forget the candidates of positions lo..hi-1 (one database block) of ``rows``, keeping the order."""
+        ids = self.ids[rows]
+        gone = (ids >= lo) & (ids < hi)
+        if gone.any():
+            scores = np.where(gone, -np.inf, self.scores[rows])
+            order = np.lexsort((np.where(gone, _NO_ID, ids), -scores), axis=1)
+            self.scores[rows] = np.take_along_axis(scores, order, axis=1)
+            self.ids[rows] = np.take_along_axis(np.where(gone, _NO_ID, ids), order, axis=1)
 
 
-def _exact_scores(q: _Block, start: int, db: _Block, cand: NDArray[np.int64]) -> NDArray[np.float64]:
-    """(b, c) float64 cosines of query rows start.. of ``q`` against their candidates (rows of ``db``; -1: none)."""
+def _exact_scores(q: _Block, rows: NDArray[np.int64], db: _Block, cand: NDArray[np.int64], keep: int,
+                  gather_rows: int = RERANK_ROWS) -> NDArray[np.float64]:
+    """(b, c) float64 cosines of query rows ``rows`` of ``q`` against their candidates (rows of ``db``; -1: none).
+
+    One formula for every score, whatever the number of candidates: rows that are equal give equal scores, so
+    their tie is broken by index alone. ``gather_rows`` rows of ``keep`` candidates are gathered at once (fewer
+    rows when each has more: a widened take gathers no more than a narrow one)."""
     out = np.full(cand.shape, -np.inf)
-    for i in range(0, len(cand), RERANK_ROWS):
-        c = np.maximum(cand[i : i + RERANK_ROWS], 0)  # (b, c)
-        rows = slice(start + i, start + i + len(c))
-        qv = np.asarray(q.raw[rows], np.float64)  # (b, D)
+    step = max(1, min(RERANK_ROWS, gather_rows * keep // max(1, cand.shape[1])))  # rows x candidates as a narrow take
+    for i in range(0, len(cand), step):
+        c = np.maximum(cand[i : i + step], 0)  # (b, c)
+        at = rows[i : i + step]
+        qv = np.asarray(q.raw[at], np.float64)  # (b, D)
         v = np.asarray(db.raw[c.ravel()], np.float64).reshape(*c.shape, -1)  # (b, c, D)
-        cosines = np.einsum("bd,bcd->bc", qv, v) / (_safe(q.norms[rows])[:, None] * _safe(db.norms[c]))
-        out[i : i + len(c)] = np.where(cand[i : i + RERANK_ROWS] >= 0, cosines, -np.inf)
+        cosines = np.einsum("bd,bcd->bc", qv, v) / (_safe(q.norms[at])[:, None] * _safe(db.norms[c]))
+        out[i : i + len(c)] = np.where(cand[i : i + step] >= 0, cosines, -np.inf)
     return out
 
 
-def _scan(best: _Best, q: _Block, db: _Block, centred: NDArray[np.float32], keep: int, gpu: bool) -> None:
-    """Merge each query's best candidates of one database block into ``best``."""
-    c = min(keep, len(db.raw))
+def _scan(best: _Best, q: _Block, db: _Block, centred: NDArray[np.float32], shift: NDArray[np.float64], k: int,
+          gpu: bool) -> None:
+    """Merge each query's best candidates of one database block into ``best``.
+
+    FAISS keeps ``keep`` candidates a block; a row whose last one (its float32 score, plus its error bound) could
+    still reach its k-th exact score may have lost rows that tie with it or beat it (a token's every occurrence is
+    one row at the embedding layer: ties of hundreds): its candidates of this block are taken again, four times as
+    many, until none can (or the block is whole)."""
+    # FAISS's float32 inner product of a unit query and a centred row c is off by at most (D + 2) 2^-24 |c|
+    error = (centred.shape[1] + 2) * 2.0**-24 * float(np.sqrt(np.max(np.einsum("ij,ij->i", centred, centred))))
     for s in range(0, len(q.raw), FAISS_SUB_BLOCK):
-        stop = min(s + FAISS_SUB_BLOCK, len(q.raw))
-        cand = _faiss_top(q.unit(s, stop).astype(np.float32), centred, c, gpu)  # (b, c) rows of the block
-        exact = _exact_scores(q, s, db, cand)
+        rows = np.arange(s, min(s + FAISS_SUB_BLOCK, len(q.raw)))
+        _take(best, q, rows, db, centred, shift, k, min(best.ids.shape[1], len(db.raw)), error, gpu)
+
+
+def _float32_units(q: _Block, at: NDArray[np.int64], shift: NDArray[np.float64],
+                   step: int = 512) -> tuple[NDArray[np.float32], NDArray[np.float64]]:
+    """Rows ``at`` (sorted) of ``q`` as float32 unit rows (FAISS's queries), and each one's float64 ``q . m`` (what
+    FAISS's score lacks of the cosine); float64 copies of ``step`` rows at a time."""
+    units, offsets = np.empty((len(at), q.raw.shape[1]), np.float32), np.empty(len(at))
+    for j in range(0, len(at), step):
+        part = at[j : j + step]
+        contiguous = int(part[-1]) - int(part[0]) + 1 == len(part)
+        u = q.unit(int(part[0]), int(part[-1]) + 1) if contiguous else (
+            np.asarray(q.raw[part], np.float64) / _safe(q.norms[part])[:, None])
+        units[j : j + step], offsets[j : j + step] = u, u @ shift
+    return units, offsets
+
+
+def _take(best: _Best, q: _Block, rows: NDArray[np.int64], db: _Block, centred: NDArray[np.float32],
+          shift: NDArray[np.float64], k: int, c: int, error: float, gpu: bool) -> None:
+    """Merge the ``c`` best candidates of ``db`` for ``rows`` of ``q`` (replacing any of that block taken before),
+    then take again, wider, for the rows whose cut could have left out a tie or a better row."""
+    for i in range(0, rows.size, max(1, _WIDE_ELEMENTS // c)):  # (rows, c) arrays of at most 32 MB each
+        at = rows[i : i + max(1, _WIDE_ELEMENTS // c)]
+        units, offsets = _float32_units(q, at, shift)
+        approx, cand = _faiss_top(units, centred, c, gpu)  # (b, c) rows of the block
+        del units
+        exact = _exact_scores(q, at, db, cand, best.ids.shape[1])
         ids = np.where(cand >= 0, db.positions[np.maximum(cand, 0)], _NO_ID)  # (b, c) global positions
-        exact[ids == q.positions[s:stop, None]] = -np.inf  # self excluded by index, not by score
-        best.merge(s, exact, np.where(np.isfinite(exact), ids, _NO_ID))
+        exact[ids == q.positions[at, None]] = -np.inf  # self excluded by index, not by score
+        best.drop(at, int(db.positions[0]), int(db.positions[-1]) + 1)  # a wider take replaces a narrower one
+        best.merge(at, exact, np.where(np.isfinite(exact), ids, _NO_ID))
+        if c < len(db.raw):
+            reach = approx[:, -1].astype(np.float64) + offsets + error  # what the rows left out can score
+            cut = at[reach >= best.scores[at, k - 1]]
+            if cut.size:
+                _take(best, q, cut, db, centred, shift, k, min(4 * c, len(db.raw)), error, gpu)
 
 
 def search_neighbors(
@@ -233,7 +295,7 @@ def search_neighbors(
         for j0 in range(0, n, db_block):  # Step 2: candidates of each database block, re-ranked exactly
             same = contiguous and j0 == i0 and min(n, j0 + db_block) == i0 + len(positions)
             db = single or _database_block(source, q if same else None, j0, min(n, j0 + db_block), shift)
-            _scan(best, q, db[0], db[1], keep, gpu)
+            _scan(best, q, db[0], db[1], shift, k, gpu)
             single = db if db_block >= n else None
             del db  # freed before the next block is read: one database block at a time
         out[i0 : i0 + len(positions)] = best.ids[:, :k]
@@ -307,9 +369,10 @@ def approximate_neighbors(x: ArrayLike, k: int, *, m: int = 32, ef_search: int =
     best = _Best(n, k + 1 + TIE_MARGIN)
     for s in range(0, n, FAISS_SUB_BLOCK):  # the graph's candidates, re-ranked in float64 a sub-block at a time
         _, cand = index.search(centred[s : s + FAISS_SUB_BLOCK], k + 1 + TIE_MARGIN)  # (b, c)
-        exact = _exact_scores(rows, s, rows, cand)
-        exact[cand == rows.positions[s : s + len(cand), None]] = -np.inf
-        best.merge(s, exact, np.where(np.isfinite(exact), cand, _NO_ID))
+        at = np.arange(s, s + len(cand))
+        exact = _exact_scores(rows, at, rows, cand, cand.shape[1])
+        exact[cand == rows.positions[at, None]] = -np.inf
+        best.merge(at, exact, np.where(np.isfinite(exact), cand, _NO_ID))
     return best.ids[:, :k]
 
 

@@ -75,3 +75,30 @@ def test_knn_pair_approximate_reports_recall(pair_store) -> None:
 def test_knn_pair_k_too_large(pair_store) -> None:
     with pytest.raises(UserError, match="k < 20"):
         knn_pair(pair_store.open(), "a", "b", ks=(50,), n_sample=20)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_row_is_refused_not_scored(bad: float) -> None:
+    """One NaN or inf value would otherwise turn every score into "no candidate", and the overlap into a
+    plausible constant ((k-1)/(k+1)) for the whole layer."""
+    from hrsa.analyze.local.knn_search import exact_neighbors
+
+    x = np.random.default_rng(0).standard_normal((60, 8))
+    x[7, 3] = bad
+    with pytest.raises(ValueError, match="Expected finite activations"):
+        exact_neighbors(x, 5)
+
+
+@pytest.mark.parametrize(("query_block", "db_block"), [(16384, 262144), (700, 900)])
+def test_tie_groups_far_larger_than_the_margin_break_by_index(query_block: int, db_block: int) -> None:
+    """At the embedding layer every occurrence of a token is one row: a frequent token ties with hundreds of rows,
+    far more than the candidates FAISS keeps a block (k + 1 + TIE_MARGIN), which it picks among by float32
+    rounding. The rule is still the smallest indices first, as the O(N^2) reference has it."""
+    rng = np.random.default_rng(0)
+    tokens = rng.zipf(1.3, size=3000) % 300  # a few ids hundreds of times
+    assert np.bincount(tokens).max() > 500
+    embedding = rng.normal(size=(300, 64)).astype(np.float32) + 30.0  # and a shared offset
+    x = embedding[tokens]
+    want = cosine_neighbors(x, 10)
+    got = exact_neighbors(x, 10, query_block=query_block, db_block=db_block)
+    assert np.array_equal(got, want), int((got != want).any(1).sum())
