@@ -21,12 +21,18 @@ if TYPE_CHECKING:
 
     F64 = NDArray[np.float64]
 
-__all__ = ["COMPUTE_DTYPES", "NON_FINITE_MESSAGE", "centre_chunk", "centre_rows", "parse_compute_dtype"]
+__all__ = ["COMPUTE_DTYPES", "NON_FINITE_MESSAGE", "SPREAD_RTOL", "centre_chunk", "centre_rows", "has_no_spread",
+           "parse_compute_dtype"]
 
 #: dtypes the O(n D^2) products may run in; centring and accumulation are float64 either way.
 COMPUTE_DTYPES = (np.dtype(np.float64), np.dtype(np.float32))
 
 _FLOAT64_MAX = sys.float_info.max  # a plain float: numpy arrays and torch tensors both compare with it
+
+#: a representation whose spread (RMS distance of its rows from their mean) is within this fraction of its RMS size is
+#: constant: centring a constant float64 representation leaves a few ulps (3e-14 seen), and removing a group from a
+#: pooled sum leaves rounding of the whole; a float32 or bf16 one that varies at all varies by >= 6e-8.
+SPREAD_RTOL = 1e-12
 
 NON_FINITE_MESSAGE = "Expected finite activations. Got NaN or inf in a chunk instead. Check the extraction."
 
@@ -95,3 +101,19 @@ def parse_compute_dtype(compute_dtype: DTypeLike) -> np.dtype:
     if dtype not in COMPUTE_DTYPES:
         raise ValueError(f"Expected compute_dtype float64 or float32. Got {dtype} instead.")
     return dtype
+
+
+def has_no_spread(trace: float, n: int, mean: F64) -> bool:
+    """Whether a representation of ``n`` tokens, with co-moment trace ``trace`` (n times its total variance) and
+    mean ``mean``, is constant: one token, or a spread within :data:`SPREAD_RTOL` of its size. Metrics that divide by
+    the spread (CKA, Procrustes) are undefined (NaN) there, not the ratio of two rounding residues.
+
+    Example:
+        >>> import numpy as np
+        >>> has_no_spread(3e-26, 100, np.full(4, 1e3)), has_no_spread(4.0, 100, np.full(4, 1e5)), has_no_spread(2.5e-10, 1, np.ones(4))
+        (True, False, True)
+    """
+    if n < 2 or not trace > 0:
+        return True
+    variance = trace / n
+    return variance <= SPREAD_RTOL**2 * (variance + float(np.dot(mean, mean)))

@@ -50,6 +50,7 @@ import numpy as np
 
 from hrsa.analyze.metrics._common import check_min_tokens
 from hrsa.analyze.metrics.uncertainty import NullBaseline
+from hrsa.analyze.accumulators.centring import has_no_spread
 from hrsa.analyze.accumulators.moments import moments
 
 if TYPE_CHECKING:
@@ -99,6 +100,8 @@ def linear_cka_from_moments(m: Moments, *, debiased: bool = False) -> CkaResult:
         >>> round(linear_cka_from_moments(m).value, 5), round(linear_cka_from_moments(m, debiased=True).value, 5)
         (0.55761, 0.51346)
     """
+    if has_no_spread(float(np.trace(m.c_xx)), m.n, m.mean_x) or has_no_spread(float(np.trace(m.c_yy)), m.n, m.mean_y):
+        return CkaResult(value=float("nan"), n_tokens=m.n, debiased=debiased)  # rounding residue is not a spread
     if debiased:
         check_min_tokens(m, 4, "debiased CKA")
         hsic_xy = _debiased_hsic(_sq_frobenius(m.c_xy), m.q_xy, np.trace(m.c_xx), np.trace(m.c_yy), m.n)
@@ -128,6 +131,9 @@ def linear_cka_from_summaries(xy: CoMomentSummary, xx: CoMomentSummary, yy: CoMo
         >>> linear_cka_from_summaries(s, s, s).value
         1.0
     """
+    if has_no_spread(float(xx.diagonal.sum()), xx.n, xx.mean_x) or has_no_spread(float(yy.diagonal.sum()), yy.n,
+                                                                                     yy.mean_x):
+        return CkaResult(value=float("nan"), n_tokens=xy.n, debiased=False)
     return _cka(xy.sq_frobenius, xx.sq_frobenius, yy.sq_frobenius, xy.n, False)
 
 

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from hrsa.analyze.accumulators.centring import SPREAD_RTOL
+
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike, NDArray
 
@@ -155,7 +157,9 @@ def linear_probe(
     # Step 1: the split, and the source model's train statistics (used for both models).
     train, dev, test = stratified_split(y, fractions=fractions, seed=seed)
     mu, sigma = xs[train].mean(0), xs[train].std(0)  # (D,), (D,)
-    sigma = np.where(sigma > 0, sigma, 1.0)
+    # A constant feature's std is a rounding residue (1e-17 of a float64 0.1): dividing by it would blow the other
+    # model's differing constant up to 1e16. It is left unscaled, as an all-zero one is.
+    sigma = np.where(sigma > SPREAD_RTOL * np.sqrt(mu**2 + sigma**2), sigma, 1.0)
     zs, zt = (xs - mu) / sigma, (xt - mu) / sigma  # (M, D) each
     # Step 2: fit on the source's train split only.
     model = LogisticRegression(C=c, max_iter=max_iter, random_state=seed).fit(zs[train], y[train])

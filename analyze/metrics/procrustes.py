@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hrsa.analyze.metrics._common import UnderdeterminedWarning, check_same_hidden_size
+from hrsa.analyze.accumulators.centring import has_no_spread
 from hrsa.analyze.accumulators.moments import moments
 
 if TYPE_CHECKING:
@@ -117,6 +118,10 @@ def procrustes_from_moments(m: Moments, *, return_rotation: bool = False,
         )
     # Step 3: residual and similarity from traces and singular values (no pass over the tokens).
     tr_x, tr_y, nuclear = float(np.trace(m.c_xx)), float(np.trace(m.c_yy)), float(s.sum())
+    if _constant(m):  # no spread on a side: no rotation aligns anything (an all-zero C_xy would give U = V = I)
+        nan = float("nan")
+        return ProcrustesResult(h_inv=nan, residual=nan, similarity=nan, n_tokens=m.n, underdetermined=True,
+                                rotation=rotation if return_rotation else None)
     # The residual is a difference of nearly equal terms for near-rotations: clip rounding below 0.
     residual = max(tr_x + tr_y - 2.0 * nuclear, 0.0) / tr_y if tr_y > 0 else float("nan")
     return ProcrustesResult(
@@ -162,8 +167,16 @@ def procrustes_similarity_from_moments(m: Moments) -> float:
         >>> round(procrustes_similarity_from_moments(moments(x, x + rs.randn(100, 10))), 5)
         0.73626
     """
+    if _constant(m):
+        return float("nan")
     nuclear = float(np.linalg.svd(m.c_xy, compute_uv=False).sum())
     return _similarity(nuclear, float(np.trace(m.c_xx)), float(np.trace(m.c_yy)))
+
+
+def _constant(m: Moments) -> bool:
+    """Either side without spread (see :func:`hrsa.analyze.accumulators.centring.has_no_spread`)."""
+    return (has_no_spread(float(np.trace(m.c_xx)), m.n, m.mean_x)
+            or has_no_spread(float(np.trace(m.c_yy)), m.n, m.mean_y))
 
 
 def procrustes_similarity(x: ArrayLike, y: ArrayLike) -> float:

@@ -198,3 +198,28 @@ def test_invariant_to_scaled_rotations_with_offset(seed: int, scale: float, offs
     q = special_ortho_group.rvs(6, random_state=seed % 2**31)
     base = linear_cka(x, y, debiased=debiased).value
     assert linear_cka(x, scale * y @ q + offset, debiased=debiased).value == pytest.approx(base, rel=1e-9)
+
+
+def test_a_constant_float64_representation_gives_nan_not_its_rounding_residue() -> None:
+    """Centring 100 equal float64 rows leaves ~3e-14 per value: CKA of that residue is 1 (or 6e-33 against a varying
+    side), a number for an undefined quantity. The rows' spread is compared with their size instead."""
+    rng = np.random.default_rng(0)
+    constant = np.tile(rng.normal(size=(1, 8)) * 0.1 + 0.1, (100, 1))
+    varying = rng.normal(size=(100, 8))
+    assert np.abs(constant - constant.mean(0)).max() > 0  # the residue is there
+    for x, y in ((constant, constant), (constant, varying), (varying, constant)):
+        assert np.isnan(linear_cka(x, y).value) and np.isnan(linear_cka(x, y, debiased=True).value)
+    # a real spread far below the size is kept: 1e-9 of an offset of 1e5, each a float64 with room to spare
+    small = 1e5 + 1e-4 * varying
+    assert linear_cka(small, varying).value == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_group_left_out_down_to_one_token_has_no_cka() -> None:
+    """The jackknife leaves groups out of the pooled sums: with one token left its co-moments are exactly 0, but
+    the subtraction leaves ~1e-10 (rounding of the pooled 1000 tokens): CKA 1.05 there, an interval of [-2.2, 3.2]."""
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(1001, 16)) + 1e3).astype(np.float32)
+    y = (x + rng.normal(size=(1001, 16))).astype(np.float32)
+    rest = moments(x, y).without(moments(x[1:], y[1:]))
+    assert rest.n == 1 and np.abs(rest.c_xx).max() > 0
+    assert np.isnan(linear_cka_from_moments(rest).value)

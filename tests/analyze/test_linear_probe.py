@@ -53,3 +53,15 @@ def test_invalid(rng: np.random.Generator) -> None:
         linear_probe(rng.normal(size=(10, 3)), rng.normal(size=(10, 4)), ["a", "b"] * 5)
     with pytest.raises(ValueError, match="fractions"):
         stratified_split(["a", "b"], fractions=(0.5, 0.5, 0.5))
+
+
+def test_a_constant_feature_is_not_scaled_by_its_rounding_residue() -> None:
+    """A pooled feature constant on the source's train split (0.1 in float64: std 1.4e-17, not 0) and another
+    constant in the target (0.3): scaled by that std, the target's would be 1.4e16 and swamp the readout."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 100)
+    informative = labels[:, None] * 2.0 + rng.normal(size=(200, 3)) * 0.3
+    source = np.hstack([informative, np.full((200, 1), 0.1)])
+    target = np.hstack([informative, np.full((200, 1), 0.3)])
+    res = linear_probe(source, target, labels)
+    assert res.target.test.accuracy == res.source.test.accuracy == 1.0

@@ -15,6 +15,9 @@ from hrsa.analyze.metrics import (
     procrustes_from_moments,
     procrustes_similarity,
 )
+from hrsa.analyze.metrics.procrustes import (
+    procrustes_similarity_from_moments,
+)
 from hrsa.analyze.accumulators.moments import Moments, moments
 
 # (2 - Euler's gamma - ln 2): E[z^2 ln z^2] for z ~ N(0, 1); H_inv of a Haar rotation tends to this / ln D.
@@ -140,3 +143,16 @@ def test_constant_side_gives_nan_without_numpy_warnings() -> None:
     with pytest.warns(UnderdeterminedWarning):  # C_xy = 0: every rotation fits equally badly
         res = procrustes(x, np.zeros((30, 3)))
     assert np.isnan(res.residual) and np.isnan(res.similarity)
+
+
+def test_a_constant_side_has_no_rotation_nor_similarity() -> None:
+    """Equal float64 rows centre to a rounding residue (and one token to nothing): an all-zero C_xy gives U = V = I,
+    h_inv = 1, a "perfect permutation". Every Procrustes number is NaN there."""
+    rng = np.random.default_rng(0)
+    constant = np.tile(rng.normal(size=(1, 6)) + 0.1, (50, 1))
+    varying = rng.normal(size=(50, 6))
+    for x, y in ((constant, varying), (varying, constant), (varying[:1], varying[:1])):
+        with pytest.warns(UnderdeterminedWarning):
+            res = procrustes_from_moments(moments(x, y))
+        assert np.isnan(res.h_inv) and np.isnan(res.residual) and np.isnan(res.similarity), res
+        assert np.isnan(procrustes_similarity_from_moments(moments(x, y)))
