@@ -109,7 +109,8 @@ def get(url: str, model: str, layer: int, docs: str | None, token_range: str | N
     values = lazy.compute()
     if dtype != "auto" or m.dtype == "bfloat16":
         values = values.astype(np.float64 if dtype == "float64" else np.float32)
-    np.save(out, values)
+    with open(out, "wb") as file:  # exactly at --out: np.save given a name adds ".npy" to one without it
+        np.save(file, values)
     click.echo(f"wrote {out}: {values.shape[0]} tokens x {values.shape[1]} ({values.dtype})")
 
 

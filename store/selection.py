@@ -101,10 +101,12 @@ def parse_token_range(text: str, n_tokens: int) -> tuple[int, int]:
     """``"A:B"`` (either side may be empty, negatives count from the end) -> checked ``(A, B)``."""
     try:
         a_text, b_text = text.split(":")
-        start, stop, _ = slice(int(a_text) if a_text else None, int(b_text) if b_text else None).indices(n_tokens)
+        ends = (int(a_text) if a_text else None, int(b_text) if b_text else None)
     except ValueError:
         raise SelectionError(f"Expected a token range A:B such as 0:1000. Got {text!r} instead.") from None
-    if stop <= start:
+    start, stop, _ = slice(*ends).indices(n_tokens)
+    # Python's slices clip an end past the tokens; a range asked for is taken as asked, or refused.
+    if stop <= start or any(end is not None and not -n_tokens <= end <= n_tokens for end in ends):
         raise SelectionError(
             f"Expected a non-empty token range inside 0:{n_tokens}. Got {text!r} instead. "
             f"Pick A < B <= {n_tokens}."

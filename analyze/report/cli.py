@@ -41,17 +41,17 @@ class VerdictRules(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    min_cka: float = Field(CKA_PRESERVED, description="Linear CKA counted as preserved from this value.")
-    min_knn: float = Field(KNN_PRESERVED,
+    min_cka: float = Field(CKA_PRESERVED, ge=0, le=1, allow_inf_nan=False, description="Linear CKA counted as preserved from this value.")
+    min_knn: float = Field(KNN_PRESERVED, ge=0, le=1, allow_inf_nan=False,
                            description="k-NN overlap (mean Jaccard) counted as preserved from this value.")
     knn_k: int = Field(KNN_K, gt=0,
                        description="The k whose k-NN overlap the summary reads (else the closest analysed).")
-    min_dimcorr: float = Field(DIMCORR_PRESERVED,
+    min_dimcorr: float = Field(DIMCORR_PRESERVED, ge=-1, le=1, allow_inf_nan=False,
                                description="Mean dimension-wise correlation counted as preserved from this value.")
-    min_h_inv: float = Field(H_INV_PRESERVED, description="Procrustes H_inv counted as preserved from this value.")
-    min_probe_transfer: float = Field(PROBE_TRANSFER_PRESERVED, description="Probe transfer (share of above-chance "
+    min_h_inv: float = Field(H_INV_PRESERVED, ge=0, le=1, allow_inf_nan=False, description="Procrustes H_inv counted as preserved from this value.")
+    min_probe_transfer: float = Field(PROBE_TRANSFER_PRESERVED, ge=0, le=1, allow_inf_nan=False, description="Probe transfer (share of above-chance "
                                       "accuracy kept) counted as preserved from this value.")
-    probe_min_signal: float = Field(PROBE_MIN_SIGNAL, ge=0, description="Probe directions whose source beats chance by "
+    probe_min_signal: float = Field(PROBE_MIN_SIGNAL, ge=0, le=1, allow_inf_nan=False, description="Probe directions whose source beats chance by "
                                     "less than this are left out.")
     include_embedding_output: bool = Field(False, description="Count the embedding output (hidden state 0) in the "
                                            "verdicts' means (left out by default: it is the token embedding, not a layer).")

@@ -172,6 +172,20 @@ def test_cli_report(results_dirs: dict[str, Path], tmp_path: Path) -> None:
     assert bad.exit_code == 2 and bad.stderr.count("\n") == 1 and "results.json" in bad.stderr
 
 
+@pytest.mark.parametrize(("flag", "value"), [("--min-cka", "-1"), ("--min-cka", "5"), ("--min-cka", "nan"),
+                                            ("--min-knn", "1.5"), ("--min-dimcorr", "-2"), ("--min-h-inv", "inf"),
+                                            ("--min-probe-transfer", "-0.1")])
+def test_a_threshold_outside_its_metrics_range_is_refused(results_dirs: dict[str, Path], tmp_path: Path, flag: str,
+                                                          value: str) -> None:
+    """A CKA threshold of -1 turns "restructured" into "preserved": a verdict no one asked for, so out-of-range and
+    non-finite thresholds are one line, and no report is written."""
+    hrsa = type(cli)(commands=[report])
+    result = CliRunner().invoke(hrsa, ["report", str(results_dirs["random"]), "--out", str(tmp_path / "r.html"),
+                                       flag, value])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert flag.removeprefix("--").replace("-", "_") in result.stderr and not (tmp_path / "r.html").exists()
+
+
 def _browser() -> str | None:
     return next((path for name in BROWSERS if (path := shutil.which(name))), None)
 

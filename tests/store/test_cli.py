@@ -58,6 +58,9 @@ def test_get_writes_npy(url: str, tmp_path, filled_store: ActivationStore) -> No
     assert np.array_equal(np.load(out), expected_layer(filled_store, "m", 2)[100:300])
     code, _, _ = _run("store", "get", url, "m", "--layer", "2", "--docs", "0,2-3", "--exclude-first", "--out", str(out))
     assert code == 0 and np.load(out).shape == (DOC_LENGTHS[0] + DOC_LENGTHS[2] + DOC_LENGTHS[3] - 3, HIDDEN)
+    code, stdout, _ = _run("store", "get", url, "m", "--layer", "2", "--tokens", "-10:", "--out", str(tmp_path / "x.txt"))
+    assert code == 0 and f"wrote {tmp_path / 'x.txt'}:" in stdout and not (tmp_path / "x.txt.npy").exists()
+    assert np.array_equal(np.load(tmp_path / "x.txt"), expected_layer(filled_store, "m", 2)[-10:])  # where it says
 
 
 def test_get_widens_bf16_exactly(tmp_path) -> None:
@@ -106,6 +109,8 @@ ERROR_CASES = {
     "escaping id on rm": (["store", "rm", "{url}", "..", "--yes"], "Expected a model id"),
     "bad token range": (["store", "get", "{url}", "m", "--layer", "0", "--tokens", "5:x", "--out", "{tmp}/o.npy"], "token range"),
     "empty token range": (["store", "get", "{url}", "m", "--layer", "0", "--tokens", "50:10", "--out", "{tmp}/o.npy"], "non-empty"),
+    "token range past the end": (["store", "get", "{url}", "m", "--layer", "0", "--tokens", "0:99999", "--out",
+                                  "{tmp}/o.npy"], "inside 0:1000"),
     "bad docs": (["store", "get", "{url}", "m", "--layer", "0", "--docs", "1,99", "--out", "{tmp}/o.npy"], "document indices"),
     "unknown model on rm": (["store", "rm", "{url}", "nope", "--yes"], "Expected a model"),
     "not a store": (["store", "ls", "{tmp}"], "Got other files there"),
