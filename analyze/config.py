@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from hrsa.analyze.streaming.backends import BackendName, ComputeDtype
 from hrsa.analyze.streaming.plan import parse_memory_budget
 from hrsa.analyze.streaming.stream import Scheduler
-from hrsa.runtime.settings import FolderPath, load_settings
+from hrsa.runtime.settings import FolderPath, StoreUrl, load_settings
 from hrsa.store.errors import UserError
 from hrsa.store.ids import parse_id
 from hrsa.store.selection import parse_doc_ids, parse_int_list
@@ -70,7 +70,7 @@ class AnalyzeConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    store: str = Field(description="Store URL: a path or an fsspec URL such as s3://bucket/store.")
+    store: StoreUrl = Field(description="Store URL: a path or an fsspec URL such as s3://bucket/store.")
     pair: tuple[str, str] = Field(description="Model ids A and B (A's hidden states are the rows of matrices).")
     metrics: tuple[Metric, ...] = Field(METRICS, description=f"Comma-separated, among {','.join(get_args(Metric))}.")
     debiased: bool = Field(False, description="Also debiased CKA (unbiased HSIC) on the matched layers.")

@@ -31,7 +31,7 @@ from hrsa.analyze.report.cli import VerdictRules
 from hrsa.analyze.report.summary import Comparison
 from hrsa.extract.config import CorpusOptions, ExtractRunOptions, ModelSourceOptions
 from hrsa.runtime.locations import is_url
-from hrsa.runtime.settings import FolderLocation, Problems, read_yaml_mapping, validation_problems
+from hrsa.runtime.settings import FolderLocation, Problems, StoreUrl, read_yaml_mapping, validation_problems
 from hrsa.store.errors import InvalidIdError, UserError
 from hrsa.store.ids import parse_id, slugify
 
@@ -148,7 +148,7 @@ class PipelineConfig(BaseModel):
 
     model_config = _FROZEN
 
-    store: str = Field(description="Store URL: a local path or an fsspec URL (s3://bucket/store) every node reaches.")
+    store: StoreUrl = Field(description="Store URL: a local path or an fsspec URL (s3://bucket/store) every node reaches.")
     out: FolderLocation = Field(description="Folder for results, dynamics, the report and pipeline-state.json: a path, "
                                 "or a URL (s3://bucket/hrsa/out) that outlives the cluster.")
     address: str | None = Field(None, description="Ray address (default RAY_ADDRESS, else an embedded local Ray).")

@@ -309,12 +309,12 @@ class _Runner:
         reason = self.state.reason_to_run(stage, key, lambda o: complete)
         if not self._announce(stage, reason):
             return
-        if present and entry is not None and entry["key"] != key:
-            store.delete_model(ec.name)  # this pipeline's own, from other inputs: redo it from scratch
+        # This pipeline's own model, from other inputs: redone from scratch, and let go only once the new one runs.
+        replace = present and entry is not None and entry["key"] != key
         self.state.start(stage, key)
         with stage_progress(self.console, "tokens") as (progress, task):
             result = run_extraction(ec, on_progress=lambda n, total: progress.update(task, total=total, advance=n),
-                                    workers=self.extraction_workers)
+                                    workers=self.extraction_workers, replace=replace)
         self.state.finish(stage, key, {"model_id": result.model_id, "corpus_id": result.corpus_id, "n_tokens": result.n_tokens,
                                        "units_written": result.units_written, "nodes": list(result.nodes),
                                        "node_ids": list(result.node_ids)})

@@ -26,7 +26,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from hrsa.extract.model_spec import AttentionMode, DTypeName
-from hrsa.runtime.settings import load_settings, parse_settings
+from hrsa.runtime.settings import StoreUrl, load_settings, parse_settings
 from hrsa.store.errors import UserError
 from hrsa.store.ids import parse_id, slugify
 from hrsa.store.selection import parse_int_list
@@ -106,7 +106,7 @@ class CorpusOptions(BaseModel):
 class ExtractConfig(ExtractRunOptions, ModelSourceOptions, CorpusOptions):
     """Everything ``hrsa extract`` takes; each field is also a CLI flag."""
 
-    store: str = Field(description="Store URL: a local path or an fsspec URL (s3://bucket/store).")
+    store: StoreUrl = Field(description="Store URL: a local path or an fsspec URL (s3://bucket/store).")
     model: str = Field(description="A local folder, a .gguf file, packaged:<name>, or a hub id org/name[@revision].")
     corpus: str = Field(description="A .jsonl/.csv/.parquet file, a folder of them, hf:NAME[:SPLIT], or a stored corpus id.")
     name: str | None = Field(None, description="Model id in the store (default: derived from --model).")

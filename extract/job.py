@@ -17,7 +17,7 @@ them from one extraction to the next (:mod:`hrsa.extract.worker_pool`): each ext
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -245,8 +245,17 @@ def _start_workers(n: int, gpus: float, cpus: float, threads: int,
     return group, actors, pids
 
 
+def _check_layers(config: ExtractConfig, facts: Mapping[str, Any]) -> None:
+    """--layers against the hidden states the loaded model has (known only once it is loaded)."""
+    n = int(facts["n_hidden_states"])
+    layers = list(config.layers or ())
+    if any(not 0 <= k < n for k in layers) or len(set(layers)) != len(layers):
+        raise UserError(f"Expected --layers to be distinct hidden states in 0..{n - 1} (model {config.model} has {n}: "
+                        f"the embeddings and {n - 1} layers). Got {layers} instead.")
+
+
 def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], None] | None = None,
-                   workers: ExtractionWorkers | None = None) -> ExtractResult:
+                   workers: ExtractionWorkers | None = None, replace: bool = False) -> ExtractResult:
     """Run (or resume) one extraction.
 
     Args:
@@ -257,6 +266,9 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
             run that succeeds, and are closed when a run fails once it has taken them. None, or a model with
             ``trust_remote_code`` (its code could change state the next model sees): this run starts its own and
             ends them.
+        replace: a stored model of this id is extracted again from scratch (a pipeline's own, whose inputs
+            changed), not resumed; it is deleted only once the new one is known to run (its model loaded by the
+            workers, its layers checked), so a bad setting leaves it as it was.
 
     Raises:
         UserError: a model, corpus or setting that cannot work, or a re-run whose settings differ from the
@@ -276,6 +288,7 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
     store = _open_existing(config.store)
     corpus = _read_corpus(config, store, spec)
     existing = store.model_info(mid) if store is not None and mid in store.models() else None
+    replaced, existing = (existing, None) if replace else (None, existing)
     if existing is not None:
         check_rerun(store, config, corpus_hash=corpus.digest, table=corpus.table)
         if existing.complete:
@@ -298,6 +311,9 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
         # Step 4: the coordinator allocates the arrays from what a loaded worker reports (or checks them on resume).
         # Every worker loads at once (bind later finds the model loaded); the first one's facts are recorded.
         facts = _call([a.describe.remote(model) for a in actors], f"loading model {mid}")[0]
+        _check_layers(config, facts)
+        if replaced is not None:  # the new extraction runs: only now is the old one let go
+            store.delete_model(mid)
         if existing is None:
             store.create_model(mid, corpus=cid, n_hidden_states=facts["n_hidden_states"], hidden_size=facts["hidden_size"],
                                dtype=facts["dtype"], attention=facts["attention"], hidden_states=config.layers,

@@ -2,7 +2,8 @@
 
 One comparison, :func:`stored_mismatch`, for ``hrsa extract`` (:func:`hrsa.extract.job.run_extraction`) and the
 pipeline's runner. What is compared is everything that changes a stored row: where the weights come from (kind,
-hub id or path, revision, GGUF file), dtype, attention, which hidden states, the tokens of the corpus (or, without
+hub id or path, revision, GGUF file) and, for files on this machine, their content (weights changed in place at the
+same path are another model; a model stored by an earlier hrsa recorded none), dtype, attention, which hidden states, the tokens of the corpus (or, without
 them, its source and options), and the layout (tokens per unit). The token budget is not compared: it batches
 documents differently but moves no row to another place (batched kernels may round differently by a few ulps,
 which BATCH_RTOL in the tests bounds). ``trust_remote_code`` is a permission, not a setting of the rows.
@@ -20,6 +21,7 @@ from hrsa.store.errors import UserError
 
 if TYPE_CHECKING:
     from hrsa.extract.config import ExtractConfig
+    from hrsa.extract.model_spec import ModelSpec
     from hrsa.store import ActivationStore
     from hrsa.store.corpus import CorpusTable
     from hrsa.store.model import ModelInfo
@@ -53,11 +55,14 @@ def stored_mismatch(store: ActivationStore, config: ExtractConfig, *, corpus_has
     from hrsa.extract.model_spec import parse_model_spec
 
     info = store.model_info(config.model_id())
-    spec = parse_model_spec(config.model, revision=config.revision, gguf_file=config.gguf_file, dtype=config.dtype,
-                            attention=config.attention, trust_remote_code=config.trust_remote_code).to_dict()
+    model = parse_model_spec(config.model, revision=config.revision, gguf_file=config.gguf_file, dtype=config.dtype,
+                             attention=config.attention, trust_remote_code=config.trust_remote_code)
+    spec = model.to_dict()
     found = []
     if any(spec[k] != info.source.get(k) for k in _SOURCE_FIELDS):
         found.append(f"model {_source_text(spec)} (stored {_source_text(info.source)})")
+    elif _weights_changed(model, info):
+        found.append(f"weights at {_source_text(spec)} (other files than those the stored model was extracted from)")
     for name, stored in (("dtype", info.dtype), ("attention", info.attention)):
         asked, stored_ask = getattr(config, name), info.source.get(name)
         if asked not in (stored, stored_ask):  # the same ask, or an explicit ask of what "auto" gave
@@ -94,7 +99,22 @@ def loaded_mismatch(info: ModelInfo, facts: Mapping[str, Any]) -> list[str]:
                                        ("hidden states (L+1)", "n_hidden_states", info.n_hidden_states),
                                        ("hidden size", "hidden_size", info.hidden_size))
              if facts[key] != stored]
+    loaded, stored = facts.get("source", {}).get("content"), info.source.get("content")
+    if loaded is not None and stored is not None and loaded != stored:
+        found.append("weights whose files differ from those the stored model was extracted from")
     return found
+
+
+def _weights_changed(spec: ModelSpec, info: ModelInfo) -> bool:
+    """Whether the files at the spec's path differ from those the stored model recorded (a model stored by an
+    earlier hrsa recorded none). A model on object storage is compared by the workers that load it (a copy here
+    would cost a download of the weights for a comparison); a hub model has no files here."""
+    from hrsa.extract.identity import model_content
+
+    stored = info.source.get("content")
+    if stored is None or spec.kind in ("hub", "remote"):
+        return False
+    return model_content(spec) != stored
 
 
 def _source_text(source: Mapping[str, Any]) -> str:

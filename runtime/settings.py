@@ -38,12 +38,21 @@ def _not_a_file(path: Path) -> Path:
     # folder has wasted the hour (and may have written half its outputs elsewhere).
     if path.is_file():
         raise ValueError(f"expected a folder, got the file {str(path)!r}; name a folder (it is created if missing)")
-    return path
+    return _under_folders(path)
 
 
 def _not_a_folder(path: Path) -> Path:
     if path.is_dir():
         raise ValueError(f"expected a file name, got the folder {str(path)!r}; name a file inside it")
+    return _under_folders(path)
+
+
+def _under_folders(path: Path) -> Path:
+    """``path`` if the nearest of its parents that exists is a folder (missing ones are created when written)."""
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"expected a path inside folders, got {str(path)!r} under the file {str(parent)!r}; "
+                         "name a path inside a folder")
     return path
 
 
@@ -61,6 +70,15 @@ def _path_unless_url(value: Any) -> Any:
 def _local_not_a_file(value: Path | str) -> Path | str:
     return _not_a_file(value) if isinstance(value, Path) else value
 
+
+def _local_store_under_folders(value: str) -> str:
+    if not is_url(value) and value:
+        _under_folders(Path(value))
+    return value
+
+
+StoreUrl = Annotated[str, AfterValidator(_local_store_under_folders)]
+"""A store: a URL (checked when opened), or a local path refused at validation when a file stands above it."""
 
 FolderLocation = Annotated[Path | str, BeforeValidator(_path_unless_url), AfterValidator(_local_not_a_file)]
 """An output folder that may be remote: a URL stays a string (``s3://bucket/runs/a``, checked when it is opened,

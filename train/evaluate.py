@@ -4,7 +4,7 @@
 ``step_XXXXXX`` checkpoint folders (directly or under ``checkpoints/``): each is evaluated, in step order.
 Results go to ``<out>/eval.json`` (schema ``hrsa.eval/1``) after each checkpoint, with a PNG curve of main
 score against step when there are several; re-running reuses the scores of a (model, task) already there
-with the same settings, both keyed by content (:func:`hrsa.train.identity.model_digest`,
+with the same settings, both keyed by content (:func:`hrsa.extract.identity.model_digest`,
 :func:`hrsa.train.eval_tasks.task_identity`): a moved checkpoint keeps its scores, retrained weights or an
 edited task file at the same path get new ones. mteb's own result files go to ``<out>/mteb-results``, never to the home folder.
 
@@ -27,11 +27,12 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from hrsa.runtime.files import write_atomic
+from hrsa.runtime.settings import FolderPath
 from hrsa.store.selection import parse_int_list
 from hrsa.train.checkpoints import list_checkpoints
 from hrsa.train.encoder_options import EncoderOptions
 from hrsa.train.eval_tasks import EvalError, TaskSpec, build_tasks, parse_task_spec, split_task_list, task_identity
-from hrsa.train.identity import model_digest
+from hrsa.extract.identity import model_digest
 
 __all__ = [
     "SCHEMA",
@@ -61,7 +62,7 @@ class EvalConfig(EncoderOptions):
                                    "lines, default fields text and label; accuracy), or an MTEB task or benchmark name "
                                    "such as SciFact or 'MTEB(eng, v2)' (mteb:NAME also works; needs the Hugging Face "
                                    "hub).")
-    out: Path | None = Field(None, description="Results folder: eval.json, eval_curve.png, mteb-results/ (default: "
+    out: FolderPath | None = Field(None, description="Results folder: eval.json, eval_curve.png, mteb-results/ (default: "
                              "<model>/eval for a local model, else ./eval).")
     instructions: bool = Field(True, description="Queries (and classification inputs) get 'Instruct: {task instruction}"
                                "\\nQuery: '; use --no-instructions for models trained without them.")

@@ -23,6 +23,7 @@ import numpy as np
 from pydantic import Field
 
 from hrsa.runtime.files import write_atomic
+from hrsa.runtime.settings import FilePath
 from hrsa.store.errors import UserError
 from hrsa.train.encoder_options import BatchSize, EncoderOptions, MaxLength
 from hrsa.train.jsonl import read_jsonl, read_pairs
@@ -46,7 +47,7 @@ class MineConfig(EncoderOptions):
     """
 
     input: Path = Field(description="JSON lines with query and pos (optional negs, instruction) per line.")
-    out: Path | None = Field(None, description="Output JSON lines: query, pos, negs (+ instruction) (default: "
+    out: FilePath | None = Field(None, description="Output JSON lines: query, pos, negs (+ instruction) (default: "
                              "<input stem>.mined.jsonl beside the input).")
     corpus: Path | None = Field(None, description="JSON lines of candidate documents (default: every distinct pos "
                                 "of --input).")

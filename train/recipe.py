@@ -1,6 +1,6 @@
 """A training run's recipe: everything that changes its weights, recorded in its folder when it starts.
 
-The recipe (:class:`TrainingRecipe`) is the backbone (:func:`hrsa.train.identity.model_identity`: a local
+The recipe (:class:`TrainingRecipe`) is the backbone (:func:`hrsa.extract.identity.model_identity`: a local
 folder, .gguf file or packaged model by its content; a hub model by its id and revision), the training data by its
 content digest, and every setting of :meth:`~hrsa.train.config.TrainConfig.recipe_settings` (lr, seed, batch,
 steps, temperature, negatives, length, attention, dtype...). Worker counts and other pure scheduling are not
@@ -92,7 +92,7 @@ def training_recipe(config: TrainConfig) -> TrainingRecipe:
 
 def _backbone_identity(config: TrainConfig) -> dict[str, Any]:
     from hrsa.extract.model_spec import parse_model_spec
-    from hrsa.train.identity import model_identity
+    from hrsa.extract.identity import model_identity
 
     return model_identity(parse_model_spec(config.backbone, dtype=config.dtype, attention=config.attention))
 

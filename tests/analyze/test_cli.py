@@ -105,15 +105,19 @@ def snapshot(folder: str) -> dict[str, str]:
             for p in sorted(Path(folder).rglob("*")) if p.is_file()}
 
 
-def test_an_out_that_is_a_file_is_refused_before_any_pass(cli_store, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("under", "message"), [("", "out: expected a folder"),
+                                                 ("sub", "out: expected a path inside folders")])
+def test_an_out_that_is_a_file_is_refused_before_any_pass(cli_store, tmp_path: Path, under: str, message: str) -> None:
+    """A file at --out, or above it: refused with the settings, so no result is kept in the store (whose run id it
+    would use up) by a run that could not write its folder."""
     existing = tmp_path / "notes.txt"
     existing.write_text("keep me")
     before, records = snapshot(cli_store.url), cli_store.open().results_ids()
-    code, stdout, stderr = run("--store", cli_store.url, "--pair", "a", "b", "--backend", "numpy", "--out", str(existing),
-                               "--run-id", "out-is-a-file")
+    code, stdout, stderr = run("--store", cli_store.url, "--pair", "a", "b", "--backend", "numpy", "--out",
+                               str(existing / under) if under else str(existing), "--run-id", "out-is-a-file")
     assert code == 2, (stdout, stderr)
     lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "out: expected a folder" in lines[0] and str(existing) in lines[0], stderr
+    assert len(lines) == 1 and message in lines[0] and str(existing) in lines[0], stderr
     assert "plan:" not in stderr  # refused with the settings, before the plan and its passes
     assert existing.read_text() == "keep me"
     assert snapshot(cli_store.url) == before and cli_store.open().results_ids() == records  # the store is untouched

@@ -134,6 +134,28 @@ def test_changed_metric_reruns_only_analysis_and_report(copy: Workspace) -> None
     assert not list((copy.root / "out" / "pairs" / "llama--qwen").glob("*knn*"))  # no figure of the old setting stays
 
 
+@pytest.mark.parametrize("change", [{"model": "no-such-model-folder"}, {"layers": [0, 99]},
+                                    {"attention": "bidirectional", "workers": 64}],
+                         ids=["model", "layers", "workers"])
+def test_a_changed_model_that_cannot_run_leaves_the_stored_one_whole(copy: Workspace, change: dict[str, Any],
+                                                                     tmp_path: Path) -> None:
+    """A pipeline's own model whose settings changed is extracted again from scratch; but a change that cannot run
+    (a model that is not there, a hidden state it lacks, workers no node can hold) is one line, and the stored
+    model it would replace is left as it was: nothing is deleted before the new extraction runs."""
+    from hrsa.store.errors import UserError
+
+    def files(model: str) -> dict[str, bytes]:
+        folder = copy.root / "store" / "models" / model
+        return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    before = files("llama")
+    models = {**copy.values["models"], "llama": {**copy.values["models"]["llama"], **change}}
+    with pytest.raises(UserError):
+        run_pipeline(copy.config(models=models), console=quiet())
+    assert files("llama") == before
+    assert ActivationStore.open(copy.values["store"]).model_info("llama").complete
+
+
 def test_failure_in_analysis_then_rerun_resumes_without_extracting(copy: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
     import hrsa.analyze.job
 

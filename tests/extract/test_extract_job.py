@@ -664,3 +664,35 @@ def test_killed_driver_stops_its_workers_and_an_immediate_resume_is_exact(
     want = stored_states(str(tmp_path / "fresh"), "tiny")
     for k, got in stored_states(store, "tiny").items():
         np.testing.assert_array_equal(got, want[k], err_msg=f"hidden state {k}")
+
+
+def test_weights_changed_in_place_are_another_model_for_a_resume_and_a_rerun(
+        tiny_models: Any, corpus_file: Path, tmp_path: Path, ray_local: Any) -> None:
+    """A model retrained into the same folder: resuming the stored extraction would mix units of both weights, and
+    a complete one would be reported as up to date. Both are refused, naming the weights, before anything is
+    written; the stored model records its files' digest, and a worker that loads other files says so too."""
+    import shutil
+
+    from hrsa.extract.rerun import RerunMismatchError, loaded_mismatch
+    from tests.conftest import save_tiny_model
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models.dir("llama"), model)
+    first = extract(tmp_path, model, corpus_file)
+    store = ActivationStore.open(first.store, mode="r+")
+    info = store.model_info("tiny")
+    assert info.source["content"]
+    save_tiny_model(model, "llama", seed=1)  # retrained in place
+    with pytest.raises(RerunMismatchError, match=f"weights at local:{model}"):
+        run_extraction(first.config)  # complete: not "nothing to do"
+    writer = store.writer("tiny")
+    for unit in writer.units()[-2:]:
+        writer.reset_unit(unit)  # as a kill leaves them
+    before = store_digest(Path(first.store))
+    with pytest.raises(RerunMismatchError, match="weights at"):
+        run_extraction(first.config)  # part-done: no unit of the new weights beside the old
+    assert store_digest(Path(first.store)) == before
+    loaded = load_model(parse_model_spec(str(model)), device="cpu")
+    assert loaded_mismatch(info, {"dtype": info.dtype, "attention": info.attention, "source": loaded.source,
+                                  "n_hidden_states": info.n_hidden_states, "hidden_size": info.hidden_size}) == [
+        "weights whose files differ from those the stored model was extracted from"]

@@ -29,7 +29,7 @@ def uploaded(tiny_models: Any, s3_endpoint: str, tmp_path: Path, monkeypatch: py
 
 
 def test_a_remote_folder_loads_as_the_local_one(uploaded: Location, tiny_models: Any, tmp_path: Path) -> None:
-    from hrsa.train.identity import model_identity
+    from hrsa.extract.identity import model_identity
 
     spec = parse_model_spec(uploaded.url + "/", attention="bidirectional")
     assert (spec.kind, spec.path, spec.name) == ("remote", uploaded.url, "step_000002")

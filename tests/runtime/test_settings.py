@@ -40,6 +40,26 @@ def test_an_output_file_may_exist_or_not_but_not_be_a_folder(tmp_path: Path) -> 
         f"report: expected a file name, got the folder {str(tmp_path)!r}; name a file inside it"]
 
 
+def test_an_output_under_a_file_is_refused_before_any_work(tmp_path: Path) -> None:
+    """``corpus.jsonl/out``: the nearest existing parent is a file, so nothing could ever be written there (the job
+    would compute, write into the store, and then fail on its first file)."""
+    from hrsa.runtime.settings import StoreUrl
+
+    class WithStore(Outputs):
+        store: StoreUrl = "store"
+
+    (tmp_path / "corpus.jsonl").write_text("keep me")
+    under = tmp_path / "corpus.jsonl" / "sub" / "deeper"
+    for field in ("out", "report", "store"):
+        with pytest.raises(ValidationError) as error:
+            WithStore(**{field: under if field != "store" else str(under)})
+        assert validation_problems(error.value) == [
+            f"{field}: expected a path inside folders, got {str(under)!r} under the file "
+            f"{str(tmp_path / 'corpus.jsonl')!r}; name a path inside a folder"]
+    assert WithStore(store="s3://bucket/store").store == "s3://bucket/store"  # a URL is checked when opened
+    assert (tmp_path / "corpus.jsonl").read_text() == "keep me" and not (tmp_path / "sub").exists()
+
+
 def test_parse_settings_reports_both_paths_in_one_line(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     with pytest.raises(UserError) as error:
