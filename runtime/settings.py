@@ -135,8 +135,8 @@ def read_yaml_mapping(path: Path | str, *, error: type[UserError] = UserError, w
     import yaml
 
     try:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise error(f"Expected a readable YAML config at {path}. Got an error instead: {e}".replace("\n", " ")) from None
     if not isinstance(loaded, dict):
         raise error(f"Expected a YAML mapping of {what} in {path}. Got {type(loaded).__name__} instead.")

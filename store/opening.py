@@ -17,14 +17,48 @@ from hrsa.store.format import ATTRS_KEY, FORMAT_VERSION
 if TYPE_CHECKING:
     import zarr
 
-__all__ = ["GROUPS", "open_root", "stored_format"]
+__all__ = ["GROUPS", "StoreUnreachableError", "open_root", "stored_format"]
 
 GROUPS = ("corpora", "models", "results")
 
 
+class StoreUnreachableError(UserError, ConnectionError):
+    """A store URL whose storage could not be reached or read: no such bucket, no credentials, no endpoint, no
+    filesystem package for its scheme."""
+
+
 def open_root(url: str, mode: str, storage_options: Mapping[str, Any] | None, *, upgrading: bool = False) -> zarr.Group:
     """The store's root group (see ``ActivationStore.open`` for the modes and errors); ``upgrading`` opens an older
-    format too (for :func:`hrsa.store.upgrade.upgrade_store` only)."""
+    format too (for :func:`hrsa.store.upgrade.upgrade_store` only).
+
+    Raises:
+        StoreUnreachableError: a URL whose storage answers with an error (one line naming it), not a traceback
+            from deep inside its client.
+    """
+    if not _is_url(url):
+        return _open_root(url, mode, storage_options, upgrading)
+    try:
+        return _open_root(url, mode, storage_options, upgrading)
+    except UserError:
+        raise
+    except Exception as error:
+        if not _from_storage(error):
+            raise
+        cause = str(error).splitlines()[0] if str(error) else ""
+        raise StoreUnreachableError(
+            f"Expected a store URL whose storage answers. Got {type(error).__name__}: {cause} at {url} instead. Check "
+            "the URL (s3://BUCKET/PATH), the credentials and endpoint (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL...), and "
+            "that the filesystem package for its scheme is installed (s3fs, gcsfs...)."
+        ) from error
+
+
+def _from_storage(error: BaseException) -> bool:
+    """An error of the storage or its client (OSError, a missing fsspec backend, botocore's own), not of hrsa."""
+    clients = ("botocore", "aiobotocore", "s3fs", "gcsfs", "adlfs", "fsspec", "aiohttp")
+    return isinstance(error, (OSError, ImportError)) or type(error).__module__.split(".")[0] in clients
+
+
+def _open_root(url: str, mode: str, storage_options: Mapping[str, Any] | None, upgrading: bool) -> zarr.Group:
     if mode not in ("r", "r+", "a", "w-"):
         raise UserError(f"Expected mode 'r', 'r+', 'a' or 'w-'. Got {mode!r} instead.")
     # Never list from a cache: other processes create and delete claims and done records, and a stale listing

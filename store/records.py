@@ -61,19 +61,48 @@ def _files(source: str) -> list[Path]:
 
 def _read_file(path: Path) -> Iterator[dict[str, Any]]:
     if path.suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as lines:
-            for n, line in enumerate(lines, 1):
-                if line.strip():
-                    try:
-                        yield {"_default_id": f"{path.name}:{n}", **json.loads(line)}
-                    except json.JSONDecodeError as e:
-                        raise CorpusError(f"Expected one JSON object per line in {path}. Line {n} is not: {e}.") from e
+        yield from _read_json_lines(path)
         return
     import pandas as pd
 
-    frame = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
+    try:
+        frame = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
+    except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as e:  # pyarrow's errors are ValueErrors
+        raise CorpusError(f"Expected a readable {path.suffix} file at {path}. Got {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''} instead. Check the file.") from e
     for n, record in enumerate(frame.to_dict("records")):
         yield {"_default_id": f"{path.name}:{n}", **record}
+
+
+def _read_json_lines(path: Path) -> Iterator[dict[str, Any]]:
+    for n, record in iter_json_lines(path, error=CorpusError):
+        yield {"_default_id": f"{path.name}:{n}", **record}
+
+
+def iter_json_lines(path: Path, *, error: type[UserError]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for each non-blank line of a JSON-lines file, from 1.
+
+    Raises:
+        error: a line that is not JSON or not an object, or bytes that are not UTF-8 (one line naming the place).
+    """
+    with Path(path).open("rb") as lines:  # decoded line by line, so a byte that is not UTF-8 names its line
+        for number, raw in enumerate(lines, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise error(f"Expected UTF-8 text in {path}. Got a byte that is not on line {number} ({e.reason}) "
+                            "instead. Convert the file to UTF-8.") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"Expected one JSON object a line in {path}. Got invalid JSON on line {number} "
+                            f"instead ({e.msg}). Fix that line.") from None
+            if not isinstance(record, dict):
+                raise error(f"Expected one JSON object a line in {path}. Got a {type(record).__name__} on line "
+                            f"{number} instead. Fix that line.")
+            yield number, record
 
 
 def _read_hub(source: str) -> Iterator[dict[str, Any]]:

@@ -9,12 +9,12 @@ names) naming the file and the line. :func:`check_pair` is the one rule of the p
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from hrsa.store.errors import UserError
+from hrsa.store.records import iter_json_lines
 
 __all__ = ["JsonlError", "check_pair", "iter_jsonl", "read_jsonl", "read_pairs"]
 
@@ -32,19 +32,7 @@ def iter_jsonl(path: Path, *, error: type[UserError] = JsonlError) -> Iterator[t
     path = Path(path)
     if not path.is_file():
         raise error(f"Expected a JSON-lines file at {path}. Got no such file instead. Check the path.")
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise error(f"Expected one JSON object a line in {path}. Got invalid JSON on line {number} "
-                            f"instead ({e.msg}). Fix that line.") from None
-            if not isinstance(record, dict):
-                raise error(f"Expected one JSON object a line in {path}. Got a {type(record).__name__} on line "
-                            f"{number} instead. Fix that line.")
-            yield number, record
+    yield from iter_json_lines(path, error=error)
 
 
 def read_jsonl(path: Path, *, required: Sequence[str] = (), hint: str = "") -> list[dict[str, Any]]:

@@ -158,3 +158,17 @@ def test_console_entry_point_exits_2_without_traceback(tmp_path) -> None:
     assert exe, "the `hrsa` console script is installed beside the interpreter"
     done = subprocess.run([exe, "store", "ls", str(tmp_path / "absent")], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def test_a_store_url_whose_storage_cannot_answer_is_one_line(tmp_path, monkeypatch) -> None:
+    """A bucket-less URL, or no credentials: the client's own error, named in one line with exit 2, not its
+    traceback; nothing is created anywhere."""
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    for url, cause in (("s3://", "ParamValidationError"), ("s3://hrsa-no-bucket/store", "NoCredentialsError")):
+        code, _, stderr = _run("store", "ls", url)
+        assert code == 2 and stderr.count("\n") == 1 and f"Got {cause}" in stderr, stderr
+    assert not list(tmp_path.iterdir())
