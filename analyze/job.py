@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from hrsa.analyze.local.knn import KnnOptions
 from hrsa.analyze.local.probe import ProbeOptions
 from hrsa.analyze.pair import analyze_pair
-from hrsa.analyze.report.figures import plot_figures
+from hrsa.analyze.report.figures import FIGURE_NAMES, plot_figures
 from hrsa.analyze.results import check_run_id_free, save_results
 from hrsa.store import ActivationStore
 from hrsa.store.selection import TokenSelection
@@ -90,11 +90,23 @@ def run_analysis(
     for w in caught:  # others as Python shows them
         if not _is_hrsa(w):
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    # Step 3: results.json (and results/<run_id>), then the figures drawn from that document.
+    # Step 3: results.json (and results/<run_id>), then the figures drawn from that document; an earlier run's
+    # figures and rotations that this one did not draw go, so nothing in the folder describes another run.
+    earlier = (Path(config.out) / "results.json").is_file()
     saved = save_results(results, config.out, store=store if config.store_results else None, run_id=config.run_id,
                          config=config.model_dump(mode="json"))
     figures = tuple(plot_figures(saved.doc, config.out))
+    if earlier:
+        _remove_stale_outputs(Path(config.out), {p.name for p in (*figures, *saved.rotations)})
     return AnalysisRun(results=results, saved=saved, figures=figures, warnings=ours)
+
+
+def _remove_stale_outputs(out: Path, written: set[str]) -> None:
+    """Delete the figures and rotations an earlier run wrote into ``out`` that are not among ``written``."""
+    stale = [*(out / name for name in FIGURE_NAMES), *out.glob("procrustes_rotation_*.npy")]
+    for path in stale:
+        if path.name not in written:
+            path.unlink(missing_ok=True)
 
 
 def _compare(store: ActivationStore, config: AnalyzeConfig, on_plan: Callable[[AnalysisPlan], None] | None,

@@ -109,7 +109,7 @@ def _training_data(out: Path, console: Console) -> Path:
     return mined
 
 
-def _corpora(config: DemoConfig, console: Console) -> tuple[Path, dict[str, Any]]:
+def _corpora(config: DemoConfig, mails: list[dict[str, Any]] | None, console: Console) -> tuple[Path, dict[str, Any]]:
     """The CoT corpus, and the probe corpus as a pipeline entry (hard ham vs spam, or word problems by kind)."""
     from hrsa.cluster.demo_corpus import write_mail_probes, write_word_problems
 
@@ -117,8 +117,8 @@ def _corpora(config: DemoConfig, console: Console) -> tuple[Path, dict[str, Any]
     if cot is None:
         cot = write_word_problems(config.out / "data" / "word-problems.jsonl", n=max(config.max_docs, 24))
         console.print(f"no --corpus given: wrote {cot} (arithmetic word problems answered step by step)")
-    if config.probe_corpus is not None:
-        mail = write_mail_probes(config.probe_corpus, config.out / "data" / "mail-probes.jsonl", n=config.probe_docs)
+    if mails is not None:
+        mail = write_mail_probes(mails, config.out / "data" / "mail-probes.jsonl")
         return cot, {"path": str(mail), "text": "text", "id_field": "id", "label_field": "label"}
     problems = write_word_problems(config.out / "data" / "word-problems-labelled.jsonl", n=config.probe_docs, seed=7)
     console.print("[yellow]no --probe-corpus given: the probes use word problems labelled by kind, which the words alone "
@@ -190,7 +190,11 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
     from hrsa.cluster.runner import run_pipeline
 
     hf_logging.disable_progress_bar()  # the demo's own lines say what runs; per-file loading bars are noise
+    from hrsa.cluster.demo_corpus import read_mail_probes
+
     console = console or Console()
+    # Step 0: the probe mails, read before anything is written (a wrong file is one line, not a minute of setup).
+    mails = read_mail_probes(config.probe_corpus, n=config.probe_docs) if config.probe_corpus is not None else None
     config.out.mkdir(parents=True, exist_ok=True)
     console.print(f"[bold]hrsa demo[/]: {ABOUT}", highlight=False)
     # Step 1: the two backbones; Step 2: the training data and the corpora; Step 3: the pipeline.
@@ -198,7 +202,7 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
     child = perturbed_copy(base, config.out / "models" / "smollm2-perturbed", scale=config.perturbation, seed=0,
                            console=console)
     train_data = _training_data(config.out, console)
-    cot, probes = _corpora(config, console)
+    cot, probes = _corpora(config, mails, console)
     values = demo_pipeline(config, backbones=(base, child), train_data=train_data, cot=cot, probes=probes)
     result = run_pipeline(parse_pipeline(values), console=console)
     assert result.report is not None  # the demo always asks for one

@@ -6,7 +6,7 @@ Arithmetic word problems of four kinds, each answered step by step, in the shape
 the demo's InfoNCE runs. Their ``kind`` labels the fallback probe corpus, but a mean of token embeddings reads
 it off the words (every hidden state separates it perfectly), so transfer says nothing with it.
 
-:func:`write_mail_probes` cuts the probe corpus the demo prefers: hard ham against spam from the SpamAssassin
+:func:`read_mail_probes` cuts the probe corpus the demo prefers: hard ham against spam from the SpamAssassin
 corpus, balanced. Hard ham is legitimate mail that reads like spam (newsletters, prize notices, renewal
 reminders), so the label is not read off the words alone and the probes have something to transfer.
 """
@@ -17,10 +17,12 @@ import json
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from hrsa.store.errors import UserError
+from hrsa.store.records import iter_json_lines
 
-__all__ = ["KINDS", "write_mail_probes", "write_training_pairs", "write_word_problems"]
+__all__ = ["KINDS", "read_mail_probes", "write_mail_probes", "write_training_pairs", "write_word_problems"]
 
 _NAMES = ["Ava", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goran", "Hana", "Ivan", "Jun", "Kofi", "Lena"]
 _ITEMS = ["apples", "stamps", "marbles", "books", "coins", "stickers", "pencils", "shells", "cards", "beads"]
@@ -111,17 +113,20 @@ def write_training_pairs(path: Path, *, n: int = 256, seed: int = 1) -> Path:
     return path
 
 
-def write_mail_probes(source: Path, path: Path, *, n: int, seed: int = 0) -> Path:
-    """Write ``n`` mails (half hard ham, half spam, as far as the source has them) from a SpamAssassin jsonl
-    (fields id, group, label, text; or the folder holding spam-assassin.jsonl) as jsonl with fields id, label,
-    text, in a seeded random order.
+def read_mail_probes(source: Path, *, n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """``n`` mails (half hard ham, half spam, as far as the source has them) from a SpamAssassin jsonl (fields id,
+    group, label, text; or the folder holding spam-assassin.jsonl), as records with fields id, label, text, in a
+    seeded random order. Read before the demo does any work: a wrong file costs a line, not a minute.
 
     Raises:
-        UserError: the source holds no hard ham or no spam.
+        UserError: no such file, a line that is not a JSON object or not UTF-8, or no hard ham or no spam.
     """
     if source.is_dir():
         source = source / "spam-assassin.jsonl"
-    records = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not source.is_file():
+        raise UserError(f"Expected the SpamAssassin jsonl at {source}. Got no such file instead. Pass "
+                        "../shared/data/spam-assassin/spam-assassin.jsonl.")
+    records = [r for _, r in iter_json_lines(source, error=UserError)]
     ham = [r for r in records if r.get("group") == "hard-ham-1"]
     spam = [r for r in records if r.get("label") == "spam"]
     if not ham or not spam:
@@ -131,8 +136,13 @@ def write_mail_probes(source: Path, path: Path, *, n: int, seed: int = 0) -> Pat
     half = min(n // 2, len(ham), len(spam))
     chosen = rng.sample(ham, half) + rng.sample(spam, half)
     rng.shuffle(chosen)
+    return [{"id": r["id"], "label": r["label"], "text": r["text"]} for r in chosen]
+
+
+def write_mail_probes(mails: list[dict[str, Any]], path: Path) -> Path:
+    """Write the mails :func:`read_mail_probes` chose as jsonl."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as out:
-        for r in chosen:
-            out.write(json.dumps({"id": r["id"], "label": r["label"], "text": r["text"]}) + "\n")
+        for r in mails:
+            out.write(json.dumps(r) + "\n")
     return path

@@ -283,6 +283,8 @@ def evaluate(
     names = [t.metadata.name for _, t in tasks]
     stepped = [r for r in rows if r.step is not None]
     figure = plot_curve(rows, names, out / "eval_curve.png") if len(stepped) > 1 else None
+    if figure is None:  # an earlier evaluation's curve into this folder would sit beside results it does not show
+        (out / "eval_curve.png").unlink(missing_ok=True)
     return EvalResult(json_path=json_path, figure_path=figure, tasks=tuple(names), checkpoints=tuple(rows))
 
 

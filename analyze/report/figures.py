@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = [
     "dynamics_comparison_figure",
     "dynamics_figure",
+    "FIGURE_NAMES",
     "heatmap_figure",
     "knn_overlap_figure",
     "layer_profile_figure",
@@ -47,6 +48,7 @@ __all__ = [
     "probe_figure",
 ]
 
+FIGURE_NAMES = ("cka_cross_layer.png", "dimcorr_cross_layer.png", "layers.png", "knn_overlap.png", "probe.png")
 PNG_DPI = 120  # the PNGs beside results.json; the HTML report embeds at its own resolution
 _HIDDEN_STATE = "hidden state (0 = embedding output)"
 

@@ -64,6 +64,23 @@ def test_cross_layer_run_writes_json_figures_and_store_results(cli_store, tmp_pa
     assert stored.attrs[ATTRS_KEY]["n_tokens"] == api.n_tokens
 
 
+def test_a_run_into_an_earlier_runs_folder_leaves_nothing_of_it_beside_its_results(cli_store, tmp_path: Path) -> None:
+    """--out reused: the cross-layer figures of the first run must not stay beside the second run's k-NN results
+    (each file there describes the run in results.json); a user's own file is left alone."""
+    out = tmp_path / "out"
+    common = ("--store", cli_store.url, "--pair", "a", "b", "--backend", "numpy", "--out", str(out),
+              "--no-store-results")
+    code, _, stderr = run(*common, "--metrics", "cka,procrustes", "--cross-layer", "--save-rotation")
+    assert code == 0, stderr
+    assert {"cka_cross_layer.png", "layers.png"} <= {p.name for p in out.iterdir()}
+    assert list(out.glob("procrustes_rotation_*.npy"))
+    (out / "notes.txt").write_text("mine")
+    code, _, stderr = run(*common, "--metrics", "dimcorr")
+    assert code == 0, stderr
+    assert {p.name for p in out.iterdir()} == {"results.json", "layers.png", "notes.txt"}
+    assert list(json.loads((out / "results.json").read_text())["metrics"]) == ["dimcorr"]
+
+
 def test_a_yaml_config_is_overridden_by_flags(cli_store, tmp_path: Path) -> None:
     config = tmp_path / "analyze.yaml"
     config.write_text(f"store: {cli_store.url}\npair: [a, b]\nmetrics: [cka, dimcorr]\nexclude_special: true\n"

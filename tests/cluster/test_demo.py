@@ -18,7 +18,7 @@ import pytest
 from rich.console import Console
 
 from hrsa.cluster.demo import DRIFT, REALIGN, DemoConfig, demo_pipeline, run_demo
-from hrsa.cluster.demo_corpus import write_mail_probes
+from hrsa.cluster.demo_corpus import read_mail_probes, write_mail_probes
 from hrsa.store import ActivationStore
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -51,11 +51,30 @@ def test_the_demo_pipeline_is_the_papers_study(tmp_path: Path) -> None:
 @pytest.mark.data
 def test_the_probe_corpus_is_hard_ham_against_spam(tmp_path: Path) -> None:
     """Hard ham is legitimate mail that reads like spam: the label is not given away by the words alone."""
-    path = write_mail_probes(SPAM, tmp_path / "mail.jsonl", n=480)
+    path = write_mail_probes(read_mail_probes(SPAM, n=480), tmp_path / "mail.jsonl")
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(records) == 480 and sum(r["label"] == "spam" for r in records) == 240
     assert all(r["id"].startswith("hard-ham") for r in records if r["label"] == "ham")
-    assert write_mail_probes(SPAM, tmp_path / "again.jsonl", n=480).read_text() == path.read_text()  # seeded
+    assert read_mail_probes(SPAM, n=480) == records  # seeded
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("pairs.jsonl", b'{"query": "q", "pos": "p"}\n', "Got 0 hard ham and 0 spam"),
+    ("latin1.jsonl", b'{"text": "caf\xe9"}\n', "Expected UTF-8 text"),
+    ("empty-folder", None, "Got no such file"),
+])
+def test_a_wrong_probe_corpus_is_one_line_before_the_demo_writes_anything(tmp_path: Path, name: str,
+                                                                           content: bytes | None, message: str) -> None:
+    """Checked before the backbones are built and negatives mined (a minute, and 1.1 GB left behind)."""
+    from click.testing import CliRunner
+
+    from hrsa.cli import cli
+
+    source = tmp_path / name
+    source.mkdir() if content is None else source.write_bytes(content)
+    result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "out"), "--probe-corpus", str(source)])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.output
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.real_model
