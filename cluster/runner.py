@@ -310,7 +310,9 @@ class _Runner:
         if not self._announce(stage, reason):
             return
         # This pipeline's own model, from other inputs: redone from scratch, and let go only once the new one runs.
-        replace = present and entry is not None and entry["key"] != key
+        # Its record may already say these inputs (a run of them that failed before it let go of the old model):
+        # then the stored model's own settings tell.
+        replace = present and entry is not None and (entry["key"] != key or bool(stored_mismatch(store, ec)))
         self.state.start(stage, key)
         with stage_progress(self.console, "tokens") as (progress, task):
             result = run_extraction(ec, on_progress=lambda n, total: progress.update(task, total=total, advance=n),

@@ -299,6 +299,7 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
     _check_placement(conn, n, gpus, cpus)
     store = store or ActivationStore.open(config.store, mode="a")
     cid = existing.corpus if existing is not None else _store_corpus(config, store, corpus)  # resuming: its own corpus
+    store.check_corpus(cid)  # the workers read its tokens unchecked: a lost chunk would be token 0 for them
     # Step 3: the workers in reserved resources (a pipeline's, kept from its last extraction), each loading the model.
     if workers is not None and config.trust_remote_code:
         workers.close()  # the model's own code runs in the worker: fresh processes, ended after, whatever came before
@@ -310,7 +311,8 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
                            lambda: _start_workers(n, gpus, cpus, threads, config))
         # Step 4: the coordinator allocates the arrays from what a loaded worker reports (or checks them on resume).
         # Every worker loads at once (bind later finds the model loaded); the first one's facts are recorded.
-        facts = _call([a.describe.remote(model) for a in actors], f"loading model {mid}")[0]
+        facts = _call([a.describe.remote(model, digest=i == 0) for i, a in enumerate(actors)],
+                      f"loading model {mid}")[0]
         _check_layers(config, facts)
         if replaced is not None:  # the new extraction runs: only now is the old one let go
             store.delete_model(mid)

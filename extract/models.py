@@ -231,8 +231,6 @@ def load_model(spec: ModelSpec, *, device: str | torch.device | None = None) -> 
     import torch
     import transformers
 
-    from hrsa.extract.identity import model_content
-
     # Step 1: where the weights are, and how to run them.
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     torch_dtype = resolve_dtype(spec.dtype, device)
@@ -246,9 +244,6 @@ def load_model(spec: ModelSpec, *, device: str | torch.device | None = None) -> 
     # Step 3: set and verify the attention mode; the probe also measures L+1 and D.
     attention, n_states, hidden = _set_attention(model, tokenizer, spec.attention)
     source = {**spec.to_dict(), **provenance, "transformers_version": transformers.__version__}
-    content = model_content(spec)  # the files' digest: weights changed in place at the same path are another model
-    if content is not None:
-        source["content"] = content
     if gguf_file:
         source["gguf_dequantized"] = True
     return LoadedModel(

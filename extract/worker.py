@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from hrsa.extract.identity import model_content
 from hrsa.extract.unit_documents import Carried, unit_documents
 from hrsa.store.errors import UserError
 
@@ -92,8 +93,10 @@ class ExtractionWorker:
                 self._spec = dict(spec)
             return self._loaded
 
-    def describe(self, spec: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """What the coordinator records about model ``spec`` (verified by loading it; None: the one loaded).
+    def describe(self, spec: Mapping[str, Any] | None = None, *, digest: bool = False) -> dict[str, Any]:
+        """What the coordinator records about model ``spec`` (verified by loading it; None: the one loaded); with
+        ``digest``, its source holds ``content``, the digest of the files this worker loaded (one read of them:
+        asked of one worker only).
 
         Raises:
             UserError: the store could not be opened, or the model could not be loaded as asked.
@@ -103,8 +106,11 @@ class ExtractionWorker:
         if spec is None and self._loaded is None:
             raise RuntimeError("describe() needs the model's spec: this worker holds no model")
         m = self._loaded if spec is None else self._use(spec)
+        source = dict(m.source)
+        if digest and (content := model_content(m.spec)) is not None:
+            source["content"] = content  # weights changed in place at the same path are another model
         return {"n_hidden_states": m.n_hidden_states, "hidden_size": m.hidden_size, "dtype": m.dtype,
-                "attention": m.attention, "source": m.source, "attn_implementation": m.attn_implementation,
+                "attention": m.attention, "source": source, "attn_implementation": m.attn_implementation,
                 "tokenizer_fingerprint": m.tokenizer_fingerprint, "node": os.uname().nodename, "pid": os.getpid(),
                 "device": str(m.device)}
 
@@ -126,7 +132,7 @@ class ExtractionWorker:
         with self._bind_lock:
             if fresh or self._writer is None or self._writer.info.id != mid:
                 writer = self._store.writer(mid)
-                self._corpus = self._store.corpus_tokens(writer.info.corpus)
+                self._corpus = self._store.corpus_tokens(writer.info.corpus, checked=False)  # run_extraction checked it
                 self._writer = writer
             return self._writer
 

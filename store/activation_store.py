@@ -218,7 +218,7 @@ class ActivationStore(ResultRecords):
         return group
 
     def _corpus_group(self, cid: str, *, checked: bool = True) -> zarr.Group:
-        """The corpus's group; ``checked``: its arrays checked once per process against its content hash first (a
+        """The corpus's group; ``checked``: its arrays checked once per opened store against its content hash first (a
         missing chunk reads as zeros: token 0, no special tokens, position 0 everywhere)."""
         parse_id(cid, kind="corpus id")
         if cid not in self.corpora():
@@ -255,9 +255,20 @@ class ActivationStore(ResultRecords):
         ids than corpus ``cid``: empty when a model with that tokenizer can join the corpus."""
         return differing_documents(self._corpus_group(cid), table)
 
-    def corpus_tokens(self, cid: str) -> CorpusTokens:
-        """The corpus's token ids and document boundaries: what a model runs over (an extraction worker's input)."""
-        return read_corpus_tokens(self._corpus_group(cid))
+    def corpus_tokens(self, cid: str, *, checked: bool = True) -> CorpusTokens:
+        """The corpus's token ids and document boundaries: what a model runs over (an extraction worker's input).
+
+        ``checked=False`` skips the corpus's hash check (:meth:`check_corpus`): for an extraction worker, whose
+        coordinator checked it (reading every array of a large corpus in each worker would cost its memory)."""
+        return read_corpus_tokens(self._corpus_group(cid, checked=checked))
+
+    def check_corpus(self, cid: str) -> None:
+        """Hash the corpus's arrays against its content hash (once per opened store).
+
+        Raises:
+            CorruptDataError: a chunk is missing (Zarr would read zeros) or a value changed; one line naming the fix.
+        """
+        self._corpus_group(cid)
 
     def documents(self, cid: str) -> pd.DataFrame:
         """The corpus's document table: record_id, start, stop, n_tokens, truncated, original_length."""
@@ -446,6 +457,7 @@ class ActivationStore(ResultRecords):
             group = self._top("corpora")[cid]
             damage = corpus_damage(group, read_corpus_info(cid, group))
             if damage is None:
+                self._sound_corpora.add(cid)
                 return cid
             # The id is the content's hash: the table in hand is exactly what belongs there, so it is written again.
             log.warning("corpus %s of %s was damaged (%s): writing it again", cid, self.url, damage)

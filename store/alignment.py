@@ -116,28 +116,28 @@ def _digest(rows_a: np.ndarray, rows_b: np.ndarray) -> str:
 def alignment_damage(group: zarr.Group) -> str | None:
     """What is wrong with a stored alignment, or None. Zarr reads a missing chunk as zeros (every pair's row 0), so
     its rows are hashed against the digest written with them."""
+    return _checked_rows(group)[1]
+
+
+def _checked_rows(group: zarr.Group) -> tuple[tuple[np.ndarray, np.ndarray] | None, str | None]:
+    """(the rows, None) when they hash to their digest; (None, what is wrong) when not; (None, None) when there is
+    nothing to check (not finished, or kept by an earlier hrsa without a digest: never used, so not damage)."""
     meta = group.attrs.get(ATTRS_KEY, {})
     if not meta.get("complete") or "digest" not in meta:
-        return None  # not finished, or kept by an earlier hrsa without a digest: never used, so not damage
+        return None, None
     try:
         rows = group["rows_a"][:], group["rows_b"][:]
     except Exception as error:  # any decode failure is damage
-        return f"unreadable ({type(error).__name__}: {error})"
+        return None, f"unreadable ({type(error).__name__}: {error})"
     if _digest(*rows) != meta["digest"]:
-        return "its rows do not hash to its recorded digest (a chunk missing and read as zeros, or changed)"
-    return None
+        return None, "its rows do not hash to its recorded digest (a chunk missing and read as zeros, or changed)"
+    return rows, None
 
 
 def read_alignment(parent: zarr.Group, key: str) -> tuple[np.ndarray, np.ndarray] | None:
     """A stored alignment, or None when there is none, its write was not finished, it has no digest, or it is
     damaged (then it is computed again: it derives from the two corpora)."""
-    if key not in parent:
-        return None
-    group = parent[key]
-    meta = group.attrs.get(ATTRS_KEY, {})
-    if not meta.get("complete") or "digest" not in meta or alignment_damage(group) is not None:
-        return None
-    return group["rows_a"][:], group["rows_b"][:]
+    return _checked_rows(parent[key])[0] if key in parent else None
 
 
 def write_alignment(parent: zarr.Group, key: str, rows_a: np.ndarray, rows_b: np.ndarray) -> None:

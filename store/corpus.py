@@ -292,7 +292,7 @@ def corpus_damage(group: zarr.Group, info: CorpusInfo) -> str | None:
         table.check()
     except Exception as error:  # any decode failure or broken invariant is damage, told in one line
         return f"unreadable ({type(error).__name__}: {error})"
-    if content_hash(table) != info.content_hash:
+    if info.content_hash not in (content_hash(table), _content_hash_before_spans(table, info)):
         return "its tokens do not hash to its recorded content hash (a chunk missing and read as zeros, or changed)"
     lengths = np.diff(table.doc_offsets)
     derived = {"doc_index": table.doc_index(), "position": table.position()}
@@ -303,6 +303,19 @@ def corpus_damage(group: zarr.Group, info: CorpusInfo) -> str | None:
             table.truncated, lengths < table.original_length) or np.any(table.original_length < lengths):
         return "its truncation flags do not match its documents' stored and original lengths"
     return None
+
+
+def _content_hash_before_spans(table: CorpusTable, info: CorpusInfo) -> str | None:
+    """The content hash a corpus stored before content spans (hrsa before 2026-11-30) recorded: the tokenizer's
+    fingerprint first, then what :func:`content_hash` hashes of a table without spans."""
+    fingerprint = info.tokenizer.get("fingerprint")
+    if table.has_spans or not isinstance(fingerprint, str):
+        return None
+    h = hashlib.sha256(fingerprint.encode())
+    for array in (table.token_ids.astype("<i4"), table.doc_offsets.astype("<i8"), table.is_special.astype("u1")):
+        h.update(np.ascontiguousarray(array).tobytes())
+    h.update(json.dumps(list(table.record_ids)).encode())
+    return h.hexdigest()
 
 
 def read_corpus_tokens(group: zarr.Group) -> CorpusTokens:

@@ -17,7 +17,7 @@ from hrsa.store.format import ATTRS_KEY, FORMAT_VERSION
 if TYPE_CHECKING:
     import zarr
 
-__all__ = ["GROUPS", "StoreUnreachableError", "open_root", "stored_format"]
+__all__ = ["GROUPS", "StoreUnreachableError", "from_storage", "open_root", "stored_format"]
 
 GROUPS = ("corpora", "models", "results")
 
@@ -42,7 +42,7 @@ def open_root(url: str, mode: str, storage_options: Mapping[str, Any] | None, *,
     except UserError:
         raise
     except Exception as error:
-        if not _from_storage(error):
+        if not from_storage(error):
             raise
         cause = str(error).splitlines()[0] if str(error) else ""
         raise StoreUnreachableError(
@@ -52,7 +52,7 @@ def open_root(url: str, mode: str, storage_options: Mapping[str, Any] | None, *,
         ) from error
 
 
-def _from_storage(error: BaseException) -> bool:
+def from_storage(error: BaseException) -> bool:
     """An error of the storage or its client (OSError, a missing fsspec backend, botocore's own), not of hrsa."""
     clients = ("botocore", "aiobotocore", "s3fs", "gcsfs", "adlfs", "fsspec", "aiohttp")
     return isinstance(error, (OSError, ImportError)) or type(error).__module__.split(".")[0] in clients

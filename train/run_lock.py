@@ -71,20 +71,23 @@ def refuse_if_in_use(run: Location) -> None:
 
 
 @contextmanager
-def exclusive_run(run: Location) -> Iterator[None]:
-    """Hold ``run`` (a local or shared folder, created if absent) for this process until the block ends.
+def exclusive_run(run: Location) -> Iterator[threading.Event]:
+    """Hold ``run`` (a local or shared folder, created if absent, or an S3 folder) for this process until the block
+    ends. Yields an Event set if the hold is lost meanwhile (an S3 lease taken over): stop the training then.
 
     Raises:
-        RunInUseError: another process holds it (the message names its pid and host).
+        RunInUseError: another process holds it (the message names its pid and host), or, at the end, the S3
+            lease was taken over while the block ran.
     """
+    never = threading.Event()  # a kernel's lock is not lost while its holder lives
     if not run.is_local:
         if not run.url.startswith("s3://"):
             log.warning("%s is not on S3 nor a local or shared folder: this training is not guarded against another "
                         "into it", run.url)
-            yield
+            yield never
             return
-        with _S3Lease(run).held():
-            yield
+        with _S3Lease(run).held() as lost:
+            yield lost
         return
     folder = run.local_path()
     folder.mkdir(parents=True, exist_ok=True)
@@ -93,14 +96,14 @@ def exclusive_run(run: Location) -> Iterator[None]:
     except PermissionError:  # another user's lock file in a shared folder: that user's run is not ours to judge
         log.warning("cannot open %s: this training is not guarded against another into the same folder",
                     folder / LOCK_FILE)
-        yield
+        yield never
         return
     with lock:
         if _take(lock, run):
             lock.truncate(0)  # who holds it, for the message of a refused run; the lock itself is the kernel's
             lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
             lock.flush()
-        yield
+        yield never
 
 
 def _take(lock: IO[str], run: Location, *, warn: bool = True) -> bool:
@@ -131,6 +134,10 @@ def _holder() -> str:
     return f"pid {os.getpid()} on {socket.gethostname()}"
 
 
+class _Conflict(Exception):
+    """A conditional request lost: the lease is not as this process last saw it."""
+
+
 class _S3Lease:
     """The lease on an S3 run folder: ``.hrsa_train.lock`` holding who has it and a token of its own."""
 
@@ -149,8 +156,9 @@ class _S3Lease:
             raise self._in_use(found)
 
     @contextmanager
-    def held(self) -> Iterator[None]:
-        """Hold the lease, renewed in a thread, until the block ends; then let it go."""
+    def held(self) -> Iterator[threading.Event]:
+        """Hold the lease, renewed in a thread, until the block ends; then let it go. Yields an Event set the
+        moment the lease is found taken (the training should stop then)."""
         body = json.dumps({"holder": _holder(), "token": uuid.uuid4().hex}).encode()
         etag = self._take(body)
         lost, done = threading.Event(), threading.Event()
@@ -158,7 +166,7 @@ class _S3Lease:
                                    name="hrsa-train-lease")
         renewer.start()
         try:
-            yield
+            yield lost
         finally:
             done.set()
             renewer.join()
@@ -174,9 +182,8 @@ class _S3Lease:
         while True:
             try:
                 return self._put(body, IfNoneMatch="*")
-            except OSError as error:
-                if not is_precondition_failure(error):
-                    raise
+            except _Conflict:
+                pass
             found = self._read()
             if found is None:  # released between the create and the read: try again
                 continue
@@ -186,9 +193,7 @@ class _S3Lease:
                         found["holder"], found["age"])
             try:
                 etag = self._put(body, IfMatch=found["etag"])
-            except OSError as error:
-                if not is_precondition_failure(error):
-                    raise
+            except _Conflict:
                 continue  # another training took it over first: it is now a live lease, refused on the next round
             if self._etag_if_ours(body) != etag:  # a server that ignored the condition: the last writer has it
                 raise self._in_use(self._read() or found)
@@ -199,13 +204,13 @@ class _S3Lease:
         while not done.wait(RENEW_SECONDS):
             try:
                 etag = self._put(body, IfMatch=etag)
-            except OSError as error:
-                if is_precondition_failure(error) or isinstance(error, FileNotFoundError):
-                    found = self._read()
-                    log.error("lost the lease on %s to %s: stop this training (its checkpoints from now on may "
-                              "mix with another run's)", self.run.url, found["holder"] if found else "nobody")
-                    lost.set()
-                    return
+            except (_Conflict, FileNotFoundError):
+                found = self._read_quietly()
+                log.error("lost the lease on %s to %s: stopping this training (its checkpoints from now on could "
+                          "mix with another run's)", self.run.url, found["holder"] if found else "nobody")
+                lost.set()
+                return
+            except UserError as error:
                 log.warning("could not renew the lease on %s (%s): retrying in %.0f s", self.run.url, error,
                             RENEW_SECONDS)
 
@@ -219,8 +224,8 @@ class _S3Lease:
                 log.error("lost the lease on %s during this training (taken over, or deleted)", self.run.url)
                 lost.set()
                 return
-            self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key, IfMatch=etag)
-        except OSError as error:  # the server unreachable, or taken over between the read and the delete
+            self._s3("delete_object", IfMatch=etag)
+        except (_Conflict, UserError) as error:  # taken over between the read and the delete, or unreachable
             log.warning("could not let go of the lease on %s (%s): it lapses in %.0f s", self.run.url, error,
                         LEASE_SECONDS)
 
@@ -232,7 +237,7 @@ class _S3Lease:
     def _get(self, **condition: str) -> tuple[bytes, str] | None:
         """The lease's bytes and ETag; None when there is none."""
         try:
-            got = self.fs.call_s3("get_object", Bucket=self.bucket, Key=self.key, **condition)
+            got = self._s3("get_object", **condition)
         except FileNotFoundError:
             return None
         from fsspec.asyn import sync
@@ -240,29 +245,50 @@ class _S3Lease:
         return bytes(sync(self.fs.loop, got["Body"].read)), str(got["ETag"])
 
     def _put(self, body: bytes, **condition: str) -> str:
-        return str(self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=body, **condition)["ETag"])
+        return str(self._s3("put_object", Body=body, **condition)["ETag"])
+
+    def _s3(self, method: str, **kwargs: Any) -> Any:
+        """One request on the lease object. A lost condition (412, or S3's 409 for a conditional request racing
+        another) is :class:`_Conflict`; an absent object FileNotFoundError; any other storage error one line."""
+        from hrsa.store.opening import from_storage
+
+        try:
+            return self.fs.call_s3(method, Bucket=self.bucket, Key=self.key, **kwargs)
+        except FileNotFoundError:
+            raise
+        except Exception as error:
+            if is_precondition_failure(error) or "ConditionalRequestConflict" in f"{error} {error.__cause__}":
+                raise _Conflict(str(error)) from error
+            if not from_storage(error):
+                raise
+            raise UserError(f"Expected to reach the training lock {self.run.child(LOCK_FILE).url}. Got "
+                            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} instead. "
+                            "Check the credentials and endpoint (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL...).") from error
 
     def _read(self) -> dict[str, Any] | None:
         """The lease's holder, ETag and age in seconds by the server's clock; None when there is none."""
         try:
-            head = self.fs.call_s3("head_object", Bucket=self.bucket, Key=self.key)
+            head = self._s3("head_object")
             got = self._get(IfMatch=head["ETag"])
         except FileNotFoundError:
             return None
-        except OSError as error:
-            if is_precondition_failure(error):  # renewed between the two requests: alive
-                return {"holder": "another process", "etag": "", "age": 0.0}
-            raise
+        except _Conflict:  # renewed between the two requests: alive
+            return {"holder": "another process", "etag": "", "age": 0.0}
         if got is None:
             return None
-        data = got[0]
         try:
-            holder = str(json.loads(data)["holder"])
+            holder = str(json.loads(got[0])["holder"])
         except (ValueError, KeyError, TypeError):
             holder = "another process"
         date = head.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
         now = email.utils.parsedate_to_datetime(date).timestamp() if date else time.time()
         return {"holder": holder, "etag": head["ETag"], "age": now - head["LastModified"].timestamp()}
+
+    def _read_quietly(self) -> dict[str, Any] | None:
+        try:
+            return self._read()
+        except UserError:
+            return None
 
     def _in_use(self, found: dict[str, Any]) -> RunInUseError:
         return RunInUseError(f"Expected no other training running into {self.run.url}. Got one ({found['holder']}, "

@@ -193,9 +193,9 @@ def run_training(config: TrainConfig, *, progress: bool = True, stop_after: int 
     conn = connect(config.address)
     placement = plan_workers(conn.nodes, workers=config.workers, use_gpu=config.use_gpu)
     check_every_node_reaches(run, conn.nodes)
-    with exclusive_run(run):  # a second training into this folder at once is refused (train.run_lock)
+    with exclusive_run(run) as lost:  # a second training into this folder at once is refused (train.run_lock)
         claim_run_folder(run, prepared.recipe)
-        events = _run_workers(prepared, placement, progress=progress, stop_after=stop_after)
+        events = _run_workers(prepared, placement, progress=progress, stop_after=stop_after, lost=lost)
     # Step 4: what this call did.
     checkpoints = tuple(parse_location(c.url).as_path_or_url() for c in list_checkpoints(run))
     result = _result(run, checkpoints, events)
@@ -205,8 +205,8 @@ def run_training(config: TrainConfig, *, progress: bool = True, stop_after: int 
     return result
 
 
-def _run_workers(prepared: _Prepared, placement: WorkerPlacement, *, progress: bool,
-                 stop_after: int | None) -> list[dict[str, Any]]:
+def _run_workers(prepared: _Prepared, placement: WorkerPlacement, *, progress: bool, stop_after: int | None,
+                 lost: threading.Event) -> list[dict[str, Any]]:
     """Step 3: ``train_worker`` on the planned Ray Train workers; rank 0's events (starts, steps and losses, and
     ``halted`` where the workers stopped on the driver's Ctrl-C)."""
     import ray
@@ -236,7 +236,7 @@ def _run_workers(prepared: _Prepared, placement: WorkerPlacement, *, progress: b
         torch_config=TorchConfig(backend="nccl" if placement.use_gpu else "gloo"),
     )
     try:
-        return _fit_with_progress(trainer, queue, stop_request, config.max_steps, progress=progress)
+        return _fit_with_progress(trainer, queue, stop_request, config.max_steps, progress=progress, lost=lost)
     except Exception as error:
         user_error = _unwrap_user_error(error)
         if user_error is not None:
@@ -274,8 +274,8 @@ def _result(run: Location, checkpoints: tuple[Path | str, ...], events: list[dic
                        losses[steps[-1]] if steps else math.nan, resumed, tuple(starts[1:]))
 
 
-def _fit_with_progress(trainer: Any, queue: Any, stop_request: Any, total: int, *,
-                       progress: bool) -> list[dict[str, Any]]:
+def _fit_with_progress(trainer: Any, queue: Any, stop_request: Any, total: int, *, progress: bool,
+                       lost: threading.Event | None = None) -> list[dict[str, Any]]:
     """Run ``trainer.fit()`` in a thread while this one drains the workers' reports into a progress bar (plain
     periodic lines when the output is not a terminal: a log shows the steps and the loss as they come).
 
@@ -308,6 +308,9 @@ def _fit_with_progress(trainer: Any, queue: Any, stop_request: Any, total: int, 
                 asked = True
                 stop_request.request.remote()
                 log.warning("stopping: the workers save their last step and stop (Ctrl-C again to leave them)")
+            if lost is not None and lost.is_set() and not asked:  # another training holds the folder now
+                asked = True
+                stop_request.request.remote()
             for event in _drain(queue, wait=thread.is_alive()):
                 events.append(event)
                 if "started" in event:

@@ -30,8 +30,9 @@ COMPUTE_DTYPES = (np.dtype(np.float64), np.dtype(np.float32))
 _FLOAT64_MAX = sys.float_info.max  # a plain float: numpy arrays and torch tensors both compare with it
 
 #: a representation whose spread (RMS distance of its rows from their mean) is within this fraction of its RMS size is
-#: constant: centring a constant float64 representation leaves a few ulps (3e-14 seen), and removing a group from a
-#: pooled sum leaves rounding of the whole; a float32 or bf16 one that varies at all varies by >= 6e-8.
+#: constant: centring a constant float64 representation leaves a few ulps (3e-14 seen); a float32 or bf16 one that
+#: varies at all varies by >= 6e-8. One token has no spread whatever its co-moments say. (A few tokens left when a
+#: group is taken out of pooled sums are merged from the other groups, not subtracted: accumulators/groups.py.)
 SPREAD_RTOL = 1e-12
 
 NON_FINITE_MESSAGE = "Expected finite activations. Got NaN or inf in a chunk instead. Check the extraction."

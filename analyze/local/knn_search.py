@@ -53,7 +53,8 @@ __all__ = [
 TIE_MARGIN = 8  # extra candidates per block, so that ties and float32 rounding at the k-th place resolve exactly
 FAISS_SUB_BLOCK = 4096  # queries per faiss.knn call: its BLAS query block, so nothing is lost by cutting there
 RERANK_ROWS = 64  # queries whose candidates are gathered and scored in float64 at once: (64, c, D) float64
-_WIDE_ELEMENTS = 1 << 22  # a widened take's rows at once: (rows, c) scores and ids of at most 32 MB each
+GPU_MAX_K = 2048  # faiss's GPU k-selection takes at most this many (a widened take may ask more: the CPU's then)
+_WIDE_ELEMENTS = 1 << 20  # a widened take's rows at once: (rows, c) scores and ids of at most 8 MB each
 _NO_ID = np.iinfo(np.int64).max  # an empty candidate slot: sorts after every real index
 
 
@@ -118,9 +119,9 @@ def _faiss_top(queries: NDArray[np.float32], database: NDArray[np.float32], c: i
     copy)."""
     import faiss
 
-    if gpu:  # pragma: no cover - needs faiss-gpu and a GPU
+    if gpu and c <= GPU_MAX_K:  # pragma: no cover - needs faiss-gpu and a GPU
         return faiss.knn_gpu(_gpu_resources(), queries, database, c, metric=faiss.METRIC_INNER_PRODUCT)
-    return faiss.knn(queries, database, c, metric=faiss.METRIC_INNER_PRODUCT)
+    return faiss.knn(queries, database, c, metric=faiss.METRIC_INNER_PRODUCT)  # GPU selection stops at k = 2048
 
 
 def _safe(norms: NDArray[np.float64]) -> NDArray[np.float64]:
@@ -197,14 +198,17 @@ def _exact_scores(q: _Block, rows: NDArray[np.int64], db: _Block, cand: NDArray[
     their tie is broken by index alone. ``gather_rows`` rows of ``keep`` candidates are gathered at once (fewer
     rows when each has more: a widened take gathers no more than a narrow one)."""
     out = np.full(cand.shape, -np.inf)
-    step = max(1, min(RERANK_ROWS, gather_rows * keep // max(1, cand.shape[1])))  # rows x candidates as a narrow take
+    pairs = gather_rows * keep  # (row, candidate) pairs gathered at once: as many as a narrow take's, however wide
+    step = max(1, min(RERANK_ROWS, pairs // max(1, cand.shape[1])))
+    width = max(1, pairs // step)
     for i in range(0, len(cand), step):
-        c = np.maximum(cand[i : i + step], 0)  # (b, c)
         at = rows[i : i + step]
         qv = np.asarray(q.raw[at], np.float64)  # (b, D)
-        v = np.asarray(db.raw[c.ravel()], np.float64).reshape(*c.shape, -1)  # (b, c, D)
-        cosines = np.einsum("bd,bcd->bc", qv, v) / (_safe(q.norms[at])[:, None] * _safe(db.norms[c]))
-        out[i : i + len(c)] = np.where(cand[i : i + step] >= 0, cosines, -np.inf)
+        for j in range(0, cand.shape[1], width):
+            c = np.maximum(cand[i : i + step, j : j + width], 0)  # (b, w)
+            v = np.asarray(db.raw[c.ravel()], np.float64).reshape(*c.shape, -1)  # (b, w, D)
+            cosines = np.einsum("bd,bcd->bc", qv, v) / (_safe(q.norms[at])[:, None] * _safe(db.norms[c]))
+            out[i : i + step, j : j + width] = np.where(cand[i : i + step, j : j + width] >= 0, cosines, -np.inf)
     return out
 
 

@@ -102,3 +102,27 @@ def test_tie_groups_far_larger_than_the_margin_break_by_index(query_block: int, 
     want = cosine_neighbors(x, 10)
     got = exact_neighbors(x, 10, query_block=query_block, db_block=db_block)
     assert np.array_equal(got, want), int((got != want).any(1).sum())
+
+
+def test_a_widened_take_past_the_gpus_k_limit_runs_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """faiss's GPU k-selection stops at 2048; a tie group of 3000 rows widens a take past it (19, 76, 304, 1216,
+    4864 at k = 10; 14 ... 3584 at k = 5): that take runs on the CPU instead of failing, and the neighbours are still
+    the definition's."""
+    import faiss
+
+    import hrsa.analyze.local.knn_search as knn_search
+
+    seen: list[int] = []
+
+    def knn_gpu(resources: object, queries: np.ndarray, database: np.ndarray, k: int, metric: int) -> object:
+        assert k <= 2048, k  # what faiss-gpu refuses
+        seen.append(k)
+        return faiss.knn(queries, database, k, metric=metric)
+
+    monkeypatch.setattr(faiss, "knn_gpu", knn_gpu, raising=False)
+    monkeypatch.setattr(knn_search, "_resolve_gpu", lambda use_gpu: True)
+    monkeypatch.setattr(knn_search, "_gpu_resources", lambda: None)
+    rng = np.random.default_rng(0)
+    x = np.vstack([np.tile(rng.normal(size=(1, 16)), (3000, 1)), rng.normal(size=(500, 16))])
+    got = exact_neighbors(x, 5, query_block=1000)
+    assert np.array_equal(got, cosine_neighbors(x, 5)) and max(seen) <= 2048 and 896 in seen

@@ -261,3 +261,21 @@ def test_a_knn_pass_that_cannot_fit_is_refused_before_the_streaming_passes(pair_
         analyze_pair(pair_store.open(), "a", "b", metrics=["cka", "knn"], knn_options=KnnOptions(n_sample=None),
                      memory_budget="400kB", block_tokens=128)
     assert ran == []
+
+
+def test_a_group_left_out_down_to_a_few_equal_tokens_has_no_spread() -> None:
+    """Two equal float32 rows at an offset of 1e3 are left when the other 998 tokens' group goes: subtracting that
+    group from the total would leave the total's rounding as their spread (CKA up to 1.42 seen); merged from the
+    other groups, they have none, and CKA is NaN."""
+    from hrsa.analyze.accumulators.groups import GroupedMoments
+    from hrsa.analyze.accumulators.moments import moments
+    from hrsa.analyze.metrics import linear_cka_from_moments
+
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        x = (rng.normal(size=(1000, 16)) + 1e3).astype(np.float32)
+        y = (x + rng.normal(size=(1000, 16))).astype(np.float32)
+        x[998:], y[998:] = x[998], y[998]  # the small group: two equal tokens
+        grouped = GroupedMoments({0: moments(x[:998], y[:998]), 1: moments(x[998:], y[998:])})
+        rest = dict(grouped.leave_one_out(grouped.total()))[0]
+        assert rest.n == 2 and np.isnan(linear_cka_from_moments(rest).value), seed

@@ -134,7 +134,7 @@ def test_changed_metric_reruns_only_analysis_and_report(copy: Workspace) -> None
     assert not list((copy.root / "out" / "pairs" / "llama--qwen").glob("*knn*"))  # no figure of the old setting stays
 
 
-@pytest.mark.parametrize("change", [{"model": "no-such-model-folder"}, {"layers": [0, 99]},
+@pytest.mark.parametrize("change", [{"model": "MISSING"}, {"layers": [0, 99]},
                                     {"attention": "bidirectional", "workers": 64}],
                          ids=["model", "layers", "workers"])
 def test_a_changed_model_that_cannot_run_leaves_the_stored_one_whole(copy: Workspace, change: dict[str, Any],
@@ -149,11 +149,17 @@ def test_a_changed_model_that_cannot_run_leaves_the_stored_one_whole(copy: Works
         return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
     before = files("llama")
+    change = {k: str(tmp_path / "later-model") if v == "MISSING" else v for k, v in change.items()}
     models = {**copy.values["models"], "llama": {**copy.values["models"]["llama"], **change}}
     with pytest.raises(UserError):
         run_pipeline(copy.config(models=models), console=quiet())
     assert files("llama") == before
     assert ActivationStore.open(copy.values["store"]).model_info("llama").complete
+    if "model" in change:  # the model appears where the pipeline said: the same pipeline again now replaces it
+        shutil.copytree(copy.values["models"]["qwen"]["model"], change["model"])
+        result = run_pipeline(copy.config(models=models), console=quiet())
+        assert "extract:llama" in result.ran
+        assert ActivationStore.open(copy.values["store"]).model_info("llama").source["path"].endswith(change["model"])
 
 
 def test_failure_in_analysis_then_rerun_resumes_without_extracting(copy: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:

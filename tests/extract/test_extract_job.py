@@ -692,7 +692,9 @@ def test_weights_changed_in_place_are_another_model_for_a_resume_and_a_rerun(
     with pytest.raises(RerunMismatchError, match="weights at"):
         run_extraction(first.config)  # part-done: no unit of the new weights beside the old
     assert store_digest(Path(first.store)) == before
-    loaded = load_model(parse_model_spec(str(model)), device="cpu")
-    assert loaded_mismatch(info, {"dtype": info.dtype, "attention": info.attention, "source": loaded.source,
-                                  "n_hidden_states": info.n_hidden_states, "hidden_size": info.hidden_size}) == [
+    from hrsa.extract.worker import ExtractionWorker
+
+    worker = ExtractionWorker(parse_model_spec(str(model)).to_dict(), first.store, device="cpu")
+    assert "content" not in worker.describe()["source"]  # a worker reads the files again only when asked
+    assert loaded_mismatch(info, worker.describe(digest=True)) == [
         "weights whose files differ from those the stored model was extracted from"]

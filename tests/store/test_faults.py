@@ -700,3 +700,25 @@ def test_a_coordinator_that_loses_the_creation_to_other_settings_leaves_the_winn
     fill_model(store, "m")
     assert np.array_equal(store.hidden_state("m", 1).compute(), expected_layer(store, "m", 1))
     assert verify_store(target.open("r")).ok
+
+
+def test_a_corpus_stored_before_content_spans_reads_by_its_hash_of_then(tmp_path: Path) -> None:
+    """hrsa before 2026-11-30 hashed the tokenizer's fingerprint into a corpus's content hash: such a corpus is whole,
+    not damaged; a lost chunk of it is still caught."""
+    import hashlib
+
+    store = ActivationStore.open(tmp_path / "s", mode="a")
+    new_model(store, "m")
+    fill_model(store, "m")
+    cid = store.model_info("m").corpus
+    table = make_table()
+    then = hashlib.sha256(b"fp-1")  # the formula of then, on the test table's arrays
+    for array in (table.token_ids.astype("<i4"), table.doc_offsets.astype("<i8"), table.is_special.astype("u1")):
+        then.update(np.ascontiguousarray(array).tobytes())
+    then.update(json.dumps(list(table.record_ids)).encode())
+    _edit_json(store, f"corpora/{cid}/zarr.json",
+               lambda meta: meta["attributes"]["hrsa"].update(content_hash=then.hexdigest()))
+    store = ActivationStore.open(tmp_path / "s", mode="r+")
+    assert verify_store(store).ok and store.tokens(cid)["token_id"].tolist() == table.token_ids.tolist()
+    _chunks_deleted("token_ids")(store, cid)
+    assert [p.where for p in verify_store(ActivationStore.open(tmp_path / "s")).problems] == [f"corpora/{cid}"]

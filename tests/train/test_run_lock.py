@@ -178,25 +178,51 @@ def test_an_s3_run_is_refused_while_its_holder_renews_and_taken_over_once_it_sto
     assert _s3_keys(s3_run) == []
 
 
-def test_an_s3_lease_taken_over_fails_its_first_holder_at_the_end(s3_run: Any, monkeypatch: pytest.MonkeyPatch,
-                                                                  caplog: pytest.LogCaptureFixture) -> None:
-    """A holder that could not renew for a whole lease (a frozen driver, a partition) finds its lease taken: it is
-    told, not left to report a run whose checkpoints may mix two trainings."""
+def test_an_s3_lease_taken_over_stops_its_first_holder_and_fails_it_at_the_end(
+        s3_run: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A holder that could not renew for a whole lease (a partition, a frozen driver) finds its lease taken at its
+    next renewal: the Event it handed out is set then (the trainer stops its workers on it), and the block ends
+    with an error, not with a run whose checkpoints may mix two trainings."""
     import time
 
+    from hrsa.store.errors import UserError
     from hrsa.train import run_lock
 
     monkeypatch.setattr(run_lock, "LEASE_SECONDS", 1.0)
     monkeypatch.setattr(run_lock, "RENEW_SECONDS", 0.3)
-    with pytest.raises(RunInUseError, match="lease taken over by another training"), exclusive_run(s3_run):
-        monkeypatch.setattr(run_lock, "RENEW_SECONDS", 600.0)  # frozen: its next renewal never comes
+    put = run_lock._S3Lease._put
+    with pytest.raises(RunInUseError, match="lease taken over by another training"), exclusive_run(s3_run) as lost:
+        def unreachable(self: Any, body: bytes, **condition: str) -> str:
+            raise UserError("Expected to reach the training lock. Got a partition instead.")
+
+        monkeypatch.setattr(run_lock._S3Lease, "_put", unreachable)  # its renewals fail: the lease lapses
         time.sleep(2.5)
         holder = _hold_s3(s3_run, 1.0, 0.3)  # takes the lapsed lease over, and keeps it
+        monkeypatch.setattr(run_lock._S3Lease, "_put", put)  # reachable again: its next renewal finds it taken
+        assert lost.wait(5), "the lost lease was not told while the block ran"
     try:
-        assert "lost the lease" in caplog.text
+        assert "lost the lease" in caplog.text and "could not renew" in caplog.text
         monkeypatch.setattr(run_lock, "LEASE_SECONDS", 60.0)  # the server's times have a resolution of 1 s
         with pytest.raises(RunInUseError, match=rf"pid {holder.pid} on "):
             run_lock.refuse_if_in_use(s3_run)  # the first holder's exit left the new holder's lease alone
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+
+
+def test_an_s3_lock_that_cannot_be_reached_is_one_line(s3_run: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No credentials (botocore's own error, which s3fs passes through): one line naming the lock, not a traceback."""
+    from botocore.exceptions import NoCredentialsError
+    from s3fs import S3FileSystem
+
+    from hrsa.store.errors import UserError
+    from hrsa.train.run_lock import refuse_if_in_use
+
+    def no_credentials(self: Any, method: str, *args: Any, **kwargs: Any) -> Any:
+        raise NoCredentialsError()
+
+    monkeypatch.setattr(S3FileSystem, "call_s3", no_credentials)
+    with pytest.raises(UserError, match=r"Expected to reach the training lock s3://.*/\.hrsa_train\.lock\. Got "
+                                        "NoCredentialsError") as error:
+        refuse_if_in_use(s3_run)
+    assert "\\n" not in str(error.value)
