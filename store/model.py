@@ -147,10 +147,18 @@ def array_mismatches(group: zarr.Group, info: ModelInfo) -> list[tuple[str, str]
     return problems
 
 
+_CODEC_DEFAULTS = {"bytes": {"endian": "little"}, "sharding_indexed": {"index_location": "end"}}  # Zarr v3's
+
+
 def _same_settings(stored: Any, expected: Any) -> bool:
     """Whether a stored codec chain says what the expected one says: the same codecs in the same order, and equal
-    values wherever both name a setting (a field that another Zarr release adds or drops is not a difference)."""
+    values wherever both name a setting, once the spec's defaults fill what one leaves out (a field that another
+    Zarr release adds or drops is not a difference; an endianness or index place on one side only is)."""
     if isinstance(stored, dict) and isinstance(expected, dict):
+        if "name" in stored and isinstance(stored.get("configuration", {}), dict):
+            defaults = _CODEC_DEFAULTS.get(str(stored["name"]), {})
+            stored = {**stored, "configuration": {**defaults, **stored.get("configuration", {})}}
+            expected = {**expected, "configuration": {**defaults, **(expected.get("configuration") or {})}}
         return all(_same_settings(stored[k], expected[k]) for k in stored.keys() & expected.keys())
     if isinstance(stored, list) and isinstance(expected, list):
         return len(stored) == len(expected) and all(map(_same_settings, stored, expected))

@@ -46,6 +46,7 @@ __all__ = ["LEASE_SECONDS", "LOCK_FILE", "RENEW_SECONDS", "RunInUseError", "excl
 LOCK_FILE = ".hrsa_train.lock"
 LEASE_SECONDS = 60.0  # an S3 lease not renewed for this long is its holder's no more (its driver or node is gone)
 RENEW_SECONDS = 15.0  # the holder renews it this often: three renewals may fail (a slow request) before it lapses
+_TAKE_ATTEMPTS = 20  # rounds of create / read / take over before a start that keeps conflicting gives up
 _UNSUPPORTED = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL}  # a filesystem without flock
 
 log = logging.getLogger(__name__)
@@ -179,13 +180,15 @@ class _S3Lease:
 
     def _take(self, body: bytes) -> str:
         """Create the lease object, or take over one whose holder stopped renewing it; its ETag."""
-        while True:
+        for attempt in range(_TAKE_ATTEMPTS):
+            if attempt:
+                time.sleep(min(0.1 * 2**attempt, 2.0))  # a racing write still landing, or just released
             try:
                 return self._put(body, IfNoneMatch="*")
             except _Conflict:
                 pass
             found = self._read()
-            if found is None:  # released between the create and the read: try again
+            if found is None:  # released between the create and the read (or S3's 409 for a racing create)
                 continue
             if found["age"] < LEASE_SECONDS:
                 raise self._in_use(found)
@@ -198,21 +201,35 @@ class _S3Lease:
             if self._etag_if_ours(body) != etag:  # a server that ignored the condition: the last writer has it
                 raise self._in_use(self._read() or found)
             return etag
+        raise UserError(f"Expected to take the training lock {self.run.child(LOCK_FILE).url}. Got {_TAKE_ATTEMPTS} "
+                        "conflicting attempts instead (other trainings starting at the same moment). Try again.")
 
     def _renew(self, body: bytes, etag: str, lost: threading.Event, done: threading.Event) -> None:
-        """Every RENEW_SECONDS, rewrite the lease if it is still ours; a transient failure is retried next round."""
+        """Every RENEW_SECONDS, rewrite the lease if it is still ours. A failed renewal is retried next round, but a
+        holder that has not renewed for nearly a lease stops as if it had lost it: another may take it over any
+        moment, and nothing may tell this one (a partition, expired credentials)."""
+        renewed = time.monotonic()
         while not done.wait(RENEW_SECONDS):
             try:
                 etag = self._put(body, IfMatch=etag)
+                renewed = time.monotonic()
+                continue
             except (_Conflict, FileNotFoundError):
-                found = self._read_quietly()
-                log.error("lost the lease on %s to %s: stopping this training (its checkpoints from now on could "
-                          "mix with another run's)", self.run.url, found["holder"] if found else "nobody")
-                lost.set()
-                return
+                ours = self._quietly(lambda: self._etag_if_ours(body))
+                if ours:  # S3's 409 for a racing conditional write (a refused start): still ours
+                    etag, renewed = ours, time.monotonic()
+                    continue
+                why = "taken over (or deleted)"
             except UserError as error:
-                log.warning("could not renew the lease on %s (%s): retrying in %.0f s", self.run.url, error,
-                            RENEW_SECONDS)
+                if time.monotonic() - renewed < LEASE_SECONDS - RENEW_SECONDS:
+                    log.warning("could not renew the lease on %s (%s): retrying in %.0f s", self.run.url, error,
+                                RENEW_SECONDS)
+                    continue
+                why = f"not renewed for {time.monotonic() - renewed:.0f} s ({error})"
+            lost.set()
+            log.error("lost the lease on %s, %s: stopping this training (its checkpoints from now on could mix with "
+                      "another run's)", self.run.url, why)
+            return
 
     def _let_go(self, body: bytes, lost: threading.Event) -> None:
         """Delete the lease if it is still ours; set ``lost`` where it is not (taken over since the last renewal)."""
@@ -225,7 +242,10 @@ class _S3Lease:
                 lost.set()
                 return
             self._s3("delete_object", IfMatch=etag)
-        except (_Conflict, UserError) as error:  # taken over between the read and the delete, or unreachable
+        except _Conflict:  # taken over between the read and the delete
+            log.error("lost the lease on %s during this training (taken over)", self.run.url)
+            lost.set()
+        except UserError as error:  # unreachable: the lease lapses
             log.warning("could not let go of the lease on %s (%s): it lapses in %.0f s", self.run.url, error,
                         LEASE_SECONDS)
 
@@ -236,24 +256,31 @@ class _S3Lease:
 
     def _get(self, **condition: str) -> tuple[bytes, str] | None:
         """The lease's bytes and ETag; None when there is none."""
-        try:
-            got = self._s3("get_object", **condition)
-        except FileNotFoundError:
-            return None
         from fsspec.asyn import sync
 
-        return bytes(sync(self.fs.loop, got["Body"].read)), str(got["ETag"])
+        def read() -> tuple[bytes, str]:
+            got = self.fs.call_s3("get_object", Bucket=self.bucket, Key=self.key, **condition)
+            return bytes(sync(self.fs.loop, got["Body"].read)), str(got["ETag"])
+
+        try:
+            return self._mapped(read)
+        except FileNotFoundError:
+            return None
 
     def _put(self, body: bytes, **condition: str) -> str:
         return str(self._s3("put_object", Body=body, **condition)["ETag"])
 
     def _s3(self, method: str, **kwargs: Any) -> Any:
-        """One request on the lease object. A lost condition (412, or S3's 409 for a conditional request racing
+        """One request on the lease object (see :meth:`_mapped` for its errors)."""
+        return self._mapped(lambda: self.fs.call_s3(method, Bucket=self.bucket, Key=self.key, **kwargs))
+
+    def _mapped(self, request: Any) -> Any:
+        """``request()``, its errors mapped: a lost condition (412, or S3's 409 for a conditional request racing
         another) is :class:`_Conflict`; an absent object FileNotFoundError; any other storage error one line."""
         from hrsa.store.opening import from_storage
 
         try:
-            return self.fs.call_s3(method, Bucket=self.bucket, Key=self.key, **kwargs)
+            return request()
         except FileNotFoundError:
             raise
         except Exception as error:
@@ -284,10 +311,12 @@ class _S3Lease:
         now = email.utils.parsedate_to_datetime(date).timestamp() if date else time.time()
         return {"holder": holder, "etag": head["ETag"], "age": now - head["LastModified"].timestamp()}
 
-    def _read_quietly(self) -> dict[str, Any] | None:
+    @staticmethod
+    def _quietly(read: Any) -> Any:
+        """``read()``, or None whatever goes wrong (for a thread that must not die before it reports)."""
         try:
-            return self._read()
-        except UserError:
+            return read()
+        except Exception:
             return None
 
     def _in_use(self, found: dict[str, Any]) -> RunInUseError:

@@ -104,15 +104,16 @@ class TrainingStopped(KeyboardInterrupt):
 
 
 class StopRequest:
-    """A flag the driver sets when it is interrupted; rank 0 reads it before every step (a Ray actor of no CPU)."""
+    """What the driver asks of its workers, read by rank 0 before every step (a Ray actor of no CPU): 0 go on,
+    1 stop and save the last step (Ctrl-C), 2 stop at once (the run folder's lease was taken over)."""
 
     def __init__(self) -> None:
-        self.requested = False
+        self.requested = 0
 
-    def request(self) -> None:
-        self.requested = True
+    def request(self, *, save: bool = True) -> None:
+        self.requested = max(self.requested, 1 if save else 2)
 
-    def get(self) -> bool:
+    def get(self) -> int:
         return self.requested
 
 
@@ -302,15 +303,15 @@ def _fit_with_progress(trainer: Any, queue: Any, stop_request: Any, total: int, 
     with LineProgress(*columns, disable=not progress, label="training") as bar, _first_interrupt() as interrupted:
         task = bar.add_task("train", total=total, loss="")
         thread.start()
-        asked = False
+        asked = abandoned = False
         while thread.is_alive() or not queue.empty():
             if interrupted.is_set() and not asked:
                 asked = True
                 stop_request.request.remote()
                 log.warning("stopping: the workers save their last step and stop (Ctrl-C again to leave them)")
-            if lost is not None and lost.is_set() and not asked:  # another training holds the folder now
-                asked = True
-                stop_request.request.remote()
+            if lost is not None and lost.is_set() and not abandoned:  # another training holds the folder now: no save
+                abandoned = True
+                stop_request.request.remote(save=False)
             for event in _drain(queue, wait=thread.is_alive()):
                 events.append(event)
                 if "started" in event:

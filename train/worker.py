@@ -31,7 +31,7 @@ from hrsa.train.checkpoints import (
 )
 from hrsa.train.config import TrainConfig
 
-__all__ = ["WorkerSession", "average_gradients", "setup_session", "shard_fsdp", "stop_requested", "train_step",
+__all__ = ["STOP_AND_SAVE", "STOP_NOW", "WorkerSession", "average_gradients", "setup_session", "shard_fsdp", "stop_requested", "train_step",
            "train_worker"]
 
 
@@ -311,8 +311,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     saved, loss = s.step, math.nan  # where it resumed from is saved; a fresh start has nothing to save
     while s.step < stop:
         # Asked before each step, so a stop during set-up or a save costs no further step and no second save.
-        if stop_requested(s, loop_config["stop_request"]):
-            if s.step > saved:
+        if asked := stop_requested(s, loop_config["stop_request"]):
+            if s.step > saved and asked == STOP_AND_SAVE:  # not into a folder another training holds now
                 _save_checkpoint(s, loss, loop_config["spec"], loop_config.get("recipe"))
             if queue is not None:
                 queue.put({"halted": s.step})  # the driver reports a stop only when the workers did stop
@@ -325,15 +325,19 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             saved = s.step
 
 
-def stop_requested(s: WorkerSession, stop_request: Any) -> bool:
-    """Whether the driver asked the workers to stop (Ctrl-C): rank 0 reads the flag and every rank gets its answer,
-    so all stop at the same step (a rank that went on alone would wait forever in the next all-reduce)."""
+STOP_AND_SAVE, STOP_NOW = 1, 2  # what the driver asks (0: nothing): Ctrl-C saves the last step; a lost lease does not
+
+
+def stop_requested(s: WorkerSession, stop_request: Any) -> int:
+    """What the driver asked of the workers: 0 go on, STOP_AND_SAVE (Ctrl-C), STOP_NOW (the run folder's lease was
+    taken over: nothing more goes into it). Rank 0 reads the flag and every rank gets its answer, so all stop at the
+    same step (a rank that went on alone would wait forever in the next all-reduce)."""
     import ray
     import torch.distributed as dist
 
-    requested = s.rank == 0 and bool(ray.get(stop_request.get.remote()))
+    requested = int(ray.get(stop_request.get.remote())) if s.rank == 0 else 0
     if s.world == 1:
         return requested
     flag = torch.tensor([float(requested)], device=s.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    return int(flag.item())

@@ -134,7 +134,7 @@ def test_changed_metric_reruns_only_analysis_and_report(copy: Workspace) -> None
     assert not list((copy.root / "out" / "pairs" / "llama--qwen").glob("*knn*"))  # no figure of the old setting stays
 
 
-@pytest.mark.parametrize("change", [{"model": "MISSING"}, {"layers": [0, 99]},
+@pytest.mark.parametrize("change", [{"model": "no-such-model-folder"}, {"layers": [0, 99]},
                                     {"attention": "bidirectional", "workers": 64}],
                          ids=["model", "layers", "workers"])
 def test_a_changed_model_that_cannot_run_leaves_the_stored_one_whole(copy: Workspace, change: dict[str, Any],
@@ -149,17 +149,35 @@ def test_a_changed_model_that_cannot_run_leaves_the_stored_one_whole(copy: Works
         return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
     before = files("llama")
-    change = {k: str(tmp_path / "later-model") if v == "MISSING" else v for k, v in change.items()}
     models = {**copy.values["models"], "llama": {**copy.values["models"]["llama"], **change}}
     with pytest.raises(UserError):
         run_pipeline(copy.config(models=models), console=quiet())
     assert files("llama") == before
     assert ActivationStore.open(copy.values["store"]).model_info("llama").complete
-    if "model" in change:  # the model appears where the pipeline said: the same pipeline again now replaces it
-        shutil.copytree(copy.values["models"]["qwen"]["model"], change["model"])
-        result = run_pipeline(copy.config(models=models), console=quiet())
-        assert "extract:llama" in result.ran
-        assert ActivationStore.open(copy.values["store"]).model_info("llama").source["path"].endswith(change["model"])
+
+
+def test_a_changed_model_whose_run_failed_is_replaced_by_the_same_pipeline_again(
+        copy: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pipeline's record says the new inputs ("started") while the store still holds the model of the old ones
+    (the run failed before it let go of it): the same pipeline again replaces it, not resumes it (a resume of other
+    settings is refused) and never takes it for the new one."""
+    import hrsa.extract.job as job
+
+    models = {**copy.values["models"], "llama": {**copy.values["models"]["llama"], "layers": [0, 1]}}
+    run = job.run_extraction
+
+    def fails_once(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(job, "run_extraction", run)
+        raise RuntimeError("injected: the workers were lost")
+
+    monkeypatch.setattr(job, "run_extraction", fails_once)
+    with pytest.raises(RuntimeError, match="injected"):
+        run_pipeline(copy.config(models=models), console=quiet())
+    assert copy.state()["extract:llama"]["status"] == "started"
+    assert ActivationStore.open(copy.values["store"]).model_info("llama").hidden_states != (0, 1)  # the old one
+    result = run_pipeline(copy.config(models=models), console=quiet())
+    assert "extract:llama" in result.ran
+    assert ActivationStore.open(copy.values["store"]).model_info("llama").hidden_states == (0, 1)
 
 
 def test_failure_in_analysis_then_rerun_resumes_without_extracting(copy: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:

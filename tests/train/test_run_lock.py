@@ -180,9 +180,10 @@ def test_an_s3_run_is_refused_while_its_holder_renews_and_taken_over_once_it_sto
 
 def test_an_s3_lease_taken_over_stops_its_first_holder_and_fails_it_at_the_end(
         s3_run: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    """A holder that could not renew for a whole lease (a partition, a frozen driver) finds its lease taken at its
-    next renewal: the Event it handed out is set then (the trainer stops its workers on it), and the block ends
-    with an error, not with a run whose checkpoints may mix two trainings."""
+    """A holder that cannot renew (a partition, expired credentials) stops as if it had lost its lease once it has
+    not renewed for nearly a lease (another may take it over any moment, and nothing may tell it): the Event it
+    handed out is set then (the trainer stops its workers on it, without a save), and the block ends with an error,
+    not with a run whose checkpoints may mix two trainings; the lease the other took over is left alone."""
     import time
 
     from hrsa.store.errors import UserError
@@ -226,3 +227,26 @@ def test_an_s3_lock_that_cannot_be_reached_is_one_line(s3_run: Any, monkeypatch:
                                         "NoCredentialsError") as error:
         refuse_if_in_use(s3_run)
     assert "\\n" not in str(error.value)
+
+
+def test_a_renewal_that_races_a_refused_start_keeps_the_lease(s3_run: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """S3 answers 409 to a conditional write racing another (a second training's If-None-Match create, refused):
+    the lease is still this holder's, so the training goes on."""
+    import time
+
+    from hrsa.train import run_lock
+
+    monkeypatch.setattr(run_lock, "RENEW_SECONDS", 0.2)
+    put, raced = run_lock._S3Lease._put, []
+
+    def once_409(self: Any, body: bytes, **condition: str) -> str:
+        if "IfMatch" in condition and not raced:
+            raced.append(True)
+            raise run_lock._Conflict("ConditionalRequestConflict")
+        return put(self, body, **condition)
+
+    monkeypatch.setattr(run_lock._S3Lease, "_put", once_409)
+    with exclusive_run(s3_run) as lost:
+        time.sleep(1.5)
+        assert raced and not lost.is_set()
+    assert _s3_keys(s3_run) == []  # let go as usual

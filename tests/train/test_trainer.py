@@ -395,3 +395,68 @@ def test_the_drivers_own_actors_are_placed_on_its_node(ray_local: Any) -> None:
 
     strategy = on_driver_node()
     assert strategy.node_id == ray.get_runtime_context().get_node_id() and strategy.soft is False
+
+
+def test_a_lost_lease_stops_the_workers_without_a_save_and_ctrl_c_with_one() -> None:
+    """The driver's loop, with a stand-in trainer whose 'workers' read the stop flag as rank 0 does: Ctrl-C asks for a
+    stop that saves the last step; a lease found taken asks for one that writes nothing more into the folder (another
+    training holds it), and wins over a Ctrl-C asked before it."""
+    import queue as queue_module
+    import threading
+    import time
+
+    from ray.util.queue import Empty
+
+    from hrsa.train.trainer import StopRequest, _fit_with_progress
+    from hrsa.train.worker import STOP_AND_SAVE, STOP_NOW
+
+    class Queue:  # ray.util.queue.Queue's calls, in process
+        def __init__(self) -> None:
+            self.q: queue_module.Queue[dict[str, Any]] = queue_module.Queue()
+
+        def put(self, item: dict[str, Any]) -> None:
+            self.q.put(item)
+
+        def empty(self) -> bool:
+            return self.q.empty()
+
+        def qsize(self) -> int:
+            return self.q.qsize()
+
+        def get(self, block: bool = True, timeout: float | None = None) -> dict[str, Any]:
+            try:
+                return self.q.get(block=block, timeout=timeout)
+            except queue_module.Empty:
+                raise Empty from None
+
+        def get_nowait_batch(self, n: int) -> list[dict[str, Any]]:
+            return [self.q.get_nowait() for _ in range(n)]
+
+    class Remote:  # stop_request.request.remote(...) in process
+        def __init__(self, flag: StopRequest) -> None:
+            self.request = type("M", (), {"remote": staticmethod(flag.request)})()
+
+    for lose, want in ((False, 0), (True, STOP_NOW)):
+        flag, events, lost = StopRequest(), Queue(), threading.Event()
+
+        class Trainer:
+            @staticmethod
+            def fit() -> None:  # rank 0: a step every 20 ms until asked, then what a worker does when asked
+                for step in range(1, 200):
+                    if flag.get():
+                        events.put({"halted": step - 1, "asked": flag.get()})
+                        return
+                    events.put({"step": step, "loss": 1.0})
+                    if step == 5 and lose:
+                        lost.set()
+                    time.sleep(0.02)
+
+        got = _fit_with_progress(Trainer(), events, Remote(flag), 200, progress=False, lost=lost)
+        halted = [e for e in got if "halted" in e]
+        assert (halted[0]["asked"] if halted else 0) == want, got
+    flag = StopRequest()
+    flag.request()
+    assert flag.get() == STOP_AND_SAVE
+    flag.request(save=False)
+    flag.request()
+    assert flag.get() == STOP_NOW  # a lost lease is not undone by a later Ctrl-C
