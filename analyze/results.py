@@ -53,7 +53,7 @@ never change existing ones). NaN (a metric undefined on constant data) is writte
                                                       # 95% bootstrap over the test documents
                     "reverse": {"source": {...}, "target": {...}}}}  # fitted on B, with both directions
       },
-      "uncertainty": {"method": "jackknife" | null, "unit": "documents", "groups": int, "level": 0.95,
+      "uncertainty": {"method": "jackknife" | null, "unit": "documents", "groups": int, "groups_asked": int, "level": 0.95,
                       "null": str, "null_z": 3.0},
                                             # beside a metric's per-layer list KEY (cka's "diagonal", procrustes'
                                             # "h_inv", ...): "intervals": {KEY: [[low, high]]} and "se": {KEY: [float]}
@@ -234,7 +234,8 @@ def _more_measures(r: PairResults) -> dict[str, Any]:
 
 def _uncertainty(r: PairResults) -> dict[str, Any]:
     """How the intervals and nulls beside the scores were made (the module docstring's ``uncertainty``)."""
-    return {"method": "jackknife" if r.intervals else None, "unit": "documents", "groups": r.n_groups,
+    asked = max(r.n_groups, r.plan.groups_wanted if r.plan else 0)  # --groups: more than the documents make
+    return {"method": "jackknife" if r.intervals else None, "unit": "documents", "groups": r.n_groups, "groups_asked": asked,
             "level": DEFAULT_LEVEL, "null": "permutation of B's tokens against A's (closed form)", "null_z": NULL_Z}
 
 

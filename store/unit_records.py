@@ -17,6 +17,7 @@ This module knows the records' format and their rules, not the arrays (``units.p
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 __all__ = [
@@ -178,7 +180,21 @@ class DoneRecord:
 
 
 def writer_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """``host@pid-space:pid``: whose PIDs ``pid`` is one of (``host:pid`` where the system does not say)."""
+    space = _pid_space()
+    return f"{socket.gethostname()}{'@' + space if space else ''}:{os.getpid()}"
+
+
+@functools.cache
+def _pid_space() -> str:
+    """This kernel's boot id and this process's PID namespace: processes that share a host name need not share PIDs
+    (containers run with the host's network take its name; machines can be named alike), so a claim's owner is
+    looked up only by a process with the same kernel and namespace. Empty where /proc does not say (not Linux)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}.{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return ""
 
 
 @dataclass(frozen=True)
@@ -221,9 +237,10 @@ class Claim:
 
 
 def _dead_local_process(owner: str) -> bool:
-    host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
+    where, _, pid = owner.rpartition(":")
+    host, _, space = where.partition("@")
+    if host != socket.gethostname() or space != _pid_space() or not pid.isdigit():
+        return False  # another machine's or namespace's PID (or an older hrsa's, which did not say): the lease decides
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:

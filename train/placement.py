@@ -58,10 +58,14 @@ def plan_workers(nodes: Sequence[NodeResources], *, workers: int, use_gpu: bool 
         use_gpu = gpu_slots >= workers
     if not use_gpu:
         return WorkerPlacement(False, cpus_per_worker([n.cpus for n in nodes], workers))
+    if gpu_slots == 0:
+        raise PlacementError(f"Expected a GPU in the Ray cluster for --use-gpu. Got none "
+                             f"({describe_nodes([n.cpus for n in nodes], 'CPUs')}) instead. Train on CPUs (--no-use-gpu) "
+                             "or add GPU nodes.")
     if gpu_slots < workers:
         raise PlacementError(f"Expected --workers the Ray cluster can place, one GPU each: at most {gpu_slots} "
                              f"({describe_nodes([n.gpus for n in nodes], 'GPUs')}). Got {workers} instead. Pass "
-                             f"--workers {max(gpu_slots, 1)} or fewer, train on CPUs (--no-use-gpu), or add GPU nodes.")
+                             f"--workers {gpu_slots} or fewer, train on CPUs (--no-use-gpu), or add GPU nodes.")
     return WorkerPlacement(True, 1)
 
 

@@ -22,7 +22,7 @@ its test documents (B = 1000, seed ``seed``; :func:`hrsa.analyze.local.bootstrap
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, get_args
 
@@ -126,17 +126,39 @@ def read_labels(
     if not source:
         raise UserError(f"Expected corpus {cid} to record its source file. Got none. Pass --labels FILE.")
     ids_from = id_field or (None if labels_file else spec.get("id_field"))  # the id rule extraction used
+    wanted = [str(rid) for rid in store.documents(cid)["record_id"]]
     try:
-        by_id = {r["_id"]: r.get(label_field) for r in read_records(source, id_field=ids_from)}
+        by_id = _labels_by_id(read_records(source, id_field=ids_from), label_field, set(wanted), source)
+    except UserError:
+        raise
     except Exception as error:  # CorpusError and friends: the source moved or cannot be read
         raise UserError(f"Expected readable labels in {source}. Got an error instead: {error}. "
                         "Pass --labels FILE.") from error
-    labels = np.array([by_id.get(str(rid)) for rid in store.documents(cid)["record_id"]], dtype=object)
+    labels = np.array([by_id.get(rid) for rid in wanted], dtype=object)
     if all(v is None for v in labels):
         raise UserError(f"Expected a label field {label_field!r} in the records of {source} matching "
                         f"corpus {cid}'s ids. "
                         "Got none. Check --label-field (and --labels / the id field).")
     return labels
+
+
+def _labels_by_id(records: Iterable[dict[str, Any]], label_field: str, wanted: set[str], source: str) -> dict[str, Any]:
+    """``{record id: label}`` of the records whose id a document has; one id with two labels is refused (joining
+    either one to every document of that id would be silently wrong)."""
+    by_id: dict[str, Any] = {}
+    for record in records:
+        rid, label = record["_id"], record.get(label_field)
+        if rid not in wanted:
+            continue
+        if rid in by_id and not _same_label(by_id[rid], label):
+            raise UserError(f"Expected one label per record id in {source}. Got {rid!r} labelled {by_id[rid]!r} and "
+                            f"{label!r} instead. Give each record its own id (--id-field names a unique field).")
+        by_id[rid] = label
+    return by_id
+
+
+def _same_label(a: Any, b: Any) -> bool:
+    return bool(a == b) or (a != a and b != b)  # NaN (a CSV's empty cell) twice is the same missing label
 
 
 @dataclass(frozen=True)

@@ -169,7 +169,7 @@ class _Layout:
             possible = n_groups if possible is None else possible
             plan = plan_analysis(replace(base, block_tokens=held, n_blocks=len(blocks), groups=n_groups))
             if plan.inputs.groups >= n_groups:
-                return size, blocks, replace(plan, groups_asked=possible)
+                return size, blocks, replace(plan, groups_asked=possible, groups_wanted=self.groups)
             wanted = plan.inputs.groups  # the budget holds fewer groups: cut the documents again
 
 

@@ -195,7 +195,8 @@ class AnalysisPlan:
     inputs: PlanInputs
     workers: int
     estimated_peak: int
-    groups_asked: int = 0  # groups of documents asked for; ``inputs.groups`` those the budget holds
+    groups_asked: int = 0  # groups the selection's documents make (at most --groups); ``inputs.groups`` those the budget holds
+    groups_wanted: int = 0  # --groups as given: more than ``groups_asked`` when there are fewer (or long) documents
 
     @property
     def passes(self) -> int:
@@ -247,7 +248,11 @@ class AnalysisPlan:
                 f"{self.count('self')} tile(s) of their own"
             )
         if p.groups or self.groups_asked:
-            fewer = f" (of {self.groups_asked} asked: one pair's would not fit the budget)" if p.groups < self.groups_asked else ""
+            fewer = ""
+            if p.groups < self.groups_asked:
+                fewer = f" (of {self.groups_asked} asked: one pair's would not fit the budget)"
+            elif self.groups_asked < self.groups_wanted:
+                fewer = f" (of {self.groups_wanted} asked: the selection's whole documents make no more)"
             lines.append(f"  intervals: statistics kept per group of documents, {p.groups} groups{fewer}")
         if self.tiles:
             lines.append(f"  reads: {format_bytes(self.bytes_read())} from the store "

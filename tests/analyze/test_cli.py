@@ -166,3 +166,15 @@ def test_underdetermined_procrustes_is_one_warning_line(narrow_store, tmp_path: 
         "hrsa: warning: Orthogonal Procrustes: the optimal rotation is not unique at hidden states [0, 1, 2, 3]")
     assert "40 tokens are no more than D = 48 dimensions" in warning_lines[0]
     assert json.loads((tmp_path / "results.json").read_text())["metrics"]["procrustes"]["underdetermined"] == [True] * 4
+
+
+def test_more_groups_than_documents_says_how_many_the_intervals_use(cli_store, tmp_path: Path) -> None:
+    """--groups 1000 on a selection of 4 documents: the jackknife leaves out one document at a time, and says so in the
+    plan it prints and in results.json (it was accepted without a word, the results saying only "groups": 4)."""
+    code, _, stderr = run("--store", cli_store.url, "--pair", "a", "b", "--docs", "0,2-4", "--groups", "1000",
+                          "--no-store-results", "--backend", "numpy", "--out", str(tmp_path))
+    assert code == 0, stderr
+    assert "intervals: statistics kept per group of documents, 4 groups (of 1000 asked: the selection's whole " \
+           "documents make no more)" in " ".join(stderr.split())  # as one line: the console folds it at its width
+    uncertainty = json.loads((tmp_path / "results.json").read_text())["uncertainty"]
+    assert uncertainty["groups"] == 4 and uncertainty["groups_asked"] == 1000

@@ -21,6 +21,23 @@ def test_read_labels_from_corpus_source(labelled_store) -> None:
         read_labels(store, store.model_info("a").corpus, label_field="nope")
 
 
+def test_a_record_id_with_two_labels_is_refused_not_joined_to_either(labelled_store, tmp_path: Path) -> None:
+    """Labels are joined to documents by record id: an id held by two records with different labels gave every
+    document of that id the later record's label, silently. The same label twice is harmless and accepted."""
+    store, _, labels = labelled_store
+    cid = store.model_info("a").corpus
+    rows = [{"id": f"rec-{i}", "label": v} for i, v in enumerate(labels)]
+    same = tmp_path / "same.jsonl"
+    same.write_text("".join(json.dumps(r) + "\n" for r in [*rows, rows[3]]))
+    assert read_labels(store, cid, label_field="label", labels_file=str(same)).tolist() == labels
+    clash = tmp_path / "clash.jsonl"
+    other = "spam" if labels[3] == "ham" else "ham"
+    clash.write_text("".join(json.dumps(r) + "\n" for r in [*rows, {"id": "rec-3", "label": other}]))
+    with pytest.raises(UserError, match=r"^Expected one label per record id in .*clash.jsonl. Got 'rec-3' labelled "
+                                        r"'(ham|spam)' and '(ham|spam)' instead. Give each record its own id"):
+        read_labels(store, cid, label_field="label", labels_file=str(clash))
+
+
 def test_document_features_mean_and_last(labelled_store) -> None:
     store, x, _ = labelled_store
     offsets = store.documents(store.model_info("a").corpus)[["start", "stop"]].to_numpy()

@@ -19,7 +19,7 @@ import pytest
 from hrsa.store import ActivationStore
 from hrsa.store.objects import delete_key, get_bytes, list_keys, put_bytes
 from hrsa.store.testing import LAYERS, expected_layer, fill_model, make_table, new_model, unit_values
-from hrsa.store.unit_records import Claim
+from hrsa.store.unit_records import Claim, writer_name
 from hrsa.store.verify import verify_store
 
 from .conftest import Target
@@ -138,7 +138,11 @@ def _dead_pid() -> int:
 @pytest.mark.parametrize(("owner", "expires_in", "taken"), [
     ("elsewhere:1", 60.0, False),                     # another machine's live lease: left alone
     ("elsewhere:1", -1.0, True),                      # its lease ran out: the writer died
-    (f"{socket.gethostname()}:DEAD", 60.0, True),     # a process of this machine that is gone: at once
+    (f"{writer_name().rpartition(':')[0]}:DEAD", 60.0, True),  # a process of this machine that is gone: at once
+    # The same host name, another kernel or PID namespace (a container with the host's network and name, a machine
+    # named alike): its PIDs are not ours to look up, so its live lease is left alone.
+    (f"{socket.gethostname()}@another-boot.4026531836:DEAD", 60.0, False),
+    (f"{socket.gethostname()}:DEAD", 60.0, False),    # written by an hrsa that did not say its PID namespace
 ])
 def test_a_claim_is_taken_over_only_when_its_writer_is_gone(target: Target, owner: str, expires_in: float, taken: bool) -> None:
     store = target.open("a")

@@ -47,6 +47,13 @@ def test_gpu_workers_take_one_gpu_each_and_are_chosen_when_there_are_enough() ->
         plan_workers(nodes((8, 1), (8, 0)), workers=2, use_gpu=True)
 
 
+def test_use_gpu_on_a_cluster_without_gpus_says_so_rather_than_at_most_0() -> None:
+    """It said "at most 0 ... Pass --workers 1 or fewer": the workers given, and no word of the missing GPU."""
+    with pytest.raises(PlacementError, match=r"^Expected a GPU in the Ray cluster for --use-gpu\. Got none \(1 node\(s\) "
+                                             r"with 2 CPUs\) instead\. Train on CPUs \(--no-use-gpu\) or add GPU nodes\.$"):
+        plan_workers(nodes((2, 0)), workers=1, use_gpu=True)
+
+
 def test_remote_storage_and_one_node_need_no_reach_check(tmp_path) -> None:
     check_every_node_reaches(parse_location(tmp_path / "run"), nodes((2, 0)))  # one node: nothing to ask
     assert list(tmp_path.iterdir()) == []
