@@ -18,7 +18,9 @@ did not write is never touched: the run stops and names the fix.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import fcntl
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +44,8 @@ if TYPE_CHECKING:
     from hrsa.train.config import TrainConfig
 
 __all__ = ["PipelineResult", "StageOutcome", "run_pipeline"]
+
+_RUN_LOCK = ".hrsa_run.lock"  # in out: held by the `hrsa run` writing there
 
 
 @dataclass(frozen=True)
@@ -119,11 +123,17 @@ def run_pipeline(config: PipelineConfig, *, console: Console | None = None,
         UserError: a model, corpus or setting that cannot work (one line that names the fix).
     """
     out = config.out
+    _check_inputs_exist(config)  # before anything is created: a missing path is not found after an hour's extraction
     # A remote out (s3://...): the stages write a local copy of it, uploaded as each stage records itself.
     published = PublishedOut.open(str(out), state_file=STATE_FILE, local=local_copy) if is_url(out) else None
     if published is not None:
         config = config.model_copy(update={"out": published.local})
-    runner = _Runner(config, console or Console(), publish=published.push if published else None)
+    with _one_run_at_a_time(Path(config.out)) if published is None else nullcontext():
+        return _run_stages(config, console or Console(), published, out)
+
+
+def _run_stages(config: PipelineConfig, console: Console, published: PublishedOut | None, out: Any) -> PipelineResult:
+    runner = _Runner(config, console, publish=published.push if published else None)
     # Step 1: training runs; Step 2: every model over each corpus of its pairs, and the dynamics checkpoints.
     trained = {run: runner.train(run, tc) for run, tc in config.train.items()}
     # The extractions share their workers (started once, each loading its model): they end before the analyses.
@@ -143,6 +153,38 @@ def run_pipeline(config: PipelineConfig, *, console: Console | None = None,
                           {k: v.results for k, v in dynamics.items()}, dict(runner.store_ids), tuple(runner.outcomes))
 
 
+def _check_inputs_exist(config: PipelineConfig) -> None:
+    """Refuse a corpus or model path of the pipeline's pairs that names nothing (one line, nothing created)."""
+    from hrsa.extract.model_spec import parse_model_spec
+
+    used = {c for m in config.models for c in config.model_corpora(m)} | {d.corpus for d in config.dynamics}
+    for name in sorted(used):
+        path = config.corpora[name].path
+        if not (is_url(path) or path.startswith("hf:") or Path(path).expanduser().exists()):
+            raise UserError(f"Expected a corpus file or folder at {path} (corpora.{name}.path). Got nothing there "
+                            "instead. Check the path.")
+    for name, entry in config.models.items():
+        if entry.model is not None and config.model_corpora(name):
+            parse_model_spec(str(entry.model), revision=entry.revision, gguf_file=entry.gguf_file)  # raises, one line
+
+
+@contextmanager
+def _one_run_at_a_time(out: Path) -> Iterator[None]:
+    """Hold ``out/.hrsa_run.lock`` (flock: the kernel drops it however the holder ends) while the stages run: two
+    runs into one out would each resume the same stages and write the state file over the other's. (A remote out's
+    local copy is this run's own folder: runs into the same URL are not guarded.)"""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / _RUN_LOCK, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"Expected no other `hrsa run` into {out}. Got one running instead. Wait for it to end, "
+                            "or give this pipeline another out.") from None
+        except OSError:  # a filesystem without flock: not guarded
+            pass
+        yield
+
+
 def _checkpoints_complete(outputs: Mapping[str, Any]) -> bool:
     """Whether every checkpoint a training stage recorded is still there, complete (on any storage: one listing of
     the run folder)."""
@@ -150,6 +192,19 @@ def _checkpoints_complete(outputs: Mapping[str, Any]) -> bool:
 
     recorded = [str(c) for c in outputs.get("checkpoints", ())]
     return not recorded or set(recorded) <= {c.url for c in list_checkpoints(outputs["output"])}
+
+
+def _stored_identity(store: Any, mid: str) -> str:
+    """A stored model's settings (source and weights digest, corpus, hidden states, dtype, layout...), hashed: what
+    tells this pipeline's model from another put under its name since."""
+    return stage_key(store.model_info(mid).to_attrs())
+
+
+def _still_ours(store: Any, mid: str, entry: Mapping[str, Any]) -> bool:
+    """Whether the stored model is the one the stage's record wrote (a record of an earlier hrsa, without the
+    identity, is taken at its word)."""
+    recorded = entry.get("outputs", {}).get("stored")
+    return recorded is None or entry.get("status") != "done" or recorded == _stored_identity(store, mid)
 
 
 @dataclass
@@ -297,6 +352,8 @@ class _Runner:
         present = ec.name in store.models()
         complete = present and store.model_info(ec.name).complete
         entry = self.state.entry(stage)
+        if present and entry is not None and not _still_ours(store, ec.name, entry):
+            entry = None  # replaced in the store behind this pipeline (`hrsa store rm`, another extract): not its own
         if present and entry is None:  # not this pipeline's record (a new `out`, a new cluster): never overwritten
             mismatch = "; ".join(stored_mismatch(store, ec)) or None
             if mismatch:
@@ -305,7 +362,7 @@ class _Runner:
                                 f"{ec.name}`), or rename the model in the pipeline.")
             if complete:  # the same settings, recorded in the store: adopt it
                 self.console.print(f"[dim]{escape(stage)}: found in the store with these settings: adopted[/]", emoji=False)
-                self.state.finish(stage, key, {"model_id": ec.name, "adopted": True})
+                self.state.finish(stage, key, {"model_id": ec.name, "adopted": True, "stored": _stored_identity(store, ec.name)})
         reason = self.state.reason_to_run(stage, key, lambda o: complete)
         if not self._announce(stage, reason):
             return
@@ -319,10 +376,11 @@ class _Runner:
                                     workers=self.extraction_workers, replace=replace)
         self.state.finish(stage, key, {"model_id": result.model_id, "corpus_id": result.corpus_id, "n_tokens": result.n_tokens,
                                        "units_written": result.units_written, "nodes": list(result.nodes),
-                                       "node_ids": list(result.node_ids)})
+                                       "node_ids": list(result.node_ids), "stored": _stored_identity(store, ec.name)})
 
     # -- Step 3: analysis -------------------------------------------------------------------------------
     def analyze(self, stage: str, options: PairAnalysisSettings, a: _Extracted, b: _Extracted, out_dir: Path) -> _Analyzed:
+        options = self._labels_from_corpus_file(options)
         settings = options.model_dump(mode="json", exclude={"a", "b", "corpus", "name", "extract", "b_step", "store", "pair",
                                                             "out", "run_id", *ANALYZE_SCHEDULING})
         # The probes' labels file by its content: editing it re-runs the probes (its path alone would not).
@@ -336,6 +394,14 @@ class _Runner:
                                                       run_id=f"{stage.partition(':')[2][:100]}--{key[:12]}".replace("@", "-")))
             self.state.finish(stage, key, {"results": str(json_path)})
         return _Analyzed(json_path, key)
+
+    def _labels_from_corpus_file(self, options: PairAnalysisSettings) -> PairAnalysisSettings:
+        """Probes read labels from the corpus file this pipeline names, not the stored corpus's recorded source: a
+        corpus is stored by its content, so a relabelled copy of a file is the same corpus, recorded as the first."""
+        if "probe" not in options.metrics or options.labels is not None:
+            return options
+        corpus = self.config.corpora[options.corpus]  # type: ignore[attr-defined]
+        return options.model_copy(update={"labels": corpus.path, "id_field": corpus.id_field})
 
     def _run_analysis(self, cfg: AnalyzeConfig) -> None:
         from hrsa.analyze.job import run_analysis
@@ -374,10 +440,12 @@ class _Runner:
         # Without pairs, the report's pair section shows each series' last step.
         shown = [r.results for r in results.values()] or [self.last_steps[label] for label in dynamics]
         comparisons = self.config.table_2_columns() if results else None
-        # Not the path: a new path has no file yet, so the report runs anyway.
+        # The path too (under out, relative: a remote out's local copy moves): a report written elsewhere since
+        # leaves this path's file of an earlier run.
+        where = path.relative_to(self.config.out).as_posix() if path.is_relative_to(self.config.out) else str(path.resolve())
         key = stage_key({"pairs": {k: v.key for k, v in results.items()}, "dynamics": {k: v.key for k, v in dynamics.items()},
                          "comparisons": [[c.label, c.results] for c in comparisons or ()],
-                         **self.config.report.model_dump(mode="json", exclude={"path"})})
+                         **self.config.report.model_dump(mode="json", exclude={"path"}), "path": where})
         if self._announce("report", self.state.reason_to_run("report", key, lambda o: path.is_file())):
             from hrsa.analyze.report.html import write_report
 

@@ -37,7 +37,8 @@ def source_fingerprint(source: str | None) -> Any:
     if source is None:
         return None
     path = Path(source).expanduser()
-    if "://" in source or ":" in source.split("/")[0] or not path.exists():
+    # What the readers take for a local path (a name like words:v2.jsonl included) is known by its files.
+    if "://" in source or source.startswith(("hf:", "packaged:")) or not path.exists():
         return source
     from hrsa.runtime.fingerprint import folder_files
 

@@ -7,8 +7,9 @@ once, in one line, through one formatter (:func:`validation_problems`).
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -135,12 +136,40 @@ def read_yaml_mapping(path: Path | str, *, error: type[UserError] = UserError, w
     import yaml
 
     try:
-        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        loaded = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_unique_keys_loader()) or {}
+    except _DuplicateKey as e:
+        raise error(f"Expected each key once in a mapping. Got {e.args[0]!r} twice (line {e.args[1]}) instead in {path}. "
+                    "Remove or rename one (YAML would keep the last without a word).") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise error(f"Expected a readable YAML config at {path}. Got an error instead: {e}".replace("\n", " ")) from None
     if not isinstance(loaded, dict):
         raise error(f"Expected a YAML mapping of {what} in {path}. Got {type(loaded).__name__} instead.")
     return loaded
+
+
+class _DuplicateKey(Exception):
+    """A key given twice in one YAML mapping: (key, line)."""
+
+
+@functools.cache
+def _unique_keys_loader() -> type:
+    """yaml's SafeLoader, refusing a mapping that gives one key twice (safe_load keeps the last, silently: a second
+    model of the same name replaced the first)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                if isinstance(key, Hashable) and key in seen:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 def validation_problems(error: ValidationError, *, flags: bool = True) -> list[str]:

@@ -243,6 +243,83 @@ def test_a_state_of_the_earlier_key_scheme_adopts_stored_models_instead_of_delet
     assert {m: ActivationStore.open(copy.values["store"]).model_info(m).units_done for m in ("llama", "qwen")} == units
 
 
+def test_probe_labels_come_from_the_corpus_file_the_pipeline_names(copy: Workspace, tmp_path: Path) -> None:
+    """Corpora are stored by content: a relabelled copy of the corpus file is the same corpus, whose recorded source
+    is still the first file. The probes took their labels from that first file (classes a, b); they must come from
+    the file the pipeline names now."""
+    relabelled = tmp_path / "relabelled.jsonl"
+    relabelled.write_text("".join(json.dumps({"id": f"d{i}", "text": t, "label": "xy"[i % 2]}) + "\n"
+                                  for i, t in enumerate(TEXTS)))
+    corpora = {"words": {**copy.values["corpora"]["words"], "path": str(relabelled)}}
+    result = run_pipeline(copy.config(corpora=corpora), console=quiet())
+    doc = json.loads(result.results["llama--qwen"].read_text())
+    assert doc["settings"]["probe"]["classes"] == ["x", "y"]
+
+
+def test_a_model_replaced_in_the_store_behind_the_pipeline_is_not_taken_for_its_own(copy: Workspace,
+                                                                                    tiny_models: Any) -> None:
+    """`hrsa store rm` of the pipeline's llama and another model extracted under its name: the pipeline's record
+    said done with the same key, so it skipped the stage and analysed the stranger as its llama."""
+    from hrsa.extract.job import ExtractConfig, run_extraction
+
+    store = ActivationStore.open(copy.values["store"], mode="r+")
+    store.delete_model("llama")
+    run_extraction(ExtractConfig(store=copy.values["store"], model=str(tiny_models.dir("qwen2")), name="llama",
+                                 corpus=copy.values["corpora"]["words"]["path"], layers=[0, 1], workers=1))
+    with pytest.raises(UserError, match=r"Got a model llama there with model .*; hidden states .* instead"):
+        run_pipeline(copy.config(), console=quiet())
+    assert ActivationStore.open(copy.values["store"]).model_info("llama").hidden_states == (0, 1)  # left alone
+
+
+def test_a_report_moved_away_and_back_is_written_again_with_todays_results(copy: Workspace, tmp_path: Path) -> None:
+    """The report's key left out its path: a run with another report path, then one back at the first path (with
+    the same settings as the second), skipped the report and left the first one's older contents there."""
+    pair = {**copy.values["pairs"][0], "k": [5, 7]}
+    moved = {**copy.values["report"], "path": str(tmp_path / "B.html")}
+    assert "report" in run_pipeline(copy.config(pairs=[pair], report=moved), console=quiet()).ran
+    result = run_pipeline(copy.config(pairs=[pair]), console=quiet())
+    assert "report" in result.ran
+
+
+def test_a_relative_corpus_path_with_a_colon_is_known_by_its_content(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """`words:v2.jsonl` read as a local file by extraction was keyed by its text ("hf:"-like), so editing it re-ran
+    nothing."""
+    from hrsa.cluster.stage_keys import source_fingerprint
+
+    monkeypatch.chdir(tmp_path)
+    Path("words:v2.jsonl").write_text('{"text": "one"}\n')
+    before = source_fingerprint("words:v2.jsonl")
+    Path("words:v2.jsonl").write_text('{"text": "two"}\n')
+    assert source_fingerprint("words:v2.jsonl") != before
+    assert source_fingerprint("hf:org/data") == "hf:org/data" and source_fingerprint("org/model") == "org/model"
+
+
+@pytest.mark.parametrize("missing", ["corpus", "model"])
+def test_a_missing_corpus_or_model_is_refused_before_anything_is_created(tmp_path: Path, tiny_models: Any,
+                                                                         missing: str) -> None:
+    """A missing model path failed only after the other model's extraction into a new store."""
+    values = pipeline_values(tmp_path, write_corpus(tmp_path / "words.jsonl"), tiny_models)
+    if missing == "corpus":
+        values["corpora"]["words"]["path"] = str(tmp_path / "nope.jsonl")
+    else:
+        values["models"]["qwen"]["model"] = str(tmp_path / "qwenX")
+    with pytest.raises(UserError, match="nope.jsonl|qwenX"):
+        run_pipeline(parse_pipeline(values), console=quiet())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["words.jsonl"]  # no store, no out
+
+
+def test_two_runs_of_one_pipeline_at_once_are_refused(copy: Workspace) -> None:
+    """The second `hrsa run` into the same out raced the first (both resuming, each rewriting the state file)."""
+    import fcntl
+
+    with open(copy.root / "out" / ".hrsa_run.lock", "a+") as held:  # as another `hrsa run` holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(UserError, match=r"Expected no other `hrsa run` into .*out\. Got one running"):
+            run_pipeline(copy.config(), console=quiet())
+    assert run_pipeline(copy.config(), console=quiet()).ran == ()
+
+
 # -- training and dynamics ------------------------------------------------------------------------------
 def fake_training(steps_by_run: dict[str, tuple[int, ...]], source: Callable[[str], Path]) -> Callable[..., Any]:
     """A stand-in for run_training where the test is about the dynamics, not the training: checkpoint folders (a
@@ -507,6 +584,8 @@ def test_hrsa_run_reruns_nothing_on_an_up_to_date_pipeline(copy: Workspace) -> N
      "corpora.c.txt: unknown field (a typo?); models.a.train: 'r' is not a run of the train section (none)"),
     ("store: [unclosed\n", "Expected a readable YAML config"),
     ("- a list\n", "Expected a YAML mapping"),
+    ("store: s\nout: o\nmodels:\n  a: {model: m}\n  a: {model: n}\n",  # yaml keeps the last, silently
+     "Expected each key once in a mapping. Got 'a' twice (line 5) instead"),
 ])
 def test_bad_pipeline_is_one_line_and_exit_2(tmp_path: Path, text: str, expected: str) -> None:
     path = tmp_path / "pipeline.yaml"
