@@ -128,6 +128,16 @@ def _mteb_tasks(spec: TaskSpec) -> list[Any]:
                         "(mteb.get_tasks() lists the names).") from None
 
 
+def _unused_name(name: str, taken: set[str]) -> str:
+    """``name``, or ``name-2``, ``name-3``... the first not in ``taken``: scores are keyed by task name, so two files
+    with the same stem (``a/x.jsonl``, ``b/x.jsonl``) or a stem that looks suffixed (``x-2.jsonl``) never share one."""
+    candidate, counter = name, 1
+    while candidate in taken:
+        counter += 1
+        candidate = f"{name}-{counter}"
+    return candidate
+
+
 def build_tasks(specs: list[TaskSpec], *, instruction: str | None, limit: int | None,
                 seed: int) -> list[tuple[TaskSpec, Any]]:
     """The mteb task objects for ``specs``, data loaded (local files read and checked, hub data downloaded).
@@ -151,12 +161,12 @@ def build_tasks(specs: list[TaskSpec], *, instruction: str | None, limit: int | 
     if named and (why := hub_unreachable()):
         raise _offline_error([s.name for s, _ in named], why)
     built: list[tuple[TaskSpec, Any]] = []
-    names: set[str] = set()
+    names = {task.metadata.name for _, task in named}  # a local task's name never shadows an MTEB task's either
     for spec in specs:
         if spec.kind == "mteb":
             built.extend(pair for pair in named if pair[0] is spec)
             continue
-        name = spec.name if spec.name not in names else f"{spec.name}-{len(names)}"
+        name = _unused_name(spec.name, names)
         options = {"name": name, "instruction": instruction, "limit": limit, "seed": seed}
         task = (LocalRetrievalTask(spec.path, **options) if spec.kind == "retrieval" else
                 LocalClassificationTask(spec.path, text_field=spec.text_field, label_field=spec.label_field, **options))

@@ -3,10 +3,13 @@
 ``--model`` is anything :class:`~hrsa.train.encode.TextEncoder` loads, or a training output folder holding
 ``step_XXXXXX`` checkpoint folders (directly or under ``checkpoints/``): each is evaluated, in step order.
 Results go to ``<out>/eval.json`` (schema ``hrsa.eval/1``) after each checkpoint, with a PNG curve of main
-score against step when there are several; re-running reuses the scores of a (model, task) already there
-with the same settings, both keyed by content (:func:`hrsa.extract.identity.model_digest`,
-:func:`hrsa.train.eval_tasks.task_identity`): a moved checkpoint keeps its scores, retrained weights or an
-edited task file at the same path get new ones. mteb's own result files go to ``<out>/mteb-results``, never to the home folder.
+score against step when there are several, always redrawn from what eval.json holds. Re-running reuses the
+scores of a (model, task) already there with the same settings (the dtype as resolved, the device kind), and
+keeps the rows of the run's other checkpoints (a ``--steps`` subset, or a run that failed part-way); both are
+keyed by content (:func:`hrsa.extract.identity.model_digest`, :func:`hrsa.train.eval_tasks.task_identity`):
+a moved checkpoint keeps its scores, retrained weights or an edited task file at the same path get new ones.
+mteb's own result files go to ``<out>/mteb-results``, never to the home folder. Nothing is written before the
+inputs are checked and a model has loaded (or its scores were all reused).
 
 This file owns the settings (:class:`EvalConfig`), which models to evaluate, the results file and the curve.
 Task specs are parsed in :mod:`hrsa.train.eval_tasks`; what mteb sees is built in
@@ -98,9 +101,19 @@ class EvalConfig(EncoderOptions):
         return local / "eval" if local.is_dir() else Path("eval")
 
     def settings(self) -> dict[str, Any]:
-        """What changes a score besides the checkpoint and the task: results are reused only when equal."""
+        """What changes a score besides the checkpoint and the task: results are reused only when equal.
+
+        The dtype is the one the model runs in (``auto`` resolved for the device: bfloat16 on CUDA, float32
+        elsewhere), and the device kind is kept too: scores computed on a GPU are not taken for a CPU run's.
+        """
+        import torch
+
+        from hrsa.extract.models import resolve_dtype
+
+        device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return {"instructions": self.instructions, "instruction": self.instruction, "limit": self.limit,
-                "max_length": self.max_length, "seed": self.seed, "dtype": self.dtype, "attention": self.attention}
+                "max_length": self.max_length, "seed": self.seed, "attention": self.attention,
+                "dtype": str(resolve_dtype(self.dtype, device)).removeprefix("torch."), "device": device.type}
 
 
 # --- models --------------------------------------------------------------------------------------------------------
@@ -120,7 +133,8 @@ def eval_targets(model: str, steps: tuple[int, ...] | None = None) -> list[EvalT
     ``checkpoints/``), in step order; else the model itself.
 
     Raises:
-        EvalError: ``steps`` asks for checkpoints the folder does not have.
+        EvalError: ``steps`` asks for checkpoints the folder does not have, or for any of a model that is not a
+            training run; a folder that is neither a model nor a run.
     """
     folder = Path(model).expanduser()
     found: list[EvalTarget] = []
@@ -131,7 +145,15 @@ def eval_targets(model: str, steps: tuple[int, ...] | None = None) -> list[EvalT
                      for c in list_checkpoints(parent, marker="config.json")]
             if found:
                 break
+        if not found and not any(folder.glob("*.gguf")):  # a folder of GGUF files gets the model loader's hint
+            raise EvalError(f"Expected a model folder holding config.json, or a training run holding step_XXXXXX "
+                            f"checkpoint folders (directly or under checkpoints/). Got {folder} with neither instead. "
+                            "Check --model.")
     if not found:
+        if steps is not None:
+            raise EvalError(f"Expected --steps only with a training run (a folder of step_XXXXXX checkpoints). Got "
+                            f"--steps {','.join(map(str, steps))} with the model {model} instead. Drop --steps, or "
+                            "point --model at the run.")
         return [EvalTarget(name=Path(model).name if folder.exists() else model, model=model)]
     if steps is not None:
         missing = sorted(set(steps) - {c.step for c in found})
@@ -165,7 +187,8 @@ class CheckpointScores:
 
 @dataclass(frozen=True)
 class EvalResult:
-    """What ``hrsa eval`` wrote: the JSON file, the curve (None for a single model), and the scores."""
+    """What ``hrsa eval`` wrote: the JSON file, the curve (None for a single model), and every row eval.json holds
+    (this run's, and the earlier rows it kept), in step order."""
 
     json_path: Path
     figure_path: Path | None
@@ -183,18 +206,65 @@ def _task_result_entry(result: Any, task: Any, settings: dict[str, Any], spec: T
             "task_digest": task_identity(spec, task), "settings": settings, "scores": scores}
 
 
-def _previous(path: Path, settings: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
-    """Results already in ``path`` with the same settings, by (model digest, task digest); results written
-    before digests are not reused."""
+def _earlier_rows(path: Path) -> list[dict[str, Any]]:
+    """The checkpoint rows of an earlier ``eval.json`` at ``path`` (none if absent, unreadable or of another schema)."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
-        return {}
+        return []
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        return {}
-    return {(c["model_digest"], entry["task_digest"]): entry for c in data.get("checkpoints", [])
+        return []
+    return [c for c in data.get("checkpoints", []) if isinstance(c, dict)]
+
+
+def _previous(rows: list[dict[str, Any]], settings: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Earlier results with the same settings, by (model digest, task digest); results written before digests are
+    not reused."""
+    return {(c["model_digest"], entry["task_digest"]): entry for c in rows
             for entry in c.get("results", {}).values()
             if entry.get("settings") == settings and c.get("model_digest") and entry.get("task_digest")}
+
+
+def _kept_rows(rows: list[dict[str, Any]], targets: list[EvalTarget], tasks: list[tuple[TaskSpec, Any]],
+               settings: dict[str, Any], model: str) -> list[CheckpointScores]:
+    """Earlier rows of this run's checkpoints that stay in eval.json until (unless) this run scores them again.
+
+    A row stays when the run still holds a checkpoint at its step with the same content and the row has every task
+    of this run (same task content) with the same settings: a narrowed (``--steps``) or failed re-run keeps the rest
+    of the curve, while rows of other weights, tasks or settings are never mixed in.
+    """
+    if not rows or any(t.step is None for t in targets):
+        return []
+    checkpoints = {t.step: t for t in eval_targets(model)}
+    wanted = {task.metadata.name: (spec, task_identity(spec, task)) for spec, task in tasks}
+    kept = []
+    for row in rows:
+        here = checkpoints.get(row.get("step"))
+        if here is None or not row.get("model_digest") or model_digest(here.model) != row["model_digest"]:
+            continue
+        by_task = {e.get("task_digest"): e for e in row.get("results", {}).values() if e.get("settings") == settings}
+        if all(digest in by_task for _, digest in wanted.values()):
+            kept.append(CheckpointScores(name=here.name, model=here.model, step=here.step,
+                                         model_digest=row["model_digest"],
+                                         results={name: {**by_task[digest], "spec": spec.text}
+                                                  for name, (spec, digest) in wanted.items()}))
+    return kept
+
+
+def _write_results(out: Path, config: EvalConfig, tasks: list[tuple[TaskSpec, Any]],
+                   rows: list[CheckpointScores]) -> Path | None:
+    """eval.json, and the curve drawn from the same rows (removed when fewer than two steps): the two never disagree.
+
+    Returns:
+        The curve's path, or None when there is none.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "eval.json", config, tasks, rows)
+    curve = out / "eval_curve.png"
+    if len([r for r in rows if r.step is not None]) > 1:
+        return plot_curve(rows, [t.metadata.name for _, t in tasks], curve)
+    curve.unlink(missing_ok=True)  # an earlier evaluation's curve would sit beside results it does not show
+    return None
 
 
 def _write_json(path: Path, config: EvalConfig, tasks: list[tuple[TaskSpec, Any]], rows: list[CheckpointScores]) -> None:
@@ -258,41 +328,47 @@ def evaluate(
         UserError: bad task specs or files, unknown MTEB names, an unreachable hub for MTEB tasks, a model
             that cannot be loaded; all before any model runs, except the last.
     """
-    # Step 1: everything a user can get wrong, checked before any model loads.
+    # Step 1: everything a user can get wrong, checked before any model loads and before anything is written.
+    from hrsa.extract.model_spec import parse_model_spec
+
     specs = [parse_task_spec(t) for t in config.tasks]
     targets = eval_targets(config.model, config.steps)
-    tasks = build_tasks(specs, instruction=config.instruction, limit=config.limit, seed=config.seed)
+    for target in targets:
+        parse_model_spec(target.model, dtype=config.dtype, attention=config.attention)
     out = config.out_dir()
     if out.exists() and not out.is_dir():
         raise EvalError(f"Expected --out to be a folder. Got the file {out} instead. Pick another path.")
-    from mteb.cache import ResultCache
+    tasks = build_tasks(specs, instruction=config.instruction, limit=config.limit, seed=config.seed)
 
-    # Step 2: results already there with the same settings are kept (resume).
-    out.mkdir(parents=True, exist_ok=True)
-    json_path = out / "eval.json"
-    done = _previous(json_path, config.settings()) if config.resume else {}
-    cache = ResultCache(out / "mteb-results")
-    # Step 3: each checkpoint in turn, its scores written as soon as it is done (a crash keeps what is done).
+    # Step 2: results already there with the same settings are reused (resume), and the rows of this run's other
+    # checkpoints are kept until scored again.
+    settings = config.settings()
+    earlier = _earlier_rows(out / "eval.json") if config.resume else []
+    done = _previous(earlier, settings)
+    kept = _kept_rows(earlier, targets, tasks, settings, config.model)
+    # Step 3: each checkpoint in turn, eval.json and the curve rewritten as soon as it is done (a crash keeps what is
+    # done). `out` is first created here, once a model has loaded or its scores were all reused.
     rows: list[CheckpointScores] = []
+    rows_now: list[CheckpointScores] = []
+    figure: Path | None = None
     for index, target in enumerate(targets):
         if on_checkpoint is not None:
             on_checkpoint(target, index, len(targets))
-        rows.append(_score_target(target, tasks, config, done=done, cache=cache, on_task=on_task, on_texts=on_texts))
-        _write_json(json_path, config, tasks, rows)
-    # Step 4: the curve, when there are several checkpoints.
-    names = [t.metadata.name for _, t in tasks]
-    stepped = [r for r in rows if r.step is not None]
-    figure = plot_curve(rows, names, out / "eval_curve.png") if len(stepped) > 1 else None
-    if figure is None:  # an earlier evaluation's curve into this folder would sit beside results it does not show
-        (out / "eval_curve.png").unlink(missing_ok=True)
-    return EvalResult(json_path=json_path, figure_path=figure, tasks=tuple(names), checkpoints=tuple(rows))
+        rows.append(_score_target(target, tasks, config, done=done, cache_dir=out / "mteb-results", on_task=on_task,
+                                  on_texts=on_texts))
+        redone = {r.step for r in rows}
+        rows_now = sorted(rows + [r for r in kept if r.step not in redone], key=lambda r: (r.step is None, r.step or 0))
+        figure = _write_results(out, config, tasks, rows_now)
+    return EvalResult(json_path=out / "eval.json", figure_path=figure, tasks=tuple(t.metadata.name for _, t in tasks),
+                      checkpoints=tuple(rows_now))
 
 
 def _score_target(target: EvalTarget, tasks: list[tuple[TaskSpec, Any]], config: EvalConfig, *,
-                  done: dict[tuple[str, str], dict[str, Any]], cache: Any, on_task: Callable[[str], None] | None,
+                  done: dict[tuple[str, str], dict[str, Any]], cache_dir: Path, on_task: Callable[[str], None] | None,
                   on_texts: Callable[[int], None] | None) -> CheckpointScores:
     """One model's scores on every task: earlier results reused, the model loaded only when a task is left."""
     import mteb
+    from mteb.cache import ResultCache
 
     from hrsa.train.encode import TextEncoder
     from hrsa.train.mteb_adapter import HrsaMtebEncoder
@@ -312,6 +388,7 @@ def _score_target(target: EvalTarget, tasks: list[tuple[TaskSpec, Any]], config:
         return row
     encoder = TextEncoder.load(target.model, device=config.device, dtype=config.dtype, attention=config.attention,
                                max_length=config.max_length, batch_size=config.batch_size)
+    cache = ResultCache(cache_dir)  # creates the folder: only now that a model has loaded
     wrapper = HrsaMtebEncoder(encoder, name=_meta_name(target), use_instructions=config.instructions,
                               batch_size=config.batch_size, max_length=config.max_length, on_batch=on_texts)
     for spec, task in todo:

@@ -54,6 +54,7 @@ from mteb.models.model_meta import ModelMeta, ScoringFunction  # noqa: E402
 from mteb.types import PromptType  # noqa: E402
 
 from hrsa.store.errors import UserError  # noqa: E402
+from hrsa.train.eval_tasks import EvalError  # noqa: E402
 from hrsa.train.jsonl import JsonlError, read_jsonl, read_pairs  # noqa: E402
 from hrsa.train.pooling import format_query  # noqa: E402
 
@@ -153,6 +154,7 @@ class LocalClassificationTask(AbsTaskClassification):
             raise UserError(f"Expected at least two labels in {self.path} ({self.label_field!r}). Got {names} instead.")
         texts = [str(r[self.text_field]) for r in records]
         labels = np.array([names.index(str(r[self.label_field])) for r in records])
+        self._check_two_per_label(labels, names)
         train, test = _stratified_halves(labels, self.seed)
         self.samples_per_label = len(train)  # use every train text
         self.dataset = DatasetDict({
@@ -160,6 +162,17 @@ class LocalClassificationTask(AbsTaskClassification):
             "test": Dataset.from_dict({"text": [texts[i] for i in test], "label": labels[test].tolist()}),
         })
         self.data_loaded = True
+
+    def _check_two_per_label(self, labels: np.ndarray, names: list[str]) -> None:
+        """Each label needs a record in the train half and one in the test half."""
+        counts = np.bincount(labels, minlength=len(names))
+        short = [names[i] for i in np.flatnonzero(counts < 2)]
+        if short:
+            sample = f" of the {len(labels)} records --limit kept" if self.limit is not None else ""
+            raise EvalError(f"Expected at least 2 records of each label{sample} in {self.path} ({self.label_field!r}): "
+                            f"one for the train half, one for the test half. Got one for {short[:5]}"
+                            f"{f' and {len(short) - 5} more' if len(short) > 5 else ''} instead. Add records of those "
+                            "labels or leave them out.")
 
 
 def _stratified_halves(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
