@@ -387,13 +387,20 @@ class _Runner:
         key = stage_key({"analyze": settings, "labels": source_fingerprint(options.labels), "a": [a.store_id, a.key],
                          "b": [b.store_id, b.key]})
         json_path = out_dir / "results.json"
-        reason = self.state.reason_to_run(stage, key, lambda o: json_path.is_file())
+        run_id = f"{stage.partition(':')[2][:100]}--{key[:12]}".replace("@", "-")
+        reason = self.state.reason_to_run(stage, key, lambda o: json_path.is_file() and self._recorded(options, run_id))
         if self._announce(stage, reason):
             self.state.start(stage, key)
             self._run_analysis(options.analyze_config(store=self.config.store, pair=(a.store_id, b.store_id), out=out_dir,
-                                                      run_id=f"{stage.partition(':')[2][:100]}--{key[:12]}".replace("@", "-")))
+                                                      run_id=run_id))
             self.state.finish(stage, key, {"results": str(json_path)})
         return _Analyzed(json_path, key)
+
+    def _recorded(self, options: PairAnalysisSettings, run_id: str) -> bool:
+        """Whether the store still holds the analysis's record (where it keeps one)."""
+        from hrsa.store import ActivationStore
+
+        return not options.store_results or run_id in ActivationStore.open(self.config.store).results_ids()
 
     def _labels_from_corpus_file(self, options: PairAnalysisSettings) -> PairAnalysisSettings:
         """Probes read labels from the corpus file this pipeline names, not the stored corpus's recorded source: a

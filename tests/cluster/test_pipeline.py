@@ -309,6 +309,16 @@ def test_a_missing_corpus_or_model_is_refused_before_anything_is_created(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["words.jsonl"]  # no store, no out
 
 
+def test_a_deleted_results_record_in_the_store_is_written_again(copy: Workspace) -> None:
+    """results.json was the only output checked: the store's record of the run, once deleted, stayed gone."""
+    store = ActivationStore.open(copy.values["store"], mode="r+")
+    (run_id,) = [r for r in store.results_ids() if r.startswith("llama--qwen--")]
+    store.delete_results(run_id)
+    result = run_pipeline(copy.config(), console=quiet())
+    assert {s.name: s.reason for s in result.stages}["analyze:llama--qwen"] == "its outputs are missing"
+    assert run_id in ActivationStore.open(copy.values["store"]).results_ids()
+
+
 def test_two_runs_of_one_pipeline_at_once_are_refused(copy: Workspace) -> None:
     """The second `hrsa run` into the same out raced the first (both resuming, each rewriting the state file)."""
     import fcntl
