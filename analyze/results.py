@@ -78,13 +78,15 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
 from hrsa.analyze.metrics.uncertainty import DEFAULT_LEVEL, NULL_Z
 from hrsa.runtime.files import write_atomic
@@ -433,4 +435,221 @@ def read_results(path: Path | str) -> tuple[Path, dict[str, Any]]:
     missing = [k for k in ("a", "b", "metrics", "matched_hidden_states") if k not in doc]
     if missing:
         raise ResultsFileError(f"Expected keys a, b, metrics and matched_hidden_states in {file}. Got no {', '.join(missing)} instead.")
+    _check_document(doc, file)
     return file, doc
+
+
+# --- what presentation reads, checked: types (pydantic), then lengths and ranges ------------------------------------
+# Only the parts the report, figures and dynamics read are described; other keys pass as they are. The document is
+# returned as read (these models only check it). A number may be null (NaN, an undefined metric).
+
+_Num = float | None
+_IntKey = Annotated[str, StringConstraints(pattern=r"^[0-9]+$")]  # a k or a hidden state, as a JSON key
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class _Null(_Part):
+    mean: list[_Num]
+    std: list[_Num]
+
+
+class _PerLayer(_Part):
+    """Per matched hidden state lists, with their jackknife intervals and permutation nulls where recorded."""
+
+    intervals: dict[str, list[list[_Num]]] | None = None
+    se: dict[str, list[_Num]] | None = None
+    null: dict[str, _Null] | None = None
+
+
+class _Cka(_PerLayer):
+    diagonal: list[_Num]
+    matrix: list[list[_Num]] | None = None
+    debiased_diagonal: list[_Num] | None = None
+
+
+class _Dimcorr(_PerLayer):
+    diagonal: list[_Num]
+    n_degenerate: list[int]
+    matrix: list[list[_Num]] | None = None
+    median: list[_Num] | None = None
+    q25: list[_Num] | None = None
+    q75: list[_Num] | None = None
+    min: list[_Num] | None = None
+    max: list[_Num] | None = None
+
+
+class _Procrustes(_PerLayer):
+    h_inv: list[_Num]
+    residual: list[_Num]
+    similarity: list[_Num] | None = None
+    underdetermined: list[bool] | None = None
+
+
+class _Knn(_Part):
+    k: dict[_IntKey, list[_Num]]
+    hidden_states: list[int]
+    median: dict[_IntKey, list[_Num]] | None = None
+    std: dict[_IntKey, list[_Num]] | None = None
+    intervals: dict[_IntKey, list[list[_Num]]] | None = None
+    se: dict[_IntKey, list[_Num]] | None = None
+    recall: dict[_IntKey, list[list[_Num]]] | None = None
+
+
+class _Split(_Part):
+    accuracy: _Num
+    macro_f1: _Num = None
+    n: int | None = None
+
+
+class _Side(_Part):
+    train: _Split
+    dev: _Split
+    test: _Split
+
+
+class _Direction(_Part):
+    source: _Side
+    target: _Side
+    test_accuracy_interval: dict[str, list[_Num]] | None = None
+
+
+class _ProbeEntry(_Direction):
+    chance: _Num = None
+    reverse: _Direction | None = None
+
+
+class _Metrics(_Part):
+    cka: _Cka | None = None
+    dimcorr: _Dimcorr | None = None
+    procrustes: _Procrustes | None = None
+    knn: _Knn | None = None
+    probe: dict[_IntKey, _ProbeEntry] | None = None
+
+
+class _Alignment(_Part):
+    corpus_b: str
+    aligned: int
+    tokens_a: int
+    tokens_b: int
+
+
+class _Uncertainty(_Part):
+    method: str | None = None
+    null_z: float | None = None
+
+
+class _Document(_Part):
+    a: str
+    b: str
+    run_id: str | None = None
+    corpus: str | None = None
+    n_tokens: int | None = None
+    alignment: _Alignment | None = None
+    hidden_states_a: list[int] | None = None
+    hidden_states_b: list[int] | None = None
+    matched_hidden_states: list[int]
+    metrics: _Metrics
+    uncertainty: _Uncertainty | None = None
+    settings: dict[str, Any] | None = None
+    token_filter: dict[str, Any] | None = None
+
+
+#: Metrics whose values lie in a range (up to rounding): (metric, key) -> (low, high, what it is).
+_RANGES: dict[tuple[str, str], tuple[float, float, str]] = {
+    ("cka", "diagonal"): (0.0, 1.0, "linear CKA"), ("cka", "matrix"): (0.0, 1.0, "linear CKA"),
+    ("dimcorr", "diagonal"): (-1.0, 1.0, "a mean correlation"), ("dimcorr", "matrix"): (-1.0, 1.0, "a mean correlation"),
+    ("knn", "k"): (0.0, 1.0, "a mean Jaccard overlap"),
+}
+_ROUNDING = 1e-4
+
+
+def _check_document(doc: dict[str, Any], file: Path) -> None:
+    """Check the parts of a results document that presentation reads: types, then every per-layer list as long as
+    the hidden states it follows, cross-layer matrices of their shape, and bounded metrics in their range.
+
+    Raises:
+        ResultsFileError: the first problem, naming ``file`` and the field.
+    """
+    try:
+        checked = _Document.model_validate(doc)
+    except ValidationError as error:
+        problems = error.errors()
+        first = problems[0]
+        where = ".".join(str(part) for part in first["loc"] if part != "[key]") or "the document"
+        what = re.sub(r" or instance of \w+", "", str(first["msg"])).lower()  # a mapping: a JSON object
+        got = "nothing" if first["type"] == "missing" else _short(first.get("input"))
+        more = f" ({len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise ResultsFileError(f"Expected {where} in {file} to be as `hrsa analyze` writes it: "
+                               f"{what}. Got {got} instead{more}. "
+                               "Pass an unedited results.json.") from None
+    for where, expected, got in _shape_problems(checked, doc["metrics"]):
+        raise ResultsFileError(f"Expected {where} in {file} to hold {expected}. Got {got} instead. "
+                               "Pass an unedited results.json.")
+
+
+def _shape_problems(doc: _Document, metrics: Mapping[str, Any]) -> Iterable[tuple[str, str, str]]:
+    """(field, what it should hold, what it holds) of every length, shape or range problem, in document order."""
+    n = len(doc.matched_hidden_states)
+    per_layer = {"cka": ("diagonal", "debiased_diagonal"), "dimcorr": ("diagonal", "n_degenerate", "median", "q25", "q75",
+                                                                       "min", "max"),
+                 "procrustes": ("h_inv", "residual", "similarity", "underdetermined")}
+    for metric, keys in per_layer.items():
+        part = metrics.get(metric)
+        if part is None:
+            continue
+        lists = {key: part[key] for key in keys if part.get(key) is not None}
+        for group in ("intervals", "se"):
+            lists |= {f"{group}.{key}": v for key, v in (part.get(group) or {}).items()}
+        lists |= {f"null.{key}.{stat}": v for key, null in (part.get("null") or {}).items() for stat, v in null.items()
+                  if stat in ("mean", "std")}
+        for key, values in lists.items():
+            if len(values) != n:
+                yield (f"metrics.{metric}.{key}", f"one value per matched hidden state ({n})", f"{len(values)} values")
+        rows, cols = doc.hidden_states_a, doc.hidden_states_b
+        matrix = part.get("matrix")
+        if matrix is not None and rows is not None and cols is not None:
+            widths = sorted({len(r) for r in matrix})
+            if len(matrix) != len(rows) or widths != [len(cols)]:
+                yield (f"metrics.{metric}.matrix", f"a {len(rows)} x {len(cols)} matrix (hidden states of A by B's)",
+                       f"{len(matrix)} rows of {' or '.join(map(str, widths)) or 0} values")
+    knn = metrics.get("knn")
+    if knn is not None:
+        m = len(knn["hidden_states"])
+        for group in ("k", "median", "std", "intervals", "se", "recall"):
+            for k, values in (knn.get(group) or {}).items():
+                if len(values) != m:
+                    yield (f"metrics.knn.{group}.{k}", f"one value per k-NN hidden state ({m})", f"{len(values)} values")
+    for (metric, key), (low, high, what) in _RANGES.items():
+        value = (metrics.get(metric) or {}).get(key)
+        if value is None:
+            continue
+        for name, values in (value.items() if isinstance(value, dict) else [(None, value)]):
+            flat = [v for row in values for v in (row if isinstance(row, list) else [row])]
+            bad = [v for v in flat if v is not None and not math.isnan(v) and not low - _ROUNDING <= v <= high + _ROUNDING]
+            if bad:
+                field = f"metrics.{metric}.{key}" + (f".{name}" if name is not None else "")
+                yield field, f"{what} in [{low:g}, {high:g}] (null where undefined)", _short(bad[0])
+    for k, entry in (metrics.get("probe") or {}).items():
+        for path, value in _probe_scores(entry):
+            if value is not None and not math.isnan(value) and not 0.0 <= value <= 1.0:
+                yield f"metrics.probe.{k}.{path}", "an accuracy in [0, 1]", _short(value)
+
+
+def _probe_scores(entry: Mapping[str, Any]) -> Iterable[tuple[str, Any]]:
+    """(path, value) of each accuracy and the chance level of one probe entry (both directions)."""
+    yield "chance", entry.get("chance")
+    for prefix, direction in (("", entry), ("reverse.", entry.get("reverse"))):
+        if direction is None:
+            continue
+        for side in ("source", "target"):
+            for split in ("train", "dev", "test"):
+                yield f"{prefix}{side}.{split}.accuracy", direction[side][split]["accuracy"]
+
+
+def _short(value: Any) -> str:
+    """A value as it reads in a one-line message: its repr, cut."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -6,7 +6,8 @@ Positive-aware rule (NV-Retriever's "TopK-PercPos"): a candidate is kept only wh
 The margin is taken below the positive whatever its sign: the limit is ``pos - (1 - ratio) * |pos|``, which is
 ``ratio * pos`` for a positive score; for a score <= 0, ``ratio * pos`` would lie above the positive and keep
 candidates that score higher than it (cosine scores of a poorly matched pair can be negative).
-The positive itself and exact duplicates of its text (whitespace aside) are never negatives. Search is
+No positive of the query (its own, nor that of another record with the same query text) is ever a negative, nor
+an exact duplicate of one (whitespace aside); with ``keep_existing``, kept negatives equal to one are dropped. Search is
 exact inner product on unit vectors (FAISS ``IndexFlatIP``; on the GPU when FAISS has one), and a query
 left short of ``k`` is searched again deeper, so the result equals a brute-force scan of the whole corpus.
 """
@@ -54,8 +55,9 @@ class MineConfig(EncoderOptions):
     corpus_field: str = Field("text", description="The field of --corpus holding each document's text.")
     model: str = Field("packaged:all-minilm-l6-v2", description="Embedding model: hub id, folder, .gguf or packaged:NAME.")
     k: int = Field(7, ge=1, description="Negatives per query.")
-    max_score_ratio: float = Field(0.95, gt=0, description="Positive-aware margin: keep candidates scoring under this "
-                                   "times the positive's score (below it by (1 - ratio) x |score| when that is <= 0).")
+    max_score_ratio: float = Field(0.95, gt=0, le=1, description="Positive-aware margin, in (0, 1]: keep candidates "
+                                   "scoring under this times the positive's score (below it by (1 - ratio) x |score| "
+                                   "when that is <= 0).")
     depth: int = Field(100, ge=1, description="Candidates retrieved per query at first; short queries are searched "
                        "deeper.")
     keep_existing: bool = Field(False, description="Keep the input's negs first and mine the rest up to k, or "
@@ -72,7 +74,8 @@ class MineConfig(EncoderOptions):
 
 @dataclass(frozen=True)
 class MineResult:
-    """What a mining run wrote: where, and how many queries got fewer than ``k`` negatives."""
+    """What a mining run wrote: where, how many queries got fewer than ``k`` negatives, and how many kept negatives
+    (``keep_existing``) were dropped for equalling a positive of their query."""
 
     out: Path
     model: str
@@ -82,10 +85,12 @@ class MineResult:
     n_short: int
     n_empty: int
     mean_negatives: float
+    n_dropped: int = 0
 
     def summary(self) -> str:
+        dropped = f"; dropped {self.n_dropped} kept negatives equal to a positive of their query" if self.n_dropped else ""
         return (f"wrote {self.out}: {self.n_queries} queries, corpus {self.n_corpus}, {self.mean_negatives:.2f} negatives "
-                f"a query on average; {self.n_short} got fewer than {self.k} ({self.n_empty} none)")
+                f"a query on average; {self.n_short} got fewer than {self.k} ({self.n_empty} none){dropped}")
 
 
 class Encoder(Protocol):
@@ -175,15 +180,36 @@ def _corpus_texts(config: MineConfig, records: list[dict[str, Any]]) -> list[str
     return list(dict.fromkeys(texts))  # distinct, first occurrence order
 
 
-def _exclusions(records: list[dict[str, Any]], corpus: list[str], keep_existing: bool) -> list[set[int]]:
-    """Per query: the corpus indices equal (whitespace aside) to its positive, or to its kept negatives."""
+def _positives(records: list[dict[str, Any]]) -> dict[str, set[str]]:
+    """Every positive (whitespace folded) of each query text (whitespace folded): records may share a query."""
+    out: dict[str, set[str]] = {}
+    for r in records:
+        out.setdefault(_norm(r["query"]), set()).add(_norm(r["pos"]))
+    return out
+
+
+def _kept_negatives(records: list[dict[str, Any]], positives: dict[str, set[str]]) -> tuple[list[list[str]], int]:
+    """Per record, its input negs (distinct, in order) less any equal to a positive of its query; and how many went."""
+    kept, dropped = [], 0
+    for r in records:
+        negs = list(dict.fromkeys(r.get("negs", [])))
+        clean = [n for n in negs if _norm(n) not in positives[_norm(r["query"])]]
+        kept.append(clean)
+        dropped += len(negs) - len(clean)
+    return kept, dropped
+
+
+def _exclusions(records: list[dict[str, Any]], corpus: list[str], positives: dict[str, set[str]],
+                kept: list[list[str]]) -> list[set[int]]:
+    """Per query: the corpus indices equal (whitespace aside) to any positive of its query text, or to its kept
+    negatives."""
     where: dict[str, set[int]] = {}
     for i, text in enumerate(corpus):
         where.setdefault(_norm(text), set()).add(i)
     out = []
-    for r in records:
-        texts = [r["pos"]] + (list(r.get("negs", [])) if keep_existing else [])
-        out.append(set().union(*(where.get(_norm(t), set()) for t in texts)))
+    for r, old in zip(records, kept):
+        texts = positives[_norm(r["query"])] | {_norm(t) for t in old}
+        out.append(set().union(*(where.get(t, set()) for t in texts)))
     return out
 
 
@@ -223,8 +249,9 @@ def mine_negatives(
     pos_emb = _positive_embeddings([r["pos"] for r in records], corpus, docs, encoder, options)
     pos_scores = np.einsum("qd,qd->q", queries.astype(np.float64), pos_emb.astype(np.float64))
     say("searching")
-    kept = [list(dict.fromkeys(r.get("negs", []))) if config.keep_existing else [] for r in records]
-    exclude = _exclusions(records, corpus, config.keep_existing)
+    positives = _positives(records)
+    kept, dropped = _kept_negatives(records, positives) if config.keep_existing else ([[] for _ in records], 0)
+    exclude = _exclusions(records, corpus, positives, kept)
     mined = mine_from_embeddings(queries, docs, pos_scores, exclude, k=config.k, max_score_ratio=config.max_score_ratio,
                                  depth=config.depth)
     negs = [(old + [corpus[i] for i in new])[:config.k] for old, new in zip(kept, mined)]
@@ -232,7 +259,7 @@ def mine_negatives(
     counts = np.array([len(n) for n in negs])
     return MineResult(out=out, model=config.model, n_queries=len(records), n_corpus=len(corpus), k=config.k,
                       n_short=int((counts < config.k).sum()), n_empty=int((counts == 0).sum()),
-                      mean_negatives=float(counts.mean()))
+                      mean_negatives=float(counts.mean()), n_dropped=dropped)
 
 
 def _positive_embeddings(positives: list[str], corpus: list[str], docs: np.ndarray, encoder: Encoder,

@@ -66,18 +66,26 @@ class VerdictRules(BaseModel):
 class ReportConfig(VerdictRules):
     """Validated settings of one ``hrsa report`` run: equal to the flags and the YAML file (flag > YAML > default)."""
 
-    results: tuple[str, ...] = Field(min_length=1, description="results.json files of `hrsa analyze`, or folders "
-                                     "holding one, one per analysed pair (the RESULTS arguments).")
+    results: tuple[str, ...] = Field((), validate_default=True, description="results.json files of `hrsa analyze`, "
+                                     "or folders holding one, one per analysed pair (the RESULTS arguments).")
     out: FilePath = Field(Path("report.html"), description="The HTML file to write.")
     dynamics: tuple[Path, ...] = Field((), description="hrsa.dynamics/1 files (one results.json per training step), one "
                                        "per series, for the training-dynamics section (repeat the flag for several).")
     title: str | None = Field(None, description="Title of the report (default: the pairs compared).")
 
-    @field_validator("dynamics", mode="before")
+    @field_validator("results", "dynamics", mode="before")
     @classmethod
     def _one_or_more(cls, value: Any) -> Any:
         """One file (a YAML scalar) or several."""
         return (value,) if isinstance(value, (str, Path)) else value
+
+    @field_validator("results")
+    @classmethod
+    def _some_results(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("expected at least one results.json (or folder holding one), as the RESULTS arguments "
+                             "(hrsa report RESULTS... --out FILE) or as results: in --config; got none instead")
+        return value
 
 
 @click.command("report")
@@ -91,14 +99,14 @@ def report(config_file: Path | None, **flags: Any) -> None:
     Per pair: a summary by level (preserved / restructured), cross-layer heatmaps, H_inv, k-NN overlap and
     probe accuracy per hidden state; with --dynamics (once per series), the metrics against the training step.
     """
-    from hrsa.analyze.report.html import write_report
+    from hrsa.analyze.report.html import read_report_inputs, write_report
     from hrsa.analyze.report.summary import summarize
-    from hrsa.analyze.results import find_results, read_results
     from hrsa.runtime.settings import load_settings
 
     cfg = load_settings(ReportConfig, config_file, flags, verb="report")
-    out = write_report(list(cfg.results), cfg.out, dynamics=cfg.dynamics, title=cfg.title, thresholds=cfg.thresholds())
-    for path in find_results(cfg.results):
-        s = summarize(read_results(path)[1], thresholds=cfg.thresholds())
+    inputs = read_report_inputs(list(cfg.results), dynamics=cfg.dynamics)  # read once: the page and the lines below
+    out = write_report(inputs, cfg.out, title=cfg.title, thresholds=cfg.thresholds())
+    for _, doc in inputs.docs:
+        s = summarize(doc, thresholds=cfg.thresholds())
         click.echo(f"{s.a} vs {s.b}: " + ", ".join(f"{lv.level} {lv.verdict}" for lv in s.levels))
     click.echo(f"wrote {out}")

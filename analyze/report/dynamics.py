@@ -24,6 +24,7 @@ how far each mean moved from the first step to the last.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -135,9 +136,7 @@ def write_dynamics(path: Path, *, runs: tuple[str, str], steps: Sequence[int], r
     if len(steps) != len(results) or not steps:
         raise DynamicsError(f"Expected one results.json per step. Got {len(steps)} steps and {len(results)} results "
                             "instead. Pass as many of each.")
-    clean = [int(s) for s in steps]
-    if len(set(clean)) != len(clean) or min(clean) < 0:
-        raise DynamicsError(f"Expected distinct training steps >= 0. Got {clean} instead.")
+    clean = _check_steps(list(steps))
     files = [read_results(r)[0] for r in results]  # validates each; (file, document)
     entries = [{"step": s, "results": _relative(f, path.parent)} for s, f in sorted(zip(clean, files))]
     from hrsa import __version__
@@ -151,7 +150,9 @@ def load_dynamics(path: Path | str) -> Dynamics:
     """Read a dynamics file and every step's results.json into curves.
 
     Raises:
-        DynamicsError: not a readable ``hrsa.dynamics/1`` file, or a step's results.json missing or invalid.
+        DynamicsError: not a readable ``hrsa.dynamics/1`` file, one that :func:`write_dynamics` would not write (not
+            two run names, a step repeated, negative or not an integer, a name that is not text), or a step's
+            results.json missing or invalid.
     """
     path = Path(path)
     doc = _read_json(path)
@@ -159,13 +160,7 @@ def load_dynamics(path: Path | str) -> Dynamics:
         got = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
         raise DynamicsError(f"Expected a dynamics file of schema {SCHEMA} at {path}. Got {got!r} instead. "
                             "Write it with hrsa.analyze.report.dynamics.write_dynamics.")
-    try:
-        runs = (str(doc["runs"][0]), str(doc["runs"][1]))
-        entries = sorted((int(e["step"]), path.parent / e["results"]) for e in doc["steps"])
-    except (KeyError, IndexError, TypeError, ValueError) as error:
-        raise DynamicsError(f"Expected runs and steps in {path}. Got a malformed file instead ({error!r}).") from None
-    if not entries:
-        raise DynamicsError(f"Expected at least one step in {path}. Got none instead.")
+    runs, entries = _parse_dynamics(doc, path)
     loaded = [read_results(p) for _, p in entries]
     docs = [d for _, d in loaded]
     return Dynamics(
@@ -174,8 +169,45 @@ def load_dynamics(path: Path | str) -> Dynamics:
         cka=_curve("linear CKA", docs, lambda d: _matched(d, "cka")),
         dimcorr=_curve("mean dimension-wise r", docs, lambda d: _matched(d, "dimcorr")),
         knn=_knn_curves(docs),
-        name=str(doc.get("name") or f"{runs[0]} vs {runs[1]}"),
+        name=doc.get("name") or f"{runs[0]} vs {runs[1]}",
     )
+
+
+def _check_steps(steps: list[Any]) -> list[int]:
+    """The steps as ints: each an integer (a bool is not) >= 0, each once.
+
+    Raises:
+        DynamicsError: otherwise.
+    """
+    ok = all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 0 for s in steps)
+    if not ok or len(set(steps)) != len(steps):
+        raise DynamicsError(f"Expected distinct integer training steps >= 0. Got {steps!r} instead.")
+    return [int(s) for s in steps]
+
+
+def _parse_dynamics(doc: Mapping[str, Any], path: Path) -> tuple[tuple[str, str], list[tuple[int, Path]]]:
+    """The runs and the (step, results path) entries, sorted by step, of a dynamics document, checked as
+    :func:`write_dynamics` checks its arguments.
+
+    Raises:
+        DynamicsError: the problem, naming ``path``.
+    """
+    runs, steps, name = doc.get("runs"), doc.get("steps"), doc.get("name")
+    if not (isinstance(runs, list) and len(runs) == 2 and all(isinstance(r, str) and r for r in runs)):
+        raise DynamicsError(f"Expected runs to be a list of two training run names in {path}. Got {runs!r} instead.")
+    if name is not None and not isinstance(name, str):
+        raise DynamicsError(f"Expected name to be text in {path}. Got {name!r} instead.")
+    if not isinstance(steps, list) or not steps:
+        raise DynamicsError(f"Expected steps to be a non-empty list of {{step, results}} in {path}. Got {steps!r} instead.")
+    for entry in steps:
+        if not (isinstance(entry, dict) and isinstance(entry.get("results"), str) and entry["results"] and "step" in entry):
+            raise DynamicsError(f"Expected each entry of steps to be {{\"step\": int, \"results\": str}} in {path}. "
+                                f"Got {entry!r} instead.")
+    try:
+        numbers_ = _check_steps([e["step"] for e in steps])
+    except DynamicsError as error:
+        raise DynamicsError(f"{error} In {path}: each training step once, with one results.json.") from None
+    return (runs[0], runs[1]), sorted((s, path.parent / e["results"]) for s, e in zip(numbers_, steps))
 
 
 def mean_changes(dyn: Dynamics, *, k: int = KNN_K) -> list[MeanChange]:

@@ -8,7 +8,9 @@ script. Every text from the results is escaped.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,19 +27,65 @@ from hrsa.analyze.report.sections import (
 from hrsa.analyze.report.summary import Comparison, Thresholds, check_comparisons, summarize
 from hrsa.analyze.results import find_results, read_results
 from hrsa.runtime.files import write_atomic
+from hrsa.store.errors import UserError
 
-__all__ = ["render_report", "write_report"]
+__all__ = ["ReportInputs", "ReportOutError", "read_report_inputs", "render_report", "write_report"]
 
 
-def write_report(results: Sequence[Path | str], out: Path | str, *,
+class ReportOutError(UserError, ValueError):
+    """The report's output path is one of the files it reads: writing it would destroy an input."""
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    """Everything a report is drawn from, read once.
+
+    Attributes:
+        docs: (results.json, document) per analysed pair, in order; dynamics: one series per dynamics file;
+        dynamics_files: those files.
+    """
+
+    docs: tuple[tuple[Path, dict[str, Any]], ...]
+    dynamics: tuple[Dynamics, ...] = ()
+    dynamics_files: tuple[Path, ...] = ()
+
+    def files(self) -> list[tuple[str, Path]]:
+        """(what, path) of every file read: results.json files, dynamics files, and each series' steps."""
+        return ([("results file", f) for f, _ in self.docs] + [("dynamics file", f) for f in self.dynamics_files]
+                + [("results file of a dynamics step", f) for d in self.dynamics for f in d.results])
+
+
+def read_report_inputs(results: Sequence[Path | str], *,
+                       dynamics: Path | str | Sequence[Path | str] | None = None) -> ReportInputs:
+    """Read and check the results.json files (or folders holding one) and dynamics files of a report.
+
+    Raises:
+        ResultsFileError: an empty list, a path without results.json, an invalid results or dynamics file.
+    """
+    docs = tuple(read_results(f) for f in find_results(results))
+    files = tuple(Path(f) for f in ([dynamics] if isinstance(dynamics, (str, Path)) else list(dynamics or ())))
+    return ReportInputs(docs, tuple(load_dynamics(f) for f in files), files)
+
+
+def _check_out(out: Path, inputs: ReportInputs) -> None:
+    """Refuse an output path that is one of the inputs (the report would overwrite it)."""
+    target = out.resolve()
+    for what, path in inputs.files():
+        if path.resolve() == target or (out.exists() and path.exists() and os.path.samefile(out, path)):
+            raise ReportOutError(f"Expected --out to be a file apart from the report's inputs. Got {out}, the {what} "
+                                 f"{path} it reads, instead. Pick another --out.")
+
+
+def write_report(results: Sequence[Path | str] | ReportInputs, out: Path | str, *,
                  dynamics: Path | str | Sequence[Path | str] | None = None, title: str | None = None,
                  thresholds: Thresholds | None = None, comparisons: Sequence[Comparison] | None = None,
                  description: str | None = None) -> Path:
     """Write one self-contained HTML report of the analysed pairs ``results``.
 
     Args:
-        results: results.json files, or folders holding one (one per pair; order kept).
-        out: the HTML file to write (its folder is created).
+        results: results.json files, or folders holding one (one per pair; order kept); or the inputs already read
+            by :func:`read_report_inputs` (then ``dynamics`` must be None: they hold theirs).
+        out: the HTML file to write (its folder is created); never one of the files read.
         dynamics: ``hrsa.dynamics/1`` files (:mod:`hrsa.analyze.report.dynamics`), one per series, for the
             training-dynamics section (one file alone is fine).
         title: the report's title (default: the pairs compared).
@@ -52,15 +100,21 @@ def write_report(results: Sequence[Path | str], out: Path | str, *,
     Raises:
         ResultsFileError: an empty list, a path without results.json, a file of another schema, a bad dynamics file.
         ComparisonError: a comparison naming a position outside ``results``.
+        ReportOutError: ``out`` is one of the files read (a results.json, a dynamics file or one of its steps).
     """
-    docs = [read_results(f) for f in find_results(results)]
+    if isinstance(results, ReportInputs):
+        if dynamics is not None:
+            raise TypeError("write_report: pass dynamics to read_report_inputs, not beside the inputs it read")
+        inputs = results
+    else:
+        inputs = read_report_inputs(results, dynamics=dynamics)
+    out = Path(out)
+    _check_out(out, inputs)
     if comparisons is not None:
-        check_comparisons(comparisons, len(docs))
-    files = [dynamics] if isinstance(dynamics, (str, Path)) else list(dynamics or ())
-    series = [load_dynamics(Path(f)) for f in files]
-    page = render_report(docs, dynamics=series, title=title, thresholds=thresholds, comparisons=comparisons,
-                         description=description)
-    return write_atomic(Path(out), page)
+        check_comparisons(comparisons, len(inputs.docs))
+    page = render_report(inputs.docs, dynamics=inputs.dynamics, title=title, thresholds=thresholds,
+                         comparisons=comparisons, description=description)
+    return write_atomic(out, page)
 
 
 def render_report(docs: Sequence[tuple[Path, Mapping[str, Any]]], *, dynamics: Dynamics | Sequence[Dynamics] | None = None,

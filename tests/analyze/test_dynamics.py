@@ -201,3 +201,62 @@ def test_hrsa_report_takes_one_dynamics_file_per_series(steps_store, tmp_path: P
     config = tmp_path / "report.yaml"
     config.write_text(f"results: [{results[-1]}]\ndynamics: {paths[0]}\n")  # one file in YAML: a scalar is fine
     assert CliRunner().invoke(hrsa, ["report", "--config", str(config), "--out", str(tmp_path / "y.html")]).exit_code == 0
+
+
+# -- review: contradictory dynamics files ---------------------------------------------------------------------------
+@pytest.mark.parametrize(("bad", "edit"), [
+    ("repeated-step", lambda d: d["steps"].append({**d["steps"][1], "results": d["steps"][2]["results"]})),
+    ("negative-step", lambda d: d["steps"][0].update(step=-3)),
+    ("bool-step", lambda d: d["steps"][1].update(step=True)),
+    ("float-step", lambda d: d["steps"][1].update(step=2.5)),
+    ("string-step", lambda d: d["steps"][1].update(step="10")),
+    ("runs-string", lambda d: d.update(runs="xy")),
+    ("runs-three", lambda d: d.update(runs=["x", "y", "z"])),
+    ("runs-empty-name", lambda d: d.update(runs=["x", ""])),
+    ("results-number", lambda d: d["steps"][0].update(results=3)),
+    ("steps-mapping", lambda d: d.update(steps={"0": "x"})),
+    ("step-not-mapping", lambda d: d["steps"].append(5)),
+    ("name-number", lambda d: d.update(name=5)),
+])
+def test_load_dynamics_refuses_contradictions(steps_store, tmp_path: Path, bad: str, edit) -> None:
+    from click.testing import CliRunner
+
+    from hrsa.analyze.report.cli import report
+    from hrsa.cli import cli
+
+    _, _, _, results = steps_store
+    path = write_dynamics(tmp_path / "d.json", runs=("r1", "r2"), steps=STEPS, results=results)
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ResultsFileError) as info:
+        load_dynamics(path)
+    message = str(info.value)
+    assert message.startswith("Expected") and " Got " in message and "\n" not in message and str(path) in message
+    result = CliRunner().invoke(type(cli)(commands=[report]), ["report", str(results[0]), "--dynamics", str(path),
+                                                               "--out", str(tmp_path / "r.html")])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert not (tmp_path / "r.html").exists()
+
+
+@pytest.mark.parametrize("steps", [[0, True, 20], [0, 2.5, 20], [0, "10", 20], [0, -1, 20]])
+def test_write_dynamics_takes_integer_steps_only(steps_store, tmp_path: Path, steps: list) -> None:
+    _, _, _, results = steps_store
+    with pytest.raises(ResultsFileError, match="^Expected distinct integer training steps >= 0"):
+        write_dynamics(tmp_path / "d.json", runs=("r1", "r2"), steps=steps, results=results)
+    assert not (tmp_path / "d.json").exists()
+
+
+def test_a_series_comparing_different_pairs_says_so(steps_store, tmp_path: Path) -> None:
+    """Checkpoints have their own ids, so a series' steps may compare different model ids; the report says so,
+    and names the pairs, rather than reading one curve from them without a word."""
+    from hrsa.analyze.report.html import write_report
+
+    _, _, _, results = steps_store
+    varied = load_dynamics(write_dynamics(tmp_path / "v.json", runs=("r1", "r2"), steps=STEPS, results=results))
+    assert varied.pairs == (("a", "step-0"), ("a", "step-10"), ("a", "step-20"))
+    page = write_report([results[0]], tmp_path / "v.html", dynamics=tmp_path / "v.json").read_text()
+    assert "compare 3 different pairs of models" in page and "a vs step-0 at step 0" in page
+    same = write_dynamics(tmp_path / "s.json", runs=("r1", "r2"), steps=[0, 5], results=[results[0], results[0]])
+    page = write_report([results[0]], tmp_path / "s.html", dynamics=same).read_text()
+    assert "different pairs of models" not in page

@@ -257,3 +257,130 @@ def test_comparisons_must_name_results_that_exist(results_dirs: dict[str, Path],
 
     with pytest.raises(UserError, match="^Expected comparisons of results 0-0. Got 3 instead"):
         write_report([results_dirs["scaled"]], tmp_path / "r.html", comparisons=[Comparison("x", (3,))])
+
+
+# --- review: the output is never an input; forged results; RESULTS named in messages ---------------------------------
+
+
+def _hrsa():
+    return type(cli)(commands=[report])  # hrsa's own group class: a UserError becomes one line and exit 2
+
+
+def test_out_that_is_an_input_is_refused_before_writing(results_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """--out naming a results.json read (or a dynamics file, or a step of one) would overwrite an input with HTML."""
+    victim = tmp_path / "victim"
+    shutil.copytree(results_dirs["scaled"], victim)
+    before = (victim / "results.json").read_bytes()
+    dyn = write_dynamics(tmp_path / "d.json", runs=("r1", "r2"), steps=[0, 5], results=[victim, results_dirs["random"]])
+    dyn_before = dyn.read_bytes()
+    cases = [[str(victim), "--out", str(victim / "results.json")],
+             [str(results_dirs["rotated"]), "--dynamics", str(dyn), "--out", str(dyn)],
+             [str(results_dirs["rotated"]), "--dynamics", str(dyn), "--out", str(victim / "." / "results.json")]]
+    for args in cases:
+        result = CliRunner().invoke(_hrsa(), ["report", *args])
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+        assert result.stderr.startswith("hrsa: Expected") or "Expected" in result.stderr
+        assert "--out" in result.stderr and "input" in result.stderr
+    assert (victim / "results.json").read_bytes() == before and dyn.read_bytes() == dyn_before
+
+
+def test_cli_verdicts_come_from_the_documents_read(results_dirs: dict[str, Path], tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The verdicts printed after writing are those of the report, not of a second read (which may see other files)."""
+    import hrsa.analyze.report.html as html
+
+    victim = tmp_path / "victim"
+    shutil.copytree(results_dirs["scaled"], victim)
+    real_write = html.write_atomic
+
+    def write_then_tamper(path, data):
+        out = real_write(path, data)
+        (victim / "results.json").write_text("{not json")  # the input changes after the report was made
+        return out
+
+    monkeypatch.setattr(html, "write_atomic", write_then_tamper)
+    result = CliRunner().invoke(_hrsa(), ["report", str(victim), "--out", str(tmp_path / "r.html")])
+    assert result.exit_code == 0, result.output
+    assert "a vs scaled: representation preserved, geometry preserved, function preserved" in result.stdout
+
+
+def _forge(doc: dict, bad: str) -> dict:
+    m = doc["metrics"]
+    n = len(doc["matched_hidden_states"])
+    if bad == "metrics-list":
+        doc["metrics"] = []
+    elif bad == "matched-null":
+        doc["matched_hidden_states"] = None
+    elif bad == "matched-bool":
+        doc["matched_hidden_states"] = [True] * n
+    elif bad == "a-number":
+        doc["a"] = 3
+    elif bad == "diagonal-short":
+        m["cka"]["diagonal"] = m["cka"]["diagonal"][: n - 2]
+    elif bad == "diagonal-str":
+        m["cka"]["diagonal"] = "high"
+    elif bad == "cka-above-1":
+        m["cka"]["diagonal"] = [5.0] * n
+    elif bad == "cka-matrix-shape":
+        m["cka"]["matrix"] = m["cka"]["matrix"][:-1]
+    elif bad == "dimcorr-degenerate":
+        m["dimcorr"]["n_degenerate"] = "none"
+    elif bad == "h-inv-short":
+        m["procrustes"]["h_inv"] = m["procrustes"]["h_inv"][:1]
+    elif bad == "knn-k-word":
+        m["knn"]["k"] = {"ten": m["knn"]["k"]["10"]}
+    elif bad == "knn-k-short":
+        m["knn"]["k"]["10"] = m["knn"]["k"]["10"][:1]
+    elif bad == "probe-str":
+        m["probe"] = "x"
+    elif bad == "probe-accuracy":
+        m["probe"]["2"]["target"]["test"]["accuracy"] = "high"
+    return doc
+
+
+FORGERIES = {"metrics-list": "metrics", "matched-null": "matched_hidden_states", "matched-bool": "matched_hidden_states",
+             "a-number": "a", "diagonal-short": "metrics.cka.diagonal", "diagonal-str": "metrics.cka.diagonal",
+             "cka-above-1": "metrics.cka.diagonal", "cka-matrix-shape": "metrics.cka.matrix",
+             "dimcorr-degenerate": "metrics.dimcorr.n_degenerate", "h-inv-short": "metrics.procrustes.h_inv",
+             "knn-k-word": "metrics.knn.k", "knn-k-short": "metrics.knn.k.10", "probe-str": "metrics.probe",
+             "probe-accuracy": "metrics.probe.2.target.test.accuracy"}
+
+
+@pytest.mark.parametrize(("bad", "field"), list(FORGERIES.items()))
+def test_a_forged_results_file_is_one_line_naming_file_and_field(results_dirs: dict[str, Path], tmp_path: Path,
+                                                                   bad: str, field: str) -> None:
+    _, doc = read_results(results_dirs["scaled"])
+    forged = tmp_path / "forged" / "results.json"
+    forged.parent.mkdir()
+    forged.write_text(json.dumps(_forge(doc, bad)))
+    with pytest.raises(ResultsFileError) as info:
+        read_results(forged)
+    message = str(info.value)
+    assert message.startswith("Expected") and " Got " in message and "instead" in message and "\n" not in message
+    assert str(forged) in message and field in message, message
+    result = CliRunner().invoke(_hrsa(), ["report", str(forged.parent), "--out", str(tmp_path / "r.html")])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_valid_edge_values_are_read(results_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """NaN (null, or a NaN literal) and CKA a rounding error above 1 are results, not forgeries."""
+    _, doc = read_results(results_dirs["scaled"])
+    n = len(doc["matched_hidden_states"])
+    doc["metrics"]["cka"]["diagonal"] = [None, float("nan"), 1.0 + 1e-7, 0.0][:n] + [1.0] * (n - 4)
+    path = tmp_path / "edge" / "results.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(doc))  # NaN written as the literal NaN (Python's json reads it back)
+    assert read_results(path)[1]["metrics"]["cka"]["diagonal"][0] is None
+
+
+def test_no_results_names_the_positional_arguments_and_yaml_takes_one_string(results_dirs: dict[str, Path],
+                                                                           tmp_path: Path) -> None:
+    result = CliRunner().invoke(_hrsa(), ["report", "--out", str(tmp_path / "e.html")])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert "--results" not in result.stderr and "RESULTS" in result.stderr and "results:" in result.stderr
+    config = tmp_path / "report.yaml"
+    config.write_text(f"results: {results_dirs['scaled']}\n")
+    result = CliRunner().invoke(_hrsa(), ["report", "--config", str(config), "--out", str(tmp_path / "r.html")])
+    assert result.exit_code == 0, result.output
+    assert "a vs scaled: representation preserved" in result.stdout and (tmp_path / "r.html").is_file()

@@ -214,3 +214,77 @@ def test_the_margin_stays_below_the_positive_whatever_its_sign(pos: float, kept:
     (chosen,) = select_negatives(candidates, np.arange(8)[None], np.array([pos]), [set()], k=8, max_score_ratio=RATIO)
     assert [float(candidates[0, i]) for i in chosen] == kept
     assert all(candidates[0, i] < pos for i in chosen)
+
+
+# --- every positive of a query, kept negatives, the ratio's range (review) ------------------------------------------
+
+
+def _one_hot_table(texts: list[str], queries: dict[str, list[float]]) -> dict[str, np.ndarray]:
+    """Each text its own axis; each query's vector gives its score with every text (in ``texts`` order)."""
+    table = {t: np.eye(len(texts))[i] for i, t in enumerate(texts)}
+    for q, scores in queries.items():
+        table[q] = np.asarray(scores) / np.linalg.norm(scores)
+    return table
+
+
+CAT_1, CAT_2 = "A cat is a small domesticated feline mammal.", "Cats are small carnivorous felines kept as pets."
+OTHERS = [f"unrelated document {i}" for i in range(6)]
+
+
+def test_another_positive_of_the_same_query_is_never_its_negative(tmp_path: Path) -> None:
+    """Two rows share a query: each one's positive is a positive of that query, so neither is the other's negative
+    (it scores under the ratio here, so only the exclusion keeps it out)."""
+    texts = [CAT_1, CAT_2, *OTHERS]
+    # "what is a cat" scores CAT_1 1.0, CAT_2 0.9 (under 0.95 x 1.0: a candidate by score alone), the others less
+    table = _one_hot_table(texts, {"what is a cat": [1.0, 0.9, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05],
+                                   "what is a dog": [0.1, 0.6, 1.0, 0.5, 0.4, 0.3, 0.2, 0.1]})
+    records = [{"query": "what is a cat", "pos": CAT_1}, {"query": "what is a cat", "pos": CAT_2},
+               {"query": "what is a dog", "pos": OTHERS[0]}]
+    inp = _write_jsonl(tmp_path / "pairs.jsonl", records)
+    corpus = _write_jsonl(tmp_path / "corpus.jsonl", [{"text": t} for t in texts])
+    config = MineConfig(input=inp, corpus=corpus, k=3, out=tmp_path / "out.jsonl")
+    got = [json.loads(line) for line in mine_negatives(config, encoder=TableEncoder(table)).out.read_text().splitlines()]
+    assert got[0]["negs"] == OTHERS[:3] and got[1]["negs"] == OTHERS[:3]
+    assert got[2]["negs"][0] == CAT_2  # another query's positive is a fair negative
+
+
+def test_kept_negatives_equal_to_a_positive_are_dropped(tmp_path: Path) -> None:
+    texts = [CAT_1, CAT_2, *OTHERS]
+    table = _one_hot_table(texts, {"what is a cat": [1.0, 0.9, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05]})
+    records = [{"query": "what is a cat", "pos": CAT_1, "negs": [f" {CAT_1}", OTHERS[5], CAT_2]},
+               {"query": "what is a cat", "pos": CAT_2}]
+    inp = _write_jsonl(tmp_path / "pairs.jsonl", records)
+    corpus = _write_jsonl(tmp_path / "corpus.jsonl", [{"text": t} for t in texts])
+    config = MineConfig(input=inp, corpus=corpus, k=3, keep_existing=True, out=tmp_path / "out.jsonl")
+    result = mine_negatives(config, encoder=TableEncoder(table))
+    got = [json.loads(line) for line in result.out.read_text().splitlines()]
+    assert got[0]["negs"] == [OTHERS[5], OTHERS[0], OTHERS[1]]  # its own positive and the other cat one dropped
+    assert result.n_dropped == 2 and "dropped 2 kept negatives" in result.summary()
+
+
+@pytest.mark.parametrize("ratio", ["5", "1.01"])
+def test_cli_a_ratio_above_1_is_refused(cli: click.Group, tmp_path: Path, ratio: str) -> None:
+    """A ratio above 1 keeps candidates scoring above the positive."""
+    good = _write_jsonl(tmp_path / "pairs.jsonl", [{"query": "a", "pos": "b"}])
+    result = CliRunner().invoke(cli, ["mine-negatives", "--input", str(good), "--max-score-ratio", ratio])
+    assert result.exit_code == 2 and "max_score_ratio" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "pairs.mined.jsonl").exists()
+    assert MineConfig(input=good, max_score_ratio=1.0).max_score_ratio == 1.0
+
+
+@pytest.mark.real_model
+def test_real_minilm_never_mines_another_positive_of_the_query(cli: click.Group, tmp_path: Path) -> None:
+    """The reviewer's case, through the CLI with the packaged model."""
+    rows = [{"query": "what is a cat", "pos": CAT_1}, {"query": "what is a cat", "pos": CAT_2},
+            *({"query": q, "pos": p} for q, p in [
+                ("capital of france", "Paris is the capital and largest city of France."),
+                ("how do planes fly", "Wings generate lift as air flows faster over their upper surface."),
+                ("boiling point of water", "Water boils at 100 degrees Celsius at sea level."),
+                ("who wrote hamlet", "Hamlet is a tragedy written by William Shakespeare."),
+                ("what is a dog", "The dog is a domesticated descendant of the wolf."),
+                ("python list sort", "Use sorted() or list.sort() to order a Python list.")])]
+    inp = _write_jsonl(tmp_path / "mine.jsonl", rows)
+    result = CliRunner().invoke(cli, ["mine-negatives", "--input", str(inp), "--k", "3", "--out", str(tmp_path / "m1.jsonl")])
+    assert result.exit_code == 0, result.output
+    got = [json.loads(line) for line in (tmp_path / "m1.jsonl").read_text().splitlines()]
+    assert CAT_2 not in got[0]["negs"] and CAT_1 not in got[1]["negs"] and len(got[0]["negs"]) == 3
