@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -16,16 +17,10 @@ from hrsa.train.evaluate import EvalConfig, eval_targets, evaluate
 
 
 @pytest.fixture()
-def cli() -> click.Group:
-    from hrsa.cli import _Hrsa
+def cli(verb_cli: Callable[[click.Command], click.Group]) -> click.Group:
     from hrsa.train.cli import eval_command
 
-    @click.group(cls=_Hrsa)
-    def group() -> None:
-        pass
-
-    group.add_command(eval_command)
-    return group
+    return verb_cli(eval_command)
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> Path:

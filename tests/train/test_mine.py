@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -161,16 +162,10 @@ def test_real_minilm_on_spam_assassin(tmp_path: Path, shared_data: Path) -> None
 
 
 @pytest.fixture()
-def cli() -> click.Group:
-    from hrsa.cli import _Hrsa
+def cli(verb_cli: Callable[[click.Command], click.Group]) -> click.Group:
     from hrsa.train.cli import mine_negatives_command
 
-    @click.group(cls=_Hrsa)
-    def group() -> None:
-        pass
-
-    group.add_command(mine_negatives_command)
-    return group
+    return verb_cli(mine_negatives_command)
 
 
 @pytest.mark.parametrize(("lines", "message"), [
