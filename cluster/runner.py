@@ -408,7 +408,7 @@ class _Runner:
         if "probe" not in options.metrics or options.labels is not None:
             return options
         corpus = self.config.corpora[options.corpus]  # type: ignore[attr-defined]
-        return options.model_copy(update={"labels": corpus.path, "id_field": corpus.id_field})
+        return options.model_copy(update={"labels": corpus.path, "id_field": options.id_field or corpus.id_field})
 
     def _run_analysis(self, cfg: AnalyzeConfig) -> None:
         from hrsa.analyze.job import run_analysis

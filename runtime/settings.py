@@ -164,7 +164,9 @@ def _unique_keys_loader() -> type:
                 if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden
                     continue
                 key = self.construct_object(key_node, deep=deep)
-                if isinstance(key, Hashable) and key in seen:
+                if not isinstance(key, Hashable):  # yaml refuses it below, in its own words
+                    continue
+                if key in seen:
                     raise _DuplicateKey(key, key_node.start_mark.line + 1)
                 seen.add(key)
             return super().construct_mapping(node, deep=deep)

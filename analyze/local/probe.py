@@ -158,7 +158,10 @@ def _labels_by_id(records: Iterable[dict[str, Any]], label_field: str, wanted: s
 
 
 def _same_label(a: Any, b: Any) -> bool:
-    return bool(a == b) or (a != a and b != b)  # NaN (a CSV's empty cell) twice is the same missing label
+    try:
+        return bool(a == b) or bool(a != a and b != b)  # NaN (a CSV's empty cell) twice is the same missing label
+    except (TypeError, ValueError):  # array-valued labels (a Parquet list column): compared as written
+        return repr(a) == repr(b)
 
 
 @dataclass(frozen=True)

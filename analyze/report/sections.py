@@ -123,20 +123,10 @@ def _series_section(dyn: Dynamics) -> str:
     rows = [[str(s), f"{pa} vs {pb}", *(number(c.mean[i]) for c in curves.values()), str(dyn.results[i])]
             for i, (s, (pa, pb)) in enumerate(zip(dyn.steps, dyn.pairs))]
     return (f"<h3>Training dynamics: {escape(dyn.name)} ({escape(dyn.runs[0])} vs {escape(dyn.runs[1])})</h3>"
-            f"<p class=\"note\">{escape(_what_it_shows(dyn))}{escape(_pairs_compared(dyn))} Means over matched hidden "
-            "states at each training step; thin lines: each hidden state.</p>"
+            f"<p class=\"note\">{escape(_what_it_shows(dyn))} Means over matched hidden states at each training step "
+            "(the table names the pair each step compares); thin lines: each hidden state.</p>"
             f"<div class=\"figs\">{figure(dynamics_figure(dyn), f'training dynamics of {dyn.name}', wide=True)}</div>"
             + table(["step", "pair", *curves, "results file"], rows))
-
-
-def _pairs_compared(dyn: Dynamics) -> str:
-    """Nothing when every step compares the same two model ids; else which pair each step compares (checkpoints have
-    ids of their own, but a step from another series would also read as one curve)."""
-    if len(set(dyn.pairs)) <= 1:
-        return ""
-    steps = "; ".join(f"{a} vs {b} at step {s}" for s, (a, b) in zip(dyn.steps, dyn.pairs))
-    return (f" The steps compare {len(set(dyn.pairs))} different pairs of models ({steps}): check that each is "
-            f"{dyn.runs[0]} against {dyn.runs[1]} at that step.")
 
 
 def _what_it_shows(dyn: Dynamics) -> str:

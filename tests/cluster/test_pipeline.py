@@ -596,6 +596,7 @@ def test_hrsa_run_reruns_nothing_on_an_up_to_date_pipeline(copy: Workspace) -> N
     ("- a list\n", "Expected a YAML mapping"),
     ("store: s\nout: o\nmodels:\n  a: {model: m}\n  a: {model: n}\n",  # yaml keeps the last, silently
      "Expected each key once in a mapping. Got 'a' twice (line 5) instead"),
+    ("store: s\n? [1, 2]\n: a\n", "Expected a readable YAML config"),  # an unhashable key: yaml's own one line
 ])
 def test_bad_pipeline_is_one_line_and_exit_2(tmp_path: Path, text: str, expected: str) -> None:
     path = tmp_path / "pipeline.yaml"
