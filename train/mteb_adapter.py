@@ -54,11 +54,11 @@ from mteb.models.model_meta import ModelMeta, ScoringFunction  # noqa: E402
 from mteb.types import PromptType  # noqa: E402
 
 from hrsa.store.errors import UserError  # noqa: E402
-from hrsa.train.eval_tasks import EvalError  # noqa: E402
 from hrsa.train.jsonl import JsonlError, read_jsonl, read_pairs  # noqa: E402
 from hrsa.train.pooling import format_query  # noqa: E402
 
-__all__ = ["HrsaMtebEncoder", "LocalClassificationTask", "LocalRetrievalTask", "local_metadata", "model_meta"]
+__all__ = ["HrsaMtebEncoder", "LocalClassificationTask", "LocalRetrievalTask", "LocalTaskError", "local_metadata",
+           "model_meta"]
 
 
 def local_metadata(name: str, kind: str, path: Path, *, prompt: str | None = None) -> TaskMetadata:
@@ -91,6 +91,10 @@ def _subsample(n: int, limit: int | None, seed: int) -> np.ndarray:
     if limit is None or limit >= n:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
+
+
+class LocalTaskError(UserError, ValueError):
+    """A local task file whose records cannot make the task (e.g. a label with a single record)."""
 
 
 class LocalRetrievalTask(AbsTaskRetrieval):
@@ -169,7 +173,7 @@ class LocalClassificationTask(AbsTaskClassification):
         short = [names[i] for i in np.flatnonzero(counts < 2)]
         if short:
             sample = f" of the {len(labels)} records --limit kept" if self.limit is not None else ""
-            raise EvalError(f"Expected at least 2 records of each label{sample} in {self.path} ({self.label_field!r}): "
+            raise LocalTaskError(f"Expected at least 2 records of each label{sample} in {self.path} ({self.label_field!r}): "
                             f"one for the train half, one for the test half. Got one for {short[:5]}"
                             f"{f' and {len(short) - 5} more' if len(short) > 5 else ''} instead. Add records of those "
                             "labels or leave them out.")

@@ -184,7 +184,8 @@ def test_a_failing_job_fails_hrsa_submit(cluster: Cluster, tmp_path: Path) -> No
     result = CliRunner().invoke(cli, ["submit", str(tmp_path / "pipeline.yaml"), "--address", cluster.dashboard,
                                       "--working-dir", str(tmp_path)])
     assert result.exit_code == 1
-    assert "hrsa: error: Expected a model folder" in result.output  # the job's own one-line error, in its logs
+    # the job's own one-line error, in its logs: the pipeline's paths are checked on the cluster, before any stage
+    assert "hrsa: error: Expected a corpus file or folder at" in result.output
     assert result.output.strip().splitlines()[-1].startswith("hrsa: error: Expected job raysubmit_")
 
 
