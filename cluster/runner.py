@@ -376,7 +376,8 @@ class _Runner:
                                     workers=self.extraction_workers, replace=replace)
         self.state.finish(stage, key, {"model_id": result.model_id, "corpus_id": result.corpus_id, "n_tokens": result.n_tokens,
                                        "units_written": result.units_written, "nodes": list(result.nodes),
-                                       "node_ids": list(result.node_ids), "stored": _stored_identity(store, ec.name)})
+                                       "node_ids": list(result.node_ids),
+                                       "stored": _stored_identity(ActivationStore.open(ec.store), ec.name)})  # as written now
 
     # -- Step 3: analysis -------------------------------------------------------------------------------
     def analyze(self, stage: str, options: PairAnalysisSettings, a: _Extracted, b: _Extracted, out_dir: Path) -> _Analyzed:
