@@ -3,8 +3,9 @@
 Inputs are the stage's settings, less those that only schedule the work (:data:`EXTRACT_SCHEDULING`,
 :data:`ANALYZE_SCHEDULING`; training keeps its recipe's, :mod:`hrsa.train.recipe`), plus the identity of every
 file it reads (:func:`source_fingerprint`): files by their content (up to 64 MiB; weights beyond by size and
-modification time, which any rewrite changes), a folder (a checkpoint) by its files, anything that is not a
-local path (hub id, ``hf:``, ``packaged:``, a URL) by its text, and an upstream stage by its key.
+modification time, which any rewrite changes), a folder (a checkpoint) by its files, a folder behind a URL by
+its files' versions (:meth:`hrsa.runtime.locations.Location.versions`), anything else (hub id, ``hf:``,
+``packaged:``) by its text, and an upstream stage by its key.
 """
 
 from __future__ import annotations
@@ -32,19 +33,33 @@ def stage_key(inputs: Mapping[str, Any]) -> str:
 
 def source_fingerprint(source: str | None) -> Any:
     """What identifies a model, corpus or labels file: a local file or folder by its files (content for small
-    ones, size and modification time for large ones such as weights), anything else (hub id, hf:, packaged:,
-    URL) by its text."""
+    ones, size and modification time for large ones such as weights), a URL by the versions of its files, anything
+    else (hub id, hf:, packaged:) by its text."""
     if source is None:
         return None
+    if "://" in source:
+        return _remote_fingerprint(source)
     path = Path(source).expanduser()
     # What the readers take for a local path (a name like words:v2.jsonl included) is known by its files.
-    if "://" in source or source.startswith(("hf:", "packaged:")) or not path.exists():
+    if source.startswith(("hf:", "packaged:")) or not path.exists():
         return source
     from hrsa.runtime.fingerprint import folder_files
 
     files = [path] if path.is_file() else folder_files(path)
     return {"path": str(path.resolve()), "files": [[str(f.relative_to(path)) if f != path else f.name, _file_identity(f)]
                                                    for f in files]}
+
+
+def _remote_fingerprint(url: str) -> Any:
+    """A folder behind a URL (a checkpoint on S3) by its files' names, sizes and versions (ETags: new weights have
+    the old sizes); the URL's text where nothing answers there (the stage that reads it then says why)."""
+    from hrsa.runtime.locations import LocationError, parse_location
+
+    try:
+        listing = parse_location(url).versions()
+    except (LocationError, OSError):
+        return url
+    return {"url": url, "files": listing} if listing else url
 
 
 def _file_identity(path: Path) -> Any:

@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 __all__ = ["Location", "LocationError", "is_url", "parse_location"]
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# What fsspec's listings call a file's version, most telling first: S3's and Azure's ETag, GCS's generation, then the
+# modification time of filesystems without a version.
+_VERSION_FIELDS = ("ETag", "etag", "generation", "md5Hash", "mtime", "LastModified", "last_modified", "updated")
 
 
 class LocationError(UserError, ValueError):
@@ -136,23 +139,47 @@ class Location:
 
     def local_folder(self, *, cache: Path | None = None) -> Path:
         """This folder on this machine: itself when local, else a copy in a local cache (``$HRSA_CACHE/remote``,
-        default ``~/.cache/hrsa/remote``), downloaded once per machine and listing (the same files at their sizes);
-        each process of a node that asks gets the same whole copy (it appears by one rename).
+        default ``~/.cache/hrsa/remote``), downloaded once per machine and listing: the same files at the same sizes
+        and versions (:meth:`versions`: a checkpoint re-written with other weights has the same sizes). Each process
+        of a node that asks gets the same whole copy (it appears by one rename).
 
         Raises:
             LocationError: nothing is there.
         """
         if self.is_local:
             return self.local_path()
-        listing = self.files()
+        listing = self.versions()
         if not listing:
             raise LocationError(f"Expected files in {self.url}. Got none there instead. Check the URL.")
-        key = hashlib.sha256(json.dumps([self.url, sorted(listing.items())]).encode()).hexdigest()[:16]
+        key = hashlib.sha256(json.dumps([self.url, listing]).encode()).hexdigest()[:16]
         root = (cache or Path(os.environ.get("HRSA_CACHE", "~/.cache/hrsa")).expanduser()) / "remote"
         final = root / f"{key}-{self.name}"
         if not final.is_dir():
             _download(self, root, final)
         return final
+
+    def versions(self) -> list[list[str | int]]:
+        """``[name, size, version]`` of every file below this folder, sorted; [] when absent. The version is what
+        changes whenever a remote file's bytes do: the object store's ETag (S3, Azure) or generation (GCS), as
+        fsspec lists them. Modification times alone would not do: S3 lists them in whole seconds, and a writer that
+        re-writes a checkpoint within the second leaves the same time and size. Filesystems without either (and
+        local ones) give their modification time."""
+        import fsspec
+        import pyarrow.fs
+
+        try:
+            fs, root = fsspec.core.url_to_fs(self.url)
+        except (ImportError, ValueError):  # no fsspec implementation of this scheme installed
+            selector = pyarrow.fs.FileSelector(self.path, recursive=True, allow_not_found=True)
+            infos = self.filesystem.get_file_info(selector)
+            prefix = self.path.rstrip("/") + "/"
+            return sorted([i.path.removeprefix(prefix), i.size, str(i.mtime_ns)] for i in infos
+                          if i.type == pyarrow.fs.FileType.File)
+        fs.invalidate_cache(root)  # fsspec keeps listings per filesystem instance, and instances per process
+        prefix = root.rstrip("/") + "/"
+        return sorted([path.removeprefix(prefix), info.get("size"),
+                       str(next((info[k] for k in _VERSION_FIELDS if info.get(k) is not None), ""))]
+                      for path, info in fs.find(root, detail=True).items())
 
     def folders(self) -> list[Location]:
         """The folders directly in this one, sorted by name; [] when absent."""

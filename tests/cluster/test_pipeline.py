@@ -295,6 +295,25 @@ def test_a_relative_corpus_path_with_a_colon_is_known_by_its_content(tmp_path: P
     assert source_fingerprint("hf:org/data") == "hf:org/data" and source_fingerprint("org/model") == "org/model"
 
 
+@pytest.mark.integration
+def test_a_model_behind_a_url_is_known_by_its_files_versions(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backbone on S3 was keyed by its URL: other weights uploaded there (same names, same sizes) read as up to
+    date, and the pipeline analysed the old extraction as the new model's."""
+    import uuid
+
+    from hrsa.cluster.stage_keys import source_fingerprint
+    from hrsa.runtime.locations import parse_location
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    folder = parse_location(f"s3://hrsa-test/backbone-{uuid.uuid4().hex[:8]}")
+    folder.child("config.json").write("{}")
+    folder.child("model.safetensors").write(b"\x00" * 64)
+    before = source_fingerprint(folder.url)
+    assert source_fingerprint(folder.url) == before
+    folder.child("model.safetensors").write(b"\x01" * 64)  # within the second: S3's listed time may not change
+    assert source_fingerprint(folder.url) != before
+
+
 @pytest.mark.parametrize("missing", ["corpus", "model"])
 def test_a_missing_corpus_or_model_is_refused_before_anything_is_created(tmp_path: Path, tiny_models: Any,
                                                                          missing: str) -> None:

@@ -3,6 +3,7 @@ from one cached copy per machine, identified by its files."""
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -51,3 +52,28 @@ def test_a_url_without_a_model_is_one_clear_error(uploaded: Location) -> None:
         parse_model_spec(uploaded.parent.url + "/nothing")
     with pytest.raises(ModelSpecError, match="Expected no revision or gguf_file for the URL"):
         parse_model_spec(uploaded.url, revision="main")
+
+
+def test_a_remote_folder_rewritten_with_weights_of_the_same_size_is_copied_again(
+        uploaded: Location, tiny_models: Any, tmp_path: Path) -> None:
+    """A run re-trained into the same URL writes checkpoints of the same sizes, within the second on a fast writer
+    (S3 lists modification times in whole seconds): the cached copy of the old weights must not stand in for them."""
+    from safetensors.torch import load_file, save_file
+
+    from hrsa.extract.identity import model_identity
+
+    spec = parse_model_spec(uploaded.url, attention="bidirectional")
+    load_model(spec, device="cpu")  # cached
+    weights = load_file(tiny_models.dir("llama") / "model.safetensors")
+    changed = {name: tensor * 1.25 for name, tensor in weights.items()}
+    other = tmp_path / "other"
+    shutil.copytree(tiny_models.dir("llama"), other)
+    save_file(changed, other / "model.safetensors", metadata={"format": "pt"})
+    assert (other / "model.safetensors").stat().st_size == (tiny_models.dir("llama") / "model.safetensors").stat().st_size
+    uploaded.child("model.safetensors").write((other / "model.safetensors").read_bytes())
+
+    assert model_identity(spec)["content"] == model_identity(parse_model_spec(str(other)))["content"]
+    local = load_model(parse_model_spec(str(other), attention="bidirectional"), device="cpu")
+    ids = local.tokenizer("w1 w2 the quick fox").input_ids
+    torch.testing.assert_close(forward_hidden_states(load_model(spec, device="cpu"), [ids])[0],
+                               forward_hidden_states(local, [ids])[0], rtol=0, atol=0)
