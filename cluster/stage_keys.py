@@ -2,10 +2,10 @@
 
 Inputs are the stage's settings, less those that only schedule the work (:data:`EXTRACT_SCHEDULING`,
 :data:`ANALYZE_SCHEDULING`; training keeps its recipe's, :mod:`hrsa.train.recipe`), plus the identity of every
-file it reads (:func:`source_fingerprint`): files by their content (up to 64 MiB; weights beyond by size and
-modification time, which any rewrite changes), a folder (a checkpoint) by its files, a folder behind a URL by
-its files' versions (:meth:`hrsa.runtime.locations.Location.versions`), anything else (hub id, ``hf:``,
-``packaged:``) by its text, and an upstream stage by its key.
+file it reads (:func:`source_fingerprint`): files by their content (weights are read once per machine:
+:mod:`hrsa.runtime.fingerprint`), a folder (a checkpoint) by its files, a folder behind a URL by its files'
+versions (:meth:`hrsa.runtime.locations.Location.versions`), anything else (hub id, ``hf:``, ``packaged:``) by its
+text, and an upstream stage by its key.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ __all__ = ["ANALYZE_SCHEDULING", "EXTRACT_SCHEDULING", "source_fingerprint", "st
 # forward pass holds; an analysis's not on its Dask scheduler or worker count.
 EXTRACT_SCHEDULING = frozenset({"workers", "token_budget", "address"})
 ANALYZE_SCHEDULING = frozenset({"scheduler", "workers"})
-_HASHED = 64 << 20  # files up to this size are identified by their content (a rewrite of the same text is the same)
 
 
 def stage_key(inputs: Mapping[str, Any]) -> str:
@@ -32,9 +31,8 @@ def stage_key(inputs: Mapping[str, Any]) -> str:
 
 
 def source_fingerprint(source: str | None) -> Any:
-    """What identifies a model, corpus or labels file: a local file or folder by its files (content for small
-    ones, size and modification time for large ones such as weights), a URL by the versions of its files, anything
-    else (hub id, hf:, packaged:) by its text."""
+    """What identifies a model, corpus or labels file: a local file or folder by its files' content, a URL by the
+    versions of its files, anything else (hub id, hf:, packaged:) by its text."""
     if source is None:
         return None
     if "://" in source:
@@ -43,10 +41,10 @@ def source_fingerprint(source: str | None) -> Any:
     # What the readers take for a local path (a name like words:v2.jsonl included) is known by its files.
     if source.startswith(("hf:", "packaged:")) or not path.exists():
         return source
-    from hrsa.runtime.fingerprint import folder_files
+    from hrsa.runtime.fingerprint import file_digest, folder_files
 
     files = [path] if path.is_file() else folder_files(path)
-    return {"path": str(path.resolve()), "files": [[str(f.relative_to(path)) if f != path else f.name, _file_identity(f)]
+    return {"path": str(path.resolve()), "files": [[str(f.relative_to(path)) if f != path else f.name, file_digest(f)]
                                                    for f in files]}
 
 
@@ -62,10 +60,3 @@ def _remote_fingerprint(url: str) -> Any:
     return {"url": url, "files": listing} if listing else url
 
 
-def _file_identity(path: Path) -> Any:
-    from hrsa.runtime.fingerprint import file_digest
-
-    stat = path.stat()
-    if stat.st_size > _HASHED:
-        return [stat.st_size, stat.st_mtime_ns]
-    return file_digest(path)

@@ -6,7 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["write_atomic"]
+__all__ = ["cache_folder", "write_atomic"]
 
 # Reading the umask means setting it; done once, at import, rather than racing other threads on each write.
 _UMASK = os.umask(0o022)
@@ -37,3 +37,9 @@ def write_atomic(path: Path | str, data: str | bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def cache_folder(name: str) -> Path:
+    """``$HRSA_CACHE/name`` (default ``~/.cache/hrsa/name``): what this machine keeps between processes (copies of
+    remote models, digests of weights). Not created here."""
+    return Path(os.environ.get("HRSA_CACHE", "~/.cache/hrsa")).expanduser() / name

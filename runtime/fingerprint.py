@@ -2,21 +2,33 @@
 keyed by, so that the same bytes anywhere count as the same input and other bytes at the same path do not.
 
 xxh3-128 (the hash the store already uses for shards): it reads faster than a disk delivers, so hashing a model's
-weights costs one read of them. A file is hashed once per process while its size, modification time and inode
-stay the same (a pipeline asks for the same backbone's digest several times).
+weights costs one read of them. That read happens once per machine, not once per process: the digest of a file of
+:data:`KEPT_FROM` bytes or more is kept in ``$HRSA_CACHE/digests`` under the file's path, device, inode, size,
+modification time and change time, as git's index and make do. The change time is what makes it safe: no tool can
+set it (``cp -p``, rsync and tar restore size and modification time, never the change time), and any write moves
+it. File times move in clock ticks, though, so a digest taken within :data:`_TICK_NS` of the file's last change is
+kept nowhere, not even for this process (git's "racily clean" entries): a rewrite in the same tick would find it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["file_digest", "folder_digest", "folder_files"]
+from hrsa.runtime.files import cache_folder, write_atomic
 
+__all__ = ["KEPT_FROM", "file_digest", "folder_digest", "folder_files"]
+
+KEPT_FROM = 16 << 20  # files this large (weights, not corpora or configs) keep their digest for other processes
+_TICK_NS = 2 * 10**9  # the coarsest file-time tick in use (FAT's two seconds; ext4 and NFS are far finer)
 _BLOCK = 16 << 20  # bytes read at a time: large enough for full speed, small enough for any memory
-_memo: dict[tuple[str, int, int, int], str] = {}
+_DIGEST = re.compile(r"^[0-9a-f]{32}$")
+_memo: dict[tuple[str | int, ...], str] = {}
 
 
 def file_digest(path: Path | str) -> str:
@@ -29,18 +41,54 @@ def file_digest(path: Path | str) -> str:
         >>> file_digest(p) == file_digest(p) and len(file_digest(p))
         32
     """
-    import xxhash
-
     path = Path(path).resolve()
     stat = path.stat()
-    memo_key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
-    if memo_key not in _memo:
-        digest = xxhash.xxh3_128()
-        with path.open("rb") as f:
-            while block := f.read(_BLOCK):
-                digest.update(block)
-        _memo[memo_key] = digest.hexdigest()
-    return _memo[memo_key]
+    signature = _signature(path, stat)
+    digest = _memo.get(signature) or (_kept_digest(signature) if stat.st_size >= KEPT_FROM else None)
+    if digest is None:
+        started = time.time_ns()
+        digest = _read_digest(path)
+        if max(stat.st_ctime_ns, stat.st_mtime_ns) > started - _TICK_NS or _signature(path, path.stat()) != signature:
+            return digest  # changed within a tick of now, or while read: a rewrite could leave the same signature
+        if stat.st_size >= KEPT_FROM:
+            _keep_digest(signature, digest)
+    _memo[signature] = digest
+    return digest
+
+
+def _signature(path: Path, stat: os.stat_result) -> tuple[str | int, ...]:
+    return str(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+
+
+def _read_digest(path: Path) -> str:
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    with path.open("rb") as f:
+        while block := f.read(_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _entry(signature: tuple[str | int, ...]) -> Path:
+    return cache_folder("digests") / f"{hashlib.sha256(json.dumps(signature).encode()).hexdigest()[:32]}.json"
+
+
+def _kept_digest(signature: tuple[str | int, ...]) -> str | None:
+    """The digest kept for exactly this signature; None when there is none, or the entry is broken or another's."""
+    try:
+        entry = json.loads(_entry(signature).read_text())
+        digest = entry["xxh3_128"]
+        return digest if entry["signature"] == list(signature) and _DIGEST.match(digest) else None
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def _keep_digest(signature: tuple[str | int, ...], digest: str) -> None:
+    try:
+        write_atomic(_entry(signature), json.dumps({"signature": signature, "xxh3_128": digest}))
+    except OSError:  # a read-only or full home: the next process reads the file again, nothing worse
+        pass
 
 
 def folder_files(folder: Path | str, *, recursive: bool = True, skip: Iterable[str] = ()) -> list[Path]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hrsa.runtime.files import write_atomic
+from hrsa.runtime.files import cache_folder, write_atomic
 from hrsa.store.errors import UserError
 
 if TYPE_CHECKING:
@@ -152,7 +152,7 @@ class Location:
         if not listing:
             raise LocationError(f"Expected files in {self.url}. Got none there instead. Check the URL.")
         key = hashlib.sha256(json.dumps([self.url, listing]).encode()).hexdigest()[:16]
-        root = (cache or Path(os.environ.get("HRSA_CACHE", "~/.cache/hrsa")).expanduser()) / "remote"
+        root = cache / "remote" if cache else cache_folder("remote")
         final = root / f"{key}-{self.name}"
         if not final.is_dir():
             _download(self, root, final)

@@ -23,6 +23,10 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub is reachable; never wait on one
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# What hrsa keeps between processes (copies of remote models, digests of weights) goes to this session's own folder,
+# removed when it ends: a test never finds what another run (or the user's ~/.cache/hrsa) kept.
+_CACHE = tempfile.TemporaryDirectory(prefix="hrsa-test-cache-")
+os.environ.setdefault("HRSA_CACHE", _CACHE.name)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

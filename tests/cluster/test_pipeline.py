@@ -229,13 +229,16 @@ def test_without_its_state_a_pipeline_adopts_matching_models_and_leaves_others_a
     assert copy.state()["extract:qwen"]["outputs"]["adopted"] is True
 
 
-def test_a_state_of_the_earlier_key_scheme_adopts_stored_models_instead_of_deleting_them(copy: Workspace) -> None:
-    """Schema 1's keys hashed worker counts: compared with today's, every extraction would read as changed and be
-    deleted. Its records are dropped instead, and stored models that match are adopted."""
+@pytest.mark.parametrize("schema", ["hrsa.pipeline-state/1", "hrsa.pipeline-state/2"])
+def test_a_state_of_an_earlier_key_scheme_adopts_stored_models_instead_of_deleting_them(copy: Workspace,
+                                                                                         schema: str) -> None:
+    """Schema 1's keys hashed worker counts, schema 2's weights by size and time: compared with today's, every
+    extraction would read as changed and be deleted. Their records are dropped instead, and stored models that
+    match are adopted."""
     path = copy.root / "out" / STATE_FILE
     doc = json.loads(path.read_text())
     stages = {name: {**entry, "key": "0" * 16} for name, entry in doc["stages"].items()}
-    path.write_text(json.dumps({"schema": "hrsa.pipeline-state/1", "stages": stages}))
+    path.write_text(json.dumps({"schema": schema, "stages": stages}))
     units = {m: ActivationStore.open(copy.values["store"]).model_info(m).units_done for m in ("llama", "qwen")}
     result = run_pipeline(copy.config(), console=quiet())
     assert result.ran == ("analyze:llama--qwen", "report")
@@ -293,6 +296,27 @@ def test_a_relative_corpus_path_with_a_colon_is_known_by_its_content(tmp_path: P
     Path("words:v2.jsonl").write_text('{"text": "two"}\n')
     assert source_fingerprint("words:v2.jsonl") != before
     assert source_fingerprint("hf:org/data") == "hf:org/data" and source_fingerprint("org/model") == "org/model"
+
+
+def test_large_weights_are_known_by_their_content(tmp_path: Path) -> None:
+    """Weights beyond 64 MiB were keyed by size and modification time, which `cp -p`, rsync -a and tar restore: other
+    weights copied so over the backbone's read as up to date. Their content is read once per machine
+    (:mod:`hrsa.runtime.fingerprint`), so the key can afford it."""
+    import os
+
+    from hrsa.cluster.stage_keys import source_fingerprint
+
+    model = tmp_path / "model"
+    model.mkdir()
+    weights = model / "model.safetensors"
+    with weights.open("wb") as f:
+        f.truncate(65 << 20)
+    before, stat = source_fingerprint(str(model)), weights.stat()
+    with weights.open("r+b") as f:
+        f.write(b"\x01")
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (weights.stat().st_size, weights.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    assert source_fingerprint(str(model)) != before
 
 
 @pytest.mark.integration
