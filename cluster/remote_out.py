@@ -33,10 +33,11 @@ class PublishedOut:
     remote: Location
     local: Path
     state_file: str
-    _sent: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (size, mtime) as last uploaded
+    skip: tuple[str, ...] = ()  # names never mirrored (the out's lock, which lives on the remote side only)
+    _sent: dict[str, str] = field(default_factory=dict)  # name -> digest of the content last uploaded
 
     @classmethod
-    def open(cls, url: str, *, state_file: str, local: Path | None = None) -> PublishedOut:
+    def open(cls, url: str, *, state_file: str, local: Path | None = None, skip: tuple[str, ...] = ()) -> PublishedOut:
         """A fresh local copy of the remote ``out`` at ``url`` (empty when nothing is there yet), in folder ``local``
         (created; default: a new temporary folder, left for the caller to read and remove).
 
@@ -48,13 +49,15 @@ class PublishedOut:
         local.mkdir(parents=True, exist_ok=True)
         if any(local.iterdir()):  # its files would be uploaded as the stages' own
             raise ValueError(f"Expected an empty folder for the local copy of {url}. Got {local} with files in it.")
-        published = cls(parse_location(url), local, state_file)
+        published = cls(parse_location(url), local, state_file, skip)
         published.pull()
         return published
 
     def pull(self) -> None:
         """Download every file of the remote ``out`` into the local copy."""
         for name in self.remote.files():
+            if name in self.skip:
+                continue
             path = self.local / name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(self.remote.child(name).read_bytes())
@@ -73,6 +76,9 @@ class PublishedOut:
             del self._sent[name]
 
 
-def _signature(path: Path) -> tuple[int, int]:
-    stat = path.stat()
-    return stat.st_size, stat.st_mtime_ns
+def _signature(path: Path) -> str:
+    """The content's digest: a stage that rewrites a file with the same size within one tick of the file clock
+    leaves size and modification time alike, and the remote copy would keep the old content."""
+    from hrsa.runtime.fingerprint import file_digest
+
+    return file_digest(path)

@@ -18,9 +18,7 @@ did not write is never touched: the run stops and names the fix.
 
 from __future__ import annotations
 
-import fcntl
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +33,7 @@ from hrsa.cluster.state import STATE_FILE, PipelineState
 from hrsa.extract.config import CorpusOptions, ExtractConfig, ExtractRunOptions, ModelSourceOptions, parse_extract_config
 from hrsa.extract.rerun import stored_mismatch
 from hrsa.extract.worker_pool import ExtractionWorkers
+from hrsa.runtime.folder_lock import FolderLock
 from hrsa.runtime.locations import is_url, parse_location
 from hrsa.store.errors import UserError
 
@@ -45,7 +44,8 @@ if TYPE_CHECKING:
 
 __all__ = ["PipelineResult", "StageOutcome", "run_pipeline"]
 
-_RUN_LOCK = ".hrsa_run.lock"  # in out: held by the `hrsa run` writing there
+# In out, held by the `hrsa run` writing there: flock on a local or shared out, a lease on an S3 one.
+PIPELINE_LOCK = FolderLock(".hrsa_run.lock", "`hrsa run`", "give this pipeline another out")
 
 
 @dataclass(frozen=True)
@@ -124,11 +124,13 @@ def run_pipeline(config: PipelineConfig, *, console: Console | None = None,
     """
     out = config.out
     _check_inputs_exist(config)  # before anything is created: a missing path is not found after an hour's extraction
-    # A remote out (s3://...): the stages write a local copy of it, uploaded as each stage records itself.
-    published = PublishedOut.open(str(out), state_file=STATE_FILE, local=local_copy) if is_url(out) else None
-    if published is not None:
-        config = config.model_copy(update={"out": published.local})
-    with _one_run_at_a_time(Path(config.out)) if published is None else nullcontext():
+    # Two runs into one out would each resume the same stages and write the state file over the other's.
+    with PIPELINE_LOCK.exclusive(parse_location(str(out))):
+        # A remote out (s3://...): the stages write a local copy of it, uploaded as each stage records itself.
+        published = (PublishedOut.open(str(out), state_file=STATE_FILE, local=local_copy,
+                                       skip=(PIPELINE_LOCK.lock_file,)) if is_url(out) else None)
+        if published is not None:
+            config = config.model_copy(update={"out": published.local})
         return _run_stages(config, console or Console(), published, out)
 
 
@@ -166,23 +168,6 @@ def _check_inputs_exist(config: PipelineConfig) -> None:
     for name, entry in config.models.items():
         if entry.model is not None and config.model_corpora(name):
             parse_model_spec(str(entry.model), revision=entry.revision, gguf_file=entry.gguf_file)  # raises, one line
-
-
-@contextmanager
-def _one_run_at_a_time(out: Path) -> Iterator[None]:
-    """Hold ``out/.hrsa_run.lock`` (flock: the kernel drops it however the holder ends) while the stages run: two
-    runs into one out would each resume the same stages and write the state file over the other's. (A remote out's
-    local copy is this run's own folder: runs into the same URL are not guarded.)"""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / _RUN_LOCK, "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"Expected no other `hrsa run` into {out}. Got one running instead. Wait for it to end, "
-                            "or give this pipeline another out.") from None
-        except OSError:  # a filesystem without flock: not guarded
-            pass
-        yield
 
 
 def _checkpoints_complete(outputs: Mapping[str, Any]) -> bool:

@@ -4,6 +4,7 @@ cluster, and a re-run from a new machine (a fresh local copy) finds every stage 
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -46,6 +47,13 @@ def test_pushes_what_changed_with_the_state_last_and_mirrors_removals(remote: Lo
     (published.local / "pairs" / "a--b" / "results.json").write_text('{"cka": 1}')
     state.finish("analyze:a--b", "k1", {"results": "pairs/a--b/results.json"})
     assert remote.files().keys() == {STATE_FILE, "pairs/a--b/results.json"}
+    # Rewritten with the same size, its modification time restored (or within one tick of the file clock): sent.
+    results = published.local / "pairs" / "a--b" / "results.json"
+    stat = results.stat()
+    results.write_text('{"cka": 2}')
+    os.utime(results, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    state.finish("analyze:a--b", "k1", {"results": "pairs/a--b/results.json"})
+    assert remote.child("pairs/a--b/results.json").read_text() == '{"cka": 2}'
     (published.local / "pairs" / "a--b" / "results.json").unlink()  # an analysis redone clears its folder
     (published.local / "report.html").write_text("<html/>")
     order: list[str] = []
@@ -79,6 +87,15 @@ def test_a_pipeline_with_an_s3_out_keeps_its_outputs_there_and_resumes_from_them
     second = run_pipeline(parse_pipeline(values), console=Console(quiet=True), local_copy=tmp_path / "second")
     assert second.ran == () and first.report is not None and second.report != first.report
     assert remote.files() == files
+    # Two runs into one remote out at once: the second is refused before it copies anything (a lease on the out,
+    # as a training's on S3), and the first's lease is gone when it ends (above: the same files as before).
+    from hrsa.cluster.runner import PIPELINE_LOCK
+    from hrsa.store.errors import UserError
+
+    with PIPELINE_LOCK.exclusive(remote):
+        with pytest.raises(UserError, match=r"Expected no other `hrsa run` running into s3://.*\. Got one \(pid"):
+            run_pipeline(parse_pipeline(values), console=Console(quiet=True), local_copy=tmp_path / "third")
+    assert not (tmp_path / "third").exists() and remote.files() == files
     # `hrsa run` names the remote files, and removes its local copy when it ends.
     (tmp_path / "pipeline.yaml").write_text(json.dumps(values))
     scratch = tmp_path / "scratch"

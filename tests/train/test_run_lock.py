@@ -105,12 +105,12 @@ def test_a_filesystem_without_flock_trains_unguarded_with_a_warning(tmp_path: Pa
     """Lustre without -o flock answers ENOSYS, NFS without a lock daemon ENOLCK: a warning, not a failed run."""
     import errno
 
-    from hrsa.train import run_lock
+    from hrsa.runtime import folder_lock
 
     def no_flock(fd: Any, operation: int) -> None:
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(run_lock.fcntl, "flock", no_flock)
+    monkeypatch.setattr(folder_lock.fcntl, "flock", no_flock)
     with caplog.at_level("WARNING"), exclusive_run(parse_location(tmp_path / "run")):
         pass
     assert "not guarded" in caplog.text
@@ -120,8 +120,9 @@ def test_a_filesystem_without_flock_trains_unguarded_with_a_warning(tmp_path: Pa
 _HOLD_S3 = textwrap.dedent("""
     import sys, time
     from hrsa.runtime.locations import parse_location
+    from hrsa.runtime import folder_lock
     from hrsa.train import run_lock
-    run_lock.LEASE_SECONDS, run_lock.RENEW_SECONDS = float(sys.argv[2]), float(sys.argv[3])
+    folder_lock.LEASE_SECONDS, folder_lock.RENEW_SECONDS = float(sys.argv[2]), float(sys.argv[3])
     with run_lock.exclusive_run(parse_location(sys.argv[1])):
         print("held", flush=True)
         time.sleep(600)
@@ -153,12 +154,12 @@ def test_an_s3_run_is_refused_while_its_holder_renews_and_taken_over_once_it_sto
     and the next training takes it over; a run that ends lets go of the lease (nothing left in the folder)."""
     import time
 
-    from hrsa.train import run_lock
+    from hrsa.runtime import folder_lock
     from hrsa.train.run_lock import refuse_if_in_use
 
     refuse_if_in_use(s3_run)
     assert _s3_keys(s3_run) == []  # the early check creates nothing
-    monkeypatch.setattr(run_lock, "LEASE_SECONDS", 2.0)
+    monkeypatch.setattr(folder_lock, "LEASE_SECONDS", 2.0)
     holder = _hold_s3(s3_run, 2.0, 0.5)
     try:
         for _ in range(3):  # 4.5 s: longer than the lease, so only the renewals keep it
@@ -186,24 +187,25 @@ def test_an_s3_lease_taken_over_stops_its_first_holder_and_fails_it_at_the_end(
     not with a run whose checkpoints may mix two trainings; the lease the other took over is left alone."""
     import time
 
+    from hrsa.runtime import folder_lock
     from hrsa.store.errors import UserError
     from hrsa.train import run_lock
 
-    monkeypatch.setattr(run_lock, "LEASE_SECONDS", 1.0)
-    monkeypatch.setattr(run_lock, "RENEW_SECONDS", 0.3)
-    put = run_lock._S3Lease._put
+    monkeypatch.setattr(folder_lock, "LEASE_SECONDS", 1.0)
+    monkeypatch.setattr(folder_lock, "RENEW_SECONDS", 0.3)
+    put = folder_lock._S3Lease._put
     with pytest.raises(RunInUseError, match="lease taken over by another training"), exclusive_run(s3_run) as lost:
         def unreachable(self: Any, body: bytes, **condition: str) -> str:
             raise UserError("Expected to reach the training lock. Got a partition instead.")
 
-        monkeypatch.setattr(run_lock._S3Lease, "_put", unreachable)  # its renewals fail: the lease lapses
+        monkeypatch.setattr(folder_lock._S3Lease, "_put", unreachable)  # its renewals fail: the lease lapses
         time.sleep(2.5)
         holder = _hold_s3(s3_run, 1.0, 0.3)  # takes the lapsed lease over, and keeps it
-        monkeypatch.setattr(run_lock._S3Lease, "_put", put)  # reachable again: its next renewal finds it taken
+        monkeypatch.setattr(folder_lock._S3Lease, "_put", put)  # reachable again: its next renewal finds it taken
         assert lost.wait(5), "the lost lease was not told while the block ran"
     try:
         assert "lost the lease" in caplog.text and "could not renew" in caplog.text
-        monkeypatch.setattr(run_lock, "LEASE_SECONDS", 60.0)  # the server's times have a resolution of 1 s
+        monkeypatch.setattr(folder_lock, "LEASE_SECONDS", 60.0)  # the server's times have a resolution of 1 s
         with pytest.raises(RunInUseError, match=rf"pid {holder.pid} on "):
             run_lock.refuse_if_in_use(s3_run)  # the first holder's exit left the new holder's lease alone
     finally:
@@ -234,7 +236,7 @@ def test_a_renewal_that_races_a_refused_start_keeps_the_lease(s3_run: Any, monke
     the lease is still this holder's, so the training goes on."""
     import time
 
-    from hrsa.train import run_lock
+    from hrsa.runtime import folder_lock as run_lock
 
     monkeypatch.setattr(run_lock, "RENEW_SECONDS", 0.2)
     put, raced = run_lock._S3Lease._put, []
