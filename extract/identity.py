@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from hrsa.extract.model_spec import ModelSpec
 
-__all__ = ["model_content", "model_digest", "model_identity"]
+__all__ = ["FILES_VERSION", "files_version", "model_content", "model_digest", "model_identity"]
 
 _NOT_THE_MODEL = ("hrsa_train.json", "trainer_state.pt")
+FILES_VERSION = "files_version"  # the key under which an extraction's spec carries :func:`files_version`
 
 
 def model_identity(spec: ModelSpec) -> dict[str, Any]:
@@ -55,3 +56,19 @@ def model_content(spec: ModelSpec) -> str | None:
         return folder_digest(path, recursive=False, skip=_NOT_THE_MODEL)
     path = packaged_model_path(spec.id or "") if spec.kind == "packaged" else Path(str(spec.path))
     return file_digest(path) if path.is_file() else folder_digest(path, recursive=False, skip=_NOT_THE_MODEL)
+
+
+def files_version(spec: ModelSpec) -> str | None:
+    """What changes whenever the files ``spec`` loads do, cheap to ask again: a local model's content digest (its
+    weights are read once per machine), a remote folder's listing of names, sizes and ETags (no download); None for
+    a hub model. An extraction takes it once, and every worker checks the files it loads against it: a worker kept
+    from an earlier extraction, or restarted by Ray, never computes a unit with other weights than the run began
+    with."""
+    if spec.kind == "hub":
+        return None
+    if spec.kind == "remote":
+        from hrsa.runtime.locations import parse_location
+
+        listing = parse_location(str(spec.path)).versions()
+        return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:32]
+    return model_content(spec)

@@ -276,6 +276,7 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
             Nothing is created or changed in the store when it is raised before the workers start.
         ExtractionFailedError: a worker crashed or failed on a unit (one line naming the unit and the error).
     """
+    from hrsa.extract.identity import FILES_VERSION, files_version
     from hrsa.extract.model_spec import parse_model_spec
     from hrsa.extract.rerun import RerunMismatchError, check_rerun, loaded_mismatch
     from hrsa.runtime.connection import connect
@@ -305,7 +306,8 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
         workers.close()  # the model's own code runs in the worker: fresh processes, ended after, whatever came before
         workers = None
     pool = workers if workers is not None else ExtractionWorkers()
-    model = spec.to_dict()
+    # Every worker loads the files found now, or fails: kept workers holding this path's earlier weights reload.
+    model = {**spec.to_dict(), FILES_VERSION: files_version(spec)}
     try:  # the workers hold CPUs or GPUs: give them back however this ends (a pipeline's stay after a success)
         actors = pool.take((n, gpus, cpus, threads, config.store),
                            lambda: _start_workers(n, gpus, cpus, threads, config))

@@ -2,9 +2,9 @@
 
 One comparison, :func:`stored_mismatch`, for ``hrsa extract`` (:func:`hrsa.extract.job.run_extraction`) and the
 pipeline's runner. What is compared is everything that changes a stored row: where the weights come from (kind,
-hub id or path, revision, GGUF file) and, for files on this machine, their content (weights changed in place at the
-same path are another model; a model stored by an earlier hrsa recorded none), dtype, attention, which hidden states, the tokens of the corpus (or, without
-them, its source and options), and the layout (tokens per unit). The token budget is not compared: it batches
+hub id or path, revision, GGUF file) and their content (weights changed in place at the same path, local or behind
+a URL, are another model; a model stored by an earlier hrsa recorded none), dtype, attention, which hidden states,
+the tokens of the corpus (or, without them, its source and options), and the layout (tokens per unit). The token budget is not compared: it batches
 documents differently but moves no row to another place (batched kernels may round differently by a few ulps,
 which BATCH_RTOL in the tests bounds). ``trust_remote_code`` is a permission, not a setting of the rows.
 
@@ -107,12 +107,13 @@ def loaded_mismatch(info: ModelInfo, facts: Mapping[str, Any]) -> list[str]:
 
 def _weights_changed(spec: ModelSpec, info: ModelInfo) -> bool:
     """Whether the files at the spec's path differ from those the stored model recorded (a model stored by an
-    earlier hrsa recorded none). A model on object storage is compared by the workers that load it (a copy here
-    would cost a download of the weights for a comparison); a hub model has no files here."""
+    earlier hrsa recorded none; a hub model has no files here). A model on object storage is compared by the files
+    of its copy on this machine (:meth:`~hrsa.runtime.locations.Location.local_folder`: downloaded again only when
+    the remote files' ETags changed), for a complete model too: no worker loads it then."""
     from hrsa.extract.identity import model_content
 
     stored = info.source.get("content")
-    if stored is None or spec.kind in ("hub", "remote"):
+    if stored is None or spec.kind == "hub":
         return False
     return model_content(spec) != stored
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from hrsa.extract.identity import model_content
+from hrsa.extract.identity import FILES_VERSION, files_version, model_content
 from hrsa.extract.unit_documents import Carried, unit_documents
 from hrsa.store.errors import UserError
 
@@ -77,19 +77,19 @@ class ExtractionWorker:
     def _use(self, spec: Mapping[str, Any]) -> Any:
         """The loaded model of ``spec``: loaded now unless it is the one held (the one held is freed first).
 
+        ``spec`` may carry the version of the files its extraction began with (:func:`files_version`): the model
+        held is then the same only if its files were, and what is loaded is checked against it.
+
         Callers compute with the model returned, never ``self._loaded`` read later: a unit is computed by the model
         its own call named, whatever another call loads meanwhile.
         """
-        from hrsa.extract.model_spec import ModelSpec
-        from hrsa.extract.models import load_model
-
         with self._model_lock:  # never swapped under a forward pass
             if self._spec != dict(spec):
                 if self._loaded is not None:  # another model held: dropped, with the rows carried from its batches
                     self._spec, self._loaded = None, None
                     self._carried.clear()
                     _free_memory()
-                self._loaded = load_model(ModelSpec.from_dict(dict(spec)), device=self._device)
+                self._loaded = _load_as_found(spec, self._device)
                 self._spec = dict(spec)
             return self._loaded
 
@@ -243,6 +243,29 @@ class _Forwards:
         """Return once unit ``index`` is not running here (its forward passes done, or it never ran here)."""
         with self._changed:
             self._changed.wait_for(lambda: (mid, index) not in self._running)
+
+
+def _load_as_found(spec: Mapping[str, Any], device: str | None) -> Any:
+    """Load ``spec``'s model, checking before and after that its files are those its extraction began with.
+
+    Raises:
+        UserError: the files changed since (weights saved into the folder while the extraction ran).
+    """
+    from hrsa.extract.model_spec import ModelSpec
+    from hrsa.extract.models import load_model
+
+    model_spec = ModelSpec.from_dict({k: v for k, v in spec.items() if k != FILES_VERSION})
+    _check_files(model_spec, spec.get(FILES_VERSION))
+    loaded = load_model(model_spec, device=device)
+    _check_files(model_spec, spec.get(FILES_VERSION))  # not written while they loaded
+    return loaded
+
+
+def _check_files(spec: Any, expected: str | None) -> None:
+    if expected is not None and files_version(spec) != expected:
+        raise UserError(f"Expected the files of model {spec.path} as this extraction found them when it began. Got "
+                        "other files there now (written since). Re-run once they are complete: the re-run compares "
+                        "them with what the store holds.")
 
 
 def _free_memory() -> None:

@@ -394,6 +394,50 @@ def test_kept_workers_start_once_and_run_each_extraction_with_its_own_model(
     assert info("second").n_tokens < info("first").n_tokens and info("second").extraction["token_budget"] == 2
 
 
+def test_kept_workers_load_weights_changed_at_the_same_path_anew(
+    tiny_models: Any, corpus_file: Path, tmp_path: Path, ray_local: Any
+) -> None:
+    """The workers held the model loaded by its path and options: after other weights were saved into the folder, the
+    next extraction through them wrote the old weights' states and recorded the new files' digest."""
+    import shutil
+
+    from hrsa.extract.identity import model_content
+    from tests.conftest import save_tiny_model
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_models.dir("llama"), folder)
+    store = tmp_path / "store"
+    with ExtractionWorkers() as workers:
+        pooled(workers, store, folder, corpus_file, "before", workers=1)
+        save_tiny_model(folder, "llama", seed=5)  # other weights, the same path and options
+        pooled(workers, store, folder, corpus_file, "after", workers=1)
+    threads = worker_threads(ray_local, 1)
+    assert_exact(store, "after", folder, threads)
+    source = ActivationStore.open(str(store)).model_info("after").source
+    assert source["content"] == model_content(parse_model_spec(str(folder)))
+
+
+def test_a_worker_refuses_files_other_than_those_its_extraction_began_with(tiny_models: Any, tmp_path: Path) -> None:
+    """A worker Ray restarts mid-run (or one kept) loads the path anew: weights saved there since would compute
+    the rest of the units."""
+    import shutil
+
+    from hrsa.extract.identity import FILES_VERSION, files_version
+    from hrsa.store.errors import UserError
+    from tests.conftest import save_tiny_model
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_models.dir("llama"), folder)
+    spec = parse_model_spec(str(folder))
+    began = {**spec.to_dict(), FILES_VERSION: files_version(spec)}
+    ActivationStore.open(str(tmp_path / "store"), mode="a")
+    save_tiny_model(folder, "llama", seed=5)
+    worker = worker_module.ExtractionWorker(None, str(tmp_path / "store"))
+    with pytest.raises(UserError, match=r"Expected the files of model .*model as this extraction found them"):
+        worker.describe(began)
+    assert worker.describe({**spec.to_dict(), FILES_VERSION: files_version(spec)})["hidden_size"] > 0
+
+
 def dying_on_model(folder: Path, mid: str) -> type:
     """An ExtractionWorker that dies (``os._exit``) on the first unit of model ``mid`` it is given, once per test."""
     base = worker_module.ExtractionWorker

@@ -77,3 +77,24 @@ def test_a_remote_folder_rewritten_with_weights_of_the_same_size_is_copied_again
     ids = local.tokenizer("w1 w2 the quick fox").input_ids
     torch.testing.assert_close(forward_hidden_states(load_model(spec, device="cpu"), [ids])[0],
                                forward_hidden_states(local, [ids])[0], rtol=0, atol=0)
+
+
+def test_a_remote_models_changed_weights_are_told_by_the_rerun_check(uploaded: Location, tiny_models: Any,
+                                                                     tmp_path: Path) -> None:
+    """A re-run of a complete model compared local weights only ("a remote one is compared by the workers that load
+    it"), but with the model complete no worker loads it: other weights at the URL read as nothing to do."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file, save_file
+
+    from hrsa.extract.identity import model_content
+    from hrsa.extract.rerun import _weights_changed
+
+    spec = parse_model_spec(uploaded.url)
+    stored = SimpleNamespace(source={"content": model_content(spec)})  # what a complete extraction recorded
+    assert not _weights_changed(spec, stored)  # type: ignore[arg-type]
+    weights = load_file(tiny_models.dir("llama") / "model.safetensors")
+    other = tmp_path / "other.safetensors"
+    save_file({name: tensor * 1.25 for name, tensor in weights.items()}, other, metadata={"format": "pt"})
+    uploaded.child("model.safetensors").write(other.read_bytes())
+    assert _weights_changed(spec, stored)  # type: ignore[arg-type]
