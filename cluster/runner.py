@@ -31,7 +31,7 @@ from hrsa.cluster.remote_out import PublishedOut
 from hrsa.cluster.stage_keys import ANALYZE_SCHEDULING, EXTRACT_SCHEDULING, source_fingerprint, stage_key
 from hrsa.cluster.state import STATE_FILE, PipelineState
 from hrsa.extract.config import CorpusOptions, ExtractConfig, ExtractRunOptions, ModelSourceOptions, parse_extract_config
-from hrsa.extract.rerun import stored_mismatch
+from hrsa.extract.job import stored_differences
 from hrsa.extract.worker_pool import ExtractionWorkers
 from hrsa.runtime.folder_lock import FolderLock
 from hrsa.runtime.locations import is_url, parse_location
@@ -340,7 +340,7 @@ class _Runner:
         if present and entry is not None and not _still_ours(store, ec.name, entry):
             entry = None  # replaced in the store behind this pipeline (`hrsa store rm`, another extract): not its own
         if present and entry is None:  # not this pipeline's record (a new `out`, a new cluster): never overwritten
-            mismatch = "; ".join(stored_mismatch(store, ec)) or None
+            mismatch = "; ".join(stored_differences(ec, store)) or None
             if mismatch:
                 raise UserError(f"Expected model id {ec.name} free in {ec.store}, or extracted as this pipeline asks. Got "
                                 f"a model {ec.name} there with {mismatch} instead. Delete it (`hrsa store rm {ec.store} "
@@ -354,7 +354,7 @@ class _Runner:
         # This pipeline's own model, from other inputs: redone from scratch, and let go only once the new one runs.
         # Its record may already say these inputs (a run of them that failed before it let go of the old model):
         # then the stored model's own settings tell.
-        replace = present and entry is not None and (entry["key"] != key or bool(stored_mismatch(store, ec)))
+        replace = present and entry is not None and (entry["key"] != key or bool(stored_differences(ec, store)))
         self.state.start(stage, key)
         with stage_progress(self.console, "tokens") as (progress, task):
             result = run_extraction(ec, on_progress=lambda n, total: progress.update(task, total=total, advance=n),

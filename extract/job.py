@@ -29,7 +29,8 @@ from hrsa.runtime.task_errors import one_line, root_cause
 from hrsa.store.errors import CorpusMismatchError, HrsaError, UserError
 
 __all__ = ["PLACEMENT_TIMEOUT_S", "ExtractConfig", "ExtractConfigError", "ExtractResult", "ExtractionFailedError",
-           "ExtractionWorkers", "UnitRuns", "WorkerPlacementError", "parse_extract_config", "run_extraction"]
+           "ExtractionWorkers", "UnitRuns", "WorkerPlacementError", "parse_extract_config", "run_extraction",
+           "stored_differences"]
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,23 @@ def _read_corpus(config: ExtractConfig, store: Any, spec: Any) -> _Corpus:
     corpus_spec = _corpus_spec(config)
     table = tokenize_corpus(list(load_records(corpus_spec)), corpus_spec, tokenizer, context_length=context)
     return _Corpus(None, table, content_hash(table), table.n_tokens, info)
+
+
+def stored_differences(config: ExtractConfig, store: Any) -> list[str]:
+    """How the model ``store`` holds under ``config``'s id differs from what ``config`` would write
+    (:func:`~hrsa.extract.rerun.stored_mismatch`), its corpus compared by the tokens this model's tokenizer gives
+    the corpus file now, not by its path: a file edited in place is another corpus. ``[]``: the same extraction.
+
+    Raises:
+        CorpusError, ModelLoadError...: the corpus or the tokenizer cannot be read (one line each).
+    """
+    from hrsa.extract.model_spec import parse_model_spec
+    from hrsa.extract.rerun import stored_mismatch
+
+    spec = parse_model_spec(config.model, revision=config.revision, gguf_file=config.gguf_file, dtype=config.dtype,
+                            attention=config.attention, trust_remote_code=config.trust_remote_code)
+    corpus = _read_corpus(config, store, spec)
+    return stored_mismatch(store, config, corpus_hash=corpus.digest, table=corpus.table)
 
 
 def _join_stored(store: Any, cid: str, spec: Any, tokenizer: Any, context: int | None, info: dict[str, str]) -> _Corpus:

@@ -229,6 +229,21 @@ def test_without_its_state_a_pipeline_adopts_matching_models_and_leaves_others_a
     assert copy.state()["extract:qwen"]["outputs"]["adopted"] is True
 
 
+def test_without_its_state_a_pipeline_does_not_adopt_a_model_of_an_edited_corpus_file(copy: Workspace) -> None:
+    """The adoption compared the corpus by its path: the file edited in place was adopted with the old tokens, and
+    the stage key (the new file's content) made that stick."""
+    (copy.root / "out" / STATE_FILE).unlink()
+    corpus = Path(copy.values["corpora"]["words"]["path"])  # the module's corpus file: put back after
+    before = corpus.read_bytes()
+    try:
+        corpus.write_text(before.decode().replace("fox", "cat"))
+        with pytest.raises(UserError, match=r"Got a model llama there with corpus .* has other tokens"):
+            run_pipeline(copy.config(), console=quiet())
+    finally:
+        corpus.write_bytes(before)
+    assert not (copy.root / "out" / STATE_FILE).exists() or "extract:llama" not in copy.state()
+
+
 @pytest.mark.parametrize("schema", ["hrsa.pipeline-state/1", "hrsa.pipeline-state/2"])
 def test_a_state_of_an_earlier_key_scheme_adopts_stored_models_instead_of_deleting_them(copy: Workspace,
                                                                                          schema: str) -> None:
