@@ -272,6 +272,21 @@ def _check_layers(config: ExtractConfig, facts: Mapping[str, Any]) -> None:
                         f"the embeddings and {n - 1} layers). Got {layers} instead.")
 
 
+def _corpus_file(config: ExtractConfig, corpus: _Corpus) -> dict[str, dict[str, str]]:
+    """``{"corpus_file": {"path": absolute path, "digest": content digest}}`` of the local corpus file or folder the
+    records were read from (what ``hrsa analyze`` checks before it reads the probes' labels back from it); ``{}`` for a
+    stored corpus id, the hub, object storage, or nothing there."""
+    from pathlib import Path
+
+    from hrsa.runtime.fingerprint import records_digest
+
+    if corpus.cid is not None or config.corpus.startswith("hf:"):
+        return {}
+    path = Path(config.corpus).expanduser().resolve()
+    digest = records_digest(path)
+    return {} if digest is None else {"corpus_file": {"path": str(path), "digest": digest}}
+
+
 def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], None] | None = None,
                    workers: ExtractionWorkers | None = None, replace: bool = False) -> ExtractResult:
     """Run (or resume) one extraction.
@@ -343,7 +358,8 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
                                extraction={"token_budget": config.token_budget,
                                            "attn_implementation": facts["attn_implementation"],
                                            "tokenizer": corpus.tokenizer,
-                                           "max_tokens": config.max_tokens, "max_docs": config.max_docs})
+                                           "max_tokens": config.max_tokens, "max_docs": config.max_docs,
+                                           **_corpus_file(config, corpus)})
         else:  # resuming: the settings matched; what loading tells (dtype "auto" on other hardware...) must too
             found = loaded_mismatch(existing, facts)
             if found:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from hrsa.runtime.files import cache_folder, write_atomic
 
-__all__ = ["KEPT_FROM", "file_digest", "folder_digest", "folder_files"]
+__all__ = ["KEPT_FROM", "file_digest", "folder_digest", "folder_files", "records_digest"]
 
 KEPT_FROM = 16 << 20  # files this large (weights, not corpora or configs) keep their digest for other processes
 _TICK_NS = 2 * 10**9  # the coarsest file-time tick in use (FAT's two seconds; ext4 and NFS are far finer)
@@ -108,3 +108,20 @@ def folder_digest(folder: Path | str, *, recursive: bool = True, skip: Iterable[
     listing = [[p.relative_to(folder).as_posix(), file_digest(p)]
                for p in folder_files(folder, recursive=recursive, skip=skip)]
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:32]
+
+
+def records_digest(path: Path | str) -> str | None:
+    """The digest of a corpus: a file's content, or a folder's record files (its top level, the files a corpus
+    reader reads); None where nothing local is there (a missing path, the hub, object storage)."""
+    from hrsa.store.records import RECORD_SUFFIXES
+
+    path = Path(path).expanduser()
+    try:
+        if path.is_file():
+            return file_digest(path)
+        if path.is_dir():
+            skip = [p.name for p in path.iterdir() if p.suffix not in RECORD_SUFFIXES]
+            return folder_digest(path, recursive=False, skip=skip)
+    except OSError:
+        return None
+    return None

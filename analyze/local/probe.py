@@ -5,12 +5,17 @@ its tokens (``pool="mean"``) or its last token (``pool="last"``), after the toke
 ``hrsa analyze`` (e.g. ``exclude_special`` drops BOS/EOS before pooling). Documents left without tokens
 are dropped.
 
-Labels are joined to the stored documents by record id. By default they are read back from the corpus's
-own source file, with the same reader and id rule that extraction used (the corpus keeps
+Labels are joined to the stored documents by record id. By default they are read back from the corpus file
+that the models were extracted from, with the same reader and id rule that extraction used (the corpus keeps
 ``extra["corpus_spec"]``: file, id field): ``label_field="label"`` on spam-assassin, ``"party"`` on
-sotu. ``labels_file`` (a .jsonl/.csv/.parquet with an id column and the label column) overrides this,
-e.g. when the corpus file has moved; its ids are matched the same way (``id_field``, else ``"id"``,
-else ``<file name>:<line>``). Documents whose record has no label (missing or null) are dropped.
+sotu. Each model's extraction records that file's absolute path and content digest
+(``ModelInfo.extraction["corpus_file"]``): a file changed or gone since (a line prepended shifts every
+``<file>:<line>`` id), or two models of a pair extracted from files that differ (a relabelled copy of the same
+texts is the same stored corpus), is refused rather than read. Models stored by an earlier hrsa record no file:
+the corpus's recorded source is read, as written. ``labels_file`` (a .jsonl/.csv/.parquet with an id column and
+the label column) overrides this, e.g. when the corpus file has moved; its ids are matched the same way
+(``id_field``, else ``"id"``, else ``<file name>:<line>``). Documents whose record has no label (missing or null)
+are dropped. The file read and its digest are in :class:`ProbePairResult` (``labels_file``, ``labels_digest``).
 
 Memory: the pooled features are (M, D) float64 per model and are held (a probe needs them all); the hidden
 states are read a block of tokens at a time, the block sized to ``memory_budget`` by the memory model of
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
 import numpy as np
@@ -34,6 +40,7 @@ from hrsa.analyze.local.memory import ProbePass, bytes_per_value, plan_probe
 from hrsa.analyze.local.store_rows import read_rows
 from hrsa.analyze.metrics.linear_probe import ProbeResult, linear_probe
 from hrsa.analyze.streaming.plan import parse_memory_budget
+from hrsa.runtime.fingerprint import records_digest
 from hrsa.store.errors import UserError
 from hrsa.store.records import read_records
 
@@ -96,6 +103,8 @@ class ProbePairResult:
         n_docs: labelled documents used; classes: the label values; pool, label_field, seed: settings.
         a_to_b_interval, b_to_a_interval: {hidden state: ProbeIntervals} of the test accuracies above.
         estimated_peak, memory_budget: bytes of the pass's memory model and of the budget it fits.
+        labels_file, labels_digest: the file (or folder) the labels were read from, and its content digest (None
+            where it is not a local file: the hub, object storage).
     """
 
     hidden_states: tuple[int, ...]
@@ -110,19 +119,38 @@ class ProbePairResult:
     b_to_a_interval: dict[int, ProbeIntervals] = field(default_factory=dict)
     estimated_peak: int = 0
     memory_budget: int = 0
+    labels_file: str | None = None
+    labels_digest: str | None = None
 
 
 def read_labels(
-    store: ActivationStore, cid: str, *, label_field: str, labels_file: str | None = None, id_field: str | None = None
+    store: ActivationStore, cid: str, *, label_field: str, labels_file: str | None = None, id_field: str | None = None,
+    models: Sequence[str] = (),
 ) -> NDArray[np.object_]:
     """The label of each document of corpus ``cid`` (None where its record has none).
 
+    Without ``labels_file``, from the corpus file that ``models`` (those of ``cid`` or aligned to it) recorded at
+    extraction, checked to be unchanged since; else, for models that record none, from the corpus's recorded source.
+
     Raises:
-        UserError: no source to read labels from, or no document has the label field.
+        UserError: no source to read labels from, a recorded corpus file changed or gone since extraction (or two
+            models' files that differ), or no document has the label field.
     """
+    return _read_labels(store, cid, label_field=label_field, labels_file=labels_file, id_field=id_field,
+                        models=models)[0]
+
+
+def _read_labels(
+    store: ActivationStore, cid: str, *, label_field: str, labels_file: str | None, id_field: str | None,
+    models: Sequence[str],
+) -> tuple[NDArray[np.object_], str, str | None]:
+    """(labels as :func:`read_labels` gives them, the file read, its digest)."""
     info = store.corpus_info(cid)
     spec = info.extra.get("corpus_spec") or {}
-    source = labels_file or spec.get("source") or info.source
+    source, digest = labels_file, records_digest(labels_file) if labels_file else None
+    if not labels_file:
+        source, digest = _recorded_corpus_file(store, models) or (spec.get("source") or info.source, None)
+        digest = digest or (records_digest(source) if source else None)
     if not source:
         raise UserError(f"Expected corpus {cid} to record its source file. Got none. Pass --labels FILE.")
     ids_from = id_field or (None if labels_file else spec.get("id_field"))  # the id rule extraction used
@@ -139,7 +167,34 @@ def read_labels(
         raise UserError(f"Expected a label field {label_field!r} in the records of {source} matching "
                         f"corpus {cid}'s ids. "
                         "Got none. Check --label-field (and --labels / the id field).")
-    return labels
+    read = str(Path(source).expanduser().resolve()) if digest is not None else source  # where it was, not relative
+    return labels, read, digest
+
+
+def _recorded_corpus_file(store: ActivationStore, models: Sequence[str]) -> tuple[str, str] | None:
+    """(path, digest) of the corpus file the models recorded at extraction, checked to hold the same content now;
+    None when none of them records one (stored by an earlier hrsa, or extracted from the hub or a stored corpus).
+
+    Raises:
+        UserError: two models extracted from files that differ, or the file changed or gone since.
+    """
+    recorded = {mid: found for mid in dict.fromkeys(models)
+                if (found := store.model_info(mid).extraction.get("corpus_file"))}
+    if not recorded:
+        return None
+    (first, file), *others = recorded.items()
+    for other, theirs in others:
+        if theirs["digest"] != file["digest"]:
+            raise UserError(f"Expected models {first} and {other} to be extracted from the same corpus file, to read "
+                            f"the probe's labels from it. Got {file['path']} and {theirs['path']}, whose contents "
+                            "differ, instead. Pass --labels FILE to say which labels to use.")
+    now = records_digest(file["path"])
+    if now != file["digest"]:
+        got = "nothing there" if now is None else "other content (changed since: its line ids may have shifted)"
+        raise UserError(f"Expected corpus file {file['path']}, which model {first} was extracted from, to hold what "
+                        f"was extracted, to read the probe's labels from it. Got {got} instead. "
+                        "Pass --labels FILE with the labels of the stored documents' ids.")
+    return file["path"], file["digest"]
 
 
 def _labels_by_id(records: Iterable[dict[str, Any]], label_field: str, wanted: set[str], source: str) -> dict[str, Any]:
@@ -288,7 +343,8 @@ def probe_pair(
     budget = parse_memory_budget(memory_budget)
     docs, block_tokens, estimated_peak = _plan(store, a, b, selection, pool, budget)
     # Step 2: labels per document, as strings (mixed types sort badly); unlabelled documents dropped.
-    labels = read_labels(store, info_a.corpus, label_field=label_field, labels_file=labels_file, id_field=id_field)
+    labels, labels_read, labels_digest = _read_labels(store, info_a.corpus, label_field=label_field,
+                                                      labels_file=labels_file, id_field=id_field, models=(a, b))
     classes = sorted({str(v) for v in labels if v is not None})
     if len(classes) < 2:
         raise UserError(f"Expected at least two values of {label_field!r}. Got {classes} instead. "
@@ -308,7 +364,8 @@ def probe_pair(
         del fa, fb
     return ProbePairResult(states, a_to_b, int(y.size), tuple(classes), pool, label_field, seed, b_to_a,
                            {k: ProbeIntervals.of(r, seed) for k, r in a_to_b.items()},
-                           {k: ProbeIntervals.of(r, seed) for k, r in b_to_a.items()}, estimated_peak, budget)
+                           {k: ProbeIntervals.of(r, seed) for k, r in b_to_a.items()}, estimated_peak, budget,
+                           labels_read, labels_digest)
 
 
 def check_probe_budget(store: ActivationStore, a: str, b: str, *, selection: TokenSelection | None, pool: Pool,

@@ -187,5 +187,7 @@ def _local_metrics(
             raise UserError("Expected a label field for the probe metric. Got none. Pass --label-field FIELD.")
         local["probe"] = probe_pair(store, a, b, selection=selection, memory_budget=budget, **probe_options.to_dict())
         settings["probe"] = {**probe_options.to_dict(), "n_docs": local["probe"].n_docs,
-                             "classes": list(local["probe"].classes)}
+                             "classes": list(local["probe"].classes),
+                             "labels_file": local["probe"].labels_file,  # the file read, not only the one asked for
+                             "labels_digest": local["probe"].labels_digest}
     return local

@@ -41,6 +41,7 @@ from hrsa.extract.forward import batched_hidden_states, torch_threads
 from hrsa.extract.config import ExtractConfig
 from hrsa.extract.job import ExtractionWorkers, ExtractResult, run_extraction
 from hrsa.extract.models import forward_hidden_states, load_model, parse_model_spec
+from hrsa.runtime.fingerprint import file_digest
 from hrsa.store import ActivationStore
 from hrsa.store.errors import LayerOutOfRangeError
 
@@ -291,6 +292,8 @@ def test_model_attributes_record_the_extraction(llama_run: Run, tiny_models: Any
     tokenizer = info.extraction.pop("tokenizer")  # each model records its own tokenizer: corpora do not
     assert tokenizer["name"]
     assert tokenizer["fingerprint"].startswith("sha256:")
+    corpus = Path(llama_run.config.corpus).resolve()  # what `hrsa analyze` reads the probes' labels back from
+    assert info.extraction.pop("corpus_file") == {"path": str(corpus), "digest": file_digest(corpus)}
     assert info.extraction == {"token_budget": 8192, "attn_implementation": "sdpa", "max_tokens": None,
                                "max_docs": None}
     assert info.layout.shard_tokens == SHARD_TOKENS

@@ -1,0 +1,143 @@
+"""Standalone `hrsa analyze --metrics probe` without --labels reads the corpus file each model was extracted from,
+as it was then: a file changed since, a relabelled copy, or another file of the same relative name is never read."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from hrsa.cli import cli
+from hrsa.runtime.fingerprint import file_digest
+from hrsa.store import ActivationStore
+
+N_DOCS = 16
+WORDS = ("the quick brown fox", "jumps over the lazy dog", "hidden states of a tiny model", "w1 w2 w3")
+
+
+def _write_corpus(path: Path, labels: tuple[str, str]) -> None:
+    """No id field: the records' ids are FILE:LINE, as in the reviewer's report."""
+    rows = [{"text": f"{WORDS[i % len(WORDS)]} {i}", "label": labels[(i // 2) % 2]} for i in range(N_DOCS)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@dataclass(frozen=True)
+class Extracted:
+    store: str
+    original: Path  # "a", "b" were extracted from it, named relatively ("mail.jsonl" from its folder)
+    copy: Path  # the same texts labelled otherwise: "c", "d", in the same stored corpus
+
+
+@pytest.fixture(scope="module")
+def extracted(ray_local: Any, tiny_models: Any, tmp_path_factory: pytest.TempPathFactory) -> Extracted:
+    from hrsa.extract.job import ExtractConfig, ExtractionWorkers, run_extraction
+
+    root = tmp_path_factory.mktemp("labels-source")
+    (root / "data").mkdir()
+    (root / "copy").mkdir()
+    original, copy = root / "data" / "mail.jsonl", root / "copy" / "mail.jsonl"
+    _write_corpus(original, ("ham", "spam"))
+    _write_corpus(copy, ("neg", "pos"))  # same texts, same line ids: the same content-derived corpus
+    store = str(root / "store")
+    with ExtractionWorkers() as workers, pytest.MonkeyPatch.context() as mp:  # one worker loads each model in turn
+        mp.chdir(root / "data")
+        for name, corpus in (("a", "mail.jsonl"), ("b", "mail.jsonl"), ("c", str(copy)), ("d", str(copy))):
+            run_extraction(ExtractConfig(store=store, model=str(tiny_models.dir("llama")), corpus=corpus, name=name,
+                                         text="text", workers=1), workers=workers)
+    opened = ActivationStore.open(store)
+    assert len({opened.model_info(m).corpus for m in "abcd"}) == 1
+    return Extracted(store, original, copy)
+
+
+def _analyze(ex: Extracted, out: Path, a: str, b: str, *extra: str) -> tuple[int, str, dict[str, Any] | None]:
+    result = CliRunner().invoke(cli, ["analyze", "--store", ex.store, "--pair", a, b, "--metrics", "probe",
+                                      "--label-field", "label", "--out", str(out), *extra])
+    doc = json.loads((out / "results.json").read_text()) if result.exit_code == 0 else None
+    return result.exit_code, result.stderr, doc
+
+
+def _error_line(stderr: str) -> str:
+    """The one line of the error (the plan printed before it aside)."""
+    (line,) = (text for text in stderr.splitlines() if text.startswith("hrsa: error"))
+    return line
+
+
+def test_each_model_records_the_corpus_file_it_was_extracted_from(extracted: Extracted) -> None:
+    store = ActivationStore.open(extracted.store)
+    for mid, path in (("a", extracted.original), ("b", extracted.original), ("c", extracted.copy)):
+        recorded = store.model_info(mid).extraction["corpus_file"]
+        assert recorded == {"path": str(path.resolve()), "digest": file_digest(path)}
+
+
+def test_an_unchanged_file_gives_the_labels_as_before_and_results_name_it(extracted: Extracted, tmp_path: Path) -> None:
+    code, err, doc = _analyze(extracted, tmp_path / "default", "a", "b")
+    assert code == 0, err
+    probe = doc["settings"]["probe"]
+    assert probe["labels_file"] == str(extracted.original.resolve())
+    assert probe["labels_digest"] == file_digest(extracted.original)
+    assert probe["classes"] == ["ham", "spam"] and probe["n_docs"] == N_DOCS
+    code, err, given = _analyze(extracted, tmp_path / "given", "a", "b", "--labels", str(extracted.original))
+    assert code == 0, err
+    assert given["metrics"]["probe"] == doc["metrics"]["probe"]  # the same labels as the file passed explicitly
+    assert given["settings"]["probe"]["labels_digest"] == probe["labels_digest"]
+
+
+def test_a_line_prepended_after_extraction_is_refused_not_shifted(
+    extracted: Extracted, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(extracted.original.parent)  # where the relative source recorded for the corpus resolves
+    text = extracted.original.read_text()
+    try:
+        extracted.original.write_text(json.dumps({"text": "a new first line", "label": "spam"}) + "\n" + text)
+        code, err, _ = _analyze(extracted, tmp_path / "out", "a", "b")
+    finally:
+        extracted.original.write_text(text)
+    assert code == 2, err  # not every label shifted by one line
+    line = _error_line(err)
+    assert str(extracted.original.resolve()) in line and "--labels" in line, err
+
+
+def test_a_deleted_corpus_file_is_refused_in_one_line(extracted: Extracted, tmp_path: Path) -> None:
+    moved = extracted.original.with_suffix(".moved")
+    extracted.original.rename(moved)
+    try:
+        code, err, _ = _analyze(extracted, tmp_path / "out", "a", "b")
+    finally:
+        moved.rename(extracted.original)
+    assert code == 2
+    line = _error_line(err)
+    assert str(extracted.original.resolve()) in line and "--labels" in line, err
+
+
+def test_models_extracted_from_a_relabelled_copy_read_the_copy(extracted: Extracted, tmp_path: Path) -> None:
+    code, err, doc = _analyze(extracted, tmp_path / "copy", "c", "d")
+    assert code == 0, err
+    probe = doc["settings"]["probe"]
+    assert probe["classes"] == ["neg", "pos"]
+    assert probe["labels_file"] == str(extracted.copy.resolve())
+    assert probe["labels_digest"] == file_digest(extracted.copy)
+
+
+def test_a_pair_from_two_differently_labelled_files_is_refused(extracted: Extracted, tmp_path: Path) -> None:
+    code, err, _ = _analyze(extracted, tmp_path / "mixed", "a", "c")
+    assert code == 2
+    line = _error_line(err)
+    assert str(extracted.original.resolve()) in line and str(extracted.copy.resolve()) in line
+    assert "--labels" in line
+
+
+def test_another_folder_holding_a_file_of_the_same_name_is_not_read(
+    extracted: Extracted, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    _write_corpus(elsewhere / "mail.jsonl", ("x", "y"))  # unrelated labels under the relative name recorded
+    monkeypatch.chdir(elsewhere)
+    code, err, doc = _analyze(extracted, tmp_path / "out", "a", "b")
+    assert code == 0, err
+    assert doc["settings"]["probe"]["classes"] == ["ham", "spam"]
+    assert doc["settings"]["probe"]["labels_file"] == str(extracted.original.resolve())
