@@ -176,10 +176,20 @@ class Location:
             return sorted([i.path.removeprefix(prefix), i.size, str(i.mtime_ns)] for i in infos
                           if i.type == pyarrow.fs.FileType.File)
         fs.invalidate_cache(root)  # fsspec keeps listings per filesystem instance, and instances per process
+        try:
+            found = fs.find(root, detail=True)
+        except Exception as error:
+            from hrsa.store.opening import from_storage
+
+            if not from_storage(error):
+                raise
+            raise LocationError(f"Expected to list {self.url}. Got {type(error).__name__}: "
+                                f"{str(error).splitlines()[0] if str(error) else ''} instead. Check the URL and the "
+                                "credentials (for S3: AWS_* variables or an instance profile).") from error
         prefix = root.rstrip("/") + "/"
         return sorted([path.removeprefix(prefix), info.get("size"),
                        str(next((info[k] for k in _VERSION_FIELDS if info.get(k) is not None), ""))]
-                      for path, info in fs.find(root, detail=True).items())
+                      for path, info in found.items())
 
     def folders(self) -> list[Location]:
         """The folders directly in this one, sorted by name; [] when absent."""

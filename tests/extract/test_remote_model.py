@@ -98,3 +98,18 @@ def test_a_remote_models_changed_weights_are_told_by_the_rerun_check(uploaded: L
     save_file({name: tensor * 1.25 for name, tensor in weights.items()}, other, metadata={"format": "pt"})
     uploaded.child("model.safetensors").write(other.read_bytes())
     assert _weights_changed(spec, stored)  # type: ignore[arg-type]
+
+
+def test_a_listing_the_storage_refuses_is_one_line(uploaded: Location, monkeypatch: pytest.MonkeyPatch) -> None:
+    from botocore.exceptions import NoCredentialsError
+    from s3fs import S3FileSystem
+
+    from hrsa.runtime.locations import LocationError
+
+    def no_credentials(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise NoCredentialsError()
+
+    monkeypatch.setattr(S3FileSystem, "find", no_credentials)
+    with pytest.raises(LocationError, match=r"Expected to list s3://.*\. Got NoCredentialsError: ") as error:
+        uploaded.versions()
+    assert "\n" not in str(error.value)
