@@ -3,6 +3,7 @@ assembles them and turns a :class:`~hrsa.store.errors.UserError` into one line a
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import click
@@ -64,4 +65,16 @@ cli.add_command(eval_command)
 
 
 def main() -> None:
+    exit_on_sigterm()
     sys.exit(cli.main(prog_name="hrsa", standalone_mode=True))
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM (``ray job stop``, scancel, a Kubernetes pod stopped) raises SystemExit in the main thread, as
+    Ctrl-C raises KeyboardInterrupt: the command's cleanup runs (an S3 lease on a run folder or a pipeline's out is
+    let go at once, not left to lapse; workers are stopped) instead of the process vanishing mid-step."""
+
+    def _exit(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)

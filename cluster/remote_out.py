@@ -12,6 +12,7 @@ setting) is removed remotely too: the remote ``out`` is what one local ``out`` w
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,10 +35,12 @@ class PublishedOut:
     local: Path
     state_file: str
     skip: tuple[str, ...] = ()  # names never mirrored (the out's lock, which lives on the remote side only)
+    check: Callable[[], None] | None = None  # called before each push: raises to stop it (the out's lease lost)
     _sent: dict[str, str] = field(default_factory=dict)  # name -> digest of the content last uploaded
 
     @classmethod
-    def open(cls, url: str, *, state_file: str, local: Path | None = None, skip: tuple[str, ...] = ()) -> PublishedOut:
+    def open(cls, url: str, *, state_file: str, local: Path | None = None, skip: tuple[str, ...] = (),
+             check: Callable[[], None] | None = None) -> PublishedOut:
         """A fresh local copy of the remote ``out`` at ``url`` (empty when nothing is there yet), in folder ``local``
         (created; default: a new temporary folder, left for the caller to read and remove).
 
@@ -49,7 +52,7 @@ class PublishedOut:
         local.mkdir(parents=True, exist_ok=True)
         if any(local.iterdir()):  # its files would be uploaded as the stages' own
             raise ValueError(f"Expected an empty folder for the local copy of {url}. Got {local} with files in it.")
-        published = cls(parse_location(url), local, state_file, skip)
+        published = cls(parse_location(url), local, state_file, skip, check)
         published.pull()
         return published
 
@@ -65,7 +68,13 @@ class PublishedOut:
 
     def push(self) -> None:
         """Upload what changed locally since the last push (the state file last), and remove remotely what the
-        stages removed here."""
+        stages removed here.
+
+        Raises:
+            Exception: what ``check`` raises, before anything is uploaded (another run now holds the out).
+        """
+        if self.check is not None:
+            self.check()
         local = {p.relative_to(self.local).as_posix(): p for p in self.local.rglob("*") if p.is_file()}
         changed = [name for name, path in local.items() if self._sent.get(name) != _signature(path)]
         for name in sorted(changed, key=lambda n: n == self.state_file):  # the state file goes last

@@ -125,10 +125,16 @@ def run_pipeline(config: PipelineConfig, *, console: Console | None = None,
     out = config.out
     _check_inputs_exist(config)  # before anything is created: a missing path is not found after an hour's extraction
     # Two runs into one out would each resume the same stages and write the state file over the other's.
-    with PIPELINE_LOCK.exclusive(parse_location(str(out))):
+    where = parse_location(str(out))
+    with PIPELINE_LOCK.exclusive(where) as lost:
+
+        def still_held() -> None:  # a lease taken over by another run: nothing more is uploaded, the run stops
+            if lost.is_set():
+                raise PIPELINE_LOCK.lost(where)
+
         # A remote out (s3://...): the stages write a local copy of it, uploaded as each stage records itself.
         published = (PublishedOut.open(str(out), state_file=STATE_FILE, local=local_copy,
-                                       skip=(PIPELINE_LOCK.lock_file,)) if is_url(out) else None)
+                                       skip=(PIPELINE_LOCK.lock_file,), check=still_held) if is_url(out) else None)
         if published is not None:
             config = config.model_copy(update={"out": published.local})
         return _run_stages(config, console or Console(), published, out)

@@ -50,13 +50,15 @@ def source_fingerprint(source: str | None) -> Any:
 
 def _remote_fingerprint(url: str) -> Any:
     """A folder behind a URL (a checkpoint on S3) by its files' names, sizes and versions (ETags: new weights have
-    the old sizes); the URL's text where nothing answers there (the stage that reads it then says why)."""
+    the old sizes).
+
+    Raises:
+        LocationError: the URL cannot be listed, or holds nothing. Never a key of its text instead: a listing that
+            fails for a moment (expired credentials) would read as changed inputs, and the stored model be replaced.
+    """
     from hrsa.runtime.locations import LocationError, parse_location
 
-    try:
-        listing = parse_location(url).versions()
-    except (LocationError, OSError):
-        return url
-    return {"url": url, "files": listing} if listing else url
-
-
+    listing = parse_location(url).versions()
+    if not listing:
+        raise LocationError(f"Expected files at {url}. Got none there instead. Check the URL.")
+    return {"url": url, "files": listing}

@@ -8,6 +8,8 @@ modification time and change time, as git's index and make do. The change time i
 set it (``cp -p``, rsync and tar restore size and modification time, never the change time), and any write moves
 it. File times move in clock ticks, though, so a digest taken within :data:`_TICK_NS` of the file's last change is
 kept nowhere, not even for this process (git's "racily clean" entries): a rewrite in the same tick would find it.
+Entries another user wrote are not believed. What this cannot see: a writer through a shared mmap, whose later
+writes to a page already dirty move no file time (weights are written by write(): safetensors, torch.save).
 """
 
 from __future__ import annotations
@@ -75,9 +77,13 @@ def _entry(signature: tuple[str | int, ...]) -> Path:
 
 
 def _kept_digest(signature: tuple[str | int, ...]) -> str | None:
-    """The digest kept for exactly this signature; None when there is none, or the entry is broken or another's."""
+    """The digest kept for exactly this signature; None when there is none, the entry is broken or another
+    file's, or another user wrote it (a cache in a shared folder is read as no cache)."""
     try:
-        entry = json.loads(_entry(signature).read_text())
+        path = _entry(signature)
+        if path.stat().st_uid != os.getuid():
+            return None
+        entry = json.loads(path.read_text())
         digest = entry["xxh3_128"]
         return digest if entry["signature"] == list(signature) and _DIGEST.match(digest) else None
     except (OSError, ValueError, TypeError, KeyError):
@@ -86,6 +92,7 @@ def _kept_digest(signature: tuple[str | int, ...]) -> str | None:
 
 def _keep_digest(signature: tuple[str | int, ...], digest: str) -> None:
     try:
+        _entry(signature).parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # this user's alone
         write_atomic(_entry(signature), json.dumps({"signature": signature, "xxh3_128": digest}))
     except OSError:  # a read-only or full home: the next process reads the file again, nothing worse
         pass

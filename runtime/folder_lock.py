@@ -45,7 +45,8 @@ __all__ = ["LEASE_SECONDS", "RENEW_SECONDS", "FolderInUseError", "FolderLock"]
 LEASE_SECONDS = 60.0  # an S3 lease not renewed for this long is its holder's no more (its driver or node is gone)
 RENEW_SECONDS = 15.0  # the holder renews it this often: three renewals may fail (a slow request) before it lapses
 _TAKE_ATTEMPTS = 20  # rounds of create / read / take over before a start that keeps conflicting gives up
-_UNSUPPORTED = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL}  # a filesystem without flock
+# A filesystem without flock; EBADF: NFS, asked for an exclusive lock through a file opened for reading only.
+_UNSUPPORTED = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,8 @@ class FolderLock:
             if folder.url.startswith("s3://"):
                 _S3Lease(self, folder).refuse_if_held()
             return
-        try:  # for writing: NFS grants an exclusive lock to writers only
-            lock = open(folder.local_path() / self.lock_file, "r+")
+        try:
+            lock = _open_lock(folder.local_path() / self.lock_file, "r+")
         except (FileNotFoundError, NotADirectoryError, PermissionError):
             return
         with lock:
@@ -104,18 +105,25 @@ class FolderLock:
         path = folder.local_path()
         path.mkdir(parents=True, exist_ok=True)
         try:
-            lock = open(path / self.lock_file, "a+")
-        except PermissionError:  # another user's lock file in a shared folder: that user's run is not ours to judge
+            lock = _open_lock(path / self.lock_file, "a+")
+        except PermissionError:  # not even readable: nothing to lock with
             log.warning("cannot open %s: this %s is not guarded against another into the same folder",
                         path / self.lock_file, self.holder)
             yield never
             return
         with lock:
-            if self._take(lock, folder):
+            if self._take(lock, folder) and lock.writable():
                 lock.truncate(0)  # who holds it, for the message of a refused writer; the lock itself is the kernel's
                 lock.write(_holder())
                 lock.flush()
             yield never
+
+    def lost(self, folder: Location) -> FolderInUseError:
+        """The error of a holder whose S3 lease was taken over while it wrote."""
+        return FolderInUseError(f"Expected this {self.holder} to hold {folder.url} to its end. Got its lease taken "
+                                f"over by another {self.holder} instead (this one could not renew it for "
+                                f"{LEASE_SECONDS:.0f} s): what it wrote since may mix with the other's. Run again "
+                                "into a new folder.")
 
     def in_use(self, folder: Location, holder: str, how_to_free: str) -> FolderInUseError:
         return FolderInUseError(f"Expected no other {self.holder} running into {folder.url}. Got one ({holder}) "
@@ -143,6 +151,15 @@ class FolderLock:
                 log.warning("the filesystem of %s has no flock (%s): this %s is not guarded against another into "
                             "the same folder", folder.url, error.strerror, self.holder)
             return False
+
+
+def _open_lock(path: Any, mode: str) -> IO[str]:
+    """The lock file opened for writing (NFS grants an exclusive lock to writers only), or for reading where it
+    is another user's (in a group's shared folder): a local disk's flock excludes through either."""
+    try:
+        return open(path, mode)
+    except PermissionError:
+        return open(path)
 
 
 def _holder() -> str:
@@ -187,10 +204,7 @@ class _S3Lease:
             renewer.join()
             self._let_go(body, lost)
         if lost.is_set():
-            raise FolderInUseError(f"Expected this {self.kind.holder} to hold {self.run.url} to its end. Got its lease "
-                                   f"taken over by another {self.kind.holder} instead (this one could not renew it "
-                                   f"for {LEASE_SECONDS:.0f} s): what it wrote since may mix with the other's. Run "
-                                   "again into a new folder.")
+            raise self.kind.lost(self.run)
 
     def _take(self, body: bytes) -> str:
         """Create the lease object, or take over one whose holder stopped renewing it; its ETag."""

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["Location", "LocationError", "is_url", "parse_location"]
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_COPY_ATTEMPTS = 3  # copies of a remote folder whose files keep changing under them, before giving up
 # What fsspec's listings call a file's version, most telling first: S3's and Azure's ETag, GCS's generation, then the
 # modification time of filesystems without a version.
 _VERSION_FIELDS = ("ETag", "etag", "generation", "md5Hash", "mtime", "LastModified", "last_modified", "updated")
@@ -148,15 +149,17 @@ class Location:
         """
         if self.is_local:
             return self.local_path()
-        listing = self.versions()
-        if not listing:
-            raise LocationError(f"Expected files in {self.url}. Got none there instead. Check the URL.")
-        key = hashlib.sha256(json.dumps([self.url, listing]).encode()).hexdigest()[:16]
         root = cache / "remote" if cache else cache_folder("remote")
-        final = root / f"{key}-{self.name}"
-        if not final.is_dir():
-            _download(self, root, final)
-        return final
+        for _ in range(_COPY_ATTEMPTS):
+            listing = self.versions()
+            if not listing:
+                raise LocationError(f"Expected files in {self.url}. Got none there instead. Check the URL.")
+            final = root / f"{hashlib.sha256(json.dumps([self.url, listing]).encode()).hexdigest()[:16]}-{self.name}"
+            if final.is_dir() or _download(self, root, final, listing):
+                return final
+        raise LocationError(f"Expected the files of {self.url} to stay as listed while they were copied. Got them "
+                            f"changed during each of {_COPY_ATTEMPTS} copies instead (a writer still writing there?). "
+                            "Try again once it is done.")
 
     def versions(self) -> list[list[str | int]]:
         """``[name, size, version]`` of every file below this folder, sorted; [] when absent. The version is what
@@ -204,22 +207,30 @@ class Location:
         return [self.child(name) for name in names]
 
 
-def _download(folder: Location, root: Path, final: Path) -> None:
+def _download(folder: Location, root: Path, final: Path, listing: list[list[str | int]]) -> bool:
     """Copy a remote folder to ``final`` through a temporary sibling and one rename, so a reader sees all of it or
-    nothing (another process that finished first keeps its copy)."""
-    import pyarrow.fs
-
+    nothing (another process that finished first keeps its copy). False, with nothing kept, when its files changed
+    from ``listing`` while they were copied: the copy could hold another version, or a mix, under this key."""
     root.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
     try:
-        pyarrow.fs.copy_files(folder.path, str(partial), source_filesystem=folder.filesystem,
-                              destination_filesystem=pyarrow.fs.LocalFileSystem())
+        _copy_files(folder, partial)
+        if folder.versions() != listing:
+            return False
         os.rename(partial, final)
     except OSError:
         if not final.is_dir():
             raise
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+    return True
+
+
+def _copy_files(folder: Location, to: Path) -> None:
+    import pyarrow.fs
+
+    pyarrow.fs.copy_files(folder.path, str(to), source_filesystem=folder.filesystem,
+                          destination_filesystem=pyarrow.fs.LocalFileSystem())
 
 
 def parse_location(text: str | Path) -> Location:

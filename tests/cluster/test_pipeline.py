@@ -351,6 +351,22 @@ def test_a_model_behind_a_url_is_known_by_its_files_versions(s3_endpoint: str, m
     assert source_fingerprint(folder.url) == before
     folder.child("model.safetensors").write(b"\x01" * 64)  # within the second: S3's listed time may not change
     assert source_fingerprint(folder.url) != before
+    # A listing that fails for a moment is an error, never a key of the URL's text (a changed key would replace the
+    # stored model on the next run).
+    from botocore.exceptions import NoCredentialsError
+    from s3fs import S3FileSystem
+
+    from hrsa.runtime.locations import LocationError
+
+    with pytest.raises(LocationError, match=r"Expected files at s3://.*/nothing-here\. Got none"):
+        source_fingerprint(folder.url + "/nothing-here")
+
+    def expired(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise NoCredentialsError()
+
+    monkeypatch.setattr(S3FileSystem, "find", expired)
+    with pytest.raises(LocationError, match=r"Expected to list s3://"):
+        source_fingerprint(folder.url)
 
 
 @pytest.mark.parametrize("missing", ["corpus", "model"])

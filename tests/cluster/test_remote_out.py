@@ -68,6 +68,28 @@ def test_pushes_what_changed_with_the_state_last_and_mirrors_removals(remote: Lo
     assert PipelineState(again.local / STATE_FILE).entry("report")["status"] == "done"  # type: ignore[index]
 
 
+def test_nothing_is_pushed_once_the_outs_lease_is_lost(remote: Location, tmp_path: Path) -> None:
+    """A run whose lease another run took over (this one could not renew it) went on uploading its files and state
+    over the other's to its end."""
+    from hrsa.runtime.folder_lock import FolderInUseError
+
+    lost = False
+
+    def still_held() -> None:
+        if lost:
+            raise FolderInUseError("Expected this `hrsa run` to hold the out to its end. Got its lease taken over.")
+
+    published = PublishedOut.open(remote.url, state_file=STATE_FILE, local=tmp_path / "copy", check=still_held)
+    state = PipelineState(published.local / STATE_FILE, on_write=published.push)
+    state.finish("analyze:a--b", "k1", {})
+    assert remote.files().keys() == {STATE_FILE}
+    lost = True
+    (published.local / "report.html").write_text("<html/>")
+    with pytest.raises(FolderInUseError, match="lease taken over"):
+        state.finish("report", "k2", {})
+    assert remote.files().keys() == {STATE_FILE} and '"report"' not in remote.child(STATE_FILE).read_text()
+
+
 def test_a_pipeline_with_an_s3_out_keeps_its_outputs_there_and_resumes_from_them(
         remote: Location, tmp_path: Path, tiny_models: Any, ray_local: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     corpus = tmp_path / "words.jsonl"

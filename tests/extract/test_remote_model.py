@@ -113,3 +113,23 @@ def test_a_listing_the_storage_refuses_is_one_line(uploaded: Location, monkeypat
     with pytest.raises(LocationError, match=r"Expected to list s3://.*\. Got NoCredentialsError: ") as error:
         uploaded.versions()
     assert "\n" not in str(error.value)
+
+
+def test_a_folder_rewritten_while_it_is_copied_is_copied_again(uploaded: Location, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files re-uploaded between the listing and the end of the copy: the copy (the new bytes, or a mix) was kept
+    under the old listing's key, and stood for the old files from then on."""
+    import hrsa.runtime.locations as locations
+
+    real_copy, copies = locations._copy_files, []
+
+    def rewritten_during_the_first_copy(folder: Location, to: Path) -> None:
+        real_copy(folder, to)
+        if not copies:
+            folder.child("config.json").write((to / "config.json").read_text().replace("{", "{\n", 1))
+        copies.append(to)
+
+    monkeypatch.setattr(locations, "_copy_files", rewritten_during_the_first_copy)
+    copy = uploaded.local_folder()
+    assert len(copies) == 2 and (copy / "config.json").read_bytes() == uploaded.child("config.json").read_bytes()
+    assert [p.name for p in copy.parent.iterdir()] == [copy.name]  # the first copy was not kept

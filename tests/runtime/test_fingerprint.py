@@ -133,6 +133,21 @@ def test_broken_or_misplaced_cache_entries_are_not_believed(tmp_path: Path, cach
         assert file_digest(weights) == _expected(weights), broken
 
 
+def test_entries_another_user_wrote_are_not_believed(tmp_path: Path, cache: Path) -> None:
+    """A cache folder shared with others (a group's $HRSA_CACHE) could hand this user any digest."""
+    weights = _weights(tmp_path / "model.safetensors", b"\x01")
+    _settled(weights)
+    file_digest(weights)
+    (entry,) = [p for p in cache.rglob("*") if p.is_file()]
+    entry.write_text(entry.read_text().replace(_expected(weights), "0" * 32))
+    fingerprint._memo.clear()
+    assert file_digest(weights) == "0" * 32  # this user's own entry is believed: the cache is a cache
+    os.chown(entry, 12345, 12345)
+    fingerprint._memo.clear()
+    assert file_digest(weights) == _expected(weights)
+    assert (cache / "digests").stat().st_mode & 0o077 == 0  # made readable by this user alone
+
+
 def test_an_unwritable_cache_costs_time_not_correctness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from hrsa.runtime.locations import parse_location
-from hrsa.train.run_lock import LOCK_FILE, RunInUseError, exclusive_run
+from hrsa.train.run_lock import LOCK_FILE, RunInUseError, exclusive_run, refuse_if_in_use
 
 _HOLD = textwrap.dedent("""
     import sys, time
@@ -49,6 +49,28 @@ def test_a_held_run_folder_is_refused_and_freed_when_its_holder_is_killed(tmp_pa
         holder.wait()
     with exclusive_run(run):  # no stale lock: the kernel dropped it with the process
         assert (tmp_path / "run" / LOCK_FILE).read_text().startswith("pid ")
+
+
+def test_a_lock_file_this_user_cannot_write_still_excludes(tmp_path: Path) -> None:
+    """Another user's lock file in a group's shared folder (made immutable here: root may write any file): opened
+    for reading, its flock still excludes. It went unguarded with a warning, and two runs went on at once."""
+    (tmp_path / "run").mkdir()
+    lock = tmp_path / "run" / LOCK_FILE
+    lock.write_text("pid 1 on another-user's-host")
+    if subprocess.run(["chattr", "+i", str(lock)], capture_output=True, check=False).returncode != 0:
+        pytest.skip("chattr +i is not supported on this filesystem")
+    try:
+        holder = _hold(tmp_path / "run")
+        try:
+            with pytest.raises(RunInUseError, match="Wait for it to end"), exclusive_run(parse_location(tmp_path / "run")):
+                pytest.fail("entered a folder another process holds")
+            with pytest.raises(RunInUseError):
+                refuse_if_in_use(parse_location(tmp_path / "run"))
+        finally:
+            holder.send_signal(signal.SIGKILL)
+            holder.wait()
+    finally:
+        subprocess.run(["chattr", "-i", str(lock)], check=True)
 
 
 def test_one_process_holds_a_folder_once(tmp_path: Path) -> None:
@@ -86,8 +108,6 @@ def test_a_training_into_a_folder_another_one_runs_into_is_refused_untouched(ray
 
 
 def test_the_early_check_creates_nothing_and_refuses_a_held_folder(tmp_path: Path) -> None:
-    from hrsa.train.run_lock import refuse_if_in_use
-
     refuse_if_in_use(parse_location(tmp_path / "new"))
     assert not (tmp_path / "new").exists()
     holder = _hold(tmp_path / "run")
@@ -119,10 +139,12 @@ def test_a_filesystem_without_flock_trains_unguarded_with_a_warning(tmp_path: Pa
 # -- On S3 (moto's server): a lease renewed by its holder ------------------------------------------------------------
 _HOLD_S3 = textwrap.dedent("""
     import sys, time
+    from hrsa.cli import exit_on_sigterm
     from hrsa.runtime.locations import parse_location
     from hrsa.runtime import folder_lock
     from hrsa.train import run_lock
     folder_lock.LEASE_SECONDS, folder_lock.RENEW_SECONDS = float(sys.argv[2]), float(sys.argv[3])
+    exit_on_sigterm()  # as `hrsa` does
     with run_lock.exclusive_run(parse_location(sys.argv[1])):
         print("held", flush=True)
         time.sleep(600)
@@ -155,7 +177,6 @@ def test_an_s3_run_is_refused_while_its_holder_renews_and_taken_over_once_it_sto
     import time
 
     from hrsa.runtime import folder_lock
-    from hrsa.train.run_lock import refuse_if_in_use
 
     refuse_if_in_use(s3_run)
     assert _s3_keys(s3_run) == []  # the early check creates nothing
@@ -177,6 +198,17 @@ def test_an_s3_run_is_refused_while_its_holder_renews_and_taken_over_once_it_sto
     with exclusive_run(s3_run):
         assert _s3_keys(s3_run) == [LOCK_FILE]
     assert _s3_keys(s3_run) == []
+
+
+def test_a_holder_stopped_with_sigterm_lets_go_of_its_lease_at_once(s3_run: Any) -> None:
+    """`ray job stop`, scancel and Kubernetes stop a driver with SIGTERM: its lease was left to lapse (60 s), and
+    an immediate re-run was refused."""
+    holder = _hold_s3(s3_run, 60.0, 15.0)
+    assert _s3_keys(s3_run) == [LOCK_FILE]
+    holder.send_signal(signal.SIGTERM)
+    assert holder.wait(timeout=30) == 128 + signal.SIGTERM
+    assert _s3_keys(s3_run) == []
+    refuse_if_in_use(s3_run)
 
 
 def test_an_s3_lease_taken_over_stops_its_first_holder_and_fails_it_at_the_end(
@@ -219,7 +251,6 @@ def test_an_s3_lock_that_cannot_be_reached_is_one_line(s3_run: Any, monkeypatch:
     from s3fs import S3FileSystem
 
     from hrsa.store.errors import UserError
-    from hrsa.train.run_lock import refuse_if_in_use
 
     def no_credentials(self: Any, method: str, *args: Any, **kwargs: Any) -> Any:
         raise NoCredentialsError()
