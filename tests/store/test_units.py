@@ -226,30 +226,35 @@ def test_repair_by_reset_and_rewrite(tmp_path, filled_store: ActivationStore) ->
     assert os.path.isdir(tmp_path / "store/corpora")
 
 
+_MEASURE_UNIT_WRITE = """
+import sys, tracemalloc
+import ml_dtypes, numpy as np
+from hrsa.store import ActivationStore
+from hrsa.store.testing import make_table
+
+root, dtype, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
+store = ActivationStore.open(root, mode="a")
+cid = store.write_corpus(make_table((2048,)), tokenizer={"name": "t", "fingerprint": "f"}, source="t")
+store.create_model("m", corpus=cid, n_hidden_states=8, hidden_size=512, dtype=dtype, shard_tokens=2048)
+writer = store.writer("m")
+rng = np.random.default_rng(0)
+values = {k: rng.standard_normal((2048, 512)).astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
+          for k in range(8)}
+tracemalloc.start()
+assert writer.write_unit(writer.units()[0], values, threads=threads)
+print(tracemalloc.get_traced_memory()[1] / values[0].nbytes)
+"""
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("threads", [1, 4])
 def test_a_units_write_holds_at_most_two_shards_a_thread(tmp_path, dtype: str, threads: int) -> None:
     """Measured with tracemalloc (numpy and the joined bytes are traced): encoding, hashing and writing 8 states of a
     unit holds no more than two shards' bytes per thread at once (compressed pieces, then their join), never every
-    state's (here 1.0 / 4.0 shards in float32, 1.6 / 4.2 in bf16 zstd-1)."""
-    import tracemalloc
-
-    import ml_dtypes
-
-    from hrsa.store.testing import make_table
-
-    store = ActivationStore.open(tmp_path / "store", mode="a")
-    cid = store.write_corpus(make_table((2048,)), tokenizer={"name": "t", "fingerprint": "f"}, source="t")
-    store.create_model("m", corpus=cid, n_hidden_states=8, hidden_size=512, dtype=dtype, shard_tokens=2048)
-    writer = store.writer("m")
-    rng = np.random.default_rng(0)
-    values = {k: rng.standard_normal((2048, 512)).astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
-              for k in range(8)}
-    shard = values[0].nbytes
-    tracemalloc.start()
-    try:
-        assert writer.write_unit(writer.units()[0], values, threads=threads)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak <= 2 * threads * shard, (peak / shard, threads)
+    state's (here 1.0 / 4.0 shards in float32, 1.6 / 4.2 in bf16 zstd-1). In a process of its own: tracemalloc
+    counts every thread's allocations, and a suite's process has others (Ray's, fsspec's) that allocated a shard's
+    worth within the window once."""
+    done = subprocess.run([sys.executable, "-c", _MEASURE_UNIT_WRITE, str(tmp_path / "store"), dtype, str(threads)],
+                          capture_output=True, text=True, check=True)
+    shards = float(done.stdout.strip())
+    assert shards <= 2 * threads, (shards, threads)
