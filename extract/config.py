@@ -100,6 +100,14 @@ class CorpusOptions(BaseModel):
         text = info.data.get("text")  # validated before: fields are checked in order, errors gathered
         if value is not None and text is not None:
             raise ValueError(f"expected text or template, not both; got text={text!r} and template={value!r}")
+        if value is not None:
+            import string
+
+            try:  # checked here, before a store or folder is made: a corpus reader would fail on it later
+                list(string.Formatter().parse(value))
+            except ValueError as error:
+                raise ValueError(f"expected a format string such as '{{question}} {{answer}}'; got {value!r} "
+                                 f"({error}); double a brace to keep it literal ({{{{ or }}}})") from None
         return value
 
 

@@ -429,6 +429,12 @@ class ActivationStore(ResultRecords):
                 f"Expected readable metadata of {where}. Got {type(error).__name__}: {error} instead. "
                 f"Run `hrsa store verify {self.url}` for details; delete the model and re-extract it."
             ) from None
+        if tuple(stored.shape) != (info.n_tokens, info.hidden_size):  # a reader would take its rows for all tokens
+            raise CorruptDataError(
+                f"Expected {where} of shape ({info.n_tokens}, {info.hidden_size}) (tokens, hidden size). Got "
+                f"{tuple(stored.shape)} instead: its metadata is damaged. Run `hrsa store verify {self.url}` for "
+                "details; delete the model and re-extract it."
+            )
         writer = ModelWriter(group, info)
         return CheckedArray(stored, info.dtype, where, done=writer.done_mask(), shard_tokens=info.layout.shard_tokens,
                             model_prefix=group.store_path.path, layer=k, settings=writer.settings)

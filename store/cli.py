@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 __all__ = ["store_group"]
@@ -156,11 +158,15 @@ def verify(url: str, models: tuple[str, ...], reset_damaged: bool) -> None:
 def rm(url: str, model: str, yes: bool) -> None:
     """Delete MODEL and all its hidden states from the store at URL (corpora are kept)."""
     from hrsa.store import ActivationStore
+    from hrsa.store.errors import UserError
 
     store = ActivationStore.open(url, mode="r+")
     if model not in store.half_created_models():  # a half-created model has no info, but rm is its repair
         store.model_info(model)  # fail on an unknown id before asking anything
     if not yes:
+        if not sys.stdin.isatty():  # a pipe or a job: nobody to answer, and a pipe held open would wait forever
+            raise UserError(f"Expected --yes to delete model {model} from {url} without a terminal to ask at. Got none. "
+                            "Pass --yes.")
         click.confirm(f"Delete model {model} from {url}?", abort=True)
     store.delete_model(model)
     click.echo(f"deleted {model}")

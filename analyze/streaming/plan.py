@@ -507,9 +507,10 @@ def parse_memory_budget(value: str | int) -> int:
     if isinstance(value, int) and value > 0:
         return value
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]i?)?b?\s*", str(value).lower())
-    if not match or float(match.group(1)) <= 0:
+    size = float(match.group(1)) * _UNITS[match.group(2) or ""] if match else 0.0
+    if not 1 <= size < 2**63:  # 1e400 is inf: no machine's bytes
         raise UserError(f"Expected a memory budget such as 4GB, 512MiB or 2e9. Got {value!r} instead.")
-    return int(float(match.group(1)) * _UNITS[match.group(2) or ""])
+    return int(size)
 
 
 def format_bytes(n: float) -> str:

@@ -98,6 +98,7 @@ def test_a_yaml_config_is_overridden_by_flags(cli_store, tmp_path: Path) -> None
         (["--pair", "a", "nope"], "Expected a model of this store"),
         (["--pair", "a", "other"], "same corpus"),
         (["--pair", "a", "b", "--memory-budget", "lots"], "memory budget such as 4GB"),
+        (["--pair", "a", "b", "--memory-budget", "1e400"], "memory budget such as 4GB"),  # inf: was a traceback
         (["--pair", "a", "b", "--memory-budget", "1kB"], "Raise --memory-budget"),
         (["--pair", "a", "b", "--metrics", "cka,rsa"], "metrics"),
         (["--pair", "a", "b", "--positions", "9:3"], "positions"),
@@ -105,8 +106,8 @@ def test_a_yaml_config_is_overridden_by_flags(cli_store, tmp_path: Path) -> None
         (["--pair", "a", "b", "--run-id", "../up"], "run id"),
         (["--pair", "a"], "pair"),
     ],
-    ids=["unknown-model", "corpus-mismatch", "bad-budget", "small-budget", "bad-metric", "bad-positions", "bad-docs",
-         "bad-run-id", "half-pair"],
+    ids=["unknown-model", "corpus-mismatch", "bad-budget", "infinite-budget", "small-budget", "bad-metric", "bad-positions",
+         "bad-docs", "bad-run-id", "half-pair"],
 )
 def test_user_errors_are_one_line_and_exit_2(cli_store, tmp_path: Path, args: list[str], message: str) -> None:
     code, stdout, stderr = run("--store", cli_store.url, "--backend", "numpy", "--out", str(tmp_path / "o"), *args)

@@ -259,9 +259,10 @@ def test_the_comparison_is_one_function(finished_store: tuple[Path, str], tiny_m
 
 
 # -- mistakes that must leave no trace: a new store is created only once the model and the corpus are good ----------
-@pytest.mark.parametrize("case", ["missing-model", "missing-corpus", "empty-corpus", "empty-document", "too-long"])
+@pytest.mark.parametrize("case", ["missing-model", "missing-corpus", "empty-corpus", "empty-document", "too-long",
+                                  "broken-template"])
 def test_a_new_store_is_not_created_by_a_mistake(case: str, tmp_path: Path, corpus_file: Path, tiny_models: Any) -> None:
-    store, model, corpus = tmp_path / "store", str(tiny_models.dir("llama")), str(corpus_file)
+    store, model, corpus, extra = tmp_path / "store", str(tiny_models.dir("llama")), str(corpus_file), []
     if case == "missing-model":
         model = str(tmp_path / "nope")
     elif case == "missing-corpus":
@@ -272,7 +273,9 @@ def test_a_new_store_is_not_created_by_a_mistake(case: str, tmp_path: Path, corp
         corpus = str(write_jsonl(tmp_path / "c.jsonl", {"fine": "the lazy dog", "blank": ""}))
     elif case == "too-long":
         corpus = str(write_jsonl(tmp_path / "c.jsonl", {"long": "the lazy dog " * 60}))
-    result = run_cli("--store", str(store), "--model", model, "--corpus", corpus)
+    elif case == "broken-template":  # was a traceback (string.Formatter's ValueError), after the store was made
+        extra = ["--template", "{nope"]
+    result = run_cli("--store", str(store), "--model", model, "--corpus", corpus, *extra)
     assert_one_line_error(result)
     assert not store.exists()
 

@@ -94,6 +94,21 @@ def test_rm(url: str) -> None:
     assert code == 0 and ActivationStore.open(url).models() == []
 
 
+def test_rm_without_yes_and_without_a_terminal_is_refused_not_left_waiting(url: str) -> None:
+    """`sleep 30 | hrsa store rm S m` asked on a pipe nobody answers, and waited for it to close."""
+    import subprocess
+    import sys
+
+    waiting = subprocess.Popen([sys.executable, "-c", "from hrsa.cli import main; main()", "store", "rm", url, "m"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = waiting.communicate(timeout=60)  # stdin stays open: a prompt would wait the whole minute
+    finally:
+        waiting.kill()
+    assert waiting.returncode == 2 and err.count("\n") == 1 and "Pass --yes" in err, err
+    assert ActivationStore.open(url).models() == ["m"]
+
+
 def _newer_format(url: str) -> None:
     meta_path = Path(url) / "zarr.json"
     meta = json.loads(meta_path.read_text())

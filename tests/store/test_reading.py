@@ -6,6 +6,7 @@ import dataclasses
 import io
 import os
 import json
+from pathlib import Path
 
 from typing import Any
 
@@ -367,3 +368,26 @@ def test_two_reads_of_one_hidden_state_in_one_graph_stay_apart(filled_store: Act
                               for c in (first, second)))
         for got in sums:
             np.testing.assert_allclose(got, want.sum(0), rtol=1e-12)
+
+
+def test_a_hidden_state_whose_shape_metadata_was_forged_is_refused_not_read_short(filled_store: ActivationStore,
+                                                                                  tmp_path: Path) -> None:
+    """`shape: [5, D]` in a hidden state's zarr.json: `hrsa store get` wrote 5 rows with exit 0 (the model has more),
+    and an analysis failed on a traceback."""
+    from click.testing import CliRunner
+
+    from hrsa.cli import cli
+    from hrsa.store import CorruptDataError
+    from hrsa.store.model import hidden_key
+
+    meta = Path(filled_store.url) / "models" / "m" / hidden_key(1) / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["shape"] = [5, doc["shape"][1]]
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(CorruptDataError, match=r"Expected .*models/m/.* of shape \(\d+, \d+\) \(tokens, hidden size\)\. "
+                                               r"Got \(5, \d+\) instead"):
+        filled_store.hidden_state("m", 1)
+    result = CliRunner().invoke(cli, ["store", "get", filled_store.url, "m", "--layer", "1", "--out",
+                                      str(tmp_path / "x.npy")])
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1 and "of shape" in result.stderr, result.output
+    assert not (tmp_path / "x.npy").exists()
