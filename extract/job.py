@@ -327,13 +327,10 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
         check_rerun(store, config, corpus_hash=corpus.digest, table=corpus.table)
         if existing.complete:
             return ExtractResult(mid, existing.corpus, existing.n_tokens, existing.n_units, 0, ())
-    # Step 2: Ray, and one worker per GPU (or CPU workers) that the cluster can place; then the store and corpus.
+    # Step 2: Ray, and one worker per GPU (or CPU workers) that the cluster can place.
     conn = connect(config.address)
     n, gpus, cpus, threads = _placement(conn, config.workers)
     _check_placement(conn, n, gpus, cpus)
-    store = store or ActivationStore.open(config.store, mode="a")
-    cid = existing.corpus if existing is not None else _store_corpus(config, store, corpus)  # resuming: its own corpus
-    store.check_corpus(cid)  # the workers read its tokens unchecked: a lost chunk would be token 0 for them
     # Step 3: the workers in reserved resources (a pipeline's, kept from its last extraction), each loading the model.
     if workers is not None and config.trust_remote_code:
         workers.close()  # the model's own code runs in the worker: fresh processes, ended after, whatever came before
@@ -349,6 +346,10 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
         facts = _call([a.describe.remote(model, digest=i == 0) for i, a in enumerate(actors)],
                       f"loading model {mid}")[0]
         _check_layers(config, facts)
+        # The store and the corpus, only now that the model loads and its layers fit: a mistake creates nothing.
+        store = store or ActivationStore.open(config.store, mode="a")
+        cid = existing.corpus if existing is not None else _store_corpus(config, store, corpus)  # resuming: its own
+        store.check_corpus(cid)  # the workers read its tokens unchecked: a lost chunk would be token 0 for them
         if replaced is not None:  # the new extraction runs: only now is the old one let go
             store.delete_model(mid)
         if existing is None:

@@ -25,7 +25,7 @@ from hrsa.store.errors import UserError
 if TYPE_CHECKING:
     import torch
 
-    from hrsa.store import WorkUnit
+    from hrsa.store import ActivationStore, WorkUnit
     from hrsa.store.corpus import CorpusTokens
     from hrsa.store.units import ModelWriter
 
@@ -50,6 +50,7 @@ class ExtractionWorker:
         import torch
 
         from hrsa.store import ActivationStore
+        from hrsa.store.errors import StoreNotFoundError
 
         if cpu_threads:
             torch.set_num_threads(cpu_threads)
@@ -67,8 +68,13 @@ class ExtractionWorker:
         # A user's mistake found while starting (a store it cannot open, a model that cannot load) is kept and
         # raised by describe(): Ray reports an exception raised in __init__ only as text, losing its type.
         self._error: UserError | None = None
+        self._store_at = (store_url, storage_options)
+        self._store: ActivationStore | None = None
         try:
-            self._store = ActivationStore.open(store_url, mode="r+", storage_options=storage_options)
+            try:
+                self._store = ActivationStore.open(store_url, mode="r+", storage_options=storage_options)
+            except StoreNotFoundError:  # made by the coordinator once the model loaded and its layers fit: opened at bind
+                pass
             if spec is not None:
                 self._use(spec)
         except UserError as error:
@@ -131,6 +137,11 @@ class ExtractionWorker:
     def _bound(self, mid: str, *, fresh: bool = False) -> ModelWriter:
         with self._bind_lock:
             if fresh or self._writer is None or self._writer.info.id != mid:
+                if self._store is None:
+                    from hrsa.store import ActivationStore
+
+                    url, options = self._store_at
+                    self._store = ActivationStore.open(url, mode="r+", storage_options=options)
                 writer = self._store.writer(mid)
                 self._corpus = self._store.corpus_tokens(writer.info.corpus, checked=False)  # run_extraction checked it
                 self._writer = writer

@@ -108,6 +108,7 @@ def assert_one_line_error(result: Any, *fragments: str) -> None:
         ("empty-document", ("Expected text in every document", "['blank']")),
         ("too-long", ("at most 128 tokens (the model's context)", "in long", "--max-tokens 128")),
         ("bad-name", ("--name", "'../escape'")),
+        ("layers-out-of-range", ("Expected --layers to be distinct hidden states in 0..2",)),
     ],
 )
 def test_mistakes_are_one_line_and_damage_nothing(
@@ -124,6 +125,9 @@ def test_mistakes_are_one_line_and_damage_nothing(
         corpus = str(write_jsonl(tmp_path / "c.jsonl", {"fine": "the lazy dog", "long": "the lazy dog " * 60}))
     elif case == "bad-name":
         extra = ["--name", "../escape"]
+    elif case == "layers-out-of-range":  # another corpus: it was stored before the model loaded and told
+        corpus = str(write_jsonl(tmp_path / "c.jsonl", {"fine": "the lazy dog", "other": "w1 w2 w3"}))
+        extra = ["--layers", "0,9", "--workers", "1", "--name", "new"]
     before = store_digest(stored_copy)
     result = run_cli("--store", str(stored_copy), "--model", model, "--corpus", corpus, *extra)
     assert_one_line_error(result, *fragments)
@@ -260,7 +264,7 @@ def test_the_comparison_is_one_function(finished_store: tuple[Path, str], tiny_m
 
 # -- mistakes that must leave no trace: a new store is created only once the model and the corpus are good ----------
 @pytest.mark.parametrize("case", ["missing-model", "missing-corpus", "empty-corpus", "empty-document", "too-long",
-                                  "broken-template"])
+                                  "broken-template", "layers-out-of-range"])
 def test_a_new_store_is_not_created_by_a_mistake(case: str, tmp_path: Path, corpus_file: Path, tiny_models: Any) -> None:
     store, model, corpus, extra = tmp_path / "store", str(tiny_models.dir("llama")), str(corpus_file), []
     if case == "missing-model":
@@ -275,6 +279,8 @@ def test_a_new_store_is_not_created_by_a_mistake(case: str, tmp_path: Path, corp
         corpus = str(write_jsonl(tmp_path / "c.jsonl", {"long": "the lazy dog " * 60}))
     elif case == "broken-template":  # was a traceback (string.Formatter's ValueError), after the store was made
         extra = ["--template", "{nope"]
+    elif case == "layers-out-of-range":  # known once the model loads: the store and its corpus were made before
+        extra = ["--layers", "0,9", "--workers", "1"]
     result = run_cli("--store", str(store), "--model", model, "--corpus", corpus, *extra)
     assert_one_line_error(result)
     assert not store.exists()
