@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hrsa.store.errors import StoreFormatError, StoreNotFoundError, UserError
@@ -69,6 +70,9 @@ def _open_root(url: str, mode: str, storage_options: Mapping[str, Any] | None, u
         # in concurrent ranges: metadata, records and shards at the default shard size are smaller, so that HEAD doubled the
         # round trips of every read. One stream a read; a user's own setting wins.
         options = {"max_concurrency": 1, **(options or {})}
+    if not _is_url(url) and Path(url).expanduser().is_file():
+        raise StoreFormatError(f"Expected a folder for the store at {url}. Got a file there instead. Point at an hrsa "
+                               "store, or at a new path.")
     root = _open_existing(url, mode, options)
     if root is None:
         if mode in ("a", "w-") and (not _exists_nonempty(url, options) or _holds_only_a_new_skeleton(url, options)):

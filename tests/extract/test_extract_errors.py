@@ -286,6 +286,16 @@ def test_a_new_store_is_not_created_by_a_mistake(case: str, tmp_path: Path, corp
     assert not store.exists()
 
 
+def test_a_store_path_that_is_a_file_is_one_line_and_left_as_it_was(tmp_path: Path, corpus_file: Path,
+                                                                     tiny_models: Any) -> None:
+    """zarr's local store raised FileExistsError (a traceback, exit 1) at the end of the checks."""
+    store = tmp_path / "afile"
+    store.write_text("not a store")
+    result = run_cli("--store", str(store), "--model", str(tiny_models.dir("llama")), "--corpus", str(corpus_file))
+    assert_one_line_error(result, "Expected a folder for the store at", "Got a file there")
+    assert store.read_text() == "not a store"
+
+
 def test_an_empty_corpus_says_what_is_empty(tmp_path: Path, tiny_models: Any) -> None:
     corpus = write_jsonl(tmp_path / "c.jsonl", {})
     result = run_cli("--store", str(tmp_path / "store"), "--model", str(tiny_models.dir("llama")), "--corpus", str(corpus))
