@@ -212,8 +212,9 @@ class ActivationStore(ResultRecords):
             )
         if state == "half-created" or group is None:
             raise HalfCreatedModelError(
-                f"Expected model {mid}'s attributes in {self.url}. Got a model whose creation was interrupted (no valid "
-                f"attributes) instead. Delete it (`hrsa store rm {self.url} {mid}`), or re-run the extraction, which replaces it."
+                f"Expected model {mid}'s attributes in {self.url}. Got a model without valid attributes (its creation "
+                f"was interrupted, or they were edited) instead. Restore them, delete it (`hrsa store rm {self.url} "
+                f"{mid}`), or re-run the extraction, which replaces it."
             )
         return group
 

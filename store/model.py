@@ -91,12 +91,35 @@ def parse_model_attrs(mid: str, attrs: Any, *, units_done: int = 0) -> ModelInfo
     a.pop("kind")
     try:
         layout = Layout(**a.pop("layout"))
-        a["hidden_states"] = tuple(int(k) for k in a["hidden_states"])
+        a["hidden_states"] = tuple(a["hidden_states"])
         info = ModelInfo(id=mid, layout=layout, units_done=units_done, n_units=layout.n_units(int(a["n_tokens"])), **a)
         storage_dtype(info.dtype)
+        _check_types(info)
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"malformed model attributes ({type(error).__name__}: {error})") from error
     return info
+
+
+def _check_types(info: ModelInfo) -> None:
+    """Every field of the type and range its readers take for granted (edited attributes: ``"hidden_size": "32"``
+    failed in `hrsa store verify` on a traceback, a negative count in numpy)."""
+    def count(name: str, value: Any, least: int) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{name} {value!r} (expected a whole number >= {least})")
+
+    count("n_tokens", info.n_tokens, 0)
+    count("hidden_size", info.hidden_size, 1)
+    count("n_hidden_states", info.n_hidden_states, 1)
+    for k in info.hidden_states:
+        count("hidden state", k, 0)
+        if k >= info.n_hidden_states:
+            raise ValueError(f"hidden state {k} (expected < n_hidden_states {info.n_hidden_states})")
+    for name in ("corpus", "dtype", "attention", "codec"):
+        if not isinstance(getattr(info, name), str):
+            raise ValueError(f"{name} {getattr(info, name)!r} (expected text)")
+    for name in ("source", "extraction"):
+        if not isinstance(getattr(info, name), dict):
+            raise ValueError(f"{name} {getattr(info, name)!r} (expected a mapping)")
 
 
 def _child_names(group: zarr.Group) -> list[str]:

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -191,3 +192,22 @@ def test_a_store_url_whose_storage_cannot_answer_is_one_line(tmp_path) -> None:
                               text=True, timeout=120, cwd=tmp_path)
         assert done.returncode == 2 and done.stderr.count("\n") == 1 and f"Got {cause}" in done.stderr, done.stderr
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("field,value", [("hidden_size", "32"), ("n_tokens", -5), ("corpus", 5),
+                                         ("hidden_states", [0, 99]), ("source", "weights")])
+def test_edited_model_attributes_are_one_line_in_every_verb(url: str, field: str, value: Any) -> None:
+    """`"hidden_size": "32"` failed `hrsa store verify` on a TypeError, `"corpus": 5` `hrsa store ls` on rich's
+    NotRenderableError: attributes of the wrong type read as a model without valid attributes, in one line."""
+    meta_path = Path(url) / "models" / "m" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["attributes"]["hrsa"][field] = value
+    meta_path.write_text(json.dumps(meta))
+    before = _tree_digest(Path(url))
+    for args in (["store", "verify", url], ["store", "ls", url], ["store", "info", url, "m"]):
+        code, out, err = _run(*args)
+        assert "Traceback" not in out + err and code in (0, 1, 2), (args, code, out, err)
+        assert err.count("\n") <= 1, (args, err)
+    code, out, err = _run("store", "info", url, "m")
+    assert code == 2 and "without valid attributes" in err and "or they were edited" in err, err
+    assert _tree_digest(Path(url)) == before
