@@ -21,6 +21,7 @@ from hrsa.analyze.pair import analyze_pair
 from hrsa.analyze.report.figures import FIGURE_NAMES, plot_figures
 from hrsa.analyze.results import check_run_id_free, save_results
 from hrsa.store import ActivationStore
+from hrsa.store.errors import UserError
 from hrsa.store.selection import TokenSelection
 
 if TYPE_CHECKING:
@@ -77,6 +78,7 @@ def run_analysis(
     """
     # Step 1: the store, writable when the results go into it; with replace, an earlier run's record and out folder
     # go; a taken run id fails now, not after the passes.
+    _check_out_apart_from_store(config)
     store = ActivationStore.open(config.store, mode="r+" if config.store_results else "r")
     if replace:
         _clear_earlier_run(store, config)
@@ -99,6 +101,16 @@ def run_analysis(
     if earlier:
         _remove_stale_outputs(Path(config.out), {p.name for p in (*figures, *saved.rotations)})
     return AnalysisRun(results=results, saved=saved, figures=figures, warnings=ours)
+
+
+def _check_out_apart_from_store(config: AnalyzeConfig) -> None:
+    """Refuse an out folder in a local store: results and figures would land among its arrays (and a re-run's
+    clearing of its out folder would delete them)."""
+    if "://" in str(config.store):
+        return
+    store, out = Path(config.store).expanduser().resolve(), Path(config.out).expanduser().resolve()
+    if out == store or out.is_relative_to(store):
+        raise UserError(f"Expected --out outside the store {store}. Got {out} instead. Pick a folder apart from it.")
 
 
 def _remove_stale_outputs(out: Path, written: set[str]) -> None:

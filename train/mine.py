@@ -233,6 +233,8 @@ def mine_negatives(
         raise UserError(f"Expected --out to be a file. Got the folder {out} instead. Pick another path.")
     if out.exists() and not config.overwrite:
         raise UserError(f"Expected a new output file. Got an existing {out} instead. Pass --overwrite or another --out.")
+    if out.exists() and out.resolve() == Path(config.input).resolve():  # --overwrite would replace the pairs it mines
+        raise UserError(f"Expected --out other than --input. Got {out} for both instead. Pick another --out.")
     records = read_pairs(config.input)
     corpus = _corpus_texts(config, records)
     if encoder is None:

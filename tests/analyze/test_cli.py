@@ -141,6 +141,16 @@ def test_an_out_that_is_a_file_is_refused_before_any_pass(cli_store, tmp_path: P
     assert snapshot(cli_store.url) == before and cli_store.open().results_ids() == records  # the store is untouched
 
 
+@pytest.mark.parametrize("inside", ["", "models/a"])
+def test_an_out_inside_the_store_is_refused(cli_store, inside: str) -> None:
+    """results.json and figures were written among the store's arrays (its root, or a model's group)."""
+    before = snapshot(cli_store.url)
+    out = str(Path(cli_store.url) / inside) if inside else cli_store.url
+    code, stdout, stderr = run("--store", cli_store.url, "--pair", "a", "b", "--backend", "numpy", "--out", out)
+    assert code == 2 and stderr.count("\n") == 1 and "Expected --out outside the store" in stderr, (stdout, stderr)
+    assert snapshot(cli_store.url) == before
+
+
 def test_a_missing_store_is_one_line_and_exit_2(tmp_path: Path) -> None:
     code, _, stderr = run("--store", str(tmp_path / "nowhere"), "--pair", "a", "b")
     assert code == 2 and stderr.count("\n") == 1 and "Expected an hrsa store" in stderr

@@ -194,6 +194,9 @@ def test_cli_missing_file_bad_flag_and_existing_out(cli: click.Group, tmp_path: 
     result = runner.invoke(cli, ["mine-negatives", "--input", str(good), "--out", str(tmp_path / "out.jsonl")])
     assert result.exit_code == 2 and "--overwrite" in result.output
     assert (tmp_path / "out.jsonl").read_text() == "keep me\n"
+    before = good.read_bytes()  # --overwrite onto its own input replaced the pairs it mines
+    result = runner.invoke(cli, ["mine-negatives", "--input", str(good), "--out", str(good), "--overwrite"])
+    assert result.exit_code == 2 and "Expected --out other than --input" in result.output and good.read_bytes() == before
     corpus = _write_jsonl(tmp_path / "corpus.jsonl", [{"text": "x"}, {"body": "y"}])
     result = runner.invoke(cli, ["mine-negatives", "--input", str(good), "--corpus", str(corpus)])
     assert result.exit_code == 2 and "line 2" in result.output and "--corpus-field" in result.output
