@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from hrsa.extract.model_spec import AttentionMode, DTypeName
+from hrsa.extract.model_spec import AttentionMode, DTypeName, ModelSpec
 from hrsa.runtime.settings import StoreUrl, load_settings, parse_settings
 from hrsa.store.errors import UserError
 from hrsa.store.ids import parse_id, slugify
@@ -136,6 +136,17 @@ class ExtractConfig(ExtractRunOptions, ModelSourceOptions, CorpusOptions):
             return self.name
         derived = slugify(self.model.removeprefix("packaged:").rstrip("/").split("/")[-1].removesuffix(".gguf"))
         return parse_id(derived, kind="model id (derived from --model; give one with --name)")
+
+    def model_spec(self) -> ModelSpec:
+        """The model these settings load (source, revision, GGUF file, dtype, attention, remote code).
+
+        Raises:
+            ModelSpecError: ``model`` names nothing usable.
+        """
+        from hrsa.extract.model_spec import parse_model_spec
+
+        return parse_model_spec(self.model, revision=self.revision, gguf_file=self.gguf_file, dtype=self.dtype,
+                                attention=self.attention, trust_remote_code=self.trust_remote_code)
 
 
 def parse_extract_config(values: Mapping[str, Any]) -> ExtractConfig:

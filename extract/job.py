@@ -111,11 +111,9 @@ def stored_differences(config: ExtractConfig, store: Any) -> list[str]:
     Raises:
         CorpusError, ModelLoadError...: the corpus or the tokenizer cannot be read (one line each).
     """
-    from hrsa.extract.model_spec import parse_model_spec
     from hrsa.extract.rerun import stored_mismatch
 
-    spec = parse_model_spec(config.model, revision=config.revision, gguf_file=config.gguf_file, dtype=config.dtype,
-                            attention=config.attention, trust_remote_code=config.trust_remote_code)
+    spec = config.model_spec()
     corpus = _read_corpus(config, store, spec)
     return stored_mismatch(store, config, corpus_hash=corpus.digest, table=corpus.table)
 
@@ -310,15 +308,13 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
         ExtractionFailedError: a worker crashed or failed on a unit (one line naming the unit and the error).
     """
     from hrsa.extract.identity import FILES_VERSION, files_version
-    from hrsa.extract.model_spec import parse_model_spec
     from hrsa.extract.rerun import RerunMismatchError, check_rerun, loaded_mismatch
     from hrsa.runtime.connection import connect
     from hrsa.store import ActivationStore
 
     # Step 1: check the model, the corpus and a stored model's settings before the store is created or changed.
     mid = config.model_id()
-    spec = parse_model_spec(config.model, revision=config.revision, gguf_file=config.gguf_file, dtype=config.dtype,
-                            attention=config.attention, trust_remote_code=config.trust_remote_code)
+    spec = config.model_spec()
     store = _open_existing(config.store)
     corpus = _read_corpus(config, store, spec)
     existing = store.model_info(mid) if store is not None and mid in store.models() else None

@@ -52,11 +52,8 @@ def stored_mismatch(store: ActivationStore, config: ExtractConfig, *, corpus_has
     Returns:
         ``[]`` when it is the same extraction (resume it, or nothing is left to do).
     """
-    from hrsa.extract.model_spec import parse_model_spec
-
     info = store.model_info(config.model_id())
-    model = parse_model_spec(config.model, revision=config.revision, gguf_file=config.gguf_file, dtype=config.dtype,
-                             attention=config.attention, trust_remote_code=config.trust_remote_code)
+    model = config.model_spec()
     spec = model.to_dict()
     found = []
     if any(spec[k] != info.source.get(k) for k in _SOURCE_FIELDS):

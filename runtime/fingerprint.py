@@ -91,9 +91,10 @@ def _kept_digest(signature: tuple[str | int, ...]) -> str | None:
 
 
 def _keep_digest(signature: tuple[str | int, ...], digest: str) -> None:
+    entry = _entry(signature)
     try:
-        _entry(signature).parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # this user's alone
-        write_atomic(_entry(signature), json.dumps({"signature": signature, "xxh3_128": digest}))
+        entry.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # this user's alone
+        write_atomic(entry, json.dumps({"signature": signature, "xxh3_128": digest}))
     except OSError:  # a read-only or full home: the next process reads the file again, nothing worse
         pass
 
