@@ -110,7 +110,7 @@ class AnalyzeConfig(BaseModel):
         "float64), float64 with cca, svcca, pwcca or regression.")
     out: FolderPath = Field(Path("hrsa-analysis"), description="Folder for results.json and figures.")
     run_id: str | None = Field(
-        None, description="Name of the run in the store's results/.  [default: A--B--<UTC time>]")
+        None, description="Name of the run in the store's results/.  [default: A--B--<UTC time>, -2, -3, ... added when taken]")
     store_results: bool = Field(True, description="Also write results into the store's results/ (opens it writable).")
     k: tuple[int, ...] = Field(DEFAULT_K, description="k-NN overlap: neighbour counts, comma-separated.")
     knn_sample: int | None = Field(

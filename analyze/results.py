@@ -139,11 +139,22 @@ class SavedResults:
     doc: Mapping[str, Any]
 
 
+_ID_ROOM = 124  # of the 128 characters an id may have: 4 left for the "-<n>" of a second run in the same second
+
+
 def new_run_id(results: PairResults, *, now: datetime | None = None) -> str:
-    """``<a>--<b>--<UTC time>``, cut to a valid id (slug of at most 128 characters)."""
+    """``<a>--<b>--<UTC time>``, cut to a valid id (slug of at most 128 characters, room kept for a "-<n>")."""
     stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
-    pair = slugify(f"{results.a}--{results.b}")[: 127 - len(stamp) - 2].rstrip("._-")
+    pair = slugify(f"{results.a}--{results.b}")[: _ID_ROOM - len(stamp) - 2].rstrip("._-")
     return f"{pair}--{stamp}"
+
+
+def _free_run_id(store: ActivationStore, default: str) -> str:
+    """``default``, or ``default-2``, ``-3``, ... when runs of the same pair in the same second took it (a script
+    running analyses back to back must not fail after its passes, nor overwrite the first run's record)."""
+    taken = set(store.results_ids())
+    candidates = (default, *(f"{default}-{n}" for n in range(2, 1000)))
+    return next((c for c in candidates if c not in taken), default)  # all taken: write_to_store names the clash
 
 
 def results_dict(results: PairResults, *, run_id: str, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -363,14 +374,17 @@ def save_results(
         results: what :func:`hrsa.analyze.analyze_pair` returned.
         out_dir: folder for results.json and rotations (created).
         store: write ``results/<run_id>`` there too (it must be open writable); None to skip.
-        run_id: the run's id (default ``<a>--<b>--<time>``).
+        run_id: the run's id (default ``<a>--<b>--<time>``, ``-2``, ``-3``, ... added when the store holds it);
+            an id given that the store holds is refused.
         config: the resolved config, recorded in the document.
 
     Raises:
         UserError: an invalid or taken run id, or a read-only store.
     """
     out_dir = Path(out_dir)
-    run_id = parse_id(run_id or new_run_id(results), kind="run id")
+    if run_id is None:
+        run_id = new_run_id(results) if store is None else _free_run_id(store, new_run_id(results))
+    run_id = parse_id(run_id, kind="run id")
     doc = results_dict(results, run_id=run_id, config=config)
     store_path = write_to_store(store, results, doc) if store is not None else None
     rotations = tuple(_save_rotation(out_dir / _rotation_name(k), p.rotation)

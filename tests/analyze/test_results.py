@@ -107,6 +107,25 @@ def test_run_ids_are_valid_slugs(setup) -> None:
     assert run_id.startswith("a--b--") and len(run_id) <= 128
 
 
+def test_runs_without_an_id_in_the_same_second_each_get_their_own_record(fresh_pair_store, tmp_path,
+                                                                          monkeypatch) -> None:
+    """The default id is the pair and the second: a second run within that second (a script, a loop) must not
+    fail after its passes over a taken id, nor overwrite the first; it takes the next free id."""
+    from datetime import UTC, datetime
+
+    import hrsa.analyze.results as results_module
+
+    store = fresh_pair_store.open("r+")
+    res = analyze_pair(store, "a", "b", metrics=("cka",), backend="numpy")
+    frozen = datetime(2026, 12, 3, 11, 35, 24, tzinfo=UTC)
+    monkeypatch.setattr(results_module, "new_run_id", lambda r, now=None: new_run_id(r, now=frozen))
+    ids = [save_results(res, tmp_path / str(i), store=store).run_id for i in range(3)]
+    assert ids == ["a--b--20261203T113524Z", "a--b--20261203T113524Z-2", "a--b--20261203T113524Z-3"]
+    assert set(ids) <= set(store.results_ids())
+    with pytest.raises(UserError, match="Expected a new run id"):  # an id the user gave is never changed
+        save_results(res, tmp_path / "given", store=store, run_id=ids[0])
+
+
 def test_find_results_takes_files_folders_and_parents(setup, tmp_path) -> None:
     _, res = setup
     one = save_results(res, tmp_path / "runs" / "one", run_id="one").json_path
