@@ -188,4 +188,7 @@ def upgrade(url: str) -> None:
         damaged = report.units_left_pending[mid]
         note = f"; units {damaged} were damaged and are left pending: re-run its extraction" if damaged else ""
         click.echo(f"{mid}: {recorded} done unit(s) recorded{note}")
-    click.echo(f"store format {report.from_version} -> {FORMAT_VERSION}: {url}")
+    if report.from_version == FORMAT_VERSION and not report.units_recorded:
+        click.echo(f"store format {FORMAT_VERSION} already: nothing to do: {url}")
+    else:
+        click.echo(f"store format {report.from_version} -> {FORMAT_VERSION}: {url}")

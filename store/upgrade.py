@@ -57,7 +57,8 @@ def upgrade_store(url: str, storage_options: Mapping[str, Any] | None = None) ->
             recorded += 1
         delete_prefix(group.store, f"{group.store_path.path}/units")
         report.units_recorded[mid], report.units_left_pending[mid] = recorded, damaged
-    root.attrs[ATTRS_KEY] = {**root.attrs.get(ATTRS_KEY, {}), "format_version": FORMAT_VERSION}
+    if report.from_version != FORMAT_VERSION:  # a current store is left byte for byte as it was
+        root.attrs[ATTRS_KEY] = {**root.attrs.get(ATTRS_KEY, {}), "format_version": FORMAT_VERSION}
     return report
 
 

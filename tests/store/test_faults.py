@@ -556,7 +556,10 @@ def test_a_format_1_store_is_refused_then_upgraded_keeping_every_intact_unit(tar
     report = verify_store(upgraded)
     assert report.damaged_units() == {} and report.incomplete_units == {"m": [1, 3]}
     assert _objects(upgraded, "models/m/units/") == {}
-    assert _cli(target, "store", "upgrade", target.url).exit_code == 0  # again: nothing left to do
+    before = _objects(upgraded)
+    again = _cli(target, "store", "upgrade", target.url)  # again: nothing left to do, and nothing written
+    assert again.exit_code == 0 and again.stdout.strip() == f"store format 3 already: nothing to do: {target.url}"
+    assert _objects(upgraded) == before
     fill_model(upgraded, "m")
     assert verify_store(target.open("r")).ok
     for k in range(LAYERS):
