@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 
@@ -97,7 +98,10 @@ def get(url: str, model: str, layer: int, docs: str | None, token_range: str | N
     from hrsa.store.selection import parse_doc_ids, parse_token_range
 
     folder = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(folder):  # checked first: a typo in --out must not cost the whole read, nor create folders
+    if os.path.exists(folder) and not os.path.isdir(folder):  # checked first: a typo in --out must not cost the read
+        raise UserError(f"Expected an existing folder for --out. Got {out}, whose folder {folder} is a file, "
+                        "instead. Choose another --out.")
+    if not os.path.isdir(folder):  # nor create folders
         raise UserError(f"Expected an existing folder for --out. Got {out}, whose folder {folder} does not exist, "
                         f"instead. Create it first (mkdir -p {folder}), or choose another --out.")
     store = ActivationStore.open(url, mode="r")
@@ -111,9 +115,32 @@ def get(url: str, model: str, layer: int, docs: str | None, token_range: str | N
     values = lazy.compute()
     if dtype != "auto" or m.dtype == "bfloat16":
         values = values.astype(np.float64 if dtype == "float64" else np.float32)
-    with open(out, "wb") as file:  # exactly at --out: np.save given a name adds ".npy" to one without it
-        np.save(file, values)
+    _save_npy_atomically(out, values)
     click.echo(f"wrote {out}: {values.shape[0]} tokens x {values.shape[1]} ({values.dtype})")
+
+
+def _save_npy_atomically(out: str, values: Any) -> None:
+    """``np.save`` exactly at ``out`` (given a name, np.save adds ".npy" to one without it), through a temporary
+    file in its folder renamed over it: a kill or a full disk never leaves half an array there, nor spoils an
+    earlier file. (Not runtime's write_atomic: the store sits below runtime, and this streams instead of holding
+    the array's bytes twice.)"""
+    import os
+    import tempfile
+
+    import numpy as np
+
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out)), prefix=f".{os.path.basename(out)}.",
+                               suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            np.save(file, values)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the array is as readable as any file the user writes
+        os.replace(tmp, out)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 @store_group.command("verify")

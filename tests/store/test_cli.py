@@ -64,6 +64,23 @@ def test_get_writes_npy(url: str, tmp_path, filled_store: ActivationStore) -> No
     assert np.array_equal(np.load(tmp_path / "x.txt"), expected_layer(filled_store, "m", 2)[-10:])  # where it says
 
 
+def test_get_interrupted_while_writing_leaves_the_earlier_file_and_no_partial_one(url: str, tmp_path,
+                                                                                     monkeypatch) -> None:
+    """A kill or a full disk mid-write must not leave a truncated .npy at --out (nor replace an earlier one)."""
+    out = tmp_path / "outs" / "x.npy"
+    out.parent.mkdir()
+    out.write_bytes(b"the earlier file")
+
+    def save_half(file, values) -> None:
+        file.write(b"\x93NUMPY half a header")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "save", save_half)
+    code, _, _ = _run("store", "get", url, "m", "--layer", "2", "--out", str(out))
+    assert code != 0
+    assert out.read_bytes() == b"the earlier file" and sorted(p.name for p in out.parent.iterdir()) == ["x.npy"]
+
+
 def test_get_widens_bf16_exactly(tmp_path) -> None:
     from hrsa.store.testing import fill_model, new_model
 
@@ -132,6 +149,8 @@ ERROR_CASES = {
     "not a store": (["store", "ls", "{tmp}"], "Got other files there"),
     "out folder missing": (["store", "get", "{url}", "m", "--layer", "0", "--out", "{tmp}/no-dir/o.npy"],
                            "Expected an existing folder for --out"),
+    "out folder is a file": (["store", "get", "{url}", "m", "--layer", "0", "--out", "{tmp}/afile/o.npy"],
+                             "whose folder {tmp}/afile is a file"),
     "reserved id on rm": (["store", "rm", "{url}", "zarr.json", "--yes"], "reserved by the store's layout"),
     "reserved id on info": (["store", "info", "{url}", "models"], "reserved by the store's layout"),
 }
@@ -140,7 +159,8 @@ ERROR_CASES = {
 @pytest.mark.parametrize("case", sorted(ERROR_CASES))
 def test_errors_are_one_line_exit_2_and_change_nothing(case: str, url: str, tmp_path) -> None:
     args, message = ERROR_CASES[case]
-    args = [a.format(url=url, tmp=tmp_path) for a in args]
+    args, message = [a.format(url=url, tmp=tmp_path) for a in args], message.format(tmp=tmp_path)
+    (tmp_path / "afile").write_text("a file where --out's folder should be\n")
     before = _tree_digest(Path(url))
     code, out, err = _run(*args)
     assert code == 2, (out, err)
