@@ -223,8 +223,17 @@ class ActivationStore(ResultRecords):
         missing chunk reads as zeros: token 0, no special tokens, position 0 everywhere)."""
         parse_id(cid, kind="corpus id")
         if cid not in self.corpora():
+            if self._holds_objects(f"corpora/{cid}"):  # there, but a write of it was cut short or its metadata was damaged
+                raise CorruptDataError(
+                    f"Expected corpus {cid} of {self.url} complete. Got one whose metadata does not read, or whose "
+                    "writing was cut short, instead. Extract any model on it again (the extraction writes its corpus "
+                    f"again), then run `hrsa store verify {self.url}`."
+                )
             known = ", ".join(self.corpora()) or "none"
-            raise CorpusNotFoundError(f"Expected a corpus of this store ({known}). Got {cid!r} instead.")
+            raise CorpusNotFoundError(
+                f"Expected a corpus of this store ({known}). Got {cid!r} instead. Extract a model on it (that writes "
+                f"its corpus), or list the store with `hrsa store ls {self.url}`."
+            )
         group = self._top("corpora")[cid]
         if checked and cid not in self._sound_corpora:
             damage = corpus_damage(group, read_corpus_info(cid, group))

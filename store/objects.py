@@ -219,14 +219,24 @@ def is_precondition_failure(error: BaseException) -> bool:
     return "PreconditionFailed" in text or "412" in text or "At least one of the pre-conditions" in text
 
 
+_EMPTY_GROUP = b'{"zarr_format": 3, "node_type": "group", "attributes": {}}'
+
+
 def ensure_group(store: Store, path: str) -> zarr.Group:
-    """The group at ``path``, created if absent; never deleting what is under it."""
+    """The group at ``path``, created if absent; never deleting what is under it.
+
+    A group whose metadata does not read (truncated, edited) gets empty metadata again, its arrays kept: the
+    content-addressed writers (a corpus, an alignment) then rewrite what they need and set their attributes last.
+    """
     import zarr
 
     try:
         return zarr.open_group(store, path=path, mode="a")
     except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError):  # created by another process between
         return zarr.open_group(store, path=path, mode="r+")                   # Zarr's check and its write
+    except (ValueError, KeyError, TypeError):  # JSONDecodeError is a ValueError
+        put_bytes(store, f"{path}/zarr.json", _EMPTY_GROUP)
+        return zarr.open_group(store, path=path, mode="r+")
 
 
 def ensure_array(group: zarr.Group, name: str, **spec: Any) -> zarr.Array:

@@ -612,6 +612,33 @@ def test_a_corpus_deleted_under_a_model_is_reported_and_restored_by_writing_it_a
     assert verify_store(target.open("r")).ok
 
 
+def _truncate_corpus_metadata(store: ActivationStore, cid: str) -> None:
+    key = f"corpora/{cid}/zarr.json"
+    _put(store, key, _get(store, key)[:40])  # type: ignore[index]
+
+
+def _drop_corpus_complete_flag(store: ActivationStore, cid: str) -> None:
+    _edit_json(store, f"corpora/{cid}/zarr.json", lambda meta: meta["attributes"]["hrsa"].pop("complete"))
+
+
+@pytest.mark.slow_on_s3
+@pytest.mark.parametrize("damage", [_truncate_corpus_metadata, _drop_corpus_complete_flag])
+def test_a_corpus_whose_metadata_does_not_read_is_named_with_its_fix(target: Target, damage: Callable, tmp_path) -> None:
+    """A corpus a model refers to, present but unreadable (truncated metadata; a write killed before its last
+    step), is named as such with the fix, not as an unknown id of a store that has "none"."""
+    store = _filled(target)
+    cid = store.model_info("m").corpus
+    damage(store, cid)
+    store = target.open("a")
+    assert [p.where for p in verify_store(store).problems] == [f"corpora/{cid}"]
+    result = _cli(target, "store", "get", target.url, "m", "--layer", "1", "--docs", "0", "--out", str(tmp_path / "x.npy"))
+    _one_error_line(result, 1)  # damaged data, as for a corpus whose arrays were damaged
+    assert f"corpus {cid} of {target.url}" in result.stderr and "Extract any model on it again" in result.stderr
+    assert "(none)" not in result.stderr
+    assert store.write_corpus(make_table(), tokenizer={"name": "test-tok", "fingerprint": "fp-1"}, source="test") == cid
+    assert verify_store(target.open("r")).ok
+
+
 # -- a corpus's arrays: Zarr reads a missing chunk as zeros; the content hash is what vouches for them -------------
 def _forge_token(store: ActivationStore, cid: str) -> None:
     array = store.group(f"corpora/{cid}")["token_ids"]
