@@ -136,10 +136,17 @@ def test_find_results_takes_files_folders_and_parents(setup, tmp_path) -> None:
         read_results(tmp_path / "runs")
 
 
-@pytest.mark.parametrize("bad", ["missing", "empty-folder", "not-json", "wrong-schema", "no-metrics"])
+_EDITED = '{"schema": "%s", "a": "a", "b": "b", "matched_hidden_states": [0], "metrics": {"cka": {"diagonal": [%s]}}}'
+
+
+@pytest.mark.parametrize("bad", ["missing", "empty-folder", "not-json", "wrong-schema", "no-metrics", "Infinity",
+                                 "-Infinity"])
 def test_read_results_rejects(bad: str, tmp_path) -> None:
+    """An infinite CKA is no result of any metric: refused, not drawn (a NaN literal reads as undefined, as null
+    does: tests/analyze/test_report.py::test_valid_edge_values_are_read)."""
     files = {"not-json": "{not json", "wrong-schema": json.dumps({"schema": "hrsa.other/9"}),
-             "no-metrics": json.dumps({"schema": SCHEMA, "a": "a", "b": "b", "matched_hidden_states": []})}
+             "no-metrics": json.dumps({"schema": SCHEMA, "a": "a", "b": "b", "matched_hidden_states": []}),
+             **{c: _EDITED % (SCHEMA, c) for c in ("Infinity", "-Infinity")}}
     path = tmp_path / "nope" if bad == "missing" else tmp_path
     if bad in files:
         path = tmp_path / "results.json"
