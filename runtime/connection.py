@@ -53,7 +53,9 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> RayCo
             if address:
                 ray.init(address=address, log_to_driver=False)
             else:
-                ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+                # "local", not None: Ray's None joins the cluster the machine's last `ray start` recorded (a dead
+                # one, when its head was killed without `ray stop`), and the embedded instance is what hrsa promises.
+                ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
         except (ConnectionError, TimeoutError, ValueError) as error:
             raise RayConnectionError(
                 f"Expected a Ray cluster at {address}. Got {type(error).__name__}: {error} instead. "
