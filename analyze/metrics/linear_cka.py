@@ -59,7 +59,10 @@ if TYPE_CHECKING:
     from hrsa.analyze.accumulators.cross_moments import CoMomentSummary
     from hrsa.analyze.accumulators.moments import Moments
 
-__all__ = ["CkaResult", "linear_cka", "linear_cka_from_moments", "linear_cka_from_summaries", "linear_cka_null"]
+__all__ = ["DEBIASED_MIN_TOKENS", "CkaResult", "linear_cka", "linear_cka_from_moments", "linear_cka_from_summaries", "linear_cka_null"]
+
+#: Debiased HSIC divides by (n - 1)(n - 2)(n - 3).
+DEBIASED_MIN_TOKENS = 4
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,7 @@ def linear_cka_from_moments(m: Moments, *, debiased: bool = False) -> CkaResult:
     if has_no_spread(float(np.trace(m.c_xx)), m.n, m.mean_x) or has_no_spread(float(np.trace(m.c_yy)), m.n, m.mean_y):
         return CkaResult(value=float("nan"), n_tokens=m.n, debiased=debiased)  # rounding residue is not a spread
     if debiased:
-        check_min_tokens(m, 4, "debiased CKA")
+        check_min_tokens(m, DEBIASED_MIN_TOKENS, "debiased CKA")
         hsic_xy = _debiased_hsic(_sq_frobenius(m.c_xy), m.q_xy, np.trace(m.c_xx), np.trace(m.c_yy), m.n)
         hsic_xx = _debiased_hsic(_sq_frobenius(m.c_xx), m.q_xx, np.trace(m.c_xx), np.trace(m.c_xx), m.n)
         hsic_yy = _debiased_hsic(_sq_frobenius(m.c_yy), m.q_yy, np.trace(m.c_yy), np.trace(m.c_yy), m.n)

@@ -15,6 +15,7 @@ import numpy as np
 from hrsa.analyze.accumulators.groups import document_groups
 from hrsa.analyze.config import MOMENT_METRICS
 from hrsa.analyze.pair.checks import check_metrics, check_pair
+from hrsa.analyze.metrics.linear_cka import DEBIASED_MIN_TOKENS
 from hrsa.analyze.streaming.plan import AnalysisPlan, MemoryBudgetError, PlanInputs, plan_analysis
 from hrsa.analyze.streaming.stream import TokenBlock, paired_blocks, token_blocks, with_groups
 from hrsa.store.errors import UserError
@@ -93,8 +94,8 @@ def resolve_pair(
     # Step 2: the tokens: the same ones, or those whose content spans coincide in both corpora.
     pairs = store.token_pairs(a, b, selection)
     n_tokens = pairs.n_pairs
-    if debiased and n_tokens < 4:
-        raise UserError(f"Expected at least 4 tokens for debiased CKA. Got {n_tokens} instead. Loosen the selection.")
+    if debiased and n_tokens < DEBIASED_MIN_TOKENS:
+        raise UserError(f"Expected at least {DEBIASED_MIN_TOKENS} tokens for debiased CKA. Got {n_tokens} instead. Loosen the selection.")
     if block_tokens is not None and block_tokens < 1:
         raise UserError(f"Expected a positive block size. Got {block_tokens} instead.")
     # Step 3: what to accumulate.

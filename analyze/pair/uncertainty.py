@@ -12,11 +12,12 @@ writer and the report find them without a table of their own.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from hrsa.analyze.pair.layer_metrics import layer_results, layer_scores
 from hrsa.analyze.metrics.dimwise_correlation import dimwise_correlation_null
-from hrsa.analyze.metrics.linear_cka import linear_cka_null
+from hrsa.analyze.metrics.linear_cka import DEBIASED_MIN_TOKENS, linear_cka_null
 from hrsa.analyze.metrics.uncertainty import Interval, NullBaseline, jackknife_interval
 
 if TYPE_CHECKING:
@@ -34,8 +35,11 @@ def layer_intervals(
     """A jackknife interval for each score in ``estimates``, from one ``without`` per group (module docstring)."""
     left_out: dict[str, list[float]] = {name: [] for name in estimates}
     for _, rest in grouped.leave_one_out(total):
-        for name, value in layer_scores(layer_results(rest, metrics, debiased=debiased)).items():
-            left_out[name].append(value)
+        # Without a big group, a small selection may keep under 4 tokens: debiased CKA is undefined there, so its
+        # interval is (NaN), while the other scores' intervals stand.
+        scores = layer_scores(layer_results(rest, metrics, debiased=debiased and rest.n >= DEBIASED_MIN_TOKENS))
+        for name in left_out:
+            left_out[name].append(scores.get(name, math.nan))
     return {name: jackknife_interval(estimates[name], values) for name, values in left_out.items()}
 
 

@@ -196,6 +196,23 @@ def test_groups_change_no_score_and_zero_groups_turn_intervals_off(pair_store) -
         assert u.h_inv == pytest.approx(v.h_inv, rel=1e-10)
 
 
+def test_a_group_whose_removal_leaves_under_4_tokens_gives_no_debiased_interval_not_a_crash(make_pair_store) -> None:
+    """Debiased CKA needs 4 tokens: leaving out one big document of a small selection may leave 3. The score on all
+    tokens stands; that interval is undefined (NaN), and the other scores' intervals are still given."""
+    from hrsa.store.selection import TokenSelection
+
+    store = make_pair_store(doc_lengths=(3, 1, 2, 300, 294), d=8).open()
+    selection = TokenSelection(docs=(4, 0, 2), exclude_first=True)  # 293 + 2 + 1 tokens: without doc 4, 3 are left
+    res = analyze_pair(store, "a", "b", metrics=["cka", "dimcorr"], debiased=True, selection=selection, groups=10,
+                       backend="numpy", compute_dtype="float64")
+    alone = analyze_pair(store, "a", "b", metrics=["cka", "dimcorr"], debiased=True, selection=selection, groups=0,
+                         backend="numpy", compute_dtype="float64")
+    assert res.n_tokens == 296 and res.n_groups >= 2
+    assert [r.value for r in res.cka_debiased] == pytest.approx([r.value for r in alone.cka_debiased], rel=1e-12)
+    assert all(math.isnan(i.low) and math.isnan(i.high) for i in res.intervals["cka/debiased_diagonal"])
+    assert all(math.isfinite(i.low) for i in res.intervals["cka/diagonal"])
+
+
 def test_results_json_carries_intervals_se_and_nulls(pair_store, tmp_path) -> None:
     res = analyze_pair(pair_store.open(), "a", "b", metrics=["cka", "dimcorr"], groups=10, memory_budget="64MB")
     saved = save_results(res, tmp_path / "out")
