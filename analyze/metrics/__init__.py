@@ -9,7 +9,7 @@ per-document features (``linear_probe``; scikit-learn, imported when called).
 
 from __future__ import annotations
 
-from hrsa.analyze.metrics._common import UnderdeterminedWarning
+from hrsa.analyze.metrics._common import PrecisionWarning, UnderdeterminedWarning
 from hrsa.analyze.metrics.cca import CcaResult, cca, cca_from_moments
 from hrsa.analyze.metrics.dimwise_correlation import (
     DimwiseCorrelationResult,
@@ -62,6 +62,7 @@ __all__ = [
     "PwccaResult",
     "SplitScores",
     "SvccaResult",
+    "PrecisionWarning",
     "UnderdeterminedWarning",
     "cca",
     "cca_from_moments",

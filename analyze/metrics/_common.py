@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from hrsa.analyze.accumulators.moments import Moments
 
-__all__ = ["UnderdeterminedWarning", "check_min_tokens", "check_same_hidden_size"]
+__all__ = ["PrecisionWarning", "UnderdeterminedWarning", "check_min_tokens", "check_same_hidden_size"]
 
 
 class UnderdeterminedWarning(UserWarning):
@@ -17,6 +17,11 @@ class UnderdeterminedWarning(UserWarning):
     Procrustes rotation O* is not unique, so its inverse row entropy means little, while the residual and
     the similarity remain well defined.
     """
+
+
+class PrecisionWarning(UserWarning):
+    """A score computed from float32 products may be off by more than 1e-6: the data are too ill-conditioned for
+    them (e.g. Procrustes' rotation where C_xy has tiny singular values). float64 products fix it."""
 
 
 def check_same_hidden_size(m: Moments, metric: str) -> int:

@@ -64,6 +64,7 @@ class ProcrustesResult:
         n_tokens: number of tokens.
         underdetermined: O* is not unique (N <= D or C_xy rank deficient); h_inv means little then.
         rotation: (D, D) O*, only when asked for (``return_rotation=True``).
+        imprecise: O* is unique, but the products' rounding (float32's) may move it, and h_inv, by more than 1e-6.
     """
 
     h_inv: float
@@ -72,6 +73,7 @@ class ProcrustesResult:
     n_tokens: int
     underdetermined: bool
     rotation: NDArray[np.float64] | None = None
+    imprecise: bool = False
 
 
 def procrustes_from_moments(m: Moments, *, return_rotation: bool = False,
@@ -116,6 +118,11 @@ def procrustes_from_moments(m: Moments, *, return_rotation: bool = False,
             UnderdeterminedWarning,
             stacklevel=2,
         )
+    # Step 2b: precision. O* = polar factor of C_xy moves by ~|dC| / (s_D-1 + s_D) (Kenney and Laub 1991): float32
+    # products' rounding (|dC| ~ eps32 s_1) moves it, and h_inv, by ~1e-5 where those two are ~1e-5 s_1 (measured);
+    # below sqrt(eps32) s_1 float32 products are not enough. float64 products' rounding is 1e-9 times smaller.
+    imprecise = bool(not underdetermined and d >= 2 and product_eps > np.finfo(np.float64).eps
+                     and s[-1] + s[-2] < 2.0 * s[0] * np.sqrt(product_eps))
     # Step 3: residual and similarity from traces and singular values (no pass over the tokens).
     tr_x, tr_y, nuclear = float(np.trace(m.c_xx)), float(np.trace(m.c_yy)), float(s.sum())
     if _constant(m):  # no spread on a side: no rotation aligns anything (an all-zero C_xy would give U = V = I)
@@ -131,6 +138,7 @@ def procrustes_from_moments(m: Moments, *, return_rotation: bool = False,
         n_tokens=m.n,
         underdetermined=underdetermined,
         rotation=rotation if return_rotation else None,
+        imprecise=imprecise,
     )
 
 

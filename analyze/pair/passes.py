@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from hrsa.analyze.accumulators.cross_tile import blocks_per_run
 from hrsa.analyze.accumulators.groups import GroupedMoments
-from hrsa.analyze.metrics import UnderdeterminedWarning
+from hrsa.analyze.metrics import PrecisionWarning, UnderdeterminedWarning
 from hrsa.analyze.pair.layer_metrics import layer_results, layer_scores
 from hrsa.analyze.pair.uncertainty import layer_intervals, layer_nulls
 from hrsa.analyze.streaming.ray_passes import TilePass, run_tiles_on_ray, task_resources
@@ -136,6 +136,15 @@ def run_passes(
             f"means little (verdicts leave them out): {cause}.",
             UnderdeterminedWarning,
             stacklevel=3  # the caller of analyze_pair,
+        )
+    imprecise = sorted(k for k, out in matched.items() if "procrustes" in out and out["procrustes"].imprecise)
+    if imprecise:
+        warnings.warn(
+            f"Orthogonal Procrustes: at hidden states {imprecise}, C_xy's two smallest singular values are below "
+            "sqrt(float32 eps) of its largest, so the float32 products' rounding may move h_inv by more than 1e-6. "
+            "Re-run with --compute-dtype float64 (auto gives Procrustes float64 products).",
+            PrecisionWarning,
+            stacklevel=3,  # the caller of analyze_pair
         )
     return PassOutputs(matched, summaries, dict(nodes), peaks)
 

@@ -68,3 +68,39 @@ def test_float32_matrices_do_not_depend_on_the_workers_or_the_plan(pair_store, m
     np.testing.assert_allclose(other.dimcorr_matrix, one.dimcorr_matrix, rtol=1e-12)
     reference = analyze_pair(store, "a", "b", scheduler="threads", **{**common, "compute_dtype": "float64"})
     np.testing.assert_allclose(other.cka_matrix, reference.cka_matrix, rtol=0, atol=1e-6)
+
+
+def test_float32_products_that_cannot_resolve_the_rotation_warn_and_float64_ones_match_scipy(tmp_path) -> None:
+    """Two nearly duplicated columns of B give C_xy two singular values ~1e-5 of its largest: above float32's rank
+    threshold (D eps), but a float32 product's rounding moves O*'s last singular vectors, and h_inv by ~1e-5.
+    Asked for float32 products, that is said (with the fix); by default Procrustes takes float64 ones and matches
+    scipy's orthogonal Procrustes on the stored values."""
+    import warnings
+
+    from scipy.linalg import orthogonal_procrustes
+
+    from hrsa.analyze.metrics._common import PrecisionWarning
+    from hrsa.analyze.metrics.procrustes import inverse_row_entropy
+    from hrsa.store import ActivationStore
+    from hrsa.store.testing import make_table
+    from tests.analyze.conftest import write_model
+
+    rng = np.random.default_rng(5)
+    n, d = 4000, 32
+    x = rng.normal(size=(n, d))
+    y = x @ (np.eye(d) + 0.3 * rng.normal(size=(d, d)) / np.sqrt(d)) + 0.3 * rng.normal(size=(n, d))
+    y[:, 7] = y[:, 6] + 2.5e-3 * rng.normal(size=n)
+    y[:, 9] = y[:, 8] + 2.5e-3 * rng.normal(size=n)
+    store = ActivationStore.open(tmp_path / "s", mode="a")
+    cid = store.write_corpus(make_table((2000, 2000)), tokenizer={"name": "t", "fingerprint": "f"}, source="test")
+    xs, ys = write_model(store, "a", cid, {0: x})[0], write_model(store, "b", cid, {0: y})[0]
+    rotation, _ = orthogonal_procrustes(xs - xs.mean(0), ys - ys.mean(0))
+    reference = inverse_row_entropy(rotation)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        asked = analyze_pair(store, "a", "b", metrics=["procrustes"], backend="numpy", compute_dtype="float32")
+        default = analyze_pair(store, "a", "b", metrics=["procrustes"], backend="numpy")
+    said = [str(w.message) for w in caught if issubclass(w.category, PrecisionWarning)]
+    assert len(said) == 1 and "--compute-dtype float64" in said[0], said
+    assert abs(asked.procrustes[0].h_inv - reference) > 1e-6  # what the warning is about (not vacuous)
+    assert abs(default.procrustes[0].h_inv - reference) < 1e-9
