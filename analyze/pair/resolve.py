@@ -94,6 +94,10 @@ def resolve_pair(
     # Step 2: the tokens: the same ones, or those whose content spans coincide in both corpora.
     pairs = store.token_pairs(a, b, selection)
     n_tokens = pairs.n_pairs
+    if streaming and n_tokens < DEBIASED_MIN_TOKENS:  # two points correlate perfectly, three nearly: any pair scores ~1
+        raise UserError(f"Expected at least {DEBIASED_MIN_TOKENS} tokens to compare (CKA, correlations and rotations of "
+                        f"fewer are ~1 for any two models, and have no null baseline). Got {n_tokens} instead. "
+                        "Loosen the selection.")
     if debiased and n_tokens < DEBIASED_MIN_TOKENS:
         raise UserError(f"Expected at least {DEBIASED_MIN_TOKENS} tokens for debiased CKA. Got {n_tokens} instead. Loosen the selection.")
     if block_tokens is not None and block_tokens < 1:

@@ -82,7 +82,7 @@ def test_selections_that_leave_too_little(store_with_extras) -> None:
     store, _ = store_with_extras
     with pytest.raises(SelectionError):
         analyze_pair(store, "a", "b", selection=TokenSelection(positions=(600, 700)), backend="numpy")
-    with pytest.raises(UserError, match="at least 4 tokens for debiased CKA"):
+    with pytest.raises(UserError, match="at least 4 tokens"):
         analyze_pair(store, "a", "b", debiased=True, selection=TokenSelection(docs=(1,)), backend="numpy")
 
 
@@ -92,3 +92,18 @@ def test_unknown_scheduler_and_backend(store_with_extras) -> None:
         analyze_pair(store, "a", "b", metrics=("cka",), scheduler="mpi", backend="numpy")  # type: ignore[arg-type]
     with pytest.raises(UserError, match="backend"):
         analyze_pair(store, "a", "b", metrics=("cka",), backend="tpu")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_fewer_than_4_tokens_are_refused_before_any_pass(make_pair_store, n: int) -> None:
+    """CKA of 2 tokens is 1 and every correlation +-1 for any two models; 3 unrelated ones scored 0.986, without a
+    word. So few tokens are refused, as for debiased CKA, before anything is read."""
+    from hrsa.store.errors import UserError
+    from hrsa.store.selection import TokenSelection
+
+    store = make_pair_store(doc_lengths=(2, 3, 295), d=8).open()
+    with pytest.raises(UserError, match=f"Expected at least 4 tokens to compare .* Got {n} instead"):
+        analyze_pair(store, "a", "b", metrics=["cka", "dimcorr"], selection=TokenSelection(tokens=(5, 5 + n)),
+                     backend="numpy")
+    assert analyze_pair(store, "a", "b", metrics=["cka"], selection=TokenSelection(tokens=(5, 9)),
+                        backend="numpy").n_tokens == 4
