@@ -26,15 +26,15 @@ args = json.loads(sys.argv[1])
 store = ActivationStore.open(args["url"], mode="r+", storage_options=args.get("storage_options"))
 writer = store.writer(args["model"])
 if args.get("kill_after") is not None:  # counted where shard objects reach the store, however they were encoded
-    from zarr.storage import LocalStore
-    original, count = LocalStore.set, [0]
-    async def dying_set(self, key, value, *rest, **kw):
-        shard = "/hidden/" in key and not key.endswith("zarr.json")
+    from zarr.storage import _local  # the file writer under LocalStore.set and hrsa's in-thread writes alike
+    original, count = _local._put, [0]
+    def dying_put(path, value, *rest, **kw):
+        shard = "/hidden/" in str(path) and not str(path).endswith("zarr.json")
         if shard and count[0] == args["kill_after"]:
             os.kill(os.getpid(), signal.SIGKILL)
         count[0] += shard
-        return await original(self, key, value, *rest, **kw)
-    LocalStore.set = dying_set
+        return original(path, value, *rest, **kw)
+    _local._put = dying_put
 info = writer.info
 for unit in writer.units():
     if unit.index in args["units"]:
@@ -253,8 +253,15 @@ def test_a_units_write_holds_at_most_two_shards_a_thread(tmp_path, dtype: str, t
     unit holds no more than two shards' bytes per thread at once (compressed pieces, then their join), never every
     state's (here 1.0 / 4.0 shards in float32, 1.6 / 4.2 in bf16 zstd-1). In a process of its own: tracemalloc
     counts every thread's allocations, and a suite's process has others (Ray's, fsspec's) that allocated a shard's
-    worth within the window once."""
-    done = subprocess.run([sys.executable, "-c", _MEASURE_UNIT_WRITE, str(tmp_path / "store"), dtype, str(threads)],
-                          capture_output=True, text=True, check=True)
-    shards = float(done.stdout.strip())
-    assert shards <= 2 * threads, (shards, threads)
+    worth within the window once. Measured beside busy processes: on a loaded machine a store that wrote through a
+    thread pool kept the last shard's bytes while the next was encoded (2.02 / 2.38 shards in a CI run)."""
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(3)]
+    try:
+        peaks = [float(subprocess.run([sys.executable, "-c", _MEASURE_UNIT_WRITE, str(tmp_path / f"store{i}"), dtype,
+                                       str(threads)], capture_output=True, text=True, check=True).stdout.strip())
+                 for i in range(3 if threads == 1 else 1)]
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
+    assert max(peaks) <= 2 * threads, (peaks, threads)
