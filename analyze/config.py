@@ -95,7 +95,8 @@ class AnalyzeConfig(BaseModel):
                                           "accumulators in the matched passes); 0 turns intervals off.")
     # Defaults computed from the store: the description says what they are (no "[default]" can be generated).
     block_tokens: int | None = Field(
-        None, gt=0, description="Tokens per block read and multiplied.  [default: ~32 MB of float64 per state]")
+        None, gt=0, description="Tokens per block read and multiplied (at most 8192 with float32 products).  "
+        "[default: ~32 MB of float64 per state]")
     workers: int | None = Field(
         None, gt=0, description="At most this many tasks at once: on Ray, tiles of layer pairs and token segments "
                                 "spread over the cluster; on local threads each holds its own accumulators in the one "

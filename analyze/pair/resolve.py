@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from hrsa.analyze.accumulators.cross_tile import FLOAT32_SUM_TOKENS
 from hrsa.analyze.accumulators.groups import document_groups
 from hrsa.analyze.config import MOMENT_METRICS
 from hrsa.analyze.pair.checks import check_metrics, check_pair
@@ -118,8 +119,13 @@ def resolve_pair(
     # documents, then makes the fewest passes (each reads the selection again), then has the largest blocks, wins.
     offsets = store.corpus_tokens(info_a.corpus).doc_offsets if needs_matched and groups >= 2 else None
     layout = _Layout(pairs, base, offsets, groups if needs_matched else 0, info_a, info_b)
-    options = _plans(layout, [block_tokens] if block_tokens else _candidate_block_tokens(info_a, info_b))
-    size = min(block_tokens or _default_block_tokens(info_a, info_b), max(info_a.hidden_size, info_b.hidden_size))
+    if block_tokens and compute_bytes < 8 and block_tokens > FLOAT32_SUM_TOKENS:
+        raise UserError(f"Expected a block of at most {FLOAT32_SUM_TOKENS} tokens with float32 products (a float32 sum "
+                        f"over more tokens loses precision). Got {block_tokens} instead. Pass a smaller block, or "
+                        "--compute-dtype float64.")
+    candidates = [block_tokens] if block_tokens else _candidate_block_tokens(info_a, info_b, compute_bytes)
+    options = _plans(layout, candidates)
+    size = min(block_tokens or candidates[0], max(info_a.hidden_size, info_b.hidden_size))
     while not options and not block_tokens and size > 64:  # a tiny budget: smaller blocks, the first that fits
         size = max(64, size // 2)
         options = _plans(layout, [size])
@@ -189,7 +195,7 @@ def _plans(layout: _Layout, sizes: list[int]) -> list[tuple[int, tuple[TokenBloc
     return options
 
 
-def _candidate_block_tokens(info_a: ModelInfo, info_b: ModelInfo) -> list[int]:
+def _candidate_block_tokens(info_a: ModelInfo, info_b: ModelInfo, compute_bytes: int = 8) -> list[int]:
     """One shard (each shard read once and dropped: the reader holds no cache), the default block size, then the
     halvings of the shard shared by both stores down to D tokens: below that a block's Chan merges (O(D^2) per pair,
     memory-bound) cost more than its products (O(n D^2)); smaller blocks only when none of these fits
@@ -203,6 +209,8 @@ def _candidate_block_tokens(info_a: ModelInfo, info_b: ModelInfo) -> list[int]:
     while size >= floor and size % chunk == 0:
         sizes.add(size)
         size //= 2
+    if compute_bytes < 8:  # a block is one GEMM: its float32 sum must cover no more than FLOAT32_SUM_TOKENS tokens
+        sizes = {s for s in sizes if s <= FLOAT32_SUM_TOKENS} or {max(1, FLOAT32_SUM_TOKENS // chunk) * chunk}
     return sorted(sizes, reverse=True)
 
 

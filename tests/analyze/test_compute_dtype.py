@@ -104,3 +104,29 @@ def test_float32_products_that_cannot_resolve_the_rotation_warn_and_float64_ones
     assert len(said) == 1 and "--compute-dtype float64" in said[0], said
     assert abs(asked.procrustes[0].h_inv - reference) > 1e-6  # what the warning is about (not vacuous)
     assert abs(default.procrustes[0].h_inv - reference) < 1e-9
+
+
+def test_float32_products_never_sum_more_tokens_than_float32_sum_tokens_in_one_gemm(tmp_path) -> None:
+    """A narrow model's default block is a whole shard (~32 MB of float64 per state): 64K tokens at D = 2, 2M with
+    large shards, summed in float32 in one GEMM. With
+    float32 products a block holds at most FLOAT32_SUM_TOKENS tokens, what the running float32 sums are cut at;
+    float64 products keep the larger blocks."""
+    from hrsa.analyze.accumulators.cross_tile import FLOAT32_SUM_TOKENS
+    from hrsa.store import ActivationStore
+    from hrsa.store.testing import make_table
+    from tests.analyze.conftest import write_model
+
+    n = 65536
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 2))
+    store = ActivationStore.open(tmp_path / "s", mode="a")
+    cid = store.write_corpus(make_table((n,)), tokenizer={"name": "t", "fingerprint": "f"}, source="test")
+    for mid, values in (("a", x), ("b", x + 1e-3 * rng.normal(size=(n, 2)))):
+        write_model(store, mid, cid, {0: values}, chunk_tokens=1024, shard_tokens=n)
+    common = dict(metrics=("cka", "dimcorr"), backend="numpy", groups=0)
+    f32 = analyze_pair(store, "a", "b", compute_dtype="float32", **common)
+    f64 = analyze_pair(store, "a", "b", compute_dtype="float64", **common)
+    assert f32.settings["block_tokens"] <= FLOAT32_SUM_TOKENS and f64.settings["block_tokens"] == n
+    # Nearly identical models (1 - r ~ 5e-7), float32's hardest case: 5e-7 and 1.1e-6 off in blocks of 8,192 tokens,
+    # 9e-6 and 1.8e-5 in one 65,536-token GEMM (measured).
+    assert abs(f32.dimcorr[0].mean - f64.dimcorr[0].mean) < 2e-6 and abs(f32.cka[0].value - f64.cka[0].value) < 4e-6
