@@ -97,11 +97,15 @@ def get(url: str, model: str, layer: int, docs: str | None, token_range: str | N
     from hrsa.store.errors import UserError
     from hrsa.store.selection import parse_doc_ids, parse_token_range
 
-    folder = os.path.dirname(os.path.abspath(out))
-    if os.path.exists(folder) and not os.path.isdir(folder):  # checked first: a typo in --out must not cost the read
-        raise UserError(f"Expected an existing folder for --out. Got {out}, whose folder {folder} is a file, "
-                        "instead. Choose another --out.")
-    if not os.path.isdir(folder):  # nor create folders
+    target = os.path.realpath(out)  # a symlink at --out is written through, as open() would
+    folder = os.path.dirname(target)
+    if not os.path.isdir(folder):  # checked first: a typo in --out must not cost the whole read, nor create folders
+        existing = folder
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise UserError(f"Expected an existing folder for --out. Got {out}, whose folder {existing} is a file, "
+                            "instead. Choose another --out.")
         raise UserError(f"Expected an existing folder for --out. Got {out}, whose folder {folder} does not exist, "
                         f"instead. Create it first (mkdir -p {folder}), or choose another --out.")
     store = ActivationStore.open(url, mode="r")
@@ -115,7 +119,7 @@ def get(url: str, model: str, layer: int, docs: str | None, token_range: str | N
     values = lazy.compute()
     if dtype != "auto" or m.dtype == "bfloat16":
         values = values.astype(np.float64 if dtype == "float64" else np.float32)
-    _save_npy_atomically(out, values)
+    _save_npy_atomically(target, values)
     click.echo(f"wrote {out}: {values.shape[0]} tokens x {values.shape[1]} ({values.dtype})")
 
 
@@ -129,8 +133,8 @@ def _save_npy_atomically(out: str, values: Any) -> None:
 
     import numpy as np
 
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out)), prefix=f".{os.path.basename(out)}.",
-                               suffix=".tmp")
+    # A short name: one derived from --out's would pass the filesystem's 255 bytes where --out itself does not.
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out)), prefix=".hrsa-get-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as file:
             np.save(file, values)

@@ -140,8 +140,8 @@ def run_passes(
     imprecise = sorted(k for k, out in matched.items() if "procrustes" in out and out["procrustes"].imprecise)
     if imprecise:
         warnings.warn(
-            f"Orthogonal Procrustes: at hidden states {imprecise}, C_xy's two smallest singular values are below "
-            "sqrt(float32 eps) of its largest, so the float32 products' rounding may move h_inv by more than 1e-6. "
+            f"Orthogonal Procrustes: at hidden states {imprecise}, C_xy's two smallest singular values average "
+            "below sqrt(float32 eps) of its largest, so the float32 products' rounding may move h_inv by more than 1e-6. "
             "Re-run with --compute-dtype float64 (auto gives Procrustes float64 products).",
             PrecisionWarning,
             stacklevel=3,  # the caller of analyze_pair

@@ -210,7 +210,7 @@ def _candidate_block_tokens(info_a: ModelInfo, info_b: ModelInfo, compute_bytes:
         sizes.add(size)
         size //= 2
     if compute_bytes < 8:  # a block is one GEMM: its float32 sum must cover no more than FLOAT32_SUM_TOKENS tokens
-        sizes = {s for s in sizes if s <= FLOAT32_SUM_TOKENS} or {max(1, FLOAT32_SUM_TOKENS // chunk) * chunk}
+        sizes = {s for s in sizes if s <= FLOAT32_SUM_TOKENS} or {FLOAT32_SUM_TOKENS}  # chunks may be larger
     return sorted(sizes, reverse=True)
 
 

@@ -35,9 +35,9 @@ def layer_intervals(
     """A jackknife interval for each score in ``estimates``, from one ``without`` per group (module docstring)."""
     left_out: dict[str, list[float]] = {name: [] for name in estimates}
     for _, rest in grouped.leave_one_out(total):
-        # Without a big group, a small selection may keep under 4 tokens: debiased CKA is undefined there, so its
-        # interval is (NaN), while the other scores' intervals stand.
-        scores = layer_scores(layer_results(rest, metrics, debiased=debiased and rest.n >= DEBIASED_MIN_TOKENS))
+        # Without a big group, a small selection may keep under 4 tokens: no score of so few means anything (CKA
+        # and correlations are ~1 for any two models, debiased CKA undefined), so no interval is given (NaN).
+        scores = layer_scores(layer_results(rest, metrics, debiased=debiased)) if rest.n >= DEBIASED_MIN_TOKENS else {}
         for name in left_out:
             left_out[name].append(scores.get(name, math.nan))
     return {name: jackknife_interval(estimates[name], values) for name, values in left_out.items()}

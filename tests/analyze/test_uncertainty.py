@@ -196,9 +196,10 @@ def test_groups_change_no_score_and_zero_groups_turn_intervals_off(pair_store) -
         assert u.h_inv == pytest.approx(v.h_inv, rel=1e-10)
 
 
-def test_a_group_whose_removal_leaves_under_4_tokens_gives_no_debiased_interval_not_a_crash(make_pair_store) -> None:
-    """Debiased CKA needs 4 tokens: leaving out one big document of a small selection may leave 3. The score on all
-    tokens stands; that interval is undefined (NaN), and the other scores' intervals are still given."""
+def test_a_group_whose_removal_leaves_under_4_tokens_gives_no_interval_not_a_crash(make_pair_store) -> None:
+    """Leaving out one big document of a small selection may leave 3 tokens: debiased CKA is undefined there (it
+    raised after the passes) and every other score is ~1 for any two models (CKA's interval came out as
+    [-0.6, 2.2]). The scores on all tokens stand; their intervals are NaN."""
     from hrsa.store.selection import TokenSelection
 
     store = make_pair_store(doc_lengths=(3, 1, 2, 300, 294), d=8).open()
@@ -209,8 +210,9 @@ def test_a_group_whose_removal_leaves_under_4_tokens_gives_no_debiased_interval_
                          backend="numpy", compute_dtype="float64")
     assert res.n_tokens == 296 and res.n_groups >= 2
     assert [r.value for r in res.cka_debiased] == pytest.approx([r.value for r in alone.cka_debiased], rel=1e-12)
-    assert all(math.isnan(i.low) and math.isnan(i.high) for i in res.intervals["cka/debiased_diagonal"])
-    assert all(math.isfinite(i.low) for i in res.intervals["cka/diagonal"])
+    assert [r.value for r in res.cka] == pytest.approx([r.value for r in alone.cka], rel=1e-12)
+    assert {"cka/debiased_diagonal", "cka/diagonal", "dimcorr/diagonal"} <= set(res.intervals)
+    assert all(math.isnan(i.low) and math.isnan(i.high) for name in res.intervals for i in res.intervals[name])
 
 
 def test_results_json_carries_intervals_se_and_nulls(pair_store, tmp_path) -> None:

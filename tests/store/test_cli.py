@@ -81,6 +81,22 @@ def test_get_interrupted_while_writing_leaves_the_earlier_file_and_no_partial_on
     assert out.read_bytes() == b"the earlier file" and sorted(p.name for p in out.parent.iterdir()) == ["x.npy"]
 
 
+def test_get_writes_through_a_symlink_and_takes_the_longest_names(url: str, tmp_path,
+                                                                   filled_store: ActivationStore) -> None:
+    """--out is written as open() would write it: through a symlink (the link stays one), and under any name the
+    filesystem takes (a temporary name derived from --out's was 14 characters longer: a traceback after the read)."""
+    (tmp_path / "real").mkdir()
+    link = tmp_path / "link.npy"
+    link.symlink_to(tmp_path / "real" / "x.npy")
+    code, stdout, stderr = _run("store", "get", url, "m", "--layer", "2", "--out", str(link))
+    assert code == 0, stderr
+    assert link.is_symlink() and np.array_equal(np.load(tmp_path / "real" / "x.npy"), expected_layer(filled_store, "m", 2))
+    longest = tmp_path / ("x" * 251 + ".npy")  # 255 bytes, the most a name may have
+    code, stdout, stderr = _run("store", "get", url, "m", "--layer", "2", "--tokens", "0:10", "--out", str(longest))
+    assert code == 0, stderr
+    assert np.array_equal(np.load(longest), expected_layer(filled_store, "m", 2)[:10])
+
+
 def test_get_widens_bf16_exactly(tmp_path) -> None:
     from hrsa.store.testing import fill_model, new_model
 
@@ -151,6 +167,8 @@ ERROR_CASES = {
                            "Expected an existing folder for --out"),
     "out folder is a file": (["store", "get", "{url}", "m", "--layer", "0", "--out", "{tmp}/afile/o.npy"],
                              "whose folder {tmp}/afile is a file"),
+    "out folder below a file": (["store", "get", "{url}", "m", "--layer", "0", "--out", "{tmp}/afile/sub/o.npy"],
+                                "whose folder {tmp}/afile is a file"),
     "reserved id on rm": (["store", "rm", "{url}", "zarr.json", "--yes"], "reserved by the store's layout"),
     "reserved id on info": (["store", "info", "{url}", "models"], "reserved by the store's layout"),
 }
