@@ -132,11 +132,9 @@ def _write_local_file(store: Any, key: str, data: bytes) -> None:
 
     LocalStore's ``set`` hands the bytes to a thread of asyncio's pool, whose work item keeps them until that thread
     runs again after waking the caller: on a loaded machine a unit's writer then held the last shard's bytes while
-    it encoded the next one (a shard more than its bound, measured under load)."""
-    from zarr.storage._local import _put
-
-    store._check_writable()
-    _put(store.root / key, _buffer(data))
+    it encoded the next one (a shard more than its bound, measured under load). ``set_sync`` is the same write,
+    in the caller's thread."""
+    store.set_sync(key, _buffer(data))
 
 
 def object_size(store: Store, key: str) -> int | None:
