@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 import click
 
@@ -95,6 +94,7 @@ def get(url: str, model: str, layer: int, docs: str | None, token_range: str | N
 
     from hrsa.store import ActivationStore, TokenFilter
     from hrsa.store.errors import UserError
+    from hrsa.store.local_files import atomic_file
     from hrsa.store.selection import parse_doc_ids, parse_token_range
 
     target = os.path.realpath(out)  # a symlink at --out is written through, as open() would
@@ -119,32 +119,9 @@ def get(url: str, model: str, layer: int, docs: str | None, token_range: str | N
     values = lazy.compute()
     if dtype != "auto" or m.dtype == "bfloat16":
         values = values.astype(np.float64 if dtype == "float64" else np.float32)
-    _save_npy_atomically(target, values)
+    with atomic_file(target) as file:  # whole or not at all; exactly at --out (np.save given a name adds ".npy")
+        np.save(file, values)
     click.echo(f"wrote {out}: {values.shape[0]} tokens x {values.shape[1]} ({values.dtype})")
-
-
-def _save_npy_atomically(out: str, values: Any) -> None:
-    """``np.save`` exactly at ``out`` (given a name, np.save adds ".npy" to one without it), through a temporary
-    file in its folder renamed over it: a kill or a full disk never leaves half an array there, nor spoils an
-    earlier file. (Not runtime's write_atomic: the store sits below runtime, and this streams instead of holding
-    the array's bytes twice.)"""
-    import os
-    import tempfile
-
-    import numpy as np
-
-    # A short name: one derived from --out's would pass the filesystem's 255 bytes where --out itself does not.
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out)), prefix=".hrsa-get-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            np.save(file, values)
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the array is as readable as any file the user writes
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 @store_group.command("verify")

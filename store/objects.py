@@ -122,19 +122,12 @@ def put_bytes(store: Store, key: str, data: bytes) -> None:
     from zarr.storage import LocalStore
 
     if type(store) is LocalStore:  # exactly: a wrapper (tests inject faults through one) keeps its own set
-        _write_local_file(store, key, data)
-        return
-    _sync(store.set(key, _buffer(data)))
-
-
-def _write_local_file(store: Any, key: str, data: bytes) -> None:
-    """A local object written in this thread, as LocalStore writes it (a temporary file renamed over the key).
-
-    LocalStore's ``set`` hands the bytes to a thread of asyncio's pool, whose work item keeps them until that thread
-    runs again after waking the caller: on a loaded machine a unit's writer then held the last shard's bytes while
-    it encoded the next one (a shard more than its bound, measured under load). ``set_sync`` is the same write,
-    in the caller's thread."""
-    store.set_sync(key, _buffer(data))
+        # The same write (temporary file, rename) in this thread: LocalStore's async set hands the bytes to asyncio's
+        # pool, whose work item keeps them until that thread runs again after waking the caller, so on a loaded
+        # machine a unit's writer held the last shard's bytes while it encoded the next (measured under load).
+        store.set_sync(key, _buffer(data))
+    else:
+        _sync(store.set(key, _buffer(data)))
 
 
 def object_size(store: Store, key: str) -> int | None:

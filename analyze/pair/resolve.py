@@ -99,8 +99,6 @@ def resolve_pair(
         raise UserError(f"Expected at least {DEBIASED_MIN_TOKENS} tokens to compare (CKA, correlations and rotations of "
                         f"fewer are ~1 for any two models, and have no null baseline). Got {n_tokens} instead. "
                         "Loosen the selection.")
-    if debiased and n_tokens < DEBIASED_MIN_TOKENS:
-        raise UserError(f"Expected at least {DEBIASED_MIN_TOKENS} tokens for debiased CKA. Got {n_tokens} instead. Loosen the selection.")
     if block_tokens is not None and block_tokens < 1:
         raise UserError(f"Expected a positive block size. Got {block_tokens} instead.")
     # Step 3: what to accumulate.

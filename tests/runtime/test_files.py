@@ -86,4 +86,4 @@ def test_two_writers_do_not_share_a_temporary(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(files.os, "replace", record)
     write_atomic(path, "1")
     write_atomic(path, "2")
-    assert len(set(seen)) == 2 and all(Path(s).parent == tmp_path and Path(s).name.startswith(".x.json.") for s in seen)
+    assert len(set(seen)) == 2 and all(Path(s).parent == tmp_path and Path(s).name.startswith(".hrsa-") for s in seen)
