@@ -88,7 +88,7 @@ def render_spans(record: Mapping[str, Any], spec: CorpusSpec,
         field = spec.text or "text"
         if field not in record:
             raise CorpusError(f"Expected a field {field!r} in every record. Got fields {sorted(record)} instead. Pick one with --text.")
-        text = str(record[field])
+        text = str(_present(record, field))
         return text, [Segment(field, 0, len(text), 0)]
     pieces: list[str] = []
     segments: list[Segment] = []
@@ -106,12 +106,23 @@ def render_spans(record: Mapping[str, Any], spec: CorpusSpec,
                 missing = [f for _, f, fs, _ in string.Formatter().parse(spec.template)
                            if f and not (f == "chat" and fs) and _root(f) not in record]
                 raise CorpusError(f"Expected fields {missing} used by the template in every record. Got fields {sorted(record)}.")
+            _present(record, _root(name))
             text = string.Formatter().format("{" + name + (f"!{conversion}" if conversion else "") +
                                              (f":{format_spec}" if format_spec else "") + "}", **record)
             segments.append(Segment(name, at, at + len(text), 0))
         pieces.append(text)
         at += len(text)
     return "".join(pieces), segments
+
+
+def _present(record: Mapping[str, Any], field: str) -> Any:
+    """The value of ``field``; a missing one (JSON's null, a CSV's empty cell) is refused: str() made it the text
+    "None" and extracted it as a document."""
+    value = record[field]
+    if value is None:
+        raise CorpusError(f"Expected a value of field {field!r} in every record. Got none in record {record.get('_id')} "
+                          "instead. Fill it in or drop the record.")
+    return value
 
 
 def _root(name: str) -> str:

@@ -41,7 +41,7 @@ def read_records(source: str, *, id_field: str | None = None, max_docs: int | No
             return
         default = record.pop("_default_id")
         key = id_field or ("id" if "id" in record else None)
-        record["_id"] = str(record[key]) if key and key in record else default
+        record["_id"] = str(record[key]) if key and record.get(key) is not None else default  # an empty id: its place
         yield record
 
 
@@ -66,10 +66,15 @@ def _read_file(path: Path) -> Iterator[dict[str, Any]]:
     import pandas as pd
 
     try:
-        frame = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
+        # A CSV's empty cell is its only missing value ("NA" or "null" is text), and a numeric column with one keeps
+        # its integers (numpy's default made the whole column float: id 12 read as "12.0", labels 0/1 as "0.0"/"1.0").
+        frame = (pd.read_csv(path, keep_default_na=False, na_values=[""], dtype_backend="numpy_nullable")
+                 if path.suffix == ".csv" else pd.read_parquet(path))
     except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as e:  # pyarrow's errors are ValueErrors
         raise CorpusError(f"Expected a readable {path.suffix} file at {path}. Got {type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''} instead. Check the file.") from e
+    if path.suffix == ".csv":
+        frame = frame.astype(object).where(frame.notna(), None)  # missing cells read as None, as JSON's null
     for n, record in enumerate(frame.to_dict("records")):
         yield {"_default_id": f"{path.name}:{n}", **record}
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from hrsa.analyze.config import DEFAULT_K, Search
 from hrsa.analyze.local.bootstrap import document_bootstrap_interval
+from hrsa.analyze.local.hidden_states import shared_hidden_states
 from hrsa.analyze.local.knn_search import approximate_neighbors, exact_neighbors, neighbor_recall, search_neighbors
 from hrsa.analyze.local.memory import KnnBlocks, KnnPass, bytes_per_value, plan_knn
 from hrsa.analyze.local.store_rows import SampleRows, read_rows
@@ -209,10 +210,7 @@ def _planned(
     """Steps 1 and 2 of :func:`knn_pair`: (ks, hidden states, sample of A, of B, document of each, pass, blocks)."""
     ks_t = tuple(sorted({int(k) for k in ks}))
     info_a, info_b = store.model_info(a), store.model_info(b)
-    shared = sorted(set(info_a.hidden_states) & set(info_b.hidden_states))
-    states = tuple(shared if hidden_states is None else [k for k in hidden_states if k in shared])
-    if not states:
-        raise UserError(f"Expected hidden states shared by {a} and {b}. Got {list(hidden_states or [])} instead.")
+    states = shared_hidden_states(store, a, b, hidden_states)
     # Step 1: the shared subsample, as global token indices of each model, and the document of each token.
     ids, ids_b = _draw_sample(store, a, selection, n_sample, seed, pairs)
     for k in ks_t:

@@ -32,13 +32,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
+import warnings
+
 import numpy as np
 
 from hrsa.analyze.config import Pool
 from hrsa.analyze.local.bootstrap import accuracy_bootstrap_interval
+from hrsa.analyze.local.hidden_states import shared_hidden_states
 from hrsa.analyze.local.memory import ProbePass, bytes_per_value, plan_probe
 from hrsa.analyze.local.store_rows import read_rows
-from hrsa.analyze.metrics.linear_probe import ProbeResult, linear_probe
+from hrsa.analyze.metrics.linear_probe import ProbeResult, linear_probe, stratified_split
 from hrsa.analyze.streaming.plan import parse_memory_budget
 from hrsa.runtime.fingerprint import records_digest
 from hrsa.store.errors import UserError
@@ -52,8 +55,8 @@ if TYPE_CHECKING:
     from hrsa.store import ActivationStore
     from hrsa.store.selection import TokenSelection
 
-__all__ = ["ProbeIntervals", "ProbeOptions", "ProbePairResult", "check_probe_budget", "document_features", "probe_pair",
-           "read_labels"]
+__all__ = ["ProbeCoverageWarning", "ProbeIntervals", "ProbeOptions", "ProbePairResult", "check_probe",
+           "document_features", "probe_pair", "read_labels"]
 
 _BLOCK = 1 << 16  # tokens read at once when pooling, unless the memory budget asks for fewer
 
@@ -162,7 +165,7 @@ def _read_labels(
     except Exception as error:  # CorpusError and friends: the source moved or cannot be read
         raise UserError(f"Expected readable labels in {source}. Got an error instead: {error}. "
                         "Pass --labels FILE.") from error
-    labels = np.array([by_id.get(rid) for rid in wanted], dtype=object)
+    labels = np.array([None if _missing(v := by_id.get(rid)) else v for rid in wanted], dtype=object)
     if all(v is None for v in labels):
         raise UserError(f"Expected a label field {label_field!r} in the records of {source} matching "
                         f"corpus {cid}'s ids. "
@@ -210,6 +213,13 @@ def _labels_by_id(records: Iterable[dict[str, Any]], label_field: str, wanted: s
                             f"{label!r} instead. Give each record its own id (--id-field names a unique field).")
         by_id[rid] = label
     return by_id
+
+
+def _missing(label: Any) -> bool:
+    """None, a float NaN (a CSV's empty cell, a Parquet float column's gap) or pandas' NA: no label."""
+    if label is None or type(label).__name__ == "NAType":
+        return True
+    return isinstance(label, (float, np.floating)) and bool(np.isnan(label))
 
 
 def _same_label(a: Any, b: Any) -> bool:
@@ -295,6 +305,10 @@ def _mean_pool(x: da.Array, found: _Documents, block_tokens: int) -> NDArray[np.
     return sums
 
 
+class ProbeCoverageWarning(UserWarning):
+    """A probe fitted and scored on fewer documents than were selected: the others have no label."""
+
+
 def probe_pair(
     store: ActivationStore,
     a: str,
@@ -331,48 +345,116 @@ def probe_pair(
         A ProbePairResult.
 
     Raises:
-        UserError: labels missing, fewer than two classes, or no shared hidden states.
+        UserError: as :func:`check_probe`.
         MemoryBudgetError: the features or one pooling block do not fit (raised before any hidden state is read).
+
+    Warns:
+        ProbeCoverageWarning: some selected documents have no label (they are left out), with the count.
     """
-    info_a, info_b = store.model_info(a), store.model_info(b)
-    shared = sorted(set(info_a.hidden_states) & set(info_b.hidden_states))
-    states = tuple(shared if hidden_states is None else [k for k in hidden_states if k in shared])
-    if not states:
-        raise UserError(f"Expected hidden states shared by {a} and {b}. Got {list(hidden_states or [])} instead.")
-    # Step 1: the pooling block within the budget, before any read of a hidden state (or of the labels).
-    budget = parse_memory_budget(memory_budget)
-    docs, block_tokens, estimated_peak = _plan(store, a, b, selection, pool, budget)
-    # Step 2: labels per document, as strings (mixed types sort badly); unlabelled documents dropped.
-    labels, labels_read, labels_digest = _read_labels(store, info_a.corpus, label_field=label_field,
-                                                      labels_file=labels_file, id_field=id_field, models=(a, b))
-    classes = sorted({str(v) for v in labels if v is not None})
-    if len(classes) < 2:
-        raise UserError(f"Expected at least two values of {label_field!r}. Got {classes} instead. "
-                        "Pick another --label-field.")
-    labelled = np.array([labels[d] is not None for d in docs], dtype=bool)
-    y = np.array([str(labels[d]) for d in docs[labelled]])
+    # Steps 1-2: the plan, the labels and their checks, before any read of a hidden state.
+    inputs = _ProbeInputs.of(store, a, b, label_field=label_field, labels_file=labels_file, id_field=id_field,
+                             pool=pool, hidden_states=hidden_states, selection=selection, seed=seed,
+                             fractions=fractions, memory_budget=memory_budget)
+    inputs.warn_unlabelled()
     a_to_b: dict[int, ProbeResult] = {}
     b_to_a: dict[int, ProbeResult] = {}
-    for layer in states:
+    for layer in inputs.states:
         # Step 3: pooled features of both models on the labelled documents they both keep.
-        fa = _labelled_features(store, a, layer, pool, selection, block_tokens, docs, labelled)
-        fb = _labelled_features(store, b, layer, pool, selection, block_tokens, docs, labelled)
+        fa, fb = (_labelled_features(store, m, layer, pool, selection, inputs.block_tokens, inputs.docs,
+                                     inputs.labelled) for m in (a, b))
         # Step 4: fit on the source, score both (and the reverse on request).
-        a_to_b[layer] = linear_probe(fa, fb, y, fractions=fractions, seed=seed)
+        a_to_b[layer] = linear_probe(fa, fb, inputs.y, fractions=fractions, seed=seed)
         if both_directions:
-            b_to_a[layer] = linear_probe(fb, fa, y, fractions=fractions, seed=seed)
+            b_to_a[layer] = linear_probe(fb, fa, inputs.y, fractions=fractions, seed=seed)
         del fa, fb
-    return ProbePairResult(states, a_to_b, int(y.size), tuple(classes), pool, label_field, seed, b_to_a,
+    return ProbePairResult(inputs.states, a_to_b, int(inputs.y.size), inputs.classes, pool, label_field, seed, b_to_a,
                            {k: ProbeIntervals.of(r, seed) for k, r in a_to_b.items()},
-                           {k: ProbeIntervals.of(r, seed) for k, r in b_to_a.items()}, estimated_peak, budget,
-                           labels_read, labels_digest)
+                           {k: ProbeIntervals.of(r, seed) for k, r in b_to_a.items()}, inputs.estimated_peak,
+                           inputs.budget, inputs.labels_read, inputs.labels_digest)
 
 
-def check_probe_budget(store: ActivationStore, a: str, b: str, *, selection: TokenSelection | None, pool: Pool,
-                       memory_budget: int | str) -> int:
-    """The estimated peak of the probe pass, without reading labels or hidden states (``analyze_pair`` asks before
-    its streaming passes). Raises MemoryBudgetError when it cannot fit."""
-    return _plan(store, a, b, selection, pool, parse_memory_budget(memory_budget))[2]
+def check_probe(store: ActivationStore, a: str, b: str, *, selection: TokenSelection | None, memory_budget: int | str,
+                label_field: str, labels_file: str | None = None, id_field: str | None = None, pool: Pool = "mean",
+                hidden_states: Sequence[int] | None = None, seed: int = 0,
+                fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), **_: Any) -> int:
+    """Refuse now what :func:`probe_pair` would refuse, reading the labels but no hidden state (``analyze_pair`` asks
+    before its streaming passes); returns the pass's estimated peak.
+
+    Raises:
+        UserError: a hidden state not shared, labels missing, fewer than two classes among the selected labelled
+            documents, or too few of them for a test split.
+        MemoryBudgetError: the pass cannot fit.
+    """
+    return _ProbeInputs.of(store, a, b, label_field=label_field, labels_file=labels_file, id_field=id_field, pool=pool,
+                           hidden_states=hidden_states, selection=selection, seed=seed, fractions=fractions,
+                           memory_budget=memory_budget).estimated_peak
+
+
+@dataclass(frozen=True)
+class _ProbeInputs:
+    """What a probe pass reads and fits on, checked (no hidden state read).
+
+    Attributes:
+        states: hidden states probed; docs: (M,) documents with a kept token; labelled: (M,) which have a label;
+        y: (labelled M,) their labels as strings (mixed types sort badly); classes: the values of ``y``;
+        block_tokens, estimated_peak, budget: the pooling block, the pass's memory model, the budget;
+        labels_read, labels_digest: the labels' file and its digest.
+    """
+
+    states: tuple[int, ...]
+    docs: NDArray[np.int64]
+    labelled: NDArray[np.bool_]
+    y: NDArray[np.str_]
+    classes: tuple[str, ...]
+    block_tokens: int
+    estimated_peak: int
+    budget: int
+    labels_read: str
+    labels_digest: str | None
+
+    @classmethod
+    def of(cls, store: ActivationStore, a: str, b: str, *, label_field: str, labels_file: str | None,
+           id_field: str | None, pool: Pool, hidden_states: Sequence[int] | None, selection: TokenSelection | None,
+           seed: int, fractions: tuple[float, float, float], memory_budget: int | str) -> _ProbeInputs:
+        states = shared_hidden_states(store, a, b, hidden_states)
+        budget = parse_memory_budget(memory_budget)
+        docs, block_tokens, estimated_peak = _plan(store, a, b, selection, pool, budget)
+        labels, read, digest = _read_labels(store, store.model_info(a).corpus, label_field=label_field,
+                                            labels_file=labels_file, id_field=id_field, models=(a, b))
+        labelled = np.array([labels[d] is not None for d in docs], dtype=bool)
+        y = np.array([str(labels[d]) for d in docs[labelled]])
+        _check_classes(labels, y, label_field)
+        _check_split(y, fractions, seed)
+        return cls(states, docs, labelled, y, tuple(sorted(set(y.tolist()))), block_tokens, estimated_peak, budget,
+                   read, digest)
+
+    def warn_unlabelled(self) -> None:
+        left_out = int(self.docs.size - self.y.size)
+        if left_out:
+            warnings.warn(f"Probe: labels for {self.y.size} of the {self.docs.size} documents selected (read from "
+                          f"{self.labels_read}); the other {left_out} are left out. Check --labels and --id-field "
+                          "if they should have one.", ProbeCoverageWarning, stacklevel=3)
+
+
+def _check_classes(labels: NDArray[np.object_], y: NDArray[np.str_], label_field: str) -> None:
+    everywhere = sorted({str(v) for v in labels if v is not None})
+    if len(everywhere) < 2:
+        raise UserError(f"Expected at least two values of {label_field!r}. Got {everywhere} instead. "
+                        "Pick another --label-field.")
+    selected = sorted(set(y.tolist()))
+    if len(selected) < 2:
+        raise UserError(f"Expected at least two values of {label_field!r} among the {y.size} labelled documents "
+                        f"selected. Got {selected} instead. Select documents of two classes (--docs, the token "
+                        "filters).")
+
+
+def _check_split(y: NDArray[np.str_], fractions: tuple[float, float, float], seed: int) -> None:
+    """A probe with no test document scores nothing (nan) and gets no verdict: refused, saying why."""
+    train, dev, test = stratified_split(y, fractions=fractions, seed=seed)
+    if not test.size:
+        raise UserError(f"Expected enough labelled documents for a test split. Got {y.size} (train {train.size}, "
+                        f"dev {dev.size}, test {test.size}) instead. Select more documents (about 10 of each class "
+                        "give each class a test document).")
 
 
 def _plan(

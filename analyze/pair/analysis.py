@@ -16,7 +16,7 @@ import numpy as np
 
 from hrsa.analyze.config import DEFAULT_GROUPS, METRICS
 from hrsa.analyze.local.knn import KnnOptions, check_knn_budget, knn_pair
-from hrsa.analyze.local.probe import ProbeOptions, check_probe_budget, probe_pair
+from hrsa.analyze.local.probe import ProbeOptions, check_probe, probe_pair
 from hrsa.analyze.pair.assembly import assemble
 from hrsa.analyze.pair.passes import run_passes
 from hrsa.analyze.pair.resolve import ResolvedPair, resolve_pair
@@ -156,8 +156,8 @@ def _check_local_metrics(
     store: ActivationStore, pair: ResolvedPair, selection: TokenSelection, knn_options: KnnOptions | None,
     probe_options: ProbeOptions | None,
 ) -> None:
-    """Refuse now what the local metrics would refuse after the streaming passes: no label field, or a pass that
-    cannot fit the budget (both planned without reading a hidden state)."""
+    """Refuse now what the local metrics would refuse after the streaming passes: a hidden state not shared, no label
+    field, labels of one class or too few, or a pass that cannot fit the budget (no hidden state read)."""
     a, b, budget = pair.info_a.id, pair.info_b.id, pair.plan.inputs.memory_budget
     if "knn" in pair.metrics:
         check_knn_budget(store, a, b, selection=selection, pairs=pair.pairs, memory_budget=budget,
@@ -165,7 +165,7 @@ def _check_local_metrics(
     if "probe" in pair.metrics:
         if probe_options is None:
             raise UserError("Expected a label field for the probe metric. Got none. Pass --label-field FIELD.")
-        check_probe_budget(store, a, b, selection=selection, pool=probe_options.pool, memory_budget=budget)
+        check_probe(store, a, b, selection=selection, memory_budget=budget, **probe_options.to_dict())
 
 
 def _local_metrics(

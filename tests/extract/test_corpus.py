@@ -90,6 +90,11 @@ def test_same_text_and_tokenizer_is_one_corpus(tokenizer: Any, tmp_path: Path) -
         (CorpusSpec(source="-", text="nope"), RECORDS, "field 'nope'"),
         (CorpusSpec(source="-", template="{problem}"), RECORDS, "fields \\['problem'\\]"),
         (CorpusSpec(source="-"), [{"text": "", "_id": "e"}], "empty document"),
+        # A missing value (JSON null, a CSV's empty cell) was rendered as the text "None" (or "nan") and extracted.
+        (CorpusSpec(source="-"), [{"text": "a"}, {"text": None}],
+         r"^Expected a value of field 'text' in every record\. Got none in record 1 instead\. Fill it in or drop"),
+        (CorpusSpec(source="-", template="Q: {problem} A: {answer}"), [{"problem": "p", "answer": None}],
+         r"^Expected a value of field 'answer' in every record\. Got none in record 0 instead"),
     ],
 )
 def test_bad_corpora_are_user_errors(tokenizer: Any, spec: CorpusSpec, records: list[dict[str, Any]], match: str) -> None:

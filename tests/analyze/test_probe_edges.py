@@ -1,0 +1,92 @@
+"""Probes at the edges of their labels: empty cells, labels for a few documents, a selection of one class, too few
+documents to split, hidden states that are not there. Each gave a result (or a traceback) without a word."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+
+from hrsa.analyze.local.probe import ProbeCoverageWarning, check_probe, probe_pair, read_labels
+from hrsa.store.errors import UserError
+from hrsa.store.records import read_records
+from hrsa.store.selection import TokenSelection
+
+
+def _csv(path: Path, rows: list[tuple[str, str]]) -> str:
+    path.write_text("id,label\n" + "".join(f"{i},{v}\n" for i, v in rows))
+    return str(path)
+
+
+def test_an_empty_csv_cell_is_a_missing_label_not_a_class_named_nan(labelled_store, tmp_path: Path) -> None:
+    """pandas reads an empty cell as NaN; str(NaN) made a third class "nan" of the unlabelled documents."""
+    store, _, labels = labelled_store
+    rows = [(f"rec-{i}", "" if i % 7 == 0 else v) for i, v in enumerate(labels)]
+    with pytest.warns(ProbeCoverageWarning, match=r"labels for 342 of the 400 documents"):
+        res = probe_pair(store, "a", "c", label_field="label", labels_file=_csv(tmp_path / "l.csv", rows),
+                         hidden_states=[1])
+    assert res.classes == ("ham", "spam") and res.n_docs == 400 - 58
+
+
+def test_a_json_null_or_nan_label_is_missing(labelled_store, tmp_path: Path) -> None:
+    store, _, labels = labelled_store
+    source = tmp_path / "l.jsonl"
+    source.write_text("".join(json.dumps({"id": f"rec-{i}", "label": None if i == 3 else float("nan") if i == 4 else v})
+                              + "\n" for i, v in enumerate(labels)))
+    got = read_labels(store, store.model_info("a").corpus, label_field="label", labels_file=str(source))
+    assert got[3] is None and got[4] is None and got[5] == labels[5]
+
+
+def test_csv_values_are_read_as_written_not_as_floats(tmp_path: Path) -> None:
+    """A numeric column with one empty cell was read as float: ids 12 -> "12.0" (no longer matching the corpus's),
+    labels 0/1 -> "0.0"/"1.0"; and a text "NA" or "null" was read as missing."""
+    path = tmp_path / "r.csv"
+    path.write_text("id,label,text\n10,0,NA\n11,,null\n,1,x\n")
+    records = list(read_records(str(path)))
+    assert [r["_id"] for r in records] == ["10", "11", "r.csv:2"]
+    assert [r["label"] for r in records] == [0, None, 1] and [r["text"] for r in records] == ["NA", "null", "x"]
+
+
+def test_labels_for_a_few_documents_warn_with_the_count(labelled_store, tmp_path: Path) -> None:
+    store, _, labels = labelled_store
+    rows = [(f"rec-{i}", v) for i, v in enumerate(labels) if i % 10 == 0]
+    with pytest.warns(ProbeCoverageWarning, match=r"^Probe: labels for 40 of the 400 documents .*; the other 360 are "
+                                                  r"left out\. Check --labels and --id-field"):
+        probe_pair(store, "a", "c", label_field="label", labels_file=_csv(tmp_path / "l.csv", rows), hidden_states=[1])
+
+
+def test_every_document_labelled_gives_no_warning(labelled_store) -> None:
+    store, _, _ = labelled_store
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        probe_pair(store, "a", "c", label_field="label", hidden_states=[1])
+
+
+def test_a_selection_of_one_class_is_refused_before_any_pass(labelled_store) -> None:
+    """The two-class check ran over the whole corpus, so a --docs selection of one class reached scikit-learn and
+    ended in a ValueError traceback (exit 1), after the streaming passes."""
+    store, _, labels = labelled_store
+    hams = [i for i, v in enumerate(labels) if v == "ham"][:30]
+    selection = TokenSelection(docs=tuple(hams))
+    with pytest.raises(UserError, match=r"^Expected at least two values of 'label' among the 30 labelled documents "
+                                        r"selected\. Got \['ham'\] instead\. Select documents of two classes"):
+        check_probe(store, "a", "c", selection=selection, memory_budget="1GB", label_field="label")
+
+
+def test_too_few_documents_to_split_are_refused(labelled_store) -> None:
+    """Four documents gave empty dev and test splits: nan scores and 'function not measured', without a why."""
+    store, _, labels = labelled_store
+    two = [next(i for i, v in enumerate(labels) if v == c) for c in ("ham", "spam")]
+    selection = TokenSelection(docs=tuple(two))
+    with pytest.raises(UserError, match=r"^Expected enough labelled documents for a test split\. Got 2 \(train 2, "
+                                        r"dev 0, test 0\) instead\. Select more documents"):
+        check_probe(store, "a", "c", selection=selection, memory_budget="1GB", label_field="label")
+
+
+def test_a_hidden_state_not_stored_is_refused_naming_the_shared_ones(labelled_store) -> None:
+    store, _, _ = labelled_store
+    with pytest.raises(UserError, match=r"^Expected hidden states shared by a and c \(0, 1\)\. Got 5 instead\. "
+                                        r"Pick --hidden-states among them"):
+        check_probe(store, "a", "c", selection=None, memory_budget="1GB", label_field="label", hidden_states=(0, 5))
