@@ -43,14 +43,15 @@ never change existing ones). NaN (a metric undefined on constant data) is writte
         "knn": {"k": {"5": [float], ...},            # mean per-token Jaccard, per hidden state below
                 "median": {"5": [float]}, "std": {"5": [float]},
                 "hidden_states": [int], "n_tokens": int, "seed": int, "search": "exact" | "hnsw",
+                "chance": {"5": float},              # the mean overlap of unrelated models on this sample
                 "recall": {"5": [[float, float]]},   # A's and B's recall@k against exact, with hnsw
                 "intervals": {"5": [[low, high]]}, "se": {"5": [float]}, "n_docs": int},
-                                                     # 95% bootstrap over the sampled tokens' documents
+                                                     # 95% bootstrap over the sampled tokens' documents; none (NaN) under 4
         "probe": {"<hidden state>": {                # fitted on A (source), applied to B (target)
                     "source": {"train": {"accuracy": float, "macro_f1": float, "n": int}, "dev": {...}, "test": {...}},
                     "target": {...}, "chance": float, # majority-class share of the test split
                     "test_accuracy_interval": {"source": [low, high], "target": [low, high]},
-                                                      # 95% bootstrap over the test documents
+                                                      # 95% Wilson score interval over the test documents
                     "reverse": {"source": {...}, "target": {...}}}}  # fitted on B, with both directions
       },
       "uncertainty": {"method": "jackknife" | null, "unit": "documents", "groups": int, "groups_asked": int, "level": 0.95,
@@ -256,6 +257,8 @@ def _knn(knn: KnnPairResult) -> dict[str, Any]:
     per_k = {stat: {str(k): [getattr(v, stat) for v in values] for k, values in knn.overlap.items()} for stat in ("mean", "median", "std")}
     out: dict[str, Any] = {"k": per_k["mean"], "median": per_k["median"], "std": per_k["std"],
                            "hidden_states": list(knn.hidden_states), "n_tokens": knn.n_tokens, "seed": knn.seed, "search": knn.search}
+    if knn.chance:
+        out["chance"] = {str(k): v for k, v in knn.chance.items()}
     if knn.recall:
         out["recall"] = {str(k): [list(pair) for pair in values] for k, values in knn.recall.items()}
     if knn.overlap_interval:  # bootstrap over the sample's documents
@@ -510,6 +513,8 @@ class _Knn(_Part):
     intervals: dict[_IntKey, list[list[_Num]]] | None = None
     se: dict[_IntKey, list[_Num]] | None = None
     recall: dict[_IntKey, list[list[_Num]]] | None = None
+    chance: dict[_IntKey, _Num] | None = None
+    n_tokens: int | None = None
 
 
 class _Split(_Part):

@@ -18,6 +18,7 @@ The recipe of :func:`knn_pair`:
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -30,7 +31,7 @@ from hrsa.analyze.local.hidden_states import shared_hidden_states
 from hrsa.analyze.local.knn_search import approximate_neighbors, exact_neighbors, neighbor_recall, search_neighbors
 from hrsa.analyze.local.memory import KnnBlocks, KnnPass, bytes_per_value, plan_knn
 from hrsa.analyze.local.store_rows import SampleRows, read_rows
-from hrsa.analyze.metrics.knn_overlap import KnnOverlapResult, knn_overlap_from_neighbors
+from hrsa.analyze.metrics.knn_overlap import KnnOverlapResult, chance_overlap, knn_overlap_from_neighbors
 from hrsa.analyze.streaming.plan import parse_memory_budget
 from hrsa.store.errors import UserError
 
@@ -43,7 +44,9 @@ if TYPE_CHECKING:
     from hrsa.store.selection import TokenSelection
 
 __all__ = [
+    "CHANCE_WARNING",
     "RECALL_QUERIES",
+    "KnnChanceWarning",
     "KnnOptions",
     "KnnPairResult",
     "approximate_neighbors",
@@ -112,6 +115,7 @@ class KnnPairResult:
         n_docs: documents the sampled tokens fall in (the bootstrap's resampling units).
         estimated_peak, memory_budget: bytes of the pass's memory model and of the budget it fits.
         sample_reads: reads of each model's sample per hidden state (1 when one block holds it).
+        chance: {k: the mean overlap of unrelated models on this sample} (:func:`chance_overlap`).
     """
 
     hidden_states: tuple[int, ...]
@@ -126,6 +130,15 @@ class KnnPairResult:
     estimated_peak: int = 0
     memory_budget: int = 0
     sample_reads: int = 1
+    chance: dict[int, float] = field(default_factory=dict)
+
+
+class KnnChanceWarning(UserWarning):
+    """k is so large a share of the k-NN sample that unrelated models overlap much by chance alone."""
+
+
+#: Chance overlap above which a run warns: unrelated models would score this much (k = 10 of 200 tokens: 0.026).
+CHANCE_WARNING = 0.05
 
 
 def knn_pair(
@@ -166,11 +179,16 @@ def knn_pair(
     Raises:
         UserError: a k out of range, or no shared hidden states.
         MemoryBudgetError: the pass does not fit the budget (raised before any hidden state is read).
+
+    Warns:
+        KnnChanceWarning: unrelated models would overlap more than :data:`CHANCE_WARNING` at some k.
     """
     ks_t, states, ids, ids_b, docs, size, blocks = _planned(
         store, a, b, ks=ks, n_sample=n_sample, seed=seed, selection=selection, hidden_states=hidden_states,
         search=search, memory_budget=memory_budget, query_block=query_block, db_block=db_block, pairs=pairs)
     # Step 3: per hidden state, neighbours of each model in turn, then the overlap and its interval per k.
+    chance = {k: chance_overlap(k, int(ids.size)) for k in ks_t}
+    _warn_chance(chance, int(ids.size))
     overlap: dict[int, list[KnnOverlapResult]] = {k: [] for k in ks_t}
     interval: dict[int, list[Interval]] = {k: [] for k in ks_t}
     recall: dict[int, list[tuple[float, float]]] = {k: [] for k in ks_t} if search == "hnsw" else {}
@@ -188,7 +206,16 @@ def knn_pair(
     return KnnPairResult(states, {k: tuple(v) for k, v in overlap.items()}, int(ids.size), seed, search,
                          {k: tuple(v) for k, v in recall.items()}, time.perf_counter() - start,
                          {k: tuple(v) for k, v in interval.items()}, size.n_docs, blocks.estimated_peak,
-                         blocks.memory_budget, blocks.sample_reads)
+                         blocks.memory_budget, blocks.sample_reads, chance)
+
+
+def _warn_chance(chance: dict[int, float], n: int) -> None:
+    high = {k: c for k, c in chance.items() if c > CHANCE_WARNING}
+    if high:
+        said = ", ".join(f"{c:.3f} at k = {k}" for k, c in high.items())
+        warnings.warn(f"k-NN overlap: on {n} sampled tokens, unrelated models would overlap {said} by chance alone "
+                      "(verdicts take it out). Sample more tokens (--knn-sample) or use a smaller --k.",
+                      KnnChanceWarning, stacklevel=3)
 
 
 def check_knn_budget(store: ActivationStore, a: str, b: str, *, memory_budget: int | str, **options: Any) -> int:

@@ -21,8 +21,8 @@ Memory: the pooled features are (M, D) float64 per model and are held (a probe n
 states are read a block of tokens at a time, the block sized to ``memory_budget`` by the memory model of
 :class:`hrsa.analyze.local.memory.ProbePass`, and a pass that cannot fit is refused before any read.
 
-Uncertainty: each probe's test accuracy (source and target) comes with a 95% percentile bootstrap interval over
-its test documents (B = 1000, seed ``seed``; :func:`hrsa.analyze.local.bootstrap.accuracy_bootstrap_interval`).
+Uncertainty: each probe's test accuracy (source and target) comes with a 95% interval over its test documents,
+the Wilson score interval (:func:`hrsa.analyze.local.bootstrap.accuracy_bootstrap_interval`).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class ProbeOptions:
 
 @dataclass(frozen=True)
 class ProbeIntervals:
-    """95% percentile bootstrap intervals of one probe's test accuracy, resampling its test documents.
+    """95% Wilson score intervals of one probe's test accuracy over its test documents.
 
     Attributes:
         source: of ``ProbeResult.source.test.accuracy``; target: of ``ProbeResult.target.test.accuracy``.

@@ -7,7 +7,9 @@ The per-token overlap is the Jaccard index
     J_i = |A_i n B_i| / |A_i u B_i| = m_i / (2k - m_i),   m_i = |A_i n B_i|,
 
 and the metric reports its mean (the paper's number), median and standard deviation over tokens.
-J_i is in [0, 1]: 1 when both models give token i the same neighbours, about k / N for unrelated ones.
+J_i is in [0, 1]: 1 when both models give token i the same neighbours. For unrelated ones it is not 0: two
+independent uniform draws of k of the N - 1 other tokens share m ~ Hypergeometric(N - 1, k, k) of them, so J_i
+averages :func:`chance_overlap` (about k / (2N) for k << N, and 1 at k = N - 1, where every token is a neighbour).
 
 Neighbours are ranked by cosine similarity, ties broken by the smaller token index, so results are
 deterministic. Invariances (of the neighbour sets, hence of the overlap): any rotation X Q, isotropic
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "KnnOverlapResult",
+    "chance_overlap",
     "check_k",
     "cosine_neighbors",
     "jaccard_rows",
@@ -107,6 +110,24 @@ def knn_overlap_from_neighbors(a: ArrayLike, b: ArrayLike, *, return_per_token: 
         k=int(np.shape(a)[1]), mean=float(j.mean()), median=float(np.median(j)), std=float(j.std()),
         n_tokens=int(j.size), per_token=j if return_per_token else None,
     )
+
+
+def chance_overlap(k: int, n_tokens: int) -> float:
+    """E[J] of two unrelated k-NN graphs: each token's neighbours two independent uniform draws of k of the others.
+
+    The shared count m is Hypergeometric(N - 1, k, k); E[J] = sum_m P(m) m / (2k - m) (exact, not E[m] / (2k - E[m])).
+
+    Example:
+        >>> chance_overlap(1, 3), chance_overlap(2, 3), round(chance_overlap(10, 100_001), 6)
+        (0.5, 1.0, 5.3e-05)
+    """
+    from scipy.stats import hypergeom
+
+    k = check_k(k, n_tokens)
+    if k == n_tokens - 1:
+        return 1.0  # exactly, not a sum of rounded probabilities
+    m = np.arange(max(0, 2 * k - (n_tokens - 1)), k + 1)  # the possible shared counts
+    return float(np.sum(hypergeom.pmf(m, n_tokens - 1, k, k) * m / (2 * k - m)))
 
 
 def check_k(k: int, n_tokens: int) -> int:

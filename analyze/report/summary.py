@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from hrsa.analyze.metrics.knn_overlap import chance_overlap
 from hrsa.store.errors import UserError
 
 if TYPE_CHECKING:
@@ -334,10 +335,29 @@ def _h_inv_check(procrustes: Mapping[str, Any] | None, states: Sequence[int], th
 
 
 def _knn_check(knn: Mapping[str, Any] | None, t: Thresholds, skip: Sequence[int] = ()) -> MetricCheck | None:
+    """The overlap against the threshold taken above chance: c + t (1 - c), c the mean overlap of unrelated models on
+    the same sample (at k = 10 of 15 tokens 0.56: a 0.5 threshold alone counted unrelated models as preserved)."""
     k = knn_k(knn.get("k", {}), t.knn_k) if knn else None
     if k is None:
         return None
-    return _check(f"k-NN overlap at k = {k}", knn["k"][str(k)], knn.get("hidden_states", []), t.knn, skip)  # type: ignore[index]
+    chance = _knn_chance(knn, k)  # type: ignore[arg-type]
+    if chance >= 1.0:
+        return None  # k = n - 1: every token is every token's neighbour in both models
+    threshold = chance + t.knn * (1.0 - chance)
+    check = _check(f"k-NN overlap at k = {k}", knn["k"][str(k)], knn.get("hidden_states", []), threshold, skip)  # type: ignore[index]
+    if check is None or chance < 1e-3:
+        return check
+    return replace(check, detail=f"{check.detail}; {chance:.3f} by chance alone on {knn.get('n_tokens')} sampled "  # type: ignore[union-attr]
+                                 f"tokens: threshold {t.knn:g} of the way from it to 1")
+
+
+def _knn_chance(knn: Mapping[str, Any], k: int) -> float:
+    """The recorded chance overlap at k; for records without one (older hrsa), from the sample size."""
+    recorded = (knn.get("chance") or {}).get(str(k))
+    if recorded is not None:
+        return float(recorded)
+    n = knn.get("n_tokens")
+    return chance_overlap(k, int(n)) if isinstance(n, int) and n > k else 0.0
 
 
 def _probe_check(probe: Mapping[str, Any] | None, t: Thresholds, skip: Sequence[int] = ()) -> MetricCheck | None:

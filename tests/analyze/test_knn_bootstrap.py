@@ -57,7 +57,25 @@ def test_resampling_is_by_document(rng: np.random.Generator) -> None:
     assert by_document == pytest.approx(alone, rel=0.1)
 
 
-def test_accuracy_interval_is_the_bootstrap_of_test_documents(rng: np.random.Generator) -> None:
+def test_accuracy_interval_is_wilsons_at_the_published_values() -> None:
+    """Wilson score intervals at 95% (Newcombe 1998, Table I: 0/10 -> [0, 0.2775], 8/10 -> [0.4902, 0.9433]); at an
+    accuracy of 1 over two documents the bootstrap of their outcomes read [1, 1]."""
+    for right, n, low, high in ((0, 10, 0.0, 0.2775), (8, 10, 0.4902, 0.9433), (29, 29, 0.8830, 1.0)):
+        got = accuracy_bootstrap_interval(right / n, n)
+        assert (got.low, got.high) == (pytest.approx(low, abs=1e-4), pytest.approx(high, abs=1e-4))
+    assert accuracy_bootstrap_interval(1.0, 2).low < 0.35
+
+
+def test_fewer_than_four_documents_give_no_interval() -> None:
+    """One document resampled is itself every time: a zero-width interval (the k-NN table showed "+-0.0000")."""
+    values = np.linspace(0, 1, 30)
+    for g in (1, 2, 3):
+        assert np.isnan(document_bootstrap_interval(values, np.arange(30) % g).low)
+    four = document_bootstrap_interval(values, np.arange(30) % 4)
+    assert four.low < four.high and four.n_groups == 4
+
+
+def test_accuracy_interval_is_close_to_the_bootstrap_of_test_documents(rng: np.random.Generator) -> None:
     right = rng.random(200) < 0.8  # one 0/1 outcome per test document
     closed = accuracy_bootstrap_interval(right.mean(), right.size)
     resampled = document_bootstrap_interval(right.astype(float), np.arange(right.size))
