@@ -18,7 +18,7 @@ did not write is never touched: the run stops and names the fix.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -176,6 +176,23 @@ def _check_inputs_exist(config: PipelineConfig) -> None:
             parse_model_spec(str(entry.model), revision=entry.revision, gguf_file=entry.gguf_file)  # raises, one line
 
 
+def check_checkpoint_schedule(run: str, steps: Sequence[int], tc: TrainConfig) -> None:
+    """Refuse a run whose checkpoints are not the ones its save_every asks for: the recipe's folder is kept across
+    save_every, so a finished run asked for denser checkpoints resumed at its last step, trained nothing, and the
+    dynamics went on with the old steps without a word.
+
+    Raises:
+        UserError: a step of the schedule (every save_every steps, and the last) without a checkpoint.
+    """
+    wanted = {*range(tc.save_every, tc.max_steps + 1, tc.save_every), tc.max_steps}
+    missing = sorted(wanted - set(steps))
+    if missing:
+        raise UserError(f"Expected training run {run} to hold a checkpoint every {tc.save_every} steps. Got steps "
+                        f"{sorted(steps)} (saved under another save_every) instead, missing {missing}. Delete "
+                        f"{tc.output} to train it again with this schedule (the same seed gives the same weights), or "
+                        "set save_every back.")
+
+
 def _checkpoints_complete(outputs: Mapping[str, Any]) -> bool:
     """Whether every checkpoint a training stage recorded is still there, complete (on any storage: one listing of
     the run folder)."""
@@ -245,6 +262,7 @@ class _Runner:
 
             self.state.start(stage, key)
             result = run_training(tc, progress=True)
+            check_checkpoint_schedule(run, [checkpoint_step(c) for c in result.checkpoints], tc)
             self.state.finish(stage, key, {"output": str(tc.output), "recipe": recipe.key,
                                            "checkpoints": [str(c) for c in result.checkpoints],
                                            "steps": [checkpoint_step(c) for c in result.checkpoints]})

@@ -7,7 +7,8 @@ is read through the same pyarrow filesystem Ray Train writes it with (:mod:`hrsa
 ``trainer_state.pt`` (for resuming) and ``hrsa_train.json``, whose ``files`` lists every other file of the folder
 with its size and digest. Ray Train copies the folder into the run file by file, in no set order, so
 ``hrsa_train.json`` may land before the weights: a checkpoint is complete when every file it lists is there with
-its listed size. The trainer, ``hrsa eval`` and the pipeline runner all find checkpoints here, with one rule.
+its listed size (and, on a local or shared filesystem, its listed digest). The trainer, ``hrsa eval`` and the
+pipeline runner all find checkpoints here, with one rule.
 """
 
 from __future__ import annotations
@@ -103,8 +104,12 @@ def list_checkpoints(run_dir: Location | Path | str, *, marker: str = INFO_FILE)
 
 
 def _complete(folder: Location, present: dict[str, int]) -> bool:
-    """Whether a folder holds every file its ``hrsa_train.json`` lists, at its listed size (a cheap check: a
-    partial copy is short or missing; digests are there for readers that need the content itself).
+    """Whether a folder holds every file its ``hrsa_train.json`` lists, at its listed size (a partial copy is short or
+    missing) and, on a local or shared filesystem, with its listed digest: weights overwritten in place at the same
+    size passed on sizes alone, and training resumed from them. A damaged checkpoint is then one not written: training
+    recomputes it from the one before. The digests are memoised by file signature
+    (:func:`hrsa.runtime.fingerprint.file_digest`), so a listing reads each file once; on object storage, where a
+    digest would mean downloading the weights, sizes alone decide.
 
     Args:
         folder: the checkpoint folder.
@@ -117,7 +122,18 @@ def _complete(folder: Location, present: dict[str, int]) -> bool:
     files = info.get("files") if isinstance(info, dict) else None
     if files is None:  # written before manifests
         return "config.json" in present and any(_WEIGHTS.fullmatch(name) for name in present)
-    return all(present.get(name) == entry["size"] for name, entry in files.items())
+    if not all(present.get(name) == entry["size"] for name, entry in files.items()):
+        return False
+    return not folder.is_local or all(_same_content(folder.local_path() / name, entry) for name, entry in files.items())
+
+
+def _same_content(path: Path, entry: dict[str, Any]) -> bool:
+    from hrsa.runtime.fingerprint import file_digest
+
+    try:
+        return "xxh3" not in entry or file_digest(path) == entry["xxh3"]
+    except OSError:  # gone since the listing
+        return False
 
 
 def resume_point(run: Location, name: str | None) -> Any:

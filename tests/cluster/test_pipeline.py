@@ -727,3 +727,18 @@ def test_manifests_run_shipped_pipelines_on_gpu_workers() -> None:
     assert types[launcher["head_node_type"]]["node_config"]["InstanceType"].startswith("m")  # a CPU head
     assert any(t["node_config"]["InstanceType"].startswith("g") and t["min_workers"] >= 1 for t in types.values())
     assert any("pip install" in c and "[s3]" in c for c in launcher["setup_commands"])
+
+
+def test_a_run_whose_checkpoints_are_not_its_schedule_is_refused() -> None:
+    """save_every is not part of a training recipe's folder: denser checkpoints asked of a finished run resumed at its
+    last step, trained nothing, and the dynamics kept the old steps without a word."""
+    from hrsa.cluster.runner import check_checkpoint_schedule
+    from hrsa.train.config import TrainConfig
+
+    tc = TrainConfig.model_validate({"backbone": "b", "data": "d.jsonl", "output": "runs/x", "max_steps": 5,
+                                     "save_every": 2})
+    check_checkpoint_schedule("emb", [2, 4, 5], tc)
+    with pytest.raises(UserError, match=r"^Expected training run emb to hold a checkpoint every 1 steps\. Got steps "
+                                        r"\[2, 4, 5\] \(saved under another save_every\) instead, missing \[1, 3\]\. "
+                                        r"Delete runs/x to train it again"):
+        check_checkpoint_schedule("emb", [2, 4, 5], tc.model_copy(update={"save_every": 1}))

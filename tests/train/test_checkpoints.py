@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from hrsa.runtime.locations import parse_location
 from hrsa.train.checkpoints import (INFO_FILE, Checkpoint, checkpoint_step, file_manifest, list_checkpoints,
-                                    step_folder_name, step_folders)
+                                    resume_folder, step_folder_name, step_folders)
 
 
 def _folder(run: Path, name: str, *files: str) -> Path:
@@ -69,6 +70,24 @@ def test_a_checkpoint_is_complete_only_when_every_listed_file_is_there_at_its_si
     assert list_checkpoints(run) == [Checkpoint(str(copying), 4)]
     (copying / INFO_FILE).write_text('{"step": 4, "lo')  # the info file half copied
     assert list_checkpoints(run) == []
+
+
+def test_a_checkpoint_whose_content_differs_from_its_manifest_is_not_complete(tmp_path: Path) -> None:
+    """Sizes alone passed a checkpoint whose weights were overwritten in place at the same size: training resumed from
+    it, and a pipeline counted its training stage up to date, the damaged weights extracted and analysed as the step's."""
+    run = tmp_path / "run"
+    for step in (2, 4):
+        folder = _folder(run, step_folder_name(step), "config.json")
+        (folder / "model.safetensors").write_bytes(bytes(range(256)) * 4)
+        (folder / INFO_FILE).write_text(json.dumps({"step": step, "files": file_manifest(folder)}))
+    assert [c.step for c in list_checkpoints(run)] == [2, 4]
+    weights = run / step_folder_name(4) / "model.safetensors"
+    damaged = bytearray(weights.read_bytes())
+    damaged[100:104] = b"\xff\xff\xff\xff"
+    weights.write_bytes(bytes(damaged))  # the same size
+    assert [c.step for c in list_checkpoints(run)] == [2]
+    assert resume_folder(parse_location(run)) == step_folder_name(2)  # recomputed from there, as after a kill
+    assert [c.step for c in list_checkpoints(run, marker="config.json")] == [2, 4]  # hrsa eval's any-model-folder rule
 
 
 @pytest.mark.integration
