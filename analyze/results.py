@@ -44,6 +44,7 @@ never change existing ones). NaN (a metric undefined on constant data) is writte
                 "median": {"5": [float]}, "std": {"5": [float]},
                 "hidden_states": [int], "n_tokens": int, "seed": int, "search": "exact" | "hnsw",
                 "chance": {"5": float},              # the mean overlap of unrelated models on this sample
+                "ties": {"5": [float]},              # share of tokens whose k-th neighbour ties the next in both
                 "recall": {"5": [[float, float]]},   # A's and B's recall@k against exact, with hnsw
                 "intervals": {"5": [[low, high]]}, "se": {"5": [float]}, "n_docs": int},
                                                      # 95% bootstrap over the sampled tokens' documents; none (NaN) under 4
@@ -259,6 +260,8 @@ def _knn(knn: KnnPairResult) -> dict[str, Any]:
                            "hidden_states": list(knn.hidden_states), "n_tokens": knn.n_tokens, "seed": knn.seed, "search": knn.search}
     if knn.chance:
         out["chance"] = {str(k): v for k, v in knn.chance.items()}
+    if knn.ties:
+        out["ties"] = {str(k): list(v) for k, v in knn.ties.items()}
     if knn.recall:
         out["recall"] = {str(k): [list(pair) for pair in values] for k, values in knn.recall.items()}
     if knn.overlap_interval:  # bootstrap over the sample's documents
@@ -514,6 +517,7 @@ class _Knn(_Part):
     se: dict[_IntKey, list[_Num]] | None = None
     recall: dict[_IntKey, list[list[_Num]]] | None = None
     chance: dict[_IntKey, _Num] | None = None
+    ties: dict[_IntKey, list[_Num]] | None = None
     n_tokens: int | None = None
 
 

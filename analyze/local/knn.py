@@ -46,7 +46,9 @@ if TYPE_CHECKING:
 __all__ = [
     "CHANCE_WARNING",
     "RECALL_QUERIES",
+    "TIES_WARNING",
     "KnnChanceWarning",
+    "KnnTiesWarning",
     "KnnOptions",
     "KnnPairResult",
     "approximate_neighbors",
@@ -116,6 +118,8 @@ class KnnPairResult:
         estimated_peak, memory_budget: bytes of the pass's memory model and of the budget it fits.
         sample_reads: reads of each model's sample per hidden state (1 when one block holds it).
         chance: {k: the mean overlap of unrelated models on this sample} (:func:`chance_overlap`).
+        ties: {k: per hidden state the share of tokens whose k-th neighbour ties with the next in both models}
+            (exact search only).
     """
 
     hidden_states: tuple[int, ...]
@@ -131,6 +135,15 @@ class KnnPairResult:
     memory_budget: int = 0
     sample_reads: int = 1
     chance: dict[int, float] = field(default_factory=dict)
+    ties: dict[int, tuple[float, ...]] = field(default_factory=dict)
+
+
+class KnnTiesWarning(UserWarning):
+    """Many tokens' neighbours tie across the k-th place in both models, where the shared tie rule agrees for them."""
+
+
+#: Share of tokens tied across the k-th place in both models above which a run warns.
+TIES_WARNING = 0.05
 
 
 class KnnChanceWarning(UserWarning):
@@ -193,20 +206,45 @@ def knn_pair(
     interval: dict[int, list[Interval]] = {k: [] for k in ks_t}
     recall: dict[int, list[tuple[float, float]]] = {k: [] for k in ks_t} if search == "hnsw" else {}
     start = time.perf_counter()
+    ties: dict[int, list[float]] = {k: [] for k in ks_t} if search == "exact" else {}
     for layer in states:
-        nx, rx = _neighbors(store, a, layer, ids, ks_t, blocks, search, seed)
-        ny, ry = _neighbors(store, b, layer, ids_b, ks_t, blocks, search, seed)
+        nx, sx, rx = _neighbors(store, a, layer, ids, ks_t, blocks, search, seed)
+        ny, sy, ry = _neighbors(store, b, layer, ids_b, ks_t, blocks, search, seed)
         for k in ks_t:  # the tie rule is a total order, so the neighbours of a smaller k are a prefix
             res = knn_overlap_from_neighbors(nx[:, :k], ny[:, :k], return_per_token=True)
             overlap[k].append(replace(res, per_token=None))
             interval[k].append(document_bootstrap_interval(res.per_token, docs, seed=seed))  # type: ignore[arg-type]
             if search == "hnsw":
                 recall[k].append((rx[k], ry[k]))
-        del nx, ny
+            else:
+                ties[k].append(_tied_in_both(sx, sy, k))
+        del nx, ny, sx, sy
+    _warn_ties(states, ties)
     return KnnPairResult(states, {k: tuple(v) for k, v in overlap.items()}, int(ids.size), seed, search,
                          {k: tuple(v) for k, v in recall.items()}, time.perf_counter() - start,
                          {k: tuple(v) for k, v in interval.items()}, size.n_docs, blocks.estimated_peak,
-                         blocks.memory_budget, blocks.sample_reads, chance)
+                         blocks.memory_budget, blocks.sample_reads, chance, {k: tuple(v) for k, v in ties.items()})
+
+
+def _tied_in_both(sx: NDArray[np.float64] | None, sy: NDArray[np.float64] | None, k: int) -> float:
+    """The share of tokens whose k-th neighbour ties with the next (equal float64 cosines) in both models: there the
+    shared tie rule (smaller index first) picks the same neighbours in both, whatever the models (duplicate rows: a
+    repeated token at the embedding layer; a constant hidden state ties everywhere), which raises the overlap."""
+    if sx is None or sy is None or sx.shape[1] <= k:  # k = n - 1: no next neighbour, every token is a neighbour
+        return 0.0
+    return float(np.mean((sx[:, k - 1] == sx[:, k]) & (sy[:, k - 1] == sy[:, k])))
+
+
+def _warn_ties(states: tuple[int, ...], ties: dict[int, list[float]]) -> None:
+    high = {(k, state): share for k, shares in ties.items() for state, share in zip(states, shares)
+            if share > TIES_WARNING}
+    if high:
+        worst = max(high, key=high.__getitem__)
+        warnings.warn(f"k-NN overlap: at hidden states {sorted({s for _, s in high})}, more than {TIES_WARNING:.0%} of "
+                      f"the sampled tokens have neighbours tied across the k-th place in both models ({high[worst]:.0%} "
+                      f"at hidden state {worst[1]}, k = {worst[0]}): duplicate rows (a repeated token at the embedding "
+                      "layer) or a constant state. The tie rule (smaller index first) picks the same ones in both, "
+                      "which raises the overlap there (knn.ties in results.json).", KnnTiesWarning, stacklevel=3)
 
 
 def _warn_chance(chance: dict[int, float], n: int) -> None:
@@ -247,7 +285,8 @@ def _planned(
     docs = np.searchsorted(store.corpus_tokens(info_a.corpus).doc_offsets, ids, side="right") - 1  # (n,)
     # Step 2: block sizes within the budget, before any read of a hidden state.
     size = KnnPass(n=int(ids.size), d=max(info_a.hidden_size, info_b.hidden_size),
-                   read_bytes=max(bytes_per_value(i.dtype) for i in (info_a, info_b)), k=ks_t[-1],
+                   read_bytes=max(bytes_per_value(i.dtype) for i in (info_a, info_b)),
+                   k=_searched_k(ks_t, int(ids.size)) if search == "exact" else ks_t[-1],
                    shard_tokens=max(min(i.layout.shard_tokens, i.n_tokens) for i in (info_a, info_b)),
                    n_docs=int(np.unique(docs).size),
                    selection=_held_bytes(pairs), search=search)
@@ -277,16 +316,24 @@ def _held_bytes(pairs: TokenPairs | None) -> int:
 def _neighbors(
     store: ActivationStore, mid: str, layer: int, ids: NDArray[np.int64], ks: tuple[int, ...], blocks: KnnBlocks,
     search: Search, seed: int,
-) -> tuple[NDArray[np.int64], dict[int, float]]:
-    """(n, max k) neighbours of the sampled tokens in one hidden state of one model, and with HNSW the recall@k
-    of each k on ``RECALL_QUERIES`` sampled queries."""
+) -> tuple[NDArray[np.int64], NDArray[np.float64] | None, dict[int, float]]:
+    """(n, max k) neighbours of the sampled tokens in one hidden state of one model; exact: (n, max k + 1) (at most
+    n - 1) of them with their cosines, the next one telling ties at the k-th place; with HNSW no cosines, and the
+    recall@k of each k on ``RECALL_QUERIES`` sampled queries."""
     hidden = store.hidden_state(mid, layer)  # (N, D) lazy: read below a piece (one shard) at a time
     piece = store.model_info(mid).layout.shard_tokens
     if search == "exact":
         source = SampleRows(hidden, ids, piece)
-        return search_neighbors(source, ks[-1], query_block=blocks.query_block, db_block=blocks.db_block), {}
+        found, cosines = search_neighbors(source, _searched_k(ks, ids.size), query_block=blocks.query_block,
+                                          db_block=blocks.db_block, return_scores=True)
+        return found, cosines, {}
     x = read_rows(hidden, ids, piece=piece)  # (n, D) as stored: a graph holds every row
     approx = approximate_neighbors(x, ks[-1])
     queries = sample_tokens(slice(0, len(x)), RECALL_QUERIES, seed=seed)
     exact = exact_neighbors(x, ks[-1], queries=queries, db_block=len(x))
-    return approx, {k: neighbor_recall(approx[queries, :k], exact[:, :k]) for k in ks}
+    return approx, None, {k: neighbor_recall(approx[queries, :k], exact[:, :k]) for k in ks}
+
+
+def _searched_k(ks: tuple[int, ...], n: int) -> int:
+    """Neighbours an exact search finds: one past the largest k (its tie with the next), at most all n - 1 others."""
+    return min(ks[-1] + 1, n - 1)

@@ -264,8 +264,8 @@ def _take(best: _Best, q: _Block, rows: NDArray[np.int64], db: _Block, centred: 
 
 def search_neighbors(
     source: RowSource, k: int, *, queries: NDArray[np.int64] | None = None, query_block: int = 16384,
-    db_block: int = 262144, use_gpu: bool | None = None,
-) -> NDArray[np.int64]:
+    db_block: int = 262144, use_gpu: bool | None = None, return_scores: bool = False,
+) -> NDArray[np.int64] | tuple[NDArray[np.int64], NDArray[np.float64]]:
     """Exact cosine k nearest neighbours of rows of ``source`` among all its rows, one block pair at a time.
 
     Holds one query block (as stored) and one database block (as stored, plus its float32 centred rows); the
@@ -278,9 +278,11 @@ def search_neighbors(
         queries: sorted positions of the query rows (default all).
         query_block, db_block: rows per query block and per database block.
         use_gpu: None for a GPU search when faiss has one, else False/True.
+        return_scores: also return their float64 cosines (the tie rule's ties are equal cosines).
 
     Returns:
-        (len(queries), k) int64 positions, most similar first (ties by smaller position), self excluded.
+        (len(queries), k) int64 positions, most similar first (ties by smaller position), self excluded; with
+        ``return_scores``, and (len(queries), k) float64 cosines.
     """
     n = source.n
     k = check_k(k, n)
@@ -289,6 +291,7 @@ def search_neighbors(
     gpu, keep = _resolve_gpu(use_gpu), k + 1 + TIE_MARGIN  # keep: k, self, and a margin for rounding and ties
     wanted = np.arange(n, dtype=np.int64) if queries is None else np.asarray(queries, np.int64)
     out = np.empty((wanted.size, k), dtype=np.int64)
+    cosines = np.empty((wanted.size, k)) if return_scores else None
     shift, single = None, None  # single: the database's only block, centred once for every query block
     contiguous = queries is None  # then a query block is rows positions[0]..positions[-1]: read as a block
     for i0 in range(0, wanted.size, query_block):
@@ -303,8 +306,10 @@ def search_neighbors(
             single = db if db_block >= n else None
             del db  # freed before the next block is read: one database block at a time
         out[i0 : i0 + len(positions)] = best.ids[:, :k]
+        if cosines is not None:
+            cosines[i0 : i0 + len(positions)] = best.scores[:, :k]
         del q, best  # freed before the next query block is read
-    return out
+    return (out, cosines) if cosines is not None else out
 
 
 def _database_block(

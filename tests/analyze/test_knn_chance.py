@@ -55,3 +55,38 @@ def test_the_verdict_takes_chance_out(recorded: bool) -> None:
 
 def test_k_of_every_other_token_is_not_measured() -> None:
     assert summarize(_doc(1.0, 11), thresholds=Thresholds()).verdict("geometry") == "not measured"
+
+
+def _tie_store(tmp_path, x, y):
+    from hrsa.store import ActivationStore
+    from hrsa.store.testing import make_table
+    from tests.analyze.conftest import write_model
+
+    store = ActivationStore.open(str(tmp_path / "store"), mode="a")
+    table = make_table((20,) * (len(x) // 20))
+    cid = store.write_corpus(table, tokenizer={"name": "tok", "fingerprint": "fp"})
+    for mid, values in (("a", x), ("b", y)):
+        write_model(store, mid, cid, {0: values.astype(np.float32)})
+    return store
+
+
+def test_ties_across_the_kth_place_in_both_models_are_counted_and_warned(tmp_path) -> None:
+    """Two constant hidden states scored a perfect 1.0 k-NN overlap (every cosine ties, the shared tie rule picks the
+    same neighbours in both) while CKA and dimcorr said degenerate; now the share of such tokens is recorded and warned.
+    Oracle: with every row equal, every token ties at every place."""
+    from hrsa.analyze.local.knn import KnnTiesWarning
+
+    rng = np.random.default_rng(3)
+    constant = np.ones((200, 8))
+    store = _tie_store(tmp_path, constant, 3 * constant)
+    with pytest.warns(KnnTiesWarning, match=r"^k-NN overlap: at hidden states \[0\], more than 5% of the sampled tokens "
+                                            r"have neighbours tied across the k-th place in both models \(100% at"):
+        res = knn_pair(store, "a", "b", ks=(5,), n_sample=None)
+    assert res.overlap[5][0].mean == 1.0 and res.ties == {5: (1.0,)}
+    # Distinct rows: no ties, no warning.
+    store = _tie_store(tmp_path / "distinct", rng.normal(size=(200, 8)), rng.normal(size=(200, 8)))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert knn_pair(store, "a", "b", ks=(5,), n_sample=None).ties == {5: (0.0,)}
