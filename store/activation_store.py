@@ -428,7 +428,7 @@ class ActivationStore(ResultRecords):
         if not (info.complete or allow_incomplete):
             raise IncompleteModelError(
                 f"Expected a complete extraction of {mid}. Got {info.units_done}/{info.n_units} work units done instead. "
-                "Re-run the same `hrsa extract` to finish it (it resumes), or pass allow_incomplete=True."
+                "Re-run the same `hrsa extract` to finish it (it resumes)."
             )
         where = f"{self.url} models/{mid}/{hidden_key(k)}"
         group = self._model_group(mid)

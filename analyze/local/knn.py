@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hrsa.analyze.accumulators.centring import NON_FINITE_MESSAGE, NonFiniteError
 from hrsa.analyze.config import DEFAULT_K, Search
 from hrsa.analyze.local.bootstrap import document_bootstrap_interval
 from hrsa.analyze.local.hidden_states import shared_hidden_states
@@ -322,13 +323,21 @@ def _neighbors(
     recall@k of each k on ``RECALL_QUERIES`` sampled queries."""
     hidden = store.hidden_state(mid, layer)  # (N, D) lazy: read below a piece (one shard) at a time
     piece = store.model_info(mid).layout.shard_tokens
-    if search == "exact":
-        source = SampleRows(hidden, ids, piece)
-        found, cosines = search_neighbors(source, _searched_k(ks, ids.size), query_block=blocks.query_block,
-                                          db_block=blocks.db_block, return_scores=True)
-        return found, cosines, {}
-    x = read_rows(hidden, ids, piece=piece)  # (n, D) as stored: a graph holds every row
-    approx = approximate_neighbors(x, ks[-1])
+    try:
+        if search == "exact":
+            source = SampleRows(hidden, ids, piece)
+            found, cosines = search_neighbors(source, _searched_k(ks, ids.size), query_block=blocks.query_block,
+                                              db_block=blocks.db_block, return_scores=True)
+            return found, cosines, {}
+        x = read_rows(hidden, ids, piece=piece)  # (n, D) as stored: a graph holds every row
+        approx = approximate_neighbors(x, ks[-1])
+    except ValueError as error:
+        if str(error) != NON_FINITE_MESSAGE:
+            raise
+        raise NonFiniteError(f"Expected finite activations. Got NaN or inf in hidden state {layer} of model {mid} "
+                             f"(store {store.url}) among the k-NN sample's tokens instead: the model overflowed in its "
+                             "dtype or the extraction is damaged. Re-extract that model (--dtype float32 where float16 "
+                             "or bfloat16 overflowed).") from None
     queries = sample_tokens(slice(0, len(x)), RECALL_QUERIES, seed=seed)
     exact = exact_neighbors(x, ks[-1], queries=queries, db_block=len(x))
     return approx, None, {k: neighbor_recall(approx[queries, :k], exact[:, :k]) for k in ks}

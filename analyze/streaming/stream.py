@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal, Union, get_args
 
 import numpy as np
 
+from hrsa.analyze.accumulators.centring import NON_FINITE_MESSAGE, NonFiniteError
 from hrsa.store.errors import UserError
 
 if TYPE_CHECKING:
@@ -248,10 +249,40 @@ def fold_segment(
 ) -> dict[StreamPair, Accumulator]:
     """One segment task: the tile's accumulators over ``blocks``, one block at a time; each shard it read verified
     whole before they are returned (:meth:`StateReader.streamed`)."""
+    recent: list[TokenBlock] = []  # the blocks read last: the one folded and the one read ahead
+
+    def remembered() -> Iterator[TokenBlock]:
+        for block in blocks:
+            recent[:] = [*recent[-1:], block]
+            yield block
+
     with reader.streamed() as segment:
-        if tile.rectangle is not None or tile.kind == "self":
-            return _fold_stacked(tile, segment, blocks, backend, on_block)
-        return _fold_pairs(tile, segment, blocks, backend, on_block)
+        try:
+            if tile.rectangle is not None or tile.kind == "self":
+                return _fold_stacked(tile, segment, remembered(), backend, on_block)
+            return _fold_pairs(tile, segment, remembered(), backend, on_block)
+        except ValueError as error:
+            if str(error) != NON_FINITE_MESSAGE:
+                raise
+            raise _non_finite(reader, tile.streams, recent) from None
+
+
+def _non_finite(reader: StateReader, keys: Sequence[StreamKey], blocks: Sequence[TokenBlock]) -> NonFiniteError:
+    """The error naming the stored array and tokens that hold a NaN or inf (the centring saw one in a block's mean,
+    without knowing whose), found by reading the recent blocks of the tile's states again."""
+    for block in blocks:
+        for key in keys:
+            rows = np.asarray(reader.read(key, block), dtype=np.float64)
+            bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
+            if bad.size:
+                start = block.index * reader.block_tokens
+                where = getattr(reader.arrays[key], "where", f"hidden state {key[1]} of model {key[0].upper()}")
+                return NonFiniteError(
+                    f"Expected finite activations. Got NaN or inf in {where}, in {bad.size} of the tokens "
+                    f"{start}-{start + reader.block_tokens - 1} instead: the model overflowed in its dtype or the "
+                    "extraction is damaged. Re-extract that model (--dtype float32 where float16 or bfloat16 "
+                    "overflowed).")
+    return NonFiniteError(NON_FINITE_MESSAGE)
 
 
 def _fold_pairs(tile: Tile, reader: StateReader, blocks: Iterable[TokenBlock], backend: ChunkBackend,
