@@ -85,10 +85,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from hrsa.analyze.metrics.uncertainty import DEFAULT_LEVEL, NULL_Z
 from hrsa.runtime.files import write_atomic
@@ -465,6 +465,7 @@ def read_results(path: Path | str) -> tuple[Path, dict[str, Any]]:
 
 _Num = float | None
 _IntKey = Annotated[str, StringConstraints(pattern=r"^[0-9]+$")]  # a k or a hidden state, as a JSON key
+_Ends = Annotated[list[_Num], Field(min_length=2, max_length=2)]  # an interval's (low, high), a recall's (A's, B's)
 
 
 class _Part(BaseModel):
@@ -479,7 +480,7 @@ class _Null(_Part):
 class _PerLayer(_Part):
     """Per matched hidden state lists, with their jackknife intervals and permutation nulls where recorded."""
 
-    intervals: dict[str, list[list[_Num]]] | None = None
+    intervals: dict[str, list[_Ends]] | None = None
     se: dict[str, list[_Num]] | None = None
     null: dict[str, _Null] | None = None
 
@@ -513,9 +514,9 @@ class _Knn(_Part):
     hidden_states: list[int]
     median: dict[_IntKey, list[_Num]] | None = None
     std: dict[_IntKey, list[_Num]] | None = None
-    intervals: dict[_IntKey, list[list[_Num]]] | None = None
+    intervals: dict[_IntKey, list[_Ends]] | None = None
     se: dict[_IntKey, list[_Num]] | None = None
-    recall: dict[_IntKey, list[list[_Num]]] | None = None
+    recall: dict[_IntKey, list[_Ends]] | None = None
     chance: dict[_IntKey, _Num] | None = None
     ties: dict[_IntKey, list[_Num]] | None = None
     n_tokens: int | None = None
@@ -536,7 +537,7 @@ class _Side(_Part):
 class _Direction(_Part):
     source: _Side
     target: _Side
-    test_accuracy_interval: dict[str, list[_Num]] | None = None
+    test_accuracy_interval: dict[Literal["source", "target"], _Ends] | None = None
 
 
 class _ProbeEntry(_Direction):

@@ -18,18 +18,26 @@ def store_group() -> None:
 @click.argument("url")
 def ls(url: str) -> None:
     """List the corpora and models in the store at URL (a path or an fsspec URL such as s3://bucket/store)."""
+    import sys
+
     from rich.console import Console
-    from rich.table import Table
+    from rich.table import Column, Table
 
     from hrsa.store import ActivationStore
 
+    def ids(name: str) -> Column:  # never cut: these are what a user copies into the next command
+        return Column(name, overflow="fold")
+
     store = ActivationStore.open(url, mode="r")
-    console = Console()
-    corpora = Table("corpus", "documents", "tokens", "tokenizer", "source", title="corpora", title_justify="left")
+    # Off a terminal each row on one line, whatever its width (rich's default of 80 columns cut ids to "DeepSeek-…").
+    console = Console(width=None if sys.stdout.isatty() else 100_000)
+    corpora = Table(ids("corpus"), "documents", "tokens", "tokenizer", ids("source"), title="corpora",
+                    title_justify="left")
     for cid in store.corpora():
         c = store.corpus_info(cid)
         corpora.add_row(cid, str(c.n_docs), str(c.n_tokens), str(c.tokenizer.get("name", "")), str(c.source or ""))
-    models = Table("model", "corpus", "hidden states", "D", "dtype", "attention", "units done", title="models", title_justify="left")
+    models = Table(ids("model"), ids("corpus"), "hidden states", "D", "dtype", "attention", "units done", title="models",
+                   title_justify="left")
     for mid in store.models():
         m = store.model_info(mid)
         models.add_row(

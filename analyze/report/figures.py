@@ -153,7 +153,7 @@ def knn_overlap_figure(doc: Mapping[str, Any]) -> Figure:
         raise ValueError("Expected k-NN results. Got none (run with the knn metric).")
     states = knn.get("hidden_states", [])
     lines = {f"k = {k}": (states, knn["k"][k]) for k in sorted(knn.get("k", {}), key=int)}
-    ends = knn.get("intervals", {})
+    ends = knn.get("intervals") or {}
     errors = {f"k = {k}": ScoreUncertainty([(floats([lo])[0], floats([hi])[0]) for lo, hi in ends[k]], None, None)
               for k in ends}
     a, b = _pair(doc)

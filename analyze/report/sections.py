@@ -257,7 +257,7 @@ def _knn_section(doc: Mapping[str, Any], t: Thresholds) -> str:
     """Table 4: mean k-NN overlap per k and hidden state, with its figure."""
     knn = doc["metrics"]["knn"]
     states, ks = knn.get("hidden_states", []), sorted(knn.get("k", {}), key=int)
-    ends = knn.get("intervals", {})
+    ends = knn.get("intervals") or {}
     rows = [[str(s), *(_plus_minus(knn["k"][k][i], ends[k][i] if k in ends else None) for k in ks)]
             for i, s in enumerate(states)]
     if "recall" in knn:

@@ -411,7 +411,7 @@ class ScoreUncertainty:
 def score_uncertainty(doc: Mapping[str, Any], metric: str, key: str) -> ScoreUncertainty:
     """The interval and null of ``doc["metrics"][metric][key]`` (e.g. ``"cka"``, ``"diagonal"``), where recorded."""
     m = doc["metrics"].get(metric, {})
-    raw = m.get("intervals", {}).get(key)
+    raw = (m.get("intervals") or {}).get(key)
     ends = floats([v for pair in raw or () for v in pair]).reshape(-1, 2)  # null ends (undefined) as NaN
     intervals = [(float(lo), float(hi)) for lo, hi in ends] if raw else None
     null = m.get("null", {}).get(key)
@@ -459,7 +459,7 @@ def summary_table(doc: Mapping[str, Any]) -> Table:
             columns[label] = _with_uncertainty(doc, metric, key)
     knn, probe = m.get("knn"), m.get("probe")
     if knn is not None and list(knn["hidden_states"]) == states:
-        ends = knn.get("intervals", {})
+        ends = knn.get("intervals") or {}
         columns.update({f"kNN@{k}": _cells(values, ends.get(k), None) for k, values in knn["k"].items()})
     if probe is not None and [int(k) for k in probe] == states:
         source, target = ([e[side]["test"]["accuracy"] for e in probe.values()] for side in ("source", "target"))

@@ -335,6 +335,13 @@ def _forge(doc: dict, bad: str) -> dict:
         m["probe"] = "x"
     elif bad == "probe-accuracy":
         m["probe"]["2"]["target"]["test"]["accuracy"] = "high"
+    # An interval of one number: report's table and figures indexed its second and crashed with a traceback.
+    elif bad == "knn-interval-one":
+        m["knn"]["intervals"]["10"] = [[0.5]] * len(m["knn"]["intervals"]["10"])
+    elif bad == "cka-interval-one":
+        m["cka"]["intervals"]["diagonal"] = [[0.5]] * n
+    elif bad == "probe-interval-one":
+        m["probe"]["2"]["test_accuracy_interval"]["source"] = [0.5]
     return doc
 
 
@@ -343,7 +350,9 @@ FORGERIES = {"metrics-list": "metrics", "matched-null": "matched_hidden_states",
              "cka-above-1": "metrics.cka.diagonal", "cka-matrix-shape": "metrics.cka.matrix",
              "dimcorr-degenerate": "metrics.dimcorr.n_degenerate", "h-inv-short": "metrics.procrustes.h_inv",
              "knn-k-word": "metrics.knn.k", "knn-k-short": "metrics.knn.k.10", "probe-str": "metrics.probe",
-             "probe-accuracy": "metrics.probe.2.target.test.accuracy"}
+             "probe-accuracy": "metrics.probe.2.target.test.accuracy", "knn-interval-one": "metrics.knn.intervals.10",
+             "cka-interval-one": "metrics.cka.intervals.diagonal",
+             "probe-interval-one": "metrics.probe.2.test_accuracy_interval.source"}
 
 
 @pytest.mark.parametrize(("bad", "field"), list(FORGERIES.items()))
@@ -361,6 +370,19 @@ def test_a_forged_results_file_is_one_line_naming_file_and_field(results_dirs: d
     result = CliRunner().invoke(_hrsa(), ["report", str(forged.parent), "--out", str(tmp_path / "r.html")])
     assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
     assert not (tmp_path / "r.html").exists()
+
+
+def test_intervals_recorded_as_null_render_without_them(results_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """`"intervals": null` (the schema allows a missing group) ended `hrsa report` in a TypeError traceback."""
+    _, doc = read_results(results_dirs["scaled"])
+    for metric in ("knn", "cka"):
+        doc["metrics"][metric]["intervals"] = None
+    path = tmp_path / "null" / "results.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(doc))
+    result = CliRunner().invoke(_hrsa(), ["report", str(path.parent), "--out", str(tmp_path / "r.html")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "r.html").exists()
 
 
 def test_valid_edge_values_are_read(results_dirs: dict[str, Path], tmp_path: Path) -> None:

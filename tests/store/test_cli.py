@@ -52,6 +52,20 @@ def test_ls_and_info(url: str) -> None:
     assert code == 0 and f"D={HIDDEN}" in out and "4/4 units done" in out and "float32" in out
 
 
+def test_ls_prints_ids_whole(tmp_path) -> None:
+    """Ids are what a user copies from `store ls` into the next command: rich's 80 columns off a terminal cut two
+    checkpoints to the same "DeepSeek-…" (and the corpus id too)."""
+    from hrsa.store.testing import make_table
+
+    store = ActivationStore.open(str(tmp_path / "s"), mode="a")
+    cid = store.write_corpus(make_table((10, 10)), tokenizer={"name": "tok", "fingerprint": "fp"})
+    names = [f"DeepSeek-R1-Distill-Qwen-1.5B-emb--step_{step:06d}" for step in (100, 200)]
+    for mid in names:
+        store.create_model(mid, corpus=cid, n_hidden_states=1, hidden_size=4, dtype="float32")
+    code, out, _ = _run("store", "ls", str(tmp_path / "s"))
+    assert code == 0 and all(name in out for name in names) and cid in out, out
+
+
 def test_get_writes_npy(url: str, tmp_path, filled_store: ActivationStore) -> None:
     out = tmp_path / "x.npy"
     code, stdout, _ = _run("store", "get", url, "m", "--layer", "2", "--tokens", "100:300", "--out", str(out))
