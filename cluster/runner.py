@@ -193,6 +193,18 @@ def check_checkpoint_schedule(run: str, steps: Sequence[int], tc: TrainConfig) -
                         "set save_every back.")
 
 
+def _readable_results(path: Path) -> bool:
+    """Whether an analysis's results.json is there and reads as one (not only there: a truncated or edited one kept its
+    stage up to date, and the report failed on it at every re-run)."""
+    from hrsa.analyze.results import read_results
+
+    try:
+        read_results(path)
+    except UserError:
+        return False
+    return True
+
+
 def _checkpoints_complete(outputs: Mapping[str, Any]) -> bool:
     """Whether every checkpoint a training stage recorded is still there, complete (on any storage: one listing of
     the run folder)."""
@@ -398,7 +410,7 @@ class _Runner:
                          "b": [b.store_id, b.key]})
         json_path = out_dir / "results.json"
         run_id = f"{stage.partition(':')[2][:100]}--{key[:12]}".replace("@", "-")
-        reason = self.state.reason_to_run(stage, key, lambda o: json_path.is_file() and self._recorded(options, run_id))
+        reason = self.state.reason_to_run(stage, key, lambda o: _readable_results(json_path) and self._recorded(options, run_id))
         if self._announce(stage, reason):
             self.state.start(stage, key)
             self._run_analysis(options.analyze_config(store=self.config.store, pair=(a.store_id, b.store_id), out=out_dir,

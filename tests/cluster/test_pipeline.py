@@ -31,6 +31,8 @@ pytestmark = pytest.mark.integration
 
 TEXTS = ["the quick brown fox jumps over the lazy dog " * 3, "hidden states of a tiny model " * 4, "w1 w2 w3 " * 9,
          "the lazy dog " * 10, "jumps over " * 12, "tiny model " * 8, "the quick brown fox " * 6, "w1 w2 w3 tiny " * 7]
+# 20 documents, 10 of each label: the probes' test split gets a document of each (8 gave it none, a nan score).
+TEXTS += [f"{t} {w}" for t, w in zip(TEXTS + TEXTS[:4], ["dog", "fox", "w2", "model"] * 3)]
 METRICS = ["cka", "dimcorr", "procrustes", "knn", "probe"]
 
 
@@ -124,6 +126,19 @@ def test_rerun_skips_every_stage(copy: Workspace) -> None:
     assert copy.state() == before
 
 
+@pytest.mark.parametrize("damage", ["truncated", "forged"])
+def test_a_damaged_results_file_reruns_its_analysis(copy: Workspace, damage: str) -> None:
+    """Only the file's existence was checked: a truncated results.json kept its analysis "up to date", and the report
+    stage failed on every re-run with a line that named no fix."""
+    path = copy.root / "out" / "pairs" / "llama--qwen" / "results.json"
+    text = path.read_text()
+    path.write_text(text[: len(text) // 2] if damage == "truncated" else text.replace('"diagonal": [', '"diagonal": ["x", ', 1))
+    result = run_pipeline(copy.config(), console=quiet())
+    assert result.ran == ("analyze:llama--qwen",)  # the same inputs again: the report's are unchanged
+    assert {s.name: s.reason for s in result.stages}["analyze:llama--qwen"] == "its outputs are missing"
+    assert json.loads(path.read_text())["a"] == "llama"
+
+
 def test_changed_metric_reruns_only_analysis_and_report(copy: Workspace) -> None:
     pair = {**copy.values["pairs"][0], "metrics": ["cka"]}
     result = run_pipeline(copy.config(pairs=[pair]), console=quiet())
@@ -212,7 +227,7 @@ def test_editing_a_labels_file_reruns_the_probes(copy: Workspace) -> None:
             "label_field": "kind"}
     assert run_pipeline(copy.config(pairs=[pair]), console=quiet()).ran == ("analyze:llama--qwen", "report")
     assert run_pipeline(copy.config(pairs=[pair]), console=quiet()).ran == ()
-    write_labels(lambda i: "ab"[i // 4])  # the same path and settings, other labels
+    write_labels(lambda i: "ab"[(i // 4) % 2])  # the same path and settings, other labels
     result = run_pipeline(copy.config(pairs=[pair]), console=quiet())
     assert result.ran == ("analyze:llama--qwen", "report")
     assert {s.name: s.reason for s in result.stages}["analyze:llama--qwen"] == "its inputs changed"
@@ -437,8 +452,9 @@ def test_dynamics_compares_the_runs_at_their_common_steps(tmp_path: Path, tiny_m
     fake = fake_training({"ra": (1, 2), "rb": (2, 3)}, lambda run: tiny_models.dir("llama" if run == "ra" else "qwen2"))
     monkeypatch.setattr(hrsa.train.trainer, "run_training", lambda c, **kw: calls.append(c.output.parent.name) or fake(c, **kw))
     corpus = write_corpus(tmp_path / "words.jsonl")
-    train = {run: {"backbone": str(tiny_models.dir("llama")), "data": str(corpus), "max_steps": 3, "save_every": 1}
-             for run in ("ra", "rb")}
+    # Their schedules: ra saves steps 1 and 2, rb steps 2 and 3 (every 2, and the last).
+    train = {run: {"backbone": str(tiny_models.dir("llama")), "data": str(corpus), "max_steps": steps, "save_every": every}
+             for run, steps, every in (("ra", 2, 1), ("rb", 3, 2))}
     config = parse_pipeline({"store": str(tmp_path / "store"), "out": str(tmp_path / "out"), "train": train,
                              "corpora": {"probe": {"path": str(corpus)}},
                              "dynamics": [{"a": "ra", "b": "rb", "corpus": "probe", "metrics": ["cka"], "scheduler": "threads"}]})
