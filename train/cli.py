@@ -89,7 +89,7 @@ def eval_command(config_file: Path | None, **flags: Any) -> None:
     config = load_settings(EvalConfig, config_file, flags, verb="eval")
     with _EvalProgress(Console(stderr=True)) as progress:
         result = evaluate(config, on_checkpoint=progress.on_checkpoint, on_texts=progress.on_texts,
-                          on_task=progress.on_task)
+                          on_task=progress.on_task, on_note=progress.on_note)
     Console().print(_scores_table(result))
     click.echo(f"wrote {result.json_path}" + (f", {result.figure_path.name}" if result.figure_path else ""))
 
@@ -118,6 +118,10 @@ class _EvalProgress:
 
     def on_texts(self, n: int) -> None:
         self.progress.advance(self.texts, n)
+
+    def on_note(self, note: str) -> None:
+        """One line on stderr, above the bars."""
+        self.progress.console.print(f"hrsa: {note}", markup=False, highlight=False, soft_wrap=True)
 
     def on_task(self, name: str) -> None:
         self.progress.update(self.texts, description=f"texts embedded (done: {name})")

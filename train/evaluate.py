@@ -22,6 +22,7 @@ import datetime
 import gc
 import json
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from pydantic import Field, field_validator
 from hrsa.runtime.files import write_atomic
 from hrsa.runtime.settings import FolderPath
 from hrsa.store.selection import parse_int_list
-from hrsa.train.checkpoints import list_checkpoints
+from hrsa.train.checkpoints import INFO_FILE, list_checkpoints, manifest_complete
 from hrsa.train.encoder_options import EncoderOptions
 from hrsa.train.eval_tasks import EvalError, TaskSpec, build_tasks, parse_task_spec, split_task_list, task_identity
 from hrsa.extract.identity import model_digest
@@ -43,12 +44,18 @@ __all__ = [
     "EvalConfig",
     "EvalResult",
     "EvalTarget",
+    "EvalWarning",
     "eval_targets",
     "evaluate",
     "plot_curve",
+    "skipped_targets",
 ]
 
 SCHEMA = "hrsa.eval/1"
+
+
+class EvalWarning(UserWarning):
+    """A note of ``hrsa eval`` that changes what was scored: a checkpoint skipped, an earlier score not reused."""
 
 
 class EvalConfig(EncoderOptions):
@@ -130,21 +137,47 @@ class EvalTarget:
 
 def eval_targets(model: str, steps: tuple[int, ...] | None = None) -> list[EvalTarget]:
     """The checkpoints of a training output folder (``step_XXXXXX`` model folders, directly or under
-    ``checkpoints/``), in step order; else the model itself.
+    ``checkpoints/``), in step order; else the model itself. A checkpoint with a manifest (``hrsa_train.json``) is
+    taken only when complete by it (:func:`~hrsa.train.checkpoints.manifest_complete`); :func:`skipped_targets`
+    names the ones left out.
 
     Raises:
-        EvalError: ``steps`` asks for checkpoints the folder does not have, or for any of a model that is not a
-            training run; a folder that is neither a model nor a run.
+        EvalError: ``steps`` asks for checkpoints the folder does not have (or has incomplete), or for any of a model
+            that is not a training run; a folder that is neither a model nor a run; a run whose checkpoints are all
+            incomplete; a checkpoint folder its manifest calls incomplete.
     """
+    return _targets(model, steps)[0]
+
+
+def skipped_targets(model: str, steps: tuple[int, ...] | None = None) -> list[EvalTarget]:
+    """The checkpoints of a training run that :func:`eval_targets` leaves out as incomplete by their manifest."""
+    return _targets(model, steps)[1]
+
+
+def _incomplete(folder: Path) -> str:
+    return (f"{folder} is incomplete by its {INFO_FILE} (a file it lists is missing, short or changed: a copy or save "
+            "still under way, or cut short)")
+
+
+def _targets(model: str, steps: tuple[int, ...] | None) -> tuple[list[EvalTarget], list[EvalTarget]]:
+    """(the targets, the run's checkpoints skipped as incomplete); raises as :func:`eval_targets`."""
     folder = Path(model).expanduser()
     found: list[EvalTarget] = []
+    skipped: list[EvalTarget] = []
     if folder.is_dir() and not (folder / "config.json").is_file():
         for parent in (folder, folder / "checkpoints"):
-            # any Hugging Face model folder named by step, not only the complete checkpoints of `hrsa train`
-            found = [EvalTarget(name=c.path.name, model=str(c.path), step=c.step)
-                     for c in list_checkpoints(parent, marker="config.json")]
-            if found:
+            # any Hugging Face model folder named by step, not only the checkpoints of `hrsa train`; those with a
+            # manifest are judged by it, as training and the pipeline judge them
+            candidates = [EvalTarget(name=c.path.name, model=str(c.path), step=c.step)
+                          for c in list_checkpoints(parent, marker="config.json")]
+            if candidates:
+                for target in candidates:
+                    (skipped if manifest_complete(target.model) is False else found).append(target)
                 break
+        if not found and skipped:
+            raise EvalError(f"Expected a complete checkpoint in {folder}. Got none instead: "
+                            f"{'; '.join(_incomplete(Path(t.model)) for t in skipped)}. Wait for the copy to finish, or "
+                            "train again into the run to write them anew.")
         if not found and not any(folder.glob("*.gguf")):  # a folder of GGUF files gets the model loader's hint
             raise EvalError(f"Expected a model folder holding config.json, or a training run holding step_XXXXXX "
                             f"checkpoint folders (directly or under checkpoints/). Got {folder} with neither instead. "
@@ -154,14 +187,23 @@ def eval_targets(model: str, steps: tuple[int, ...] | None = None) -> list[EvalT
             raise EvalError(f"Expected --steps only with a training run (a folder of step_XXXXXX checkpoints). Got "
                             f"--steps {','.join(map(str, steps))} with the model {model} instead. Drop --steps, or "
                             "point --model at the run.")
-        return [EvalTarget(name=Path(model).name if folder.exists() else model, model=model)]
+        if folder.is_dir() and manifest_complete(folder) is False:
+            raise EvalError(f"Expected a complete checkpoint. Got {_incomplete(folder)} instead. Wait for the copy to "
+                            "finish, or train again into its run to write it anew.")
+        return [EvalTarget(name=Path(model).name if folder.exists() else model, model=model)], []
     if steps is not None:
+        broken = [t for t in skipped if t.step in steps]
+        if broken:
+            raise EvalError(f"Expected complete checkpoints for --steps {','.join(map(str, steps))}. Got "
+                            f"{'; '.join(_incomplete(Path(t.model)) for t in broken)} instead. Drop those steps, wait "
+                            "for the copy to finish, or train again into the run to write them anew.")
         missing = sorted(set(steps) - {c.step for c in found})
         if missing:
             raise EvalError(f"Expected checkpoints for steps {list(steps)} in {folder}. Got none for {missing} instead "
                             f"(there are {[c.step for c in found]}). Check --steps.")
         found = [c for c in found if c.step in steps]
-    return found
+        skipped = []
+    return found, skipped
 
 
 # --- results -------------------------------------------------------------------------------------------------------
@@ -312,6 +354,7 @@ def evaluate(
     on_checkpoint: Callable[[EvalTarget, int, int], None] | None = None,
     on_task: Callable[[str], None] | None = None,
     on_texts: Callable[[int], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> EvalResult:
     """Evaluate every checkpoint of ``config.model`` on every task of ``config.tasks``.
 
@@ -320,6 +363,8 @@ def evaluate(
         on_checkpoint: called as ``(checkpoint, index, count)`` before each checkpoint loads.
         on_task: called with each task's name as it finishes.
         on_texts: called with the number of texts after each embedded batch.
+        on_note: called with each one-line note (a checkpoint skipped as incomplete, an earlier score not reused);
+            None: each is an :class:`EvalWarning`.
 
     Returns:
         The scores, and where the JSON and the curve were written.
@@ -332,13 +377,16 @@ def evaluate(
     from hrsa.extract.model_spec import parse_model_spec
 
     specs = [parse_task_spec(t) for t in config.tasks]
-    targets = eval_targets(config.model, config.steps)
+    targets, skipped = _targets(config.model, config.steps)
     for target in targets:
         parse_model_spec(target.model, dtype=config.dtype, attention=config.attention)
     out = config.out_dir()
     if out.exists() and not out.is_dir():
         raise EvalError(f"Expected --out to be a folder. Got the file {out} instead. Pick another path.")
     tasks = build_tasks(specs, instruction=config.instruction, limit=config.limit, seed=config.seed)
+    note = on_note or _warn
+    for target in skipped:
+        note(f"skipped {target.name}: {_incomplete(Path(target.model))}; it is evaluated once complete.")
 
     # Step 2: results already there with the same settings are reused (resume), and the rows of this run's other
     # checkpoints are kept until scored again.
@@ -400,6 +448,10 @@ def _score_target(target: EvalTarget, tasks: list[tuple[TaskSpec, Any]], config:
     del wrapper, encoder
     _free_memory()  # the next checkpoint's weights replace these
     return row
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, EvalWarning, stacklevel=3)
 
 
 def _meta_name(target: EvalTarget) -> str:
