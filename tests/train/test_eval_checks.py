@@ -89,3 +89,69 @@ def test_load_model_names_the_unreadable_weights_file(tmp_path: Path, tiny_model
     (model / "model.safetensors").write_bytes(b"\x00" * 16)
     with pytest.raises(ModelLoadError, match="model.safetensors"):
         load_model(parse_model_spec(str(model)), device="cpu")
+
+
+# --- reused scores: said so, and believed only when they agree with themselves -------------------------------------
+
+
+def test_reused_scores_are_marked_as_reused(cli: click.Group, tmp_path: Path, tiny_models) -> None:
+    pairs = _pairs(tmp_path / "pairs.jsonl")
+    out = tmp_path / "ev"
+    args = ["eval", "--model", str(tiny_models.dir("bert")), "--tasks", f"retrieval:{pairs}", "--no-instructions",
+            "--out", str(out)]
+    first = CliRunner().invoke(cli, args)
+    assert first.exit_code == 0, first.output
+    assert "reused from" not in first.output
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0, again.output
+    assert "reused from" in again.output and str(out / "eval.json") in again.output.replace("\n", "")
+
+
+def test_an_edited_main_score_is_not_reused(cli: click.Group, tmp_path: Path, tiny_models, monkeypatch) -> None:
+    from hrsa.train.encode import TextEncoder
+
+    pairs = _pairs(tmp_path / "pairs.jsonl")
+    out = tmp_path / "ev"
+    args = ["eval", "--model", str(tiny_models.dir("bert")), "--tasks", f"retrieval:{pairs}", "--no-instructions",
+            "--out", str(out)]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    data = json.loads((out / "eval.json").read_text())
+    (entry,) = data["checkpoints"][0]["results"].values()
+    assert entry["main_score_name"] == "ndcg_at_10"
+    truth = entry["main_score"]
+    assert truth != 0.99
+    entry["main_score"] = 0.99  # the entry's own ndcg_at_10 still says otherwise
+    (out / "eval.json").write_text(json.dumps(data))
+
+    loads: list[str] = []
+    real_load = TextEncoder.load.__func__
+    monkeypatch.setattr(TextEncoder, "load", classmethod(lambda cls, model, **kw: loads.append(model)
+                                                         or real_load(cls, model, **kw)))
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert len(loads) == 1  # scored again
+    table = "\n".join(line for line in result.output.splitlines() if not line.startswith("hrsa:"))
+    assert "0.9900" not in table and f"{truth:.4f}" in table and "computed now" in table
+    warning = [line for line in result.output.splitlines() if "ndcg_at_10" in line]
+    assert len(warning) == 1 and str(out / "eval.json") in warning[0], result.output
+    (entry,) = json.loads((out / "eval.json").read_text())["checkpoints"][0]["results"].values()
+    assert entry["main_score"] == truth
+
+
+def test_an_edited_row_of_another_checkpoint_is_not_kept(tmp_path: Path, tiny_models) -> None:
+    from hrsa.train.evaluate import EvalWarning
+
+    run = tmp_path / "run"
+    for step in (1, 2):
+        _checkpoint(tiny_models, run / f"step_{step:06d}", step)
+    tasks = (f"retrieval:{_pairs(tmp_path / 'pairs.jsonl')}",)
+    evaluate(EvalConfig(model=str(run), tasks=tasks, instructions=False))
+    path = run / "eval" / "eval.json"
+    data = json.loads(path.read_text())
+    (entry,) = data["checkpoints"][1]["results"].values()
+    entry["scores"]["test"][0]["ndcg_at_10"] = 0.5 if entry["main_score"] != 0.5 else 0.25
+    path.write_text(json.dumps(data))
+    with pytest.warns(EvalWarning, match="ndcg_at_10"):
+        result = evaluate(EvalConfig(model=str(run), tasks=tasks, instructions=False, steps=(1,)))
+    assert [c.step for c in result.checkpoints] == [1]
+    assert result.checkpoints[0].reused == {"local-retrieval-pairs"}
