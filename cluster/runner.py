@@ -339,7 +339,7 @@ class _Runner:
             "address": self.config.address,
         })
         # The store is not an input: whether it holds the model decides (a moved store with the model in it is fine).
-        # A checkpoint folder is identified by its files (hrsa_train.json and weights, with their times).
+        # A checkpoint folder is identified by its model files (extract.identity.model_files: not its bookkeeping).
         settings = ec.model_dump(mode="json", exclude={"store", *EXTRACT_SCHEDULING})
         inputs = {"model": source_fingerprint(source), "corpus": source_fingerprint(c.path)}
         key = stage_key({"extract": settings, **inputs})

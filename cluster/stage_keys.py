@@ -3,7 +3,9 @@
 Inputs are the stage's settings, less those that only schedule the work (:data:`EXTRACT_SCHEDULING`,
 :data:`ANALYZE_SCHEDULING`; training keeps its recipe's, :mod:`hrsa.train.recipe`), plus the identity of every
 file it reads (:func:`source_fingerprint`): files by their content (weights are read once per machine:
-:mod:`hrsa.runtime.fingerprint`), a folder (a checkpoint) by its files, a folder behind a URL by its files'
+:mod:`hrsa.runtime.fingerprint`), a folder (a checkpoint) by the files a load reads (its top level, less a
+checkpoint's bookkeeping and what tools wrote into it: :func:`hrsa.extract.identity.model_files`; a corpus folder's
+reader reads its top level too), a folder behind a URL by its files'
 versions (:meth:`hrsa.runtime.locations.Location.versions`), anything else (hub id, ``hf:``, ``packaged:``) by its
 text, and an upstream stage by its key.
 """
@@ -41,9 +43,10 @@ def source_fingerprint(source: str | None) -> Any:
     # What the readers take for a local path (a name like words:v2.jsonl included) is known by its files.
     if source.startswith(("hf:", "packaged:")) or not path.exists():
         return source
-    from hrsa.runtime.fingerprint import file_digest, folder_files
+    from hrsa.extract.identity import model_files
+    from hrsa.runtime.fingerprint import file_digest
 
-    files = [path] if path.is_file() else folder_files(path)
+    files = [path] if path.is_file() else model_files(path)
     return {"path": str(path.resolve()), "files": [[str(f.relative_to(path)) if f != path else f.name, file_digest(f)]
                                                    for f in files]}
 

@@ -17,9 +17,12 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from hrsa.extract.model_spec import ModelSpec
 
-__all__ = ["FILES_VERSION", "files_version", "model_content", "model_digest", "model_identity"]
+__all__ = ["FILES_VERSION", "files_version", "model_content", "model_digest", "model_files", "model_identity"]
 
 _NOT_THE_MODEL = ("hrsa_train.json", "trainer_state.pt")
+# The one rule for which files of a local folder are the model: its top level (what a load reads: config, tokenizer,
+# weights), hidden names and the bookkeeping above left out. model_files lists them, model_content digests them.
+_MODEL_FILES: dict[str, Any] = {"recursive": False, "skip": _NOT_THE_MODEL}
 FILES_VERSION = "files_version"  # the key under which an extraction's spec carries :func:`files_version`
 
 
@@ -42,6 +45,16 @@ def model_digest(model: str) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
 
 
+def model_files(folder: Path | str) -> list[Path]:
+    """The files of a local model folder that are the model, sorted: its top level (config, tokenizer, weights: what
+    a load reads), not what tools wrote into it (``hrsa eval``'s ``eval/``), hidden names, nor a checkpoint's
+    bookkeeping (``hrsa_train.json``, ``trainer_state.pt``). :func:`model_content` digests these files, and a
+    pipeline's stage keys know a model folder by them (:func:`hrsa.cluster.stage_keys.source_fingerprint`)."""
+    from hrsa.runtime.fingerprint import folder_files
+
+    return folder_files(folder, **_MODEL_FILES)
+
+
 def model_content(spec: ModelSpec) -> str | None:
     """The digest of the spec's files (a folder's own files, a .gguf's or a packaged model's bytes); None for a hub
     model, whose files are not here to read. Each file is read once per process (:mod:`hrsa.runtime.fingerprint`)."""
@@ -53,9 +66,9 @@ def model_content(spec: ModelSpec) -> str | None:
         return None
     if spec.kind == "remote":  # by its files, as a local folder is (the copy this machine loads)
         path = parse_location(str(spec.path)).local_folder()
-        return folder_digest(path, recursive=False, skip=_NOT_THE_MODEL)
+        return folder_digest(path, **_MODEL_FILES)  # the digest of model_files(path)
     path = packaged_model_path(spec.id or "") if spec.kind == "packaged" else Path(str(spec.path))
-    return file_digest(path) if path.is_file() else folder_digest(path, recursive=False, skip=_NOT_THE_MODEL)
+    return file_digest(path) if path.is_file() else folder_digest(path, **_MODEL_FILES)
 
 
 def files_version(spec: ModelSpec) -> str | None:

@@ -148,10 +148,19 @@ def _from_pretrained(
     ``missing`` lists the exceptions that mean "files not there": OSError for weights, and also
     ValueError for tokenizers (transformers raises it when no tokenizer file can be found).
     """
+    from safetensors import SafetensorError
+
     if spec.revision:
         kwargs["revision"] = spec.revision
     try:
         return auto_class.from_pretrained(location, trust_remote_code=spec.trust_remote_code, **kwargs)
+    except SafetensorError as e:  # a weights file cut short or damaged: not an OSError, so named here
+        damaged = _unreadable_safetensors(Path(location)) if Path(location).is_dir() else None
+        raise ModelLoadError(
+            f"Expected readable weights in {damaged or location}. "
+            f"Got SafetensorError: {str(e).splitlines()[0] if str(e) else ''} instead. The file is damaged or was cut "
+            "short (a copy, download or save that stopped part-way): copy or save the model again."
+        ) from e
     except missing as e:
         where = f"{location} ({kwargs['gguf_file']})" if kwargs.get("gguf_file") else location
         raise ModelLoadError(
@@ -159,6 +168,19 @@ def _from_pretrained(
             f"Got {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} instead. "
             "Check the path or id; without a reachable hub, use a local folder, a .gguf file or packaged:<name>."
         ) from e
+
+
+def _unreadable_safetensors(folder: Path) -> Path | None:
+    """The first ``*.safetensors`` file of ``folder`` whose header cannot be read (cut short, overwritten), if any."""
+    from safetensors import safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception:  # SafetensorError, or an OSError reading it: either way, this file is the broken one
+            return path
+    return None
 
 
 def _load_weights(spec: ModelSpec, location: str, gguf_file: str | None, dtype: torch.dtype, impl: str) -> Any:

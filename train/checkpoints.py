@@ -22,7 +22,7 @@ from typing import Any
 from hrsa.runtime.locations import Location, parse_location
 
 __all__ = ["INFO_FILE", "STATE_FILE", "Checkpoint", "checkpoint_step", "file_manifest", "list_checkpoints",
-           "resume_folder", "resume_point", "step_folder_name", "step_folders"]
+           "manifest_complete", "resume_folder", "resume_point", "step_folder_name", "step_folders"]
 
 INFO_FILE = "hrsa_train.json"  # step, loss, settings, recipe, and the manifest of the folder's other files
 STATE_FILE = "trainer_state.pt"  # optimizer, schedule and step, for resuming
@@ -101,6 +101,21 @@ def list_checkpoints(run_dir: Location | Path | str, *, marker: str = INFO_FILE)
     found = [Checkpoint(run.child(folder).url, _named_step(folder) or 0) for folder, files in by_folder.items()
              if marker in files and (marker != INFO_FILE or _complete(run.child(folder), files))]
     return sorted(found, key=lambda c: (c.step, c.url))
+
+
+def manifest_complete(folder: Location | Path | str) -> bool | None:
+    """Whether a checkpoint folder is complete by its ``hrsa_train.json`` (the rule of :func:`list_checkpoints`); None
+    for a folder without one (a plain model folder: nothing to judge it by). ``hrsa eval`` asks this of every folder
+    it would load, so a checkpoint still being copied, or with weights cut short, is never scored.
+
+    Args:
+        folder: the checkpoint folder: a path, a URL or a :class:`Location`.
+    """
+    location = _run_location(folder)
+    present = location.files()
+    if INFO_FILE not in present:
+        return None
+    return _complete(location, present)
 
 
 def _complete(folder: Location, present: dict[str, int]) -> bool:

@@ -89,8 +89,11 @@ def eval_command(config_file: Path | None, **flags: Any) -> None:
     config = load_settings(EvalConfig, config_file, flags, verb="eval")
     with _EvalProgress(Console(stderr=True)) as progress:
         result = evaluate(config, on_checkpoint=progress.on_checkpoint, on_texts=progress.on_texts,
-                          on_task=progress.on_task)
+                          on_task=progress.on_task, on_note=progress.on_note)
     Console().print(_scores_table(result))
+    if any(row.reused for row in result.checkpoints):
+        click.echo(f"reused from eval.json: scores read from the earlier {result.json_path} (same model files, task "
+                   "and settings), not computed now; --no-resume computes every score again.")
     click.echo(f"wrote {result.json_path}" + (f", {result.figure_path.name}" if result.figure_path else ""))
 
 
@@ -119,16 +122,25 @@ class _EvalProgress:
     def on_texts(self, n: int) -> None:
         self.progress.advance(self.texts, n)
 
+    def on_note(self, note: str) -> None:
+        """One line on stderr, above the bars."""
+        self.progress.console.print(f"hrsa: {note}", markup=False, highlight=False, soft_wrap=True)
+
     def on_task(self, name: str) -> None:
         self.progress.update(self.texts, description=f"texts embedded (done: {name})")
 
 
 def _scores_table(result: Any) -> Any:
-    """Main score of each task (columns) for each checkpoint (rows)."""
+    """Main score of each task (columns) for each checkpoint (rows), and where the row's scores come from: computed
+    now, or reused from the earlier eval.json (all of them, or the tasks named)."""
     from rich.table import Table
 
-    table = Table("checkpoint", "step", *result.tasks)
+    table = Table("checkpoint", "step", *result.tasks, "scores")
     for row in result.checkpoints:
         scores = row.main_scores()
-        table.add_row(row.name, "" if row.step is None else str(row.step), *(f"{scores[t]:.4f}" for t in result.tasks))
+        reused = [t for t in result.tasks if t in row.reused]
+        source = ("computed now" if not reused else "reused from eval.json" if len(reused) == len(result.tasks)
+                  else f"reused from eval.json: {', '.join(reused)}")
+        table.add_row(row.name, "" if row.step is None else str(row.step), *(f"{scores[t]:.4f}" for t in result.tasks),
+                      source)
     return table

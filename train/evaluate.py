@@ -7,7 +7,11 @@ score against step when there are several, always redrawn from what eval.json ho
 scores of a (model, task) already there with the same settings (the dtype as resolved, the device kind), and
 keeps the rows of the run's other checkpoints (a ``--steps`` subset, or a run that failed part-way); both are
 keyed by content (:func:`hrsa.extract.identity.model_digest`, :func:`hrsa.train.eval_tasks.task_identity`):
-a moved checkpoint keeps its scores, retrained weights or an edited task file at the same path get new ones.
+a moved checkpoint keeps its scores, retrained weights or an edited task file at the same path get new ones. A
+result is reused only when it agrees with itself (its ``main_score`` is the mean of the metric mteb names as the
+main score, in its own scores): an edited one is scored again, with a note. Reused rows are marked
+(:attr:`CheckpointScores.reused`). A checkpoint with an ``hrsa_train.json`` manifest is evaluated only when complete
+by it (:func:`hrsa.train.checkpoints.manifest_complete`).
 mteb's own result files go to ``<out>/mteb-results``, never to the home folder. Nothing is written before the
 inputs are checked and a model has loaded (or its scores were all reused).
 
@@ -21,7 +25,9 @@ from __future__ import annotations
 import datetime
 import gc
 import json
+import math
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +38,7 @@ from pydantic import Field, field_validator
 from hrsa.runtime.files import write_atomic
 from hrsa.runtime.settings import FolderPath
 from hrsa.store.selection import parse_int_list
-from hrsa.train.checkpoints import list_checkpoints
+from hrsa.train.checkpoints import INFO_FILE, list_checkpoints, manifest_complete
 from hrsa.train.encoder_options import EncoderOptions
 from hrsa.train.eval_tasks import EvalError, TaskSpec, build_tasks, parse_task_spec, split_task_list, task_identity
 from hrsa.extract.identity import model_digest
@@ -43,12 +49,18 @@ __all__ = [
     "EvalConfig",
     "EvalResult",
     "EvalTarget",
+    "EvalWarning",
     "eval_targets",
     "evaluate",
     "plot_curve",
+    "skipped_targets",
 ]
 
 SCHEMA = "hrsa.eval/1"
+
+
+class EvalWarning(UserWarning):
+    """A note of ``hrsa eval`` that changes what was scored: a checkpoint skipped, an earlier score not reused."""
 
 
 class EvalConfig(EncoderOptions):
@@ -130,21 +142,47 @@ class EvalTarget:
 
 def eval_targets(model: str, steps: tuple[int, ...] | None = None) -> list[EvalTarget]:
     """The checkpoints of a training output folder (``step_XXXXXX`` model folders, directly or under
-    ``checkpoints/``), in step order; else the model itself.
+    ``checkpoints/``), in step order; else the model itself. A checkpoint with a manifest (``hrsa_train.json``) is
+    taken only when complete by it (:func:`~hrsa.train.checkpoints.manifest_complete`); :func:`skipped_targets`
+    names the ones left out.
 
     Raises:
-        EvalError: ``steps`` asks for checkpoints the folder does not have, or for any of a model that is not a
-            training run; a folder that is neither a model nor a run.
+        EvalError: ``steps`` asks for checkpoints the folder does not have (or has incomplete), or for any of a model
+            that is not a training run; a folder that is neither a model nor a run; a run whose checkpoints are all
+            incomplete; a checkpoint folder its manifest calls incomplete.
     """
+    return _targets(model, steps)[0]
+
+
+def skipped_targets(model: str, steps: tuple[int, ...] | None = None) -> list[EvalTarget]:
+    """The checkpoints of a training run that :func:`eval_targets` leaves out as incomplete by their manifest."""
+    return _targets(model, steps)[1]
+
+
+def _incomplete(folder: Path) -> str:
+    return (f"{folder} is incomplete by its {INFO_FILE} (a file it lists is missing, short or changed: a copy or save "
+            "still under way, or cut short)")
+
+
+def _targets(model: str, steps: tuple[int, ...] | None) -> tuple[list[EvalTarget], list[EvalTarget]]:
+    """(the targets, the run's checkpoints skipped as incomplete); raises as :func:`eval_targets`."""
     folder = Path(model).expanduser()
     found: list[EvalTarget] = []
+    skipped: list[EvalTarget] = []
     if folder.is_dir() and not (folder / "config.json").is_file():
         for parent in (folder, folder / "checkpoints"):
-            # any Hugging Face model folder named by step, not only the complete checkpoints of `hrsa train`
-            found = [EvalTarget(name=c.path.name, model=str(c.path), step=c.step)
-                     for c in list_checkpoints(parent, marker="config.json")]
-            if found:
+            # any Hugging Face model folder named by step, not only the checkpoints of `hrsa train`; those with a
+            # manifest are judged by it, as training and the pipeline judge them
+            candidates = [EvalTarget(name=c.path.name, model=str(c.path), step=c.step)
+                          for c in list_checkpoints(parent, marker="config.json")]
+            if candidates:
+                for target in candidates:
+                    (skipped if manifest_complete(target.model) is False else found).append(target)
                 break
+        if not found and skipped:
+            raise EvalError(f"Expected a complete checkpoint in {folder}. Got none instead: "
+                            f"{'; '.join(_incomplete(Path(t.model)) for t in skipped)}. Wait for the copy to finish, or "
+                            "train again into the run to write them anew.")
         if not found and not any(folder.glob("*.gguf")):  # a folder of GGUF files gets the model loader's hint
             raise EvalError(f"Expected a model folder holding config.json, or a training run holding step_XXXXXX "
                             f"checkpoint folders (directly or under checkpoints/). Got {folder} with neither instead. "
@@ -154,14 +192,23 @@ def eval_targets(model: str, steps: tuple[int, ...] | None = None) -> list[EvalT
             raise EvalError(f"Expected --steps only with a training run (a folder of step_XXXXXX checkpoints). Got "
                             f"--steps {','.join(map(str, steps))} with the model {model} instead. Drop --steps, or "
                             "point --model at the run.")
-        return [EvalTarget(name=Path(model).name if folder.exists() else model, model=model)]
+        if folder.is_dir() and manifest_complete(folder) is False:
+            raise EvalError(f"Expected a complete checkpoint. Got {_incomplete(folder)} instead. Wait for the copy to "
+                            "finish, or train again into its run to write it anew.")
+        return [EvalTarget(name=Path(model).name if folder.exists() else model, model=model)], []
     if steps is not None:
+        broken = [t for t in skipped if t.step in steps]
+        if broken:
+            raise EvalError(f"Expected complete checkpoints for --steps {','.join(map(str, steps))}. Got "
+                            f"{'; '.join(_incomplete(Path(t.model)) for t in broken)} instead. Drop those steps, wait "
+                            "for the copy to finish, or train again into the run to write them anew.")
         missing = sorted(set(steps) - {c.step for c in found})
         if missing:
             raise EvalError(f"Expected checkpoints for steps {list(steps)} in {folder}. Got none for {missing} instead "
                             f"(there are {[c.step for c in found]}). Check --steps.")
         found = [c for c in found if c.step in steps]
-    return found
+        skipped = []
+    return found, skipped
 
 
 # --- results -------------------------------------------------------------------------------------------------------
@@ -176,6 +223,8 @@ class CheckpointScores:
     step: int | None
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     model_digest: str | None = None  # what the scores are reused by (the model's content)
+    reused: set[str] = field(default_factory=set)  # the tasks whose scores were read from an earlier eval.json
+
 
     def main_scores(self) -> dict[str, float]:
         return {task: float(r["main_score"]) for task, r in self.results.items()}
@@ -217,37 +266,93 @@ def _earlier_rows(path: Path) -> list[dict[str, Any]]:
     return [c for c in data.get("checkpoints", []) if isinstance(c, dict)]
 
 
-def _previous(rows: list[dict[str, Any]], settings: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
-    """Earlier results with the same settings, by (model digest, task digest); results written before digests are
-    not reused."""
-    return {(c["model_digest"], entry["task_digest"]): entry for c in rows
-            for entry in c.get("results", {}).values()
-            if entry.get("settings") == settings and c.get("model_digest") and entry.get("task_digest")}
+def _previous(rows: list[dict[str, Any]], settings: dict[str, Any]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Earlier results with the same settings, by (model digest, task digest), in the file's order (the same weights
+    at two steps give two); results written before digests are not reused."""
+    found: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for c in rows:
+        for entry in c.get("results", {}).values():
+            if isinstance(entry, dict) and entry.get("settings") == settings and c.get("model_digest") \
+                    and entry.get("task_digest"):
+                found.setdefault((c["model_digest"], entry["task_digest"]), []).append(entry)
+    return found
+
+
+def _disagreement(entry: dict[str, Any], task: Any) -> str | None:
+    """Why an earlier result's main score is not to be believed, or None when it is.
+
+    mteb records which metric is a task's main score (``task.metadata.main_score``, kept as ``main_score_name``) and
+    each subset's value of it (``scores[split][i]``, beside that subset's ``main_score``); the result's
+    ``main_score`` is their mean (``TaskResult.get_score``). An entry edited by hand, or damaged, breaks one of these.
+    """
+    name = task.metadata.main_score
+    if entry.get("main_score_name") != name:
+        return f"its main score is {entry.get('main_score_name')!r}, the task's is {name!r}"
+    scores = entry.get("scores")
+    subsets = [s for split in scores.values() if isinstance(split, list) for s in split] \
+        if isinstance(scores, dict) else []
+    try:
+        main = float(entry["main_score"])
+        values = [float(s[name]) for s in subsets]
+        mains = [float(s["main_score"]) for s in subsets]
+    except (KeyError, TypeError, ValueError):
+        return f"its scores lack {name} or main_score"
+    if not values:
+        return "it holds no scores"
+    mean = sum(values) / len(values)
+    if not all(math.isclose(m, v, rel_tol=1e-6, abs_tol=1e-9) for m, v in zip(mains, values, strict=True)) \
+            or not math.isclose(main, mean, rel_tol=1e-6, abs_tol=1e-9):
+        return f"its main_score {main:.4f} is not its own {name} {mean:.4f}"
+    return None
+
+
+def _reusable(candidates: list[dict[str, Any]], task: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """(the first earlier result that agrees with itself, or None; why the first one did not, if none did)."""
+    why = None
+    for entry in candidates:
+        problem = _disagreement(entry, task)
+        if problem is None:
+            return entry, None
+        why = why or problem
+    return None, why
 
 
 def _kept_rows(rows: list[dict[str, Any]], targets: list[EvalTarget], tasks: list[tuple[TaskSpec, Any]],
-               settings: dict[str, Any], model: str) -> list[CheckpointScores]:
+               settings: dict[str, Any], model: str, *, source: Path,
+               note: Callable[[str], None]) -> list[CheckpointScores]:
     """Earlier rows of this run's checkpoints that stay in eval.json until (unless) this run scores them again.
 
     A row stays when the run still holds a checkpoint at its step with the same content and the row has every task
-    of this run (same task content) with the same settings: a narrowed (``--steps``) or failed re-run keeps the rest
-    of the curve, while rows of other weights, tasks or settings are never mixed in.
+    of this run (same task content) with the same settings, each result agreeing with itself (:func:`_disagreement`;
+    a row of a step this run does not score that fails it is dropped with a note naming ``source``): a narrowed
+    (``--steps``) or failed re-run keeps the rest of the curve, while rows of other weights, tasks or settings are
+    never mixed in.
     """
     if not rows or any(t.step is None for t in targets):
         return []
     checkpoints = {t.step: t for t in eval_targets(model)}
-    wanted = {task.metadata.name: (spec, task_identity(spec, task)) for spec, task in tasks}
+    wanted = {task.metadata.name: (spec, task_identity(spec, task), task) for spec, task in tasks}
+    scored_now = {t.step for t in targets}
     kept = []
     for row in rows:
         here = checkpoints.get(row.get("step"))
         if here is None or not row.get("model_digest") or model_digest(here.model) != row["model_digest"]:
             continue
         by_task = {e.get("task_digest"): e for e in row.get("results", {}).values() if e.get("settings") == settings}
-        if all(digest in by_task for _, digest in wanted.values()):
-            kept.append(CheckpointScores(name=here.name, model=here.model, step=here.step,
-                                         model_digest=row["model_digest"],
-                                         results={name: {**by_task[digest], "spec": spec.text}
-                                                  for name, (spec, digest) in wanted.items()}))
+        if not all(digest in by_task for _, digest, _ in wanted.values()):
+            continue
+        problems = [(name, why) for name, (_, digest, task) in wanted.items()
+                    if (why := _disagreement(by_task[digest], task)) is not None]
+        if problems:
+            if here.step not in scored_now:
+                name, why = problems[0]
+                note(f"not keeping {name} of {here.name} from {source}: {why} (edited?); its row is dropped, "
+                     f"evaluate step {here.step} again to restore it.")
+            continue
+        kept.append(CheckpointScores(name=here.name, model=here.model, step=here.step,
+                                     model_digest=row["model_digest"], reused=set(wanted),
+                                     results={name: {**by_task[digest], "spec": spec.text}
+                                              for name, (spec, digest, _) in wanted.items()}))
     return kept
 
 
@@ -312,6 +417,7 @@ def evaluate(
     on_checkpoint: Callable[[EvalTarget, int, int], None] | None = None,
     on_task: Callable[[str], None] | None = None,
     on_texts: Callable[[int], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> EvalResult:
     """Evaluate every checkpoint of ``config.model`` on every task of ``config.tasks``.
 
@@ -320,6 +426,8 @@ def evaluate(
         on_checkpoint: called as ``(checkpoint, index, count)`` before each checkpoint loads.
         on_task: called with each task's name as it finishes.
         on_texts: called with the number of texts after each embedded batch.
+        on_note: called with each one-line note (a checkpoint skipped as incomplete, an earlier score not reused);
+            None: each is an :class:`EvalWarning`.
 
     Returns:
         The scores, and where the JSON and the curve were written.
@@ -332,20 +440,24 @@ def evaluate(
     from hrsa.extract.model_spec import parse_model_spec
 
     specs = [parse_task_spec(t) for t in config.tasks]
-    targets = eval_targets(config.model, config.steps)
+    targets, skipped = _targets(config.model, config.steps)
     for target in targets:
         parse_model_spec(target.model, dtype=config.dtype, attention=config.attention)
     out = config.out_dir()
     if out.exists() and not out.is_dir():
         raise EvalError(f"Expected --out to be a folder. Got the file {out} instead. Pick another path.")
     tasks = build_tasks(specs, instruction=config.instruction, limit=config.limit, seed=config.seed)
+    note = on_note or _warn
+    source = out / "eval.json"
+    for target in skipped:
+        note(f"skipped {target.name}: {_incomplete(Path(target.model))}; it is evaluated once complete.")
 
     # Step 2: results already there with the same settings are reused (resume), and the rows of this run's other
     # checkpoints are kept until scored again.
     settings = config.settings()
-    earlier = _earlier_rows(out / "eval.json") if config.resume else []
+    earlier = _earlier_rows(source) if config.resume else []
     done = _previous(earlier, settings)
-    kept = _kept_rows(earlier, targets, tasks, settings, config.model)
+    kept = _kept_rows(earlier, targets, tasks, settings, config.model, source=source, note=note)
     # Step 3: each checkpoint in turn, eval.json and the curve rewritten as soon as it is done (a crash keeps what is
     # done). `out` is first created here, once a model has loaded or its scores were all reused.
     rows: list[CheckpointScores] = []
@@ -355,7 +467,7 @@ def evaluate(
         if on_checkpoint is not None:
             on_checkpoint(target, index, len(targets))
         rows.append(_score_target(target, tasks, config, done=done, cache_dir=out / "mteb-results", on_task=on_task,
-                                  on_texts=on_texts))
+                                  on_texts=on_texts, source=source, note=note))
         redone = {r.step for r in rows}
         rows_now = sorted(rows + [r for r in kept if r.step not in redone], key=lambda r: (r.step is None, r.step or 0))
         figure = _write_results(out, config, tasks, rows_now)
@@ -364,9 +476,11 @@ def evaluate(
 
 
 def _score_target(target: EvalTarget, tasks: list[tuple[TaskSpec, Any]], config: EvalConfig, *,
-                  done: dict[tuple[str, str], dict[str, Any]], cache_dir: Path, on_task: Callable[[str], None] | None,
-                  on_texts: Callable[[int], None] | None) -> CheckpointScores:
-    """One model's scores on every task: earlier results reused, the model loaded only when a task is left."""
+                  done: dict[tuple[str, str], list[dict[str, Any]]], cache_dir: Path,
+                  on_task: Callable[[str], None] | None, on_texts: Callable[[int], None] | None, source: Path,
+                  note: Callable[[str], None]) -> CheckpointScores:
+    """One model's scores on every task: earlier results reused (those that agree with themselves; another is scored
+    again, with a note naming ``source``), the model loaded only when a task is left."""
     import mteb
     from mteb.cache import ResultCache
 
@@ -377,12 +491,16 @@ def _score_target(target: EvalTarget, tasks: list[tuple[TaskSpec, Any]], config:
     row = CheckpointScores(name=target.name, model=target.model, step=target.step, model_digest=model_digest(target.model))
     todo = []
     for spec, task in tasks:
-        previous = done.get((row.model_digest, task_identity(spec, task)))
+        previous, why = _reusable(done.get((row.model_digest, task_identity(spec, task)), []), task)
         if previous is not None:
             row.results[task.metadata.name] = {**previous, "spec": spec.text}
+            row.reused.add(task.metadata.name)
             if on_task is not None:
                 on_task(task.metadata.name)
         else:
+            if why is not None:
+                note(f"not reusing {task.metadata.name} of {target.name} from {source}: {why} (edited?); scoring it "
+                     "again.")
             todo.append((spec, task))
     if not todo:
         return row
@@ -400,6 +518,10 @@ def _score_target(target: EvalTarget, tasks: list[tuple[TaskSpec, Any]], config:
     del wrapper, encoder
     _free_memory()  # the next checkpoint's weights replace these
     return row
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, EvalWarning, stacklevel=3)
 
 
 def _meta_name(target: EvalTarget) -> str:

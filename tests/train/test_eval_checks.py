@@ -1,0 +1,157 @@
+"""``hrsa eval`` on what it must not trust: checkpoints their manifest calls incomplete, weights that cannot be read,
+and an eval.json whose scores were edited (reused scores are shown as reused)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from hrsa.train.checkpoints import INFO_FILE, STATE_FILE, file_manifest
+from hrsa.train.evaluate import EvalConfig, evaluate
+
+
+@pytest.fixture()
+def cli(verb_cli: Callable[[click.Command], click.Group]) -> click.Group:
+    from hrsa.train.cli import eval_command
+
+    return verb_cli(eval_command)
+
+
+def _pairs(path: Path, n: int = 8) -> Path:
+    path.write_text("".join(json.dumps({"query": f"fox {i}", "pos": f"the lazy dog {i} " * 3}) + "\n" for i in range(n)))
+    return path
+
+
+def _checkpoint(tiny_models, folder: Path, step: int) -> Path:
+    """A checkpoint as `hrsa train` writes it: the model folder, trainer_state.pt and the manifest."""
+    shutil.copytree(tiny_models.dir("bert"), folder)
+    (folder / STATE_FILE).write_bytes(b"optimizer state")
+    (folder / INFO_FILE).write_text(json.dumps({"step": step, "loss": 1.0, "files": file_manifest(folder)}))
+    return folder
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _one_line_exit_2(result) -> str:
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    return result.output
+
+
+# --- truncated weights ---------------------------------------------------------------------------------------------
+
+
+def test_a_checkpoint_its_manifest_calls_incomplete_is_skipped_with_a_note(cli: click.Group, tmp_path: Path,
+                                                                            tiny_models) -> None:
+    run = tmp_path / "run"
+    _checkpoint(tiny_models, run / "step_000001", 1)
+    _truncate(_checkpoint(tiny_models, run / "step_000002", 2) / "model.safetensors")
+    pairs = _pairs(tmp_path / "pairs.jsonl")
+    result = CliRunner().invoke(cli, ["eval", "--model", str(run), "--tasks", f"retrieval:{pairs}", "--no-instructions"])
+    assert result.exit_code == 0, result.output
+    assert "step_000002" in result.output and "incomplete" in result.output
+    data = json.loads((run / "eval" / "eval.json").read_text())
+    assert [c["step"] for c in data["checkpoints"]] == [1]
+
+    # asked for by --steps, or the only checkpoint: refused in one line naming the folder, nothing written
+    out = tmp_path / "ev"
+    args = ["eval", "--model", str(run), "--tasks", f"retrieval:{pairs}", "--steps", "2", "--out", str(out)]
+    assert "step_000002" in _one_line_exit_2(CliRunner().invoke(cli, args))
+    args = ["eval", "--model", str(run / "step_000002"), "--tasks", f"retrieval:{pairs}", "--out", str(out)]
+    assert "step_000002" in _one_line_exit_2(CliRunner().invoke(cli, args))
+    assert not out.exists()
+
+
+def test_unreadable_weights_are_one_line_naming_the_file(cli: click.Group, tmp_path: Path, tiny_models) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models.dir("bert"), model)  # a plain model folder: no manifest to tell
+    _truncate(model / "model.safetensors")
+    pairs = _pairs(tmp_path / "pairs.jsonl")
+    args = ["eval", "--model", str(model), "--tasks", f"retrieval:{pairs}", "--out", str(tmp_path / "ev")]
+    output = _one_line_exit_2(CliRunner().invoke(cli, args))
+    assert str(model / "model.safetensors") in output
+
+
+def test_load_model_names_the_unreadable_weights_file(tmp_path: Path, tiny_models) -> None:
+    from hrsa.extract.models import ModelLoadError, load_model, parse_model_spec
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models.dir("bert"), model)
+    (model / "model.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(ModelLoadError, match="model.safetensors"):
+        load_model(parse_model_spec(str(model)), device="cpu")
+
+
+# --- reused scores: said so, and believed only when they agree with themselves -------------------------------------
+
+
+def test_reused_scores_are_marked_as_reused(cli: click.Group, tmp_path: Path, tiny_models) -> None:
+    pairs = _pairs(tmp_path / "pairs.jsonl")
+    out = tmp_path / "ev"
+    args = ["eval", "--model", str(tiny_models.dir("bert")), "--tasks", f"retrieval:{pairs}", "--no-instructions",
+            "--out", str(out)]
+    first = CliRunner().invoke(cli, args)
+    assert first.exit_code == 0, first.output
+    assert "reused from" not in first.output
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0, again.output
+    assert "reused from" in again.output and str(out / "eval.json") in again.output.replace("\n", "")
+
+
+def test_an_edited_main_score_is_not_reused(cli: click.Group, tmp_path: Path, tiny_models, monkeypatch) -> None:
+    from hrsa.train.encode import TextEncoder
+
+    pairs = _pairs(tmp_path / "pairs.jsonl")
+    out = tmp_path / "ev"
+    args = ["eval", "--model", str(tiny_models.dir("bert")), "--tasks", f"retrieval:{pairs}", "--no-instructions",
+            "--out", str(out)]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    data = json.loads((out / "eval.json").read_text())
+    (entry,) = data["checkpoints"][0]["results"].values()
+    assert entry["main_score_name"] == "ndcg_at_10"
+    truth = entry["main_score"]
+    assert truth != 0.99
+    entry["main_score"] = 0.99  # the entry's own ndcg_at_10 still says otherwise
+    (out / "eval.json").write_text(json.dumps(data))
+
+    loads: list[str] = []
+    real_load = TextEncoder.load.__func__
+    monkeypatch.setattr(TextEncoder, "load", classmethod(lambda cls, model, **kw: loads.append(model)
+                                                         or real_load(cls, model, **kw)))
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert len(loads) == 1  # scored again
+    table = "\n".join(line for line in result.output.splitlines() if not line.startswith("hrsa:"))
+    assert "0.9900" not in table and f"{truth:.4f}" in table and "computed now" in table
+    warning = [line for line in result.output.splitlines() if "ndcg_at_10" in line]
+    assert len(warning) == 1 and str(out / "eval.json") in warning[0], result.output
+    (entry,) = json.loads((out / "eval.json").read_text())["checkpoints"][0]["results"].values()
+    assert entry["main_score"] == truth
+
+
+def test_an_edited_row_of_another_checkpoint_is_not_kept(tmp_path: Path, tiny_models) -> None:
+    from hrsa.train.evaluate import EvalWarning
+
+    run = tmp_path / "run"
+    for step in (1, 2):
+        _checkpoint(tiny_models, run / f"step_{step:06d}", step)
+    tasks = (f"retrieval:{_pairs(tmp_path / 'pairs.jsonl')}",)
+    evaluate(EvalConfig(model=str(run), tasks=tasks, instructions=False))
+    path = run / "eval" / "eval.json"
+    data = json.loads(path.read_text())
+    (entry,) = data["checkpoints"][1]["results"].values()
+    entry["scores"]["test"][0]["ndcg_at_10"] = 0.5 if entry["main_score"] != 0.5 else 0.25
+    path.write_text(json.dumps(data))
+    with pytest.warns(EvalWarning, match="ndcg_at_10"):
+        result = evaluate(EvalConfig(model=str(run), tasks=tasks, instructions=False, steps=(1,)))
+    assert [c.step for c in result.checkpoints] == [1]
+    assert result.checkpoints[0].reused == {"local-retrieval-pairs"}
