@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,12 @@ class TrainingRecipe:
     def key(self) -> str:
         """16 hex digits of the hash of the whole recipe (canonical JSON)."""
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+    def on_device(self, use_gpu: bool) -> TrainingRecipe:
+        """This recipe as run on GPU workers (their forward runs under bf16 autocast, so their weights differ from a
+        CPU run's: a run resumed on the other kind would mix them) or on CPU workers (the recipe as it is, so the
+        keys of CPU runs stay what they were)."""
+        return replace(self, settings={**self.settings, "autocast": "bfloat16"}) if use_gpu else self
 
     @property
     def folder_name(self) -> str:

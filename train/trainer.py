@@ -41,7 +41,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -194,6 +194,7 @@ def run_training(config: TrainConfig, *, progress: bool = True, stop_after: int 
     conn = connect(config.address)
     placement = plan_workers(conn.nodes, workers=config.workers, use_gpu=config.use_gpu)
     check_every_node_reaches(run, conn.nodes)
+    prepared = replace(prepared, recipe=prepared.recipe.on_device(placement.use_gpu))  # bf16 autocast on GPUs
     with exclusive_run(run) as lost:  # a second training into this folder at once is refused (train.run_lock)
         claim_run_folder(run, prepared.recipe)
         events = _run_workers(prepared, placement, progress=progress, stop_after=stop_after, lost=lost)

@@ -89,6 +89,18 @@ def test_a_different_recipe_into_a_trained_folder_is_refused(config: TrainConfig
         claim_run_folder(config.output, training_recipe(config.model_copy(update={"lr": 0.05, "seed": 3})))
 
 
+def test_a_run_on_gpus_does_not_resume_on_cpus_or_back(config: TrainConfig) -> None:
+    """GPU workers train under bf16 autocast: use_gpu was a scheduling setting only, so a run resumed on the other kind
+    of device mixed precisions under one recipe. A CPU run's recipe (and key) stays as it was."""
+    cpu = training_recipe(config)
+    assert cpu.on_device(False) == cpu and cpu.on_device(True).key != cpu.key
+    claim_run_folder(config.output, cpu.on_device(True))
+    fake_checkpoint(config.output, Path(config.backbone), 1)
+    with pytest.raises(RecipeMismatchError, match=r"autocast bfloat16 missing"):
+        claim_run_folder(config.output, cpu)
+    claim_run_folder(config.output, training_recipe(config.model_copy(update={"workers": 2})).on_device(True))
+
+
 def test_checkpoints_without_a_recorded_recipe_are_refused(config: TrainConfig) -> None:
     fake_checkpoint(config.output, Path(config.backbone), 1)
     with pytest.raises(RecipeMismatchError, match="no recorded recipe"):
