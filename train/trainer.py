@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import shutil
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from hrsa.runtime.locations import Location, parse_location
 from hrsa.store.errors import UserError
-from hrsa.train.checkpoints import list_checkpoints
+from hrsa.train.checkpoints import list_checkpoints, step_folders
 from hrsa.train.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -195,9 +196,15 @@ def run_training(config: TrainConfig, *, progress: bool = True, stop_after: int 
     placement = plan_workers(conn.nodes, workers=config.workers, use_gpu=config.use_gpu)
     check_every_node_reaches(run, conn.nodes)
     prepared = replace(prepared, recipe=prepared.recipe.on_device(placement.use_gpu))  # bf16 autocast on GPUs
-    with exclusive_run(run) as lost:  # a second training into this folder at once is refused (train.run_lock)
-        claim_run_folder(run, prepared.recipe)
-        events = _run_workers(prepared, placement, progress=progress, stop_after=stop_after, lost=lost)
+    created = run.is_local and not run.local_path().exists()
+    try:
+        with exclusive_run(run) as lost:  # a second training into this folder at once is refused (train.run_lock)
+            claim_run_folder(run, prepared.recipe)
+            events = _run_workers(prepared, placement, progress=progress, stop_after=stop_after, lost=lost)
+    except BaseException:
+        if created and not step_folders(run):  # a start that failed (a backbone no worker loads) leaves nothing
+            shutil.rmtree(run.local_path(), ignore_errors=True)
+        raise
     # Step 4: what this call did.
     checkpoints = tuple(parse_location(c.url).as_path_or_url() for c in list_checkpoints(run))
     result = _result(run, checkpoints, events)

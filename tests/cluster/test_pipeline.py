@@ -139,6 +139,23 @@ def test_a_damaged_results_file_reruns_its_analysis(copy: Workspace, damage: str
     assert json.loads(path.read_text())["a"] == "llama"
 
 
+@pytest.mark.parametrize("data", ["missing", "empty"])
+def test_a_training_run_without_data_is_refused_before_anything_is_created(tmp_path: Path, tiny_models: Any,
+                                                                            data: str) -> None:
+    """It said "Check --data" (a flag of hrsa train, not a key of the YAML) after creating out/ and its lock, and an
+    empty file left the training stage recorded as started."""
+    path = tmp_path / "pairs.jsonl"
+    if data == "empty":
+        path.write_text("")
+    train = {"ra": {"backbone": str(tiny_models.dir("llama")), "data": str(path), "max_steps": 1}}
+    config = parse_pipeline({"store": str(tmp_path / "store"), "out": str(tmp_path / "out"), "train": train,
+                             "models": {"m": {"train": "ra"}}, "corpora": {"c": {"path": str(write_corpus(tmp_path / "w.jsonl"))}},
+                             "pairs": [{"a": "m", "b": "m", "corpus": "c", "metrics": ["cka"]}]})
+    with pytest.raises(UserError, match=r"^train\.ra: Expected (a JSON-lines file|training records) "):
+        run_pipeline(config, console=quiet())
+    assert not (tmp_path / "out").exists() and not (tmp_path / "store").exists()
+
+
 def test_changed_metric_reruns_only_analysis_and_report(copy: Workspace) -> None:
     pair = {**copy.values["pairs"][0], "metrics": ["cka"]}
     result = run_pipeline(copy.config(pairs=[pair]), console=quiet())

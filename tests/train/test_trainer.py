@@ -460,3 +460,29 @@ def test_a_lost_lease_stops_the_workers_without_a_save_and_ctrl_c_with_one() -> 
     flag.request(save=False)
     flag.request()
     assert flag.get() == STOP_NOW  # a lost lease is not undone by a later Ctrl-C
+
+
+def test_a_start_that_fails_in_the_workers_leaves_no_run_folder(tiny_models: Any, tmp_path: Path, ray_local: Any,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backbone no worker could load failed after Ray started and left OUTPUT with hrsa_recipe.json and the lock: a
+    command that fails creates nothing. A folder that held a run before is left as it was."""
+    import hrsa.train.trainer as trainer
+    from hrsa.store.errors import UserError
+    from hrsa.train.config import TrainConfig
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise UserError("Expected a backbone the workers load. Got none.")
+
+    monkeypatch.setattr(trainer, "_run_workers", fail)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _records(8, seed=1)))
+    config = TrainConfig(backbone=str(tiny_models.dir("llama")), data=data, output=tmp_path / "run", batch_size=4,
+                         negatives=1, max_steps=2)
+    with pytest.raises(UserError, match="Got none"):
+        trainer.run_training(config, progress=False)
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="Got none"):
+        trainer.run_training(config.model_copy(update={"output": tmp_path / "kept"}), progress=False)
+    assert (tmp_path / "kept" / "notes.txt").read_text() == "mine"
