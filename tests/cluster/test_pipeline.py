@@ -30,7 +30,9 @@ from hrsa.store.errors import UserError
 pytestmark = pytest.mark.integration
 
 TEXTS = ["the quick brown fox jumps over the lazy dog " * 3, "hidden states of a tiny model " * 4, "w1 w2 w3 " * 9,
-         "the lazy dog " * 10, "jumps over " * 12, "tiny model " * 8, "the quick brown fox " * 6, "w1 w2 w3 tiny " * 7]
+         "the lazy dog " * 10, "jumps over " * 12, "tiny model " * 8, "the quick brown fox " * 6, "w1 w2 w3 tiny " * 7,
+         # 12 documents, 6 of each probe class: each class gets a test document (8 gave none, and probes refuse that)
+         "states of the lazy fox " * 5, "a hidden dog " * 7, "quick brown model " * 6, "over w1 w2 the " * 5]
 METRICS = ["cka", "dimcorr", "procrustes", "knn", "probe"]
 
 
@@ -212,7 +214,7 @@ def test_editing_a_labels_file_reruns_the_probes(copy: Workspace) -> None:
             "label_field": "kind"}
     assert run_pipeline(copy.config(pairs=[pair]), console=quiet()).ran == ("analyze:llama--qwen", "report")
     assert run_pipeline(copy.config(pairs=[pair]), console=quiet()).ran == ()
-    write_labels(lambda i: "ab"[i // 4])  # the same path and settings, other labels
+    write_labels(lambda i: "ab"[i * 2 // len(TEXTS)])  # the same path and settings, other labels
     result = run_pipeline(copy.config(pairs=[pair]), console=quiet())
     assert result.ran == ("analyze:llama--qwen", "report")
     assert {s.name: s.reason for s in result.stages}["analyze:llama--qwen"] == "its inputs changed"
@@ -437,8 +439,9 @@ def test_dynamics_compares_the_runs_at_their_common_steps(tmp_path: Path, tiny_m
     fake = fake_training({"ra": (1, 2), "rb": (2, 3)}, lambda run: tiny_models.dir("llama" if run == "ra" else "qwen2"))
     monkeypatch.setattr(hrsa.train.trainer, "run_training", lambda c, **kw: calls.append(c.output.parent.name) or fake(c, **kw))
     corpus = write_corpus(tmp_path / "words.jsonl")
-    train = {run: {"backbone": str(tiny_models.dir("llama")), "data": str(corpus), "max_steps": 3, "save_every": 1}
-             for run in ("ra", "rb")}
+    # Schedules that save the fake's steps (ra: 1, 2; rb: 2, 3), as a pipeline checks they do.
+    train = {run: {"backbone": str(tiny_models.dir("llama")), "data": str(corpus), "max_steps": steps, "save_every": every}
+             for run, steps, every in (("ra", 2, 1), ("rb", 3, 2))}
     config = parse_pipeline({"store": str(tmp_path / "store"), "out": str(tmp_path / "out"), "train": train,
                              "corpora": {"probe": {"path": str(corpus)}},
                              "dynamics": [{"a": "ra", "b": "rb", "corpus": "probe", "metrics": ["cka"], "scheduler": "threads"}]})
