@@ -126,6 +126,47 @@ def test_rerun_skips_every_stage(copy: Workspace) -> None:
     assert copy.state() == before
 
 
+def moved_project(first: tuple[Workspace, PipelineResult], tiny_models: Any, to: Path) -> dict[str, Any]:
+    """The first run's whole project (store, out, corpus file, model folders) copied to ``to``: the pipeline's values
+    there, with paths relative to ``to`` (`hrsa submit` unpacks the working dir to a new path on each run)."""
+    ws, _ = first
+    shutil.copytree(ws.root, to)
+    shutil.copy2(ws.values["corpora"]["words"]["path"], to / "words.jsonl")
+    for model, kind in (("llama", "llama"), ("qwen", "qwen2")):
+        shutil.copytree(tiny_models.dir(kind), to / "models" / model)
+    models = {m: {**entry, "model": f"models/{m}"} for m, entry in ws.values["models"].items()}
+    return {**ws.values, "store": "store", "out": "out", "models": models,
+            "corpora": {"words": {**ws.values["corpora"]["words"], "path": "words.jsonl"}}}
+
+
+def test_a_moved_project_skips_every_stage(first: tuple[Workspace, PipelineResult], tiny_models: Any, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Moving the project (the same files elsewhere, or `hrsa submit`'s working dir unpacked anew) re-ran every
+    stage: the stage keys held the absolute paths of the models, the corpus and the labels. Then moved again, given
+    by absolute paths; then with a fresh out, whose extractions the store's records adopt, wherever the files are."""
+    values = moved_project(first, tiny_models, tmp_path / "a")
+    monkeypatch.chdir(tmp_path / "a")
+    before = json.loads((tmp_path / "a" / "out" / STATE_FILE).read_text())
+    result = run_pipeline(parse_pipeline(values), console=quiet())
+    assert result.ran == (), {s.name: s.reason for s in result.stages}
+    assert json.loads((tmp_path / "a" / "out" / STATE_FILE).read_text()) == before
+    # Moved on, with absolute paths to where the files are now.
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    monkeypatch.chdir(tmp_path)
+    b = tmp_path / "b"
+    moved = {**values, "store": str(b / "store"), "out": str(b / "out"),
+             "models": {m: {**e, "model": str(b / e["model"])} for m, e in values["models"].items()},
+             "corpora": {"words": {**values["corpora"]["words"], "path": str(b / "words.jsonl")}}}
+    result = run_pipeline(parse_pipeline(moved), console=quiet())
+    assert result.ran == (), {s.name: s.reason for s in result.stages}
+    # A fresh out (a new cluster) adopts the stored models, though they were extracted from files elsewhere.
+    (b / "out" / STATE_FILE).unlink()
+    result = run_pipeline(parse_pipeline(moved), console=quiet())
+    assert result.ran == ("analyze:llama--qwen", "report"), {s.name: s.reason for s in result.stages}
+    assert all(json.loads((b / "out" / STATE_FILE).read_text())["stages"][f"extract:{m}"]["outputs"]["adopted"]
+               for m in ("llama", "qwen"))
+
+
 def test_changed_metric_reruns_only_analysis_and_report(copy: Workspace) -> None:
     pair = {**copy.values["pairs"][0], "metrics": ["cka"]}
     result = run_pipeline(copy.config(pairs=[pair]), console=quiet())
@@ -246,12 +287,12 @@ def test_without_its_state_a_pipeline_does_not_adopt_a_model_of_an_edited_corpus
     assert not (copy.root / "out" / STATE_FILE).exists() or "extract:llama" not in copy.state()
 
 
-@pytest.mark.parametrize("schema", ["hrsa.pipeline-state/1", "hrsa.pipeline-state/2"])
+@pytest.mark.parametrize("schema", ["hrsa.pipeline-state/1", "hrsa.pipeline-state/2", "hrsa.pipeline-state/3"])
 def test_a_state_of_an_earlier_key_scheme_adopts_stored_models_instead_of_deleting_them(copy: Workspace,
                                                                                          schema: str) -> None:
-    """Schema 1's keys hashed worker counts, schema 2's weights by size and time: compared with today's, every
-    extraction would read as changed and be deleted. Their records are dropped instead, and stored models that
-    match are adopted."""
+    """Schema 1's keys hashed worker counts, schema 2's weights by size and time, schema 3's the absolute paths of
+    the models, corpora and labels: compared with today's, every extraction would read as changed and be deleted.
+    Their records are dropped instead, and stored models that match are adopted."""
     path = copy.root / "out" / STATE_FILE
     doc = json.loads(path.read_text())
     stages = {name: {**entry, "key": "0" * 16} for name, entry in doc["stages"].items()}
@@ -412,11 +453,14 @@ def fake_training(steps_by_run: dict[str, tuple[int, ...]], source: Callable[[st
     copy of a tiny model plus hrsa_train.json) at the steps given per run, in the recipe's folder the pipeline
     passes (``<output>/recipe-<key>``). Whether a changed recipe trains again is the real trainer's test
     (test_a_changed_training_input_retrains_and_reruns_what_follows)."""
+    from hrsa.train.recipe import claim_run_folder, training_recipe
     from hrsa.train.trainer import TrainResult
 
     def run_training(config: Any, *, progress: bool = True) -> TrainResult:
         run = config.output.parent.name
         assert config.output.name.startswith("recipe-")
+        config.output.mkdir(parents=True, exist_ok=True)
+        claim_run_folder(config.output, training_recipe(config))  # as the trainer records it, before it trains
         for step in steps_by_run[run]:
             folder = config.output / f"step_{step:06d}"
             if not folder.is_dir():
@@ -442,9 +486,10 @@ def test_dynamics_compares_the_runs_at_their_common_steps(tmp_path: Path, tiny_m
     # Schedules that save the fake's steps (ra: 1, 2; rb: 2, 3), as a pipeline checks they do.
     train = {run: {"backbone": str(tiny_models.dir("llama")), "data": str(corpus), "max_steps": steps, "save_every": every}
              for run, steps, every in (("ra", 2, 1), ("rb", 3, 2))}
-    config = parse_pipeline({"store": str(tmp_path / "store"), "out": str(tmp_path / "out"), "train": train,
-                             "corpora": {"probe": {"path": str(corpus)}},
-                             "dynamics": [{"a": "ra", "b": "rb", "corpus": "probe", "metrics": ["cka"], "scheduler": "threads"}]})
+    values = {"store": str(tmp_path / "store"), "out": str(tmp_path / "out"), "train": train,
+              "corpora": {"probe": {"path": str(corpus)}},
+              "dynamics": [{"a": "ra", "b": "rb", "corpus": "probe", "metrics": ["cka"], "scheduler": "threads"}]}
+    config = parse_pipeline(values)
     result = run_pipeline(config, console=quiet())
     assert result.ran == ("train:ra", "train:rb", "extract:ra-step-0", "extract:ra-step-2", "extract:rb-step-2",
                           "analyze:ra--rb@step-0", "analyze:ra--rb@step-2", "dynamics:ra--rb", "report")
@@ -460,6 +505,13 @@ def test_dynamics_compares_the_runs_at_their_common_steps(tmp_path: Path, tiny_m
     assert (step["a"], step["b"]) == ("ra-step-2", "rb-step-2")
     again = run_pipeline(config, console=quiet())
     assert again.ran == () and calls == ["ra", "rb"]  # training up to date: not called again
+    # The project moved (training data, store, out and its runs' checkpoints): every stage is still up to date, the
+    # checkpoints taken where they are now.
+    moved = tmp_path.parent / f"{tmp_path.name}-moved"
+    shutil.move(tmp_path, moved)
+    text = json.dumps(values).replace(json.dumps(str(tmp_path))[1:-1], json.dumps(str(moved))[1:-1])
+    again = run_pipeline(parse_pipeline(json.loads(text)), console=quiet())
+    assert again.ran == () and calls == ["ra", "rb"], {s.name: s.reason for s in again.stages}
 
 
 @pytest.mark.slow  # 74 s; asserted by default in test_a_series_may_hold_b_at_one_step_to_follow_a_runs_drift (two
