@@ -18,6 +18,7 @@ did not write is never touched: the run stops and names the fix.
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from hrsa.cluster.state import STATE_FILE, PipelineState
 from hrsa.extract.config import CorpusOptions, ExtractConfig, ExtractRunOptions, ModelSourceOptions, parse_extract_config
 from hrsa.extract.job import stored_differences
 from hrsa.extract.worker_pool import ExtractionWorkers
+from hrsa.runtime.fingerprint import file_digest
 from hrsa.runtime.folder_lock import FolderLock
 from hrsa.runtime.locations import is_url, parse_location
 from hrsa.store.errors import UserError
@@ -213,13 +215,42 @@ def _readable_results(path: Path) -> bool:
     return True
 
 
-def _checkpoints_complete(outputs: Mapping[str, Any]) -> bool:
-    """Whether every checkpoint a training stage recorded is still there, complete (on any storage: one listing of
-    the run folder)."""
+def _checkpoints_complete(outputs: Mapping[str, Any], output: str, recipe: str) -> bool:
+    """Whether every checkpoint a training stage recorded is complete in the run folder ``output`` (on any storage:
+    one listing of the run folder). The folder the stage recorded, or the same recipe's folder elsewhere (a moved
+    project, `hrsa submit`'s working dir unpacked anew): then it must record this recipe (``hrsa_recipe.json``), and
+    its checkpoints of the recorded names are taken (complete: every file its manifest lists, with its digest on a
+    local or shared filesystem)."""
     from hrsa.train.checkpoints import list_checkpoints
+    from hrsa.train.recipe import RecipeMismatchError, read_recipe
 
-    recorded = [str(c) for c in outputs.get("checkpoints", ())]
-    return not recorded or set(recorded) <= {c.url for c in list_checkpoints(outputs["output"])}
+    recorded = [_folder_name(c) for c in outputs.get("checkpoints", ())]
+    if not recorded:
+        return True
+    if str(outputs.get("output")) != output:
+        try:
+            found = read_recipe(output)
+        except RecipeMismatchError:  # unreadable: training says so, with the fix
+            return False
+        if found is None or found.key != recipe:
+            return False
+    return set(recorded) <= {_folder_name(c.url) for c in list_checkpoints(output)}
+
+
+def _checkpoints_here(outputs: Mapping[str, Any], output: str) -> tuple[str, ...]:
+    """The recorded checkpoints, in the run folder ``output`` where the stage recorded another (a moved project)."""
+    from hrsa.runtime.locations import parse_location
+
+    recorded = tuple(str(c) for c in outputs["checkpoints"])
+    if str(outputs.get("output")) == output:
+        return recorded
+    run = parse_location(output)
+    return tuple(str(run.child(_folder_name(c)).as_path_or_url()) for c in recorded)
+
+
+def _folder_name(checkpoint: str | Path) -> str:
+    """A checkpoint's folder name (``step_000100``), from its path or URL."""
+    return posixpath.basename(str(checkpoint).rstrip("/"))
 
 
 def _stored_identity(store: Any, mid: str) -> str:
@@ -275,7 +306,8 @@ class _Runner:
         recipe = training_recipe(tc)
         tc = tc.model_copy(update={"output": parse_location(tc.output).child(recipe.folder_name).as_path_or_url()})
         key = stage_key({"recipe": recipe.key, "save_every": tc.save_every})
-        reason = self.state.reason_to_run(stage, key, _checkpoints_complete)
+        output = str(tc.output)
+        reason = self.state.reason_to_run(stage, key, lambda o: _checkpoints_complete(o, output, recipe.key))
         if self._announce(stage, reason):
             from hrsa.train.checkpoints import checkpoint_step
             from hrsa.train.trainer import run_training
@@ -287,7 +319,7 @@ class _Runner:
                                            "checkpoints": [str(c) for c in result.checkpoints],
                                            "steps": [checkpoint_step(c) for c in result.checkpoints]})
         outputs = self.state.entry(stage)["outputs"]  # type: ignore[index]
-        return _Trained(tuple(str(c) for c in outputs["checkpoints"]), tuple(outputs["steps"]), key)
+        return _Trained(_checkpoints_here(outputs, output), tuple(outputs["steps"]), key)
 
     # -- Step 2: extraction ---------------------------------------------------------------------------
     def extract_model(self, name: str, corpus: str, trained: Mapping[str, _Trained]) -> _Extracted:
@@ -347,8 +379,10 @@ class _Runner:
             "address": self.config.address,
         })
         # The store is not an input: whether it holds the model decides (a moved store with the model in it is fine).
-        # A checkpoint folder is identified by its model files (extract.identity.model_files: not its bookkeeping).
-        settings = ec.model_dump(mode="json", exclude={"store", *EXTRACT_SCHEDULING})
+        # Nor are the paths of the model and the corpus: their files are (a checkpoint folder by its model files:
+        # extract.identity.model_files, not its bookkeeping), so the same files elsewhere (a moved project, `hrsa
+        # submit`'s new working dir) keep the key.
+        settings = ec.model_dump(mode="json", exclude={"store", "model", "corpus", *EXTRACT_SCHEDULING})
         inputs = {"model": source_fingerprint(source), "corpus": source_fingerprint(c.path)}
         key = stage_key({"extract": settings, **inputs})
         content = stage_key({"extract": {k: v for k, v in settings.items() if k != "name"}, **inputs})  # any name
@@ -412,8 +446,9 @@ class _Runner:
     def analyze(self, stage: str, options: PairAnalysisSettings, a: _Extracted, b: _Extracted, out_dir: Path) -> _Analyzed:
         options = self._labels_from_corpus_file(options)
         settings = options.model_dump(mode="json", exclude={"a", "b", "corpus", "name", "extract", "b_step", "store", "pair",
-                                                            "out", "run_id", *ANALYZE_SCHEDULING})
-        # The probes' labels file by its content: editing it re-runs the probes (its path alone would not).
+                                                            "out", "run_id", "labels", *ANALYZE_SCHEDULING})
+        # The probes' labels file by its name and content, not its path: editing it re-runs the probes (its path alone
+        # would not), moving it re-runs nothing.
         key = stage_key({"analyze": settings, "labels": source_fingerprint(options.labels), "a": [a.store_id, a.key],
                          "b": [b.store_id, b.key]})
         json_path = out_dir / "results.json"
@@ -477,19 +512,23 @@ class _Runner:
         # Without pairs, the report's pair section shows each series' last step.
         shown = [r.results for r in results.values()] or [self.last_steps[label] for label in dynamics]
         comparisons = self.config.table_2_columns() if results else None
-        # The path too (under out, relative: a remote out's local copy moves): a report written elsewhere since
-        # leaves this path's file of an earlier run.
-        where = path.relative_to(self.config.out).as_posix() if path.is_relative_to(self.config.out) else str(path.resolve())
+        # Not its path (a moved project keeps its key), but the file there must be the one this stage wrote last, by
+        # its digest: a report written elsewhere since (another path, the same settings) leaves this path's file of
+        # an earlier run.
         key = stage_key({"pairs": {k: v.key for k, v in results.items()}, "dynamics": {k: v.key for k, v in dynamics.items()},
                          "comparisons": [[c.label, c.results] for c in comparisons or ()],
-                         **self.config.report.model_dump(mode="json", exclude={"path"}), "path": where})
-        if self._announce("report", self.state.reason_to_run("report", key, lambda o: path.is_file())):
+                         **self.config.report.model_dump(mode="json", exclude={"path"})})
+
+        def written(outputs: Mapping[str, Any]) -> bool:
+            return path.is_file() and outputs.get("digest") == file_digest(path)
+
+        if self._announce("report", self.state.reason_to_run("report", key, written)):
             from hrsa.analyze.report.html import write_report
 
             self.state.start("report", key)
             write_report(shown, path, dynamics=[d.results for d in dynamics.values()], title=self.config.report.title,
                          thresholds=self.config.report.thresholds(), comparisons=comparisons,
                          description=self.config.report.description)
-            self.state.finish("report", key, {"report": str(path)})
+            self.state.finish("report", key, {"report": str(path), "digest": file_digest(path)})
         return path
 

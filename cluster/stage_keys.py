@@ -2,12 +2,11 @@
 
 Inputs are the stage's settings, less those that only schedule the work (:data:`EXTRACT_SCHEDULING`,
 :data:`ANALYZE_SCHEDULING`; training keeps its recipe's, :mod:`hrsa.train.recipe`), plus the identity of every
-file it reads (:func:`source_fingerprint`): files by their content (weights are read once per machine:
-:mod:`hrsa.runtime.fingerprint`), a folder (a checkpoint) by the files a load reads (its top level, less a
-checkpoint's bookkeeping and what tools wrote into it: :func:`hrsa.extract.identity.model_files`; a corpus folder's
-reader reads its top level too), a folder behind a URL by its files'
-versions (:meth:`hrsa.runtime.locations.Location.versions`), anything else (hub id, ``hf:``, ``packaged:``) by its
-text, and an upstream stage by its key.
+file it reads (:func:`source_fingerprint`): files by their name and content, not their location (weights are read
+once per machine: :mod:`hrsa.runtime.fingerprint`), a folder (a checkpoint) by the files a load reads (its top level,
+less a checkpoint's bookkeeping and what tools wrote into it: :func:`hrsa.extract.identity.model_files`; a corpus
+folder's reader reads its top level too), so a moved project keeps its keys; a folder behind a URL by its URL and its files' versions (:meth:`hrsa.runtime.locations.Location.versions`);
+anything else (hub id, ``hf:``, ``packaged:``) by its text; and an upstream stage by its key.
 """
 
 from __future__ import annotations
@@ -33,8 +32,9 @@ def stage_key(inputs: Mapping[str, Any]) -> str:
 
 
 def source_fingerprint(source: str | None) -> Any:
-    """What identifies a model, corpus or labels file: a local file or folder by its files' content, a URL by the
-    versions of its files, anything else (hub id, hf:, packaged:) by its text."""
+    """What identifies a model, corpus or labels file: a local file by its name and content, a folder by its files'
+    names (relative to it) and content, wherever it is; a URL by the versions of its files; anything else (hub id,
+    hf:, packaged:, a stored corpus id) by its text."""
     if source is None:
         return None
     if "://" in source:
@@ -46,9 +46,11 @@ def source_fingerprint(source: str | None) -> Any:
     from hrsa.extract.identity import model_files
     from hrsa.runtime.fingerprint import file_digest
 
-    files = [path] if path.is_file() else model_files(path)
-    return {"path": str(path.resolve()), "files": [[str(f.relative_to(path)) if f != path else f.name, file_digest(f)]
-                                                   for f in files]}
+    # Not where it is: the same files elsewhere (a moved project, `hrsa submit`'s working dir unpacked anew) are
+    # the same input. Names are kept: a file's name is in its records' default ids (<file name>:<line>).
+    if path.is_file():
+        return {"file": [path.name, file_digest(path)]}
+    return {"folder": [[f.relative_to(path).as_posix(), file_digest(f)] for f in model_files(path)]}
 
 
 def _remote_fingerprint(url: str) -> Any:

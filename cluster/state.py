@@ -18,12 +18,13 @@ from hrsa.store.errors import UserError
 __all__ = ["STATE_FILE", "PipelineState"]
 
 STATE_FILE = "pipeline-state.json"
-_SCHEMA = "hrsa.pipeline-state/3"
+_SCHEMA = "hrsa.pipeline-state/4"
 # Earlier schemes' keys: schema 1's hashed scheduling settings and no labels content, schema 2's knew weights by
-# size and modification time and a model behind a URL by its text. Their records are dropped, not compared (a key
-# from another scheme would read as "inputs changed" and delete stored models); stages are then checked afresh,
-# and stored models that match what the pipeline asks are adopted.
-_EARLIER = {"hrsa.pipeline-state/1", "hrsa.pipeline-state/2"}
+# size and modification time and a model behind a URL by its text, schema 3's held the absolute paths of the models,
+# corpora and labels (a moved project re-ran every stage). Their records are dropped, not compared (a key from
+# another scheme would read as "inputs changed" and delete stored models); stages are then checked afresh, and
+# stored models that match what the pipeline asks are adopted.
+_EARLIER = {"hrsa.pipeline-state/1", "hrsa.pipeline-state/2", "hrsa.pipeline-state/3"}
 
 
 class PipelineState:

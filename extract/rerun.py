@@ -2,8 +2,9 @@
 
 One comparison, :func:`stored_mismatch`, for ``hrsa extract`` (:func:`hrsa.extract.job.run_extraction`) and the
 pipeline's runner. What is compared is everything that changes a stored row: where the weights come from (kind,
-hub id or path, revision, GGUF file) and their content (weights changed in place at the same path, local or behind
-a URL, are another model; a model stored by an earlier hrsa recorded none), dtype, attention, which hidden states,
+hub id, revision, GGUF file) and their content (weights changed in place at the same path, local or behind a URL,
+are another model; the same files at another path, a moved folder, are the same model; a model stored by an
+earlier hrsa recorded no content, and is compared by its path instead), dtype, attention, which hidden states,
 the tokens of the corpus (or, without them, its source and options), and the layout (tokens per unit). The token budget is not compared: it batches
 documents differently but moves no row to another place (batched kernels may round differently by a few ulps,
 which BATCH_RTOL in the tests bounds). ``trust_remote_code`` is a permission, not a setting of the rows.
@@ -56,9 +57,13 @@ def stored_mismatch(store: ActivationStore, config: ExtractConfig, *, corpus_has
     model = config.model_spec()
     spec = model.to_dict()
     found = []
-    if any(spec[k] != info.source.get(k) for k in _SOURCE_FIELDS):
+    # Another path is another model unless the stored model recorded its files' digest and the files there have it
+    # (the same files moved: a moved project); a model stored by an earlier hrsa recorded none.
+    moved = spec["path"] != info.source.get("path")
+    if any(spec[k] != info.source.get(k) for k in _SOURCE_FIELDS if k != "path") or (
+            moved and (info.source.get("content") is None or _weights_changed(model, info))):
         found.append(f"model {_source_text(spec)} (stored {_source_text(info.source)})")
-    elif _weights_changed(model, info):
+    elif not moved and _weights_changed(model, info):
         found.append(f"weights at {_source_text(spec)} (other files than those the stored model was extracted from)")
     for name, stored in (("dtype", info.dtype), ("attention", info.attention)):
         asked, stored_ask = getattr(config, name), info.source.get(name)

@@ -39,7 +39,7 @@ def test_a_model_folder_is_known_by_the_files_a_load_reads(tmp_path: Path) -> No
     (folder / "trainer_state.pt").write_bytes(b"optimizer")
     assert [p.name for p in model_files(folder)] == ["config.json", "model.safetensors"]
     before, content = source_fingerprint(str(folder)), model_content(parse_model_spec(str(folder)))
-    assert [name for name, _ in before["files"]] == ["config.json", "model.safetensors"]
+    assert [name for name, _ in before["folder"]] == ["config.json", "model.safetensors"]
 
     (folder / "eval").mkdir()
     (folder / "eval" / "eval.json").write_text("{}")

@@ -30,9 +30,9 @@ from hrsa.store.errors import UserError
 pytestmark = pytest.mark.integration
 
 TEXTS = ["the quick brown fox jumps over the lazy dog " * 3, "hidden states of a tiny model " * 4, "w1 w2 w3 " * 9,
-         "the lazy dog " * 10, "jumps over " * 12, "tiny model " * 8, "the quick brown fox " * 6, "w1 w2 w3 tiny " * 7]
-# 20 documents, 10 of each label: the probes' test split gets a document of each (8 gave it none, a nan score).
-TEXTS += [f"{t} {w}" for t, w in zip(TEXTS + TEXTS[:4], ["dog", "fox", "w2", "model"] * 3)]
+         "the lazy dog " * 10, "jumps over " * 12, "tiny model " * 8, "the quick brown fox " * 6, "w1 w2 w3 tiny " * 7,
+         # 12 documents, 6 of each probe class: each class gets a test document (8 gave none, and probes refuse that)
+         "states of the lazy fox " * 5, "a hidden dog " * 7, "quick brown model " * 6, "over w1 w2 the " * 5]
 METRICS = ["cka", "dimcorr", "procrustes", "knn", "probe"]
 
 
@@ -43,6 +43,14 @@ def quiet() -> Console:
 def write_corpus(path: Path) -> Path:
     path.write_text("".join(json.dumps({"id": f"d{i}", "text": t, "label": "ab"[i % 2]}) + "\n" for i, t in enumerate(TEXTS)))
     return path
+
+
+def write_pairs(path: Path) -> str:
+    """Training pairs a pipeline checks before it starts (the tests' trainings are fakes; their data must still read)."""
+    texts = [TEXTS[i % len(TEXTS)] for i in range(40)]  # more than the default batch of 32
+    path.write_text("".join(json.dumps({"query": f"{i} {t[:20]}", "pos": t, "negs": [texts[i - 1]]}) + "\n"
+                            for i, t in enumerate(texts)))
+    return str(path)
 
 
 def pipeline_values(root: Path, corpus: Path, tiny_models: Any) -> dict[str, Any]:
@@ -156,6 +164,47 @@ def test_a_training_run_without_data_is_refused_before_anything_is_created(tmp_p
     assert not (tmp_path / "out").exists() and not (tmp_path / "store").exists()
 
 
+def moved_project(first: tuple[Workspace, PipelineResult], tiny_models: Any, to: Path) -> dict[str, Any]:
+    """The first run's whole project (store, out, corpus file, model folders) copied to ``to``: the pipeline's values
+    there, with paths relative to ``to`` (`hrsa submit` unpacks the working dir to a new path on each run)."""
+    ws, _ = first
+    shutil.copytree(ws.root, to)
+    shutil.copy2(ws.values["corpora"]["words"]["path"], to / "words.jsonl")
+    for model, kind in (("llama", "llama"), ("qwen", "qwen2")):
+        shutil.copytree(tiny_models.dir(kind), to / "models" / model)
+    models = {m: {**entry, "model": f"models/{m}"} for m, entry in ws.values["models"].items()}
+    return {**ws.values, "store": "store", "out": "out", "models": models,
+            "corpora": {"words": {**ws.values["corpora"]["words"], "path": "words.jsonl"}}}
+
+
+def test_a_moved_project_skips_every_stage(first: tuple[Workspace, PipelineResult], tiny_models: Any, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Moving the project (the same files elsewhere, or `hrsa submit`'s working dir unpacked anew) re-ran every
+    stage: the stage keys held the absolute paths of the models, the corpus and the labels. Then moved again, given
+    by absolute paths; then with a fresh out, whose extractions the store's records adopt, wherever the files are."""
+    values = moved_project(first, tiny_models, tmp_path / "a")
+    monkeypatch.chdir(tmp_path / "a")
+    before = json.loads((tmp_path / "a" / "out" / STATE_FILE).read_text())
+    result = run_pipeline(parse_pipeline(values), console=quiet())
+    assert result.ran == (), {s.name: s.reason for s in result.stages}
+    assert json.loads((tmp_path / "a" / "out" / STATE_FILE).read_text()) == before
+    # Moved on, with absolute paths to where the files are now.
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    monkeypatch.chdir(tmp_path)
+    b = tmp_path / "b"
+    moved = {**values, "store": str(b / "store"), "out": str(b / "out"),
+             "models": {m: {**e, "model": str(b / e["model"])} for m, e in values["models"].items()},
+             "corpora": {"words": {**values["corpora"]["words"], "path": str(b / "words.jsonl")}}}
+    result = run_pipeline(parse_pipeline(moved), console=quiet())
+    assert result.ran == (), {s.name: s.reason for s in result.stages}
+    # A fresh out (a new cluster) adopts the stored models, though they were extracted from files elsewhere.
+    (b / "out" / STATE_FILE).unlink()
+    result = run_pipeline(parse_pipeline(moved), console=quiet())
+    assert result.ran == ("analyze:llama--qwen", "report"), {s.name: s.reason for s in result.stages}
+    assert all(json.loads((b / "out" / STATE_FILE).read_text())["stages"][f"extract:{m}"]["outputs"]["adopted"]
+               for m in ("llama", "qwen"))
+
+
 def test_changed_metric_reruns_only_analysis_and_report(copy: Workspace) -> None:
     pair = {**copy.values["pairs"][0], "metrics": ["cka"]}
     result = run_pipeline(copy.config(pairs=[pair]), console=quiet())
@@ -244,7 +293,7 @@ def test_editing_a_labels_file_reruns_the_probes(copy: Workspace) -> None:
             "label_field": "kind"}
     assert run_pipeline(copy.config(pairs=[pair]), console=quiet()).ran == ("analyze:llama--qwen", "report")
     assert run_pipeline(copy.config(pairs=[pair]), console=quiet()).ran == ()
-    write_labels(lambda i: "ab"[(i // 4) % 2])  # the same path and settings, other labels
+    write_labels(lambda i: "ab"[i * 2 // len(TEXTS)])  # the same path and settings, other labels
     result = run_pipeline(copy.config(pairs=[pair]), console=quiet())
     assert result.ran == ("analyze:llama--qwen", "report")
     assert {s.name: s.reason for s in result.stages}["analyze:llama--qwen"] == "its inputs changed"
@@ -276,12 +325,12 @@ def test_without_its_state_a_pipeline_does_not_adopt_a_model_of_an_edited_corpus
     assert not (copy.root / "out" / STATE_FILE).exists() or "extract:llama" not in copy.state()
 
 
-@pytest.mark.parametrize("schema", ["hrsa.pipeline-state/1", "hrsa.pipeline-state/2"])
+@pytest.mark.parametrize("schema", ["hrsa.pipeline-state/1", "hrsa.pipeline-state/2", "hrsa.pipeline-state/3"])
 def test_a_state_of_an_earlier_key_scheme_adopts_stored_models_instead_of_deleting_them(copy: Workspace,
                                                                                          schema: str) -> None:
-    """Schema 1's keys hashed worker counts, schema 2's weights by size and time: compared with today's, every
-    extraction would read as changed and be deleted. Their records are dropped instead, and stored models that
-    match are adopted."""
+    """Schema 1's keys hashed worker counts, schema 2's weights by size and time, schema 3's the absolute paths of
+    the models, corpora and labels: compared with today's, every extraction would read as changed and be deleted.
+    Their records are dropped instead, and stored models that match are adopted."""
     path = copy.root / "out" / STATE_FILE
     doc = json.loads(path.read_text())
     stages = {name: {**entry, "key": "0" * 16} for name, entry in doc["stages"].items()}
@@ -442,15 +491,21 @@ def fake_training(steps_by_run: dict[str, tuple[int, ...]], source: Callable[[st
     copy of a tiny model plus hrsa_train.json) at the steps given per run, in the recipe's folder the pipeline
     passes (``<output>/recipe-<key>``). Whether a changed recipe trains again is the real trainer's test
     (test_a_changed_training_input_retrains_and_reruns_what_follows)."""
+    from hrsa.train.recipe import claim_run_folder, training_recipe
     from hrsa.train.trainer import TrainResult
 
     def run_training(config: Any, *, progress: bool = True) -> TrainResult:
         run = config.output.parent.name
         assert config.output.name.startswith("recipe-")
+        config.output.mkdir(parents=True, exist_ok=True)
+        claim_run_folder(config.output, training_recipe(config))  # as the trainer records it, before it trains
         for step in steps_by_run[run]:
             folder = config.output / f"step_{step:06d}"
             if not folder.is_dir():
                 shutil.copytree(source(run), folder)
+                # Each step its own model, as trained weights would be (its config marks it: the model's files).
+                model_config = json.loads((folder / "config.json").read_text())
+                (folder / "config.json").write_text(json.dumps({**model_config, "fake_step": f"{run}-{step}"}))
                 (folder / "hrsa_train.json").write_text(json.dumps({"step": step, "loss": 1.0 / step}))
         found = tuple(sorted(config.output.glob("step_*")))
         return TrainResult(config.output, found, (), (), float("nan"), None)
@@ -469,12 +524,13 @@ def test_dynamics_compares_the_runs_at_their_common_steps(tmp_path: Path, tiny_m
     fake = fake_training({"ra": (1, 2), "rb": (2, 3)}, lambda run: tiny_models.dir("llama" if run == "ra" else "qwen2"))
     monkeypatch.setattr(hrsa.train.trainer, "run_training", lambda c, **kw: calls.append(c.output.parent.name) or fake(c, **kw))
     corpus = write_corpus(tmp_path / "words.jsonl")
-    # Their schedules: ra saves steps 1 and 2, rb steps 2 and 3 (every 2, and the last).
-    train = {run: {"backbone": str(tiny_models.dir("llama")), "data": str(corpus), "max_steps": steps, "save_every": every}
+    # Schedules that save the fake's steps (ra: 1, 2; rb: 2, 3), as a pipeline checks they do.
+    train = {run: {"backbone": str(tiny_models.dir("llama")), "data": write_pairs(tmp_path / "pairs.jsonl"), "max_steps": steps, "save_every": every}
              for run, steps, every in (("ra", 2, 1), ("rb", 3, 2))}
-    config = parse_pipeline({"store": str(tmp_path / "store"), "out": str(tmp_path / "out"), "train": train,
-                             "corpora": {"probe": {"path": str(corpus)}},
-                             "dynamics": [{"a": "ra", "b": "rb", "corpus": "probe", "metrics": ["cka"], "scheduler": "threads"}]})
+    values = {"store": str(tmp_path / "store"), "out": str(tmp_path / "out"), "train": train,
+              "corpora": {"probe": {"path": str(corpus)}},
+              "dynamics": [{"a": "ra", "b": "rb", "corpus": "probe", "metrics": ["cka"], "scheduler": "threads"}]}
+    config = parse_pipeline(values)
     result = run_pipeline(config, console=quiet())
     assert result.ran == ("train:ra", "train:rb", "extract:ra-step-0", "extract:ra-step-2", "extract:rb-step-2",
                           "analyze:ra--rb@step-0", "analyze:ra--rb@step-2", "dynamics:ra--rb", "report")
@@ -490,6 +546,13 @@ def test_dynamics_compares_the_runs_at_their_common_steps(tmp_path: Path, tiny_m
     assert (step["a"], step["b"]) == ("ra-step-2", "rb-step-2")
     again = run_pipeline(config, console=quiet())
     assert again.ran == () and calls == ["ra", "rb"]  # training up to date: not called again
+    # The project moved (training data, store, out and its runs' checkpoints): every stage is still up to date, the
+    # checkpoints taken where they are now.
+    moved = tmp_path.parent / f"{tmp_path.name}-moved"
+    shutil.move(tmp_path, moved)
+    text = json.dumps(values).replace(json.dumps(str(tmp_path))[1:-1], json.dumps(str(moved))[1:-1])
+    again = run_pipeline(parse_pipeline(json.loads(text)), console=quiet())
+    assert again.ran == () and calls == ["ra", "rb"], {s.name: s.reason for s in again.stages}
 
 
 @pytest.mark.slow  # 74 s; asserted by default in test_a_series_may_hold_b_at_one_step_to_follow_a_runs_drift (two
@@ -512,7 +575,7 @@ def test_dynamics_start_at_the_backbones_and_every_series_is_reported(tmp_path: 
     other.write_text("".join(json.dumps({"id": f"o{i}", "text": t[::-1], "label": "xy"[i % 2]}) + "\n"
                              for i, t in enumerate(TEXTS)))
     backbones = {"ra": str(tiny_models.dir("llama")), "rb": str(tiny_models.dir("qwen2"))}
-    train = {run: {"backbone": path, "data": str(corpus), "max_steps": 2, "save_every": 1, "attention": "bidirectional"}
+    train = {run: {"backbone": path, "data": write_pairs(tmp_path / "pairs.jsonl"), "max_steps": 2, "save_every": 1, "attention": "bidirectional"}
              for run, path in backbones.items()}
     bidirectional = {"attention": "bidirectional"}
     config = parse_pipeline({
@@ -558,7 +621,7 @@ def test_step_0_runs_the_backbone_as_training_does(tmp_path: Path, tiny_models: 
     fake = fake_training({"ra": (1,), "rb": (1,)}, lambda run: tiny_models.dir("llama"))
     monkeypatch.setattr(hrsa.train.trainer, "run_training", fake)
     corpus = write_corpus(tmp_path / "words.jsonl")
-    train = {run: {"backbone": str(tiny_models.dir("llama")), "data": str(corpus), "max_steps": 1} for run in ("ra", "rb")}
+    train = {run: {"backbone": str(tiny_models.dir("llama")), "data": write_pairs(tmp_path / "pairs.jsonl"), "max_steps": 1} for run in ("ra", "rb")}
     config = parse_pipeline({"store": str(tmp_path / "store"), "out": str(tmp_path / "out"), "train": train,
                              "corpora": {"probe": {"path": str(corpus)}},
                              "dynamics": [{"a": "ra", "b": "rb", "corpus": "probe", "metrics": ["cka"], "scheduler": "threads"}]})
@@ -587,7 +650,7 @@ def test_a_series_may_hold_b_at_one_step_to_follow_a_runs_drift(tmp_path: Path, 
     other.write_text("".join(json.dumps({"id": f"o{i}", "text": t[::-1]}) + "\n" for i, t in enumerate(TEXTS)))
     bidirectional = {"attention": "bidirectional"}
     values = {"store": str(tmp_path / "store"), "out": str(tmp_path / "out"),
-              "train": {"ra": {"backbone": str(tiny_models.dir("llama")), "data": str(corpus), "max_steps": 2, "save_every": 1}},
+              "train": {"ra": {"backbone": str(tiny_models.dir("llama")), "data": write_pairs(tmp_path / "pairs.jsonl"), "max_steps": 2, "save_every": 1}},
               "corpora": {"probe": {"path": str(corpus)}, "other": {"path": str(other), "max_tokens": 64}},
               "models": {"base": {"model": str(tiny_models.dir("llama")), **bidirectional},
                          "tuned": {"train": "ra", **bidirectional}},

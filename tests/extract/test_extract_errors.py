@@ -262,6 +262,36 @@ def test_the_comparison_is_one_function(finished_store: tuple[Path, str], tiny_m
     assert len(stored_mismatch(store, other)) == 3
 
 
+def test_the_same_model_files_elsewhere_are_the_same_model(finished_store: tuple[Path, str], tiny_models: Any,
+                                                           corpus_file: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A moved project (`hrsa submit` unpacks its working dir to a new path each time): the model folder's path was
+    compared, so a pipeline with a fresh out refused to adopt its own model. A stored model that records its files'
+    digest (as an extraction records it) is the same model at any path holding those files, and not with other files
+    there; one stored without the digest (an earlier hrsa; this store's, written by the worker alone) is still
+    compared by its path."""
+    import dataclasses
+
+    from hrsa.extract.identity import model_content
+    from hrsa.extract.model_spec import parse_model_spec
+    from hrsa.extract.rerun import stored_mismatch
+    from tests.conftest import save_tiny_model
+
+    path, _ = finished_store
+    store = ActivationStore.open(str(path))
+    moved = Path(shutil.copytree(tiny_models.dir("llama"), tmp_path / "moved"))
+    asked = parse_extract_config({"store": str(path), "model": str(moved), "corpus": str(corpus_file), "name": "tiny",
+                                  "shard_tokens": 16})
+    info = store.model_info("tiny")
+    assert "content" not in info.source
+    assert [m for m in stored_mismatch(store, asked) if m.startswith(f"model local:{moved}")]
+    content = model_content(parse_model_spec(str(tiny_models.dir("llama"))))
+    monkeypatch.setattr(store, "model_info", lambda mid: dataclasses.replace(info, source={**info.source, "content": content}))
+    assert stored_mismatch(store, asked) == []
+    save_tiny_model(moved, "llama", seed=1)  # other weights there
+    assert [m for m in stored_mismatch(store, asked) if m.startswith(f"model local:{moved} (stored local:")]
+
+
 # -- mistakes that must leave no trace: a new store is created only once the model and the corpus are good ----------
 @pytest.mark.parametrize("case", ["missing-model", "missing-corpus", "empty-corpus", "empty-document", "too-long",
                                   "broken-template", "layers-out-of-range"])
