@@ -69,9 +69,15 @@ class TrainingRecipe:
 
     def differences(self, recorded: TrainingRecipe) -> list[str]:
         """What this recipe has that ``recorded`` does not, as ``lr 0.05 (the run has 0.001)``."""
-        out = [f"{name} {_text(value)} (the run has {_text(recorded.settings.get(name))})"
-               for name, value in self.settings.items() if recorded.settings.get(name) != value]
-        out += [f"{name} {_text(recorded.settings[name])} missing" for name in recorded.settings if name not in self.settings]
+        workers = {True: "GPU workers (bf16 autocast)", False: "CPU workers"}
+        if ("autocast" in self.settings) != ("autocast" in recorded.settings):  # --use-gpu chooses, where both exist
+            out = [f"{workers['autocast' in self.settings]} (the run has {workers['autocast' in recorded.settings]})"]
+        else:
+            out = []
+        out += [f"{name} {_text(value)} (the run has {_text(recorded.settings.get(name))})"
+                for name, value in self.settings.items() if name != "autocast" and recorded.settings.get(name) != value]
+        out += [f"{name} {_text(recorded.settings[name])} missing" for name in recorded.settings
+                if name not in self.settings and name != "autocast"]
         if self.backbone != recorded.backbone:
             out.append("another backbone (or other backbone files)")
         if self.data != recorded.data:

@@ -134,7 +134,7 @@ def _prepare(config: TrainConfig) -> _Prepared:
     UserError with nothing written."""
     from hrsa.extract.model_spec import parse_model_spec
     from hrsa.train.data import load_training_records
-    from hrsa.train.recipe import check_run_folder, training_recipe
+    from hrsa.train.recipe import training_recipe
     from hrsa.train.run_lock import refuse_if_in_use
 
     config = config.model_copy(update={"data": config.data.expanduser().resolve()})
@@ -152,8 +152,22 @@ def _prepare(config: TrainConfig) -> _Prepared:
     records = load_training_records(config.data, negatives=config.negatives, batch_size=config.batch_size)
     config = config.model_copy(update={"output": run.as_path_or_url()})
     recipe = training_recipe(config)
-    check_run_folder(run, recipe)  # before Ray starts: another recipe's run is refused at once
+    _check_either_device(run, recipe)  # before Ray starts: another recipe's run is refused at once
     return _Prepared(config, spec.to_dict(), records, run, recipe)
+
+
+def _check_either_device(run: Location, recipe: TrainingRecipe) -> None:
+    """Refuse a run folder of another recipe before Ray starts, where the kind of workers is not known yet: the folder
+    may hold this recipe as run on CPU workers or on GPU workers (:meth:`TrainingRecipe.on_device`); which of the two
+    may resume is checked once the workers are placed (:func:`~hrsa.train.recipe.claim_run_folder`)."""
+    from hrsa.train.recipe import RecipeMismatchError, check_run_folder, read_recipe
+
+    try:
+        check_run_folder(run, recipe)
+    except RecipeMismatchError:
+        recorded = read_recipe(run)
+        if recorded is None or recorded.key != recipe.on_device(True).key:
+            raise
 
 
 def _unwrap_user_error(error: BaseException) -> BaseException | None:
@@ -196,13 +210,14 @@ def run_training(config: TrainConfig, *, progress: bool = True, stop_after: int 
     placement = plan_workers(conn.nodes, workers=config.workers, use_gpu=config.use_gpu)
     check_every_node_reaches(run, conn.nodes)
     prepared = replace(prepared, recipe=prepared.recipe.on_device(placement.use_gpu))  # bf16 autocast on GPUs
-    created = run.is_local and not run.local_path().exists()
+    created, held = run.is_local and not run.local_path().exists(), False
     try:
         with exclusive_run(run) as lost:  # a second training into this folder at once is refused (train.run_lock)
+            held = True  # only a start that held the folder may remove it: a refused one would delete the holder's
             claim_run_folder(run, prepared.recipe)
             events = _run_workers(prepared, placement, progress=progress, stop_after=stop_after, lost=lost)
     except BaseException:
-        if created and not step_folders(run):  # a start that failed (a backbone no worker loads) leaves nothing
+        if held and created and not step_folders(run):  # a start that failed (no worker loads the backbone)
             shutil.rmtree(run.local_path(), ignore_errors=True)
         raise
     # Step 4: what this call did.

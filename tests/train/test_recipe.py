@@ -96,9 +96,16 @@ def test_a_run_on_gpus_does_not_resume_on_cpus_or_back(config: TrainConfig) -> N
     assert cpu.on_device(False) == cpu and cpu.on_device(True).key != cpu.key
     claim_run_folder(config.output, cpu.on_device(True))
     fake_checkpoint(config.output, Path(config.backbone), 1)
-    with pytest.raises(RecipeMismatchError, match=r"autocast bfloat16 missing"):
+    with pytest.raises(RecipeMismatchError, match=r"Got CPU workers \(the run has GPU workers \(bf16 autocast\)\)"):
         claim_run_folder(config.output, cpu)
     claim_run_folder(config.output, training_recipe(config.model_copy(update={"workers": 2})).on_device(True))
+    # Before Ray starts the kind of workers is not known: the driver's check lets a GPU run of this recipe resume
+    # (it refused every GPU run's resume), and still refuses another recipe.
+    from hrsa.train.trainer import _prepare
+
+    assert _prepare(config).recipe == cpu
+    with pytest.raises(RecipeMismatchError, match=r"lr 0\.05 \(the run has 0\.001\)"):
+        _prepare(config.model_copy(update={"lr": 0.05}))
 
 
 def test_checkpoints_without_a_recorded_recipe_are_refused(config: TrainConfig) -> None:

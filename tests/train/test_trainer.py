@@ -486,3 +486,33 @@ def test_a_start_that_fails_in_the_workers_leaves_no_run_folder(tiny_models: Any
     with pytest.raises(UserError, match="Got none"):
         trainer.run_training(config.model_copy(update={"output": tmp_path / "kept"}), progress=False)
     assert (tmp_path / "kept" / "notes.txt").read_text() == "mine"
+
+
+def test_a_start_refused_by_the_lock_leaves_the_holders_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another start took the folder between this one's look (nothing there) and its lock: the refused start removed
+    the folder it had not created, the holder's lock and recipe with it (found in review)."""
+    from contextlib import ExitStack
+    from types import SimpleNamespace
+
+    import hrsa.train.run_lock as run_lock
+    from hrsa.runtime.folder_lock import FolderInUseError
+    from hrsa.runtime.locations import parse_location
+    from hrsa.train import trainer
+
+    run = parse_location(str(tmp_path / "run"))
+    recipe = SimpleNamespace(on_device=lambda gpu: recipe)
+    monkeypatch.setattr(trainer, "_prepare", lambda c: trainer._Prepared(c, {}, [], run, recipe))
+    monkeypatch.setattr("hrsa.runtime.connection.connect", lambda address: SimpleNamespace(nodes=[]))
+    monkeypatch.setattr("hrsa.train.placement.plan_workers", lambda *a, **k: SimpleNamespace(use_gpu=False))
+    monkeypatch.setattr("hrsa.train.placement.check_every_node_reaches", lambda *a: None)
+    real, holder = run_lock.exclusive_run, ExitStack()
+
+    def taken_meanwhile(location: Any) -> Any:
+        holder.enter_context(real(location))  # the other start: it holds the folder and has claimed it
+        (tmp_path / "run" / "hrsa_recipe.json").write_text("the holder's recipe")
+        return real(location)  # this start's own attempt: refused
+
+    monkeypatch.setattr(run_lock, "exclusive_run", taken_meanwhile)
+    with holder, pytest.raises(FolderInUseError):
+        trainer.run_training(SimpleNamespace(address=None, workers=1, use_gpu=False))
+    assert (tmp_path / "run" / "hrsa_recipe.json").read_text() == "the holder's recipe"
