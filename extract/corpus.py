@@ -107,8 +107,12 @@ def render_spans(record: Mapping[str, Any], spec: CorpusSpec,
                            if f and not (f == "chat" and fs) and _root(f) not in record]
                 raise CorpusError(f"Expected fields {missing} used by the template in every record. Got fields {sorted(record)}.")
             _present(record, _root(name))
-            text = string.Formatter().format("{" + name + (f"!{conversion}" if conversion else "") +
-                                             (f":{format_spec}" if format_spec else "") + "}", **record)
+            field = "{" + name + (f"!{conversion}" if conversion else "") + (f":{format_spec}" if format_spec else "") + "}"
+            try:
+                text = string.Formatter().format(field, **record)
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:  # e.g. {score:.2f} of a text
+                raise CorpusError(f"Expected the template's {field} to format every record. Got {type(error).__name__}: "
+                                  f"{error} on record {record.get('_id')} instead. Fix the template or that record.") from None
             segments.append(Segment(name, at, at + len(text), 0))
         pieces.append(text)
         at += len(text)

@@ -66,10 +66,10 @@ def _read_file(path: Path) -> Iterator[dict[str, Any]]:
     import pandas as pd
 
     try:
-        # A CSV's empty cell is its only missing value ("NA" or "null" is text), and a numeric column with one keeps
-        # its integers (numpy's default made the whole column float: id 12 read as "12.0", labels 0/1 as "0.0"/"1.0").
-        frame = (pd.read_csv(path, keep_default_na=False, na_values=[""], dtype_backend="numpy_nullable")
-                 if path.suffix == ".csv" else pd.read_parquet(path))
+        # A numeric column with a missing cell keeps its integers (numpy's default made the whole column float: id 12
+        # read as "12.0", labels 0/1 as "0.0"/"1.0"). pandas' missing-value tokens stay (an empty cell, NA, NaN, null,
+        # N/A...): labels written so by R or pandas are missing, not classes.
+        frame = (pd.read_csv(path, dtype_backend="numpy_nullable") if path.suffix == ".csv" else pd.read_parquet(path))
     except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as e:  # pyarrow's errors are ValueErrors
         raise CorpusError(f"Expected a readable {path.suffix} file at {path}. Got {type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''} instead. Check the file.") from e

@@ -167,9 +167,10 @@ def _read_labels(
                         "Pass --labels FILE.") from error
     labels = np.array([None if _missing(v := by_id.get(rid)) else v for rid in wanted], dtype=object)
     if all(v is None for v in labels):
+        theirs = [r["_id"] for r, _ in zip(read_records(source, id_field=ids_from), range(2))]
         raise UserError(f"Expected a label field {label_field!r} in the records of {source} matching "
-                        f"corpus {cid}'s ids. "
-                        "Got none. Check --label-field (and --labels / the id field).")
+                        f"corpus {cid}'s ids (such as {wanted[:2]}). Got none (the file's ids are such as {theirs}). "
+                        "Check --label-field (and --labels / the id field).")
     read = str(Path(source).expanduser().resolve()) if digest is not None else source  # where it was, not relative
     return labels, read, digest
 

@@ -39,14 +39,15 @@ def test_a_json_null_or_nan_label_is_missing(labelled_store, tmp_path: Path) -> 
     assert got[3] is None and got[4] is None and got[5] == labels[5]
 
 
-def test_csv_values_are_read_as_written_not_as_floats(tmp_path: Path) -> None:
+def test_csv_integers_with_a_missing_cell_stay_integers(tmp_path: Path) -> None:
     """A numeric column with one empty cell was read as float: ids 12 -> "12.0" (no longer matching the corpus's),
-    labels 0/1 -> "0.0"/"1.0"; and a text "NA" or "null" was read as missing."""
+    labels 0/1 -> "0.0"/"1.0". pandas' missing tokens (NA, null, NaN) are missing, as an empty cell; floats stay
+    numbers."""
     path = tmp_path / "r.csv"
-    path.write_text("id,label,text\n10,0,NA\n11,,null\n,1,x\n")
+    path.write_text("id,label,text,score\n10,0,a,0.5\n11,,b,NaN\n,1,x,\n12,NA,y,1.5\n")
     records = list(read_records(str(path)))
-    assert [r["_id"] for r in records] == ["10", "11", "r.csv:2"]
-    assert [r["label"] for r in records] == [0, None, 1] and [r["text"] for r in records] == ["NA", "null", "x"]
+    assert [r["_id"] for r in records] == ["10", "11", "r.csv:2", "12"]
+    assert [r["label"] for r in records] == [0, None, 1, None] and [r["score"] for r in records] == [0.5, None, None, 1.5]
 
 
 def test_labels_for_a_few_documents_warn_with_the_count(labelled_store, tmp_path: Path) -> None:
@@ -90,3 +91,13 @@ def test_a_hidden_state_not_stored_is_refused_naming_the_shared_ones(labelled_st
     with pytest.raises(UserError, match=r"^Expected hidden states shared by a and c \(0, 1\)\. Got 5 instead\. "
                                         r"Pick --hidden-states among them"):
         check_probe(store, "a", "c", selection=None, memory_budget="1GB", label_field="label", hidden_states=(0, 5))
+
+
+def test_labels_matching_no_document_show_both_kinds_of_ids(labelled_store, tmp_path: Path) -> None:
+    """A CSV read by an older hrsa gave ids such as "12.0"; a labels file of other ids said only "Check
+    --label-field": the ids on both sides say which it is."""
+    store, _, labels = labelled_store
+    path = _csv(tmp_path / "l.csv", [(f"{i}.0", v) for i, v in enumerate(labels)])
+    with pytest.raises(UserError, match=r"\(such as \['rec-0', 'rec-1'\]\)\. Got none \(the file's ids are such as "
+                                        r"\['0\.0', '1\.0'\]\)"):
+        read_labels(store, store.model_info("a").corpus, label_field="label", labels_file=path)

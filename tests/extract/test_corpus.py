@@ -95,6 +95,8 @@ def test_same_text_and_tokenizer_is_one_corpus(tokenizer: Any, tmp_path: Path) -
          r"^Expected a value of field 'text' in every record\. Got none in record 1 instead\. Fill it in or drop"),
         (CorpusSpec(source="-", template="Q: {problem} A: {answer}"), [{"problem": "p", "answer": None}],
          r"^Expected a value of field 'answer' in every record\. Got none in record 0 instead"),
+        (CorpusSpec(source="-", template="{text} {score:.2f}"), [{"text": "t", "score": "high"}],  # a traceback before
+         r"^Expected the template's \{score:\.2f\} to format every record\. Got ValueError: .* on record 0"),
     ],
 )
 def test_bad_corpora_are_user_errors(tokenizer: Any, spec: CorpusSpec, records: list[dict[str, Any]], match: str) -> None:
