@@ -186,21 +186,35 @@ def _check_inputs_exist(config: PipelineConfig) -> None:
             raise UserError(f"train.{run}: {error}") from None
 
 
-def check_checkpoint_schedule(run: str, steps: Sequence[int], tc: TrainConfig) -> None:
-    """Refuse a run whose checkpoints are not the ones its save_every asks for: the recipe's folder is kept across
-    save_every, so a finished run asked for denser checkpoints resumed at its last step, trained nothing, and the
-    dynamics went on with the old steps without a word.
+def check_checkpoint_schedule(run: str, tc: TrainConfig, *, finished: bool) -> None:
+    """Refuse a run whose checkpoints are not the ones its save_every asks for, before it trains (the steps up to its
+    latest checkpoint) and after (every step): the recipe's folder is kept across save_every, so a finished run asked
+    for denser checkpoints resumed at its last step, trained nothing, and the dynamics went on with the old steps
+    without a word. A checkpoint before the latest that is damaged or cut short is never recomputed (training resumes
+    from the latest): refused too, saying so.
 
     Raises:
         UserError: a step of the schedule (every save_every steps, and the last) without a checkpoint.
     """
-    wanted = {*range(tc.save_every, tc.max_steps + 1, tc.save_every), tc.max_steps}
-    missing = sorted(wanted - set(steps))
-    if missing:
-        raise UserError(f"Expected training run {run} to hold a checkpoint every {tc.save_every} steps. Got steps "
-                        f"{sorted(steps)} (saved under another save_every) instead, missing {missing}. Delete "
-                        f"{tc.output} to train it again with this schedule (the same seed gives the same weights), or "
-                        "set save_every back.")
+    from hrsa.train.checkpoints import list_checkpoints, step_folder_name, step_folders
+
+    steps = {c.step for c in list_checkpoints(tc.output)}
+    if not steps:
+        return
+    wanted = {s for s in {*range(tc.save_every, tc.max_steps + 1, tc.save_every), tc.max_steps}
+              if finished or s <= max(steps)}
+    if not wanted - steps:
+        return
+    fix = f"Delete {tc.output} to train it again (the same seed gives the same weights)"
+    present = {posixpath.basename(f.rstrip("/")) for f in step_folders(tc.output)}
+    damaged = [step_folder_name(s) for s in sorted(wanted - steps) if step_folder_name(s) in present]
+    if damaged:
+        raise UserError(f"Expected the checkpoints of training run {run} to be whole. Got {', '.join(damaged)} damaged "
+                        f"or cut short instead, before step {max(steps)}, which training resumes from (so it is never "
+                        f"saved again). {fix}.")
+    raise UserError(f"Expected training run {run} to hold a checkpoint every {tc.save_every} steps. Got steps "
+                    f"{sorted(steps)} (saved under another save_every) instead, missing {sorted(wanted - steps)}. "
+                    f"{fix} with this schedule, or set save_every back.")
 
 
 def _readable_results(path: Path) -> bool:
@@ -312,9 +326,10 @@ class _Runner:
             from hrsa.train.checkpoints import checkpoint_step
             from hrsa.train.trainer import run_training
 
+            check_checkpoint_schedule(run, tc, finished=False)  # before hours of training, not after
             self.state.start(stage, key)
             result = run_training(tc, progress=True)
-            check_checkpoint_schedule(run, [checkpoint_step(c) for c in result.checkpoints], tc)
+            check_checkpoint_schedule(run, tc, finished=True)
             self.state.finish(stage, key, {"output": str(tc.output), "recipe": recipe.key,
                                            "checkpoints": [str(c) for c in result.checkpoints],
                                            "steps": [checkpoint_step(c) for c in result.checkpoints]})

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -75,19 +76,21 @@ def step_folders(run_dir: Location | Path | str) -> list[str]:
     return [f.url for f in _run_location(run_dir).folders() if _named_step(f.name) is not None]
 
 
-def list_checkpoints(run_dir: Location | Path | str, *, marker: str = INFO_FILE) -> list[Checkpoint]:
+def list_checkpoints(run_dir: Location | Path | str, *, marker: str = INFO_FILE, contents: bool = True) -> list[Checkpoint]:
     """The complete checkpoints directly in ``run_dir``, sorted by step.
 
     A checkpoint is a folder named ``step_N`` that holds ``marker``. With the default marker, the trainer's
     ``hrsa_train.json``, every file its manifest lists must be there with its size too (one written before
-    manifests: some weights). ``hrsa eval`` passes ``"config.json"`` to take any Hugging Face model folder
-    named by step. The run's files are listed once (one request on an object store), and each candidate's
-    ``hrsa_train.json`` read.
+    manifests: some weights), and with ``contents`` its model files (all but ``trainer_state.pt``, which only a
+    resume reads: :func:`resume_folder` checks it) with their digests on a local or shared filesystem.
+    ``hrsa eval`` passes ``"config.json"`` to take any Hugging Face model folder named by step. The run's files are
+    listed once (one request on an object store), and each candidate's ``hrsa_train.json`` read.
 
     Args:
         run_dir: a training output folder: a path, a URL (``s3://...``) or a :class:`Location` (missing or not a
             folder: no checkpoints).
         marker: the file whose presence makes a folder a complete checkpoint.
+        contents: check the model files' digests too (False: sizes alone, for a caller that checks what it reads).
 
     Returns:
         One :class:`Checkpoint` per folder, by step (the N of its name).
@@ -98,8 +101,9 @@ def list_checkpoints(run_dir: Location | Path | str, *, marker: str = INFO_FILE)
         folder, _, rest = name.partition("/")
         if rest and _named_step(folder) is not None:
             by_folder.setdefault(folder, {})[rest] = size
+    checked = (lambda name: name != STATE_FILE) if contents else (lambda name: False)
     found = [Checkpoint(run.child(folder).url, _named_step(folder) or 0) for folder, files in by_folder.items()
-             if marker in files and (marker != INFO_FILE or _complete(run.child(folder), files))]
+             if marker in files and (marker != INFO_FILE or _complete(run.child(folder), files, checked))]
     return sorted(found, key=lambda c: (c.step, c.url))
 
 
@@ -115,20 +119,22 @@ def manifest_complete(folder: Location | Path | str) -> bool | None:
     present = location.files()
     if INFO_FILE not in present:
         return None
-    return _complete(location, present)
+    return _complete(location, present, lambda name: name != STATE_FILE)
 
 
-def _complete(folder: Location, present: dict[str, int]) -> bool:
+def _complete(folder: Location, present: dict[str, int], checked: Callable[[str], bool]) -> bool:
     """Whether a folder holds every file its ``hrsa_train.json`` lists, at its listed size (a partial copy is short or
-    missing) and, on a local or shared filesystem, with its listed digest: weights overwritten in place at the same
-    size passed on sizes alone, and training resumed from them. A damaged checkpoint is then one not written: training
-    recomputes it from the one before. The digests are memoised by file signature
-    (:func:`hrsa.runtime.fingerprint.file_digest`), so a listing reads each file once; on object storage, where a
-    digest would mean downloading the weights, sizes alone decide.
+    missing) and, on a local or shared filesystem, the ``checked`` ones with their listed digests: weights overwritten
+    in place at the same size passed on sizes alone, training resumed from them and a pipeline extracted them as the
+    step's. A damaged latest checkpoint is then one not written: training recomputes it from the one before. The
+    digests are memoised by file signature (:func:`hrsa.runtime.fingerprint.file_digest`: once per process, and on
+    disk per machine for files of 16 MB or more), so each file is read once; on object storage, where a digest would
+    mean downloading the weights, sizes alone decide.
 
     Args:
         folder: the checkpoint folder.
         present: its files (relative names) with their sizes, as listed.
+        checked: which of them to check by digest.
     """
     try:
         info = json.loads(folder.child(INFO_FILE).read_text())
@@ -139,7 +145,8 @@ def _complete(folder: Location, present: dict[str, int]) -> bool:
         return "config.json" in present and any(_WEIGHTS.fullmatch(name) for name in present)
     if not all(present.get(name) == entry["size"] for name, entry in files.items()):
         return False
-    return not folder.is_local or all(_same_content(folder.local_path() / name, entry) for name, entry in files.items())
+    return not folder.is_local or all(_same_content(folder.local_path() / name, entry)
+                                      for name, entry in files.items() if checked(name))
 
 
 def _same_content(path: Path, entry: dict[str, Any]) -> bool:
@@ -164,9 +171,13 @@ def resume_folder(run: Location) -> str | None:
     size); None for a fresh run. Not Ray Train's own record of the run: Ray registers a checkpoint a while after its
     files are written, and a run killed in between would resume from an earlier one, or from scratch. A worker group
     asks when it starts, so one that Ray Train restarts (a failure, a preempted node) resumes from the checkpoints
-    saved before it, not from where the run started."""
-    found = list_checkpoints(run)
-    return PurePosixPath(found[-1].url).name if found else None
+    saved before it, not from where the run started. Newest first, each checked whole by digest (its optimizer state
+    too) until one holds: the ones before it are not read."""
+    for checkpoint in reversed(list_checkpoints(run, contents=False)):
+        folder = _run_location(checkpoint.url)
+        if _complete(folder, folder.files(), lambda name: True):
+            return PurePosixPath(checkpoint.url).name
+    return None
 
 
 def checkpoint_step(folder: Location | Path | str) -> int:

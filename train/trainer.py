@@ -221,7 +221,8 @@ def run_training(config: TrainConfig, *, progress: bool = True, stop_after: int 
             shutil.rmtree(run.local_path(), ignore_errors=True)
         raise
     # Step 4: what this call did.
-    checkpoints = tuple(parse_location(c.url).as_path_or_url() for c in list_checkpoints(run))
+    # Sizes alone: this call wrote them (a digest of each here would read every checkpoint's weights again).
+    checkpoints = tuple(parse_location(c.url).as_path_or_url() for c in list_checkpoints(run, contents=False))
     result = _result(run, checkpoints, events)
     halted = [e["halted"] for e in events if "halted" in e]
     if halted:  # the workers stopped on the driver's Ctrl-C (not merely asked after they had finished)

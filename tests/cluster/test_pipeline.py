@@ -825,16 +825,29 @@ def test_manifests_run_shipped_pipelines_on_gpu_workers() -> None:
     assert any("pip install" in c and "[s3]" in c for c in launcher["setup_commands"])
 
 
-def test_a_run_whose_checkpoints_are_not_its_schedule_is_refused() -> None:
+def test_a_run_whose_checkpoints_are_not_its_schedule_is_refused(tmp_path: Path) -> None:
     """save_every is not part of a training recipe's folder: denser checkpoints asked of a finished run resumed at its
-    last step, trained nothing, and the dynamics kept the old steps without a word."""
+    last step, trained nothing, and the dynamics kept the old steps without a word. Refused before training; and a
+    damaged checkpoint before the latest (never saved again) is named as such."""
     from hrsa.cluster.runner import check_checkpoint_schedule
+    from hrsa.train.checkpoints import INFO_FILE, file_manifest, step_folder_name
     from hrsa.train.config import TrainConfig
 
-    tc = TrainConfig.model_validate({"backbone": "b", "data": "d.jsonl", "output": "runs/x", "max_steps": 5,
+    run = tmp_path / "run"
+    for step in (2, 4, 5):
+        folder = run / step_folder_name(step)
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"w" * 64)
+        (folder / INFO_FILE).write_text(json.dumps({"step": step, "files": file_manifest(folder)}))
+    tc = TrainConfig.model_validate({"backbone": "b", "data": "d.jsonl", "output": str(run), "max_steps": 5,
                                      "save_every": 2})
-    check_checkpoint_schedule("emb", [2, 4, 5], tc)
+    for finished in (False, True):
+        check_checkpoint_schedule("emb", tc, finished=finished)
     with pytest.raises(UserError, match=r"^Expected training run emb to hold a checkpoint every 1 steps\. Got steps "
                                         r"\[2, 4, 5\] \(saved under another save_every\) instead, missing \[1, 3\]\. "
-                                        r"Delete runs/x to train it again"):
-        check_checkpoint_schedule("emb", [2, 4, 5], tc.model_copy(update={"save_every": 1}))
+                                        r"Delete .*run to train it again"):
+        check_checkpoint_schedule("emb", tc.model_copy(update={"save_every": 1}), finished=False)
+    (run / step_folder_name(4) / "model.safetensors").write_bytes(b"x" * 64)  # damaged at its size
+    with pytest.raises(UserError, match=r"^Expected the checkpoints of training run emb to be whole\. Got step_000004 "
+                                        r"damaged or cut short instead, before step 5"):
+        check_checkpoint_schedule("emb", tc, finished=False)

@@ -88,6 +88,22 @@ def test_a_checkpoint_whose_content_differs_from_its_manifest_is_not_complete(tm
     assert [c.step for c in list_checkpoints(run)] == [2]
     assert resume_folder(parse_location(run)) == step_folder_name(2)  # recomputed from there, as after a kill
     assert [c.step for c in list_checkpoints(run, marker="config.json")] == [2, 4]  # hrsa eval's any-model-folder rule
+    assert [c.step for c in list_checkpoints(run, contents=False)] == [2, 4]  # sizes alone: what this call wrote
+
+
+def test_resume_checks_the_optimizer_state_too_newest_first(tmp_path: Path) -> None:
+    """The model's files decide what a pipeline extracts; a resume also reads trainer_state.pt: a damaged one is not
+    resumed from. Checked newest first, so the older checkpoints are not read."""
+    run = tmp_path / "run"
+    for step in (2, 4):
+        folder = _folder(run, step_folder_name(step), "config.json")
+        (folder / "model.safetensors").write_bytes(bytes(range(256)) * 4)
+        (folder / "trainer_state.pt").write_bytes(bytes(range(256)) * 2)
+        (folder / INFO_FILE).write_text(json.dumps({"step": step, "files": file_manifest(folder)}))
+    state = run / step_folder_name(4) / "trainer_state.pt"
+    state.write_bytes(bytes(reversed(range(256))) * 2)  # the same size
+    assert [c.step for c in list_checkpoints(run)] == [2, 4]  # its model is whole
+    assert resume_folder(parse_location(run)) == step_folder_name(2)
 
 
 @pytest.mark.integration
