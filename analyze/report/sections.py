@@ -11,6 +11,8 @@ series with its own figure, and all of them on one plot) and the thresholds. Eac
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -88,9 +90,13 @@ def table_2_section(docs: Sequence[Mapping[str, Any]], summaries: Sequence[PairS
         rows.append([level, "verdict", *(VerdictCell(m[li][0].verdict) for m in merged), ""])
         checks = [{c.metric: c for c in m[li][0].checks} for m in merged]
         for metric in dict.fromkeys(name for by_metric in checks for name in by_metric):
-            threshold = next(by_metric[metric].threshold for by_metric in checks if metric in by_metric)
+            # One threshold, or each column's where they differ (k-NN's is taken above each sample's chance).
+            thresholds = [by_metric[metric].threshold for by_metric in checks if metric in by_metric]
+            said = (f">= {thresholds[0]:.3g}" if max(thresholds) - min(thresholds) < 5e-4
+                    else ">= " + " / ".join(f"{x:.3g}" if metric in by_metric else "-"
+                                            for x, by_metric in zip(_fill(checks, metric), checks)))
             rows.append(["", metric, *(number(by_metric[metric].value) if metric in by_metric else "-" for by_metric in checks),
-                         f">= {threshold:g}"])
+                         said])
     rows.append(["", "measured on", *(_measured_on(docs, c, m) for c, m in zip(comparisons, merged)), ""])
     return ("<h2 id=\"table-2\">Summary by level, side by side (Table 2)</h2><p class=\"note\">One column per comparison "
             "of two models; each level comes from the first of its results that measured it (the last row names them). "
@@ -137,6 +143,11 @@ def _what_it_shows(dyn: Dynamics) -> str:
     start = "step 0 (the backbones)" if changes[0].first_step == 0 else f"step {changes[0].first_step}"
     moves = ", ".join(f"{c.label} {c.first:.3f} \u2192 {c.last:.3f} ({c.change:+.3f})" for c in changes)
     return f"From {start} to step {changes[0].last_step}: {moves}."
+
+
+def _fill(checks: Sequence[Mapping[str, Any]], metric: str) -> list[float]:
+    """Each column's threshold of ``metric`` (NaN where the column did not measure it)."""
+    return [by_metric[metric].threshold if metric in by_metric else math.nan for by_metric in checks]
 
 
 def thresholds_section(t: Thresholds) -> str:
@@ -244,6 +255,14 @@ def _plus_minus(value: Any, interval: Sequence[Any] | None) -> NumberCell:
     return NumberCell(f"{cell} ± {(float(interval[1]) - float(interval[0])) / 2:.3f}")
 
 
+def _with_interval(value: Any, interval: Sequence[Any] | None) -> NumberCell:
+    """A number with its interval as [low, high] (an accuracy's Wilson interval is not symmetric about it)."""
+    cell = number(value)
+    if interval is None or None in interval or cell == "n/a":
+        return cell
+    return NumberCell(f"{cell} [{float(interval[0]):.3f}, {float(interval[1]):.3f}]")
+
+
 def _uncertainty_note(doc: Mapping[str, Any]) -> str:
     u = doc.get("uncertainty") or {}
     if not u.get("method"):
@@ -265,6 +284,10 @@ def _knn_section(doc: Mapping[str, Any], t: Thresholds) -> str:
             f"k = {k}: {min(min(p) for p in knn['recall'][k]):.3f} at worst" for k in sorted(knn["recall"], key=int))
     else:
         note = ""
+    chance = knn.get("chance") or {}
+    if chance:  # what unrelated models score on this sample: the verdict's threshold is taken above it
+        note += "; chance (unrelated models on this sample): " + ", ".join(
+            f"k = {k}: {float(chance[k]):.4f}" for k in sorted(chance, key=int))
     return (f"<h3>k-NN overlap (Table 4)</h3><p class=\"note\">Mean per-token Jaccard of cosine neighbour sets (self "
             f"excluded) on {escape(knn.get('n_tokens'))} sampled tokens (seed {escape(knn.get('seed'))}, "
             f"{escape(knn.get('search'))} search{escape(note)}); the summary reads k = {escape(knn_k(ks, t.knn_k))}"
@@ -280,7 +303,7 @@ def _probe_section(doc: Mapping[str, Any], t: Thresholds) -> str:
     states = sorted(probe, key=int)
     directions = probe_directions(probe, str(doc["a"]), str(doc["b"]))
     cols = [f"{d.fitted_on} \u2192 {d.tested_on}" for d in directions]
-    acc = [[_plus_minus(d.scores(probe[k])["test"]["accuracy"], d.accuracy_interval(probe[k])) for k in states]
+    acc = [[_with_interval(d.scores(probe[k])["test"]["accuracy"], d.accuracy_interval(probe[k])) for k in states]
            for d in directions]
     f1 = [[d.scores(probe[k])["test"]["macro_f1"] for k in states] for d in directions]
     rows = [[k, *(v[i] for v in acc), *(number(v[i]) for v in f1), number(probe[k].get("chance")),
@@ -288,7 +311,7 @@ def _probe_section(doc: Mapping[str, Any], t: Thresholds) -> str:
     header = ["hidden state", *(f"accuracy {c}" for c in cols), *(f"F1 {c}" for c in cols), "majority class", "transfer"]
     n = probe[states[0]]["source"]["test"].get("n") if states else None
     return ("<h3>Cross-model linear probes (Figure 4)</h3><p class=\"note\">Test-split accuracy and macro-F1 "
-            f"({escape(n)} documents; ± half the 95% bootstrap interval over them); X \u2192 Y: fitted on X's hidden state, applied to Y's. Transfer = (target - chance) / "
+            f"({escape(n)} documents; in brackets the 95% Wilson score interval over them); X \u2192 Y: fitted on X's hidden state, applied to Y's. Transfer = (target - chance) / "
             "(source - chance), pooled over the directions whose source beats chance by "
             f"{t.probe_min_signal:g} or more.</p>" + table(header, rows)
             + f"<div class=\"figs\">{figure(probe_figure(doc), 'probe accuracy per hidden state')}</div>")

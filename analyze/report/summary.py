@@ -115,7 +115,8 @@ class Thresholds:
             "mean dimension-wise correlation": f">= {self.dimcorr:g}",
             "Procrustes H_inv": f">= {self.h_inv:g}",
             "linear CKA": f">= {self.cka:g}",
-            f"k-NN overlap (k = {self.knn_k}, or the closest k analysed)": f">= {self.knn:g}",
+            f"k-NN overlap (k = {self.knn_k}, or the closest k analysed)": f">= c + {self.knn:g} (1 - c), c the overlap "
+                                                                           "of unrelated models on the sample",
             "probe transfer: sum(target - chance) / sum(source - chance) over hidden states and directions whose "
             f"source is >= {self.probe_min_signal:g} above chance": f">= {self.probe_transfer:g}",
         }
@@ -255,10 +256,10 @@ class ProbeDirection:
         return f"fitted on {self.fitted_on}, tested on {self.tested_on}"
 
     def accuracy_interval(self, entry: Mapping[str, Any]) -> tuple[float, float] | None:
-        """The bootstrap interval of this direction's test accuracy in one hidden state's probe entry, if recorded."""
+        """The Wilson interval of this direction's test accuracy in one hidden state's probe entry, if recorded."""
         for key in self.keys[:-1]:
             entry = entry[key]
-        found = entry.get("test_accuracy_interval", {}).get(self.keys[-1])
+        found = (entry.get("test_accuracy_interval") or {}).get(self.keys[-1])
         return None if found is None or None in found else (float(found[0]), float(found[1]))
 
     def scores(self, entry: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -107,7 +107,7 @@ def test_report_is_self_contained_and_holds_every_section(report_html: Path, res
         for values in doc["metrics"]["knn"]["k"].values():  # Table 4
             assert all(f'<td class="num">{v:.3f} ± ' in page for v in values)  # with its bootstrap interval
         accuracy = doc["metrics"]["probe"]["2"]["reverse"]["target"]["test"]["accuracy"]  # Figure 4's table, B -> A
-        assert f'<td class="num">{accuracy:.3f} ± ' in page  # with its bootstrap interval
+        assert f'<td class="num">{accuracy:.3f} [' in page  # with its Wilson interval, [low, high]
         assert f"a vs {partner}" in page
 
 
@@ -167,7 +167,7 @@ def test_cli_report(results_dirs: dict[str, Path], tmp_path: Path) -> None:
     assert "a vs scaled: representation preserved, geometry preserved, function preserved" in result.stdout
     assert "a vs random: representation restructured, geometry restructured" in result.stdout
     page = (tmp_path / "r.html").read_text()
-    assert "&gt;= 0.5</td>" in page and "&gt;= 0.25</td>" in page  # the config's and the flag's thresholds
+    assert "&gt;= 0.5</td>" in page and "&gt;= c + 0.25 (1 - c)" in page  # the config's and the flag's thresholds
     bad = CliRunner().invoke(hrsa, ["report", str(tmp_path / "r.html"), "--out", str(tmp_path / "s.html")])
     assert bad.exit_code == 2 and bad.stderr.count("\n") == 1 and "results.json" in bad.stderr
 
