@@ -124,6 +124,8 @@ def run_pipeline(config: PipelineConfig, *, console: Console | None = None,
     Raises:
         UserError: a model, corpus or setting that cannot work (one line that names the fix).
     """
+    if not is_url(config.store):  # Ray's workers read it where they run, not in this process's folder
+        config = config.model_copy(update={"store": str(Path(config.store).expanduser().resolve())})
     out = config.out
     _check_inputs_exist(config)  # before anything is created: a missing path is not found after an hour's extraction
     # Two runs into one out would each resume the same stages and write the state file over the other's.

@@ -177,6 +177,22 @@ def moved_project(first: tuple[Workspace, PipelineResult], tiny_models: Any, to:
             "corpora": {"words": {**ws.values["corpora"]["words"], "path": "words.jsonl"}}}
 
 
+def test_a_relative_store_is_the_one_in_this_folder_for_rays_workers_too(tmp_path: Path, tiny_models: Any,
+                                                                          ray_local: Any,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relative `store:` went to the extraction workers as written, and they opened it in their own working folder
+    (found in review: "Expected an hrsa store at store" where Ray started elsewhere)."""
+    monkeypatch.chdir(tmp_path)
+    write_corpus(tmp_path / "words.jsonl")
+    config = parse_pipeline({"store": "store", "out": "out", "corpora": {"words": {"path": "words.jsonl"}},
+                             "models": {"llama": {"model": str(tiny_models.dir("llama"))}},
+                             "pairs": [{"a": "llama", "b": "llama", "corpus": "words", "metrics": ["cka"],
+                                        "scheduler": "threads"}]})
+    result = run_pipeline(config, console=quiet())
+    assert "extract:llama" in result.ran
+    assert ActivationStore.open(str(tmp_path / "store")).model_info("llama").complete
+
+
 def test_a_moved_project_skips_every_stage(first: tuple[Workspace, PipelineResult], tiny_models: Any, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Moving the project (the same files elsewhere, or `hrsa submit`'s working dir unpacked anew) re-ran every
