@@ -19,11 +19,13 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 # The job's input, re-exported: callers build an ExtractConfig and hand it to run_extraction.
 from hrsa.extract.config import ExtractConfig, ExtractConfigError, parse_extract_config
 from hrsa.extract.worker_pool import ExtractionWorkers
+from hrsa.runtime.locations import is_url
 from hrsa.runtime.placement import cpus_per_worker
 from hrsa.runtime.task_errors import one_line, root_cause
 from hrsa.store.errors import CorpusMismatchError, HrsaError, UserError
@@ -274,7 +276,6 @@ def _corpus_file(config: ExtractConfig, corpus: _Corpus) -> dict[str, dict[str, 
     """``{"corpus_file": {"path": absolute path, "digest": content digest}}`` of the local corpus file or folder the
     records were read from (what ``hrsa analyze`` checks before it reads the probes' labels back from it); ``{}`` for a
     stored corpus id, the hub, object storage, or nothing there."""
-    from pathlib import Path
 
     from hrsa.runtime.fingerprint import records_digest
 
@@ -312,6 +313,8 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
     from hrsa.runtime.connection import connect
     from hrsa.store import ActivationStore
 
+    if not is_url(config.store):  # the workers open it where they run, not in this process's folder
+        config = config.model_copy(update={"store": str(Path(config.store).expanduser().resolve())})
     # Step 1: check the model, the corpus and a stored model's settings before the store is created or changed.
     mid = config.model_id()
     spec = config.model_spec()

@@ -745,3 +745,14 @@ def test_weights_changed_in_place_are_another_model_for_a_resume_and_a_rerun(
     assert "content" not in worker.describe()["source"]  # a worker reads the files again only when asked
     assert loaded_mismatch(info, worker.describe(digest=True)) == [
         "weights whose files differ from those the stored model was extracted from"]
+
+
+def test_a_relative_store_is_opened_by_the_workers_where_the_driver_is(ray_local: Any, tiny_models: Any,
+                                                                        corpus_file: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The workers opened a relative --store in their own working folder (here the repository root, whose store/
+    package they took for a store), not the driver's."""
+    monkeypatch.chdir(tmp_path)
+    run_extraction(ExtractConfig(store="store", model=str(tiny_models.dir("llama")), corpus=str(corpus_file),
+                                 name="tiny", shard_tokens=SHARD_TOKENS))
+    assert ActivationStore.open(str(tmp_path / "store")).model_info("tiny").complete
