@@ -16,14 +16,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from hrsa.store.errors import UserError
-
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike, DTypeLike, NDArray
 
     F64 = NDArray[np.float64]
 
-__all__ = ["COMPUTE_DTYPES", "NON_FINITE_MESSAGE", "SPREAD_RTOL", "NonFiniteError", "centre_chunk", "centre_rows", "has_no_spread",
+__all__ = ["COMPUTE_DTYPES", "NON_FINITE_MESSAGE", "SPREAD_RTOL", "centre_chunk", "centre_rows", "has_no_spread",
            "parse_compute_dtype"]
 
 #: dtypes the O(n D^2) products may run in; centring and accumulation are float64 either way.
@@ -38,11 +36,6 @@ _FLOAT64_MAX = sys.float_info.max  # a plain float: numpy arrays and torch tenso
 SPREAD_RTOL = 1e-12
 
 NON_FINITE_MESSAGE = "Expected finite activations. Got NaN or inf in a chunk instead. Check the extraction."
-
-
-class NonFiniteError(UserError, ValueError):
-    """Stored activations holding NaN or inf, named where they were found (the store and array, the tokens): one line
-    instead of a traceback from the centring, which sees them only in a block's mean."""
 
 Rows = TypeVar("Rows")  # a float64 numpy array or torch tensor, (n, D)
 

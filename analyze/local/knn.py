@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hrsa.analyze.accumulators.centring import NON_FINITE_MESSAGE, NonFiniteError
+from hrsa.analyze.accumulators.centring import NON_FINITE_MESSAGE
 from hrsa.analyze.config import DEFAULT_K, Search
 from hrsa.analyze.local.bootstrap import document_bootstrap_interval
 from hrsa.analyze.local.hidden_states import shared_hidden_states
@@ -34,6 +34,7 @@ from hrsa.analyze.local.memory import KnnBlocks, KnnPass, bytes_per_value, plan_
 from hrsa.analyze.local.store_rows import SampleRows, read_rows
 from hrsa.analyze.metrics.knn_overlap import KnnOverlapResult, chance_overlap, knn_overlap_from_neighbors
 from hrsa.analyze.streaming.plan import parse_memory_budget
+from hrsa.analyze.streaming.stream import NonFiniteError
 from hrsa.store.errors import UserError
 
 if TYPE_CHECKING:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal, Union, get_args
 
 import numpy as np
 
-from hrsa.analyze.accumulators.centring import NON_FINITE_MESSAGE, NonFiniteError
+from hrsa.analyze.accumulators.centring import NON_FINITE_MESSAGE
 from hrsa.store.errors import UserError
 
 if TYPE_CHECKING:
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CrossTileTotals",
+    "NonFiniteError",
     "OnBlock",
     "ResolvedScheduler",
     "Scheduler",
@@ -265,6 +266,12 @@ def fold_segment(
             if str(error) != NON_FINITE_MESSAGE:
                 raise
             raise _non_finite(reader, tile.streams, recent) from None
+
+
+class NonFiniteError(UserError, ValueError):
+    """Stored activations holding NaN or inf, named where they were found (the store and array, the tokens): one line
+    instead of a traceback from the centring, which sees them only in a block's mean (and, a math-layer module, raises
+    a plain ValueError: it imports nothing of the store)."""
 
 
 def _non_finite(reader: StateReader, keys: Sequence[StreamKey], blocks: Sequence[TokenBlock]) -> NonFiniteError:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from hrsa.analyze.accumulators.centring import NonFiniteError
+from hrsa.analyze.streaming.stream import NonFiniteError
 from hrsa.analyze.local.knn import knn_pair
 from hrsa.analyze.pair import analyze_pair
 from hrsa.cli import cli
