@@ -11,8 +11,6 @@ series with its own figure, and all of them on one plot) and the thresholds. Eac
 
 from __future__ import annotations
 
-import math
-
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -93,8 +91,8 @@ def table_2_section(docs: Sequence[Mapping[str, Any]], summaries: Sequence[PairS
             # One threshold, or each column's where they differ (k-NN's is taken above each sample's chance).
             thresholds = [by_metric[metric].threshold for by_metric in checks if metric in by_metric]
             said = (f">= {thresholds[0]:.3g}" if max(thresholds) - min(thresholds) < 5e-4
-                    else ">= " + " / ".join(f"{x:.3g}" if metric in by_metric else "-"
-                                            for x, by_metric in zip(_fill(checks, metric), checks)))
+                    else ">= " + " / ".join(f"{by_metric[metric].threshold:.3g}" if metric in by_metric else "-"
+                                            for by_metric in checks))
             rows.append(["", metric, *(number(by_metric[metric].value) if metric in by_metric else "-" for by_metric in checks),
                          said])
     rows.append(["", "measured on", *(_measured_on(docs, c, m) for c, m in zip(comparisons, merged)), ""])
@@ -143,11 +141,6 @@ def _what_it_shows(dyn: Dynamics) -> str:
     start = "step 0 (the backbones)" if changes[0].first_step == 0 else f"step {changes[0].first_step}"
     moves = ", ".join(f"{c.label} {c.first:.3f} \u2192 {c.last:.3f} ({c.change:+.3f})" for c in changes)
     return f"From {start} to step {changes[0].last_step}: {moves}."
-
-
-def _fill(checks: Sequence[Mapping[str, Any]], metric: str) -> list[float]:
-    """Each column's threshold of ``metric`` (NaN where the column did not measure it)."""
-    return [by_metric[metric].threshold if metric in by_metric else math.nan for by_metric in checks]
 
 
 def thresholds_section(t: Thresholds) -> str:
