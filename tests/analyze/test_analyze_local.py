@@ -79,3 +79,18 @@ def test_help_documents_the_local_flags() -> None:
     for flag in ("--k", "--knn-sample", "--knn-search", "--seed", "--hidden-states", "--label-field", "--labels", "--pool",
                  "--probe-both-directions"):
         assert flag in out
+
+
+def test_cli_labels_of_mixed_kinds_are_one_line_and_create_nothing(labelled_store, tmp_path: Path) -> None:
+    """Labels 1 and "1" in one file made two classes of one label, silently: refused in one line, exit 2."""
+    store, _, labels = labelled_store
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps({"id": f"rec-{i}", "label": 1 if v == "spam" else "0"}) + "\n"
+                             for i, v in enumerate(labels)))
+    results_before = sorted(store.results_ids())
+    out = tmp_path / "o"
+    code, _, stderr = run("--store", store.url, "--pair", "a", "b", "--metrics", "cka,probe", "--label-field", "label",
+                          "--labels", str(mixed), "--out", str(out), "--run-id", "mixed-labels")
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert "to be of one type" in stderr and "Make the labels one type" in stderr
+    assert not out.exists() and sorted(store.results_ids()) == results_before

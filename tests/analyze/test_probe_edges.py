@@ -101,3 +101,70 @@ def test_labels_matching_no_document_show_both_kinds_of_ids(labelled_store, tmp_
     with pytest.raises(UserError, match=r"\(such as \['rec-0', 'rec-1'\]\)\. Got none \(the file's ids are such as "
                                         r"\['0\.0', '1\.0'\]\)"):
         read_labels(store, store.model_info("a").corpus, label_field="label", labels_file=path)
+
+
+def _jsonl(path: Path, labels: list[object]) -> str:
+    path.write_text("".join(json.dumps({"id": f"rec-{i}", "label": v}) + "\n" for i, v in enumerate(labels)))
+    return str(path)
+
+
+def test_integral_floats_and_integers_are_one_class(labelled_store, tmp_path: Path) -> None:
+    """Each label became a class by its str(): 1 and 1.0 were classes "1" and "1.0", a silent 4-class probe."""
+    store, _, labels = labelled_store
+    numbers = [(1 if v == "spam" else 0) + (0.0 if i % 2 else 0) for i, v in enumerate(labels)]  # 1, 1.0, 0, 0.0
+    assert {type(v) for v in numbers} == {int, float}
+    res = probe_pair(store, "a", "c", label_field="label", labels_file=_jsonl(tmp_path / "l.jsonl", numbers),
+                     hidden_states=[1], selection=TokenSelection(exclude_special=True))
+    assert res.classes == ("0", "1") and res.n_docs == 400
+    assert res.a_to_b[1].source.test.accuracy > 0.85  # the same two classes as ham/spam
+
+
+def test_non_integral_floats_and_booleans_of_one_kind_are_classes(labelled_store, tmp_path: Path) -> None:
+    store, _, labels = labelled_store
+    for values, classes in (({"ham": 0.5, "spam": 2.0}, ("0.5", "2")),
+                            ({"ham": False, "spam": True}, ("False", "True"))):
+        path = _jsonl(tmp_path / "l.jsonl", [values[v] for v in labels])
+        res = probe_pair(store, "a", "c", label_field="label", labels_file=path, hidden_states=[1])
+        assert res.classes == classes
+
+
+@pytest.mark.parametrize(("ham", "spam", "kinds"), [
+    (1, "1", ("a number", "a string")), (1.0, "spam", ("a number", "a string")), (True, 1, ("a boolean", "a number")),
+    ("true", True, ("a string", "a boolean")),
+])
+def test_labels_of_mixed_kinds_are_refused_before_any_pass(labelled_store, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch, ham: object, spam: object,
+                                                           kinds: tuple[str, str]) -> None:
+    """1, "1", 1.0 and true were four classes (str of each): a file mixing kinds is refused, naming two values."""
+    store, _, labels = labelled_store
+    values = [ham if v == "ham" else spam for v in labels]
+    path = _jsonl(tmp_path / "l.jsonl", values)
+    monkeypatch.setattr(type(store), "hidden_state", lambda *a, **k: pytest.fail("a hidden state was read"))
+    with pytest.raises(UserError) as refused:
+        check_probe(store, "a", "c", selection=None, memory_budget="1GB", label_field="label", labels_file=path)
+    ham_first = labels[0] == "ham"  # the file's first value is named first
+    (a, b), (kind_a, kind_b) = ((ham, spam), kinds) if ham_first else ((spam, ham), kinds[::-1])
+    assert str(refused.value) == (f"Expected the labels of 'label' in {path} to be of one type. Got {a!r} ({kind_a}) "
+                                  f"and {b!r} ({kind_b}) instead. Make the labels one type (e.g. all strings).")
+
+
+def test_a_record_id_labelled_true_then_1_is_refused_as_mixed_kinds(labelled_store, tmp_path: Path) -> None:
+    """True == 1 in Python: a second record of the same id labelled 1 passed as the same label."""
+    store, _, labels = labelled_store
+    path = Path(_jsonl(tmp_path / "l.jsonl", [v == "spam" for v in labels]))
+    with path.open("a") as f:
+        f.write(json.dumps({"id": "rec-0", "label": int(labels[0] == "spam")}) + "\n")
+    with pytest.raises(UserError, match=r"\(a boolean\) and [01] \(a number\)"):
+        read_labels(store, store.model_info("a").corpus, label_field="label", labels_file=str(path))
+
+
+def test_a_csv_column_is_one_kind_whatever_its_cells_look_like(labelled_store, tmp_path: Path) -> None:
+    """pandas reads a CSV column as one type: cells "1" and "x" are both strings (not refused as mixed); a column of
+    0.0/1.0 is numbers, the same classes as 0/1."""
+    store, _, labels = labelled_store
+    for cells, classes in ((("x", "1"), ("1", "x")), (("0.0", "1.0"), ("0", "1")),
+                           (("false", "true"), ("False", "True"))):
+        rows = [(f"rec-{i}", cells[v == "spam"]) for i, v in enumerate(labels)]
+        res = probe_pair(store, "a", "c", label_field="label", labels_file=_csv(tmp_path / "l.csv", rows),
+                         hidden_states=[1])
+        assert res.classes == classes

@@ -315,6 +315,23 @@ def test_editing_a_labels_file_reruns_the_probes(copy: Workspace) -> None:
     assert {s.name: s.reason for s in result.stages}["analyze:llama--qwen"] == "its inputs changed"
 
 
+def test_probe_labels_of_mixed_kinds_stop_the_pipeline_in_one_line(copy: Workspace) -> None:
+    """Labels 1 and "1" in one file were two classes of one label, silently; `hrsa run` says so in one line, exit 2,
+    and the extractions stay done."""
+    labels = copy.root / "labels.jsonl"
+    labels.write_text("".join(json.dumps({"id": f"d{i}", "kind": 1 if i % 2 else "1"}) + "\n"
+                              for i in range(len(TEXTS))))
+    pair = {**copy.values["pairs"][0], "metrics": ["probe"], "cross_layer": False, "labels": str(labels),
+            "label_field": "kind"}
+    path = copy.root / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({**copy.values, "pairs": [pair]}))
+    result = run_cli("run", str(path))
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("hrsa: error: Expected the labels of 'kind' in ")
+    assert "Got '1' (a string) and 1 (a number) instead. Make the labels one type" in result.stderr
+    assert {copy.state()[s]["status"] for s in ("extract:llama", "extract:qwen")} == {"done"}
+
+
 def test_without_its_state_a_pipeline_adopts_matching_models_and_leaves_others_alone(copy: Workspace) -> None:
     (copy.root / "out" / STATE_FILE).unlink()  # e.g. a new cluster: the store on S3 remains, `out` does not
     models = {**copy.values["models"], "qwen": {**copy.values["models"]["qwen"], "attention": "causal"}}
