@@ -121,7 +121,8 @@ class AnalyzeConfig(BaseModel):
                              "exact is reported).")
     seed: int = Field(0, description="Seed of the k-NN token sample and of the probes' train/dev/test split.")
     hidden_states: tuple[int, ...] | None = Field(
-        None, description="k-NN and probes: only these hidden states, e.g. 0,6,12.  [default: all shared]")
+        None, description="k-NN and probes: only these hidden states, e.g. 0,6,12 (negative counts from the end: -1 "
+                          "is the last).  [default: all shared]")
     label_field: str | None = Field(
         None, description="Probe: the record field holding each document's label (required with --metrics probe).")
     labels: str | None = Field(
@@ -139,7 +140,10 @@ class AnalyzeConfig(BaseModel):
     @field_validator("hidden_states", mode="before")
     @classmethod
     def _split_hidden_states(cls, value: Any) -> Any:
-        return tuple(parse_int_list(value, what="hidden-state indices")) if isinstance(value, str) else value
+        if not isinstance(value, str):
+            return value
+        # "-1" is the last hidden state, resolved against each model's (hidden_states.py), not a broken range A-B
+        return tuple(parse_int_list(value, negative=True, what="hidden-state indices"))
 
     @field_validator("k")
     @classmethod

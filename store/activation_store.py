@@ -35,7 +35,6 @@ from hrsa.store.errors import (
     CorruptDataError,
     HalfCreatedModelError,
     IncompleteModelError,
-    LayerOutOfRangeError,
     ModelNotFoundError,
     SelectionError,
     StoreReadOnlyError,
@@ -298,15 +297,6 @@ class ActivationStore(ResultRecords):
         )
 
     # -- reading activations -------------------------------------------------------------------
-    def _resolve_layer(self, info: ModelInfo, layer: int) -> int:
-        k = layer + info.n_hidden_states if layer < 0 else layer
-        if k not in info.hidden_states:
-            raise LayerOutOfRangeError(
-                f"Expected a hidden state of {info.id} in {list(info.hidden_states)} "
-                f"(0 is the embedding output, {info.n_hidden_states - 1} the last layer). Got {layer} instead."
-            )
-        return k
-
     def select(self, mid: str, selection: TokenSelection | None = None) -> slice | np.ndarray:
         """Resolve a token selection (default: every token) on ``mid``'s corpus: a slice, or an int64 index.
 
@@ -424,7 +414,7 @@ class ActivationStore(ResultRecords):
             CorruptDataError: the array's metadata is unreadable.
         """
         info = self.model_info(mid)
-        k = self._resolve_layer(info, layer)
+        k = info.resolve_hidden_state(layer)
         if not (info.complete or allow_incomplete):
             raise IncompleteModelError(
                 f"Expected a complete extraction of {mid}. Got {info.units_done}/{info.n_units} work units done instead. "

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from hrsa.store.errors import LayerOutOfRangeError
 from hrsa.store.format import ATTRS_KEY, CODEC_PRESETS, STORED_DTYPES, Layout, codec_chain, storage_dtype
 from hrsa.store.objects import create_if_absent, delete_prefix, get_bytes, put_bytes
 
@@ -64,6 +65,21 @@ class ModelInfo:
     @property
     def complete(self) -> bool:
         return self.units_done == self.n_units
+
+    def resolve_hidden_state(self, index: int) -> int:
+        """The stored hidden state that ``index`` names: a negative index counts from the end, as in Python
+        (-1 is the last layer, L), whichever hidden states are stored.
+
+        Raises:
+            LayerOutOfRangeError: no stored hidden state of that index, naming those stored.
+        """
+        k = index + self.n_hidden_states if index < 0 else index
+        if k not in self.hidden_states:
+            raise LayerOutOfRangeError(
+                f"Expected a hidden state of {self.id} in {list(self.hidden_states)} "
+                f"(0 is the embedding output, {self.n_hidden_states - 1} the last layer). Got {index} instead."
+            )
+        return k
 
     def to_attrs(self) -> dict[str, Any]:
         attrs = asdict(self)

@@ -114,7 +114,7 @@ def parse_token_range(text: str, n_tokens: int) -> tuple[int, int]:
     return start, stop
 
 
-def parse_int_list(text: str, *, ranges: bool = True, what: str = "integers") -> list[int]:
+def parse_int_list(text: str, *, ranges: bool = True, negative: bool = False, what: str = "integers") -> list[int]:
     """Comma-separated integers, and with ``ranges`` inclusive ranges ``A-B``, in the order written.
 
     The one parser of every integer-list flag: ``--docs``, extraction's ``--layers``, analysis's ``--k`` and
@@ -123,6 +123,8 @@ def parse_int_list(text: str, *, ranges: bool = True, what: str = "integers") ->
     Args:
         text: e.g. ``"0,3,5-9"``.
         ranges: accept ``A-B`` parts; without, a part is one (possibly negative) integer.
+        negative: with ``ranges``, also accept a part ``-N``, one negative integer (an index counted from the end,
+            for the caller to resolve); a range with a negative end stays refused (``0--1``, ``-3--1`` read two ways).
         what: what the integers are, for the error message (e.g. "document indices").
 
     Raises:
@@ -138,13 +140,18 @@ def parse_int_list(text: str, *, ranges: bool = True, what: str = "integers") ->
     values: list[int] = []
     try:
         for part in filter(None, (p.strip() for p in text.split(","))):
-            if ranges and "-" in part:
+            one_negative = negative and part.startswith("-") and part[1:].isdigit()
+            if ranges and "-" in part and not one_negative:
                 lo, hi = (int(v) for v in part.split("-", 1))
+                if negative and hi < 0:  # "0--1": to the last, or an empty range? Not guessed
+                    raise ValueError(part)
                 values.extend(range(lo, hi + 1))
             else:
                 values.append(int(part))
     except ValueError:
         example, how = ("0,3,5-9", " (A-B for a range)") if ranges else ("5,10,50", "")
+        if ranges and negative:
+            example, how = "0,3,5-9,-1", " (A-B for a range, -N counted from the end)"
         raise SelectionError(f"Expected {what} such as {example}. Got {text!r} instead. "
                              f"Write integers separated by commas{how}.") from None
     return values

@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from hrsa.analyze.config import DEFAULT_GROUPS, METRICS
+from hrsa.analyze.local.hidden_states import shared_hidden_states
 from hrsa.analyze.local.knn import KnnOptions, check_knn_budget, knn_pair
 from hrsa.analyze.local.probe import ProbeOptions, check_probe, probe_pair
 from hrsa.analyze.pair.assembly import assemble
@@ -116,6 +117,8 @@ def analyze_pair(
         save_rotation=save_rotation, compute_bytes=np.dtype(chunk_backend.compute_dtype).itemsize, groups=groups,
         per_worker_budget=on_ray,
     )
+    knn_options = _states_resolved(store, pair, "knn", knn_options)
+    probe_options = _states_resolved(store, pair, "probe", probe_options)
     _check_local_metrics(store, pair, selection, knn_options, probe_options)  # before the passes, not after
     if on_plan is not None:
         on_plan(pair.plan)
@@ -150,6 +153,19 @@ def _default_workers(on_ray: bool) -> int:
 
         return max(1, int(ray.cluster_resources().get("CPU", 1)))
     return min(4, os.cpu_count() or 1)
+
+
+_Options = TypeVar("_Options", KnnOptions, ProbeOptions)
+
+
+def _states_resolved(store: ActivationStore, pair: ResolvedPair, metric: str, options: _Options | None,
+                     ) -> _Options | None:
+    """``options`` of ``metric`` with its hidden states resolved (-1: the last of each model), so that the results'
+    settings name the hidden states read, as their metrics do; as given where the metric is not asked for."""
+    if options is None or options.hidden_states is None or metric not in pair.metrics:
+        return options
+    return replace(options, hidden_states=shared_hidden_states(store, pair.info_a.id, pair.info_b.id,
+                                                               options.hidden_states))
 
 
 def _check_local_metrics(

@@ -94,3 +94,26 @@ def test_cli_labels_of_mixed_kinds_are_one_line_and_create_nothing(labelled_stor
     assert code == 2 and stderr.count("\n") == 1, stderr
     assert "to be of one type" in stderr and "Make the labels one type" in stderr
     assert not out.exists() and sorted(store.results_ids()) == results_before
+
+
+def test_cli_hidden_states_count_from_the_end_and_results_name_the_index(labelled_store, tmp_path: Path) -> None:
+    """`hrsa store get --layer -1` reads the last hidden state; `hrsa analyze --hidden-states -1` refused it."""
+    store, _, _ = labelled_store
+    out = tmp_path / "out"
+    code, _, stderr = run("--store", store.url, "--pair", "a", "b", "--metrics", "knn,probe", "--k", "5",
+                          "--knn-sample", "300", "--label-field", "label", "--hidden-states=-1", "--backend", "numpy",
+                          "--out", str(out), "--run-id", "last-state")
+    assert code == 0, stderr
+    doc = json.loads((out / "results.json").read_text())
+    assert set(doc["metrics"]["probe"]) == {"1"} and doc["metrics"]["knn"]["hidden_states"] == [1]
+    assert doc["settings"]["knn"]["hidden_states"] == [1] and doc["settings"]["probe"]["hidden_states"] == [1]
+    assert store.group("results")["last-state"]["knn/hidden_states"][:].tolist() == [1]
+
+
+def test_cli_hidden_states_out_of_range_from_the_end_is_one_line(labelled_store, tmp_path: Path) -> None:
+    store, _, _ = labelled_store
+    out = tmp_path / "out"
+    code, _, stderr = run("--store", store.url, "--pair", "a", "b", "--metrics", "knn", "--hidden-states", "-3",
+                          "--backend", "numpy", "--out", str(out), "--no-store-results")
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert "(0, 1; from the end -2, -1). Got -3 instead" in stderr and not out.exists()

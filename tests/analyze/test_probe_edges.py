@@ -88,8 +88,8 @@ def test_too_few_documents_to_split_are_refused(labelled_store) -> None:
 
 def test_a_hidden_state_not_stored_is_refused_naming_the_shared_ones(labelled_store) -> None:
     store, _, _ = labelled_store
-    with pytest.raises(UserError, match=r"^Expected hidden states shared by a and c \(0, 1\)\. Got 5 instead\. "
-                                        r"Pick --hidden-states among them"):
+    with pytest.raises(UserError, match=r"^Expected hidden states shared by a and c \(0, 1; from the end -2, -1\)\. "
+                                        r"Got 5 instead\. Pick --hidden-states among them"):
         check_probe(store, "a", "c", selection=None, memory_budget="1GB", label_field="label", hidden_states=(0, 5))
 
 

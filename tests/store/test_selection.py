@@ -21,6 +21,15 @@ def test_without_ranges_a_part_is_one_integer() -> None:
         parse_int_list("1-3", ranges=False)
 
 
+def test_with_negative_a_part_minus_n_is_one_integer_among_ranges() -> None:
+    """Analysis's --hidden-states counts from the end (-1 the last), as `hrsa store get --layer -1` does."""
+    assert parse_int_list("0,-1,3-4", negative=True) == [0, -1, 3, 4]
+    for text in ("-3--1", "-1-2", "--1", "0--1"):  # a range with a negative end reads two ways: refused, not guessed
+        with pytest.raises(SelectionError, match=r"such as 0,3,5-9,-1\. Got .* Write integers separated by commas "
+                                                 r"\(A-B for a range, -N counted from the end\)\."):
+            parse_int_list(text, negative=True, what="hidden-state indices")
+
+
 @pytest.mark.parametrize("text", ["x", "1,a", "1-", "-1", "2.5"])
 def test_bad_lists_are_one_message_naming_what_they_hold(text: str) -> None:
     with pytest.raises(SelectionError) as info:
