@@ -20,7 +20,7 @@ line (a :class:`PipelineError`, exit code 2 from the CLI).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -269,7 +269,7 @@ def _known(names: Mapping[str, Any]) -> str:
 def _train_config(run: str, fields: Any, out: Path | str | None) -> Any:
     """A run's TrainConfig; its output defaults to <out>/train/<run> (on the same storage as a remote out)."""
     try:
-        from hrsa.train.config import TrainConfig
+        from hrsa.train.config import SETTING_NAMES, TrainConfig
     except ImportError as error:
         raise Problems([f"{run}: training is not available in this hrsa ({error})"]) from None
     if isinstance(fields, TrainConfig):
@@ -280,9 +280,21 @@ def _train_config(run: str, fields: Any, out: Path | str | None) -> Any:
     if values.get("output") is None and out is not None:
         values["output"] = f"{str(out).rstrip('/')}/train/{run}" if is_url(out) else Path(out) / "train" / run
     try:
-        return TrainConfig.model_validate(values)
+        return TrainConfig.model_validate(values, context={SETTING_NAMES: train_keys(run)})
     except ValidationError as error:
-        raise Problems([f"{run}.{p}" for p in validation_problems(error, flags=False)]) from None
+        raise Problems([_under_run(run, p) for p in validation_problems(error, flags=False)]) from None
+
+
+def train_keys(run: str) -> Callable[[str], str]:
+    """How messages about training run ``run`` name its settings: by their keys in the pipeline's YAML
+    (``train.<run>.batch_size``), not by `hrsa train`'s flags (``--batch-size``), which a pipeline has none of."""
+    return lambda field: f"train.{run}.{field}"
+
+
+def _under_run(run: str, problem: str) -> str:
+    """A TrainConfig problem under its run: ``<run>.batch_size: ...``; one about the whole run, which
+    :func:`validation_problems` places at "config", is ``<run>: ...`` (the YAML has no key config)."""
+    return f"{run}: {problem.removeprefix('config: ')}" if problem.startswith("config: ") else f"{run}.{problem}"
 
 
 def parse_pipeline(values: Mapping[str, Any]) -> PipelineConfig:

@@ -179,12 +179,14 @@ def _check_inputs_exist(config: PipelineConfig) -> None:
         if entry.model is not None and config.model_corpora(name):
             parse_model_spec(str(entry.model), revision=entry.revision, gguf_file=entry.gguf_file)  # raises, one line
     for run, tc in config.train.items():  # a missing or empty data file was found after the stage had started
+        from hrsa.cluster.pipeline import train_keys
         from hrsa.train.data import load_training_records
 
         try:
             parse_model_spec(str(tc.backbone), dtype=tc.dtype, attention=tc.attention)
-            load_training_records(Path(tc.data).expanduser(), negatives=tc.negatives, batch_size=tc.batch_size)
-        except UserError as error:  # the trainer's own words, with the YAML key they are about
+            load_training_records(Path(tc.data).expanduser(), negatives=tc.negatives, batch_size=tc.batch_size,
+                                  names=train_keys(run))
+        except UserError as error:  # the trainer's own words, under the run they are about
             raise UserError(f"train.{run}: {error}") from None
 
 

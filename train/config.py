@@ -15,17 +15,18 @@ field is a flag of the same name (``batch_size`` is ``--batch-size``). Example Y
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 from hrsa.extract.model_spec import AttentionMode
 from hrsa.runtime.settings import FolderLocation, load_settings
 from hrsa.store.errors import UserError
 
-__all__ = ["SCHEDULING_FIELDS", "Strategy", "TrainConfig", "TrainConfigError", "WeightDType", "load_train_config"]
+__all__ = ["SCHEDULING_FIELDS", "SETTING_NAMES", "SettingNames", "Strategy", "TrainConfig", "TrainConfigError",
+           "WeightDType", "flag_name", "load_train_config"]
 
 # The dtype the weights are trained in: a vocabulary of its own, not extraction's DTypeName (a compute dtype
 # with "auto" and float16); on GPU the forward runs under bf16 autocast either way.
@@ -36,6 +37,17 @@ Strategy = Literal["ddp", "fsdp"]
 # batch (tested). Every other field is part of a run's recipe (hrsa.train.recipe), so a new field counts by default.
 SCHEDULING_FIELDS = frozenset({"output", "workers", "use_gpu", "save_every", "chunk_size", "gradient_checkpointing",
                                "strategy", "address", "max_failures"})
+
+
+SettingNames = Callable[[str], str]
+"""How a message names a setting, given its field: `hrsa train`'s flag, or in a pipeline its YAML key."""
+SETTING_NAMES = "setting_names"
+"""The key of a :data:`SettingNames` in the validation context of a TrainConfig (default :func:`flag_name`)."""
+
+
+def flag_name(field: str) -> str:
+    """`hrsa train`'s flag of a setting, as its messages name it: ``batch_size`` is ``--batch-size``."""
+    return f"--{field.replace('_', '-')}"
 
 
 class TrainConfigError(UserError, ValueError):
@@ -80,10 +92,11 @@ class TrainConfig(BaseModel):
                               "are retried apart from these.")
 
     @model_validator(mode="after")
-    def _batch_splits_over_workers(self) -> TrainConfig:
+    def _batch_splits_over_workers(self, info: ValidationInfo) -> TrainConfig:
         if self.batch_size % self.workers:
-            raise ValueError(f"expected --batch-size divisible by --workers (each worker takes an equal share), "
-                             f"got {self.batch_size} queries over {self.workers} workers")
+            name: SettingNames = (info.context or {}).get(SETTING_NAMES, flag_name)
+            raise ValueError(f"expected {name('batch_size')} divisible by {name('workers')} (each worker takes an "
+                             f"equal share), got {self.batch_size} queries over {self.workers} workers")
         return self
 
     def recipe_settings(self) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from hrsa.store.errors import UserError
+from hrsa.train.config import SettingNames, flag_name
 from hrsa.train.jsonl import check_pair, iter_jsonl
 from hrsa.train.pooling import format_query
 
@@ -64,10 +65,12 @@ class Batch:
         return Batch(self.queries[rank * b:(rank + 1) * b], self.docs[rank * b * g:(rank + 1) * b * g])
 
 
-def load_training_records(path: Path, *, negatives: int, batch_size: int = 1) -> list[TrainRecord]:
+def load_training_records(path: Path, *, negatives: int, batch_size: int = 1,
+                          names: SettingNames = flag_name) -> list[TrainRecord]:
     """Read and check every record of a training file: the pairs format of :func:`~hrsa.train.jsonl.check_pair`
     with ``negs`` required, and at least ``negatives`` of them (blank lines skipped); at least ``batch_size``
-    records (a batch never holds a record twice).
+    records (a batch never holds a record twice). Messages name the settings by ``names`` (`hrsa train`'s flags;
+    a pipeline passes its YAML keys).
 
     Raises:
         TrainDataError: a missing or empty file, a bad record (naming its line number), or fewer records than
@@ -78,14 +81,16 @@ def load_training_records(path: Path, *, negatives: int, batch_size: int = 1) ->
         check_pair(raw, path=path, line=number, negs_required=True, error=TrainDataError)
         negs = raw["negs"]
         if len(negs) < negatives:
-            raise TrainDataError(f"Expected at least {negatives} negatives per record (--negatives). Got {len(negs)} "
-                                 f"on line {number} of {path} instead. Lower --negatives or mine more negatives.")
+            raise TrainDataError(f"Expected at least {negatives} negatives per record ({names('negatives')}). Got "
+                                 f"{len(negs)} on line {number} of {path} instead. Lower {names('negatives')} or mine "
+                                 "more negatives.")
         records.append(TrainRecord(raw["query"], raw["pos"], tuple(negs), raw.get("instruction")))
     if not records:
         raise TrainDataError(f"Expected training records in {path}. Got an empty file instead.")
     if len(records) < batch_size:
-        raise TrainDataError(f"Expected at least --batch-size ({batch_size}) training records, as a batch holds each "
-                             f"record once. Got {len(records)} in {path} instead. Lower --batch-size or add records.")
+        raise TrainDataError(f"Expected at least {names('batch_size')} ({batch_size}) training records, as a batch "
+                             f"holds each record once. Got {len(records)} in {path} instead. Lower "
+                             f"{names('batch_size')} or add records.")
     return records
 
 

@@ -164,6 +164,38 @@ def test_a_training_run_without_data_is_refused_before_anything_is_created(tmp_p
     assert not (tmp_path / "out").exists() and not (tmp_path / "store").exists()
 
 
+@pytest.mark.parametrize(("settings", "expected"), [
+    ({"negatives": 3}, "train.ra: Expected at least 3 negatives per record (train.ra.negatives). Got 1 on line 1 of "
+                       "{data} instead. Lower train.ra.negatives or mine more negatives."),
+    ({"batch_size": 64}, "train.ra: Expected at least train.ra.batch_size (64) training records, as a batch holds each "
+                         "record once. Got 40 in {data} instead. Lower train.ra.batch_size or add records."),
+])
+def test_a_training_runs_data_problems_name_its_yaml_keys(tmp_path: Path, tiny_models: Any,
+                                                          settings: dict[str, Any], expected: str) -> None:
+    """They said "Lower --negatives" and "--batch-size": flags of hrsa train, not keys of the pipeline's YAML."""
+    data = write_pairs(tmp_path / "pairs.jsonl")  # 40 records of one negative each
+    train = {"ra": {"backbone": str(tiny_models.dir("llama")), "data": data, "max_steps": 1, **settings}}
+    corpora = {"c": {"path": str(write_corpus(tmp_path / "w.jsonl"))}}
+    config = parse_pipeline({"store": str(tmp_path / "store"), "out": str(tmp_path / "out"), "train": train,
+                             "models": {"m": {"train": "ra"}}, "corpora": corpora,
+                             "pairs": [{"a": "m", "b": "m", "corpus": "c", "metrics": ["cka"]}]})
+    with pytest.raises(UserError) as refused:
+        run_pipeline(config, console=quiet())
+    assert str(refused.value) == expected.format(data=data)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "store").exists()
+
+
+def test_a_batch_not_split_over_the_workers_names_the_yaml_keys() -> None:
+    """It read "train.ra.config: expected --batch-size divisible by --workers": a key config that is not there, and
+    flags of hrsa train."""
+    with pytest.raises(PipelineError) as refused:
+        parse_pipeline({"store": "s", "out": "o", "corpora": {"c": {"path": "x.jsonl"}},
+                        "train": {"ra": {"backbone": "b", "data": "d.jsonl", "batch_size": 8, "workers": 3}},
+                        "models": {"m": {"train": "ra"}}, "pairs": [{"a": "m", "b": "m", "corpus": "c"}]})
+    assert ("Got 1 problem(s) instead: train.ra: expected train.ra.batch_size divisible by train.ra.workers (each "
+            "worker takes an equal share), got 8 queries over 3 workers. Fix them") in str(refused.value)
+
+
 def moved_project(first: tuple[Workspace, PipelineResult], tiny_models: Any, to: Path) -> dict[str, Any]:
     """The first run's whole project (store, out, corpus file, model folders) copied to ``to``: the pipeline's values
     there, with paths relative to ``to`` (`hrsa submit` unpacks the working dir to a new path on each run)."""

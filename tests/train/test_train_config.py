@@ -123,6 +123,15 @@ def test_a_batch_larger_than_the_records_is_one_line(tiny_models: Any, tmp_path:
     assert not (tmp_path / "out").exists()
 
 
+def test_too_few_negatives_name_the_flag(tiny_models: Any, tmp_path: Path) -> None:
+    """`hrsa train`'s messages name its flags (a pipeline's name its YAML keys: tests/cluster/test_pipeline.py)."""
+    path = _write(tmp_path / "d.jsonl", [{"query": f"q{i}", "pos": f"p{i}", "negs": ["n"]} for i in range(8)])
+    line = _one_error_line(_run("--backbone", str(tiny_models.dir("llama")), "--data", str(path),
+                                "--output", str(tmp_path / "out"), "--negatives", "3"))
+    assert "Expected at least 3 negatives per record (--negatives). Got 1 on line 1" in line
+    assert "Lower --negatives or mine more negatives." in line and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(("flag", "expected"), [("none", None), ("None", None), ("0.5", 0.5), (None, 2.0)])
 def test_max_grad_norm_none_means_no_clipping(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flag: str | None,
                                               expected: float | None) -> None:
