@@ -23,7 +23,7 @@ from typing import Any
 from hrsa.runtime.locations import Location, parse_location
 
 __all__ = ["INFO_FILE", "STATE_FILE", "Checkpoint", "checkpoint_step", "file_manifest", "list_checkpoints",
-           "manifest_complete", "resume_folder", "resume_point", "step_folder_name", "step_folders"]
+           "manifest_complete", "named_step", "resume_folder", "resume_point", "step_folder_name", "step_folders"]
 
 INFO_FILE = "hrsa_train.json"  # step, loss, settings, recipe, and the manifest of the folder's other files
 STATE_FILE = "trainer_state.pt"  # optimizer, schedule and step, for resuming
@@ -73,7 +73,7 @@ def _run_location(run_dir: Location | Path | str) -> Location:
 def step_folders(run_dir: Location | Path | str) -> list[str]:
     """Every folder named ``step_N`` directly in ``run_dir``, complete or not (a run that has trained), as
     absolute paths or URLs."""
-    return [f.url for f in _run_location(run_dir).folders() if _named_step(f.name) is not None]
+    return [f.url for f in _run_location(run_dir).folders() if named_step(f.name) is not None]
 
 
 def list_checkpoints(run_dir: Location | Path | str, *, marker: str = INFO_FILE, contents: bool = True) -> list[Checkpoint]:
@@ -99,10 +99,10 @@ def list_checkpoints(run_dir: Location | Path | str, *, marker: str = INFO_FILE,
     by_folder: dict[str, dict[str, int]] = {}
     for name, size in run.files().items():
         folder, _, rest = name.partition("/")
-        if rest and _named_step(folder) is not None:
+        if rest and named_step(folder) is not None:
             by_folder.setdefault(folder, {})[rest] = size
     checked = (lambda name: name != STATE_FILE) if contents else (lambda name: False)
-    found = [Checkpoint(run.child(folder).url, _named_step(folder) or 0) for folder, files in by_folder.items()
+    found = [Checkpoint(run.child(folder).url, named_step(folder) or 0) for folder, files in by_folder.items()
              if marker in files and (marker != INFO_FILE or _complete(run.child(folder), files, checked))]
     return sorted(found, key=lambda c: (c.step, c.url))
 
@@ -186,14 +186,14 @@ def checkpoint_step(folder: Location | Path | str) -> int:
     info = location.child(INFO_FILE)
     if info.kind() == "file":
         return int(json.loads(info.read_text())["step"])
-    step = _named_step(location.name)
+    step = named_step(location.name)
     if step is None:
         raise ValueError(f"Expected a checkpoint folder named step_N or holding {INFO_FILE}. Got {location.url!r} "
                          "instead. Pass a checkpoint folder of a training run.")
     return step
 
 
-def _named_step(name: str) -> int | None:
+def named_step(name: str) -> int | None:
     """The N of a folder name ``step_N`` (the one rule for reading a step from a name), else None."""
     match = _STEP_FOLDER.fullmatch(name)
     return int(match.group(1)) if match else None

@@ -11,7 +11,8 @@ a moved checkpoint keeps its scores, retrained weights or an edited task file at
 result is reused only when it agrees with itself (its ``main_score`` is the mean of the metric mteb names as the
 main score, in its own scores): an edited one is scored again, with a note. Reused rows are marked
 (:attr:`CheckpointScores.reused`). A checkpoint with an ``hrsa_train.json`` manifest is evaluated only when complete
-by it (:func:`hrsa.train.checkpoints.manifest_complete`).
+by it (:func:`hrsa.train.checkpoints.manifest_complete`); in a run of ``hrsa train`` (a folder holding
+``hrsa_recipe.json``) a step folder without one is not finished (the trainer writes it last) and is skipped alike.
 mteb's own result files go to ``<out>/mteb-results``, never to the home folder. Nothing is written before the
 inputs are checked and a model has loaded (or its scores were all reused).
 
@@ -38,9 +39,10 @@ from pydantic import Field, field_validator
 from hrsa.runtime.files import write_atomic
 from hrsa.runtime.settings import FolderPath
 from hrsa.store.selection import parse_int_list
-from hrsa.train.checkpoints import INFO_FILE, list_checkpoints, manifest_complete
+from hrsa.train.checkpoints import INFO_FILE, list_checkpoints, manifest_complete, named_step
 from hrsa.train.encoder_options import EncoderOptions
 from hrsa.train.eval_tasks import EvalError, TaskSpec, build_tasks, parse_task_spec, split_task_list, task_identity
+from hrsa.train.recipe import RECIPE_FILE
 from hrsa.extract.identity import model_digest
 
 __all__ = [
@@ -143,25 +145,47 @@ class EvalTarget:
 def eval_targets(model: str, steps: tuple[int, ...] | None = None) -> list[EvalTarget]:
     """The checkpoints of a training output folder (``step_XXXXXX`` model folders, directly or under
     ``checkpoints/``), in step order; else the model itself. A checkpoint with a manifest (``hrsa_train.json``) is
-    taken only when complete by it (:func:`~hrsa.train.checkpoints.manifest_complete`); :func:`skipped_targets`
-    names the ones left out.
+    taken only when complete by it (:func:`~hrsa.train.checkpoints.manifest_complete`), and in a run of ``hrsa
+    train`` (it holds ``hrsa_recipe.json``) one without a manifest is not taken; :func:`skipped_targets` names the
+    ones left out.
 
     Raises:
         EvalError: ``steps`` asks for checkpoints the folder does not have (or has incomplete), or for any of a model
             that is not a training run; a folder that is neither a model nor a run; a run whose checkpoints are all
-            incomplete; a checkpoint folder its manifest calls incomplete.
+            incomplete; a checkpoint folder its manifest calls incomplete (or a run's step folder without one).
     """
     return _targets(model, steps)[0]
 
 
 def skipped_targets(model: str, steps: tuple[int, ...] | None = None) -> list[EvalTarget]:
-    """The checkpoints of a training run that :func:`eval_targets` leaves out as incomplete by their manifest."""
+    """The checkpoints of a training run that :func:`eval_targets` leaves out as incomplete (by their manifest, or
+    without one in a run of ``hrsa train``)."""
     return _targets(model, steps)[1]
 
 
 def _incomplete(folder: Path) -> str:
+    if not (folder / INFO_FILE).is_file():
+        return (f"{folder} is incomplete: it has no {INFO_FILE}, which hrsa train writes last in each checkpoint "
+                "of its run (a save or copy still under way, or cut short)")
     return (f"{folder} is incomplete by its {INFO_FILE} (a file it lists is missing, short or changed: a copy or save "
             "still under way, or cut short)")
+
+
+def _in_hrsa_run(parent: Path) -> bool:
+    """Whether step folders in ``parent`` (a run folder, or its checkpoints/) are checkpoints of `hrsa train`: the run
+    records its recipe (hrsa_recipe.json)."""
+    run = parent.parent if parent.name == "checkpoints" else parent
+    return (parent / RECIPE_FILE).is_file() or (run / RECIPE_FILE).is_file()
+
+
+def _checkpoint_complete(folder: Path) -> bool | None:
+    """Whether a model folder is a complete checkpoint: by its manifest where it has one; without, False for a step
+    folder of an `hrsa train` run (the trainer writes the manifest last: its save or copy has not finished), None
+    (nothing to judge it by) for any other folder."""
+    complete = manifest_complete(folder)
+    if complete is None and named_step(folder.name) is not None and _in_hrsa_run(folder.parent):
+        return False
+    return complete
 
 
 def _targets(model: str, steps: tuple[int, ...] | None) -> tuple[list[EvalTarget], list[EvalTarget]]:
@@ -172,12 +196,13 @@ def _targets(model: str, steps: tuple[int, ...] | None) -> tuple[list[EvalTarget
     if folder.is_dir() and not (folder / "config.json").is_file():
         for parent in (folder, folder / "checkpoints"):
             # any Hugging Face model folder named by step, not only the checkpoints of `hrsa train`; those with a
-            # manifest are judged by it, as training and the pipeline judge them
+            # manifest are judged by it, as training and the pipeline judge them, and in a run of hrsa train those
+            # without one are not finished
             candidates = [EvalTarget(name=c.path.name, model=str(c.path), step=c.step)
                           for c in list_checkpoints(parent, marker="config.json")]
             if candidates:
                 for target in candidates:
-                    (skipped if manifest_complete(target.model) is False else found).append(target)
+                    (skipped if _checkpoint_complete(Path(target.model)) is False else found).append(target)
                 break
         if not found and skipped:
             raise EvalError(f"Expected a complete checkpoint in {folder}. Got none instead: "
@@ -192,7 +217,7 @@ def _targets(model: str, steps: tuple[int, ...] | None) -> tuple[list[EvalTarget
             raise EvalError(f"Expected --steps only with a training run (a folder of step_XXXXXX checkpoints). Got "
                             f"--steps {','.join(map(str, steps))} with the model {model} instead. Drop --steps, or "
                             "point --model at the run.")
-        if folder.is_dir() and manifest_complete(folder) is False:
+        if folder.is_dir() and _checkpoint_complete(folder) is False:
             raise EvalError(f"Expected a complete checkpoint. Got {_incomplete(folder)} instead. Wait for the copy to "
                             "finish, or train again into its run to write it anew.")
         return [EvalTarget(name=Path(model).name if folder.exists() else model, model=model)], []

@@ -13,7 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from hrsa.train.checkpoints import INFO_FILE, STATE_FILE, file_manifest
-from hrsa.train.evaluate import EvalConfig, evaluate
+from hrsa.train.evaluate import EvalConfig, eval_targets, evaluate, skipped_targets
+from hrsa.train.recipe import RECIPE_FILE
 
 
 @pytest.fixture()
@@ -69,6 +70,55 @@ def test_a_checkpoint_its_manifest_calls_incomplete_is_skipped_with_a_note(cli: 
     args = ["eval", "--model", str(run / "step_000002"), "--tasks", f"retrieval:{pairs}", "--out", str(out)]
     assert "step_000002" in _one_line_exit_2(CliRunner().invoke(cli, args))
     assert not out.exists()
+
+
+def _unfinished(tiny_models, folder: Path) -> Path:
+    """A checkpoint of `hrsa train` whose save or copy has not finished: the model folder, no manifest yet (the trainer
+    writes hrsa_train.json last)."""
+    shutil.copytree(tiny_models.dir("bert"), folder)
+    return folder
+
+
+@pytest.mark.parametrize("under", ["", "checkpoints"])
+def test_a_step_folder_without_its_manifest_in_an_hrsa_run_is_skipped_as_incomplete(
+    cli: click.Group, tmp_path: Path, tiny_models, under: str
+) -> None:
+    """In a run folder of `hrsa train` (it holds hrsa_recipe.json) a step folder with config.json but no hrsa_train.json
+    is a checkpoint still being saved or copied: it was scored as a complete model."""
+    run = tmp_path / "run"
+    _checkpoint(tiny_models, run / under / "step_000001", 1)
+    _unfinished(tiny_models, run / under / "step_000002")
+    (run / RECIPE_FILE).write_text("{}")
+    assert [t.step for t in eval_targets(str(run))] == [1]
+    assert [t.name for t in skipped_targets(str(run))] == ["step_000002"]
+    pairs = _pairs(tmp_path / "pairs.jsonl")
+    result = CliRunner().invoke(cli, ["eval", "--model", str(run), "--tasks", f"retrieval:{pairs}", "--no-instructions",
+                                      "--out", str(tmp_path / "scored")])
+    assert result.exit_code == 0, result.output
+    assert f"skipped step_000002: {run / under / 'step_000002'} is incomplete: it has no {INFO_FILE}" in result.output
+    assert [c["step"] for c in json.loads((tmp_path / "scored" / "eval.json").read_text())["checkpoints"]] == [1]
+
+    # asked for by --steps, the run's only checkpoint, or by its own folder: refused in one line, nothing written
+    out = tmp_path / "ev"
+    common = ["--tasks", f"retrieval:{pairs}", "--out", str(out)]
+    unfinished = run / under / "step_000002"
+    line = _one_line_exit_2(CliRunner().invoke(cli, ["eval", "--model", str(run), "--steps", "2", *common]))
+    assert f"Got {unfinished} is incomplete: it has no {INFO_FILE}, which hrsa train writes last" in line
+    line = _one_line_exit_2(CliRunner().invoke(cli, ["eval", "--model", str(unfinished), *common]))
+    assert f"{unfinished} is incomplete: it has no {INFO_FILE}" in line
+    shutil.rmtree(run / under / "step_000001")
+    line = _one_line_exit_2(CliRunner().invoke(cli, ["eval", "--model", str(run), *common]))
+    assert f"Expected a complete checkpoint in {run}. Got none instead: {unfinished} is incomplete" in line
+    assert not out.exists()
+
+
+def test_step_folders_outside_an_hrsa_run_are_models_without_a_manifest(tmp_path: Path, tiny_models) -> None:
+    """Any Hugging Face model folder named by step is taken where no hrsa_recipe.json says it is a run of hrsa train."""
+    run = tmp_path / "copies"
+    _checkpoint(tiny_models, run / "step_000001", 1)
+    _unfinished(tiny_models, run / "step_000002")
+    assert [t.step for t in eval_targets(str(run))] == [1, 2] and not skipped_targets(str(run))
+    assert [t.name for t in eval_targets(str(run / "step_000002"))] == ["step_000002"]
 
 
 def test_unreadable_weights_are_one_line_naming_the_file(cli: click.Group, tmp_path: Path, tiny_models) -> None:
