@@ -49,7 +49,7 @@ def _written(procs: list[subprocess.Popen[str]]) -> list[tuple[int, int]]:
     return [(int(m.group(1)), int(m.group(2))) for m in found]  # type: ignore[union-attr]
 
 
-def test_four_extractions_of_one_model_write_each_unit_once(tiny_models: Any, tmp_path: Path) -> None:
+def test_four_extractions_of_one_model_write_each_unit_once(tiny_models: Any, tmp_path: Path, ray_local: Any) -> None:
     corpus, model = _corpus(tmp_path), tiny_models.dir("llama")
     written = _written([_extract(tmp_path / "store", model, corpus, "tiny") for _ in range(4)])
     outputs = list(_outputs)
@@ -59,8 +59,13 @@ def test_four_extractions_of_one_model_write_each_unit_once(tiny_models: Any, tm
         assert any("by other extractions running at once" in out for out in outputs), outputs
     store = ActivationStore.open(str(tmp_path / "store"))
     assert verify_store(store).ok
-    # The same bytes as one extraction alone.
-    assert _written([_extract(tmp_path / "alone", model, corpus, "tiny")]) == [(n_units, n_units)]
+    # The same bytes as one extraction alone (in this process, on the session's Ray: a fifth CLI process would
+    # start a Ray of its own, ~20 s, to check what the racing ones already checked).
+    from hrsa.extract.job import ExtractConfig, run_extraction
+
+    alone_result = run_extraction(ExtractConfig(store=str(tmp_path / "alone"), model=str(model), corpus=str(corpus),
+                                                name="tiny", shard_tokens=16, workers=1))
+    assert (alone_result.units_written, alone_result.n_units) == (n_units, n_units)
     alone = ActivationStore.open(str(tmp_path / "alone"))
     for k in store.model_info("tiny").hidden_states:
         assert np.array_equal(store.hidden_state("tiny", k).compute(), alone.hidden_state("tiny", k).compute())
