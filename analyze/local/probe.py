@@ -17,7 +17,8 @@ the label column) overrides this, e.g. when the corpus file has moved; its ids a
 (``id_field``, else ``"id"``, else ``<file name>:<line>``). Documents whose record has no label (missing or null)
 are dropped. The file read and its digest are in :class:`ProbePairResult` (``labels_file``, ``labels_digest``).
 A class is a label's value written as text, an integral float as its integer (1 and 1.0 are the class "1"); labels
-of different kinds in one file (numbers, strings, booleans: 1, "1" and true) are refused, not made classes apart.
+of different kinds in one file (numbers, strings, booleans: 1, "1" and true) are refused, not made classes apart
+(:mod:`hrsa.store.labels`, the rule ``hrsa eval``'s classification tasks follow too).
 
 Memory: the pooled features are (M, D) float64 per model and are held (a probe needs them all); the hidden
 states are read a block of tokens at a time, the block sized to ``memory_budget`` by the memory model of
@@ -29,7 +30,6 @@ the Wilson score interval (:func:`hrsa.analyze.local.bootstrap.accuracy_bootstra
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +48,7 @@ from hrsa.analyze.metrics.linear_probe import ProbeResult, linear_probe, stratif
 from hrsa.analyze.streaming.plan import parse_memory_budget
 from hrsa.runtime.fingerprint import records_digest
 from hrsa.store.errors import UserError
+from hrsa.store.labels import check_one_kind, class_name
 from hrsa.store.records import read_records
 
 if TYPE_CHECKING:
@@ -214,40 +215,12 @@ def _labels_by_id(records: Iterable[dict[str, Any]], label_field: str, wanted: s
         if rid not in wanted:
             continue
         if not _missing(label):  # before the id check: True == 1, so a second record labelled 1 passed as the same
-            _check_one_kind(first_of_kind, label, label_field, source)
+            check_one_kind(first_of_kind, label, label_field, source)
         if rid in by_id and not _same_label(by_id[rid], label):
             raise UserError(f"Expected one label per record id in {source}. Got {rid!r} labelled {by_id[rid]!r} and "
                             f"{label!r} instead. Give each record its own id (--id-field names a unique field).")
         by_id[rid] = label
     return by_id
-
-
-def _check_one_kind(first_of_kind: dict[str, Any], label: Any, label_field: str, source: str) -> None:
-    """Refuse a label of another kind than those before it (``first_of_kind``: the first label of each kind seen, which
-    this adds to): 1, "1" and true would each be a class of their own, silently."""
-    kind = _kind(label)
-    first_of_kind.setdefault(kind, label)
-    if len(first_of_kind) > 1:
-        (kind_a, a), (kind_b, b) = list(first_of_kind.items())[:2]
-        raise UserError(f"Expected the labels of {label_field!r} in {source} to be of one type. Got {a!r} ({kind_a}) "
-                        f"and {b!r} ({kind_b}) instead. Make the labels one type (e.g. all strings).")
-
-
-def _kind(label: Any) -> str:
-    """"a boolean", "a number", "a string" or "a <type>": a boolean before a number (Python's bool is an int)."""
-    if isinstance(label, (bool, np.bool_)):
-        return "a boolean"
-    if isinstance(label, numbers.Real):
-        return "a number"
-    return "a string" if isinstance(label, str) else f"a {type(label).__name__}"
-
-
-def _class_name(label: Any) -> str:
-    """The class a label names: its str(), an integral float written as the integer (1.0 from JSON or a CSV column of
-    floats is the class of 1, not another one)."""
-    if isinstance(label, (float, np.floating)) and float(label).is_integer():
-        return str(int(label))
-    return str(label)
 
 
 def _missing(label: Any) -> bool:
@@ -431,7 +404,7 @@ class _ProbeInputs:
 
     Attributes:
         states: hidden states probed; docs: (M,) documents with a kept token; labelled: (M,) which have a label;
-        y: (labelled M,) their classes (:func:`_class_name`: strings sort, mixed types do not); classes: the values
+        y: (labelled M,) their classes (:func:`~hrsa.store.labels.class_name`: strings sort, mixed types do not); classes: the values
         of ``y``;
         block_tokens, estimated_peak, budget: the pooling block, the pass's memory model, the budget;
         labels_read, labels_digest: the labels' file and its digest.
@@ -458,7 +431,7 @@ class _ProbeInputs:
         labels, read, digest = _read_labels(store, store.model_info(a).corpus, label_field=label_field,
                                             labels_file=labels_file, id_field=id_field, models=(a, b))
         labelled = np.array([labels[d] is not None for d in docs], dtype=bool)
-        y = np.array([_class_name(labels[d]) for d in docs[labelled]])
+        y = np.array([class_name(labels[d]) for d in docs[labelled]])
         _check_classes(labels, y, label_field)
         _check_split(y, fractions, seed)
         return cls(states, docs, labelled, y, tuple(sorted(set(y.tolist()))), block_tokens, estimated_peak, budget,
@@ -473,7 +446,7 @@ class _ProbeInputs:
 
 
 def _check_classes(labels: NDArray[np.object_], y: NDArray[np.str_], label_field: str) -> None:
-    everywhere = sorted({_class_name(v) for v in labels if v is not None})
+    everywhere = sorted({class_name(v) for v in labels if v is not None})
     if len(everywhere) < 2:
         raise UserError(f"Expected at least two values of {label_field!r}. Got {everywhere} instead. "
                         "Pick another --label-field.")
