@@ -474,9 +474,10 @@ class _Runner:
         run_id = f"{stage.partition(':')[2][:100]}--{key[:12]}".replace("@", "-")
         reason = self.state.reason_to_run(stage, key, lambda o: _readable_results(json_path) and self._recorded(options, run_id))
         if self._announce(stage, reason):
-            self.state.start(stage, key)
+            # Recorded as started once its results are computed, before it writes: a run refused or failed before then
+            # leaves the stage's record (and its earlier results) as they were.
             self._run_analysis(options.analyze_config(store=self.config.store, pair=(a.store_id, b.store_id), out=out_dir,
-                                                      run_id=run_id))
+                                                      run_id=run_id), before_writing=lambda: self.state.start(stage, key))
             self.state.finish(stage, key, {"results": str(json_path)})
         return _Analyzed(json_path, key)
 
@@ -494,13 +495,14 @@ class _Runner:
         corpus = self.config.corpora[options.corpus]  # type: ignore[attr-defined]
         return options.model_copy(update={"labels": corpus.path, "id_field": options.id_field or corpus.id_field})
 
-    def _run_analysis(self, cfg: AnalyzeConfig) -> None:
+    def _run_analysis(self, cfg: AnalyzeConfig, *, before_writing: Callable[[], None]) -> None:
         from hrsa.analyze.job import run_analysis
 
         # replace: this stage's key names the run id, so a record under it is this stage's, from a run that stopped
-        # before it finished; it and the out folder (figures of an earlier setting) are redone.
+        # before it finished; it and the out folder (figures of an earlier setting) are replaced once the new results
+        # are computed and written beside them.
         with stage_progress(self.console, "tokens x passes") as (progress, task):
-            run = run_analysis(cfg, replace=True,
+            run = run_analysis(cfg, replace=True, before_writing=before_writing,
                                on_plan=lambda plan: progress.update(task, total=plan.passes * plan.inputs.n_tokens),
                                on_block=lambda n: progress.advance(task, n))
         for message in run.warnings:  # hrsa's warnings as lines below the bar (as `hrsa analyze` prints them)
