@@ -33,6 +33,7 @@ from hrsa.analyze.results import (
     write_files,
     write_to_store,
 )
+from hrsa.runtime.settings import SettingNames, flag_name
 from hrsa.store import ActivationStore
 from hrsa.store.errors import UserError
 from hrsa.store.selection import TokenSelection
@@ -75,6 +76,7 @@ def run_analysis(
     on_plan: Callable[[AnalysisPlan], None] | None = None,
     on_block: OnBlock | None = None,
     before_writing: Callable[[], None] | None = None,
+    names: SettingNames = flag_name,
 ) -> AnalysisRun:
     """Run the analysis ``config`` describes and write its results and figures into ``config.out``.
 
@@ -88,6 +90,8 @@ def run_analysis(
         on_block: called with the token count of each block done.
         before_writing: called once the results are computed, before anything is written or removed (the pipeline
             records its stage as started there: a run refused or failed before it leaves the stage's record as it was).
+        names: how messages name the settings, given their field (`hrsa analyze`'s flags; the pipeline passes its YAML
+            keys, which its users wrote).
 
     Returns:
         An AnalysisRun.
@@ -105,7 +109,7 @@ def run_analysis(
     # Step 2: the comparison; each warning once, gathered so that it prints below a progress bar, not through it.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
-        results = _compare(store, config, on_plan, on_block)
+        results = _compare(store, config, on_plan, on_block, names)
     ours = tuple(str(w.message) for w in caught if _is_hrsa(w))
     for w in caught:  # others as Python shows them
         if not _is_hrsa(w):
@@ -203,7 +207,7 @@ def _remove_stale_outputs(out: Path, written: set[str]) -> None:
 
 
 def _compare(store: ActivationStore, config: AnalyzeConfig, on_plan: Callable[[AnalysisPlan], None] | None,
-             on_block: OnBlock | None) -> PairResults:
+             on_block: OnBlock | None, names: SettingNames) -> PairResults:
     """:func:`analyze_pair` called with the config's settings."""
     selection = TokenSelection(exclude_special=config.exclude_special, exclude_first=config.exclude_first,
                                positions=config.positions, docs=config.docs, fields=config.fields)
@@ -218,7 +222,7 @@ def _compare(store: ActivationStore, config: AnalyzeConfig, on_plan: Callable[[A
         selection=selection, memory_budget=config.memory_budget, block_tokens=config.block_tokens,
         workers=config.workers, scheduler=config.scheduler, backend=config.backend, compute_dtype=config.compute_dtype,
         save_rotation=config.save_rotation, groups=config.groups, knn_options=knn_options, probe_options=probe_options,
-        on_plan=on_plan, on_block=on_block,
+        on_plan=on_plan, on_block=on_block, names=names,
     )
 
 

@@ -442,6 +442,35 @@ def test_an_analysis_failing_as_it_writes_is_recorded_as_started_and_run_again(
     assert "debiased_diagonal" in json.loads(result.results["llama--qwen"].read_text())["metrics"]["cka"]
 
 
+@pytest.mark.parametrize(("where", "fix"), [
+    ("pair", "Pick another pairs.0.label_field."),
+    ("corpus", "Pick another corpora.words.label_field (or pairs.0.label_field)."),  # the pair takes its corpus's
+    ("hidden_states", "Pick pairs.0.hidden_states among them."),
+])
+def test_a_refused_probe_names_the_yaml_keys_not_hrsa_analyzes_flags(copy: Workspace, where: str, fix: str) -> None:
+    """A pipeline has no flags: its analyses said "Pick another --label-field" ("Pass --labels FILE", ...)."""
+    labels = copy.root / "labels.jsonl"
+    labels.write_text("".join(json.dumps({"id": f"d{i}", "kind": "a"}) + "\n" for i in range(len(TEXTS))))
+    values = {**copy.values, "pairs": [{**copy.values["pairs"][0], "metrics": ["probe"], "cross_layer": False}]}
+    if where == "pair":
+        values["pairs"][0] |= {"labels": str(labels), "label_field": "kind"}
+    elif where == "corpus":
+        values["corpora"] = {"words": {**values["corpora"]["words"], "labels": str(labels), "label_field": "kind"}}
+    else:
+        values["pairs"][0] |= {"hidden_states": [99]}
+    with pytest.raises(UserError) as error:
+        run_pipeline(parse_pipeline(values), console=quiet())
+    assert str(error.value).endswith(fix) and "--" not in str(error.value)
+
+
+def test_a_probe_without_a_label_field_names_the_yaml_key() -> None:
+    with pytest.raises(PipelineError) as error:
+        parse_pipeline({"store": "s", "out": "o", "corpora": {"c": {"path": "x", "text": "t"}},
+                        "models": {"a": {"model": "m"}, "b": {"model": "m"}},
+                        "pairs": [{"a": "a", "b": "b", "corpus": "c", "metrics": ["probe"]}]})
+    assert "pairs.0: the probe metric needs label_field (" in str(error.value) and "--" not in str(error.value)
+
+
 def test_without_its_state_a_pipeline_adopts_matching_models_and_leaves_others_alone(copy: Workspace) -> None:
     (copy.root / "out" / STATE_FILE).unlink()  # e.g. a new cluster: the store on S3 remains, `out` does not
     models = {**copy.values["models"], "qwen": {**copy.values["models"]["qwen"], "attention": "causal"}}

@@ -40,7 +40,8 @@ def test_bad_lists_are_one_message_naming_what_they_hold(text: str) -> None:
     assert isinstance(info.value, UserError) and isinstance(info.value, ValueError)  # pydantic gathers it
 
 
-@pytest.mark.parametrize(("text", "part", "fix"), [("5-3", "'5-3'", "3-5"), ("0, 9-2 ,12", "'9-2' in '0, 9-2 ,12'", "2-9")])
+@pytest.mark.parametrize(("text", "part", "fix"), [("5-3", "'5-3'", "3-5"),
+                                                   ("0, 9-2 ,12", "'9-2' in '0, 9-2 ,12'", "2-9")])
 def test_a_reversed_range_is_refused_naming_the_fix(text: str, part: str, fix: str) -> None:
     """``--docs 5-3`` selected nothing, silently (range(5, 4) is empty): refused, saying how to write it."""
     with pytest.raises(SelectionError) as info:
