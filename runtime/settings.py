@@ -34,7 +34,6 @@ def flag_name(field: str) -> str:
     return f"--{field.replace('_', '-')}"
 
 
-
 class _ExplicitNone:
     """A flag given as ``none`` (``--max-grad-norm none``): None as a value, where a flag's None means "not given"."""
 
