@@ -27,12 +27,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from hrsa.analyze.streaming.backends import BackendName, ComputeDtype
 from hrsa.analyze.streaming.plan import parse_memory_budget
 from hrsa.analyze.streaming.stream import Scheduler
-from hrsa.runtime.settings import FolderPath, StoreUrl, load_settings
+from hrsa.runtime.settings import SETTING_NAMES, FolderPath, SettingNames, StoreUrl, flag_name, load_settings
 from hrsa.store.errors import UserError
 from hrsa.store.ids import parse_id
 from hrsa.store.selection import parse_doc_ids, parse_int_list
@@ -153,9 +153,11 @@ class AnalyzeConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _probe_needs_labels(self) -> AnalyzeConfig:
+    def _probe_needs_labels(self, info: ValidationInfo) -> AnalyzeConfig:
         if "probe" in self.metrics and not self.label_field:
-            raise ValueError("the probe metric needs --label-field (the record field holding each document's label)")
+            name: SettingNames = (info.context or {}).get(SETTING_NAMES, flag_name)  # a pipeline's: its YAML key
+            raise ValueError(f"the probe metric needs {name('label_field')} (the record field holding each "
+                             "document's label)")
         return self
 
     @field_validator("metrics", mode="before")

@@ -1,25 +1,39 @@
 """``run_analysis``: one ``hrsa analyze`` job from its config, called alike by the CLI and the pipeline runner.
 
-A recipe in three steps: open the store (writable when the results go into it), clear an earlier run's outputs
-when asked to replace them, and check the run id is free before any pass; compare the pair
-(:func:`hrsa.analyze.pair.analyze_pair`), gathering hrsa's own warnings as lines; write ``results.json`` (and the
-store's ``results/<run_id>``) and draw the figures from that document.
-Progress and printing stay with the caller (``on_plan``, ``on_block``, :attr:`AnalysisRun.warnings`).
+A recipe in three steps: open the store (writable when the results go into it) and check the run id is free before
+any pass; compare the pair (:func:`hrsa.analyze.pair.analyze_pair`), gathering hrsa's own warnings as lines; write
+``results.json``, its rotations and the figures drawn from that document, and the store's ``results/<run_id>``.
+
+An earlier run's outputs in the out folder (and, when this run replaces it, its store record) stay as they were until
+this run's results are computed and written beside them: a run that is refused or fails, in its checks, its passes or
+its figures, leaves them untouched; only then are the new files moved in (:func:`_write_outputs` says what a kill
+leaves at each step). Progress and printing stay with the caller (``on_plan``, ``on_block``,
+:attr:`AnalysisRun.warnings`).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hrsa.analyze.local.knn import KnnOptions
 from hrsa.analyze.local.probe import ProbeOptions
 from hrsa.analyze.pair import analyze_pair
 from hrsa.analyze.report.figures import FIGURE_NAMES, plot_figures
-from hrsa.analyze.results import check_run_id_free, save_results
+from hrsa.analyze.results import (
+    SavedResults,
+    check_run_id_free,
+    pick_run_id,
+    results_dict,
+    write_files,
+    write_to_store,
+)
+from hrsa.runtime.settings import SettingNames, flag_name
 from hrsa.store import ActivationStore
 from hrsa.store.errors import UserError
 from hrsa.store.selection import TokenSelection
@@ -29,11 +43,13 @@ if TYPE_CHECKING:
 
     from hrsa.analyze.config import AnalyzeConfig
     from hrsa.analyze.pair import PairResults
-    from hrsa.analyze.results import SavedResults
     from hrsa.analyze.streaming.plan import AnalysisPlan
     from hrsa.analyze.streaming.stream import OnBlock
 
-__all__ = ["AnalysisRun", "run_analysis"]
+__all__ = ["AnalysisRun", "STAGING_PREFIX", "run_analysis"]
+
+#: A run's files are written into a folder of this prefix inside out, then moved out of it into out.
+STAGING_PREFIX = ".hrsa-writing-"
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: the results hold arrays
@@ -59,48 +75,117 @@ def run_analysis(
     replace: bool = False,
     on_plan: Callable[[AnalysisPlan], None] | None = None,
     on_block: OnBlock | None = None,
+    before_writing: Callable[[], None] | None = None,
+    names: SettingNames = flag_name,
 ) -> AnalysisRun:
     """Run the analysis ``config`` describes and write its results and figures into ``config.out``.
 
     Args:
         config: the validated settings (:func:`hrsa.analyze.config.load_config`).
-        replace: re-run over an earlier run of this config: first delete the store's record named ``config.run_id``
-            (if any; no other record is touched) and the whole ``config.out`` folder, so that no figure of an
-            earlier setting stays beside the new results. For a caller that owns both (the pipeline runner).
+        replace: re-run over an earlier run of this config, whose outputs go once this run's results are computed and
+            written: the store's record named ``config.run_id`` (if any; no other record is touched) and every other
+            file of ``config.out``, so that no figure of an earlier setting stays beside the new results. For a
+            caller that owns both (the pipeline runner).
         on_plan: called with the plan before the first pass (to print it, or size a progress bar).
         on_block: called with the token count of each block done.
+        before_writing: called once the results are computed, before anything is written or removed (the pipeline
+            records its stage as started there: a run refused or failed before it leaves the stage's record as it was).
+        names: how messages name the settings, given their field (`hrsa analyze`'s flags; the pipeline passes its YAML
+            keys, which its users wrote).
 
     Returns:
         An AnalysisRun.
 
     Raises:
-        UserError: a missing store, a taken run id, or anything :func:`~hrsa.analyze.pair.analyze_pair` refuses.
+        UserError: a missing store, a taken run id, or anything :func:`~hrsa.analyze.pair.analyze_pair` refuses; the
+            earlier run's outputs are then as they were.
     """
-    # Step 1: the store, writable when the results go into it; with replace, an earlier run's record and out folder
-    # go; a taken run id fails now, not after the passes.
+    # Step 1: the store, writable when the results go into it; a taken run id fails now, not after the passes (with
+    # replace, the earlier run's record may hold it: it is replaced in step 3). Nothing is written or removed here.
     _check_out_apart_from_store(config)
     store = ActivationStore.open(config.store, mode="r+" if config.store_results else "r")
-    if replace:
-        _clear_earlier_run(store, config)
-    if config.store_results and config.run_id:
+    if config.store_results and config.run_id and not (replace and config.run_id in store.results_ids()):
         check_run_id_free(store, config.run_id)
     # Step 2: the comparison; each warning once, gathered so that it prints below a progress bar, not through it.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
-        results = _compare(store, config, on_plan, on_block)
+        results = _compare(store, config, on_plan, on_block, names)
     ours = tuple(str(w.message) for w in caught if _is_hrsa(w))
     for w in caught:  # others as Python shows them
         if not _is_hrsa(w):
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    # Step 3: results.json (and results/<run_id>), then the figures drawn from that document; an earlier run's
-    # figures and rotations that this one did not draw go, so nothing in the folder describes another run.
-    earlier = (Path(config.out) / "results.json").is_file()
-    saved = save_results(results, config.out, store=store if config.store_results else None, run_id=config.run_id,
-                         config=config.model_dump(mode="json"))
-    figures = tuple(plot_figures(saved.doc, config.out))
-    if earlier:
-        _remove_stale_outputs(Path(config.out), {p.name for p in (*figures, *saved.rotations)})
+    # Step 3: results.json, rotations and figures (drawn from that document), and results/<run_id>; what the earlier
+    # run left that this one did not write goes, so nothing in the folder describes another run.
+    if before_writing is not None:
+        before_writing()
+    saved, figures = _write_outputs(results, config, store if config.store_results else None, replace=replace)
     return AnalysisRun(results=results, saved=saved, figures=figures, warnings=ours)
+
+
+def _write_outputs(results: PairResults, config: AnalyzeConfig, store: ActivationStore | None, *,
+                   replace: bool) -> tuple[SavedResults, tuple[Path, ...]]:
+    """Write one run's outputs over an earlier run's, in three steps, and return them as (saved, figures).
+
+    (1) results.json, the rotations and the figures go into a staging folder inside out (:data:`STAGING_PREFIX`);
+    (2) the store's record (with ``replace``, the earlier record of the run id goes first: a record cannot be renamed);
+    (3) the staged files move into out, results.json last, each by an atomic rename; staging folders go (a killed
+        run's too), and what the earlier run left that this one did not write (with ``replace``, all else in out).
+
+    A failure in (1) or (2) leaves out as it was (the staging folder is removed, and out itself when this run created
+    it); one in (1) leaves the store as it was too. A kill in (1) leaves out's files whole, beside a staging folder; in
+    (2) the earlier record of a replaced run id may be gone; in (3) out may hold files of both runs, its results.json
+    the earlier run's until the last rename. The pipeline, the caller that replaces, has recorded its stage as started
+    before (1) (``before_writing``), so it runs the analysis again, and that run's (3) leaves nothing of either.
+    """
+    out = Path(config.out)
+    created = _first_missing(out)
+    earlier = (out / "results.json").is_file()
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
+    try:
+        run_id = pick_run_id(results, store=store, run_id=config.run_id)
+        doc = results_dict(results, run_id=run_id, config=config.model_dump(mode="json"))
+        _, rotations = write_files(results, doc, staging)
+        figures = plot_figures(doc, staging)
+        store_path = _write_record(store, results, doc, replace=replace) if store is not None else None
+    except BaseException:
+        shutil.rmtree(created or staging, ignore_errors=True)
+        raise
+    written = [*(p.name for p in (*rotations, *figures)), "results.json"]  # results.json last
+    for name in written:
+        os.replace(staging / name, out / name)
+    for folder in out.glob(f"{STAGING_PREFIX}*"):  # this run's, now empty, and any a killed run left
+        shutil.rmtree(folder, ignore_errors=True)
+    if replace:
+        _remove_all_but(out, set(written))
+    elif earlier:
+        _remove_stale_outputs(out, set(written))
+    saved = SavedResults(run_id, out / "results.json", tuple(out / p.name for p in rotations), store_path, doc)
+    return saved, tuple(out / p.name for p in figures)
+
+
+def _write_record(store: ActivationStore, results: PairResults, doc: dict[str, Any], *, replace: bool) -> str:
+    """``results/<run_id>``; with ``replace``, an earlier record of that id (a run of this config's) goes first."""
+    if replace and doc["run_id"] in store.results_ids():
+        store.delete_results(doc["run_id"])
+    return write_to_store(store, results, doc)
+
+
+def _first_missing(folder: Path) -> Path | None:
+    """The outermost of ``folder`` and its parents that does not exist: what making ``folder`` creates (None: none)."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    return missing[-1] if missing else None
+
+
+def _remove_all_but(out: Path, written: set[str]) -> None:
+    """Delete everything in ``out`` but ``written``: the folder is the caller's own (the pipeline's pair folder)."""
+    for path in out.iterdir():
+        if path.name in written:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def _check_out_apart_from_store(config: AnalyzeConfig) -> None:
@@ -122,7 +207,7 @@ def _remove_stale_outputs(out: Path, written: set[str]) -> None:
 
 
 def _compare(store: ActivationStore, config: AnalyzeConfig, on_plan: Callable[[AnalysisPlan], None] | None,
-             on_block: OnBlock | None) -> PairResults:
+             on_block: OnBlock | None, names: SettingNames) -> PairResults:
     """:func:`analyze_pair` called with the config's settings."""
     selection = TokenSelection(exclude_special=config.exclude_special, exclude_first=config.exclude_first,
                                positions=config.positions, docs=config.docs, fields=config.fields)
@@ -137,15 +222,8 @@ def _compare(store: ActivationStore, config: AnalyzeConfig, on_plan: Callable[[A
         selection=selection, memory_budget=config.memory_budget, block_tokens=config.block_tokens,
         workers=config.workers, scheduler=config.scheduler, backend=config.backend, compute_dtype=config.compute_dtype,
         save_rotation=config.save_rotation, groups=config.groups, knn_options=knn_options, probe_options=probe_options,
-        on_plan=on_plan, on_block=on_block,
+        on_plan=on_plan, on_block=on_block, names=names,
     )
-
-
-def _clear_earlier_run(store: ActivationStore, config: AnalyzeConfig) -> None:
-    """Delete what an earlier (maybe interrupted) run of ``config`` left: its store record and its out folder."""
-    if config.store_results and config.run_id and config.run_id in store.results_ids():
-        store.delete_results(config.run_id)
-    shutil.rmtree(config.out, ignore_errors=True)
 
 
 def _is_hrsa(w: warnings.WarningMessage) -> bool:

@@ -110,9 +110,11 @@ __all__ = [
     "check_run_id_free",
     "find_results",
     "new_run_id",
+    "pick_run_id",
     "read_results",
     "results_dict",
     "save_results",
+    "write_files",
     "write_json",
     "write_to_store",
 ]
@@ -387,16 +389,33 @@ def save_results(
     Raises:
         UserError: an invalid or taken run id, or a read-only store.
     """
-    out_dir = Path(out_dir)
-    if run_id is None:
-        run_id = new_run_id(results) if store is None else _free_run_id(store, new_run_id(results))
-    run_id = parse_id(run_id, kind="run id")
+    run_id = pick_run_id(results, store=store, run_id=run_id)
     doc = results_dict(results, run_id=run_id, config=config)
     store_path = write_to_store(store, results, doc) if store is not None else None
+    json_path, rotations = write_files(results, doc, Path(out_dir))
+    return SavedResults(run_id, json_path, rotations, store_path, doc)
+
+
+def pick_run_id(results: PairResults, *, store: ActivationStore | None = None, run_id: str | None = None) -> str:
+    """``run_id`` checked, else ``<a>--<b>--<time>`` (``-2``, ``-3``, ... added when ``store`` holds it).
+
+    Raises:
+        InvalidIdError: ``run_id`` is not a valid id.
+    """
+    if run_id is None:
+        run_id = new_run_id(results) if store is None else _free_run_id(store, new_run_id(results))
+    return parse_id(run_id, kind="run id")
+
+
+def write_files(results: PairResults, doc: Mapping[str, Any], out_dir: Path) -> tuple[Path, tuple[Path, ...]]:
+    """The files of one run in ``out_dir`` (created): the rotations (.npy), then ``results.json`` holding ``doc``.
+
+    Returns:
+        (results.json, the rotations).
+    """
     rotations = tuple(_save_rotation(out_dir / _rotation_name(k), p.rotation)
                       for k, p in zip(results.matched, results.procrustes or ()) if p.rotation is not None)
-    json_path = write_json(doc, out_dir)
-    return SavedResults(run_id, json_path, rotations, store_path, doc)
+    return write_json(doc, out_dir), rotations
 
 
 def _save_rotation(path: Path, rotation: np.ndarray) -> Path:

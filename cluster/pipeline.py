@@ -20,7 +20,7 @@ line (a :class:`PipelineError`, exit code 2 from the CLI).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,7 +31,15 @@ from hrsa.analyze.report.cli import VerdictRules
 from hrsa.analyze.report.summary import Comparison
 from hrsa.extract.config import CorpusOptions, ExtractRunOptions, ModelSourceOptions
 from hrsa.runtime.locations import is_url
-from hrsa.runtime.settings import FolderLocation, Problems, StoreUrl, read_yaml_mapping, validation_problems
+from hrsa.runtime.settings import (
+    SETTING_NAMES,
+    FolderLocation,
+    Problems,
+    SettingNames,
+    StoreUrl,
+    read_yaml_mapping,
+    validation_problems,
+)
 from hrsa.store.errors import InvalidIdError, UserError
 from hrsa.store.ids import parse_id, slugify
 
@@ -44,8 +52,10 @@ __all__ = [
     "PipelineConfig",
     "PipelineError",
     "ReportEntry",
+    "analysis_keys",
     "load_pipeline",
     "parse_pipeline",
+    "train_keys",
 ]
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
@@ -285,10 +295,33 @@ def _train_config(run: str, fields: Any, out: Path | str | None) -> Any:
         raise Problems([_under_run(run, p) for p in validation_problems(error, flags=False)]) from None
 
 
-def train_keys(run: str) -> Callable[[str], str]:
+def train_keys(run: str) -> SettingNames:
     """How messages about training run ``run`` name its settings: by their keys in the pipeline's YAML
     (``train.<run>.batch_size``), not by `hrsa train`'s flags (``--batch-size``), which a pipeline has none of."""
     return lambda field: f"train.{run}.{field}"
+
+
+# A pair's probe settings it may take from its corpus: label_field and labels (PipelineConfig._corpus_labels), id_field
+# (the runner reads labels from the corpus file with the corpus's id field).
+_FROM_CORPUS = ("label_field", "labels", "id_field")
+
+
+def analysis_keys(config: PipelineConfig, section: str, index: int) -> SettingNames:
+    """How messages about the analysis of ``<section>.<index>`` (``pairs.0``, ``dynamics.1``) name its settings: by
+    their keys in the pipeline's YAML (``pairs.0.hidden_states``), not by `hrsa analyze`'s flags, which a pipeline has
+    none of. A probe setting with its corpus's value is named there first, as the key the user most likely wrote:
+    ``corpora.words.label_field (or pairs.0.label_field)``."""
+    entry = getattr(config, section)[index]
+    corpus = config.corpora[entry.corpus]
+
+    def name(field: str) -> str:
+        own = f"{section}.{index}.{field}"
+        taken = getattr(corpus, field, None) if field in _FROM_CORPUS else None
+        if taken is not None and getattr(entry, field) in (None, taken):
+            return f"corpora.{entry.corpus}.{field} (or {own})"
+        return own
+
+    return name
 
 
 def _under_run(run: str, problem: str) -> str:
@@ -303,8 +336,8 @@ def parse_pipeline(values: Mapping[str, Any]) -> PipelineConfig:
     Raises:
         PipelineError: every problem at once, in one line.
     """
-    try:
-        return PipelineConfig.model_validate(dict(values))
+    try:  # a pair's messages name its keys (label_field), under their place in the file (pairs.0)
+        return PipelineConfig.model_validate(dict(values), context={SETTING_NAMES: lambda field: field})
     except ValidationError as error:
         problems = validation_problems(error, flags=False)
         problems += [p for p in _reference_problems(values) if p not in problems]  # when the fields failed first

@@ -37,6 +37,7 @@ from hrsa.extract.worker_pool import ExtractionWorkers
 from hrsa.runtime.fingerprint import file_digest
 from hrsa.runtime.folder_lock import FolderLock
 from hrsa.runtime.locations import is_url, parse_location
+from hrsa.runtime.settings import SettingNames
 from hrsa.store.errors import UserError
 
 if TYPE_CHECKING:
@@ -145,6 +146,8 @@ def run_pipeline(config: PipelineConfig, *, console: Console | None = None,
 
 
 def _run_stages(config: PipelineConfig, console: Console, published: PublishedOut | None, out: Any) -> PipelineResult:
+    from hrsa.cluster.pipeline import analysis_keys
+
     runner = _Runner(config, console, publish=published.push if published else None)
     # Step 1: training runs; Step 2: every model over each corpus of its pairs, and the dynamics checkpoints.
     trained = {run: runner.train(run, tc) for run, tc in config.train.items()}
@@ -158,8 +161,10 @@ def _run_stages(config: PipelineConfig, console: Console, published: PublishedOu
     runner.extraction_workers = None
     # Step 3: pairs; Step 4: dynamics series; Step 5: the report.
     results = {p.label: runner.analyze(f"analyze:{p.label}", p, models[p.a, p.corpus], models[p.b, p.corpus],
-                                       config.out / "pairs" / p.label) for p in config.pairs}
-    dynamics = {d.label: runner.dynamics(d, series[d.label]) for d in config.dynamics}
+                                       config.out / "pairs" / p.label, analysis_keys(config, "pairs", i))
+               for i, p in enumerate(config.pairs)}
+    dynamics = {d.label: runner.dynamics(d, series[d.label], analysis_keys(config, "dynamics", i))
+                for i, d in enumerate(config.dynamics)}
     report = runner.report(results, dynamics)
     return PipelineResult(out, config.store, report, {k: v.results for k, v in results.items()},
                           {k: v.results for k, v in dynamics.items()}, dict(runner.store_ids), tuple(runner.outcomes))
@@ -462,7 +467,10 @@ class _Runner:
                                        "stored": _stored_identity(ActivationStore.open(ec.store), ec.name)})  # as written now
 
     # -- Step 3: analysis -------------------------------------------------------------------------------
-    def analyze(self, stage: str, options: PairAnalysisSettings, a: _Extracted, b: _Extracted, out_dir: Path) -> _Analyzed:
+    def analyze(self, stage: str, options: PairAnalysisSettings, a: _Extracted, b: _Extracted, out_dir: Path,
+                names: SettingNames) -> _Analyzed:
+        """Compare a and b as ``options`` say, into ``out_dir``; messages name the settings by ``names`` (the YAML
+        keys of the pair or the dynamics series)."""
         options = self._labels_from_corpus_file(options)
         settings = options.model_dump(mode="json", exclude={"a", "b", "corpus", "name", "extract", "b_step", "store", "pair",
                                                             "out", "run_id", "labels", *ANALYZE_SCHEDULING})
@@ -474,9 +482,11 @@ class _Runner:
         run_id = f"{stage.partition(':')[2][:100]}--{key[:12]}".replace("@", "-")
         reason = self.state.reason_to_run(stage, key, lambda o: _readable_results(json_path) and self._recorded(options, run_id))
         if self._announce(stage, reason):
-            self.state.start(stage, key)
+            # Recorded as started once its results are computed, before it writes: a run refused or failed before then
+            # leaves the stage's record (and its earlier results) as they were.
             self._run_analysis(options.analyze_config(store=self.config.store, pair=(a.store_id, b.store_id), out=out_dir,
-                                                      run_id=run_id))
+                                                      run_id=run_id), before_writing=lambda: self.state.start(stage, key),
+                               names=names)
             self.state.finish(stage, key, {"results": str(json_path)})
         return _Analyzed(json_path, key)
 
@@ -494,25 +504,28 @@ class _Runner:
         corpus = self.config.corpora[options.corpus]  # type: ignore[attr-defined]
         return options.model_copy(update={"labels": corpus.path, "id_field": options.id_field or corpus.id_field})
 
-    def _run_analysis(self, cfg: AnalyzeConfig) -> None:
+    def _run_analysis(self, cfg: AnalyzeConfig, *, before_writing: Callable[[], None], names: SettingNames) -> None:
         from hrsa.analyze.job import run_analysis
 
         # replace: this stage's key names the run id, so a record under it is this stage's, from a run that stopped
-        # before it finished; it and the out folder (figures of an earlier setting) are redone.
+        # before it finished; it and the out folder (figures of an earlier setting) are replaced once the new results
+        # are computed and written beside them.
         with stage_progress(self.console, "tokens x passes") as (progress, task):
-            run = run_analysis(cfg, replace=True,
+            run = run_analysis(cfg, replace=True, before_writing=before_writing, names=names,
                                on_plan=lambda plan: progress.update(task, total=plan.passes * plan.inputs.n_tokens),
                                on_block=lambda n: progress.advance(task, n))
         for message in run.warnings:  # hrsa's warnings as lines below the bar (as `hrsa analyze` prints them)
             self.console.print(f"hrsa: warning: {message}", markup=False, emoji=False)
 
     # -- Step 4: dynamics -------------------------------------------------------------------------------
-    def dynamics(self, d: DynamicsEntry, checkpoints: Mapping[int, tuple[_Extracted, _Extracted]]) -> _Analyzed:
+    def dynamics(self, d: DynamicsEntry, checkpoints: Mapping[int, tuple[_Extracted, _Extracted]],
+                 names: SettingNames) -> _Analyzed:
         from hrsa.analyze.report.dynamics import write_dynamics
 
         folder = self.config.out / "dynamics" / d.label
         steps = sorted(checkpoints)
-        done = [self.analyze(f"analyze:{d.label}@step-{s}", d, *checkpoints[s], folder / f"step-{s}") for s in steps]
+        done = [self.analyze(f"analyze:{d.label}@step-{s}", d, *checkpoints[s], folder / f"step-{s}", names)
+                for s in steps]
         self.last_steps[d.label] = done[-1].results
         stage, path = f"dynamics:{d.label}", folder / "dynamics.json"
         key = stage_key({"dynamics": [d.a, d.b], "name": d.label, "steps": steps, "results": [r.key for r in done]})

@@ -1,7 +1,7 @@
 """``<out>/pipeline-state.json``: what each stage of a pipeline last ran with, and whether it finished.
 
-Per stage: its key (:mod:`hrsa.cluster.stage_keys`), its status ("started" before it runs, "done" with its
-outputs after) and its outputs. One process writes it (the driver of ``hrsa run``), atomically, after each
+Per stage: its key (:mod:`hrsa.cluster.stage_keys`), its status ("started" before it writes anything, "done" with
+its outputs after) and its outputs. One process writes it (the driver of ``hrsa run``), atomically, after each
 change, so a re-run after a crash reads the last stage that finished and resumes from there.
 """
 

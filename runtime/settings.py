@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -18,10 +18,20 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ValidationError
 from hrsa.runtime.locations import is_url
 from hrsa.store.errors import UserError
 
-__all__ = ["EXPLICIT_NONE", "FilePath", "FolderLocation", "FolderPath", "Problems", "load_settings", "parse_settings",
-           "read_yaml_mapping", "validation_problems"]
+__all__ = ["EXPLICIT_NONE", "SETTING_NAMES", "FilePath", "FolderLocation", "FolderPath", "Problems", "SettingNames",
+           "flag_name", "load_settings", "parse_settings", "read_yaml_mapping", "validation_problems"]
 
 M = TypeVar("M", bound=BaseModel)
+
+SettingNames = Callable[[str], str]
+"""How a message names a setting, given its field: a verb's flag, or in a pipeline its key in the YAML."""
+SETTING_NAMES = "setting_names"
+"""The key of a :data:`SettingNames` in the validation context of a verb's config (default :func:`flag_name`)."""
+
+
+def flag_name(field: str) -> str:
+    """A verb's flag of a setting, as its messages name it: ``batch_size`` is ``--batch-size``."""
+    return f"--{field.replace('_', '-')}"
 
 
 class _ExplicitNone:

@@ -128,8 +128,8 @@ def parse_int_list(text: str, *, ranges: bool = True, negative: bool = False, wh
         what: what the integers are, for the error message (e.g. "document indices").
 
     Raises:
-        SelectionError: a part that is not an integer (or range); a ``ValueError``, so a pydantic validator that
-            calls this reports it with the other problems.
+        SelectionError: a part that is not an integer (or range), or a range written high to low (``5-3``); a
+            ``ValueError``, so a pydantic validator that calls this reports it with the other problems.
 
     Example:
         >>> parse_int_list("0,3,5-9")
@@ -145,9 +145,12 @@ def parse_int_list(text: str, *, ranges: bool = True, negative: bool = False, wh
                 lo, hi = (int(v) for v in part.split("-", 1))
                 if negative and hi < 0:  # "0--1": to the last, or an empty range? Not guessed
                     raise ValueError(part)
+                _check_low_to_high(lo, hi, part, text, what)
                 values.extend(range(lo, hi + 1))
             else:
                 values.append(int(part))
+    except SelectionError:  # a range high to low: its own message
+        raise
     except ValueError:
         example, how = ("0,3,5-9", " (A-B for a range)") if ranges else ("5,10,50", "")
         if ranges and negative:
@@ -155,6 +158,15 @@ def parse_int_list(text: str, *, ranges: bool = True, negative: bool = False, wh
         raise SelectionError(f"Expected {what} such as {example}. Got {text!r} instead. "
                              f"Write integers separated by commas{how}.") from None
     return values
+
+
+def _check_low_to_high(lo: int, hi: int, part: str, text: str, what: str) -> None:
+    """Refuse a range written high to low: ``5-3`` is an empty range, which selected nothing without a word."""
+    if lo <= hi:
+        return
+    where = "" if part == text.strip() else f" in {text!r}"
+    raise SelectionError(f"Expected {what} with each range A-B from low to high. Got {part!r}{where} instead. "
+                         f"Write it {hi}-{lo}.")
 
 
 def parse_doc_ids(text: str) -> list[int]:

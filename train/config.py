@@ -15,16 +15,18 @@ field is a flag of the same name (``batch_size`` is ``--batch-size``). Example Y
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 from hrsa.extract.model_spec import AttentionMode
-from hrsa.runtime.settings import FolderLocation, load_settings
+from hrsa.runtime.settings import SETTING_NAMES, FolderLocation, SettingNames, flag_name, load_settings
 from hrsa.store.errors import UserError
 
+# SETTING_NAMES, SettingNames and flag_name live in hrsa.runtime.settings (analyze's messages name settings too);
+# they stay importable from here.
 __all__ = ["SCHEDULING_FIELDS", "SETTING_NAMES", "SettingNames", "Strategy", "TrainConfig", "TrainConfigError",
            "WeightDType", "flag_name", "load_train_config"]
 
@@ -37,17 +39,6 @@ Strategy = Literal["ddp", "fsdp"]
 # batch (tested). Every other field is part of a run's recipe (hrsa.train.recipe), so a new field counts by default.
 SCHEDULING_FIELDS = frozenset({"output", "workers", "use_gpu", "save_every", "chunk_size", "gradient_checkpointing",
                                "strategy", "address", "max_failures"})
-
-
-SettingNames = Callable[[str], str]
-"""How a message names a setting, given its field: `hrsa train`'s flag, or in a pipeline its YAML key."""
-SETTING_NAMES = "setting_names"
-"""The key of a :data:`SettingNames` in the validation context of a TrainConfig (default :func:`flag_name`)."""
-
-
-def flag_name(field: str) -> str:
-    """`hrsa train`'s flag of a setting, as its messages name it: ``batch_size`` is ``--batch-size``."""
-    return f"--{field.replace('_', '-')}"
 
 
 class TrainConfigError(UserError, ValueError):

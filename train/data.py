@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hrsa.runtime.settings import SettingNames, flag_name
 from hrsa.store.errors import UserError
-from hrsa.train.config import SettingNames, flag_name
 from hrsa.train.jsonl import check_pair, iter_jsonl
 from hrsa.train.pooling import format_query
 

@@ -7,7 +7,8 @@ overridden), so mteb computes its standard metrics (nDCG@10, MAP, recall...; acc
 - retrieval from pairs (JSON lines with query, pos, optional negs and instruction): the corpus is every
   distinct pos and neg text, and each query's one relevant document is its pos.
 - classification from labelled texts (a text field and a label field): a seeded stratified split into
-  train and test halves; mteb fits a logistic regression on the train embeddings.
+  train and test halves; mteb fits a logistic regression on the train embeddings. Labels are classes by the
+  probes' rule (:mod:`hrsa.store.labels`: 1.0 is the class of 1; labels of mixed kinds, 1 and "1", are refused).
 
 Importing mteb creates its result cache folder (``~/.cache/mteb`` unless ``MTEB_CACHE`` is set), so this
 module imports it with ``MTEB_CACHE`` pointed at a temporary folder when the user has not set one.
@@ -54,6 +55,7 @@ from mteb.models.model_meta import ModelMeta, ScoringFunction  # noqa: E402
 from mteb.types import PromptType  # noqa: E402
 
 from hrsa.store.errors import UserError  # noqa: E402
+from hrsa.store.labels import check_one_kind, class_name  # noqa: E402
 from hrsa.train.jsonl import JsonlError, read_jsonl, read_pairs  # noqa: E402
 from hrsa.train.pooling import format_query  # noqa: E402
 
@@ -148,16 +150,18 @@ class LocalClassificationTask(AbsTaskClassification):
             return
         hint = " or name the fields as classification:FILE:TEXT_FIELD:LABEL_FIELD"
         records = read_jsonl(self.path, required=(self.text_field,), hint=hint)
+        first_of_kind: dict[str, Any] = {}
         for number, r in enumerate(records, 1):
             if r.get(self.label_field) is None or isinstance(r[self.label_field], (list, dict)):
                 raise JsonlError(f"Expected a label field {self.label_field!r} on every record of {self.path}. Got "
                                  f"none on record {number} instead. Fix that record{hint}.")
+            check_one_kind(first_of_kind, r[self.label_field], self.label_field, self.path)  # the probes' rule
         records = [records[i] for i in _subsample(len(records), self.limit, self.seed)]
-        names = sorted({str(r[self.label_field]) for r in records})
+        names = sorted({class_name(r[self.label_field]) for r in records})  # 1.0 is the class of 1, as in the probes
         if len(names) < 2:
             raise UserError(f"Expected at least two labels in {self.path} ({self.label_field!r}). Got {names} instead.")
         texts = [str(r[self.text_field]) for r in records]
-        labels = np.array([names.index(str(r[self.label_field])) for r in records])
+        labels = np.array([names.index(class_name(r[self.label_field])) for r in records])
         self._check_two_per_label(labels, names)
         train, test = _stratified_halves(labels, self.seed)
         self.samples_per_label = len(train)  # use every train text

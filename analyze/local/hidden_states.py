@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from hrsa.runtime.settings import SettingNames, flag_name
 from hrsa.store.errors import LayerOutOfRangeError, UserError
 
 if TYPE_CHECKING:
@@ -19,8 +20,10 @@ if TYPE_CHECKING:
 __all__ = ["shared_hidden_states"]
 
 
-def shared_hidden_states(store: ActivationStore, a: str, b: str, wanted: Sequence[int] | None) -> tuple[int, ...]:
-    """The hidden states both models store (``wanted``, resolved, in its order, when given).
+def shared_hidden_states(store: ActivationStore, a: str, b: str, wanted: Sequence[int] | None, *,
+                         names: SettingNames = flag_name) -> tuple[int, ...]:
+    """The hidden states both models store (``wanted``, resolved, in its order, when given); messages name the setting
+    by ``names`` (`hrsa analyze`'s --hidden-states; a pipeline's YAML key).
 
     Raises:
         UserError: a wanted hidden state that one of them does not store (it was dropped without a word), a negative
@@ -28,16 +31,17 @@ def shared_hidden_states(store: ActivationStore, a: str, b: str, wanted: Sequenc
     """
     info_a, info_b = store.model_info(a), store.model_info(b)
     shared = sorted(set(info_a.hidden_states) & set(info_b.hidden_states))
-    resolved = [_resolve_in_both(info_a, info_b, int(k), shared) for k in wanted or ()]
+    resolved = [_resolve_in_both(info_a, info_b, int(k), shared, names) for k in wanted or ()]
     missing = [int(k) for k, found in zip(wanted or (), resolved) if found is None]
     if not shared or missing or (wanted is not None and not wanted):
         got = ", ".join(map(str, missing)) if missing else "none"
         raise UserError(f"Expected hidden states shared by {a} and {b} ({_named(info_a, info_b, shared)}). "
-                        f"Got {got} instead. Pick --hidden-states among them.")
+                        f"Got {got} instead. Pick {names('hidden_states')} among them.")
     return tuple(shared) if wanted is None else tuple(dict.fromkeys(k for k in resolved if k is not None))
 
 
-def _resolve_in_both(info_a: ModelInfo, info_b: ModelInfo, index: int, shared: list[int]) -> int | None:
+def _resolve_in_both(info_a: ModelInfo, info_b: ModelInfo, index: int, shared: list[int],
+                     names: SettingNames) -> int | None:
     """The hidden state ``index`` names in both models, None where one of them stores none of that index.
 
     Raises:
@@ -51,8 +55,8 @@ def _resolve_in_both(info_a: ModelInfo, info_b: ModelInfo, index: int, shared: l
     if k_a != k_b:
         raise UserError(f"Expected hidden-state indices naming the same hidden state of {info_a.id} and {info_b.id}. "
                         f"Got {index} instead, which is {k_a} of {info_a.id} ({info_a.n_hidden_states} hidden states) "
-                        f"but {k_b} of {info_b.id} ({info_b.n_hidden_states}). Pick --hidden-states among the shared "
-                        f"ones counted from 0 ({', '.join(map(str, shared))}).")
+                        f"but {k_b} of {info_b.id} ({info_b.n_hidden_states}). Pick {names('hidden_states')} among "
+                        f"the shared ones counted from 0 ({', '.join(map(str, shared))}).")
     return k_a
 
 

@@ -17,7 +17,8 @@ the label column) overrides this, e.g. when the corpus file has moved; its ids a
 (``id_field``, else ``"id"``, else ``<file name>:<line>``). Documents whose record has no label (missing or null)
 are dropped. The file read and its digest are in :class:`ProbePairResult` (``labels_file``, ``labels_digest``).
 A class is a label's value written as text, an integral float as its integer (1 and 1.0 are the class "1"); labels
-of different kinds in one file (numbers, strings, booleans: 1, "1" and true) are refused, not made classes apart.
+of different kinds in one file (numbers, strings, booleans: 1, "1" and true) are refused, not made classes apart
+(:mod:`hrsa.store.labels`, the rule ``hrsa eval``'s classification tasks follow too).
 
 Memory: the pooled features are (M, D) float64 per model and are held (a probe needs them all); the hidden
 states are read a block of tokens at a time, the block sized to ``memory_budget`` by the memory model of
@@ -29,7 +30,6 @@ the Wilson score interval (:func:`hrsa.analyze.local.bootstrap.accuracy_bootstra
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +47,9 @@ from hrsa.analyze.local.store_rows import read_rows
 from hrsa.analyze.metrics.linear_probe import ProbeResult, linear_probe, stratified_split
 from hrsa.analyze.streaming.plan import parse_memory_budget
 from hrsa.runtime.fingerprint import records_digest
+from hrsa.runtime.settings import SettingNames, flag_name
 from hrsa.store.errors import UserError
+from hrsa.store.labels import check_one_kind, class_name
 from hrsa.store.records import read_records
 
 if TYPE_CHECKING:
@@ -131,54 +133,56 @@ class ProbePairResult:
 
 def read_labels(
     store: ActivationStore, cid: str, *, label_field: str, labels_file: str | None = None, id_field: str | None = None,
-    models: Sequence[str] = (),
+    models: Sequence[str] = (), names: SettingNames = flag_name,
 ) -> NDArray[np.object_]:
     """The label of each document of corpus ``cid`` (None where its record has none).
 
     Without ``labels_file``, from the corpus file that ``models`` (those of ``cid`` or aligned to it) recorded at
     extraction, checked to be unchanged since; else, for models that record none, from the corpus's recorded source.
+    Messages name the settings by ``names`` (`hrsa analyze`'s flags; a pipeline passes its YAML keys).
 
     Raises:
         UserError: no source to read labels from, a recorded corpus file changed or gone since extraction (or two
             models' files that differ), labels of different kinds (1 and "1"), or no document has the label field.
     """
     return _read_labels(store, cid, label_field=label_field, labels_file=labels_file, id_field=id_field,
-                        models=models)[0]
+                        models=models, names=names)[0]
 
 
 def _read_labels(
     store: ActivationStore, cid: str, *, label_field: str, labels_file: str | None, id_field: str | None,
-    models: Sequence[str],
+    models: Sequence[str], names: SettingNames,
 ) -> tuple[NDArray[np.object_], str, str | None]:
     """(labels as :func:`read_labels` gives them, the file read, its digest)."""
     info = store.corpus_info(cid)
     spec = info.extra.get("corpus_spec") or {}
     source, digest = labels_file, records_digest(labels_file) if labels_file else None
     if not labels_file:
-        source, digest = _recorded_corpus_file(store, models) or (spec.get("source") or info.source, None)
+        source, digest = _recorded_corpus_file(store, models, names) or (spec.get("source") or info.source, None)
         digest = digest or (records_digest(source) if source else None)
     if not source:
-        raise UserError(f"Expected corpus {cid} to record its source file. Got none. Pass --labels FILE.")
+        raise UserError(f"Expected corpus {cid} to record its source file. Got none. Name a labels file with "
+                        f"{names('labels')}.")
     ids_from = id_field or (None if labels_file else spec.get("id_field"))  # the id rule extraction used
     wanted = [str(rid) for rid in store.documents(cid)["record_id"]]
     try:
-        by_id = _labels_by_id(read_records(source, id_field=ids_from), label_field, set(wanted), source)
+        by_id = _labels_by_id(read_records(source, id_field=ids_from), label_field, set(wanted), source, names)
     except UserError:
         raise
     except Exception as error:  # CorpusError and friends: the source moved or cannot be read
         raise UserError(f"Expected readable labels in {source}. Got an error instead: {error}. "
-                        "Pass --labels FILE.") from error
+                        f"Name a labels file with {names('labels')}.") from error
     labels = np.array([None if _missing(v := by_id.get(rid)) else v for rid in wanted], dtype=object)
     if all(v is None for v in labels):
         theirs = [r["_id"] for r, _ in zip(read_records(source, id_field=ids_from), range(2))]
         raise UserError(f"Expected a label field {label_field!r} in the records of {source} matching "
                         f"corpus {cid}'s ids (such as {wanted[:2]}). Got none (the file's ids are such as {theirs}). "
-                        "Check --label-field (and --labels / the id field).")
+                        f"Check {names('label_field')}, {names('labels')} and {names('id_field')}.")
     read = str(Path(source).expanduser().resolve()) if digest is not None else source  # where it was, not relative
     return labels, read, digest
 
 
-def _recorded_corpus_file(store: ActivationStore, models: Sequence[str]) -> tuple[str, str] | None:
+def _recorded_corpus_file(store: ActivationStore, models: Sequence[str], names: SettingNames) -> tuple[str, str] | None:
     """(path, digest) of the corpus file the models recorded at extraction, checked to hold the same content now;
     None when none of them records one (stored by an earlier hrsa, or extracted from the hub or a stored corpus).
 
@@ -194,17 +198,18 @@ def _recorded_corpus_file(store: ActivationStore, models: Sequence[str]) -> tupl
         if theirs["digest"] != file["digest"]:
             raise UserError(f"Expected models {first} and {other} to be extracted from the same corpus file, to read "
                             f"the probe's labels from it. Got {file['path']} and {theirs['path']}, whose contents "
-                            "differ, instead. Pass --labels FILE to say which labels to use.")
+                            f"differ, instead. Name the labels file to use with {names('labels')}.")
     now = records_digest(file["path"])
     if now != file["digest"]:
         got = "nothing there" if now is None else "other content (changed since: its line ids may have shifted)"
         raise UserError(f"Expected corpus file {file['path']}, which model {first} was extracted from, to hold what "
                         f"was extracted, to read the probe's labels from it. Got {got} instead. "
-                        "Pass --labels FILE with the labels of the stored documents' ids.")
+                        f"Name a file of the stored documents' labels (by their ids) with {names('labels')}.")
     return file["path"], file["digest"]
 
 
-def _labels_by_id(records: Iterable[dict[str, Any]], label_field: str, wanted: set[str], source: str) -> dict[str, Any]:
+def _labels_by_id(records: Iterable[dict[str, Any]], label_field: str, wanted: set[str], source: str,
+                  names: SettingNames) -> dict[str, Any]:
     """``{record id: label}`` of the records whose id a document has; one id with two labels is refused (joining
     either one to every document of that id would be silently wrong)."""
     by_id: dict[str, Any] = {}
@@ -214,40 +219,13 @@ def _labels_by_id(records: Iterable[dict[str, Any]], label_field: str, wanted: s
         if rid not in wanted:
             continue
         if not _missing(label):  # before the id check: True == 1, so a second record labelled 1 passed as the same
-            _check_one_kind(first_of_kind, label, label_field, source)
+            check_one_kind(first_of_kind, label, label_field, source)
         if rid in by_id and not _same_label(by_id[rid], label):
             raise UserError(f"Expected one label per record id in {source}. Got {rid!r} labelled {by_id[rid]!r} and "
-                            f"{label!r} instead. Give each record its own id (--id-field names a unique field).")
+                            f"{label!r} instead. Give each record its own id ({names('id_field')} names a unique "
+                            "field).")
         by_id[rid] = label
     return by_id
-
-
-def _check_one_kind(first_of_kind: dict[str, Any], label: Any, label_field: str, source: str) -> None:
-    """Refuse a label of another kind than those before it (``first_of_kind``: the first label of each kind seen, which
-    this adds to): 1, "1" and true would each be a class of their own, silently."""
-    kind = _kind(label)
-    first_of_kind.setdefault(kind, label)
-    if len(first_of_kind) > 1:
-        (kind_a, a), (kind_b, b) = list(first_of_kind.items())[:2]
-        raise UserError(f"Expected the labels of {label_field!r} in {source} to be of one type. Got {a!r} ({kind_a}) "
-                        f"and {b!r} ({kind_b}) instead. Make the labels one type (e.g. all strings).")
-
-
-def _kind(label: Any) -> str:
-    """"a boolean", "a number", "a string" or "a <type>": a boolean before a number (Python's bool is an int)."""
-    if isinstance(label, (bool, np.bool_)):
-        return "a boolean"
-    if isinstance(label, numbers.Real):
-        return "a number"
-    return "a string" if isinstance(label, str) else f"a {type(label).__name__}"
-
-
-def _class_name(label: Any) -> str:
-    """The class a label names: its str(), an integral float written as the integer (1.0 from JSON or a CSV column of
-    floats is the class of 1, not another one)."""
-    if isinstance(label, (float, np.floating)) and float(label).is_integer():
-        return str(int(label))
-    return str(label)
 
 
 def _missing(label: Any) -> bool:
@@ -359,6 +337,7 @@ def probe_pair(
     seed: int = 0,
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
     memory_budget: int | str = "4GB",
+    names: SettingNames = flag_name,
 ) -> ProbePairResult:
     """Cross-model linear probes A -> B (and B -> A) per shared hidden state.
 
@@ -375,6 +354,8 @@ def probe_pair(
         seed: seed of the split, the solver and the bootstrap of the test accuracies.
         fractions: train/dev/test shares.
         memory_budget: bytes (or text such as "4GB") the pass may hold; pooling blocks are sized to fit it.
+        names: how messages name these settings, given their field (`hrsa analyze`'s flags; a pipeline passes its
+            YAML keys, ``pairs.0.label_field``).
 
     Returns:
         A ProbePairResult.
@@ -389,7 +370,7 @@ def probe_pair(
     # Steps 1-2: the plan, the labels and their checks, before any read of a hidden state.
     inputs = _ProbeInputs.of(store, a, b, label_field=label_field, labels_file=labels_file, id_field=id_field,
                              pool=pool, hidden_states=hidden_states, selection=selection, seed=seed,
-                             fractions=fractions, memory_budget=memory_budget)
+                             fractions=fractions, memory_budget=memory_budget, names=names)
     inputs.warn_unlabelled()
     a_to_b: dict[int, ProbeResult] = {}
     b_to_a: dict[int, ProbeResult] = {}
@@ -411,9 +392,10 @@ def probe_pair(
 def check_probe(store: ActivationStore, a: str, b: str, *, selection: TokenSelection | None, memory_budget: int | str,
                 label_field: str, labels_file: str | None = None, id_field: str | None = None, pool: Pool = "mean",
                 hidden_states: Sequence[int] | None = None, seed: int = 0,
-                fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), **_: Any) -> int:
+                fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), names: SettingNames = flag_name,
+                **_: Any) -> int:
     """Refuse now what :func:`probe_pair` would refuse, reading the labels but no hidden state (``analyze_pair`` asks
-    before its streaming passes); returns the pass's estimated peak.
+    before its streaming passes); returns the pass's estimated peak. Messages name the settings by ``names``.
 
     Raises:
         UserError: a hidden state not shared, labels missing, fewer than two classes among the selected labelled
@@ -422,7 +404,7 @@ def check_probe(store: ActivationStore, a: str, b: str, *, selection: TokenSelec
     """
     return _ProbeInputs.of(store, a, b, label_field=label_field, labels_file=labels_file, id_field=id_field, pool=pool,
                            hidden_states=hidden_states, selection=selection, seed=seed, fractions=fractions,
-                           memory_budget=memory_budget).estimated_peak
+                           memory_budget=memory_budget, names=names).estimated_peak
 
 
 @dataclass(frozen=True)
@@ -431,10 +413,10 @@ class _ProbeInputs:
 
     Attributes:
         states: hidden states probed; docs: (M,) documents with a kept token; labelled: (M,) which have a label;
-        y: (labelled M,) their classes (:func:`_class_name`: strings sort, mixed types do not); classes: the values
-        of ``y``;
+        y: (labelled M,) their classes (:func:`~hrsa.store.labels.class_name`: strings sort, mixed types do not);
+        classes: the values of ``y``;
         block_tokens, estimated_peak, budget: the pooling block, the pass's memory model, the budget;
-        labels_read, labels_digest: the labels' file and its digest.
+        labels_read, labels_digest: the labels' file and its digest; names: how messages name the settings.
     """
 
     states: tuple[int, ...]
@@ -447,41 +429,43 @@ class _ProbeInputs:
     budget: int
     labels_read: str
     labels_digest: str | None
+    names: SettingNames
 
     @classmethod
     def of(cls, store: ActivationStore, a: str, b: str, *, label_field: str, labels_file: str | None,
            id_field: str | None, pool: Pool, hidden_states: Sequence[int] | None, selection: TokenSelection | None,
-           seed: int, fractions: tuple[float, float, float], memory_budget: int | str) -> _ProbeInputs:
-        states = shared_hidden_states(store, a, b, hidden_states)
+           seed: int, fractions: tuple[float, float, float], memory_budget: int | str,
+           names: SettingNames) -> _ProbeInputs:
+        states = shared_hidden_states(store, a, b, hidden_states, names=names)
         budget = parse_memory_budget(memory_budget)
         docs, block_tokens, estimated_peak = _plan(store, a, b, selection, pool, budget)
         labels, read, digest = _read_labels(store, store.model_info(a).corpus, label_field=label_field,
-                                            labels_file=labels_file, id_field=id_field, models=(a, b))
+                                            labels_file=labels_file, id_field=id_field, models=(a, b), names=names)
         labelled = np.array([labels[d] is not None for d in docs], dtype=bool)
-        y = np.array([_class_name(labels[d]) for d in docs[labelled]])
-        _check_classes(labels, y, label_field)
+        y = np.array([class_name(labels[d]) for d in docs[labelled]])
+        _check_classes(labels, y, label_field, names)
         _check_split(y, fractions, seed)
         return cls(states, docs, labelled, y, tuple(sorted(set(y.tolist()))), block_tokens, estimated_peak, budget,
-                   read, digest)
+                   read, digest, names)
 
     def warn_unlabelled(self) -> None:
         left_out = int(self.docs.size - self.y.size)
         if left_out:
             warnings.warn(f"Probe: labels for {self.y.size} of the {self.docs.size} documents selected (read from "
-                          f"{self.labels_read}); the other {left_out} are left out. Check --labels and --id-field "
-                          "if they should have one.", ProbeCoverageWarning, stacklevel=3)
+                          f"{self.labels_read}); the other {left_out} are left out. Check {self.names('labels')} "
+                          f"and {self.names('id_field')} if they should have one.", ProbeCoverageWarning, stacklevel=3)
 
 
-def _check_classes(labels: NDArray[np.object_], y: NDArray[np.str_], label_field: str) -> None:
-    everywhere = sorted({_class_name(v) for v in labels if v is not None})
+def _check_classes(labels: NDArray[np.object_], y: NDArray[np.str_], label_field: str, names: SettingNames) -> None:
+    everywhere = sorted({class_name(v) for v in labels if v is not None})
     if len(everywhere) < 2:
         raise UserError(f"Expected at least two values of {label_field!r}. Got {everywhere} instead. "
-                        "Pick another --label-field.")
+                        f"Pick another {names('label_field')}.")
     selected = sorted(set(y.tolist()))
     if len(selected) < 2:
         raise UserError(f"Expected at least two values of {label_field!r} among the {y.size} labelled documents "
-                        f"selected. Got {selected} instead. Select documents of two classes (--docs, the token "
-                        "filters).")
+                        f"selected. Got {selected} instead. Select documents of two classes ({names('docs')}, the "
+                        "token filters).")
 
 
 def _check_split(y: NDArray[np.str_], fractions: tuple[float, float, float], seed: int) -> None:

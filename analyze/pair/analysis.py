@@ -24,6 +24,7 @@ from hrsa.analyze.pair.resolve import ResolvedPair, resolve_pair
 from hrsa.analyze.streaming.backends import matched_backend, resolve_backend
 from hrsa.analyze.streaming.plan import parse_memory_budget
 from hrsa.analyze.streaming.stream import resolve_scheduler
+from hrsa.runtime.settings import SettingNames, flag_name
 from hrsa.store.errors import UserError
 from hrsa.store.selection import TokenSelection
 
@@ -58,6 +59,7 @@ def analyze_pair(
     probe_options: ProbeOptions | None = None,
     on_plan: Callable[[AnalysisPlan], None] | None = None,
     on_block: OnBlock | None = None,
+    names: SettingNames = flag_name,
 ) -> PairResults:
     """Compare hidden states of models ``a`` and ``b`` of ``store`` on the same tokens.
 
@@ -91,6 +93,8 @@ def analyze_pair(
         probe_options: label field, pooling, directions of ``"probe"`` (required with it).
         on_plan: called with the plan before the first pass (to print it).
         on_block: called with the token count of each block done (to show progress).
+        names: how the messages of the local metrics' checks name their settings, given the field (`hrsa analyze`'s
+            flags, ``--hidden-states``; a pipeline passes its YAML keys, ``pairs.0.hidden_states``).
 
     Returns:
         A PairResults.
@@ -117,9 +121,9 @@ def analyze_pair(
         save_rotation=save_rotation, compute_bytes=np.dtype(chunk_backend.compute_dtype).itemsize, groups=groups,
         per_worker_budget=on_ray,
     )
-    knn_options = _states_resolved(store, pair, "knn", knn_options)
-    probe_options = _states_resolved(store, pair, "probe", probe_options)
-    _check_local_metrics(store, pair, selection, knn_options, probe_options)  # before the passes, not after
+    knn_options = _states_resolved(store, pair, "knn", knn_options, names)
+    probe_options = _states_resolved(store, pair, "probe", probe_options, names)
+    _check_local_metrics(store, pair, selection, knn_options, probe_options, names)  # before the passes, not after
     if on_plan is not None:
         on_plan(pair.plan)
     # Phase 2: the streaming passes.
@@ -135,7 +139,7 @@ def analyze_pair(
     if outputs.task_peaks:  # measured, against the plan's estimated_peak per worker
         settings["task_peak_bytes"] = outputs.task_peaks
     # Phase 3: the local metrics, on their own reads; phase 4: the results.
-    local = _local_metrics(store, pair, selection, knn_options, probe_options, settings)
+    local = _local_metrics(store, pair, selection, knn_options, probe_options, settings, names)
     return replace(assemble(pair, selection, outputs, settings), **local)
 
 
@@ -159,18 +163,18 @@ _Options = TypeVar("_Options", KnnOptions, ProbeOptions)
 
 
 def _states_resolved(store: ActivationStore, pair: ResolvedPair, metric: str, options: _Options | None,
-                     ) -> _Options | None:
+                     names: SettingNames) -> _Options | None:
     """``options`` of ``metric`` with its hidden states resolved (-1: the last of each model), so that the results'
     settings name the hidden states read, as their metrics do; as given where the metric is not asked for."""
     if options is None or options.hidden_states is None or metric not in pair.metrics:
         return options
     return replace(options, hidden_states=shared_hidden_states(store, pair.info_a.id, pair.info_b.id,
-                                                               options.hidden_states))
+                                                               options.hidden_states, names=names))
 
 
 def _check_local_metrics(
     store: ActivationStore, pair: ResolvedPair, selection: TokenSelection, knn_options: KnnOptions | None,
-    probe_options: ProbeOptions | None,
+    probe_options: ProbeOptions | None, names: SettingNames,
 ) -> None:
     """Refuse now what the local metrics would refuse after the streaming passes: a hidden state not shared, no label
     field, labels of one class or too few, or a pass that cannot fit the budget (no hidden state read)."""
@@ -180,13 +184,14 @@ def _check_local_metrics(
                          **(knn_options or KnnOptions()).to_dict())
     if "probe" in pair.metrics:
         if probe_options is None:
-            raise UserError("Expected a label field for the probe metric. Got none. Pass --label-field FIELD.")
-        check_probe(store, a, b, selection=selection, memory_budget=budget, **probe_options.to_dict())
+            raise UserError("Expected a label field for the probe metric. Got none. Name it with "
+                            f"{names('label_field')}.")
+        check_probe(store, a, b, selection=selection, memory_budget=budget, names=names, **probe_options.to_dict())
 
 
 def _local_metrics(
     store: ActivationStore, pair: ResolvedPair, selection: TokenSelection, knn_options: KnnOptions | None,
-    probe_options: ProbeOptions | None, settings: dict[str, Any],
+    probe_options: ProbeOptions | None, settings: dict[str, Any], names: SettingNames,
 ) -> dict[str, Any]:
     """``{"knn": ..., "probe": ...}`` as asked for; their settings are added to ``settings``. Each runs after the
     streaming passes, so each may hold the whole memory budget (and refuses before reading when it cannot fit)."""
@@ -200,8 +205,10 @@ def _local_metrics(
         settings["knn"] = knn_options.to_dict()
     if "probe" in pair.metrics:
         if probe_options is None:
-            raise UserError("Expected a label field for the probe metric. Got none. Pass --label-field FIELD.")
-        local["probe"] = probe_pair(store, a, b, selection=selection, memory_budget=budget, **probe_options.to_dict())
+            raise UserError("Expected a label field for the probe metric. Got none. Name it with "
+                            f"{names('label_field')}.")
+        local["probe"] = probe_pair(store, a, b, selection=selection, memory_budget=budget, names=names,
+                                    **probe_options.to_dict())
         settings["probe"] = {**probe_options.to_dict(), "n_docs": local["probe"].n_docs,
                              "classes": list(local["probe"].classes),
                              "labels_file": local["probe"].labels_file,  # the file read, not only the one asked for

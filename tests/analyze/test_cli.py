@@ -103,11 +103,13 @@ def test_a_yaml_config_is_overridden_by_flags(cli_store, tmp_path: Path) -> None
         (["--pair", "a", "b", "--metrics", "cka,rsa"], "metrics"),
         (["--pair", "a", "b", "--positions", "9:3"], "positions"),
         (["--pair", "a", "b", "--docs", "0,99"], "document indices"),
+        (["--pair", "a", "b", "--docs", "5-3"], "Got '5-3' instead. Write it 3-5."),  # selected nothing, silently
         (["--pair", "a", "b", "--run-id", "../up"], "run id"),
+        (["--pair", "a", "b", "--metrics", "probe"], "the probe metric needs --label-field"),  # a pipeline: its key
         (["--pair", "a"], "pair"),
     ],
-    ids=["unknown-model", "corpus-mismatch", "bad-budget", "infinite-budget", "small-budget", "bad-metric", "bad-positions",
-         "bad-docs", "bad-run-id", "half-pair"],
+    ids=["unknown-model", "corpus-mismatch", "bad-budget", "infinite-budget", "small-budget", "bad-metric",
+         "bad-positions", "bad-docs", "reversed-docs", "bad-run-id", "probe-without-labels", "half-pair"],
 )
 def test_user_errors_are_one_line_and_exit_2(cli_store, tmp_path: Path, args: list[str], message: str) -> None:
     code, stdout, stderr = run("--store", cli_store.url, "--backend", "numpy", "--out", str(tmp_path / "o"), *args)

@@ -168,3 +168,40 @@ def test_a_csv_column_is_one_kind_whatever_its_cells_look_like(labelled_store, t
         res = probe_pair(store, "a", "c", label_field="label", labels_file=_csv(tmp_path / "l.csv", rows),
                          hidden_states=[1])
         assert res.classes == classes
+
+
+def _pipeline_keys(field: str) -> str:
+    return f"pairs.0.{field}"
+
+
+@pytest.mark.parametrize(("names", "fix"), [(None, "--label-field"), (_pipeline_keys, "pairs.0.label_field")],
+                         ids=["hrsa-analyze", "pipeline"])
+def test_a_label_field_of_one_value_names_the_setting_as_the_caller_does(labelled_store, tmp_path: Path, names,
+                                                                          fix: str) -> None:
+    """A pipeline has no flags: its messages named `hrsa analyze`'s (--label-field), not the YAML key to change."""
+    store, _, labels = labelled_store
+    path = _csv(tmp_path / "l.csv", [(f"rec-{i}", "ham") for i in range(len(labels))])
+    given = {} if names is None else {"names": names}
+    with pytest.raises(UserError, match=rf"Got \['ham'\] instead\. Pick another {fix}\.$"):
+        check_probe(store, "a", "c", selection=None, memory_budget="1GB", label_field="label", labels_file=path,
+                    **given)
+
+
+def test_every_probe_message_names_the_pipelines_keys(labelled_store, tmp_path: Path) -> None:
+    store, _, labels = labelled_store
+    keys = {"names": _pipeline_keys}
+    with pytest.raises(UserError, match=r"Pick pairs\.0\.hidden_states among them\.$"):
+        check_probe(store, "a", "c", selection=None, memory_budget="1GB", label_field="label", hidden_states=(5,),
+                    **keys)
+    hams = TokenSelection(docs=tuple(i for i, v in enumerate(labels) if v == "ham"))
+    with pytest.raises(UserError, match=r"Select documents of two classes \(pairs\.0\.docs, the token filters\)\.$"):
+        check_probe(store, "a", "c", selection=hams, memory_budget="1GB", label_field="label", **keys)
+    with pytest.raises(UserError, match=r"Check pairs\.0\.label_field, pairs\.0\.labels and pairs\.0\.id_field\.$"):
+        check_probe(store, "a", "c", selection=None, memory_budget="1GB", label_field="nope", **keys)
+    twice = _csv(tmp_path / "twice.csv", [("rec-1", "ham"), ("rec-1", "spam")])
+    with pytest.raises(UserError, match=r"\(pairs\.0\.id_field names a unique field\)\.$"):
+        check_probe(store, "a", "c", selection=None, memory_budget="1GB", label_field="label", labels_file=twice,
+                    **keys)
+    few = _csv(tmp_path / "few.csv", [(f"rec-{i}", v) for i, v in enumerate(labels) if i % 10 == 0])
+    with pytest.warns(ProbeCoverageWarning, match=r"Check pairs\.0\.labels and pairs\.0\.id_field if"):
+        probe_pair(store, "a", "c", label_field="label", labels_file=few, hidden_states=[1], **keys)

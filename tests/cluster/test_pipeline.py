@@ -316,15 +316,16 @@ def test_failure_in_analysis_then_rerun_resumes_without_extracting(copy: Workspa
         raise RuntimeError("injected failure")
 
     pair = {**copy.values["pairs"][0], "debiased": True}
-    with monkeypatch.context() as patch:  # the analysis stage's job fails part-way
+    earlier = copy.state()["analyze:llama--qwen"]
+    with monkeypatch.context() as patch:  # the analysis stage's job fails before it writes anything
         patch.setattr(hrsa.analyze.job, "run_analysis", broken)
         with pytest.raises(RuntimeError, match="injected failure"):
             run_pipeline(copy.config(pairs=[pair]), console=quiet())
-    assert copy.state()["analyze:llama--qwen"]["status"] == "started"
+    assert copy.state()["analyze:llama--qwen"] == earlier  # recorded as started only once it writes: its results stand
     units_before = {m: ActivationStore.open(copy.values["store"]).model_info(m).units_done for m in ("llama", "qwen")}
     result = run_pipeline(copy.config(pairs=[pair]), console=quiet())
     assert result.ran == ("analyze:llama--qwen", "report")
-    assert {s.name: s.reason for s in result.stages}["analyze:llama--qwen"] == "resuming an unfinished run"
+    assert {s.name: s.reason for s in result.stages}["analyze:llama--qwen"] == "its inputs changed"
     assert copy.state()["extract:llama"]["outputs"]["units_written"] > 0  # the first run's record, untouched
     assert {m: ActivationStore.open(copy.values["store"]).model_info(m).units_done for m in ("llama", "qwen")} == units_before
     assert "debiased_diagonal" in json.loads(result.results["llama--qwen"].read_text())["metrics"]["cka"]
@@ -362,6 +363,112 @@ def test_probe_labels_of_mixed_kinds_stop_the_pipeline_in_one_line(copy: Workspa
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("hrsa: error: Expected the labels of 'kind' in ")
     assert "Got '1' (a string) and 1 (a number) instead. Make the labels one type" in result.stderr
     assert {copy.state()[s]["status"] for s in ("extract:llama", "extract:qwen")} == {"done"}
+
+
+def pair_outputs(ws: Workspace) -> dict[str, Any]:
+    """The pair's out folder and its record in the store, file by file (bytes digested), and the store's record ids."""
+    import hashlib
+
+    def files(folder: Path) -> dict[str, str]:
+        return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    store = Path(ws.values["store"])
+    return {"out": files(ws.root / "out" / "pairs" / "llama--qwen"), "records": files(store / "results"),
+            "ids": ActivationStore.open(str(store)).results_ids()}
+
+
+def test_a_refused_analysis_keeps_the_earlier_results_and_their_record(copy: Workspace) -> None:
+    """A re-run cleared the pair's out folder and its store record before the analysis checked its inputs: refused
+    (here probe labels of mixed kinds), it lost the first run's results and left the stage "started"."""
+    labels = copy.root / "labels.jsonl"
+    labels.write_text("".join(json.dumps({"id": f"d{i}", "kind": 1 if i % 2 else "1"}) + "\n"
+                              for i in range(len(TEXTS))))
+    path = copy.root / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({**copy.values, "pairs": [{**copy.values["pairs"][0], "labels": str(labels),
+                                                               "label_field": "kind"}]}))
+    before, state = pair_outputs(copy), copy.state()
+    result = run_cli("run", str(path))
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert result.stderr.startswith("hrsa: error: Expected the labels of 'kind' in ")
+    assert pair_outputs(copy) == before and copy.state() == state  # the first run's, byte for byte, still done
+
+
+def test_an_analysis_failing_in_a_metric_keeps_the_earlier_results_and_their_record(
+        copy: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same inputs again (a stage recorded as started: a run killed after it started), so the same run id and
+    record: a metric that raises keeps them; the next run replaces them."""
+    import hrsa.analyze.pair.assembly as assembly
+
+    state = json.loads((copy.root / "out" / STATE_FILE).read_text())
+    state["stages"]["analyze:llama--qwen"]["status"] = "started"
+    (copy.root / "out" / STATE_FILE).write_text(json.dumps(state))
+    before = pair_outputs(copy)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("injected: a metric failed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(assembly, "linear_cka_from_summaries", broken)
+        with pytest.raises(RuntimeError, match="injected"):
+            run_pipeline(copy.config(), console=quiet())
+    assert pair_outputs(copy) == before
+    result = run_pipeline(copy.config(), console=quiet())
+    assert result.ran == ("analyze:llama--qwen",)  # the same inputs: the report's are unchanged
+    assert copy.state()["analyze:llama--qwen"]["status"] == "done"
+    after = pair_outputs(copy)
+    assert after["ids"] == before["ids"] and set(after["out"]) == set(before["out"])
+
+
+def test_an_analysis_failing_as_it_writes_is_recorded_as_started_and_run_again(
+        copy: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its results computed, the stage is recorded as started before anything is written: a failure (or a kill) from
+    there on is resumed by the next run, which replaces whatever part it wrote."""
+    import hrsa.analyze.job as job
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("injected: drawing failed")
+
+    pair = {**copy.values["pairs"][0], "debiased": True}
+    before = pair_outputs(copy)
+    with monkeypatch.context() as patch:
+        patch.setattr(job, "plot_figures", broken)
+        with pytest.raises(RuntimeError, match="injected"):
+            run_pipeline(copy.config(pairs=[pair]), console=quiet())
+    assert copy.state()["analyze:llama--qwen"]["status"] == "started"
+    assert pair_outputs(copy) == before  # the figures are drawn before anything of the earlier run is replaced
+    result = run_pipeline(copy.config(pairs=[pair]), console=quiet())
+    assert {s.name: s.reason for s in result.stages}["analyze:llama--qwen"] == "resuming an unfinished run"
+    assert "debiased_diagonal" in json.loads(result.results["llama--qwen"].read_text())["metrics"]["cka"]
+
+
+@pytest.mark.parametrize(("where", "fix"), [
+    ("pair", "Pick another pairs.0.label_field."),
+    ("corpus", "Pick another corpora.words.label_field (or pairs.0.label_field)."),  # the pair takes its corpus's
+    ("hidden_states", "Pick pairs.0.hidden_states among them."),
+])
+def test_a_refused_probe_names_the_yaml_keys_not_hrsa_analyzes_flags(copy: Workspace, where: str, fix: str) -> None:
+    """A pipeline has no flags: its analyses said "Pick another --label-field" ("Pass --labels FILE", ...)."""
+    labels = copy.root / "labels.jsonl"
+    labels.write_text("".join(json.dumps({"id": f"d{i}", "kind": "a"}) + "\n" for i in range(len(TEXTS))))
+    values = {**copy.values, "pairs": [{**copy.values["pairs"][0], "metrics": ["probe"], "cross_layer": False}]}
+    if where == "pair":
+        values["pairs"][0] |= {"labels": str(labels), "label_field": "kind"}
+    elif where == "corpus":
+        values["corpora"] = {"words": {**values["corpora"]["words"], "labels": str(labels), "label_field": "kind"}}
+    else:
+        values["pairs"][0] |= {"hidden_states": [99]}
+    with pytest.raises(UserError) as error:
+        run_pipeline(parse_pipeline(values), console=quiet())
+    assert str(error.value).endswith(fix) and "--" not in str(error.value)
+
+
+def test_a_probe_without_a_label_field_names_the_yaml_key() -> None:
+    with pytest.raises(PipelineError) as error:
+        parse_pipeline({"store": "s", "out": "o", "corpora": {"c": {"path": "x", "text": "t"}},
+                        "models": {"a": {"model": "m"}, "b": {"model": "m"}},
+                        "pairs": [{"a": "a", "b": "b", "corpus": "c", "metrics": ["probe"]}]})
+    assert "pairs.0: the probe metric needs label_field (" in str(error.value) and "--" not in str(error.value)
 
 
 def test_without_its_state_a_pipeline_adopts_matching_models_and_leaves_others_alone(copy: Workspace) -> None:

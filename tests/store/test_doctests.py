@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-MODULES = ["hrsa.store", "hrsa.store.activation_store"]
+MODULES = ["hrsa.store", "hrsa.store.activation_store", "hrsa.store.labels"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -38,3 +38,19 @@ def test_bad_lists_are_one_message_naming_what_they_hold(text: str) -> None:
     assert message == (f"Expected document indices such as 0,3,5-9. Got {text!r} instead. "
                        "Write integers separated by commas (A-B for a range).")
     assert isinstance(info.value, UserError) and isinstance(info.value, ValueError)  # pydantic gathers it
+
+
+@pytest.mark.parametrize(("text", "part", "fix"), [("5-3", "'5-3'", "3-5"),
+                                                   ("0, 9-2 ,12", "'9-2' in '0, 9-2 ,12'", "2-9")])
+def test_a_reversed_range_is_refused_naming_the_fix(text: str, part: str, fix: str) -> None:
+    """``--docs 5-3`` selected nothing, silently (range(5, 4) is empty): refused, saying how to write it."""
+    with pytest.raises(SelectionError) as info:
+        parse_int_list(text, what="document indices")
+    assert str(info.value) == (f"Expected document indices with each range A-B from low to high. Got {part} "
+                               f"instead. Write it {fix}.")
+    assert parse_int_list("3-3") == [3]  # a range of one stays one
+
+
+def test_a_reversed_range_is_refused_beside_negative_indices() -> None:
+    with pytest.raises(SelectionError, match=r"Got '4-1' in '-1,4-1' instead\. Write it 1-4\."):
+        parse_int_list("-1,4-1", negative=True, what="hidden-state indices")

@@ -1,0 +1,171 @@
+"""``run_analysis`` over an earlier run's outputs: a run that is refused or fails leaves them as they were (its out
+folder and its store record, byte for byte); they are replaced only once the new results are computed and written
+beside them, and a run stopped at any step of its writing is redone whole by a run that replaces it (the pipeline's)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hrsa.analyze.config import AnalyzeConfig
+from hrsa.analyze.job import run_analysis
+from hrsa.analyze.results import read_results
+from hrsa.store.errors import UserError
+from hrsa.store.format import ATTRS_KEY
+
+RUN_ID = "rerun"
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under ``folder``, by relative path, with a digest of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def config(store: Any, out: Path, *, replace: bool = True, **changes: Any) -> AnalyzeConfig:
+    """A run of the pipeline's kind (replace: its own run id, taken again by each re-run), or of `hrsa analyze`'s
+    (a new run id each time)."""
+    values = {"store": store.url, "pair": ("a", "b"), "metrics": ("cka", "dimcorr"), "cross_layer": True,
+              "backend": "numpy", "out": out, "run_id": RUN_ID if replace else None, "scheduler": "sync"}
+    return AnalyzeConfig(**{**values, **changes})
+
+
+def earlier_run(store: Any, out: Path, *, replace: bool) -> dict[str, Any]:
+    """A first run's outputs, as they stand: out's files and the store's records (their files) and ids."""
+    run_analysis(config(store, out, replace=replace, save_rotation=True, metrics=("cka", "dimcorr", "procrustes")),
+                 replace=replace)
+    return outputs(store, out)
+
+
+def outputs(store: Any, out: Path) -> dict[str, Any]:
+    return {"out": snapshot(out), "records": snapshot(Path(store.url) / "results"), "ids": store.open().results_ids()}
+
+
+def fail_in_a_metric(monkeypatch: pytest.MonkeyPatch) -> None:
+    import hrsa.analyze.pair.assembly as assembly
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("injected: a metric failed")
+
+    monkeypatch.setattr(assembly, "linear_cka_from_summaries", broken)
+
+
+def fail_in_the_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+    import hrsa.analyze.job as job
+
+    def broken(doc: Any, out_dir: Path) -> Any:
+        (Path(out_dir) / "layers.png").write_bytes(b"half a figure")  # as a failing drawing may leave one
+        raise RuntimeError("injected: drawing failed")
+
+    monkeypatch.setattr(job, "plot_figures", broken)
+
+
+@pytest.mark.parametrize("replace", [True, False], ids=["replace", "standalone"])
+def test_a_refused_analysis_leaves_the_earlier_results_as_they_were(fresh_pair_store, tmp_path: Path,
+                                                                    replace: bool) -> None:
+    """With replace (the pipeline's re-run), the record and the out folder went before the checks: a refused run
+    (here a hidden state the models do not share) lost them."""
+    out = tmp_path / "out"
+    before = earlier_run(fresh_pair_store, out, replace=replace)
+    with pytest.raises(UserError, match="Expected hidden states shared by a and b"):
+        run_analysis(config(fresh_pair_store, out, replace=replace, metrics=("cka", "knn"), hidden_states=(99,)),
+                     replace=replace)
+    assert outputs(fresh_pair_store, out) == before
+
+
+@pytest.mark.parametrize("fail", [fail_in_a_metric, fail_in_the_figures], ids=["metric", "figures"])
+@pytest.mark.parametrize("replace", [True, False], ids=["replace", "standalone"])
+def test_a_failing_analysis_leaves_the_earlier_results_as_they_were(fresh_pair_store, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch, replace: bool,
+                                                                    fail: Any) -> None:
+    """A metric that raises (as a kill in the passes): nothing written yet. Figures that fail: results.json and the
+    record were written before them, beside the earlier run's figures."""
+    out = tmp_path / "out"
+    before = earlier_run(fresh_pair_store, out, replace=replace)
+    fail(monkeypatch)
+    with pytest.raises(RuntimeError, match="injected"):
+        run_analysis(config(fresh_pair_store, out, replace=replace, debiased=True), replace=replace)
+    assert outputs(fresh_pair_store, out) == before
+
+
+def test_a_failing_analysis_creates_no_out_folder(fresh_pair_store, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    fail_in_the_figures(monkeypatch)
+    ids = fresh_pair_store.open().results_ids()
+    with pytest.raises(RuntimeError, match="injected"):
+        run_analysis(config(fresh_pair_store, tmp_path / "new" / "out"), replace=True)
+    assert not (tmp_path / "new").exists() and fresh_pair_store.open().results_ids() == ids
+
+
+def test_before_writing_is_called_once_the_results_are_computed(fresh_pair_store, tmp_path: Path) -> None:
+    """The pipeline records its stage as started there: a refused run leaves the stage's record as it was."""
+    calls: list[bool] = []
+
+    def before_writing() -> None:
+        calls.append((tmp_path / "out").exists())
+
+    with pytest.raises(UserError):
+        run_analysis(config(fresh_pair_store, tmp_path / "out", hidden_states=(99,), metrics=("knn",)),
+                     before_writing=before_writing)
+    assert calls == []
+    run_analysis(config(fresh_pair_store, tmp_path / "out"), before_writing=before_writing)
+    assert calls == [False]  # once, before anything was written
+
+
+def stop_in_the_store(monkeypatch: pytest.MonkeyPatch, out: Path) -> None:
+    import hrsa.analyze.job as job
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("injected: the store write stopped")
+
+    monkeypatch.setattr(job, "write_to_store", broken)
+
+
+def stop_in_the_swap(monkeypatch: pytest.MonkeyPatch, out: Path) -> None:
+    """A kill after the first staged file moved into out: a folder of both runs."""
+    moves: list[str] = []
+    replace = os.replace
+
+    def stops(src: Any, dst: Any) -> None:
+        if Path(dst).parent == out and Path(src).parent != out:
+            moves.append(str(dst))
+            if len(moves) == 2:
+                raise RuntimeError("injected: killed in the swap")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", stops)
+
+
+@pytest.mark.parametrize("stop", [stop_in_the_store, stop_in_the_swap], ids=["store", "swap"])
+def test_a_run_stopped_while_writing_is_redone_whole_by_a_replacing_run(fresh_pair_store, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        stop: Any) -> None:
+    """Past the computation a stop may leave the earlier run's outputs in part (the pipeline has recorded its stage
+    as started by then, so it runs again); the run that replaces them ends with one complete record, its results.json
+    and its figures, nothing else."""
+    out = tmp_path / "out"
+    earlier_run(fresh_pair_store, out, replace=True)
+    with monkeypatch.context() as patch:
+        stop(patch, out)
+        with pytest.raises(RuntimeError, match="injected"):
+            run_analysis(config(fresh_pair_store, out, metrics=("cka",), cross_layer=False), replace=True)
+    run = run_analysis(config(fresh_pair_store, out, metrics=("cka",), cross_layer=False), replace=True)
+    _, doc = read_results(out)
+    record = fresh_pair_store.open().results_record(RUN_ID)
+    assert list(doc["metrics"]) == ["cka"] and record.attrs[ATTRS_KEY] == doc
+    assert sorted(p.name for p in out.iterdir()) == sorted(["results.json", *(p.name for p in run.figures)])
+
+
+@pytest.mark.parametrize("replace", [True, False], ids=["replace", "standalone"])
+def test_a_killed_runs_staging_folder_goes_with_the_next_run(fresh_pair_store, tmp_path: Path, replace: bool) -> None:
+    from hrsa.analyze.job import STAGING_PREFIX
+
+    left = tmp_path / "out" / f"{STAGING_PREFIX}killed"
+    left.mkdir(parents=True)
+    (left / "results.json").write_text("{}")
+    run_analysis(config(fresh_pair_store, tmp_path / "out", replace=replace), replace=replace)
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(STAGING_PREFIX)]
