@@ -8,6 +8,7 @@ for it (drive it with subprocesses given ``address``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -16,18 +17,39 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["LocalRayCluster", "free_port", "ray_node_env", "start_ray_cluster"]
+__all__ = ["NODE_PORT_FLAGS", "LocalRayCluster", "free_port", "free_ports", "node_port_args", "ray_node_env",
+           "ray_start_node", "start_ray_cluster"]
 
 RAY = Path(sys.executable).parent / "ray"
 
 
+# The ports of a node's processes that ``ray start`` would otherwise pick itself, at random, possibly clashing with a
+# second node's on the same machine.
+NODE_PORT_FLAGS = ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+                   "--metrics-export-port", "--node-manager-port", "--object-manager-port")
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct ports free now. All are held open until all are picked: picked one at a time (bind port 0,
+    close), the OS may hand back a port it just gave, and a head's GCS and object manager once got the same one."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def node_port_args(ports: Iterator[int]) -> list[str]:
+    """One node's ``--<process>-port=N`` flags, each taking the next port of ``ports``."""
+    return [f"{flag}={next(ports)}" for flag in NODE_PORT_FLAGS]
 
 
 @dataclass
@@ -58,10 +80,11 @@ def ray_node_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {**env, **(extra or {})}
 
 
-def _ray_start(args: list[str], env: dict[str, str], log: Path, wrap: list[str]) -> int:
-    ports = ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
-             "--metrics-export-port", "--node-manager-port", "--object-manager-port")
-    cmd = [*wrap, str(RAY), "start", *args, *(f"{p}={free_port()}" for p in ports), "--object-store-memory=200000000",
+def ray_start_node(args: list[str], env: dict[str, str], log: Path, ports: Iterator[int],
+                   wrap: Sequence[str] = ()) -> int:
+    """``ray start`` in a new process group (every Ray process of the node inherits it), its processes' ports taken
+    from ``ports``; returns the group."""
+    cmd = [*wrap, str(RAY), "start", *args, *node_port_args(ports), "--object-store-memory=200000000",
            "--disable-usage-stats"]
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -92,14 +115,15 @@ def _wait_for_two_nodes(address: str, env: dict[str, str], timeout: float = 90) 
 def start_ray_cluster(env: dict[str, str], *, second_node_prefix: list[str] | None = None) -> LocalRayCluster:
     """A head and a second node, one CPU each (``second_node_prefix`` wraps the second's ``ray start``), with their
     logs in a short temporary folder (a node's socket paths must stay under 108 bytes)."""
-    port, temp = free_port(), Path(tempfile.mkdtemp(prefix="hrsa-ray-"))
+    ports = iter(free_ports(2 + 2 * len(NODE_PORT_FLAGS)))
+    port, temp = next(ports), Path(tempfile.mkdtemp(prefix="hrsa-ray-"))
     cluster = LocalRayCluster(f"127.0.0.1:{port}", [], temp)
     try:
-        cluster.groups.append(_ray_start(["--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
-                                          f"--ray-client-server-port={free_port()}", f"--temp-dir={temp}"],
-                                         env, temp / "head.log", []))
-        cluster.groups.append(_ray_start([f"--address={cluster.address}", "--num-cpus=1"], env, temp / "node-b.log",
-                                         second_node_prefix or []))
+        cluster.groups.append(ray_start_node(["--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
+                                              f"--ray-client-server-port={next(ports)}", f"--temp-dir={temp}"],
+                                             env, temp / "head.log", ports))
+        cluster.groups.append(ray_start_node([f"--address={cluster.address}", "--num-cpus=1"], env,
+                                             temp / "node-b.log", ports, second_node_prefix or ()))
         _wait_for_two_nodes(cluster.address, env)
     except BaseException:
         cluster.stop()

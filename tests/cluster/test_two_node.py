@@ -26,7 +26,7 @@ import yaml
 from click.testing import CliRunner
 from rich.console import Console
 
-from hrsa.cluster.local_cluster import free_port
+from hrsa.cluster.local_cluster import NODE_PORT_FLAGS, free_port, free_ports, ray_node_env, ray_start_node
 from hrsa.cluster.pipeline import parse_pipeline
 from hrsa.cluster.runner import run_pipeline
 from hrsa.cluster.state import STATE_FILE
@@ -35,7 +35,6 @@ from hrsa.store import ActivationStore
 pytestmark = [pytest.mark.integration,
               pytest.mark.filterwarnings("ignore:ssl=None is deprecated:DeprecationWarning")]  # Ray's own log tailing
 
-RAY = Path(sys.executable).parent / "ray"
 TEXTS = ["the quick brown fox jumps over the lazy dog " * 3, "hidden states of a tiny model " * 4, "w1 w2 w3 " * 9,
          "the lazy dog " * 10, "jumps over " * 12, "tiny model " * 8, "the quick brown fox " * 6, "w1 w2 w3 tiny " * 7]
 MODELS = ("llama", "qwen")
@@ -46,20 +45,6 @@ class Cluster:
     dashboard: str
     groups: list[int]
     address: str = ""  # the GCS address, for drivers of their own (RAY_ADDRESS)
-
-
-def ray_start(args: list[str], env: dict[str, str], log: Path) -> int:
-    """``ray start`` in a new process group (every Ray process of the node inherits it); returns the group."""
-    ports = ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
-             "--metrics-export-port", "--node-manager-port", "--object-manager-port")
-    cmd = [str(RAY), "start", *args, *(f"{p}={free_port()}" for p in ports), "--object-store-memory=200000000",
-           "--disable-usage-stats"]
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        if proc.wait(timeout=60) != 0:
-            stop([proc.pid])
-            pytest.fail(f"ray start failed: {log.read_text()[-2000:]}")
-    return proc.pid
 
 
 def stop(groups: list[int]) -> None:
@@ -84,17 +69,17 @@ def alive_nodes(dashboard: str) -> int:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     temp = tmp_path_factory.mktemp("ray")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    # The job's `python` is this venv's; no token auth for a cluster on the loopback; no model hub.
-    env.update(PATH=f"{RAY.parent}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1")
-    port, dashboard_port = free_port(), free_port()
+    env = ray_node_env()  # the job's `python` is this venv's; no token auth on the loopback; no model hub
+    ports = iter(free_ports(3 + 2 * len(NODE_PORT_FLAGS)))
+    port, dashboard_port = next(ports), next(ports)
     groups: list[int] = []
     try:
-        groups.append(ray_start(["--head", f"--port={port}", "--num-cpus=1", '--resources={"node_head": 1}',
-                                 "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-                                 f"--ray-client-server-port={free_port()}", f"--temp-dir={temp}"], env, temp / "head.log"))
-        groups.append(ray_start([f"--address=127.0.0.1:{port}", "--num-cpus=1", '--resources={"node_b": 1}'], env,
-                                temp / "node-b.log"))
+        groups.append(ray_start_node(["--head", f"--port={port}", "--num-cpus=1", '--resources={"node_head": 1}',
+                                      "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                                      f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={next(ports)}",
+                                      f"--temp-dir={temp}"], env, temp / "head.log", ports))
+        groups.append(ray_start_node([f"--address=127.0.0.1:{port}", "--num-cpus=1", '--resources={"node_b": 1}'], env,
+                                     temp / "node-b.log", ports))
         dashboard = f"http://127.0.0.1:{dashboard_port}"
         deadline = time.monotonic() + 60
         while alive_nodes(dashboard) < 2:
