@@ -13,10 +13,12 @@ leaves at each step). Progress and printing stay with the caller (``on_plan``, `
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,7 +41,7 @@ from hrsa.store.errors import UserError
 from hrsa.store.selection import TokenSelection
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from hrsa.analyze.config import AnalyzeConfig
     from hrsa.analyze.pair import PairResults
@@ -128,40 +130,59 @@ def _write_outputs(results: PairResults, config: AnalyzeConfig, store: Activatio
 
     (1) results.json, the rotations and the figures go into a staging folder inside out (:data:`STAGING_PREFIX`);
     (2) the store's record (with ``replace``, the earlier record of the run id goes first: a record cannot be renamed);
-    (3) the staged files move into out, results.json last, each by an atomic rename; staging folders go (a killed
-        run's too), and what the earlier run left that this one did not write (with ``replace``, all else in out).
+    (3) the earlier results.json goes, then the staged files move into out, results.json last, each by an atomic
+        rename; staging folders go (a killed run's too), and what the earlier run left that this one did not write
+        (with ``replace``, all else in out).
+
+    All three hold out's lock: a second run into the same out folder waits for this one's writing to end.
 
     A failure in (1) or (2) leaves out as it was (the staging folder is removed, and out itself when this run created
     it); one in (1) leaves the store as it was too. A kill in (1) leaves out's files whole, beside a staging folder; in
-    (2) the earlier record of a replaced run id may be gone; in (3) out may hold files of both runs, its results.json
-    the earlier run's until the last rename. The pipeline, the caller that replaces, has recorded its stage as started
+    (2) the earlier record of a replaced run id may be gone; in (3) out may hold files of both runs but no results.json
+    until the last rename. The pipeline, the caller that replaces, has recorded its stage as started
     before (1) (``before_writing``), so it runs the analysis again, and that run's (3) leaves nothing of either.
     """
     out = Path(config.out)
     created = _first_missing(out)
-    earlier = (out / "results.json").is_file()
     out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
-    try:
-        run_id = pick_run_id(results, store=store, run_id=config.run_id)
-        doc = results_dict(results, run_id=run_id, config=config.model_dump(mode="json"))
-        _, rotations = write_files(results, doc, staging)
-        figures = plot_figures(doc, staging)
-        store_path = _write_record(store, results, doc, replace=replace) if store is not None else None
-    except BaseException:
-        shutil.rmtree(created or staging, ignore_errors=True)
-        raise
-    written = [*(p.name for p in (*rotations, *figures)), "results.json"]  # results.json last
-    for name in written:
-        os.replace(staging / name, out / name)
-    for folder in out.glob(f"{STAGING_PREFIX}*"):  # this run's, now empty, and any a killed run left
-        shutil.rmtree(folder, ignore_errors=True)
-    if replace:
-        _remove_all_but(out, set(written))
-    elif earlier:
-        _remove_stale_outputs(out, set(written))
+    with _writing_into(out):
+        earlier = (out / "results.json").is_file()
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
+        try:
+            run_id = pick_run_id(results, store=store, run_id=config.run_id)
+            doc = results_dict(results, run_id=run_id, config=config.model_dump(mode="json"))
+            _, rotations = write_files(results, doc, staging)
+            figures = plot_figures(doc, staging)
+            store_path = _write_record(store, results, doc, replace=replace) if store is not None else None
+        except BaseException:
+            shutil.rmtree(created or staging, ignore_errors=True)
+            raise
+        written = [*(p.name for p in (*rotations, *figures)), "results.json"]  # results.json last
+        # The earlier results.json goes first: a stop between the renames leaves a folder without one (unfinished),
+        # not one whose results.json describes another run than the files beside it.
+        (out / "results.json").unlink(missing_ok=True)
+        for name in written:
+            os.replace(staging / name, out / name)
+        for folder in out.glob(f"{STAGING_PREFIX}*"):  # this run's, now empty, and any a killed run left
+            shutil.rmtree(folder, ignore_errors=True)
+        if replace:
+            _remove_all_but(out, set(written))
+        elif earlier:
+            _remove_stale_outputs(out, set(written))
     saved = SavedResults(run_id, out / "results.json", tuple(out / p.name for p in rotations), store_path, doc)
     return saved, tuple(out / p.name for p in figures)
+
+
+@contextmanager
+def _writing_into(out: Path) -> Iterator[None]:
+    """Hold ``out``'s lock (flock on the folder itself: a lock file in it would be cleared with its other files) while
+    writing: two runs into one out folder write one after the other, as each clears the staging folders it finds."""
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _write_record(store: ActivationStore, results: PairResults, doc: dict[str, Any], *, replace: bool) -> str:

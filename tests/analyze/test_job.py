@@ -169,3 +169,55 @@ def test_a_killed_runs_staging_folder_goes_with_the_next_run(fresh_pair_store, t
     (left / "results.json").write_text("{}")
     run_analysis(config(fresh_pair_store, tmp_path / "out", replace=replace), replace=replace)
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(STAGING_PREFIX)]
+
+
+@pytest.mark.parametrize("replace", [True, False], ids=["replace", "standalone"])
+def test_a_run_stopped_in_the_swap_leaves_no_results_json_beside_files_of_another_run(
+        fresh_pair_store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, replace: bool) -> None:
+    """A stop after the first staged file moved in had left the earlier run's results.json beside this run's files:
+    a folder that reads as complete and describes two runs. Without results.json it reads as unfinished."""
+    out = tmp_path / "out"
+    earlier_run(fresh_pair_store, out, replace=replace)
+    stop_in_the_swap(monkeypatch, out)
+    with pytest.raises(RuntimeError, match="injected"):
+        run_analysis(config(fresh_pair_store, out, replace=replace, metrics=("cka",), cross_layer=False),
+                     replace=replace)
+    assert not (out / "results.json").exists()
+
+
+def test_two_runs_writing_into_one_out_folder_write_one_after_the_other(fresh_pair_store, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each run clears the staging folders it finds: a second run finishing while the first was staging removed the
+    first's staging folder, and the first failed with its files gone. Now the second waits for the first."""
+    import threading
+
+    import hrsa.analyze.job as job
+
+    out, first_staging, second_done = tmp_path / "out", threading.Event(), threading.Event()
+    draw = job.plot_figures
+    errors: list[BaseException] = []
+
+    def slow_for_the_first(doc: Any, out_dir: Path) -> Any:
+        figures = draw(doc, out_dir)
+        if threading.current_thread().name == "first":
+            first_staging.set()
+            second_done.wait(timeout=3)  # the second run, once waiting for this one, never sets it
+        return figures
+
+    def first() -> None:
+        try:
+            run_analysis(config(fresh_pair_store, out, replace=False, metrics=("cka",)))
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    monkeypatch.setattr(job, "plot_figures", slow_for_the_first)
+    thread = threading.Thread(target=first, name="first")
+    thread.start()
+    assert first_staging.wait(timeout=120)
+    second = run_analysis(config(fresh_pair_store, out, replace=False, metrics=("cka", "dimcorr")))
+    second_done.set()
+    thread.join()
+    assert errors == []
+    _, doc = read_results(out)  # the second run's, written after the first's
+    assert doc["run_id"] == second.saved.run_id and sorted(doc["metrics"]) == ["cka", "dimcorr"]
+    assert not [p for p in out.iterdir() if p.name.startswith(job.STAGING_PREFIX)]
