@@ -35,9 +35,9 @@ from hrsa.analyze.results import (
     write_files,
     write_to_store,
 )
-from hrsa.runtime.settings import SettingNames, flag_name
+from hrsa.runtime.settings import SettingNames, flag_name, renamed_flags
 from hrsa.store import ActivationStore
-from hrsa.store.errors import UserError
+from hrsa.store.errors import HrsaError, UserError
 from hrsa.store.selection import TokenSelection
 
 if TYPE_CHECKING:
@@ -102,25 +102,31 @@ def run_analysis(
         UserError: a missing store, a taken run id, or anything :func:`~hrsa.analyze.pair.analyze_pair` refuses; the
             earlier run's outputs are then as they were.
     """
-    # Step 1: the store, writable when the results go into it; a taken run id fails now, not after the passes (with
-    # replace, the earlier run's record may hold it: it is replaced in step 3). Nothing is written or removed here.
-    _check_out_apart_from_store(config)
-    store = ActivationStore.open(config.store, mode="r+" if config.store_results else "r")
-    if config.store_results and config.run_id and not (replace and config.run_id in store.results_ids()):
-        check_run_id_free(store, config.run_id)
-    # Step 2: the comparison; each warning once, gathered so that it prints below a progress bar, not through it.
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("default")
-        results = _compare(store, config, on_plan, on_block, names)
-    ours = tuple(str(w.message) for w in caught if _is_hrsa(w))
+    fields = type(config).model_fields
+    try:
+        # Step 1: the store, writable when the results go into it; a taken run id fails now, not after the passes
+        # (with replace, the earlier run's record may hold it: it is replaced in step 3). Nothing written or removed.
+        _check_out_apart_from_store(config)
+        store = ActivationStore.open(config.store, mode="r+" if config.store_results else "r")
+        if config.store_results and config.run_id and not (replace and config.run_id in store.results_ids()):
+            check_run_id_free(store, config.run_id)
+        # Step 2: the comparison; each warning once, gathered so that it prints below a progress bar, not through it.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            results = _compare(store, config, on_plan, on_block, names)
+        # Step 3: results.json, rotations and figures (drawn from that document), and results/<run_id>; what the
+        # earlier run left that this one did not write goes, so nothing in the folder describes another run.
+        if before_writing is not None:
+            before_writing()
+        saved, figures = _write_outputs(results, config, store if config.store_results else None, replace=replace)
+    except HrsaError as error:
+        # The plan and the passes name settings by `hrsa analyze`'s flags; the caller's names (the pipeline's keys).
+        error.args = (renamed_flags(str(error), fields, names),)
+        raise
+    ours = tuple(renamed_flags(str(w.message), fields, names) for w in caught if _is_hrsa(w))
     for w in caught:  # others as Python shows them
         if not _is_hrsa(w):
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    # Step 3: results.json, rotations and figures (drawn from that document), and results/<run_id>; what the earlier
-    # run left that this one did not write goes, so nothing in the folder describes another run.
-    if before_writing is not None:
-        before_writing()
-    saved, figures = _write_outputs(results, config, store if config.store_results else None, replace=replace)
     return AnalysisRun(results=results, saved=saved, figures=figures, warnings=ours)
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Hashable, Mapping
+import re
+from collections.abc import Callable, Collection, Hashable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -19,7 +20,7 @@ from hrsa.runtime.locations import is_url
 from hrsa.store.errors import UserError
 
 __all__ = ["EXPLICIT_NONE", "SETTING_NAMES", "FilePath", "FolderLocation", "FolderPath", "Problems", "SettingNames",
-           "flag_name", "load_settings", "parse_settings", "read_yaml_mapping", "validation_problems"]
+           "flag_name", "load_settings", "parse_settings", "read_yaml_mapping", "renamed_flags", "validation_problems"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -32,6 +33,20 @@ SETTING_NAMES = "setting_names"
 def flag_name(field: str) -> str:
     """A verb's flag of a setting, as its messages name it: ``batch_size`` is ``--batch-size``."""
     return f"--{field.replace('_', '-')}"
+
+
+_FLAG = re.compile(r"--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)")
+
+
+def renamed_flags(message: str, fields: Collection[str], names: SettingNames) -> str:
+    """``message`` with each flag of one of ``fields`` (:func:`flag_name`'s ``--memory-budget``) named by ``names``
+    instead: for messages from code that names its settings by the flags of the verb it serves (the streaming plan,
+    the k-NN pass), raised where a pipeline calls it."""
+    def name(match: re.Match[str]) -> str:
+        field = match[1].replace("-", "_")
+        return names(field) if field in fields else match[0]
+
+    return _FLAG.sub(name, message)
 
 
 class _ExplicitNone:

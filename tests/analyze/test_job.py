@@ -221,3 +221,28 @@ def test_two_runs_writing_into_one_out_folder_write_one_after_the_other(fresh_pa
     _, doc = read_results(out)  # the second run's, written after the first's
     assert doc["run_id"] == second.saved.run_id and sorted(doc["metrics"]) == ["cka", "dimcorr"]
     assert not [p for p in out.iterdir() if p.name.startswith(job.STAGING_PREFIX)]
+
+
+def yaml_keys(field: str) -> str:
+    return f"pairs.0.{field}"
+
+
+def test_messages_from_deep_in_the_passes_name_the_callers_settings(fresh_pair_store, tmp_path: Path) -> None:
+    """The pipeline has no flags: a budget too small for one pass said "Raise --memory-budget" to its users."""
+    with pytest.raises(UserError) as refused:
+        run_analysis(config(fresh_pair_store, tmp_path / "out", memory_budget="1KB"), names=yaml_keys)
+    message = str(refused.value)
+    assert "pairs.0.memory_budget" in message and "pairs.0.block_tokens" in message and "--" not in message
+
+
+def test_warnings_name_the_callers_settings(fresh_pair_store, tmp_path: Path) -> None:
+    """A k-NN sample of a few tokens overlaps by chance: the warning's fix names the YAML keys, not the flags."""
+    run = run_analysis(config(fresh_pair_store, tmp_path / "out", metrics=("knn",), knn_sample=12, k=(5,)),
+                       names=yaml_keys)
+    chance = [w for w in run.warnings if "by chance alone" in w]
+    assert chance and "pairs.0.knn_sample" in chance[0] and "smaller pairs.0.k." in chance[0] and "--" not in chance[0]
+
+
+def test_the_cli_keeps_its_flags_in_messages(fresh_pair_store, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="Raise --memory-budget, or lower --block-tokens"):
+        run_analysis(config(fresh_pair_store, tmp_path / "out", memory_budget="1KB"))
