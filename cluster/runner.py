@@ -37,8 +37,8 @@ from hrsa.extract.worker_pool import ExtractionWorkers
 from hrsa.runtime.fingerprint import file_digest
 from hrsa.runtime.folder_lock import FolderLock
 from hrsa.runtime.locations import is_url, parse_location
-from hrsa.runtime.settings import SettingNames
-from hrsa.store.errors import UserError
+from hrsa.runtime.settings import SettingNames, renamed_flags
+from hrsa.store.errors import HrsaError, UserError
 
 if TYPE_CHECKING:
     from hrsa.analyze.config import AnalyzeConfig
@@ -332,12 +332,17 @@ class _Runner:
         output = str(tc.output)
         reason = self.state.reason_to_run(stage, key, lambda o: _checkpoints_complete(o, output, recipe.key))
         if self._announce(stage, reason):
+            from hrsa.cluster.pipeline import train_keys
             from hrsa.train.checkpoints import checkpoint_step
             from hrsa.train.trainer import run_training
 
             check_checkpoint_schedule(run, tc, finished=False)  # before hours of training, not after
             self.state.start(stage, key)
-            result = run_training(tc, progress=True)
+            try:
+                result = run_training(tc, progress=True)
+            except HrsaError as error:  # the trainer names its settings by hrsa train's flags; here, the YAML's keys
+                error.args = (renamed_flags(str(error), type(tc).model_fields, train_keys(run)),)
+                raise
             check_checkpoint_schedule(run, tc, finished=True)
             self.state.finish(stage, key, {"output": str(tc.output), "recipe": recipe.key,
                                            "checkpoints": [str(c) for c in result.checkpoints],

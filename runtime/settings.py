@@ -35,16 +35,19 @@ def flag_name(field: str) -> str:
     return f"--{field.replace('_', '-')}"
 
 
-_FLAG = re.compile(r"--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)")
+_FLAG = re.compile(r"--(no-)?([a-z][a-z0-9]*(?:-[a-z0-9]+)*)")
 
 
 def renamed_flags(message: str, fields: Collection[str], names: SettingNames) -> str:
-    """``message`` with each flag of one of ``fields`` (:func:`flag_name`'s ``--memory-budget``) named by ``names``
-    instead: for messages from code that names its settings by the flags of the verb it serves (the streaming plan,
-    the k-NN pass), raised where a pipeline calls it."""
+    """``message`` with each flag of one of ``fields`` (:func:`flag_name`'s ``--memory-budget``; a switch's
+    ``--no-use-gpu`` as ``<name>: false``) named by ``names`` instead: for messages from code that names settings by
+    the flags of the verb it serves (the streaming plan, the k-NN pass, training's placement), raised where a pipeline
+    calls it."""
     def name(match: re.Match[str]) -> str:
-        field = match[1].replace("-", "_")
-        return names(field) if field in fields else match[0]
+        field = match[2].replace("-", "_")
+        if field not in fields:
+            return match[0]
+        return f"{names(field)}: false" if match[1] else names(field)
 
     return _FLAG.sub(name, message)
 

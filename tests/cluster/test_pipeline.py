@@ -24,6 +24,7 @@ from rich.console import Console
 from hrsa.cluster.pipeline import PipelineConfig, PipelineError, load_pipeline, parse_pipeline
 from hrsa.cluster.runner import PipelineResult, run_pipeline
 from hrsa.cluster.state import STATE_FILE
+from hrsa.runtime.placement import PlacementError
 from hrsa.store import ActivationStore
 from hrsa.store.errors import UserError
 
@@ -194,6 +195,20 @@ def test_a_batch_not_split_over_the_workers_names_the_yaml_keys() -> None:
                         "models": {"m": {"train": "ra"}}, "pairs": [{"a": "m", "b": "m", "corpus": "c"}]})
     assert ("Got 1 problem(s) instead: train.ra: expected train.ra.batch_size divisible by train.ra.workers (each "
             "worker takes an equal share), got 8 queries over 3 workers. Fix them") in str(refused.value)
+
+
+def test_a_training_the_cluster_cannot_place_names_the_yaml_keys(tmp_path: Path, tiny_models: Any,
+                                                               ray_local: Any) -> None:
+    """It said "for --use-gpu ... Train on CPUs (--no-use-gpu)": flags of hrsa train, which a pipeline has none of."""
+    train = {"ra": {"backbone": str(tiny_models.dir("llama")), "data": write_pairs(tmp_path / "pairs.jsonl"),
+                    "max_steps": 1, "batch_size": 8, "use_gpu": True}}
+    config = parse_pipeline({"store": str(tmp_path / "store"), "out": str(tmp_path / "out"), "train": train,
+                             "models": {"m": {"train": "ra"}}, "corpora": {"c": {"path": str(write_corpus(tmp_path / "w.jsonl"))}},
+                             "pairs": [{"a": "m", "b": "m", "corpus": "c", "metrics": ["cka"]}]})
+    with pytest.raises(PlacementError) as refused:
+        run_pipeline(config, console=quiet())
+    message = str(refused.value)
+    assert "for train.ra.use_gpu." in message and "(train.ra.use_gpu: false)" in message and "--" not in message
 
 
 def moved_project(first: tuple[Workspace, PipelineResult], tiny_models: Any, to: Path) -> dict[str, Any]:
