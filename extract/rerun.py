@@ -6,8 +6,8 @@ hub id, revision, GGUF file) and their content (weights changed in place at the 
 are another model; the same files at another path, a moved folder, are the same model; a model stored by an
 earlier hrsa recorded no content, and is compared by its path instead), dtype, attention, which hidden states,
 the tokens of the corpus (or, without them, its source and options), and the layout (tokens per unit). The token budget is not compared: it batches
-documents differently but moves no row to another place (batched kernels may round differently by a few ulps,
-which BATCH_RTOL in the tests bounds). ``trust_remote_code`` is a permission, not a setting of the rows.
+documents differently but moves no row to another place (batched kernels may round differently by a few ulps
+of the model's dtype: ~1e-2 relative in bfloat16; BATCH_RTOL in the tests bounds float32's). ``trust_remote_code`` is a permission, not a setting of the rows.
 
 The same: the run resumes (or finds nothing to do). Different: :class:`RerunMismatchError`, before anything is
 written, naming each difference and the fix.
