@@ -244,8 +244,8 @@ def tokenize_corpus(
     from and its characters in that field's text, whitespace trimmed (:func:`token_spans`).
 
     Raises:
-        CorpusError: an empty document, or a document longer than ``context_length`` with no
-            ``max_tokens`` to cut it.
+        CorpusError: an empty document (no visible character, or no token but special ones), or a document longer
+            than ``context_length`` with no ``max_tokens`` to cut it.
     """
     if not records:
         raise CorpusError(f"Expected at least one document in the corpus {spec.source}. Got none (it holds no records). "
@@ -255,10 +255,19 @@ def tokenize_corpus(
     add_special = spec.template is None or "{chat:" not in spec.template
     encoded = [_encode(tokenizer, text, add_special) for text, _ in rendered]
     ids = [e[0] for e in encoded]
-    empty = [r["_id"] for r, i in zip(records, ids) if not i]
+    # A document with no visible character (empty, or whitespace only) or no token but special ones is refused,
+    # whatever the tokenizer adds around it. It was refused only when it gave no token at all: a tokenizer that adds
+    # special tokens stored an empty document as just [CLS][SEP] (or a BOS), a byte-level one a blank document as its
+    # whitespace, rows that stand for no text of the record yet are analysed as data, and one corpus file held other
+    # documents under other tokenizers. Extraction has no way to skip a record with a recorded reason, and leaving
+    # one out silently would store other documents than the records the user named: the user removes them.
+    special = special_token_ids(tokenizer)
+    empty = [r["_id"] for r, (text, _), i in zip(records, rendered, ids)
+             if not text.strip() or np.isin(i, special).all()]
     if empty:
-        raise CorpusError(f"Expected text in every document. Got {len(empty)} empty document(s) {empty[:3]} instead. "
-                          "Remove them or pick another --text field.")
+        raise CorpusError(f"Expected text in every document. Got {len(empty)} empty document(s) {empty[:3]} instead "
+                          "(no visible characters, or no tokens but special ones). Remove them from the corpus or pick "
+                          "another --text field.")
     original = np.array([len(i) for i in ids], dtype=np.int64)
     limit = spec.max_tokens
     if limit is None and context_length is not None and original.max() > context_length:
@@ -278,7 +287,7 @@ def tokenize_corpus(
     return CorpusTable(
         token_ids=token_ids,
         doc_offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-        is_special=np.isin(token_ids, special_token_ids(tokenizer)),
+        is_special=np.isin(token_ids, special),
         record_ids=[str(r["_id"]) for r in records],
         truncated=lengths < original,
         original_length=original,

@@ -197,3 +197,32 @@ def test_chat_tokens_of_the_default_system_prompt_are_markup(tokenizer: Any) -> 
     assert all(table.token_field[t] == -1 for t, (_, b) in enumerate(offsets) if b <= text.index("<s>user"))
     mine = table.token_field == 0
     assert table.char_start[mine].min() == 0 and table.char_end[mine].max() == len("Hugging Face")
+
+
+# -- empty documents: refused whatever special tokens the tokenizer adds around them ---------------------------------
+def _with_specials(tokenizer: Any) -> Any:
+    """The tiny tokenizer, adding <s> ... </s> around every text (as BERT adds [CLS] ... [SEP], Llama a BOS)."""
+    from tokenizers import processors
+
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 2), ("</s>", 3)])
+    assert tokenizer("the dog")["input_ids"][0] == 2 and tokenizer("")["input_ids"] == [2, 3]
+    return tokenizer
+
+
+@pytest.mark.parametrize("specials", [False, True], ids=["no-specials", "specials"])
+@pytest.mark.parametrize("blank", ["", " ", "\n\t  \n"], ids=["empty", "space", "whitespace"])
+def test_an_empty_or_whitespace_document_is_refused_naming_it(tokenizer: Any, specials: bool, blank: str) -> None:
+    tokenizer = _with_specials(tokenizer) if specials else tokenizer
+    records = [{"_id": "fine", "text": "the lazy dog"}, {"_id": "blank", "text": blank}]
+    with pytest.raises(CorpusError, match=r"^Expected text in every document\. Got 1 empty document\(s\) \['blank'\] "
+                                          r".*Remove them"):
+        tokenize_corpus(records, CorpusSpec(source="-"), tokenizer)
+    table = tokenize_corpus(records[:1], CorpusSpec(source="-"), tokenizer)  # the rest is fine
+    assert table.n_docs == 1
+
+
+def test_a_template_of_empty_fields_keeps_its_own_text(tokenizer: Any) -> None:
+    """A template's literal text is what the model is given: a record whose fields are empty still has a document."""
+    table = tokenize_corpus([{"_id": "r", "q": ""}], CorpusSpec(source="-", template="Question: {q}"), tokenizer)
+    assert table.n_docs == 1 and table.n_tokens > 0

@@ -85,6 +85,22 @@ def stored_copy(finished_store: tuple[Path, str], tmp_path: Path) -> Path:
     return Path(shutil.copytree(finished_store[0], tmp_path / "store"))
 
 
+def specials_model(tiny_models: Any, folder: Path) -> Path:
+    """A copy of the tiny Llama whose tokenizer adds <s> ... </s> around every text (as BERT adds [CLS] ... [SEP]):
+    an empty document tokenises to those two special tokens."""
+    from tokenizers import processors
+
+    from hrsa.extract.model_spec import parse_model_spec
+    from hrsa.extract.models import load_tokenizer
+
+    shutil.copytree(tiny_models.dir("llama"), folder)
+    tokenizer, _ = load_tokenizer(parse_model_spec(str(folder)))
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 2), ("</s>", 3)])
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def run_cli(*args: str) -> Any:
     from hrsa.cli import cli
 
@@ -106,6 +122,8 @@ def assert_one_line_error(result: Any, *fragments: str) -> None:
         ("missing-model", ("Got nothing there",)),
         ("missing-corpus", ("Expected a corpus file or folder", "Check the path")),
         ("empty-document", ("Expected text in every document", "['blank']")),
+        ("blank-document", ("Expected text in every document", "['blank']", "Remove them")),
+        ("empty-document-specials", ("Expected text in every document", "['blank']", "Remove them")),
         ("too-long", ("at most 128 tokens (the model's context)", "in long", "--max-tokens 128")),
         ("bad-name", ("--name", "'../escape'")),
         ("layers-out-of-range", ("Expected --layers to be distinct hidden states in 0..2",)),
@@ -120,6 +138,11 @@ def test_mistakes_are_one_line_and_damage_nothing(
     elif case == "missing-corpus":
         corpus = str(tmp_path / "no-such-corpus.jsonl")
     elif case == "empty-document":
+        corpus = str(write_jsonl(tmp_path / "c.jsonl", {"fine": "the lazy dog", "blank": ""}))
+    elif case == "blank-document":  # stored as a whitespace token before
+        corpus = str(write_jsonl(tmp_path / "c.jsonl", {"fine": "the lazy dog", "blank": " \n "}))
+    elif case == "empty-document-specials":  # stored as <s></s> before
+        model = str(specials_model(tiny_models, tmp_path / "specials"))
         corpus = str(write_jsonl(tmp_path / "c.jsonl", {"fine": "the lazy dog", "blank": ""}))
     elif case == "too-long":  # the tiny models take 128 positions
         corpus = str(write_jsonl(tmp_path / "c.jsonl", {"fine": "the lazy dog", "long": "the lazy dog " * 60}))
@@ -293,8 +316,8 @@ def test_the_same_model_files_elsewhere_are_the_same_model(finished_store: tuple
 
 
 # -- mistakes that must leave no trace: a new store is created only once the model and the corpus are good ----------
-@pytest.mark.parametrize("case", ["missing-model", "missing-corpus", "empty-corpus", "empty-document", "too-long",
-                                  "broken-template", "layers-out-of-range"])
+@pytest.mark.parametrize("case", ["missing-model", "missing-corpus", "empty-corpus", "empty-document", "blank-document",
+                                  "empty-document-specials", "too-long", "broken-template", "layers-out-of-range"])
 def test_a_new_store_is_not_created_by_a_mistake(case: str, tmp_path: Path, corpus_file: Path, tiny_models: Any) -> None:
     store, model, corpus, extra = tmp_path / "store", str(tiny_models.dir("llama")), str(corpus_file), []
     if case == "missing-model":
@@ -304,6 +327,11 @@ def test_a_new_store_is_not_created_by_a_mistake(case: str, tmp_path: Path, corp
     elif case == "empty-corpus":
         corpus = str(write_jsonl(tmp_path / "c.jsonl", {}))
     elif case == "empty-document":
+        corpus = str(write_jsonl(tmp_path / "c.jsonl", {"fine": "the lazy dog", "blank": ""}))
+    elif case == "blank-document":
+        corpus = str(write_jsonl(tmp_path / "c.jsonl", {"fine": "the lazy dog", "blank": "\t"}))
+    elif case == "empty-document-specials":
+        model = str(specials_model(tiny_models, tmp_path / "specials"))
         corpus = str(write_jsonl(tmp_path / "c.jsonl", {"fine": "the lazy dog", "blank": ""}))
     elif case == "too-long":
         corpus = str(write_jsonl(tmp_path / "c.jsonl", {"long": "the lazy dog " * 60}))
