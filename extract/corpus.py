@@ -245,7 +245,7 @@ def tokenize_corpus(
 
     Raises:
         CorpusError: an empty document (no visible character, or no token but special ones), or a document longer
-            than ``context_length`` with no ``max_tokens`` to cut it.
+            than ``context_length`` once cut to ``max_tokens`` (none, or one above the context).
     """
     if not records:
         raise CorpusError(f"Expected at least one document in the corpus {spec.source}. Got none (it holds no records). "
@@ -270,11 +270,17 @@ def tokenize_corpus(
                           "another --text field.")
     original = np.array([len(i) for i in ids], dtype=np.int64)
     limit = spec.max_tokens
-    if limit is None and context_length is not None and original.max() > context_length:
-        longest = records[int(original.argmax())]["_id"]
+    # The rows stored are the documents as cut: checked against the context whatever --max-tokens is (one above the
+    # context turned the check off, and rows past the model's positions went to the workers). Refused, not cut to
+    # the context: --max-tokens is recorded with the corpus and the model as the cut it made, and a corpus file
+    # cut to one model's context would be another corpus under a model with a longer one.
+    cut = np.minimum(original, limit) if limit else original
+    if context_length is not None and cut.max() > context_length:
+        longest = records[int(cut.argmax())]["_id"]
+        given = "" if limit is None else f"--max-tokens {limit}, which leaves "
         raise CorpusError(
-            f"Expected documents of at most {context_length} tokens (the model's context). Got {int(original.max())} "
-            f"in {longest}. Cut them with --max-tokens {context_length}."
+            f"Expected documents of at most {context_length} tokens (the model's context). Got {given}"
+            f"{int(cut.max())} in {longest}. Cut them with --max-tokens {context_length}."
         )
     ids = [i[:limit] if limit else i for i in ids]
     lengths = np.array([len(i) for i in ids], dtype=np.int64)

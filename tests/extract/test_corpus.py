@@ -226,3 +226,15 @@ def test_a_template_of_empty_fields_keeps_its_own_text(tokenizer: Any) -> None:
     """A template's literal text is what the model is given: a record whose fields are empty still has a document."""
     table = tokenize_corpus([{"_id": "r", "q": ""}], CorpusSpec(source="-", template="Question: {q}"), tokenizer)
     assert table.n_docs == 1 and table.n_tokens > 0
+
+
+# -- --max-tokens and the model's context: a cut longer than the context is refused, not stored -------------------
+def test_max_tokens_above_the_context_is_refused_when_a_document_exceeds_the_context(tokenizer: Any) -> None:
+    records = [{**r, "_id": r["id"]} for r in RECORDS]
+    with pytest.raises(CorpusError, match=r"^Expected documents of at most 8 tokens \(the model's context\)\. .*"
+                                          r"--max-tokens 256.* in b.*--max-tokens 8"):
+        tokenize_corpus(records, CorpusSpec(source="-", max_tokens=256), tokenizer, context_length=8)
+    # a cut above the context that no document reaches stores every document whole
+    short = [{"_id": "s", "text": "the dog"}]
+    table = tokenize_corpus(short, CorpusSpec(source="-", max_tokens=256), tokenizer, context_length=8)
+    assert not table.truncated.any() and table.n_tokens <= 8
