@@ -10,8 +10,9 @@ the model saw it, followed by its reasoning.
 
 from __future__ import annotations
 
+import re
 import string
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -137,23 +138,90 @@ def _root(name: str) -> str:
 def _chat(record: Mapping[str, Any], field: str, tokenizer: PreTrainedTokenizerBase | None) -> tuple[str, list[Segment]]:
     """``record[field]``'s messages through the tokenizer's chat template, and where each message's content is in it.
 
-    Contents are found in order in the rendered text; one a template changed (stripped, dropped) is left as markup.
+    Where a content lands is found from the template itself, not by searching the text for it: a content may also
+    appear in the template's own text before it (a default system prompt such as SmolLM2's "... trained by Hugging
+    Face", a role tag), and searching labelled those characters as the message (:func:`_content_spans`). A content
+    the template changed beyond trimming, or dropped, is left as markup.
     """
     if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
         raise CorpusError(f"Expected a tokenizer with a chat template for {{chat:{field}}}. Got none. Use a plain template.")
     if field not in record:
         raise CorpusError(f"Expected fields {[f'chat:{field}']} used by the template in every record. Got fields {sorted(record)}.")
     messages = list(record[field])
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    segments, cursor, offset = [], 0, 0
-    for message in messages:
-        content = str(message.get("content") or "") if isinstance(message, Mapping) else ""
-        where = text.find(content, cursor) if content else -1
-        if where >= 0:
-            segments.append(Segment(field, where, where + len(content), offset))
-            cursor = where + len(content)
-        offset += len(content)
-    return text, segments
+
+    def render(these: list[Any]) -> str:
+        return tokenizer.apply_chat_template(these, tokenize=False, add_generation_prompt=True)
+
+    text = render(messages)
+    contents = [str(m.get("content") or "") if isinstance(m, Mapping) else "" for m in messages]
+    offsets = np.concatenate([[0], np.cumsum([len(c) for c in contents])]).tolist()
+    return text, [Segment(field, start, stop, offsets[i] + skip) for i, start, stop, skip
+                  in _content_spans(text, messages, contents, render)]
+
+
+def _content_spans(text: str, messages: list[Any], contents: list[str],
+                   render: Callable[[list[Any]], str]) -> list[tuple[int, int, int, int]]:
+    """(message index, start, stop, characters of its content skipped) of each message's content in ``text``.
+
+    The template is rendered again with a unique stand-in for each content: the text around the stand-ins is the
+    template's markup, in the order the template placed the messages. When the rendered text is that markup with
+    the contents in place, every span is exact. Otherwise (markup that depends on the content, or a content the
+    template trims or cuts) the markup pieces are walked in order, each content taken as the text between its
+    markup and the next piece, and kept only where it is the content itself, trimmed, or a part found once in it.
+    A message rendered twice is labelled at its first place only.
+    """
+    mark = "\ue000"  # private-use characters: no template changes them, no real text holds them
+    while mark in text or any(mark in c for c in contents):
+        mark = chr(ord(mark[0]) + 1) + mark
+    stand_ins = {f"{mark}{i}{mark}\ue0ff": i for i, c in enumerate(contents)
+                 if c and isinstance(messages[i], Mapping) and isinstance(messages[i].get("content"), str)}
+    if not stand_ins:
+        return []
+    by_message = {i: s for s, i in stand_ins.items()}
+    try:
+        rendered = render([{**m, "content": by_message[i]} if i in by_message else m for i, m in enumerate(messages)])
+    except Exception:  # noqa: BLE001 -- a template that refuses the stand-ins: its contents stay markup
+        return []
+    parts = re.split("(" + "|".join(re.escape(s) for s in stand_ins) + ")", rendered)
+    markup, order = parts[0::2], [stand_ins[s] for s in parts[1::2]]
+    if not order:
+        return []
+    if "".join(m + c for m, c in zip(markup, [contents[i] for i in order] + [""])) == text:
+        spans, at = [], 0
+        for m, i in zip(markup, order):
+            at += len(m)
+            spans.append((i, at, at + len(contents[i]), 0))
+            at += len(contents[i])
+        return _first_of_each(spans)
+    if not text.startswith(markup[0]):
+        return []
+    spans, at = [], len(markup[0])
+    for k, i in enumerate(order):
+        after = markup[k + 1]
+        if k + 1 == len(order):  # the last content runs up to the template's closing markup
+            stop = len(text) - len(after) if text.endswith(after) and len(text) - len(after) >= at else -1
+        else:
+            stop = text.find(after, at) if after else -1  # no markup between two contents: no edge between them
+        if stop < 0:
+            break
+        placed, content = text[at:stop], contents[i]
+        if placed and placed.strip():
+            if placed == content:
+                spans.append((i, at, stop, 0))
+            elif placed == content.strip():
+                spans.append((i, at, stop, len(content) - len(content.lstrip())))
+            elif content.count(placed) == 1:
+                spans.append((i, at, stop, content.index(placed)))
+        at = stop + len(after)
+    return _first_of_each(spans)
+
+
+def _first_of_each(spans: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
+    """Each message's first span, in the text's order (a template may repeat a message)."""
+    first: dict[int, tuple[int, int, int, int]] = {}
+    for span in spans:
+        first.setdefault(span[0], span)
+    return list(first.values())
 
 
 def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
@@ -176,8 +244,8 @@ def tokenize_corpus(
     from and its characters in that field's text, whitespace trimmed (:func:`token_spans`).
 
     Raises:
-        CorpusError: an empty document, or a document longer than ``context_length`` with no
-            ``max_tokens`` to cut it.
+        CorpusError: an empty document (no visible character, or no token but special ones), or a document longer
+            than ``context_length`` once cut to ``max_tokens`` (none, or one above the context).
     """
     if not records:
         raise CorpusError(f"Expected at least one document in the corpus {spec.source}. Got none (it holds no records). "
@@ -187,17 +255,32 @@ def tokenize_corpus(
     add_special = spec.template is None or "{chat:" not in spec.template
     encoded = [_encode(tokenizer, text, add_special) for text, _ in rendered]
     ids = [e[0] for e in encoded]
-    empty = [r["_id"] for r, i in zip(records, ids) if not i]
+    # A document with no visible character (empty, or whitespace only) or no token but special ones is refused,
+    # whatever the tokenizer adds around it. It was refused only when it gave no token at all: a tokenizer that adds
+    # special tokens stored an empty document as just [CLS][SEP] (or a BOS), a byte-level one a blank document as its
+    # whitespace, rows that stand for no text of the record yet are analysed as data, and one corpus file held other
+    # documents under other tokenizers. Extraction has no way to skip a record with a recorded reason, and leaving
+    # one out silently would store other documents than the records the user named: the user removes them.
+    special = special_token_ids(tokenizer)
+    empty = [r["_id"] for r, (text, _), i in zip(records, rendered, ids)
+             if not text.strip() or np.isin(i, special).all()]
     if empty:
-        raise CorpusError(f"Expected text in every document. Got {len(empty)} empty document(s) {empty[:3]} instead. "
-                          "Remove them or pick another --text field.")
+        raise CorpusError(f"Expected text in every document. Got {len(empty)} empty document(s) {empty[:3]} instead "
+                          "(no visible characters, or no tokens but special ones). Remove them from the corpus or pick "
+                          "another --text field.")
     original = np.array([len(i) for i in ids], dtype=np.int64)
     limit = spec.max_tokens
-    if limit is None and context_length is not None and original.max() > context_length:
-        longest = records[int(original.argmax())]["_id"]
+    # The rows stored are the documents as cut: checked against the context whatever --max-tokens is (one above the
+    # context turned the check off, and rows past the model's positions went to the workers). Refused, not cut to
+    # the context: --max-tokens is recorded with the corpus and the model as the cut it made, and a corpus file
+    # cut to one model's context would be another corpus under a model with a longer one.
+    cut = np.minimum(original, limit) if limit else original
+    if context_length is not None and cut.max() > context_length:
+        longest = records[int(cut.argmax())]["_id"]
+        given = "" if limit is None else f"--max-tokens {limit}, which leaves "
         raise CorpusError(
-            f"Expected documents of at most {context_length} tokens (the model's context). Got {int(original.max())} "
-            f"in {longest}. Cut them with --max-tokens {context_length}."
+            f"Expected documents of at most {context_length} tokens (the model's context). Got {given}"
+            f"{int(cut.max())} in {longest}. Cut them with --max-tokens {context_length}."
         )
     ids = [i[:limit] if limit else i for i in ids]
     lengths = np.array([len(i) for i in ids], dtype=np.int64)
@@ -210,7 +293,7 @@ def tokenize_corpus(
     return CorpusTable(
         token_ids=token_ids,
         doc_offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-        is_special=np.isin(token_ids, special_token_ids(tokenizer)),
+        is_special=np.isin(token_ids, special),
         record_ids=[str(r["_id"]) for r in records],
         truncated=lengths < original,
         original_length=original,

@@ -128,6 +128,7 @@ def _join_stored(store: Any, cid: str, spec: Any, tokenizer: Any, context: int |
 
     stored = store.corpus_info(cid)
     written = stored.extra.get("corpus_spec")
+    _check_context(store, stored, (written or {}).get("source") or stored.source, spec, context)
     if not written:  # stored through the API, without its source: the tokenizer must be the one that made it
         if stored.tokenizer.get("fingerprint") != info["fingerprint"]:
             raise CorpusMismatchError(
@@ -146,6 +147,25 @@ def _join_stored(store: Any, cid: str, spec: Any, tokenizer: Any, context: int |
             "`hrsa analyze` then compares the two models on the tokens whose character spans coincide."
         )
     return _Corpus(cid, None, None, stored.n_tokens, info)
+
+
+def _check_context(store: Any, stored: Any, source: str | None, spec: Any, context: int | None) -> None:
+    """Refuse a stored corpus with documents longer than the model's context (stored for a model with a longer one):
+    their rows past its positions went to the workers, and a BERT-like model failed there with a model half-written.
+    The stored documents are what the model would be given, whatever the settings they were cut with."""
+    from hrsa.store.records import CorpusError
+
+    if context is None:
+        return
+    lengths = store.documents(stored.id)[["record_id", "n_tokens"]]
+    longest = int(lengths["n_tokens"].values.argmax())
+    if int(lengths["n_tokens"].iloc[longest]) > context:
+        raise CorpusError(
+            f"Expected documents of at most {context} tokens (the model's context) in corpus {stored.id} to extract "
+            f"{spec.name} on it. Got {int(lengths['n_tokens'].iloc[longest])} in {lengths['record_id'].iloc[longest]} "
+            f"instead. Give the corpus file cut to fit (--corpus {source or 'FILE'} --max-tokens {context}): that "
+            "stores a corpus of its own."
+        )
 
 
 def _corpus_spec(config: ExtractConfig) -> Any:

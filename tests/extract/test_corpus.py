@@ -122,3 +122,119 @@ def test_missing_paths_and_bad_options(tmp_path: Path) -> None:
         CorpusSpec(source="-", text="a", template="{b}")
     with pytest.raises(CorpusError, match="positive"):
         CorpusSpec(source="-", max_docs=0)
+
+
+# -- where a chat message's content lands in the rendered text -------------------------------------------------------
+# A default system prompt, as SmolLM2's ("... trained by Hugging Face") and Qwen2.5's templates add when the messages
+# have none: a message whose text also appears in it was labelled at the system prompt's occurrence.
+DEFAULT_SYSTEM = ("{% if messages[0]['role'] != 'system' %}<s>system: You are an assistant trained by Hugging Face\n"
+                  "{% endif %}")
+
+
+def _chat_spans(tokenizer: Any, template: str, messages: list[dict[str, str]]) -> tuple[str, list[Any]]:
+    from hrsa.extract.corpus import render_spans
+
+    tokenizer.chat_template = template
+    return render_spans({"m": messages, "_id": "r"}, CorpusSpec(source="-", template="{chat:m}"), tokenizer)
+
+
+@pytest.mark.parametrize(
+    ("template", "messages", "expected"),
+    [
+        # the default system prompt holds the user's text
+        (DEFAULT_SYSTEM + CHAT, [{"role": "user", "content": "Hugging Face"}],
+         "<s>system: You are an assistant trained by Hugging Face\n<s>user: [Hugging Face]\n<s>assistant: "),
+        # a role tag holds it
+        (CHAT, [{"role": "user", "content": "user"}], "<s>user: [user]\n<s>assistant: "),
+        # an earlier message's markup holds the next message's text
+        (CHAT, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "ssistant"}],
+         "<s>user: [a]\n<s>assistant: [ssistant]\n<s>assistant: "),
+    ],
+    ids=["default-system-prompt", "role-tag", "earlier-markup"],
+)
+def test_a_message_is_labelled_where_the_template_put_it(tokenizer: Any, template: str, messages: list[dict[str, str]],
+                                                          expected: str) -> None:
+    text, segments = _chat_spans(tokenizer, template, messages)
+    marked, at = [], 0
+    for seg in segments:
+        marked += [text[at:seg.start], "[", text[seg.start:seg.stop], "]"]
+        at = seg.stop
+    assert "".join([*marked, text[at:]]) == expected
+    assert [s.offset for s in segments] == [sum(len(m["content"]) for m in messages[:i]) for i in range(len(messages))]
+
+
+def test_a_message_the_template_trims_is_labelled_in_place_at_its_offset(tokenizer: Any) -> None:
+    """Templates such as Qwen3's trim contents: the trimmed text is found where the template put it, and its span in
+    the chat field's text (contents end to end) starts after the whitespace the template dropped."""
+    template = DEFAULT_SYSTEM + CHAT.replace("m['content']", "m['content'] | trim")
+    messages = [{"role": "user", "content": " Hugging Face \n"}, {"role": "assistant", "content": "Face"}]
+    text, segments = _chat_spans(tokenizer, template, messages)
+    assert text.index("user: ") < segments[0].start and text[segments[0].start:segments[0].stop] == "Hugging Face"
+    assert segments[0].offset == 1
+    assert text.index("assistant: ") < segments[1].start and text[segments[1].start:segments[1].stop] == "Face"
+    assert segments[1].offset == len(messages[0]["content"])
+
+
+def test_a_message_the_template_drops_is_markup_and_the_next_is_still_found(tokenizer: Any) -> None:
+    template = ("{% for m in messages %}{% if m['role'] != 'tool' %}<s>{{ m['role'] }}: {{ m['content'] }}\n"
+                "{% endif %}{% endfor %}<s>assistant: ")
+    messages = [{"role": "tool", "content": "fox"}, {"role": "user", "content": "the fox"}]
+    text, segments = _chat_spans(tokenizer, template, messages)
+    assert text == "<s>user: the fox\n<s>assistant: "
+    assert [(text[s.start:s.stop], s.offset) for s in segments] == [("the fox", 3)]
+
+
+def test_chat_tokens_of_the_default_system_prompt_are_markup(tokenizer: Any) -> None:
+    """Token spans follow: the system prompt's "Hugging Face" tokens are markup, the user's carry its characters."""
+    tokenizer.chat_template = DEFAULT_SYSTEM + CHAT
+    spec = CorpusSpec(source="-", template="{chat:m}")
+    records = [{"_id": "r", "m": [{"role": "user", "content": "Hugging Face"}]}]
+    table = tokenize_corpus(records, spec, tokenizer)
+    text = render_text(records[0], spec, tokenizer)
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    content = [a for (a, _), f in zip(offsets, table.token_field) if f == 0]
+    assert content and min(content) >= text.index("user: ") + len("user: ")
+    assert all(table.token_field[t] == -1 for t, (_, b) in enumerate(offsets) if b <= text.index("<s>user"))
+    mine = table.token_field == 0
+    assert table.char_start[mine].min() == 0 and table.char_end[mine].max() == len("Hugging Face")
+
+
+# -- empty documents: refused whatever special tokens the tokenizer adds around them ---------------------------------
+def _with_specials(tokenizer: Any) -> Any:
+    """The tiny tokenizer, adding <s> ... </s> around every text (as BERT adds [CLS] ... [SEP], Llama a BOS)."""
+    from tokenizers import processors
+
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 2), ("</s>", 3)])
+    assert tokenizer("the dog")["input_ids"][0] == 2 and tokenizer("")["input_ids"] == [2, 3]
+    return tokenizer
+
+
+@pytest.mark.parametrize("specials", [False, True], ids=["no-specials", "specials"])
+@pytest.mark.parametrize("blank", ["", " ", "\n\t  \n"], ids=["empty", "space", "whitespace"])
+def test_an_empty_or_whitespace_document_is_refused_naming_it(tokenizer: Any, specials: bool, blank: str) -> None:
+    tokenizer = _with_specials(tokenizer) if specials else tokenizer
+    records = [{"_id": "fine", "text": "the lazy dog"}, {"_id": "blank", "text": blank}]
+    with pytest.raises(CorpusError, match=r"^Expected text in every document\. Got 1 empty document\(s\) \['blank'\] "
+                                          r".*Remove them"):
+        tokenize_corpus(records, CorpusSpec(source="-"), tokenizer)
+    table = tokenize_corpus(records[:1], CorpusSpec(source="-"), tokenizer)  # the rest is fine
+    assert table.n_docs == 1
+
+
+def test_a_template_of_empty_fields_keeps_its_own_text(tokenizer: Any) -> None:
+    """A template's literal text is what the model is given: a record whose fields are empty still has a document."""
+    table = tokenize_corpus([{"_id": "r", "q": ""}], CorpusSpec(source="-", template="Question: {q}"), tokenizer)
+    assert table.n_docs == 1 and table.n_tokens > 0
+
+
+# -- --max-tokens and the model's context: a cut longer than the context is refused, not stored -------------------
+def test_max_tokens_above_the_context_is_refused_when_a_document_exceeds_the_context(tokenizer: Any) -> None:
+    records = [{**r, "_id": r["id"]} for r in RECORDS]
+    with pytest.raises(CorpusError, match=r"^Expected documents of at most 8 tokens \(the model's context\)\. .*"
+                                          r"--max-tokens 256.* in b.*--max-tokens 8"):
+        tokenize_corpus(records, CorpusSpec(source="-", max_tokens=256), tokenizer, context_length=8)
+    # a cut above the context that no document reaches stores every document whole
+    short = [{"_id": "s", "text": "the dog"}]
+    table = tokenize_corpus(short, CorpusSpec(source="-", max_tokens=256), tokenizer, context_length=8)
+    assert not table.truncated.any() and table.n_tokens <= 8

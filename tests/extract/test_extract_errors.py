@@ -85,6 +85,22 @@ def stored_copy(finished_store: tuple[Path, str], tmp_path: Path) -> Path:
     return Path(shutil.copytree(finished_store[0], tmp_path / "store"))
 
 
+def specials_model(tiny_models: Any, folder: Path) -> Path:
+    """A copy of the tiny Llama whose tokenizer adds <s> ... </s> around every text (as BERT adds [CLS] ... [SEP]):
+    an empty document tokenises to those two special tokens."""
+    from tokenizers import processors
+
+    from hrsa.extract.model_spec import parse_model_spec
+    from hrsa.extract.models import load_tokenizer
+
+    shutil.copytree(tiny_models.dir("llama"), folder)
+    tokenizer, _ = load_tokenizer(parse_model_spec(str(folder)))
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 2), ("</s>", 3)])
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def run_cli(*args: str) -> Any:
     from hrsa.cli import cli
 
@@ -106,7 +122,11 @@ def assert_one_line_error(result: Any, *fragments: str) -> None:
         ("missing-model", ("Got nothing there",)),
         ("missing-corpus", ("Expected a corpus file or folder", "Check the path")),
         ("empty-document", ("Expected text in every document", "['blank']")),
+        ("blank-document", ("Expected text in every document", "['blank']", "Remove them")),
+        ("empty-document-specials", ("Expected text in every document", "['blank']", "Remove them")),
         ("too-long", ("at most 128 tokens (the model's context)", "in long", "--max-tokens 128")),
+        ("max-tokens-above-context", ("at most 128 tokens (the model's context)", "--max-tokens 256", "in long",
+                                      "--max-tokens 128")),
         ("bad-name", ("--name", "'../escape'")),
         ("layers-out-of-range", ("Expected --layers to be distinct hidden states in 0..2",)),
     ],
@@ -121,8 +141,16 @@ def test_mistakes_are_one_line_and_damage_nothing(
         corpus = str(tmp_path / "no-such-corpus.jsonl")
     elif case == "empty-document":
         corpus = str(write_jsonl(tmp_path / "c.jsonl", {"fine": "the lazy dog", "blank": ""}))
+    elif case == "blank-document":  # stored as a whitespace token before
+        corpus = str(write_jsonl(tmp_path / "c.jsonl", {"fine": "the lazy dog", "blank": " \n "}))
+    elif case == "empty-document-specials":  # stored as <s></s> before
+        model = str(specials_model(tiny_models, tmp_path / "specials"))
+        corpus = str(write_jsonl(tmp_path / "c.jsonl", {"fine": "the lazy dog", "blank": ""}))
     elif case == "too-long":  # the tiny models take 128 positions
         corpus = str(write_jsonl(tmp_path / "c.jsonl", {"fine": "the lazy dog", "long": "the lazy dog " * 60}))
+    elif case == "max-tokens-above-context":  # a cut past the context turned the context check off
+        corpus = str(write_jsonl(tmp_path / "c.jsonl", {"fine": "the lazy dog", "long": "the lazy dog " * 60}))
+        extra = ["--max-tokens", "256"]
     elif case == "bad-name":
         extra = ["--name", "../escape"]
     elif case == "layers-out-of-range":  # another corpus: it was stored before the model loaded and told
@@ -293,8 +321,9 @@ def test_the_same_model_files_elsewhere_are_the_same_model(finished_store: tuple
 
 
 # -- mistakes that must leave no trace: a new store is created only once the model and the corpus are good ----------
-@pytest.mark.parametrize("case", ["missing-model", "missing-corpus", "empty-corpus", "empty-document", "too-long",
-                                  "broken-template", "layers-out-of-range"])
+@pytest.mark.parametrize("case", ["missing-model", "missing-corpus", "empty-corpus", "empty-document", "blank-document",
+                                  "empty-document-specials", "too-long", "max-tokens-above-context", "broken-template",
+                                  "layers-out-of-range"])
 def test_a_new_store_is_not_created_by_a_mistake(case: str, tmp_path: Path, corpus_file: Path, tiny_models: Any) -> None:
     store, model, corpus, extra = tmp_path / "store", str(tiny_models.dir("llama")), str(corpus_file), []
     if case == "missing-model":
@@ -305,8 +334,16 @@ def test_a_new_store_is_not_created_by_a_mistake(case: str, tmp_path: Path, corp
         corpus = str(write_jsonl(tmp_path / "c.jsonl", {}))
     elif case == "empty-document":
         corpus = str(write_jsonl(tmp_path / "c.jsonl", {"fine": "the lazy dog", "blank": ""}))
+    elif case == "blank-document":
+        corpus = str(write_jsonl(tmp_path / "c.jsonl", {"fine": "the lazy dog", "blank": "\t"}))
+    elif case == "empty-document-specials":
+        model = str(specials_model(tiny_models, tmp_path / "specials"))
+        corpus = str(write_jsonl(tmp_path / "c.jsonl", {"fine": "the lazy dog", "blank": ""}))
     elif case == "too-long":
         corpus = str(write_jsonl(tmp_path / "c.jsonl", {"long": "the lazy dog " * 60}))
+    elif case == "max-tokens-above-context":
+        corpus = str(write_jsonl(tmp_path / "c.jsonl", {"long": "the lazy dog " * 60}))
+        extra = ["--max-tokens", "256"]
     elif case == "broken-template":  # was a traceback (string.Formatter's ValueError), after the store was made
         extra = ["--template", "{nope"]
     elif case == "layers-out-of-range":  # known once the model loads: the store and its corpus were made before
@@ -314,6 +351,35 @@ def test_a_new_store_is_not_created_by_a_mistake(case: str, tmp_path: Path, corp
     result = run_cli("--store", str(store), "--model", model, "--corpus", corpus, *extra)
     assert_one_line_error(result)
     assert not store.exists()
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["corpus-spec", "written-through-the-api"])
+def test_a_stored_corpus_longer_than_the_models_context_is_refused_when_joined(
+    recorded: bool, stored_copy: Path, tiny_models: Any, tmp_path: Path
+) -> None:
+    """A corpus cut at 256 tokens (stored for a model with a longer context) joined by id by the tiny Llama (128
+    positions): its rows past the context went to the workers before (a BERT-like model failed there, a
+    re-run-to-resume message and an incomplete model left in the store)."""
+    from hrsa.extract.corpus import CorpusSpec, load_records, tokenize_corpus
+    from hrsa.extract.model_spec import parse_model_spec
+    from hrsa.extract.models import load_tokenizer, tokenizer_fingerprint
+
+    model = str(tiny_models.dir("llama"))
+    tokenizer, context = load_tokenizer(parse_model_spec(model))
+    assert context == 128
+    corpus = write_jsonl(tmp_path / "c.jsonl", {"fine": "the lazy dog", "long": "the lazy dog " * 60})
+    spec = CorpusSpec(source=str(corpus), max_tokens=256)
+    table = tokenize_corpus(list(load_records(spec)), spec, tokenizer)  # no context given: a longer model's cut
+    assert table.n_tokens > 128 + 3
+    info = {"name": model, "fingerprint": tokenizer_fingerprint(tokenizer)}
+    store = ActivationStore.open(str(stored_copy), mode="a")
+    cid = store.write_corpus(table, tokenizer=info, source=str(corpus), fields=("text",),
+                             extra={"corpus_spec": spec.to_dict()} if recorded else None)
+    before = store_digest(stored_copy)
+    result = run_cli("--store", str(stored_copy), "--model", model, "--corpus", cid, "--name", "short")
+    assert_one_line_error(result, f"corpus {cid}", "at most 128 tokens (the model's context)", "in long",
+                          f"--corpus {corpus} --max-tokens 128")
+    assert store_digest(stored_copy) == before
 
 
 def test_a_store_path_that_is_a_file_is_one_line_and_left_as_it_was(tmp_path: Path, corpus_file: Path,

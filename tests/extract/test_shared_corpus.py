@@ -169,3 +169,23 @@ def test_content_spans_cover_each_fields_text_once(parent: Any, shared_data: Pat
             assert all(not text[s].isspace() and not text[e - 1].isspace() for s, e in visible)
         markup_text |= {parent.convert_ids_to_tokens(int(t)) for t in table.token_ids[rows][field == -1]}
     assert {"<|im_start|>", "<|im_end|>"} <= markup_text
+
+
+def test_a_message_in_smollm2s_default_system_prompt_is_labelled_where_the_user_said_it(parent: Any) -> None:
+    """SmolLM2's template adds "You are a helpful AI assistant named SmolLM, trained by Hugging Face" when the messages
+    have no system message: a user saying "Hugging Face" was labelled at the system prompt's words."""
+    from hrsa.extract.corpus import CorpusSpec, render_spans, tokenize_corpus
+
+    spec = CorpusSpec(source="-", template="{chat:messages}")
+    record = {"_id": "r", "messages": [{"role": "user", "content": "Hugging Face"},
+                                       {"role": "assistant", "content": "SmolLM"}]}
+    text, segments = render_spans(record, spec, parent)
+    assert "trained by Hugging Face" in text
+    assert [(text[s.start:s.stop], s.offset) for s in segments] == [("Hugging Face", 0), ("SmolLM", 12)]
+    assert text[: segments[0].start].endswith("<|im_start|>user\n")
+    assert text[: segments[1].start].endswith("<|im_start|>assistant\n")
+    table = tokenize_corpus([record], spec, parent)
+    offsets = parent(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    system = text.index("<|im_start|>user")
+    assert all(table.token_field[t] == -1 for t, (_, b) in enumerate(offsets) if b <= system)
+    assert (table.token_field >= 0).sum() >= 3
