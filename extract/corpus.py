@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hrsa.store.corpus import CorpusTable
+from hrsa.store.corpus import CorpusTable, document_text_sha256
 from hrsa.store.records import CorpusError, read_records
 
 if TYPE_CHECKING:
@@ -84,14 +84,24 @@ def render_text(record: Mapping[str, Any], spec: CorpusSpec, tokenizer: PreTrain
 def render_spans(record: Mapping[str, Any], spec: CorpusSpec,
                  tokenizer: PreTrainedTokenizerBase | None = None) -> tuple[str, list[Segment]]:
     """The text of ``record`` and where each source field's characters are in it (the rest is markup)."""
+    text, segments, _ = _render(record, spec, tokenizer)
+    return text, segments
+
+
+def _render(record: Mapping[str, Any], spec: CorpusSpec,
+            tokenizer: PreTrainedTokenizerBase | None) -> tuple[str, list[Segment], dict[str, str]]:
+    """:func:`render_spans`, and each source field's own text: what its segments' offsets count in (a chat field's
+    message contents laid end to end, whatever the template makes of them; a field the template uses twice, its
+    renderings laid end to end). The model never sees these texts; their digests tell two corpora's documents apart."""
     if spec.template is None:
         field = spec.text or "text"
         if field not in record:
             raise CorpusError(f"Expected a field {field!r} in every record. Got fields {sorted(record)} instead. Pick one with --text.")
         text = str(_present(record, field))
-        return text, [Segment(field, 0, len(text), 0)]
+        return text, [Segment(field, 0, len(text), 0)], {field: text}
     pieces: list[str] = []
     segments: list[Segment] = []
+    texts: dict[str, str] = {}
     at = 0
     for literal, name, format_spec, conversion in string.Formatter().parse(spec.template):
         pieces.append(literal)
@@ -101,6 +111,7 @@ def render_spans(record: Mapping[str, Any], spec: CorpusSpec,
         if name == "chat" and format_spec:  # {chat:FIELD}: Python's parser reads FIELD as a format spec
             text, found = _chat(record, format_spec, tokenizer)
             segments += [Segment(s.field, at + s.start, at + s.stop, s.offset) for s in found]
+            texts[format_spec] = texts.get(format_spec, "") + "".join(_contents(record[format_spec]))
         else:
             if _root(name) not in record:
                 missing = [f for _, f, fs, _ in string.Formatter().parse(spec.template)
@@ -114,9 +125,10 @@ def render_spans(record: Mapping[str, Any], spec: CorpusSpec,
                 raise CorpusError(f"Expected the template's {field} to format every record. Got {type(error).__name__}: "
                                   f"{error} on record {record.get('_id')} instead. Fix the template or that record.") from None
             segments.append(Segment(name, at, at + len(text), 0))
+            texts[name] = texts.get(name, "") + text
         pieces.append(text)
         at += len(text)
-    return "".join(pieces), segments
+    return "".join(pieces), segments, texts
 
 
 def _present(record: Mapping[str, Any], field: str) -> Any:
@@ -146,14 +158,18 @@ def _chat(record: Mapping[str, Any], field: str, tokenizer: PreTrainedTokenizerB
     messages = list(record[field])
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     segments, cursor, offset = [], 0, 0
-    for message in messages:
-        content = str(message.get("content") or "") if isinstance(message, Mapping) else ""
+    for content in _contents(messages):
         where = text.find(content, cursor) if content else -1
         if where >= 0:
             segments.append(Segment(field, where, where + len(content), offset))
             cursor = where + len(content)
         offset += len(content)
     return text, segments
+
+
+def _contents(messages: Any) -> list[str]:
+    """Each chat message's content as text ("" for a message without one): what a chat field's offsets count in."""
+    return [str(m.get("content") or "") if isinstance(m, Mapping) else "" for m in messages]
 
 
 def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
@@ -173,7 +189,8 @@ def tokenize_corpus(
     """Render and tokenise ``records`` into one table; documents are cut to ``spec.max_tokens``.
 
     With a fast tokenizer (offsets known), every token also carries its content span: the source field it came
-    from and its characters in that field's text, whitespace trimmed (:func:`token_spans`).
+    from and its characters in that field's text, whitespace trimmed (:func:`token_spans`). Every document keeps
+    a sha256 of each source field's text, whatever the tokenizer: what tells two corpora hold the same texts.
 
     Raises:
         CorpusError: an empty document, or a document longer than ``context_length`` with no
@@ -182,10 +199,11 @@ def tokenize_corpus(
     if not records:
         raise CorpusError(f"Expected at least one document in the corpus {spec.source}. Got none (it holds no records). "
                           "Point --corpus at a file or folder with records in it.")
-    rendered = [render_spans(r, spec, tokenizer) for r in records]
-    fields = tuple(dict.fromkeys(seg.field for _, segments in rendered for seg in segments))
+    rendered = [_render(r, spec, tokenizer) for r in records]
+    fields = tuple(dict.fromkeys(seg.field for _, segments, _ in rendered for seg in segments))
+    text_fields = tuple(dict.fromkeys(f for _, _, texts in rendered for f in texts))
     add_special = spec.template is None or "{chat:" not in spec.template
-    encoded = [_encode(tokenizer, text, add_special) for text, _ in rendered]
+    encoded = [_encode(tokenizer, text, add_special) for text, _, _ in rendered]
     ids = [e[0] for e in encoded]
     empty = [r["_id"] for r, i in zip(records, ids) if not i]
     if empty:
@@ -205,7 +223,7 @@ def tokenize_corpus(
     spans = None
     if all(e[1] is not None for e in encoded):
         per_doc = [token_spans(text, segments, e[1][: len(i)], fields)
-                   for (text, segments), e, i in zip(rendered, encoded, ids)]
+                   for (text, segments, _), e, i in zip(rendered, encoded, ids)]
         spans = tuple(np.concatenate([d[j] for d in per_doc]) for j in range(3))
     return CorpusTable(
         token_ids=token_ids,
@@ -218,6 +236,8 @@ def tokenize_corpus(
         token_field=spans[0] if spans else None,
         char_start=spans[1] if spans else None,
         char_end=spans[2] if spans else None,
+        text_fields=text_fields,
+        text_sha256=document_text_sha256([texts for _, _, texts in rendered], text_fields),
     )
 
 
