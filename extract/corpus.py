@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hrsa.store.corpus import CorpusTable
+from hrsa.store.corpus import CorpusTable, document_text_sha256
 from hrsa.store.records import CorpusError, read_records
 
 if TYPE_CHECKING:
@@ -85,14 +85,24 @@ def render_text(record: Mapping[str, Any], spec: CorpusSpec, tokenizer: PreTrain
 def render_spans(record: Mapping[str, Any], spec: CorpusSpec,
                  tokenizer: PreTrainedTokenizerBase | None = None) -> tuple[str, list[Segment]]:
     """The text of ``record`` and where each source field's characters are in it (the rest is markup)."""
+    text, segments, _ = _render(record, spec, tokenizer)
+    return text, segments
+
+
+def _render(record: Mapping[str, Any], spec: CorpusSpec,
+            tokenizer: PreTrainedTokenizerBase | None) -> tuple[str, list[Segment], dict[str, str]]:
+    """:func:`render_spans`, and each source field's own text: what its segments' offsets count in (a chat field's
+    message contents laid end to end, whatever the template makes of them; a field the template uses twice, its
+    renderings laid end to end). The model never sees these texts; their digests tell two corpora's documents apart."""
     if spec.template is None:
         field = spec.text or "text"
         if field not in record:
             raise CorpusError(f"Expected a field {field!r} in every record. Got fields {sorted(record)} instead. Pick one with --text.")
         text = str(_present(record, field))
-        return text, [Segment(field, 0, len(text), 0)]
+        return text, [Segment(field, 0, len(text), 0)], {field: text}
     pieces: list[str] = []
     segments: list[Segment] = []
+    texts: dict[str, str] = {}
     at = 0
     for literal, name, format_spec, conversion in string.Formatter().parse(spec.template):
         pieces.append(literal)
@@ -102,6 +112,7 @@ def render_spans(record: Mapping[str, Any], spec: CorpusSpec,
         if name == "chat" and format_spec:  # {chat:FIELD}: Python's parser reads FIELD as a format spec
             text, found = _chat(record, format_spec, tokenizer)
             segments += [Segment(s.field, at + s.start, at + s.stop, s.offset) for s in found]
+            texts[format_spec] = texts.get(format_spec, "") + "".join(_contents(record[format_spec]))
         else:
             if _root(name) not in record:
                 missing = [f for _, f, fs, _ in string.Formatter().parse(spec.template)
@@ -115,9 +126,10 @@ def render_spans(record: Mapping[str, Any], spec: CorpusSpec,
                 raise CorpusError(f"Expected the template's {field} to format every record. Got {type(error).__name__}: "
                                   f"{error} on record {record.get('_id')} instead. Fix the template or that record.") from None
             segments.append(Segment(name, at, at + len(text), 0))
+            texts[name] = texts.get(name, "") + text
         pieces.append(text)
         at += len(text)
-    return "".join(pieces), segments
+    return "".join(pieces), segments, texts
 
 
 def _present(record: Mapping[str, Any], field: str) -> Any:
@@ -153,7 +165,7 @@ def _chat(record: Mapping[str, Any], field: str, tokenizer: PreTrainedTokenizerB
         return tokenizer.apply_chat_template(these, tokenize=False, add_generation_prompt=True)
 
     text = render(messages)
-    contents = [str(m.get("content") or "") if isinstance(m, Mapping) else "" for m in messages]
+    contents = _contents(messages)
     offsets = np.concatenate([[0], np.cumsum([len(c) for c in contents])]).tolist()
     return text, [Segment(field, start, stop, offsets[i] + skip) for i, start, stop, skip
                   in _content_spans(text, messages, contents, render)]
@@ -224,6 +236,11 @@ def _first_of_each(spans: list[tuple[int, int, int, int]]) -> list[tuple[int, in
     return list(first.values())
 
 
+def _contents(messages: Any) -> list[str]:
+    """Each chat message's content as text ("" for a message without one): what a chat field's offsets count in."""
+    return [str(m.get("content") or "") if isinstance(m, Mapping) else "" for m in messages]
+
+
 def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
     """Ids of every special token: BOS/EOS/PAD and added special tokens such as chat markers."""
     ids = set(tokenizer.all_special_ids)
@@ -241,7 +258,8 @@ def tokenize_corpus(
     """Render and tokenise ``records`` into one table; documents are cut to ``spec.max_tokens``.
 
     With a fast tokenizer (offsets known), every token also carries its content span: the source field it came
-    from and its characters in that field's text, whitespace trimmed (:func:`token_spans`).
+    from and its characters in that field's text, whitespace trimmed (:func:`token_spans`). Every document keeps
+    a sha256 of each source field's text, whatever the tokenizer: what tells two corpora hold the same texts.
 
     Raises:
         CorpusError: an empty document (no visible character, or no token but special ones), or a document longer
@@ -250,10 +268,11 @@ def tokenize_corpus(
     if not records:
         raise CorpusError(f"Expected at least one document in the corpus {spec.source}. Got none (it holds no records). "
                           "Point --corpus at a file or folder with records in it.")
-    rendered = [render_spans(r, spec, tokenizer) for r in records]
-    fields = tuple(dict.fromkeys(seg.field for _, segments in rendered for seg in segments))
+    rendered = [_render(r, spec, tokenizer) for r in records]
+    fields = tuple(dict.fromkeys(seg.field for _, segments, _ in rendered for seg in segments))
+    text_fields = tuple(dict.fromkeys(f for _, _, texts in rendered for f in texts))
     add_special = spec.template is None or "{chat:" not in spec.template
-    encoded = [_encode(tokenizer, text, add_special) for text, _ in rendered]
+    encoded = [_encode(tokenizer, text, add_special) for text, _, _ in rendered]
     ids = [e[0] for e in encoded]
     # A document with no visible character (empty, or whitespace only) or no token but special ones is refused,
     # whatever the tokenizer adds around it. It was refused only when it gave no token at all: a tokenizer that adds
@@ -262,7 +281,7 @@ def tokenize_corpus(
     # documents under other tokenizers. Extraction has no way to skip a record with a recorded reason, and leaving
     # one out silently would store other documents than the records the user named: the user removes them.
     special = special_token_ids(tokenizer)
-    empty = [r["_id"] for r, (text, _), i in zip(records, rendered, ids)
+    empty = [r["_id"] for r, (text, _, _), i in zip(records, rendered, ids)
              if not text.strip() or np.isin(i, special).all()]
     if empty:
         raise CorpusError(f"Expected text in every document. Got {len(empty)} empty document(s) {empty[:3]} instead "
@@ -288,7 +307,7 @@ def tokenize_corpus(
     spans = None
     if all(e[1] is not None for e in encoded):
         per_doc = [token_spans(text, segments, e[1][: len(i)], fields)
-                   for (text, segments), e, i in zip(rendered, encoded, ids)]
+                   for (text, segments, _), e, i in zip(rendered, encoded, ids)]
         spans = tuple(np.concatenate([d[j] for d in per_doc]) for j in range(3))
     return CorpusTable(
         token_ids=token_ids,
@@ -301,6 +320,8 @@ def tokenize_corpus(
         token_field=spans[0] if spans else None,
         char_start=spans[1] if spans else None,
         char_end=spans[2] if spans else None,
+        text_fields=text_fields,
+        text_sha256=document_text_sha256([texts for _, _, texts in rendered], text_fields),
     )
 
 

@@ -346,12 +346,10 @@ class ActivationStore(ResultRecords):
         return TokenPairs(rows_a[keep], rows_b[keep], _count(selected_a), _count(selected_b), identical=False)
 
     def _alignment(self, a: str, cid_a: str, b: str, cid_b: str) -> tuple[np.ndarray, np.ndarray]:
-        """The aligned rows of two corpora: read from the store, else computed (and kept when it is writable)."""
-        key = alignment_key(cid_a, cid_b)
-        parent = self._root["alignments"] if "alignments" in self._root else None
-        stored = read_alignment(parent, key) if parent is not None else None
-        if stored is not None:
-            return stored
+        """The aligned rows of two corpora: read from the store, else computed (and kept when it is writable).
+
+        The corpora are checked first, even for a stored alignment: an earlier hrsa kept alignments of corpora that
+        only had the same record ids, which this check now refuses."""
         corpus_a, corpus_b = self._corpus_group(cid_a), self._corpus_group(cid_b)
         problem = alignment_problem(corpus_a, cid_a, corpus_b, cid_b)
         if problem:
@@ -360,6 +358,11 @@ class ActivationStore(ResultRecords):
                 f"tokens align by content span. Got {a} on {cid_a} and {b} on {cid_b}, {problem[0]}, instead. "
                 f"{problem[1]} (`hrsa store info` shows each model's corpus)."
             )
+        key = alignment_key(cid_a, cid_b)
+        parent = self._root["alignments"] if "alignments" in self._root else None
+        stored = read_alignment(parent, key) if parent is not None else None
+        if stored is not None:
+            return stored
         rows = align_corpora(corpus_a, corpus_b)
         if not self.read_only:
             root = self._root.store_path.path
@@ -453,7 +456,8 @@ class ActivationStore(ResultRecords):
         """Store a tokenised corpus once and return its content-derived id.
 
         ``tokenizer`` must hold ``name`` and ``fingerprint`` (a hash of its vocabulary and settings).
-        Writing a corpus that is already stored and complete changes nothing.
+        Writing a corpus that is already stored and complete changes nothing. A table without text digests
+        (``text_sha256``) is stored too, but never aligned with another tokenizer's corpus.
         """
         self._check_writable()
         table.check()

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from hrsa.store.corpus import TEXT_DIGESTS
 from hrsa.store.format import ATTRS_KEY
 from hrsa.store.objects import ensure_array, ensure_group
 
@@ -69,7 +70,11 @@ def _spans(corpus: zarr.Group) -> tuple[list[str], dict[str, np.ndarray]]:
 
 
 def alignment_problem(corpus_a: zarr.Group, cid_a: str, corpus_b: zarr.Group, cid_b: str) -> tuple[str, str] | None:
-    """Why two corpora cannot be aligned, and what to do, as two phrases; None when they can."""
+    """Why two corpora cannot be aligned, and what to do, as two phrases; None when they can.
+
+    Equal record ids are not enough: an id says where a record was (``docs.jsonl:1``), not what it holds. The
+    documents' text digests must be equal too, on every field both corpora hold (a field only one side has never
+    aligns)."""
     records_a, records_b = ([str(r) for r in c["doc_record_id"][:]] for c in (corpus_a, corpus_b))
     if records_a != records_b:
         return (f"which hold different documents ({len(records_a)} and {len(records_b)}, or other record ids)",
@@ -78,7 +83,33 @@ def alignment_problem(corpus_a: zarr.Group, cid_a: str, corpus_b: zarr.Group, ci
     if bare:
         return (f"{' and '.join(bare)} stored without content spans (by an earlier hrsa, or a slow tokenizer)",
                 "Extract the models again into a new store, or both on one corpus")
+    # A corpus without digests is refused rather than trusted on its record ids: those are what let other texts
+    # through, and nothing else stored tells its text (its source file may have changed since).
+    undigested = [cid for cid, c in ((cid_a, corpus_a), (cid_b, corpus_b)) if TEXT_DIGESTS not in c]
+    if undigested:
+        return (f"{' and '.join(undigested)} stored without their documents' text digests (by an earlier hrsa), so "
+                "nothing tells that their texts are the same",
+                "Delete the models on them (`hrsa store rm`) and run the same `hrsa extract` again, which stores "
+                "their corpus with digests, or extract into a new store")
+    other = _documents_of_other_text(corpus_a, corpus_b)
+    if other:
+        named = ", ".join(records_a[d] for d in other[:3]) + (", ..." if len(other) > 3 else "")
+        return (f"whose documents hold other text ({len(other)} of {len(records_a)}: {named}) under the same "
+                "record ids",
+                "Extract both from the same corpus file, unchanged in between (a file of the same name elsewhere, "
+                "or edited, is another text)")
     return None
+
+
+def _documents_of_other_text(corpus_a: zarr.Group, corpus_b: zarr.Group) -> list[int]:
+    """Documents whose text digest differs on a field both corpora hold."""
+    fields_a, fields_b = (list(c.attrs[ATTRS_KEY].get("text_fields") or []) for c in (corpus_a, corpus_b))
+    shared = [f for f in fields_a if f in fields_b]
+    if not shared:
+        return []
+    digests_a = corpus_a[TEXT_DIGESTS][:][:, [fields_a.index(f) for f in shared]]
+    digests_b = corpus_b[TEXT_DIGESTS][:][:, [fields_b.index(f) for f in shared]]
+    return np.flatnonzero((digests_a != digests_b).any(axis=(1, 2))).tolist()
 
 
 def align_corpora(corpus_a: zarr.Group, corpus_b: zarr.Group) -> tuple[np.ndarray, np.ndarray]:

@@ -5,6 +5,13 @@ and each token's content span), not from the tokenizer that made it: the same to
 corpus whoever writes them, so a fine-tuned child whose tokenizer only changed its added tokens or chat template
 shares its parent's corpus. Content spans (the source field each token came from and its characters there) are
 what selects tokens by field and aligns the tokens of two different tokenizers.
+
+A corpus also keeps a sha256 of each document's text, field by field, and each document's length before any cut;
+both are in its id (a corpus stored by an earlier hrsa has neither in its hash, and keeps that hash). A record id
+says where a record was (``docs.jsonl:1``), not what it holds: two files of one name in two folders give other texts
+the same ids, and texts that differ only after a cut give the same tokens. Without the digests two such corpora
+were aligned (spans that happen to coincide, over other words) or merged into one (whose truncation flags were the
+first writer's).
 """
 
 from __future__ import annotations
@@ -28,8 +35,10 @@ __all__ = [
     "CorpusInfo",
     "CorpusTable",
     "CorpusTokens",
+    "TEXT_DIGESTS",
     "content_hash",
     "differing_documents",
+    "document_text_sha256",
     "read_corpus_info",
     "corpus_damage",
     "read_corpus_table",
@@ -39,6 +48,8 @@ __all__ = [
 ]
 
 _TOKEN_CHUNK = 1 << 18
+TEXT_DIGESTS = "doc_text_sha256"  # the array of each document's text digests, field by field
+_DOC_DIGEST_CHUNK = 1 << 14  # documents per chunk of their text digests: 32 bytes a field each
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,10 @@ class CorpusTable:
         token_field: (N,) int16, each token's field (index into ``span_fields``), -1 for markup (template text,
             chat tags, special tokens).
         char_start, char_end: (N,) int32, each token's characters in its field's text, whitespace trimmed.
+        text_fields: the source fields whose text ``text_sha256`` digests.
+        text_sha256: (n_docs, len(text_fields), 32) uint8, the sha256 of each document's text of each field
+            (:func:`document_text_sha256`): what tells two corpora's documents hold the same text. None: no digests
+            (as an earlier hrsa stored its corpora); such a corpus cannot be aligned with another.
     """
 
     token_ids: np.ndarray
@@ -68,10 +83,16 @@ class CorpusTable:
     token_field: np.ndarray | None = None
     char_start: np.ndarray | None = None
     char_end: np.ndarray | None = None
+    text_fields: tuple[str, ...] = ()
+    text_sha256: np.ndarray | None = None
 
     @property
     def has_spans(self) -> bool:
         return self.token_field is not None
+
+    @property
+    def has_text_digests(self) -> bool:
+        return self.text_sha256 is not None
 
     @property
     def n_tokens(self) -> int:
@@ -103,6 +124,16 @@ class CorpusTable:
             raise ValueError("token_field, char_start and char_end must all be given, each matching token_ids")
         if self.token_field is not None and self.token_field.size and self.token_field.max() >= len(self.span_fields):
             raise ValueError("token_field must index span_fields (or be -1 for markup)")
+        digests = self.text_sha256
+        if (digests is None and self.text_fields) or (digests is not None and (
+                digests.shape != (self.n_docs, len(self.text_fields), 32) or digests.dtype != np.uint8)):
+            raise ValueError("text_sha256 must be given with text_fields, as (n_docs, len(text_fields), 32) uint8")
+
+    def original_lengths(self) -> np.ndarray:
+        """(n_docs,) int64: each document's length in tokens before any cut (its stored length when not given)."""
+        if self.original_length is not None:
+            return self.original_length.astype(np.int64)
+        return np.diff(self.doc_offsets).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -122,6 +153,23 @@ class CorpusInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def document_text_sha256(texts: Sequence[Mapping[str, str]], fields: Sequence[str]) -> np.ndarray:
+    """(n_docs, len(fields), 32) uint8: the sha256 of each document's text of each field (``texts[d][field]``,
+    UTF-8), for :attr:`CorpusTable.text_sha256`.
+
+    Raises:
+        ValueError: a document without one of ``fields``.
+    """
+    out = np.zeros((len(texts), len(fields), 32), dtype=np.uint8)
+    for d, doc in enumerate(texts):
+        missing = [f for f in fields if f not in doc]
+        if missing:
+            raise ValueError(f"document {d} has no text for fields {missing}")
+        for j, name in enumerate(fields):
+            out[d, j] = np.frombuffer(hashlib.sha256(doc[name].encode()).digest(), dtype=np.uint8)
+    return out
+
+
 def content_hash(table: CorpusTable) -> str:
     """sha256 over everything that defines the corpus; equal hashes mean identical token tables.
 
@@ -135,14 +183,21 @@ def content_hash(table: CorpusTable) -> str:
         h.update(json.dumps(list(table.span_fields)).encode())
         for array in (table.token_field.astype("<i2"), table.char_start.astype("<i4"), table.char_end.astype("<i4")):  # type: ignore[union-attr]
             h.update(np.ascontiguousarray(array).tobytes())
+    if table.has_text_digests:  # only then: a corpus stored without them keeps the hash it recorded
+        h.update(json.dumps(list(table.text_fields)).encode())
+        h.update(np.ascontiguousarray(table.text_sha256).tobytes())
+        # The original lengths too: texts alike up to a cut give the same tokens, and the truncation flags (which
+        # follow from these lengths: corpus_damage checks it) belong to each text, not to the first one stored.
+        h.update(np.ascontiguousarray(table.original_lengths().astype("<i8")).tobytes())
     return h.hexdigest()
 
 
 def _array(group: zarr.Group, name: str, values: np.ndarray, chunk: int) -> None:
     from zarr.codecs import Crc32cCodec, ZstdCodec
 
+    chunks = (min(chunk, max(1, values.shape[0])), *values.shape[1:])  # along the first axis only
     arr = ensure_array(
-        group, name, shape=values.shape, dtype=values.dtype, chunks=(min(chunk, max(1, values.shape[0])),),
+        group, name, shape=values.shape, dtype=values.dtype, chunks=chunks,
         compressors=[ZstdCodec(level=3), Crc32cCodec()], fill_value=0,
     )
     arr[:] = values
@@ -168,7 +223,7 @@ def write_corpus(
     group = ensure_group(parent.store, f"{parent.store_path.path}/{cid}".lstrip("/"))
     n_docs = table.n_docs
     truncated = table.truncated if table.truncated is not None else np.zeros(n_docs, bool)
-    original = table.original_length if table.original_length is not None else np.diff(table.doc_offsets)
+    original = table.original_lengths()
     _array(group, "token_ids", table.token_ids.astype(np.int32), _TOKEN_CHUNK)
     _array(group, "doc_index", table.doc_index(), _TOKEN_CHUNK)
     _array(group, "position", table.position(), _TOKEN_CHUNK)
@@ -180,6 +235,8 @@ def write_corpus(
         _array(group, "token_field", table.token_field.astype(np.int16), _TOKEN_CHUNK)  # type: ignore[union-attr]
         _array(group, "char_start", table.char_start.astype(np.int32), _TOKEN_CHUNK)  # type: ignore[union-attr]
         _array(group, "char_end", table.char_end.astype(np.int32), _TOKEN_CHUNK)  # type: ignore[union-attr]
+    if table.has_text_digests:
+        _array(group, TEXT_DIGESTS, table.text_sha256, _DOC_DIGEST_CHUNK)  # type: ignore[arg-type]
     records = ensure_array(group, "doc_record_id", shape=(n_docs,), dtype=str, chunks=(min(_TOKEN_CHUNK, n_docs),))
     records[:] = np.asarray(list(table.record_ids), dtype=object)
     group.attrs[ATTRS_KEY] = {
@@ -192,6 +249,7 @@ def write_corpus(
         "source": source,
         "fields": list(fields),
         "span_fields": list(table.span_fields) if table.has_spans else [],
+        "text_fields": list(table.text_fields),
         "template": template,
         "extra": dict(extra or {}),
         "complete": True,
@@ -269,6 +327,7 @@ class CorpusTokens:
 def read_corpus_table(group: zarr.Group) -> CorpusTable:
     """The corpus stored in ``group`` as the table it was written from (unchecked: see :func:`corpus_damage`)."""
     spans = "token_field" in group
+    digests = TEXT_DIGESTS in group
     return CorpusTable(
         token_ids=group["token_ids"][:], doc_offsets=group["doc_offsets"][:], is_special=group["is_special"][:],
         record_ids=[str(r) for r in group["doc_record_id"][:]], truncated=group["doc_truncated"][:],
@@ -276,6 +335,8 @@ def read_corpus_table(group: zarr.Group) -> CorpusTable:
         span_fields=tuple(group.attrs[ATTRS_KEY].get("span_fields") or ()) if spans else (),
         token_field=group["token_field"][:] if spans else None, char_start=group["char_start"][:] if spans else None,
         char_end=group["char_end"][:] if spans else None,
+        text_fields=tuple(group.attrs[ATTRS_KEY].get("text_fields") or ()) if digests else (),
+        text_sha256=group[TEXT_DIGESTS][:] if digests else None,
     )
 
 

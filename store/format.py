@@ -6,7 +6,8 @@ Layout (one Zarr v3 group)::
       corpora/<cid>/              token table: token_ids, doc_index, position, is_special (N,); content spans
                                   token_field, char_start, char_end (N,) and attrs span_fields (corpus.py)
                                   documents: doc_offsets (n_docs+1,), doc_record_id, doc_truncated,
-                                  doc_original_length (n_docs,)
+                                  doc_original_length (n_docs,); doc_text_sha256 (n_docs, fields, 32) and
+                                  attrs text_fields: each document's text digest, field by field
       models/<mid>/               attrs {"hrsa": ModelInfo fields}, written last (one create-if-absent object)
         hidden/<k>                one hidden state, (N, D), chunked along tokens, sharded: one shard per unit
         claims/<u>/<attempt>      raw JSON objects: who is writing unit u, until when (unit_records.py)
@@ -16,7 +17,9 @@ Layout (one Zarr v3 group)::
                                   (alignment.py; made on first use, so absent from stores that never needed one)
 
 Corpora stored before content spans were kept have no span arrays: they read and compare as before, and a use
-of spans (``--fields``, aligning two tokenizers) is refused in one line. Format 1 kept a (n_units,) uint8 ``units`` array of done flags instead of claims and done records; ``hrsa store
+of spans (``--fields``, aligning two tokenizers) is refused in one line. Corpora stored before text digests were
+kept read and compare as before too, and aligning one with another is refused in one line (nothing tells that
+their documents hold the same text). Format 1 kept a (n_units,) uint8 ``units`` array of done flags instead of claims and done records; ``hrsa store
 upgrade`` turns a format-1 store into a format-2 one.
 
 This module knows the format, not the math or the I/O.

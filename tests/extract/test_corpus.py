@@ -84,6 +84,25 @@ def test_same_text_and_tokenizer_is_one_corpus(tokenizer: Any, tmp_path: Path) -
     assert len(ids) == 1 and store.corpora() == sorted(ids)
 
 
+def test_texts_that_differ_after_the_cut_are_two_corpora_each_with_its_own_documents(tokenizer: Any, tmp_path: Path) -> None:
+    """Cut to 3 tokens, a short text and a longer one that starts alike give the same tokens: they were one corpus,
+    whose documents (truncated, original length) were the first writer's, so the second model's were told wrong.
+    The text is part of the corpus now (its digest), and so are the documents' original lengths."""
+    store = ActivationStore.open(tmp_path / "s", mode="a")
+    spec = CorpusSpec(source="-", max_tokens=3)
+    short, longer = ([{"_id": "a", "text": t}, {"_id": "b", "text": "w1 w2 w3"}]
+                     for t in ("the quick brown", "the quick brown fox jumps over the lazy dog"))
+    tables = [tokenize_corpus(records, spec, tokenizer) for records in (short, longer)]
+    assert np.array_equal(tables[0].token_ids, tables[1].token_ids)  # what a model runs over is the same
+    cids = [store.write_corpus(t, tokenizer={"name": "t", "fingerprint": "f"}) for t in tables]
+    assert cids[0] != cids[1]
+    for cid, table in zip(cids, tables):
+        docs = store.documents(cid)
+        assert docs["truncated"].tolist() == table.truncated.tolist()
+        assert docs["original_length"].tolist() == table.original_length.tolist()
+    assert [store.documents(cid)["truncated"][0] for cid in cids] == [False, True]  # "the quick brown": 3 tokens
+
+
 @pytest.mark.parametrize(
     ("spec", "records", "match"),
     [

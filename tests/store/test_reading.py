@@ -131,6 +131,34 @@ def test_corpus_id_derives_from_content(store: ActivationStore) -> None:
     assert len(store.corpora()) == 3
 
 
+def test_text_digests_and_original_lengths_are_content_and_checked(tmp_path) -> None:
+    """Two texts that give the same tokens and spans (a cut, a case-folding tokenizer) are two corpora, each with its
+    own documents; a text digest that lost its chunks (read as zeros) is damage that verify names."""
+    import shutil
+
+    from hrsa.store.corpus import document_text_sha256, read_corpus_table
+    from hrsa.store.verify import verify_store
+
+    store = ActivationStore.open(tmp_path / "s", mode="a")
+    tok = {"name": "t", "fingerprint": "f"}
+    table = make_table()
+    bare = store.write_corpus(table, tokenizer=tok)
+    written = {}
+    for text, longer in (("x", 0), ("y", 0), ("y", 5)):
+        digested = dataclasses.replace(table, original_length=np.diff(table.doc_offsets) + longer,
+                                       truncated=np.full(table.n_docs, longer > 0), text_fields=("text",),
+                                       text_sha256=document_text_sha256([{"text": text}] * table.n_docs, ("text",)))
+        written[text, longer] = cid = store.write_corpus(digested, tokenizer=tok)
+        stored = read_corpus_table(store.group(f"corpora/{cid}"))
+        assert stored.text_fields == ("text",) and np.array_equal(stored.text_sha256, digested.text_sha256)
+        assert store.documents(cid)["original_length"].tolist() == digested.original_length.tolist()
+    assert len({bare, *written.values()}) == 4
+    cid = written["x", 0]
+    shutil.rmtree(tmp_path / "s" / "corpora" / cid / "doc_text_sha256" / "c")
+    problems = verify_store(ActivationStore.open(tmp_path / "s", mode="r")).problems
+    assert [p.where for p in problems] == [f"corpora/{cid}"]
+
+
 def test_corpora_without_content_spans_are_refused_where_spans_are_needed(store: ActivationStore) -> None:
     """Corpora stored without spans (an earlier hrsa, a slow tokenizer) read and compare as before; aligning two of
     them, or selecting tokens by field, is one line that says why."""
@@ -324,14 +352,16 @@ def test_local_objects_are_read_whole_as_zarrs_store_reads_them(tmp_path, filled
 def _spanned_table(first_span: int) -> Any:
     """5 documents of 40 characters, one token a character, except that the first ``first_span`` characters of each
     are one token (another tokenizer's split of the same text)."""
-    from hrsa.store.corpus import CorpusTable
+    from hrsa.store.corpus import CorpusTable, document_text_sha256
 
     spans = [(0, first_span)] + [(i, i + 1) for i in range(first_span, 40)]
     n = 5 * len(spans)
+    texts = [{"text": f"document {d} ".ljust(40, ".")} for d in range(5)]
     return CorpusTable(np.arange(n, dtype=np.int32) % 50, np.arange(6, dtype=np.int64) * len(spans), np.zeros(n, bool),
                        [f"r{d}" for d in range(5)], span_fields=("text",), token_field=np.zeros(n, np.int16),
                        char_start=np.array([a for _ in range(5) for a, _ in spans], np.int32),
-                       char_end=np.array([b for _ in range(5) for _, b in spans], np.int32))
+                       char_end=np.array([b for _ in range(5) for _, b in spans], np.int32),
+                       text_fields=("text",), text_sha256=document_text_sha256(texts, ("text",)))
 
 
 def test_a_damaged_stored_alignment_is_named_by_verify_and_computed_again(tmp_path) -> None:
