@@ -40,12 +40,13 @@ from hrsa.store.errors import (
     StoreReadOnlyError,
     UserError,
 )
-from hrsa.store.format import ATTRS_KEY, DEFAULT_CODEC, choose_layout
+from hrsa.store.format import ATTRS_KEY, DEFAULT_CODEC, choose_layout, storage_dtype
 from hrsa.store.ids import parse_id
 from hrsa.store.model import (
     ModelInfo,
     check_model_spec,
     create_model_group,
+    hidden_array_mismatches,
     hidden_key,
     parse_model_attrs,
     read_model_info,
@@ -90,6 +91,7 @@ class ActivationStore(ResultRecords):
         self._exclusive_checked = False
         self._tops: dict[str, zarr.Group] = {}
         self._sound_corpora: set[str] = set()  # checked against their content hash in this process
+        self._sound_arrays: set[tuple[str, int, str, str]] = set()  # hidden-state metadata checked against the model's
 
     # -- opening -------------------------------------------------------------------------------
     @classmethod
@@ -414,7 +416,8 @@ class ActivationStore(ResultRecords):
 
         Raises:
             IncompleteModelError: extraction has units not done (unless ``allow_incomplete``).
-            CorruptDataError: the array's metadata is unreadable.
+            CorruptDataError: the array's metadata is unreadable, or says another shape, data type, codec chain or
+                shard/chunk layout than the model's attributes.
         """
         info = self.model_info(mid)
         k = info.resolve_hidden_state(layer)
@@ -439,8 +442,31 @@ class ActivationStore(ResultRecords):
                 "details; delete the model and re-extract it."
             )
         writer = ModelWriter(group, info)
+        self._check_hidden_metadata(mid, k, stored, info, settings=writer.settings, where=where)
         return CheckedArray(stored, info.dtype, where, done=writer.done_mask(), shard_tokens=info.layout.shard_tokens,
                             model_prefix=group.store_path.path, layer=k, settings=writer.settings)
+
+    def _check_hidden_metadata(self, mid: str, k: int, stored: zarr.Array, info: ModelInfo, *, settings: str,
+                               where: str) -> None:
+        """The array's metadata must say what the model's attributes say (data type, codec chain, shard and chunk
+        layout), as verify checks it: every shard matches its record's hash whatever its zarr.json says, so an edited
+        data type or endianness would decode the right bytes into wrong values. Checked once per opened store for
+        each (array, metadata, model settings) seen; a read of many blocks of one array pays it once."""
+        import json
+
+        seen = (mid, k, settings, json.dumps(stored.metadata.to_dict(), sort_keys=True, default=str))
+        if seen in self._sound_arrays:
+            return
+        problems = hidden_array_mismatches(stored, info)
+        if problems:
+            raise CorruptDataError(
+                f"Expected {where} stored as model {mid}'s attributes say (data type {storage_dtype(info.dtype)}, codec "
+                f"{info.codec}, shards of {info.layout.shard_tokens} tokens in chunks of {info.layout.chunk_tokens}). Got "
+                f"{'; '.join(problems)} instead: its metadata was edited or damaged, and its bytes would read as other "
+                f"values. Run `hrsa store verify {self.url}` for details; delete the model (`hrsa store rm {self.url} "
+                f"{mid}`) and extract it again."
+            )
+        self._sound_arrays.add(seen)
 
     # -- writing -------------------------------------------------------------------------------
     def write_corpus(

@@ -19,7 +19,8 @@ from hrsa.store.objects import create_if_absent, delete_prefix, get_bytes, put_b
 if TYPE_CHECKING:
     import zarr
 
-__all__ = ["ModelInfo", "create_model_group", "read_model_info", "parse_model_attrs", "array_mismatches", "hidden_key"]
+__all__ = ["ModelInfo", "create_model_group", "read_model_info", "parse_model_attrs", "array_mismatches", "hidden_array_mismatches",
+           "expected_hidden_metadata", "hidden_key"]
 
 
 def hidden_key(layer: int) -> str:
@@ -155,7 +156,6 @@ def array_mismatches(group: zarr.Group, info: ModelInfo) -> list[tuple[str, str]
     (N, D), shards of (shard_tokens, D) holding chunks of (chunk_tokens, D).
     """
     problems: list[tuple[str, str]] = []
-    want_dtype = storage_dtype(info.dtype)
     try:
         # Only digit names are hidden states: a SIGKILLed Zarr write leaves a ``zarr.<hex>.partial`` beside them.
         stored = {int(k) for k in _child_names(group["hidden"]) if k.isdigit()}
@@ -163,7 +163,7 @@ def array_mismatches(group: zarr.Group, info: ModelInfo) -> list[tuple[str, str]
         return [("hidden", f"unreadable group metadata ({type(error).__name__}: {error})")]
     if stored != set(info.hidden_states):
         problems.append(("hidden", f"holds hidden states {sorted(stored)}, but the attributes list {sorted(info.hidden_states)}"))
-    expected = json.loads(_hidden_array_metadata(info))
+    expected = expected_hidden_metadata(info)
     for k in sorted(stored & set(info.hidden_states)):
         where = hidden_key(k)
         try:
@@ -171,18 +171,35 @@ def array_mismatches(group: zarr.Group, info: ModelInfo) -> list[tuple[str, str]
         except Exception as error:
             problems.append((where, f"unreadable array metadata ({type(error).__name__}: {error})"))
             continue
-        # The codec chain decides what the stored bytes mean (a flipped endianness reads every value wrong, yet
-        # every shard still matches its hash): it must be the one the model was created with.
-        codecs = json.loads(json.dumps(array.metadata.to_dict().get("codecs")))  # tuples as JSON's lists
-        if not _same_settings(codecs, expected.get("codecs")):
-            problems.append((where, f"codecs {json.dumps(codecs)} are not the model's {json.dumps(expected.get('codecs'))}"))
-        if array.dtype != want_dtype:
-            problems.append((where, f"data type {array.dtype} does not match the model's dtype {info.dtype} (stored as {want_dtype})"))
-        if array.shape != (info.n_tokens, info.hidden_size):
-            problems.append((where, f"shape {array.shape} does not match (n_tokens, hidden_size) = {(info.n_tokens, info.hidden_size)}"))
-        if array.shards != (info.layout.shard_tokens, info.hidden_size) or array.chunks != (info.layout.chunk_tokens, info.hidden_size):
-            problems.append((where, f"shards {array.shards} of chunks {array.chunks} do not match the layout "
-                                    f"{(info.layout.shard_tokens, info.hidden_size)} of {(info.layout.chunk_tokens, info.hidden_size)}"))
+        problems.extend((where, what) for what in hidden_array_mismatches(array, info, expected))
+    return problems
+
+
+def expected_hidden_metadata(info: ModelInfo) -> dict[str, Any]:
+    """The zarr.json document every hidden-state array of ``info`` holds, as a dict (for :func:`hidden_array_mismatches`)."""
+    return dict(json.loads(_hidden_array_metadata(info)))
+
+
+def hidden_array_mismatches(array: zarr.Array, info: ModelInfo, expected: dict[str, Any] | None = None) -> list[str]:
+    """What differs between one hidden-state array's metadata and what the model's attributes promise: its data
+    type (``storage_dtype(dtype)``), codec chain, shape (N, D), and shards of (shard_tokens, D) holding chunks of
+    (chunk_tokens, D). Empty when they agree. ``expected``: :func:`expected_hidden_metadata` of ``info``, when the
+    caller has it already."""
+    expected = expected_hidden_metadata(info) if expected is None else expected
+    problems: list[str] = []
+    # The codec chain decides what the stored bytes mean (a flipped endianness reads every value wrong, yet
+    # every shard still matches its hash): it must be the one the model was created with.
+    codecs = json.loads(json.dumps(array.metadata.to_dict().get("codecs")))  # tuples as JSON's lists
+    if not _same_settings(codecs, expected.get("codecs")):
+        problems.append(f"codecs {json.dumps(codecs)} are not the model's {json.dumps(expected.get('codecs'))}")
+    want_dtype = storage_dtype(info.dtype)
+    if array.dtype != want_dtype:
+        problems.append(f"data type {array.dtype} does not match the model's dtype {info.dtype} (stored as {want_dtype})")
+    if array.shape != (info.n_tokens, info.hidden_size):
+        problems.append(f"shape {array.shape} does not match (n_tokens, hidden_size) = {(info.n_tokens, info.hidden_size)}")
+    if array.shards != (info.layout.shard_tokens, info.hidden_size) or array.chunks != (info.layout.chunk_tokens, info.hidden_size):
+        problems.append(f"shards {array.shards} of chunks {array.chunks} do not match the layout "
+                        f"{(info.layout.shard_tokens, info.hidden_size)} of {(info.layout.chunk_tokens, info.hidden_size)}")
     return problems
 
 

@@ -722,6 +722,61 @@ def test_an_edited_codec_chain_is_reported(target: Target) -> None:
     assert [(p.where, p.what.startswith("codecs ")) for p in report.problems] == [("models/m/hidden/1", True)]
 
 
+def _big_endian(meta: dict[str, Any]) -> None:
+    inner = meta["codecs"][0]["configuration"]["codecs"]
+    next(c for c in inner if c["name"] == "bytes")["configuration"]["endian"] = "big"
+
+
+FORGED_ARRAY_METADATA = {
+    "data type int32": lambda meta: meta.update(data_type="int32"),  # same width: read as garbage with exit 0
+    "data type float64": lambda meta: meta.update(data_type="float64"),  # other widths: a traceback
+    "data type float16": lambda meta: meta.update(data_type="float16"),
+    "big-endian bytes": _big_endian,
+    "chunk grid": lambda meta: meta["codecs"][0]["configuration"].update(chunk_shape=[128, HIDDEN]),
+}
+
+
+@pytest.mark.slow_on_s3(keep=("data type int32", "big-endian bytes"))
+@pytest.mark.parametrize("fault", sorted(FORGED_ARRAY_METADATA))
+def test_a_hidden_state_whose_array_metadata_was_edited_is_refused_not_decoded(target: Target, fault: str,
+                                                                               tmp_path: Path) -> None:
+    """Every shard still matches its record's xxh3 whatever the array's zarr.json says, so only its metadata tells:
+    `store get` wrote garbage with exit 0 (int32, big endian), other widths were a traceback, and an analysis
+    reported a wrong CKA. Reads now refuse it in one line naming the fix, as verify reports it."""
+    store = _filled(target)
+    _edit_json(store, "models/m/hidden/1/zarr.json", FORGED_ARRAY_METADATA[fault])
+    store = target.open("r")
+    assert {p.where.split(" shard ")[0] for p in verify_store(store).problems} == {"models/m/hidden/1"}
+    for read in (lambda: store.hidden_state("m", 1), lambda: store.hidden_state_array("m", 1)):  # analyze reads by the latter
+        with pytest.raises(CorruptDataError, match=r"models/m/hidden/1 stored as model m's attributes say .*"
+                                                   r"\(`hrsa store rm .* m`\) and extract it again"):
+            read()
+    assert np.array_equal(store.hidden_state("m", 2).compute(), expected_layer(store, "m", 2))  # the others still read
+    before = _objects(store)
+    out = tmp_path / "x.npy"
+    result = _cli(target, "store", "get", target.url, "m", "--layer", "1", "--out", str(out))
+    _one_error_line(result, 1)
+    assert "hrsa store rm" in result.stderr and not out.exists() and _objects(store) == before
+
+
+def test_hidden_state_metadata_is_checked_once_per_opened_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reads of one array pay its metadata check once; an edit made after is still caught (it changes what is read)."""
+    from hrsa.store import activation_store
+
+    store = ActivationStore.open(tmp_path / "s", mode="a")
+    new_model(store, "m")
+    fill_model(store, "m")
+    calls = []
+    check = activation_store.hidden_array_mismatches
+    monkeypatch.setattr(activation_store, "hidden_array_mismatches", lambda *a, **k: calls.append(1) or check(*a, **k))
+    for _ in range(3):
+        store.hidden_state_array("m", 1)[0:10]
+    assert len(calls) == 1
+    _edit_json(store, "models/m/hidden/1/zarr.json", lambda meta: meta.update(data_type="int32"))
+    with pytest.raises(CorruptDataError, match="data type int32"):
+        store.hidden_state_array("m", 1)
+
+
 def test_a_stray_file_among_the_hidden_states_leaves_verify_whole(target: Target) -> None:
     """A ``zarr.<hex>.partial`` that a SIGKILLed write leaves in ``hidden/`` is not a hidden state: every shard is
     still read, and a missing one still named (and reset)."""
