@@ -34,7 +34,9 @@ from hrsa.store.errors import (
     CorpusNotFoundError,
     CorruptDataError,
     HalfCreatedModelError,
+    IncompleteDeletionError,
     IncompleteModelError,
+    ModelInUseError,
     ModelNotFoundError,
     SelectionError,
     StoreReadOnlyError,
@@ -44,6 +46,7 @@ from hrsa.store.format import ATTRS_KEY, DEFAULT_CODEC, choose_layout, storage_d
 from hrsa.store.ids import parse_id
 from hrsa.store.model import (
     ModelInfo,
+    array_mismatches,
     check_model_spec,
     create_model_group,
     hidden_array_mismatches,
@@ -56,7 +59,7 @@ from hrsa.store.reading import CheckedArray
 from hrsa.store.result_records import ResultRecords
 from hrsa.store.selection import TokenFilter, TokenSelection, resolve_selection
 from hrsa.store.objects import check_create_if_absent, delete_key, delete_prefix, ensure_group, get_bytes, list_keys
-from hrsa.store.units import ModelWriter, done_units
+from hrsa.store.units import ModelWriter, done_units, live_claims
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -253,6 +256,20 @@ class ActivationStore(ResultRecords):
         info = read_model_info(mid, group, units_done=0)
         done = sum(1 for u in done_units(group) if u < info.n_units)
         return read_model_info(mid, group, units_done=done)
+
+    def model_damage(self, mid: str) -> str | None:
+        """What is wrong with model ``mid``'s metadata, or None when it is whole: it is absent, half-created (its
+        metadata deleted, torn, or without attributes), or a hidden state's array metadata is missing or is not what its
+        attributes describe (as verify finds it; no shard is read). An extraction asks before it reports success: a
+        model deleted (or damaged) while it wrote is not complete, whatever its done records say."""
+        parse_id(mid, kind="model id")
+        state, group = self._probe_model(mid)
+        if state == "absent":
+            return f"model {mid} absent"
+        if state == "half-created" or group is None:
+            return f"model {mid} without its metadata (zarr.json missing, unreadable or without attributes)"
+        problems = array_mismatches(group, read_model_info(mid, group, units_done=0))
+        return "; ".join(f"models/{mid}/{where}: {what}" for where, what in problems) or None
 
     def corpus_info(self, cid: str) -> CorpusInfo:
         return read_corpus_info(cid, self._corpus_group(cid, checked=False))
@@ -596,17 +613,47 @@ class ActivationStore(ResultRecords):
         return ModelWriter(self._model_group(mid), self.model_info(mid))
 
     def delete_model(self, mid: str) -> None:
-        """Remove a model and all its hidden states; corpora and other models are untouched."""
+        """Remove a model and all its hidden states; corpora and other models are untouched.
+
+        Its metadata (``zarr.json``) goes first, so that from the first deleted object on, readers, resumes and
+        extractions see the model half-created (absent for listing), never complete with objects missing.
+
+        Raises:
+            ModelNotFoundError: no such model.
+            ModelInUseError: an extraction is writing it now (live claims of units not done); nothing is deleted.
+            IncompleteDeletionError: the storage failed part way (or a writer added objects meanwhile); what is left
+                is a half-created model, which running the deletion again removes.
+        """
         self._check_writable()
         parse_id(mid, kind="model id")
         if self._probe_model(mid)[0] == "absent":
             self._model_group(mid)  # raises ModelNotFoundError
+        claims = live_claims(self._root.store, self._key(f"models/{mid}"))
+        if claims:
+            import time
+
+            units = ", ".join(str(c.unit) for c in claims[:8]) + (f" and {len(claims) - 8} more" if len(claims) > 8 else "")
+            owners = ", ".join(sorted({c.owner for c in claims}))
+            until = time.strftime("%H:%M:%S", time.localtime(max(c.expires for c in claims)))
+            raise ModelInUseError(
+                f"Expected no extraction writing model {mid} of {self.url} to delete it. Got live claims on units "
+                f"{units} (held by {owners}, renewed while it runs; lease until {until}) instead. Wait for that "
+                f"extraction to finish, or stop it (its claims end with its process on its machine, elsewhere when "
+                f"their lease runs out), then run `hrsa store rm {self.url} {mid}` again."
+            )
         self._delete_model_node(mid)  # a half-created one too: deleting it is its fix
 
     def _delete_model_node(self, mid: str) -> None:
-        from zarr.core.sync import sync
-
-        sync(self._root.store.delete_dir(self._key(f"models/{mid}")))
+        prefix = self._key(f"models/{mid}")
+        try:
+            delete_key(self._root.store, f"{prefix}/zarr.json")  # first: what is left is half-created, never whole
+            delete_prefix(self._root.store, prefix)
+        except OSError as error:
+            raise IncompleteDeletionError(
+                f"Expected model {mid} of {self.url} deleted. Got {type(error).__name__}: {error} part way instead "
+                f"(the storage refused, or a writer added objects meanwhile): what is left is half-created. Run "
+                f"`hrsa store rm {self.url} {mid} --yes` again (after any extraction writing it has stopped)."
+            ) from None
 
     def _key(self, path: str) -> str:
         """Store key of ``path`` below the root."""

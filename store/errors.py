@@ -23,6 +23,8 @@ __all__ = [
     "SelectionError",
     "CorpusMismatchError",
     "CorruptDataError",
+    "ModelInUseError",
+    "IncompleteDeletionError",
 ]
 
 
@@ -87,3 +89,12 @@ class CorpusMismatchError(UserError, ValueError):
 class CorruptDataError(HrsaError, ValueError):
     """Stored bytes that fail their checksum, a done unit's missing or empty shard, or unreadable metadata:
     not the user's mistake, but it has a fix (``hrsa store verify``, then re-extract)."""
+
+
+class ModelInUseError(UserError, RuntimeError):
+    """Deleting a model that an extraction is writing now (live claims of units not done)."""
+
+
+class IncompleteDeletionError(HrsaError, OSError):
+    """A deletion that failed part way (the storage refused, or a writer added objects meanwhile): what is left is a
+    half-created model, deleted by running the deletion again."""

@@ -40,8 +40,8 @@ from hrsa.store.unit_records import (
 if TYPE_CHECKING:
     import zarr
 
-__all__ = ["WorkUnit", "ModelWriter", "array_through", "done_units", "shard_key", "checked_record", "recorded_shard",
-           "shard_problem"]
+__all__ = ["WorkUnit", "ModelWriter", "array_through", "done_units", "live_claims", "shard_key", "checked_record",
+           "recorded_shard", "shard_problem"]
 
 
 def shard_key(array: zarr.Array, unit: int) -> str:
@@ -56,6 +56,25 @@ def _model_prefix(group: zarr.Group) -> str:
 def done_units(group: zarr.Group) -> list[int]:
     """Units of a model group that have a done record: one listing of ``done/`` (O(units / 1000) requests on S3)."""
     return parse_done_units(list_keys(group.store, f"{_model_prefix(group)}/done"))
+
+
+def live_claims(store: Any, model_prefix: str) -> list[Claim]:
+    """The live claims (latest attempt, unexpired, its writer not a dead process of this machine) of units that have no
+    done record: the units some writer is computing or writing now. One listing of ``claims/`` and one of ``done/``,
+    then one read per claimed unit not done. Needs no model attributes (a half-created model has claims too)."""
+    done = set(parse_done_units(list_keys(store, f"{model_prefix}/done")))
+    attempts: dict[int, list[int]] = {}
+    for key in list_keys(store, f"{model_prefix}/claims"):
+        unit, _, attempt = key.partition("/")
+        if unit.isdigit() and attempt.isdigit():
+            attempts.setdefault(int(unit), []).append(int(attempt))
+    live = []
+    for unit in sorted(set(attempts) - done):
+        latest = max(attempts[unit])
+        claim = Claim.parse(get_bytes(store, f"{model_prefix}/{claim_prefix(unit)}/{latest}"), unit, latest)
+        if claim is not None and claim.live:
+            live.append(claim)
+    return live
 
 
 def read_record(store: Any, model_prefix: str, unit: int) -> DoneRecord:

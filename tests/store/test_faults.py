@@ -25,9 +25,10 @@ from hrsa.store import (
     CorruptDataError,
     HalfCreatedModelError,
     IncompleteModelError,
+    ModelInUseError,
     StoreFormatError,
 )
-from hrsa.store.testing import HIDDEN, LAYERS, expected_layer, fill_model, make_table, new_model
+from hrsa.store.testing import HIDDEN, LAYERS, expected_layer, fill_model, make_table, new_model, unit_values
 from hrsa.store.verify import verify_store
 
 from .conftest import Target
@@ -357,6 +358,67 @@ def test_cli_rm_deletes_a_half_created_model(target: Target) -> None:
     result = _cli(target, "store", "rm", target.url, "m", "--yes")
     assert result.exit_code == 0, result.output
     assert target.open().half_created_models() == []
+
+
+def test_rm_of_a_model_that_an_extraction_is_writing_is_refused_naming_its_units(target: Target) -> None:
+    """`hrsa store rm` while a writer held unit 2 deleted the model under it (a traceback when the writer's files
+    came in during the deletion); the writer then finished, and the model looked complete with objects missing. A live
+    claim of a unit not done now refuses the deletion in one line (exit 2) naming the unit and the way out."""
+    store = target.open("a")
+    new_model(store, "m")
+    writer = store.writer("m")
+    units = writer.units()
+    for unit in units[:2]:
+        writer.write_unit(unit, {k: unit_values(unit.index, unit.start, unit.stop, k, "float32") for k in range(LAYERS)})
+    with writer.claimed(units[2]) as claim:  # an extraction computing unit 2 right now
+        assert claim is not None
+        before = _objects(store)
+        result = _cli(target, "store", "rm", target.url, "m", "--yes")
+        _one_error_line(result, 2)
+        assert "units 2 (held by" in result.stderr and "stop it" in result.stderr and "hrsa store rm" in result.stderr
+        with pytest.raises(ModelInUseError):
+            target.open().delete_model("m")
+        assert _objects(store) == before and target.open().model_info("m").units_done == 2
+        unit = units[2]
+        assert writer.write_unit(unit, {k: unit_values(2, unit.start, unit.stop, k, "float32") for k in range(LAYERS)},
+                                 claim=claim)
+    lapsed = target.open().writer("m")  # a claim whose lease ran out (its writer gone, elsewhere) holds nothing
+    lapsed.lease_s = -1.0
+    assert lapsed.claim(units[3]) is not None
+    result = _cli(target, "store", "rm", target.url, "m", "--yes")  # claims of done units, and a lapsed one, do not hold it
+    assert result.exit_code == 0, result.output
+    assert _objects(store, "models/m/") == {} and target.open().models() == []
+
+
+def test_a_deletion_cut_short_leaves_the_model_half_created_and_is_one_line_naming_rm_again(
+        target: Target, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer adding files while `rm` deleted the model's folder (OSError: Directory not empty from rmtree) left a
+    traceback and the model's own metadata in place: `store ls` showed it complete with a hidden state's metadata and
+    shards gone. Its metadata now goes first, and a failure part way is one line (exit 1) naming `rm` again."""
+    store = _filled(target)
+    backend = type(_raw(store))
+    real = backend.delete_dir
+
+    async def cut_short(self: Any, prefix: str) -> None:  # one hidden state goes, then the folder is found not empty
+        if prefix.endswith("models/m"):
+            await real(self, f"{prefix}/hidden/2")
+            raise OSError(39, "Directory not empty", prefix)
+        await real(self, prefix)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(backend, "delete_dir", cut_short)
+        result = _cli(target, "store", "rm", target.url, "m", "--yes")
+    _one_error_line(result, 1)
+    assert "Directory not empty" in result.stderr and f"hrsa store rm {target.url} m --yes` again" in result.stderr
+    store = target.open()
+    assert store.models() == [] and store.half_created_models() == ["m"]  # never whole with objects missing
+    with pytest.raises(HalfCreatedModelError):
+        store.hidden_state("m", 1)
+    ls = _cli(target, "store", "ls", target.url)
+    assert ls.exit_code == 0 and "half-created" in ls.output
+    result = _cli(target, "store", "rm", target.url, "m", "--yes")
+    assert result.exit_code == 0, result.output
+    assert _objects(store, "models/m/") == {} and target.open().half_created_models() == []
 
 
 def test_garbage_hidden_state_metadata_is_one_line(target: Target, tmp_path) -> None:
