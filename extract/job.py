@@ -28,7 +28,7 @@ from hrsa.extract.worker_pool import ExtractionWorkers
 from hrsa.runtime.locations import is_url
 from hrsa.runtime.placement import cpus_per_worker
 from hrsa.runtime.task_errors import one_line, root_cause
-from hrsa.store.errors import CorpusMismatchError, HrsaError, UserError
+from hrsa.store.errors import CorpusMismatchError, HalfCreatedModelError, HrsaError, ModelNotFoundError, UserError
 
 __all__ = ["PLACEMENT_TIMEOUT_S", "ExtractConfig", "ExtractConfigError", "ExtractResult", "ExtractionFailedError",
            "ExtractionWorkers", "UnitRuns", "WorkerPlacementError", "parse_extract_config", "run_extraction",
@@ -395,14 +395,21 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
         results = _dispatch(target, [u.index for u in pending_units],
                             lambda r: on_progress and on_progress(r["tokens"], corpus.n_tokens),
                             start=lambda: on_progress and on_progress(done_tokens, corpus.n_tokens))
-        results += _finish_held_units(store, target)
+        try:
+            results += _finish_held_units(store, target)
+        except (ModelNotFoundError, HalfCreatedModelError) as error:  # the model went while its units were written
+            raise _deleted_under(store, mid) or error from None
     except BaseException:
         pool.close()
         raise
     finally:
         if workers is None:
             pool.close()
-    # Step 6: report.
+    # Step 6: report, once the model is known to be still there, its metadata whole: a `hrsa store rm` while the units
+    # were written leaves done records (written after it) that count the model complete while its objects are gone.
+    deleted = _deleted_under(store, mid)
+    if deleted is not None:
+        raise deleted
     info = store.model_info(mid)
     if not info.complete:
         raise UserError(f"Expected every unit done. Got {info.units_done}/{info.n_units}. Re-run the same command to resume.")
@@ -412,6 +419,19 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
 
 
 HELD_POLL_S = 1.0
+
+
+def _deleted_under(store: Any, mid: str) -> ExtractionFailedError | None:
+    """The failure to report when model ``mid`` was deleted or damaged while this extraction wrote it, else None."""
+    damage = store.model_damage(mid)
+    if damage is None:
+        return None
+    fix = ("Run the same command again to extract it anew" if damage.endswith(" absent") else
+           f"Delete what is left (`hrsa store rm {store.url} {mid} --yes`), then run the same command again")
+    return ExtractionFailedError(
+        f"Expected model {mid} whole in {store.url} once its units were written. Got {damage} instead: it was deleted "
+        f"(`hrsa store rm`) or damaged while this extraction wrote it, so it is not complete. {fix}."
+    )
 
 
 @dataclass(frozen=True)

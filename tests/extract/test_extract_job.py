@@ -526,6 +526,45 @@ def test_interrupted_run_resumes_only_the_units_not_done(
         np.testing.assert_array_equal(got, want[k], err_msg=f"hidden state {k}")
 
 
+def _cut_short_rm(store: str) -> None:
+    """What `hrsa store rm` left when a worker's files came in while it deleted (before it deleted a model's zarr.json
+    first): hidden state 2's metadata and every other shard of it gone, the model's own metadata and records kept."""
+    hidden = Path(store) / "models" / "tiny" / "hidden" / "2"
+    (hidden / "zarr.json").unlink()
+    for shard in sorted((hidden / "c").glob("*/0"))[::2]:
+        shard.unlink()
+
+
+def _rm(store: str) -> None:
+    """A whole deletion (one that did not see a live claim: between two units of a worker)."""
+    ActivationStore.open(store, mode="r+")._delete_model_node("tiny")
+
+
+@pytest.mark.parametrize(("deletion", "fix"), [(_cut_short_rm, "hrsa store rm"), (_rm, "Run the same command again")])
+def test_a_model_deleted_while_it_is_extracted_fails_the_extraction_instead_of_reporting_it_complete(
+    tiny_models: Any, corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ray_local: Any,
+    deletion: Any, fix: str,
+) -> None:
+    """`hrsa store rm` while `hrsa extract` wrote the model: the extraction printed "N of N units written" and exited 0,
+    and `store ls` showed the model complete with a hidden state's metadata and shards gone. The deletion comes here
+    once every unit is written, before the extraction reports (where a real race lands it last); the extraction must
+    fail in one line naming what is gone and the fix."""
+    from hrsa.extract import job
+    from hrsa.extract.job import ExtractionFailedError
+
+    finish = job._finish_held_units
+
+    def deleted_first(store: Any, target: Any) -> Any:
+        deletion(store.url)
+        return finish(store, target)
+
+    monkeypatch.setattr(job, "_finish_held_units", deleted_first)
+    with pytest.raises(ExtractionFailedError, match=r"Expected model tiny whole in .* once its units were written\. "
+                                                    r"Got .* instead: it was deleted .*" + fix) as failure:
+        extract(tmp_path, tiny_models.dir("llama"), corpus_file, workers=1)
+    assert "\n" not in str(failure.value)
+
+
 # -- bidirectional attention, a layer subset, through the CLI --------------------------------------
 @pytest.fixture(scope="module")
 def bidirectional_run(
