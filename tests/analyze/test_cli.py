@@ -159,6 +159,19 @@ def test_an_out_inside_the_store_is_refused(cli_store, inside: str) -> None:
     assert snapshot(cli_store.url) == before
 
 
+def test_an_out_inside_another_store_is_refused(cli_store, tmp_path: Path) -> None:
+    """results.json and figures written into another hrsa store's folders (its results group, a model's) litter it."""
+    from hrsa.store import ActivationStore
+
+    other = tmp_path / "other-store"
+    ActivationStore.open(str(other), mode="a")
+    before = snapshot(str(other))
+    code, stdout, stderr = run("--store", cli_store.url, "--pair", "a", "b", "--backend", "numpy", "--out",
+                               str(other / "results" / "mine"))
+    assert code == 2 and stderr.count("\n") == 1 and f"Expected --out outside the store {other}" in stderr, (stdout, stderr)
+    assert snapshot(str(other)) == before and not (other / "results" / "mine").exists()
+
+
 def test_a_missing_store_is_one_line_and_exit_2(tmp_path: Path) -> None:
     code, _, stderr = run("--store", str(tmp_path / "nowhere"), "--pair", "a", "b")
     assert code == 2 and stderr.count("\n") == 1 and "Expected an hrsa store" in stderr
