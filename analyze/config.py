@@ -35,7 +35,7 @@ from hrsa.analyze.streaming.stream import Scheduler
 from hrsa.runtime.settings import SETTING_NAMES, FolderPath, SettingNames, StoreUrl, flag_name, load_settings
 from hrsa.store.errors import UserError
 from hrsa.store.ids import parse_id
-from hrsa.store.selection import parse_doc_ids, parse_int_list
+from hrsa.store.selection import parse_doc_ids, parse_int_list, parse_name_list
 
 __all__ = [
     "DEFAULT_GROUPS",
@@ -163,7 +163,7 @@ class AnalyzeConfig(BaseModel):
     @field_validator("metrics", mode="before")
     @classmethod
     def _split_metrics(cls, value: Any) -> Any:
-        return tuple(m.strip() for m in value.split(",") if m.strip()) if isinstance(value, str) else value
+        return tuple(parse_name_list(value, what="metrics", example="cka,knn")) if isinstance(value, str) else value
 
     @field_validator("memory_budget", mode="before")
     @classmethod
@@ -177,7 +177,9 @@ class AnalyzeConfig(BaseModel):
     @field_validator("fields", mode="before")
     @classmethod
     def _split_fields(cls, value: Any) -> Any:
-        return tuple(f.strip() for f in value.split(",") if f.strip()) if isinstance(value, str) else value
+        if isinstance(value, str):  # "" (an unset variable) is refused: it analysed every token, fields recorded null
+            return tuple(parse_name_list(value, what="source fields", example="reasoning"))
+        return value
 
     @field_validator("docs", mode="before")
     @classmethod

@@ -218,11 +218,16 @@ def _remove_all_but(out: Path, written: set[str]) -> None:
 def _check_out_apart_from_store(config: AnalyzeConfig) -> None:
     """Refuse an out folder in a local store: results and figures would land among its arrays (and a re-run's
     clearing of its out folder would delete them)."""
-    if "://" in str(config.store):
-        return
-    store, out = Path(config.store).expanduser().resolve(), Path(config.out).expanduser().resolve()
-    if out == store or out.is_relative_to(store):
-        raise UserError(f"Expected --out outside the store {store}. Got {out} instead. Pick a folder apart from it.")
+    from hrsa.store.opening import local_store_holding
+
+    out = Path(config.out).expanduser().resolve()
+    other = local_store_holding(out)  # any hrsa store, the analysed one on S3 or another one here
+    if "://" not in str(config.store):
+        store = Path(config.store).expanduser().resolve()
+        if out == store or out.is_relative_to(store):
+            other = store
+    if other is not None:
+        raise UserError(f"Expected --out outside the store {other}. Got {out} instead. Pick a folder apart from it.")
 
 
 def _remove_stale_outputs(out: Path, written: set[str]) -> None:

@@ -56,14 +56,15 @@ class ExtractRunOptions(BaseModel):
     @field_validator("layers", mode="before")
     @classmethod
     def _parse_layers(cls, value: Any) -> Any:
-        """``"0,12,24-28"`` (a flag, or YAML text) -> a list; the same syntax as document lists. Blank: all."""
+        """``"0,12,24-28"`` (a flag, or YAML text) -> a list; the same syntax as document lists. Blank is refused
+        (an unset variable stored every hidden state): leave the flag out for all."""
         if not isinstance(value, str):
             return value
         negative = [p.strip() for p in value.split(",") if p.strip().startswith("-")]
         if negative:  # "-1" would read as a broken range A-B: say what is wrong with it instead
             raise ValueError(f"Expected hidden-state indices >= 0 such as 0,12,24-28. Got {negative[0]!r} instead. "
                              "Count from 0: negative indices do not count from the end here")
-        return parse_int_list(value, what="hidden-state indices") if value.strip() else None  # a ValueError: gathered
+        return parse_int_list(value, what="hidden-state indices")  # a ValueError: gathered
 
     @field_validator("layers")
     @classmethod

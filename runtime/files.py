@@ -5,14 +5,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from hrsa.store.local_files import atomic_file
+from hrsa.store.local_files import atomic_file, check_output_file
 
 __all__ = ["cache_folder", "write_atomic"]
 
 
 def write_atomic(path: Path | str, data: str | bytes) -> Path:
     """Write ``data`` to ``path`` so that a reader (or a crash) never sees half a file
-    (:func:`hrsa.store.local_files.atomic_file`). Parent folders are created.
+    (:func:`hrsa.store.local_files.atomic_file`). Parent folders are created, once ``path`` passed
+    :func:`~hrsa.store.local_files.check_output_file` (no FIFO, device node or folder there, not inside an hrsa
+    store): a refused path creates nothing.
 
     Example:
         >>> import tempfile, pathlib
@@ -21,6 +23,7 @@ def write_atomic(path: Path | str, data: str | bytes) -> Path:
         '{"ok": true}\\n'
     """
     path = Path(path)
+    check_output_file(path, flag=None)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as file:
         file.write(data.encode() if isinstance(data, str) else data)

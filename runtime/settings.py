@@ -14,10 +14,11 @@ from collections.abc import Callable, Collection, Hashable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ValidationError, ValidationInfo
 
 from hrsa.runtime.locations import is_url
 from hrsa.store.errors import UserError
+from hrsa.store.local_files import check_output_file
 
 __all__ = ["EXPLICIT_NONE", "SETTING_NAMES", "FilePath", "FolderLocation", "FolderPath", "Problems", "SettingNames",
            "flag_name", "load_settings", "parse_settings", "read_yaml_mapping", "renamed_flags", "validation_problems"]
@@ -70,9 +71,13 @@ def _not_a_file(path: Path) -> Path:
     return _under_folders(path)
 
 
-def _not_a_folder(path: Path) -> Path:
+def _not_a_folder(path: Path, info: ValidationInfo) -> Path:
     if path.is_dir():
         raise ValueError(f"expected a file name, got the folder {str(path)!r}; name a file inside it")
+    # Before any work too: a FIFO or a device node there would be replaced by the file, a path inside an hrsa store
+    # would overwrite its metadata or records (an OutputPathError is a ValueError: gathered with the others).
+    names: SettingNames = (info.context or {}).get(SETTING_NAMES, flag_name)
+    check_output_file(path, flag=names(info.field_name) if info.field_name else None)
     return _under_folders(path)
 
 
@@ -88,7 +93,9 @@ def _under_folders(path: Path) -> Path:
 FolderPath = Annotated[Path, AfterValidator(_not_a_file)]
 """An output folder: refused at validation when a file stands at that path."""
 FilePath = Annotated[Path, AfterValidator(_not_a_folder)]
-"""An output file: refused at validation when a folder stands at that path."""
+"""An output file: refused at validation when a folder, or anything but a regular file, stands at that path, or
+when it lies inside an hrsa store (:func:`hrsa.store.local_files.check_output_file`); a regular file there is
+replaced."""
 
 
 def _path_unless_url(value: Any) -> Any:

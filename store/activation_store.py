@@ -195,16 +195,22 @@ class ActivationStore(ResultRecords):
 
     def corpora(self) -> list[str]:
         """Ids of the complete corpora in the store, sorted (a corpus whose metadata does not read is not complete)."""
+        return [cid for cid, state in self.corpus_states().items() if state == "complete"]
+
+    def corpus_states(self) -> dict[str, str]:
+        """Every corpus folder of the store, sorted by id: ``"complete"``, ``"incomplete"`` (being written, or its
+        writing was interrupted) or ``"unreadable"`` (its metadata is missing or does not read: damage). A corpus
+        absent from it is absent from the store."""
         group = self._top("corpora")
-        complete = []
+        states = {}
         for cid in self._children("corpora"):
             try:
                 meta = group[cid].attrs.get(ATTRS_KEY, {})
             except _UNREADABLE:
+                states[cid] = "unreadable"
                 continue
-            if isinstance(meta, dict) and meta.get("complete"):
-                complete.append(cid)
-        return complete
+            states[cid] = "complete" if isinstance(meta, dict) and meta.get("complete") else "incomplete"
+        return states
 
     def _model_group(self, mid: str) -> zarr.Group:
         parse_id(mid, kind="model id")

@@ -33,9 +33,12 @@ def ls(url: str) -> None:
     console = Console(width=None if sys.stdout.isatty() else 100_000)
     corpora = Table(ids("corpus"), "documents", "tokens", "tokenizer", ids("source"), title="corpora",
                     title_justify="left")
-    for cid in store.corpora():
+    states = store.corpus_states()
+    for cid in (cid for cid, state in states.items() if state == "complete"):
         c = store.corpus_info(cid)
         corpora.add_row(cid, str(c.n_docs), str(c.n_tokens), str(c.tokenizer.get("name", "")), str(c.source or ""))
+    notes = [f"note: corpus {cid}'s metadata does not read (damaged): `hrsa store verify {url}` names the damage; "
+             f"`hrsa store rm` its models and extract them again" for cid, state in states.items() if state == "unreadable"]
     models = Table(ids("model"), ids("corpus"), "hidden states", "D", "dtype", "attention", "units done", title="models",
                    title_justify="left")
     for mid in store.models():
@@ -44,8 +47,15 @@ def ls(url: str) -> None:
             mid, m.corpus, f"{len(m.hidden_states)}/{m.n_hidden_states}", str(m.hidden_size), m.dtype, m.attention,
             f"{m.units_done}/{m.n_units}" + ("" if m.complete else " (incomplete)"),
         )
+        corpus = states.get(m.corpus, "absent")
+        if corpus in ("unreadable", "absent"):
+            what = "does not read" if corpus == "unreadable" else "is absent from the store"
+            notes.append(f"note: model {mid}'s corpus {m.corpus} {what}: its hidden states cannot be read; "
+                         f"`hrsa store verify {url}`, then `hrsa store rm {url} {mid}` and re-extract it")
     console.print(corpora)
     console.print(models)
+    for line in notes:
+        console.print(line, markup=False, emoji=False)
     for mid in store.half_created_models():
         console.print(f"note: model {mid} is half-created (its creation was interrupted): `hrsa store rm {url} {mid}`, "
                       "or re-run its extraction", markup=False, emoji=False)
@@ -92,7 +102,9 @@ def _ranges(values: tuple[int, ...]) -> str:
 @click.option("--exclude-first", is_flag=True, help="Drop position 0 of every document (attention sinks).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float64"]), default="auto", show_default=True,
               help="auto keeps the stored dtype; bf16, which .npy cannot hold, widens to float32 exactly.")
-@click.option("--out", type=click.Path(dir_okay=False, writable=True), required=True, help="Output .npy file.")
+@click.option("--out", type=click.Path(dir_okay=False, writable=True), required=True,
+              help="Output .npy file (a regular file there is replaced; anything else, or a path inside an hrsa store, "
+                   "is refused).")
 def get(url: str, model: str, layer: int, docs: str | None, token_range: str | None, exclude_special: bool,
         exclude_first: bool, dtype: str, out: str) -> None:
     """Write one hidden state of MODEL (or a selection of its tokens) to a .npy file (its folder must exist)."""
@@ -102,7 +114,7 @@ def get(url: str, model: str, layer: int, docs: str | None, token_range: str | N
 
     from hrsa.store import ActivationStore, TokenFilter
     from hrsa.store.errors import UserError
-    from hrsa.store.local_files import atomic_file
+    from hrsa.store.local_files import atomic_file, check_output_file
     from hrsa.store.selection import parse_doc_ids, parse_token_range
 
     target = os.path.realpath(out)  # a symlink at --out is written through, as open() would
@@ -116,12 +128,13 @@ def get(url: str, model: str, layer: int, docs: str | None, token_range: str | N
                             "instead. Choose another --out.")
         raise UserError(f"Expected an existing folder for --out. Got {out}, whose folder {folder} does not exist, "
                         f"instead. Create it first (mkdir -p {folder}), or choose another --out.")
+    check_output_file(out, flag="--out")  # a FIFO, a device node or a path inside a store: refused before the read
     store = ActivationStore.open(url, mode="r")
     m = store.model_info(model)
     lazy = store.hidden_state(
         model, layer,
-        tokens=parse_token_range(token_range, m.n_tokens) if token_range else None,
-        docs=parse_doc_ids(docs) if docs else None,
+        tokens=parse_token_range(token_range, m.n_tokens) if token_range is not None else None,  # "" is refused
+        docs=parse_doc_ids(docs) if docs is not None else None,  # "" (an unset variable) is refused, not "all"
         token_filter=TokenFilter(exclude_special=exclude_special, exclude_first=exclude_first),
     )
     values = lazy.compute()

@@ -18,7 +18,8 @@ from hrsa.store.format import ATTRS_KEY, FORMAT_VERSION
 if TYPE_CHECKING:
     import zarr
 
-__all__ = ["GROUPS", "StoreUnreachableError", "from_storage", "open_root", "stored_format"]
+__all__ = ["GROUPS", "StoreUnreachableError", "format_in", "from_storage", "local_store_holding", "open_root",
+           "stored_format"]
 
 GROUPS = ("corpora", "models", "results")
 
@@ -109,9 +110,48 @@ def _open_existing(url: str, mode: str, options: Mapping[str, Any] | None) -> za
 
 
 def stored_format(root: zarr.Group) -> int | None:
-    meta = root.attrs.get(ATTRS_KEY)
+    return format_in(root.attrs)
+
+
+def format_in(attributes: Mapping[str, Any]) -> int | None:
+    """The store format version a root group's attributes hold (the mark of an hrsa store's root), or None."""
+    meta = attributes.get(ATTRS_KEY)
     version = meta.get("format_version") if isinstance(meta, dict) else None
     return version if isinstance(version, int) else None
+
+
+_ROOT_METADATA_LIMIT = 1 << 20  # a store's root zarr.json is a few dozen bytes; a larger one is not read
+
+
+def local_store_holding(path: str | os.PathLike[str]) -> Path | None:
+    """The root folder of the local hrsa store that holds ``path`` (``path`` itself or one of its folders, symlinks
+    resolved), or None: a folder whose ``zarr.json`` is Zarr group metadata marked with a store format version
+    (:func:`format_in`, as :func:`open_root` recognises a store). Only regular files named ``zarr.json`` are read.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (root / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {"hrsa": {"format_version": 3}}}')
+        >>> local_store_holding(root / "models" / "m" / "zarr.json") == root.resolve(), local_store_holding(root.parent)
+        (True, None)
+    """
+    import json
+    import stat
+
+    here = Path(os.path.realpath(os.path.expanduser(os.fspath(path))))
+    for folder in (here, *here.parents):
+        meta = folder / "zarr.json"
+        try:
+            found = meta.stat()
+            if not stat.S_ISREG(found.st_mode) or found.st_size > _ROOT_METADATA_LIMIT:
+                continue
+            doc = json.loads(meta.read_bytes())
+        except (OSError, ValueError):
+            continue
+        attributes = doc.get("attributes") if isinstance(doc, dict) else None
+        if isinstance(attributes, dict) and format_in(attributes) is not None:
+            return folder
+    return None
 
 
 def _check_format(root: zarr.Group, url: str, upgrading: bool) -> None:

@@ -21,7 +21,8 @@ from hrsa.store.errors import SelectionError
 if TYPE_CHECKING:
     import zarr
 
-__all__ = ["TokenFilter", "TokenSelection", "parse_doc_ids", "parse_int_list", "parse_token_range", "resolve_selection"]
+__all__ = ["TokenFilter", "TokenSelection", "parse_doc_ids", "parse_int_list", "parse_name_list", "parse_token_range",
+           "resolve_selection"]
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,8 @@ def parse_int_list(text: str, *, ranges: bool = True, negative: bool = False, wh
     """Comma-separated integers, and with ``ranges`` inclusive ranges ``A-B``, in the order written.
 
     The one parser of every integer-list flag: ``--docs``, extraction's ``--layers``, analysis's ``--k`` and
-    ``--hidden-states``, and evaluation's ``--steps``. Blank parts are skipped (``""`` is ``[]``).
+    ``--hidden-states``, and evaluation's ``--steps``. Blank parts are skipped (``"1,,2"`` is ``[1, 2]``), but a
+    list of none (``""``, ``","``: an unset shell variable) is refused (:func:`_some`), never read as "all".
 
     Args:
         text: e.g. ``"0,3,5-9"``.
@@ -128,8 +130,8 @@ def parse_int_list(text: str, *, ranges: bool = True, negative: bool = False, wh
         what: what the integers are, for the error message (e.g. "document indices").
 
     Raises:
-        SelectionError: a part that is not an integer (or range), or a range written high to low (``5-3``); a
-            ``ValueError``, so a pydantic validator that calls this reports it with the other problems.
+        SelectionError: a part that is not an integer (or range), a range written high to low (``5-3``), or no
+            part at all; a ``ValueError``, so a pydantic validator that calls this reports it with the other problems.
 
     Example:
         >>> parse_int_list("0,3,5-9")
@@ -137,9 +139,10 @@ def parse_int_list(text: str, *, ranges: bool = True, negative: bool = False, wh
         >>> parse_int_list("5, 10,50", ranges=False)
         [5, 10, 50]
     """
+    example = ("0,3,5-9,-1" if negative else "0,3,5-9") if ranges else "5,10,50"
     values: list[int] = []
     try:
-        for part in filter(None, (p.strip() for p in text.split(","))):
+        for part in _some(text, what=what, example=example):
             one_negative = negative and part.startswith("-") and part[1:].isdigit()
             if ranges and "-" in part and not one_negative:
                 lo, hi = (int(v) for v in part.split("-", 1))
@@ -152,12 +155,34 @@ def parse_int_list(text: str, *, ranges: bool = True, negative: bool = False, wh
     except SelectionError:  # a range high to low: its own message
         raise
     except ValueError:
-        example, how = ("0,3,5-9", " (A-B for a range)") if ranges else ("5,10,50", "")
-        if ranges and negative:
-            example, how = "0,3,5-9,-1", " (A-B for a range, -N counted from the end)"
+        how = (" (A-B for a range, -N counted from the end)" if negative else " (A-B for a range)") if ranges else ""
         raise SelectionError(f"Expected {what} such as {example}. Got {text!r} instead. "
                              f"Write integers separated by commas{how}.") from None
     return values
+
+
+def parse_name_list(text: str, *, what: str, example: str) -> list[str]:
+    """Comma-separated names (``--fields``, ``--metrics``), trimmed, blank parts skipped, in the order written; a
+    list of none is refused as :func:`parse_int_list` refuses one.
+
+    Raises:
+        SelectionError: no name at all (``""``, ``" , "``); a ``ValueError``, gathered by pydantic validators.
+
+    Example:
+        >>> parse_name_list(" reasoning, answer", what="source fields", example="reasoning")
+        ['reasoning', 'answer']
+    """
+    return _some(text, what=what, example=example)
+
+
+def _some(text: str, *, what: str, example: str) -> list[str]:
+    """The non-blank comma-separated parts of a list flag's value; none is refused, not taken as "all" (an empty
+    ``--docs "$UNSET"`` read every token, while ``--docs ,`` was refused)."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise SelectionError(f"Expected {what} such as {example}. Got {text!r}, which lists none, instead. "
+                             "List at least one, or leave the flag out.")
+    return parts
 
 
 def _check_low_to_high(lo: int, hi: int, part: str, text: str, what: str) -> None:

@@ -38,6 +38,7 @@ from pydantic import Field, field_validator
 
 from hrsa.runtime.files import write_atomic
 from hrsa.runtime.settings import FolderPath
+from hrsa.store.local_files import check_output_file
 from hrsa.store.selection import parse_int_list
 from hrsa.train.checkpoints import INFO_FILE, list_checkpoints, manifest_complete, named_step
 from hrsa.train.encoder_options import EncoderOptions
@@ -471,6 +472,8 @@ def evaluate(
     out = config.out_dir()
     if out.exists() and not out.is_dir():
         raise EvalError(f"Expected --out to be a folder. Got the file {out} instead. Pick another path.")
+    for name in ("eval.json", "eval_curve.png"):  # before any evaluation: no FIFO there, no folder inside a store
+        check_output_file(out / name, flag="--out")
     tasks = build_tasks(specs, instruction=config.instruction, limit=config.limit, seed=config.seed)
     note = on_note or _warn
     source = out / "eval.json"

@@ -26,6 +26,7 @@ from pydantic import Field
 from hrsa.runtime.files import write_atomic
 from hrsa.runtime.settings import FilePath
 from hrsa.store.errors import UserError
+from hrsa.store.local_files import check_output_file
 from hrsa.train.encoder_options import BatchSize, EncoderOptions, MaxLength
 from hrsa.train.jsonl import read_jsonl, read_pairs
 from hrsa.train.pooling import format_query
@@ -49,7 +50,9 @@ class MineConfig(EncoderOptions):
 
     input: Path = Field(description="JSON lines with query and pos (optional negs, instruction) per line.")
     out: FilePath | None = Field(None, description="Output JSON lines: query, pos, negs (+ instruction) (default: "
-                             "<input stem>.mined.jsonl beside the input).")
+                             "<input stem>.mined.jsonl beside the input). An existing file is replaced only with "
+                             "--overwrite; anything but a regular file there, or a path inside an hrsa store, is "
+                             "refused.")
     corpus: Path | None = Field(None, description="JSON lines of candidate documents (default: every distinct pos "
                                 "of --input).")
     corpus_field: str = Field("text", description="The field of --corpus holding each document's text.")
@@ -231,6 +234,7 @@ def mine_negatives(
     out = config.out_path()
     if out.is_dir():
         raise UserError(f"Expected --out to be a file. Got the folder {out} instead. Pick another path.")
+    check_output_file(out, flag="--out")  # the default beside --input too: no FIFO, device node, or store there
     if out.exists() and not config.overwrite:
         raise UserError(f"Expected a new output file. Got an existing {out} instead. Pass --overwrite or another --out.")
     if out.exists() and out.resolve() == Path(config.input).resolve():  # --overwrite would replace the pairs it mines

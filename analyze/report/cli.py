@@ -68,7 +68,8 @@ class ReportConfig(VerdictRules):
 
     results: tuple[str, ...] = Field((), validate_default=True, description="results.json files of `hrsa analyze`, "
                                      "or folders holding one, one per analysed pair (the RESULTS arguments).")
-    out: FilePath = Field(Path("report.html"), description="The HTML file to write.")
+    out: FilePath = Field(Path("report.html"), description="The HTML file to write (a regular file there is "
+                          "replaced; anything else, or a path inside an hrsa store, is refused).")
     dynamics: tuple[Path, ...] = Field((), description="hrsa.dynamics/1 files (one results.json per training step), one "
                                        "per series, for the training-dynamics section (repeat the flag for several).")
     title: str | None = Field(None, description="Title of the report (default: the pairs compared).")

@@ -107,9 +107,15 @@ def test_a_yaml_config_is_overridden_by_flags(cli_store, tmp_path: Path) -> None
         (["--pair", "a", "b", "--run-id", "../up"], "run id"),
         (["--pair", "a", "b", "--metrics", "probe"], "the probe metric needs --label-field"),  # a pipeline: its key
         (["--pair", "a"], "pair"),
+        (["--pair", "a", "b", "--fields", ""], "Got '', which lists none"),  # analysed every token, fields null
+        (["--pair", "a", "b", "--fields", " , "], "Got ' , ', which lists none"),
+        (["--pair", "a", "b", "--docs", ""], "Got '', which lists none"),
+        (["--pair", "a", "b", "--k", ""], "Got '', which lists none"),
+        (["--pair", "a", "b", "--metrics", ""], "Got '', which lists none"),
     ],
     ids=["unknown-model", "corpus-mismatch", "bad-budget", "infinite-budget", "small-budget", "bad-metric",
-         "bad-positions", "bad-docs", "reversed-docs", "bad-run-id", "probe-without-labels", "half-pair"],
+         "bad-positions", "bad-docs", "reversed-docs", "bad-run-id", "probe-without-labels", "half-pair",
+         "empty-fields", "blank-fields", "empty-docs", "empty-k", "empty-metrics"],
 )
 def test_user_errors_are_one_line_and_exit_2(cli_store, tmp_path: Path, args: list[str], message: str) -> None:
     code, stdout, stderr = run("--store", cli_store.url, "--backend", "numpy", "--out", str(tmp_path / "o"), *args)
@@ -151,6 +157,19 @@ def test_an_out_inside_the_store_is_refused(cli_store, inside: str) -> None:
     code, stdout, stderr = run("--store", cli_store.url, "--pair", "a", "b", "--backend", "numpy", "--out", out)
     assert code == 2 and stderr.count("\n") == 1 and "Expected --out outside the store" in stderr, (stdout, stderr)
     assert snapshot(cli_store.url) == before
+
+
+def test_an_out_inside_another_store_is_refused(cli_store, tmp_path: Path) -> None:
+    """results.json and figures written into another hrsa store's folders (its results group, a model's) litter it."""
+    from hrsa.store import ActivationStore
+
+    other = tmp_path / "other-store"
+    ActivationStore.open(str(other), mode="a")
+    before = snapshot(str(other))
+    code, stdout, stderr = run("--store", cli_store.url, "--pair", "a", "b", "--backend", "numpy", "--out",
+                               str(other / "results" / "mine"))
+    assert code == 2 and stderr.count("\n") == 1 and f"Expected --out outside the store {other}" in stderr, (stdout, stderr)
+    assert snapshot(str(other)) == before and not (other / "results" / "mine").exists()
 
 
 def test_a_missing_store_is_one_line_and_exit_2(tmp_path: Path) -> None:

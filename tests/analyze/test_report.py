@@ -406,3 +406,25 @@ def test_no_results_names_the_positional_arguments_and_yaml_takes_one_string(res
     result = CliRunner().invoke(_hrsa(), ["report", "--config", str(config), "--out", str(tmp_path / "r.html")])
     assert result.exit_code == 0, result.output
     assert "a vs scaled: representation preserved" in result.stdout and (tmp_path / "r.html").is_file()
+
+
+def test_out_that_is_not_a_regular_file_or_inside_a_store_is_refused(results_dirs: dict[str, Path],
+                                                                     tmp_path: Path) -> None:
+    """--out over a FIFO replaced it with the report; --out inside an hrsa store overwrote its metadata."""
+    import hashlib
+    import os
+
+    from hrsa.store import ActivationStore
+
+    os.mkfifo(tmp_path / "fifo")
+    store = tmp_path / "store"
+    ActivationStore.open(str(store), mode="a")
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in store.rglob("*") if p.is_file()}
+    for out, message in [(tmp_path / "fifo", "regular file"), (store / "zarr.json", "inside the hrsa store"),
+                         (store / "results" / "r.html", "inside the hrsa store"),
+                         (store / "new" / "r.html", "inside the hrsa store")]:
+        result = CliRunner().invoke(_hrsa(), ["report", str(results_dirs["scaled"]), "--out", str(out)])
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+        assert message in result.stderr and "--out" in result.stderr, result.stderr
+    assert (tmp_path / "fifo").is_fifo() and not (store / "new").exists()
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in store.rglob("*") if p.is_file()} == before

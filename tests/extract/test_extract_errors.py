@@ -425,3 +425,10 @@ def test_reserved_names_are_refused_as_ids(where: str, name: str, stored_copy: P
                      "--name", name)
     assert_one_line_error(result, f"Got {name!r}", "reserved")
     assert snapshot() == before
+
+
+@pytest.mark.parametrize("value", ["", " ", ","])
+def test_an_empty_layers_flag_is_refused_not_read_as_all(tmp_path: Path, corpus_file: Path, value: str) -> None:
+    """`--layers "$UNSET"` stored every hidden state; an empty list is refused as `--docs ""` is."""
+    with pytest.raises(UserError, match="which lists none"):
+        parse_extract_config({"store": str(tmp_path / "s"), "model": "m", "corpus": str(corpus_file), "layers": value})

@@ -263,3 +263,89 @@ def test_edited_model_attributes_are_one_line_in_every_verb(url: str, field: str
     code, out, err = _run("store", "info", url, "m")
     assert code == 2 and "without valid attributes" in err and "or they were edited" in err, err
     assert _tree_digest(Path(url)) == before
+
+
+# --- --out never replaces what is not a regular file, nor writes inside a store -------------------------------------
+
+
+def _special_outs(tmp_path: Path) -> list[Path]:
+    """A FIFO, and (as root) a character device node, both made here: never a real device file."""
+    import os
+    import stat
+
+    specials = tmp_path / "specials"
+    specials.mkdir()
+    os.mkfifo(specials / "fifo")
+    outs = [specials / "fifo"]
+    if os.geteuid() == 0:
+        os.mknod(specials / "chardev", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+        outs.append(specials / "chardev")
+    link = specials / "link-to-fifo.npy"
+    link.symlink_to(specials / "fifo")
+    return [*outs, link]
+
+
+def test_get_refuses_an_out_that_is_not_a_regular_file(url: str, tmp_path) -> None:
+    """`--out` over a FIFO or a device node replaced it with a regular file (os.replace takes anything)."""
+    import stat
+
+    for out in _special_outs(tmp_path):
+        kind = out.lstat().st_mode
+        code, stdout, err = _run("store", "get", url, "m", "--layer", "1", "--out", str(out))
+        assert code == 2 and err.startswith("hrsa: error: ") and err.count("\n") == 1, (out, stdout, err)
+        assert "--out" in err and "regular file" in err, err
+        assert out.lstat().st_mode == kind and not stat.S_ISREG(out.stat().st_mode)
+    assert not [p for p in (tmp_path / "specials").iterdir() if p.name.startswith(".hrsa-")]
+
+
+@pytest.mark.parametrize("where", ["zarr.json", "models/m/zarr.json", "models/m/done/0", "new.npy",
+                                   "corpora/new.npy", "link/zarr.json"])
+def test_get_refuses_an_out_inside_a_store(where: str, url: str, tmp_path) -> None:
+    """`--out STORE/models/m/zarr.json` overwrote the model's metadata with a .npy: every verb then failed."""
+    (tmp_path / "link").symlink_to(Path(url) / "models" / "m")
+    target = tmp_path / where if where.startswith("link/") else Path(url) / where
+    before = _tree_digest(Path(url))
+    code, stdout, err = _run("store", "get", url, "m", "--layer", "1", "--out", str(target))
+    assert code == 2 and err.startswith("hrsa: error: ") and err.count("\n") == 1, (stdout, err)
+    assert "inside the hrsa store" in err and "--out" in err, err
+    assert _tree_digest(Path(url)) == before
+    code, _, _ = _run("store", "verify", url)
+    assert code == 0
+
+
+def test_get_still_overwrites_a_regular_file(url: str, tmp_path, filled_store: ActivationStore) -> None:
+    out = tmp_path / "x.npy"
+    out.write_bytes(b"an earlier file")
+    code, _, err = _run("store", "get", url, "m", "--layer", "1", "--out", str(out))
+    assert code == 0, err
+    assert np.array_equal(np.load(out), expected_layer(filled_store, "m", 1))
+
+
+@pytest.mark.parametrize("flag", ["--docs", "--tokens"])
+@pytest.mark.parametrize("value", ["", " "])
+def test_get_refuses_an_empty_selection_flag(flag: str, value: str, url: str, tmp_path) -> None:
+    """`--docs "$UNSET"` wrote every token, while `--docs ,` was refused."""
+    out = tmp_path / "x.npy"
+    code, stdout, err = _run("store", "get", url, "m", "--layer", "1", flag, value, "--out", str(out))
+    assert code == 2 and err.startswith("hrsa: error: ") and err.count("\n") == 1, (stdout, err)
+    assert not out.exists()
+
+
+def test_ls_notes_an_unreadable_corpus_and_a_model_whose_corpus_is_gone(tmp_path) -> None:
+    """A corpus whose metadata does not read vanished from `store ls`, and its models had no note."""
+    from hrsa.store.testing import make_table
+
+    url = str(tmp_path / "s")
+    store = ActivationStore.open(url, mode="a")
+    broken = store.write_corpus(make_table((10, 10)), tokenizer={"name": "tok", "fingerprint": "fp"})
+    gone = store.write_corpus(make_table((10, 12)), tokenizer={"name": "tok", "fingerprint": "fp"})
+    store.create_model("on-broken", corpus=broken, n_hidden_states=1, hidden_size=4, dtype="float32")
+    store.create_model("on-gone", corpus=gone, n_hidden_states=1, hidden_size=4, dtype="float32")
+    (tmp_path / "s" / "corpora" / broken / "zarr.json").write_text("garbage\n")
+    shutil.rmtree(tmp_path / "s" / "corpora" / gone)
+    code, out, err = _run("store", "ls", url)
+    assert code == 0, (out, err)
+    notes = [line for line in out.splitlines() if line.startswith("note:")]
+    assert any(broken in line and "metadata" in line and "hrsa store verify" in line for line in notes), out
+    assert any("on-broken" in line and broken in line for line in notes), out
+    assert any("on-gone" in line and gone in line and "absent" in line for line in notes), out

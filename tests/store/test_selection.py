@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 
 from hrsa.store.errors import SelectionError, UserError
-from hrsa.store.selection import parse_doc_ids, parse_int_list
+from hrsa.store.selection import parse_doc_ids, parse_int_list, parse_name_list
 
 
 def test_lists_and_ranges_in_the_order_written() -> None:
     assert parse_int_list("0,3,5-9") == [0, 3, 5, 6, 7, 8, 9]
     assert parse_int_list(" 7, 2 ,,1-2, ") == [7, 2, 1, 2]
-    assert parse_int_list("") == []
     assert parse_doc_ids("0,3,5-9") == [0, 3, 5, 6, 7, 8, 9]
 
 
@@ -54,3 +53,18 @@ def test_a_reversed_range_is_refused_naming_the_fix(text: str, part: str, fix: s
 def test_a_reversed_range_is_refused_beside_negative_indices() -> None:
     with pytest.raises(SelectionError, match=r"Got '4-1' in '-1,4-1' instead\. Write it 1-4\."):
         parse_int_list("-1,4-1", negative=True, what="hidden-state indices")
+
+
+@pytest.mark.parametrize("text", ["", " ", ",", " , ,"])
+def test_a_list_of_none_is_refused_not_read_as_everything(text: str) -> None:
+    """`--docs "$UNSET"` selected every token (an empty value read as the flag not given), `--docs ,` was refused."""
+    with pytest.raises(SelectionError) as info:
+        parse_int_list(text, what="document indices")
+    assert str(info.value) == (f"Expected document indices such as 0,3,5-9. Got {text!r}, which lists none, instead. "
+                               "List at least one, or leave the flag out.")
+    with pytest.raises(SelectionError, match=f"Expected source fields such as reasoning. Got {text!r}, which lists none"):
+        parse_name_list(text, what="source fields", example="reasoning")
+
+
+def test_names_are_split_on_commas_and_trimmed() -> None:
+    assert parse_name_list(" reasoning, answer,,", what="source fields", example="reasoning") == ["reasoning", "answer"]

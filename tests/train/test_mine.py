@@ -286,3 +286,21 @@ def test_real_minilm_never_mines_another_positive_of_the_query(cli: click.Group,
     assert result.exit_code == 0, result.output
     got = [json.loads(line) for line in (tmp_path / "m1.jsonl").read_text().splitlines()]
     assert CAT_2 not in got[0]["negs"] and CAT_1 not in got[1]["negs"] and len(got[0]["negs"]) == 3
+
+
+def test_an_out_that_is_not_a_regular_file_or_inside_a_store_is_refused_with_the_settings(tmp_path: Path) -> None:
+    """Refused before the model is loaded, as the other settings are: a FIFO at --out, or a path in an hrsa store."""
+    import os
+
+    import pydantic
+
+    from hrsa.store import ActivationStore
+
+    inp = tmp_path / "pairs.jsonl"
+    inp.write_text('{"query": "q", "pos": "p"}\n')
+    os.mkfifo(tmp_path / "fifo")
+    ActivationStore.open(str(tmp_path / "store"), mode="a")
+    for out, message in [(tmp_path / "fifo", "regular file"), (tmp_path / "store" / "zarr.json", "inside the hrsa store")]:
+        with pytest.raises(pydantic.ValidationError, match=message):
+            MineConfig(input=inp, out=out)
+    assert (tmp_path / "fifo").is_fifo()
