@@ -126,6 +126,7 @@ def render_report(docs: Sequence[tuple[Path, Mapping[str, Any]]], *, dynamics: D
     t = thresholds or Thresholds()
     summaries = [summarize(doc, thresholds=t) for _, doc in docs]
     series = [] if dynamics is None else [dynamics] if isinstance(dynamics, Dynamics) else list(dynamics)
+    series = [dyn.averaged(t.exclude_embedding) for dyn in series]  # the curves' means by Table 2's rule
     columns = comparisons or [Comparison(f"{d['a']} vs {d['b']}", (i,)) for i, (_, d) in enumerate(docs)]
     title = title or "HRSA report: " + "; ".join(f"{d['a']} vs {d['b']}" for _, d in docs)
     now = datetime.now(UTC).isoformat(timespec="seconds")

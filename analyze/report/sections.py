@@ -127,8 +127,9 @@ def _series_section(dyn: Dynamics) -> str:
     rows = [[str(s), f"{pa} vs {pb}", *(number(c.mean[i]) for c in curves.values()), str(dyn.results[i])]
             for i, (s, (pa, pb)) in enumerate(zip(dyn.steps, dyn.pairs))]
     return (f"<h3>Training dynamics: {escape(dyn.name)} ({escape(dyn.runs[0])} vs {escape(dyn.runs[1])})</h3>"
-            f"<p class=\"note\">{escape(_what_it_shows(dyn))} Means over matched hidden states at each training step "
-            "(the table names the pair each step compares); thin lines: each hidden state.</p>"
+            f"<p class=\"note\">{escape(_what_it_shows(dyn))} Means over matched hidden states at each training step, "
+            f"{'the embedding output (hidden state 0) left out' if dyn.exclude_embedding else 'the embedding output (hidden state 0) included'} "
+            "as in Table 2 (the table names the pair each step compares); thin lines: each hidden state.</p>"
             f"<div class=\"figs\">{figure(dynamics_figure(dyn), f'training dynamics of {dyn.name}', wide=True)}</div>"
             + table(["step", "pair", *curves, "results file"], rows))
 
