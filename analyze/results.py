@@ -12,6 +12,11 @@ never change existing ones). NaN (a metric undefined on constant data) is writte
       "schema": "hrsa.analyze/1",
       "run_id": str,                        # also the store's results/<run_id>
       "a": str, "b": str,                   # model ids; A's states are the rows of every matrix
+      "models": {"a": {...}, "b": {...}},   # what the store knew of each (ModelInfo.record): "source" (kind, id or
+                                            # path, revision, "content": its weights files' digest or null), dtype,
+                                            # attention, corpus, n_tokens, hidden_size, n_hidden_states, hidden_states,
+                                            # extraction, units_done, n_units, complete, and "identity" (a digest of
+                                            # all but the progress). Absent in results of hrsa before it (still read).
       "corpus": str, "n_tokens": int,       # tokens actually compared on, after the selection
       "alignment": null | {"corpus_b": str, "aligned": int, "tokens_a": int, "tokens_b": int},
                                             # B on another corpus: tokens aligned by content span, of each's selection
@@ -170,6 +175,7 @@ def results_dict(results: PairResults, *, run_id: str, config: Mapping[str, Any]
         "run_id": run_id,
         "a": results.a,
         "b": results.b,
+        **({"models": {side: dict(record) for side, record in results.models.items()}} if results.models else {}),
         "corpus": results.corpus,
         "n_tokens": results.n_tokens,
         "alignment": dict(results.alignment) if results.alignment else None,
@@ -584,6 +590,15 @@ class _Uncertainty(_Part):
     null_z: float | None = None
 
 
+class _ModelRecord(_Part):
+    """What the store knew of one compared model (``ModelInfo.record``); only what the report reads is described."""
+
+    id: str
+    source: dict[str, Any]
+    identity: str
+    dtype: str | None = None
+
+
 class _Document(_Part):
     a: str
     b: str
@@ -598,6 +613,7 @@ class _Document(_Part):
     uncertainty: _Uncertainty | None = None
     settings: dict[str, Any] | None = None
     token_filter: dict[str, Any] | None = None
+    models: dict[Literal["a", "b"], _ModelRecord] | None = None
 
 
 #: Metrics whose values lie in a range (up to rounding): (metric, key) -> (low, high, what it is).

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from hrsa.store.errors import UserError
+from hrsa.store.model import describe_source
 
 if TYPE_CHECKING:
     from hrsa.extract.config import ExtractConfig
@@ -121,10 +122,7 @@ def _weights_changed(spec: ModelSpec, info: ModelInfo) -> bool:
 
 
 def _source_text(source: Mapping[str, Any]) -> str:
-    where = source.get("id") or source.get("path")
-    revision = f"@{source['revision']}" if source.get("revision") else ""
-    gguf = f" (gguf {source['gguf_file']})" if source.get("gguf_file") else ""
-    return f"{source.get('kind')}:{where}{revision}{gguf}" if where else "unrecorded"
+    return describe_source(source)
 
 
 def _layout_mismatch(info: ModelInfo, config: ExtractConfig) -> list[str]:

@@ -197,8 +197,12 @@ def rm(url: str, model: str, yes: bool) -> None:
             raise UserError(f"Expected --yes to delete model {model} from {url} without a terminal to ask at. Got none. "
                             "Pass --yes.")
         click.confirm(f"Delete model {model} from {url}?", abort=True)
+    records = store.results_naming(model)
     store.delete_model(model)
     click.echo(f"deleted {model}")
+    if records:  # no hrsa verb lists or deletes result records: say they stay, and what they now describe
+        click.echo(f"{len(records)} result record(s) name {model} ({', '.join(records)}): kept as they were; their numbers "
+                   "are of the deleted model (each records its source and identity for `hrsa report` to tell them apart)")
 
 
 @store_group.command("upgrade")

@@ -7,8 +7,9 @@ worker ever touches it.
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -19,8 +20,8 @@ from hrsa.store.objects import create_if_absent, delete_prefix, get_bytes, put_b
 if TYPE_CHECKING:
     import zarr
 
-__all__ = ["ModelInfo", "create_model_group", "read_model_info", "parse_model_attrs", "array_mismatches", "hidden_array_mismatches",
-           "expected_hidden_metadata", "hidden_key"]
+__all__ = ["ModelInfo", "create_model_group", "describe_source", "read_model_info", "parse_model_attrs", "array_mismatches",
+           "hidden_array_mismatches", "expected_hidden_metadata", "hidden_key"]
 
 
 def hidden_key(layer: int) -> str:
@@ -82,6 +83,19 @@ class ModelInfo:
             )
         return k
 
+    def record(self) -> dict[str, Any]:
+        """What the store knows of this model that identifies its hidden states, for the results that compare it:
+        its source (kind, hub id and revision or path, ``content``: the digest of its weights files where recorded),
+        dtype, attention, corpus, shape, hidden states and extraction settings; its progress (``units_done``,
+        ``n_units``, ``complete``); and ``identity``, a digest of all but the progress: two records of one id with
+        different identities are two models (one deleted and another extracted under its id)."""
+        ident = {"source": dict(self.source), "dtype": self.dtype, "attention": self.attention, "corpus": self.corpus,
+                 "n_tokens": self.n_tokens, "hidden_size": self.hidden_size, "n_hidden_states": self.n_hidden_states,
+                 "hidden_states": list(self.hidden_states), "extraction": dict(self.extraction)}
+        digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:32]
+        return {"id": self.id, **ident, "units_done": self.units_done, "n_units": self.n_units, "complete": self.complete,
+                "identity": digest}
+
     def to_attrs(self) -> dict[str, Any]:
         attrs = asdict(self)
         for volatile in ("id", "units_done", "n_units"):
@@ -89,6 +103,14 @@ class ModelInfo:
         attrs["hidden_states"] = list(self.hidden_states)
         attrs["kind"] = "model"
         return attrs
+
+
+def describe_source(source: Mapping[str, Any]) -> str:
+    """A model's source in one phrase: ``kind:id-or-path@revision (gguf FILE)``, or "unrecorded"."""
+    where = source.get("id") or source.get("path")
+    revision = f"@{source['revision']}" if source.get("revision") else ""
+    gguf = f" (gguf {source['gguf_file']})" if source.get("gguf_file") else ""
+    return f"{source.get('kind')}:{where}{revision}{gguf}" if where else "unrecorded"
 
 
 def read_model_info(mid: str, group: zarr.Group, *, units_done: int) -> ModelInfo:

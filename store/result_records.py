@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from hrsa.store.errors import UserError
+from hrsa.store.format import ATTRS_KEY
 from hrsa.store.ids import parse_id
 
 if TYPE_CHECKING:
@@ -33,6 +34,20 @@ class ResultRecords:
         """Ids of the result records (``hrsa analyze`` runs) in the store, sorted; a record still being written
         (or left by a run that stopped) counts too: its id is taken."""
         return sorted(self._top("results").group_keys())
+
+    def results_naming(self, mid: str) -> list[str]:
+        """Ids of the complete result records whose document names model ``mid`` as A or B, sorted (a record still
+        being written, or unreadable, names nothing)."""
+        top = self._top("results")
+        named = []
+        for run_id in self.results_ids():
+            try:
+                doc = top[run_id].attrs.get(ATTRS_KEY)
+            except Exception:  # damaged metadata: `hrsa store verify` names it
+                continue
+            if isinstance(doc, dict) and mid in (doc.get("a"), doc.get("b")):
+                named.append(run_id)
+        return named
 
     def create_results(self, run_id: str) -> zarr.Group:
         """A new, empty result record ``run_id`` for the caller to fill (arrays, then its attributes).

@@ -51,7 +51,7 @@ def assemble(
         hidden_states_a=pair.rows or pair.matched, hidden_states_b=pair.cols or pair.matched,
         plan=pair.plan, settings=dict(settings), alignment=_alignment(pair), **per_layer, **matrices,
         intervals=_per_score(pair, matched, "intervals"), nulls=_per_score(pair, matched, "nulls"),
-        n_groups=pair.n_groups,
+        n_groups=pair.n_groups, models={"a": pair.info_a.record(), "b": pair.info_b.record()},
     )
 
 

@@ -54,6 +54,8 @@ class PairResults:
         alignment: when B's corpus is another one whose tokens were aligned with A's by content span: its id, the
             aligned tokens, and the tokens each model offered (``{"corpus_b", "aligned", "tokens_a", "tokens_b"}``);
             None when both ran over the same tokens.
+        models: ``{"a": record, "b": record}``, what the store knew of each model when compared
+            (:meth:`hrsa.store.ModelInfo.record`: source, weights digest, settings, progress, identity).
     """
 
     a: str
@@ -85,6 +87,7 @@ class PairResults:
     intervals: Mapping[str, tuple[Interval, ...]] = field(default_factory=dict)
     nulls: Mapping[str, tuple[NullBaseline, ...]] = field(default_factory=dict)
     n_groups: int = 0
+    models: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     @property
     def cross_layer(self) -> bool:

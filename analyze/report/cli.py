@@ -100,13 +100,15 @@ def report(config_file: Path | None, **flags: Any) -> None:
     Per pair: a summary by level (preserved / restructured), cross-layer heatmaps, H_inv, k-NN overlap and
     probe accuracy per hidden state; with --dynamics (once per series), the metrics against the training step.
     """
-    from hrsa.analyze.report.html import read_report_inputs, write_report
+    from hrsa.analyze.report.html import read_report_inputs, report_warnings, write_report
     from hrsa.analyze.report.summary import summarize
     from hrsa.runtime.settings import load_settings
 
     cfg = load_settings(ReportConfig, config_file, flags, verb="report")
     inputs = read_report_inputs(list(cfg.results), dynamics=cfg.dynamics)  # read once: the page and the lines below
     out = write_report(inputs, cfg.out, title=cfg.title, thresholds=cfg.thresholds())
+    for line in report_warnings(inputs):
+        click.echo(f"hrsa: warning: {line}", err=True)
     for _, doc in inputs.docs:
         s = summarize(doc, thresholds=cfg.thresholds())
         click.echo(f"{s.a} vs {s.b}: " + ", ".join(f"{lv.level} {lv.verdict}" for lv in s.levels))

@@ -18,7 +18,10 @@ relative to the dynamics file's folder when they lie under it (so the folder can
 
 :func:`load_dynamics` reads every step's results back and keeps, per metric, the mean over the matched hidden
 states at each step and the value of each hidden state (NaN where a step lacks one); :func:`mean_changes` says
-how far each mean moved from the first step to the last.
+how far each mean moved from the first step to the last. The means follow the verdicts' rule
+(:func:`hrsa.analyze.report.summary.left_out_of_means`): the embedding output (hidden state 0) is left out unless
+asked for (:meth:`Dynamics.averaged`), so a step's mean is its Table 2 value. Every step must have compared the same
+tokens (corpus, token filter, token count, matched hidden states): a curve through other token sets is refused.
 """
 
 from __future__ import annotations
@@ -27,14 +30,14 @@ import json
 import numbers
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from hrsa.analyze.report.summary import KNN_K, floats, knn_k
+from hrsa.analyze.report.summary import KNN_K, embedding_skip, floats, knn_k, layer_values
 from hrsa.analyze.results import ResultsFileError, read_results
 from hrsa.runtime.files import write_atomic
 
@@ -55,13 +58,24 @@ class Curve:
 
     Attributes:
         label: the metric's name in figures.
-        mean: per step, the mean over the hidden states that step has (NaN when it has none).
+        mean: per step, the mean over the hidden states that step has (NaN when it has none), the embedding output
+            left out as the verdicts leave it out (unless ``exclude_embedding`` is False).
         layers: {hidden state: per step value (NaN where that step lacks it)}.
+        states: per step, the hidden states it has values of (what ``mean`` averages, before the rule).
+        exclude_embedding: whether ``mean`` leaves out the embedding output (hidden state 0) where others remain.
     """
 
     label: str
     mean: tuple[float, ...]
     layers: Mapping[int, tuple[float, ...]]
+    states: tuple[tuple[int, ...], ...] = ()
+    exclude_embedding: bool = True
+
+    def averaged(self, exclude_embedding: bool) -> Curve:
+        """This curve with its means taken by the verdicts' rule for ``exclude_embedding``."""
+        if exclude_embedding == self.exclude_embedding or not self.states:
+            return self
+        return replace(self, mean=_means(self.layers, self.states, exclude_embedding), exclude_embedding=exclude_embedding)
 
 
 @dataclass(frozen=True)
@@ -84,6 +98,18 @@ class Dynamics:
     dimcorr: Curve | None
     knn: Mapping[int, Curve]
     name: str = ""
+
+    def averaged(self, exclude_embedding: bool) -> Dynamics:
+        """Every curve with its means taken by the verdicts' rule for ``exclude_embedding`` (a report's
+        ``--include-embedding-output`` counts hidden state 0 in the curves as in Table 2)."""
+        return replace(self, cka=self.cka.averaged(exclude_embedding) if self.cka else None,
+                       dimcorr=self.dimcorr.averaged(exclude_embedding) if self.dimcorr else None,
+                       knn={k: c.averaged(exclude_embedding) for k, c in self.knn.items()})
+
+    @property
+    def exclude_embedding(self) -> bool:
+        """Whether the curves' means leave out the embedding output (hidden state 0), as the verdicts do by default."""
+        return all(c.exclude_embedding for c in self.curves.values())
 
     @property
     def curves(self) -> dict[str, Curve]:
@@ -137,7 +163,9 @@ def write_dynamics(path: Path, *, runs: tuple[str, str], steps: Sequence[int], r
         raise DynamicsError(f"Expected one results.json per step. Got {len(steps)} steps and {len(results)} results "
                             "instead. Pass as many of each.")
     clean = _check_steps(list(steps))
-    files = [read_results(r)[0] for r in results]  # validates each; (file, document)
+    loaded = [read_results(r) for r in results]  # validates each; (file, document)
+    files = [f for f, _ in loaded]
+    _check_same_tokens(sorted(zip(clean, (d for _, d in loaded)), key=lambda e: e[0]), path)
     entries = [{"step": s, "results": _relative(f, path.parent)} for s, f in sorted(zip(clean, files))]
     from hrsa import __version__
 
@@ -146,13 +174,18 @@ def write_dynamics(path: Path, *, runs: tuple[str, str], steps: Sequence[int], r
     return write_atomic(path, json.dumps(doc, indent=1) + "\n")
 
 
-def load_dynamics(path: Path | str) -> Dynamics:
+def load_dynamics(path: Path | str, *, exclude_embedding: bool = True) -> Dynamics:
     """Read a dynamics file and every step's results.json into curves.
+
+    Args:
+        path: the dynamics file.
+        exclude_embedding: leave the embedding output (hidden state 0) out of each step's means where others remain,
+            as the verdicts do by default (:meth:`Dynamics.averaged` switches afterwards).
 
     Raises:
         DynamicsError: not a readable ``hrsa.dynamics/1`` file, one that :func:`write_dynamics` would not write (not
-            two run names, a step repeated, negative or not an integer, a name that is not text), or a step's
-            results.json missing or invalid.
+            two run names, a step repeated, negative or not an integer, a name that is not text), a step's
+            results.json missing or invalid, or steps that compared other tokens (:func:`_check_same_tokens`).
     """
     path = Path(path)
     doc = _read_json(path)
@@ -163,14 +196,44 @@ def load_dynamics(path: Path | str) -> Dynamics:
     runs, entries = _parse_dynamics(doc, path)
     loaded = [read_results(p) for _, p in entries]
     docs = [d for _, d in loaded]
+    _check_same_tokens([(s, d) for (s, _), d in zip(entries, docs)], path)
     return Dynamics(
         runs=runs, steps=tuple(s for s, _ in entries), results=tuple(f for f, _ in loaded),
         pairs=tuple((str(d["a"]), str(d["b"])) for d in docs),
-        cka=_curve("linear CKA", docs, lambda d: _matched(d, "cka")),
-        dimcorr=_curve("mean dimension-wise r", docs, lambda d: _matched(d, "dimcorr")),
-        knn=_knn_curves(docs),
+        cka=_curve("linear CKA", docs, lambda d: _matched(d, "cka"), exclude_embedding),
+        dimcorr=_curve("mean dimension-wise r", docs, lambda d: _matched(d, "dimcorr"), exclude_embedding),
+        knn=_knn_curves(docs, exclude_embedding),
         name=doc.get("name") or f"{runs[0]} vs {runs[1]}",
     )
+
+
+#: What makes two steps' numbers points of one curve: the same tokens compared, at the same hidden states.
+_SAME_TOKENS = ("corpus", "token_filter", "n_tokens", "matched_hidden_states")
+
+
+def _check_same_tokens(steps: Sequence[tuple[int, Mapping[str, Any]]], path: Path) -> None:
+    """Refuse steps whose results compared other tokens than the first step's (another corpus, token filter or token
+    count) or other hidden states: a curve through them would join numbers that measure different things.
+
+    Raises:
+        DynamicsError: the first field that differs, naming both steps and ``path``.
+    """
+    if not steps:
+        return
+    first_step, first = steps[0]
+    for step, doc in steps[1:]:
+        for name in _SAME_TOKENS:
+            if doc.get(name) != first.get(name):
+                raise DynamicsError(
+                    f"Expected every step of {path} to compare the same tokens and hidden states. Got {name} "
+                    f"{_short(doc.get(name))} at step {step} but {_short(first.get(name))} at step {first_step} instead: "
+                    "a curve across different token sets is not comparable. Analyse every step with the same corpus, "
+                    "token selection and hidden states.")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _check_steps(steps: list[Any]) -> list[int]:
@@ -234,7 +297,7 @@ def _matched(doc: Mapping[str, Any], metric: str) -> tuple[Sequence[int], Sequen
     return doc.get("matched_hidden_states", []), doc["metrics"].get(metric, {}).get("diagonal")
 
 
-def _curve(label: str, docs: Sequence[Mapping[str, Any]], read: MetricReader) -> Curve | None:
+def _curve(label: str, docs: Sequence[Mapping[str, Any]], read: MetricReader, exclude_embedding: bool = True) -> Curve | None:
     """Per step, the (hidden states, values) that ``read`` takes from the step's document."""
     per_step: list[dict[int, float]] = []
     for doc in docs:
@@ -244,11 +307,22 @@ def _curve(label: str, docs: Sequence[Mapping[str, Any]], read: MetricReader) ->
         return None
     hidden = sorted({k for step in per_step for k in step})
     layers = {k: tuple(step.get(k, np.nan) for step in per_step) for k in hidden}
-    mean = tuple(_nanmean(list(step.values())) for step in per_step)
-    return Curve(label, mean, layers)
+    states = tuple(tuple(step) for step in per_step)
+    return Curve(label, _means(layers, states, exclude_embedding), layers, states, exclude_embedding)
 
 
-def _knn_curves(docs: Sequence[Mapping[str, Any]]) -> dict[int, Curve]:
+def _means(layers: Mapping[int, Sequence[float]], states: Sequence[Sequence[int]], exclude_embedding: bool) -> tuple[float, ...]:
+    """Per step, the mean over its hidden states by the verdicts' rule (:func:`layer_values`), NaN when none is
+    defined."""
+    skip = embedding_skip(exclude_embedding)
+    out = []
+    for i, step in enumerate(states):
+        values, _ = layer_values([layers[k][i] for k in step], list(step), skip)
+        out.append(_nanmean(list(values)))
+    return tuple(out)
+
+
+def _knn_curves(docs: Sequence[Mapping[str, Any]], exclude_embedding: bool = True) -> dict[int, Curve]:
     def overlap_at(k: int) -> MetricReader:
         def get(doc: Mapping[str, Any]) -> tuple[Sequence[int], Sequence[Any] | None]:
             knn = doc["metrics"].get("knn", {})
@@ -256,7 +330,7 @@ def _knn_curves(docs: Sequence[Mapping[str, Any]]) -> dict[int, Curve]:
         return get
 
     ks = sorted({int(k) for d in docs for k in d["metrics"].get("knn", {}).get("k", {})})
-    curves = {k: _curve(f"k-NN overlap, k = {k}", docs, overlap_at(k)) for k in ks}
+    curves = {k: _curve(f"k-NN overlap, k = {k}", docs, overlap_at(k), exclude_embedding) for k in ks}
     return {k: c for k, c in curves.items() if c is not None}
 
 

@@ -38,6 +38,7 @@ main { max-width: 1180px; margin: 0 auto; padding: 24px 32px 48px; background: #
 h1 { font-size: 26px; margin: 8px 0 4px; } h2 { font-size: 21px; margin-top: 40px; padding-top: 12px;
    border-top: 3px solid #3b6ea8; } h3 { font-size: 17px; margin: 26px 0 8px; color: #2c4f78; }
 p.meta, p.note, figcaption { color: #5b6470; font-size: 13px; }
+p.warning { color: #8a4b00; background: #fff4e0; border-left: 3px solid #d98a00; padding: 4px 8px; }
 table { border-collapse: collapse; margin: 8px 0 12px; font-size: 13.5px; }
 th, td { border: 1px solid #d5dae1; padding: 4px 10px; text-align: left; vertical-align: top; }
 th { background: #eef2f7; } tbody tr:nth-child(even) td { background: #fafbfc; }

@@ -49,11 +49,12 @@ from hrsa.analyze.report.summary import (
     probe_transfer,
     score_uncertainty,
 )
+from hrsa.store.model import describe_source
 
 if TYPE_CHECKING:
     from hrsa.analyze.report.dynamics import Dynamics
 
-__all__ = ["dynamics_section", "overview_section", "pair_section", "table_2_section", "thresholds_section"]
+__all__ = ["dynamics_section", "identity_warnings", "overview_section", "warnings_section", "pair_section", "table_2_section", "thresholds_section"]
 
 
 def overview_section(summaries: Sequence[PairSummary]) -> str:
@@ -127,8 +128,9 @@ def _series_section(dyn: Dynamics) -> str:
     rows = [[str(s), f"{pa} vs {pb}", *(number(c.mean[i]) for c in curves.values()), str(dyn.results[i])]
             for i, (s, (pa, pb)) in enumerate(zip(dyn.steps, dyn.pairs))]
     return (f"<h3>Training dynamics: {escape(dyn.name)} ({escape(dyn.runs[0])} vs {escape(dyn.runs[1])})</h3>"
-            f"<p class=\"note\">{escape(_what_it_shows(dyn))} Means over matched hidden states at each training step "
-            "(the table names the pair each step compares); thin lines: each hidden state.</p>"
+            f"<p class=\"note\">{escape(_what_it_shows(dyn))} Means over matched hidden states at each training step, "
+            f"{'the embedding output (hidden state 0) left out' if dyn.exclude_embedding else 'the embedding output (hidden state 0) included'} "
+            "as in Table 2 (the table names the pair each step compares); thin lines: each hidden state.</p>"
             f"<div class=\"figs\">{figure(dynamics_figure(dyn), f'training dynamics of {dyn.name}', wide=True)}</div>"
             + table(["step", "pair", *curves, "results file"], rows))
 
@@ -157,7 +159,9 @@ def thresholds_section(t: Thresholds) -> str:
 
 def _provenance(path: Path, doc: Mapping[str, Any]) -> str:
     settings = doc.get("settings", {})
-    items = {"model A (rows)": doc["a"], "model B (columns)": doc["b"], "corpus": doc.get("corpus"),
+    models = doc.get("models") or {}
+    items = {"model A (rows)": _model_line(doc["a"], models.get("a")), "model B (columns)": _model_line(doc["b"], models.get("b")),
+             "corpus": doc.get("corpus"),
              "tokens compared": doc.get("n_tokens"), "token filter": compact(doc.get("token_filter")),
              "hidden states": f"A {hidden_states(doc.get('hidden_states_a'))}; B {hidden_states(doc.get('hidden_states_b'))}; "
                               f"matched {hidden_states(doc['matched_hidden_states'])}",
@@ -171,6 +175,42 @@ def _provenance(path: Path, doc: Mapping[str, Any]) -> str:
                           f"{p.get('n_docs')} documents, {p.get('pool')} pooling, seed {p.get('seed')}")
     body = "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in items.items() if v is not None)
     return f"<h3>Provenance</h3><dl class=\"prov\">{body}</dl>"
+
+
+def _model_line(mid: str, record: Mapping[str, Any] | None) -> str:
+    """A compared model: its id, source, a short digest of its weights files and of its identity, its dtype."""
+    if record is None:
+        return f"{mid} (source and digest not recorded: results of an earlier hrsa)"
+    source = record.get("source") or {}
+    content = source.get("content")
+    weights = f"weights {str(content)[:12]}" if content else "weights not digested (a hub model: its revision names it)"
+    return (f"{mid}: {describe_source(source)}; {weights}; {record.get('dtype', '?')}; "
+            f"identity {str(record.get('identity'))[:12]}")
+
+
+def identity_warnings(docs: Sequence[tuple[Path, Mapping[str, Any]]]) -> list[str]:
+    """One line per model id that names different models (different identities) across the results: a model
+    deleted from the store and another extracted under its id between two analyses. Results without identities
+    (an earlier hrsa) say nothing either way."""
+    seen: dict[str, dict[str, tuple[Mapping[str, Any], list[str]]]] = {}
+    for path, doc in docs:
+        for side, record in (doc.get("models") or {}).items():
+            mid = str(doc.get(side, record.get("id")))
+            found = seen.setdefault(mid, {}).setdefault(str(record.get("identity")), (record, []))
+            found[1].append(str(doc.get("run_id") or path))
+    lines = []
+    for mid, identities in seen.items():
+        if len(identities) > 1:
+            each = "; ".join(f"{describe_source(r.get('source') or {})} (identity {ident[:12]}) in {', '.join(dict.fromkeys(runs))}"
+                             for ident, (r, runs) in identities.items())
+            lines.append(f"model {mid} names {len(identities)} different models across these results: {each}. "
+                         "It was deleted and extracted again between the analyses: their numbers do not compare one model.")
+    return lines
+
+
+def warnings_section(lines: Sequence[str]) -> str:
+    """The report's warnings, one paragraph each, under the title."""
+    return "".join(f'<p class="warning">warning: {escape(line)}</p>' for line in lines)
 
 
 def _verdicts(summary: PairSummary) -> str:

@@ -10,8 +10,9 @@ HRSA reads a comparison at three levels (DESIGN.md, Metrics):
 - function: does a linear readout carry over? cross-model probes, as the share of the source model's
   above-chance test accuracy that the other model keeps ("transfer", pooled over hidden states and directions).
 
-Each metric is averaged over the pair's matched hidden states (all of them, the embedding output included) and
-compared with its threshold; a level is "preserved" when every metric it has passes, "restructured" when one
+Each metric is averaged over the pair's matched hidden states (the embedding output, hidden state 0, left out
+unless :attr:`Thresholds.exclude_embedding` is off; hidden states where the metric is undefined left out and named
+in the check's detail) and compared with its threshold; a level is "preserved" when every metric it has passes, "restructured" when one
 fails, "not measured" when results.json has none of its metrics. The thresholds are the named constants below,
 overridable through :class:`Thresholds`.
 
@@ -60,8 +61,11 @@ __all__ = [
     "Thresholds",
     "Verdict",
     "check_comparisons",
+    "embedding_skip",
     "floats",
     "knn_k",
+    "layer_values",
+    "left_out_of_means",
     "merge_levels",
     "probe_directions",
     "probe_transfer",
@@ -173,7 +177,7 @@ def summarize(doc: Mapping[str, Any], *, thresholds: Thresholds | None = None) -
     t = thresholds or Thresholds()
     m = doc.get("metrics", {})
     states = doc.get("matched_hidden_states", [])
-    skip = (0,) if t.exclude_embedding else ()
+    skip = embedding_skip(t.exclude_embedding)
     checks: dict[str, list[MetricCheck | None]] = {
         "representation": [
             _check("mean dimension-wise correlation", m.get("dimcorr", {}).get("diagonal"), states, t.dimcorr, skip),
@@ -298,14 +302,39 @@ def probe_transfer(entries: Sequence[Mapping[str, Any]], *, min_signal: float = 
     return kept / gained if gained > 0 else float("nan")
 
 
-def _check(name: str, values: Sequence[Any] | None, states: Sequence[int], threshold: float,
-           skip: Sequence[int] = ()) -> MetricCheck | None:
-    """The mean of ``values`` (one per hidden state of ``states``) against ``threshold``; hidden states in ``skip``
-    are left out when others remain."""
+def embedding_skip(exclude_embedding: bool) -> tuple[int, ...]:
+    """The hidden states that means over hidden states leave out by rule: the embedding output (hidden state 0, the
+    token embedding, not a layer), unless asked to count it (``--include-embedding-output``)."""
+    return (0,) if exclude_embedding else ()
+
+
+def left_out_of_means(states: Sequence[int], n_values: int, skip: Sequence[int]) -> list[int]:
+    """The hidden states of ``skip`` (the embedding output, unless asked to count it) that a mean over ``states``
+    leaves out: those among ``states`` when others remain (and the values follow ``states`` one to one). The one rule
+    of every mean over hidden states: the verdicts' and the training-dynamics curves'."""
+    return [k for k in skip if k in states and len(states) == n_values and len(states) > 1]
+
+
+def layer_values(values: Sequence[Any] | None, states: Sequence[int], skip: Sequence[int] = ()) -> tuple[np.ndarray, list[int]]:
+    """``values`` (one per hidden state of ``states``) as float64 with the hidden states :func:`left_out_of_means`
+    names set to NaN, and those hidden states: a mean over hidden states is ``np.nanmean`` of the first."""
     v = floats(values)
-    left_out = [k for k in skip if k in states and len(states) == len(v) and len(states) > 1]
+    left_out = left_out_of_means(states, len(v), skip)
     if left_out:
         v = np.where(np.isin(states, left_out), np.nan, v)
+    return v, left_out
+
+
+def _check(name: str, values: Sequence[Any] | None, states: Sequence[int], threshold: float,
+           skip: Sequence[int] = (), *, set_aside: Sequence[bool] | None = None) -> MetricCheck | None:
+    """The mean of ``values`` (one per hidden state of ``states``) against ``threshold``; hidden states in ``skip``
+    are left out when others remain. Hidden states where the metric is undefined (null, NaN) are left out too, and
+    named; those of ``set_aside`` (left out for a reason the caller names) are not named again."""
+    raw = floats(values)
+    v, left_out = layer_values(values, states, skip)
+    aside = np.zeros(len(v), dtype=bool) if set_aside is None else np.asarray(set_aside, dtype=bool)
+    if aside.any():
+        v = np.where(aside, np.nan, v)
     if not np.isfinite(v).any():
         return None
     mean = float(np.nanmean(v))
@@ -314,6 +343,11 @@ def _check(name: str, values: Sequence[Any] | None, states: Sequence[int], thres
     detail = f"mean of {int(np.isfinite(v).sum())} hidden states; lowest {v[low]:.3f}{where}"
     if left_out:
         detail += "; embedding output (hidden state 0) left out"
+    undefined = [i for i in range(len(raw)) if not np.isfinite(raw[i]) and not aside[i]
+                 and not (len(states) == len(raw) and states[i] in left_out)]
+    if undefined:
+        named = f" ({[states[i] for i in undefined]})" if len(states) == len(raw) else ""
+        detail += f"; left out {len(undefined)} where undefined{named}"
     return MetricCheck(name, mean, threshold, mean >= threshold, detail)
 
 
@@ -325,7 +359,8 @@ def _h_inv_check(procrustes: Mapping[str, Any] | None, states: Sequence[int], th
         return None
     values = floats(procrustes.get("h_inv"))
     undetermined = np.asarray(procrustes.get("underdetermined") or [False] * len(values), dtype=bool)
-    check = _check("Procrustes H_inv", list(np.where(undetermined, np.nan, values)), states, threshold, skip)
+    check = _check("Procrustes H_inv", list(values), states, threshold, skip,
+                   set_aside=undetermined if len(undetermined) == len(values) else None)
     if not undetermined.any():
         return check
     left_out = [k for k, bad in zip(states, undetermined) if bad] if len(states) == len(values) else []

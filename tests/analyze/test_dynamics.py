@@ -62,9 +62,9 @@ def test_round_trip(steps_store, tmp_path: Path) -> None:
     for i, s in enumerate(STEPS):  # per hidden state, against an independent formula on the stored values
         expected = [_oracle_cka(pair.x[k], ckpt[s][k]) for k in sorted(pair.x)]
         assert [dyn.cka.layers[k][i] for k in sorted(pair.x)] == pytest.approx(expected, rel=1e-6)
-        assert dyn.cka.mean[i] == pytest.approx(np.mean(expected), rel=1e-6)
+        assert dyn.cka.mean[i] == pytest.approx(np.mean(expected[1:]), rel=1e-6)  # the embedding output left out
         knn10 = json.loads(results[i].read_text())["metrics"]["knn"]["k"]["10"]
-        assert dyn.knn[10].mean[i] == pytest.approx(np.mean(knn10))
+        assert dyn.knn[10].mean[i] == pytest.approx(np.mean(knn10[1:]))
     assert dyn.cka.mean[0] > dyn.cka.mean[1] > dyn.cka.mean[2]  # B drifts away from A
     assert dyn.knn[10].mean[0] > dyn.knn[10].mean[2]
 
@@ -258,3 +258,51 @@ def test_the_series_table_names_the_pair_each_step_compares(steps_store, tmp_pat
     page = write_report([results[0]], tmp_path / "v.html", dynamics=tmp_path / "v.json").read_text()
     for step, pair in zip(STEPS, varied.pairs):
         assert f"<td>{step}</td><td>{pair[0]} vs {pair[1]}</td>" in page
+
+
+# -- the curves average as the verdicts do, over comparable steps ---------------------------------------------------
+def test_the_curves_leave_out_the_embedding_output_as_the_verdicts_do(steps_store, tmp_path: Path) -> None:
+    """Table 2 left hidden state 0 out of its means, the curves did not: the same results read 0.572 and 0.570."""
+    from hrsa.analyze.report.html import write_report
+    from hrsa.analyze.report.summary import Thresholds, summarize
+
+    _, _, _, results = steps_store
+    path = write_dynamics(tmp_path / "d.json", runs=("r1", "r2"), steps=STEPS, results=results)
+    dyn = load_dynamics(path)
+    docs = [json.loads(r.read_text()) for r in results]
+    assert 0 in docs[0]["matched_hidden_states"] and len(docs[0]["matched_hidden_states"]) > 1
+    for i, doc in enumerate(docs):
+        for thresholds, curves in ((Thresholds(), dyn), (Thresholds(exclude_embedding=False), dyn.averaged(False))):
+            checks = {c.metric: c.value for lv in summarize(doc, thresholds=thresholds).levels for c in lv.checks}
+            assert curves.cka.mean[i] == pytest.approx(checks["linear CKA"], abs=1e-12)
+            assert curves.dimcorr.mean[i] == pytest.approx(checks["mean dimension-wise correlation"], abs=1e-12)
+            assert curves.knn[10].mean[i] == pytest.approx(checks["k-NN overlap at k = 10"], abs=1e-12)
+    every = [np.mean(docs[i]["metrics"]["cka"]["diagonal"]) for i in range(len(STEPS))]
+    assert dyn.averaged(False).cka.mean == pytest.approx(every) and dyn.cka.mean != pytest.approx(every)
+    assert 0 in dyn.cka.layers  # its thin line is still drawn
+    page = write_report([results[0]], tmp_path / "r.html", dynamics=path).read_text()
+    assert f"{dyn.cka.mean[0]:.3f} \u2192 {dyn.cka.mean[-1]:.3f}" in page
+    included = write_report([results[0]], tmp_path / "i.html", dynamics=path,
+                            thresholds=Thresholds(exclude_embedding=False)).read_text()
+    assert f"{every[0]:.3f} \u2192 {every[-1]:.3f}" in included
+
+
+@pytest.mark.parametrize(("field", "edit"), [
+    ("token_filter", lambda d: d["token_filter"].update(exclude_first=True)),
+    ("n_tokens", lambda d: d.update(n_tokens=d["n_tokens"] - 7)),
+    ("corpus", lambda d: d.update(corpus="another-corpus")),
+])
+def test_load_dynamics_refuses_steps_over_different_tokens(steps_store, tmp_path: Path, field: str, edit) -> None:
+    """A curve joins numbers of one token set: a step measured on other tokens is not a point of it."""
+    _, _, _, results = steps_store
+    doc = json.loads(results[1].read_text())
+    edit(doc)
+    other = write_json(doc, tmp_path / "other")
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"schema": SCHEMA, "runs": ["r1", "r2"], "steps": [
+        {"step": s, "results": str(r)} for s, r in zip(STEPS, [results[0], other, results[2]])]}))
+    with pytest.raises(ResultsFileError) as info:
+        load_dynamics(path)
+    message = str(info.value)
+    assert message.startswith("Expected") and "\n" not in message and str(path) in message
+    assert field in message and "step 10" in message and "step 0" in message

@@ -53,3 +53,17 @@ def test_the_warning_says_too_few_tokens_only_when_there_are(tmp_path) -> None:
     store = _identical_pair(str(tmp_path / "store"), distinct_rows_at_0=30, n_tokens=48)
     with pytest.warns(UnderdeterminedWarning, match=r"hidden states \[0, 1\].*48 tokens are no more than D = 64"):
         analyze_pair(store, "a", "b", metrics=["procrustes"], backend="numpy")
+
+
+def test_a_mean_names_the_hidden_states_where_its_metric_is_undefined() -> None:
+    """The README promises undefined hidden states are "left out and named": a null CKA vanished from "mean of 2"."""
+    doc = {"a": "a", "b": "b", "matched_hidden_states": [0, 1, 2, 3],
+           "metrics": {"cka": {"diagonal": [0.5, 0.95, None, 0.93]},
+                       "dimcorr": {"diagonal": [0.9, None, 0.85, None], "n_degenerate": [0, 0, 0, 0]}}}
+    checks = {c.metric: c for lv in summarize(doc).levels for c in lv.checks}
+    cka = checks["linear CKA"]
+    assert cka.value == pytest.approx(0.94) and "mean of 2 hidden states" in cka.detail
+    assert "left out 1 where undefined ([2])" in cka.detail and "embedding output (hidden state 0) left out" in cka.detail
+    assert "left out 2 where undefined ([1, 3])" in checks["mean dimension-wise correlation"].detail
+    defined = {**doc, "metrics": {"cka": {"diagonal": [0.5, 0.95, 0.9, 0.93]}}}
+    assert "undefined" not in next(c for lv in summarize(defined).levels for c in lv.checks).detail
