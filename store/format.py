@@ -2,7 +2,7 @@
 
 Layout (one Zarr v3 group)::
 
-    <root>/                       attrs {"hrsa": {"format_version": 3}}
+    <root>/                       attrs {"hrsa": {"format_version": 4}}
       corpora/<cid>/              token table: token_ids, doc_index, position, is_special (N,); content spans
                                   token_field, char_start, char_end (N,) and attrs span_fields (corpus.py)
                                   documents: doc_offsets (n_docs+1,), doc_record_id, doc_truncated,
@@ -49,10 +49,13 @@ __all__ = [
     "as_storage",
 ]
 
+# 4: corpora hold each document's text digests and original length in their ids (hrsa before format 4 would
+# recompute such an id without them and call the corpus damaged). 3 -> 4 raises the version only: a format-3 corpus,
+# without digests, keeps its id and reads (it is not aligned with another tokenizer's corpus: re-extract for that).
 # 3: done records list one hash a shard, its xxh3 (format 2 listed a sha256 beside it, which hrsa before format 3
 # requires: it would call every record of a format-3 store unreadable, and `verify --reset-damaged` would delete the
 # units). 2 -> 3 raises the version only; format 2's records are read as they are. 1 -> 2: done records.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 ATTRS_KEY = "hrsa"  # every hrsa attribute lives under this one key of a node's attributes
 
 # Logical dtype -> numpy dtype written to Zarr. Zarr v3 has no bfloat16, so bf16 is kept as its raw

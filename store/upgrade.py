@@ -1,5 +1,8 @@
 """``hrsa store upgrade``: bring an older store to the current format.
 
+Format 3 -> 4 raises the version only: format 4's corpora hold their documents' text digests in their ids, which
+hrsa before format 4 would recompute without them (calling every such corpus damaged); format-3 corpora, without
+digests, keep their ids and read as they are.
 Format 2 -> 3 raises the version only: format 2's done records (a sha256 and an xxh3 a shard) are read as they are;
 format 3's list the xxh3 alone, which hrsa before format 3 cannot read, so a store is moved on once, on purpose.
 Format 1 (done flags in a ``units`` array) -> done records:

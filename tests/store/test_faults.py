@@ -632,14 +632,14 @@ def test_a_format_1_store_is_refused_then_upgraded_keeping_every_intact_unit(tar
         assert f"hrsa store upgrade {target.url}" in result.stderr
     result = _cli(target, "store", "upgrade", target.url)
     assert result.exit_code == 0, result.output
-    assert "m: 2 done unit(s) recorded; units [1] were damaged" in result.stdout and "format 1 -> 3" in result.stdout
+    assert "m: 2 done unit(s) recorded; units [1] were damaged" in result.stdout and "format 1 -> 4" in result.stdout
     upgraded = target.open()
     report = verify_store(upgraded)
     assert report.damaged_units() == {} and report.incomplete_units == {"m": [1, 3]}
     assert _objects(upgraded, "models/m/units/") == {}
     before = _objects(upgraded)
     again = _cli(target, "store", "upgrade", target.url)  # again: nothing left to do, and nothing written
-    assert again.exit_code == 0 and again.stdout.strip() == f"store format 3 already: nothing to do: {target.url}"
+    assert again.exit_code == 0 and again.stdout.strip() == f"store format 4 already: nothing to do: {target.url}"
     assert _objects(upgraded) == before
     fill_model(upgraded, "m")
     assert verify_store(target.open("r")).ok
@@ -647,29 +647,33 @@ def test_a_format_1_store_is_refused_then_upgraded_keeping_every_intact_unit(tar
         assert np.array_equal(target.open("r").hidden_state("m", k).compute(), reference[k])
 
 
-def test_a_format_2_store_is_refused_then_upgraded_by_its_version_alone(target: Target) -> None:
+@pytest.mark.parametrize("version", [2, 3])
+def test_an_older_format_store_is_refused_then_upgraded_by_its_version_alone(target: Target, version: int) -> None:
     """Format 2's done records list a sha256 beside the xxh3, which hrsa before format 3 requires: a store holding
-    format 3's records must not be opened by it (it would call every unit damaged). So a format-2 store is moved on
-    once, on purpose; the upgrade rewrites nothing but the version, and its records read as they were."""
+    format 3's records must not be opened by it (it would call every unit damaged). Format 4's corpora hold their
+    documents' text digests in their ids, which hrsa before format 4 would recompute without them and call every
+    such corpus damaged. So an older store is moved on once, on purpose; the upgrade rewrites nothing but the
+    version, its records read as they were, and a corpus stored without digests keeps its id and reads."""
     import dataclasses
 
     from hrsa.store.unit_records import sha256
 
     store = _filled(target)
     writer = store.writer("m")
-    for unit in writer.units():  # records as format 2 wrote them
-        record = writer.record(unit)
-        shards = {k: dataclasses.replace(s, sha256=sha256(_get(store, f"models/m/{s.key}")))  # type: ignore[arg-type]
-                  for k, s in record.shards.items()}
-        _put(store, _record(unit.index), dataclasses.replace(record, shards=shards).to_bytes())
-    _edit_json(store, "zarr.json", lambda meta: meta["attributes"]["hrsa"].update(format_version=2))
+    if version == 2:
+        for unit in writer.units():  # records as format 2 wrote them
+            record = writer.record(unit)
+            shards = {k: dataclasses.replace(s, sha256=sha256(_get(store, f"models/m/{s.key}")))  # type: ignore[arg-type]
+                      for k, s in record.shards.items()}
+            _put(store, _record(unit.index), dataclasses.replace(record, shards=shards).to_bytes())
+    _edit_json(store, "zarr.json", lambda meta: meta["attributes"]["hrsa"].update(format_version=version))
     before = {k: v for k, v in _objects(store).items() if k != "zarr.json"}
     for verb in (["ls", target.url], ["verify", target.url]):
         result = _cli(target, "store", *verb)
         _one_error_line(result, 2)
         assert f"hrsa store upgrade {target.url}" in result.stderr
     result = _cli(target, "store", "upgrade", target.url)
-    assert result.exit_code == 0 and "format 2 -> 3" in result.stdout, result.output
+    assert result.exit_code == 0 and f"format {version} -> 4" in result.stdout, result.output
     upgraded = target.open("r")
     assert {k: v for k, v in _objects(upgraded).items() if k != "zarr.json"} == before
     assert verify_store(upgraded).ok
