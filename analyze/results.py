@@ -330,7 +330,8 @@ def check_run_id_free(store: ActivationStore, run_id: str) -> None:
     if store.read_only:
         raise UserError(f"Expected a writable store to save results in. Got {store.url} opened read-only. Open it with mode 'r+'.")
     if run_id in store.results_ids():
-        raise UserError(f"Expected a new run id. Got {run_id!r}, which {store.url} already holds in results/. Choose another --run-id.")
+        raise UserError(f"Expected a new run id. Got {run_id!r}, which {store.url} already holds in results/. Choose another --run-id, "
+                        f"or delete that record first (`hrsa store rm {store.url} {run_id} --results`).")
 
 
 def write_to_store(store: ActivationStore, results: PairResults, doc: Mapping[str, Any]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 
@@ -54,11 +55,26 @@ def ls(url: str) -> None:
                          f"`hrsa store verify {url}`, then `hrsa store rm {url} {mid}` and re-extract it")
     console.print(corpora)
     console.print(models)
+    console.print(_results_table(store, ids))
     for line in notes:
         console.print(line, markup=False, emoji=False)
     for mid in store.half_created_models():
         console.print(f"note: model {mid} is half-created (its creation was interrupted): `hrsa store rm {url} {mid}`, "
                       "or re-run its extraction", markup=False, emoji=False)
+
+
+def _results_table(store: Any, ids: Any) -> Any:
+    """The result records (one per `hrsa analyze` run): each id is taken for good, so each is listed, a record
+    without its document (a run cut short, or one writing now) as incomplete."""
+    from rich.table import Table
+
+    table = Table(ids("result"), ids("A"), ids("B"), "created", title="results", title_justify="left")
+    for run_id, doc in store.results_documents().items():
+        if doc is None:
+            table.add_row(run_id, "", "", "(incomplete: being written, or cut short)")
+        else:
+            table.add_row(run_id, str(doc.get("a", "")), str(doc.get("b", "")), str(doc.get("created", "")))
+    return table
 
 
 @store_group.command("info")
@@ -183,26 +199,52 @@ def verify(url: str, models: tuple[str, ...], reset_damaged: bool) -> None:
 @store_group.command("rm")
 @click.argument("url")
 @click.argument("model")
+@click.option("--results", "results", is_flag=True, help="MODEL is the id of a result record (an `hrsa analyze` run, "
+              "listed by `hrsa store ls`): delete that record only.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-def rm(url: str, model: str, yes: bool) -> None:
-    """Delete MODEL and all its hidden states from the store at URL (corpora are kept)."""
+def rm(url: str, model: str, results: bool, yes: bool) -> None:
+    """Delete MODEL and all its hidden states from the store at URL (corpora are kept), or with --results one result
+    record."""
     from hrsa.store import ActivationStore
-    from hrsa.store.errors import UserError
 
     store = ActivationStore.open(url, mode="r+")
+    if results:
+        store.results_record(model)  # fail on an unknown id before asking anything
+        _confirm(yes, f"result record {model}", url)
+        store.delete_results(model)
+        click.echo(f"deleted result record {model}")
+        return
     if model not in store.half_created_models():  # a half-created model has no info, but rm is its repair
-        store.model_info(model)  # fail on an unknown id before asking anything
-    if not yes:
-        if not sys.stdin.isatty():  # a pipe or a job: nobody to answer, and a pipe held open would wait forever
-            raise UserError(f"Expected --yes to delete model {model} from {url} without a terminal to ask at. Got none. "
-                            "Pass --yes.")
-        click.confirm(f"Delete model {model} from {url}?", abort=True)
+        _known_model(store, model, url)
+    _confirm(yes, f"model {model}", url)
     records = store.results_naming(model)
     store.delete_model(model)
     click.echo(f"deleted {model}")
-    if records:  # no hrsa verb lists or deletes result records: say they stay, and what they now describe
+    if records:  # kept: they are the analyses' output, deleted one by one with --results
         click.echo(f"{len(records)} result record(s) name {model} ({', '.join(records)}): kept as they were; their numbers "
-                   "are of the deleted model (each records its source and identity for `hrsa report` to tell them apart)")
+                   "are of the deleted model (each records its source and identity for `hrsa report` to tell them apart; "
+                   f"`hrsa store rm {url} RUN --results` deletes one)")
+
+
+def _known_model(store: Any, model: str, url: str) -> None:
+    """Fail on an id that names no model; one that names a result record says so, with the flag that deletes it."""
+    from hrsa.store.errors import UserError
+
+    if model not in store.models() and model in store.results_ids():
+        raise UserError(f"Expected a model of {url}. Got {model!r}, a result record, instead. Pass --results to "
+                        "delete that record.")
+    store.model_info(model)
+
+
+def _confirm(yes: bool, what: str, url: str) -> None:
+    """Ask before deleting ``what`` (unless --yes)."""
+    from hrsa.store.errors import UserError
+
+    if yes:
+        return
+    if not sys.stdin.isatty():  # a pipe or a job: nobody to answer, and a pipe held open would wait forever
+        raise UserError(f"Expected --yes to delete {what} from {url} without a terminal to ask at. Got none. Pass --yes.")
+    click.confirm(f"Delete {what} from {url}?", abort=True)
 
 
 @store_group.command("upgrade")

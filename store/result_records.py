@@ -35,19 +35,24 @@ class ResultRecords:
         (or left by a run that stopped) counts too: its id is taken."""
         return sorted(self._top("results").group_keys())
 
-    def results_naming(self, mid: str) -> list[str]:
-        """Ids of the complete result records whose document names model ``mid`` as A or B, sorted (a record still
-        being written, or unreadable, names nothing)."""
+    def results_documents(self) -> dict[str, dict | None]:
+        """Each result record's document (its attributes), by id, sorted; None for a record whose document is not
+        there (being written, or left by a run that stopped before it) or does not read."""
         top = self._top("results")
-        named = []
+        documents: dict[str, dict | None] = {}
         for run_id in self.results_ids():
             try:
                 doc = top[run_id].attrs.get(ATTRS_KEY)
             except Exception:  # damaged metadata: `hrsa store verify` names it
-                continue
-            if isinstance(doc, dict) and mid in (doc.get("a"), doc.get("b")):
-                named.append(run_id)
-        return named
+                doc = None
+            documents[run_id] = doc if isinstance(doc, dict) else None
+        return documents
+
+    def results_naming(self, mid: str) -> list[str]:
+        """Ids of the complete result records whose document names model ``mid`` as A or B, sorted (a record still
+        being written, or unreadable, names nothing)."""
+        return [run_id for run_id, doc in self.results_documents().items()
+                if doc is not None and mid in (doc.get("a"), doc.get("b"))]
 
     def create_results(self, run_id: str) -> zarr.Group:
         """A new, empty result record ``run_id`` for the caller to fill (arrays, then its attributes).
@@ -66,7 +71,7 @@ class ResultRecords:
         except zarr.errors.ContainsGroupError:
             raise UserError(
                 f"Expected a new run id. Got {run_id!r}, which {self.url} already holds in its results. "
-                "Choose another run id, or delete that record first."
+                f"Choose another run id, or delete that record first (`hrsa store rm {self.url} {run_id} --results`)."
             ) from None
 
     def results_record(self, run_id: str) -> zarr.Group:

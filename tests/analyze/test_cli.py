@@ -210,3 +210,15 @@ def test_more_groups_than_documents_says_how_many_the_intervals_use(cli_store, t
            "documents make no more)" in " ".join(stderr.split())  # as one line: the console folds it at its width
     uncertainty = json.loads((tmp_path / "results.json").read_text())["uncertainty"]
     assert uncertainty["groups"] == 4 and uncertainty["groups_asked"] == 1000
+
+
+def test_a_taken_run_id_names_the_command_that_frees_it(cli_store, tmp_path: Path) -> None:
+    """The refusal said "delete that record first" with no verb that could: `hrsa store rm ... --results` now does."""
+    common = ("--store", cli_store.url, "--pair", "a", "b", "--metrics", "dimcorr", "--backend", "numpy", "--run-id", "twice")
+    assert run(*common, "--out", str(tmp_path / "one"))[0] == 0
+    code, _, stderr = run(*common, "--out", str(tmp_path / "two"))
+    assert code == 2 and stderr.count("\n") == 1 and not (tmp_path / "two").exists(), stderr
+    command = stderr[stderr.index("`hrsa ") + 1 : stderr.rindex("`")].split()[1:]
+    assert command == ["store", "rm", cli_store.url, "twice", "--results"], stderr
+    assert CliRunner().invoke(cli, [*command, "--yes"]).exit_code == 0
+    assert run(*common, "--out", str(tmp_path / "two"))[0] == 0

@@ -349,3 +349,49 @@ def test_ls_notes_an_unreadable_corpus_and_a_model_whose_corpus_is_gone(tmp_path
     assert any(broken in line and "metadata" in line and "hrsa store verify" in line for line in notes), out
     assert any("on-broken" in line and broken in line for line in notes), out
     assert any("on-gone" in line and gone in line and "absent" in line for line in notes), out
+
+
+# -- result records: listed by `store ls`, deleted by `store rm --results` -------------------------------------------
+def _record(url: str, run_id: str, a: str = "m", b: str = "m", *, complete: bool = True) -> None:
+    """A result record as `hrsa analyze` leaves it: arrays first, its document (attributes) last."""
+    store = ActivationStore.open(url, mode="r+")
+    group = store.create_results(run_id)
+    group.create_array("cka", data=np.eye(2))
+    if complete:
+        group.attrs["hrsa"] = {"schema": "hrsa.analyze/1", "run_id": run_id, "a": a, "b": b,
+                               "created": "2026-12-04T03:00:00Z", "metrics": {"cka": {}}}
+
+
+def test_ls_lists_result_records_with_their_pair_and_state(url: str) -> None:
+    """A result record took its run id for good, and no verb showed it: `analyze --run-id` refused an id the user
+    could not see ("delete that record first") and records of every pipeline re-run piled up unseen."""
+    _record(url, "m--m--one")
+    _record(url, "cut-short", complete=False)
+    code, out, _ = _run("store", "ls", url)
+    assert code == 0, out
+    results = out[out.index("results"):]
+    cells = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+             for line in results.splitlines() if line.startswith("│")}
+    assert cells["m--m--one"] == ["m", "m", "2026-12-04T03:00:00Z"], cells
+    assert cells["cut-short"][:2] == ["", ""] and "incomplete" in cells["cut-short"][2], cells
+
+
+def test_rm_results_deletes_one_record_and_nothing_else(url: str) -> None:
+    _record(url, "keep")
+    _record(url, "drop")
+    before = ActivationStore.open(url).model_info("m")
+    code, out, err = _run("store", "rm", url, "drop", "--results", "--yes")
+    assert code == 0 and "deleted result record drop" in out, out + err
+    after = ActivationStore.open(url)
+    assert after.results_ids() == ["keep"] and after.models() == ["m"] and after.model_info("m") == before
+    assert np.array_equal(after.hidden_state("m", 1).compute(), expected_layer(after, "m", 1))
+
+
+def test_rm_of_a_result_id_without_results_names_the_flag_and_deletes_nothing(url: str, tmp_path) -> None:
+    _record(url, "a-run")
+    before = _tree_digest(Path(url))
+    code, out, err = _run("store", "rm", url, "a-run", "--yes")
+    assert code == 2 and err.count("\n") == 1 and "--results" in err, out + err
+    code, out, err = _run("store", "rm", url, "no-such-run", "--results", "--yes")
+    assert code == 2 and err.count("\n") == 1 and "a-run" in err, out + err  # names the records there are
+    assert _tree_digest(Path(url)) == before
