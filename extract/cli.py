@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +46,17 @@ def extract(config_file: Path | None, **flags: Any) -> None:
         bar.update(task, total=total, advance=tokens)
 
     try:
-        result = run_extraction(config, on_progress=advance)
+        with warnings.catch_warnings(record=True) as caught:  # gathered: printed below the bar, not through it
+            warnings.simplefilter("default")
+            result = run_extraction(config, on_progress=advance)
     finally:
         if bar.live.is_started:
             bar.stop()
+    for w in caught:
+        if w.category.__module__.startswith("hrsa"):
+            click.echo(f"hrsa: warning: {w.message}", err=True)
+        else:  # others as Python shows them
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     nodes = f" on {', '.join(result.nodes)}" if result.nodes else ""
     others = f" ({result.units_by_others} by other extractions running at once)" if result.units_by_others else ""
     click.echo(f"{result.model_id}: {result.units_written} of {result.n_units} units written this run{nodes}{others}; "

@@ -24,7 +24,7 @@ from hrsa.store.records import CorpusError, read_records
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["CorpusSpec", "Segment", "load_records", "render_spans", "render_text", "tokenize_corpus", "special_token_ids"]
+__all__ = ["ChatMarkupWarning", "CorpusSpec", "Segment", "load_records", "render_spans", "render_text", "tokenize_corpus", "special_token_ids"]
 
 @dataclass(frozen=True)
 class CorpusSpec:
@@ -85,24 +85,38 @@ def render_text(record: Mapping[str, Any], spec: CorpusSpec, tokenizer: PreTrain
 def render_spans(record: Mapping[str, Any], spec: CorpusSpec,
                  tokenizer: PreTrainedTokenizerBase | None = None) -> tuple[str, list[Segment]]:
     """The text of ``record`` and where each source field's characters are in it (the rest is markup)."""
-    text, segments, _ = _render(record, spec, tokenizer)
-    return text, segments
+    rendered = _render(record, spec, tokenizer)
+    return rendered.text, rendered.segments
 
 
-def _render(record: Mapping[str, Any], spec: CorpusSpec,
-            tokenizer: PreTrainedTokenizerBase | None) -> tuple[str, list[Segment], dict[str, str]]:
-    """:func:`render_spans`, and each source field's own text: what its segments' offsets count in (a chat field's
-    message contents laid end to end, whatever the template makes of them; a field the template uses twice, its
-    renderings laid end to end). The model never sees these texts; their digests tell two corpora's documents apart."""
+@dataclass(frozen=True)
+class _Rendered:
+    """A record rendered: its text, where each source field's characters are in it, each source field's own text
+    (what its segments' offsets count in: a chat field's message contents laid end to end, whatever the template
+    makes of them; a field the template uses twice, its renderings laid end to end; the model never sees these
+    texts, their digests tell two corpora's documents apart), and per chat field, its messages with content
+    (``messages``) and those of them the template put in the text changed beyond finding (``unlabelled``)."""
+
+    text: str
+    segments: list[Segment]
+    texts: dict[str, str]
+    messages: dict[str, int]
+    unlabelled: dict[str, int]
+
+
+def _render(record: Mapping[str, Any], spec: CorpusSpec, tokenizer: PreTrainedTokenizerBase | None) -> _Rendered:
+    """:func:`render_spans`, with each source field's own text and the chat messages left as markup."""
     if spec.template is None:
         field = spec.text or "text"
         if field not in record:
             raise CorpusError(f"Expected a field {field!r} in every record. Got fields {sorted(record)} instead. Pick one with --text.")
         text = str(_present(record, field))
-        return text, [Segment(field, 0, len(text), 0)], {field: text}
+        return _Rendered(text, [Segment(field, 0, len(text), 0)], {field: text}, {}, {})
     pieces: list[str] = []
     segments: list[Segment] = []
     texts: dict[str, str] = {}
+    messages: dict[str, int] = {}
+    unlabelled: dict[str, int] = {}
     at = 0
     for literal, name, format_spec, conversion in string.Formatter().parse(spec.template):
         pieces.append(literal)
@@ -110,8 +124,10 @@ def _render(record: Mapping[str, Any], spec: CorpusSpec,
         if name is None:
             continue
         if name == "chat" and format_spec:  # {chat:FIELD}: Python's parser reads FIELD as a format spec
-            text, found = _chat(record, format_spec, tokenizer)
+            text, found, lost = _chat(record, format_spec, tokenizer)
             segments += [Segment(s.field, at + s.start, at + s.stop, s.offset) for s in found]
+            messages[format_spec] = messages.get(format_spec, 0) + sum(1 for c in _contents(record[format_spec]) if c)
+            unlabelled[format_spec] = unlabelled.get(format_spec, 0) + lost
             texts[format_spec] = texts.get(format_spec, "") + "".join(_contents(record[format_spec]))
         else:
             if _root(name) not in record:
@@ -129,7 +145,7 @@ def _render(record: Mapping[str, Any], spec: CorpusSpec,
             texts[name] = texts.get(name, "") + text
         pieces.append(text)
         at += len(text)
-    return "".join(pieces), segments, texts
+    return _Rendered("".join(pieces), segments, texts, messages, unlabelled)
 
 
 def _present(record: Mapping[str, Any], field: str) -> Any:
@@ -147,8 +163,10 @@ def _root(name: str) -> str:
     return name.split(".")[0].split("[")[0]
 
 
-def _chat(record: Mapping[str, Any], field: str, tokenizer: PreTrainedTokenizerBase | None) -> tuple[str, list[Segment]]:
-    """``record[field]``'s messages through the tokenizer's chat template, and where each message's content is in it.
+def _chat(record: Mapping[str, Any], field: str,
+          tokenizer: PreTrainedTokenizerBase | None) -> tuple[str, list[Segment], int]:
+    """``record[field]``'s messages through the tokenizer's chat template, where each message's content is in it, and
+    how many contents the template put in the text changed beyond finding (left as markup).
 
     Where a content lands is found from the template itself, not by searching the text for it: a content may also
     appear in the template's own text before it (a default system prompt such as SmolLM2's "... trained by Hugging
@@ -167,13 +185,16 @@ def _chat(record: Mapping[str, Any], field: str, tokenizer: PreTrainedTokenizerB
     text = render(messages)
     contents = _contents(messages)
     offsets = np.concatenate([[0], np.cumsum([len(c) for c in contents])]).tolist()
-    return text, [Segment(field, start, stop, offsets[i] + skip) for i, start, stop, skip
-                  in _content_spans(text, messages, contents, render)]
+    spans, placed = _content_spans(text, messages, contents, render)
+    lost = len(placed - {i for i, _, _, _ in spans})
+    return text, [Segment(field, start, stop, offsets[i] + skip) for i, start, stop, skip in spans], lost
 
 
 def _content_spans(text: str, messages: list[Any], contents: list[str],
-                   render: Callable[[list[Any]], str]) -> list[tuple[int, int, int, int]]:
-    """(message index, start, stop, characters of its content skipped) of each message's content in ``text``.
+                   render: Callable[[list[Any]], str]) -> tuple[list[tuple[int, int, int, int]], set[int]]:
+    """(message index, start, stop, characters of its content skipped) of each message's content in ``text``, and
+    the messages whose content the template put in the text (all of them when it refuses the stand-ins): those of
+    them without a span were changed beyond finding, and their tokens are markup.
 
     The template is rendered again with a unique stand-in for each content: the text around the stand-ins is the
     template's markup, in the order the template placed the messages. When the rendered text is that markup with
@@ -188,25 +209,26 @@ def _content_spans(text: str, messages: list[Any], contents: list[str],
     stand_ins = {f"{mark}{i}{mark}\ue0ff": i for i, c in enumerate(contents)
                  if c and isinstance(messages[i], Mapping) and isinstance(messages[i].get("content"), str)}
     if not stand_ins:
-        return []
+        return [], set()
     by_message = {i: s for s, i in stand_ins.items()}
     try:
         rendered = render([{**m, "content": by_message[i]} if i in by_message else m for i, m in enumerate(messages)])
     except Exception:  # noqa: BLE001 -- a template that refuses the stand-ins: its contents stay markup
-        return []
+        return [], set(stand_ins.values())
     parts = re.split("(" + "|".join(re.escape(s) for s in stand_ins) + ")", rendered)
     markup, order = parts[0::2], [stand_ins[s] for s in parts[1::2]]
+    shown = set(order)
     if not order:
-        return []
+        return [], shown
     if "".join(m + c for m, c in zip(markup, [contents[i] for i in order] + [""])) == text:
         spans, at = [], 0
         for m, i in zip(markup, order):
             at += len(m)
             spans.append((i, at, at + len(contents[i]), 0))
             at += len(contents[i])
-        return _first_of_each(spans)
+        return _first_of_each(spans), shown
     if not text.startswith(markup[0]):
-        return []
+        return [], shown
     spans, at = [], len(markup[0])
     for k, i in enumerate(order):
         after = markup[k + 1]
@@ -225,7 +247,7 @@ def _content_spans(text: str, messages: list[Any], contents: list[str],
             elif content.count(placed) == 1:
                 spans.append((i, at, stop, content.index(placed)))
         at = stop + len(after)
-    return _first_of_each(spans)
+    return _first_of_each(spans), shown
 
 
 def _first_of_each(spans: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
@@ -269,10 +291,11 @@ def tokenize_corpus(
         raise CorpusError(f"Expected at least one document in the corpus {spec.source}. Got none (it holds no records). "
                           "Point --corpus at a file or folder with records in it.")
     rendered = [_render(r, spec, tokenizer) for r in records]
-    fields = tuple(dict.fromkeys(seg.field for _, segments, _ in rendered for seg in segments))
-    text_fields = tuple(dict.fromkeys(f for _, _, texts in rendered for f in texts))
+    _warn_of_unlabelled_messages(records, rendered)
+    fields = tuple(dict.fromkeys(seg.field for r in rendered for seg in r.segments))
+    text_fields = tuple(dict.fromkeys(f for r in rendered for f in r.texts))
     add_special = spec.template is None or "{chat:" not in spec.template
-    encoded = [_encode(tokenizer, text, add_special) for text, _, _ in rendered]
+    encoded = [_encode(tokenizer, r.text, add_special) for r in rendered]
     ids = [e[0] for e in encoded]
     # A document with no visible character (empty, or whitespace only) or no token but special ones is refused,
     # whatever the tokenizer adds around it. It was refused only when it gave no token at all: a tokenizer that adds
@@ -281,8 +304,8 @@ def tokenize_corpus(
     # documents under other tokenizers. Extraction has no way to skip a record with a recorded reason, and leaving
     # one out silently would store other documents than the records the user named: the user removes them.
     special = special_token_ids(tokenizer)
-    empty = [r["_id"] for r, (text, _, _), i in zip(records, rendered, ids)
-             if not text.strip() or np.isin(i, special).all()]
+    empty = [r["_id"] for r, done, i in zip(records, rendered, ids)
+             if not done.text.strip() or np.isin(i, special).all()]
     if empty:
         raise CorpusError(f"Expected text in every document. Got {len(empty)} empty document(s) {empty[:3]} instead "
                           "(no visible characters, or no tokens but special ones). Remove them from the corpus or pick "
@@ -306,8 +329,7 @@ def tokenize_corpus(
     token_ids = np.fromiter((t for doc in ids for t in doc), dtype=np.int32, count=int(lengths.sum()))
     spans = None
     if all(e[1] is not None for e in encoded):
-        per_doc = [token_spans(text, segments, e[1][: len(i)], fields)
-                   for (text, segments, _), e, i in zip(rendered, encoded, ids)]
+        per_doc = [token_spans(r.text, r.segments, e[1][: len(i)], fields) for r, e, i in zip(rendered, encoded, ids)]
         spans = tuple(np.concatenate([d[j] for d in per_doc]) for j in range(3))
     return CorpusTable(
         token_ids=token_ids,
@@ -321,8 +343,30 @@ def tokenize_corpus(
         char_start=spans[1] if spans else None,
         char_end=spans[2] if spans else None,
         text_fields=text_fields,
-        text_sha256=document_text_sha256([texts for _, _, texts in rendered], text_fields),
+        text_sha256=document_text_sha256([r.texts for r in rendered], text_fields),
     )
+
+
+class ChatMarkupWarning(UserWarning):
+    """Chat contents that the template put in the text changed beyond finding (rewritten, escaped, cut) are markup:
+    their tokens carry no field, so ``--fields`` and alignment across tokenizers leave them out."""
+
+
+def _warn_of_unlabelled_messages(records: Sequence[Mapping[str, Any]], rendered: Sequence[_Rendered]) -> None:
+    """One warning per chat field whose template left some message contents as markup, counting them."""
+    import warnings
+
+    for field in dict.fromkeys(f for r in rendered for f in r.unlabelled):
+        lost = sum(r.unlabelled.get(field, 0) for r in rendered)
+        if not lost:
+            continue
+        total = sum(r.messages.get(field, 0) for r in rendered)
+        where = [str(rec["_id"]) for rec, r in zip(records, rendered) if r.unlabelled.get(field)]
+        warnings.warn(ChatMarkupWarning(
+            f"{lost} of {total} chat messages of field {field!r} are markup: the chat template changed their contents "
+            f"beyond finding them in the text (in {', '.join(where[:3])}{', ...' if len(where) > 3 else ''}); their "
+            f"tokens are analysed with all tokens, but --fields {field} and alignment across tokenizers leave them out"
+        ), stacklevel=3)
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, text: str, add_special: bool) -> tuple[list[int], list | None]:

@@ -257,3 +257,31 @@ def test_max_tokens_above_the_context_is_refused_when_a_document_exceeds_the_con
     short = [{"_id": "s", "text": "the dog"}]
     table = tokenize_corpus(short, CorpusSpec(source="-", max_tokens=256), tokenizer, context_length=8)
     assert not table.truncated.any() and table.n_tokens <= 8
+
+
+# -- chat contents the template changed: left as markup, and said so ---------------------------------------------------
+def test_chat_contents_the_template_rewrote_are_counted_as_markup_in_a_warning(tokenizer: Any) -> None:
+    """A template that rewrites a content (newlines to spaces here; HTML escaping, reasoning cut out elsewhere) leaves
+    it unlabelled: its tokens are markup, so --fields and alignment across tokenizers leave them out. That was said
+    nowhere; now a warning counts them per field."""
+    from hrsa.extract.corpus import ChatMarkupWarning
+
+    tokenizer.chat_template = CHAT.replace("m['content']", "m['content'] | replace('\\n', ' ')")
+    spec = CorpusSpec(source="-", template="{chat:m}")
+    records = [{"_id": "r0", "m": [{"role": "user", "content": "the dog\nthe fox"}, {"role": "assistant", "content": "a fox"}]},
+               {"_id": "r1", "m": [{"role": "user", "content": "the cat"}]}]
+    with pytest.warns(ChatMarkupWarning) as caught:
+        table = tokenize_corpus(records, spec, tokenizer)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "1 of 3 chat messages of field 'm'" in message and "r0" in message and "--fields" in message, message
+    assert (table.token_field == 0).any()  # the others are labelled as before
+
+
+def test_chat_contents_all_found_warn_nothing(tokenizer: Any) -> None:
+    import warnings
+
+    records = [{"_id": "r0", "m": [{"role": "user", "content": "the dog"}, {"role": "assistant", "content": "a fox"}]}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tokenize_corpus(records, CorpusSpec(source="-", template="{chat:m}"), tokenizer)

@@ -432,3 +432,25 @@ def test_an_empty_layers_flag_is_refused_not_read_as_all(tmp_path: Path, corpus_
     """`--layers "$UNSET"` stored every hidden state; an empty list is refused as `--docs ""` is."""
     with pytest.raises(UserError, match="which lists none"):
         parse_extract_config({"store": str(tmp_path / "s"), "model": "m", "corpus": str(corpus_file), "layers": value})
+
+
+def test_chat_contents_left_as_markup_are_one_warning_line(tmp_path: Path, tiny_models: Any, ray_local: Any) -> None:
+    """A chat template that rewrites contents (newlines to spaces) leaves them as markup: the extraction says so in
+    one line on stderr (not a Python warning's two lines with a source path), and still extracts."""
+    from hrsa.extract.model_spec import parse_model_spec
+    from hrsa.extract.models import load_tokenizer
+
+    folder = Path(shutil.copytree(tiny_models.dir("llama"), tmp_path / "chat"))
+    tokenizer, _ = load_tokenizer(parse_model_spec(str(folder)))
+    tokenizer.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] | replace('\\n', ' ') }}\n"
+                               "{% endfor %}<s>assistant: ")
+    tokenizer.save_pretrained(folder)
+    corpus = tmp_path / "chats.jsonl"
+    corpus.write_text("".join(json.dumps({"id": i, "m": [{"role": "user", "content": text}]}) + "\n"
+                              for i, text in (("one", "the dog\nthe fox"), ("two", "the cat"))))
+    result = run_cli("--store", str(tmp_path / "store"), "--model", str(folder), "--corpus", str(corpus),
+                     "--template", "{chat:m}", "--name", "chat", "--workers", "1")
+    assert result.exit_code == 0, result.output
+    warned = [line for line in result.stderr.splitlines() if "chat messages" in line]
+    assert warned == [line for line in result.stderr.splitlines() if "markup" in line] and len(warned) == 1, result.stderr
+    assert warned[0].startswith("hrsa: warning: 1 of 2 chat messages of field 'm'") and "one" in warned[0], warned
