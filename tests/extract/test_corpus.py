@@ -285,3 +285,15 @@ def test_chat_contents_all_found_warn_nothing(tokenizer: Any) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tokenize_corpus(records, CorpusSpec(source="-", template="{chat:m}"), tokenizer)
+
+
+def test_a_template_that_refuses_the_stand_ins_counts_every_content(tokenizer: Any) -> None:
+    """The stand-ins are private-use characters: a template that raises on them leaves every content as markup."""
+    from hrsa.extract.corpus import ChatMarkupWarning
+
+    tokenizer.chat_template = ("{% for m in messages %}{% if '\\ue000' in m['content'] %}{{ raise_exception('odd') }}"
+                               "{% endif %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    records = [{"_id": "r0", "m": [{"role": "user", "content": "the dog"}, {"role": "assistant", "content": "a fox"}]}]
+    with pytest.warns(ChatMarkupWarning, match="2 of 2 chat messages of field 'm'"):
+        table = tokenize_corpus(records, CorpusSpec(source="-", template="{chat:m}"), tokenizer)
+    assert not (table.token_field >= 0).any()
