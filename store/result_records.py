@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from hrsa.store.errors import UserError
 from hrsa.store.format import ATTRS_KEY
 from hrsa.store.ids import parse_id
+from hrsa.store.objects import delete_key, delete_prefix, list_keys
 
 if TYPE_CHECKING:
     import zarr
@@ -33,7 +34,11 @@ class ResultRecords:
     def results_ids(self) -> list[str]:
         """Ids of the result records (``hrsa analyze`` runs) in the store, sorted; a record still being written
         (or left by a run that stopped) counts too: its id is taken."""
-        return sorted(self._top("results").group_keys())
+        import warnings
+
+        with warnings.catch_warnings():  # what a deletion cut short left is no record (cleared on the id's next use)
+            warnings.filterwarnings("ignore", message="Object at .* is not recognized")
+            return sorted(self._top("results").group_keys())
 
     def results_documents(self) -> dict[str, dict | None]:
         """Each result record's document (its attributes), by id, sorted; None for a record whose document is not
@@ -66,13 +71,26 @@ class ResultRecords:
 
         self._check_writable()
         parse_id(run_id, kind="run id")
+        top = self._top("results")
+        self._clear_leftovers(top, run_id)
         try:
-            return self._top("results").create_group(run_id)
+            return top.create_group(run_id)
         except zarr.errors.ContainsGroupError:
             raise UserError(
                 f"Expected a new run id. Got {run_id!r}, which {self.url} already holds in its results. "
                 f"Choose another run id, or delete that record first (`hrsa store rm {self.url} {run_id} --results`)."
             ) from None
+
+    @staticmethod
+    def _clear_leftovers(top: zarr.Group, run_id: str) -> None:
+        """Delete what a deletion cut short left of record ``run_id`` (its metadata goes first: arrays without it are
+        no record, and a new record of that id must not take them in). Only the objects listed here go: a record
+        another writer creates meanwhile starts with its metadata, which is never among them."""
+        prefix = f"{top.store_path.path}/{run_id}"
+        keys = list_keys(top.store, prefix)
+        if keys and "zarr.json" not in keys:
+            for key in keys:
+                delete_key(top.store, f"{prefix}/{key}")
 
     def results_record(self, run_id: str) -> zarr.Group:
         """The result record ``run_id``: its attributes hold the results document, its arrays the numbers.
@@ -90,7 +108,10 @@ class ResultRecords:
             UserError: no record of that id.
         """
         self._check_writable()
-        del self._top("results")[self._known_results(run_id)]
+        top = self._top("results")
+        prefix = f"{top.store_path.path}/{self._known_results(run_id)}"
+        delete_key(top.store, f"{prefix}/zarr.json")  # first: a deletion cut short leaves no record that reads
+        delete_prefix(top.store, prefix)
 
     def _known_results(self, run_id: str) -> str:
         parse_id(run_id, kind="run id")

@@ -55,3 +55,23 @@ def test_a_read_only_store_writes_no_record(store: ActivationStore) -> None:
     with pytest.raises(StoreReadOnlyError):
         read_only.delete_results("run")
     assert read_only.results_ids() == ["run"]
+
+
+def test_a_deletion_cut_short_leaves_no_record_and_its_id_free(filled_store: ActivationStore) -> None:
+    """Cut short after its metadata went: what is left of a record (its arrays) is not a record, and a new run of
+    that id writes its own record whole, not beside the old arrays (nor refused by them)."""
+    from hrsa.store.objects import delete_key
+
+    store = filled_store
+    record = store.create_results("run")
+    record.create_array("cka/diagonal", data=np.arange(3.0))
+    record.create_array("old-only", data=np.arange(2.0))
+    record.attrs["hrsa"] = {"run_id": "run"}
+    delete_key(store._root.store, "results/run/zarr.json")  # as delete_results does first
+    assert store.results_ids() == [] and store.results_documents() == {}
+    fresh = store.create_results("run")
+    fresh.create_array("cka/diagonal", data=np.arange(4.0))
+    fresh.attrs["hrsa"] = {"run_id": "run", "new": True}
+    again = ActivationStore.open(store.url)
+    assert "old-only" not in again.results_record("run")
+    np.testing.assert_array_equal(again.results_record("run")["cka/diagonal"][:], np.arange(4.0))
