@@ -131,18 +131,43 @@ def run_pipeline(config: PipelineConfig, *, console: Console | None = None,
     _check_inputs_exist(config)  # before anything is created: a missing path is not found after an hour's extraction
     # Two runs into one out would each resume the same stages and write the state file over the other's.
     where = parse_location(str(out))
-    with PIPELINE_LOCK.exclusive(where) as lost:
+    made = [] if is_url(out) else _missing_folders(Path(out))
+    try:
+        with PIPELINE_LOCK.exclusive(where) as lost:
 
-        def still_held() -> None:  # a lease taken over by another run: nothing more is uploaded, the run stops
-            if lost.is_set():
-                raise PIPELINE_LOCK.lost(where)
+            def still_held() -> None:  # a lease taken over by another run: nothing more is uploaded, the run stops
+                if lost.is_set():
+                    raise PIPELINE_LOCK.lost(where)
 
-        # A remote out (s3://...): the stages write a local copy of it, uploaded as each stage records itself.
-        published = (PublishedOut.open(str(out), state_file=STATE_FILE, local=local_copy,
-                                       skip=(PIPELINE_LOCK.lock_file,), check=still_held) if is_url(out) else None)
-        if published is not None:
-            config = config.model_copy(update={"out": published.local})
-        return _run_stages(config, console or Console(), published, out)
+            # A remote out (s3://...): the stages write a local copy of it, uploaded as each stage records itself.
+            published = (PublishedOut.open(str(out), state_file=STATE_FILE, local=local_copy,
+                                           skip=(PIPELINE_LOCK.lock_file,), check=still_held) if is_url(out) else None)
+            if published is not None:
+                config = config.model_copy(update={"out": published.local})
+            return _run_stages(config, console or Console(), published, out)
+    except BaseException:
+        _remove_if_unused(made)
+        raise
+
+
+def _missing_folders(out: Path) -> list[Path]:
+    """The folders from ``out`` up that do not exist yet (deepest first): those this run creates."""
+    out = out.expanduser().absolute()
+    return [folder for folder in (out, *out.parents) if not folder.exists()]
+
+
+def _remove_if_unused(made: list[Path]) -> None:
+    """Remove the folders this run created (``made``, deepest first) when it failed before any stage recorded itself:
+    a refusal (a training the cluster cannot place) leaves nothing. Only empty folders go, after the lock file this
+    run put there; a folder anything else was written into stays, and so do the ones above it."""
+    if not made or (made[0] / STATE_FILE).exists():
+        return
+    (made[0] / PIPELINE_LOCK.lock_file).unlink(missing_ok=True)
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _run_stages(config: PipelineConfig, console: Console, published: PublishedOut | None, out: Any) -> PipelineResult:
@@ -334,11 +359,12 @@ class _Runner:
         if self._announce(stage, reason):
             from hrsa.cluster.pipeline import train_keys
             from hrsa.train.checkpoints import checkpoint_step
-            from hrsa.train.trainer import run_training
+            from hrsa.train.trainer import place_training, run_training
 
             check_checkpoint_schedule(run, tc, finished=False)  # before hours of training, not after
-            self.state.start(stage, key)
             try:
+                place_training(tc)  # a request the cluster cannot place is refused before the stage counts as started
+                self.state.start(stage, key)
                 result = run_training(tc, progress=True)
             except HrsaError as error:  # the trainer names its settings by hrsa train's flags; here, the YAML's keys
                 error.args = (renamed_flags(str(error), type(tc).model_fields, train_keys(run)),)

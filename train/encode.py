@@ -21,12 +21,17 @@ from hrsa.train.pooling import format_query, mean_pool
 if TYPE_CHECKING:
     from hrsa.extract.models import LoadedModel
 
-__all__ = ["TextEncoder", "length_order"]
+__all__ = ["NonFiniteEmbeddingsError", "TextEncoder", "length_order"]
 
 
 def length_order(lengths: Sequence[int]) -> np.ndarray:
     """Indices that sort items longest first (stable), so each batch pads to similar lengths."""
     return np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+
+
+class NonFiniteEmbeddingsError(UserError, ValueError):
+    """A model whose embeddings hold NaN or infinite values: no score or neighbour drawn from them means anything (NaN
+    similarities rank in any order)."""
 
 
 class TextEncoder:
@@ -130,7 +135,20 @@ class TextEncoder:
                 advance(len(idx))
                 if on_batch is not None:
                     on_batch(len(idx))
+        self._check_finite(out, texts)
         return out
+
+    def _check_finite(self, embeddings: np.ndarray, texts: Sequence[str]) -> None:
+        """Refuse embeddings (N, D) holding NaN or infinity: a diverged checkpoint's NaN embeddings scored a retrieval
+        task 0.49 (exit 0) and were a traceback of scikit-learn's in classification."""
+        bad = np.flatnonzero(~np.isfinite(embeddings).all(axis=1))
+        if bad.size:
+            spec = self.loaded.spec
+            raise NonFiniteEmbeddingsError(
+                f"Expected finite embeddings from {spec.path or spec.id}. Got NaN or infinite values for {bad.size} of "
+                f"{len(texts)} texts (such as {texts[bad[0]][:40]!r}) instead: its weights hold such values (a training "
+                f"step that diverged?) or its activations overflow in {self.loaded.dtype}. Use another model or "
+                "checkpoint, or load it with --dtype float32.")
 
 
 class _progress:

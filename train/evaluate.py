@@ -28,6 +28,7 @@ import gc
 import json
 import math
 import re
+import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -325,6 +326,8 @@ def _disagreement(entry: dict[str, Any], task: Any) -> str | None:
         return f"its scores lack {name} or main_score"
     if not values:
         return "it holds no scores"
+    if not math.isfinite(main):  # never written now (a NaN is no score); an earlier hrsa wrote them
+        return f"its main score is not a number ({main})"
     mean = sum(values) / len(values)
     if not all(math.isclose(m, v, rel_tol=1e-6, abs_tol=1e-9) for m, v in zip(mains, values, strict=True)) \
             or not math.isclose(main, mean, rel_tol=1e-6, abs_tol=1e-9):
@@ -488,31 +491,58 @@ def evaluate(
     kept = _kept_rows(earlier, targets, tasks, settings, config.model, source=source, note=note)
     # Step 3: each checkpoint in turn, eval.json and the curve rewritten as soon as it is done (a crash keeps what is
     # done). `out` is first created here, once a model has loaded or its scores were all reused.
+    created = not out.exists()
+    try:
+        rows, figure = _score_each(targets, tasks, config, kept, done=done, on_checkpoint=on_checkpoint,
+                                   on_task=on_task, on_texts=on_texts, note=note)
+    except BaseException:
+        if created and not (out / "eval.json").exists():  # made by this call, holding no score: a failure leaves none
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    return EvalResult(json_path=out / "eval.json", figure_path=figure, tasks=tuple(t.metadata.name for _, t in tasks),
+                      checkpoints=tuple(rows))
+
+
+def _score_each(targets: list[EvalTarget], tasks: list[tuple[TaskSpec, Any]], config: EvalConfig,
+                kept: list[CheckpointScores], *, done: dict[tuple[str, str], list[dict[str, Any]]],
+                on_checkpoint: Callable[[EvalTarget, int, int], None] | None, on_task: Callable[[str], None] | None,
+                on_texts: Callable[[int], None] | None,
+                note: Callable[[str], None]) -> tuple[list[CheckpointScores], Path | None]:
+    """Score each target, writing eval.json (this run's rows and the ``kept`` ones) and the curve after each.
+
+    Returns:
+        Every row eval.json holds, in step order, and the curve's path (None when there is none).
+    """
+    out = config.out_dir()
     rows: list[CheckpointScores] = []
     rows_now: list[CheckpointScores] = []
     figure: Path | None = None
     for index, target in enumerate(targets):
         if on_checkpoint is not None:
             on_checkpoint(target, index, len(targets))
+        others = [t.step for t in targets if t is not target and t.step is not None]
         rows.append(_score_target(target, tasks, config, done=done, cache_dir=out / "mteb-results", on_task=on_task,
-                                  on_texts=on_texts, source=source, note=note))
+                                  on_texts=on_texts, source=out / "eval.json", note=note, others=others))
         redone = {r.step for r in rows}
         rows_now = sorted(rows + [r for r in kept if r.step not in redone], key=lambda r: (r.step is None, r.step or 0))
         figure = _write_results(out, config, tasks, rows_now)
-    return EvalResult(json_path=out / "eval.json", figure_path=figure, tasks=tuple(t.metadata.name for _, t in tasks),
-                      checkpoints=tuple(rows_now))
+    return rows_now, figure
 
 
 def _score_target(target: EvalTarget, tasks: list[tuple[TaskSpec, Any]], config: EvalConfig, *,
                   done: dict[tuple[str, str], list[dict[str, Any]]], cache_dir: Path,
                   on_task: Callable[[str], None] | None, on_texts: Callable[[int], None] | None, source: Path,
-                  note: Callable[[str], None]) -> CheckpointScores:
+                  note: Callable[[str], None], others: list[int]) -> CheckpointScores:
     """One model's scores on every task: earlier results reused (those that agree with themselves; another is scored
-    again, with a note naming ``source``), the model loaded only when a task is left."""
+    again, with a note naming ``source``), the model loaded only when a task is left.
+
+    Raises:
+        EvalError: embeddings or a main score that are not numbers (naming ``others``, the run's other steps).
+    """
     import mteb
     from mteb.cache import ResultCache
 
-    from hrsa.train.encode import TextEncoder
+    from hrsa.train.encode import NonFiniteEmbeddingsError, TextEncoder
     from hrsa.train.mteb_adapter import HrsaMtebEncoder
 
     settings = config.settings()
@@ -538,14 +568,36 @@ def _score_target(target: EvalTarget, tasks: list[tuple[TaskSpec, Any]], config:
     wrapper = HrsaMtebEncoder(encoder, name=_meta_name(target), use_instructions=config.instructions,
                               batch_size=config.batch_size, max_length=config.max_length, on_batch=on_texts)
     for spec, task in todo:
-        result = mteb.evaluate(wrapper, task, cache=cache, overwrite_strategy="always", show_progress_bar=False,
-                               encode_kwargs={"batch_size": config.batch_size}).task_results[0]
+        try:
+            result = mteb.evaluate(wrapper, task, cache=cache, overwrite_strategy="always", show_progress_bar=False,
+                                   encode_kwargs={"batch_size": config.batch_size}).task_results[0]
+        except NonFiniteEmbeddingsError as error:
+            raise EvalError(f"{error}{_leave_out(target, others)}") from None
         row.results[task.metadata.name] = _task_result_entry(result, task, settings, spec)
+        _check_main_score(row.results[task.metadata.name], task, target, others)
         if on_task is not None:
             on_task(task.metadata.name)
     del wrapper, encoder
     _free_memory()  # the next checkpoint's weights replace these
     return row
+
+
+def _check_main_score(entry: dict[str, Any], task: Any, target: EvalTarget, others: list[int]) -> None:
+    """Refuse a main score that is not a number: NaN is no measurement of the model (written, it would be printed,
+    drawn and reused as one)."""
+    if not math.isfinite(entry["main_score"]):
+        raise EvalError(f"Expected a number as the main score ({entry['main_score_name']}) of {task.metadata.name} "
+                        f"for {target.model}. Got {entry['main_score']} instead: the metric is undefined for its "
+                        f"embeddings (all alike?), and nothing of it is written.{_leave_out(target, others)}")
+
+
+def _leave_out(target: EvalTarget, others: list[int]) -> str:
+    """How to evaluate a run's other checkpoints without this one (nothing for a lone model)."""
+    if target.step is None:
+        return ""
+    if not others:
+        return " It is the only step asked for: evaluate another run."
+    return f" Evaluate the run's other checkpoints with --steps {','.join(map(str, others))}."
 
 
 def _warn(message: str) -> None:

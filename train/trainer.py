@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from hrsa.train.placement import WorkerPlacement
     from hrsa.train.recipe import TrainingRecipe
 
-__all__ = ["StopRequest", "TrainResult", "TrainingStopped", "run_training"]
+__all__ = ["StopRequest", "TrainResult", "TrainingStopped", "place_training", "run_training"]
 
 log = logging.getLogger(__name__)
 
@@ -196,19 +196,14 @@ def run_training(config: TrainConfig, *, progress: bool = True, stop_after: int 
         RecipeMismatchError: ``config.output`` holds a run of another recipe (nothing in it is changed).
         RunInUseError: another training is running into ``config.output`` (a local or shared folder).
     """
-    from hrsa.runtime.connection import connect
-    from hrsa.train.placement import check_every_node_reaches, plan_workers
     from hrsa.train.recipe import claim_run_folder
     from hrsa.train.run_lock import exclusive_run
 
     # Step 1: everything a user can get wrong, checked here.
     prepared = _prepare(config)
     config, run = prepared.config, prepared.run
-    # Step 2: Ray; the workers must fit the nodes and every node reach the run folder (else Ray waits forever, or
-    # fails at the first checkpoint). Only then is the folder claimed: a refusal leaves nothing behind.
-    conn = connect(config.address)
-    placement = plan_workers(conn.nodes, workers=config.workers, use_gpu=config.use_gpu)
-    check_every_node_reaches(run, conn.nodes)
+    # Step 2: Ray, and where the workers go. Only then is the folder claimed: a refusal leaves nothing behind.
+    placement = place_training(config)
     prepared = replace(prepared, recipe=prepared.recipe.on_device(placement.use_gpu))  # bf16 autocast on GPUs
     created, held = run.is_local and not run.local_path().exists(), False
     try:
@@ -228,6 +223,24 @@ def run_training(config: TrainConfig, *, progress: bool = True, stop_after: int 
     if halted:  # the workers stopped on the driver's Ctrl-C (not merely asked after they had finished)
         raise TrainingStopped(result, halted[-1])
     return result
+
+
+def place_training(config: TrainConfig) -> WorkerPlacement:
+    """Where the workers of ``config`` go on its Ray cluster (connected here), checked before anything is written:
+    they fit the nodes, and every node reaches the run folder (else Ray waits forever, or fails at the first
+    checkpoint). :func:`run_training` calls it; so does a caller that records a state of its own before training
+    (the pipeline's stage, which a refusal must not leave started).
+
+    Raises:
+        PlacementError: workers no node can hold, or a local ``output`` some node of the cluster does not see.
+    """
+    from hrsa.runtime.connection import connect
+    from hrsa.train.placement import check_every_node_reaches, plan_workers
+
+    nodes = connect(config.address).nodes
+    placement = plan_workers(nodes, workers=config.workers, use_gpu=config.use_gpu)
+    check_every_node_reaches(parse_location(config.output), nodes)
+    return placement
 
 
 def _run_workers(prepared: _Prepared, placement: WorkerPlacement, *, progress: bool, stop_after: int | None,

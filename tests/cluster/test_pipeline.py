@@ -211,6 +211,36 @@ def test_a_training_the_cluster_cannot_place_names_the_yaml_keys(tmp_path: Path,
     assert "for train.ra.use_gpu." in message and "(train.ra.use_gpu: false)" in message and "--" not in message
 
 
+def _unplaceable(tmp_path: Path, tiny_models: Any) -> PipelineConfig:
+    train = {"ra": {"backbone": str(tiny_models.dir("llama")), "data": write_pairs(tmp_path / "pairs.jsonl"),
+                    "max_steps": 1, "batch_size": 8, "use_gpu": True}}
+    return parse_pipeline({"store": str(tmp_path / "store"), "out": str(tmp_path / "runs" / "out"), "train": train,
+                           "models": {"m": {"train": "ra"}},
+                           "corpora": {"c": {"path": str(write_corpus(tmp_path / "w.jsonl"))}},
+                           "pairs": [{"a": "m", "b": "m", "corpus": "c", "metrics": ["cka"]}]})
+
+
+def test_a_training_the_cluster_cannot_place_creates_nothing(tmp_path: Path, tiny_models: Any, ray_local: Any) -> None:
+    """The refusal left out/ (and the folders above it) with a pipeline state whose training stage had started."""
+    with pytest.raises(PlacementError):
+        run_pipeline(_unplaceable(tmp_path, tiny_models), console=quiet())
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "store").exists()
+
+
+def test_a_training_the_cluster_cannot_place_leaves_an_earlier_out_as_it_was(tmp_path: Path, tiny_models: Any,
+                                                                             ray_local: Any) -> None:
+    out = tmp_path / "runs" / "out"
+    out.mkdir(parents=True)
+    (out / "notes.txt").write_text("an earlier run's file\n")
+    state = json.dumps({"schema": "hrsa.pipeline-state/4", "stages": {"extract:x": {"key": "k", "status": "done",
+                                                                                    "outputs": {}}}})
+    (out / STATE_FILE).write_text(state)
+    with pytest.raises(PlacementError):
+        run_pipeline(_unplaceable(tmp_path, tiny_models), console=quiet())
+    assert (out / STATE_FILE).read_text() == state  # no stage recorded as started
+    assert sorted(p.name for p in out.iterdir() if p.name != ".hrsa_run.lock") == sorted([STATE_FILE, "notes.txt"])
+
+
 def moved_project(first: tuple[Workspace, PipelineResult], tiny_models: Any, to: Path) -> dict[str, Any]:
     """The first run's whole project (store, out, corpus file, model folders) copied to ``to``: the pipeline's values
     there, with paths relative to ``to`` (`hrsa submit` unpacks the working dir to a new path on each run)."""

@@ -66,6 +66,15 @@ def test_ls_prints_ids_whole(tmp_path) -> None:
     assert code == 0 and all(name in out for name in names) and cid in out, out
 
 
+def test_get_counts_negative_layers_from_the_end_as_analyze_does(url: str, tmp_path,
+                                                                  filled_store: ActivationStore) -> None:
+    """`--layer -1` is the last hidden state, as `hrsa analyze --hidden-states -1` (one rule: ModelInfo's)."""
+    last = filled_store.model_info("m").n_hidden_states - 1
+    code, stdout, _ = _run("store", "get", url, "m", "--layer", "-1", "--out", str(tmp_path / "x.npy"))
+    assert code == 0, stdout
+    assert np.array_equal(np.load(tmp_path / "x.npy"), expected_layer(filled_store, "m", last))
+
+
 def test_get_writes_npy(url: str, tmp_path, filled_store: ActivationStore) -> None:
     out = tmp_path / "x.npy"
     code, stdout, _ = _run("store", "get", url, "m", "--layer", "2", "--tokens", "100:300", "--out", str(out))
@@ -168,6 +177,8 @@ ERROR_CASES = {
     "missing store": (["store", "ls", "{tmp}/absent"], "Got nothing there"),
     "unknown model": (["store", "info", "{url}", "nope"], "Expected a model of this store"),
     "layer out of range": (["store", "get", "{url}", "m", "--layer", "9", "--out", "{tmp}/o.npy"], "Expected a hidden state"),
+    "layer out of range from the end": (["store", "get", "{url}", "m", "--layer", "-9", "--out", "{tmp}/o.npy"],
+                                        "Expected a hidden state"),
     "escaping id": (["store", "get", "{url}", "../../etc", "--layer", "0", "--out", "{tmp}/o.npy"], "Expected a model id"),
     "escaping id on rm": (["store", "rm", "{url}", "..", "--yes"], "Expected a model id"),
     "bad token range": (["store", "get", "{url}", "m", "--layer", "0", "--tokens", "5:x", "--out", "{tmp}/o.npy"], "token range"),

@@ -205,3 +205,110 @@ def test_an_edited_row_of_another_checkpoint_is_not_kept(tmp_path: Path, tiny_mo
         result = evaluate(EvalConfig(model=str(run), tasks=tasks, instructions=False, steps=(1,)))
     assert [c.step for c in result.checkpoints] == [1]
     assert result.checkpoints[0].reused == {"local-retrieval-pairs"}
+
+
+# --- scores that are not numbers: never written, never reused -------------------------------------------------------
+
+
+def _diverged(tiny_models, folder: Path) -> Path:
+    """A model whose weights hold NaN, as a training step that diverged leaves them: every embedding is NaN."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tiny_models.dir("bert"), folder)
+    weights = load_file(folder / "model.safetensors")
+    name = next(k for k in weights if "word_embeddings" in k)
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def _one_error_line(result) -> str:
+    """The one line of the refusal (exit 2), whatever progress bars transformers drew while the model loaded."""
+    assert result.exit_code == 2, result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("hrsa:")]
+    return line
+
+
+def _labels(path: Path, n: int = 12) -> Path:
+    path.write_text("".join(json.dumps({"text": f"fox {i}" if i % 2 else f"dog w{i}", "label": i % 2}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["retrieval", "classification"])
+def test_a_model_whose_embeddings_are_not_finite_is_refused_not_scored(cli: click.Group, tmp_path: Path,
+                                                                       tiny_models, kind: str) -> None:
+    """NaN embeddings scored ndcg_at_10 0.494 on retrieval (exit 0: NaN similarities rank in any order), and were a
+    traceback of scikit-learn's on classification."""
+    model = _diverged(tiny_models, tmp_path / "model")
+    file = _pairs(tmp_path / "pairs.jsonl") if kind == "retrieval" else _labels(tmp_path / "labels.jsonl")
+    out = tmp_path / "ev"
+    args = ["eval", "--model", str(model), "--tasks", f"{kind}:{file}", "--no-instructions", "--out", str(out)]
+    output = _one_error_line(CliRunner().invoke(cli, args))
+    assert output.startswith(f"hrsa: error: Expected finite embeddings from {model}. Got NaN or infinite values for ")
+    assert "--dtype float32" in output
+    assert not out.exists()  # nothing written, not even mteb's cache folder
+
+
+def test_a_diverged_checkpoint_of_a_run_names_the_steps_left(cli: click.Group, tmp_path: Path, tiny_models) -> None:
+    run = tmp_path / "run"
+    _checkpoint(tiny_models, run / "step_000001", 1)
+    folder = _diverged(tiny_models, run / "step_000002")
+    (folder / INFO_FILE).write_text(json.dumps({"step": 2, "loss": float("nan"), "files": file_manifest(folder)}))
+    _checkpoint(tiny_models, run / "step_000003", 3)
+    pairs = _pairs(tmp_path / "pairs.jsonl")
+    output = _one_error_line(CliRunner().invoke(cli, ["eval", "--model", str(run), "--tasks", f"retrieval:{pairs}",
+                                                      "--no-instructions"]))
+    assert f"finite embeddings from {folder}." in output and "--steps 1,3" in output
+    data = json.loads((run / "eval" / "eval.json").read_text())
+    assert [c["step"] for c in data["checkpoints"]] == [1]  # what was scored before it stays
+
+
+def test_a_nan_main_score_of_an_earlier_eval_json_is_scored_again_and_never_written(cli: click.Group, tmp_path: Path,
+                                                                                 tiny_models) -> None:
+    """A NaN main score (JSON NaN, from an earlier hrsa) is no result: it is scored again with a note that says it is
+    not a number, and what is written instead is a number, reused by the next run without a note."""
+    pairs = _pairs(tmp_path / "pairs.jsonl")
+    out = tmp_path / "ev"
+    args = ["eval", "--model", str(tiny_models.dir("bert")), "--tasks", f"retrieval:{pairs}", "--no-instructions",
+            "--out", str(out)]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    data = json.loads((out / "eval.json").read_text())
+    (entry,) = data["checkpoints"][0]["results"].values()
+    truth = entry["main_score"]
+    entry["main_score"] = float("nan")
+    for subset in entry["scores"]["test"]:
+        subset["main_score"] = subset["ndcg_at_10"] = float("nan")  # the entry agrees with itself: all NaN
+    (out / "eval.json").write_text(json.dumps(data))
+
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0, again.output
+    notes = [line for line in again.output.splitlines() if line.startswith("hrsa: not reusing")]
+    assert len(notes) == 1 and "its main score is not a number (nan)" in notes[0], again.output
+    assert "computed now" in again.output and f"{truth:.4f}" in again.output
+    (entry,) = json.loads((out / "eval.json").read_text())["checkpoints"][0]["results"].values()
+    assert entry["main_score"] == truth  # (mteb's secondary metrics, such as nauc_*, stay as mteb gives them: NaN too)
+
+    third = CliRunner().invoke(cli, args)
+    assert third.exit_code == 0 and "not reusing" not in third.output and "reused from eval.json" in third.output
+
+
+def test_a_nan_main_score_from_finite_embeddings_is_refused_naming_the_other_steps() -> None:
+    """The one rule for any task (a hub task's metric undefined for embeddings all alike): never written."""
+    from hrsa.store.errors import UserError
+    from hrsa.train.evaluate import EvalTarget, _check_main_score
+
+    class Task:
+        class metadata:  # noqa: N801 (mteb's attribute)
+            name = "STSBenchmark"
+
+    entry = {"main_score": float("nan"), "main_score_name": "cosine_spearman"}
+    target = EvalTarget(name="step_000002", model="/runs/r/step_000002", step=2)
+    with pytest.raises(UserError) as refused:
+        _check_main_score(entry, Task, target, [1, 3])
+    assert str(refused.value) == ("Expected a number as the main score (cosine_spearman) of STSBenchmark for "
+                                  "/runs/r/step_000002. Got nan instead: the metric is undefined for its embeddings "
+                                  "(all alike?), and nothing of it is written. Evaluate the run's other checkpoints "
+                                  "with --steps 1,3.")
+    _check_main_score({**entry, "main_score": 0.5}, Task, target, [1, 3])  # a number passes
