@@ -132,22 +132,23 @@ def run_pipeline(config: PipelineConfig, *, console: Console | None = None,
     # Two runs into one out would each resume the same stages and write the state file over the other's.
     where = parse_location(str(out))
     made = [] if is_url(out) else _missing_folders(Path(out))
-    try:
-        with PIPELINE_LOCK.exclusive(where) as lost:
+    with PIPELINE_LOCK.exclusive(where) as lost:
 
-            def still_held() -> None:  # a lease taken over by another run: nothing more is uploaded, the run stops
-                if lost.is_set():
-                    raise PIPELINE_LOCK.lost(where)
+        def still_held() -> None:  # a lease taken over by another run: nothing more is uploaded, the run stops
+            if lost.is_set():
+                raise PIPELINE_LOCK.lost(where)
 
+        try:
             # A remote out (s3://...): the stages write a local copy of it, uploaded as each stage records itself.
             published = (PublishedOut.open(str(out), state_file=STATE_FILE, local=local_copy,
                                            skip=(PIPELINE_LOCK.lock_file,), check=still_held) if is_url(out) else None)
             if published is not None:
                 config = config.model_copy(update={"out": published.local})
             return _run_stages(config, console or Console(), published, out)
-    except BaseException:
-        _remove_if_unused(made)
-        raise
+        except BaseException:
+            # Only while the lock is held: a run refused by another's lock must not remove that run's lock file.
+            _remove_if_unused(made)
+            raise
 
 
 def _missing_folders(out: Path) -> list[Path]:
