@@ -349,3 +349,32 @@ def test_ls_notes_an_unreadable_corpus_and_a_model_whose_corpus_is_gone(tmp_path
     assert any(broken in line and "metadata" in line and "hrsa store verify" in line for line in notes), out
     assert any("on-broken" in line and broken in line for line in notes), out
     assert any("on-gone" in line and gone in line and "absent" in line for line in notes), out
+
+
+@pytest.mark.parametrize("name", ["s", "models", "done"])
+def test_a_store_named_by_a_relative_path_reads_its_units_and_claims(name: str, tmp_path, monkeypatch) -> None:
+    """zarr's LocalStore lists keys relative to its root with str.replace of "<root>/" anywhere in the key: a store
+    opened as a relative path ("s", "models", "done") lost that text inside every key ("models/m/done/0" listed as
+    "modelm/done/0" for "s"), so `store ls` and `store verify` read 0 units done, analyses refused the model as
+    incomplete, and `store rm` saw no extraction's claims. Relative and absolute paths must read alike."""
+    from hrsa.store.units import live_claims
+    from hrsa.store.testing import fill_model, new_model
+
+    monkeypatch.chdir(tmp_path)
+    store = ActivationStore.open(name, mode="a")
+    new_model(store, "m")
+    fill_model(store, "m")
+    for url in (name, f"./{name}", str(tmp_path / name)):
+        opened = ActivationStore.open(url)
+        assert opened.model_info("m").complete, url
+        code, out, err = _run("store", "ls", url)
+        assert code == 0 and "4/4" in out and "incomplete" not in out, (url, out, err)
+        code, out, err = _run("store", "verify", url)
+        assert code == 0, (url, out, err)
+    new_model(store, "n")  # an extraction holding unit 0 of model n: rm must see its claim
+    writer = ActivationStore.open(name, mode="r+").writer("n")
+    with writer.claimed(writer.units()[0]) as claim:
+        assert claim is not None
+        assert [c.unit for c in live_claims(store._root.store, "models/n")] == [0]
+        code, _, err = _run("store", "rm", name, "n", "--yes")
+        assert code == 2 and "live claims" in err, err
