@@ -309,7 +309,7 @@ def test_load_dynamics_refuses_steps_over_different_tokens(steps_store, tmp_path
 
 
 @pytest.mark.parametrize(("what", "knn"), [
-    ("n_tokens", KnnOptions(ks=(5, 10), n_sample=100)),  # another sample of tokens: overlaps of other neighbourhoods
+    ("n_tokens", KnnOptions(ks=(5, 10), n_sample=300)),  # another sample of tokens: overlaps of other neighbourhoods
     ("seed", KnnOptions(ks=(5, 10), n_sample=200, seed=7)),
     ("hidden_states", KnnOptions(ks=(5, 10), n_sample=200, hidden_states=(1,))),  # a mean over other hidden states
 ])
