@@ -378,3 +378,13 @@ def test_a_store_named_by_a_relative_path_reads_its_units_and_claims(name: str, 
         assert [c.unit for c in live_claims(store._root.store, "models/n")] == [0]
         code, _, err = _run("store", "rm", name, "n", "--yes")
         assert code == 2 and "live claims" in err, err
+
+
+def test_rm_deletes_a_model_when_the_results_group_is_damaged(url: str) -> None:
+    """`store rm` counts the result records naming the model, a report only: a damaged results/zarr.json (which has
+    nothing to do with the model) refused the deletion with exit 1, as it never did before it counted them."""
+    (Path(url) / "results" / "zarr.json").write_text("not json")
+    code, out, err = _run("store", "rm", url, "m", "--yes")
+    assert code == 0 and "deleted m" in out, (out, err)
+    assert "result records" in out and "hrsa store verify" in out  # said, not counted
+    assert ActivationStore.open(url).models() == []
