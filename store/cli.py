@@ -187,7 +187,7 @@ def verify(url: str, models: tuple[str, ...], reset_damaged: bool) -> None:
 def rm(url: str, model: str, yes: bool) -> None:
     """Delete MODEL and all its hidden states from the store at URL (corpora are kept)."""
     from hrsa.store import ActivationStore
-    from hrsa.store.errors import UserError
+    from hrsa.store.errors import CorruptDataError, UserError
 
     store = ActivationStore.open(url, mode="r+")
     if model not in store.half_created_models():  # a half-created model has no info, but rm is its repair
@@ -197,9 +197,15 @@ def rm(url: str, model: str, yes: bool) -> None:
             raise UserError(f"Expected --yes to delete model {model} from {url} without a terminal to ask at. Got none. "
                             "Pass --yes.")
         click.confirm(f"Delete model {model} from {url}?", abort=True)
-    records = store.results_naming(model)
+    try:
+        records: list[str] | None = store.results_naming(model)
+    except CorruptDataError:  # the results group's metadata is damaged: not this model's, nor a reason to keep it
+        records = None
     store.delete_model(model)
     click.echo(f"deleted {model}")
+    if records is None:
+        click.echo(f"result records naming {model} not counted: the results group's metadata does not read "
+                   f"(`hrsa store verify {url}` names the damage)")
     if records:  # no hrsa verb lists or deletes result records: say they stay, and what they now describe
         click.echo(f"{len(records)} result record(s) name {model} ({', '.join(records)}): kept as they were; their numbers "
                    "are of the deleted model (each records its source and identity for `hrsa report` to tell them apart)")
