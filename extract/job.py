@@ -28,7 +28,7 @@ from hrsa.extract.worker_pool import ExtractionWorkers
 from hrsa.runtime.locations import is_url
 from hrsa.runtime.placement import cpus_per_worker
 from hrsa.runtime.task_errors import one_line, root_cause
-from hrsa.store.errors import CorpusMismatchError, HalfCreatedModelError, HrsaError, ModelNotFoundError, UserError
+from hrsa.store.errors import CorpusMismatchError, CorruptDataError, HalfCreatedModelError, HrsaError, ModelNotFoundError, UserError
 
 __all__ = ["PLACEMENT_TIMEOUT_S", "ExtractConfig", "ExtractConfigError", "ExtractResult", "ExtractionFailedError",
            "ExtractionWorkers", "UnitRuns", "WorkerPlacementError", "parse_extract_config", "run_extraction",
@@ -344,7 +344,14 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
     replaced, existing = (existing, None) if replace else (None, existing)
     if existing is not None:
         check_rerun(store, config, corpus_hash=corpus.digest, table=corpus.table)
-        if existing.complete:
+        if existing.complete:  # nothing to write: complete only if whole, as a run that wrote units checks it
+            damage = store.model_damage(mid)
+            if damage is not None:
+                raise CorruptDataError(
+                    f"Expected model {mid} of {store.url} whole to report it complete. Got {damage} instead: its "
+                    f"metadata was damaged or edited, and its hidden states do not read. Delete it (`hrsa store rm "
+                    f"{store.url} {mid} --yes`), then run the same command again to extract it anew."
+                )
             return ExtractResult(mid, existing.corpus, existing.n_tokens, existing.n_units, 0, ())
     # Step 2: Ray, and one worker per GPU (or CPU workers) that the cluster can place.
     conn = connect(config.address)

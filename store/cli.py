@@ -206,6 +206,7 @@ def rm(url: str, model: str, results: bool, yes: bool) -> None:
     """Delete MODEL and all its hidden states from the store at URL (corpora are kept), or with --results one result
     record."""
     from hrsa.store import ActivationStore
+    from hrsa.store.errors import CorruptDataError
 
     store = ActivationStore.open(url, mode="r+")
     if results:
@@ -217,9 +218,15 @@ def rm(url: str, model: str, results: bool, yes: bool) -> None:
     if model not in store.half_created_models():  # a half-created model has no info, but rm is its repair
         _known_model(store, model, url)
     _confirm(yes, f"model {model}", url)
-    records = store.results_naming(model)
+    try:
+        records: list[str] | None = store.results_naming(model)
+    except CorruptDataError:  # the results group's metadata is damaged: not this model's, nor a reason to keep it
+        records = None
     store.delete_model(model)
     click.echo(f"deleted {model}")
+    if records is None:
+        click.echo(f"result records naming {model} not counted: the results group's metadata does not read "
+                   f"(`hrsa store verify {url}` names the damage)")
     if records:  # kept: they are the analyses' output, deleted one by one with --results
         click.echo(f"{len(records)} result record(s) name {model} ({', '.join(records)}): kept as they were; their numbers "
                    "are of the deleted model (each records its source and identity for `hrsa report` to tell them apart; "

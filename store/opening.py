@@ -99,7 +99,10 @@ def _open_existing(url: str, mode: str, options: Mapping[str, Any] | None) -> za
     import zarr
 
     try:
-        return zarr.open_group(url, mode="r" if mode == "r" else "r+", storage_options=options)
+        # A local store by its absolute path: zarr's LocalStore lists keys with str.replace of "<root>/" anywhere in
+        # a key, so a relative root ("s", "models") mangled every key holding that text (0 units done, no claims seen).
+        where = url if _is_url(url) else os.path.abspath(url.removeprefix("file://"))
+        return zarr.open_group(where, mode="r" if mode == "r" else "r+", storage_options=options)
     except (FileNotFoundError, zarr.errors.NodeNotFoundError):
         return None
     except (ValueError, TypeError) as error:  # a zarr.json that is not Zarr metadata (torn or edited)
@@ -181,7 +184,7 @@ def _raw_store(url: str, options: Mapping[str, Any] | None) -> Any:
 
     if _is_url(url):
         return FsspecStore.from_url(url, storage_options=dict(options or {}))
-    path = url.removeprefix("file://")
+    path = os.path.abspath(url.removeprefix("file://"))  # absolute: see _open_existing
     os.makedirs(path, exist_ok=True)
     return LocalStore(path)
 

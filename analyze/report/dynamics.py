@@ -209,6 +209,8 @@ def load_dynamics(path: Path | str, *, exclude_embedding: bool = True) -> Dynami
 
 #: What makes two steps' numbers points of one curve: the same tokens compared, at the same hidden states.
 _SAME_TOKENS = ("corpus", "token_filter", "n_tokens", "matched_hidden_states")
+#: And of k-NN curves: the same seeded subsample of those tokens, at the same hidden states.
+_SAME_KNN_SAMPLE = ("n_tokens", "seed", "hidden_states")
 
 
 def _check_same_tokens(steps: Sequence[tuple[int, Mapping[str, Any]]], path: Path) -> None:
@@ -229,6 +231,14 @@ def _check_same_tokens(steps: Sequence[tuple[int, Mapping[str, Any]]], path: Pat
                     f"{_short(doc.get(name))} at step {step} but {_short(first.get(name))} at step {first_step} instead: "
                     "a curve across different token sets is not comparable. Analyse every step with the same corpus, "
                     "token selection and hidden states.")
+        knn, first_knn = doc["metrics"].get("knn") or {}, first["metrics"].get("knn") or {}
+        for name in _SAME_KNN_SAMPLE if knn and first_knn else ():  # k-NN's own sample of those tokens
+            if knn.get(name) != first_knn.get(name):
+                raise DynamicsError(
+                    f"Expected every step of {path} to measure k-NN overlap on the same token sample and hidden states. "
+                    f"Got k-NN {name} {_short(knn.get(name))} at step {step} but {_short(first_knn.get(name))} at step "
+                    f"{first_step} instead: overlaps of other samples are not comparable. Analyse every step with the "
+                    "same --knn-sample, --seed and --hidden-states.")
 
 
 def _short(value: Any) -> str:

@@ -192,14 +192,19 @@ def identity_warnings(docs: Sequence[tuple[Path, Mapping[str, Any]]]) -> list[st
     """One line per model id that names different models (different identities) across the results: a model
     deleted from the store and another extracted under its id between two analyses. Results without identities
     (an earlier hrsa) say nothing either way."""
-    seen: dict[str, dict[str, tuple[Mapping[str, Any], list[str]]]] = {}
+    # An id names one model within one store: the same id in two stores (the same weights over two corpora, one
+    # study's datasets) is not a deletion. Results that do not name their store are taken as one store's.
+    seen: dict[tuple[str | None, str], dict[str, tuple[Mapping[str, Any], list[str]]]] = {}
     for path, doc in docs:
+        config = doc.get("config")
+        store = config.get("store") if isinstance(config, Mapping) else None
         for side, record in (doc.get("models") or {}).items():
             mid = str(doc.get(side, record.get("id")))
-            found = seen.setdefault(mid, {}).setdefault(str(record.get("identity")), (record, []))
+            found = seen.setdefault((None if store is None else str(store), mid), {}).setdefault(
+                str(record.get("identity")), (record, []))
             found[1].append(str(doc.get("run_id") or path))
     lines = []
-    for mid, identities in seen.items():
+    for (_, mid), identities in seen.items():
         if len(identities) > 1:
             each = "; ".join(f"{describe_source(r.get('source') or {})} (identity {ident[:12]}) in {', '.join(dict.fromkeys(runs))}"
                              for ident, (r, runs) in identities.items())

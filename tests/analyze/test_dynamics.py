@@ -306,3 +306,31 @@ def test_load_dynamics_refuses_steps_over_different_tokens(steps_store, tmp_path
     message = str(info.value)
     assert message.startswith("Expected") and "\n" not in message and str(path) in message
     assert field in message and "step 10" in message and "step 0" in message
+
+
+@pytest.mark.parametrize(("what", "knn"), [
+    ("n_tokens", KnnOptions(ks=(5, 10), n_sample=300)),  # another sample of tokens: overlaps of other neighbourhoods
+    ("seed", KnnOptions(ks=(5, 10), n_sample=200, seed=7)),
+    ("hidden_states", KnnOptions(ks=(5, 10), n_sample=200, hidden_states=(1,))),  # a mean over other hidden states
+])
+def test_dynamics_refuse_steps_whose_knn_sampled_other_tokens_or_hidden_states(steps_store, tmp_path: Path, what: str,
+                                                                                knn: KnnOptions) -> None:
+    """k-NN overlap is measured on a seeded token subsample (and on --hidden-states): a step analysed with another
+    sample size, seed or hidden states has the same corpus, filter, token count and matched hidden states, so its
+    k-NN point passed the same-tokens check and the curve moved (0.85 -> 0.74 on one pair of unchanged models) by
+    the sampling alone. Both write_dynamics and load_dynamics must refuse it, naming the k-NN sample."""
+    root, pair, _, results = steps_store
+    store = pair.open("r")
+    res = analyze_pair(store, "a", "step-10", metrics=("cka", "dimcorr", "knn"), backend="numpy", scheduler="sync",
+                       knn_options=knn)
+    other = write_json(results_dict(res, run_id=f"step-10-{what}"), tmp_path / "other")
+    with pytest.raises(ResultsFileError) as info:
+        write_dynamics(tmp_path / "w.json", runs=("r1", "r2"), steps=list(STEPS), results=[results[0], other, results[2]])
+    assert "k-NN" in str(info.value) and what in str(info.value) and "step 10" in str(info.value)
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"schema": SCHEMA, "runs": ["r1", "r2"], "steps": [
+        {"step": s, "results": str(r)} for s, r in zip(STEPS, [results[0], other, results[2]])]}))
+    with pytest.raises(ResultsFileError) as info:
+        load_dynamics(path)
+    message = str(info.value)
+    assert message.startswith("Expected") and "\n" not in message and what in message and "k-NN" in message

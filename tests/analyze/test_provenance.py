@@ -114,3 +114,29 @@ def test_store_rm_names_the_result_records_of_the_model(tmp_path: Path, two_runs
     assert result.exit_code == 0, result.output
     assert "deleted b" in result.stdout and "2 result record(s)" in result.stdout and "kept" in result.stdout
     assert ActivationStore.open(url).results_ids() == ["new-run", "old-run"]  # left as they were
+
+
+def test_one_model_in_two_stores_over_two_corpora_is_not_warned_of_as_deleted(tmp_path: Path) -> None:
+    """The same weights extracted into two stores, each over its own corpus (one study's datasets), have two identities
+    (the identity holds the corpus and extraction settings): the report warned "model a names 2 different models ...
+    It was deleted and extracted again between the analyses", of models never deleted. An id names one model within
+    one store; across stores it is not a deletion, and the report must not say so."""
+    rng = np.random.default_rng(2)
+    outs = []
+    for name, lengths in (("cot", (40, 30, 50)), ("mail", (60, 20))):
+        store = ActivationStore.open(str(tmp_path / name), mode="a")
+        table = make_table(lengths)
+        cid = store.write_corpus(table, tokenizer={"name": "tok", "fingerprint": "fp"}, source=name)
+        x = {k: rng.normal(size=(table.n_tokens, D)) for k in range(STATES)}
+        _put(store, "a", cid, x, {"kind": "local", "path": "/models/base", "content": DIGEST_1})
+        _put(store, "b", cid, {k: v + 0.1 * rng.normal(size=v.shape) for k, v in x.items()},
+             {"kind": "local", "path": "/models/tuned", "content": DIGEST_2})
+        out = tmp_path / f"out-{name}"
+        result = CliRunner().invoke(cli, ["analyze", "--store", str(tmp_path / name), "--pair", "a", "b", "--metrics",
+                                          "cka", "--scheduler", "sync", "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        outs.append(out)
+    result = CliRunner().invoke(cli, ["report", *map(str, outs), "--out", str(tmp_path / "r.html")])
+    assert result.exit_code == 0, result.output
+    assert "hrsa: warning:" not in result.stderr and "deleted" not in result.stderr, result.stderr
+    assert 'class="warning"' not in (tmp_path / "r.html").read_text()

@@ -565,6 +565,35 @@ def test_a_model_deleted_while_it_is_extracted_fails_the_extraction_instead_of_r
     assert "\n" not in str(failure.value)
 
 
+@pytest.mark.parametrize("damage", ["hidden/1/zarr.json", "hidden/1/c"])
+def test_a_rerun_over_a_complete_model_whose_metadata_is_damaged_fails_instead_of_reporting_it_complete(
+    llama_run: Run, tiny_models: Any, corpus_file: Path, tmp_path: Path, damage: str,
+) -> None:
+    """A re-run of a finished extraction returned before any check: with a hidden state's metadata gone (what a
+    `hrsa store rm` cut short, or an edit, leaves) `hrsa extract` printed "0 of N units written" and exited 0, though
+    reads of that model fail. Before it reports the model complete it must be whole (model_damage), as a run that
+    wrote units checks it: one line naming the damage and `hrsa store rm`, exit 1, the store left as it was."""
+    import shutil
+
+    from hrsa.cli import cli
+
+    store = tmp_path / "store"
+    shutil.copytree(llama_run.store, store)
+    target = store / "models" / "tiny" / damage
+    if target.is_dir():
+        shutil.rmtree(target.parent)  # the whole hidden state: its metadata and shards
+    else:
+        target.unlink()
+    result = CliRunner().invoke(cli, ["extract", "--store", str(store), "--model", str(tiny_models.dir("llama")),
+                                      "--corpus", str(corpus_file), "--name", "tiny",
+                                      "--shard-tokens", str(SHARD_TOKENS)])
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hrsa: error:"), result.stderr
+    assert re.search(r"hidden/1: unreadable|hidden states \[0, 2\], but the attributes list \[0, 1, 2\]", lines[0])
+    assert f"hrsa store rm {store} tiny" in lines[0]
+
+
 # -- bidirectional attention, a layer subset, through the CLI --------------------------------------
 @pytest.fixture(scope="module")
 def bidirectional_run(

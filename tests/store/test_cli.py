@@ -406,3 +406,42 @@ def test_rm_of_a_result_id_without_results_names_the_flag_and_deletes_nothing(ur
     code, out, err = _run("store", "rm", url, "no-such-run", "--results", "--yes")
     assert code == 2 and err.count("\n") == 1 and "a-run" in err, out + err  # names the records there are
     assert _tree_digest(Path(url)) == before
+
+
+@pytest.mark.parametrize("name", ["s", "models", "done"])
+def test_a_store_named_by_a_relative_path_reads_its_units_and_claims(name: str, tmp_path, monkeypatch) -> None:
+    """zarr's LocalStore lists keys relative to its root with str.replace of "<root>/" anywhere in the key: a store
+    opened as a relative path ("s", "models", "done") lost that text inside every key ("models/m/done/0" listed as
+    "modelm/done/0" for "s"), so `store ls` and `store verify` read 0 units done, analyses refused the model as
+    incomplete, and `store rm` saw no extraction's claims. Relative and absolute paths must read alike."""
+    from hrsa.store.units import live_claims
+    from hrsa.store.testing import fill_model, new_model
+
+    monkeypatch.chdir(tmp_path)
+    store = ActivationStore.open(name, mode="a")
+    new_model(store, "m")
+    fill_model(store, "m")
+    for url in (name, f"./{name}", str(tmp_path / name)):
+        opened = ActivationStore.open(url)
+        assert opened.model_info("m").complete, url
+        code, out, err = _run("store", "ls", url)
+        assert code == 0 and "4/4" in out and "incomplete" not in out, (url, out, err)
+        code, out, err = _run("store", "verify", url)
+        assert code == 0, (url, out, err)
+    new_model(store, "n")  # an extraction holding unit 0 of model n: rm must see its claim
+    writer = ActivationStore.open(name, mode="r+").writer("n")
+    with writer.claimed(writer.units()[0]) as claim:
+        assert claim is not None
+        assert [c.unit for c in live_claims(store._root.store, "models/n")] == [0]
+        code, _, err = _run("store", "rm", name, "n", "--yes")
+        assert code == 2 and "live claims" in err, err
+
+
+def test_rm_deletes_a_model_when_the_results_group_is_damaged(url: str) -> None:
+    """`store rm` counts the result records naming the model, a report only: a damaged results/zarr.json (which has
+    nothing to do with the model) refused the deletion with exit 1, as it never did before it counted them."""
+    (Path(url) / "results" / "zarr.json").write_text("not json")
+    code, out, err = _run("store", "rm", url, "m", "--yes")
+    assert code == 0 and "deleted m" in out, (out, err)
+    assert "result records" in out and "hrsa store verify" in out  # said, not counted
+    assert ActivationStore.open(url).models() == []
