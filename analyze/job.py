@@ -106,7 +106,6 @@ def run_analysis(
     try:
         # Step 1: the store, writable when the results go into it; a taken run id fails now, not after the passes
         # (with replace, the earlier run's record may hold it: it is replaced in step 3). Nothing written or removed.
-        _check_out_apart_from_store(config)
         store = ActivationStore.open(config.store, mode="r+" if config.store_results else "r")
         if config.store_results and config.run_id and not (replace and config.run_id in store.results_ids()):
             check_run_id_free(store, config.run_id)
@@ -213,21 +212,6 @@ def _remove_all_but(out: Path, written: set[str]) -> None:
             shutil.rmtree(path)
         else:
             path.unlink()
-
-
-def _check_out_apart_from_store(config: AnalyzeConfig) -> None:
-    """Refuse an out folder in a local store: results and figures would land among its arrays (and a re-run's
-    clearing of its out folder would delete them)."""
-    from hrsa.store.opening import local_store_holding
-
-    out = Path(config.out).expanduser().resolve()
-    other = local_store_holding(out)  # any hrsa store, the analysed one on S3 or another one here
-    if "://" not in str(config.store):
-        store = Path(config.store).expanduser().resolve()
-        if out == store or out.is_relative_to(store):
-            other = store
-    if other is not None:
-        raise UserError(f"Expected --out outside the store {other}. Got {out} instead. Pick a folder apart from it.")
 
 
 def _remove_stale_outputs(out: Path, written: set[str]) -> None:

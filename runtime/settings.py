@@ -18,7 +18,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ValidationError
 
 from hrsa.runtime.locations import is_url
 from hrsa.store.errors import UserError
-from hrsa.store.local_files import check_output_file
+from hrsa.store.local_files import check_output_file, check_outside_stores
 
 __all__ = ["EXPLICIT_NONE", "SETTING_NAMES", "FilePath", "FolderLocation", "FolderPath", "Problems", "SettingNames",
            "flag_name", "load_settings", "parse_settings", "read_yaml_mapping", "renamed_flags", "validation_problems"]
@@ -63,12 +63,20 @@ class _ExplicitNone:
 EXPLICIT_NONE = _ExplicitNone()
 
 
-def _not_a_file(path: Path) -> Path:
+def _not_a_file(path: Path, info: ValidationInfo) -> Path:
     # Checked with the settings, before any work: a job that computes for an hour and then cannot write its
     # folder has wasted the hour (and may have written half its outputs elsewhere).
     if path.is_file():
         raise ValueError(f"expected a folder, got the file {str(path)!r}; name a folder (it is created if missing)")
+    # Nor inside a local hrsa store: a run folder under STORE/models/ was listed as a half-created model there,
+    # whose repair (`hrsa store rm`) deletes it.
+    check_outside_stores(path, flag=_flag_of(info))
     return _under_folders(path)
+
+
+def _flag_of(info: ValidationInfo) -> str | None:
+    names: SettingNames = (info.context or {}).get(SETTING_NAMES, flag_name)
+    return names(info.field_name) if info.field_name else None
 
 
 def _not_a_folder(path: Path, info: ValidationInfo) -> Path:
@@ -76,8 +84,7 @@ def _not_a_folder(path: Path, info: ValidationInfo) -> Path:
         raise ValueError(f"expected a file name, got the folder {str(path)!r}; name a file inside it")
     # Before any work too: a FIFO or a device node there would be replaced by the file, a path inside an hrsa store
     # would overwrite its metadata or records (an OutputPathError is a ValueError: gathered with the others).
-    names: SettingNames = (info.context or {}).get(SETTING_NAMES, flag_name)
-    check_output_file(path, flag=names(info.field_name) if info.field_name else None)
+    check_output_file(path, flag=_flag_of(info))
     return _under_folders(path)
 
 
@@ -103,8 +110,8 @@ def _path_unless_url(value: Any) -> Any:
     return text if not isinstance(text, str) or is_url(text) else Path(text)
 
 
-def _local_not_a_file(value: Path | str) -> Path | str:
-    return _not_a_file(value) if isinstance(value, Path) else value
+def _local_not_a_file(value: Path | str, info: ValidationInfo) -> Path | str:
+    return _not_a_file(value, info) if isinstance(value, Path) else value
 
 
 def _local_store_under_folders(value: str) -> str:

@@ -19,7 +19,7 @@ from typing import BinaryIO
 
 from hrsa.store.errors import UserError
 
-__all__ = ["OutputPathError", "atomic_file", "check_output_file"]
+__all__ = ["OutputPathError", "atomic_file", "check_output_file", "check_outside_stores"]
 
 # Reading the umask means setting it; done once, at import, rather than racing other threads on each write.
 _UMASK = os.umask(0o022)
@@ -59,8 +59,6 @@ def check_output_file(path: Path | str, *, flag: str | None = "--out") -> None:
         >>> import tempfile, pathlib
         >>> check_output_file(pathlib.Path(tempfile.mkdtemp()) / "new.npy")  # nothing there: fine
     """
-    from hrsa.store.opening import local_store_holding
-
     name = flag or "the output path"
     text = os.fspath(path)
     try:
@@ -72,6 +70,20 @@ def check_output_file(path: Path | str, *, flag: str | None = "--out") -> None:
     if mode is not None and not stat.S_ISREG(mode):
         raise OutputPathError(f"Expected {name} to be a regular file or a new path. Got {text}, {_kind(mode)}, "
                               f"instead; writing would replace it. Choose another {flag or 'path'}.")
+    check_outside_stores(path, flag=flag)
+
+
+def check_outside_stores(path: Path | str, *, flag: str | None = "--out") -> None:
+    """Refuse ``path`` (a file or folder to write) when it lies inside a local hrsa store, or is one's root
+    (:func:`hrsa.store.opening.local_store_holding`, symlinks resolved, ``path`` itself or a missing tail).
+
+    Raises:
+        OutputPathError: one line naming the path, the store and the fix.
+    """
+    from hrsa.store.opening import local_store_holding
+
+    name = flag or "the output path"
+    text = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(os.path.expanduser(text)))
     for where in (text, os.path.join(os.path.realpath(folder), os.path.basename(text))):
         root = local_store_holding(where)

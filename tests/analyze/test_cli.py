@@ -155,7 +155,8 @@ def test_an_out_inside_the_store_is_refused(cli_store, inside: str) -> None:
     before = snapshot(cli_store.url)
     out = str(Path(cli_store.url) / inside) if inside else cli_store.url
     code, stdout, stderr = run("--store", cli_store.url, "--pair", "a", "b", "--backend", "numpy", "--out", out)
-    assert code == 2 and stderr.count("\n") == 1 and "Expected --out outside the store" in stderr, (stdout, stderr)
+    assert code == 2 and stderr.count("\n") == 1 and "Expected --out outside any hrsa store" in stderr, (stdout, stderr)
+    assert f"inside the hrsa store {Path(cli_store.url).resolve()}" in stderr, stderr
     assert snapshot(cli_store.url) == before
 
 
@@ -168,7 +169,7 @@ def test_an_out_inside_another_store_is_refused(cli_store, tmp_path: Path) -> No
     before = snapshot(str(other))
     code, stdout, stderr = run("--store", cli_store.url, "--pair", "a", "b", "--backend", "numpy", "--out",
                                str(other / "results" / "mine"))
-    assert code == 2 and stderr.count("\n") == 1 and f"Expected --out outside the store {other}" in stderr, (stdout, stderr)
+    assert code == 2 and stderr.count("\n") == 1 and f"inside the hrsa store {other.resolve()}" in stderr, (stdout, stderr)
     assert snapshot(str(other)) == before and not (other / "results" / "mine").exists()
 
 

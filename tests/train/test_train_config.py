@@ -154,3 +154,20 @@ def test_max_grad_norm_none_means_no_clipping(tmp_path: Path, monkeypatch: pytes
 def test_max_grad_norm_must_be_a_number_or_none() -> None:
     result = _run("--backbone", "b", "--data", "d", "--output", "o", "--max-grad-norm", "nope")
     assert result.exit_code == 2 and "'--max-grad-norm': expected a number or 'none', got 'nope'" in result.output
+
+
+@pytest.mark.parametrize("under", ["", "models/run", "models/m/run"])
+def test_an_output_inside_an_hrsa_store_is_refused_and_the_store_left_alone(tmp_path: Path, under: str) -> None:
+    """A run folder under STORE/models/ was listed by `store ls` as a half-created model, whose suggested repair
+    (`hrsa store rm`) deletes the run's checkpoints; checkpoints among a store's objects are the store's damage."""
+    from hrsa.store import ActivationStore
+    from hrsa.store.testing import fill_model, new_model
+
+    store = ActivationStore.open(str(tmp_path / "store"), mode="a")
+    new_model(store, "m")
+    fill_model(store, "m")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    output = tmp_path / "store" / under if under else tmp_path / "store"
+    line = _one_error_line(_run("--backbone", "b", "--data", "d", "--output", str(output)))
+    assert "--output" in line and "inside the hrsa store" in line, line
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
