@@ -23,6 +23,12 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub is reachable; never wait on one
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Ray Train's controller polls its workers every 2 s by default, and each step of a run's life (start, schedule, run,
+# finish, shut down) waits for a poll: ~10 s of every training (a tiny run of 2 steps: 31-35 s -> 23-25 s). Polling
+# every 0.2 s changes when the controller looks, not what it sees or decides (a missed poll counts only after
+# RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 10 min). Propagated to the controller by Ray Train itself; clusters started
+# with ray_node_env drop RAY_ variables and keep Ray's default.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # What hrsa keeps between processes (copies of remote models, digests of weights) goes to this session's own folder,
 # removed when it ends: a test never finds what another run (or the user's ~/.cache/hrsa) kept.
 _CACHE = tempfile.TemporaryDirectory(prefix="hrsa-test-cache-")
