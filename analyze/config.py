@@ -145,6 +145,14 @@ class AnalyzeConfig(BaseModel):
         # "-1" is the last hidden state, resolved against each model's (hidden_states.py), not a broken range A-B
         return tuple(parse_int_list(value, negative=True, what="hidden-state indices"))
 
+    @field_validator("label_field", "labels", "id_field")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        # "" is no field nor file: read as "not given", it turned the probe's labels off without a word
+        if value is not None and not value.strip():
+            raise ValueError(f"expected a name, got {value!r}; leave the setting out instead")
+        return value
+
     @field_validator("k")
     @classmethod
     def _check_k(cls, value: tuple[int, ...]) -> tuple[int, ...]:

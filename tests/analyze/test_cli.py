@@ -112,10 +112,12 @@ def test_a_yaml_config_is_overridden_by_flags(cli_store, tmp_path: Path) -> None
         (["--pair", "a", "b", "--docs", ""], "Got '', which lists none"),
         (["--pair", "a", "b", "--k", ""], "Got '', which lists none"),
         (["--pair", "a", "b", "--metrics", ""], "Got '', which lists none"),
+        (["--pair", "a", "b", "--metrics", "cka,probe", "--label-field", ""], "label_field: expected a name, got ''"),
+        (["--pair", "a", "b", "--metrics", "probe", "--label-field", "label", "--labels", " "], "expected a name"),
     ],
     ids=["unknown-model", "corpus-mismatch", "bad-budget", "infinite-budget", "small-budget", "bad-metric",
          "bad-positions", "bad-docs", "reversed-docs", "bad-run-id", "probe-without-labels", "half-pair",
-         "empty-fields", "blank-fields", "empty-docs", "empty-k", "empty-metrics"],
+         "empty-fields", "blank-fields", "empty-docs", "empty-k", "empty-metrics", "empty-label-field", "blank-labels"],
 )
 def test_user_errors_are_one_line_and_exit_2(cli_store, tmp_path: Path, args: list[str], message: str) -> None:
     code, stdout, stderr = run("--store", cli_store.url, "--backend", "numpy", "--out", str(tmp_path / "o"), *args)
