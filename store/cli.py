@@ -48,6 +48,10 @@ def ls(url: str) -> None:
             mid, m.corpus, f"{len(m.hidden_states)}/{m.n_hidden_states}", str(m.hidden_size), m.dtype, m.attention,
             f"{m.units_done}/{m.n_units}" + ("" if m.complete else " (incomplete)"),
         )
+        damage = store.model_damage(mid)  # the hidden states' array metadata, as reads check it (no shard is read)
+        if damage:
+            notes.append(f"note: model {mid} is damaged ({damage}): reads refuse it; `hrsa store verify {url}` names "
+                         f"the damage; `hrsa store rm {url} {mid}` and extract it again")
         corpus = states.get(m.corpus, "absent")
         if corpus in ("unreadable", "absent"):
             what = "does not read" if corpus == "unreadable" else "is absent from the store"

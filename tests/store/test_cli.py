@@ -445,3 +445,25 @@ def test_rm_deletes_a_model_when_the_results_group_is_damaged(url: str) -> None:
     assert code == 0 and "deleted m" in out, (out, err)
     assert "result records" in out and "hrsa store verify" in out  # said, not counted
     assert ActivationStore.open(url).models() == []
+
+
+@pytest.mark.parametrize("damage", ["dtype", "gone"])
+def test_ls_notes_a_model_whose_hidden_state_metadata_is_damaged(url: str, damage: str) -> None:
+    """A hidden state's array metadata edited (its data type) or deleted: reads and verify refuse the model, but
+    `store ls` listed it 4/4 done, as if whole."""
+    meta = Path(url) / "models" / "m" / "hidden" / "1" / "zarr.json"
+    if damage == "gone":
+        meta.unlink()
+    else:
+        doc = json.loads(meta.read_text())
+        doc["data_type"] = "float64"
+        meta.write_text(json.dumps(doc))
+    code, out, err = _run("store", "ls", url)
+    assert code == 0, (out, err)
+    notes = [line for line in out.splitlines() if line.startswith("note:") and " m " in f" {line} "]
+    assert len(notes) == 1 and "damaged" in notes[0] and "hidden/1" in notes[0] and "hrsa store verify" in notes[0], out
+
+
+def test_ls_notes_nothing_of_whole_models(url: str) -> None:
+    code, out, _ = _run("store", "ls", url)
+    assert code == 0 and "note:" not in out, out
