@@ -414,7 +414,19 @@ def _write_json(path: Path, config: EvalConfig, tasks: list[tuple[TaskSpec, Any]
         "checkpoints": [row.to_dict() for row in rows],
         "config": config.model_dump(mode="json"),
     }
-    write_atomic(path, json.dumps(data, indent=2))
+    write_atomic(path, json.dumps(_strict(data), indent=2, allow_nan=False))
+
+
+def _strict(value: Any) -> Any:
+    """``value`` with every NaN or infinity as None (JSON's null): mteb gives some secondary metrics as NaN (the
+    ``nauc_*`` of a small task), which strict JSON readers refuse; main scores are never NaN (refused before)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict(v) for v in value]
+    return value
 
 
 def plot_curve(rows: list[CheckpointScores], tasks: list[str], path: Path) -> Path:

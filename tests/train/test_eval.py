@@ -59,6 +59,10 @@ def _ndcg10_one_relevant(q: np.ndarray, d: np.ndarray, relevant: list[int]) -> f
     return float(np.mean(np.where(ranks <= 10, 1.0 / np.log2(ranks + 1), 0.0)))
 
 
+def _no_constants(name: str) -> None:
+    raise AssertionError(f"eval.json holds {name}, which strict JSON readers (jq, JavaScript, Go) refuse")
+
+
 @pytest.mark.data
 @pytest.mark.real_model
 def test_minilm_local_tasks_through_cli(cli: click.Group, tmp_path: Path, shared_data: Path, tiny_models) -> None:
@@ -69,7 +73,7 @@ def test_minilm_local_tasks_through_cli(cli: click.Group, tmp_path: Path, shared
             "--tasks", f"classification:{labels}:body:kind", "--no-instructions", "--max-length", "64", "--out", str(out)]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
-    data = json.loads((out / "eval.json").read_text())
+    data = json.loads((out / "eval.json").read_text(), parse_constant=_no_constants)  # strict JSON: no NaN token
     assert data["schema"] == "hrsa.eval/1" and len(data["checkpoints"]) == 1
     scores = data["checkpoints"][0]["results"]
     retrieval, classification = scores["local-retrieval-pairs"], scores["local-classification-labels"]
