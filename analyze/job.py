@@ -17,7 +17,6 @@ import fcntl
 import os
 import shutil
 import tempfile
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from hrsa.analyze.results import (
     write_files,
     write_to_store,
 )
+from hrsa.runtime.progress import gathered_warnings
 from hrsa.runtime.settings import SettingNames, flag_name, renamed_flags
 from hrsa.store import ActivationStore
 from hrsa.store.errors import HrsaError, UserError
@@ -110,8 +110,7 @@ def run_analysis(
         if config.store_results and config.run_id and not (replace and config.run_id in store.results_ids()):
             check_run_id_free(store, config.run_id)
         # Step 2: the comparison; each warning once, gathered so that it prints below a progress bar, not through it.
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("default")
+        with gathered_warnings() as warned:
             results = _compare(store, config, on_plan, on_block, names)
         # Step 3: results.json, rotations and figures (drawn from that document), and results/<run_id>; what the
         # earlier run left that this one did not write goes, so nothing in the folder describes another run.
@@ -122,10 +121,7 @@ def run_analysis(
         # The plan and the passes name settings by `hrsa analyze`'s flags; the caller's names (the pipeline's keys).
         error.args = (renamed_flags(str(error), fields, names),)
         raise
-    ours = tuple(renamed_flags(str(w.message), fields, names) for w in caught if _is_hrsa(w))
-    for w in caught:  # others as Python shows them
-        if not _is_hrsa(w):
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    ours = tuple(renamed_flags(message, fields, names) for message in warned)
     return AnalysisRun(results=results, saved=saved, figures=figures, warnings=ours)
 
 
@@ -241,6 +237,3 @@ def _compare(store: ActivationStore, config: AnalyzeConfig, on_plan: Callable[[A
         on_plan=on_plan, on_block=on_block, names=names,
     )
 
-
-def _is_hrsa(w: warnings.WarningMessage) -> bool:
-    return w.category.__module__.startswith("hrsa")

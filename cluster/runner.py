@@ -37,6 +37,7 @@ from hrsa.extract.worker_pool import ExtractionWorkers
 from hrsa.runtime.fingerprint import file_digest
 from hrsa.runtime.folder_lock import FolderLock
 from hrsa.runtime.locations import is_url, parse_location
+from hrsa.runtime.progress import gathered_warnings
 from hrsa.runtime.settings import SettingNames, renamed_flags
 from hrsa.store.errors import HrsaError, UserError
 
@@ -490,9 +491,10 @@ class _Runner:
         # then the stored model's own settings tell.
         replace = present and entry is not None and (entry["key"] != key or bool(stored_differences(ec, store)))
         self.state.start(stage, key)
-        with stage_progress(self.console, "tokens") as (progress, task):
+        with stage_progress(self.console, "tokens") as (progress, task), gathered_warnings() as warned:
             result = run_extraction(ec, on_progress=lambda n, total: progress.update(task, total=total, advance=n),
                                     workers=self.extraction_workers, replace=replace)
+        self._print_warnings(warned)
         self.state.finish(stage, key, {"model_id": result.model_id, "corpus_id": result.corpus_id, "n_tokens": result.n_tokens,
                                        "units_written": result.units_written, "nodes": list(result.nodes),
                                        "node_ids": list(result.node_ids),
@@ -546,7 +548,10 @@ class _Runner:
             run = run_analysis(cfg, replace=True, before_writing=before_writing, names=names,
                                on_plan=lambda plan: progress.update(task, total=plan.passes * plan.inputs.n_tokens),
                                on_block=lambda n: progress.advance(task, n))
-        for message in run.warnings:  # hrsa's warnings as lines below the bar (as `hrsa analyze` prints them)
+        self._print_warnings(run.warnings)
+
+    def _print_warnings(self, messages: Sequence[str]) -> None:
+        for message in messages:  # hrsa's warnings as lines below the bar (as its verbs print them)
             self.console.print(f"hrsa: warning: {message}", markup=False, emoji=False)
 
     # -- Step 4: dynamics -------------------------------------------------------------------------------

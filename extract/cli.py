@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ def extract(config_file: Path | None, **flags: Any) -> None:
 
     from hrsa.extract.config import load_extract_config
     from hrsa.extract.job import run_extraction
+    from hrsa.runtime.progress import gathered_warnings
 
     config = load_extract_config(config_file, flags)  # every problem at once, one line
     bar = Progress(TextColumn("extracting"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"), TimeElapsedColumn())
@@ -46,17 +46,13 @@ def extract(config_file: Path | None, **flags: Any) -> None:
         bar.update(task, total=total, advance=tokens)
 
     try:
-        with warnings.catch_warnings(record=True) as caught:  # gathered: printed below the bar, not through it
-            warnings.simplefilter("default")
+        with gathered_warnings() as warned:  # printed below the bar, not through it
             result = run_extraction(config, on_progress=advance)
     finally:
         if bar.live.is_started:
             bar.stop()
-    for w in caught:
-        if w.category.__module__.startswith("hrsa"):
-            click.echo(f"hrsa: warning: {w.message}", err=True)
-        else:  # others as Python shows them
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    for message in warned:
+        click.echo(f"hrsa: warning: {message}", err=True)
     nodes = f" on {', '.join(result.nodes)}" if result.nodes else ""
     others = f" ({result.units_by_others} by other extractions running at once)" if result.units_by_others else ""
     click.echo(f"{result.model_id}: {result.units_written} of {result.n_units} units written this run{nodes}{others}; "

@@ -9,12 +9,15 @@ once when it stops, e.g. ``    tokens 12,288/40,960 (30%) 0:00:42`` or ``    tra
 from __future__ import annotations
 
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
 from rich.progress import Progress, Task, TaskID
 
-__all__ = ["LineProgress", "progress_line"]
+__all__ = ["LineProgress", "gathered_warnings", "progress_line"]
 
 
 class LineProgress(Progress):
@@ -71,3 +74,22 @@ def progress_line(task: Task, label: str) -> str:
     fields = " ".join(str(v) for v in task.fields.values() if v not in (None, ""))
     elapsed = time.strftime("%H:%M:%S", time.gmtime(task.elapsed or 0.0)).removeprefix("0")
     return "    " + " ".join(part for part in (label, done, fields, elapsed) if part)
+
+
+@contextmanager
+def gathered_warnings() -> Iterator[list[str]]:
+    """Hold back the warnings raised while the block runs (a bar is drawn meanwhile, and a warning printed through it
+    tears it): when the block ends, hrsa's own are in the yielded list, each message one line for the caller to
+    print (``hrsa: warning: ...``), and Python shows the others as it would have. Each is gathered once per place."""
+    ours: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        try:
+            yield ours
+        finally:
+            held = list(caught)
+    for w in held:
+        if w.category.__module__.startswith("hrsa"):
+            ours.append(str(w.message))
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)

@@ -58,3 +58,22 @@ def test_the_last_line_is_not_repeated() -> None:
         task = progress.add_task("stage", total=10)
         progress.advance(task, 10)  # a line at 10/10 already
     assert out.getvalue().count("tokens 10/10") == 1
+
+
+def test_gathered_warnings_hold_hrsa_ones_as_lines_and_show_the_others() -> None:
+    """Warnings printed through a bar tore it: they are held until the block ends; hrsa's become the caller's lines
+    (raised in an hrsa module, here one made for the test), the others are shown as Python shows them."""
+    import types
+    import warnings
+
+    from hrsa.runtime.progress import gathered_warnings
+
+    ours = types.ModuleType("hrsa.fake_stage")
+    exec("class StageWarning(UserWarning):\n    pass", ours.__dict__)
+    with warnings.catch_warnings(record=True) as shown:  # what Python shows (warnings.showwarning) lands here
+        with gathered_warnings() as warned:
+            warnings.warn(ours.StageWarning("3 of 4 messages are markup"), stacklevel=1)
+            warnings.warn("a library's own", DeprecationWarning, stacklevel=1)
+            assert warned == [] and shown == []  # nothing shown while the block runs
+    assert warned == ["3 of 4 messages are markup"]
+    assert [(w.category, str(w.message)) for w in shown] == [(DeprecationWarning, "a library's own")]
