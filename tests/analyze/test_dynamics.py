@@ -287,6 +287,16 @@ def test_the_curves_leave_out_the_embedding_output_as_the_verdicts_do(steps_stor
     assert f"{every[0]:.3f} \u2192 {every[-1]:.3f}" in included
 
 
+def _load_refused(tmp_path: Path, results: list[Path]) -> tuple[Path, str]:
+    """A dynamics file over ``results`` (one a step), and the one-line refusal of load_dynamics to read it."""
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"schema": SCHEMA, "runs": ["r1", "r2"], "steps": [
+        {"step": s, "results": str(r)} for s, r in zip(STEPS, results)]}))
+    with pytest.raises(ResultsFileError) as info:
+        load_dynamics(path)
+    return path, str(info.value)
+
+
 @pytest.mark.parametrize(("field", "edit"), [
     ("token_filter", lambda d: d["token_filter"].update(exclude_first=True)),
     ("n_tokens", lambda d: d.update(n_tokens=d["n_tokens"] - 7)),
@@ -298,12 +308,7 @@ def test_load_dynamics_refuses_steps_over_different_tokens(steps_store, tmp_path
     doc = json.loads(results[1].read_text())
     edit(doc)
     other = write_json(doc, tmp_path / "other")
-    path = tmp_path / "d.json"
-    path.write_text(json.dumps({"schema": SCHEMA, "runs": ["r1", "r2"], "steps": [
-        {"step": s, "results": str(r)} for s, r in zip(STEPS, [results[0], other, results[2]])]}))
-    with pytest.raises(ResultsFileError) as info:
-        load_dynamics(path)
-    message = str(info.value)
+    path, message = _load_refused(tmp_path, [results[0], other, results[2]])
     assert message.startswith("Expected") and "\n" not in message and str(path) in message
     assert field in message and "step 10" in message and "step 0" in message
 
@@ -327,10 +332,5 @@ def test_dynamics_refuse_steps_whose_knn_sampled_other_tokens_or_hidden_states(s
     with pytest.raises(ResultsFileError) as info:
         write_dynamics(tmp_path / "w.json", runs=("r1", "r2"), steps=list(STEPS), results=[results[0], other, results[2]])
     assert "k-NN" in str(info.value) and what in str(info.value) and "step 10" in str(info.value)
-    path = tmp_path / "d.json"
-    path.write_text(json.dumps({"schema": SCHEMA, "runs": ["r1", "r2"], "steps": [
-        {"step": s, "results": str(r)} for s, r in zip(STEPS, [results[0], other, results[2]])]}))
-    with pytest.raises(ResultsFileError) as info:
-        load_dynamics(path)
-    message = str(info.value)
+    path, message = _load_refused(tmp_path, [results[0], other, results[2]])
     assert message.startswith("Expected") and "\n" not in message and what in message and "k-NN" in message

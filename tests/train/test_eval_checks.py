@@ -157,9 +157,8 @@ def test_reused_scores_are_marked_as_reused(cli: click.Group, tmp_path: Path, ti
     assert "reused from" in again.output and str(out / "eval.json") in again.output.replace("\n", "")
 
 
-def test_an_edited_main_score_is_not_reused(cli: click.Group, tmp_path: Path, tiny_models, monkeypatch) -> None:
-    from hrsa.train.encode import TextEncoder
-
+def _scored_once(cli: click.Group, tmp_path: Path, tiny_models) -> tuple[list[str], Path, dict, dict]:
+    """The tiny BERT scored on one retrieval task into tmp_path/ev: (its args, out, eval.json, the task's entry)."""
     pairs = _pairs(tmp_path / "pairs.jsonl")
     out = tmp_path / "ev"
     args = ["eval", "--model", str(tiny_models.dir("bert")), "--tasks", f"retrieval:{pairs}", "--no-instructions",
@@ -167,6 +166,13 @@ def test_an_edited_main_score_is_not_reused(cli: click.Group, tmp_path: Path, ti
     assert CliRunner().invoke(cli, args).exit_code == 0
     data = json.loads((out / "eval.json").read_text())
     (entry,) = data["checkpoints"][0]["results"].values()
+    return args, out, data, entry
+
+
+def test_an_edited_main_score_is_not_reused(cli: click.Group, tmp_path: Path, tiny_models, monkeypatch) -> None:
+    from hrsa.train.encode import TextEncoder
+
+    args, out, data, entry = _scored_once(cli, tmp_path, tiny_models)
     assert entry["main_score_name"] == "ndcg_at_10"
     truth = entry["main_score"]
     assert truth != 0.99
@@ -269,13 +275,7 @@ def test_a_nan_main_score_of_an_earlier_eval_json_is_scored_again_and_never_writ
                                                                                  tiny_models) -> None:
     """A NaN main score (JSON NaN, from an earlier hrsa) is no result: it is scored again with a note that says it is
     not a number, and what is written instead is a number, reused by the next run without a note."""
-    pairs = _pairs(tmp_path / "pairs.jsonl")
-    out = tmp_path / "ev"
-    args = ["eval", "--model", str(tiny_models.dir("bert")), "--tasks", f"retrieval:{pairs}", "--no-instructions",
-            "--out", str(out)]
-    assert CliRunner().invoke(cli, args).exit_code == 0
-    data = json.loads((out / "eval.json").read_text())
-    (entry,) = data["checkpoints"][0]["results"].values()
+    args, out, data, entry = _scored_once(cli, tmp_path, tiny_models)
     truth = entry["main_score"]
     entry["main_score"] = float("nan")
     for subset in entry["scores"]["test"]:
