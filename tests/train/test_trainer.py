@@ -514,5 +514,5 @@ def test_a_start_refused_by_the_lock_leaves_the_holders_folder(tmp_path: Path, m
 
     monkeypatch.setattr(run_lock, "exclusive_run", taken_meanwhile)
     with holder, pytest.raises(FolderInUseError):
-        trainer.run_training(SimpleNamespace(address=None, workers=1, use_gpu=False))
+        trainer.run_training(SimpleNamespace(address=None, workers=1, use_gpu=False, output=str(tmp_path / "run")))
     assert (tmp_path / "run" / "hrsa_recipe.json").read_text() == "the holder's recipe"
