@@ -263,6 +263,18 @@ def test_an_out_under_the_home_folder_goes_there_and_a_refused_run_leaves_nothin
     assert list(work.iterdir()) == [] and list(home.iterdir()) == []
 
 
+def test_a_refused_run_leaves_an_empty_folder_the_user_made(tmp_path: Path, tiny_models: Any, ray_local: Any,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """An out through a folder that does not exist yet and `..` (new/../kept/out): the folders from out up that did
+    not exist were taken by their spelling, and removing them once refused removed kept/, which the user had made."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "kept").mkdir()
+    config = _unplaceable(tmp_path, tiny_models).model_copy(update={"out": Path("new/../kept/out")})
+    with pytest.raises(PlacementError):
+        run_pipeline(config, console=quiet())
+    assert (tmp_path / "kept").is_dir() and not (tmp_path / "kept" / "out").exists()
+
+
 def moved_project(first: tuple[Workspace, PipelineResult], tiny_models: Any, to: Path) -> dict[str, Any]:
     """The first run's whole project (store, out, corpus file, model folders) copied to ``to``: the pipeline's values
     there, with paths relative to ``to`` (`hrsa submit` unpacks the working dir to a new path on each run)."""
