@@ -245,5 +245,6 @@ def test_a_record_deleted_while_its_analysis_writes_it_is_not_written_back_parti
     monkeypatch.setattr(results_module, "_arrays", lambda *a: DeletedAfterTheFirst(arrays(*a)))
     code, _, stderr = run("--store", cli_store.url, "--pair", "a", "b", "--metrics", "dimcorr,cka", "--backend", "numpy",
                           "--run-id", "raced", "--out", str(tmp_path / "out"))
-    assert code != 0 and stderr.count("\n") == 1 and "deleted" in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("hrsa: error:")]
+    assert code == 2 and len(errors) == 1 and "deleted while being written" in errors[0], stderr
     assert "raced" not in cli_store.open().results_ids()
