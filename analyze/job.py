@@ -151,7 +151,7 @@ def _write_outputs(results: PairResults, config: AnalyzeConfig, store: Activatio
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
         try:
             run_id = pick_run_id(results, store=store, run_id=config.run_id)
-            doc = results_dict(results, run_id=run_id, config=config.model_dump(mode="json"))
+            doc = results_dict(results, run_id=run_id, config=_recorded_config(config))
             _, rotations = write_files(results, doc, staging)
             figures = plot_figures(doc, staging)
             store_path = _write_record(store, results, doc, replace=replace) if store is not None else None
@@ -172,6 +172,18 @@ def _write_outputs(results: PairResults, config: AnalyzeConfig, store: Activatio
             _remove_stale_outputs(out, set(written))
     saved = SavedResults(run_id, out / "results.json", tuple(out / p.name for p in rotations), store_path, doc)
     return saved, tuple(out / p.name for p in figures)
+
+
+def _recorded_config(config: AnalyzeConfig) -> dict[str, Any]:
+    """The config as the results record it, a local store by its absolute path: the report tells models apart by
+    store and id, and `--store store` from the project folder and the same store named absolute (as the pipeline
+    names it) are one store."""
+    from hrsa.runtime.locations import is_url
+
+    recorded = config.model_dump(mode="json")
+    if not is_url(config.store):
+        recorded["store"] = os.path.abspath(os.path.expanduser(config.store.removeprefix("file://")))
+    return recorded
 
 
 @contextmanager

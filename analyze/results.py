@@ -343,10 +343,35 @@ def write_to_store(store: ActivationStore, results: PairResults, doc: Mapping[st
     run_id = doc["run_id"]
     check_run_id_free(store, run_id)
     group = store.create_results(run_id)
+    names = []
     for name, values in _arrays(results, doc).items():
         group.create_array(name, data=np.ascontiguousarray(values))
+        names.append(name)
+    _check_still_there(store, group, names)
     group.attrs[ATTRS_KEY] = dict(doc)
     return group.path
+
+
+def _check_still_there(store: ActivationStore, group: Any, names: list[str]) -> None:
+    """Refuse to write the document of a record that was deleted while its arrays were written (``hrsa store rm
+    --results`` of a record ``store ls`` lists as incomplete): writing it recreated the record's metadata, and the
+    store held a complete-looking record without the arrays written before the deletion.
+
+    Raises:
+        UserError: the record's metadata or one of its arrays is gone.
+    """
+    from hrsa.store.objects import get_bytes
+
+    prefix = group.store_path.path
+    gone = [name for name in ("", *names) if get_bytes(group.store, f"{prefix}/{name}/zarr.json".replace("//", "/")) is None]
+    if gone:
+        # What this run wrote after the deletion (Zarr recreated the record's metadata with the next array's parents)
+        # goes too: the user deleted that record, and it is no record of this run either.
+        if group.basename in store.results_ids():
+            store.delete_results(group.basename)
+        raise UserError(f"Expected the result record {group.basename} of {store.url} to hold what this run wrote. Got it "
+                        "deleted while being written (`hrsa store rm ... --results`?) instead: its document is not "
+                        "written. Run the analysis again.")
 
 
 def _arrays(results: PairResults, doc: Mapping[str, Any]) -> dict[str, np.ndarray]:

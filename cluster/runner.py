@@ -153,8 +153,10 @@ def run_pipeline(config: PipelineConfig, *, console: Console | None = None,
 
 
 def _missing_folders(out: Path) -> list[Path]:
-    """The folders from ``out`` up that do not exist yet (deepest first): those this run creates."""
-    out = out.expanduser().absolute()
+    """The folders from ``out`` up that do not exist yet (deepest first): those this run creates. Resolved as its lock
+    is (symlinks followed, ``..`` taken away): spelt ``new/../kept/out``, ``new/../kept`` did not exist while ``new``
+    did not, and once the run had made ``new``, removing it removed ``kept``, a folder the user had made."""
+    out = out.expanduser().resolve()
     return [folder for folder in (out, *out.parents) if not folder.exists()]
 
 

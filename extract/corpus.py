@@ -186,7 +186,8 @@ def _chat(record: Mapping[str, Any], field: str,
     contents = _contents(messages)
     offsets = np.concatenate([[0], np.cumsum([len(c) for c in contents])]).tolist()
     spans, placed = _content_spans(text, messages, contents, render)
-    lost = len(placed - {i for i, _, _, _ in spans})
+    # A blank content that the template trimmed to nothing has nothing to find and no token to leave out: not lost.
+    lost = sum(1 for i in placed - {i for i, _, _, _ in spans} if contents[i].strip())
     return text, [Segment(field, start, stop, offsets[i] + skip) for i, start, stop, skip in spans], lost
 
 

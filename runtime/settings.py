@@ -64,6 +64,9 @@ EXPLICIT_NONE = _ExplicitNone()
 
 
 def _not_a_file(path: Path, info: ValidationInfo) -> Path:
+    # ~ as a shell would expand it: a YAML value is not (`out: ~/runs/a` wrote into ./~/runs/a, while the pipeline's
+    # lock and its cleanup of a refused run used ~/runs/a).
+    path = path.expanduser()
     # Checked with the settings, before any work: a job that computes for an hour and then cannot write its
     # folder has wasted the hour (and may have written half its outputs elsewhere).
     if path.is_file():
@@ -80,6 +83,7 @@ def _flag_of(info: ValidationInfo) -> str | None:
 
 
 def _not_a_folder(path: Path, info: ValidationInfo) -> Path:
+    path = path.expanduser()  # as _not_a_file
     if path.is_dir():
         raise ValueError(f"expected a file name, got the folder {str(path)!r}; name a file inside it")
     # Before any work too: a FIFO or a device node there would be replaced by the file, a path inside an hrsa store

@@ -37,15 +37,15 @@ def ls(url: str) -> None:
     states = store.corpus_states()
     for cid in (cid for cid, state in states.items() if state == "complete"):
         c = store.corpus_info(cid)
-        corpora.add_row(cid, str(c.n_docs), str(c.n_tokens), str(c.tokenizer.get("name", "")), str(c.source or ""))
+        _add_row(corpora, cid, str(c.n_docs), str(c.n_tokens), str(c.tokenizer.get("name", "")), str(c.source or ""))
     notes = [f"note: corpus {cid}'s metadata does not read (damaged): `hrsa store verify {url}` names the damage; "
              f"`hrsa store rm` its models and extract them again" for cid, state in states.items() if state == "unreadable"]
     models = Table(ids("model"), ids("corpus"), "hidden states", "D", "dtype", "attention", "units done", title="models",
                    title_justify="left")
     for mid in store.models():
         m = store.model_info(mid)
-        models.add_row(
-            mid, m.corpus, f"{len(m.hidden_states)}/{m.n_hidden_states}", str(m.hidden_size), m.dtype, m.attention,
+        _add_row(
+            models, mid, m.corpus, f"{len(m.hidden_states)}/{m.n_hidden_states}", str(m.hidden_size), m.dtype, m.attention,
             f"{m.units_done}/{m.n_units}" + ("" if m.complete else " (incomplete)"),
         )
         damage = store.model_damage(mid)  # the hidden states' array metadata, as reads check it (no shard is read)
@@ -75,10 +75,18 @@ def _results_table(store: Any, ids: Any) -> Any:
     table = Table(ids("result"), ids("A"), ids("B"), "created", title="results", title_justify="left")
     for run_id, doc in store.results_documents().items():
         if doc is None:
-            table.add_row(run_id, "", "", "(incomplete: being written, or cut short)")
+            _add_row(table, run_id, "", "", "(incomplete: being written, or cut short)")
         else:
-            table.add_row(run_id, str(doc.get("a", "")), str(doc.get("b", "")), str(doc.get("created", "")))
+            _add_row(table, run_id, str(doc.get("a", "")), str(doc.get("b", "")), str(doc.get("created", "")))
     return table
+
+
+def _add_row(table: Any, *cells: str) -> None:
+    """A row of plain text: a cell is never read as rich markup (a source under `data [v2]/` lost `[v2]`, and an
+    edited record's `[/]` was a MarkupError traceback)."""
+    from rich.text import Text
+
+    table.add_row(*(Text(cell) for cell in cells))
 
 
 @store_group.command("info")

@@ -11,6 +11,7 @@ series with its own figure, and all of them on one plot) and the thresholds. Eac
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -188,6 +189,17 @@ def _model_line(mid: str, record: Mapping[str, Any] | None) -> str:
             f"identity {str(record.get('identity'))[:12]}")
 
 
+def _store_key(store: Any) -> str | None:
+    """A store as results name it, for grouping: a local path normalised (``s/``, ``./s`` and ``s`` are one store;
+    hrsa records a local store by its absolute path, an earlier hrsa as it was given)."""
+    if store is None:
+        return None
+    text = str(store)
+    if "://" in text and not text.startswith("file://"):
+        return text.rstrip("/")
+    return os.path.normpath(text.removeprefix("file://"))
+
+
 def identity_warnings(docs: Sequence[tuple[Path, Mapping[str, Any]]]) -> list[str]:
     """One line per model id that names different models (different identities) across the results: a model
     deleted from the store and another extracted under its id between two analyses. Results without identities
@@ -197,7 +209,7 @@ def identity_warnings(docs: Sequence[tuple[Path, Mapping[str, Any]]]) -> list[st
     seen: dict[tuple[str | None, str], dict[str, tuple[Mapping[str, Any], list[str]]]] = {}
     for path, doc in docs:
         config = doc.get("config")
-        store = config.get("store") if isinstance(config, Mapping) else None
+        store = _store_key(config.get("store")) if isinstance(config, Mapping) else None
         for side, record in (doc.get("models") or {}).items():
             mid = str(doc.get(side, record.get("id")))
             found = seen.setdefault((None if store is None else str(store), mid), {}).setdefault(

@@ -225,3 +225,28 @@ def test_a_taken_run_id_names_the_command_that_frees_it(cli_store, tmp_path: Pat
     assert command == ["store", "rm", cli_store.url, "twice", "--results"], stderr
     assert CliRunner().invoke(cli, [*command, "--yes"]).exit_code == 0
     assert run(*common, "--out", str(tmp_path / "two"))[0] == 0
+
+
+def test_a_record_deleted_while_its_analysis_writes_it_is_not_written_back_partial(cli_store, tmp_path: Path,
+                                                                                   monkeypatch) -> None:
+    """`hrsa store rm URL RUN --results` of a record still being written (listed as incomplete by `store ls`): the
+    analysis went on, wrote its document, and the store held a complete-looking record without the arrays written
+    before the deletion (exit 0)."""
+    import hrsa.analyze.results as results_module
+
+    arrays = results_module._arrays
+
+    class DeletedAfterTheFirst(dict):
+        def items(self):  # the record's arrays, written one by one: another process deletes it after the first
+            for k, (name, values) in enumerate(super().items()):
+                yield name, values
+                if k == 0:
+                    result = CliRunner().invoke(cli, ["store", "rm", cli_store.url, "raced", "--results", "--yes"])
+                    assert result.exit_code == 0, result.output
+
+    monkeypatch.setattr(results_module, "_arrays", lambda *a: DeletedAfterTheFirst(arrays(*a)))
+    code, _, stderr = run("--store", cli_store.url, "--pair", "a", "b", "--metrics", "dimcorr,cka", "--backend", "numpy",
+                          "--run-id", "raced", "--out", str(tmp_path / "out"))
+    errors = [line for line in stderr.splitlines() if line.startswith("hrsa: error:")]
+    assert code == 2 and len(errors) == 1 and "deleted while being written" in errors[0], stderr
+    assert "raced" not in cli_store.open().results_ids()

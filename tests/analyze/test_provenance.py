@@ -140,3 +140,32 @@ def test_one_model_in_two_stores_over_two_corpora_is_not_warned_of_as_deleted(tm
     assert result.exit_code == 0, result.output
     assert "hrsa: warning:" not in result.stderr and "deleted" not in result.stderr, result.stderr
     assert 'class="warning"' not in (tmp_path / "r.html").read_text()
+
+
+def test_the_same_store_named_two_ways_is_one_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Identities are grouped by store, by the store each run names: `--store store` from the project folder and
+    `--store /abs/.../store` (or the pipeline, which names it absolute) are one store, so b deleted and extracted again
+    between them must still be warned of (it was not: two store names, two groups)."""
+    rng = np.random.default_rng(2)
+    monkeypatch.chdir(tmp_path)
+    store = ActivationStore.open("store", mode="a")
+    table = make_table((40, 30))
+    cid = store.write_corpus(table, tokenizer={"name": "tok", "fingerprint": "fp"}, source="test")
+    x = {k: rng.normal(size=(table.n_tokens, D)) for k in range(STATES)}
+    _put(store, "a", cid, x, {"kind": "local", "path": "/models/base", "content": None})
+    _put(store, "b", cid, x, {"kind": "local", "path": "/models/tuned-v1", "content": DIGEST_1})
+
+    def analyze(name: str, out: str) -> None:
+        result = CliRunner().invoke(cli, ["analyze", "--store", name, "--pair", "a", "b", "--metrics", "cka",
+                                          "--backend", "numpy", "--run-id", out, "--out", out])
+        assert result.exit_code == 0, result.output
+
+    analyze("store", "first")
+    store.delete_model("b")
+    _put(store, "b", cid, {k: rng.normal(size=v.shape) for k, v in x.items()},
+         {"kind": "local", "path": "/models/tuned-v2", "content": DIGEST_2})
+    analyze(str(tmp_path / "store"), "second")
+    result = CliRunner().invoke(cli, ["report", "first", "second", "--out", "r.html"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("hrsa: warning:")]
+    assert len(lines) == 1 and "model b" in lines[0] and "first" in lines[0] and "second" in lines[0], result.stderr

@@ -241,6 +241,40 @@ def test_a_training_the_cluster_cannot_place_leaves_an_earlier_out_as_it_was(tmp
     assert sorted(p.name for p in out.iterdir() if p.name != ".hrsa_run.lock") == sorted([STATE_FILE, "notes.txt"])
 
 
+def test_an_out_under_the_home_folder_goes_there_and_a_refused_run_leaves_nothing(tmp_path: Path, tiny_models: Any,
+                                                                                ray_local: Any,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """`out: ~/runs/out` in a YAML (no shell expands it there): the run's lock and the cleanup of a refused run used
+    ~/runs/out, but every stage wrote into ./~/runs/out of the working folder, left behind by the refusal."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir(), work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    train = {"ra": {"backbone": str(tiny_models.dir("llama")), "data": write_pairs(tmp_path / "pairs.jsonl"),
+                    "max_steps": 1, "batch_size": 8, "use_gpu": True}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({
+        "store": str(tmp_path / "store"), "out": "~/runs/out", "train": train, "models": {"m": {"train": "ra"}},
+        "corpora": {"c": {"path": str(write_corpus(tmp_path / "w.jsonl"))}},
+        "pairs": [{"a": "m", "b": "m", "corpus": "c", "metrics": ["cka"]}]}))
+    config = load_pipeline(tmp_path / "p.yaml")
+    assert config.out == home / "runs" / "out"
+    with pytest.raises(PlacementError):
+        run_pipeline(config, console=quiet())
+    assert list(work.iterdir()) == [] and list(home.iterdir()) == []
+
+
+def test_a_refused_run_leaves_an_empty_folder_the_user_made(tmp_path: Path, tiny_models: Any, ray_local: Any,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """An out through a folder that does not exist yet and `..` (new/../kept/out): the folders from out up that did
+    not exist were taken by their spelling, and removing them once refused removed kept/, which the user had made."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "kept").mkdir()
+    config = _unplaceable(tmp_path, tiny_models).model_copy(update={"out": Path("new/../kept/out")})
+    with pytest.raises(PlacementError):
+        run_pipeline(config, console=quiet())
+    assert (tmp_path / "kept").is_dir() and not (tmp_path / "kept" / "out").exists()
+
+
 def moved_project(first: tuple[Workspace, PipelineResult], tiny_models: Any, to: Path) -> dict[str, Any]:
     """The first run's whole project (store, out, corpus file, model folders) copied to ``to``: the pipeline's values
     there, with paths relative to ``to`` (`hrsa submit` unpacks the working dir to a new path on each run)."""

@@ -297,3 +297,16 @@ def test_a_template_that_refuses_the_stand_ins_counts_every_content(tokenizer: A
     with pytest.warns(ChatMarkupWarning, match="2 of 2 chat messages of field 'm'"):
         table = tokenize_corpus(records, CorpusSpec(source="-", template="{chat:m}"), tokenizer)
     assert not (table.token_field >= 0).any()
+
+
+def test_a_blank_content_a_trimming_template_renders_as_nothing_is_no_markup_warning(tokenizer: Any) -> None:
+    """Templates that trim contents (Llama 3's `message['content'] | trim`) render a blank content as nothing: there
+    is nothing of it to find, nor any token of it to leave out, yet it was warned of as changed beyond finding."""
+    import warnings
+
+    tokenizer.chat_template = CHAT.replace("m['content']", "m['content'] | trim")
+    records = [{"_id": "r0", "m": [{"role": "user", "content": " the dog "}, {"role": "assistant", "content": "\n"}]}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        table = tokenize_corpus(records, CorpusSpec(source="-", template="{chat:m}"), tokenizer)
+    assert (table.token_field == 0).any()

@@ -467,3 +467,20 @@ def test_ls_notes_a_model_whose_hidden_state_metadata_is_damaged(url: str, damag
 def test_ls_notes_nothing_of_whole_models(url: str) -> None:
     code, out, _ = _run("store", "ls", url)
     assert code == 0 and "note:" not in out, out
+
+
+def test_ls_prints_sources_and_record_fields_verbatim(tmp_path) -> None:
+    """Cells were read as rich markup: a corpus file under a folder named `data [v2]` was listed as `data `, and a
+    result record whose document (edited, or of another tool) holds `[/]` made `store ls` a MarkupError traceback."""
+    from hrsa.store.testing import make_table
+
+    url = str(tmp_path / "s")
+    store = ActivationStore.open(url, mode="a")
+    source = "/data [v2]/[bold]mail.jsonl"
+    store.write_corpus(make_table((10, 10)), tokenizer={"name": "tok [fast]", "fingerprint": "fp"}, source=source)
+    group = store.create_results("edited")
+    group.attrs["hrsa"] = {"run_id": "edited", "a": "[/]", "b": "[red]b", "created": "[link=x]now"}
+    code, out, err = _run("store", "ls", url)
+    assert code == 0, out + err
+    assert source in out and "tok [fast]" in out, out
+    assert all(cell in out for cell in ("[/]", "[red]b", "[link=x]now")), out
