@@ -38,6 +38,8 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from hrsa.runtime.files import write_atomic
+from hrsa.runtime.folder_lock import FolderLock
+from hrsa.runtime.locations import parse_location
 from hrsa.runtime.settings import FolderPath
 from hrsa.store.local_files import check_output_file
 from hrsa.store.selection import parse_int_list
@@ -61,6 +63,7 @@ __all__ = [
 ]
 
 SCHEMA = "hrsa.eval/1"
+EVAL_LOCK = FolderLock(".hrsa_eval.lock", "`hrsa eval`", "evaluate into another --out")
 
 
 class EvalWarning(UserWarning):
@@ -495,24 +498,35 @@ def evaluate(
     for target in skipped:
         note(f"skipped {target.name}: {_incomplete(Path(target.model))}; it is evaluated once complete.")
 
-    # Step 2: results already there with the same settings are reused (resume), and the rows of this run's other
-    # checkpoints are kept until scored again.
+    # Steps 2 and 3 hold `out` against another eval of the same checkpoint (they share its default --out, and
+    # raced on eval.json): the refused one is one line, and writes and removes nothing.
+    created = not out.exists()
+    with EVAL_LOCK.exclusive(parse_location(str(out))):
+        try:
+            rows, figure = _resume_and_score(targets, tasks, config, source, note, on_checkpoint, on_task, on_texts)
+        except BaseException:
+            # Made by this call, holding no score: a failure leaves none. Only while held: an eval refused by the
+            # lock must not remove the folder of the one that holds it.
+            if created and not (out / "eval.json").exists():
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+    return EvalResult(json_path=out / "eval.json", figure_path=figure, tasks=tuple(t.metadata.name for _, t in tasks),
+                      checkpoints=tuple(rows))
+
+
+def _resume_and_score(targets: list[EvalTarget], tasks: list[tuple[TaskSpec, Any]], config: EvalConfig, source: Path,
+                      note: Callable[[str], None], on_checkpoint: Callable[[EvalTarget, int, int], None] | None,
+                      on_task: Callable[[str], None] | None,
+                      on_texts: Callable[[int], None] | None) -> tuple[list[CheckpointScores], Path | None]:
+    """Steps 2 and 3 of :func:`evaluate`: results already there with the same settings are reused (resume), and the
+    rows of this run's other checkpoints kept until scored again; then each checkpoint in turn, eval.json and the
+    curve rewritten as soon as it is done (a crash keeps what is done)."""
     settings = config.settings()
     earlier = _earlier_rows(source) if config.resume else []
     done = _previous(earlier, settings)
     kept = _kept_rows(earlier, targets, tasks, settings, config.model, source=source, note=note)
-    # Step 3: each checkpoint in turn, eval.json and the curve rewritten as soon as it is done (a crash keeps what is
-    # done). `out` is first created here, once a model has loaded or its scores were all reused.
-    created = not out.exists()
-    try:
-        rows, figure = _score_each(targets, tasks, config, kept, done=done, on_checkpoint=on_checkpoint,
-                                   on_task=on_task, on_texts=on_texts, note=note)
-    except BaseException:
-        if created and not (out / "eval.json").exists():  # made by this call, holding no score: a failure leaves none
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    return EvalResult(json_path=out / "eval.json", figure_path=figure, tasks=tuple(t.metadata.name for _, t in tasks),
-                      checkpoints=tuple(rows))
+    return _score_each(targets, tasks, config, kept, done=done, on_checkpoint=on_checkpoint, on_task=on_task,
+                       on_texts=on_texts, note=note)
 
 
 def _score_each(targets: list[EvalTarget], tasks: list[tuple[TaskSpec, Any]], config: EvalConfig,

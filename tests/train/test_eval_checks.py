@@ -312,3 +312,23 @@ def test_a_nan_main_score_from_finite_embeddings_is_refused_naming_the_other_ste
                                   "(all alike?), and nothing of it is written. Evaluate the run's other checkpoints "
                                   "with --steps 1,3.")
     _check_main_score({**entry, "main_score": 0.5}, Task, target, [1, 3])  # a number passes
+
+
+def test_an_eval_into_an_out_another_eval_writes_is_refused_and_leaves_its_files(cli: click.Group, tmp_path: Path,
+                                                                                tiny_models) -> None:
+    """Two evals of one checkpoint share its default --out (<checkpoint>/eval): they raced on eval.json, and one that
+    had created the folder and then failed removed it with the other's mteb-results in it."""
+    from hrsa.runtime.locations import parse_location
+    from hrsa.train.evaluate import EVAL_LOCK
+
+    pairs = _pairs(tmp_path / "pairs.jsonl")
+    out = tmp_path / "ev"
+    with EVAL_LOCK.exclusive(parse_location(str(out))):  # the other eval, writing its scores
+        (out / "mteb-results").mkdir()
+        (out / "mteb-results" / "theirs.json").write_text("{}")
+        result = CliRunner().invoke(cli, ["eval", "--model", str(tiny_models.dir("bert")), "--tasks",
+                                          f"retrieval:{pairs}", "--no-instructions", "--out", str(out)])
+        assert result.exit_code == 2, result.output
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "hrsa eval" in lines[0] and "another --out" in lines[0], result.stderr
+        assert (out / "mteb-results" / "theirs.json").read_text() == "{}" and not (out / "eval.json").exists()
