@@ -120,6 +120,7 @@ def _local_not_a_file(value: Path | str, info: ValidationInfo) -> Path | str:
 
 def _local_store_under_folders(value: str) -> str:
     if not is_url(value) and value:
+        value = os.path.expanduser(value)  # YAML does not expand ~ as a shell does: ./~/store was opened
         _under_folders(Path(value))
     return value
 

@@ -139,3 +139,15 @@ def test_every_problem_at_once() -> None:
     found = problems({"n": 0, "names": ["X"], "extra": True})
     assert found == ["--store-url is required (as a flag or in --config)", "n: expected a positive count, got 0",
                      "names.0: 'X' is not lower case", "extra: unknown field (a typo?)"]
+
+
+def test_a_store_path_with_a_tilde_is_the_home_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """YAML does not expand ~ as a shell does: `store: ~/hrsa-store` in a config opened (or created) ./~/hrsa-store."""
+    from hrsa.runtime.settings import StoreUrl
+
+    class WithStore(Outputs):
+        store: StoreUrl = "store"
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert WithStore(store="~/hrsa-store").store == str(tmp_path / "home" / "hrsa-store")
+    assert WithStore(store="s3://bucket/~x").store == "s3://bucket/~x"  # a URL is as written
