@@ -182,7 +182,14 @@ def _chat(record: Mapping[str, Any], field: str,
     def render(these: list[Any]) -> str:
         return tokenizer.apply_chat_template(these, tokenize=False, add_generation_prompt=True)
 
-    text = render(messages)
+    try:
+        text = render(messages)
+    except Exception as error:  # noqa: BLE001 -- jinja's errors (a content that is no text, a role it refuses)
+        raise CorpusError(
+            f"Expected the chat template to render the messages of field {field!r} in every record. Got "
+            f"{type(error).__name__}: {error} on record {record.get('_id')} instead. Fix that record's messages "
+            "(each a role and a text content, as the template expects) or drop the record."
+        ) from None
     contents = _contents(messages)
     offsets = np.concatenate([[0], np.cumsum([len(c) for c in contents])]).tolist()
     spans, placed = _content_spans(text, messages, contents, render)

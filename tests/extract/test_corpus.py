@@ -310,3 +310,17 @@ def test_a_blank_content_a_trimming_template_renders_as_nothing_is_no_markup_war
         warnings.simplefilter("error")
         table = tokenize_corpus(records, CorpusSpec(source="-", template="{chat:m}"), tokenizer)
     assert (table.token_field == 0).any()
+
+
+def test_chat_messages_the_template_cannot_render_are_one_error_naming_the_record(tokenizer: Any) -> None:
+    """A content that is a number (a JSON 5) made a template's string method (Qwen's .strip(), .split(...)) a jinja
+    traceback."""
+    from hrsa.store.records import CorpusError
+
+    tokenizer.chat_template = CHAT.replace("m['content']", "m['content'].strip()")
+    records = [{"_id": "ok", "m": [{"role": "user", "content": "the dog"}]},
+               {"_id": "numeric", "m": [{"role": "user", "content": 5}]}]
+    with pytest.raises(CorpusError) as error:
+        tokenize_corpus(records, CorpusSpec(source="-", template="{chat:m}"), tokenizer)
+    message = str(error.value)
+    assert message.startswith("Expected") and "\n" not in message and "numeric" in message and "'m'" in message, message
