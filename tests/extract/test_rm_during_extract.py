@@ -107,27 +107,27 @@ def test_a_resume_whose_model_is_deleted_as_it_starts_stops_in_one_line(
     """The extraction found the model (to resume it), then an `rm` deleted it before the extraction held it: the
     extraction must say so in one line, not bind its workers to a model that is gone."""
     from hrsa.extract.config import ExtractConfig
-    from hrsa.extract.job import run_extraction
+    from hrsa.extract.job import ExtractionWorkers, run_extraction
     from hrsa.store.errors import HrsaError
 
     corpus = write_jsonl(tmp_path / "corpus.jsonl", TEXTS)
     config = ExtractConfig(store=str(tmp_path / "store"), model=str(tiny_models.dir("llama")), corpus=str(corpus),
                            name="tiny", shard_tokens=32, workers=1)
-    run_extraction(config)
-    store = ActivationStore.open(config.store, mode="r+")
-    writer = store.writer("tiny")
-    writer.reset_unit(writer.units()[1])  # to resume
-    check = ActivationStore.check_corpus
+    with ExtractionWorkers() as workers:  # started once for both runs
+        run_extraction(config, workers=workers)
+        store = ActivationStore.open(config.store, mode="r+")
+        writer = store.writer("tiny")
+        writer.reset_unit(writer.units()[1])  # to resume
+        check = ActivationStore.check_corpus
 
-    def deleted_meanwhile(self: ActivationStore, cid: str) -> None:
-        check(self, cid)
-        ActivationStore.open(config.store, mode="r+").delete_model("tiny")
+        def deleted_meanwhile(self: ActivationStore, cid: str) -> None:
+            check(self, cid)
+            ActivationStore.open(config.store, mode="r+").delete_model("tiny")
 
-    monkeypatch.setattr(ActivationStore, "check_corpus", deleted_meanwhile)
-    with pytest.raises(HrsaError) as failure:
-        run_extraction(config)
+        monkeypatch.setattr(ActivationStore, "check_corpus", deleted_meanwhile)
+        with pytest.raises(HrsaError) as failure:
+            run_extraction(config, workers=workers)
     message = str(failure.value)
     assert "\n" not in message and "deleted" in message and "Run the same command again" in message, message
-    monkeypatch.undo()
-    assert ActivationStore.open(config.store).models() == []
-    assert run_extraction(config).units_written == ActivationStore.open(config.store).model_info("tiny").n_units
+    store = ActivationStore.open(config.store)
+    assert store.models() == store.half_created_models() == []  # nothing written into it after the deletion
