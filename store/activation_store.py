@@ -639,7 +639,7 @@ class ActivationStore(ResultRecords):
             # of the two that start at once one sees the other (a deletion that started first is seen here).
             deleting = [held for held in self._model_leases(mid) if held.purpose == "delete"]
             if deleting:
-                owners = ", ".join(sorted({held.owner for held in deleting}))
+                owners = ", ".join(sorted({_process(held.owner) for held in deleting}))
                 raise ModelInUseError(
                     f"Expected model {mid} of {self.url} free to extract. Got it being deleted (`hrsa store rm` by "
                     f"{owners}) instead. Run the same command again once that deletion has ended: the extraction then "
@@ -692,11 +692,11 @@ class ActivationStore(ResultRecords):
             return
         held = []
         if leases:
-            owners = ", ".join(sorted({lease.owner for lease in leases}))
-            held.append(f"an extraction holding it (by {owners})")
+            owners = ", ".join(sorted({_process(lease.owner) for lease in leases}))
+            held.append(f"an extraction holding it (process {owners})")
         if claims:
             units = ", ".join(str(c.unit) for c in claims[:8]) + (f" and {len(claims) - 8} more" if len(claims) > 8 else "")
-            owners = ", ".join(sorted({c.owner for c in claims}))
+            owners = ", ".join(sorted({_process(c.owner) for c in claims}))
             held.append(f"live claims on units {units} (held by {owners})")
         until = time.strftime("%H:%M:%S", time.localtime(max([c.expires for c in claims] + [x.expires for x in leases])))
         raise ModelInUseError(
@@ -756,6 +756,12 @@ class ActivationStore(ResultRecords):
         methods above (``hidden_state``, ``create_results``...) are the interface to it.
         """
         return self._root[path]
+
+
+def _process(owner: str) -> str:
+    """A lease's owner as a user finds it: ``host:pid`` (its kernel boot and PID namespace left out)."""
+    where, _, pid = owner.rpartition(":")
+    return f"{where.partition('@')[0]}:{pid}" if where else owner
 
 
 def _is_model_metadata(mid: str, metadata: bytes) -> bool:

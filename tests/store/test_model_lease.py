@@ -56,6 +56,12 @@ def _refused(target: Target, *holders: str) -> str:
     return lines[0]
 
 
+def _shown(owner: str) -> str:
+    """How a message names a lease's owner: host:pid (``writer_name`` adds the kernel boot and PID namespace)."""
+    where, _, pid = owner.rpartition(":")
+    return f"{where.partition('@')[0]}:{pid}"
+
+
 def _write(store: ActivationStore, unit_index: int) -> None:
     writer = store.writer("m")
     unit = writer.units()[unit_index]
@@ -75,7 +81,7 @@ def test_rm_is_refused_while_an_extraction_holds_the_model_between_its_units(tar
         assert list_keys(_raw(store), "models/m/leases") == [lease.token]
         _write(store, 0)  # unit 0 done; no claim is live now, unit 1 not begun
         before = _objects(store)
-        line = _refused(target, lease.owner)
+        line = _refused(target, _shown(lease.owner))
         assert "extraction" in line
         with pytest.raises(ModelInUseError):
             target.open().delete_model("m")
@@ -96,11 +102,11 @@ def test_the_lease_is_held_from_before_the_model_is_created_and_kept_by_its_crea
     new_model(store, "other")  # the corpus
     cid = store.model_info("other").corpus
     with store.extracting("m") as lease:
-        _refused(target, lease.owner)
+        _refused(target, _shown(lease.owner))
         store.create_model("m", corpus=cid, n_hidden_states=LAYERS, hidden_size=24, dtype="float32", chunk_tokens=64,
                            shard_tokens=256, exist_ok=True)
         assert list_keys(_raw(store), "models/m/leases") == [lease.token]
-        _refused(target, lease.owner)  # created, no unit claimed yet
+        _refused(target, _shown(lease.owner))  # created, no unit claimed yet
         fill_model(store, "m")
         assert verify_store(store, models=["m"]).ok  # a live lease is no damage
     assert store.models() == ["m", "other"] and list_keys(_raw(store), "models/m/leases") == []
@@ -249,7 +255,7 @@ def test_an_extraction_replacing_its_model_deletes_it_under_its_own_lease(target
     cid = store.model_info("m").corpus
     with target.open("r+").extracting("m") as theirs:
         with store.extracting("m") as mine:
-            with pytest.raises(ModelInUseError, match=re.escape(theirs.owner)):
+            with pytest.raises(ModelInUseError, match=re.escape(_shown(theirs.owner))):
                 store.delete_model("m", held=mine)
     with store.extracting("m") as mine:
         store.delete_model("m", held=mine)
