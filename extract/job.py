@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -364,65 +365,75 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
     pool = workers if workers is not None else ExtractionWorkers()
     # Every worker loads the files found now, or fails: kept workers holding this path's earlier weights reload.
     model = {**spec.to_dict(), FILES_VERSION: files_version(spec)}
-    try:  # the workers hold CPUs or GPUs: give them back however this ends (a pipeline's stay after a success)
-        actors = pool.take((n, gpus, cpus, threads, config.store),
-                           lambda: _start_workers(n, gpus, cpus, threads, config))
-        # Step 4: the coordinator allocates the arrays from what a loaded worker reports (or checks them on resume).
-        # Every worker loads at once (bind later finds the model loaded); the first one's facts are recorded.
-        facts = _call([a.describe.remote(model, digest=i == 0) for i, a in enumerate(actors)],
-                      f"loading model {mid}")[0]
-        _check_layers(config, facts)
-        # The store and the corpus, only now that the model loads and its layers fit: a mistake creates nothing.
-        store = store or ActivationStore.open(config.store, mode="a")
-        cid = existing.corpus if existing is not None else _store_corpus(config, store, corpus)  # resuming: its own
-        store.check_corpus(cid)  # the workers read its tokens unchecked: a lost chunk would be token 0 for them
-        if replaced is not None:  # the new extraction runs: only now is the old one let go
-            store.delete_model(mid)
-        if existing is None:
-            store.create_model(mid, corpus=cid, n_hidden_states=facts["n_hidden_states"], hidden_size=facts["hidden_size"],
-                               dtype=facts["dtype"], attention=facts["attention"], hidden_states=config.layers,
-                               source=facts["source"], shard_tokens=config.shard_tokens, exist_ok=True,
-                               extraction={"token_budget": config.token_budget,
-                                           "attn_implementation": facts["attn_implementation"],
-                                           "tokenizer": corpus.tokenizer,
-                                           "max_tokens": config.max_tokens, "max_docs": config.max_docs,
-                                           **_corpus_file(config, corpus)})
-        else:  # resuming: the settings matched; what loading tells (dtype "auto" on other hardware...) must too
-            found = loaded_mismatch(existing, facts)
-            if found:
-                raise RerunMismatchError(
-                    f"Expected the model loaded to match model {mid} stored in {store.url}. Got {'; '.join(found)} "
-                    f"instead. Pass --name NEW to keep both, or `hrsa store rm {store.url} {mid}` to replace it."
+    # The lease on the model (taken below, once the store is open) is released last, when this run has ended.
+    with ExitStack() as holding:
+        try:  # the workers hold CPUs or GPUs: give them back however this ends (a pipeline's stay after a success)
+            actors = pool.take((n, gpus, cpus, threads, config.store),
+                               lambda: _start_workers(n, gpus, cpus, threads, config))
+            # Step 4: the coordinator allocates the arrays from what a loaded worker reports (or checks them on resume).
+            # Every worker loads at once (bind later finds the model loaded); the first one's facts are recorded.
+            facts = _call([a.describe.remote(model, digest=i == 0) for i, a in enumerate(actors)],
+                          f"loading model {mid}")[0]
+            _check_layers(config, facts)
+            # The store and the corpus, only now that the model loads and its layers fit: a mistake creates nothing.
+            store = store or ActivationStore.open(config.store, mode="a")
+            cid = existing.corpus if existing is not None else _store_corpus(config, store, corpus)  # resuming: its own
+            store.check_corpus(cid)  # the workers read its tokens unchecked: a lost chunk would be token 0 for them
+            # The model held from here until this run ends: `hrsa store rm` refuses it meanwhile (between units, when
+            # no unit claim is live, too), and a deletion under way refuses this run.
+            lease = holding.enter_context(store.extracting(mid))
+            if existing is not None and mid not in store.models():
+                raise UserError(
+                    f"Expected model {mid} of {store.url}, found when this extraction began, still there to resume. "
+                    f"Got it deleted meanwhile (`hrsa store rm`) instead. Run the same command again to extract it anew."
                 )
-        _call([w.bind.remote(mid, model) for w in actors], f"opening model {mid}")
-        # Step 5: pending units, two in flight per worker; then the units other extractions held, once they are free.
-        pending_units = store.writer(mid).pending_units()
-        done_tokens = corpus.n_tokens - sum(u.n_tokens for u in pending_units)
-        target = _Target(actors, mid, model, config.token_budget)
-        results = _dispatch(target, [u.index for u in pending_units],
-                            lambda r: on_progress and on_progress(r["tokens"], corpus.n_tokens),
-                            start=lambda: on_progress and on_progress(done_tokens, corpus.n_tokens))
-        try:
-            results += _finish_held_units(store, target)
-        except (ModelNotFoundError, HalfCreatedModelError) as error:  # the model went while its units were written
-            raise _deleted_under(store, mid) or error from None
-    except BaseException:
-        pool.close()
-        raise
-    finally:
-        if workers is None:
+            if replaced is not None:  # the new extraction runs: only now is the old one let go
+                store.delete_model(mid, held=lease)
+            if existing is None:
+                store.create_model(mid, corpus=cid, n_hidden_states=facts["n_hidden_states"], hidden_size=facts["hidden_size"],
+                                   dtype=facts["dtype"], attention=facts["attention"], hidden_states=config.layers,
+                                   source=facts["source"], shard_tokens=config.shard_tokens, exist_ok=True,
+                                   extraction={"token_budget": config.token_budget,
+                                               "attn_implementation": facts["attn_implementation"],
+                                               "tokenizer": corpus.tokenizer,
+                                               "max_tokens": config.max_tokens, "max_docs": config.max_docs,
+                                               **_corpus_file(config, corpus)})
+            else:  # resuming: the settings matched; what loading tells (dtype "auto" on other hardware...) must too
+                found = loaded_mismatch(existing, facts)
+                if found:
+                    raise RerunMismatchError(
+                        f"Expected the model loaded to match model {mid} stored in {store.url}. Got {'; '.join(found)} "
+                        f"instead. Pass --name NEW to keep both, or `hrsa store rm {store.url} {mid}` to replace it."
+                    )
+            _call([w.bind.remote(mid, model) for w in actors], f"opening model {mid}")
+            # Step 5: pending units, two in flight per worker; then the units other extractions held, once they are free.
+            pending_units = store.writer(mid).pending_units()
+            done_tokens = corpus.n_tokens - sum(u.n_tokens for u in pending_units)
+            target = _Target(actors, mid, model, config.token_budget)
+            results = _dispatch(target, [u.index for u in pending_units],
+                                lambda r: on_progress and on_progress(r["tokens"], corpus.n_tokens),
+                                start=lambda: on_progress and on_progress(done_tokens, corpus.n_tokens))
+            try:
+                results += _finish_held_units(store, target)
+            except (ModelNotFoundError, HalfCreatedModelError) as error:  # the model went while its units were written
+                raise _deleted_under(store, mid) or error from None
+        except BaseException:
             pool.close()
-    # Step 6: report, once the model is known to be still there, its metadata whole: a `hrsa store rm` while the units
-    # were written leaves done records (written after it) that count the model complete while its objects are gone.
-    deleted = _deleted_under(store, mid)
-    if deleted is not None:
-        raise deleted
-    info = store.model_info(mid)
-    if not info.complete:
-        raise UserError(f"Expected every unit done. Got {info.units_done}/{info.n_units}. Re-run the same command to resume.")
-    written = sum(r["written"] for r in results)
-    return ExtractResult(mid, cid, info.n_tokens, info.n_units, written, tuple(sorted({r["node"] for r in results})),
-                         tuple(sorted({r.get("node_id", "") for r in results})), len(pending_units) - written)
+            raise
+        finally:
+            if workers is None:
+                pool.close()
+        # Step 6: report, once the model is known to be still there, its metadata whole: a `hrsa store rm` while the units
+        # were written leaves done records (written after it) that count the model complete while its objects are gone.
+        deleted = _deleted_under(store, mid)
+        if deleted is not None:
+            raise deleted
+        info = store.model_info(mid)
+        if not info.complete:
+            raise UserError(f"Expected every unit done. Got {info.units_done}/{info.n_units}. Re-run the same command to resume.")
+        written = sum(r["written"] for r in results)
+        return ExtractResult(mid, cid, info.n_tokens, info.n_units, written, tuple(sorted({r["node"] for r in results})),
+                             tuple(sorted({r.get("node_id", "") for r in results})), len(pending_units) - written)
 
 
 HELD_POLL_S = 1.0

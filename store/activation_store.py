@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -59,7 +60,8 @@ from hrsa.store.reading import CheckedArray
 from hrsa.store.result_records import ResultRecords
 from hrsa.store.selection import TokenFilter, TokenSelection, resolve_selection
 from hrsa.store.objects import check_create_if_absent, delete_key, delete_prefix, ensure_group, get_bytes, list_keys
-from hrsa.store.units import ModelWriter, done_units, live_claims
+from hrsa.store.unit_records import LEASE_S, LEASES, ModelLease
+from hrsa.store.units import ModelWriter, done_units, holding_model, live_claims, live_leases
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -618,15 +620,51 @@ class ActivationStore(ResultRecords):
         self._check_writable()
         return ModelWriter(self._model_group(mid), self.model_info(mid))
 
-    def delete_model(self, mid: str) -> None:
+    @contextmanager
+    def extracting(self, mid: str, *, lease_s: float = LEASE_S) -> Iterator[ModelLease]:
+        """Hold model ``mid`` for an extraction while the body runs: from before the model is created or opened for
+        writing until the extraction ends, :meth:`delete_model` (``hrsa store rm``) refuses to delete it, between
+        units (when no unit claim is live) too. The lease is renewed every ``lease_s / 4`` in a thread and released
+        at the end; a killed holder's ends with its process on its machine, elsewhere after ``lease_s``. Any number
+        of extractions of one model hold it at once.
+
+        Raises:
+            ModelInUseError: a deletion of the model is under way (nothing is held then): the model is half-deleted,
+                and writing into it would be lost.
+        """
+        self._check_writable()
+        parse_id(mid, kind="model id")
+        with holding_model(self._root.store, self._key(f"models/{mid}"), "extract", lease_s=lease_s) as lease:
+            # Taken first, then looked for a deletion: a deletion takes its lease before it looks for extractions, so
+            # of the two that start at once one sees the other (a deletion that started first is seen here).
+            deleting = [held for held in self._model_leases(mid) if held.purpose == "delete"]
+            if deleting:
+                owners = ", ".join(sorted({_process(held.owner) for held in deleting}))
+                raise ModelInUseError(
+                    f"Expected model {mid} of {self.url} free to extract. Got it being deleted (`hrsa store rm` by "
+                    f"{owners}) instead. Run the same command again once that deletion has ended: the extraction then "
+                    "starts anew."
+                )
+            yield lease
+
+    def _model_leases(self, mid: str) -> list[ModelLease]:
+        return live_leases(self._root.store, self._key(f"models/{mid}"))
+
+    def delete_model(self, mid: str, *, held: ModelLease | None = None) -> None:
         """Remove a model and all its hidden states; corpora and other models are untouched.
 
         Its metadata (``zarr.json``) goes first, so that from the first deleted object on, readers, resumes and
-        extractions see the model half-created (absent for listing), never complete with objects missing.
+        extractions see the model half-created (absent for listing), never complete with objects missing. A lease
+        of the deletion's own is held meanwhile: an extraction starting then is refused (:meth:`extracting`).
+
+        Args:
+            held: the caller's own lease (an extraction replacing the model it holds): it does not refuse the deletion,
+                and it is kept.
 
         Raises:
             ModelNotFoundError: no such model.
-            ModelInUseError: an extraction is writing it now (live claims of units not done); nothing is deleted.
+            ModelInUseError: an extraction holds it (:meth:`extracting`), or is writing it now (live claims of units
+                not done); nothing is deleted.
             IncompleteDeletionError: the storage failed part way (or a writer added objects meanwhile); what is left
                 is a half-created model, which running the deletion again removes.
         """
@@ -634,32 +672,77 @@ class ActivationStore(ResultRecords):
         parse_id(mid, kind="model id")
         if self._probe_model(mid)[0] == "absent":
             self._model_group(mid)  # raises ModelNotFoundError
+        kept = {held.token} if held is not None else set()
+        self._check_not_in_use(mid, kept)  # before anything is written: a refusal leaves the store as it was
+        with holding_model(self._root.store, self._key(f"models/{mid}"), "delete") as own:
+            # Again, now that this deletion's lease is there: an extraction that took its lease since the check above
+            # is seen here; one that takes it from now on sees this lease and stops.
+            self._check_not_in_use(mid, kept | {own.token})
+            self._delete_model_node(mid, keep_leases=True)
+        self._delete_leases(mid, kept)
+
+    def _check_not_in_use(self, mid: str, kept: set[str]) -> None:
+        """Raise ModelInUseError when an extraction holds model ``mid`` (a live lease not in ``kept``, a deletion's
+        aside) or writes a unit of it (a live claim of a unit not done)."""
+        import time
+
+        leases = [lease for lease in self._model_leases(mid) if lease.token not in kept and lease.purpose != "delete"]
         claims = live_claims(self._root.store, self._key(f"models/{mid}"))
+        if not leases and not claims:
+            return
+        held = []
+        if leases:
+            owners = ", ".join(sorted({_process(lease.owner) for lease in leases}))
+            held.append(f"an extraction holding it (process {owners})")
         if claims:
-            import time
-
             units = ", ".join(str(c.unit) for c in claims[:8]) + (f" and {len(claims) - 8} more" if len(claims) > 8 else "")
-            owners = ", ".join(sorted({c.owner for c in claims}))
-            until = time.strftime("%H:%M:%S", time.localtime(max(c.expires for c in claims)))
-            raise ModelInUseError(
-                f"Expected no extraction writing model {mid} of {self.url} to delete it. Got live claims on units "
-                f"{units} (held by {owners}, renewed while it runs; lease until {until}) instead. Wait for that "
-                f"extraction to finish, or stop it (its claims end with its process on its machine, elsewhere when "
-                f"their lease runs out), then run `hrsa store rm {self.url} {mid}` again."
-            )
-        self._delete_model_node(mid)  # a half-created one too: deleting it is its fix
+            owners = ", ".join(sorted({_process(c.owner) for c in claims}))
+            held.append(f"live claims on units {units} (held by {owners})")
+        until = time.strftime("%H:%M:%S", time.localtime(max([c.expires for c in claims] + [x.expires for x in leases])))
+        raise ModelInUseError(
+            f"Expected no extraction writing model {mid} of {self.url} to delete it. Got {' and '.join(held)}, renewed "
+            f"while it runs (lease until {until}), instead. Wait for that extraction to finish, or stop it (its lease "
+            f"ends with its process on its machine, elsewhere when it runs out), then run `hrsa store rm {self.url} "
+            f"{mid}` again."
+        )
 
-    def _delete_model_node(self, mid: str) -> None:
+    def _delete_model_node(self, mid: str, *, keep_leases: bool = False) -> None:
+        """Delete the model's objects: its metadata first, then the rest (its leases too unless ``keep_leases``)."""
         prefix = self._key(f"models/{mid}")
+        store = self._root.store
         try:
-            delete_key(self._root.store, f"{prefix}/zarr.json")  # first: what is left is half-created, never whole
-            delete_prefix(self._root.store, prefix)
+            delete_key(store, f"{prefix}/zarr.json")  # first: what is left is half-created, never whole
+            if not keep_leases:
+                delete_prefix(store, prefix)
+                return
+            folders = {key.split("/")[0]: "/" in key for key in list_keys(store, prefix)}
+            for name, folder in folders.items():
+                if name != LEASES:
+                    (delete_prefix if folder else delete_key)(store, f"{prefix}/{name}")
         except OSError as error:
-            raise IncompleteDeletionError(
-                f"Expected model {mid} of {self.url} deleted. Got {type(error).__name__}: {error} part way instead "
-                f"(the storage refused, or a writer added objects meanwhile): what is left is half-created. Run "
-                f"`hrsa store rm {self.url} {mid} --yes` again (after any extraction writing it has stopped)."
-            ) from None
+            raise self._cut_short(mid, error) from None
+
+    def _delete_leases(self, mid: str, kept: set[str]) -> None:
+        """The last of a deletion: the leases left (expired ones, extractions that stopped on seeing the deletion),
+        then the model's folder, but for the leases in ``kept`` (an extraction replacing the model holds on)."""
+        prefix = self._key(f"models/{mid}")
+        store = self._root.store
+        try:
+            if kept:
+                for token in list_keys(store, f"{prefix}/{LEASES}"):
+                    if token not in kept:
+                        delete_key(store, f"{prefix}/{LEASES}/{token}")
+            else:
+                delete_prefix(store, prefix)
+        except OSError as error:
+            raise self._cut_short(mid, error) from None
+
+    def _cut_short(self, mid: str, error: OSError) -> IncompleteDeletionError:
+        return IncompleteDeletionError(
+            f"Expected model {mid} of {self.url} deleted. Got {type(error).__name__}: {error} part way instead "
+            f"(the storage refused, or a writer added objects meanwhile): what is left is half-created. Run "
+            f"`hrsa store rm {self.url} {mid} --yes` again (after any extraction writing it has stopped)."
+        )
 
     def _key(self, path: str) -> str:
         """Store key of ``path`` below the root."""
@@ -673,6 +756,12 @@ class ActivationStore(ResultRecords):
         methods above (``hidden_state``, ``create_results``...) are the interface to it.
         """
         return self._root[path]
+
+
+def _process(owner: str) -> str:
+    """A lease's owner as a user finds it: ``host:pid`` (its kernel boot and PID namespace left out)."""
+    where, _, pid = owner.rpartition(":")
+    return f"{where.partition('@')[0]}:{pid}" if where else owner
 
 
 def _is_model_metadata(mid: str, metadata: bytes) -> bool:

@@ -216,7 +216,8 @@ def verify(url: str, models: tuple[str, ...], reset_damaged: bool) -> None:
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def rm(url: str, model: str, results: bool, yes: bool) -> None:
     """Delete MODEL and all its hidden states from the store at URL (corpora are kept), or with --results one result
-    record."""
+    record. Refused (exit 2) while an extraction of MODEL runs; a killed one's hold ends with its process (after 120 s
+    when it ran on another machine)."""
     from hrsa.store import ActivationStore
     from hrsa.store.errors import CorruptDataError
 

@@ -92,7 +92,8 @@ class CorruptDataError(HrsaError, ValueError):
 
 
 class ModelInUseError(UserError, RuntimeError):
-    """Deleting a model that an extraction is writing now (live claims of units not done)."""
+    """Deleting a model that an extraction holds (its live model lease, or live claims of units not done), or
+    extracting a model whose deletion is under way."""
 
 
 class IncompleteDeletionError(HrsaError, OSError):

@@ -16,7 +16,7 @@ _SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # id can replace a node's metadata: `models/zarr.json` deleted models' group on an fsspec store. Compared
 # case-insensitively, as case-insensitive filesystems (macOS, Windows) compare them.
 RESERVED_NAMES = frozenset({
-    "zarr.json", "corpora", "models", "results", "alignments", "hidden", "units", "done", "claims",
+    "zarr.json", "corpora", "models", "results", "alignments", "hidden", "units", "done", "claims", "leases",
     "token_ids", "doc_index", "position", "is_special", "doc_offsets", "doc_truncated", "doc_original_length",
     "doc_record_id", "token_field", "char_start", "char_end", "doc_text_sha256",
 })

@@ -3,6 +3,9 @@
 Keys below a model's group (raw objects beside its Zarr arrays, not Zarr nodes)::
 
     claims/<unit>/<attempt>   {"token", "owner", "expires"}: attempt n holds the unit until it expires
+    leases/<token>            {"purpose", "token", "owner", "expires"}: the whole model held by one process, an
+                              extraction writing it ("extract") or a deletion under way ("delete"); renewed like a
+                              claim, deleted by its holder at its end (readers before these records ignore them)
     done/<unit>               the unit's manifest: every shard object's key, byte count and xxh3 (format 2: a sha256
                               too), the model settings it was written under, and a sha256 of the record itself
 
@@ -29,11 +32,14 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "LEASE_S", "ShardRecord", "DoneRecord", "Claim", "done_key", "claim_prefix", "parse_done_units",
+    "LEASE_S", "LEASES", "ShardRecord", "DoneRecord", "Claim", "ModelLease", "done_key", "claim_prefix", "parse_done_units",
     "settings_fingerprint", "sha256", "xxh3", "differs", "size_problem", "writer_name",
 ]
 
 LEASE_S = 120.0  # a claim unrenewed for this long belongs to a dead writer; renewed every LEASE_S / 4
+
+
+LEASES = "leases"  # the folder of a model's leases (ModelLease)
 
 
 def done_key(unit: int) -> str:
@@ -233,7 +239,55 @@ class Claim:
     def live(self) -> bool:
         """Unexpired, and not held by a process of this machine that is gone (a killed writer's unit is taken over at
         once on its own machine; elsewhere its lease runs out)."""
-        return time.time() < self.expires and not _dead_local_process(self.owner)
+        return _live(self.expires, self.owner)
+
+
+@dataclass(frozen=True)
+class ModelLease:
+    """A whole model held by one process until ``expires`` (unix time): ``purpose`` "extract" (an extraction's
+    driver, from before it creates or opens the model until it ends) or "delete" (a deletion under way).
+
+    Any number of processes hold leases on one model at once (extractions of one model share it unit by unit); each
+    writes only its own key, ``leases/<token>``, so a plain write renews it. Live by the same rule as a :class:`Claim`.
+    """
+
+    purpose: str
+    token: str
+    owner: str
+    expires: float
+
+    @classmethod
+    def new(cls, purpose: str, lease_s: float = LEASE_S) -> ModelLease:
+        return cls(purpose, uuid.uuid4().hex, writer_name(), time.time() + lease_s)
+
+    def renewed(self, lease_s: float = LEASE_S) -> ModelLease:
+        return ModelLease(self.purpose, self.token, self.owner, time.time() + lease_s)
+
+    def key(self) -> str:
+        return f"{LEASES}/{self.token}"
+
+    def to_bytes(self) -> bytes:
+        return _canonical({"purpose": self.purpose, "token": self.token, "owner": self.owner, "expires": self.expires})
+
+    @classmethod
+    def parse(cls, data: bytes | None, token: str) -> ModelLease | None:
+        """The lease at ``leases/<token>``, or None when gone or unreadable (a torn lease's holder died writing it)."""
+        try:
+            doc = json.loads(data or b"")
+            lease = cls(str(doc["purpose"]), str(doc["token"]), str(doc["owner"]), float(doc["expires"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+        return lease if lease.token == token else None
+
+    @property
+    def live(self) -> bool:
+        return _live(self.expires, self.owner)
+
+
+def _live(expires: float, owner: str) -> bool:
+    """A lease (a unit's claim, a model's lease) holds until it expires, or until its owner, a process of this
+    machine, is gone."""
+    return time.time() < expires and not _dead_local_process(owner)
 
 
 def _dead_local_process(owner: str) -> bool:

@@ -17,8 +17,9 @@ when processes write different inner chunks of one shard).
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,15 +34,18 @@ from hrsa.store.objects import (
 )
 from hrsa.store.shard_encoding import encode_shard
 from hrsa.store.unit_records import (
-    LEASE_S, Claim, DoneRecord, ShardRecord, claim_prefix, done_key, parse_done_units, settings_fingerprint,
-    writer_name,
+    LEASE_S, LEASES, Claim, DoneRecord, ModelLease, ShardRecord, claim_prefix, done_key, parse_done_units,
+    settings_fingerprint, writer_name,
 )
 
 if TYPE_CHECKING:
     import zarr
 
-__all__ = ["WorkUnit", "ModelWriter", "array_through", "done_units", "live_claims", "shard_key", "checked_record",
-           "recorded_shard", "shard_problem"]
+__all__ = ["WorkUnit", "ModelWriter", "array_through", "done_units", "live_claims", "live_leases", "holding_model",
+           "shard_key", "checked_record", "recorded_shard", "shard_problem"]
+
+
+log = logging.getLogger(__name__)
 
 
 def shard_key(array: zarr.Array, unit: int) -> str:
@@ -75,6 +79,61 @@ def live_claims(store: Any, model_prefix: str) -> list[Claim]:
         if claim is not None and claim.live:
             live.append(claim)
     return live
+
+
+def live_leases(store: Any, model_prefix: str) -> list[ModelLease]:
+    """The live leases on a model (:class:`~hrsa.store.unit_records.ModelLease`): extractions running on it and
+    deletions under way. One listing of ``leases/`` and one read per lease there."""
+    leases = []
+    for token in list_keys(store, f"{model_prefix}/{LEASES}"):
+        lease = ModelLease.parse(get_bytes(store, f"{model_prefix}/{LEASES}/{token}"), token)
+        if lease is not None and lease.live:
+            leases.append(lease)
+    return leases
+
+
+@contextmanager
+def renewing(renew: Callable[[], None], lease_s: float, name: str) -> Iterator[None]:
+    """Call ``renew`` every ``lease_s / 4`` in a thread while the body runs (a lease's holder keeps it live)."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(lease_s / 4):
+            renew()
+
+    thread = threading.Thread(target=loop, daemon=True, name=name)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+@contextmanager
+def holding_model(store: Any, model_prefix: str, purpose: str, *, lease_s: float = LEASE_S) -> Iterator[ModelLease]:
+    """Hold the model at ``model_prefix`` (its folder need not exist yet) while the body runs: a lease record of this
+    process, renewed like a unit's claim, deleted at the end; a killed holder's ends with its process on its
+    machine, elsewhere when it runs out. Checking what others hold is the caller's (:func:`live_leases`)."""
+    lease = ModelLease.new(purpose, lease_s)
+    key = f"{model_prefix}/{lease.key()}"
+    put_bytes(store, key, lease.to_bytes())  # the token is this process's own: nobody else writes this key
+    holder = {"lease": lease}
+
+    def renew() -> None:
+        renewed = holder["lease"].renewed(lease_s)
+        try:
+            put_bytes(store, key, renewed.to_bytes())
+        except OSError as error:  # a storage hiccup: tried again at the next tick, while the lease still runs
+            log.warning("renewing the lease on %s failed (%s); trying again", model_prefix, error)
+            return
+        holder["lease"] = renewed
+
+    try:
+        with renewing(renew, lease_s, f"hrsa-model-lease-{purpose}"):
+            yield lease
+    finally:
+        delete_key(store, key)
 
 
 def read_record(store: Any, model_prefix: str, unit: int) -> DoneRecord:
@@ -229,20 +288,13 @@ class ModelWriter:
         if claim is None:
             yield None
             return
-        stop = threading.Event()
         holder = {"claim": claim}
 
         def renew() -> None:
-            while not stop.wait(self.lease_s / 4):
-                holder["claim"] = self.renew(holder["claim"])
+            holder["claim"] = self.renew(holder["claim"])
 
-        thread = threading.Thread(target=renew, daemon=True, name=f"hrsa-lease-{unit.index}")
-        thread.start()
-        try:
+        with renewing(renew, self.lease_s, f"hrsa-lease-{unit.index}"):
             yield claim
-        finally:
-            stop.set()
-            thread.join()
 
     # -- writing ---------------------------------------------------------------------------------------------------
     def write_unit(self, unit: WorkUnit, states: Mapping[int, object], *, claim: Claim | None = None,
