@@ -1,4 +1,4 @@
-"""Store format version 3: layout constants, dtypes as stored, chunk and shard sizing, codecs.
+"""Store format version 4: layout constants, dtypes as stored, chunk and shard sizing, codecs.
 
 Layout (one Zarr v3 group)::
 
@@ -12,6 +12,7 @@ Layout (one Zarr v3 group)::
         hidden/<k>                one hidden state, (N, D), chunked along tokens, sharded: one shard per unit
         claims/<u>/<attempt>      raw JSON objects: who is writing unit u, until when (unit_records.py)
         done/<u>                  raw JSON object: unit u's manifest; its existence makes the unit done
+        leases/<token>            raw JSON objects: an extraction (or a deletion) holding the whole model (units.py)
       results/<run>/              metric outputs
       alignments/<cidA>--<cidB>/  rows_a, rows_b (M,): tokens of two corpora with equal content spans
                                   (alignment.py; made on first use, so absent from stores that never needed one)
@@ -20,7 +21,7 @@ Corpora stored before content spans were kept have no span arrays: they read and
 of spans (``--fields``, aligning two tokenizers) is refused in one line. Corpora stored before text digests were
 kept read and compare as before too, and aligning one with another is refused in one line (nothing tells that
 their documents hold the same text). Format 1 kept a (n_units,) uint8 ``units`` array of done flags instead of claims and done records; ``hrsa store
-upgrade`` turns a format-1 store into a format-2 one.
+upgrade`` turns a format-1 store into the current one (done records from the flags).
 
 This module knows the format, not the math or the I/O.
 """
