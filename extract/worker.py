@@ -13,6 +13,7 @@ it dies, retrying its in-flight unit. A retried unit is safe: each unit is claim
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -292,9 +293,8 @@ def _free_memory() -> None:
 
 def _ray_node_id() -> str:
     """The Ray node this worker runs on ("" outside Ray): several nodes of one machine share a host name."""
-    import ray
-
-    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    ray = sys.modules.get("ray")  # never imported here: a worker run in-process (benchmarks/gpu.py) may have no Ray
+    return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else ""
 
 
 def remote_worker_class(*, num_gpus: float, num_cpus: float, max_restarts: int = 3,
