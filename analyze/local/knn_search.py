@@ -7,11 +7,13 @@ stored values, at any offset, and holds one query block and one database block a
 1. Candidates on FAISS in float32. Activations share large offsets (and a few dimensions of 1e3-1e5), so
    their unit rows all lie near one direction and float32 cosines differ only past float32's resolution
    (at a 1e4 offset, float32 neighbour sets agreed with float64 ones at Jaccard 0.39). The database rows are
-   the unit rows *minus a shift* m (computed in float64), the queries the unit rows: q . (u - m) is the cosine
-   less q . m, a constant per query, so the ranking is the cosine's for any m, and with m near the shared
-   direction the float32 product carries the differences between rows, not the direction. m is the mean unit
-   row of the first query block (a convex combination of unit rows, so near their shared direction), fixed
-   before the first database block. ``faiss.knn`` (``knn_gpu`` when faiss sees a GPU) scores one query
+   the unit rows *minus a shift* m (computed in float64), c = u - m: q . c is the cosine less q . m, a constant
+   per query, so the ranking is the cosine's for any m, and with m near the shared direction the float32 product
+   carries the differences between rows, not the direction. The queries are centred too, as [q - m, 1] against
+   rows [c, m . c] (the same q . c): FAISS's float32 error then scales with both rows' spread about m, not with
+   |q| = 1, so candidates stay sharp at a 1e5 offset instead of tying and being re-ranked block-wide. m is the
+   mean unit row of the first query block (a convex combination of unit rows, so near their shared direction),
+   fixed before the first database block. ``faiss.knn`` (``knn_gpu`` when faiss sees a GPU) scores one query
    sub-block against one database block without copying it into an index.
 2. Exact re-ranking, while the database block is in memory: each query's ``k + 1 + TIE_MARGIN`` candidates
    of the block are scored again in float64 from the stored values, merged into the query's running list by
@@ -158,10 +160,13 @@ class _Block:
         return np.asarray(total) / len(self.raw)
 
     def centred(self, shift: NDArray[np.float64]) -> NDArray[np.float32]:
-        """(len, D) float32 unit rows minus ``shift``, rounded to float32 only after the float64 shift."""
-        out = np.empty(self.raw.shape, np.float32)
+        """(len, D + 1) float32: each unit row c = u - ``shift`` and, last, ``shift . c``, rounded to float32 only
+        after the float64 shift (FAISS's database rows; see :func:`_float32_units` for the queries')."""
+        out = np.empty((len(self.raw), self.raw.shape[1] + 1), np.float32)
         for i in range(0, len(self.raw), FAISS_SUB_BLOCK):
-            out[i : i + FAISS_SUB_BLOCK] = self.unit(i, i + FAISS_SUB_BLOCK) - shift
+            c = self.unit(i, i + FAISS_SUB_BLOCK) - shift
+            out[i : i + FAISS_SUB_BLOCK, :-1], out[i : i + FAISS_SUB_BLOCK, -1] = c, c @ shift
+            del c  # before the next sub-block's float64 copies are made
         return out
 
 
@@ -220,34 +225,43 @@ def _scan(best: _Best, q: _Block, db: _Block, centred: NDArray[np.float32], shif
     still reach its k-th exact score may have lost rows that tie with it or beat it (a token's every occurrence is
     one row at the embedding layer: ties of hundreds): its candidates of this block are taken again, four times as
     many, until none can (or the block is whole)."""
-    # FAISS's float32 inner product of a unit query and a centred row c is off by at most (D + 2) 2^-24 |c|
-    error = (centred.shape[1] + 2) * 2.0**-24 * float(np.sqrt(np.max(np.einsum("ij,ij->i", centred, centred))))
+    # FAISS's float32 product of a query [q - m, 1] and a row [c, m . c] (L = D + 1 terms) is off from the float64
+    # one by at most (L + 2) 2^-24 (|q - m| |c| + |m . c|): L for the sum (any order), 2 for rounding both inputs.
+    # Both factors are the rows' spread about m, not their offset: at a 1e5 offset the bound falls with it, where a
+    # bound of a unit query (|q| = 1) stayed above the cosines' differences and re-ranked whole blocks.
+    spread = max(float(np.max(np.linalg.norm(centred[i : i + FAISS_SUB_BLOCK, :-1], axis=1)))  # a sub-block at a time:
+                 for i in range(0, len(centred), FAISS_SUB_BLOCK))  # a strided (N, D) view would be copied whole
+    error = ((centred.shape[1] + 2) * 2.0**-24, spread, float(np.max(np.abs(centred[:, -1]))))
     for s in range(0, len(q.raw), FAISS_SUB_BLOCK):
         rows = np.arange(s, min(s + FAISS_SUB_BLOCK, len(q.raw)))
         _take(best, q, rows, db, centred, shift, k, min(best.ids.shape[1], len(db.raw)), error, gpu)
 
 
-def _float32_units(q: _Block, at: NDArray[np.int64], shift: NDArray[np.float64],
-                   step: int = 512) -> tuple[NDArray[np.float32], NDArray[np.float64]]:
-    """Rows ``at`` (sorted) of ``q`` as float32 unit rows (FAISS's queries), and each one's float64 ``q . m`` (what
-    FAISS's score lacks of the cosine); float64 copies of ``step`` rows at a time."""
-    units, offsets = np.empty((len(at), q.raw.shape[1]), np.float32), np.empty(len(at))
+def _float32_units(q: _Block, at: NDArray[np.int64], shift: NDArray[np.float64], step: int = 512
+                   ) -> tuple[NDArray[np.float32], NDArray[np.float64], NDArray[np.float64]]:
+    """Rows ``at`` (sorted) of ``q`` as FAISS's float32 queries [u - m, 1] (u the unit row, m the shift), each one's
+    float64 ``u . m`` (what FAISS's score, ``u . c``, lacks of the cosine ``u . (c + m)``) and its float64 ``|u - m|``;
+    float64 copies of ``step`` rows at a time."""
+    units = np.ones((len(at), q.raw.shape[1] + 1), np.float32)
+    offsets, spreads = np.empty(len(at)), np.empty(len(at))
     for j in range(0, len(at), step):
         part = at[j : j + step]
         contiguous = int(part[-1]) - int(part[0]) + 1 == len(part)
         u = q.unit(int(part[0]), int(part[-1]) + 1) if contiguous else (
             np.asarray(q.raw[part], np.float64) / _safe(q.norms[part])[:, None])
-        units[j : j + step], offsets[j : j + step] = u, u @ shift
-    return units, offsets
+        offsets[j : j + step] = u @ shift
+        u -= shift
+        units[j : j + step, :-1], spreads[j : j + step] = u, np.linalg.norm(u, axis=1)
+    return units, offsets, spreads
 
 
 def _take(best: _Best, q: _Block, rows: NDArray[np.int64], db: _Block, centred: NDArray[np.float32],
-          shift: NDArray[np.float64], k: int, c: int, error: float, gpu: bool) -> None:
+          shift: NDArray[np.float64], k: int, c: int, error: tuple[float, float, float], gpu: bool) -> None:
     """Merge the ``c`` best candidates of ``db`` for ``rows`` of ``q`` (replacing any of that block taken before),
     then take again, wider, for the rows whose cut could have left out a tie or a better row."""
     for i in range(0, rows.size, max(1, _WIDE_ELEMENTS // c)):  # (rows, c) arrays of at most 32 MB each
         at = rows[i : i + max(1, _WIDE_ELEMENTS // c)]
-        units, offsets = _float32_units(q, at, shift)
+        units, offsets, spreads = _float32_units(q, at, shift)
         approx, cand = _faiss_top(units, centred, c, gpu)  # (b, c) rows of the block
         del units
         exact = _exact_scores(q, at, db, cand, best.ids.shape[1])
@@ -256,7 +270,8 @@ def _take(best: _Best, q: _Block, rows: NDArray[np.int64], db: _Block, centred: 
         best.drop(at, int(db.positions[0]), int(db.positions[-1]) + 1)  # a wider take replaces a narrower one
         best.merge(at, exact, np.where(np.isfinite(exact), ids, _NO_ID))
         if c < len(db.raw):
-            reach = approx[:, -1].astype(np.float64) + offsets + error  # what the rows left out can score
+            scale, rows_spread, mc = error  # what the rows left out can score: FAISS's last, plus its error
+            reach = approx[:, -1].astype(np.float64) + offsets + scale * (spreads * rows_spread + mc)
             cut = at[reach >= best.scores[at, k - 1]]
             if cut.size:
                 _take(best, q, cut, db, centred, shift, k, min(4 * c, len(db.raw)), error, gpu)
@@ -373,7 +388,7 @@ def approximate_neighbors(x: ArrayLike, k: int, *, m: int = 32, ef_search: int =
     index = faiss.IndexHNSWFlat(rows.raw.shape[1], m, faiss.METRIC_L2)
     index.hnsw.efConstruction = max(40, 2 * m)
     index.hnsw.efSearch = max(ef_search, k + 1 + TIE_MARGIN)
-    centred = rows.centred(shift)
+    centred = np.ascontiguousarray(rows.centred(shift)[:, :-1])  # the unit rows less the shift alone
     index.add(centred)
     best = _Best(n, k + 1 + TIE_MARGIN)
     for s in range(0, n, FAISS_SUB_BLOCK):  # the graph's candidates, re-ranked in float64 a sub-block at a time

@@ -112,7 +112,7 @@ class KnnPass:
         """Bytes of one model's exact search with query blocks of q rows and database blocks of b rows."""
         q, b = min(q, self.n), min(b, self.n)
         d, r, c = self.d, self.read_bytes, self.candidates
-        database = b * (4 * d + 16) + (b * d * r if self.n > q else 0)
+        database = b * (4 * (d + 1) + 16) + (b * d * r if self.n > q else 0)  # centred rows and shift . c
         return q * (d * r + 16 * c + 16) + database + self._sub_block(q, b)
 
     def hnsw_bytes(self, m: int = 32) -> int:
