@@ -45,14 +45,15 @@ def extract(config_file: Path | None, **flags: Any) -> None:
             bar.start()
         bar.update(task, total=total, advance=tokens)
 
+    warned: list[str] = []
     try:
         with gathered_warnings() as warned:  # printed below the bar, not through it
             result = run_extraction(config, on_progress=advance)
     finally:
         if bar.live.is_started:
             bar.stop()
-    for message in warned:
-        click.echo(f"hrsa: warning: {message}", err=True)
+        for message in warned:  # a failed run's too, before its error line: what it found still holds
+            click.echo(f"hrsa: warning: {message}", err=True)
     nodes = f" on {', '.join(result.nodes)}" if result.nodes else ""
     others = f" ({result.units_by_others} by other extractions running at once)" if result.units_by_others else ""
     click.echo(f"{result.model_id}: {result.units_written} of {result.n_units} units written this run{nodes}{others}; "

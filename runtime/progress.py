@@ -80,16 +80,20 @@ def progress_line(task: Task, label: str) -> str:
 def gathered_warnings() -> Iterator[list[str]]:
     """Hold back the warnings raised while the block runs (a bar is drawn meanwhile, and a warning printed through it
     tears it): when the block ends, hrsa's own are in the yielded list, each message one line for the caller to
-    print (``hrsa: warning: ...``), and Python shows the others as it would have. Each is gathered once per place."""
+    print (``hrsa: warning: ...``), and Python shows the others as it would have. Each is gathered once per place,
+    also when the block raises (the caller prints them before the error)."""
     ours: list[str] = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("default")
-        try:
-            yield ours
-        finally:
-            held = list(caught)
-    for w in held:
-        if w.category.__module__.startswith("hrsa"):
-            ours.append(str(w.message))
-        else:
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    held: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            try:
+                yield ours
+            finally:
+                held = list(caught)
+    finally:  # a block that raised too: what it warned of before failing still holds
+        for w in held:
+            if w.category.__module__.startswith("hrsa"):
+                ours.append(str(w.message))
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)

@@ -454,3 +454,24 @@ def test_chat_contents_left_as_markup_are_one_warning_line(tmp_path: Path, tiny_
     warned = [line for line in result.stderr.splitlines() if "chat messages" in line]
     assert warned == [line for line in result.stderr.splitlines() if "markup" in line] and len(warned) == 1, result.stderr
     assert warned[0].startswith("hrsa: warning: 1 of 2 chat messages of field 'm'") and "one" in warned[0], warned
+
+
+def test_a_failed_extraction_still_prints_the_warnings_gathered_before_it(tmp_path: Path, tiny_models: Any,
+                                                                          ray_local: Any) -> None:
+    """The chat-markup warning (found while tokenising) was dropped when the run then failed: a user fixing the
+    error never learnt that part of the corpus would be left as markup. It prints before the error line."""
+    from hrsa.extract.model_spec import parse_model_spec
+    from hrsa.extract.models import load_tokenizer
+
+    folder = Path(shutil.copytree(tiny_models.dir("llama"), tmp_path / "chat"))
+    tokenizer, _ = load_tokenizer(parse_model_spec(str(folder)))
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] | replace('\\n', ' ') }}\n{% endfor %}"
+    tokenizer.save_pretrained(folder)
+    corpus = tmp_path / "chats.jsonl"
+    corpus.write_text(json.dumps({"id": "one", "m": [{"role": "user", "content": "the dog\nthe fox"}]}) + "\n")
+    result = run_cli("--store", str(tmp_path / "store"), "--model", str(folder), "--corpus", str(corpus),
+                     "--template", "{chat:m}", "--name", "chat", "--workers", "1", "--layers", "99")
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("hrsa: warning: 1 of 1 chat messages of field 'm'"), lines
+    assert "99" in lines[1] and not (tmp_path / "store").exists(), lines

@@ -77,3 +77,22 @@ def test_gathered_warnings_hold_hrsa_ones_as_lines_and_show_the_others() -> None
             assert warned == [] and shown == []  # nothing shown while the block runs
     assert warned == ["3 of 4 messages are markup"]
     assert [(w.category, str(w.message)) for w in shown] == [(DeprecationWarning, "a library's own")]
+
+
+def test_gathered_warnings_of_a_block_that_raises_are_kept() -> None:
+    """A block that warned and then failed lost its warnings (they were sorted only after a clean exit)."""
+    import types
+    import warnings
+
+    from hrsa.runtime.progress import gathered_warnings
+
+    ours = types.ModuleType("hrsa.fake_stage")
+    exec("class StageWarning(UserWarning):\n    pass", ours.__dict__)
+    warned: list[str] = []
+    try:
+        with gathered_warnings() as warned:
+            warnings.warn(ours.StageWarning("2 of 9 contents left as markup"), stacklevel=1)
+            raise ValueError("the run failed after it")
+    except ValueError:
+        pass
+    assert warned == ["2 of 9 contents left as markup"]
