@@ -3,6 +3,7 @@
 Run (from the repository root, on a machine with a CUDA GPU; ``--device cpu`` runs the same code at smoke size here):
 
     python benchmarks/gpu.py                                  # N = 100,000 tokens, ~5 minutes on an H200
+    python benchmarks/gpu.py --quick                          # smoke sizes on the GPU
     python benchmarks/gpu.py --device cpu --tokens 2048 --hidden 64 --states 4 --extract-docs 2   # smoke
 
 What it measures, each figure side by side in one run:
@@ -323,6 +324,7 @@ def bench_faiss(cfg: GpuBenchConfig) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke sizes (N = 8,192, D = 256, 5 states, 2 documents)")
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu for a smoke run")
     parser.add_argument("--tokens", type=int, help="N of (b)-(c) (default 100,000)")
     parser.add_argument("--hidden", type=int, help="D (default 1536)")
@@ -333,6 +335,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     cfg = GpuBenchConfig(device=args.device)
+    if args.quick:
+        cfg = replace(cfg, tokens=8192, hidden=256, states=5, extract_docs=2)
     for name in ("tokens", "hidden", "states", "extract_docs"):
         if getattr(args, name) is not None:
             cfg = replace(cfg, **{name: getattr(args, name)})
