@@ -229,9 +229,16 @@ def _scan(best: _Best, q: _Block, db: _Block, centred: NDArray[np.float32], shif
     # one by at most (L + 2) 2^-24 (|q - m| |c| + |m . c|): L for the sum (any order), 2 for rounding both inputs.
     # Both factors are the rows' spread about m, not their offset: at a 1e5 offset the bound falls with it, where a
     # bound of a unit query (|q| = 1) stayed above the cosines' differences and re-ranked whole blocks.
+    # Plus float64's own rounding, which that bound no longer hides where the spread is tiny (sd 1e-7 of the offset):
+    # q . m and the exact cosines are each within ~(D + 3) 2^-53 of their true values; 4x that, both ways, so a
+    # left-out row whose float64 score ties the k-th is taken again (ties break by index).
     spread = max(float(np.max(np.linalg.norm(centred[i : i + FAISS_SUB_BLOCK, :-1], axis=1)))  # a sub-block at a time:
                  for i in range(0, len(centred), FAISS_SUB_BLOCK))  # a strided (N, D) view would be copied whole
-    error = ((centred.shape[1] + 2) * 2.0**-24, spread, float(np.max(np.abs(centred[:, -1]))))
+    # On a GPU, cuBLAS may round the inputs to TF32 (a 10-bit mantissa) before its float32 sums: not ruled out on a GPU
+    # here, so the inputs' rounding is bounded as TF32's there.
+    inputs = 2.0**-11 if gpu else 2.0**-24
+    error = (centred.shape[1] * 2.0**-24 + 2 * inputs, spread, float(np.max(np.abs(centred[:, -1]))),
+             4 * (centred.shape[1] + 2) * 2.0**-53)
     for s in range(0, len(q.raw), FAISS_SUB_BLOCK):
         rows = np.arange(s, min(s + FAISS_SUB_BLOCK, len(q.raw)))
         _take(best, q, rows, db, centred, shift, k, min(best.ids.shape[1], len(db.raw)), error, gpu)
@@ -256,7 +263,7 @@ def _float32_units(q: _Block, at: NDArray[np.int64], shift: NDArray[np.float64],
 
 
 def _take(best: _Best, q: _Block, rows: NDArray[np.int64], db: _Block, centred: NDArray[np.float32],
-          shift: NDArray[np.float64], k: int, c: int, error: tuple[float, float, float], gpu: bool) -> None:
+          shift: NDArray[np.float64], k: int, c: int, error: tuple[float, float, float, float], gpu: bool) -> None:
     """Merge the ``c`` best candidates of ``db`` for ``rows`` of ``q`` (replacing any of that block taken before),
     then take again, wider, for the rows whose cut could have left out a tie or a better row."""
     for i in range(0, rows.size, max(1, _WIDE_ELEMENTS // c)):  # (rows, c) arrays of at most 32 MB each
@@ -270,8 +277,8 @@ def _take(best: _Best, q: _Block, rows: NDArray[np.int64], db: _Block, centred: 
         best.drop(at, int(db.positions[0]), int(db.positions[-1]) + 1)  # a wider take replaces a narrower one
         best.merge(at, exact, np.where(np.isfinite(exact), ids, _NO_ID))
         if c < len(db.raw):
-            scale, rows_spread, mc = error  # what the rows left out can score: FAISS's last, plus its error
-            reach = approx[:, -1].astype(np.float64) + offsets + scale * (spreads * rows_spread + mc)
+            scale, rows_spread, mc, rounding = error  # what the rows left out can score: FAISS's last, plus errors
+            reach = approx[:, -1].astype(np.float64) + offsets + scale * (spreads * rows_spread + mc) + rounding
             cut = at[reach >= best.scores[at, k - 1]]
             if cut.size:
                 _take(best, q, cut, db, centred, shift, k, min(4 * c, len(db.raw)), error, gpu)

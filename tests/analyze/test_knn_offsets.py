@@ -103,3 +103,23 @@ def test_float32_candidates_stay_sharp_at_large_offsets(offset: float, monkeypat
     x = _stored(offset)
     np.testing.assert_array_equal(exact_neighbors(x, K), _float64_neighbors(x, K))
     assert sum(retaken) <= 0.01 * N, f"{sum(retaken)} of {N} queries re-taken wider"
+
+
+@pytest.mark.parametrize("draws", [0, 600, 1200, 1800])
+def test_exact_ties_at_a_tiny_spread_break_by_index(draws: int) -> None:
+    """Rows spread by 1e-7 of their offset (sd 0.01 at 1e5) and groups of identical rows: FAISS's float32 bound
+    (~1e-20 here) fell below float64's own rounding of the cosines (~1e-16), so a cut that left out an identical row
+    of smaller index was not taken again (found by review). Distinct rows here differ by a few float64 ulps, so any
+    two formulas of the cosine may order them differently; identical rows score identically under every formula, so
+    each query's members of a group must be the group's smallest indices (itself excluded), in order."""
+    rng = np.random.default_rng(2)
+    rng.standard_normal((draws, 4))  # 600: the review's draws before its case, the rows it found a miss in
+    x = 0.01 * rng.standard_normal((300, 4))
+    x[:, 0] += 1e5
+    x[50:80] = x[49]
+    x[200:203] = x[7]
+    got = exact_neighbors(x.astype(np.float32), K, query_block=64, db_block=90)
+    for group in (np.arange(49, 80), np.array([7, 200, 201, 202])):
+        for i, row in enumerate(got):
+            members = [int(j) for j in row if j in group]
+            assert members == [int(j) for j in group if j != i][: len(members)], (i, row.tolist())
