@@ -24,12 +24,11 @@ class _Hrsa(click.Group):
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
-        except UserError as error:  # the user's to fix: one line, exit 2
+        except HrsaError as error:  # one line that names the fix: exit 2 for the user's to fix, 1 (corrupted data...)
+            for line in error.warnings:  # what the run found before it failed still holds
+                click.echo(f"hrsa: warning: {line}", err=True)
             click.echo(f"hrsa: error: {error}", err=True)
-            ctx.exit(2)
-        except HrsaError as error:  # e.g. corrupted data: one line that names the fix, exit 1
-            click.echo(f"hrsa: error: {error}", err=True)
-            ctx.exit(1)
+            ctx.exit(2 if isinstance(error, UserError) else 1)
 
 
 @click.group(cls=_Hrsa, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -103,6 +103,7 @@ def run_analysis(
             earlier run's outputs are then as they were.
     """
     fields = type(config).model_fields
+    warned: list[str] = []
     try:
         # Step 1: the store, writable when the results go into it; a taken run id fails now, not after the passes
         # (with replace, the earlier run's record may hold it: it is replaced in step 3). Nothing written or removed.
@@ -120,6 +121,7 @@ def run_analysis(
     except HrsaError as error:
         # The plan and the passes name settings by `hrsa analyze`'s flags; the caller's names (the pipeline's keys).
         error.args = (renamed_flags(str(error), fields, names),)
+        error.warnings = tuple(renamed_flags(message, fields, names) for message in warned)  # printed before it
         raise
     ours = tuple(renamed_flags(message, fields, names) for message in warned)
     return AnalysisRun(results=results, saved=saved, figures=figures, warnings=ours)

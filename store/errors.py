@@ -31,6 +31,9 @@ __all__ = [
 class HrsaError(Exception):
     """Base of every error hrsa raises on purpose."""
 
+    #: What the failed run warned of before it failed (one line each): the CLI prints them before the error line.
+    warnings: tuple[str, ...] = ()
+
 
 class UserError(HrsaError):
     """A mistake in what the user asked for; the message names the fix."""

@@ -246,3 +246,31 @@ def test_warnings_name_the_callers_settings(fresh_pair_store, tmp_path: Path) ->
 def test_the_cli_keeps_its_flags_in_messages(fresh_pair_store, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="Raise --memory-budget, or lower --block-tokens"):
         run_analysis(config(fresh_pair_store, tmp_path / "out", memory_budget="1KB"))
+
+
+def test_warnings_of_a_run_that_then_fails_come_with_its_error(fresh_pair_store, tmp_path: Path) -> None:
+    """The k-NN chance warning was gathered and then dropped when the run failed after the passes: the error now
+    carries it, and `hrsa` prints it before the error line."""
+    from click.testing import CliRunner
+
+    from hrsa.cli import cli
+
+    def refuse() -> None:
+        raise UserError("stopped before writing")
+
+    with pytest.raises(UserError, match="stopped before writing") as caught:
+        run_analysis(config(fresh_pair_store, tmp_path / "out", metrics=("cka", "knn"), k=(100,)),
+                     before_writing=refuse)
+    assert any("by chance alone" in line for line in caught.value.warnings), caught.value.warnings
+
+    @cli.command("fail-with-warnings")
+    def fail_with_warnings() -> None:
+        raise caught.value
+
+    try:
+        result = CliRunner().invoke(cli, ["fail-with-warnings"])
+    finally:
+        cli.commands.pop("fail-with-warnings")
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and lines[-1] == "hrsa: error: stopped before writing", result.stderr
+    assert lines[:-1] == [f"hrsa: warning: {line}" for line in caught.value.warnings]
