@@ -9,6 +9,7 @@ import click
 
 from hrsa.extract.config import ExtractConfig, ExtractRunOptions, ModelSourceOptions
 from hrsa.runtime.cli_options import config_file_option, config_options
+from hrsa.store.errors import HrsaError
 
 __all__ = ["extract"]
 
@@ -49,11 +50,14 @@ def extract(config_file: Path | None, **flags: Any) -> None:
     try:
         with gathered_warnings() as warned:  # printed below the bar, not through it
             result = run_extraction(config, on_progress=advance)
+    except HrsaError as error:  # a failed run's warnings still hold: hrsa prints them before its error line
+        error.warnings = tuple(warned)
+        raise
     finally:
         if bar.live.is_started:
             bar.stop()
-        for message in warned:  # a failed run's too, before its error line: what it found still holds
-            click.echo(f"hrsa: warning: {message}", err=True)
+    for message in warned:
+        click.echo(f"hrsa: warning: {message}", err=True)
     nodes = f" on {', '.join(result.nodes)}" if result.nodes else ""
     others = f" ({result.units_by_others} by other extractions running at once)" if result.units_by_others else ""
     click.echo(f"{result.model_id}: {result.units_written} of {result.n_units} units written this run{nodes}{others}; "
