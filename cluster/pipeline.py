@@ -301,6 +301,13 @@ def train_keys(run: str) -> SettingNames:
     return lambda field: f"train.{run}.{field}"
 
 
+def extraction_keys(corpus: str, section: str) -> SettingNames:
+    """How messages about an extraction name its settings: a corpus option (``template``, ``docs``...) by its key under
+    ``corpora.<corpus>``, any other by its key under ``section`` (``models.llama``, ``dynamics.0.extract``), not by
+    `hrsa extract`'s flags (``--layers``), which a pipeline has none of."""
+    return lambda field: f"corpora.{corpus}.{field}" if field in CorpusOptions.model_fields else f"{section}.{field}"
+
+
 # A pair's probe settings it may take from its corpus: label_field and labels (PipelineConfig._corpus_labels), id_field
 # (the runner reads labels from the corpus file with the corpus's id field).
 _FROM_CORPUS = ("label_field", "labels", "id_field")

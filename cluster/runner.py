@@ -51,6 +51,9 @@ __all__ = ["PipelineResult", "StageOutcome", "run_pipeline"]
 # In out, held by the `hrsa run` writing there: flock on a local or shared out, a lease on an S3 one.
 PIPELINE_LOCK = FolderLock(".hrsa_run.lock", "`hrsa run`", "give this pipeline another out")
 
+# The settings of an extraction a pipeline gives (the rest, store, model, corpus and name, it sets itself).
+_EXTRACT_SETTINGS = frozenset({*ExtractRunOptions.model_fields, *ModelSourceOptions.model_fields, *CorpusOptions.model_fields})
+
 
 @dataclass(frozen=True)
 class StageOutcome:
@@ -382,6 +385,8 @@ class _Runner:
 
     # -- Step 2: extraction ---------------------------------------------------------------------------
     def extract_model(self, name: str, corpus: str, trained: Mapping[str, _Trained]) -> _Extracted:
+        from hrsa.cluster.pipeline import extraction_keys
+
         entry = self.config.models[name]
         if entry.train is not None:
             run = trained[entry.train]
@@ -391,7 +396,8 @@ class _Runner:
             source = str(run.checkpoints[-1])
         else:
             source = str(entry.model)
-        return self._extract(self.config.store_id(name, corpus), source, corpus, options=entry, model_source=entry)
+        return self._extract(self.config.store_id(name, corpus), source, corpus, options=entry, model_source=entry,
+                             names=extraction_keys(corpus, f"models.{name}"))
 
     def extract_checkpoints(self, d: DynamicsEntry, trained: Mapping[str, _Trained]) -> dict[int, tuple[_Extracted, _Extracted]]:
         """Run a at step 0 (its backbone) and at every saved step, against run b at the same step (steps both saved)
@@ -409,9 +415,12 @@ class _Runner:
 
     def _checkpoint(self, d: DynamicsEntry, run: str, t: _Trained, step: int) -> _Extracted:
         """Run ``run`` at ``step`` (0: its backbone) over the series' corpus."""
+        from hrsa.cluster.pipeline import extraction_keys
+
         source = self.config.train[run].backbone if step == 0 else str(t.checkpoints[t.steps.index(step)])
         return self._extract(self.config.checkpoint_id(run, step, d.corpus), source, d.corpus,
-                             options=self._as_trained(d.extract, run))
+                             options=self._as_trained(d.extract, run),
+                             names=extraction_keys(d.corpus, f"dynamics.{self.config.dynamics.index(d)}.extract"))
 
     def _as_trained(self, options: ExtractRunOptions, run: str) -> ExtractRunOptions:
         """A series' extraction settings for ``run``, its attention ``auto`` made the run's training attention:
@@ -422,12 +431,13 @@ class _Runner:
             return options
         return options.model_copy(update={"attention": trained_as})
 
-    def _extract(self, store_id: str, source: str, corpus: str, *, options: ExtractRunOptions,
+    def _extract(self, store_id: str, source: str, corpus: str, *, options: ExtractRunOptions, names: SettingNames,
                  model_source: ModelSourceOptions | None = None) -> _Extracted:
         """Extract ``source`` over ``corpus`` as ``store_id``, once per pipeline run however often it is asked, and
         once for the same weights, corpus and settings under any name.
 
-        ``options`` say how it runs; ``model_source`` which weights load (a checkpoint folder needs none).
+        ``options`` say how it runs; ``model_source`` which weights load (a checkpoint folder needs none); ``names``
+        how its messages name the settings (the YAML's keys).
         """
         c = self.config.corpora[corpus]
         ec = parse_extract_config({
@@ -463,10 +473,10 @@ class _Runner:
         self._by_content[content] = stage
         self._extracted[stage] = done = _Extracted(store_id, key)
         self.store_ids[stage] = store_id
-        self._run_extraction(stage, key, ec)
+        self._run_extraction(stage, key, ec, names)
         return done
 
-    def _run_extraction(self, stage: str, key: str, ec: ExtractConfig) -> None:
+    def _run_extraction(self, stage: str, key: str, ec: ExtractConfig, names: SettingNames) -> None:
         from hrsa.extract.job import run_extraction
         from hrsa.store import ActivationStore
 
@@ -493,9 +503,15 @@ class _Runner:
         # then the stored model's own settings tell.
         replace = present and entry is not None and (entry["key"] != key or bool(stored_differences(ec, store)))
         self.state.start(stage, key)
-        with stage_progress(self.console, "tokens") as (progress, task), gathered_warnings() as warned:
-            result = run_extraction(ec, on_progress=lambda n, total: progress.update(task, total=total, advance=n),
-                                    workers=self.extraction_workers, replace=replace)
+        warned: list[str] = []
+        try:
+            with stage_progress(self.console, "tokens") as (progress, task), gathered_warnings() as warned:
+                result = run_extraction(ec, on_progress=lambda n, total: progress.update(task, total=total, advance=n),
+                                        workers=self.extraction_workers, replace=replace)
+        except HrsaError as error:  # named by the YAML's keys, not hrsa extract's flags; what it warned of still holds
+            error.args = (renamed_flags(str(error), _EXTRACT_SETTINGS, names),)
+            error.warnings = tuple(renamed_flags(message, _EXTRACT_SETTINGS, names) for message in warned)
+            raise
         self._print_warnings(warned)
         self.state.finish(stage, key, {"model_id": result.model_id, "corpus_id": result.corpus_id, "n_tokens": result.n_tokens,
                                        "units_written": result.units_written, "nodes": list(result.nodes),

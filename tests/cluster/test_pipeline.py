@@ -1102,3 +1102,30 @@ def test_a_run_whose_checkpoints_are_not_its_schedule_is_refused(tmp_path: Path)
     with pytest.raises(UserError, match=r"^Expected the checkpoints of training run emb to be whole\. Got step_000004 "
                                         r"damaged or cut short instead, before step 5"):
         check_checkpoint_schedule("emb", tc, finished=False)
+
+
+def test_a_failed_extraction_stage_hands_its_warnings_to_its_error(tmp_path: Path, tiny_models: Any,
+                                                                  ray_local: Any) -> None:
+    """The extraction stage gathered hrsa's warnings (here: chat contents left as markup, found while tokenising) and
+    dropped them when the stage then failed; `hrsa extract` and `hrsa analyze` print them before the error line, and
+    so does `hrsa run` now (they ride on the error, which the CLI prints). Its error named `hrsa extract`'s flag
+    (--layers), which a pipeline has none of: it names the YAML key, as training and analysis stages do."""
+    from hrsa.extract.model_spec import parse_model_spec
+    from hrsa.extract.models import load_tokenizer
+
+    folder = Path(shutil.copytree(tiny_models.dir("llama"), tmp_path / "chat"))
+    tokenizer, _ = load_tokenizer(parse_model_spec(str(folder)))
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] | replace('\\n', ' ') }}\n{% endfor %}"
+    tokenizer.save_pretrained(folder)
+    corpus = tmp_path / "chats.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"d{i}", "m": [{"role": "user", "content": f"{t}\nthe end"}]}) + "\n"
+                              for i, t in enumerate(TEXTS)))
+    values = pipeline_values(tmp_path, corpus, tiny_models)
+    values["corpora"] = {"words": {"path": str(corpus), "template": "{chat:m}"}}
+    values["models"]["llama"] = {"model": str(folder), "layers": [0, 99]}
+    values["pairs"][0]["metrics"] = ["cka"]
+    with pytest.raises(UserError, match=r"Expected models\.llama\.layers to be distinct .* Got \[0, 99\]") as caught:
+        run_pipeline(parse_pipeline(values), console=quiet())
+    assert "--" not in str(caught.value), caught.value  # no flag of `hrsa extract`: a pipeline has none
+    assert len(caught.value.warnings) == 1, caught.value.warnings
+    assert caught.value.warnings[0].startswith(f"{len(TEXTS)} of {len(TEXTS)} chat messages of field 'm'"), caught.value.warnings
