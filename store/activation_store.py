@@ -637,13 +637,14 @@ class ActivationStore(ResultRecords):
         with holding_model(self._root.store, self._key(f"models/{mid}"), "extract", lease_s=lease_s) as lease:
             # Taken first, then looked for a deletion: a deletion takes its lease before it looks for extractions, so
             # of the two that start at once one sees the other (a deletion that started first is seen here).
-            deleting = [held for held in self._model_leases(mid) if held.purpose == "delete"]
-            if deleting:
-                owners = ", ".join(sorted({_process(held.owner) for held in deleting}))
+            changing = [held for held in self._model_leases(mid) if held.purpose != "extract"]
+            if changing:
+                held = changing[0]
+                doing, verb = _CHANGES.get(held.purpose, (f"held to {held.purpose}", "another hrsa"))
+                owners = ", ".join(sorted({_process(other.owner) for other in changing}))
                 raise ModelInUseError(
-                    f"Expected model {mid} of {self.url} free to extract. Got it being deleted (`hrsa store rm` by "
-                    f"{owners}) instead. Run the same command again once that deletion has ended: the extraction then "
-                    "starts anew."
+                    f"Expected model {mid} of {self.url} free to extract. Got it {doing} ({verb} by {owners}) instead. "
+                    "Run the same command again once that has ended: the extraction then starts anew, or resumes."
                 )
             yield lease
 
@@ -673,20 +674,40 @@ class ActivationStore(ResultRecords):
         if self._probe_model(mid)[0] == "absent":
             self._model_group(mid)  # raises ModelNotFoundError
         kept = {held.token} if held is not None else set()
-        self._check_not_in_use(mid, kept)  # before anything is written: a refusal leaves the store as it was
-        with holding_model(self._root.store, self._key(f"models/{mid}"), "delete") as own:
-            # Again, now that this deletion's lease is there: an extraction that took its lease since the check above
-            # is seen here; one that takes it from now on sees this lease and stops.
-            self._check_not_in_use(mid, kept | {own.token})
+        with self._holding_unused(mid, "delete", kept):
             self._delete_model_node(mid, keep_leases=True)
         self._delete_leases(mid, kept)
 
-    def _check_not_in_use(self, mid: str, kept: set[str]) -> None:
-        """Raise ModelInUseError when an extraction holds model ``mid`` (a live lease not in ``kept``, a deletion's
-        aside) or writes a unit of it (a live claim of a unit not done)."""
+    @contextmanager
+    def resetting(self, mid: str) -> Iterator[ModelWriter]:
+        """Hold model ``mid`` to reset units of it (``hrsa store verify --reset-damaged``), yielding its writer: an
+        extraction holding it or writing a unit refuses the reset, and one starting meanwhile is refused.
+
+        Raises:
+            ModelInUseError: an extraction holds it; nothing is changed.
+        """
+        self._check_writable()
+        parse_id(mid, kind="model id")
+        with self._holding_unused(mid, "reset", set()):
+            yield self.writer(mid)
+
+    @contextmanager
+    def _holding_unused(self, mid: str, purpose: str, kept: set[str]) -> Iterator[None]:
+        """Hold ``mid`` with a lease for ``purpose`` (a change an extraction must not run beside) while the body runs,
+        once no extraction holds it (but those whose leases are in ``kept``)."""
+        self._check_not_in_use(mid, kept, purpose)  # before anything is written: a refusal leaves the store as it was
+        with holding_model(self._root.store, self._key(f"models/{mid}"), purpose) as own:
+            # Again, now that this lease is there: an extraction that took its lease since the check above is seen
+            # here; one that takes it from now on sees this lease and stops (:meth:`extracting`).
+            self._check_not_in_use(mid, kept | {own.token}, purpose)
+            yield
+
+    def _check_not_in_use(self, mid: str, kept: set[str], purpose: str) -> None:
+        """Raise ModelInUseError when an extraction holds model ``mid`` (a live extraction lease not in ``kept``) or
+        writes a unit of it (a live claim of a unit not done); the message names the change (``purpose``) refused."""
         import time
 
-        leases = [lease for lease in self._model_leases(mid) if lease.token not in kept and lease.purpose != "delete"]
+        leases = [lease for lease in self._model_leases(mid) if lease.token not in kept and lease.purpose == "extract"]
         claims = live_claims(self._root.store, self._key(f"models/{mid}"))
         if not leases and not claims:
             return
@@ -699,11 +720,12 @@ class ActivationStore(ResultRecords):
             owners = ", ".join(sorted({_process(c.owner) for c in claims}))
             held.append(f"live claims on units {units} (held by {owners})")
         until = time.strftime("%H:%M:%S", time.localtime(max([c.expires for c in claims] + [x.expires for x in leases])))
+        doing, command = {"delete": ("delete it", f"hrsa store rm {self.url} {mid}"),
+                          "reset": ("reset its damaged units", f"hrsa store verify {self.url} --reset-damaged")}[purpose]
         raise ModelInUseError(
-            f"Expected no extraction writing model {mid} of {self.url} to delete it. Got {' and '.join(held)}, renewed "
+            f"Expected no extraction writing model {mid} of {self.url} to {doing}. Got {' and '.join(held)}, renewed "
             f"while it runs (lease until {until}), instead. Wait for that extraction to finish, or stop it (its lease "
-            f"ends with its process on its machine, elsewhere when it runs out), then run `hrsa store rm {self.url} "
-            f"{mid}` again."
+            f"ends with its process on its machine, elsewhere when it runs out), then run `{command}` again."
         )
 
     def _delete_model_node(self, mid: str, *, keep_leases: bool = False) -> None:
@@ -756,6 +778,11 @@ class ActivationStore(ResultRecords):
         methods above (``hidden_state``, ``create_results``...) are the interface to it.
         """
         return self._root[path]
+
+
+# What an extraction finds a model held for, and by which command: a lease's purpose other than "extract".
+_CHANGES = {"delete": ("being deleted", "`hrsa store rm`"),
+            "reset": ("having damaged units reset", "`hrsa store verify --reset-damaged`")}
 
 
 def _process(owner: str) -> str:

@@ -176,9 +176,10 @@ def get(url: str, model: str, layer: int, docs: str | None, token_range: str | N
 @store_group.command("verify")
 @click.argument("url")
 @click.option("--model", "models", multiple=True, help="Check only this model (repeatable); default all.")
-@click.option("--reset-damaged", is_flag=True,
-              help="Mark the units of damaged shards not done, so re-running the extraction rewrites exactly them.")
-def verify(url: str, models: tuple[str, ...], reset_damaged: bool) -> None:
+@click.option("--reset-damaged", "reset", is_flag=True,
+              help="Mark the units of damaged shards not done, so re-running the extraction rewrites exactly them. "
+              "Refused (exit 2) while an extraction holds the model.")
+def verify(url: str, models: tuple[str, ...], reset: bool) -> None:
     """Check that every work unit is done and every stored byte matches its crc32c checksum.
 
     Exit code 0 when all is well, 1 when a problem was found (each is listed).
@@ -186,9 +187,9 @@ def verify(url: str, models: tuple[str, ...], reset_damaged: bool) -> None:
     from rich.progress import Progress
 
     from hrsa.store import ActivationStore
-    from hrsa.store.verify import count_shards, verify_store
+    from hrsa.store.verify import count_shards, reset_damaged, verify_store
 
-    store = ActivationStore.open(url, mode="r+" if reset_damaged else "r")
+    store = ActivationStore.open(url, mode="r+" if reset else "r")
     selected = list(models) or None
     with Progress(transient=True) as progress:
         task = progress.add_task("reading shards", total=count_shards(store, selected))
@@ -200,11 +201,10 @@ def verify(url: str, models: tuple[str, ...], reset_damaged: bool) -> None:
         click.echo(f"ok: {summary}")
         return
     click.echo(f"{len(report.problems)} problem(s): {summary}")
-    for mid, units in report.damaged_units().items() if reset_damaged else ():
-        writer = store.writer(mid)
-        for unit in units:
-            writer.reset_unit(writer.units()[unit])
-        click.echo(f"reset {len(units)} damaged unit(s) of {mid}: re-run its extraction to rewrite them")
+    for mid, units in (reset_damaged(store, report) if reset else {}).items():
+        whole = len(report.damaged_units()[mid]) - len(units)  # rewritten since verify read them
+        click.echo(f"reset {len(units)} damaged unit(s) of {mid}: re-run its extraction to rewrite them"
+                   + (f" ({whole} found damaged were whole when checked again: left as they are)" if whole else ""))
     raise SystemExit(1)
 
 

@@ -12,7 +12,7 @@ Layout (one Zarr v3 group)::
         hidden/<k>                one hidden state, (N, D), chunked along tokens, sharded: one shard per unit
         claims/<u>/<attempt>      raw JSON objects: who is writing unit u, until when (unit_records.py)
         done/<u>                  raw JSON object: unit u's manifest; its existence makes the unit done
-        leases/<token>            raw JSON objects: an extraction (or a deletion) holding the whole model (units.py)
+        leases/<token>            raw JSON objects: an extraction (or a deletion, a reset) holding the whole model (units.py)
       results/<run>/              metric outputs
       alignments/<cidA>--<cidB>/  rows_a, rows_b (M,): tokens of two corpora with equal content spans
                                   (alignment.py; made on first use, so absent from stores that never needed one)

@@ -4,7 +4,7 @@ Keys below a model's group (raw objects beside its Zarr arrays, not Zarr nodes):
 
     claims/<unit>/<attempt>   {"token", "owner", "expires"}: attempt n holds the unit until it expires
     leases/<token>            {"purpose", "token", "owner", "expires"}: the whole model held by one process, an
-                              extraction writing it ("extract") or a deletion under way ("delete"); renewed like a
+                              extraction writing it ("extract"), a deletion ("delete") or a reset of damaged units ("reset") under way; renewed like a
                               claim, deleted by its holder at its end (readers before these records ignore them)
     done/<unit>               the unit's manifest: every shard object's key, byte count and xxh3 (format 2: a sha256
                               too), the model settings it was written under, and a sha256 of the record itself
@@ -245,7 +245,9 @@ class Claim:
 @dataclass(frozen=True)
 class ModelLease:
     """A whole model held by one process until ``expires`` (unix time): ``purpose`` "extract" (an extraction's
-    driver, from before it creates or opens the model until it ends) or "delete" (a deletion under way).
+    driver, from before it creates or opens the model until it ends), "delete" (a deletion under way) or "reset"
+    (``verify --reset-damaged`` resetting units). An extraction refuses to start beside either of the last two, and they
+    refuse to start beside an extraction.
 
     Any number of processes hold leases on one model at once (extractions of one model share it unit by unit); each
     writes only its own key, ``leases/<token>``, so a plain write renews it. Live by the same rule as a :class:`Claim`.

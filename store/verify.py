@@ -25,7 +25,7 @@ from hrsa.store.units import ModelWriter, checked_record, shard_problem
 if TYPE_CHECKING:
     from hrsa.store.activation_store import ActivationStore
 
-__all__ = ["Problem", "VerifyReport", "verify_store", "count_shards"]
+__all__ = ["Problem", "VerifyReport", "verify_store", "count_shards", "reset_damaged"]
 
 _CORPUS_ARRAYS = ("token_ids", "doc_index", "position", "is_special", "doc_offsets", "doc_truncated", "doc_original_length", "doc_record_id")
 
@@ -123,26 +123,39 @@ def _verify_model(store: ActivationStore, info: ModelInfo, problems: list[Proble
     if corpus_tokens != info.n_tokens:
         problems.append(Problem(f"models/{info.id}", f"n_tokens {info.n_tokens} differs from its corpus's {corpus_tokens}", model=info.id))
     writer, done = _done_units(store, info, problems)
-    bad_arrays = {path for path, what in mismatched if not what.startswith("codecs ")}  # shards still hash alike
-    arrays = {k: group[hidden_key(k)] for k in info.hidden_states if hidden_key(k) not in bad_arrays and "hidden" not in bad_arrays}
-    prefix = group.store_path.path
+    arrays = _checkable_arrays(group, info, mismatched)
     shards = 0
     for u in np.flatnonzero(done).tolist():
-        start, stop = info.layout.unit_range(u, info.n_tokens)
-        try:
-            record = checked_record(group.store, prefix, u, writer.settings)
-        except ValueError as error:
-            problems.append(Problem(f"models/{info.id}/done/{u} (tokens {start}:{stop})", str(error), model=info.id, unit=u))
-            continue
-        for k, array in arrays.items():
-            problem = shard_problem(array, prefix, k, record)
-            if problem:
-                where = f"models/{info.id}/{hidden_key(k)} shard {u} (tokens {start}:{stop})"
-                problems.append(Problem(where, problem, model=info.id, unit=u))
-            shards += 1
-            if on_shard:
-                on_shard(1)
+        problems.extend(_unit_problems(group, info, writer, u, arrays, on_shard))
+        shards += len(arrays)
     return np.flatnonzero(~done).tolist(), shards
+
+
+def _checkable_arrays(group: Any, info: ModelInfo, mismatched: Sequence[tuple[str, str]]) -> dict[int, Any]:
+    """The model's hidden-state arrays whose shards can be checked: all but those whose metadata is the finding (a
+    changed codec aside: its shards still hash alike)."""
+    bad = {path for path, what in mismatched if not what.startswith("codecs ")}
+    return {k: group[hidden_key(k)] for k in info.hidden_states if hidden_key(k) not in bad and "hidden" not in bad}
+
+
+def _unit_problems(group: Any, info: ModelInfo, writer: ModelWriter, u: int, arrays: dict[int, Any],
+                   on_shard: Callable[[int], None] | None = None) -> list[Problem]:
+    """What is wrong with done unit ``u``: its done record, then its shard object in each of ``arrays``."""
+    start, stop = info.layout.unit_range(u, info.n_tokens)
+    prefix = group.store_path.path
+    try:
+        record = checked_record(group.store, prefix, u, writer.settings)
+    except ValueError as error:
+        return [Problem(f"models/{info.id}/done/{u} (tokens {start}:{stop})", str(error), model=info.id, unit=u)]
+    problems = []
+    for k, array in arrays.items():
+        problem = shard_problem(array, prefix, k, record)
+        if problem:
+            where = f"models/{info.id}/{hidden_key(k)} shard {u} (tokens {start}:{stop})"
+            problems.append(Problem(where, problem, model=info.id, unit=u))
+        if on_shard:
+            on_shard(1)
+    return problems
 
 
 def verify_store(
@@ -189,3 +202,24 @@ def count_shards(store: ActivationStore, models: Sequence[str] | None = None) ->
             continue  # verify reports it; nothing of it is read
         total += info.units_done * len(info.hidden_states)
     return total
+
+
+def reset_damaged(store: ActivationStore, report: VerifyReport) -> dict[str, list[int]]:
+    """Reset the damaged units ``report`` found (not done again, so re-running the extraction rewrites exactly them);
+    model id -> the units reset.
+
+    Each model is held meanwhile (:meth:`ActivationStore.resetting`: refused while an extraction holds it), and each
+    unit checked again under that hold and reset only while still damaged: what verify read may be stale by then (an
+    extraction that replaced the model since, a shard restored).
+    """
+    reset: dict[str, list[int]] = {}
+    for mid, units in report.damaged_units().items():
+        with store.resetting(mid) as writer:
+            info, group = writer.info, store.group(f"models/{mid}")
+            arrays = _checkable_arrays(group, info, array_mismatches(group, info))
+            done = writer.done_mask()
+            still = [u for u in units if u < done.size and done[u] and _unit_problems(group, info, writer, u, arrays)]
+            for u in still:
+                writer.reset_unit(writer.units()[u])
+        reset[mid] = still
+    return reset

@@ -207,6 +207,58 @@ def test_damage_is_named_by_verify_and_repaired_to_identical_bytes(target: Targe
     assert _cli(target, "store", "verify", target.url).exit_code == 0
 
 
+def _without_leases(objects: dict[str, bytes]) -> dict[str, bytes]:
+    return {k: v for k, v in objects.items() if "/leases/" not in k}
+
+
+def test_reset_damaged_is_refused_while_an_extraction_holds_the_model(target: Target) -> None:
+    """`verify --reset-damaged` deleted units of a model an extraction held (one replacing the model under the same id
+    could have its fresh units taken for the damaged ones verify read before): it is refused in one line (exit 2)
+    naming the way out, with nothing changed, and resets once the extraction has ended."""
+    store = _filled(target)
+    _delete(store, _shard(2, 1))
+    before = _without_leases(_objects(store, "models/m/"))
+    with store.extracting("m"):
+        result = _cli(target, "store", "verify", target.url, "--reset-damaged")
+        assert _without_leases(_objects(store, "models/m/")) == before
+    assert result.exit_code == 2 and "PROBLEM models/m/hidden/2 shard 1" in result.stdout, result.output
+    _one_error_line(result, 2)
+    assert "an extraction holding it" in result.stderr and "reset its damaged units" in result.stderr, result.stderr
+    assert f"hrsa store verify {target.url} --reset-damaged` again" in result.stderr, result.stderr
+    result = _cli(target, "store", "verify", target.url, "--reset-damaged")
+    assert result.exit_code == 1 and "reset 1 damaged unit(s) of m" in result.stdout, result.output
+    assert [u.index for u in target.open().writer("m").pending_units()] == [1]
+
+
+def test_an_extraction_is_refused_while_damaged_units_are_reset(target: Target) -> None:
+    """The other way round: an extraction starting while a reset holds the model stops before it writes."""
+    store = _filled(target)
+    with store.resetting("m"):
+        with pytest.raises(ModelInUseError, match=r"Got it having damaged units reset \(`hrsa store verify --reset-damaged`"):
+            with store.extracting("m"):
+                pass
+    with store.extracting("m"):  # and starts once the reset has ended
+        pass
+
+
+def test_a_unit_rewritten_since_verify_read_it_is_not_reset(target: Target) -> None:
+    """What verify found may be stale by the time it resets (an extraction replacing the model, an operator restoring
+    a shard): each unit is checked again under the reset's hold and reset only while still damaged."""
+    from hrsa.store.verify import reset_damaged
+
+    store = _filled(target)
+    intact = _get(store, _shard(2, 1))
+    _flip(store, _shard(2, 1))
+    _delete(store, _shard(0, 3))
+    report = verify_store(store)
+    assert report.damaged_units() == {"m": [1, 3]}
+    _put(store, _shard(2, 1), intact)  # unit 1 whole again
+    assert reset_damaged(store, report) == {"m": [3]}
+    assert [u.index for u in target.open().writer("m").pending_units()] == [3]
+    fill_model(target.open(), "m")
+    assert verify_store(target.open("r")).ok
+
+
 def test_a_unit_of_zeros_is_stored_not_skipped(target: Target) -> None:
     """Zarr skips all-fill chunks by default; then a done unit's missing shard would be legitimate. It is not."""
     store = target.open("a")
