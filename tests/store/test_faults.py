@@ -339,6 +339,40 @@ def test_records_of_earlier_versions_are_read_and_verified_by_their_hashes(targe
 
 
 # -- metadata: edited, half-created, garbage -------------------------------------------------------------------
+def test_every_hidden_states_metadata_is_read_at_once(tmp_path: Path) -> None:
+    """`hrsa store ls`, verify and every extraction's last check read each hidden state's zarr.json one after another:
+    one round trip each (tens of ms on S3), ~1 s per 29-state model. They are in flight together now, and a damaged
+    one is still named on its own."""
+    import asyncio
+
+    import zarr
+    from zarr.storage import LocalStore, WrapperStore
+
+    from hrsa.store.model import array_mismatches
+
+    class Counting(WrapperStore):  # a store with latency that counts the reads in flight at once
+        in_flight = most = 0
+
+        async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+            type(self).in_flight += 1
+            type(self).most = max(type(self).most, type(self).in_flight)
+            await asyncio.sleep(0.02)
+            try:
+                return await super().get(key, prototype, byte_range)
+            finally:
+                type(self).in_flight -= 1
+
+    store = ActivationStore.open(str(tmp_path / "s"), mode="a")
+    cid = store.write_corpus(make_table(), tokenizer={"name": "test-tok", "fingerprint": "fp-1"}, source="test")
+    store.create_model("m", corpus=cid, n_hidden_states=29, hidden_size=HIDDEN, dtype="bfloat16")
+    info = store.model_info("m")
+    _edit_json(store, "models/m/hidden/7/zarr.json", lambda meta: meta.update(data_type="int32"))
+    group = zarr.open_group(Counting(LocalStore(tmp_path / "s", read_only=True)), path="models/m", mode="r")
+    problems = array_mismatches(group, info)
+    assert [(where, "data type int32" in what) for where, what in problems] == [("hidden/7", True)], problems
+    assert Counting.most >= 8, Counting.most
+
+
 def test_edited_array_metadata_is_reported(target: Target) -> None:
     store = _filled(target)
     _edit_json(store, "models/m/hidden/1/zarr.json", lambda meta: meta.update(data_type="int32"))
