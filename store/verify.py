@@ -11,6 +11,7 @@ describe the arrays are findings as well. Work is per shard, so a report names t
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     from hrsa.store.activation_store import ActivationStore
 
 __all__ = ["Problem", "VerifyReport", "verify_store", "count_shards", "reset_damaged"]
+
+_READERS = 16  # units verified at once, each reading one shard at a time
 
 _CORPUS_ARRAYS = ("token_ids", "doc_index", "position", "is_special", "doc_offsets", "doc_truncated", "doc_original_length", "doc_record_id")
 
@@ -124,10 +127,14 @@ def _verify_model(store: ActivationStore, info: ModelInfo, problems: list[Proble
         problems.append(Problem(f"models/{info.id}", f"n_tokens {info.n_tokens} differs from its corpus's {corpus_tokens}", model=info.id))
     writer, done = _done_units(store, info, problems)
     arrays = _checkable_arrays(group, info, mismatched)
+    units = np.flatnonzero(done).tolist()
+    # Units in threads (reads and hashes let go of the GIL): on S3 one stream after another took an hour per 7B model
+    # over a million tokens. At most _READERS shards are in memory at once; findings keep the units' order.
     shards = 0
-    for u in np.flatnonzero(done).tolist():
-        problems.extend(_unit_problems(group, info, writer, u, arrays, on_shard))
-        shards += len(arrays)
+    with ThreadPoolExecutor(_READERS, thread_name_prefix="hrsa-verify") as pool:
+        for found, read in pool.map(lambda u: _unit_problems(group, info, writer, u, arrays, on_shard), units):
+            problems.extend(found)
+            shards += read
     return np.flatnonzero(~done).tolist(), shards
 
 
@@ -139,14 +146,15 @@ def _checkable_arrays(group: Any, info: ModelInfo, mismatched: Sequence[tuple[st
 
 
 def _unit_problems(group: Any, info: ModelInfo, writer: ModelWriter, u: int, arrays: dict[int, Any],
-                   on_shard: Callable[[int], None] | None = None) -> list[Problem]:
-    """What is wrong with done unit ``u``: its done record, then its shard object in each of ``arrays``."""
+                   on_shard: Callable[[int], None] | None = None) -> tuple[list[Problem], int]:
+    """What is wrong with done unit ``u``: its done record, then its shard object in each of ``arrays``; and how many
+    shards were read (none when the record is the finding)."""
     start, stop = info.layout.unit_range(u, info.n_tokens)
     prefix = group.store_path.path
     try:
         record = checked_record(group.store, prefix, u, writer.settings)
     except ValueError as error:
-        return [Problem(f"models/{info.id}/done/{u} (tokens {start}:{stop})", str(error), model=info.id, unit=u)]
+        return [Problem(f"models/{info.id}/done/{u} (tokens {start}:{stop})", str(error), model=info.id, unit=u)], 0
     problems = []
     for k, array in arrays.items():
         problem = shard_problem(array, prefix, k, record)
@@ -155,7 +163,7 @@ def _unit_problems(group: Any, info: ModelInfo, writer: ModelWriter, u: int, arr
             problems.append(Problem(where, problem, model=info.id, unit=u))
         if on_shard:
             on_shard(1)
-    return problems
+    return problems, len(arrays)
 
 
 def verify_store(
@@ -218,7 +226,7 @@ def reset_damaged(store: ActivationStore, report: VerifyReport) -> dict[str, lis
             info, group = writer.info, store.group(f"models/{mid}")
             arrays = _checkable_arrays(group, info, array_mismatches(group, info))
             done = writer.done_mask()
-            still = [u for u in units if u < done.size and done[u] and _unit_problems(group, info, writer, u, arrays)]
+            still = [u for u in units if u < done.size and done[u] and _unit_problems(group, info, writer, u, arrays)[0]]
             for u in still:
                 writer.reset_unit(writer.units()[u])
         reset[mid] = still

@@ -339,21 +339,19 @@ def test_records_of_earlier_versions_are_read_and_verified_by_their_hashes(targe
 
 
 # -- metadata: edited, half-created, garbage -------------------------------------------------------------------
-def test_every_hidden_states_metadata_is_read_at_once(tmp_path: Path) -> None:
-    """`hrsa store ls`, verify and every extraction's last check read each hidden state's zarr.json one after another:
-    one round trip each (tens of ms on S3), ~1 s per 29-state model. They are in flight together now, and a damaged
-    one is still named on its own."""
+def _counting_store(root: Path, counted: str = "") -> Any:
+    """A read-only local store with 20 ms of latency per read that counts the reads in flight at once (``.most``) of
+    keys with ``counted`` in them."""
     import asyncio
 
-    import zarr
     from zarr.storage import LocalStore, WrapperStore
 
-    from hrsa.store.model import array_mismatches
-
-    class Counting(WrapperStore):  # a store with latency that counts the reads in flight at once
+    class Counting(WrapperStore):
         in_flight = most = 0
 
         async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+            if counted not in key:
+                return await super().get(key, prototype, byte_range)
             type(self).in_flight += 1
             type(self).most = max(type(self).most, type(self).in_flight)
             await asyncio.sleep(0.02)
@@ -362,15 +360,45 @@ def test_every_hidden_states_metadata_is_read_at_once(tmp_path: Path) -> None:
             finally:
                 type(self).in_flight -= 1
 
+    return Counting(LocalStore(root, read_only=True))
+
+
+def test_every_hidden_states_metadata_is_read_at_once(tmp_path: Path) -> None:
+    """`hrsa store ls`, verify and every extraction's last check read each hidden state's zarr.json one after another:
+    one round trip each (tens of ms on S3), ~1 s per 29-state model. They are in flight together now, and a damaged
+    one is still named on its own."""
+    import zarr
+
+    from hrsa.store.model import array_mismatches
+
     store = ActivationStore.open(str(tmp_path / "s"), mode="a")
     cid = store.write_corpus(make_table(), tokenizer={"name": "test-tok", "fingerprint": "fp-1"}, source="test")
     store.create_model("m", corpus=cid, n_hidden_states=29, hidden_size=HIDDEN, dtype="bfloat16")
     info = store.model_info("m")
     _edit_json(store, "models/m/hidden/7/zarr.json", lambda meta: meta.update(data_type="int32"))
-    group = zarr.open_group(Counting(LocalStore(tmp_path / "s", read_only=True)), path="models/m", mode="r")
-    problems = array_mismatches(group, info)
+    counting = _counting_store(tmp_path / "s", "/zarr.json")
+    problems = array_mismatches(zarr.open_group(counting, path="models/m", mode="r"), info)
     assert [(where, "data type int32" in what) for where, what in problems] == [("hidden/7", True)], problems
-    assert Counting.most >= 8, Counting.most
+    assert counting.most >= 8, counting.most
+
+
+def test_verify_reads_shards_at_once_and_names_each_damaged_one(tmp_path: Path) -> None:
+    """verify read one shard after another: on S3 one stream, ~an hour per 7B model over a million tokens. Shards are
+    read and hashed in threads now; the findings are the same, in the same order, and the progress count is whole."""
+    import zarr
+
+    store = _filled(Target(str(tmp_path / "s"), None, {}))
+    _flip(store, _shard(1, 0))
+    _delete(store, _shard(3, 2))
+    _truncate(store, _shard(0, 3))
+    counting = _counting_store(tmp_path / "s", "/c/")  # the shard objects
+    read_only = ActivationStore(zarr.open_group(counting, mode="r"), url=str(tmp_path / "s"), read_only=True)
+    counted: list[int] = []
+    report = verify_store(read_only, on_shard=counted.append)
+    assert [(p.unit, p.where.split(" (")[0]) for p in report.problems] == [
+        (0, "models/m/hidden/1 shard 0"), (2, "models/m/hidden/3 shard 2"), (3, "models/m/hidden/0 shard 3")], report.problems
+    assert report.damaged_units() == {"m": [0, 2, 3]} and sum(counted) == report.shards_read == 4 * LAYERS
+    assert counting.most >= 4, counting.most
 
 
 def test_edited_array_metadata_is_reported(target: Target) -> None:
