@@ -687,7 +687,7 @@ class ActivationStore(ResultRecords):
             ModelInUseError: an extraction holds it; nothing is changed.
         """
         self._check_writable()
-        parse_id(mid, kind="model id")
+        self.writer(mid)  # first: the lease would make the folder of a model deleted since (a half-created model)
         with self._holding_unused(mid, "reset", set()):
             yield self.writer(mid)
 
