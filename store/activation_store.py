@@ -703,29 +703,33 @@ class ActivationStore(ResultRecords):
             yield
 
     def _check_not_in_use(self, mid: str, kept: set[str], purpose: str) -> None:
-        """Raise ModelInUseError when an extraction holds model ``mid`` (a live extraction lease not in ``kept``) or
-        writes a unit of it (a live claim of a unit not done); the message names the change (``purpose``) refused."""
+        """Raise ModelInUseError when another process holds model ``mid`` for something else than ``purpose`` (a live
+        lease not in ``kept``: an extraction, or a deletion beside a reset and the other way round) or writes a unit of
+        it (a live claim of a unit not done); the message names the change (``purpose``) refused."""
         import time
 
-        leases = [lease for lease in self._model_leases(mid) if lease.token not in kept and lease.purpose == "extract"]
+        leases = [lease for lease in self._model_leases(mid) if lease.token not in kept and lease.purpose != purpose]
         claims = live_claims(self._root.store, self._key(f"models/{mid}"))
         if not leases and not claims:
             return
         held = []
-        if leases:
-            owners = ", ".join(sorted({_process(lease.owner) for lease in leases}))
-            held.append(f"an extraction holding it (process {owners})")
+        for holding in sorted({lease.purpose for lease in leases}):
+            owners = ", ".join(sorted({_process(lease.owner) for lease in leases if lease.purpose == holding}))
+            doing, verb = _CHANGES.get(holding, ("held", "another hrsa"))
+            held.append(f"an extraction holding it (process {owners})" if holding == "extract" else
+                        f"it {doing} ({verb} by {owners})")
         if claims:
             units = ", ".join(str(c.unit) for c in claims[:8]) + (f" and {len(claims) - 8} more" if len(claims) > 8 else "")
             owners = ", ".join(sorted({_process(c.owner) for c in claims}))
             held.append(f"live claims on units {units} (held by {owners})")
         until = time.strftime("%H:%M:%S", time.localtime(max([c.expires for c in claims] + [x.expires for x in leases])))
         doing, command = {"delete": ("delete it", f"hrsa store rm {self.url} {mid}"),
-                          "reset": ("reset its damaged units", f"hrsa store verify {self.url} --reset-damaged")}[purpose]
+                          "reset": ("reset its damaged units",
+                                    f"hrsa store verify {self.url} --model {mid} --reset-damaged")}[purpose]
         raise ModelInUseError(
             f"Expected no extraction writing model {mid} of {self.url} to {doing}. Got {' and '.join(held)}, renewed "
-            f"while it runs (lease until {until}), instead. Wait for that extraction to finish, or stop it (its lease "
-            f"ends with its process on its machine, elsewhere when it runs out), then run `{command}` again."
+            f"while it runs (lease until {until}), instead. Wait for that to finish, or stop it (its lease ends with "
+            f"its process on its machine, elsewhere when it runs out), then run `{command}` again."
         )
 
     def _delete_model_node(self, mid: str, *, keep_leases: bool = False) -> None:

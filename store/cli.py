@@ -178,7 +178,8 @@ def get(url: str, model: str, layer: int, docs: str | None, token_range: str | N
 @click.option("--model", "models", multiple=True, help="Check only this model (repeatable); default all.")
 @click.option("--reset-damaged", "reset", is_flag=True,
               help="Mark the units of damaged shards not done, so re-running the extraction rewrites exactly them. "
-              "Refused (exit 2) while an extraction holds the model.")
+              "Refused (exit 2) for a model an extraction or a deletion holds: that model is left as it was, and the "
+              "models reset before it are listed.")
 def verify(url: str, models: tuple[str, ...], reset: bool) -> None:
     """Check that every work unit is done and every stored byte matches its crc32c checksum.
 
@@ -201,11 +202,22 @@ def verify(url: str, models: tuple[str, ...], reset: bool) -> None:
         click.echo(f"ok: {summary}")
         return
     click.echo(f"{len(report.problems)} problem(s): {summary}")
-    for mid, units in (reset_damaged(store, report) if reset else {}).items():
-        whole = len(report.damaged_units()[mid]) - len(units)  # rewritten since verify read them
-        click.echo(f"reset {len(units)} damaged unit(s) of {mid}: re-run its extraction to rewrite them"
-                   + (f" ({whole} found damaged were whole when checked again: left as they are)" if whole else ""))
+    for mid, units in report.damaged_units().items() if reset else ():
+        _print_reset(reset_damaged(store, mid, units), url)  # each as it ends: a later model's refusal hides none
     raise SystemExit(1)
+
+
+def _print_reset(outcome: Any, url: str) -> None:
+    """One line for what ``verify --reset-damaged`` did to a model (a :class:`~hrsa.store.verify.ResetOutcome`)."""
+    mid = outcome.model
+    if outcome.skipped:
+        click.echo(f"not reset: model {mid}: {outcome.skipped}; `hrsa store rm {url} {mid}` and extract it again")
+        return
+    left = [f"{len(units)} {what}" for units, what in (
+        (outcome.whole, "whole when checked again (rewritten since)"), (outcome.not_done, "no longer done (reset or "
+                                                                        "replaced since)")) if units]
+    click.echo(f"reset {len(outcome.reset)} damaged unit(s) of {mid}: re-run its extraction to rewrite them"
+               + (f"; left as they are: {', '.join(left)}" if left else ""))
 
 
 @store_group.command("rm")

@@ -26,7 +26,7 @@ from hrsa.store.units import ModelWriter, checked_record, shard_problem
 if TYPE_CHECKING:
     from hrsa.store.activation_store import ActivationStore
 
-__all__ = ["Problem", "VerifyReport", "verify_store", "count_shards", "reset_damaged"]
+__all__ = ["Problem", "VerifyReport", "ResetOutcome", "verify_store", "count_shards", "reset_damaged"]
 
 _READERS = 16  # units verified at once, each reading one shard at a time
 
@@ -212,22 +212,38 @@ def count_shards(store: ActivationStore, models: Sequence[str] | None = None) ->
     return total
 
 
-def reset_damaged(store: ActivationStore, report: VerifyReport) -> dict[str, list[int]]:
-    """Reset the damaged units ``report`` found (not done again, so re-running the extraction rewrites exactly them);
-    model id -> the units reset.
+@dataclass(frozen=True)
+class ResetOutcome:
+    """What a reset of one model's damaged units did: ``reset`` the units made not done; ``whole`` those whole when
+    checked again (rewritten since verify read them); ``not_done`` those no longer done (reset, or the model replaced,
+    since); ``skipped`` why nothing was reset (array metadata damaged: resetting units cannot repair that), or None."""
 
-    Each model is held meanwhile (:meth:`ActivationStore.resetting`: refused while an extraction holds it), and each
-    unit checked again under that hold and reset only while still damaged: what verify read may be stale by then (an
-    extraction that replaced the model since, a shard restored).
+    model: str
+    reset: tuple[int, ...] = ()
+    whole: tuple[int, ...] = ()
+    not_done: tuple[int, ...] = ()
+    skipped: str | None = None
+
+
+def reset_damaged(store: ActivationStore, mid: str, units: Sequence[int]) -> ResetOutcome:
+    """Reset model ``mid``'s ``units`` that verify found damaged (:meth:`VerifyReport.damaged_units`): not done again,
+    so re-running the extraction rewrites exactly them.
+
+    The model is held meanwhile (:meth:`ActivationStore.resetting`: refused while an extraction, or a deletion, holds
+    it), and each unit checked again under that hold and reset only while still damaged: what verify read may be
+    stale by then (an extraction that replaced the model since, a shard restored).
     """
-    reset: dict[str, list[int]] = {}
-    for mid, units in report.damaged_units().items():
-        with store.resetting(mid) as writer:
-            info, group = writer.info, store.group(f"models/{mid}")
-            arrays = _checkable_arrays(group, info, array_mismatches(group, info))
-            done = writer.done_mask()
-            still = [u for u in units if u < done.size and done[u] and _unit_problems(group, info, writer, u, arrays)[0]]
-            for u in still:
-                writer.reset_unit(writer.units()[u])
-        reset[mid] = still
-    return reset
+    with store.resetting(mid) as writer:
+        info, group = writer.info, store.group(f"models/{mid}")
+        mismatched = array_mismatches(group, info)
+        unsound = [path for path, what in mismatched if not what.startswith("codecs ")]
+        if unsound:  # a hidden state's metadata is the damage: the model is extracted again, not unit by unit
+            return ResetOutcome(mid, skipped=f"the metadata of {', '.join(sorted(unsound))} is damaged")
+        arrays = _checkable_arrays(group, info, mismatched)
+        done = writer.done_mask()
+        not_done = tuple(u for u in units if u >= done.size or not done[u])
+        checked = [u for u in units if u not in not_done]
+        still = tuple(u for u in checked if _unit_problems(group, info, writer, u, arrays)[0])
+        for u in still:
+            writer.reset_unit(writer.units()[u])
+    return ResetOutcome(mid, still, tuple(u for u in checked if u not in still), not_done)

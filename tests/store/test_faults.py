@@ -224,7 +224,7 @@ def test_reset_damaged_is_refused_while_an_extraction_holds_the_model(target: Ta
     assert result.exit_code == 2 and "PROBLEM models/m/hidden/2 shard 1" in result.stdout, result.output
     _one_error_line(result, 2)
     assert "an extraction holding it" in result.stderr and "reset its damaged units" in result.stderr, result.stderr
-    assert f"hrsa store verify {target.url} --reset-damaged` again" in result.stderr, result.stderr
+    assert f"hrsa store verify {target.url} --model m --reset-damaged` again" in result.stderr, result.stderr
     result = _cli(target, "store", "verify", target.url, "--reset-damaged")
     assert result.exit_code == 1 and "reset 1 damaged unit(s) of m" in result.stdout, result.output
     assert [u.index for u in target.open().writer("m").pending_units()] == [1]
@@ -244,7 +244,7 @@ def test_an_extraction_is_refused_while_damaged_units_are_reset(target: Target) 
 def test_a_unit_rewritten_since_verify_read_it_is_not_reset(target: Target) -> None:
     """What verify found may be stale by the time it resets (an extraction replacing the model, an operator restoring
     a shard): each unit is checked again under the reset's hold and reset only while still damaged."""
-    from hrsa.store.verify import reset_damaged
+    from hrsa.store.verify import ResetOutcome, reset_damaged
 
     store = _filled(target)
     intact = _get(store, _shard(2, 1))
@@ -253,7 +253,7 @@ def test_a_unit_rewritten_since_verify_read_it_is_not_reset(target: Target) -> N
     report = verify_store(store)
     assert report.damaged_units() == {"m": [1, 3]}
     _put(store, _shard(2, 1), intact)  # unit 1 whole again
-    assert reset_damaged(store, report) == {"m": [3]}
+    assert reset_damaged(store, "m", report.damaged_units()["m"]) == ResetOutcome("m", reset=(3,), whole=(1,))
     assert [u.index for u in target.open().writer("m").pending_units()] == [3]
     fill_model(target.open(), "m")
     assert verify_store(target.open("r")).ok
@@ -270,8 +270,65 @@ def test_a_reset_of_a_model_deleted_since_verify_read_it_creates_nothing(target:
     report = verify_store(store)
     store.delete_model("m")
     with pytest.raises(ModelNotFoundError):
-        reset_damaged(store, report)
+        reset_damaged(store, "m", report.damaged_units()["m"])
     assert _objects(store, "models/m") == {} and store.half_created_models() == []
+
+
+def test_a_reset_refused_for_one_model_still_lists_the_models_reset_before_it(target: Target) -> None:
+    """Models are reset one by one: a refusal of a later one (exit 2) printed nothing of the earlier ones it had
+    reset. Each is listed as it ends; the refused one is left as it was."""
+    store = _filled(target)
+    new_model(store, "n")
+    fill_model(store, "n")
+    _delete(store, _shard(2, 1))
+    _delete(store, "models/n/hidden/2/c/1/0")
+    with target.open("r+").extracting("n"):
+        result = _cli(target, "store", "verify", target.url, "--reset-damaged")
+    assert result.exit_code == 2 and "reset 1 damaged unit(s) of m" in result.stdout, result.output
+    assert "model n of" in result.stderr and "--model n --reset-damaged" in result.stderr, result.stderr
+    assert [u.index for u in target.open().writer("m").pending_units()] == [1]
+    assert target.open().writer("n").pending_units() == []
+
+
+def test_a_deletion_and_a_reset_of_one_model_exclude_each_other(target: Target) -> None:
+    """`hrsa store rm` counted only extractions: it deleted a model under a reset (and the reset's lease with it, so an
+    extraction could start and have a good unit of the new model reset). Each is refused while the other holds."""
+    store = _filled(target)
+    _delete(store, _shard(2, 1))
+    other = target.open("r+")
+    with store.resetting("m"):
+        with pytest.raises(ModelInUseError, match=r"to delete it\. Got it having damaged units reset \(`hrsa store verify"):
+            other.delete_model("m")
+    assert target.open().model_info("m").complete
+    with other._holding_unused("m", "delete", set()):  # a deletion under way, before it deletes anything
+        with pytest.raises(ModelInUseError, match=r"to reset its damaged units\. Got it being deleted \(`hrsa store rm`"):
+            with store.resetting("m"):
+                pass
+    assert target.open().model_info("m").complete
+
+
+def test_units_reset_or_replaced_since_verify_are_left_and_said_so(target: Target) -> None:
+    """The CLI said "whole when checked again" of every unit it did not reset, also of one no longer done."""
+    from hrsa.store.verify import ResetOutcome, reset_damaged
+
+    store = _filled(target)
+    _delete(store, _shard(2, 1))
+    report = verify_store(store)
+    store.writer("m").reset_unit(store.writer("m").units()[1])  # another reset (or a replaced model) since
+    assert reset_damaged(store, "m", report.damaged_units()["m"]) == ResetOutcome("m", not_done=(1,))
+
+
+def test_a_model_whose_array_metadata_is_damaged_is_not_reset_unit_by_unit(target: Target) -> None:
+    """A hidden state's zarr.json missing: the reset opened every array and crashed (a traceback) after deleting part of
+    a unit. The model is extracted again, not repaired unit by unit: it says so, and deletes nothing."""
+    store = _filled(target)
+    _delete(store, _shard(2, 1))
+    _delete(store, "models/m/hidden/1/zarr.json")
+    before = _without_leases(_objects(store, "models/m/"))
+    result = _cli(target, "store", "verify", target.url, "--reset-damaged")
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert f"not reset: model m: the metadata of hidden/1 is damaged; `hrsa store rm {target.url} m`" in result.stdout
+    assert _without_leases(_objects(store, "models/m/")) == before
 
 
 def test_a_unit_of_zeros_is_stored_not_skipped(target: Target) -> None:
