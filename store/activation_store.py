@@ -687,7 +687,11 @@ class ActivationStore(ResultRecords):
             ModelInUseError: an extraction holds it; nothing is changed.
         """
         self._check_writable()
-        self.writer(mid)  # first: the lease would make the folder of a model deleted since (a half-created model)
+        try:
+            self.writer(mid)  # first: the lease would make the folder of a model deleted since (a half-created model)
+        except HalfCreatedModelError:
+            self._check_not_in_use(mid, set(), "reset")  # a deletion under way says so, not "creation interrupted"
+            raise
         with self._holding_unused(mid, "reset", set()):
             yield self.writer(mid)
 

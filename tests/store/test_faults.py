@@ -304,7 +304,11 @@ def test_a_deletion_and_a_reset_of_one_model_exclude_each_other(target: Target) 
         with pytest.raises(ModelInUseError, match=r"to reset its damaged units\. Got it being deleted \(`hrsa store rm`"):
             with store.resetting("m"):
                 pass
-    assert target.open().model_info("m").complete
+        assert target.open().model_info("m").complete
+        _delete(store, "models/m/zarr.json")  # and once it has deleted the model's metadata: still "being deleted"
+        with pytest.raises(ModelInUseError, match=r"to reset its damaged units\. Got it being deleted \(`hrsa store rm`"):
+            with store.resetting("m"):
+                pass
 
 
 def test_units_reset_or_replaced_since_verify_are_left_and_said_so(target: Target) -> None:
