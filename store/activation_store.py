@@ -681,10 +681,12 @@ class ActivationStore(ResultRecords):
     @contextmanager
     def resetting(self, mid: str) -> Iterator[ModelWriter]:
         """Hold model ``mid`` to reset units of it (``hrsa store verify --reset-damaged``), yielding its writer: an
-        extraction holding it or writing a unit refuses the reset, and one starting meanwhile is refused.
+        extraction or a deletion holding it (or a live claim of a unit not done) refuses the reset, and either one
+        starting meanwhile is refused.
 
         Raises:
-            ModelInUseError: an extraction holds it; nothing is changed.
+            ModelNotFoundError, HalfCreatedModelError: no such model (deleted since), before anything is written.
+            ModelInUseError: an extraction or a deletion holds it; nothing is changed.
         """
         self._check_writable()
         try:
@@ -698,7 +700,7 @@ class ActivationStore(ResultRecords):
     @contextmanager
     def _holding_unused(self, mid: str, purpose: str, kept: set[str]) -> Iterator[None]:
         """Hold ``mid`` with a lease for ``purpose`` (a change an extraction must not run beside) while the body runs,
-        once no extraction holds it (but those whose leases are in ``kept``)."""
+        once nothing else holds it (:meth:`_check_not_in_use`; leases in ``kept`` aside)."""
         self._check_not_in_use(mid, kept, purpose)  # before anything is written: a refusal leaves the store as it was
         with holding_model(self._root.store, self._key(f"models/{mid}"), purpose) as own:
             # Again, now that this lease is there: an extraction that took its lease since the check above is seen

@@ -138,10 +138,15 @@ def _verify_model(store: ActivationStore, info: ModelInfo, problems: list[Proble
     return np.flatnonzero(~done).tolist(), shards
 
 
+def _unsound_arrays(mismatched: Sequence[tuple[str, str]]) -> set[str]:
+    """The paths whose metadata is the finding, of :func:`array_mismatches`' (a changed codec aside: its shards still
+    hash alike)."""
+    return {path for path, what in mismatched if not what.startswith("codecs ")}
+
+
 def _checkable_arrays(group: Any, info: ModelInfo, mismatched: Sequence[tuple[str, str]]) -> dict[int, Any]:
-    """The model's hidden-state arrays whose shards can be checked: all but those whose metadata is the finding (a
-    changed codec aside: its shards still hash alike)."""
-    bad = {path for path, what in mismatched if not what.startswith("codecs ")}
+    """The model's hidden-state arrays whose shards can be checked: all but the unsound ones."""
+    bad = _unsound_arrays(mismatched)
     return {k: group[hidden_key(k)] for k in info.hidden_states if hidden_key(k) not in bad and "hidden" not in bad}
 
 
@@ -236,7 +241,7 @@ def reset_damaged(store: ActivationStore, mid: str, units: Sequence[int]) -> Res
     with store.resetting(mid) as writer:
         info, group = writer.info, store.group(f"models/{mid}")
         mismatched = array_mismatches(group, info)
-        unsound = [path for path, what in mismatched if not what.startswith("codecs ")]
+        unsound = _unsound_arrays(mismatched)
         if unsound:  # a hidden state's metadata is the damage: the model is extracted again, not unit by unit
             return ResetOutcome(mid, skipped=f"the metadata of {', '.join(sorted(unsound))} is damaged")
         arrays = _checkable_arrays(group, info, mismatched)
