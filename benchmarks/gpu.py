@@ -170,10 +170,13 @@ def _hrsa_child(path: str, budget: str, device: str, queue: Any) -> None:
     reset_peak()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    blocks: list[float] = []  # when each block was done: where the time went (before, during, after the pass)
     before, start = resident_bytes(), time.perf_counter()
     res = analyze_pair(store, "a", "b", metrics=("cka",), cross_layer=True, memory_budget=budget, backend=backend,
-                       groups=0)
-    queue.put({"seconds": time.perf_counter() - start, "peak": peak_resident_bytes() - before,
+                       groups=0, on_block=lambda rows: blocks.append(time.perf_counter()))
+    end = time.perf_counter()
+    queue.put({"seconds": end - start, "peak": peak_resident_bytes() - before,
+               "phases": {"to_first_block": blocks[0] - start, "blocks": blocks[-1] - blocks[0], "after": end - blocks[-1]},
                "gpu_peak": _gpu_peak(device), "plan": res.plan.describe(), "passes": res.plan.passes,
                "block_tokens": res.settings["block_tokens"], "dtype": res.settings["compute_dtype"],
                "flops": res.plan.product_flops(), "read": res.plan.bytes_read(), "cka": res.cka_matrix.tolist(),
@@ -200,6 +203,9 @@ def bench_cka(cfg: GpuBenchConfig, root: Path, rates: dict[str, float]) -> dict[
     print(f"    hrsa    : {ours['seconds']:7.1f} s, peak RSS {format_bytes(ours['peak'])}, GPU peak "
           f"{format_bytes(ours['gpu_peak'])}; {ours['passes']} pass(es), blocks of {ours['block_tokens']}, "
           f"{ours['dtype']} products; read {format_bytes(ours['read'])}")
+    phases = ours["phases"]
+    print(f"      of which {phases['to_first_block']:.1f} s to the first block done, {phases['blocks']:.1f} s the other "
+          f"blocks, {phases['after']:.1f} s after the last (the sums to the host, the metrics)")
     print(f"    hrsa is {official['seconds'] / ours['seconds']:.2f}x the official approach's speed with "
           f"{ours['gpu_peak'] / max(official['gpu_peak'], 1):.3f} of its GPU memory")
     print(f"    roofline: {ours['flops'] / 1e12:.1f} Tflop of products at {rates['float32'] / 1e12:.1f} TFLOP/s (float32 "
@@ -322,6 +328,17 @@ def bench_faiss(cfg: GpuBenchConfig) -> None:
     print(f"    exact k-NN (k = 10) of 200,000 x {cfg.hidden} against itself: {time.perf_counter() - start:.2f} s")
 
 
+def measure_gemm_rates(cfg: GpuBenchConfig) -> dict[str, float]:
+    """(a): the device's float32 and float64 GEMM rates (bf16 too on a GPU), printed."""
+    backend = "cuda" if cfg.device.startswith("cuda") else "numpy"
+    shape = (cfg.hidden * 4, 8192, cfg.hidden * 4)
+    rates = {dtype: gemm_rate(dtype, shape, seconds=2.0, backend=backend) for dtype in ("float32", "float64")}
+    if backend == "cuda":
+        rates["bfloat16"] = gemm_rate("bfloat16", shape, seconds=2.0, backend=backend)
+    print("(a) GEMM rates " + ", ".join(f"{k} {v / 1e12:.1f} TFLOP/s" for k, v in rates.items()) + f" at {shape}")
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke sizes (N = 8,192, D = 256, 5 states, 2 documents)")
@@ -347,14 +364,8 @@ def main() -> None:
     print(f"hrsa GPU benchmark, GPU: {gpu}, {os.cpu_count()} CPU cores, torch {torch.__version__}, stores in {root}")
     figures: dict[str, Any] = {}
     try:
-        backend = "cuda" if cfg.device.startswith("cuda") else "numpy"
-        shape = (cfg.hidden * 4, 8192, cfg.hidden * 4)
-        rates = {dtype: gemm_rate(dtype, shape, seconds=2.0, backend=backend) for dtype in ("float32", "float64")}
-        if backend == "cuda":
-            rates["bfloat16"] = gemm_rate("bfloat16", shape, seconds=2.0, backend=backend)
-        print("(a) GEMM rates " + ", ".join(f"{k} {v / 1e12:.1f} TFLOP/s" for k, v in rates.items()) + f" at {shape}")
-        figures["gemm"] = rates
-        if args.only in (None, "cka"):
+        if args.only in (None, "cka"):  # the GEMM rates are (c)'s roofline: measured in the same run
+            figures["gemm"] = rates = measure_gemm_rates(cfg)
             figures["cka"] = bench_cka(cfg, root, rates)
         if args.only in (None, "extract"):
             figures["extract"] = bench_extract(cfg, root)

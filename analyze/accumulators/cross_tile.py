@@ -101,12 +101,17 @@ class CrossTileMoments:
         """Bytes held by the arrays (what a memory plan counts)."""
         return int(self.c.nbytes + self.mean_x.nbytes + self.mean_y.nbytes)
 
-    def fold_blocks(self, blocks: Sequence[BlockMeans], products: np.ndarray | None = None) -> None:
+    def fold_blocks(self, blocks: Sequence[BlockMeans], products: Any = None, into: Any = None) -> None:
         """Fold in a run of blocks whose summed products ``sum_b U_b^T V_b`` are ``products`` (added here), or are
-        already in :attr:`c` (``None``: float64 GEMMs write there), with Chan's corrections as one low-rank GEMM."""
+        already in :attr:`c` (``None``: float64 GEMMs write there), with Chan's corrections as one low-rank GEMM.
+
+        ``into``: a float64 torch tensor shaped like :attr:`c` on the products' device, to add the run's terms to there
+        instead of to :attr:`c` (every term is additive, so ``c + into`` is the total; :class:`PendingBlocks` moves it
+        over once, at the end of the pass). The means are pooled here either way."""
         blocks = [b for b in blocks if b.n]
+        target = self.c if into is None else into
         if products is not None:
-            _widen_into(self.c, products)
+            _widen_into(target, products)
         if not blocks:
             return
         n_run = sum(b.n for b in blocks)
@@ -118,7 +123,7 @@ class CrossTileMoments:
         weight, delta_x, delta_y = self.n * n_run / (self.n + n_run), run_x - self.mean_x, run_y - self.mean_y
         if weight:
             terms.append((weight, delta_x, delta_y))
-        _add_low_rank(self.c, terms)
+        _add_low_rank(target, terms)
         self._pool_means(n_run, delta_x, delta_y)
 
     def merge(self, other: CrossTileMoments) -> CrossTileMoments:
@@ -173,6 +178,7 @@ class PendingBlocks:
     products: Any = None
     blocks: list[BlockMeans] = field(default_factory=list)
     scratch: dict[str, np.ndarray] = field(default_factory=dict)
+    device_sum: Any = None
 
     def stack_buffer(self, side: str, n: int, width: int, dtype: np.dtype) -> np.ndarray:
         """A (>= n, width) C-ordered ``dtype`` array to stack a block's centred states into, the same one block after
@@ -205,19 +211,39 @@ class PendingBlocks:
             self.products = multiply_into(self.products, u, v, self.beta, block=pair)
         self.add(block)
 
-    def flush(self) -> CrossTileMoments:
-        """Fold the run in; returns the total."""
-        if self.blocks:
-            if self.products is None or isinstance(self.products, np.ndarray):
-                self.total.fold_blocks(self.blocks, self.products)
-            else:  # a device's sum (torch): to the host a column state at a time, so the host holds no copy of it all
-                width = self.total.dy
-                for j in range(len(self.total.keys_y)):
-                    cols = slice(j * width, (j + 1) * width)
-                    self.total.c[:, cols] += self.products[:, cols].cpu().numpy()
+    def flush(self) -> None:
+        """Fold the run in: into the total, or a device's run into the float64 sum it keeps on the device."""
+        if not self.blocks:
+            return
+        if self.products is None or isinstance(self.products, np.ndarray):
+            self.total.fold_blocks(self.blocks, self.products)
+        else:  # a device's products (torch)
+            if self.device_sum is None:
+                self.device_sum = _device_sum(self.products)
+            if self.device_sum is not None:
+                self.total.fold_blocks(self.blocks, self.products, into=self.device_sum)
+            else:  # no room for it on the device: this run's sum crosses over now
+                self._add_to_host(self.products)
                 self.total.fold_blocks(self.blocks)
-            self.blocks = []
+        self.blocks = []
+
+    def finish(self) -> CrossTileMoments:
+        """Fold the last run in and bring a device's float64 sum over to the host's total; returns the total."""
+        self.flush()
+        if self.device_sum is not None:
+            self._sum_to_host()
         return self.total
+
+    def _sum_to_host(self) -> None:
+        self._add_to_host(self.device_sum)
+        self.device_sum = None
+
+    def _add_to_host(self, matrix: Any) -> None:
+        """``total.c += matrix`` (a torch tensor): a column state at a time, so the host holds no copy of it all."""
+        width = self.total.dy
+        for j in range(len(self.total.keys_y)):
+            cols = slice(j * width, (j + 1) * width)
+            self.total.c[:, cols] += matrix[:, cols].cpu().numpy()
 
 
 def stack_centred(blocks: Sequence[np.ndarray], compute_dtype: np.dtype,
@@ -263,9 +289,33 @@ def stack_centred(blocks: Sequence[np.ndarray], compute_dtype: np.dtype,
     return stacked, mean_all, (offsets if offsets.any() else None)
 
 
-def _widen_into(total: F64, products: np.ndarray) -> None:
+#: Device memory a float64 device sum leaves free at least (the next blocks' stacked states and centred copies).
+DEVICE_HEADROOM = 1 << 30
+
+
+def _device_sum(products: Any) -> Any:
+    """A float64 zero matrix shaped like ``products`` (a torch tensor) on its device, where it fits beside the pass's
+    blocks (:data:`DEVICE_HEADROOM`, or a quarter of the products if more); None where it does not.
+
+    Why on the device: a run folded on the host sent the whole tile over PCIe and swept it in host memory every
+    :data:`FLOAT32_SUM_TOKENS` tokens (an H200 ran a 29 x 29 tile of D = 1536 at 74x its products' roofline)."""
+    import torch
+
+    need = products.numel() * 8
+    if products.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(products.device)
+        if free < need + max(DEVICE_HEADROOM, products.numel() * products.element_size() // 4):
+            return None
+    return torch.zeros(products.shape, dtype=torch.float64, device=products.device)
+
+
+def _widen_into(total: Any, products: Any) -> None:
     """``total += products``, a float32 sum widened element by element (no float64 copy of it), in column panels spread
-    over the fold's cores (both Fortran-ordered: a panel of columns is contiguous in each)."""
+    over the fold's cores (both Fortran-ordered: a panel of columns is contiguous in each); torch tensors on their
+    device, in one add."""
+    if not isinstance(total, np.ndarray):
+        total.add_(products)
+        return
     columns = total.shape[1]
     panels = max(1, min(columns, 8))
     cuts = [columns * p // panels for p in range(panels + 1)]
@@ -281,6 +331,13 @@ def _add_low_rank(matrix: F64, terms: Sequence[tuple[float, F64, F64]]) -> None:
     """``matrix += sum of weight outer(x, y)`` in place (Fortran order): BLAS ger for one term, a GEMM of rank k for
     k terms (one sweep of the matrix either way)."""
     if not terms:
+        return
+    if not isinstance(matrix, np.ndarray):  # a torch tensor: one rank-k GEMM on its device
+        import torch
+
+        left, right = (torch.from_numpy(np.stack(side, axis=1)).to(matrix.device)
+                       for side in ([w * x for w, x, _ in terms], [y for _, _, y in terms]))
+        matrix.addmm_(left, right.T)
         return
     if len(terms) == 1:
         add_outer(matrix, *terms[0])

@@ -68,7 +68,7 @@ class ChunkBackend(Protocol):
     def fold_cross_tile(self, pending: PendingBlocks | None, xs: Mapping[StreamKey, np.ndarray],
                         selfs: Mapping[StreamKey, PendingBlocks] = {}) -> None:
         """Multiply one block of a cross-layer tile's states (``xs``, each (n, D_key)) into ``pending``'s running sum
-        and record it (``pending.flush()`` folds what is left into the total); likewise each state of ``selfs``
+        and record it (``pending.finish()`` folds what is left into the total); likewise each state of ``selfs``
         against itself, from the same centred block (``pending`` None: a self tile's, only those)."""
         ...
 
@@ -185,9 +185,10 @@ class TorchBackend:
             self._multiply(own, stack[:, cols], stack[:, cols], BlockMeans(n, means[cols], means[cols]))
 
     def _multiply(self, pending: PendingBlocks, u: torch.Tensor, v: torch.Tensor, block: BlockMeans) -> None:
-        """Add ``u^T v`` to the run's sum: on a GPU a sum that stays there (it crosses to the host once per run); on the
-        CPU numpy's path on the same memory (float64 straight into the total)."""
-        if u.device.type == "cpu":
+        """Add ``u^T v`` to the run's sum: on a GPU a sum that stays there (the runs fold into a float64 sum there too,
+        which crosses to the host once per pass); on the CPU numpy's path on the same memory (float64 straight into the
+        total)."""
+        if self._sums_on_host:
             pending.multiply(np.ascontiguousarray(u.numpy()), np.ascontiguousarray(v.numpy()), block)
             return
         if pending.beta:
@@ -195,6 +196,12 @@ class TorchBackend:
         else:
             pending.products = u.T @ v
         pending.add(block)
+
+    @property
+    def _sums_on_host(self) -> bool:
+        import torch
+
+        return torch.device(self.device).type == "cpu"
 
     @property
     def _dtype(self) -> torch.dtype:

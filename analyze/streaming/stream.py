@@ -343,7 +343,7 @@ def _fold_stacked(tile: Tile, reader: StateReader, blocks: Iterable[TokenBlock],
             on_block(block.n_rows)
     if selfs is None:
         return None
-    return CrossTileTotals(stacked and stacked.flush(), {p: m for own in selfs.values() for p, m in own.flush().items()})
+    return CrossTileTotals(stacked and stacked.finish(), {p: m for own in selfs.values() for p, m in own.finish().items()})
 
 
 @dataclass(eq=False)

@@ -37,7 +37,7 @@ def fold(backend, xs: dict, cuts: list[int], run_tokens: int = FLOAT32_SUM_TOKEN
     pending = PendingBlocks(CrossTileMoments.empty(ROWS, COLS, DX, DY), max_tokens=run_tokens)
     for lo, hi in zip(cuts[:-1], cuts[1:]):
         backend.fold_cross_tile(pending, {k: v[lo:hi] for k, v in xs.items()})
-    return pending.flush()
+    return pending.finish()
 
 
 @pytest.mark.parametrize("run_tokens", [1, 41, 10_000], ids=["a-run-a-block", "runs-cut-mid-way", "one-run"])
@@ -104,7 +104,7 @@ def test_float32_runs_are_summed_in_float32_only_up_to_their_length() -> None:
         pending = PendingBlocks(CrossTileMoments.empty(ROWS[:1], COLS[:1], 1, 1), max_tokens=run_tokens)
         for lo in range(0, n, block):
             NumpyBackend(compute_dtype="float32").fold_cross_tile(pending, {k: v[lo : lo + block] for k, v in xs.items()})
-        return abs(float(pending.flush().c[0, 0]) - want) / want
+        return abs(float(pending.finish().c[0, 0]) - want) / want
 
     assert error(FLOAT32_SUM_TOKENS) <= 1e-6 < error(n)
 
@@ -235,10 +235,10 @@ def test_kept_stack_buffers_leak_nothing_from_one_block_into_the_next(dtype) -> 
     want = reference(xs)
     centred = {k: np.asarray(v, np.float64) - np.asarray(v, np.float64).mean(0) for k, v in xs.items()}
     rtol = 1e-6 if dtype == "float32" else 1e-11
-    for pair, moments in tile.flush().items():
+    for pair, moments in tile.finish().items():
         np.testing.assert_allclose(moments.c_xy, want[pair], rtol=rtol, atol=rtol * np.abs(want[pair]).max())
     for key, own in selfs.items():
-        ((_, moments),) = own.flush().items()
+        ((_, moments),) = own.finish().items()
         exact = centred[key].T @ centred[key]
         np.testing.assert_allclose(moments.c_xy, exact, rtol=rtol, atol=rtol * np.abs(exact).max())
 
@@ -278,7 +278,7 @@ def test_a_pair_s_float32_sums_do_not_depend_on_the_tile_around_it(gemm_path, d,
         pending = PendingBlocks(CrossTileMoments.empty(rows, cols, d, d))
         for lo in range(0, 1000, 256):  # the last block of 232 rows is under the small-matrix size at D = 128
             backend.fold_cross_tile(pending, {k: v[lo : lo + 256] for k, v in xs.items()})
-        return dict(pending.flush().items())[(("a", 0), ("b", 0))].c_xy
+        return dict(pending.finish().items())[(("a", 0), ("b", 0))].c_xy
 
     alone = pair_sum(keys_a[:1], keys_b[:1])
     for rows, cols in ((keys_a[:2], keys_b[:2]), (keys_a[:2], keys_b), (keys_a, keys_b[:1])):
