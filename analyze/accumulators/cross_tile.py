@@ -179,6 +179,10 @@ class PendingBlocks:
     blocks: list[BlockMeans] = field(default_factory=list)
     scratch: dict[str, np.ndarray] = field(default_factory=dict)
     device_sum: Any = None
+    host_touched: bool = False  # whether total.c holds anything (while not, a crossing copies into it)
+
+    def __post_init__(self) -> None:
+        self.host_touched = self.host_touched or self.total.n > 0  # a total with tokens holds them: add to it
 
     def stack_buffer(self, side: str, n: int, width: int, dtype: np.dtype) -> np.ndarray:
         """A (>= n, width) C-ordered ``dtype`` array to stack a block's centred states into, the same one block after
@@ -217,6 +221,7 @@ class PendingBlocks:
             return
         if self.products is None or isinstance(self.products, np.ndarray):
             self.total.fold_blocks(self.blocks, self.products)
+            self.host_touched = True
         else:  # a device's products (torch)
             if self.device_sum is None:
                 self.device_sum = _device_sum(self.products)
@@ -224,7 +229,7 @@ class PendingBlocks:
                 self.total.fold_blocks(self.blocks, self.products, into=self.device_sum)
             else:  # no room for it on the device: this run's sum crosses over now
                 self._add_to_host(self.products)
-                self.total.fold_blocks(self.blocks)
+                self.total.fold_blocks(self.blocks)  # its corrections, on the host
         self.blocks = []
 
     def finish(self) -> CrossTileMoments:
@@ -239,11 +244,26 @@ class PendingBlocks:
         self.device_sum = None
 
     def _add_to_host(self, matrix: Any) -> None:
-        """``total.c += matrix`` (a torch tensor): a column state at a time, so the host holds no copy of it all."""
+        """``total.c += matrix`` (a torch tensor, C-ordered): a column state at a time, so the host holds no copy of it
+        all. Each panel crosses as its transpose, which is the total's Fortran-ordered panel: straight into the total's
+        memory while nothing else is in it (the one crossing of a pass), else into one kept buffer and added from there.
+        (A C-ordered copy added into the Fortran-ordered panel ran at a third of the speed, each panel in fresh pages:
+        2.1 GB in 4.6 s against 1.5 s copied in place, on CPU tensors.)"""
+        import torch
+
         width = self.total.dy
+        buffer = None
         for j in range(len(self.total.keys_y)):
             cols = slice(j * width, (j + 1) * width)
-            self.total.c[:, cols] += matrix[:, cols].cpu().numpy()
+            panel = torch.from_numpy(self.total.c[:, cols].T)  # (Dy, r Dx), C-contiguous: the total's own memory
+            if not self.host_touched:
+                panel.copy_(matrix[:, cols].T)
+                continue
+            if buffer is None:
+                buffer = torch.empty(panel.shape, dtype=panel.dtype)
+            buffer.copy_(matrix[:, cols].T)
+            panel.add_(buffer)
+        self.host_touched = True
 
 
 def stack_centred(blocks: Sequence[np.ndarray], compute_dtype: np.dtype,

@@ -4,6 +4,8 @@ under 1e5 offsets that drift, outlier dimensions, uneven blocks and runs cut any
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 from hrsa.analyze.accumulators.cross_moments import CrossMoments
@@ -33,15 +35,30 @@ def reference(xs: dict) -> dict:
     return {(kx, ky): c[kx].T @ c[ky] for kx in ROWS for ky in COLS}
 
 
-def fold(backend, xs: dict, cuts: list[int], run_tokens: int = FLOAT32_SUM_TOKENS) -> CrossTileMoments:
-    pending = PendingBlocks(CrossTileMoments.empty(ROWS, COLS, DX, DY), max_tokens=run_tokens)
+@dataclass(frozen=True)
+class DevicePathOnCpu(TorchBackend):
+    """TorchBackend's GPU path on CPU tensors: run sums kept as torch tensors, folded into a float64 sum there, which
+    crosses to the host's total at the end of the pass."""
+
+    @property
+    def _sums_on_host(self) -> bool:
+        return False
+
+
+def fold(backend, xs: dict, cuts: list[int], run_tokens: int = FLOAT32_SUM_TOKENS,
+         total: CrossTileMoments | None = None) -> CrossTileMoments:
+    pending = PendingBlocks(total or CrossTileMoments.empty(ROWS, COLS, DX, DY), max_tokens=run_tokens)
     for lo, hi in zip(cuts[:-1], cuts[1:]):
         backend.fold_cross_tile(pending, {k: v[lo:hi] for k, v in xs.items()})
     return pending.finish()
 
 
+BACKENDS = [NumpyBackend(), TorchBackend(device="cpu", compute_dtype="float64"),
+            DevicePathOnCpu(device="cpu", compute_dtype="float64")]
+
+
 @pytest.mark.parametrize("run_tokens", [1, 41, 10_000], ids=["a-run-a-block", "runs-cut-mid-way", "one-run"])
-@pytest.mark.parametrize("backend", [NumpyBackend(), TorchBackend(device="cpu", compute_dtype="float64")], ids=["numpy", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS, ids=["numpy", "torch", "torch-device-sum"])
 def test_stacked_blocks_equal_float64_co_moments_of_the_whole_data(backend, run_tokens) -> None:
     rng = np.random.default_rng(0)
     xs = states(rng, 700)
@@ -53,6 +70,20 @@ def test_stacked_blocks_equal_float64_co_moments_of_the_whole_data(backend, run_
         np.testing.assert_allclose(moments.c_xy, want[pair], rtol=1e-11, atol=1e-9 * np.abs(want[pair]).max())
         np.testing.assert_allclose(moments.mean_x, np.asarray(xs[pair[0]], np.float64).mean(0), rtol=1e-13)
         np.testing.assert_allclose(moments.mean_y, np.asarray(xs[pair[1]], np.float64).mean(0), rtol=1e-13)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=["numpy", "torch", "torch-device-sum"])
+def test_a_pass_that_continues_a_total_adds_to_it(backend) -> None:
+    """A total that already holds tokens keeps them: the device sum's one crossing adds to it (it copies only into a
+    total with nothing in it)."""
+    rng = np.random.default_rng(3)
+    xs = states(rng, 600)
+    first = fold(NumpyBackend(), {k: v[:250] for k, v in xs.items()}, [0, 100, 250])
+    acc = fold(backend, {k: v[250:] for k, v in xs.items()}, [0, 120, 350], run_tokens=100, total=first)
+    want = reference(xs)
+    assert acc.n == 600
+    for pair, moments in acc.items():
+        np.testing.assert_allclose(moments.c_xy, want[pair], rtol=1e-11, atol=1e-9 * np.abs(want[pair]).max())
 
 
 def test_equals_the_per_pair_path_and_merging_segments_equals_one_pass() -> None:
