@@ -21,7 +21,7 @@ from hrsa.analyze.local.probe import ProbeOptions, check_probe, probe_pair
 from hrsa.analyze.pair.assembly import assemble
 from hrsa.analyze.pair.passes import run_passes
 from hrsa.analyze.pair.resolve import ResolvedPair, resolve_pair
-from hrsa.analyze.streaming.backends import matched_backend, resolve_backend
+from hrsa.analyze.streaming.backends import ChunkBackend, matched_backend, resolve_backend
 from hrsa.analyze.streaming.plan import parse_memory_budget
 from hrsa.analyze.streaming.stream import resolve_scheduler
 from hrsa.runtime.settings import SettingNames, flag_name
@@ -60,6 +60,7 @@ def analyze_pair(
     on_plan: Callable[[AnalysisPlan], None] | None = None,
     on_block: OnBlock | None = None,
     names: SettingNames = flag_name,
+    read_threads: int | None = None,
 ) -> PairResults:
     """Compare hidden states of models ``a`` and ``b`` of ``store`` on the same tokens.
 
@@ -95,6 +96,10 @@ def analyze_pair(
         on_block: called with the token count of each block done (to show progress).
         names: how the messages of the local metrics' checks name their settings, given the field (`hrsa analyze`'s
             flags, ``--hidden-states``; a pipeline passes its YAML keys, ``pairs.0.hidden_states``).
+        read_threads: threads reading each segment's states of a block at once (the plan counts each one's buffers).
+            Default: with products on a local GPU, half the cores up to 8 (the host only reads there: one thread
+            decoding every state kept an H200's analysis waiting); else 1 (CPU products keep the cores busy, and a
+            Ray task holds one CPU).
 
     Returns:
         A PairResults.
@@ -119,7 +124,7 @@ def analyze_pair(
         store, a, b, metrics=metrics, debiased=debiased, cross_layer=cross_layer, selection=selection,
         memory_budget=budget, block_tokens=block_tokens, workers=workers or _default_workers(on_ray),
         save_rotation=save_rotation, compute_bytes=np.dtype(chunk_backend.compute_dtype).itemsize, groups=groups,
-        per_worker_budget=on_ray,
+        per_worker_budget=on_ray, read_threads=read_threads or _default_read_threads(chunk_backend, on_ray),
     )
     knn_options = _states_resolved(store, pair, "knn", knn_options, names)
     probe_options = _states_resolved(store, pair, "probe", probe_options, names)
@@ -147,6 +152,13 @@ def _cluster_gpus() -> bool:
     import ray
 
     return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def _default_read_threads(backend: ChunkBackend, on_ray: bool) -> int:
+    """See ``analyze_pair``'s ``read_threads``."""
+    if on_ray or not str(getattr(backend, "device", "cpu")).startswith("cuda"):
+        return 1
+    return min(8, max(1, (os.cpu_count() or 1) // 2))
 
 
 def _default_workers(on_ray: bool) -> int:

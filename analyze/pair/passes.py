@@ -81,7 +81,7 @@ def run_passes(
 
     def reader(tile: Tile) -> StateReader:  # a reader per tile: the shards it caches (counted) go with its pass
         arrays = {(s, k): store.hidden_state_array(mids[s], k) for s, k in tile.streams}
-        return StateReader(arrays, pair.block_tokens)
+        return StateReader(arrays, pair.block_tokens, read_threads=pair.plan.inputs.read_threads)
 
     matched_on = matched or backend
     finish = functools.partial(finish_tile, options=FinishOptions(pair.metrics, pair.debiased, pair.save_rotation,

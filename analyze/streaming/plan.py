@@ -18,10 +18,10 @@ products, 0 for float64: no cast copy), ``I`` the largest accumulator of the til
 
     A = sum of item(pair) over the tile      its accumulators (:meth:`_MemoryModel.item`: one pair's), one copy
                                              per worker while streaming, one after the merge
-    B = 2 sum_s n D_s r_s + 3 max_s n D_s r_s
-                                             each state's block in use and the next one read ahead; the read's
-                                             own buffers, one state at a time (Zarr's output and the shard's
-                                             decoded part, Dask's copy: measured 3.1 blocks)
+    B = 2 sum_s n D_s r_s + 3 sum_{T largest s} n D_s r_s
+                                             each state's block in use and the next one read ahead; the reads'
+                                             own buffers, T states at a time (``read_threads``; Zarr's output and
+                                             the shard's decoded part, Dask's copy: measured 3.1 blocks a read)
     S = the block statistics, the largest of their steps:
         matched:      n (max(8 (Dx + Dy) + 8 M, (8 + c') (Dx + Dy)) + 16) + 2 I + c' M^2
                       (a state's float64 and centred copies beside the other's centred one; or both centred and
@@ -165,6 +165,7 @@ class PlanInputs:
             as for several.
         per_worker: the budget is each worker's own (Ray tasks, each in its own process: one segment's copy of the
             accumulators per budget, whatever the workers); False: one process's, shared by its ``workers`` threads.
+        read_threads: threads that read one segment's states of a block at once, each with its own buffers.
     """
 
     matched: tuple[int, ...]
@@ -185,6 +186,7 @@ class PlanInputs:
     cache_bytes_b: int = 0
     per_worker: bool = False
     lone_cache_bytes: tuple[int, int] | None = None  # (A, B) when one worker reads: it may hold fewer shards
+    read_threads: int = 1
 
 
 @dataclass(frozen=True)
@@ -236,6 +238,7 @@ class AnalysisPlan:
         """A few human lines: tiles per kind, passes, memory."""
         p = self.inputs
         lines = [f"plan: {self.passes} pass(es) over {p.n_tokens} tokens in blocks of {p.block_tokens}, {self.workers} worker(s)"
+                 + (f" of {p.read_threads} reading threads" if p.read_threads > 1 else "")
                  + (" (Ray tasks: tiles at once, tokens split among the workers)" if p.per_worker else "")]
         if self.count("matched"):
             lines.append(f"  matched layers: {len(p.matched)} pair(s) of D={p.dx}x{p.dy} in {self.count('matched')} tile(s)")
@@ -373,9 +376,10 @@ class _MemoryModel:
         return min(g, -(-g // self.workers) + 1), g
 
     def _blocks(self, tile: Tile) -> int:
-        """B: every state's block in use and the next one read ahead, and one read's own buffers."""
+        """B: every state's block in use and the next one read ahead, and the own buffers of the reads in flight."""
         read = [self.p.block_tokens * self.dim[s] * self.read[s] for s, _ in tile.streams]
-        return 2 * sum(read) + _READ_COPIES * max(read)
+        at_once = sorted(read, reverse=True)[: max(1, self.p.read_threads)]  # the reads in flight: the largest
+        return 2 * sum(read) + _READ_COPIES * sum(at_once)
 
     def _statistics(self, tile: Tile) -> int:
         """S: a block's float64, centred and cast copies, and the block statistics being built and merged."""

@@ -22,11 +22,12 @@ same :func:`fold_segment` and :func:`merge_partials` run as Ray tasks, every til
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal, Union, get_args
 
@@ -188,10 +189,15 @@ class StateReader:
     dependencies, i.e. load every state whole before the task runs.
     """
 
-    def __init__(self, arrays: Mapping[StreamKey, Any], block_tokens: int) -> None:
+    def __init__(self, arrays: Mapping[StreamKey, Any], block_tokens: int, read_threads: int = 1) -> None:
         self.arrays = dict(arrays)
         self.block_tokens = block_tokens  # the grid of the blocks
         self.streams: dict[StreamKey, Any] = {}  # a segment's forward readers (:meth:`streamed`)
+        self.read_threads = max(1, read_threads)  # threads reading a block's states at once (:func:`_read_ahead`)
+
+    def group(self, key: StreamKey) -> int:
+        """Which of the ``read_threads`` groups reads state ``key`` (one thread a group, its own buffers)."""
+        return list(self.arrays).index(key) % self.read_threads
 
     def read(self, key: StreamKey, block: TokenBlock) -> np.ndarray:
         """The block's selected rows of state ``key``, (n_rows, D), in the stored dtype (B's own rows, in the order
@@ -214,9 +220,12 @@ class StateReader:
         block before it asks for the next (:func:`_read_ahead` reads one ahead)."""
         from hrsa.store.reading import ReadScratch
 
-        segment = StateReader(self.arrays, self.block_tokens)
-        scratch = ReadScratch()  # the segment's states are read in one thread (_read_ahead's): their arrays are reused
-        segment.streams = {key: array.streamed(scratch) for key, array in self.arrays.items() if hasattr(array, "streamed")}
+        segment = StateReader(self.arrays, self.block_tokens, self.read_threads)
+        # A scratch per group of states (states i, i + T, ...), each group read by one thread at a time (_read_ahead):
+        # a scratch's arrays are reused read after read, so no two reads in flight may share one.
+        scratches = [ReadScratch() for _ in range(self.read_threads)]
+        segment.streams = {key: array.streamed(scratches[self.group(key)]) for key, array in self.arrays.items()
+                           if hasattr(array, "streamed")}
         yield segment
         for stream in segment.streams.values():
             stream.close()
@@ -377,16 +386,29 @@ def _grouped_moments(backend: ChunkBackend, x: np.ndarray, y: np.ndarray, runs: 
 def _read_ahead(
     reader: StateReader, keys: Sequence[StreamKey], blocks: Iterable[TokenBlock]
 ) -> Iterator[tuple[TokenBlock, dict[StreamKey, np.ndarray]]]:
-    """(block, {key: values}) for each block, reading block i + 1 in a thread while block i is used.
+    """(block, {key: values}) for each block, reading block i + 1 in a thread while block i is used; that block's
+    states in ``reader.read_threads`` threads at once, a group of states each (:meth:`StateReader.group`).
 
-    Exactly one block ahead, in one thread: a segment's readers reuse their arrays (:meth:`StateReader.streamed`), so a
-    block's values are overwritten by the block after next; reading further ahead would fold overwritten values."""
+    Exactly one block ahead: a segment's readers reuse their arrays (:meth:`StateReader.streamed`), so a block's values
+    are overwritten by the block after next; reading further ahead would fold overwritten values."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def read_all(block: TokenBlock) -> tuple[TokenBlock, dict[StreamKey, np.ndarray]]:
-        return block, {key: reader.read(key, block) for key in keys}
+    groups = [[key for key in keys if reader.group(key) == g] for g in range(reader.read_threads)]
+    groups = [group for group in groups if group]
+    states = ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix="hrsa-read") if len(groups) > 1 else None
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hrsa-read") as pool:
+    def read_group(block: TokenBlock, group: list[StreamKey]) -> dict[StreamKey, np.ndarray]:
+        return {key: reader.read(key, block) for key in group}
+
+    def read_all(block: TokenBlock) -> tuple[TokenBlock, dict[StreamKey, np.ndarray]]:
+        if states is None:
+            return block, read_group(block, list(keys))
+        got: dict[StreamKey, np.ndarray] = {}
+        for part in states.map(functools.partial(read_group, block), groups):
+            got.update(part)
+        return block, {key: got[key] for key in keys}  # in the tile's order, however the threads finished
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hrsa-read-ahead") as pool, (states or nullcontext()):
         pending = None
         for block in blocks:
             future = pool.submit(read_all, block)

@@ -444,3 +444,17 @@ def torch_peaks_of(request: pytest.FixtureRequest) -> Any:
 
 if __name__ == "__main__":
     _subprocess_main(json.loads(sys.argv[1]))
+
+
+def test_several_reading_threads_stay_under_the_estimate_that_counts_their_buffers(urls) -> None:
+    """Reads in flight at once hold their own buffers each: the model counts the ``read_threads`` largest, and a real
+    pass that reads a block's states three at a time stays under it."""
+    store = ActivationStore.open(urls["bfloat16"])
+    pair = planned(store, urls["bfloat16"], compute="float32", workers=1)
+    plan = plan_analysis(replace(pair.plan.inputs, read_threads=3, memory_budget=2 * pair.plan.inputs.memory_budget))
+    one = replace(plan, inputs=replace(plan.inputs, read_threads=1))
+    tiles = shapes(plan)
+    assert plan.passes > 1 and all(plan.estimate(tile) > one.estimate(tile) for tile in tiles if len(tile.streams) > 1)
+    peaks = measure_traced(store, replace(pair, plan=plan), backend_of("numpy", "float32"))
+    report = [(tile.kind, len(tile.pairs), peak, plan.estimate(tile)) for tile, peak in zip(tiles, peaks)]
+    assert all(peak <= estimate + MACHINERY for _, _, peak, estimate in report), report

@@ -202,3 +202,43 @@ def test_a_segment_that_ends_inside_a_substituted_shard_fails_before_it_returns(
     shards[0].write_bytes(shards[1].read_bytes())
     with pytest.raises(CorruptDataError, match="Expected an intact shard 0 .*xxh3 differs"):
         fold_segment(tile, reader, half, backend)
+
+
+@pytest.mark.parametrize("cross_layer", [False, True], ids=["matched", "cross-layer"])
+def test_a_block_s_states_are_read_by_several_threads_to_the_same_results(pair_store, monkeypatch, cross_layer) -> None:
+    """With products on a GPU the host only reads: one thread decoding every state of a block left 15 of an H200
+    machine's 16 cores idle. ``read_threads`` reads a block's states in that many threads at once (each its own
+    buffers), to the very same results."""
+    import threading
+    import time
+
+    from hrsa.analyze.streaming.stream import StateReader
+
+    lock, in_flight, most = threading.Lock(), [0], [0]
+    read = StateReader.read
+
+    def slow_read(self, key, block):
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        time.sleep(0.002)  # a read long enough for another thread's to start meanwhile
+        try:
+            return read(self, key, block)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    store = pair_store.open()
+    runs = {}
+    for threads in (1, 3):
+        monkeypatch.setattr(StateReader, "read", slow_read)
+        most[0] = 0
+        runs[threads] = analyze_pair(store, "a", "b", metrics=("cka", "dimcorr"), cross_layer=cross_layer,
+                                     block_tokens=256, workers=1, read_threads=threads, compute_dtype="float64",
+                                     scheduler="threads")  # patched in this process: not on Ray
+        assert most[0] == threads, f"{most[0]} reads at once with read_threads={threads}"
+    one, three = runs[1], runs[3]
+    assert [r.value for r in one.cka] == [r.value for r in three.cka]
+    if cross_layer:
+        assert np.array_equal(one.cka_matrix, three.cka_matrix)
+    assert "3 reading threads" in three.plan.describe()
