@@ -417,7 +417,7 @@ def bench_stacked(cfg: BenchConfig) -> None:
             pending = PendingBlocks(CrossTileMoments.empty([p[0] for p in pairs[::r]], [p[1] for p in pairs[:r]], d, d))
             for _ in range(blocks):
                 backend.fold_cross_tile(pending, xs)
-            return pending.flush()
+            return pending.finish()
 
         def per_pair() -> dict:
             totals: dict = {}

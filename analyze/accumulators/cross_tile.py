@@ -27,6 +27,7 @@ numpy and BLAS (the GEMMs: :mod:`.gemm`; the low-rank corrections: scipy's): no 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -224,12 +225,13 @@ class PendingBlocks:
             self.host_touched = True
         else:  # a device's products (torch)
             if self.device_sum is None:
-                self.device_sum = _device_sum(self.products)
+                self.device_sum = _device_sum(self.products, max(b.n for b in self.blocks))
             if self.device_sum is not None:
                 self.total.fold_blocks(self.blocks, self.products, into=self.device_sum)
             else:  # no room for it on the device: this run's sum crosses over now
                 self._add_to_host(self.products)
                 self.total.fold_blocks(self.blocks)  # its corrections, on the host
+            self.products = None  # let go: the next run's first product is a new tensor (kept, two would be held)
         self.blocks = []
 
     def finish(self) -> CrossTileMoments:
@@ -309,24 +311,37 @@ def stack_centred(blocks: Sequence[np.ndarray], compute_dtype: np.dtype,
     return stacked, mean_all, (offsets if offsets.any() else None)
 
 
-#: Device memory a float64 device sum leaves free at least (the next blocks' stacked states and centred copies).
+#: Device memory a float64 device sum leaves free at least, beside the next run's product (see _device_headroom).
 DEVICE_HEADROOM = 1 << 30
+#: One admission at a time: a process's segments (Dask threads) each see the others' device sums once allocated.
+_ADMISSION = threading.Lock()
 
 
-def _device_sum(products: Any) -> Any:
-    """A float64 zero matrix shaped like ``products`` (a torch tensor) on its device, where it fits beside the pass's
-    blocks (:data:`DEVICE_HEADROOM`, or a quarter of the products if more); None where it does not.
+def _device_headroom(products: Any, rows: int) -> int:
+    """Device memory a pass needs beside its float64 sum once the run is folded: the next run's product (the run's own
+    is let go: :meth:`PendingBlocks.flush`), and a block's stacked states with room for their float64 centring
+    (twice the stacks), at least :data:`DEVICE_HEADROOM`."""
+    item = products.element_size()
+    stacks = rows * (products.shape[0] + products.shape[1]) * item
+    return max(DEVICE_HEADROOM, 2 * stacks)
+
+
+def _device_sum(products: Any, rows: int) -> Any:
+    """A float64 zero matrix shaped like ``products`` (a torch tensor, the run's product, still held) on its device,
+    where it fits with :func:`_device_headroom` beside it for blocks of ``rows`` tokens; None where it does not. Free
+    counts what torch's allocator holds unused (it is the driver's "used", and torch reuses it).
 
     Why on the device: a run folded on the host sent the whole tile over PCIe and swept it in host memory every
     :data:`FLOAT32_SUM_TOKENS` tokens (an H200 ran a 29 x 29 tile of D = 1536 at 74x its products' roofline)."""
     import torch
 
-    need = products.numel() * 8
-    if products.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(products.device)
-        if free < need + max(DEVICE_HEADROOM, products.numel() * products.element_size() // 4):
-            return None
-    return torch.zeros(products.shape, dtype=torch.float64, device=products.device)
+    with _ADMISSION:
+        if products.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(products.device)
+            free += torch.cuda.memory_reserved(products.device) - torch.cuda.memory_allocated(products.device)
+            if free < products.numel() * 8 + _device_headroom(products, rows):
+                return None
+        return torch.zeros(products.shape, dtype=torch.float64, device=products.device)
 
 
 def _widen_into(total: Any, products: Any) -> None:

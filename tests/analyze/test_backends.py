@@ -77,7 +77,7 @@ def test_a_device_sum_folds_its_runs_on_the_device_and_reaches_the_host_once(pai
 
     monkeypatch.setattr(TorchBackend, "_sums_on_host", property(lambda self: False))
     if not room:
-        monkeypatch.setattr(cross_tile, "_device_sum", lambda products: None)
+        monkeypatch.setattr(cross_tile, "_device_sum", lambda products, rows: None)
     monkeypatch.setattr(cross_tile, "FLOAT32_SUM_TOKENS", 250)
     crossings = []
     to_host = cross_tile.PendingBlocks._sum_to_host

@@ -420,3 +420,39 @@ def test_the_probe_measures_what_it_says_it_allocates(verdicts) -> None:
         tracemalloc.stop()
     # Beside the arrays: threadpoolctl's limits and the generator, 40-60 kB of Python objects (an extra block: 262 kB).
     assert gemm.probe_bytes("float64", 256, 128, 512) <= peak <= gemm.probe_bytes("float64", 256, 128, 512) + 100_000, peak
+
+
+def test_a_device_sum_is_admitted_only_with_room_for_the_next_run_s_product(monkeypatch) -> None:
+    """The device's free memory must hold the float64 sum beside the next run's product and its stacked blocks: the
+    run's own product is let go once folded (it was kept, so the next run's product made a second one: 4 P held
+    where the check had counted 3.25 P; P the float32 run sum)."""
+    import hrsa.analyze.accumulators.cross_tile as cross_tile
+
+    admitted, live, kept = [], [], []
+    real = cross_tile._device_sum
+
+    def recording(products, rows):
+        held = products.numel() * products.element_size()
+        admitted.append(held + products.numel() * 8 + cross_tile._device_headroom(products, rows))
+        return real(products, rows)
+
+    monkeypatch.setattr(cross_tile, "_device_sum", recording)
+    monkeypatch.setattr(cross_tile, "DEVICE_HEADROOM", 0)  # the small tile here in the regime of large ones
+
+    @dataclass(frozen=True)
+    class Probe(DevicePathOnCpu):
+        def _multiply(self, pending, u, v, block):
+            if not pending.beta:  # a run's first product, made while the fields below are still referenced
+                kept.append(pending.products is not None)
+                sums = (pending.products, pending.device_sum)
+                held = sum(t.numel() * t.element_size() for t in sums if t is not None)
+                live.append(held + u.shape[1] * v.shape[1] * 4 + (u.numel() + v.numel()) * 4)  # and the stacks
+            super()._multiply(pending, u, v, block)
+
+    xs = states(np.random.default_rng(0), 600)
+    pending = PendingBlocks(CrossTileMoments.empty(ROWS, COLS, DX, DY), max_tokens=100)
+    for lo in range(0, 600, 100):
+        Probe(device="cpu", compute_dtype="float32").fold_cross_tile(pending, {k: v[lo:lo + 100] for k, v in xs.items()})
+    pending.finish()
+    assert admitted and max(live) <= admitted[0], f"device bytes at a run's first product {max(live)} > {admitted[0]}"
+    assert len(kept) == 6 and not any(kept), "a folded run's product was still held when the next run's was made"
