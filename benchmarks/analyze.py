@@ -37,6 +37,8 @@ What it measures, each figure side by side in one run:
     measured throughput per worker (products only).
 (f) (e)'s analysis on half its tokens as Ray tasks on a local cluster of two nodes (two ``ray start``, one CPU
     each): 2 workers against 1 (``--workers`` caps the tasks running at once), and the segments each node ran.
+(i) Every block of a bf16 pair (16 states of D = 1536) read as a pass reads it, by 1 thread and by several (half the
+    cores, at least 2: what an analysis with products on a GPU takes): GB/s and the ratio.
 
 Synthetic activations are shaped like real ones: a few dimensions with offsets of 1e3-1e4, a residual
 stream drifting across layers, and model B a noisy copy of model A.
@@ -84,11 +86,16 @@ class BenchConfig:
     official_budget: str = "1.1GB"  # a quarter of the official approach's measured peak (4.4-4.5 GB)
     official_fit_budget: str = "4GB"  # (e) again where the accumulators fit in 2 passes: the passes' own cost
     backend: str = "numpy"  # hrsa's products in (e): "cuda" on a GPU machine (the roofline is then the GPU's)
+    # (i) a block's states read by several threads
+    reads_tokens: int = 16_384
+    reads_hidden: int = 1_536  # Qwen2.5-1.5B's width
+    reads_states: int = 8
 
 
 QUICK = BenchConfig(speed_tokens=4_096, speed_hidden=256, repeats=2, memory_tokens=2_048, memory_hidden=128,
                     big_tokens=512, big_hidden=512, big_states=9, big_budget="64MB", official_tokens=2_048,
-                    official_hidden=128, official_states=6, official_budget="256MB", official_fit_budget="1GB")
+                    official_hidden=128, official_states=6, official_budget="256MB", official_fit_budget="1GB",
+                    reads_tokens=4_096, reads_hidden=256, reads_states=4)
 
 
 # --- synthetic stores ----------------------------------------------------------------------------------------
@@ -531,11 +538,43 @@ def bench_cluster_plans(cfg: BenchConfig, throughput: float) -> None:
                   f"{format_bytes(plan.estimated_peak):>10} {hours:>9.1f}h")
 
 
+# --- (i) a block's states read by several threads ------------------------------------------------------------------
+
+
+def bench_reads(cfg: BenchConfig, root: Path) -> None:
+    """(i): every block of a bf16 pair's states read as a pass reads them (forward through the shards, one block
+    ahead), with 1 thread and with ``read_threads`` (what ``analyze_pair`` takes on a GPU, where the host only reads),
+    alternating, best of ``repeats``: GB/s of stored values and the ratio."""
+    from hrsa.analyze.streaming.stream import StateReader, _read_ahead, token_blocks
+    from hrsa.store import ActivationStore
+
+    n, d, states = cfg.reads_tokens, cfg.reads_hidden, cfg.reads_states
+    threads = max(2, min(8, (os.cpu_count() or 1) // 2))
+    make_store(root / "reads", n, d, states, "bfloat16")
+    store = ActivationStore.open(str(root / "reads"), mode="r")
+    keys = [(m, k) for m in "ab" for k in range(states)]
+    stored = 2 * n * d * states * 2
+
+    def read_all(read_threads: int) -> Any:
+        def run() -> None:
+            arrays = {key: store.hidden_state_array(*key) for key in keys}
+            with StateReader(arrays, 4096, read_threads).streamed() as segment:
+                for _ in _read_ahead(segment, keys, token_blocks(slice(0, n), 4096)):
+                    pass
+        return run
+
+    best, _ = interleaved_best({"1": read_all(1), str(threads): read_all(threads)}, cfg.repeats)
+    print(f"\n(i) reading {2 * states} bf16 states of D = {d} over {n:,} tokens ({stored / 1e9:.2f} GB), blocks of 4,096:")
+    print(f"    1 thread {stored / best['1'] / 1e9:.2f} GB/s, {threads} threads {stored / best[str(threads)] / 1e9:.2f} GB/s: "
+          f"{best['1'] / best[str(threads)]:.2f}x")
+    shutil.rmtree(root / "reads", ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke sizes (about a minute)")
     parser.add_argument("--dir", type=Path, default=None, help="where to write the synthetic stores (default: a temp dir)")
-    parser.add_argument("--only", choices=["speed", "memory", "cross", "groups", "official", "stacked", "nodes", "plans"], default=None,
+    parser.add_argument("--only", choices=["speed", "memory", "cross", "groups", "official", "stacked", "nodes", "plans", "reads"], default=None,
                         help="run one part")
     parser.add_argument("--backend", choices=["numpy", "cuda"], default="numpy", help="hrsa's products in (e)")
     args = parser.parse_args()
@@ -559,6 +598,8 @@ def main() -> None:
             bench_cluster_plans(cfg, throughput)
         if args.only in (None, "nodes"):
             bench_two_nodes(cfg, root)
+        if args.only in (None, "reads"):
+            bench_reads(cfg, root)
         print(f"\ntotal {time.perf_counter() - start:.0f} s")
     finally:
         shutil.rmtree(root, ignore_errors=True)
