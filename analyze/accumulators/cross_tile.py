@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from hrsa.analyze.accumulators._chan import add_outer
 from hrsa.analyze.accumulators.centring import NON_FINITE_MESSAGE
-from hrsa.analyze.accumulators.cross_moments import CrossMoments
+from hrsa.analyze.accumulators.cross_moments import CoMomentSummary, CrossMoments
 from hrsa.analyze.accumulators.gemm import multiply_into
 from hrsa.analyze.accumulators.spread import spread
 from scipy.linalg import blas
@@ -240,6 +240,32 @@ class PendingBlocks:
         if self.device_sum is not None:
             self._sum_to_host()
         return self.total
+
+    def device_summaries(self) -> dict[tuple[Hashable, Hashable], CoMomentSummary] | None:
+        """At the end of a pass of one segment (no merge follows): the last run folded, and each pair's
+        :class:`CoMomentSummary` (what cross-layer CKA and dimension-wise correlation read: |C|_F^2 and the diagonal)
+        reduced from the device's float64 sum on the device, so the (r Dx, c Dy) total never crosses nor is written on
+        the host. None where there is no device sum, or the host's total holds part of the sums (a run crossed when
+        the device had no room): then :meth:`finish` and the host's summaries."""
+        import torch
+
+        self.flush()
+        if self.device_sum is None or self.host_touched:
+            return None
+        total, out = self.total, {}
+        r, c = len(total.keys_x), len(total.keys_y)
+        k = min(total.dx, total.dy)
+        for i, kx in enumerate(total.keys_x):  # a row state at a time: (Dx, c, Dy), no temporary of its size
+            rows = self.device_sum[i * total.dx : (i + 1) * total.dx].view(total.dx, c, total.dy)
+            squares = (torch.linalg.vector_norm(rows, dim=(0, 2)) ** 2).cpu().numpy()  # (c,)
+            diagonals = torch.diagonal(rows[:k, :, :k], dim1=0, dim2=2).cpu().numpy()  # (c, k)
+            for j, ky in enumerate(total.keys_y):
+                out[(kx, ky)] = CoMomentSummary(total.n, total.mean_x[i * total.dx : (i + 1) * total.dx].copy(),
+                                                total.mean_y[j * total.dy : (j + 1) * total.dy].copy(),
+                                                float(squares[j]), diagonals[j].copy())
+        assert len(out) == r * c
+        self.device_sum = None
+        return out
 
     def _sum_to_host(self) -> None:
         self._add_to_host(self.device_sum)

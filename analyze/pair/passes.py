@@ -164,6 +164,7 @@ def finish_tile(tile: Tile, acc: Any, options: FinishOptions) -> tuple[dict[int,
     A Procrustes fit's own warning is folded into one for the run (:func:`run_passes`)."""
     matched: dict[int, dict[str, Any]] = {}
     summaries: dict[StreamPair, CoMomentSummary] = {}
+    summaries.update(getattr(acc, "summaries", {}))  # a whole pass's, reduced on a GPU (CrossTileTotals)
     for streams, value in acc.items():  # a cross-layer tile's CrossTileMoments yields its pairs' CrossMoments alike
         if tile.kind != "matched":
             summaries[streams] = value.summary()

@@ -28,7 +28,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, Union, get_args
 
 import numpy as np
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     import dask.array as da
     from dask.delayed import Delayed
 
-    from hrsa.analyze.accumulators.cross_moments import CrossMoments
+    from hrsa.analyze.accumulators.cross_moments import CoMomentSummary, CrossMoments
     from hrsa.analyze.accumulators.cross_tile import CrossTileMoments
     from hrsa.analyze.accumulators.groups import GroupedMoments
     from hrsa.analyze.accumulators.moments import Moments
@@ -256,9 +256,12 @@ def fold_segment(
     blocks: Iterable[TokenBlock],
     backend: ChunkBackend,
     on_block: OnBlock | None = None,
+    whole: bool = False,
 ) -> dict[StreamPair, Accumulator]:
     """One segment task: the tile's accumulators over ``blocks``, one block at a time; each shard it read verified
-    whole before they are returned (:meth:`StateReader.streamed`)."""
+    whole before they are returned (:meth:`StateReader.streamed`). ``whole``: the segment is the tile's whole pass
+    (nothing is merged into it), so a cross-layer tile's sums on a GPU may leave as their summaries
+    (:meth:`~hrsa.analyze.accumulators.cross_tile.PendingBlocks.device_summaries`)."""
     recent: list[TokenBlock] = []  # the blocks read last: the one folded and the one read ahead
 
     def remembered() -> Iterator[TokenBlock]:
@@ -269,7 +272,7 @@ def fold_segment(
     with reader.streamed() as segment:
         try:
             if tile.rectangle is not None or tile.kind == "self":
-                return _fold_stacked(tile, segment, remembered(), backend, on_block)
+                return _fold_stacked(tile, segment, remembered(), backend, on_block, whole)
             return _fold_pairs(tile, segment, remembered(), backend, on_block)
         except ValueError as error:
             if str(error) != NON_FINITE_MESSAGE:
@@ -325,7 +328,7 @@ def _fold_pairs(tile: Tile, reader: StateReader, blocks: Iterable[TokenBlock], b
 
 
 def _fold_stacked(tile: Tile, reader: StateReader, blocks: Iterable[TokenBlock], backend: ChunkBackend,
-                  on_block: OnBlock | None) -> CrossTileTotals | None:
+                  on_block: OnBlock | None, whole: bool = False) -> CrossTileTotals | None:
     """A cross-layer tile's segment as one stacked accumulator (one GEMM per block into a running sum, folded into the
     float64 total run by run), and the self co-moments of its states (riding along, or a self tile's), alike: every
     float32 sum covers the same runs of the grid whatever the tile, so the results do not depend on the plan."""
@@ -352,7 +355,15 @@ def _fold_stacked(tile: Tile, reader: StateReader, blocks: Iterable[TokenBlock],
             on_block(block.n_rows)
     if selfs is None:
         return None
-    return CrossTileTotals(stacked and stacked.finish(), {p: m for own in selfs.values() for p, m in own.finish().items()})
+    summaries: dict[StreamPair, CoMomentSummary] = {}
+    done = set()  # the accumulators reduced on the device (a whole pass only): their totals never reach the host
+    for i, each in enumerate((stacked, *selfs.values())):
+        found = each.device_summaries() if whole and each is not None else None
+        if found is not None:
+            summaries.update(found)
+            done.add(i)
+    kept = {p: m for i, own in enumerate(selfs.values(), 1) if i not in done for p, m in own.finish().items()}
+    return CrossTileTotals(None if stacked is None or 0 in done else stacked.finish(), kept, summaries)
 
 
 @dataclass(eq=False)
@@ -362,9 +373,12 @@ class CrossTileTotals:
 
     stacked: CrossTileMoments | None
     selfs: dict[StreamPair, CrossMoments]
+    summaries: dict[StreamPair, CoMomentSummary] = field(default_factory=dict)  # a whole pass's, reduced on a GPU
 
     def merge(self, other: CrossTileTotals) -> CrossTileTotals:
         """Fold ``other`` in (the stacked part in place, into a copy when read-only as Ray hands it out)."""
+        if self.summaries or other.summaries:
+            raise ValueError("Expected the totals of segments. Got a whole pass's summaries, which do not merge.")
         if self.stacked is not None and other.stacked is not None:
             self.stacked = self.stacked.writable().merge(other.stacked)
         self.selfs = merge_partials(self.selfs, dict(other.selfs))
@@ -423,7 +437,7 @@ def merge_partials(*parts: dict[StreamPair, Accumulator]) -> dict[StreamPair, Ac
     """Merge segment results pair by pair, emptying the inputs as it goes so their memory is freed early."""
     stacked = [part for part in parts if not isinstance(part, dict)]  # a cross-layer tile's CrossTileTotals
     if stacked:
-        total = CrossTileTotals(stacked[0].stacked, dict(stacked[0].selfs))
+        total = CrossTileTotals(stacked[0].stacked, dict(stacked[0].selfs), dict(stacked[0].summaries))
         for part in stacked[1:]:
             total.merge(part)
         return total
@@ -510,7 +524,8 @@ def run_tile(
     import dask
 
     fold = dask.delayed(fold_segment, pure=False)
-    parts = [fold(tile, reader, tuple(blocks), backend, on_block) for blocks in segments]
+    whole = len(segments) == 1  # one segment: nothing merges into it (see fold_segment)
+    parts = [fold(tile, reader, tuple(blocks), backend, on_block, whole) for blocks in segments]
     merge = dask.delayed(merge_partials, pure=False)
     while len(parts) > 1:  # a tree of fan-in 4: merges run in parallel on a cluster
         groups = [parts[i : i + _FAN_IN] for i in range(0, len(parts), _FAN_IN)]

@@ -66,12 +66,14 @@ def test_cuda_float32_products_match_the_oracle(pair_store, oracle) -> None:
             assert res.cka_matrix[i, j] == pytest.approx(oracle.cka(pair_store.x[i], pair_store.y[j]), abs=1e-5)
 
 
+@pytest.mark.parametrize("workers", [1, 2], ids=["whole-pass", "two-segments"])
 @pytest.mark.parametrize("room", [True, False], ids=["fits-on-the-device", "no-room-on-the-device"])
-def test_a_device_sum_folds_its_runs_on_the_device_and_reaches_the_host_once(pair_store, monkeypatch, room) -> None:
-    """On a GPU the float32 run sums fold into a float64 sum on the device; the host's total gets it once per pass.
-    (Folding every run on the host sent the whole tile over PCIe and swept it in host memory every 8,192 tokens: an
-    H200 ran a 29 x 29 analysis of D = 1536 at 74x its products' roofline, 13x slower than the official approach.)
-    Where that sum does not fit in the device's free memory, each run crosses over as before, to the same results.
+def test_a_device_sum_folds_its_runs_on_the_device(pair_store, monkeypatch, room, workers) -> None:
+    """On a GPU the float32 run sums fold into a float64 sum on the device. A pass of one segment reduces it there to
+    what the metrics read (|C|_F^2, the diagonal: nothing crosses, the host's total is never written); a segment of
+    several crosses once, to be merged. (Folding every run on the host sent the whole tile over PCIe and swept it in
+    host memory every 8,192 tokens: an H200 ran a 29 x 29 analysis of D = 1536 at 74x its products' roofline.)
+    Where the sum does not fit in the device's free memory, each run crosses over as before, to the same results.
     The device path runs here on CPU tensors, the code CUDA runs, with runs of one 250-token block each."""
     import hrsa.analyze.accumulators.cross_tile as cross_tile
 
@@ -79,16 +81,29 @@ def test_a_device_sum_folds_its_runs_on_the_device_and_reaches_the_host_once(pai
     if not room:
         monkeypatch.setattr(cross_tile, "_device_sum", lambda products, rows: None)
     monkeypatch.setattr(cross_tile, "FLOAT32_SUM_TOKENS", 250)
-    crossings = []
-    to_host = cross_tile.PendingBlocks._sum_to_host
+    crossings, summarised = [], []
+    to_host, on_device = cross_tile.PendingBlocks._sum_to_host, cross_tile.PendingBlocks.device_summaries
     monkeypatch.setattr(cross_tile.PendingBlocks, "_sum_to_host",
                         lambda self: crossings.append(self.total.keys_x) or to_host(self))
+
+    def summaries(self):
+        found = on_device(self)
+        summarised.extend([] if found is None else [not self.total.c.any()])  # the host's total left untouched
+        return found
+
+    monkeypatch.setattr(cross_tile.PendingBlocks, "device_summaries", summaries)
     store = pair_store.open()
-    on_device = analyze_pair(store, "a", "b", metrics=("cka", "dimcorr"), backend="torch", compute_dtype="float32",
-                             cross_layer=True, block_tokens=250, workers=1, scheduler="threads")  # patched here: no Ray
+    on_gpu = analyze_pair(store, "a", "b", metrics=("cka", "dimcorr"), backend="torch", compute_dtype="float32",
+                          cross_layer=True, block_tokens=250, workers=workers, scheduler="threads")  # patched: no Ray
     exact = analyze_pair(store, "a", "b", metrics=("cka", "dimcorr"), backend="numpy", compute_dtype="float64",
                          cross_layer=True)
-    np.testing.assert_allclose(on_device.cka_matrix, exact.cka_matrix, rtol=0, atol=1e-6)
-    tiles = {keys for keys in crossings}
-    assert len(crossings) == len(tiles), f"a tile's device sum crossed to the host {len(crossings)} times"
-    assert bool(crossings) == room
+    assert on_gpu.plan.workers == workers
+    np.testing.assert_allclose(on_gpu.cka_matrix, exact.cka_matrix, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(on_gpu.dimcorr_matrix, exact.dimcorr_matrix, rtol=0, atol=1e-6)
+    if not room:
+        assert not crossings and not summarised
+    elif workers == 1:
+        assert not crossings and summarised and all(summarised)
+    else:
+        tiles = set(crossings)
+        assert not summarised and len(crossings) == workers * len(tiles), crossings

@@ -456,3 +456,36 @@ def test_a_device_sum_is_admitted_only_with_room_for_the_next_run_s_product(monk
     pending.finish()
     assert admitted and max(live) <= admitted[0], f"device bytes at a run's first product {max(live)} > {admitted[0]}"
     assert len(kept) == 6 and not any(kept), "a folded run's product was still held when the next run's was made"
+
+
+def test_a_whole_pass_s_device_sum_reduces_to_the_summaries_of_the_host_s_total() -> None:
+    """The summaries reduced on the device (|C|_F^2, the diagonal, the means) equal those of the host's float64 total
+    under 1e5 offsets, the host's total untouched; with part of the sums on the host there are none (finish instead)."""
+    rng = np.random.default_rng(5)
+    xs = states(rng, 700)
+    cuts = [0, 1, 40, 333, 512, 700]
+    host = fold(NumpyBackend(), xs, cuts, run_tokens=100)
+    pending = PendingBlocks(CrossTileMoments.empty(ROWS, COLS, DX, DY), max_tokens=100)
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        DevicePathOnCpu(device="cpu", compute_dtype="float64").fold_cross_tile(pending, {k: v[lo:hi] for k, v in xs.items()})
+    found = pending.device_summaries()
+    assert found is not None and set(found) == {pair for pair, _ in host.items()}
+    assert not pending.total.c.any() and pending.device_sum is None
+    for pair, moments in host.items():
+        want, got = moments.summary(), found[pair]
+        assert got.n == want.n == 700
+        assert got.sq_frobenius == pytest.approx(want.sq_frobenius, rel=1e-11)
+        np.testing.assert_allclose(got.diagonal, want.diagonal, rtol=1e-11, atol=1e-9 * np.abs(want.diagonal).max())
+        np.testing.assert_allclose(got.mean_x, want.mean_x, rtol=1e-13)
+        np.testing.assert_allclose(got.mean_y, want.mean_y, rtol=1e-13)
+    touched = PendingBlocks(CrossTileMoments.empty(ROWS, COLS, DX, DY), max_tokens=100, host_touched=True)
+    DevicePathOnCpu(device="cpu", compute_dtype="float64").fold_cross_tile(touched, {k: v[:100] for k, v in xs.items()})
+    assert touched.device_summaries() is None and touched.finish().n == 100
+
+
+def test_a_whole_pass_s_summaries_do_not_merge() -> None:
+    from hrsa.analyze.streaming.stream import CrossTileTotals
+
+    whole = CrossTileTotals(None, {}, {"pair": object()})
+    with pytest.raises(ValueError, match="do not merge"):
+        CrossTileTotals(None, {}).merge(whole)
