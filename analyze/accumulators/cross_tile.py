@@ -108,7 +108,8 @@ class CrossTileMoments:
 
         ``into``: a float64 torch tensor shaped like :attr:`c` on the products' device, to add the run's terms to there
         instead of to :attr:`c` (every term is additive, so ``c + into`` is the total; :class:`PendingBlocks` moves it
-        over once, at the end of the pass). The means are pooled here either way."""
+        over once at the end of a segment, or reduces it there to summaries at the end of a whole pass). The means are
+        pooled here either way."""
         blocks = [b for b in blocks if b.n]
         target = self.c if into is None else into
         if products is not None:
@@ -247,11 +248,10 @@ class PendingBlocks:
         reduced from the device's float64 sum on the device, so the (r Dx, c Dy) total never crosses nor is written on
         the host. None where there is no device sum, or the host's total holds part of the sums (a run crossed when
         the device had no room): then :meth:`finish` and the host's summaries."""
-        import torch
-
         self.flush()
         if self.device_sum is None or self.host_touched:
             return None
+        import torch  # only here: a numpy pass asks too, and must not load torch (2.5 s, ~190 MB)
         total, out = self.total, {}
         r, c = len(total.keys_x), len(total.keys_y)
         k = min(total.dx, total.dy)

@@ -186,8 +186,8 @@ class TorchBackend:
 
     def _multiply(self, pending: PendingBlocks, u: torch.Tensor, v: torch.Tensor, block: BlockMeans) -> None:
         """Add ``u^T v`` to the run's sum: on a GPU a sum that stays there (the runs fold into a float64 sum there too,
-        which crosses to the host once per pass); on the CPU numpy's path on the same memory (float64 straight into the
-        total)."""
+        reduced there to the metrics' summaries at the end of a whole pass, else crossing to the host once per
+        segment); on the CPU numpy's path on the same memory (float64 straight into the total)."""
         if self._sums_on_host:
             pending.multiply(np.ascontiguousarray(u.numpy()), np.ascontiguousarray(v.numpy()), block)
             return

@@ -113,7 +113,9 @@ def run_tiles_on_ray(passes: Sequence[TilePass], finish: Finish, options: dict[s
     done = ray.remote(_finish_task).options(**options)
 
     def submit(job: TilePass) -> Any:
-        parts = [fold.remote(job.tile, job.reader, segment, job.backend, options["memory"]) for segment in job.segments]
+        whole = len(job.segments) == 1  # nothing merges into it: a GPU's sums may leave as summaries (fold_segment)
+        parts = [fold.remote(job.tile, job.reader, segment, job.backend, options["memory"], whole)
+                 for segment in job.segments]
         while len(parts) > 1:  # a tree of merges of two: each holds one output beside its inputs
             parts = [merge.remote(*parts[i : i + 2]) if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)]
         return done.remote(job.tile, parts[0], finish)
@@ -147,11 +149,11 @@ def _failure(error: Exception) -> Exception:
 
 
 def _fold_task(tile: Tile, reader: StateReader, blocks: tuple[TokenBlock, ...], backend: ChunkBackend,
-               limit_bytes: int) -> tuple[Any, list[TaskRecord]]:
+               limit_bytes: int, whole: bool = False) -> tuple[Any, list[TaskRecord]]:
     map_large_allocations()  # before the probe, whose freed arrays must not stay in the worker's heap
     # Once per worker process, before the fold's memory counts; measured apart (a "probe" record) when it ran.
     probed, probe = _measured("probe", [], lambda: prepare_products(tile, reader, backend, limit_bytes))
-    return _measured("fold", probe if probed else [], lambda: fold_segment(tile, reader, blocks, backend))
+    return _measured("fold", probe if probed else [], lambda: fold_segment(tile, reader, blocks, backend, whole=whole))
 
 
 def _merge_task(*parts: tuple[Any, list[TaskRecord]]) -> tuple[Any, list[TaskRecord]]:

@@ -368,8 +368,9 @@ def _fold_stacked(tile: Tile, reader: StateReader, blocks: Iterable[TokenBlock],
 
 @dataclass(eq=False)
 class CrossTileTotals:
-    """A tile's stacked accumulators: the rectangle of a cross-layer tile (None for a self tile), and the self
-    co-moments."""
+    """A tile's stacked accumulators: the rectangle of a cross-layer tile (None for a self tile, or when reduced to
+    summaries), the self co-moments, and the summaries of the pairs a whole pass reduced on a GPU (not in
+    :meth:`items`: read them too)."""
 
     stacked: CrossTileMoments | None
     selfs: dict[StreamPair, CrossMoments]
@@ -519,7 +520,8 @@ def run_tile(
             :mod:`.ray_passes` instead).
 
     Returns:
-        The accumulator of every pair of the tile over all the tokens.
+        The accumulator of every pair of the tile over all the tokens (a cross-layer tile's :class:`CrossTileTotals`,
+        whose ``summaries`` hold the pairs a whole pass reduced on a GPU).
     """
     import dask
 
