@@ -21,7 +21,7 @@ from hrsa.analyze.local.probe import ProbeOptions, check_probe, probe_pair
 from hrsa.analyze.pair.assembly import assemble
 from hrsa.analyze.pair.passes import run_passes
 from hrsa.analyze.pair.resolve import ResolvedPair, resolve_pair
-from hrsa.analyze.streaming.backends import ChunkBackend, matched_backend, resolve_backend
+from hrsa.analyze.streaming.backends import ChunkBackend, matched_backend, products_on_gpu, resolve_backend
 from hrsa.analyze.streaming.plan import parse_memory_budget
 from hrsa.analyze.streaming.stream import resolve_scheduler
 from hrsa.runtime.settings import SettingNames, flag_name
@@ -156,7 +156,7 @@ def _cluster_gpus() -> bool:
 
 def _default_read_threads(backend: ChunkBackend, on_ray: bool) -> int:
     """See ``analyze_pair``'s ``read_threads``."""
-    if on_ray or not str(getattr(backend, "device", "cpu")).startswith("cuda"):
+    if on_ray or not products_on_gpu(backend):
         return 1
     return min(8, max(1, (os.cpu_count() or 1) // 2))
 

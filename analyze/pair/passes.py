@@ -19,6 +19,7 @@ from hrsa.analyze.accumulators.groups import GroupedMoments
 from hrsa.analyze.metrics import PrecisionWarning, UnderdeterminedWarning
 from hrsa.analyze.pair.layer_metrics import layer_results, layer_scores
 from hrsa.analyze.pair.uncertainty import layer_intervals, layer_nulls
+from hrsa.analyze.streaming.backends import products_on_gpu
 from hrsa.analyze.streaming.ray_passes import TilePass, run_tiles_on_ray, task_resources
 from hrsa.analyze.streaming.stream import StateReader, TokenBlock, prepare_products, run_tile, split_segments
 from hrsa.runtime.resident import map_large_allocations
@@ -104,8 +105,7 @@ def run_passes(
         # Every tile at once (pair-parallel), each cut into as many segments as the workers left to it (data-parallel).
         per_tile = max(1, pair.plan.workers // max(1, pair.plan.passes))
         jobs = [TilePass(tile, reader(tile), segments(tile, per_tile), backend_of(tile)) for tile in pair.plan.tiles]
-        gpu = backend.name == "torch" and str(getattr(backend, "device", "")).startswith("cuda")
-        options = task_resources(pair.plan.estimated_peak, gpu)
+        options = task_resources(pair.plan.estimated_peak, products_on_gpu(backend))
         for _, (m, s), records in run_tiles_on_ray(jobs, finish, options, pair.plan.workers):
             matched.update(m)
             summaries.update(s)

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     import torch
     from hrsa.analyze.streaming.plan import StreamKey, StreamPair
 
-__all__ = ["FLOAT64_MATCHED_MEASURES", "FLOAT64_MEASURES", "matched_backend", "BackendName", "ChunkBackend", "ComputeDtype", "NumpyBackend", "TorchBackend", "resolve_backend"]
+__all__ = ["FLOAT64_MATCHED_MEASURES", "FLOAT64_MEASURES", "matched_backend", "products_on_gpu", "BackendName", "ChunkBackend", "ComputeDtype", "NumpyBackend", "TorchBackend", "resolve_backend"]
 
 #: Where the products run (``--backend``).
 BackendName = Literal["auto", "numpy", "torch", "cuda"]
@@ -270,6 +270,11 @@ def resolve_backend(name: BackendName = "auto", compute_dtype: ComputeDtype = "a
     if name == "numpy" or (name == "auto" and not cuda):
         return NumpyBackend(compute_dtype=compute_dtype)
     return TorchBackend(device="cuda" if cuda else "cpu", compute_dtype=compute_dtype)
+
+
+def products_on_gpu(backend: ChunkBackend) -> bool:
+    """Whether ``backend`` runs its products on a CUDA device (torch's ``"cuda"``, ``"cuda:1"``...)."""
+    return backend.name == "torch" and str(getattr(backend, "device", "")).startswith("cuda")
 
 
 def _one_of(vocabulary: object) -> str:

@@ -356,14 +356,15 @@ def _fold_stacked(tile: Tile, reader: StateReader, blocks: Iterable[TokenBlock],
     if selfs is None:
         return None
     summaries: dict[StreamPair, CoMomentSummary] = {}
-    done = set()  # the accumulators reduced on the device (a whole pass only): their totals never reach the host
-    for i, each in enumerate((stacked, *selfs.values())):
-        found = each.device_summaries() if whole and each is not None else None
-        if found is not None:
-            summaries.update(found)
-            done.add(i)
-    kept = {p: m for i, own in enumerate(selfs.values(), 1) if i not in done for p, m in own.finish().items()}
-    return CrossTileTotals(None if stacked is None or 0 in done else stacked.finish(), kept, summaries)
+
+    def on_device(each: Any) -> bool:  # a whole pass's GPU sums reduced there (never on the host); else finish them
+        found = each.device_summaries() if whole else None
+        summaries.update(found or {})
+        return found is not None
+
+    rectangle = None if stacked is None or on_device(stacked) else stacked.finish()
+    kept = {p: m for own in selfs.values() if not on_device(own) for p, m in own.finish().items()}
+    return CrossTileTotals(rectangle, kept, summaries)
 
 
 @dataclass(eq=False)
