@@ -173,8 +173,13 @@ def _hrsa_child(path: str, budget: str, device: str, queue: Any) -> None:
         torch.cuda.reset_peak_memory_stats()
     blocks: list[float] = []  # when each block was done: where the time went (before, during, after the pass)
     before, start = resident_bytes(), time.perf_counter()
+
+    def block_done(rows: int) -> None:  # printed as it goes: a run stopped at its limit still shows its pace
+        blocks.append(time.perf_counter())
+        print(f"      block {len(blocks)} ({rows:,} tokens) done at {blocks[-1] - start:.1f} s", flush=True)
+
     res = analyze_pair(store, "a", "b", metrics=("cka",), cross_layer=True, memory_budget=budget, backend=backend,
-                       groups=0, on_block=lambda rows: blocks.append(time.perf_counter()))
+                       groups=0, on_block=block_done)
     end = time.perf_counter()
     queue.put({"seconds": end - start, "peak": peak_resident_bytes() - before,
                "phases": {"to_first_block": blocks[0] - start, "blocks": blocks[-1] - blocks[0], "after": end - blocks[-1]},
