@@ -129,10 +129,11 @@ def _gpu_peak(device: str) -> int:
     return int(torch.cuda.max_memory_allocated()) if device.startswith("cuda") else 0
 
 
-def _official_child(path: str, states: int, device: str, queue: Any) -> None:
+def _official_child(path: str, states: int, device: str, dtype: str, queue: Any) -> None:
     """The paper's approach (HKUST-KnowComp/Reasoning-Embedding, ``compute_layerwise_cka``: torch float32) on the
     GPU: every hidden state of both models there as float32, centred copies, Gram norms once per state, one GEMM per
-    layer pair."""
+    layer pair. With ``dtype="float64"`` the same in float64: the reference both are compared with (a GPU's float64
+    GEMM can be as fast as its float32 one; an H200's is)."""
     import torch
 
     from hrsa.store import ActivationStore
@@ -142,7 +143,7 @@ def _official_child(path: str, states: int, device: str, queue: Any) -> None:
     before, start = resident_bytes(), time.perf_counter()
 
     def load(mid: str, k: int) -> torch.Tensor:
-        x = torch.from_numpy(np.asarray(store.hidden_state(mid, k).compute(), dtype=np.float32)).to(device)
+        x = torch.from_numpy(np.asarray(store.hidden_state(mid, k).compute(), dtype=dtype)).to(device)
         return x - x.mean(0)
 
     xs = [load("a", k) for k in range(states)]
@@ -200,9 +201,11 @@ def bench_cka(cfg: GpuBenchConfig, root: Path, rates: dict[str, float]) -> dict[
     print(f"\n(c) cross-layer CKA ({s} x {s}), each in a fresh process")
     # The official approach first (its time is bounded by its memory), then hrsa within cfg.hrsa_limit: a run that
     # is stopped still prints the official figure and hrsa's lower bound.
-    official = run_in_fresh_process(_official_child, str(root / "pair"), s, cfg.device)
+    official = run_in_fresh_process(_official_child, str(root / "pair"), s, cfg.device, "float32")
     print(f"    official: {official['seconds']:7.1f} s, peak RSS {format_bytes(official['peak'])}, "
           f"GPU peak {format_bytes(official['gpu_peak'])}")
+    reference = run_in_fresh_process(_official_child, str(root / "pair"), s, cfg.device, "float64")
+    print(f"    float64 : {reference['seconds']:7.1f} s (the official approach in float64: the reference)")
     try:
         ours = run_in_fresh_process(_hrsa_child, str(root / "pair"), cfg.budget, cfg.device,
                                     limit_seconds=cfg.hrsa_limit)
@@ -211,6 +214,8 @@ def bench_cka(cfg: GpuBenchConfig, root: Path, rates: dict[str, float]) -> dict[
         shutil.rmtree(root / "pair", ignore_errors=True)
         return {"official_seconds": official["seconds"], "hrsa_stopped_after": cfg.hrsa_limit}
     diff = float(np.abs(np.array(ours["cka"]) - np.array(official["cka"])).max())
+    exact = np.array(reference["cka"])
+    error = {name: float(np.abs(np.array(run["cka"]) - exact).max()) for name, run in (("hrsa", ours), ("official", official))}
     roofline = ours["flops"] / rates["float32"]
     projected = ours["seconds"] * cfg.project_tokens / n
     print("    hrsa's plan:\n      " + ours["plan"].replace("\n", "\n      "))
@@ -224,13 +229,15 @@ def bench_cka(cfg: GpuBenchConfig, root: Path, rates: dict[str, float]) -> dict[
           f"{ours['gpu_peak'] / max(official['gpu_peak'], 1):.3f} of its GPU memory")
     print(f"    roofline: {ours['flops'] / 1e12:.1f} Tflop of products at {rates['float32'] / 1e12:.1f} TFLOP/s (float32 "
           f"GEMM measured now) = {roofline:.1f} s; hrsa at {ours['seconds'] / roofline:.2f}x of it")
-    print(f"    CKA matrices agree to {diff:.1e} (max |diff|)")
+    print(f"    CKA matrices agree to {diff:.1e} (max |diff|); against the float64 reference: hrsa {error['hrsa']:.1e}, "
+          f"the official approach {error['official']:.1e}")
     print(f"    N = {cfg.project_tokens:,} projected from this throughput: {projected:.0f} s "
           f"({n * s * s / ours['seconds'] / 1e6:.1f} M token-pairs/s; not run: its store takes "
           f"{format_bytes(store_bytes * cfg.project_tokens // n)})")
     shutil.rmtree(root / "pair", ignore_errors=True)
     return {"hrsa": {k: v for k, v in ours.items() if k != "cka"}, "official_seconds": official["seconds"],
             "official_peak": official["peak"], "official_gpu_peak": official["gpu_peak"], "max_diff": diff,
+            "float64_seconds": reference["seconds"], "error_vs_float64": error,
             "roofline_s": roofline, "projected_1m_s": projected}
 
 
@@ -317,8 +324,44 @@ def bench_extract(cfg: GpuBenchConfig, root: Path) -> dict[str, Any]:
     print(f"    bare      : {bare['seconds']:6.2f} s, {bare['forward_tokens'] / bare['seconds']:,.0f} tokens/s, GPU peak "
           f"{bare['gpu_peak'] / 2**30:.1f} GiB")
     print(f"    extraction / bare forward passes: {extract_s / bare['seconds']:.2f}x")
+    bounds = write_bounds(store, root / "disk", write_threads)
+    print(f"    the write alone (the same activations through write_unit, {write_threads} threads): "
+          f"{bounds['write_path_gb_s']:.2f} GB/s of activations; the disk's rate for new files of the same sizes from "
+          f"as many threads: {bounds['disk_gb_s']:.2f} GB/s stored ({bounds['disk_gb_s'] * bounds['ratio']:.2f} GB/s "
+          f"of activations at the codec's {bounds['ratio']:.3f}x)")
     return {"extract_s": extract_s, "bare_s": bare["seconds"], "tokens": table.n_tokens,
-            "attn": facts["attn_implementation"], "gb_per_s": state_bytes / extract_s / 1e9}
+            "attn": facts["attn_implementation"], "gb_per_s": state_bytes / extract_s / 1e9, **bounds}
+
+
+def write_bounds(store: Any, scratch: Path, threads: int) -> dict[str, float]:
+    """What bounds a GPU extraction's write: the stored activations written again unit by unit through
+    ``write_unit`` (encode, hash, store, done record; no forward pass) into a fresh model, then the disk alone:
+    plain files of the stored shards' sizes written new (as every shard is) from as many threads."""
+    info = store.model_info("bench")
+    states = {k: store.hidden_state("bench", k).compute() for k in info.hidden_states}
+    store.create_model("rewrite", corpus=info.corpus, n_hidden_states=info.n_hidden_states, hidden_size=info.hidden_size,
+                       dtype=info.dtype, shard_tokens=info.layout.shard_tokens, chunk_tokens=info.layout.chunk_tokens)
+    writer = store.writer("rewrite")
+    start = time.perf_counter()
+    for unit in writer.units():
+        writer.write_unit(unit, {k: v[unit.start : unit.stop] for k, v in states.items()}, threads=threads)
+    write_s = time.perf_counter() - start
+    raw = sum(v.nbytes for v in states.values())
+    sizes = [shard.size for unit in writer.units() for shard in writer.record(unit).shards.values()]
+    payload = os.urandom(max(sizes))
+    scratch.mkdir(parents=True, exist_ok=True)
+
+    def put(i: int) -> None:
+        with open(scratch / f"{i}.partial", "wb") as f:
+            f.write(memoryview(payload)[: sizes[i]])
+        os.replace(scratch / f"{i}.partial", scratch / f"{i}")  # as a store's write: a temporary file, renamed
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(put, range(len(sizes))))
+    disk_s = time.perf_counter() - start
+    shutil.rmtree(scratch, ignore_errors=True)
+    return {"write_path_gb_s": raw / write_s / 1e9, "disk_gb_s": sum(sizes) / disk_s / 1e9, "ratio": raw / sum(sizes)}
 
 
 # --- (e) faiss ----------------------------------------------------------------------------------------------------

@@ -133,3 +133,43 @@ def test_float32_products_never_sum_more_tokens_than_float32_sum_tokens_in_one_g
     # Nearly identical models (1 - r ~ 5e-7), float32's hardest case: 5e-7 and 1.1e-6 off in blocks of 8,192 tokens,
     # 9e-6 and 1.8e-5 in one 65,536-token GEMM (measured).
     assert abs(f32.dimcorr[0].mean - f64.dimcorr[0].mean) < 2e-6 and abs(f32.cka[0].value - f64.cka[0].value) < 4e-6
+
+
+def _bf16_massive_activation_pair(tmp_path, n: int = 8192, d: int = 64) -> object:
+    """A bf16 pair whose channel 0 carries a massive activation (3000 + small noise, as LLMs' do, shared by both
+    models): bf16's spacing of 16 there leaves two stored levels, 2992 and 3008, so the centred channel is +-8 on
+    every token. Channel 1 sits at 1000 (spacing 8: a few levels). The rest is a related pair of unit scale."""
+    from hrsa.store import ActivationStore
+    from hrsa.store.testing import make_table
+
+    from .conftest import write_model
+
+    rng = np.random.default_rng(5)
+    store = ActivationStore.open(str(tmp_path / "bf16-massive"), mode="a")
+    cid = store.write_corpus(make_table((n // 2, n // 2)), tokenizer={"name": "test-tok", "fingerprint": "fp-1"})
+    x = {0: rng.normal(size=(n, d))}
+    x[1] = x[0] + 0.7 * rng.normal(size=(n, d))
+    massive = 3000 + 2 * rng.normal(size=n), 1000 + 4 * rng.normal(size=n)  # shared, as a base and its child share them
+    y = {k: v + 0.5 * rng.normal(size=(n, d)) for k, v in x.items()}
+    for states in (x, y):
+        for v in states.values():
+            v[:, 0], v[:, 1] = massive[0] + 0.5 * rng.normal(size=n), massive[1] + rng.normal(size=n)
+    write_model(store, "a", cid, x, dtype="bfloat16", chunk_tokens=1024, shard_tokens=n // 2)
+    write_model(store, "b", cid, y, dtype="bfloat16", chunk_tokens=1024, shard_tokens=n // 2)
+    return store
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_float32_products_keep_1e_6_on_bf16_levels_of_a_massive_activation(tmp_path, backend: str) -> None:
+    """Found on the GPU benchmark's data: a float32 GEMM over thousands of tokens sums near-equal squares (+-8 on
+    every token) with a rounding that does not average out; one GEMM of 8,192 tokens moved CKA by 7e-6. Blocks of
+    the largest size float32 products allow, one block a float32 sum."""
+    store = _bf16_massive_activation_pair(tmp_path)
+    common = dict(metrics=("cka", "dimcorr"), cross_layer=True, backend=backend, block_tokens=8192, groups=0,
+                  scheduler="threads")
+    got = analyze_pair(store, "a", "b", compute_dtype="float32", **common)
+    want = analyze_pair(store, "a", "b", compute_dtype="float64", **common)
+    assert got.settings["block_tokens"] == 8192
+    np.testing.assert_allclose(got.cka_matrix, want.cka_matrix, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got.dimcorr_matrix, want.dimcorr_matrix, rtol=0, atol=1e-6)
+    assert np.ptp(want.cka_matrix) > 0.01 and np.any(got.cka_matrix != want.cka_matrix)
