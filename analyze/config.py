@@ -108,7 +108,8 @@ class AnalyzeConfig(BaseModel):
         "auto", description="Where matrix products run; auto = CUDA when torch sees a GPU, else numpy.")
     compute_dtype: ComputeDtype = Field(
         "auto", description="dtype of the products of centred blocks (sums are float64); auto = float32 (within 1e-6 of "
-        "float64), float64 with cca, svcca, pwcca or regression.")
+        "float64), float64 with cca, svcca, pwcca or regression and for bf16/fp16 stores (float32 sums drift ~5e-6 "
+        "there).")
     out: FolderPath = Field(Path("hrsa-analysis"), description="Folder for results.json and figures.")
     run_id: str | None = Field(
         None, description="Name of the run in the store's results/.  [default: A--B--<UTC time>, -2, -3, ... added when taken]")

@@ -158,8 +158,9 @@ def _official_child(path: str, states: int, device: str, dtype: str, queue: Any)
                "gpu_peak": _gpu_peak(device), "cka": cka.tolist()})
 
 
-def _hrsa_child(path: str, budget: str, device: str, queue: Any) -> None:
-    """hrsa's cross-layer CKA on the GPU (torch on the CPU for a smoke run), in a fresh process."""
+def _hrsa_child(path: str, budget: str, device: str, compute_dtype: str, queue: Any) -> None:
+    """hrsa's cross-layer CKA on the GPU (torch on the CPU for a smoke run), in a fresh process; ``compute_dtype``
+    "auto" (float64 products on this bf16 store) or "float32"."""
     import torch
 
     from hrsa.analyze import analyze_pair
@@ -180,7 +181,7 @@ def _hrsa_child(path: str, budget: str, device: str, queue: Any) -> None:
         print(f"      block {len(blocks)} ({rows:,} tokens) done at {blocks[-1] - start:.1f} s", flush=True)
 
     res = analyze_pair(store, "a", "b", metrics=("cka",), cross_layer=True, memory_budget=budget, backend=backend,
-                       groups=0, on_block=block_done)
+                       groups=0, on_block=block_done, compute_dtype=compute_dtype)
     end = time.perf_counter()
     queue.put({"seconds": end - start, "peak": peak_resident_bytes() - before,
                "phases": {"to_first_block": blocks[0] - start, "blocks": blocks[-1] - blocks[0], "after": end - blocks[-1]},
@@ -207,7 +208,7 @@ def bench_cka(cfg: GpuBenchConfig, root: Path, rates: dict[str, float]) -> dict[
     reference = run_in_fresh_process(_official_child, str(root / "pair"), s, cfg.device, "float64")
     print(f"    float64 : {reference['seconds']:7.1f} s (the official approach in float64: the reference)")
     try:
-        ours = run_in_fresh_process(_hrsa_child, str(root / "pair"), cfg.budget, cfg.device,
+        ours = run_in_fresh_process(_hrsa_child, str(root / "pair"), cfg.budget, cfg.device, "auto",
                                     limit_seconds=cfg.hrsa_limit)
     except TimeoutError:
         print(f"    hrsa    : > {cfg.hrsa_limit:.0f} s (stopped): > {cfg.hrsa_limit / official['seconds']:.1f}x the official time")
@@ -216,7 +217,7 @@ def bench_cka(cfg: GpuBenchConfig, root: Path, rates: dict[str, float]) -> dict[
     diff = float(np.abs(np.array(ours["cka"]) - np.array(official["cka"])).max())
     exact = np.array(reference["cka"])
     error = {name: float(np.abs(np.array(run["cka"]) - exact).max()) for name, run in (("hrsa", ours), ("official", official))}
-    roofline = ours["flops"] / rates["float32"]
+    roofline = ours["flops"] / rates[ours["dtype"]]
     projected = ours["seconds"] * cfg.project_tokens / n
     print("    hrsa's plan:\n      " + ours["plan"].replace("\n", "\n      "))
     print(f"    hrsa    : {ours['seconds']:7.1f} s, peak RSS {format_bytes(ours['peak'])}, GPU peak "
@@ -227,17 +228,27 @@ def bench_cka(cfg: GpuBenchConfig, root: Path, rates: dict[str, float]) -> dict[
           f"blocks, {phases['after']:.1f} s after the last (the sums to the host, the metrics)")
     print(f"    hrsa is {official['seconds'] / ours['seconds']:.2f}x the official approach's speed with "
           f"{ours['gpu_peak'] / max(official['gpu_peak'], 1):.3f} of its GPU memory")
-    print(f"    roofline: {ours['flops'] / 1e12:.1f} Tflop of products at {rates['float32'] / 1e12:.1f} TFLOP/s (float32 "
-          f"GEMM measured now) = {roofline:.1f} s; hrsa at {ours['seconds'] / roofline:.2f}x of it")
+    print(f"    roofline: {ours['flops'] / 1e12:.1f} Tflop of products at {rates[ours['dtype']] / 1e12:.1f} TFLOP/s "
+          f"({ours['dtype']} GEMM measured now) = {roofline:.1f} s; hrsa at {ours['seconds'] / roofline:.2f}x of it")
     print(f"    CKA matrices agree to {diff:.1e} (max |diff|); against the float64 reference: hrsa {error['hrsa']:.1e}, "
           f"the official approach {error['official']:.1e}")
+    try:  # float32 products, asked for: the speed and the error that the bf16 store's float64 default avoids
+        asked = run_in_fresh_process(_hrsa_child, str(root / "pair"), cfg.budget, cfg.device, "float32",
+                                     limit_seconds=cfg.hrsa_limit)
+        error["hrsa_float32"] = float(np.abs(np.array(asked["cka"]) - exact).max())
+        print(f"    hrsa, float32 products asked for: {asked['seconds']:7.1f} s, GPU peak {format_bytes(asked['gpu_peak'])}, "
+              f"{asked['flops'] / rates['float32'] / asked['seconds'] * 100:.0f}% of the float32 roofline's speed; "
+              f"against the float64 reference {error['hrsa_float32']:.1e}")
+    except TimeoutError:
+        asked = {"seconds": None}
+        print(f"    hrsa, float32 products asked for: > {cfg.hrsa_limit:.0f} s (stopped)")
     print(f"    N = {cfg.project_tokens:,} projected from this throughput: {projected:.0f} s "
           f"({n * s * s / ours['seconds'] / 1e6:.1f} M token-pairs/s; not run: its store takes "
           f"{format_bytes(store_bytes * cfg.project_tokens // n)})")
     shutil.rmtree(root / "pair", ignore_errors=True)
     return {"hrsa": {k: v for k, v in ours.items() if k != "cka"}, "official_seconds": official["seconds"],
             "official_peak": official["peak"], "official_gpu_peak": official["gpu_peak"], "max_diff": diff,
-            "float64_seconds": reference["seconds"], "error_vs_float64": error,
+            "float64_seconds": reference["seconds"], "error_vs_float64": error, "hrsa_float32_seconds": asked["seconds"],
             "roofline_s": roofline, "projected_1m_s": projected}
 
 

@@ -119,7 +119,8 @@ def analyze_pair(
     dask_scheduler = resolve_scheduler(scheduler)  # before the plan: on Ray the budget is each worker's
     on_ray = dask_scheduler.name == "ray"
     # On a cluster with GPU workers the products run there (torch, CUDA), whatever the driver's node has.
-    chunk_backend = resolve_backend(backend, compute_dtype, metrics=metrics, cluster_gpus=on_ray and _cluster_gpus())
+    chunk_backend = resolve_backend(backend, compute_dtype, metrics=metrics, cluster_gpus=on_ray and _cluster_gpus(),
+                                    stored_dtypes=_stored_dtypes(store, (a, b)))
     pair = resolve_pair(
         store, a, b, metrics=metrics, debiased=debiased, cross_layer=cross_layer, selection=selection,
         memory_budget=budget, block_tokens=block_tokens, workers=workers or _default_workers(on_ray),
@@ -152,6 +153,18 @@ def _cluster_gpus() -> bool:
     import ray
 
     return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def _stored_dtypes(store: ActivationStore, models: tuple[str, str]) -> list[str]:
+    """The dtypes the models are stored in, for the products' dtype; one that cannot be read is left to
+    :func:`resolve_pair`, which reports it."""
+    dtypes = []
+    for mid in models:
+        try:
+            dtypes.append(store.model_info(mid).dtype)
+        except (UserError, ValueError, KeyError, FileNotFoundError):
+            continue
+    return dtypes
 
 
 def _default_read_threads(backend: ChunkBackend, on_ray: bool) -> int:

@@ -224,6 +224,13 @@ class TorchBackend:
 #: Measures that invert C_xx (or C_yy): their inverses multiply a float32 product's rounding by the condition number,
 #: so ``"auto"`` keeps float64 products when one of them is asked for.
 FLOAT64_MEASURES = frozenset({"cca", "svcca", "pwcca", "regression"})
+#: Stored dtypes whose values a float32 product cannot sum to 1e-6: bf16 keeps 8 bits of mantissa, so a massive
+#: activation (3000 + a little noise, as LLMs carry in a few channels) is stored as two or three levels, +-8 on every
+#: centred token; a float32 GEMM sums those near-equal squares with roundings that do not average out (relative
+#: error ~k * 3e-8 over k tokens, even k = 64 gave 5.6e-7) and CKA moved by 5e-6 (test_compute_dtype.py). So
+#: ``"auto"`` keeps float64 products for them: on GPUs with full-rate float64 (an H200: 53 TFLOP/s against 51 in
+#: float32) at no cost in time; ``--compute-dtype float32`` where the float64 rate is low and 1e-5 is close enough.
+FEW_LEVEL_DTYPES = frozenset({"bfloat16", "float16"})
 #: Measures that read C_xy's singular vectors: with ``"auto"`` the matched tiles (O(L) pairs, against O(L^2) for the
 #: cross-layer matrices) keep float64 products for them: float32 rounding fills C_xy's null space (a rank-deficient
 #: layer would pass for determined) and moves singular vectors of close singular values.
@@ -238,7 +245,8 @@ def matched_backend(backend: ChunkBackend, compute_dtype: ComputeDtype, metrics:
 
 
 def resolve_backend(name: BackendName = "auto", compute_dtype: ComputeDtype = "auto",
-                    metrics: Iterable[str] = (), *, cluster_gpus: bool = False) -> ChunkBackend:
+                    metrics: Iterable[str] = (), *, cluster_gpus: bool = False,
+                    stored_dtypes: Iterable[str] = ()) -> ChunkBackend:
     """The backend to use: ``"auto"`` is CUDA when torch sees a GPU, numpy otherwise.
 
     Args:
@@ -248,8 +256,10 @@ def resolve_backend(name: BackendName = "auto", compute_dtype: ComputeDtype = "a
             summed in float64 (CKA, debiased CKA and dimension-wise correlation within 1e-6 of float64 products on
             real SmolLM2 activations and under 1e4 offsets: tests/analyze/test_compute_dtype.py, test_real_smollm2.py;
             about twice BLAS's float64 rate), float64 when ``metrics`` holds one of :data:`FLOAT64_MEASURES` (and for
-            the matched tiles of Procrustes: :func:`matched_backend`).
+            the matched tiles of Procrustes: :func:`matched_backend`) or a model is stored in one of
+            :data:`FEW_LEVEL_DTYPES`.
         metrics: the metrics of the run (only for ``"auto"``).
+        stored_dtypes: the dtypes the two models are stored in (only for ``"auto"``).
         cluster_gpus: the products run as Ray tasks on a cluster with GPUs (a CPU head's torch sees none): ``"auto"``
             and ``"cuda"`` mean CUDA on the GPU workers there.
 
@@ -266,7 +276,8 @@ def resolve_backend(name: BackendName = "auto", compute_dtype: ComputeDtype = "a
             "Expected a CUDA GPU for --backend cuda. Got none (torch.cuda.is_available() is False). Use --backend numpy."
         )
     if compute_dtype == "auto":
-        compute_dtype = "float64" if FLOAT64_MEASURES & set(metrics) else "float32"
+        float64 = FLOAT64_MEASURES & set(metrics) or FEW_LEVEL_DTYPES & set(stored_dtypes)
+        compute_dtype = "float64" if float64 else "float32"
     if name == "numpy" or (name == "auto" and not cuda):
         return NumpyBackend(compute_dtype=compute_dtype)
     return TorchBackend(device="cuda" if cuda else "cpu", compute_dtype=compute_dtype)

@@ -66,9 +66,10 @@ def test_cuda_float32_products_match_the_oracle(pair_store, oracle) -> None:
             assert res.cka_matrix[i, j] == pytest.approx(oracle.cka(pair_store.x[i], pair_store.y[j]), abs=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])  # float64: a bf16 store's default products
 @pytest.mark.parametrize("workers", [1, 2], ids=["whole-pass", "two-segments"])
 @pytest.mark.parametrize("room", [True, False], ids=["fits-on-the-device", "no-room-on-the-device"])
-def test_a_device_sum_folds_its_runs_on_the_device(pair_store, monkeypatch, room, workers) -> None:
+def test_a_device_sum_folds_its_runs_on_the_device(pair_store, monkeypatch, room, workers, dtype) -> None:
     """On a GPU the float32 run sums fold into a float64 sum on the device. A pass of one segment reduces it there to
     what the metrics read (|C|_F^2, the diagonal: nothing crosses, the host's total is never written); a segment of
     several crosses once, to be merged. (Folding every run on the host sent the whole tile over PCIe and swept it in
@@ -93,13 +94,14 @@ def test_a_device_sum_folds_its_runs_on_the_device(pair_store, monkeypatch, room
 
     monkeypatch.setattr(cross_tile.PendingBlocks, "device_summaries", summaries)
     store = pair_store.open()
-    on_gpu = analyze_pair(store, "a", "b", metrics=("cka", "dimcorr"), backend="torch", compute_dtype="float32",
+    on_gpu = analyze_pair(store, "a", "b", metrics=("cka", "dimcorr"), backend="torch", compute_dtype=dtype,
                           cross_layer=True, block_tokens=250, workers=workers, scheduler="threads")  # patched: no Ray
     exact = analyze_pair(store, "a", "b", metrics=("cka", "dimcorr"), backend="numpy", compute_dtype="float64",
                          cross_layer=True)
     assert on_gpu.plan.workers == workers
-    np.testing.assert_allclose(on_gpu.cka_matrix, exact.cka_matrix, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(on_gpu.dimcorr_matrix, exact.dimcorr_matrix, rtol=0, atol=1e-6)
+    tolerance = 1e-6 if dtype == "float32" else 1e-12
+    np.testing.assert_allclose(on_gpu.cka_matrix, exact.cka_matrix, rtol=0, atol=tolerance)
+    np.testing.assert_allclose(on_gpu.dimcorr_matrix, exact.dimcorr_matrix, rtol=0, atol=tolerance)
     if not room:
         assert not crossings and not summarised
     elif workers == 1:
