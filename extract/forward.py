@@ -49,7 +49,8 @@ def _pad(docs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tu
 
 
 def batched_hidden_states(
-    loaded: LoadedModel, docs: Sequence[Sequence[int]], layers: Sequence[int], *, token_budget: int = 8192
+    loaded: LoadedModel, docs: Sequence[Sequence[int]], layers: Sequence[int], *, token_budget: int = 8192,
+    on_host: bool = True,
 ) -> Iterator[tuple[int, dict[int, torch.Tensor]]]:
     """Yield ``(doc index, {layer: (T, D) tensor on CPU})`` for every document, in batch order.
 
@@ -58,6 +59,8 @@ def batched_hidden_states(
         docs: token ids of each document (non-empty).
         layers: hidden-state indices to keep (others are dropped on the device).
         token_budget: at most this many padded tokens per forward pass.
+        on_host: False: the rows stay on the model's device, views of the batch's states valid until the next
+            document is asked for (a worker copies them straight into its unit's host buffers: one copy, not two).
     """
     import torch
 
@@ -67,7 +70,7 @@ def batched_hidden_states(
         for batch in plan_batches([len(d) for d in docs], token_budget):
             ids, mask = _pad([docs[i] for i in batch], pad_id, loaded.device)  # (B, T)
             states = loaded.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-            kept = {k: states[k].to("cpu", non_blocking=False) for k in layers}  # L+1 x (B, T, D) -> kept on CPU
+            kept = {k: states[k].to("cpu") if on_host else states[k] for k in layers}  # L+1 x (B, T, D)
             for row, i in enumerate(batch):
                 n = len(docs[i])
                 yield i, {k: kept[k][row, :n] for k in layers}
