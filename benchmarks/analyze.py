@@ -520,7 +520,8 @@ def bench_cluster_plans(cfg: BenchConfig, throughput: float) -> None:
     from hrsa.analyze.streaming.plan import PlanInputs, format_bytes, plan_analysis
 
     d, states, n = 3584, 29, 1_000_000
-    print(f"\n(g) plans: cross-layer CKA of a 7B pair ({states} x {states}, D = {d}, bf16 store), N = {n:,}, as Ray tasks; "
+    print(f"\n(g) plans: cross-layer CKA of a 7B pair ({states} x {states}, D = {d}, bf16 store, float32 products asked for: "
+          f"the default for a bf16 store is float64), N = {n:,}, as Ray tasks; "
           f"time projected at {throughput / 1e9:.0f} GFLOP/s per worker (measured in (e))")
     print(f"    {'workers':>7} {'budget':>7} {'tiles':>5} {'segments/tile':>13} {'store reads':>11} {'bytes read':>10} "
           f"{'per worker':>10} {'projected':>10}")
