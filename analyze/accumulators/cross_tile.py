@@ -170,7 +170,9 @@ class PendingBlocks:
     Attributes:
         total: the float64 co-moments the runs fold into.
         products: the run's summed products, a float32 numpy array, a torch tensor on its device, or None (float64 on
-            the CPU: the GEMMs sum into ``total.c`` itself).
+            the CPU: the GEMMs sum into ``total.c`` itself; float64 on a device after the first run: into
+            ``device_sum`` itself).
+        device_sum: on a device, the float64 sum the runs fold into (see :meth:`flush`), or None.
         blocks: the run's blocks, in order.
         max_tokens: a run is folded in once it holds this many tokens; None: when the caller flushes.
     """
@@ -221,10 +223,17 @@ class PendingBlocks:
         """Fold the run in: into the total, or a device's run into the float64 sum it keeps on the device."""
         if not self.blocks:
             return
-        if self.products is None or isinstance(self.products, np.ndarray):
+        if self.products is None and self.device_sum is not None:  # float64 products added to the device's sum
+            self.total.fold_blocks(self.blocks, into=self.device_sum)
+        elif self.products is None or isinstance(self.products, np.ndarray):
             self.total.fold_blocks(self.blocks, self.products)
             self.host_touched = True
-        else:  # a device's products (torch)
+        elif self.device_sum is None and self.products.element_size() == 8:
+            # float64 products on a device: the run's sum becomes the device's sum (no second matrix of the tile's
+            # size: 17 GB at 29 x 29 states of D = 1536), and the next runs' products are added to it directly.
+            self.device_sum, self.products = self.products, None
+            self.total.fold_blocks(self.blocks, into=self.device_sum)
+        else:  # a device's float32 products (torch)
             if self.device_sum is None:
                 self.device_sum = _device_sum(self.products, max(b.n for b in self.blocks))
             if self.device_sum is not None:

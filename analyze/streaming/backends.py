@@ -191,7 +191,10 @@ class TorchBackend:
         if self._sums_on_host:
             pending.multiply(np.ascontiguousarray(u.numpy()), np.ascontiguousarray(v.numpy()), block)
             return
-        if pending.beta:
+        if pending.products is None and pending.device_sum is not None and u.dtype == pending.device_sum.dtype:
+            # float64 products after the first run: straight into the device's float64 sum (no run sum beside it)
+            pending.device_sum.addmm_(u.T, v)
+        elif pending.beta:
             pending.products.addmm_(u.T, v)
         else:
             pending.products = u.T @ v

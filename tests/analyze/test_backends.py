@@ -79,8 +79,12 @@ def test_a_device_sum_folds_its_runs_on_the_device(pair_store, monkeypatch, room
     import hrsa.analyze.accumulators.cross_tile as cross_tile
 
     monkeypatch.setattr(TorchBackend, "_sums_on_host", property(lambda self: False))
+    sums_made = []
     if not room:
-        monkeypatch.setattr(cross_tile, "_device_sum", lambda products, rows: None)
+        monkeypatch.setattr(cross_tile, "_device_sum", lambda products, rows: sums_made.append(rows))
+    else:
+        made = cross_tile._device_sum
+        monkeypatch.setattr(cross_tile, "_device_sum", lambda products, rows: sums_made.append(rows) or made(products, rows))
     monkeypatch.setattr(cross_tile, "FLOAT32_SUM_TOKENS", 250)
     crossings, summarised = [], []
     to_host, on_device = cross_tile.PendingBlocks._sum_to_host, cross_tile.PendingBlocks.device_summaries
@@ -102,6 +106,11 @@ def test_a_device_sum_folds_its_runs_on_the_device(pair_store, monkeypatch, room
     tolerance = 1e-6 if dtype == "float32" else 1e-12
     np.testing.assert_allclose(on_gpu.cka_matrix, exact.cka_matrix, rtol=0, atol=tolerance)
     np.testing.assert_allclose(on_gpu.dimcorr_matrix, exact.dimcorr_matrix, rtol=0, atol=tolerance)
+    if dtype == "float64":  # the first run's float64 sum becomes the device's sum: no second matrix, room or not
+        assert not sums_made
+        room = True
+    else:
+        assert sums_made
     if not room:
         assert not crossings and not summarised
     elif workers == 1:
