@@ -27,6 +27,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,16 @@ class ShardRecord:
     @classmethod
     def of(cls, key: str, data: bytes | memoryview) -> ShardRecord:
         return cls(key, len(data), xxh3=xxh3(data))
+
+    @classmethod
+    def of_pieces(cls, key: str, pieces: Sequence[memoryview]) -> ShardRecord:
+        """The record of the object ``pieces`` make, joined in order (hashed as a stream: no joined copy)."""
+        import xxhash
+
+        digest = xxhash.xxh3_64()
+        for piece in pieces:
+            digest.update(piece)
+        return cls(key, sum(piece.nbytes for piece in pieces), xxh3=digest.hexdigest())
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"key": self.key, "bytes": self.size}

@@ -30,9 +30,9 @@ import numpy as np
 from hrsa.store.format import as_storage
 from hrsa.store.model import ModelInfo, hidden_key
 from hrsa.store.objects import (
-    create_if_absent, delete_key, delete_prefix, get_bytes, list_keys, object_size, put_bytes,
+    create_if_absent, delete_key, delete_prefix, get_bytes, list_keys, object_size, put_bytes, put_pieces,
 )
-from hrsa.store.shard_encoding import encode_shard
+from hrsa.store.shard_encoding import encode_shard_pieces
 from hrsa.store.unit_records import (
     LEASE_S, LEASES, Claim, DoneRecord, ModelLease, ShardRecord, claim_prefix, done_key, parse_done_units,
     settings_fingerprint, writer_name,
@@ -337,9 +337,9 @@ class ModelWriter:
         def put_shard(k: int) -> ShardRecord:
             array = self._array(k)
             key = shard_key(array, unit.index)
-            data = encode_shard(array, unit.index, arrays[k])
-            record = ShardRecord.of(key.removeprefix(self._prefix + "/"), data)
-            put_bytes(self._store, key, data)
+            pieces = encode_shard_pieces(array, unit.index, arrays[k])
+            record = ShardRecord.of_pieces(key.removeprefix(self._prefix + "/"), pieces)
+            put_pieces(self._store, key, pieces)
             return record
 
         # Several states at once where the worker has the cores (a GPU worker's CPUs are otherwise idle): the

@@ -35,6 +35,18 @@ if args.get("kill_after") is not None:  # counted where shard objects reach the 
         count[0] += shard
         return original(path, value, *rest, **kw)
     _local._put = dying_put
+    import hrsa.store.objects as objects  # hrsa's own local shard writes, piece by piece: killed mid-file
+    original_local = objects._put_local
+    def dying_put_local(store_, key, pieces):
+        shard = "/hidden/" in key and not key.endswith("zarr.json")
+        if shard and count[0] == args["kill_after"]:
+            def torn():
+                yield pieces[0]
+                os.kill(os.getpid(), signal.SIGKILL)  # the first piece is in the temporary file
+            return original_local(store_, key, torn())
+        count[0] += shard
+        return original_local(store_, key, pieces)
+    objects._put_local = dying_put_local
 info = writer.info
 for unit in writer.units():
     if unit.index in args["units"]:
@@ -139,13 +151,13 @@ def test_states_are_written_at_once_with_threads(monkeypatch: pytest.MonkeyPatch
     new_model(store, "m")
     writer = store.writer("m")
     unit = writer.units()[0]
-    put, meeting = units.put_bytes, threading.Barrier(2, timeout=10)
+    put, meeting = units.put_pieces, threading.Barrier(2, timeout=10)
 
-    def meeting_put(store_: object, key: str, data: bytes) -> None:
+    def meeting_put(store_: object, key: str, pieces: list) -> None:
         meeting.wait()  # BrokenBarrierError after 10 s alone
-        put(store_, key, data)
+        put(store_, key, pieces)
 
-    monkeypatch.setattr(units, "put_bytes", meeting_put)
+    monkeypatch.setattr(units, "put_pieces", meeting_put)
     assert LAYERS % 2 == 0
     assert writer.write_unit(unit, {k: unit_values(unit.index, unit.start, unit.stop, k, "float32") for k in range(LAYERS)},
                              threads=2)
@@ -164,25 +176,25 @@ def test_a_state_that_fails_to_write_leaves_its_unit_pending_and_a_retry_complet
     writer = store.writer("m")
     unit = writer.units()[1]
     values = {k: unit_values(unit.index, unit.start, unit.stop, k, "float32") for k in range(LAYERS)}
-    put, ended = units.put_bytes, threading.Event()
+    put, ended = units.put_pieces, threading.Event()
 
-    def failing(store_: object, key: str, data: bytes) -> None:
+    def failing(store_: object, key: str, pieces: list) -> None:
         if "/hidden/0/" in key:
             raise OSError("disk full")
         if "/hidden/1/" in key:
             time.sleep(1.0)  # under way when state 0 fails
-            put(store_, key, data)
+            put(store_, key, pieces)
             ended.set()
             return
-        put(store_, key, data)
+        put(store_, key, pieces)
 
     with writer.claimed(unit) as claim:
-        monkeypatch.setattr(units, "put_bytes", failing)
+        monkeypatch.setattr(units, "put_pieces", failing)
         with pytest.raises(OSError, match="disk full"):
             writer.write_unit(unit, values, claim=claim, threads=2)
         assert ended.is_set()  # the state under way ended before the call returned
         assert [u.index for u in writer.pending_units()] == [0, 1, 2, 3]  # no done record: the other states do not count
-        monkeypatch.setattr(units, "put_bytes", put)
+        monkeypatch.setattr(units, "put_pieces", put)
         assert writer.write_unit(unit, values, claim=claim, threads=3) is True  # retried under the same claim
     fill_model(store, "m")
     _assert_all_layers_equal_expected(store)
