@@ -96,6 +96,7 @@ class ExtractionWorker:
                 if self._loaded is not None:  # another model held: dropped, with the rows carried from its batches
                     self._spec, self._loaded = None, None
                     self._carried.clear()
+                    self._buffers.clear()
                     _free_memory()
                 self._loaded = _load_as_found(spec, self._device)
                 self._spec = dict(spec)
@@ -188,12 +189,9 @@ class ExtractionWorker:
                      token_budget: int) -> dict[int, torch.Tensor]:
         """(unit.n_tokens, D) per stored hidden state of loaded ``model``: each document run once (see
         :mod:`.unit_documents`)."""
-        import torch
-
         offsets = self._corpus.doc_offsets  # type: ignore[union-attr]  # set by _bound, which run_unit calls first
         plan = unit_documents(offsets, unit.start, unit.stop)
-        out = self._buffers.take(layers, (unit.n_tokens, model.hidden_size), model.model.dtype,
-                                 pinned=torch.device(model.device).type == "cuda")
+        out = self._buffers.take(layers, (unit.n_tokens, model.hidden_size), model.model.dtype)
 
         def place(doc: int, first: int, states: dict[int, torch.Tensor]) -> None:
             """Put a document's rows from corpus token ``first`` on into the unit (from the device straight into the
@@ -244,8 +242,11 @@ class UnitBuffers:
     """Host buffers of a unit's hidden states, kept for the next unit of the same shape. A unit's states are 730 MB
     for a 1.5B model (8,192 tokens x 29 x 1536 x bf16): fresh memory is faulted in page by page as it is first
     written (~4 GB/s on a 2-core VM against ~16 GB/s into memory used before), and on a GPU worker the device's rows
-    went to fresh host tensors first and were then copied into fresh unit tensors. Pinned for a GPU (the copy from
-    the device is a direct DMA then), allocated once: two units are in flight, so two sets are kept at most."""
+    went to fresh host tensors first and were then copied into fresh unit tensors (an H200 extracted at 17.5x its
+    bare forward passes, 12.3x with kept buffers). Two units are in flight, so two sets are kept at most, and none of
+    another shape or of a model let go (:meth:`clear`). Not pinned: pinned memory cannot be swapped, and torch keeps
+    freed pinned blocks cached, rounded up to a power of two; the copy from the device into pageable memory used
+    before is not what bounds a GPU worker (its write path is: README, GPU figures)."""
 
     KEPT = 2
 
@@ -253,21 +254,27 @@ class UnitBuffers:
         self._free: list[dict[int, torch.Tensor]] = []
         self._lock = threading.Lock()
 
-    def take(self, layers: tuple[int, ...], shape: tuple[int, int], dtype: torch.dtype, *,
-             pinned: bool) -> dict[int, torch.Tensor]:
+    def take(self, layers: tuple[int, ...], shape: tuple[int, int], dtype: torch.dtype) -> dict[int, torch.Tensor]:
+        """A set of ``layers`` buffers of ``shape`` and ``dtype``: one kept, else new (the kept ones of another shape
+        are let go: the last unit of a model, or another model)."""
         import torch
 
         with self._lock:
             for i, held in enumerate(self._free):
                 first = next(iter(held.values()), None)
-                if (tuple(held) == tuple(layers) and first is not None and tuple(first.shape) == shape
-                        and first.dtype == dtype and first.is_pinned() == pinned):
+                if tuple(held) == tuple(layers) and first is not None and tuple(first.shape) == shape and first.dtype == dtype:
                     return self._free.pop(i)
-        return {k: torch.empty(shape, dtype=dtype, pin_memory=pinned) for k in layers}
+            self._free = []
+        return {k: torch.empty(shape, dtype=dtype) for k in layers}
 
     def give(self, buffers: dict[int, torch.Tensor]) -> None:
+        """Keep a set whose unit is written (nothing reads it any more)."""
         with self._lock:
             self._free = [buffers, *self._free][: self.KEPT]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free = []
 
 
 class _Forwards:
