@@ -109,7 +109,7 @@ class AnalyzeConfig(BaseModel):
     compute_dtype: ComputeDtype = Field(
         "auto", description="dtype of the products of centred blocks (sums are float64); auto = float32 (within 1e-6 of "
         "float64), float64 with cca, svcca, pwcca or regression and for bf16/fp16 stores (float32 sums drift ~5e-6 "
-        "there).")
+        "there; kept float32, with a warning, on a local GPU whose float64 is slow).")
     out: FolderPath = Field(Path("hrsa-analysis"), description="Folder for results.json and figures.")
     run_id: str | None = Field(
         None, description="Name of the run in the store's results/.  [default: A--B--<UTC time>, -2, -3, ... added when taken]")

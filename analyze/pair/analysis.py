@@ -8,6 +8,7 @@ reads of the store), and assemble the results (:mod:`.assembly`).
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -21,7 +22,10 @@ from hrsa.analyze.local.probe import ProbeOptions, check_probe, probe_pair
 from hrsa.analyze.pair.assembly import assemble
 from hrsa.analyze.pair.passes import run_passes
 from hrsa.analyze.pair.resolve import ResolvedPair, resolve_pair
-from hrsa.analyze.streaming.backends import ChunkBackend, matched_backend, products_on_gpu, resolve_backend
+from hrsa.analyze.metrics._common import PrecisionWarning
+from hrsa.analyze.streaming.backends import (
+    FEW_LEVEL_DTYPES, ChunkBackend, matched_backend, products_on_gpu, resolve_backend,
+)
 from hrsa.analyze.streaming.plan import parse_memory_budget
 from hrsa.analyze.streaming.stream import resolve_scheduler
 from hrsa.runtime.settings import SettingNames, flag_name
@@ -85,8 +89,8 @@ def analyze_pair(
             to 4); here the plan takes fewer when each one's copy of the accumulators would cost extra passes.
         scheduler: ``"auto"``, ``"threads"``, ``"sync"`` or ``"ray"`` (see :func:`resolve_scheduler`).
         backend: ``"auto"``, ``"numpy"``, ``"cuda"`` or ``"torch"`` (see :func:`resolve_backend`).
-        compute_dtype: dtype of the products: ``"auto"`` (float32, or float64 for the measures that invert C_xx:
-            see :func:`resolve_backend`), ``"float32"`` or ``"float64"``.
+        compute_dtype: dtype of the products: ``"auto"`` (float32, or float64 for the measures that invert C_xx and
+            for bf16/fp16 stores: see :func:`resolve_backend`), ``"float32"`` or ``"float64"``.
         save_rotation: keep Procrustes' O* (D x D) of every matched layer in the results.
         groups: groups of whole documents whose statistics the matched passes keep apart, for a jackknife interval
             of every matched score (0: none; fewer when there are fewer documents or the budget asks).
@@ -111,6 +115,7 @@ def analyze_pair(
 
     Warns:
         UnderdeterminedWarning: O* is not unique (no more tokens than dimensions, or rank-deficient C_xy).
+        PrecisionWarning: float32 products where they may be off by more than 1e-6 (see :func:`warn_float32_on_few_levels`).
     """
     selection = selection or TokenSelection()
     # Phase 1: check the pair and plan its passes.
@@ -119,8 +124,10 @@ def analyze_pair(
     dask_scheduler = resolve_scheduler(scheduler)  # before the plan: on Ray the budget is each worker's
     on_ray = dask_scheduler.name == "ray"
     # On a cluster with GPU workers the products run there (torch, CUDA), whatever the driver's node has.
+    dtypes = _stored_dtypes(store, (a, b))
     chunk_backend = resolve_backend(backend, compute_dtype, metrics=metrics, cluster_gpus=on_ray and _cluster_gpus(),
-                                    stored_dtypes=_stored_dtypes(store, (a, b)))
+                                    stored_dtypes=dtypes)
+    warn_float32_on_few_levels(compute_dtype, dtypes, chunk_backend)
     pair = resolve_pair(
         store, a, b, metrics=metrics, debiased=debiased, cross_layer=cross_layer, selection=selection,
         memory_budget=budget, block_tokens=block_tokens, workers=workers or _default_workers(on_ray),
@@ -153,6 +160,19 @@ def _cluster_gpus() -> bool:
     import ray
 
     return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def warn_float32_on_few_levels(asked: str, dtypes: Iterable[str], backend: ChunkBackend) -> None:
+    """The one case where ``auto`` keeps float32 products although the store holds few levels (a local GPU whose
+    float64 is slow: :data:`~hrsa.analyze.streaming.backends.FEW_LEVEL_DTYPES`): said, not silent."""
+    if asked == "auto" and FEW_LEVEL_DTYPES & set(dtypes) and backend.compute_dtype == "float32":
+        warnings.warn(
+            "float32 products on a bf16/fp16 store: this GPU runs float64 at 1/32-1/64 of its float32 rate, so "
+            "--compute-dtype auto keeps float32. Where a channel holds few bf16 levels (a massive activation), CKA and "
+            "dimension-wise correlation may be 5e-6 to 1e-5 off float64 sums; --compute-dtype float64 sums exactly.",
+            PrecisionWarning,
+            stacklevel=3,  # the caller of analyze_pair
+        )
 
 
 def _stored_dtypes(store: ActivationStore, models: tuple[str, str]) -> list[str]:

@@ -232,8 +232,12 @@ FLOAT64_MEASURES = frozenset({"cca", "svcca", "pwcca", "regression"})
 #: centred token; a float32 GEMM sums those near-equal squares with roundings that do not average out (relative
 #: error ~k * 3e-8 over k tokens, even k = 64 gave 5.6e-7) and CKA moved by 5e-6 (test_compute_dtype.py). So
 #: ``"auto"`` keeps float64 products for them: on GPUs with full-rate float64 (an H200: 53 TFLOP/s against 51 in
-#: float32) at no cost in time; ``--compute-dtype float32`` where the float64 rate is low and 1e-5 is close enough.
+#: float32) at no cost in time. Not on a local GPU whose float64 runs at 1/32-1/64 of its float32 (every CUDA
+#: capability but :data:`FULL_RATE_FLOAT64`: A10G, L4, RTX): 30-60x slower products there; ``"auto"`` keeps float32
+#: on them and the analysis warns (``--compute-dtype float64`` for exact sums).
 FEW_LEVEL_DTYPES = frozenset({"bfloat16", "float16"})
+#: CUDA capabilities whose float64 runs at half or all of the float32 rate (P100, V100, A100, H100/H200, B200).
+FULL_RATE_FLOAT64 = frozenset({(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)})
 #: Measures that read C_xy's singular vectors: with ``"auto"`` the matched tiles (O(L) pairs, against O(L^2) for the
 #: cross-layer matrices) keep float64 products for them: float32 rounding fills C_xy's null space (a rank-deficient
 #: layer would pass for determined) and moves singular vectors of close singular values.
@@ -260,7 +264,7 @@ def resolve_backend(name: BackendName = "auto", compute_dtype: ComputeDtype = "a
             real SmolLM2 activations and under 1e4 offsets: tests/analyze/test_compute_dtype.py, test_real_smollm2.py;
             about twice BLAS's float64 rate), float64 when ``metrics`` holds one of :data:`FLOAT64_MEASURES` (and for
             the matched tiles of Procrustes: :func:`matched_backend`) or a model is stored in one of
-            :data:`FEW_LEVEL_DTYPES`.
+            :data:`FEW_LEVEL_DTYPES` (unless the products run on a local GPU whose float64 is slow).
         metrics: the metrics of the run (only for ``"auto"``).
         stored_dtypes: the dtypes the two models are stored in (only for ``"auto"``).
         cluster_gpus: the products run as Ray tasks on a cluster with GPUs (a CPU head's torch sees none): ``"auto"``
@@ -279,7 +283,8 @@ def resolve_backend(name: BackendName = "auto", compute_dtype: ComputeDtype = "a
             "Expected a CUDA GPU for --backend cuda. Got none (torch.cuda.is_available() is False). Use --backend numpy."
         )
     if compute_dtype == "auto":
-        float64 = FLOAT64_MEASURES & set(metrics) or FEW_LEVEL_DTYPES & set(stored_dtypes)
+        slow_float64 = cuda and not cluster_gpus and not _full_rate_float64()  # a cluster's GPUs: unknown here
+        float64 = FLOAT64_MEASURES & set(metrics) or (FEW_LEVEL_DTYPES & set(stored_dtypes) and not slow_float64)
         compute_dtype = "float64" if float64 else "float32"
     if name == "numpy" or (name == "auto" and not cuda):
         return NumpyBackend(compute_dtype=compute_dtype)
@@ -295,6 +300,13 @@ def _one_of(vocabulary: object) -> str:
     """A Literal's values as prose: ``auto, numpy, torch or cuda``."""
     *first, last = get_args(vocabulary)
     return f"{', '.join(first)} or {last}"
+
+
+def _full_rate_float64() -> bool:
+    """Whether the local CUDA device runs float64 at half or all of its float32 rate (see :data:`FULL_RATE_FLOAT64`)."""
+    import torch
+
+    return tuple(torch.cuda.get_device_capability()) in FULL_RATE_FLOAT64
 
 
 def _cuda_available() -> bool:
