@@ -29,7 +29,9 @@ from rich.markup import escape
 
 from hrsa.cluster.progress import stage_progress
 from hrsa.cluster.remote_out import PublishedOut
-from hrsa.cluster.stage_keys import ANALYZE_SCHEDULING, EXTRACT_SCHEDULING, source_fingerprint, stage_key
+from hrsa.cluster.stage_keys import (
+    ANALYZE_SCHEDULING, AUTO_FEW_LEVEL_PRODUCTS, EXTRACT_SCHEDULING, source_fingerprint, stage_key,
+)
 from hrsa.cluster.state import STATE_FILE, PipelineState
 from hrsa.extract.config import CorpusOptions, ExtractConfig, ExtractRunOptions, ModelSourceOptions, parse_extract_config
 from hrsa.extract.job import stored_differences
@@ -529,7 +531,7 @@ class _Runner:
         # The probes' labels file by its name and content, not its path: editing it re-runs the probes (its path alone
         # would not), moving it re-runs nothing.
         key = stage_key({"analyze": settings, "labels": source_fingerprint(options.labels), "a": [a.store_id, a.key],
-                         "b": [b.store_id, b.key]})
+                         "b": [b.store_id, b.key], **self._auto_products(options, a, b)})
         json_path = out_dir / "results.json"
         run_id = f"{stage.partition(':')[2][:100]}--{key[:12]}".replace("@", "-")
         reason = self.state.reason_to_run(stage, key, lambda o: _readable_results(json_path) and self._recorded(options, run_id))
@@ -541,6 +543,18 @@ class _Runner:
                                names=names)
             self.state.finish(stage, key, {"results": str(json_path)})
         return _Analyzed(json_path, key)
+
+    def _auto_products(self, options: PairAnalysisSettings, a: _Extracted, b: _Extracted) -> dict[str, str]:
+        """What auto's products are for a bf16/fp16 pair, for its key (see :data:`AUTO_FEW_LEVEL_PRODUCTS`); nothing
+        for another pair or an explicit dtype (their keys are as before)."""
+        from hrsa.analyze.pair.analysis import stored_dtypes
+        from hrsa.analyze.streaming.backends import FEW_LEVEL_DTYPES
+        from hrsa.store import ActivationStore
+
+        if options.compute_dtype != "auto":
+            return {}
+        dtypes = stored_dtypes(ActivationStore.open(self.config.store), (a.store_id, b.store_id))
+        return {"auto_products": AUTO_FEW_LEVEL_PRODUCTS} if FEW_LEVEL_DTYPES & set(dtypes) else {}
 
     def _recorded(self, options: PairAnalysisSettings, run_id: str) -> bool:
         """Whether the store still holds the analysis's record (where it keeps one)."""

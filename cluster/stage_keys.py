@@ -17,13 +17,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ANALYZE_SCHEDULING", "EXTRACT_SCHEDULING", "source_fingerprint", "stage_key"]
+__all__ = ["ANALYZE_SCHEDULING", "AUTO_FEW_LEVEL_PRODUCTS", "EXTRACT_SCHEDULING", "source_fingerprint", "stage_key"]
 
 # Settings that say how the work is spread, not what it computes: changing them re-runs nothing (and so never
 # deletes and re-extracts a model). Extraction's outputs do not depend on the workers or on how many tokens one
 # forward pass holds; an analysis's not on its Dask scheduler or worker count.
 EXTRACT_SCHEDULING = frozenset({"workers", "token_budget", "address"})
 ANALYZE_SCHEDULING = frozenset({"scheduler", "workers"})
+# What ``compute_dtype: auto`` computes for a pair stored in bf16 or fp16, in the key of its analysis: results of the
+# time auto meant float32 products there (before 2026-12-04; ~5e-6 off float64 sums on few-level channels) run
+# again, instead of standing beside float64 ones (a dynamics series extended later would mix them).
+AUTO_FEW_LEVEL_PRODUCTS = "float64 products for bf16/fp16 stores"
 
 
 def stage_key(inputs: Mapping[str, Any]) -> str:

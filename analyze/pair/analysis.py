@@ -124,7 +124,7 @@ def analyze_pair(
     dask_scheduler = resolve_scheduler(scheduler)  # before the plan: on Ray the budget is each worker's
     on_ray = dask_scheduler.name == "ray"
     # On a cluster with GPU workers the products run there (torch, CUDA), whatever the driver's node has.
-    dtypes = _stored_dtypes(store, (a, b))
+    dtypes = stored_dtypes(store, (a, b))
     chunk_backend = resolve_backend(backend, compute_dtype, metrics=metrics, cluster_gpus=on_ray and _cluster_gpus(),
                                     stored_dtypes=dtypes)
     warn_float32_on_few_levels(compute_dtype, dtypes, chunk_backend)
@@ -175,7 +175,7 @@ def warn_float32_on_few_levels(asked: str, dtypes: Iterable[str], backend: Chunk
         )
 
 
-def _stored_dtypes(store: ActivationStore, models: tuple[str, str]) -> list[str]:
+def stored_dtypes(store: ActivationStore, models: tuple[str, str]) -> list[str]:
     """The dtypes the models are stored in, for the products' dtype; one that cannot be read is left to
     :func:`resolve_pair`, which reports it."""
     dtypes = []

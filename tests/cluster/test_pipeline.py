@@ -332,6 +332,26 @@ def test_a_moved_project_skips_every_stage(first: tuple[Workspace, PipelineResul
                for m in ("llama", "qwen"))
 
 
+def test_an_analysis_of_a_bf16_pair_from_before_auto_meant_float64_products_runs_again_once(
+        copy: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Results of the time ``compute_dtype: auto`` meant float32 products for a bf16 pair (~5e-6 off float64 sums)
+    are not reported up to date beside float64 ones: the analysis runs again, once. (The stored pair here is float32:
+    its dtypes are read as bf16, as a bf16 extraction's would be.)"""
+    import hrsa.analyze.pair.analysis as analysis
+
+    monkeypatch.setattr(analysis, "stored_dtypes", lambda store, models: ["bfloat16", "bfloat16"])
+    result = run_pipeline(copy.config(), console=quiet())
+    assert result.ran == ("analyze:llama--qwen", "report")
+    assert {s.name: s.reason for s in result.stages}["analyze:llama--qwen"] == "its inputs changed"
+    assert run_pipeline(copy.config(), console=quiet()).ran == ()
+    explicit = {**copy.values["pairs"][0], "compute_dtype": "float32"}  # asked for: its key is as before
+    monkeypatch.undo()
+    first = run_pipeline(copy.config(pairs=[explicit]), console=quiet())
+    monkeypatch.setattr(analysis, "stored_dtypes", lambda store, models: ["bfloat16", "bfloat16"])
+    assert run_pipeline(copy.config(pairs=[explicit]), console=quiet()).ran == ()
+    assert first.ran == ("analyze:llama--qwen", "report")
+
+
 def test_changed_metric_reruns_only_analysis_and_report(copy: Workspace) -> None:
     pair = {**copy.values["pairs"][0], "metrics": ["cka"]}
     result = run_pipeline(copy.config(pairs=[pair]), console=quiet())
