@@ -133,6 +133,7 @@ def analyze_pair(
         memory_budget=budget, block_tokens=block_tokens, workers=workers or _default_workers(on_ray),
         save_rotation=save_rotation, compute_bytes=np.dtype(chunk_backend.compute_dtype).itemsize, groups=groups,
         per_worker_budget=on_ray, read_threads=read_threads or _default_read_threads(chunk_backend, on_ray),
+        device_budget=None if on_ray else device_budget(chunk_backend),
     )
     knn_options = _states_resolved(store, pair, "knn", knn_options, names)
     probe_options = _states_resolved(store, pair, "probe", probe_options, names)
@@ -160,6 +161,24 @@ def _cluster_gpus() -> bool:
     import ray
 
     return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def device_budget(backend: ChunkBackend) -> int | None:
+    """Bytes the local GPU the products run on has free for a pass (what torch's allocator holds unused counts as
+    free), less a margin for the library's workspaces; None for products on the CPU. A tile's sums must fit there: a
+    7B pair's 29 x 29 float64 tile is 86 GB, more than an 80 GB GPU holds."""
+    if not products_on_gpu(backend):
+        return None
+    import torch
+
+    device = torch.device(getattr(backend, "device", "cuda"))
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return max(0, free - DEVICE_MARGIN)
+
+
+#: GPU memory a plan leaves to cuBLAS's workspaces, the CUDA context's growth and torch's rounding.
+DEVICE_MARGIN = 2 << 30
 
 
 def warn_float32_on_few_levels(asked: str, dtypes: Iterable[str], backend: ChunkBackend) -> None:

@@ -82,6 +82,7 @@ def resolve_pair(
     groups: int = 0,
     per_worker_budget: bool = False,
     read_threads: int = 1,
+    device_budget: int | None = None,
 ) -> ResolvedPair:
     """Check the pair, resolve its tokens and plan its passes (see ``analyze_pair`` for the arguments).
 
@@ -112,7 +113,7 @@ def resolve_pair(
         matched=matched if needs_matched else (), rows=rows, cols=cols, dx=info_a.hidden_size, dy=info_b.hidden_size,
         read_bytes_a=_itemsize(info_a), read_bytes_b=_itemsize(info_b), compute_bytes=compute_bytes, n_tokens=n_tokens,
         block_tokens=0, n_blocks=0, workers=workers, memory_budget=memory_budget, per_worker=per_worker_budget,
-        read_threads=read_threads,
+        read_threads=read_threads, device_budget=device_budget,
     )
     # Step 4: blocks and tiles, chosen together: a given block size is planned as it is; by default, one shard, ~32 MB
     # of float64 per state and its halvings down to D tokens are planned, and the plan that keeps every group of

@@ -166,6 +166,9 @@ class PlanInputs:
         per_worker: the budget is each worker's own (Ray tasks, each in its own process: one segment's copy of the
             accumulators per budget, whatever the workers); False: one process's, shared by its ``workers`` threads.
         read_threads: threads that read one segment's states of a block at once, each with its own buffers.
+        device_budget: bytes the GPU the products run on has free for them (None: products on the CPU, or on
+            workers whose GPUs this process does not see): a cross-layer tile's stacked blocks, product sum and
+            float64 device sum must fit there too (see :meth:`_MemoryModel.device_peak`).
     """
 
     matched: tuple[int, ...]
@@ -187,6 +190,7 @@ class PlanInputs:
     per_worker: bool = False
     lone_cache_bytes: tuple[int, int] | None = None  # (A, B) when one worker reads: it may hold fewer shards
     read_threads: int = 1
+    device_budget: int | None = None
 
 
 @dataclass(frozen=True)
@@ -269,6 +273,9 @@ class AnalysisPlan:
             accumulators, shards = memory.accumulators(largest), memory.shards(largest)
             lines.append(f"    its largest tile: accumulators {format_bytes(accumulators)}, the reader's shard objects "
                          f"{format_bytes(shards)}, blocks and product sums {format_bytes(self.estimate(largest) - accumulators - shards)}")
+            if p.device_budget is not None:
+                lines.append(f"  GPU: ~{format_bytes(max(memory.device_peak(t) for t in self.tiles))} estimated for the "
+                             f"largest tile's products there, of {format_bytes(p.device_budget)} free")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -411,7 +418,25 @@ class _MemoryModel:
         return _FINISH_SQUARES * 8 * max(self.p.dx, self.p.dy) ** 2 + jackknife
 
     def fits(self, tile: Tile) -> bool:
-        return self.peak(tile) <= self.p.memory_budget
+        return self.peak(tile) <= self.p.memory_budget and (
+            self.p.device_budget is None or self.device_peak(tile) <= self.p.device_budget)
+
+    def device_peak(self, tile: Tile) -> int:
+        """The GPU memory a stacked tile's segments hold there: each block's stacked states with room for their
+        float64 centring (twice the stacks), the run's product sum in the compute dtype and, for float32 products,
+        the float64 sum the runs fold into (float64 products add into their own sum: one matrix), and the same for
+        the self co-moments riding along; 0 for tiles whose products do not stay on the device."""
+        if tile.rectangle is None and tile.kind != "self":
+            return 0
+        n, c = self.p.block_tokens, self.p.compute_bytes
+        per_value = c + (8 if c < 8 else 0)  # the run's sum, and the float64 device sum beside a float32 one
+        rows, cols = tile.rectangle or ((), ())
+        widths = sum(self.dim[s] for s, _ in rows), sum(self.dim[s] for s, _ in cols)
+        selfs = sum(per_value * self.dim[p[0][0]] ** 2 for p in tile.selfs)
+        widest = max((self.dim[s] for s, _ in tile.streams), default=0)
+        stacks = n * c * (sum(widths) or widest)
+        sharing = 1 if self.p.per_worker else self.workers  # segments of one process share its GPU
+        return sharing * (2 * stacks + per_value * widths[0] * widths[1] + selfs)
 
     def fits_one_pair(self) -> bool:
         return self.smallest_peak() <= self.p.memory_budget

@@ -118,3 +118,19 @@ def test_a_device_sum_folds_its_runs_on_the_device(pair_store, monkeypatch, room
     else:
         tiles = set(crossings)
         assert not summarised and len(crossings) == workers * len(tiles), crossings
+
+
+def test_the_gpus_free_memory_is_planned_for_and_tiles_change_nothing(pair_store, monkeypatch) -> None:
+    """Where the products run on a local GPU, its free memory bounds the tiles (a tile's sums stay there): given a GPU
+    with room for a few pairs only, the analysis makes more passes, to the same results."""
+    import hrsa.analyze.pair.analysis as analysis
+
+    store = pair_store.open()
+    common = dict(metrics=("cka",), cross_layer=True, backend="numpy", compute_dtype="float64", scheduler="threads",
+                  workers=1, block_tokens=64)
+    roomy = analyze_pair(store, "a", "b", **common)
+    monkeypatch.setattr(analysis, "device_budget", lambda backend: 60_000)  # bytes: room for a few 16 x 16 pairs
+    tight = analyze_pair(store, "a", "b", **common)
+    assert roomy.plan.inputs.device_budget is None and tight.plan.inputs.device_budget == 60_000
+    assert tight.plan.passes > roomy.plan.passes
+    np.testing.assert_allclose(tight.cka_matrix, roomy.cka_matrix, rtol=1e-12)

@@ -148,3 +148,23 @@ def test_the_plan_says_what_holds_its_largest_tiles_memory() -> None:
     assert f"the reader's shard objects {format_bytes(cache * (len(rows) + len(cols)))}," in line
     rest = plan.estimate(largest) - accumulators - cache * (len(rows) + len(cols))
     assert line.endswith(f"blocks and product sums {format_bytes(rest)}") and rest > 0
+
+
+@pytest.mark.parametrize("compute_bytes", [4, 8])
+def test_a_gpus_free_memory_bounds_the_tiles_whose_sums_stay_there(compute_bytes: int) -> None:
+    """A 7B pair's 29 x 29 tile holds 86 GB of float64 sums on the GPU (float64 products add into them; float32 ones
+    keep a 43 GB float32 run sum beside them): one tile fits the host's 200 GB, not an 80 GB GPU. The device's free
+    memory bounds the tiles as the budget does, and every tile's estimate on the device fits it."""
+    from hrsa.analyze.streaming.plan import _MemoryModel
+
+    inputs = PlanInputs(matched=(), rows=tuple(range(29)), cols=tuple(range(29)), dx=3584, dy=3584, read_bytes_a=2,
+                        read_bytes_b=2, compute_bytes=compute_bytes, n_tokens=1_000_000, block_tokens=4096,
+                        n_blocks=245, workers=1, memory_budget=200 * 10**9)
+    host_only = plan_analysis(inputs)
+    assert host_only.count("cross") == 1
+    on_gpu = plan_analysis(replace(inputs, device_budget=78 * 10**9))
+    memory = _MemoryModel(on_gpu.inputs, on_gpu.workers)
+    sums = max(memory.device_peak(t) for t in host_only.tiles)
+    assert sums > 78 * 10**9  # the single tile would not fit the GPU
+    assert on_gpu.count("cross") > 1 and all(memory.device_peak(t) <= 78 * 10**9 for t in on_gpu.tiles)
+    assert "GPU: ~" in on_gpu.describe() and "GPU" not in host_only.describe()
