@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
     F64 = NDArray[np.float64]
 
-__all__ = ["FLOAT32_SUM_TOKENS", "BlockMeans", "blocks_per_run", "CrossTileMoments", "PendingBlocks", "multiply_into", "stack_centred"]
+__all__ = ["FLOAT32_SUM_TOKENS", "BlockMeans", "blocks_per_run", "CrossTileMoments", "PendingBlocks", "device_free_bytes", "multiply_into", "stack_centred"]
 
 #: Tokens whose float32 products are summed in float32 before the sum is folded into the float64 total.
 FLOAT32_SUM_TOKENS = 8192
@@ -369,12 +369,18 @@ def _device_sum(products: Any, rows: int) -> Any:
     import torch
 
     with _ADMISSION:
-        if products.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(products.device)
-            free += torch.cuda.memory_reserved(products.device) - torch.cuda.memory_allocated(products.device)
-            if free < products.numel() * 8 + _device_headroom(products, rows):
-                return None
+        if products.device.type == "cuda" and device_free_bytes(products.device) < products.numel() * 8 + _device_headroom(products, rows):
+            return None
         return torch.zeros(products.shape, dtype=torch.float64, device=products.device)
+
+
+def device_free_bytes(device: Any) -> int:
+    """Bytes a CUDA device has free for this process: the driver's free memory and what torch's allocator holds
+    unused (the driver counts it as used; torch reuses it)."""
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
 def _widen_into(total: Any, products: Any) -> None:

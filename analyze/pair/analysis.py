@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
+from hrsa.analyze.accumulators.cross_tile import device_free_bytes
 from hrsa.analyze.config import DEFAULT_GROUPS, METRICS
 from hrsa.analyze.local.hidden_states import shared_hidden_states
 from hrsa.analyze.local.knn import KnnOptions, check_knn_budget, knn_pair
@@ -171,10 +172,7 @@ def device_budget(backend: ChunkBackend) -> int | None:
         return None
     import torch
 
-    device = torch.device(getattr(backend, "device", "cuda"))
-    free, _ = torch.cuda.mem_get_info(device)
-    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return max(0, free - DEVICE_MARGIN)
+    return max(0, device_free_bytes(torch.device(getattr(backend, "device", "cuda"))) - DEVICE_MARGIN)
 
 
 #: GPU memory a plan leaves to cuBLAS's workspaces, the CUDA context's growth and torch's rounding.
