@@ -25,9 +25,10 @@ from hrsa.analyze.pair.passes import run_passes
 from hrsa.analyze.pair.resolve import ResolvedPair, resolve_pair
 from hrsa.analyze.metrics._common import PrecisionWarning
 from hrsa.analyze.streaming.backends import (
-    FEW_LEVEL_DTYPES, ChunkBackend, matched_backend, products_on_gpu, resolve_backend,
+    FEW_LEVEL_DTYPES, ChunkBackend, GpuWorkers, matched_backend, products_on_gpu, resolve_backend,
 )
 from hrsa.analyze.streaming.plan import parse_memory_budget
+from hrsa.analyze.streaming.ray_passes import probe_gpu_workers
 from hrsa.analyze.streaming.stream import resolve_scheduler
 from hrsa.runtime.settings import SettingNames, flag_name
 from hrsa.store.errors import UserError
@@ -125,8 +126,9 @@ def analyze_pair(
     dask_scheduler = resolve_scheduler(scheduler)  # before the plan: on Ray the budget is each worker's
     on_ray = dask_scheduler.name == "ray"
     # On a cluster with GPU workers the products run there (torch, CUDA), whatever the driver's node has.
+    gpu_workers = probe_gpu_workers() if on_ray and backend != "numpy" and _cluster_gpus() else None
     dtypes = stored_dtypes(store, (a, b))
-    chunk_backend = resolve_backend(backend, compute_dtype, metrics=metrics, cluster_gpus=on_ray and _cluster_gpus(),
+    chunk_backend = resolve_backend(backend, compute_dtype, metrics=metrics, cluster_gpus=gpu_workers,
                                     stored_dtypes=dtypes)
     warn_float32_on_few_levels(compute_dtype, dtypes, chunk_backend)
     pair = resolve_pair(
@@ -134,7 +136,7 @@ def analyze_pair(
         memory_budget=budget, block_tokens=block_tokens, workers=workers or _default_workers(on_ray),
         save_rotation=save_rotation, compute_bytes=np.dtype(chunk_backend.compute_dtype).itemsize, groups=groups,
         per_worker_budget=on_ray, read_threads=read_threads or _default_read_threads(chunk_backend, on_ray),
-        device_budget=None if on_ray else device_budget(chunk_backend),
+        device_budget=device_budget(chunk_backend, gpu_workers if on_ray else None),
     )
     knn_options = _states_resolved(store, pair, "knn", knn_options, names)
     probe_options = _states_resolved(store, pair, "probe", probe_options, names)
@@ -164,12 +166,15 @@ def _cluster_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) >= 1
 
 
-def device_budget(backend: ChunkBackend) -> int | None:
-    """Bytes the local GPU the products run on has free for a pass (what torch's allocator holds unused counts as
-    free), less a margin for the library's workspaces; None for products on the CPU. A tile's sums must fit there: a
-    7B pair's 29 x 29 float64 tile is 86 GB, more than an 80 GB GPU holds."""
+def device_budget(backend: ChunkBackend, gpu_workers: GpuWorkers | None = None) -> int | None:
+    """Bytes the GPU the products run on has free for a pass (what torch's allocator holds unused counts as free), less
+    a margin for the library's workspaces: the local GPU's, or on a Ray cluster the least a GPU worker has (its probe,
+    ``gpu_workers``); None for products on the CPU. A tile's sums must fit there: a 7B pair's 29 x 29 float64 tile is
+    86 GB, more than an 80 GB GPU holds."""
     if not products_on_gpu(backend):
         return None
+    if gpu_workers is not None:
+        return max(0, gpu_workers.free_bytes - DEVICE_MARGIN)
     import torch
 
     return max(0, device_free_bytes(torch.device(getattr(backend, "device", "cuda"))) - DEVICE_MARGIN)
@@ -184,7 +189,7 @@ def warn_float32_on_few_levels(asked: str, dtypes: Iterable[str], backend: Chunk
     float64 is slow: :data:`~hrsa.analyze.streaming.backends.FEW_LEVEL_DTYPES`): said, not silent."""
     if asked == "auto" and FEW_LEVEL_DTYPES & set(dtypes) and backend.compute_dtype == "float32":
         warnings.warn(
-            "float32 products on a bf16/fp16 store: this GPU runs float64 at 1/32-1/64 of its float32 rate, so "
+            "float32 products on a bf16/fp16 store: the GPU(s) run float64 at 1/32-1/64 of their float32 rate, so "
             "--compute-dtype auto keeps float32. Where a channel holds few bf16 levels (a massive activation), CKA and "
             "dimension-wise correlation may be 5e-6 to 1e-5 off float64 sums; --compute-dtype float64 sums exactly.",
             PrecisionWarning,

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     import torch
     from hrsa.analyze.streaming.plan import StreamKey, StreamPair
 
-__all__ = ["FLOAT64_MATCHED_MEASURES", "FLOAT64_MEASURES", "matched_backend", "products_on_gpu", "BackendName", "ChunkBackend", "ComputeDtype", "NumpyBackend", "TorchBackend", "resolve_backend"]
+__all__ = ["FLOAT64_MATCHED_MEASURES", "FLOAT64_MEASURES", "matched_backend", "products_on_gpu", "BackendName", "ChunkBackend", "ComputeDtype", "GpuWorkers", "NumpyBackend", "TorchBackend", "resolve_backend"]
 
 #: Where the products run (``--backend``).
 BackendName = Literal["auto", "numpy", "torch", "cuda"]
@@ -244,6 +244,25 @@ FULL_RATE_FLOAT64 = frozenset({(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)})
 FLOAT64_MATCHED_MEASURES = frozenset({"procrustes", "procrustes_distance"})
 
 
+@dataclass(frozen=True)
+class GpuWorkers:
+    """A Ray cluster's GPUs as a task on each GPU node found them (the driver's torch sees none of them, and Ray does
+    not know their memory): :func:`~hrsa.analyze.streaming.ray_passes.probe_gpu_workers`.
+
+    Attributes:
+        free_bytes: the least free memory of one GPU over the nodes (an analysis task holds one GPU).
+        capabilities: the CUDA compute capabilities found, each once.
+    """
+
+    free_bytes: int
+    capabilities: tuple[tuple[int, int], ...]
+
+    @property
+    def full_rate_float64(self) -> bool:
+        """Whether every node's GPUs run float64 at half or all of their float32 rate (a tile's tasks may land on any)."""
+        return all(c in FULL_RATE_FLOAT64 for c in self.capabilities)
+
+
 def matched_backend(backend: ChunkBackend, compute_dtype: ComputeDtype, metrics: Iterable[str]) -> ChunkBackend:
     """The backend of the matched tiles: float64 products for :data:`FLOAT64_MATCHED_MEASURES` under ``"auto"``."""
     if compute_dtype == "auto" and FLOAT64_MATCHED_MEASURES & set(metrics) and backend.compute_dtype != "float64":
@@ -252,7 +271,7 @@ def matched_backend(backend: ChunkBackend, compute_dtype: ComputeDtype, metrics:
 
 
 def resolve_backend(name: BackendName = "auto", compute_dtype: ComputeDtype = "auto",
-                    metrics: Iterable[str] = (), *, cluster_gpus: bool = False,
+                    metrics: Iterable[str] = (), *, cluster_gpus: GpuWorkers | None = None,
                     stored_dtypes: Iterable[str] = ()) -> ChunkBackend:
     """The backend to use: ``"auto"`` is CUDA when torch sees a GPU, numpy otherwise.
 
@@ -264,11 +283,11 @@ def resolve_backend(name: BackendName = "auto", compute_dtype: ComputeDtype = "a
             real SmolLM2 activations and under 1e4 offsets: tests/analyze/test_compute_dtype.py, test_real_smollm2.py;
             about twice BLAS's float64 rate), float64 when ``metrics`` holds one of :data:`FLOAT64_MEASURES` (and for
             the matched tiles of Procrustes: :func:`matched_backend`) or a model is stored in one of
-            :data:`FEW_LEVEL_DTYPES` (unless the products run on a local GPU whose float64 is slow).
+            :data:`FEW_LEVEL_DTYPES` (unless the products run on GPUs whose float64 is slow).
         metrics: the metrics of the run (only for ``"auto"``).
         stored_dtypes: the dtypes the two models are stored in (only for ``"auto"``).
-        cluster_gpus: the products run as Ray tasks on a cluster with GPUs (a CPU head's torch sees none): ``"auto"``
-            and ``"cuda"`` mean CUDA on the GPU workers there.
+        cluster_gpus: the products run as Ray tasks on a cluster with these GPU workers (a CPU head's torch sees
+            none): ``"auto"`` and ``"cuda"`` mean CUDA on them, their capabilities decide ``"auto"``'s dtype.
 
     Raises:
         UserError: an unknown name or dtype, or ``"cuda"`` without a CUDA GPU.
@@ -277,13 +296,16 @@ def resolve_backend(name: BackendName = "auto", compute_dtype: ComputeDtype = "a
         raise UserError(f"Expected compute dtype {_one_of(ComputeDtype)}. Got {compute_dtype!r} instead.")
     if name not in get_args(BackendName):
         raise UserError(f"Expected backend {_one_of(BackendName)}. Got {name!r} instead.")
-    cuda = name != "numpy" and (cluster_gpus or _cuda_available())
+    cuda = name != "numpy" and (cluster_gpus is not None or _cuda_available())
     if name == "cuda" and not cuda:
         raise UserError(
             "Expected a CUDA GPU for --backend cuda. Got none (torch.cuda.is_available() is False). Use --backend numpy."
         )
     if compute_dtype == "auto":
-        slow_float64 = cuda and not cluster_gpus and not _full_rate_float64()  # a cluster's GPUs: unknown here
+        if cluster_gpus is not None:
+            slow_float64 = not cluster_gpus.full_rate_float64
+        else:
+            slow_float64 = cuda and not _full_rate_float64()
         float64 = FLOAT64_MEASURES & set(metrics) or (FEW_LEVEL_DTYPES & set(stored_dtypes) and not slow_float64)
         compute_dtype = "float64" if float64 else "float32"
     if name == "numpy" or (name == "auto" and not cuda):

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from hrsa.analyze.streaming.backends import GpuWorkers
 from hrsa.analyze.streaming.stream import fold_segment, merge_partials, prepare_products
 from hrsa.runtime.placement import PlacementError, describe_nodes
 from hrsa.runtime.resident import map_large_allocations, release_freed_heap
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
     from hrsa.analyze.streaming.plan import Tile
     from hrsa.analyze.streaming.stream import StateReader, TokenBlock
 
-__all__ = ["AnalysisFailedError", "TaskRecord", "TilePass", "run_tiles_on_ray", "task_resources"]
+__all__ = ["AnalysisFailedError", "TaskRecord", "TilePass", "probe_gpu_workers", "run_tiles_on_ray", "task_resources"]
 
 #: A tile's accumulators -> its small results (runs in the finish task: must pickle, e.g. a module-level function
 #: or a functools.partial of one).
@@ -99,6 +100,62 @@ def task_resources(memory: int, gpu: bool) -> dict[str, Any]:
             "Lower --memory-budget (it is per worker), or add a larger node."
         )
     return {"num_cpus": 1, "memory": int(memory), "num_gpus": 1 if gpu else 0}
+
+
+#: Seconds the probe of the GPU nodes waits for a GPU on each: an analysis would wait as long for GPUs held by others.
+GPU_PROBE_TIMEOUT_S = 120.0
+
+
+def measure_gpu() -> tuple[int, tuple[int, int]] | None:
+    """On a GPU node, in a task holding one GPU: its free bytes (:func:`device_free_bytes`) and CUDA capability; None
+    where torch there sees no CUDA device."""
+    import torch
+
+    from hrsa.analyze.accumulators.cross_tile import device_free_bytes
+
+    if not torch.cuda.is_available():
+        return None
+    device = torch.device("cuda", torch.cuda.current_device())
+    return device_free_bytes(device), tuple(torch.cuda.get_device_capability(device))  # type: ignore[return-value]
+
+
+def probe_gpu_workers(measure: Callable[[], tuple[int, tuple[int, int]] | None] = measure_gpu,
+                      timeout_s: float = GPU_PROBE_TIMEOUT_S) -> GpuWorkers:
+    """What the plan needs of the cluster's GPUs, which Ray does not know: ``measure`` run on one GPU of every alive
+    node that declares GPUs (a task pinned to the node, holding one GPU, as an analysis task does).
+
+    Raises:
+        PlacementError: a node declares a GPU torch there cannot use, or no GPU of some node came free within
+            ``timeout_s`` (held by other actors or tasks: the analysis's tasks would wait for them without end).
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("GPU", 0) >= 1]
+    task = ray.remote(measure)
+    probes = {task.options(num_cpus=0, num_gpus=1, max_retries=0,
+                           scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(): node
+              for node in nodes}
+    done, waiting = ray.wait(list(probes), num_returns=len(probes), timeout=timeout_s)
+    for probe in waiting:
+        ray.cancel(probe, force=True)
+    if waiting:
+        raise PlacementError(
+            f"Expected a GPU free within {timeout_s:.0f} s on every Ray node that declares one. Got all GPUs held on "
+            f"{len(waiting)} node(s) ({', '.join(probes[p][:8] for p in waiting)}): another job's actors or tasks. "
+            "Wait for them to finish, or pass --backend numpy."
+        )
+    found = {probes[p]: ray.get(p) for p in done}
+    blind = [node for node, measured in found.items() if measured is None]
+    if blind or not found:
+        raise PlacementError(
+            "Expected a CUDA device torch can use on every Ray node that declares a GPU. Got none on "
+            f"{len(blind)} node(s) ({', '.join(node[:8] for node in blind)}). Start them with --num-gpus 0, install "
+            "torch with CUDA there, or pass --backend numpy."
+        )
+    measured = [m for m in found.values() if m is not None]
+    return GpuWorkers(free_bytes=min(free for free, _ in measured),
+                      capabilities=tuple(sorted({tuple(c) for _, c in measured})))  # type: ignore[misc]
 
 
 def run_tiles_on_ray(passes: Sequence[TilePass], finish: Finish, options: dict[str, Any],

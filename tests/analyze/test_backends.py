@@ -129,7 +129,7 @@ def test_the_gpus_free_memory_is_planned_for_and_tiles_change_nothing(pair_store
     common = dict(metrics=("cka",), cross_layer=True, backend="numpy", compute_dtype="float64", scheduler="threads",
                   workers=1, block_tokens=64)
     roomy = analyze_pair(store, "a", "b", **common)
-    monkeypatch.setattr(analysis, "device_budget", lambda backend: 60_000)  # bytes: room for a few 16 x 16 pairs
+    monkeypatch.setattr(analysis, "device_budget", lambda backend, gpu_workers: 60_000)  # bytes: room for a few 16 x 16 pairs
     tight = analyze_pair(store, "a", "b", **common)
     assert roomy.plan.inputs.device_budget is None and tight.plan.inputs.device_budget == 60_000
     assert tight.plan.passes > roomy.plan.passes

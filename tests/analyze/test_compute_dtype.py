@@ -192,6 +192,7 @@ def test_a_bf16_store_on_a_local_gpu_gets_float64_where_its_float64_is_fast_and_
     from hrsa.analyze.metrics._common import PrecisionWarning
     from hrsa.analyze.pair.analysis import warn_float32_on_few_levels
     from hrsa.analyze.streaming import backends
+    from hrsa.analyze.streaming.backends import GpuWorkers
 
     assert resolve_backend("numpy", "auto", ("cka",), stored_dtypes=("bfloat16",)).compute_dtype == "float64"
     assert resolve_backend("numpy", "auto", ("cka",), stored_dtypes=("float32", "float16")).compute_dtype == "float64"
@@ -205,5 +206,9 @@ def test_a_bf16_store_on_a_local_gpu_gets_float64_where_its_float64_is_fast_and_
         warn_float32_on_few_levels("auto", ("bfloat16",), backend)
         warn_float32_on_few_levels("float32", ("bfloat16",), resolve_backend("auto", "float32", ("cka",)))  # asked for
     assert [w.category for w in caught] == ([PrecisionWarning] if expected == "float32" else [])
-    # A cluster's GPUs are not seen from the driver: float64, whatever the capability here.
-    assert resolve_backend("auto", "auto", ("cka",), cluster_gpus=True, stored_dtypes=("bfloat16",)).compute_dtype == "float64"
+    # A cluster's GPU workers, as their probe found them: the capability there decides, not the one here.
+    workers = GpuWorkers(free_bytes=40 << 30, capabilities=(capability,))
+    on_cluster = resolve_backend("auto", "auto", ("cka",), cluster_gpus=workers, stored_dtypes=("bfloat16",))
+    assert (on_cluster.name, on_cluster.compute_dtype) == ("torch", expected)
+    mixed = GpuWorkers(free_bytes=40 << 30, capabilities=((9, 0), (8, 6)))  # one slow node slows every pass
+    assert resolve_backend("auto", "auto", ("cka",), cluster_gpus=mixed, stored_dtypes=("bfloat16",)).compute_dtype == "float32"

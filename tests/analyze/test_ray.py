@@ -36,17 +36,105 @@ def test_dask_on_ray_gives_the_local_results(pair_store) -> None:
 
 
 def test_on_a_cluster_with_gpus_the_products_go_to_the_gpu_workers_and_none_there_is_refused(ray_local) -> None:
-    from hrsa.analyze.streaming.backends import TorchBackend, resolve_backend
+    from hrsa.analyze.streaming.backends import GpuWorkers, TorchBackend, resolve_backend
     from hrsa.analyze.streaming.ray_passes import task_resources
     from hrsa.runtime.placement import PlacementError
 
     # A CPU head (no CUDA in this process) driving GPU workers: auto means CUDA there, float32 products.
-    assert resolve_backend("auto", cluster_gpus=True) == TorchBackend(device="cuda", compute_dtype="float32")
+    workers = GpuWorkers(free_bytes=70 << 30, capabilities=((9, 0),))
+    assert resolve_backend("auto", cluster_gpus=workers) == TorchBackend(device="cuda", compute_dtype="float32")
     assert task_resources(10**6, gpu=False) == {"num_cpus": 1, "memory": 10**6, "num_gpus": 0}
     with pytest.raises(PlacementError, match="and a GPU for one analysis task"):
         task_resources(10**6, gpu=True)  # this session's Ray has no GPU: refused at once, not queued for ever
     with pytest.raises(PlacementError, match="Lower --memory-budget"):
         task_resources(10**15, gpu=False)  # no node holds a petabyte
+
+
+_PROBE = """
+import sys, time
+import ray
+from hrsa.analyze.streaming.ray_passes import probe_gpu_workers
+from hrsa.runtime.placement import PlacementError
+
+ray.init(num_cpus=1, num_gpus=1, include_dashboard=False, log_to_driver=False)
+try:  # the real probe: this node declares a GPU that torch there cannot use
+    print("found", probe_gpu_workers())
+except PlacementError as error:
+    print("refused", error)
+def measure():  # as a GPU node would answer: free bytes of its GPU, its compute capability
+    return 5 << 30, (8, 6)
+print("found", probe_gpu_workers(measure))
+@ray.remote(num_gpus=1)
+class Holder:
+    def ping(self):
+        return 1
+holder = Holder.remote()
+ray.get(holder.ping.remote())
+start = time.monotonic()
+try:  # every GPU held (an actor of another job): refused after the wait, not queued for ever
+    print("found", probe_gpu_workers(measure, timeout_s=3))
+except PlacementError as error:
+    print("busy", round(time.monotonic() - start), error)
+ray.kill(holder)
+print("found", probe_gpu_workers(measure))  # the cancelled probe holds nothing: the GPU is free again
+"""
+
+
+@pytest.mark.integration
+def test_the_gpu_workers_are_probed_for_their_memory_and_a_gpu_torch_cannot_use_or_none_free_is_refused() -> None:
+    """Ray does not know a GPU's memory: the plan takes it from a task on each GPU node (its GPU's free bytes, its
+    compute capability). A node that declares a GPU torch cannot use, and GPUs all held by others, are refused with
+    one line, not waited on; the probe's own tasks are cancelled then and hold nothing."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    from hrsa.cluster.local_cluster import ray_node_env
+
+    temp = Path(tempfile.mkdtemp(prefix="hr-", dir="/tmp"))  # Ray's socket paths must stay short
+    try:
+        env = ray_node_env({"RAY_TMPDIR": str(temp)})
+        done = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=240,
+                              check=False)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.split(" ")[0] in ("found", "refused", "busy")]
+    assert len(lines) == 4, done.stdout
+    assert lines[0].startswith("refused Expected a CUDA device torch can use on every Ray node that declares a GPU")
+    assert lines[1] == "found GpuWorkers(free_bytes=5368709120, capabilities=((8, 6),))"
+    busy, seconds, message = lines[2].split(" ", 2)
+    assert busy == "busy" and 3 <= int(seconds) < 30 and "held" in message, lines[2]
+    assert lines[3] == lines[1]
+
+
+def test_on_a_gpu_cluster_the_plan_fits_each_tile_in_the_gpu_workers_memory(pair_store, ray_local, monkeypatch) -> None:
+    """The driver does not see the workers' GPUs: their probe's free bytes (less the margin) bound the tiles as a local
+    GPU's do, so a tile whose float64 sums would not fit there is split before any task starts."""
+    from hrsa.analyze.pair import analysis
+    from hrsa.analyze.streaming.backends import GpuWorkers
+
+    plans = []
+
+    class Planned(Exception):
+        pass
+
+    def stop(plan):
+        plans.append(plan)
+        raise Planned
+
+    store = pair_store.open()
+    kwargs = {"cross_layer": True, "metrics": ("cka",), "scheduler": "ray", "block_tokens": 128,
+              "memory_budget": "1GB", "on_plan": stop}
+    monkeypatch.setattr(analysis, "_cluster_gpus", lambda: True)
+    for free in (80 << 30, analysis.DEVICE_MARGIN + (100 << 10)):
+        monkeypatch.setattr(analysis, "probe_gpu_workers", lambda free=free: GpuWorkers(free, ((9, 0),)))
+        with pytest.raises(Planned):
+            analysis.analyze_pair(store, "a", "b", **kwargs)
+    roomy, tight = plans
+    assert roomy.inputs.device_budget == (80 << 30) - analysis.DEVICE_MARGIN and roomy.passes == 1
+    assert tight.inputs.device_budget == 100 << 10 and tight.passes > 1
 
 
 @dataclass(frozen=True)
