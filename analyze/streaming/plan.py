@@ -53,7 +53,7 @@ set of a subprocess), a tile's peak is 0.55-0.85 of its estimate with one worker
 workers rarely peak at once) at D = 96 and blocks of 512 tokens; up to 0.99 at D = 48 and blocks of 1024. Outside
 the budget, as the interpreter and its libraries are: the Python objects each worker has in flight (a block
 read's Dask graph, Zarr's requests: about 0.1 MB + 12 kB per stored chunk of a block, whatever D). Not counted
-yet: GPU memory (only host copies are), Procrustes rotations kept with ``save_rotation`` (D^2 per matched layer,
+yet: Procrustes rotations kept with ``save_rotation`` (D^2 per matched layer,
 for the run), B's extra rows when two corpora are aligned by content span, and the rows of a grid block beyond the
 selected ones that a slice of it keeps alive (``n`` is the rows of a block as read).
 
@@ -62,6 +62,10 @@ in the streaming term, whatever the workers, and h = G. A merge task holds the m
 which stay in Ray's object store (outside the budget, as Ray accounts it apart); its rank-one corrections go in
 place, so one copy of A is all it allocates (tests/analyze/test_memory_model.py measures the merge, and every task on
 Ray against this estimate).
+
+Products on a GPU (``device_budget``: its free memory): a stacked tile's stacks, run sum and float64 sums must fit
+there too (:meth:`_MemoryModel.device_peak`), and a pass of one segment keeps them there and reduces them there to the
+metrics' summaries, so the host holds B + C alone for it (:meth:`_MemoryModel.sums_on_device`).
 
 Groups of documents (``groups`` G >= 2, matched tiles: the jackknife's per-group accumulators): a worker holds the
 groups its segment touches, h = min(G, ceil(G / W) + 1) copies of A, the merged pass g = G copies, and finishing a pair adds
@@ -76,6 +80,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -352,6 +357,8 @@ class _MemoryModel:
         return 8 * (da * db + da + db)  # CrossMoments: C_xy and the two means
 
     def peak(self, tile: Tile) -> int:
+        if self.sums_on_device(tile):  # its stacks, run sums and totals are the GPU's (device_peak): the host reads
+            return self._blocks(tile) + self.shards(tile)
         acc = sum(self.item(tile.kind, pair) for pair in tile.pairs)  # A, one copy of each accumulator
         held, merged = self._copies(tile)
         sharing = 1 if self.p.per_worker else self.workers  # workers whose copies one budget holds
@@ -360,10 +367,27 @@ class _MemoryModel:
         return max(streaming, finishing) + self.shards(tile)
 
     def accumulators(self, tile: Tile) -> int:
-        """The tile's accumulators as its peak holds them: every worker's copies while streaming, or the merged ones."""
+        """The tile's accumulators as its peak holds them: every worker's copies while streaming, or the merged ones
+        (none on the host for a pass whose sums stay on the GPU)."""
+        if self.sums_on_device(tile):
+            return 0
         acc = sum(self.item(tile.kind, pair) for pair in tile.pairs)
         held, merged = self._copies(tile)
         return max((1 if self.p.per_worker else self.workers) * held, merged) * acc
+
+    def sums_on_device(self, tile: Tile) -> bool:
+        """Whether the tile's pass keeps its sums on the GPU and reduces them there to what the cross-layer metrics
+        read (a stacked tile's pass of one segment, products on a local GPU: ``PendingBlocks.device_summaries``), so
+        the host only reads blocks for it. Not with several segments (each crosses its sums to the host to be merged),
+        nor on Ray (the plan does not know a tile's segments there). The host's total is still allocated, never
+        written (zero pages the kernel maps on first write): it must fit the host's RAM as address space, since
+        Linux's default overcommit refuses one allocation larger than RAM and swap."""
+        p = self.p
+        if p.device_budget is None or p.per_worker or self.workers != 1:
+            return False
+        if tile.rectangle is None and tile.kind != "self":
+            return False
+        return sum(self.item(tile.kind, pair) for pair in tile.pairs) <= host_memory_bytes()
 
     def shards(self, tile: Tile) -> int:
         """C: the shard objects the store's readers keep for the tile's states."""
@@ -446,6 +470,11 @@ class _MemoryModel:
         probes = [Tile("matched", ((("a", k), ("b", k)),)) for k in p.matched[:1]]
         probes += [Tile("cross", ((("a", i), ("b", j)),)) for i in p.rows[:1] for j in p.cols[:1]]
         return max((self.peak(t) for t in probes), default=0)
+
+
+def host_memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _matched_tiles(matched: Sequence[int], memory: _MemoryModel) -> tuple[Tile, ...]:

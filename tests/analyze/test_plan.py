@@ -168,3 +168,37 @@ def test_a_gpus_free_memory_bounds_the_tiles_whose_sums_stay_there(compute_bytes
     assert sums > 78 * 10**9  # the single tile would not fit the GPU
     assert on_gpu.count("cross") > 1 and all(memory.device_peak(t) <= 78 * 10**9 for t in on_gpu.tiles)
     assert "GPU: ~" in on_gpu.describe() and "GPU" not in host_only.describe()
+
+
+@pytest.mark.parametrize(("dim", "compute_bytes", "passes"), [(1536, 8, 1), (3584, 8, 1), (3584, 4, 2)])
+def test_a_whole_pass_on_a_gpu_counts_no_host_accumulators_and_reads_the_store_once(dim: int, compute_bytes: int,
+                                                                                    passes: int, monkeypatch) -> None:
+    """A stacked tile's pass of one segment with products on a GPU keeps its float64 sums there and reduces them there
+    to what CKA and dimension-wise correlation read (PendingBlocks.device_summaries): the host never writes its total.
+    Counted on the host as well, a 1.5B pair's 29 x 29 tile (16 GB of sums) took 9 passes at the default 4 GB budget
+    on an H200 that held it whole, and a 7B pair's (86 GB) 48: each a read of the whole store. (A 7B tile's float32
+    products keep a 43 GB run sum beside the float64 one: two tiles on the H200.)"""
+    from hrsa.analyze.streaming import plan as plan_module
+    from hrsa.analyze.streaming.plan import _MemoryModel
+
+    monkeypatch.setattr(plan_module, "host_memory_bytes", lambda: 128 << 30)  # the H200 node's RAM
+    inputs = PlanInputs(matched=(), rows=tuple(range(29)), cols=tuple(range(29)), dx=dim, dy=dim, read_bytes_a=2,
+                        read_bytes_b=2, compute_bytes=compute_bytes, n_tokens=1_000_000, block_tokens=4096,
+                        n_blocks=245, workers=4, memory_budget=4 * 10**9)
+    host_only = plan_analysis(inputs)
+    on_gpu = plan_analysis(replace(inputs, device_budget=137 * 10**9))  # an H200's 139 GiB less the margin
+    assert host_only.passes >= 5
+    assert (on_gpu.passes, on_gpu.workers) == (passes, 1)  # one segment: several would each cross their sums over
+    memory = _MemoryModel(on_gpu.inputs, 1)
+    assert all(memory.sums_on_device(t) and memory.device_peak(t) <= 137 * 10**9 for t in on_gpu.tiles)
+    tile = on_gpu.tiles[0]
+    assert on_gpu.estimated_peak <= 4 * 10**9 and memory.accumulators(tile) == 0
+    # Where each worker's segment crosses its sums to the host (Ray: segments per tile not known to the plan, so
+    # counted), and with several segments locally, the host holds them and the tiles stay small.
+    assert plan_analysis(replace(inputs, device_budget=137 * 10**9, per_worker=True)).passes == host_only.passes
+    several = _MemoryModel(replace(inputs, device_budget=137 * 10**9), 2)
+    assert several.peak(tile) > 2 * len(tile.pairs) * 8 * dim * dim
+    # The host's total is allocated unwritten: a tile's sums larger than the host's RAM would be refused by Linux's
+    # overcommit heuristic, so there the host's budget bounds the tiles as before.
+    monkeypatch.setattr(plan_module, "host_memory_bytes", lambda: 8 << 30)
+    assert plan_analysis(replace(inputs, device_budget=137 * 10**9)).passes > 1
