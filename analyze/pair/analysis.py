@@ -27,7 +27,7 @@ from hrsa.analyze.metrics._common import PrecisionWarning
 from hrsa.analyze.streaming.backends import (
     FEW_LEVEL_DTYPES, ChunkBackend, GpuWorkers, matched_backend, products_on_gpu, resolve_backend,
 )
-from hrsa.analyze.streaming.plan import parse_memory_budget
+from hrsa.analyze.streaming.plan import DEVICE_MARGIN, parse_memory_budget
 from hrsa.analyze.streaming.ray_passes import probe_gpu_workers
 from hrsa.analyze.streaming.stream import resolve_scheduler
 from hrsa.runtime.settings import SettingNames, flag_name
@@ -178,10 +178,6 @@ def device_budget(backend: ChunkBackend, gpu_workers: GpuWorkers | None = None) 
     import torch
 
     return max(0, device_free_bytes(torch.device(getattr(backend, "device", "cuda"))) - DEVICE_MARGIN)
-
-
-#: GPU memory a plan leaves to cuBLAS's workspaces, the CUDA context's growth and torch's rounding.
-DEVICE_MARGIN = 2 << 30
 
 
 def warn_float32_on_few_levels(asked: str, dtypes: Iterable[str], backend: ChunkBackend) -> None:

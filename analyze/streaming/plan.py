@@ -331,7 +331,16 @@ def _plan(inputs: PlanInputs) -> AnalysisPlan:
             candidates.append(AnalysisPlan(tiles=tiles, inputs=inputs, workers=w, estimated_peak=peak))
     if candidates:
         return min(candidates, key=lambda plan: (plan.passes, -plan.workers))
-    need = _MemoryModel(inputs, 1).smallest_peak()
+    lone = _MemoryModel(inputs, 1)
+    need = lone.smallest_peak()
+    if need <= inputs.memory_budget and inputs.device_budget is not None:  # the host has room: the GPU has not
+        raise MemoryBudgetError(
+            f"Expected {format_bytes(lone.smallest_device_peak())} free on the GPU the products run on (one pair of "
+            f"hidden states of D={inputs.dx}x{inputs.dy} in blocks of {inputs.block_tokens} tokens). Got "
+            f"{format_bytes(inputs.device_budget)} there (its free memory less {format_bytes(DEVICE_MARGIN)} for the "
+            "libraries' workspaces) instead. Free GPU memory (other processes hold it), lower --block-tokens, or pass "
+            "--backend numpy."
+        )
     raise MemoryBudgetError(
         f"Expected a memory budget of at least {format_bytes(need)} (one pair of hidden states of D={inputs.dx}x{inputs.dy} "
         f"in blocks of {inputs.block_tokens} tokens). Got {format_bytes(inputs.memory_budget)} instead. "
@@ -463,13 +472,24 @@ class _MemoryModel:
         return sharing * (2 * stacks + per_value * widths[0] * widths[1] + selfs)
 
     def fits_one_pair(self) -> bool:
-        return self.smallest_peak() <= self.p.memory_budget
+        return self.smallest_peak() <= self.p.memory_budget and (
+            self.p.device_budget is None or self.smallest_device_peak() <= self.p.device_budget)
+
+    def smallest_device_peak(self) -> int:
+        """The GPU memory of the smallest tile whose products stay there: one cross-layer pair (a 1 x 1 rectangle)."""
+        p = self.p
+        probes = [Tile("cross", ((("a", i), ("b", j)),)) for i in p.rows[:1] for j in p.cols[:1]]
+        return max((self.device_peak(t) for t in probes), default=0)
 
     def smallest_peak(self) -> int:
         p = self.p
         probes = [Tile("matched", ((("a", k), ("b", k)),)) for k in p.matched[:1]]
         probes += [Tile("cross", ((("a", i), ("b", j)),)) for i in p.rows[:1] for j in p.cols[:1]]
         return max((self.peak(t) for t in probes), default=0)
+
+
+#: GPU memory a plan leaves to cuBLAS's workspaces, the CUDA context's growth and torch's rounding.
+DEVICE_MARGIN = 2 << 30
 
 
 def host_memory_bytes() -> int:

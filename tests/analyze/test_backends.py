@@ -134,3 +134,28 @@ def test_the_gpus_free_memory_is_planned_for_and_tiles_change_nothing(pair_store
     assert roomy.plan.inputs.device_budget is None and tight.plan.inputs.device_budget == 60_000
     assert tight.plan.passes > roomy.plan.passes
     np.testing.assert_allclose(tight.cka_matrix, roomy.cka_matrix, rtol=1e-12)
+
+
+def test_a_gpu_without_room_for_one_pair_gets_smaller_blocks_or_one_line_naming_it(make_pair_store, monkeypatch) -> None:
+    """One pair's stacks and sums must fit the GPU too: a GPU with room for one pair of small blocks only gets smaller
+    blocks (every tile's estimate there within its free memory), and one with room for none is refused in one line
+    naming the GPU, before any pass, not planned past it to run out of memory mid-pass."""
+    import hrsa.analyze.pair.analysis as analysis
+    from hrsa.analyze.streaming.plan import _MemoryModel
+    from hrsa.store.errors import UserError
+
+    store = make_pair_store(d=128).open()
+    common = dict(metrics=("cka",), cross_layer=True, backend="numpy", compute_dtype="float64", scheduler="threads",
+                  workers=1)
+    roomy = analyze_pair(store, "a", "b", **common)
+    # 1 x 1 pair of D = 128 in float64: its sum 131 kB, its stacks twice 262 kB at 64 tokens (524 kB at 128)
+    monkeypatch.setattr(analysis, "device_budget", lambda backend, gpu_workers: 400_000)
+    tight = analyze_pair(store, "a", "b", **common)
+    memory = _MemoryModel(tight.plan.inputs, tight.plan.workers)
+    assert tight.plan.inputs.block_tokens == 64 < roomy.plan.inputs.block_tokens
+    assert all(memory.device_peak(t) <= 400_000 for t in tight.plan.tiles)
+    np.testing.assert_allclose(tight.cka_matrix, roomy.cka_matrix, rtol=1e-12)
+    monkeypatch.setattr(analysis, "device_budget", lambda backend, gpu_workers: 1_000)
+    with pytest.raises(UserError, match=r"free on the GPU .* Got 1 kB there .* instead\. Free GPU memory") as refused:
+        analyze_pair(store, "a", "b", **common)
+    assert "\n" not in str(refused.value)
