@@ -546,12 +546,15 @@ class _Runner:
 
     def _auto_products(self, options: PairAnalysisSettings, a: _Extracted, b: _Extracted) -> dict[str, str]:
         """What auto's products are for a bf16/fp16 pair, for its key (see :data:`AUTO_FEW_LEVEL_PRODUCTS`); nothing
-        for another pair or an explicit dtype (their keys are as before)."""
+        for another pair, an explicit dtype, metrics with no co-moment products (k-NN, probes) or whose products were
+        float64 under auto before (CCA and the others that invert C_xx): their keys are as before."""
+        from hrsa.analyze.config import MOMENT_METRICS
         from hrsa.analyze.pair.analysis import stored_dtypes
-        from hrsa.analyze.streaming.backends import FEW_LEVEL_DTYPES
+        from hrsa.analyze.streaming.backends import FEW_LEVEL_DTYPES, FLOAT64_MEASURES
         from hrsa.store import ActivationStore
 
-        if options.compute_dtype != "auto":
+        metrics = set(options.metrics)
+        if options.compute_dtype != "auto" or not metrics & set(MOMENT_METRICS) or metrics & FLOAT64_MEASURES:
             return {}
         dtypes = stored_dtypes(ActivationStore.open(self.config.store), (a.store_id, b.store_id))
         return {"auto_products": AUTO_FEW_LEVEL_PRODUCTS} if FEW_LEVEL_DTYPES & set(dtypes) else {}

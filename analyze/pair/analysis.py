@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from hrsa.analyze.accumulators.cross_tile import device_free_bytes
-from hrsa.analyze.config import DEFAULT_GROUPS, METRICS
+from hrsa.analyze.config import DEFAULT_GROUPS, METRICS, MOMENT_METRICS
 from hrsa.analyze.local.hidden_states import shared_hidden_states
 from hrsa.analyze.local.knn import KnnOptions, check_knn_budget, knn_pair
 from hrsa.analyze.local.probe import ProbeOptions, check_probe, probe_pair
@@ -130,7 +130,7 @@ def analyze_pair(
     dtypes = stored_dtypes(store, (a, b))
     chunk_backend = resolve_backend(backend, compute_dtype, metrics=metrics, cluster_gpus=gpu_workers,
                                     stored_dtypes=dtypes)
-    warn_float32_on_few_levels(compute_dtype, dtypes, chunk_backend)
+    warn_float32_on_few_levels(compute_dtype, dtypes, chunk_backend, metrics)
     pair = resolve_pair(
         store, a, b, metrics=metrics, debiased=debiased, cross_layer=cross_layer, selection=selection,
         memory_budget=budget, block_tokens=block_tokens, workers=workers or _default_workers(on_ray),
@@ -180,10 +180,12 @@ def device_budget(backend: ChunkBackend, gpu_workers: GpuWorkers | None = None) 
     return max(0, device_free_bytes(torch.device(getattr(backend, "device", "cuda"))) - DEVICE_MARGIN)
 
 
-def warn_float32_on_few_levels(asked: str, dtypes: Iterable[str], backend: ChunkBackend) -> None:
-    """The one case where ``auto`` keeps float32 products although the store holds few levels (a local GPU whose
-    float64 is slow: :data:`~hrsa.analyze.streaming.backends.FEW_LEVEL_DTYPES`): said, not silent."""
-    if asked == "auto" and FEW_LEVEL_DTYPES & set(dtypes) and backend.compute_dtype == "float32":
+def warn_float32_on_few_levels(asked: str, dtypes: Iterable[str], backend: ChunkBackend, metrics: Iterable[str]) -> None:
+    """The one case where ``auto`` keeps float32 products although the store holds few levels (GPUs whose float64 is
+    slow: :data:`~hrsa.analyze.streaming.backends.FEW_LEVEL_DTYPES`): said, not silent; not for ``metrics`` that
+    multiply no co-moments (k-NN, probes)."""
+    products = set(metrics) & set(MOMENT_METRICS)
+    if asked == "auto" and products and FEW_LEVEL_DTYPES & set(dtypes) and backend.compute_dtype == "float32":
         warnings.warn(
             "float32 products on a bf16/fp16 store: the GPU(s) run float64 at 1/32-1/64 of their float32 rate, so "
             "--compute-dtype auto keeps float32. Where a channel holds few bf16 levels (a massive activation), CKA and "

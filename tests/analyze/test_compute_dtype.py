@@ -203,8 +203,9 @@ def test_a_bf16_store_on_a_local_gpu_gets_float64_where_its_float64_is_fast_and_
     assert (backend.name, backend.compute_dtype) == ("torch", expected)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        warn_float32_on_few_levels("auto", ("bfloat16",), backend)
-        warn_float32_on_few_levels("float32", ("bfloat16",), resolve_backend("auto", "float32", ("cka",)))  # asked for
+        warn_float32_on_few_levels("auto", ("bfloat16",), backend, ("cka",))
+        warn_float32_on_few_levels("float32", ("bfloat16",), resolve_backend("auto", "float32", ("cka",)), ("cka",))  # asked for
+        warn_float32_on_few_levels("auto", ("bfloat16",), backend, ("knn", "probe"))  # no co-moment products: nothing off
     assert [w.category for w in caught] == ([PrecisionWarning] if expected == "float32" else [])
     # A cluster's GPU workers, as their probe found them: the capability there decides, not the one here.
     workers = GpuWorkers(free_bytes=40 << 30, capabilities=(capability,))

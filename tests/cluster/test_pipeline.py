@@ -352,6 +352,18 @@ def test_an_analysis_of_a_bf16_pair_from_before_auto_meant_float64_products_runs
     assert first.ran == ("analyze:llama--qwen", "report")
 
 
+@pytest.mark.parametrize("metrics", [["knn"], ["cca"]])
+def test_a_bf16_pair_whose_auto_dtype_never_changed_is_not_run_again(copy: Workspace, monkeypatch, metrics) -> None:
+    """k-NN multiplies no co-moments, and CCA's products were float64 under auto before: their analyses of a bf16 pair
+    stay up to date (found by review: every bf16 pair under auto ran again)."""
+    import hrsa.analyze.pair.analysis as analysis
+
+    pair = {**copy.values["pairs"][0], "metrics": metrics}
+    assert run_pipeline(copy.config(pairs=[pair]), console=quiet()).ran == ("analyze:llama--qwen", "report")
+    monkeypatch.setattr(analysis, "stored_dtypes", lambda store, models: ["bfloat16", "bfloat16"])
+    assert run_pipeline(copy.config(pairs=[pair]), console=quiet()).ran == ()
+
+
 def test_changed_metric_reruns_only_analysis_and_report(copy: Workspace) -> None:
     pair = {**copy.values["pairs"][0], "metrics": ["cka"]}
     result = run_pipeline(copy.config(pairs=[pair]), console=quiet())
