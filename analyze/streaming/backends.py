@@ -18,6 +18,8 @@ vocabularies of its two options, :data:`BackendName` and :data:`ComputeDtype`, a
 
 from __future__ import annotations
 
+import functools
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal, Protocol, get_args, runtime_checkable
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
     import torch
     from hrsa.analyze.streaming.plan import StreamKey, StreamPair
 
-__all__ = ["FLOAT64_MATCHED_MEASURES", "FLOAT64_MEASURES", "matched_backend", "products_on_gpu", "BackendName", "ChunkBackend", "ComputeDtype", "GpuWorkers", "NumpyBackend", "TorchBackend", "resolve_backend"]
+__all__ = ["FLOAT64_MATCHED_MEASURES", "FLOAT64_MEASURES", "matched_backend", "products_on_gpu", "BackendName", "ChunkBackend", "ComputeDtype", "GpuWorkers", "NumpyBackend", "float64_at_full_rate", "gemm_seconds", "TorchBackend", "resolve_backend"]
 
 #: Where the products run (``--backend``).
 BackendName = Literal["auto", "numpy", "torch", "cuda"]
@@ -232,12 +234,10 @@ FLOAT64_MEASURES = frozenset({"cca", "svcca", "pwcca", "regression"})
 #: centred token; a float32 GEMM sums those near-equal squares with roundings that do not average out (relative
 #: error ~k * 3e-8 over k tokens, even k = 64 gave 5.6e-7) and CKA moved by 5e-6 (test_compute_dtype.py). So
 #: ``"auto"`` keeps float64 products for them: on GPUs with full-rate float64 (an H200: 53 TFLOP/s against 51 in
-#: float32) at no cost in time. Not on a local GPU whose float64 runs at 1/32-1/64 of its float32 (every CUDA
-#: capability but :data:`FULL_RATE_FLOAT64`: A10G, L4, RTX): 30-60x slower products there; ``"auto"`` keeps float32
-#: on them and the analysis warns (``--compute-dtype float64`` for exact sums).
+#: float32) at no cost in time. Not on GPUs whose float64 runs at 1/32-1/64 of their float32 (A10G, L4, RTX; and the
+#: H800 and H20, whose compute capability is the H100's): 30-60x slower products there; ``"auto"`` keeps float32 on
+#: them (:func:`local_float64_at_full_rate` measures it) and the analysis warns (``--compute-dtype float64`` sums exactly).
 FEW_LEVEL_DTYPES = frozenset({"bfloat16", "float16"})
-#: CUDA capabilities whose float64 runs at half or all of the float32 rate (P100, V100, A100, H100/H200, B200).
-FULL_RATE_FLOAT64 = frozenset({(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)})
 #: Measures that read C_xy's singular vectors: with ``"auto"`` the matched tiles (O(L) pairs, against O(L^2) for the
 #: cross-layer matrices) keep float64 products for them: float32 rounding fills C_xy's null space (a rank-deficient
 #: layer would pass for determined) and moves singular vectors of close singular values.
@@ -251,16 +251,12 @@ class GpuWorkers:
 
     Attributes:
         free_bytes: the least free memory of one GPU over the nodes (an analysis task holds one GPU).
-        capabilities: the CUDA compute capabilities found, each once.
+        float64_at_full_rate: whether every node's GPU ran float64 GEMMs at a quarter of its float32 rate or better
+            (a tile's tasks may land on any node: one slow node slows every pass).
     """
 
     free_bytes: int
-    capabilities: tuple[tuple[int, int], ...]
-
-    @property
-    def full_rate_float64(self) -> bool:
-        """Whether every node's GPUs run float64 at half or all of their float32 rate (a tile's tasks may land on any)."""
-        return all(c in FULL_RATE_FLOAT64 for c in self.capabilities)
+    float64_at_full_rate: bool
 
 
 def matched_backend(backend: ChunkBackend, compute_dtype: ComputeDtype, metrics: Iterable[str]) -> ChunkBackend:
@@ -287,7 +283,7 @@ def resolve_backend(name: BackendName = "auto", compute_dtype: ComputeDtype = "a
         metrics: the metrics of the run (only for ``"auto"``).
         stored_dtypes: the dtypes the two models are stored in (only for ``"auto"``).
         cluster_gpus: the products run as Ray tasks on a cluster with these GPU workers (a CPU head's torch sees
-            none): ``"auto"`` and ``"cuda"`` mean CUDA on them, their capabilities decide ``"auto"``'s dtype.
+            none): ``"auto"`` and ``"cuda"`` mean CUDA on them, their float64 rate decides ``"auto"``'s dtype.
 
     Raises:
         UserError: an unknown name or dtype, or ``"cuda"`` without a CUDA GPU.
@@ -303,9 +299,9 @@ def resolve_backend(name: BackendName = "auto", compute_dtype: ComputeDtype = "a
         )
     if compute_dtype == "auto":
         if cluster_gpus is not None:
-            slow_float64 = not cluster_gpus.full_rate_float64
+            slow_float64 = not cluster_gpus.float64_at_full_rate
         else:
-            slow_float64 = cuda and not _full_rate_float64()
+            slow_float64 = cuda and not local_float64_at_full_rate()
         float64 = FLOAT64_MEASURES & set(metrics) or (FEW_LEVEL_DTYPES & set(stored_dtypes) and not slow_float64)
         compute_dtype = "float64" if float64 else "float32"
     if name == "numpy" or (name == "auto" and not cuda):
@@ -324,11 +320,39 @@ def _one_of(vocabulary: object) -> str:
     return f"{', '.join(first)} or {last}"
 
 
-def _full_rate_float64() -> bool:
-    """Whether the local CUDA device runs float64 at half or all of its float32 rate (see :data:`FULL_RATE_FLOAT64`)."""
+@functools.cache
+def local_float64_at_full_rate() -> bool:
+    """Whether this process's CUDA device runs float64 GEMMs at a quarter of its float32 rate or better, measured once:
+    the compute capability does not say it (the H800 and H20 share the H100's 9.0 with 1/60 of its float64)."""
     import torch
 
-    return tuple(torch.cuda.get_device_capability()) in FULL_RATE_FLOAT64
+    device = torch.device("cuda", torch.cuda.current_device())
+    return float64_at_full_rate(gemm_seconds(device, torch.float64), gemm_seconds(device, torch.float32))
+
+
+def float64_at_full_rate(float64_seconds: float, float32_seconds: float) -> bool:
+    """The rule between two timed GEMMs of one size: float64 within 4x of float32. Full-rate parts run it at 1-2x
+    (A100, H100, H200; V100 and P100 at 2x), the others at 32-64x: the rule stands far from both."""
+    return float64_seconds < 4 * float32_seconds
+
+
+def gemm_seconds(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 3) -> float:
+    """Seconds of ``repeats`` square GEMMs of ``size`` in ``dtype`` on ``device``, after one to warm its kernels
+    (17 GFLOP each: ~50 ms in all on a GPU with slow float64)."""
+    import torch
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    matrix = torch.randn(size, size, device=device, dtype=dtype)
+    torch.mm(matrix, matrix)
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(matrix, matrix)
+    sync()
+    return time.perf_counter() - start
 
 
 def _cuda_available() -> bool:

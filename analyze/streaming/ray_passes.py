@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from hrsa.analyze.streaming.backends import GpuWorkers
+from hrsa.analyze.streaming.backends import GpuWorkers, local_float64_at_full_rate
 from hrsa.analyze.streaming.stream import fold_segment, merge_partials, prepare_products
 from hrsa.runtime.placement import PlacementError, describe_nodes
 from hrsa.runtime.resident import map_large_allocations, release_freed_heap
@@ -106,20 +106,20 @@ def task_resources(memory: int, gpu: bool) -> dict[str, Any]:
 GPU_PROBE_TIMEOUT_S = 120.0
 
 
-def measure_gpu() -> tuple[int, tuple[int, int]] | None:
-    """On a GPU node, in a task holding one GPU: its free bytes (:func:`device_free_bytes`) and CUDA capability; None
-    where torch there sees no CUDA device."""
+def measure_gpu() -> tuple[int, bool] | None:
+    """On a GPU node, in a task holding one GPU: its free bytes (:func:`device_free_bytes`) and whether it runs float64
+    at full rate (:func:`local_float64_at_full_rate`); None where torch there sees no CUDA device."""
     import torch
 
     from hrsa.analyze.accumulators.cross_tile import device_free_bytes
 
     if not torch.cuda.is_available():
         return None
-    device = torch.device("cuda", torch.cuda.current_device())
-    return device_free_bytes(device), tuple(torch.cuda.get_device_capability(device))  # type: ignore[return-value]
+    full_rate = local_float64_at_full_rate()  # first: its CUDA context and matrices are held while free is read
+    return device_free_bytes(torch.device("cuda", torch.cuda.current_device())), full_rate
 
 
-def probe_gpu_workers(measure: Callable[[], tuple[int, tuple[int, int]] | None] = measure_gpu,
+def probe_gpu_workers(measure: Callable[[], tuple[int, bool] | None] = measure_gpu,
                       timeout_s: float = GPU_PROBE_TIMEOUT_S) -> GpuWorkers:
     """What the plan needs of the cluster's GPUs, which Ray does not know: ``measure`` run on one GPU of every alive
     node that declares GPUs (a task pinned to the node, holding one GPU, as an analysis task does).
@@ -155,7 +155,7 @@ def probe_gpu_workers(measure: Callable[[], tuple[int, tuple[int, int]] | None] 
         )
     measured = [m for m in found.values() if m is not None]
     return GpuWorkers(free_bytes=min(free for free, _ in measured),
-                      capabilities=tuple(sorted({tuple(c) for _, c in measured})))  # type: ignore[misc]
+                      float64_at_full_rate=all(full_rate for _, full_rate in measured))
 
 
 def run_tiles_on_ray(passes: Sequence[TilePass], finish: Finish, options: dict[str, Any],

@@ -181,25 +181,35 @@ def test_default_products_of_a_bf16_store_are_float64_where_float32_sums_drift(t
     assert 1e-6 < np.abs(asked.cka_matrix - exact).max() < 1e-4
 
 
-@pytest.mark.parametrize(("capability", "expected"), [((9, 0), "float64"), ((8, 6), "float32")])
+#: Seconds of a float64 and a float32 GEMM of one size, as measured on: an H200 (54 and 51 TFLOP/s), an A10G (1/32),
+#: an H800 (compute capability 9.0 as the H200, float64 cut to ~1 TFLOP/s against ~60 in float32).
+_GEMM_SECONDS = {"h200": (0.95, 1.0), "a10g": (32.0, 1.0), "h800": (60.0, 1.0)}
+
+
+@pytest.mark.parametrize(("gpu", "expected"), [("h200", "float64"), ("a10g", "float32"), ("h800", "float32")])
 def test_a_bf16_store_on_a_local_gpu_gets_float64_where_its_float64_is_fast_and_a_warning_where_not(
-        monkeypatch, capability, expected) -> None:
-    """An H200 (9.0) runs float64 GEMMs at its float32 rate; an A10G or RTX (8.6) at 1/32-1/64: there auto keeps
-    float32 products and says so. On the CPU, float64."""
+        monkeypatch, gpu, expected) -> None:
+    """An H200 runs float64 GEMMs at its float32 rate; an A10G or RTX at 1/32-1/64, and an H800 (whose compute
+    capability is the H200's) at ~1/60: there auto keeps float32 products and says so. The rate is measured on the
+    device, not looked up. On the CPU, float64."""
     import warnings
 
     import torch
     from hrsa.analyze.metrics._common import PrecisionWarning
     from hrsa.analyze.pair.analysis import warn_float32_on_few_levels
     from hrsa.analyze.streaming import backends
-    from hrsa.analyze.streaming.backends import GpuWorkers
+    from hrsa.analyze.streaming.backends import GpuWorkers, float64_at_full_rate
 
     assert resolve_backend("numpy", "auto", ("cka",), stored_dtypes=("bfloat16",)).compute_dtype == "float64"
     assert resolve_backend("numpy", "auto", ("cka",), stored_dtypes=("float32", "float16")).compute_dtype == "float64"
     assert resolve_backend("numpy", "auto", ("cka",), stored_dtypes=("float32",)).compute_dtype == "float32"
+    seconds = dict(zip(("float64", "float32"), _GEMM_SECONDS[gpu]))
     monkeypatch.setattr(backends, "_cuda_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: capability)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(backends, "gemm_seconds", lambda device, dtype: seconds[str(dtype).removeprefix("torch.")])
+    backends.local_float64_at_full_rate.cache_clear()
     backend = resolve_backend("auto", "auto", ("cka",), stored_dtypes=("bfloat16", "bfloat16"))
+    backends.local_float64_at_full_rate.cache_clear()
     assert (backend.name, backend.compute_dtype) == ("torch", expected)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -207,9 +217,19 @@ def test_a_bf16_store_on_a_local_gpu_gets_float64_where_its_float64_is_fast_and_
         warn_float32_on_few_levels("float32", ("bfloat16",), resolve_backend("auto", "float32", ("cka",)), ("cka",))  # asked for
         warn_float32_on_few_levels("auto", ("bfloat16",), backend, ("knn", "probe"))  # no co-moment products: nothing off
     assert [w.category for w in caught] == ([PrecisionWarning] if expected == "float32" else [])
-    # A cluster's GPU workers, as their probe found them: the capability there decides, not the one here.
-    workers = GpuWorkers(free_bytes=40 << 30, capabilities=(capability,))
+    # A cluster's GPU workers, as their probe measured them: the rate there decides, not the one here.
+    full_rate = float64_at_full_rate(*_GEMM_SECONDS[gpu])
+    workers = GpuWorkers(free_bytes=40 << 30, float64_at_full_rate=full_rate)
     on_cluster = resolve_backend("auto", "auto", ("cka",), cluster_gpus=workers, stored_dtypes=("bfloat16",))
     assert (on_cluster.name, on_cluster.compute_dtype) == ("torch", expected)
-    mixed = GpuWorkers(free_bytes=40 << 30, capabilities=((9, 0), (8, 6)))  # one slow node slows every pass
-    assert resolve_backend("auto", "auto", ("cka",), cluster_gpus=mixed, stored_dtypes=("bfloat16",)).compute_dtype == "float32"
+
+
+def test_float64_counts_as_full_rate_within_a_quarter_of_float32s_and_a_real_gemm_is_timed() -> None:
+    """The rule between the measured GEMMs: V100 and P100 (1/2), A100 and H200 (1/1) are full rate; A10G, L4, RTX
+    (1/32-1/64), H800 and H20 (~1/60) are not. The timing itself runs on the CPU here (no threshold asserted on it)."""
+    import torch
+    from hrsa.analyze.streaming.backends import float64_at_full_rate, gemm_seconds
+
+    assert float64_at_full_rate(2.0, 1.0) and float64_at_full_rate(1.0, 1.0) and float64_at_full_rate(3.9, 1.0)
+    assert not float64_at_full_rate(4.1, 1.0) and not float64_at_full_rate(32.0, 1.0)
+    assert 0 < gemm_seconds(torch.device("cpu"), torch.float64) < 60

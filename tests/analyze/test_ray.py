@@ -41,7 +41,7 @@ def test_on_a_cluster_with_gpus_the_products_go_to_the_gpu_workers_and_none_ther
     from hrsa.runtime.placement import PlacementError
 
     # A CPU head (no CUDA in this process) driving GPU workers: auto means CUDA there, float32 products.
-    workers = GpuWorkers(free_bytes=70 << 30, capabilities=((9, 0),))
+    workers = GpuWorkers(free_bytes=70 << 30, float64_at_full_rate=True)
     assert resolve_backend("auto", cluster_gpus=workers) == TorchBackend(device="cuda", compute_dtype="float32")
     assert task_resources(10**6, gpu=False) == {"num_cpus": 1, "memory": 10**6, "num_gpus": 0}
     with pytest.raises(PlacementError, match="and a GPU for one analysis task"):
@@ -61,8 +61,8 @@ try:  # the real probe: this node declares a GPU that torch there cannot use
     print("found", probe_gpu_workers())
 except PlacementError as error:
     print("refused", error)
-def measure():  # as a GPU node would answer: free bytes of its GPU, its compute capability
-    return 5 << 30, (8, 6)
+def measure():  # as a GPU node would answer: free bytes of its GPU, whether its float64 runs at full rate
+    return 5 << 30, False
 print("found", probe_gpu_workers(measure))
 @ray.remote(num_gpus=1)
 class Holder:
@@ -83,7 +83,7 @@ print("found", probe_gpu_workers(measure))  # the cancelled probe holds nothing:
 @pytest.mark.integration
 def test_the_gpu_workers_are_probed_for_their_memory_and_a_gpu_torch_cannot_use_or_none_free_is_refused() -> None:
     """Ray does not know a GPU's memory: the plan takes it from a task on each GPU node (its GPU's free bytes, its
-    compute capability). A node that declares a GPU torch cannot use, and GPUs all held by others, are refused with
+    float64 rate against float32, measured). A node that declares a GPU torch cannot use, and GPUs all held by others, are refused with
     one line, not waited on; the probe's own tasks are cancelled then and hold nothing."""
     import shutil
     import subprocess
@@ -103,7 +103,7 @@ def test_the_gpu_workers_are_probed_for_their_memory_and_a_gpu_torch_cannot_use_
     lines = [line for line in done.stdout.splitlines() if line.split(" ")[0] in ("found", "refused", "busy")]
     assert len(lines) == 4, done.stdout
     assert lines[0].startswith("refused Expected a CUDA device torch can use on every Ray node that declares a GPU")
-    assert lines[1] == "found GpuWorkers(free_bytes=5368709120, capabilities=((8, 6),))"
+    assert lines[1] == "found GpuWorkers(free_bytes=5368709120, float64_at_full_rate=False)"
     busy, seconds, message = lines[2].split(" ", 2)
     assert busy == "busy" and 3 <= int(seconds) < 30 and "held" in message, lines[2]
     assert lines[3] == lines[1]
@@ -129,7 +129,7 @@ def test_on_a_gpu_cluster_the_plan_fits_each_tile_in_the_gpu_workers_memory(pair
               "memory_budget": "1GB", "on_plan": stop}
     monkeypatch.setattr(analysis, "_cluster_gpus", lambda: True)
     for free in (80 << 30, analysis.DEVICE_MARGIN + (100 << 10)):
-        monkeypatch.setattr(analysis, "probe_gpu_workers", lambda free=free: GpuWorkers(free, ((9, 0),)))
+        monkeypatch.setattr(analysis, "probe_gpu_workers", lambda free=free: GpuWorkers(free, True))
         with pytest.raises(Planned):
             analysis.analyze_pair(store, "a", "b", **kwargs)
     roomy, tight = plans
