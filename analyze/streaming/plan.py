@@ -86,6 +86,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, get_args
 
+from hrsa.analyze.accumulators.cross_tile import DEVICE_HEADROOM
 from hrsa.store.errors import UserError
 
 __all__ = [
@@ -456,7 +457,7 @@ class _MemoryModel:
 
     def device_peak(self, tile: Tile) -> int:
         """The GPU memory a stacked tile's segments hold there: each block's stacked states with room for their
-        float64 centring (twice the stacks), the run's product sum in the compute dtype and, for float32 products,
+        float64 centring (twice the stacks; for float32 products the stacks and the device sum's admission room), the run's product sum in the compute dtype and, for float32 products,
         the float64 sum the runs fold into (float64 products add into their own sum: one matrix), and the same for
         the self co-moments riding along; 0 for tiles whose products do not stay on the device."""
         if tile.rectangle is None and tile.kind != "self":
@@ -468,8 +469,11 @@ class _MemoryModel:
         selfs = sum(per_value * self.dim[p[0][0]] ** 2 for p in tile.selfs)
         widest = max((self.dim[s] for s, _ in tile.streams), default=0)
         stacks = n * c * (sum(widths) or widest)
+        # float32 products: the pass admits its float64 sum while the first run's stacks are held, with room for the
+        # next block beside it (cross_tile._device_sum): one rule, or a tile planned here is refused there
+        room = stacks + max(DEVICE_HEADROOM, 2 * stacks) if c < 8 else 2 * stacks
         sharing = 1 if self.p.per_worker else self.workers  # segments of one process share its GPU
-        return sharing * (2 * stacks + per_value * widths[0] * widths[1] + selfs)
+        return sharing * (room + per_value * widths[0] * widths[1] + selfs)
 
     def fits_one_pair(self) -> bool:
         return self.smallest_peak() <= self.p.memory_budget and (

@@ -202,3 +202,49 @@ def test_a_whole_pass_on_a_gpu_counts_no_host_accumulators_and_reads_the_store_o
     # overcommit heuristic, so there the host's budget bounds the tiles as before.
     monkeypatch.setattr(plan_module, "host_memory_bytes", lambda: 8 << 30)
     assert plan_analysis(replace(inputs, device_budget=137 * 10**9)).passes > 1
+
+
+@pytest.mark.parametrize(("dim", "block", "free", "budget"), [(3584, 4096, 137, 4), (4096, 8192, 78, 16),
+                                                              (3584, 8192, 137, 16), (1536, 4096, 20, 4)])
+def test_the_gpu_admits_at_run_time_the_float32_tiles_the_plan_fits_there(dim, block, free, budget, monkeypatch) -> None:
+    """The plan and the pass's own check on the device sum (cross_tile._device_sum, at the first run's flush, while
+    the run's stacks and float32 sum are held) are one rule: a tile the plan fits is admitted, so its float64 sum stays
+    on the GPU and the host's total (counted 0 for a one-segment pass) is never written. Found by review: a 7B tile
+    planned at 136.9 of 137 GB was refused at run time, and its 86 GB total went to a host budgeted 4 GB."""
+    import types
+
+    import torch
+    from hrsa.analyze.accumulators import cross_tile
+    from hrsa.analyze.streaming import plan as plan_module
+    from hrsa.analyze.streaming.plan import DEVICE_MARGIN, _MemoryModel
+
+    class RunSum:  # what _device_sum reads of the run's float32 product on a CUDA device
+        device = types.SimpleNamespace(type="cuda")
+
+        def __init__(self, rows: int, cols: int) -> None:
+            self.shape = (rows, cols)
+
+        def element_size(self) -> int:
+            return 4
+
+        def numel(self) -> int:
+            return self.shape[0] * self.shape[1]
+
+    monkeypatch.setattr(plan_module, "host_memory_bytes", lambda: 2 << 40)
+    monkeypatch.setattr(torch, "zeros", lambda *args, **kwargs: "the device sum")  # where _device_sum admits it
+    device_budget = free * 10**9
+    plan = plan_analysis(PlanInputs(matched=(), rows=tuple(range(29)), cols=tuple(range(29)), dx=dim, dy=dim,
+                                    read_bytes_a=2, read_bytes_b=2, compute_bytes=4, n_tokens=1_000_000,
+                                    block_tokens=block, n_blocks=-(-1_000_000 // block), workers=4,
+                                    memory_budget=budget * 10**9, device_budget=device_budget))
+    memory = _MemoryModel(plan.inputs, plan.workers)
+    admitted = []
+    for tile in [t for t in plan.tiles if t.rectangle]:
+        rows, cols = tile.rectangle
+        run_sum = RunSum(len(rows) * dim, len(cols) * dim)
+        held = block * (len(rows) + len(cols)) * dim * 4 + 4 * run_sum.numel()  # the stacks and the run's sum
+        held += sum(4 * dim * dim for _ in tile.selfs)  # the self co-moments' run sums, folded before theirs
+        monkeypatch.setattr(cross_tile, "device_free_bytes", lambda device, held=held: device_budget + DEVICE_MARGIN - held)
+        admitted.append(cross_tile._device_sum(run_sum, block) == "the device sum")
+        assert memory.device_peak(tile) <= device_budget
+    assert admitted and all(admitted)
