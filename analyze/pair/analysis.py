@@ -126,7 +126,8 @@ def analyze_pair(
     dask_scheduler = resolve_scheduler(scheduler)  # before the plan: on Ray the budget is each worker's
     on_ray = dask_scheduler.name == "ray"
     # On a cluster with GPU workers the products run there (torch, CUDA), whatever the driver's node has.
-    gpu_workers = probe_gpu_workers() if on_ray and backend != "numpy" and _cluster_gpus() else None
+    products = bool(set(metrics) & set(MOMENT_METRICS))  # k-NN and probes alone multiply no co-moments
+    gpu_workers = probe_gpu_workers() if on_ray and products and backend != "numpy" and _cluster_gpus() else None
     dtypes = stored_dtypes(store, (a, b))
     chunk_backend = resolve_backend(backend, compute_dtype, metrics=metrics, cluster_gpus=gpu_workers,
                                     stored_dtypes=dtypes)

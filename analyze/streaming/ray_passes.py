@@ -107,51 +107,69 @@ GPU_PROBE_TIMEOUT_S = 120.0
 
 
 def measure_gpu() -> tuple[int, bool] | None:
-    """On a GPU node, in a task holding one GPU: its free bytes (:func:`device_free_bytes`) and whether it runs float64
-    at full rate (:func:`local_float64_at_full_rate`); None where torch there sees no CUDA device."""
+    """On a GPU node, in a task holding all its GPUs: the least free bytes of one (:func:`device_free_bytes`) and
+    whether every one runs float64 at full rate (:func:`local_float64_at_full_rate`); None where torch there sees no
+    CUDA device."""
     import torch
 
     from hrsa.analyze.accumulators.cross_tile import device_free_bytes
 
     if not torch.cuda.is_available():
         return None
-    full_rate = local_float64_at_full_rate()  # first: its CUDA context and matrices are held while free is read
-    return device_free_bytes(torch.device("cuda", torch.cuda.current_device())), full_rate
+    measured = []
+    for index in range(torch.cuda.device_count()):
+        with torch.cuda.device(index):
+            full_rate = local_float64_at_full_rate()  # first: its context and matrices are held while free is read
+            measured.append((device_free_bytes(torch.device("cuda", index)), full_rate))
+        local_float64_at_full_rate.cache_clear()  # cached per process, measured per device
+    return min(free for free, _ in measured), all(full_rate for _, full_rate in measured)
 
 
 def probe_gpu_workers(measure: Callable[[], tuple[int, bool] | None] = measure_gpu,
                       timeout_s: float = GPU_PROBE_TIMEOUT_S) -> GpuWorkers:
-    """What the plan needs of the cluster's GPUs, which Ray does not know: ``measure`` run on one GPU of every alive
-    node that declares GPUs (a task pinned to the node, holding one GPU, as an analysis task does).
+    """What the plan needs of the cluster's GPUs, which Ray does not know: ``measure`` run on every alive node that
+    declares GPUs, in a task pinned to the node holding all of them (one holding one would measure whichever GPU Ray
+    hands it, and an analysis task may get any).
 
     Raises:
-        PlacementError: a node declares a GPU torch there cannot use, or no GPU of some node came free within
-            ``timeout_s`` (held by other actors or tasks: the analysis's tasks would wait for them without end).
+        PlacementError: no alive node declares a GPU, a node's GPUs are ones torch there cannot use (or its probe
+            failed: the error's last line), or some node's GPUs did not all come free within ``timeout_s`` (held by
+            other actors or tasks: the analysis's tasks would wait for them without end).
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("GPU", 0) >= 1]
+    nodes = {n["NodeID"]: int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n.get("Alive")}
+    nodes = {node: gpus for node, gpus in nodes.items() if gpus >= 1}
+    if not nodes:
+        raise PlacementError("Expected an alive Ray node with a GPU for the products. Got none (a GPU node left the "
+                             "cluster?). Add a GPU node, or pass --backend numpy.")
     task = ray.remote(measure)
-    probes = {task.options(num_cpus=0, num_gpus=1, max_retries=0,
+    probes = {task.options(num_cpus=0, num_gpus=gpus, max_retries=0,
                            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(): node
-              for node in nodes}
+              for node, gpus in nodes.items()}
     done, waiting = ray.wait(list(probes), num_returns=len(probes), timeout=timeout_s)
     for probe in waiting:
         ray.cancel(probe, force=True)
     if waiting:
         raise PlacementError(
-            f"Expected a GPU free within {timeout_s:.0f} s on every Ray node that declares one. Got all GPUs held on "
-            f"{len(waiting)} node(s) ({', '.join(probes[p][:8] for p in waiting)}): another job's actors or tasks. "
-            "Wait for them to finish, or pass --backend numpy."
+            f"Expected every GPU of each Ray node that declares them free within {timeout_s:.0f} s (each node's are "
+            f"measured at once). Got some held on {len(waiting)} node(s) ({', '.join(probes[p][:8] for p in waiting)}): "
+            "another job's actors or tasks. Wait for them to finish, or pass --backend numpy."
         )
-    found = {probes[p]: ray.get(p) for p in done}
+    found, failed = {}, {}
+    for probe in done:
+        try:
+            found[probes[probe]] = ray.get(probe)
+        except ray.exceptions.RayError as error:
+            failed[probes[probe]] = one_line(root_cause(error))
     blind = [node for node, measured in found.items() if measured is None]
-    if blind or not found:
+    if blind or failed:
+        why = "".join(f" ({reason})" for reason in dict.fromkeys(failed.values()))
         raise PlacementError(
             "Expected a CUDA device torch can use on every Ray node that declares a GPU. Got none on "
-            f"{len(blind)} node(s) ({', '.join(node[:8] for node in blind)}). Start them with --num-gpus 0, install "
-            "torch with CUDA there, or pass --backend numpy."
+            f"{len(blind) + len(failed)} node(s) ({', '.join(node[:8] for node in [*blind, *failed])}){why}. Start them "
+            "with --num-gpus 0, install torch with CUDA there, or pass --backend numpy."
         )
     measured = [m for m in found.values() if m is not None]
     return GpuWorkers(free_bytes=min(free for free, _ in measured),

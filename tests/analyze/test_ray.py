@@ -56,15 +56,22 @@ import ray
 from hrsa.analyze.streaming.ray_passes import probe_gpu_workers
 from hrsa.runtime.placement import PlacementError
 
-ray.init(num_cpus=1, num_gpus=1, include_dashboard=False, log_to_driver=False)
-try:  # the real probe: this node declares a GPU that torch there cannot use
+ray.init(num_cpus=1, num_gpus=2, include_dashboard=False, log_to_driver=False)
+try:  # the real probe: this node declares GPUs that torch there cannot use
     print("found", probe_gpu_workers())
 except PlacementError as error:
     print("refused", error)
-def measure():  # as a GPU node would answer: free bytes of its GPU, whether its float64 runs at full rate
-    return 5 << 30, False
+def measure():  # as a GPU node would answer: the least free bytes of its GPUs (1 GiB a GPU it holds), full rate
+    import os
+    return len(os.environ["CUDA_VISIBLE_DEVICES"].split(",")) << 30, False
 print("found", probe_gpu_workers(measure))
-@ray.remote(num_gpus=1)
+def broken():  # a GPU torch was not built for: CUDA calls fail inside the task
+    raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+try:
+    print("found", probe_gpu_workers(broken))
+except PlacementError as error:
+    print("refused", error)
+@ray.remote(num_gpus=1)  # one of the node's two GPUs
 class Holder:
     def ping(self):
         return 1
@@ -101,17 +108,22 @@ def test_the_gpu_workers_are_probed_for_their_memory_and_a_gpu_torch_cannot_use_
         shutil.rmtree(temp, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if line.split(" ")[0] in ("found", "refused", "busy")]
-    assert len(lines) == 4, done.stdout
+    assert len(lines) == 5, done.stdout
     assert lines[0].startswith("refused Expected a CUDA device torch can use on every Ray node that declares a GPU")
-    assert lines[1] == "found GpuWorkers(free_bytes=5368709120, float64_at_full_rate=False)"
-    busy, seconds, message = lines[2].split(" ", 2)
-    assert busy == "busy" and 3 <= int(seconds) < 30 and "held" in message, lines[2]
-    assert lines[3] == lines[1]
+    # The probe holds every GPU of the node (a task holding one would measure whichever Ray hands it).
+    assert lines[1] == "found GpuWorkers(free_bytes=2147483648, float64_at_full_rate=False)"
+    assert lines[2].startswith("refused Expected a CUDA device torch can use") and lines[2].endswith(
+        "(RuntimeError: CUDA error: no kernel image is available for execution on the device). Start them with "
+        "--num-gpus 0, install torch with CUDA there, or pass --backend numpy."), lines[2]
+    busy, seconds, message = lines[3].split(" ", 2)
+    assert busy == "busy" and 3 <= int(seconds) < 30 and "held" in message, lines[3]
+    assert lines[4] == lines[1]
 
 
 def test_on_a_gpu_cluster_the_plan_fits_each_tile_in_the_gpu_workers_memory(pair_store, ray_local, monkeypatch) -> None:
     """The driver does not see the workers' GPUs: their probe's free bytes (less the margin) bound the tiles as a local
     GPU's do, so a tile whose float64 sums would not fit there is split before any task starts."""
+    from hrsa.analyze.local.knn import KnnOptions
     from hrsa.analyze.pair import analysis
     from hrsa.analyze.streaming.backends import GpuWorkers
 
@@ -126,7 +138,7 @@ def test_on_a_gpu_cluster_the_plan_fits_each_tile_in_the_gpu_workers_memory(pair
 
     store = pair_store.open()
     kwargs = {"cross_layer": True, "metrics": ("cka",), "scheduler": "ray", "block_tokens": 128,
-              "memory_budget": "1GB", "on_plan": stop}
+              "memory_budget": "1GB", "on_plan": stop, "compute_dtype": "float64"}  # float32's sum needs 1 GiB beside
     monkeypatch.setattr(analysis, "_cluster_gpus", lambda: True)
     for free in (80 << 30, analysis.DEVICE_MARGIN + (100 << 10)):
         monkeypatch.setattr(analysis, "probe_gpu_workers", lambda free=free: GpuWorkers(free, True))
@@ -135,6 +147,10 @@ def test_on_a_gpu_cluster_the_plan_fits_each_tile_in_the_gpu_workers_memory(pair
     roomy, tight = plans
     assert roomy.inputs.device_budget == (80 << 30) - analysis.DEVICE_MARGIN and roomy.passes == 1
     assert tight.inputs.device_budget == 100 << 10 and tight.passes > 1
+    # k-NN alone multiplies no co-moments: no GPU is probed for it (busy GPUs would refuse it for nothing)
+    monkeypatch.setattr(analysis, "probe_gpu_workers", lambda: pytest.fail("probed for k-NN"))
+    knn = analysis.analyze_pair(store, "a", "b", metrics=("knn",), scheduler="ray", knn_options=KnnOptions(ks=(5,)))
+    assert knn.knn
 
 
 @dataclass(frozen=True)
