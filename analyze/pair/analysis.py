@@ -131,7 +131,6 @@ def analyze_pair(
     dtypes = stored_dtypes(store, (a, b))
     chunk_backend = resolve_backend(backend, compute_dtype, metrics=metrics, cluster_gpus=gpu_workers,
                                     stored_dtypes=dtypes)
-    warn_float32_on_few_levels(compute_dtype, dtypes, chunk_backend, metrics)
     pair = resolve_pair(
         store, a, b, metrics=metrics, debiased=debiased, cross_layer=cross_layer, selection=selection,
         memory_budget=budget, block_tokens=block_tokens, workers=workers or _default_workers(on_ray),
@@ -146,6 +145,9 @@ def analyze_pair(
         on_plan(pair.plan)
     # Phase 2: the streaming passes.
     for_matched = matched_backend(chunk_backend, compute_dtype, metrics)
+    running = [for_matched] * bool(pair.plan.count("matched")) + [chunk_backend] * bool(
+        pair.plan.count("cross") or pair.plan.count("self"))
+    warn_float32_on_few_levels(compute_dtype, dtypes, running)
     outputs = run_passes(store, pair, chunk_backend, dask_scheduler, on_block, matched=for_matched)
     settings: dict[str, Any] = {"scheduler": dask_scheduler.name, "backend": chunk_backend.name,
                                 "compute_dtype": chunk_backend.compute_dtype, "block_tokens": pair.block_tokens,
@@ -181,12 +183,12 @@ def device_budget(backend: ChunkBackend, gpu_workers: GpuWorkers | None = None) 
     return max(0, device_free_bytes(torch.device(getattr(backend, "device", "cuda"))) - DEVICE_MARGIN)
 
 
-def warn_float32_on_few_levels(asked: str, dtypes: Iterable[str], backend: ChunkBackend, metrics: Iterable[str]) -> None:
+def warn_float32_on_few_levels(asked: str, dtypes: Iterable[str], running: Iterable[ChunkBackend]) -> None:
     """The one case where ``auto`` keeps float32 products although the store holds few levels (GPUs whose float64 is
-    slow: :data:`~hrsa.analyze.streaming.backends.FEW_LEVEL_DTYPES`): said, not silent; not for ``metrics`` that
-    multiply no co-moments (k-NN, probes)."""
-    products = set(metrics) & set(MOMENT_METRICS)
-    if asked == "auto" and products and FEW_LEVEL_DTYPES & set(dtypes) and backend.compute_dtype == "float32":
+    slow: :data:`~hrsa.analyze.streaming.backends.FEW_LEVEL_DTYPES`): said, not silent. ``running``: the backends
+    of the passes that run (none for k-NN or probes alone; float64 ones for Procrustes' matched tiles)."""
+    float32 = any(backend.compute_dtype == "float32" for backend in running)
+    if asked == "auto" and float32 and FEW_LEVEL_DTYPES & set(dtypes):
         warnings.warn(
             "float32 products on a bf16/fp16 store: the GPU(s) run float64 at 1/32-1/64 of their float32 rate, so "
             "--compute-dtype auto keeps float32. Where a channel holds few bf16 levels (a massive activation), CKA and "

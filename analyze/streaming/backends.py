@@ -19,8 +19,10 @@ vocabularies of its two options, :data:`BackendName` and :data:`ComputeDtype`, a
 from __future__ import annotations
 
 import functools
+import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal, Protocol, get_args, runtime_checkable
 
@@ -125,6 +127,10 @@ class TorchBackend:
     name: str = "torch"
 
     def moments(self, x: np.ndarray, y: np.ndarray) -> Moments:
+        with exact_float32():
+            return self._moments(x, y)
+
+    def _moments(self, x: np.ndarray, y: np.ndarray) -> Moments:
         import torch
 
         # Step 1: centre in float64 on the device (offsets of 1e4 would swamp a float32 product).
@@ -152,11 +158,17 @@ class TorchBackend:
             del u  # the float64 copy goes before the next state's is made (a float32 cast keeps only the cast)
         for kx, ky in pairs:
             (u, mx), (v, my) = centred[kx], centred[ky]
-            c_xy = (u.T @ v).double().cpu().numpy()  # (Dx, Dy)
+            with exact_float32():
+                c_xy = (u.T @ v).double().cpu().numpy()  # (Dx, Dy)
             yield (kx, ky), CrossMoments(int(u.shape[0]), mx, my, c_xy)
 
     def fold_cross_tile(self, pending: PendingBlocks | None, xs: Mapping[StreamKey, np.ndarray],
                         selfs: Mapping[StreamKey, PendingBlocks] = {}) -> None:
+        with exact_float32():
+            self._fold_cross_tile(pending, xs, selfs)
+
+    def _fold_cross_tile(self, pending: PendingBlocks | None, xs: Mapping[StreamKey, np.ndarray],
+                         selfs: Mapping[StreamKey, PendingBlocks]) -> None:
         import torch
 
         n = len(next(iter(xs.values())))
@@ -253,10 +265,12 @@ class GpuWorkers:
         free_bytes: the least free memory of one GPU over the nodes (an analysis task holds one GPU).
         float64_at_full_rate: whether every node's GPU ran float64 GEMMs at a quarter of its float32 rate or better
             (a tile's tasks may land on any node: one slow node slows every pass).
+        float32_exact: whether float32 GEMMs there are float32 (not TF32: :func:`tf32_forced`) on every node.
     """
 
     free_bytes: int
     float64_at_full_rate: bool
+    float32_exact: bool = True
 
 
 def matched_backend(backend: ChunkBackend, compute_dtype: ComputeDtype, metrics: Iterable[str]) -> ChunkBackend:
@@ -297,13 +311,20 @@ def resolve_backend(name: BackendName = "auto", compute_dtype: ComputeDtype = "a
         raise UserError(
             "Expected a CUDA GPU for --backend cuda. Got none (torch.cuda.is_available() is False). Use --backend numpy."
         )
+    tf32 = cuda and (not cluster_gpus.float32_exact if cluster_gpus is not None else tf32_forced())
+    if compute_dtype == "float32" and tf32:
+        raise UserError(
+            f"Expected float32 GEMMs on the GPU{'s' if cluster_gpus is not None else ''} for --compute-dtype float32. "
+            "Got TF32 (10 bits of mantissa): TORCH_ALLOW_TF32_CUBLAS_OVERRIDE is set there (NVIDIA's containers set "
+            "it). Set TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=0, or pass --compute-dtype float64."
+        )
     if compute_dtype == "auto":
         if cluster_gpus is not None:
             slow_float64 = not cluster_gpus.float64_at_full_rate
         else:
-            slow_float64 = cuda and not local_float64_at_full_rate()
+            slow_float64 = cuda and not tf32 and not local_float64_at_full_rate()
         float64 = FLOAT64_MEASURES & set(metrics) or (FEW_LEVEL_DTYPES & set(stored_dtypes) and not slow_float64)
-        compute_dtype = "float64" if float64 else "float32"
+        compute_dtype = "float64" if float64 or tf32 else "float32"
     if name == "numpy" or (name == "auto" and not cuda):
         return NumpyBackend(compute_dtype=compute_dtype)
     return TorchBackend(device="cuda" if cuda else "cpu", compute_dtype=compute_dtype)
@@ -330,6 +351,26 @@ def local_float64_at_full_rate() -> bool:
     return float64_at_full_rate(gemm_seconds(device, torch.float64), gemm_seconds(device, torch.float32))
 
 
+def tf32_forced() -> bool:
+    """Whether this process's float32 cuBLAS GEMMs run as TF32 whatever torch's flags say: TORCH_ALLOW_TF32_CUBLAS_
+    OVERRIDE set (torch reads it once; NVIDIA's PyTorch containers set it to 1)."""
+    return os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@contextmanager
+def exact_float32() -> Iterator[None]:
+    """torch's float32 matmuls as float32 (not TF32, which a process may have asked for: ``allow_tf32``, float32
+    matmul precision "high") while the products run; the process's setting back after."""
+    import torch
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def float64_at_full_rate(float64_seconds: float, float32_seconds: float) -> bool:
     """The rule between two timed GEMMs of one size: float64 within 4x of float32. Full-rate parts run it at 1-2x
     (A100, H100, H200; V100 and P100 at 2x), the others at 32-64x: the rule stands far from both."""
@@ -345,14 +386,15 @@ def gemm_seconds(device: torch.device, dtype: torch.dtype, size: int = 2048, rep
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    matrix = torch.randn(size, size, device=device, dtype=dtype)
-    torch.mm(matrix, matrix)
-    sync()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        torch.mm(matrix, matrix)
-    sync()
-    return time.perf_counter() - start
+    with exact_float32():  # TF32 would time float32 8x faster and call a full-rate float64 slow
+        matrix = torch.randn(size, size, device=device, dtype=dtype)
+        matrix @ matrix
+        sync()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            matrix @ matrix
+        sync()
+        return time.perf_counter() - start
 
 
 def _cuda_available() -> bool:

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from hrsa.analyze.streaming.backends import GpuWorkers, local_float64_at_full_rate
+from hrsa.analyze.streaming.backends import GpuWorkers, local_float64_at_full_rate, tf32_forced
 from hrsa.analyze.streaming.stream import fold_segment, merge_partials, prepare_products
 from hrsa.runtime.placement import PlacementError, describe_nodes
 from hrsa.runtime.resident import map_large_allocations, release_freed_heap
@@ -106,10 +106,10 @@ def task_resources(memory: int, gpu: bool) -> dict[str, Any]:
 GPU_PROBE_TIMEOUT_S = 120.0
 
 
-def measure_gpu() -> tuple[int, bool] | None:
-    """On a GPU node, in a task holding all its GPUs: the least free bytes of one (:func:`device_free_bytes`) and
-    whether every one runs float64 at full rate (:func:`local_float64_at_full_rate`); None where torch there sees no
-    CUDA device."""
+def measure_gpu() -> tuple[int, bool, bool] | None:
+    """On a GPU node, in a task holding all its GPUs: the least free bytes of one (:func:`device_free_bytes`), whether
+    every one runs float64 at full rate (:func:`local_float64_at_full_rate`), and whether float32 GEMMs are float32
+    there (:func:`tf32_forced`); None where torch there sees no CUDA device."""
     import torch
 
     from hrsa.analyze.accumulators.cross_tile import device_free_bytes
@@ -122,10 +122,10 @@ def measure_gpu() -> tuple[int, bool] | None:
             full_rate = local_float64_at_full_rate()  # first: its context and matrices are held while free is read
             measured.append((device_free_bytes(torch.device("cuda", index)), full_rate))
         local_float64_at_full_rate.cache_clear()  # cached per process, measured per device
-    return min(free for free, _ in measured), all(full_rate for _, full_rate in measured)
+    return min(free for free, _ in measured), all(full_rate for _, full_rate in measured), not tf32_forced()
 
 
-def probe_gpu_workers(measure: Callable[[], tuple[int, bool] | None] = measure_gpu,
+def probe_gpu_workers(measure: Callable[[], tuple[int, bool, bool] | None] = measure_gpu,
                       timeout_s: float = GPU_PROBE_TIMEOUT_S) -> GpuWorkers:
     """What the plan needs of the cluster's GPUs, which Ray does not know: ``measure`` run on every alive node that
     declares GPUs, in a task pinned to the node holding all of them (one holding one would measure whichever GPU Ray
@@ -172,8 +172,8 @@ def probe_gpu_workers(measure: Callable[[], tuple[int, bool] | None] = measure_g
             "with --num-gpus 0, install torch with CUDA there, or pass --backend numpy."
         )
     measured = [m for m in found.values() if m is not None]
-    return GpuWorkers(free_bytes=min(free for free, _ in measured),
-                      float64_at_full_rate=all(full_rate for _, full_rate in measured))
+    return GpuWorkers(free_bytes=min(m[0] for m in measured), float64_at_full_rate=all(m[1] for m in measured),
+                      float32_exact=all(m[2] for m in measured))
 
 
 def run_tiles_on_ray(passes: Sequence[TilePass], finish: Finish, options: dict[str, Any],

@@ -198,7 +198,7 @@ def test_a_bf16_store_on_a_local_gpu_gets_float64_where_its_float64_is_fast_and_
     from hrsa.analyze.metrics._common import PrecisionWarning
     from hrsa.analyze.pair.analysis import warn_float32_on_few_levels
     from hrsa.analyze.streaming import backends
-    from hrsa.analyze.streaming.backends import GpuWorkers, float64_at_full_rate
+    from hrsa.analyze.streaming.backends import GpuWorkers, float64_at_full_rate, matched_backend
 
     assert resolve_backend("numpy", "auto", ("cka",), stored_dtypes=("bfloat16",)).compute_dtype == "float64"
     assert resolve_backend("numpy", "auto", ("cka",), stored_dtypes=("float32", "float16")).compute_dtype == "float64"
@@ -213,9 +213,11 @@ def test_a_bf16_store_on_a_local_gpu_gets_float64_where_its_float64_is_fast_and_
     assert (backend.name, backend.compute_dtype) == ("torch", expected)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        warn_float32_on_few_levels("auto", ("bfloat16",), backend, ("cka",))
-        warn_float32_on_few_levels("float32", ("bfloat16",), resolve_backend("auto", "float32", ("cka",)), ("cka",))  # asked for
-        warn_float32_on_few_levels("auto", ("bfloat16",), backend, ("knn", "probe"))  # no co-moment products: nothing off
+        warn_float32_on_few_levels("auto", ("bfloat16",), [backend])
+        warn_float32_on_few_levels("float32", ("bfloat16",), [resolve_backend("auto", "float32", ("cka",))])  # asked for
+        warn_float32_on_few_levels("auto", ("bfloat16",), [])  # k-NN, probes alone: no co-moment products, nothing off
+        # Procrustes alone, matched layers only: its matched tiles' products are float64 (found by review)
+        warn_float32_on_few_levels("auto", ("bfloat16",), [matched_backend(backend, "auto", ("procrustes",))])
     assert [w.category for w in caught] == ([PrecisionWarning] if expected == "float32" else [])
     # A cluster's GPU workers, as their probe measured them: the rate there decides, not the one here.
     full_rate = float64_at_full_rate(*_GEMM_SECONDS[gpu])
@@ -233,3 +235,65 @@ def test_float64_counts_as_full_rate_within_a_quarter_of_float32s_and_a_real_gem
     assert float64_at_full_rate(2.0, 1.0) and float64_at_full_rate(1.0, 1.0) and float64_at_full_rate(3.9, 1.0)
     assert not float64_at_full_rate(4.1, 1.0) and not float64_at_full_rate(32.0, 1.0)
     assert 0 < gemm_seconds(torch.device("cpu"), torch.float64) < 60
+
+
+def test_float32_products_that_would_run_as_tf32_are_float64_under_auto_and_refused_when_asked(monkeypatch) -> None:
+    """NVIDIA's PyTorch containers set TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1, which makes every float32 cuBLAS GEMM a
+    TF32 one (10 bits of mantissa: ~1e-3 relative), whatever torch's flags say, in that process. There auto's products
+    are float64 (exact, whatever the float64 rate), and float32 asked for is refused in one line naming the variable;
+    the same for a Ray cluster's GPU workers whose probe found it set. The timed float64 rate cannot be fooled into
+    float32 there either."""
+    from hrsa.analyze.streaming import backends
+    from hrsa.analyze.streaming.backends import GpuWorkers
+    from hrsa.store.errors import UserError
+
+    monkeypatch.setattr(backends, "_cuda_available", lambda: True)
+    monkeypatch.setattr(backends, "local_float64_at_full_rate", lambda: False)  # an A10G: auto would keep float32
+    assert resolve_backend("auto", "auto", ("cka",), stored_dtypes=("float32",)).compute_dtype == "float32"
+    monkeypatch.setenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "1")
+    assert resolve_backend("auto", "auto", ("cka",), stored_dtypes=("float32",)).compute_dtype == "float64"
+    assert resolve_backend("auto", "auto", ("cka",), stored_dtypes=("bfloat16",)).compute_dtype == "float64"
+    with pytest.raises(UserError, match="TORCH_ALLOW_TF32_CUBLAS_OVERRIDE") as refused:
+        resolve_backend("cuda", "float32", ("cka",))
+    assert "\n" not in str(refused.value) and "--compute-dtype float64" in str(refused.value)
+    assert resolve_backend("numpy", "float32", ("cka",)).compute_dtype == "float32"  # BLAS on the CPU: no TF32
+    monkeypatch.setenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "0")
+    assert resolve_backend("cuda", "float32", ("cka",)).compute_dtype == "float32"
+    # A cluster's workers, as their probe found them (the driver's environment is not theirs).
+    tf32 = GpuWorkers(free_bytes=40 << 30, float64_at_full_rate=False, float32_exact=False)
+    assert resolve_backend("auto", "auto", ("cka",), cluster_gpus=tf32).compute_dtype == "float64"
+    with pytest.raises(UserError, match="TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"):
+        resolve_backend("auto", "float32", ("cka",), cluster_gpus=tf32)
+
+
+def test_the_torch_backends_products_run_with_tf32_off_whatever_the_process_set(monkeypatch) -> None:
+    """A process that asked for TF32 (torch.backends.cuda.matmul.allow_tf32 = True, or float32 matmul precision
+    "high", as training code does) still gets full float32 products from the analysis, and its setting back after."""
+    import torch
+    from hrsa.analyze.accumulators.cross_tile import CrossTileMoments, PendingBlocks
+    from hrsa.analyze.streaming.backends import TorchBackend, gemm_seconds
+
+    seen = []
+    matmul, addmm = torch.Tensor.__matmul__, torch.Tensor.addmm_
+
+    def recorded(original):
+        def call(self, *args, **kwargs):
+            seen.append(torch.backends.cuda.matmul.allow_tf32)
+            return original(self, *args, **kwargs)
+        return call
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", recorded(matmul))
+    monkeypatch.setattr(torch.Tensor, "addmm_", recorded(addmm))
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 8)).astype(np.float32), rng.normal(size=(64, 8)).astype(np.float32)
+    backend = TorchBackend(device="cpu", compute_dtype="float32")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        backend.moments(x, y)
+        pending = PendingBlocks(CrossTileMoments.empty((("a", 0),), (("b", 0),), 8, 8), None)
+        backend.fold_cross_tile(pending, {("a", 0): x, ("b", 0): y})
+        gemm_seconds(torch.device("cpu"), torch.float32, size=64, repeats=1)
+        assert torch.backends.cuda.matmul.allow_tf32  # the process's own setting, back
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    assert seen and not any(seen)

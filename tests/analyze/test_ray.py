@@ -61,9 +61,9 @@ try:  # the real probe: this node declares GPUs that torch there cannot use
     print("found", probe_gpu_workers())
 except PlacementError as error:
     print("refused", error)
-def measure():  # as a GPU node would answer: the least free bytes of its GPUs (1 GiB a GPU it holds), full rate
-    import os
-    return len(os.environ["CUDA_VISIBLE_DEVICES"].split(",")) << 30, False
+def measure():  # as a GPU node would answer: the least free bytes of its GPUs (1 GiB a GPU it holds), float64's
+    import os  # rate, whether float32 GEMMs are float32 there
+    return len(os.environ["CUDA_VISIBLE_DEVICES"].split(",")) << 30, False, True
 print("found", probe_gpu_workers(measure))
 def broken():  # a GPU torch was not built for: CUDA calls fail inside the task
     raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
@@ -111,7 +111,7 @@ def test_the_gpu_workers_are_probed_for_their_memory_and_a_gpu_torch_cannot_use_
     assert len(lines) == 5, done.stdout
     assert lines[0].startswith("refused Expected a CUDA device torch can use on every Ray node that declares a GPU")
     # The probe holds every GPU of the node (a task holding one would measure whichever Ray hands it).
-    assert lines[1] == "found GpuWorkers(free_bytes=2147483648, float64_at_full_rate=False)"
+    assert lines[1] == "found GpuWorkers(free_bytes=2147483648, float64_at_full_rate=False, float32_exact=True)"
     assert lines[2].startswith("refused Expected a CUDA device torch can use") and lines[2].endswith(
         "(RuntimeError: CUDA error: no kernel image is available for execution on the device). Start them with "
         "--num-gpus 0, install torch with CUDA there, or pass --backend numpy."), lines[2]
