@@ -77,6 +77,7 @@ class GpuBenchConfig:
     extract_max_tokens: int = 2048
     token_budget: int = 16384
     hrsa_limit: float = 220.0  # seconds hrsa's CKA may take before it is stopped (the official runs first)
+    gemm_seconds: float = 2.0  # how long (a) times each dtype's GEMM
 
 
 # --- (b) the store -------------------------------------------------------------------------------------------------
@@ -405,9 +406,9 @@ def measure_gemm_rates(cfg: GpuBenchConfig) -> dict[str, float]:
     """(a): the device's float32 and float64 GEMM rates (bf16 too on a GPU), printed."""
     backend = "cuda" if cfg.device.startswith("cuda") else "numpy"
     shape = (cfg.hidden * 4, 8192, cfg.hidden * 4)
-    rates = {dtype: gemm_rate(dtype, shape, seconds=2.0, backend=backend) for dtype in ("float32", "float64")}
+    rates = {dtype: gemm_rate(dtype, shape, seconds=cfg.gemm_seconds, backend=backend) for dtype in ("float32", "float64")}
     if backend == "cuda":
-        rates["bfloat16"] = gemm_rate("bfloat16", shape, seconds=2.0, backend=backend)
+        rates["bfloat16"] = gemm_rate("bfloat16", shape, seconds=cfg.gemm_seconds, backend=backend)
     print("(a) GEMM rates " + ", ".join(f"{k} {v / 1e12:.1f} TFLOP/s" for k, v in rates.items()) + f" at {shape}")
     return rates
 
@@ -423,11 +424,13 @@ def main() -> None:
     parser.add_argument("--only", choices=["cka", "extract", "faiss"], help="run one part")
     parser.add_argument("--dir", type=Path, help="where to put the stores (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--gemm-seconds", type=float, help="how long (a) times each GEMM (default 2; a smoke run's "
+                                                            "figures are not read)")
     args = parser.parse_args()
     cfg = GpuBenchConfig(device=args.device)
     if args.quick:
         cfg = replace(cfg, tokens=8192, hidden=256, states=5, extract_docs=2)
-    for name in ("tokens", "hidden", "states", "extract_docs"):
+    for name in ("tokens", "hidden", "states", "extract_docs", "gemm_seconds"):
         if getattr(args, name) is not None:
             cfg = replace(cfg, **{name: getattr(args, name)})
     root = Path(tempfile.mkdtemp(prefix="hrsa-gpu-bench-", dir=args.dir))
