@@ -351,12 +351,15 @@ _ADMISSION = threading.Lock()
 
 
 def _device_headroom(products: Any, rows: int) -> int:
-    """Device memory a pass needs beside its float64 sum once the run is folded: the next run's product (the run's own
-    is let go: :meth:`PendingBlocks.flush`), and a block's stacked states with room for their float64 centring
-    (twice the stacks), at least :data:`DEVICE_HEADROOM`."""
-    item = products.element_size()
-    stacks = rows * (products.shape[0] + products.shape[1]) * item
-    return max(DEVICE_HEADROOM, 2 * stacks)
+    return device_sum_headroom(rows, products.shape[0] + products.shape[1], products.element_size())
+
+
+def device_sum_headroom(rows: int, width: int, item: int) -> int:
+    """Device memory a pass needs beside a float64 sum once the run is folded: the next run's product (the run's own
+    is let go: :meth:`PendingBlocks.flush`), and a block's stacked states with room for their float64 centring (twice
+    the stacks: ``rows`` tokens of ``width`` values, the product's rows and columns, ``item`` bytes each), at least
+    :data:`DEVICE_HEADROOM`. The plan counts the same (``_MemoryModel.device_peak``): one rule."""
+    return max(DEVICE_HEADROOM, 2 * rows * width * item)
 
 
 def _device_sum(products: Any, rows: int) -> Any:

@@ -130,7 +130,7 @@ def analyze_pair(
     gpu_workers = probe_gpu_workers() if on_ray and products and backend != "numpy" and _cluster_gpus() else None
     dtypes = stored_dtypes(store, (a, b))
     chunk_backend = resolve_backend(backend, compute_dtype, metrics=metrics, cluster_gpus=gpu_workers,
-                                    stored_dtypes=dtypes)
+                                    stored_dtypes=dtypes, multiplies=products)
     pair = resolve_pair(
         store, a, b, metrics=metrics, debiased=debiased, cross_layer=cross_layer, selection=selection,
         memory_budget=budget, block_tokens=block_tokens, workers=workers or _default_workers(on_ray),

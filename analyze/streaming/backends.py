@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal, Protocol, get_args, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args, runtime_checkable
 
 import numpy as np
 from hrsa.analyze.accumulators.centring import centre_rows
@@ -282,7 +283,7 @@ def matched_backend(backend: ChunkBackend, compute_dtype: ComputeDtype, metrics:
 
 def resolve_backend(name: BackendName = "auto", compute_dtype: ComputeDtype = "auto",
                     metrics: Iterable[str] = (), *, cluster_gpus: GpuWorkers | None = None,
-                    stored_dtypes: Iterable[str] = ()) -> ChunkBackend:
+                    stored_dtypes: Iterable[str] = (), multiplies: bool = True) -> ChunkBackend:
     """The backend to use: ``"auto"`` is CUDA when torch sees a GPU, numpy otherwise.
 
     Args:
@@ -298,6 +299,8 @@ def resolve_backend(name: BackendName = "auto", compute_dtype: ComputeDtype = "a
         stored_dtypes: the dtypes the two models are stored in (only for ``"auto"``).
         cluster_gpus: the products run as Ray tasks on a cluster with these GPU workers (a CPU head's torch sees
             none): ``"auto"`` and ``"cuda"`` mean CUDA on them, their float64 rate decides ``"auto"``'s dtype.
+        multiplies: whether the run multiplies co-moments at all (False for k-NN or probes alone: no GEMM whose
+            dtype to refuse).
 
     Raises:
         UserError: an unknown name or dtype, or ``"cuda"`` without a CUDA GPU.
@@ -312,7 +315,7 @@ def resolve_backend(name: BackendName = "auto", compute_dtype: ComputeDtype = "a
             "Expected a CUDA GPU for --backend cuda. Got none (torch.cuda.is_available() is False). Use --backend numpy."
         )
     tf32 = cuda and (not cluster_gpus.float32_exact if cluster_gpus is not None else tf32_forced())
-    if compute_dtype == "float32" and tf32:
+    if compute_dtype == "float32" and tf32 and multiplies:
         raise UserError(
             f"Expected float32 GEMMs on the GPU{'s' if cluster_gpus is not None else ''} for --compute-dtype float32. "
             "Got TF32 (10 bits of mantissa): TORCH_ALLOW_TF32_CUBLAS_OVERRIDE is set there (NVIDIA's containers set "
@@ -357,22 +360,37 @@ def local_float64_at_full_rate() -> bool:
 
 def tf32_forced() -> bool:
     """Whether this process's float32 cuBLAS GEMMs run as TF32 whatever torch's flags say: TORCH_ALLOW_TF32_CUBLAS_
-    OVERRIDE set (torch reads it once; NVIDIA's PyTorch containers set it to 1)."""
-    return os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "").strip().lower() in ("1", "true", "yes", "on")
+    OVERRIDE=1 (torch reads it once, and takes exactly "1"; NVIDIA's PyTorch containers set it)."""
+    return os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE") == "1"
+
+
+_EXACT_LOCK = threading.Lock()
+_exact_users = 0
+_process_precision: Any = None
 
 
 @contextmanager
 def exact_float32() -> Iterator[None]:
-    """torch's float32 matmuls as float32 (not TF32, which a process may have asked for: ``allow_tf32``, float32
-    matmul precision "high") while the products run; the process's setting back after."""
+    """torch's float32 matmuls as float32, not TF32 (which a process may have asked for: ``allow_tf32``, or since
+    torch 2.9 ``fp32_precision = "tf32"``, whose API this uses where it exists: reading the old flag after the new one
+    was set raises), while any thread multiplies here: the first in sets it, the last out gives the process's back."""
     import torch
 
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    global _exact_users, _process_precision
+    matmul = torch.backends.cuda.matmul
+    name, exact = ("fp32_precision", "ieee") if hasattr(matmul, "fp32_precision") else ("allow_tf32", False)
+    with _EXACT_LOCK:
+        if _exact_users == 0:
+            _process_precision = getattr(matmul, name)
+            setattr(matmul, name, exact)
+        _exact_users += 1
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
+        with _EXACT_LOCK:
+            _exact_users -= 1
+            if _exact_users == 0:
+                setattr(matmul, name, _process_precision)
 
 
 def float64_at_full_rate(float64_seconds: float, float32_seconds: float) -> bool:

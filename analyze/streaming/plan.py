@@ -86,7 +86,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, get_args
 
-from hrsa.analyze.accumulators.cross_tile import DEVICE_HEADROOM
+from hrsa.analyze.accumulators.cross_tile import device_sum_headroom
 from hrsa.store.errors import UserError
 
 __all__ = [
@@ -469,9 +469,11 @@ class _MemoryModel:
         selfs = sum(per_value * self.dim[p[0][0]] ** 2 for p in tile.selfs)
         widest = max((self.dim[s] for s, _ in tile.streams), default=0)
         stacks = n * c * (sum(widths) or widest)
-        # float32 products: the pass admits its float64 sum while the first run's stacks are held, with room for the
-        # next block beside it (cross_tile._device_sum): one rule, or a tile planned here is refused there
-        room = stacks + max(DEVICE_HEADROOM, 2 * stacks) if c < 8 else 2 * stacks
+        # float32 products: the pass admits each float64 sum (the rectangle's, then each self's) while the stacks and
+        # the runs' sums are held, with room for the next block beside it (cross_tile._device_sum): one rule, or a
+        # tile planned here is refused there
+        sides = ([sum(widths)] if tile.rectangle else []) + [2 * self.dim[p[0][0]] for p in tile.selfs]
+        room = stacks + max(device_sum_headroom(n, w, c) for w in sides) if c < 8 else 2 * stacks
         sharing = 1 if self.p.per_worker else self.workers  # segments of one process share its GPU
         return sharing * (room + per_value * widths[0] * widths[1] + selfs)
 

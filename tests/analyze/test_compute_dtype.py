@@ -257,8 +257,11 @@ def test_float32_products_that_would_run_as_tf32_are_float64_under_auto_and_refu
         resolve_backend("cuda", "float32", ("cka",))
     assert "\n" not in str(refused.value) and "--compute-dtype float64" in str(refused.value)
     assert resolve_backend("numpy", "float32", ("cka",)).compute_dtype == "float32"  # BLAS on the CPU: no TF32
-    monkeypatch.setenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "0")
-    assert resolve_backend("cuda", "float32", ("cka",)).compute_dtype == "float32"
+    # k-NN or probes alone multiply no co-moments: nothing to refuse
+    assert resolve_backend("cuda", "float32", ("knn",), multiplies=False).compute_dtype == "float32"
+    for ignored in ("0", "true", "yes", " 1"):  # torch takes exactly "1" (c10::utils::check_env), else ignores it
+        monkeypatch.setenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", ignored)
+        assert resolve_backend("cuda", "float32", ("cka",)).compute_dtype == "float32"
     # A cluster's workers, as their probe found them (the driver's environment is not theirs).
     tf32 = GpuWorkers(free_bytes=40 << 30, float64_at_full_rate=False, float32_exact=False)
     assert resolve_backend("auto", "auto", ("cka",), cluster_gpus=tf32).compute_dtype == "float64"
@@ -266,9 +269,20 @@ def test_float32_products_that_would_run_as_tf32_are_float64_under_auto_and_refu
         resolve_backend("auto", "float32", ("cka",), cluster_gpus=tf32)
 
 
-def test_the_torch_backends_products_run_with_tf32_off_whatever_the_process_set(monkeypatch) -> None:
-    """A process that asked for TF32 (torch.backends.cuda.matmul.allow_tf32 = True, or float32 matmul precision
-    "high", as training code does) still gets full float32 products from the analysis, and its setting back after."""
+def _float32_exact_now() -> bool:
+    """Whether torch's float32 matmuls are float32 now, as this torch says it (``fp32_precision`` "ieee" since 2.9;
+    before it, ``allow_tf32`` off)."""
+    import torch
+
+    matmul = torch.backends.cuda.matmul
+    return matmul.fp32_precision == "ieee" if hasattr(matmul, "fp32_precision") else not matmul.allow_tf32
+
+
+@pytest.mark.parametrize("asked", ["legacy", "generic", "matmul"])
+def test_the_torch_backends_products_run_with_tf32_off_whatever_the_process_set(monkeypatch, asked) -> None:
+    """A process that asked for TF32 (``allow_tf32 = True``; torch 2.9's ``torch.backends.fp32_precision = "tf32"`` or
+    its matmul's own, which make the old flag raise when read) still gets full float32 products from the analysis,
+    and its setting back after."""
     import torch
     from hrsa.analyze.accumulators.cross_tile import CrossTileMoments, PendingBlocks
     from hrsa.analyze.streaming.backends import TorchBackend, gemm_seconds
@@ -278,7 +292,7 @@ def test_the_torch_backends_products_run_with_tf32_off_whatever_the_process_set(
 
     def recorded(original):
         def call(self, *args, **kwargs):
-            seen.append(torch.backends.cuda.matmul.allow_tf32)
+            seen.append(_float32_exact_now())
             return original(self, *args, **kwargs)
         return call
 
@@ -287,13 +301,59 @@ def test_the_torch_backends_products_run_with_tf32_off_whatever_the_process_set(
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(64, 8)).astype(np.float32), rng.normal(size=(64, 8)).astype(np.float32)
     backend = TorchBackend(device="cpu", compute_dtype="float32")
-    torch.backends.cuda.matmul.allow_tf32 = True
+    owner, name = {"legacy": (torch.backends.cuda.matmul, "allow_tf32"),
+                   "generic": (torch.backends, "fp32_precision"),
+                   "matmul": (torch.backends.cuda.matmul, "fp32_precision")}[asked]
+    if not hasattr(owner, name):
+        pytest.skip(f"this torch has no {name}")
+    before = getattr(owner, name)
+    setattr(owner, name, True if name == "allow_tf32" else "tf32")
     try:
         backend.moments(x, y)
         pending = PendingBlocks(CrossTileMoments.empty((("a", 0),), (("b", 0),), 8, 8), None)
         backend.fold_cross_tile(pending, {("a", 0): x, ("b", 0): y})
         gemm_seconds(torch.device("cpu"), torch.float32, size=64, repeats=1)
-        assert torch.backends.cuda.matmul.allow_tf32  # the process's own setting, back
+        assert getattr(owner, name) == (True if name == "allow_tf32" else "tf32")  # the process's own, back
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = False
-    assert seen and not any(seen)
+        setattr(owner, name, before)
+    assert seen and all(seen)
+
+
+def test_exact_float32_holds_while_any_thread_multiplies() -> None:
+    """Dask threads fold at once: the first in sets float32, the last out gives the process's TF32 back; one leaving
+    early does not turn TF32 on under another's GEMMs."""
+    import threading
+
+    import torch
+    from hrsa.analyze.streaming.backends import exact_float32
+
+    matmul = torch.backends.cuda.matmul
+    name, tf32 = ("fp32_precision", "tf32") if hasattr(matmul, "fp32_precision") else ("allow_tf32", True)
+    before = getattr(matmul, name)
+    setattr(matmul, name, tf32)
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def a() -> None:
+        with exact_float32():
+            a_in.set()
+            b_in.wait(10)  # both inside
+        a_out.set()
+
+    def b() -> None:
+        a_in.wait(10)
+        with exact_float32():
+            b_in.set()
+            a_out.wait(10)  # A has left: B's GEMMs still run
+            seen["during"] = _float32_exact_now()
+
+    try:
+        threads = [threading.Thread(target=f) for f in (a, b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        seen["after"] = getattr(matmul, name)
+    finally:
+        setattr(matmul, name, before)
+    assert seen == {"during": True, "after": tf32}

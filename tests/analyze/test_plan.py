@@ -205,20 +205,22 @@ def test_a_whole_pass_on_a_gpu_counts_no_host_accumulators_and_reads_the_store_o
 
 
 @pytest.mark.parametrize(("dim", "block", "free", "budget"), [(3584, 4096, 137, 4), (4096, 8192, 78, 16),
-                                                              (3584, 8192, 137, 16), (1536, 4096, 20, 4)])
+                                                              (3584, 8192, 137, 16), (1536, 4096, 20, 4),
+                                                              (12288, 8192, 12, 16)])
 def test_the_gpu_admits_at_run_time_the_float32_tiles_the_plan_fits_there(dim, block, free, budget, monkeypatch) -> None:
-    """The plan and the pass's own check on the device sum (cross_tile._device_sum, at the first run's flush, while
-    the run's stacks and float32 sum are held) are one rule: a tile the plan fits is admitted, so its float64 sum stays
-    on the GPU and the host's total (counted 0 for a one-segment pass) is never written. Found by review: a 7B tile
-    planned at 136.9 of 137 GB was refused at run time, and its 86 GB total went to a host budgeted 4 GB."""
+    """The plan and the pass's own check on each device sum (cross_tile._device_sum, at the first run's flush: the
+    rectangle's, then each self co-moment's, while the stacks and every run's float32 sum are held) are one rule: a
+    tile the plan fits is admitted, so its float64 sums stay on the GPU and the host's total (counted 0 for a
+    one-segment pass) is never written. Found by review: a 7B tile planned at 136.9 of 137 GB was refused at run time
+    (its 86 GB total went to a host budgeted 4 GB), and so was a self tile of D = 12288."""
     import types
 
     import torch
     from hrsa.analyze.accumulators import cross_tile
     from hrsa.analyze.streaming import plan as plan_module
-    from hrsa.analyze.streaming.plan import DEVICE_MARGIN, _MemoryModel
+    from hrsa.analyze.streaming.plan import Tile, _MemoryModel
 
-    class RunSum:  # what _device_sum reads of the run's float32 product on a CUDA device
+    class RunSum:  # what _device_sum reads of a run's float32 product on a CUDA device
         device = types.SimpleNamespace(type="cuda")
 
         def __init__(self, rows: int, cols: int) -> None:
@@ -238,13 +240,18 @@ def test_the_gpu_admits_at_run_time_the_float32_tiles_the_plan_fits_there(dim, b
                                     block_tokens=block, n_blocks=-(-1_000_000 // block), workers=4,
                                     memory_budget=budget * 10**9, device_budget=device_budget))
     memory = _MemoryModel(plan.inputs, plan.workers)
-    admitted = []
-    for tile in [t for t in plan.tiles if t.rectangle]:
-        rows, cols = tile.rectangle
-        run_sum = RunSum(len(rows) * dim, len(cols) * dim)
-        held = block * (len(rows) + len(cols)) * dim * 4 + 4 * run_sum.numel()  # the stacks and the run's sum
-        held += sum(4 * dim * dim for _ in tile.selfs)  # the self co-moments' run sums, folded before theirs
-        monkeypatch.setattr(cross_tile, "device_free_bytes", lambda device, held=held: device_budget + DEVICE_MARGIN - held)
-        admitted.append(cross_tile._device_sum(run_sum, block) == "the device sum")
+    admitted = {}
+    lone_self = Tile("self", ((("a", 0), ("a", 0)),))  # a state's self co-moments alone: no run sum freed before it
+    for tile in (*plan.tiles, lone_self):
         assert memory.device_peak(tile) <= device_budget
-    assert admitted and all(admitted)
+        tight = memory.device_peak(tile)  # a GPU with exactly the room the plan counts for this tile
+        rows, cols = tile.rectangle or ((), ())
+        sums = [RunSum(len(rows) * dim, len(cols) * dim)] if rows else []
+        sums += [RunSum(dim, dim) for _ in tile.selfs]  # folded after the rectangle's, in turn
+        held = block * max(len(rows) + len(cols), 1) * dim * 4 + sum(4 * r.numel() for r in sums)  # stacks, run sums
+        for run_sum in sums:
+            # the budget is the GPU's free memory less a margin for cuBLAS: the rule must not lean on that margin
+            monkeypatch.setattr(cross_tile, "device_free_bytes", lambda device, held=held: tight - held)
+            admitted.setdefault(tile.kind, []).append(cross_tile._device_sum(run_sum, block) == "the device sum")
+            held += 8 * run_sum.numel() - 4 * run_sum.numel()  # its float64 sum kept, its run's sum let go
+    assert admitted and all(all(kind) for kind in admitted.values()), admitted
