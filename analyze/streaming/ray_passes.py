@@ -129,40 +129,32 @@ def probe_gpu_workers(measure: Callable[[], tuple[int, bool, bool] | None] = mea
                       timeout_s: float = GPU_PROBE_TIMEOUT_S) -> GpuWorkers:
     """What the plan needs of the cluster's GPUs, which Ray does not know: ``measure`` run on every alive node that
     declares GPUs, in a task pinned to the node holding all of them (one holding one would measure whichever GPU Ray
-    hands it, and an analysis task may get any).
+    hands it, and an analysis task may get any). Where some of a node's GPUs stay held by others (another job's
+    actors), a task holding one GPU measures one that comes free, as an analysis task would get one.
 
     Raises:
         PlacementError: no alive node declares a GPU, a node's GPUs are ones torch there cannot use (or its probe
-            failed: the error's last line), or some node's GPUs did not all come free within ``timeout_s`` (held by
-            other actors or tasks: the analysis's tasks would wait for them without end).
+            failed: the error's last line), or no GPU of some node came free within ``timeout_s`` (the analysis's
+            tasks would wait for one without end).
     """
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = {n["NodeID"]: int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n.get("Alive")}
     nodes = {node: gpus for node, gpus in nodes.items() if gpus >= 1}
     if not nodes:
         raise PlacementError("Expected an alive Ray node with a GPU for the products. Got none (a GPU node left the "
                              "cluster?). Add a GPU node, or pass --backend numpy.")
-    task = ray.remote(measure)
-    probes = {task.options(num_cpus=0, num_gpus=gpus, max_retries=0,
-                           scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(): node
-              for node, gpus in nodes.items()}
-    done, waiting = ray.wait(list(probes), num_returns=len(probes), timeout=timeout_s)
-    for probe in waiting:
-        ray.cancel(probe, force=True)
-    if waiting:
+    whole = min(ALL_GPUS_WAIT_S, timeout_s / 2)
+    found, failed, held = _probe_nodes(measure, nodes, whole)
+    if held:  # some GPUs there held by others: one that comes free
+        more, more_failed, held = _probe_nodes(measure, dict.fromkeys(held, 1), timeout_s - whole)
+        found, failed = {**found, **more}, {**failed, **more_failed}
+    if held:
         raise PlacementError(
-            f"Expected every GPU of each Ray node that declares them free within {timeout_s:.0f} s (each node's are "
-            f"measured at once). Got some held on {len(waiting)} node(s) ({', '.join(probes[p][:8] for p in waiting)}): "
-            "another job's actors or tasks. Wait for them to finish, or pass --backend numpy."
+            f"Expected a GPU to come free within {timeout_s:.0f} s on every Ray node that declares them. Got all held "
+            f"on {len(held)} node(s) ({', '.join(node[:8] for node in held)}): another job's actors or tasks. Wait for "
+            "them to finish, or pass --backend numpy."
         )
-    found, failed = {}, {}
-    for probe in done:
-        try:
-            found[probes[probe]] = ray.get(probe)
-        except ray.exceptions.RayError as error:
-            failed[probes[probe]] = one_line(root_cause(error))
     blind = [node for node, measured in found.items() if measured is None]
     if blind or failed:
         why = "".join(f" ({reason})" for reason in dict.fromkeys(failed.values()))
@@ -174,6 +166,33 @@ def probe_gpu_workers(measure: Callable[[], tuple[int, bool, bool] | None] = mea
     measured = [m for m in found.values() if m is not None]
     return GpuWorkers(free_bytes=min(m[0] for m in measured), float64_at_full_rate=all(m[1] for m in measured),
                       float32_exact=all(m[2] for m in measured))
+
+
+#: Seconds the probe waits for all of a node's GPUs before it measures one that comes free.
+ALL_GPUS_WAIT_S = 10.0
+
+
+def _probe_nodes(measure: Callable[[], Any], gpus: dict[str, int],
+                 wait_s: float) -> tuple[dict[str, Any], dict[str, str], list[str]]:
+    """``measure`` on each node holding ``gpus[node]`` GPUs there: what each returned, each failure's one line, and
+    the nodes whose task was not placed within ``wait_s`` (cancelled)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(measure)
+    probes = {task.options(num_cpus=0, num_gpus=count, max_retries=0,
+                           scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(): node
+              for node, count in gpus.items()}
+    done, waiting = ray.wait(list(probes), num_returns=len(probes), timeout=wait_s)
+    for probe in waiting:
+        ray.cancel(probe, force=True)
+    found, failed = {}, {}
+    for probe in done:
+        try:
+            found[probes[probe]] = ray.get(probe)
+        except ray.exceptions.RayError as error:
+            failed[probes[probe]] = one_line(root_cause(error))
+    return found, failed, [probes[p] for p in waiting]
 
 
 def run_tiles_on_ray(passes: Sequence[TilePass], finish: Finish, options: dict[str, Any],

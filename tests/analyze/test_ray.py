@@ -71,27 +71,32 @@ try:
     print("found", probe_gpu_workers(broken))
 except PlacementError as error:
     print("refused", error)
-@ray.remote(num_gpus=1)  # one of the node's two GPUs
+@ray.remote(num_gpus=1, num_cpus=0)
 class Holder:
     def ping(self):
         return 1
-holder = Holder.remote()
-ray.get(holder.ping.remote())
+holders = [Holder.remote()]  # one of the node's two GPUs held by another job: the free one is measured
+ray.get(holders[0].ping.remote())
+print("found", probe_gpu_workers(measure, timeout_s=4))
+holders.append(Holder.remote())
+ray.get(holders[1].ping.remote())
 start = time.monotonic()
-try:  # every GPU held (an actor of another job): refused after the wait, not queued for ever
-    print("found", probe_gpu_workers(measure, timeout_s=3))
+try:  # every GPU held: refused after the wait, not queued for ever
+    print("found", probe_gpu_workers(measure, timeout_s=4))
 except PlacementError as error:
     print("busy", round(time.monotonic() - start), error)
-ray.kill(holder)
-print("found", probe_gpu_workers(measure))  # the cancelled probe holds nothing: the GPU is free again
+for holder in holders:
+    ray.kill(holder)
+print("found", probe_gpu_workers(measure))  # the cancelled probes hold nothing: both GPUs are free again
 """
 
 
 @pytest.mark.integration
 def test_the_gpu_workers_are_probed_for_their_memory_and_a_gpu_torch_cannot_use_or_none_free_is_refused() -> None:
-    """Ray does not know a GPU's memory: the plan takes it from a task on each GPU node (its GPU's free bytes, its
-    float64 rate against float32, measured). A node that declares a GPU torch cannot use, and GPUs all held by others, are refused with
-    one line, not waited on; the probe's own tasks are cancelled then and hold nothing."""
+    """Ray does not know a GPU's memory: the plan takes it from a task on each GPU node holding all its GPUs (their
+    least free bytes, float64's rate against float32, measured), or one that comes free where others hold some. A node
+    whose GPUs torch cannot use, and GPUs all held by others, are refused with one line, not waited on; the probe's own
+    tasks are cancelled then and hold nothing."""
     import shutil
     import subprocess
     import sys
@@ -108,16 +113,17 @@ def test_the_gpu_workers_are_probed_for_their_memory_and_a_gpu_torch_cannot_use_
         shutil.rmtree(temp, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if line.split(" ")[0] in ("found", "refused", "busy")]
-    assert len(lines) == 5, done.stdout
+    assert len(lines) == 6, done.stdout
     assert lines[0].startswith("refused Expected a CUDA device torch can use on every Ray node that declares a GPU")
     # The probe holds every GPU of the node (a task holding one would measure whichever Ray hands it).
     assert lines[1] == "found GpuWorkers(free_bytes=2147483648, float64_at_full_rate=False, float32_exact=True)"
     assert lines[2].startswith("refused Expected a CUDA device torch can use") and lines[2].endswith(
         "(RuntimeError: CUDA error: no kernel image is available for execution on the device). Start them with "
         "--num-gpus 0, install torch with CUDA there, or pass --backend numpy."), lines[2]
-    busy, seconds, message = lines[3].split(" ", 2)
-    assert busy == "busy" and 3 <= int(seconds) < 30 and "held" in message, lines[3]
-    assert lines[4] == lines[1]
+    assert lines[3] == "found GpuWorkers(free_bytes=1073741824, float64_at_full_rate=False, float32_exact=True)"
+    busy, seconds, message = lines[4].split(" ", 2)
+    assert busy == "busy" and 4 <= int(seconds) < 30 and "all held" in message, lines[4]
+    assert lines[5] == lines[1]
 
 
 def test_on_a_gpu_cluster_the_plan_fits_each_tile_in_the_gpu_workers_memory(pair_store, ray_local, monkeypatch) -> None:
