@@ -16,8 +16,8 @@ parts=${*:-tests faiss extract cka}
 for part in $parts; do
   date +%T
   case $part in
-    tests) timeout 90 python3 -m pytest -q -p no:cacheprovider tests/analyze/test_backends.py \
-             tests/analyze/test_compute_dtype.py tests/analyze/test_cross_layer.py 2>&1 | tail -25 ;;
+    tests) timeout 150 python3 -m pytest -q -p no:cacheprovider tests/analyze/test_backends.py \
+             tests/analyze/test_compute_dtype.py tests/analyze/test_cross_layer.py tests/analyze/test_ray.py 2>&1 | tail -25 ;;
     faiss) timeout 60 python3 benchmarks/gpu.py --only faiss ;;  # the lent H200's image has no faiss: seconds
     extract) timeout 150 python3 benchmarks/gpu.py --only extract --dir /tmp --json "$out/extract.json" 2>&1 | grep -v "it/s\]" ;;
     cka) timeout 330 python3 benchmarks/gpu.py --only cka --dir /tmp --json "$out/cka.json" ;;  # N = 100,000

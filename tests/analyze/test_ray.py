@@ -102,6 +102,7 @@ def test_the_gpu_workers_are_probed_for_their_memory_and_a_gpu_torch_cannot_use_
     import sys
     import tempfile
 
+    pytest.importorskip("ray")  # the lent GPU machine runs this file without it
     from hrsa.cluster.local_cluster import ray_node_env
 
     temp = Path(tempfile.mkdtemp(prefix="hr-", dir="/tmp"))  # Ray's socket paths must stay short
@@ -243,3 +244,24 @@ def test_a_task_whose_worker_dies_on_every_retry_is_one_line(pair_store, ray_loc
     message = str(failed.value)
     assert len(message.splitlines()) == 1 and "WorkerCrashedError" in message and f"after {RETRIES} retries" in message
     assert "--memory-budget" in message
+
+
+@pytest.mark.gpu
+@pytest.mark.integration
+def test_on_a_ray_with_a_gpu_the_products_run_there_and_equal_one_process(pair_store, ray_local) -> None:
+    """Where Ray has a GPU: the probe measures it (free memory, float64's rate), the tiles' tasks run there with the
+    torch backend, a one-segment tile reduces its sums on the GPU, and the results equal the local numpy pass's to
+    1e-12 in float64 (float32 products within 1e-5)."""
+    from hrsa.analyze.pair import analysis
+
+    store = pair_store.open()
+    common = {"metrics": ("cka", "dimcorr"), "cross_layer": True, "block_tokens": 128, "groups": 0}
+    local = analyze_pair(store, "a", "b", scheduler="threads", backend="numpy", compute_dtype="float64", **common)
+    workers = analysis.probe_gpu_workers()
+    assert workers.free_bytes > 1 << 30
+    for dtype, tolerance in (("float64", 1e-12), ("float32", 1e-5)):
+        on_gpu = analyze_pair(store, "a", "b", scheduler="ray", backend="auto", compute_dtype=dtype, **common)
+        assert (on_gpu.settings["backend"], on_gpu.settings["compute_dtype"]) == ("torch", dtype)
+        assert on_gpu.plan.inputs.device_budget is not None and on_gpu.plan.inputs.per_worker
+        np.testing.assert_allclose(on_gpu.cka_matrix, local.cka_matrix, rtol=0, atol=tolerance)
+        np.testing.assert_allclose(on_gpu.dimcorr_matrix, local.dimcorr_matrix, rtol=0, atol=tolerance)
