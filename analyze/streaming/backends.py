@@ -366,23 +366,24 @@ def tf32_forced() -> bool:
 
 _EXACT_LOCK = threading.Lock()
 _exact_users = 0
-_process_precision: Any = None
+_process_precision: tuple[str, str] = ("legacy", "highest")
 
 
 @contextmanager
 def exact_float32() -> Iterator[None]:
-    """torch's float32 matmuls as float32, not TF32 (which a process may have asked for: ``allow_tf32``, or since
-    torch 2.9 ``fp32_precision = "tf32"``, whose API this uses where it exists: reading the old flag after the new one
-    was set raises), while any thread multiplies here: the first in sets it, the last out gives the process's back."""
+    """torch's float32 matmuls as float32, not TF32 (which a process may have asked for: ``allow_tf32``,
+    ``set_float32_matmul_precision("high")``, or since torch 2.9 ``fp32_precision = "tf32"``), while any thread
+    multiplies here: the first in sets it, the last out gives the process's setting back (one the process changes
+    meanwhile is overwritten). Set through the old flag, which keeps torch's two views of it consistent (setting only
+    the new one left the old one's readers raising); given back through the API the process used."""
     import torch
 
     global _exact_users, _process_precision
     matmul = torch.backends.cuda.matmul
-    name, exact = ("fp32_precision", "ieee") if hasattr(matmul, "fp32_precision") else ("allow_tf32", False)
     with _EXACT_LOCK:
         if _exact_users == 0:
-            _process_precision = getattr(matmul, name)
-            setattr(matmul, name, exact)
+            _process_precision = _read_precision(matmul)
+            matmul.allow_tf32 = False
         _exact_users += 1
     try:
         yield
@@ -390,7 +391,23 @@ def exact_float32() -> Iterator[None]:
         with _EXACT_LOCK:
             _exact_users -= 1
             if _exact_users == 0:
-                setattr(matmul, name, _process_precision)
+                api, value = _process_precision
+                if api == "legacy":
+                    torch.set_float32_matmul_precision(value)
+                else:
+                    matmul.fp32_precision = value
+
+
+def _read_precision(matmul: Any) -> tuple[str, str]:
+    """The process's float32 matmul setting: the old API's precision where its flag reads, else (a process that set
+    TF32 through torch 2.9's new API, where the old flag raises when read) the matmul's ``fp32_precision``."""
+    import torch
+
+    try:
+        matmul.allow_tf32  # noqa: B018 (read: raises where only the new API set it)
+    except RuntimeError:
+        return "new", matmul.fp32_precision
+    return "legacy", torch.get_float32_matmul_precision()
 
 
 def float64_at_full_rate(float64_seconds: float, float32_seconds: float) -> bool:

@@ -270,15 +270,17 @@ def test_float32_products_that_would_run_as_tf32_are_float64_under_auto_and_refu
 
 
 def _float32_exact_now() -> bool:
-    """Whether torch's float32 matmuls are float32 now, as this torch says it (``fp32_precision`` "ieee" since 2.9;
-    before it, ``allow_tf32`` off)."""
+    """Whether cuBLAS would run float32 matmuls as float32 now (what it reads; False where torch raises on the mix of
+    its old and new TF32 settings)."""
     import torch
 
-    matmul = torch.backends.cuda.matmul
-    return matmul.fp32_precision == "ieee" if hasattr(matmul, "fp32_precision") else not matmul.allow_tf32
+    try:
+        return not torch._C._get_cublas_allow_tf32()
+    except RuntimeError:
+        return False
 
 
-@pytest.mark.parametrize("asked", ["legacy", "generic", "matmul"])
+@pytest.mark.parametrize("asked", ["legacy", "precision", "generic", "matmul"])
 def test_the_torch_backends_products_run_with_tf32_off_whatever_the_process_set(monkeypatch, asked) -> None:
     """A process that asked for TF32 (``allow_tf32 = True``; torch 2.9's ``torch.backends.fp32_precision = "tf32"`` or
     its matmul's own, which make the old flag raise when read) still gets full float32 products from the analysis,
@@ -301,21 +303,30 @@ def test_the_torch_backends_products_run_with_tf32_off_whatever_the_process_set(
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(64, 8)).astype(np.float32), rng.normal(size=(64, 8)).astype(np.float32)
     backend = TorchBackend(device="cpu", compute_dtype="float32")
-    owner, name = {"legacy": (torch.backends.cuda.matmul, "allow_tf32"),
-                   "generic": (torch.backends, "fp32_precision"),
-                   "matmul": (torch.backends.cuda.matmul, "fp32_precision")}[asked]
-    if not hasattr(owner, name):
-        pytest.skip(f"this torch has no {name}")
-    before = getattr(owner, name)
-    setattr(owner, name, True if name == "allow_tf32" else "tf32")
+    get, set_, tf32 = {
+        "legacy": (lambda: torch.backends.cuda.matmul.allow_tf32,
+                   lambda v: setattr(torch.backends.cuda.matmul, "allow_tf32", v), True),
+        "precision": (torch.get_float32_matmul_precision, torch.set_float32_matmul_precision, "high"),
+        "generic": (lambda: torch.backends.fp32_precision, lambda v: setattr(torch.backends, "fp32_precision", v), "tf32"),
+        "matmul": (lambda: torch.backends.cuda.matmul.fp32_precision,
+                   lambda v: setattr(torch.backends.cuda.matmul, "fp32_precision", v), "tf32"),
+    }[asked]
+    if asked in ("generic", "matmul") and not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision")
+    before = get()
+    set_(tf32)
     try:
         backend.moments(x, y)
         pending = PendingBlocks(CrossTileMoments.empty((("a", 0),), (("b", 0),), 8, 8), None)
         backend.fold_cross_tile(pending, {("a", 0): x, ("b", 0): y})
         gemm_seconds(torch.device("cpu"), torch.float32, size=64, repeats=1)
-        assert getattr(owner, name) == (True if name == "allow_tf32" else "tf32")  # the process's own, back
+        assert get() == tf32  # the process's own, back
     finally:
-        setattr(owner, name, before)
+        set_(before)
+        torch.set_float32_matmul_precision("highest")
+        if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+            torch.backends.cuda.matmul.fp32_precision = "none"
+            torch.backends.fp32_precision = "none"
     assert seen and all(seen)
 
 
@@ -356,4 +367,7 @@ def test_exact_float32_holds_while_any_thread_multiplies() -> None:
         seen["after"] = getattr(matmul, name)
     finally:
         setattr(matmul, name, before)
+        torch.set_float32_matmul_precision("highest")
+        if hasattr(matmul, "fp32_precision"):
+            matmul.fp32_precision = "none"
     assert seen == {"during": True, "after": tf32}
