@@ -128,14 +128,15 @@ def measure_gpu() -> tuple[int, bool, bool] | None:
 def probe_gpu_workers(measure: Callable[[], tuple[int, bool, bool] | None] = measure_gpu,
                       timeout_s: float = GPU_PROBE_TIMEOUT_S) -> GpuWorkers:
     """What the plan needs of the cluster's GPUs, which Ray does not know: ``measure`` run on every alive node that
-    declares GPUs, in a task pinned to the node holding all of them (one holding one would measure whichever GPU Ray
+    declares GPUs, by an actor pinned to the node holding all of them (one holding one would measure whichever GPU Ray
     hands it, and an analysis task may get any). Where some of a node's GPUs stay held by others (another job's
-    actors), a task holding one GPU measures one that comes free, as an analysis task would get one.
+    actors), an actor holding one GPU measures one that comes free, as an analysis task would get one. Waits are for
+    the GPUs to be placed; the measuring itself (a CUDA context and timed GEMMs per GPU) has ``timeout_s`` of its own.
 
     Raises:
         PlacementError: no alive node declares a GPU, a node's GPUs are ones torch there cannot use (or its probe
-            failed: the error's last line), or no GPU of some node came free within ``timeout_s`` (the analysis's
-            tasks would wait for one without end).
+            failed: the error's last line), no GPU of some node came free within ``timeout_s`` (the analysis's tasks
+            would wait for one without end), or a probe did not answer within ``timeout_s``.
     """
     import ray
 
@@ -145,16 +146,21 @@ def probe_gpu_workers(measure: Callable[[], tuple[int, bool, bool] | None] = mea
         raise PlacementError("Expected an alive Ray node with a GPU for the products. Got none (a GPU node left the "
                              "cluster?). Add a GPU node, or pass --backend numpy.")
     whole = min(ALL_GPUS_WAIT_S, timeout_s / 2)
-    found, failed, held = _probe_nodes(measure, nodes, whole)
+    placed, held = _place_probes(nodes, whole)
     if held:  # some GPUs there held by others: one that comes free
-        more, more_failed, held = _probe_nodes(measure, dict.fromkeys(held, 1), timeout_s - whole)
-        found, failed = {**found, **more}, {**failed, **more_failed}
-    if held:
-        raise PlacementError(
-            f"Expected a GPU to come free within {timeout_s:.0f} s on every Ray node that declares them. Got all held "
-            f"on {len(held)} node(s) ({', '.join(node[:8] for node in held)}): another job's actors or tasks. Wait for "
-            "them to finish, or pass --backend numpy."
-        )
+        more, held = _place_probes(dict.fromkeys(held, 1), timeout_s - whole)
+        placed = {**placed, **more}
+    try:
+        if held:
+            raise PlacementError(
+                f"Expected a GPU to come free within {timeout_s:.0f} s on every Ray node that declares them. Got all "
+                f"held on {len(held)} node(s) ({', '.join(node[:8] for node in held)}): another job's actors or tasks. "
+                "Wait for them to finish, or pass --backend numpy."
+            )
+        found, failed = _measure_on(placed, measure, timeout_s)
+    finally:
+        for actor in placed.values():
+            ray.kill(actor)  # its GPUs free again at once
     blind = [node for node, measured in found.items() if measured is None]
     if blind or failed:
         why = "".join(f" ({reason})" for reason in dict.fromkeys(failed.values()))
@@ -172,27 +178,49 @@ def probe_gpu_workers(measure: Callable[[], tuple[int, bool, bool] | None] = mea
 ALL_GPUS_WAIT_S = 10.0
 
 
-def _probe_nodes(measure: Callable[[], Any], gpus: dict[str, int],
-                 wait_s: float) -> tuple[dict[str, Any], dict[str, str], list[str]]:
-    """``measure`` on each node holding ``gpus[node]`` GPUs there: what each returned, each failure's one line, and
-    the nodes whose task was not placed within ``wait_s`` (cancelled)."""
+class _GpuProbe:
+    """Holds a node's GPUs while ``measure`` runs there (an actor: placed, then asked)."""
+
+    def ready(self) -> bool:
+        return True
+
+    def measure(self, measure: Callable[[], Any]) -> Any:
+        return measure()
+
+
+def _place_probes(gpus: dict[str, int], wait_s: float) -> tuple[dict[str, Any], list[str]]:
+    """A probe actor on each node holding ``gpus[node]`` GPUs there: those placed within ``wait_s``, and the nodes
+    whose GPUs were not free (their actors killed: nothing left pending)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    task = ray.remote(measure)
-    probes = {task.options(num_cpus=0, num_gpus=count, max_retries=0,
-                           scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(): node
+    probe = ray.remote(_GpuProbe)
+    actors = {node: probe.options(num_cpus=0, num_gpus=count, max_restarts=0,
+                                  scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
               for node, count in gpus.items()}
-    done, waiting = ray.wait(list(probes), num_returns=len(probes), timeout=wait_s)
-    for probe in waiting:
-        ray.cancel(probe, force=True)
-    found, failed = {}, {}
-    for probe in done:
+    ready = {actors[node].ready.remote(): node for node in actors}
+    done, waiting = ray.wait(list(ready), num_returns=len(ready), timeout=wait_s)
+    held = [ready[r] for r in waiting]
+    for node in held:
+        ray.kill(actors[node])
+    return {ready[r]: actors[ready[r]] for r in done}, held
+
+
+def _measure_on(placed: dict[str, Any], measure: Callable[[], Any],
+                timeout_s: float) -> tuple[dict[str, Any], dict[str, str]]:
+    """``measure`` on each placed probe: what each returned, and each failure's one line (a probe that does not answer
+    within ``timeout_s`` is one)."""
+    import ray
+
+    calls = {placed[node].measure.remote(measure): node for node in placed}
+    done, slow = ray.wait(list(calls), num_returns=len(calls), timeout=timeout_s)
+    found, failed = {}, {calls[c]: f"no answer within {timeout_s:.0f} s" for c in slow}
+    for call in done:
         try:
-            found[probes[probe]] = ray.get(probe)
+            found[calls[call]] = ray.get(call)
         except ray.exceptions.RayError as error:
-            failed[probes[probe]] = one_line(root_cause(error))
-    return found, failed, [probes[p] for p in waiting]
+            failed[calls[call]] = one_line(root_cause(error))
+    return found, failed
 
 
 def run_tiles_on_ray(passes: Sequence[TilePass], finish: Finish, options: dict[str, Any],
