@@ -277,7 +277,8 @@ class AnalysisPlan:
             largest = max(self.tiles, key=self.estimate)
             memory = _MemoryModel(p, self.workers)
             accumulators, shards = memory.accumulators(largest), memory.shards(largest)
-            lines.append(f"    its largest tile: accumulators {format_bytes(accumulators)}, the reader's shard objects "
+            held = "none here (summed and reduced on the GPU)" if memory.sums_on_device(largest) else format_bytes(accumulators)
+            lines.append(f"    its largest tile: accumulators {held}, the reader's shard objects "
                          f"{format_bytes(shards)}, blocks and product sums {format_bytes(self.estimate(largest) - accumulators - shards)}")
             if p.device_budget is not None:
                 lines.append(f"  GPU: ~{format_bytes(max(memory.device_peak(t) for t in self.tiles))} estimated for the "

@@ -193,6 +193,7 @@ def test_a_whole_pass_on_a_gpu_counts_no_host_accumulators_and_reads_the_store_o
     assert all(memory.sums_on_device(t) and memory.device_peak(t) <= 137 * 10**9 for t in on_gpu.tiles)
     tile = on_gpu.tiles[0]
     assert on_gpu.estimated_peak <= 4 * 10**9 and memory.accumulators(tile) == 0
+    assert "accumulators none here (summed and reduced on the GPU)" in on_gpu.describe()
     # Where each worker's segment crosses its sums to the host (Ray: segments per tile not known to the plan, so
     # counted), and with several segments locally, the host holds them and the tiles stay small.
     assert plan_analysis(replace(inputs, device_budget=137 * 10**9, per_worker=True)).passes == host_only.passes
