@@ -371,3 +371,25 @@ def test_exact_float32_holds_while_any_thread_multiplies() -> None:
         if hasattr(matmul, "fp32_precision"):
             matmul.fp32_precision = "none"
     assert seen == {"during": True, "after": tf32}
+
+
+@pytest.mark.gpu
+def test_cuda_float32_products_stay_float32_where_the_process_asked_for_tf32() -> None:
+    """On a GPU with TF32 (Ampere and later) a process's ``allow_tf32 = True`` would make the products' GEMMs TF32
+    (10 bits of mantissa: ~1e-3 relative); the torch backend's are float32 (~1e-6), whatever the process asked."""
+    import torch
+    from hrsa.analyze.streaming.backends import TorchBackend, tf32_forced
+
+    if tf32_forced():
+        pytest.skip("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 here: float32 products are refused (tested above)")
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(4096, 256)).astype(np.float32), rng.normal(size=(4096, 256)).astype(np.float32)
+    xc, yc = x.astype(np.float64) - x.mean(0), y.astype(np.float64) - y.mean(0)
+    exact = xc.T @ yc
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        moments = TorchBackend(device="cuda", compute_dtype="float32").moments(x, y)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    assert np.abs(moments.c_xy - exact).max() / np.abs(exact).max() < 1e-5
