@@ -21,6 +21,7 @@ from hrsa.analyze.local.hidden_states import shared_hidden_states
 from hrsa.analyze.local.knn import KnnOptions, check_knn_budget, knn_pair
 from hrsa.analyze.local.probe import ProbeOptions, check_probe, probe_pair
 from hrsa.analyze.pair.assembly import assemble
+from hrsa.analyze.pair.checks import check_metrics, check_pair
 from hrsa.analyze.pair.passes import run_passes
 from hrsa.analyze.pair.resolve import ResolvedPair, resolve_pair
 from hrsa.analyze.metrics._common import PrecisionWarning
@@ -127,7 +128,10 @@ def analyze_pair(
     on_ray = dask_scheduler.name == "ray"
     # On a cluster with GPU workers the products run there (torch, CUDA), whatever the driver's node has.
     products = bool(set(metrics) & set(MOMENT_METRICS))  # k-NN and probes alone multiply no co-moments
-    gpu_workers = probe_gpu_workers() if on_ray and products and backend != "numpy" and _cluster_gpus() else None
+    gpu_workers = None
+    if on_ray and products and backend != "numpy" and _cluster_gpus():
+        check_pair(store, a, b, check_metrics(metrics))  # bad input named at once, not after the probe's wait
+        gpu_workers = probe_gpu_workers()
     dtypes = stored_dtypes(store, (a, b))
     chunk_backend = resolve_backend(backend, compute_dtype, metrics=metrics, cluster_gpus=gpu_workers,
                                     stored_dtypes=dtypes, multiplies=products)

@@ -144,6 +144,7 @@ def test_on_a_gpu_cluster_the_plan_fits_each_tile_in_the_gpu_workers_memory(pair
     from hrsa.analyze.local.knn import KnnOptions
     from hrsa.analyze.pair import analysis
     from hrsa.analyze.streaming.backends import GpuWorkers
+    from hrsa.store.errors import UserError
 
     plans = []
 
@@ -165,6 +166,10 @@ def test_on_a_gpu_cluster_the_plan_fits_each_tile_in_the_gpu_workers_memory(pair
     roomy, tight = plans
     assert roomy.inputs.device_budget == (80 << 30) - analysis.DEVICE_MARGIN and roomy.passes == 1
     assert tight.inputs.device_budget == 100 << 10 and tight.passes > 1
+    # A model that is not there is named at once, before the GPUs are probed (which may wait for them)
+    monkeypatch.setattr(analysis, "probe_gpu_workers", lambda: pytest.fail("probed before the pair was checked"))
+    with pytest.raises(UserError, match="no-such-model"):
+        analysis.analyze_pair(store, "a", "no-such-model", metrics=("cka",), scheduler="ray")
     # k-NN alone multiplies no co-moments: no GPU is probed for it (busy GPUs would refuse it for nothing)
     monkeypatch.setattr(analysis, "probe_gpu_workers", lambda: pytest.fail("probed for k-NN"))
     knn = analysis.analyze_pair(store, "a", "b", metrics=("knn",), scheduler="ray", knn_options=KnnOptions(ks=(5,)))
