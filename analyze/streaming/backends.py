@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import functools
 import os
-import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, get_args, runtime_checkable
 
 import numpy as np
 from hrsa.analyze.accumulators.centring import centre_rows
@@ -128,10 +126,6 @@ class TorchBackend:
     name: str = "torch"
 
     def moments(self, x: np.ndarray, y: np.ndarray) -> Moments:
-        with exact_float32():
-            return self._moments(x, y)
-
-    def _moments(self, x: np.ndarray, y: np.ndarray) -> Moments:
         import torch
 
         # Step 1: centre in float64 on the device (offsets of 1e4 would swamp a float32 product).
@@ -159,17 +153,11 @@ class TorchBackend:
             del u  # the float64 copy goes before the next state's is made (a float32 cast keeps only the cast)
         for kx, ky in pairs:
             (u, mx), (v, my) = centred[kx], centred[ky]
-            with exact_float32():
-                c_xy = (u.T @ v).double().cpu().numpy()  # (Dx, Dy)
+            c_xy = (u.T @ v).double().cpu().numpy()  # (Dx, Dy)
             yield (kx, ky), CrossMoments(int(u.shape[0]), mx, my, c_xy)
 
     def fold_cross_tile(self, pending: PendingBlocks | None, xs: Mapping[StreamKey, np.ndarray],
                         selfs: Mapping[StreamKey, PendingBlocks] = {}) -> None:
-        with exact_float32():
-            self._fold_cross_tile(pending, xs, selfs)
-
-    def _fold_cross_tile(self, pending: PendingBlocks | None, xs: Mapping[StreamKey, np.ndarray],
-                         selfs: Mapping[StreamKey, PendingBlocks]) -> None:
         import torch
 
         n = len(next(iter(xs.values())))
@@ -266,7 +254,7 @@ class GpuWorkers:
         free_bytes: the least free memory of one GPU over the nodes (an analysis task holds one GPU).
         float64_at_full_rate: whether every node's GPU ran float64 GEMMs at a quarter of its float32 rate or better
             (a tile's tasks may land on any node: one slow node slows every pass).
-        float32_exact: whether float32 GEMMs there are float32 (not TF32: :func:`tf32_forced`) on every node.
+        float32_exact: whether float32 GEMMs there are float32 (not TF32: :func:`tf32_matmuls`) on every node.
     """
 
     free_bytes: int
@@ -314,12 +302,13 @@ def resolve_backend(name: BackendName = "auto", compute_dtype: ComputeDtype = "a
         raise UserError(
             "Expected a CUDA GPU for --backend cuda. Got none (torch.cuda.is_available() is False). Use --backend numpy."
         )
-    tf32 = cuda and (not cluster_gpus.float32_exact if cluster_gpus is not None else tf32_forced())
+    tf32 = cuda and (not cluster_gpus.float32_exact if cluster_gpus is not None else tf32_matmuls())
     if compute_dtype == "float32" and tf32 and multiplies:
         raise UserError(
             f"Expected float32 GEMMs on the GPU{'s' if cluster_gpus is not None else ''} for --compute-dtype float32. "
-            "Got TF32 (10 bits of mantissa): TORCH_ALLOW_TF32_CUBLAS_OVERRIDE is set there (NVIDIA's containers set "
-            "it). Set TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=0, or pass --compute-dtype float64."
+            "Got TF32 (10 bits of mantissa): TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 is set there (NVIDIA's containers set "
+            "it), or the process asked for TF32 (allow_tf32, set_float32_matmul_precision). Set "
+            "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=0 and precision \"highest\", or pass --compute-dtype float64."
         )
     if compute_dtype == "auto":
         if cluster_gpus is not None:
@@ -358,56 +347,19 @@ def local_float64_at_full_rate() -> bool:
     return float64_at_full_rate(min(seconds[torch.float64]), min(seconds[torch.float32]))
 
 
-def tf32_forced() -> bool:
-    """Whether this process's float32 cuBLAS GEMMs run as TF32 whatever torch's flags say: TORCH_ALLOW_TF32_CUBLAS_
-    OVERRIDE=1 (torch reads it once, and takes exactly "1"; NVIDIA's PyTorch containers set it)."""
-    return os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE") == "1"
-
-
-_EXACT_LOCK = threading.Lock()
-_exact_users = 0
-_process_precision: tuple[str, str] = ("legacy", "highest")
-
-
-@contextmanager
-def exact_float32() -> Iterator[None]:
-    """torch's float32 matmuls as float32, not TF32 (which a process may have asked for: ``allow_tf32``,
-    ``set_float32_matmul_precision("high")``, or since torch 2.9 ``fp32_precision = "tf32"``), while any thread
-    multiplies here: the first in sets it, the last out gives the process's setting back (one the process changes
-    meanwhile is overwritten). Set through the old flag, which keeps torch's two views of it consistent (setting only
-    the new one left the old one's readers raising); given back through the API the process used."""
-    import torch
-
-    global _exact_users, _process_precision
-    matmul = torch.backends.cuda.matmul
-    with _EXACT_LOCK:
-        if _exact_users == 0:
-            _process_precision = _read_precision(matmul)
-            matmul.allow_tf32 = False
-        _exact_users += 1
-    try:
-        yield
-    finally:
-        with _EXACT_LOCK:
-            _exact_users -= 1
-            if _exact_users == 0:
-                api, value = _process_precision
-                if api == "legacy":
-                    torch.set_float32_matmul_precision(value)
-                else:
-                    matmul.fp32_precision = value
-
-
-def _read_precision(matmul: Any) -> tuple[str, str]:
-    """The process's float32 matmul setting: the old API's precision where its flag reads, else (a process that set
-    TF32 through torch 2.9's new API, where the old flag raises when read) the matmul's ``fp32_precision``."""
+def tf32_matmuls() -> bool:
+    """Whether this process's float32 cuBLAS GEMMs would run as TF32 (10 bits of mantissa): TORCH_ALLOW_TF32_CUBLAS_
+    OVERRIDE=1 (torch takes exactly "1"; NVIDIA's PyTorch containers set it, and it overrides every flag), or TF32
+    asked for in this process (``allow_tf32``, ``set_float32_matmul_precision("high")``, torch 2.9's
+    ``fp32_precision = "tf32"``). hrsa reads these, never sets them: the process's settings are its own."""
+    if os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE") == "1":
+        return True
     import torch
 
     try:
-        matmul.allow_tf32  # noqa: B018 (read: raises where only the new API set it)
-    except RuntimeError:
-        return "new", matmul.fp32_precision
-    return "legacy", torch.get_float32_matmul_precision()
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:  # torch's old and new TF32 settings disagree: one of them asked for TF32
+        return True
 
 
 def float64_at_full_rate(float64_seconds: float, float32_seconds: float) -> bool:
@@ -425,15 +377,14 @@ def gemm_seconds(device: torch.device, dtype: torch.dtype, size: int = 2048, rep
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    with exact_float32():  # TF32 would time float32 8x faster and call a full-rate float64 slow
-        matrix = torch.randn(size, size, device=device, dtype=dtype)
+    matrix = torch.randn(size, size, device=device, dtype=dtype)  # float32 as float32: see tf32_matmuls
+    matrix @ matrix
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
         matrix @ matrix
-        sync()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            matrix @ matrix
-        sync()
-        return time.perf_counter() - start
+    sync()
+    return time.perf_counter() - start
 
 
 def _cuda_available() -> bool:

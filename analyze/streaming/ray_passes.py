@@ -22,11 +22,12 @@ that needs neither Dask's optimisations nor its scheduler.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from hrsa.analyze.streaming.backends import GpuWorkers, local_float64_at_full_rate, tf32_forced
+from hrsa.analyze.streaming.backends import GpuWorkers, local_float64_at_full_rate, tf32_matmuls
 from hrsa.analyze.streaming.stream import fold_segment, merge_partials, prepare_products
 from hrsa.runtime.placement import PlacementError, describe_nodes
 from hrsa.runtime.resident import map_large_allocations, release_freed_heap
@@ -109,7 +110,7 @@ GPU_PROBE_TIMEOUT_S = 120.0
 def measure_gpu() -> tuple[int, bool, bool] | None:
     """On a GPU node, in a task holding all its GPUs: the least free bytes of one (:func:`device_free_bytes`), whether
     every one runs float64 at full rate (:func:`local_float64_at_full_rate`), and whether float32 GEMMs are float32
-    there (:func:`tf32_forced`); None where torch there sees no CUDA device."""
+    there (:func:`tf32_matmuls`); None where torch there sees no CUDA device."""
     import torch
 
     from hrsa.analyze.accumulators.cross_tile import device_free_bytes
@@ -122,7 +123,7 @@ def measure_gpu() -> tuple[int, bool, bool] | None:
             full_rate = local_float64_at_full_rate()  # first: its context and matrices are held while free is read
             measured.append((device_free_bytes(torch.device("cuda", index)), full_rate))
         local_float64_at_full_rate.cache_clear()  # cached per process, measured per device
-    return min(free for free, _ in measured), all(full_rate for _, full_rate in measured), not tf32_forced()
+    return min(free for free, _ in measured), all(full_rate for _, full_rate in measured), not tf32_matmuls()
 
 
 def probe_gpu_workers(measure: Callable[[], tuple[int, bool, bool] | None] = measure_gpu,
@@ -161,21 +162,28 @@ def probe_gpu_workers(measure: Callable[[], tuple[int, bool, bool] | None] = mea
     finally:
         for actor in placed.values():
             ray.kill(actor)  # its GPUs free again at once
+    if failed:
+        why = "; ".join(dict.fromkeys(failed.values()))
+        raise PlacementError(
+            f"Expected the GPU probe to run on every Ray node that declares a GPU. Got it failing on {len(failed)} "
+            f"node(s) ({', '.join(node[:8] for node in failed)}): {why}. Check that hrsa, torch and CUDA work there, "
+            "or pass --backend numpy."
+        )
     blind = [node for node, measured in found.items() if measured is None]
-    if blind or failed:
-        why = "".join(f" ({reason})" for reason in dict.fromkeys(failed.values()))
+    if blind:
         raise PlacementError(
             "Expected a CUDA device torch can use on every Ray node that declares a GPU. Got none on "
-            f"{len(blind) + len(failed)} node(s) ({', '.join(node[:8] for node in [*blind, *failed])}){why}. Start them "
-            "with --num-gpus 0, install torch with CUDA there, or pass --backend numpy."
+            f"{len(blind)} node(s) ({', '.join(node[:8] for node in blind)}). Start them with --num-gpus 0, install "
+            "torch with CUDA there, or pass --backend numpy."
         )
     measured = [m for m in found.values() if m is not None]
     return GpuWorkers(free_bytes=min(m[0] for m in measured), float64_at_full_rate=all(m[1] for m in measured),
                       float32_exact=all(m[2] for m in measured))
 
 
-#: Seconds the probe waits for all of a node's GPUs before it measures one that comes free.
-ALL_GPUS_WAIT_S = 10.0
+#: Seconds the probe waits for all of a node's GPUs before it measures one that comes free: placed means the actor's
+#: worker has started too (a cold one, importing hrsa and setting up its runtime env, takes seconds), so generous.
+ALL_GPUS_WAIT_S = 60.0
 
 
 class _GpuProbe:
@@ -219,8 +227,19 @@ def _measure_on(placed: dict[str, Any], measure: Callable[[], Any],
         try:
             found[calls[call]] = ray.get(call)
         except ray.exceptions.RayError as error:
-            failed[calls[call]] = one_line(root_cause(error))
+            failed[calls[call]] = _probe_failure(error)
     return found, failed
+
+
+def _probe_failure(error: Exception) -> str:
+    """A failed probe in one line: a task error's root cause, or where the probe's worker died (its creation failed:
+    hrsa or torch not importable there; a node lost) the last line of Ray's account, without its colour codes."""
+    import ray
+
+    if isinstance(error, ray.exceptions.RayTaskError):
+        return one_line(root_cause(error))
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}".rstrip(": ")
 
 
 def run_tiles_on_ray(passes: Sequence[TilePass], finish: Finish, options: dict[str, Any],

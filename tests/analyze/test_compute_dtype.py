@@ -269,127 +269,54 @@ def test_float32_products_that_would_run_as_tf32_are_float64_under_auto_and_refu
         resolve_backend("auto", "float32", ("cka",), cluster_gpus=tf32)
 
 
-def _float32_exact_now() -> bool:
-    """Whether cuBLAS would run float32 matmuls as float32 now (what it reads; False where torch raises on the mix of
-    its old and new TF32 settings)."""
+_ASK_TF32 = {  # the ways a process asks torch for TF32 matmuls, and how to read each back
+    "legacy": ("allow_tf32", True), "precision": ("float32_matmul_precision", "high"),
+    "generic": ("fp32_precision", "tf32"), "matmul": ("matmul.fp32_precision", "tf32"),
+}
+
+
+def _tf32_setting(name: str) -> tuple:
     import torch
 
-    try:
-        return not torch._C._get_cublas_allow_tf32()
-    except RuntimeError:
-        return False
+    owner = {"allow_tf32": torch.backends.cuda.matmul, "fp32_precision": torch.backends,
+             "matmul.fp32_precision": torch.backends.cuda.matmul}.get(name)
+    if name == "float32_matmul_precision":
+        return torch.get_float32_matmul_precision, torch.set_float32_matmul_precision
+    attr = name.rsplit(".", 1)[-1]
+    return (lambda: getattr(owner, attr)), (lambda value: setattr(owner, attr, value))
 
 
-@pytest.mark.parametrize("asked", ["legacy", "precision", "generic", "matmul"])
-def test_the_torch_backends_products_run_with_tf32_off_whatever_the_process_set(monkeypatch, asked) -> None:
-    """A process that asked for TF32 (``allow_tf32 = True``; torch 2.9's ``torch.backends.fp32_precision = "tf32"`` or
-    its matmul's own, which make the old flag raise when read) still gets full float32 products from the analysis,
-    and its setting back after."""
+@pytest.mark.parametrize("asked", list(_ASK_TF32))
+def test_a_process_that_asked_for_tf32_gets_float64_products_and_its_settings_untouched(monkeypatch, asked) -> None:
+    """A process that asked for TF32 (``allow_tf32``, ``set_float32_matmul_precision("high")``, torch 2.9's
+    ``fp32_precision = "tf32"``, generic or the matmul's) would run float32 products as TF32 (~1e-3): auto gives float64
+    there, float32 asked for is refused in one line, and hrsa changes none of the process's settings (an earlier
+    version set them around its GEMMs and, found by review, left torch's two APIs in states that raise or changed
+    oneDNN's)."""
     import torch
-    from hrsa.analyze.accumulators.cross_tile import CrossTileMoments, PendingBlocks
-    from hrsa.analyze.streaming.backends import TorchBackend, gemm_seconds
+    from hrsa.analyze.streaming import backends
+    from hrsa.store.errors import UserError
 
-    seen = []
-    matmul, addmm = torch.Tensor.__matmul__, torch.Tensor.addmm_
-
-    def recorded(original):
-        def call(self, *args, **kwargs):
-            seen.append(_float32_exact_now())
-            return original(self, *args, **kwargs)
-        return call
-
-    monkeypatch.setattr(torch.Tensor, "__matmul__", recorded(matmul))
-    monkeypatch.setattr(torch.Tensor, "addmm_", recorded(addmm))
-    rng = np.random.default_rng(0)
-    x, y = rng.normal(size=(64, 8)).astype(np.float32), rng.normal(size=(64, 8)).astype(np.float32)
-    backend = TorchBackend(device="cpu", compute_dtype="float32")
-    get, set_, tf32 = {
-        "legacy": (lambda: torch.backends.cuda.matmul.allow_tf32,
-                   lambda v: setattr(torch.backends.cuda.matmul, "allow_tf32", v), True),
-        "precision": (torch.get_float32_matmul_precision, torch.set_float32_matmul_precision, "high"),
-        "generic": (lambda: torch.backends.fp32_precision, lambda v: setattr(torch.backends, "fp32_precision", v), "tf32"),
-        "matmul": (lambda: torch.backends.cuda.matmul.fp32_precision,
-                   lambda v: setattr(torch.backends.cuda.matmul, "fp32_precision", v), "tf32"),
-    }[asked]
-    if asked in ("generic", "matmul") and not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+    name, value = _ASK_TF32[asked]
+    if "fp32_precision" in name and not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
         pytest.skip("this torch has no fp32_precision")
+    monkeypatch.setattr(backends, "_cuda_available", lambda: True)
+    monkeypatch.setattr(backends, "local_float64_at_full_rate", lambda: True)
+    monkeypatch.delenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", raising=False)
+    assert resolve_backend("auto", "auto", ("cka",)).compute_dtype == "float32"  # as torch starts: float32 is float32
+    get, set_ = _tf32_setting(name)
     before = get()
-    set_(tf32)
+    set_(value)
     try:
-        backend.moments(x, y)
-        pending = PendingBlocks(CrossTileMoments.empty((("a", 0),), (("b", 0),), 8, 8), None)
-        backend.fold_cross_tile(pending, {("a", 0): x, ("b", 0): y})
-        gemm_seconds(torch.device("cpu"), torch.float32, size=64, repeats=1)
-        assert get() == tf32  # the process's own, back
+        snapshot = get()
+        assert resolve_backend("auto", "auto", ("cka",)).compute_dtype == "float64"
+        with pytest.raises(UserError, match="asked for TF32") as refused:
+            resolve_backend("cuda", "float32", ("cka",))
+        assert "\n" not in str(refused.value)
+        assert get() == snapshot  # untouched
     finally:
         set_(before)
         torch.set_float32_matmul_precision("highest")
         if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
             torch.backends.cuda.matmul.fp32_precision = "none"
             torch.backends.fp32_precision = "none"
-    assert seen and all(seen)
-
-
-def test_exact_float32_holds_while_any_thread_multiplies() -> None:
-    """Dask threads fold at once: the first in sets float32, the last out gives the process's TF32 back; one leaving
-    early does not turn TF32 on under another's GEMMs."""
-    import threading
-
-    import torch
-    from hrsa.analyze.streaming.backends import exact_float32
-
-    matmul = torch.backends.cuda.matmul
-    name, tf32 = ("fp32_precision", "tf32") if hasattr(matmul, "fp32_precision") else ("allow_tf32", True)
-    before = getattr(matmul, name)
-    setattr(matmul, name, tf32)
-    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
-    seen = {}
-
-    def a() -> None:
-        with exact_float32():
-            a_in.set()
-            b_in.wait(10)  # both inside
-        a_out.set()
-
-    def b() -> None:
-        a_in.wait(10)
-        with exact_float32():
-            b_in.set()
-            a_out.wait(10)  # A has left: B's GEMMs still run
-            seen["during"] = _float32_exact_now()
-
-    try:
-        threads = [threading.Thread(target=f) for f in (a, b)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(20)
-        seen["after"] = getattr(matmul, name)
-    finally:
-        setattr(matmul, name, before)
-        torch.set_float32_matmul_precision("highest")
-        if hasattr(matmul, "fp32_precision"):
-            matmul.fp32_precision = "none"
-    assert seen == {"during": True, "after": tf32}
-
-
-@pytest.mark.gpu
-def test_cuda_float32_products_stay_float32_where_the_process_asked_for_tf32() -> None:
-    """On a GPU with TF32 (Ampere and later) a process's ``allow_tf32 = True`` would make the products' GEMMs TF32
-    (10 bits of mantissa: ~1e-3 relative); the torch backend's are float32 (~1e-6), whatever the process asked."""
-    import torch
-    from hrsa.analyze.streaming.backends import TorchBackend, tf32_forced
-
-    if tf32_forced():
-        pytest.skip("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 here: float32 products are refused (tested above)")
-    rng = np.random.default_rng(0)
-    x, y = rng.normal(size=(4096, 256)).astype(np.float32), rng.normal(size=(4096, 256)).astype(np.float32)
-    xc, yc = x.astype(np.float64) - x.mean(0), y.astype(np.float64) - y.mean(0)
-    exact = xc.T @ yc
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        moments = TorchBackend(device="cuda", compute_dtype="float32").moments(x, y)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
-    assert np.abs(moments.c_xy - exact).max() / np.abs(exact).max() < 1e-5
