@@ -283,3 +283,19 @@ def test_on_a_ray_with_a_gpu_the_products_run_there_and_equal_one_process(pair_s
         assert on_gpu.plan.inputs.device_budget is not None and on_gpu.plan.inputs.per_worker
         np.testing.assert_allclose(on_gpu.cka_matrix, local.cka_matrix, rtol=0, atol=tolerance)
         np.testing.assert_allclose(on_gpu.dimcorr_matrix, local.dimcorr_matrix, rtol=0, atol=tolerance)
+
+
+def test_a_probe_whose_worker_died_is_one_line_without_colour_codes() -> None:
+    """Ray tells an actor's failed creation (hrsa or torch not importable on a node) in several coloured lines ending
+    in the cause; the refusal keeps that last line, plain. A task's error keeps its root cause."""
+    ray = pytest.importorskip("ray")
+    from hrsa.analyze.streaming.ray_passes import _probe_failure
+
+    class Died(ray.exceptions.ActorDiedError):
+        def __str__(self) -> str:
+            return ("The actor died because of an error raised in its creation task, \x1b[36mray::_GpuProbe.__init__()"
+                    "\x1b[39m (pid=1)\n  File \"x.py\", line 1\nModuleNotFoundError: No module named 'hrsa'\n")
+
+    assert _probe_failure(Died()) == "Died: ModuleNotFoundError: No module named 'hrsa'"
+    assert _probe_failure(ray.exceptions.ActorDiedError()) == (
+        "ActorDiedError: The actor died unexpectedly before finishing this task.")
