@@ -344,14 +344,10 @@ def stack_centred(blocks: Sequence[np.ndarray], compute_dtype: np.dtype,
     return stacked, mean_all, (offsets if offsets.any() else None)
 
 
-#: Device memory a float64 device sum leaves free at least, beside the next run's product (see _device_headroom).
+#: Device memory a float64 device sum leaves free at least, beside the next run's product (see device_sum_headroom).
 DEVICE_HEADROOM = 1 << 30
 #: One admission at a time: a process's segments (Dask threads) each see the others' device sums once allocated.
 _ADMISSION = threading.Lock()
-
-
-def _device_headroom(products: Any, rows: int) -> int:
-    return device_sum_headroom(rows, products.shape[0] + products.shape[1], products.element_size())
 
 
 def device_sum_headroom(rows: int, width: int, item: int) -> int:
@@ -364,7 +360,7 @@ def device_sum_headroom(rows: int, width: int, item: int) -> int:
 
 def _device_sum(products: Any, rows: int) -> Any:
     """A float64 zero matrix shaped like ``products`` (a torch tensor, the run's product, still held) on its device,
-    where it fits with :func:`_device_headroom` beside it for blocks of ``rows`` tokens; None where it does not. Free
+    where it fits with :func:`device_sum_headroom` beside it for blocks of ``rows`` tokens; None where it does not. Free
     counts what torch's allocator holds unused (it is the driver's "used", and torch reuses it).
 
     Why on the device: a run folded on the host sent the whole tile over PCIe and swept it in host memory every
@@ -372,7 +368,8 @@ def _device_sum(products: Any, rows: int) -> Any:
     import torch
 
     with _ADMISSION:
-        if products.device.type == "cuda" and device_free_bytes(products.device) < products.numel() * 8 + _device_headroom(products, rows):
+        headroom = device_sum_headroom(rows, products.shape[0] + products.shape[1], products.element_size())
+        if products.device.type == "cuda" and device_free_bytes(products.device) < products.numel() * 8 + headroom:
             return None
         return torch.zeros(products.shape, dtype=torch.float64, device=products.device)
 

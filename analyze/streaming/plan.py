@@ -458,9 +458,10 @@ class _MemoryModel:
 
     def device_peak(self, tile: Tile) -> int:
         """The GPU memory a stacked tile's segments hold there: each block's stacked states with room for their
-        float64 centring (twice the stacks; for float32 products the stacks and the device sum's admission room), the run's product sum in the compute dtype and, for float32 products,
-        the float64 sum the runs fold into (float64 products add into their own sum: one matrix), and the same for
-        the self co-moments riding along; 0 for tiles whose products do not stay on the device."""
+        float64 centring (twice the stacks; for float32 products the stacks and the room each device sum is admitted
+        with), the run's product sum in the compute dtype and, for float32 products, the float64 sum the runs fold
+        into (float64 products add into their own sum: one matrix), and the same for the self co-moments riding
+        along; 0 for tiles whose products do not stay on the device."""
         if tile.rectangle is None and tile.kind != "self":
             return 0
         n, c = self.p.block_tokens, self.p.compute_bytes

@@ -108,7 +108,7 @@ GPU_PROBE_TIMEOUT_S = 120.0
 
 
 def measure_gpu() -> tuple[int, bool, bool] | None:
-    """On a GPU node, in a task holding all its GPUs: the least free bytes of one (:func:`device_free_bytes`), whether
+    """On a GPU node, in the probe actor holding its GPUs: the least free bytes of one (:func:`device_free_bytes`), whether
     every one runs float64 at full rate (:func:`local_float64_at_full_rate`), and whether float32 GEMMs are float32
     there (:func:`tf32_matmuls`); None where torch there sees no CUDA device."""
     import torch

@@ -234,7 +234,7 @@ def test_float64_counts_as_full_rate_within_a_quarter_of_float32s_and_a_real_gem
 
     assert float64_at_full_rate(2.0, 1.0) and float64_at_full_rate(1.0, 1.0) and float64_at_full_rate(3.9, 1.0)
     assert not float64_at_full_rate(4.1, 1.0) and not float64_at_full_rate(32.0, 1.0)
-    assert 0 < gemm_seconds(torch.device("cpu"), torch.float64) < 60
+    assert gemm_seconds(torch.device("cpu"), torch.float64) > 0
 
 
 def test_float32_products_that_would_run_as_tf32_are_float64_under_auto_and_refused_when_asked(monkeypatch) -> None:

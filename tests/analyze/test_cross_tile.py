@@ -433,7 +433,8 @@ def test_a_device_sum_is_admitted_only_with_room_for_the_next_run_s_product(monk
 
     def recording(products, rows):
         held = products.numel() * products.element_size()
-        admitted.append(held + products.numel() * 8 + cross_tile._device_headroom(products, rows))
+        headroom = cross_tile.device_sum_headroom(rows, products.shape[0] + products.shape[1], products.element_size())
+        admitted.append(held + products.numel() * 8 + headroom)
         return real(products, rows)
 
     monkeypatch.setattr(cross_tile, "_device_sum", recording)
