@@ -184,6 +184,7 @@ class PendingBlocks:
     scratch: dict[str, np.ndarray] = field(default_factory=dict)
     device_sum: Any = None
     host_touched: bool = False  # whether total.c holds anything (while not, a crossing copies into it)
+    host_sums: bool = True  # whether a run may cross to total.c: False where the plan counted no host memory for it
 
     def __post_init__(self) -> None:
         self.host_touched = self.host_touched or self.total.n > 0  # a total with tokens holds them: add to it
@@ -238,6 +239,8 @@ class PendingBlocks:
                 self.device_sum = _device_sum(self.products, max(b.n for b in self.blocks))
             if self.device_sum is not None:
                 self.total.fold_blocks(self.blocks, self.products, into=self.device_sum)
+            elif not self.host_sums:  # the plan kept the sums on the device: the host has no budget for them
+                raise DeviceRoomLost(self.products.numel() * 8, device_free_bytes(self.products.device))
             else:  # no room for it on the device: this run's sum crosses over now
                 self._add_to_host(self.products)
                 self.total.fold_blocks(self.blocks)  # its corrections, on the host
@@ -356,6 +359,15 @@ def device_sum_headroom(rows: int, width: int, item: int) -> int:
     the stacks: ``rows`` tokens of ``width`` values, the product's rows and columns, ``item`` bytes each), at least
     :data:`DEVICE_HEADROOM`. The plan counts the same (``_MemoryModel.device_peak``): one rule."""
     return max(DEVICE_HEADROOM, 2 * rows * width * item)
+
+
+class DeviceRoomLost(MemoryError):
+    """A device refused the float64 sum of a pass whose plan kept it there (so counted none of it on the host): its
+    free memory fell after the plan. ``needed``: the sum's bytes; ``free``: what the device has free now."""
+
+    def __init__(self, needed: int, free: int) -> None:
+        super().__init__(needed, free)
+        self.needed, self.free = needed, free
 
 
 def _device_sum(products: Any, rows: int) -> Any:

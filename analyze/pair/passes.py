@@ -119,7 +119,8 @@ def run_passes(
         for tile in pair.plan.tiles:
             tile_reader, tile_segments = reader(tile), segments(tile, pair.plan.workers)
             prepare_products(tile, tile_reader, backend_of(tile), pair.plan.estimated_peak, len(tile_segments))
-            acc = run_tile(tile, tile_reader, tile_segments, backend_of(tile), scheduler, on_block)
+            acc = run_tile(tile, tile_reader, tile_segments, backend_of(tile), scheduler, on_block,
+                           host_sums=not pair.plan.sums_on_device(tile))
             m, s = finish(tile, acc)
             del acc  # free the tile's D x D accumulators before the next pass
             matched.update(m)

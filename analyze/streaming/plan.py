@@ -218,6 +218,10 @@ class AnalysisPlan:
     def count(self, kind: TileKind) -> int:
         return sum(t.kind == kind for t in self.tiles)
 
+    def sums_on_device(self, tile: Tile) -> bool:
+        """Whether the tile's pass keeps its sums on the GPU, so that the plan counted none of them on the host."""
+        return _MemoryModel(self.inputs, self.workers).sums_on_device(tile)
+
     def estimate(self, tile: Tile) -> int:
         """The memory model's peak of one tile's pass, in bytes (``estimated_peak`` is the largest)."""
         return _MemoryModel(self.inputs, self.workers).peak(tile)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal, Union, get_args
 import numpy as np
 
 from hrsa.analyze.accumulators.centring import NON_FINITE_MESSAGE
+from hrsa.analyze.accumulators.cross_tile import DeviceRoomLost
 from hrsa.store.errors import UserError
 
 if TYPE_CHECKING:
@@ -257,11 +258,14 @@ def fold_segment(
     backend: ChunkBackend,
     on_block: OnBlock | None = None,
     whole: bool = False,
+    host_sums: bool = True,
 ) -> dict[StreamPair, Accumulator]:
     """One segment task: the tile's accumulators over ``blocks``, one block at a time; each shard it read verified
     whole before they are returned (:meth:`StateReader.streamed`). ``whole``: the segment is the tile's whole pass
     (nothing is merged into it), so a cross-layer tile's sums on a GPU may leave as their summaries
-    (:meth:`~hrsa.analyze.accumulators.cross_tile.PendingBlocks.device_summaries`)."""
+    (:meth:`~hrsa.analyze.accumulators.cross_tile.PendingBlocks.device_summaries`). ``host_sums``: False where the
+    plan counted no host memory for the tile's sums (:meth:`AnalysisPlan.sums_on_device`): a GPU that no longer has
+    room for them is then an error, not a crossing into host memory nobody budgeted."""
     recent: list[TokenBlock] = []  # the blocks read last: the one folded and the one read ahead
 
     def remembered() -> Iterator[TokenBlock]:
@@ -272,12 +276,23 @@ def fold_segment(
     with reader.streamed() as segment:
         try:
             if tile.rectangle is not None or tile.kind == "self":
-                return _fold_stacked(tile, segment, remembered(), backend, on_block, whole)
+                return _fold_stacked(tile, segment, remembered(), backend, on_block, whole, host_sums)
             return _fold_pairs(tile, segment, remembered(), backend, on_block)
+        except DeviceRoomLost as lost:
+            raise _room_lost(lost) from None
         except ValueError as error:
             if str(error) != NON_FINITE_MESSAGE:
                 raise
             raise _non_finite(reader, tile.streams, recent) from None
+
+
+def _room_lost(lost: DeviceRoomLost) -> UserError:
+    from hrsa.analyze.streaming.plan import MemoryBudgetError, format_bytes
+
+    return MemoryBudgetError(
+        f"Expected room on the GPU for this pass's float64 sums ({format_bytes(lost.needed)}), as planned. Got "
+        f"{format_bytes(lost.free)} free on it instead: its free memory fell after the plan (another process took "
+        "it). Free the GPU and rerun: the plan fits the tiles to what is free then.")
 
 
 class NonFiniteError(UserError, ValueError):
@@ -328,7 +343,7 @@ def _fold_pairs(tile: Tile, reader: StateReader, blocks: Iterable[TokenBlock], b
 
 
 def _fold_stacked(tile: Tile, reader: StateReader, blocks: Iterable[TokenBlock], backend: ChunkBackend,
-                  on_block: OnBlock | None, whole: bool = False) -> CrossTileTotals | None:
+                  on_block: OnBlock | None, whole: bool = False, host_sums: bool = True) -> CrossTileTotals | None:
     """A cross-layer tile's segment as one stacked accumulator (one GEMM per block into a running sum, folded into the
     float64 total run by run), and the self co-moments of its states (riding along, or a self tile's), alike: every
     float32 sum covers the same runs of the grid whatever the tile, so the results do not depend on the plan."""
@@ -337,7 +352,8 @@ def _fold_stacked(tile: Tile, reader: StateReader, blocks: Iterable[TokenBlock],
     per_run = blocks_per_run(reader.block_tokens)
 
     def pending(rows: tuple[StreamKey, ...], cols: tuple[StreamKey, ...], xs: dict) -> PendingBlocks:
-        return PendingBlocks(CrossTileMoments.empty(rows, cols, xs[rows[0]].shape[1], xs[cols[0]].shape[1]), None)
+        empty = CrossTileMoments.empty(rows, cols, xs[rows[0]].shape[1], xs[cols[0]].shape[1])
+        return PendingBlocks(empty, None, host_sums=host_sums)
 
     stacked, selfs, run = None, None, None
     for block, xs in _read_ahead(reader, tile.streams, blocks):
@@ -508,6 +524,7 @@ def run_tile(
     backend: ChunkBackend,
     scheduler: ResolvedScheduler,
     on_block: OnBlock | None = None,
+    host_sums: bool = True,
 ) -> dict[StreamPair, Accumulator]:
     """One streaming pass: the tile's accumulators over every segment's tokens.
 
@@ -519,6 +536,7 @@ def run_tile(
         scheduler: where the graph is computed (see :func:`resolve_scheduler`).
         on_block: progress callback, called per block (the tasks run in this process: Ray's passes go through
             :mod:`.ray_passes` instead).
+        host_sums: False where the plan counted no host memory for the tile's sums (see :func:`fold_segment`).
 
     Returns:
         The accumulator of every pair of the tile over all the tokens (a cross-layer tile's :class:`CrossTileTotals`,
@@ -528,7 +546,7 @@ def run_tile(
 
     fold = dask.delayed(fold_segment, pure=False)
     whole = len(segments) == 1  # one segment: nothing merges into it (see fold_segment)
-    parts = [fold(tile, reader, tuple(blocks), backend, on_block, whole) for blocks in segments]
+    parts = [fold(tile, reader, tuple(blocks), backend, on_block, whole, host_sums) for blocks in segments]
     merge = dask.delayed(merge_partials, pure=False)
     while len(parts) > 1:  # a tree of fan-in 4: merges run in parallel on a cluster
         groups = [parts[i : i + _FAN_IN] for i in range(0, len(parts), _FAN_IN)]

@@ -120,6 +120,27 @@ def test_a_device_sum_folds_its_runs_on_the_device(pair_store, monkeypatch, room
         assert not summarised and len(crossings) == workers * len(tiles), crossings
 
 
+def test_a_whole_pass_planned_on_the_gpu_refuses_to_move_its_sums_to_the_host(pair_store, monkeypatch) -> None:
+    """A whole pass whose sums the plan kept on the GPU counts no host memory for them (a 7B tile: 86 GB on a host
+    budgeted 4 GB). Where the GPU's free memory fell after the plan (another process), the device refuses the sum at the
+    pass's first run: one line naming the cause, not the tile's sums written into host memory nobody budgeted. A pass
+    the plan counted on the host still crosses (test_a_device_sum_folds_its_runs_on_the_device)."""
+    import hrsa.analyze.accumulators.cross_tile as cross_tile
+    import hrsa.analyze.pair.analysis as analysis
+    from hrsa.analyze.streaming.plan import MemoryBudgetError
+
+    monkeypatch.setattr(TorchBackend, "_sums_on_host", property(lambda self: False))
+    monkeypatch.setattr(analysis, "device_budget", lambda backend, gpu_workers: 10 << 30)  # the plan: a roomy GPU
+    monkeypatch.setattr(cross_tile, "_device_sum", lambda products, rows: None)  # the pass: no room left
+    monkeypatch.setattr(cross_tile, "device_free_bytes", lambda device: 3 << 20)
+    crossings = []
+    monkeypatch.setattr(cross_tile.PendingBlocks, "_add_to_host", lambda self, matrix: crossings.append(matrix.shape))
+    with pytest.raises(MemoryBudgetError, match=r"GPU.*fell after the plan.*another process") as refused:
+        analyze_pair(pair_store.open(), "a", "b", metrics=("cka",), backend="torch", compute_dtype="float32",
+                     cross_layer=True, block_tokens=250, workers=1, scheduler="threads")
+    assert "\n" not in str(refused.value) and not crossings
+
+
 def test_the_gpus_free_memory_is_planned_for_and_tiles_change_nothing(pair_store, monkeypatch) -> None:
     """Where the products run on a local GPU, its free memory bounds the tiles (a tile's sums stay there): given a GPU
     with room for a few pairs only, the analysis makes more passes, to the same results."""
