@@ -30,6 +30,7 @@ from hrsa.analyze.results import (
     SavedResults,
     check_run_id_free,
     pick_run_id,
+    reserve_record,
     results_dict,
     write_files,
     write_to_store,
@@ -151,14 +152,20 @@ def _write_outputs(results: PairResults, config: AnalyzeConfig, store: Activatio
     with _writing_into(out):
         earlier = (out / "results.json").is_file()
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
+        record = None
         try:
-            run_id = pick_run_id(results, store=store, run_id=config.run_id)
+            if store is not None and config.run_id is None:  # a default id is taken by creating its record, now
+                run_id, record = reserve_record(store, results)
+            else:
+                run_id = pick_run_id(results, config.run_id)
             doc = results_dict(results, run_id=run_id, config=_recorded_config(config))
             _, rotations = write_files(results, doc, staging)
             figures = plot_figures(doc, staging)
-            store_path = _write_record(store, results, doc, replace=replace) if store is not None else None
+            store_path = _write_record(store, results, doc, record, replace=replace) if store is not None else None
         except BaseException:
             shutil.rmtree(created or staging, ignore_errors=True)
+            if record is not None:  # the id this run reserved, and what it wrote of the record
+                _let_go(store, run_id)
             raise
         written = [*(p.name for p in (*rotations, *figures)), "results.json"]  # results.json last
         # The earlier results.json goes first: a stop between the renames leaves a folder without one (unfinished),
@@ -200,11 +207,20 @@ def _writing_into(out: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def _write_record(store: ActivationStore, results: PairResults, doc: dict[str, Any], *, replace: bool) -> str:
-    """``results/<run_id>``; with ``replace``, an earlier record of that id (a run of this config's) goes first."""
-    if replace and doc["run_id"] in store.results_ids():
+def _write_record(store: ActivationStore, results: PairResults, doc: dict[str, Any], record: Any, *, replace: bool) -> str:
+    """``results/<run_id>`` into ``record`` (reserved by a default id), else a record created now; with ``replace``, an
+    earlier record of that id (a run of this config's) goes first."""
+    if record is None and replace and doc["run_id"] in store.results_ids():
         store.delete_results(doc["run_id"])
-    return write_to_store(store, results, doc)
+    return write_to_store(store, results, doc, record)
+
+
+def _let_go(store: ActivationStore, run_id: str) -> None:
+    """Delete the record a failed run reserved (gone already where the user deleted it meanwhile)."""
+    try:
+        store.delete_results(run_id)
+    except UserError:
+        pass
 
 
 def _first_missing(folder: Path) -> Path | None:

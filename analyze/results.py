@@ -97,7 +97,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from hrsa.analyze.metrics.uncertainty import DEFAULT_LEVEL, NULL_Z
 from hrsa.runtime.files import write_atomic
-from hrsa.store.errors import UserError
+from hrsa.store.errors import RunIdTakenError, UserError
 from hrsa.store.format import ATTRS_KEY
 from hrsa.store.ids import parse_id, slugify
 
@@ -116,6 +116,7 @@ __all__ = [
     "find_results",
     "new_run_id",
     "pick_run_id",
+    "reserve_record",
     "read_results",
     "results_dict",
     "save_results",
@@ -158,12 +159,24 @@ def new_run_id(results: PairResults, *, now: datetime | None = None) -> str:
     return f"{pair}--{stamp}"
 
 
-def _free_run_id(store: ActivationStore, default: str) -> str:
-    """``default``, or ``default-2``, ``-3``, ... when runs of the same pair in the same second took it (a script
-    running analyses back to back must not fail after its passes, nor overwrite the first run's record)."""
-    taken = set(store.results_ids())
-    candidates = (default, *(f"{default}-{n}" for n in range(2, 1000)))
-    return next((c for c in candidates if c not in taken), default)  # all taken: write_to_store names the clash
+def reserve_record(store: ActivationStore, results: PairResults, run_id: str | None = None) -> tuple[str, Any]:
+    """``(run_id, record)``: ``results/<run_id>`` created for this run alone, empty. ``run_id``, else the first of
+    ``<a>--<b>--<time>``, ``-2``, ``-3``, ... that this call creates: runs of one pair in the same second (a script
+    running analyses back to back, or at once) each get their own id, none failing after its passes. Each id is tried
+    by creating it (a listing taken before gave two runs at once the same id, and the second failed after its passes).
+
+    Raises:
+        UserError: an invalid or taken ``run_id`` (a default one: all 999 taken), or a read-only store.
+    """
+    if run_id is not None:
+        return run_id, store.create_results(parse_id(run_id, kind="run id"))
+    default = new_run_id(results)
+    for candidate in (default, *(f"{default}-{n}" for n in range(2, 999))):
+        try:
+            return candidate, store.create_results(candidate)
+        except RunIdTakenError:
+            continue
+    return f"{default}-999", store.create_results(f"{default}-999")  # taken too: names the clash
 
 
 def results_dict(results: PairResults, *, run_id: str, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -334,15 +347,14 @@ def check_run_id_free(store: ActivationStore, run_id: str) -> None:
                         f"or delete that record first (`hrsa store rm {store.url} {run_id} --results`).")
 
 
-def write_to_store(store: ActivationStore, results: PairResults, doc: Mapping[str, Any]) -> str:
-    """Write ``results/<run_id>``: arrays first, then the document as attributes (its presence means complete).
+def write_to_store(store: ActivationStore, results: PairResults, doc: Mapping[str, Any], record: Any = None) -> str:
+    """Write ``results/<run_id>``: arrays first, then the document as attributes (its presence means complete), into
+    ``record`` (the run's, from :func:`reserve_record`), else into a record created now.
 
     Raises:
         UserError: the store is read-only, or the run id is taken.
     """
-    run_id = doc["run_id"]
-    check_run_id_free(store, run_id)
-    group = store.create_results(run_id)
+    group = store.create_results(doc["run_id"]) if record is None else record
     names = []
     for name, values in _arrays(results, doc).items():
         group.create_array(name, data=np.ascontiguousarray(values))
@@ -421,22 +433,20 @@ def save_results(
     Raises:
         UserError: an invalid or taken run id, or a read-only store.
     """
-    run_id = pick_run_id(results, store=store, run_id=run_id)
+    run_id, record = reserve_record(store, results, run_id) if store is not None else (pick_run_id(results, run_id), None)
     doc = results_dict(results, run_id=run_id, config=config)
-    store_path = write_to_store(store, results, doc) if store is not None else None
+    store_path = write_to_store(store, results, doc, record) if store is not None else None
     json_path, rotations = write_files(results, doc, Path(out_dir))
     return SavedResults(run_id, json_path, rotations, store_path, doc)
 
 
-def pick_run_id(results: PairResults, *, store: ActivationStore | None = None, run_id: str | None = None) -> str:
-    """``run_id`` checked, else ``<a>--<b>--<time>`` (``-2``, ``-3``, ... added when ``store`` holds it).
+def pick_run_id(results: PairResults, run_id: str | None = None) -> str:
+    """``run_id`` checked, else ``<a>--<b>--<time>``, for results kept outside a store (a store's: :func:`reserve_record`).
 
     Raises:
         InvalidIdError: ``run_id`` is not a valid id.
     """
-    if run_id is None:
-        run_id = new_run_id(results) if store is None else _free_run_id(store, new_run_id(results))
-    return parse_id(run_id, kind="run id")
+    return parse_id(new_run_id(results) if run_id is None else run_id, kind="run id")
 
 
 def write_files(results: PairResults, doc: Mapping[str, Any], out_dir: Path) -> tuple[Path, tuple[Path, ...]]:

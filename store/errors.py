@@ -15,6 +15,7 @@ __all__ = [
     "StoreFormatError",
     "StoreReadOnlyError",
     "InvalidIdError",
+    "RunIdTakenError",
     "ModelNotFoundError",
     "CorpusNotFoundError",
     "LayerOutOfRangeError",
@@ -53,6 +54,10 @@ class StoreReadOnlyError(UserError, PermissionError):
 
 class InvalidIdError(UserError, ValueError):
     """A model, corpus or result id that is not a safe slug."""
+
+
+class RunIdTakenError(UserError):
+    """A result record of that id exists (or another writer created it a moment before)."""
 
 
 class ModelNotFoundError(UserError, KeyError):

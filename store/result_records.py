@@ -7,17 +7,22 @@ apart because records are the analysis' output, not activations; it relies on th
 
 from __future__ import annotations
 
+import json
+import uuid
 from typing import TYPE_CHECKING
 
-from hrsa.store.errors import UserError
+from hrsa.store.errors import RunIdTakenError, UserError
 from hrsa.store.format import ATTRS_KEY
 from hrsa.store.ids import parse_id
-from hrsa.store.objects import delete_key, delete_prefix, list_keys
+from hrsa.store.objects import create_if_absent, delete_key, delete_prefix, list_keys
 
 if TYPE_CHECKING:
     import zarr
 
 __all__ = ["ResultRecords"]
+
+#: The attribute a new record's metadata holds beside the document: its writer's token (see create_results).
+WRITER_KEY = "hrsa_writer"
 
 
 class ResultRecords:
@@ -73,13 +78,15 @@ class ResultRecords:
         parse_id(run_id, kind="run id")
         top = self._top("results")
         self._clear_leftovers(top, run_id)
-        try:
-            return top.create_group(run_id)
-        except zarr.errors.ContainsGroupError:
-            raise UserError(
+        # Created if absent, in one step (Zarr's create_group checks, then writes: racing writers all "created" it and
+        # wrote into one group); the writer's token makes its metadata its own, so the winner is known exactly.
+        path = f"{top.store_path.path}/{run_id}"
+        metadata = {"zarr_format": 3, "node_type": "group", "attributes": {WRITER_KEY: uuid.uuid4().hex}}
+        if not create_if_absent(top.store, f"{path}/zarr.json", json.dumps(metadata).encode()):
+            raise RunIdTakenError(
                 f"Expected a new run id. Got {run_id!r}, which {self.url} already holds in its results. "
-                f"Choose another run id, or delete that record first (`hrsa store rm {self.url} {run_id} --results`)."
-            ) from None
+                f"Choose another run id, or delete that record first (`hrsa store rm {self.url} {run_id} --results`).")
+        return zarr.open_group(top.store, path=path, mode="r+")
 
     @staticmethod
     def _clear_leftovers(top: zarr.Group, run_id: str) -> None:

@@ -5,6 +5,7 @@ beside them, and a run stopped at any step of its writing is redone whole by a r
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -274,3 +275,38 @@ def test_warnings_of_a_run_that_then_fails_come_with_its_error(fresh_pair_store,
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and lines[-1] == "hrsa: error: stopped before writing", result.stderr
     assert lines[:-1] == [f"hrsa: warning: {line}" for line in caught.value.warnings]
+
+
+def test_a_run_whose_default_id_another_run_takes_meanwhile_writes_under_the_next_one(fresh_pair_store, tmp_path: Path,
+                                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two `hrsa analyze` of one pair in the same second: the default id was picked from a listing, so the run that
+    listed before the other created its record failed after all its passes ("Expected a new run id", no --run-id
+    given). Here the other run creates the id between this run's listing and its write: this run takes `-2`."""
+    import hrsa.analyze.results as results_module
+    from hrsa.store import ActivationStore
+
+    monkeypatch.setattr(results_module, "new_run_id", lambda results, now=None: "a--b--20261204T235758Z")
+    create, raced = ActivationStore.create_results, []
+
+    def other_run_first(self: ActivationStore, run_id: str) -> Any:
+        if not raced:  # the other run's record, created a moment before this run's
+            raced.append(create(ActivationStore.open(self.url, mode="r+"), run_id))
+            raced[0].attrs[ATTRS_KEY] = {"run_id": run_id, "writer": "other"}
+        return create(self, run_id)
+
+    monkeypatch.setattr(ActivationStore, "create_results", other_run_first)
+    saved = run_analysis(config(fresh_pair_store, tmp_path / "out", replace=False), replace=False).saved
+    store = fresh_pair_store.open()
+    assert saved.run_id == "a--b--20261204T235758Z-2"
+    assert json.loads(saved.json_path.read_text())["run_id"] == saved.run_id
+    assert store.results_record("a--b--20261204T235758Z").attrs[ATTRS_KEY]["writer"] == "other"
+    assert store.results_record(saved.run_id).attrs[ATTRS_KEY]["run_id"] == saved.run_id
+
+
+def test_a_failed_run_lets_go_of_the_default_id_it_took(fresh_pair_store, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    ids = fresh_pair_store.open().results_ids()
+    fail_in_the_figures(monkeypatch)
+    with pytest.raises(RuntimeError, match="injected"):
+        run_analysis(config(fresh_pair_store, tmp_path / "out", replace=False), replace=False)
+    assert fresh_pair_store.open().results_ids() == ids and not (tmp_path / "out").exists()

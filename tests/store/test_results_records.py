@@ -75,3 +75,35 @@ def test_a_deletion_cut_short_leaves_no_record_and_its_id_free(filled_store: Act
     again = ActivationStore.open(store.url)
     assert "old-only" not in again.results_record("run")
     np.testing.assert_array_equal(again.results_record("run")["cka/diagonal"][:], np.arange(4.0))
+
+
+def test_writers_racing_for_one_run_id_make_one_record_whose_writer_alone_succeeds(target) -> None:
+    """Of writers creating the same record at one moment, exactly one succeeds and the record is its own: Zarr's
+    create_group checks, then writes, so two writers both "created" it (10 of 20 trials, two processes) and each wrote
+    its arrays and document into the one group, a record whose arrays were one run's under the other's document."""
+    import threading
+
+    ids, writers = [f"run-{i}" for i in range(12)], 4
+    stores = [target.open(mode="a") for _ in range(writers)]
+    meeting, won = threading.Barrier(writers, timeout=60), {}
+    lock = threading.Lock()
+
+    def write(w: int) -> None:
+        for run_id in ids:
+            meeting.wait()
+            try:
+                record = stores[w].create_results(run_id)
+            except UserError:
+                continue
+            record.attrs["hrsa"] = {"writer": w}
+            with lock:
+                won.setdefault(run_id, []).append(w)
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(won) == sorted(ids) and all(len(w) == 1 for w in won.values()), won
+    again = target.open(mode="r")
+    assert {i: again.results_record(i).attrs["hrsa"]["writer"] for i in ids} == {i: w[0] for i, w in won.items()}
