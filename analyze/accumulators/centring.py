@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 
     F64 = NDArray[np.float64]
 
-__all__ = ["COMPUTE_DTYPES", "NON_FINITE_MESSAGE", "SPREAD_RTOL", "centre_chunk", "centre_rows", "has_no_spread",
-           "parse_compute_dtype"]
+__all__ = ["COMPUTE_DTYPES", "FLOAT32_RANGE", "NON_FINITE_MESSAGE", "SPREAD_RTOL", "Float32RangeError", "centre_chunk",
+           "centre_rows", "check_float32_range", "has_no_spread", "parse_compute_dtype"]
 
 #: dtypes the O(n D^2) products may run in; centring and accumulation are float64 either way.
 COMPUTE_DTYPES = (np.dtype(np.float64), np.dtype(np.float32))
@@ -38,6 +38,60 @@ SPREAD_RTOL = 1e-12
 NON_FINITE_MESSAGE = "Expected finite activations. Got NaN or inf in a chunk instead. Check the extraction."
 
 Rows = TypeVar("Rows")  # a float64 numpy array or torch tensor, (n, D)
+
+#: Centred values whose float32 products keep every score within 1e-6: |v| in [2^-56, 2^56], or 0. Below, squares
+#: (< 2^-112) near float32's subnormals (2^-126) lose bits or vanish, so C_xx shrinks while C_xy holds (CKA of a side
+#: scaled by 1e-23 read 5.87; 1e-21 was 2.3e-6 off); above, a run's sum of 8,192 squares (2^125) nears float32's
+#: largest (2^128), and overflowed squares read as constant dimensions. CKA and r do not depend on the scale.
+FLOAT32_RANGE = (2.0**-56, 2.0**56)
+
+
+class Float32RangeError(ValueError):
+    """Centred activations outside :data:`FLOAT32_RANGE`: their products need float64. ``magnitude``: the value."""
+
+    def __init__(self, magnitude: float) -> None:
+        low, high = FLOAT32_RANGE
+        super().__init__(f"Expected centred activations whose squares float32 products hold (|x - mean| between "
+                         f"{low:.2g} and {high:.2g}, or 0). Got {magnitude:.3g} instead: use --compute-dtype float64 "
+                         "(auto does so by itself).")
+        self.magnitude = magnitude
+
+
+def check_float32_range(cast: Any, source: Any = None) -> None:
+    """Refuse centred values ``cast`` (n, D) to float32 (a numpy array or torch tensor) whose squares float32 does not
+    hold (:data:`FLOAT32_RANGE`), by each column's largest magnitude. ``source``: what was cast (float64, centred or
+    not), read only for columns cast to all zeros: values under 2^-149 flush to zero, and a column that varies would
+    pass for a constant one. (On the cast: half the bytes of float64 to read, 2-4% of a matched block's time.)
+
+    Raises:
+        Float32RangeError: a column's values are out of the range.
+    """
+    if cast.shape[0] == 0:
+        return
+    peak = _column_peak(cast)
+    low, high = FLOAT32_RANGE
+    out = ((peak > 0) & (peak < low)) | (peak > high)  # inf (an overflowed cast) is above
+    if out.any():
+        raise Float32RangeError(float(peak[out].max() if (peak[out] > high).any() else peak[out].min()))
+    flushed = peak == 0
+    if source is not None and flushed.any():
+        columns = flushed if isinstance(source, np.ndarray) else _like(source, flushed)
+        varies = _column_peak(source[:, columns] - source[:1, columns])
+        if (varies > 0).any():
+            raise Float32RangeError(float(varies[varies > 0].min()))
+
+
+def _column_peak(rows: Any) -> np.ndarray:
+    """The largest magnitude of each column of ``rows`` (numpy or torch), as a numpy array."""
+    if isinstance(rows, np.ndarray):
+        return np.maximum(rows.max(axis=0), -rows.min(axis=0))
+    return (rows.amax(0).double().maximum(-rows.amin(0).double())).cpu().numpy()
+
+
+def _like(tensor: Any, mask: np.ndarray) -> Any:
+    import torch
+
+    return torch.from_numpy(mask).to(tensor.device)
 
 
 def centre_rows(x64: Rows) -> tuple[Rows, Rows]:
@@ -89,7 +143,10 @@ def centre_chunk(x: ArrayLike, compute_dtype: DTypeLike = np.float64) -> tuple[n
         raise ValueError(f"Expected a chunk of shape (n, D). Got shape {x.shape} instead.")
     dtype = parse_compute_dtype(compute_dtype)
     u, mean = centre_rows(x.astype(np.float64, copy=False))
-    return u.astype(dtype, copy=False), mean
+    cast = u.astype(dtype, copy=False)
+    if dtype == np.float32:
+        check_float32_range(cast, u)
+    return cast, mean
 
 
 def parse_compute_dtype(compute_dtype: DTypeLike) -> np.dtype:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from hrsa.analyze.accumulators._chan import add_outer
-from hrsa.analyze.accumulators.centring import NON_FINITE_MESSAGE
+from hrsa.analyze.accumulators.centring import NON_FINITE_MESSAGE, check_float32_range
 from hrsa.analyze.accumulators.cross_moments import CoMomentSummary, CrossMoments
 from hrsa.analyze.accumulators.gemm import multiply_into
 from hrsa.analyze.accumulators.spread import spread
@@ -339,6 +339,8 @@ def stack_centred(blocks: Sequence[np.ndarray], compute_dtype: np.dtype,
             raise ValueError(NON_FINITE_MESSAGE)
         shift = mean.astype(compute_dtype)
         np.subtract(x, shift, out=slot, casting="unsafe")
+        if slot.dtype == np.float32:
+            check_float32_range(slot, block)
         means[i], shifts[i] = mean, shift
 
     spread(centre, len(blocks))

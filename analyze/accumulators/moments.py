@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from hrsa.analyze.accumulators._chan import ChanStep, add_outer
-from hrsa.analyze.accumulators.centring import centre_rows, parse_compute_dtype
+from hrsa.analyze.accumulators.centring import centre_rows, check_float32_range, parse_compute_dtype
 
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike, DTypeLike, NDArray
@@ -240,6 +240,9 @@ def _chunk_moments(x: np.ndarray, y: np.ndarray, compute_dtype: np.dtype) -> Mom
     v, mean_y = centre_rows(y.astype(np.float64, copy=False))  # (n, Dy), (Dy,)
     # Step 2: the O(n D^2) products, optionally in float32 (centred data keeps that accurate).
     uc, vc = u.astype(compute_dtype, copy=False), v.astype(compute_dtype, copy=False)
+    if uc.dtype == np.float32:
+        check_float32_range(uc, u)
+        check_float32_range(vc, v)
     c_xx = (uc.T @ uc).astype(np.float64, copy=False)  # (Dx, Dx)
     c_yy = (vc.T @ vc).astype(np.float64, copy=False)  # (Dy, Dy)
     c_xy = (uc.T @ vc).astype(np.float64, copy=False)  # (Dx, Dy)

@@ -8,6 +8,7 @@ reads of the store), and assemble the results (:mod:`.assembly`).
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import replace
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
+from hrsa.analyze.accumulators.centring import FLOAT32_RANGE, Float32RangeError
 from hrsa.analyze.accumulators.cross_tile import device_free_bytes
 from hrsa.analyze.config import DEFAULT_GROUPS, METRICS, MOMENT_METRICS
 from hrsa.analyze.local.hidden_states import shared_hidden_states
@@ -135,13 +137,17 @@ def analyze_pair(
     dtypes = stored_dtypes(store, (a, b))
     chunk_backend = resolve_backend(backend, compute_dtype, metrics=metrics, cluster_gpus=gpu_workers,
                                     stored_dtypes=dtypes, multiplies=products)
-    pair = resolve_pair(
-        store, a, b, metrics=metrics, debiased=debiased, cross_layer=cross_layer, selection=selection,
-        memory_budget=budget, block_tokens=block_tokens, workers=workers or _default_workers(on_ray),
-        save_rotation=save_rotation, compute_bytes=np.dtype(chunk_backend.compute_dtype).itemsize, groups=groups,
-        per_worker_budget=on_ray, read_threads=read_threads or _default_read_threads(chunk_backend, on_ray),
-        device_budget=device_budget(chunk_backend, gpu_workers if on_ray else None),
-    )
+
+    def planned(chunk_backend: ChunkBackend) -> ResolvedPair:
+        return resolve_pair(
+            store, a, b, metrics=metrics, debiased=debiased, cross_layer=cross_layer, selection=selection,
+            memory_budget=budget, block_tokens=block_tokens, workers=workers or _default_workers(on_ray),
+            save_rotation=save_rotation, compute_bytes=np.dtype(chunk_backend.compute_dtype).itemsize, groups=groups,
+            per_worker_budget=on_ray, read_threads=read_threads or _default_read_threads(chunk_backend, on_ray),
+            device_budget=device_budget(chunk_backend, gpu_workers if on_ray else None),
+        )
+
+    pair = planned(chunk_backend)
     knn_options = _states_resolved(store, pair, "knn", knn_options, names)
     probe_options = _states_resolved(store, pair, "probe", probe_options, names)
     _check_local_metrics(store, pair, selection, knn_options, probe_options, names)  # before the passes, not after
@@ -152,7 +158,22 @@ def analyze_pair(
     running = [for_matched] * bool(pair.plan.count("matched")) + [chunk_backend] * bool(
         pair.plan.count("cross") or pair.plan.count("self"))
     warn_float32_on_few_levels(compute_dtype, dtypes, running)
-    outputs = run_passes(store, pair, chunk_backend, dask_scheduler, on_block, matched=for_matched)
+    try:
+        outputs = run_passes(store, pair, chunk_backend, dask_scheduler, on_block, matched=for_matched)
+    except Float32RangeError as error:  # activations whose squares float32 does not hold: float64 products
+        cause = _task_cause(error)
+        if compute_dtype != "auto":
+            raise UserError(str(cause).strip().splitlines()[0]) from None
+        low, high = FLOAT32_RANGE
+        warnings.warn(f"Centred activations of magnitude {getattr(cause, 'magnitude', float('nan')):.3g} in {a} or {b}, "
+                      f"whose squares float32 does not hold (it holds {low:.2g} to {high:.2g}): float64 products instead "
+                      "(the passes ran again, planned for them).", PrecisionWarning, stacklevel=2)
+        chunk_backend = replace(chunk_backend, compute_dtype="float64")  # type: ignore[type-var]
+        for_matched = replace(for_matched, compute_dtype="float64")  # type: ignore[type-var]
+        pair = planned(chunk_backend)
+        if on_plan is not None:
+            on_plan(pair.plan)
+        outputs = run_passes(store, pair, chunk_backend, dask_scheduler, on_block, matched=for_matched)
     settings: dict[str, Any] = {"scheduler": dask_scheduler.name, "backend": chunk_backend.name,
                                 "compute_dtype": chunk_backend.compute_dtype, "block_tokens": pair.block_tokens,
                                 "workers": pair.plan.workers}
@@ -165,6 +186,15 @@ def analyze_pair(
     # Phase 3: the local metrics, on their own reads; phase 4: the results.
     local = _local_metrics(store, pair, selection, knn_options, probe_options, settings, names)
     return replace(assemble(pair, selection, outputs, settings), **local)
+
+
+def _task_cause(error: BaseException) -> BaseException:
+    """``error``, or for a Ray task's error the error raised in the task (Ray's own text is a traceback)."""
+    if "ray" not in sys.modules:
+        return error
+    from hrsa.runtime.task_errors import root_cause
+
+    return root_cause(error)
 
 
 def _cluster_gpus() -> bool:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal, Protocol, get_args, runtime_checkable
 
 import numpy as np
-from hrsa.analyze.accumulators.centring import centre_rows
+from hrsa.analyze.accumulators.centring import centre_rows, check_float32_range
 from hrsa.analyze.accumulators.cross_moments import CrossMoments, iter_cross_moments
 from hrsa.analyze.accumulators.cross_tile import BlockMeans, PendingBlocks, stack_centred
 from hrsa.analyze.accumulators.moments import Moments
@@ -131,7 +131,7 @@ class TorchBackend:
         # Step 1: centre in float64 on the device (offsets of 1e4 would swamp a float32 product).
         (u, mean_x), (v, mean_y) = self._centre(x), self._centre(y)  # (n, Dx), (n, Dy) float64
         # Step 2: the O(n D^2) products in compute_dtype, back to float64.
-        uc, vc = u.to(self._dtype), v.to(self._dtype)
+        uc, vc = self._cast(u), self._cast(v)
         c_xx, c_yy, c_xy = (uc.T @ uc).double(), (vc.T @ vc).double(), (uc.T @ vc).double()
         del uc, vc  # before the (n, D) temporaries of step 3: the memory plan counts u, v and one of those
         # Step 3: the O(n D) norm moments of debiased CKA, in float64.
@@ -149,7 +149,7 @@ class TorchBackend:
         centred = {}
         for k in {k for pair in pairs for k in pair}:  # each state centred and cast once per block
             u, mean = self._centre(xs[k])
-            centred[k] = (u.to(self._dtype), mean.cpu().numpy())
+            centred[k] = (self._cast(u), mean.cpu().numpy())
             del u  # the float64 copy goes before the next state's is made (a float32 cast keeps only the cast)
         for kx, ky in pairs:
             (u, mx), (v, my) = centred[kx], centred[ky]
@@ -168,6 +168,8 @@ class TorchBackend:
             for i, key in enumerate(keys):  # one state's float64 centred copy at a time, cast into its slot
                 centred, mean = self._centre(xs[key])
                 out[:, i * width : (i + 1) * width] = centred
+                if self._dtype == torch.float32:
+                    check_float32_range(out[:, i * width : (i + 1) * width], centred)
                 means.append(mean)
             return out, torch.cat(means).cpu().numpy()
 
@@ -214,6 +216,13 @@ class TorchBackend:
         import torch
 
         return torch.float32 if self.compute_dtype == "float32" else torch.float64
+
+    def _cast(self, u: torch.Tensor) -> torch.Tensor:
+        """Centred float64 rows in the products' dtype; float32 only where their squares hold (check_float32_range)."""
+        cast = u.to(self._dtype)
+        if cast.dtype != u.dtype:
+            check_float32_range(cast, u)
+        return cast
 
     def _centre(self, x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """The block (n, D) on the device, centred in float64, and its mean (D,)."""

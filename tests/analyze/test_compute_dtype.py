@@ -320,3 +320,43 @@ def test_a_process_that_asked_for_tf32_gets_float64_products_and_its_settings_un
         if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
             torch.backends.cuda.matmul.fp32_precision = "none"
             torch.backends.fp32_precision = "none"
+
+
+def _scaled(states: dict[int, np.ndarray], scale: float | tuple[int, float]) -> dict[int, np.ndarray]:
+    """Every state times ``scale``, or one dimension of each times a factor: ``(dimension, factor)``."""
+    if isinstance(scale, tuple):
+        dim, factor = scale
+        return {k: v * np.where(np.arange(v.shape[1]) == dim, factor, 1.0) for k, v in states.items()}
+    return {k: v * scale for k, v in states.items()}
+
+
+@pytest.mark.parametrize(("scale_a", "scale_b"), [(1e-23, 1.0), (1e-21, 1e-21), (1e19, 1e19), ((3, 1e-25), 1.0)],
+                         ids=["a-at-1e-23", "both-at-1e-21", "both-at-1e19", "one-dimension-at-1e-25"])
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_activations_whose_squares_float32_cannot_hold_get_float64_products(make_pair_store, store_model, oracle,
+                                                                            scale_a, scale_b, backend) -> None:
+    """CKA and r do not depend on the activations' scale, but float32 squares do: values near 1e-23 square below
+    float32's smallest normal, so C_xx shrank while C_xy held, and CKA read 5.87 (r 1.0 for 0.895); near 1e19 the
+    squares overflowed and every dimension read as constant. Auto gives those blocks float64 products (said in a
+    warning); float32 asked for is refused in one line. Checked against float64 formulas on the stored values."""
+    from hrsa.analyze.metrics._common import PrecisionWarning
+    from hrsa.store.errors import UserError
+
+    pair = make_pair_store(doc_lengths=(300, 250, 450), d=16)
+    store = pair.open("r+")
+    cid = store.model_info("a").corpus
+    x = store_model(store, "sa", cid, _scaled(pair.x, scale_a))
+    y = store_model(store, "sb", cid, _scaled(pair.y, scale_b))
+    common = dict(metrics=("cka", "dimcorr"), cross_layer=True, backend=backend, block_tokens=256)
+    with pytest.warns(PrecisionWarning, match=r"magnitude .* in sa or sb, whose squares float32 does not hold.*float64 products"):
+        res = analyze_pair(store, "sa", "sb", **common)
+    assert res.settings["compute_dtype"] == "float64"
+    for i, k in enumerate(res.matched):
+        assert res.cka[i].value == pytest.approx(oracle.cka(x[k], y[k]), abs=1e-9)
+        np.testing.assert_allclose(res.dimcorr[i].per_dim, oracle.dimcorr(x[k], y[k]), rtol=0, atol=1e-9)
+    for i in res.hidden_states_a:
+        for j in res.hidden_states_b:
+            assert res.cka_matrix[i, j] == pytest.approx(oracle.cka(x[i], y[j]), abs=1e-9)
+    with pytest.raises(UserError, match="--compute-dtype float64") as refused:
+        analyze_pair(store, "sa", "sb", compute_dtype="float32", **common)
+    assert "\n" not in str(refused.value)
