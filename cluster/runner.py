@@ -260,16 +260,17 @@ def check_checkpoint_schedule(run: str, tc: TrainConfig, *, finished: bool) -> N
                     f"{fix} with this schedule, or set save_every back.")
 
 
-def _readable_results(path: Path) -> bool:
-    """Whether an analysis's results.json is there and reads as one (not only there: a truncated or edited one kept its
-    stage up to date, and the report failed on it at every re-run)."""
+def _readable_results(path: Path, run_id: str) -> bool:
+    """Whether the stage's results.json is there, reads as one and is this stage's run (``run_id``): a truncated or
+    edited one kept its stage up to date, and the report failed on it at every re-run; another analysis's, written
+    into the pair's folder by `hrsa analyze --out`, was reported as the pair's."""
     from hrsa.analyze.results import read_results
 
     try:
-        read_results(path)
+        _, doc = read_results(path)
     except UserError:
         return False
-    return True
+    return doc.get("run_id") == run_id
 
 
 def _checkpoints_complete(outputs: Mapping[str, Any], output: str, recipe: str) -> bool:
@@ -534,7 +535,7 @@ class _Runner:
                          "b": [b.store_id, b.key], **self._auto_products(options, a, b)})
         json_path = out_dir / "results.json"
         run_id = f"{stage.partition(':')[2][:100]}--{key[:12]}".replace("@", "-")
-        reason = self.state.reason_to_run(stage, key, lambda o: _readable_results(json_path) and self._recorded(options, run_id))
+        reason = self.state.reason_to_run(stage, key, lambda o: _readable_results(json_path, run_id) and self._recorded(options, run_id))
         if self._announce(stage, reason):
             # Recorded as started once its results are computed, before it writes: a run refused or failed before then
             # leaves the stage's record (and its earlier results) as they were.

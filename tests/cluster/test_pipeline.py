@@ -135,17 +135,26 @@ def test_rerun_skips_every_stage(copy: Workspace) -> None:
     assert copy.state() == before
 
 
-@pytest.mark.parametrize("damage", ["truncated", "forged"])
+def _foreign(text: str) -> str:
+    """Another analysis's results.json (`hrsa analyze --out` into the pair's folder: its own run id, its own tokens)."""
+    doc = json.loads(text)
+    return json.dumps({**doc, "run_id": "llama--qwen--20261205T000213Z", "n_tokens": doc["n_tokens"] // 2})
+
+
+@pytest.mark.parametrize("damage", ["truncated", "forged", "foreign"])
 def test_a_damaged_results_file_reruns_its_analysis(copy: Workspace, damage: str) -> None:
     """Only the file's existence was checked: a truncated results.json kept its analysis "up to date", and the report
-    stage failed on every re-run with a line that named no fix."""
+    stage failed on every re-run with a line that named no fix. Another analysis's results.json written into the
+    pair's folder (a readable one) was kept as the pipeline's, and the report showed its numbers as the pair's."""
     path = copy.root / "out" / "pairs" / "llama--qwen" / "results.json"
     text = path.read_text()
-    path.write_text(text[: len(text) // 2] if damage == "truncated" else text.replace('"diagonal": [', '"diagonal": ["x", ', 1))
+    path.write_text(text[: len(text) // 2] if damage == "truncated" else _foreign(text) if damage == "foreign" else
+                    text.replace('"diagonal": [', '"diagonal": ["x", ', 1))
     result = run_pipeline(copy.config(), console=quiet())
     assert result.ran == ("analyze:llama--qwen",)  # the same inputs again: the report's are unchanged
     assert {s.name: s.reason for s in result.stages}["analyze:llama--qwen"] == "its outputs are missing"
-    assert json.loads(path.read_text())["a"] == "llama"
+    got, want = json.loads(path.read_text()), json.loads(text)
+    assert got["a"] == "llama" and (got["run_id"], got["n_tokens"], got["metrics"]) == (want["run_id"], want["n_tokens"], want["metrics"])
 
 
 @pytest.mark.parametrize("data", ["missing", "empty"])
