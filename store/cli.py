@@ -73,8 +73,11 @@ def _results_table(store: Any, ids: Any) -> Any:
     from rich.table import Table
 
     table = Table(ids("result"), ids("A"), ids("B"), "created", title="results", title_justify="left")
+    damaged = set(store.damaged_results())
     for run_id, doc in store.results_documents().items():
-        if doc is None:
+        if run_id in damaged:
+            _add_row(table, run_id, "", "", f"(damaged metadata: `hrsa store rm {store.url} {run_id} --results`)")
+        elif doc is None:
             _add_row(table, run_id, "", "", "(incomplete: being written, or cut short)")
         else:
             _add_row(table, run_id, str(doc.get("a", "")), str(doc.get("b", "")), str(doc.get("created", "")))
@@ -235,7 +238,7 @@ def rm(url: str, model: str, results: bool, yes: bool) -> None:
 
     store = ActivationStore.open(url, mode="r+")
     if results:
-        store.results_record(model)  # fail on an unknown id before asking anything
+        store.known_results(model)  # fail on an unknown id before asking anything (a damaged record is deleted too)
         _confirm(yes, f"result record {model}", url)
         store.delete_results(model)
         click.echo(f"deleted result record {model}")

@@ -13,6 +13,7 @@ Which writer won is read back, not assumed: every created object carries a token
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     import zarr
     from zarr.abc.store import Store
 
-__all__ = ["is_precondition_failure", "ensure_array", "ensure_group", "create_if_absent", "check_create_if_absent", "get_buffer", "get_bytes", "get_range", "put_bytes", "put_pieces", "list_keys", "object_size", "delete_key", "delete_prefix"]
+__all__ = ["is_precondition_failure", "ensure_array", "ensure_group", "create_if_absent", "check_create_if_absent", "get_buffer", "get_bytes", "get_range", "put_bytes", "put_pieces", "list_keys", "folders_holding", "object_size", "delete_key", "delete_prefix"]
 
 
 def _sync(coroutine):  # type: ignore[no-untyped-def]
@@ -178,6 +179,18 @@ def list_keys(store: Store, prefix: str) -> list[str]:
         return [k async for k in store.list_prefix(folder)]
 
     return sorted(k.removeprefix(folder) for k in _sync(keys()))
+
+
+def folders_holding(store: Store, prefix: str, name: str) -> list[str]:
+    """The folders directly under ``prefix`` that hold an object ``name`` (e.g. a group's ``zarr.json``), sorted: one
+    listing and one existence check per folder, all at once (no metadata read: a damaged one names its folder too)."""
+
+    async def found() -> list[str]:
+        children = sorted({child async for child in store.list_dir(prefix)} - {name})
+        held = await asyncio.gather(*(store.exists(f"{prefix}/{child}/{name}") for child in children))
+        return [child for child, there in zip(children, held) if there]
+
+    return _sync(found())
 
 
 def delete_key(store: Store, key: str) -> None:

@@ -11,10 +11,11 @@ import json
 import uuid
 from typing import TYPE_CHECKING
 
-from hrsa.store.errors import RunIdTakenError, UserError
+from hrsa.store.errors import CorruptDataError, RunIdTakenError, UserError
 from hrsa.store.format import ATTRS_KEY
 from hrsa.store.ids import parse_id
-from hrsa.store.objects import create_if_absent, delete_key, delete_prefix, list_keys
+from hrsa.store.objects import (create_if_absent, delete_key, delete_prefix, folders_holding, get_bytes, list_keys,
+                                object_size)
 
 if TYPE_CHECKING:
     import zarr
@@ -38,12 +39,16 @@ class ResultRecords:
 
     def results_ids(self) -> list[str]:
         """Ids of the result records (``hrsa analyze`` runs) in the store, sorted; a record still being written
-        (or left by a run that stopped) counts too: its id is taken."""
-        import warnings
+        (or left by a run that stopped), or whose metadata is damaged, counts too: its id is taken. Found by listing
+        the folders holding a ``zarr.json`` (Zarr's listing read each one: one record's cut short made ``store ls``,
+        ``store rm`` and analyses tracebacks); what a deletion cut short left (no metadata) is no record."""
+        top = self._top("results")
+        return folders_holding(top.store, top.store_path.path, "zarr.json")
 
-        with warnings.catch_warnings():  # what a deletion cut short left is no record (cleared on the id's next use)
-            warnings.filterwarnings("ignore", message="Object at .* is not recognized")
-            return sorted(self._top("results").group_keys())
+    def damaged_results(self) -> list[str]:
+        """Ids of the records whose metadata does not read as a group's (cut short, overwritten), sorted."""
+        top = self._top("results")
+        return [run_id for run_id in self.results_ids() if not _reads_as_group(get_bytes(top.store, f"{top.store_path.path}/{run_id}/zarr.json"))]
 
     def results_documents(self) -> dict[str, dict | None]:
         """Each result record's document (its attributes), by id, sorted; None for a record whose document is not
@@ -53,7 +58,7 @@ class ResultRecords:
         for run_id in self.results_ids():
             try:
                 doc = top[run_id].attrs.get(ATTRS_KEY)
-            except Exception:  # damaged metadata: `hrsa store verify` names it
+            except Exception:  # damaged metadata: `hrsa store verify` and `store ls` name it (damaged_results)
                 doc = None
             documents[run_id] = doc if isinstance(doc, dict) else None
         return documents
@@ -105,7 +110,17 @@ class ResultRecords:
         Raises:
             UserError: no record of that id.
         """
-        return self._top("results")[self._known_results(run_id)]
+        run_id = self.known_results(run_id)
+        try:
+            record = self._top("results")[run_id]
+        except Exception:  # JSONDecodeError, Zarr's own: metadata that does not read
+            record = None
+        if record is None or not hasattr(record, "attrs") or not hasattr(record, "groups"):
+            raise CorruptDataError(
+                f"Expected the result record {run_id}'s metadata in {self.url}/results/{run_id}/zarr.json. Got it "
+                f"unreadable instead. Delete the record (`hrsa store rm {self.url} {run_id} --results`) and run its "
+                "analysis again.")
+        return record
 
     def delete_results(self, run_id: str) -> None:
         """Remove the result record ``run_id``; models, corpora and other records are untouched.
@@ -116,13 +131,28 @@ class ResultRecords:
         """
         self._check_writable()
         top = self._top("results")
-        prefix = f"{top.store_path.path}/{self._known_results(run_id)}"
+        prefix = f"{top.store_path.path}/{self.known_results(run_id)}"
         delete_key(top.store, f"{prefix}/zarr.json")  # first: a deletion cut short leaves no record that reads
         delete_prefix(top.store, prefix)
 
-    def _known_results(self, run_id: str) -> str:
+    def known_results(self, run_id: str) -> str:
+        """``run_id``, checked to be a record of this store (its metadata there, readable or not).
+
+        Raises:
+            UserError: no record of that id (the message names those there are).
+        """
         parse_id(run_id, kind="run id")
-        if run_id not in self._top("results"):
+        top = self._top("results")
+        if object_size(top.store, f"{top.store_path.path}/{run_id}/zarr.json") is None:
             known = ", ".join(self.results_ids()) or "none"
             raise UserError(f"Expected a result record of this store ({known}). Got {run_id!r} instead.")
         return run_id
+
+
+def _reads_as_group(metadata: bytes | None) -> bool:
+    """Whether a record's ``zarr.json`` reads as a Zarr v3 group's metadata."""
+    try:
+        doc = json.loads(metadata or b"")
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and doc.get("zarr_format") == 3 and doc.get("node_type") == "group"

@@ -195,6 +195,8 @@ def verify_store(
         _verify_corpus(store, cid, problems)
     if models is None:
         _verify_alignments(store, problems)
+        problems.extend(Problem(f"results/{run_id}", f"metadata does not read; `hrsa store rm {store.url} {run_id} "
+                                "--results` deletes the record") for run_id in store.damaged_results())
     incomplete: dict[str, list[int]] = {}
     shards = 0
     for info in infos:

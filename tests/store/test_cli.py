@@ -408,6 +408,30 @@ def test_rm_of_a_result_id_without_results_names_the_flag_and_deletes_nothing(ur
     assert _tree_digest(Path(url)) == before
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "an-array"])
+def test_a_record_whose_metadata_is_damaged_is_named_and_deleted_and_blocks_nothing(url: str, damage: str) -> None:
+    """Listing the records read every record's metadata: one cut short made `store ls`, `store rm` of a model and of
+    the record itself (the fix it would name) and analyses' writes tracebacks, while `store verify` said ok."""
+    _record(url, "keep")
+    _record(url, "broken")
+    path = Path(url) / "results" / "broken" / "zarr.json"
+    text = path.read_text()
+    path.write_text({"truncated": text[:100], "garbage": "\x00garbage",
+                     "an-array": json.dumps({"zarr_format": 3, "node_type": "array"})}[damage])
+    code, out, err = _run("store", "ls", url)
+    assert code == 0 and "broken" in out and "keep" in out, out + err
+    assert "damaged" in out[out.index("results"):] and "--results" in out, out
+    code, out, err = _run("store", "verify", url)
+    assert code != 0 and "results/broken" in out + err and "--results" in out + err, out + err
+    code, out, err = _run("store", "rm", url, "broken", "--results", "--yes")
+    assert code == 0 and "deleted result record broken" in out, out + err
+    assert ActivationStore.open(url).results_ids() == ["keep"] and not path.parent.exists()
+    _record(url, "broken-again")
+    (Path(url) / "results" / "broken-again" / "zarr.json").write_text("{")
+    code, out, err = _run("store", "rm", url, "m", "--yes")
+    assert code == 0 and ActivationStore.open(url).models() == [], out + err
+
+
 @pytest.mark.parametrize("name", ["s", "models", "done"])
 def test_a_store_named_by_a_relative_path_reads_its_units_and_claims(name: str, tmp_path, monkeypatch) -> None:
     """zarr's LocalStore lists keys relative to its root with str.replace of "<root>/" anywhere in the key: a store
