@@ -3,6 +3,7 @@ assembles them and turns a :class:`~hrsa.store.errors.UserError` into one line a
 
 from __future__ import annotations
 
+import errno
 import signal
 import sys
 
@@ -29,6 +30,24 @@ class _Hrsa(click.Group):
                 click.echo(f"hrsa: warning: {line}", err=True)
             click.echo(f"hrsa: error: {error}", err=True)
             ctx.exit(2 if isinstance(error, UserError) else 1)
+        except OSError as error:  # a path the system refused (checked before the work where hrsa can tell): one line
+            fix = _PATH_FIXES.get(error.errno) if error.filename is not None else None
+            if fix is None:
+                raise
+            click.echo(f"hrsa: error: Expected {error.filename} usable. Got {error.strerror} instead: {fix}.", err=True)
+            ctx.exit(2)
+
+
+#: What the user does about a path the system refused, by errno (others keep their traceback: a bug of hrsa's).
+_PATH_FIXES = {
+    errno.EROFS: "a read-only filesystem; choose a writable path",
+    errno.EACCES: "no permission; choose another path, or grant it",
+    errno.EPERM: "not permitted; choose another path",
+    errno.ENOSPC: "free space on that disk, or choose another path",
+    errno.EDQUOT: "free space within your quota, or choose another path",
+    errno.ENOENT: "check the path (a folder on the way cannot be made there)",
+    errno.ENOTDIR: "a file stands where a folder is needed on the way; check the path",
+}
 
 
 @click.group(cls=_Hrsa, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

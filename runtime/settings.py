@@ -18,7 +18,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ValidationError
 
 from hrsa.runtime.locations import is_url
 from hrsa.store.errors import UserError
-from hrsa.store.local_files import check_output_file, check_outside_stores
+from hrsa.store.local_files import check_output_file, check_outside_stores, check_writable
 
 __all__ = ["EXPLICIT_NONE", "SETTING_NAMES", "FilePath", "FolderLocation", "FolderPath", "Problems", "SettingNames",
            "flag_name", "load_settings", "parse_settings", "read_yaml_mapping", "renamed_flags", "validation_problems"]
@@ -43,7 +43,10 @@ def renamed_flags(message: str, fields: Collection[str], names: SettingNames) ->
     """``message`` with each flag of one of ``fields`` (:func:`flag_name`'s ``--memory-budget``; a switch's
     ``--no-use-gpu`` as ``<name>: false``) named by ``names`` instead: for messages from code that names settings by
     the flags of the verb it serves (the streaming plan, the k-NN pass, training's placement), raised where a pipeline
-    calls it."""
+    calls it. The CLI's own names leave it as it is (a switch's ``--no-store-results`` read ``--store-results: false``)."""
+    if names is flag_name:
+        return message
+
     def name(match: re.Match[str]) -> str:
         field = match[2].replace("-", "_")
         if field not in fields:
@@ -69,12 +72,15 @@ def _not_a_file(path: Path, info: ValidationInfo) -> Path:
     path = path.expanduser()
     # Checked with the settings, before any work: a job that computes for an hour and then cannot write its
     # folder has wasted the hour (and may have written half its outputs elsewhere).
-    if path.is_file():
-        raise ValueError(f"expected a folder, got the file {str(path)!r}; name a folder (it is created if missing)")
+    if path.exists() and not path.is_dir():  # a file, a device node (/dev/null), a FIFO
+        what = "the file" if path.is_file() else "something other than a folder,"
+        raise ValueError(f"expected a folder, got {what} {str(path)!r}; name a folder (it is created if missing)")
     # Nor inside a local hrsa store: a run folder under STORE/models/ was listed as a half-created model there,
     # whose repair (`hrsa store rm`) deletes it.
     check_outside_stores(path, flag=_flag_of(info))
-    return _under_folders(path)
+    _under_folders(path)
+    check_writable(path, flag=_flag_of(info))  # an OutputPathError is a ValueError: gathered with the others
+    return path
 
 
 def _flag_of(info: ValidationInfo) -> str | None:

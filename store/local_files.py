@@ -19,7 +19,7 @@ from typing import BinaryIO
 
 from hrsa.store.errors import UserError
 
-__all__ = ["OutputPathError", "atomic_file", "check_output_file", "check_outside_stores"]
+__all__ = ["OutputPathError", "atomic_file", "check_output_file", "check_outside_stores", "check_writable"]
 
 # Reading the umask means setting it; done once, at import, rather than racing other threads on each write.
 _UMASK = os.umask(0o022)
@@ -71,6 +71,24 @@ def check_output_file(path: Path | str, *, flag: str | None = "--out") -> None:
         raise OutputPathError(f"Expected {name} to be a regular file or a new path. Got {text}, {_kind(mode)}, "
                               f"instead; writing would replace it. Choose another {flag or 'path'}.")
     check_outside_stores(path, flag=flag)
+    check_writable(os.path.dirname(os.path.abspath(os.path.expanduser(text))), flag=flag, named=text)
+
+
+def check_writable(folder: Path | str, *, flag: str | None = "--out", named: str | None = None) -> None:
+    """Refuse ``folder`` (to write in, created with its missing parents) when the nearest of it and its parents that
+    exists cannot be written: a read-only filesystem, or no write permission. Found before the work, not when the
+    job's results are ready (an analysis computed, then failed on its folder in a traceback). ``named``: the path
+    the user gave, for the message (default ``folder``).
+
+    Raises:
+        OutputPathError: one line naming the path, the folder that cannot be written and the fix.
+    """
+    text = os.path.abspath(os.path.expanduser(os.fspath(folder)))
+    existing = next((p for p in (text, *map(str, Path(text).parents)) if os.path.exists(p)), None)
+    if existing is not None and os.path.isdir(existing) and not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputPathError(f"Expected {flag or 'the output path'} where hrsa can write. Got {named or text}, whose "
+                              f"folder {existing} cannot be written (a read-only filesystem, or no write permission), "
+                              f"instead. Choose {'another ' + flag if flag else 'another path'}.")
 
 
 def check_outside_stores(path: Path | str, *, flag: str | None = "--out") -> None:

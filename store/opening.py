@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hrsa.store.errors import StoreFormatError, StoreNotFoundError, UserError
+from hrsa.store.errors import StoreFormatError, StoreNotFoundError, StoreReadOnlyError, UserError
 from hrsa.store.format import ATTRS_KEY, FORMAT_VERSION
 
 if TYPE_CHECKING:
@@ -74,6 +74,8 @@ def _open_root(url: str, mode: str, storage_options: Mapping[str, Any] | None, u
     if not _is_url(url) and Path(url).expanduser().is_file():
         raise StoreFormatError(f"Expected a folder for the store at {url}. Got a file there instead. Point at an hrsa "
                                "store, or at a new path.")
+    if not _is_url(url) and mode != "r":
+        _check_writable_store(url)
     root = _open_existing(url, mode, options)
     if root is None:
         if mode in ("a", "w-") and (not _exists_nonempty(url, options) or _holds_only_a_new_skeleton(url, options)):
@@ -177,6 +179,19 @@ def _check_format(root: zarr.Group, url: str, upgrading: bool) -> None:
 
 
 _GROUP = b'{"zarr_format": 3, "node_type": "group", "attributes": {}}'
+
+
+def _check_writable_store(url: str) -> None:
+    """Refuse to open a local store for writing where it cannot be written (a read-only filesystem, no permission):
+    an analysis computed its results, then failed writing its record in a traceback; an extraction failed creating
+    the folder."""
+    path = os.path.abspath(os.path.expanduser(url.removeprefix("file://")))
+    existing = next((p for p in (path, *map(str, Path(path).parents)) if os.path.exists(p)), None)
+    if existing is not None and os.path.isdir(existing) and not os.access(existing, os.W_OK | os.X_OK):
+        raise StoreReadOnlyError(
+            f"Expected a store hrsa can write at {url}. Got {existing}, which cannot be written (a read-only filesystem, "
+            "or no write permission), instead. Choose a writable location (or a writable copy of the store); `hrsa analyze "
+            "--no-store-results` reads a store without writing to it.")
 
 
 def _raw_store(url: str, options: Mapping[str, Any] | None) -> Any:

@@ -151,6 +151,45 @@ def test_an_out_that_is_a_file_is_refused_before_any_pass(cli_store, tmp_path: P
     assert snapshot(cli_store.url) == before and cli_store.open().results_ids() == records  # the store is untouched
 
 
+def unwritable(monkeypatch: pytest.MonkeyPatch, *folders: Path) -> None:
+    """``folders`` and all under them as a read-only filesystem answers access(2) (EROFS): mounting one needs
+    privileges the test machine may not grant; the write itself is not reached (refused before any work)."""
+    import os
+
+    access = os.access
+    barred = [str(f) for f in folders]
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if (mode & os.W_OK and any(
+        str(path) == b or str(path).startswith(b + "/") for b in barred)) else access(path, mode, **kw))
+
+
+@pytest.mark.parametrize("out", ["read-only", "/dev/null"])
+def test_an_out_that_cannot_be_written_is_refused_before_any_pass(cli_store, tmp_path: Path, monkeypatch, out: str) -> None:
+    """A read-only filesystem at --out (or a device node) failed after the whole analysis, in a traceback."""
+    if out == "read-only":
+        (tmp_path / "ro").mkdir()
+        unwritable(monkeypatch, tmp_path / "ro")
+        out = str(tmp_path / "ro" / "deep" / "o")
+    before, records = snapshot(cli_store.url), cli_store.open().results_ids()
+    code, stdout, stderr = run("--store", cli_store.url, "--pair", "a", "b", "--backend", "numpy", "--out", out)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and out in lines[0], (stdout, stderr)
+    assert "plan:" not in stderr and not (tmp_path / "ro" / "deep").exists()
+    assert snapshot(cli_store.url) == before and cli_store.open().results_ids() == records
+
+
+def test_a_store_that_cannot_be_written_is_refused_before_any_pass_unless_only_read(cli_store, tmp_path: Path,
+                                                                                     monkeypatch) -> None:
+    """A store on a read-only filesystem: the analysis computed, then failed writing its record in a traceback."""
+    unwritable(monkeypatch, Path(cli_store.url))
+    code, stdout, stderr = run("--store", cli_store.url, "--pair", "a", "b", "--backend", "numpy", "--out",
+                               str(tmp_path / "o"))
+    assert code == 2 and stderr.count("\n") == 1 and "--no-store-results" in stderr and "plan:" not in stderr, stderr
+    assert not (tmp_path / "o").exists()
+    code, stdout, stderr = run("--store", cli_store.url, "--pair", "a", "b", "--backend", "numpy", "--metrics", "cka",
+                               "--out", str(tmp_path / "o"), "--no-store-results")
+    assert code == 0 and (tmp_path / "o" / "results.json").is_file(), stderr
+
+
 @pytest.mark.parametrize("inside", ["", "models/a"])
 def test_an_out_inside_the_store_is_refused(cli_store, inside: str) -> None:
     """results.json and figures were written among the store's arrays (its root, or a model's group)."""

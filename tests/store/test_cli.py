@@ -408,6 +408,25 @@ def test_rm_of_a_result_id_without_results_names_the_flag_and_deletes_nothing(ur
     assert _tree_digest(Path(url)) == before
 
 
+def test_a_path_the_system_refuses_is_one_line_and_exit_2(url: str, monkeypatch) -> None:
+    """A folder that cannot be made there (/proc refuses new folders) was an OSError traceback, exit 1; so was a
+    read-only filesystem wherever hrsa could not tell before writing."""
+    import errno
+
+    target = "/proc/hrsa-no-such-folder/layer.npy"
+    code, out, err = _run("store", "get", url, "m", "--layer", "1", "--out", target)
+    assert code == 2 and err.startswith("hrsa: error: ") and err.count("\n") == 1 and "/proc/hrsa-no-such-folder" in err, (out, err)
+    import hrsa.store.cli as store_cli
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", "/mnt/ro/layer.npy")
+
+    monkeypatch.setattr(store_cli, "atomic_file", read_only, raising=False)
+    monkeypatch.setattr("hrsa.store.local_files.atomic_file", read_only)
+    code, out, err = _run("store", "get", url, "m", "--layer", "1", "--out", str(Path(url).parent / "x.npy"))
+    assert code == 2 and err.count("\n") == 1 and "read-only filesystem" in err and "/mnt/ro/layer.npy" in err, (out, err)
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "an-array"])
 def test_a_record_whose_metadata_is_damaged_is_named_and_deleted_and_blocks_nothing(url: str, damage: str) -> None:
     """Listing the records read every record's metadata: one cut short made `store ls`, `store rm` of a model and of
