@@ -21,10 +21,28 @@ from hrsa.train.cli import eval_command, mine_negatives_command, train
 __all__ = ["main", "cli"]
 
 
+class _OneLineUsageError(click.UsageError):
+    """Click's usage error in one line naming the fix (Click prints three: the usage, a hint, the error)."""
+
+    def show(self, file: object = None) -> None:
+        where = f" (see `{self.ctx.command_path} --help`)" if self.ctx is not None else ""
+        click.echo(f"hrsa: error: {self.format_message()}{where}", err=True)
+
+
 class _Hrsa(click.Group):
+    def make_context(self, *args: object, **kwargs: object) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)  # type: ignore[arg-type]
+        except click.UsageError as error:  # `hrsa --bogus`: this group's own flags
+            raise _OneLineUsageError(error.format_message(), error.ctx) from None
+
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
+        except _OneLineUsageError:
+            raise
+        except click.UsageError as error:  # a verb's flags and arguments, parsed here
+            raise _OneLineUsageError(error.format_message(), error.ctx) from None
         except HrsaError as error:  # one line that names the fix: exit 2 for the user's to fix, 1 (corrupted data...)
             for line in error.warnings:  # what the run found before it failed still holds
                 click.echo(f"hrsa: warning: {line}", err=True)

@@ -6,6 +6,7 @@ Ray in this process (about 5 s here) with the dashboard off, and reuses it for t
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -51,11 +52,14 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> RayCo
     if not ray.is_initialized():
         try:
             if address:
-                ray.init(address=address, log_to_driver=False)
+                ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
             else:
                 # "local", not None: Ray's None joins the cluster the machine's last `ray start` recorded (a dead
                 # one, when its head was killed without `ray stop`), and the embedded instance is what hrsa promises.
-                ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+                # Ray's own start-up lines (an INFO, a token WARNING) came before hrsa's output, and before its one-line
+                # errors; its errors still show.
+                ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                         logging_level=logging.ERROR)
         except (ConnectionError, TimeoutError, ValueError) as error:
             raise RayConnectionError(
                 f"Expected a Ray cluster at {address}. Got {type(error).__name__}: {error} instead. "

@@ -408,6 +408,21 @@ def test_rm_of_a_result_id_without_results_names_the_flag_and_deletes_nothing(ur
     assert _tree_digest(Path(url)) == before
 
 
+@pytest.mark.parametrize(("args", "names"), [
+    (["store", "get", "S", "m", "--layer", "abc"], ["--layer", "abc", "store get --help"]),
+    (["store", "ls"], ["URL", "store ls --help"]),
+    (["analyze", "--compute-dtype", "float16"], ["float16", "analyze --help"]),
+    (["--bogus"], ["--bogus", " --help"]),
+    (["no-such-verb"], ["no-such-verb", " --help"]),
+    (["run", "no-such.yaml"], ["no-such.yaml", "run --help"]),
+])
+def test_usage_errors_are_one_line_naming_the_setting_and_help(args: list[str], names: list[str]) -> None:
+    """Click printed three lines (the usage, a hint, the error) where every other refusal is one."""
+    code, out, err = _run(*args)
+    assert code == 2 and err.startswith("hrsa: error: ") and err.count("\n") == 1, (out, err)
+    assert all(name in err for name in names), err
+
+
 def test_a_path_the_system_refuses_is_one_line_and_exit_2(url: str, monkeypatch) -> None:
     """A folder that cannot be made there (/proc refuses new folders) was an OSError traceback, exit 1; so was a
     read-only filesystem wherever hrsa could not tell before writing."""
