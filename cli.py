@@ -21,6 +21,11 @@ from hrsa.train.cli import eval_command, mine_negatives_command, train
 __all__ = ["main", "cli"]
 
 
+#: Click's "no arguments: print the help" (a UsageError since Click 8.2), left as Click shows it.
+_HELP_ON_NO_ARGUMENTS: tuple[type[Exception], ...] = tuple(
+    getattr(click.exceptions, name) for name in ("NoArgsIsHelpError",) if hasattr(click.exceptions, name))
+
+
 class _OneLineUsageError(click.UsageError):
     """Click's usage error in one line naming the fix (Click prints three: the usage, a hint, the error)."""
 
@@ -33,13 +38,15 @@ class _Hrsa(click.Group):
     def make_context(self, *args: object, **kwargs: object) -> click.Context:
         try:
             return super().make_context(*args, **kwargs)  # type: ignore[arg-type]
+        except _HELP_ON_NO_ARGUMENTS:  # `hrsa` alone: the help, as itself
+            raise
         except click.UsageError as error:  # `hrsa --bogus`: this group's own flags
             raise _OneLineUsageError(error.format_message(), error.ctx) from None
 
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
-        except _OneLineUsageError:
+        except (_OneLineUsageError, *_HELP_ON_NO_ARGUMENTS):  # `hrsa store` alone: its help
             raise
         except click.UsageError as error:  # a verb's flags and arguments, parsed here
             raise _OneLineUsageError(error.format_message(), error.ctx) from None

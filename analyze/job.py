@@ -161,7 +161,9 @@ def _write_outputs(results: PairResults, config: AnalyzeConfig, store: Activatio
             doc = results_dict(results, run_id=run_id, config=_recorded_config(config))
             _, rotations = write_files(results, doc, staging)
             figures = plot_figures(doc, staging)
-            store_path = _write_record(store, results, doc, record, replace=replace) if store is not None else None
+            if store is not None and record is None:  # a given id: the earlier record goes (replace), then it is taken
+                _, record = _take_given_id(store, results, run_id, replace=replace)
+            store_path = write_to_store(store, results, doc, record) if store is not None else None
         except BaseException:
             shutil.rmtree(created or staging, ignore_errors=True)
             if record is not None:  # the id this run reserved, and what it wrote of the record
@@ -207,12 +209,12 @@ def _writing_into(out: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def _write_record(store: ActivationStore, results: PairResults, doc: dict[str, Any], record: Any, *, replace: bool) -> str:
-    """``results/<run_id>`` into ``record`` (reserved by a default id), else a record created now; with ``replace``, an
-    earlier record of that id (a run of this config's) goes first."""
-    if record is None and replace and doc["run_id"] in store.results_ids():
-        store.delete_results(doc["run_id"])
-    return write_to_store(store, results, doc, record)
+def _take_given_id(store: ActivationStore, results: PairResults, run_id: str, *, replace: bool) -> tuple[str, Any]:
+    """The record of a given run id, created for this run (so a failure lets it go); with ``replace``, an earlier
+    record of that id (a run of this config's) goes first."""
+    if replace and run_id in store.results_ids():
+        store.delete_results(run_id)
+    return reserve_record(store, results, run_id)
 
 
 def _let_go(store: ActivationStore, run_id: str) -> None:

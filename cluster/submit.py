@@ -77,10 +77,12 @@ def submit_pipeline(pipeline: str | Path, *, address: str | None = None, working
         JobFailedError: with ``wait``, the job failed or was stopped.
     """
     from hrsa.cluster.pipeline import load_pipeline
+    from hrsa.runtime.settings import paths_elsewhere
 
     # Step 1: check everything here, before any upload.
     path, root = Path(pipeline).resolve(), Path(working_dir or Path.cwd()).resolve()
-    config = load_pipeline(path, out=out)
+    with paths_elsewhere():  # its folders are the cluster's (/mnt/efs/...): writable there, checked by the job
+        config = load_pipeline(path, out=out)
     if not path.is_relative_to(root):
         raise UserError(f"Expected the pipeline inside the working directory {root}. Got {path} instead. "
                         "Move it there, or pass --working-dir with a folder that holds it.")

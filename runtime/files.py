@@ -23,7 +23,7 @@ def write_atomic(path: Path | str, data: str | bytes) -> Path:
         '{"ok": true}\\n'
     """
     path = Path(path)
-    check_output_file(path, flag=None)
+    check_output_file(path, flag=None, writable=False)  # hrsa's caches write through here too: an OSError may be quiet
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as file:
         file.write(data.encode() if isinstance(data, str) else data)

@@ -7,10 +7,12 @@ once, in one line, through one formatter (:func:`validation_problems`).
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import os
 import re
-from collections.abc import Callable, Collection, Hashable, Mapping
+from collections.abc import Callable, Collection, Hashable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -21,7 +23,7 @@ from hrsa.store.errors import UserError
 from hrsa.store.local_files import check_output_file, check_outside_stores, check_writable
 
 __all__ = ["EXPLICIT_NONE", "SETTING_NAMES", "FilePath", "FolderLocation", "FolderPath", "Problems", "SettingNames",
-           "flag_name", "load_settings", "parse_settings", "read_yaml_mapping", "renamed_flags", "validation_problems"]
+           "paths_elsewhere", "flag_name", "load_settings", "parse_settings", "read_yaml_mapping", "renamed_flags", "validation_problems"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -79,8 +81,24 @@ def _not_a_file(path: Path, info: ValidationInfo) -> Path:
     # whose repair (`hrsa store rm`) deletes it.
     check_outside_stores(path, flag=_flag_of(info))
     _under_folders(path)
-    check_writable(path, flag=_flag_of(info))  # an OutputPathError is a ValueError: gathered with the others
+    if _PATHS_HERE.get():  # an OutputPathError is a ValueError: gathered with the others
+        check_writable(path, flag=_flag_of(info))
     return path
+
+
+#: Whether the settings name paths on this machine (False while `hrsa submit` checks a pipeline that runs on a
+#: cluster: its paths, /mnt/efs/..., need not exist nor be writable here; the job checks them there).
+_PATHS_HERE: contextvars.ContextVar[bool] = contextvars.ContextVar("hrsa_paths_here", default=True)
+
+
+@contextmanager
+def paths_elsewhere() -> Iterator[None]:
+    """Settings validated inside are for another machine: output folders are not checked for writability here."""
+    token = _PATHS_HERE.set(False)
+    try:
+        yield
+    finally:
+        _PATHS_HERE.reset(token)
 
 
 def _flag_of(info: ValidationInfo) -> str | None:
@@ -94,7 +112,7 @@ def _not_a_folder(path: Path, info: ValidationInfo) -> Path:
         raise ValueError(f"expected a file name, got the folder {str(path)!r}; name a file inside it")
     # Before any work too: a FIFO or a device node there would be replaced by the file, a path inside an hrsa store
     # would overwrite its metadata or records (an OutputPathError is a ValueError: gathered with the others).
-    check_output_file(path, flag=_flag_of(info))
+    check_output_file(path, flag=_flag_of(info), writable=_PATHS_HERE.get())
     return _under_folders(path)
 
 

@@ -45,12 +45,13 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def check_output_file(path: Path | str, *, flag: str | None = "--out") -> None:
+def check_output_file(path: Path | str, *, flag: str | None = "--out", writable: bool = True) -> None:
     """Refuse ``path`` as a file to write (:func:`atomic_file` replaces whatever stands there) when something other
     than a regular file stands there (followed through symlinks: a FIFO, a device node, a folder, a socket), or
     when it lies inside a local hrsa store (:func:`hrsa.store.opening.local_store_holding`, symlinks resolved).
     Nothing at ``path``, or a regular file, passes (the file is replaced whole). ``flag`` names the setting in the
-    message (None: "the output path").
+    message (None: "the output path"). ``writable``: its folder must be writable too (:func:`check_writable`: for a
+    path the user named; not for hrsa's own caches, whose writes may fail quietly).
 
     Raises:
         OutputPathError: one line naming the path, what stands there or the store, and the fix.
@@ -71,7 +72,8 @@ def check_output_file(path: Path | str, *, flag: str | None = "--out") -> None:
         raise OutputPathError(f"Expected {name} to be a regular file or a new path. Got {text}, {_kind(mode)}, "
                               f"instead; writing would replace it. Choose another {flag or 'path'}.")
     check_outside_stores(path, flag=flag)
-    check_writable(os.path.dirname(os.path.abspath(os.path.expanduser(text))), flag=flag, named=text)
+    if writable:
+        check_writable(os.path.dirname(os.path.abspath(os.path.expanduser(text))), flag=flag, named=text)
 
 
 def check_writable(folder: Path | str, *, flag: str | None = "--out", named: str | None = None) -> None:
@@ -130,7 +132,7 @@ def atomic_file(path: Path | str) -> Iterator[BinaryIO]:
         >>> p.read_bytes()
         b'ok'
     """
-    check_output_file(path, flag=None)
+    check_output_file(path, flag=None, writable=False)  # the write itself says why it cannot (an OSError)
     fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=".hrsa-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as file:

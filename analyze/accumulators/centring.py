@@ -56,6 +56,9 @@ class Float32RangeError(ValueError):
                          "(auto does so by itself).")
         self.magnitude = magnitude
 
+    def __reduce__(self) -> tuple[type, tuple[float]]:  # unpickled in a Ray driver from its magnitude, not its text
+        return type(self), (self.magnitude,)
+
 
 def check_float32_range(cast: Any, source: Any = None) -> None:
     """Refuse centred values ``cast`` (n, D) to float32 (a numpy array or torch tensor) whose squares float32 does not

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from hrsa.analyze.accumulators.centring import Float32RangeError
 from hrsa.analyze.streaming.backends import GpuWorkers, local_float64_at_full_rate, tf32_matmuls
 from hrsa.analyze.streaming.stream import fold_segment, merge_partials, prepare_products
 from hrsa.runtime.placement import PlacementError, describe_nodes
@@ -280,7 +281,7 @@ def _failure(error: Exception) -> Exception:
     Ray's chain of tasks (fold -> merge -> finish), anything else (the worker died on every retry) as
     AnalysisFailedError."""
     cause = root_cause(error)
-    if isinstance(cause, HrsaError):
+    if isinstance(cause, (HrsaError, Float32RangeError)):  # the latter: auto runs the passes again in float64
         return cause
     return AnalysisFailedError(
         f"Expected every analysis task to finish. Got {one_line(cause)} instead (after {RETRIES} retries). A worker "

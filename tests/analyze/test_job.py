@@ -310,3 +310,22 @@ def test_a_failed_run_lets_go_of_the_default_id_it_took(fresh_pair_store, tmp_pa
     with pytest.raises(RuntimeError, match="injected"):
         run_analysis(config(fresh_pair_store, tmp_path / "out", replace=False), replace=False)
     assert fresh_pair_store.open().results_ids() == ids and not (tmp_path / "out").exists()
+
+
+def test_a_run_that_fails_writing_its_record_lets_go_of_the_id_it_was_given(fresh_pair_store, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure (or Ctrl-C) while `--run-id X` wrote its record left an incomplete results/X: a re-run with the same
+    id was refused as taken."""
+    import hrsa.analyze.results as results_module
+
+    def stopped(*args: Any, **kwargs: Any) -> Any:  # inside the record's write, its metadata there
+        raise RuntimeError("injected: the record's arrays")
+
+    ids = fresh_pair_store.open().results_ids()
+    monkeypatch.setattr(results_module, "_arrays", stopped)
+    with pytest.raises(RuntimeError, match="injected"):
+        run_analysis(config(fresh_pair_store, tmp_path / "out", replace=False, run_id="given"), replace=False)
+    assert fresh_pair_store.open().results_ids() == ids
+    monkeypatch.undo()
+    saved = run_analysis(config(fresh_pair_store, tmp_path / "out", replace=False, run_id="given"), replace=False).saved
+    assert saved.run_id == "given" and "given" in fresh_pair_store.open().results_ids()

@@ -299,3 +299,25 @@ def test_a_probe_whose_worker_died_is_one_line_without_colour_codes() -> None:
     assert _probe_failure(Died()) == "Died: ModuleNotFoundError: No module named 'hrsa'"
     assert _probe_failure(ray.exceptions.ActorDiedError()) == (
         "ActorDiedError: The actor died unexpectedly before finishing this task.")
+
+
+def test_on_ray_activations_beyond_float32_get_float64_products_and_float32_is_refused(make_pair_store, store_model,
+                                                                                          oracle, ray_local) -> None:
+    """The range error raised in a Ray task did not unpickle (its text passed for its magnitude) and was wrapped as a
+    worker killed for memory ("lower --memory-budget"): auto never fell back to float64 on a cluster."""
+    from hrsa.analyze.metrics._common import PrecisionWarning
+    from hrsa.store.errors import UserError
+
+    pair = make_pair_store(doc_lengths=(300, 250, 450), d=16)
+    store = pair.open("r+")
+    x = store_model(store, "tiny", store.model_info("a").corpus, {k: v * 1e-23 for k, v in pair.x.items()})
+    common = dict(metrics=("cka",), cross_layer=True, backend="numpy", block_tokens=256, workers=2, scheduler="ray")
+    with pytest.warns(PrecisionWarning, match="float64 products"):
+        res = analyze_pair(store, "tiny", "b", **common)
+    assert res.settings["compute_dtype"] == "float64" and res.settings["scheduler"] == "ray"
+    for i in res.hidden_states_a:
+        for j in res.hidden_states_b:
+            assert res.cka_matrix[i, j] == pytest.approx(oracle.cka(x[i], pair.y[j]), abs=1e-9)
+    with pytest.raises(UserError, match="--compute-dtype float64") as refused:
+        analyze_pair(store, "tiny", "b", compute_dtype="float32", **common)
+    assert "\n" not in str(refused.value)

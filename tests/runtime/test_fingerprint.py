@@ -155,3 +155,19 @@ def test_an_unwritable_cache_costs_time_not_correctness(tmp_path: Path, monkeypa
     fingerprint._memo.clear()
     weights = _weights(tmp_path / "model.safetensors", b"\x01")
     assert file_digest(weights) == _expected(weights)
+
+
+def test_a_cache_on_a_read_only_filesystem_costs_time_not_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check that refuses an unwritable output a user named (before the work) also refused hrsa's own cache
+    write, as an error its quiet fallback did not expect: extract, train and eval failed on a read-only home.
+    (access(2) answers as a read-only filesystem does: mounting one needs privileges the test machine may lack.)"""
+    cache = tmp_path / "cache"
+    (cache / "digests").mkdir(parents=True)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if mode & os.W_OK and str(path).startswith(str(cache))
+                        else access(path, mode, **kw))
+    monkeypatch.setenv("HRSA_CACHE", str(cache))
+    fingerprint._memo.clear()
+    weights = _weights(tmp_path / "model.safetensors", b"\x02")
+    _settled(weights)
+    assert file_digest(weights) == _expected(weights)

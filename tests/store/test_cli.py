@@ -423,6 +423,12 @@ def test_usage_errors_are_one_line_naming_the_setting_and_help(args: list[str], 
     assert all(name in err for name in names), err
 
 
+@pytest.mark.parametrize("args", [[], ["store"]])
+def test_a_group_alone_prints_its_help_not_an_error(args: list[str]) -> None:
+    code, out, err = _run(*args)
+    assert "hrsa: error" not in out + err and "Usage:" in out + err and "Commands:" in out + err, (out, err)
+
+
 def test_a_path_the_system_refuses_is_one_line_and_exit_2(url: str, monkeypatch) -> None:
     """A folder that cannot be made there (/proc refuses new folders) was an OSError traceback, exit 1; so was a
     read-only filesystem wherever hrsa could not tell before writing."""
