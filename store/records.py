@@ -48,7 +48,9 @@ def read_records(source: str, *, id_field: str | None = None, max_docs: int | No
 def _files(source: str) -> list[Path]:
     path = Path(source).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in RECORD_SUFFIXES)
+        # Hidden names left out, as the folder's digest leaves them (runtime.fingerprint.folder_files): a hidden file
+        # read but not digested changed the corpus while every stage that keys on it stayed up to date.
+        files = sorted(p for p in path.iterdir() if p.suffix in RECORD_SUFFIXES and not p.name.startswith("."))
         if not files:
             raise CorpusError(f"Expected .jsonl, .csv or .parquet files in {path}. Got none. Point --corpus at a data file.")
         return files

@@ -52,3 +52,18 @@ def test_a_settings_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="Expected a readable YAML config") as error:
         read_yaml_mapping(tmp_path / "bin.yaml")
     assert "\n" not in str(error.value)
+
+
+def test_a_folder_corpus_reads_the_files_its_digest_covers_hidden_ones_left_out(tmp_path: Path) -> None:
+    """A hidden record file in a corpus folder was read by extraction but not covered by the folder's digest (hidden
+    names are left out there, as a .git is): edited, it changed the corpus while every stage stayed up to date."""
+    from hrsa.runtime.fingerprint import records_digest
+
+    folder = tmp_path / "corp"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text('{"id": "a1", "text": "one"}\n')
+    (folder / ".b.jsonl").write_text('{"id": "b1", "text": "hidden"}\n')
+    assert [r["id"] for r in read_records(str(folder))] == ["a1"]
+    before = records_digest(folder)
+    (folder / ".b.jsonl").write_text('{"id": "b2", "text": "edited"}\n')
+    assert records_digest(folder) == before and [r["id"] for r in read_records(str(folder))] == ["a1"]
