@@ -226,12 +226,16 @@ def load_tokenizer(spec: ModelSpec) -> tuple[PreTrainedTokenizerBase, int | None
 
     For tokenising a corpus before (or without) running the model. Raises as :func:`load_model`.
     """
+    location, gguf_file, _ = _resolve_weights(spec)
+    return _tokenizer_at(spec, location, gguf_file), _context_length(load_config(spec))
+
+
+def load_config(spec: ModelSpec) -> Any:
+    """The spec's model config (no weights, no tokenizer). Raises as :func:`load_model`."""
     from transformers import AutoConfig
 
     location, gguf_file, _ = _resolve_weights(spec)
-    tokenizer = _tokenizer_at(spec, location, gguf_file)
-    config = _from_pretrained(AutoConfig, location, spec, **({"gguf_file": gguf_file} if gguf_file else {}))
-    return tokenizer, _context_length(config)
+    return _from_pretrained(AutoConfig, location, spec, **({"gguf_file": gguf_file} if gguf_file else {}))
 
 
 def load_model(spec: ModelSpec, *, device: str | torch.device | None = None) -> LoadedModel:

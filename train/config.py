@@ -36,7 +36,9 @@ WeightDType = Literal["float32", "bfloat16"]
 Strategy = Literal["ddp", "fsdp"]
 # Settings that say where and how the work runs, not what the weights become: N workers with B/N queries each,
 # the chunked backward, gradient checkpointing and FSDP all give the gradients of one process holding the whole
-# batch (tested). Every other field is part of a run's recipe (hrsa.train.recipe), so a new field counts by default.
+# batch (tested) for a backbone without dropout; with dropout the masks depend on the workers and chunks, and the
+# recipe takes those two back (hrsa.train.recipe). Every other field is part of a run's recipe, so a new field counts
+# by default.
 SCHEDULING_FIELDS = frozenset({"output", "workers", "use_gpu", "save_every", "chunk_size", "gradient_checkpointing",
                                "strategy", "address", "max_failures"})
 

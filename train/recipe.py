@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,39 @@ def training_recipe(config: TrainConfig) -> TrainingRecipe:
 
     if not Path(config.data).is_file():
         raise UserError(f"Expected the training data file {config.data}. Got no such file instead. Check --data.")
-    return TrainingRecipe(config.recipe_settings(), _backbone_identity(config), file_digest(config.data))
+    settings = config.recipe_settings()
+    if _draws_dropout(config):
+        # Masks are drawn per worker (seeded by rank) and chunk by chunk in the chunked backward: other workers or
+        # chunks give other weights (a tiny BERT's moved by 2 lr in 2 steps), so here they are the recipe's too.
+        settings["dropout_masks"] = {"workers": config.workers, "chunk_size": config.chunk_size}
+    return TrainingRecipe(settings, _backbone_identity(config), file_digest(config.data))
+
+
+def _draws_dropout(config: TrainConfig) -> bool:
+    """Whether the backbone trains with dropout: a probability above 0 in its config (BERT and MiniLM: 0.1; Llama and
+    Qwen, the paper's backbones: none), or a config that does not read here (taken as dropout: the safe side)."""
+    from hrsa.extract.model_spec import parse_model_spec
+    from hrsa.extract.models import load_config
+
+    spec = parse_model_spec(config.backbone, dtype=config.dtype, attention=config.attention)
+    try:
+        if spec.kind in ("local", "remote"):  # its config.json alone (a remote folder is not copied here for it)
+            settings = json.loads(parse_location(str(spec.path)).child("config.json").read_text())
+        else:
+            settings = load_config(spec).to_dict()
+    except Exception:  # a hub model without the hub, a config that does not read: dropout taken as drawn
+        return True
+    return any(isinstance(value, float) and value > 0 for key, value in _flat(settings)
+               if "dropout" in key or "pdrop" in key)
+
+
+def _flat(settings: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Every (key, value) of a config dict, nested ones (a text_config's) included."""
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def _backbone_identity(config: TrainConfig) -> dict[str, Any]:
