@@ -85,9 +85,11 @@ def check_writable(folder: Path | str, *, flag: str | None = "--out", named: str
     Raises:
         OutputPathError: one line naming the path, the folder that cannot be written and the fix.
     """
+    from hrsa.store.opening import unwritable_folder
+
     text = os.path.abspath(os.path.expanduser(os.fspath(folder)))
-    existing = next((p for p in (text, *map(str, Path(text).parents)) if os.path.exists(p)), None)
-    if existing is not None and os.path.isdir(existing) and not os.access(existing, os.W_OK | os.X_OK):
+    existing = unwritable_folder(text)
+    if existing is not None:
         raise OutputPathError(f"Expected {flag or 'the output path'} where hrsa can write. Got {named or text}, whose "
                               f"folder {existing} cannot be written (a read-only filesystem, or no write permission), "
                               f"instead. Choose {'another ' + flag if flag else 'another path'}.")

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import zarr
 
 __all__ = ["GROUPS", "StoreUnreachableError", "format_in", "from_storage", "local_store_holding", "open_root",
-           "stored_format"]
+           "stored_format", "unwritable_folder"]
 
 GROUPS = ("corpora", "models", "results")
 
@@ -185,13 +185,21 @@ def _check_writable_store(url: str) -> None:
     """Refuse to open a local store for writing where it cannot be written (a read-only filesystem, no permission):
     an analysis computed its results, then failed writing its record in a traceback; an extraction failed creating
     the folder."""
-    path = os.path.abspath(os.path.expanduser(url.removeprefix("file://")))
-    existing = next((p for p in (path, *map(str, Path(path).parents)) if os.path.exists(p)), None)
-    if existing is not None and os.path.isdir(existing) and not os.access(existing, os.W_OK | os.X_OK):
+    existing = unwritable_folder(os.path.abspath(os.path.expanduser(url.removeprefix("file://"))))
+    if existing is not None:
         raise StoreReadOnlyError(
             f"Expected a store hrsa can write at {url}. Got {existing}, which cannot be written (a read-only filesystem, "
             "or no write permission), instead. Choose a writable location (or a writable copy of the store); `hrsa analyze "
             "--no-store-results` reads a store without writing to it.")
+
+
+def unwritable_folder(path: str) -> str | None:
+    """The nearest of ``path`` (absolute) and its parents that exists, where it is a folder this process cannot write
+    in (a read-only filesystem answers so for root too); None where it can, or where that is not a folder."""
+    existing = next((p for p in (path, *map(str, Path(path).parents)) if os.path.exists(p)), None)
+    if existing is not None and os.path.isdir(existing) and not os.access(existing, os.W_OK | os.X_OK):
+        return existing
+    return None
 
 
 def _raw_store(url: str, options: Mapping[str, Any] | None) -> Any:
