@@ -656,7 +656,8 @@ class _Document(_Part):
 _RANGES: dict[tuple[str, str], tuple[float, float, str]] = {
     ("cka", "diagonal"): (0.0, 1.0, "linear CKA"), ("cka", "matrix"): (0.0, 1.0, "linear CKA"),
     ("dimcorr", "diagonal"): (-1.0, 1.0, "a mean correlation"), ("dimcorr", "matrix"): (-1.0, 1.0, "a mean correlation"),
-    ("knn", "k"): (0.0, 1.0, "a mean Jaccard overlap"),
+    ("knn", "k"): (0.0, 1.0, "a mean Jaccard overlap"), ("knn", "chance"): (0.0, 1.0, "a chance overlap"),
+    ("procrustes", "h_inv"): (0.0, 1.0, "H_inv"),  # forged out of range, they flipped verdicts unseen
 }
 _ROUNDING = 1e-4
 
@@ -722,7 +723,8 @@ def _shape_problems(doc: _Document, metrics: Mapping[str, Any]) -> Iterable[tupl
         if value is None:
             continue
         for name, values in (value.items() if isinstance(value, dict) else [(None, value)]):
-            flat = [v for row in values for v in (row if isinstance(row, list) else [row])]
+            rows = values if isinstance(values, list) else [values]  # knn.chance: one number per k
+            flat = [v for row in rows for v in (row if isinstance(row, list) else [row])]
             bad = [v for v in flat if v is not None and not math.isnan(v) and not low - _ROUNDING <= v <= high + _ROUNDING]
             if bad:
                 field = f"metrics.{metric}.{key}" + (f".{name}" if name is not None else "")

@@ -46,6 +46,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; font-family: ui-
 td.preserved { background: #dcf2e0 !important; color: #17602b; font-weight: 600; }
 td.restructured { background: #fde8cf !important; color: #8a4a00; font-weight: 600; }
 td.not-measured { color: #7a828c; }
+td.no-signal { color: #7a828c; font-style: italic; }
 td.within-null { color: #a3aab2; }
 .figs { display: flex; flex-wrap: wrap; gap: 16px; } figure { margin: 4px 0; flex: 0 1 560px; max-width: 100%; }
 figure.wide { flex: 1 1 100%; }
@@ -71,7 +72,7 @@ class MutedNumberCell(NumberCell):
 
 
 class VerdictCell(str):
-    """A verdict ("preserved", "restructured", "not measured"): its table cell is coloured by it."""
+    """A verdict ("preserved", "restructured", "not measured", "no signal"): its table cell is coloured by it."""
 
 
 def escape(value: Any) -> str:

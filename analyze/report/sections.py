@@ -155,7 +155,8 @@ def thresholds_section(t: Thresholds) -> str:
             "correlation and H_inv; geometry: linear CKA and k-NN overlap; function: cross-model probes). The "
             "thresholds are hrsa's defaults, not the paper's (it states none): set them with <code>hrsa report</code>'s "
             "flags (<code>--min-cka</code>, ...) or a pipeline's <code>report:</code> section. Hidden states where a "
-            "metric is undefined (H_inv where the rotation is not unique) are left out and named.</p>" + table(["metric", "preserved when"], rows))
+            "metric is undefined (H_inv where the rotation is not unique) are left out and named. The function level reads "
+            "<em>no signal</em> where the probes ran but no source readout beat chance: nothing carries over to measure.</p>" + table(["metric", "preserved when"], rows))
 
 
 def _provenance(path: Path, doc: Mapping[str, Any]) -> str:

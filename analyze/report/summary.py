@@ -13,7 +13,8 @@ HRSA reads a comparison at three levels (DESIGN.md, Metrics):
 Each metric is averaged over the pair's matched hidden states (the embedding output, hidden state 0, left out
 unless :attr:`Thresholds.exclude_embedding` is off; hidden states where the metric is undefined left out and named
 in the check's detail) and compared with its threshold; a level is "preserved" when every metric it has passes, "restructured" when one
-fails, "not measured" when results.json has none of its metrics. The thresholds are the named constants below,
+fails, "not measured" when results.json has none of its metrics, and for the function level "no signal" when the probes
+ran but no source readout beat chance (there is nothing to carry over, so transfer is undefined). The thresholds are the named constants below,
 overridable through :class:`Thresholds`.
 
 A study reads several Table 2s side by side (the paper's: the backbones, then the embedding models trained from
@@ -94,7 +95,7 @@ PROBE_TRANSFER_PRESERVED = 0.9
 # (e.g. 0.15 - 0.55 over 0.60 - 0.55 = -8), so such a direction is left out of the transfer.
 PROBE_MIN_SIGNAL = 0.05
 
-Verdict = Literal["preserved", "restructured", "not measured"]
+Verdict = Literal["preserved", "restructured", "not measured", "no signal"]
 LEVELS = ("representation", "geometry", "function")
 
 
@@ -187,10 +188,14 @@ def summarize(doc: Mapping[str, Any], *, thresholds: Thresholds | None = None) -
                      _knn_check(m.get("knn"), t, skip)],
         "function": [_probe_check(m.get("probe"), t, skip)],
     }
+    # Probes that ran but found nothing above chance to carry over (no hidden state's source readout beat chance by
+    # the minimum signal): measured, and said so, not "not measured" (the probe table below shows them).
+    unreadable = {"function": bool(m.get("probe")) and checks["function"] == [None]}
     levels = []
     for level in LEVELS:
         done = tuple(c for c in checks[level] if c is not None)
-        verdict: Verdict = "not measured" if not done else "preserved" if all(c.passed for c in done) else "restructured"
+        verdict: Verdict = ("preserved" if all(c.passed for c in done) else "restructured") if done else (
+            "no signal" if unreadable.get(level) else "not measured")
         levels.append(LevelVerdict(level, verdict, done))
     return PairSummary(str(doc.get("a", "A")), str(doc.get("b", "B")), tuple(levels))
 

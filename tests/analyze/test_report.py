@@ -146,6 +146,21 @@ def test_thresholds_are_overridable_and_stated(results_dirs: dict[str, Path], tm
     assert summarize(no_probe).verdict("function") == "not measured"
 
 
+def test_probes_that_ran_without_signal_are_said_so_not_taken_for_unmeasured(results_dirs: dict[str, Path],
+                                                                            tmp_path: Path) -> None:
+    """Probes whose source readouts never beat chance by the minimum signal leave transfer undefined: the report
+    said "function not measured" above the probe table that showed them."""
+    _, doc = read_results(results_dirs["random"])
+    silent = json.loads(json.dumps(doc))
+    for entry in silent["metrics"]["probe"].values():
+        for direction in (entry, entry.get("reverse")):
+            if direction:
+                direction["source"]["test"]["accuracy"] = entry["chance"]  # no signal above chance
+    assert summarize(silent).verdict("function") == "no signal"
+    page = write_report([write_json(silent, tmp_path / "silent")], tmp_path / "r.html").read_text()
+    assert 'class="no-signal">no signal' in page and "function not measured" not in page
+
+
 @pytest.mark.parametrize("bad", ["empty", "missing", "empty-folder", "wrong-schema", "not-json"])
 def test_bad_inputs_are_user_errors(bad: str, tmp_path: Path) -> None:
     paths = {"empty": [], "missing": [tmp_path / "nope"], "empty-folder": [tmp_path], "wrong-schema": [tmp_path / "w.json"],
@@ -331,6 +346,10 @@ def _forge(doc: dict, bad: str) -> dict:
         m["knn"]["k"] = {"ten": m["knn"]["k"]["10"]}
     elif bad == "knn-k-short":
         m["knn"]["k"]["10"] = m["knn"]["k"]["10"][:1]
+    elif bad == "h-inv-above-1":
+        m["procrustes"]["h_inv"] = [5.0] * n
+    elif bad == "knn-chance-negative":
+        m["knn"]["chance"] = {k: -3.0 for k in m["knn"]["chance"]}
     elif bad == "probe-str":
         m["probe"] = "x"
     elif bad == "probe-accuracy":
@@ -352,7 +371,8 @@ FORGERIES = {"metrics-list": "metrics", "matched-null": "matched_hidden_states",
              "knn-k-word": "metrics.knn.k", "knn-k-short": "metrics.knn.k.10", "probe-str": "metrics.probe",
              "probe-accuracy": "metrics.probe.2.target.test.accuracy", "knn-interval-one": "metrics.knn.intervals.10",
              "cka-interval-one": "metrics.cka.intervals.diagonal",
-             "probe-interval-one": "metrics.probe.2.test_accuracy_interval.source"}
+             "probe-interval-one": "metrics.probe.2.test_accuracy_interval.source",
+             "h-inv-above-1": "metrics.procrustes.h_inv", "knn-chance-negative": "metrics.knn.chance"}
 
 
 @pytest.mark.parametrize(("bad", "field"), list(FORGERIES.items()))
