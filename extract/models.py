@@ -226,15 +226,19 @@ def load_tokenizer(spec: ModelSpec) -> tuple[PreTrainedTokenizerBase, int | None
 
     For tokenising a corpus before (or without) running the model. Raises as :func:`load_model`.
     """
-    location, gguf_file, _ = _resolve_weights(spec)
-    return _tokenizer_at(spec, location, gguf_file), _context_length(load_config(spec))
+    location, gguf_file, _ = _resolve_weights(spec)  # once: a remote folder's copy, the same for both
+    return _tokenizer_at(spec, location, gguf_file), _context_length(_config_at(spec, location, gguf_file))
 
 
 def load_config(spec: ModelSpec) -> Any:
     """The spec's model config (no weights, no tokenizer). Raises as :func:`load_model`."""
+    location, gguf_file, _ = _resolve_weights(spec)
+    return _config_at(spec, location, gguf_file)
+
+
+def _config_at(spec: ModelSpec, location: str, gguf_file: str | None) -> Any:
     from transformers import AutoConfig
 
-    location, gguf_file, _ = _resolve_weights(spec)
     return _from_pretrained(AutoConfig, location, spec, **({"gguf_file": gguf_file} if gguf_file else {}))
 
 

@@ -75,15 +75,27 @@ class TrainingRecipe:
             out = [f"{workers['autocast' in self.settings]} (the run has {workers['autocast' in recorded.settings]})"]
         else:
             out = []
-        out += [f"{name} {_text(value)} (the run has {_text(recorded.settings.get(name))})"
+        out += [f"{name} {_text(value)} (the run has {_had(recorded.settings, name)})"
                 for name, value in self.settings.items() if name != "autocast" and recorded.settings.get(name) != value]
-        out += [f"{name} {_text(recorded.settings[name])} missing" for name in recorded.settings
-                if name not in self.settings and name != "autocast"]
+        out += [f"{name} {_text(recorded.settings[name])} (the run's; here {_had(self.settings, name)})"
+                for name in recorded.settings if name not in self.settings and name != "autocast"]
         if self.backbone != recorded.backbone:
             out.append("another backbone (or other backbone files)")
         if self.data != recorded.data:
             out.append("other training data (by content)")
         return out
+
+
+#: The layout a backbone with dropout keeps out of its recipe (its runs' keys stay what they were): 1 worker, no chunks.
+_LAYOUT_DEFAULTS: dict[str, Any] = {"workers": 1, "chunk_size": None}
+
+
+def _had(settings: dict[str, Any], name: str) -> str:
+    """A setting's value as a recipe holds it; workers and chunks, held only for a backbone with dropout outside the
+    default layout, as that default."""
+    if name in settings:
+        return _text(settings[name])
+    return _text(_LAYOUT_DEFAULTS.get(name))
 
 
 def _text(value: Any) -> str:
@@ -101,27 +113,36 @@ def training_recipe(config: TrainConfig) -> TrainingRecipe:
     if not Path(config.data).is_file():
         raise UserError(f"Expected the training data file {config.data}. Got no such file instead. Check --data.")
     settings = config.recipe_settings()
-    if _draws_dropout(config):
+    if (config.workers != 1 or config.chunk_size is not None) and _draws_dropout(config):
         # Masks are drawn per worker (seeded by rank) and chunk by chunk in the chunked backward: other workers or
-        # chunks give other weights (a tiny BERT's moved by 2 lr in 2 steps), so here they are the recipe's too.
-        settings["dropout_masks"] = {"workers": config.workers, "chunk_size": config.chunk_size}
+        # chunks give other weights (a tiny BERT's moved by 2 lr in 2 steps), so here they are the recipe's too. Only
+        # where not the default layout (1 worker, no chunks): the keys of such runs stay what they were.
+        settings.update({name: value for name, value in (("workers", config.workers), ("chunk_size", config.chunk_size))
+                         if value != _LAYOUT_DEFAULTS[name]})
     return TrainingRecipe(settings, _backbone_identity(config), file_digest(config.data))
 
 
 def _draws_dropout(config: TrainConfig) -> bool:
-    """Whether the backbone trains with dropout: a probability above 0 in its config (BERT and MiniLM: 0.1; Llama and
-    Qwen, the paper's backbones: none), or a config that does not read here (taken as dropout: the safe side)."""
+    """Whether the backbone trains with dropout: a probability above 0 in its config, class defaults filled in (BERT
+    and MiniLM: 0.1; Llama and Qwen, the paper's backbones: none). Read from the backbone's own files, so every
+    machine answers alike; a hub model is not read (its config may or may not be cached here: the answer, and the key,
+    would change with it), nor a config that does not read: counted as without."""
     from hrsa.extract.model_spec import parse_model_spec
     from hrsa.extract.models import load_config
 
     spec = parse_model_spec(config.backbone, dtype=config.dtype, attention=config.attention)
+    if spec.kind == "hub":
+        return False
     try:
-        if spec.kind in ("local", "remote"):  # its config.json alone (a remote folder is not copied here for it)
-            settings = json.loads(parse_location(str(spec.path)).child("config.json").read_text())
+        if spec.kind == "remote":  # its config.json alone (the folder is not copied here for it)
+            from transformers import AutoConfig
+
+            raw = json.loads(parse_location(str(spec.path)).child("config.json").read_text())
+            settings = AutoConfig.for_model(raw.pop("model_type"), **raw).to_dict()
         else:
             settings = load_config(spec).to_dict()
-    except Exception:  # a hub model without the hub, a config that does not read: dropout taken as drawn
-        return True
+    except Exception:  # unreadable here: training fails on it anyway, with its own message
+        return False
     return any(isinstance(value, float) and value > 0 for key, value in _flat(settings)
                if "dropout" in key or "pdrop" in key)
 

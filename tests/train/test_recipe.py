@@ -66,6 +66,20 @@ def test_where_the_backbone_draws_dropout_workers_and_chunks_are_the_recipe(conf
     bert = config.model_copy(update={"backbone": str(tiny_models.dir("bert"))})
     assert key(bert, **changes) != key(bert)
     assert key(config, **changes) == key(config)
+    name, value = next(iter(changes.items()))
+    assert training_recipe(bert.model_copy(update=changes)).differences(training_recipe(bert)) == [
+        f"{name} {value} (the run has {'1' if name == 'workers' else 'none'})"]
+
+
+def test_a_backbone_whose_config_leaves_dropout_to_its_class_defaults_draws_it(config: TrainConfig, tiny_models: Any,
+                                                                               tmp_path: Path) -> None:
+    """BERT's class defaults hold dropout 0.1: a config.json without the keys still trains with it."""
+    folder = tmp_path / "bert-defaults"
+    shutil.copytree(tiny_models.dir("bert"), folder)
+    settings = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in settings.items() if "dropout" not in k}))
+    bert = config.model_copy(update={"backbone": str(folder)})
+    assert key(bert, workers=2) != key(bert)
 
 
 def test_backbone_and_data_count_by_content_not_by_path(config: TrainConfig, tmp_path: Path) -> None:
