@@ -57,7 +57,9 @@ class TokenPairs:
 
 
 def alignment_key(cid_a: str, cid_b: str) -> str:
-    return f"{cid_a}--{cid_b}"
+    # "v2": tokens holding part of a character pair only as whole runs split alike (see _pairing_keys); alignments
+    # kept by the rule before are not read again.
+    return f"{cid_a}--{cid_b}--v2"
 
 
 def _spans(corpus: zarr.Group) -> tuple[list[str], dict[str, np.ndarray]]:
@@ -122,10 +124,10 @@ def align_corpora(corpus_a: zarr.Group, corpus_b: zarr.Group) -> tuple[np.ndarra
     # B's field numbers in A's numbering (fields only one side has never align: -2).
     to_a = np.array([fields_a.index(f) if f in fields_a else -2 for f in fields_b] + [-2], dtype=np.int64)
     spans_b["field"] = to_a[spans_b["field"]]  # -1 (markup) indexes the trailing -2
-    keys = ["doc", "field", "start", "end"]
+    keys = ["doc", "field", "start", "end", "split", "place"]
     frames = []
     for spans in (spans_a, spans_b):
-        frame = pd.DataFrame(spans)
+        frame = pd.DataFrame({**spans, **_pairing_keys(spans)})
         frame["row"] = np.arange(len(frame), dtype=np.int64)
         frame = frame[(frame["field"] >= 0) & (frame["end"] > frame["start"])]
         groups = frame.groupby(keys, sort=False)
@@ -133,6 +135,28 @@ def align_corpora(corpus_a: zarr.Group, corpus_b: zarr.Group) -> tuple[np.ndarra
     joined = frames[0].merge(frames[1], on=[*keys, "nth", "times"], suffixes=("_a", "_b"))
     joined = joined.sort_values("row_a", kind="stable")
     return joined["row_a"].to_numpy(np.int64), joined["row_b"].to_numpy(np.int64)
+
+
+def _pairing_keys(spans: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Where tokens share characters, what they pair by instead of their own spans. Byte-level tokenizers split a
+    character's bytes over tokens whose spans all widen to that character: by span and count, a token of "a" and half
+    of "ï" (span 1:3) paired with another tokenizer's "aï" (1:3), the cut side's last token too. A run of tokens that
+    share characters pairs only with a run of the same spans in the same order (a tokenizer of the same vocabulary
+    splits alike): its tokens get the run's span, its spans' signature (``split``) and their place in it; other
+    tokens keep their span (split 0, place 0)."""
+    doc, field, start, end = (spans[k].copy() for k in ("doc", "field", "start", "end"))
+    split, place = np.zeros(doc.size, np.int64), np.zeros(doc.size, np.int64)
+    shared = (doc[1:] == doc[:-1]) & (field[1:] == field[:-1]) & (field[1:] >= 0) & (end[:-1] > start[1:]) & (
+        start[:-1] < end[1:])  # token i and i + 1 share a character
+    if shared.any():
+        first = np.flatnonzero(shared & ~np.concatenate([[False], shared[:-1]]))  # each run's first token
+        last = np.flatnonzero(shared & ~np.concatenate([shared[1:], [False]])) + 1  # and its last
+        for lo, hi in zip(first.tolist(), last.tolist()):
+            run = slice(lo, hi + 1)
+            signature = hash(tuple(zip(spans["start"][run].tolist(), spans["end"][run].tolist()))) or 1
+            split[run], place[run] = signature, np.arange(hi + 1 - lo)
+            start[run], end[run] = spans["start"][run].min(), spans["end"][run].max()
+    return {"start": start, "end": end, "split": split, "place": place}
 
 
 def _digest(rows_a: np.ndarray, rows_b: np.ndarray) -> str:

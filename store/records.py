@@ -50,7 +50,8 @@ def _files(source: str) -> list[Path]:
     if path.is_dir():
         # Hidden names left out, as the folder's digest leaves them (runtime.fingerprint.folder_files): a hidden file
         # read but not digested changed the corpus while every stage that keys on it stayed up to date.
-        files = sorted(p for p in path.iterdir() if p.suffix in RECORD_SUFFIXES and not p.name.startswith("."))
+        files = sorted(p for p in path.iterdir()
+                       if p.suffix in RECORD_SUFFIXES and not p.name.startswith(".") and p.is_file())
         if not files:
             raise CorpusError(f"Expected .jsonl, .csv or .parquet files in {path}. Got none. Point --corpus at a data file.")
         return files

@@ -379,9 +379,11 @@ def test_a_damaged_stored_alignment_is_named_by_verify_and_computed_again(tmp_pa
         fill_model(store, mid)
     pairs = store.token_pairs("a", "b")
     assert pairs.n_pairs == 5 * 38 and np.unique(pairs.rows_a).size == pairs.n_pairs
-    shutil.rmtree(tmp_path / "s" / "alignments" / f"{cids[0]}--{cids[1]}" / "rows_a" / "c")
+    from hrsa.store.alignment import alignment_key
+
+    shutil.rmtree(tmp_path / "s" / "alignments" / alignment_key(*cids) / "rows_a" / "c")
     read_only = ActivationStore.open(tmp_path / "s", mode="r")
-    assert [p.where for p in verify_store(read_only).problems] == [f"alignments/{cids[0]}--{cids[1]}"]
+    assert [p.where for p in verify_store(read_only).problems] == [f"alignments/{alignment_key(*cids)}"]
     again = read_only.token_pairs("a", "b")
     assert np.array_equal(again.rows_a, pairs.rows_a) and np.array_equal(again.rows_b, pairs.rows_b)
     ActivationStore.open(tmp_path / "s", mode="r+").token_pairs("a", "b")  # kept again, whole
