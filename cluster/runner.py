@@ -535,7 +535,8 @@ class _Runner:
                          "b": [b.store_id, b.key], **self._auto_products(options, a, b)})
         json_path = out_dir / "results.json"
         run_id = f"{stage.partition(':')[2][:100]}--{key[:12]}".replace("@", "-")
-        reason = self.state.reason_to_run(stage, key, lambda o: _readable_results(json_path, run_id) and self._recorded(options, run_id))
+        reason = self.state.reason_to_run(
+            stage, key, lambda o: _readable_results(json_path, run_id) and self._recorded(options, run_id))
         if self._announce(stage, reason):
             # Recorded as started once its results are computed, before it writes: a run refused or failed before then
             # leaves the stage's record (and its earlier results) as they were.

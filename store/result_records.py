@@ -48,7 +48,9 @@ class ResultRecords:
     def damaged_results(self) -> list[str]:
         """Ids of the records whose metadata does not read as a group's (cut short, overwritten), sorted."""
         top = self._top("results")
-        return [run_id for run_id in self.results_ids() if not _reads_as_group(get_bytes(top.store, f"{top.store_path.path}/{run_id}/zarr.json"))]
+        path = top.store_path.path
+        return [run_id for run_id in self.results_ids()
+                if not _reads_as_group(get_bytes(top.store, f"{path}/{run_id}/zarr.json"))]
 
     def results_documents(self) -> dict[str, dict | None]:
         """Each result record's document (its attributes), by id, sorted; None for a record whose document is not

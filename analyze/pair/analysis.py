@@ -8,7 +8,6 @@ reads of the store), and assemble the results (:mod:`.assembly`).
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import replace
@@ -161,11 +160,10 @@ def analyze_pair(
     try:
         outputs = run_passes(store, pair, chunk_backend, dask_scheduler, on_block, matched=for_matched)
     except Float32RangeError as error:  # activations whose squares float32 does not hold: float64 products
-        cause = _task_cause(error)
-        if compute_dtype != "auto":
-            raise UserError(str(cause).strip().splitlines()[0]) from None
+        if compute_dtype != "auto":  # (on Ray too the error is the task's own: ray_passes._failure unwraps it)
+            raise UserError(str(error)) from None
         low, high = FLOAT32_RANGE
-        warnings.warn(f"Centred activations of magnitude {getattr(cause, 'magnitude', float('nan')):.3g} in {a} or {b}, "
+        warnings.warn(f"Centred activations of magnitude {error.magnitude:.3g} in {a} or {b}, "
                       f"whose squares float32 does not hold (it holds {low:.2g} to {high:.2g}): float64 products instead "
                       "(the passes ran again, planned for them).", PrecisionWarning, stacklevel=2)
         chunk_backend = replace(chunk_backend, compute_dtype="float64")  # type: ignore[type-var]
@@ -186,15 +184,6 @@ def analyze_pair(
     # Phase 3: the local metrics, on their own reads; phase 4: the results.
     local = _local_metrics(store, pair, selection, knn_options, probe_options, settings, names)
     return replace(assemble(pair, selection, outputs, settings), **local)
-
-
-def _task_cause(error: BaseException) -> BaseException:
-    """``error``, or for a Ray task's error the error raised in the task (Ray's own text is a traceback)."""
-    if "ray" not in sys.modules:
-        return error
-    from hrsa.runtime.task_errors import root_cause
-
-    return root_cause(error)
 
 
 def _cluster_gpus() -> bool:
