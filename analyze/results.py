@@ -525,6 +525,8 @@ def read_results(path: Path | str) -> tuple[Path, dict[str, Any]]:
 # returned as read (these models only check it). A number may be null (NaN, an undefined metric).
 
 _Num = float | None
+_Spread = Annotated[float, Field(ge=0)] | None  # a standard deviation or error
+_Count = Annotated[int, Field(ge=0)]
 _IntKey = Annotated[str, StringConstraints(pattern=r"^[0-9]+$")]  # a k or a hidden state, as a JSON key
 _Ends = Annotated[list[_Num], Field(min_length=2, max_length=2)]  # an interval's (low, high), a recall's (A's, B's)
 
@@ -535,14 +537,14 @@ class _Part(BaseModel):
 
 class _Null(_Part):
     mean: list[_Num]
-    std: list[_Num]
+    std: list[_Spread]
 
 
 class _PerLayer(_Part):
     """Per matched hidden state lists, with their jackknife intervals and permutation nulls where recorded."""
 
     intervals: dict[str, list[_Ends]] | None = None
-    se: dict[str, list[_Num]] | None = None
+    se: dict[str, list[_Spread]] | None = None
     null: dict[str, _Null] | None = None
 
 
@@ -554,7 +556,7 @@ class _Cka(_PerLayer):
 
 class _Dimcorr(_PerLayer):
     diagonal: list[_Num]
-    n_degenerate: list[int]
+    n_degenerate: list[_Count]
     matrix: list[list[_Num]] | None = None
     median: list[_Num] | None = None
     q25: list[_Num] | None = None
@@ -574,19 +576,19 @@ class _Knn(_Part):
     k: dict[_IntKey, list[_Num]]
     hidden_states: list[int]
     median: dict[_IntKey, list[_Num]] | None = None
-    std: dict[_IntKey, list[_Num]] | None = None
+    std: dict[_IntKey, list[_Spread]] | None = None
     intervals: dict[_IntKey, list[_Ends]] | None = None
-    se: dict[_IntKey, list[_Num]] | None = None
+    se: dict[_IntKey, list[_Spread]] | None = None
     recall: dict[_IntKey, list[_Ends]] | None = None
     chance: dict[_IntKey, _Num] | None = None
     ties: dict[_IntKey, list[_Num]] | None = None
-    n_tokens: int | None = None
+    n_tokens: _Count | None = None
 
 
 class _Split(_Part):
     accuracy: _Num
     macro_f1: _Num = None
-    n: int | None = None
+    n: _Count | None = None
 
 
 class _Side(_Part):
@@ -616,9 +618,9 @@ class _Metrics(_Part):
 
 class _Alignment(_Part):
     corpus_b: str
-    aligned: int
-    tokens_a: int
-    tokens_b: int
+    aligned: _Count
+    tokens_a: _Count
+    tokens_b: _Count
 
 
 class _Uncertainty(_Part):
@@ -640,7 +642,7 @@ class _Document(_Part):
     b: str
     run_id: str | None = None
     corpus: str | None = None
-    n_tokens: int | None = None
+    n_tokens: _Count | None = None
     alignment: _Alignment | None = None
     hidden_states_a: list[int] | None = None
     hidden_states_b: list[int] | None = None
@@ -733,6 +735,41 @@ def _shape_problems(doc: _Document, metrics: Mapping[str, Any]) -> Iterable[tupl
         for path, value in _probe_scores(entry):
             if value is not None and not math.isnan(value) and not 0.0 <= value <= 1.0:
                 yield f"metrics.probe.{k}.{path}", "an accuracy in [0, 1]", _short(value)
+    yield from _interval_problems(metrics)
+
+
+def _interval_problems(metrics: Mapping[str, Any]) -> Iterable[tuple[str, str, str]]:
+    """Intervals whose ends are reversed or, where the interval is built around its score (a jackknife's score +- t se,
+    a Wilson interval), that leave their score out. A k-NN percentile bootstrap interval may leave its mean out."""
+    for metric in ("cka", "dimcorr", "procrustes"):
+        part = metrics.get(metric) or {}
+        for key, ends in (part.get("intervals") or {}).items():
+            yield from _ends_problems(f"metrics.{metric}.intervals.{key}", ends, part.get(key))
+    for k, ends in ((metrics.get("knn") or {}).get("intervals") or {}).items():
+        yield from _ends_problems(f"metrics.knn.intervals.{k}", ends, None)
+    for k, entry in (metrics.get("probe") or {}).items():
+        for prefix, direction in (("", entry), ("reverse.", entry.get("reverse"))):
+            for side, ends in ((direction or {}).get("test_accuracy_interval") or {}).items():
+                yield from _ends_problems(f"metrics.probe.{k}.{prefix}test_accuracy_interval.{side}", [ends],
+                                          [direction[side]["test"]["accuracy"]])
+
+
+def _ends_problems(field: str, intervals: list[list[Any]], scores: list[Any] | None) -> Iterable[tuple[str, str, str]]:
+    """The first of ``intervals`` (one (low, high) per score) that is reversed or leaves its score out."""
+    for i, (low, high) in enumerate(intervals):
+        if not _finite(low) or not _finite(high):
+            continue  # undefined (null, NaN): no interval
+        score = scores[i] if scores is not None else None
+        if high < low - _ROUNDING:
+            yield field, "intervals as (low, high), low <= high", _short([low, high])
+            return
+        if _finite(score) and not low - _ROUNDING <= score <= high + _ROUNDING:
+            yield field, "intervals that hold their score", f"{_short([low, high])} around {_short(score)}"
+            return
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _probe_scores(entry: Mapping[str, Any]) -> Iterable[tuple[str, Any]]:

@@ -156,6 +156,7 @@ def test_probes_that_ran_without_signal_are_said_so_not_taken_for_unmeasured(res
         for direction in (entry, entry.get("reverse")):
             if direction:
                 direction["source"]["test"]["accuracy"] = entry["chance"]  # no signal above chance
+                direction["test_accuracy_interval"] = None  # those of the scores replaced
     assert summarize(silent).verdict("function") == "no signal"
     page = write_report([write_json(silent, tmp_path / "silent")], tmp_path / "r.html").read_text()
     assert 'class="no-signal">no signal' in page and "function not measured" not in page
@@ -361,6 +362,25 @@ def _forge(doc: dict, bad: str) -> dict:
         m["cka"]["intervals"]["diagonal"] = [[0.5]] * n
     elif bad == "probe-interval-one":
         m["probe"]["2"]["test_accuracy_interval"]["source"] = [0.5]
+    # Intervals that do not hold their score, and negative counts or spreads, were read as results: the report
+    # printed "0.998 ± -0.4" or an interval beside a number outside it.
+    elif bad == "cka-interval-away":
+        m["cka"]["intervals"]["diagonal"] = [[0.0, 0.01]] * n
+    elif bad == "cka-interval-reversed":
+        m["cka"]["intervals"]["diagonal"] = [[v + 0.1, v - 0.1] for v in m["cka"]["diagonal"]]
+    elif bad == "knn-interval-reversed":
+        m["knn"]["intervals"]["10"] = [[0.9, 0.1]] * len(m["knn"]["intervals"]["10"])
+    elif bad == "probe-interval-away":
+        acc = m["probe"]["2"]["source"]["test"]["accuracy"]
+        m["probe"]["2"]["test_accuracy_interval"]["source"] = [acc + 0.2, acc + 0.3] if acc < 0.5 else [0.0, 0.1]
+    elif bad == "dimcorr-degenerate-negative":
+        m["dimcorr"]["n_degenerate"] = [-1] * n
+    elif bad == "cka-se-negative":
+        m["cka"]["se"]["diagonal"] = [-0.1] * n
+    elif bad == "probe-n-negative":
+        m["probe"]["2"]["source"]["test"]["n"] = -4
+    elif bad == "n-tokens-negative":
+        doc["n_tokens"] = -5
     return doc
 
 
@@ -372,7 +392,12 @@ FORGERIES = {"metrics-list": "metrics", "matched-null": "matched_hidden_states",
              "probe-accuracy": "metrics.probe.2.target.test.accuracy", "knn-interval-one": "metrics.knn.intervals.10",
              "cka-interval-one": "metrics.cka.intervals.diagonal",
              "probe-interval-one": "metrics.probe.2.test_accuracy_interval.source",
-             "h-inv-above-1": "metrics.procrustes.h_inv", "knn-chance-negative": "metrics.knn.chance"}
+             "h-inv-above-1": "metrics.procrustes.h_inv", "knn-chance-negative": "metrics.knn.chance",
+             "cka-interval-away": "metrics.cka.intervals.diagonal",
+             "cka-interval-reversed": "metrics.cka.intervals.diagonal", "knn-interval-reversed": "metrics.knn.intervals.10",
+             "probe-interval-away": "metrics.probe.2.test_accuracy_interval.source",
+             "dimcorr-degenerate-negative": "metrics.dimcorr.n_degenerate", "cka-se-negative": "metrics.cka.se.diagonal",
+             "probe-n-negative": "metrics.probe.2.source.test.n", "n-tokens-negative": "n_tokens"}
 
 
 @pytest.mark.parametrize(("bad", "field"), list(FORGERIES.items()))
@@ -410,6 +435,7 @@ def test_valid_edge_values_are_read(results_dirs: dict[str, Path], tmp_path: Pat
     _, doc = read_results(results_dirs["scaled"])
     n = len(doc["matched_hidden_states"])
     doc["metrics"]["cka"]["diagonal"] = [None, float("nan"), 1.0 + 1e-7, 0.0][:n] + [1.0] * (n - 4)
+    doc["metrics"]["cka"]["intervals"] = None  # those of the scores replaced
     path = tmp_path / "edge" / "results.json"
     path.parent.mkdir()
     path.write_text(json.dumps(doc))  # NaN written as the literal NaN (Python's json reads it back)
