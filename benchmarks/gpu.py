@@ -295,10 +295,10 @@ def bench_extract(cfg: GpuBenchConfig, root: Path) -> dict[str, Any]:
     folder = root / "model"
     make_model_folder(folder, cfg)
     spec = parse_model_spec(str(folder), dtype="bfloat16")
-    tokenizer, context = load_tokenizer(spec)
+    tokenizer, limits = load_tokenizer(spec)
     corpus_spec = CorpusSpec(source=str(_corpus()), text="text", max_docs=cfg.extract_docs,
                              max_tokens=cfg.extract_max_tokens)
-    table = tokenize_corpus(list(load_records(corpus_spec)), corpus_spec, tokenizer, context_length=context)
+    table = tokenize_corpus(list(load_records(corpus_spec)), corpus_spec, tokenizer, context_length=limits.context)
     store = ActivationStore.open(root / "extract", mode="w-")
     cid = store.write_corpus(table, tokenizer={"name": "bench", "fingerprint": tokenizer_fingerprint(tokenizer)},
                              source=str(_corpus()), fields=("text",))

@@ -278,6 +278,30 @@ def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
     return np.array(sorted(ids), dtype=np.int64)
 
 
+def check_vocabulary(tokens: Any, vocabulary: int | None, tokenizer: PreTrainedTokenizerBase, *, model: str,
+                     record_ids: Sequence[str]) -> None:
+    """Refuse token ids the model has no embedding for (a tokenizer whose added tokens lie past the model's
+    vocabulary): the workers failed on them mid-extraction, a model half-written, saying to re-run.
+
+    Args:
+        tokens: a :class:`CorpusTable` or the store's ``CorpusTokens`` (``token_ids``, ``doc_offsets``).
+        vocabulary: the model's token embeddings (None: not known, nothing checked).
+    Raises:
+        CorpusError: naming the first such token, its document and the fix.
+    """
+    if vocabulary is None or not len(tokens.token_ids) or int(tokens.token_ids.max()) < vocabulary:
+        return
+    at = int(np.argmax(tokens.token_ids >= vocabulary))
+    token_id = int(tokens.token_ids[at])
+    document = record_ids[int(np.searchsorted(tokens.doc_offsets, at, side="right")) - 1]
+    raise CorpusError(
+        f"Expected token ids below {vocabulary} (the model's vocabulary) to extract {model}. Got {token_id} "
+        f"({tokenizer.convert_ids_to_tokens(token_id)!r}) in {document} instead: its tokenizer has tokens the model "
+        "has no embedding for. Save the model with its embeddings resized to the tokenizer "
+        "(model.resize_token_embeddings(len(tokenizer))), or give the model the tokenizer it was trained with."
+    )
+
+
 def tokenize_corpus(
     records: Sequence[Mapping[str, Any]],
     spec: CorpusSpec,

@@ -93,16 +93,17 @@ def _read_corpus(config: ExtractConfig, store: Any, spec: Any) -> _Corpus:
         CorpusError, ModelLoadError...: the corpus or the tokenizer cannot be read (one line each).
         CorpusMismatchError: a stored corpus whose token ids this model's tokenizer does not reproduce.
     """
-    from hrsa.extract.corpus import load_records, tokenize_corpus
+    from hrsa.extract.corpus import check_vocabulary, load_records, tokenize_corpus
     from hrsa.extract.models import load_tokenizer, tokenizer_fingerprint
     from hrsa.store.corpus import content_hash
 
-    tokenizer, context = load_tokenizer(spec)
+    tokenizer, limits = load_tokenizer(spec)
     info = {"name": spec.name, "fingerprint": tokenizer_fingerprint(tokenizer)}
     if store is not None and config.corpus in store.corpora():
-        return _join_stored(store, config.corpus, spec, tokenizer, context, info)
+        return _join_stored(store, config.corpus, spec, tokenizer, limits, info)
     corpus_spec = _corpus_spec(config)
-    table = tokenize_corpus(list(load_records(corpus_spec)), corpus_spec, tokenizer, context_length=context)
+    table = tokenize_corpus(list(load_records(corpus_spec)), corpus_spec, tokenizer, context_length=limits.context)
+    check_vocabulary(table, limits.vocabulary, tokenizer, model=spec.name, record_ids=table.record_ids)
     return _Corpus(None, table, content_hash(table), table.n_tokens, info)
 
 
@@ -121,15 +122,18 @@ def stored_differences(config: ExtractConfig, store: Any) -> list[str]:
     return stored_mismatch(store, config, corpus_hash=corpus.digest, table=corpus.table)
 
 
-def _join_stored(store: Any, cid: str, spec: Any, tokenizer: Any, context: int | None, info: dict[str, str]) -> _Corpus:
+def _join_stored(store: Any, cid: str, spec: Any, tokenizer: Any, limits: Any, info: dict[str, str]) -> _Corpus:
     """Join stored corpus ``cid`` when this model's tokenizer, run on the corpus's source text with the corpus's
     settings, gives its token ids on every document (not assumed from a fingerprint: a fine-tuned child's
-    tokenizer may differ in added tokens or chat template and still tokenise the text alike)."""
-    from hrsa.extract.corpus import CorpusSpec, load_records, tokenize_corpus
+    tokenizer may differ in added tokens or chat template and still tokenise the text alike), and the model has an
+    embedding for each of them."""
+    from hrsa.extract.corpus import CorpusSpec, check_vocabulary, load_records, tokenize_corpus
 
     stored = store.corpus_info(cid)
     written = stored.extra.get("corpus_spec")
-    _check_context(store, stored, (written or {}).get("source") or stored.source, spec, context)
+    _check_context(store, stored, (written or {}).get("source") or stored.source, spec, limits.context)
+    record_ids = list(store.documents(cid)["record_id"])
+    check_vocabulary(store.corpus_tokens(cid), limits.vocabulary, tokenizer, model=spec.name, record_ids=record_ids)
     if not written:  # stored through the API, without its source: the tokenizer must be the one that made it
         if stored.tokenizer.get("fingerprint") != info["fingerprint"]:
             raise CorpusMismatchError(
@@ -138,7 +142,7 @@ def _join_stored(store: Any, cid: str, spec: Any, tokenizer: Any, context: int |
             )
         return _Corpus(cid, None, None, stored.n_tokens, info)
     corpus_spec = CorpusSpec(**written)
-    table = tokenize_corpus(list(load_records(corpus_spec)), corpus_spec, tokenizer, context_length=context)
+    table = tokenize_corpus(list(load_records(corpus_spec)), corpus_spec, tokenizer, context_length=limits.context)
     differ = store.differing_documents(cid, table)
     if differ:
         raise CorpusMismatchError(

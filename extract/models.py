@@ -39,6 +39,7 @@ __all__ = [
     "parse_model_spec",
     "load_model",
     "load_tokenizer",
+    "ModelLimits",
     "forward_hidden_states",
     "tokenizer_fingerprint",
     "resolve_dtype",
@@ -221,13 +222,30 @@ def _tokenizer_at(spec: ModelSpec, location: str, gguf_file: str | None) -> PreT
     return _from_pretrained(AutoTokenizer, location, spec, missing=(OSError, ValueError), **extra)
 
 
-def load_tokenizer(spec: ModelSpec) -> tuple[PreTrainedTokenizerBase, int | None]:
-    """The spec's tokenizer and the model's context length, without loading any weights.
+@dataclass(frozen=True)
+class ModelLimits:
+    """What a model can take, from its config: ``context`` positions and ``vocabulary`` token embeddings (None:
+    the config does not say)."""
+
+    context: int | None
+    vocabulary: int | None
+
+
+def load_tokenizer(spec: ModelSpec) -> tuple[PreTrainedTokenizerBase, ModelLimits]:
+    """The spec's tokenizer and the model's limits, without loading any weights.
 
     For tokenising a corpus before (or without) running the model. Raises as :func:`load_model`.
     """
     location, gguf_file, _ = _resolve_weights(spec)  # once: a remote folder's copy, the same for both
-    return _tokenizer_at(spec, location, gguf_file), _context_length(_config_at(spec, location, gguf_file))
+    config = _config_at(spec, location, gguf_file)
+    return _tokenizer_at(spec, location, gguf_file), ModelLimits(_context_length(config), _vocabulary_size(config))
+
+
+def _vocabulary_size(config: Any) -> int | None:
+    """Rows of the model's token embedding: its (text) config's ``vocab_size``, as from_pretrained builds it."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text_config, "vocab_size", None)
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def load_config(spec: ModelSpec) -> Any:

@@ -101,6 +101,13 @@ def specials_model(tiny_models: Any, folder: Path) -> Path:
     return folder
 
 
+def added_token_model(tiny_models: Any, folder: Path) -> Path:
+    """A copy of the tiny Llama (300 embeddings) whose tokenizer adds the token 'zzyzx' (id 300) it has none for."""
+    shutil.copytree(tiny_models.dir("llama"), folder)
+    tiny_models.tokenizer(("zzyzx",)).save_pretrained(folder)
+    return folder
+
+
 def run_cli(*args: str) -> Any:
     from hrsa.cli import cli
 
@@ -129,6 +136,8 @@ def assert_one_line_error(result: Any, *fragments: str) -> None:
                                       "--max-tokens 128")),
         ("bad-name", ("--name", "'../escape'")),
         ("layers-out-of-range", ("Expected --layers to be distinct hidden states in 0..2",)),
+        ("token-past-vocabulary", ("Expected token ids below 300 (the model's vocabulary)", "300 ('zzyzx')",
+                                   "in added", "resize_token_embeddings")),
     ],
 )
 def test_mistakes_are_one_line_and_damage_nothing(
@@ -153,6 +162,9 @@ def test_mistakes_are_one_line_and_damage_nothing(
         extra = ["--max-tokens", "256"]
     elif case == "bad-name":
         extra = ["--name", "../escape"]
+    elif case == "token-past-vocabulary":  # failed mid-extraction, its store written, saying "re-run"
+        model = str(added_token_model(tiny_models, tmp_path / "added"))
+        corpus = str(write_jsonl(tmp_path / "c.jsonl", {"fine": "the lazy dog", "added": "the zzyzx dog"}))
     elif case == "layers-out-of-range":  # another corpus: it was stored before the model loaded and told
         corpus = str(write_jsonl(tmp_path / "c.jsonl", {"fine": "the lazy dog", "other": "w1 w2 w3"}))
         extra = ["--layers", "0,9", "--workers", "1", "--name", "new"]
@@ -365,8 +377,8 @@ def test_a_stored_corpus_longer_than_the_models_context_is_refused_when_joined(
     from hrsa.extract.models import load_tokenizer, tokenizer_fingerprint
 
     model = str(tiny_models.dir("llama"))
-    tokenizer, context = load_tokenizer(parse_model_spec(model))
-    assert context == 128
+    tokenizer, limits = load_tokenizer(parse_model_spec(model))
+    assert limits.context == 128
     corpus = write_jsonl(tmp_path / "c.jsonl", {"fine": "the lazy dog", "long": "the lazy dog " * 60})
     spec = CorpusSpec(source=str(corpus), max_tokens=256)
     table = tokenize_corpus(list(load_records(spec)), spec, tokenizer)  # no context given: a longer model's cut
@@ -379,6 +391,32 @@ def test_a_stored_corpus_longer_than_the_models_context_is_refused_when_joined(
     result = run_cli("--store", str(stored_copy), "--model", model, "--corpus", cid, "--name", "short")
     assert_one_line_error(result, f"corpus {cid}", "at most 128 tokens (the model's context)", "in long",
                           f"--corpus {corpus} --max-tokens 128")
+    assert store_digest(stored_copy) == before
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["corpus-spec", "written-through-the-api"])
+def test_a_stored_corpus_with_tokens_past_the_models_vocabulary_is_refused_when_joined(
+    recorded: bool, stored_copy: Path, tiny_models: Any, tmp_path: Path
+) -> None:
+    """A corpus holding an added token (id 300) joined by id by a model of 300 embeddings whose tokenizer gives it."""
+    from hrsa.extract.corpus import CorpusSpec, load_records, tokenize_corpus
+    from hrsa.extract.model_spec import parse_model_spec
+    from hrsa.extract.models import load_tokenizer, tokenizer_fingerprint
+
+    model = str(added_token_model(tiny_models, tmp_path / "added"))
+    tokenizer, limits = load_tokenizer(parse_model_spec(model))
+    assert limits.vocabulary == 300
+    corpus = write_jsonl(tmp_path / "c.jsonl", {"fine": "the lazy dog", "added": "the zzyzx dog"})
+    spec = CorpusSpec(source=str(corpus))
+    table = tokenize_corpus(list(load_records(spec)), spec, tokenizer)
+    assert table.token_ids.max() == 300
+    store = ActivationStore.open(str(stored_copy), mode="a")
+    cid = store.write_corpus(table, tokenizer={"name": model, "fingerprint": tokenizer_fingerprint(tokenizer)},
+                             source=str(corpus), fields=("text",),
+                             extra={"corpus_spec": spec.to_dict()} if recorded else None)
+    before = store_digest(stored_copy)
+    result = run_cli("--store", str(stored_copy), "--model", model, "--corpus", cid, "--name", "added")
+    assert_one_line_error(result, "Expected token ids below 300 (the model's vocabulary)", "300 ('zzyzx') in added")
     assert store_digest(stored_copy) == before
 
 

@@ -185,9 +185,10 @@ def test_unloadable_folders(tiny_models: Any, tmp_path: Path) -> None:
 
 
 def test_load_tokenizer_alone(tiny_models: Any) -> None:
-    tokenizer, context = load_tokenizer(parse_model_spec(str(tiny_models.dir("llama"))))
+    tokenizer, limits = load_tokenizer(parse_model_spec(str(tiny_models.dir("llama"))))
     loaded = load_tiny(tiny_models.dir("llama"))
-    assert context == loaded.context_length == 128
+    assert limits.context == loaded.context_length == 128
+    assert limits.vocabulary == loaded.model.get_input_embeddings().num_embeddings == 300
     assert tokenizer_fingerprint(tokenizer) == loaded.tokenizer_fingerprint
 
 
