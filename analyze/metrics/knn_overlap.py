@@ -13,8 +13,10 @@ averages :func:`chance_overlap` (about k / (2N) for k << N, and 1 at k = N - 1, 
 
 Neighbours are ranked by cosine similarity, ties broken by the smaller token index, so results are
 deterministic. Invariances (of the neighbour sets, hence of the overlap): any rotation X Q, isotropic
-scaling c X (c > 0), and per-token rescaling of either side; *not* offsets (cosine is measured from the
-origin, not the mean: deliberate, as in the paper) nor anisotropic scaling X diag(s).
+scaling c X (c > 0), and per-token rescaling of either side, exactly in real arithmetic; in floating point up
+to rounding, so neighbours whose cosines tie exactly (duplicate or parallel rows) may rank otherwise once
+rescaled, and with them the tie rule's pick. *Not* offsets (cosine is measured from the origin, not the mean:
+deliberate, as in the paper) nor anisotropic scaling X diag(s).
 
 This module is pure numpy: :func:`cosine_neighbors` is the exact O(N^2) reference, for small N. The
 blocked FAISS search for large N lives in :mod:`hrsa.analyze.local.knn` and feeds the same
