@@ -18,13 +18,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hrsa.store.corpus import CorpusTable, document_text_sha256
+from hrsa.store.corpus import CorpusTable, CorpusTokens, document_text_sha256
+from hrsa.store.errors import UserError
 from hrsa.store.records import CorpusError, read_records
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["ChatMarkupWarning", "CorpusSpec", "Segment", "load_records", "render_spans", "render_text", "tokenize_corpus", "special_token_ids"]
+__all__ = ["ChatMarkupWarning", "CorpusSpec", "Segment", "VocabularyError", "check_texts_vocabulary", "check_vocabulary",
+           "load_records", "render_spans", "render_text", "tokenize_corpus", "special_token_ids"]
 
 @dataclass(frozen=True)
 class CorpusSpec:
@@ -278,28 +280,50 @@ def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
     return np.array(sorted(ids), dtype=np.int64)
 
 
+class VocabularyError(UserError, ValueError):
+    """A text holding a token the model has no embedding for."""
+
+
 def check_vocabulary(tokens: Any, vocabulary: int | None, tokenizer: PreTrainedTokenizerBase, *, model: str,
-                     record_ids: Sequence[str]) -> None:
+                     names: Sequence[str]) -> None:
     """Refuse token ids the model has no embedding for (a tokenizer whose added tokens lie past the model's
-    vocabulary): the workers failed on them mid-extraction, a model half-written, saying to re-run.
+    vocabulary): the model failed on them with an IndexError, mid-extraction (a model half-written, saying to
+    re-run) or mid-training.
 
     Args:
-        tokens: a :class:`CorpusTable` or the store's ``CorpusTokens`` (``token_ids``, ``doc_offsets``).
+        tokens: ``token_ids`` and ``doc_offsets`` of the texts, laid end to end (a :class:`CorpusTable`, the store's
+            ``CorpusTokens``).
         vocabulary: the model's token embeddings (None: not known, nothing checked).
+        names: one name per text, for the message.
     Raises:
-        CorpusError: naming the first such token, its document and the fix.
+        VocabularyError: naming the first such token, its text and the fix.
     """
     if vocabulary is None or not len(tokens.token_ids) or int(tokens.token_ids.max()) < vocabulary:
         return
     at = int(np.argmax(tokens.token_ids >= vocabulary))
     token_id = int(tokens.token_ids[at])
-    document = record_ids[int(np.searchsorted(tokens.doc_offsets, at, side="right")) - 1]
-    raise CorpusError(
-        f"Expected token ids below {vocabulary} (the model's vocabulary) to extract {model}. Got {token_id} "
-        f"({tokenizer.convert_ids_to_tokens(token_id)!r}) in {document} instead: its tokenizer has tokens the model "
+    text = names[int(np.searchsorted(tokens.doc_offsets, at, side="right")) - 1]
+    raise VocabularyError(
+        f"Expected token ids below {vocabulary} (the model's vocabulary) for {model}. Got {token_id} "
+        f"({tokenizer.convert_ids_to_tokens(token_id)!r}) in {text} instead: its tokenizer has tokens the model "
         "has no embedding for. Save the model with its embeddings resized to the tokenizer "
-        "(model.resize_token_embeddings(len(tokenizer))), or give the model the tokenizer it was trained with."
+        "(model.resize_token_embeddings(len(tokenizer))), or give it the tokenizer it was trained with."
     )
+
+
+def check_texts_vocabulary(token_ids: Sequence[Sequence[int]] | None, texts: Sequence[str], vocabulary: int | None,
+                           tokenizer: PreTrainedTokenizerBase, *, model: str, names: Sequence[str],
+                           max_length: int | None = None) -> None:
+    """:func:`check_vocabulary` of ``texts`` as ``tokenizer`` gives them (``token_ids``: already tokenised, else
+    tokenised here, cut to ``max_length``). Free for a tokenizer whose every id has an embedding (most)."""
+    if vocabulary is None or max(tokenizer.get_vocab().values(), default=-1) < vocabulary:
+        return
+    if token_ids is None:
+        token_ids = tokenizer(list(texts), truncation=max_length is not None, max_length=max_length)["input_ids"]
+    lengths = np.array([len(ids) for ids in token_ids], dtype=np.int64)
+    flat = np.fromiter((t for ids in token_ids for t in ids), dtype=np.int64, count=int(lengths.sum()))
+    check_vocabulary(CorpusTokens(flat, np.concatenate([[0], np.cumsum(lengths)])), vocabulary, tokenizer,
+                     model=model, names=names)
 
 
 def tokenize_corpus(

@@ -103,7 +103,7 @@ def _read_corpus(config: ExtractConfig, store: Any, spec: Any) -> _Corpus:
         return _join_stored(store, config.corpus, spec, tokenizer, limits, info)
     corpus_spec = _corpus_spec(config)
     table = tokenize_corpus(list(load_records(corpus_spec)), corpus_spec, tokenizer, context_length=limits.context)
-    check_vocabulary(table, limits.vocabulary, tokenizer, model=spec.name, record_ids=table.record_ids)
+    check_vocabulary(table, limits.vocabulary, tokenizer, model=spec.name, names=table.record_ids)
     return _Corpus(None, table, content_hash(table), table.n_tokens, info)
 
 
@@ -133,7 +133,7 @@ def _join_stored(store: Any, cid: str, spec: Any, tokenizer: Any, limits: Any, i
     written = stored.extra.get("corpus_spec")
     _check_context(store, stored, (written or {}).get("source") or stored.source, spec, limits.context)
     record_ids = list(store.documents(cid)["record_id"])
-    check_vocabulary(store.corpus_tokens(cid), limits.vocabulary, tokenizer, model=spec.name, record_ids=record_ids)
+    check_vocabulary(store.corpus_tokens(cid), limits.vocabulary, tokenizer, model=spec.name, names=record_ids)
     if not written:  # stored through the API, without its source: the tokenizer must be the one that made it
         if stored.tokenizer.get("fingerprint") != info["fingerprint"]:
             raise CorpusMismatchError(

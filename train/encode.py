@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from hrsa.extract.corpus import check_texts_vocabulary
 from hrsa.store.errors import UserError
 from hrsa.train.pooling import format_query, mean_pool
 
@@ -22,6 +23,20 @@ if TYPE_CHECKING:
     from hrsa.extract.models import LoadedModel
 
 __all__ = ["NonFiniteEmbeddingsError", "TextEncoder", "length_order"]
+
+
+class _TextNames(Sequence[str]):
+    """Text number i as a message names it (built only for the one named)."""
+
+    def __init__(self, texts: Sequence[str]) -> None:
+        self.texts = texts
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, i: int) -> str:  # type: ignore[override]
+        text = self.texts[i]
+        return f"text {i + 1} ({text if len(text) <= 40 else text[:37] + '...'!r})"
 
 
 def length_order(lengths: Sequence[int]) -> np.ndarray:
@@ -56,6 +71,7 @@ class TextEncoder:
         self.tokenizer.padding_side = "right"
         self.max_length = max_length
         self.batch_size = batch_size
+        self._vocabulary = loaded.model.get_input_embeddings().num_embeddings
         params = inspect.signature(loaded.model.forward).parameters
         self._takes_token_types = "token_type_ids" in params
 
@@ -120,6 +136,8 @@ class TextEncoder:
         if not texts:
             return out
         tokens = self.tokenizer(texts, truncation=True, max_length=self._cut(max_length), padding=False)
+        check_texts_vocabulary(tokens["input_ids"], texts, self._vocabulary, self.tokenizer, model=self.name,
+                               names=_TextNames(texts))
         order = length_order([len(ids) for ids in tokens["input_ids"]])
         size = int(batch_size or self.batch_size)
         keys = ["input_ids", "attention_mask"] + (["token_type_ids"] if self._takes_token_types else [])

@@ -124,7 +124,23 @@ def setup_session(config: TrainConfig, spec: dict[str, Any], rank: int, world: i
         step = int(state["step"])
     if records is None:
         records = load_training_records(config.data, negatives=config.negatives)
+    _check_vocabulary(model, tokenizer, records, config)
     return WorkerSession(config, model, tokenizer, optimizer, scheduler, records, rank, world, device, step)
+
+
+def _check_vocabulary(model: Any, tokenizer: Any, records: list[Any], config: TrainConfig) -> None:
+    """Every text of every record has an embedding for each of its tokens, checked before the first step (a token
+    past the backbone's vocabulary failed a step with an IndexError)."""
+    from hrsa.extract.corpus import check_texts_vocabulary
+    from hrsa.train.pooling import format_query
+
+    texts, names = [], []
+    for i, record in enumerate(records):
+        own = [format_query(record.query, record.instruction or config.instruction), record.pos, *record.negs]
+        texts += own
+        names += [f"record {i + 1}"] * len(own)
+    check_texts_vocabulary(None, texts, model.backbone.get_input_embeddings().num_embeddings, tokenizer,
+                           model=config.backbone, names=names, max_length=config.max_length)
 
 
 def _load_model(config: TrainConfig, spec: dict[str, Any], device: torch.device,

@@ -516,3 +516,45 @@ def test_a_start_refused_by_the_lock_leaves_the_holders_folder(tmp_path: Path, m
     with holder, pytest.raises(FolderInUseError):
         trainer.run_training(SimpleNamespace(address=None, workers=1, use_gpu=False, output=str(tmp_path / "run")))
     assert (tmp_path / "run" / "hrsa_recipe.json").read_text() == "the holder's recipe"
+
+
+def _added_token_backbone(tiny_models: Any, folder: Path) -> Path:
+    """The tiny Llama (300 token embeddings) with a tokenizer that adds 'zzyzx' as id 300, which it has none for."""
+    import shutil
+
+    shutil.copytree(tiny_models.dir("llama"), folder)
+    tiny_models.tokenizer(("zzyzx",)).save_pretrained(folder)
+    return folder
+
+
+def test_training_texts_with_a_token_past_the_backbones_vocabulary_are_refused_before_a_step(
+        tiny_models: Any, tmp_path: Path, ray_local: Any) -> None:
+    """A backbone whose tokenizer has tokens past its embeddings failed in a worker with IndexError: one line now,
+    naming the token and its record, before any step, and no run folder is left."""
+    from hrsa.store.errors import UserError
+    from hrsa.train.config import TrainConfig
+    from hrsa.train.trainer import run_training
+
+    records = _records(8, seed=1)
+    records[5]["negs"][1] = "the zzyzx dog"
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = TrainConfig(backbone=str(_added_token_backbone(tiny_models, tmp_path / "added")), data=data,
+                         output=tmp_path / "run", batch_size=4, negatives=1, max_steps=2)
+    with pytest.raises(UserError) as info:
+        run_training(config, progress=False)
+    message = str(info.value)
+    assert "\n" not in message and "Expected token ids below 300 (the model's vocabulary)" in message, message
+    assert "300 ('zzyzx') in record 6" in message and "resize_token_embeddings" in message, message
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_encoder_refuses_texts_with_a_token_past_its_vocabulary(tiny_models: Any, tmp_path: Path) -> None:
+    """Evaluation and mining embed texts with TextEncoder: the same token failed there in an IndexError traceback."""
+    from hrsa.store.errors import UserError
+    from hrsa.train.encode import TextEncoder
+
+    encoder = TextEncoder.load(str(_added_token_backbone(tiny_models, tmp_path / "added")), device="cpu")
+    assert encoder.encode(["the lazy dog"]).shape == (1, 32)
+    with pytest.raises(UserError, match=r"Got 300 \('zzyzx'\) in text 2 \('the zzyzx dog'\)"):
+        encoder.encode(["the lazy dog", "the zzyzx dog"])
