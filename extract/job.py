@@ -26,6 +26,7 @@ from typing import Any
 # The job's input, re-exported: callers build an ExtractConfig and hand it to run_extraction.
 from hrsa.extract.config import ExtractConfig, ExtractConfigError, parse_extract_config
 from hrsa.extract.worker_pool import ExtractionWorkers
+from hrsa.runtime.checkpoint_manifest import refuse_incomplete_checkpoint
 from hrsa.runtime.locations import is_url
 from hrsa.runtime.placement import cpus_per_worker
 from hrsa.runtime.task_errors import one_line, root_cause
@@ -343,6 +344,7 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
     # Step 1: check the model, the corpus and a stored model's settings before the store is created or changed.
     mid = config.model_id()
     spec = config.model_spec()
+    refuse_incomplete_checkpoint(spec)
     store = _open_existing(config.store)
     corpus = _read_corpus(config, store, spec)
     existing = store.model_info(mid) if store is not None and mid in store.models() else None

@@ -15,20 +15,19 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from hrsa.runtime.checkpoint_manifest import (
+    INFO_FILE, STATE_FILE, complete_by_manifest, file_manifest, manifest_complete,
+)
 from hrsa.runtime.locations import Location, parse_location
 
 __all__ = ["INFO_FILE", "STATE_FILE", "Checkpoint", "checkpoint_step", "file_manifest", "list_checkpoints",
            "manifest_complete", "named_step", "resume_folder", "resume_point", "step_folder_name", "step_folders"]
 
-INFO_FILE = "hrsa_train.json"  # step, loss, settings, recipe, and the manifest of the folder's other files
-STATE_FILE = "trainer_state.pt"  # optimizer, schedule and step, for resuming
 _STEP_FOLDER = re.compile(r"step_([0-9]+)")
-_WEIGHTS = re.compile(r"[^/]*\.safetensors|pytorch_model[^/]*\.bin")  # what a checkpoint written before manifests holds
 
 
 @dataclass(frozen=True)
@@ -56,14 +55,6 @@ class Checkpoint:
 def step_folder_name(step: int) -> str:
     """The folder name of the checkpoint saved after ``step`` optimizer steps: ``step_000100``."""
     return f"step_{step:06d}"
-
-
-def file_manifest(folder: Path) -> dict[str, dict[str, Any]]:
-    """Every file of a local checkpoint folder but ``hrsa_train.json``: its size and content digest, by name."""
-    from hrsa.runtime.fingerprint import file_digest, folder_files
-
-    return {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "xxh3": file_digest(p)}
-            for p in folder_files(folder, skip=(INFO_FILE,))}
 
 
 def _run_location(run_dir: Location | Path | str) -> Location:
@@ -103,59 +94,8 @@ def list_checkpoints(run_dir: Location | Path | str, *, marker: str = INFO_FILE,
             by_folder.setdefault(folder, {})[rest] = size
     checked = (lambda name: name != STATE_FILE) if contents else (lambda name: False)
     found = [Checkpoint(run.child(folder).url, named_step(folder) or 0) for folder, files in by_folder.items()
-             if marker in files and (marker != INFO_FILE or _complete(run.child(folder), files, checked))]
+             if marker in files and (marker != INFO_FILE or complete_by_manifest(run.child(folder), files, checked))]
     return sorted(found, key=lambda c: (c.step, c.url))
-
-
-def manifest_complete(folder: Location | Path | str) -> bool | None:
-    """Whether a checkpoint folder is complete by its ``hrsa_train.json`` (the rule of :func:`list_checkpoints`); None
-    for a folder without one (a plain model folder: nothing to judge it by). ``hrsa eval`` asks this of every folder
-    it would load, so a checkpoint still being copied, or with weights cut short, is never scored.
-
-    Args:
-        folder: the checkpoint folder: a path, a URL or a :class:`Location`.
-    """
-    location = _run_location(folder)
-    present = location.files()
-    if INFO_FILE not in present:
-        return None
-    return _complete(location, present, lambda name: name != STATE_FILE)
-
-
-def _complete(folder: Location, present: dict[str, int], checked: Callable[[str], bool]) -> bool:
-    """Whether a folder holds every file its ``hrsa_train.json`` lists, at its listed size (a partial copy is short or
-    missing) and, on a local or shared filesystem, the ``checked`` ones with their listed digests: weights overwritten
-    in place at the same size passed on sizes alone, training resumed from them and a pipeline extracted them as the
-    step's. A damaged latest checkpoint is then one not written: training recomputes it from the one before. The
-    digests are memoised by file signature (:func:`hrsa.runtime.fingerprint.file_digest`: once per process, and on
-    disk per machine for files of 16 MB or more), so each file is read once; on object storage, where a digest would
-    mean downloading the weights, sizes alone decide.
-
-    Args:
-        folder: the checkpoint folder.
-        present: its files (relative names) with their sizes, as listed.
-        checked: which of them to check by digest.
-    """
-    try:
-        info = json.loads(folder.child(INFO_FILE).read_text())
-    except (OSError, ValueError):  # half copied, or gone since the listing
-        return False
-    files = info.get("files") if isinstance(info, dict) else None
-    if files is None:  # written before manifests
-        return "config.json" in present and any(_WEIGHTS.fullmatch(name) for name in present)
-    if not all(present.get(name) == entry["size"] for name, entry in files.items()):
-        return False
-    return not folder.is_local or all(_same_content(folder.local_path() / name, entry)
-                                      for name, entry in files.items() if checked(name))
-
-
-def _same_content(path: Path, entry: dict[str, Any]) -> bool:
-    from hrsa.runtime.fingerprint import file_digest
-
-    try:
-        return "xxh3" not in entry or file_digest(path) == entry["xxh3"]
-    except OSError:  # gone since the listing
-        return False
 
 
 def resume_point(run: Location, name: str | None) -> Any:
@@ -175,7 +115,7 @@ def resume_folder(run: Location) -> str | None:
     too) until one holds: the ones before it are not read."""
     for checkpoint in reversed(list_checkpoints(run, contents=False)):
         folder = _run_location(checkpoint.url)
-        if _complete(folder, folder.files(), lambda name: True):
+        if complete_by_manifest(folder, folder.files(), lambda name: True):
             return PurePosixPath(checkpoint.url).name
     return None
 

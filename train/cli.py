@@ -92,8 +92,10 @@ def eval_command(config_file: Path | None, **flags: Any) -> None:
                           on_task=progress.on_task, on_note=progress.on_note)
     Console().print(_scores_table(result))
     if any(row.reused for row in result.checkpoints):
+        again = ("--no-resume computes every score again" if config.resume else
+                 "they are of checkpoints not asked for (--steps): --no-resume computes those asked for again")
         click.echo(f"reused from eval.json: scores read from the earlier {result.json_path} (same model files, task "
-                   "and settings), not computed now; --no-resume computes every score again.")
+                   f"and settings), not computed now; {again}.")
     click.echo(f"wrote {result.json_path}" + (f", {result.figure_path.name}" if result.figure_path else ""))
 
 

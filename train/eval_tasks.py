@@ -90,6 +90,8 @@ def task_identity(spec: TaskSpec, task: Any) -> str:
     else:
         what = {"kind": spec.kind, "text_field": spec.text_field, "label_field": spec.label_field,
                 "content": file_digest(spec.path or "")}
+        if spec.kind == "retrieval":  # the lines of one query are one query with all their positives (since 2026-12)
+            what["queries"] = "grouped"
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
 
 

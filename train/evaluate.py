@@ -285,15 +285,32 @@ def _task_result_entry(result: Any, task: Any, settings: dict[str, Any], spec: T
             "task_digest": task_identity(spec, task), "settings": settings, "scores": scores}
 
 
-def _earlier_rows(path: Path) -> list[dict[str, Any]]:
-    """The checkpoint rows of an earlier ``eval.json`` at ``path`` (none if absent, unreadable or of another schema)."""
+def _earlier_rows(path: Path, note: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """The checkpoint rows of an earlier ``eval.json`` at ``path`` (none if absent, unreadable or of another schema).
+
+    Only what reads as hrsa wrote it: a row whose step, model digest or results are of another type, and a result
+    that is not a mapping with a task digest (an edited or damaged file), are left out (scored again), with a note
+    naming the file, never a traceback."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return []
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         return []
-    return [c for c in data.get("checkpoints", []) if isinstance(c, dict)]
+    checkpoints = data.get("checkpoints", [])
+    rows, dropped = [], 0
+    for c in checkpoints if isinstance(checkpoints, list) else []:
+        results = c.get("results") if isinstance(c, dict) else None
+        if not isinstance(results, dict) or not (c.get("step") is None or type(c.get("step")) is int) \
+                or not (c.get("model_digest") is None or isinstance(c.get("model_digest"), str)):
+            dropped += 1
+            continue
+        kept = {name: e for name, e in results.items() if isinstance(e, dict) and isinstance(e.get("task_digest"), str)}
+        dropped += len(results) - len(kept)
+        rows.append({**c, "results": kept})
+    if (dropped or not isinstance(checkpoints, list)) and note is not None:
+        note(f"not reusing {dropped or 'any'} malformed result(s) of {path} (edited?); scoring them again.")
+    return rows
 
 
 def _previous(rows: list[dict[str, Any]], settings: dict[str, Any]) -> dict[tuple[str, str], list[dict[str, Any]]]:
@@ -522,8 +539,10 @@ def _resume_and_score(targets: list[EvalTarget], tasks: list[tuple[TaskSpec, Any
     rows of this run's other checkpoints kept until scored again; then each checkpoint in turn, eval.json and the
     curve rewritten as soon as it is done (a crash keeps what is done)."""
     settings = config.settings()
-    earlier = _earlier_rows(source) if config.resume else []
-    done = _previous(earlier, settings)
+    earlier = _earlier_rows(source, note)
+    # --no-resume scores again every checkpoint asked for; the rows of the run's other checkpoints (a --steps subset)
+    # are kept as a resume keeps them, not dropped with the curve
+    done = _previous(earlier, settings) if config.resume else {}
     kept = _kept_rows(earlier, targets, tasks, settings, config.model, source=source, note=note)
     return _score_each(targets, tasks, config, kept, done=done, on_checkpoint=on_checkpoint, on_task=on_task,
                        on_texts=on_texts, note=note)

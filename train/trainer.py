@@ -133,6 +133,7 @@ def _prepare(config: TrainConfig) -> _Prepared:
     """Absolute paths, a parsed backbone spec, the validated records, the run folder's location and the recipe, or a
     UserError with nothing written."""
     from hrsa.extract.model_spec import parse_model_spec
+    from hrsa.runtime.checkpoint_manifest import refuse_incomplete_checkpoint
     from hrsa.train.data import load_training_records
     from hrsa.train.recipe import training_recipe
     from hrsa.train.run_lock import refuse_if_in_use
@@ -148,6 +149,7 @@ def _prepare(config: TrainConfig) -> _Prepared:
     # and before minutes of hashing a large backbone. The lock itself is taken once Ray is up.
     refuse_if_in_use(run)
     spec = parse_model_spec(config.backbone, dtype=config.dtype, attention=config.attention)
+    refuse_incomplete_checkpoint(spec)  # a checkpoint of another run, its weights edited or still being copied
     # every record checked before any worker starts
     records = load_training_records(config.data, negatives=config.negatives, batch_size=config.batch_size)
     config = config.model_copy(update={"output": run.as_path_or_url()})
