@@ -55,6 +55,9 @@ class _Hrsa(click.Group):
                 click.echo(f"hrsa: warning: {line}", err=True)
             click.echo(f"hrsa: error: {error}", err=True)
             ctx.exit(2 if isinstance(error, UserError) else 1)
+        except KeyboardInterrupt:  # Ctrl-C: the command's cleanup has run; 130 as the shell says it, not Click's 1
+            click.echo("hrsa: interrupted.", err=True)
+            ctx.exit(130)
         except OSError as error:  # a path the system refused (checked before the work where hrsa can tell): one line
             fix = _PATH_FIXES.get(error.errno) if error.filename is not None else None
             if fix is None:

@@ -548,3 +548,15 @@ def test_ls_prints_sources_and_record_fields_verbatim(tmp_path) -> None:
     assert code == 0, out + err
     assert source in out and "tok [fast]" in out, out
     assert all(cell in out for cell in ("[/]", "[red]b", "[link=x]now")), out
+
+
+def test_ctrl_c_in_any_verb_is_one_line_and_exit_130(url: str, monkeypatch) -> None:
+    """`hrsa eval` (any verb but train and run) printed Click's "Aborted!" and exited 1 on Ctrl-C, as a failure."""
+    import hrsa.store.cli as store_cli
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_cli, "_results_table", interrupted)
+    code, out, err = _run("store", "ls", url)
+    assert code == 130 and err == "hrsa: interrupted.\n" and "Aborted" not in out + err, (out, err)
