@@ -123,8 +123,11 @@ class EvalConfig(EncoderOptions):
         """What changes a score besides the checkpoint and the task: results are reused only when equal.
 
         The dtype is the one the model runs in (``auto`` resolved for the device: bfloat16 on CUDA, float32
-        elsewhere), and the device kind is kept too: scores computed on a GPU are not taken for a CPU run's.
+        elsewhere), and the device kind is kept too: scores computed on a GPU are not taken for a CPU run's; so is
+        mteb's version, which computes the metrics.
         """
+        from importlib.metadata import version
+
         import torch
 
         from hrsa.extract.models import resolve_dtype
@@ -132,7 +135,8 @@ class EvalConfig(EncoderOptions):
         device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return {"instructions": self.instructions, "instruction": self.instruction, "limit": self.limit,
                 "max_length": self.max_length, "seed": self.seed, "attention": self.attention,
-                "dtype": str(resolve_dtype(self.dtype, device)).removeprefix("torch."), "device": device.type}
+                "dtype": str(resolve_dtype(self.dtype, device)).removeprefix("torch."), "device": device.type,
+                "mteb": version("mteb")}  # its metrics are its own: another version's scores are not reused
 
 
 # --- models --------------------------------------------------------------------------------------------------------

@@ -178,9 +178,12 @@ def test_settings_hold_resolved_dtype_and_device() -> None:
     gpu = EvalConfig(model="m", tasks="SciFact", device="cuda:1").settings()
     assert (gpu["dtype"], gpu["device"]) == ("bfloat16", "cuda")
     assert EvalConfig(model="m", tasks="SciFact", device="cuda", dtype="float32").settings()["dtype"] == "float32"
+    from importlib.metadata import version
+
+    assert cpu["mteb"] == version("mteb")  # a row of another mteb version is scored again
 
 
-def test_scores_of_another_dtype_or_device_are_not_reused(tmp_path: Path, tiny_models, monkeypatch) -> None:
+def test_scores_of_another_dtype_device_or_mteb_are_not_reused(tmp_path: Path, tiny_models, monkeypatch) -> None:
     from hrsa.train.encode import TextEncoder
 
     pairs = _pairs(tmp_path / "pairs.jsonl")
@@ -194,7 +197,8 @@ def test_scores_of_another_dtype_or_device_are_not_reused(tmp_path: Path, tiny_m
     evaluate(config)
     evaluate(config)
     assert len(loads) == 1  # same settings: reused
-    for stored in ({"dtype": "bfloat16", "device": "cuda"}, {"dtype": "auto"}, {"device": "cuda"}):
+    # another mteb computes its metrics its own way: an upgrade kept serving the old version's scores
+    for stored in ({"dtype": "bfloat16", "device": "cuda"}, {"dtype": "auto"}, {"device": "cuda"}, {"mteb": "1.0.0"}):
         data = json.loads((out / "eval.json").read_text())
         for entry in data["checkpoints"][0]["results"].values():
             entry["settings"] = {**config.settings(), **stored}
