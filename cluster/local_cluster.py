@@ -122,8 +122,11 @@ def start_ray_cluster(env: dict[str, str], *, second_node_prefix: list[str] | No
         cluster.groups.append(ray_start_node(["--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
                                               f"--ray-client-server-port={next(ports)}", f"--temp-dir={temp}"],
                                              env, temp / "head.log", ports))
-        cluster.groups.append(ray_start_node([f"--address={cluster.address}", "--num-cpus=1"], env,
-                                             temp / "node-b.log", ports, second_node_prefix or ()))
+        # The second node's own temporary folder, as a machine of its own has: sharing the head's, its runtime-env
+        # agent deleted a job's working directory under the running driver once its own workers let go of it.
+        (temp / "b").mkdir()
+        cluster.groups.append(ray_start_node([f"--address={cluster.address}", "--num-cpus=1", f"--temp-dir={temp / 'b'}"],
+                                             env, temp / "node-b.log", ports, second_node_prefix or ()))
         _wait_for_two_nodes(cluster.address, env)
     except BaseException:
         cluster.stop()

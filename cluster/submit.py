@@ -88,11 +88,13 @@ def submit_pipeline(pipeline: str | Path, *, address: str | None = None, working
                         "Move it there, or pass --working-dir with a folder that holds it.")
     address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
     outputs = [config.store, str(config.out), *(str(tc.output) for tc in config.train.values())]
+    # What stays home, checked before the cluster is contacted: the upload fits Ray's cap, and the job has its inputs.
+    excludes = compute_excludes(root, outputs=outputs, inputs=_pipeline_inputs(config))
     # Step 2: the job, with this hrsa's source staged as a folder named hrsa.
     client = _client(address)
     with _staged_package() as package:
         job_id = client.submit_job(entrypoint=run_command(path.relative_to(root).as_posix(), out=out),
-                                   runtime_env=runtime_env(root, package, outputs=outputs, env=env, pip_deps=pip_deps),
+                                   runtime_env=runtime_env(root, package, excludes=excludes, env=env, pip_deps=pip_deps),
                                    metadata={"hrsa_pipeline": path.name})
     echo(f"submitted job {job_id} to {address}")
     if not wait:
@@ -117,10 +119,12 @@ def run_command(pipeline: str, *, out: str | None = None) -> str:
     return shlex.join(["python", "-m", "hrsa", "run", pipeline, *(["--out", out] if out else [])])
 
 
-def runtime_env(root: Path, package: Path, *, outputs: Sequence[str] = (), env: Mapping[str, str] | None = None,
-                pip_deps: bool = False) -> dict[str, Any]:
-    """The job's runtime_env: ``root`` as working_dir (with :func:`compute_excludes`), ``package`` as py_modules."""
-    out: dict[str, Any] = {"working_dir": str(root), "excludes": compute_excludes(root, outputs=outputs),
+def runtime_env(root: Path, package: Path, *, outputs: Sequence[str] = (), excludes: Sequence[str] | None = None,
+                env: Mapping[str, str] | None = None, pip_deps: bool = False) -> dict[str, Any]:
+    """The job's runtime_env: ``root`` as working_dir (with ``excludes``, default :func:`compute_excludes` of
+    ``outputs``), ``package`` as py_modules."""
+    excludes = list(excludes) if excludes is not None else compute_excludes(root, outputs=outputs)
+    out: dict[str, Any] = {"working_dir": str(root), "excludes": excludes,
                            "py_modules": [str(package)]}
     if env:
         out["env_vars"] = dict(env)
@@ -129,31 +133,42 @@ def runtime_env(root: Path, package: Path, *, outputs: Sequence[str] = (), env: 
     return out
 
 
-def compute_excludes(root: Path, *, outputs: Sequence[str] = (), large: int = LARGE_FILE,
-                     limit: int = UPLOAD_LIMIT) -> list[str]:
-    """Patterns (gitignore syntax, relative to ``root``) of what stays home; checks the rest fits Ray's cap.
+def compute_excludes(root: Path, *, outputs: Sequence[str] = (), inputs: Mapping[str, str] | None = None,
+                     large: int | None = None, limit: int = UPLOAD_LIMIT) -> list[str]:
+    """Patterns (gitignore syntax, relative to ``root``) of what stays home; checks the rest fits Ray's cap, and that
+    every input the pipeline reads from inside ``root`` travels.
+
+    What travels is counted as Ray walks the folder (:func:`_uploaded`: ``.gitignore`` and ``.rayignore`` applied), so
+    a folder listed there, as the cap's message suggests, no longer counts.
 
     Args:
         root: the working directory.
         outputs: local paths the pipeline writes (store, out, training runs): excluded when inside ``root``.
-        large: files above this many bytes are excluded one by one.
+        inputs: local paths the pipeline reads (corpora, labels, training data, model folders), relative ones meaning
+            ``root``'s (the job's working directory), by the key that names each (``corpora.cot.path``).
+        large: files above this many bytes are excluded one by one (default LARGE_FILE).
         limit: the most bytes the upload may hold.
 
     Raises:
-        UserError: what remains is over ``limit``.
+        UserError: what remains is over ``limit``, or an input inside ``root`` (a file, or a file of a folder) stays
+            home: the job would miss it, or read a folder without it.
     """
+    large = LARGE_FILE if large is None else large
     excludes = list(_ALWAYS_EXCLUDED)
     for output in outputs:
         p = Path(output).expanduser()
         if "://" not in output and (p := p.resolve()).is_relative_to(root) and p != root:
             excludes.append("/" + p.relative_to(root).as_posix())
-    total, biggest = 0, []
-    for path, size in _files(root, {e.strip("/") for e in excludes}):
+    total, biggest, kept, large_files = 0, [], set(), set()
+    for path, size in _uploaded(root, excludes):
         if size > large:
             excludes.append("/" + path.relative_to(root).as_posix())
+            large_files.add(path.resolve())
             continue
         total += size
         biggest.append((size, path))
+        kept.add(path.resolve())
+    _check_inputs_travel(root, inputs or {}, kept, large_files, large)
     if total > limit:
         top = ", ".join(f"{p.relative_to(root)} ({s >> 20} MiB)" for s, p in sorted(biggest, reverse=True)[:3])
         raise UserError(f"Expected at most {limit >> 20} MiB in the working directory {root} (Ray's upload cap). Got "
@@ -162,20 +177,62 @@ def compute_excludes(root: Path, *, outputs: Sequence[str] = (), large: int = LA
     return excludes
 
 
-def _files(root: Path, skipped: set[str]) -> Iterator[tuple[Path, int]]:
-    """(path, size) of every file under ``root`` outside skipped names or root-relative paths."""
-    import fnmatch
+def _pipeline_inputs(config: Any) -> dict[str, str]:
+    """The local paths the pipeline reads, by the key naming each: corpora and their labels, pairs' labels, training
+    data and backbones, model folders (URLs, hub ids and ``packaged:`` names left out: only a path can stay home)."""
+    found: dict[str, str] = {}
+    for name, corpus in config.corpora.items():
+        found[f"corpora.{name}.path"] = corpus.path
+        if corpus.labels:
+            found[f"corpora.{name}.labels"] = corpus.labels
+    for i, pair in enumerate(config.pairs):
+        if getattr(pair, "labels", None):
+            found[f"pairs.{i}.labels"] = pair.labels
+    for run, tc in config.train.items():
+        found[f"train.{run}.data"] = str(tc.data)
+        found[f"train.{run}.backbone"] = str(tc.backbone)
+    for name, entry in config.models.items():
+        if entry.model is not None:
+            found[f"models.{name}.model"] = str(entry.model)
+    return {key: value for key, value in found.items()
+            if "://" not in value and not value.startswith(("hf:", "packaged:"))}
 
-    def skip(p: Path) -> bool:
-        rel = p.relative_to(root).as_posix()
-        return rel in skipped or any(fnmatch.fnmatch(p.name, pattern) for pattern in skipped)
 
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if not skip(Path(folder) / d)]
-        for name in files:
-            p = Path(folder) / name
-            if not skip(p) and p.is_file():
-                yield p, p.stat().st_size
+def _check_inputs_travel(root: Path, inputs: Mapping[str, str], kept: set[Path], large_files: set[Path],
+                         large: int) -> None:
+    """Refuse an input inside ``root`` with a file that does not travel (see :func:`compute_excludes`)."""
+    for key, value in inputs.items():
+        path = Path(value).expanduser()
+        path = (path if path.is_absolute() else root / path).resolve()
+        if not path.is_relative_to(root) or not path.exists():  # elsewhere: the cluster's own path (checked there)
+            continue
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        home = [p for p in files if p not in kept]
+        if home:
+            first = home[0]
+            why = (f"over {large >> 20} MiB" if first in large_files else
+                   "ignored: .gitignore, .rayignore or hrsa submit's own exclusions")
+            raise UserError(
+                f"Expected every file of {value} ({key}) to travel with the job: it is inside the working directory, "
+                f"so the job reads it there. Got {len(home)} left home, first {first.relative_to(root)} ({why}) "
+                "instead: the job would miss it, or read the rest as if it were all. Put it on the store or a hub, name "
+                "a path on storage the cluster's head reaches, or un-ignore it.")
+
+
+def _uploaded(root: Path, excludes: Sequence[str]) -> Iterator[tuple[Path, int]]:
+    """(path, size) of every file Ray packs of ``root`` with these excludes: its own walk, which applies the
+    ``.gitignore`` (unless RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1) and ``.rayignore`` files of each folder."""
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+
+    found: list[tuple[Path, int]] = []
+
+    def handler(path: Path) -> None:
+        if path.is_file():
+            found.append((path, path.stat().st_size))
+
+    include_gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
+    _dir_travel(root, [_get_excludes(root, list(excludes))], handler, include_gitignore=include_gitignore)
+    yield from found
 
 
 @contextmanager

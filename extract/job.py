@@ -234,6 +234,22 @@ def _check_placement(conn: Any, n: int, gpus: float, cpus: float) -> None:
         )
 
 
+def _check_store_reached(conn: Any, store: str) -> None:
+    """Refuse a local store that some node of a multi-node cluster does not see (a node-local disk): the workers there
+    would open a store other than this process's (none, or another one at the same path)."""
+    from hrsa.runtime.placement import nodes_not_seeing
+
+    if is_url(store):
+        return
+    blind = nodes_not_seeing(Path(store), conn.nodes, flag="--store")
+    if blind:
+        raise WorkerPlacementError(
+            f"Expected --store on storage every node of the Ray cluster reaches. Got {store}, a path that node(s) "
+            f"{', '.join(blind)} do not see (or did not answer), instead. Use a URL such as s3://BUCKET/store, or a path "
+            "on a filesystem mounted on every node (NFS, EFS)."
+        )
+
+
 def _write_threads(gpus: float, cpus: float) -> int:
     """Threads writing a unit's states at once: a GPU worker's CPUs, which its forward passes leave free; 1 on a CPU
     worker, whose forward passes keep its cores busy (more threads there were not measured to help end to end)."""
@@ -364,6 +380,7 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
     conn = connect(config.address)
     n, gpus, cpus, threads = _placement(conn, config.workers)
     _check_placement(conn, n, gpus, cpus)
+    _check_store_reached(conn, config.store)  # a node-local store: workers elsewhere would find none (nothing created yet)
     # Step 3: the workers in reserved resources (a pipeline's, kept from its last extraction), each loading the model.
     if workers is not None and config.trust_remote_code:
         workers.close()  # the model's own code runs in the worker: fresh processes, ended after, whatever came before

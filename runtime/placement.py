@@ -5,11 +5,16 @@ resources no node holds, expecting an autoscaler to add such a node).
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from hrsa.store.errors import UserError
 
-__all__ = ["PlacementError", "cpus_per_worker", "describe_nodes"]
+__all__ = ["PlacementError", "cpus_per_worker", "describe_nodes", "nodes_not_seeing"]
+
+_ANSWER_S = 60.0  # a node that has not answered a trivial task by then is counted as not reaching the folder
 
 
 class PlacementError(UserError, ValueError):
@@ -39,3 +44,55 @@ def cpus_per_worker(node_cpus: Sequence[float], workers: int) -> int:
 def describe_nodes(amounts: Sequence[float], what: str) -> str:
     """``2 node(s) with 8, 2 CPUs``: what each node has, for messages."""
     return f"{len(amounts)} node(s) with {', '.join(f'{a:g}' for a in amounts) or 'no'} {what}"
+
+
+def nodes_not_seeing(folder: Path, nodes: Sequence[Any], *, flag: str) -> list[str]:
+    """The nodes (``address (id)``) of a multi-node cluster that do not see the local ``folder`` (a node-local disk):
+    a file is written in it (or its nearest existing parent, so nothing new stays), each node is asked whether it sees
+    it, and the file is removed. Empty for a one-node cluster.
+
+    Raises:
+        PlacementError: the folder cannot be written (named as ``flag``).
+    """
+    if len(nodes) < 2:
+        return []
+    anchor = next(p for p in (folder, *folder.parents) if p.is_dir())
+    token = uuid.uuid4().hex
+    marker = anchor / f".hrsa-reach-{token}"
+    try:
+        marker.write_text(token)
+    except OSError as error:
+        raise PlacementError(f"Expected a writable {flag}. Got {folder}, where {anchor} refuses a file ({error}) "
+                             "instead. Pick a folder you can write.") from None
+    try:
+        return _asked(marker, token, nodes)
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+def _sees(path: str, token: str) -> bool:
+    """Run on one node: whether it sees the file at ``path`` holding ``token``."""
+    file = Path(path)
+    return file.is_file() and file.read_text() == token
+
+
+def _asked(marker: Path, token: str, nodes: Sequence[Any]) -> list[str]:
+    """The nodes that do not see ``marker`` (or do not answer in time): one task pinned to each."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task: Any = ray.remote(num_cpus=0, max_retries=0)(_sees)
+    asked = {f"{n.address} ({n.node_id[:8]})": task.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(n.node_id, soft=False)).remote(str(marker), token)
+        for n in nodes}
+    ready, _ = ray.wait(list(asked.values()), num_returns=len(asked), timeout=_ANSWER_S)
+    return [node for node, ref in asked.items() if ref not in ready or not _answer(ref)]
+
+
+def _answer(ref: Any) -> bool:
+    import ray
+
+    try:
+        return bool(ray.get(ref))
+    except ray.exceptions.RayError:  # the task failed on that node (hrsa not importable...): it cannot say it sees it
+        return False

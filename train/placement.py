@@ -14,19 +14,14 @@ node-local disk saves its first checkpoint, after the training up to it.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from hrsa.runtime.connection import NodeResources
 from hrsa.runtime.locations import Location
-from hrsa.runtime.placement import PlacementError, cpus_per_worker, describe_nodes
+from hrsa.runtime.placement import PlacementError, cpus_per_worker, describe_nodes, nodes_not_seeing
 
 __all__ = ["PlacementError", "WorkerPlacement", "check_every_node_reaches", "cpus_per_worker", "plan_workers"]
-
-_ANSWER_S = 60.0  # a node that has not answered a trivial task by then is counted as not reaching the folder
 
 
 @dataclass(frozen=True)
@@ -78,53 +73,11 @@ def check_every_node_reaches(run: Location, nodes: Sequence[NodeResources]) -> N
     Raises:
         PlacementError: a node does not see the folder, or it cannot be written.
     """
-    if not run.is_local or len(nodes) < 2:
+    if not run.is_local:
         return
-    anchor = next(p for p in (run.local_path(), *run.local_path().parents) if p.is_dir())
-    token = uuid.uuid4().hex
-    marker = anchor / f".hrsa-reach-{token}"
-    try:
-        marker.write_text(token)
-    except OSError as error:
-        raise PlacementError(f"Expected a writable --output. Got {run.url}, where {anchor} refuses a file ({error}) "
-                             "instead. Pick a folder you can write.") from None
-    try:
-        blind = _nodes_not_seeing(marker, token, nodes)
-    finally:
-        marker.unlink(missing_ok=True)
+    blind = nodes_not_seeing(run.local_path(), nodes, flag="--output")
     if blind:
         raise PlacementError(f"Expected --output on storage every node of the Ray cluster reaches. Got {run.url}, "
                              f"a path that node(s) {', '.join(blind)} do not see (or did not answer), instead. Train "
                              "into a URL such as s3://BUCKET/runs/NAME, or a path on a filesystem mounted on every "
                              "node (NFS, EFS).")
-
-
-def _sees(path: str, token: str) -> bool:
-    """Run on one node: whether it sees the file at ``path`` holding ``token``."""
-    file = Path(path)
-    return file.is_file() and file.read_text() == token
-
-
-def _nodes_not_seeing(marker: Path, token: str, nodes: Sequence[NodeResources]) -> list[str]:
-    """The nodes that do not see ``marker`` (or do not answer in time), as ``address (id)``: one task pinned to each."""
-    import ray
-
-    task: Any = ray.remote(num_cpus=0, max_retries=0)(_sees)
-    asked = {f"{n.address} ({n.node_id[:8]})": _pinned(task, n).remote(str(marker), token) for n in nodes}
-    ready, _ = ray.wait(list(asked.values()), num_returns=len(asked), timeout=_ANSWER_S)
-    return [node for node, ref in asked.items() if ref not in ready or not _answer(ref)]
-
-
-def _pinned(task: Any, node: NodeResources) -> Any:
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    return task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False))
-
-
-def _answer(ref: Any) -> bool:
-    import ray
-
-    try:
-        return bool(ray.get(ref))
-    except ray.exceptions.RayError:  # the task failed on that node (hrsa not importable...): it cannot say it sees it
-        return False

@@ -57,6 +57,29 @@ class PassOutputs:
     task_peaks: dict[str, int] = field(default_factory=dict)
 
 
+def _check_store_reached(store: ActivationStore) -> None:
+    """Refuse a local store that some node of the cluster does not see (a node-local disk): a task there would read
+    another store at that path, or none, and fail naming a damage this store does not have."""
+    from pathlib import Path
+
+    from hrsa.runtime.connection import connect
+    from hrsa.runtime.locations import is_url
+    from hrsa.runtime.placement import PlacementError, nodes_not_seeing
+
+    if is_url(str(store.url)):
+        return
+    try:
+        blind = nodes_not_seeing(Path(store.url), connect().nodes, flag="--store")
+    except PlacementError:  # a store this process may only read: nothing to ask the nodes with, as before
+        return
+    if blind:
+        raise PlacementError(
+            f"Expected --store on storage every node of the Ray cluster reaches. Got {store.url}, a path that node(s) "
+            f"{', '.join(blind)} do not see (or did not answer), instead. Use a URL such as s3://BUCKET/store, a path on "
+            "a filesystem mounted on every node (NFS, EFS), or --scheduler threads to read it in this process."
+        )
+
+
 def run_passes(
     store: ActivationStore,
     pair: ResolvedPair,
@@ -105,6 +128,7 @@ def run_passes(
         # Every tile at once (pair-parallel), each cut into as many segments as the workers left to it (data-parallel).
         per_tile = max(1, pair.plan.workers // max(1, pair.plan.passes))
         jobs = [TilePass(tile, reader(tile), segments(tile, per_tile), backend_of(tile)) for tile in pair.plan.tiles]
+        _check_store_reached(store)
         options = task_resources(pair.plan.estimated_peak, products_on_gpu(backend))
         for _, (m, s), records in run_tiles_on_ray(jobs, finish, options, pair.plan.workers):
             matched.update(m)

@@ -51,3 +51,51 @@ def test_a_pipeline_submitted_to_a_cluster_may_name_folders_this_machine_cannot_
     monkeypatch.setattr(submit, "_client", client)
     with pytest.raises(Submitted):
         submit.submit_pipeline(pipeline, working_dir=tmp_path, out=out, wait=False)
+
+
+def test_files_listed_in_gitignore_do_not_count_against_the_upload_cap(tmp_path: Path) -> None:
+    """The cap's message says to list large data in .gitignore: done so, the data no longer counts (Ray leaves it home)."""
+    from hrsa.cluster.submit import compute_excludes
+
+    (tmp_path / "data").mkdir()
+    for i in range(3):
+        (tmp_path / "data" / f"part-{i}.bin").write_bytes(b"\0" * 600)
+    (tmp_path / "pipeline.yaml").write_text("store: s\n")
+    (tmp_path / ".gitignore").write_text("data/\n")
+    compute_excludes(tmp_path, large=1000, limit=1024)  # 1800 bytes, all ignored: nothing over the cap
+    (tmp_path / ".gitignore").unlink()
+    with pytest.raises(Exception, match="Ray's upload cap"):
+        compute_excludes(tmp_path, large=1000, limit=1024)
+
+
+@pytest.mark.parametrize("how", ["large", "gitignored"])
+def test_a_pipeline_input_that_would_stay_home_is_refused_before_anything_is_submitted(tmp_path: Path, monkeypatch,
+                                                                                      how: str) -> None:
+    """A corpus folder whose file stays home (over the large-file limit, or ignored) would be read on the cluster as a
+    smaller corpus, and the job would succeed on it: submit refuses it, naming the file and the pipeline's key."""
+    import json
+
+    import hrsa.cluster.submit as submit
+    from hrsa.store.errors import UserError
+
+    corpus = tmp_path / "data" / "corpus"
+    corpus.mkdir(parents=True)
+    (corpus / "part-0.jsonl").write_text(json.dumps({"id": "a", "text": "the quick fox"}) + "\n")
+    (corpus / "part-1.jsonl").write_text(json.dumps({"id": "b", "text": "the lazy dog", "notes": "x" * 4096}) + "\n")
+    if how == "gitignored":
+        (tmp_path / ".gitignore").write_text("part-1.jsonl\n")
+    else:
+        monkeypatch.setattr(submit, "LARGE_FILE", 1024)
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    (tmp_path / "models" / "m" / "config.json").write_text("{}")
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text("store: /shared/store\nout: /shared/out\ncorpora: {c: {path: data/corpus}}\n"
+                        "models: {a: {model: models/m}, b: {model: models/m}}\npairs: [{a: a, b: b, corpus: c}]\n")
+
+    def client(address):
+        raise AssertionError("submitted: the corpus's part-1.jsonl stays home")
+
+    monkeypatch.setattr(submit, "_client", client)
+    with pytest.raises(UserError, match=r"data/corpus \(corpora\.c\.path\).*data/corpus/part-1\.jsonl") as caught:
+        submit.submit_pipeline(pipeline, working_dir=tmp_path, wait=False)
+    assert ("over" if how == "large" else "ignored") in str(caught.value)
