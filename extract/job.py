@@ -28,7 +28,7 @@ from hrsa.extract.config import ExtractConfig, ExtractConfigError, parse_extract
 from hrsa.extract.worker_pool import ExtractionWorkers
 from hrsa.runtime.checkpoint_manifest import refuse_incomplete_checkpoint
 from hrsa.runtime.locations import is_url
-from hrsa.runtime.placement import cpus_per_worker
+from hrsa.runtime.placement import ROOM_TIMEOUT_S, cpus_per_worker
 from hrsa.runtime.task_errors import one_line, root_cause
 from hrsa.store.errors import CorpusMismatchError, CorruptDataError, HalfCreatedModelError, HrsaError, ModelNotFoundError, UserError
 
@@ -70,9 +70,7 @@ class WorkerPlacementError(UserError, RuntimeError):
     """More workers than the Ray cluster can place, or no room for them in time."""
 
 
-# How long the workers may wait for CPUs/GPUs that the cluster has but other jobs hold, before the run gives up
-# instead of hanging (loading the model is not counted: the resources are reserved first).
-PLACEMENT_TIMEOUT_S = 120.0
+PLACEMENT_TIMEOUT_S = ROOM_TIMEOUT_S  # how long the workers may wait for resources other jobs hold
 GPU_WORKER_CPUS = 8  # the most CPUs a GPU worker asks for to write with (each thread holds a shard or two at once)
 
 
@@ -261,21 +259,13 @@ def _reserve(n: int, gpus: float, cpus: float) -> Any:
 
     SPREAD: one worker per node first, so a cluster's nodes share the work (and their disks or links to the store).
     """
-    import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
+    from hrsa.runtime.placement import PlacementError, reserve_room
 
     bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
-    group = placement_group([dict(bundle) for _ in range(n)], strategy="SPREAD")
     try:
-        ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
-    except ray.exceptions.GetTimeoutError:
-        remove_placement_group(group)
-        raise WorkerPlacementError(
-            f"Expected room for {n} worker(s) of {bundle} on the Ray cluster within {PLACEMENT_TIMEOUT_S:g} s. Got "
-            f"only {ray.available_resources()} free instead (other jobs hold the rest). Pass fewer --workers, "
-            "or re-run when the cluster is free."
-        ) from None
-    return group
+        return reserve_room([dict(bundle) for _ in range(n)], strategy="SPREAD", timeout_s=PLACEMENT_TIMEOUT_S)
+    except PlacementError as error:
+        raise WorkerPlacementError(str(error)) from None
 
 
 def _start_workers(n: int, gpus: float, cpus: float, threads: int,

@@ -12,7 +12,11 @@ from typing import Any
 
 from hrsa.store.errors import UserError
 
-__all__ = ["PlacementError", "cpus_per_worker", "describe_nodes", "nodes_not_seeing"]
+__all__ = ["ROOM_TIMEOUT_S", "PlacementError", "cpus_per_worker", "describe_nodes", "nodes_not_seeing", "reserve_room"]
+
+# How long workers may wait for CPUs/GPUs that the cluster has but other jobs hold, before the run gives up instead
+# of hanging (loading a model is not counted: the resources are reserved first).
+ROOM_TIMEOUT_S = 120.0
 
 _ANSWER_S = 60.0  # a node that has not answered a trivial task by then is counted as not reaching the folder
 
@@ -96,3 +100,28 @@ def _answer(ref: Any) -> bool:
         return bool(ray.get(ref))
     except ray.exceptions.RayError:  # the task failed on that node (hrsa not importable...): it cannot say it sees it
         return False
+
+
+def reserve_room(bundles: list[dict[str, float]], *, strategy: str, timeout_s: float | None = None) -> Any:
+    """A placement group holding ``bundles`` (one per worker), ready within ``timeout_s`` (default
+    :data:`ROOM_TIMEOUT_S`). Ray itself waits without end for resources other jobs hold (Ray Train too: it retries
+    its workers' start for ever), so a busy cluster is an error here, not a hang.
+
+    Raises:
+        PlacementError: the cluster did not free room for them in time (the group is removed).
+    """
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    group = placement_group(bundles, strategy=strategy)
+    timeout_s = ROOM_TIMEOUT_S if timeout_s is None else timeout_s
+    try:
+        ray.get(group.ready(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(group)
+        raise PlacementError(
+            f"Expected room for {len(bundles)} worker(s) of {bundles[0]} on the Ray cluster within {timeout_s:g} s. "
+            f"Got only {ray.available_resources()} free instead (other jobs hold the rest). Pass fewer --workers, or "
+            "re-run when the cluster is free."
+        ) from None
+    return group

@@ -242,7 +242,20 @@ def place_training(config: TrainConfig) -> WorkerPlacement:
     nodes = connect(config.address).nodes
     placement = plan_workers(nodes, workers=config.workers, use_gpu=config.use_gpu)
     check_every_node_reaches(parse_location(config.output), nodes)
+    _wait_for_room(placement, config.workers)
     return placement
+
+
+def _wait_for_room(placement: WorkerPlacement, workers: int) -> None:
+    """Refuse, after :data:`~hrsa.runtime.placement.ROOM_TIMEOUT_S`, workers the cluster holds room for but other jobs
+    use: Ray Train waited for them without end, printing nothing. The room is let go at once for Ray Train to take
+    (PACK, its own strategy); a job taking it meanwhile leaves the wait to Ray Train, as before."""
+    from ray.util.placement_group import remove_placement_group
+
+    from hrsa.runtime.placement import reserve_room
+
+    bundle = placement.resources_per_worker() or {"GPU": 1.0}
+    remove_placement_group(reserve_room([dict(bundle) for _ in range(workers)], strategy="PACK"))
 
 
 def _run_workers(prepared: _Prepared, placement: WorkerPlacement, *, progress: bool, stop_after: int | None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from hrsa.extract.job import WorkerPlacementError, _check_placement, _placement
@@ -52,3 +54,33 @@ def test_gpu_workers_are_counted_by_the_cpus_their_nodes_hold_too() -> None:
     """Four 1-GPU, 1-CPU workers do not fit a node of 4 GPUs and 2 CPUs: two do (Ray would wait for the rest)."""
     with pytest.raises(WorkerPlacementError, match=r"at most 2 .*Got 4 instead"):
         _check_placement(gpu_cluster((2, 4)), 4, 1.0, 1.0)
+
+
+class _Holder:
+    def ready(self) -> bool:
+        return True
+
+
+def test_an_extraction_on_a_cluster_whose_cpus_another_job_holds_is_refused_after_its_wait(
+        tmp_path: Any, tiny_models: Any, ray_local: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wait for room that other jobs hold ends in one line, nothing created (it had no test)."""
+    import json
+
+    import ray
+
+    import hrsa.extract.job as job
+    from hrsa.extract.config import parse_extract_config
+
+    monkeypatch.setattr(job, "PLACEMENT_TIMEOUT_S", 3.0)
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"id": "a", "text": "the lazy dog"}) + "\n")
+    config = parse_extract_config({"store": str(tmp_path / "store"), "model": str(tiny_models.dir("llama")),
+                                   "corpus": str(corpus), "workers": 1})
+    holder = ray.remote(num_cpus=2)(_Holder).remote()
+    try:
+        assert ray.get(holder.ready.remote(), timeout=60)
+        with pytest.raises(WorkerPlacementError, match=r"Expected room for 1 worker\(s\) .* within 3 s"):
+            job.run_extraction(config)
+    finally:
+        ray.kill(holder)
+    assert not (tmp_path / "store").exists()

@@ -505,6 +505,7 @@ def test_a_start_refused_by_the_lock_leaves_the_holders_folder(tmp_path: Path, m
     monkeypatch.setattr("hrsa.runtime.connection.connect", lambda address: SimpleNamespace(nodes=[]))
     monkeypatch.setattr("hrsa.train.placement.plan_workers", lambda *a, **k: SimpleNamespace(use_gpu=False))
     monkeypatch.setattr("hrsa.train.placement.check_every_node_reaches", lambda *a: None)
+    monkeypatch.setattr(trainer, "_wait_for_room", lambda *a: None)  # no Ray here
     real, holder = run_lock.exclusive_run, ExitStack()
 
     def taken_meanwhile(location: Any) -> Any:
@@ -558,3 +559,34 @@ def test_an_encoder_refuses_texts_with_a_token_past_its_vocabulary(tiny_models: 
     assert encoder.encode(["the lazy dog"]).shape == (1, 32)
     with pytest.raises(UserError, match=r"Got 300 \('zzyzx'\) in text 2 \('the zzyzx dog'\)"):
         encoder.encode(["the lazy dog", "the zzyzx dog"])
+
+
+class _Holder:
+    def ready(self) -> bool:
+        return True
+
+
+def test_training_on_a_cluster_whose_cpus_another_job_holds_is_refused_not_a_hang(
+        tiny_models: Any, tmp_path: Path, ray_local: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray Train waited without end, printing nothing, for workers the cluster had room for but another job held
+    (extraction gave up after its wait): refused after the same wait, before anything is written."""
+    import ray
+
+    import hrsa.runtime.placement as placement
+    from hrsa.runtime.placement import PlacementError
+    from hrsa.train.config import TrainConfig
+    from hrsa.train.trainer import run_training
+
+    monkeypatch.setattr(placement, "ROOM_TIMEOUT_S", 3.0)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _records(8, seed=1)))
+    config = TrainConfig(backbone=str(tiny_models.dir("llama")), data=data, output=tmp_path / "run", batch_size=4,
+                         negatives=1, max_steps=2)
+    holder = ray.remote(num_cpus=2)(_Holder).remote()  # another job's actor on both CPUs of this test's Ray
+    try:
+        assert ray.get(holder.ready.remote(), timeout=60)
+        with pytest.raises(PlacementError, match=r"Expected room for 1 worker\(s\) .* within 3 s.*other jobs hold"):
+            run_training(config, progress=False)
+    finally:
+        ray.kill(holder)
+    assert not (tmp_path / "run").exists()
