@@ -86,6 +86,7 @@ def submit_pipeline(pipeline: str | Path, *, address: str | None = None, working
     if not path.is_relative_to(root):
         raise UserError(f"Expected the pipeline inside the working directory {root}. Got {path} instead. "
                         "Move it there, or pass --working-dir with a folder that holds it.")
+    _check_outputs_outlive_the_job(config)
     address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
     outputs = [config.store, str(config.out), *(str(tc.output) for tc in config.train.values())]
     # What stays home, checked before the cluster is contacted: the upload fits Ray's cap, and the job has its inputs.
@@ -112,6 +113,23 @@ def submit_pipeline(pipeline: str | Path, *, address: str | None = None, working
                              f"(again: ray job logs --address {address} {job_id}).")
     echo(f"job {job_id} {status}")
     return SubmitResult(job_id, address, status)
+
+
+def _check_outputs_outlive_the_job(config: Any) -> None:
+    """Refuse a relative local store, out or training output: on the cluster it means a folder inside Ray's copy of
+    the working directory, which Ray names by a digest of its content and deletes once no job uses it. A
+    re-submission after any edit then found none of its state and ran every stage again (retraining from scratch
+    under the default ``<out>/train/<run>``), and the results went with the copy."""
+    named = {"store": config.store, "out": str(config.out),
+             **{f"train.{run}.output": str(tc.output) for run, tc in config.train.items()}}
+    for key, value in named.items():
+        if "://" not in value and not Path(value).expanduser().is_absolute():
+            raise UserError(
+                f"Expected {key} of a submitted pipeline on storage that outlives the job: a URL (s3://BUCKET/...) or "
+                f"an absolute path on the cluster. Got {value} instead, which on the cluster is a folder inside Ray's "
+                "copy of the working directory (named by its content, deleted once unused): a re-submission would "
+                "start over. Pass --out s3://BUCKET/hrsa/out (training runs follow it), or give absolute paths."
+            )
 
 
 def run_command(pipeline: str, *, out: str | None = None) -> str:

@@ -99,3 +99,38 @@ def test_a_pipeline_input_that_would_stay_home_is_refused_before_anything_is_sub
     with pytest.raises(UserError, match=r"data/corpus \(corpora\.c\.path\).*data/corpus/part-1\.jsonl") as caught:
         submit.submit_pipeline(pipeline, working_dir=tmp_path, wait=False)
     assert ("over" if how == "large" else "ignored") in str(caught.value)
+
+
+@pytest.mark.parametrize(("values", "key"), [
+    ({"store": "hrsa-out/store", "out": "/shared/out"}, "store"),
+    ({"store": "s3://bucket/store", "out": "hrsa-out/paper"}, "out"),  # the paper configs' own `out`
+    ({"store": "s3://bucket/store", "out": "/shared/out", "train": {"r": {"output": "runs/r"}}}, "train.r.output"),
+])
+def test_a_relative_output_of_a_submitted_pipeline_is_refused_before_anything_is_submitted(
+        tmp_path: Path, monkeypatch, values: dict, key: str) -> None:
+    """On the cluster a relative path is a folder inside Ray's copy of the working directory, named by its content: a
+    re-submission after an edit ran every stage again (and retrained), and Ray deletes the copy once unused."""
+    import yaml
+
+    import hrsa.cluster.submit as submit
+    from hrsa.store.errors import UserError
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    (tmp_path / "c.jsonl").write_text('{"id": "a", "text": "the quick fox"}\n')
+    (tmp_path / "d.jsonl").write_text('{"query": "q", "pos": "p", "negs": ["n"]}\n')
+    pipeline = tmp_path / "p.yaml"
+    train = {run: {"backbone": "m", "data": "d.jsonl", **fields} for run, fields in values.pop("train", {}).items()}
+    pipeline.write_text(yaml.safe_dump({**values, "corpora": {"c": {"path": "c.jsonl"}},
+                                        "models": {"a": {"model": "m"}, "b": {"model": "m"}},
+                                        "pairs": [{"a": "a", "b": "b", "corpus": "c"}], **({"train": train} if train else {})}))
+
+    def client(address):
+        raise AssertionError("submitted")
+
+    monkeypatch.setattr(submit, "_client", client)
+    with pytest.raises(UserError, match=rf"Expected {key} of a submitted pipeline on storage that outlives the job"):
+        submit.submit_pipeline(pipeline, working_dir=tmp_path, wait=False)
+    if key == "out":  # --out on S3 is the fix the message names
+        with pytest.raises(AssertionError, match="submitted"):
+            submit.submit_pipeline(pipeline, working_dir=tmp_path, out="s3://bucket/out", wait=False)

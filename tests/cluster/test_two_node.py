@@ -183,7 +183,8 @@ def test_submit_checks_the_pipeline_and_the_address_first(tmp_path: Path) -> Non
     result = CliRunner().invoke(cli, ["submit", str(bad), "--address", "http://127.0.0.1:9", "--working-dir", str(tmp_path)])
     assert result.exit_code == 2 and "Expected a valid pipeline" in result.output and result.output.count("\n") == 1
     good = tmp_path / "good.yaml"
-    good.write_text(yaml.safe_dump({"store": "s", "out": "o", "corpora": {"c": {"path": "c.jsonl"}}}))
+    good.write_text(yaml.safe_dump({"store": str(tmp_path / "s"), "out": str(tmp_path / "o"),
+                                    "corpora": {"c": {"path": "c.jsonl"}}}))
     outside = CliRunner().invoke(cli, ["submit", str(good), "--working-dir", str(tmp_path / "elsewhere")])
     assert outside.exit_code == 2  # click: the working directory does not exist
     (tmp_path / "sub").mkdir()
