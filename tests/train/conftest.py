@@ -23,3 +23,11 @@ def verb_cli() -> Callable[[click.Command], click.Group]:
         return group
 
     return make
+
+
+@pytest.fixture()
+def eval_cli(verb_cli: Callable[[click.Command], click.Group]) -> click.Group:
+    """``hrsa eval`` alone, as :func:`verb_cli` makes it."""
+    from hrsa.train.cli import eval_command
+
+    return verb_cli(eval_command)

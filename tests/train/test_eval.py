@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -14,13 +13,6 @@ from click.testing import CliRunner
 
 from hrsa.train.eval_tasks import parse_task_spec, split_task_list
 from hrsa.train.evaluate import EvalConfig, eval_targets, evaluate
-
-
-@pytest.fixture()
-def cli(verb_cli: Callable[[click.Command], click.Group]) -> click.Group:
-    from hrsa.train.cli import eval_command
-
-    return verb_cli(eval_command)
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -65,13 +57,13 @@ def _no_constants(name: str) -> None:
 
 @pytest.mark.data
 @pytest.mark.real_model
-def test_minilm_local_tasks_through_cli(cli: click.Group, tmp_path: Path, shared_data: Path, tiny_models) -> None:
+def test_minilm_local_tasks_through_cli(eval_cli: click.Group, tmp_path: Path, shared_data: Path, tiny_models) -> None:
     pairs = _write_jsonl(tmp_path / "pairs.jsonl", _spam_pairs(shared_data, 60))
     labels = _write_jsonl(tmp_path / "labels.jsonl", _spam_labels(shared_data, 100))
     out = tmp_path / "eval-minilm"
     args = ["eval", "--model", "packaged:all-minilm-l6-v2", "--tasks", f"retrieval:{pairs}",
             "--tasks", f"classification:{labels}:body:kind", "--no-instructions", "--max-length", "64", "--out", str(out)]
-    result = CliRunner().invoke(cli, args)
+    result = CliRunner().invoke(eval_cli, args)
     assert result.exit_code == 0, result.output
     data = json.loads((out / "eval.json").read_text(), parse_constant=_no_constants)  # strict JSON: no NaN token
     assert data["schema"] == "hrsa.eval/1" and len(data["checkpoints"]) == 1
@@ -201,19 +193,19 @@ def test_task_specs(tmp_path: Path) -> None:
     ("NoSuchTaskAnywhere", "Expected an MTEB task or benchmark name"),
     ("retrieval:missing.jsonl", "no file at missing.jsonl"),
 ])
-def test_cli_errors_are_one_line(cli: click.Group, tmp_path: Path, monkeypatch, tasks: str, message: str) -> None:
+def test_cli_errors_are_one_line(eval_cli: click.Group, tmp_path: Path, monkeypatch, tasks: str, message: str) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    result = CliRunner().invoke(cli, ["eval", "--model", "packaged:all-minilm-l6-v2", "--tasks", tasks])
+    result = CliRunner().invoke(eval_cli, ["eval", "--model", "packaged:all-minilm-l6-v2", "--tasks", tasks])
     assert result.exit_code == 2, result.output
     assert message in result.output and len(result.output.strip().splitlines()) == 1
 
 
-def test_cli_missing_field_names_the_line(cli: click.Group, tmp_path: Path, tiny_models) -> None:
+def test_cli_missing_field_names_the_line(eval_cli: click.Group, tmp_path: Path, tiny_models) -> None:
     bad = _write_jsonl(tmp_path / "bad.jsonl", [{"query": "a", "pos": "b"}, {"query": "c", "positive": "d"}])
-    result = CliRunner().invoke(cli, ["eval", "--model", str(tiny_models.dir("bert")), "--tasks", f"retrieval:{bad}"])
+    result = CliRunner().invoke(eval_cli, ["eval", "--model", str(tiny_models.dir("bert")), "--tasks", f"retrieval:{bad}"])
     assert result.exit_code == 2 and "line 2" in result.output and "'pos'" in result.output
     labels = _write_jsonl(tmp_path / "l.jsonl", [{"text": "a", "label": 0}, {"text": "b"}])
-    result = CliRunner().invoke(cli, ["eval", "--model", str(tiny_models.dir("bert")), "--tasks", f"classification:{labels}"])
+    result = CliRunner().invoke(eval_cli, ["eval", "--model", str(tiny_models.dir("bert")), "--tasks", f"classification:{labels}"])
     assert result.exit_code == 2 and "record 2" in result.output

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -15,13 +14,6 @@ from click.testing import CliRunner
 from hrsa.train.checkpoints import INFO_FILE, STATE_FILE, file_manifest
 from hrsa.train.evaluate import EvalConfig, eval_targets, evaluate, skipped_targets
 from hrsa.train.recipe import RECIPE_FILE
-
-
-@pytest.fixture()
-def cli(verb_cli: Callable[[click.Command], click.Group]) -> click.Group:
-    from hrsa.train.cli import eval_command
-
-    return verb_cli(eval_command)
 
 
 def _pairs(path: Path, n: int = 8) -> Path:
@@ -51,13 +43,13 @@ def _one_line_exit_2(result) -> str:
 # --- truncated weights ---------------------------------------------------------------------------------------------
 
 
-def test_a_checkpoint_its_manifest_calls_incomplete_is_skipped_with_a_note(cli: click.Group, tmp_path: Path,
+def test_a_checkpoint_its_manifest_calls_incomplete_is_skipped_with_a_note(eval_cli: click.Group, tmp_path: Path,
                                                                             tiny_models) -> None:
     run = tmp_path / "run"
     _checkpoint(tiny_models, run / "step_000001", 1)
     _truncate(_checkpoint(tiny_models, run / "step_000002", 2) / "model.safetensors")
     pairs = _pairs(tmp_path / "pairs.jsonl")
-    result = CliRunner().invoke(cli, ["eval", "--model", str(run), "--tasks", f"retrieval:{pairs}", "--no-instructions"])
+    result = CliRunner().invoke(eval_cli, ["eval", "--model", str(run), "--tasks", f"retrieval:{pairs}", "--no-instructions"])
     assert result.exit_code == 0, result.output
     assert "step_000002" in result.output and "incomplete" in result.output
     data = json.loads((run / "eval" / "eval.json").read_text())
@@ -66,9 +58,9 @@ def test_a_checkpoint_its_manifest_calls_incomplete_is_skipped_with_a_note(cli: 
     # asked for by --steps, or the only checkpoint: refused in one line naming the folder, nothing written
     out = tmp_path / "ev"
     args = ["eval", "--model", str(run), "--tasks", f"retrieval:{pairs}", "--steps", "2", "--out", str(out)]
-    assert "step_000002" in _one_line_exit_2(CliRunner().invoke(cli, args))
+    assert "step_000002" in _one_line_exit_2(CliRunner().invoke(eval_cli, args))
     args = ["eval", "--model", str(run / "step_000002"), "--tasks", f"retrieval:{pairs}", "--out", str(out)]
-    assert "step_000002" in _one_line_exit_2(CliRunner().invoke(cli, args))
+    assert "step_000002" in _one_line_exit_2(CliRunner().invoke(eval_cli, args))
     assert not out.exists()
 
 
@@ -81,7 +73,7 @@ def _unfinished(tiny_models, folder: Path) -> Path:
 
 @pytest.mark.parametrize("under", ["", "checkpoints"])
 def test_a_step_folder_without_its_manifest_in_an_hrsa_run_is_skipped_as_incomplete(
-    cli: click.Group, tmp_path: Path, tiny_models, under: str
+    eval_cli: click.Group, tmp_path: Path, tiny_models, under: str
 ) -> None:
     """In a run folder of `hrsa train` (it holds hrsa_recipe.json) a step folder with config.json but no hrsa_train.json
     is a checkpoint still being saved or copied: it was scored as a complete model."""
@@ -92,7 +84,7 @@ def test_a_step_folder_without_its_manifest_in_an_hrsa_run_is_skipped_as_incompl
     assert [t.step for t in eval_targets(str(run))] == [1]
     assert [t.name for t in skipped_targets(str(run))] == ["step_000002"]
     pairs = _pairs(tmp_path / "pairs.jsonl")
-    result = CliRunner().invoke(cli, ["eval", "--model", str(run), "--tasks", f"retrieval:{pairs}", "--no-instructions",
+    result = CliRunner().invoke(eval_cli, ["eval", "--model", str(run), "--tasks", f"retrieval:{pairs}", "--no-instructions",
                                       "--out", str(tmp_path / "scored")])
     assert result.exit_code == 0, result.output
     assert f"skipped step_000002: {run / under / 'step_000002'} is incomplete: it has no {INFO_FILE}" in result.output
@@ -102,12 +94,12 @@ def test_a_step_folder_without_its_manifest_in_an_hrsa_run_is_skipped_as_incompl
     out = tmp_path / "ev"
     common = ["--tasks", f"retrieval:{pairs}", "--out", str(out)]
     unfinished = run / under / "step_000002"
-    line = _one_line_exit_2(CliRunner().invoke(cli, ["eval", "--model", str(run), "--steps", "2", *common]))
+    line = _one_line_exit_2(CliRunner().invoke(eval_cli, ["eval", "--model", str(run), "--steps", "2", *common]))
     assert f"Got {unfinished} is incomplete: it has no {INFO_FILE}, which hrsa train writes last" in line
-    line = _one_line_exit_2(CliRunner().invoke(cli, ["eval", "--model", str(unfinished), *common]))
+    line = _one_line_exit_2(CliRunner().invoke(eval_cli, ["eval", "--model", str(unfinished), *common]))
     assert f"{unfinished} is incomplete: it has no {INFO_FILE}" in line
     shutil.rmtree(run / under / "step_000001")
-    line = _one_line_exit_2(CliRunner().invoke(cli, ["eval", "--model", str(run), *common]))
+    line = _one_line_exit_2(CliRunner().invoke(eval_cli, ["eval", "--model", str(run), *common]))
     assert f"Expected a complete checkpoint in {run}. Got none instead: {unfinished} is incomplete" in line
     assert not out.exists()
 
@@ -121,13 +113,13 @@ def test_step_folders_outside_an_hrsa_run_are_models_without_a_manifest(tmp_path
     assert [t.name for t in eval_targets(str(run / "step_000002"))] == ["step_000002"]
 
 
-def test_unreadable_weights_are_one_line_naming_the_file(cli: click.Group, tmp_path: Path, tiny_models) -> None:
+def test_unreadable_weights_are_one_line_naming_the_file(eval_cli: click.Group, tmp_path: Path, tiny_models) -> None:
     model = tmp_path / "model"
     shutil.copytree(tiny_models.dir("bert"), model)  # a plain model folder: no manifest to tell
     _truncate(model / "model.safetensors")
     pairs = _pairs(tmp_path / "pairs.jsonl")
     args = ["eval", "--model", str(model), "--tasks", f"retrieval:{pairs}", "--out", str(tmp_path / "ev")]
-    output = _one_line_exit_2(CliRunner().invoke(cli, args))
+    output = _one_line_exit_2(CliRunner().invoke(eval_cli, args))
     assert str(model / "model.safetensors") in output
 
 
@@ -144,35 +136,35 @@ def test_load_model_names_the_unreadable_weights_file(tmp_path: Path, tiny_model
 # --- reused scores: said so, and believed only when they agree with themselves -------------------------------------
 
 
-def test_reused_scores_are_marked_as_reused(cli: click.Group, tmp_path: Path, tiny_models) -> None:
+def test_reused_scores_are_marked_as_reused(eval_cli: click.Group, tmp_path: Path, tiny_models) -> None:
     pairs = _pairs(tmp_path / "pairs.jsonl")
     out = tmp_path / "ev"
     args = ["eval", "--model", str(tiny_models.dir("bert")), "--tasks", f"retrieval:{pairs}", "--no-instructions",
             "--out", str(out)]
-    first = CliRunner().invoke(cli, args)
+    first = CliRunner().invoke(eval_cli, args)
     assert first.exit_code == 0, first.output
     assert "reused from" not in first.output
-    again = CliRunner().invoke(cli, args)
+    again = CliRunner().invoke(eval_cli, args)
     assert again.exit_code == 0, again.output
     assert "reused from" in again.output and str(out / "eval.json") in again.output.replace("\n", "")
 
 
-def _scored_once(cli: click.Group, tmp_path: Path, tiny_models) -> tuple[list[str], Path, dict, dict]:
+def _scored_once(eval_cli: click.Group, tmp_path: Path, tiny_models) -> tuple[list[str], Path, dict, dict]:
     """The tiny BERT scored on one retrieval task into tmp_path/ev: (its args, out, eval.json, the task's entry)."""
     pairs = _pairs(tmp_path / "pairs.jsonl")
     out = tmp_path / "ev"
     args = ["eval", "--model", str(tiny_models.dir("bert")), "--tasks", f"retrieval:{pairs}", "--no-instructions",
             "--out", str(out)]
-    assert CliRunner().invoke(cli, args).exit_code == 0
+    assert CliRunner().invoke(eval_cli, args).exit_code == 0
     data = json.loads((out / "eval.json").read_text())
     (entry,) = data["checkpoints"][0]["results"].values()
     return args, out, data, entry
 
 
-def test_an_edited_main_score_is_not_reused(cli: click.Group, tmp_path: Path, tiny_models, monkeypatch) -> None:
+def test_an_edited_main_score_is_not_reused(eval_cli: click.Group, tmp_path: Path, tiny_models, monkeypatch) -> None:
     from hrsa.train.encode import TextEncoder
 
-    args, out, data, entry = _scored_once(cli, tmp_path, tiny_models)
+    args, out, data, entry = _scored_once(eval_cli, tmp_path, tiny_models)
     assert entry["main_score_name"] == "ndcg_at_10"
     truth = entry["main_score"]
     assert truth != 0.99
@@ -183,7 +175,7 @@ def test_an_edited_main_score_is_not_reused(cli: click.Group, tmp_path: Path, ti
     real_load = TextEncoder.load.__func__
     monkeypatch.setattr(TextEncoder, "load", classmethod(lambda cls, model, **kw: loads.append(model)
                                                          or real_load(cls, model, **kw)))
-    result = CliRunner().invoke(cli, args)
+    result = CliRunner().invoke(eval_cli, args)
     assert result.exit_code == 0, result.output
     assert len(loads) == 1  # scored again
     table = "\n".join(line for line in result.output.splitlines() if not line.startswith("hrsa:"))
@@ -243,7 +235,7 @@ def _labels(path: Path, n: int = 12) -> Path:
 
 
 @pytest.mark.parametrize("kind", ["retrieval", "classification"])
-def test_a_model_whose_embeddings_are_not_finite_is_refused_not_scored(cli: click.Group, tmp_path: Path,
+def test_a_model_whose_embeddings_are_not_finite_is_refused_not_scored(eval_cli: click.Group, tmp_path: Path,
                                                                        tiny_models, kind: str) -> None:
     """NaN embeddings scored ndcg_at_10 0.494 on retrieval (exit 0: NaN similarities rank in any order), and were a
     traceback of scikit-learn's on classification."""
@@ -251,38 +243,38 @@ def test_a_model_whose_embeddings_are_not_finite_is_refused_not_scored(cli: clic
     file = _pairs(tmp_path / "pairs.jsonl") if kind == "retrieval" else _labels(tmp_path / "labels.jsonl")
     out = tmp_path / "ev"
     args = ["eval", "--model", str(model), "--tasks", f"{kind}:{file}", "--no-instructions", "--out", str(out)]
-    output = _one_error_line(CliRunner().invoke(cli, args))
+    output = _one_error_line(CliRunner().invoke(eval_cli, args))
     assert output.startswith(f"hrsa: error: Expected finite embeddings from {model}. Got NaN or infinite values for ")
     assert "--dtype float32" in output
     assert not out.exists()  # nothing written, not even mteb's cache folder
 
 
-def test_a_diverged_checkpoint_of_a_run_names_the_steps_left(cli: click.Group, tmp_path: Path, tiny_models) -> None:
+def test_a_diverged_checkpoint_of_a_run_names_the_steps_left(eval_cli: click.Group, tmp_path: Path, tiny_models) -> None:
     run = tmp_path / "run"
     _checkpoint(tiny_models, run / "step_000001", 1)
     folder = _diverged(tiny_models, run / "step_000002")
     (folder / INFO_FILE).write_text(json.dumps({"step": 2, "loss": float("nan"), "files": file_manifest(folder)}))
     _checkpoint(tiny_models, run / "step_000003", 3)
     pairs = _pairs(tmp_path / "pairs.jsonl")
-    output = _one_error_line(CliRunner().invoke(cli, ["eval", "--model", str(run), "--tasks", f"retrieval:{pairs}",
+    output = _one_error_line(CliRunner().invoke(eval_cli, ["eval", "--model", str(run), "--tasks", f"retrieval:{pairs}",
                                                       "--no-instructions"]))
     assert f"finite embeddings from {folder}." in output and "--steps 1,3" in output
     data = json.loads((run / "eval" / "eval.json").read_text())
     assert [c["step"] for c in data["checkpoints"]] == [1]  # what was scored before it stays
 
 
-def test_a_nan_main_score_of_an_earlier_eval_json_is_scored_again_and_never_written(cli: click.Group, tmp_path: Path,
+def test_a_nan_main_score_of_an_earlier_eval_json_is_scored_again_and_never_written(eval_cli: click.Group, tmp_path: Path,
                                                                                  tiny_models) -> None:
     """A NaN main score (JSON NaN, from an earlier hrsa) is no result: it is scored again with a note that says it is
     not a number, and what is written instead is a number, reused by the next run without a note."""
-    args, out, data, entry = _scored_once(cli, tmp_path, tiny_models)
+    args, out, data, entry = _scored_once(eval_cli, tmp_path, tiny_models)
     truth = entry["main_score"]
     entry["main_score"] = float("nan")
     for subset in entry["scores"]["test"]:
         subset["main_score"] = subset["ndcg_at_10"] = float("nan")  # the entry agrees with itself: all NaN
     (out / "eval.json").write_text(json.dumps(data))
 
-    again = CliRunner().invoke(cli, args)
+    again = CliRunner().invoke(eval_cli, args)
     assert again.exit_code == 0, again.output
     notes = [line for line in again.output.splitlines() if line.startswith("hrsa: not reusing")]
     assert len(notes) == 1 and "its main score is not a number (nan)" in notes[0], again.output
@@ -290,7 +282,7 @@ def test_a_nan_main_score_of_an_earlier_eval_json_is_scored_again_and_never_writ
     (entry,) = json.loads((out / "eval.json").read_text())["checkpoints"][0]["results"].values()
     assert entry["main_score"] == truth  # (mteb's secondary metrics, such as nauc_*, stay as mteb gives them: NaN too)
 
-    third = CliRunner().invoke(cli, args)
+    third = CliRunner().invoke(eval_cli, args)
     assert third.exit_code == 0 and "not reusing" not in third.output and "reused from eval.json" in third.output
 
 
@@ -314,7 +306,7 @@ def test_a_nan_main_score_from_finite_embeddings_is_refused_naming_the_other_ste
     _check_main_score({**entry, "main_score": 0.5}, Task, target, [1, 3])  # a number passes
 
 
-def test_an_eval_into_an_out_another_eval_writes_is_refused_and_leaves_its_files(cli: click.Group, tmp_path: Path,
+def test_an_eval_into_an_out_another_eval_writes_is_refused_and_leaves_its_files(eval_cli: click.Group, tmp_path: Path,
                                                                                 tiny_models) -> None:
     """Two evals of one checkpoint share its default --out (<checkpoint>/eval): they raced on eval.json, and one that
     had created the folder and then failed removed it with the other's mteb-results in it."""
@@ -326,7 +318,7 @@ def test_an_eval_into_an_out_another_eval_writes_is_refused_and_leaves_its_files
     with EVAL_LOCK.exclusive(parse_location(str(out))):  # the other eval, writing its scores
         (out / "mteb-results").mkdir()
         (out / "mteb-results" / "theirs.json").write_text("{}")
-        result = CliRunner().invoke(cli, ["eval", "--model", str(tiny_models.dir("bert")), "--tasks",
+        result = CliRunner().invoke(eval_cli, ["eval", "--model", str(tiny_models.dir("bert")), "--tasks",
                                           f"retrieval:{pairs}", "--no-instructions", "--out", str(out)])
         assert result.exit_code == 2, result.output
         lines = [line for line in result.stderr.splitlines() if line.strip()]
