@@ -152,6 +152,15 @@ class ReportEntry(VerdictRules):
     description: str | None = Field(None, description="A paragraph under the title: what the study asks and how to "
                                                       "read it.")
 
+    @field_validator("path", mode="before")
+    @classmethod
+    def _local_path(cls, value: Any) -> Any:
+        """A URL read as a local path: ``s3://b/r.html`` wrote ``./s3:/b/r.html`` on the driver, named like a URL."""
+        if is_url(value):
+            raise ValueError(f"expected a local file, got the URL {value}; leave report.path out to write the report "
+                             "into out (a remote out keeps it there)")
+        return value
+
 
 class PipelineConfig(BaseModel):
     """A whole pipeline: train -> extract -> analyze -> dynamics -> report (see the module docstring)."""

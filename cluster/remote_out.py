@@ -35,12 +35,16 @@ class PublishedOut:
     local: Path
     state_file: str
     skip: tuple[str, ...] = ()  # names never mirrored (the out's lock, which lives on the remote side only)
+    # Folders never mirrored: what the stages write straight to the remote side (training runs under the out, a store
+    # under it). A re-run downloaded every checkpoint of every recipe ever trained there, each object whole in memory
+    # (a 7B run's optimizer state is tens of GB), and hashed all of them again at each push.
+    skip_under: tuple[str, ...] = ()
     check: Callable[[], None] | None = None  # called before each push: raises to stop it (the out's lease lost)
     _sent: dict[str, str] = field(default_factory=dict)  # name -> digest of the content last uploaded
 
     @classmethod
     def open(cls, url: str, *, state_file: str, local: Path | None = None, skip: tuple[str, ...] = (),
-             check: Callable[[], None] | None = None) -> PublishedOut:
+             check: Callable[[], None] | None = None, skip_under: tuple[str, ...] = ()) -> PublishedOut:
         """A fresh local copy of the remote ``out`` at ``url`` (empty when nothing is there yet), in folder ``local``
         (created; default: a new temporary folder, left for the caller to read and remove).
 
@@ -52,14 +56,15 @@ class PublishedOut:
         local.mkdir(parents=True, exist_ok=True)
         if any(local.iterdir()):  # its files would be uploaded as the stages' own
             raise ValueError(f"Expected an empty folder for the local copy of {url}. Got {local} with files in it.")
-        published = cls(parse_location(url), local, state_file, skip, check)
+        skip_under = tuple(f"{folder.strip('/')}/" for folder in skip_under if folder.strip("/"))
+        published = cls(parse_location(url), local, state_file, skip=skip, skip_under=skip_under, check=check)
         published.pull()
         return published
 
     def pull(self) -> None:
-        """Download every file of the remote ``out`` into the local copy."""
+        """Download every file of the remote ``out`` into the local copy (but those skipped)."""
         for name in self.remote.files():
-            if name in self.skip:
+            if self._skipped(name):
                 continue
             path = self.local / name
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -75,14 +80,23 @@ class PublishedOut:
         """
         if self.check is not None:
             self.check()
-        local = {p.relative_to(self.local).as_posix(): p for p in self.local.rglob("*") if p.is_file()}
+        local = {name: p for p in self.local.rglob("*")
+                 if p.is_file() and not self._skipped(name := p.relative_to(self.local).as_posix())}
         changed = [name for name, path in local.items() if self._sent.get(name) != _signature(path)]
-        for name in sorted(changed, key=lambda n: n == self.state_file):  # the state file goes last
+        for name in sorted(n for n in changed if n != self.state_file):
             self.remote.child(name).write(local[name].read_bytes())
             self._sent[name] = _signature(local[name])
+        # Removals before the state too: a run killed after the state went up left the figures of an earlier setting
+        # beside the new results for good (the next run found the stage up to date and pulled them back).
         for name in [n for n in self._sent if n not in local]:
             self.remote.child(name).delete()
             del self._sent[name]
+        if self.state_file in changed:  # last: the remote state never names an output that is not there yet
+            self.remote.child(self.state_file).write(local[self.state_file].read_bytes())
+            self._sent[self.state_file] = _signature(local[self.state_file])
+
+    def _skipped(self, name: str) -> bool:
+        return name in self.skip or name.startswith(self.skip_under)
 
 
 def _signature(path: Path) -> str:

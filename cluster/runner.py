@@ -147,7 +147,8 @@ def run_pipeline(config: PipelineConfig, *, console: Console | None = None,
         try:
             # A remote out (s3://...): the stages write a local copy of it, uploaded as each stage records itself.
             published = (PublishedOut.open(str(out), state_file=STATE_FILE, local=local_copy,
-                                           skip=(PIPELINE_LOCK.lock_file,), check=still_held) if is_url(out) else None)
+                                           skip=(PIPELINE_LOCK.lock_file,), check=still_held,
+                                           skip_under=_written_remotely(config)) if is_url(out) else None)
             if published is not None:
                 config = config.model_copy(update={"out": published.local})
             return _run_stages(config, console or Console(), published, out)
@@ -155,6 +156,17 @@ def run_pipeline(config: PipelineConfig, *, console: Console | None = None,
             # Only while the lock is held: a run refused by another's lock must not remove that run's lock file.
             _remove_if_unused(made)
             raise
+
+
+def _written_remotely(config: PipelineConfig) -> tuple[str, ...]:
+    """The folders under a remote ``out`` (relative to it) that stages write straight to the remote side, never
+    through its local copy: the training runs (``<out>/train/<run>`` by default) and a store kept under the out."""
+    root = parse_location(str(config.out)).url.rstrip("/") + "/"
+    found = []
+    for url in (*(str(tc.output) for tc in config.train.values()), config.store):
+        if is_url(url) and (u := parse_location(url).url.rstrip("/") + "/").startswith(root) and u != root:
+            found.append(u.removeprefix(root).rstrip("/"))
+    return tuple(found)
 
 
 def _missing_folders(out: Path) -> list[Path]:
@@ -182,7 +194,8 @@ def _remove_if_unused(made: list[Path]) -> None:
 def _run_stages(config: PipelineConfig, console: Console, published: PublishedOut | None, out: Any) -> PipelineResult:
     from hrsa.cluster.pipeline import analysis_keys
 
-    runner = _Runner(config, console, publish=published.push if published else None)
+    runner = _Runner(config, console, publish=published.push if published else None,
+                     state_name=f"{str(out).rstrip('/')}/{STATE_FILE}" if published else None)
     # Step 1: training runs; Step 2: every model over each corpus of its pairs, and the dynamics checkpoints.
     trained = {run: runner.train(run, tc) for run, tc in config.train.items()}
     # The extractions share their workers (started once, each loading its model): they end before the analyses.
@@ -273,6 +286,23 @@ def _readable_results(path: Path, run_id: str) -> bool:
     return doc.get("run_id") == run_id
 
 
+def _dynamics_written(path: Path, outputs: Mapping[str, Any]) -> bool:
+    """Whether the series' dynamics.json is the one its stage wrote (by its digest; a record of an earlier hrsa,
+    without one: whether it reads as one). Its mere presence kept a truncated or edited file up to date, and the
+    report failed on it at every re-run."""
+    from hrsa.analyze.report.dynamics import load_dynamics
+
+    if not path.is_file():
+        return False
+    if "digest" in outputs:
+        return outputs["digest"] == file_digest(path)
+    try:
+        load_dynamics(path)
+    except UserError:
+        return False
+    return True
+
+
 def _checkpoints_complete(outputs: Mapping[str, Any], output: str, recipe: str) -> bool:
     """Whether every checkpoint a training stage recorded is complete in the run folder ``output`` (on any storage:
     one listing of the run folder). The folder the stage recorded, or the same recipe's folder elsewhere (a moved
@@ -333,13 +363,14 @@ class _Runner:
     last_steps: dict[str, Path] = field(default_factory=dict)  # each dynamics series' last results.json
     _extracted: dict[str, _Extracted] = field(default_factory=dict)
     publish: Callable[[], None] | None = None  # uploads a remote out's new files after each state write
+    state_name: str | None = None  # the state file as messages name it (its URL on a remote out, not the local copy)
     extraction_workers: ExtractionWorkers | None = None  # kept across the extraction stages
     _asked: dict[str, str] = field(default_factory=dict)  # each extraction stage asked for -> its own key
     _by_content: dict[str, str] = field(default_factory=dict)  # content key -> the stage that extracted it
 
     def __post_init__(self) -> None:
         self.config.out.mkdir(parents=True, exist_ok=True)
-        self.state = PipelineState(self.config.out / STATE_FILE, on_write=self.publish)
+        self.state = PipelineState(self.config.out / STATE_FILE, on_write=self.publish, shown_as=self.state_name)
 
     def _announce(self, stage: str, reason: str | None) -> bool:
         """Print the stage's line; True when it must run."""
@@ -603,10 +634,10 @@ class _Runner:
         self.last_steps[d.label] = done[-1].results
         stage, path = f"dynamics:{d.label}", folder / "dynamics.json"
         key = stage_key({"dynamics": [d.a, d.b], "name": d.label, "steps": steps, "results": [r.key for r in done]})
-        if self._announce(stage, self.state.reason_to_run(stage, key, lambda o: path.is_file())):
+        if self._announce(stage, self.state.reason_to_run(stage, key, lambda o: _dynamics_written(path, o))):
             self.state.start(stage, key)
             write_dynamics(path, runs=(d.a, d.b), steps=steps, results=[r.results for r in done], name=d.label)
-            self.state.finish(stage, key, {"dynamics": str(path)})
+            self.state.finish(stage, key, {"dynamics": str(path), "digest": file_digest(path)})
         return _Analyzed(path, key)
 
     # -- Step 5: the report -----------------------------------------------------------------------------

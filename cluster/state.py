@@ -33,20 +33,37 @@ class PipelineState:
     Args:
         path: the state file.
         on_write: called after each write (a remote ``out`` uploads what the stage wrote, then this file).
+        shown_as: how messages name the file (a remote ``out``'s URL of it: ``path`` is then a local copy that is gone
+            once the run ends, and moving it away fixed nothing).
+
+    Raises:
+        UserError: a state file that does not read as one (truncated, edited, of another schema): one line naming
+            it, never a traceback.
     """
 
-    def __init__(self, path: Path, *, on_write: Callable[[], None] | None = None) -> None:
+    def __init__(self, path: Path, *, on_write: Callable[[], None] | None = None, shown_as: str | None = None) -> None:
         self.path = path
         self.on_write = on_write
         self._stages: dict[str, dict[str, Any]] = {}
         if path.is_file():
-            doc = json.loads(path.read_text())
-            if doc.get("schema") in _EARLIER:
+            shown = shown_as or str(path)
+            try:
+                doc = json.loads(path.read_text())
+            except (UnicodeDecodeError, ValueError) as error:
+                raise UserError(f"Expected a pipeline state (JSON) in {shown}. Got a file that does not read as one "
+                                f"({type(error).__name__}: {error}) instead. Move the file away to start "
+                                "over.") from None
+            schema = doc.get("schema") if isinstance(doc, dict) else None
+            if schema in _EARLIER:
                 return
-            if doc.get("schema") != _SCHEMA:
-                raise UserError(f"Expected a pipeline state of schema {_SCHEMA} in {path}. Got {doc.get('schema')!r} "
+            if schema != _SCHEMA:
+                raise UserError(f"Expected a pipeline state of schema {_SCHEMA} in {shown}. Got {schema!r} "
                                 "instead. Move the file away to start over.")
-            self._stages = doc["stages"]
+            stages = doc.get("stages")
+            if not isinstance(stages, dict) or not all(_is_record(e) for e in stages.values()):
+                raise UserError(f"Expected a pipeline state in {shown} whose stages each hold a key and a status. Got "
+                                "a damaged or edited one instead. Move the file away to start over.")
+            self._stages = stages
 
     def entry(self, stage: str) -> dict[str, Any] | None:
         """The stage's record (``key``, ``status``, ``outputs``), or None when it never started."""
@@ -80,3 +97,9 @@ class PipelineState:
         write_atomic(self.path, json.dumps({"schema": _SCHEMA, "stages": self._stages}, indent=1, sort_keys=True) + "\n")
         if self.on_write is not None:
             self.on_write()
+
+
+def _is_record(entry: Any) -> bool:
+    """A stage's record as :meth:`PipelineState.start` and :meth:`PipelineState.finish` write it."""
+    return (isinstance(entry, dict) and isinstance(entry.get("key"), str) and entry.get("status") in ("started", "done")
+            and isinstance(entry.get("outputs", {}), dict))

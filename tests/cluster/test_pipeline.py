@@ -1170,3 +1170,25 @@ def test_a_failed_extraction_stage_hands_its_warnings_to_its_error(tmp_path: Pat
     assert "--" not in str(caught.value), caught.value  # no flag of `hrsa extract`: a pipeline has none
     assert len(caught.value.warnings) == 1, caught.value.warnings
     assert caught.value.warnings[0].startswith(f"{len(TEXTS)} of {len(TEXTS)} chat messages of field 'm'"), caught.value.warnings
+
+
+def test_a_damaged_dynamics_file_runs_its_stage_again(tmp_path: Path, tiny_models: Any, ray_local: Any,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """dynamics.json was up to date as long as a file was there: a truncated or edited one stayed, and the report
+    failed on it at every re-run (as results.json did before its stage checked it)."""
+    import hrsa.train.trainer
+
+    monkeypatch.setattr(hrsa.train.trainer, "run_training",
+                        fake_training({"ra": (1,), "rb": (1,)}, lambda run: tiny_models.dir("llama")))
+    train = {run: {"backbone": str(tiny_models.dir("llama")), "data": write_pairs(tmp_path / "pairs.jsonl"),
+                   "max_steps": 1, "save_every": 1} for run in ("ra", "rb")}
+    values = {"store": str(tmp_path / "store"), "out": str(tmp_path / "out"), "train": train,
+              "corpora": {"probe": {"path": str(write_corpus(tmp_path / "words.jsonl"))}},
+              "dynamics": [{"a": "ra", "b": "rb", "corpus": "probe", "metrics": ["cka"], "scheduler": "threads"}]}
+    run_pipeline(parse_pipeline(values), console=quiet())
+    path = tmp_path / "out" / "dynamics" / "ra--rb" / "dynamics.json"
+    written = path.read_text()
+    path.write_text(written[:60])
+    again = run_pipeline(parse_pipeline({**values, "report": {"title": "another title"}}), console=quiet())
+    assert again.ran == ("dynamics:ra--rb", "report") and path.read_text().startswith(written[:60])
+    assert {s.name: s.reason for s in again.stages}["dynamics:ra--rb"] == "its outputs are missing"

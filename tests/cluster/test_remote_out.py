@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -167,3 +168,85 @@ def test_hrsa_submit_hands_out_to_the_job() -> None:
 
     assert run_command("configs/a b.yaml") == "python -m hrsa run 'configs/a b.yaml'"
     assert run_command("p.yaml", out="s3://bucket/hrsa/out") == "python -m hrsa run p.yaml --out s3://bucket/hrsa/out"
+
+
+def test_training_runs_and_a_store_under_a_remote_out_stay_remote(remote: Location, tmp_path: Path, tiny_models: Any,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training writes its runs straight to <out>/train/<run> (the default under a remote out), a store may live under
+    the out too: a re-run downloaded every checkpoint of every recipe there into the local copy, each object whole
+    in memory (a 7B run's optimizer state is tens of GB), and hashed them all at each push."""
+    import hrsa.cluster.runner as runner
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"query": f"q {i}", "pos": t, "negs": [TEXTS[i - 1]]}) + "\n"
+                            for i, t in enumerate(TEXTS)))
+    corpus = tmp_path / "words.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(TEXTS)))
+    weights = "train/r/recipe-0123456789abcdef/step_000001/trainer_state.pt"
+    for name in (weights, "store/zarr.json", "pairs/a--b/results.json", "trainer/kept.txt"):
+        remote.child(name).write(b"x")
+    seen: dict[str, Any] = {}
+
+    def stages(config: Any, console: Any, published: PublishedOut | None, out: Any) -> None:
+        local = published.local
+        seen["local"] = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+        published.push()  # what it did not copy is not taken for removed either
+
+    monkeypatch.setattr(runner, "_run_stages", stages)
+    values = {"store": f"{remote.url}/store", "out": remote.url, "corpora": {"words": {"path": str(corpus)}},
+              "train": {"r": {"backbone": str(tiny_models.dir("llama")), "data": str(data), "batch_size": 4}}}
+    run_pipeline(parse_pipeline(values), console=Console(quiet=True), local_copy=tmp_path / "copy")
+    assert seen["local"] == ["pairs/a--b/results.json", "trainer/kept.txt"]
+    assert {weights, "store/zarr.json", "pairs/a--b/results.json", "trainer/kept.txt"} <= remote.files().keys()
+
+
+def test_removals_go_up_before_the_state(remote: Location, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The state went up before the removals: a run killed between them left the figures of an earlier setting beside
+    the new results for good (the next run found the stage up to date, and its local copy pulled them back)."""
+    published = PublishedOut.open(remote.url, state_file=STATE_FILE, local=tmp_path / "copy")
+    state = PipelineState(published.local / STATE_FILE, on_write=published.push)
+    pair = published.local / "pairs" / "a--b"
+    pair.mkdir(parents=True)
+    (pair / "results.json").write_text('{"metrics": ["cka", "probe"]}')
+    (pair / "probe.png").write_text("probe")
+    state.finish("analyze:a--b", "k1", {})
+    (pair / "probe.png").unlink()  # the pair re-run without probes
+    (pair / "results.json").write_text('{"metrics": ["cka"]}')
+    order: list[str] = []
+    real_write, real_delete = Location.write, Location.delete
+    monkeypatch.setattr(Location, "write",
+                        lambda self, data: order.append(f"write {self.name}") or real_write(self, data))
+    monkeypatch.setattr(Location, "delete", lambda self: order.append(f"delete {self.name}") or real_delete(self))
+    state.finish("analyze:a--b", "k2", {})
+    assert order == ["write results.json", "delete probe.png", f"write {STATE_FILE}"]
+    assert remote.files().keys() == {STATE_FILE, "pairs/a--b/results.json"}
+
+
+@pytest.mark.parametrize("content", [
+    '{"schema": "hrsa.pipeline-state/4", "stages": {"report": {"key"',  # truncated
+    "[1, 2]", '{"schema": "hrsa.pipeline-state/4", "stages": {"report": {"status": "done"}}}',
+    '{"schema": "hrsa.pipeline-state/4", "stages": []}', "\xff\xfe",
+    '{"schema": "hrsa.pipeline-state/9", "stages": {}}'])
+def test_a_damaged_remote_state_is_one_line_naming_its_url(remote: Location, tmp_path: Path, content: str) -> None:
+    """A truncated or edited state was a traceback (JSONDecodeError, AttributeError, KeyError), and one of another
+    schema said to move away the local copy's file, a temporary folder gone once the run ended."""
+    from hrsa.store.errors import UserError
+
+    corpus = tmp_path / "words.jsonl"
+    corpus.write_text(json.dumps({"id": "d0", "text": TEXTS[0]}) + "\n")
+    remote.child(STATE_FILE).write(content.encode("latin-1"))
+    values = {"store": str(tmp_path / "store"), "out": remote.url, "corpora": {"words": {"path": str(corpus)}}}
+    shown = re.escape(f"{remote.url}/{STATE_FILE}")
+    with pytest.raises(UserError, match=rf"in {shown}\b.* Move the file away to start over\.$"):
+        run_pipeline(parse_pipeline(values), console=Console(quiet=True), local_copy=tmp_path / "copy")
+    assert remote.child(STATE_FILE).read_bytes() == content.encode("latin-1")
+
+
+def test_a_report_path_that_is_a_url_is_refused() -> None:
+    """report.path: s3://... was read as the local path ./s3:/..., written on the driver (lost with the cluster) and
+    named as "report: s3:/..." like a URL."""
+    from hrsa.cluster.pipeline import PipelineError
+
+    with pytest.raises(PipelineError, match=r"report\.path: expected a local file, got the URL s3://b/r\.html"):
+        parse_pipeline({"store": "s", "out": "s3://b/out", "corpora": {"c": {"path": "c"}},
+                        "report": {"path": "s3://b/r.html"}})
