@@ -12,13 +12,31 @@ setting) is removed remotely too: the remote ``out`` is what one local ``out`` w
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hrsa.runtime.locations import Location, parse_location
+from hrsa.store.errors import HrsaError
 
-__all__ = ["PublishedOut"]
+__all__ = ["PublishedOut", "RemoteOutError"]
+
+
+class RemoteOutError(HrsaError, OSError):
+    """The remote ``out`` could not be read or written (a network or storage error): exit code 1, re-run to resume."""
+
+
+@contextmanager
+def _reaching(remote: Location, what: str) -> Iterator[None]:
+    """An error of the storage while ``what`` is one line naming the out and what a re-run does, not a traceback (the
+    remote state is still whole: it goes up last)."""
+    try:
+        yield
+    except OSError as error:
+        raise RemoteOutError(f"Expected to {what} the pipeline's out at {remote.url}. Got {type(error).__name__}: "
+                             f"{error} instead. Re-run the same pipeline: it resumes from what reached {remote.url}."
+                             ) from None
 
 
 @dataclass
@@ -63,12 +81,16 @@ class PublishedOut:
 
     def pull(self) -> None:
         """Download every file of the remote ``out`` into the local copy (but those skipped)."""
-        for name in self.remote.files():
+        with _reaching(self.remote, "read"):
+            names = self.remote.files()
+        for name in names:
             if self._skipped(name):
                 continue
             path = self.local / name
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(self.remote.child(name).read_bytes())
+            with _reaching(self.remote, "read"):
+                data = self.remote.child(name).read_bytes()
+            path.write_bytes(data)
             self._sent[name] = _signature(path)
 
     def push(self) -> None:
@@ -80,6 +102,10 @@ class PublishedOut:
         """
         if self.check is not None:
             self.check()
+        with _reaching(self.remote, "write"):
+            self._upload()
+
+    def _upload(self) -> None:
         local = {name: p for p in self.local.rglob("*")
                  if p.is_file() and not self._skipped(name := p.relative_to(self.local).as_posix())}
         changed = [name for name, path in local.items() if self._sent.get(name) != _signature(path)]

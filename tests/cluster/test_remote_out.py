@@ -250,3 +250,29 @@ def test_a_report_path_that_is_a_url_is_refused() -> None:
     with pytest.raises(PipelineError, match=r"report\.path: expected a local file, got the URL s3://b/r\.html"):
         parse_pipeline({"store": "s", "out": "s3://b/out", "corpora": {"c": {"path": "c"}},
                         "report": {"path": "s3://b/r.html"}})
+
+
+@pytest.mark.parametrize("step", ["pull", "push"])
+def test_a_storage_error_reaching_the_remote_out_is_one_line_naming_it(remote: Location, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch, step: str) -> None:
+    """A network error while uploading (or downloading) the out was a full traceback."""
+    from hrsa.cluster.remote_out import RemoteOutError
+
+    remote.child("pairs/a--b/results.json").write(b"{}")
+
+    def down(self: Location, *args: Any) -> Any:
+        raise OSError("When uploading part for key 'x': AWS Error NETWORK_CONNECTION")
+
+    if step == "pull":
+        monkeypatch.setattr(Location, "read_bytes", down)
+        with pytest.raises(RemoteOutError) as caught:
+            PublishedOut.open(remote.url, state_file=STATE_FILE, local=tmp_path / "copy")
+    else:
+        published = PublishedOut.open(remote.url, state_file=STATE_FILE, local=tmp_path / "copy")
+        (published.local / STATE_FILE).write_text("{}")
+        monkeypatch.setattr(Location, "write", down)
+        with pytest.raises(RemoteOutError) as caught:
+            published.push()
+    message = str(caught.value)
+    assert "\n" not in message and remote.url in message and "NETWORK_CONNECTION" in message, message
+    assert "Re-run the same pipeline" in message
