@@ -63,6 +63,12 @@ def analyze(config_file: Path | None, **flags: Any) -> None:
     Console(width=None if sys.stdout.isatty() else 240).print(summary_table(run.saved.doc))
     if alignment_line(run.saved.doc):
         click.echo(alignment_line(run.saved.doc))
+    metrics, rows = run.saved.doc["metrics"], list(run.saved.doc["matched_hidden_states"])
+    for name, label, states in (("knn", "k-NN overlap", (metrics.get("knn") or {}).get("hidden_states")),
+                                ("probe", "probes", [int(k) for k in metrics.get("probe") or {}] or None)):
+        if states is not None and list(states) != rows:  # the table above has no column for them
+            click.echo(f"{label} at hidden states {list(states)}: not in the table above (its rows are the matched "
+                       f"hidden states); see results.json (metrics.{name}) and the figures")
     click.echo(f"wrote {run.saved.json_path}" + "".join(f", {p.name}" for p in run.figures)
                + (f"; store: {run.saved.store_path}" if run.saved.store_path else ""))
 

@@ -512,7 +512,8 @@ def read_results(path: Path | str) -> tuple[Path, dict[str, Any]]:
     got = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
     if got != SCHEMA:
         raise ResultsFileError(f"Expected a results.json of schema {SCHEMA} at {file}. Got {got!r} instead. "
-                               "Pass the results.json that `hrsa analyze` writes.")
+                               "Pass the results.json that `hrsa analyze` writes"
+                               + (" (a dynamics file goes to --dynamics)." if got == "hrsa.dynamics/1" else "."))
     missing = [k for k in ("a", "b", "metrics", "matched_hidden_states") if k not in doc]
     if missing:
         raise ResultsFileError(f"Expected keys a, b, metrics and matched_hidden_states in {file}. Got no {', '.join(missing)} instead.")

@@ -128,7 +128,10 @@ def _check_outputs_outlive_the_job(config: Any) -> None:
                 f"Expected {key} of a submitted pipeline on storage that outlives the job: a URL (s3://BUCKET/...) or "
                 f"an absolute path on the cluster. Got {value} instead, which on the cluster is a folder inside Ray's "
                 "copy of the working directory (named by its content, deleted once unused): a re-submission would "
-                "start over. Pass --out s3://BUCKET/hrsa/out (training runs follow it), or give absolute paths."
+                "start over. "
+                + ("Set store: in the pipeline file to s3://BUCKET/hrsa/store or an absolute path (--out does not move "
+                   "the store)." if key == "store" else
+                   "Pass --out s3://BUCKET/hrsa/out (training runs follow it), or give absolute paths.")
             )
 
 

@@ -111,7 +111,7 @@ def _render(record: Mapping[str, Any], spec: CorpusSpec, tokenizer: PreTrainedTo
     if spec.template is None:
         field = spec.text or "text"
         if field not in record:
-            raise CorpusError(f"Expected a field {field!r} in every record. Got fields {sorted(record)} instead. Pick one with --text.")
+            raise CorpusError(f"Expected a field {field!r} in every record. Got fields {_fields(record)} instead. Pick one with --text.")
         text = str(_present(record, field))
         return _Rendered(text, [Segment(field, 0, len(text), 0)], {field: text}, {}, {})
     pieces: list[str] = []
@@ -135,7 +135,7 @@ def _render(record: Mapping[str, Any], spec: CorpusSpec, tokenizer: PreTrainedTo
             if _root(name) not in record:
                 missing = [f for _, f, fs, _ in string.Formatter().parse(spec.template)
                            if f and not (f == "chat" and fs) and _root(f) not in record]
-                raise CorpusError(f"Expected fields {missing} used by the template in every record. Got fields {sorted(record)}.")
+                raise CorpusError(f"Expected fields {missing} used by the template in every record. Got fields {_fields(record)}.")
             _present(record, _root(name))
             field = "{" + name + (f"!{conversion}" if conversion else "") + (f":{format_spec}" if format_spec else "") + "}"
             try:
@@ -178,7 +178,7 @@ def _chat(record: Mapping[str, Any], field: str,
     if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
         raise CorpusError(f"Expected a tokenizer with a chat template for {{chat:{field}}}. Got none. Use a plain template.")
     if field not in record:
-        raise CorpusError(f"Expected fields {[f'chat:{field}']} used by the template in every record. Got fields {sorted(record)}.")
+        raise CorpusError(f"Expected fields {[f'chat:{field}']} used by the template in every record. Got fields {_fields(record)}.")
     messages = list(record[field])
 
     def render(these: list[Any]) -> str:
@@ -465,3 +465,8 @@ def _trimmed(text: str, a: int, b: int) -> tuple[int, int]:
     while b > a and text[b - 1].isspace():
         b -= 1
     return a, b
+
+
+def _fields(record: dict[str, Any]) -> list[str]:
+    """The record's own fields, for a message: not the ``_id`` that reading adds."""
+    return sorted(k for k in record if k != "_id")

@@ -184,7 +184,7 @@ def get(url: str, model: str, layer: int, docs: str | None, token_range: str | N
               "Refused (exit 2) for a model an extraction or a deletion holds: that model is left as it was, and the "
               "models reset before it are listed.")
 def verify(url: str, models: tuple[str, ...], reset: bool) -> None:
-    """Check that every work unit is done and every stored byte matches its crc32c checksum.
+    """Check that every work unit is done and every shard is the one its done record lists (size and xxh3).
 
     Exit code 0 when all is well, 1 when a problem was found (each is listed).
     """
@@ -285,10 +285,11 @@ def _confirm(yes: bool, what: str, url: str) -> None:
 @store_group.command("upgrade")
 @click.argument("url")
 def upgrade(url: str) -> None:
-    """Bring the store at URL to this version's format (from format 1: a done record for each done unit).
+    """Bring the store at URL (format 1, 2 or 3) to this version's format in place; nothing is re-extracted.
 
-    Each done unit's shards are read back (checksums checked) and recorded; a damaged unit gets no record, and
-    re-running its extraction rewrites it. Nothing is re-extracted; a killed upgrade is finished by running it again.
+    From format 1, each done unit's shards are read back (checksums checked) and recorded; a damaged unit gets no
+    record, and re-running its extraction rewrites it. From formats 2 and 3 only the version is raised. A killed
+    upgrade is finished by running it again.
     """
     from hrsa.store.format import FORMAT_VERSION
     from hrsa.store.upgrade import upgrade_store

@@ -82,9 +82,12 @@ def _open_root(url: str, mode: str, storage_options: Mapping[str, Any] | None, u
             _create_root(url, options)
         root = _open_existing(url, mode, options)  # also what another process created meanwhile
         if root is None and _exists_nonempty(url, options):
+            inner = f"{url.rstrip('/')}/store"  # a pipeline's or the demo's out holds its store there
+            hint = (f" ({inner} is one: the store of a pipeline or demo out)"
+                    if not _is_url(url) and (Path(inner).expanduser() / "zarr.json").is_file() else "")
             raise StoreFormatError(
                 f"Expected {'an hrsa store' if mode in ('r', 'r+') else 'an empty location or an hrsa store'} "
-                f"at {url}. Got other files there instead. Point at an hrsa store, or choose a new path."
+                f"at {url}. Got other files there instead. Point at an hrsa store{hint}, or choose a new path."
             )
         if root is None:
             raise StoreNotFoundError(

@@ -59,7 +59,9 @@ def _files(source: str) -> list[Path]:
         if path.suffix not in RECORD_SUFFIXES:
             raise CorpusError(f"Expected a {', '.join(RECORD_SUFFIXES)} file. Got {path.name} instead.")
         return [path]
-    raise CorpusError(f"Expected a corpus file or folder at {source}. Got nothing there instead. Check the path.")
+    hint = (" (or, for a corpus already in the store, one of the ids `hrsa store ls` lists)"
+            if str(source).startswith("corpus-") else "")
+    raise CorpusError(f"Expected a corpus file or folder at {source}. Got nothing there instead. Check the path{hint}.")
 
 
 def _read_file(path: Path) -> Iterator[dict[str, Any]]:

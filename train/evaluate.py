@@ -218,9 +218,13 @@ def _targets(model: str, steps: tuple[int, ...] | None) -> tuple[list[EvalTarget
                             f"{'; '.join(_incomplete(Path(t.model)) for t in skipped)}. Wait for the copy to finish, or "
                             "train again into the run to write them anew.")
         if not found and not any(folder.glob("*.gguf")):  # a folder of GGUF files gets the model loader's hint
+            recipes = sorted(p.name for p in folder.glob("recipe-*") if p.is_dir())  # a pipeline's training run
+            hint = ("Check --model" if not recipes else f"It holds a pipeline's training run: pass --model "
+                    f"{folder / recipes[0]}" if len(recipes) == 1 else f"It holds a pipeline's training runs, one a "
+                    f"recipe ({', '.join(recipes)}): pass one of them as --model")
             raise EvalError(f"Expected a model folder holding config.json, or a training run holding step_XXXXXX "
                             f"checkpoint folders (directly or under checkpoints/). Got {folder} with neither instead. "
-                            "Check --model.")
+                            f"{hint}.")
     if not found:
         if steps is not None:
             raise EvalError(f"Expected --steps only with a training run (a folder of step_XXXXXX checkpoints). Got "

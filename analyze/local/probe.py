@@ -174,9 +174,12 @@ def _read_labels(
                         f"Name a labels file with {names('labels')}.") from error
     labels = np.array([None if _missing(v := by_id.get(rid)) else v for rid in wanted], dtype=object)
     if all(v is None for v in labels):
-        theirs = [r["_id"] for r, _ in zip(read_records(source, id_field=ids_from), range(2))]
+        first = [r for r, _ in zip(read_records(source, id_field=ids_from), range(2))]
+        theirs = [r["_id"] for r in first]
+        fields = sorted({k for r in first for k in r if k != "_id"})
         raise UserError(f"Expected a label field {label_field!r} in the records of {source} matching "
                         f"corpus {cid}'s ids (such as {wanted[:2]}). Got none (the file's ids are such as {theirs}). "
+                        f"Its records hold the fields {fields}. "
                         f"Check {names('label_field')}, {names('labels')} and {names('id_field')}.")
     read = str(Path(source).expanduser().resolve()) if digest is not None else source  # where it was, not relative
     return labels, read, digest

@@ -192,7 +192,8 @@ def load_dynamics(path: Path | str, *, exclude_embedding: bool = True) -> Dynami
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
         got = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
         raise DynamicsError(f"Expected a dynamics file of schema {SCHEMA} at {path}. Got {got!r} instead. "
-                            "Write it with hrsa.analyze.report.dynamics.write_dynamics.")
+                            "Pass a pipeline's <out>/dynamics/<series>/dynamics.json (a results.json goes among "
+                            "RESULTS), or write one with hrsa.analyze.report.dynamics.write_dynamics.")
     runs, entries = _parse_dynamics(doc, path)
     loaded = [read_results(p) for _, p in entries]
     docs = [d for _, d in loaded]
