@@ -99,6 +99,7 @@ def _read_corpus(config: ExtractConfig, store: Any, spec: Any) -> _Corpus:
     tokenizer, limits = load_tokenizer(spec)
     info = {"name": spec.name, "fingerprint": tokenizer_fingerprint(tokenizer)}
     if store is not None and config.corpus in store.corpora():
+        _refuse_corpus_options(config)
         return _join_stored(store, config.corpus, spec, tokenizer, limits, info)
     corpus_spec = _corpus_spec(config)
     table = tokenize_corpus(list(load_records(corpus_spec)), corpus_spec, tokenizer, context_length=limits.context)
@@ -119,6 +120,25 @@ def stored_differences(config: ExtractConfig, store: Any) -> list[str]:
     spec = config.model_spec()
     corpus = _read_corpus(config, store, spec)
     return stored_mismatch(store, config, corpus_hash=corpus.digest, table=corpus.table)
+
+
+#: How a corpus file is read into documents: a stored corpus's documents are what they were stored as.
+_CORPUS_OPTIONS = ("text", "template", "id_field", "max_docs", "max_tokens")
+
+
+def _refuse_corpus_options(config: ExtractConfig) -> None:
+    """Refuse corpus options with a stored corpus's id: they were ignored, every stored document extracted whole,
+    while the model recorded the ``--max-tokens`` and ``--max-docs`` given as the cut it had made."""
+    from hrsa.runtime.settings import flag_name
+    from hrsa.store.records import CorpusError
+
+    given = [f"{flag_name(name)} {getattr(config, name)}" for name in _CORPUS_OPTIONS if getattr(config, name) is not None]
+    if given:
+        raise CorpusError(
+            f"Expected no corpus options with a stored corpus (--corpus {config.corpus}): its documents are used as they "
+            f"were stored. Got {', '.join(given)} instead. Drop them, or give the corpus file with them (that stores a "
+            "corpus of its own)."
+        )
 
 
 def _join_stored(store: Any, cid: str, spec: Any, tokenizer: Any, limits: Any, info: dict[str, str]) -> _Corpus:

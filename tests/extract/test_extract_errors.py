@@ -513,3 +513,14 @@ def test_a_failed_extraction_still_prints_the_warnings_gathered_before_it(tmp_pa
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("hrsa: warning: 1 of 1 chat messages of field 'm'"), lines
     assert "99" in lines[1] and not (tmp_path / "store").exists(), lines
+
+
+@pytest.mark.parametrize("option", [["--max-tokens", "2"], ["--max-docs", "1"], ["--text", "body"]])
+def test_corpus_options_with_a_stored_corpus_id_are_refused_not_ignored(
+        stored_copy: Path, finished_store: tuple[Path, str], tiny_models: Any, option: list[str]) -> None:
+    """They were ignored (every stored document extracted whole) while the model recorded --max-tokens 2 as its cut."""
+    before = store_digest(stored_copy)
+    result = run_cli("--store", str(stored_copy), "--model", str(tiny_models.dir("llama")), "--corpus", finished_store[1],
+                     "--name", "cut", *option)
+    assert_one_line_error(result, "Expected no corpus options with a stored corpus", f"{option[0]} {option[1]}")
+    assert store_digest(stored_copy) == before
