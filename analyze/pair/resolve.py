@@ -7,6 +7,7 @@ need, decided once before the first read of a hidden state.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -29,7 +30,12 @@ if TYPE_CHECKING:
     from hrsa.store.alignment import TokenPairs
     from hrsa.store.selection import TokenSelection
 
-__all__ = ["ResolvedPair", "resolve_pair"]
+__all__ = ["DepthWarning", "ResolvedPair", "resolve_pair"]
+
+
+class DepthWarning(UserWarning):
+    """Two models of different depths: their per-layer scores pair hidden states by index, leaving the deeper one's
+    last states out."""
 
 _BLOCK_BYTES = 32 << 20  # float64 bytes of one state's block: big enough for fast GEMMs, small next to D^2
 
@@ -63,6 +69,22 @@ class ResolvedPair:
     plan: AnalysisPlan
     pairs: TokenPairs
     n_groups: int = 0
+
+
+def _warn_of_other_depths(info_a: ModelInfo, info_b: ModelInfo, matched: tuple[int, ...]) -> None:
+    """Say that models of different depths are compared index by index (hidden state k of A with k of B), and which
+    states of the deeper one no per-layer score covers: left unsaid, a 3-state model against a 7-state one read as a
+    whole comparison."""
+    if info_a.n_hidden_states == info_b.n_hidden_states:
+        return
+    deeper = max(info_a, info_b, key=lambda info: info.n_hidden_states)
+    left = sorted(set(deeper.hidden_states) - set(matched))
+    span = (f"{left[0]}-{left[-1]}" if left and left == list(range(left[0], left[-1] + 1))
+            else ", ".join(map(str, left)) or "none")
+    warnings.warn(f"{info_a.id} ({info_a.n_hidden_states} hidden states) and {info_b.id} ({info_b.n_hidden_states}) "
+                  f"are of different depths: per-layer scores pair hidden state k of one with k of the other, and "
+                  f"hidden states {span} of {deeper.id} are in none; --cross-layer compares every state of one with "
+                  "every state of the other.", DepthWarning, stacklevel=4)
 
 
 def resolve_pair(
@@ -107,6 +129,8 @@ def resolve_pair(
     matched = tuple(sorted(set(info_a.hidden_states) & set(info_b.hidden_states)))
     needs_matched = streaming and (not cross_layer or bool(set(metrics_t) & set(MOMENT_METRICS) - {"cka", "dimcorr"})
                                    or debiased)
+    if needs_matched:
+        _warn_of_other_depths(info_a, info_b, matched)
     crossed = cross_layer and bool({"cka", "dimcorr"} & set(metrics_t))
     rows, cols = (tuple(info_a.hidden_states), tuple(info_b.hidden_states)) if crossed else ((), ())
     base = PlanInputs(

@@ -107,3 +107,33 @@ def test_fewer_than_4_tokens_are_refused_before_any_pass(make_pair_store, n: int
                      backend="numpy")
     assert analyze_pair(store, "a", "b", metrics=["cka"], selection=TokenSelection(tokens=(5, 9)),
                         backend="numpy").n_tokens == 4
+
+
+def _write_states(store: ActivationStore, mid: str, cid: str, states: dict[int, np.ndarray]) -> None:
+    store.create_model(mid, corpus=cid, n_hidden_states=len(states), hidden_size=states[0].shape[1], dtype="float32",
+                       hidden_states=sorted(states), chunk_tokens=64, shard_tokens=128)
+    writer = store.writer(mid)
+    for unit in writer.units():
+        writer.write_unit(unit, {k: v[unit.start : unit.stop].astype(np.float32) for k, v in states.items()})
+
+
+def test_models_of_different_depths_are_matched_by_index_with_a_warning(tmp_path) -> None:
+    """A 3-state model against a 7-state one compared states 0-2 and left out 3-6 without a word."""
+    import warnings
+
+    from hrsa.analyze.pair.resolve import DepthWarning
+
+    store = ActivationStore.open(str(tmp_path / "s"), mode="a")
+    table = make_table((120, 90))
+    cid = store.write_corpus(table, tokenizer={"name": "t", "fingerprint": "f"}, source="test")
+    rng = np.random.default_rng(0)
+    states = {k: rng.normal(size=(table.n_tokens, 8)) for k in range(7)}
+    _write_states(store, "shallow", cid, {k: states[k] for k in range(3)})
+    _write_states(store, "deep", cid, states)
+    _write_states(store, "shallow2", cid, {k: states[k] + 0.1 for k in range(3)})
+    with pytest.warns(DepthWarning, match=r"shallow \(3 hidden states\) and deep \(7\).*hidden states 3-6 of deep"):
+        res = analyze_pair(store, "shallow", "deep", metrics=("cka",))
+    assert res.matched == (0, 1, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DepthWarning)  # the same depth: nothing said
+        analyze_pair(store, "shallow", "shallow2", metrics=("cka",))
