@@ -178,7 +178,7 @@ def load_dynamics(path: Path | str, *, exclude_embedding: bool = True) -> Dynami
     """Read a dynamics file and every step's results.json into curves.
 
     Args:
-        path: the dynamics file.
+        path: the dynamics file, or the folder holding it as ``dynamics.json``.
         exclude_embedding: leave the embedding output (hidden state 0) out of each step's means where others remain,
             as the verdicts do by default (:meth:`Dynamics.averaged` switches afterwards).
 
@@ -188,6 +188,8 @@ def load_dynamics(path: Path | str, *, exclude_embedding: bool = True) -> Dynami
             results.json missing or invalid, or steps that compared other tokens (:func:`_check_same_tokens`).
     """
     path = Path(path)
+    if path.is_dir():  # a series' folder, as a pair's folder stands for its results.json
+        path = path / "dynamics.json"
     doc = _read_json(path)
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
         got = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__

@@ -201,6 +201,13 @@ def test_hrsa_report_takes_one_dynamics_file_per_series(steps_store, tmp_path: P
     config = tmp_path / "report.yaml"
     config.write_text(f"results: [{results[-1]}]\ndynamics: {paths[0]}\n")  # one file in YAML: a scalar is fine
     assert CliRunner().invoke(hrsa, ["report", "--config", str(config), "--out", str(tmp_path / "y.html")]).exit_code == 0
+    # a series' folder, as RESULTS take a pair's folder (it failed with "Is a directory")
+    folder = tmp_path / "dynamics" / "s3"
+    write_dynamics(folder / "dynamics.json", runs=("a", "b"), steps=STEPS, results=results, name="s3")
+    result = CliRunner().invoke(hrsa, ["report", str(results[-1]), "--out", str(tmp_path / "f.html"), "--dynamics",
+                                       str(folder)])
+    assert result.exit_code == 0, result.output
+    assert "Training dynamics: s3" in (tmp_path / "f.html").read_text()
 
 
 # -- review: contradictory dynamics files ---------------------------------------------------------------------------
