@@ -22,7 +22,7 @@ from hrsa.analyze.pair.uncertainty import layer_intervals, layer_nulls
 from hrsa.analyze.streaming.backends import products_on_gpu
 from hrsa.analyze.streaming.ray_passes import TilePass, run_tiles_on_ray, task_resources
 from hrsa.analyze.streaming.stream import StateReader, TokenBlock, prepare_products, run_tile, split_segments
-from hrsa.runtime.resident import map_large_allocations
+from hrsa.runtime.resident import map_large_allocations, release_freed_heap
 
 if TYPE_CHECKING:
     from hrsa.analyze.accumulators.cross_moments import CoMomentSummary
@@ -147,6 +147,9 @@ def run_passes(
                            host_sums=not pair.plan.sums_on_device(tile))
             m, s = finish(tile, acc)
             del acc  # free the tile's D x D accumulators before the next pass
+            # and give the kernel back what glibc keeps of them: arrays under the mmap threshold (a D <= 362 co-moment
+            # matrix, a group's Moments) stay in the worker threads' heaps, and the next pass's peak would stack on them
+            release_freed_heap()
             matched.update(m)
             summaries.update(s)
     undetermined = sorted(k for k, out in matched.items() if "procrustes" in out and out["procrustes"].underdetermined)

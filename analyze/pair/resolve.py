@@ -154,6 +154,8 @@ def resolve_pair(
     while not options and not block_tokens and size > 64:  # a tiny budget: smaller blocks, the first that fits
         size = max(64, size // 2)
         options = _plans(layout, [size])
+    if not options:  # the smallest block tried last (a hidden size under 64 starts the halvings below 64 tokens)
+        options = _plans(layout, [block_tokens or size])
     if not options:
         layout.plan(block_tokens or size)  # raises the MemoryBudgetError that says what one pair needs
     size, blocks, plan = min(options, key=lambda o: (o[2].inputs.groups < o[2].groups_asked, o[2].passes, -o[0]))

@@ -348,7 +348,7 @@ def _plan(inputs: PlanInputs) -> AnalysisPlan:
             "--backend numpy."
         )
     raise MemoryBudgetError(
-        f"Expected a memory budget of at least {format_bytes(need)} (one pair of hidden states of D={inputs.dx}x{inputs.dy} "
+        f"Expected a memory budget of at least {format_bytes_up(need)} (one pair of hidden states of D={inputs.dx}x{inputs.dy} "
         f"in blocks of {inputs.block_tokens} tokens). Got {format_bytes(inputs.memory_budget)} instead. "
         "Raise --memory-budget, or lower --block-tokens."
     )
@@ -601,6 +601,13 @@ def parse_memory_budget(value: str | int) -> int:
     if not 1 <= size < 2**63:  # 1e400 is inf: no machine's bytes
         raise UserError(f"Expected a memory budget such as 4GB, 512MiB or 2e9. Got {value!r} instead.")
     return int(size)
+
+
+def format_bytes_up(n: int) -> str:
+    """``n`` bytes rounded *up* to the three digits :func:`format_bytes` prints: a budget named this way holds ``n``
+    (541.3 MB reads "542 MB", not "541 MB", which is less)."""
+    step = 10 ** max(0, int(math.log10(max(n, 1))) - 2)
+    return format_bytes(-(-n // step) * step)
 
 
 def format_bytes(n: float) -> str:
