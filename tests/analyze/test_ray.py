@@ -69,11 +69,11 @@ def measure():  # as a GPU node would answer: the least free bytes of its GPUs (
     return len(os.environ["CUDA_VISIBLE_DEVICES"].split(",")) << 30, False, True
 print("found", probe_gpu_workers(measure))
 import hrsa.analyze.streaming.ray_passes as ray_passes
-ray_passes.ALL_GPUS_WAIT_S = 1.0
+ray_passes.ALL_GPUS_WAIT_S = 5.0  # the placing of a cold actor's worker (1 s was too short under a loaded CI)
 def slow():  # measuring takes longer than the wait for the GPUs to be placed: all of them still measured
-    time.sleep(3)
+    time.sleep(7)
     return measure()
-print("found", probe_gpu_workers(slow, timeout_s=8))
+print("found", probe_gpu_workers(slow, timeout_s=20))
 ray_passes.ALL_GPUS_WAIT_S = 60.0
 def broken():  # a GPU torch was not built for: CUDA calls fail inside the task
     raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
