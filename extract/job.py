@@ -28,7 +28,7 @@ from hrsa.extract.config import ExtractConfig, ExtractConfigError, parse_extract
 from hrsa.extract.worker_pool import ExtractionWorkers
 from hrsa.runtime.checkpoint_manifest import refuse_incomplete_checkpoint
 from hrsa.runtime.locations import is_url
-from hrsa.runtime.placement import ROOM_TIMEOUT_S, cpus_per_worker
+from hrsa.runtime.placement import ROOM_TIMEOUT_S, check_every_node_sees, cpus_per_worker
 from hrsa.runtime.task_errors import one_line, root_cause
 from hrsa.store.errors import CorpusMismatchError, CorruptDataError, HalfCreatedModelError, HrsaError, ModelNotFoundError, UserError
 
@@ -71,6 +71,7 @@ class WorkerPlacementError(UserError, RuntimeError):
 
 
 PLACEMENT_TIMEOUT_S = ROOM_TIMEOUT_S  # how long the workers may wait for resources other jobs hold
+_SHARED_STORE = "Use a URL such as s3://BUCKET/store, or a path on a filesystem mounted on every node (NFS, EFS)."
 GPU_WORKER_CPUS = 8  # the most CPUs a GPU worker asks for to write with (each thread holds a shard or two at once)
 
 
@@ -252,22 +253,6 @@ def _check_placement(conn: Any, n: int, gpus: float, cpus: float) -> None:
         )
 
 
-def _check_store_reached(conn: Any, store: str) -> None:
-    """Refuse a local store that some node of a multi-node cluster does not see (a node-local disk): the workers there
-    would open a store other than this process's (none, or another one at the same path)."""
-    from hrsa.runtime.placement import nodes_not_seeing
-
-    if is_url(store):
-        return
-    blind = nodes_not_seeing(Path(store), conn.nodes, flag="--store")
-    if blind:
-        raise WorkerPlacementError(
-            f"Expected --store on storage every node of the Ray cluster reaches. Got {store}, a path that node(s) "
-            f"{', '.join(blind)} do not see (or did not answer), instead. Use a URL such as s3://BUCKET/store, or a path "
-            "on a filesystem mounted on every node (NFS, EFS)."
-        )
-
-
 def _write_threads(gpus: float, cpus: float) -> int:
     """Threads writing a unit's states at once: a GPU worker's CPUs, which its forward passes leave free; 1 on a CPU
     worker, whose forward passes keep its cores busy (more threads there were not measured to help end to end)."""
@@ -390,7 +375,7 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
     conn = connect(config.address)
     n, gpus, cpus, threads = _placement(conn, config.workers)
     _check_placement(conn, n, gpus, cpus)
-    _check_store_reached(conn, config.store)  # a node-local store: workers elsewhere would find none (nothing created yet)
+    check_every_node_sees(config.store, conn.nodes, flag="--store", use_instead=_SHARED_STORE)  # nothing created yet
     # Step 3: the workers in reserved resources (a pipeline's, kept from its last extraction), each loading the model.
     if workers is not None and config.trust_remote_code:
         workers.close()  # the model's own code runs in the worker: fresh processes, ended after, whatever came before

@@ -12,7 +12,8 @@ from typing import Any
 
 from hrsa.store.errors import UserError
 
-__all__ = ["ROOM_TIMEOUT_S", "PlacementError", "cpus_per_worker", "describe_nodes", "nodes_not_seeing", "reserve_room"]
+__all__ = ["ROOM_TIMEOUT_S", "FolderNotWritableError", "PlacementError", "check_every_node_sees", "cpus_per_worker",
+           "describe_nodes", "nodes_not_seeing", "reserve_room"]
 
 # How long workers may wait for CPUs/GPUs that the cluster has but other jobs hold, before the run gives up instead
 # of hanging (loading a model is not counted: the resources are reserved first).
@@ -50,13 +51,35 @@ def describe_nodes(amounts: Sequence[float], what: str) -> str:
     return f"{len(amounts)} node(s) with {', '.join(f'{a:g}' for a in amounts) or 'no'} {what}"
 
 
+class FolderNotWritableError(PlacementError):
+    """A folder whose reach cannot be asked: this process cannot write a file there."""
+
+
+def check_every_node_sees(folder: str, nodes: Sequence[Any], *, flag: str, use_instead: str) -> None:
+    """Refuse a local ``folder`` (a URL passes) that some node of a multi-node cluster does not see (a node-local
+    disk): work there would find nothing, or another folder at that path.
+
+    Raises:
+        PlacementError: naming the nodes, ``flag`` and ``use_instead`` (what to pass instead).
+        FolderNotWritableError: the folder cannot be written, so its reach cannot be asked.
+    """
+    from hrsa.runtime.locations import is_url
+
+    if is_url(folder):
+        return
+    blind = nodes_not_seeing(Path(folder), nodes, flag=flag)
+    if blind:
+        raise PlacementError(f"Expected {flag} on storage every node of the Ray cluster reaches. Got {folder}, a path "
+                             f"that node(s) {', '.join(blind)} do not see (or did not answer), instead. {use_instead}")
+
+
 def nodes_not_seeing(folder: Path, nodes: Sequence[Any], *, flag: str) -> list[str]:
     """The nodes (``address (id)``) of a multi-node cluster that do not see the local ``folder`` (a node-local disk):
     a file is written in it (or its nearest existing parent, so nothing new stays), each node is asked whether it sees
     it, and the file is removed. Empty for a one-node cluster.
 
     Raises:
-        PlacementError: the folder cannot be written (named as ``flag``).
+        FolderNotWritableError: the folder cannot be written (named as ``flag``).
     """
     if len(nodes) < 2:
         return []
@@ -66,7 +89,7 @@ def nodes_not_seeing(folder: Path, nodes: Sequence[Any], *, flag: str) -> list[s
     try:
         marker.write_text(token)
     except OSError as error:
-        raise PlacementError(f"Expected a writable {flag}. Got {folder}, where {anchor} refuses a file ({error}) "
+        raise FolderNotWritableError(f"Expected a writable {flag}. Got {folder}, where {anchor} refuses a file ({error}) "
                              "instead. Pick a folder you can write.") from None
     try:
         return _asked(marker, token, nodes)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from hrsa.runtime.connection import NodeResources
 from hrsa.runtime.locations import Location
-from hrsa.runtime.placement import PlacementError, cpus_per_worker, describe_nodes, nodes_not_seeing
+from hrsa.runtime.placement import PlacementError, check_every_node_sees, cpus_per_worker, describe_nodes
 
 __all__ = ["PlacementError", "WorkerPlacement", "check_every_node_reaches", "cpus_per_worker", "plan_workers"]
 
@@ -73,11 +73,6 @@ def check_every_node_reaches(run: Location, nodes: Sequence[NodeResources]) -> N
     Raises:
         PlacementError: a node does not see the folder, or it cannot be written.
     """
-    if not run.is_local:
-        return
-    blind = nodes_not_seeing(run.local_path(), nodes, flag="--output")
-    if blind:
-        raise PlacementError(f"Expected --output on storage every node of the Ray cluster reaches. Got {run.url}, "
-                             f"a path that node(s) {', '.join(blind)} do not see (or did not answer), instead. Train "
-                             "into a URL such as s3://BUCKET/runs/NAME, or a path on a filesystem mounted on every "
-                             "node (NFS, EFS).")
+    if run.is_local:
+        check_every_node_sees(run.url, nodes, flag="--output", use_instead=(
+            "Train into a URL such as s3://BUCKET/runs/NAME, or a path on a filesystem mounted on every node (NFS, EFS)."))

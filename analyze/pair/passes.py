@@ -60,24 +60,15 @@ class PassOutputs:
 def _check_store_reached(store: ActivationStore) -> None:
     """Refuse a local store that some node of the cluster does not see (a node-local disk): a task there would read
     another store at that path, or none, and fail naming a damage this store does not have."""
-    from pathlib import Path
-
     from hrsa.runtime.connection import connect
-    from hrsa.runtime.locations import is_url
-    from hrsa.runtime.placement import PlacementError, nodes_not_seeing
+    from hrsa.runtime.placement import FolderNotWritableError, check_every_node_sees
 
-    if is_url(str(store.url)):
-        return
     try:
-        blind = nodes_not_seeing(Path(store.url), connect().nodes, flag="--store")
-    except PlacementError:  # a store this process may only read: nothing to ask the nodes with, as before
-        return
-    if blind:
-        raise PlacementError(
-            f"Expected --store on storage every node of the Ray cluster reaches. Got {store.url}, a path that node(s) "
-            f"{', '.join(blind)} do not see (or did not answer), instead. Use a URL such as s3://BUCKET/store, a path on "
-            "a filesystem mounted on every node (NFS, EFS), or --scheduler threads to read it in this process."
-        )
+        check_every_node_sees(str(store.url), connect().nodes, flag="--store", use_instead=(
+            "Use a URL such as s3://BUCKET/store, a path on a filesystem mounted on every node (NFS, EFS), or "
+            "--scheduler threads to read it in this process."))
+    except FolderNotWritableError:  # a store this process may only read: nothing to ask the nodes with, as before
+        pass
 
 
 def run_passes(
