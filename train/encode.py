@@ -71,7 +71,10 @@ class TextEncoder:
         self.tokenizer.padding_side = "right"
         self.max_length = max_length
         self.batch_size = batch_size
-        self._vocabulary = loaded.model.get_input_embeddings().num_embeddings
+        # The vocabulary check's limit, read once (``encode`` runs per batch): None where every id the tokenizer gives
+        # has an embedding (most tokenizers), so the check costs nothing there.
+        embeddings = loaded.model.get_input_embeddings().num_embeddings
+        self._vocabulary = embeddings if max(self.tokenizer.get_vocab().values(), default=-1) >= embeddings else None
         params = inspect.signature(loaded.model.forward).parameters
         self._takes_token_types = "token_type_ids" in params
 
