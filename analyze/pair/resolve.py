@@ -149,15 +149,9 @@ def resolve_pair(
                         f"over more tokens loses precision). Got {block_tokens} instead. Pass a smaller block, or "
                         "--compute-dtype float64.")
     candidates = [block_tokens] if block_tokens else _candidate_block_tokens(info_a, info_b, compute_bytes)
-    options = _plans(layout, candidates)
-    size = min(block_tokens or candidates[0], max(info_a.hidden_size, info_b.hidden_size))
-    while not options and not block_tokens and size > 64:  # a tiny budget: smaller blocks, the first that fits
-        size = max(64, size // 2)
-        options = _plans(layout, [size])
-    if not options:  # the smallest block tried last (a hidden size under 64 starts the halvings below 64 tokens)
-        options = _plans(layout, [block_tokens or size])
-    if not options:
-        layout.plan(block_tokens or size)  # raises the MemoryBudgetError that says what one pair needs
+    options, refusals = _plans(layout, candidates, least_passes=int(bool(base.matched)) + int(bool(rows)))
+    if not options:  # the least budget of the sizes tried: the one a user can pass
+        raise min(refusals, key=lambda refusal: (refusal.need == 0, refusal.need))
     size, blocks, plan = min(options, key=lambda o: (o[2].inputs.groups < o[2].groups_asked, o[2].passes, -o[0]))
     n_groups = plan.inputs.groups
     return ResolvedPair(info_a, info_b, metrics_t, debiased, save_rotation, matched, rows, cols, n_tokens, size, blocks,
@@ -184,12 +178,14 @@ class _Layout:
         pairs = self.pairs
         raw = tuple(token_blocks(pairs.rows_a, size) if pairs.identical else paired_blocks(pairs.rows_a, pairs.rows_b, size))
         held = max(block.n_rows for block in raw)  # what a block holds: less than the grid's size for few tokens
+        decoded = _decoded_rows(raw, size, self.info_a.n_tokens)
         w = 1 if self.base.per_worker else self.base.workers  # readers that share one budget
         if pairs.identical and isinstance(pairs.rows_a, slice):  # runs of rows: read forward, a block's bytes at a time
-            base = replace(self.base, cache_bytes_a=_streamed_bytes(self.info_a, w), cache_bytes_b=_streamed_bytes(self.info_b, w))
+            base = replace(self.base, decoded_tokens_a=decoded[0], decoded_tokens_b=decoded[1], cache_bytes_a=_streamed_bytes(self.info_a, w), cache_bytes_b=_streamed_bytes(self.info_b, w))
             return self._grouped(size, raw, held, base)
         cache_b = _cache_bytes(self.info_b, w, size if pairs.identical else 0)  # aligned rows of B come in any range
-        base = replace(self.base, cache_bytes_a=_cache_bytes(self.info_a, w, size), cache_bytes_b=cache_b)
+        base = replace(self.base, decoded_tokens_a=decoded[0], decoded_tokens_b=decoded[1],
+                       cache_bytes_a=_cache_bytes(self.info_a, w, size), cache_bytes_b=cache_b)
         if not self.base.per_worker and len(raw) == -(-self.info_a.n_tokens // size) and pairs.identical:
             # one worker reading every block of the grid in order reads each shard whole: it holds fewer
             lone = (_cache_bytes(self.info_a, 1, size, True), _cache_bytes(self.info_b, 1, size, True))
@@ -211,23 +207,42 @@ class _Layout:
             wanted = plan.inputs.groups  # the budget holds fewer groups: cut the documents again
 
 
-def _plans(layout: _Layout, sizes: list[int]) -> list[tuple[int, tuple[TokenBlock, ...], AnalysisPlan]]:
-    """The plans of the block sizes whose one pair fits the budget."""
-    options = []
+def _decoded_rows(blocks: Sequence[TokenBlock], size: int, n_tokens: int) -> tuple[int, int]:
+    """The most rows one read of a block decodes for A and for B (StateReader.read): a run of rows reads just those
+    rows, other rows are picked out of the whole grid block (of A's ``n_tokens``), and B's rows aligned by content
+    span out of the range they cover."""
+    a = max(block.n_rows if isinstance(block.rows, slice) else min(size, n_tokens - block.index * size)
+            for block in blocks)
+    b = max(block.rows_b[1] - block.rows_b[0] if block.rows_b is not None else 0 for block in blocks)
+    return a, b or a
+
+
+def _plans(layout: _Layout, sizes: list[int], least_passes: int = 0) -> tuple[
+        list[tuple[int, tuple[TokenBlock, ...], AnalysisPlan]], list[MemoryBudgetError]]:
+    """The plans of the block sizes (largest first) whose one pair fits the budget, and the refusals of the others;
+    none smaller once one keeps every group in ``least_passes`` passes (a smaller block can only tie it, and cutting
+    ten million tokens into blocks of 64 takes seconds)."""
+    options, refusals = [], []
     for size in sizes:
         try:
             options.append(layout.plan(size))
-        except MemoryBudgetError:
+        except MemoryBudgetError as refusal:
+            refusals.append(refusal)
             continue
-    return options
+        plan = options[-1][2]
+        if plan.passes <= least_passes and plan.inputs.groups >= plan.groups_asked:
+            break
+    return options, refusals
 
 
 def _candidate_block_tokens(info_a: ModelInfo, info_b: ModelInfo, compute_bytes: int = 8) -> list[int]:
-    """One shard (each shard read once and dropped: the reader holds no cache), the default block size, then the
-    halvings of the shard shared by both stores down to D tokens: below that a block's Chan merges (O(D^2) per pair,
-    memory-bound) cost more than its products (O(n D^2)); smaller blocks only when none of these fits
-    (``resolve_pair``). Blocks that divide the shard never straddle two shards, so a reader going through every block
-    holds one shard per state, not two (:func:`cache_bound`): at tight budgets that is room for larger tiles."""
+    """One shard (each shard read once and dropped: the reader holds no cache), the default block size, the halvings
+    of the shard shared by both stores down to D tokens, then blocks of D tokens (or the shard, if less) and their
+    halvings down to 64 (a hidden size under 64: D tokens). Blocks that divide the shard never straddle two shards,
+    so a reader going through every block holds one shard per state, not two (:func:`cache_bound`): at tight
+    budgets that is room for larger tiles. Blocks under D tokens cost more in Chan merges (O(D^2) per pair and block,
+    memory-bound) than their products (O(n D^2)), but each pass they save reads the selection again: the planner
+    takes the fewest passes, then the largest blocks, over all sizes, so a larger budget never plans more passes."""
     floor = max(64, info_a.hidden_size, info_b.hidden_size)
     chunk = max(info_a.layout.chunk_tokens, info_b.layout.chunk_tokens)
     shard = math.gcd(info_a.layout.shard_tokens, info_b.layout.shard_tokens)
@@ -238,6 +253,11 @@ def _candidate_block_tokens(info_a: ModelInfo, info_b: ModelInfo, compute_bytes:
         size //= 2
     if compute_bytes < 8:  # a block is one GEMM: its float32 sum must cover no more than FLOAT32_SUM_TOKENS tokens
         sizes = {s for s in sizes if s <= FLOAT32_SUM_TOKENS} or {FLOAT32_SUM_TOKENS}  # chunks may be larger
+    small = min(min(sizes), max(info_a.hidden_size, info_b.hidden_size))
+    sizes.add(small)
+    while small > 64:  # a tight budget: blocks under D tokens may hold more pairs a pass
+        small = max(64, small // 2)
+        sizes.add(small)
     return sorted(sizes, reverse=True)
 
 

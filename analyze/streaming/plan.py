@@ -18,10 +18,12 @@ products, 0 for float64: no cast copy), ``I`` the largest accumulator of the til
 
     A = sum of item(pair) over the tile      its accumulators (:meth:`_MemoryModel.item`: one pair's), one copy
                                              per worker while streaming, one after the merge
-    B = 2 sum_s n D_s r_s + 3 sum_{T largest s} n D_s r_s
+    B = 2 sum_s n D_s r_s + 3 sum_{T largest s} n'_s D_s r_s
                                              each state's block in use and the next one read ahead; the reads'
                                              own buffers, T states at a time (``read_threads``; Zarr's output and
-                                             the shard's decoded part, Dask's copy: measured 3.1 blocks a read)
+                                             the shard's decoded part, Dask's copy: measured 3.1 blocks a read),
+                                             of the n'_s >= n rows a read decodes (``decoded_tokens_a/b``: the
+                                             whole grid block a selection of rows is picked from)
     S = the block statistics, the largest of their steps:
         matched:      n (max(8 (Dx + Dy) + 8 M, (8 + c') (Dx + Dy)) + 16) + 2 I + c' M^2
                       (a state's float64 and centred copies beside the other's centred one; or both centred and
@@ -53,9 +55,7 @@ set of a subprocess), a tile's peak is 0.55-0.85 of its estimate with one worker
 workers rarely peak at once) at D = 96 and blocks of 512 tokens; up to 0.99 at D = 48 and blocks of 1024. Outside
 the budget, as the interpreter and its libraries are: the Python objects each worker has in flight (a block
 read's Dask graph, Zarr's requests: about 0.1 MB + 12 kB per stored chunk of a block, whatever D). Not counted
-yet: Procrustes rotations kept with ``save_rotation`` (D^2 per matched layer,
-for the run), B's extra rows when two corpora are aligned by content span, and the rows of a grid block beyond the
-selected ones that a slice of it keeps alive (``n`` is the rows of a block as read).
+yet: Procrustes rotations kept with ``save_rotation`` (D^2 per matched layer, for the run).
 
 Per-worker budgets (``per_worker``, Ray tasks: each segment, merge and finish runs in its own worker process): W = 1
 in the streaming term, whatever the workers, and h = G. A merge task holds the merged output beside its inputs,
@@ -120,6 +120,10 @@ _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "
 class MemoryBudgetError(UserError, ValueError):
     """The memory budget cannot hold even one pair's accumulators."""
 
+    def __init__(self, message: str, need: int = 0) -> None:
+        super().__init__(message)
+        self.need = need  # the least budget, in bytes, this refusal asked for (0: not one of the host's)
+
 
 @dataclass(frozen=True)
 class Tile:
@@ -175,6 +179,9 @@ class PlanInputs:
         device_budget: bytes the GPU the products run on has free for them (None: products on the CPU, or on
             workers whose GPUs this process does not see): a cross-layer tile's stacked blocks, product sum and
             float64 device sum must fit there too (see :meth:`_MemoryModel.device_peak`).
+        decoded_tokens_a, decoded_tokens_b: the most rows one read of a block decodes for a state of A, of B, when
+            more than the block keeps (0: ``block_tokens``): a selection that is not a run of rows picks its rows out
+            of the whole grid block, and B's rows aligned by content span out of the range they cover.
     """
 
     matched: tuple[int, ...]
@@ -197,6 +204,8 @@ class PlanInputs:
     lone_cache_bytes: tuple[int, int] | None = None  # (A, B) when one worker reads: it may hold fewer shards
     read_threads: int = 1
     device_budget: int | None = None
+    decoded_tokens_a: int = 0
+    decoded_tokens_b: int = 0
 
 
 @dataclass(frozen=True)
@@ -350,8 +359,7 @@ def _plan(inputs: PlanInputs) -> AnalysisPlan:
     raise MemoryBudgetError(
         f"Expected a memory budget of at least {format_bytes_up(need)} (one pair of hidden states of D={inputs.dx}x{inputs.dy} "
         f"in blocks of {inputs.block_tokens} tokens). Got {format_bytes(inputs.memory_budget)} instead. "
-        "Raise --memory-budget, or lower --block-tokens."
-    )
+        "Raise --memory-budget, or lower --block-tokens.", need=need)
 
 
 class _MemoryModel:
@@ -361,6 +369,7 @@ class _MemoryModel:
         self.p, self.workers = p, workers
         self.dim = {"a": p.dx, "b": p.dy}
         self.read = {"a": p.read_bytes_a, "b": p.read_bytes_b}
+        self.decoded = {"a": max(p.block_tokens, p.decoded_tokens_a), "b": max(p.block_tokens, p.decoded_tokens_b)}
         lone = p.lone_cache_bytes if workers == 1 and not p.per_worker else None
         self.cache = {"a": p.cache_bytes_a, "b": p.cache_bytes_b} if lone is None else dict(zip("ab", lone))
 
@@ -423,9 +432,10 @@ class _MemoryModel:
 
     def _blocks(self, tile: Tile) -> int:
         """B: every state's block in use and the next one read ahead, and the own buffers of the reads in flight."""
-        read = [self.p.block_tokens * self.dim[s] * self.read[s] for s, _ in tile.streams]
-        at_once = sorted(read, reverse=True)[: max(1, self.p.read_threads)]  # the reads in flight: the largest
-        return 2 * sum(read) + _READ_COPIES * sum(at_once)
+        held = [self.p.block_tokens * self.dim[s] * self.read[s] for s, _ in tile.streams]
+        decoded = [self.decoded[s] * self.dim[s] * self.read[s] for s, _ in tile.streams]  # rows picked from
+        at_once = sorted(decoded, reverse=True)[: max(1, self.p.read_threads)]  # the reads in flight: the largest
+        return 2 * sum(held) + _READ_COPIES * sum(at_once)
 
     def _statistics(self, tile: Tile) -> int:
         """S: a block's float64, centred and cast copies, and the block statistics being built and merged."""

@@ -4,6 +4,7 @@ beside the plan already holds the libraries the passes and figures import."""
 
 from __future__ import annotations
 
+import itertools
 import re
 import subprocess
 import sys
@@ -89,3 +90,34 @@ def test_the_resident_set_printed_beside_the_plan_holds_the_libraries_the_run_im
     seen = re.search(r"SEEN (.*)", done.stdout)
     assert seen, done.stderr[-2000:]
     assert seen.group(1) == "[['dask', 'matplotlib', 'scipy']]", seen.group(1)
+
+
+def _plan_at(store, budget: int, selection: TokenSelection = TokenSelection()):
+    from hrsa.analyze.pair.resolve import resolve_pair
+
+    return resolve_pair(store, "a", "b", metrics=("cka", "dimcorr"), debiased=False, cross_layer=True,
+                        selection=selection, memory_budget=budget, block_tokens=None, workers=1, save_rotation=False,
+                        compute_bytes=8, groups=0)
+
+
+def test_a_larger_budget_never_plans_more_passes(make_pair_store) -> None:
+    """Blocks below the hidden size were planned only when no larger one fit: 930 kB planned 11 passes in blocks of
+    64 tokens, 1.07 MB 20 passes in blocks of 128 (each pass reads the selection again)."""
+    store = make_pair_store(d=128, dtype="bfloat16", doc_lengths=(700, 900, 1200, 300, 1000)).open()
+    passes = []
+    for budget in (int(6e5 * 1.15**i) for i in range(16)):
+        passes.append((budget, _plan_at(store, budget).plan.passes))
+    assert all(later <= earlier for (_, earlier), (_, later) in itertools.pairwise(passes)), passes
+
+
+def test_the_budget_a_refusal_names_for_a_selection_of_rows_is_the_smallest_that_plans(make_pair_store) -> None:
+    """The refusal named one block size's need, not the least of those tried: with --positions 0:2 it named 2-4x
+    more than planned and ran."""
+    store = make_pair_store(d=256, doc_lengths=(700, 900, 1200, 300, 1000, 800)).open()
+    selection = TokenSelection(positions=(0, 2))
+    with pytest.raises(MemoryBudgetError) as refused:
+        _plan_at(store, 1000, selection)
+    named = _named_budget(refused.value)
+    assert _plan_at(store, named, selection).plan.estimated_peak <= named
+    with pytest.raises(MemoryBudgetError):
+        _plan_at(store, int(named * 0.98), selection)

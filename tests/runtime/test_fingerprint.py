@@ -171,3 +171,22 @@ def test_a_cache_on_a_read_only_filesystem_costs_time_not_the_command(tmp_path: 
     weights = _weights(tmp_path / "model.safetensors", b"\x02")
     _settled(weights)
     assert file_digest(weights) == _expected(weights)
+
+
+@pytest.mark.parametrize("size", [100, fingerprint._BLOCK + 3])
+def test_a_digest_holds_at_most_one_buffer_of_the_file_s_size_or_the_read_size(tmp_path: Path, cache: Path,
+                                                                               size: int) -> None:
+    """``f.read(16 MiB)`` allocates 16 MiB before it reads, whatever the file: every labels file digested by a probe
+    put a 16 MB peak beside the pass its memory budget planned (seen by the probe's measured-peak test)."""
+    import tracemalloc
+
+    path = tmp_path / "labels.jsonl"
+    path.write_bytes(b"x" * size)
+    tracemalloc.start()
+    try:
+        digest = fingerprint._read_digest(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert digest == _expected(path)
+    assert peak <= min(size, fingerprint._BLOCK) + 64 * 1024, peak
