@@ -76,15 +76,19 @@ def load_training_records(path: Path, *, negatives: int, batch_size: int = 1,
         TrainDataError: a missing or empty file, a bad record (naming its line number), or fewer records than
             ``batch_size``.
     """
-    records = []
+    records, short = [], []  # short: (line, negatives) of the records with fewer than asked
     for number, raw in iter_jsonl(path, error=TrainDataError):
         check_pair(raw, path=path, line=number, negs_required=True, error=TrainDataError)
         negs = raw["negs"]
         if len(negs) < negatives:
-            raise TrainDataError(f"Expected at least {negatives} negatives per record ({names('negatives')}). Got "
-                                 f"{len(negs)} on line {number} of {path} instead. Lower {names('negatives')} or mine "
-                                 "more negatives.")
+            short.append((number, len(negs)))
         records.append(TrainRecord(raw["query"], raw["pos"], tuple(negs), raw.get("instruction")))
+    if short:  # all of them at once: mining leaves some queries short, and the count every record has is the fix
+        least = min(len(r.negs) for r in records)
+        raise TrainDataError(
+            f"Expected at least {negatives} negatives per record ({names('negatives')}). Got {short[0][1]} on line "
+            f"{short[0][0]} of {path} instead ({len(short)} of {len(records)} records have fewer than {negatives}). "
+            f"Lower {names('negatives')} to {least} (every record has that many), or mine more negatives.")
     if not records:
         raise TrainDataError(f"Expected training records in {path}. Got an empty file instead.")
     if len(records) < batch_size:

@@ -176,7 +176,8 @@ def test_a_training_run_without_data_is_refused_before_anything_is_created(tmp_p
 
 @pytest.mark.parametrize(("settings", "expected"), [
     ({"negatives": 3}, "train.ra: Expected at least 3 negatives per record (train.ra.negatives). Got 1 on line 1 of "
-                       "{data} instead. Lower train.ra.negatives or mine more negatives."),
+                       "{data} instead (40 of 40 records have fewer than 3). Lower train.ra.negatives to 1 (every "
+                       "record has that many), or mine more negatives."),
     ({"batch_size": 64}, "train.ra: Expected at least train.ra.batch_size (64) training records, as a batch holds each "
                          "record once. Got 40 in {data} instead. Lower train.ra.batch_size or add records."),
 ])

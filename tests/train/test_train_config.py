@@ -129,7 +129,22 @@ def test_too_few_negatives_name_the_flag(tiny_models: Any, tmp_path: Path) -> No
     line = _one_error_line(_run("--backbone", str(tiny_models.dir("llama")), "--data", str(path),
                                 "--output", str(tmp_path / "out"), "--negatives", "3"))
     assert "Expected at least 3 negatives per record (--negatives). Got 1 on line 1" in line
-    assert "Lower --negatives or mine more negatives." in line and not (tmp_path / "out").exists()
+    assert "Lower --negatives to 1 (every record has that many), or mine more negatives." in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_negatives_mined_short_for_some_queries_name_how_many_and_the_largest_count_every_record_has(
+        tiny_models: Any, tmp_path: Path) -> None:
+    """`mine-negatives --k 7` leaves a query short when fewer candidates score under the positive; `train --negatives 7`
+    named only the first short line, so a user lowered --negatives one refusal at a time."""
+    counts = [7, 7, 4, 7, 2, 7, 7, 5]
+    path = _write(tmp_path / "d.jsonl", [{"query": f"q{i}", "pos": f"p{i}", "negs": [f"n{j}" for j in range(n)]}
+                                         for i, n in enumerate(counts)])
+    line = _one_error_line(_run("--backbone", str(tiny_models.dir("llama")), "--data", str(path),
+                                "--output", str(tmp_path / "out"), "--negatives", "7"))
+    assert "Got 4 on line 3" in line and "3 of 8 records have fewer than 7" in line, line
+    assert "Lower --negatives to 2 (every record has that many), or mine more negatives." in line, line
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(("flag", "expected"), [("none", None), ("None", None), ("0.5", 0.5), (None, 2.0)])
