@@ -4,7 +4,8 @@ the model whose eval scores are reused.
 A local model folder counts by its own files (not what tools wrote into it, such as ``hrsa eval``'s ``eval/``
 folder, nor a checkpoint's bookkeeping: ``hrsa_train.json`` holds the loss, ``trainer_state.pt`` the optimizer);
 a ``.gguf`` file and a packaged model by their bytes; a hub model by its id and revision (its files are not
-here to read: pin a revision for an exact record).
+here to read: pin a revision for an exact record). :func:`model_digest`, which keys ``hrsa eval``'s scores, also
+knows a hub model by the snapshot this machine's Hugging Face cache resolves its revision to (what a load reads).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from hrsa.extract.model_spec import ModelSpec
 
-__all__ = ["FILES_VERSION", "files_version", "model_content", "model_digest", "model_files", "model_identity"]
+__all__ = ["FILES_VERSION", "files_version", "hub_snapshot", "model_content", "model_digest", "model_files",
+           "model_identity"]
 
 _NOT_THE_MODEL = ("hrsa_train.json", "trainer_state.pt")
 # The one rule for which files of a local folder are the model: its top level (what a load reads: config, tokenizer,
@@ -33,16 +35,39 @@ def model_identity(spec: ModelSpec) -> dict[str, Any]:
     return {**identity, "content": model_content(spec)}
 
 
-def model_digest(model: str) -> str:
-    """One digest of :func:`model_identity` of the model ``model`` names (a folder, .gguf, packaged:NAME, hub id).
+def model_digest(model: str) -> str | None:
+    """One digest of :func:`model_identity` of the model ``model`` names (a folder, .gguf, packaged:NAME, hub id),
+    and for a hub model of the cached snapshot its revision resolves to (:func:`hub_snapshot`): ``org/name`` (or a
+    branch) names other weights whenever the hub moves on, and keyed by its id alone the old weights' earlier
+    scores were reused as the new ones'. None for a hub model with no snapshot here yet: nothing is known of it until
+    it is downloaded (by the load, after which this names the snapshot it loaded).
 
     Raises:
         ModelSpecError: ``model`` names nothing usable.
     """
     from hrsa.extract.model_spec import parse_model_spec
 
-    identity = model_identity(parse_model_spec(model))
+    spec = parse_model_spec(model)
+    identity = model_identity(spec)
+    if spec.kind == "hub":
+        identity["snapshot"] = hub_snapshot(spec)
+        if identity["snapshot"] is None:
+            return None
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def hub_snapshot(spec: ModelSpec) -> str | None:
+    """The commit this machine's Hugging Face cache resolves a hub model's revision to (``main`` without one): the
+    ``snapshots/<commit>`` folder a load reads, offline or once downloaded; None when the cache holds none. Read from
+    the cache alone, never the network: where the hub has moved on since, the next load downloads the new commit (and
+    this names it from then on)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    filename = spec.gguf_file or "config.json"  # a file every snapshot of such a model holds
+    found = try_to_load_from_cache(str(spec.id), filename, revision=spec.revision)
+    if not isinstance(found, str):  # None (not cached) or the marker of a file known not to exist there
+        return None
+    return Path(found).parents[len(Path(filename).parts) - 1].name  # <cache>/models--org--name/snapshots/<commit>/...
 
 
 def model_files(folder: Path | str) -> list[Path]:

@@ -18,8 +18,8 @@ from typing import Any
 from hrsa.runtime.locations import Location, parse_location
 from hrsa.store.errors import UserError
 
-__all__ = ["INFO_FILE", "STATE_FILE", "complete_by_manifest", "file_manifest", "manifest_complete",
-           "refuse_incomplete_checkpoint"]
+__all__ = ["INFO_FILE", "STATE_FILE", "complete_by_manifest", "file_manifest", "is_model_folder",
+           "manifest_complete", "refuse_incomplete_checkpoint"]
 
 INFO_FILE = "hrsa_train.json"  # step, loss, settings, recipe, and the manifest of the folder's other files
 STATE_FILE = "trainer_state.pt"  # optimizer, schedule and step, for resuming
@@ -90,17 +90,42 @@ def _same_content(path: Path, entry: dict[str, Any]) -> bool:
         return False
 
 
-def refuse_incomplete_checkpoint(spec: Any) -> None:
-    """Refuse a model spec (``hrsa extract --model``, ``hrsa train --backbone``) naming a training checkpoint that its
-    ``hrsa_train.json`` calls incomplete, as training (which never resumes from it), the pipeline and ``hrsa eval``
-    judge it: extracted or trained from, it stood for the step while holding other weights.
+def is_model_folder(folder: Location) -> bool:
+    """Whether a folder is a model's own (a Hugging Face model folder, or a checkpoint by its manifest): its top-level
+    files are the model (:func:`hrsa.extract.identity.model_files`), so a tool's output written there (a training
+    run, eval.json) would be trained or digested as part of it."""
+    return any(folder.child(name).kind() == "file" for name in ("config.json", INFO_FILE))
+
+
+def refuse_incomplete_checkpoint(spec: Any, *, by_content: bool = False) -> None:
+    """Refuse a model spec (``hrsa extract --model``, ``hrsa train --backbone``, ``hrsa eval --model``) naming a
+    training checkpoint that its ``hrsa_train.json`` calls incomplete, as training (which never resumes from it), the
+    pipeline and ``hrsa eval`` judge it: extracted, trained from or scored, it stood for the step while holding other
+    weights.
+
+    Args:
+        spec: the model's :class:`~hrsa.extract.model_spec.ModelSpec`.
+        by_content: for a folder behind a URL, judge by digest too the copy this machine loads
+            (:meth:`~hrsa.runtime.locations.Location.local_folder`, downloaded here): its listing shows sizes alone,
+            and weights overwritten at the same size pass them. For callers that load it here anyway (``hrsa eval``).
 
     Raises:
         UserError: the folder is a checkpoint whose manifest it does not match.
     """
-    if spec.kind not in ("local", "remote") or manifest_complete(str(spec.path)) is not False:
+    if spec.kind not in ("local", "remote"):
+        return
+    incomplete = manifest_complete(str(spec.path)) is False  # on object storage, by the listing's sizes alone
+    if not incomplete and by_content and spec.kind == "remote":
+        incomplete = _copy_incomplete(str(spec.path))
+    if not incomplete:
         return
     raise UserError(f"Expected a complete checkpoint at {spec.path}. Got a folder its {INFO_FILE} calls incomplete (a "
                     "file it lists is missing, short or changed: a copy or save still under way, cut short, or edited) "
                     "instead. Wait for the copy to finish, or train again into its run to write it anew (to use "
                     f"edited weights as a model of their own, copy the folder without its {INFO_FILE}).")
+
+
+def _copy_incomplete(url: str) -> bool:
+    """Whether this machine's copy of a remote checkpoint differs from its manifest (a local folder: by digest)."""
+    copy = parse_location(url).local_folder()
+    return manifest_complete(copy) is False

@@ -12,7 +12,10 @@ result is reused only when it agrees with itself (its ``main_score`` is the mean
 main score, in its own scores): an edited one is scored again, with a note. Reused rows are marked
 (:attr:`CheckpointScores.reused`). A checkpoint with an ``hrsa_train.json`` manifest is evaluated only when complete
 by it (:func:`hrsa.train.checkpoints.manifest_complete`); in a run of ``hrsa train`` (a folder holding
-``hrsa_recipe.json``) a step folder without one is not finished (the trainer writes it last) and is skipped alike.
+``hrsa_recipe.json``) a step folder without one is not finished (the trainer writes it last) and is skipped alike;
+a checkpoint behind a URL is judged by its manifest too (sizes listed, and the digests of the copy loaded here). The
+digest is taken again once a model has loaded, and a change in between is refused (its scores would be keyed to other
+weights); an ``--out`` that is a model folder is refused (eval.json would become one of its files).
 mteb's own result files go to ``<out>/mteb-results``, never to the home folder. Nothing is written before the
 inputs are checked and a model has loaded (or its scores were all reused).
 
@@ -37,6 +40,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
+from hrsa.runtime.checkpoint_manifest import is_model_folder, refuse_incomplete_checkpoint
 from hrsa.runtime.files import write_atomic
 from hrsa.runtime.folder_lock import FolderLock
 from hrsa.runtime.locations import parse_location
@@ -511,10 +515,13 @@ def evaluate(
     specs = [parse_task_spec(t) for t in config.tasks]
     targets, skipped = _targets(config.model, config.steps)
     for target in targets:
-        parse_model_spec(target.model, dtype=config.dtype, attention=config.attention)
+        # a local checkpoint was judged by its manifest above; one behind a URL is judged here, its copy by digest
+        refuse_incomplete_checkpoint(parse_model_spec(target.model, dtype=config.dtype, attention=config.attention),
+                                     by_content=True)
     out = config.out_dir()
     if out.exists() and not out.is_dir():
         raise EvalError(f"Expected --out to be a folder. Got the file {out} instead. Pick another path.")
+    _refuse_out_in_a_model(out)
     for name in ("eval.json", "eval_curve.png"):  # before any evaluation: no FIFO there, no folder inside a store
         check_output_file(out / name, flag="--out")
     tasks = build_tasks(specs, instruction=config.instruction, limit=config.limit, seed=config.seed)
@@ -537,6 +544,19 @@ def evaluate(
             raise
     return EvalResult(json_path=out / "eval.json", figure_path=figure, tasks=tuple(t.metadata.name for _, t in tasks),
                       checkpoints=tuple(rows))
+
+
+def _refuse_out_in_a_model(out: Path) -> None:
+    """Refuse an --out that is a model folder (the one evaluated, a checkpoint of the run): eval.json and the curve
+    would become top-level files of the model, which its digest reads (:func:`hrsa.extract.identity.model_files`):
+    the next eval would know it as another model and never reuse its scores (an extraction would key it anew too).
+    Refused rather than left out of the digest: a file named eval.json in a model folder would then never count, and a
+    user asking for results in the model's own files more likely mistook --out for --model. A folder below it (the
+    default <model>/eval) is not the model's."""
+    if out.is_dir() and is_model_folder(parse_location(str(out))):
+        raise EvalError(f"Expected --out outside the model's own files. Got {out}, a model folder (it holds config.json "
+                        "or a checkpoint's manifest) instead: eval.json there would become one of its files and change "
+                        f"its digest. Pick a folder below it ({out / 'eval'}) or elsewhere.")
 
 
 def _resume_and_score(targets: list[EvalTarget], tasks: list[tuple[TaskSpec, Any]], config: EvalConfig, source: Path,
@@ -617,6 +637,7 @@ def _score_target(target: EvalTarget, tasks: list[tuple[TaskSpec, Any]], config:
         return row
     encoder = TextEncoder.load(target.model, device=config.device, dtype=config.dtype, attention=config.attention,
                                max_length=config.max_length, batch_size=config.batch_size)
+    row.model_digest = _digest_of_what_loaded(target, row.model_digest)
     cache = ResultCache(cache_dir)  # creates the folder: only now that a model has loaded
     wrapper = HrsaMtebEncoder(encoder, name=_meta_name(target), use_instructions=config.instructions,
                               batch_size=config.batch_size, max_length=config.max_length, on_batch=on_texts)
@@ -633,6 +654,25 @@ def _score_target(target: EvalTarget, tasks: list[tuple[TaskSpec, Any]], config:
     del wrapper, encoder
     _free_memory()  # the next checkpoint's weights replace these
     return row
+
+
+def _digest_of_what_loaded(target: EvalTarget, before: str | None) -> str | None:
+    """The model's digest once it has loaded, which its scores are keyed by: the digest taken before the load
+    (``before``, which earlier scores were looked up by) held only if the files stayed put while they were read. A
+    change in between (a training run saving into the folder, a copy under way) would key these scores to weights
+    other than the ones scored: refused, nothing of this model written. A hub model not yet cached had no digest
+    before (None): the snapshot the load downloaded is what it loaded.
+
+    Raises:
+        EvalError: the model's files changed between the digest and the load.
+    """
+    after = model_digest(target.model)  # each file read again only if its size, time or inode changed
+    if before is not None and after != before:
+        raise EvalError(f"Expected the files of {target.model} to stay as they were while it loaded. Got them changed "
+                        "in between instead (a training run or copy writing there, a hub model updated in the cache): "
+                        "its scores would be keyed to other weights, and nothing of it is written. Evaluate again "
+                        "once the writer is done.")
+    return after
 
 
 def _check_main_score(entry: dict[str, Any], task: Any, target: EvalTarget, others: list[int]) -> None:

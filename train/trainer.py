@@ -142,6 +142,7 @@ def _prepare(config: TrainConfig) -> _Prepared:
     run = parse_location(config.output)
     if run.kind() == "file":
         raise UserError(f"Expected --output to be a folder. Got the file {run.url} instead. Pick another path.")
+    _refuse_model_folder(run)
     if not run.is_local and "/" not in run.path.strip("/"):
         raise UserError(f"Expected --output to be a folder inside a bucket (s3://BUCKET/runs/NAME). Got {run.url} "
                         "instead. Add a folder name.")
@@ -156,6 +157,21 @@ def _prepare(config: TrainConfig) -> _Prepared:
     recipe = training_recipe(config)
     _check_either_device(run, recipe)  # before Ray starts: another recipe's run is refused at once
     return _Prepared(config, spec.to_dict(), records, run, recipe)
+
+
+def _refuse_model_folder(run: Location) -> None:
+    """Refuse an --output that is a model folder (a checkpoint, a backbone): the run's step folders, recipe and lock
+    would be written inside it, a run nested in a model that is then no longer what its digest and manifest say
+    (usually --output given a checkpoint meant as --backbone, or for its run)."""
+    from hrsa.runtime.checkpoint_manifest import INFO_FILE, is_model_folder
+
+    if not is_model_folder(run):
+        return
+    resume = (f"; to resume the run it is a checkpoint of, pass that run's folder ({run.parent.url})"
+              if run.child(INFO_FILE).kind() == "file" else "")
+    raise UserError(f"Expected --output to be a training run's folder (new, or one to resume). Got {run.url}, a model "
+                    "folder (it holds config.json or a checkpoint's manifest) instead: the run would be trained inside "
+                    f"it. To train from it, pass it as --backbone with another --output{resume}.")
 
 
 def _check_either_device(run: Location, recipe: TrainingRecipe) -> None:
