@@ -34,19 +34,25 @@ def file_manifest(folder: Path) -> dict[str, dict[str, Any]]:
             for p in folder_files(folder, skip=(INFO_FILE,))}
 
 
-def manifest_complete(folder: Location | Path | str) -> bool | None:
+def manifest_complete(folder: Location | Path | str, *, by_content: bool = False) -> bool | None:
     """Whether a checkpoint folder is complete by its ``hrsa_train.json`` (the rule of :func:`hrsa.train.checkpoints.list_checkpoints`); None
     for a folder without one (a plain model folder: nothing to judge it by). ``hrsa eval`` asks this of every folder
     it would load, so a checkpoint still being copied, or with weights cut short, is never scored.
 
     Args:
         folder: the checkpoint folder: a path, a URL or a :class:`Location`.
+        by_content: for a folder behind a URL that its listing calls complete, judge by digest too the copy this
+            machine loads (:meth:`~hrsa.runtime.locations.Location.local_folder`, downloaded here): the listing shows
+            sizes alone, and weights overwritten at the same size pass them. For callers that load it here anyway.
     """
     location = folder if isinstance(folder, Location) else parse_location(folder)
     present = location.files()
     if INFO_FILE not in present:
         return None
-    return complete_by_manifest(location, present, lambda name: name != STATE_FILE)
+    complete = complete_by_manifest(location, present, lambda name: name != STATE_FILE)
+    if complete and by_content and not location.is_local:  # incomplete by its sizes: nothing worth downloading
+        return manifest_complete(location.local_folder())
+    return complete
 
 
 def complete_by_manifest(folder: Location, present: dict[str, int], checked: Callable[[str], bool]) -> bool:
@@ -114,18 +120,10 @@ def refuse_incomplete_checkpoint(spec: Any, *, by_content: bool = False) -> None
     """
     if spec.kind not in ("local", "remote"):
         return
-    incomplete = manifest_complete(str(spec.path)) is False  # on object storage, by the listing's sizes alone
-    if not incomplete and by_content and spec.kind == "remote":
-        incomplete = _copy_incomplete(str(spec.path))
-    if not incomplete:
+    if manifest_complete(str(spec.path), by_content=by_content) is not False:
         return
     raise UserError(f"Expected a complete checkpoint at {spec.path}. Got a folder its {INFO_FILE} calls incomplete (a "
                     "file it lists is missing, short or changed: a copy or save still under way, cut short, or edited) "
                     "instead. Wait for the copy to finish, or train again into its run to write it anew (to use "
                     f"edited weights as a model of their own, copy the folder without its {INFO_FILE}).")
 
-
-def _copy_incomplete(url: str) -> bool:
-    """Whether this machine's copy of a remote checkpoint differs from its manifest (a local folder: by digest)."""
-    copy = parse_location(url).local_folder()
-    return manifest_complete(copy) is False

@@ -1,7 +1,8 @@
 """``hrsa eval``'s job: MTEB scores of a backbone, a checkpoint, or every checkpoint of a training run (a curve).
 
 ``--model`` is anything :class:`~hrsa.train.encode.TextEncoder` loads, or a training output folder holding
-``step_XXXXXX`` checkpoint folders (directly or under ``checkpoints/``): each is evaluated, in step order.
+``step_XXXXXX`` checkpoint folders (directly or under ``checkpoints/``; a path, or a URL such as ``s3://bucket/runs/a``
+where ``hrsa train --output`` wrote it): each is evaluated, in step order.
 Results go to ``<out>/eval.json`` (schema ``hrsa.eval/1``) after each checkpoint, with a PNG curve of main
 score against step when there are several, always redrawn from what eval.json holds. Re-running reuses the
 scores of a (model, task) already there with the same settings (the dtype as resolved, the device kind), and
@@ -30,20 +31,21 @@ import datetime
 import gc
 import json
 import math
+import posixpath
 import re
 import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from pydantic import Field, field_validator
 
 from hrsa.runtime.checkpoint_manifest import is_model_folder, refuse_incomplete_checkpoint
 from hrsa.runtime.files import write_atomic
 from hrsa.runtime.folder_lock import FolderLock
-from hrsa.runtime.locations import parse_location
+from hrsa.runtime.locations import Location, is_url, parse_location
 from hrsa.runtime.settings import FolderPath
 from hrsa.store.local_files import check_output_file
 from hrsa.store.selection import parse_int_list
@@ -81,8 +83,9 @@ class EvalConfig(EncoderOptions):
     :class:`~hrsa.train.encoder_options.EncoderOptions`, shared with ``hrsa mine-negatives``.
     """
 
-    model: str = Field(description="A model (hub id, folder, .gguf, packaged:NAME) or a training output folder of "
-                       "step_XXXXXX checkpoints: each is evaluated and the scores form a curve.")
+    model: str = Field(description="A model (hub id, folder, .gguf, packaged:NAME, s3://... folder) or a training "
+                       "output folder of step_XXXXXX checkpoints (a path, or a URL such as s3://bucket/runs/a): each "
+                       "is evaluated and the scores form a curve.")
     tasks: tuple[str, ...] = Field(description="Repeatable or comma-separated. retrieval:FILE (JSON lines query, pos[, "
                                    "negs, instruction]; nDCG@10), classification:FILE[:TEXT_FIELD[:LABEL_FIELD]] (JSON "
                                    "lines, default fields text and label; accuracy), or an MTEB task or benchmark name "
@@ -157,15 +160,17 @@ class EvalTarget:
 
 def eval_targets(model: str, steps: tuple[int, ...] | None = None) -> list[EvalTarget]:
     """The checkpoints of a training output folder (``step_XXXXXX`` model folders, directly or under
-    ``checkpoints/``), in step order; else the model itself. A checkpoint with a manifest (``hrsa_train.json``) is
-    taken only when complete by it (:func:`~hrsa.train.checkpoints.manifest_complete`), and in a run of ``hrsa
-    train`` (it holds ``hrsa_recipe.json``) one without a manifest is not taken; :func:`skipped_targets` names the
-    ones left out.
+    ``checkpoints/``; a path or a URL such as ``s3://bucket/runs/a``), in step order; else the model itself. A
+    checkpoint with a manifest (``hrsa_train.json``) is taken only when complete by it
+    (:func:`~hrsa.train.checkpoints.manifest_complete`; behind a URL, by the digests of the copy loaded here too), and
+    in a run of ``hrsa train`` (it holds ``hrsa_recipe.json``) one without a manifest is not taken;
+    :func:`skipped_targets` names the ones left out.
 
     Raises:
         EvalError: ``steps`` asks for checkpoints the folder does not have (or has incomplete), or for any of a model
-            that is not a training run; a folder that is neither a model nor a run; a run whose checkpoints are all
-            incomplete; a checkpoint folder its manifest calls incomplete (or a run's step folder without one).
+            that is not a training run; a folder (or a URL without config.json) that is neither a model nor a run; a
+            run whose checkpoints are all incomplete; a checkpoint folder its manifest calls incomplete (or a run's
+            step folder without one).
     """
     return _targets(model, steps)[0]
 
@@ -176,22 +181,24 @@ def skipped_targets(model: str, steps: tuple[int, ...] | None = None) -> list[Ev
     return _targets(model, steps)[1]
 
 
-def _incomplete(folder: Path) -> str:
-    if not (folder / INFO_FILE).is_file():
-        return (f"{folder} is incomplete: it has no {INFO_FILE}, which hrsa train writes last in each checkpoint "
+def _incomplete(folder: str) -> str:
+    """Why the checkpoint folder at ``folder`` (a path or URL) is not taken, in words."""
+    location = parse_location(folder)
+    if location.child(INFO_FILE).kind() != "file":
+        return (f"{location.url} is incomplete: it has no {INFO_FILE}, which hrsa train writes last in each checkpoint "
                 "of its run (a save or copy still under way, or cut short)")
-    return (f"{folder} is incomplete by its {INFO_FILE} (a file it lists is missing, short or changed: a copy or save "
-            "still under way, or cut short)")
+    return (f"{location.url} is incomplete by its {INFO_FILE} (a file it lists is missing, short or changed: a copy or "
+            "save still under way, or cut short)")
 
 
-def _in_hrsa_run(parent: Path) -> bool:
+def _in_hrsa_run(parent: Location) -> bool:
     """Whether step folders in ``parent`` (a run folder, or its checkpoints/) are checkpoints of `hrsa train`: the run
     records its recipe (hrsa_recipe.json)."""
     run = parent.parent if parent.name == "checkpoints" else parent
-    return (parent / RECIPE_FILE).is_file() or (run / RECIPE_FILE).is_file()
+    return any(folder.child(RECIPE_FILE).kind() == "file" for folder in (parent, run))
 
 
-def _checkpoint_complete(folder: Path) -> bool | None:
+def _checkpoint_complete(folder: Location) -> bool | None:
     """Whether a model folder is a complete checkpoint: by its manifest where it has one; without, False for a step
     folder of an `hrsa train` run (the trainer writes the manifest last: its save or copy has not finished), None
     (nothing to judge it by) for any other folder."""
@@ -203,53 +210,119 @@ def _checkpoint_complete(folder: Path) -> bool | None:
 
 def _targets(model: str, steps: tuple[int, ...] | None) -> tuple[list[EvalTarget], list[EvalTarget]]:
     """(the targets, the run's checkpoints skipped as incomplete); raises as :func:`eval_targets`."""
-    folder = Path(model).expanduser()
-    found: list[EvalTarget] = []
-    skipped: list[EvalTarget] = []
-    if folder.is_dir() and not (folder / "config.json").is_file():
-        for parent in (folder, folder / "checkpoints"):
-            # any Hugging Face model folder named by step, not only the checkpoints of `hrsa train`; those with a
-            # manifest are judged by it, as training and the pipeline judge them, and in a run of hrsa train those
-            # without one are not finished
-            candidates = [EvalTarget(name=c.path.name, model=str(c.path), step=c.step)
-                          for c in list_checkpoints(parent, marker="config.json")]
-            if candidates:
-                for target in candidates:
-                    (skipped if _checkpoint_complete(Path(target.model)) is False else found).append(target)
-                break
-        if not found and skipped:
-            raise EvalError(f"Expected a complete checkpoint in {folder}. Got none instead: "
-                            f"{'; '.join(_incomplete(Path(t.model)) for t in skipped)}. Wait for the copy to finish, or "
-                            "train again into the run to write them anew.")
-        if not found and not any(folder.glob("*.gguf")):  # a folder of GGUF files gets the model loader's hint
-            recipes = sorted(p.name for p in folder.glob("recipe-*") if p.is_dir())  # a pipeline's training run
-            hint = ("Check --model" if not recipes else f"It holds a pipeline's training run: pass --model "
-                    f"{folder / recipes[0]}" if len(recipes) == 1 else f"It holds a pipeline's training runs, one a "
-                    f"recipe ({', '.join(recipes)}): pass one of them as --model")
-            raise EvalError(f"Expected a model folder holding config.json, or a training run holding step_XXXXXX "
-                            f"checkpoint folders (directly or under checkpoints/). Got {folder} with neither instead. "
-                            f"{hint}.")
+    folder = _folder_of_checkpoints(model)
+    if folder is None:
+        return [_lone_model(model, steps)], []
+    found, skipped = _run_checkpoints(folder)
     if not found:
-        if steps is not None:
-            raise EvalError(f"Expected --steps only with a training run (a folder of step_XXXXXX checkpoints). Got "
-                            f"--steps {','.join(map(str, steps))} with the model {model} instead. Drop --steps, or "
-                            "point --model at the run.")
-        if folder.is_dir() and _checkpoint_complete(folder) is False:
-            raise EvalError(f"Expected a complete checkpoint. Got {_incomplete(folder)} instead. Wait for the copy to "
-                            "finish, or train again into its run to write it anew.")
-        return [EvalTarget(name=Path(model).name if folder.exists() else model, model=model)], []
+        _refuse_not_a_run(folder, skipped)  # passes a folder of GGUF files on, to the model loader
+        return [_lone_model(model, steps)], []
     if steps is not None:
-        broken = [t for t in skipped if t.step in steps]
-        if broken:
-            raise EvalError(f"Expected complete checkpoints for --steps {','.join(map(str, steps))}. Got "
-                            f"{'; '.join(_incomplete(Path(t.model)) for t in broken)} instead. Drop those steps, wait "
-                            "for the copy to finish, or train again into the run to write them anew.")
-        missing = sorted(set(steps) - {c.step for c in found})
-        if missing:
-            raise EvalError(f"Expected checkpoints for steps {list(steps)} in {folder}. Got none for {missing} instead "
-                            f"(there are {[c.step for c in found]}). Check --steps.")
-        found = [c for c in found if c.step in steps]
-        skipped = []
+        found, skipped = _only_steps(folder, found, skipped, steps), []
+    if not folder.is_local:
+        found, skipped = _judge_copies(folder, found, skipped, steps)
+    return found, skipped
+
+
+def _folder_of_checkpoints(model: str) -> Location | None:
+    """Where to look for a run's checkpoints: a local folder without config.json, or any URL without one (object
+    storage has no folders of their own: a missing prefix and an empty one list alike, and both are refused as
+    neither a model nor a run, not passed on to load as a model); None for a model (a hub id, a file, config.json)."""
+    if is_url(model):
+        location = parse_location(model)
+        return None if location.child("config.json").kind() == "file" else location
+    folder = Path(model).expanduser()
+    return parse_location(folder) if folder.is_dir() and not (folder / "config.json").is_file() else None
+
+
+def _run_checkpoints(folder: Location) -> tuple[list[EvalTarget], list[EvalTarget]]:
+    """(the complete checkpoints, the incomplete ones) of the run at ``folder`` (directly or under checkpoints/), in
+    step order, judged by what their folders list (on object storage: the sizes alone)."""
+    for parent in (folder, folder.child("checkpoints")):
+        # any Hugging Face model folder named by step, not only the checkpoints of `hrsa train`; those with a
+        # manifest are judged by it, as training and the pipeline judge them, and in a run of hrsa train those
+        # without one are not finished
+        candidates = [EvalTarget(name=posixpath.basename(c.url), model=c.url, step=c.step)
+                      for c in list_checkpoints(parent, marker="config.json")]
+        if candidates:
+            found: list[EvalTarget] = []
+            skipped: list[EvalTarget] = []
+            for target in candidates:
+                (skipped if _checkpoint_complete(parse_location(target.model)) is False else found).append(target)
+            return found, skipped
+    return [], []
+
+
+def _refuse_not_a_run(folder: Location, skipped: list[EvalTarget]) -> None:
+    """Refuse a folder that holds no complete checkpoint: a run whose checkpoints are all incomplete, or a folder
+    that is neither a model nor a run. A local folder of GGUF files passes: the model loader's hint names them."""
+    if skipped:
+        _refuse_none_complete(folder, skipped)
+    if folder.is_local and any(folder.local_path().glob("*.gguf")):
+        return
+    recipes = [f.name for f in folder.folders() if f.name.startswith("recipe-")]  # a pipeline's training runs
+    hint = ("Check --model" if not recipes else f"It holds a pipeline's training run: pass --model "
+            f"{folder.child(recipes[0]).url}" if len(recipes) == 1 else f"It holds a pipeline's training runs, one a "
+            f"recipe ({', '.join(recipes)}): pass one of them as --model")
+    raise EvalError(f"Expected a model folder holding config.json, or a training run holding step_XXXXXX checkpoint "
+                    f"folders (directly or under checkpoints/). Got {folder.url} with neither instead. {hint}.")
+
+
+def _refuse_none_complete(folder: Location, skipped: list[EvalTarget]) -> NoReturn:
+    raise EvalError(f"Expected a complete checkpoint in {folder.url}. Got none instead: "
+                    f"{'; '.join(_incomplete(t.model) for t in skipped)}. Wait for the copy to finish, or train again "
+                    "into the run to write them anew.")
+
+
+def _refuse_incomplete_steps(steps: tuple[int, ...], broken: list[EvalTarget]) -> NoReturn:
+    raise EvalError(f"Expected complete checkpoints for --steps {','.join(map(str, steps))}. Got "
+                    f"{'; '.join(_incomplete(t.model) for t in broken)} instead. Drop those steps, wait for the copy "
+                    "to finish, or train again into the run to write them anew.")
+
+
+def _lone_model(model: str, steps: tuple[int, ...] | None) -> EvalTarget:
+    """``model`` as the one target: anything the model loader takes, refused when it is a checkpoint of a run its
+    manifest (or its lack of one) calls incomplete."""
+    if steps is not None:
+        raise EvalError(f"Expected --steps only with a training run (a folder of step_XXXXXX checkpoints). Got "
+                        f"--steps {','.join(map(str, steps))} with the model {model} instead. Drop --steps, or "
+                        "point --model at the run.")
+    folder = Path(model).expanduser()
+    if (is_url(model) or folder.is_dir()) and _checkpoint_complete(parse_location(model)) is False:
+        raise EvalError(f"Expected a complete checkpoint. Got {_incomplete(model)} instead. Wait for the copy to "
+                        "finish, or train again into its run to write it anew.")
+    return EvalTarget(name=folder.name if folder.exists() else model, model=model)
+
+
+def _only_steps(folder: Location, found: list[EvalTarget], skipped: list[EvalTarget],
+                steps: tuple[int, ...]) -> list[EvalTarget]:
+    """The run's checkpoints of ``steps``, refusing any of them incomplete or missing."""
+    broken = [t for t in skipped if t.step in steps]
+    if broken:
+        _refuse_incomplete_steps(steps, broken)
+    missing = sorted(set(steps) - {c.step for c in found})
+    if missing:
+        raise EvalError(f"Expected checkpoints for steps {list(steps)} in {folder.url}. Got none for {missing} instead "
+                        f"(there are {[c.step for c in found]}). Check --steps.")
+    return [c for c in found if c.step in steps]
+
+
+def _judge_copies(folder: Location, found: list[EvalTarget], skipped: list[EvalTarget],
+                  steps: tuple[int, ...] | None) -> tuple[list[EvalTarget], list[EvalTarget]]:
+    """A remote run's checkpoints judged again by the digests of the copies this machine loads (downloaded now, and
+    once per machine: the load and the score's digest read the same copy): their listing shows sizes alone, and
+    weights overwritten at the same size pass them. Only those about to be scored (after ``--steps``) are fetched.
+    One that fails is skipped, as a local checkpoint whose digests disagree is, and refused when asked for by
+    ``steps`` or when none is left."""
+    changed = [t for t in found if manifest_complete(t.model, by_content=True) is False]
+    if not changed:
+        return found, skipped
+    if steps is not None:
+        _refuse_incomplete_steps(steps, changed)
+    found = [t for t in found if t not in changed]
+    skipped = sorted(skipped + changed, key=lambda t: t.step or 0)
+    if not found:
+        _refuse_none_complete(folder, skipped)
     return found, skipped
 
 
@@ -515,7 +588,8 @@ def evaluate(
     specs = [parse_task_spec(t) for t in config.tasks]
     targets, skipped = _targets(config.model, config.steps)
     for target in targets:
-        # a local checkpoint was judged by its manifest above; one behind a URL is judged here, its copy by digest
+        # a run's checkpoints were judged by their manifests above (behind a URL, the copies loaded here by digest);
+        # a lone checkpoint behind a URL is judged here, its copy by digest
         refuse_incomplete_checkpoint(parse_model_spec(target.model, dtype=config.dtype, attention=config.attention),
                                      by_content=True)
     out = config.out_dir()
@@ -528,7 +602,7 @@ def evaluate(
     note = on_note or _warn
     source = out / "eval.json"
     for target in skipped:
-        note(f"skipped {target.name}: {_incomplete(Path(target.model))}; it is evaluated once complete.")
+        note(f"skipped {target.name}: {_incomplete(target.model)}; it is evaluated once complete.")
 
     # Steps 2 and 3 hold `out` against another eval of the same checkpoint (they share its default --out, and
     # raced on eval.json): the refused one is one line, and writes and removes nothing.
