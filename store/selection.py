@@ -229,6 +229,47 @@ def _field_indices(corpus: zarr.Group, fields: Sequence[str]) -> list[int]:
     return [known.index(f) for f in fields]
 
 
+def _filter_masks(corpus: zarr.Group, token_filter: TokenFilter, lo: int, hi: int) -> dict[str, np.ndarray]:
+    """Each filter's own (hi - lo,) mask over tokens ``lo:hi``, by the flag that asks for it."""
+    masks: dict[str, np.ndarray] = {}
+    position = corpus["position"][lo:hi]
+    if token_filter.exclude_special:
+        masks["--exclude-special"] = ~corpus["is_special"][lo:hi]
+    if token_filter.exclude_first:
+        masks["--exclude-first"] = position != 0
+    if token_filter.positions:
+        a, b = token_filter.positions
+        masks[f"--positions {a}:{b}"] = (position >= a) & (position < b)
+    if token_filter.fields:
+        wanted = _field_indices(corpus, token_filter.fields)  # refuses a corpus without spans first
+        masks[f"--fields {','.join(token_filter.fields)}"] = np.isin(corpus["token_field"][lo:hi], wanted)
+    return masks
+
+
+def _why_none(corpus: zarr.Group, masks: dict[str, np.ndarray], token_filter: TokenFilter) -> str:
+    """Which filter left nothing (a field no stored token lies in names the documents cut before it), or that the
+    filters keep tokens alone but none together: "Got none. Loosen the filters." left the user to find which."""
+    from hrsa.store.format import ATTRS_KEY
+
+    empty = [name for name, mask in masks.items() if not mask.any()]
+    if not masks:
+        return "the range or documents hold no token. Widen them"
+    if not empty:
+        return f"each of {', '.join(masks)} keeps some tokens, but no token passes all of them. Drop one of them"
+    reasons = []
+    for name in empty:
+        if name.startswith("--fields"):
+            cut = int(corpus.attrs[ATTRS_KEY].get("n_truncated", 0))
+            n_docs = int(corpus.attrs[ATTRS_KEY].get("n_docs", 0))
+            reasons.append(f"{name} keeps nothing: no stored token of field {','.join(token_filter.fields or ())} "
+                           f"in the selected tokens" + (f" ({cut} of {n_docs} documents were cut at extraction's "
+                                                         "--max-tokens, maybe before it)" if cut else ""))
+        else:
+            reasons.append(f"{name} keeps nothing of the selected tokens")
+    return "; ".join(reasons) + ". Loosen the filters" + (", or extract again with a larger --max-tokens"
+                                                          if any("cut at" in r for r in reasons) else "")
+
+
 def resolve_selection(corpus: zarr.Group, selection: TokenSelection | None = None) -> slice | np.ndarray:
     """Resolve ``selection`` (default: every token) against ``corpus``'s token table.
 
@@ -255,26 +296,18 @@ def resolve_selection(corpus: zarr.Group, selection: TokenSelection | None = Non
         if tokens is not None:
             index = index[(index >= start) & (index < stop)]
     # Step 2: the filters, read only over the candidate range.
+    masks: dict[str, np.ndarray] = {}
     if not token_filter.is_identity:
         lo, hi = (int(index.min()), int(index.max()) + 1) if index is not None and index.size else (start, stop)
-        keep = np.ones(hi - lo, dtype=bool)
-        position = corpus["position"][lo:hi]
-        if token_filter.exclude_special:
-            keep &= ~corpus["is_special"][lo:hi]
-        if token_filter.exclude_first:
-            keep &= position != 0
-        if token_filter.positions:
-            a, b = token_filter.positions
-            keep &= (position >= a) & (position < b)
-        if token_filter.fields:
-            wanted = _field_indices(corpus, token_filter.fields)  # refuses a corpus without spans first
-            keep &= np.isin(corpus["token_field"][lo:hi], wanted)
+        masks = _filter_masks(corpus, token_filter, lo, hi)
+        keep = np.logical_and.reduce(list(masks.values()))
         index = index[keep[index - lo]] if index is not None else np.flatnonzero(keep).astype(np.int64) + lo
     # Step 3: the cheapest form that says the same.
     if index is None:
         return slice(start, stop)
     if index.size == 0:
-        raise SelectionError("Expected at least one token after selection and filters. Got none. Loosen the filters.")
+        raise SelectionError(f"Expected at least one token after selection and filters. Got none: "
+                             f"{_why_none(corpus, masks, token_filter)}.")
     if index[-1] - index[0] + 1 == index.size and np.all(np.diff(index) == 1):
         return slice(int(index[0]), int(index[-1]) + 1)
     return index

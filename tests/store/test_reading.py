@@ -176,6 +176,30 @@ def test_corpora_without_content_spans_are_refused_where_spans_are_needed(store:
         store.select("ma", TokenSelection(fields=("text",)))
     assert store.token_pairs("ma", "ma").identical
 
+def test_a_field_no_stored_token_lies_in_is_named_with_the_cut_that_left_it_out(store: ActivationStore) -> None:
+    """Documents cut at extraction's --max-tokens before their reasoning field: `--fields reasoning` said only
+    "Expected at least one token after selection and filters. Got none."."""
+    from hrsa.store.errors import SelectionError
+    from hrsa.store.selection import TokenSelection
+
+    table = make_table()
+    cut = dataclasses.replace(table, span_fields=("prompt", "reasoning"), token_field=np.zeros(table.n_tokens, np.int16),
+                              char_start=np.arange(table.n_tokens, dtype=np.int32),
+                              char_end=np.arange(table.n_tokens, dtype=np.int32) + 1,
+                              original_length=np.diff(table.doc_offsets) + 50, truncated=np.ones(table.n_docs, bool))
+    cid = store.write_corpus(cut, tokenizer={"name": "t", "fingerprint": "f"})
+    store.create_model("ma", corpus=cid, n_hidden_states=2, hidden_size=8, dtype="float32")
+    with pytest.raises(SelectionError) as refused:
+        store.select("ma", TokenSelection(fields=("reasoning",)))
+    message = str(refused.value)
+    assert f"no stored token of field reasoning" in message and f"{table.n_docs} of {table.n_docs} documents" in message
+    assert "--max-tokens" in message and "\n" not in message, message
+    kept = store.select("ma", TokenSelection(fields=("prompt",), exclude_first=True))  # each filter alone keeps some
+    with pytest.raises(SelectionError, match="no token passes all of them"):
+        store.select("ma", TokenSelection(fields=("prompt",), positions=(0, 1), exclude_first=True))
+    assert kept is not None
+
+
 def test_token_and_document_tables(filled_store: ActivationStore) -> None:
     (cid,) = filled_store.corpora()
     table = filled_store.tokens(cid)
