@@ -97,6 +97,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from hrsa.analyze.metrics.uncertainty import DEFAULT_LEVEL, NULL_Z
 from hrsa.runtime.files import write_atomic
+from hrsa.runtime.locations import is_url, parse_location, read_text
 from hrsa.store.errors import RunIdTakenError, UserError
 from hrsa.store.format import ATTRS_KEY
 from hrsa.store.ids import parse_id, slugify
@@ -110,6 +111,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SCHEMA",
+    "ResultsFile",
     "ResultsFileError",
     "SavedResults",
     "check_run_id_free",
@@ -470,33 +472,74 @@ def _save_rotation(path: Path, rotation: np.ndarray) -> Path:
 # --- reading back: the one entry point of presentation ------------------------------------------------------
 
 
-def find_results(paths: Iterable[Path | str]) -> list[Path]:
+ResultsFile = Path | str
+"""A results.json as read and named: a local path, or the URL of one on remote storage (a pipeline's S3 out)."""
+
+
+def find_results(paths: Iterable[Path | str]) -> list[ResultsFile]:
     """The results.json files named by ``paths``: files as given, folders by their results.json (or, failing that,
-    their subfolders' ``*/results.json``, sorted).
+    their subfolders' ``*/results.json``, sorted). A URL (``s3://bucket/out/pairs``) is looked up where it is and
+    its files are named by their URLs.
 
     Raises:
         ResultsFileError: no path, a path that does not exist, or a folder without results.json.
     """
-    found: list[Path] = []
+    found: list[ResultsFile] = []
     for raw in paths:
+        if is_url(raw):  # Path() would read s3://b/x as the local path ./s3:/b/x
+            found.extend(_remote_results(str(raw)))
+            continue
         path = Path(raw)
         if path.is_dir():
             inner = [path / "results.json"] if (path / "results.json").is_file() else sorted(path.glob("*/results.json"))
             if not inner:
-                raise ResultsFileError(f"Expected a results.json in the folder {path}. Got none instead. "
-                                       "Pass the --out folder of `hrsa analyze`.")
+                raise _no_results_in(path)
             found.extend(inner)
         elif path.is_file():
             found.append(path)
         else:
-            raise ResultsFileError(f"Expected a results.json file or a folder holding one. Got {path}, which does not exist.")
+            raise _nothing_at(path)
     if not found:
         raise ResultsFileError("Expected at least one results.json. Got none instead. Pass the results of `hrsa analyze`.")
     return found
 
 
-def read_results(path: Path | str) -> tuple[Path, dict[str, Any]]:
-    """Read and check one results.json (or a folder's): its path and the parsed document.
+def _remote_results(url: str) -> list[str]:
+    """:func:`find_results` of one URL: one listing of a folder (not a request per subfolder)."""
+    where = parse_location(url)
+    try:
+        kind = where.kind()
+        names = where.files() if kind == "folder" else {}
+    except OSError as error:  # the storage's own error (credentials, network): one line naming the URL
+        raise ResultsFileError(f"Expected to read {where.url}. Got {type(error).__name__}: {_one_line(error)} instead. "
+                               "Check the URL and the credentials (for S3: AWS_* variables).") from None
+    if kind == "file":
+        return [where.url]
+    if kind is None:
+        raise _nothing_at(url)
+    inner = ["results.json"] if "results.json" in names else sorted(
+        n for n in names if n.count("/") == 1 and n.endswith("/results.json"))
+    if not inner:
+        raise _no_results_in(url)
+    return [where.child(name).url for name in inner]
+
+
+def _no_results_in(folder: ResultsFile) -> ResultsFileError:
+    return ResultsFileError(f"Expected a results.json in the folder {folder}. Got none instead. "
+                            "Pass the --out folder of `hrsa analyze`.")
+
+
+def _nothing_at(path: ResultsFile) -> ResultsFileError:
+    return ResultsFileError(f"Expected a results.json file or a folder holding one. Got {path}, which does not exist.")
+
+
+def _one_line(error: BaseException) -> str:
+    """An error's message on one line (a storage's error may span several)."""
+    return " ".join(str(error).split())
+
+
+def read_results(path: Path | str) -> tuple[ResultsFile, dict[str, Any]]:
+    """Read and check one results.json (or a folder's), local or at a URL: its path (or URL) and the parsed document.
 
     Raises:
         ResultsFileError: missing, not JSON, or not of schema ``hrsa.analyze/1``.
@@ -506,9 +549,10 @@ def read_results(path: Path | str) -> tuple[Path, dict[str, Any]]:
         raise ResultsFileError(f"Expected one results.json at {path}. Got {len(files)} in its subfolders instead. Name one.")
     file = files[0]
     try:
-        doc = json.loads(file.read_text())
+        doc = json.loads(read_text(file))
     except (OSError, ValueError) as error:
-        raise ResultsFileError(f"Expected a readable results.json at {file}. Got an error instead: {error}.") from None
+        raise ResultsFileError(f"Expected a readable results.json at {file}. Got an error instead: "
+                               f"{_one_line(error)}.") from None
     got = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
     if got != SCHEMA:
         raise ResultsFileError(f"Expected a results.json of schema {SCHEMA} at {file}. Got {got!r} instead. "
@@ -665,7 +709,7 @@ _RANGES: dict[tuple[str, str], tuple[float, float, str]] = {
 _ROUNDING = 1e-4
 
 
-def _check_document(doc: dict[str, Any], file: Path) -> None:
+def _check_document(doc: dict[str, Any], file: ResultsFile) -> None:
     """Check the parts of a results document that presentation reads: types, then every per-layer list as long as
     the hidden states it follows, cross-layer matrices of their shape, and bounded metrics in their range.
 

@@ -11,6 +11,7 @@ setting) is removed remotely too: the remote ``out`` is what one local ``out`` w
 
 from __future__ import annotations
 
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -123,6 +124,29 @@ class PublishedOut:
 
     def _skipped(self, name: str) -> bool:
         return name in self.skip or name.startswith(self.skip_under)
+
+    def url_of(self, path: Path | str) -> Path | str:
+        """A file of the local copy by its URL in the remote ``out`` (what outlives the run); any other as it is."""
+        if isinstance(path, Path) and path.is_relative_to(self.local):
+            return self.remote.child(path.relative_to(self.local).as_posix()).url
+        return path
+
+    def shown(self, text: str) -> str:
+        """``text`` (a message, a warning) with the local copy's paths written as the remote ``out``'s URLs: the copy
+        is a temporary folder, gone once the run ends, and moving or fixing a file there fixes nothing."""
+        for local in sorted({str(self.local), str(self.local.resolve())}, key=len, reverse=True):
+            text = re.sub(re.escape(local) + r"(?![\w.-])", lambda _: self.remote.url, text)  # not /tmp/x in /tmp/x2
+        return text
+
+    @contextmanager
+    def naming_urls(self) -> Iterator[None]:
+        """hrsa's errors raised inside (and the warnings they carry) name the out's files by their URLs."""
+        try:
+            yield
+        except HrsaError as error:
+            error.args = tuple(self.shown(a) if isinstance(a, str) else a for a in error.args)
+            error.warnings = tuple(self.shown(w) for w in error.warnings)
+            raise
 
 
 def _signature(path: Path) -> str:

@@ -45,6 +45,7 @@ from hrsa.store.errors import HrsaError, UserError
 
 if TYPE_CHECKING:
     from hrsa.analyze.config import AnalyzeConfig
+    from hrsa.analyze.job import AnalysisRun
     from hrsa.cluster.pipeline import DynamicsEntry, PairAnalysisSettings, PipelineConfig
     from hrsa.train.config import TrainConfig
 
@@ -149,9 +150,11 @@ def run_pipeline(config: PipelineConfig, *, console: Console | None = None,
             published = (PublishedOut.open(str(out), state_file=STATE_FILE, local=local_copy,
                                            skip=(PIPELINE_LOCK.lock_file,), check=still_held,
                                            skip_under=_written_remotely(config)) if is_url(out) else None)
-            if published is not None:
-                config = config.model_copy(update={"out": published.local})
-            return _run_stages(config, console or Console(), published, out)
+            if published is None:
+                return _run_stages(config, console or Console(), None, out)
+            config = config.model_copy(update={"out": published.local})
+            with published.naming_urls():  # not the local copy: a temporary folder, gone once the run ends
+                return _run_stages(config, console or Console(), published, out)
         except BaseException:
             # Only while the lock is held: a run refused by another's lock must not remove that run's lock file.
             _remove_if_unused(made)
@@ -194,8 +197,7 @@ def _remove_if_unused(made: list[Path]) -> None:
 def _run_stages(config: PipelineConfig, console: Console, published: PublishedOut | None, out: Any) -> PipelineResult:
     from hrsa.cluster.pipeline import analysis_keys
 
-    runner = _Runner(config, console, publish=published.push if published else None,
-                     state_name=f"{str(out).rstrip('/')}/{STATE_FILE}" if published else None)
+    runner = _Runner(config, console, published=published)
     # Step 1: training runs; Step 2: every model over each corpus of its pairs, and the dynamics checkpoints.
     trained = {run: runner.train(run, tc) for run, tc in config.train.items()}
     # The extractions share their workers (started once, each loading its model): they end before the analyses.
@@ -286,6 +288,22 @@ def _readable_results(path: Path, run_id: str) -> bool:
     return doc.get("run_id") == run_id
 
 
+def _analysis_written(folder: Path, outputs: Mapping[str, Any], run_id: str) -> bool:
+    """Whether every file the analysis wrote (results.json, rotations, figures) is in ``folder`` as it wrote it, by
+    digest: only results.json was checked, and a figure deleted or overwritten since stayed so at every re-run. A
+    record of an earlier hrsa, without the digests: whether its results.json reads as this stage's."""
+    if "files" not in outputs:
+        return _readable_results(folder / "results.json", run_id)
+    files = outputs["files"]
+    return isinstance(files, dict) and all(
+        (folder / name).is_file() and file_digest(folder / name) == digest for name, digest in files.items())
+
+
+def _written_files(run: AnalysisRun) -> dict[str, str]:
+    """Every file an analysis wrote into its folder, by name, with its digest (for :func:`_analysis_written`)."""
+    return {f.name: file_digest(f) for f in (run.saved.json_path, *run.saved.rotations, *run.figures)}
+
+
 def _dynamics_written(path: Path, outputs: Mapping[str, Any]) -> bool:
     """Whether the series' dynamics.json is the one its stage wrote (by its digest; a record of an earlier hrsa,
     without one: whether it reads as one). Its mere presence kept a truncated or edited file up to date, and the
@@ -362,15 +380,22 @@ class _Runner:
     store_ids: dict[str, str] = field(default_factory=dict)
     last_steps: dict[str, Path] = field(default_factory=dict)  # each dynamics series' last results.json
     _extracted: dict[str, _Extracted] = field(default_factory=dict)
-    publish: Callable[[], None] | None = None  # uploads a remote out's new files after each state write
-    state_name: str | None = None  # the state file as messages name it (its URL on a remote out, not the local copy)
+    # A remote out's local copy: uploaded after each state write, and its files named by their URLs in messages.
+    published: PublishedOut | None = None
     extraction_workers: ExtractionWorkers | None = None  # kept across the extraction stages
     _asked: dict[str, str] = field(default_factory=dict)  # each extraction stage asked for -> its own key
     _by_content: dict[str, str] = field(default_factory=dict)  # content key -> the stage that extracted it
 
     def __post_init__(self) -> None:
         self.config.out.mkdir(parents=True, exist_ok=True)
-        self.state = PipelineState(self.config.out / STATE_FILE, on_write=self.publish, shown_as=self.state_name)
+        path = self.config.out / STATE_FILE
+        self.state = (PipelineState(path) if self.published is None else
+                      PipelineState(path, on_write=self.published.push, shown_as=str(self.published.url_of(path))))
+
+    def _out_name(self, path: Path) -> str:
+        """An output as the state records it: relative to the out (a remote out's local copy is a temporary folder,
+        and a moved project keeps its out's layout), or where it is when elsewhere (a report.path)."""
+        return path.relative_to(self.config.out).as_posix() if path.is_relative_to(self.config.out) else str(path)
 
     def _announce(self, stage: str, reason: str | None) -> bool:
         """Print the stage's line; True when it must run."""
@@ -567,14 +592,14 @@ class _Runner:
         json_path = out_dir / "results.json"
         run_id = f"{stage.partition(':')[2][:100]}--{key[:12]}".replace("@", "-")
         reason = self.state.reason_to_run(
-            stage, key, lambda o: _readable_results(json_path, run_id) and self._recorded(options, run_id))
+            stage, key, lambda o: _analysis_written(out_dir, o, run_id) and self._recorded(options, run_id))
         if self._announce(stage, reason):
             # Recorded as started once its results are computed, before it writes: a run refused or failed before then
             # leaves the stage's record (and its earlier results) as they were.
-            self._run_analysis(options.analyze_config(store=self.config.store, pair=(a.store_id, b.store_id), out=out_dir,
-                                                      run_id=run_id), before_writing=lambda: self.state.start(stage, key),
-                               names=names)
-            self.state.finish(stage, key, {"results": str(json_path)})
+            run = self._run_analysis(options.analyze_config(store=self.config.store, pair=(a.store_id, b.store_id),
+                                                            out=out_dir, run_id=run_id),
+                                     before_writing=lambda: self.state.start(stage, key), names=names)
+            self.state.finish(stage, key, {"results": self._out_name(json_path), "files": _written_files(run)})
         return _Analyzed(json_path, key)
 
     def _auto_products(self, options: PairAnalysisSettings, a: _Extracted, b: _Extracted) -> dict[str, str]:
@@ -606,7 +631,8 @@ class _Runner:
         corpus = self.config.corpora[options.corpus]  # type: ignore[attr-defined]
         return options.model_copy(update={"labels": corpus.path, "id_field": options.id_field or corpus.id_field})
 
-    def _run_analysis(self, cfg: AnalyzeConfig, *, before_writing: Callable[[], None], names: SettingNames) -> None:
+    def _run_analysis(self, cfg: AnalyzeConfig, *, before_writing: Callable[[], None],
+                      names: SettingNames) -> AnalysisRun:
         from hrsa.analyze.job import run_analysis
 
         # replace: this stage's key names the run id, so a record under it is this stage's, from a run that stopped
@@ -617,10 +643,12 @@ class _Runner:
                                on_plan=lambda plan: progress.update(task, total=plan.passes * plan.inputs.n_tokens),
                                on_block=lambda n: progress.advance(task, n))
         self._print_warnings(run.warnings)
+        return run
 
     def _print_warnings(self, messages: Sequence[str]) -> None:
         for message in messages:  # hrsa's warnings as lines below the bar (as its verbs print them)
-            self.console.print(f"hrsa: warning: {message}", markup=False, emoji=False)
+            shown = self.published.shown(message) if self.published else message  # a remote out's files by URL
+            self.console.print(f"hrsa: warning: {shown}", markup=False, emoji=False)
 
     # -- Step 4: dynamics -------------------------------------------------------------------------------
     def dynamics(self, d: DynamicsEntry, checkpoints: Mapping[int, tuple[_Extracted, _Extracted]],
@@ -637,7 +665,7 @@ class _Runner:
         if self._announce(stage, self.state.reason_to_run(stage, key, lambda o: _dynamics_written(path, o))):
             self.state.start(stage, key)
             write_dynamics(path, runs=(d.a, d.b), steps=steps, results=[r.results for r in done], name=d.label)
-            self.state.finish(stage, key, {"dynamics": str(path), "digest": file_digest(path)})
+            self.state.finish(stage, key, {"dynamics": self._out_name(path), "digest": file_digest(path)})
         return _Analyzed(path, key)
 
     # -- Step 5: the report -----------------------------------------------------------------------------
@@ -660,12 +688,14 @@ class _Runner:
             return path.is_file() and outputs.get("digest") == file_digest(path)
 
         if self._announce("report", self.state.reason_to_run("report", key, written)):
-            from hrsa.analyze.report.html import write_report
+            from hrsa.analyze.report.html import read_report_inputs, write_report
 
             self.state.start("report", key)
-            write_report(shown, path, dynamics=[d.results for d in dynamics.values()], title=self.config.report.title,
-                         thresholds=self.config.report.thresholds(), comparisons=comparisons,
-                         description=self.config.report.description)
-            self.state.finish("report", key, {"report": str(path), "digest": file_digest(path)})
+            inputs = read_report_inputs(shown, dynamics=[d.results for d in dynamics.values()])
+            if self.published is not None:  # the page names the results where they stay: at their URLs
+                inputs = inputs.named(self.published.url_of)
+            write_report(inputs, path, title=self.config.report.title, thresholds=self.config.report.thresholds(),
+                         comparisons=comparisons, description=self.config.report.description)
+            self.state.finish("report", key, {"report": self._out_name(path), "digest": file_digest(path)})
         return path
 

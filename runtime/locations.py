@@ -29,7 +29,7 @@ from hrsa.store.errors import UserError
 if TYPE_CHECKING:
     import pyarrow.fs
 
-__all__ = ["Location", "LocationError", "is_url", "parse_location"]
+__all__ = ["Location", "LocationError", "beside", "is_url", "parse_location", "read_text"]
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _COPY_ATTEMPTS = 3  # copies of a remote folder whose files keep changing under them, before giving up
@@ -261,3 +261,22 @@ def parse_location(text: str | Path) -> Location:
                             f"hdfs://...). Got {url} ({type(error).__name__}: {error}) instead. Check the URL, the "
                             "bucket and the credentials (for S3: AWS_* variables or an instance profile).") from None
     return Location(url, filesystem, path.rstrip("/"))
+
+
+def read_text(where: Path | str) -> str:
+    """The text of a local file, or of the file at a URL (a pipeline's remote out: ``s3://bucket/out/...``).
+
+    Raises:
+        OSError: nothing readable there (a storage error included); UnicodeDecodeError: not text; LocationError: a
+            URL whose filesystem does not answer.
+    """
+    return parse_location(where).read_text() if is_url(where) else Path(where).read_text()
+
+
+def beside(file: Path | str, name: str) -> Path | str:
+    """``name`` relative to the folder of ``file`` (a path or a URL), as ``Path(file).parent / name`` joins paths. In
+    a URL, ``..`` is taken away (an object store has no parent folders to follow); an absolute path stays itself."""
+    if not is_url(file) or os.path.isabs(name):
+        return Path(file).parent / name
+    scheme, _, rest = str(file).partition("://")
+    return f"{scheme}://{posixpath.normpath(posixpath.join(posixpath.dirname(rest), name))}"

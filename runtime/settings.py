@@ -22,8 +22,9 @@ from hrsa.runtime.locations import is_url
 from hrsa.store.errors import UserError
 from hrsa.store.local_files import check_output_file, check_outside_stores, check_writable
 
-__all__ = ["EXPLICIT_NONE", "SETTING_NAMES", "FilePath", "FolderLocation", "FolderPath", "Problems", "SettingNames",
-           "paths_elsewhere", "flag_name", "load_settings", "parse_settings", "read_yaml_mapping", "renamed_flags", "validation_problems"]
+__all__ = ["EXPLICIT_NONE", "SETTING_NAMES", "FilePath", "FolderLocation", "FolderPath", "InputLocation",
+           "LocalFilePath", "Problems", "SettingNames", "paths_elsewhere", "flag_name", "load_settings", "parse_settings",
+           "read_yaml_mapping", "renamed_flags", "validation_problems"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -151,6 +152,21 @@ def _local_store_under_folders(value: str) -> str:
 
 StoreUrl = Annotated[str, AfterValidator(_local_store_under_folders)]
 """A store: a URL (checked when opened), or a local path refused at validation when a file stands above it."""
+
+def _not_a_url(value: Path | str) -> Path:
+    if isinstance(value, str):  # a local path is a Path by now
+        raise ValueError(f"expected a local file, got the URL {value}; write to a local file and copy it there "
+                         "(aws s3 cp...)")
+    return value
+
+
+LocalFilePath = Annotated[FilePath | str, BeforeValidator(_path_unless_url), AfterValidator(_not_a_url)]
+"""An output file (:data:`FilePath`) where users may type a URL: refused by name (as a Path, ``s3://b/r.html`` was
+the local file ./s3:/b/r.html, written there)."""
+
+InputLocation = Annotated[Path | str, BeforeValidator(_path_unless_url)]
+"""A file or folder to read that may be remote: a URL stays a string (``s3://bucket/out/report``: a Path would read
+it as the local path ./s3:/bucket/...), a local path becomes a Path."""
 
 FolderLocation = Annotated[Path | str, BeforeValidator(_path_unless_url), AfterValidator(_local_not_a_file)]
 """An output folder that may be remote: a URL stays a string (``s3://bucket/runs/a``, checked when it is opened,

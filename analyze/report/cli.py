@@ -30,7 +30,7 @@ from hrsa.analyze.report.summary import (
     Thresholds,
 )
 from hrsa.runtime.cli_options import config_file_option, config_options
-from hrsa.runtime.settings import FilePath
+from hrsa.runtime.settings import InputLocation, LocalFilePath
 
 __all__ = ["ReportConfig", "VerdictRules", "report"]
 
@@ -67,11 +67,13 @@ class ReportConfig(VerdictRules):
     """Validated settings of one ``hrsa report`` run: equal to the flags and the YAML file (flag > YAML > default)."""
 
     results: tuple[str, ...] = Field((), validate_default=True, description="results.json files of `hrsa analyze`, "
-                                     "or folders holding one, one per analysed pair (the RESULTS arguments).")
-    out: FilePath = Field(Path("report.html"), description="The HTML file to write (a regular file there is "
-                          "replaced; anything else, or a path inside an hrsa store, is refused).")
-    dynamics: tuple[Path, ...] = Field((), description="hrsa.dynamics/1 files (one results.json per training step), one "
-                                       "per series, for the training-dynamics section (repeat the flag for several).")
+                                     "or folders holding one, one per analysed pair (the RESULTS arguments); paths "
+                                     "or URLs (s3://bucket/out/pairs: a pipeline's remote out).")
+    out: LocalFilePath = Field(Path("report.html"), description="The HTML file to write (a regular file there is "
+                               "replaced; anything else, a URL, or a path inside an hrsa store, is refused).")
+    dynamics: tuple[InputLocation, ...] = Field((), description="hrsa.dynamics/1 files (one results.json per training "
+                                                "step), one per series, for the training-dynamics section (repeat the "
+                                                "flag for several); paths or URLs.")
     title: str | None = Field(None, description="Title of the report (default: the pairs compared).")
 
     @field_validator("results", "dynamics", mode="before")

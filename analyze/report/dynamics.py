@@ -38,8 +38,9 @@ from typing import Any
 import numpy as np
 
 from hrsa.analyze.report.summary import KNN_K, embedding_skip, floats, knn_k, layer_values
-from hrsa.analyze.results import ResultsFileError, read_results
+from hrsa.analyze.results import ResultsFile, ResultsFileError, read_results
 from hrsa.runtime.files import write_atomic
+from hrsa.runtime.locations import beside, is_url, parse_location, read_text
 
 __all__ = ["SCHEMA", "Curve", "Dynamics", "DynamicsError", "MeanChange", "load_dynamics", "mean_changes",
            "write_dynamics"]
@@ -92,7 +93,7 @@ class Dynamics:
 
     runs: tuple[str, str]
     steps: tuple[int, ...]
-    results: tuple[Path, ...]
+    results: tuple[ResultsFile, ...]
     pairs: tuple[tuple[str, str], ...]
     cka: Curve | None
     dimcorr: Curve | None
@@ -178,7 +179,8 @@ def load_dynamics(path: Path | str, *, exclude_embedding: bool = True) -> Dynami
     """Read a dynamics file and every step's results.json into curves.
 
     Args:
-        path: the dynamics file, or the folder holding it as ``dynamics.json``.
+        path: the dynamics file, or the folder holding it as ``dynamics.json``; a URL (``s3://...``) too, whose
+            steps' results are then read at URLs beside it.
         exclude_embedding: leave the embedding output (hidden state 0) out of each step's means where others remain,
             as the verdicts do by default (:meth:`Dynamics.averaged` switches afterwards).
 
@@ -187,9 +189,7 @@ def load_dynamics(path: Path | str, *, exclude_embedding: bool = True) -> Dynami
             two run names, a step repeated, negative or not an integer, a name that is not text), a step's
             results.json missing or invalid, or steps that compared other tokens (:func:`_check_same_tokens`).
     """
-    path = Path(path)
-    if path.is_dir():  # a series' folder, as a pair's folder stands for its results.json
-        path = path / "dynamics.json"
+    path = _dynamics_file(path)
     doc = _read_json(path)
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
         got = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
@@ -210,13 +210,27 @@ def load_dynamics(path: Path | str, *, exclude_embedding: bool = True) -> Dynami
     )
 
 
+def _dynamics_file(path: Path | str) -> ResultsFile:
+    """The file ``path`` names: itself, or a series' folder's dynamics.json (as a pair's folder stands for its
+    results.json), on this machine or at a URL (a pipeline's remote out)."""
+    if is_url(path):
+        where = parse_location(path)
+        try:
+            folder = where.kind() == "folder"
+        except OSError:  # reading it says what went wrong, naming the URL
+            folder = False
+        return where.child("dynamics.json").url if folder else where.url
+    path = Path(path)
+    return path / "dynamics.json" if path.is_dir() else path
+
+
 #: What makes two steps' numbers points of one curve: the same tokens compared, at the same hidden states.
 _SAME_TOKENS = ("corpus", "token_filter", "n_tokens", "matched_hidden_states")
 #: And of k-NN curves: the same seeded subsample of those tokens, at the same hidden states.
 _SAME_KNN_SAMPLE = ("n_tokens", "seed", "hidden_states")
 
 
-def _check_same_tokens(steps: Sequence[tuple[int, Mapping[str, Any]]], path: Path) -> None:
+def _check_same_tokens(steps: Sequence[tuple[int, Mapping[str, Any]]], path: ResultsFile) -> None:
     """Refuse steps whose results compared other tokens than the first step's (another corpus, token filter or token
     count) or other hidden states: a curve through them would join numbers that measure different things.
 
@@ -261,7 +275,7 @@ def _check_steps(steps: list[Any]) -> list[int]:
     return [int(s) for s in steps]
 
 
-def _parse_dynamics(doc: Mapping[str, Any], path: Path) -> tuple[tuple[str, str], list[tuple[int, Path]]]:
+def _parse_dynamics(doc: Mapping[str, Any], path: ResultsFile) -> tuple[tuple[str, str], list[tuple[int, ResultsFile]]]:
     """The runs and the (step, results path) entries, sorted by step, of a dynamics document, checked as
     :func:`write_dynamics` checks its arguments.
 
@@ -283,7 +297,8 @@ def _parse_dynamics(doc: Mapping[str, Any], path: Path) -> tuple[tuple[str, str]
         numbers_ = _check_steps([e["step"] for e in steps])
     except DynamicsError as error:
         raise DynamicsError(f"{error} In {path}: each training step once, with one results.json.") from None
-    return (runs[0], runs[1]), sorted((s, path.parent / e["results"]) for s, e in zip(numbers_, steps))
+    # Beside a remote dynamics file, its steps' results are at URLs too.
+    return (runs[0], runs[1]), sorted((s, beside(path, e["results"])) for s, e in zip(numbers_, steps))
 
 
 def mean_changes(dyn: Dynamics, *, k: int = KNN_K) -> list[MeanChange]:
@@ -358,8 +373,9 @@ def _relative(file: Path, folder: Path) -> str:
     return os.path.relpath(file, folder) if file.is_relative_to(folder) else str(file)
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: ResultsFile) -> Any:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise DynamicsError(f"Expected a readable JSON file at {path}. Got an error instead: {error}.") from None
+        return json.loads(read_text(path))
+    except (OSError, ValueError) as error:  # a storage's error may span lines: the message stays one
+        raise DynamicsError(f"Expected a readable JSON file at {path}. Got an error instead: "
+                            f"{' '.join(str(error).split())}.") from None

@@ -9,8 +9,8 @@ script. Every text from the results is escaped.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,9 @@ from hrsa.analyze.report.sections import (
     warnings_section,
 )
 from hrsa.analyze.report.summary import Comparison, Thresholds, check_comparisons, summarize
-from hrsa.analyze.results import find_results, read_results
+from hrsa.analyze.results import ResultsFile, find_results, read_results
 from hrsa.runtime.files import write_atomic
+from hrsa.runtime.locations import is_url
 from hrsa.store.errors import UserError
 
 __all__ = ["ReportInputs", "ReportOutError", "read_report_inputs", "render_report", "report_warnings", "write_report"]
@@ -47,25 +48,34 @@ class ReportInputs:
         dynamics_files: those files.
     """
 
-    docs: tuple[tuple[Path, dict[str, Any]], ...]
+    docs: tuple[tuple[ResultsFile, dict[str, Any]], ...]
     dynamics: tuple[Dynamics, ...] = ()
-    dynamics_files: tuple[Path, ...] = ()
+    dynamics_files: tuple[ResultsFile, ...] = ()
 
-    def files(self) -> list[tuple[str, Path]]:
-        """(what, path) of every file read: results.json files, dynamics files, and each series' steps."""
+    def files(self) -> list[tuple[str, ResultsFile]]:
+        """(what, path or URL) of every file read: results.json files, dynamics files, and each series' steps."""
         return ([("results file", f) for f, _ in self.docs] + [("dynamics file", f) for f in self.dynamics_files]
                 + [("results file of a dynamics step", f) for d in self.dynamics for f in d.results])
+
+    def named(self, name: Callable[[ResultsFile], ResultsFile]) -> ReportInputs:
+        """These inputs with every file named as ``name`` says, for the page: a pipeline's remote out names its
+        files by their URLs, not by its local copy (a temporary folder, gone once the run ends)."""
+        return ReportInputs(tuple((name(f), doc) for f, doc in self.docs),
+                            tuple(replace(d, results=tuple(name(f) for f in d.results)) for d in self.dynamics),
+                            tuple(name(f) for f in self.dynamics_files))
 
 
 def read_report_inputs(results: Sequence[Path | str], *,
                        dynamics: Path | str | Sequence[Path | str] | None = None) -> ReportInputs:
-    """Read and check the results.json files (or folders holding one) and dynamics files of a report.
+    """Read and check the results.json files (or folders holding one) and dynamics files of a report, on this
+    machine or at URLs (``s3://bucket/out/pairs``: a pipeline's remote out), each named as given.
 
     Raises:
         ResultsFileError: an empty list, a path without results.json, an invalid results or dynamics file.
     """
     docs = tuple(read_results(f) for f in find_results(results))
-    files = tuple(Path(f) for f in ([dynamics] if isinstance(dynamics, (str, Path)) else list(dynamics or ())))
+    given = [dynamics] if isinstance(dynamics, (str, Path)) else list(dynamics or ())
+    files = tuple(f if is_url(f) else Path(f) for f in given)  # a URL read where it is (Path() would mangle it)
     return ReportInputs(docs, tuple(load_dynamics(f) for f in files), files)
 
 
@@ -79,6 +89,8 @@ def _check_out(out: Path, inputs: ReportInputs) -> None:
     """Refuse an output path that is one of the inputs (the report would overwrite it)."""
     target = out.resolve()
     for what, path in inputs.files():
+        if isinstance(path, str):  # a URL: never the local file written
+            continue
         if path.resolve() == target or (out.exists() and path.exists() and os.path.samefile(out, path)):
             raise ReportOutError(f"Expected --out to be a file apart from the report's inputs. Got {out}, the {what} "
                                  f"{path} it reads, instead. Pick another --out.")
@@ -125,9 +137,10 @@ def write_report(results: Sequence[Path | str] | ReportInputs, out: Path | str, 
     return write_atomic(out, page)
 
 
-def render_report(docs: Sequence[tuple[Path, Mapping[str, Any]]], *, dynamics: Dynamics | Sequence[Dynamics] | None = None,
-                  title: str | None = None, thresholds: Thresholds | None = None,
-                  comparisons: Sequence[Comparison] | None = None, description: str | None = None) -> str:
+def render_report(docs: Sequence[tuple[ResultsFile, Mapping[str, Any]]], *,
+                  dynamics: Dynamics | Sequence[Dynamics] | None = None, title: str | None = None,
+                  thresholds: Thresholds | None = None, comparisons: Sequence[Comparison] | None = None,
+                  description: str | None = None) -> str:
     """The report's HTML for ``(path, document)`` pairs as :func:`hrsa.analyze.results.read_results` returns them."""
     from hrsa import __version__
 

@@ -66,7 +66,7 @@ def overview_section(summaries: Sequence[PairSummary]) -> str:
             "restructured (details and thresholds below).</p>" + table(["pair", *LEVELS], rows))
 
 
-def pair_section(i: int, path: Path, doc: Mapping[str, Any], summary: PairSummary, t: Thresholds) -> str:
+def pair_section(i: int, path: Path | str, doc: Mapping[str, Any], summary: PairSummary, t: Thresholds) -> str:
     """Everything about the ``i``-th pair, read from its results.json ``doc`` (found at ``path``)."""
     a, b = str(doc["a"]), str(doc["b"])
     m = doc["metrics"]
@@ -159,7 +159,7 @@ def thresholds_section(t: Thresholds) -> str:
             "<em>no signal</em> where the probes ran but no source readout beat chance: nothing carries over to measure.</p>" + table(["metric", "preserved when"], rows))
 
 
-def _provenance(path: Path, doc: Mapping[str, Any]) -> str:
+def _provenance(path: Path | str, doc: Mapping[str, Any]) -> str:
     settings = doc.get("settings", {})
     models = doc.get("models") or {}
     items = {"model A (rows)": _model_line(doc["a"], models.get("a")), "model B (columns)": _model_line(doc["b"], models.get("b")),
@@ -201,7 +201,7 @@ def _store_key(store: Any) -> str | None:
     return os.path.normpath(text.removeprefix("file://"))
 
 
-def identity_warnings(docs: Sequence[tuple[Path, Mapping[str, Any]]]) -> list[str]:
+def identity_warnings(docs: Sequence[tuple[Path | str, Mapping[str, Any]]]) -> list[str]:
     """One line per model id that names different models (different identities) across the results: a model
     deleted from the store and another extracted under its id between two analyses. Results without identities
     (an earlier hrsa) say nothing either way."""

@@ -157,6 +157,39 @@ def test_a_damaged_results_file_reruns_its_analysis(copy: Workspace, damage: str
     assert got["a"] == "llama" and (got["run_id"], got["n_tokens"], got["metrics"]) == (want["run_id"], want["n_tokens"], want["metrics"])
 
 
+@pytest.mark.parametrize("damage", ["figure deleted", "figure changed", "rotation deleted"])
+def test_a_deleted_or_changed_output_of_an_analysis_reruns_only_it(copy: Workspace, damage: str) -> None:
+    """Only results.json was checked: a figure (or a rotation) deleted or overwritten after a run stayed so at every
+    re-run. The stage records every file it wrote by its digest (as dynamics.json and the report are), and is the one
+    stage run again; its record names its results relative to the out."""
+    folder = copy.root / "out" / "pairs" / "llama--qwen"
+    config = copy.config()
+    if damage == "rotation deleted":  # Procrustes' rotations are saved when asked for
+        config = copy.config(pairs=[{**copy.values["pairs"][0], "save_rotation": True}])
+        run_pipeline(config, console=quiet())
+    target = sorted(folder.glob("*.npy" if damage == "rotation deleted" else "*.png"))[0]
+    if damage == "figure changed":
+        target.write_bytes(target.read_bytes() + b"edited")
+    else:
+        target.unlink()
+    result = run_pipeline(config, console=quiet())
+    assert result.ran == ("analyze:llama--qwen",), {s.name: s.reason for s in result.stages}
+    assert {s.name: s.reason for s in result.stages}["analyze:llama--qwen"] == "its outputs are missing"
+    assert target.is_file() and not target.read_bytes().endswith(b"edited")
+    outputs = copy.state()["analyze:llama--qwen"]["outputs"]
+    assert outputs["results"] == "pairs/llama--qwen/results.json" and target.name in outputs["files"]
+    assert run_pipeline(config, console=quiet()).ran == ()
+
+
+def test_an_analysis_record_of_an_earlier_hrsa_without_digests_is_checked_as_before(copy: Workspace) -> None:
+    """A record written before the stages kept their files' digests: its results.json is checked as it was, and the
+    stage stays up to date (an upgrade runs no analysis again)."""
+    doc = json.loads((copy.root / "out" / STATE_FILE).read_text())
+    doc["stages"]["analyze:llama--qwen"]["outputs"].pop("files", None)
+    (copy.root / "out" / STATE_FILE).write_text(json.dumps(doc))
+    assert run_pipeline(copy.config(), console=quiet()).ran == ()
+
+
 @pytest.mark.parametrize("data", ["missing", "empty"])
 def test_a_training_run_without_data_is_refused_before_anything_is_created(tmp_path: Path, tiny_models: Any,
                                                                             data: str) -> None:
@@ -1212,3 +1245,5 @@ def test_a_damaged_dynamics_file_runs_its_stage_again(tmp_path: Path, tiny_model
     again = run_pipeline(parse_pipeline({**values, "report": {"title": "another title"}}), console=quiet())
     assert again.ran == ("dynamics:ra--rb", "report") and path.read_text().startswith(written[:60])
     assert {s.name: s.reason for s in again.stages}["dynamics:ra--rb"] == "its outputs are missing"
+    recorded = json.loads((tmp_path / "out" / STATE_FILE).read_text())["stages"]["dynamics:ra--rb"]["outputs"]
+    assert recorded["dynamics"] == "dynamics/ra--rb/dynamics.json"  # relative to the out, as the results are

@@ -276,3 +276,159 @@ def test_a_storage_error_reaching_the_remote_out_is_one_line_naming_it(remote: L
     message = str(caught.value)
     assert "\n" not in message and remote.url in message and "NETWORK_CONNECTION" in message, message
     assert "Re-run the same pipeline" in message
+
+
+# --- one pipeline run into an S3 out, read by the tests below ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def s3_run(s3_endpoint: str, tiny_models: Any, ray_local: Any,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Location, dict[str, Any], Path]]:
+    """(the S3 out, its pipeline, the local copy the run wrote) of one run of a pair into S3 (CKA and Procrustes: its
+    folder holds results.json and figures)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+        remote = parse_location(f"s3://hrsa-test/out-{uuid.uuid4().hex[:8]}")
+        root = tmp_path_factory.mktemp("s3-run")
+        corpus = root / "words.jsonl"
+        corpus.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(TEXTS)))
+        values = {"store": str(root / "store"), "out": remote.url, "corpora": {"words": {"path": str(corpus)}},
+                  "models": {"llama": {"model": str(tiny_models.dir("llama"))},
+                             "qwen": {"model": str(tiny_models.dir("qwen2"))}},
+                  "pairs": [{"a": "llama", "b": "qwen", "corpus": "words", "metrics": ["cka", "procrustes"],
+                             "scheduler": "threads"}]}
+        run_pipeline(parse_pipeline(values), console=Console(quiet=True), local_copy=root / "copy")
+        yield remote, values, root / "copy"
+
+
+def test_an_s3_outs_state_and_report_name_no_local_copy(s3_run: tuple[Location, dict[str, Any], Path]) -> None:
+    """The state recorded the results, dynamics and report at their paths in the run's local copy (a temporary folder,
+    gone once the run ended), and the report's page named the results files there."""
+    remote, _, local_copy = s3_run
+    state = remote.child(STATE_FILE).read_text()
+    assert str(local_copy) not in state and "hrsa-out-" not in state, state
+    stages = json.loads(state)["stages"]
+    assert stages["analyze:llama--qwen"]["outputs"]["results"] == "pairs/llama--qwen/results.json"
+    assert stages["report"]["outputs"]["report"] == "report.html"
+    page = remote.child("report.html").read_text()
+    assert str(local_copy) not in page and f"{remote.url}/pairs/llama--qwen/results.json" in page
+
+
+def test_a_figure_deleted_from_an_s3_out_is_drawn_again(s3_run: tuple[Location, dict[str, Any], Path],
+                                                        tmp_path: Path) -> None:
+    """A figure deleted from the out after a run stayed missing: the analysis was up to date while its results.json
+    read. Now the stage's record holds every file it wrote, by digest: that one stage runs again."""
+    remote, values, _ = s3_run
+    figure = next(n for n in sorted(remote.files()) if n.startswith("pairs/") and n.endswith(".png"))
+    remote.child(figure).delete()
+    again = run_pipeline(parse_pipeline(values), console=Console(quiet=True), local_copy=tmp_path / "again")
+    assert again.ran == ("analyze:llama--qwen",), {s.name: s.reason for s in again.stages}
+    assert {s.name: s.reason for s in again.stages}["analyze:llama--qwen"] == "its outputs are missing"
+    assert figure in remote.files()
+    again = run_pipeline(parse_pipeline(values), console=Console(quiet=True), local_copy=tmp_path / "third")
+    assert again.ran == ()
+
+
+def _s3_dynamics(remote: Location, local: Path, results: Path) -> str:
+    """A dynamics series of two steps (copies of ``results``) in ``local``, uploaded beside ``remote``: its URL."""
+    from hrsa.analyze.report.dynamics import write_dynamics
+
+    steps = [local / f"step-{s}" / "results.json" for s in (0, 1)]
+    for step in steps:
+        step.parent.mkdir(parents=True)
+        step.write_bytes(results.read_bytes())
+    write_dynamics(local / "dynamics.json", runs=("ra", "rb"), steps=[0, 1], results=steps)
+    url = f"{remote.url}-dynamics"
+    for path in (local / "dynamics.json", *steps):
+        parse_location(f"{url}/{path.relative_to(local).as_posix()}").write(path.read_bytes())
+    return url
+
+
+def test_hrsa_report_reads_results_and_dynamics_on_s3_as_it_reads_local_ones(
+        s3_run: tuple[Location, dict[str, Any], Path], tmp_path: Path) -> None:
+    """`hrsa report s3://...` read the URL as the local path ./s3:/...: a pipeline's results on S3 could not be
+    reported without copying them down by hand. Folders, files and dynamics files on S3 read as local ones do; the
+    page names them by their URLs."""
+    remote, _, _ = s3_run
+    local = tmp_path / "local"  # the same files, on this machine
+    for name in remote.files():
+        if name.startswith("pairs/"):
+            (local / name).parent.mkdir(parents=True, exist_ok=True)
+            (local / name).write_bytes(remote.child(name).read_bytes())
+    dynamics = _s3_dynamics(remote, tmp_path / "dyn", local / "pairs" / "llama--qwen" / "results.json")
+    pair = "pairs/llama--qwen/results.json"
+    runs = {}
+    for where, results, series in (("local", [str(local / "pairs"), str(local / pair)], tmp_path / "dyn"),
+                                   ("s3", [f"{remote.url}/pairs", f"{remote.url}/{pair}"], dynamics)):
+        runs[where] = CliRunner().invoke(cli, ["report", *results, "--dynamics", f"{series}/dynamics.json",
+                                               "--out", str(tmp_path / f"{where}.html")])
+        assert runs[where].exit_code == 0, runs[where].output
+    assert runs["s3"].stdout.replace("s3.html", "local.html") == runs["local"].stdout and not runs["s3"].stderr
+    pages = {w: re.sub(r" on \S+ from ", " on NOW from ", (tmp_path / f"{w}.html").read_text()) for w in runs}
+    assert f"{remote.url}/{pair}" in pages["s3"] and f"{dynamics}/step-1/results.json" in pages["s3"]
+    assert pages["s3"].replace(dynamics, str(tmp_path / "dyn")).replace(remote.url, str(local)) == pages["local"]
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "missing folder", "damaged dynamics", "missing step"])
+def test_a_missing_or_damaged_remote_report_input_is_one_line_naming_its_url(
+        s3_run: tuple[Location, dict[str, Any], Path], tmp_path: Path, damage: str) -> None:
+    """As for a local file: one line naming the URL, exit code 2, no report written."""
+    remote, _, _ = s3_run
+    base = f"{remote.url}-bad-{uuid.uuid4().hex[:6]}"
+    good = remote.child("pairs/llama--qwen/results.json").read_bytes()
+    args, named = [f"{remote.url}/pairs/llama--qwen"], f"{base}/results.json"
+    if damage == "missing":
+        args = [named]
+    elif damage == "truncated":
+        parse_location(named).write(good[: len(good) // 2])
+        args = [named]
+    elif damage == "missing folder":
+        args, named = [base], base
+    elif damage == "damaged dynamics":
+        parse_location(f"{base}/dynamics.json").write(b'{"schema": "hrsa.dynamics/1", "runs": ')
+        args, named = [*args, "--dynamics", f"{base}/dynamics.json"], f"{base}/dynamics.json"
+    else:
+        url = _s3_dynamics(parse_location(base), tmp_path / "dyn", _local_copy(good, tmp_path))
+        parse_location(f"{url}/step-1/results.json").delete()
+        args, named = [*args, "--dynamics", url], f"{url}/step-1/results.json"
+    result = CliRunner().invoke(cli, ["report", *args, "--out", str(tmp_path / "r.html")])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert result.stderr.startswith("hrsa: error: Expected") and named in result.stderr, result.stderr
+    assert not (tmp_path / "r.html").exists()
+
+
+def _local_copy(data: bytes, tmp_path: Path) -> Path:
+    path = tmp_path / "copy" / "results.json"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data)
+    return path
+
+
+def test_an_error_about_a_damaged_remote_file_names_its_url(s3_run: tuple[Location, dict[str, Any], Path],
+                                                           tmp_path: Path) -> None:
+    """A folder where the out's report.html goes (objects under report.html/): the refusal named the file in the run's
+    local copy, a temporary folder gone once the run ended, instead of the URL where it is."""
+    from hrsa.cluster.runner import PIPELINE_LOCK
+    from hrsa.store.errors import UserError
+
+    remote, values, _ = s3_run
+    out = parse_location(f"{remote.url}-damaged")
+    for name in remote.files():  # the run's out, up to date but for its report
+        if name not in ("report.html", PIPELINE_LOCK.lock_file):
+            out.child(name).write(remote.child(name).read_bytes())
+    out.child("report.html/index.html").write(b"<html/>")
+    with pytest.raises(UserError) as caught:
+        run_pipeline(parse_pipeline({**values, "out": out.url}), console=Console(quiet=True),
+                     local_copy=tmp_path / "copy")
+    message = str(caught.value)
+    assert f"{out.url}/report.html" in message and str(tmp_path / "copy") not in message, message
+
+
+def test_a_report_out_that_is_a_url_is_refused(s3_run: tuple[Location, dict[str, Any], Path], tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """`hrsa report s3://... --out s3://b/r.html` wrote the local file ./s3:/b/r.html and said "wrote s3:/b/r.html"."""
+    remote, _, _ = s3_run
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["report", f"{remote.url}/pairs", "--out", f"{remote.url}/r.html"])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert f"{remote.url}/r.html" in result.stderr and "local file" in result.stderr, result.stderr
+    assert list(tmp_path.iterdir()) == [] and "r.html" not in remote.files()
