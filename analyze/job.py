@@ -39,6 +39,7 @@ from hrsa.runtime.progress import gathered_warnings
 from hrsa.runtime.settings import SettingNames, flag_name, renamed_flags
 from hrsa.store import ActivationStore
 from hrsa.store.errors import HrsaError, UserError
+from hrsa.store.local_files import check_output_file
 from hrsa.store.selection import TokenSelection
 
 if TYPE_CHECKING:
@@ -111,6 +112,8 @@ def run_analysis(
         store = ActivationStore.open(config.store, mode="r+" if config.store_results else "r")
         if config.store_results and config.run_id and not (replace and config.run_id in store.results_ids()):
             check_run_id_free(store, config.run_id)
+        if not replace:  # the out folder is the user's: what stands at an output's name is refused, not replaced
+            _check_output_names(config.out)
         # Step 2: the comparison; each warning once, gathered so that it prints below a progress bar, not through it.
         with gathered_warnings() as warned:
             results = _compare(store, config, on_plan, on_block, names)
@@ -172,8 +175,9 @@ def _write_outputs(results: PairResults, config: AnalyzeConfig, store: Activatio
         written = [*(p.name for p in (*rotations, *figures)), "results.json"]  # results.json last
         # The earlier results.json goes first: a stop between the renames leaves a folder without one (unfinished),
         # not one whose results.json describes another run than the files beside it.
-        (out / "results.json").unlink(missing_ok=True)
+        _clear(out / "results.json", replace)
         for name in written:
+            _clear(out / name, replace)  # a folder at an output's name: the pipeline's own folder holds none it keeps
             os.replace(staging / name, out / name)
         for folder in out.glob(f"{STAGING_PREFIX}*"):  # this run's, now empty, and any a killed run left
             shutil.rmtree(folder, ignore_errors=True)
@@ -223,6 +227,21 @@ def _let_go(store: ActivationStore, run_id: str) -> None:
         store.delete_results(run_id)
     except UserError:
         pass
+
+
+def _check_output_names(out: Path) -> None:
+    """Refuse, before any pass, an --out whose output names (results.json, the figures, rotations) something other
+    than a regular file holds: a folder there failed the renames once every pass had run."""
+    for path in (out / "results.json", *(out / name for name in FIGURE_NAMES), *out.glob("procrustes_rotation_*.npy")):
+        check_output_file(path, flag="--out")
+
+
+def _clear(path: Path, folders_too: bool) -> None:
+    """Remove the file at ``path`` (and, in a folder the caller owns, a folder there) before a rename onto it."""
+    if folders_too and path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _first_missing(folder: Path) -> Path | None:

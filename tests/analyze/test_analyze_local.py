@@ -117,3 +117,19 @@ def test_cli_hidden_states_out_of_range_from_the_end_is_one_line(labelled_store,
                           "--backend", "numpy", "--out", str(out), "--no-store-results")
     assert code == 2 and stderr.count("\n") == 1, stderr
     assert "(0, 1; from the end -2, -1). Got -3 instead" in stderr and not out.exists()
+
+
+@pytest.mark.parametrize("name", ["results.json", "layers.png", "procrustes_rotation_0.npy"])
+def test_an_output_name_held_by_a_folder_is_refused_before_any_work(pair_store, tmp_path: Path, monkeypatch,
+                                                                    name: str) -> None:
+    """A folder at --out/results.json failed with IsADirectoryError once every pass had run (and the run's store
+    record was taken); the README promises a refusal before any work for an output path something else holds."""
+    import hrsa.analyze.job as job
+
+    out = tmp_path / "o"
+    (out / name / "kept").mkdir(parents=True)
+    monkeypatch.setattr(job, "_compare", lambda *a, **k: pytest.fail("the passes ran"))
+    code, _, stderr = run("--store", pair_store.url, "--pair", "a", "b", "--metrics", "cka,procrustes",
+                          "--save-rotation", "--out", str(out), "--no-store-results")
+    assert code == 2 and stderr.count("\n") == 1 and str(out / name) in stderr, stderr
+    assert (out / name / "kept").is_dir() and sorted(p.name for p in out.iterdir()) == [name]

@@ -141,15 +141,20 @@ def _foreign(text: str) -> str:
     return json.dumps({**doc, "run_id": "llama--qwen--20261205T000213Z", "n_tokens": doc["n_tokens"] // 2})
 
 
-@pytest.mark.parametrize("damage", ["truncated", "forged", "foreign"])
+@pytest.mark.parametrize("damage", ["truncated", "forged", "foreign", "a folder"])
 def test_a_damaged_results_file_reruns_its_analysis(copy: Workspace, damage: str) -> None:
     """Only the file's existence was checked: a truncated results.json kept its analysis "up to date", and the report
     stage failed on every re-run with a line that named no fix. Another analysis's results.json written into the
-    pair's folder (a readable one) was kept as the pipeline's, and the report showed its numbers as the pair's."""
+    pair's folder (a readable one) was kept as the pipeline's, and the report showed its numbers as the pair's. A
+    folder at results.json (the pair's folder is the pipeline's own) failed the re-run with IsADirectoryError."""
     path = copy.root / "out" / "pairs" / "llama--qwen" / "results.json"
     text = path.read_text()
-    path.write_text(text[: len(text) // 2] if damage == "truncated" else _foreign(text) if damage == "foreign" else
-                    text.replace('"diagonal": [', '"diagonal": ["x", ', 1))
+    if damage == "a folder":
+        path.unlink()
+        (path / "x").mkdir(parents=True)
+    else:
+        path.write_text(text[: len(text) // 2] if damage == "truncated" else _foreign(text) if damage == "foreign" else
+                        text.replace('"diagonal": [', '"diagonal": ["x", ', 1))
     result = run_pipeline(copy.config(), console=quiet())
     assert result.ran == ("analyze:llama--qwen",)  # the same inputs again: the report's are unchanged
     assert {s.name: s.reason for s in result.stages}["analyze:llama--qwen"] == "its outputs are missing"
