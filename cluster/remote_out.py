@@ -84,6 +84,7 @@ class PublishedOut:
         """Download every file of the remote ``out`` into the local copy (but those skipped)."""
         with _reaching(self.remote, "read"):
             names = self.remote.files()
+        self._refuse_files_under_files(names)
         for name in names:
             if self._skipped(name):
                 continue
@@ -93,6 +94,18 @@ class PublishedOut:
                 data = self.remote.child(name).read_bytes()
             path.write_bytes(data)
             self._sent[name] = _signature(path)
+
+    def _refuse_files_under_files(self, names: list[str]) -> None:
+        """Object storage holds ``a`` beside ``a/b`` (a stray upload); a folder cannot be both here: one line naming
+        the two URLs, not an OSError about the temporary copy."""
+        present = set(names)
+        for name in names:
+            parts = name.split("/")
+            clash = next(("/".join(parts[:i]) for i in range(1, len(parts)) if "/".join(parts[:i]) in present), None)
+            if clash is not None:
+                raise RemoteOutError(
+                    f"Expected the pipeline's out at {self.remote.url} to hold each name as a file or a folder. Got both "
+                    f"{self.remote.child(clash).url} and {self.remote.child(name).url} instead. Delete the stray one.")
 
     def push(self) -> None:
         """Upload what changed locally since the last push (the state file last), and remove remotely what the

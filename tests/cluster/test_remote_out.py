@@ -242,6 +242,20 @@ def test_a_damaged_remote_state_is_one_line_naming_its_url(remote: Location, tmp
     assert remote.child(STATE_FILE).read_bytes() == content.encode("latin-1")
 
 
+def test_an_object_that_is_also_a_folder_in_the_out_is_one_line_naming_both(remote: Location, tmp_path: Path) -> None:
+    """Object storage holds `pairs/x` and `pairs/x/results.json` side by side (a stray upload); the pull failed with a
+    raw NotADirectoryError naming the temporary local copy."""
+    from hrsa.cluster.remote_out import RemoteOutError
+
+    remote.child("pairs/x").write(b"stray")
+    remote.child("pairs/x/results.json").write(b"{}")
+    with pytest.raises(RemoteOutError) as refused:
+        PublishedOut.open(remote.url, state_file=STATE_FILE, local=tmp_path / "copy")
+    message = str(refused.value)
+    assert f"{remote.url}/pairs/x" in message and "pairs/x/results.json" in message and str(tmp_path) not in message
+    assert "\n" not in message and "Delete" in message, message
+
+
 def test_a_report_path_that_is_a_url_is_refused() -> None:
     """report.path: s3://... was read as the local path ./s3:/..., written on the driver (lost with the cluster) and
     named as "report: s3:/..." like a URL."""
