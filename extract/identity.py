@@ -49,6 +49,8 @@ def model_digest(model: str) -> str | None:
 
     spec = parse_model_spec(model)
     identity = model_identity(spec)
+    if spec.kind == "remote":  # the same files wherever they are: a checkpoint copied to or from S3 keeps its scores
+        identity["kind"] = "local"
     if spec.kind == "hub":
         identity["snapshot"] = hub_snapshot(spec)
         if identity["snapshot"] is None:

@@ -202,3 +202,18 @@ def test_an_s3_url_that_is_neither_a_model_nor_a_run_is_one_line(eval_cli: click
     assert f"Got {url} with neither instead" in line and "training run holding step_XXXXXX" in line
     assert "Check --model" in line
     assert not out.exists()
+
+
+def test_a_checkpoint_copied_between_disk_and_s3_keeps_its_digest(tmp_path: Path, tiny_models, s3_endpoint: str,
+                                                                  monkeypatch) -> None:
+    """The same files are the same model wherever they are: the digest held the spec's kind ("local", "remote"), so a
+    checkpoint uploaded after it was evaluated on disk (or the other way) was scored again as another model."""
+    from hrsa.extract.identity import model_digest
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("HRSA_CACHE", str(tmp_path / "cache"))
+    local = _checkpoint(tiny_models.dir("bert"), tmp_path / "run" / "step_000001", 1)
+    url = _upload(local, f"s3://hrsa-test/moved-{uuid.uuid4().hex[:8]}/step_000001")
+    assert model_digest(url) == model_digest(str(local))
+    _retrained(local)
+    assert model_digest(url) != model_digest(str(local))  # other files: another model
