@@ -16,9 +16,10 @@ import pytest
 from click.testing import CliRunner
 
 from hrsa.store.errors import UserError
-from hrsa.train.checkpoints import INFO_FILE, STATE_FILE, file_manifest, list_checkpoints, manifest_complete
+from hrsa.train.checkpoints import INFO_FILE, list_checkpoints, manifest_complete
 from hrsa.train.eval_tasks import build_tasks, parse_task_spec
 from hrsa.train.evaluate import CheckpointScores, EvalConfig, evaluate, plot_curve
+from hrsa.train.testing import write_checkpoint
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -207,14 +208,6 @@ def test_scores_of_another_dtype_device_or_mteb_are_not_reused(tmp_path: Path, t
 # --- checkpoints fed back, and malformed files -----------------------------------------------------------------------
 
 
-def _checkpoint(source: Path, folder: Path, step: int) -> Path:
-    """A checkpoint as `hrsa train` writes it: the model folder, trainer_state.pt and the manifest, written last."""
-    shutil.copytree(source, folder)
-    (folder / STATE_FILE).write_bytes(b"optimizer state")
-    (folder / INFO_FILE).write_text(json.dumps({"step": step, "loss": 1.0, "files": file_manifest(folder)}))
-    return folder
-
-
 def _overwrite_weights_same_size(folder: Path) -> None:
     import torch
     from safetensors.torch import load_file, save_file
@@ -308,7 +301,7 @@ def test_a_malformed_eval_json_is_scored_again_not_a_traceback(eval_cli: click.G
                                       {"step": 1, "files": {"config.json": {"xxh3": "00"}}}, "text"])
 def test_a_malformed_manifest_makes_a_checkpoint_incomplete_not_a_traceback(tmp_path: Path, tiny_models,
                                                                             manifest: object) -> None:
-    folder = _checkpoint(tiny_models.dir("bert"), tmp_path / "run" / "step_000001", 1)
+    folder = write_checkpoint(tiny_models.dir("bert"), tmp_path / "run" / "step_000001", 1)
     (folder / INFO_FILE).write_text(json.dumps(manifest))
     assert manifest_complete(folder) is False
     assert list_checkpoints(tmp_path / "run") == []
@@ -340,7 +333,7 @@ def test_extract_refuses_a_checkpoint_its_manifest_calls_incomplete_and_creates_
     from hrsa.extract.config import parse_extract_config
     from hrsa.extract.job import run_extraction
 
-    damaged = _checkpoint(tiny_models.dir("llama"), tmp_path / "run" / "step_000002", 2)
+    damaged = write_checkpoint(tiny_models.dir("llama"), tmp_path / "run" / "step_000002", 2)
     _overwrite_weights_same_size(damaged)
     corpus = _write_jsonl(tmp_path / "corpus.jsonl", [{"text": "the quick brown fox"}])
     config = parse_extract_config({"store": str(tmp_path / "store"), "model": str(damaged), "corpus": str(corpus)})
@@ -353,7 +346,7 @@ def test_extract_takes_a_whole_checkpoint(tmp_path: Path, tiny_models) -> None:
     from hrsa.extract.config import parse_extract_config
     from hrsa.runtime.checkpoint_manifest import refuse_incomplete_checkpoint
 
-    whole = _checkpoint(tiny_models.dir("llama"), tmp_path / "run" / "step_000001", 1)
+    whole = write_checkpoint(tiny_models.dir("llama"), tmp_path / "run" / "step_000001", 1)
     refuse_incomplete_checkpoint(parse_extract_config({"store": str(tmp_path / "s"), "model": str(whole),
                                                        "corpus": "x.jsonl"}).model_spec())
     refuse_incomplete_checkpoint(parse_extract_config({"store": str(tmp_path / "s"), "model": str(tiny_models.dir("llama")),
@@ -365,7 +358,7 @@ def test_training_refuses_a_backbone_checkpoint_its_manifest_calls_incomplete(tm
     from hrsa.train.config import TrainConfig
     from hrsa.train.trainer import run_training
 
-    damaged = _checkpoint(tiny_models.dir("llama"), tmp_path / "run" / "step_000002", 2)
+    damaged = write_checkpoint(tiny_models.dir("llama"), tmp_path / "run" / "step_000002", 2)
     _overwrite_weights_same_size(damaged)
     data = _write_jsonl(tmp_path / "train.jsonl", [{"query": f"fox {i}", "pos": f"dog {i}", "negs": [f"cat {i}"]}
                                                    for i in range(8)])
