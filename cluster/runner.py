@@ -512,7 +512,8 @@ class _Runner:
         # submit`'s new working dir) keep the key.
         settings = ec.model_dump(mode="json", exclude={"store", "model", "corpus", *EXTRACT_SCHEDULING})
         inputs = {"model": source_fingerprint(source), "corpus": source_fingerprint(c.path)}
-        key = stage_key({"extract": settings, **inputs})
+        key = self._earlier_packaged_key(f"extract:{store_id}", settings, source, inputs, ec) or stage_key(
+            {"extract": settings, **inputs})
         content = stage_key({"extract": {k: v for k, v in settings.items() if k != "name"}, **inputs})  # any name
         stage = f"extract:{store_id}"
         if stage in self._extracted:  # the same checkpoint in two series: extracted once
@@ -534,6 +535,24 @@ class _Runner:
         self.store_ids[stage] = store_id
         self._run_extraction(stage, key, ec, names)
         return done
+
+    def _earlier_packaged_key(self, stage: str, settings: dict[str, Any], source: str, inputs: dict[str, Any],
+                              ec: ExtractConfig) -> str | None:
+        """The key a ``packaged:`` model had when it was keyed by its name (before 2026-12-05), where the stage's
+        record holds it and the stored model's weights are still the package's (its recorded content digest): the
+        upgrade re-extracted it and re-ran every analysis after it. None otherwise: the key of its files."""
+        from hrsa.extract.identity import model_content
+        from hrsa.store import ActivationStore
+
+        entry = self.state.entry(stage)
+        if not source.startswith("packaged:") or entry is None:
+            return None
+        earlier = stage_key({"extract": settings, **inputs, "model": source})
+        store = ActivationStore.open(ec.store)
+        if entry["key"] != earlier or ec.name not in store.models():
+            return None
+        stored = store.model_info(ec.name).source.get("content")
+        return earlier if stored is not None and stored == model_content(ec.model_spec()) else None
 
     def _run_extraction(self, stage: str, key: str, ec: ExtractConfig, names: SettingNames) -> None:
         from hrsa.extract.job import run_extraction

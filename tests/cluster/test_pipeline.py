@@ -744,6 +744,30 @@ def test_a_packaged_model_is_known_by_its_files(tmp_path: Path, monkeypatch: pyt
     assert source_fingerprint("packaged:all-minilm-l6-v2") != before
 
 
+def test_a_packaged_model_stored_under_its_name_s_key_is_not_extracted_again_after_the_upgrade(
+        tmp_path: Path, tiny_models: Any, ray_local: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records of the time packaged: was keyed by its name stay the stage's while the stored model's weights are the
+    package's (its recorded content digest): the upgrade re-extracted it and re-ran every analysis after it. A stored
+    model whose recorded weights are not the package's is not taken as up to date under the earlier key."""
+    import hrsa.cluster.runner as runner
+    from hrsa.store.format import ATTRS_KEY
+
+    values = pipeline_values(tmp_path, write_corpus(tmp_path / "words.jsonl"), tiny_models)
+    values["models"]["llama"] = {"model": "packaged:all-minilm-l6-v2"}
+    values["pairs"] = [{**values["pairs"][0], "metrics": ["cka"]}]
+    new = runner.source_fingerprint
+    with monkeypatch.context() as before:  # the hrsa before: packaged: by its text
+        before.setattr(runner, "source_fingerprint", lambda s: s if (s or "").startswith("packaged:") else new(s))
+        assert run_pipeline(parse_pipeline(values), console=quiet()).ran
+    after = run_pipeline(parse_pipeline(values), console=quiet())
+    assert after.ran == (), {s.name: s.reason for s in after.stages}
+    group = ActivationStore.open(values["store"], mode="r+").group("models/llama")
+    attrs = dict(group.attrs[ATTRS_KEY])
+    group.attrs[ATTRS_KEY] = {**attrs, "source": {**attrs["source"], "content": "0" * 32}}  # stored from other weights
+    with pytest.raises(UserError, match=r"weights at packaged:all-minilm-l6-v2 \(other files than those the stored"):
+        run_pipeline(parse_pipeline(values), console=quiet())  # not taken as up to date: the files are asked about
+
+
 def test_large_weights_are_known_by_their_content(tmp_path: Path) -> None:
     """Weights beyond 64 MiB were keyed by size and modification time, which `cp -p`, rsync -a and tar restore: other
     weights copied so over the backbone's read as up to date. Their content is read once per machine
