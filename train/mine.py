@@ -123,6 +123,11 @@ def search_inner_product(queries: np.ndarray, docs: np.ndarray, depth: int) -> t
     return index.search(np.ascontiguousarray(queries, dtype=np.float32), min(depth, docs.shape[0]))
 
 
+#: Rounding of a float32 inner product of unit vectors (D up to ~10^4): below the margin nothing is mined as scoring
+#: under the positive that a float64 product would not.
+_FLOAT32_SCORE_ERROR = 1e-5
+
+
 def select_negatives(
     scores: np.ndarray, ids: np.ndarray, pos_scores: np.ndarray, exclude: Sequence[set[int]], *, k: int, max_score_ratio: float
 ) -> list[list[int]]:
@@ -130,7 +135,8 @@ def select_negatives(
     by the margin: ``pos - (1 - max_score_ratio) * |pos|`` (``ratio * pos`` for a positive score)."""
     chosen = []
     for row_scores, row_ids, pos, banned in zip(scores, ids, pos_scores, exclude):
-        limit = float(pos) - (1.0 - max_score_ratio) * abs(float(pos))
+        # FAISS scores in float32: a text scoring as the positive (its very embedding) may round just under it
+        limit = float(pos) - (1.0 - max_score_ratio) * abs(float(pos)) - _FLOAT32_SCORE_ERROR
         keep = [int(i) for s, i in zip(row_scores, row_ids) if i >= 0 and i not in banned and s < limit]
         chosen.append(keep[:k])
     return chosen
@@ -180,7 +186,16 @@ def _corpus_texts(config: MineConfig, records: list[dict[str, Any]]) -> list[str
     else:
         hint = f" or name the text field with --corpus-field (now {config.corpus_field!r})"
         texts = [r[config.corpus_field] for r in read_jsonl(config.corpus, required=(config.corpus_field,), hint=hint)]
-    return list(dict.fromkeys(texts))  # distinct, first occurrence order
+    return _distinct(texts)
+
+
+def _distinct(texts: Sequence[str]) -> list[str]:
+    """The texts once each, whitespace folded (one document to the tokenizer: two would be one negative twice, which
+    reweights it in the loss), the first of each kept, in order."""
+    first: dict[str, str] = {}
+    for text in texts:
+        first.setdefault(_norm(text), text)
+    return list(first.values())
 
 
 def _positives(records: list[dict[str, Any]]) -> dict[str, set[str]]:
@@ -195,7 +210,7 @@ def _kept_negatives(records: list[dict[str, Any]], positives: dict[str, set[str]
     """Per record, its input negs (distinct, in order) less any equal to a positive of its query; and how many went."""
     kept, dropped = [], 0
     for r in records:
-        negs = list(dict.fromkeys(r.get("negs", [])))
+        negs = _distinct(r.get("negs", []))
         clean = [n for n in negs if _norm(n) not in positives[_norm(r["query"])]]
         kept.append(clean)
         dropped += len(negs) - len(clean)
@@ -237,8 +252,9 @@ def mine_negatives(
     check_output_file(out, flag="--out")  # the default beside --input too: no FIFO, device node, or store there
     if out.exists() and not config.overwrite:
         raise UserError(f"Expected a new output file. Got an existing {out} instead. Pass --overwrite or another --out.")
-    if out.exists() and out.resolve() == Path(config.input).resolve():  # --overwrite would replace the pairs it mines
-        raise UserError(f"Expected --out other than --input. Got {out} for both instead. Pick another --out.")
+    for flag, source in (("--input", config.input), ("--corpus", config.corpus)):  # --overwrite would replace it
+        if source is not None and out.exists() and out.resolve() == Path(source).resolve():
+            raise UserError(f"Expected --out other than {flag}. Got {out} for both instead. Pick another --out.")
     records = read_pairs(config.input)
     corpus = _corpus_texts(config, records)
     if encoder is None:
