@@ -240,6 +240,9 @@ def _check_same_tokens(steps: Sequence[tuple[int, Mapping[str, Any]]], path: Res
     if not steps:
         return
     first_step, first = steps[0]
+    # k-NN against the first step that has it: a step analysed without k-NN (a gap the curve allows) at the start
+    # left every later step's sample unchecked
+    knn_step, first_knn = next(((s, d["metrics"]["knn"]) for s, d in steps if d["metrics"].get("knn")), (None, {}))
     for step, doc in steps[1:]:
         for name in _SAME_TOKENS:
             if doc.get(name) != first.get(name):
@@ -248,13 +251,13 @@ def _check_same_tokens(steps: Sequence[tuple[int, Mapping[str, Any]]], path: Res
                     f"{_short(doc.get(name))} at step {step} but {_short(first.get(name))} at step {first_step} instead: "
                     "a curve across different token sets is not comparable. Analyse every step with the same corpus, "
                     "token selection and hidden states.")
-        knn, first_knn = doc["metrics"].get("knn") or {}, first["metrics"].get("knn") or {}
+        knn = doc["metrics"].get("knn") or {}
         for name in _SAME_KNN_SAMPLE if knn and first_knn else ():  # k-NN's own sample of those tokens
             if knn.get(name) != first_knn.get(name):
                 raise DynamicsError(
                     f"Expected every step of {path} to measure k-NN overlap on the same token sample and hidden states. "
                     f"Got k-NN {name} {_short(knn.get(name))} at step {step} but {_short(first_knn.get(name))} at step "
-                    f"{first_step} instead: overlaps of other samples are not comparable. Analyse every step with the "
+                    f"{knn_step} instead: overlaps of other samples are not comparable. Analyse every step with the "
                     "same --knn-sample, --seed and --hidden-states.")
 
 

@@ -341,3 +341,17 @@ def test_dynamics_refuse_steps_whose_knn_sampled_other_tokens_or_hidden_states(s
     assert "k-NN" in str(info.value) and what in str(info.value) and "step 10" in str(info.value)
     path, message = _load_refused(tmp_path, [results[0], other, results[2]])
     assert message.startswith("Expected") and "\n" not in message and what in message and "k-NN" in message
+
+
+def test_knn_samples_of_later_steps_are_checked_when_step_0_has_no_knn(steps_store, tmp_path: Path) -> None:
+    """Step 0 analysed without k-NN (a gap the curve allows), steps 10 and 20 with other k-NN seeds: every step was
+    checked against step 0 only, which had no sample to compare, and the curve joined overlaps of other samples."""
+    _, pair, _, results = steps_store
+    doc0 = json.loads(results[0].read_text())
+    del doc0["metrics"]["knn"]
+    step0 = write_json(doc0, tmp_path / "s0")
+    res = analyze_pair(pair.open("r"), "a", "step-20", metrics=("cka", "dimcorr", "knn"), backend="numpy",
+                       scheduler="sync", knn_options=KnnOptions(ks=(5, 10), n_sample=200, seed=7))
+    other = write_json(results_dict(res, run_id="step-20-seed7"), tmp_path / "s20")
+    with pytest.raises(ResultsFileError, match=r"k-NN seed .* at step 20 but .* at step 10 instead"):
+        write_dynamics(tmp_path / "w.json", runs=("r1", "r2"), steps=list(STEPS), results=[step0, results[1], other])
