@@ -252,8 +252,6 @@ def _why_none(corpus: zarr.Group, masks: dict[str, np.ndarray], token_filter: To
     from hrsa.store.format import ATTRS_KEY
 
     empty = [name for name, mask in masks.items() if not mask.any()]
-    if not masks:
-        return "the range or documents hold no token. Widen them"
     if not empty:
         return f"each of {', '.join(masks)} keeps some tokens, but no token passes all of them. Drop one of them"
     reasons = []
@@ -296,18 +294,22 @@ def resolve_selection(corpus: zarr.Group, selection: TokenSelection | None = Non
         if tokens is not None:
             index = index[(index >= start) & (index < stop)]
     # Step 2: the filters, read only over the candidate range.
-    masks: dict[str, np.ndarray] = {}
+    masks: dict[str, np.ndarray] = {}  # each filter's own mask over the candidates (for the message if none is left)
+    candidates = index
     if not token_filter.is_identity:
         lo, hi = (int(index.min()), int(index.max()) + 1) if index is not None and index.size else (start, stop)
         masks = _filter_masks(corpus, token_filter, lo, hi)
+        if index is not None:  # judged on the documents' tokens, not on the range between them
+            masks = {name: mask[index - lo] for name, mask in masks.items()}
         keep = np.logical_and.reduce(list(masks.values()))
-        index = index[keep[index - lo]] if index is not None else np.flatnonzero(keep).astype(np.int64) + lo
+        index = index[keep] if index is not None else np.flatnonzero(keep).astype(np.int64) + lo
     # Step 3: the cheapest form that says the same.
     if index is None:
         return slice(start, stop)
     if index.size == 0:
-        raise SelectionError(f"Expected at least one token after selection and filters. Got none: "
-                             f"{_why_none(corpus, masks, token_filter)}.")
+        why = ("the documents lie outside the token range. Widen --tokens or pick other --docs"
+               if candidates is not None and candidates.size == 0 else _why_none(corpus, masks, token_filter))
+        raise SelectionError(f"Expected at least one token after selection and filters. Got none: {why}.")
     if index[-1] - index[0] + 1 == index.size and np.all(np.diff(index) == 1):
         return slice(int(index[0]), int(index[-1]) + 1)
     return index

@@ -198,6 +198,11 @@ def test_a_field_no_stored_token_lies_in_is_named_with_the_cut_that_left_it_out(
     with pytest.raises(SelectionError, match="no token passes all of them"):
         store.select("ma", TokenSelection(fields=("prompt",), positions=(0, 1), exclude_first=True))
     assert kept is not None
+    # Judged on the selected documents' tokens, not on the range between them (document 2, between 1 and 3, is long)
+    with pytest.raises(SelectionError, match=r"Got none: --positions 100:120 keeps nothing of the selected tokens\."):
+        store.select("ma", TokenSelection(docs=(1, 3), positions=(100, 120)))
+    with pytest.raises(SelectionError, match="Got none: the documents lie outside the token range"):
+        store.select("ma", TokenSelection(docs=(4,), tokens=(0, 100), exclude_first=True))
 
 
 def test_token_and_document_tables(filled_store: ActivationStore) -> None:
