@@ -7,7 +7,9 @@ One record per line, in the pairs format of :mod:`hrsa.train.jsonl` (which check
 The batch of step ``s`` is a pure function of (records, seed, s): each epoch is a fresh seeded permutation
 of the N records cut into ``N // B`` batches of B; the ``N mod B`` records left at its end wait for the next
 epoch (another permutation), so no batch ever holds a record twice. A record twice in one batch would be its
-own in-batch negative: its positive scored as a wrong answer. Hence also B <= N, checked when the file loads.
+own in-batch negative: its positive scored as a wrong answer. Hence also B <= N, checked when the file loads. The
+same text can still come twice (a pair repeated in the file, a query with several positives): each batch lists the
+documents that are a positive of a query's text but not its own (:attr:`Batch.masked`), and the loss leaves them out.
 Each query's ``k`` negatives are drawn without replacement by a generator seeded with (seed, s). So a resumed
 run sees exactly the batches an uninterrupted one would, and ``W`` workers taking equal slices of the global
 batch see exactly what one process would.
@@ -54,15 +56,18 @@ class Batch:
 
     queries: tuple[str, ...]
     docs: tuple[str, ...]
+    masked: tuple[tuple[int, int], ...] = ()  # (query, document of the global batch): a positive of the query's text
 
     @property
     def group_size(self) -> int:
         return len(self.docs) // max(1, len(self.queries))
 
     def shard(self, rank: int, world_size: int) -> Batch:
-        """Worker ``rank``'s equal, contiguous slice (its queries and their document groups)."""
+        """Worker ``rank``'s equal, contiguous slice (its queries and their document groups); its masked pairs keep
+        the global batch's document indices, which are the gathered documents' (in rank order)."""
         b, g = len(self.queries) // world_size, self.group_size
-        return Batch(self.queries[rank * b:(rank + 1) * b], self.docs[rank * b * g:(rank + 1) * b * g])
+        masked = tuple((i - rank * b, j) for i, j in self.masked if rank * b <= i < (rank + 1) * b)
+        return Batch(self.queries[rank * b:(rank + 1) * b], self.docs[rank * b * g:(rank + 1) * b * g], masked)
 
 
 def load_training_records(path: Path, *, negatives: int, batch_size: int = 1,
@@ -116,10 +121,42 @@ def global_batch(records: list[TrainRecord], step: int, *, batch_size: int, nega
                  instruction: str | None = None) -> Batch:
     """The texts of step ``step``'s global batch; ``instruction`` applies to records without their own."""
     rng = np.random.default_rng([seed, 1_000_003, step])  # negatives: same draw however the batch is split
-    queries, docs = [], []
+    queries, docs, picked_records = [], [], []
     for index in batch_indices(step, n_records=len(records), batch_size=batch_size, seed=seed):
         record = records[int(index)]
+        picked_records.append(record)
         queries.append(format_query(record.query, record.instruction or instruction))
         picked = rng.choice(len(record.negs), size=negatives, replace=False) if negatives else []
         docs.extend([record.pos, *(record.negs[int(j)] for j in picked)])
-    return Batch(tuple(queries), tuple(docs))
+    return Batch(tuple(queries), tuple(docs), _masked(picked_records, docs, _positives_by_query(records)))
+
+
+def _fold(text: str) -> str:
+    return " ".join(text.split())
+
+
+_POSITIVES: dict[int, tuple[list[TrainRecord], dict[str, set[str]]]] = {}  # id(records) -> (records, map): per run
+
+
+def _positives_by_query(records: list[TrainRecord]) -> dict[str, set[str]]:
+    """Every positive of each query text (whitespace folded) in the training file, built once per list of records."""
+    kept = _POSITIVES.get(id(records))
+    if kept is None or kept[0] is not records:
+        positives: dict[str, set[str]] = {}
+        for record in records:
+            positives.setdefault(_fold(record.query), set()).add(_fold(record.pos))
+        _POSITIVES.clear()  # one run's records at a time
+        _POSITIVES[id(records)] = kept = (records, positives)
+    return kept[1]
+
+
+def _masked(batch: list[TrainRecord], docs: list[str], positives: dict[str, set[str]]) -> tuple[tuple[int, int], ...]:
+    """(query, document) pairs of the batch where the document is a positive of the query's text but not the query's
+    own: scored as a wrong answer, a duplicated pair or a second positive of one query was a false negative (mining
+    never picks one; the batch did)."""
+    g = len(docs) // max(1, len(batch))
+    where: dict[str, list[int]] = {}  # each folded document text -> its places in the batch
+    for j, text in enumerate(docs):
+        where.setdefault(_fold(text), []).append(j)
+    return tuple(sorted((i, j) for i, record in enumerate(batch) for text in positives[_fold(record.query)]
+                        for j in where.get(text, ()) if j != i * g))

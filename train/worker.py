@@ -197,7 +197,7 @@ def train_step(s: WorkerSession) -> float:
 
     def loss_fn(embeddings: Any) -> torch.Tensor:
         return info_nce(embeddings[0], embeddings[1], temperature=c.temperature, group_size=c.negatives + 1,
-                        gather=s.world > 1)
+                        gather=s.world > 1, masked=batch.masked)
 
     # Step 2: forward and backward, then gradients averaged over ranks (FSDP's reduce-scatter does it itself).
     loss = contrastive_backward(s.model, [queries, docs], loss_fn, chunk_size=c.chunk_size)

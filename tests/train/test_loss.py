@@ -116,3 +116,74 @@ def test_two_gathering_workers_give_the_gradients_of_one_process(tiny_models: An
             assert set(grads) == set(expected), mode
             for name, grad in grads.items():
                 torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-5 * scale, msg=f"{mode} {name}")
+
+
+def _records(tmp_path: Path, rows: list[dict]) -> list:
+    import json
+
+    from hrsa.train.data import load_training_records
+
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return load_training_records(path, negatives=1, batch_size=2)
+
+
+def test_a_duplicated_pair_or_a_second_positive_of_a_query_is_masked_not_a_negative(tmp_path: Path) -> None:
+    """A pair twice in the training file (both copies in one batch), or one query with two positives: each query's
+    document group held a positive of its own text, scored as a wrong answer (a perfect model's loss stayed log 2)."""
+    from hrsa.train.data import global_batch
+
+    twice = {"query": "what is hrsa", "pos": "a way to compare hidden states", "negs": ["n1", "n2"]}
+    batch = global_batch(_records(tmp_path, [twice, twice]), 0, batch_size=2, negatives=1, seed=0)
+    assert batch.masked == ((0, 2), (1, 0))  # each query's other copy of its positive
+    two = [{"query": "capital of france", "pos": "Paris is the capital of France.", "negs": ["Lyon", "Nice"]},
+           {"query": "capital  of france", "pos": "France's capital city is Paris.", "negs": ["Lyon", "Nice"]}]
+    batch = global_batch(_records(tmp_path, two), 0, batch_size=2, negatives=1, seed=0)
+    assert batch.masked == ((0, 2), (1, 0))
+    assert batch.shard(1, 2).masked == ((0, 0),)  # the second worker's query, against the gathered documents
+    distinct = [{"query": f"q{i}", "pos": f"p{i}", "negs": ["n"]} for i in range(2)]
+    assert global_batch(_records(tmp_path, distinct), 0, batch_size=2, negatives=1, seed=0).masked == ()
+
+
+def test_masked_documents_leave_the_softmax_as_a_float64_oracle_says() -> None:
+    """A perfect model (each query its positive, orthogonal to the rest) with each positive twice in the batch: log 2
+    unmasked, ~0 masked; and on random embeddings, equal to the float64 loops over the unmasked documents."""
+    q = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    d = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # [pos, neg] x 2
+    assert float(info_nce(q, d, temperature=0.02, group_size=2, gather=False)) == pytest.approx(np.log(2), rel=1e-4)
+    assert float(info_nce(q, d, temperature=0.02, group_size=2, gather=False, masked=((0, 2), (1, 0)))) < 1e-20
+    rng = np.random.default_rng(0)
+    qs, ds = rng.standard_normal((3, 8)), rng.standard_normal((6, 8))
+    qs /= np.linalg.norm(qs, axis=1, keepdims=True)
+    ds /= np.linalg.norm(ds, axis=1, keepdims=True)
+    masked = ((0, 3), (0, 4), (2, 1))
+    total = 0.0
+    for i in range(3):
+        scores = [float(qs[i] @ ds[j]) / 0.05 for j in range(6) if (i, j) not in masked]
+        own = float(qs[i] @ ds[2 * i]) / 0.05
+        total += np.log(sum(np.exp(s) for s in scores)) - own
+    got = info_nce(torch.from_numpy(qs), torch.from_numpy(ds), temperature=0.05, group_size=2, gather=False,
+                   masked=masked)
+    assert float(got) == pytest.approx(total / 3, rel=1e-5)
+
+
+def test_a_training_step_leaves_the_masked_documents_out(tiny_models: Any, tmp_path: Path, monkeypatch) -> None:
+    """The step hands its batch's masked pairs to the loss (the real one, spied on): a pair twice in the file."""
+    import json
+
+    import hrsa.train.loss as loss
+    from hrsa.extract.model_spec import parse_model_spec
+    from hrsa.train.config import TrainConfig
+    from hrsa.train.worker import setup_session, train_step
+
+    data = tmp_path / "t.jsonl"
+    twice = {"query": "the quick fox", "pos": "the lazy dog", "negs": ["w1 w2 w3"]}
+    data.write_text((json.dumps(twice) + "\n") * 2)
+    config = TrainConfig(backbone=str(tiny_models.dir("llama")), data=data, output=tmp_path / "run", batch_size=2,
+                         max_steps=1, max_length=16)
+    seen = []
+    real = loss.info_nce
+    monkeypatch.setattr(loss, "info_nce", lambda *a, **k: (seen.append(k.get("masked")), real(*a, **k))[1])
+    spec = parse_model_spec(config.backbone, attention="bidirectional").to_dict()
+    train_step(setup_session(config, spec, 0, 1, torch.device("cpu"), None))
+    assert seen and all(m == ((0, 2), (1, 0)) for m in seen), seen
