@@ -124,7 +124,9 @@ class EvalConfig(EncoderOptions):
         if self.out is not None:
             return self.out
         local = Path(self.model).expanduser()
-        return local / "eval" if local.is_dir() else Path("eval")
+        # a model not on this disk (a run on S3, a hub id) gets a folder of its own: one ./eval for all of them had
+        # each evaluation rewrite the last one's eval.json without its scores
+        return local / "eval" if local.is_dir() else Path("eval") / re.sub(r"[^A-Za-z0-9._-]+", "--", self.model)
 
     def settings(self) -> dict[str, Any]:
         """What changes a score besides the checkpoint and the task: results are reused only when equal.
@@ -596,6 +598,8 @@ def evaluate(
     if out.exists() and not out.is_dir():
         raise EvalError(f"Expected --out to be a folder. Got the file {out} instead. Pick another path.")
     _refuse_out_in_a_model(out)
+    if config.out is not None:
+        _refuse_another_models_scores(out / "eval.json", config.model, targets)
     for name in ("eval.json", "eval_curve.png"):  # before any evaluation: no FIFO there, no folder inside a store
         check_output_file(out / name, flag="--out")
     tasks = build_tasks(specs, instruction=config.instruction, limit=config.limit, seed=config.seed)
@@ -618,6 +622,22 @@ def evaluate(
             raise
     return EvalResult(json_path=out / "eval.json", figure_path=figure, tasks=tuple(t.metadata.name for _, t in tasks),
                       checkpoints=tuple(rows))
+
+
+def _refuse_another_models_scores(path: Path, model: str, targets: list[EvalTarget]) -> None:
+    """Refuse an --out whose eval.json holds the scores of another --model: this run rewrites the file with its own
+    model's rows only, and the other's curve was gone without a word. The same model moved (a row of the digest of
+    one of this run's checkpoints) is this model."""
+    try:
+        recorded = json.loads(path.read_text()).get("model")
+    except (OSError, ValueError, AttributeError):  # none, or unreadable: nothing of another model's to lose
+        return
+    if not isinstance(recorded, str) or recorded == model:
+        return
+    digests = {row.get("model_digest") for row in _earlier_rows(path)}
+    if not digests & {model_digest(target.model) for target in targets}:
+        raise EvalError(f"Expected --out's eval.json to hold scores of {model} (this run rewrites it). Got {path} with "
+                        f"those of {recorded} instead. Pass another --out, or delete the file.")
 
 
 def _refuse_out_in_a_model(out: Path) -> None:

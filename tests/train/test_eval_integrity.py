@@ -413,3 +413,25 @@ def test_a_checkpoint_copied_between_disk_and_s3_keeps_its_digest(tmp_path: Path
     assert model_digest(url) == model_digest(str(local))
     _retrained(local)
     assert model_digest(url) != model_digest(str(local))  # other files: another model
+
+
+@pytest.mark.integration
+def test_two_models_evaluated_without_out_keep_their_own_scores(eval_cli: click.Group, tmp_path: Path, tiny_models,
+                                                                s3: str, monkeypatch) -> None:
+    """Models not on this disk (a run on S3, a hub id) all defaulted to ./eval: the second run rewrote eval.json
+    without the first's curve, silently. Each gets its own folder; an --out holding another model's eval.json is
+    refused, not overwritten."""
+    monkeypatch.chdir(tmp_path)
+    pairs = _pairs(tmp_path / "pairs.jsonl")
+    runs = [_upload(write_checkpoint(tiny_models.dir(kind), tmp_path / name / "step_000001", 1).parent, f"{s3}/{name}")
+            for name, kind in (("a", "bert"), ("b", "llama"))]  # other weights: another model
+    for run in runs:
+        result = CliRunner().invoke(eval_cli, ["eval", "--model", run, "--tasks", f"retrieval:{pairs}",
+                                               "--no-instructions"])
+        assert result.exit_code == 0, result.output
+    written = sorted(p.parent for p in (tmp_path / "eval").rglob("eval.json"))
+    assert len(written) == 2 and [json.loads((w / "eval.json").read_text())["model"] for w in written] == runs
+    before = (written[0] / "eval.json").read_bytes()
+    output = _one_line_exit_2(_eval(eval_cli, runs[1], pairs, written[0]))
+    assert runs[0] in output and "another --out" in output
+    assert (written[0] / "eval.json").read_bytes() == before
