@@ -30,12 +30,14 @@ from __future__ import annotations
 import datetime
 import gc
 import json
+import logging
 import math
 import posixpath
 import re
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -737,8 +739,9 @@ def _score_target(target: EvalTarget, tasks: list[tuple[TaskSpec, Any]], config:
                               batch_size=config.batch_size, max_length=config.max_length, on_batch=on_texts)
     for spec, task in todo:
         try:
-            result = mteb.evaluate(wrapper, task, cache=cache, overwrite_strategy="always", show_progress_bar=False,
-                                   encode_kwargs={"batch_size": config.batch_size}).task_results[0]
+            with _quiet_mteb():
+                result = mteb.evaluate(wrapper, task, cache=cache, overwrite_strategy="always", show_progress_bar=False,
+                                       encode_kwargs={"batch_size": config.batch_size}).task_results[0]
         except NonFiniteEmbeddingsError as error:
             raise EvalError(f"{error}{_leave_out(target, others)}") from None
         row.results[task.metadata.name] = _task_result_entry(result, task, settings, spec)
@@ -767,6 +770,27 @@ def _digest_of_what_loaded(target: EvalTarget, before: str | None) -> str | None
                         "its scores would be keyed to other weights, and nothing of it is written. Evaluate again "
                         "once the writer is done.")
     return after
+
+
+@contextmanager
+def _quiet_mteb() -> Iterator[None]:
+    """mteb without the lines that say nothing to an hrsa user: its "No prompt found" for every task without an MTEB
+    prompt (hrsa's local tasks: the instructions are hrsa's own, --instructions), printed twice (log and warning),
+    and the datasets library's progress bars over a few hundred texts."""
+    import datasets
+
+    logger = logging.getLogger("mteb.abstasks.abstask")
+    level, bars = logger.level, datasets.utils.logging.is_progress_bar_enabled()
+    logger.setLevel(logging.ERROR)
+    datasets.disable_progress_bars()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="No prompt found on the abstask class")
+            yield
+    finally:
+        logger.setLevel(level)
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def _check_main_score(entry: dict[str, Any], task: Any, target: EvalTarget, others: list[int]) -> None:
