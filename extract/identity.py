@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from hrsa.extract.model_spec import ModelSpec
 
-__all__ = ["FILES_VERSION", "files_version", "hub_snapshot", "model_content", "model_digest", "model_files",
-           "model_identity"]
+__all__ = ["FILES_VERSION", "files_version", "hub_snapshot", "manifest_digest", "model_content", "model_digest",
+           "model_files", "model_identity"]
 
 _NOT_THE_MODEL = ("hrsa_train.json", "trainer_state.pt")
 # The one rule for which files of a local folder are the model: its top level (what a load reads: config, tokenizer,
@@ -55,6 +55,27 @@ def model_digest(model: str) -> str | None:
         identity["snapshot"] = hub_snapshot(spec)
         if identity["snapshot"] is None:
             return None
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def manifest_digest(url: str) -> str | None:
+    """:func:`model_digest` of a checkpoint behind a URL, from its ``hrsa_train.json`` instead of its files: the
+    digests the trainer recorded of the model's files (sizes checked against the listing), nothing downloaded. None
+    when it has no manifest, or the listing disagrees with it (a copy under way: nothing known of it)."""
+    from hrsa.extract.model_spec import parse_model_spec
+    from hrsa.runtime.checkpoint_manifest import INFO_FILE, manifest_complete
+    from hrsa.runtime.locations import parse_location
+
+    location = parse_location(url)
+    if manifest_complete(location) is not True:
+        return None
+    files = json.loads(location.child(INFO_FILE).read_bytes())["files"]
+    # model_files' rule on the recorded names: the top level, hidden names and the bookkeeping left out, sorted
+    names = sorted(n for n in files if "/" not in n and not n.startswith(".") and n not in _NOT_THE_MODEL)
+    content = hashlib.sha256(json.dumps([[n, files[n]["xxh3"]] for n in names]).encode()).hexdigest()[:32]
+    spec = parse_model_spec(url)
+    identity = {k: v for k, v in spec.to_dict().items() if k not in ("path", "dtype", "attention")}
+    identity.update(kind="local", content=content)  # as model_digest knows the same files wherever they are
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
 
 

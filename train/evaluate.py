@@ -55,7 +55,7 @@ from hrsa.train.checkpoints import INFO_FILE, list_checkpoints, manifest_complet
 from hrsa.train.encoder_options import EncoderOptions
 from hrsa.train.eval_tasks import EvalError, TaskSpec, build_tasks, parse_task_spec, split_task_list, task_identity
 from hrsa.train.recipe import RECIPE_FILE
-from hrsa.extract.identity import model_digest
+from hrsa.extract.identity import manifest_digest, model_digest
 
 __all__ = [
     "SCHEMA",
@@ -212,8 +212,10 @@ def _checkpoint_complete(folder: Location) -> bool | None:
     return complete
 
 
-def _targets(model: str, steps: tuple[int, ...] | None) -> tuple[list[EvalTarget], list[EvalTarget]]:
-    """(the targets, the run's checkpoints skipped as incomplete); raises as :func:`eval_targets`."""
+def _targets(model: str, steps: tuple[int, ...] | None, *,
+             judge_copies: bool = True) -> tuple[list[EvalTarget], list[EvalTarget]]:
+    """(the targets, the run's checkpoints skipped as incomplete); raises as :func:`eval_targets`. Without
+    ``judge_copies``, a remote run's checkpoints are judged by their listing alone (nothing downloaded)."""
     folder = _folder_of_checkpoints(model)
     if folder is None:
         return [_lone_model(model, steps)], []
@@ -223,7 +225,7 @@ def _targets(model: str, steps: tuple[int, ...] | None) -> tuple[list[EvalTarget
         return [_lone_model(model, steps)], []
     if steps is not None:
         found, skipped = _only_steps(folder, found, skipped, steps), []
-    if not folder.is_local:
+    if not folder.is_local and judge_copies:
         found, skipped = _judge_copies(folder, found, skipped, steps)
     return found, skipped
 
@@ -468,13 +470,13 @@ def _kept_rows(rows: list[dict[str, Any]], targets: list[EvalTarget], tasks: lis
     """
     if not rows or any(t.step is None for t in targets):
         return []
-    checkpoints = {t.step: t for t in eval_targets(model)}
+    checkpoints = {t.step: t for t in _targets(model, None, judge_copies=False)[0]}
     wanted = {task.metadata.name: (spec, task_identity(spec, task), task) for spec, task in tasks}
     scored_now = {t.step for t in targets}
     kept = []
     for row in rows:
         here = checkpoints.get(row.get("step"))
-        if here is None or not row.get("model_digest") or model_digest(here.model) != row["model_digest"]:
+        if here is None or not row.get("model_digest") or _digest_to_keep(here, scored_now) != row["model_digest"]:
             continue
         by_task = {e.get("task_digest"): e for e in row.get("results", {}).values() if e.get("settings") == settings}
         if not all(digest in by_task for _, digest, _ in wanted.values()):
@@ -492,6 +494,16 @@ def _kept_rows(rows: list[dict[str, Any]], targets: list[EvalTarget], tasks: lis
                                      results={name: {**by_task[digest], "spec": spec.text}
                                               for name, (spec, digest, _) in wanted.items()}))
     return kept
+
+
+def _digest_to_keep(target: EvalTarget, scored_now: set[int | None]) -> str | None:
+    """The digest an earlier row of ``target`` is kept by: its content's; for a checkpoint behind a URL that this run
+    does not score, the one its listed manifest gives (the files' digests as the trainer recorded them, sizes checked
+    by the listing): fetching every checkpoint of a run to keep its curve was a whole run's download from a fresh
+    node, and the scores of this run's steps are keyed by the copies they load."""
+    if target.step in scored_now or not is_url(target.model):
+        return model_digest(target.model)
+    return manifest_digest(target.model)
 
 
 def _write_results(out: Path, config: EvalConfig, tasks: list[tuple[TaskSpec, Any]],

@@ -435,3 +435,24 @@ def test_two_models_evaluated_without_out_keep_their_own_scores(eval_cli: click.
     output = _one_line_exit_2(_eval(eval_cli, runs[1], pairs, written[0]))
     assert runs[0] in output and "another --out" in output
     assert (written[0] / "eval.json").read_bytes() == before
+
+
+@pytest.mark.integration
+def test_a_steps_rerun_of_an_s3_run_fetches_only_the_steps_it_scores(eval_cli: click.Group, tmp_path: Path,
+                                                                      tiny_models, s3: str, monkeypatch) -> None:
+    """Scoring step 2 of a run evaluated at step 1 before downloaded every checkpoint of the run to judge the earlier
+    rows (a 7B run: every checkpoint, from a fresh node). Rows of steps not scored now are judged by their listed
+    manifests; step 1's row stays in the curve."""
+    from hrsa.runtime.locations import Location
+
+    run = _upload(_local_run(tmp_path, tiny_models), f"{s3}/run")
+    pairs, out = _pairs(tmp_path / "pairs.jsonl"), tmp_path / "ev"
+    assert _eval(eval_cli, run, pairs, out, "--steps", "1").exit_code == 0
+    monkeypatch.setenv("HRSA_CACHE", str(tmp_path / "fresh-node"))
+    fetched: list[str] = []
+    real = Location.local_folder
+    monkeypatch.setattr(Location, "local_folder", lambda self, **kw: (fetched.append(self.url), real(self, **kw))[1])
+    result = _eval(eval_cli, run, pairs, out, "--steps", "2")
+    assert result.exit_code == 0, result.output
+    assert all(url.rstrip("/").endswith("step_000002") for url in fetched), fetched
+    assert [row["step"] for row in _rows(out)] == [1, 2]
