@@ -745,7 +745,12 @@ def _score_target(target: EvalTarget, tasks: list[tuple[TaskSpec, Any]], config:
         return row
     encoder = TextEncoder.load(target.model, device=config.device, dtype=config.dtype, attention=config.attention,
                                max_length=config.max_length, batch_size=config.batch_size)
-    row.model_digest = _digest_of_what_loaded(target, row.model_digest)
+    loaded = _digest_of_what_loaded(target, row.model_digest)
+    if loaded != row.model_digest:  # a hub model the load brought up to date: no earlier score is of these weights
+        row.results.clear()
+        row.reused.clear()
+        todo = list(tasks)
+    row.model_digest = loaded
     cache = ResultCache(cache_dir)  # creates the folder: only now that a model has loaded
     wrapper = HrsaMtebEncoder(encoder, name=_meta_name(target), use_instructions=config.instructions,
                               batch_size=config.batch_size, max_length=config.max_length, on_batch=on_texts)
@@ -769,14 +774,17 @@ def _digest_of_what_loaded(target: EvalTarget, before: str | None) -> str | None
     """The model's digest once it has loaded, which its scores are keyed by: the digest taken before the load
     (``before``, which earlier scores were looked up by) held only if the files stayed put while they were read. A
     change in between (a training run saving into the folder, a copy under way) would key these scores to weights
-    other than the ones scored: refused, nothing of this model written. A hub model not yet cached had no digest
-    before (None): the snapshot the load downloaded is what it loaded.
+    other than the ones scored: refused, nothing of this model written. A hub model is known by the snapshot its
+    revision resolves to: one not yet cached had no digest before (None), and an online load moves ``main`` to the
+    hub's new commit; either way the snapshot the load resolved is what it loaded (the caller scores it anew).
 
     Raises:
-        EvalError: the model's files changed between the digest and the load.
+        EvalError: the model's files (not a hub model's) changed between the digest and the load.
     """
+    from hrsa.extract.model_spec import parse_model_spec
+
     after = model_digest(target.model)  # each file read again only if its size, time or inode changed
-    if before is not None and after != before:
+    if before is not None and after != before and parse_model_spec(target.model).kind != "hub":
         raise EvalError(f"Expected the files of {target.model} to stay as they were while it loaded. Got them changed "
                         "in between instead (a training run or copy writing there, a hub model updated in the cache): "
                         "its scores would be keyed to other weights, and nothing of it is written. Evaluate again "

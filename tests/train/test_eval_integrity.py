@@ -257,6 +257,38 @@ def test_a_hub_model_that_moved_on_is_scored_again(tmp_path: Path, tiny_models, 
     assert again.checkpoints[0].model_digest != first.checkpoints[0].model_digest
 
 
+def test_a_hub_model_the_load_brings_up_to_date_is_scored_anew_not_refused(tmp_path: Path, tiny_models,
+                                                                           monkeypatch) -> None:
+    """Online, a load of `org/name` downloads the hub's new commit and moves refs/main: the digest after the load is
+    not the one before. That is the load bringing the model up to date, not files changing under it: refused, every
+    evaluation after a hub release failed once. It is scored anew, every task, under the digest of what loaded."""
+    from hrsa.train.encode import TextEncoder
+    from hrsa.train.evaluate import EvalConfig, evaluate
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    _snapshot(cache, "hrsa-test/tiny", "a" * 40, tiny_models.dir("bert"))
+    config = EvalConfig(model="hrsa-test/tiny", tasks=(f"retrieval:{_pairs(tmp_path / 'pairs.jsonl')}",),
+                        instructions=False, out=tmp_path / "ev")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    first = evaluate(config)
+    other = tmp_path / "other"
+    shutil.copytree(tiny_models.dir("bert"), other)
+    (other / "model.safetensors").write_bytes(_other_weights_same_size(other / "model.safetensors"))
+    real_load = TextEncoder.load.__func__
+
+    def load_downloading_the_new_commit(cls, name, **kwargs):  # what an online load does when the hub moved on
+        _snapshot(cache, "hrsa-test/tiny", "b" * 40, other)
+        return real_load(cls, name, **kwargs)
+
+    monkeypatch.setattr(TextEncoder, "load", classmethod(load_downloading_the_new_commit))
+    config = config.model_copy(update={"tasks": (*config.tasks, f"retrieval:{_pairs(tmp_path / 'more.jsonl', 6)}")})
+    again = evaluate(config)
+    row = again.checkpoints[0]
+    assert row.reused == set() and row.model_digest not in (None, first.checkpoints[0].model_digest)
+
+
 def test_a_hub_model_is_keyed_by_the_commit_its_revision_resolves_to(tmp_path: Path, tiny_models, monkeypatch) -> None:
     """Not cached yet: no key (nothing earlier is reused; the load's snapshot keys its scores). A pinned commit keeps
     its key when main moves on; main's key follows it."""
