@@ -49,13 +49,18 @@ def model_digest(model: str) -> str | None:
 
     spec = parse_model_spec(model)
     identity = model_identity(spec)
-    if spec.kind == "remote":  # the same files wherever they are: a checkpoint copied to or from S3 keeps its scores
-        identity["kind"] = "local"
     if spec.kind == "hub":
         identity["snapshot"] = hub_snapshot(spec)
         if identity["snapshot"] is None:
             return None
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+    return _identity_digest(identity)
+
+
+def _identity_digest(identity: dict[str, Any]) -> str:
+    """The digest of a model identity; a folder behind a URL as a local one (the same files wherever they are: a
+    checkpoint copied to or from S3 keeps its scores)."""
+    same = {**identity, "kind": "local"} if identity["kind"] == "remote" else identity
+    return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def manifest_digest(url: str) -> str | None:
@@ -64,19 +69,17 @@ def manifest_digest(url: str) -> str | None:
     when it has no manifest, or the listing disagrees with it (a copy under way: nothing known of it)."""
     from hrsa.extract.model_spec import parse_model_spec
     from hrsa.runtime.checkpoint_manifest import INFO_FILE, manifest_complete
+    from hrsa.runtime.fingerprint import listed, listing_digest
     from hrsa.runtime.locations import parse_location
 
     location = parse_location(url)
     if manifest_complete(location) is not True:
         return None
     files = json.loads(location.child(INFO_FILE).read_bytes())["files"]
-    # model_files' rule on the recorded names: the top level, hidden names and the bookkeeping left out, sorted
-    names = sorted(n for n in files if "/" not in n and not n.startswith(".") and n not in _NOT_THE_MODEL)
-    content = hashlib.sha256(json.dumps([[n, files[n]["xxh3"]] for n in names]).encode()).hexdigest()[:32]
+    content = listing_digest({name: entry["xxh3"] for name, entry in files.items() if listed(name, **_MODEL_FILES)})
     spec = parse_model_spec(url)
     identity = {k: v for k, v in spec.to_dict().items() if k not in ("path", "dtype", "attention")}
-    identity.update(kind="local", content=content)  # as model_digest knows the same files wherever they are
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+    return _identity_digest({**identity, "content": content})  # model_identity's, its content from the manifest
 
 
 def hub_snapshot(spec: ModelSpec) -> str | None:

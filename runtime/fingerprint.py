@@ -107,16 +107,29 @@ def folder_files(folder: Path | str, *, recursive: bool = True, skip: Iterable[s
     that a tool wrote into it)."""
     folder, skipped = Path(folder), set(skip)
     found = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in found if p.is_file() and p.name not in skipped
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return sorted(p for p in found if p.is_file() and listed(p.relative_to(folder).as_posix(), recursive=recursive,
+                                                             skip=skipped))
+
+
+def listed(name: str, *, recursive: bool = True, skip: Iterable[str] = ()) -> bool:
+    """Whether :func:`folder_files` takes the file at relative path ``name``: no hidden part, not a ``skip`` name,
+    and at the top level unless ``recursive`` (also the rule for names a checkpoint's manifest recorded)."""
+    parts = name.split("/")
+    return (recursive or len(parts) == 1) and parts[-1] not in set(skip) and not any(p.startswith(".") for p in parts)
 
 
 def folder_digest(folder: Path | str, *, recursive: bool = True, skip: Iterable[str] = ()) -> str:
     """One digest of a folder's files (those :func:`folder_files` lists): their relative names and contents, so
     the same files anywhere give the same digest."""
     folder = Path(folder)
-    listing = [[p.relative_to(folder).as_posix(), file_digest(p)]
-               for p in folder_files(folder, recursive=recursive, skip=skip)]
+    return listing_digest({p.relative_to(folder).as_posix(): file_digest(p)
+                           for p in folder_files(folder, recursive=recursive, skip=skip)})
+
+
+def listing_digest(digests: dict[str, str]) -> str:
+    """:func:`folder_digest` of files known by their relative names and :func:`file_digest` values (a checkpoint's
+    manifest records them), in folder_files' order."""
+    listing = [[name, digests[name]] for name in sorted(digests, key=lambda n: Path(n).parts)]
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:32]
 
 

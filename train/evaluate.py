@@ -604,10 +604,9 @@ def evaluate(
     specs = [parse_task_spec(t) for t in config.tasks]
     targets, skipped = _targets(config.model, config.steps)
     for target in targets:
-        # a run's checkpoints were judged by their manifests above (behind a URL, the copies loaded here by digest);
-        # a lone checkpoint behind a URL is judged here, its copy by digest
-        refuse_incomplete_checkpoint(parse_model_spec(target.model, dtype=config.dtype, attention=config.attention),
-                                     by_content=True)
+        spec = parse_model_spec(target.model, dtype=config.dtype, attention=config.attention)
+        if target.step is None:  # a run's checkpoints were judged above (behind a URL, their copies by digest)
+            refuse_incomplete_checkpoint(spec, by_content=True)  # a lone one behind a URL: its copy by digest
     out = config.out_dir()
     if out.exists() and not out.is_dir():
         raise EvalError(f"Expected --out to be a folder. Got the file {out} instead. Pick another path.")

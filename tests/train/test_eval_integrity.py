@@ -436,13 +436,13 @@ def test_a_checkpoint_copied_between_disk_and_s3_keeps_its_digest(tmp_path: Path
                                                                   monkeypatch) -> None:
     """The same files are the same model wherever they are: the digest held the spec's kind ("local", "remote"), so a
     checkpoint uploaded after it was evaluated on disk (or the other way) was scored again as another model."""
-    from hrsa.extract.identity import model_digest
+    from hrsa.extract.identity import manifest_digest, model_digest
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     monkeypatch.setenv("HRSA_CACHE", str(tmp_path / "cache"))
     local = write_checkpoint(tiny_models.dir("bert"), tmp_path / "run" / "step_000001", 1)
     url = _upload(local, f"s3://hrsa-test/moved-{uuid.uuid4().hex[:8]}/step_000001")
-    assert model_digest(url) == model_digest(str(local))
+    assert model_digest(url) == model_digest(str(local)) == manifest_digest(url)  # by its manifest: nothing fetched
     _retrained(local)
     assert model_digest(url) != model_digest(str(local))  # other files: another model
 
