@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -67,8 +69,10 @@ def alive_nodes(dashboard: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    temp = tmp_path_factory.mktemp("ray")
+def cluster() -> Iterator[Cluster]:
+    # A short folder, not pytest's: a node's socket paths must stay under 108 bytes (under pytest-xdist's
+    # /tmp/pytest-of-root/pytest-N/popen-gw1/ray0/session_<date>_<pid>/sockets/dash_MetricsHead did not).
+    temp = Path(tempfile.mkdtemp(prefix="hrsa-ray-"))
     env = ray_node_env()  # the job's `python` is this venv's; no token auth on the loopback; no model hub
     ports = iter(free_ports(3 + 2 * len(NODE_PORT_FLAGS)))
     port, dashboard_port = next(ports), next(ports)
@@ -89,6 +93,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield Cluster(dashboard, groups, f"127.0.0.1:{port}")
     finally:
         stop(groups)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def pipeline_values(root: Path, corpus: Path, tiny_models: Any) -> dict[str, Any]:
