@@ -267,6 +267,57 @@ def test_a_selection_of_rows_counts_the_grid_block_each_read_decodes(urls, selec
     assert peak <= res.plan.estimated_peak + MACHINERY, (peak, res.plan.estimated_peak)
 
 
+def aligned_store(url: str, tiny_models: Any) -> ActivationStore:
+    """Models "a" and "b" over one text in two tokenizations (B holds "quick" and "lazy" as whole tokens, A splits
+    them): the pair compares on the tokens whose content spans coincide, B's rows picked out of the range each
+    block of A's rows covers."""
+    from hrsa.extract.corpus import CorpusSpec, load_records, tokenize_corpus
+
+    sentences = ["the quick brown fox jumps over the lazy dog", "hidden states of a tiny model", "w1 w2 w3"]
+    texts = [" ".join(sentences[(i + j) % 3] for j in range(12 + i % 7)) for i in range(12)]
+    corpus = Path(url).parent / "aligned.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    spec = CorpusSpec(source=str(corpus))
+    store = ActivationStore.open(url, mode="a")
+    rng = np.random.default_rng(5)
+    for mid, tokenizer in (("a", tiny_models.tokenizer()), ("b", tiny_models.tokenizer(extra_words=("quick", "lazy")))):
+        table = tokenize_corpus(list(load_records(spec)), spec, tokenizer)
+        cid = store.write_corpus(table, tokenizer={"name": mid, "fingerprint": mid})
+        store.create_model(mid, corpus=cid, n_hidden_states=STATES, hidden_size=D, dtype="float32",
+                           hidden_states=list(range(STATES)), chunk_tokens=CHUNK, shard_tokens=SHARD)
+        writer = store.writer(mid)
+        values = (rng.normal(size=(table.n_tokens, D)) + rng.uniform(-1e3, 1e3, D)).astype(np.float32)
+        for unit in writer.units():
+            writer.write_unit(unit, {k: (k + 1) * values[unit.start : unit.stop] for k in range(STATES)})
+    return store
+
+
+def test_an_aligned_pair_stays_under_its_estimate(tmp_path: Path, tiny_models: Any) -> None:
+    """Two tokenizations of one corpus: B's rows of a block are picked out of the range of B's tokens they span
+    (the plan's decoded_tokens_b, the reader's cache of B's shards in any order). At the smallest budget that plans,
+    a whole run's measured peak stays under the plan's estimate."""
+    from hrsa.analyze.pair import analyze_pair
+
+    store = aligned_store(str(tmp_path / "store"), tiny_models)
+    pairs = store.token_pairs("a", "b")
+    assert not pairs.identical and 0.5 < min(pairs.share()) < 1 and pairs.n_pairs > 2 * BLOCK  # several blocks
+    kw = {"metrics": ("cka", "dimcorr"), "cross_layer": True, "block_tokens": BLOCK, "workers": 1}
+    resolved = {"debiased": False, "save_rotation": False, "compute_bytes": 8, "groups": 0,
+                "selection": TokenSelection()}
+    with pytest.raises(MemoryBudgetError) as refused:
+        resolve_pair(store, "a", "b", memory_budget=1000, **resolved, **kw)
+    budget = parse_memory_budget(re.search(r"at least ([0-9.]+ [kMG]?B)", str(refused.value)).group(1).replace(" ", ""))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnderdeterminedWarning)
+        run = {**kw, "memory_budget": budget, "scheduler": "threads", "backend": "numpy", "compute_dtype": "float64",
+               "groups": 0}
+        analyze_pair(store, "a", "b", **run)  # warm-up
+        res, peak = traced_peak(lambda: analyze_pair(store, "a", "b", **run))
+    assert res.n_tokens == pairs.n_pairs and res.plan.passes >= 2
+    assert res.plan.estimated_peak <= budget
+    assert peak <= res.plan.estimated_peak + MACHINERY, (peak, res.plan.estimated_peak)
+
+
 def traced_peak(run: Any) -> tuple[Any, int]:
     """``run()``'s value and the most bytes tracemalloc saw allocated above the start meanwhile."""
     tracemalloc.start()
