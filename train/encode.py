@@ -10,7 +10,8 @@ what the checkpoint says (a model trained bidirectionally carries ``config.is_ca
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -97,7 +98,8 @@ class TextEncoder:
         from hrsa.extract.models import load_model, parse_model_spec
 
         spec = parse_model_spec(model, dtype=dtype, attention=attention)  # type: ignore[arg-type]
-        return cls(load_model(spec, device=device), max_length=max_length, batch_size=batch_size)
+        with _no_loading_bar():
+            return cls(load_model(spec, device=device), max_length=max_length, batch_size=batch_size)
 
     @property
     def name(self) -> str:
@@ -191,3 +193,18 @@ class _progress:
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+@contextmanager
+def _no_loading_bar() -> Iterator[None]:
+    """Without transformers' per-tensor "Loading weights" bar: the verbs that load an encoder say what loads in lines
+    and bars of their own (eval's checkpoint bar, mining's "loading ..."), and its tqdm lines broke through them."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()

@@ -755,9 +755,9 @@ def _score_target(target: EvalTarget, tasks: list[tuple[TaskSpec, Any]], config:
                               batch_size=config.batch_size, max_length=config.max_length, on_batch=on_texts)
     for spec, task in todo:
         try:
-            with _quiet_mteb():
+            with _quiet_mteb():  # show_progress_bar in encode_kwargs: mteb's "Searching corpus chunks" bar, off
                 result = mteb.evaluate(wrapper, task, cache=cache, overwrite_strategy="always", show_progress_bar=False,
-                                       encode_kwargs={"batch_size": config.batch_size}).task_results[0]
+                                       encode_kwargs={"batch_size": config.batch_size, "show_progress_bar": False}).task_results[0]
         except NonFiniteEmbeddingsError as error:
             raise EvalError(f"{error}{_leave_out(target, others)}") from None
         row.results[task.metadata.name] = _task_result_entry(result, task, settings, spec)
