@@ -30,7 +30,7 @@ from rich.markup import escape
 from hrsa.cluster.progress import stage_progress
 from hrsa.cluster.remote_out import PublishedOut
 from hrsa.cluster.stage_keys import (
-    ANALYZE_SCHEDULING, AUTO_FEW_LEVEL_PRODUCTS, EXTRACT_SCHEDULING, source_fingerprint, stage_key,
+    ANALYZE_SCHEDULING, AUTO_FEW_LEVEL_PRODUCTS, EXTRACT_SCHEDULING, corpus_fingerprint, source_fingerprint, stage_key,
 )
 from hrsa.cluster.state import STATE_FILE, PipelineState
 from hrsa.extract.config import CorpusOptions, ExtractConfig, ExtractRunOptions, ModelSourceOptions, parse_extract_config
@@ -511,9 +511,9 @@ class _Runner:
         # extract.identity.model_files, not its bookkeeping), so the same files elsewhere (a moved project, `hrsa
         # submit`'s new working dir) keep the key.
         settings = ec.model_dump(mode="json", exclude={"store", "model", "corpus", *EXTRACT_SCHEDULING})
-        inputs = {"model": source_fingerprint(source), "corpus": source_fingerprint(c.path)}
-        key = self._earlier_packaged_key(f"extract:{store_id}", settings, source, inputs, ec) or stage_key(
-            {"extract": settings, **inputs})
+        inputs = {"model": source_fingerprint(source), "corpus": corpus_fingerprint(c.path, c)}
+        key = self._earlier_key(f"extract:{store_id}", settings, source, {**inputs, "corpus": source_fingerprint(c.path)},
+                                ec) or stage_key({"extract": settings, **inputs})
         content = stage_key({"extract": {k: v for k, v in settings.items() if k != "name"}, **inputs})  # any name
         stage = f"extract:{store_id}"
         if stage in self._extracted:  # the same checkpoint in two series: extracted once
@@ -536,11 +536,23 @@ class _Runner:
         self._run_extraction(stage, key, ec, names)
         return done
 
+    def _earlier_key(self, stage: str, settings: dict[str, Any], source: str, earlier_inputs: dict[str, Any],
+                     ec: ExtractConfig) -> str | None:
+        """The key the stage's record holds where it is the key of an earlier rule for what it keyed, and that still
+        holds: otherwise the upgrade re-extracted every model and re-ran every analysis after it. Before 2026-12-05
+        a corpus file was keyed by its whole content (``earlier_inputs``; now by the records' ids and texts: the
+        first label edited after the upgrade re-extracts once), and a ``packaged:`` model by its name. None
+        otherwise: the key of today's rule."""
+        entry = self.state.entry(stage)
+        if entry is not None and entry["key"] == stage_key({"extract": settings, **earlier_inputs}):
+            return entry["key"]
+        return self._earlier_packaged_key(stage, settings, source, earlier_inputs, ec)
+
     def _earlier_packaged_key(self, stage: str, settings: dict[str, Any], source: str, inputs: dict[str, Any],
                               ec: ExtractConfig) -> str | None:
         """The key a ``packaged:`` model had when it was keyed by its name (before 2026-12-05), where the stage's
         record holds it and the stored model's weights are still the package's (its recorded content digest): the
-        upgrade re-extracted it and re-ran every analysis after it. None otherwise: the key of its files."""
+        upgrade re-extracted it and re-ran every analysis after it. None otherwise."""
         from hrsa.extract.identity import model_content
         from hrsa.store import ActivationStore
 

@@ -2,7 +2,8 @@
 
 Inputs are the stage's settings, less those that only schedule the work (:data:`EXTRACT_SCHEDULING`,
 :data:`ANALYZE_SCHEDULING`; training keeps its recipe's, :mod:`hrsa.train.recipe`), plus the identity of every
-file it reads (:func:`source_fingerprint`): files by their name and content, not their location (weights are read
+file it reads (:func:`source_fingerprint`; a corpus by what extraction reads of its records,
+:func:`corpus_fingerprint`): files by their name and content, not their location (weights are read
 once per machine: :mod:`hrsa.runtime.fingerprint`), a folder (a checkpoint) by the files a load reads (its top level,
 less a checkpoint's bookkeeping and what tools wrote into it: :func:`hrsa.extract.identity.model_files`; a corpus
 folder's reader reads its top level too), so a moved project keeps its keys; a folder behind a URL by its URL and its files' versions (:meth:`hrsa.runtime.locations.Location.versions`);
@@ -18,7 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ANALYZE_SCHEDULING", "AUTO_FEW_LEVEL_PRODUCTS", "EXTRACT_SCHEDULING", "source_fingerprint", "stage_key"]
+__all__ = ["ANALYZE_SCHEDULING", "AUTO_FEW_LEVEL_PRODUCTS", "EXTRACT_SCHEDULING", "corpus_fingerprint", "source_fingerprint",
+           "stage_key"]
 
 # Settings that say how the work is spread, not what it computes: changing them re-runs nothing (and so never
 # deletes and re-extracts a model). Extraction's outputs do not depend on the workers or on how many tokens one
@@ -61,6 +63,26 @@ def source_fingerprint(source: str | None) -> Any:
     if path.is_file():
         return {"file": [path.name, file_digest(path)]}
     return {"folder": [[f.relative_to(path).as_posix(), file_digest(f)] for f in model_files(path)]}
+
+
+def corpus_fingerprint(source: str | None, options: Any) -> Any:
+    """What identifies a corpus for extraction: a local file or folder by what extraction reads of it, each record's
+    id and the fields its text is made of (``CorpusSpec.source_fields``), in order, up to ``max_docs``: a label
+    edited or a column added changes nothing extracted, and re-extracted both models when the whole file keyed them.
+    ``options`` holds the corpus options (text, template, id_field, max_docs). Anything else as
+    :func:`source_fingerprint`."""
+    if source is None or "://" in source or source.startswith(("hf:", "packaged:")) or not Path(source).expanduser().exists():
+        return source_fingerprint(source)
+    from hrsa.extract.corpus import CorpusSpec, load_records
+
+    spec = CorpusSpec(source=source, text=options.text, template=options.template, id_field=options.id_field,
+                      max_docs=options.max_docs)
+    fields = spec.source_fields()
+    digest = hashlib.sha256()
+    for record in load_records(spec):
+        row = [record["_id"], [record.get(field) for field in fields]]
+        digest.update(json.dumps(row, sort_keys=True, default=str, ensure_ascii=False).encode() + b"\n")
+    return {"records": digest.hexdigest(), "fields": list(fields)}
 
 
 def _remote_fingerprint(url: str) -> Any:

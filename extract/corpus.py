@@ -59,6 +59,15 @@ class CorpusSpec:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def source_fields(self) -> tuple[str, ...]:
+        """The record fields a document's text is made of: all that extraction reads of a record besides its id
+        (a label or any other field can change without changing what is extracted)."""
+        if self.template is None:
+            return (self.text or "text",)
+        names = [format_spec if name == "chat" and format_spec else _root(name)
+                 for _, name, format_spec, _ in string.Formatter().parse(self.template) if name is not None]
+        return tuple(dict.fromkeys(names))
+
 
 def load_records(spec: CorpusSpec) -> Iterator[dict[str, Any]]:
     """The records of ``spec.source`` in order, at most ``spec.max_docs``; each has an ``_id`` (see :mod:`hrsa.store.records`)."""

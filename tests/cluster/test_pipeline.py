@@ -676,14 +676,22 @@ def test_a_state_of_an_earlier_key_scheme_adopts_stored_models_instead_of_deleti
 def test_probe_labels_come_from_the_corpus_file_the_pipeline_names(copy: Workspace, tmp_path: Path) -> None:
     """Corpora are stored by content: a relabelled copy of the corpus file is the same corpus, whose recorded source
     is still the first file. The probes took their labels from that first file (classes a, b); they must come from
-    the file the pipeline names now."""
+    the file the pipeline names now. Extraction reads each record's id and text, not its label: the relabelled file
+    (or a column added) re-extracted both models (the whole file's digest keyed them: hours for a 7B pair); only the
+    analysis runs again. A text edited in it, or its records' ids, do re-extract."""
     relabelled = tmp_path / "relabelled.jsonl"
-    relabelled.write_text("".join(json.dumps({"id": f"d{i}", "text": t, "label": "xy"[i % 2]}) + "\n"
+    relabelled.write_text("".join(json.dumps({"id": f"d{i}", "text": t, "label": "xy"[i % 2], "added": i}) + "\n"
                                   for i, t in enumerate(TEXTS)))
     corpora = {"words": {**copy.values["corpora"]["words"], "path": str(relabelled)}}
     result = run_pipeline(copy.config(corpora=corpora), console=quiet())
     doc = json.loads(result.results["llama--qwen"].read_text())
     assert doc["settings"]["probe"]["classes"] == ["x", "y"]
+    assert result.ran == ("analyze:llama--qwen", "report")
+    for edit in ("text", "id"):
+        records = [json.loads(line) for line in relabelled.read_text().splitlines()]
+        records[3][edit] = records[3][edit] + " tiny" if edit == "text" else "d3b"
+        relabelled.write_text("".join(json.dumps(r) + "\n" for r in records))
+        assert {"extract:llama", "extract:qwen"} <= set(run_pipeline(copy.config(corpora=corpora), console=quiet()).ran)
 
 
 def test_a_model_replaced_in_the_store_behind_the_pipeline_is_not_taken_for_its_own(copy: Workspace,
@@ -709,6 +717,32 @@ def test_a_report_moved_away_and_back_is_written_again_with_todays_results(copy:
     assert "report" in run_pipeline(copy.config(pairs=[pair], report=moved), console=quiet()).ran
     result = run_pipeline(copy.config(pairs=[pair]), console=quiet())
     assert "report" in result.ran
+
+
+@pytest.mark.parametrize(("options", "edit", "same"), [
+    ({}, {"label": "z"}, True), ({}, {"added": 1}, True), ({}, {"text": "other"}, False), ({}, {"id": "x9"}, False),
+    ({"max_docs": 2}, {"text": "other"}, True),  # record 3 is past max_docs: not extracted
+    ({"template": "{chat:messages}{reasoning}"}, {"reasoning": "other"}, False),
+    ({"template": "{chat:messages}{reasoning}"}, {"messages": [{"role": "user", "content": "other"}]}, False),
+    ({"template": "{chat:messages}{reasoning}"}, {"text": "other"}, True),  # a field the template does not use
+])
+def test_a_corpus_is_keyed_by_the_ids_and_fields_extraction_reads(tmp_path: Path, options: dict[str, Any],
+                                                                   edit: dict[str, Any], same: bool) -> None:
+    from types import SimpleNamespace
+
+    from hrsa.cluster.stage_keys import corpus_fingerprint
+
+    def keyed(records: list[dict[str, Any]]) -> Any:
+        path = tmp_path / "docs.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        corpus = {"text": None, "template": None, "id_field": None, "max_docs": None, **options}
+        return corpus_fingerprint(str(path), SimpleNamespace(**corpus))
+
+    records = [{"id": f"d{i}", "text": f"text {i}", "label": "ab"[i % 2], "reasoning": f"r {i}",
+                "messages": [{"role": "user", "content": f"q {i}"}]} for i in range(4)]
+    before = keyed(records)
+    records[3].update(edit)
+    assert (keyed(records) == before) is same
 
 
 def test_a_relative_corpus_path_with_a_colon_is_known_by_its_content(tmp_path: Path,
@@ -756,8 +790,9 @@ def test_a_packaged_model_stored_under_its_name_s_key_is_not_extracted_again_aft
     values["models"]["llama"] = {"model": "packaged:all-minilm-l6-v2"}
     values["pairs"] = [{**values["pairs"][0], "metrics": ["cka"]}]
     new = runner.source_fingerprint
-    with monkeypatch.context() as before:  # the hrsa before: packaged: by its text
+    with monkeypatch.context() as before:  # the hrsa before: packaged: by its text, a corpus file by its whole content
         before.setattr(runner, "source_fingerprint", lambda s: s if (s or "").startswith("packaged:") else new(s))
+        before.setattr(runner, "corpus_fingerprint", lambda s, options: new(s))
         assert run_pipeline(parse_pipeline(values), console=quiet()).ran
     after = run_pipeline(parse_pipeline(values), console=quiet())
     assert after.ran == (), {s.name: s.reason for s in after.stages}
@@ -766,6 +801,20 @@ def test_a_packaged_model_stored_under_its_name_s_key_is_not_extracted_again_aft
     group.attrs[ATTRS_KEY] = {**attrs, "source": {**attrs["source"], "content": "0" * 32}}  # stored from other weights
     with pytest.raises(UserError, match=r"weights at packaged:all-minilm-l6-v2 \(other files than those the stored"):
         run_pipeline(parse_pipeline(values), console=quiet())  # not taken as up to date: the files are asked about
+
+
+def test_records_of_corpus_files_keyed_by_their_whole_content_stay_up_to_date_after_the_upgrade(
+        copy: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stages recorded when a corpus file was keyed by its whole content (before 2026-12-05) keep their key while the
+    file is as it was: compared with today's key (its records' ids and texts), every extraction would read as changed,
+    be deleted and run again, and every analysis after it."""
+    import hrsa.cluster.runner as runner
+
+    with monkeypatch.context() as before:  # the hrsa before: the corpus file by its name and whole content
+        before.setattr(runner, "corpus_fingerprint", lambda source, options: runner.source_fingerprint(source))
+        assert {"extract:llama", "extract:qwen"} <= set(run_pipeline(copy.config(), console=quiet()).ran)
+    after = run_pipeline(copy.config(), console=quiet())
+    assert after.ran == (), {s.name: s.reason for s in after.stages}
 
 
 def test_large_weights_are_known_by_their_content(tmp_path: Path) -> None:
