@@ -447,10 +447,7 @@ class ActivationStore(ResultRecords):
         info = self.model_info(mid)
         k = info.resolve_hidden_state(layer)
         if not (info.complete or allow_incomplete):
-            raise IncompleteModelError(
-                f"Expected a complete extraction of {mid}. Got {info.units_done}/{info.n_units} work units done instead. "
-                "Re-run the same `hrsa extract` to finish it (it resumes)."
-            )
+            raise _incomplete(mid, info.units_done, info.n_units)
         where = f"{self.url} models/{mid}/{hidden_key(k)}"
         group = self._model_group(mid)
         try:
@@ -468,7 +465,11 @@ class ActivationStore(ResultRecords):
             )
         writer = ModelWriter(group, info)
         self._check_hidden_metadata(mid, k, stored, info, settings=writer.settings, where=where)
-        return CheckedArray(stored, info.dtype, where, done=writer.done_mask(), shard_tokens=info.layout.shard_tokens,
+        done = writer.done_mask()
+        if not (done.all() or allow_incomplete):  # the mask the read trusts, not model_info's earlier listing: a unit
+            # reset since (`verify --reset-damaged`) reads its missing shard through Zarr, as zeros
+            raise _incomplete(mid, int(done.sum()), info.n_units)
+        return CheckedArray(stored, info.dtype, where, done=done, shard_tokens=info.layout.shard_tokens,
                             model_prefix=group.store_path.path, layer=k, settings=writer.settings)
 
     def _check_hidden_metadata(self, mid: str, k: int, stored: zarr.Array, info: ModelInfo, *, settings: str,
@@ -814,6 +815,13 @@ def _is_model_metadata(mid: str, metadata: bytes) -> bool:
     except (ValueError, AttributeError):  # json's errors are ValueErrors; a document that is not an object
         return False
     return True
+
+
+def _incomplete(mid: str, done: int, n_units: int) -> IncompleteModelError:
+    return IncompleteModelError(
+        f"Expected a complete extraction of {mid}. Got {done}/{n_units} work units done instead. "
+        "Re-run the same `hrsa extract` to finish it (it resumes)."
+    )
 
 
 def _count(selected: slice | np.ndarray) -> int:

@@ -100,13 +100,19 @@ def info(url: str, model: str) -> None:
     import json
 
     from hrsa.store import ActivationStore
+    from hrsa.store.errors import CorpusNotFoundError, CorruptDataError
 
     store = ActivationStore.open(url, mode="r")
     m = store.model_info(model)
-    c = store.corpus_info(m.corpus)
+    try:
+        c = store.corpus_info(m.corpus)
+        corpus = f"{c.n_docs} documents, {c.n_tokens} tokens, tokenizer {c.tokenizer.get('name', '?')}"
+    except (CorpusNotFoundError, CorruptDataError):  # the model is still described: info is where a user looks
+        corpus = (f"absent from the store, or its metadata does not read: reads of a selection refuse it; "
+                  f"`hrsa store verify {url}` names the damage")
     click.echo(f"model        {m.id}")
     click.echo(f"source       {json.dumps(m.source)}")
-    click.echo(f"corpus       {m.corpus} ({c.n_docs} documents, {c.n_tokens} tokens, tokenizer {c.tokenizer.get('name', '?')})")
+    click.echo(f"corpus       {m.corpus} ({corpus})")
     click.echo(f"shape        {len(m.hidden_states)} hidden states of (N={m.n_tokens}, D={m.hidden_size}); "
                f"indices {_ranges(m.hidden_states)} of 0..{m.n_hidden_states - 1}")
     click.echo(f"dtype        {m.dtype} ({'stored as uint16 bits' if m.dtype == 'bfloat16' else 'stored as is'}), codec {m.codec} + crc32c")
@@ -165,7 +171,8 @@ def get(url: str, model: str, layer: int, docs: str | None, token_range: str | N
     lazy = store.hidden_state(
         model, layer,
         tokens=parse_token_range(token_range, m.n_tokens) if token_range is not None else None,  # "" is refused
-        docs=parse_doc_ids(docs) if docs is not None else None,  # "" (an unset variable) is refused, not "all"
+        # "" (an unset variable) is refused, not "all"; an index past the corpus before a range is expanded
+        docs=parse_doc_ids(docs, store.corpus_info(m.corpus).n_docs) if docs is not None else None,
         token_filter=TokenFilter(exclude_special=exclude_special, exclude_first=exclude_first),
     )
     values = lazy.compute()

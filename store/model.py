@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -76,7 +77,13 @@ class ModelInfo:
         Raises:
             LayerOutOfRangeError: no stored hidden state of that index, naming those stored.
         """
-        k = index + self.n_hidden_states if index < 0 else index
+        if isinstance(index, bool) or not isinstance(index, numbers.Integral):  # 2.0 passed `in` and named the
+            # array hidden/2.0: "damaged, re-extract it" of a whole model
+            raise LayerOutOfRangeError(
+                f"Expected an integer hidden-state index of {self.id}. Got {index!r} ({type(index).__name__}) instead. "
+                "Pass an int (e.g. int(layer))."
+            )
+        k = int(index) + self.n_hidden_states if index < 0 else int(index)
         if k not in self.hidden_states:
             raise LayerOutOfRangeError(
                 f"Expected a hidden state of {self.id} in {list(self.hidden_states)} "

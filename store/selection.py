@@ -10,6 +10,7 @@ D * 2 or D * 4).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -115,7 +116,8 @@ def parse_token_range(text: str, n_tokens: int) -> tuple[int, int]:
     return start, stop
 
 
-def parse_int_list(text: str, *, ranges: bool = True, negative: bool = False, what: str = "integers") -> list[int]:
+def parse_int_list(text: str, *, ranges: bool = True, negative: bool = False, what: str = "integers",
+                   below: int | None = None) -> list[int]:
     """Comma-separated integers, and with ``ranges`` inclusive ranges ``A-B``, in the order written.
 
     The one parser of every integer-list flag: ``--docs``, extraction's ``--layers``, analysis's ``--k`` and
@@ -128,6 +130,8 @@ def parse_int_list(text: str, *, ranges: bool = True, negative: bool = False, wh
         negative: with ``ranges``, also accept a part ``-N``, one negative integer (an index counted from the end,
             for the caller to resolve); a range with a negative end stays refused (``0--1``, ``-3--1`` read two ways).
         what: what the integers are, for the error message (e.g. "document indices").
+        below: with it, a part at or past it is refused before a range is expanded (``0-999999999`` was a list of
+            a billion integers before any check).
 
     Raises:
         SelectionError: a part that is not an integer (or range), a range written high to low (``5-3``), or no
@@ -149,8 +153,10 @@ def parse_int_list(text: str, *, ranges: bool = True, negative: bool = False, wh
                 if negative and hi < 0:  # "0--1": to the last, or an empty range? Not guessed
                     raise ValueError(part)
                 _check_low_to_high(lo, hi, part, text, what)
+                _check_below(hi, below, part, what)
                 values.extend(range(lo, hi + 1))
             else:
+                _check_below(int(part), below, part, what)
                 values.append(int(part))
     except SelectionError:  # a range high to low: its own message
         raise
@@ -185,6 +191,11 @@ def _some(text: str, *, what: str, example: str) -> list[str]:
     return parts
 
 
+def _check_below(value: int, below: int | None, part: str, what: str) -> None:
+    if below is not None and value >= below:
+        raise SelectionError(f"Expected {what} in 0..{below - 1}. Got {part!r} instead. Pick indices below {below}.")
+
+
 def _check_low_to_high(lo: int, hi: int, part: str, text: str, what: str) -> None:
     """Refuse a range written high to low: ``5-3`` is an empty range, which selected nothing without a word."""
     if lo <= hi:
@@ -194,9 +205,10 @@ def _check_low_to_high(lo: int, hi: int, part: str, text: str, what: str) -> Non
                          f"Write it {hi}-{lo}.")
 
 
-def parse_doc_ids(text: str) -> list[int]:
-    """``"0,3,5-9"`` -> ``[0, 3, 5, 6, 7, 8, 9]``: document indices (:func:`parse_int_list`)."""
-    return parse_int_list(text, what="document indices")
+def parse_doc_ids(text: str, n_docs: int | None = None) -> list[int]:
+    """``"0,3,5-9"`` -> ``[0, 3, 5, 6, 7, 8, 9]``: document indices (:func:`parse_int_list`); with ``n_docs``, an
+    index past the corpus is refused before a range is expanded."""
+    return parse_int_list(text, what="document indices", below=n_docs)
 
 
 def _doc_index(doc_offsets: np.ndarray, docs: Sequence[int]) -> np.ndarray:
@@ -205,12 +217,19 @@ def _doc_index(doc_offsets: np.ndarray, docs: Sequence[int]) -> np.ndarray:
     bad = [d for d in docs if not 0 <= d < n_docs]
     if bad or not docs:
         raise SelectionError(
-            f"Expected document indices in 0..{n_docs - 1}. Got {bad or 'none'} instead. "
+            f"Expected document indices in 0..{n_docs - 1}. Got {_few(bad) if bad else 'none'} instead. "
             "List the corpus's documents with `hrsa store info`."
         )
     if len(set(docs)) != len(docs):
-        raise SelectionError(f"Expected each document once. Got duplicates in {docs} instead.")
+        twice = sorted(d for d, n in Counter(docs).items() if n > 1)
+        raise SelectionError(f"Expected each document once. Got {_few(twice)} more than once instead.")
     return np.concatenate([np.arange(doc_offsets[d], doc_offsets[d + 1], dtype=np.int64) for d in docs])
+
+
+def _few(values: Sequence[int], shown: int = 5) -> str:
+    """A list in an error's one line: its first few and how many more (a range past the corpus listed every one)."""
+    more = len(values) - shown
+    return ", ".join(map(str, values[:shown])) + (f" and {more} more" if more > 0 else "")
 
 
 def _field_indices(corpus: zarr.Group, fields: Sequence[str]) -> list[int]:
@@ -290,9 +309,16 @@ def resolve_selection(corpus: zarr.Group, selection: TokenSelection | None = Non
         start, stop = 0, n_tokens
     index: np.ndarray | None = None
     if docs is not None:
-        index = _doc_index(corpus["doc_offsets"][:], docs)
+        doc_offsets = corpus["doc_offsets"][:]
+        index = _doc_index(doc_offsets, docs)
         if tokens is not None:
             index = index[(index >= start) & (index < stop)]
+            outside = [d for d in docs if doc_offsets[d + 1] <= start or doc_offsets[d] >= stop]
+            if index.size and outside:  # none left at all is said below; one document of several dropped was silent
+                raise SelectionError(
+                    f"Expected each listed document to hold tokens of the token range {start}:{stop}. Got document(s) "
+                    f"{_few(outside)}, which lie outside it, instead. Widen --tokens or drop them from --docs."
+                )
     # Step 2: the filters, read only over the candidate range.
     masks: dict[str, np.ndarray] = {}  # each filter's own mask over the candidates (for the message if none is left)
     candidates = index

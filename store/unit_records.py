@@ -65,8 +65,9 @@ def settings_fingerprint(attrs: dict[str, Any]) -> str:
 
 
 def parse_done_units(names: list[str]) -> list[int]:
-    """Unit indices from a listing of ``done/`` (names that are not a unit number are ignored)."""
-    return sorted(int(n) for n in names if n.isdigit())
+    """Unit indices from a listing of ``done/`` (names that are not a unit number as :func:`done_key` writes it are
+    ignored: ``01`` beside ``1`` counted one unit twice, and a model with a unit pending read as complete)."""
+    return sorted(int(n) for n in names if n.isascii() and n.isdigit() and str(int(n)) == n)
 
 
 def xxh3(data: bytes | memoryview) -> str:
