@@ -175,12 +175,37 @@ def get(url: str, model: str, layer: int, docs: str | None, token_range: str | N
         docs=parse_doc_ids(docs, store.corpus_info(m.corpus).n_docs) if docs is not None else None,
         token_filter=TokenFilter(exclude_special=exclude_special, exclude_first=exclude_first),
     )
-    values = lazy.compute()
     if dtype != "auto" or m.dtype == "bfloat16":
-        values = values.astype(np.float64 if dtype == "float64" else np.float32)
-    with atomic_file(target) as file:  # whole or not at all; exactly at --out (np.save given a name adds ".npy")
-        np.save(file, values)
-    click.echo(f"wrote {out}: {values.shape[0]} tokens x {values.shape[1]} ({values.dtype})")
+        lazy = lazy.astype(np.float64 if dtype == "float64" else np.float32)
+    with atomic_file(target) as file:  # whole or not at all; exactly at --out
+        _save_by_row_groups(file, lazy)
+    click.echo(f"wrote {out}: {lazy.shape[0]} tokens x {lazy.shape[1]} ({lazy.dtype})")
+
+
+#: Rows decoded and written at once by ``store get``: a few shards, read side by side by Dask's threads.
+GET_GROUP_BYTES = 8 << 20
+
+
+def _save_by_row_groups(file: Any, values: Any) -> None:
+    """``np.save`` of a Dask array of shape (N, D), a group of row blocks at a time: a 7B model's layer over a
+    million tokens is 14 GB, and computing it whole before the save held it twice (Dask's per-shard pieces and the
+    joined array). A C-order .npy is its header, then its rows in order: each group's bytes are appended."""
+    import dask
+    import numpy as np
+
+    values = values.rechunk({1: -1})  # whole rows in each block
+    header = {"descr": np.lib.format.dtype_to_descr(values.dtype), "fortran_order": False, "shape": values.shape}
+    np.lib.format.write_array_header_1_0(file, header)
+    row_bytes = max(1, values.shape[1] * values.dtype.itemsize)
+    group: list[Any] = []
+    rows = 0
+    for i, n in enumerate(values.chunks[0]):
+        group.append(values.blocks[i])
+        rows += n
+        if rows * row_bytes >= GET_GROUP_BYTES or i == values.numblocks[0] - 1:
+            for block in dask.compute(*group):
+                file.write(np.ascontiguousarray(block).data)
+            group, rows = [], 0
 
 
 @store_group.command("verify")

@@ -98,7 +98,9 @@ def test_get_interrupted_while_writing_leaves_the_earlier_file_and_no_partial_on
         file.write(b"\x93NUMPY half a header")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(np, "save", save_half)
+    import hrsa.store.cli as store_cli
+
+    monkeypatch.setattr(store_cli, "_save_by_row_groups", save_half)
     code, _, _ = _run("store", "get", url, "m", "--layer", "2", "--out", str(out))
     assert code != 0
     assert out.read_bytes() == b"the earlier file" and sorted(p.name for p in out.parent.iterdir()) == ["x.npy"]

@@ -118,3 +118,32 @@ def test_a_layer_index_that_is_not_an_integer_is_a_user_error_not_damage(layer: 
         filled_store.hidden_state("m", layer)  # type: ignore[arg-type]
     assert not isinstance(refused.value, CorruptDataError) and "re-extract" not in str(refused.value)
     assert filled_store.model_info("m").complete
+
+
+def test_get_of_a_whole_layer_holds_a_few_shards_not_the_layer(tmp_path) -> None:
+    """A 7B model's layer over a million tokens is 14 GB: computed whole, then saved, `get` held it twice (Dask's
+    per-shard pieces and the joined array; measured 256 MiB for a 128 MiB layer). Written a group of shards at a
+    time, the measured peak stays under half the output, and the file is the layer."""
+    import tracemalloc
+
+    from hrsa.store.testing import make_table
+
+    store = ActivationStore.open(str(tmp_path / "store"), mode="a")
+    cid = store.write_corpus(make_table((4096,) * 16), tokenizer={"name": "t", "fingerprint": "f"}, source="test")
+    hidden = 256
+    store.create_model("big", corpus=cid, n_hidden_states=1, hidden_size=hidden, dtype="float32", chunk_tokens=1024,
+                       shard_tokens=1024)
+    writer = store.writer("big")
+    for unit in writer.units():
+        writer.write_unit(unit, {0: np.full((unit.stop - unit.start, hidden), unit.index, np.float32)})
+    out = tmp_path / "layer.npy"
+    tracemalloc.start()
+    try:
+        code, _, err = _run("store", "get", store.url, "big", "--layer", "0", "--out", str(out))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert code == 0, err
+    layer = np.load(out)
+    assert layer.shape == (4096 * 16, hidden) and np.array_equal(layer[:, 0], np.arange(4096 * 16) // 1024)
+    assert peak < layer.nbytes / 2, (peak, layer.nbytes)
