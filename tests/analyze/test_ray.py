@@ -97,7 +97,8 @@ try:  # every GPU held: refused after the wait, not queued for ever
 except PlacementError as error:
     print("busy", round(time.monotonic() - start), error)
 for holder in holders:
-    ray.kill(holder)
+    ray.kill(holder)  # asynchronous: their GPUs come free once they are gone
+ray_passes.ALL_GPUS_WAIT_S = 60.0  # the default (2 s: under a loaded CI the kills and a cold actor took longer)
 print("found", probe_gpu_workers(measure))  # the cancelled probes hold nothing: both GPUs are free again
 """
 
