@@ -512,8 +512,8 @@ class _Runner:
         # submit`'s new working dir) keep the key.
         settings = ec.model_dump(mode="json", exclude={"store", "model", "corpus", *EXTRACT_SCHEDULING})
         inputs = {"model": source_fingerprint(source), "corpus": corpus_fingerprint(c.path, c)}
-        key = self._earlier_key(f"extract:{store_id}", settings, source, {**inputs, "corpus": source_fingerprint(c.path)},
-                                ec) or stage_key({"extract": settings, **inputs})
+        key = self._earlier_key(f"extract:{store_id}", stage_key({"extract": settings, **inputs}), settings, source,
+                                c.path, inputs, ec)
         content = stage_key({"extract": {k: v for k, v in settings.items() if k != "name"}, **inputs})  # any name
         stage = f"extract:{store_id}"
         if stage in self._extracted:  # the same checkpoint in two series: extracted once
@@ -536,17 +536,19 @@ class _Runner:
         self._run_extraction(stage, key, ec, names)
         return done
 
-    def _earlier_key(self, stage: str, settings: dict[str, Any], source: str, earlier_inputs: dict[str, Any],
-                     ec: ExtractConfig) -> str | None:
-        """The key the stage's record holds where it is the key of an earlier rule for what it keyed, and that still
-        holds: otherwise the upgrade re-extracted every model and re-ran every analysis after it. Before 2026-12-05
-        a corpus file was keyed by its whole content (``earlier_inputs``; now by the records' ids and texts: the
-        first label edited after the upgrade re-extracts once), and a ``packaged:`` model by its name. None
-        otherwise: the key of today's rule."""
+    def _earlier_key(self, stage: str, key: str, settings: dict[str, Any], source: str, corpus: str,
+                     inputs: dict[str, Any], ec: ExtractConfig) -> str:
+        """``key`` (today's rule), or the key the stage's record holds where it is the key of an earlier rule for
+        what it keyed and that still holds: otherwise the upgrade re-extracted every model and re-ran every analysis
+        after it. Before 2026-12-05 a corpus file was keyed by its whole content (now by the records' ids and texts:
+        the first label edited after the upgrade re-extracts once), and a ``packaged:`` model by its name."""
         entry = self.state.entry(stage)
-        if entry is not None and entry["key"] == stage_key({"extract": settings, **earlier_inputs}):
+        if entry is None or entry["key"] == key:
+            return key
+        whole_file = {**inputs, "corpus": source_fingerprint(corpus)}
+        if entry["key"] == stage_key({"extract": settings, **whole_file}):
             return entry["key"]
-        return self._earlier_packaged_key(stage, settings, source, earlier_inputs, ec)
+        return self._earlier_packaged_key(stage, settings, source, whole_file, ec) or key
 
     def _earlier_packaged_key(self, stage: str, settings: dict[str, Any], source: str, inputs: dict[str, Any],
                               ec: ExtractConfig) -> str | None:

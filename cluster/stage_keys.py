@@ -51,9 +51,8 @@ def source_fingerprint(source: str | None) -> Any:
         from hrsa.extract.model_spec import parse_model_spec
 
         return {"packaged": source, "content": model_content(parse_model_spec(source))}
-    path = Path(source).expanduser()
-    # What the readers take for a local path (a name like words:v2.jsonl included) is known by its files.
-    if source.startswith(("hf:", "packaged:")) or not path.exists():
+    path = _local_path(source)
+    if path is None:
         return source
     from hrsa.extract.identity import model_files
     from hrsa.runtime.fingerprint import file_digest
@@ -71,7 +70,7 @@ def corpus_fingerprint(source: str | None, options: Any) -> Any:
     edited or a column added changes nothing extracted, and re-extracted both models when the whole file keyed them.
     ``options`` holds the corpus options (text, template, id_field, max_docs). Anything else as
     :func:`source_fingerprint`."""
-    if source is None or "://" in source or source.startswith(("hf:", "packaged:")) or not Path(source).expanduser().exists():
+    if source is None or "://" in source or _local_path(source) is None:
         return source_fingerprint(source)
     from hrsa.extract.corpus import CorpusSpec, load_records
 
@@ -83,6 +82,13 @@ def corpus_fingerprint(source: str | None, options: Any) -> Any:
         row = [record["_id"], [record.get(field) for field in fields]]
         digest.update(json.dumps(row, sort_keys=True, default=str, ensure_ascii=False).encode() + b"\n")
     return {"records": digest.hexdigest(), "fields": list(fields)}
+
+
+def _local_path(source: str) -> Path | None:
+    """What the readers take for a local path (a name like words:v2.jsonl included), where something is there; None
+    for hf: and packaged: names and for nothing there."""
+    path = Path(source).expanduser()
+    return None if source.startswith(("hf:", "packaged:")) or not path.exists() else path
 
 
 def _remote_fingerprint(url: str) -> Any:

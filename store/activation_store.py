@@ -446,10 +446,16 @@ class ActivationStore(ResultRecords):
         """
         info = self.model_info(mid)
         k = info.resolve_hidden_state(layer)
-        if not (info.complete or allow_incomplete):
-            raise _incomplete(mid, info.units_done, info.n_units)
-        where = f"{self.url} models/{mid}/{hidden_key(k)}"
         group = self._model_group(mid)
+        writer = ModelWriter(group, info)
+        done = writer.done_mask()
+        if not (done.all() or allow_incomplete):  # the mask the read trusts, not model_info's earlier listing: a unit
+            # reset since (`verify --reset-damaged`) read its missing shard through Zarr, as zeros
+            raise IncompleteModelError(
+                f"Expected a complete extraction of {mid}. Got {int(done.sum())}/{info.n_units} work units done "
+                "instead. Re-run the same `hrsa extract` to finish it (it resumes)."
+            )
+        where = f"{self.url} models/{mid}/{hidden_key(k)}"
         try:
             stored = group[hidden_key(k)]
         except _UNREADABLE as error:
@@ -463,12 +469,7 @@ class ActivationStore(ResultRecords):
                 f"{tuple(stored.shape)} instead: its metadata is damaged. Run `hrsa store verify {self.url}` for "
                 "details; delete the model and re-extract it."
             )
-        writer = ModelWriter(group, info)
         self._check_hidden_metadata(mid, k, stored, info, settings=writer.settings, where=where)
-        done = writer.done_mask()
-        if not (done.all() or allow_incomplete):  # the mask the read trusts, not model_info's earlier listing: a unit
-            # reset since (`verify --reset-damaged`) reads its missing shard through Zarr, as zeros
-            raise _incomplete(mid, int(done.sum()), info.n_units)
         return CheckedArray(stored, info.dtype, where, done=done, shard_tokens=info.layout.shard_tokens,
                             model_prefix=group.store_path.path, layer=k, settings=writer.settings)
 
@@ -815,13 +816,6 @@ def _is_model_metadata(mid: str, metadata: bytes) -> bool:
     except (ValueError, AttributeError):  # json's errors are ValueErrors; a document that is not an object
         return False
     return True
-
-
-def _incomplete(mid: str, done: int, n_units: int) -> IncompleteModelError:
-    return IncompleteModelError(
-        f"Expected a complete extraction of {mid}. Got {done}/{n_units} work units done instead. "
-        "Re-run the same `hrsa extract` to finish it (it resumes)."
-    )
 
 
 def _count(selected: slice | np.ndarray) -> int:

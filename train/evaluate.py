@@ -756,8 +756,9 @@ def _score_target(target: EvalTarget, tasks: list[tuple[TaskSpec, Any]], config:
     for spec, task in todo:
         try:
             with _quiet_mteb():  # show_progress_bar in encode_kwargs: mteb's "Searching corpus chunks" bar, off
+                encode_kwargs = {"batch_size": config.batch_size, "show_progress_bar": False}
                 result = mteb.evaluate(wrapper, task, cache=cache, overwrite_strategy="always", show_progress_bar=False,
-                                       encode_kwargs={"batch_size": config.batch_size, "show_progress_bar": False}).task_results[0]
+                                       encode_kwargs=encode_kwargs).task_results[0]
         except NonFiniteEmbeddingsError as error:
             raise EvalError(f"{error}{_leave_out(target, others)}") from None
         row.results[task.metadata.name] = _task_result_entry(result, task, settings, spec)
