@@ -72,16 +72,13 @@ def corpus_fingerprint(source: str | None, options: Any) -> Any:
     :func:`source_fingerprint`."""
     if source is None or "://" in source or _local_path(source) is None:
         return source_fingerprint(source)
-    from hrsa.extract.corpus import CorpusSpec, load_records
+    from hrsa.extract.corpus import CorpusSpec
+    from hrsa.runtime.fingerprint import records_fingerprint
 
-    spec = CorpusSpec(source=source, text=options.text, template=options.template, id_field=options.id_field,
-                      max_docs=options.max_docs)
-    fields = spec.source_fields()
-    digest = hashlib.sha256()
-    for record in load_records(spec):
-        row = [record["_id"], [record.get(field) for field in fields]]
-        digest.update(json.dumps(row, sort_keys=True, default=str, ensure_ascii=False).encode() + b"\n")
-    return {"records": digest.hexdigest(), "fields": list(fields)}
+    fields = CorpusSpec(source=source, text=options.text, template=options.template).source_fields()
+    records = records_fingerprint(source, fields=fields, id_field=options.id_field, max_docs=options.max_docs)
+    # None: the file could not be read (permissions): keyed as any other source then, never by a constant
+    return source_fingerprint(source) if records is None else {"records": records, "fields": list(fields)}
 
 
 def _local_path(source: str) -> Path | None:

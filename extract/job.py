@@ -309,18 +309,24 @@ def _check_layers(config: ExtractConfig, facts: Mapping[str, Any]) -> None:
                         f"the embeddings and {n - 1} layers). Got {layers} instead.")
 
 
-def _corpus_file(config: ExtractConfig, corpus: _Corpus) -> dict[str, dict[str, str]]:
-    """``{"corpus_file": {"path": absolute path, "digest": content digest}}`` of the local corpus file or folder the
-    records were read from (what ``hrsa analyze`` checks before it reads the probes' labels back from it); ``{}`` for a
-    stored corpus id, the hub, object storage, or nothing there."""
+def _corpus_file(config: ExtractConfig, corpus: _Corpus) -> dict[str, dict[str, Any]]:
+    """``{"corpus_file": {"path": absolute path, "digest": content digest, "records": what extraction read}}`` of
+    the local corpus file or folder the records were read from (what ``hrsa analyze`` checks before it reads the
+    probes' labels back from it: the whole content, else each record's id and text, so that labels edited since are
+    read as edited); ``{}`` for a stored corpus id, the hub, object storage, or nothing there."""
 
-    from hrsa.runtime.fingerprint import records_digest
+    from hrsa.runtime.fingerprint import records_digest, records_fingerprint
 
     if corpus.cid is not None or config.corpus.startswith("hf:"):
         return {}
     path = Path(config.corpus).expanduser().resolve()
     digest = records_digest(path)
-    return {} if digest is None else {"corpus_file": {"path": str(path), "digest": digest}}
+    fields = list(_corpus_spec(config).source_fields())
+    read = records_fingerprint(str(path), fields=fields, id_field=config.id_field, max_docs=config.max_docs)
+    if digest is None or read is None:
+        return {}
+    return {"corpus_file": {"path": str(path), "digest": digest, "records": {
+        "sha256": read, "fields": fields, "id_field": config.id_field, "max_docs": config.max_docs}}}
 
 
 def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], None] | None = None,

@@ -8,10 +8,11 @@ are dropped.
 Labels are joined to the stored documents by record id. By default they are read back from the corpus file
 that the models were extracted from, with the same reader and id rule that extraction used (the corpus keeps
 ``extra["corpus_spec"]``: file, id field): ``label_field="label"`` on spam-assassin, ``"party"`` on
-sotu. Each model's extraction records that file's absolute path and content digest
-(``ModelInfo.extraction["corpus_file"]``): a file changed or gone since (a line prepended shifts every
-``<file>:<line>`` id), or two models of a pair extracted from files that differ (a relabelled copy of the same
-texts is the same stored corpus), is refused rather than read. Models stored by an earlier hrsa record no file:
+sotu. Each model's extraction records that file's absolute path, content digest and the digest of each record's
+id and text fields (``ModelInfo.extraction["corpus_file"]``): a file whose labels were edited since (or a column
+added) is read as it is now, its records being the ones extracted; a text or an id changed or a file gone (a line
+prepended shifts every ``<file>:<line>`` id), or two models of a pair extracted from files that differ (a relabelled
+copy of the same texts is the same stored corpus), is refused rather than read. Models stored by an earlier hrsa record no file:
 the corpus's recorded source is read, as written. ``labels_file`` (a .jsonl/.csv/.parquet with an id column and
 the label column) overrides this, e.g. when the corpus file has moved; its ids are matched the same way
 (``id_field``, else ``"id"``, else ``<file name>:<line>``). Documents whose record has no label (missing or null)
@@ -198,17 +199,39 @@ def _recorded_corpus_file(store: ActivationStore, models: Sequence[str], names: 
         return None
     (first, file), *others = recorded.items()
     for other, theirs in others:
-        if theirs["digest"] != file["digest"]:
+        if theirs["digest"] != file["digest"] and not (theirs["path"] == file["path"] and _same_records(theirs, file)):
             raise UserError(f"Expected models {first} and {other} to be extracted from the same corpus file, to read "
                             f"the probe's labels from it. Got {file['path']} and {theirs['path']}, whose contents "
                             f"differ, instead. Name the labels file to use with {names('labels')}.")
     now = records_digest(file["path"])
-    if now != file["digest"]:
-        got = "nothing there" if now is None else "other content (changed since: its line ids may have shifted)"
+    if now != file["digest"] and (now is None or not _read_as_extracted(file)):
+        got = ("nothing there" if now is None else
+               "other content (changed since: a text or an id of the records extracted, or their order)")
         raise UserError(f"Expected corpus file {file['path']}, which model {first} was extracted from, to hold what "
                         f"was extracted, to read the probe's labels from it. Got {got} instead. "
                         f"Name a file of the stored documents' labels (by their ids) with {names('labels')}.")
-    return file["path"], file["digest"]
+    return file["path"], now  # type: ignore[return-value]  # not None: checked above
+
+
+def _same_records(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two extractions read the same ids and texts (recorded since hrsa kept them; labels may differ)."""
+    return bool(a.get("records")) and a.get("records") == b.get("records")
+
+
+def _read_as_extracted(file: dict[str, Any]) -> bool:
+    """Whether a corpus file changed since extraction still holds each record's id and text as extracted (its
+    labels edited, a column added), so labels joined by id land on the documents they belong to."""
+    from hrsa.runtime.fingerprint import records_fingerprint
+
+    read = file.get("records")
+    if not read:
+        return False  # extracted by an earlier hrsa: only the whole content was recorded
+    try:
+        now = records_fingerprint(file["path"], fields=read["fields"], id_field=read["id_field"],
+                                  max_docs=read["max_docs"])
+    except UserError:  # a record that no longer parses
+        return False
+    return now == read["sha256"]
 
 
 def _labels_by_id(records: Iterable[dict[str, Any]], label_field: str, wanted: set[str], source: str,

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from hrsa.cli import cli
-from hrsa.runtime.fingerprint import file_digest
+from hrsa.runtime.fingerprint import file_digest, records_fingerprint
 from hrsa.store import ActivationStore
 
 N_DOCS = 16
@@ -70,7 +70,9 @@ def test_each_model_records_the_corpus_file_it_was_extracted_from(extracted: Ext
     store = ActivationStore.open(extracted.store)
     for mid, path in (("a", extracted.original), ("b", extracted.original), ("c", extracted.copy)):
         recorded = store.model_info(mid).extraction["corpus_file"]
-        assert recorded == {"path": str(path.resolve()), "digest": file_digest(path)}
+        assert recorded == {"path": str(path.resolve()), "digest": file_digest(path),
+                            "records": {"sha256": records_fingerprint(str(path), fields=("text",)), "fields": ["text"],
+                                        "id_field": None, "max_docs": None}}
 
 
 def test_an_unchanged_file_gives_the_labels_as_before_and_results_name_it(extracted: Extracted, tmp_path: Path) -> None:
@@ -99,6 +101,64 @@ def test_a_line_prepended_after_extraction_is_refused_not_shifted(
     assert code == 2, err  # not every label shifted by one line
     line = _error_line(err)
     assert str(extracted.original.resolve()) in line and "--labels" in line, err
+
+
+def _rewritten(path: Path, edit: Any) -> str:
+    """Rewrite the corpus file record by record through ``edit``; returns the text as it was."""
+    text = path.read_text()
+    path.write_text("".join(json.dumps(edit(json.loads(line))) + "\n" for line in text.splitlines()))
+    return text
+
+
+def test_labels_edited_after_extraction_are_read_as_edited(extracted: Extracted, tmp_path: Path) -> None:
+    """Each record's id and text as extracted: the labels are the stored documents' (a pipeline re-run keeps both
+    extractions through a label edit, and analysing them alone refused the file)."""
+    text = _rewritten(extracted.original, lambda r: {**r, "label": {"ham": "neg", "spam": "pos"}[r["label"]], "new": 1})
+    try:
+        code, err, doc = _analyze(extracted, tmp_path / "out", "a", "b")
+        digest = file_digest(extracted.original)
+    finally:
+        extracted.original.write_text(text)
+    assert code == 0, err
+    probe = doc["settings"]["probe"]
+    assert probe["classes"] == ["neg", "pos"] and probe["n_docs"] == N_DOCS
+    assert probe["labels_digest"] == digest != file_digest(extracted.original)  # the file as read, not as extracted
+
+
+def test_a_pair_extracted_before_and_after_a_label_edit_reads_the_file_as_it_is(
+    extracted: Extracted, tiny_models: Any, tmp_path: Path
+) -> None:
+    """A pipeline re-run extracts a new checkpoint after the labels were edited: both models read the same ids and
+    texts of the same file, whose labels now are the ones to read (refused as files that differ before)."""
+    from hrsa.extract.job import ExtractConfig, run_extraction
+
+    text = _rewritten(extracted.original, lambda r: {**r, "label": {"ham": "neg", "spam": "pos"}[r["label"]]})
+    try:
+        run_extraction(ExtractConfig(store=extracted.store, model=str(tiny_models.dir("llama")),
+                                     corpus=str(extracted.original), name="after-edit", text="text", workers=1))
+        code, err, doc = _analyze(extracted, tmp_path / "out", "a", "after-edit")
+    finally:
+        extracted.original.write_text(text)
+    assert code == 0, err
+    assert doc["settings"]["probe"]["classes"] == ["neg", "pos"]
+    code, err, _ = _analyze(extracted, tmp_path / "restored", "a", "after-edit")  # the labels as extracted by a
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("edit", [
+    pytest.param(lambda r: {**r, "text": r["text"].replace("fox", "cat")}, id="a text"),
+    pytest.param(lambda r: {k: v for k, v in r.items() if k != "text"} if r["text"].endswith(" 3") else r,
+                 id="a text gone"),
+])
+def test_a_text_edited_after_extraction_is_refused(extracted: Extracted, tmp_path: Path, edit: Any) -> None:
+    text = _rewritten(extracted.original, edit)
+    try:
+        code, err, _ = _analyze(extracted, tmp_path / "out", "a", "b")
+    finally:
+        extracted.original.write_text(text)
+    assert code == 2, err
+    line = _error_line(err)
+    assert str(extracted.original.resolve()) in line and "changed since" in line and "--labels" in line, err
 
 
 def test_a_deleted_corpus_file_is_refused_in_one_line(extracted: Extracted, tmp_path: Path) -> None:
