@@ -13,7 +13,8 @@ same with what this machine has:
 3. A pipeline (:mod:`hrsa.cluster.runner`): every HRSA metric for the two backbones and for the two embedding
    models on the CoT traces, cross-model probes on labelled mail (hard ham vs spam), the dynamics from step 0 (the
    two runs against each other, and the base run against its own backbone), the report with both Table 2s side
-   by side. Each stage is skipped when its outputs are up to date, so re-running resumes.
+   by side, and every checkpoint of both runs scored on held-out word problems (retrieval, nDCG@10, as `hrsa eval`
+   scores them). Each stage is skipped when its outputs are up to date, so re-running resumes.
 4. What it found, in a few lines (:func:`outcome_lines`), on screen and at the top of the report.
 """
 
@@ -83,7 +84,7 @@ class DemoConfig(BaseModel):
 @dataclass(frozen=True)
 class DemoResult:
     """Where the demo's outputs are: the store, the report, each pair's results.json and each series' dynamics file,
-    each model's store id, how many stages ran, and what it found (:func:`outcome_lines`)."""
+    each model's store id, how many stages ran, what it found (:func:`outcome_lines`), and each run's eval.json."""
 
     store_url: str
     report: Path
@@ -92,21 +93,23 @@ class DemoResult:
     models: dict[str, str]
     stages_run: int
     outcome: tuple[str, ...]
+    evals: dict[str, Path]
 
 
-def _training_data(out: Path, console: Console) -> Path:
-    """Word problem -> solution pairs with one MiniLM-mined hard negative each."""
-    from hrsa.cluster.demo_corpus import write_training_pairs
+def _training_data(out: Path, console: Console) -> tuple[Path, Path]:
+    """Word problem -> solution pairs with one MiniLM-mined hard negative each, and held-out pairs to score the
+    embedding models on (retrieval, nDCG@10)."""
+    from hrsa.cluster.demo_corpus import write_dev_pairs, write_training_pairs
     from hrsa.train.mine import MineConfig, mine_negatives
 
-    mined = out / "data" / "pairs.mined.jsonl"
+    mined, pairs, dev = out / "data" / "pairs.mined.jsonl", out / "data" / "pairs.jsonl", out / "data" / "dev-pairs.jsonl"
     if mined.exists():
-        return mined
-    pairs = write_training_pairs(out / "data" / "pairs.jsonl", n=256)
+        return mined, dev if dev.exists() else write_dev_pairs(dev, training=pairs)
+    pairs = write_training_pairs(pairs, n=256)
     console.print(f"[bold]setup[/] mining hard negatives for {pairs} with all-MiniLM-L6-v2 on FAISS")
     result = mine_negatives(MineConfig(input=pairs, out=mined, k=2, max_length=128, device="cpu", overwrite=True))
     console.print(f"      {result.summary()}")
-    return mined
+    return mined, write_dev_pairs(dev, training=pairs)
 
 
 def _corpora(config: DemoConfig, mails: list[dict[str, Any]] | None, console: Console) -> tuple[Path, dict[str, Any]]:
@@ -126,7 +129,7 @@ def _corpora(config: DemoConfig, mails: list[dict[str, Any]] | None, console: Co
     return cot, {"path": str(problems), "text": "problem", "id_field": "id", "label_field": "kind"}
 
 
-def demo_pipeline(config: DemoConfig, *, backbones: tuple[Path, Path], train_data: Path, cot: Path,
+def demo_pipeline(config: DemoConfig, *, backbones: tuple[Path, Path], train_data: Path, dev_pairs: Path, cot: Path,
                   probes: dict[str, Any]) -> dict[str, Any]:
     """The demo as a pipeline mapping (what ``hrsa run`` reads from YAML)."""
     # Every third hidden state (11 of SmolLM2's 31): the heatmaps and curves keep their shape, and the store, the
@@ -152,6 +155,9 @@ def demo_pipeline(config: DemoConfig, *, backbones: tuple[Path, Path], train_dat
                   for corpus, suffix, settings in (("cot", "", geometry), ("mail", "-probes", probe))],
         "dynamics": [{"name": REALIGN, "a": EMBEDDERS[0], "b": EMBEDDERS[1], **series},
                      {"name": DRIFT, "a": EMBEDDERS[0], "b": EMBEDDERS[0], "b_step": 0, **series}],
+        # Every checkpoint of both runs on held-out word problems, with the queries' instruction of training
+        "eval": {run: {"model": run, "tasks": [f"retrieval:{dev_pairs}"], "instruction": INSTRUCTION, "max_length": 64,
+                       "batch_size": 16} for run in EMBEDDERS},
         "report": {"title": "SmolLM2 and a perturbed copy, before and after the same InfoNCE training (the paper's "
                             "study at CPU size)", "description": ABOUT},
     }
@@ -179,7 +185,19 @@ def outcome_lines(result: PipelineResult) -> list[str]:
         cka = changes[0]  # the headline: linear CKA, the paper's measure of realignment
         verdict = rising if cka.change > 0 else falling if cka.change < 0 else "no change"
         lines.append(f"{series}, step 0 -> {cka.last_step}: {moves} ({verdict or 'no change'})")
+    scores = [f"{run} {_last_main_score(result.evals[run])}" for run in EMBEDDERS if run in result.evals]
+    if scores:
+        lines.append(f"held-out retrieval (nDCG@10, last step): {', '.join(scores)}")
     return lines
+
+
+def _last_main_score(path: Path) -> str:
+    """The main score of the last step in an eval.json, as ``0.123 at step N``."""
+    import json
+
+    last = max(json.loads(path.read_text())["checkpoints"], key=lambda row: row["step"] or 0)
+    (result,) = last["results"].values()
+    return f"{result['main_score']:.3f} at step {last['step']}"
 
 
 def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
@@ -201,12 +219,13 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
     base = materialize_backbone(config.out, console)
     child = perturbed_copy(base, config.out / "models" / "smollm2-perturbed", scale=config.perturbation, seed=0,
                            console=console)
-    train_data = _training_data(config.out, console)
+    train_data, dev_pairs = _training_data(config.out, console)
     cot, probes = _corpora(config, mails, console)
-    values = demo_pipeline(config, backbones=(base, child), train_data=train_data, cot=cot, probes=probes)
+    values = demo_pipeline(config, backbones=(base, child), train_data=train_data, dev_pairs=dev_pairs, cot=cot,
+                           probes=probes)
     result = run_pipeline(parse_pipeline(values), console=console)
     assert result.report is not None  # the demo always asks for one
     # Step 4: what it found.
     outcome = tuple(outcome_lines(result))
     return DemoResult(result.store, result.report, dict(result.results), dict(result.dynamics), dict(result.models),
-                      sum(stage.ran for stage in result.stages), outcome)
+                      sum(stage.ran for stage in result.stages), outcome, dict(result.evals))

@@ -22,7 +22,8 @@ from typing import Any
 from hrsa.store.errors import UserError
 from hrsa.store.records import iter_json_lines
 
-__all__ = ["KINDS", "read_mail_probes", "write_mail_probes", "write_training_pairs", "write_word_problems"]
+__all__ = ["KINDS", "read_mail_probes", "write_dev_pairs", "write_mail_probes", "write_training_pairs",
+           "write_word_problems"]
 
 _NAMES = ["Ava", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goran", "Hana", "Ivan", "Jun", "Kofi", "Lena"]
 _ITEMS = ["apples", "stamps", "marbles", "books", "coins", "stickers", "pencils", "shells", "cards", "beads"]
@@ -110,6 +111,21 @@ def write_training_pairs(path: Path, *, n: int = 256, seed: int = 1) -> Path:
     with path.open("w", encoding="utf-8") as out:
         for kind, question, reasoning, _ in _problems(n, seed):
             out.write(json.dumps({"query": question, "pos": reasoning, "kind": kind}) + "\n")
+    return path
+
+
+def write_dev_pairs(path: Path, *, training: Path, n: int = 64, seed: int = 2) -> Path:
+    """Write ``n`` held-out retrieval pairs (as :func:`write_training_pairs`, another seed), none whose problem is a
+    query of the ``training`` pairs: what the embedding models are scored on, never trained on."""
+    seen = {json.loads(line)["query"] for line in training.read_text(encoding="utf-8").splitlines() if line.strip()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = []
+    for kind, question, reasoning, _ in _problems(n + len(seen), seed):
+        if question not in seen and len(kept) < n:
+            seen.add(question)  # each query once: the lines of one query are one query with all their positives
+            kept.append((kind, question, reasoning))
+    path.write_text("".join(json.dumps({"query": q, "pos": r, "kind": k}) + "\n" for k, q, r in kept),
+                    encoding="utf-8")
     return path
 
 

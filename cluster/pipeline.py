@@ -53,6 +53,7 @@ __all__ = [
     "PipelineError",
     "ReportEntry",
     "analysis_keys",
+    "eval_keys",
     "load_pipeline",
     "parse_pipeline",
     "train_keys",
@@ -177,6 +178,9 @@ class PipelineConfig(BaseModel):
     pairs: list[PairEntry] = Field(default_factory=list, description="Pairs to compare.")
     dynamics: list[DynamicsEntry] = Field(default_factory=list, description="Training dynamics to follow.")
     report: ReportEntry = Field(default_factory=ReportEntry, description="The report.")
+    eval: dict[Name, Any] = Field(default_factory=dict, description="Evaluations by name: EvalConfig fields, with model "
+                                  "naming a run of the train section (each checkpoint: a curve) or a model of the models "
+                                  "section; results in <out>/eval/<name>/eval.json.")
 
     @field_validator("train")
     @classmethod
@@ -185,6 +189,19 @@ class PipelineConfig(BaseModel):
         for run, fields in value.items():
             try:
                 configs[run] = _train_config(run, fields, info.data.get("out"))
+            except Problems as error:
+                problems += error.problems
+        if problems:
+            raise Problems(problems)
+        return configs
+
+    @field_validator("eval")
+    @classmethod
+    def _eval_configs(cls, value: dict[str, Any]) -> dict[str, Any]:
+        configs, problems = {}, []
+        for name, fields in value.items():
+            try:
+                configs[name] = _eval_config(name, fields)
             except Problems as error:
                 problems += error.problems
         if problems:
@@ -270,6 +287,10 @@ def _reference_problems(data: Mapping[str, Any]) -> list[str]:
                      for n in sorted({n for n in labels if labels.count(n) > 1})]
         problems += [f"{where}.{i}: {n!r} is not a valid name; set name: to letters, digits, '.', '_' and '-'"
                      for i, n in enumerate(labels) if not _is_slug(n)]
+    problems += [f"eval.{name}.model: {e['model']!r} is not a run of the train section ({_known(runs)}) nor a model "
+                 f"of the models section ({_known(models)})"
+                 for name, e in section("eval").items() if isinstance(e, Mapping) and "model" in e
+                 and e["model"] not in runs and e["model"] not in models]
     return problems
 
 
@@ -302,6 +323,33 @@ def _train_config(run: str, fields: Any, out: Path | str | None) -> Any:
         return TrainConfig.model_validate(values, context={SETTING_NAMES: train_keys(run)})
     except ValidationError as error:
         raise Problems([_under_run(run, p) for p in validation_problems(error, flags=False)]) from None
+
+
+_EVAL_OWNED = ("out", "resume")  # eval settings the pipeline sets: <out>/eval/<name>, and results reused by content
+
+
+def _eval_config(name: str, fields: Any) -> Any:
+    """An evaluation's EvalConfig, its model still the name of a train run or a model (the runner resolves it)."""
+    from hrsa.train.evaluate import EvalConfig
+
+    if isinstance(fields, EvalConfig):
+        return fields
+    if not isinstance(fields, Mapping):
+        raise Problems([f"{name}: expected a mapping of eval settings, got {type(fields).__name__}"])
+    owned = [f"{name}.{key}: set by the pipeline (results go to <out>/eval/{name}, earlier scores of the same "
+             "checkpoints, tasks and settings are kept); leave it out" for key in _EVAL_OWNED if key in fields]
+    try:
+        config = EvalConfig.model_validate(dict(fields), context={SETTING_NAMES: eval_keys(name)})
+    except ValidationError as error:
+        raise Problems(owned + [_under_run(name, p) for p in validation_problems(error, flags=False)]) from None
+    if owned:
+        raise Problems(owned)
+    return config
+
+
+def eval_keys(name: str) -> SettingNames:
+    """How messages about evaluation ``name`` name its settings: ``eval.<name>.tasks``, not `hrsa eval`'s ``--tasks``."""
+    return lambda field: f"eval.{name}.{field}"
 
 
 def train_keys(run: str) -> SettingNames:

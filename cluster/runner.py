@@ -1,5 +1,5 @@
-"""``run_pipeline``: train -> extract -> analyze -> dynamics -> report, each stage skipped when its outputs
-exist and match its inputs.
+"""``run_pipeline``: train -> extract -> analyze -> dynamics -> eval -> report, each stage skipped when its
+outputs exist and match its inputs.
 
 Each stage calls its verb's one job function (``run_training``, ``run_extraction``, ``run_analysis``,
 ``write_dynamics``, ``write_report``): a stage here adds only its key, its record and its line. A stage's key
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from hrsa.analyze.job import AnalysisRun
     from hrsa.cluster.pipeline import DynamicsEntry, PairAnalysisSettings, PipelineConfig
     from hrsa.train.config import TrainConfig
+    from hrsa.train.evaluate import EvalConfig
 
 __all__ = ["PipelineResult", "StageOutcome", "run_pipeline"]
 
@@ -79,6 +80,7 @@ class PipelineResult:
         dynamics: the dynamics file of each series, by series name.
         models: store id of each extraction, by stage name (``extract:<id>``).
         stages: every stage in the order it was considered.
+        evals: eval.json of each evaluation, by its name.
     """
 
     out: Path | str
@@ -88,6 +90,7 @@ class PipelineResult:
     dynamics: Mapping[str, Path]
     models: Mapping[str, str]
     stages: tuple[StageOutcome, ...]
+    evals: Mapping[str, Path] = field(default_factory=dict)
 
     @property
     def ran(self) -> tuple[str, ...]:
@@ -103,6 +106,7 @@ class _Trained:
     checkpoints: tuple[str, ...]  # absolute paths, or URLs of a run on remote storage
     steps: tuple[int, ...]
     key: str
+    output: str  # the run's folder (its recipe's), a path or a URL
 
 
 @dataclass(frozen=True)
@@ -214,9 +218,23 @@ def _run_stages(config: PipelineConfig, console: Console, published: PublishedOu
                for i, p in enumerate(config.pairs)}
     dynamics = {d.label: runner.dynamics(d, series[d.label], analysis_keys(config, "dynamics", i))
                 for i, d in enumerate(config.dynamics)}
+    # Step 5: evaluations (MTEB and local tasks); Step 6: the report.
+    evals = {name: runner.evaluate(name, ec, trained) for name, ec in config.eval.items()}
     report = runner.report(results, dynamics)
     return PipelineResult(out, config.store, report, {k: v.results for k, v in results.items()},
-                          {k: v.results for k, v in dynamics.items()}, dict(runner.store_ids), tuple(runner.outcomes))
+                          {k: v.results for k, v in dynamics.items()}, dict(runner.store_ids), tuple(runner.outcomes),
+                          evals)
+
+
+def _task_fingerprint(spec_text: str) -> Any:
+    """A task of an evaluation as its key holds it: a local task by its kind, fields and file content, an MTEB task
+    by its name (its dataset revision is in mteb's version, which eval's settings hold)."""
+    from hrsa.train.eval_tasks import parse_task_spec
+
+    spec = parse_task_spec(spec_text)
+    if spec.path is None:
+        return {"mteb": spec.name}
+    return {"kind": spec.kind, "fields": [spec.text_field, spec.label_field], "content": file_digest(spec.path)}
 
 
 def _check_inputs_exist(config: PipelineConfig) -> None:
@@ -229,9 +247,11 @@ def _check_inputs_exist(config: PipelineConfig) -> None:
         if not (is_url(path) or path.startswith("hf:") or Path(path).expanduser().exists()):
             raise UserError(f"Expected a corpus file or folder at {path} (corpora.{name}.path). Got nothing there "
                             "instead. Check the path.")
+    evaluated = {ec.model for ec in config.eval.values()}
     for name, entry in config.models.items():
-        if entry.model is not None and config.model_corpora(name):
+        if entry.model is not None and (config.model_corpora(name) or name in evaluated):
             parse_model_spec(str(entry.model), revision=entry.revision, gguf_file=entry.gguf_file)  # raises, one line
+    _check_eval_tasks(config)
     for run, tc in config.train.items():  # a missing or empty data file was found after the stage had started
         from hrsa.cluster.pipeline import train_keys
         from hrsa.train.data import load_training_records
@@ -242,6 +262,26 @@ def _check_inputs_exist(config: PipelineConfig) -> None:
                                   names=train_keys(run))
         except UserError as error:  # the trainer's own words, under the run they are about
             raise UserError(f"train.{run}: {error}") from None
+
+
+def _check_eval_tasks(config: PipelineConfig) -> None:
+    """Refuse an evaluation's task file that is not there, an unknown MTEB name, or MTEB tasks without the hub, before
+    hours of training and extraction rather than after."""
+    from hrsa.train.eval_tasks import EvalError, hub_unreachable, mteb_tasks, parse_task_spec
+
+    needs_hub = []
+    for name, ec in config.eval.items():
+        try:
+            specs = [parse_task_spec(t) for t in ec.tasks]
+            for spec in (s for s in specs if s.kind == "mteb"):
+                mteb_tasks(spec)  # an unknown name
+                needs_hub.append(f"eval.{name}.tasks: {spec.name}")
+        except EvalError as error:
+            raise UserError(f"eval.{name}.tasks: {error}") from None
+    why = hub_unreachable() if needs_hub else None
+    if why:
+        raise UserError(f"Expected the Hugging Face hub for the MTEB tasks of {'; '.join(needs_hub)}. Got {why} "
+                        "instead. Give local tasks (retrieval:FILE, classification:FILE), or run where the hub answers.")
 
 
 def check_checkpoint_schedule(run: str, tc: TrainConfig, *, finished: bool) -> None:
@@ -440,7 +480,7 @@ class _Runner:
                                            "checkpoints": [str(c) for c in result.checkpoints],
                                            "steps": [checkpoint_step(c) for c in result.checkpoints]})
         outputs = self.state.entry(stage)["outputs"]  # type: ignore[index]
-        return _Trained(_checkpoints_here(outputs, output), tuple(outputs["steps"]), key)
+        return _Trained(_checkpoints_here(outputs, output), tuple(outputs["steps"]), key, output)
 
     # -- Step 2: extraction ---------------------------------------------------------------------------
     def extract_model(self, name: str, corpus: str, trained: Mapping[str, _Trained]) -> _Extracted:
@@ -701,7 +741,58 @@ class _Runner:
             self.state.finish(stage, key, {"dynamics": self._out_name(path), "digest": file_digest(path)})
         return _Analyzed(path, key)
 
-    # -- Step 5: the report -----------------------------------------------------------------------------
+    # -- Step 5: evaluation ----------------------------------------------------------------------------
+    def evaluate(self, name: str, ec: EvalConfig, trained: Mapping[str, _Trained]) -> Path:
+        """Score ``ec.model`` (a run of the train section: each of its checkpoints, a curve; or a model of the models
+        section, a trained one by its run's last checkpoint) on ``ec.tasks`` into ``<out>/eval/<name>/eval.json``.
+        The key is the checkpoints' and local task files' content and the settings; when it changed, `hrsa eval`
+        runs and keeps each earlier score of the same checkpoint, task and settings (it keys them by content too)."""
+        from hrsa.cluster.pipeline import eval_keys
+        from hrsa.train.evaluate import evaluate
+
+        source, models = self._eval_model(ec.model, trained)
+        folder = self.config.out / "eval" / name
+        path, stage = folder / "eval.json", f"eval:{name}"
+        # What changes a score (the resolved dtype, the device kind, mteb's version...; not the batch size): eval
+        # reuses the scores of equal settings anyway
+        key = stage_key({"eval": {**ec.settings(), "steps": ec.steps}, "models": models,
+                         "tasks": [_task_fingerprint(t) for t in ec.tasks]})
+
+        def written(outputs: Mapping[str, Any]) -> bool:
+            return path.is_file() and outputs.get("digest") == file_digest(path)
+
+        if self._announce(stage, self.state.reason_to_run(stage, key, written)):
+            notes: list[str] = []
+            try:
+                with stage_progress(self.console, "checkpoints") as (progress, task):
+                    evaluate(ec.model_copy(update={"model": source, "out": folder, "resume": True}),
+                             on_checkpoint=lambda target, i, n: progress.update(task, total=n, completed=i),
+                             on_note=notes.append)
+            except HrsaError as error:  # named by the YAML's keys (eval.<name>.tasks), not hrsa eval's flags
+                error.args = (renamed_flags(str(error), type(ec).model_fields, eval_keys(name)),)
+                raise
+            self._print_warnings(notes)
+            # Recorded once done: a run stopped part-way left eval.json other than the digest recorded, so it runs
+            # again, and eval keeps the scores it had written
+            self.state.finish(stage, key, {"eval": self._out_name(path), "digest": file_digest(path)})
+        return path
+
+    def _eval_model(self, name: str, trained: Mapping[str, _Trained]) -> tuple[str, list[Any]]:
+        """What an evaluation's model names, for `hrsa eval` (a run's folder, a checkpoint, a model), and its files'
+        fingerprints (each checkpoint of a run)."""
+        if name in self.config.train:
+            run = trained[name]
+            return run.output, [source_fingerprint(c) for c in run.checkpoints]
+        entry = self.config.models[name]
+        if entry.train is not None:
+            run = trained[entry.train]
+            if not run.checkpoints:
+                raise UserError(f"Expected a checkpoint of training run {entry.train} for model {name}. Got none. "
+                                "Check the run's max_steps and save_every.")
+            return str(run.checkpoints[-1]), [source_fingerprint(run.checkpoints[-1])]
+        return str(entry.model), [source_fingerprint(str(entry.model)), entry.revision, entry.gguf_file]
+
+    # -- Step 6: the report -----------------------------------------------------------------------------
     def report(self, results: Mapping[str, _Analyzed], dynamics: Mapping[str, _Analyzed]) -> Path | None:
         if not results and not dynamics:
             self.console.print("[dim]report: skipped (no pairs and no dynamics to report)[/]")

@@ -25,8 +25,8 @@ from urllib.parse import urlparse
 
 from hrsa.store.errors import UserError
 
-__all__ = ["EvalError", "TaskKind", "TaskSpec", "build_tasks", "hub_unreachable", "parse_task_spec", "split_task_list",
-           "task_identity"]
+__all__ = ["EvalError", "TaskKind", "TaskSpec", "build_tasks", "hub_unreachable", "mteb_tasks", "parse_task_spec",
+           "split_task_list", "task_identity"]
 
 TaskKind = Literal["retrieval", "classification", "mteb"]
 
@@ -114,7 +114,7 @@ def _offline_error(names: list[str], why: str) -> EvalError:
                      "instead. Connect to the hub, or evaluate on local tasks: retrieval:FILE or classification:FILE.")
 
 
-def _mteb_tasks(spec: TaskSpec) -> list[Any]:
+def mteb_tasks(spec: TaskSpec) -> list[Any]:
     """The MTEB tasks a name stands for (a task, or every task of a benchmark); unknown names are errors."""
     import mteb
 
@@ -159,7 +159,7 @@ def build_tasks(specs: list[TaskSpec], *, instruction: str | None, limit: int | 
     # The adapter imports mteb with its result cache kept out of the home folder: import it before mteb is.
     from hrsa.train.mteb_adapter import LocalClassificationTask, LocalRetrievalTask
 
-    named = [(spec, task) for spec in specs if spec.kind == "mteb" for task in _mteb_tasks(spec)]
+    named = [(spec, task) for spec in specs if spec.kind == "mteb" for task in mteb_tasks(spec)]
     if named and (why := hub_unreachable()):
         raise _offline_error([s.name for s, _ in named], why)
     built: list[tuple[TaskSpec, Any]] = []

@@ -35,7 +35,7 @@ def test_the_demo_pipeline_is_the_papers_study(tmp_path: Path) -> None:
     config = DemoConfig(out=tmp_path)
     probes = {"path": str(tmp_path / "mail.jsonl"), "text": "text", "id_field": "id", "label_field": "label"}
     values = demo_pipeline(config, backbones=(tmp_path / "base", tmp_path / "child"), train_data=tmp_path / "t.jsonl",
-                           cot=tmp_path / "cot.jsonl", probes=probes)
+                           dev_pairs=tmp_path / "dev.jsonl", cot=tmp_path / "cot.jsonl", probes=probes)
     pipeline = parse_pipeline(values)
     runs = list(pipeline.train.values())
     assert len(runs) == 2 and [r.backbone for r in runs] == [str(tmp_path / "base"), str(tmp_path / "child")]
@@ -45,6 +45,9 @@ def test_the_demo_pipeline_is_the_papers_study(tmp_path: Path) -> None:
         ("smollm2", "smollm2-perturbed", "cot"), ("smollm2", "smollm2-perturbed", "mail"),
         ("smollm2-emb", "smollm2-perturbed-emb", "cot"), ("smollm2-emb", "smollm2-perturbed-emb", "mail")}
     assert [d.label for d in pipeline.dynamics] == [REALIGN, DRIFT]
+    # Both runs scored at every checkpoint on the same held-out pairs, queries with the instruction of training
+    assert {name: (e.model, e.tasks, e.instruction) for name, e in pipeline.eval.items()} == {
+        run: (run, (f"retrieval:{tmp_path / 'dev.jsonl'}",), runs[0].instruction) for run in pipeline.train}
     assert config.probe_docs // 10 >= 40  # the test split of the probes: enough documents to read a score from
 
 
@@ -136,7 +139,16 @@ def test_demo_runs_the_study_reports_both_table_2s_and_the_dynamics_and_resumes(
         assert f"Training dynamics: {name}" in html, name
     assert realign.cka is not None and realign.cka.mean[0] < 0.9999  # the perturbed copy is another model
     assert [line.split(":")[0] for line in first.outcome] == ["backbones", "embedding models", f"{REALIGN}, step 0 -> 2",
-                                                              f"{DRIFT}, step 0 -> 2"]
+                                                              f"{DRIFT}, step 0 -> 2", "held-out retrieval (nDCG@10, last step)"]
+    # Each run's every checkpoint scored on held-out pairs (none a training query), as `hrsa eval` scores them
+    dev = [json.loads(line)["query"] for line in (tmp_path / "data" / "dev-pairs.jsonl").read_text().splitlines()]
+    trained_on = {json.loads(line)["query"] for line in (tmp_path / "data" / "pairs.jsonl").read_text().splitlines()}
+    assert len(dev) == len(set(dev)) == 64 and not set(dev) & trained_on
+    for run in ("smollm2-emb", "smollm2-perturbed-emb"):
+        scored = json.loads(first.evals[run].read_text())["checkpoints"]
+        assert [row["step"] for row in scored] == [1, 2]
+        assert all(0 < r["main_score"] <= 1 for row in scored for r in row["results"].values())
+        assert f"{run} " in first.outcome[-1]
     # Probes of hard ham vs spam, both directions, on the embedding models.
     probes = json.loads(first.results["embedding-models-probes"].read_text())
     assert probes["settings"]["probe"]["label_field"] == "label" and "reverse" in probes["metrics"]["probe"]["0"]
