@@ -748,7 +748,6 @@ class _Runner:
         The key is the checkpoints' and local task files' content and the settings; when it changed, `hrsa eval`
         runs and keeps each earlier score of the same checkpoint, task and settings (it keys them by content too)."""
         from hrsa.cluster.pipeline import eval_keys
-        from hrsa.train.evaluate import evaluate
 
         source, models = self._eval_model(ec.model, trained)
         folder = self.config.out / "eval" / name
@@ -762,20 +761,37 @@ class _Runner:
             return path.is_file() and outputs.get("digest") == file_digest(path)
 
         if self._announce(stage, self.state.reason_to_run(stage, key, written)):
-            notes: list[str] = []
             try:
-                with stage_progress(self.console, "checkpoints") as (progress, task):
-                    evaluate(ec.model_copy(update={"model": source, "out": folder, "resume": True}),
-                             on_checkpoint=lambda target, i, n: progress.update(task, total=n, completed=i),
-                             on_note=notes.append)
+                ran = self._run_evaluation(ec.model_copy(update={"model": source, "out": folder, "resume": True}))
             except HrsaError as error:  # named by the YAML's keys (eval.<name>.tasks), not hrsa eval's flags
                 error.args = (renamed_flags(str(error), type(ec).model_fields, eval_keys(name)),)
                 raise
-            self._print_warnings(notes)
             # Recorded once done: a run stopped part-way left eval.json other than the digest recorded, so it runs
             # again, and eval keeps the scores it had written
-            self.state.finish(stage, key, {"eval": self._out_name(path), "digest": file_digest(path)})
+            self.state.finish(stage, key, {"eval": self._out_name(path), "digest": file_digest(path), **ran})
         return path
+
+    def _run_evaluation(self, ec: EvalConfig) -> dict[str, str]:
+        """`hrsa eval` here, or on a cluster (an address given, or RAY_ADDRESS) as a Ray task on one of its nodes, a GPU
+        one where it has GPUs: the driver's CPU would score a 7B run's checkpoints for days. Returns where it ran."""
+        import os
+
+        from hrsa.runtime.connection import connect
+        from hrsa.train.cluster_eval import evaluate_on_cluster
+        from hrsa.train.evaluate import evaluate
+
+        address = self.config.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            conn = connect(address)
+            result = evaluate_on_cluster(ec, gpu=conn.n_gpus > 0, nodes=conn.nodes)
+            self._print_warnings(result.notes)
+            return {"node_id": result.node_id}
+        notes: list[str] = []
+        with stage_progress(self.console, "checkpoints") as (progress, task):
+            evaluate(ec, on_checkpoint=lambda target, i, n: progress.update(task, total=n, completed=i),
+                     on_note=notes.append)
+        self._print_warnings(notes)
+        return {}
 
     def _eval_model(self, name: str, trained: Mapping[str, _Trained]) -> tuple[str, list[Any]]:
         """What an evaluation's model names, for `hrsa eval` (a run's folder, a checkpoint, a model), and its files'

@@ -108,6 +108,9 @@ def pipeline_values(root: Path, corpus: Path, tiny_models: Any) -> dict[str, Any
                    "qwen": {"model": str(tiny_models.dir("qwen2")), "attention": "bidirectional", **extract}},
         "pairs": [{"a": "llama", "b": "qwen", "corpus": "words", "metrics": ["cka", "dimcorr", "procrustes", "knn"],
                    "k": [5, 10], "scheduler": "threads"}],
+        # On the cluster a Ray task on one of its nodes (the driver's CPU is not the cluster's); here, in-process
+        "eval": {"qwen-dev": {"model": "qwen", "tasks": [f"retrieval:{corpus.with_name('dev.jsonl')}"],
+                              "instructions": False}},
     }
 
 
@@ -132,6 +135,7 @@ def test_submitted_pipeline_spreads_extraction_over_both_nodes_and_matches_one_n
 
     corpus = tmp_path / "words.jsonl"
     corpus.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(TEXTS)))
+    corpus.with_name("dev.jsonl").write_text("".join(json.dumps({"query": t[:12], "pos": t}) + "\n" for t in TEXTS))
     project = tmp_path / "project"  # the job's working directory: the pipeline file travels in it
     project.mkdir()
     (project / "pipeline.yaml").write_text(yaml.safe_dump(pipeline_values(tmp_path / "cluster", corpus, tiny_models)))
@@ -161,6 +165,13 @@ def test_submitted_pipeline_spreads_extraction_over_both_nodes_and_matches_one_n
     assert {k.split(".")[1] for k in local_metrics} == {"cka", "dimcorr", "procrustes", "knn"}
     keys = sorted(local_metrics)
     np.testing.assert_allclose([cluster_metrics[k] for k in keys], [local_metrics[k] for k in keys], rtol=1e-9, atol=1e-12)
+    # The evaluation ran as a task on a node of the cluster, and scored as it does in one process
+    both_nodes = set(state["extract:llama"]["outputs"]["node_ids"])  # the two nodes' ids, asserted above
+    assert state["eval:qwen-dev"]["outputs"]["node_id"] in both_nodes
+    scores = [json.loads(path.read_text())["checkpoints"][0]["results"]
+              for path in (tmp_path / "cluster" / "out" / "eval" / "qwen-dev" / "eval.json", local.evals["qwen-dev"])]
+    assert [{t: r["main_score"] for t, r in s.items()} for s in scores] == [
+        {t: r["main_score"] for t, r in scores[1].items()}] * 2
 
 
 def test_a_failing_job_fails_hrsa_submit(cluster: Cluster, tmp_path: Path) -> None:
