@@ -1,5 +1,6 @@
 """``hrsa run``'s pipeline: one YAML (or a :class:`PipelineConfig` built in Python) that names the corpora,
-the training runs, the models, the pairs to compare, the training dynamics to follow and the report.
+the training runs, the models, the pairs to compare, the training dynamics to follow, the evaluations (``hrsa
+eval`` of a run's checkpoints or a model) and the report.
 
 Example (see configs/examples/pipeline.yaml for every field)::
 
@@ -164,7 +165,7 @@ class ReportEntry(VerdictRules):
 
 
 class PipelineConfig(BaseModel):
-    """A whole pipeline: train -> extract -> analyze -> dynamics -> report (see the module docstring)."""
+    """A whole pipeline: train -> extract -> analyze -> dynamics -> eval -> report (see the module docstring)."""
 
     model_config = _FROZEN
 

@@ -200,7 +200,8 @@ def compute_excludes(root: Path, *, outputs: Sequence[str] = (), inputs: Mapping
 
 def _pipeline_inputs(config: Any) -> dict[str, str]:
     """The local paths the pipeline reads, by the key naming each: corpora and their labels, pairs' labels, training
-    data and backbones, model folders (URLs, hub ids and ``packaged:`` names left out: only a path can stay home)."""
+    data and backbones, model folders, evaluations' task files (URLs, hub ids and ``packaged:`` names left out: only a
+    path can stay home)."""
     found: dict[str, str] = {}
     for name, corpus in config.corpora.items():
         found[f"corpora.{name}.path"] = corpus.path
@@ -215,8 +216,20 @@ def _pipeline_inputs(config: Any) -> dict[str, str]:
     for name, entry in config.models.items():
         if entry.model is not None:
             found[f"models.{name}.model"] = str(entry.model)
+    for name, ec in config.eval.items():  # local task files (read on the driver; the task ships them on)
+        paths = [path for path in map(_task_file, ec.tasks) if path is not None]
+        found.update({f"eval.{name}.tasks" + (f"[{i}]" if len(paths) > 1 else ""): p for i, p in enumerate(paths)})
     return {key: value for key, value in found.items()
             if "://" not in value and not value.startswith(("hf:", "packaged:"))}
+
+
+def _task_file(spec: str) -> str | None:
+    """The file of a local eval task (``retrieval:FILE``, ``classification:FILE[:TEXT[:LABEL]]``), as written (relative
+    to the job's working directory, which is not this process's); None for an MTEB name."""
+    kind, sep, rest = spec.partition(":")
+    if not sep or kind not in ("retrieval", "classification"):
+        return None
+    return rest if kind == "retrieval" else rest.split(":")[0]
 
 
 def _check_inputs_travel(root: Path, inputs: Mapping[str, str], kept: set[Path], large_files: set[Path],

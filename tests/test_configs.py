@@ -117,6 +117,13 @@ def test_paper_configs_run_the_whole_study(path: Path) -> None:
         corpora = {config.pairs[i].corpus for i in column.results}
         metrics = {m for i in column.results for m in config.pairs[i].metrics}
         assert corpora == {"cot", "agnews"} and {"dimcorr", "procrustes", "cka", "knn", "probe"} <= metrics
+    # Every embedding model scored on MTEB at its last saved step, each task name one mteb knows (offline)
+    from hrsa.train.eval_tasks import mteb_tasks, parse_task_spec
+
+    assert {e.model for e in config.eval.values()} == set(runs)
+    for e in config.eval.values():
+        assert e.steps == (recipe.max_steps,)
+        assert all(mteb_tasks(parse_task_spec(task)) for task in e.tasks)
 
 
 # Decoder layers of each backbone (config.json num_hidden_layers): hidden states 0..L. Architecture facts of the

@@ -134,3 +134,32 @@ def test_a_relative_output_of_a_submitted_pipeline_is_refused_before_anything_is
     if key == "out":  # --out on S3 is the fix the message names
         with pytest.raises(AssertionError, match="submitted"):
             submit.submit_pipeline(pipeline, working_dir=tmp_path, out="s3://bucket/out", wait=False)
+
+
+def test_an_evaluation_task_file_that_would_stay_home_is_refused_before_anything_is_submitted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The eval stage reads its task files on the driver, in the job's copy of the working directory: an ignored one
+    was missing there, after hours of training and extraction."""
+    import json
+
+    import hrsa.cluster.submit as submit
+    from hrsa.store.errors import UserError
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "words.jsonl").write_text(json.dumps({"id": "a", "text": "the quick fox"}) + "\n")
+    (tmp_path / "data" / "dev.jsonl").write_text(json.dumps({"query": "fox", "pos": "the quick fox"}) + "\n")
+    (tmp_path / ".gitignore").write_text("dev.jsonl\n")
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    (tmp_path / "models" / "m" / "config.json").write_text("{}")
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text("store: /shared/store\nout: /shared/out\ncorpora: {c: {path: data/words.jsonl}}\n"
+                        "models: {a: {model: models/m}}\n"
+                        "eval: {dev: {model: a, tasks: ['retrieval:data/dev.jsonl', SciFact]}}\n")
+
+    def client(address):
+        raise AssertionError("submitted: the task file stays home")
+
+    monkeypatch.setattr(submit, "_client", client)
+    with pytest.raises(UserError, match=r"data/dev\.jsonl \(eval\.dev\.tasks\)") as caught:
+        submit.submit_pipeline(pipeline, working_dir=tmp_path, wait=False)
+    assert "ignored" in str(caught.value)
