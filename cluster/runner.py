@@ -220,10 +220,10 @@ def _run_stages(config: PipelineConfig, console: Console, published: PublishedOu
                 for i, d in enumerate(config.dynamics)}
     # Step 5: evaluations (MTEB and local tasks); Step 6: the report.
     evals = {name: runner.evaluate(name, ec, trained) for name, ec in config.eval.items()}
-    report = runner.report(results, dynamics)
+    report = runner.report(results, dynamics, evals)
     return PipelineResult(out, config.store, report, {k: v.results for k, v in results.items()},
                           {k: v.results for k, v in dynamics.items()}, dict(runner.store_ids), tuple(runner.outcomes),
-                          evals)
+                          {k: v.results for k, v in evals.items()})
 
 
 def _task_fingerprint(spec_text: str) -> Any:
@@ -742,7 +742,7 @@ class _Runner:
         return _Analyzed(path, key)
 
     # -- Step 5: evaluation ----------------------------------------------------------------------------
-    def evaluate(self, name: str, ec: EvalConfig, trained: Mapping[str, _Trained]) -> Path:
+    def evaluate(self, name: str, ec: EvalConfig, trained: Mapping[str, _Trained]) -> _Analyzed:
         """Score ``ec.model`` (a run of the train section: each of its checkpoints, a curve; or a model of the models
         section, a trained one by its run's last checkpoint) on ``ec.tasks`` into ``<out>/eval/<name>/eval.json``.
         The key is the checkpoints' and local task files' content and the settings; when it changed, `hrsa eval`
@@ -769,7 +769,7 @@ class _Runner:
             # Recorded once done: a run stopped part-way left eval.json other than the digest recorded, so it runs
             # again, and eval keeps the scores it had written
             self.state.finish(stage, key, {"eval": self._out_name(path), "digest": file_digest(path), **ran})
-        return path
+        return _Analyzed(path, key)
 
     def _run_evaluation(self, ec: EvalConfig) -> dict[str, str]:
         """`hrsa eval` here, or on a cluster (an address given, or RAY_ADDRESS) as a Ray task on one of its nodes, a GPU
@@ -809,7 +809,8 @@ class _Runner:
         return str(entry.model), [source_fingerprint(str(entry.model)), entry.revision, entry.gguf_file]
 
     # -- Step 6: the report -----------------------------------------------------------------------------
-    def report(self, results: Mapping[str, _Analyzed], dynamics: Mapping[str, _Analyzed]) -> Path | None:
+    def report(self, results: Mapping[str, _Analyzed], dynamics: Mapping[str, _Analyzed],
+               evals: Mapping[str, _Analyzed]) -> Path | None:
         if not results and not dynamics:
             self.console.print("[dim]report: skipped (no pairs and no dynamics to report)[/]")
             return None
@@ -821,6 +822,7 @@ class _Runner:
         # its digest: a report written elsewhere since (another path, the same settings) leaves this path's file of
         # an earlier run.
         key = stage_key({"pairs": {k: v.key for k, v in results.items()}, "dynamics": {k: v.key for k, v in dynamics.items()},
+                         **({"evals": {k: v.key for k, v in evals.items()}} if evals else {}),  # keys as before without
                          "comparisons": [[c.label, c.results] for c in comparisons or ()],
                          **self.config.report.model_dump(mode="json", exclude={"path"})})
 
@@ -831,7 +833,8 @@ class _Runner:
             from hrsa.analyze.report.html import read_report_inputs, write_report
 
             self.state.start("report", key)
-            inputs = read_report_inputs(shown, dynamics=[d.results for d in dynamics.values()])
+            inputs = read_report_inputs(shown, dynamics=[d.results for d in dynamics.values()],
+                                        evals=[e.results for e in evals.values()])
             if self.published is not None:  # the page names the results where they stay: at their URLs
                 inputs = inputs.named(self.published.url_of)
             write_report(inputs, path, title=self.config.report.title, thresholds=self.config.report.thresholds(),

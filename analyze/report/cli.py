@@ -74,9 +74,12 @@ class ReportConfig(VerdictRules):
     dynamics: tuple[InputLocation, ...] = Field((), description="hrsa.dynamics/1 files (one results.json per training "
                                                 "step), one per series, for the training-dynamics section (repeat the "
                                                 "flag for several); paths or URLs.")
+    evals: tuple[InputLocation, ...] = Field((), description="eval.json files of `hrsa eval` (or a pipeline's "
+                                             "<out>/eval/<name>/eval.json) for the task scores' section (repeat the "
+                                             "flag for several); paths or URLs.")
     title: str | None = Field(None, description="Title of the report (default: the pairs compared).")
 
-    @field_validator("results", "dynamics", mode="before")
+    @field_validator("results", "dynamics", "evals", mode="before")
     @classmethod
     def _one_or_more(cls, value: Any) -> Any:
         """One file (a YAML scalar) or several."""
@@ -94,20 +97,21 @@ class ReportConfig(VerdictRules):
 @click.command("report")
 @click.argument("results", nargs=-1, type=click.Path(path_type=str))
 @config_file_option
-@config_options(ReportConfig, exclude=("results",), repeatable=("dynamics",))
+@config_options(ReportConfig, exclude=("results",), repeatable=("dynamics", "evals"))
 def report(config_file: Path | None, **flags: Any) -> None:
     """Write one self-contained HTML report (figures embedded) from RESULTS: results.json files of `hrsa analyze`,
     or folders holding one, one per analysed pair.
 
     Per pair: a summary by level (preserved / restructured), cross-layer heatmaps, H_inv, k-NN overlap and
-    probe accuracy per hidden state; with --dynamics (once per series), the metrics against the training step.
+    probe accuracy per hidden state; with --dynamics (once per series), the metrics against the training step;
+    with --evals (once per eval.json), the task scores of each model or checkpoint.
     """
     from hrsa.analyze.report.html import read_report_inputs, report_warnings, write_report
     from hrsa.analyze.report.summary import summarize
     from hrsa.runtime.settings import load_settings
 
     cfg = load_settings(ReportConfig, config_file, flags, verb="report")
-    inputs = read_report_inputs(list(cfg.results), dynamics=cfg.dynamics)  # read once: the page and the lines below
+    inputs = read_report_inputs(list(cfg.results), dynamics=cfg.dynamics, evals=cfg.evals)  # read once: the page and the lines below
     out = write_report(inputs, cfg.out, title=cfg.title, thresholds=cfg.thresholds())
     for line in report_warnings(inputs):
         click.echo(f"hrsa: warning: {line}", err=True)

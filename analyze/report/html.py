@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hrsa.analyze.report.dynamics import Dynamics, load_dynamics
+from hrsa.analyze.report.evals import Evaluation, evaluation_section, load_evaluation
 from hrsa.analyze.report.html_blocks import CSS, escape
 from hrsa.analyze.report.sections import (
     dynamics_section,
@@ -45,38 +46,43 @@ class ReportInputs:
 
     Attributes:
         docs: (results.json, document) per analysed pair, in order; dynamics: one series per dynamics file;
-        dynamics_files: those files.
+        dynamics_files: those files; evaluations: one per eval.json (`hrsa eval`'s task scores).
     """
 
     docs: tuple[tuple[ResultsFile, dict[str, Any]], ...]
     dynamics: tuple[Dynamics, ...] = ()
     dynamics_files: tuple[ResultsFile, ...] = ()
+    evaluations: tuple[Evaluation, ...] = ()
 
     def files(self) -> list[tuple[str, ResultsFile]]:
         """(what, path or URL) of every file read: results.json files, dynamics files, and each series' steps."""
         return ([("results file", f) for f, _ in self.docs] + [("dynamics file", f) for f in self.dynamics_files]
-                + [("results file of a dynamics step", f) for d in self.dynamics for f in d.results])
+                + [("results file of a dynamics step", f) for d in self.dynamics for f in d.results]
+                + [("eval file", e.file) for e in self.evaluations])
 
     def named(self, name: Callable[[ResultsFile], ResultsFile]) -> ReportInputs:
         """These inputs with every file named as ``name`` says, for the page: a pipeline's remote out names its
         files by their URLs, not by its local copy (a temporary folder, gone once the run ends)."""
         return ReportInputs(tuple((name(f), doc) for f, doc in self.docs),
                             tuple(replace(d, results=tuple(name(f) for f in d.results)) for d in self.dynamics),
-                            tuple(name(f) for f in self.dynamics_files))
+                            tuple(name(f) for f in self.dynamics_files),
+                            tuple(replace(e, file=name(e.file)) for e in self.evaluations))
 
 
 def read_report_inputs(results: Sequence[Path | str], *,
-                       dynamics: Path | str | Sequence[Path | str] | None = None) -> ReportInputs:
-    """Read and check the results.json files (or folders holding one) and dynamics files of a report, on this
-    machine or at URLs (``s3://bucket/out/pairs``: a pipeline's remote out), each named as given.
+                       dynamics: Path | str | Sequence[Path | str] | None = None,
+                       evals: Sequence[Path | str] = ()) -> ReportInputs:
+    """Read and check the results.json files (or folders holding one), dynamics files and eval.json files of a
+    report, on this machine or at URLs (``s3://bucket/out/pairs``: a pipeline's remote out), each named as given.
 
     Raises:
-        ResultsFileError: an empty list, a path without results.json, an invalid results or dynamics file.
+        ResultsFileError: an empty list, a path without results.json, an invalid results, dynamics or eval file.
     """
     docs = tuple(read_results(f) for f in find_results(results))
     given = [dynamics] if isinstance(dynamics, (str, Path)) else list(dynamics or ())
     files = tuple(f if is_url(f) else Path(f) for f in given)  # a URL read where it is (Path() would mangle it)
-    return ReportInputs(docs, tuple(load_dynamics(f) for f in files), files)
+    evaluations = tuple(load_evaluation(f if is_url(f) else Path(f)) for f in evals)
+    return ReportInputs(docs, tuple(load_dynamics(f) for f in files), files, evaluations)
 
 
 def report_warnings(inputs: ReportInputs) -> list[str]:
@@ -133,14 +139,14 @@ def write_report(results: Sequence[Path | str] | ReportInputs, out: Path | str, 
     if comparisons is not None:
         check_comparisons(comparisons, len(inputs.docs))
     page = render_report(inputs.docs, dynamics=inputs.dynamics, title=title, thresholds=thresholds,
-                         comparisons=comparisons, description=description)
+                         comparisons=comparisons, description=description, evaluations=inputs.evaluations)
     return write_atomic(out, page)
 
 
 def render_report(docs: Sequence[tuple[ResultsFile, Mapping[str, Any]]], *,
                   dynamics: Dynamics | Sequence[Dynamics] | None = None, title: str | None = None,
                   thresholds: Thresholds | None = None, comparisons: Sequence[Comparison] | None = None,
-                  description: str | None = None) -> str:
+                  description: str | None = None, evaluations: Sequence[Evaluation] = ()) -> str:
     """The report's HTML for ``(path, document)`` pairs as :func:`hrsa.analyze.results.read_results` returns them."""
     from hrsa import __version__
 
@@ -159,6 +165,7 @@ def render_report(docs: Sequence[tuple[ResultsFile, Mapping[str, Any]]], *,
         parts.append(pair_section(i, path, doc, summary, t))
     if series:
         parts.append(dynamics_section(series))
+    parts.append(evaluation_section(evaluations))
     parts.append(thresholds_section(t))
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{escape(title)}</title><style>{CSS}</style></head>\n<body><main>\n" + "\n".join(parts)
