@@ -34,3 +34,19 @@ def test_add_outer_refuses_a_strided_or_float32_matrix() -> None:
         add_outer(np.zeros((4, 6))[:, ::2], 1.0, np.ones(4), np.ones(3))
     with pytest.raises(ValueError, match="contiguous float64"):
         add_outer(np.zeros((4, 3), dtype=np.float32), 1.0, np.ones(4), np.ones(3))
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_add_outer_writes_into_a_misaligned_matrix(order: str) -> None:
+    """f2py copies a matrix that is not aligned for float64 (one unpickled from a byte buffer at an odd offset)
+    before BLAS updates it: the update must still land in the caller's matrix, not in the copy."""
+    rng = np.random.default_rng(3)
+    du, dv = 4, 3
+    buffer = np.zeros(8 * du * dv + 1, dtype=np.uint8)
+    c = np.ndarray((du, dv), dtype=np.float64, buffer=buffer[1:].data, order=order)  # offset by one byte
+    assert not c.flags.aligned and c.flags.writeable
+    c[...] = rng.standard_normal((du, dv))
+    u, v = rng.standard_normal(du), rng.standard_normal(dv)
+    expected = c + 0.75 * np.outer(u, v)
+    add_outer(c, 0.75, u, v)
+    np.testing.assert_allclose(c, expected, rtol=1e-14, atol=1e-14)

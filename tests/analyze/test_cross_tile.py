@@ -507,3 +507,37 @@ def test_a_numpy_pass_that_ends_whole_does_not_import_torch() -> None:
             "assert 'torch' not in sys.modules, 'a numpy pass imported torch'\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_float32_products_take_the_rounding_of_each_mean_out_of_a_small_spread_under_a_large_offset() -> None:
+    """Float32 stacks are centred on each block's mean rounded to float32; that rounding (up to 4e-3 at 1e5) is the
+    same order as a dimension's spread of 0.05, so the fold must take n o o^T out exactly. Checked entry by entry in
+    units of sqrt(C_ii C_jj) (a correlation's scale) against float64 co-moments of the same float32 values."""
+    rng = np.random.default_rng(5)
+    n = 3000
+    base = rng.normal(size=(n, 3))
+    xs = {}
+    for key in (*ROWS, *COLS):
+        d = DX if key[0] == "a" else DY
+        x = 0.05 * (base @ rng.normal(size=(3, d)) + 0.3 * rng.normal(size=(n, d)))
+        xs[key] = (x + rng.uniform(-1e5, 1e5, d)).astype(np.float32)
+    acc = fold(NumpyBackend(compute_dtype="float32"), xs, [0, 700, 1500, 3000])
+    want = reference(xs)
+    centred = {k: np.asarray(v, np.float64) - np.asarray(v, np.float64).mean(0) for k, v in xs.items()}
+    for (kx, ky), moments in acc.items():
+        scale = np.sqrt(np.outer((centred[kx] ** 2).sum(0), (centred[ky] ** 2).sum(0)))  # (Dx, Dy)
+        assert np.abs((moments.c_xy - want[kx, ky]) / scale).max() <= 1e-6
+
+
+def test_merging_a_one_token_segment_adds_its_chan_correction() -> None:
+    """A segment of one token has no co-moments of its own: all it brings is Chan's n_a n_b / n term."""
+    rng = np.random.default_rng(6)
+    xs = states(rng, 400)
+    for cut in (1, 399):
+        first = fold(NumpyBackend(), {k: v[:cut] for k, v in xs.items()}, [0, cut])
+        second = fold(NumpyBackend(), {k: v[cut:] for k, v in xs.items()}, [0, 400 - cut])
+        merged = first.merge(second)
+        want = reference(xs)
+        assert merged.n == 400
+        for pair, moments in merged.items():
+            np.testing.assert_allclose(moments.c_xy, want[pair], rtol=0, atol=1e-9 * np.abs(want[pair]).max())

@@ -85,3 +85,21 @@ def test_needs_equal_hidden_sizes(rng) -> None:
         dimwise_correlation(rng.normal(size=(10, 3)), rng.normal(size=(10, 4)))
     with pytest.raises(ValueError, match="rtol"):
         dimwise_correlation(np.eye(3), np.eye(3), rtol=-1.0)
+
+
+def test_summaries_judge_each_side_s_degenerate_dimensions_by_its_own_mean(rng) -> None:
+    """The cross-layer path reads a dimension of B as degenerate by B's spread against B's size (1e4), not A's: a
+    channel of B whose only variation is float32 rounding of 1e4 is left out there too, as by the Moments path."""
+    from hrsa.analyze.accumulators.cross_moments import CrossMoments
+    from hrsa.analyze.metrics import dimwise_correlation_from_summaries
+
+    x = rng.normal(size=(300, 6))
+    y = x + 0.5 * rng.normal(size=(300, 6))
+    y[:, 5] = np.float32(1e4) + np.float32(1e4) * np.float32(2**-23) * rng.integers(0, 2, size=300)
+    x[:, 2] = 1e4 + x[:, 2] * 1e4 * 2**-23  # and one of A's, likewise, against B's mean of ~0 there
+    xx, yy, xy = (CrossMoments.from_chunk(a, b).summary() for a, b in ((x, x), (y, y), (x, y)))
+    res = dimwise_correlation_from_summaries(xy, xx, yy)
+    assert res.n_degenerate == 2
+    assert np.isnan(res.per_dim[[2, 5]]).all()
+    ok = [0, 1, 3, 4]
+    np.testing.assert_allclose(res.per_dim[ok], oracle_r(x, y)[ok], rtol=0, atol=1e-12)

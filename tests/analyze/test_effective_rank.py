@@ -129,3 +129,10 @@ def test_docstring_examples() -> None:
     module = importlib.import_module("hrsa.analyze.metrics.effective_rank")
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_as_many_tokens_as_dimensions_is_underdetermined(rng) -> None:
+    """Centred, N tokens span at most N - 1 directions: N = D already caps both measures below D."""
+    x, y = rng.normal(size=(8, 8)), rng.normal(size=(8, 7))
+    res = effective_rank(x, y)
+    assert res.underdetermined_x and not res.underdetermined_y

@@ -223,3 +223,20 @@ def test_a_group_left_out_down_to_one_token_has_no_cka() -> None:
     rest = moments(x, y).without(moments(x[1:], y[1:]))
     assert rest.n == 1 and np.abs(rest.c_xx).max() > 0
     assert np.isnan(linear_cka_from_moments(rest).value)
+
+
+def test_cross_layer_summaries_of_a_constant_float64_representation_give_nan() -> None:
+    """The cross-layer path (co-moment summaries) must refuse the same rounding residue as the Moments path: |C_xx|_F
+    of 100 equal float64 rows is ~1e-27, not 0, and the ratio of residues would read as a CKA."""
+    from hrsa.analyze.accumulators.cross_moments import CrossMoments
+    from hrsa.analyze.metrics.linear_cka import linear_cka_from_summaries
+
+    rng = np.random.default_rng(0)
+    constant = np.tile(rng.normal(size=(1, 8)) * 0.1 + 0.1, (100, 1))
+    varying = rng.normal(size=(100, 8))
+    for x, y in ((constant, constant), (constant, varying), (varying, constant)):
+        xx, yy, xy = (CrossMoments.from_chunk(a, b).summary() for a, b in ((x, x), (y, y), (x, y)))
+        assert xx.sq_frobenius > 0 or yy.sq_frobenius > 0  # the residue is there
+        assert np.isnan(linear_cka_from_summaries(xy, xx, yy).value)
+    same = CrossMoments.from_chunk(varying, varying).summary()
+    assert linear_cka_from_summaries(same, same, same).value == pytest.approx(1.0, abs=1e-12)

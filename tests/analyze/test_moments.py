@@ -7,6 +7,7 @@ import pickle
 import numpy as np
 import pytest
 
+from hrsa.analyze.accumulators.centring import Float32RangeError
 from hrsa.analyze.accumulators.moments import Moments, moments
 from hrsa.analyze.accumulators.testing import AccumulatorTests, expected_mean, expected_products
 
@@ -149,3 +150,21 @@ def test_update_with_the_wrong_hidden_size_raises(rng) -> None:
     m = Moments.from_chunk(rng.normal(size=(5, 3)), rng.normal(size=(5, 3)))
     with pytest.raises(ValueError, match="hidden sizes"):
         m.update(rng.normal(size=(5, 4)), rng.normal(size=(5, 3)))
+
+
+def test_taking_all_tokens_out_is_refused() -> None:
+    """``without`` leaves at least one token: the statistics of none have no means to solve Chan's combine for."""
+    m = moments(np.arange(12.0).reshape(6, 2), np.arange(12.0).reshape(6, 2) ** 2)
+    with pytest.raises(ValueError, match="fewer than"):
+        m.without(m)
+
+
+def test_float32_products_refuse_a_varying_dimension_that_float32_flushes_to_zero(rng) -> None:
+    """Centred values below 2^-149 cast to float32 zeros: that dimension would pass for a constant one (r and CKA
+    silently dropping it). The float64 values it came from show it varies, so float32 products are refused."""
+    x = rng.normal(size=(50, 3))
+    x[:, 1] *= 1e-50  # varies, but every centred value is far below float32's smallest subnormal
+    with pytest.raises(Float32RangeError):
+        Moments.from_chunk(x, rng.normal(size=(50, 3)), compute_dtype=np.float32)
+    m = Moments.from_chunk(x, x, compute_dtype=np.float64)  # float64 products keep it
+    assert m.c_xx[1, 1] > 0

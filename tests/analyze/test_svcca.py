@@ -166,3 +166,31 @@ def test_result_type_and_docstring_examples(rng) -> None:
     # import_module: the package attribute ``svcca`` is the function, which shadows the module of that name.
     result = doctest.testmod(importlib.import_module("hrsa.analyze.metrics.svcca"), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_directions_at_rounding_level_are_never_kept_even_when_they_move_the_running_sum(rng) -> None:
+    """X of rank 3 in 6 dimensions plus noise 1e-13 of its variance (float32 rounding of a dependent dimension is
+    this size): above the float64 ulp of the running sum, so variance_kept = 1 would reach it only at the last
+    direction, but below rtol (1e-10) of the largest eigenvalue. Only the 3 real directions are kept; whitened, the
+    noise directions would be as large as the real ones."""
+    n = 2000
+    signal = rng.normal(size=(n, 3))
+    x = signal @ rng.normal(size=(3, 6)) + 1e-6 * rng.normal(size=(n, 6)) + 1e3
+    y = signal @ rng.normal(size=(3, 5)) + 0.5 * rng.normal(size=(n, 5))
+    res = svcca(x, y, variance_kept=1.0)
+    assert res.kept_x == 3 and res.kept_y == 5
+    top = np.linalg.svd(x - x.mean(0), full_matrices=False)[0][:, :3]  # X's 3 real directions, in token space
+    want = np.linalg.svd(top.T @ _orthonormal(y), compute_uv=False)  # their CCA with all of Y
+    np.testing.assert_allclose(res.rhos, want, rtol=0, atol=1e-9)
+
+
+def test_the_fewest_directions_that_reach_the_fraction_exactly_are_kept() -> None:
+    """Two directions of equal variance (exactly: c_xx = diag(2, 2)): 0.5 of the variance is reached by one."""
+    x = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]] * 3)
+    res = svcca(x, x, variance_kept=0.5)
+    assert (res.kept_x, res.kept_y) == (1, 1)
+
+
+def _orthonormal(a: np.ndarray) -> np.ndarray:
+    q, _ = np.linalg.qr(a - a.mean(0))
+    return q
