@@ -122,3 +122,17 @@ def test_chance_is_the_majority_share_and_c_is_the_inverse_l2_strength(rng: np.r
     assert strong.source.test.accuracy == pytest.approx(0.7, abs=1e-12)
     assert strong.source.train.accuracy == pytest.approx(56 / 80, abs=1e-12)
     assert linear_probe(f, f, y, c=1.0).source.train.accuracy > 0.9
+
+
+def test_macro_f1_averages_the_classes_a_split_holds() -> None:
+    """A class with too few documents for the test split (4: a tenth rounds to none) scored F1 0 there, so a perfect
+    probe read 2/3: macro-F1 is over the classes in the split's labels or predictions (a class predicted but absent
+    still counts, as 0)."""
+    rng = np.random.default_rng(0)
+    y = np.array(["a"] * 40 + ["b"] * 40 + ["c"] * 4)
+    centres = {"a": [10.0, 0.0], "b": [0.0, 10.0], "c": [-10.0, -10.0]}
+    x = np.array([centres[label] for label in y]) + 0.1 * rng.standard_normal((y.size, 2))
+    res = linear_probe(x, x, y)
+    assert res.source.test.n == 8 and res.source.test.accuracy == 1.0
+    assert res.source.test.macro_f1 == 1.0
+    assert res.source.train.macro_f1 == 1.0
