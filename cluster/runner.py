@@ -487,14 +487,7 @@ class _Runner:
         from hrsa.cluster.pipeline import extraction_keys
 
         entry = self.config.models[name]
-        if entry.train is not None:
-            run = trained[entry.train]
-            if not run.checkpoints:
-                raise UserError(f"Expected a checkpoint of training run {entry.train} for model {name}. Got none. "
-                                "Check the run's max_steps and save_every.")
-            source = str(run.checkpoints[-1])
-        else:
-            source = str(entry.model)
+        source = self._model_source(name, trained)
         return self._extract(self.config.store_id(name, corpus), source, corpus, options=entry, model_source=entry,
                              names=extraction_keys(corpus, f"models.{name}"))
 
@@ -799,14 +792,19 @@ class _Runner:
         if name in self.config.train:
             run = trained[name]
             return run.output, [source_fingerprint(c) for c in run.checkpoints]
+        entry, source = self.config.models[name], self._model_source(name, trained)
+        return source, [source_fingerprint(source), entry.revision, entry.gguf_file]
+
+    def _model_source(self, name: str, trained: Mapping[str, _Trained]) -> str:
+        """What model ``name`` of the models section loads: its ``model``, or its training run's last checkpoint."""
         entry = self.config.models[name]
-        if entry.train is not None:
-            run = trained[entry.train]
-            if not run.checkpoints:
-                raise UserError(f"Expected a checkpoint of training run {entry.train} for model {name}. Got none. "
-                                "Check the run's max_steps and save_every.")
-            return str(run.checkpoints[-1]), [source_fingerprint(run.checkpoints[-1])]
-        return str(entry.model), [source_fingerprint(str(entry.model)), entry.revision, entry.gguf_file]
+        if entry.train is None:
+            return str(entry.model)
+        run = trained[entry.train]
+        if not run.checkpoints:
+            raise UserError(f"Expected a checkpoint of training run {entry.train} for model {name}. Got none. "
+                            "Check the run's max_steps and save_every.")
+        return str(run.checkpoints[-1])
 
     # -- Step 6: the report -----------------------------------------------------------------------------
     def report(self, results: Mapping[str, _Analyzed], dynamics: Mapping[str, _Analyzed],
