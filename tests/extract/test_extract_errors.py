@@ -332,6 +332,28 @@ def test_the_same_model_files_elsewhere_are_the_same_model(finished_store: tuple
     assert [m for m in stored_mismatch(store, asked) if m.startswith(f"model local:{moved} (stored local:")]
 
 
+@pytest.mark.parametrize(("asked", "differs"), [("org/tiny@v1", False), ("org/tiny@v2", True), ("org/tiny", True),
+                                                 ("other/tiny@v1", True)], ids=["same", "revision", "no-revision", "id"])
+def test_a_hub_model_at_another_revision_is_another_model(finished_store: tuple[Path, str], corpus_file: Path,
+                                                          monkeypatch: pytest.MonkeyPatch, asked: str,
+                                                          differs: bool) -> None:
+    """A hub model has no files here to digest: its id and revision are what says which weights made the stored rows,
+    so a re-run at another revision is refused, never resumed into the rows of the first."""
+    import dataclasses
+
+    from hrsa.extract.rerun import stored_mismatch
+
+    path, _ = finished_store
+    store = ActivationStore.open(str(path))
+    info = store.model_info("tiny")
+    hub = {**info.source, "kind": "hub", "id": "org/tiny", "path": None, "revision": "v1", "content": None}
+    monkeypatch.setattr(store, "model_info", lambda mid: dataclasses.replace(info, source=hub))
+    config = parse_extract_config({"store": str(path), "model": asked, "corpus": str(corpus_file), "name": "tiny",
+                                   "shard_tokens": 16})
+    found = stored_mismatch(store, config)
+    assert found == ([f"model hub:{asked} (stored hub:org/tiny@v1)"] if differs else [])
+
+
 # -- mistakes that must leave no trace: a new store is created only once the model and the corpus are good ----------
 @pytest.mark.parametrize("case", ["missing-model", "missing-corpus", "empty-corpus", "empty-document", "blank-document",
                                   "empty-document-specials", "too-long", "max-tokens-above-context", "broken-template",

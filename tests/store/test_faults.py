@@ -137,6 +137,16 @@ def _swap(store: ActivationStore) -> None:
     _put(store, _shard(2, 0), _get(store, _shard(2, 1)))  # type: ignore[arg-type]
 
 
+def _record_edited_to_list_a_substituted_shard(store: ActivationStore) -> None:
+    """Unit 0's shard of hidden state 2 replaced by unit 1's (the same size), and unit 0's done record edited, as valid
+    JSON, to list that shard's hash: only the record's own sha256 tells (a flipped byte above is not JSON any more)."""
+    listed = json.loads(_get(store, _record(1)))["shards"]["2"]  # type: ignore[arg-type]
+    doc = json.loads(_get(store, _record(0)))  # type: ignore[arg-type]
+    _swap(store)
+    doc["shards"]["2"] = {**doc["shards"]["2"], "bytes": listed["bytes"], "xxh3": listed["xxh3"]}
+    _put(store, _record(0), json.dumps(doc, sort_keys=True, separators=(",", ":")).encode())
+
+
 REPAIRABLE: dict[str, tuple[Callable[[ActivationStore], None], int, str, type[Exception]]] = {
     # name: (damage, damaged unit, what verify says, what a read of every layer raises)
     "missing shard": (lambda s: _delete(s, _shard(2, 1)), 1, "shard object missing", CorruptDataError),
@@ -150,6 +160,8 @@ REPAIRABLE: dict[str, tuple[Callable[[ActivationStore], None], int, str, type[Ex
     "another unit's done record": (lambda s: _put(s, _record(2), _get(s, _record(1))), 2, "is unit 1's", CorruptDataError),  # type: ignore[arg-type]
     "done record of a never-written unit": (_forge_record_of_never_written_unit, 2, "shard object missing", CorruptDataError),
     "done record of other settings": (_stale_record, 2, "other model settings", CorruptDataError),
+    "done record edited to list a substituted shard": (_record_edited_to_list_a_substituted_shard, 0,
+                                                         "own sha256 does not match", CorruptDataError),
 }
 
 
@@ -646,6 +658,18 @@ def test_read_of_a_missing_shard_is_one_line_and_changes_nothing(target: Target,
     assert not out.exists() and _objects(store) == before
     # Units the read does not span still read.
     assert np.array_equal(store.hidden_state("m", 1, tokens=(0, 512)).compute(), expected_layer(store, "m", 1)[:512])
+
+
+@pytest.mark.parametrize("rows", [[5, 600], [600, 5], [5, 300, 999, 600]], ids=["in-order", "reversed", "scattered"])
+def test_a_read_by_row_index_checks_every_shard_its_rows_fall_in(tmp_path, rows: list[int]) -> None:
+    """k-NN and probes read sampled rows by index (a CheckedArray indexed by an array): every done shard the rows fall
+    in is checked, not the first row's alone, so a missing shard never reads as zeros."""
+    store = _filled(Target(str(tmp_path / "store"), None, {}))
+    _delete(store, _shard(1, 2))  # tokens 512:768
+    with pytest.raises(CorruptDataError, match="shard 2"):
+        store.hidden_state_array("m", 1)[np.array(rows)]
+    intact = np.array([r for r in rows if not 512 <= r < 768])
+    assert np.array_equal(store.hidden_state_array("m", 1)[intact], expected_layer(store, "m", 1)[intact])
 
 
 

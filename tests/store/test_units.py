@@ -277,3 +277,25 @@ def test_a_units_write_holds_at_most_two_shards_a_thread(tmp_path, dtype: str, t
             process.kill()
             process.wait()
     assert max(peaks) <= 2 * threads, (peaks, threads)
+
+
+def test_a_done_unit_whose_claim_has_expired_is_never_written_again(store: ActivationStore) -> None:
+    """Claims outlive their unit: once its writer's lease has run out, the done record alone keeps a later writer (a
+    re-run, a worker Ray restarted) from writing its shards over a done unit's, which its record then calls damaged."""
+    import time
+
+    from hrsa.store.units import ModelWriter
+
+    new_model(store, "m")
+    info = store.model_info("m")
+    quick = ModelWriter(store.group("models/m"), info, lease_s=0.2)
+    for unit in quick.units():
+        assert quick.write_unit(unit, {k: unit_values(unit.index, unit.start, unit.stop, k, info.dtype)
+                                       for k in info.hidden_states})
+    time.sleep(0.4)
+    unit = quick.units()[1]
+    assert quick.holder(unit) is None  # no live claim is what stops the writer below
+    zeros = {k: np.zeros((unit.n_tokens, info.hidden_size), np.float32) for k in info.hidden_states}
+    assert store.writer("m").write_unit(unit, zeros) is False
+    _assert_all_layers_equal_expected(store)
+    assert verify_store(store).ok
