@@ -104,12 +104,12 @@ def _training_data(out: Path, console: Console) -> tuple[Path, Path]:
 
     mined, pairs, dev = out / "data" / "pairs.mined.jsonl", out / "data" / "pairs.jsonl", out / "data" / "dev-pairs.jsonl"
     if mined.exists():
-        return mined, dev if dev.exists() else write_dev_pairs(dev, training=pairs)
+        return mined, dev if dev.exists() else write_dev_pairs(dev, training=mined)
     pairs = write_training_pairs(pairs, n=256)
     console.print(f"[bold]setup[/] mining hard negatives for {pairs} with all-MiniLM-L6-v2 on FAISS")
     result = mine_negatives(MineConfig(input=pairs, out=mined, k=2, max_length=128, device="cpu", overwrite=True))
     console.print(f"      {result.summary()}")
-    return mined, write_dev_pairs(dev, training=pairs)
+    return mined, write_dev_pairs(dev, training=mined)  # none of the queries trained on
 
 
 def _corpora(config: DemoConfig, mails: list[dict[str, Any]] | None, console: Console) -> tuple[Path, dict[str, Any]]:
