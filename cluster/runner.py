@@ -237,6 +237,27 @@ def _task_fingerprint(spec_text: str) -> Any:
     return {"kind": spec.kind, "fields": [spec.text_field, spec.label_field], "content": file_digest(spec.path)}
 
 
+def _evaluated_model(entry: Any) -> tuple[str, list[Any]]:
+    """A models-section entry as `hrsa eval` takes it (it has no revision or gguf_file setting: ``org/name@rev``, the
+    folder's .gguf file), and what its scores are a function of: its files, its revision, and for a hub model the
+    cached snapshot that revision resolves to (``org/name`` names other weights once the hub moves on; keyed by its
+    text, the old weights' scores stood for the new ones')."""
+    from hrsa.extract.identity import model_digest
+    from hrsa.extract.model_spec import parse_model_spec
+
+    spec = parse_model_spec(str(entry.model), revision=entry.revision, gguf_file=entry.gguf_file)
+    model = str(entry.model)
+    if spec.kind in ("local", "gguf") and entry.gguf_file:
+        model = str(spec.path)  # the folder's .gguf file, as parse_model_spec found it
+    elif spec.kind == "hub":
+        if spec.gguf_file:
+            raise UserError(f"Expected a model `hrsa eval` can load. Got the hub repository {entry.model} with gguf_file "
+                            f"{entry.gguf_file} instead, which it cannot name. Download the .gguf file and name it as model.")
+        model = f"{spec.id}@{spec.revision}" if spec.revision else str(spec.id)
+    fingerprint = [source_fingerprint(str(entry.model)), entry.revision, entry.gguf_file]
+    return model, fingerprint + ([{"snapshot": model_digest(model)}] if spec.kind == "hub" else [])
+
+
 def _check_inputs_exist(config: PipelineConfig) -> None:
     """Refuse a corpus or model path of the pipeline's pairs that names nothing (one line, nothing created)."""
     from hrsa.extract.model_spec import parse_model_spec
@@ -267,7 +288,7 @@ def _check_inputs_exist(config: PipelineConfig) -> None:
 def _check_eval_tasks(config: PipelineConfig) -> None:
     """Refuse an evaluation's task file that is not there, an unknown MTEB name, or MTEB tasks without the hub, before
     hours of training and extraction rather than after."""
-    from hrsa.train.eval_tasks import EvalError, hub_unreachable, mteb_tasks, parse_task_spec
+    from hrsa.train.eval_tasks import build_tasks, hub_unreachable, mteb_tasks, parse_task_spec
 
     needs_hub = []
     for name, ec in config.eval.items():
@@ -276,7 +297,11 @@ def _check_eval_tasks(config: PipelineConfig) -> None:
             for spec in (s for s in specs if s.kind == "mteb"):
                 mteb_tasks(spec)  # an unknown name
                 needs_hub.append(f"eval.{name}.tasks: {spec.name}")
-        except EvalError as error:
+            # Local task files read and checked as the stage reads them (JSON, fields, labels of one kind): a file
+            # that exists but does not read was refused at the eval stage, after the training and the extractions
+            build_tasks([s for s in specs if s.kind != "mteb"], instruction=ec.instruction, limit=ec.limit,
+                        seed=ec.seed)
+        except UserError as error:
             raise UserError(f"eval.{name}.tasks: {error}") from None
     why = hub_unreachable() if needs_hub else None
     if why:
@@ -745,9 +770,10 @@ class _Runner:
         source, models = self._eval_model(ec.model, trained)
         folder = self.config.out / "eval" / name
         path, stage = folder / "eval.json", f"eval:{name}"
-        # What changes a score (the resolved dtype, the device kind, mteb's version...; not the batch size): eval
-        # reuses the scores of equal settings anyway
-        key = stage_key({"eval": {**ec.settings(), "steps": ec.steps}, "models": models,
+        # What changes a score (the resolved dtype, the device kind where it runs, mteb's version...; not the batch
+        # size): eval reuses the scores of equal settings anyway
+        where = ec.model_copy(update={"device": ec.device or ("cuda" if self._cluster_gpus() else None)})
+        key = stage_key({"eval": {**where.settings(), "steps": ec.steps}, "models": models,
                          "tasks": [_task_fingerprint(t) for t in ec.tasks]})
 
         def written(outputs: Mapping[str, Any]) -> bool:
@@ -767,13 +793,11 @@ class _Runner:
     def _run_evaluation(self, ec: EvalConfig) -> dict[str, str]:
         """`hrsa eval` here, or on a cluster (an address given, or RAY_ADDRESS) as a Ray task on one of its nodes, a GPU
         one where it has GPUs: the driver's CPU would score a 7B run's checkpoints for days. Returns where it ran."""
-        import os
-
         from hrsa.runtime.connection import connect
         from hrsa.train.cluster_eval import evaluate_on_cluster
         from hrsa.train.evaluate import evaluate
 
-        address = self.config.address or os.environ.get("RAY_ADDRESS")
+        address = self._cluster_address()
         if address:
             conn = connect(address)
             result = evaluate_on_cluster(ec, gpu=conn.n_gpus > 0, nodes=conn.nodes)
@@ -786,14 +810,29 @@ class _Runner:
         self._print_warnings(notes)
         return {}
 
+    def _cluster_address(self) -> str | None:
+        """The cluster the stages run on (the pipeline's address, or RAY_ADDRESS as under `hrsa submit`); None: here."""
+        import os
+
+        return self.config.address or os.environ.get("RAY_ADDRESS") or None
+
+    def _cluster_gpus(self) -> bool:
+        """Whether evaluations run on a cluster's GPU (the device their scores are keyed by)."""
+        from hrsa.runtime.connection import connect
+
+        address = self._cluster_address()
+        return bool(address) and connect(address).n_gpus > 0
+
     def _eval_model(self, name: str, trained: Mapping[str, _Trained]) -> tuple[str, list[Any]]:
         """What an evaluation's model names, for `hrsa eval` (a run's folder, a checkpoint, a model), and its files'
         fingerprints (each checkpoint of a run)."""
         if name in self.config.train:
             run = trained[name]
             return run.output, [source_fingerprint(c) for c in run.checkpoints]
-        entry, source = self.config.models[name], self._model_source(name, trained)
-        return source, [source_fingerprint(source), entry.revision, entry.gguf_file]
+        if self.config.models[name].train is None:
+            return _evaluated_model(self.config.models[name])
+        source = self._model_source(name, trained)
+        return source, [source_fingerprint(source)]
 
     def _model_source(self, name: str, trained: Mapping[str, _Trained]) -> str:
         """What model ``name`` of the models section loads: its ``model``, or its training run's last checkpoint."""

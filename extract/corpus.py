@@ -64,9 +64,21 @@ class CorpusSpec:
         (a label or any other field can change without changing what is extracted)."""
         if self.template is None:
             return (self.text or "text",)
-        names = [format_spec if name == "chat" and format_spec else _root(name)
-                 for _, name, format_spec, _ in string.Formatter().parse(self.template) if name is not None]
-        return tuple(dict.fromkeys(names))
+        return tuple(dict.fromkeys(_template_fields(self.template)))
+
+
+def _template_fields(template: str) -> Iterator[str]:
+    """The record fields a template reads, in order: ``{chat:FIELD}``'s field, and each field's root, with those its
+    format spec names (``{text:>{width}}`` pads the text to the record's ``width``: an edited width is another text)."""
+    for _, name, format_spec, _ in string.Formatter().parse(template):
+        if name is None:
+            continue
+        if name == "chat" and format_spec:
+            yield format_spec
+            continue
+        yield _root(name)
+        if format_spec:
+            yield from _template_fields(format_spec)
 
 
 def load_records(spec: CorpusSpec) -> Iterator[dict[str, Any]]:

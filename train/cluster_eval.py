@@ -12,6 +12,7 @@ reserved first: a cluster whose GPUs other jobs hold is an error after the place
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +63,7 @@ def evaluate_on_cluster(config: EvalConfig, *, gpu: bool, nodes: tuple[Any, ...]
                                           "or put the model there.")
     out = config.out_dir()
     specs = [parse_task_spec(text) for text in config.tasks]
-    files = {f"{i}/{spec.path.name}": spec.path.read_bytes() for i, spec in enumerate(specs) if spec.path is not None}
+    files = {f"{i}/{_copy_name(spec.path)}": spec.path.read_bytes() for i, spec in enumerate(specs) if spec.path is not None}
     earlier = (out / "eval.json").read_bytes() if (out / "eval.json").is_file() else None
     group = reserve_room([{"CPU": 1.0, **({"GPU": 1.0} if gpu else {})}], strategy="PACK")
     try:
@@ -99,7 +100,13 @@ def _shipped(spec: TaskSpec, index: int) -> str:
     if spec.path is None:
         return spec.text
     fields = f":{spec.text_field}:{spec.label_field}" if spec.kind == "classification" else ""
-    return f"{spec.kind}:{_HERE}/{index}/{spec.path.name}{fields}"
+    return f"{spec.kind}:{_HERE}/{index}/{_copy_name(spec.path)}{fields}"
+
+
+def _copy_name(path: Path) -> str:
+    """The name of a task file's copy: its name with what a task name leaves out (``:`` above all, which the shipped
+    spec's fields follow) as a task name writes it, so the copy gives the task the name the file gives it here."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", path.name)
 
 
 def _evaluate_here(values: dict[str, Any], shipped: list[str], files: dict[str, bytes],

@@ -114,3 +114,69 @@ def test_an_evaluation_that_does_not_validate_is_one_line(tmp_path: Path, tiny_m
     with pytest.raises(PipelineError) as caught:
         parse_pipeline(values)
     assert expected in str(caught.value) and "\n" not in str(caught.value)
+
+
+def _hub_snapshot(cache: Path, repo: str, ref: str, commit: str, source: Path) -> None:
+    """A model in the Hugging Face cache as huggingface_hub lays it out: snapshots/<commit>/, refs/<ref> naming it."""
+    import shutil
+
+    root = cache / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(source, root / "snapshots" / commit)
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / ref).write_text(commit)
+
+
+@pytest.fixture
+def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_a_model_s_revision_is_the_revision_evaluated(tmp_path: Path, tiny_models: Any, hub_cache: Path) -> None:
+    """`models.enc.revision` was in the stage's key but never reached `hrsa eval`: the main branch was scored as v2."""
+    from tests.conftest import save_tiny_model
+
+    _hub_snapshot(hub_cache, "hrsa-test/tiny", "main", "a" * 40, tiny_models.dir("bert"))
+    _hub_snapshot(hub_cache, "hrsa-test/tiny", "v2", "b" * 40, save_tiny_model(tmp_path / "v2", "bert", seed=1))
+    tasks = [f"retrieval:{_pairs(tmp_path / 'dev.jsonl')}"]
+    values = _values(tmp_path, tiny_models, tasks=tasks)
+    values["models"]["enc"] = {"model": "hrsa-test/tiny", "revision": "v2"}
+    result = run_pipeline(parse_pipeline(values), console=Console(quiet=True))
+    alone = evaluate(EvalConfig(model="hrsa-test/tiny@v2", tasks=tasks, instructions=False, out=tmp_path / "alone"))
+    main = evaluate(EvalConfig(model="hrsa-test/tiny", tasks=tasks, instructions=False, out=tmp_path / "main"))
+    assert _main_score(alone.json_path) != _main_score(main.json_path)  # two models, two scores
+    assert _main_score(result.evals["dev"]) == _main_score(alone.json_path)
+
+
+def test_a_hub_model_that_moved_on_is_evaluated_again(tmp_path: Path, tiny_models: Any, hub_cache: Path) -> None:
+    """Keyed by its id's text, `org/name` stayed up to date when refs/main named a new commit: the old weights'
+    scores stood for the new ones (`hrsa eval` alone scores them again)."""
+    from tests.conftest import save_tiny_model
+
+    _hub_snapshot(hub_cache, "hrsa-test/tiny", "main", "a" * 40, tiny_models.dir("bert"))
+    values = _values(tmp_path, tiny_models, tasks=[f"retrieval:{_pairs(tmp_path / 'dev.jsonl')}"])
+    values["models"]["enc"] = {"model": "hrsa-test/tiny"}
+    assert _ran(run_pipeline(parse_pipeline(values), console=Console(quiet=True))) == {"eval:dev": True}
+    assert _ran(run_pipeline(parse_pipeline(values), console=Console(quiet=True))) == {"eval:dev": False}
+    _hub_snapshot(hub_cache, "hrsa-test/tiny", "main", "b" * 40, save_tiny_model(tmp_path / "new", "bert", seed=1))
+    assert _ran(run_pipeline(parse_pipeline(values), console=Console(quiet=True))) == {"eval:dev": True}
+
+
+@pytest.mark.parametrize("lines, kind, expected", [
+    (['{"query": "a", "pos": "b"}', "not json"], "retrieval", "Got invalid JSON on line 2"),
+    (['{"text": "a", "label": 1}', '{"text": "b", "label": "1"}'], "classification", "to be of one type"),
+    ([], "retrieval", "Got an empty file"),
+])
+def test_a_task_file_that_cannot_be_read_is_refused_before_anything_is_created(
+    tmp_path: Path, tiny_models: Any, lines: list[str], kind: str, expected: str
+) -> None:
+    """Found at the eval stage, after hours of training and extraction (its existence alone was checked first)."""
+    task = tmp_path / "dev.jsonl"
+    task.write_text("".join(line + "\n" for line in lines))
+    values = _values(tmp_path, tiny_models, tasks=[f"{kind}:{task}"])
+    with pytest.raises(UserError, match=rf"^eval\.dev\.tasks: .*{expected}"):
+        run_pipeline(parse_pipeline(values), console=Console(quiet=True))
+    assert not (tmp_path / "out").exists()

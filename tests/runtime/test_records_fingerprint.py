@@ -167,3 +167,22 @@ def test_a_copy_under_another_name_is_another_corpus(tmp_path: Path, parses: lis
     copy = _write(tmp_path / "copy.jsonl")
     assert records_fingerprint(str(copy), fields=("text",)) != first
     assert records_fingerprint(str(copy), fields=("text",)) == _uncached(copy)
+
+
+def test_a_field_a_template_s_format_spec_names_is_a_text_field(tmp_path: Path, parses: list[str]) -> None:
+    """``{text:>{width}}`` pads each text to its record's ``width``: an edited width is another text, so another key
+    (it was left out, and the pipeline kept the extraction of the old texts)."""
+    from hrsa.cluster.stage_keys import corpus_fingerprint
+    from hrsa.extract.config import CorpusOptions
+    from hrsa.extract.corpus import CorpusSpec, render_text
+
+    template = "{text:>{width}}|{chat:messages}"
+    assert CorpusSpec(source="x", template=template).source_fields() == ("text", "width", "messages")
+    path = _write(tmp_path / "c.jsonl", [{"id": "a", "text": "hi", "width": 4}])
+    spec = CorpusSpec(source=str(path), template="{text:>{width}}")
+    assert render_text({"text": "hi", "width": 4}, spec) == "  hi"
+    options = CorpusOptions(template="{text:>{width}}")
+    before = corpus_fingerprint(str(path), options)
+    _write(path, [{"id": "a", "text": "hi", "width": 8}])
+    assert render_text({"text": "hi", "width": 8}, spec) != "  hi"
+    assert corpus_fingerprint(str(path), options) != before

@@ -83,3 +83,19 @@ def test_a_gpu_the_cluster_does_not_have_is_an_error_not_a_wait(tmp_path: Path, 
     with pytest.raises(PlacementError, match="Expected room for 1 worker"):
         evaluate_on_cluster(config, gpu=True, nodes=ray_local.nodes)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_classification_file_with_a_colon_in_its_name_scores_as_hrsa_eval_does(tmp_path: Path, tiny_models: Any,
+                                                                                  ray_local: Any) -> None:
+    """`hrsa eval` takes an existing file's name whole (`classification:mail:v2.jsonl`); the task's copy was shipped
+    as `.../mail:v2.jsonl:text:label` and read as the file `.../mail` with fields `v2.jsonl:text:label`."""
+    labelled = tmp_path / "tasks" / "mail:v2.jsonl"
+    labelled.parent.mkdir(parents=True)
+    labelled.write_text("".join(json.dumps({"text": f"fox {i}" if i % 2 else f"dog w{i}", "label": i % 2}) + "\n"
+                                for i in range(12)))
+    tasks = (f"classification:{labelled}",)
+    model = str(tiny_models.dir("bert"))
+    here = evaluate(EvalConfig(model=model, tasks=tasks, instructions=False, out=tmp_path / "here"))
+    result = evaluate_on_cluster(EvalConfig(model=model, tasks=tasks, instructions=False, out=tmp_path / "out"),
+                                 gpu=False, nodes=ray_local.nodes)
+    assert _scores(result.json_path) == _scores(here.json_path)
