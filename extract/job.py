@@ -17,9 +17,10 @@ them from one extraction to the next (:mod:`hrsa.extract.worker_pool`): each ext
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,7 @@ class _Corpus:
     digest: str | None  # content hash of the table (None when joining by id)
     n_tokens: int
     tokenizer: dict[str, str]
+    file: dict[str, Any] = field(default_factory=dict)  # the corpus_file record (_corpus_file) of a local file read
 
 
 class ExtractionFailedError(HrsaError, RuntimeError):
@@ -96,6 +98,7 @@ def _read_corpus(config: ExtractConfig, store: Any, spec: Any) -> _Corpus:
     from hrsa.extract.corpus import check_vocabulary, load_records, tokenize_corpus
     from hrsa.extract.models import load_tokenizer, tokenizer_fingerprint
     from hrsa.store.corpus import content_hash
+    from hrsa.store.records import CorpusError
 
     tokenizer, limits = load_tokenizer(spec)
     info = {"name": spec.name, "fingerprint": tokenizer_fingerprint(tokenizer)}
@@ -103,9 +106,13 @@ def _read_corpus(config: ExtractConfig, store: Any, spec: Any) -> _Corpus:
         _refuse_corpus_options(config)
         return _join_stored(store, config.corpus, spec, tokenizer, limits, info)
     corpus_spec = _corpus_spec(config)
+    file = _corpus_file(config)  # before the read: what was read is what the model records having been extracted from
     table = tokenize_corpus(list(load_records(corpus_spec)), corpus_spec, tokenizer, context_length=limits.context)
+    if _corpus_file(config) != file:
+        raise CorpusError(f"Expected corpus {config.corpus} to hold the same records while this extraction read it. Got "
+                          "it changed while it was read instead. Run again once it is written.")
     check_vocabulary(table, limits.vocabulary, tokenizer, model=spec.name, names=table.record_ids)
-    return _Corpus(None, table, content_hash(table), table.n_tokens, info)
+    return _Corpus(None, table, content_hash(table), table.n_tokens, info, file)
 
 
 def stored_differences(config: ExtractConfig, store: Any) -> list[str]:
@@ -309,7 +316,7 @@ def _check_layers(config: ExtractConfig, facts: Mapping[str, Any]) -> None:
                         f"the embeddings and {n - 1} layers). Got {layers} instead.")
 
 
-def _corpus_file(config: ExtractConfig, corpus: _Corpus) -> dict[str, dict[str, Any]]:
+def _corpus_file(config: ExtractConfig) -> dict[str, dict[str, Any]]:
     """``{"corpus_file": {"path": absolute path, "digest": content digest, "records": what extraction read}}`` of
     the local corpus file or folder the records were read from (what ``hrsa analyze`` checks before it reads the
     probes' labels back from it: the whole content, else each record's id and text, so that labels edited since are
@@ -317,9 +324,10 @@ def _corpus_file(config: ExtractConfig, corpus: _Corpus) -> dict[str, dict[str, 
 
     from hrsa.runtime.fingerprint import records_digest, records_fingerprint
 
-    if corpus.cid is not None or config.corpus.startswith("hf:"):
+    if config.corpus.startswith("hf:") or not Path(config.corpus).expanduser().exists():
         return {}
-    path = Path(config.corpus).expanduser().resolve()
+    # Absolute, links kept: records without an id are named FILE:LINE by the name read (a link's, not its target's)
+    path = Path(os.path.abspath(Path(config.corpus).expanduser()))
     digest = records_digest(path)
     fields = list(_corpus_spec(config).source_fields())
     read = records_fingerprint(str(path), fields=fields, id_field=config.id_field, max_docs=config.max_docs)
@@ -421,7 +429,7 @@ def run_extraction(config: ExtractConfig, *, on_progress: Callable[[int, int], N
                                                "attn_implementation": facts["attn_implementation"],
                                                "tokenizer": corpus.tokenizer,
                                                "max_tokens": config.max_tokens, "max_docs": config.max_docs,
-                                               **_corpus_file(config, corpus)})
+                                               **corpus.file})
             else:  # resuming: the settings matched; what loading tells (dtype "auto" on other hardware...) must too
                 found = loaded_mismatch(existing, facts)
                 if found:

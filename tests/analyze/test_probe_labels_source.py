@@ -201,3 +201,47 @@ def test_another_folder_holding_a_file_of_the_same_name_is_not_read(
     assert code == 0, err
     assert doc["settings"]["probe"]["classes"] == ["ham", "spam"]
     assert doc["settings"]["probe"]["labels_file"] == str(extracted.original.resolve())
+
+
+def test_a_corpus_named_through_a_symlink_reads_its_labels_by_the_ids_extraction_gave(
+    extracted: Extracted, tiny_models: Any, tmp_path: Path
+) -> None:
+    """Records without an id are named FILE:LINE by the name extraction read them under (the link's): the recorded
+    path was resolved to the target, whose name gave other ids, and no document found its label."""
+    from hrsa.extract.job import ExtractConfig, run_extraction
+
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(extracted.original)
+    store = str(tmp_path / "store")
+    for name in ("x", "y"):
+        run_extraction(ExtractConfig(store=store, model=str(tiny_models.dir("llama")), corpus=str(link), name=name,
+                                     text="text", workers=1))
+    assert ActivationStore.open(store).model_info("x").extraction["corpus_file"]["path"] == str(link)
+    code, err, doc = _analyze(Extracted(store, link, extracted.copy), tmp_path / "out", "x", "y")
+    assert code == 0, err
+    assert doc["settings"]["probe"]["classes"] == ["ham", "spam"] and doc["settings"]["probe"]["n_docs"] == N_DOCS
+
+
+def test_a_corpus_file_changed_while_extraction_read_it_is_refused_before_anything_is_stored(
+    extracted: Extracted, tiny_models: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file's digest was taken when the model was created, after the read: a file rewritten in between was
+    recorded as what was extracted, and its labels read against documents of the earlier texts."""
+    import hrsa.extract.corpus as corpus_module
+    from hrsa.extract.job import ExtractConfig, run_extraction
+    from hrsa.store.records import CorpusError
+
+    corpus = tmp_path / "mail.jsonl"
+    corpus.write_text(extracted.original.read_text())
+    real = corpus_module.load_records
+
+    def rewritten_after_the_read(spec: Any) -> Any:
+        records = list(real(spec))
+        _rewritten(corpus, lambda r: {**r, "text": r["text"] + " edited"})
+        return iter(records)
+
+    monkeypatch.setattr(corpus_module, "load_records", rewritten_after_the_read)
+    with pytest.raises(CorpusError, match="changed while"):
+        run_extraction(ExtractConfig(store=str(tmp_path / "store"), model=str(tiny_models.dir("llama")),
+                                     corpus=str(corpus), name="z", text="text", workers=1))
+    assert not (tmp_path / "store").exists()

@@ -293,7 +293,12 @@ def test_model_attributes_record_the_extraction(llama_run: Run, tiny_models: Any
     assert tokenizer["name"]
     assert tokenizer["fingerprint"].startswith("sha256:")
     corpus = Path(llama_run.config.corpus).resolve()  # what `hrsa analyze` reads the probes' labels back from
-    assert info.extraction.pop("corpus_file") == {"path": str(corpus), "digest": file_digest(corpus)}
+    from hrsa.runtime.fingerprint import records_fingerprint
+
+    assert info.extraction.pop("corpus_file") == {  # what extraction read of it: each record's id and text
+        "path": str(corpus), "digest": file_digest(corpus), "records": {
+            "sha256": records_fingerprint(str(corpus), fields=("text",)), "fields": ["text"], "id_field": None,
+            "max_docs": None}}
     assert info.extraction == {"token_budget": 8192, "attn_implementation": "sdpa", "max_tokens": None,
                                "max_docs": None}
     assert info.layout.shard_tokens == SHARD_TOKENS
