@@ -412,6 +412,15 @@ def test_a_bf16_pair_whose_auto_dtype_never_changed_is_not_run_again(copy: Works
     assert run_pipeline(copy.config(pairs=[pair]), console=quiet()).ran == ()
 
 
+def test_settings_that_only_schedule_the_work_re_run_nothing(copy: Workspace) -> None:
+    """Workers, the token budget and the analysis's scheduler say how the work is spread, not what it computes: in a
+    stage's key they made a changed worker count delete and extract the models again."""
+    models = {name: {**m, "workers": 1, "token_budget": 97} for name, m in copy.values["models"].items()}
+    pairs = [{**copy.values["pairs"][0], "scheduler": "sync", "workers": 2}]
+    result = run_pipeline(copy.config(models=models, pairs=pairs), console=quiet())
+    assert result.ran == (), [(s.name, s.reason) for s in result.stages]
+
+
 def test_changed_metric_reruns_only_analysis_and_report(copy: Workspace) -> None:
     pair = {**copy.values["pairs"][0], "metrics": ["cka"]}
     result = run_pipeline(copy.config(pairs=[pair]), console=quiet())

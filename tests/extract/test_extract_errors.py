@@ -302,6 +302,26 @@ def test_the_comparison_is_one_function(finished_store: tuple[Path, str], tiny_m
     assert len(stored_mismatch(store, other)) == 3
 
 
+def test_a_resume_compares_what_the_workers_loaded_with_the_stored_model(finished_store: tuple[Path, str],
+                                                                       tiny_models: Any) -> None:
+    """What the settings alone cannot tell (dtype "auto" gives bfloat16 on a GPU, float32 on a CPU; the weights at
+    the path) is compared once a worker has loaded the model: a resume with another dtype wrote bfloat16 rows into a
+    float32 model's units, mixed with the stored ones."""
+    from hrsa.extract.models import parse_model_spec
+    from hrsa.extract.rerun import loaded_mismatch
+    from hrsa.extract.worker import ExtractionWorker
+
+    path, _ = finished_store
+    info = ActivationStore.open(str(path)).model_info("tiny")
+    model = parse_model_spec(str(tiny_models.dir("llama"))).to_dict()
+    worker = ExtractionWorker(model, str(path), device="cpu")
+    assert loaded_mismatch(info, worker.describe(digest=True)) == []  # the stored model's own load
+    found = loaded_mismatch(info, worker.describe({**model, "dtype": "bfloat16"}, digest=True))
+    assert len(found) == 1 and "dtype 'bfloat16' as loaded (stored 'float32')" in found[0], found
+    found = loaded_mismatch(info, worker.describe({**model, "attention": "bidirectional"}, digest=True))
+    assert len(found) == 1 and "attention 'bidirectional' as loaded (stored 'causal')" in found[0], found
+
+
 def test_the_same_model_files_elsewhere_are_the_same_model(finished_store: tuple[Path, str], tiny_models: Any,
                                                            corpus_file: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:

@@ -147,3 +147,24 @@ def test_get_of_a_whole_layer_holds_a_few_shards_not_the_layer(tmp_path) -> None
     layer = np.load(out)
     assert layer.shape == (4096 * 16, hidden) and np.array_equal(layer[:, 0], np.arange(4096 * 16) // 1024)
     assert peak < layer.nbytes / 2, (peak, layer.nbytes)
+
+
+@pytest.mark.parametrize("stray", ["n_units", "far"])
+def test_a_done_record_past_the_unit_grid_does_not_make_a_pending_model_complete(
+        stray: str, url: str, tmp_path, filled_store: ActivationStore) -> None:
+    """A done record named past the model's units (`done/4` of a 4-unit model: stale, from a copy, or forged) is no
+    unit of this model. Counted, it made a model with a pending unit "4/4 done", complete in ls and info, and `get`
+    read the pending unit's missing shard as zeros."""
+    writer = filled_store.writer("m")
+    n = writer.info.n_units
+    done = Path(url) / "models" / "m" / "done"
+    name = str(n if stray == "n_units" else n + 1000)
+    (done / name).write_bytes((done / "1").read_bytes())
+    writer.reset_unit(writer.units()[3])
+    info = ActivationStore.open(url).model_info("m")
+    assert (info.units_done, info.n_units, info.complete) == (n - 1, n, False)
+    code, stdout, _ = _run("store", "info", url, "m")
+    assert code == 0 and f"{n - 1}/{n} units done" in stdout, stdout
+    out = tmp_path / "x.npy"
+    code, _, stderr = _run("store", "get", url, "m", "--layer", "2", "--out", str(out))
+    assert code == 2 and not out.exists() and "Re-run the same `hrsa extract`" in stderr, stderr

@@ -9,7 +9,7 @@ import pytest
 
 from hrsa.runtime.locations import parse_location
 from hrsa.train.checkpoints import (INFO_FILE, Checkpoint, checkpoint_step, file_manifest, list_checkpoints,
-                                    resume_folder, step_folder_name, step_folders)
+                                    manifest_complete, resume_folder, step_folder_name, step_folders)
 
 
 def _folder(run: Path, name: str, *files: str) -> Path:
@@ -66,6 +66,9 @@ def test_a_checkpoint_is_complete_only_when_every_listed_file_is_there_at_its_si
     assert list_checkpoints(run) == [] and step_folders(run) == [str(copying)]
     (copying / "model.safetensors").write_bytes(b"w" * 500)  # half the weights
     assert list_checkpoints(run) == []
+    # By sizes alone too (an object store's listing, or a caller that checks what it reads): a short file is a copy
+    # under way, never complete because its name is there.
+    assert list_checkpoints(run, contents=False) == []
     (copying / "model.safetensors").write_bytes(b"w" * 1000)
     assert list_checkpoints(run) == [Checkpoint(str(copying), 4)]
     (copying / INFO_FILE).write_text('{"step": 4, "lo')  # the info file half copied
@@ -103,6 +106,9 @@ def test_resume_checks_the_optimizer_state_too_newest_first(tmp_path: Path) -> N
     state = run / step_folder_name(4) / "trainer_state.pt"
     state.write_bytes(bytes(reversed(range(256))) * 2)  # the same size
     assert [c.step for c in list_checkpoints(run)] == [2, 4]  # its model is whole
+    assert resume_folder(parse_location(run)) == step_folder_name(2)
+    state.write_bytes(bytes(range(256)))  # cut short: its size tells, with no digest asked of it
+    assert manifest_complete(run / step_folder_name(4)) is False
     assert resume_folder(parse_location(run)) == step_folder_name(2)
 
 
