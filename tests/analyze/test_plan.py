@@ -256,3 +256,44 @@ def test_the_gpu_admits_at_run_time_the_float32_tiles_the_plan_fits_there(dim, b
             admitted.setdefault(tile.kind, []).append(cross_tile._device_sum(run_sum, block) == "the device sum")
             held += 8 * run_sum.numel() - 4 * run_sum.numel()  # its float64 sum kept, its run's sum let go
     assert admitted and all(all(kind) for kind in admitted.values()), admitted
+
+
+def test_a_budget_equal_to_a_tiles_estimate_holds_that_tile() -> None:
+    """The budget is an upper bound the estimate may reach: two matched pairs whose tile's estimate is exactly the
+    budget stay one pass, and one byte less makes two."""
+    two = inputs(matched=(0, 1), rows=(), cols=(), dx=256, dy=256, workers=1, memory_budget=10**12)
+    together = plan_analysis(two)
+    assert together.passes == 1
+    exact = plan_analysis(replace(two, memory_budget=together.estimated_peak))
+    assert exact.passes == 1 and exact.estimated_peak == together.estimated_peak
+    assert plan_analysis(replace(two, memory_budget=together.estimated_peak - 1)).passes == 2
+
+
+@pytest.mark.parametrize("groups", [0, 10])
+def test_a_per_worker_budget_is_one_tasks_whatever_the_workers(groups: int) -> None:
+    """Per-worker budgets (Ray tasks, each its own process): a task holds one copy of its tile's accumulators (all G
+    groups' with groups), so the tiles and estimates do not depend on the workers: every W plans as W = 1 does, and the
+    reader's cache is the several workers' (never the lone reader's)."""
+    base = inputs(matched=tuple(range(6)), rows=tuple(range(4)), cols=tuple(range(4)), dx=512, dy=384, n_blocks=50,
+                  memory_budget=3 * 10**8, groups=groups, per_worker=True, cache_bytes_a=7000, cache_bytes_b=5000,
+                  lone_cache_bytes=(10, 10))
+    plans = {w: plan_analysis(replace(base, workers=w)) for w in (1, 2, 8)}
+    assert {w: p.workers for w, p in plans.items()} == {1: 1, 2: 2, 8: 8}
+    assert plans[1].tiles == plans[2].tiles == plans[8].tiles
+    for tile in plans[1].tiles:
+        assert plans[1].estimate(tile) == plans[2].estimate(tile) == plans[8].estimate(tile)
+    assert plans[1].estimated_peak == plans[8].estimated_peak
+    if groups:  # a matched tile holds G Moments per pair while streaming
+        matched = [t for t in plans[8].tiles if t.kind == "matched"][0]
+        moments = 8 * (512**2 + 384**2 + 512 * 384)
+        assert plans[8].estimate(matched) >= groups * moments * len(matched.pairs)
+    shared = plan_analysis(replace(base, per_worker=False, workers=1, lone_cache_bytes=None))
+    assert shared.tiles == plans[1].tiles and shared.estimated_peak == plans[1].estimated_peak
+
+
+@pytest.mark.parametrize(("dx", "dy"), [(512, 64), (64, 512)])
+def test_finishing_a_matched_pair_of_unequal_widths_counts_the_wider(dx: int, dy: int) -> None:
+    """The metrics' D x D float64 matrices (measured 12.5 of them) are of the wider model's D."""
+    plan = plan_analysis(inputs(matched=(0,), rows=(), cols=(), dx=dx, dy=dy, block_tokens=1, workers=1))
+    moments = 8 * (dx * dx + dy * dy + dx * dy)
+    assert plan.estimated_peak >= moments + 12.5 * 8 * max(dx, dy) ** 2

@@ -44,7 +44,8 @@ def test_info_nce_rejects_a_wrong_number_of_documents() -> None:
 
 
 # Each rank: its half of the batch, gathered documents, gradients averaged over ranks. Plain, chunked
-# (chunk 3 does not divide the 4 local queries or 8 documents) and FSDP2.
+# (chunk 3 does not divide the 4 local queries or 8 documents), FSDP2, and FSDP2 chunked (only the last chunk's
+# backward reduce-scatters: the earlier chunks' gradients must wait for it, not be lost).
 _WORKER = textwrap.dedent('''
     import copy, datetime, sys, torch, torch.distributed as dist
     from hrsa.extract.model_spec import parse_model_spec
@@ -62,16 +63,16 @@ _WORKER = textwrap.dedent('''
     spec = parse_model_spec(folder, attention="bidirectional")
     base, tok, _ = load_embedding_model(spec, device="cpu")
     results = {}
-    for mode in ("plain", "chunked", "fsdp"):
+    for mode in ("plain", "chunked", "fsdp", "fsdp-chunked"):
         model = copy.deepcopy(base)
         b = len(queries) // 2
         q = tokenize(tok, queries[rank * b:(rank + 1) * b], max_length=32)
         d = tokenize(tok, docs[rank * 2 * b:(rank + 1) * 2 * b], max_length=32)
-        if mode == "fsdp":
+        if mode.startswith("fsdp"):
             shard_fsdp(model, torch.device("cpu"))
         loss_fn = lambda e: info_nce(e[0], e[1], temperature=0.05, group_size=2, gather=True)
-        contrastive_backward(model, [q, d], loss_fn, chunk_size=3 if mode == "chunked" else None)
-        if mode == "fsdp":
+        contrastive_backward(model, [q, d], loss_fn, chunk_size=3 if mode.endswith("chunked") else None)
+        if mode.startswith("fsdp"):
             grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
         else:
             average_gradients(model, 2)
@@ -141,6 +142,7 @@ def test_a_duplicated_pair_or_a_second_positive_of_a_query_is_masked_not_a_negat
     batch = global_batch(_records(tmp_path, two), 0, batch_size=2, negatives=1, seed=0)
     assert batch.masked == ((0, 2), (1, 0))
     assert batch.shard(1, 2).masked == ((0, 0),)  # the second worker's query, against the gathered documents
+    assert batch.shard(0, 2).masked == ((0, 2),)  # the first worker's: its own query only, never the second's
     distinct = [{"query": f"q{i}", "pos": f"p{i}", "negs": ["n"]} for i in range(2)]
     assert global_batch(_records(tmp_path, distinct), 0, batch_size=2, negatives=1, seed=0).masked == ()
 

@@ -359,3 +359,57 @@ def test_a_ratio_of_one_never_mines_a_text_scoring_as_the_positive(tmp_path: Pat
                                         overwrite=True), encoder=TableEncoder(table)).out
         mined += "POS" in json.loads(out.read_text())["negs"]
     assert mined == 0
+
+
+def test_query_instructions_embed_each_query_with_its_own_instruction(tmp_path: Path) -> None:
+    """With --query-instructions the query embedded is "Instruct: {instruction}\\nQuery: {query}" (its ranking is
+    the one mined from), without it the bare query; a record without an instruction is bare either way."""
+    texts = [CAT_1, CAT_2, *OTHERS]
+    bare = [1.0, 0.2, 0.9, 0.8, 0.7, 0.1, 0.05, 0.02]  # bare "what is a cat": OTHERS[0..2] rank first
+    instructed = [1.0, 0.2, 0.02, 0.05, 0.1, 0.9, 0.8, 0.7]  # instructed: OTHERS[3..5] rank first
+    table = _one_hot_table(texts, {"what is a cat": bare, "Instruct: find a pet\nQuery: what is a cat": instructed,
+                                   "what is a dog": [0.1, 1.0, 0.05, 0.9, 0.02, 0.8, 0.01, 0.7]})
+    records = [{"query": "what is a cat", "pos": CAT_1, "instruction": "find a pet"},
+               {"query": "what is a dog", "pos": CAT_2}]
+    inp = _write_jsonl(tmp_path / "pairs.jsonl", records)
+    corpus = _write_jsonl(tmp_path / "corpus.jsonl", [{"text": t} for t in texts])
+    got = {}
+    for flag in (False, True):
+        config = MineConfig(input=inp, corpus=corpus, k=3, query_instructions=flag, out=tmp_path / f"{flag}.jsonl")
+        out = mine_negatives(config, encoder=TableEncoder(table)).out
+        got[flag] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert got[False][0]["negs"] == OTHERS[:3]
+    assert got[True][0]["negs"] == OTHERS[3:6]
+    assert got[True][0]["instruction"] == "find a pet"
+    assert got[False][1]["negs"] == got[True][1]["negs"] == [OTHERS[1], OTHERS[3], OTHERS[5]]
+
+
+def test_queries_equal_once_whitespace_is_folded_share_their_positives(tmp_path: Path) -> None:
+    """"what is a cat" and "what  is a cat " are one query text: each line's positive is never the other's negative,
+    though it scores under the ratio."""
+    texts = [CAT_1, CAT_2, *OTHERS]
+    scores = [1.0, 0.9, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05]
+    table = _one_hot_table(texts, {"what is a cat": scores, "what  is a cat ": scores})
+    records = [{"query": "what is a cat", "pos": CAT_1}, {"query": "what  is a cat ", "pos": CAT_2}]
+    inp = _write_jsonl(tmp_path / "pairs.jsonl", records)
+    corpus = _write_jsonl(tmp_path / "corpus.jsonl", [{"text": t} for t in texts])
+    out = mine_negatives(MineConfig(input=inp, corpus=corpus, k=3, out=tmp_path / "o.jsonl"),
+                         encoder=TableEncoder(table)).out
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [g["negs"] for g in got] == [OTHERS[:3], OTHERS[:3]]
+
+
+def test_a_corpus_copy_of_the_positive_spaced_otherwise_is_never_its_negative(tmp_path: Path) -> None:
+    """The corpus holds the positive only with other whitespace (its own embedding, scoring under the ratio): still
+    the positive, never mined."""
+    spaced = "  A cat is a  small domesticated feline mammal. "
+    texts = [spaced, CAT_2, *OTHERS]
+    table = _one_hot_table(texts, {"what is a cat": [0.9, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.02, 1.0]})
+    table = {t: np.append(v, 0.0) if t in texts else v for t, v in table.items()}
+    table[CAT_1] = np.eye(len(texts) + 1)[len(texts)]  # the positive as the records spell it: embedded apart
+    records = [{"query": "what is a cat", "pos": CAT_1}]
+    inp = _write_jsonl(tmp_path / "pairs.jsonl", records)
+    corpus = _write_jsonl(tmp_path / "corpus.jsonl", [{"text": t} for t in texts])
+    out = mine_negatives(MineConfig(input=inp, corpus=corpus, k=3, out=tmp_path / "o.jsonl"),
+                         encoder=TableEncoder(table)).out
+    assert json.loads(out.read_text())["negs"] == [CAT_2, OTHERS[0], OTHERS[1]]

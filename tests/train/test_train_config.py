@@ -99,6 +99,35 @@ def test_batches_are_deterministic_and_split_into_equal_shards(tmp_path: Path) -
     assert halves[0].queries + halves[1].queries == b.queries and halves[0].docs + halves[1].docs == b.docs
 
 
+def test_a_records_own_instruction_wins_over_the_run_wide_one(tmp_path: Path) -> None:
+    """The run's instruction is for records without their own; a record's own is never overridden."""
+    from hrsa.train.data import global_batch, load_training_records
+
+    path = _write(tmp_path / "d.jsonl", [{"query": "q0", "pos": "p0", "negs": ["n0"], "instruction": "Own"},
+                                         {"query": "q1", "pos": "p1", "negs": ["n1"]}])
+    records = load_training_records(path, negatives=1, batch_size=2)
+    batch = global_batch(records, 0, batch_size=2, negatives=1, seed=0, instruction="Find")
+    assert sorted(batch.queries) == ["Instruct: Find\nQuery: q1", "Instruct: Own\nQuery: q0"]
+    bare = global_batch(records, 0, batch_size=2, negatives=1, seed=0)
+    assert sorted(bare.queries) == ["Instruct: Own\nQuery: q0", "q1"]
+
+
+def test_each_querys_negatives_are_its_records_own_and_never_repeated(tmp_path: Path) -> None:
+    """k negatives drawn without replacement: asking for all of a record's negatives gives each of them once (a
+    negative twice in a group reweights it in the loss)."""
+    from hrsa.train.data import global_batch, load_training_records
+
+    path = _write(tmp_path / "d.jsonl", [{"query": f"q{i}", "pos": f"p{i}", "negs": [f"n{i}{c}" for c in "abcd"]}
+                                         for i in range(6)])
+    records = load_training_records(path, negatives=4)
+    for step in range(12):
+        batch = global_batch(records, step, batch_size=3, negatives=4, seed=step)
+        for query, start in zip(batch.queries, range(0, len(batch.docs), 5)):
+            i = query[1:]
+            assert batch.docs[start] == f"p{i}"
+            assert sorted(batch.docs[start + 1:start + 5]) == [f"n{i}{c}" for c in "abcd"]
+
+
 @pytest.mark.parametrize(("n_records", "batch_size"), [(10, 4), (7, 7), (9, 2), (5, 3)])
 def test_no_batch_holds_a_record_twice(n_records: int, batch_size: int) -> None:
     """A record twice in a batch is its own in-batch negative; epochs cut N // B batches, never across epochs."""
