@@ -90,7 +90,7 @@ def submit_pipeline(pipeline: str | Path, *, address: str | None = None, working
     address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
     outputs = [config.store, str(config.out), *(str(tc.output) for tc in config.train.values())]
     # What stays home, checked before the cluster is contacted: the upload fits Ray's cap, and the job has its inputs.
-    excludes = compute_excludes(root, outputs=outputs, inputs=_pipeline_inputs(config))
+    excludes = compute_excludes(root, outputs=outputs, inputs=_pipeline_inputs(config, root))
     # Step 2: the job, with this hrsa's source staged as a folder named hrsa.
     client = _client(address)
     with _staged_package() as package:
@@ -198,7 +198,7 @@ def compute_excludes(root: Path, *, outputs: Sequence[str] = (), inputs: Mapping
     return excludes
 
 
-def _pipeline_inputs(config: Any) -> dict[str, str]:
+def _pipeline_inputs(config: Any, root: Path) -> dict[str, str]:
     """The local paths the pipeline reads, by the key naming each: corpora and their labels, pairs' labels, training
     data and backbones, model folders, evaluations' task files (URLs, hub ids and ``packaged:`` names left out: only a
     path can stay home)."""
@@ -217,19 +217,23 @@ def _pipeline_inputs(config: Any) -> dict[str, str]:
         if entry.model is not None:
             found[f"models.{name}.model"] = str(entry.model)
     for name, ec in config.eval.items():  # local task files (read on the driver; the task ships them on)
-        paths = [path for path in map(_task_file, ec.tasks) if path is not None]
+        paths = [path for path in (_task_file(t, root) for t in ec.tasks) if path is not None]
         found.update({f"eval.{name}.tasks" + (f"[{i}]" if len(paths) > 1 else ""): p for i, p in enumerate(paths)})
     return {key: value for key, value in found.items()
             if "://" not in value and not value.startswith(("hf:", "packaged:"))}
 
 
-def _task_file(spec: str) -> str | None:
+def _task_file(spec: str, root: Path) -> str | None:
     """The file of a local eval task (``retrieval:FILE``, ``classification:FILE[:TEXT[:LABEL]]``), as written (relative
-    to the job's working directory, which is not this process's); None for an MTEB name."""
+    to ``root``, the job's working directory, not this process's); None for an MTEB name. A classification file whose
+    name holds ``:`` is taken whole where it exists, as `hrsa eval` takes it."""
     kind, sep, rest = spec.partition(":")
     if not sep or kind not in ("retrieval", "classification"):
         return None
-    return rest if kind == "retrieval" else rest.split(":")[0]
+    whole = Path(rest).expanduser()
+    if kind == "retrieval" or (whole if whole.is_absolute() else root / whole).is_file():
+        return rest
+    return rest.split(":")[0]
 
 
 def _check_inputs_travel(root: Path, inputs: Mapping[str, str], kept: set[Path], large_files: set[Path],
