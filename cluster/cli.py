@@ -36,6 +36,8 @@ def demo(config_file: Path | None, **flags: Any) -> None:
     console.print(f"store:  {result.store_url} (look inside: hrsa store ls {result.store_url})")
     for name, path in {**result.results, **result.dynamics}.items():
         console.print(f"results of {name}: {path}")
+    for name, path in result.evals.items():
+        console.print(f"scores of {name}: {path}")
 
 
 @click.command("run")
@@ -46,7 +48,7 @@ def demo(config_file: Path | None, **flags: Any) -> None:
                                           "s3://bucket/hrsa/out that outlives the cluster (training runs default to "
                                           "OUT/train/RUN).")
 def run(pipeline: Path, address: str | None, out: str | None) -> None:
-    """Run a pipeline YAML: train -> extract -> analyze -> dynamics -> report.
+    """Run a pipeline YAML: train -> extract -> analyze -> dynamics -> eval -> report.
 
     Each stage is skipped when its outputs exist and match its inputs; a re-run after a failure resumes
     where it stopped. See configs/examples/pipeline.yaml for every field.

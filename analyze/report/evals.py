@@ -62,6 +62,11 @@ def load_evaluation(path: ResultsFile) -> Evaluation:
     return Evaluation(path, str(doc.get("model", "")), tasks, rows)
 
 
+def _name(file: ResultsFile) -> str:
+    """What an evaluation is called: its folder's name (a pipeline's ``<out>/eval/<name>/eval.json``, an ``--out``)."""
+    return str(file).rstrip("/").rsplit("/", 2)[-2] if "/" in str(file) else str(file)
+
+
 def _row(checkpoint: dict[str, Any], tasks: list[str]) -> tuple[str, int | None, dict[str, float | None]]:
     step = checkpoint["step"]
     if step is not None and type(step) is not int:
@@ -88,5 +93,6 @@ def evaluation_section(evaluations: Sequence[Evaluation]) -> str:
         header = ["checkpoint", "step", *(f"{name} ({score})" for name, score in ev.tasks)]
         rows = [[name, "" if step is None else str(step), *(number(row[t]) if row[t] is not None else "" for t, _ in ev.tasks)]
                 for name, step, row in sorted(ev.rows, key=lambda r: (r[1] is not None, r[1] or 0))]
-        parts.append(f"<h3>{escape(ev.model)}</h3><p class=\"meta\">from {escape(str(ev.file))}</p>{table(header, rows)}")
+        parts.append(f"<h3>{escape(_name(ev.file))}</h3><p class=\"meta\">{escape(ev.model)}, from {escape(str(ev.file))}"
+                     f"</p>{table(header, rows)}")
     return "\n".join(parts)

@@ -52,6 +52,7 @@ def test_the_report_shows_each_checkpoint_s_main_scores(eval_json: Path, results
     shown = re.findall(r"<tr><td>step_0+\d+</td><td>(\d+)</td><td class=\"num\">([0-9.]+)</td></tr>", section)
     assert [(int(step), float(score)) for step, score in shown] == [(s, round(v, 3)) for s, v in written]
     assert "local-retrieval-dev (ndcg_at_10)" in section
+    assert "<h3>out</h3>" in section  # named by its folder (a pipeline's <out>/eval/<name>), the model below it
 
 
 @pytest.mark.parametrize("forge, expected", [

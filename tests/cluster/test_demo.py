@@ -152,6 +152,7 @@ def test_demo_runs_the_study_reports_both_table_2s_and_the_dynamics_and_resumes(
     assert 'id="evaluations"' in html  # the task scores in the report: a table per run, a row per checkpoint
     section = html.split('id="evaluations"', 1)[1].split("<h2", 1)[0]
     assert section.count("<table>") == 2 and section.count("<tr><td>step_00000") == 4
+    assert "<h3>smollm2-emb</h3>" in section and "<h3>smollm2-perturbed-emb</h3>" in section
     # Probes of hard ham vs spam, both directions, on the embedding models.
     probes = json.loads(first.results["embedding-models-probes"].read_text())
     assert probes["settings"]["probe"]["label_field"] == "label" and "reverse" in probes["metrics"]["probe"]["0"]
