@@ -12,7 +12,6 @@ reserved first: a cluster whose GPUs other jobs hold is an error after the place
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 from hrsa.runtime.files import write_atomic
 from hrsa.runtime.task_errors import one_line, root_cause
 from hrsa.store.errors import HrsaError
-from hrsa.train.eval_tasks import EvalError, TaskSpec, parse_task_spec
+from hrsa.train.eval_tasks import EvalError, TaskSpec, parse_task_spec, safe_name
 from hrsa.train.evaluate import EvalConfig
 
 __all__ = ["ClusterEvalResult", "evaluate_on_cluster"]
@@ -106,7 +105,7 @@ def _shipped(spec: TaskSpec, index: int) -> str:
 def _copy_name(path: Path) -> str:
     """The name of a task file's copy: its name with what a task name leaves out (``:`` above all, which the shipped
     spec's fields follow) as a task name writes it, so the copy gives the task the name the file gives it here."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", path.name)
+    return safe_name(path.name)
 
 
 def _evaluate_here(values: dict[str, Any], shipped: list[str], files: dict[str, bytes],

@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 from hrsa.store.errors import UserError
 
 __all__ = ["EvalError", "TaskKind", "TaskSpec", "build_tasks", "hub_unreachable", "mteb_tasks", "parse_task_spec",
-           "split_task_list", "task_identity"]
+           "safe_name", "split_task_list", "task_identity"]
 
 TaskKind = Literal["retrieval", "classification", "mteb"]
 
@@ -73,9 +73,15 @@ def parse_task_spec(text: str) -> TaskSpec:
         got = f"no file at {path}" if not path.is_file() else f"{len(fields)} fields"
         raise EvalError(f"Expected a task {form} naming an existing JSON-lines file. Got {got} in {text!r} instead. "
                         "Check the path.")
-    name = f"local-{kind}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', path.stem)}"
+    name = f"local-{kind}-{safe_name(path.stem)}"
     extra = dict(zip(("text_field", "label_field"), fields))
     return TaskSpec(text=text, kind=kind, name=name, path=path, **{k: v for k, v in extra.items() if v})  # type: ignore[arg-type]
+
+
+def safe_name(text: str) -> str:
+    """``text`` with each run of characters other than letters, digits, ``_``, ``.`` and ``-`` as one ``-``: a local
+    task's name from its file's stem (and the name of a task file's copy on a cluster node, so both agree)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text)
 
 
 def task_identity(spec: TaskSpec, task: Any) -> str:

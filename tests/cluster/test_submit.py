@@ -3,6 +3,7 @@ upload size is counted here."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -136,8 +137,13 @@ def test_a_relative_output_of_a_submitted_pipeline_is_refused_before_anything_is
             submit.submit_pipeline(pipeline, working_dir=tmp_path, out="s3://bucket/out", wait=False)
 
 
+@pytest.mark.parametrize(("name", "task"), [
+    ("dev.jsonl", "retrieval:data/dev.jsonl"),
+    # `hrsa eval` takes an existing mail:v2.jsonl whole; the check cut it at the ':' and checked nothing
+    ("mail:v2.jsonl", "classification:data/mail:v2.jsonl"),
+])
 def test_an_evaluation_task_file_that_would_stay_home_is_refused_before_anything_is_submitted(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, task: str) -> None:
     """The eval stage reads its task files on the driver, in the job's copy of the working directory: an ignored one
     was missing there, after hours of training and extraction."""
     import json
@@ -147,47 +153,19 @@ def test_an_evaluation_task_file_that_would_stay_home_is_refused_before_anything
 
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "words.jsonl").write_text(json.dumps({"id": "a", "text": "the quick fox"}) + "\n")
-    (tmp_path / "data" / "dev.jsonl").write_text(json.dumps({"query": "fox", "pos": "the quick fox"}) + "\n")
-    (tmp_path / ".gitignore").write_text("dev.jsonl\n")
+    (tmp_path / "data" / name).write_text(json.dumps({"query": "fox", "pos": "a fox", "text": "a", "label": "b"}) + "\n")
+    (tmp_path / ".gitignore").write_text(f"{name}\n")
     (tmp_path / "models" / "m").mkdir(parents=True)
     (tmp_path / "models" / "m" / "config.json").write_text("{}")
     pipeline = tmp_path / "p.yaml"
     pipeline.write_text("store: /shared/store\nout: /shared/out\ncorpora: {c: {path: data/words.jsonl}}\n"
-                        "models: {a: {model: models/m}}\n"
-                        "eval: {dev: {model: a, tasks: ['retrieval:data/dev.jsonl', SciFact]}}\n")
-
-    def client(address):
-        raise AssertionError("submitted: the task file stays home")
-
-    monkeypatch.setattr(submit, "_client", client)
-    with pytest.raises(UserError, match=r"data/dev\.jsonl \(eval\.dev\.tasks\)") as caught:
-        submit.submit_pipeline(pipeline, working_dir=tmp_path, wait=False)
-    assert "ignored" in str(caught.value)
-
-
-def test_a_classification_task_file_named_with_a_colon_is_checked_whole(tmp_path: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """`hrsa eval` takes an existing mail:v2.jsonl whole; the travel check cut it at the ':' and checked nothing."""
-    import json
-
-    import hrsa.cluster.submit as submit
-    from hrsa.store.errors import UserError
-
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "words.jsonl").write_text(json.dumps({"id": "a", "text": "the quick fox"}) + "\n")
-    (tmp_path / "data" / "mail:v2.jsonl").write_text(json.dumps({"text": "a mail", "label": "ham"}) + "\n")
-    (tmp_path / ".gitignore").write_text("mail:v2.jsonl\n")
-    (tmp_path / "models" / "m").mkdir(parents=True)
-    (tmp_path / "models" / "m" / "config.json").write_text("{}")
-    pipeline = tmp_path / "p.yaml"
-    pipeline.write_text("store: /shared/store\nout: /shared/out\ncorpora: {c: {path: data/words.jsonl}}\n"
-                        "models: {a: {model: models/m}}\n"
-                        "eval: {dev: {model: a, tasks: ['classification:data/mail:v2.jsonl']}}\n")
+                        f"models: {{a: {{model: models/m}}}}\neval: {{dev: {{model: a, tasks: ['{task}', SciFact]}}}}\n")
 
     def client(address):
         raise AssertionError("submitted: the task file stays home")
 
     monkeypatch.setattr(submit, "_client", client)
     monkeypatch.chdir(tmp_path / "data")  # not the working directory: relative files are the job's
-    with pytest.raises(UserError, match=r"data/mail:v2\.jsonl \(eval\.dev\.tasks\)"):
+    with pytest.raises(UserError, match=rf"data/{re.escape(name)} \(eval\.dev\.tasks\)") as caught:
         submit.submit_pipeline(pipeline, working_dir=tmp_path, wait=False)
+    assert "ignored" in str(caught.value)
