@@ -101,7 +101,9 @@ class ResultRecords:
         no record, and a new record of that id must not take them in). Only the objects listed here go: a record
         another writer creates meanwhile starts with its metadata, which is never among them."""
         prefix = f"{top.store_path.path}/{run_id}"
-        keys = list_keys(top.store, prefix)
+        # Not a racing writer's metadata in flight: Zarr's local store writes zarr.<uuid>.partial, then links it to
+        # zarr.json; deleted as a leftover, that writer's link failed (FileNotFoundError, its record never made)
+        keys = [key for key in list_keys(top.store, prefix) if not key.endswith(".partial")]
         if keys and "zarr.json" not in keys:
             for key in keys:
                 delete_key(top.store, f"{prefix}/{key}")
