@@ -286,27 +286,29 @@ def _check_inputs_exist(config: PipelineConfig) -> None:
 
 
 def _check_eval_tasks(config: PipelineConfig) -> None:
-    """Refuse an evaluation's task file that is not there, an unknown MTEB name, or MTEB tasks without the hub, before
-    hours of training and extraction rather than after."""
-    from hrsa.train.eval_tasks import build_tasks, hub_unreachable, mteb_tasks, parse_task_spec
+    """Refuse an evaluation's task file that is not there, an unknown MTEB name, or MTEB tasks whose data can be had
+    neither from the hub nor from the local datasets cache, before hours of training and extraction rather than after."""
+    from hrsa.train.eval_tasks import build_tasks, check_cached_mteb_data, hub_unreachable, mteb_tasks, parse_task_spec
 
-    needs_hub = []
+    named: dict[str, list[Any]] = {}  # each evaluation's MTEB tasks
     for name, ec in config.eval.items():
         try:
             specs = [parse_task_spec(t) for t in ec.tasks]
-            for spec in (s for s in specs if s.kind == "mteb"):
-                mteb_tasks(spec)  # an unknown name
-                needs_hub.append(f"eval.{name}.tasks: {spec.name}")
+            named[name] = [task for spec in specs if spec.kind == "mteb" for task in mteb_tasks(spec)]  # unknown names
             # Local task files read and checked as the stage reads them (JSON, fields, labels of one kind): a file
             # that exists but does not read was refused at the eval stage, after the training and the extractions
             build_tasks([s for s in specs if s.kind != "mteb"], instruction=ec.instruction, limit=ec.limit,
                         seed=ec.seed)
         except UserError as error:
             raise UserError(f"eval.{name}.tasks: {error}") from None
-    why = hub_unreachable() if needs_hub else None
-    if why:
-        raise UserError(f"Expected the Hugging Face hub for the MTEB tasks of {'; '.join(needs_hub)}. Got {why} "
-                        "instead. Give local tasks (retrieval:FILE, classification:FILE), or run where the hub answers.")
+    why = hub_unreachable() if any(named.values()) else None
+    if why is None:
+        return
+    for name, tasks in named.items():
+        try:
+            check_cached_mteb_data(tasks, why)  # the cache at mteb's revisions stands in for the hub (offline nodes)
+        except UserError as error:
+            raise UserError(f"eval.{name}.tasks: {error}") from None
 
 
 def check_checkpoint_schedule(run: str, tc: TrainConfig, *, finished: bool) -> None:

@@ -256,6 +256,45 @@ def save_tiny_model(folder: Path, kind: str, *, seed: int = 0) -> Path:
     return folder
 
 
+BANKING77 = ("Banking77Classification", "mteb/banking77", "0fd18e25b25c072e09e0d92ab615fda904d66300")  # task, data, pin
+
+
+def cache_hub_dataset(cache: Path, repo: str, revision: str, splits: dict[str, dict[str, list[Any]]]) -> Path:
+    """A hub dataset in the datasets cache as ``datasets.load_dataset(repo, revision=revision)`` leaves it, the data
+    made here: the arrow files and dataset_info.json that datasets' Parquet builder writes, in
+    ``<namespace>___<name>/default/0.0.0/<revision>/`` (what an offline load reads; no hub is reachable here)."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    work = Path(tempfile.mkdtemp(prefix="hub-dataset-"))
+    files = {split: str(work / f"{split}.parquet") for split in splits}
+    for split, columns in splits.items():
+        pq.write_table(pa.table(columns), files[split])
+    namespace, name = repo.split("/")
+    builder = Parquet(cache_dir=str(work / "cache"), dataset_name=name, hash=revision, config_name="default",
+                      data_files=files)
+    builder.download_and_prepare()
+    target = cache / f"{namespace}___{name}" / "default" / "0.0.0" / revision
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(builder.cache_dir, target)
+    shutil.rmtree(work)
+    return target
+
+
+def banking77_splits(per_label: int = 10, *, test_shift: int = 0) -> dict[str, dict[str, list[Any]]]:
+    """Four intents, ``per_label`` questions each, for both splits of Banking77Classification; the test split's labels
+    moved on by ``test_shift`` (1: every test label is the next intent's, so a classifier right on the train split is
+    wrong on every test row, an accuracy only these rows give)."""
+    intents = ["card arrived late", "exchange rate charged", "cash withdrawal declined", "top up failed"]
+    rows = [(f"why was my {intent} again, case {i}", k) for k, intent in enumerate(intents) for i in range(per_label)]
+    texts, labels = [t for t, _ in rows], [k for _, k in rows]
+    return {"train": {"text": texts, "label": labels},
+            "test": {"text": texts, "label": [(k + test_shift) % len(intents) for k in labels]}}
+
+
 @dataclass
 class TinyModels:
     """Tiny model folders built on demand, once per session, plus their sizes and tokenizer builder."""

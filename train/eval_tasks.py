@@ -6,7 +6,8 @@ Task specs (``--tasks``, repeatable or comma-separated):
 - ``classification:FILE[:TEXT_FIELD[:LABEL_FIELD]]``: JSON lines with a text and a label (default fields
   ``text`` and ``label``); accuracy of a logistic regression fitted on a stratified half.
 - ``NAME`` or ``mteb:NAME``: an MTEB task (``SciFact``) or benchmark (``MTEB(eng, v2)``); its data comes
-  from the Hugging Face hub, so it needs the hub (a clear error when it is not reachable).
+  from the Hugging Face hub, or, where the hub cannot be used (offline, no connection), from the local datasets
+  cache at the revision mteb pins (a clear error when it is not there, or when another revision is there too).
 
 Every mistake here is an :class:`EvalError` raised before any model loads.
 """
@@ -18,6 +19,8 @@ import json
 import os
 import re
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -25,8 +28,8 @@ from urllib.parse import urlparse
 
 from hrsa.store.errors import UserError
 
-__all__ = ["EvalError", "TaskKind", "TaskSpec", "build_tasks", "hub_unreachable", "mteb_tasks", "parse_task_spec",
-           "safe_name", "split_task_list", "task_identity"]
+__all__ = ["EvalError", "TaskKind", "TaskSpec", "build_tasks", "check_cached_mteb_data", "hub_unreachable", "mteb_tasks",
+           "parse_task_spec", "safe_name", "split_task_list", "task_identity"]
 
 TaskKind = Literal["retrieval", "classification", "mteb"]
 
@@ -115,6 +118,58 @@ def hub_unreachable() -> str | None:
     return None
 
 
+def _cached_copies(repo: str) -> tuple[Path, dict[str, Path]]:
+    """Where the datasets cache keeps hub dataset ``repo`` (as datasets names it: ``org___snake_name``), and each
+    revision it holds there (``<config>/<version>/<revision>/`` folders; a revision's commit hash names its folder)."""
+    import datasets
+    from datasets.naming import camelcase_to_snakecase
+
+    parts = repo.split("/")
+    root = Path(datasets.config.HF_DATASETS_CACHE).expanduser() / "___".join([*parts[:-1], camelcase_to_snakecase(parts[-1])])
+    return root, {folder.name: folder for folder in sorted(root.glob("*/*/*")) if folder.is_dir()}
+
+
+def check_cached_mteb_data(tasks: list[Any], unreachable: str) -> None:
+    """Check that the local datasets cache can stand in for the hub (``unreachable`` says why the hub cannot be used)
+    for MTEB ``tasks``: it holds each task's dataset at the revision mteb pins, and no other revision of it. Offline,
+    datasets reads the most recently written revision it has cached whatever revision is asked for: another one there
+    would be scored under the pinned revision's name.
+
+    Raises:
+        EvalError: a task whose pinned revision is not cached, or whose dataset is cached at another revision too.
+    """
+    for task in tasks:
+        dataset = task.metadata.dataset
+        repo, revision, name = str(dataset["path"]), dataset.get("revision"), task.metadata.name
+        root, copies = _cached_copies(repo)
+        if revision not in copies and not (revision is None and copies):
+            raise EvalError(f"Expected the Hugging Face hub, or the data of MTEB task {name} in the local datasets cache. "
+                            f"Got {unreachable}, and no copy of {repo} at revision {revision} in {root.parent} instead. "
+                            "Connect to the hub (an evaluation there caches the data), or evaluate on local tasks: "
+                            "retrieval:FILE or classification:FILE.")
+        others = sorted(set(copies) - {revision}) if revision else []
+        if others:
+            raise EvalError(f"Expected only revision {revision} of {repo} (MTEB task {name}) in the local datasets cache "
+                            f"that stands in for the hub ({unreachable}). Got a cache that also holds revision "
+                            f"{others[0]} of {repo} instead, which datasets reads offline in its place. Remove "
+                            f"{copies[others[0]]}, or connect to the hub.")
+
+
+@contextmanager
+def _hub_off() -> Iterator[None]:
+    """datasets and huggingface_hub in offline mode while the cache stands in for an unreachable hub: each of their
+    attempts to reach it would wait on the network first (a firewalled node waits out every timeout)."""
+    import datasets
+    import huggingface_hub.constants as hub
+
+    kept = hub.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    hub.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = kept
+
+
 def _offline_error(names: list[str], why: str) -> EvalError:
     return EvalError(f"Expected a reachable Hugging Face hub for the data of MTEB task(s) {', '.join(names)}. Got {why} "
                      "instead. Connect to the hub, or evaluate on local tasks: retrieval:FILE or classification:FILE.")
@@ -166,8 +221,9 @@ def build_tasks(specs: list[TaskSpec], *, instruction: str | None, limit: int | 
     from hrsa.train.mteb_adapter import LocalClassificationTask, LocalRetrievalTask
 
     named = [(spec, task) for spec in specs if spec.kind == "mteb" for task in mteb_tasks(spec)]
-    if named and (why := hub_unreachable()):
-        raise _offline_error([s.name for s, _ in named], why)
+    cached = bool(named) and (why := hub_unreachable()) is not None
+    if cached:
+        check_cached_mteb_data([task for _, task in named], why)
     built: list[tuple[TaskSpec, Any]] = []
     names = {task.metadata.name for _, task in named}  # a local task's name never shadows an MTEB task's either
     for spec in specs:
@@ -182,7 +238,17 @@ def build_tasks(specs: list[TaskSpec], *, instruction: str | None, limit: int | 
         names.add(name)
     for spec, task in built:
         try:
-            task.load_data()
+            if cached and spec.kind == "mteb":
+                with _hub_off():
+                    task.load_data()
+            else:
+                task.load_data()
         except (ConnectionError, TimeoutError) as error:
             raise _offline_error([task.metadata.name], f"{type(error).__name__}: {str(error).splitlines()[0]}") from None
+        except (ValueError, FileNotFoundError) as error:
+            if not (cached and spec.kind == "mteb"):
+                raise
+            # datasets' own words for a cached copy that lacks a config or split the task reads (a subset not cached)
+            raise EvalError(f"Expected the local datasets cache to hold all the data of MTEB task {task.metadata.name}. "
+                            f"Got {str(error).splitlines()[0]} instead. Connect to the hub, which caches it.") from None
     return built

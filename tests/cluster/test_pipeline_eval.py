@@ -82,14 +82,43 @@ def _main_score(path: Path) -> float:
 @pytest.mark.parametrize("tasks, expected", [
     (["retrieval:{root}/gone.jsonl"], r"^eval\.dev\.tasks: Expected a task retrieval:FILE naming an existing"),
     (["NoSuchMtebTask"], r"^eval\.dev\.tasks: Expected an MTEB task or benchmark name"),
-    (["SciFact"], r"^Expected the Hugging Face hub for the MTEB tasks of eval\.dev\.tasks: SciFact\. Got offline mode"),
+    (["SciFact"], r"^eval\.dev\.tasks: Expected the Hugging Face hub, or the data of MTEB task SciFact in the local "
+                  r"datasets cache\. Got offline mode \(HF_HUB_OFFLINE is set\), and no copy of mteb/scifact at revision"),
 ])
 def test_a_task_that_cannot_run_is_refused_before_anything_is_created(tmp_path: Path, tiny_models: Any,
-                                                                       tasks: list[str], expected: str) -> None:
+                                                                       datasets_cache: Path, tasks: list[str],
+                                                                       expected: str) -> None:
     values = _values(tmp_path, tiny_models, tasks=[t.format(root=tmp_path) for t in tasks])
     with pytest.raises(UserError, match=expected):
         run_pipeline(parse_pipeline(values), console=Console(quiet=True))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def datasets_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty datasets cache, with the hub offline."""
+    import datasets
+
+    cache = tmp_path / "datasets-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    return cache
+
+
+def test_an_mteb_evaluation_runs_and_reruns_offline_from_the_datasets_cache(tmp_path: Path, tiny_models: Any,
+                                                                            datasets_cache: Path) -> None:
+    """Offline, every MTEB evaluation was refused before any stage, even one whose data was cached and one that was up
+    to date (it needs no data at all): the cache at mteb's revision stands in for the hub."""
+    from tests.conftest import BANKING77, banking77_splits, cache_hub_dataset
+
+    task, repo, pinned = BANKING77
+    cache_hub_dataset(datasets_cache, repo, pinned, banking77_splits())
+    config = parse_pipeline(_values(tmp_path, tiny_models, tasks=[task]))
+    first = run_pipeline(config, console=Console(quiet=True))
+    assert _ran(first) == {"eval:dev": True} and _main_score(first.evals["dev"]) == 1.0
+    assert _ran(run_pipeline(config, console=Console(quiet=True))) == {"eval:dev": False}
 
 
 def test_an_evaluation_s_errors_name_its_yaml_keys(tmp_path: Path, tiny_models: Any) -> None:
