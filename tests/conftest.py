@@ -295,6 +295,19 @@ def banking77_splits(per_label: int = 10, *, test_shift: int = 0) -> dict[str, d
             "test": {"text": texts, "label": [(k + test_shift) % len(intents) for k in labels]}}
 
 
+@pytest.fixture
+def datasets_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty datasets cache (``cache_hub_dataset`` fills it), with the hub offline."""
+    import datasets
+
+    cache = tmp_path / "datasets-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    return cache
+
+
 @dataclass
 class TinyModels:
     """Tiny model folders built on demand, once per session, plus their sizes and tokenizer builder."""

@@ -94,19 +94,6 @@ def test_a_task_that_cannot_run_is_refused_before_anything_is_created(tmp_path: 
     assert not (tmp_path / "out").exists()
 
 
-@pytest.fixture
-def datasets_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty datasets cache, with the hub offline."""
-    import datasets
-
-    cache = tmp_path / "datasets-cache"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
-    return cache
-
-
 def test_an_mteb_evaluation_runs_and_reruns_offline_from_the_datasets_cache(tmp_path: Path, tiny_models: Any,
                                                                             datasets_cache: Path) -> None:
     """Offline, every MTEB evaluation was refused before any stage, even one whose data was cached and one that was up

@@ -25,18 +25,6 @@ pytestmark = pytest.mark.integration
 TASK, REPO, PINNED = BANKING77
 
 
-@pytest.fixture
-def datasets_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    import datasets
-
-    cache = tmp_path / "datasets-cache"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
-    return cache
-
-
 def test_an_mteb_task_cached_at_its_revision_is_scored_offline(datasets_cache: Path, tmp_path: Path,
                                                               tiny_models: Any) -> None:
     def accuracy(shift: int, out: str) -> float:
