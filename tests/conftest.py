@@ -277,7 +277,7 @@ def cache_hub_dataset(cache: Path, repo: str, revision: str, splits: dict[str, d
     builder = Parquet(cache_dir=str(work / "cache"), dataset_name=name, hash=revision, config_name="default",
                       data_files=files)
     builder.download_and_prepare()
-    target = cache / f"{namespace}___{name}" / "default" / "0.0.0" / revision
+    target = cache / f"{namespace}___{builder.dataset_name}" / "default" / "0.0.0" / revision  # the name snake_cased
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(builder.cache_dir, target)
     shutil.rmtree(work)

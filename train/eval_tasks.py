@@ -129,6 +129,29 @@ def _cached_copies(repo: str) -> tuple[Path, dict[str, Path]]:
     return root, {folder.name: folder for folder in sorted(root.glob("*/*/*")) if folder.is_dir()}
 
 
+def _datasets_of(task: Any) -> list[tuple[str, dict[str, Any]]]:
+    """(task name, its dataset) for each dataset an MTEB task loads: an aggregate task's are its tasks'."""
+    parts = getattr(task.metadata, "tasks", None)  # AbsTaskAggregate (CQADupstackRetrieval) has no dataset of its own
+    if parts:
+        return [pair for part in parts for pair in _datasets_of(part)]
+    return [(task.metadata.name, task.metadata.dataset)]
+
+
+def _pinned_commit(repo: str, revision: str | None, copies: dict[str, Path]) -> str | None:
+    """The commit of ``repo`` that a pinned ``revision`` names, as far as it can be told offline: a full commit is
+    itself; a branch, tag or short commit is what huggingface_hub recorded for it when the data was fetched
+    (``refs/<revision>`` in its cache), else a short commit is the one cached copy it begins; None: not known."""
+    if revision is None or re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    from huggingface_hub import constants
+
+    ref = Path(constants.HF_HUB_CACHE) / f"datasets--{repo.replace('/', '--')}" / "refs" / revision
+    if ref.is_file():
+        return ref.read_text().strip()
+    begun = [commit for commit in copies if commit.startswith(revision)] if re.fullmatch(r"[0-9a-f]{7,39}", revision) else []
+    return begun[0] if len(begun) == 1 else None
+
+
 def check_cached_mteb_data(tasks: list[Any], unreachable: str) -> None:
     """Check that the local datasets cache can stand in for the hub (``unreachable`` says why the hub cannot be used)
     for MTEB ``tasks``: it holds each task's dataset at the revision mteb pins, and no other revision of it. Offline,
@@ -136,18 +159,22 @@ def check_cached_mteb_data(tasks: list[Any], unreachable: str) -> None:
     would be scored under the pinned revision's name.
 
     Raises:
-        EvalError: a task whose pinned revision is not cached, or whose dataset is cached at another revision too.
+        EvalError: a task whose pinned revision is not cached (or cannot be told offline: a branch whose commit was
+            never recorded), or whose dataset is cached at another revision too.
     """
-    for task in tasks:
-        dataset = task.metadata.dataset
-        repo, revision, name = str(dataset["path"]), dataset.get("revision"), task.metadata.name
+    for name, dataset in (pair for task in tasks for pair in _datasets_of(task)):
+        repo, revision = str(dataset["path"]), dataset.get("revision")
         root, copies = _cached_copies(repo)
-        if revision not in copies and not (revision is None and copies):
+        commit = _pinned_commit(repo, revision, copies)
+        if commit not in copies and not (revision is None and copies):
+            known = (f" (commit {commit})" if commit and commit != revision else
+                     " (its commit is not known offline: huggingface_hub records it when the data is fetched)"
+                     if commit is None else "")
             raise EvalError(f"Expected the Hugging Face hub, or the data of MTEB task {name} in the local datasets cache. "
-                            f"Got {unreachable}, and no copy of {repo} at revision {revision} in {root.parent} instead. "
-                            "Connect to the hub (an evaluation there caches the data), or evaluate on local tasks: "
-                            "retrieval:FILE or classification:FILE.")
-        others = sorted(set(copies) - {revision}) if revision else []
+                            f"Got {unreachable}, and no copy of {repo} at revision {revision}{known} in {root.parent} "
+                            "instead. Connect to the hub (an evaluation there caches the data), or evaluate on local "
+                            "tasks: retrieval:FILE or classification:FILE.")
+        others = sorted(set(copies) - {commit}) if revision else []
         if others:
             raise EvalError(f"Expected only revision {revision} of {repo} (MTEB task {name}) in the local datasets cache "
                             f"that stands in for the hub ({unreachable}). Got a cache that also holds revision "

@@ -86,3 +86,60 @@ def test_a_cached_task_loads_offline_even_where_the_hub_is_not_flagged_offline(
     assert TASK in json.loads(result.json_path.read_text())["checkpoints"][0]["results"]
     assert offline_while_loading == [(True, True)]
     assert (hub.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE) == (False, False)  # put back after the load
+
+
+def _mteb_task(name: str) -> Any:
+    from hrsa.train.eval_tasks import mteb_tasks, parse_task_spec
+
+    (task,) = mteb_tasks(parse_task_spec(name))
+    return task
+
+
+def test_a_revision_pinned_by_a_short_commit_is_its_cached_commit(datasets_cache: Path) -> None:
+    """mteb pins some datasets by a short commit (IFIRAila: 1cb8772); datasets names the cached copy by the full one."""
+    from hrsa.train.eval_tasks import check_cached_mteb_data
+
+    task = _mteb_task("IFIRAila")
+    with pytest.raises(EvalError, match="no copy of if-ir/aila at revision 1cb8772"):
+        check_cached_mteb_data([task], "offline")
+    cache_hub_dataset(datasets_cache, "if-ir/aila", "1cb8772" + "0" * 33, banking77_splits())
+    check_cached_mteb_data([task], "offline")
+    cache_hub_dataset(datasets_cache, "if-ir/aila", "1cb8773" + "0" * 33, banking77_splits())
+    with pytest.raises(EvalError, match=f"also holds revision 1cb8773{'0' * 33} of if-ir/aila"):
+        check_cached_mteb_data([task], "offline")
+
+
+def test_a_revision_pinned_by_a_branch_is_the_commit_the_hub_cache_recorded_for_it(
+        datasets_cache: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """PublicHealthQA pins `main`: offline, which commit that is was recorded by huggingface_hub when the data was
+    fetched (refs/main in its cache); without that record the copy cannot be told current, and is refused."""
+    from hrsa.train.eval_tasks import check_cached_mteb_data
+
+    hub_cache = tmp_path / "hub"
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(hub_cache))
+    task = _mteb_task("PublicHealthQA")
+    commit = "c" * 40
+    cache_hub_dataset(datasets_cache, "xhluca/publichealth-qa", commit, banking77_splits())
+    with pytest.raises(EvalError, match="no copy of xhluca/publichealth-qa at revision main .its commit is not known"):
+        check_cached_mteb_data([task], "offline")
+    refs = hub_cache / "datasets--xhluca--publichealth-qa" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text(commit)
+    check_cached_mteb_data([task], "offline")
+    (refs / "main").write_text("d" * 40)  # the branch has moved on since this copy was made
+    with pytest.raises(EvalError, match="no copy of xhluca/publichealth-qa at revision main"):
+        check_cached_mteb_data([task], "offline")
+
+
+def test_an_aggregate_task_is_checked_by_the_datasets_of_its_tasks(datasets_cache: Path) -> None:
+    """CQADupstackRetrieval has no dataset of its own ('aggregate tasks do not have a path'): its 12 tasks have."""
+    from hrsa.train.eval_tasks import check_cached_mteb_data
+
+    task = _mteb_task("CQADupstackRetrieval")
+    parts = [t.metadata.dataset for t in task.metadata.tasks]
+    for dataset in parts[:-1]:
+        cache_hub_dataset(datasets_cache, dataset["path"], dataset["revision"], banking77_splits())
+    with pytest.raises(EvalError, match=f"no copy of {parts[-1]['path']} at revision {parts[-1]['revision']}"):
+        check_cached_mteb_data([task], "offline")
+    cache_hub_dataset(datasets_cache, parts[-1]["path"], parts[-1]["revision"], banking77_splits())
+    check_cached_mteb_data([task], "offline")
