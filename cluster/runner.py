@@ -802,13 +802,15 @@ class _Runner:
         address = self._cluster_address()
         if address:
             conn = connect(address)
-            result = evaluate_on_cluster(ec, gpu=conn.n_gpus > 0, nodes=conn.nodes)
+            result = evaluate_on_cluster(ec, gpu=conn.n_gpus > 0, nodes=conn.nodes, own_out=True)
             self._print_warnings(result.notes)
             return {"node_id": result.node_id}
         notes: list[str] = []
         with stage_progress(self.console, "checkpoints") as (progress, task):
+            # <out>/eval/<name> is this stage's own: another model's eval.json there (the YAML now names other weights)
+            # is replaced, not refused as a user's --out would be
             evaluate(ec, on_checkpoint=lambda target, i, n: progress.update(task, total=n, completed=i),
-                     on_note=notes.append)
+                     on_note=notes.append, own_out=True)
         self._print_warnings(notes)
         return {}
 

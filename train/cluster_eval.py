@@ -35,7 +35,8 @@ class ClusterEvalResult:
     node_id: str
 
 
-def evaluate_on_cluster(config: EvalConfig, *, gpu: bool, nodes: tuple[Any, ...] = ()) -> ClusterEvalResult:
+def evaluate_on_cluster(config: EvalConfig, *, gpu: bool, nodes: tuple[Any, ...] = (),
+                        own_out: bool = False) -> ClusterEvalResult:
     """Evaluate ``config`` in one Ray task (1 CPU, and 1 GPU with ``gpu``) and write what it wrote into
     ``config.out_dir()``.
 
@@ -44,6 +45,7 @@ def evaluate_on_cluster(config: EvalConfig, *, gpu: bool, nodes: tuple[Any, ...]
         gpu: ask the task for a GPU (the cluster has some).
         nodes: the cluster's nodes (:class:`hrsa.runtime.connection.NodeResources`): a local model folder must be seen
             by every one of them.
+        own_out: the out folder is the caller's own (:func:`hrsa.train.evaluate.evaluate`'s ``own_out``).
 
     Raises:
         PlacementError: a model folder some node does not see, or no room for the task within the timeout.
@@ -70,13 +72,16 @@ def evaluate_on_cluster(config: EvalConfig, *, gpu: bool, nodes: tuple[Any, ...]
             num_cpus=1, num_gpus=1 if gpu else 0, max_retries=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0))
         shipped = [_shipped(spec, i) for i, spec in enumerate(specs)]
-        written, notes, node_id = ray.get(task.remote(config.model_dump(mode="json"), shipped, files, earlier))
+        written, notes, node_id = ray.get(task.remote(config.model_dump(mode="json"), shipped, files, earlier,
+                                                       own_out))
     except ray.exceptions.RayError as error:
         raise _failure(error) from None
     finally:
         remove_placement_group(group)
     for name, data in written.items():
         write_atomic(out / name, data)
+    if "eval_curve.png" not in written:  # `hrsa eval` removed it in the task's out (fewer than two steps): here too
+        (out / "eval_curve.png").unlink(missing_ok=True)
     return ClusterEvalResult(out / "eval.json", tuple(notes), node_id)
 
 
@@ -109,7 +114,7 @@ def _copy_name(path: Path) -> str:
 
 
 def _evaluate_here(values: dict[str, Any], shipped: list[str], files: dict[str, bytes],
-                   earlier: bytes | None) -> tuple[dict[str, bytes], list[str], str]:
+                   earlier: bytes | None, own_out: bool = False) -> tuple[dict[str, bytes], list[str], str]:
     """In the task: the task files and the earlier eval.json written into a folder of its own, `hrsa eval` run there,
     and every file it wrote returned (relative name -> bytes; eval.json with the driver's specs), with its notes and
     this node's id."""
@@ -127,7 +132,7 @@ def _evaluate_here(values: dict[str, Any], shipped: list[str], files: dict[str, 
         if earlier is not None:  # as the driver names the specs: reused by content, whatever the spec text
             write_atomic(out / "eval.json", earlier)
         notes: list[str] = []
-        evaluate(config.model_copy(update={"tasks": tuple(here), "out": out}), on_note=notes.append)
+        evaluate(config.model_copy(update={"tasks": tuple(here), "out": out}), on_note=notes.append, own_out=own_out)
         written = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
                    if p.is_file() and not p.name.startswith(".")}
     written["eval.json"] = _named_as(written["eval.json"], dict(zip(here, config.tasks)), values)

@@ -580,6 +580,7 @@ def evaluate(
     on_task: Callable[[str], None] | None = None,
     on_texts: Callable[[int], None] | None = None,
     on_note: Callable[[str], None] | None = None,
+    own_out: bool = False,
 ) -> EvalResult:
     """Evaluate every checkpoint of ``config.model`` on every task of ``config.tasks``.
 
@@ -590,6 +591,9 @@ def evaluate(
         on_texts: called with the number of texts after each embedded batch.
         on_note: called with each one-line note (a checkpoint skipped as incomplete, an earlier score not reused);
             None: each is an :class:`EvalWarning`.
+        own_out: ``config.out`` is the caller's own folder for this evaluation (a pipeline's ``<out>/eval/<name>``),
+            not a user's: an eval.json there of another model (the pipeline now names other weights) is replaced
+            rather than refused. Its rows are never kept (they are kept by their checkpoints' digests).
 
     Returns:
         The scores, and where the JSON and the curve were written.
@@ -611,7 +615,7 @@ def evaluate(
     if out.exists() and not out.is_dir():
         raise EvalError(f"Expected --out to be a folder. Got the file {out} instead. Pick another path.")
     _refuse_out_in_a_model(out)
-    if config.out is not None:
+    if config.out is not None and not own_out:
         _refuse_another_models_scores(out / "eval.json", config.model, targets)
     for name in ("eval.json", "eval_curve.png"):  # before any evaluation: no FIFO there, no folder inside a store
         check_output_file(out / name, flag="--out")

@@ -196,3 +196,54 @@ def test_a_task_file_that_cannot_be_read_is_refused_before_anything_is_created(
     with pytest.raises(UserError, match=rf"^eval\.dev\.tasks: .*{expected}"):
         run_pipeline(parse_pipeline(values), console=Console(quiet=True))
     assert not (tmp_path / "out").exists()
+
+
+def test_an_evaluation_whose_model_the_pipeline_now_names_otherwise_is_scored_anew(tmp_path: Path,
+                                                                                  tiny_models: Any) -> None:
+    """Attacks the eval stage after an edit of the YAML that changes its model (here `models.enc.model` pointed at
+    other weights; a `train:` run retrained with another lr goes to another `recipe-<key>` folder alike): the
+    stage's out folder, `<out>/eval/<name>`, is the pipeline's own, yet `hrsa eval`'s guard for a user's `--out`
+    holding another model's eval.json refused the re-run in one line naming `--out`, a flag the pipeline has none of.
+    The stage must score the new model and its eval.json hold only the new model's rows."""
+    from tests.conftest import save_tiny_model
+
+    task = f"retrieval:{_pairs(tmp_path / 'dev.jsonl')}"
+    values = _values(tmp_path, tiny_models, tasks=[task])
+    run_pipeline(parse_pipeline(values), console=Console(quiet=True))
+    path = tmp_path / "out" / "eval" / "dev" / "eval.json"
+    other = save_tiny_model(tmp_path / "other-bert", "bert", seed=5)
+    values["models"]["enc"]["model"] = str(other)
+    again = run_pipeline(parse_pipeline(values), console=Console(quiet=True))
+    assert _ran(again)["eval:dev"]
+    doc = json.loads(path.read_text())
+    alone = evaluate(EvalConfig(model=str(other), tasks=[task], instructions=False, out=tmp_path / "alone"))
+    assert doc["model"] == str(other) and len(doc["checkpoints"]) == 1
+    (ours,) = doc["checkpoints"][0]["results"].values()
+    (theirs,) = json.loads(alone.json_path.read_text())["checkpoints"][0]["results"].values()
+    assert ours["main_score"] == theirs["main_score"]
+
+
+def test_an_evaluation_of_a_run_retrained_with_another_lr_scores_the_new_run(tmp_path: Path, tiny_models: Any) -> None:
+    """Attacks the most common way the eval stage's model changes: `train.ra.lr` edited, so the run trains anew into its
+    own `recipe-<key>` folder, and `eval.dev` (model: ra) now names that folder. The stage's eval.json held the old
+    run's curve, and the re-run was refused ("Expected eval.dev.out's eval.json to hold scores of ...") after the new
+    training had run; `hrsa demo --lr`, `--train-steps` or `--perturbation` after a first demo failed so. The new run is
+    scored, and no row of the old run stays."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"query": f"fox {i}", "pos": f"the lazy dog {i}", "negs": [f"cat {i}"]}) + "\n"
+                            for i in range(8)))
+    task = f"retrieval:{_pairs(tmp_path / 'dev.jsonl')}"
+    values = _values(tmp_path, tiny_models, tasks=[task])
+    values["train"] = {"ra": {"backbone": str(tiny_models.dir("bert")), "data": str(data), "batch_size": 4,
+                              "max_steps": 1, "save_every": 1, "lr": 1e-3, "warmup_ratio": 0, "max_length": 16}}
+    values["eval"]["dev"]["model"] = "ra"
+    first = run_pipeline(parse_pipeline(values), console=Console(quiet=True))
+    old = json.loads(first.evals["dev"].read_text())
+    values["train"]["ra"]["lr"] = 5e-3
+    again = run_pipeline(parse_pipeline(values), console=Console(quiet=True))
+    assert _ran(again)["train:ra"] and _ran(again)["eval:dev"]
+    doc = json.loads(again.evals["dev"].read_text())
+    assert doc["model"] != old["model"] and Path(doc["model"]).parent == Path(old["model"]).parent  # recipe-<key>
+    assert [row["step"] for row in doc["checkpoints"]] == [1]
+    assert doc["checkpoints"][0]["model_digest"] != old["checkpoints"][0]["model_digest"]
+    assert Path(doc["checkpoints"][0]["model"]).is_relative_to(doc["model"])

@@ -99,3 +99,24 @@ def test_a_classification_file_with_a_colon_in_its_name_scores_as_hrsa_eval_does
     result = evaluate_on_cluster(EvalConfig(model=model, tasks=tasks, instructions=False, out=tmp_path / "out"),
                                  gpu=False, nodes=ray_local.nodes)
     assert _scores(result.json_path) == _scores(here.json_path)
+
+
+def test_a_curve_the_task_no_longer_draws_does_not_stay_in_the_driver_s_out(tmp_path: Path, tiny_models: Any,
+                                                                           ray_local: Any) -> None:
+    """Attacks a re-run on a cluster whose rows leave one step (another task, `steps` narrowed to one): `hrsa eval`
+    removes its curve then (it would show rows eval.json no longer holds), but the task evaluates in a folder of its own
+    and only the files it wrote came back, so the driver's out kept the first run's curve, of another task, beside the
+    new eval.json."""
+    retrieval, classification = _tasks(tmp_path / "tasks")
+    config = EvalConfig(model=str(_run(tmp_path, tiny_models)), tasks=(retrieval,), instructions=False,
+                        out=tmp_path / "out")
+    evaluate_on_cluster(config, gpu=False, nodes=ray_local.nodes)
+    assert (tmp_path / "out" / "eval_curve.png").is_file()
+    again = evaluate_on_cluster(config.model_copy(update={"tasks": (classification,), "steps": (2,)}), gpu=False,
+                                nodes=ray_local.nodes)
+    assert sorted(_scores(again.json_path)) == [2]
+    local = config.model_copy(update={"out": tmp_path / "here"})  # the same two runs as `hrsa eval` runs them
+    evaluate(local)
+    here = evaluate(local.model_copy(update={"tasks": (classification,), "steps": (2,)}))
+    assert here.figure_path is None and not (tmp_path / "here" / "eval_curve.png").exists()
+    assert not (tmp_path / "out" / "eval_curve.png").exists()
