@@ -11,9 +11,12 @@ from __future__ import annotations
 import ctypes
 import os
 import resource
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["freed_blocks_returned", "map_large_allocations", "peak_resident_bytes", "release_freed_heap", "reset_peak", "resident_bytes"]
+__all__ = ["allocations_mapped_from", "freed_blocks_returned", "map_large_allocations", "peak_resident_bytes",
+           "release_freed_heap", "reset_peak", "resident_bytes"]
 
 #: mallopt's parameter number for the mmap threshold (glibc's malloc.h: M_MMAP_THRESHOLD).
 _M_MMAP_THRESHOLD = -3
@@ -85,6 +88,19 @@ def map_large_allocations(threshold: int = 1 << 20) -> bool:
         return bool(ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, int(threshold)))
     except (OSError, AttributeError):
         return False
+
+
+@contextmanager
+def allocations_mapped_from(threshold: int) -> Iterator[None]:
+    """:func:`map_large_allocations` at ``threshold`` while the block runs, then at its default, 1 MB, again: the
+    threshold the rest of the process (training, evaluation, the next analysis) runs at, as every analysis left it
+    before it chose its own (below 1 MB, each of their tensors of that size and more would be mapped anew)."""
+    changed = map_large_allocations(threshold)
+    try:
+        yield
+    finally:
+        if changed:
+            map_large_allocations()
 
 
 def freed_blocks_returned(n_blocks: int = 256, block_bytes: int = 2 << 20) -> int:

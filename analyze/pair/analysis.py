@@ -86,8 +86,8 @@ def analyze_pair(
         selection: which tokens (default all).
         memory_budget: bytes, or text such as ``"4GB"``: on Ray, each worker's (every task's own peak); here, the
             process's, shared by its worker threads. So that the resident set follows the plan, the passes have glibc
-            map blocks of 1 MB or more on their own for the rest of the process
-            (:func:`~hrsa.runtime.resident.map_large_allocations`; an explicit threshold in the environment wins).
+            map blocks of 1 MB or more (of a block's size where that is less) on their own, and 1 MB after
+            (:meth:`~hrsa.analyze.streaming.plan.AnalysisPlan.mmap_threshold`; a threshold in the environment wins).
         block_tokens: tokens per block read and multiplied (default: ~32 MB of float64 per state).
         workers: at most this many tasks at once (default: on Ray every CPU of the cluster, here one per core up
             to 4); here the plan takes fewer when each one's copy of the accumulators would cost extra passes.

@@ -22,7 +22,7 @@ from hrsa.analyze.pair.uncertainty import layer_intervals, layer_nulls
 from hrsa.analyze.streaming.backends import products_on_gpu
 from hrsa.analyze.streaming.ray_passes import TilePass, run_tiles_on_ray, task_resources
 from hrsa.analyze.streaming.stream import StateReader, TokenBlock, prepare_products, run_tile, split_segments
-from hrsa.runtime.resident import map_large_allocations, release_freed_heap
+from hrsa.runtime.resident import allocations_mapped_from, release_freed_heap
 
 if TYPE_CHECKING:
     from hrsa.analyze.accumulators.cross_moments import CoMomentSummary
@@ -91,7 +91,13 @@ def run_passes(
     Warns:
         UnderdeterminedWarning: once for the run when a Procrustes fit was not unique.
     """
-    map_large_allocations()  # the plan counts the arrays alive: freed blocks must leave the resident set (see there)
+    # The plan counts the arrays alive: freed blocks must leave the resident set (AnalysisPlan.mmap_threshold)
+    with allocations_mapped_from(pair.plan.mmap_threshold()):
+        return _run_passes(store, pair, backend, scheduler, on_block, matched)
+
+
+def _run_passes(store: ActivationStore, pair: ResolvedPair, backend: ChunkBackend, scheduler: ResolvedScheduler,
+                on_block: OnBlock | None, matched: ChunkBackend | None) -> PassOutputs:
     mids = {"a": pair.info_a.id, "b": pair.info_b.id}
 
     def reader(tile: Tile) -> StateReader:  # a reader per tile: the shards it caches (counted) go with its pass
@@ -118,7 +124,8 @@ def run_passes(
     if scheduler.name == "ray":
         # Every tile at once (pair-parallel), each cut into as many segments as the workers left to it (data-parallel).
         per_tile = max(1, pair.plan.workers // max(1, pair.plan.passes))
-        jobs = [TilePass(tile, reader(tile), segments(tile, per_tile), backend_of(tile)) for tile in pair.plan.tiles]
+        jobs = [TilePass(tile, reader(tile), segments(tile, per_tile), backend_of(tile), pair.plan.mmap_threshold())
+                for tile in pair.plan.tiles]
         _check_store_reached(store)
         options = task_resources(pair.plan.estimated_peak, products_on_gpu(backend))
         for _, (m, s), records in run_tiles_on_ray(jobs, finish, options, pair.plan.workers):

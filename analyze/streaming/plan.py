@@ -235,6 +235,16 @@ class AnalysisPlan:
         """The memory model's peak of one tile's pass, in bytes (``estimated_peak`` is the largest)."""
         return _MemoryModel(self.inputs, self.workers).peak(tile)
 
+    def mmap_threshold(self) -> int:
+        """glibc's mmap threshold for the passes (:func:`hrsa.runtime.resident.map_large_allocations`): a block of the
+        narrower state as read, capped at 1 MB, at least 64 kB. The model counts the arrays alive; a freed block under
+        the threshold stays in the heaps of the threads that read and fold it, and the resident set outgrows the
+        model: a matched pass with 8 groups, D = 384, blocks of 256 tokens (393-786 kB), peaked 6-12% over its
+        estimate at 1 MB, under it at this threshold."""
+        p = self.inputs
+        block = p.block_tokens * min(p.dx * p.read_bytes_a, p.dy * p.read_bytes_b)
+        return max(64 << 10, min(1 << 20, block))
+
     def product_flops(self) -> float:
         """Floating-point operations of the passes' products (2 n D_x D_y per co-moment matrix a block adds)."""
         p, dim = self.inputs, {"a": self.inputs.dx, "b": self.inputs.dy}

@@ -31,7 +31,7 @@ from hrsa.analyze.accumulators.centring import Float32RangeError
 from hrsa.analyze.streaming.backends import GpuWorkers, local_float64_at_full_rate, tf32_matmuls
 from hrsa.analyze.streaming.stream import fold_segment, merge_partials, prepare_products
 from hrsa.runtime.placement import PlacementError, describe_nodes
-from hrsa.runtime.resident import map_large_allocations, release_freed_heap
+from hrsa.runtime.resident import allocations_mapped_from, release_freed_heap
 from hrsa.runtime.task_errors import one_line, root_cause
 from hrsa.store.errors import HrsaError
 
@@ -82,6 +82,7 @@ class TilePass:
     reader: StateReader
     segments: tuple[tuple[TokenBlock, ...], ...]
     backend: ChunkBackend
+    mmap_threshold: int = 1 << 20  # AnalysisPlan.mmap_threshold: set by each task in its worker
 
 
 def task_resources(memory: int, gpu: bool) -> dict[str, Any]:
@@ -256,11 +257,13 @@ def run_tiles_on_ray(passes: Sequence[TilePass], finish: Finish, options: dict[s
 
     def submit(job: TilePass) -> Any:
         whole = len(job.segments) == 1  # nothing merges into it: a GPU's sums may leave as summaries (fold_segment)
-        parts = [fold.remote(job.tile, job.reader, segment, job.backend, options["memory"], whole)
+        threshold = job.mmap_threshold
+        parts = [fold.remote(job.tile, job.reader, segment, job.backend, options["memory"], whole, threshold)
                  for segment in job.segments]
         while len(parts) > 1:  # a tree of merges of two: each holds one output beside its inputs
-            parts = [merge.remote(*parts[i : i + 2]) if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)]
-        return done.remote(job.tile, parts[0], finish)
+            parts = [merge.remote(*parts[i : i + 2], mmap_threshold=threshold) if i + 1 < len(parts) else parts[i]
+                     for i in range(0, len(parts), 2)]
+        return done.remote(job.tile, parts[0], finish, threshold)
 
     at_once = max(1, workers // max(1, max((len(job.segments) for job in passes), default=1)))
     queue, pending = list(enumerate(passes)), {}
@@ -291,32 +294,40 @@ def _failure(error: Exception) -> Exception:
 
 
 def _fold_task(tile: Tile, reader: StateReader, blocks: tuple[TokenBlock, ...], backend: ChunkBackend,
-               limit_bytes: int, whole: bool = False) -> tuple[Any, list[TaskRecord]]:
-    map_large_allocations()  # before the probe, whose freed arrays must not stay in the worker's heap
-    # Once per worker process, before the fold's memory counts; measured apart (a "probe" record) when it ran.
-    probed, probe = _measured("probe", [], lambda: prepare_products(tile, reader, backend, limit_bytes))
-    return _measured("fold", probe if probed else [], lambda: fold_segment(tile, reader, blocks, backend, whole=whole))
+               limit_bytes: int, whole: bool = False, mmap_threshold: int = 1 << 20) -> tuple[Any, list[TaskRecord]]:
+    # Once per worker process, before the fold's memory counts; measured apart (a "probe" record) when it ran. The
+    # threshold is set before the probe, whose freed arrays must not stay in the worker's heap.
+    probed, probe = _measured("probe", [], lambda: prepare_products(tile, reader, backend, limit_bytes), mmap_threshold)
+    return _measured("fold", probe if probed else [], lambda: fold_segment(tile, reader, blocks, backend, whole=whole),
+                     mmap_threshold)
 
 
-def _merge_task(*parts: tuple[Any, list[TaskRecord]]) -> tuple[Any, list[TaskRecord]]:
+def _merge_task(*parts: tuple[Any, list[TaskRecord]], mmap_threshold: int = 1 << 20) -> tuple[Any, list[TaskRecord]]:
     # Ray hands each part's arrays out of its object store, read-only: merge_partials writes into copies.
     before = [record for _, records in parts for record in records]
     return _measured("merge", before, lambda: merge_partials(*(dict(acc) if isinstance(acc, dict) else acc
-                                                               for acc, _ in parts)))
+                                                               for acc, _ in parts)), mmap_threshold)
 
 
-def _finish_task(tile: Tile, part: tuple[Any, list[TaskRecord]], finish: Finish) -> tuple[Any, list[TaskRecord]]:
+def _finish_task(tile: Tile, part: tuple[Any, list[TaskRecord]], finish: Finish,
+                 mmap_threshold: int = 1 << 20) -> tuple[Any, list[TaskRecord]]:
     acc, before = part
-    return _measured("finish", before, lambda: finish(tile, dict(acc) if isinstance(acc, dict) else acc))
+    return _measured("finish", before, lambda: finish(tile, dict(acc) if isinstance(acc, dict) else acc), mmap_threshold)
 
 
-def _measured(kind: str, before: list[TaskRecord], run: Callable[[], Any]) -> tuple[Any, list[TaskRecord]]:
+def _measured(kind: str, before: list[TaskRecord], run: Callable[[], Any],
+              mmap_threshold: int = 1 << 20) -> tuple[Any, list[TaskRecord]]:
     """``run()``'s value and the records of the tasks before it with this task's own appended."""
+    # As in one process: the worker's resident set follows the arrays alive (its threshold back to 1 MB after)
+    with allocations_mapped_from(mmap_threshold):
+        return _run_measured(kind, before, run)
+
+
+def _run_measured(kind: str, before: list[TaskRecord], run: Callable[[], Any]) -> tuple[Any, list[TaskRecord]]:
     import tracemalloc
 
     import ray
 
-    map_large_allocations()  # as in one process: the worker's resident set follows the arrays alive
     tracing = tracemalloc.is_tracing()
     if tracing:
         # Libraries are outside the budget, as the interpreter is: what the tasks import on first use is imported

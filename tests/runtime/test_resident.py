@@ -48,3 +48,26 @@ def test_large_blocks_go_back_to_the_kernel_when_freed_once_mapped_on_their_own(
                           check=True, env=env)
     freed = int(done.stdout.strip())
     assert (freed > 480 * 2**20) is returned, freed / 2**20
+
+
+_WITHIN = """
+from hrsa.runtime.resident import allocations_mapped_from, freed_blocks_returned, map_large_allocations
+
+assert map_large_allocations()  # as an earlier analysis left the process: 1 MB
+with allocations_mapped_from(256 << 10):
+    inside = freed_blocks_returned(n_blocks=1024, block_bytes=512 << 10)
+after = freed_blocks_returned(n_blocks=1024, block_bytes=512 << 10)
+print(inside, after)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt's mmap threshold is glibc's")
+def test_an_analysis_maps_its_blocks_from_its_own_threshold_and_leaves_1_mb_after() -> None:
+    """An analysis of small blocks (AnalysisPlan.mmap_threshold) maps 512 kB blocks on their own while it runs; after,
+    the process is back at 1 MB, where a training's or an evaluation's 512 kB tensors come from the heap again (mapped,
+    each would be faulted in anew)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")}
+    done = subprocess.run([sys.executable, "-c", _WITHIN], capture_output=True, text=True, timeout=120, check=True,
+                          env=env)
+    inside, after = (int(x) for x in done.stdout.split())
+    assert inside > 480 * 2**20 and after < 64 * 2**20, (inside / 2**20, after / 2**20)
