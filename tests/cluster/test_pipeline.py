@@ -1334,3 +1334,144 @@ def test_a_damaged_dynamics_file_runs_its_stage_again(tmp_path: Path, tiny_model
     assert {s.name: s.reason for s in again.stages}["dynamics:ra--rb"] == "its outputs are missing"
     recorded = json.loads((tmp_path / "out" / STATE_FILE).read_text())["stages"]["dynamics:ra--rb"]["outputs"]
     assert recorded["dynamics"] == "dynamics/ra--rb/dynamics.json"  # relative to the out, as the results are
+
+
+# -- found by hand mutation testing of the stages' bookkeeping ------------------------------------------------------
+@pytest.mark.parametrize(("changes", "expected"), [
+    ({"models": {"Llama": {"model": "m"}, "llama": {"model": "n"}}, "pairs": []},
+     "models: names ['Llama', 'llama'] are one id in the store; rename one"),
+    ({"pairs": [{"a": "a", "b": "b", "corpus": "c"}, {"a": "a", "b": "b", "corpus": "d"}]},
+     "pairs: two entries named 'a--b'; give them distinct names (name: ...)"),
+    ({"models": {"a": {"model": "m", "train": "r"}, "b": {"model": "n"}},
+      "train": {"r": {"backbone": "m", "data": "d.jsonl"}}},
+     "models.a: expected exactly one of model or train, got model='m', train='r'"),
+    ({"pairs": [{"a": "a", "b": "b", "corpus": "nope"}]}, "pairs.0.corpus: 'nope' is not a name of the corpora section (c, d)"),
+], ids=["models one id", "pairs one name", "model and train", "unknown corpus"])
+def test_a_pipeline_whose_stages_would_share_or_drop_an_input_is_refused(changes: dict[str, Any], expected: str) -> None:
+    """Accepted, these ran silently wrong: two models one id (the second's extraction taken for the first's), two
+    pairs one folder and one stage (each run replaced the other's results, the report showed one), a model with both
+    model and train (the model was ignored: the run's checkpoint was extracted)."""
+    base = {"store": "s", "out": "o", "corpora": {"c": {"path": "x"}, "d": {"path": "y"}},
+            "models": {"a": {"model": "m"}, "b": {"model": "n"}}}
+    with pytest.raises(PipelineError) as error:
+        parse_pipeline({**base, **changes})
+    assert expected in str(error.value)
+
+
+def test_what_a_pair_and_a_model_name_themselves_is_kept() -> None:
+    """A pair's own labels file is not replaced by its corpus's (the probes would read other labels, silently), and a
+    model over two corpora has a store id per corpus."""
+    corpora = {"c": {"path": "x", "labels": "corpus-labels.jsonl", "label_field": "kind"}, "d": {"path": "y"}}
+    config = parse_pipeline({"store": "s", "out": "o", "corpora": corpora,
+                             "models": {"a": {"model": "m"}, "b": {"model": "n"}},
+                             "pairs": [{"a": "a", "b": "b", "corpus": "c", "metrics": ["probe"], "labels": "mine.jsonl"},
+                                       {"a": "a", "b": "b", "corpus": "d", "name": "on-d"}]})
+    assert (config.pairs[0].labels, config.pairs[0].label_field) == ("mine.jsonl", "kind")
+    assert [config.store_id("a", c) for c in ("c", "d")] == ["a--c", "a--d"]
+    assert config.store_id("b", "c") == "b--c"
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ("max_tokens", ("extract:llama", "extract:qwen", "analyze:llama--qwen", "report")),
+    ("k", ("analyze:llama--qwen", "report")),
+    ("layers of a", ("extract:llama", "analyze:llama--qwen", "report")),
+])
+def test_a_changed_setting_that_changes_results_runs_its_stage_and_what_follows(
+        copy: Workspace, change: str, expected: tuple[str, ...]) -> None:
+    """Settings that change what is computed are in their stage's key (only EXTRACT_SCHEDULING and ANALYZE_SCHEDULING
+    are not); and an analysis is keyed by both its models' extractions, A's too: a re-extracted model A left the
+    pair's results of its old activations up to date."""
+    values = json.loads(json.dumps(copy.values))
+    if change == "max_tokens":
+        values["corpora"]["words"]["max_tokens"] = 8
+    elif change == "k":
+        values["pairs"][0]["k"] = [5]
+    else:
+        values["models"]["llama"]["layers"] = [0, 1]
+    before = json.loads((copy.root / "out" / "pairs" / "llama--qwen" / "results.json").read_text())
+    result = run_pipeline(parse_pipeline(values), console=quiet())
+    assert result.ran == expected, {s.name: s.reason for s in result.stages}
+    after = json.loads(result.results["llama--qwen"].read_text())
+    assert after["run_id"] != before["run_id"]
+    assert run_pipeline(parse_pipeline(values), console=quiet()).ran == ()
+
+
+def test_an_earlier_hrsa_record_does_not_take_another_analysis_s_results(copy: Workspace) -> None:
+    """A record without the files' digests is checked by its results.json: one of another analysis (`hrsa analyze
+    --out` into the pair's folder, readable, its own run id) was taken as the pair's, and the report showed it."""
+    doc = json.loads((copy.root / "out" / STATE_FILE).read_text())
+    doc["stages"]["analyze:llama--qwen"]["outputs"].pop("files", None)
+    (copy.root / "out" / STATE_FILE).write_text(json.dumps(doc))
+    path = copy.root / "out" / "pairs" / "llama--qwen" / "results.json"
+    text = path.read_text()
+    path.write_text(_foreign(text))
+    result = run_pipeline(copy.config(), console=quiet())
+    assert result.ran == ("analyze:llama--qwen",), {s.name: s.reason for s in result.stages}
+    assert json.loads(path.read_text())["run_id"] == json.loads(text)["run_id"]
+
+
+def test_one_model_over_two_corpora_of_the_same_options_is_extracted_over_each(tmp_path: Path, tiny_models: Any,
+                                                                               ray_local: Any) -> None:
+    """The same weights and settings over another corpus are another extraction: taken for "the same" (a content
+    key without the corpus), the second corpus's pair was computed on the first corpus's activations."""
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"id": f"o{i}", "text": t}) + "\n" for i, t in enumerate(TEXTS[:8])))
+    values = pipeline_values(tmp_path, write_corpus(tmp_path / "words.jsonl"), tiny_models)
+    values["corpora"]["other"] = {"path": str(other)}
+    values["pairs"] = [{"a": "llama", "b": "qwen", "corpus": c, "metrics": ["cka"], "scheduler": "threads",
+                        "name": f"pair-{c}"} for c in ("words", "other")]
+    result = run_pipeline(parse_pipeline(values), console=quiet())
+    assert sorted(s for s in result.ran if s.startswith("extract:")) == sorted(
+        f"extract:{m}--{c}" for m in ("llama", "qwen") for c in ("words", "other"))
+    store = ActivationStore.open(values["store"])
+    assert store.model_info("llama--words").n_tokens > store.model_info("llama--other").n_tokens
+    words, other_doc = (json.loads(result.results[f"pair-{c}"].read_text()) for c in ("words", "other"))
+    assert (words["a"], other_doc["a"]) == ("llama--words", "llama--other")
+    assert words["n_tokens"] > other_doc["n_tokens"]
+
+
+def test_a_training_stage_checks_its_checkpoints_and_its_schedule(tmp_path: Path, tiny_models: Any, ray_local: Any,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A recorded checkpoint deleted from the run folder trains again (it was up to date, and the extractions after
+    it failed on a missing model); save_every is in the stage's key: denser checkpoints asked of a finished run are
+    refused by the schedule check, not skipped as up to date with the old steps."""
+    import hrsa.train.trainer
+
+    calls: list[str] = []
+    fake = fake_training({"ra": (2,)}, lambda run: tiny_models.dir("llama"))
+    monkeypatch.setattr(hrsa.train.trainer, "run_training", lambda c, **kw: calls.append(c.output.name) or fake(c, **kw))
+    run = {"backbone": str(tiny_models.dir("llama")), "data": write_pairs(tmp_path / "pairs.jsonl"), "max_steps": 2,
+           "save_every": 2}
+    values = {"store": str(tmp_path / "store"), "out": str(tmp_path / "out"), "train": {"ra": run},
+              "corpora": {"probe": {"path": str(write_corpus(tmp_path / "words.jsonl"))}}}
+    assert run_pipeline(parse_pipeline(values), console=quiet()).ran == ("train:ra",)
+    (checkpoint,) = json.loads((tmp_path / "out" / STATE_FILE).read_text())["stages"]["train:ra"]["outputs"]["checkpoints"]
+    shutil.rmtree(checkpoint)
+    again = run_pipeline(parse_pipeline(values), console=quiet())
+    assert {s.name: s.reason for s in again.stages} == {"train:ra": "its outputs are missing"} and len(calls) == 2
+    assert Path(checkpoint).is_dir()
+    denser = {**values, "train": {"ra": {**run, "save_every": 1}}}
+    with pytest.raises(UserError, match=r"^Expected training run ra to hold a checkpoint every 1 steps"):
+        run_pipeline(parse_pipeline(denser), console=quiet())
+
+
+def test_a_dynamics_series_whose_steps_ran_again_is_written_again(tmp_path: Path, tiny_models: Any, ray_local: Any,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """dynamics.json is keyed by its steps' analyses: with their settings changed, the steps ran again but the
+    series kept the old metrics' file, up to date."""
+    import hrsa.train.trainer
+    from hrsa.analyze.report.dynamics import load_dynamics
+
+    monkeypatch.setattr(hrsa.train.trainer, "run_training",
+                        fake_training({"ra": (1,), "rb": (1,)}, lambda run: tiny_models.dir("llama")))
+    train = {run: {"backbone": str(tiny_models.dir("llama")), "data": write_pairs(tmp_path / "pairs.jsonl"),
+                   "max_steps": 1, "save_every": 1} for run in ("ra", "rb")}
+    series = {"a": "ra", "b": "rb", "corpus": "probe", "metrics": ["cka"], "scheduler": "threads"}
+    values = {"store": str(tmp_path / "store"), "out": str(tmp_path / "out"), "train": train,
+              "corpora": {"probe": {"path": str(write_corpus(tmp_path / "words.jsonl"))}}, "dynamics": [series]}
+    first = run_pipeline(parse_pipeline(values), console=quiet())
+    assert load_dynamics(first.dynamics["ra--rb"]).cka is not None
+    again = run_pipeline(parse_pipeline({**values, "dynamics": [{**series, "metrics": ["dimcorr"]}]}), console=quiet())
+    assert "dynamics:ra--rb" in again.ran, {s.name: s.reason for s in again.stages}
+    dynamics = load_dynamics(again.dynamics["ra--rb"])
+    assert dynamics.cka is None and dynamics.dimcorr is not None

@@ -247,3 +247,53 @@ def test_an_evaluation_of_a_run_retrained_with_another_lr_scores_the_new_run(tmp
     assert [row["step"] for row in doc["checkpoints"]] == [1]
     assert doc["checkpoints"][0]["model_digest"] != old["checkpoints"][0]["model_digest"]
     assert Path(doc["checkpoints"][0]["model"]).is_relative_to(doc["model"])
+
+
+def test_the_report_is_written_again_when_an_evaluation_scores_anew(tmp_path: Path, tiny_models: Any,
+                                                                   ray_local: Any) -> None:
+    """The report shows the evaluations beside the pairs: it is keyed by their keys too, or new scores (a task file
+    edited) left the report of the old ones up to date."""
+    task = _pairs(tmp_path / "dev.jsonl")
+    values = _values(tmp_path, tiny_models, tasks=[f"retrieval:{task}"])
+    values["pairs"] = [{"a": "enc", "b": "enc", "corpus": "words", "metrics": ["cka"], "scheduler": "threads"}]
+    first = run_pipeline(parse_pipeline(values), console=Console(quiet=True))
+    assert _ran(first) == {"extract:enc": True, "analyze:enc--enc": True, "eval:dev": True, "report": True}
+    _pairs(task, n=6)
+    again = run_pipeline(parse_pipeline(values), console=Console(quiet=True))
+    assert _ran(again) == {"extract:enc": False, "analyze:enc--enc": False, "eval:dev": True, "report": True}
+
+
+def test_other_steps_of_a_run_evaluate_it_again(tmp_path: Path, tiny_models: Any, ray_local: Any,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """eval's steps (which checkpoints of a run are scored) are in the stage's key: steps added left eval.json of the
+    earlier steps up to date, without the new ones' scores."""
+    import shutil
+
+    import hrsa.train.trainer
+    from hrsa.train.recipe import claim_run_folder, training_recipe
+    from hrsa.train.trainer import TrainResult
+
+    def fake_training(config: Any, *, progress: bool = True) -> TrainResult:  # checkpoints of the tiny bert
+        config.output.mkdir(parents=True, exist_ok=True)
+        claim_run_folder(config.output, training_recipe(config))
+        for step in (1, 2):
+            folder = config.output / f"step_{step:06d}"
+            if not folder.is_dir():
+                shutil.copytree(tiny_models.dir("bert"), folder)
+                (folder / "hrsa_train.json").write_text(json.dumps({"step": step, "loss": 1.0 / step}))
+        return TrainResult(config.output, tuple(sorted(config.output.glob("step_*"))), (), (), float("nan"), None)
+
+    monkeypatch.setattr(hrsa.train.trainer, "run_training", fake_training)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"query": f"fox {i}", "pos": f"the lazy dog {i}", "negs": ["w1 w2"]}) + "\n"
+                            for i in range(40)))
+    values = _values(tmp_path, tiny_models, tasks=[f"retrieval:{_pairs(tmp_path / 'dev.jsonl')}"], model="run", steps=[1])
+    values["train"] = {"run": {"backbone": str(tiny_models.dir("bert")), "data": str(data), "max_steps": 2,
+                               "save_every": 1}}
+    first = run_pipeline(parse_pipeline(values), console=Console(quiet=True))
+    assert _ran(first)["eval:dev"]
+    values["eval"]["dev"]["steps"] = [1, 2]
+    again = run_pipeline(parse_pipeline(values), console=Console(quiet=True))
+    assert _ran(again) == {"train:run": False, "eval:dev": True}
+    steps = [c.get("step") for c in json.loads(first.evals["dev"].read_text())["checkpoints"]]
+    assert sorted(steps) == [1, 2], steps

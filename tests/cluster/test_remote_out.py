@@ -222,6 +222,26 @@ def test_removals_go_up_before_the_state(remote: Location, tmp_path: Path, monke
     assert remote.files().keys() == {STATE_FILE, "pairs/a--b/results.json"}
 
 
+def test_a_file_pulled_from_the_out_and_removed_by_a_stage_is_removed_there(remote: Location, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A re-run on a new machine: the figures of an earlier setting came down with the pull; the stage that removes
+    them must remove them remotely too, and what it left as it was is not sent again (were the pulled files not known
+    as sent, the remote out kept the old figures beside the new results for good)."""
+    remote.child("pairs/a--b/results.json").write(b'{"metrics": ["cka", "probe"]}')
+    remote.child("pairs/a--b/probe.png").write(b"probe")
+    remote.child("report.html").write(b"<html/>")
+    published = PublishedOut.open(remote.url, state_file=STATE_FILE, local=tmp_path / "copy")
+    state = PipelineState(published.local / STATE_FILE, on_write=published.push)
+    (published.local / "pairs" / "a--b" / "probe.png").unlink()  # the pair re-run without probes
+    (published.local / "pairs" / "a--b" / "results.json").write_text('{"metrics": ["cka"]}')
+    sent: list[str] = []
+    real_write = Location.write
+    monkeypatch.setattr(Location, "write", lambda self, data: sent.append(self.name) or real_write(self, data))
+    state.finish("analyze:a--b", "k2", {})
+    assert sent == ["results.json", STATE_FILE]  # report.html, pulled and unchanged, is not sent again
+    assert remote.files().keys() == {STATE_FILE, "pairs/a--b/results.json", "report.html"}
+
+
 @pytest.mark.parametrize("content", [
     '{"schema": "hrsa.pipeline-state/4", "stages": {"report": {"key"',  # truncated
     "[1, 2]", '{"schema": "hrsa.pipeline-state/4", "stages": {"report": {"status": "done"}}}',
