@@ -152,10 +152,34 @@ def resolve_pair(
     options, refusals = _plans(layout, candidates, least_passes=int(bool(base.matched)) + int(bool(rows)))
     if not options:  # the least budget of the sizes tried: the one a user can pass
         raise min(refusals, key=lambda refusal: (refusal.need == 0, refusal.need))
-    size, blocks, plan = min(options, key=lambda o: (o[2].inputs.groups < o[2].groups_asked, o[2].passes, -o[0]))
+    remote = "://" in str(store.url)
+    size, blocks, plan = min(options, key=lambda o: (o[2].inputs.groups < o[2].groups_asked,
+                                                     projected_seconds(o[2], remote=remote), -o[0]))
     n_groups = plan.inputs.groups
     return ResolvedPair(info_a, info_b, metrics_t, debiased, save_rotation, matched, rows, cols, n_tokens, size, blocks,
                         plan, pairs, n_groups)
+
+
+#: What a plan's block size is chosen by (:func:`projected_seconds`), fitted to hrsa's own passes ((e) of
+#: benchmarks/analyze.py on 2 cores, six block sizes at 1.1 GB, 2026-12-05): a store's bytes read, decoded and centred
+#: (0.73-0.84 GB/s from a local disk or the page cache; object storage taken 10x slower), the products (float32 and
+#: float64 on the CPU, on a GPU), and how much slower thin blocks make them: a GEMM of K tokens updates its D x D sums
+#: once per K tokens, ~1 + THIN_BLOCK / K times the thick one's time (blocks of 144 tokens against 288, both 5 passes:
+#: 58.7 s against 52.9). Rough rates: only their ratios decide, between reading more and multiplying slower.
+READ_BYTES_PER_S = {"local": 1e9, "remote": 1e8}
+PRODUCT_FLOPS = {4: 3e11, 8: 1.4e11, "gpu": 5e13}
+THIN_BLOCK = 45
+
+
+def projected_seconds(plan: AnalysisPlan, *, remote: bool = False) -> float:
+    """A plan's rough time, by which the block size is chosen: its reads of the store (each pass reads its tiles'
+    states again) and its products, slower in thin blocks. Fewest passes first chose blocks of 288 tokens and 5 passes
+    for (e) at 1.1 GB, which read 8.57 GB (its tiles read more states each): 50.6-55.1 s, against 45.2-46.1 s in
+    blocks of 1,024 and 6 passes that read 7.14 GB."""
+    p = plan.inputs
+    rate = PRODUCT_FLOPS["gpu"] if p.device_budget is not None else PRODUCT_FLOPS[8 if p.compute_bytes >= 8 else 4]
+    reads = plan.bytes_read() / READ_BYTES_PER_S["remote" if remote else "local"]
+    return reads + plan.product_flops() / rate * (1 + THIN_BLOCK / p.block_tokens)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import pytest
 
@@ -100,14 +101,43 @@ def _plan_at(store, budget: int, selection: TokenSelection = TokenSelection()):
                         compute_bytes=8, groups=0)
 
 
-def test_a_larger_budget_never_plans_more_passes(make_pair_store) -> None:
+def test_a_larger_budget_never_plans_a_slower_analysis(make_pair_store) -> None:
     """Blocks below the hidden size were planned only when no larger one fit: 930 kB planned 11 passes in blocks of
-    64 tokens, 1.07 MB 20 passes in blocks of 128 (each pass reads the selection again)."""
+    64 tokens, 1.07 MB 20 passes in blocks of 128 (each pass reads the selection again). Every size is planned now,
+    and the plan of least projected time chosen. Within 10%: a size's tiles are chosen for the fewest passes, not the
+    fewest bytes, and with more room they may read a little more (here 7.5% once, from 2.1 MB to 2.4 MB)."""
+    from hrsa.analyze.pair.resolve import projected_seconds
+
     store = make_pair_store(d=128, dtype="bfloat16", doc_lengths=(700, 900, 1200, 300, 1000)).open()
-    passes = []
-    for budget in (int(6e5 * 1.15**i) for i in range(16)):
-        passes.append((budget, _plan_at(store, budget).plan.passes))
-    assert all(later <= earlier for (_, earlier), (_, later) in itertools.pairwise(passes)), passes
+    plans = [(budget, _plan_at(store, budget).plan) for budget in (int(6e5 * 1.15**i) for i in range(16))]
+    seconds = [(budget, projected_seconds(plan), plan.passes, plan.inputs.block_tokens) for budget, plan in plans]
+    assert all(later[1] <= 1.1 * earlier[1] for earlier, later in itertools.pairwise(seconds)), seconds
+    assert seconds[-1][1] < 0.6 * seconds[0][1] and seconds[-1][2] < seconds[0][2] / 4, seconds
+
+
+def test_the_block_size_is_chosen_by_what_it_reads_and_how_fast_it_multiplies(make_pair_store) -> None:
+    """Fewest passes first chose the thinnest blocks whenever they saved a pass, though thin blocks slow the products
+    and their tiles may read more: (e) of benchmarks/analyze.py at 1.1 GB ran in blocks of 288 tokens and 5 passes
+    (8.57 GB read, 50.6-55.1 s) where blocks of 1,024 and 6 passes read 7.14 GB in 45.2-46.1 s. Here blocks of 64
+    tokens would save two passes over 128's; the plan of least projected time is chosen, and it is the thicker one."""
+    from hrsa.analyze.pair import resolve
+
+    store = make_pair_store(d=128, doc_lengths=(700, 900, 1200, 300, 1000)).open()
+    options: list[Any] = []
+    plans = resolve._plans
+
+    def kept(layout: Any, sizes: list[int], least_passes: int = 0) -> Any:
+        found = plans(layout, sizes, least_passes)
+        options[:] = [plan for _, _, plan in found[0]]
+        return found
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(resolve, "_plans", kept)  # the real plans, seen
+        chosen = _plan_at(store, 2_800_000).plan
+    by_size = {plan.inputs.block_tokens: plan for plan in options}
+    passes = {size: plan.passes for size, plan in by_size.items()}
+    assert passes[64] < passes[128] == chosen.passes and chosen.inputs.block_tokens == 128, passes
+    assert resolve.projected_seconds(chosen) == min(resolve.projected_seconds(plan) for plan in options)
 
 
 def test_the_budget_a_refusal_names_for_a_selection_of_rows_is_the_smallest_that_plans(make_pair_store) -> None:
