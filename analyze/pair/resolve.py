@@ -140,8 +140,9 @@ def resolve_pair(
         read_threads=read_threads, device_budget=device_budget,
     )
     # Step 4: blocks and tiles, chosen together: a given block size is planned as it is; by default, one shard, ~32 MB
-    # of float64 per state and its halvings down to D tokens are planned, and the plan that keeps every group of
-    # documents, then makes the fewest passes (each reads the selection again), then has the largest blocks, wins.
+    # of float64 per state and its halvings down to 64 tokens are planned, and the plan that keeps every group of
+    # documents, then has the least projected time (its reads and its products: projected_seconds), then has the
+    # largest blocks, wins.
     offsets = store.corpus_tokens(info_a.corpus).doc_offsets if needs_matched and groups >= 2 else None
     layout = _Layout(pairs, base, offsets, groups if needs_matched else 0, info_a, info_b)
     if block_tokens and compute_bytes < 8 and block_tokens > FLOAT32_SUM_TOKENS:
@@ -266,7 +267,7 @@ def _candidate_block_tokens(info_a: ModelInfo, info_b: ModelInfo, compute_bytes:
     so a reader going through every block holds one shard per state, not two (:func:`cache_bound`): at tight
     budgets that is room for larger tiles. Blocks under D tokens cost more in Chan merges (O(D^2) per pair and block,
     memory-bound) than their products (O(n D^2)), but each pass they save reads the selection again: the planner
-    takes the fewest passes, then the largest blocks, over all sizes, so a larger budget never plans more passes."""
+    weighs both (:func:`projected_seconds`) over all sizes."""
     floor = max(64, info_a.hidden_size, info_b.hidden_size)
     chunk = max(info_a.layout.chunk_tokens, info_b.layout.chunk_tokens)
     shard = math.gcd(info_a.layout.shard_tokens, info_b.layout.shard_tokens)
