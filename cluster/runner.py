@@ -218,12 +218,27 @@ def _run_stages(config: PipelineConfig, console: Console, published: PublishedOu
                for i, p in enumerate(config.pairs)}
     dynamics = {d.label: runner.dynamics(d, series[d.label], analysis_keys(config, "dynamics", i))
                 for i, d in enumerate(config.dynamics)}
+    left = _left_behind(config)
+    if left:  # kept, as every output is; but a folder-wide `hrsa report <out>/pairs` would show them as current
+        runner.console.print(f"[dim]results no longer in this pipeline (left as they are, not reported): "
+                             f"{escape(', '.join(left))}[/]", emoji=False)
     # Step 5: evaluations (MTEB and local tasks); Step 6: the report.
     evals = {name: runner.evaluate(name, ec, trained) for name, ec in config.eval.items()}
     report = runner.report(results, dynamics, evals)
     return PipelineResult(out, config.store, report, {k: v.results for k, v in results.items()},
                           {k: v.results for k, v in dynamics.items()}, dict(runner.store_ids), tuple(runner.outcomes),
                           {k: v.results for k, v in evals.items()})
+
+
+def _left_behind(config: PipelineConfig) -> list[str]:
+    """The folders under ``<out>/pairs`` and ``<out>/dynamics`` that no pair or series of the pipeline names now (one
+    renamed or removed from the YAML), relative to the out."""
+    found = []
+    for section, labels in (("pairs", {p.label for p in config.pairs}), ("dynamics", {d.label for d in config.dynamics})):
+        folder = Path(config.out) / section
+        if folder.is_dir():
+            found += [f"{section}/{c.name}" for c in sorted(folder.iterdir()) if c.is_dir() and c.name not in labels]
+    return found
 
 
 def _task_fingerprint(spec_text: str) -> Any:

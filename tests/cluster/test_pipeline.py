@@ -431,6 +431,19 @@ def test_changed_metric_reruns_only_analysis_and_report(copy: Workspace) -> None
     assert not list((copy.root / "out" / "pairs" / "llama--qwen").glob("*knn*"))  # no figure of the old setting stays
 
 
+def test_results_of_a_pair_no_longer_in_the_pipeline_are_named_as_left_behind(copy: Workspace) -> None:
+    """A pair renamed (or removed) in the YAML left its old folder under <out>/pairs without a word: `hrsa report
+    <out>/pairs` then reports it beside the current pairs, as if the pipeline had just computed it."""
+    import io
+
+    pair = {**copy.values["pairs"][0], "name": "renamed"}
+    console = Console(file=io.StringIO(), width=200)
+    run_pipeline(copy.config(pairs=[pair]), console=console)
+    said = console.file.getvalue()
+    assert "results no longer in this pipeline (left as they are, not reported): pairs/llama--qwen" in said, said
+    assert (copy.root / "out" / "pairs" / "llama--qwen" / "results.json").is_file()  # nothing of the user's deleted
+
+
 @pytest.mark.parametrize("change", [{"model": "no-such-model-folder"}, {"layers": [0, 99]},
                                     {"attention": "bidirectional", "workers": 64}],
                          ids=["model", "layers", "workers"])
