@@ -235,7 +235,7 @@ def _left_behind(config: PipelineConfig) -> list[str]:
     renamed or removed from the YAML), relative to the out."""
     found = []
     for section, labels in (("pairs", {p.label for p in config.pairs}), ("dynamics", {d.label for d in config.dynamics})):
-        folder = Path(config.out) / section
+        folder = config.out / section
         if folder.is_dir():
             found += [f"{section}/{c.name}" for c in sorted(folder.iterdir()) if c.is_dir() and c.name not in labels]
     return found

@@ -20,7 +20,7 @@ import os
 import re
 import socket
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -265,10 +265,7 @@ def build_tasks(specs: list[TaskSpec], *, instruction: str | None, limit: int | 
         names.add(name)
     for spec, task in built:
         try:
-            if cached and spec.kind == "mteb":
-                with _hub_off():
-                    task.load_data()
-            else:
+            with _hub_off() if cached and spec.kind == "mteb" else nullcontext():
                 task.load_data()
         except (ConnectionError, TimeoutError) as error:
             raise _offline_error([task.metadata.name], f"{type(error).__name__}: {str(error).splitlines()[0]}") from None

@@ -20,6 +20,7 @@ from hrsa.analyze.pair.checks import check_metrics, check_pair
 from hrsa.analyze.metrics.linear_cka import DEBIASED_MIN_TOKENS
 from hrsa.analyze.streaming.plan import AnalysisPlan, MemoryBudgetError, PlanInputs, plan_analysis
 from hrsa.analyze.streaming.stream import TokenBlock, paired_blocks, token_blocks, with_groups
+from hrsa.runtime.locations import is_url
 from hrsa.store.errors import UserError
 from hrsa.store.reading import cache_bound, streamed_bound
 
@@ -153,7 +154,7 @@ def resolve_pair(
     options, refusals = _plans(layout, candidates, least_passes=int(bool(base.matched)) + int(bool(rows)))
     if not options:  # the least budget of the sizes tried: the one a user can pass
         raise min(refusals, key=lambda refusal: (refusal.need == 0, refusal.need))
-    remote = "://" in str(store.url)
+    remote = is_url(store.url)
     size, blocks, plan = min(options, key=lambda o: (o[2].inputs.groups < o[2].groups_asked,
                                                      projected_seconds(o[2], remote=remote), -o[0]))
     n_groups = plan.inputs.groups
